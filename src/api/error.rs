@@ -1,0 +1,91 @@
+//! The one place errors become HTTP responses.
+//!
+//! Shape: `{"error": {"code": "lease_not_found", "message": "..."}}`. Codes
+//! are stable (clients branch on them); messages are for people. Provider
+//! and store failures are logged with their detail and answered without it,
+//! so no peer internals (hostnames, SQL, upstream errors) reach a caller.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::auth::AuthError;
+use crate::broker::BrokerError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    www_authenticate: bool,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), www_authenticate: false }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthenticated(e: AuthError) -> Self {
+        Self { www_authenticate: true, ..Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()) }
+    }
+
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    pub fn not_found(code: &'static str) -> Self {
+        let message = match code {
+            "task_not_found" => "no such task",
+            "lease_not_found" => "no such lease",
+            _ => "no such resource",
+        };
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        match e {
+            BrokerError::Invalid { code, message } => Self::bad_request(code, message),
+            BrokerError::NotFound { code } => Self::not_found(code),
+            BrokerError::Forbidden { code, message } => Self::forbidden(code, message),
+            BrokerError::Conflict { code, message } => Self::new(StatusCode::CONFLICT, code, message),
+            BrokerError::Quota { code, message } => Self::new(StatusCode::TOO_MANY_REQUESTS, code, message),
+            BrokerError::Provider { provider, retryable, detail } => {
+                tracing::error!(provider = %provider, retryable, error = %detail, "provider call failed");
+                if retryable {
+                    Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "provider_unavailable",
+                        format!("provider `{provider}` is unavailable; retry later (details in the broker log)"),
+                    )
+                } else {
+                    Self::new(
+                        StatusCode::BAD_GATEWAY,
+                        "provider_error",
+                        format!("provider `{provider}` refused the request (details in the broker log)"),
+                    )
+                }
+            }
+            BrokerError::Store(e) => {
+                tracing::error!(error = %e, "store failure");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the store is unavailable; retry later")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.www_authenticate {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"leasehold\""));
+        }
+        resp
+    }
+}

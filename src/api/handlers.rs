@@ -1,0 +1,242 @@
+//! Handlers: decode the wire type, call the broker, encode the answer.
+//! Authorization of *who may see what* is the broker's (task/ and lease/);
+//! authentication is the extractor's (auth/).
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Form, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::wire::*;
+use super::{ApiError, AppState};
+use crate::auth::{Caller, WorkloadCaller};
+use crate::broker::BrokerError;
+use crate::config::OperatorRole;
+use crate::lease::LeaseParams;
+use crate::store::{LeaseQuery, LeaseState};
+use crate::task::OpenTask;
+
+/// Run state-changing work to completion even if the request is dropped.
+async fn detached<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, BrokerError>> + Send + 'static,
+{
+    match tokio::spawn(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => {
+            tracing::error!(error = %e, "request task failed");
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error"))
+        }
+    }
+}
+
+pub async fn open_task(
+    State(s): State<AppState>,
+    WorkloadCaller(w): WorkloadCaller,
+    ApiJson(body): ApiJson<OpenTaskBody>,
+) -> Result<Response, ApiError> {
+    let req = OpenTask {
+        purpose: body.purpose,
+        on_behalf_of: body.on_behalf_of,
+        prompt: body.prompt,
+        prompt_sha256: body.prompt_sha256,
+        tools: body.tools,
+        ttl_seconds: body.ttl_seconds,
+    };
+    let broker = s.broker.clone();
+    let task = detached(async move { broker.open_task(&w, req).await }).await?;
+    Ok((StatusCode::CREATED, Json(TaskView::new(&task, s.broker.clock.now()))).into_response())
+}
+
+pub async fn get_task(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<TaskDetail>, ApiError> {
+    let id = parse_task_id(&id)?;
+    let (task, leases) = s.broker.get_task(&caller, id)?;
+    Ok(Json(TaskDetail {
+        task: TaskView::new(&task, s.broker.clock.now()),
+        leases: leases.iter().map(LeaseView::from).collect(),
+    }))
+}
+
+pub async fn complete_task(
+    State(s): State<AppState>,
+    WorkloadCaller(w): WorkloadCaller,
+    Path(id): Path<String>,
+) -> Result<Json<CompletionView>, ApiError> {
+    let id = parse_task_id(&id)?;
+    let broker = s.broker.clone();
+    let report = detached(async move { broker.complete_task(&w, id).await }).await?;
+    Ok(Json(CompletionView {
+        task_id: id.to_string(),
+        state: "completed",
+        revoked: report.revoked.iter().map(LeaseView::from).collect(),
+        pending: report.pending.iter().map(LeaseView::from).collect(),
+    }))
+}
+
+pub async fn request_lease(
+    State(s): State<AppState>,
+    WorkloadCaller(w): WorkloadCaller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<LeaseBody>,
+) -> Result<Response, ApiError> {
+    let id = parse_task_id(&id)?;
+    let params = LeaseParams { provider: body.provider, role: body.role, ttl_seconds: body.ttl_seconds, scope: body.scope };
+    let broker = s.broker.clone();
+    let issued = detached(async move { broker.request_lease(&w, id, params).await }).await?;
+    let view = IssuedLeaseView { lease: LeaseView::from(&issued.lease), credential: CredentialWire(issued.credential) };
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+pub async fn get_lease(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<LeaseView>, ApiError> {
+    let id = parse_lease_id(&id)?;
+    Ok(Json(LeaseView::from(&s.broker.get_lease(&caller, id)?)))
+}
+
+pub async fn revoke_lease(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<LeaseView>, ApiError> {
+    let id = parse_lease_id(&id)?;
+    let broker = s.broker.clone();
+    let rec = detached(async move { broker.revoke_lease(&caller, id).await }).await?;
+    Ok(Json(LeaseView::from(&rec)))
+}
+
+const MAX_PAGE: usize = 1000;
+
+pub async fn list_leases(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiQuery(p): ApiQuery<LeaseListParams>,
+) -> Result<Json<LeaseListView>, ApiError> {
+    let state = match p.state.as_deref() {
+        None => None,
+        Some(st) => Some(LeaseState::parse(st).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_parameter",
+                format!(
+                    "`state` must be one of {}",
+                    LeaseState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })?),
+    };
+    let task = p.task.as_deref().map(parse_task_id).transpose()?.map(|t| t.0);
+    let after = p.cursor.as_deref().map(parse_lease_id).transpose()?.map(|l| l.0);
+    let limit = p.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request("invalid_parameter", format!("`limit` must be between 1 and {MAX_PAGE}")));
+    }
+    let q = LeaseQuery {
+        workload: p.workload,
+        task,
+        provider: p.provider,
+        role: p.role,
+        state,
+        after,
+        limit,
+        scan_budget: 20_000,
+    };
+    let (leases, next) = s.broker.list_leases(&caller, &q)?;
+    Ok(Json(LeaseListView {
+        leases: leases.iter().map(LeaseView::from).collect(),
+        next_cursor: next.map(|c| crate::ids::LeaseId(c).to_string()),
+    }))
+}
+
+/// RFC 7662 token introspection, for resource servers.
+pub async fn introspect(
+    State(s): State<AppState>,
+    caller: Caller,
+    form: Result<Form<IntrospectBody>, axum::extract::rejection::FormRejection>,
+) -> Result<Response, ApiError> {
+    if !caller.has_any_role(&[OperatorRole::ResourceServer, OperatorRole::Admin]) {
+        return Err(ApiError::forbidden("forbidden", "introspection needs the resource_server role"));
+    }
+    let Form(body) = form.map_err(|e| {
+        ApiError::bad_request(
+            "invalid_request",
+            format!("send `token` as application/x-www-form-urlencoded (RFC 7662): {}", e.body_text()),
+        )
+    })?;
+    let _hint = body.token_type_hint;
+    let now = s.broker.clock.now();
+    let mut answer = serde_json::json!({"active": false});
+    for p in s.broker.providers.tokens() {
+        let i = p.introspect(&body.token, now);
+        if i.active {
+            answer = serde_json::to_value(&i).unwrap_or(answer);
+            break;
+        }
+    }
+    Ok(Json(answer).into_response())
+}
+
+/// The public keys of every token provider.
+pub async fn jwks(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let keys: Vec<serde_json::Value> = s
+        .broker
+        .providers
+        .tokens()
+        .filter_map(|p| p.jwks().get("keys").and_then(|k| k.as_array()).cloned())
+        .flatten()
+        .collect();
+    Json(serde_json::json!({ "keys": keys }))
+}
+
+pub async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready when not draining, the store answers and every provider's health
+/// check passes. Details of failures are logged, not shown publicly.
+pub async fn ready(State(s): State<AppState>) -> Response {
+    let mut checks = serde_json::Map::new();
+    let mut ok = s.ready.load(Ordering::Relaxed);
+    if !ok {
+        checks.insert("broker".into(), "shutting down".into());
+    }
+    let store_ok = s.broker.store.is_healthy();
+    checks.insert("store".into(), if store_ok { "ok" } else { "unavailable" }.into());
+    ok &= store_ok;
+    for entry in s.broker.providers.iter() {
+        let r = tokio::time::timeout(Duration::from_secs(2), entry.provider.health()).await;
+        let status = match r {
+            Ok(Ok(())) => "ok",
+            Ok(Err(e)) => {
+                tracing::warn!(provider = %entry.name, error = %e, "provider health check failed");
+                "unavailable"
+            }
+            Err(_) => {
+                tracing::warn!(provider = %entry.name, "provider health check timed out");
+                "unavailable"
+            }
+        };
+        ok &= status == "ok";
+        checks.insert(format!("provider:{}", entry.name), status.into());
+    }
+    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(serde_json::json!({"ready": ok, "checks": checks}))).into_response()
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
+}

@@ -1,0 +1,100 @@
+//! The HTTP API (v1): router, middleware, handlers.
+//!
+//! Every response carries `x-request-id` (the caller's, if it sent a sane
+//! one, else a fresh `req_...`), and every log line of the request carries
+//! it through the request span. Responses are `Cache-Control: no-store`:
+//! some carry credentials, and none should sit in a cache.
+//!
+//! Handlers that change state run their work in a spawned task: a client
+//! that disconnects, or a request timeout, must not cancel the lifecycle
+//! between intent and activation (the work completes; only the response is
+//! lost).
+
+mod error;
+mod handlers;
+pub mod wire;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::ApiError;
+
+use crate::auth::Authenticator;
+use crate::broker::Broker;
+use crate::ids::RequestId;
+
+/// Shared by every handler.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub broker: Arc<Broker>,
+    pub auth: Arc<Authenticator>,
+    /// Turned false when shutdown begins, so readiness drains the broker.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Limits of the HTTP layer.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    pub max_body_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+pub fn router(state: AppState, limits: HttpLimits) -> Router {
+    Router::new()
+        .route("/v1/tasks", post(handlers::open_task))
+        .route("/v1/tasks/{id}", get(handlers::get_task))
+        .route("/v1/tasks/{id}/complete", post(handlers::complete_task))
+        .route("/v1/tasks/{id}/leases", post(handlers::request_lease))
+        .route("/v1/leases", get(handlers::list_leases))
+        .route("/v1/leases/{id}", get(handlers::get_lease))
+        .route("/v1/leases/{id}/revoke", post(handlers::revoke_lease))
+        .route("/v1/introspect", post(handlers::introspect))
+        .route("/.well-known/jwks.json", get(handlers::jwks))
+        .route("/v1/health", get(handlers::health))
+        .route("/v1/ready", get(handlers::ready))
+        .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            limits.request_timeout,
+        ))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+        }))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), request_id))
+        .with_state(state)
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+fn acceptable_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 64 && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// Give every request an id (keeping a sane incoming one) and echo it; mark
+/// every response uncacheable.
+async fn request_id(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let id = match req.headers().get(REQUEST_ID) {
+        Some(v) if acceptable_request_id(v) => v.clone(),
+        _ => HeaderValue::from_str(&RequestId::generate(state.broker.clock.now()).to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("req_unknown")),
+    };
+    req.headers_mut().insert(REQUEST_ID, id.clone());
+    let mut resp = next.run(req).await;
+    resp.headers_mut().insert(REQUEST_ID, id);
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

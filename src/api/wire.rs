@@ -1,0 +1,303 @@
+//! Wire types: what the HTTP API accepts and returns. Field names are part
+//! of the contract (DESIGN.md): `task_id`, `lease_id`, `workload`, `state`,
+//! RFC 3339 UTC times, whole-second `ttl_seconds`. Storage records convert
+//! into these explicitly; nothing here is stored.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use leasehold_provider::{Credential, Timestamp};
+use serde::de::DeserializeOwned;
+use serde::ser::SerializeMap as _;
+use serde::{Deserialize, Serialize};
+
+use super::ApiError;
+use crate::clock::rfc3339;
+use crate::ids::{LeaseId, TaskId};
+use crate::store::{LeaseRecord, Revocation, TaskRecord, TaskState};
+
+// === extractors ===
+
+/// `axum::Json` with our error shape: unknown fields and wrong types name the
+/// field (400 `invalid_request`), broken JSON is 400 `malformed_json`, a
+/// missing content type is 415, an oversized body 413.
+#[derive(Debug)]
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(rej) => Err(json_rejection(rej)),
+        }
+    }
+}
+
+fn json_rejection(rej: JsonRejection) -> ApiError {
+    let status = rej.status();
+    match rej {
+        JsonRejection::JsonDataError(e) => ApiError::bad_request("invalid_request", e.body_text()),
+        JsonRejection::JsonSyntaxError(e) => ApiError::bad_request("malformed_json", e.body_text()),
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as `Content-Type: application/json`",
+        ),
+        other if status == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", other.body_text())
+        }
+        other => ApiError::bad_request("invalid_request", other.body_text()),
+    }
+}
+
+/// Query strings, with unknown parameters rejected (400 `invalid_parameter`).
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Self(v)),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
+                Err(ApiError::bad_request("invalid_parameter", e.body_text()))
+            }
+            Err(e) => Err(ApiError::bad_request("invalid_parameter", e.body_text())),
+        }
+    }
+}
+
+pub fn parse_task_id(s: &str) -> Result<TaskId, ApiError> {
+    s.parse().map_err(|_| ApiError::bad_request("invalid_id", "not a task id (task_...)"))
+}
+
+pub fn parse_lease_id(s: &str) -> Result<LeaseId, ApiError> {
+    s.parse().map_err(|_| ApiError::bad_request("invalid_id", "not a lease id (lease_...)"))
+}
+
+// === requests ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenTaskBody {
+    pub purpose: String,
+    pub on_behalf_of: String,
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub prompt_sha256: Option<String>,
+    #[serde(default)]
+    pub tools: Vec<String>,
+    pub ttl_seconds: i64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseBody {
+    pub provider: String,
+    pub role: String,
+    pub ttl_seconds: i64,
+    #[serde(default)]
+    pub scope: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseListParams {
+    pub state: Option<String>,
+    pub workload: Option<String>,
+    pub task: Option<String>,
+    pub provider: Option<String>,
+    pub role: Option<String>,
+    pub cursor: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct IntrospectBody {
+    pub token: String,
+    #[serde(default)]
+    pub token_type_hint: Option<String>,
+}
+
+// === responses ===
+
+#[derive(Debug, Serialize)]
+pub struct TaskView {
+    pub task_id: String,
+    pub workload: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// `open`, `completed`, or `expired` (open past its deadline).
+    pub state: &'static str,
+    pub purpose: String,
+    pub on_behalf_of: String,
+    pub prompt_sha256: String,
+    pub tools: Vec<String>,
+    pub created_at: String,
+    pub expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    pub lease_count: u32,
+}
+
+fn ts(ms: i64) -> String {
+    rfc3339(Timestamp::from_unix_millis(ms))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl TaskView {
+    pub fn new(t: &TaskRecord, now: Timestamp) -> Self {
+        let state = match t.state {
+            TaskState::Completed => "completed",
+            TaskState::Open if t.expires_at <= now.unix_millis() => "expired",
+            TaskState::Open => "open",
+        };
+        Self {
+            task_id: TaskId(t.id).to_string(),
+            workload: t.workload.clone(),
+            tenant: t.tenant.clone(),
+            state,
+            purpose: t.purpose.clone(),
+            on_behalf_of: t.on_behalf_of.clone(),
+            prompt_sha256: hex(&t.prompt_sha256),
+            tools: t.tools.clone(),
+            created_at: ts(t.created_at),
+            expires_at: ts(t.expires_at),
+            completed_at: t.completed_at.map(ts),
+            lease_count: t.lease_count,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TaskDetail {
+    #[serde(flatten)]
+    pub task: TaskView,
+    pub leases: Vec<LeaseView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RevocationView {
+    pub cause: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    pub requested_at: String,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl RevocationView {
+    fn new(r: &Revocation, finished: bool) -> Self {
+        Self {
+            cause: r.cause.as_str(),
+            requested_by: r.requested_by.clone(),
+            requested_at: ts(r.requested_at),
+            attempts: r.attempts,
+            next_attempt_at: (!finished).then(|| ts(r.next_attempt_at)),
+            last_error: r.last_error.clone(),
+        }
+    }
+}
+
+/// A lease as the API shows it: never its credential, never its handle.
+#[derive(Debug, Serialize)]
+pub struct LeaseView {
+    pub lease_id: String,
+    pub task_id: String,
+    pub workload: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub on_behalf_of: String,
+    pub provider: String,
+    pub role: String,
+    pub scope: Vec<String>,
+    pub state: &'static str,
+    pub ttl_seconds: u64,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<String>,
+    pub expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<RevocationView>,
+}
+
+impl From<&LeaseRecord> for LeaseView {
+    fn from(l: &LeaseRecord) -> Self {
+        let start = l.issued_at.unwrap_or(l.created_at);
+        Self {
+            lease_id: LeaseId(l.id).to_string(),
+            task_id: TaskId(l.task_id).to_string(),
+            workload: l.workload.clone(),
+            tenant: l.tenant.clone(),
+            on_behalf_of: l.on_behalf_of.clone(),
+            provider: l.provider.clone(),
+            role: l.role.clone(),
+            scope: l.scope.clone(),
+            state: l.state.as_str(),
+            ttl_seconds: u64::try_from((l.expires_at - start).max(0) / 1000).unwrap_or(0),
+            created_at: ts(l.created_at),
+            issued_at: l.issued_at.map(ts),
+            expires_at: ts(l.expires_at),
+            ended_at: l.ended_at.map(ts),
+            description: l.description.clone(),
+            revocation: l.revocation.as_ref().map(|r| RevocationView::new(r, l.state.is_terminal())),
+        }
+    }
+}
+
+/// Serializes a credential straight from its secret wrappers into the
+/// response body, without an intermediate plaintext copy.
+#[derive(Debug)]
+pub struct CredentialWire(pub Credential);
+
+impl Serialize for CredentialWire {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let names: Vec<&str> = self.0.names().collect();
+        let mut map = s.serialize_map(Some(names.len()))?;
+        for name in names {
+            map.serialize_entry(name, self.0.expose(name).unwrap_or_default())?;
+        }
+        map.end()
+    }
+}
+
+/// The one response that carries a credential.
+#[derive(Debug, Serialize)]
+pub struct IssuedLeaseView {
+    #[serde(flatten)]
+    pub lease: LeaseView,
+    pub credential: CredentialWire,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CompletionView {
+    pub task_id: String,
+    pub state: &'static str,
+    /// Leases this completion revoked.
+    pub revoked: Vec<LeaseView>,
+    /// Leases whose revocation failed and is being retried.
+    pub pending: Vec<LeaseView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LeaseListView {
+    pub leases: Vec<LeaseView>,
+    /// Pass as `cursor` for the next page; absent at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}

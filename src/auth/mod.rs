@@ -1,0 +1,317 @@
+//! Authentication: bearer credential -> [`Caller`].
+//!
+//! Workloads present JWTs from configured issuers (Kubernetes projected
+//! service-account tokens, SPIFFE JWT-SVIDs, any OIDC issuer with a JWKS);
+//! operators present static bearer tokens whose SHA-256 is in config, each
+//! with its roles (admin, approver, responder, resource_server).
+//!
+//! [`Caller`] is an axum extractor, so a handler that takes one cannot run
+//! unauthenticated. What a caller may *see* (least visibility: a workload
+//! only its own tasks and leases) is decided in the task and lease services.
+//!
+//! Things deliberately absent: no HMAC-signed workload tokens, no `none`, no
+//! algorithm taken from the token without being pinned in config; no
+//! workload acting as a human (the user it acts for is a field of the task).
+
+mod jwt;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+pub use jwt::{IssuerVerifier, load_jwks_file};
+
+use crate::api::{ApiError, AppState};
+use crate::clock::{Clock, Timestamp};
+use crate::config::{AuthConfig, OperatorRole};
+
+/// An authenticated workload: a runtime identity, never a human surrogate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// Stable id: `<issuer name>:<sub>`. Owner of its tasks and leases, and
+    /// a revocation selector.
+    pub id: String,
+    pub issuer: String,
+    pub subject: String,
+    pub tenant: Option<String>,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// An operator with one or more roles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub name: String,
+    pub roles: BTreeSet<OperatorRole>,
+}
+
+/// Whoever made the request.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Workload(Arc<Workload>),
+    Operator(Arc<Operator>),
+}
+
+impl Caller {
+    /// How the caller is named in records (`requested_by`) and logs.
+    pub fn principal(&self) -> String {
+        match self {
+            Self::Workload(w) => format!("workload:{}", w.id),
+            Self::Operator(o) => format!("operator:{}", o.name),
+        }
+    }
+
+    pub fn has_any_role(&self, roles: &[OperatorRole]) -> bool {
+        match self {
+            Self::Operator(o) => roles.iter().any(|r| o.roles.contains(r)),
+            Self::Workload(_) => false,
+        }
+    }
+
+    pub fn workload(&self) -> Option<&Arc<Workload>> {
+        match self {
+            Self::Workload(w) => Some(w),
+            Self::Operator(_) => None,
+        }
+    }
+}
+
+/// Why a credential was refused. Shown to the caller (401): specific enough
+/// to fix a client, never naming keys or other tenants.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing bearer credential (send `Authorization: Bearer <token>`)")]
+    Missing,
+    #[error("malformed bearer credential")]
+    Malformed,
+    #[error("unknown operator token")]
+    UnknownOperator,
+    #[error("the token's issuer is not trusted")]
+    UnknownIssuer,
+    #[error("the token's algorithm is not accepted for its issuer")]
+    Algorithm,
+    #[error("no key of the issuer matches the token")]
+    UnknownKey,
+    #[error("the token's signature or claims are invalid: {0}")]
+    Invalid(String),
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the issuer's keys could not be loaded")]
+    KeysUnavailable,
+}
+
+struct Cached {
+    workload: Arc<Workload>,
+    valid_until: i64,
+}
+
+/// Verified tokens are cached by their SHA-256 for at most this long (and
+/// never past their own expiry), so a busy workload costs one signature
+/// check a minute, not one per request.
+const CACHE_TTL_MS: i64 = 60_000;
+const CACHE_MAX: usize = 65_536;
+
+pub struct Authenticator {
+    operators: HashMap<[u8; 32], Arc<Operator>>,
+    issuers: HashMap<String, Arc<IssuerVerifier>>,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
+    clock: Arc<dyn Clock>,
+    denied_log: LogLimiter,
+}
+
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("operators", &self.operators.len())
+            .field("issuers", &self.issuers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Hex SHA-256 of an operator token, as written in config.
+pub fn operator_token_hash(token: &str) -> String {
+    sha256(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, c) in s.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Authenticator {
+    pub fn new(cfg: &AuthConfig, clock: Arc<dyn Clock>) -> Result<Self, String> {
+        let mut operators = HashMap::new();
+        for op in &cfg.operators {
+            let h = parse_hex32(&op.token_sha256).ok_or_else(|| format!("operator {}: bad token_sha256", op.name))?;
+            operators.insert(
+                h,
+                Arc::new(Operator { name: op.name.clone(), roles: op.roles.iter().copied().collect() }),
+            );
+        }
+        let mut issuers = HashMap::new();
+        for ic in &cfg.workload_issuers {
+            issuers.insert(ic.issuer.clone(), Arc::new(IssuerVerifier::new(ic.clone())?));
+        }
+        Ok(Self { operators, issuers, cache: Mutex::new(HashMap::new()), clock, denied_log: LogLimiter::default() })
+    }
+
+    pub fn issuers(&self) -> impl Iterator<Item = &Arc<IssuerVerifier>> {
+        self.issuers.values()
+    }
+
+    /// Verify a bearer credential.
+    pub async fn authenticate(&self, bearer: &str) -> Result<Caller, AuthError> {
+        let result = self.authenticate_inner(bearer).await;
+        if let Err(e) = &result
+            && self.denied_log.allow(self.clock.now())
+        {
+            tracing::warn!(reason = %e, "authentication denied");
+        }
+        result
+    }
+
+    async fn authenticate_inner(&self, bearer: &str) -> Result<Caller, AuthError> {
+        if bearer.is_empty() || bearer.len() > 16 * 1024 {
+            return Err(AuthError::Malformed);
+        }
+        let digest = sha256(bearer.as_bytes());
+        if let Some(op) = self.operators.get(&digest) {
+            return Ok(Caller::Operator(op.clone()));
+        }
+        if bearer.starts_with(OPERATOR_TOKEN_PREFIX) {
+            return Err(AuthError::UnknownOperator);
+        }
+        let now = self.clock.now().unix_millis();
+        if let Ok(cache) = self.cache.lock()
+            && let Some(c) = cache.get(&digest)
+            && c.valid_until > now
+        {
+            return Ok(Caller::Workload(c.workload.clone()));
+        }
+        let iss = jwt::unverified_issuer(bearer)?;
+        let verifier = self.issuers.get(&iss).ok_or(AuthError::UnknownIssuer)?;
+        let (workload, exp_ms) = verifier.verify(bearer, self.clock.now()).await?;
+        let workload = Arc::new(workload);
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_MAX {
+                cache.retain(|_, c| c.valid_until > now);
+                if cache.len() >= CACHE_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(digest, Cached { workload: workload.clone(), valid_until: exp_ms.min(now + CACHE_TTL_MS) });
+        }
+        Ok(Caller::Workload(workload))
+    }
+}
+
+/// Operator tokens minted by leasehold start with this, so a mistyped one is
+/// refused without trying to parse it as a JWT.
+pub const OPERATOR_TOKEN_PREFIX: &str = "lho_";
+
+/// Make a new random operator token.
+pub fn generate_operator_token() -> Result<String, String> {
+    use base64::Engine as _;
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 32];
+    ring::rand::SystemRandom::new().fill(&mut b).map_err(|_| "the system RNG failed".to_owned())?;
+    Ok(format!("{OPERATOR_TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)))
+}
+
+/// At most a few denial log lines per second: a token-guessing flood must
+/// not turn into a log flood.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    window: AtomicU64,
+    count: AtomicU64,
+}
+
+impl LogLimiter {
+    const PER_SECOND: u64 = 10;
+
+    fn allow(&self, now: Timestamp) -> bool {
+        let sec = u64::try_from(now.unix_seconds()).unwrap_or(0);
+        if self.window.swap(sec, Ordering::Relaxed) != sec {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed) < Self::PER_SECOND
+    }
+}
+
+fn bearer_of(parts: &Parts) -> Result<&str, AuthError> {
+    let value = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or(AuthError::Missing)?;
+    let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+    let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::Malformed);
+    }
+    Ok(token.trim())
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer_of(parts).map_err(ApiError::unauthenticated)?;
+        state.auth.authenticate(token).await.map_err(ApiError::unauthenticated)
+    }
+}
+
+/// A caller that must be a workload (task and lease requests).
+#[derive(Debug, Clone)]
+pub struct WorkloadCaller(pub Arc<Workload>);
+
+impl FromRequestParts<AppState> for WorkloadCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        match Caller::from_request_parts(parts, state).await? {
+            Caller::Workload(w) => Ok(Self(w)),
+            Caller::Operator(_) => Err(ApiError::forbidden(
+                "workload_required",
+                "this endpoint is for workloads; operators cannot open tasks or hold leases",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_hash_round_trips() {
+        let t = generate_operator_token().unwrap();
+        assert!(t.starts_with("lho_"));
+        assert_eq!(parse_hex32(&operator_token_hash(&t)).unwrap(), sha256(t.as_bytes()));
+        assert!(parse_hex32("zz").is_none());
+    }
+
+    #[test]
+    fn denial_logging_is_rate_limited() {
+        let l = LogLimiter::default();
+        let t = Timestamp::from_unix_millis(5_000);
+        let allowed = (0..100).filter(|_| l.allow(t)).count() as u64;
+        assert_eq!(allowed, LogLimiter::PER_SECOND);
+        assert!(l.allow(Timestamp::from_unix_millis(6_000)));
+    }
+}

@@ -1,0 +1,165 @@
+//! The client verbs: thin HTTP calls that print the broker's JSON.
+
+use serde_json::{Value, json};
+
+use super::{Connection, LeaseCommand, TaskCommand};
+use crate::dev::DevCredentials;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach the broker: {0}")]
+    Transport(String),
+    #[error("{code} (HTTP {status}): {message}")]
+    Api { status: u16, code: String, message: String },
+}
+
+impl ClientError {
+    /// Exit code: 1 for a refusal by the broker (4xx), 2 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Api { status, .. } if (400..500).contains(status) => 1,
+            _ => 2,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    pub fn new(conn: &Connection) -> Result<Self, ClientError> {
+        let creds = || -> Result<DevCredentials, ClientError> {
+            let text = std::fs::read_to_string(&conn.credentials).map_err(|e| {
+                ClientError::Usage(format!(
+                    "{}: {e} (start `leasehold dev`, or pass --broker and --token)",
+                    conn.credentials.display()
+                ))
+            })?;
+            serde_json::from_str(&text)
+                .map_err(|e| ClientError::Usage(format!("{}: {e}", conn.credentials.display())))
+        };
+        let (base, token) = match (&conn.broker, &conn.token, &conn.identity) {
+            (b, Some(t), None) => {
+                let base = match b {
+                    Some(b) => b.clone(),
+                    None => creds()?.broker,
+                };
+                (base, t.clone())
+            }
+            (b, None, Some(name)) => {
+                let c = creds()?;
+                let id = c.identities.get(name).ok_or_else(|| {
+                    ClientError::Usage(format!(
+                        "no identity `{name}` in {}; known: {}",
+                        conn.credentials.display(),
+                        c.identities.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ))
+                })?;
+                (b.clone().unwrap_or(c.broker.clone()), id.token.clone())
+            }
+            (_, Some(_), Some(_)) => return Err(ClientError::Usage("use --token or --as, not both".into())),
+            (_, None, None) => {
+                return Err(ClientError::Usage(
+                    "who are you? pass --as NAME (dev credentials) or --token TOKEN".into(),
+                ));
+            }
+        };
+        let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60));
+        if let Some(ca) = &conn.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| ClientError::Usage(format!("{}: {e}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| ClientError::Usage(format!("{}: {e}", ca.display())))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder.build().map_err(|e| ClientError::Transport(e.to_string()))?;
+        Ok(Self { http, base: base.trim_end_matches('/').to_owned(), token })
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Transport(format!("{url}: {e}")))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if (200..300).contains(&status) {
+            return Ok(value);
+        }
+        let code = value["error"]["code"].as_str().unwrap_or("unknown").to_owned();
+        let message = value["error"]["message"].as_str().unwrap_or("").to_owned();
+        Err(ClientError::Api { status, code, message })
+    }
+}
+
+fn seg(s: &str) -> String {
+    // ids are [a-z0-9_]; anything else is the broker's to reject, not ours
+    // to splice into a path
+    s.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect()
+}
+
+pub async fn task(conn: &Connection, cmd: TaskCommand) -> Result<Value, ClientError> {
+    let c = Client::new(conn)?;
+    use reqwest::Method;
+    match cmd {
+        TaskCommand::Open { purpose, on_behalf_of, prompt, prompt_sha256, tools, ttl_seconds } => {
+            let mut body = json!({"purpose": purpose, "on_behalf_of": on_behalf_of, "tools": tools, "ttl_seconds": ttl_seconds});
+            if let Some(p) = prompt {
+                body["prompt"] = p.into();
+            }
+            if let Some(h) = prompt_sha256 {
+                body["prompt_sha256"] = h.into();
+            }
+            c.call(Method::POST, "/v1/tasks", Some(body)).await
+        }
+        TaskCommand::Show { task_id } => c.call(Method::GET, &format!("/v1/tasks/{}", seg(&task_id)), None).await,
+        TaskCommand::Complete { task_id } => {
+            c.call(Method::POST, &format!("/v1/tasks/{}/complete", seg(&task_id)), None).await
+        }
+    }
+}
+
+pub async fn lease(conn: &Connection, cmd: LeaseCommand) -> Result<Value, ClientError> {
+    let c = Client::new(conn)?;
+    use reqwest::Method;
+    match cmd {
+        LeaseCommand::Request { task_id, provider, role, ttl_seconds, scope } => {
+            let body = json!({"provider": provider, "role": role, "ttl_seconds": ttl_seconds, "scope": scope});
+            c.call(Method::POST, &format!("/v1/tasks/{}/leases", seg(&task_id)), Some(body)).await
+        }
+        LeaseCommand::Show { lease_id } => c.call(Method::GET, &format!("/v1/leases/{}", seg(&lease_id)), None).await,
+        LeaseCommand::Revoke { lease_id } => {
+            c.call(Method::POST, &format!("/v1/leases/{}/revoke", seg(&lease_id)), None).await
+        }
+        LeaseCommand::List { state, workload, task, provider, role, limit, cursor } => {
+            let mut q: Vec<(&str, String)> = vec![("limit", limit.to_string())];
+            for (k, v) in [("state", state), ("workload", workload), ("task", task), ("provider", provider), ("role", role), ("cursor", cursor)] {
+                if let Some(v) = v {
+                    q.push((k, v));
+                }
+            }
+            let qs: Vec<String> = q.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect();
+            c.call(Method::GET, &format!("/v1/leases?{}", qs.join("&")), None).await
+        }
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,201 @@
+//! Command-line interface: the server verbs and the client verbs that talk
+//! to a running broker.
+
+pub mod client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// leasehold: just-in-time, task-scoped credentials for AI-assistant workloads.
+///
+/// An assistant authenticates as a workload, opens a task (purpose, the user
+/// it acts for, the prompt, a deadline), and leases credentials for that task
+/// only. Every lease dies with its task or its TTL, whichever comes first.
+#[derive(Debug, Parser)]
+#[command(name = "leasehold", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker from a configuration file.
+    Serve {
+        /// The TOML configuration (see config/leasehold.example.toml).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Run a development broker: loopback, embedded store, token provider,
+    /// dev identities. Writes dev-credentials.json in the data folder.
+    Dev {
+        /// Loopback address to listen on.
+        #[arg(long, default_value = crate::dev::DEFAULT_LISTEN, value_name = "ADDR")]
+        listen: SocketAddr,
+        /// Folder for the store, its key, signing keys and credentials.
+        #[arg(long, default_value = crate::dev::DEFAULT_DATA_DIR, value_name = "DIR")]
+        data: PathBuf,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Check configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Create keys and operator tokens for a `serve` deployment.
+    Keygen {
+        #[command(subcommand)]
+        command: KeygenCommand,
+    },
+    /// Open, show and complete tasks (as a workload).
+    Task {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: TaskCommand,
+    },
+    /// Request, show, revoke and list leases.
+    Lease {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: LeaseCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Parse and validate a configuration, and check every file it names;
+    /// exactly the checks `serve` runs before it binds.
+    Validate {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeygenCommand {
+    /// A new 256-bit store key, written as hex to FILE (mode 0600; never
+    /// overwrites).
+    Store {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// A new Ed25519 signing key for the token provider (PKCS#8, mode 0600).
+    Token {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// A new operator bearer token: prints the token (give it to the
+    /// operator) and its SHA-256 (put it in config).
+    Operator,
+}
+
+/// How client verbs reach the broker and who they are.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Broker base URL; defaults to the dev broker named in the credentials file.
+    #[arg(long, env = "LEASEHOLD_BROKER", global = true, value_name = "URL")]
+    pub broker: Option<String>,
+    /// Bearer token (workload JWT or operator token).
+    #[arg(long, env = "LEASEHOLD_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Act as a named identity from the dev credentials file
+    /// (assistant-a, assistant-b, admin, approver, responder, resource-server).
+    #[arg(long = "as", env = "LEASEHOLD_AS", global = true, value_name = "NAME")]
+    pub identity: Option<String>,
+    /// The dev credentials file `leasehold dev` wrote.
+    #[arg(
+        long,
+        env = "LEASEHOLD_CREDENTIALS",
+        global = true,
+        default_value = "leasehold-data/dev-credentials.json",
+        value_name = "FILE"
+    )]
+    pub credentials: PathBuf,
+    /// Extra CA certificate (PEM) to trust, for brokers with a private CA.
+    #[arg(long, env = "LEASEHOLD_CA_FILE", global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Open a task; prints it, with its task_id.
+    Open {
+        /// Why the assistant needs access.
+        #[arg(long)]
+        purpose: String,
+        /// The user the assistant acts for.
+        #[arg(long)]
+        on_behalf_of: String,
+        /// The prompt (only its SHA-256 is kept unless the broker is
+        /// configured to keep prompt text).
+        #[arg(long, conflicts_with = "prompt_sha256")]
+        prompt: Option<String>,
+        /// The SHA-256 of the prompt, hex, instead of the prompt.
+        #[arg(long)]
+        prompt_sha256: Option<String>,
+        /// A tool the task may call (repeatable).
+        #[arg(long = "tool", value_name = "TOOL")]
+        tools: Vec<String>,
+        /// Hard deadline, in seconds from now.
+        #[arg(long = "ttl", value_name = "SECONDS")]
+        ttl_seconds: i64,
+    },
+    /// Show a task and its leases.
+    Show { task_id: String },
+    /// Complete a task: revokes every lease under it.
+    Complete { task_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Request a credential under a task; prints the lease and credential.
+    Request {
+        task_id: String,
+        #[arg(long)]
+        provider: String,
+        #[arg(long)]
+        role: String,
+        #[arg(long = "ttl", value_name = "SECONDS")]
+        ttl_seconds: i64,
+        /// Narrow the credential (repeatable), within what the role allows.
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scope: Vec<String>,
+    },
+    /// Show a lease (never its credential).
+    Show { lease_id: String },
+    /// Revoke a lease now (idempotent).
+    Revoke { lease_id: String },
+    /// List leases (admin, responder).
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        workload: Option<String>,
+        #[arg(long)]
+        task: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+}

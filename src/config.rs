@@ -1,0 +1,731 @@
+//! The broker's configuration: TOML, unknown fields rejected, every error
+//! naming its field.
+//!
+//! Parsing ([`Config::from_toml`]) catches syntax, unknown fields and wrong
+//! types (the `toml` crate names the key and line); [`Config::validate`]
+//! catches what types cannot: ranges, mutually exclusive options, the
+//! loopback-without-TLS rule, unsafe algorithms. `leasehold config validate`
+//! runs both plus the file checks ([`Config::check_files`]), exactly what
+//! `serve` runs before it binds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration problem, with the dotted path of the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("`{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub reaper: ReaperConfig,
+    pub auth: AuthConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Test-only fault hooks; absent from release builds.
+    #[cfg(feature = "fault-injection")]
+    #[serde(default)]
+    pub fault: FaultConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on, e.g. `127.0.0.1:7711`.
+    pub listen: SocketAddr,
+    pub tls: Option<TlsConfig>,
+    /// Listening on a non-loopback address without TLS is refused unless
+    /// this is set (for a TLS-terminating sidecar on the same host).
+    #[serde(default)]
+    pub allow_plaintext_non_loopback: bool,
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+    #[serde(default = "defaults::request_timeout_seconds")]
+    pub request_timeout_seconds: u64,
+    #[serde(default = "defaults::shutdown_grace_seconds")]
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The redb file.
+    pub path: PathBuf,
+    /// A file holding the 256-bit store key (64 hex characters or base64).
+    pub key_file: Option<PathBuf>,
+    /// Or the name of an environment variable holding it.
+    pub key_env: Option<String>,
+    /// Page cache size. Bounds resident memory; hot pages stay cached.
+    #[serde(default = "defaults::cache_mib")]
+    pub cache_mib: usize,
+    /// Save allocator state with every commit so a crash needs no full
+    /// repair scan on the next start (slightly slower commits).
+    #[serde(default = "defaults::yes")]
+    pub quick_repair: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "defaults::max_task_ttl_seconds")]
+    pub max_task_ttl_seconds: u64,
+    #[serde(default = "defaults::max_lease_ttl_seconds")]
+    pub max_lease_ttl_seconds: u64,
+    #[serde(default = "defaults::max_leases_per_task")]
+    pub max_leases_per_task: u32,
+    /// Keep the prompt text (encrypted) and not only its SHA-256.
+    #[serde(default)]
+    pub store_prompt_text: bool,
+    #[serde(default = "defaults::max_prompt_bytes")]
+    pub max_prompt_bytes: usize,
+    #[serde(default = "defaults::max_tools")]
+    pub max_tools: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_task_ttl_seconds: defaults::max_task_ttl_seconds(),
+            max_lease_ttl_seconds: defaults::max_lease_ttl_seconds(),
+            max_leases_per_task: defaults::max_leases_per_task(),
+            store_prompt_text: false,
+            max_prompt_bytes: defaults::max_prompt_bytes(),
+            max_tools: defaults::max_tools(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReaperConfig {
+    /// First retry delay of a failed revocation.
+    #[serde(default = "defaults::retry_base_seconds")]
+    pub retry_base_seconds: u64,
+    /// Longest delay between retries.
+    #[serde(default = "defaults::retry_cap_seconds")]
+    pub retry_cap_seconds: u64,
+    /// Attempts before a lease is declared irrevocable.
+    #[serde(default = "defaults::retry_budget")]
+    pub retry_budget: u32,
+    /// How often irrevocable leases are still retried.
+    #[serde(default = "defaults::irrevocable_retry_seconds")]
+    pub irrevocable_retry_seconds: u64,
+    /// Leases moved or revoked per store transaction.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// Longest a single provider call may take before it counts as failed.
+    #[serde(default = "defaults::provider_timeout_seconds")]
+    pub provider_timeout_seconds: u64,
+}
+
+impl Default for ReaperConfig {
+    fn default() -> Self {
+        Self {
+            retry_base_seconds: defaults::retry_base_seconds(),
+            retry_cap_seconds: defaults::retry_cap_seconds(),
+            retry_budget: defaults::retry_budget(),
+            irrevocable_retry_seconds: defaults::irrevocable_retry_seconds(),
+            batch_size: defaults::batch_size(),
+            provider_timeout_seconds: defaults::provider_timeout_seconds(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub workload_issuers: Vec<IssuerConfig>,
+    #[serde(default)]
+    pub operators: Vec<OperatorConfig>,
+}
+
+/// A trusted issuer of workload JWTs: a Kubernetes API server (projected
+/// service-account tokens), a SPIFFE trust domain (JWT-SVIDs), a CI system.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Short name; workload ids are `<name>:<sub>`.
+    pub name: String,
+    /// The exact `iss` claim.
+    pub issuer: String,
+    /// Accepted `aud` values (at least one must match).
+    pub audiences: Vec<String>,
+    /// Pinned signature algorithms. Only asymmetric ones are accepted.
+    pub algorithms: Vec<String>,
+    pub jwks_file: Option<PathBuf>,
+    pub jwks_url: Option<String>,
+    #[serde(default = "defaults::jwks_refresh_seconds")]
+    pub jwks_refresh_seconds: u64,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    #[serde(default = "defaults::leeway_seconds")]
+    pub leeway_seconds: u64,
+    /// The claim that carries the tenant, or
+    pub tenant_claim: Option<String>,
+    /// a fixed tenant for every workload of this issuer.
+    pub tenant: Option<String>,
+    /// Claims copied onto the workload as attributes (for policy).
+    #[serde(default)]
+    pub attribute_claims: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperatorRole {
+    Admin,
+    Approver,
+    Responder,
+    /// A resource server that may call token introspection.
+    ResourceServer,
+}
+
+impl OperatorRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Approver => "approver",
+            Self::Responder => "responder",
+            Self::ResourceServer => "resource_server",
+        }
+    }
+}
+
+/// A human or system operator with a static bearer token, stored only as
+/// its SHA-256.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    pub name: String,
+    pub roles: Vec<OperatorRole>,
+    /// Hex SHA-256 of the bearer token.
+    pub token_sha256: String,
+}
+
+/// One provider instance; `type` picks the implementation.
+#[derive(Debug, Clone)]
+pub enum ProviderConfig {
+    Token(TokenProviderConfig),
+}
+
+/// The provider kinds this build knows, as written in `type`.
+pub const PROVIDER_TYPES: &[&str] = &["token"];
+
+// Dispatch on `type` by hand rather than with serde's internally tagged
+// enums, which buffer the table and lose the field path of errors: this way
+// "expected u64" comes with "in `roles.demo.max_ttl_seconds`".
+impl<'de> Deserialize<'de> for ProviderConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut table = toml::Table::deserialize(d)?;
+        let kind = match table.remove("type") {
+            Some(toml::Value::String(s)) => s,
+            Some(_) => return Err(D::Error::custom("`type` must be a string")),
+            None => {
+                return Err(D::Error::custom(format!(
+                    "missing field `type` (one of: {})",
+                    PROVIDER_TYPES.join(", ")
+                )));
+            }
+        };
+        let body = toml::Value::Table(table);
+        match kind.as_str() {
+            "token" => body.try_into().map(Self::Token).map_err(|e| D::Error::custom(e.to_string().trim_end())),
+            other => Err(D::Error::custom(format!(
+                "unknown provider type `{other}`; expected one of: {}",
+                PROVIDER_TYPES.join(", ")
+            ))),
+        }
+    }
+}
+
+impl ProviderConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Token(_) => "token",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenProviderConfig {
+    /// `iss` of issued tokens.
+    pub issuer: String,
+    /// Default `aud`.
+    pub audience: String,
+    /// Ed25519 PKCS#8 (DER) signing key.
+    pub signing_key_file: PathBuf,
+    pub roles: BTreeMap<String, TokenRoleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRoleConfig {
+    pub scopes: Vec<String>,
+    pub max_ttl_seconds: u64,
+    pub audience: Option<String>,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultConfig {
+    /// After the provider issued and before the lease is activated, write
+    /// the lease id and credential to this file and hang (crash test).
+    pub pause_after_issue_file: Option<PathBuf>,
+}
+
+mod defaults {
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn max_body_bytes() -> usize {
+        64 * 1024
+    }
+    pub fn request_timeout_seconds() -> u64 {
+        30
+    }
+    pub fn shutdown_grace_seconds() -> u64 {
+        10
+    }
+    pub fn cache_mib() -> usize {
+        64
+    }
+    pub fn max_task_ttl_seconds() -> u64 {
+        8 * 3600
+    }
+    pub fn max_lease_ttl_seconds() -> u64 {
+        3600
+    }
+    pub fn max_leases_per_task() -> u32 {
+        1000
+    }
+    pub fn max_prompt_bytes() -> usize {
+        32 * 1024
+    }
+    pub fn max_tools() -> usize {
+        64
+    }
+    pub fn retry_base_seconds() -> u64 {
+        1
+    }
+    pub fn retry_cap_seconds() -> u64 {
+        300
+    }
+    pub fn retry_budget() -> u32 {
+        10
+    }
+    pub fn irrevocable_retry_seconds() -> u64 {
+        86_400
+    }
+    pub fn batch_size() -> usize {
+        4096
+    }
+    pub fn provider_timeout_seconds() -> u64 {
+        30
+    }
+    pub fn jwks_refresh_seconds() -> u64 {
+        300
+    }
+    pub fn leeway_seconds() -> u64 {
+        30
+    }
+}
+
+/// Signature algorithms a workload issuer may pin. HMAC is absent on
+/// purpose: a shared secret cannot identify a workload, and accepting it is
+/// how RSA/HMAC key confusion happens.
+pub const ALLOWED_ALGORITHMS: &[&str] =
+    &["EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"];
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Config {
+    /// Read and parse a file, resolving relative paths against its folder.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let mut cfg = Self::from_toml(&text, &path.display().to_string())?;
+        if let Some(dir) = path.parent() {
+            cfg.resolve_paths(dir);
+        }
+        Ok(cfg)
+    }
+
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        fix(&mut self.store.path);
+        if let Some(p) = self.store.key_file.as_mut() {
+            fix(p);
+        }
+        if let Some(tls) = self.server.tls.as_mut() {
+            fix(&mut tls.cert_file);
+            fix(&mut tls.key_file);
+        }
+        for i in &mut self.auth.workload_issuers {
+            if let Some(p) = i.jwks_file.as_mut() {
+                fix(p);
+            }
+        }
+        for p in self.providers.values_mut() {
+            match p {
+                ProviderConfig::Token(t) => fix(&mut t.signing_key_file),
+            }
+        }
+    }
+
+    /// Semantic checks that types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.tls.is_none() && !s.listen.ip().is_loopback() && !s.allow_plaintext_non_loopback {
+            return Err(invalid(
+                "server.listen",
+                format!(
+                    "{} is not a loopback address and no [server.tls] is configured; \
+                     configure TLS, or set server.allow_plaintext_non_loopback = true if a \
+                     TLS-terminating proxy on this host fronts the broker",
+                    s.listen
+                ),
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&s.max_body_bytes) {
+            return Err(invalid("server.max_body_bytes", "must be between 1024 and 16777216"));
+        }
+        if s.request_timeout_seconds == 0 {
+            return Err(invalid("server.request_timeout_seconds", "must be positive"));
+        }
+        match (&self.store.key_file, &self.store.key_env) {
+            (Some(_), Some(_)) => {
+                return Err(invalid("store.key_file", "set either store.key_file or store.key_env, not both"));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "store.key_file",
+                    "the store key is required: set store.key_file or store.key_env",
+                ));
+            }
+            _ => {}
+        }
+        if self.store.cache_mib == 0 {
+            return Err(invalid("store.cache_mib", "must be positive"));
+        }
+        let l = &self.limits;
+        if l.max_task_ttl_seconds == 0 || l.max_task_ttl_seconds > 7 * 86_400 {
+            return Err(invalid("limits.max_task_ttl_seconds", "must be between 1 and 604800"));
+        }
+        if l.max_lease_ttl_seconds == 0 || l.max_lease_ttl_seconds > l.max_task_ttl_seconds {
+            return Err(invalid(
+                "limits.max_lease_ttl_seconds",
+                "must be positive and at most limits.max_task_ttl_seconds",
+            ));
+        }
+        if l.max_leases_per_task == 0 {
+            return Err(invalid("limits.max_leases_per_task", "must be positive"));
+        }
+        let r = &self.reaper;
+        if r.retry_base_seconds == 0 || r.retry_cap_seconds < r.retry_base_seconds {
+            return Err(invalid(
+                "reaper.retry_cap_seconds",
+                "retry_base_seconds must be positive and retry_cap_seconds at least as large",
+            ));
+        }
+        if r.retry_budget == 0 {
+            return Err(invalid("reaper.retry_budget", "must be positive"));
+        }
+        if r.irrevocable_retry_seconds == 0 {
+            return Err(invalid("reaper.irrevocable_retry_seconds", "must be positive"));
+        }
+        if !(1..=65_536).contains(&r.batch_size) {
+            return Err(invalid("reaper.batch_size", "must be between 1 and 65536"));
+        }
+        if r.provider_timeout_seconds == 0 {
+            return Err(invalid("reaper.provider_timeout_seconds", "must be positive"));
+        }
+        self.validate_auth()?;
+        if self.providers.is_empty() {
+            return Err(invalid("providers", "configure at least one provider"));
+        }
+        for (name, p) in &self.providers {
+            let field = format!("providers.{name}");
+            if !is_name(name) {
+                return Err(invalid(field, "provider names are 1-64 of [A-Za-z0-9_-]"));
+            }
+            match p {
+                ProviderConfig::Token(t) => validate_token(&field, t, l)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let mut names = BTreeSet::new();
+        let mut issuers = BTreeSet::new();
+        for (i, iss) in self.auth.workload_issuers.iter().enumerate() {
+            let f = |k: &str| format!("auth.workload_issuers[{i}].{k}");
+            if !is_name(&iss.name) {
+                return Err(invalid(f("name"), "1-64 of [A-Za-z0-9_-]"));
+            }
+            if !names.insert(&iss.name) {
+                return Err(invalid(f("name"), format!("duplicate issuer name `{}`", iss.name)));
+            }
+            if iss.issuer.is_empty() || !issuers.insert(&iss.issuer) {
+                return Err(invalid(f("issuer"), "must be non-empty and unique"));
+            }
+            if iss.audiences.is_empty() || iss.audiences.iter().any(String::is_empty) {
+                return Err(invalid(f("audiences"), "list at least one non-empty audience"));
+            }
+            if iss.algorithms.is_empty() {
+                return Err(invalid(f("algorithms"), "pin at least one algorithm"));
+            }
+            for a in &iss.algorithms {
+                if !ALLOWED_ALGORITHMS.contains(&a.as_str()) {
+                    return Err(invalid(
+                        f("algorithms"),
+                        format!("`{a}` is not allowed; use one of {}", ALLOWED_ALGORITHMS.join(", ")),
+                    ));
+                }
+            }
+            match (&iss.jwks_file, &iss.jwks_url) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(f("jwks_file"), "set exactly one of jwks_file and jwks_url"));
+                }
+                (None, Some(url)) => {
+                    let loopback_http = url.starts_with("http://127.0.0.1")
+                        || url.starts_with("http://localhost")
+                        || url.starts_with("http://[::1]");
+                    if !url.starts_with("https://") && !loopback_http {
+                        return Err(invalid(f("jwks_url"), "must be https (http only on loopback)"));
+                    }
+                }
+                _ => {}
+            }
+            if iss.jwks_refresh_seconds < 10 {
+                return Err(invalid(f("jwks_refresh_seconds"), "must be at least 10"));
+            }
+            if iss.leeway_seconds > 300 {
+                return Err(invalid(f("leeway_seconds"), "at most 300 (skew should be small)"));
+            }
+            if iss.tenant.is_some() && iss.tenant_claim.is_some() {
+                return Err(invalid(f("tenant"), "set tenant or tenant_claim, not both"));
+            }
+        }
+        let mut op_names = BTreeSet::new();
+        let mut hashes = BTreeSet::new();
+        for (i, op) in self.auth.operators.iter().enumerate() {
+            let f = |k: &str| format!("auth.operators[{i}].{k}");
+            if !is_name(&op.name) || !op_names.insert(&op.name) {
+                return Err(invalid(f("name"), "1-64 of [A-Za-z0-9_-], unique"));
+            }
+            if op.roles.is_empty() {
+                return Err(invalid(f("roles"), "give at least one role"));
+            }
+            let h = op.token_sha256.to_ascii_lowercase();
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(f("token_sha256"), "must be 64 hex characters (SHA-256)"));
+            }
+            if !hashes.insert(h) {
+                return Err(invalid(f("token_sha256"), "two operators share a token"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Check every file the config names is readable and well-formed,
+    /// without printing any secret. `serve` and `config validate` run it.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        if let Some(p) = &self.store.key_file {
+            crate::store::StoreKey::from_file(p).map_err(|e| invalid("store.key_file", e.to_string()))?;
+        }
+        if let Some(tls) = &self.server.tls {
+            for (k, p) in [("server.tls.cert_file", &tls.cert_file), ("server.tls.key_file", &tls.key_file)] {
+                std::fs::metadata(p).map_err(|e| invalid(k, format!("{}: {e}", p.display())))?;
+            }
+        }
+        for (i, iss) in self.auth.workload_issuers.iter().enumerate() {
+            if let Some(p) = &iss.jwks_file {
+                crate::auth::load_jwks_file(p)
+                    .map_err(|e| invalid(format!("auth.workload_issuers[{i}].jwks_file"), e))?;
+            }
+        }
+        for (name, p) in &self.providers {
+            match p {
+                ProviderConfig::Token(t) => {
+                    let key = std::fs::read(&t.signing_key_file).map_err(|e| {
+                        invalid(
+                            format!("providers.{name}.signing_key_file"),
+                            format!("{}: {e}", t.signing_key_file.display()),
+                        )
+                    })?;
+                    ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&key).map_err(|_| {
+                        invalid(
+                            format!("providers.{name}.signing_key_file"),
+                            "not an Ed25519 PKCS#8 key (make one with `leasehold keygen token`)",
+                        )
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn validate_token(field: &str, t: &TokenProviderConfig, limits: &Limits) -> Result<(), ConfigError> {
+    if t.issuer.is_empty() {
+        return Err(invalid(format!("{field}.issuer"), "must not be empty"));
+    }
+    if t.audience.is_empty() {
+        return Err(invalid(format!("{field}.audience"), "must not be empty"));
+    }
+    if t.roles.is_empty() {
+        return Err(invalid(format!("{field}.roles"), "configure at least one role"));
+    }
+    for (role, r) in &t.roles {
+        let rf = format!("{field}.roles.{role}");
+        if !is_name(role) {
+            return Err(invalid(rf, "role names are 1-64 of [A-Za-z0-9_-]"));
+        }
+        if r.scopes.is_empty() {
+            return Err(invalid(format!("{rf}.scopes"), "list at least one scope"));
+        }
+        if let Some(s) = r.scopes.iter().find(|s| !leasehold_provider_token::valid_scope_token(s)) {
+            return Err(invalid(format!("{rf}.scopes"), format!("`{s}` is not a valid OAuth scope token")));
+        }
+        if r.max_ttl_seconds == 0 || r.max_ttl_seconds > limits.max_lease_ttl_seconds {
+            return Err(invalid(
+                format!("{rf}.max_ttl_seconds"),
+                format!("must be between 1 and limits.max_lease_ttl_seconds ({})", limits.max_lease_ttl_seconds),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:7711"
+[store]
+path = "leasehold.redb"
+key_file = "store.key"
+[auth]
+[providers.token]
+type = "token"
+issuer = "https://leasehold.test"
+audience = "svc"
+signing_key_file = "token.pk8"
+[providers.token.roles.demo]
+scopes = ["demo:read"]
+max_ttl_seconds = 600
+"#;
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_parses() {
+        let c = Config::from_toml(MINIMAL, "test.toml").unwrap();
+        assert_eq!(c.limits.max_lease_ttl_seconds, 3600);
+        assert_eq!(c.providers["token"].kind(), "token");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_and_named() {
+        let e = err(&MINIMAL.replace("[auth]", "[auth]\nbogus = 1"));
+        assert!(e.contains("bogus"), "{e}");
+        let e = err(&MINIMAL.replace("max_ttl_seconds = 600", "max_ttl_seconds = 600\nttl = 5"));
+        assert!(e.contains("ttl"), "{e}");
+        let e = err(&MINIMAL.replace("type = \"token\"", "type = \"token\"\nextra = true"));
+        assert!(e.contains("extra"), "{e}");
+        let e = err(&MINIMAL.replace("type = \"token\"", "type = \"nope\""));
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let e = err(&MINIMAL.replace("max_ttl_seconds = 600", "max_ttl_seconds = \"600\""));
+        assert!(e.contains("max_ttl_seconds"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let e = err(&MINIMAL.replace("127.0.0.1:7711", "0.0.0.0:7711"));
+        assert!(e.contains("server.listen"), "{e}");
+        let e = err(&MINIMAL.replace("max_ttl_seconds = 600", "max_ttl_seconds = 0"));
+        assert!(e.contains("providers.token.roles.demo.max_ttl_seconds"), "{e}");
+        let e = err(&MINIMAL.replace("key_file = \"store.key\"", ""));
+        assert!(e.contains("store.key_file"), "{e}");
+        let e = err(&MINIMAL.replace(
+            "[auth]",
+            "[auth]\n[[auth.workload_issuers]]\nname=\"k\"\nissuer=\"i\"\naudiences=[\"a\"]\nalgorithms=[\"HS256\"]\njwks_file=\"j\"",
+        ));
+        assert!(e.contains("auth.workload_issuers[0].algorithms"), "{e}");
+        let e = err(&MINIMAL.replace("[auth]", "[auth]\n[[auth.operators]]\nname=\"a\"\nroles=[\"admin\"]\ntoken_sha256=\"xyz\""));
+        assert!(e.contains("token_sha256"), "{e}");
+    }
+
+    #[test]
+    fn tls_allows_any_address() {
+        let text = MINIMAL.replace("127.0.0.1:7711", "0.0.0.0:7711").replace(
+            "[store]",
+            "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[store]",
+        );
+        Config::from_toml(&text, "t").unwrap();
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lh.toml");
+        std::fs::write(&p, MINIMAL).unwrap();
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.store.path, dir.path().join("leasehold.redb"));
+        let ProviderConfig::Token(t) = &c.providers["token"];
+        assert_eq!(t.signing_key_file, dir.path().join("token.pk8"));
+    }
+}

@@ -1,0 +1,272 @@
+//! Leases: the issue path, reads, manual revocation.
+//!
+//! The issue path is the heart of invariant 1 (intent before issue):
+//!
+//! 1. validate everything (provider, role, scope, TTL, task) without writing;
+//! 2. write the lease as `issuing` and wait until it is durable;
+//! 3. call the provider;
+//! 4. write it `active` (with the sealed revocation handle and its entry in
+//!    the expiry index) and wait until that is durable;
+//! 5. only then return the credential.
+//!
+//! A crash after 2 leaves an `issuing` record that start-up recovery rolls
+//! back at the provider; a provider failure after 2 queues a rollback; an
+//! activation refused because the task closed meanwhile queues a rollback.
+//! The credential itself is never stored anywhere.
+
+use leasehold_provider::{Credential, ErrorClass, LeaseSpec, RevokeSpec, Timestamp};
+
+use crate::auth::{Caller, Workload};
+use crate::broker::{Broker, BrokerError};
+use crate::ids::{LeaseId, TaskId};
+use crate::store::{Activation, LeaseQuery, LeaseRecord, LeaseState, RevokeCause, StoreError, TaskState};
+use crate::task::check_ttl;
+
+/// A credential request, already decoded from the wire.
+#[derive(Debug, Clone)]
+pub struct LeaseParams {
+    pub provider: String,
+    pub role: String,
+    pub ttl_seconds: i64,
+    pub scope: Vec<String>,
+}
+
+/// An issued lease and the credential, which exists only in this value.
+#[derive(Debug)]
+pub struct IssuedLease {
+    pub lease: LeaseRecord,
+    pub credential: Credential,
+}
+
+/// The provider-facing description of a stored lease.
+pub(crate) fn spec_of(rec: &LeaseRecord) -> LeaseSpec {
+    LeaseSpec {
+        lease_id: LeaseId(rec.id).to_string(),
+        task_id: TaskId(rec.task_id).to_string(),
+        workload: rec.workload.clone(),
+        tenant: rec.tenant.clone(),
+        on_behalf_of: rec.on_behalf_of.clone(),
+        role: rec.role.clone(),
+        scope: rec.scope.clone(),
+        issued_at: Timestamp::from_unix_millis(rec.issued_at.unwrap_or(rec.created_at)),
+        expires_at: Timestamp::from_unix_millis(rec.expires_at),
+    }
+}
+
+const MAX_SCOPE_ITEMS: usize = 32;
+
+impl Broker {
+    pub async fn request_lease(
+        &self,
+        w: &Workload,
+        task_id: TaskId,
+        p: LeaseParams,
+    ) -> Result<IssuedLease, BrokerError> {
+        // 1. validate, write nothing
+        let ttl = check_ttl("ttl_seconds", p.ttl_seconds, self.limits.max_lease_ttl_seconds)?;
+        if p.scope.len() > MAX_SCOPE_ITEMS
+            || p.scope.iter().any(|s| s.is_empty() || s.len() > 256 || s.chars().any(char::is_control))
+        {
+            return Err(BrokerError::invalid(
+                "invalid_request",
+                format!("`scope` takes at most {MAX_SCOPE_ITEMS} non-empty items of up to 256 characters"),
+            ));
+        }
+        let entry = self.providers.get(&p.provider).ok_or_else(|| {
+            BrokerError::invalid("unknown_provider", format!("no provider named `{}`", p.provider.escape_default()))
+        })?;
+        if entry.description.role(&p.role).is_none() {
+            return Err(BrokerError::invalid(
+                "unknown_role",
+                format!("provider `{}` has no role `{}`", p.provider, p.role.escape_default()),
+            ));
+        }
+        let role_max = entry.provider.validate(&p.role, &p.scope).map_err(|e| match e.class {
+            ErrorClass::Invalid => BrokerError::invalid("scope_not_allowed", e.message),
+            _ => BrokerError::Provider { provider: p.provider.clone(), retryable: e.is_retryable(), detail: e.message },
+        })?;
+        let now = self.clock.now();
+        let task = self.store.read()?.task(task_id.0)?.ok_or(BrokerError::NotFound { code: "task_not_found" })?;
+        if task.workload != w.id {
+            return Err(BrokerError::NotFound { code: "task_not_found" });
+        }
+        if task.state != TaskState::Open {
+            return Err(BrokerError::conflict("task_completed", "the task is completed"));
+        }
+        if task.expires_at <= now.unix_millis() {
+            return Err(BrokerError::conflict("task_expired", "the task's deadline has passed"));
+        }
+        // invariant 2: min(requested, config cap (checked), role max, task deadline)
+        let expires_at = now
+            .saturating_add(ttl)
+            .min(now.saturating_add(role_max))
+            .min(Timestamp::from_unix_millis(task.expires_at));
+        if expires_at.unix_millis() - now.unix_millis() < 1000 {
+            return Err(BrokerError::conflict("task_expired", "the task ends in less than a second"));
+        }
+        let id = LeaseId::generate(now);
+        let rec = LeaseRecord {
+            id: id.0,
+            task_id: task_id.0,
+            workload: w.id.clone(),
+            tenant: w.tenant.clone(),
+            on_behalf_of: task.on_behalf_of.clone(),
+            provider: p.provider.clone(),
+            role: p.role.clone(),
+            scope: p.scope.clone(),
+            requested_ttl_seconds: ttl.as_secs(),
+            created_at: now.unix_millis(),
+            issued_at: None,
+            expires_at: expires_at.unix_millis(),
+            state: LeaseState::Issuing,
+            handle_sealed: None,
+            description: None,
+            revocation: None,
+            ended_at: None,
+        };
+
+        // 2. the durable intent
+        let intent = rec.clone();
+        let (now_ms, cap) = (now.unix_millis(), self.limits.max_leases_per_task);
+        self.store.write(move |t| t.lease_intent(&intent, now_ms, cap)).await?;
+
+        // 3. the provider
+        let spec = spec_of(&rec);
+        let issued = match tokio::time::timeout(self.provider_timeout(), entry.provider.issue(&spec)).await {
+            Ok(Ok(issued)) if issued.expires_at <= spec.expires_at => issued,
+            Ok(Ok(_)) => {
+                return Err(self.fail_issue(&rec, "the provider returned a credential outliving its lease", false).await);
+            }
+            Ok(Err(e)) => {
+                let invalid = e.class == ErrorClass::Invalid;
+                let err = self.fail_issue(&rec, &e.message, e.is_retryable()).await;
+                return Err(if invalid { BrokerError::invalid("invalid_request", e.message) } else { err });
+            }
+            Err(_) => return Err(self.fail_issue(&rec, "the provider did not answer in time", true).await),
+        };
+        let sealed = match self.store.sealer().seal(rec.id, "handle", issued.handle.as_bytes()) {
+            Ok(s) => s,
+            Err(_) => return Err(self.fail_issue(&rec, "sealing the revocation handle failed", false).await),
+        };
+
+        #[cfg(feature = "fault-injection")]
+        self.fault_pause_after_issue(&rec, &issued.credential).await;
+
+        // 4. activation
+        let activation = Activation {
+            lease: rec.id,
+            handle_sealed: sealed,
+            issued_at: now.unix_millis(),
+            expires_at: issued.expires_at.unix_millis(),
+            description: issued.description.clone(),
+        };
+        let now_ms = self.clock.now().unix_millis();
+        match self.store.write(move |t| t.activate(&activation, now_ms)).await {
+            Ok(active) => {
+                self.wakers.lease_activated(active.expires_at);
+                tracing::info!(
+                    lease_id = %id, task_id = %task_id, workload = %w.id,
+                    provider = %p.provider, role = %p.role, expires_at = active.expires_at,
+                    "lease issued"
+                );
+                // 5. only now does the credential leave
+                Ok(IssuedLease { lease: active, credential: issued.credential })
+            }
+            Err(StoreError::Conflict(c)) => {
+                // the task closed while the provider was minting
+                let err = BrokerError::from(StoreError::Conflict(c));
+                self.fail_issue(&rec, "the task closed before activation", false).await;
+                Err(err)
+            }
+            Err(e) => {
+                // Not recorded as active: take the credential back now; the
+                // intent stays `issuing`, so recovery retries at next start.
+                let revoke = RevokeSpec {
+                    lease_id: id.to_string(),
+                    role: rec.role.clone(),
+                    expires_at: issued.expires_at,
+                    handle: issued.handle.clone(),
+                };
+                if let Err(pe) = entry.provider.revoke(&revoke).await {
+                    tracing::error!(lease_id = %id, error = %pe, "revoking an unrecorded credential failed; recovery will roll it back");
+                }
+                tracing::error!(lease_id = %id, error = %e, "activation failed; credential withheld");
+                Err(BrokerError::Store(e))
+            }
+        }
+    }
+
+    /// The issue failed after the intent: queue a rollback (the provider may
+    /// have created something before failing) and report the failure.
+    async fn fail_issue(&self, rec: &LeaseRecord, detail: &str, retryable: bool) -> BrokerError {
+        let (id, now) = (rec.id, self.clock.now().unix_millis());
+        let msg = detail.to_owned();
+        match self.store.write(move |t| t.issue_failed(id, &msg, now)).await {
+            Ok(_) => self.wakers.revocations_queued(&rec.provider),
+            Err(e) => tracing::error!(lease_id = %LeaseId(id), error = %e, "recording a failed issue failed; recovery will roll it back"),
+        }
+        tracing::warn!(lease_id = %LeaseId(id), provider = %rec.provider, error = %detail, "issue failed; rollback queued");
+        BrokerError::Provider { provider: rec.provider.clone(), retryable, detail: detail.to_owned() }
+    }
+
+    #[cfg(feature = "fault-injection")]
+    async fn fault_pause_after_issue(&self, rec: &LeaseRecord, credential: &Credential) {
+        if let Some(path) = &self.faults.pause_after_issue_file {
+            let body = serde_json::json!({
+                "lease_id": LeaseId(rec.id).to_string(),
+                "credential": credential.to_response_json(),
+            });
+            let _ = std::fs::write(path, body.to_string());
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// A lease the caller may see: its owner, admins and responders.
+    pub fn get_lease(&self, caller: &Caller, id: LeaseId) -> Result<LeaseRecord, BrokerError> {
+        let rec = self.store.read()?.lease(id.0)?.ok_or(BrokerError::NotFound { code: "lease_not_found" })?;
+        match caller {
+            Caller::Workload(w) if w.id == rec.workload => Ok(rec),
+            Caller::Workload(_) => Err(BrokerError::NotFound { code: "lease_not_found" }),
+            Caller::Operator(_) if Self::is_reader(caller) => Ok(rec),
+            Caller::Operator(_) => Err(BrokerError::Forbidden {
+                code: "forbidden",
+                message: "reading leases needs the admin or responder role".into(),
+            }),
+        }
+    }
+
+    /// Revoke one lease now. Idempotent: an already dead lease is returned
+    /// as it is.
+    pub async fn revoke_lease(&self, caller: &Caller, id: LeaseId) -> Result<LeaseRecord, BrokerError> {
+        let rec = self.get_lease(caller, id)?;
+        if rec.state == LeaseState::Issuing {
+            return Err(BrokerError::conflict("lease_issuing", "the lease is still being issued; retry shortly"));
+        }
+        if rec.state.is_terminal() || rec.state == LeaseState::Revoking {
+            return Ok(rec);
+        }
+        let now = self.clock.now().unix_millis();
+        let claim_until = now.saturating_add(self.claim_window_ms());
+        let by = caller.principal();
+        let (rec, claimed) = self
+            .store
+            .write(move |t| t.request_revoke(id.0, RevokeCause::Manual, Some(&by), now, claim_until))
+            .await?;
+        if !claimed {
+            return Ok(rec);
+        }
+        let mut done = self.revoke_claimed(vec![rec.clone()]).await;
+        Ok(done.pop().unwrap_or(rec))
+    }
+
+    /// List leases (admin, responder).
+    pub fn list_leases(&self, caller: &Caller, q: &LeaseQuery) -> Result<(Vec<LeaseRecord>, Option<u128>), BrokerError> {
+        if !Self::is_reader(caller) {
+            return Err(BrokerError::Forbidden {
+                code: "forbidden",
+                message: "listing leases needs the admin or responder role".into(),
+            });
+        }
+        Ok(self.store.read()?.list_leases(q)?)
+    }
+}

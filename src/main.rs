@@ -1,0 +1,153 @@
+//! The `leasehold` binary: parse arguments, load config, call `run`.
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use leasehold::cli::{Cli, Command, ConfigCommand, KeygenCommand, LogFormat};
+use leasehold::clock::{Clock as _, SystemClock};
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+fn serve(config: leasehold::config::Config) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let listener = std::net::TcpListener::bind(config.server.listen)
+            .with_context(|| format!("binding {}", config.server.listen))?;
+        leasehold::server::run(listener, config, Arc::new(SystemClock), shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    leasehold::install_crypto_provider();
+    match cli.command {
+        Command::Serve { config, log_format } => {
+            init_logging(log_format);
+            let cfg = leasehold::config::Config::load(&config)?;
+            serve(cfg)?;
+        }
+        Command::Dev { listen, data, log_format } => {
+            init_logging(log_format);
+            let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+            let addr = listener.local_addr()?;
+            let (config, creds) = leasehold::dev::prepare(&data, addr, SystemClock.now())?;
+            eprintln!(
+                "leasehold dev: http://{addr}  (data in {}; credentials in {})\n  \
+                 try: leasehold task open --as assistant-a --purpose demo --on-behalf-of you@example.com --prompt hello --ttl 600",
+                data.display(),
+                data.join("dev-credentials.json").display()
+            );
+            drop(creds);
+            let rt = runtime()?;
+            rt.block_on(leasehold::server::run(listener, config, Arc::new(SystemClock), shutdown_signal()))?;
+        }
+        Command::Config { command: ConfigCommand::Validate { file } } => {
+            let cfg = leasehold::config::Config::load(&file)?;
+            cfg.check_files()?;
+            println!(
+                "{}: valid ({} provider(s), {} workload issuer(s), {} operator(s))",
+                file.display(),
+                cfg.providers.len(),
+                cfg.auth.workload_issuers.len(),
+                cfg.auth.operators.len()
+            );
+        }
+        Command::Keygen { command } => match command {
+            KeygenCommand::Store { file } => {
+                leasehold::store::StoreKey::generate()?.write_new_file(&file)?;
+                println!("wrote a new store key to {} (keep it; the store cannot be opened without it)", file.display());
+            }
+            KeygenCommand::Token { file } => {
+                let doc = leasehold_provider_token::generate_signing_key()?;
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create_new(true);
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt as _;
+                    opts.mode(0o600);
+                }
+                use std::io::Write as _;
+                opts.open(&file)
+                    .and_then(|mut f| f.write_all(&doc))
+                    .with_context(|| format!("writing {}", file.display()))?;
+                println!("wrote a new Ed25519 token signing key to {}", file.display());
+            }
+            KeygenCommand::Operator => {
+                let token = leasehold::auth::generate_operator_token().map_err(anyhow::Error::msg)?;
+                println!("token:        {token}");
+                println!("token_sha256: {}", leasehold::auth::operator_token_hash(&token));
+            }
+        },
+        Command::Task { conn, command } => {
+            let rt = runtime()?;
+            return Ok(print_result(rt.block_on(leasehold::cli::client::task(&conn, command))));
+        }
+        Command::Lease { conn, command } => {
+            let rt = runtime()?;
+            return Ok(print_result(rt.block_on(leasehold::cli::client::lease(&conn, command))));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_result(r: Result<serde_json::Value, leasehold::cli::client::ClientError>) -> ExitCode {
+    match r {
+        Ok(v) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

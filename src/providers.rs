@@ -1,0 +1,136 @@
+//! Building the configured providers (a closed set, chosen by `type`).
+//!
+//! Each entry keeps its self-description, checked once at build time, so a
+//! request for an unknown provider or role is refused before any intent is
+//! written.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use leasehold_provider::{Description, Provider, Timestamp};
+use leasehold_provider_token::{Denylist, TokenProvider, TokenRole, TokenSettings};
+
+use crate::config::ProviderConfig;
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+#[error("provider `{name}`: {message}")]
+pub struct BuildError {
+    pub name: String,
+    pub message: String,
+}
+
+/// One configured provider instance.
+#[derive(Debug, Clone)]
+pub struct ProviderEntry {
+    pub name: String,
+    pub provider: Arc<dyn Provider>,
+    pub description: Description,
+    /// Set for token providers, which also serve JWKS and introspection.
+    pub token: Option<Arc<TokenProvider>>,
+}
+
+/// Every provider of this broker, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Providers {
+    map: BTreeMap<String, ProviderEntry>,
+}
+
+impl Providers {
+    pub fn build(cfg: &BTreeMap<String, ProviderConfig>, store: &Store) -> Result<Self, BuildError> {
+        let mut map = BTreeMap::new();
+        for (name, pc) in cfg {
+            let err = |message: String| BuildError { name: name.clone(), message };
+            let entry = match pc {
+                ProviderConfig::Token(t) => {
+                    let key = zeroize::Zeroizing::new(std::fs::read(&t.signing_key_file).map_err(|e| {
+                        err(format!("cannot read signing key {}: {e}", t.signing_key_file.display()))
+                    })?);
+                    let settings = TokenSettings {
+                        issuer: t.issuer.clone(),
+                        audience: t.audience.clone(),
+                        roles: t
+                            .roles
+                            .iter()
+                            .map(|(n, r)| {
+                                (
+                                    n.clone(),
+                                    TokenRole {
+                                        scopes: r.scopes.clone(),
+                                        max_ttl: Duration::from_secs(r.max_ttl_seconds),
+                                        audience: r.audience.clone(),
+                                        description: r.description.clone(),
+                                    },
+                                )
+                            })
+                            .collect(),
+                    };
+                    let denylist = Arc::new(StoreDenylist { store: store.clone() });
+                    let p = Arc::new(TokenProvider::new(settings, &key, denylist).map_err(|e| err(e.to_string()))?);
+                    ProviderEntry {
+                        name: name.clone(),
+                        description: p.describe(),
+                        provider: p.clone(),
+                        token: Some(p),
+                    }
+                }
+            };
+            map.insert(name.clone(), entry);
+        }
+        Ok(Self { map })
+    }
+
+    /// Register an already-built provider (tests inject failing peers).
+    pub fn insert(&mut self, name: &str, provider: Arc<dyn Provider>) {
+        let description = provider.describe();
+        self.map.insert(
+            name.to_owned(),
+            ProviderEntry { name: name.to_owned(), provider, description, token: None },
+        );
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ProviderEntry> {
+        self.map.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ProviderEntry> {
+        self.map.values()
+    }
+
+    pub fn tokens(&self) -> impl Iterator<Item = &Arc<TokenProvider>> {
+        self.map.values().filter_map(|e| e.token.as_ref())
+    }
+}
+
+/// The token provider's denylist on the broker's durable store: a
+/// revocation is acknowledged only once it is committed.
+#[derive(Debug)]
+pub struct StoreDenylist {
+    store: Store,
+}
+
+impl StoreDenylist {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait::async_trait]
+impl Denylist for StoreDenylist {
+    async fn deny(&self, entries: &[(String, Timestamp)]) -> Result<(), String> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let entries: Vec<(String, i64)> = entries.iter().map(|(j, t)| (j.clone(), t.unix_millis())).collect();
+        self.store.write(move |t| t.deny(&entries)).await.map_err(|e| e.to_string())
+    }
+
+    fn is_denied(&self, jti: &str) -> Result<bool, String> {
+        self.store.read().and_then(|r| r.is_denied(jti)).map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,406 @@
+//! Expiry and the durable revocation queue (invariants 2 and 3).
+//!
+//! - The **expiry loop** sleeps until the first deadline of the on-disk
+//!   expiry index (or until woken by a sooner lease), then moves every due
+//!   lease into the revocation queue in batches. It never scans leases.
+//! - One **revocation worker per provider** drains that provider's range of
+//!   the queue: it calls the provider, then records each outcome. A failure
+//!   is rescheduled with capped exponential backoff and jitter; when the
+//!   retry budget is spent the lease becomes `irrevocable` (logged at error,
+//!   counted, visible in the API) and is still retried on a slow schedule.
+//!   Nothing is ever dropped from the queue except by success.
+//! - Start-up **recovery** queues a rollback for every unresolved intent.
+//!
+//! Requests that revoke inline (task completion, manual revoke) use the same
+//! execution path ([`Broker::revoke_claimed`]), so there is one place where
+//! provider revocations happen and are recorded.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use leasehold_provider::{Provider, RevocationHandle, RevokeSpec, Timestamp};
+use ring::rand::SecureRandom as _;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::broker::{Broker, BrokerError};
+use crate::ids::LeaseId;
+use crate::lease::spec_of;
+use crate::store::{LeaseRecord, LeaseState, Outcome};
+
+/// Leases handed to one `revoke_many` call; chunks of a batch run
+/// concurrently, a few at a time.
+const CHUNK: usize = 512;
+const CONCURRENT_CHUNKS: usize = 8;
+/// Idle loops re-check at least this often (ms of the broker's clock).
+const IDLE_RECHECK_MS: i64 = 60_000;
+/// How often expired entries are pruned from the token denylist.
+const PRUNE_EVERY_MS: i64 = 60_000;
+
+impl Broker {
+    /// Revoke leases this caller has claimed (or the worker found due),
+    /// record every outcome, and return the updated records.
+    pub async fn revoke_claimed(&self, leases: Vec<LeaseRecord>) -> Vec<LeaseRecord> {
+        if leases.is_empty() {
+            return leases;
+        }
+        let mut by_provider: BTreeMap<String, Vec<LeaseRecord>> = BTreeMap::new();
+        for l in leases.iter().cloned() {
+            by_provider.entry(l.provider.clone()).or_default().push(l);
+        }
+        let mut outcomes = Vec::with_capacity(leases.len());
+        for (provider, group) in by_provider {
+            outcomes.extend(self.attempt(&provider, group).await);
+        }
+        let now = self.clock.now().unix_millis();
+        let n = outcomes.len();
+        match self.store.write(move |t| t.record_outcomes(&outcomes, now)).await {
+            Ok(updated) => {
+                for rec in &updated {
+                    log_outcome(rec);
+                }
+                updated
+            }
+            Err(e) => {
+                // The queue still holds them: the worker retries later.
+                tracing::error!(error = %e, leases = n, "recording revocation outcomes failed; they stay queued");
+                leases
+            }
+        }
+    }
+
+    /// Call the provider for each lease; never fails, only reports.
+    async fn attempt(&self, provider: &str, leases: Vec<LeaseRecord>) -> Vec<Outcome> {
+        let now = self.clock.now().unix_millis();
+        let Some(entry) = self.providers.get(provider) else {
+            return leases
+                .iter()
+                .map(|l| self.failure(l, format!("provider `{provider}` is no longer configured"), now))
+                .collect();
+        };
+        let mut revokes: Vec<(LeaseRecord, RevokeSpec)> = Vec::new();
+        let mut rollbacks: Vec<LeaseRecord> = Vec::new();
+        for l in leases {
+            let uses_rollback = l.revocation.as_ref().is_none_or(|r| r.cause.uses_rollback());
+            let handle = l
+                .handle_sealed
+                .as_ref()
+                .and_then(|h| self.store.sealer().open(l.id, "handle", h).ok());
+            match (uses_rollback, handle) {
+                (false, Some(h)) => {
+                    let spec = RevokeSpec {
+                        lease_id: LeaseId(l.id).to_string(),
+                        role: l.role.clone(),
+                        expires_at: Timestamp::from_unix_millis(l.expires_at),
+                        handle: RevocationHandle::new(h.to_vec()),
+                    };
+                    revokes.push((l, spec));
+                }
+                // no usable handle: find the credential by lease id instead
+                _ => rollbacks.push(l),
+            }
+        }
+        let timeout = self.provider_timeout();
+        let mut set: JoinSet<Vec<Outcome>> = JoinSet::new();
+        let mut out = Vec::new();
+        let mut work: Vec<Work> = revokes
+            .chunks(CHUNK)
+            .map(|c| Work::Revoke(c.to_vec()))
+            .chain(rollbacks.chunks(CHUNK).map(|c| Work::Rollback(c.to_vec())))
+            .collect();
+        work.reverse();
+        loop {
+            while set.len() < CONCURRENT_CHUNKS
+                && let Some(w) = work.pop()
+            {
+                let p = entry.provider.clone();
+                let sched = Schedule::from(self);
+                set.spawn(async move { w.run(p, timeout, sched, now).await });
+            }
+            match set.join_next().await {
+                Some(Ok(o)) => out.extend(o),
+                Some(Err(e)) => tracing::error!(error = %e, "a revocation chunk panicked; its leases stay queued"),
+                None => break,
+            }
+        }
+        out
+    }
+
+    fn failure(&self, l: &LeaseRecord, error: String, now: i64) -> Outcome {
+        Schedule::from(self).failure(l, error, now)
+    }
+
+    /// Start-up recovery: queue a rollback for every unresolved intent.
+    pub async fn recover(&self) -> Result<usize, BrokerError> {
+        let now = self.clock.now().unix_millis();
+        let recovered = self.store.write(move |t| t.recover_intents(now)).await?;
+        for rec in &recovered {
+            tracing::warn!(
+                lease_id = %LeaseId(rec.id), provider = %rec.provider,
+                "found a lease intent without activation (crash?); rolling it back at the provider"
+            );
+            self.wakers.revocations_queued(&rec.provider);
+        }
+        Ok(recovered.len())
+    }
+}
+
+fn log_outcome(rec: &LeaseRecord) {
+    let id = LeaseId(rec.id);
+    let rv = rec.revocation.as_ref();
+    let cause = rv.map_or("", |r| r.cause.as_str());
+    match rec.state {
+        LeaseState::Irrevocable => tracing::error!(
+            lease_id = %id, provider = %rec.provider, cause,
+            attempts = rv.map_or(0, |r| r.attempts),
+            error = rv.and_then(|r| r.last_error.as_deref()).unwrap_or(""),
+            "lease IRREVOCABLE: retry budget spent; still retried on the slow schedule"
+        ),
+        LeaseState::Revoking => tracing::warn!(
+            lease_id = %id, provider = %rec.provider, cause,
+            attempts = rv.map_or(0, |r| r.attempts),
+            error = rv.and_then(|r| r.last_error.as_deref()).unwrap_or(""),
+            "revocation failed; retry scheduled"
+        ),
+        s => tracing::debug!(lease_id = %id, provider = %rec.provider, cause, state = s.as_str(), "lease revoked"),
+    }
+}
+
+/// The retry policy, detached from the broker so chunks can run on their own.
+#[derive(Clone)]
+struct Schedule(crate::config::ReaperConfig);
+
+impl From<&Broker> for Schedule {
+    fn from(b: &Broker) -> Self {
+        Self(b.reaper.clone())
+    }
+}
+
+impl Schedule {
+    fn failure(&self, l: &LeaseRecord, error: String, now: i64) -> Outcome {
+        let attempts = l.revocation.as_ref().map_or(0, |r| r.attempts) + 1;
+        let (at, irrevocable) = retry_schedule(&self.0, attempts, now);
+        Outcome::Retry { lease: l.id, at, error, irrevocable }
+    }
+}
+
+/// When to retry after `attempts` failed attempts (including this one),
+/// and whether the budget is spent. Exponential from the base, capped, with
+/// "equal jitter" (a uniform draw from the upper half of the delay) so a
+/// wave of failures does not retry in lockstep.
+fn retry_schedule(r: &crate::config::ReaperConfig, attempts: u32, now: i64) -> (i64, bool) {
+    if attempts >= r.retry_budget {
+        let at = now.saturating_add(i64::try_from(r.irrevocable_retry_seconds).unwrap_or(i64::MAX / 2000) * 1000);
+        return (at, true);
+    }
+    let exp = attempts.saturating_sub(1).min(32);
+    let delay_s = r.retry_base_seconds.saturating_mul(1u64 << exp).min(r.retry_cap_seconds);
+    let delay_ms = i64::try_from(delay_s.saturating_mul(1000)).unwrap_or(i64::MAX / 2);
+    let half = delay_ms / 2;
+    let mut b = [0u8; 8];
+    let jitter = if ring::rand::SystemRandom::new().fill(&mut b).is_ok() && half > 0 {
+        i64::try_from(u64::from_be_bytes(b) % u64::try_from(half + 1).unwrap_or(1)).unwrap_or(0)
+    } else {
+        0
+    };
+    (now.saturating_add(delay_ms - half + jitter), false)
+}
+
+enum Work {
+    Revoke(Vec<(LeaseRecord, RevokeSpec)>),
+    Rollback(Vec<LeaseRecord>),
+}
+
+impl Work {
+    /// `now` is when the attempt started; retries are scheduled from it.
+    async fn run(self, p: Arc<dyn Provider>, timeout: Duration, sched: Schedule, now: i64) -> Vec<Outcome> {
+        match self {
+            Work::Revoke(items) => {
+                let specs: Vec<RevokeSpec> = items.iter().map(|(_, s)| s.clone()).collect();
+                let results = tokio::time::timeout(timeout, p.revoke_many(&specs)).await;
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (l, _))| match &results {
+                        Ok(rs) => match rs.get(i) {
+                            Some(Ok(())) => Outcome::Done { lease: l.id },
+                            Some(Err(e)) => sched.failure(l, e.message.clone(), now),
+                            None => sched.failure(l, "the provider returned too few results".into(), now),
+                        },
+                        Err(_) => sched.failure(l, "the provider did not answer in time".into(), now),
+                    })
+                    .collect()
+            }
+            Work::Rollback(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for l in items {
+                    let spec = spec_of(&l);
+                    let o = match tokio::time::timeout(timeout, p.rollback(&spec)).await {
+                        Ok(Ok(())) => Outcome::Done { lease: l.id },
+                        Ok(Err(e)) => sched.failure(&l, e.message, now),
+                        Err(_) => sched.failure(&l, "the provider did not answer in time".into(), now),
+                    };
+                    out.push(o);
+                }
+                out
+            }
+        }
+    }
+}
+
+/// Start the expiry loop, one revocation worker per provider, and the
+/// maintenance loop. They stop when `shutdown` turns true.
+pub fn spawn(broker: Arc<Broker>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut handles = vec![tokio::spawn(expiry_loop(broker.clone(), shutdown.clone()))];
+    for name in broker.providers.names() {
+        handles.push(tokio::spawn(worker_loop(broker.clone(), name.to_owned(), shutdown.clone())));
+    }
+    handles.push(tokio::spawn(maintenance_loop(broker, shutdown)));
+    handles
+}
+
+async fn pause_after_error(shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+        _ = shutdown.changed() => true,
+    }
+}
+
+async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+    let batch = b.reaper.batch_size;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        // Any lease activated from here on wakes us: see Wakers::lease_activated.
+        b.wakers.planned_expiry.store(i64::MIN, Ordering::Release);
+        let now = b.clock.now().unix_millis();
+        let mut failed = false;
+        loop {
+            match b.store.write(move |t| t.expire_due(now, batch)).await {
+                Ok((providers, moved)) => {
+                    for p in &providers {
+                        b.wakers.revocations_queued(p);
+                    }
+                    if moved > 0 {
+                        tracing::debug!(moved, "expired leases queued for revocation");
+                    }
+                    if moved < batch {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "expiry pass failed");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            if pause_after_error(&mut shutdown).await {
+                return;
+            }
+            continue;
+        }
+        let next = match b.store.read().and_then(|r| r.next_expiry()) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the expiry index failed");
+                if pause_after_error(&mut shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let wake = next.unwrap_or(i64::MAX).min(now.saturating_add(IDLE_RECHECK_MS));
+        b.wakers.planned_expiry.store(next.unwrap_or(i64::MAX), Ordering::Release);
+        tokio::select! {
+            _ = b.clock.sleep_until(Timestamp::from_unix_millis(wake)) => {}
+            _ = b.wakers.expiry.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn worker_loop(b: Arc<Broker>, provider: String, mut shutdown: watch::Receiver<bool>) {
+    let batch = b.reaper.batch_size;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let now = b.clock.now().unix_millis();
+        let due = match b.store.read().and_then(|r| r.due_revocations(&provider, now, batch)) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(provider = %provider, error = %e, "reading the revocation queue failed");
+                if pause_after_error(&mut shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if !due.is_empty() {
+            let ids: Vec<u128> = due.iter().map(|l| l.id).collect();
+            let updated = b.revoke_claimed(due).await;
+            // nothing recorded (store trouble): back off instead of spinning
+            let progressed = updated.iter().any(|u| ids.contains(&u.id) && u.state != LeaseState::Revoking)
+                || updated.iter().any(|u| u.revocation.as_ref().is_some_and(|r| r.next_attempt_at > now));
+            if !progressed && pause_after_error(&mut shutdown).await {
+                return;
+            }
+            continue;
+        }
+        let next = b.store.read().and_then(|r| r.next_revocation(&provider)).ok().flatten();
+        let wake = next.unwrap_or(i64::MAX).min(now.saturating_add(IDLE_RECHECK_MS));
+        let Some(notify) = b.wakers.workers.get(&provider) else { return };
+        tokio::select! {
+            _ = b.clock.sleep_until(Timestamp::from_unix_millis(wake)) => {}
+            _ = notify.notified() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn maintenance_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let now = b.clock.now().unix_millis();
+        match b.store.write(move |t| t.prune_denylist(now, 10_000)).await {
+            Ok(n) if n > 0 => tracing::debug!(pruned = n, "pruned expired token denylist entries"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning the token denylist failed"),
+        }
+        tokio::select! {
+            _ = b.clock.sleep_until(Timestamp::from_unix_millis(now + PRUNE_EVERY_MS)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ReaperConfig;
+
+    #[test]
+    fn backoff_grows_caps_jitters_and_ends_irrevocable() {
+        let r = ReaperConfig { retry_base_seconds: 1, retry_cap_seconds: 60, retry_budget: 10, ..Default::default() };
+        let now = 1_000_000;
+        for attempts in 1..10u32 {
+            let full = (1000i64 << (attempts - 1)).min(60_000);
+            for _ in 0..50 {
+                let (at, irrevocable) = retry_schedule(&r, attempts, now);
+                assert!(!irrevocable);
+                let d = at - now;
+                assert!(d >= full / 2 && d <= full, "attempt {attempts}: {d} not in [{}, {full}]", full / 2);
+            }
+        }
+        let (at, irrevocable) = retry_schedule(&r, 10, now);
+        assert!(irrevocable);
+        assert_eq!(at - now, 86_400_000);
+        // jitter really varies
+        let set: std::collections::HashSet<i64> = (0..50).map(|_| retry_schedule(&r, 6, now).0).collect();
+        assert!(set.len() > 10);
+    }
+}

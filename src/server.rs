@@ -1,0 +1,199 @@
+//! `run(listener, config, clock, shutdown)`: everything `serve` and `dev`
+//! do after parsing arguments, and what the tests start on port 0.
+//!
+//! Order matters: the store opens (key and schema checked) before anything
+//! listens; recovery queues rollbacks of unresolved intents before the first
+//! request; on shutdown readiness turns false first, in-flight requests get
+//! the grace period, the reaper stops, and the store is closed cleanly last
+//! (so the next start opens it without a repair scan).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::api::{AppState, HttpLimits};
+use crate::auth::Authenticator;
+use crate::broker::Broker;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::providers::Providers;
+use crate::store::{Store, StoreKey, StoreOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("store key: {0}")]
+    Key(#[from] crate::store::KeyError),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Provider(#[from] crate::providers::BuildError),
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("recovery: {0}")]
+    Recovery(String),
+}
+
+/// Load the store key the config names.
+pub fn load_key(config: &Config) -> Result<StoreKey, ServeError> {
+    Ok(match (&config.store.key_file, &config.store.key_env) {
+        (Some(path), _) => StoreKey::from_file(path)?,
+        (None, Some(var)) => StoreKey::from_env(var)?,
+        (None, None) => {
+            return Err(ServeError::Config(crate::config::ConfigError::Invalid {
+                field: "store.key_file".into(),
+                message: "the store key is required".into(),
+            }));
+        }
+    })
+}
+
+/// Serve until `shutdown` resolves, then drain and close.
+pub async fn run(
+    listener: std::net::TcpListener,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    config.validate()?;
+    config.check_files()?;
+    let key = load_key(&config)?;
+    let store = Store::open(
+        &StoreOptions {
+            path: config.store.path.clone(),
+            cache_bytes: config.store.cache_mib.saturating_mul(1 << 20),
+            quick_repair: config.store.quick_repair,
+        },
+        &key,
+    )?;
+    drop(key);
+    let providers = Providers::build(&config.providers, &store)?;
+    #[allow(unused_mut)]
+    let mut broker = Broker::new(store, clock.clone(), providers, config.limits.clone(), config.reaper.clone());
+    #[cfg(feature = "fault-injection")]
+    {
+        broker.faults.pause_after_issue_file = config.fault.pause_after_issue_file.clone();
+    }
+    let broker = Arc::new(broker);
+    let recovered = broker.recover().await.map_err(|e| ServeError::Recovery(e.to_string()))?;
+    let auth = Arc::new(Authenticator::new(&config.auth, clock.clone()).map_err(ServeError::Auth)?);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut background = crate::reaper::spawn(broker.clone(), stop_rx.clone());
+    for issuer in auth.issuers() {
+        if let Some(every) = issuer.refresh_interval() {
+            if let Err(e) = issuer.refresh(clock.now()).await {
+                tracing::warn!(issuer = %issuer.name(), error = %e, "initial JWKS fetch failed; will retry");
+            }
+            let (issuer, clock, mut stop) = (issuer.clone(), clock.clone(), stop_rx.clone());
+            background.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = stop.changed() => return,
+                    }
+                    if let Err(e) = issuer.refresh(clock.now()).await {
+                        tracing::warn!(issuer = %issuer.name(), error = %e, "JWKS refresh failed; keeping the old keys");
+                    }
+                }
+            }));
+        }
+    }
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let state = AppState { broker: broker.clone(), auth, ready: ready.clone() };
+    let app = crate::api::router(
+        state,
+        HttpLimits {
+            max_body_bytes: config.server.max_body_bytes,
+            request_timeout: Duration::from_secs(config.server.request_timeout_seconds),
+        },
+    );
+    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    tracing::info!(
+        %addr, tls = config.server.tls.is_some(), store = %config.store.path.display(),
+        providers = broker.providers.names().collect::<Vec<_>>().join(","), recovered,
+        "leasehold serving"
+    );
+
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_ready = ready.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        drain_ready.store(false, Ordering::SeqCst);
+        tracing::info!("shutdown requested: draining");
+        let _ = drain_tx.send(());
+    });
+
+    match &config.server.tls {
+        None => {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let (grace_tx, grace_rx) = tokio::sync::oneshot::channel::<()>();
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = drain_rx.await;
+                let _ = grace_tx.send(());
+            });
+            let bounded = async move {
+                let _ = grace_rx.await;
+                tokio::time::sleep(grace).await;
+            };
+            tokio::select! {
+                r = serve => r?,
+                _ = bounded => tracing::warn!("grace period over; dropping remaining connections"),
+            }
+        }
+        Some(tls) => {
+            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
+                .await
+                .map_err(|e| ServeError::Tls(e.to_string()))?;
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                let _ = drain_rx.await;
+                h.graceful_shutdown(Some(grace));
+            });
+            axum_server::from_tcp_rustls(listener, rustls)?.handle(handle).serve(app.into_make_service()).await?;
+        }
+    }
+
+    let _ = stop_tx.send(true);
+    for h in background {
+        let _ = h.await;
+    }
+    close(broker, grace).await;
+    tracing::info!("leasehold stopped");
+    Ok(())
+}
+
+/// Wait for in-flight work to let go of the broker, then close the store
+/// (the writer drains its queue and redb records a clean shutdown).
+async fn close(broker: Arc<Broker>, grace: Duration) {
+    let mut broker = broker;
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        match Arc::try_unwrap(broker) {
+            Ok(b) => {
+                let store: Store = b.store.clone();
+                drop(b);
+                tokio::task::spawn_blocking(move || drop(store)).await.ok();
+                return;
+            }
+            Err(b) if tokio::time::Instant::now() < deadline => {
+                broker = b;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(_) => {
+                tracing::warn!("work still in flight at shutdown; the store closes when it finishes");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,513 @@
+//! The embedded store: the only code that knows redb.
+//!
+//! API boundary: [`Store::write`] runs a closure over a [`Txn`] and resolves
+//! once that transaction is durable; [`Store::read`] gives a consistent
+//! snapshot. There is no policy here: the store keeps the lease state
+//! machine and its indexes consistent and nothing else.
+//!
+//! Group commit: one writer thread owns every write transaction. It takes
+//! whatever operations are queued, applies them all in one transaction and
+//! commits once with `Durability::Immediate`, then answers each caller. Under
+//! load, concurrent requests share one fsync; idle, a single operation
+//! commits alone with no added delay.
+//!
+//! Invariants kept here:
+//! - a caller's `write` returns `Ok` only after its transaction is durable;
+//! - a lease and all its index entries change in one transaction;
+//! - start-up reads only the metadata, the intent table and the first entry
+//!   of each ordered index: nothing scales with the number of leases.
+
+mod key;
+pub mod records;
+mod schema;
+mod txn;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use redb::{Database, Durability, ReadTransaction, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _};
+use tokio::sync::{mpsc, oneshot};
+
+pub use key::{KeyError, OpenError, Sealer, StoreKey};
+pub use records::{LeaseRecord, LeaseState, Revocation, RevokeCause, TaskRecord, TaskState};
+pub use schema::{MIGRATIONS, Migration, SCHEMA_VERSION};
+pub use txn::{Activation, Completion, Outcome, Txn};
+
+use schema::*;
+
+/// A domain-level refusal: the operation was checked and not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    #[error("task not found")]
+    TaskNotFound,
+    #[error("task is completed")]
+    TaskCompleted,
+    #[error("task has expired")]
+    TaskExpired,
+    #[error("lease would outlive its task")]
+    OutlivesTask,
+    #[error("task already holds its maximum of {0} leases")]
+    TaskLeaseCap(u32),
+    #[error("lease not found")]
+    LeaseNotFound,
+    #[error("lease is {}", .0.as_str())]
+    LeaseState(LeaseState),
+    #[error("record already exists")]
+    Duplicate,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Conflict(Conflict),
+    #[error("the store file {path} is in use by another process (is another leasehold running?)")]
+    Locked { path: PathBuf },
+    #[error("store I/O error: {0}")]
+    Io(String),
+    #[error("store commit failed: {0}")]
+    Commit(String),
+    #[error("the transaction was aborted because another operation in its batch failed to write")]
+    Aborted,
+    #[error("the store is closed")]
+    Closed,
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+    #[error(
+        "the store key (fingerprint {given}) does not match the key this store was created with \
+         (fingerprint {expected}); refusing to start rather than re-key silently"
+    )]
+    WrongKey { given: String, expected: String },
+    #[error("this is not a leasehold store: {0}")]
+    NotAStore(String),
+    #[error("the store has schema version {found}, newer than this build supports ({supported}); upgrade leasehold")]
+    NewerSchema { found: u32, supported: u32 },
+    #[error("no migration from schema version {from} towards {to}")]
+    NoMigration { from: u32, to: u32 },
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Io(e.to_string())
+            }
+        }
+    )*};
+}
+from_redb!(redb::StorageError, redb::TableError, redb::TransactionError, redb::CommitError);
+
+impl StoreError {
+    /// The store could not do its job (as opposed to refusing a request).
+    pub fn is_unavailable(&self) -> bool {
+        !matches!(self, Self::Conflict(_))
+    }
+}
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub path: PathBuf,
+    pub cache_bytes: usize,
+    pub quick_repair: bool,
+}
+
+impl StoreOptions {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into(), cache_bytes: 64 << 20, quick_repair: true }
+    }
+}
+
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn for<'t> FnOnce(&mut Txn<'t>) -> Reply + Send>;
+
+/// Most operations merged into one transaction.
+const MAX_BATCH: usize = 2048;
+/// Operations waiting for the writer before callers wait to enqueue.
+const QUEUE_DEPTH: usize = 16 * 1024;
+
+/// Commit statistics, for metrics and the benchmark.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    pub commits: AtomicU64,
+    pub operations: AtomicU64,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    path: PathBuf,
+    sender: Option<mpsc::Sender<Job>>,
+    writer: Option<JoinHandle<()>>,
+    healthy: Arc<AtomicBool>,
+    stats: Arc<CommitStats>,
+    sealer: Sealer,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer drain what is queued and exit;
+        // joining it makes "the store is dropped" mean "every acknowledged
+        // write is on disk and the file is closed cleanly".
+        self.sender.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.inner.path).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Open (or create) the store, check the key and the schema, migrate if
+    /// needed, and start the writer.
+    pub fn open(opts: &StoreOptions, key: &StoreKey) -> Result<Self, StoreError> {
+        Self::open_with_migrations(opts, key, MIGRATIONS, SCHEMA_VERSION)
+    }
+
+    /// `open` with an explicit migration list (the hook, testable).
+    pub fn open_with_migrations(
+        opts: &StoreOptions,
+        key: &StoreKey,
+        migrations: &[(u32, Migration)],
+        target: u32,
+    ) -> Result<Self, StoreError> {
+        if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+        }
+        let db = redb::Builder::new().set_cache_size(opts.cache_bytes).create(&opts.path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: opts.path.clone() },
+            other => StoreError::Io(format!("{}: {other}", opts.path.display())),
+        })?;
+        #[cfg(unix)]
+        {
+            // the file holds sealed handles and metadata: owner only
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&opts.path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| StoreError::Io(format!("{}: {e}", opts.path.display())))?;
+        }
+        let sealer = Sealer::new(key);
+        {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Io(e.to_string()))?;
+            txn.set_quick_repair(opts.quick_repair);
+            schema::prepare(&txn, &sealer, &key.fingerprint(), migrations, target)?;
+            txn.commit()?;
+        }
+        let db = Arc::new(db);
+        let (sender, rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let stats = Arc::new(CommitStats::default());
+        let writer = {
+            let db = db.clone();
+            let healthy = healthy.clone();
+            let stats = stats.clone();
+            let quick_repair = opts.quick_repair;
+            std::thread::Builder::new()
+                .name("leasehold-store-writer".into())
+                .spawn(move || writer_loop(&db, rx, quick_repair, &healthy, &stats))
+                .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                path: opts.path.clone(),
+                sender: Some(sender),
+                writer: Some(writer),
+                healthy,
+                stats,
+                sealer,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn sealer(&self) -> &Sealer {
+        &self.inner.sealer
+    }
+
+    pub fn stats(&self) -> &CommitStats {
+        &self.inner.stats
+    }
+
+    /// False once the writer has died or a commit failed; readiness reports it.
+    pub fn is_healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::Relaxed) && self.read().is_ok()
+    }
+
+    /// Run `op` in the next group commit; resolves once it is durable.
+    ///
+    /// `op` must follow the check-then-write rule of [`Txn`]: return a
+    /// conflict only before its first mutation.
+    pub async fn write<R, F>(&self, op: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: for<'t> FnOnce(&mut Txn<'t>) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<Result<R, StoreError>>();
+        let job: Job = Box::new(move |txn: &mut Txn<'_>| {
+            let result = op(txn);
+            Box::new(move |commit: Result<(), String>| {
+                let out = match (commit, result) {
+                    (Ok(()), r) => r,
+                    // a refused operation wrote nothing: report its refusal
+                    (Err(_), Err(StoreError::Conflict(c))) => Err(StoreError::Conflict(c)),
+                    (Err(e), _) => Err(StoreError::Commit(e)),
+                };
+                let _ = tx.send(out);
+            })
+        });
+        let sender = self.inner.sender.as_ref().ok_or(StoreError::Closed)?;
+        sender.send(job).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A consistent snapshot for reads.
+    pub fn read(&self) -> Result<Reader, StoreError> {
+        Ok(Reader { txn: self.inner.db.begin_read()? })
+    }
+}
+
+fn writer_loop(
+    db: &Database,
+    mut rx: mpsc::Receiver<Job>,
+    quick_repair: bool,
+    healthy: &AtomicBool,
+    stats: &CommitStats,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = Vec::with_capacity(64);
+        jobs.push(first);
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let n = jobs.len() as u64;
+        match run_batch(db, jobs, quick_repair) {
+            Ok(()) => {
+                healthy.store(true, Ordering::Relaxed);
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats.operations.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, operations = n, "store batch failed; its requests were refused");
+            }
+        }
+    }
+}
+
+/// Apply a batch and commit it once. Jobs that never ran (the transaction
+/// could not begin) are dropped, which their callers see as `Closed`.
+fn run_batch(db: &Database, jobs: Vec<Job>, quick_repair: bool) -> Result<(), String> {
+    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+    txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+    txn.set_quick_repair(quick_repair);
+    let (replies, finished) = {
+        let mut t = match Txn::open(&txn) {
+            Ok(t) => t,
+            Err(e) => return Err(e.to_string()),
+        };
+        let replies: Vec<Reply> = jobs.into_iter().map(|j| j(&mut t)).collect();
+        (replies, t.finish())
+    };
+    let outcome = match finished {
+        Ok(()) => txn.commit().map_err(|e| e.to_string()),
+        Err(e) => {
+            let _ = txn.abort();
+            Err(e.to_string())
+        }
+    };
+    for reply in replies {
+        reply(outcome.clone());
+    }
+    outcome
+}
+
+/// Filters for listing leases. `after` is the paging cursor (exclusive).
+#[derive(Debug, Clone, Default)]
+pub struct LeaseQuery {
+    pub workload: Option<String>,
+    pub task: Option<u128>,
+    pub provider: Option<String>,
+    pub role: Option<String>,
+    pub state: Option<LeaseState>,
+    pub after: Option<u128>,
+    pub limit: usize,
+    /// Records examined per call at most; a page may come back short with a
+    /// cursor when filters are selective.
+    pub scan_budget: usize,
+}
+
+/// A read snapshot.
+pub struct Reader {
+    txn: ReadTransaction,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reader")
+    }
+}
+
+impl Reader {
+    pub fn task(&self, id: u128) -> Result<Option<TaskRecord>, StoreError> {
+        let t = self.txn.open_table(TASKS)?;
+        let g = t.get(id)?;
+        g.map(|g| records::decode(g.value())).transpose()
+    }
+
+    pub fn lease(&self, id: u128) -> Result<Option<LeaseRecord>, StoreError> {
+        let t = self.txn.open_table(LEASES)?;
+        let g = t.get(id)?;
+        g.map(|g| records::decode(g.value())).transpose()
+    }
+
+    pub fn task_leases(&self, task: u128) -> Result<Vec<LeaseRecord>, StoreError> {
+        let idx = self.txn.open_table(TASK_LEASES)?;
+        let leases = self.txn.open_table(LEASES)?;
+        let mut out = Vec::new();
+        for e in idx.range((task, 0u128)..=(task, u128::MAX))? {
+            let id = e?.0.value().1;
+            if let Some(g) = leases.get(id)? {
+                out.push(records::decode(g.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One page of leases; the cursor is `Some` when more may follow.
+    pub fn list_leases(&self, q: &LeaseQuery) -> Result<(Vec<LeaseRecord>, Option<u128>), StoreError> {
+        let leases = self.txn.open_table(LEASES)?;
+        let start = q.after.map_or(0, |a| a.saturating_add(1));
+        let limit = q.limit.max(1);
+        let budget = q.scan_budget.max(limit);
+        let mut out = Vec::new();
+        let mut scanned = 0usize;
+        let mut last = None;
+        let keep = |r: &LeaseRecord| {
+            q.provider.as_ref().is_none_or(|p| &r.provider == p)
+                && q.role.as_ref().is_none_or(|p| &r.role == p)
+                && q.state.is_none_or(|s| r.state == s)
+                && q.workload.as_ref().is_none_or(|w| &r.workload == w)
+                && q.task.is_none_or(|t| r.task_id == t)
+        };
+        let mut visit = |id: u128, bytes: &[u8]| -> Result<bool, StoreError> {
+            scanned += 1;
+            last = Some(id);
+            let r: LeaseRecord = records::decode(bytes)?;
+            if keep(&r) {
+                out.push(r);
+            }
+            Ok(out.len() < limit && scanned < budget)
+        };
+        let mut exhausted = true;
+        if let Some(task) = q.task {
+            let idx = self.txn.open_table(TASK_LEASES)?;
+            for e in idx.range((task, start)..=(task, u128::MAX))? {
+                let id = e?.0.value().1;
+                if let Some(g) = leases.get(id)?
+                    && !visit(id, g.value())?
+                {
+                    exhausted = false;
+                    break;
+                }
+            }
+        } else if let Some(w) = q.workload.as_deref() {
+            let idx = self.txn.open_table(WORKLOAD_LEASES)?;
+            for e in idx.range((w, start)..=(w, u128::MAX))? {
+                let id = e?.0.value().1;
+                if let Some(g) = leases.get(id)?
+                    && !visit(id, g.value())?
+                {
+                    exhausted = false;
+                    break;
+                }
+            }
+        } else {
+            for e in leases.range(start..)? {
+                let (k, v) = e?;
+                if !visit(k.value(), v.value())? {
+                    exhausted = false;
+                    break;
+                }
+            }
+        }
+        Ok((out, if exhausted { None } else { last }))
+    }
+
+    /// The earliest deadline in the expiry index.
+    pub fn next_expiry(&self) -> Result<Option<i64>, StoreError> {
+        let t = self.txn.open_table(EXPIRY)?;
+        Ok(t.first()?.map(|(k, _)| k.value().0))
+    }
+
+    /// Up to `limit` leases of `provider` whose revocation attempt is due.
+    pub fn due_revocations(&self, provider: &str, now: i64, limit: usize) -> Result<Vec<LeaseRecord>, StoreError> {
+        let q = self.txn.open_table(REVOKE_QUEUE)?;
+        let leases = self.txn.open_table(LEASES)?;
+        let mut out = Vec::new();
+        for e in q.range((provider, i64::MIN, 0u128)..=(provider, now, u128::MAX))? {
+            let id = e?.0.value().2;
+            if let Some(g) = leases.get(id)? {
+                out.push(records::decode(g.value())?);
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the next revocation attempt of `provider` is due.
+    pub fn next_revocation(&self, provider: &str) -> Result<Option<i64>, StoreError> {
+        let q = self.txn.open_table(REVOKE_QUEUE)?;
+        let first = q.range((provider, i64::MIN, 0u128)..=(provider, i64::MAX, u128::MAX))?.next();
+        Ok(match first {
+            Some(e) => Some(e?.0.value().1),
+            None => None,
+        })
+    }
+
+    /// Number of unresolved intents (should be zero after recovery).
+    pub fn issuing_count(&self) -> Result<u64, StoreError> {
+        Ok(self.txn.open_table(ISSUING)?.len()?)
+    }
+
+    /// Lease counts by (provider, state), kept transactionally.
+    pub fn counters(&self) -> Result<BTreeMap<(String, LeaseState), u64>, StoreError> {
+        let t = self.txn.open_table(COUNTERS)?;
+        let mut out = BTreeMap::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let (p, s) = k.value();
+            if let Some(state) = LeaseState::parse(s) {
+                out.insert((p.to_owned(), state), v.value());
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn is_denied(&self, jti: &str) -> Result<bool, StoreError> {
+        Ok(self.txn.open_table(DENYLIST)?.get(jti)?.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,223 @@
+//! The store's encoding of tasks and leases.
+//!
+//! Records are postcard (a compact, documented, stable serde format) behind a
+//! one-byte record version, so a later schema can tell old records from new
+//! ones and the migration hook can rewrite them. These are storage types:
+//! the API converts them explicitly into its wire types.
+//!
+//! Sensitive fields (`handle_sealed`, `prompt_sealed`) hold AES-256-GCM
+//! ciphertext from [`super::Sealer`]; nothing here is ever plaintext secret.
+
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+
+/// Version byte in front of every encoded record.
+pub const RECORD_VERSION: u8 = 1;
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![RECORD_VERSION];
+    let body = postcard::to_allocvec(value).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&RECORD_VERSION, body)) => {
+            postcard::from_bytes(body).map_err(|e| StoreError::Corrupt(format!("decode: {e}")))
+        }
+        Some((v, _)) => Err(StoreError::Corrupt(format!("record version {v} is not supported"))),
+        None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    Open,
+    Completed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: u128,
+    pub workload: String,
+    pub tenant: Option<String>,
+    pub purpose: String,
+    pub on_behalf_of: String,
+    pub prompt_sha256: [u8; 32],
+    /// The prompt text, sealed, only when config keeps prompt text.
+    pub prompt_sealed: Option<Vec<u8>>,
+    pub tools: Vec<String>,
+    pub created_at: i64,
+    /// The hard deadline; no lease of the task outlives it.
+    pub expires_at: i64,
+    pub state: TaskState,
+    pub completed_at: Option<i64>,
+    /// Leases ever requested under the task (for the per-task cap).
+    pub lease_count: u32,
+}
+
+/// The lease lifecycle. `Issuing` is the durable intent; the terminal
+/// states are `Revoked`, `Expired` and `RolledBack`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum LeaseState {
+    Issuing,
+    Active,
+    Revoking,
+    Revoked,
+    Expired,
+    Irrevocable,
+    RolledBack,
+}
+
+impl LeaseState {
+    pub const ALL: [LeaseState; 7] = [
+        Self::Issuing,
+        Self::Active,
+        Self::Revoking,
+        Self::Revoked,
+        Self::Expired,
+        Self::Irrevocable,
+        Self::RolledBack,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Issuing => "issuing",
+            Self::Active => "active",
+            Self::Revoking => "revoking",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+            Self::Irrevocable => "irrevocable",
+            Self::RolledBack => "rolled_back",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// No further transition is possible.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Revoked | Self::Expired | Self::RolledBack)
+    }
+}
+
+/// Why a lease is being revoked; it decides the terminal state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RevokeCause {
+    TaskComplete,
+    Expiry,
+    Manual,
+    /// Start-up found the intent of an issue that never completed.
+    Recovery,
+    /// The provider call failed after the intent was written.
+    IssueFailed,
+}
+
+impl RevokeCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TaskComplete => "task_complete",
+            Self::Expiry => "expiry",
+            Self::Manual => "manual",
+            Self::Recovery => "recovery",
+            Self::IssueFailed => "issue_failed",
+        }
+    }
+
+    /// The state a lease ends in once this revocation succeeds.
+    pub fn terminal_state(self) -> LeaseState {
+        match self {
+            Self::Expiry => LeaseState::Expired,
+            Self::Recovery | Self::IssueFailed => LeaseState::RolledBack,
+            Self::TaskComplete | Self::Manual => LeaseState::Revoked,
+        }
+    }
+
+    /// Without a stored handle the provider must find the credential by
+    /// lease id (`Provider::rollback`).
+    pub fn uses_rollback(self) -> bool {
+        matches!(self, Self::Recovery | Self::IssueFailed)
+    }
+}
+
+/// The durable record of a revocation in progress or done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub cause: RevokeCause,
+    /// Who asked (operator or workload id), if anyone did.
+    pub requested_by: Option<String>,
+    pub requested_at: i64,
+    pub attempts: u32,
+    /// The key of the lease's entry in the revocation queue.
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub id: u128,
+    pub task_id: u128,
+    pub workload: String,
+    pub tenant: Option<String>,
+    pub on_behalf_of: String,
+    pub provider: String,
+    pub role: String,
+    pub scope: Vec<String>,
+    pub requested_ttl_seconds: u64,
+    pub created_at: i64,
+    pub issued_at: Option<i64>,
+    /// The deadline, fixed at intent time; activation may only lower it.
+    pub expires_at: i64,
+    pub state: LeaseState,
+    /// The provider's revocation handle, sealed. Dropped once revoked.
+    pub handle_sealed: Option<Vec<u8>>,
+    pub description: Option<String>,
+    pub revocation: Option<Revocation>,
+    pub ended_at: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_version_check() {
+        let t = TaskRecord {
+            id: 7,
+            workload: "w".into(),
+            tenant: None,
+            purpose: "p".into(),
+            on_behalf_of: "u".into(),
+            prompt_sha256: [1; 32],
+            prompt_sealed: None,
+            tools: vec!["a".into()],
+            created_at: 1,
+            expires_at: 2,
+            state: TaskState::Open,
+            completed_at: None,
+            lease_count: 0,
+        };
+        let bytes = encode(&t).unwrap();
+        assert_eq!(bytes[0], RECORD_VERSION);
+        assert_eq!(decode::<TaskRecord>(&bytes).unwrap(), t);
+        let mut wrong = bytes.clone();
+        wrong[0] = 99;
+        assert!(decode::<TaskRecord>(&wrong).is_err());
+        assert!(decode::<TaskRecord>(&[]).is_err());
+        assert!(decode::<TaskRecord>(&bytes[..bytes.len() / 2]).is_err());
+    }
+
+    #[test]
+    fn states_parse_and_terminals() {
+        for s in LeaseState::ALL {
+            assert_eq!(LeaseState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(LeaseState::parse("dead"), None);
+        assert_eq!(RevokeCause::Expiry.terminal_state(), LeaseState::Expired);
+        assert_eq!(RevokeCause::Recovery.terminal_state(), LeaseState::RolledBack);
+        assert!(!LeaseState::Irrevocable.is_terminal());
+    }
+}

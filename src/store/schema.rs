@@ -1,0 +1,150 @@
+//! Tables, the schema version and the migration hook.
+//!
+//! Every index the broker needs is a table here, so nothing ever scans the
+//! lease table to answer "what expires next", "what is half-issued" or "what
+//! is due for a retry": each of those is the first entries of an ordered
+//! table.
+
+use redb::{ReadableTable as _, TableDefinition, WriteTransaction};
+
+use super::StoreError;
+use super::key::Sealer;
+
+/// Store-wide metadata: schema version, key check, creation time.
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// task id -> TaskRecord
+pub const TASKS: TableDefinition<u128, &[u8]> = TableDefinition::new("tasks");
+/// lease id -> LeaseRecord
+pub const LEASES: TableDefinition<u128, &[u8]> = TableDefinition::new("leases");
+/// (expires_at ms, lease id) for every active lease: the reaper's index.
+pub const EXPIRY: TableDefinition<(i64, u128), ()> = TableDefinition::new("expiry_index");
+/// (task id, lease id)
+pub const TASK_LEASES: TableDefinition<(u128, u128), ()> = TableDefinition::new("task_leases");
+/// (workload id, lease id)
+pub const WORKLOAD_LEASES: TableDefinition<(&str, u128), ()> = TableDefinition::new("workload_leases");
+/// (workload id, task id)
+pub const WORKLOAD_TASKS: TableDefinition<(&str, u128), ()> = TableDefinition::new("workload_tasks");
+/// Lease ids whose intent is written but not yet resolved: crash recovery
+/// reads this table and nothing else.
+pub const ISSUING: TableDefinition<u128, ()> = TableDefinition::new("issuing");
+/// (provider, next attempt ms, lease id): the durable revocation queue,
+/// one ordered range per provider so each provider drains on its own.
+pub const REVOKE_QUEUE: TableDefinition<(&str, i64, u128), ()> = TableDefinition::new("revoke_queue");
+/// (provider, state) -> number of leases, maintained in every transaction
+/// so gauges need no scan.
+pub const COUNTERS: TableDefinition<(&str, &str), u64> = TableDefinition::new("lease_counters");
+/// Token ids marked inactive by the token provider -> their expiry ms.
+pub const DENYLIST: TableDefinition<&str, i64> = TableDefinition::new("token_denylist");
+/// (expiry ms, token id), to prune the denylist once tokens are dead anyway.
+pub const DENYLIST_EXPIRY: TableDefinition<(i64, &str), ()> = TableDefinition::new("token_denylist_expiry");
+
+/// The schema this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+const KEY_CHECK_PLAINTEXT: &[u8] = b"leasehold store key check v1";
+const KEY_CHECK_RECORD: u128 = 0;
+
+/// One step of the schema: rewrites a store at version `from` to `from + 1`
+/// inside the opening transaction.
+pub type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
+
+/// The migrations of this build, in order. Version 1 is the first schema, so
+/// there are none yet; a schema change appends `(1, migrate_1_to_2)`.
+pub const MIGRATIONS: &[(u32, Migration)] = &[];
+
+fn meta_u32(txn: &WriteTransaction, key: &str) -> Result<Option<u32>, StoreError> {
+    let meta = txn.open_table(META)?;
+    let v = meta.get(key)?;
+    match v {
+        None => Ok(None),
+        Some(g) => {
+            let b: [u8; 4] = g
+                .value()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt(format!("meta `{key}` is not a u32")))?;
+            Ok(Some(u32::from_be_bytes(b)))
+        }
+    }
+}
+
+/// Create every table, stamp a new store, or check and migrate an existing
+/// one. Runs in the transaction that opens the store.
+pub fn prepare(
+    txn: &WriteTransaction,
+    sealer: &Sealer,
+    key_fingerprint: &str,
+    migrations: &[(u32, Migration)],
+    target: u32,
+) -> Result<(), StoreError> {
+    let existing: Vec<String> = {
+        use redb::TableHandle as _;
+        txn.list_tables()?.map(|t| t.name().to_owned()).collect()
+    };
+    let version = if existing.iter().any(|n| n == "meta") { meta_u32(txn, "schema_version")? } else { None };
+    match version {
+        None if existing.is_empty() => {
+            let check = sealer
+                .seal(KEY_CHECK_RECORD, "key_check", KEY_CHECK_PLAINTEXT)
+                .map_err(|_| StoreError::Corrupt("cannot seal the key check".into()))?;
+            let mut meta = txn.open_table(META)?;
+            meta.insert("schema_version", &target.to_be_bytes()[..])?;
+            meta.insert("key_check", check.as_slice())?;
+            meta.insert("key_fingerprint", key_fingerprint.as_bytes())?;
+        }
+        None => {
+            return Err(StoreError::NotAStore(format!(
+                "the file holds tables ({}) but no leasehold schema version",
+                existing.join(", ")
+            )));
+        }
+        Some(v) => {
+            check_key(txn, sealer, key_fingerprint)?;
+            if v > target {
+                return Err(StoreError::NewerSchema { found: v, supported: target });
+            }
+            let mut at = v;
+            while at < target {
+                let step = migrations
+                    .iter()
+                    .find(|(from, _)| *from == at)
+                    .ok_or(StoreError::NoMigration { from: at, to: target })?;
+                (step.1)(txn)?;
+                at += 1;
+            }
+            if at != v {
+                let mut meta = txn.open_table(META)?;
+                meta.insert("schema_version", &at.to_be_bytes()[..])?;
+            }
+        }
+    }
+    // Create any table missing (a new store, or one a migration added).
+    txn.open_table(TASKS)?;
+    txn.open_table(LEASES)?;
+    txn.open_table(EXPIRY)?;
+    txn.open_table(TASK_LEASES)?;
+    txn.open_table(WORKLOAD_LEASES)?;
+    txn.open_table(WORKLOAD_TASKS)?;
+    txn.open_table(ISSUING)?;
+    txn.open_table(REVOKE_QUEUE)?;
+    txn.open_table(COUNTERS)?;
+    txn.open_table(DENYLIST)?;
+    txn.open_table(DENYLIST_EXPIRY)?;
+    Ok(())
+}
+
+fn check_key(txn: &WriteTransaction, sealer: &Sealer, fingerprint: &str) -> Result<(), StoreError> {
+    let meta = txn.open_table(META)?;
+    let check = meta.get("key_check")?.map(|g| g.value().to_vec());
+    let expected = meta
+        .get("key_fingerprint")?
+        .map(|g| String::from_utf8_lossy(g.value()).into_owned())
+        .unwrap_or_default();
+    let ok = check
+        .and_then(|c| sealer.open(KEY_CHECK_RECORD, "key_check", &c).ok())
+        .is_some_and(|p| p.as_slice() == KEY_CHECK_PLAINTEXT);
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::WrongKey { given: fingerprint.to_owned(), expected })
+    }
+}

@@ -1,0 +1,510 @@
+//! Write operations, each applied inside a shared (group-committed) write
+//! transaction.
+//!
+//! Rule for every operation here: **check, then write**. An operation reads
+//! and validates everything first and returns a [`StoreError::Conflict`]
+//! before its first mutation, so a rejected operation leaves nothing behind
+//! in the batch it shares with others. A storage error after a mutation has
+//! begun poisons the whole transaction, which is then aborted: every
+//! operation of the batch fails and none is committed.
+//!
+//! A lease, its index entries and its counters always change in the same
+//! operation, hence in the same transaction (DESIGN.md: a lease record, its
+//! expiry-index entry and its task-index entry commit together).
+
+use std::collections::BTreeMap;
+
+use redb::{ReadableTable as _, Table, WriteTransaction};
+
+use super::records::{self, LeaseRecord, LeaseState, Revocation, RevokeCause, TaskRecord, TaskState};
+use super::schema::*;
+use super::{Conflict, StoreError};
+
+/// The outcome of one revocation attempt, as decided by the reaper.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The provider confirmed: the lease reaches its terminal state.
+    Done { lease: u128 },
+    /// It failed: try again at `at`. `irrevocable` marks that the retry
+    /// budget is spent (the lease keeps being retried, slowly).
+    Retry { lease: u128, at: i64, error: String, irrevocable: bool },
+}
+
+/// What activation writes.
+#[derive(Debug, Clone)]
+pub struct Activation {
+    pub lease: u128,
+    pub handle_sealed: Vec<u8>,
+    pub issued_at: i64,
+    pub expires_at: i64,
+    pub description: String,
+}
+
+/// Result of a task completion: the task, the leases this completion claimed
+/// for immediate revocation, and every lease of the task.
+#[derive(Debug)]
+pub struct Completion {
+    pub task: TaskRecord,
+    pub claimed: Vec<LeaseRecord>,
+    pub all: Vec<LeaseRecord>,
+}
+
+pub struct Txn<'t> {
+    tasks: Table<'t, u128, &'static [u8]>,
+    leases: Table<'t, u128, &'static [u8]>,
+    expiry: Table<'t, (i64, u128), ()>,
+    task_leases: Table<'t, (u128, u128), ()>,
+    workload_leases: Table<'t, (&'static str, u128), ()>,
+    workload_tasks: Table<'t, (&'static str, u128), ()>,
+    issuing: Table<'t, u128, ()>,
+    queue: Table<'t, (&'static str, i64, u128), ()>,
+    counters: Table<'t, (&'static str, &'static str), u64>,
+    denylist: Table<'t, &'static str, i64>,
+    denylist_expiry: Table<'t, (i64, &'static str), ()>,
+    deltas: BTreeMap<(String, LeaseState), i64>,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for Txn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Txn").field("poisoned", &self.poisoned).finish_non_exhaustive()
+    }
+}
+
+fn conflict<T>(c: Conflict) -> Result<T, StoreError> {
+    Err(StoreError::Conflict(c))
+}
+
+impl<'t> Txn<'t> {
+    pub fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            tasks: txn.open_table(TASKS)?,
+            leases: txn.open_table(LEASES)?,
+            expiry: txn.open_table(EXPIRY)?,
+            task_leases: txn.open_table(TASK_LEASES)?,
+            workload_leases: txn.open_table(WORKLOAD_LEASES)?,
+            workload_tasks: txn.open_table(WORKLOAD_TASKS)?,
+            issuing: txn.open_table(ISSUING)?,
+            queue: txn.open_table(REVOKE_QUEUE)?,
+            counters: txn.open_table(COUNTERS)?,
+            denylist: txn.open_table(DENYLIST)?,
+            denylist_expiry: txn.open_table(DENYLIST_EXPIRY)?,
+            deltas: BTreeMap::new(),
+            poisoned: false,
+        })
+    }
+
+    /// Flush counter deltas; report whether the transaction must abort.
+    pub fn finish(mut self) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Aborted);
+        }
+        let deltas = std::mem::take(&mut self.deltas);
+        for ((provider, state), delta) in deltas {
+            if delta == 0 {
+                continue;
+            }
+            let key = (provider.as_str(), state.as_str());
+            let cur = self.counters.get(key)?.map(|g| g.value()).unwrap_or(0);
+            let next = if delta >= 0 {
+                cur.saturating_add(delta.unsigned_abs())
+            } else {
+                cur.saturating_sub(delta.unsigned_abs())
+            };
+            self.counters.insert(key, next)?;
+        }
+        Ok(())
+    }
+
+    /// Mark the transaction poisoned when a write fails.
+    fn w<T, E: Into<StoreError>>(&mut self, r: Result<T, E>) -> Result<T, StoreError> {
+        r.map_err(|e| {
+            self.poisoned = true;
+            e.into()
+        })
+    }
+
+    // === reads (no side effects) ===
+
+    pub fn task(&self, id: u128) -> Result<Option<TaskRecord>, StoreError> {
+        match self.tasks.get(id)? {
+            Some(g) => Ok(Some(records::decode(g.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn lease(&self, id: u128) -> Result<Option<LeaseRecord>, StoreError> {
+        match self.leases.get(id)? {
+            Some(g) => Ok(Some(records::decode(g.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn lease_ids_of_task(&self, task: u128) -> Result<Vec<u128>, StoreError> {
+        let mut ids = Vec::new();
+        for e in self.task_leases.range((task, 0u128)..=(task, u128::MAX))? {
+            ids.push(e?.0.value().1);
+        }
+        Ok(ids)
+    }
+
+    // === writes (after all checks) ===
+
+    fn put_task(&mut self, rec: &TaskRecord) -> Result<(), StoreError> {
+        let bytes = records::encode(rec)?;
+        let r = self.tasks.insert(rec.id, bytes.as_slice()).map(|_| ());
+        self.w(r)
+    }
+
+    fn put_lease(&mut self, rec: &LeaseRecord, prev: Option<LeaseState>) -> Result<(), StoreError> {
+        let bytes = records::encode(rec)?;
+        let r = self.leases.insert(rec.id, bytes.as_slice()).map(|_| ());
+        self.w(r)?;
+        if prev != Some(rec.state) {
+            if let Some(p) = prev {
+                *self.deltas.entry((rec.provider.clone(), p)).or_default() -= 1;
+            }
+            *self.deltas.entry((rec.provider.clone(), rec.state)).or_default() += 1;
+        }
+        Ok(())
+    }
+
+    fn enqueue(&mut self, provider: &str, at: i64, lease: u128) -> Result<(), StoreError> {
+        let r = self.queue.insert((provider, at, lease), ()).map(|_| ());
+        self.w(r)
+    }
+
+    fn dequeue(&mut self, rec: &LeaseRecord) -> Result<(), StoreError> {
+        if let Some(rv) = &rec.revocation {
+            let r = self.queue.remove((rec.provider.as_str(), rv.next_attempt_at, rec.id)).map(|_| ());
+            self.w(r)?;
+        }
+        Ok(())
+    }
+
+    fn unindex_expiry(&mut self, rec: &LeaseRecord) -> Result<(), StoreError> {
+        let r = self.expiry.remove((rec.expires_at, rec.id)).map(|_| ());
+        self.w(r)
+    }
+
+    /// Move an active (or irrevocable) lease into `Revoking`, queued at `at`.
+    fn begin_revocation(
+        &mut self,
+        mut rec: LeaseRecord,
+        cause: RevokeCause,
+        by: Option<&str>,
+        now: i64,
+        at: i64,
+    ) -> Result<LeaseRecord, StoreError> {
+        let prev = rec.state;
+        match prev {
+            LeaseState::Active => self.unindex_expiry(&rec)?,
+            LeaseState::Issuing => {
+                let r = self.issuing.remove(rec.id).map(|_| ());
+                self.w(r)?;
+            }
+            LeaseState::Irrevocable | LeaseState::Revoking => self.dequeue(&rec)?,
+            _ => {}
+        }
+        let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts);
+        let last_error = rec.revocation.as_ref().and_then(|r| r.last_error.clone());
+        let cause = match (&rec.revocation, prev) {
+            // a retry keeps the original cause
+            (Some(r), LeaseState::Irrevocable | LeaseState::Revoking) => r.cause,
+            _ => cause,
+        };
+        rec.state = LeaseState::Revoking;
+        rec.revocation = Some(Revocation {
+            cause,
+            requested_by: by.map(str::to_owned),
+            requested_at: now,
+            attempts,
+            next_attempt_at: at,
+            last_error,
+        });
+        self.enqueue(&rec.provider.clone(), at, rec.id)?;
+        self.put_lease(&rec, Some(prev))?;
+        Ok(rec)
+    }
+
+    // === operations ===
+
+    pub fn create_task(&mut self, rec: &TaskRecord) -> Result<(), StoreError> {
+        if self.tasks.get(rec.id)?.is_some() {
+            return conflict(Conflict::Duplicate);
+        }
+        self.put_task(rec)?;
+        let r = self.workload_tasks.insert((rec.workload.as_str(), rec.id), ()).map(|_| ());
+        self.w(r)
+    }
+
+    /// Write the intent of a lease (`Issuing`), before the provider is
+    /// called. The task must be open, unexpired and under its lease cap.
+    pub fn lease_intent(&mut self, rec: &LeaseRecord, now: i64, max_per_task: u32) -> Result<(), StoreError> {
+        let Some(mut task) = self.task(rec.task_id)? else {
+            return conflict(Conflict::TaskNotFound);
+        };
+        if task.workload != rec.workload {
+            return conflict(Conflict::TaskNotFound);
+        }
+        if task.state != TaskState::Open {
+            return conflict(Conflict::TaskCompleted);
+        }
+        if task.expires_at <= now {
+            return conflict(Conflict::TaskExpired);
+        }
+        if rec.expires_at > task.expires_at {
+            return conflict(Conflict::OutlivesTask);
+        }
+        if task.lease_count >= max_per_task {
+            return conflict(Conflict::TaskLeaseCap(max_per_task));
+        }
+        if rec.state != LeaseState::Issuing || self.leases.get(rec.id)?.is_some() {
+            return conflict(Conflict::Duplicate);
+        }
+        task.lease_count += 1;
+        self.put_task(&task)?;
+        self.put_lease(rec, None)?;
+        let r = self.issuing.insert(rec.id, ()).map(|_| ());
+        self.w(r)?;
+        let r = self.task_leases.insert((rec.task_id, rec.id), ()).map(|_| ());
+        self.w(r)?;
+        let r = self.workload_leases.insert((rec.workload.as_str(), rec.id), ()).map(|_| ());
+        self.w(r)
+    }
+
+    /// The provider issued: the lease becomes `Active` and enters the expiry
+    /// index. Refused if the task was completed or expired meanwhile; the
+    /// caller then rolls the credential back.
+    pub fn activate(&mut self, a: &Activation, now: i64) -> Result<LeaseRecord, StoreError> {
+        let Some(mut rec) = self.lease(a.lease)? else {
+            return conflict(Conflict::LeaseNotFound);
+        };
+        if rec.state != LeaseState::Issuing {
+            return conflict(Conflict::LeaseState(rec.state));
+        }
+        let task = self.task(rec.task_id)?.ok_or(StoreError::Conflict(Conflict::TaskNotFound))?;
+        if task.state != TaskState::Open {
+            return conflict(Conflict::TaskCompleted);
+        }
+        if task.expires_at <= now {
+            return conflict(Conflict::TaskExpired);
+        }
+        if a.expires_at > rec.expires_at || a.expires_at <= now {
+            return conflict(Conflict::OutlivesTask);
+        }
+        rec.state = LeaseState::Active;
+        rec.handle_sealed = Some(a.handle_sealed.clone());
+        rec.issued_at = Some(a.issued_at);
+        rec.expires_at = a.expires_at;
+        rec.description = Some(a.description.clone());
+        let r = self.issuing.remove(rec.id).map(|_| ());
+        self.w(r)?;
+        let r = self.expiry.insert((rec.expires_at, rec.id), ()).map(|_| ());
+        self.w(r)?;
+        self.put_lease(&rec, Some(LeaseState::Issuing))?;
+        Ok(rec)
+    }
+
+    /// The provider call failed (or activation was refused) after the intent
+    /// was written: queue a rollback, since the provider may have created
+    /// something before failing.
+    pub fn issue_failed(&mut self, lease: u128, error: &str, now: i64) -> Result<LeaseRecord, StoreError> {
+        let Some(rec) = self.lease(lease)? else {
+            return conflict(Conflict::LeaseNotFound);
+        };
+        if rec.state != LeaseState::Issuing {
+            return conflict(Conflict::LeaseState(rec.state));
+        }
+        let mut rec = self.begin_revocation(rec, RevokeCause::IssueFailed, None, now, now)?;
+        if let Some(r) = rec.revocation.as_mut() {
+            r.last_error = Some(error.to_owned());
+        }
+        self.put_lease(&rec, Some(LeaseState::Revoking))?;
+        Ok(rec)
+    }
+
+    /// Close a task and claim its active leases for revocation. Claimed
+    /// leases are queued at `claim_until`: the completing request revokes
+    /// them itself, and if it dies the queue takes over after the claim.
+    pub fn complete_task(&mut self, task_id: u128, now: i64, claim_until: i64) -> Result<Completion, StoreError> {
+        let Some(mut task) = self.task(task_id)? else {
+            return conflict(Conflict::TaskNotFound);
+        };
+        if task.state == TaskState::Completed {
+            return conflict(Conflict::TaskCompleted);
+        }
+        let ids = self.lease_ids_of_task(task_id)?;
+        let mut all = Vec::with_capacity(ids.len());
+        for id in ids {
+            let rec = self.lease(id)?.ok_or_else(|| StoreError::Corrupt(format!("task index names missing lease {id}")))?;
+            all.push(rec);
+        }
+        task.state = TaskState::Completed;
+        task.completed_at = Some(now);
+        self.put_task(&task)?;
+        let mut claimed = Vec::new();
+        for rec in &mut all {
+            if rec.state == LeaseState::Active {
+                let moved = self.begin_revocation(rec.clone(), RevokeCause::TaskComplete, None, now, claim_until)?;
+                *rec = moved.clone();
+                claimed.push(moved);
+            }
+        }
+        Ok(Completion { task, claimed, all })
+    }
+
+    /// Ask for one lease to be revoked. Active leases (and irrevocable ones,
+    /// for a manual retry) are claimed at `claim_until` and returned with
+    /// `true`; others are returned as they are with `false`.
+    pub fn request_revoke(
+        &mut self,
+        lease: u128,
+        cause: RevokeCause,
+        by: Option<&str>,
+        now: i64,
+        claim_until: i64,
+    ) -> Result<(LeaseRecord, bool), StoreError> {
+        let Some(rec) = self.lease(lease)? else {
+            return conflict(Conflict::LeaseNotFound);
+        };
+        match rec.state {
+            LeaseState::Active | LeaseState::Irrevocable => {
+                Ok((self.begin_revocation(rec, cause, by, now, claim_until)?, true))
+            }
+            _ => Ok((rec, false)),
+        }
+    }
+
+    /// Record what the provider said for each lease.
+    pub fn record_outcomes(&mut self, outcomes: &[Outcome], now: i64) -> Result<Vec<LeaseRecord>, StoreError> {
+        let mut out = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            let id = match o {
+                Outcome::Done { lease } | Outcome::Retry { lease, .. } => *lease,
+            };
+            let Some(mut rec) = self.lease(id)? else { continue };
+            if !matches!(rec.state, LeaseState::Revoking | LeaseState::Irrevocable) {
+                continue; // finished by another path meanwhile
+            }
+            let Some(mut rv) = rec.revocation.clone() else {
+                return Err(StoreError::Corrupt(format!("lease {id} is revoking without a revocation record")));
+            };
+            let prev = rec.state;
+            self.dequeue(&rec)?;
+            match o {
+                Outcome::Done { .. } => {
+                    rec.state = rv.cause.terminal_state();
+                    rec.ended_at = Some(now);
+                    rec.handle_sealed = None; // nothing left to revoke with
+                    rv.attempts += 1;
+                    rv.last_error = None;
+                }
+                Outcome::Retry { at, error, irrevocable, .. } => {
+                    rv.attempts += 1;
+                    rv.next_attempt_at = *at;
+                    rv.last_error = Some(error.clone());
+                    if *irrevocable {
+                        rec.state = LeaseState::Irrevocable;
+                    }
+                    self.enqueue(&rec.provider.clone(), *at, id)?;
+                }
+            }
+            rec.revocation = Some(rv);
+            self.put_lease(&rec, Some(prev))?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    /// Move up to `limit` leases whose deadline has passed from the expiry
+    /// index into the revocation queue. Returns the providers touched and
+    /// how many moved.
+    pub fn expire_due(&mut self, now: i64, limit: usize) -> Result<(Vec<String>, usize), StoreError> {
+        let mut due = Vec::new();
+        for e in self.expiry.range((i64::MIN, 0u128)..=(now, u128::MAX))? {
+            let (k, _) = e?;
+            due.push(k.value());
+            if due.len() >= limit {
+                break;
+            }
+        }
+        let mut providers = Vec::new();
+        for (exp, id) in &due {
+            match self.lease(*id)? {
+                Some(rec) if rec.state == LeaseState::Active => {
+                    if !providers.contains(&rec.provider) {
+                        providers.push(rec.provider.clone());
+                    }
+                    self.begin_revocation(rec, RevokeCause::Expiry, None, now, now)?;
+                }
+                _ => {
+                    // an index entry without an active lease: drop it
+                    let r = self.expiry.remove((*exp, *id)).map(|_| ());
+                    self.w(r)?;
+                }
+            }
+        }
+        Ok((providers, due.len()))
+    }
+
+    /// Start-up recovery: every unresolved intent is queued for rollback.
+    pub fn recover_intents(&mut self, now: i64) -> Result<Vec<LeaseRecord>, StoreError> {
+        let mut ids = Vec::new();
+        for e in self.issuing.iter()? {
+            ids.push(e?.0.value());
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.lease(id)? {
+                Some(rec) if rec.state == LeaseState::Issuing => {
+                    out.push(self.begin_revocation(rec, RevokeCause::Recovery, None, now, now)?);
+                }
+                _ => {
+                    let r = self.issuing.remove(id).map(|_| ());
+                    self.w(r)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Mark token ids inactive until their expiry (the later one wins).
+    pub fn deny(&mut self, entries: &[(String, i64)]) -> Result<(), StoreError> {
+        for (jti, exp) in entries {
+            let prev = self.denylist.get(jti.as_str())?.map(|g| g.value());
+            if let Some(p) = prev {
+                if p >= *exp {
+                    continue;
+                }
+                let r = self.denylist_expiry.remove((p, jti.as_str())).map(|_| ());
+                self.w(r)?;
+            }
+            let r = self.denylist.insert(jti.as_str(), *exp).map(|_| ());
+            self.w(r)?;
+            let r = self.denylist_expiry.insert((*exp, jti.as_str()), ()).map(|_| ());
+            self.w(r)?;
+        }
+        Ok(())
+    }
+
+    /// Forget denylist entries of tokens that have expired anyway.
+    pub fn prune_denylist(&mut self, now: i64, limit: usize) -> Result<usize, StoreError> {
+        let mut dead = Vec::new();
+        for e in self.denylist_expiry.range((i64::MIN, "")..(now, ""))? {
+            let (k, _) = e?;
+            let (exp, jti) = k.value();
+            dead.push((exp, jti.to_owned()));
+            if dead.len() >= limit {
+                break;
+            }
+        }
+        for (exp, jti) in &dead {
+            let r = self.denylist_expiry.remove((*exp, jti.as_str())).map(|_| ());
+            self.w(r)?;
+            let r = self.denylist.remove(jti.as_str()).map(|_| ());
+            self.w(r)?;
+        }
+        Ok(dead.len())
+    }
+}

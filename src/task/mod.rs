@@ -1,0 +1,207 @@
+//! Tasks: open, show, complete.
+//!
+//! A task is the unit everything else hangs from: its deadline bounds every
+//! lease under it, and completing it revokes every lease before the response
+//! is sent. Visibility: a workload sees only its own tasks (others' are
+//! `404`, not `403`, so ids cannot be probed); admins see all.
+
+use std::time::Duration;
+
+use crate::auth::{Caller, Workload};
+use crate::broker::{Broker, BrokerError};
+use crate::config::OperatorRole;
+use crate::ids::TaskId;
+use crate::store::{LeaseRecord, LeaseState, TaskRecord, TaskState};
+
+/// A request to open a task, already decoded from the wire.
+#[derive(Debug, Clone)]
+pub struct OpenTask {
+    pub purpose: String,
+    pub on_behalf_of: String,
+    pub prompt: Option<String>,
+    pub prompt_sha256: Option<String>,
+    pub tools: Vec<String>,
+    pub ttl_seconds: i64,
+}
+
+/// What completing a task did.
+#[derive(Debug)]
+pub struct CompletionReport {
+    pub task: TaskRecord,
+    /// Leases this completion revoked (now terminal).
+    pub revoked: Vec<LeaseRecord>,
+    /// Leases still being revoked (provider failed; retried by the queue).
+    pub pending: Vec<LeaseRecord>,
+}
+
+/// Check free text: present, bounded, no control characters.
+pub(crate) fn check_text(field: &str, value: &str, max: usize) -> Result<(), BrokerError> {
+    if value.trim().is_empty() {
+        return Err(BrokerError::invalid("invalid_request", format!("`{field}` must not be empty")));
+    }
+    if value.len() > max {
+        return Err(BrokerError::invalid("invalid_request", format!("`{field}` is longer than {max} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(BrokerError::invalid("invalid_request", format!("`{field}` contains control characters")));
+    }
+    Ok(())
+}
+
+/// A TTL in whole seconds: positive and at most `max`.
+pub(crate) fn check_ttl(field: &str, ttl: i64, max: u64) -> Result<Duration, BrokerError> {
+    match u64::try_from(ttl) {
+        Ok(t) if t > 0 && t <= max => Ok(Duration::from_secs(t)),
+        _ => Err(BrokerError::invalid(
+            "invalid_ttl",
+            format!("`{field}` must be a whole number of seconds between 1 and {max}; got {ttl}"),
+        )),
+    }
+}
+
+fn is_tool_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
+}
+
+fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, c) in s.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Broker {
+    pub async fn open_task(&self, w: &Workload, req: OpenTask) -> Result<TaskRecord, BrokerError> {
+        check_text("purpose", &req.purpose, 512)?;
+        check_text("on_behalf_of", &req.on_behalf_of, 256)?;
+        let ttl = check_ttl("ttl_seconds", req.ttl_seconds, self.limits.max_task_ttl_seconds)?;
+        if req.tools.len() > self.limits.max_tools {
+            return Err(BrokerError::invalid(
+                "invalid_request",
+                format!("`tools` lists more than {} tools", self.limits.max_tools),
+            ));
+        }
+        if let Some(t) = req.tools.iter().find(|t| !is_tool_name(t)) {
+            return Err(BrokerError::invalid(
+                "invalid_request",
+                format!("`tools`: `{}` is not a tool name (1-128 of [A-Za-z0-9._:/-])", t.escape_default()),
+            ));
+        }
+        let mut tools = req.tools.clone();
+        tools.sort();
+        tools.dedup();
+        let prompt_sha256 = match (&req.prompt, &req.prompt_sha256) {
+            (Some(_), Some(_)) => {
+                return Err(BrokerError::invalid("invalid_request", "send `prompt` or `prompt_sha256`, not both"));
+            }
+            (None, None) => {
+                return Err(BrokerError::invalid(
+                    "invalid_request",
+                    "`prompt` or `prompt_sha256` is required: the task records what it was asked to do",
+                ));
+            }
+            (Some(p), None) => {
+                if p.len() > self.limits.max_prompt_bytes {
+                    return Err(BrokerError::invalid(
+                        "invalid_request",
+                        format!("`prompt` is longer than {} bytes", self.limits.max_prompt_bytes),
+                    ));
+                }
+                let d = ring::digest::digest(&ring::digest::SHA256, p.as_bytes());
+                let mut h = [0u8; 32];
+                h.copy_from_slice(d.as_ref());
+                h
+            }
+            (None, Some(h)) => parse_sha256_hex(&h.to_ascii_lowercase()).ok_or_else(|| {
+                BrokerError::invalid("invalid_request", "`prompt_sha256` must be 64 hex characters")
+            })?,
+        };
+        let now = self.clock.now();
+        let id = TaskId::generate(now);
+        let prompt_sealed = match (&req.prompt, self.limits.store_prompt_text) {
+            (Some(p), true) => Some(
+                self.store
+                    .sealer()
+                    .seal(id.0, "prompt", p.as_bytes())
+                    .map_err(|_| BrokerError::Store(crate::store::StoreError::Corrupt("sealing failed".into())))?,
+            ),
+            _ => None,
+        };
+        let rec = TaskRecord {
+            id: id.0,
+            workload: w.id.clone(),
+            tenant: w.tenant.clone(),
+            purpose: req.purpose,
+            on_behalf_of: req.on_behalf_of,
+            prompt_sha256,
+            prompt_sealed,
+            tools,
+            created_at: now.unix_millis(),
+            expires_at: now.saturating_add(ttl).unix_millis(),
+            state: TaskState::Open,
+            completed_at: None,
+            lease_count: 0,
+        };
+        let stored = rec.clone();
+        self.store.write(move |t| t.create_task(&stored)).await?;
+        tracing::info!(task_id = %id, workload = %w.id, "task opened");
+        Ok(rec)
+    }
+
+    /// Read a task the caller may see.
+    pub fn visible_task(&self, caller: &Caller, id: TaskId) -> Result<TaskRecord, BrokerError> {
+        let task = self.store.read()?.task(id.0)?.ok_or(BrokerError::NotFound { code: "task_not_found" })?;
+        let visible = match caller {
+            Caller::Workload(w) => w.id == task.workload,
+            Caller::Operator(_) => caller.has_any_role(&[OperatorRole::Admin]),
+        };
+        if visible {
+            Ok(task)
+        } else if matches!(caller, Caller::Operator(_)) {
+            Err(BrokerError::Forbidden { code: "forbidden", message: "reading tasks needs the admin role".into() })
+        } else {
+            Err(BrokerError::NotFound { code: "task_not_found" })
+        }
+    }
+
+    pub fn get_task(&self, caller: &Caller, id: TaskId) -> Result<(TaskRecord, Vec<LeaseRecord>), BrokerError> {
+        let task = self.visible_task(caller, id)?;
+        let leases = self.store.read()?.task_leases(id.0)?;
+        Ok((task, leases))
+    }
+
+    /// Close the task and revoke every lease under it before answering.
+    pub async fn complete_task(&self, w: &Workload, id: TaskId) -> Result<CompletionReport, BrokerError> {
+        let caller = Caller::Workload(std::sync::Arc::new(w.clone()));
+        self.visible_task(&caller, id)?;
+        let now = self.clock.now().unix_millis();
+        let claim_until = now.saturating_add(self.claim_window_ms());
+        let completion = self.store.write(move |t| t.complete_task(id.0, now, claim_until)).await?;
+        let done = self.revoke_claimed(completion.claimed).await;
+        let mut revoked = Vec::new();
+        let mut pending = Vec::new();
+        for rec in done {
+            if rec.state.is_terminal() {
+                revoked.push(rec);
+            } else {
+                pending.push(rec);
+            }
+        }
+        // leases that were already being revoked (expiry, manual) before
+        for rec in completion.all {
+            if matches!(rec.state, LeaseState::Revoking | LeaseState::Irrevocable)
+                && !revoked.iter().chain(pending.iter()).any(|r| r.id == rec.id)
+            {
+                pending.push(rec);
+            }
+        }
+        tracing::info!(task_id = %id, revoked = revoked.len(), pending = pending.len(), "task completed");
+        Ok(CompletionReport { task: completion.task, revoked, pending })
+    }
+}
