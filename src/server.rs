@@ -54,6 +54,13 @@ pub fn load_key(config: &Config) -> Result<StoreKey, ServeError> {
     })
 }
 
+/// What tests may add to a broker beyond its config: extra providers (a
+/// peer that fails on demand, to exercise retries end to end).
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub providers: Vec<(String, Arc<dyn leasehold_provider::Provider>)>,
+}
+
 /// Serve until `shutdown` resolves, then drain and close.
 pub async fn run(
     listener: std::net::TcpListener,
@@ -61,6 +68,18 @@ pub async fn run(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    run_with(listener, config, clock, shutdown, Overrides::default()).await
+}
+
+/// [`run`], with [`Overrides`].
+pub async fn run_with(
+    listener: std::net::TcpListener,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    overrides: Overrides,
+) -> Result<(), ServeError> {
+    crate::install_crypto_provider();
     config.validate()?;
     config.check_files()?;
     let key = load_key(&config)?;
@@ -73,7 +92,10 @@ pub async fn run(
         &key,
     )?;
     drop(key);
-    let providers = Providers::build(&config.providers, &store)?;
+    let mut providers = Providers::build(&config.providers, &store)?;
+    for (name, p) in overrides.providers {
+        providers.insert(&name, p);
+    }
     #[allow(unused_mut)]
     let mut broker = Broker::new(store, clock.clone(), providers, config.limits.clone(), config.reaper.clone());
     #[cfg(feature = "fault-injection")]

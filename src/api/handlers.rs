@@ -26,7 +26,8 @@ where
     T: Send + 'static,
     F: Future<Output = Result<T, BrokerError>> + Send + 'static,
 {
-    match tokio::spawn(f).await {
+    use tracing::Instrument as _;
+    match tokio::spawn(f.instrument(tracing::Span::current())).await {
         Ok(r) => r.map_err(ApiError::from),
         Err(e) => {
             tracing::error!(error = %e, "request task failed");

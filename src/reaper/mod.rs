@@ -61,6 +61,13 @@ impl Broker {
                 for rec in &updated {
                     log_outcome(rec);
                 }
+                // a retry may now be due sooner than the worker planned
+                let mut retrying: Vec<&str> =
+                    updated.iter().filter(|r| !r.state.is_terminal()).map(|r| r.provider.as_str()).collect();
+                retrying.dedup();
+                for p in retrying {
+                    self.wakers.revocations_queued(p);
+                }
                 updated
             }
             Err(e) => {

@@ -1,1 +1,21 @@
-fn main() {}
+//! The broker's integration tests: one test binary (every file under
+//! `tests/` would otherwise be a separate, slow-to-link binary), each module
+//! a scenario, all against a real broker started by `harness`.
+
+// Test code may unwrap and panic: a failure is the point.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod harness;
+
+mod auth;
+mod bad_input;
+mod cli;
+mod config_examples;
+mod conformance;
+mod crash;
+mod expiry;
+mod isolation;
+mod lifecycle;
+mod restart;
+mod retry;
+mod secrets;

@@ -1,0 +1,64 @@
+//! The client verbs against a running broker, as an operator would type them.
+
+use serde_json::Value;
+
+use crate::harness::{Harness, Options};
+
+async fn leasehold(h: &Harness, args: &[&str]) -> (bool, Value, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"));
+    cmd.args(args)
+        .env("LEASEHOLD_CREDENTIALS", h.dir.path().join("dev-credentials.json"))
+        .env_remove("LEASEHOLD_TOKEN")
+        .env_remove("LEASEHOLD_BROKER")
+        .env_remove("LEASEHOLD_AS");
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), serde_json::from_str(&stdout).unwrap_or(Value::Null), stderr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_and_lease_verbs() {
+    let h = Harness::start(Options::default()).await;
+    let (ok, task, err) = leasehold(&h, &["task", "open", "--as", "assistant-a", "--purpose", "triage", "--on-behalf-of", "bob@example.com", "--prompt", "look at ticket 4", "--tool", "demo.read", "--ttl", "600"]).await;
+    assert!(ok, "{err}");
+    let task_id = task["task_id"].as_str().unwrap();
+
+    let (ok, lease, err) = leasehold(&h, &["lease", "request", task_id, "--as", "assistant-a", "--provider", "token", "--role", "demo", "--ttl", "60", "--scope", "demo:read"]).await;
+    assert!(ok, "{err}");
+    let lease_id = lease["lease_id"].as_str().unwrap();
+    assert_eq!(lease["scope"][0], "demo:read");
+    assert!(lease["credential"]["token"].as_str().is_some());
+
+    // --broker and --token work without the credentials file's identity names
+    let url = format!("http://{}", h.addr);
+    let (ok, shown, err) = leasehold(&h, &["lease", "show", lease_id, "--broker", &url, "--token", &h.tokens.a]).await;
+    assert!(ok, "{err}");
+    assert_eq!(shown["state"], "active");
+    assert!(shown.get("credential").is_none());
+
+    let (ok, list, err) = leasehold(&h, &["lease", "list", "--as", "responder", "--state", "active"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(list["leases"].as_array().unwrap().len(), 1);
+
+    // a refusal exits 1 with the code
+    let (ok, _, err) = leasehold(&h, &["lease", "show", lease_id, "--as", "assistant-b"]).await;
+    assert!(!ok);
+    assert!(err.contains("lease_not_found"), "{err}");
+
+    let (ok, shown, _) = leasehold(&h, &["task", "show", task_id, "--as", "assistant-a"]).await;
+    assert!(ok);
+    assert_eq!(shown["leases"][0]["lease_id"], lease_id);
+
+    let (ok, revoked, err) = leasehold(&h, &["lease", "revoke", lease_id, "--as", "admin"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(revoked["state"], "revoked");
+
+    let (ok, done, err) = leasehold(&h, &["task", "complete", task_id, "--as", "assistant-a"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(done["state"], "completed");
+
+    let (ok, _, err) = leasehold(&h, &["task", "show", task_id]).await;
+    assert!(!ok);
+    assert!(err.contains("--as"), "{err}");
+}

@@ -1,0 +1,113 @@
+//! Intent before issue (invariant 1), proven with a real process: the broker
+//! is SIGKILLed after the provider minted a credential and before the lease
+//! was activated. The restarted broker must find the intent and roll the
+//! credential back at the provider, so nothing orphaned stays usable.
+
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_between_intent_and_activation_rolls_back() {
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+
+    use crate::harness::{Child, child_config, free_port};
+
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_port();
+    let marker = dir.path().join("paused.json");
+    let (config, creds) = child_config(
+        dir.path(),
+        addr,
+        &format!("[fault]\npause_after_issue_file = \"{}\"\n", marker.display()),
+    );
+    let http = crate::harness::client();
+    let mut first = Child::spawn(&config, addr, dir.path().join("first.log"), "info");
+    first.wait_healthy(&http).await;
+    let a = creds.identities["assistant-a"].token.clone();
+    let base = format!("http://{addr}");
+    let task: Value = http
+        .post(format!("{base}/v1/tasks"))
+        .bearer_auth(&a)
+        .json(&json!({"purpose": "crash", "on_behalf_of": "alice", "prompt": "p", "ttl_seconds": 3600}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let task_id = task["task_id"].as_str().unwrap().to_owned();
+
+    // this request will never be answered: the broker hangs after issuing
+    let pending = {
+        let (http, a, url) = (http.clone(), a.clone(), format!("{base}/v1/tasks/{task_id}/leases"));
+        tokio::spawn(async move {
+            http.post(url).bearer_auth(a).json(&json!({"provider": "token", "role": "demo", "ttl_seconds": 600})).send().await
+        })
+    };
+    let mut paused = None;
+    for _ in 0..500 {
+        if let Ok(text) = std::fs::read_to_string(&marker)
+            && let Ok(v) = serde_json::from_str::<Value>(&text)
+        {
+            paused = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let paused = paused.expect("the broker never reached the point between issue and activation");
+    let lease_id = paused["lease_id"].as_str().unwrap().to_owned();
+    let orphan = paused["credential"]["token"].as_str().unwrap().to_owned();
+
+    first.kill9();
+    assert!(pending.await.unwrap().is_err(), "the client never got the credential");
+
+    // restart on the same store, without the fault
+    let (config, creds) = child_config(dir.path(), addr, "");
+    let mut second = Child::spawn(&config, addr, dir.path().join("second.log"), "info");
+    second.wait_healthy(&http).await;
+    let admin = creds.identities["admin"].token.clone();
+    let resource = creds.identities["resource-server"].token.clone();
+    let mut lease = Value::Null;
+    for _ in 0..500 {
+        lease = http
+            .get(format!("{base}/v1/leases/{lease_id}"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if lease["state"] == "rolled_back" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(lease["state"], "rolled_back", "{lease}");
+    assert_eq!(lease["revocation"]["cause"], "recovery");
+    // the orphaned token has not expired, yet the provider says it is dead
+    let i: Value = http
+        .post(format!("{base}/v1/introspect"))
+        .bearer_auth(&resource)
+        .form(&[("token", orphan.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(i["active"], false, "the orphaned credential is still usable");
+    let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
+    assert!(log.contains("rolling it back"), "{log}");
+    assert!(second.terminate().success());
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[test]
+fn sigkill_between_intent_and_activation_rolls_back() {
+    panic!(
+        "this test needs the `fault-injection` feature to pause the broker between issue and \
+         activation: run `integration/test.sh`, or `cargo nextest run --workspace --features \
+         leasehold/fault-injection`"
+    );
+}

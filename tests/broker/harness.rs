@@ -1,0 +1,411 @@
+//! Starts a real broker for a test: in process on 127.0.0.1:0 with a
+//! temp-dir store (`Harness`), or as a child process of the real binary
+//! (`Child`, for crash and log tests). Identities come from the same
+//! bootstrap `leasehold dev` uses, so the tokens are real JWTs from a real
+//! issuer and real operator tokens.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use leasehold::clock::{Clock, ManualClock, SystemClock, Timestamp};
+use leasehold::config::Config;
+use leasehold::dev::DevCredentials;
+use leasehold::server::{Overrides, ServeError};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+pub struct Tokens {
+    pub a: String,
+    pub b: String,
+    pub admin: String,
+    pub responder: String,
+    pub approver: String,
+    pub resource: String,
+}
+
+impl Tokens {
+    fn from(c: &DevCredentials) -> Self {
+        let t = |n: &str| c.identities[n].token.clone();
+        Self {
+            a: t("assistant-a"),
+            b: t("assistant-b"),
+            admin: t("admin"),
+            responder: t("responder"),
+            approver: t("approver"),
+            resource: t("resource-server"),
+        }
+    }
+}
+
+pub struct Options {
+    pub manual_clock: bool,
+    pub tweak: Box<dyn Fn(&mut Config) + Send>,
+    pub overrides: Box<dyn Fn() -> Overrides + Send>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { manual_clock: false, tweak: Box::new(|_| {}), overrides: Box::new(Overrides::default) }
+    }
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub clock: Option<ManualClock>,
+    pub tokens: Tokens,
+    pub http: reqwest::Client,
+    pub config: Config,
+    opts: Options,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    join: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
+}
+
+/// Real time, rounded to the second (JWT times are seconds).
+pub fn now_rounded() -> Timestamp {
+    let ms = SystemClock.now().unix_millis();
+    Timestamp::from_unix_millis(ms - ms % 1000)
+}
+
+impl Harness {
+    pub async fn start(opts: Options) -> Self {
+        leasehold::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let clock = opts.manual_clock.then(|| ManualClock::new(now_rounded()));
+        let now = clock.as_ref().map_or_else(|| SystemClock.now(), |c| c.now());
+        let (mut config, creds) = leasehold::dev::prepare(dir.path(), addr, now).unwrap();
+        (opts.tweak)(&mut config);
+        let mut h = Self {
+            dir,
+            addr,
+            clock,
+            tokens: Tokens::from(&creds),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            config,
+            opts,
+            stop: None,
+            join: None,
+        };
+        h.launch(listener).await;
+        h
+    }
+
+    async fn launch(&mut self, listener: std::net::TcpListener) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let clock: Arc<dyn Clock> = match &self.clock {
+            Some(c) => Arc::new(c.clone()),
+            None => Arc::new(SystemClock),
+        };
+        let overrides = (self.opts.overrides)();
+        let fut = leasehold::server::run_with(
+            listener,
+            self.config.clone(),
+            clock,
+            async move {
+                let _ = rx.await;
+            },
+            overrides,
+        );
+        self.join = Some(tokio::spawn(fut));
+        self.stop = Some(tx);
+        self.wait_healthy().await;
+    }
+
+    pub async fn wait_healthy(&self) {
+        for _ in 0..200 {
+            if let Ok(r) = self.http.get(self.url("/v1/health")).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if self.join.as_ref().is_some_and(|j| j.is_finished()) {
+                panic!("the broker exited during start-up");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("broker did not become healthy");
+    }
+
+    /// Graceful stop; returns what `run` returned.
+    pub async fn stop(&mut self) -> Result<(), ServeError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.join.take() {
+            Some(j) => j.await.unwrap(),
+            None => Ok(()),
+        }
+    }
+
+    /// Stop and start again on the same store, address and clock.
+    pub async fn restart(&mut self) {
+        self.stop().await.unwrap();
+        let listener = std::net::TcpListener::bind(self.addr).unwrap();
+        self.launch(listener).await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn advance(&self, d: Duration) {
+        self.clock.as_ref().expect("manual clock").advance(d);
+    }
+
+    pub async fn call(&self, method: reqwest::Method, token: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, self.url(path));
+        if !token.is_empty() {
+            req = req.bearer_auth(token);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::GET, token, path, None).await
+    }
+
+    pub async fn post(&self, token: &str, path: &str, body: Value) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, token, path, Some(body)).await
+    }
+
+    pub async fn post_empty(&self, token: &str, path: &str) -> (StatusCode, Value) {
+        self.call(reqwest::Method::POST, token, path, None).await
+    }
+
+    /// Open a task as `token`; returns its id.
+    pub async fn open_task(&self, token: &str, ttl: i64) -> String {
+        let (s, v) = self
+            .post(token, "/v1/tasks", json!({"purpose": "test", "on_behalf_of": "alice@example.com", "prompt": "do the thing", "tools": ["demo.read"], "ttl_seconds": ttl}))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["task_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Lease a demo token; returns the whole response (with `credential`).
+    pub async fn lease(&self, token: &str, task: &str, ttl: i64) -> Value {
+        let (s, v) = self
+            .post(token, &format!("/v1/tasks/{task}/leases"), json!({"provider": "token", "role": "demo", "ttl_seconds": ttl}))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v
+    }
+
+    pub async fn introspect(&self, token: &str) -> bool {
+        let resp = self
+            .http
+            .post(self.url("/v1/introspect"))
+            .bearer_auth(&self.tokens.resource)
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.json::<Value>().await.unwrap()["active"].as_bool().unwrap()
+    }
+
+    pub async fn lease_state(&self, lease: &str) -> String {
+        let (s, v) = self.get(&self.tokens.admin, &format!("/v1/leases/{lease}")).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["state"].as_str().unwrap().to_owned()
+    }
+
+    /// Poll until the lease reaches `state` (the reaper runs in the background).
+    pub async fn wait_state(&self, lease: &str, state: &str) {
+        for _ in 0..400 {
+            if self.lease_state(lease).await == state {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("lease {lease} never reached {state}; it is {}", self.lease_state(lease).await);
+    }
+
+    /// Every lease as (id, state), via the admin API: a snapshot to compare.
+    pub async fn snapshot(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/leases?limit=1000&cursor={c}"),
+                None => "/v1/leases?limit=1000".to_owned(),
+            };
+            let (s, v) = self.get(&self.tokens.admin, &path).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            for l in v["leases"].as_array().unwrap() {
+                out.push((l["lease_id"].as_str().unwrap().to_owned(), l["state"].as_str().unwrap().to_owned()));
+            }
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return out,
+            }
+        }
+    }
+
+    /// Sign a workload token with the dev issuer's key (for bad-token tests).
+    pub fn mint(&self, claims: &Value) -> String {
+        mint_in(self.dir.path(), claims)
+    }
+}
+
+pub fn mint_in(dir: &Path, claims: &Value) -> String {
+    let doc = std::fs::read(dir.join("dev-issuer.pk8")).unwrap();
+    let key = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&doc).unwrap();
+    leasehold::dev::sign_jwt(&key, "dev-issuer-1", claims)
+}
+
+/// Claims of a valid dev workload token at `now`.
+pub fn claims(sub: &str, now: Timestamp) -> Value {
+    let t = now.unix_seconds();
+    json!({"iss": leasehold::dev::DEV_ISSUER, "sub": sub, "aud": leasehold::dev::DEV_AUDIENCE, "iat": t, "nbf": t, "exp": t + 3600, "tenant": "dev"})
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+// === child processes ===
+
+/// The real `leasehold` binary serving a config file, its stderr captured.
+pub struct Child {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+/// An HTTP client for tests (installs the crypto provider first).
+pub fn client() -> reqwest::Client {
+    leasehold::install_crypto_provider();
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Write keys and credentials into `dir` (as `dev` does) and a TOML config
+/// for `serve` that uses them; `extra` is appended verbatim.
+pub fn child_config(dir: &Path, addr: SocketAddr, extra: &str) -> (PathBuf, DevCredentials) {
+    let (config, creds) = leasehold::dev::prepare(dir, addr, SystemClock.now()).unwrap();
+    let ops: String = config
+        .auth
+        .operators
+        .iter()
+        .map(|o| {
+            format!(
+                "[[auth.operators]]\nname = \"{}\"\nroles = [\"{}\"]\ntoken_sha256 = \"{}\"\n",
+                o.name,
+                o.roles[0].as_str(),
+                o.token_sha256
+            )
+        })
+        .collect();
+    let text = format!(
+        r#"[server]
+listen = "{addr}"
+shutdown_grace_seconds = 5
+
+[store]
+path = "leasehold.redb"
+key_file = "store.key"
+
+[[auth.workload_issuers]]
+name = "dev"
+issuer = "{iss}"
+audiences = ["{aud}"]
+algorithms = ["EdDSA"]
+jwks_file = "dev-issuer.jwks.json"
+tenant_claim = "tenant"
+
+{ops}
+[providers.token]
+type = "token"
+issuer = "http://{addr}"
+audience = "leasehold-demo"
+signing_key_file = "token-signing.pk8"
+
+[providers.token.roles.demo]
+scopes = ["demo:read", "demo:write"]
+max_ttl_seconds = 900
+
+{extra}
+"#,
+        iss = leasehold::dev::DEV_ISSUER,
+        aud = leasehold::dev::DEV_AUDIENCE,
+    );
+    let path = dir.join("leasehold.toml");
+    std::fs::write(&path, text).unwrap();
+    (path, creds)
+}
+
+impl Child {
+    pub fn spawn(config: &Path, addr: SocketAddr, log: PathBuf, rust_log: &str) -> Self {
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+            .args(["serve", "-c"])
+            .arg(config)
+            .env("RUST_LOG", rust_log)
+            .stdout(std::process::Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        Self { child, addr, log }
+    }
+
+    pub async fn wait_healthy(&mut self, http: &reqwest::Client) {
+        for _ in 0..400 {
+            if let Ok(r) = http.get(format!("http://{}/v1/health", self.addr)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("leasehold exited during start-up ({status}); log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("leasehold did not become healthy; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL on unix
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(ok.success());
+        for _ in 0..300 {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill().unwrap();
+        panic!("leasehold did not exit within 6 s of SIGTERM");
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

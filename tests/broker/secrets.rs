@@ -1,0 +1,137 @@
+//! Secrets are returned once and never stored (invariant 5): after a full
+//! lifecycle at the most verbose log level, the issued token's bytes appear
+//! in no log line and in no file of the data folder.
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+use crate::harness::{Child, child_config, free_port};
+
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_in_logs_or_store_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let addr = free_port();
+    let (config, creds) = child_config(&data, addr, "");
+    let log = dir.path().join("broker.log");
+    let http = crate::harness::client();
+    let mut child = Child::spawn(&config, addr, log.clone(), "trace");
+    child.wait_healthy(&http).await;
+    let base = format!("http://{addr}");
+    let a = &creds.identities["assistant-a"].token;
+    let admin = &creds.identities["admin"].token;
+    let resource = &creds.identities["resource-server"].token;
+
+    let mut tokens = Vec::new();
+    let mut task_ids = Vec::new();
+    for _ in 0..3 {
+        let task: Value = http
+            .post(format!("{base}/v1/tasks"))
+            .bearer_auth(a)
+            .json(&json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "secret prompt text", "ttl_seconds": 600}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = task["task_id"].as_str().unwrap().to_owned();
+        for _ in 0..2 {
+            let l: Value = http
+                .post(format!("{base}/v1/tasks/{id}/leases"))
+                .bearer_auth(a)
+                .json(&json!({"provider": "token", "role": "demo", "ttl_seconds": 300}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let token = l["credential"]["token"].as_str().unwrap().to_owned();
+            let i: Value = http
+                .post(format!("{base}/v1/introspect"))
+                .bearer_auth(resource)
+                .form(&[("token", token.as_str())])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(i["active"], true);
+            tokens.push(token);
+        }
+        task_ids.push(id);
+    }
+    // revoke one by hand, complete two tasks, leave one task's leases active
+    let first_lease = http
+        .get(format!("{base}/v1/leases?limit=1"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["leases"][0]["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    http.post(format!("{base}/v1/leases/{first_lease}/revoke")).bearer_auth(admin).send().await.unwrap();
+    for id in &task_ids[..2] {
+        let r = http.post(format!("{base}/v1/tasks/{id}/complete")).bearer_auth(a).send().await.unwrap();
+        assert!(r.status().is_success());
+    }
+    assert!(child.terminate().success());
+
+    let log_bytes = std::fs::read(&log).unwrap();
+    let log_text = String::from_utf8_lossy(&log_bytes);
+    assert!(log_text.contains("lease issued"), "the log must be verbose enough to matter");
+    // request ids reach the log lines of the request
+    assert!(
+        log_text.lines().any(|l| l.contains("lease issued") && l.contains("request_id=req_")),
+        "log lines of a request carry its request id"
+    );
+    let store_key = std::fs::read_to_string(data.join("store.key")).unwrap();
+    let mut needles: Vec<(String, Vec<u8>)> = Vec::new();
+    for t in &tokens {
+        needles.push(("token".into(), t.as_bytes().to_vec()));
+        needles.push(("token signature".into(), t.rsplit('.').next().unwrap().as_bytes().to_vec()));
+    }
+    needles.push(("workload token".into(), a.as_bytes().to_vec()));
+    needles.push(("operator token".into(), admin.as_bytes().to_vec()));
+    needles.push(("store key".into(), store_key.trim().as_bytes().to_vec()));
+    needles.push(("prompt text".into(), b"secret prompt text".to_vec()));
+    for (what, needle) in &needles {
+        assert!(!contains(&log_bytes, needle), "a {what} appears in the log");
+    }
+    for f in files_under(&data) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        // the files that legitimately hold credentials for the operator
+        if ["dev-credentials.json", "store.key"].contains(&name.as_str()) {
+            continue;
+        }
+        let bytes = std::fs::read(&f).unwrap();
+        for (what, needle) in &needles {
+            assert!(!contains(&bytes, needle), "a {what} appears in {}", f.display());
+        }
+    }
+}
