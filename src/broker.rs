@@ -118,6 +118,9 @@ pub struct Broker {
     pub limits: Limits,
     pub reaper: ReaperConfig,
     pub wakers: Arc<Wakers>,
+    /// Providers whose revocation is an entry in our own store (token):
+    /// revoked inside the transaction that decides the revocation.
+    pub local: Arc<crate::store::Local>,
     #[cfg(feature = "fault-injection")]
     pub faults: Faults,
 }
@@ -137,7 +140,9 @@ impl Broker {
         reaper: ReaperConfig,
     ) -> Self {
         let wakers = Arc::new(Wakers::new(providers.names()));
+        let local = Arc::new(providers.iter().filter(|e| e.token.is_some()).map(|e| e.name.clone()).collect());
         Self {
+            local,
             store,
             clock,
             providers: Arc::new(providers),

@@ -41,6 +41,11 @@ pub fn generate(now: Timestamp) -> u128 {
     (ms << 80) | (u128::from_be_bytes(rand) & ((1u128 << 80) - 1))
 }
 
+/// The creation time (ms since the epoch) embedded in an id.
+pub fn created_millis(id: u128) -> i64 {
+    i64::try_from(id >> 80).unwrap_or(i64::MAX)
+}
+
 fn encode(v: u128) -> [u8; 26] {
     let mut out = [0u8; 26];
     for (i, slot) in out.iter_mut().enumerate() {

@@ -126,11 +126,24 @@ impl Denylist for StoreDenylist {
         if entries.is_empty() {
             return Ok(());
         }
-        let entries: Vec<(String, i64)> = entries.iter().map(|(j, t)| (j.clone(), t.unix_millis())).collect();
+        let entries = entries
+            .iter()
+            .map(|(j, t)| {
+                j.parse::<crate::ids::LeaseId>()
+                    .map(|id| (id.0, t.unix_millis()))
+                    .map_err(|_| format!("token id `{}` is not a lease id", j.escape_default()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         self.store.write(move |t| t.deny(&entries)).await.map_err(|e| e.to_string())
     }
 
     fn is_denied(&self, jti: &str) -> Result<bool, String> {
-        self.store.read().and_then(|r| r.is_denied(jti)).map_err(|e| e.to_string())
+        // Every token we sign carries a lease id; anything else is not ours
+        // and is treated as inactive.
+        let Ok(id) = jti.parse::<crate::ids::LeaseId>() else {
+            // still touch the store, so a health check through here is real
+            return self.store.read().map(|_| true).map_err(|e| e.to_string());
+        };
+        self.store.read().and_then(|r| r.is_denied(id.0)).map_err(|e| e.to_string())
     }
 }

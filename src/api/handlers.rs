@@ -159,6 +159,34 @@ pub async fn list_leases(
     }))
 }
 
+/// Lease counts by provider and state, and store commit counters, without
+/// a scan (the store keeps the counts transactionally). Admin, responder.
+pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+    if !crate::broker::Broker::is_reader(&caller) {
+        return Err(ApiError::forbidden("forbidden", "stats need the admin or responder role"));
+    }
+    let counters = s.broker.store.read().and_then(|r| r.counters()).map_err(BrokerError::from)?;
+    let mut leases = serde_json::Map::new();
+    for name in s.broker.providers.names() {
+        let mut by_state = serde_json::Map::new();
+        for st in LeaseState::ALL {
+            let n = counters.get(&(name.to_owned(), st)).copied().unwrap_or(0);
+            by_state.insert(st.as_str().into(), n.into());
+        }
+        leases.insert(name.into(), by_state.into());
+    }
+    let stats = s.broker.store.stats();
+    Ok(Json(serde_json::json!({
+        "leases": leases,
+        "store": {
+            "commits": stats.commits.load(Ordering::Relaxed),
+            "operations": stats.operations.load(Ordering::Relaxed),
+            "apply_seconds": stats.apply_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            "commit_seconds": stats.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        },
+    })))
+}
+
 /// RFC 7662 token introspection, for resource servers.
 pub async fn introspect(
     State(s): State<AppState>,

@@ -58,6 +58,7 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route("/v1/leases", get(handlers::list_leases))
         .route("/v1/leases/{id}", get(handlers::get_lease))
         .route("/v1/leases/{id}/revoke", post(handlers::revoke_lease))
+        .route("/v1/stats", get(handlers::stats))
         .route("/v1/introspect", post(handlers::introspect))
         .route("/.well-known/jwks.json", get(handlers::jwks))
         .route("/v1/health", get(handlers::health))

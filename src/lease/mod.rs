@@ -201,7 +201,8 @@ impl Broker {
     async fn fail_issue(&self, rec: &LeaseRecord, detail: &str, retryable: bool) -> BrokerError {
         let (id, now) = (rec.id, self.clock.now().unix_millis());
         let msg = detail.to_owned();
-        match self.store.write(move |t| t.issue_failed(id, &msg, now)).await {
+        let local = self.local.clone();
+        match self.store.write(move |t| t.issue_failed(id, &msg, now, &local)).await {
             Ok(_) => self.wakers.revocations_queued(&rec.provider),
             Err(e) => tracing::error!(lease_id = %LeaseId(id), error = %e, "recording a failed issue failed; recovery will roll it back"),
         }
@@ -248,9 +249,10 @@ impl Broker {
         let now = self.clock.now().unix_millis();
         let claim_until = now.saturating_add(self.claim_window_ms());
         let by = caller.principal();
+        let local = self.local.clone();
         let (rec, claimed) = self
             .store
-            .write(move |t| t.request_revoke(id.0, RevokeCause::Manual, Some(&by), now, claim_until))
+            .write(move |t| t.request_revoke(id.0, RevokeCause::Manual, Some(&by), now, claim_until, &local))
             .await?;
         if !claimed {
             return Ok(rec);

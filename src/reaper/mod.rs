@@ -142,10 +142,11 @@ impl Broker {
     /// Start-up recovery: queue a rollback for every unresolved intent.
     pub async fn recover(&self) -> Result<usize, BrokerError> {
         let now = self.clock.now().unix_millis();
-        let recovered = self.store.write(move |t| t.recover_intents(now)).await?;
+        let local = self.local.clone();
+        let recovered = self.store.write(move |t| t.recover_intents(now, &local)).await?;
         for rec in &recovered {
             tracing::warn!(
-                lease_id = %LeaseId(rec.id), provider = %rec.provider,
+                lease_id = %LeaseId(rec.id), provider = %rec.provider, state = rec.state.as_str(),
                 "found a lease intent without activation (crash?); rolling it back at the provider"
             );
             self.wakers.revocations_queued(&rec.provider);
@@ -283,10 +284,13 @@ async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
         }
         // Any lease activated from here on wakes us: see Wakers::lease_activated.
         b.wakers.planned_expiry.store(i64::MIN, Ordering::Release);
-        let now = b.clock.now().unix_millis();
         let mut failed = false;
         loop {
-            match b.store.write(move |t| t.expire_due(now, batch)).await {
+            let (local, clock) = (b.local.clone(), b.clock.clone());
+            // the time is read when the batch is applied, so a lease's
+            // `ended_at` is when it really died, and nothing due by then waits
+            let pass = b.store.write(move |t| t.expire_due(clock.now().unix_millis(), batch, &local));
+            match pass.await {
                 Ok((providers, moved)) => {
                     for p in &providers {
                         b.wakers.revocations_queued(p);
@@ -321,6 +325,7 @@ async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
                 continue;
             }
         };
+        let now = b.clock.now().unix_millis();
         let wake = next.unwrap_or(i64::MAX).min(now.saturating_add(IDLE_RECHECK_MS));
         b.wakers.planned_expiry.store(next.unwrap_or(i64::MAX), Ordering::Release);
         tokio::select! {
@@ -373,7 +378,8 @@ async fn worker_loop(b: Arc<Broker>, provider: String, mut shutdown: watch::Rece
 async fn maintenance_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let now = b.clock.now().unix_millis();
-        match b.store.write(move |t| t.prune_denylist(now, 10_000)).await {
+        let horizon = i64::try_from(b.limits.max_lease_ttl_seconds).unwrap_or(i64::MAX / 1000).saturating_mul(1000) + 2000;
+        match b.store.write(move |t| t.prune_denylist(now, horizon, 10_000)).await {
             Ok(n) if n > 0 => tracing::debug!(pruned = n, "pruned expired token denylist entries"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning the token denylist failed"),

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use key::{KeyError, OpenError, Sealer, StoreKey};
 pub use records::{LeaseRecord, LeaseState, Revocation, RevokeCause, TaskRecord, TaskState};
 pub use schema::{MIGRATIONS, Migration, SCHEMA_VERSION};
-pub use txn::{Activation, Completion, Outcome, Txn};
+pub use txn::{Activation, Completion, Local, Outcome, Txn};
 
 use schema::*;
 
@@ -133,6 +133,9 @@ const QUEUE_DEPTH: usize = 16 * 1024;
 pub struct CommitStats {
     pub commits: AtomicU64,
     pub operations: AtomicU64,
+    /// Time spent applying operations, and committing (incl. fsync), in µs.
+    pub apply_micros: AtomicU64,
+    pub commit_micros: AtomicU64,
 }
 
 struct Inner {
@@ -299,7 +302,7 @@ fn writer_loop(
             }
         }
         let n = jobs.len() as u64;
-        match run_batch(db, jobs, quick_repair) {
+        match run_batch(db, jobs, quick_repair, stats) {
             Ok(()) => {
                 healthy.store(true, Ordering::Relaxed);
                 stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -315,7 +318,8 @@ fn writer_loop(
 
 /// Apply a batch and commit it once. Jobs that never ran (the transaction
 /// could not begin) are dropped, which their callers see as `Closed`.
-fn run_batch(db: &Database, jobs: Vec<Job>, quick_repair: bool) -> Result<(), String> {
+fn run_batch(db: &Database, jobs: Vec<Job>, quick_repair: bool, stats: &CommitStats) -> Result<(), String> {
+    let started = std::time::Instant::now();
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
     txn.set_quick_repair(quick_repair);
@@ -327,6 +331,7 @@ fn run_batch(db: &Database, jobs: Vec<Job>, quick_repair: bool) -> Result<(), St
         let replies: Vec<Reply> = jobs.into_iter().map(|j| j(&mut t)).collect();
         (replies, t.finish())
     };
+    let applied = std::time::Instant::now();
     let outcome = match finished {
         Ok(()) => txn.commit().map_err(|e| e.to_string()),
         Err(e) => {
@@ -334,6 +339,9 @@ fn run_batch(db: &Database, jobs: Vec<Job>, quick_repair: bool) -> Result<(), St
             Err(e.to_string())
         }
     };
+    let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    stats.apply_micros.fetch_add(micros(applied - started), Ordering::Relaxed);
+    stats.commit_micros.fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
     for reply in replies {
         reply(outcome.clone());
     }
@@ -504,7 +512,7 @@ impl Reader {
         Ok(out)
     }
 
-    pub fn is_denied(&self, jti: &str) -> Result<bool, StoreError> {
+    pub fn is_denied(&self, jti: u128) -> Result<bool, StoreError> {
         Ok(self.txn.open_table(DENYLIST)?.get(jti)?.is_some())
     }
 }

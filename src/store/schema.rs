@@ -22,8 +22,6 @@ pub const EXPIRY: TableDefinition<(i64, u128), ()> = TableDefinition::new("expir
 pub const TASK_LEASES: TableDefinition<(u128, u128), ()> = TableDefinition::new("task_leases");
 /// (workload id, lease id)
 pub const WORKLOAD_LEASES: TableDefinition<(&str, u128), ()> = TableDefinition::new("workload_leases");
-/// (workload id, task id)
-pub const WORKLOAD_TASKS: TableDefinition<(&str, u128), ()> = TableDefinition::new("workload_tasks");
 /// Lease ids whose intent is written but not yet resolved: crash recovery
 /// reads this table and nothing else.
 pub const ISSUING: TableDefinition<u128, ()> = TableDefinition::new("issuing");
@@ -33,10 +31,10 @@ pub const REVOKE_QUEUE: TableDefinition<(&str, i64, u128), ()> = TableDefinition
 /// (provider, state) -> number of leases, maintained in every transaction
 /// so gauges need no scan.
 pub const COUNTERS: TableDefinition<(&str, &str), u64> = TableDefinition::new("lease_counters");
-/// Token ids marked inactive by the token provider -> their expiry ms.
-pub const DENYLIST: TableDefinition<&str, i64> = TableDefinition::new("token_denylist");
-/// (expiry ms, token id), to prune the denylist once tokens are dead anyway.
-pub const DENYLIST_EXPIRY: TableDefinition<(i64, &str), ()> = TableDefinition::new("token_denylist_expiry");
+/// Token ids (= lease ids) marked inactive by the token provider -> the
+/// token's expiry ms. Keys are time-ordered, so the entries old enough to be
+/// dead anyway form a prefix that pruning removes.
+pub const DENYLIST: TableDefinition<u128, i64> = TableDefinition::new("token_denylist");
 
 /// The schema this build writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -123,12 +121,10 @@ pub fn prepare(
     txn.open_table(EXPIRY)?;
     txn.open_table(TASK_LEASES)?;
     txn.open_table(WORKLOAD_LEASES)?;
-    txn.open_table(WORKLOAD_TASKS)?;
     txn.open_table(ISSUING)?;
     txn.open_table(REVOKE_QUEUE)?;
     txn.open_table(COUNTERS)?;
     txn.open_table(DENYLIST)?;
-    txn.open_table(DENYLIST_EXPIRY)?;
     Ok(())
 }
 

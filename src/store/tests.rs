@@ -150,7 +150,7 @@ async fn lifecycle_keeps_indexes_and_counters_consistent() {
     assert_eq!((count(&s, LeaseState::Issuing), count(&s, LeaseState::Active)), (0, 1));
 
     // completion claims the active lease and takes it out of the expiry index
-    let c = s.write(|t| t.complete_task(1, 100, 30_000)).await.unwrap();
+    let c = s.write(|t| t.complete_task(1, 100, 30_000, &Local::new())).await.unwrap();
     assert_eq!(c.claimed.len(), 1);
     assert_eq!(c.task.state, TaskState::Completed);
     let r = s.read().unwrap();
@@ -229,11 +229,11 @@ async fn activation_after_completion_is_refused() {
     s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
     let l = lease(10, 1, 5_000);
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
-    let c = s.write(|t| t.complete_task(1, 1, 2)).await.unwrap();
+    let c = s.write(|t| t.complete_task(1, 1, 2, &Local::new())).await.unwrap();
     assert!(c.claimed.is_empty(), "an issuing lease has no handle to revoke");
     let e = s.write(|t| t.activate(&activation(10, 5_000), 2)).await.unwrap_err();
     assert!(matches!(e, StoreError::Conflict(Conflict::TaskCompleted)));
-    let rec = s.write(|t| t.issue_failed(10, "task closed", 3)).await.unwrap();
+    let rec = s.write(|t| t.issue_failed(10, "task closed", 3, &Local::new())).await.unwrap();
     assert_eq!(rec.state, LeaseState::Revoking);
     assert_eq!(rec.revocation.unwrap().cause, RevokeCause::IssueFailed);
     assert_eq!(s.read().unwrap().due_revocations("token", 3, 10).unwrap().len(), 1);
@@ -248,9 +248,9 @@ async fn expiry_moves_due_leases_in_deadline_order_and_batches() {
         active_lease(&s, 100 + i, 1, 1_000 + i64::try_from(i).unwrap() * 100).await;
     }
     assert_eq!(s.read().unwrap().next_expiry().unwrap(), Some(1_000));
-    let (providers, moved) = s.write(|t| t.expire_due(1_450, 3)).await.unwrap();
+    let (providers, moved) = s.write(|t| t.expire_due(1_450, 3, &Local::new())).await.unwrap();
     assert_eq!((providers, moved), (vec!["token".to_owned()], 3));
-    let (_, moved) = s.write(|t| t.expire_due(1_450, 3)).await.unwrap();
+    let (_, moved) = s.write(|t| t.expire_due(1_450, 3, &Local::new())).await.unwrap();
     assert_eq!(moved, 2, "only the five due at 1450");
     assert_eq!(s.read().unwrap().next_expiry().unwrap(), Some(1_500));
     let due = s.read().unwrap().due_revocations("token", 1_450, 100).unwrap();
@@ -269,7 +269,7 @@ async fn irrevocable_stays_queued_and_can_recover() {
     let s = open(&dir);
     s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
     active_lease(&s, 7, 1, 1_000).await;
-    s.write(|t| t.expire_due(1_000, 10)).await.unwrap();
+    s.write(|t| t.expire_due(1_000, 10, &Local::new())).await.unwrap();
     let o = Outcome::Retry { lease: 7, at: 90_000, error: "gone".into(), irrevocable: true };
     let out = s.write(move |t| t.record_outcomes(&[o], 1_001)).await.unwrap();
     assert_eq!(out[0].state, LeaseState::Irrevocable);
@@ -289,12 +289,12 @@ async fn recovery_reads_only_intents() {
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
     drop(s);
     let s = open(&dir);
-    let rec = s.write(|t| t.recover_intents(10)).await.unwrap();
+    let rec = s.write(|t| t.recover_intents(10, &Local::new())).await.unwrap();
     assert_eq!(rec.len(), 1);
     assert_eq!(rec[0].id, 2);
     assert_eq!(rec[0].revocation.as_ref().unwrap().cause, RevokeCause::Recovery);
     assert_eq!(s.read().unwrap().lease(1).unwrap().unwrap().state, LeaseState::Active);
-    assert!(s.write(|t| t.recover_intents(11)).await.unwrap().is_empty());
+    assert!(s.write(|t| t.recover_intents(11, &Local::new())).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -323,17 +323,20 @@ async fn concurrent_writes_share_commits() {
 async fn denylist_is_durable_and_pruned_after_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(&dir);
-    s.write(|t| t.deny(&[("a".into(), 1_000), ("b".into(), 5_000)])).await.unwrap();
+    // ids carry their creation time in the top bits
+    let id = |created_ms: u128, n: u128| (created_ms << 80) | n;
+    let (a, b, c) = (id(1_000, 1), id(1_500, 2), id(90_000, 3));
+    s.write(move |t| t.deny(&[(a, 2_000), (b, 5_000), (c, 95_000)])).await.unwrap();
     // a later expiry wins, an earlier one is ignored
-    s.write(|t| t.deny(&[("a".into(), 2_000), ("b".into(), 10)])).await.unwrap();
+    s.write(move |t| t.deny(&[(a, 3_000), (b, 10)])).await.unwrap();
     drop(s);
     let s = open(&dir);
-    assert!(s.read().unwrap().is_denied("a").unwrap());
-    assert_eq!(s.write(|t| t.prune_denylist(1_500, 10)).await.unwrap(), 0);
-    assert_eq!(s.write(|t| t.prune_denylist(2_001, 10)).await.unwrap(), 1);
+    assert!(s.read().unwrap().is_denied(a).unwrap());
+    assert_eq!(s.write(|t| t.prune_denylist(2_500, 10_000, 10)).await.unwrap(), 0, "nothing expired yet");
+    assert_eq!(s.write(|t| t.prune_denylist(5_001, 10_000, 10)).await.unwrap(), 2);
     let r = s.read().unwrap();
-    assert!(!r.is_denied("a").unwrap());
-    assert!(r.is_denied("b").unwrap());
+    assert!(!r.is_denied(a).unwrap() && !r.is_denied(b).unwrap());
+    assert!(r.is_denied(c).unwrap(), "young entries stay");
 }
 
 #[tokio::test]
@@ -375,4 +378,45 @@ fn store_file_is_private() {
         let mode = std::fs::metadata(dir.path().join("s.redb")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
+}
+
+fn local_token() -> Local {
+    ["token".to_owned()].into_iter().collect()
+}
+
+#[tokio::test]
+async fn local_providers_are_revoked_inside_the_deciding_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
+    active_lease(&s, 1, 1, 50_000).await;
+    active_lease(&s, 2, 1, 1_000).await;
+    let l = lease(3, 1, 50_000);
+    s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
+
+    // expiry: straight to expired, denylisted, nothing queued
+    let (queued, moved) = s.write(|t| t.expire_due(1_000, 10, &local_token())).await.unwrap();
+    assert_eq!((queued.len(), moved), (0, 1));
+    let r = s.read().unwrap();
+    assert_eq!(r.lease(2).unwrap().unwrap().state, LeaseState::Expired);
+    assert!(r.is_denied(2).unwrap());
+    assert_eq!(r.next_revocation("token").unwrap(), None);
+    drop(r);
+
+    // recovery of an intent: rolled back and denylisted at once
+    let rec = s.write(|t| t.recover_intents(2_000, &local_token())).await.unwrap();
+    assert_eq!(rec[0].state, LeaseState::RolledBack);
+    assert!(s.read().unwrap().is_denied(3).unwrap());
+
+    // completion: revoked in the same transaction, nothing claimed
+    let c = s.write(|t| t.complete_task(1, 3_000, 60_000, &local_token())).await.unwrap();
+    assert!(c.claimed.is_empty());
+    assert_eq!(c.revoked.len(), 1);
+    assert_eq!(c.revoked[0].state, LeaseState::Revoked);
+    let r = s.read().unwrap();
+    assert!(r.is_denied(1).unwrap());
+    assert_eq!(r.next_expiry().unwrap(), None);
+    assert_eq!(r.next_revocation("token").unwrap(), None);
+    assert_eq!(count(&s, LeaseState::Active), 0);
+    assert_eq!(count(&s, LeaseState::Revoked), 1);
 }

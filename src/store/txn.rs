@@ -41,13 +41,19 @@ pub struct Activation {
 }
 
 /// Result of a task completion: the task, the leases this completion claimed
-/// for immediate revocation, and every lease of the task.
+/// for immediate revocation, those it revoked in the transaction (local
+/// providers), and every lease of the task.
 #[derive(Debug)]
 pub struct Completion {
     pub task: TaskRecord,
     pub claimed: Vec<LeaseRecord>,
+    pub revoked: Vec<LeaseRecord>,
     pub all: Vec<LeaseRecord>,
 }
+
+/// Providers whose revocation is local to this store (the token provider):
+/// their leases are revoked inside the transaction that decides it.
+pub type Local = std::collections::BTreeSet<String>;
 
 pub struct Txn<'t> {
     tasks: Table<'t, u128, &'static [u8]>,
@@ -55,12 +61,10 @@ pub struct Txn<'t> {
     expiry: Table<'t, (i64, u128), ()>,
     task_leases: Table<'t, (u128, u128), ()>,
     workload_leases: Table<'t, (&'static str, u128), ()>,
-    workload_tasks: Table<'t, (&'static str, u128), ()>,
     issuing: Table<'t, u128, ()>,
     queue: Table<'t, (&'static str, i64, u128), ()>,
     counters: Table<'t, (&'static str, &'static str), u64>,
-    denylist: Table<'t, &'static str, i64>,
-    denylist_expiry: Table<'t, (i64, &'static str), ()>,
+    denylist: Table<'t, u128, i64>,
     deltas: BTreeMap<(String, LeaseState), i64>,
     poisoned: bool,
 }
@@ -83,12 +87,10 @@ impl<'t> Txn<'t> {
             expiry: txn.open_table(EXPIRY)?,
             task_leases: txn.open_table(TASK_LEASES)?,
             workload_leases: txn.open_table(WORKLOAD_LEASES)?,
-            workload_tasks: txn.open_table(WORKLOAD_TASKS)?,
             issuing: txn.open_table(ISSUING)?,
             queue: txn.open_table(REVOKE_QUEUE)?,
             counters: txn.open_table(COUNTERS)?,
             denylist: txn.open_table(DENYLIST)?,
-            denylist_expiry: txn.open_table(DENYLIST_EXPIRY)?,
             deltas: BTreeMap::new(),
             poisoned: false,
         })
@@ -227,15 +229,74 @@ impl<'t> Txn<'t> {
         Ok(rec)
     }
 
+    /// Revoke a lease of a *local* provider in this very transaction. A local
+    /// provider's revocation is an entry in this store (the token provider's
+    /// denylist), so the revocation and its record commit atomically: there
+    /// is no window in which one exists without the other.
+    fn revoke_local(
+        &mut self,
+        mut rec: LeaseRecord,
+        cause: RevokeCause,
+        by: Option<&str>,
+        now: i64,
+    ) -> Result<LeaseRecord, StoreError> {
+        let prev = rec.state;
+        match prev {
+            LeaseState::Active => self.unindex_expiry(&rec)?,
+            LeaseState::Issuing => {
+                let r = self.issuing.remove(rec.id).map(|_| ());
+                self.w(r)?;
+            }
+            LeaseState::Irrevocable | LeaseState::Revoking => self.dequeue(&rec)?,
+            _ => {}
+        }
+        let cause = match (&rec.revocation, prev) {
+            (Some(r), LeaseState::Irrevocable | LeaseState::Revoking) => r.cause,
+            _ => cause,
+        };
+        // the token's `exp` is at most the lease's; a second of margin
+        self.deny(&[(rec.id, rec.expires_at.saturating_add(1000))])?;
+        let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts) + 1;
+        rec.state = cause.terminal_state();
+        rec.ended_at = Some(now);
+        rec.handle_sealed = None;
+        rec.revocation = Some(Revocation {
+            cause,
+            requested_by: by.map(str::to_owned),
+            requested_at: now,
+            attempts,
+            next_attempt_at: now,
+            last_error: None,
+        });
+        self.put_lease(&rec, Some(prev))?;
+        Ok(rec)
+    }
+
+    /// Revoke now if the provider is local, else queue at `at`. Returns the
+    /// record and whether it was queued.
+    fn revoke_or_queue(
+        &mut self,
+        rec: LeaseRecord,
+        cause: RevokeCause,
+        by: Option<&str>,
+        now: i64,
+        at: i64,
+        local: &Local,
+    ) -> Result<(LeaseRecord, bool), StoreError> {
+        if local.contains(&rec.provider) {
+            Ok((self.revoke_local(rec, cause, by, now)?, false))
+        } else {
+            Ok((self.begin_revocation(rec, cause, by, now, at)?, true))
+        }
+    }
+
     // === operations ===
 
     pub fn create_task(&mut self, rec: &TaskRecord) -> Result<(), StoreError> {
         if self.tasks.get(rec.id)?.is_some() {
             return conflict(Conflict::Duplicate);
         }
-        self.put_task(rec)?;
-        let r = self.workload_tasks.insert((rec.workload.as_str(), rec.id), ()).map(|_| ());
-        self.w(r)
+        self.put_task(rec)
     }
 
     /// Write the intent of a lease (`Issuing`), before the provider is
@@ -309,25 +370,32 @@ impl<'t> Txn<'t> {
     /// The provider call failed (or activation was refused) after the intent
     /// was written: queue a rollback, since the provider may have created
     /// something before failing.
-    pub fn issue_failed(&mut self, lease: u128, error: &str, now: i64) -> Result<LeaseRecord, StoreError> {
+    pub fn issue_failed(&mut self, lease: u128, error: &str, now: i64, local: &Local) -> Result<LeaseRecord, StoreError> {
         let Some(rec) = self.lease(lease)? else {
             return conflict(Conflict::LeaseNotFound);
         };
         if rec.state != LeaseState::Issuing {
             return conflict(Conflict::LeaseState(rec.state));
         }
-        let mut rec = self.begin_revocation(rec, RevokeCause::IssueFailed, None, now, now)?;
+        let (mut rec, _) = self.revoke_or_queue(rec, RevokeCause::IssueFailed, None, now, now, local)?;
         if let Some(r) = rec.revocation.as_mut() {
             r.last_error = Some(error.to_owned());
         }
-        self.put_lease(&rec, Some(LeaseState::Revoking))?;
+        let state = rec.state;
+        self.put_lease(&rec, Some(state))?;
         Ok(rec)
     }
 
     /// Close a task and claim its active leases for revocation. Claimed
     /// leases are queued at `claim_until`: the completing request revokes
     /// them itself, and if it dies the queue takes over after the claim.
-    pub fn complete_task(&mut self, task_id: u128, now: i64, claim_until: i64) -> Result<Completion, StoreError> {
+    pub fn complete_task(
+        &mut self,
+        task_id: u128,
+        now: i64,
+        claim_until: i64,
+        local: &Local,
+    ) -> Result<Completion, StoreError> {
         let Some(mut task) = self.task(task_id)? else {
             return conflict(Conflict::TaskNotFound);
         };
@@ -344,19 +412,26 @@ impl<'t> Txn<'t> {
         task.completed_at = Some(now);
         self.put_task(&task)?;
         let mut claimed = Vec::new();
+        let mut revoked = Vec::new();
         for rec in &mut all {
             if rec.state == LeaseState::Active {
-                let moved = self.begin_revocation(rec.clone(), RevokeCause::TaskComplete, None, now, claim_until)?;
+                let (moved, queued) =
+                    self.revoke_or_queue(rec.clone(), RevokeCause::TaskComplete, None, now, claim_until, local)?;
                 *rec = moved.clone();
-                claimed.push(moved);
+                if queued {
+                    claimed.push(moved);
+                } else {
+                    revoked.push(moved);
+                }
             }
         }
-        Ok(Completion { task, claimed, all })
+        Ok(Completion { task, claimed, revoked, all })
     }
 
     /// Ask for one lease to be revoked. Active leases (and irrevocable ones,
-    /// for a manual retry) are claimed at `claim_until` and returned with
-    /// `true`; others are returned as they are with `false`.
+    /// for a manual retry) of local providers are revoked at once; others are
+    /// claimed at `claim_until` and returned with `true`. Leases in any other
+    /// state are returned as they are with `false`.
     pub fn request_revoke(
         &mut self,
         lease: u128,
@@ -364,13 +439,14 @@ impl<'t> Txn<'t> {
         by: Option<&str>,
         now: i64,
         claim_until: i64,
+        local: &Local,
     ) -> Result<(LeaseRecord, bool), StoreError> {
         let Some(rec) = self.lease(lease)? else {
             return conflict(Conflict::LeaseNotFound);
         };
         match rec.state {
             LeaseState::Active | LeaseState::Irrevocable => {
-                Ok((self.begin_revocation(rec, cause, by, now, claim_until)?, true))
+                self.revoke_or_queue(rec, cause, by, now, claim_until, local)
             }
             _ => Ok((rec, false)),
         }
@@ -417,10 +493,11 @@ impl<'t> Txn<'t> {
         Ok(out)
     }
 
-    /// Move up to `limit` leases whose deadline has passed from the expiry
-    /// index into the revocation queue. Returns the providers touched and
-    /// how many moved.
-    pub fn expire_due(&mut self, now: i64, limit: usize) -> Result<(Vec<String>, usize), StoreError> {
+    /// Move up to `limit` leases whose deadline has passed out of the expiry
+    /// index: local providers' leases are revoked here, the others go to the
+    /// revocation queue. Returns the providers with newly queued work and how
+    /// many leases were handled.
+    pub fn expire_due(&mut self, now: i64, limit: usize, local: &Local) -> Result<(Vec<String>, usize), StoreError> {
         let mut due = Vec::new();
         for e in self.expiry.range((i64::MIN, 0u128)..=(now, u128::MAX))? {
             let (k, _) = e?;
@@ -433,10 +510,11 @@ impl<'t> Txn<'t> {
         for (exp, id) in &due {
             match self.lease(*id)? {
                 Some(rec) if rec.state == LeaseState::Active => {
-                    if !providers.contains(&rec.provider) {
-                        providers.push(rec.provider.clone());
+                    let provider = rec.provider.clone();
+                    let (_, queued) = self.revoke_or_queue(rec, RevokeCause::Expiry, None, now, now, local)?;
+                    if queued && !providers.contains(&provider) {
+                        providers.push(provider);
                     }
-                    self.begin_revocation(rec, RevokeCause::Expiry, None, now, now)?;
                 }
                 _ => {
                     // an index entry without an active lease: drop it
@@ -448,8 +526,9 @@ impl<'t> Txn<'t> {
         Ok((providers, due.len()))
     }
 
-    /// Start-up recovery: every unresolved intent is queued for rollback.
-    pub fn recover_intents(&mut self, now: i64) -> Result<Vec<LeaseRecord>, StoreError> {
+    /// Start-up recovery: every unresolved intent is rolled back (local
+    /// providers) or queued for rollback.
+    pub fn recover_intents(&mut self, now: i64, local: &Local) -> Result<Vec<LeaseRecord>, StoreError> {
         let mut ids = Vec::new();
         for e in self.issuing.iter()? {
             ids.push(e?.0.value());
@@ -458,7 +537,7 @@ impl<'t> Txn<'t> {
         for id in ids {
             match self.lease(id)? {
                 Some(rec) if rec.state == LeaseState::Issuing => {
-                    out.push(self.begin_revocation(rec, RevokeCause::Recovery, None, now, now)?);
+                    out.push(self.revoke_or_queue(rec, RevokeCause::Recovery, None, now, now, local)?.0);
                 }
                 _ => {
                     let r = self.issuing.remove(id).map(|_| ());
@@ -469,40 +548,41 @@ impl<'t> Txn<'t> {
         Ok(out)
     }
 
-    /// Mark token ids inactive until their expiry (the later one wins).
-    pub fn deny(&mut self, entries: &[(String, i64)]) -> Result<(), StoreError> {
+    /// Mark token ids (lease ids) inactive until their expiry (the later
+    /// one wins).
+    pub fn deny(&mut self, entries: &[(u128, i64)]) -> Result<(), StoreError> {
         for (jti, exp) in entries {
-            let prev = self.denylist.get(jti.as_str())?.map(|g| g.value());
-            if let Some(p) = prev {
-                if p >= *exp {
-                    continue;
-                }
-                let r = self.denylist_expiry.remove((p, jti.as_str())).map(|_| ());
-                self.w(r)?;
+            let prev = self.denylist.get(*jti)?.map(|g| g.value());
+            if prev.is_some_and(|p| p >= *exp) {
+                continue;
             }
-            let r = self.denylist.insert(jti.as_str(), *exp).map(|_| ());
-            self.w(r)?;
-            let r = self.denylist_expiry.insert((*exp, jti.as_str()), ()).map(|_| ());
+            let r = self.denylist.insert(*jti, *exp).map(|_| ());
             self.w(r)?;
         }
         Ok(())
     }
 
-    /// Forget denylist entries of tokens that have expired anyway.
-    pub fn prune_denylist(&mut self, now: i64, limit: usize) -> Result<usize, StoreError> {
+    /// Forget denylist entries of tokens that have expired anyway. Entries
+    /// are in creation order; every entry created more than `horizon_ms`
+    /// (the longest possible lease) ago is dead, so pruning removes a
+    /// prefix and stops at the first young entry or after `limit`.
+    pub fn prune_denylist(&mut self, now: i64, horizon_ms: i64, limit: usize) -> Result<usize, StoreError> {
+        let cutoff = now.saturating_sub(horizon_ms);
         let mut dead = Vec::new();
-        for e in self.denylist_expiry.range((i64::MIN, "")..(now, ""))? {
-            let (k, _) = e?;
-            let (exp, jti) = k.value();
-            dead.push((exp, jti.to_owned()));
+        for e in self.denylist.iter()? {
+            let (k, v) = e?;
+            let (jti, exp) = (k.value(), v.value());
+            if exp < now {
+                dead.push(jti);
+            } else if crate::ids::created_millis(jti) > cutoff {
+                break;
+            }
             if dead.len() >= limit {
                 break;
             }
         }
-        for (exp, jti) in &dead {
-            let r = self.denylist_expiry.remove((*exp, jti.as_str())).map(|_| ());
-            self.w(r)?;
-            let r = self.denylist.remove(jti.as_str()).map(|_| ());
+        for jti in &dead {
+            let r = self.denylist.remove(*jti).map(|_| ());
             self.w(r)?;
         }
         Ok(dead.len())

@@ -150,7 +150,7 @@ impl Broker {
         };
         let stored = rec.clone();
         self.store.write(move |t| t.create_task(&stored)).await?;
-        tracing::info!(task_id = %id, workload = %w.id, "task opened");
+        tracing::debug!(task_id = %id, workload = %w.id, "task opened");
         Ok(rec)
     }
 
@@ -182,9 +182,10 @@ impl Broker {
         self.visible_task(&caller, id)?;
         let now = self.clock.now().unix_millis();
         let claim_until = now.saturating_add(self.claim_window_ms());
-        let completion = self.store.write(move |t| t.complete_task(id.0, now, claim_until)).await?;
+        let local = self.local.clone();
+        let completion = self.store.write(move |t| t.complete_task(id.0, now, claim_until, &local)).await?;
         let done = self.revoke_claimed(completion.claimed).await;
-        let mut revoked = Vec::new();
+        let mut revoked = completion.revoked;
         let mut pending = Vec::new();
         for rec in done {
             if rec.state.is_terminal() {
@@ -201,7 +202,7 @@ impl Broker {
                 pending.push(rec);
             }
         }
-        tracing::info!(task_id = %id, revoked = revoked.len(), pending = pending.len(), "task completed");
+        tracing::debug!(task_id = %id, revoked = revoked.len(), pending = pending.len(), "task completed");
         Ok(CompletionReport { task: completion.task, revoked, pending })
     }
 }

@@ -1,24 +1,34 @@
-//! Every example in `config/` parses and validates, so the documentation
-//! cannot drift from the code; `leasehold config validate` accepts a real
-//! config and names the field of a broken one.
+//! Every example config (`config/`, and the one the Kubernetes manifests
+//! mount from `deploy/`) parses and validates, so the documentation cannot
+//! drift from the code; `leasehold config validate` accepts a real config and
+//! names the field of a broken one.
 
 use std::path::Path;
 
 use leasehold::config::Config;
 
-#[test]
-fn every_example_config_is_valid() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    let mut checked = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
+fn tomls_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let cfg = Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            checked += 1;
+        if path.is_dir() {
+            tomls_under(&path, out);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
         }
     }
-    assert!(checked >= 2, "expected example configs in {}", dir.display());
+}
+
+#[test]
+fn every_example_config_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    tomls_under(&root.join("config"), &mut files);
+    tomls_under(&root.join("deploy"), &mut files);
+    for path in &files {
+        let cfg = Config::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+    assert!(files.len() >= 3, "expected example configs, found {files:?}");
 }
 
 fn validate_cli(file: &Path) -> std::process::Output {

@@ -16,9 +16,10 @@ struct Specs(AtomicU64, Timestamp);
 
 impl SpecFactory for Specs {
     fn spec(&self, role: &str, ttl: Duration) -> LeaseSpec {
-        let n = self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.fetch_add(1, Ordering::Relaxed);
         LeaseSpec {
-            lease_id: format!("lease_conformance{n:08}"),
+            // the broker's denylist is keyed by lease id, as every jti it signs is one
+            lease_id: leasehold::ids::LeaseId::generate(self.1).to_string(),
             task_id: "task_conformance".into(),
             workload: "dev:assistant-a".into(),
             tenant: Some("dev".into()),

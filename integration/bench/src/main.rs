@@ -1,1 +1,632 @@
-fn main() {}
+//! leasehold-bench: the three figures of the broker core, measured against
+//! the real `leasehold` binary on loopback with durable commits.
+//!
+//! - `throughput`: concurrent clients each loop open task -> lease (token
+//!   provider) -> complete task over HTTP; leases per second, median of
+//!   several rounds.
+//! - `restart`: a store with N active leases (1,000,000 by default); time
+//!   from process start to `GET /v1/ready` = 200, and resident memory.
+//! - `expiry`: N leases (100,000) expiring in the same millisecond; how long
+//!   after that deadline the last one is revoked (from the lease records'
+//!   `ended_at`, and as observed by polling).
+//!
+//! Stores for `restart` and `expiry` are filled through the broker library's
+//! own issue path (intent, provider, activation), not by writing records.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use leasehold::auth::Workload;
+use leasehold::broker::Broker;
+use leasehold::clock::{Clock, ManualClock, SystemClock, Timestamp};
+use leasehold::dev::DevCredentials;
+use leasehold::lease::LeaseParams;
+use leasehold::providers::Providers;
+use leasehold::store::{LeaseQuery, LeaseState, Store, StoreKey, StoreOptions};
+use leasehold::task::OpenTask;
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(about = "Benchmarks for the leasehold broker (see README: Benchmarks)")]
+struct Cli {
+    /// The leasehold binary to benchmark (default: next to this one).
+    #[arg(long, global = true)]
+    leasehold: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Issue + complete throughput over HTTP.
+    Throughput {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Restart time and memory with many active leases.
+    Restart {
+        #[arg(long, default_value_t = 1_000_000)]
+        leases: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Many leases expiring in the same second.
+    Expiry {
+        #[arg(long, default_value_t = 100_000)]
+        leases: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// All three with their default sizes.
+    All,
+}
+
+fn leasehold_bin(cli: &Cli) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &cli.leasehold {
+        return Ok(p.clone());
+    }
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name("leasehold");
+    if !p.exists() {
+        bail!("{} not found: build it (cargo build --release) or pass --leasehold", p.display());
+    }
+    Ok(p)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+/// Keys, credentials and a `serve` config in `dir`.
+fn setup(dir: &Path, addr: std::net::SocketAddr, long_leases: bool) -> anyhow::Result<(PathBuf, DevCredentials)> {
+    let (config, creds) = leasehold::dev::prepare(dir, addr, SystemClock.now())?;
+    let ops: String = config
+        .auth
+        .operators
+        .iter()
+        .map(|o| format!("[[auth.operators]]\nname = \"{}\"\nroles = [\"{}\"]\ntoken_sha256 = \"{}\"\n", o.name, o.roles[0].as_str(), o.token_sha256))
+        .collect();
+    let (limits, role_max) = if long_leases {
+        ("[limits]\nmax_task_ttl_seconds = 604800\nmax_lease_ttl_seconds = 86400\n", 86_400)
+    } else {
+        ("", 900)
+    };
+    let text = format!(
+        r#"[server]
+listen = "{addr}"
+shutdown_grace_seconds = 30
+
+[store]
+path = "leasehold.redb"
+key_file = "store.key"
+quick_repair = {quick_repair}
+
+{limits}
+[[auth.workload_issuers]]
+name = "dev"
+issuer = "{iss}"
+audiences = ["{aud}"]
+algorithms = ["EdDSA"]
+jwks_file = "dev-issuer.jwks.json"
+tenant_claim = "tenant"
+
+{ops}
+[providers.token]
+type = "token"
+issuer = "http://{addr}"
+audience = "leasehold-demo"
+signing_key_file = "token-signing.pk8"
+
+[providers.token.roles.demo]
+scopes = ["demo:read", "demo:write"]
+max_ttl_seconds = {role_max}
+"#,
+        iss = leasehold::dev::DEV_ISSUER,
+        aud = leasehold::dev::DEV_AUDIENCE,
+        quick_repair = std::env::var("BENCH_QUICK_REPAIR").map_or(true, |v| v != "0"),
+    );
+    let path = dir.join("leasehold.toml");
+    std::fs::write(&path, text)?;
+    Ok((path, creds))
+}
+
+fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn cpu_seconds_of(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // fields after the parenthesised command name; utime and stime are 14 and 15
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    fn spawn(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(log)?;
+        let child = Command::new(bin)
+            .env("RUST_LOG", std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .args(["serve", "-c"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Self { child })
+    }
+
+    /// CPU seconds (user + system) the process has used.
+    fn cpu_seconds(&self) -> f64 {
+        cpu_seconds_of(&format!("/proc/{}/stat", self.child.id()))
+    }
+
+    fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Some(s) = self.child.try_wait()? {
+                if !s.success() {
+                    bail!("leasehold exited with {s}");
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.child.kill()?;
+        bail!("leasehold did not stop within 60 s")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+async fn wait_ready(http: &reqwest::Client, base: &str, server: &mut Server) -> anyhow::Result<()> {
+    loop {
+        if let Ok(r) = http.get(format!("{base}/v1/ready")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if let Some(s) = server.child.try_wait()? {
+            bail!("leasehold exited during start-up: {s}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn client(pool: usize) -> anyhow::Result<reqwest::Client> {
+    leasehold::install_crypto_provider();
+    Ok(reqwest::Client::builder().http1_only().pool_max_idle_per_host(pool).timeout(Duration::from_secs(60)).build()?)
+}
+
+async fn post(http: &reqwest::Client, url: String, token: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let mut req = http.post(url).bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await?;
+    let status = resp.status();
+    let v: Value = resp.json().await?;
+    if !status.is_success() {
+        bail!("HTTP {status}: {v}");
+    }
+    Ok(v)
+}
+
+/// A lean HTTP/1.1 keep-alive connection, like wrk's: the load generator
+/// shares the machine's two cores with the broker, so it must cost little.
+struct Conn {
+    stream: tokio::io::BufStream<tokio::net::TcpStream>,
+    host: String,
+}
+
+impl Conn {
+    async fn open(addr: std::net::SocketAddr) -> anyhow::Result<Self> {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(Self { stream: tokio::io::BufStream::new(s), host: addr.to_string() })
+    }
+
+    async fn post(&mut self, path: &str, token: &str, body: Option<&str>) -> anyhow::Result<(u16, Vec<u8>)> {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+        let body = body.unwrap_or("");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        );
+        self.stream.write_all(head.as_bytes()).await?;
+        self.stream.write_all(body.as_bytes()).await?;
+        self.stream.flush().await?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await?;
+        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("bad status line")?;
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            if self.stream.read_line(&mut line).await? == 0 {
+                bail!("connection closed");
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse()?;
+            }
+        }
+        let mut buf = vec![0u8; len];
+        self.stream.read_exact(&mut buf).await?;
+        Ok((status, buf))
+    }
+}
+
+async fn throughput(bin: &Path, clients: usize, seconds: u64, rounds: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let addr = free_addr()?;
+    let (config, creds) = setup(dir.path(), addr, false)?;
+    let mut server = Server::spawn(bin, &config, &dir.path().join("broker.log"))?;
+    let base = format!("http://{addr}");
+    let http = client(clients)?;
+    wait_ready(&http, &base, &mut server).await?;
+    let tokens = [creds.identities["assistant-a"].token.clone(), creds.identities["assistant-b"].token.clone()];
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let (http, base, token) = (http.clone(), base.clone(), tokens[i % 2].clone());
+        let (done, stop, latencies) = (done.clone(), stop.clone(), latencies.clone());
+        tasks.push(tokio::spawn(async move {
+            let _ = (&http, &base);
+            let mut conn = Conn::open(addr).await?;
+            let mut mine = Vec::new();
+            let open = r#"{"purpose":"bench","on_behalf_of":"alice@example.com","prompt_sha256":"2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824","tools":["demo.read"],"ttl_seconds":300}"#;
+            let lease_body = r#"{"provider":"token","role":"demo","ttl_seconds":60}"#;
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                let (st, body) = conn.post("/v1/tasks", &token, Some(open)).await?;
+                if st != 201 {
+                    bail!("open task: HTTP {st}: {}", String::from_utf8_lossy(&body));
+                }
+                let task: Value = serde_json::from_slice(&body)?;
+                let id = task["task_id"].as_str().unwrap_or_default().to_owned();
+                let (st, body) = conn.post(&format!("/v1/tasks/{id}/leases"), &token, Some(lease_body)).await?;
+                let lease: Value = serde_json::from_slice(&body)?;
+                if st != 201 || lease["credential"]["token"].as_str().is_none() {
+                    bail!("lease: HTTP {st}: {lease}");
+                }
+                let (st, body) = conn.post(&format!("/v1/tasks/{id}/complete"), &token, None).await?;
+                let c: Value = serde_json::from_slice(&body)?;
+                if st != 200 || c["revoked"].as_array().map(Vec::len) != Some(1) {
+                    bail!("completion did not revoke the lease: HTTP {st}: {c}");
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                mine.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+            if let Ok(mut l) = latencies.lock() {
+                l.extend(mine);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // warm-up
+    let mut rates = Vec::new();
+    let (mut server_cpu, mut client_cpu) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+        let (s0, c0) = (server.cpu_seconds(), cpu_seconds_of("/proc/self/stat"));
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let n = (done.load(Ordering::Relaxed) - n0) as f64;
+        let rate = n / t0.elapsed().as_secs_f64();
+        let s_us = (server.cpu_seconds() - s0) * 1e6 / n.max(1.0);
+        let c_us = (cpu_seconds_of("/proc/self/stat") - c0) * 1e6 / n.max(1.0);
+        println!("  round {}: {rate:.0} leases/s; CPU per lease: broker {s_us:.0} us, load generator {c_us:.0} us", r + 1);
+        rates.push(rate);
+        server_cpu.push(s_us);
+        client_cpu.push(c_us);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    let stats = reqwest::Client::new()
+        .get(format!("{base}/v1/stats"))
+        .bearer_auth(&creds.identities["admin"].token)
+        .send()
+        .await?
+        .json::<Value>()
+        .await?;
+    server.stop()?;
+    let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
+    let commits = stats["store"]["commits"].as_f64().unwrap_or(0.0);
+    let ops = stats["store"]["operations"].as_f64().unwrap_or(0.0);
+    println!(
+        "throughput: median {:.0} leases/s over {rounds} rounds of {seconds} s, {clients} clients \
+         (open task + lease + complete = 3 requests per lease); broker CPU {:.0} us per lease (median); \
+         cycle latency p50 {p50:.1} ms, p99 {p99:.1} ms; \
+         {:.1} store operations per durable commit; writer time: {:.1} s applying, {:.1} s committing",
+        median(&mut rates),
+        median(&mut server_cpu),
+        ops / commits.max(1.0),
+        stats["store"]["apply_seconds"].as_f64().unwrap_or(0.0),
+        stats["store"]["commit_seconds"].as_f64().unwrap_or(0.0),
+    );
+    Ok(())
+}
+
+/// Fill a store with active leases through the broker's own issue path.
+async fn populate(config_path: &Path, clock: Arc<dyn Clock>, leases: usize, ttl: i64) -> anyhow::Result<f64> {
+    let config = leasehold::config::Config::load(config_path)?;
+    let key = StoreKey::from_file(config.store.key_file.as_ref().context("key_file")?)?;
+    let store = Store::open(&StoreOptions::new(&config.store.path), &key)?;
+    let providers = Providers::build(&config.providers, &store)?;
+    let broker = Arc::new(Broker::new(store, clock, providers, config.limits.clone(), config.reaper.clone()));
+    let per_task = 1000usize.min(leases);
+    let workload = Arc::new(Workload {
+        id: "dev:assistant-a".into(),
+        issuer: "dev".into(),
+        subject: "assistant-a".into(),
+        tenant: Some("dev".into()),
+        attributes: Default::default(),
+    });
+    let t0 = Instant::now();
+    let mut remaining = leases;
+    let mut tasks = tokio::task::JoinSet::new();
+    while remaining > 0 {
+        let n = per_task.min(remaining);
+        remaining -= n;
+        let (b, w) = (broker.clone(), workload.clone());
+        tasks.spawn(async move {
+            let task = b
+                .open_task(&w, OpenTask {
+                    purpose: "bench".into(),
+                    on_behalf_of: "alice@example.com".into(),
+                    prompt: Some("fill".into()),
+                    prompt_sha256: None,
+                    tools: vec![],
+                    ttl_seconds: ttl + 3600,
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let id = leasehold::ids::TaskId(task.id);
+            let mut inner = tokio::task::JoinSet::new();
+            for chunk in 0..8 {
+                let (b, w) = (b.clone(), w.clone());
+                let count = n / 8 + usize::from(chunk < n % 8);
+                inner.spawn(async move {
+                    for _ in 0..count {
+                        let p = LeaseParams { provider: "token".into(), role: "demo".into(), ttl_seconds: ttl, scope: vec![] };
+                        b.request_lease(&w, id, p).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    }
+                    anyhow::Ok(())
+                });
+            }
+            while let Some(r) = inner.join_next().await {
+                r??;
+            }
+            anyhow::Ok(())
+        });
+        // bounded concurrency: 64 tasks x 8 streams in flight
+        while tasks.len() >= 64 {
+            if let Some(r) = tasks.join_next().await {
+                r??;
+            }
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let rate = leases as f64 / t0.elapsed().as_secs_f64();
+    match Arc::try_unwrap(broker) {
+        Ok(b) => drop(b),
+        Err(_) => bail!("the broker is still shared after populating"),
+    }
+    Ok(rate)
+}
+
+async fn restart(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
+    let addr = free_addr()?;
+    let (config, creds) = setup(dir.path(), addr, true)?;
+    println!("  filling a store with {leases} active leases through the issue path...");
+    let rate = populate(&config, Arc::new(SystemClock), leases, 6 * 3600).await?;
+    let size = std::fs::metadata(dir.path().join("leasehold.redb"))?.len();
+    println!("  filled at {rate:.0} leases/s (library, no HTTP); store file {} MiB", size >> 20);
+    let http = client(4)?;
+    let base = format!("http://{addr}");
+    let admin = creds.identities["admin"].token.clone();
+    let (mut times, mut rss, mut hwm) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let t0 = Instant::now();
+        let mut server = Server::spawn(bin, &config, &dir.path().join(format!("restart-{r}.log")))?;
+        wait_ready(&http, &base, &mut server).await?;
+        let ready = t0.elapsed().as_secs_f64() * 1000.0;
+        let (now_rss, peak) = server.rss_kib();
+        let stats: Value = http.get(format!("{base}/v1/stats")).bearer_auth(&admin).send().await?.json().await?;
+        let active = stats["leases"]["token"]["active"].as_u64().unwrap_or(0);
+        if active != leases as u64 {
+            bail!("expected {leases} active leases after restart, found {active}");
+        }
+        // serving, not just listening: issue one more lease
+        let a = &creds.identities["assistant-a"].token;
+        let task = post(&http, format!("{base}/v1/tasks"), a, Some(json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 60}))).await?;
+        let id = task["task_id"].as_str().unwrap_or_default();
+        post(&http, format!("{base}/v1/tasks/{id}/complete"), a, None).await?;
+        server.stop()?;
+        println!("  round {}: ready in {ready:.0} ms, RSS {} MiB at ready (peak {} MiB), {active} active leases", r + 1, now_rss / 1024, peak / 1024);
+        times.push(ready);
+        rss.push(now_rss as f64 / 1024.0);
+        hwm.push(peak as f64 / 1024.0);
+    }
+    // after a crash (SIGKILL while serving): how long recovery takes
+    let mut server = Server::spawn(bin, &config, &dir.path().join("crash.log"))?;
+    wait_ready(&http, &base, &mut server).await?;
+    let a = &creds.identities["assistant-a"].token;
+    post(&http, format!("{base}/v1/tasks"), a, Some(json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 60}))).await?;
+    server.child.kill()?;
+    server.child.wait()?;
+    let t0 = Instant::now();
+    let mut server = Server::spawn(bin, &config, &dir.path().join("after-crash.log"))?;
+    wait_ready(&http, &base, &mut server).await?;
+    let after_crash = t0.elapsed().as_secs_f64() * 1000.0;
+    let (crash_rss, crash_peak) = server.rss_kib();
+    server.stop()?;
+    println!("  after SIGKILL: ready in {after_crash:.0} ms, RSS {} MiB (peak {} MiB)", crash_rss / 1024, crash_peak / 1024);
+    println!(
+        "restart: {leases} active leases; ready in median {:.0} ms (max {:.0}); RSS at ready median {:.0} MiB, peak RSS max {:.0} MiB",
+        median(&mut times.clone()),
+        times.iter().cloned().fold(0.0, f64::max),
+        median(&mut rss),
+        hwm.iter().cloned().fold(0.0, f64::max)
+    );
+    Ok(())
+}
+
+async fn expiry(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> {
+    let (mut lag_max, mut lag_observed) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let dir = tempfile::tempdir()?;
+        let addr = free_addr()?;
+        let (config, creds) = setup(dir.path(), addr, true)?;
+        // Issue every lease "at" the same instant S, with a TTL that puts
+        // the deadline T far enough ahead to finish filling and start.
+        let ttl: i64 = 600;
+        let lead = Duration::from_secs(20 + (leases as u64) / 4_000);
+        // a whole second, so the tokens' `exp` (whole seconds) is the deadline exactly
+        let deadline = Timestamp::from_unix_millis((SystemClock.now().saturating_add(lead).unix_millis() / 1000 + 1) * 1000);
+        let issued_at = Timestamp::from_unix_millis(deadline.unix_millis() - ttl * 1000);
+        let clock = ManualClock::new(issued_at);
+        populate(&config, Arc::new(clock), leases, ttl).await?;
+        if SystemClock.now() >= deadline.saturating_add(Duration::from_secs(0)) {
+            bail!("filling took longer than the lead of {lead:?}; the deadline passed before the broker started");
+        }
+        let http = client(4)?;
+        let base = format!("http://{addr}");
+        let admin = creds.identities["admin"].token.clone();
+        let mut server = Server::spawn(bin, &config, &dir.path().join("broker.log"))?;
+        wait_ready(&http, &base, &mut server).await?;
+        let wait = SystemClock.now().until(deadline);
+        println!("  round {}: {leases} leases expire at one instant, {:.1} s from now", r + 1, wait.as_secs_f64());
+        tokio::time::sleep(wait).await;
+        let observed = loop {
+            let stats: Value = http.get(format!("{base}/v1/stats")).bearer_auth(&admin).send().await?.json().await?;
+            let t = &stats["leases"]["token"];
+            let live = t["active"].as_u64().unwrap_or(1) + t["revoking"].as_u64().unwrap_or(1) + t["irrevocable"].as_u64().unwrap_or(1);
+            if live == 0 {
+                break SystemClock.now().unix_millis() - deadline.unix_millis();
+            }
+            if SystemClock.now().unix_millis() - deadline.unix_millis() > 120_000 {
+                bail!("still {live} live leases 2 minutes after the deadline");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        server.stop()?;
+        // the precise figure: each lease's own ended_at against its deadline
+        let cfg = leasehold::config::Config::load(&config)?;
+        let key = StoreKey::from_file(cfg.store.key_file.as_ref().context("key_file")?)?;
+        let store = Store::open(&StoreOptions::new(&cfg.store.path), &key)?;
+        let reader = store.read()?;
+        let mut q = LeaseQuery { limit: 1000, scan_budget: 1_000_000, ..Default::default() };
+        let (mut n, mut worst, mut early) = (0usize, i64::MIN, 0usize);
+        loop {
+            let (page, next) = reader.list_leases(&q)?;
+            for l in &page {
+                if l.state != LeaseState::Expired {
+                    bail!("lease in state {} after the run", l.state.as_str());
+                }
+                let lag = l.ended_at.unwrap_or(i64::MAX) - l.expires_at;
+                if lag < 0 {
+                    early += 1;
+                }
+                worst = worst.max(lag);
+                n += 1;
+            }
+            match next {
+                Some(c) => q.after = Some(c),
+                None => break,
+            }
+        }
+        drop(reader);
+        drop(store);
+        if n != leases || early > 0 {
+            bail!("{n} leases found, {early} revoked before their deadline");
+        }
+        println!("  round {}: last lease revoked {worst} ms after the deadline (observed by polling: {observed} ms)", r + 1);
+        lag_max.push(worst as f64);
+        lag_observed.push(observed as f64);
+    }
+    println!(
+        "expiry: {leases} leases with one deadline; all revoked within median {:.0} ms of it (max over rounds {:.0} ms; polling saw {:.0} ms)",
+        median(&mut lag_max.clone()),
+        lag_max.iter().cloned().fold(0.0, f64::max),
+        median(&mut lag_observed)
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bin = leasehold_bin(&cli)?;
+    match cli.command {
+        Cmd::Throughput { clients, seconds, rounds } => throughput(&bin, clients, seconds, rounds).await,
+        Cmd::Restart { leases, rounds } => restart(&bin, leases, rounds).await,
+        Cmd::Expiry { leases, rounds } => expiry(&bin, leases, rounds).await,
+        Cmd::All => {
+            throughput(&bin, 64, 10, 5).await?;
+            expiry(&bin, 100_000, 3).await?;
+            restart(&bin, 1_000_000, 5).await
+        }
+    }
+}
