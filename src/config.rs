@@ -87,6 +87,14 @@ pub struct StoreConfig {
     /// repair scan on the next start (slightly slower commits).
     #[serde(default = "defaults::yes")]
     pub quick_repair: bool,
+    /// Under concurrent load, how long the writer waits to gather more
+    /// operations into one durable commit (0 turns it off). Applies only when
+    /// the previous commit carried at least `commit_siblings` operations, so
+    /// a lone request never waits.
+    #[serde(default = "defaults::commit_delay_micros")]
+    pub commit_delay_micros: u64,
+    #[serde(default = "defaults::commit_siblings")]
+    pub commit_siblings: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -318,6 +326,12 @@ mod defaults {
     pub fn cache_mib() -> usize {
         64
     }
+    pub fn commit_delay_micros() -> u64 {
+        500
+    }
+    pub fn commit_siblings() -> usize {
+        4
+    }
     pub fn max_task_ttl_seconds() -> u64 {
         8 * 3600
     }
@@ -450,6 +464,9 @@ impl Config {
         }
         if self.store.cache_mib == 0 {
             return Err(invalid("store.cache_mib", "must be positive"));
+        }
+        if self.store.commit_delay_micros > 10_000 {
+            return Err(invalid("store.commit_delay_micros", "at most 10000 (10 ms)"));
         }
         let l = &self.limits;
         if l.max_task_ttl_seconds == 0 || l.max_task_ttl_seconds > 7 * 86_400 {

@@ -201,6 +201,8 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
             key_env: None,
             cache_mib: 64,
             quick_repair: true,
+            commit_delay_micros: 500,
+            commit_siblings: 4,
         },
         limits: Limits::default(),
         reaper: ReaperConfig::default(),

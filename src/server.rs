@@ -88,6 +88,10 @@ pub async fn run_with(
             path: config.store.path.clone(),
             cache_bytes: config.store.cache_mib.saturating_mul(1 << 20),
             quick_repair: config.store.quick_repair,
+            group_commit: crate::store::GroupCommit {
+                delay: Duration::from_micros(config.store.commit_delay_micros),
+                siblings: config.store.commit_siblings,
+            },
         },
         &key,
     )?;

@@ -25,7 +25,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tracing::Instrument as _;
 
 pub use error::ApiError;
 
@@ -70,10 +70,6 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             limits.request_timeout,
         ))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
-            let id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
-            tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
-        }))
         .layer(axum::middleware::from_fn_with_state(state.clone(), request_id))
         .with_state(state)
 }
@@ -85,16 +81,31 @@ fn acceptable_request_id(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= 64 && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
-/// Give every request an id (keeping a sane incoming one) and echo it; mark
-/// every response uncacheable.
+/// Give every request an id (keeping a sane incoming one), run it inside a
+/// span carrying that id (so every log line of the request has it), echo
+/// it, and mark every response uncacheable.
 async fn request_id(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let id = match req.headers().get(REQUEST_ID) {
         Some(v) if acceptable_request_id(v) => v.clone(),
         _ => HeaderValue::from_str(&RequestId::generate(state.broker.clock.now()).to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("req_unknown")),
     };
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id.to_str().unwrap_or(""),
+        method = %req.method(),
+        path = %req.uri().path(),
+    );
     req.headers_mut().insert(REQUEST_ID, id.clone());
-    let mut resp = next.run(req).await;
+    let mut resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(status, "request failed");
+        } else {
+            tracing::debug!(status, "request done");
+        }
+    });
     resp.headers_mut().insert(REQUEST_ID, id);
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp

@@ -36,6 +36,7 @@ pub use records::{LeaseRecord, LeaseState, Revocation, RevokeCause, TaskRecord, 
 pub use schema::{MIGRATIONS, Migration, SCHEMA_VERSION};
 pub use txn::{Activation, Completion, Local, Outcome, Txn};
 
+
 use schema::*;
 
 /// A domain-level refusal: the operation was checked and not applied.
@@ -112,11 +113,12 @@ pub struct StoreOptions {
     pub path: PathBuf,
     pub cache_bytes: usize,
     pub quick_repair: bool,
+    pub group_commit: GroupCommit,
 }
 
 impl StoreOptions {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), cache_bytes: 64 << 20, quick_repair: true }
+        Self { path: path.into(), cache_bytes: 64 << 20, quick_repair: true, group_commit: GroupCommit::default() }
     }
 }
 
@@ -216,10 +218,10 @@ impl Store {
             let db = db.clone();
             let healthy = healthy.clone();
             let stats = stats.clone();
-            let quick_repair = opts.quick_repair;
+            let (quick_repair, group) = (opts.quick_repair, opts.group_commit);
             std::thread::Builder::new()
                 .name("leasehold-store-writer".into())
-                .spawn(move || writer_loop(&db, rx, quick_repair, &healthy, &stats))
+                .spawn(move || writer_loop(&db, rx, group, quick_repair, &healthy, &stats))
                 .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?
         };
         Ok(Self {
@@ -285,16 +287,37 @@ impl Store {
     }
 }
 
+/// When the writer lingers to gather a bigger batch (PostgreSQL's
+/// `commit_delay` and `commit_siblings`, for the same reason).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupCommit {
+    pub delay: std::time::Duration,
+    pub siblings: usize,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        Self { delay: std::time::Duration::from_micros(500), siblings: 4 }
+    }
+}
+
 fn writer_loop(
     db: &Database,
     mut rx: mpsc::Receiver<Job>,
+    group: GroupCommit,
     quick_repair: bool,
     healthy: &AtomicBool,
     stats: &CommitStats,
 ) {
+    let mut last = 0usize;
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = Vec::with_capacity(64);
         jobs.push(first);
+        // Under concurrent load (the last batch had company), linger briefly
+        // so more operations share this commit's fsync; alone, commit now.
+        if !group.delay.is_zero() && last >= group.siblings {
+            std::thread::sleep(group.delay);
+        }
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(j) => jobs.push(j),
@@ -302,6 +325,7 @@ fn writer_loop(
             }
         }
         let n = jobs.len() as u64;
+        last = jobs.len();
         match run_batch(db, jobs, quick_repair, stats) {
             Ok(()) => {
                 healthy.store(true, Ordering::Relaxed);

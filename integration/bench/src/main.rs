@@ -49,6 +49,9 @@ enum Cmd {
     Throughput {
         #[arg(long, default_value_t = 64)]
         clients: usize,
+        /// Leases issued under each task before it is completed.
+        #[arg(long, default_value_t = 1)]
+        leases_per_task: usize,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
         #[arg(long, default_value_t = 5)]
@@ -310,7 +313,8 @@ impl Conn {
     }
 }
 
-async fn throughput(bin: &Path, clients: usize, seconds: u64, rounds: usize) -> anyhow::Result<()> {
+async fn throughput(bin: &Path, clients: usize, per_task: usize, seconds: u64, rounds: usize) -> anyhow::Result<()> {
+    let per_task = per_task.max(1);
     let dir = tempfile::tempdir()?;
     let addr = free_addr()?;
     let (config, creds) = setup(dir.path(), addr, false)?;
@@ -340,17 +344,19 @@ async fn throughput(bin: &Path, clients: usize, seconds: u64, rounds: usize) -> 
                 }
                 let task: Value = serde_json::from_slice(&body)?;
                 let id = task["task_id"].as_str().unwrap_or_default().to_owned();
-                let (st, body) = conn.post(&format!("/v1/tasks/{id}/leases"), &token, Some(lease_body)).await?;
-                let lease: Value = serde_json::from_slice(&body)?;
-                if st != 201 || lease["credential"]["token"].as_str().is_none() {
-                    bail!("lease: HTTP {st}: {lease}");
+                for _ in 0..per_task {
+                    let (st, body) = conn.post(&format!("/v1/tasks/{id}/leases"), &token, Some(lease_body)).await?;
+                    let lease: Value = serde_json::from_slice(&body)?;
+                    if st != 201 || lease["credential"]["token"].as_str().is_none() {
+                        bail!("lease: HTTP {st}: {lease}");
+                    }
                 }
                 let (st, body) = conn.post(&format!("/v1/tasks/{id}/complete"), &token, None).await?;
                 let c: Value = serde_json::from_slice(&body)?;
-                if st != 200 || c["revoked"].as_array().map(Vec::len) != Some(1) {
-                    bail!("completion did not revoke the lease: HTTP {st}: {c}");
+                if st != 200 || c["revoked"].as_array().map(Vec::len) != Some(per_task) {
+                    bail!("completion did not revoke every lease: HTTP {st}: {c}");
                 }
-                done.fetch_add(1, Ordering::Relaxed);
+                done.fetch_add(per_task as u64, Ordering::Relaxed);
                 mine.push(t0.elapsed().as_secs_f64() * 1000.0);
             }
             if let Ok(mut l) = latencies.lock() {
@@ -393,8 +399,8 @@ async fn throughput(bin: &Path, clients: usize, seconds: u64, rounds: usize) -> 
     let ops = stats["store"]["operations"].as_f64().unwrap_or(0.0);
     println!(
         "throughput: median {:.0} leases/s over {rounds} rounds of {seconds} s, {clients} clients \
-         (open task + lease + complete = 3 requests per lease); broker CPU {:.0} us per lease (median); \
-         cycle latency p50 {p50:.1} ms, p99 {p99:.1} ms; \
+         ({per_task} lease(s) per task: open task, lease x{per_task}, complete); broker CPU {:.0} us per lease (median); \
+         task cycle latency p50 {p50:.1} ms, p99 {p99:.1} ms; \
          {:.1} store operations per durable commit; writer time: {:.1} s applying, {:.1} s committing",
         median(&mut rates),
         median(&mut server_cpu),
@@ -620,11 +626,14 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let bin = leasehold_bin(&cli)?;
     match cli.command {
-        Cmd::Throughput { clients, seconds, rounds } => throughput(&bin, clients, seconds, rounds).await,
+        Cmd::Throughput { clients, leases_per_task, seconds, rounds } => {
+            throughput(&bin, clients, leases_per_task, seconds, rounds).await
+        }
         Cmd::Restart { leases, rounds } => restart(&bin, leases, rounds).await,
         Cmd::Expiry { leases, rounds } => expiry(&bin, leases, rounds).await,
         Cmd::All => {
-            throughput(&bin, 64, 10, 5).await?;
+            throughput(&bin, 64, 1, 10, 5).await?;
+            throughput(&bin, 64, 4, 10, 5).await?;
             expiry(&bin, 100_000, 3).await?;
             restart(&bin, 1_000_000, 5).await
         }
