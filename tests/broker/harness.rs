@@ -54,6 +54,8 @@ impl Default for Options {
 pub struct Harness {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
+    /// `http` or `https` (when the config has TLS).
+    pub scheme: &'static str,
     pub clock: Option<ManualClock>,
     pub tokens: Tokens,
     pub http: reqwest::Client,
@@ -79,12 +81,19 @@ impl Harness {
         let now = clock.as_ref().map_or_else(|| SystemClock.now(), |c| c.now());
         let (mut config, creds) = leasehold::dev::prepare(dir.path(), addr, now).unwrap();
         (opts.tweak)(&mut config);
+        let tls = config.server.tls.is_some();
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if tls {
+            let ca = std::fs::read(fixture("tls/ca.pem")).unwrap();
+            http = http.add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap());
+        }
         let mut h = Self {
             dir,
             addr,
+            scheme: if tls { "https" } else { "http" },
             clock,
             tokens: Tokens::from(&creds),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            http: http.build().unwrap(),
             config,
             opts,
             stop: None,
@@ -149,7 +158,12 @@ impl Harness {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        if self.scheme == "https" {
+            // the test certificate names localhost and 127.0.0.1
+            format!("https://localhost:{}{path}", self.addr.port())
+        } else {
+            format!("http://{}{path}", self.addr)
+        }
     }
 
     pub fn advance(&self, d: Duration) {
@@ -255,6 +269,11 @@ impl Harness {
     pub fn mint(&self, claims: &Value) -> String {
         mint_in(self.dir.path(), claims)
     }
+}
+
+/// A file under `integration/fixtures/`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/fixtures").join(rel)
 }
 
 pub fn mint_in(dir: &Path, claims: &Value) -> String {

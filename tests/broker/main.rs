@@ -19,3 +19,4 @@ mod lifecycle;
 mod restart;
 mod retry;
 mod secrets;
+mod tls;
