@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration problem, with the dotted path of the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +29,7 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
     ConfigError::Invalid { field: field.into(), message: message.into() }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
@@ -46,7 +46,7 @@ pub struct Config {
     pub fault: FaultConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address to listen on, e.g. `127.0.0.1:7711`.
@@ -64,14 +64,14 @@ pub struct ServerConfig {
     pub shutdown_grace_seconds: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// The redb file.
@@ -97,7 +97,7 @@ pub struct StoreConfig {
     pub commit_siblings: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     #[serde(default = "defaults::max_task_ttl_seconds")]
@@ -128,7 +128,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReaperConfig {
     /// First retry delay of a failed revocation.
@@ -164,7 +164,7 @@ impl Default for ReaperConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     #[serde(default)]
@@ -175,7 +175,7 @@ pub struct AuthConfig {
 
 /// A trusted issuer of workload JWTs: a Kubernetes API server (projected
 /// service-account tokens), a SPIFFE trust domain (JWT-SVIDs), a CI system.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
     /// Short name; workload ids are `<name>:<sub>`.
@@ -202,7 +202,7 @@ pub struct IssuerConfig {
     pub attribute_claims: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OperatorRole {
     Admin,
@@ -225,7 +225,7 @@ impl OperatorRole {
 
 /// A human or system operator with a static bearer token, stored only as
 /// its SHA-256.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperatorConfig {
     pub name: String,
@@ -235,7 +235,8 @@ pub struct OperatorConfig {
 }
 
 /// One provider instance; `type` picks the implementation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
 pub enum ProviderConfig {
     Token(TokenProviderConfig),
 }
@@ -279,7 +280,7 @@ impl ProviderConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenProviderConfig {
     /// `iss` of issued tokens.
@@ -291,7 +292,7 @@ pub struct TokenProviderConfig {
     pub roles: BTreeMap<String, TokenRoleConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRoleConfig {
     pub scopes: Vec<String>,
@@ -302,7 +303,7 @@ pub struct TokenRoleConfig {
 }
 
 #[cfg(feature = "fault-injection")]
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FaultConfig {
     /// After the provider issued and before the lease is activated, write
@@ -428,6 +429,11 @@ impl Config {
                 ProviderConfig::Token(t) => fix(&mut t.signing_key_file),
             }
         }
+    }
+
+    /// The configuration as TOML that [`Config::from_toml`] reads back.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| invalid("config", format!("cannot write as TOML: {e}")))
     }
 
     /// Semantic checks that types cannot express.
@@ -724,6 +730,22 @@ max_ttl_seconds = 600
         assert!(e.contains("auth.workload_issuers[0].algorithms"), "{e}");
         let e = err(&MINIMAL.replace("[auth]", "[auth]\n[[auth.operators]]\nname=\"a\"\nroles=[\"admin\"]\ntoken_sha256=\"xyz\""));
         assert!(e.contains("token_sha256"), "{e}");
+    }
+
+    #[test]
+    fn written_config_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cfg, _) = crate::dev::prepare(
+            dir.path(),
+            "127.0.0.1:7711".parse().unwrap(),
+            crate::clock::Timestamp::from_unix_millis(1_800_000_000_000),
+        )
+        .unwrap();
+        let text = cfg.to_toml().unwrap();
+        let back = Config::from_toml(&text, "written").unwrap();
+        assert_eq!(back.to_toml().unwrap(), text);
+        assert_eq!(back.providers["token"].kind(), "token");
+        assert_eq!(back.auth.operators.len(), 4);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! created on the first run and reused after (the store key never changes
 //! behind the store's back); tokens are minted afresh on every start and
 //! written to `dev-credentials.json` (mode 0600): two workloads, so
-//! isolation can be tried, and one token per operator role.
+//! isolation can be tried, and one token per operator role. The equivalent
+//! `serve` configuration is written to `dev-config.toml`.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -227,6 +228,10 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
         fault: FaultConfig::default(),
     };
     config.validate().map_err(|e| DevError::Key(e.to_string()))?;
+    // the same configuration for `leasehold serve -c`, valid with this run's
+    // credentials (operator token hashes change on every `dev` start)
+    let toml = config.to_toml().map_err(|e| DevError::Key(e.to_string()))?;
+    write_private(&data.join("dev-config.toml"), toml.as_bytes())?;
     let creds = DevCredentials { broker: format!("http://{listen}"), identities };
     let json = serde_json::to_vec_pretty(&creds).map_err(|e| DevError::Key(e.to_string()))?;
     write_private(&data.join("dev-credentials.json"), &json)?;

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod hex;
 pub mod ids;
 pub mod lease;
 pub mod providers;

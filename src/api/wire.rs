@@ -149,10 +149,6 @@ fn ts(ms: i64) -> String {
     rfc3339(Timestamp::from_unix_millis(ms))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl TaskView {
     pub fn new(t: &TaskRecord, now: Timestamp) -> Self {
         let state = match t.state {
@@ -167,7 +163,7 @@ impl TaskView {
             state,
             purpose: t.purpose.clone(),
             on_behalf_of: t.on_behalf_of.clone(),
-            prompt_sha256: hex(&t.prompt_sha256),
+            prompt_sha256: crate::hex::encode(&t.prompt_sha256),
             tools: t.tools.clone(),
             created_at: ts(t.created_at),
             expires_at: ts(t.expires_at),

@@ -142,26 +142,15 @@ fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// Hex SHA-256 of an operator token, as written in config.
 pub fn operator_token_hash(token: &str) -> String {
-    sha256(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(&sha256(token.as_bytes()))
 }
 
-fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, c) in s.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok()?;
-    }
-    Some(out)
-}
 
 impl Authenticator {
     pub fn new(cfg: &AuthConfig, clock: Arc<dyn Clock>) -> Result<Self, String> {
         let mut operators = HashMap::new();
         for op in &cfg.operators {
-            let h = parse_hex32(&op.token_sha256).ok_or_else(|| format!("operator {}: bad token_sha256", op.name))?;
+            let h = crate::hex::decode32(&op.token_sha256).ok_or_else(|| format!("operator {}: bad token_sha256", op.name))?;
             operators.insert(
                 h,
                 Arc::new(Operator { name: op.name.clone(), roles: op.roles.iter().copied().collect() }),
@@ -302,8 +291,8 @@ mod tests {
     fn operator_hash_round_trips() {
         let t = generate_operator_token().unwrap();
         assert!(t.starts_with("lho_"));
-        assert_eq!(parse_hex32(&operator_token_hash(&t)).unwrap(), sha256(t.as_bytes()));
-        assert!(parse_hex32("zz").is_none());
+        assert_eq!(crate::hex::decode32(&operator_token_hash(&t)).unwrap(), sha256(t.as_bytes()));
+        assert!(crate::hex::decode32("zz").is_none());
     }
 
     #[test]

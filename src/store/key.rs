@@ -55,14 +55,10 @@ impl StoreKey {
     /// Parse 64 hex characters or standard/URL-safe base64 of 32 bytes.
     pub fn parse(text: &str) -> Result<Self, KeyError> {
         let t = Zeroizing::new(text.trim().to_owned());
-        let mut out = Zeroizing::new([0u8; 32]);
-        if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
-            for (i, chunk) in t.as_bytes().chunks(2).enumerate() {
-                let s = std::str::from_utf8(chunk).map_err(|_| KeyError::Malformed)?;
-                out[i] = u8::from_str_radix(s, 16).map_err(|_| KeyError::Malformed)?;
-            }
-            return Ok(Self(out));
+        if let Some(bytes) = crate::hex::decode32(&t) {
+            return Ok(Self(Zeroizing::new(bytes)));
         }
+        let mut out = Zeroizing::new([0u8; 32]);
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(t.as_bytes())
             .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(t.as_bytes()))
@@ -105,10 +101,7 @@ impl StoreKey {
             opts.mode(0o600);
         }
         let mut f = opts.open(path).map_err(werr)?;
-        let mut hex = Zeroizing::new(String::with_capacity(65));
-        for b in self.0.iter() {
-            hex.push_str(&format!("{b:02x}"));
-        }
+        let mut hex = Zeroizing::new(crate::hex::encode(&self.0[..]));
         hex.push('\n');
         f.write_all(hex.as_bytes()).map_err(werr)?;
         f.sync_all().map_err(werr)
@@ -120,7 +113,7 @@ impl StoreKey {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(b"leasehold store key fingerprint v1\0");
         ctx.update(&self.0[..]);
-        ctx.finish().as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex::encode(&ctx.finish().as_ref()[..8])
     }
 }
 

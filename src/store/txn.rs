@@ -189,6 +189,27 @@ impl<'t> Txn<'t> {
         self.w(r)
     }
 
+    /// Take a lease out of the index its current state keeps it in (expiry
+    /// index, intents, revocation queue). Returns the cause the revocation
+    /// should carry: a retry keeps the original one.
+    fn leave_state(&mut self, rec: &LeaseRecord, cause: RevokeCause) -> Result<RevokeCause, StoreError> {
+        match rec.state {
+            LeaseState::Active => self.unindex_expiry(rec)?,
+            LeaseState::Issuing => {
+                let r = self.issuing.remove(rec.id).map(|_| ());
+                self.w(r)?;
+            }
+            LeaseState::Irrevocable | LeaseState::Revoking => {
+                self.dequeue(rec)?;
+                if let Some(r) = &rec.revocation {
+                    return Ok(r.cause);
+                }
+            }
+            _ => {}
+        }
+        Ok(cause)
+    }
+
     /// Move an active (or irrevocable) lease into `Revoking`, queued at `at`.
     fn begin_revocation(
         &mut self,
@@ -199,22 +220,9 @@ impl<'t> Txn<'t> {
         at: i64,
     ) -> Result<LeaseRecord, StoreError> {
         let prev = rec.state;
-        match prev {
-            LeaseState::Active => self.unindex_expiry(&rec)?,
-            LeaseState::Issuing => {
-                let r = self.issuing.remove(rec.id).map(|_| ());
-                self.w(r)?;
-            }
-            LeaseState::Irrevocable | LeaseState::Revoking => self.dequeue(&rec)?,
-            _ => {}
-        }
+        let cause = self.leave_state(&rec, cause)?;
         let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts);
         let last_error = rec.revocation.as_ref().and_then(|r| r.last_error.clone());
-        let cause = match (&rec.revocation, prev) {
-            // a retry keeps the original cause
-            (Some(r), LeaseState::Irrevocable | LeaseState::Revoking) => r.cause,
-            _ => cause,
-        };
         rec.state = LeaseState::Revoking;
         rec.revocation = Some(Revocation {
             cause,
@@ -241,19 +249,7 @@ impl<'t> Txn<'t> {
         now: i64,
     ) -> Result<LeaseRecord, StoreError> {
         let prev = rec.state;
-        match prev {
-            LeaseState::Active => self.unindex_expiry(&rec)?,
-            LeaseState::Issuing => {
-                let r = self.issuing.remove(rec.id).map(|_| ());
-                self.w(r)?;
-            }
-            LeaseState::Irrevocable | LeaseState::Revoking => self.dequeue(&rec)?,
-            _ => {}
-        }
-        let cause = match (&rec.revocation, prev) {
-            (Some(r), LeaseState::Irrevocable | LeaseState::Revoking) => r.cause,
-            _ => cause,
-        };
+        let cause = self.leave_state(&rec, cause)?;
         // the token's `exp` is at most the lease's; a second of margin
         self.deny(&[(rec.id, rec.expires_at.saturating_add(1000))])?;
         let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts) + 1;

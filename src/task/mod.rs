@@ -65,16 +65,6 @@ fn is_tool_name(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
 }
 
-fn parse_sha256_hex(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, c) in s.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(c).ok()?, 16).ok()?;
-    }
-    Some(out)
-}
 
 impl Broker {
     pub async fn open_task(&self, w: &Workload, req: OpenTask) -> Result<TaskRecord, BrokerError> {
@@ -118,7 +108,7 @@ impl Broker {
                 h.copy_from_slice(d.as_ref());
                 h
             }
-            (None, Some(h)) => parse_sha256_hex(&h.to_ascii_lowercase()).ok_or_else(|| {
+            (None, Some(h)) => crate::hex::decode32(h).ok_or_else(|| {
                 BrokerError::invalid("invalid_request", "`prompt_sha256` must be 64 hex characters")
             })?,
         };

@@ -38,7 +38,7 @@ fn validate_cli(file: &Path) -> std::process::Output {
 #[test]
 fn config_validate_checks_files_and_names_fields() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, _) = crate::harness::child_config(dir.path(), "127.0.0.1:7711".parse().unwrap(), "");
+    let (path, _) = crate::harness::child_config(dir.path(), "127.0.0.1:7711".parse().unwrap(), |_| {});
     let out = validate_cli(&path);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
@@ -66,7 +66,7 @@ fn config_validate_checks_files_and_names_fields() {
 fn serve_refuses_a_store_with_another_key() {
     let dir = tempfile::tempdir().unwrap();
     let addr = crate::harness::free_port();
-    let (path, _) = crate::harness::child_config(dir.path(), addr, "");
+    let (path, _) = crate::harness::child_config(dir.path(), addr, |_| {});
     // create the store with the first key
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {

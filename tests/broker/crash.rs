@@ -10,36 +10,25 @@ async fn sigkill_between_intent_and_activation_rolls_back() {
 
     use serde_json::{Value, json};
 
-    use crate::harness::{Child, child_config, free_port};
+    use crate::harness::{Child, Remote, child_config, free_port};
 
     let dir = tempfile::tempdir().unwrap();
     let addr = free_port();
     let marker = dir.path().join("paused.json");
-    let (config, creds) = child_config(
-        dir.path(),
-        addr,
-        &format!("[fault]\npause_after_issue_file = \"{}\"\n", marker.display()),
-    );
-    let http = crate::harness::client();
+    let pause = marker.clone();
+    let (config, creds) = child_config(dir.path(), addr, move |c| c.fault.pause_after_issue_file = Some(pause));
+    let remote = Remote::new(addr);
+    let http = remote.http.clone();
     let mut first = Child::spawn(&config, addr, dir.path().join("first.log"), "info");
     first.wait_healthy(&http).await;
     let a = creds.identities["assistant-a"].token.clone();
-    let base = format!("http://{addr}");
-    let task: Value = http
-        .post(format!("{base}/v1/tasks"))
-        .bearer_auth(&a)
-        .json(&json!({"purpose": "crash", "on_behalf_of": "alice", "prompt": "p", "ttl_seconds": 3600}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = json!({"purpose": "crash", "on_behalf_of": "alice", "prompt": "p", "ttl_seconds": 3600});
+    let task = remote.post(&a, "/v1/tasks", Some(body)).await;
     let task_id = task["task_id"].as_str().unwrap().to_owned();
 
     // this request will never be answered: the broker hangs after issuing
     let pending = {
-        let (http, a, url) = (http.clone(), a.clone(), format!("{base}/v1/tasks/{task_id}/leases"));
+        let (http, a, url) = (http.clone(), a.clone(), format!("{}/v1/tasks/{task_id}/leases", remote.base));
         tokio::spawn(async move {
             http.post(url).bearer_auth(a).json(&json!({"provider": "token", "role": "demo", "ttl_seconds": 600})).send().await
         })
@@ -62,22 +51,14 @@ async fn sigkill_between_intent_and_activation_rolls_back() {
     assert!(pending.await.unwrap().is_err(), "the client never got the credential");
 
     // restart on the same store, without the fault
-    let (config, creds) = child_config(dir.path(), addr, "");
+    let (config, creds) = child_config(dir.path(), addr, |_| {});
     let mut second = Child::spawn(&config, addr, dir.path().join("second.log"), "info");
     second.wait_healthy(&http).await;
     let admin = creds.identities["admin"].token.clone();
     let resource = creds.identities["resource-server"].token.clone();
     let mut lease = Value::Null;
     for _ in 0..500 {
-        lease = http
-            .get(format!("{base}/v1/leases/{lease_id}"))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        lease = remote.get(&admin, &format!("/v1/leases/{lease_id}")).await;
         if lease["state"] == "rolled_back" {
             break;
         }
@@ -86,17 +67,7 @@ async fn sigkill_between_intent_and_activation_rolls_back() {
     assert_eq!(lease["state"], "rolled_back", "{lease}");
     assert_eq!(lease["revocation"]["cause"], "recovery");
     // the orphaned token has not expired, yet the provider says it is dead
-    let i: Value = http
-        .post(format!("{base}/v1/introspect"))
-        .bearer_auth(&resource)
-        .form(&[("token", orphan.as_str())])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(i["active"], false, "the orphaned credential is still usable");
+    assert!(!remote.active(&resource, &orphan).await, "the orphaned credential is still usable");
     let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
     assert!(log.contains("rolling it back"), "{log}");
     assert!(second.terminate().success());

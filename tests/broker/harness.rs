@@ -305,6 +305,46 @@ pub struct Child {
     pub log: PathBuf,
 }
 
+/// JSON calls to a broker running as a child process.
+pub struct Remote {
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+impl Remote {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { http: client(), base: format!("http://{addr}") }
+    }
+
+    pub async fn post(&self, token: &str, path: &str, body: Option<Value>) -> Value {
+        let mut req = self.http.post(format!("{}{path}", self.base)).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.unwrap().json().await.unwrap()
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> Value {
+        self.http.get(format!("{}{path}", self.base)).bearer_auth(token).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// RFC 7662, as a resource server.
+    pub async fn active(&self, resource_token: &str, token: &str) -> bool {
+        let v: Value = self
+            .http
+            .post(format!("{}/v1/introspect", self.base))
+            .bearer_auth(resource_token)
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["active"].as_bool().unwrap()
+    }
+}
+
 /// An HTTP client for tests (installs the crypto provider first).
 pub fn client() -> reqwest::Client {
     leasehold::install_crypto_provider();
@@ -315,58 +355,14 @@ pub fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-/// Write keys and credentials into `dir` (as `dev` does) and a TOML config
-/// for `serve` that uses them; `extra` is appended verbatim.
-pub fn child_config(dir: &Path, addr: SocketAddr, extra: &str) -> (PathBuf, DevCredentials) {
-    let (config, creds) = leasehold::dev::prepare(dir, addr, SystemClock.now()).unwrap();
-    let ops: String = config
-        .auth
-        .operators
-        .iter()
-        .map(|o| {
-            format!(
-                "[[auth.operators]]\nname = \"{}\"\nroles = [\"{}\"]\ntoken_sha256 = \"{}\"\n",
-                o.name,
-                o.roles[0].as_str(),
-                o.token_sha256
-            )
-        })
-        .collect();
-    let text = format!(
-        r#"[server]
-listen = "{addr}"
-shutdown_grace_seconds = 5
-
-[store]
-path = "leasehold.redb"
-key_file = "store.key"
-
-[[auth.workload_issuers]]
-name = "dev"
-issuer = "{iss}"
-audiences = ["{aud}"]
-algorithms = ["EdDSA"]
-jwks_file = "dev-issuer.jwks.json"
-tenant_claim = "tenant"
-
-{ops}
-[providers.token]
-type = "token"
-issuer = "http://{addr}"
-audience = "leasehold-demo"
-signing_key_file = "token-signing.pk8"
-
-[providers.token.roles.demo]
-scopes = ["demo:read", "demo:write"]
-max_ttl_seconds = 900
-
-{extra}
-"#,
-        iss = leasehold::dev::DEV_ISSUER,
-        aud = leasehold::dev::DEV_AUDIENCE,
-    );
+/// Write keys and credentials into `dir` (as `dev` does) and the matching
+/// `serve` config, after `tweak`.
+pub fn child_config(dir: &Path, addr: SocketAddr, tweak: impl FnOnce(&mut Config)) -> (PathBuf, DevCredentials) {
+    let (mut config, creds) = leasehold::dev::prepare(dir, addr, SystemClock.now()).unwrap();
+    config.server.shutdown_grace_seconds = 5;
+    tweak(&mut config);
     let path = dir.join("leasehold.toml");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, config.to_toml().unwrap()).unwrap();
     (path, creds)
 }
 

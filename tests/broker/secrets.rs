@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::harness::{Child, child_config, free_port};
+use crate::harness::{Child, Remote, child_config, free_port};
 
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -31,12 +31,11 @@ async fn no_secret_in_logs_or_store_files() {
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
     let addr = free_port();
-    let (config, creds) = child_config(&data, addr, "");
+    let (config, creds) = child_config(&data, addr, |_| {});
     let log = dir.path().join("broker.log");
-    let http = crate::harness::client();
+    let remote = Remote::new(addr);
     let mut child = Child::spawn(&config, addr, log.clone(), "trace");
-    child.wait_healthy(&http).await;
-    let base = format!("http://{addr}");
+    child.wait_healthy(&remote.http).await;
     let a = &creds.identities["assistant-a"].token;
     let admin = &creds.identities["admin"].token;
     let resource = &creds.identities["resource-server"].token;
@@ -44,61 +43,23 @@ async fn no_secret_in_logs_or_store_files() {
     let mut tokens = Vec::new();
     let mut task_ids = Vec::new();
     for _ in 0..3 {
-        let task: Value = http
-            .post(format!("{base}/v1/tasks"))
-            .bearer_auth(a)
-            .json(&json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "secret prompt text", "ttl_seconds": 600}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = task["task_id"].as_str().unwrap().to_owned();
+        let body = json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "secret prompt text", "ttl_seconds": 600});
+        let id = remote.post(a, "/v1/tasks", Some(body)).await["task_id"].as_str().unwrap().to_owned();
         for _ in 0..2 {
-            let l: Value = http
-                .post(format!("{base}/v1/tasks/{id}/leases"))
-                .bearer_auth(a)
-                .json(&json!({"provider": "token", "role": "demo", "ttl_seconds": 300}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let body = json!({"provider": "token", "role": "demo", "ttl_seconds": 300});
+            let l = remote.post(a, &format!("/v1/tasks/{id}/leases"), Some(body)).await;
             let token = l["credential"]["token"].as_str().unwrap().to_owned();
-            let i: Value = http
-                .post(format!("{base}/v1/introspect"))
-                .bearer_auth(resource)
-                .form(&[("token", token.as_str())])
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            assert_eq!(i["active"], true);
+            assert!(remote.active(resource, &token).await);
             tokens.push(token);
         }
         task_ids.push(id);
     }
     // revoke one by hand, complete two tasks, leave one task's leases active
-    let first_lease = http
-        .get(format!("{base}/v1/leases?limit=1"))
-        .bearer_auth(admin)
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["leases"][0]["lease_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    http.post(format!("{base}/v1/leases/{first_lease}/revoke")).bearer_auth(admin).send().await.unwrap();
+    let listed = remote.get(admin, "/v1/leases?limit=1").await;
+    let first_lease = listed["leases"][0]["lease_id"].as_str().unwrap();
+    assert_eq!(remote.post(admin, &format!("/v1/leases/{first_lease}/revoke"), None).await["state"], "revoked");
     for id in &task_ids[..2] {
-        let r = http.post(format!("{base}/v1/tasks/{id}/complete")).bearer_auth(a).send().await.unwrap();
-        assert!(r.status().is_success());
+        assert_eq!(remote.post(a, &format!("/v1/tasks/{id}/complete"), None).await["state"], "completed");
     }
     assert!(child.terminate().success());
 

@@ -101,56 +101,24 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[i]
 }
 
-/// Keys, credentials and a `serve` config in `dir`.
+/// Keys, credentials and a `serve` config in `dir`. `long_leases` raises the
+/// caps so leases outlive the benchmark.
 fn setup(dir: &Path, addr: std::net::SocketAddr, long_leases: bool) -> anyhow::Result<(PathBuf, DevCredentials)> {
-    let (config, creds) = leasehold::dev::prepare(dir, addr, SystemClock.now())?;
-    let ops: String = config
-        .auth
-        .operators
-        .iter()
-        .map(|o| format!("[[auth.operators]]\nname = \"{}\"\nroles = [\"{}\"]\ntoken_sha256 = \"{}\"\n", o.name, o.roles[0].as_str(), o.token_sha256))
-        .collect();
-    let (limits, role_max) = if long_leases {
-        ("[limits]\nmax_task_ttl_seconds = 604800\nmax_lease_ttl_seconds = 86400\n", 86_400)
-    } else {
-        ("", 900)
-    };
-    let text = format!(
-        r#"[server]
-listen = "{addr}"
-shutdown_grace_seconds = 30
-
-[store]
-path = "leasehold.redb"
-key_file = "store.key"
-quick_repair = {quick_repair}
-
-{limits}
-[[auth.workload_issuers]]
-name = "dev"
-issuer = "{iss}"
-audiences = ["{aud}"]
-algorithms = ["EdDSA"]
-jwks_file = "dev-issuer.jwks.json"
-tenant_claim = "tenant"
-
-{ops}
-[providers.token]
-type = "token"
-issuer = "http://{addr}"
-audience = "leasehold-demo"
-signing_key_file = "token-signing.pk8"
-
-[providers.token.roles.demo]
-scopes = ["demo:read", "demo:write"]
-max_ttl_seconds = {role_max}
-"#,
-        iss = leasehold::dev::DEV_ISSUER,
-        aud = leasehold::dev::DEV_AUDIENCE,
-        quick_repair = std::env::var("BENCH_QUICK_REPAIR").map_or(true, |v| v != "0"),
-    );
+    let (mut config, creds) = leasehold::dev::prepare(dir, addr, SystemClock.now())?;
+    config.server.shutdown_grace_seconds = 30;
+    config.store.quick_repair = std::env::var("BENCH_QUICK_REPAIR").map_or(true, |v| v != "0");
+    if long_leases {
+        config.limits.max_task_ttl_seconds = 7 * 86_400;
+        config.limits.max_lease_ttl_seconds = 86_400;
+        for p in config.providers.values_mut() {
+            let leasehold::config::ProviderConfig::Token(t) = p;
+            for r in t.roles.values_mut() {
+                r.max_ttl_seconds = 86_400;
+            }
+        }
+    }
     let path = dir.join("leasehold.toml");
-    std::fs::write(&path, text)?;
+    std::fs::write(&path, config.to_toml()?)?;
     Ok((path, creds))
 }
 
