@@ -67,6 +67,7 @@ impl From<StoreError> for BrokerError {
                 }
                 Conflict::LeaseState(s) => Self::conflict("lease_state", format!("the lease is {}", s.as_str())),
                 Conflict::Duplicate => Self::conflict("duplicate", "the record already exists"),
+                Conflict::Chain(m) => Self::conflict("chain_conflict", m),
             },
             other => Self::Store(other),
         }
@@ -121,8 +122,44 @@ pub struct Broker {
     /// Providers whose revocation is an entry in our own store (token):
     /// revoked inside the transaction that decides the revocation.
     pub local: Arc<crate::store::Local>,
+    /// Shapes events (HMAC fields; test and benchmark switches).
+    pub auditor: Arc<crate::audit::Auditor>,
+    /// Signs checkpoints of the event chain (and gives online verification
+    /// its trusted key).
+    pub checkpoint_key: Option<Arc<crate::audit::CheckpointKey>>,
+    /// Rate limit for recording denied authentication attempts.
+    pub denied: DeniedLimiter,
     #[cfg(feature = "fault-injection")]
     pub faults: Faults,
+}
+
+/// At most `per_second` denied-authentication events a second; the rest
+/// are counted and reported by the next one recorded.
+#[derive(Debug, Default)]
+pub struct DeniedLimiter {
+    pub per_second: u64,
+    window: std::sync::atomic::AtomicI64,
+    count: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl DeniedLimiter {
+    pub fn new(per_second: u64) -> Self {
+        Self { per_second, ..Self::default() }
+    }
+
+    /// `Some(suppressed since the last recorded one)` if this one is recorded.
+    pub fn admit(&self, now_s: i64) -> Option<u64> {
+        if self.window.swap(now_s, Ordering::AcqRel) != now_s {
+            self.count.store(0, Ordering::Release);
+        }
+        if self.count.fetch_add(1, Ordering::AcqRel) < self.per_second {
+            Some(self.suppressed.swap(0, Ordering::AcqRel))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::AcqRel);
+            None
+        }
+    }
 }
 
 impl std::fmt::Debug for Broker {
@@ -143,6 +180,9 @@ impl Broker {
         let local = Arc::new(providers.iter().filter(|e| e.token.is_some()).map(|e| e.name.clone()).collect());
         Self {
             local,
+            auditor: Arc::new(crate::audit::Auditor::default()),
+            checkpoint_key: None,
+            denied: DeniedLimiter::new(10),
             store,
             clock,
             providers: Arc::new(providers),
@@ -162,6 +202,55 @@ impl Broker {
     /// the queue takes over (if the request died, say).
     pub fn claim_window_ms(&self) -> i64 {
         i64::try_from(self.reaper.provider_timeout_seconds).unwrap_or(30).saturating_mul(2000)
+    }
+
+    /// Append a broker-level event (started, stopped, auth denied) in a
+    /// transaction of its own.
+    pub async fn record(
+        &self,
+        kind: crate::audit::EventKind,
+        request_id: Option<String>,
+        data: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), BrokerError> {
+        let now = self.clock.now().unix_millis();
+        let a = self.auditor.clone();
+        self.store
+            .write(move |t| crate::audit::append(t, &a, a.broker(kind, now, request_id, data)))
+            .await
+            .map_err(BrokerError::from)
+    }
+
+    /// Record a denied authentication attempt, rate-limited. Never blocks
+    /// the refusal itself.
+    pub fn auth_denied(self: &Arc<Self>, reason: String, request_id: Option<String>) {
+        let Some(suppressed) = self.denied.admit(self.clock.now().unix_seconds()) else {
+            return;
+        };
+        let b = self.clone();
+        tokio::spawn(async move {
+            let data = crate::event_data![("reason", crate::audit::text(&reason)), ("suppressed_before", suppressed)];
+            if let Err(e) = b.record(crate::audit::EventKind::AuthDenied, request_id, data).await {
+                tracing::warn!(error = %e, "recording a denied authentication failed");
+            }
+        });
+    }
+
+    /// Sign the head of the chain if it moved since the last checkpoint.
+    pub async fn checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>, BrokerError> {
+        let Some(key) = self.checkpoint_key.clone() else { return Ok(None) };
+        let r = self.store.read()?;
+        let head = r.chain_head()?;
+        if head.seq == 0 || r.last_checkpoint_seq()?.is_some_and(|s| s >= head.seq) {
+            return Ok(None);
+        }
+        drop(r);
+        let cp = key.sign(head.seq, head.hash, crate::clock::rfc3339(self.clock.now()));
+        let mut bytes = Vec::new();
+        crate::audit::canonical(&cp.to_value(), &mut bytes)
+            .map_err(|e| BrokerError::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
+        let seq = cp.seq;
+        self.store.write(move |t| t.put_checkpoint(seq, &bytes)).await?;
+        Ok(Some(cp))
     }
 
     /// Operators who may read any task or lease.

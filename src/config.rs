@@ -39,6 +39,7 @@ pub struct Config {
     #[serde(default)]
     pub reaper: ReaperConfig,
     pub auth: AuthConfig,
+    pub audit: AuditConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Test-only fault hooks; absent from release builds.
     #[cfg(feature = "fault-injection")]
@@ -162,6 +163,33 @@ impl Default for ReaperConfig {
             provider_timeout_seconds: defaults::provider_timeout_seconds(),
         }
     }
+}
+
+/// The event chain.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Ed25519 PKCS#8 key that signs checkpoints of the chain; kept apart
+    /// from the store key (`leasehold keygen checkpoint FILE`).
+    pub checkpoint_key_file: PathBuf,
+    /// How often the head is signed (also at shutdown).
+    #[serde(default = "defaults::checkpoint_interval_seconds")]
+    pub checkpoint_interval_seconds: u64,
+    /// A key for HMAC-ing the fields in `hmac_fields` before they enter the
+    /// chain (32+ random bytes, hex or base64, like the store key).
+    pub hmac_key_file: Option<PathBuf>,
+    /// Fields recorded as `hmac-sha256:<hex>` instead of their value: any
+    /// of `user`, `purpose`, `workload`, `tenant`.
+    #[serde(default)]
+    pub hmac_fields: Vec<String>,
+    /// Denied authentication attempts recorded per second at most; the rest
+    /// are counted into the next recorded one.
+    #[serde(default = "defaults::auth_denied_events_per_second")]
+    pub auth_denied_events_per_second: u32,
+    /// Benchmark-only: record no events (feature `bench-no-events`).
+    #[cfg(feature = "bench-no-events")]
+    #[serde(default)]
+    pub bench_no_events: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -309,6 +337,9 @@ pub struct FaultConfig {
     /// After the provider issued and before the lease is activated, write
     /// the lease id and credential to this file and hang (crash test).
     pub pause_after_issue_file: Option<PathBuf>,
+    /// Fail the append of events of these kinds (fail-closed tests).
+    #[serde(default)]
+    pub fail_event_kinds: Vec<String>,
 }
 
 mod defaults {
@@ -366,6 +397,12 @@ mod defaults {
     pub fn provider_timeout_seconds() -> u64 {
         30
     }
+    pub fn checkpoint_interval_seconds() -> u64 {
+        60
+    }
+    pub fn auth_denied_events_per_second() -> u32 {
+        10
+    }
     pub fn jwks_refresh_seconds() -> u64 {
         300
     }
@@ -413,6 +450,10 @@ impl Config {
         };
         fix(&mut self.store.path);
         if let Some(p) = self.store.key_file.as_mut() {
+            fix(p);
+        }
+        fix(&mut self.audit.checkpoint_key_file);
+        if let Some(p) = self.audit.hmac_key_file.as_mut() {
             fix(p);
         }
         if let Some(tls) = self.server.tls.as_mut() {
@@ -507,6 +548,19 @@ impl Config {
             return Err(invalid("reaper.provider_timeout_seconds", "must be positive"));
         }
         self.validate_auth()?;
+        let a = &self.audit;
+        if a.checkpoint_interval_seconds == 0 || a.checkpoint_interval_seconds > 86_400 {
+            return Err(invalid("audit.checkpoint_interval_seconds", "must be between 1 and 86400"));
+        }
+        if let Some(f) = a.hmac_fields.iter().find(|f| !crate::audit::HMAC_FIELDS.contains(&f.as_str())) {
+            return Err(invalid(
+                "audit.hmac_fields",
+                format!("`{f}` cannot be HMAC-ed; choose from {}", crate::audit::HMAC_FIELDS.join(", ")),
+            ));
+        }
+        if !a.hmac_fields.is_empty() && a.hmac_key_file.is_none() {
+            return Err(invalid("audit.hmac_key_file", "hmac_fields needs hmac_key_file"));
+        }
         if self.providers.is_empty() {
             return Err(invalid("providers", "configure at least one provider"));
         }
@@ -601,6 +655,13 @@ impl Config {
         if let Some(p) = &self.store.key_file {
             crate::store::StoreKey::from_file(p).map_err(|e| invalid("store.key_file", e.to_string()))?;
         }
+        let cp = std::fs::read(&self.audit.checkpoint_key_file).map_err(|e| {
+            invalid("audit.checkpoint_key_file", format!("{}: {e}", self.audit.checkpoint_key_file.display()))
+        })?;
+        crate::audit::CheckpointKey::from_pkcs8(&cp).map_err(|e| invalid("audit.checkpoint_key_file", e))?;
+        if let Some(p) = &self.audit.hmac_key_file {
+            crate::store::StoreKey::from_file(p).map_err(|e| invalid("audit.hmac_key_file", e.to_string()))?;
+        }
         if let Some(tls) = &self.server.tls {
             for (k, p) in [("server.tls.cert_file", &tls.cert_file), ("server.tls.key_file", &tls.key_file)] {
                 std::fs::metadata(p).map_err(|e| invalid(k, format!("{}: {e}", p.display())))?;
@@ -676,6 +737,8 @@ listen = "127.0.0.1:7711"
 path = "leasehold.redb"
 key_file = "store.key"
 [auth]
+[audit]
+checkpoint_key_file = "checkpoint.pk8"
 [providers.token]
 type = "token"
 issuer = "https://leasehold.test"

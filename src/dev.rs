@@ -129,6 +129,8 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
     }
     let token_key = data.join("token-signing.pk8");
     ensure_ed25519(&token_key)?;
+    let checkpoint_key = data.join("checkpoint.pk8");
+    ensure_ed25519(&checkpoint_key)?;
     let issuer_doc = ensure_ed25519(&data.join("dev-issuer.pk8"))?;
     let issuer_key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&issuer_doc)
         .map_err(|_| DevError::Key("dev issuer key unreadable".into()))?;
@@ -222,6 +224,15 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
                 attribute_claims: vec![],
             }],
             operators,
+        },
+        audit: AuditConfig {
+            checkpoint_key_file: checkpoint_key,
+            checkpoint_interval_seconds: 60,
+            hmac_key_file: None,
+            hmac_fields: vec![],
+            auth_denied_events_per_second: 10,
+            #[cfg(feature = "bench-no-events")]
+            bench_no_events: false,
         },
         providers,
         #[cfg(feature = "fault-injection")]

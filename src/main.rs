@@ -115,19 +115,15 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 println!("wrote a new store key to {} (keep it; the store cannot be opened without it)", file.display());
             }
             KeygenCommand::Token { file } => {
-                let doc = leasehold_provider_token::generate_signing_key()?;
-                let mut opts = std::fs::OpenOptions::new();
-                opts.write(true).create_new(true);
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::OpenOptionsExt as _;
-                    opts.mode(0o600);
-                }
-                use std::io::Write as _;
-                opts.open(&file)
-                    .and_then(|mut f| f.write_all(&doc))
-                    .with_context(|| format!("writing {}", file.display()))?;
+                write_new_private(&file, &leasehold_provider_token::generate_signing_key()?)?;
                 println!("wrote a new Ed25519 token signing key to {}", file.display());
+            }
+            KeygenCommand::Checkpoint { file } => {
+                let doc = leasehold_provider_token::generate_signing_key()?;
+                write_new_private(&file, &doc)?;
+                let key = leasehold::audit::CheckpointKey::from_pkcs8(&doc).map_err(anyhow::Error::msg)?;
+                println!("wrote a new Ed25519 checkpoint key to {}", file.display());
+                println!("public key (for `leasehold events verify --checkpoint-key`): {}", key.public_key_text());
             }
             KeygenCommand::Operator => {
                 let token = leasehold::auth::generate_operator_token().map_err(anyhow::Error::msg)?;
@@ -143,15 +139,37 @@ fn real_main() -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             return Ok(print_result(rt.block_on(leasehold::cli::client::lease(&conn, command))));
         }
+        Command::Events { conn, command } => {
+            let rt = runtime()?;
+            return Ok(print_result(rt.block_on(leasehold::cli::events::run(&conn, command))));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// A new file, readable by its owner only; never overwrites.
+fn write_new_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    opts.open(path).and_then(|mut f| f.write_all(bytes)).with_context(|| format!("writing {}", path.display()))
+}
+
 fn print_result(r: Result<serde_json::Value, leasehold::cli::client::ClientError>) -> ExitCode {
     match r {
+        Ok(serde_json::Value::Null) => ExitCode::SUCCESS,
         Ok(v) => {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string()));
             ExitCode::SUCCESS
+        }
+        Err(leasehold::cli::client::ClientError::Failed(v)) => {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string()));
+            ExitCode::from(1)
         }
         Err(e) => {
             eprintln!("error: {e}");

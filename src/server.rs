@@ -38,6 +38,27 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error("recovery: {0}")]
     Recovery(String),
+    #[error("audit: {0}")]
+    Audit(String),
+}
+
+/// Build the event shaping from config (HMAC fields, test and benchmark switches).
+fn auditor(config: &Config) -> Result<crate::audit::Auditor, ServeError> {
+    #[allow(unused_mut)]
+    let mut a = crate::audit::Auditor::default();
+    if let Some(p) = &config.audit.hmac_key_file {
+        let key = StoreKey::from_file(p).map_err(|e| ServeError::Audit(format!("hmac_key_file: {e}")))?;
+        a.hmac = Some(crate::audit::FieldHmac::new(key.expose(), config.audit.hmac_fields.clone()));
+    }
+    #[cfg(feature = "bench-no-events")]
+    {
+        a.noop = config.audit.bench_no_events;
+    }
+    #[cfg(feature = "fault-injection")]
+    {
+        a.fail_kinds = config.fault.fail_event_kinds.clone();
+    }
+    Ok(a)
 }
 
 /// Load the store key the config names.
@@ -106,12 +127,27 @@ pub async fn run_with(
     {
         broker.faults.pause_after_issue_file = config.fault.pause_after_issue_file.clone();
     }
+    broker.auditor = Arc::new(auditor(&config)?);
+    let cp = std::fs::read(&config.audit.checkpoint_key_file)
+        .map_err(|e| ServeError::Audit(format!("{}: {e}", config.audit.checkpoint_key_file.display())))?;
+    broker.checkpoint_key = Some(Arc::new(crate::audit::CheckpointKey::from_pkcs8(&cp).map_err(ServeError::Audit)?));
+    broker.denied = crate::broker::DeniedLimiter::new(u64::from(config.audit.auth_denied_events_per_second));
     let broker = Arc::new(broker);
     let recovered = broker.recover().await.map_err(|e| ServeError::Recovery(e.to_string()))?;
+    let started = crate::event_data![("version", env!("CARGO_PKG_VERSION")), ("recovered", recovered as u64)];
+    broker
+        .record(crate::audit::EventKind::BrokerStarted, None, started)
+        .await
+        .map_err(|e| ServeError::Audit(format!("cannot record the start: {e}")))?;
     let auth = Arc::new(Authenticator::new(&config.auth, clock.clone()).map_err(ServeError::Auth)?);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut background = crate::reaper::spawn(broker.clone(), stop_rx.clone());
+    background.push(tokio::spawn(checkpoint_loop(
+        broker.clone(),
+        config.audit.checkpoint_interval_seconds,
+        stop_rx.clone(),
+    )));
     for issuer in auth.issuers() {
         if let Some(every) = issuer.refresh_interval() {
             if let Err(e) = issuer.refresh(clock.now()).await {
@@ -194,9 +230,36 @@ pub async fn run_with(
     for h in background {
         let _ = h.await;
     }
+    // the last words of the chain: the stop, then a signed checkpoint over it
+    if let Err(e) = broker.record(crate::audit::EventKind::BrokerStopped, None, serde_json::Map::new()).await {
+        tracing::error!(error = %e, "recording the stop failed");
+    }
+    if let Err(e) = broker.checkpoint().await {
+        tracing::error!(error = %e, "the final checkpoint failed");
+    }
     close(broker, grace).await;
     tracing::info!("leasehold stopped");
     Ok(())
+}
+
+/// Sign the head of the chain every `every` seconds of the broker's clock.
+async fn checkpoint_loop(broker: Arc<Broker>, every: u64, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let every = i64::try_from(every).unwrap_or(60).saturating_mul(1000);
+    loop {
+        let next = broker.clock.now().unix_millis().saturating_add(every);
+        tokio::select! {
+            _ = broker.clock.sleep_until(crate::clock::Timestamp::from_unix_millis(next)) => {}
+            _ = stop.changed() => return,
+        }
+        if broker.clock.now().unix_millis() < next {
+            continue;
+        }
+        match broker.checkpoint().await {
+            Ok(Some(cp)) => tracing::debug!(seq = cp.seq, "checkpoint signed"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "signing a checkpoint failed"),
+        }
+    }
 }
 
 /// Wait for in-flight work to let go of the broker, then close the store

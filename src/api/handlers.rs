@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::wire::*;
 use super::{ApiError, AppState};
+use crate::audit::Ctx;
 use crate::auth::{Caller, WorkloadCaller};
 use crate::broker::BrokerError;
 use crate::config::OperatorRole;
@@ -36,9 +37,14 @@ where
     }
 }
 
+fn ctx(rid: ReqId, principal: String) -> Ctx {
+    Ctx::request(rid.0, principal)
+}
+
 pub async fn open_task(
     State(s): State<AppState>,
     WorkloadCaller(w): WorkloadCaller,
+    rid: ReqId,
     ApiJson(body): ApiJson<OpenTaskBody>,
 ) -> Result<Response, ApiError> {
     let req = OpenTask {
@@ -50,7 +56,8 @@ pub async fn open_task(
         ttl_seconds: body.ttl_seconds,
     };
     let broker = s.broker.clone();
-    let task = detached(async move { broker.open_task(&w, req).await }).await?;
+    let c = ctx(rid, format!("workload:{}", w.id));
+    let task = detached(async move { broker.open_task(&w, req, &c).await }).await?;
     Ok((StatusCode::CREATED, Json(TaskView::new(&task, s.broker.clock.now()))).into_response())
 }
 
@@ -70,11 +77,13 @@ pub async fn get_task(
 pub async fn complete_task(
     State(s): State<AppState>,
     WorkloadCaller(w): WorkloadCaller,
+    rid: ReqId,
     Path(id): Path<String>,
 ) -> Result<Json<CompletionView>, ApiError> {
     let id = parse_task_id(&id)?;
     let broker = s.broker.clone();
-    let report = detached(async move { broker.complete_task(&w, id).await }).await?;
+    let c = ctx(rid, format!("workload:{}", w.id));
+    let report = detached(async move { broker.complete_task(&w, id, &c).await }).await?;
     Ok(Json(CompletionView {
         task_id: id.to_string(),
         state: "completed",
@@ -86,13 +95,15 @@ pub async fn complete_task(
 pub async fn request_lease(
     State(s): State<AppState>,
     WorkloadCaller(w): WorkloadCaller,
+    rid: ReqId,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<LeaseBody>,
 ) -> Result<Response, ApiError> {
     let id = parse_task_id(&id)?;
     let params = LeaseParams { provider: body.provider, role: body.role, ttl_seconds: body.ttl_seconds, scope: body.scope };
     let broker = s.broker.clone();
-    let issued = detached(async move { broker.request_lease(&w, id, params).await }).await?;
+    let c = ctx(rid, format!("workload:{}", w.id));
+    let issued = detached(async move { broker.request_lease(&w, id, params, &c).await }).await?;
     let view = IssuedLeaseView { lease: LeaseView::from(&issued.lease), credential: CredentialWire(issued.credential) };
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
@@ -109,11 +120,13 @@ pub async fn get_lease(
 pub async fn revoke_lease(
     State(s): State<AppState>,
     caller: Caller,
+    rid: ReqId,
     Path(id): Path<String>,
 ) -> Result<Json<LeaseView>, ApiError> {
     let id = parse_lease_id(&id)?;
     let broker = s.broker.clone();
-    let rec = detached(async move { broker.revoke_lease(&caller, id).await }).await?;
+    let c = ctx(rid, caller.principal());
+    let rec = detached(async move { broker.revoke_lease(&caller, id, &c).await }).await?;
     Ok(Json(LeaseView::from(&rec)))
 }
 
@@ -185,6 +198,150 @@ pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<ser
             "commit_seconds": stats.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
         },
     })))
+}
+
+fn require_reader(caller: &Caller) -> Result<(), ApiError> {
+    if crate::broker::Broker::is_reader(caller) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("forbidden", "the event chain is for the admin and responder roles"))
+    }
+}
+
+fn time_param(name: &str, v: Option<&str>) -> Result<Option<crate::clock::Timestamp>, ApiError> {
+    v.map(|s| {
+        crate::clock::parse_rfc3339(s)
+            .ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("`{name}` must be an RFC 3339 time")))
+    })
+    .transpose()
+}
+
+/// The event chain, filtered, in order, paged by `after`.
+pub async fn events(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiQuery(p): ApiQuery<EventListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require_reader(&caller)?;
+    let limit = p.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad_request("invalid_parameter", format!("`limit` must be between 1 and {MAX_PAGE}")));
+    }
+    let kind = p
+        .kind
+        .as_deref()
+        .map(|k| {
+            crate::audit::EventKind::parse(k)
+                .ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("unknown event kind `{}`", k.escape_default())))
+        })
+        .transpose()?;
+    let since = time_param("since", p.since.as_deref())?;
+    let until = time_param("until", p.until.as_deref())?;
+    if let (Some(a), Some(b)) = (since, until)
+        && a >= b
+    {
+        return Err(ApiError::bad_request("invalid_parameter", "`since` must be before `until`"));
+    }
+    let task = p.task.as_deref().map(parse_task_id).transpose()?.map(|t| t.0);
+    let reader = s.broker.store.read().map_err(BrokerError::from)?;
+    let lease_task = match p.lease.as_deref() {
+        Some(l) => {
+            let id = parse_lease_id(l)?;
+            Some(reader.lease(id.0).map_err(BrokerError::from)?.map_or(0, |r| r.task_id))
+        }
+        None => None,
+    };
+    let a = &s.broker.auditor;
+    let q = crate::audit::query::EventQuery {
+        task,
+        lease: p.lease.clone(),
+        lease_task,
+        workload: p.workload.as_deref().map(|w| a.workload(w)),
+        user: p.user.as_deref().map(|u| a.user(u)),
+        kind,
+        since,
+        until,
+        after: p.after.unwrap_or(0),
+        limit,
+        scan_budget: 20_000,
+    };
+    let (events, next) = tokio::task::spawn_blocking(move || crate::audit::query::page(&reader, &q))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error"))?
+        .map_err(BrokerError::from)?;
+    let mut body = serde_json::json!({ "events": events });
+    if let Some(n) = next {
+        body["next_cursor"] = n.into();
+    }
+    Ok(Json(body))
+}
+
+/// Verify the whole chain and every checkpoint, now.
+pub async fn verify_events(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    require_reader(&caller)?;
+    let reader = s.broker.store.read().map_err(BrokerError::from)?;
+    let trusted = s.broker.checkpoint_key.as_ref().map(|k| k.public_key().to_vec());
+    let report = tokio::task::spawn_blocking(move || crate::audit::query::verify_store(&reader, trusted))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error"))?
+        .map_err(BrokerError::from)?;
+    if !report.ok {
+        tracing::error!(first_break = ?report.first_break, "the event chain does not verify");
+    }
+    Ok(Json(report).into_response())
+}
+
+/// Where the chain starts and ends, and the key its checkpoints verify with.
+pub async fn chain(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+    require_reader(&caller)?;
+    let r = s.broker.store.read().map_err(BrokerError::from)?;
+    let (base, head) = (r.chain_base().map_err(BrokerError::from)?, r.chain_head().map_err(BrokerError::from)?);
+    let mut checkpoints = Vec::new();
+    for (_, bytes) in r.checkpoints().map_err(BrokerError::from)? {
+        checkpoints.push(serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or(serde_json::Value::Null));
+    }
+    Ok(Json(serde_json::json!({
+        "base_seq": base.seq,
+        "base_hash": crate::hex::encode(&base.hash),
+        "head_seq": head.seq,
+        "head_hash": crate::hex::encode(&head.hash),
+        "checkpoint_key": s.broker.checkpoint_key.as_ref().map(|k| k.public_key_text()),
+        "checkpoints": checkpoints,
+    })))
+}
+
+/// Drop archived events (admin): the caller proves it holds the archive by
+/// naming the hash of its last event.
+pub async fn prune_events(
+    State(s): State<AppState>,
+    caller: Caller,
+    rid: ReqId,
+    ApiJson(body): ApiJson<PruneBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if !caller.has_any_role(&[OperatorRole::Admin]) {
+        return Err(ApiError::forbidden("forbidden", "pruning the chain needs the admin role"));
+    }
+    let hash = crate::hex::decode32(&body.last_hash)
+        .ok_or_else(|| ApiError::bad_request("invalid_request", "`last_hash` must be 64 hex characters"))?;
+    let (through, a, now) = (body.through_seq, s.broker.auditor.clone(), s.broker.clock.now().unix_millis());
+    let by = caller.principal();
+    let removed = s
+        .broker
+        .store
+        .write(move |t| {
+            let removed = t.prune_events(through, &hash)?;
+            let data = crate::event_data![
+                ("through_seq", through),
+                ("last_hash", crate::hex::encode(&hash)),
+                ("removed", removed),
+                ("by", by),
+            ];
+            crate::audit::append(t, &a, a.broker(crate::audit::EventKind::ChainPruned, now, rid.0, data))?;
+            Ok(removed)
+        })
+        .await
+        .map_err(BrokerError::from)?;
+    Ok(Json(serde_json::json!({"pruned": removed, "base_seq": through})))
 }
 
 /// RFC 7662 token introspection, for resource servers.

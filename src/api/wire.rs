@@ -71,6 +71,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+/// The request id the middleware assigned (for events).
+#[derive(Debug, Clone)]
+pub struct ReqId(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ReqId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned)))
+    }
+}
+
 pub fn parse_task_id(s: &str) -> Result<TaskId, ApiError> {
     s.parse().map_err(|_| ApiError::bad_request("invalid_id", "not a task id (task_...)"))
 }
@@ -115,6 +127,30 @@ pub struct LeaseListParams {
     pub role: Option<String>,
     pub cursor: Option<String>,
     pub limit: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventListParams {
+    pub task: Option<String>,
+    pub lease: Option<String>,
+    pub workload: Option<String>,
+    pub user: Option<String>,
+    pub kind: Option<String>,
+    pub since: Option<String>,
+    pub until: Option<String>,
+    /// Cursor: events after this seq.
+    pub after: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneBody {
+    /// Remove events up to and including this seq…
+    pub through_seq: u64,
+    /// …whose hash the archive ends with (proof the caller holds it).
+    pub last_hash: String,
 }
 
 #[derive(Debug, Deserialize)]

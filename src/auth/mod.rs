@@ -260,8 +260,15 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer_of(parts).map_err(ApiError::unauthenticated)?;
-        state.auth.authenticate(token).await.map_err(ApiError::unauthenticated)
+        let result = match bearer_of(parts) {
+            Ok(token) => state.auth.authenticate(token).await,
+            Err(e) => Err(e),
+        };
+        result.map_err(|e| {
+            let rid = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            state.broker.auth_denied(e.to_string(), rid);
+            ApiError::unauthenticated(e)
+        })
     }
 }
 

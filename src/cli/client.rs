@@ -13,6 +13,9 @@ pub enum ClientError {
     Transport(String),
     #[error("{code} (HTTP {status}): {message}")]
     Api { status: u16, code: String, message: String },
+    /// A check that ran and failed (the report is printed).
+    #[error("{0}")]
+    Failed(serde_json::Value),
 }
 
 impl ClientError {
@@ -20,6 +23,7 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Api { status, .. } if (400..500).contains(status) => 1,
+            Self::Failed(_) => 1,
             _ => 2,
         }
     }
@@ -152,7 +156,7 @@ pub async fn lease(conn: &Connection, cmd: LeaseCommand) -> Result<Value, Client
     }
 }
 
-fn urlencode(s: &str) -> String {
+pub fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

@@ -2,6 +2,7 @@
 //! to a running broker.
 
 pub mod client;
+pub mod events;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -75,6 +76,80 @@ pub enum Command {
         #[command(subcommand)]
         command: LeaseCommand,
     },
+    /// Read, export, verify and archive the event chain.
+    Events {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// One page of events, filtered (admin, responder).
+    List {
+        #[arg(long)]
+        task: Option<String>,
+        #[arg(long)]
+        lease: Option<String>,
+        #[arg(long)]
+        workload: Option<String>,
+        /// The user acted for (matched through the HMAC if configured).
+        #[arg(long)]
+        user: Option<String>,
+        /// e.g. lease.issued, lease.revoked, task.opened
+        #[arg(long)]
+        kind: Option<String>,
+        /// RFC 3339
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        /// Continue after this seq (the previous page's next_cursor).
+        #[arg(long)]
+        after: Option<u64>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// A task's story in order, for people: prompt, leases, revocations.
+    Show {
+        #[arg(long)]
+        task: String,
+    },
+    /// JSON Lines for a SIEM: header, checkpoints, one event per line.
+    Export {
+        /// Write here instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Start after this seq.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Keep following the chain as it grows.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Verify the chain and its checkpoints: online (default), or offline
+    /// from a stopped broker's store file or an export. Exits 1 and names
+    /// the first broken link if it does not verify.
+    Verify {
+        #[arg(long, value_name = "FILE", conflicts_with = "export")]
+        store: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        export: Option<PathBuf>,
+        /// The trusted checkpoint key (its PKCS#8 file or the public key
+        /// `leasehold keygen checkpoint` printed).
+        #[arg(long, value_name = "FILE")]
+        checkpoint_key: Option<PathBuf>,
+    },
+    /// Export the oldest events through SEQ to a new file, verify it, then
+    /// prune them from the broker (admin).
+    Archive {
+        #[arg(long, value_name = "SEQ")]
+        through: u64,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,6 +178,12 @@ pub enum KeygenCommand {
     /// A new operator bearer token: prints the token (give it to the
     /// operator) and its SHA-256 (put it in config).
     Operator,
+    /// A new Ed25519 key for signing event-chain checkpoints (PKCS#8, mode
+    /// 0600); prints its public key for offline verification.
+    Checkpoint {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 /// How client verbs reach the broker and who they are.

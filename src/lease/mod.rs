@@ -16,6 +16,7 @@
 
 use leasehold_provider::{Credential, ErrorClass, LeaseSpec, RevokeSpec, Timestamp};
 
+use crate::audit::{self, Ctx};
 use crate::auth::{Caller, Workload};
 use crate::broker::{Broker, BrokerError};
 use crate::ids::{LeaseId, TaskId};
@@ -61,6 +62,7 @@ impl Broker {
         w: &Workload,
         task_id: TaskId,
         p: LeaseParams,
+        ctx: &Ctx,
     ) -> Result<IssuedLease, BrokerError> {
         // 1. validate, write nothing
         let ttl = check_ttl("ttl_seconds", p.ttl_seconds, self.limits.max_lease_ttl_seconds)?;
@@ -126,27 +128,32 @@ impl Broker {
         };
 
         // 2. the durable intent
-        let intent = rec.clone();
+        let (intent, a, c) = (rec.clone(), self.auditor.clone(), ctx.clone());
         let (now_ms, cap) = (now.unix_millis(), self.limits.max_leases_per_task);
-        self.store.write(move |t| t.lease_intent(&intent, now_ms, cap)).await?;
+        self.store
+            .write(move |t| {
+                t.lease_intent(&intent, now_ms, cap)?;
+                audit::append(t, &a, a.lease(&intent, &c, now_ms))
+            })
+            .await?;
 
         // 3. the provider
         let spec = spec_of(&rec);
         let issued = match tokio::time::timeout(self.provider_timeout(), entry.provider.issue(&spec)).await {
             Ok(Ok(issued)) if issued.expires_at <= spec.expires_at => issued,
             Ok(Ok(_)) => {
-                return Err(self.fail_issue(&rec, "the provider returned a credential outliving its lease", false).await);
+                return Err(self.fail_issue(&rec, "the provider returned a credential outliving its lease", false, ctx).await);
             }
             Ok(Err(e)) => {
                 let invalid = e.class == ErrorClass::Invalid;
-                let err = self.fail_issue(&rec, &e.message, e.is_retryable()).await;
+                let err = self.fail_issue(&rec, &e.message, e.is_retryable(), ctx).await;
                 return Err(if invalid { BrokerError::invalid("invalid_request", e.message) } else { err });
             }
-            Err(_) => return Err(self.fail_issue(&rec, "the provider did not answer in time", true).await),
+            Err(_) => return Err(self.fail_issue(&rec, "the provider did not answer in time", true, ctx).await),
         };
         let sealed = match self.store.sealer().seal(rec.id, "handle", issued.handle.as_bytes()) {
             Ok(s) => s,
-            Err(_) => return Err(self.fail_issue(&rec, "sealing the revocation handle failed", false).await),
+            Err(_) => return Err(self.fail_issue(&rec, "sealing the revocation handle failed", false, ctx).await),
         };
 
         #[cfg(feature = "fault-injection")]
@@ -161,7 +168,13 @@ impl Broker {
             description: issued.description.clone(),
         };
         let now_ms = self.clock.now().unix_millis();
-        match self.store.write(move |t| t.activate(&activation, now_ms)).await {
+        let (a, c) = (self.auditor.clone(), ctx.clone());
+        let activated = self.store.write(move |t| {
+            let rec = t.activate(&activation, now_ms)?;
+            audit::append(t, &a, a.lease(&rec, &c, now_ms))?;
+            Ok(rec)
+        });
+        match activated.await {
             Ok(active) => {
                 self.wakers.lease_activated(active.expires_at);
                 tracing::info!(
@@ -175,7 +188,7 @@ impl Broker {
             Err(StoreError::Conflict(c)) => {
                 // the task closed while the provider was minting
                 let err = BrokerError::from(StoreError::Conflict(c));
-                self.fail_issue(&rec, "the task closed before activation", false).await;
+                self.fail_issue(&rec, "the task closed before activation", false, ctx).await;
                 Err(err)
             }
             Err(e) => {
@@ -190,7 +203,10 @@ impl Broker {
                 if let Err(pe) = entry.provider.revoke(&revoke).await {
                     tracing::error!(lease_id = %id, error = %pe, "revoking an unrecorded credential failed; recovery will roll it back");
                 }
-                tracing::error!(lease_id = %id, error = %e, "activation failed; credential withheld");
+                tracing::error!(lease_id = %id, error = %e, "activation failed; credential withheld and revoked");
+                // record the failure if the store takes it; if not, the
+                // intent stays and start-up recovery rolls it back
+                self.fail_issue(&rec, "activation could not be recorded", true, ctx).await;
                 Err(BrokerError::Store(e))
             }
         }
@@ -198,11 +214,15 @@ impl Broker {
 
     /// The issue failed after the intent: queue a rollback (the provider may
     /// have created something before failing) and report the failure.
-    async fn fail_issue(&self, rec: &LeaseRecord, detail: &str, retryable: bool) -> BrokerError {
+    async fn fail_issue(&self, rec: &LeaseRecord, detail: &str, retryable: bool, ctx: &Ctx) -> BrokerError {
         let (id, now) = (rec.id, self.clock.now().unix_millis());
         let msg = detail.to_owned();
-        let local = self.local.clone();
-        match self.store.write(move |t| t.issue_failed(id, &msg, now, &local)).await {
+        let (local, a, c) = (self.local.clone(), self.auditor.clone(), ctx.clone());
+        let failed = self.store.write(move |t| {
+            let r = t.issue_failed(id, &msg, now, &local)?;
+            audit::append(t, &a, a.lease(&r, &c, now))
+        });
+        match failed.await {
             Ok(_) => self.wakers.revocations_queued(&rec.provider),
             Err(e) => tracing::error!(lease_id = %LeaseId(id), error = %e, "recording a failed issue failed; recovery will roll it back"),
         }
@@ -238,7 +258,7 @@ impl Broker {
 
     /// Revoke one lease now. Idempotent: an already dead lease is returned
     /// as it is.
-    pub async fn revoke_lease(&self, caller: &Caller, id: LeaseId) -> Result<LeaseRecord, BrokerError> {
+    pub async fn revoke_lease(&self, caller: &Caller, id: LeaseId, ctx: &Ctx) -> Result<LeaseRecord, BrokerError> {
         let rec = self.get_lease(caller, id)?;
         if rec.state == LeaseState::Issuing {
             return Err(BrokerError::conflict("lease_issuing", "the lease is still being issued; retry shortly"));
@@ -249,16 +269,22 @@ impl Broker {
         let now = self.clock.now().unix_millis();
         let claim_until = now.saturating_add(self.claim_window_ms());
         let by = caller.principal();
-        let local = self.local.clone();
-        let (rec, claimed) = self
+        let (local, a, c) = (self.local.clone(), self.auditor.clone(), ctx.clone());
+        let req = self
             .store
-            .write(move |t| t.request_revoke(id.0, RevokeCause::Manual, Some(&by), now, claim_until, &local))
+            .write(move |t| {
+                let req = t.request_revoke(id.0, RevokeCause::Manual, Some(&by), now, claim_until, &local)?;
+                if req.changed {
+                    audit::append(t, &a, a.lease(&req.rec, &c, now))?;
+                }
+                Ok(req)
+            })
             .await?;
-        if !claimed {
-            return Ok(rec);
+        if !req.queued {
+            return Ok(req.rec);
         }
-        let mut done = self.revoke_claimed(vec![rec.clone()]).await;
-        Ok(done.pop().unwrap_or(rec))
+        let mut done = self.revoke_claimed(vec![req.rec.clone()], ctx).await;
+        Ok(done.pop().unwrap_or(req.rec))
     }
 
     /// List leases (admin, responder).

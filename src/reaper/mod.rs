@@ -25,6 +25,7 @@ use ring::rand::SecureRandom as _;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::audit::{self, Ctx};
 use crate::broker::{Broker, BrokerError};
 use crate::ids::LeaseId;
 use crate::lease::spec_of;
@@ -42,7 +43,7 @@ const PRUNE_EVERY_MS: i64 = 60_000;
 impl Broker {
     /// Revoke leases this caller has claimed (or the worker found due),
     /// record every outcome, and return the updated records.
-    pub async fn revoke_claimed(&self, leases: Vec<LeaseRecord>) -> Vec<LeaseRecord> {
+    pub async fn revoke_claimed(&self, leases: Vec<LeaseRecord>, ctx: &Ctx) -> Vec<LeaseRecord> {
         if leases.is_empty() {
             return leases;
         }
@@ -56,7 +57,15 @@ impl Broker {
         }
         let now = self.clock.now().unix_millis();
         let n = outcomes.len();
-        match self.store.write(move |t| t.record_outcomes(&outcomes, now)).await {
+        let (a, c) = (self.auditor.clone(), ctx.clone());
+        let recorded = self.store.write(move |t| {
+            let updated = t.record_outcomes(&outcomes, now)?;
+            for l in &updated {
+                audit::append(t, &a, a.lease(l, &c, now))?;
+            }
+            Ok(updated)
+        });
+        match recorded.await {
             Ok(updated) => {
                 for rec in &updated {
                     log_outcome(rec);
@@ -142,8 +151,17 @@ impl Broker {
     /// Start-up recovery: queue a rollback for every unresolved intent.
     pub async fn recover(&self) -> Result<usize, BrokerError> {
         let now = self.clock.now().unix_millis();
-        let local = self.local.clone();
-        let recovered = self.store.write(move |t| t.recover_intents(now, &local)).await?;
+        let (local, a) = (self.local.clone(), self.auditor.clone());
+        let recovered = self
+            .store
+            .write(move |t| {
+                let recovered = t.recover_intents(now, &local)?;
+                for l in &recovered {
+                    audit::append(t, &a, a.lease(l, &Ctx::system(), now))?;
+                }
+                Ok(recovered)
+            })
+            .await?;
         for rec in &recovered {
             tracing::warn!(
                 lease_id = %LeaseId(rec.id), provider = %rec.provider, state = rec.state.as_str(),
@@ -286,19 +304,26 @@ async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
         b.wakers.planned_expiry.store(i64::MIN, Ordering::Release);
         let mut failed = false;
         loop {
-            let (local, clock) = (b.local.clone(), b.clock.clone());
+            let (local, clock, a) = (b.local.clone(), b.clock.clone(), b.auditor.clone());
             // the time is read when the batch is applied, so a lease's
             // `ended_at` is when it really died, and nothing due by then waits
-            let pass = b.store.write(move |t| t.expire_due(clock.now().unix_millis(), batch, &local));
+            let pass = b.store.write(move |t| {
+                let now = clock.now().unix_millis();
+                let pass = t.expire_due(now, batch, &local)?;
+                for l in &pass.handled {
+                    audit::append(t, &a, a.lease(l, &Ctx::system(), now))?;
+                }
+                Ok(pass)
+            });
             match pass.await {
-                Ok((providers, moved)) => {
-                    for p in &providers {
+                Ok(pass) => {
+                    for p in &pass.queued_providers {
                         b.wakers.revocations_queued(p);
                     }
-                    if moved > 0 {
-                        tracing::debug!(moved, "expired leases queued for revocation");
+                    if !pass.handled.is_empty() {
+                        tracing::debug!(expired = pass.handled.len(), "expired leases revoked or queued");
                     }
-                    if moved < batch {
+                    if pass.scanned < batch {
                         break;
                     }
                 }
@@ -355,7 +380,7 @@ async fn worker_loop(b: Arc<Broker>, provider: String, mut shutdown: watch::Rece
         };
         if !due.is_empty() {
             let ids: Vec<u128> = due.iter().map(|l| l.id).collect();
-            let updated = b.revoke_claimed(due).await;
+            let updated = b.revoke_claimed(due, &Ctx::system()).await;
             // nothing recorded (store trouble): back off instead of spinning
             let progressed = updated.iter().any(|u| ids.contains(&u.id) && u.state != LeaseState::Revoking)
                 || updated.iter().any(|u| u.revocation.as_ref().is_some_and(|r| r.next_attempt_at > now));

@@ -107,6 +107,12 @@ impl StoreKey {
         f.sync_all().map_err(werr)
     }
 
+    /// The key bytes, for deriving other keys from a key file of this format
+    /// (the audit HMAC key). Keep the exposure local.
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// A non-secret identifier of the key, for error messages: the first 8
     /// bytes of a domain-separated SHA-256.
     pub fn fingerprint(&self) -> String {

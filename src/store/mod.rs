@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use key::{KeyError, OpenError, Sealer, StoreKey};
 pub use records::{LeaseRecord, LeaseState, Revocation, RevokeCause, TaskRecord, TaskState};
 pub use schema::{MIGRATIONS, Migration, SCHEMA_VERSION};
-pub use txn::{Activation, Completion, Local, Outcome, Txn};
+pub use txn::{Activation, ChainHead, Chained, Completion, ExpiryPass, Local, Outcome, RevokeRequest, Txn};
 
 
 use schema::*;
@@ -58,6 +58,8 @@ pub enum Conflict {
     LeaseState(LeaseState),
     #[error("record already exists")]
     Duplicate,
+    #[error("{0}")]
+    Chain(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +212,15 @@ impl Store {
             schema::prepare(&txn, &sealer, &key.fingerprint(), migrations, target)?;
             txn.commit()?;
         }
+        let head = {
+            let r = db.begin_read()?;
+            let meta = r.open_table(META)?;
+            let head = meta.get("chain_head")?.map(|g| g.value().to_vec());
+            match head {
+                Some(b) => ChainHead::from_bytes(&b).ok_or_else(|| StoreError::Corrupt("chain head".into()))?,
+                None => ChainHead::default(),
+            }
+        };
         let db = Arc::new(db);
         let (sender, rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
         let healthy = Arc::new(AtomicBool::new(true));
@@ -221,7 +232,7 @@ impl Store {
             let (quick_repair, group) = (opts.quick_repair, opts.group_commit);
             std::thread::Builder::new()
                 .name("leasehold-store-writer".into())
-                .spawn(move || writer_loop(&db, rx, group, quick_repair, &healthy, &stats))
+                .spawn(move || writer_loop(&db, rx, group, quick_repair, &healthy, &stats, head))
                 .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?
         };
         Ok(Self {
@@ -308,6 +319,7 @@ fn writer_loop(
     quick_repair: bool,
     healthy: &AtomicBool,
     stats: &CommitStats,
+    mut head: ChainHead,
 ) {
     let mut last = 0usize;
     while let Some(first) = rx.blocking_recv() {
@@ -326,11 +338,9 @@ fn writer_loop(
         }
         let n = jobs.len() as u64;
         last = jobs.len();
-        match run_batch(db, jobs, quick_repair, stats) {
+        match run_batch(db, jobs, quick_repair, stats, &mut head) {
             Ok(()) => {
                 healthy.store(true, Ordering::Relaxed);
-                stats.commits.fetch_add(1, Ordering::Relaxed);
-                stats.operations.fetch_add(n, Ordering::Relaxed);
             }
             Err(e) => {
                 healthy.store(false, Ordering::Relaxed);
@@ -342,13 +352,19 @@ fn writer_loop(
 
 /// Apply a batch and commit it once. Jobs that never ran (the transaction
 /// could not begin) are dropped, which their callers see as `Closed`.
-fn run_batch(db: &Database, jobs: Vec<Job>, quick_repair: bool, stats: &CommitStats) -> Result<(), String> {
+fn run_batch(
+    db: &Database,
+    jobs: Vec<Job>,
+    quick_repair: bool,
+    stats: &CommitStats,
+    head: &mut ChainHead,
+) -> Result<(), String> {
     let started = std::time::Instant::now();
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
     txn.set_quick_repair(quick_repair);
     let (replies, finished) = {
-        let mut t = match Txn::open(&txn) {
+        let mut t = match Txn::open(&txn, *head) {
             Ok(t) => t,
             Err(e) => return Err(e.to_string()),
         };
@@ -357,7 +373,7 @@ fn run_batch(db: &Database, jobs: Vec<Job>, quick_repair: bool, stats: &CommitSt
     };
     let applied = std::time::Instant::now();
     let outcome = match finished {
-        Ok(()) => txn.commit().map_err(|e| e.to_string()),
+        Ok(new_head) => txn.commit().map(|()| *head = new_head).map_err(|e| e.to_string()),
         Err(e) => {
             let _ = txn.abort();
             Err(e.to_string())
@@ -366,6 +382,11 @@ fn run_batch(db: &Database, jobs: Vec<Job>, quick_repair: bool, stats: &CommitSt
     let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     stats.apply_micros.fetch_add(micros(applied - started), Ordering::Relaxed);
     stats.commit_micros.fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
+    if outcome.is_ok() {
+        // counted before anyone is answered, so a caller sees its own commit
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.operations.fetch_add(replies.len() as u64, Ordering::Relaxed);
+    }
     for reply in replies {
         reply(outcome.clone());
     }
@@ -385,6 +406,53 @@ pub struct LeaseQuery {
     /// Records examined per call at most; a page may come back short with a
     /// cursor when filters are selective.
     pub scan_budget: usize,
+}
+
+/// One event as stored: its place, hash, task and canonical bytes.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub hash: [u8; 32],
+    pub task: Option<u128>,
+    pub bytes: Vec<u8>,
+}
+
+impl StoredEvent {
+    fn decode(seq: u64, v: &[u8]) -> Result<Self, StoreError> {
+        if v.len() < 48 {
+            return Err(StoreError::Corrupt(format!("event {seq} is too short")));
+        }
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&v[..32]);
+        let task = u128::from_be_bytes(v[32..48].try_into().map_err(|_| StoreError::Corrupt("event".into()))?);
+        Ok(Self { seq, hash, task: (task != 0).then_some(task), bytes: v[48..].to_vec() })
+    }
+}
+
+/// A read-only view of a store file, for offline verification. It needs no
+/// key (events are not encrypted) and refuses a file a broker has open.
+pub struct Snapshot {
+    db: redb::ReadOnlyDatabase,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Snapshot")
+    }
+}
+
+impl Snapshot {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = redb::ReadOnlyDatabase::open(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: path.to_owned() },
+            other => StoreError::Io(format!("{}: {other}", path.display())),
+        })?;
+        Ok(Self { db })
+    }
+
+    pub fn read(&self) -> Result<Reader, StoreError> {
+        Ok(Reader { txn: self.db.begin_read()? })
+    }
 }
 
 /// A read snapshot.
@@ -534,6 +602,87 @@ impl Reader {
             }
         }
         Ok(out)
+    }
+
+    /// The last event of the chain.
+    pub fn chain_head(&self) -> Result<ChainHead, StoreError> {
+        self.meta_head("chain_head")
+    }
+
+    /// Where the chain starts (the last pruned event), genesis if never pruned.
+    pub fn chain_base(&self) -> Result<ChainHead, StoreError> {
+        self.meta_head("chain_base")
+    }
+
+    fn meta_head(&self, key: &str) -> Result<ChainHead, StoreError> {
+        let meta = self.txn.open_table(META)?;
+        let v = meta.get(key)?.map(|g| g.value().to_vec());
+        match v {
+            Some(b) => ChainHead::from_bytes(&b).ok_or_else(|| StoreError::Corrupt(format!("meta {key}"))),
+            None => Ok(ChainHead::default()),
+        }
+    }
+
+    /// Events with seq > `after`, in order, at most `limit`.
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let t = self.txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for e in t.range(after.saturating_add(1)..)? {
+            let (k, v) = e?;
+            out.push(StoredEvent::decode(k.value(), v.value())?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Visit every event in order (verification) without collecting them.
+    pub fn for_each_event(&self, mut f: impl FnMut(u64, [u8; 32], &[u8])) -> Result<(), StoreError> {
+        let t = self.txn.open_table(EVENTS)?;
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let v = v.value();
+            if v.len() < 48 {
+                return Err(StoreError::Corrupt(format!("event {} is too short", k.value())));
+            }
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(&v[..32]);
+            f(k.value(), hash, &v[48..]);
+        }
+        Ok(())
+    }
+
+    /// A task's events with seq > `after`.
+    pub fn task_events(&self, task: u128, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        let idx = self.txn.open_table(EVENT_TASKS)?;
+        let t = self.txn.open_table(EVENTS)?;
+        let mut out = Vec::new();
+        for e in idx.range((task, after.saturating_add(1))..=(task, u64::MAX))? {
+            let seq = e?.0.value().1;
+            if let Some(v) = t.get(seq)? {
+                out.push(StoredEvent::decode(seq, v.value())?);
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every signed checkpoint, as stored.
+    pub fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let t = self.txn.open_table(CHECKPOINTS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            out.push((k.value(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    pub fn last_checkpoint_seq(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self.txn.open_table(CHECKPOINTS)?.last()?.map(|(k, _)| k.value()))
     }
 
     pub fn is_denied(&self, jti: u128) -> Result<bool, StoreError> {

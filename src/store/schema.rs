@@ -36,6 +36,15 @@ pub const COUNTERS: TableDefinition<(&str, &str), u64> = TableDefinition::new("l
 /// dead anyway form a prefix that pruning removes.
 pub const DENYLIST: TableDefinition<u128, i64> = TableDefinition::new("token_denylist");
 
+/// seq -> hash (32) || task id (16, zero if none) || canonical event bytes.
+/// The event chain (see `audit/`); appended in the transaction of the state
+/// change each event describes.
+pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// (task id, seq): a task's story without a scan.
+pub const EVENT_TASKS: TableDefinition<(u128, u64), ()> = TableDefinition::new("event_tasks");
+/// seq -> signed checkpoint (canonical JSON).
+pub const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
+
 /// The schema this build writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -125,6 +134,9 @@ pub fn prepare(
     txn.open_table(REVOKE_QUEUE)?;
     txn.open_table(COUNTERS)?;
     txn.open_table(DENYLIST)?;
+    txn.open_table(EVENTS)?;
+    txn.open_table(EVENT_TASKS)?;
+    txn.open_table(CHECKPOINTS)?;
     Ok(())
 }
 

@@ -210,7 +210,7 @@ async fn a_refusal_in_a_shared_batch_does_not_undo_its_neighbours() {
     let bad_lease = lease(21, 99, 5_000); // unknown task
     let txn = db.begin_write().unwrap();
     {
-        let mut t = Txn::open(&txn).unwrap();
+        let mut t = Txn::open(&txn, ChainHead::default()).unwrap();
         t.lease_intent(&ok_lease, 0, 100).unwrap();
         assert!(t.lease_intent(&bad_lease, 0, 100).is_err());
         t.finish().unwrap();
@@ -248,10 +248,10 @@ async fn expiry_moves_due_leases_in_deadline_order_and_batches() {
         active_lease(&s, 100 + i, 1, 1_000 + i64::try_from(i).unwrap() * 100).await;
     }
     assert_eq!(s.read().unwrap().next_expiry().unwrap(), Some(1_000));
-    let (providers, moved) = s.write(|t| t.expire_due(1_450, 3, &Local::new())).await.unwrap();
-    assert_eq!((providers, moved), (vec!["token".to_owned()], 3));
-    let (_, moved) = s.write(|t| t.expire_due(1_450, 3, &Local::new())).await.unwrap();
-    assert_eq!(moved, 2, "only the five due at 1450");
+    let pass = s.write(|t| t.expire_due(1_450, 3, &Local::new())).await.unwrap();
+    assert_eq!((pass.queued_providers, pass.scanned, pass.handled.len()), (vec!["token".to_owned()], 3, 3));
+    let pass = s.write(|t| t.expire_due(1_450, 3, &Local::new())).await.unwrap();
+    assert_eq!(pass.scanned, 2, "only the five due at 1450");
     assert_eq!(s.read().unwrap().next_expiry().unwrap(), Some(1_500));
     let due = s.read().unwrap().due_revocations("token", 1_450, 100).unwrap();
     assert_eq!(due.len(), 5);
@@ -395,8 +395,8 @@ async fn local_providers_are_revoked_inside_the_deciding_transaction() {
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
 
     // expiry: straight to expired, denylisted, nothing queued
-    let (queued, moved) = s.write(|t| t.expire_due(1_000, 10, &local_token())).await.unwrap();
-    assert_eq!((queued.len(), moved), (0, 1));
+    let pass = s.write(|t| t.expire_due(1_000, 10, &local_token())).await.unwrap();
+    assert_eq!((pass.queued_providers.len(), pass.scanned), (0, 1));
     let r = s.read().unwrap();
     assert_eq!(r.lease(2).unwrap().unwrap().state, LeaseState::Expired);
     assert!(r.is_denied(2).unwrap());

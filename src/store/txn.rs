@@ -51,11 +51,68 @@ pub struct Completion {
     pub all: Vec<LeaseRecord>,
 }
 
+/// What a revocation request did: the lease as it is now, whether it was
+/// queued (for the caller to attempt) and whether anything changed.
+#[derive(Debug)]
+pub struct RevokeRequest {
+    pub rec: LeaseRecord,
+    pub queued: bool,
+    pub changed: bool,
+}
+
+/// What one expiry pass did.
+#[derive(Debug, Default)]
+pub struct ExpiryPass {
+    /// Index entries looked at (the pass is complete when fewer than asked).
+    pub scanned: usize,
+    /// Leases revoked (local providers) or queued, as they are now.
+    pub handled: Vec<LeaseRecord>,
+    /// Providers with newly queued revocations.
+    pub queued_providers: Vec<String>,
+}
+
 /// Providers whose revocation is local to this store (the token provider):
 /// their leases are revoked inside the transaction that decides it.
 pub type Local = std::collections::BTreeSet<String>;
 
+/// Something that takes its place in the event chain (`audit::Pending`):
+/// the store links and stores it without knowing its format.
+pub trait Chained {
+    /// The bytes of the event at `seq` after `prev`, and their hash.
+    fn seal(&self, seq: u64, prev: &[u8; 32]) -> (Vec<u8>, [u8; 32]);
+    /// The task the event belongs to, for the per-task index.
+    fn task(&self) -> Option<u128>;
+}
+
+/// The last event of the chain (seq 0 and a zero hash before the first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ChainHead {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+impl ChainHead {
+    pub fn to_bytes(self) -> [u8; 40] {
+        let mut b = [0u8; 40];
+        b[..8].copy_from_slice(&self.seq.to_be_bytes());
+        b[8..].copy_from_slice(&self.hash);
+        b
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        let seq = u64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+        let hash = b.get(8..40)?.try_into().ok()?;
+        Some(Self { seq, hash })
+    }
+}
+
 pub struct Txn<'t> {
+    meta: Table<'t, &'static str, &'static [u8]>,
+    events: Table<'t, u64, &'static [u8]>,
+    event_tasks: Table<'t, (u128, u64), ()>,
+    checkpoints: Table<'t, u64, &'static [u8]>,
+    head: ChainHead,
+    head_dirty: bool,
     tasks: Table<'t, u128, &'static [u8]>,
     leases: Table<'t, u128, &'static [u8]>,
     expiry: Table<'t, (i64, u128), ()>,
@@ -80,8 +137,14 @@ fn conflict<T>(c: Conflict) -> Result<T, StoreError> {
 }
 
 impl<'t> Txn<'t> {
-    pub fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+    pub fn open(txn: &'t WriteTransaction, head: ChainHead) -> Result<Self, StoreError> {
         Ok(Self {
+            meta: txn.open_table(META)?,
+            events: txn.open_table(EVENTS)?,
+            event_tasks: txn.open_table(EVENT_TASKS)?,
+            checkpoints: txn.open_table(CHECKPOINTS)?,
+            head,
+            head_dirty: false,
             tasks: txn.open_table(TASKS)?,
             leases: txn.open_table(LEASES)?,
             expiry: txn.open_table(EXPIRY)?,
@@ -96,10 +159,15 @@ impl<'t> Txn<'t> {
         })
     }
 
-    /// Flush counter deltas; report whether the transaction must abort.
-    pub fn finish(mut self) -> Result<(), StoreError> {
+    /// Flush counter deltas and the chain head; report whether the
+    /// transaction must abort. Returns the head to adopt once committed.
+    pub fn finish(mut self) -> Result<ChainHead, StoreError> {
         if self.poisoned {
             return Err(StoreError::Aborted);
+        }
+        if self.head_dirty {
+            let bytes = self.head.to_bytes();
+            self.meta.insert("chain_head", &bytes[..])?;
         }
         let deltas = std::mem::take(&mut self.deltas);
         for ((provider, state), delta) in deltas {
@@ -115,7 +183,88 @@ impl<'t> Txn<'t> {
             };
             self.counters.insert(key, next)?;
         }
-        Ok(())
+        Ok(self.head)
+    }
+
+    // === the event chain ===
+
+    /// Append an event after the current head, in this transaction.
+    pub fn append(&mut self, event: &dyn Chained) -> Result<u64, StoreError> {
+        let seq = self.head.seq + 1;
+        let (bytes, hash) = event.seal(seq, &self.head.hash);
+        let task = event.task();
+        let mut value = Vec::with_capacity(48 + bytes.len());
+        value.extend_from_slice(&hash);
+        value.extend_from_slice(&task.unwrap_or(0).to_be_bytes());
+        value.extend_from_slice(&bytes);
+        let r = self.events.insert(seq, value.as_slice()).map(|_| ());
+        self.w(r)?;
+        if let Some(t) = task {
+            let r = self.event_tasks.insert((t, seq), ()).map(|_| ());
+            self.w(r)?;
+        }
+        self.head = ChainHead { seq, hash };
+        self.head_dirty = true;
+        Ok(seq)
+    }
+
+    /// Fail this transaction on purpose (an append that must not happen,
+    /// injected by tests): nothing in the batch commits.
+    pub fn fail(&mut self, why: &str) -> StoreError {
+        self.poisoned = true;
+        StoreError::Io(why.to_owned())
+    }
+
+    pub fn chain_head(&self) -> ChainHead {
+        self.head
+    }
+
+    pub fn put_checkpoint(&mut self, seq: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let r = self.checkpoints.insert(seq, bytes).map(|_| ());
+        self.w(r)
+    }
+
+    /// Remove events up to `through` (archived elsewhere), keeping the chain
+    /// verifiable from there: the new base is that event's hash, which the
+    /// caller must know (proof it holds the archive).
+    pub fn prune_events(&mut self, through: u64, expected: &[u8; 32]) -> Result<u64, StoreError> {
+        let base = match self.meta.get("chain_base")?.map(|g| g.value().to_vec()) {
+            Some(b) => ChainHead::from_bytes(&b).ok_or_else(|| StoreError::Corrupt("chain base".into()))?,
+            None => ChainHead::default(),
+        };
+        if through <= base.seq || through > self.head.seq {
+            return conflict(Conflict::Chain(format!(
+                "can prune only events {}..={} (the chain holds {}..={})",
+                base.seq + 1,
+                self.head.seq,
+                base.seq + 1,
+                self.head.seq
+            )));
+        }
+        let stored = self.events.get(through)?.map(|g| g.value().to_vec());
+        let Some(stored) = stored else {
+            return conflict(Conflict::Chain(format!("event {through} is missing")));
+        };
+        if stored.get(..32) != Some(&expected[..]) {
+            return conflict(Conflict::Chain(format!("the archive's last hash does not match event {through}")));
+        }
+        let mut removed = 0;
+        for seq in base.seq + 1..=through {
+            let v = self.events.remove(seq).map(|g| g.map(|g| g.value().to_vec()));
+            let v = self.w(v)?;
+            if let Some(v) = v {
+                let task = u128::from_be_bytes(v[32..48].try_into().unwrap_or([0; 16]));
+                if task != 0 {
+                    let r = self.event_tasks.remove((task, seq)).map(|_| ());
+                    self.w(r)?;
+                }
+                removed += 1;
+            }
+        }
+        let base = ChainHead { seq: through, hash: *expected };
+        let r = self.meta.insert("chain_base", &base.to_bytes()[..]).map(|_| ());
+        self.w(r)?;
+        Ok(removed)
     }
 
     /// Mark the transaction poisoned when a write fails.
@@ -436,15 +585,16 @@ impl<'t> Txn<'t> {
         now: i64,
         claim_until: i64,
         local: &Local,
-    ) -> Result<(LeaseRecord, bool), StoreError> {
+    ) -> Result<RevokeRequest, StoreError> {
         let Some(rec) = self.lease(lease)? else {
             return conflict(Conflict::LeaseNotFound);
         };
         match rec.state {
             LeaseState::Active | LeaseState::Irrevocable => {
-                self.revoke_or_queue(rec, cause, by, now, claim_until, local)
+                let (rec, queued) = self.revoke_or_queue(rec, cause, by, now, claim_until, local)?;
+                Ok(RevokeRequest { rec, queued, changed: true })
             }
-            _ => Ok((rec, false)),
+            _ => Ok(RevokeRequest { rec, queued: false, changed: false }),
         }
     }
 
@@ -493,7 +643,7 @@ impl<'t> Txn<'t> {
     /// index: local providers' leases are revoked here, the others go to the
     /// revocation queue. Returns the providers with newly queued work and how
     /// many leases were handled.
-    pub fn expire_due(&mut self, now: i64, limit: usize, local: &Local) -> Result<(Vec<String>, usize), StoreError> {
+    pub fn expire_due(&mut self, now: i64, limit: usize, local: &Local) -> Result<ExpiryPass, StoreError> {
         let mut due = Vec::new();
         for e in self.expiry.range((i64::MIN, 0u128)..=(now, u128::MAX))? {
             let (k, _) = e?;
@@ -502,15 +652,15 @@ impl<'t> Txn<'t> {
                 break;
             }
         }
-        let mut providers = Vec::new();
+        let mut pass = ExpiryPass { scanned: due.len(), ..ExpiryPass::default() };
         for (exp, id) in &due {
             match self.lease(*id)? {
                 Some(rec) if rec.state == LeaseState::Active => {
-                    let provider = rec.provider.clone();
-                    let (_, queued) = self.revoke_or_queue(rec, RevokeCause::Expiry, None, now, now, local)?;
-                    if queued && !providers.contains(&provider) {
-                        providers.push(provider);
+                    let (rec, queued) = self.revoke_or_queue(rec, RevokeCause::Expiry, None, now, now, local)?;
+                    if queued && !pass.queued_providers.contains(&rec.provider) {
+                        pass.queued_providers.push(rec.provider.clone());
                     }
+                    pass.handled.push(rec);
                 }
                 _ => {
                     // an index entry without an active lease: drop it
@@ -519,7 +669,7 @@ impl<'t> Txn<'t> {
                 }
             }
         }
-        Ok((providers, due.len()))
+        Ok(pass)
     }
 
     /// Start-up recovery: every unresolved intent is rolled back (local

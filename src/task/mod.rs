@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use crate::audit::{self, Ctx};
 use crate::auth::{Caller, Workload};
 use crate::broker::{Broker, BrokerError};
 use crate::config::OperatorRole;
@@ -67,7 +68,7 @@ fn is_tool_name(s: &str) -> bool {
 
 
 impl Broker {
-    pub async fn open_task(&self, w: &Workload, req: OpenTask) -> Result<TaskRecord, BrokerError> {
+    pub async fn open_task(&self, w: &Workload, req: OpenTask, ctx: &Ctx) -> Result<TaskRecord, BrokerError> {
         check_text("purpose", &req.purpose, 512)?;
         check_text("on_behalf_of", &req.on_behalf_of, 256)?;
         let ttl = check_ttl("ttl_seconds", req.ttl_seconds, self.limits.max_task_ttl_seconds)?;
@@ -138,8 +139,13 @@ impl Broker {
             completed_at: None,
             lease_count: 0,
         };
-        let stored = rec.clone();
-        self.store.write(move |t| t.create_task(&stored)).await?;
+        let (stored, a, ctx) = (rec.clone(), self.auditor.clone(), ctx.clone());
+        self.store
+            .write(move |t| {
+                t.create_task(&stored)?;
+                audit::append(t, &a, a.task_opened(&stored, &ctx))
+            })
+            .await?;
         tracing::debug!(task_id = %id, workload = %w.id, "task opened");
         Ok(rec)
     }
@@ -167,14 +173,24 @@ impl Broker {
     }
 
     /// Close the task and revoke every lease under it before answering.
-    pub async fn complete_task(&self, w: &Workload, id: TaskId) -> Result<CompletionReport, BrokerError> {
+    pub async fn complete_task(&self, w: &Workload, id: TaskId, ctx: &Ctx) -> Result<CompletionReport, BrokerError> {
         let caller = Caller::Workload(std::sync::Arc::new(w.clone()));
         self.visible_task(&caller, id)?;
         let now = self.clock.now().unix_millis();
         let claim_until = now.saturating_add(self.claim_window_ms());
-        let local = self.local.clone();
-        let completion = self.store.write(move |t| t.complete_task(id.0, now, claim_until, &local)).await?;
-        let done = self.revoke_claimed(completion.claimed).await;
+        let (local, a, c) = (self.local.clone(), self.auditor.clone(), ctx.clone());
+        let completion = self
+            .store
+            .write(move |t| {
+                let done = t.complete_task(id.0, now, claim_until, &local)?;
+                for l in done.revoked.iter().chain(done.claimed.iter()) {
+                    audit::append(t, &a, a.lease(l, &c, now))?;
+                }
+                audit::append(t, &a, a.task_completed(&done.task, done.revoked.len(), done.claimed.len(), &c))?;
+                Ok(done)
+            })
+            .await?;
+        let done = self.revoke_claimed(completion.claimed, ctx).await;
         let mut revoked = completion.revoked;
         let mut pending = Vec::new();
         for rec in done {

@@ -58,6 +58,20 @@ async fn task_and_lease_verbs() {
     assert!(ok, "{err}");
     assert_eq!(done["state"], "completed");
 
+    // the task's story, for people
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"));
+    cmd.args(["events", "show", "--task", task_id, "--as", "admin"])
+        .env("LEASEHOLD_CREDENTIALS", h.dir.path().join("dev-credentials.json"));
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    let story = String::from_utf8_lossy(&out.stdout);
+    let order: Vec<&str> = ["task.opened", "lease.issuing", "lease.issued", "lease.revoked", "task.completed"]
+        .into_iter()
+        .filter(|k| story.contains(k))
+        .collect();
+    assert_eq!(order.len(), 5, "{story}");
+    assert!(story.find("task.opened") < story.find("lease.issued") && story.find("lease.revoked") < story.find("task.completed"));
+    assert!(story.contains("bob@example.com") && story.contains("cause manual"), "{story}");
+
     let (ok, _, err) = leasehold(&h, &["task", "show", task_id]).await;
     assert!(!ok);
     assert!(err.contains("--as"), "{err}");

@@ -410,7 +410,7 @@ async fn populate(config_path: &Path, clock: Arc<dyn Clock>, leases: usize, ttl:
                     prompt_sha256: None,
                     tools: vec![],
                     ttl_seconds: ttl + 3600,
-                })
+                }, &leasehold::audit::Ctx::system())
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let id = leasehold::ids::TaskId(task.id);
@@ -421,7 +421,7 @@ async fn populate(config_path: &Path, clock: Arc<dyn Clock>, leases: usize, ttl:
                 inner.spawn(async move {
                     for _ in 0..count {
                         let p = LeaseParams { provider: "token".into(), role: "demo".into(), ttl_seconds: ttl, scope: vec![] };
-                        b.request_lease(&w, id, p).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                        b.request_lease(&w, id, p, &leasehold::audit::Ctx::system()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
                     }
                     anyhow::Ok(())
                 });

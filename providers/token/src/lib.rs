@@ -371,10 +371,8 @@ impl Provider for TokenProvider {
                 .public("audience", audience.clone()),
             handle: Self::handle(&spec.lease_id, expires_at)?,
             expires_at,
-            description: format!(
-                "EdDSA JWT for audience `{audience}`; revoked by marking its jti inactive \
-                 (RFC 7662 introspection)"
-            ),
+            // how revocation works is in `describe()`; the record stays small
+            description: format!("EdDSA JWT for audience `{audience}`"),
         })
     }
 

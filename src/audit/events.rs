@@ -1,0 +1,173 @@
+//! The events of the lifecycle, built from the records they describe, and
+//! appended inside the transaction that changes those records.
+
+use base64::Engine as _;
+use serde_json::Value;
+
+use super::{Auditor, EventKind, Links, Pending};
+use crate::clock::{Timestamp, rfc3339};
+use crate::event_data;
+use crate::ids::{LeaseId, TaskId};
+use crate::store::{LeaseRecord, LeaseState, StoreError, TaskRecord, Txn};
+
+/// Who and which request caused an event.
+#[derive(Clone, Debug, Default)]
+pub struct Ctx {
+    pub request_id: Option<String>,
+    /// `workload:<id>` or `operator:<name>`, when someone asked.
+    pub actor: Option<String>,
+}
+
+impl Ctx {
+    pub fn request(request_id: Option<String>, actor: String) -> Self {
+        Self { request_id, actor: Some(actor) }
+    }
+
+    /// Work the broker does on its own (expiry, retries, recovery).
+    pub fn system() -> Self {
+        Self::default()
+    }
+}
+
+fn ms(t: i64) -> Timestamp {
+    Timestamp::from_unix_millis(t)
+}
+
+/// Append `event` in this transaction, or fail the transaction. Appending
+/// cannot be skipped: a state change whose event cannot be recorded does not
+/// commit (fail closed).
+pub fn append(t: &mut Txn<'_>, auditor: &Auditor, event: Result<Pending, super::CanonicalError>) -> Result<(), StoreError> {
+    if !auditor.enabled() {
+        return Ok(());
+    }
+    let event = event.map_err(|e| t.fail(&format!("event not recordable: {e}")))?;
+    if auditor.injected_failure(event.kind) {
+        return Err(t.fail("injected event append failure"));
+    }
+    t.append(&event).map(|_| ())
+}
+
+impl Auditor {
+    fn task_links(&self, task: &TaskRecord, ctx: &Ctx) -> Links {
+        Links {
+            workload: Some(self.workload(&task.workload)),
+            tenant: task.tenant.as_deref().map(|t| self.tenant(t)),
+            task: Some(TaskId(task.id).to_string()),
+            request_id: ctx.request_id.clone(),
+            user: Some(self.user(&task.on_behalf_of)),
+            ..Links::default()
+        }
+    }
+
+    fn lease_links(&self, l: &LeaseRecord, ctx: &Ctx) -> Links {
+        Links {
+            workload: Some(self.workload(&l.workload)),
+            tenant: l.tenant.as_deref().map(|t| self.tenant(t)),
+            task: Some(TaskId(l.task_id).to_string()),
+            lease: Some(LeaseId(l.id).to_string()),
+            request_id: ctx.request_id.clone(),
+            user: Some(self.user(&l.on_behalf_of)),
+            provider: Some(l.provider.clone()),
+            role: Some(l.role.clone()),
+            ..Links::default()
+        }
+    }
+
+    /// `task.opened`: purpose, prompt hash (and the sealed prompt text, only
+    /// when configured), declared tools, deadline.
+    pub fn task_opened(&self, task: &TaskRecord, ctx: &Ctx) -> Result<Pending, super::CanonicalError> {
+        let mut data = event_data![
+            ("purpose", self.purpose(&task.purpose)),
+            ("prompt_sha256", crate::hex::encode(&task.prompt_sha256)),
+            ("tools", Value::from(task.tools.clone())),
+            ("expires_at", rfc3339(ms(task.expires_at))),
+        ];
+        if let Some(sealed) = &task.prompt_sealed {
+            // ciphertext under the store key: readable only with it
+            data.insert(
+                "prompt_sealed".into(),
+                Value::String(base64::engine::general_purpose::STANDARD.encode(sealed)),
+            );
+        }
+        if let Some(a) = &ctx.actor {
+            data.insert("by".into(), Value::String(a.clone()));
+        }
+        Pending::new(EventKind::TaskOpened, ms(task.created_at), &self.task_links(task, ctx), data, Some(task.id))
+    }
+
+    pub fn task_completed(
+        &self,
+        task: &TaskRecord,
+        revoked: usize,
+        pending: usize,
+        ctx: &Ctx,
+    ) -> Result<Pending, super::CanonicalError> {
+        let data = event_data![("revoked", revoked as u64), ("pending", pending as u64)];
+        let time = ms(task.completed_at.unwrap_or(task.created_at));
+        Pending::new(EventKind::TaskCompleted, time, &self.task_links(task, ctx), data, Some(task.id))
+    }
+
+    /// The event a lease's new state calls for.
+    pub fn lease(&self, l: &LeaseRecord, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
+        let rv = l.revocation.as_ref();
+        let kind = match l.state {
+            LeaseState::Issuing => EventKind::LeaseIssuing,
+            LeaseState::Active => EventKind::LeaseIssued,
+            LeaseState::Revoking if rv.is_some_and(|r| r.attempts > 0) => EventKind::RevocationRetried,
+            LeaseState::Revoking => EventKind::LeaseRevoking,
+            LeaseState::Irrevocable => EventKind::LeaseIrrevocable,
+            LeaseState::Revoked | LeaseState::Expired => EventKind::LeaseRevoked,
+            LeaseState::RolledBack => EventKind::LeaseRolledBack,
+        };
+        let mut data = event_data![("state", l.state.as_str()), ("expires_at", rfc3339(ms(l.expires_at)))];
+        match l.state {
+            LeaseState::Issuing => {
+                data.insert("scope".into(), Value::from(l.scope.clone()));
+                data.insert("requested_ttl_seconds".into(), Value::from(l.requested_ttl_seconds));
+            }
+            LeaseState::Active => {
+                data.insert("scope".into(), Value::from(l.scope.clone()));
+                if let Some(d) = &l.description {
+                    data.insert("description".into(), super::text(d));
+                }
+            }
+            _ => {}
+        }
+        if let Some(r) = rv {
+            data.insert("cause".into(), Value::from(r.cause.as_str()));
+            data.insert("attempts".into(), Value::from(r.attempts));
+            if let Some(by) = &r.requested_by {
+                data.insert("requested_by".into(), Value::from(by.clone()));
+            }
+            if let Some(e) = &r.last_error {
+                data.insert("error".into(), super::text(e));
+            }
+            if !l.state.is_terminal() {
+                data.insert("next_attempt_at".into(), Value::from(rfc3339(ms(r.next_attempt_at))));
+            }
+        }
+        Pending::new(kind, ms(now), &self.lease_links(l, ctx), data, Some(l.task_id))
+    }
+
+    /// A broker-level event (started, stopped, auth denied, pruned).
+    pub fn broker(
+        &self,
+        kind: EventKind,
+        now: i64,
+        request_id: Option<String>,
+        data: serde_json::Map<String, Value>,
+    ) -> Result<Pending, super::CanonicalError> {
+        let links = Links { request_id, ..Links::default() };
+        Pending::new(kind, ms(now), &links, data, None)
+    }
+}
+
+impl crate::store::Chained for Pending {
+    fn seal(&self, seq: u64, prev: &[u8; 32]) -> (Vec<u8>, [u8; 32]) {
+        Pending::seal(self, seq, prev)
+    }
+
+    fn task(&self) -> Option<u128> {
+        self.task
+    }
+}
