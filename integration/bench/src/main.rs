@@ -71,7 +71,20 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
-    /// All three with their default sizes.
+    /// The event chain's cost (against a no-op-sink build) and verify speed.
+    Events {
+        /// A `leasehold` built with `--features leasehold/bench-no-events`.
+        #[arg(long)]
+        noop: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Verify a store holding at least this many events.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
+    },
+    /// The three figures of the broker core with their default sizes.
     All,
 }
 
@@ -281,11 +294,31 @@ impl Conn {
     }
 }
 
-async fn throughput(bin: &Path, clients: usize, per_task: usize, seconds: u64, rounds: usize) -> anyhow::Result<()> {
+/// What one broker did under load.
+struct Load {
+    rates: Vec<f64>,
+    server_cpu: Vec<f64>,
+    p50: f64,
+    p99: f64,
+    ops_per_commit: f64,
+    apply_s: f64,
+    commit_s: f64,
+}
+
+/// Start `bin` on a fresh store, warm up, then measure `rounds` windows.
+async fn run_load(bin: &Path, no_events: bool, clients: usize, per_task: usize, seconds: u64, rounds: usize) -> anyhow::Result<Load> {
     let per_task = per_task.max(1);
     let dir = tempfile::tempdir()?;
     let addr = free_addr()?;
     let (config, creds) = setup(dir.path(), addr, false)?;
+    if no_events {
+        // the switch exists only in a `bench-no-events` build
+        let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&config)?)?;
+        if let Some(toml::Value::Table(a)) = t.get_mut("audit") {
+            a.insert("bench_no_events".into(), toml::Value::Boolean(true));
+        }
+        std::fs::write(&config, toml::to_string(&t)?)?;
+    }
     let mut server = Server::spawn(bin, &config, &dir.path().join("broker.log"))?;
     let base = format!("http://{addr}");
     let http = client(clients)?;
@@ -344,7 +377,11 @@ async fn throughput(bin: &Path, clients: usize, per_task: usize, seconds: u64, r
         let rate = n / t0.elapsed().as_secs_f64();
         let s_us = (server.cpu_seconds() - s0) * 1e6 / n.max(1.0);
         let c_us = (cpu_seconds_of("/proc/self/stat") - c0) * 1e6 / n.max(1.0);
-        println!("  round {}: {rate:.0} leases/s; CPU per lease: broker {s_us:.0} us, load generator {c_us:.0} us", r + 1);
+        println!(
+            "  {} round {}: {rate:.0} leases/s; CPU per lease: broker {s_us:.0} us, load generator {c_us:.0} us",
+            if no_events { "no-op sink" } else { "event chain" },
+            r + 1
+        );
         rates.push(rate);
         server_cpu.push(s_us);
         client_cpu.push(c_us);
@@ -362,20 +399,78 @@ async fn throughput(bin: &Path, clients: usize, per_task: usize, seconds: u64, r
         .await?;
     server.stop()?;
     let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
-    let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
     let commits = stats["store"]["commits"].as_f64().unwrap_or(0.0);
     let ops = stats["store"]["operations"].as_f64().unwrap_or(0.0);
+    Ok(Load {
+        rates,
+        server_cpu,
+        p50: percentile(&mut lat, 0.5),
+        p99: percentile(&mut lat, 0.99),
+        ops_per_commit: ops / commits.max(1.0),
+        apply_s: stats["store"]["apply_seconds"].as_f64().unwrap_or(0.0),
+        commit_s: stats["store"]["commit_seconds"].as_f64().unwrap_or(0.0),
+    })
+}
+
+async fn throughput(bin: &Path, clients: usize, per_task: usize, seconds: u64, rounds: usize) -> anyhow::Result<()> {
+    let mut l = run_load(bin, false, clients, per_task, seconds, rounds).await?;
     println!(
         "throughput: median {:.0} leases/s over {rounds} rounds of {seconds} s, {clients} clients \
          ({per_task} lease(s) per task: open task, lease x{per_task}, complete); broker CPU {:.0} us per lease (median); \
-         task cycle latency p50 {p50:.1} ms, p99 {p99:.1} ms; \
+         task cycle latency p50 {:.1} ms, p99 {:.1} ms; \
          {:.1} store operations per durable commit; writer time: {:.1} s applying, {:.1} s committing",
-        median(&mut rates),
-        median(&mut server_cpu),
-        ops / commits.max(1.0),
-        stats["store"]["apply_seconds"].as_f64().unwrap_or(0.0),
-        stats["store"]["commit_seconds"].as_f64().unwrap_or(0.0),
+        median(&mut l.rates),
+        median(&mut l.server_cpu),
+        l.p50,
+        l.p99,
+        l.ops_per_commit,
+        l.apply_s,
+        l.commit_s,
     );
+    Ok(())
+}
+
+/// Issue 4's figures: throughput with the event chain against a no-op sink
+/// (alternating brokers, one round each, so both see the same machine), and
+/// offline verification of a store holding at least `events` events.
+async fn events_bench(bin: &Path, noop: &Path, rounds: usize, seconds: u64, events: usize) -> anyhow::Result<()> {
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        with.extend(run_load(bin, false, 64, 1, seconds, 1).await?.rates);
+        without.extend(run_load(noop, true, 64, 1, seconds, 1).await?.rates);
+    }
+    let (w, n) = (median(&mut with), median(&mut without));
+    println!(
+        "event chain cost: median {w:.0} leases/s with the chain, {n:.0} with a no-op sink ({rounds} alternating rounds of {seconds} s): {:.1}% lower",
+        (1.0 - w / n) * 100.0
+    );
+    // a store with at least `events` events: task.opened + (issuing, issued) per lease
+    let dir = tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
+    let addr = free_addr()?;
+    let (config, _) = setup(dir.path(), addr, true)?;
+    let leases = events.div_ceil(2);
+    println!("  filling a store with {leases} leases ({events}+ events)...");
+    populate(&config, Arc::new(SystemClock), leases, 6 * 3600).await?;
+    let mut times = Vec::new();
+    let mut checked = 0;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let out = Command::new(bin)
+            .args(["events", "verify", "--store"])
+            .arg(dir.path().join("leasehold.redb"))
+            .arg("--checkpoint-key")
+            .arg(dir.path().join("checkpoint.pk8"))
+            .output()?;
+        let secs = t0.elapsed().as_secs_f64();
+        let report: Value = serde_json::from_slice(&out.stdout)?;
+        if !out.status.success() || report["ok"] != true {
+            bail!("verification failed: {report}");
+        }
+        checked = report["events"].as_u64().unwrap_or(0);
+        println!("  verify: {checked} events in {secs:.2} s");
+        times.push(secs);
+    }
+    println!("events verify: {checked} events in median {:.2} s (3 runs, offline from the store file)", median(&mut times));
     Ok(())
 }
 
@@ -599,6 +694,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Restart { leases, rounds } => restart(&bin, leases, rounds).await,
         Cmd::Expiry { leases, rounds } => expiry(&bin, leases, rounds).await,
+        Cmd::Events { noop, rounds, seconds, events } => events_bench(&bin, &noop, rounds, seconds, events).await,
         Cmd::All => {
             throughput(&bin, 64, 1, 10, 5).await?;
             throughput(&bin, 64, 4, 10, 5).await?;
