@@ -18,6 +18,7 @@ pub mod dev;
 pub mod hex;
 pub mod ids;
 pub mod lease;
+pub mod policy;
 pub mod providers;
 pub mod reaper;
 pub mod server;

@@ -1,0 +1,705 @@
+//! Runtime authorization with Cedar: every task, call and lease is decided
+//! at the moment of action against policy as code. Pure: no IO but loading
+//! the policy folder; no store, no clock (the caller passes the time).
+//!
+//! A policy folder holds `*.cedarschema` (the schema), `*.cedar` (policies)
+//! and `entities.json` (tools, groups, workloads' group memberships: grants as
+//! data). Everything is validated strictly against the schema; a bad set is
+//! refused with file and line, and a reload that fails leaves the old set in
+//! force ([`PolicyEngine::reload`] swaps atomically).
+//!
+//! Obligations ride on permit policies as annotations:
+//! `@approval("required")`, `@max_ttl("300")`, `@break_glass("only")`, and
+//! `@reason("...")` for the text a deny shows.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr as _;
+use std::sync::{Arc, RwLock};
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
+    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+
+/// A policy folder that could not be loaded: every problem, each as
+/// `file:line:column: message`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct LoadError {
+    pub problems: Vec<String>,
+}
+
+impl LoadError {
+    fn one(p: impl Into<String>) -> Self {
+        Self { problems: vec![p.into()] }
+    }
+}
+
+/// What a permit policy obliges, from its annotations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Obligations {
+    pub approval: bool,
+    pub max_ttl: Option<u64>,
+    pub break_glass_only: bool,
+}
+
+#[derive(Clone, Debug)]
+struct PolicyMeta {
+    file: String,
+    obligations: Obligations,
+    reason: Option<String>,
+    /// Policies annotated `@tenant("t")` are named only to callers of `t`.
+    tenant: Option<String>,
+}
+
+/// A loaded, validated policy folder.
+pub struct Loaded {
+    set: PolicySet,
+    entities: Entities,
+    meta: HashMap<PolicyId, PolicyMeta>,
+    tools: HashSet<String>,
+    roles: HashSet<String>,
+    /// SHA-256 over every file, in name order: which set decided.
+    pub version: String,
+    pub files: Vec<String>,
+    pub policy_count: usize,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded").field("version", &self.version).field("policies", &self.policy_count).finish()
+    }
+}
+
+/// A provider role the broker offers, made into a `ProviderRole` entity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoleEntity {
+    pub provider: String,
+    pub role: String,
+    pub max_ttl: u64,
+}
+
+const NS: &str = "Leasehold";
+
+fn type_name(t: &str) -> Result<EntityTypeName, LoadError> {
+    EntityTypeName::from_str(&format!("{NS}::{t}")).map_err(|e| LoadError::one(format!("entity type {t}: {e}")))
+}
+
+fn uid(t: &str, id: &str) -> Result<EntityUid, LoadError> {
+    Ok(EntityUid::from_type_name_and_id(type_name(t)?, EntityId::new(id)))
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let upto = &text[..offset.min(text.len())];
+    let line = upto.matches('\n').count() + 1;
+    let col = upto.rfind('\n').map_or(upto.len(), |i| upto.len() - i - 1) + 1;
+    (line, col)
+}
+
+/// Render a Cedar diagnostic as `file:line:col: message (help)`.
+fn located(file: &str, text: &str, d: &dyn miette::Diagnostic) -> String {
+    let at = d
+        .labels()
+        .and_then(|mut l| l.next())
+        .map(|l| line_col(text, l.offset()))
+        .map_or_else(|| file.to_owned(), |(l, c)| format!("{file}:{l}:{c}"));
+    let help = d.help().map(|h| format!(" ({h})")).unwrap_or_default();
+    format!("{at}: {d}{help}")
+}
+
+impl Loaded {
+    /// Load and validate a folder.
+    pub fn from_dir(dir: &Path, roles: &[RoleEntity]) -> Result<Self, LoadError> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| LoadError::one(format!("{}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        names.sort();
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let (mut schema_src, mut policies, mut entities_src) = (None, Vec::new(), None);
+        let mut files = Vec::new();
+        for p in &names {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let text = std::fs::read_to_string(p).map_err(|e| LoadError::one(format!("{name}: {e}")))?;
+            match p.extension().and_then(|e| e.to_str()) {
+                Some("cedarschema") => {
+                    if schema_src.is_some() {
+                        return Err(LoadError::one(format!("{name}: a second schema; keep one *.cedarschema")));
+                    }
+                    schema_src = Some((name.clone(), text.clone()));
+                }
+                Some("cedar") => policies.push((name.clone(), text.clone())),
+                Some("json") if name == "entities.json" => entities_src = Some(text.clone()),
+                _ => continue,
+            }
+            digest.update(name.as_bytes());
+            digest.update(&[0]);
+            digest.update(text.as_bytes());
+            digest.update(&[0]);
+            files.push(name);
+        }
+        let (schema_file, schema_text) =
+            schema_src.ok_or_else(|| LoadError::one(format!("{}: no *.cedarschema file", dir.display())))?;
+        let (schema, warnings) = Schema::from_cedarschema_str(&schema_text)
+            .map_err(|e| LoadError::one(located(&schema_file, &schema_text, &e)))?;
+        drop(warnings.collect::<Vec<_>>());
+        if policies.is_empty() {
+            return Err(LoadError::one(format!("{}: no *.cedar policy files", dir.display())));
+        }
+        Self::build(schema, &policies, entities_src.as_deref(), roles, crate::hex::encode(digest.finish().as_ref()), files)
+    }
+
+    fn build(
+        schema: Schema,
+        sources: &[(String, String)],
+        entities_json: Option<&str>,
+        roles: &[RoleEntity],
+        version: String,
+        files: Vec<String>,
+    ) -> Result<Self, LoadError> {
+        let mut problems = Vec::new();
+        let mut set = PolicySet::new();
+        let mut meta = HashMap::new();
+        let mut texts: HashMap<String, &str> = HashMap::new();
+        for (file, text) in sources {
+            texts.insert(file.clone(), text);
+            let parsed = match PolicySet::from_str(text) {
+                Ok(p) => p,
+                Err(e) => {
+                    problems.push(located(file, text, &e));
+                    continue;
+                }
+            };
+            let stem = file.trim_end_matches(".cedar");
+            for (n, p) in parsed.policies().enumerate() {
+                let id = p.annotation("id").map_or_else(|| format!("{stem}.{n}"), str::to_owned);
+                let pid = PolicyId::new(&id);
+                let ann = |k: &str| p.annotation(k).map(str::to_owned);
+                let mut ob = Obligations::default();
+                match ann("approval").as_deref() {
+                    None => {}
+                    Some("required") => ob.approval = true,
+                    Some(v) => problems.push(format!("{file}: policy {id}: @approval(\"{v}\"): only \"required\"")),
+                }
+                match ann("break_glass").as_deref() {
+                    None => {}
+                    Some("only") => ob.break_glass_only = true,
+                    Some(v) => problems.push(format!("{file}: policy {id}: @break_glass(\"{v}\"): only \"only\"")),
+                }
+                if let Some(v) = ann("max_ttl") {
+                    match v.parse::<u64>() {
+                        Ok(n) if n > 0 => ob.max_ttl = Some(n),
+                        _ => problems.push(format!("{file}: policy {id}: @max_ttl(\"{v}\"): a positive number of seconds")),
+                    }
+                }
+                if meta.contains_key(&pid) {
+                    problems.push(format!("{file}: policy id `{id}` is used twice"));
+                    continue;
+                }
+                meta.insert(
+                    pid.clone(),
+                    PolicyMeta { file: file.clone(), obligations: ob, reason: ann("reason"), tenant: ann("tenant") },
+                );
+                if let Err(e) = set.add(p.new_id(pid)) {
+                    problems.push(format!("{file}: {e}"));
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(LoadError { problems });
+        }
+        let validation = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+        for e in validation.validation_errors() {
+            let file = meta.get(e.policy_id()).map_or("?", |m| m.file.as_str());
+            let text = texts.get(file).copied().unwrap_or("");
+            problems.push(located(file, text, e));
+        }
+        if !problems.is_empty() {
+            return Err(LoadError { problems });
+        }
+        let mut ents: Vec<Entity> = match entities_json {
+            Some(json) => Entities::from_json_str(json, Some(&schema))
+                .map_err(|e| LoadError::one(format!("entities.json: {e}")))?
+                .into_iter()
+                .collect(),
+            None => Vec::new(),
+        };
+        let tools: HashSet<String> = ents
+            .iter()
+            .filter(|e| e.uid().type_name().basename() == "Tool")
+            .map(|e| e.uid().id().unescaped().to_owned())
+            .collect();
+        let mut role_names = HashSet::new();
+        for r in roles {
+            let name = format!("{}/{}", r.provider, r.role);
+            let attrs = [
+                ("provider".to_owned(), RestrictedExpression::new_string(r.provider.clone())),
+                ("role".to_owned(), RestrictedExpression::new_string(r.role.clone())),
+                ("max_ttl".to_owned(), RestrictedExpression::new_long(i64::try_from(r.max_ttl).unwrap_or(i64::MAX))),
+            ];
+            let e = Entity::new(uid("ProviderRole", &name)?, attrs.into_iter().collect(), HashSet::new())
+                .map_err(|e| LoadError::one(format!("provider role {name}: {e}")))?;
+            ents.push(e);
+            role_names.insert(name);
+        }
+        ents.push(Entity::new_no_attrs(uid("Broker", "leasehold")?, HashSet::new()));
+        let entities = Entities::from_entities(ents, Some(&schema)).map_err(|e| LoadError::one(format!("entities: {e}")))?;
+        let policy_count = meta.len();
+        Ok(Self { set, entities, meta, tools, roles: role_names, version, files, policy_count })
+    }
+
+    pub fn has_tool(&self, tool: &str) -> bool {
+        self.tools.contains(tool)
+    }
+}
+
+/// The policy engine: the loaded set behind a lock, swapped whole on reload.
+pub struct PolicyEngine {
+    dir: PathBuf,
+    roles: Vec<RoleEntity>,
+    current: RwLock<Arc<Loaded>>,
+    authorizer: Authorizer,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl PolicyEngine {
+    pub fn load(dir: &Path, roles: Vec<RoleEntity>) -> Result<Self, LoadError> {
+        let loaded = Loaded::from_dir(dir, &roles)?;
+        Ok(Self { dir: dir.to_owned(), roles, current: RwLock::new(Arc::new(loaded)), authorizer: Authorizer::new() })
+    }
+
+    /// Load the folder again; on success swap it in whole, on failure keep
+    /// the old set and report every problem.
+    pub fn reload(&self) -> Result<Arc<Loaded>, LoadError> {
+        let next = Arc::new(Loaded::from_dir(&self.dir, &self.roles)?);
+        if let Ok(mut cur) = self.current.write() {
+            *cur = next.clone();
+        }
+        Ok(next)
+    }
+
+    pub fn current(&self) -> Arc<Loaded> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+// === requests ===
+
+/// Who asks, from its verified identity.
+#[derive(Clone, Debug, Default)]
+pub struct Principal {
+    pub id: String,
+    pub issuer: String,
+    pub tenant: String,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// The task a call or lease belongs to.
+#[derive(Clone, Debug, Default)]
+pub struct TaskFacts {
+    pub id: String,
+    pub purpose: String,
+    pub declared_tools: Vec<String>,
+    pub prompt_sha256: String,
+    pub user: String,
+    pub active_leases: u64,
+    pub lease_count: u64,
+    pub remaining_seconds: u64,
+}
+
+/// A tool call to decide.
+#[derive(Clone, Debug, Default)]
+pub struct CallFacts {
+    pub tool: String,
+    pub action: String,
+    pub target: String,
+    pub arguments_sha256: String,
+    pub break_glass: Option<String>,
+    pub credential: Option<LeaseFacts>,
+}
+
+/// A credential to decide (with a call, or directly).
+#[derive(Clone, Debug, Default)]
+pub struct LeaseFacts {
+    pub provider: String,
+    pub role: String,
+    pub scope: Vec<String>,
+    pub requested_ttl: u64,
+}
+
+/// The outcome of a decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Allow,
+    Deny,
+    ApprovalRequired,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::ApprovalRequired => "approval_required",
+        }
+    }
+}
+
+/// A decision and why.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub outcome: Outcome,
+    /// Ids of the policies that determined it (all, for the record).
+    pub policies: Vec<String>,
+    /// Why, for people.
+    pub reasons: Vec<String>,
+    pub obligations: Obligations,
+    /// The policy set that decided.
+    pub version: String,
+}
+
+impl Decision {
+    /// Policy ids a caller of `tenant` may see: others' scoped policies are
+    /// counted, not named.
+    pub fn visible_policies(&self, loaded: &Loaded, tenant: &str) -> Vec<String> {
+        self.policies
+            .iter()
+            .map(|p| match loaded.meta.get(&PolicyId::new(p)).and_then(|m| m.tenant.as_deref()) {
+                Some(t) if t != tenant => "(a policy of another tenant)".to_owned(),
+                _ => p.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Wall-clock facts policies may use, from the broker's clock.
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub unix: i64,
+}
+
+impl Now {
+    fn expr(self) -> RestrictedExpression {
+        let days = self.unix.div_euclid(86_400);
+        let hour = self.unix.rem_euclid(86_400) / 3600;
+        // 1970-01-01 was a Thursday (4); Monday = 1
+        let weekday = (days + 3).rem_euclid(7) + 1;
+        record([
+            ("now", RestrictedExpression::new_long(self.unix)),
+            ("hour", RestrictedExpression::new_long(hour)),
+            ("weekday", RestrictedExpression::new_long(weekday)),
+        ])
+    }
+}
+
+fn long(v: u64) -> RestrictedExpression {
+    RestrictedExpression::new_long(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+fn string(v: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(v.to_owned())
+}
+
+fn strings<'a>(v: impl IntoIterator<Item = &'a String>) -> RestrictedExpression {
+    RestrictedExpression::new_set(v.into_iter().map(|s| string(s)))
+}
+
+fn record<const N: usize>(fields: [(&str, RestrictedExpression); N]) -> RestrictedExpression {
+    // field names are fixed, distinct literals: this cannot fail
+    RestrictedExpression::new_record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)))
+        .unwrap_or_else(|_| RestrictedExpression::new_bool(false))
+}
+
+impl Principal {
+    fn expr(&self) -> RestrictedExpression {
+        let attrs: Vec<String> = self.attributes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        record([
+            ("id", string(&self.id)),
+            ("issuer", string(&self.issuer)),
+            ("tenant", string(&self.tenant)),
+            ("attributes", strings(&attrs)),
+        ])
+    }
+}
+
+impl TaskFacts {
+    fn expr(&self) -> RestrictedExpression {
+        record([
+            ("id", string(&self.id)),
+            ("purpose", string(&self.purpose)),
+            ("declared_tools", strings(&self.declared_tools)),
+            ("prompt_sha256", string(&self.prompt_sha256)),
+            ("user", string(&self.user)),
+            ("active_leases", long(self.active_leases)),
+            ("lease_count", long(self.lease_count)),
+            ("remaining_seconds", long(self.remaining_seconds)),
+        ])
+    }
+
+    fn delegation(&self, workload: &str) -> RestrictedExpression {
+        strings(&[format!("user:{}", self.user), format!("workload:{workload}")])
+    }
+}
+
+struct Evaluated {
+    allowed: bool,
+    /// Determining policies: permits when allowed, forbids when denied.
+    policies: Vec<PolicyId>,
+    errors: Vec<String>,
+}
+
+impl PolicyEngine {
+    fn eval(
+        &self,
+        l: &Loaded,
+        principal: &str,
+        action: &str,
+        resource: EntityUid,
+        context: Vec<(&str, RestrictedExpression)>,
+    ) -> Evaluated {
+        let request = (|| {
+            let ctx = Context::from_pairs(context.into_iter().map(|(k, v)| (k.to_owned(), v))).map_err(|e| e.to_string())?;
+            let action = EntityUid::from_str(&format!("{NS}::Action::\"{action}\"")).map_err(|e| e.to_string())?;
+            let p = uid("Workload", principal).map_err(|e| e.to_string())?;
+            Request::new(p, action, resource, ctx, None).map_err(|e| e.to_string())
+        })();
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => return Evaluated { allowed: false, policies: vec![], errors: vec![e] },
+        };
+        let resp = self.authorizer.is_authorized(&request, &l.set, &l.entities);
+        let d = resp.diagnostics();
+        Evaluated {
+            allowed: resp.decision() == CedarDecision::Allow,
+            policies: d.reason().cloned().collect(),
+            errors: d.errors().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn denial(&self, l: &Loaded, e: &Evaluated, what: &str) -> Vec<String> {
+        let mut reasons: Vec<String> = e
+            .policies
+            .iter()
+            .map(|p| match l.meta.get(p).and_then(|m| m.reason.clone()) {
+                Some(r) => r,
+                None => format!("forbidden by policy {p}"),
+            })
+            .collect();
+        if reasons.is_empty() {
+            reasons.push(format!("no policy permits {what}"));
+        }
+        if !e.errors.is_empty() {
+            tracing::warn!(errors = ?e.errors, "policies failed to evaluate (treated as not applying)");
+        }
+        reasons
+    }
+
+    fn deny(&self, l: &Loaded, policies: &[PolicyId], reasons: Vec<String>) -> Decision {
+        Decision {
+            outcome: Outcome::Deny,
+            policies: policies.iter().map(ToString::to_string).collect(),
+            reasons,
+            obligations: Obligations::default(),
+            version: l.version.clone(),
+        }
+    }
+
+    /// May this workload open this task?
+    pub fn open_task(&self, who: &Principal, task: &TaskFacts, requested_ttl: u64, now: Now) -> Decision {
+        let l = self.current();
+        let resource = match uid("Broker", "leasehold") {
+            Ok(u) => u,
+            Err(e) => return self.deny(&l, &[], e.problems),
+        };
+        let e = self.eval(
+            &l,
+            &who.id,
+            "OpenTask",
+            resource,
+            vec![
+                ("workload", who.expr()),
+                ("purpose", string(&task.purpose)),
+                ("declared_tools", strings(&task.declared_tools)),
+                ("prompt_sha256", string(&task.prompt_sha256)),
+                ("user", string(&task.user)),
+                ("requested_ttl", long(requested_ttl)),
+                ("time", now.expr()),
+            ],
+        );
+        if !e.allowed {
+            let reasons = self.denial(&l, &e, "opening this task");
+            return self.deny(&l, &e.policies, reasons);
+        }
+        self.permit(&l, &e.policies, false)
+    }
+
+    /// Combine the obligations of the permits that count.
+    fn permit(&self, l: &Loaded, permits: &[PolicyId], break_glass: bool) -> Decision {
+        let mut ob = Obligations::default();
+        for p in permits {
+            if let Some(m) = l.meta.get(p) {
+                ob.approval |= m.obligations.approval;
+                ob.max_ttl = match (ob.max_ttl, m.obligations.max_ttl) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        ob.break_glass_only = break_glass;
+        // break-glass is the loud way around an approval, not through one
+        let outcome = if ob.approval && !break_glass { Outcome::ApprovalRequired } else { Outcome::Allow };
+        Decision {
+            outcome,
+            policies: permits.iter().map(ToString::to_string).collect(),
+            reasons: vec![],
+            obligations: ob,
+            version: l.version.clone(),
+        }
+    }
+
+    /// Decide a tool call (and the credential it asks for, if any).
+    pub fn call(&self, who: &Principal, task: &TaskFacts, call: &CallFacts, workload_active: u64, now: Now) -> Decision {
+        let l = self.current();
+        if !task.declared_tools.iter().any(|t| t == &call.tool) {
+            return self.deny(&l, &[], vec![format!("the task did not declare the tool `{}`", call.tool)]);
+        }
+        let tool = match uid("Tool", &call.tool) {
+            Ok(u) => u,
+            Err(e) => return self.deny(&l, &[], e.problems),
+        };
+        let risk = match l.entities.get(&tool).and_then(|e| e.attr("risk")) {
+            Some(Ok(cedar_policy::EvalResult::Long(n))) => n,
+            _ => 0,
+        };
+        let bg = call.break_glass.is_some();
+        let requested_ttl = call.credential.as_ref().map_or(0, |c| c.requested_ttl);
+        let e = self.eval(
+            &l,
+            &who.id,
+            "Call",
+            tool.clone(),
+            vec![
+                ("workload", who.expr()),
+                ("task", task.expr()),
+                ("action", string(&call.action)),
+                ("target", string(&call.target)),
+                ("arguments_sha256", string(&call.arguments_sha256)),
+                ("requested_ttl", long(requested_ttl)),
+                ("risk", RestrictedExpression::new_long(risk)),
+                ("break_glass", RestrictedExpression::new_bool(bg)),
+                ("workload_active_leases", long(workload_active)),
+                ("delegation", task.delegation(&who.id)),
+                ("time", now.expr()),
+            ],
+        );
+        if !e.allowed {
+            let reasons = self.denial(&l, &e, &format!("calling `{}`", call.tool));
+            return self.deny(&l, &e.policies, reasons);
+        }
+        let mut counted: Vec<PolicyId> = e.policies.clone();
+        if let Some(justification) = &call.break_glass {
+            let g = self.eval(
+                &l,
+                &who.id,
+                "BreakGlass",
+                tool,
+                vec![
+                    ("workload", who.expr()),
+                    ("task", task.expr()),
+                    ("action", string(&call.action)),
+                    ("target", string(&call.target)),
+                    ("justification", string(justification)),
+                    ("time", now.expr()),
+                ],
+            );
+            if !g.allowed {
+                let mut reasons = self.denial(&l, &g, &format!("break-glass on `{}`", call.tool));
+                reasons.insert(0, "break-glass is not permitted here".into());
+                return self.deny(&l, &g.policies, reasons);
+            }
+            counted.extend(g.policies);
+        } else {
+            counted.retain(|p| l.meta.get(p).is_none_or(|m| !m.obligations.break_glass_only));
+            if counted.is_empty() {
+                return self.deny(
+                    &l,
+                    &e.policies,
+                    vec![format!("`{}` is reachable only through break-glass", call.tool)],
+                );
+            }
+        }
+        if let Some(c) = &call.credential {
+            let d = self.lease_eval(&l, who, task, c, &call.tool, &call.target, bg, workload_active, now);
+            match d {
+                Ok(permits) => counted.extend(permits),
+                Err(deny) => return deny,
+            }
+        }
+        self.permit(&l, &counted, bg)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn lease_eval(
+        &self,
+        l: &Loaded,
+        who: &Principal,
+        task: &TaskFacts,
+        c: &LeaseFacts,
+        tool: &str,
+        target: &str,
+        bg: bool,
+        workload_active: u64,
+        now: Now,
+    ) -> Result<Vec<PolicyId>, Decision> {
+        let name = format!("{}/{}", c.provider, c.role);
+        if !l.roles.contains(&name) {
+            return Err(self.deny(l, &[], vec![format!("no provider role `{name}`")]));
+        }
+        let resource = uid("ProviderRole", &name).map_err(|e| self.deny(l, &[], e.problems))?;
+        let e = self.eval(
+            l,
+            &who.id,
+            "Lease",
+            resource,
+            vec![
+                ("workload", who.expr()),
+                ("task", task.expr()),
+                ("tool", string(tool)),
+                ("target", string(target)),
+                ("scope", strings(&c.scope)),
+                ("requested_ttl", long(c.requested_ttl)),
+                ("break_glass", RestrictedExpression::new_bool(bg)),
+                ("workload_active_leases", long(workload_active)),
+                ("delegation", task.delegation(&who.id)),
+                ("time", now.expr()),
+            ],
+        );
+        if !e.allowed {
+            let reasons = self.denial(l, &e, &format!("a `{name}` credential"));
+            return Err(self.deny(l, &e.policies, reasons));
+        }
+        Ok(e.policies)
+    }
+
+    /// Decide a direct credential request (no tool call).
+    pub fn lease(&self, who: &Principal, task: &TaskFacts, c: &LeaseFacts, workload_active: u64, now: Now) -> Decision {
+        let l = self.current();
+        match self.lease_eval(&l, who, task, c, "", "", false, workload_active, now) {
+            Ok(permits) => self.permit(&l, &permits, false),
+            Err(deny) => deny,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,222 @@
+//! Table-driven policy tests: one `check` helper, one row per case, against
+//! the example set in `config/policies` plus a few rules of the tests' own.
+
+use super::*;
+
+const EXTRA: &str = r#"
+@id("no-reads-for-mallory")
+@reason("mallory may not have documents read for her")
+forbid (principal, action == Leasehold::Action::"Call", resource == Leasehold::Tool::"demo.read")
+when { context.task.user == "mallory@example.com" };
+
+@id("tenant-b-secret-rule")
+@tenant("other")
+forbid (principal, action == Leasehold::Action::"Call", resource == Leasehold::Tool::"demo.read")
+when { context.target == "vault:crown-jewels" };
+
+@id("short-write-leases")
+@max_ttl("120")
+permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"Lease", resource)
+when { context.tool == "demo.write" && resource.provider == "token" };
+"#;
+
+fn folder(extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies");
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(dir.path().join("extra.cedar"), extra).unwrap();
+    dir
+}
+
+fn roles() -> Vec<RoleEntity> {
+    vec![RoleEntity { provider: "token".into(), role: "demo".into(), max_ttl: 900 }]
+}
+
+fn engine() -> (tempfile::TempDir, PolicyEngine) {
+    let dir = folder(EXTRA);
+    let e = PolicyEngine::load(dir.path(), roles()).unwrap();
+    (dir, e)
+}
+
+fn who(id: &str) -> Principal {
+    Principal { id: id.into(), issuer: "dev".into(), tenant: "dev".into(), attributes: BTreeMap::new() }
+}
+
+fn task(user: &str, active: u64) -> TaskFacts {
+    TaskFacts {
+        id: "task_1".into(),
+        purpose: "p".into(),
+        declared_tools: vec!["demo.read".into(), "demo.write".into(), "demo.admin".into()],
+        prompt_sha256: "00".repeat(32),
+        user: user.into(),
+        active_leases: active,
+        lease_count: active,
+        remaining_seconds: 600,
+    }
+}
+
+const NOW: Now = Now { unix: 1_800_000_000 };
+
+struct Case {
+    name: &'static str,
+    workload: &'static str,
+    user: &'static str,
+    active: u64,
+    tool: &'static str,
+    target: &'static str,
+    break_glass: bool,
+    credential: Option<(&'static str, u64)>,
+    expect: Outcome,
+    /// a determining policy, a reason fragment, or a max TTL to expect
+    policy: Option<&'static str>,
+    reason: Option<&'static str>,
+    max_ttl: Option<u64>,
+}
+
+const BASE: Case = Case {
+    name: "",
+    workload: "dev:assistant-a",
+    user: "alice@example.com",
+    active: 0,
+    tool: "demo.read",
+    target: "doc:1",
+    break_glass: false,
+    credential: None,
+    expect: Outcome::Allow,
+    policy: None,
+    reason: None,
+    max_ttl: None,
+};
+
+fn check(e: &PolicyEngine, c: &Case) {
+    let facts = CallFacts {
+        tool: c.tool.into(),
+        action: "read".into(),
+        target: c.target.into(),
+        arguments_sha256: "ab".repeat(32),
+        break_glass: c.break_glass.then(|| "prod is down".to_owned()),
+        credential: c.credential.map(|(role, ttl)| LeaseFacts {
+            provider: "token".into(),
+            role: role.into(),
+            scope: vec![],
+            requested_ttl: ttl,
+        }),
+    };
+    let d = e.call(&who(c.workload), &task(c.user, c.active), &facts, c.active, NOW);
+    assert_eq!(d.outcome, c.expect, "{}: {d:?}", c.name);
+    if let Some(p) = c.policy {
+        assert!(d.policies.iter().any(|x| x == p), "{}: expected policy {p} in {:?}", c.name, d.policies);
+    }
+    if let Some(r) = c.reason {
+        assert!(d.reasons.iter().any(|x| x.contains(r)), "{}: expected reason `{r}` in {:?}", c.name, d.reasons);
+    }
+    assert_eq!(d.obligations.max_ttl, c.max_ttl, "{}: max_ttl", c.name);
+}
+
+#[test]
+fn decisions() {
+    let (_dir, e) = engine();
+    let cases = [
+        Case { name: "read is allowed", policy: Some("read-demo"), ..BASE },
+        Case { name: "write needs approval", tool: "demo.write", expect: Outcome::ApprovalRequired, policy: Some("write-demo-with-approval"), ..BASE },
+        Case { name: "admin only through break-glass", tool: "demo.admin", expect: Outcome::Deny, reason: Some("only through break-glass"), ..BASE },
+        Case { name: "break-glass for the on-call assistant", tool: "demo.admin", break_glass: true, policy: Some("break-glass-on-call"), ..BASE },
+        Case { name: "break-glass refused without a BreakGlass permit", workload: "dev:assistant-b", tool: "demo.admin", break_glass: true, expect: Outcome::Deny, reason: Some("break-glass is not permitted"), ..BASE },
+        Case { name: "break-glass skips the approval", tool: "demo.write", break_glass: true, ..BASE },
+        Case { name: "undeclared tool", tool: "demo.delete", expect: Outcome::Deny, reason: Some("did not declare"), ..BASE },
+        Case { name: "unknown workload has no grants", workload: "dev:stranger", expect: Outcome::Deny, reason: Some("no policy permits"), ..BASE },
+        Case { name: "forbid overrides permit", user: "mallory@example.com", expect: Outcome::Deny, policy: Some("no-reads-for-mallory"), reason: Some("mallory may not"), ..BASE },
+        Case { name: "read with a credential, capped by @max_ttl", credential: Some(("demo", 3000)), policy: Some("demo-token-leases"), max_ttl: Some(900), ..BASE },
+        Case { name: "the smallest @max_ttl wins", tool: "demo.write", break_glass: true, credential: Some(("demo", 3000)), max_ttl: Some(120), ..BASE },
+        Case { name: "unknown provider role", credential: Some(("root", 60)), expect: Outcome::Deny, reason: Some("no provider role"), ..BASE },
+        Case { name: "quota: too many active leases", active: 20, credential: Some(("demo", 60)), expect: Outcome::Deny, reason: Some("at most 20 active leases"), ..BASE },
+        Case { name: "quota does not limit calls without credentials", active: 20, ..BASE },
+    ];
+    for c in &cases {
+        check(&e, c);
+    }
+}
+
+#[test]
+fn other_tenants_policies_are_counted_not_named() {
+    let (_dir, e) = engine();
+    let facts = CallFacts { tool: "demo.read".into(), target: "vault:crown-jewels".into(), ..CallFacts::default() };
+    let d = e.call(&who("dev:assistant-a"), &task("alice@example.com", 0), &facts, 0, NOW);
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(d.policies, ["tenant-b-secret-rule"]);
+    let l = e.current();
+    assert_eq!(d.visible_policies(&l, "dev"), ["(a policy of another tenant)"]);
+    assert_eq!(d.visible_policies(&l, "other"), ["tenant-b-secret-rule"]);
+}
+
+#[test]
+fn opening_tasks_and_direct_leases_are_decided() {
+    let (_dir, e) = engine();
+    let t = task("alice@example.com", 0);
+    assert_eq!(e.open_task(&who("dev:assistant-a"), &t, 600, NOW).outcome, Outcome::Allow);
+    let long = e.open_task(&who("dev:assistant-a"), &t, 7200, NOW);
+    assert_eq!(long.outcome, Outcome::Deny);
+    assert_eq!(e.open_task(&who("dev:stranger"), &t, 600, NOW).outcome, Outcome::Deny);
+    let lease = LeaseFacts { provider: "token".into(), role: "demo".into(), scope: vec![], requested_ttl: 60 };
+    let d = e.lease(&who("dev:assistant-b"), &t, &lease, 0, NOW);
+    assert_eq!((d.outcome, d.obligations.max_ttl), (Outcome::Allow, Some(900)));
+    assert_eq!(e.lease(&who("dev:assistant-b"), &task("u", 25), &lease, 0, NOW).outcome, Outcome::Deny);
+}
+
+#[test]
+fn bad_policy_sets_are_refused_with_file_and_line() {
+    let syntax = folder("permit (principal, action, resource\nwhen { true };");
+    let err = PolicyEngine::load(syntax.path(), roles()).unwrap_err();
+    assert!(err.problems[0].starts_with("extra.cedar:"), "{err}");
+
+    let schema = folder("\n\npermit (principal, action == Leasehold::Action::\"Call\", resource)\nwhen { context.nonexistent == 1 };");
+    let err = PolicyEngine::load(schema.path(), roles()).unwrap_err();
+    assert!(err.problems.iter().any(|p| p.starts_with("extra.cedar:4:")), "{err}");
+
+    let ann = folder("@max_ttl(\"soon\")\npermit (principal, action, resource);");
+    let err = PolicyEngine::load(ann.path(), roles()).unwrap_err();
+    assert!(err.to_string().contains("@max_ttl"), "{err}");
+
+    let dup = folder("@id(\"read-demo\")\npermit (principal, action, resource);");
+    assert!(PolicyEngine::load(dup.path(), roles()).unwrap_err().to_string().contains("used twice"));
+}
+
+#[test]
+fn a_bad_reload_keeps_the_old_set() {
+    let dir = folder(EXTRA);
+    let e = PolicyEngine::load(dir.path(), roles()).unwrap();
+    let before = e.current().version.clone();
+    std::fs::write(dir.path().join("extra.cedar"), "permit (principal, action, resource").unwrap();
+    let err = e.reload().unwrap_err();
+    assert!(err.problems[0].starts_with("extra.cedar:"), "{err}");
+    assert_eq!(e.current().version, before, "the old set stays in force");
+    let d = e.call(&who("dev:assistant-a"), &task("mallory@example.com", 0), &CallFacts { tool: "demo.read".into(), ..CallFacts::default() }, 0, NOW);
+    assert_eq!(d.outcome, Outcome::Deny, "the old forbid still applies");
+    // a good reload swaps in the new set
+    std::fs::write(dir.path().join("extra.cedar"), "// nothing extra\n").unwrap();
+    let next = e.reload().unwrap();
+    assert_ne!(next.version, before);
+    let d = e.call(&who("dev:assistant-a"), &task("mallory@example.com", 0), &CallFacts { tool: "demo.read".into(), ..CallFacts::default() }, 0, NOW);
+    assert_eq!(d.outcome, Outcome::Allow);
+}
+
+#[test]
+fn time_is_a_fact_policies_can_use() {
+    let dir = folder(
+        "@id(\"no-sunday-tasks\")\n@reason(\"no tasks on Sundays\")\nforbid (principal, action == Leasehold::Action::\"OpenTask\", resource)\nwhen { context.time.weekday == 7 && context.time.hour >= 12 };",
+    );
+    let e = PolicyEngine::load(dir.path(), roles()).unwrap();
+    let t = task("alice@example.com", 0);
+    // 1970-01-04 was a Sunday; 13:00 UTC
+    let sunday = Now { unix: 3 * 86_400 + 13 * 3600 };
+    let d = e.open_task(&who("dev:assistant-a"), &t, 600, sunday);
+    assert_eq!(d.outcome, Outcome::Deny);
+    assert_eq!(d.reasons, ["no tasks on Sundays"]);
+    let sunday_morning = Now { unix: 3 * 86_400 + 9 * 3600 };
+    assert_eq!(e.open_task(&who("dev:assistant-a"), &t, 600, sunday_morning).outcome, Outcome::Allow);
+    let monday = Now { unix: 4 * 86_400 + 13 * 3600 };
+    assert_eq!(e.open_task(&who("dev:assistant-a"), &t, 600, monday).outcome, Outcome::Allow);
+}
