@@ -33,6 +33,9 @@ pub enum BrokerError {
     /// A cap was reached: 429.
     #[error("{message}")]
     Quota { code: &'static str, message: String },
+    /// Policy said no: 403, with the decision.
+    #[error("denied by policy")]
+    Denied(Box<Denial>),
     /// The provider failed; the detail is logged, not shown.
     #[error("provider `{provider}` failed: {detail}")]
     Provider { provider: String, retryable: bool, detail: String },
@@ -68,8 +71,39 @@ impl From<StoreError> for BrokerError {
                 Conflict::LeaseState(s) => Self::conflict("lease_state", format!("the lease is {}", s.as_str())),
                 Conflict::Duplicate => Self::conflict("duplicate", "the record already exists"),
                 Conflict::Chain(m) => Self::conflict("chain_conflict", m),
+                Conflict::ApprovalNotFound => Self::NotFound { code: "approval_not_found" },
+                Conflict::Approval(m) => Self::conflict("approval_invalid", m),
+                Conflict::ReviewNotFound => Self::NotFound { code: "review_not_found" },
             },
             other => Self::Store(other),
+        }
+    }
+}
+
+/// A policy denial as the caller sees it.
+#[derive(Debug, Clone)]
+pub struct Denial {
+    pub action: &'static str,
+    pub call_id: Option<String>,
+    /// Ids of the determining policies the caller may see.
+    pub policies: Vec<String>,
+    pub reasons: Vec<String>,
+}
+
+/// Policy settings the broker enforces around decisions.
+#[derive(Debug, Clone)]
+pub struct PolicySettings {
+    pub approval_ttl: Duration,
+    pub break_glass_max_ttl: Duration,
+    pub max_active_leases_per_workload: u64,
+}
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        Self {
+            approval_ttl: Duration::from_secs(900),
+            break_glass_max_ttl: Duration::from_secs(900),
+            max_active_leases_per_workload: 10_000,
         }
     }
 }
@@ -129,6 +163,11 @@ pub struct Broker {
     pub checkpoint_key: Option<Arc<crate::audit::CheckpointKey>>,
     /// Rate limit for recording denied authentication attempts.
     pub denied: DeniedLimiter,
+    /// Runtime authorization.
+    pub policy: Arc<crate::policy::PolicyEngine>,
+    pub settings: PolicySettings,
+    /// The approvers' webhook.
+    pub notifier: crate::notify::Notifier,
     #[cfg(feature = "fault-injection")]
     pub faults: Faults,
 }
@@ -175,6 +214,8 @@ impl Broker {
         providers: Providers,
         limits: Limits,
         reaper: ReaperConfig,
+        policy: Arc<crate::policy::PolicyEngine>,
+        settings: PolicySettings,
     ) -> Self {
         let wakers = Arc::new(Wakers::new(providers.names()));
         let local = Arc::new(providers.iter().filter(|e| e.token.is_some()).map(|e| e.name.clone()).collect());
@@ -183,6 +224,9 @@ impl Broker {
             auditor: Arc::new(crate::audit::Auditor::default()),
             checkpoint_key: None,
             denied: DeniedLimiter::new(10),
+            policy,
+            settings,
+            notifier: crate::notify::Notifier::default(),
             store,
             clock,
             providers: Arc::new(providers),
@@ -233,6 +277,32 @@ impl Broker {
                 tracing::warn!(error = %e, "recording a denied authentication failed");
             }
         });
+    }
+
+    /// Reload the policy folder; on success record `policy.reloaded`, on
+    /// failure keep the old set and return every problem (`Invalid`).
+    pub async fn reload_policy(
+        &self,
+        request_id: Option<String>,
+        by: Option<String>,
+    ) -> Result<Arc<crate::policy::Loaded>, BrokerError> {
+        match self.policy.reload() {
+            Ok(l) => {
+                let data = crate::event_data![
+                    ("version", l.version.clone()),
+                    ("policies", l.policy_count as u64),
+                    ("files", serde_json::Value::from(l.files.clone())),
+                    ("by", by.unwrap_or_else(|| "SIGHUP".into())),
+                ];
+                self.record(crate::audit::EventKind::PolicyReloaded, request_id, data).await?;
+                tracing::info!(version = %l.version, policies = l.policy_count, "policy set reloaded");
+                Ok(l)
+            }
+            Err(e) => {
+                tracing::error!(problems = %e, "policy reload refused; the previous set stays in force");
+                Err(BrokerError::invalid("policy_invalid", e.to_string()))
+            }
+        }
     }
 
     /// Sign the head of the chain if it moved since the last checkpoint.

@@ -40,6 +40,7 @@ pub struct Config {
     pub reaper: ReaperConfig,
     pub auth: AuthConfig,
     pub audit: AuditConfig,
+    pub policy: PolicyConfig,
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Test-only fault hooks; absent from release builds.
     #[cfg(feature = "fault-injection")]
@@ -165,6 +166,29 @@ impl Default for ReaperConfig {
     }
 }
 
+/// Runtime authorization.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The policy folder: one `*.cedarschema`, `*.cedar` policies and
+    /// `entities.json`. Reloaded on SIGHUP and `POST /v1/policy/reload`.
+    pub dir: PathBuf,
+    /// How long an approval request stays open (and an approval usable).
+    #[serde(default = "defaults::approval_ttl_seconds")]
+    pub approval_ttl_seconds: u64,
+    /// Break-glass leases are capped at this TTL.
+    #[serde(default = "defaults::break_glass_max_ttl_seconds")]
+    pub break_glass_max_ttl_seconds: u64,
+    /// Hard cap on a workload's active leases, whatever policy says (429).
+    #[serde(default = "defaults::max_active_leases_per_workload")]
+    pub max_active_leases_per_workload: u64,
+    /// Notified (POST, JSON) of approval requests and break-glass use;
+    /// retried in the background, never blocking a decision.
+    pub webhook_url: Option<String>,
+    /// Signs webhook bodies (`x-leasehold-signature: sha256=<hex HMAC>`).
+    pub webhook_secret_file: Option<PathBuf>,
+}
+
 /// The event chain.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -260,6 +284,9 @@ pub struct OperatorConfig {
     pub roles: Vec<OperatorRole>,
     /// Hex SHA-256 of the bearer token.
     pub token_sha256: String,
+    /// The person behind the token, as tasks name users (`on_behalf_of`):
+    /// an approver never approves a request made on their own behalf.
+    pub user: Option<String>,
 }
 
 /// One provider instance; `type` picks the implementation.
@@ -397,6 +424,15 @@ mod defaults {
     pub fn provider_timeout_seconds() -> u64 {
         30
     }
+    pub fn approval_ttl_seconds() -> u64 {
+        900
+    }
+    pub fn break_glass_max_ttl_seconds() -> u64 {
+        900
+    }
+    pub fn max_active_leases_per_workload() -> u64 {
+        10_000
+    }
     pub fn checkpoint_interval_seconds() -> u64 {
         60
     }
@@ -453,6 +489,10 @@ impl Config {
             fix(p);
         }
         fix(&mut self.audit.checkpoint_key_file);
+        fix(&mut self.policy.dir);
+        if let Some(p) = self.policy.webhook_secret_file.as_mut() {
+            fix(p);
+        }
         if let Some(p) = self.audit.hmac_key_file.as_mut() {
             fix(p);
         }
@@ -470,6 +510,25 @@ impl Config {
                 ProviderConfig::Token(t) => fix(&mut t.signing_key_file),
             }
         }
+    }
+
+    /// Every provider role, as the policy engine sees them.
+    pub fn provider_roles(&self) -> Vec<crate::policy::RoleEntity> {
+        let mut out = Vec::new();
+        for (name, p) in &self.providers {
+            match p {
+                ProviderConfig::Token(t) => {
+                    for (role, r) in &t.roles {
+                        out.push(crate::policy::RoleEntity {
+                            provider: name.clone(),
+                            role: role.clone(),
+                            max_ttl: r.max_ttl_seconds,
+                        });
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The configuration as TOML that [`Config::from_toml`] reads back.
@@ -560,6 +619,25 @@ impl Config {
         }
         if !a.hmac_fields.is_empty() && a.hmac_key_file.is_none() {
             return Err(invalid("audit.hmac_key_file", "hmac_fields needs hmac_key_file"));
+        }
+        let p = &self.policy;
+        if !(60..=86_400).contains(&p.approval_ttl_seconds) {
+            return Err(invalid("policy.approval_ttl_seconds", "must be between 60 and 86400"));
+        }
+        if p.break_glass_max_ttl_seconds == 0 || p.break_glass_max_ttl_seconds > l.max_lease_ttl_seconds {
+            return Err(invalid(
+                "policy.break_glass_max_ttl_seconds",
+                "must be positive and at most limits.max_lease_ttl_seconds",
+            ));
+        }
+        if p.max_active_leases_per_workload == 0 {
+            return Err(invalid("policy.max_active_leases_per_workload", "must be positive"));
+        }
+        if let Some(u) = &p.webhook_url {
+            let loopback = u.starts_with("http://127.0.0.1") || u.starts_with("http://localhost") || u.starts_with("http://[::1]");
+            if !u.starts_with("https://") && !loopback {
+                return Err(invalid("policy.webhook_url", "must be https (http only on loopback)"));
+            }
         }
         if self.providers.is_empty() {
             return Err(invalid("providers", "configure at least one provider"));
@@ -662,6 +740,11 @@ impl Config {
         if let Some(p) = &self.audit.hmac_key_file {
             crate::store::StoreKey::from_file(p).map_err(|e| invalid("audit.hmac_key_file", e.to_string()))?;
         }
+        if let Some(p) = &self.policy.webhook_secret_file {
+            crate::store::StoreKey::from_file(p).map_err(|e| invalid("policy.webhook_secret_file", e.to_string()))?;
+        }
+        crate::policy::PolicyEngine::load(&self.policy.dir, self.provider_roles())
+            .map_err(|e| invalid("policy.dir", format!("the policy set does not validate:\n{e}")))?;
         if let Some(tls) = &self.server.tls {
             for (k, p) in [("server.tls.cert_file", &tls.cert_file), ("server.tls.key_file", &tls.key_file)] {
                 std::fs::metadata(p).map_err(|e| invalid(k, format!("{}: {e}", p.display())))?;
@@ -739,6 +822,8 @@ key_file = "store.key"
 [auth]
 [audit]
 checkpoint_key_file = "checkpoint.pk8"
+[policy]
+dir = "policies"
 [providers.token]
 type = "token"
 issuer = "https://leasehold.test"

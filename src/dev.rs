@@ -24,6 +24,12 @@ use crate::config::*;
 use crate::store::StoreKey;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7711";
+/// The example policy set (`config/policies`), which `dev` starts with.
+pub const EXAMPLE_POLICIES: [(&str, &str); 3] = [
+    ("leasehold.cedarschema", include_str!("../config/policies/leasehold.cedarschema")),
+    ("demo.cedar", include_str!("../config/policies/demo.cedar")),
+    ("entities.json", include_str!("../config/policies/entities.json")),
+];
 pub const DEFAULT_DATA_DIR: &str = "leasehold-data";
 pub const DEV_ISSUER: &str = "https://leasehold.dev.invalid/issuer";
 pub const DEV_AUDIENCE: &str = "leasehold";
@@ -162,6 +168,7 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
             name: name.to_owned(),
             roles: vec![role],
             token_sha256: operator_token_hash(&token),
+            user: Some(format!("{name}@example.com")),
         });
         identities.insert(
             name.to_owned(),
@@ -169,6 +176,14 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
         );
     }
 
+    // the example policy set, copied once so it can be edited and reloaded
+    let policies = data.join("policies");
+    if !policies.exists() {
+        std::fs::create_dir_all(&policies).map_err(io(&policies))?;
+        for (name, text) in EXAMPLE_POLICIES {
+            write_private(&policies.join(name), text.as_bytes())?;
+        }
+    }
     let mut roles = BTreeMap::new();
     roles.insert(
         "demo".to_owned(),
@@ -233,6 +248,14 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
             auth_denied_events_per_second: 10,
             #[cfg(feature = "bench-no-events")]
             bench_no_events: false,
+        },
+        policy: PolicyConfig {
+            dir: policies,
+            approval_ttl_seconds: 900,
+            break_glass_max_ttl_seconds: 900,
+            max_active_leases_per_workload: 10_000,
+            webhook_url: None,
+            webhook_secret_file: None,
         },
         providers,
         #[cfg(feature = "fault-injection")]

@@ -124,6 +124,8 @@ macro_rules! id_type {
 id_type!(TaskId, "task", "The id of a task.");
 id_type!(LeaseId, "lease", "The id of a lease.");
 id_type!(RequestId, "req", "The id of one HTTP request, for correlating logs and responses.");
+id_type!(CallId, "call", "The id of a decided tool call.");
+id_type!(ApprovalId, "appr", "The id of an approval request.");
 
 /// A string that is not an id of the expected kind.
 #[derive(Debug, Clone, Copy, thiserror::Error)]

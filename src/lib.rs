@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod approval;
 pub mod audit;
 pub mod auth;
 pub mod broker;
@@ -17,7 +18,9 @@ pub mod config;
 pub mod dev;
 pub mod hex;
 pub mod ids;
+pub mod call;
 pub mod lease;
+pub mod notify;
 pub mod policy;
 pub mod providers;
 pub mod reaper;

@@ -40,6 +40,8 @@ pub enum ServeError {
     Recovery(String),
     #[error("audit: {0}")]
     Audit(String),
+    #[error("policy: {0}")]
+    Policy(String),
 }
 
 /// Build the event shaping from config (HMAC fields, test and benchmark switches).
@@ -118,11 +120,35 @@ pub async fn run_with(
     )?;
     drop(key);
     let mut providers = Providers::build(&config.providers, &store)?;
+    let mut roles = config.provider_roles();
     for (name, p) in overrides.providers {
+        for r in &p.describe().roles {
+            roles.push(crate::policy::RoleEntity {
+                provider: name.clone(),
+                role: r.name.clone(),
+                max_ttl: r.max_ttl.as_secs(),
+            });
+        }
         providers.insert(&name, p);
     }
+    let policy = Arc::new(
+        crate::policy::PolicyEngine::load(&config.policy.dir, roles).map_err(|e| ServeError::Policy(e.to_string()))?,
+    );
+    let settings = crate::broker::PolicySettings {
+        approval_ttl: Duration::from_secs(config.policy.approval_ttl_seconds),
+        break_glass_max_ttl: Duration::from_secs(config.policy.break_glass_max_ttl_seconds),
+        max_active_leases_per_workload: config.policy.max_active_leases_per_workload,
+    };
     #[allow(unused_mut)]
-    let mut broker = Broker::new(store, clock.clone(), providers, config.limits.clone(), config.reaper.clone());
+    let mut broker =
+        Broker::new(store, clock.clone(), providers, config.limits.clone(), config.reaper.clone(), policy, settings);
+    if let Some(url) = &config.policy.webhook_url {
+        let secret = match &config.policy.webhook_secret_file {
+            Some(p) => Some(*StoreKey::from_file(p).map_err(|e| ServeError::Policy(format!("webhook_secret_file: {e}")))?.expose()),
+            None => None,
+        };
+        broker.notifier = crate::notify::Notifier::spawn(url.clone(), secret).map_err(ServeError::Policy)?;
+    }
     #[cfg(feature = "fault-injection")]
     {
         broker.faults.pause_after_issue_file = config.fault.pause_after_issue_file.clone();
@@ -148,6 +174,7 @@ pub async fn run_with(
         config.audit.checkpoint_interval_seconds,
         stop_rx.clone(),
     )));
+    background.push(tokio::spawn(reload_on_sighup(broker.clone(), stop_rx.clone())));
     for issuer in auth.issuers() {
         if let Some(every) = issuer.refresh_interval() {
             if let Err(e) = issuer.refresh(clock.now()).await {
@@ -240,6 +267,30 @@ pub async fn run_with(
     close(broker, grace).await;
     tracing::info!("leasehold stopped");
     Ok(())
+}
+
+/// SIGHUP reloads the policy set (a bad set is refused and logged; the old
+/// one stays in force).
+async fn reload_on_sighup(broker: Arc<Broker>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload through POST /v1/policy/reload");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    let _ = broker.reload_policy(None, None).await;
+                }
+                _ = stop.changed() => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (broker, stop.changed().await);
+    }
 }
 
 /// Sign the head of the chain every `every` seconds of the broker's clock.

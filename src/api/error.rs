@@ -17,11 +17,13 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     www_authenticate: bool,
+    /// Extra top-level fields (a denial's decision, a policy's problems).
+    extra: Option<Box<(&'static str, serde_json::Value)>>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), www_authenticate: false }
+        Self { status, code, message: message.into(), www_authenticate: false, extra: None }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -36,10 +38,18 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, code, message)
     }
 
+    pub fn with(mut self, key: &'static str, value: serde_json::Value) -> Self {
+        self.extra = Some(Box::new((key, value)));
+        self
+    }
+
     pub fn not_found(code: &'static str) -> Self {
         let message = match code {
             "task_not_found" => "no such task",
             "lease_not_found" => "no such lease",
+            "approval_not_found" => "no such approval",
+            "review_not_found" => "no break-glass review for this task",
+            "call_not_found" => "no such call",
             _ => "no such resource",
         };
         Self::new(StatusCode::NOT_FOUND, code, message)
@@ -54,6 +64,16 @@ impl From<BrokerError> for ApiError {
             BrokerError::Forbidden { code, message } => Self::forbidden(code, message),
             BrokerError::Conflict { code, message } => Self::new(StatusCode::CONFLICT, code, message),
             BrokerError::Quota { code, message } => Self::new(StatusCode::TOO_MANY_REQUESTS, code, message),
+            BrokerError::Denied(d) => Self::new(StatusCode::FORBIDDEN, "policy_denied", d.reasons.join("; ")).with(
+                "decision",
+                serde_json::json!({
+                    "outcome": "deny",
+                    "action": d.action,
+                    "call_id": d.call_id,
+                    "policies": d.policies,
+                    "reasons": d.reasons,
+                }),
+            ),
             BrokerError::Provider { provider, retryable, detail } => {
                 tracing::error!(provider = %provider, retryable, error = %detail, "provider call failed");
                 if retryable {
@@ -80,7 +100,11 @@ impl From<BrokerError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        let mut body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        if let Some(extra) = self.extra {
+            let (k, v) = *extra;
+            body[k] = v;
+        }
         let mut resp = (self.status, axum::Json(body)).into_response();
         if self.www_authenticate {
             resp.headers_mut()

@@ -17,6 +17,7 @@ use crate::audit::Ctx;
 use crate::auth::{Caller, WorkloadCaller};
 use crate::broker::BrokerError;
 use crate::config::OperatorRole;
+use crate::call::{CallOutcome, CallParams};
 use crate::lease::LeaseParams;
 use crate::store::{LeaseQuery, LeaseState};
 use crate::task::OpenTask;
@@ -68,8 +69,10 @@ pub async fn get_task(
 ) -> Result<Json<TaskDetail>, ApiError> {
     let id = parse_task_id(&id)?;
     let (task, leases) = s.broker.get_task(&caller, id)?;
+    let calls = s.broker.store.read().and_then(|r| r.task_calls(id.0)).map_err(BrokerError::from)?;
     Ok(Json(TaskDetail {
         task: TaskView::new(&task, s.broker.clock.now()),
+        calls: calls.iter().map(CallView::from).collect(),
         leases: leases.iter().map(LeaseView::from).collect(),
     }))
 }
@@ -100,12 +103,186 @@ pub async fn request_lease(
     ApiJson(body): ApiJson<LeaseBody>,
 ) -> Result<Response, ApiError> {
     let id = parse_task_id(&id)?;
+    let approval = body.approval_id.as_deref().map(parse_approval_id).transpose()?;
     let params = LeaseParams { provider: body.provider, role: body.role, ttl_seconds: body.ttl_seconds, scope: body.scope };
     let broker = s.broker.clone();
     let c = ctx(rid, format!("workload:{}", w.id));
-    let issued = detached(async move { broker.request_lease(&w, id, params, &c).await }).await?;
-    let view = IssuedLeaseView { lease: LeaseView::from(&issued.lease), credential: CredentialWire(issued.credential) };
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    let outcome = detached(async move { broker.request_lease(&w, id, params, approval, &c).await }).await?;
+    match outcome {
+        CallOutcome::Allowed { lease: Some(issued), .. } => {
+            let view = IssuedLeaseView { lease: LeaseView::from(&issued.lease), credential: CredentialWire(issued.credential) };
+            Ok((StatusCode::CREATED, Json(view)).into_response())
+        }
+        CallOutcome::Allowed { lease: None, .. } => {
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no lease was issued"))
+        }
+        CallOutcome::ApprovalRequired { call, approval } => Ok(approval_required(&call, &approval)),
+    }
+}
+
+fn approval_required(call: &crate::store::CallRecord, approval: &crate::store::ApprovalRecord) -> Response {
+    let body = serde_json::json!({
+        "decision": "approval_required",
+        "call_id": crate::ids::CallId(call.id).to_string(),
+        "approval_id": crate::ids::ApprovalId(approval.id).to_string(),
+        "expires_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(approval.expires_at)),
+        "policies": call.policies,
+        "message": "a human approver must approve this exact request; retry it with `approval_id` once approved",
+    });
+    (StatusCode::ACCEPTED, Json(body)).into_response()
+}
+
+/// Decide one tool call; an allowed call with a credential gets its lease.
+pub async fn call(
+    State(s): State<AppState>,
+    WorkloadCaller(w): WorkloadCaller,
+    rid: ReqId,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CallBody>,
+) -> Result<Response, ApiError> {
+    let id = parse_task_id(&id)?;
+    let params = CallParams {
+        tool: body.tool,
+        action: body.action,
+        target: body.resource,
+        arguments_sha256: body.arguments_sha256.to_ascii_lowercase(),
+        credential: body.credential.map(|c| LeaseParams {
+            provider: c.provider,
+            role: c.role,
+            ttl_seconds: c.ttl_seconds,
+            scope: c.scope,
+        }),
+        approval_id: body.approval_id.as_deref().map(parse_approval_id).transpose()?,
+        break_glass: body.break_glass.map(|b| b.justification),
+    };
+    let broker = s.broker.clone();
+    let c = ctx(rid, format!("workload:{}", w.id));
+    let outcome = detached(async move { broker.call(&w, id, params, &c).await }).await?;
+    match outcome {
+        CallOutcome::Allowed { call, lease } => {
+            let mut body = serde_json::to_value(CallView::from(&call)).unwrap_or_default();
+            if let Some(issued) = lease {
+                let view = IssuedLeaseView { lease: LeaseView::from(&issued.lease), credential: CredentialWire(issued.credential) };
+                body["lease"] = serde_json::to_value(view).unwrap_or_default();
+            }
+            Ok(Json(body).into_response())
+        }
+        CallOutcome::ApprovalRequired { call, approval } => Ok(approval_required(&call, &approval)),
+    }
+}
+
+fn approver_ctx(rid: ReqId, caller: &Caller) -> Ctx {
+    ctx(rid, caller.principal())
+}
+
+pub async fn list_approvals(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.broker.pending_approvals(&caller)?;
+    Ok(Json(serde_json::json!({"approvals": list.iter().map(ApprovalView::from).collect::<Vec<_>>()})))
+}
+
+/// One approval; `?wait=N` long-polls up to N (at most 30) seconds for a decision.
+pub async fn get_approval(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<WaitParams>,
+) -> Result<Json<ApprovalView>, ApiError> {
+    let id = parse_approval_id(&id)?;
+    let wait = Duration::from_secs(q.wait.unwrap_or(0).min(30));
+    let a = s.broker.await_approval(&caller, id, wait).await?;
+    Ok(Json(ApprovalView::from(&a)))
+}
+
+/// A JSON body that may be absent (an approval needs no comment).
+fn optional_body<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
+}
+
+pub async fn approve(
+    State(s): State<AppState>,
+    caller: Caller,
+    rid: ReqId,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<ApprovalView>, ApiError> {
+    let body = optional_body(&body)?;
+    decide(s, caller, rid, id, true, body).await
+}
+
+pub async fn deny(
+    State(s): State<AppState>,
+    caller: Caller,
+    rid: ReqId,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<ApprovalView>, ApiError> {
+    let body = optional_body(&body)?;
+    decide(s, caller, rid, id, false, body).await
+}
+
+async fn decide(s: AppState, caller: Caller, rid: ReqId, id: String, approve: bool, body: DecideBody) -> Result<Json<ApprovalView>, ApiError> {
+    let id = parse_approval_id(&id)?;
+    let c = approver_ctx(rid, &caller);
+    let broker = s.broker.clone();
+    let a = detached(async move { broker.decide_approval(&caller, id, approve, body.comment, &c).await }).await?;
+    Ok(Json(ApprovalView::from(&a)))
+}
+
+pub async fn list_reviews(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.broker.pending_reviews(&caller)?;
+    Ok(Json(serde_json::json!({"reviews": list.iter().map(ReviewView::from).collect::<Vec<_>>()})))
+}
+
+pub async fn sign_off(
+    State(s): State<AppState>,
+    caller: Caller,
+    rid: ReqId,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<DecideBody>,
+) -> Result<Json<ReviewView>, ApiError> {
+    let id = parse_task_id(&id)?;
+    let comment = body
+        .comment
+        .ok_or_else(|| ApiError::bad_request("comment_required", "a sign-off needs a comment"))?;
+    let c = approver_ctx(rid, &caller);
+    let broker = s.broker.clone();
+    let r = detached(async move { broker.sign_off_review(&caller, id, comment, &c).await }).await?;
+    Ok(Json(ReviewView::from(&r)))
+}
+
+fn policy_view(l: &crate::policy::Loaded) -> serde_json::Value {
+    serde_json::json!({"version": l.version, "policies": l.policy_count, "files": l.files})
+}
+
+/// The policy set in force (admin).
+pub async fn policy(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+    if !caller.has_any_role(&[OperatorRole::Admin]) {
+        return Err(ApiError::forbidden("forbidden", "the policy endpoints need the admin role"));
+    }
+    Ok(Json(policy_view(&s.broker.policy.current())))
+}
+
+/// Reload the policy folder (admin): all or nothing; a bad set is refused
+/// with file and line and the old set stays in force.
+pub async fn reload_policy(State(s): State<AppState>, caller: Caller, rid: ReqId) -> Result<Json<serde_json::Value>, ApiError> {
+    if !caller.has_any_role(&[OperatorRole::Admin]) {
+        return Err(ApiError::forbidden("forbidden", "the policy endpoints need the admin role"));
+    }
+    let broker = s.broker.clone();
+    let by = caller.principal();
+    match broker.reload_policy(rid.0, Some(by)).await {
+        Ok(l) => Ok(Json(policy_view(&l))),
+        Err(BrokerError::Invalid { message, .. }) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "policy_invalid",
+            "the policy set does not validate; the previous set stays in force",
+        )
+        .with("problems", serde_json::Value::from(message.lines().map(str::to_owned).collect::<Vec<_>>()))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 pub async fn get_lease(

@@ -87,6 +87,10 @@ pub fn parse_task_id(s: &str) -> Result<TaskId, ApiError> {
     s.parse().map_err(|_| ApiError::bad_request("invalid_id", "not a task id (task_...)"))
 }
 
+pub fn parse_approval_id(s: &str) -> Result<crate::ids::ApprovalId, ApiError> {
+    s.parse().map_err(|_| ApiError::bad_request("invalid_id", "not an approval id (appr_...)"))
+}
+
 pub fn parse_lease_id(s: &str) -> Result<LeaseId, ApiError> {
     s.parse().map_err(|_| ApiError::bad_request("invalid_id", "not a lease id (lease_...)"))
 }
@@ -107,7 +111,7 @@ pub struct OpenTaskBody {
     pub ttl_seconds: i64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseBody {
     pub provider: String,
@@ -115,6 +119,57 @@ pub struct LeaseBody {
     pub ttl_seconds: i64,
     #[serde(default)]
     pub scope: Vec<String>,
+    /// Retry of a request that needed approval, once approved.
+    #[serde(default)]
+    pub approval_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialBody {
+    pub provider: String,
+    pub role: String,
+    pub ttl_seconds: i64,
+    #[serde(default)]
+    pub scope: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakGlassBody {
+    pub justification: String,
+}
+
+/// `POST /v1/tasks/{id}/calls`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallBody {
+    pub tool: String,
+    pub action: String,
+    #[serde(default)]
+    pub resource: String,
+    #[serde(default)]
+    pub arguments_sha256: String,
+    #[serde(default)]
+    pub credential: Option<CredentialBody>,
+    #[serde(default)]
+    pub approval_id: Option<String>,
+    #[serde(default)]
+    pub break_glass: Option<BreakGlassBody>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecideBody {
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitParams {
+    /// Long-poll: wait up to this many seconds (max 30) for a decision.
+    pub wait: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,7 +268,143 @@ impl TaskView {
 pub struct TaskDetail {
     #[serde(flatten)]
     pub task: TaskView,
+    pub calls: Vec<CallView>,
     pub leases: Vec<LeaseView>,
+}
+
+/// A decided call (never its credential; the lease is referenced by id).
+#[derive(Debug, Serialize)]
+pub struct CallView {
+    pub call_id: String,
+    pub task_id: String,
+    pub workload: String,
+    /// `allow`, `deny` or `approval_required`
+    pub decision: String,
+    pub tool: String,
+    pub action: String,
+    pub resource: String,
+    pub policies: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_ttl_seconds: Option<u64>,
+    pub break_glass: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
+    pub policy_version: String,
+    pub created_at: String,
+}
+
+impl From<&crate::store::CallRecord> for CallView {
+    fn from(c: &crate::store::CallRecord) -> Self {
+        Self {
+            call_id: crate::ids::CallId(c.id).to_string(),
+            task_id: TaskId(c.task_id).to_string(),
+            workload: c.workload.clone(),
+            decision: c.outcome.clone(),
+            tool: c.tool.clone(),
+            action: c.action.clone(),
+            resource: c.target.clone(),
+            policies: c.policies.clone(),
+            reasons: c.reasons.clone(),
+            max_ttl_seconds: c.max_ttl,
+            break_glass: c.break_glass.is_some(),
+            approval_id: c.approval_id.map(|a| crate::ids::ApprovalId(a).to_string()),
+            lease_id: c.lease_id.map(|l| LeaseId(l).to_string()),
+            policy_version: c.policy_version.clone(),
+            created_at: ts(c.created_at),
+        }
+    }
+}
+
+/// An approval request as approvers and its workload see it.
+#[derive(Debug, Serialize)]
+pub struct ApprovalView {
+    pub approval_id: String,
+    pub task_id: String,
+    pub workload: String,
+    pub on_behalf_of: String,
+    pub tool: String,
+    pub action: String,
+    pub resource: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<serde_json::Value>,
+    pub policies: Vec<String>,
+    /// `pending`, `approved`, `denied`, `expired` or `consumed`
+    pub state: &'static str,
+    pub request_sha256: String,
+    pub created_at: String,
+    pub expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+impl From<&crate::store::ApprovalRecord> for ApprovalView {
+    fn from(a: &crate::store::ApprovalRecord) -> Self {
+        Self {
+            approval_id: crate::ids::ApprovalId(a.id).to_string(),
+            task_id: TaskId(a.task_id).to_string(),
+            workload: a.workload.clone(),
+            on_behalf_of: a.on_behalf_of.clone(),
+            tool: a.tool.clone(),
+            action: a.action.clone(),
+            resource: a.target.clone(),
+            credential: a.credential.as_ref().map(|c| {
+                serde_json::json!({"provider": c.provider, "role": c.role, "ttl_seconds": c.ttl_seconds, "scope": c.scope})
+            }),
+            policies: a.policies.clone(),
+            state: a.state.as_str(),
+            request_sha256: crate::hex::encode(&a.request_hash),
+            created_at: ts(a.created_at),
+            expires_at: ts(a.expires_at),
+            decided_by: a.decided_by.clone(),
+            decided_at: a.decided_at.map(ts),
+            comment: a.comment.clone(),
+        }
+    }
+}
+
+/// A task that used break-glass, awaiting sign-off.
+#[derive(Debug, Serialize)]
+pub struct ReviewView {
+    pub task_id: String,
+    pub workload: String,
+    pub on_behalf_of: String,
+    pub calls: Vec<serde_json::Value>,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_off_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signed_off_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+impl From<&crate::store::ReviewRecord> for ReviewView {
+    fn from(r: &crate::store::ReviewRecord) -> Self {
+        Self {
+            task_id: TaskId(r.task_id).to_string(),
+            workload: r.workload.clone(),
+            on_behalf_of: r.on_behalf_of.clone(),
+            calls: r
+                .calls
+                .iter()
+                .map(|(id, tool, j, at)| {
+                    serde_json::json!({"call_id": crate::ids::CallId(*id).to_string(), "tool": tool, "justification": j, "at": ts(*at)})
+                })
+                .collect(),
+            created_at: ts(r.created_at),
+            signed_off_by: r.signed_off_by.clone(),
+            signed_off_at: r.signed_off_at.map(ts),
+            comment: r.comment.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]

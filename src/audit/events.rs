@@ -8,7 +8,8 @@ use super::{Auditor, EventKind, Links, Pending};
 use crate::clock::{Timestamp, rfc3339};
 use crate::event_data;
 use crate::ids::{LeaseId, TaskId};
-use crate::store::{LeaseRecord, LeaseState, StoreError, TaskRecord, Txn};
+use crate::ids::{ApprovalId, CallId};
+use crate::store::{ApprovalRecord, ApprovalState, CallRecord, LeaseRecord, LeaseState, ReviewRecord, StoreError, TaskRecord, Txn};
 
 /// Who and which request caused an event.
 #[derive(Clone, Debug, Default)]
@@ -75,12 +76,13 @@ impl Auditor {
 
     /// `task.opened`: purpose, prompt hash (and the sealed prompt text, only
     /// when configured), declared tools, deadline.
-    pub fn task_opened(&self, task: &TaskRecord, ctx: &Ctx) -> Result<Pending, super::CanonicalError> {
+    pub fn task_opened(&self, task: &TaskRecord, policies: &[String], ctx: &Ctx) -> Result<Pending, super::CanonicalError> {
         let mut data = event_data![
             ("purpose", self.purpose(&task.purpose)),
             ("prompt_sha256", crate::hex::encode(&task.prompt_sha256)),
             ("tools", Value::from(task.tools.clone())),
             ("expires_at", rfc3339(ms(task.expires_at))),
+            ("policies", Value::from(policies.to_vec())),
         ];
         if let Some(sealed) = &task.prompt_sealed {
             // ciphertext under the store key: readable only with it
@@ -147,6 +149,110 @@ impl Auditor {
             }
         }
         Pending::new(kind, ms(now), &self.lease_links(l, ctx), data, Some(l.task_id))
+    }
+
+    /// `call.decided`: a decision on a call, a direct lease or a task,
+    /// with the policies that determined it and what they oblige.
+    pub fn decided(&self, task: &TaskRecord, call: &CallRecord, action: &str, ctx: &Ctx) -> Result<Pending, super::CanonicalError> {
+        let mut links = self.task_links(task, ctx);
+        links.call = Some(CallId(call.id).to_string());
+        links.decision = Some(CallId(call.id).to_string());
+        links.approval = call.approval_id.map(|a| ApprovalId(a).to_string());
+        links.lease = call.lease_id.map(|l| LeaseId(l).to_string());
+        let mut data = event_data![
+            ("action", action),
+            ("tool", call.tool.clone()),
+            ("operation", super::text(&call.action)),
+            ("target", super::text(&call.target)),
+            ("arguments_sha256", call.arguments_sha256.clone()),
+            ("outcome", call.outcome.clone()),
+            ("policies", Value::from(call.policies.clone())),
+            ("reasons", Value::from(call.reasons.iter().map(|r| super::text(r)).collect::<Vec<_>>())),
+            ("policy_version", call.policy_version.clone()),
+        ];
+        if let Some(t) = call.max_ttl {
+            data.insert("max_ttl".into(), Value::from(t));
+        }
+        if let Some(j) = &call.break_glass {
+            data.insert("break_glass".into(), super::text(j));
+        }
+        Pending::new(EventKind::CallDecided, ms(call.created_at), &links, data, Some(task.id))
+    }
+
+    /// `call.decided` for a task that policy refused to open (the task was
+    /// never created; the event keeps the refusal).
+    pub fn task_refused(&self, task: &TaskRecord, d: &crate::policy::Decision, ctx: &Ctx) -> Result<Pending, super::CanonicalError> {
+        let mut links = self.task_links(task, ctx);
+        links.task = None;
+        let data = event_data![
+            ("action", "OpenTask"),
+            ("outcome", d.outcome.as_str()),
+            ("policies", Value::from(d.policies.clone())),
+            ("reasons", Value::from(d.reasons.iter().map(|r| super::text(r)).collect::<Vec<_>>())),
+            ("purpose", self.purpose(&task.purpose)),
+            ("policy_version", d.version.clone()),
+        ];
+        Pending::new(EventKind::CallDecided, ms(task.created_at), &links, data, None)
+    }
+
+    /// `approval.requested|approved|denied|expired`, by the approval's state.
+    pub fn approval(&self, a: &ApprovalRecord, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
+        let kind = match a.state {
+            ApprovalState::Pending => EventKind::ApprovalRequested,
+            ApprovalState::Approved | ApprovalState::Consumed => EventKind::ApprovalApproved,
+            ApprovalState::Denied => EventKind::ApprovalDenied,
+            ApprovalState::Expired => EventKind::ApprovalExpired,
+        };
+        let links = Links {
+            workload: Some(self.workload(&a.workload)),
+            tenant: a.tenant.as_deref().map(|t| self.tenant(t)),
+            task: Some(TaskId(a.task_id).to_string()),
+            call: Some(CallId(a.requested_by_call).to_string()),
+            approval: Some(ApprovalId(a.id).to_string()),
+            request_id: ctx.request_id.clone(),
+            user: Some(self.user(&a.on_behalf_of)),
+            ..Links::default()
+        };
+        let mut data = event_data![
+            ("state", a.state.as_str()),
+            ("tool", a.tool.clone()),
+            ("target", super::text(&a.target)),
+            ("request_sha256", crate::hex::encode(&a.request_hash)),
+            ("expires_at", rfc3339(ms(a.expires_at))),
+        ];
+        if let Some(by) = &a.decided_by {
+            data.insert("decided_by".into(), Value::from(by.clone()));
+        }
+        if let Some(c) = &a.comment {
+            data.insert("comment".into(), super::text(c));
+        }
+        Pending::new(kind, ms(now), &links, data, Some(a.task_id))
+    }
+
+    /// `break_glass.used` (a call went through) or `break_glass.reviewed`.
+    pub fn break_glass(&self, r: &ReviewRecord, reviewed: bool, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
+        let links = Links {
+            workload: Some(self.workload(&r.workload)),
+            task: Some(TaskId(r.task_id).to_string()),
+            call: r.calls.last().map(|c| CallId(c.0).to_string()),
+            request_id: ctx.request_id.clone(),
+            user: Some(self.user(&r.on_behalf_of)),
+            ..Links::default()
+        };
+        let (kind, data) = if reviewed {
+            (
+                EventKind::BreakGlassReviewed,
+                event_data![
+                    ("signed_off_by", r.signed_off_by.clone().unwrap_or_default()),
+                    ("comment", super::text(r.comment.as_deref().unwrap_or(""))),
+                    ("calls", r.calls.len() as u64),
+                ],
+            )
+        } else {
+            let (_, tool, justification, _) = r.calls.last().cloned().unwrap_or_default();
+            (EventKind::BreakGlassUsed, event_data![("tool", tool), ("justification", super::text(&justification))])
+        };
+        Pending::new(kind, ms(now), &links, data, Some(r.task_id))
     }
 
     /// A broker-level event (started, stopped, auth denied, pruned).

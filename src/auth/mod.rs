@@ -46,6 +46,8 @@ pub struct Workload {
 pub struct Operator {
     pub name: String,
     pub roles: BTreeSet<OperatorRole>,
+    /// The person behind the token (as tasks name users), if configured.
+    pub user: Option<String>,
 }
 
 /// Whoever made the request.
@@ -153,7 +155,11 @@ impl Authenticator {
             let h = crate::hex::decode32(&op.token_sha256).ok_or_else(|| format!("operator {}: bad token_sha256", op.name))?;
             operators.insert(
                 h,
-                Arc::new(Operator { name: op.name.clone(), roles: op.roles.iter().copied().collect() }),
+                Arc::new(Operator {
+                    name: op.name.clone(),
+                    roles: op.roles.iter().copied().collect(),
+                    user: op.user.clone(),
+                }),
             );
         }
         let mut issuers = HashMap::new();

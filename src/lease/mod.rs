@@ -14,13 +14,16 @@
 //! activation refused because the task closed meanwhile queues a rollback.
 //! The credential itself is never stored anywhere.
 
+use std::time::Duration;
+
 use leasehold_provider::{Credential, ErrorClass, LeaseSpec, RevokeSpec, Timestamp};
 
 use crate::audit::{self, Ctx};
 use crate::auth::{Caller, Workload};
 use crate::broker::{Broker, BrokerError};
 use crate::ids::{LeaseId, TaskId};
-use crate::store::{Activation, LeaseQuery, LeaseRecord, LeaseState, RevokeCause, StoreError, TaskState};
+use crate::providers::ProviderEntry;
+use crate::store::{Activation, LeaseQuery, LeaseRecord, LeaseState, RevokeCause, StoreError, TaskRecord};
 use crate::task::check_ttl;
 
 /// A credential request, already decoded from the wire.
@@ -30,6 +33,21 @@ pub struct LeaseParams {
     pub role: String,
     pub ttl_seconds: i64,
     pub scope: Vec<String>,
+}
+
+/// A lease validated and computed, not yet written.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub rec: LeaseRecord,
+    pub entry: ProviderEntry,
+}
+
+/// A step run inside a store transaction alongside the lease intent.
+pub(crate) type TxnStep = Box<dyn for<'t> FnOnce(&mut crate::store::Txn<'t>) -> Result<(), StoreError> + Send>;
+
+/// A step that does nothing.
+pub(crate) fn no_step() -> TxnStep {
+    Box::new(|_| Ok(()))
 }
 
 /// An issued lease and the credential, which exists only in this value.
@@ -57,14 +75,9 @@ pub(crate) fn spec_of(rec: &LeaseRecord) -> LeaseSpec {
 const MAX_SCOPE_ITEMS: usize = 32;
 
 impl Broker {
-    pub async fn request_lease(
-        &self,
-        w: &Workload,
-        task_id: TaskId,
-        p: LeaseParams,
-        ctx: &Ctx,
-    ) -> Result<IssuedLease, BrokerError> {
-        // 1. validate, write nothing
+    /// Validate a credential request without writing anything: provider,
+    /// role, scope, TTL. Returns the provider entry and the role's maximum.
+    pub(crate) fn check_credential(&self, p: &LeaseParams) -> Result<(ProviderEntry, Duration, Duration), BrokerError> {
         let ttl = check_ttl("ttl_seconds", p.ttl_seconds, self.limits.max_lease_ttl_seconds)?;
         if p.scope.len() > MAX_SCOPE_ITEMS
             || p.scope.iter().any(|s| s.is_empty() || s.len() > 256 || s.chars().any(char::is_control))
@@ -87,29 +100,34 @@ impl Broker {
             ErrorClass::Invalid => BrokerError::invalid("scope_not_allowed", e.message),
             _ => BrokerError::Provider { provider: p.provider.clone(), retryable: e.is_retryable(), detail: e.message },
         })?;
+        Ok((entry.clone(), ttl, role_max))
+    }
+
+    /// The lease record a request would write, its deadline the minimum of
+    /// the requested TTL, the policy cap, the role's maximum and the task's
+    /// deadline (invariant 2).
+    pub(crate) fn prepare_lease(
+        &self,
+        w: &Workload,
+        task: &TaskRecord,
+        p: &LeaseParams,
+        policy_cap: Option<Duration>,
+    ) -> Result<Prepared, BrokerError> {
+        let (entry, ttl, role_max) = self.check_credential(p)?;
         let now = self.clock.now();
-        let task = self.store.read()?.task(task_id.0)?.ok_or(BrokerError::NotFound { code: "task_not_found" })?;
-        if task.workload != w.id {
-            return Err(BrokerError::NotFound { code: "task_not_found" });
-        }
-        if task.state != TaskState::Open {
-            return Err(BrokerError::conflict("task_completed", "the task is completed"));
-        }
-        if task.expires_at <= now.unix_millis() {
-            return Err(BrokerError::conflict("task_expired", "the task's deadline has passed"));
-        }
-        // invariant 2: min(requested, config cap (checked), role max, task deadline)
-        let expires_at = now
+        let mut expires_at = now
             .saturating_add(ttl)
             .min(now.saturating_add(role_max))
             .min(Timestamp::from_unix_millis(task.expires_at));
+        if let Some(cap) = policy_cap {
+            expires_at = expires_at.min(now.saturating_add(cap));
+        }
         if expires_at.unix_millis() - now.unix_millis() < 1000 {
             return Err(BrokerError::conflict("task_expired", "the task ends in less than a second"));
         }
-        let id = LeaseId::generate(now);
         let rec = LeaseRecord {
-            id: id.0,
-            task_id: task_id.0,
+            id: LeaseId::generate(now).0,
+            task_id: task.id,
             workload: w.id.clone(),
             tenant: w.tenant.clone(),
             on_behalf_of: task.on_behalf_of.clone(),
@@ -126,13 +144,34 @@ impl Broker {
             revocation: None,
             ended_at: None,
         };
+        Ok(Prepared { rec, entry })
+    }
+
+    /// Issue a prepared lease: intent, provider, activation (see the module
+    /// docs). `check` runs in the intent's transaction before anything is
+    /// written (so a refusal leaves nothing); `also` writes alongside the
+    /// intent (the call record, the approval's use, their events).
+    pub(crate) async fn issue_prepared(
+        &self,
+        w: &Workload,
+        prepared: Prepared,
+        ctx: &Ctx,
+        check: TxnStep,
+        also: TxnStep,
+    ) -> Result<IssuedLease, BrokerError> {
+        let Prepared { rec, entry } = prepared;
+        let id = LeaseId(rec.id);
+        let task_id = TaskId(rec.task_id);
+        let p = LeaseParams { provider: rec.provider.clone(), role: rec.role.clone(), ttl_seconds: 0, scope: vec![] };
 
         // 2. the durable intent
         let (intent, a, c) = (rec.clone(), self.auditor.clone(), ctx.clone());
-        let (now_ms, cap) = (now.unix_millis(), self.limits.max_leases_per_task);
+        let (now_ms, cap) = (self.clock.now().unix_millis(), self.limits.max_leases_per_task);
         self.store
             .write(move |t| {
+                check(t)?;
                 t.lease_intent(&intent, now_ms, cap)?;
+                also(t)?;
                 audit::append(t, &a, a.lease(&intent, &c, now_ms))
             })
             .await?;
@@ -163,7 +202,7 @@ impl Broker {
         let activation = Activation {
             lease: rec.id,
             handle_sealed: sealed,
-            issued_at: now.unix_millis(),
+            issued_at: rec.created_at,
             expires_at: issued.expires_at.unix_millis(),
             description: issued.description.clone(),
         };

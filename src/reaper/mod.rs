@@ -350,8 +350,19 @@ async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
                 continue;
             }
         };
+        // approvals expire on the same loop
+        let next_approval = match b.expire_approvals().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "expiring approvals failed");
+                None
+            }
+        };
         let now = b.clock.now().unix_millis();
-        let wake = next.unwrap_or(i64::MAX).min(now.saturating_add(IDLE_RECHECK_MS));
+        let wake = next
+            .unwrap_or(i64::MAX)
+            .min(next_approval.unwrap_or(i64::MAX))
+            .min(now.saturating_add(IDLE_RECHECK_MS));
         b.wakers.planned_expiry.store(next.unwrap_or(i64::MAX), Ordering::Release);
         tokio::select! {
             _ = b.clock.sleep_until(Timestamp::from_unix_millis(wake)) => {}

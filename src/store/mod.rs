@@ -32,7 +32,10 @@ use redb::{Database, Durability, ReadTransaction, ReadableDatabase as _, Readabl
 use tokio::sync::{mpsc, oneshot};
 
 pub use key::{KeyError, OpenError, Sealer, StoreKey};
-pub use records::{LeaseRecord, LeaseState, Revocation, RevokeCause, TaskRecord, TaskState};
+pub use records::{
+    ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, LeaseRecord, LeaseState, ReviewRecord, Revocation,
+    RevokeCause, TaskRecord, TaskState,
+};
 pub use schema::{MIGRATIONS, Migration, SCHEMA_VERSION};
 pub use txn::{Activation, ChainHead, Chained, Completion, ExpiryPass, Local, Outcome, RevokeRequest, Txn};
 
@@ -60,6 +63,12 @@ pub enum Conflict {
     Duplicate,
     #[error("{0}")]
     Chain(String),
+    #[error("approval not found")]
+    ApprovalNotFound,
+    #[error("{0}")]
+    Approval(String),
+    #[error("no review for this task")]
+    ReviewNotFound,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -683,6 +692,86 @@ impl Reader {
 
     pub fn last_checkpoint_seq(&self) -> Result<Option<u64>, StoreError> {
         Ok(self.txn.open_table(CHECKPOINTS)?.last()?.map(|(k, _)| k.value()))
+    }
+
+    pub fn task_active(&self, task: u128) -> Result<u64, StoreError> {
+        Ok(self.txn.open_table(TASK_ACTIVE)?.get(task)?.map(|g| g.value()).unwrap_or(0))
+    }
+
+    pub fn workload_active(&self, workload: &str) -> Result<u64, StoreError> {
+        Ok(self.txn.open_table(WORKLOAD_ACTIVE)?.get(workload)?.map(|g| g.value()).unwrap_or(0))
+    }
+
+    pub fn task_calls(&self, task: u128) -> Result<Vec<CallRecord>, StoreError> {
+        let idx = self.txn.open_table(TASK_CALLS)?;
+        let calls = self.txn.open_table(CALLS)?;
+        let mut out = Vec::new();
+        for e in idx.range((task, 0u128)..=(task, u128::MAX))? {
+            let id = e?.0.value().1;
+            if let Some(g) = calls.get(id)? {
+                out.push(records::decode(g.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn call(&self, id: u128) -> Result<Option<CallRecord>, StoreError> {
+        let t = self.txn.open_table(CALLS)?;
+        let g = t.get(id)?;
+        g.map(|g| records::decode(g.value())).transpose()
+    }
+
+    pub fn approval(&self, id: u128) -> Result<Option<ApprovalRecord>, StoreError> {
+        let t = self.txn.open_table(APPROVALS)?;
+        let g = t.get(id)?;
+        g.map(|g| records::decode(g.value())).transpose()
+    }
+
+    /// Approvals still awaiting a decision, soonest to expire first.
+    pub fn pending_approvals(&self, limit: usize) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let idx = self.txn.open_table(APPROVAL_EXPIRY)?;
+        let t = self.txn.open_table(APPROVALS)?;
+        let mut out = Vec::new();
+        for e in idx.iter()? {
+            let id = e?.0.value().1;
+            if let Some(g) = t.get(id)? {
+                let a: ApprovalRecord = records::decode(g.value())?;
+                if a.state == ApprovalState::Pending {
+                    out.push(a);
+                }
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the next approval expires.
+    pub fn next_approval_expiry(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self.txn.open_table(APPROVAL_EXPIRY)?.first()?.map(|(k, _)| k.value().0))
+    }
+
+    pub fn review(&self, task: u128) -> Result<Option<ReviewRecord>, StoreError> {
+        let t = self.txn.open_table(REVIEWS)?;
+        let g = t.get(task)?;
+        g.map(|g| records::decode(g.value())).transpose()
+    }
+
+    pub fn pending_reviews(&self, limit: usize) -> Result<Vec<ReviewRecord>, StoreError> {
+        let idx = self.txn.open_table(PENDING_REVIEWS)?;
+        let t = self.txn.open_table(REVIEWS)?;
+        let mut out = Vec::new();
+        for e in idx.iter()? {
+            let id = e?.0.value();
+            if let Some(g) = t.get(id)? {
+                out.push(records::decode(g.value())?);
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     pub fn is_denied(&self, jti: u128) -> Result<bool, StoreError> {

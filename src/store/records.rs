@@ -179,6 +179,100 @@ pub struct LeaseRecord {
     pub ended_at: Option<i64>,
 }
 
+/// One decided tool call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRecord {
+    pub id: u128,
+    pub task_id: u128,
+    pub workload: String,
+    pub tool: String,
+    pub action: String,
+    pub target: String,
+    pub arguments_sha256: String,
+    /// `allow`, `deny` or `approval_required`.
+    pub outcome: String,
+    pub policies: Vec<String>,
+    pub reasons: Vec<String>,
+    pub max_ttl: Option<u64>,
+    /// The justification, for break-glass calls.
+    pub break_glass: Option<String>,
+    pub approval_id: Option<u128>,
+    pub lease_id: Option<u128>,
+    pub policy_version: String,
+    pub created_at: i64,
+}
+
+/// The credential a call asked for, as an approval binds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialSpec {
+    pub provider: String,
+    pub role: String,
+    pub ttl_seconds: u64,
+    pub scope: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ApprovalState {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+    Consumed,
+}
+
+impl ApprovalState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Denied => "denied",
+            Self::Expired => "expired",
+            Self::Consumed => "consumed",
+        }
+    }
+}
+
+/// A human decision bound to the exact request it approves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    pub id: u128,
+    pub task_id: u128,
+    pub workload: String,
+    pub tenant: Option<String>,
+    pub on_behalf_of: String,
+    /// SHA-256 of workload, task, tool, action, target, arguments and
+    /// credential: the approval is good for that request and no other.
+    pub request_hash: [u8; 32],
+    pub tool: String,
+    pub action: String,
+    pub target: String,
+    pub arguments_sha256: String,
+    pub credential: Option<CredentialSpec>,
+    pub requested_by_call: u128,
+    pub policies: Vec<String>,
+    pub state: ApprovalState,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<i64>,
+    pub comment: Option<String>,
+    pub consumed_by_call: Option<u128>,
+}
+
+/// A task that used break-glass, awaiting an approver's sign-off.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewRecord {
+    pub task_id: u128,
+    pub workload: String,
+    pub on_behalf_of: String,
+    /// (call id, tool, justification, time)
+    pub calls: Vec<(u128, String, String, i64)>,
+    pub created_at: i64,
+    pub signed_off_by: Option<String>,
+    pub signed_off_at: Option<i64>,
+    pub comment: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

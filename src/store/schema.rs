@@ -45,6 +45,23 @@ pub const EVENT_TASKS: TableDefinition<(u128, u64), ()> = TableDefinition::new("
 /// seq -> signed checkpoint (canonical JSON).
 pub const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
 
+/// call id -> CallRecord
+pub const CALLS: TableDefinition<u128, &[u8]> = TableDefinition::new("calls");
+/// (task id, call id)
+pub const TASK_CALLS: TableDefinition<(u128, u128), ()> = TableDefinition::new("task_calls");
+/// approval id -> ApprovalRecord
+pub const APPROVALS: TableDefinition<u128, &[u8]> = TableDefinition::new("approvals");
+/// (expires_at ms, approval id) for approvals still pending or approved-unused.
+pub const APPROVAL_EXPIRY: TableDefinition<(i64, u128), ()> = TableDefinition::new("approval_expiry");
+/// task id -> ReviewRecord (break-glass reviews)
+pub const REVIEWS: TableDefinition<u128, &[u8]> = TableDefinition::new("reviews");
+/// task ids whose review awaits a sign-off
+pub const PENDING_REVIEWS: TableDefinition<u128, ()> = TableDefinition::new("pending_reviews");
+/// workload id -> its active leases (for quotas, without a scan)
+pub const WORKLOAD_ACTIVE: TableDefinition<&str, u64> = TableDefinition::new("workload_active");
+/// task id -> its active leases (policy context, without a scan)
+pub const TASK_ACTIVE: TableDefinition<u128, u64> = TableDefinition::new("task_active");
+
 /// The schema this build writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -137,6 +154,14 @@ pub fn prepare(
     txn.open_table(EVENTS)?;
     txn.open_table(EVENT_TASKS)?;
     txn.open_table(CHECKPOINTS)?;
+    txn.open_table(CALLS)?;
+    txn.open_table(TASK_CALLS)?;
+    txn.open_table(APPROVALS)?;
+    txn.open_table(APPROVAL_EXPIRY)?;
+    txn.open_table(REVIEWS)?;
+    txn.open_table(PENDING_REVIEWS)?;
+    txn.open_table(WORKLOAD_ACTIVE)?;
+    txn.open_table(TASK_ACTIVE)?;
     Ok(())
 }
 

@@ -16,7 +16,10 @@ use std::collections::BTreeMap;
 
 use redb::{ReadableTable as _, Table, WriteTransaction};
 
-use super::records::{self, LeaseRecord, LeaseState, Revocation, RevokeCause, TaskRecord, TaskState};
+use super::records::{
+    self, ApprovalRecord, ApprovalState, CallRecord, LeaseRecord, LeaseState, ReviewRecord, Revocation, RevokeCause,
+    TaskRecord, TaskState,
+};
 use super::schema::*;
 use super::{Conflict, StoreError};
 
@@ -111,6 +114,16 @@ pub struct Txn<'t> {
     events: Table<'t, u64, &'static [u8]>,
     event_tasks: Table<'t, (u128, u64), ()>,
     checkpoints: Table<'t, u64, &'static [u8]>,
+    calls: Table<'t, u128, &'static [u8]>,
+    task_calls: Table<'t, (u128, u128), ()>,
+    approvals: Table<'t, u128, &'static [u8]>,
+    approval_expiry: Table<'t, (i64, u128), ()>,
+    reviews: Table<'t, u128, &'static [u8]>,
+    pending_reviews: Table<'t, u128, ()>,
+    workload_active: Table<'t, &'static str, u64>,
+    task_active: Table<'t, u128, u64>,
+    active_deltas: BTreeMap<String, i64>,
+    task_deltas: BTreeMap<u128, i64>,
     head: ChainHead,
     head_dirty: bool,
     tasks: Table<'t, u128, &'static [u8]>,
@@ -143,6 +156,16 @@ impl<'t> Txn<'t> {
             events: txn.open_table(EVENTS)?,
             event_tasks: txn.open_table(EVENT_TASKS)?,
             checkpoints: txn.open_table(CHECKPOINTS)?,
+            calls: txn.open_table(CALLS)?,
+            task_calls: txn.open_table(TASK_CALLS)?,
+            approvals: txn.open_table(APPROVALS)?,
+            approval_expiry: txn.open_table(APPROVAL_EXPIRY)?,
+            reviews: txn.open_table(REVIEWS)?,
+            pending_reviews: txn.open_table(PENDING_REVIEWS)?,
+            workload_active: txn.open_table(WORKLOAD_ACTIVE)?,
+            task_active: txn.open_table(TASK_ACTIVE)?,
+            active_deltas: BTreeMap::new(),
+            task_deltas: BTreeMap::new(),
             head,
             head_dirty: false,
             tasks: txn.open_table(TASKS)?,
@@ -168,6 +191,30 @@ impl<'t> Txn<'t> {
         if self.head_dirty {
             let bytes = self.head.to_bytes();
             self.meta.insert("chain_head", &bytes[..])?;
+        }
+        for (workload, delta) in std::mem::take(&mut self.active_deltas) {
+            if delta == 0 {
+                continue;
+            }
+            let cur = self.workload_active.get(workload.as_str())?.map(|g| g.value()).unwrap_or(0);
+            let next = if delta >= 0 { cur.saturating_add(delta.unsigned_abs()) } else { cur.saturating_sub(delta.unsigned_abs()) };
+            if next == 0 {
+                self.workload_active.remove(workload.as_str())?;
+            } else {
+                self.workload_active.insert(workload.as_str(), next)?;
+            }
+        }
+        for (task, delta) in std::mem::take(&mut self.task_deltas) {
+            if delta == 0 {
+                continue;
+            }
+            let cur = self.task_active.get(task)?.map(|g| g.value()).unwrap_or(0);
+            let next = if delta >= 0 { cur.saturating_add(delta.unsigned_abs()) } else { cur.saturating_sub(delta.unsigned_abs()) };
+            if next == 0 {
+                self.task_active.remove(task)?;
+            } else {
+                self.task_active.insert(task, next)?;
+            }
         }
         let deltas = std::mem::take(&mut self.deltas);
         for ((provider, state), delta) in deltas {
@@ -316,8 +363,196 @@ impl<'t> Txn<'t> {
                 *self.deltas.entry((rec.provider.clone(), p)).or_default() -= 1;
             }
             *self.deltas.entry((rec.provider.clone(), rec.state)).or_default() += 1;
+            let was = prev == Some(LeaseState::Active);
+            let is = rec.state == LeaseState::Active;
+            if was != is {
+                let d = if is { 1 } else { -1 };
+                *self.active_deltas.entry(rec.workload.clone()).or_default() += d;
+                *self.task_deltas.entry(rec.task_id).or_default() += d;
+            }
         }
         Ok(())
+    }
+
+    /// Active leases of a workload (committed, plus this transaction's).
+    pub fn workload_active(&self, workload: &str) -> Result<u64, StoreError> {
+        let stored = self.workload_active.get(workload)?.map(|g| g.value()).unwrap_or(0);
+        let delta = self.active_deltas.get(workload).copied().unwrap_or(0);
+        Ok(stored.saturating_add_signed(delta))
+    }
+
+    // === calls, approvals, reviews ===
+
+    pub fn put_call(&mut self, rec: &CallRecord) -> Result<(), StoreError> {
+        let bytes = records::encode(rec)?;
+        let r = self.calls.insert(rec.id, bytes.as_slice()).map(|_| ());
+        self.w(r)?;
+        let r = self.task_calls.insert((rec.task_id, rec.id), ()).map(|_| ());
+        self.w(r)
+    }
+
+    pub fn approval(&self, id: u128) -> Result<Option<ApprovalRecord>, StoreError> {
+        match self.approvals.get(id)? {
+            Some(g) => Ok(Some(records::decode(g.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_approval(&mut self, rec: &ApprovalRecord) -> Result<(), StoreError> {
+        let bytes = records::encode(rec)?;
+        let r = self.approvals.insert(rec.id, bytes.as_slice()).map(|_| ());
+        self.w(r)
+    }
+
+    pub fn create_approval(&mut self, rec: &ApprovalRecord) -> Result<(), StoreError> {
+        if self.approvals.get(rec.id)?.is_some() {
+            return conflict(Conflict::Duplicate);
+        }
+        self.put_approval(rec)?;
+        let r = self.approval_expiry.insert((rec.expires_at, rec.id), ()).map(|_| ());
+        self.w(r)
+    }
+
+    /// An approver's decision on a pending approval.
+    pub fn decide_approval(
+        &mut self,
+        id: u128,
+        approve: bool,
+        by: &str,
+        comment: Option<&str>,
+        now: i64,
+    ) -> Result<ApprovalRecord, StoreError> {
+        let Some(mut a) = self.approval(id)? else {
+            return conflict(Conflict::ApprovalNotFound);
+        };
+        if a.state != ApprovalState::Pending {
+            return conflict(Conflict::Approval(format!("the approval is {}", a.state.as_str())));
+        }
+        if a.expires_at <= now {
+            return conflict(Conflict::Approval("the approval has expired".into()));
+        }
+        a.state = if approve { ApprovalState::Approved } else { ApprovalState::Denied };
+        a.decided_by = Some(by.to_owned());
+        a.decided_at = Some(now);
+        a.comment = comment.map(str::to_owned);
+        if !approve {
+            let r = self.approval_expiry.remove((a.expires_at, a.id)).map(|_| ());
+            self.w(r)?;
+        }
+        self.put_approval(&a)?;
+        Ok(a)
+    }
+
+    /// Would `consume_approval` succeed? Writes nothing.
+    pub fn check_approval(&self, id: u128, hash: &[u8; 32], now: i64) -> Result<(), StoreError> {
+        let Some(a) = self.approval(id)? else {
+            return conflict(Conflict::ApprovalNotFound);
+        };
+        if &a.request_hash != hash {
+            return conflict(Conflict::Approval("the approval was granted for another request".into()));
+        }
+        match a.state {
+            ApprovalState::Approved if a.expires_at > now => Ok(()),
+            ApprovalState::Approved | ApprovalState::Expired => conflict(Conflict::Approval("the approval has expired".into())),
+            s => conflict(Conflict::Approval(format!("the approval is {}", s.as_str()))),
+        }
+    }
+
+    /// Use an approval, once, for the request it was granted for.
+    pub fn consume_approval(&mut self, id: u128, hash: &[u8; 32], call: u128, now: i64) -> Result<ApprovalRecord, StoreError> {
+        let Some(mut a) = self.approval(id)? else {
+            return conflict(Conflict::ApprovalNotFound);
+        };
+        if &a.request_hash != hash {
+            return conflict(Conflict::Approval("the approval was granted for another request".into()));
+        }
+        match a.state {
+            ApprovalState::Approved if a.expires_at > now => {}
+            ApprovalState::Approved | ApprovalState::Expired => {
+                return conflict(Conflict::Approval("the approval has expired".into()));
+            }
+            s => return conflict(Conflict::Approval(format!("the approval is {}", s.as_str()))),
+        }
+        a.state = ApprovalState::Consumed;
+        a.consumed_by_call = Some(call);
+        let r = self.approval_expiry.remove((a.expires_at, a.id)).map(|_| ());
+        self.w(r)?;
+        self.put_approval(&a)?;
+        Ok(a)
+    }
+
+    /// Expire approvals past their deadline (pending or approved-unused).
+    pub fn expire_approvals(&mut self, now: i64, limit: usize) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let mut due = Vec::new();
+        for e in self.approval_expiry.range((i64::MIN, 0u128)..=(now, u128::MAX))? {
+            due.push(e?.0.value());
+            if due.len() >= limit {
+                break;
+            }
+        }
+        let mut out = Vec::new();
+        for (exp, id) in due {
+            let r = self.approval_expiry.remove((exp, id)).map(|_| ());
+            self.w(r)?;
+            if let Some(mut a) = self.approval(id)?
+                && matches!(a.state, ApprovalState::Pending | ApprovalState::Approved)
+            {
+                a.state = ApprovalState::Expired;
+                self.put_approval(&a)?;
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn review(&self, task: u128) -> Result<Option<ReviewRecord>, StoreError> {
+        match self.reviews.get(task)? {
+            Some(g) => Ok(Some(records::decode(g.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Flag a task for review after a break-glass call (again, if it was
+    /// signed off before).
+    pub fn flag_review(&mut self, task: &TaskRecord, call: (u128, String, String, i64)) -> Result<ReviewRecord, StoreError> {
+        let mut r = self.review(task.id)?.unwrap_or(ReviewRecord {
+            task_id: task.id,
+            workload: task.workload.clone(),
+            on_behalf_of: task.on_behalf_of.clone(),
+            calls: Vec::new(),
+            created_at: call.3,
+            signed_off_by: None,
+            signed_off_at: None,
+            comment: None,
+        });
+        r.calls.push(call);
+        r.signed_off_by = None;
+        r.signed_off_at = None;
+        r.comment = None;
+        let bytes = records::encode(&r)?;
+        let w = self.reviews.insert(task.id, bytes.as_slice()).map(|_| ());
+        self.w(w)?;
+        let w = self.pending_reviews.insert(task.id, ()).map(|_| ());
+        self.w(w)?;
+        Ok(r)
+    }
+
+    pub fn sign_off_review(&mut self, task: u128, by: &str, comment: &str, now: i64) -> Result<ReviewRecord, StoreError> {
+        let Some(mut r) = self.review(task)? else {
+            return conflict(Conflict::ReviewNotFound);
+        };
+        if r.signed_off_by.is_some() {
+            return conflict(Conflict::Approval("the review is already signed off".into()));
+        }
+        r.signed_off_by = Some(by.to_owned());
+        r.signed_off_at = Some(now);
+        r.comment = Some(comment.to_owned());
+        let bytes = records::encode(&r)?;
+        let w = self.reviews.insert(task, bytes.as_slice()).map(|_| ());
+        self.w(w)?;
+        let w = self.pending_reviews.remove(task).map(|_| ());
+        self.w(w)?;
+        Ok(r)
     }
 
     fn enqueue(&mut self, provider: &str, at: i64, lease: u128) -> Result<(), StoreError> {

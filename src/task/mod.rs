@@ -139,11 +139,28 @@ impl Broker {
             completed_at: None,
             lease_count: 0,
         };
+        let decision = self.decide_open_task(w, &rec, ttl.as_secs());
         let (stored, a, ctx) = (rec.clone(), self.auditor.clone(), ctx.clone());
+        if decision.outcome != crate::policy::Outcome::Allow {
+            let (d, c) = (decision.clone(), ctx.clone());
+            self.store.write(move |t| audit::append(t, &a, a.task_refused(&stored, &d, &c))).await?;
+            let loaded = self.policy.current();
+            let mut reasons = decision.reasons.clone();
+            if decision.outcome == crate::policy::Outcome::ApprovalRequired {
+                reasons.push("opening a task cannot wait for an approval; ask for approval on the call".into());
+            }
+            return Err(BrokerError::Denied(Box::new(crate::broker::Denial {
+                action: "OpenTask",
+                call_id: None,
+                policies: decision.visible_policies(&loaded, w.tenant.as_deref().unwrap_or("")),
+                reasons,
+            })));
+        }
+        let policies = decision.policies.clone();
         self.store
             .write(move |t| {
                 t.create_task(&stored)?;
-                audit::append(t, &a, a.task_opened(&stored, &ctx))
+                audit::append(t, &a, a.task_opened(&stored, &policies, &ctx))
             })
             .await?;
         tracing::debug!(task_id = %id, workload = %w.id, "task opened");

@@ -85,9 +85,13 @@ async fn bad_tokens_are_refused() {
 #[tokio::test]
 async fn workload_identity_comes_from_the_token() {
     let h = Harness::start(Options::default()).await;
-    let token = h.mint(&claims("ci-runner-7", crate::harness::now_rounded()));
+    let token = h.mint(&claims("assistant-b", crate::harness::now_rounded()));
     let (s, v) = h.post(&token, "/v1/tasks", json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 60})).await;
     assert_eq!(s, StatusCode::CREATED);
-    assert_eq!(v["workload"], "dev:ci-runner-7");
+    assert_eq!(v["workload"], "dev:assistant-b");
     assert_eq!(v["tenant"], "dev");
+    // a valid token for a workload no policy grants anything: authenticated, then refused
+    let stranger = h.mint(&claims("ci-runner-7", crate::harness::now_rounded()));
+    let (s, v) = h.post(&stranger, "/v1/tasks", json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 60})).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("policy_denied")), "{v}");
 }

@@ -70,8 +70,8 @@ async fn sigkill_between_intent_and_activation_rolls_back() {
     assert!(!remote.active(&resource, &orphan).await, "the orphaned credential is still usable");
     let story = remote.get(&admin, &format!("/v1/events?lease={lease_id}")).await;
     let kinds: Vec<&str> = story["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["lease.issuing", "lease.rolled_back"], "the chain tells the crash story");
-    assert_eq!(story["events"][1]["data"]["cause"], "recovery");
+    assert_eq!(kinds, ["call.decided", "lease.issuing", "lease.rolled_back"], "the chain tells the crash story");
+    assert_eq!(story["events"][2]["data"]["cause"], "recovery");
     let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
     assert!(log.contains("rolling it back"), "{log}");
     assert!(second.terminate().success());

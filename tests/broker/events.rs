@@ -40,7 +40,18 @@ async fn a_task_story_has_every_link() {
     let events = task_events(&h, &task).await;
     assert_eq!(
         kinds(&events),
-        ["task.opened", "lease.issuing", "lease.issued", "lease.issuing", "lease.issued", "lease.revoked", "lease.revoked", "task.completed"]
+        [
+            "task.opened",
+            "call.decided",
+            "lease.issuing",
+            "lease.issued",
+            "call.decided",
+            "lease.issuing",
+            "lease.issued",
+            "lease.revoked",
+            "lease.revoked",
+            "task.completed"
+        ]
     );
     for e in &events {
         let l = &e["links"];
@@ -54,24 +65,31 @@ async fn a_task_story_has_every_link() {
     let opened = &events[0];
     assert_eq!(opened["data"]["prompt_sha256"].as_str().unwrap().len(), 64);
     assert!(opened["data"].get("prompt").is_none() && opened["data"].get("prompt_sealed").is_none());
-    assert_eq!(events[2]["links"]["lease"], one_id);
-    assert_eq!(events[2]["links"]["provider"], "token");
-    assert_eq!(events[2]["links"]["role"], "demo");
+    assert_eq!(opened["data"]["policies"], json!(["open-task"]), "the decision that let it open");
+    // every credential request was decided by policy, with the policies named
+    assert_eq!(events[1]["data"]["action"], "Lease");
+    assert_eq!(events[1]["data"]["outcome"], "allow");
+    assert_eq!(events[1]["data"]["policies"], json!(["demo-token-leases"]));
+    assert_eq!(events[1]["data"]["max_ttl"], 900);
+    assert_eq!(events[1]["links"]["lease"], one_id);
+    assert_eq!(events[3]["links"]["lease"], one_id);
+    assert_eq!(events[3]["links"]["provider"], "token");
+    assert_eq!(events[3]["links"]["role"], "demo");
     // the manual revocation names who asked and under which request
-    assert_eq!(events[5]["links"]["lease"], one_id);
-    assert_eq!(events[5]["data"]["cause"], "manual");
-    assert_eq!(events[5]["data"]["requested_by"], "operator:responder");
-    assert_eq!(events[5]["links"]["request_id"], "incident-42");
-    assert_eq!(events[6]["links"]["lease"], two_id);
-    assert_eq!(events[6]["data"]["cause"], "task_complete");
-    assert_eq!(events[7]["data"]["revoked"], 1);
+    assert_eq!(events[7]["links"]["lease"], one_id);
+    assert_eq!(events[7]["data"]["cause"], "manual");
+    assert_eq!(events[7]["data"]["requested_by"], "operator:responder");
+    assert_eq!(events[7]["links"]["request_id"], "incident-42");
+    assert_eq!(events[8]["links"]["lease"], two_id);
+    assert_eq!(events[8]["data"]["cause"], "task_complete");
+    assert_eq!(events[9]["data"]["revoked"], 1);
     // seqs strictly increase and link
     for w in events.windows(2) {
         assert!(w[0]["seq"].as_u64() < w[1]["seq"].as_u64());
     }
     // filters: by lease, by kind, by user
     let (_, v) = h.get(&t.admin, &format!("/v1/events?lease={one_id}")).await;
-    assert_eq!(kinds(v["events"].as_array().unwrap()), ["lease.issuing", "lease.issued", "lease.revoked"]);
+    assert_eq!(kinds(v["events"].as_array().unwrap()), ["call.decided", "lease.issuing", "lease.issued", "lease.revoked"]);
     let (_, v) = h.get(&t.admin, "/v1/events?kind=lease.issued&limit=1000").await;
     assert_eq!(v["events"].as_array().unwrap().len(), 2);
     let (_, v) = h.get(&t.admin, "/v1/events?user=bob@example.com").await;
@@ -149,7 +167,10 @@ async fn a_failed_append_fails_the_request_and_revokes_the_credential() {
     let rec = Arc::new(Recording::default());
     let r2 = rec.clone();
     let h = Harness::start(Options {
-        tweak: Box::new(|c| c.fault.fail_event_kinds = vec!["lease.issued".into()]),
+        tweak: Box::new(|c| {
+            c.fault.fail_event_kinds = vec!["lease.issued".into()];
+            crate::harness::permit_leases(c, "rec");
+        }),
         overrides: Box::new(move || Overrides { providers: vec![("rec".into(), r2.clone() as Arc<dyn Provider>)] }),
         ..Options::default()
     })
@@ -162,11 +183,11 @@ async fn a_failed_append_fails_the_request_and_revokes_the_credential() {
     assert!(rec.live.lock().unwrap().is_empty(), "and it was taken back");
     // the failure is recorded and the rollback queued; the worker confirms it
     let events = task_events(&h, &task).await;
-    let lease = events[1]["links"]["lease"].as_str().unwrap().to_owned();
+    let lease = events[2]["links"]["lease"].as_str().unwrap().to_owned();
     h.wait_state(&lease, "rolled_back").await;
     let events = task_events(&h, &task).await;
-    assert_eq!(kinds(&events), ["task.opened", "lease.issuing", "lease.revoking", "lease.rolled_back"]);
-    assert_eq!(events[2]["data"]["cause"], "issue_failed");
+    assert_eq!(kinds(&events), ["task.opened", "call.decided", "lease.issuing", "lease.revoking", "lease.rolled_back"]);
+    assert_eq!(events[3]["data"]["cause"], "issue_failed");
     assert!(events.iter().all(|e| e["kind"] != "lease.issued"), "no issue event for a withheld credential");
     let (_, report) = h.get(&h.tokens.admin, "/v1/events/verify").await;
     assert_eq!(report["ok"], true, "{report}");

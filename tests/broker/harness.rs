@@ -271,6 +271,14 @@ impl Harness {
     }
 }
 
+/// Add a policy permitting the dev assistants leases of `provider`.
+pub fn permit_leases(c: &mut Config, provider: &str) {
+    let text = format!(
+        "@id(\"test-{provider}\")\npermit (principal in Leasehold::Group::\"assistants\", action == Leasehold::Action::\"Lease\", resource)\nwhen {{ resource.provider == \"{provider}\" }};\n"
+    );
+    std::fs::write(c.policy.dir.join(format!("test-{provider}.cedar")), text).unwrap();
+}
+
 /// A file under `integration/fixtures/`.
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/fixtures").join(rel)

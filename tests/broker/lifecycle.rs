@@ -136,7 +136,7 @@ async fn lease_ttl_is_capped_by_task_deadline_and_role() {
     assert!(lease_exp <= task_exp);
     assert!(l["ttl_seconds"].as_u64().unwrap() <= 30);
     // the role's max (900 s) beats the requested 3600 s (the config cap)
-    let task = h.open_task(&t.a, 7200).await;
+    let task = h.open_task(&t.a, 3600).await;
     let l = h.lease(&t.a, &task, 3600).await;
     assert!(l["ttl_seconds"].as_u64().unwrap() <= 900, "{l}");
 }

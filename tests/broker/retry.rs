@@ -68,6 +68,7 @@ async fn start(flaky: Arc<Flaky>) -> Harness {
     Harness::start(Options {
         manual_clock: true,
         tweak: Box::new(|c| {
+            crate::harness::permit_leases(c, "flaky");
             c.reaper.retry_base_seconds = 1;
             c.reaper.retry_cap_seconds = 4;
             c.reaper.retry_budget = 4;
@@ -103,7 +104,7 @@ async fn wait_attempts(h: &Harness, id: &str, n: u64) -> Value {
 async fn failed_revocations_back_off_become_irrevocable_and_still_finish() {
     let flaky = Arc::new(Flaky::default());
     let h = start(flaky.clone()).await;
-    let task = h.open_task(&h.tokens.a, 7200).await;
+    let task = h.open_task(&h.tokens.a, 3600).await;
     let id = lease(&h, &task, 10).await;
     flaky.down.store(true, Ordering::SeqCst);
 
@@ -139,7 +140,7 @@ async fn failed_revocations_back_off_become_irrevocable_and_still_finish() {
 async fn inline_revocations_report_failures_and_hand_over_to_the_queue() {
     let flaky = Arc::new(Flaky::default());
     let h = start(flaky.clone()).await;
-    let task = h.open_task(&h.tokens.a, 7200).await;
+    let task = h.open_task(&h.tokens.a, 3600).await;
     let one = lease(&h, &task, 600).await;
     let two = lease(&h, &task, 600).await;
     flaky.down.store(true, Ordering::SeqCst);
@@ -194,8 +195,8 @@ async fn a_failed_issue_is_rolled_back() {
     let b2 = broken.clone();
     let h = Harness::start(Options {
         manual_clock: true,
+        tweak: Box::new(|c| crate::harness::permit_leases(c, "flaky")),
         overrides: Box::new(move || Overrides { providers: vec![("flaky".into(), b2.clone() as Arc<dyn Provider>)] }),
-        ..Options::default()
     })
     .await;
     let task = h.open_task(&h.tokens.a, 600).await;

@@ -130,10 +130,20 @@ fn setup(dir: &Path, addr: std::net::SocketAddr, long_leases: bool) -> anyhow::R
             }
         }
     }
+    // a permissive policy set: the benchmarks measure the broker, not the
+    // example set's quotas
+    std::fs::write(config.policy.dir.join("demo.cedar"), BENCH_POLICY)?;
     let path = dir.join("leasehold.toml");
     std::fs::write(&path, config.to_toml()?)?;
     Ok((path, creds))
 }
+
+const BENCH_POLICY: &str = r#"
+@id("open") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"OpenTask", resource);
+@id("read") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"Call", resource == Leasehold::Tool::"demo.read");
+@id("lease") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"Lease", resource)
+  when { resource.provider == "token" };
+"#;
 
 fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
@@ -480,7 +490,16 @@ async fn populate(config_path: &Path, clock: Arc<dyn Clock>, leases: usize, ttl:
     let key = StoreKey::from_file(config.store.key_file.as_ref().context("key_file")?)?;
     let store = Store::open(&StoreOptions::new(&config.store.path), &key)?;
     let providers = Providers::build(&config.providers, &store)?;
-    let broker = Arc::new(Broker::new(store, clock, providers, config.limits.clone(), config.reaper.clone()));
+    let policy = Arc::new(leasehold::policy::PolicyEngine::load(&config.policy.dir, config.provider_roles()).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let broker = Arc::new(Broker::new(
+        store,
+        clock,
+        providers,
+        config.limits.clone(),
+        config.reaper.clone(),
+        policy,
+        leasehold::broker::PolicySettings::default(),
+    ));
     let per_task = 1000usize.min(leases);
     let workload = Arc::new(Workload {
         id: "dev:assistant-a".into(),
@@ -516,7 +535,7 @@ async fn populate(config_path: &Path, clock: Arc<dyn Clock>, leases: usize, ttl:
                 inner.spawn(async move {
                     for _ in 0..count {
                         let p = LeaseParams { provider: "token".into(), role: "demo".into(), ttl_seconds: ttl, scope: vec![] };
-                        b.request_lease(&w, id, p, &leasehold::audit::Ctx::system()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                        b.request_lease(&w, id, p, None, &leasehold::audit::Ctx::system()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
                     }
                     anyhow::Ok(())
                 });

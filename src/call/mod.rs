@@ -1,0 +1,370 @@
+//! Decisions at the moment of action: tool calls, direct credential
+//! requests, the approvals that gate them and break-glass.
+//!
+//! Every call is decided by policy against the task's context; an allowed
+//! call that asks for a credential gets its lease in the same response,
+//! TTL-capped by policy (and by the break-glass maximum). The decision, the
+//! call record, the use of an approval and the lease intent commit in one
+//! transaction with their events. Denials are recorded too.
+//!
+//! An approval binds the exact request (a hash of workload, task, tool,
+//! action, target, arguments and credential), expires, is used once, and is
+//! never granted by the workload or by an approver acting for themselves.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::audit::{self, Ctx};
+use crate::auth::Workload;
+use crate::broker::{Broker, BrokerError, Denial};
+use crate::ids::{ApprovalId, CallId, LeaseId, TaskId};
+use crate::lease::{IssuedLease, LeaseParams, TxnStep, no_step};
+use crate::policy::{CallFacts, Decision, LeaseFacts, Now, Outcome, Principal, TaskFacts};
+use crate::store::{ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, TaskRecord, TaskState};
+use crate::task::check_text;
+
+/// A tool call to decide, decoded from the wire.
+#[derive(Debug, Clone, Default)]
+pub struct CallParams {
+    pub tool: String,
+    pub action: String,
+    pub target: String,
+    pub arguments_sha256: String,
+    pub credential: Option<LeaseParams>,
+    pub approval_id: Option<ApprovalId>,
+    pub break_glass: Option<String>,
+}
+
+/// What a decided call (or direct credential request) produced.
+#[derive(Debug)]
+pub enum CallOutcome {
+    Allowed { call: CallRecord, lease: Option<IssuedLease> },
+    ApprovalRequired { call: CallRecord, approval: ApprovalRecord },
+}
+
+pub fn principal(w: &Workload) -> Principal {
+    Principal {
+        id: w.id.clone(),
+        issuer: w.issuer.clone(),
+        tenant: w.tenant.clone().unwrap_or_default(),
+        attributes: w.attributes.clone(),
+    }
+}
+
+fn is_tool_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
+}
+
+/// The hash an approval is bound to.
+fn request_hash(w: &str, task: u128, p: &CallParams) -> [u8; 32] {
+    let v = json!({
+        "workload": w,
+        "task": TaskId(task).to_string(),
+        "tool": p.tool,
+        "action": p.action,
+        "target": p.target,
+        "arguments_sha256": p.arguments_sha256,
+        "credential": p.credential.as_ref().map(|c| json!({
+            "provider": c.provider, "role": c.role, "ttl_seconds": c.ttl_seconds, "scope": c.scope,
+        })),
+    });
+    let mut bytes = Vec::new();
+    // strings, integers and nulls only: always canonical
+    let _ = audit::canonical(&v, &mut bytes);
+    audit::sha256(&bytes)
+}
+
+impl Broker {
+    fn task_facts(&self, task: &TaskRecord, active: u64, now_ms: i64) -> TaskFacts {
+        TaskFacts {
+            id: TaskId(task.id).to_string(),
+            purpose: task.purpose.clone(),
+            declared_tools: task.tools.clone(),
+            prompt_sha256: crate::hex::encode(&task.prompt_sha256),
+            user: task.on_behalf_of.clone(),
+            active_leases: active,
+            lease_count: u64::from(task.lease_count),
+            remaining_seconds: u64::try_from((task.expires_at - now_ms).max(0) / 1000).unwrap_or(0),
+        }
+    }
+
+    /// Decide whether this workload may open this task (before it exists).
+    pub(crate) fn decide_open_task(&self, w: &Workload, task: &TaskRecord, ttl: u64) -> Decision {
+        let facts = self.task_facts(task, 0, task.created_at);
+        self.policy.open_task(&principal(w), &facts, ttl, Now { unix: task.created_at.div_euclid(1000) })
+    }
+
+    /// The open, unexpired task of this workload.
+    fn open_task_of(&self, w: &Workload, task_id: TaskId, now_ms: i64) -> Result<TaskRecord, BrokerError> {
+        let task = self.store.read()?.task(task_id.0)?.ok_or(BrokerError::NotFound { code: "task_not_found" })?;
+        if task.workload != w.id {
+            return Err(BrokerError::NotFound { code: "task_not_found" });
+        }
+        if task.state != TaskState::Open {
+            return Err(BrokerError::conflict("task_completed", "the task is completed"));
+        }
+        if task.expires_at <= now_ms {
+            return Err(BrokerError::conflict("task_expired", "the task's deadline has passed"));
+        }
+        Ok(task)
+    }
+
+    fn check_call_input(&self, p: &CallParams, direct: bool) -> Result<(), BrokerError> {
+        if !direct {
+            if !is_tool_name(&p.tool) {
+                return Err(BrokerError::invalid("invalid_request", "`tool` must be 1-128 of [A-Za-z0-9._:/-]"));
+            }
+            check_text("action", &p.action, 128)?;
+            if !self.policy.current().has_tool(&p.tool) {
+                return Err(BrokerError::invalid(
+                    "unknown_tool",
+                    format!("no tool `{}` is registered with the policy set", p.tool),
+                ));
+            }
+        }
+        if p.target.len() > 512 || p.target.chars().any(char::is_control) {
+            return Err(BrokerError::invalid("invalid_request", "`resource` is at most 512 printable characters"));
+        }
+        if !p.arguments_sha256.is_empty() && crate::hex::decode32(&p.arguments_sha256).is_none() {
+            return Err(BrokerError::invalid("invalid_request", "`arguments_sha256` must be 64 hex characters"));
+        }
+        if let Some(j) = &p.break_glass {
+            check_text("break_glass.justification", j, 1024)?;
+        }
+        if let Some(c) = &p.credential {
+            self.check_credential(c)?;
+        }
+        Ok(())
+    }
+
+    /// Decide a tool call and act on the decision.
+    pub async fn call(&self, w: &Workload, task_id: TaskId, p: CallParams, ctx: &Ctx) -> Result<CallOutcome, BrokerError> {
+        self.decide_and_act(w, task_id, p, ctx, false).await
+    }
+
+    /// A direct credential request: decided like a call's credential.
+    pub async fn request_lease(
+        &self,
+        w: &Workload,
+        task_id: TaskId,
+        lease: LeaseParams,
+        approval_id: Option<ApprovalId>,
+        ctx: &Ctx,
+    ) -> Result<CallOutcome, BrokerError> {
+        let p = CallParams { credential: Some(lease), approval_id, ..CallParams::default() };
+        self.decide_and_act(w, task_id, p, ctx, true).await
+    }
+
+    async fn decide_and_act(
+        &self,
+        w: &Workload,
+        task_id: TaskId,
+        p: CallParams,
+        ctx: &Ctx,
+        direct: bool,
+    ) -> Result<CallOutcome, BrokerError> {
+        self.check_call_input(&p, direct)?;
+        let now = self.clock.now();
+        let now_ms = now.unix_millis();
+        let task = self.open_task_of(w, task_id, now_ms)?;
+        let (task_active, workload_active) = {
+            let r = self.store.read()?;
+            (r.task_active(task.id)?, r.workload_active(&w.id)?)
+        };
+        let facts = self.task_facts(&task, task_active, now_ms);
+        let who = principal(w);
+        let when = Now { unix: now.unix_seconds() };
+        let lease_facts = p.credential.as_ref().map(|c| LeaseFacts {
+            provider: c.provider.clone(),
+            role: c.role.clone(),
+            scope: c.scope.clone(),
+            requested_ttl: u64::try_from(c.ttl_seconds).unwrap_or(0),
+        });
+        let decision = if direct {
+            match &lease_facts {
+                Some(l) => self.policy.lease(&who, &facts, l, workload_active, when),
+                None => return Err(BrokerError::invalid("invalid_request", "a credential is required")),
+            }
+        } else {
+            let facts_call = CallFacts {
+                tool: p.tool.clone(),
+                action: p.action.clone(),
+                target: p.target.clone(),
+                arguments_sha256: p.arguments_sha256.clone(),
+                break_glass: p.break_glass.clone(),
+                credential: lease_facts,
+            };
+            self.policy.call(&who, &facts, &facts_call, workload_active, when)
+        };
+        let loaded = self.policy.current();
+        let call_id = CallId::generate(now);
+        let action_name = if direct { "Lease" } else { "Call" };
+        let mut call = CallRecord {
+            id: call_id.0,
+            task_id: task.id,
+            workload: w.id.clone(),
+            tool: p.tool.clone(),
+            action: p.action.clone(),
+            target: p.target.clone(),
+            arguments_sha256: p.arguments_sha256.clone(),
+            outcome: decision.outcome.as_str().to_owned(),
+            policies: decision.policies.clone(),
+            reasons: decision.reasons.clone(),
+            max_ttl: decision.obligations.max_ttl,
+            break_glass: p.break_glass.clone(),
+            approval_id: p.approval_id.map(|a| a.0),
+            lease_id: None,
+            policy_version: decision.version.clone(),
+            created_at: now_ms,
+        };
+        let a = self.auditor.clone();
+
+        if decision.outcome == Outcome::Deny {
+            let (c, t, cx) = (call.clone(), task.clone(), ctx.clone());
+            self.store
+                .write(move |txn| {
+                    txn.put_call(&c)?;
+                    audit::append(txn, &a, a.decided(&t, &c, action_name, &cx))
+                })
+                .await?;
+            tracing::info!(call_id = %call_id, task_id = %task_id, tool = %p.tool, "call denied by policy");
+            return Err(BrokerError::Denied(Box::new(Denial {
+                action: action_name,
+                call_id: Some(call_id.to_string()),
+                policies: decision.visible_policies(&loaded, &who.tenant),
+                reasons: decision.reasons,
+            })));
+        }
+        if p.credential.is_some() && workload_active >= self.settings.max_active_leases_per_workload {
+            return Err(BrokerError::Quota {
+                code: "workload_lease_cap",
+                message: format!(
+                    "the workload already holds {workload_active} active leases (cap {})",
+                    self.settings.max_active_leases_per_workload
+                ),
+            });
+        }
+        let hash = request_hash(&w.id, task.id, &p);
+
+        if decision.outcome == Outcome::ApprovalRequired && p.approval_id.is_none() {
+            let approval = ApprovalRecord {
+                id: ApprovalId::generate(now).0,
+                task_id: task.id,
+                workload: w.id.clone(),
+                tenant: w.tenant.clone(),
+                on_behalf_of: task.on_behalf_of.clone(),
+                request_hash: hash,
+                tool: p.tool.clone(),
+                action: p.action.clone(),
+                target: p.target.clone(),
+                arguments_sha256: p.arguments_sha256.clone(),
+                credential: p.credential.as_ref().map(|c| CredentialSpec {
+                    provider: c.provider.clone(),
+                    role: c.role.clone(),
+                    ttl_seconds: u64::try_from(c.ttl_seconds).unwrap_or(0),
+                    scope: c.scope.clone(),
+                }),
+                requested_by_call: call_id.0,
+                policies: decision.policies.clone(),
+                state: ApprovalState::Pending,
+                created_at: now_ms,
+                expires_at: now.saturating_add(self.settings.approval_ttl).unix_millis(),
+                decided_by: None,
+                decided_at: None,
+                comment: None,
+                consumed_by_call: None,
+            };
+            call.approval_id = Some(approval.id);
+            let (c, t, ap, cx) = (call.clone(), task.clone(), approval.clone(), ctx.clone());
+            self.store
+                .write(move |txn| {
+                    txn.create_approval(&ap)?;
+                    txn.put_call(&c)?;
+                    audit::append(txn, &a, a.decided(&t, &c, action_name, &cx))?;
+                    audit::append(txn, &a, a.approval(&ap, &cx, now_ms))
+                })
+                .await?;
+            self.wakers.expiry.notify_one();
+            self.notifier.notify(json!({
+                "type": "approval.requested",
+                "approval_id": ApprovalId(approval.id).to_string(),
+                "task_id": task_id.to_string(),
+                "workload": w.id,
+                "on_behalf_of": task.on_behalf_of,
+                "tool": p.tool,
+                "action": p.action,
+                "resource": p.target,
+                "credential": p.credential.as_ref().map(|c| format!("{}/{}", c.provider, c.role)),
+                "expires_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(approval.expires_at)),
+                "policies": decision.policies,
+            }));
+            return Ok(CallOutcome::ApprovalRequired { call, approval });
+        }
+
+        // allowed (or approved): use the approval, record the call, break-glass
+        call.outcome = Outcome::Allow.as_str().to_owned();
+        let approval = p.approval_id;
+        let check: TxnStep = match approval {
+            Some(aid) => Box::new(move |txn| txn.check_approval(aid.0, &hash, now_ms)),
+            None => no_step(),
+        };
+        let bg = p.break_glass.clone();
+        let make_also = |call: CallRecord| -> TxnStep {
+            let (a, t, cx) = (self.auditor.clone(), task.clone(), ctx.clone());
+            let bg = bg.clone();
+            Box::new(move |txn| {
+                if let Some(aid) = approval {
+                    let used = txn.consume_approval(aid.0, &hash, call.id, now_ms)?;
+                    audit::append(txn, &a, a.approval(&used, &cx, now_ms))?;
+                }
+                txn.put_call(&call)?;
+                audit::append(txn, &a, a.decided(&t, &call, action_name, &cx))?;
+                if let Some(j) = bg {
+                    let review = txn.flag_review(&t, (call.id, call.tool.clone(), j, now_ms))?;
+                    audit::append(txn, &a, a.break_glass(&review, false, &cx, now_ms))?;
+                }
+                Ok(())
+            })
+        };
+        let result = match &p.credential {
+            Some(c) => {
+                let mut cap = decision.obligations.max_ttl.map(Duration::from_secs);
+                if p.break_glass.is_some() {
+                    cap = Some(cap.map_or(self.settings.break_glass_max_ttl, |c| c.min(self.settings.break_glass_max_ttl)));
+                }
+                let prepared = self.prepare_lease(w, &task, c, cap)?;
+                call.lease_id = Some(prepared.rec.id);
+                let also = make_also(call.clone());
+                let issued = self.issue_prepared(w, prepared, ctx, check, also).await?;
+                CallOutcome::Allowed { call, lease: Some(issued) }
+            }
+            None => {
+                let also = make_also(call.clone());
+                self.store
+                    .write(move |txn| {
+                        check(txn)?;
+                        also(txn)
+                    })
+                    .await?;
+                CallOutcome::Allowed { call, lease: None }
+            }
+        };
+        if let (Some(j), CallOutcome::Allowed { call, .. }) = (&p.break_glass, &result) {
+            tracing::warn!(call_id = %CallId(call.id), task_id = %task_id, workload = %w.id, tool = %p.tool, "BREAK-GLASS call allowed");
+            self.notifier.notify(json!({
+                "type": "break_glass.used",
+                "call_id": CallId(call.id).to_string(),
+                "task_id": task_id.to_string(),
+                "workload": w.id,
+                "on_behalf_of": task.on_behalf_of,
+                "tool": p.tool,
+                "justification": j,
+                "lease_id": call.lease_id.map(|l| LeaseId(l).to_string()),
+            }));
+        }
+        Ok(result)
+    }
+}
