@@ -139,6 +139,18 @@ fn real_main() -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             return Ok(print_result(rt.block_on(leasehold::cli::client::lease(&conn, command))));
         }
+        Command::Approvals { conn, command } => {
+            let rt = runtime()?;
+            return Ok(print_result(rt.block_on(leasehold::cli::client::approvals(&conn, command))));
+        }
+        Command::Reviews { conn, command } => {
+            let rt = runtime()?;
+            return Ok(print_result(rt.block_on(leasehold::cli::client::reviews(&conn, command))));
+        }
+        Command::Policy { conn, command } => {
+            let rt = runtime()?;
+            return Ok(print_result(rt.block_on(leasehold::cli::client::policy(&conn, command))));
+        }
         Command::Events { conn, command } => {
             let rt = runtime()?;
             return Ok(print_result(rt.block_on(leasehold::cli::events::run(&conn, command))));

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Connection, LeaseCommand, TaskCommand};
+use super::{ApprovalsCommand, Connection, LeaseCommand, PolicyCommand, ReviewsCommand, TaskCommand};
 use crate::dev::DevCredentials;
 
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +99,12 @@ impl Client {
             return Ok(value);
         }
         let code = value["error"]["code"].as_str().unwrap_or("unknown").to_owned();
-        let message = value["error"]["message"].as_str().unwrap_or("").to_owned();
+        let mut message = value["error"]["message"].as_str().unwrap_or("").to_owned();
+        for extra in ["problems", "decision"] {
+            if let Some(v) = value.get(extra) {
+                message.push_str(&format!("\n{extra}: {}", serde_json::to_string_pretty(v).unwrap_or_default()));
+            }
+        }
         Err(ClientError::Api { status, code, message })
     }
 }
@@ -128,6 +133,72 @@ pub async fn task(conn: &Connection, cmd: TaskCommand) -> Result<Value, ClientEr
         TaskCommand::Complete { task_id } => {
             c.call(Method::POST, &format!("/v1/tasks/{}/complete", seg(&task_id)), None).await
         }
+        TaskCommand::Call {
+            task_id,
+            tool,
+            action,
+            resource,
+            arguments_sha256,
+            provider,
+            role,
+            ttl_seconds,
+            scope,
+            approval,
+            break_glass,
+        } => {
+            let mut body = json!({"tool": tool, "action": action, "resource": resource, "arguments_sha256": arguments_sha256});
+            if let (Some(p), Some(r), Some(t)) = (provider, role, ttl_seconds) {
+                body["credential"] = json!({"provider": p, "role": r, "ttl_seconds": t, "scope": scope});
+            }
+            if let Some(a) = approval {
+                body["approval_id"] = a.into();
+            }
+            if let Some(j) = break_glass {
+                body["break_glass"] = json!({ "justification": j });
+            }
+            c.call(Method::POST, &format!("/v1/tasks/{}/calls", seg(&task_id)), Some(body)).await
+        }
+    }
+}
+
+pub async fn approvals(conn: &Connection, cmd: ApprovalsCommand) -> Result<Value, ClientError> {
+    let c = Client::new(conn)?;
+    use reqwest::Method;
+    match cmd {
+        ApprovalsCommand::List => c.call(Method::GET, "/v1/approvals", None).await,
+        ApprovalsCommand::Show { approval_id, wait } => {
+            let q = wait.map(|w| format!("?wait={w}")).unwrap_or_default();
+            c.call(Method::GET, &format!("/v1/approvals/{}{q}", seg(&approval_id)), None).await
+        }
+        ApprovalsCommand::Approve { approval_id, comment } => {
+            let body = json!({ "comment": comment });
+            c.call(Method::POST, &format!("/v1/approvals/{}/approve", seg(&approval_id)), Some(body)).await
+        }
+        ApprovalsCommand::Deny { approval_id, comment } => {
+            let body = json!({ "comment": comment });
+            c.call(Method::POST, &format!("/v1/approvals/{}/deny", seg(&approval_id)), Some(body)).await
+        }
+    }
+}
+
+pub async fn reviews(conn: &Connection, cmd: ReviewsCommand) -> Result<Value, ClientError> {
+    let c = Client::new(conn)?;
+    use reqwest::Method;
+    match cmd {
+        ReviewsCommand::List => c.call(Method::GET, "/v1/reviews", None).await,
+        ReviewsCommand::SignOff { task_id, comment } => {
+            let body = json!({ "comment": comment });
+            c.call(Method::POST, &format!("/v1/reviews/{}/sign-off", seg(&task_id)), Some(body)).await
+        }
+    }
+}
+
+pub async fn policy(conn: &Connection, cmd: PolicyCommand) -> Result<Value, ClientError> {
+    let c = Client::new(conn)?;
+    use reqwest::Method;
+    match cmd {
+        PolicyCommand::Show => c.call(Method::GET, "/v1/policy", None).await,
+        PolicyCommand::Reload => c.call(Method::POST, "/v1/policy/reload", None).await,
     }
 }
 

@@ -76,6 +76,27 @@ pub enum Command {
         #[command(subcommand)]
         command: LeaseCommand,
     },
+    /// Approve or deny calls that policy held back (approver).
+    Approvals {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
+    /// Break-glass reviews awaiting an approver's sign-off.
+    Reviews {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: ReviewsCommand,
+    },
+    /// The policy set in force; reload it (admin).
+    Policy {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Read, export, verify and archive the event chain.
     Events {
         #[command(flatten)]
@@ -83,6 +104,46 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCommand {
+    /// Pending approval requests.
+    List,
+    /// One approval; `--wait` long-polls for a decision.
+    Show {
+        approval_id: String,
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
+    },
+    Approve {
+        approval_id: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Deny (a comment saying why is required).
+    Deny {
+        approval_id: String,
+        #[arg(long)]
+        comment: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReviewsCommand {
+    List,
+    SignOff {
+        task_id: String,
+        #[arg(long)]
+        comment: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    Show,
+    /// Reload the policy folder; a bad set is refused with file and line.
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]
@@ -241,6 +302,37 @@ pub enum TaskCommand {
     Show { task_id: String },
     /// Complete a task: revokes every lease under it.
     Complete { task_id: String },
+    /// Ask for one tool call to be decided (and a credential for it).
+    Call {
+        task_id: String,
+        #[arg(long)]
+        tool: String,
+        /// What the tool is asked to do.
+        #[arg(long)]
+        action: String,
+        /// What it acts on.
+        #[arg(long, default_value = "")]
+        resource: String,
+        #[arg(long, default_value = "")]
+        arguments_sha256: String,
+        /// Ask for a credential from this provider...
+        #[arg(long, requires_all = ["role", "ttl_seconds"])]
+        provider: Option<String>,
+        /// ...with this role...
+        #[arg(long)]
+        role: Option<String>,
+        /// ...for this long.
+        #[arg(long = "ttl", value_name = "SECONDS")]
+        ttl_seconds: Option<i64>,
+        #[arg(long = "scope", value_name = "SCOPE")]
+        scope: Vec<String>,
+        /// Retry of a call that needed approval, once approved.
+        #[arg(long)]
+        approval: Option<String>,
+        /// Break-glass, with the justification (loud: reviewed afterwards).
+        #[arg(long, value_name = "JUSTIFICATION")]
+        break_glass: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -17,6 +17,7 @@ mod events;
 mod expiry;
 mod isolation;
 mod lifecycle;
+mod policy;
 mod restart;
 mod retry;
 mod secrets;
