@@ -18,8 +18,9 @@ use std::str::FromStr as _;
 use std::sync::{Arc, RwLock};
 
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
-    PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
+    EntityUid, Policy, PolicyId, PolicySet, Request, ResourceConstraint, RestrictedExpression, Schema, ValidationMode,
+    Validator,
 };
 
 /// A policy folder that could not be loaded: every problem, each as
@@ -53,9 +54,19 @@ struct PolicyMeta {
     tenant: Option<String>,
 }
 
+/// The actions of the schema.
+const ACTIONS: [&str; 4] = ["OpenTask", "Call", "Lease", "BreakGlass"];
+
 /// A loaded, validated policy folder.
 pub struct Loaded {
     set: PolicySet,
+    /// The policies that can apply to each (action, resource), so a decision
+    /// evaluates only those: a policy whose action or resource scope cannot
+    /// match can neither permit nor forbid, so leaving it out changes nothing
+    /// but the time taken.
+    slices: HashMap<(usize, EntityUid), PolicySet>,
+    empty: PolicySet,
+    actions: [EntityUid; 4],
     entities: Entities,
     meta: HashMap<PolicyId, PolicyMeta>,
     tools: HashSet<String>,
@@ -88,6 +99,53 @@ fn type_name(t: &str) -> Result<EntityTypeName, LoadError> {
 
 fn uid(t: &str, id: &str) -> Result<EntityUid, LoadError> {
     Ok(EntityUid::from_type_name_and_id(type_name(t)?, EntityId::new(id)))
+}
+
+
+fn action_matches(p: &Policy, action: &EntityUid) -> bool {
+    match p.action_constraint() {
+        ActionConstraint::Any => true,
+        ActionConstraint::Eq(a) => &a == action,
+        ActionConstraint::In(list) => list.contains(action),
+    }
+}
+
+fn resource_matches(p: &Policy, r: &EntityUid, ancestors: &HashSet<EntityUid>) -> bool {
+    let within = |u: &EntityUid| u == r || ancestors.contains(u);
+    match p.resource_constraint() {
+        ResourceConstraint::Any => true,
+        ResourceConstraint::Eq(u) => &u == r,
+        ResourceConstraint::In(u) => within(&u),
+        ResourceConstraint::Is(t) => r.type_name() == &t,
+        ResourceConstraint::IsIn(t, u) => r.type_name() == &t && within(&u),
+    }
+}
+
+/// The resources each action decides on, and the policies that can apply.
+fn slice(set: &PolicySet, entities: &Entities, actions: &[EntityUid; 4]) -> Result<HashMap<(usize, EntityUid), PolicySet>, LoadError> {
+    let resource_type = |i: usize| match ACTIONS[i] {
+        "OpenTask" => "Broker",
+        "Lease" => "ProviderRole",
+        _ => "Tool",
+    };
+    let mut out = HashMap::new();
+    for e in entities.iter() {
+        let uid = e.uid();
+        let ancestors: HashSet<EntityUid> = entities.ancestors(&uid).map(|a| a.cloned().collect()).unwrap_or_default();
+        for (i, action) in actions.iter().enumerate() {
+            if uid.type_name().basename() != resource_type(i) {
+                continue;
+            }
+            let picked: Vec<Policy> = set
+                .policies()
+                .filter(|p| action_matches(p, action) && resource_matches(p, &uid, &ancestors))
+                .cloned()
+                .collect();
+            let ps = PolicySet::from_policies(picked).map_err(|e| LoadError::one(format!("slicing: {e}")))?;
+            out.insert((i, uid.clone()), ps);
+        }
+    }
+    Ok(out)
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -247,7 +305,22 @@ impl Loaded {
         ents.push(Entity::new_no_attrs(uid("Broker", "leasehold")?, HashSet::new()));
         let entities = Entities::from_entities(ents, Some(&schema)).map_err(|e| LoadError::one(format!("entities: {e}")))?;
         let policy_count = meta.len();
-        Ok(Self { set, entities, meta, tools, roles: role_names, version, files, policy_count })
+        let action_type = type_name("Action")?;
+        let actions = ACTIONS.map(|a| EntityUid::from_type_name_and_id(action_type.clone(), EntityId::new(a)));
+        let slices = slice(&set, &entities, &actions)?;
+        Ok(Self {
+            set,
+            slices,
+            empty: PolicySet::new(),
+            actions,
+            entities,
+            meta,
+            tools,
+            roles: role_names,
+            version,
+            files,
+            policy_count,
+        })
     }
 
     pub fn has_tool(&self, tool: &str) -> bool {
@@ -261,6 +334,12 @@ pub struct PolicyEngine {
     roles: Vec<RoleEntity>,
     current: RwLock<Arc<Loaded>>,
     authorizer: Authorizer,
+    workload_type: EntityTypeName,
+    tool_type: EntityTypeName,
+    role_type: EntityTypeName,
+    broker_uid: EntityUid,
+    /// Off only in the test that proves slicing decides as the whole set.
+    slicing: bool,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -272,7 +351,17 @@ impl std::fmt::Debug for PolicyEngine {
 impl PolicyEngine {
     pub fn load(dir: &Path, roles: Vec<RoleEntity>) -> Result<Self, LoadError> {
         let loaded = Loaded::from_dir(dir, &roles)?;
-        Ok(Self { dir: dir.to_owned(), roles, current: RwLock::new(Arc::new(loaded)), authorizer: Authorizer::new() })
+        Ok(Self {
+            dir: dir.to_owned(),
+            roles,
+            current: RwLock::new(Arc::new(loaded)),
+            authorizer: Authorizer::new(),
+            workload_type: type_name("Workload")?,
+            tool_type: type_name("Tool")?,
+            role_type: type_name("ProviderRole")?,
+            broker_uid: uid("Broker", "leasehold")?,
+            slicing: true,
+        })
     }
 
     /// Load the folder again; on success swap it in whole, on failure keep
@@ -467,21 +556,27 @@ impl PolicyEngine {
         resource: EntityUid,
         context: Vec<(&str, RestrictedExpression)>,
     ) -> Evaluated {
+        let Some(ai) = ACTIONS.iter().position(|a| *a == action) else {
+            return Evaluated { allowed: false, policies: vec![], errors: vec![format!("unknown action {action}")] };
+        };
+        let policies = if self.slicing { l.slices.get(&(ai, resource.clone())).unwrap_or(&l.empty) } else { &l.set };
         let request = (|| {
             let ctx = Context::from_pairs(context.into_iter().map(|(k, v)| (k.to_owned(), v))).map_err(|e| e.to_string())?;
-            let action = EntityUid::from_str(&format!("{NS}::Action::\"{action}\"")).map_err(|e| e.to_string())?;
-            let p = uid("Workload", principal).map_err(|e| e.to_string())?;
-            Request::new(p, action, resource, ctx, None).map_err(|e| e.to_string())
+            let p = EntityUid::from_type_name_and_id(self.workload_type.clone(), EntityId::new(principal));
+            Request::new(p, l.actions[ai].clone(), resource, ctx, None).map_err(|e| e.to_string())
         })();
         let request = match request {
             Ok(r) => r,
             Err(e) => return Evaluated { allowed: false, policies: vec![], errors: vec![e] },
         };
-        let resp = self.authorizer.is_authorized(&request, &l.set, &l.entities);
+        let resp = self.authorizer.is_authorized(&request, policies, &l.entities);
         let d = resp.diagnostics();
+        let mut policies: Vec<PolicyId> = d.reason().cloned().collect();
+        // Cedar reports them as a set; sort so decisions and events are deterministic
+        policies.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
         Evaluated {
             allowed: resp.decision() == CedarDecision::Allow,
-            policies: d.reason().cloned().collect(),
+            policies,
             errors: d.errors().map(ToString::to_string).collect(),
         }
     }
@@ -517,10 +612,7 @@ impl PolicyEngine {
     /// May this workload open this task?
     pub fn open_task(&self, who: &Principal, task: &TaskFacts, requested_ttl: u64, now: Now) -> Decision {
         let l = self.current();
-        let resource = match uid("Broker", "leasehold") {
-            Ok(u) => u,
-            Err(e) => return self.deny(&l, &[], e.problems),
-        };
+        let resource = self.broker_uid.clone();
         let e = self.eval(
             &l,
             &who.id,
@@ -573,10 +665,7 @@ impl PolicyEngine {
         if !task.declared_tools.iter().any(|t| t == &call.tool) {
             return self.deny(&l, &[], vec![format!("the task did not declare the tool `{}`", call.tool)]);
         }
-        let tool = match uid("Tool", &call.tool) {
-            Ok(u) => u,
-            Err(e) => return self.deny(&l, &[], e.problems),
-        };
+        let tool = EntityUid::from_type_name_and_id(self.tool_type.clone(), EntityId::new(&call.tool));
         let risk = match l.entities.get(&tool).and_then(|e| e.attr("risk")) {
             Some(Ok(cedar_policy::EvalResult::Long(n))) => n,
             _ => 0,
@@ -665,7 +754,7 @@ impl PolicyEngine {
         if !l.roles.contains(&name) {
             return Err(self.deny(l, &[], vec![format!("no provider role `{name}`")]));
         }
-        let resource = uid("ProviderRole", &name).map_err(|e| self.deny(l, &[], e.problems))?;
+        let resource = EntityUid::from_type_name_and_id(self.role_type.clone(), EntityId::new(&name));
         let e = self.eval(
             l,
             &who.id,

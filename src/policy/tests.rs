@@ -204,6 +204,42 @@ fn a_bad_reload_keeps_the_old_set() {
 }
 
 #[test]
+fn slicing_decides_exactly_as_the_whole_set() {
+    let (_dir, sliced) = engine();
+    let (_dir2, mut whole) = engine();
+    whole.slicing = false;
+    let tools = ["demo.read", "demo.write", "demo.admin"];
+    let mut compared = 0;
+    for w in ["dev:assistant-a", "dev:assistant-b", "dev:stranger"] {
+        for user in ["alice@example.com", "mallory@example.com"] {
+            for tool in tools {
+                for bg in [false, true] {
+                    for cred in [None, Some(("demo", 60)), Some(("demo", 5000))] {
+                        for target in ["doc:1", "vault:crown-jewels"] {
+                            for active in [0, 25] {
+                                let facts = CallFacts {
+                                    tool: tool.into(),
+                                    target: target.into(),
+                                    break_glass: bg.then(|| "why".to_owned()),
+                                    credential: cred.map(|(r, t)| LeaseFacts { provider: "token".into(), role: r.into(), scope: vec![], requested_ttl: t }),
+                                    ..CallFacts::default()
+                                };
+                                let t = task(user, active);
+                                let a = sliced.call(&who(w), &t, &facts, active, NOW);
+                                let b = whole.call(&who(w), &t, &facts, active, NOW);
+                                assert_eq!((a.outcome, &a.policies, &a.reasons, &a.obligations), (b.outcome, &b.policies, &b.reasons, &b.obligations), "{w} {user} {tool} bg={bg} {cred:?} {target}");
+                                compared += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(compared, 3 * 2 * 3 * 2 * 3 * 2 * 2);
+}
+
+#[test]
 fn time_is_a_fact_policies_can_use() {
     let dir = folder(
         "@id(\"no-sunday-tasks\")\n@reason(\"no tasks on Sundays\")\nforbid (principal, action == Leasehold::Action::\"OpenTask\", resource)\nwhen { context.time.weekday == 7 && context.time.hour >= 12 };",

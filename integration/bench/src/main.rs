@@ -15,6 +15,11 @@
 
 #![forbid(unsafe_code)]
 
+/// The broker's allocator, so in-process measurements (policy decisions)
+/// see what the broker sees.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -84,6 +89,25 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         events: usize,
     },
+    /// Issue 3's figures: decision latency with a realistic policy set, and
+    /// calls with leases per second over HTTP.
+    Policy {
+        /// Workloads as entities.
+        #[arg(long, default_value_t = 1000)]
+        workloads: usize,
+        /// Policies in the set.
+        #[arg(long, default_value_t = 60)]
+        policies: usize,
+        #[arg(long, default_value_t = 200_000)]
+        decisions: usize,
+        /// Calls per task in the HTTP part.
+        #[arg(long, default_value_t = 20)]
+        calls_per_task: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// The three figures of the broker core with their default sizes.
     All,
 }
@@ -120,6 +144,9 @@ fn setup(dir: &Path, addr: std::net::SocketAddr, long_leases: bool) -> anyhow::R
     let (mut config, creds) = leasehold::dev::prepare(dir, addr, SystemClock.now())?;
     config.server.shutdown_grace_seconds = 30;
     config.store.quick_repair = std::env::var("BENCH_QUICK_REPAIR").map_or(true, |v| v != "0");
+    if let Some(d) = std::env::var("BENCH_COMMIT_DELAY_US").ok().and_then(|v| v.parse().ok()) {
+        config.store.commit_delay_micros = d;
+    }
     if long_leases {
         config.limits.max_task_ttl_seconds = 7 * 86_400;
         config.limits.max_lease_ttl_seconds = 86_400;
@@ -703,6 +730,179 @@ async fn expiry(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A policy folder shaped like a real deployment: `groups` groups of
+/// workloads, tool sets with tools of several risks, permits per group and
+/// tool set (some needing approval, some capped), forbids on context.
+fn realistic_policies(dir: &Path, workloads: usize, policies: usize) -> anyhow::Result<()> {
+    let schema = include_str!("../../../config/policies/leasehold.cedarschema");
+    std::fs::write(dir.join("leasehold.cedarschema"), schema)?;
+    let groups = 20;
+    let toolsets = 10;
+    let mut ents = vec![json!({"uid": {"type": "Leasehold::Tenant", "id": "acme"}, "attrs": {}, "parents": []})];
+    for g in 0..groups {
+        ents.push(json!({"uid": {"type": "Leasehold::Group", "id": format!("team-{g}")}, "attrs": {},
+            "parents": [{"type": "Leasehold::Tenant", "id": "acme"}]}));
+    }
+    for w in 0..workloads {
+        ents.push(json!({"uid": {"type": "Leasehold::Workload", "id": format!("dev:agent-{w}")}, "attrs": {},
+            "parents": [{"type": "Leasehold::Group", "id": format!("team-{}", w % groups)},
+                        {"type": "Leasehold::Group", "id": format!("team-{}", (w * 7 + 3) % groups)}]}));
+    }
+    for t in 0..toolsets {
+        ents.push(json!({"uid": {"type": "Leasehold::ToolSet", "id": format!("set-{t}")}, "attrs": {}, "parents": []}));
+        for k in 0..5 {
+            ents.push(json!({"uid": {"type": "Leasehold::Tool", "id": format!("tool-{t}-{k}")}, "attrs": {"risk": k * 2},
+                "parents": [{"type": "Leasehold::ToolSet", "id": format!("set-{t}")}]}));
+        }
+    }
+    std::fs::write(dir.join("entities.json"), serde_json::to_string(&ents)?)?;
+    let mut text = String::new();
+    text.push_str("permit (principal in Leasehold::Tenant::\"acme\", action == Leasehold::Action::\"OpenTask\", resource);\n");
+    text.push_str("permit (principal in Leasehold::Tenant::\"acme\", action == Leasehold::Action::\"Lease\", resource) when { resource.provider == \"token\" && context.requested_ttl <= 3600 };\n");
+    text.push_str("forbid (principal, action == Leasehold::Action::\"Lease\", resource) when { context.task.active_leases >= 50 };\n");
+    let mut n = 3;
+    while n < policies {
+        let g = n % groups;
+        let t = n % toolsets;
+        let text_n = match n % 5 {
+            0 => format!("@approval(\"required\")\npermit (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.risk >= 8 }};\n"),
+            1 => format!("@max_ttl(\"300\")\npermit (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.risk < 8 }};\n"),
+            2 => format!("forbid (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.time.hour < 6 && context.risk >= 6 }};\n"),
+            3 => format!("permit (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.task.declared_tools.contains(\"tool-{t}-0\") && context.target like \"ticket:*\" }};\n"),
+            _ => format!("forbid (principal, action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.task.user == \"blocked-{n}@example.com\" }};\n"),
+        };
+        text.push_str(&text_n);
+        n += 1;
+    }
+    std::fs::write(dir.join("realistic.cedar"), text)?;
+    Ok(())
+}
+
+fn policy_latency(workloads: usize, policies: usize, decisions: usize) -> anyhow::Result<()> {
+    use leasehold::policy::*;
+    let dir = tempfile::tempdir()?;
+    realistic_policies(dir.path(), workloads, policies)?;
+    let roles = vec![RoleEntity { provider: "token".into(), role: "demo".into(), max_ttl: 900 }];
+    let engine = PolicyEngine::load(dir.path(), roles).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let loaded = engine.current();
+    let mut lat = Vec::with_capacity(decisions);
+    let mut outcomes = [0usize; 3];
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..decisions {
+        let w = next() as usize % workloads;
+        let t = next() as usize % 10;
+        let k = next() as usize % 5;
+        let tool = format!("tool-{t}-{k}");
+        let who = Principal { id: format!("dev:agent-{w}"), issuer: "dev".into(), tenant: "acme".into(), attributes: Default::default() };
+        let task = TaskFacts {
+            id: "task_x".into(),
+            purpose: "bench".into(),
+            declared_tools: vec![tool.clone(), format!("tool-{t}-0")],
+            prompt_sha256: "00".repeat(32),
+            user: format!("user-{}@example.com", i % 97),
+            active_leases: (i % 10) as u64,
+            lease_count: (i % 10) as u64,
+            remaining_seconds: 600,
+        };
+        let call = CallFacts {
+            tool,
+            action: "run".into(),
+            target: if i % 2 == 0 { "ticket:1".into() } else { "doc:2".into() },
+            arguments_sha256: String::new(),
+            break_glass: None,
+            credential: (i % 3 == 0).then(|| LeaseFacts { provider: "token".into(), role: "demo".into(), scope: vec![], requested_ttl: 300 }),
+        };
+        let now = Now { unix: 1_800_000_000 + (i as i64) * 37 };
+        let t0 = Instant::now();
+        let d = engine.call(&who, &task, &call, 3, now);
+        lat.push(t0.elapsed().as_secs_f64() * 1e6);
+        outcomes[match d.outcome { Outcome::Allow => 0, Outcome::Deny => 1, Outcome::ApprovalRequired => 2 }] += 1;
+    }
+    println!(
+        "decision latency: {} policies, {workloads} workloads as entities, {decisions} decisions \
+         (allow {}, deny {}, approval {}): p50 {:.1} us, p99 {:.1} us, max {:.1} us",
+        loaded.policy_count,
+        outcomes[0],
+        outcomes[1],
+        outcomes[2],
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.99),
+        lat.iter().cloned().fold(0.0, f64::max),
+    );
+    Ok(())
+}
+
+/// Calls with leases over HTTP: each client opens a task, makes
+/// `per_task` calls each asking for a token, completes the task.
+async fn calls_throughput(bin: &Path, per_task: usize, rounds: usize, seconds: u64) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let addr = free_addr()?;
+    let (config, creds) = setup(dir.path(), addr, false)?;
+    let mut server = Server::spawn(bin, &config, &dir.path().join("broker.log"))?;
+    let base = format!("http://{addr}");
+    let http = client(4)?;
+    wait_ready(&http, &base, &mut server).await?;
+    let tokens = [creds.identities["assistant-a"].token.clone(), creds.identities["assistant-b"].token.clone()];
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let (token, done, stop) = (tokens[i % 2].clone(), done.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr).await?;
+            let open = r#"{"purpose":"bench","on_behalf_of":"alice@example.com","prompt_sha256":"2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824","tools":["demo.read"],"ttl_seconds":600}"#;
+            let call = r#"{"tool":"demo.read","action":"read","resource":"doc:1","credential":{"provider":"token","role":"demo","ttl_seconds":60}}"#;
+            while !stop.load(Ordering::Relaxed) {
+                let (st, body) = conn.post("/v1/tasks", &token, Some(open)).await?;
+                if st != 201 {
+                    bail!("open task: HTTP {st}: {}", String::from_utf8_lossy(&body));
+                }
+                let task: Value = serde_json::from_slice(&body)?;
+                let id = task["task_id"].as_str().unwrap_or_default().to_owned();
+                for _ in 0..per_task {
+                    let (st, body) = conn.post(&format!("/v1/tasks/{id}/calls"), &token, Some(call)).await?;
+                    let v: Value = serde_json::from_slice(&body)?;
+                    if st != 200 || v["lease"]["credential"]["token"].as_str().is_none() {
+                        bail!("call: HTTP {st}: {v}");
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+                conn.post(&format!("/v1/tasks/{id}/complete"), &token, None).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut rates = Vec::new();
+    for r in 0..rounds {
+        let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let rate = (done.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
+        println!("  round {}: {rate:.0} decisions with leases/s", r + 1);
+        rates.push(rate);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await??;
+    }
+    server.stop()?;
+    println!(
+        "calls: median {:.0} decisions with leases/s over {rounds} rounds of {seconds} s, 64 clients, {per_task} calls per task \
+         (each call: a Cedar decision, the call record, a token lease, their events; durable)",
+        median(&mut rates)
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -714,6 +914,10 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Restart { leases, rounds } => restart(&bin, leases, rounds).await,
         Cmd::Expiry { leases, rounds } => expiry(&bin, leases, rounds).await,
         Cmd::Events { noop, rounds, seconds, events } => events_bench(&bin, &noop, rounds, seconds, events).await,
+        Cmd::Policy { workloads, policies, decisions, calls_per_task, rounds, seconds } => {
+            policy_latency(workloads, policies, decisions)?;
+            calls_throughput(&bin, calls_per_task, rounds, seconds).await
+        }
         Cmd::All => {
             throughput(&bin, 64, 1, 10, 5).await?;
             throughput(&bin, 64, 4, 10, 5).await?;
