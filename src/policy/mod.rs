@@ -573,7 +573,7 @@ impl PolicyEngine {
         let d = resp.diagnostics();
         let mut policies: Vec<PolicyId> = d.reason().cloned().collect();
         // Cedar reports them as a set; sort so decisions and events are deterministic
-        policies.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+        policies.sort_by_key(ToString::to_string);
         Evaluated {
             allowed: resp.decision() == CedarDecision::Allow,
             policies,
