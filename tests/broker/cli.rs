@@ -76,3 +76,41 @@ async fn task_and_lease_verbs() {
     assert!(!ok);
     assert!(err.contains("--as"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_and_approvals_from_the_command_line() {
+    let h = Harness::start(Options::default()).await;
+    let (ok, task, err) = leasehold(&h, &["task", "open", "--as", "assistant-a", "--purpose", "fix ticket", "--on-behalf-of", "alice@example.com", "--prompt", "fix 42", "--tool", "demo.write", "--tool", "demo.read", "--ttl", "600"]).await;
+    assert!(ok, "{err}");
+    let task_id = task["task_id"].as_str().unwrap();
+    let call = ["task", "call", task_id, "--as", "assistant-a", "--tool", "demo.write", "--action", "update", "--resource", "ticket:42", "--provider", "token", "--role", "demo", "--ttl", "60"];
+    let (ok, held, err) = leasehold(&h, &call).await;
+    assert!(ok, "{err}");
+    assert_eq!(held["decision"], "approval_required");
+    let approval = held["approval_id"].as_str().unwrap();
+
+    let (ok, list, _) = leasehold(&h, &["approvals", "list", "--as", "approver"]).await;
+    assert!(ok);
+    assert_eq!(list["approvals"][0]["approval_id"], approval);
+    let (ok, _, err) = leasehold(&h, &["approvals", "approve", approval, "--as", "assistant-a"]).await;
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    let (ok, v, err) = leasehold(&h, &["approvals", "approve", approval, "--as", "approver", "--comment", "ticket 42 only"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(v["state"], "approved");
+
+    let mut retry: Vec<&str> = call.to_vec();
+    retry.extend(["--approval", approval]);
+    let (ok, done, err) = leasehold(&h, &retry).await;
+    assert!(ok, "{err}");
+    assert_eq!(done["decision"], "allow");
+    assert!(done["lease"]["credential"]["token"].as_str().is_some());
+
+    // a denial from the command line needs its reason, and the caller sees why
+    let (_, held, _) = leasehold(&h, &call).await;
+    let second = held["approval_id"].as_str().unwrap();
+    let (ok, v, err) = leasehold(&h, &["approvals", "deny", second, "--as", "approver", "--comment", "not this week"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(v["comment"], "not this week");
+    let (ok, _, err) = leasehold(&h, &["task", "call", task_id, "--as", "assistant-a", "--tool", "demo.admin", "--action", "x"]).await;
+    assert!(!ok && err.contains("policy_denied"), "{err}");
+}
