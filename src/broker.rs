@@ -74,6 +74,11 @@ impl From<StoreError> for BrokerError {
                 Conflict::ApprovalNotFound => Self::NotFound { code: "approval_not_found" },
                 Conflict::Approval(m) => Self::conflict("approval_invalid", m),
                 Conflict::ReviewNotFound => Self::NotFound { code: "review_not_found" },
+                Conflict::FenceNotFound => Self::NotFound { code: "fence_not_found" },
+                Conflict::Fenced => Self::Forbidden {
+                    code: "fenced",
+                    message: "a responder fenced this workload, tenant or user: nothing new is issued".into(),
+                },
             },
             other => Self::Store(other),
         }
@@ -104,6 +109,16 @@ impl Default for PolicySettings {
             approval_ttl: Duration::from_secs(900),
             break_glass_max_ttl: Duration::from_secs(900),
             max_active_leases_per_workload: 10_000,
+        }
+    }
+}
+
+impl From<&crate::config::PolicyConfig> for PolicySettings {
+    fn from(p: &crate::config::PolicyConfig) -> Self {
+        Self {
+            approval_ttl: Duration::from_secs(p.approval_ttl_seconds),
+            break_glass_max_ttl: Duration::from_secs(p.break_glass_max_ttl_seconds),
+            max_active_leases_per_workload: p.max_active_leases_per_workload,
         }
     }
 }
@@ -144,6 +159,8 @@ impl Wakers {
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     pub pause_after_issue_file: Option<std::path::PathBuf>,
+    pub job_chunk: Option<usize>,
+    pub job_chunk_pause: Duration,
 }
 
 pub struct Broker {
@@ -168,6 +185,12 @@ pub struct Broker {
     pub settings: PolicySettings,
     /// The approvers' webhook.
     pub notifier: crate::notify::Notifier,
+    /// Fenced workloads, tenants and users, in memory for the request path
+    /// (the store is the truth; credential-issuing transactions check it).
+    pub fences: crate::incident::FenceCache,
+    /// Revocation jobs running in the background (stopped at shutdown; a
+    /// stopped job resumes at the next start).
+    pub jobs: crate::incident::JobRunner,
     #[cfg(feature = "fault-injection")]
     pub faults: Faults,
 }
@@ -227,6 +250,8 @@ impl Broker {
             policy,
             settings,
             notifier: crate::notify::Notifier::default(),
+            fences: crate::incident::FenceCache::default(),
+            jobs: crate::incident::JobRunner::default(),
             store,
             clock,
             providers: Arc::new(providers),

@@ -367,6 +367,11 @@ pub struct FaultConfig {
     /// Fail the append of events of these kinds (fail-closed tests).
     #[serde(default)]
     pub fail_event_kinds: Vec<String>,
+    /// Leases a revocation job claims per transaction (restart-mid-job tests).
+    pub job_chunk: Option<usize>,
+    /// Pause after each chunk a revocation job claims, in milliseconds.
+    #[serde(default)]
+    pub job_chunk_pause_millis: u64,
 }
 
 mod defaults {

@@ -126,6 +126,7 @@ id_type!(LeaseId, "lease", "The id of a lease.");
 id_type!(RequestId, "req", "The id of one HTTP request, for correlating logs and responses.");
 id_type!(CallId, "call", "The id of a decided tool call.");
 id_type!(ApprovalId, "appr", "The id of an approval request.");
+id_type!(JobId, "job", "The id of a mass revocation job.");
 
 /// A string that is not an id of the expected kind.
 #[derive(Debug, Clone, Copy, thiserror::Error)]

@@ -19,6 +19,7 @@ pub mod dev;
 pub mod hex;
 pub mod ids;
 pub mod call;
+pub mod incident;
 pub mod lease;
 pub mod notify;
 pub mod policy;

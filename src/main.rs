@@ -155,6 +155,18 @@ fn real_main() -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             return Ok(print_result(rt.block_on(leasehold::cli::events::run(&conn, command))));
         }
+        Command::Revoke { conn, command, selector } => {
+            let rt = runtime()?;
+            return Ok(print_result(rt.block_on(leasehold::cli::incident::revoke(&conn, command, selector))));
+        }
+        Command::Fence { conn, command } => {
+            let rt = runtime()?;
+            return Ok(print_result(rt.block_on(leasehold::cli::incident::fence(&conn, command))));
+        }
+        Command::BlastRadius { conn, workload, since, until } => {
+            let rt = runtime()?;
+            return Ok(print_result(rt.block_on(leasehold::cli::incident::blast_radius(&conn, workload, since, until))));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -134,11 +134,7 @@ pub async fn run_with(
     let policy = Arc::new(
         crate::policy::PolicyEngine::load(&config.policy.dir, roles).map_err(|e| ServeError::Policy(e.to_string()))?,
     );
-    let settings = crate::broker::PolicySettings {
-        approval_ttl: Duration::from_secs(config.policy.approval_ttl_seconds),
-        break_glass_max_ttl: Duration::from_secs(config.policy.break_glass_max_ttl_seconds),
-        max_active_leases_per_workload: config.policy.max_active_leases_per_workload,
-    };
+    let settings = crate::broker::PolicySettings::from(&config.policy);
     #[allow(unused_mut)]
     let mut broker =
         Broker::new(store, clock.clone(), providers, config.limits.clone(), config.reaper.clone(), policy, settings);
@@ -152,6 +148,8 @@ pub async fn run_with(
     #[cfg(feature = "fault-injection")]
     {
         broker.faults.pause_after_issue_file = config.fault.pause_after_issue_file.clone();
+        broker.faults.job_chunk = config.fault.job_chunk;
+        broker.faults.job_chunk_pause = Duration::from_millis(config.fault.job_chunk_pause_millis);
     }
     broker.auditor = Arc::new(auditor(&config)?);
     let cp = std::fs::read(&config.audit.checkpoint_key_file)
@@ -160,7 +158,16 @@ pub async fn run_with(
     broker.denied = crate::broker::DeniedLimiter::new(u64::from(config.audit.auth_denied_events_per_second));
     let broker = Arc::new(broker);
     let recovered = broker.recover().await.map_err(|e| ServeError::Recovery(e.to_string()))?;
-    let started = crate::event_data![("version", env!("CARGO_PKG_VERSION")), ("recovered", recovered as u64)];
+    // fences hold from the first request on
+    let fenced = broker.load_fences().map_err(|e| ServeError::Recovery(e.to_string()))?;
+    if fenced > 0 {
+        tracing::warn!(fences = fenced, "fences in force: fenced workloads, tenants and users get nothing new");
+    }
+    let started = crate::event_data![
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("recovered", recovered as u64),
+        ("fences", fenced as u64)
+    ];
     broker
         .record(crate::audit::EventKind::BrokerStarted, None, started)
         .await
@@ -169,6 +176,7 @@ pub async fn run_with(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut background = crate::reaper::spawn(broker.clone(), stop_rx.clone());
+    broker.resume_jobs().map_err(|e| ServeError::Recovery(e.to_string()))?;
     background.push(tokio::spawn(checkpoint_loop(
         broker.clone(),
         config.audit.checkpoint_interval_seconds,
@@ -257,6 +265,7 @@ pub async fn run_with(
     for h in background {
         let _ = h.await;
     }
+    broker.jobs.stop().await;
     // the last words of the chain: the stop, then a signed checkpoint over it
     if let Err(e) = broker.record(crate::audit::EventKind::BrokerStopped, None, serde_json::Map::new()).await {
         tracing::error!(error = %e, "recording the stop failed");

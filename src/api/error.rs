@@ -50,6 +50,8 @@ impl ApiError {
             "approval_not_found" => "no such approval",
             "review_not_found" => "no break-glass review for this task",
             "call_not_found" => "no such call",
+            "job_not_found" => "no such revocation job",
+            "fence_not_found" => "no such fence",
             _ => "no such resource",
         };
         Self::new(StatusCode::NOT_FOUND, code, message)

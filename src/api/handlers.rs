@@ -18,6 +18,7 @@ use crate::auth::{Caller, WorkloadCaller};
 use crate::broker::BrokerError;
 use crate::config::OperatorRole;
 use crate::call::{CallOutcome, CallParams};
+use crate::incident::JobStart;
 use crate::lease::LeaseParams;
 use crate::store::{LeaseQuery, LeaseState};
 use crate::task::OpenTask;
@@ -602,4 +603,112 @@ pub async fn not_found() -> ApiError {
 
 pub async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
+}
+
+// === incident response ===
+
+/// Start a mass revocation: `202` with the job (the work runs in the
+/// background), `200` with counts for a dry run, `409 job_running` with
+/// the running job if one with the same selector is under way.
+pub async fn start_revocation(
+    State(s): State<AppState>,
+    caller: Caller,
+    rid: ReqId,
+    ApiJson(body): ApiJson<RevocationBody>,
+) -> Result<Response, ApiError> {
+    let req = body.into_request()?;
+    let broker = s.broker.clone();
+    let c = ctx(rid, caller.principal());
+    let started = detached(async move { broker.start_job(&caller, req, &c).await }).await?;
+    let status_of = |job: &crate::store::JobRecord| s.broker.job_view(job);
+    match started {
+        JobStart::DryRun(v) => Ok(Json(v).into_response()),
+        JobStart::Started(job) => {
+            let mut view = status_of(&job)?;
+            view["warnings"] = serde_json::Value::from(s.broker.selector_warnings(&job.selector)?);
+            Ok((StatusCode::ACCEPTED, Json(view)).into_response())
+        }
+        JobStart::Existing(job) => {
+            let view = status_of(&job)?;
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "job_running",
+                format!("a job with the same selector is running: {}", crate::ids::JobId(job.id)),
+            )
+            .with("job", view))
+        }
+    }
+}
+
+pub async fn list_revocations(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(serde_json::json!({ "jobs": s.broker.list_jobs(&caller)? })))
+}
+
+pub async fn get_revocation(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id: crate::ids::JobId = id.parse().map_err(|_| ApiError::bad_request("invalid_id", "not a job id (job_...)"))?;
+    Ok(Json(s.broker.job_status(&caller, id)?))
+}
+
+fn fence_view(f: &crate::store::FenceRecord) -> serde_json::Value {
+    serde_json::json!({
+        "kind": f.kind,
+        "value": f.value,
+        "reason": f.reason,
+        "created_by": f.created_by,
+        "created_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(f.created_at)),
+        "job_id": f.job.map(|j| crate::ids::JobId(j).to_string()),
+    })
+}
+
+pub async fn list_fences(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+    let fences: Vec<_> = s.broker.list_fences(&caller)?.iter().map(fence_view).collect();
+    Ok(Json(serde_json::json!({ "fences": fences })))
+}
+
+pub async fn lift_fence(
+    State(s): State<AppState>,
+    caller: Caller,
+    rid: ReqId,
+    ApiJson(body): ApiJson<LiftFenceBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let broker = s.broker.clone();
+    let c = ctx(rid, caller.principal());
+    let f = detached(async move { broker.lift_fence(&caller, body.kind, body.value, body.reason, &c).await }).await?;
+    Ok(Json(serde_json::json!({ "lifted": fence_view(&f) })))
+}
+
+pub async fn abandon_lease(
+    State(s): State<AppState>,
+    caller: Caller,
+    rid: ReqId,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<AbandonBody>,
+) -> Result<Json<LeaseView>, ApiError> {
+    let id = parse_lease_id(&id)?;
+    let broker = s.broker.clone();
+    let c = ctx(rid, caller.principal());
+    let rec = detached(async move { broker.abandon_lease(&caller, id, body.reason, &c).await }).await?;
+    Ok(Json(LeaseView::from(&rec)))
+}
+
+/// Everything one workload did in a window (default: the last 24 hours).
+pub async fn blast_radius(
+    State(s): State<AppState>,
+    caller: Caller,
+    ApiQuery(p): ApiQuery<BlastRadiusParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(workload) = p.workload.filter(|w| !w.is_empty()) else {
+        return Err(ApiError::bad_request("invalid_parameter", "`workload` is required"));
+    };
+    let now = s.broker.clock.now().unix_millis();
+    let since = time_param("since", p.since.as_deref())?.map_or(now - 86_400_000, |t| t.unix_millis());
+    let until = time_param("until", p.until.as_deref())?.map_or(i64::MAX, |t| t.unix_millis());
+    if since >= until {
+        return Err(ApiError::bad_request("invalid_time_range", "`since` must be before `until`"));
+    }
+    Ok(Json(s.broker.blast_radius(&caller, &workload, since, until)?))
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::ApiError;
 use crate::clock::rfc3339;
 use crate::ids::{LeaseId, TaskId};
-use crate::store::{LeaseRecord, Revocation, TaskRecord, TaskState};
+use crate::store::{LeaseRecord, LeaseState, Revocation, TaskRecord, TaskState};
 
 // === extractors ===
 
@@ -213,6 +213,118 @@ pub struct IntrospectBody {
     pub token: String,
     #[serde(default)]
     pub token_type_hint: Option<String>,
+}
+
+/// `POST /v1/revocations`: a selector (every field given must match),
+/// a reason, and whether to fence and whether to only count.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationBody {
+    #[serde(default)]
+    pub workload: Option<String>,
+    #[serde(default)]
+    pub tenant: Option<String>,
+    #[serde(default)]
+    pub task: Option<String>,
+    /// The user the leases' tasks act for.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Lease states to take back: `active`, `irrevocable` (default both).
+    #[serde(default)]
+    pub states: Vec<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub issued_after: Option<String>,
+    #[serde(default)]
+    pub issued_before: Option<String>,
+    #[serde(default)]
+    pub all: bool,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub fence: bool,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+impl RevocationBody {
+    pub fn into_request(self) -> Result<crate::incident::JobRequest, ApiError> {
+        let time = |name: &str, v: Option<String>| -> Result<Option<i64>, ApiError> {
+            v.map(|s| {
+                crate::clock::parse_rfc3339(&s)
+                    .map(|t| t.unix_millis())
+                    .ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("`{name}` must be an RFC 3339 time")))
+            })
+            .transpose()
+        };
+        let mut states = Vec::new();
+        for st in &self.states {
+            match LeaseState::parse(st) {
+                Some(x @ (LeaseState::Active | LeaseState::Irrevocable)) => states.push(x),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "invalid_state",
+                        format!("`states`: `{}` is not `active` or `irrevocable`", st.escape_default()),
+                    ));
+                }
+            }
+        }
+        states.sort_by_key(|s| s.as_str());
+        states.dedup();
+        let nonempty = |name: &str, v: Option<String>| -> Result<Option<String>, ApiError> {
+            match v {
+                Some(s) if s.trim().is_empty() || s.len() > 256 => {
+                    Err(ApiError::bad_request("invalid_parameter", format!("`{name}` must be 1-256 characters")))
+                }
+                other => Ok(other),
+            }
+        };
+        let selector = crate::store::Selector {
+            workload: nonempty("workload", self.workload)?,
+            tenant: nonempty("tenant", self.tenant)?,
+            task: self.task.as_deref().map(parse_task_id).transpose()?.map(|t| t.0),
+            user: nonempty("user", self.user)?,
+            provider: nonempty("provider", self.provider)?,
+            role: nonempty("role", self.role)?,
+            states,
+            issued_after: time("issued_after", self.issued_after)?,
+            issued_before: time("issued_before", self.issued_before)?,
+            all: self.all,
+        };
+        Ok(crate::incident::JobRequest { selector, reason: self.reason, fence: self.fence, dry_run: self.dry_run })
+    }
+}
+
+/// `POST /v1/fences/lift`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiftFenceBody {
+    /// `workload`, `tenant` or `user`.
+    pub kind: String,
+    pub value: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// `POST /v1/leases/{id}/abandon`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbandonBody {
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlastRadiusParams {
+    pub workload: Option<String>,
+    /// RFC 3339; default: the last 24 hours.
+    pub since: Option<String>,
+    pub until: Option<String>,
 }
 
 // === responses ===
@@ -418,6 +530,9 @@ pub struct RevocationView {
     pub next_attempt_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The mass revocation job that took this lease back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
 }
 
 impl RevocationView {
@@ -429,6 +544,7 @@ impl RevocationView {
             attempts: r.attempts,
             next_attempt_at: (!finished).then(|| ts(r.next_attempt_at)),
             last_error: r.last_error.clone(),
+            job_id: r.job.map(|j| crate::ids::JobId(j).to_string()),
         }
     }
 }

@@ -62,6 +62,7 @@ impl Auditor {
 
     fn lease_links(&self, l: &LeaseRecord, ctx: &Ctx) -> Links {
         Links {
+            job: l.revocation.as_ref().and_then(|r| r.job).map(|j| crate::ids::JobId(j).to_string()),
             workload: Some(self.workload(&l.workload)),
             tenant: l.tenant.as_deref().map(|t| self.tenant(t)),
             task: Some(TaskId(l.task_id).to_string()),
@@ -120,6 +121,7 @@ impl Auditor {
             LeaseState::Irrevocable => EventKind::LeaseIrrevocable,
             LeaseState::Revoked | LeaseState::Expired => EventKind::LeaseRevoked,
             LeaseState::RolledBack => EventKind::LeaseRolledBack,
+            LeaseState::Abandoned => EventKind::LeaseAbandoned,
         };
         let mut data = event_data![("state", l.state.as_str()), ("expires_at", rfc3339(ms(l.expires_at)))];
         match l.state {
@@ -137,6 +139,9 @@ impl Auditor {
         }
         if let Some(r) = rv {
             data.insert("cause".into(), Value::from(r.cause.as_str()));
+            if let Some(j) = r.job {
+                data.insert("job".into(), Value::from(crate::ids::JobId(j).to_string()));
+            }
             data.insert("attempts".into(), Value::from(r.attempts));
             if let Some(by) = &r.requested_by {
                 data.insert("requested_by".into(), Value::from(by.clone()));
@@ -253,6 +258,50 @@ impl Auditor {
             (EventKind::BreakGlassUsed, event_data![("tool", tool), ("justification", super::text(&justification))])
         };
         Pending::new(kind, ms(now), &links, data, Some(r.task_id))
+    }
+
+    /// `workload.fenced` / `workload.unfenced` (also tenants and users).
+    pub fn fence(&self, f: &crate::store::FenceRecord, lifted: Option<(&str, &str)>, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
+        let mut links = Links { request_id: ctx.request_id.clone(), job: f.job.map(|j| crate::ids::JobId(j).to_string()), ..Links::default() };
+        match f.kind.as_str() {
+            "workload" => links.workload = Some(self.workload(&f.value)),
+            "tenant" => links.tenant = Some(self.tenant(&f.value)),
+            _ => links.user = Some(self.user(&f.value)),
+        }
+        let (kind, data) = match lifted {
+            None => (EventKind::WorkloadFenced, event_data![("kind", f.kind.clone()), ("reason", super::text(&f.reason)), ("by", f.created_by.clone())]),
+            Some((by, reason)) => (
+                EventKind::WorkloadUnfenced,
+                event_data![("kind", f.kind.clone()), ("reason", super::text(reason)), ("by", by), ("fenced_for", super::text(&f.reason))],
+            ),
+        };
+        Pending::new(kind, ms(now), &links, data, None)
+    }
+
+    /// `revocation_job.started` / `.finished`.
+    pub fn job(&self, j: &crate::store::JobRecord, finished: Option<serde_json::Value>, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
+        let s = &j.selector;
+        let links = Links {
+            job: Some(crate::ids::JobId(j.id).to_string()),
+            request_id: ctx.request_id.clone(),
+            workload: s.workload.as_deref().map(|w| self.workload(w)),
+            tenant: s.tenant.as_deref().map(|t| self.tenant(t)),
+            user: s.user.as_deref().map(|u| self.user(u)),
+            task: s.task.map(|t| TaskId(t).to_string()),
+            provider: s.provider.clone(),
+            role: s.role.clone(),
+            ..Links::default()
+        };
+        let mut data = event_data![("reason", super::text(&j.reason)), ("fence", j.fence), ("by", j.created_by.clone()), ("all", s.all)];
+        let kind = match finished {
+            Some(counts) => {
+                data.insert("counts".into(), counts);
+                data.insert("state".into(), Value::from(j.state.as_str()));
+                EventKind::JobFinished
+            }
+            None => EventKind::JobStarted,
+        };
+        Pending::new(kind, ms(now), &links, data, s.task)
     }
 
     /// A broker-level event (started, stopped, auth denied, pruned).

@@ -62,10 +62,13 @@ pub enum EventKind {
     WorkloadUnfenced,
     PolicyReloaded,
     ChainPruned,
+    LeaseAbandoned,
+    JobStarted,
+    JobFinished,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 23] = [
+    pub const ALL: [EventKind; 26] = [
         Self::BrokerStarted,
         Self::BrokerStopped,
         Self::AuthDenied,
@@ -89,6 +92,9 @@ impl EventKind {
         Self::WorkloadUnfenced,
         Self::PolicyReloaded,
         Self::ChainPruned,
+        Self::LeaseAbandoned,
+        Self::JobStarted,
+        Self::JobFinished,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -116,6 +122,9 @@ impl EventKind {
             Self::WorkloadUnfenced => "workload.unfenced",
             Self::PolicyReloaded => "policy.reloaded",
             Self::ChainPruned => "chain.pruned",
+            Self::LeaseAbandoned => "lease.abandoned",
+            Self::JobStarted => "revocation_job.started",
+            Self::JobFinished => "revocation_job.finished",
         }
     }
 

@@ -170,6 +170,7 @@ impl Broker {
         let now = self.clock.now();
         let now_ms = now.unix_millis();
         let task = self.open_task_of(w, task_id, now_ms)?;
+        self.check_fence(w, Some(&task.on_behalf_of))?;
         let (task_active, workload_active) = {
             let r = self.store.read()?;
             (r.task_active(task.id)?, r.workload_active(&w.id)?)
@@ -343,8 +344,10 @@ impl Broker {
             }
             None => {
                 let also = make_also(call.clone());
+                let fence = crate::incident::fence_keys(w, Some(&task.on_behalf_of));
                 self.store
                     .write(move |txn| {
+                        txn.refuse_fenced(&fence)?;
                         check(txn)?;
                         also(txn)
                     })

@@ -86,6 +86,15 @@ impl Client {
     }
 
     pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
+        let (status, value) = self.call_raw(method, path, body).await?;
+        if (200..300).contains(&status) {
+            return Ok(value);
+        }
+        Err(api_error(status, &value))
+    }
+
+    /// The status and body, whatever the status.
+    pub async fn call_raw(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<(u16, Value), ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some(b) = body {
@@ -95,21 +104,23 @@ impl Client {
         let status = resp.status().as_u16();
         let text = resp.text().await.map_err(|e| ClientError::Transport(e.to_string()))?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if (200..300).contains(&status) {
-            return Ok(value);
-        }
-        let code = value["error"]["code"].as_str().unwrap_or("unknown").to_owned();
-        let mut message = value["error"]["message"].as_str().unwrap_or("").to_owned();
-        for extra in ["problems", "decision"] {
-            if let Some(v) = value.get(extra) {
-                message.push_str(&format!("\n{extra}: {}", serde_json::to_string_pretty(v).unwrap_or_default()));
-            }
-        }
-        Err(ClientError::Api { status, code, message })
+        Ok((status, value))
     }
 }
 
-fn seg(s: &str) -> String {
+/// The error a non-2xx answer stands for.
+pub fn api_error(status: u16, value: &Value) -> ClientError {
+    let code = value["error"]["code"].as_str().unwrap_or("unknown").to_owned();
+    let mut message = value["error"]["message"].as_str().unwrap_or("").to_owned();
+    for extra in ["problems", "decision"] {
+        if let Some(v) = value.get(extra) {
+            message.push_str(&format!("\n{extra}: {}", serde_json::to_string_pretty(v).unwrap_or_default()));
+        }
+    }
+    ClientError::Api { status, code, message }
+}
+
+pub(crate) fn seg(s: &str) -> String {
     // ids are [a-z0-9_]; anything else is the broker's to reject, not ours
     // to splice into a path
     s.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect()
@@ -211,8 +222,12 @@ pub async fn lease(conn: &Connection, cmd: LeaseCommand) -> Result<Value, Client
             c.call(Method::POST, &format!("/v1/tasks/{}/leases", seg(&task_id)), Some(body)).await
         }
         LeaseCommand::Show { lease_id } => c.call(Method::GET, &format!("/v1/leases/{}", seg(&lease_id)), None).await,
-        LeaseCommand::Revoke { lease_id } => {
+        LeaseCommand::Revoke { lease_id, force: false, .. } => {
             c.call(Method::POST, &format!("/v1/leases/{}/revoke", seg(&lease_id)), None).await
+        }
+        LeaseCommand::Revoke { lease_id, force: true, reason } => {
+            let body = json!({ "reason": reason.unwrap_or_default() });
+            c.call(Method::POST, &format!("/v1/leases/{}/abandon", seg(&lease_id)), Some(body)).await
         }
         LeaseCommand::List { state, workload, task, provider, role, limit, cursor } => {
             let mut q: Vec<(&str, String)> = vec![("limit", limit.to_string())];

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod events;
+pub mod incident;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -103,6 +104,122 @@ pub enum Command {
         conn: Connection,
         #[command(subcommand)]
         command: EventsCommand,
+    },
+    /// Mass-revoke leases by selector, optionally fencing (responder).
+    ///
+    /// Starts a durable job in the broker and follows it with a progress
+    /// line (counts per provider, rate, ETA). Exits 1 if any lease ended
+    /// irrevocable, so scripts notice; `revoke status JOB` shows a job later.
+    ///
+    /// Example: leasehold revoke --workload assistant-a --fence --reason "token leaked"
+    #[command(args_conflicts_with_subcommands = true)]
+    Revoke {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: Option<RevokeCommand>,
+        #[command(flatten)]
+        selector: RevokeSelector,
+    },
+    /// Fences: who gets nothing new (responder).
+    Fence {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: FenceCommand,
+    },
+    /// Every task, call, decision and lease of a workload in a window, and
+    /// which leases are still live (responder, admin).
+    BlastRadius {
+        #[command(flatten)]
+        conn: Connection,
+        #[arg(long)]
+        workload: String,
+        /// RFC 3339 (default: 24 hours ago).
+        #[arg(long)]
+        since: Option<String>,
+        /// RFC 3339 (default: now).
+        #[arg(long)]
+        until: Option<String>,
+    },
+}
+
+/// What `leasehold revoke` takes back: every given selector must match.
+#[derive(Debug, Args, Default)]
+pub struct RevokeSelector {
+    /// Leases of this workload (and, with --fence, fence it).
+    #[arg(long)]
+    pub workload: Option<String>,
+    /// Leases of this tenant's workloads (and, with --fence, fence it).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Leases of this task (task_...).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Leases whose tasks act for this user (and, with --fence, fence the user).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Leases from this provider.
+    #[arg(long)]
+    pub provider: Option<String>,
+    /// Leases of this provider role.
+    #[arg(long)]
+    pub role: Option<String>,
+    /// `active` or `irrevocable` (repeatable; default both).
+    #[arg(long = "state", value_name = "STATE")]
+    pub states: Vec<String>,
+    /// Leases issued at or after this time (RFC 3339).
+    #[arg(long)]
+    pub issued_after: Option<String>,
+    /// Leases issued before this time (RFC 3339).
+    #[arg(long)]
+    pub issued_before: Option<String>,
+    /// Everything (an empty selector is refused without it).
+    #[arg(long)]
+    pub all: bool,
+    /// Why (required; recorded in the event chain).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Also fence the selected workload, tenant or user: nothing new is
+    /// issued to it until a responder lifts the fence.
+    #[arg(long)]
+    pub fence: bool,
+    /// Count what would be revoked, per provider, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Start the job and print it without following it.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RevokeCommand {
+    /// A job's counts per provider and the leases still failing.
+    Status {
+        job_id: String,
+        /// Follow it with the progress line until it finishes.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Every job.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FenceCommand {
+    /// Fences in force.
+    List,
+    /// Lift a fence (give exactly one of --workload, --tenant, --user).
+    Lift {
+        #[arg(long, group = "target")]
+        workload: Option<String>,
+        #[arg(long, group = "target")]
+        tenant: Option<String>,
+        #[arg(long, group = "target")]
+        user: Option<String>,
+        /// Why (required; recorded in the event chain).
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -352,8 +469,16 @@ pub enum LeaseCommand {
     },
     /// Show a lease (never its credential).
     Show { lease_id: String },
-    /// Revoke a lease now (idempotent).
-    Revoke { lease_id: String },
+    /// Revoke a lease now (idempotent); an irrevocable lease is retried.
+    /// With --force and --reason, give up on an irrevocable lease: it is
+    /// marked abandoned (recorded in the event chain, never silent).
+    Revoke {
+        lease_id: String,
+        #[arg(long, requires = "reason")]
+        force: bool,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// List leases (admin, responder).
     List {
         #[arg(long)]

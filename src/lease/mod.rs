@@ -167,8 +167,11 @@ impl Broker {
         // 2. the durable intent
         let (intent, a, c) = (rec.clone(), self.auditor.clone(), ctx.clone());
         let (now_ms, cap) = (self.clock.now().unix_millis(), self.limits.max_leases_per_task);
+        let fence = crate::incident::fence_keys(w, Some(&rec.on_behalf_of));
+        let fence2 = fence.clone();
         self.store
             .write(move |t| {
+                t.refuse_fenced(&fence)?;
                 check(t)?;
                 t.lease_intent(&intent, now_ms, cap)?;
                 also(t)?;
@@ -209,6 +212,8 @@ impl Broker {
         let now_ms = self.clock.now().unix_millis();
         let (a, c) = (self.auditor.clone(), ctx.clone());
         let activated = self.store.write(move |t| {
+            // a fence set while the provider was minting wins: rolled back
+            t.refuse_fenced(&fence2)?;
             let rec = t.activate(&activation, now_ms)?;
             audit::append(t, &a, a.lease(&rec, &c, now_ms))?;
             Ok(rec)
@@ -225,9 +230,14 @@ impl Broker {
                 Ok(IssuedLease { lease: active, credential: issued.credential })
             }
             Err(StoreError::Conflict(c)) => {
-                // the task closed while the provider was minting
+                // the task closed, or a fence went up, while the provider was minting
+                let detail = if matches!(c, crate::store::Conflict::Fenced) {
+                    "fenced before activation"
+                } else {
+                    "the task closed before activation"
+                };
                 let err = BrokerError::from(StoreError::Conflict(c));
-                self.fail_issue(&rec, "the task closed before activation", false, ctx).await;
+                self.fail_issue(&rec, detail, false, ctx).await;
                 Err(err)
             }
             Err(e) => {

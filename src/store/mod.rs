@@ -33,11 +33,11 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use key::{KeyError, OpenError, Sealer, StoreKey};
 pub use records::{
-    ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, LeaseRecord, LeaseState, ReviewRecord, Revocation,
-    RevokeCause, TaskRecord, TaskState,
+    ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, FenceRecord, JOB_BUCKETS, JobRecord, JobState, LeaseRecord, LeaseState,
+    ReviewRecord, Revocation, RevokeCause, Selector, TaskRecord, TaskState,
 };
 pub use schema::{MIGRATIONS, Migration, SCHEMA_VERSION};
-pub use txn::{Activation, ChainHead, Chained, Completion, ExpiryPass, Local, Outcome, RevokeRequest, Txn};
+pub use txn::{Activation, ChainHead, Chained, Completion, ExpiryPass, Local, Outcome, RevokeRequest, Txn, Why};
 
 
 use schema::*;
@@ -69,6 +69,10 @@ pub enum Conflict {
     Approval(String),
     #[error("no review for this task")]
     ReviewNotFound,
+    #[error("no such fence")]
+    FenceNotFound,
+    #[error("the workload, tenant or user is fenced")]
+    Fenced,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -692,6 +696,118 @@ impl Reader {
 
     pub fn last_checkpoint_seq(&self) -> Result<Option<u64>, StoreError> {
         Ok(self.txn.open_table(CHECKPOINTS)?.last()?.map(|(k, _)| k.value()))
+    }
+
+    pub fn job(&self, id: u128) -> Result<Option<JobRecord>, StoreError> {
+        let t = self.txn.open_table(JOBS)?;
+        let g = t.get(id)?;
+        g.map(|g| records::decode(g.value())).transpose()
+    }
+
+    /// Every job (few: one per incident).
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let t = self.txn.open_table(JOBS)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            out.push(records::decode(e?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// A job's lease counts by provider and bucket ([`records::job_bucket`]).
+    pub fn job_counts(&self, job: u128) -> Result<BTreeMap<String, BTreeMap<&'static str, u64>>, StoreError> {
+        let t = self.txn.open_table(JOB_COUNTS)?;
+        let mut out: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
+        for e in t.range((job, "", "")..=(job, "\u{10ffff}", "\u{10ffff}"))? {
+            let (k, v) = e?;
+            let (_, p, b) = k.value();
+            if let Some(bucket) = records::JOB_BUCKETS.iter().find(|x| **x == b) {
+                *out.entry(p.to_owned()).or_default().entry(bucket).or_default() += v.value();
+            }
+        }
+        Ok(out)
+    }
+
+    /// A job's leases that are not (yet) revoked, up to `limit`.
+    pub fn job_unfinished(&self, job: u128, limit: usize) -> Result<Vec<LeaseRecord>, StoreError> {
+        let idx = self.txn.open_table(JOB_LEASES)?;
+        let leases = self.txn.open_table(LEASES)?;
+        let mut out = Vec::new();
+        for e in idx.range((job, 0u128)..=(job, u128::MAX))? {
+            let id = e?.0.value().1;
+            if let Some(g) = leases.get(id)? {
+                let l: LeaseRecord = records::decode(g.value())?;
+                if matches!(l.state, LeaseState::Revoking | LeaseState::Irrevocable)
+                    && l.revocation.as_ref().is_some_and(|r| r.last_error.is_some())
+                {
+                    out.push(l);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Lease ids after `after` from the index a selector scans best.
+    pub fn candidate_leases(&self, sel: &Selector, after: Option<u128>, limit: usize) -> Result<Vec<u128>, StoreError> {
+        let start = after.map_or(0, |a| a.saturating_add(1));
+        let mut out = Vec::with_capacity(limit);
+        if let Some(task) = sel.task {
+            let idx = self.txn.open_table(TASK_LEASES)?;
+            for e in idx.range((task, start)..=(task, u128::MAX))? {
+                out.push(e?.0.value().1);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        } else if let Some(w) = sel.workload.as_deref() {
+            let idx = self.txn.open_table(WORKLOAD_LEASES)?;
+            for e in idx.range((w, start)..=(w, u128::MAX))? {
+                out.push(e?.0.value().1);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        } else {
+            let t = self.txn.open_table(LEASES)?;
+            for e in t.range(start..)? {
+                out.push(e?.0.value());
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn fences(&self) -> Result<Vec<FenceRecord>, StoreError> {
+        let t = self.txn.open_table(FENCES)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            out.push(records::decode(e?.1.value())?);
+        }
+        Ok(out)
+    }
+
+    /// A workload's tasks created at or after `since`.
+    pub fn workload_tasks(&self, workload: &str, since: i64, limit: usize) -> Result<Vec<TaskRecord>, StoreError> {
+        let idx = self.txn.open_table(WORKLOAD_TASKS)?;
+        let tasks = self.txn.open_table(TASKS)?;
+        let mut out = Vec::new();
+        // task ids are time-ordered: start at the first id of `since`
+        let first = u128::try_from(since.max(0)).unwrap_or(0) << 80;
+        for e in idx.range((workload, first)..=(workload, u128::MAX))? {
+            let id = e?.0.value().1;
+            if let Some(g) = tasks.get(id)? {
+                out.push(records::decode(g.value())?);
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     pub fn task_active(&self, task: u128) -> Result<u64, StoreError> {

@@ -69,10 +69,13 @@ pub enum LeaseState {
     Expired,
     Irrevocable,
     RolledBack,
+    /// An irrevocable lease a responder gave up on, with a reason (recorded,
+    /// never silent; the credential may still work until it expires).
+    Abandoned,
 }
 
 impl LeaseState {
-    pub const ALL: [LeaseState; 7] = [
+    pub const ALL: [LeaseState; 8] = [
         Self::Issuing,
         Self::Active,
         Self::Revoking,
@@ -80,6 +83,7 @@ impl LeaseState {
         Self::Expired,
         Self::Irrevocable,
         Self::RolledBack,
+        Self::Abandoned,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +95,7 @@ impl LeaseState {
             Self::Expired => "expired",
             Self::Irrevocable => "irrevocable",
             Self::RolledBack => "rolled_back",
+            Self::Abandoned => "abandoned",
         }
     }
 
@@ -100,7 +105,7 @@ impl LeaseState {
 
     /// No further transition is possible.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Revoked | Self::Expired | Self::RolledBack)
+        matches!(self, Self::Revoked | Self::Expired | Self::RolledBack | Self::Abandoned)
     }
 }
 
@@ -114,6 +119,8 @@ pub enum RevokeCause {
     Recovery,
     /// The provider call failed after the intent was written.
     IssueFailed,
+    /// A responder's mass revocation job.
+    Job,
 }
 
 impl RevokeCause {
@@ -124,6 +131,7 @@ impl RevokeCause {
             Self::Manual => "manual",
             Self::Recovery => "recovery",
             Self::IssueFailed => "issue_failed",
+            Self::Job => "mass_revocation",
         }
     }
 
@@ -132,7 +140,7 @@ impl RevokeCause {
         match self {
             Self::Expiry => LeaseState::Expired,
             Self::Recovery | Self::IssueFailed => LeaseState::RolledBack,
-            Self::TaskComplete | Self::Manual => LeaseState::Revoked,
+            Self::TaskComplete | Self::Manual | Self::Job => LeaseState::Revoked,
         }
     }
 
@@ -154,6 +162,8 @@ pub struct Revocation {
     /// The key of the lease's entry in the revocation queue.
     pub next_attempt_at: i64,
     pub last_error: Option<String>,
+    /// The mass revocation job that claimed the lease, if one did.
+    pub job: Option<u128>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,6 +187,110 @@ pub struct LeaseRecord {
     pub description: Option<String>,
     pub revocation: Option<Revocation>,
     pub ended_at: Option<i64>,
+}
+
+/// Where a lease claimed by a job counts in the job's progress:
+/// `revoked` (ended, any cause), `revoking` (not tried yet), `retrying`
+/// (tried and failed, trying again), `irrevocable`, `abandoned`.
+pub fn job_bucket(l: &LeaseRecord) -> &'static str {
+    match l.state {
+        LeaseState::Revoked | LeaseState::Expired | LeaseState::RolledBack => "revoked",
+        LeaseState::Revoking if l.revocation.as_ref().is_some_and(|r| r.attempts > 0) => "retrying",
+        LeaseState::Revoking => "revoking",
+        LeaseState::Irrevocable => "irrevocable",
+        LeaseState::Abandoned => "abandoned",
+        LeaseState::Active | LeaseState::Issuing => "pending",
+    }
+}
+
+/// The buckets of [`job_bucket`], in display order.
+pub const JOB_BUCKETS: [&str; 6] = ["revoked", "revoking", "retrying", "irrevocable", "abandoned", "pending"];
+
+/// What a mass revocation job selects. Every given field must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selector {
+    pub workload: Option<String>,
+    pub tenant: Option<String>,
+    pub task: Option<u128>,
+    pub user: Option<String>,
+    pub provider: Option<String>,
+    pub role: Option<String>,
+    /// Lease states to take back (default: active and irrevocable).
+    pub states: Vec<LeaseState>,
+    pub issued_after: Option<i64>,
+    pub issued_before: Option<i64>,
+    /// Everything (required when nothing else is given).
+    pub all: bool,
+}
+
+impl Selector {
+    pub fn matches(&self, l: &LeaseRecord) -> bool {
+        let issued = l.issued_at.unwrap_or(l.created_at);
+        self.workload.as_ref().is_none_or(|w| &l.workload == w)
+            && self.tenant.as_ref().is_none_or(|t| l.tenant.as_ref() == Some(t))
+            && self.task.is_none_or(|t| l.task_id == t)
+            && self.user.as_ref().is_none_or(|u| &l.on_behalf_of == u)
+            && self.provider.as_ref().is_none_or(|p| &l.provider == p)
+            && self.role.as_ref().is_none_or(|r| &l.role == r)
+            && self.states.contains(&l.state)
+            && self.issued_after.is_none_or(|a| issued >= a)
+            && self.issued_before.is_none_or(|b| issued < b)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Still selecting leases, or some are still being revoked.
+    Running,
+    /// Every selected lease ended (some may be irrevocable: see the counts).
+    Done,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// A durable mass revocation: its selector and how far it got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: u128,
+    pub selector: Selector,
+    pub reason: String,
+    pub fence: bool,
+    pub created_by: String,
+    pub created_at: i64,
+    pub state: JobState,
+    /// The last lease id looked at: a restarted job resumes after it.
+    pub cursor: Option<u128>,
+    pub scan_done: bool,
+    pub scanned: u64,
+    pub finished_at: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// Something that may get nothing new.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    /// `workload`, `tenant` or `user`
+    pub kind: String,
+    pub value: String,
+    pub reason: String,
+    pub created_by: String,
+    pub created_at: i64,
+    pub job: Option<u128>,
+}
+
+impl FenceRecord {
+    pub fn key(kind: &str, value: &str) -> String {
+        format!("{kind}:{value}")
+    }
 }
 
 /// One decided tool call.

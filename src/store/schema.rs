@@ -62,6 +62,17 @@ pub const WORKLOAD_ACTIVE: TableDefinition<&str, u64> = TableDefinition::new("wo
 /// task id -> its active leases (policy context, without a scan)
 pub const TASK_ACTIVE: TableDefinition<u128, u64> = TableDefinition::new("task_active");
 
+/// job id -> JobRecord (mass revocations)
+pub const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
+/// (job id, lease id): the leases a job claimed
+pub const JOB_LEASES: TableDefinition<(u128, u128), ()> = TableDefinition::new("job_leases");
+/// (job id, provider, state) -> leases, kept in every transaction
+pub const JOB_COUNTS: TableDefinition<(u128, &str, &str), u64> = TableDefinition::new("job_counts");
+/// "kind:value" -> FenceRecord: who gets nothing new
+pub const FENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("fences");
+/// (workload id, task id): a workload's tasks, for the blast radius
+pub const WORKLOAD_TASKS: TableDefinition<(&str, u128), ()> = TableDefinition::new("workload_tasks");
+
 /// The schema this build writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -162,6 +173,11 @@ pub fn prepare(
     txn.open_table(PENDING_REVIEWS)?;
     txn.open_table(WORKLOAD_ACTIVE)?;
     txn.open_table(TASK_ACTIVE)?;
+    txn.open_table(JOBS)?;
+    txn.open_table(JOB_LEASES)?;
+    txn.open_table(JOB_COUNTS)?;
+    txn.open_table(FENCES)?;
+    txn.open_table(WORKLOAD_TASKS)?;
     Ok(())
 }
 

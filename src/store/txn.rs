@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use redb::{ReadableTable as _, Table, WriteTransaction};
 
 use super::records::{
-    self, ApprovalRecord, ApprovalState, CallRecord, LeaseRecord, LeaseState, ReviewRecord, Revocation, RevokeCause,
-    TaskRecord, TaskState,
+    self, ApprovalRecord, ApprovalState, CallRecord, FenceRecord, JobRecord, LeaseRecord, LeaseState, ReviewRecord,
+    Revocation, RevokeCause, TaskRecord, TaskState,
 };
 use super::schema::*;
 use super::{Conflict, StoreError};
@@ -74,6 +74,20 @@ pub struct ExpiryPass {
     pub queued_providers: Vec<String>,
 }
 
+/// Why a lease is being revoked, and by whom.
+#[derive(Clone, Copy, Debug)]
+pub struct Why<'a> {
+    pub cause: RevokeCause,
+    pub by: Option<&'a str>,
+    pub job: Option<u128>,
+}
+
+impl Why<'_> {
+    pub fn of(cause: RevokeCause) -> Self {
+        Self { cause, by: None, job: None }
+    }
+}
+
 /// Providers whose revocation is local to this store (the token provider):
 /// their leases are revoked inside the transaction that decides it.
 pub type Local = std::collections::BTreeSet<String>;
@@ -122,8 +136,14 @@ pub struct Txn<'t> {
     pending_reviews: Table<'t, u128, ()>,
     workload_active: Table<'t, &'static str, u64>,
     task_active: Table<'t, u128, u64>,
+    jobs: Table<'t, u128, &'static [u8]>,
+    job_leases: Table<'t, (u128, u128), ()>,
+    job_counts: Table<'t, (u128, &'static str, &'static str), u64>,
+    fences: Table<'t, &'static str, &'static [u8]>,
+    workload_tasks: Table<'t, (&'static str, u128), ()>,
     active_deltas: BTreeMap<String, i64>,
     task_deltas: BTreeMap<u128, i64>,
+    job_deltas: BTreeMap<(u128, String, &'static str), i64>,
     head: ChainHead,
     head_dirty: bool,
     tasks: Table<'t, u128, &'static [u8]>,
@@ -164,8 +184,14 @@ impl<'t> Txn<'t> {
             pending_reviews: txn.open_table(PENDING_REVIEWS)?,
             workload_active: txn.open_table(WORKLOAD_ACTIVE)?,
             task_active: txn.open_table(TASK_ACTIVE)?,
+            jobs: txn.open_table(JOBS)?,
+            job_leases: txn.open_table(JOB_LEASES)?,
+            job_counts: txn.open_table(JOB_COUNTS)?,
+            fences: txn.open_table(FENCES)?,
+            workload_tasks: txn.open_table(WORKLOAD_TASKS)?,
             active_deltas: BTreeMap::new(),
             task_deltas: BTreeMap::new(),
+            job_deltas: BTreeMap::new(),
             head,
             head_dirty: false,
             tasks: txn.open_table(TASKS)?,
@@ -203,6 +229,15 @@ impl<'t> Txn<'t> {
             } else {
                 self.workload_active.insert(workload.as_str(), next)?;
             }
+        }
+        for ((job, provider, bucket), delta) in std::mem::take(&mut self.job_deltas) {
+            if delta == 0 {
+                continue;
+            }
+            let key = (job, provider.as_str(), bucket);
+            let cur = self.job_counts.get(key)?.map(|g| g.value()).unwrap_or(0);
+            let next = if delta >= 0 { cur.saturating_add(delta.unsigned_abs()) } else { cur.saturating_sub(delta.unsigned_abs()) };
+            self.job_counts.insert(key, next)?;
         }
         for (task, delta) in std::mem::take(&mut self.task_deltas) {
             if delta == 0 {
@@ -355,6 +390,25 @@ impl<'t> Txn<'t> {
     }
 
     fn put_lease(&mut self, rec: &LeaseRecord, prev: Option<LeaseState>) -> Result<(), StoreError> {
+        // per-job counts: only leases under revocation can belong to a job
+        let new_job = rec.revocation.as_ref().and_then(|r| r.job);
+        // a lease's job never changes once set, so only a lease that has
+        // one now can have had one before
+        let old = match (new_job, prev) {
+            (Some(_), Some(_)) => self
+                .lease(rec.id)?
+                .and_then(|o| o.revocation.as_ref().and_then(|r| r.job).map(|j| (j, records::job_bucket(&o)))),
+            _ => None,
+        };
+        let new = new_job.map(|j| (j, records::job_bucket(rec)));
+        if old != new {
+            if let Some((j, b)) = old {
+                *self.job_deltas.entry((j, rec.provider.clone(), b)).or_default() -= 1;
+            }
+            if let Some((j, b)) = new {
+                *self.job_deltas.entry((j, rec.provider.clone(), b)).or_default() += 1;
+            }
+        }
         let bytes = records::encode(rec)?;
         let r = self.leases.insert(rec.id, bytes.as_slice()).map(|_| ());
         self.w(r)?;
@@ -379,6 +433,106 @@ impl<'t> Txn<'t> {
         let stored = self.workload_active.get(workload)?.map(|g| g.value()).unwrap_or(0);
         let delta = self.active_deltas.get(workload).copied().unwrap_or(0);
         Ok(stored.saturating_add_signed(delta))
+    }
+
+    // === mass revocation, fences ===
+
+    pub fn job(&self, id: u128) -> Result<Option<JobRecord>, StoreError> {
+        match self.jobs.get(id)? {
+            Some(g) => Ok(Some(records::decode(g.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_job(&mut self, job: &JobRecord) -> Result<(), StoreError> {
+        let bytes = records::encode(job)?;
+        let r = self.jobs.insert(job.id, bytes.as_slice()).map(|_| ());
+        self.w(r)
+    }
+
+    /// Claim `leases` (already selected by the caller) for `job`: local
+    /// providers' leases are revoked here, others queued now. Returns the
+    /// records as they are now and the providers with queued work.
+    pub fn claim_for_job(
+        &mut self,
+        job: &JobRecord,
+        candidates: &[u128],
+        now: i64,
+        local: &Local,
+    ) -> Result<(Vec<LeaseRecord>, Vec<String>), StoreError> {
+        let mut out = Vec::new();
+        let mut queued_providers: Vec<String> = Vec::new();
+        for id in candidates {
+            let Some(rec) = self.lease(*id)? else { continue };
+            if !job.selector.matches(&rec) || !matches!(rec.state, LeaseState::Active | LeaseState::Irrevocable) {
+                continue;
+            }
+            let why = Why { cause: RevokeCause::Job, by: Some(job.created_by.as_str()), job: Some(job.id) };
+            let (rec, queued) = self.revoke_or_queue(rec, why, now, now, local)?;
+            let r = self.job_leases.insert((job.id, rec.id), ()).map(|_| ());
+            self.w(r)?;
+            if queued && !queued_providers.contains(&rec.provider) {
+                queued_providers.push(rec.provider.clone());
+            }
+            out.push(rec);
+        }
+        Ok((out, queued_providers))
+    }
+
+    pub fn fence(&self, key: &str) -> Result<Option<FenceRecord>, StoreError> {
+        match self.fences.get(key)? {
+            Some(g) => Ok(Some(records::decode(g.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Refuse (`Fenced`) if any of these keys is fenced: checked in every
+    /// transaction that creates something for a workload, so a fence
+    /// committed before it wins even if the in-memory copy lags.
+    pub fn refuse_fenced(&self, keys: &[String]) -> Result<(), StoreError> {
+        for k in keys {
+            if self.fences.get(k.as_str())?.is_some() {
+                return conflict(Conflict::Fenced);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn put_fence(&mut self, f: &FenceRecord) -> Result<(), StoreError> {
+        let bytes = records::encode(f)?;
+        let key = FenceRecord::key(&f.kind, &f.value);
+        let r = self.fences.insert(key.as_str(), bytes.as_slice()).map(|_| ());
+        self.w(r)
+    }
+
+    pub fn lift_fence(&mut self, kind: &str, value: &str) -> Result<FenceRecord, StoreError> {
+        let key = FenceRecord::key(kind, value);
+        let Some(f) = self.fence(&key)? else {
+            return conflict(Conflict::FenceNotFound);
+        };
+        let r = self.fences.remove(key.as_str()).map(|_| ());
+        self.w(r)?;
+        Ok(f)
+    }
+
+    /// Give up on an irrevocable lease, with a reason: it leaves the retry
+    /// queue, recorded as `abandoned`.
+    pub fn abandon(&mut self, lease: u128, by: &str, reason: &str, now: i64) -> Result<LeaseRecord, StoreError> {
+        let Some(mut rec) = self.lease(lease)? else {
+            return conflict(Conflict::LeaseNotFound);
+        };
+        if rec.state != LeaseState::Irrevocable {
+            return conflict(Conflict::LeaseState(rec.state));
+        }
+        self.dequeue(&rec)?;
+        if let Some(r) = rec.revocation.as_mut() {
+            r.last_error = Some(format!("abandoned by {by}: {reason}"));
+            r.requested_by = Some(by.to_owned());
+        }
+        rec.state = LeaseState::Abandoned;
+        rec.ended_at = Some(now);
+        self.put_lease(&rec, Some(LeaseState::Irrevocable))?;
+        Ok(rec)
     }
 
     // === calls, approvals, reviews ===
@@ -595,26 +749,22 @@ impl<'t> Txn<'t> {
     }
 
     /// Move an active (or irrevocable) lease into `Revoking`, queued at `at`.
-    fn begin_revocation(
-        &mut self,
-        mut rec: LeaseRecord,
-        cause: RevokeCause,
-        by: Option<&str>,
-        now: i64,
-        at: i64,
-    ) -> Result<LeaseRecord, StoreError> {
+    fn begin_revocation(&mut self, mut rec: LeaseRecord, why: Why<'_>, now: i64, at: i64) -> Result<LeaseRecord, StoreError> {
         let prev = rec.state;
-        let cause = self.leave_state(&rec, cause)?;
+        let cause = self.leave_state(&rec, why.cause)?;
+        let by = why.by;
         let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts);
         let last_error = rec.revocation.as_ref().and_then(|r| r.last_error.clone());
         rec.state = LeaseState::Revoking;
+        let job = why.job.or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
         rec.revocation = Some(Revocation {
-            cause,
+            cause: if why.job.is_some() { RevokeCause::Job } else { cause },
             requested_by: by.map(str::to_owned),
             requested_at: now,
             attempts,
             next_attempt_at: at,
             last_error,
+            job,
         });
         self.enqueue(&rec.provider.clone(), at, rec.id)?;
         self.put_lease(&rec, Some(prev))?;
@@ -625,15 +775,14 @@ impl<'t> Txn<'t> {
     /// provider's revocation is an entry in this store (the token provider's
     /// denylist), so the revocation and its record commit atomically: there
     /// is no window in which one exists without the other.
-    fn revoke_local(
-        &mut self,
-        mut rec: LeaseRecord,
-        cause: RevokeCause,
-        by: Option<&str>,
-        now: i64,
-    ) -> Result<LeaseRecord, StoreError> {
+    fn revoke_local(&mut self, mut rec: LeaseRecord, why: Why<'_>, now: i64) -> Result<LeaseRecord, StoreError> {
         let prev = rec.state;
-        let cause = self.leave_state(&rec, cause)?;
+        let cause = if why.job.is_some() { RevokeCause::Job } else { self.leave_state(&rec, why.cause)? };
+        if why.job.is_some() {
+            self.leave_state(&rec, why.cause)?;
+        }
+        let by = why.by;
+        let job = why.job.or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
         // the token's `exp` is at most the lease's; a second of margin
         self.deny(&[(rec.id, rec.expires_at.saturating_add(1000))])?;
         let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts) + 1;
@@ -647,6 +796,7 @@ impl<'t> Txn<'t> {
             attempts,
             next_attempt_at: now,
             last_error: None,
+            job,
         });
         self.put_lease(&rec, Some(prev))?;
         Ok(rec)
@@ -657,16 +807,15 @@ impl<'t> Txn<'t> {
     fn revoke_or_queue(
         &mut self,
         rec: LeaseRecord,
-        cause: RevokeCause,
-        by: Option<&str>,
+        why: Why<'_>,
         now: i64,
         at: i64,
         local: &Local,
     ) -> Result<(LeaseRecord, bool), StoreError> {
         if local.contains(&rec.provider) {
-            Ok((self.revoke_local(rec, cause, by, now)?, false))
+            Ok((self.revoke_local(rec, why, now)?, false))
         } else {
-            Ok((self.begin_revocation(rec, cause, by, now, at)?, true))
+            Ok((self.begin_revocation(rec, why, now, at)?, true))
         }
     }
 
@@ -676,7 +825,9 @@ impl<'t> Txn<'t> {
         if self.tasks.get(rec.id)?.is_some() {
             return conflict(Conflict::Duplicate);
         }
-        self.put_task(rec)
+        self.put_task(rec)?;
+        let r = self.workload_tasks.insert((rec.workload.as_str(), rec.id), ()).map(|_| ());
+        self.w(r)
     }
 
     /// Write the intent of a lease (`Issuing`), before the provider is
@@ -757,7 +908,7 @@ impl<'t> Txn<'t> {
         if rec.state != LeaseState::Issuing {
             return conflict(Conflict::LeaseState(rec.state));
         }
-        let (mut rec, _) = self.revoke_or_queue(rec, RevokeCause::IssueFailed, None, now, now, local)?;
+        let (mut rec, _) = self.revoke_or_queue(rec, Why::of(RevokeCause::IssueFailed), now, now, local)?;
         if let Some(r) = rec.revocation.as_mut() {
             r.last_error = Some(error.to_owned());
         }
@@ -796,7 +947,7 @@ impl<'t> Txn<'t> {
         for rec in &mut all {
             if rec.state == LeaseState::Active {
                 let (moved, queued) =
-                    self.revoke_or_queue(rec.clone(), RevokeCause::TaskComplete, None, now, claim_until, local)?;
+                    self.revoke_or_queue(rec.clone(), Why::of(RevokeCause::TaskComplete), now, claim_until, local)?;
                 *rec = moved.clone();
                 if queued {
                     claimed.push(moved);
@@ -826,7 +977,7 @@ impl<'t> Txn<'t> {
         };
         match rec.state {
             LeaseState::Active | LeaseState::Irrevocable => {
-                let (rec, queued) = self.revoke_or_queue(rec, cause, by, now, claim_until, local)?;
+                let (rec, queued) = self.revoke_or_queue(rec, Why { cause, by, job: None }, now, claim_until, local)?;
                 Ok(RevokeRequest { rec, queued, changed: true })
             }
             _ => Ok(RevokeRequest { rec, queued: false, changed: false }),
@@ -891,7 +1042,7 @@ impl<'t> Txn<'t> {
         for (exp, id) in &due {
             match self.lease(*id)? {
                 Some(rec) if rec.state == LeaseState::Active => {
-                    let (rec, queued) = self.revoke_or_queue(rec, RevokeCause::Expiry, None, now, now, local)?;
+                    let (rec, queued) = self.revoke_or_queue(rec, Why::of(RevokeCause::Expiry), now, now, local)?;
                     if queued && !pass.queued_providers.contains(&rec.provider) {
                         pass.queued_providers.push(rec.provider.clone());
                     }
@@ -918,7 +1069,7 @@ impl<'t> Txn<'t> {
         for id in ids {
             match self.lease(id)? {
                 Some(rec) if rec.state == LeaseState::Issuing => {
-                    out.push(self.revoke_or_queue(rec, RevokeCause::Recovery, None, now, now, local)?.0);
+                    out.push(self.revoke_or_queue(rec, Why::of(RevokeCause::Recovery), now, now, local)?.0);
                 }
                 _ => {
                     let r = self.issuing.remove(id).map(|_| ());

@@ -71,6 +71,7 @@ impl Broker {
     pub async fn open_task(&self, w: &Workload, req: OpenTask, ctx: &Ctx) -> Result<TaskRecord, BrokerError> {
         check_text("purpose", &req.purpose, 512)?;
         check_text("on_behalf_of", &req.on_behalf_of, 256)?;
+        self.check_fence(w, Some(&req.on_behalf_of))?;
         let ttl = check_ttl("ttl_seconds", req.ttl_seconds, self.limits.max_task_ttl_seconds)?;
         if req.tools.len() > self.limits.max_tools {
             return Err(BrokerError::invalid(
@@ -157,8 +158,10 @@ impl Broker {
             })));
         }
         let policies = decision.policies.clone();
+        let fence = crate::incident::fence_keys(w, Some(&rec.on_behalf_of));
         self.store
             .write(move |t| {
+                t.refuse_fenced(&fence)?;
                 t.create_task(&stored)?;
                 audit::append(t, &a, a.task_opened(&stored, &policies, &ctx))
             })

@@ -114,3 +114,93 @@ async fn calls_and_approvals_from_the_command_line() {
     let (ok, _, err) = leasehold(&h, &["task", "call", task_id, "--as", "assistant-a", "--tool", "demo.admin", "--action", "x"]).await;
     assert!(!ok && err.contains("policy_denied"), "{err}");
 }
+
+/// The responder's verbs: a mass revocation followed by its progress line,
+/// its status later, fences listed and lifted, the blast radius, and an
+/// irrevocable lease ending the command non-zero, then abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_follows_the_job_fences_and_blast_radius() {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    let flaky = Arc::new(crate::harness::Flaky::default());
+    let f2 = flaky.clone();
+    let h = Harness::start(Options {
+        manual_clock: true,
+        tweak: Box::new(|c| {
+            crate::harness::permit_leases(c, "flaky");
+            c.fault.job_chunk = Some(5);
+            c.fault.job_chunk_pause_millis = 150;
+            c.reaper.retry_base_seconds = 1;
+            c.reaper.retry_cap_seconds = 1;
+            c.reaper.retry_budget = 1;
+        }),
+        overrides: Box::new(move || leasehold::server::Overrides {
+            providers: vec![("flaky".into(), f2.clone() as Arc<dyn leasehold_provider::Provider>)],
+        }),
+    })
+    .await;
+    let task = h.open_task(&h.tokens.a, 3600).await;
+    for _ in 0..15 {
+        h.lease(&h.tokens.a, &task, 600).await;
+    }
+
+    let (ok, dry, err) = leasehold(&h, &["revoke", "--as", "responder", "--workload", "dev:assistant-a", "--reason", "leak", "--dry-run"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(dry["matched"], 15);
+
+    let (ok, done, err) = leasehold(&h, &["revoke", "--as", "responder", "--workload", "dev:assistant-a", "--fence", "--reason", "token leaked in a log"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(done["state"], "done");
+    assert_eq!(done["by_provider"]["token"]["revoked"], 15);
+    let job_id = done["job_id"].as_str().unwrap();
+    // the progress: the job id, then lines with counts per provider, rate and ETA
+    assert!(err.contains(&format!("job {job_id} started (fence in force)")), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with(job_id)).collect();
+    assert!(lines.len() >= 2, "a line a second while it runs, and the last: {err}");
+    assert!(lines.iter().any(|l| l.contains(" running ") && l.contains("/s |")), "{err}");
+    let last = lines.last().unwrap();
+    assert!(last.contains("done  token 15/15 revoked, 0 retrying, 0 irrevocable"), "{last}");
+
+    let (ok, status, err) = leasehold(&h, &["revoke", "status", job_id, "--as", "responder"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(status["by_provider"]["token"]["matched"], 15);
+    let (ok, fences, _) = leasehold(&h, &["fence", "list", "--as", "responder"]).await;
+    assert!(ok);
+    assert_eq!(fences["fences"][0]["value"], "dev:assistant-a");
+    let (ok, radius, err) = leasehold(&h, &["blast-radius", "--as", "responder", "--workload", "dev:assistant-a"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(radius["totals"]["leases"], 15);
+    assert_eq!(radius["totals"]["live_leases"], 0);
+    assert_eq!(radius["fenced"], true);
+    let (ok, _, err) = leasehold(&h, &["revoke", "--as", "responder", "--workload", "dev:assistant-a"]).await;
+    assert!(!ok && err.contains("--reason"), "{err}");
+    let (ok, _, err) = leasehold(&h, &["fence", "lift", "--as", "responder", "--workload", "dev:assistant-a", "--reason", "rotated"]).await;
+    assert!(ok, "{err}");
+
+    // a lease that cannot be revoked: the command says so and exits 1
+    let task = h.open_task(&h.tokens.b, 3600).await;
+    let (_, v) = h.post(&h.tokens.b, &format!("/v1/tasks/{task}/leases"), serde_json::json!({"provider": "flaky", "role": "r", "ttl_seconds": 600})).await;
+    let stuck = v["lease_id"].as_str().unwrap().to_owned();
+    flaky.down.store(true, Ordering::SeqCst);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"));
+    cmd.args(["revoke", "--as", "responder", "--provider", "flaky", "--reason", "peer compromised"])
+        .env("LEASEHOLD_CREDENTIALS", h.dir.path().join("dev-credentials.json"));
+    let run = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    while !run.is_finished() {
+        h.advance(std::time::Duration::from_secs(2));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let out = run.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["by_provider"]["flaky"]["irrevocable"], 1, "{report}");
+    assert_eq!(report["failed"][0]["lease_id"], stuck.as_str());
+    assert!(stderr.contains("0/1 revoked, 0 retrying, 1 irrevocable"), "{stderr}");
+
+    let (ok, _, err) = leasehold(&h, &["lease", "revoke", &stuck, "--as", "responder", "--force"]).await;
+    assert!(!ok && err.contains("--reason"), "--force needs a reason: {err}");
+    let (ok, abandoned, err) = leasehold(&h, &["lease", "revoke", &stuck, "--as", "responder", "--force", "--reason", "peer is gone"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(abandoned["state"], "abandoned");
+}

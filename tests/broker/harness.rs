@@ -4,7 +4,10 @@
 //! bootstrap `leasehold dev` uses, so the tokens are real JWTs from a real
 //! issuer and real operator tokens.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +17,7 @@ use leasehold::config::Config;
 use leasehold::dev::DevCredentials;
 use leasehold::server::{Overrides, ServeError};
 use reqwest::StatusCode;
+use leasehold_provider::*;
 use serde_json::{Value, json};
 
 pub struct Tokens {
@@ -301,6 +305,70 @@ impl Drop for Harness {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
+    }
+}
+
+// === a provider whose peer can go down ===
+
+/// A provider whose credentials live in a set; its "peer" can be down.
+#[derive(Debug, Default)]
+pub struct Flaky {
+    pub down: AtomicBool,
+    pub live: Mutex<HashSet<String>>,
+    pub revoke_calls: AtomicU32,
+    /// When non-zero: revocations after this many calls fail as if the
+    /// peer went down half-way (until it is set back to zero).
+    pub fail_after: AtomicU32,
+    /// When set, `issue` signals `entered` and waits for `release`: a
+    /// credential in flight between the provider and its activation.
+    pub hold_issue: AtomicBool,
+    pub entered: tokio::sync::Notify,
+    pub release: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl Provider for Flaky {
+    fn describe(&self) -> Description {
+        Description {
+            kind: "flaky",
+            roles: vec![RoleInfo { name: "r".into(), max_ttl: Duration::from_secs(3600), description: String::new() }],
+            revocation: "removes the credential from the set".into(),
+        }
+    }
+    fn validate(&self, role: &str, _: &[String]) -> Result<Duration, ProviderError> {
+        if role == "r" { Ok(Duration::from_secs(3600)) } else { Err(ProviderError::invalid("no such role")) }
+    }
+    async fn health(&self) -> Result<(), ProviderError> {
+        if self.down.load(Ordering::SeqCst) { Err(ProviderError::retryable("peer down")) } else { Ok(()) }
+    }
+    async fn issue(&self, spec: &LeaseSpec) -> Result<Issued, ProviderError> {
+        self.live.lock().unwrap().insert(spec.lease_id.clone());
+        if self.hold_issue.load(Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+        Ok(Issued {
+            credential: Credential::new().secret("key", format!("flaky-secret-{}", spec.lease_id)),
+            handle: RevocationHandle::new(spec.lease_id.as_bytes().to_vec()),
+            expires_at: spec.expires_at,
+            description: "flaky".into(),
+        })
+    }
+    async fn revoke(&self, lease: &RevokeSpec) -> Result<(), ProviderError> {
+        let n = self.revoke_calls.fetch_add(1, Ordering::SeqCst);
+        let after = self.fail_after.load(Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) || (after > 0 && n >= after) {
+            return Err(ProviderError::retryable("peer down"));
+        }
+        self.live.lock().unwrap().remove(std::str::from_utf8(lease.handle.as_bytes()).unwrap());
+        Ok(())
+    }
+    async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(ProviderError::retryable("peer down"));
+        }
+        self.live.lock().unwrap().remove(&spec.lease_id);
+        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@ mod conformance;
 mod crash;
 mod events;
 mod expiry;
+mod incident;
 mod isolation;
 mod lifecycle;
 mod policy;

@@ -3,9 +3,8 @@
 //! spend the budget, turn `irrevocable` (visible in the API), keep being
 //! retried on the slow schedule, and finish when the peer returns.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use leasehold::server::Overrides;
@@ -13,56 +12,7 @@ use leasehold_provider::*;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{Harness, Options};
-
-/// A provider whose credentials live in a set; its "peer" can be down.
-#[derive(Debug, Default)]
-struct Flaky {
-    down: AtomicBool,
-    live: Mutex<HashSet<String>>,
-    revoke_calls: AtomicU32,
-}
-
-#[async_trait::async_trait]
-impl Provider for Flaky {
-    fn describe(&self) -> Description {
-        Description {
-            kind: "flaky",
-            roles: vec![RoleInfo { name: "r".into(), max_ttl: Duration::from_secs(3600), description: String::new() }],
-            revocation: "removes the credential from the set".into(),
-        }
-    }
-    fn validate(&self, role: &str, _: &[String]) -> Result<Duration, ProviderError> {
-        if role == "r" { Ok(Duration::from_secs(3600)) } else { Err(ProviderError::invalid("no such role")) }
-    }
-    async fn health(&self) -> Result<(), ProviderError> {
-        if self.down.load(Ordering::SeqCst) { Err(ProviderError::retryable("peer down")) } else { Ok(()) }
-    }
-    async fn issue(&self, spec: &LeaseSpec) -> Result<Issued, ProviderError> {
-        self.live.lock().unwrap().insert(spec.lease_id.clone());
-        Ok(Issued {
-            credential: Credential::new().secret("key", format!("flaky-secret-{}", spec.lease_id)),
-            handle: RevocationHandle::new(spec.lease_id.as_bytes().to_vec()),
-            expires_at: spec.expires_at,
-            description: "flaky".into(),
-        })
-    }
-    async fn revoke(&self, lease: &RevokeSpec) -> Result<(), ProviderError> {
-        self.revoke_calls.fetch_add(1, Ordering::SeqCst);
-        if self.down.load(Ordering::SeqCst) {
-            return Err(ProviderError::retryable("peer down"));
-        }
-        self.live.lock().unwrap().remove(std::str::from_utf8(lease.handle.as_bytes()).unwrap());
-        Ok(())
-    }
-    async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(ProviderError::retryable("peer down"));
-        }
-        self.live.lock().unwrap().remove(&spec.lease_id);
-        Ok(())
-    }
-}
+use crate::harness::{Flaky, Harness, Options};
 
 async fn start(flaky: Arc<Flaky>) -> Harness {
     Harness::start(Options {

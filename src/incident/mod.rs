@@ -1,0 +1,600 @@
+//! Incident response: mass revocation by selector, fences, blast radius.
+//!
+//! A revocation job is durable: its selector and cursor are stored, it runs
+//! in the background through the same revocation path as expiry (local
+//! providers revoke in the transaction that claims, others go to the durable
+//! per-provider queue, so one slow provider does not starve the others), and
+//! a restarted broker resumes it after its cursor. A fence, written in the
+//! same transaction as the job and before the call answers, stops anything
+//! new (tasks, calls, leases, activations in flight) for a workload, a tenant
+//! or a user until a responder lifts it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::audit::{self, Ctx};
+use crate::auth::{Caller, Workload};
+use crate::broker::{Broker, BrokerError};
+use crate::config::OperatorRole;
+use crate::ids::{JobId, LeaseId};
+use crate::store::{FenceRecord, JobRecord, JobState, LeaseRecord, LeaseState, Selector};
+use crate::task::check_text;
+
+/// Leases claimed per transaction by a job.
+const CHUNK: usize = 2048;
+
+/// The background tasks of running jobs, and their stop signal.
+#[derive(Debug)]
+pub struct JobRunner {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Default for JobRunner {
+    fn default() -> Self {
+        Self { stop: tokio::sync::watch::channel(false).0, tasks: std::sync::Mutex::default() }
+    }
+}
+
+impl JobRunner {
+    /// Stop every job at its next step and wait for them: a job's progress
+    /// is in the store, so the next start resumes it.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let tasks = self.tasks.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    fn track(&self, h: tokio::task::JoinHandle<()>) {
+        if let Ok(mut t) = self.tasks.lock() {
+            t.retain(|h| !h.is_finished());
+            t.push(h);
+        }
+    }
+}
+
+/// Fences in memory, for a check on every request without a read.
+#[derive(Debug, Default)]
+pub struct FenceCache {
+    keys: RwLock<HashSet<String>>,
+}
+
+impl FenceCache {
+    pub fn set(&self, keys: impl IntoIterator<Item = String>) {
+        if let Ok(mut k) = self.keys.write() {
+            *k = keys.into_iter().collect();
+        }
+    }
+
+    fn insert(&self, key: String) {
+        if let Ok(mut k) = self.keys.write() {
+            k.insert(key);
+        }
+    }
+
+    fn remove(&self, key: &str) {
+        if let Ok(mut k) = self.keys.write() {
+            k.remove(key);
+        }
+    }
+
+    pub fn any(&self, keys: &[String]) -> bool {
+        self.keys.read().map(|k| keys.iter().any(|x| k.contains(x))).unwrap_or(true)
+    }
+}
+
+/// The fence keys that apply to a workload acting for a user.
+pub fn fence_keys(w: &Workload, user: Option<&str>) -> Vec<String> {
+    let mut keys = vec![FenceRecord::key("workload", &w.id)];
+    if let Some(t) = &w.tenant {
+        keys.push(FenceRecord::key("tenant", t));
+    }
+    if let Some(u) = user {
+        keys.push(FenceRecord::key("user", u));
+    }
+    keys
+}
+
+/// A mass revocation request, decoded from the wire.
+#[derive(Debug, Clone, Default)]
+pub struct JobRequest {
+    pub selector: Selector,
+    pub reason: String,
+    pub fence: bool,
+    pub dry_run: bool,
+}
+
+/// What `start_job` did.
+#[derive(Debug)]
+pub enum JobStart {
+    DryRun(Value),
+    Started(JobRecord),
+    /// A job with the same selector is already running.
+    Existing(JobRecord),
+}
+
+fn responder(caller: &Caller) -> Result<(), BrokerError> {
+    if caller.has_any_role(&[OperatorRole::Responder]) {
+        Ok(())
+    } else {
+        Err(BrokerError::Forbidden { code: "forbidden", message: "incident response needs the responder role".into() })
+    }
+}
+
+impl Broker {
+    /// Refuse fenced workloads, tenants and users.
+    pub fn check_fence(&self, w: &Workload, user: Option<&str>) -> Result<(), BrokerError> {
+        if self.fences.any(&fence_keys(w, user)) {
+            return Err(BrokerError::from(crate::store::StoreError::Conflict(crate::store::Conflict::Fenced)));
+        }
+        Ok(())
+    }
+
+    /// Load the fences into memory (start-up).
+    pub fn load_fences(&self) -> Result<usize, BrokerError> {
+        let fences = self.store.read()?.fences()?;
+        let n = fences.len();
+        self.fences.set(fences.iter().map(|f| FenceRecord::key(&f.kind, &f.value)));
+        Ok(n)
+    }
+
+    fn validate_job(&self, r: &JobRequest) -> Result<(), BrokerError> {
+        check_text("reason", &r.reason, 1024).map_err(|_| BrokerError::invalid("reason_required", "a mass revocation needs a `reason`"))?;
+        let s = &r.selector;
+        let narrowed = s.workload.is_some()
+            || s.tenant.is_some()
+            || s.task.is_some()
+            || s.user.is_some()
+            || s.provider.is_some()
+            || s.role.is_some()
+            || s.issued_after.is_some()
+            || s.issued_before.is_some();
+        if !narrowed && !s.all {
+            return Err(BrokerError::invalid("empty_selector", "an empty selector selects nothing; say `all` to mean everything"));
+        }
+        if let Some(p) = &s.provider
+            && self.providers.get(p).is_none()
+        {
+            return Err(BrokerError::invalid("unknown_provider", format!("no provider named `{}`", p.escape_default())));
+        }
+        if let (Some(a), Some(b)) = (s.issued_after, s.issued_before)
+            && a >= b
+        {
+            return Err(BrokerError::invalid("invalid_time_range", "`issued_after` must be before `issued_before`"));
+        }
+        if r.fence && s.workload.is_none() && s.tenant.is_none() && s.user.is_none() {
+            return Err(BrokerError::invalid(
+                "invalid_fence",
+                "a fence needs a `workload`, `tenant` or `user` in the selector",
+            ));
+        }
+        if s.states.iter().any(|st| !matches!(st, LeaseState::Active | LeaseState::Irrevocable)) {
+            return Err(BrokerError::invalid("invalid_state", "a job takes back `active` and `irrevocable` leases only"));
+        }
+        Ok(())
+    }
+
+    /// A selector naming a workload the store has never seen is most often a
+    /// typo (workload ids are `issuer:subject`): say so, but do it (fencing
+    /// a workload before its first request is legitimate).
+    pub fn selector_warnings(&self, s: &Selector) -> Result<Vec<String>, BrokerError> {
+        let mut out = Vec::new();
+        if let Some(w) = &s.workload
+            && self.store.read()?.workload_tasks(w, 0, 1)?.is_empty()
+        {
+            out.push(format!(
+                "no task of workload `{}` is on record (workload ids look like `issuer:subject`)",
+                w.escape_default()
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Start a mass revocation (or count what one would take, for a dry run).
+    pub async fn start_job(self: &Arc<Self>, caller: &Caller, mut req: JobRequest, ctx: &Ctx) -> Result<JobStart, BrokerError> {
+        responder(caller)?;
+        if req.selector.states.is_empty() {
+            req.selector.states = vec![LeaseState::Active, LeaseState::Irrevocable];
+        }
+        self.validate_job(&req)?;
+        if req.dry_run {
+            let mut v = self.dry_run(&req.selector)?;
+            v["warnings"] = Value::from(self.selector_warnings(&req.selector)?);
+            return Ok(JobStart::DryRun(v));
+        }
+        let r = self.store.read()?;
+        if let Some(running) = r
+            .jobs()?
+            .into_iter()
+            .find(|j| j.state == JobState::Running && j.selector == req.selector)
+        {
+            return Ok(JobStart::Existing(running));
+        }
+        drop(r);
+        let now = self.clock.now().unix_millis();
+        let job = JobRecord {
+            id: JobId::generate(self.clock.now()).0,
+            selector: req.selector.clone(),
+            reason: req.reason.clone(),
+            fence: req.fence,
+            created_by: caller.principal(),
+            created_at: now,
+            state: JobState::Running,
+            cursor: None,
+            scan_done: false,
+            scanned: 0,
+            finished_at: None,
+            error: None,
+        };
+        let mut fences = Vec::new();
+        if req.fence {
+            let s = &req.selector;
+            for (kind, value) in [("workload", &s.workload), ("tenant", &s.tenant), ("user", &s.user)] {
+                if let Some(v) = value {
+                    fences.push(FenceRecord {
+                        kind: kind.into(),
+                        value: v.clone(),
+                        reason: req.reason.clone(),
+                        created_by: caller.principal(),
+                        created_at: now,
+                        job: Some(job.id),
+                    });
+                }
+            }
+        }
+        let (j, fs, a, c) = (job.clone(), fences.clone(), self.auditor.clone(), ctx.clone());
+        self.store
+            .write(move |t| {
+                t.put_job(&j)?;
+                for f in &fs {
+                    t.put_fence(f)?;
+                    audit::append(t, &a, a.fence(f, None, &c, now))?;
+                }
+                audit::append(t, &a, a.job(&j, None, &c, now))
+            })
+            .await?;
+        // the fence is in force before the caller hears back, and before any revocation
+        for f in &fences {
+            self.fences.insert(FenceRecord::key(&f.kind, &f.value));
+        }
+        tracing::warn!(job_id = %JobId(job.id), by = %caller.principal(), fence = req.fence, reason = %req.reason, "mass revocation started");
+        self.spawn_job(job.id, ctx.clone());
+        Ok(JobStart::Started(job))
+    }
+
+    fn dry_run(&self, sel: &Selector) -> Result<Value, BrokerError> {
+        let r = self.store.read()?;
+        let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+        let mut sample: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut cursor = None;
+        loop {
+            let ids = r.candidate_leases(sel, cursor, CHUNK)?;
+            let Some(&last) = ids.last() else { break };
+            for id in &ids {
+                if let Some(l) = r.lease(*id)?
+                    && sel.matches(&l)
+                {
+                    *counts.entry(l.provider.clone()).or_default() += 1;
+                    let s = sample.entry(l.provider.clone()).or_default();
+                    if s.len() < 10 {
+                        s.push(LeaseId(l.id).to_string());
+                    }
+                }
+            }
+            cursor = Some(last);
+            if ids.len() < CHUNK {
+                break;
+            }
+        }
+        let total: u64 = counts.values().sum();
+        Ok(json!({"dry_run": true, "matched": total, "by_provider": counts, "sample": sample}))
+    }
+
+    /// Run (or resume) a job in the background.
+    pub fn spawn_job(self: &Arc<Self>, id: u128, ctx: Ctx) {
+        let b = self.clone();
+        let mut stop = self.jobs.stopping();
+        if *stop.borrow() {
+            return;
+        }
+        let h = tokio::spawn(async move {
+            if let Err(e) = b.run_job(id, &ctx, &mut stop).await {
+                tracing::error!(job_id = %JobId(id), error = %e, "revocation job failed; it resumes at the next start");
+            }
+        });
+        self.jobs.track(h);
+    }
+
+    fn job_chunk(&self) -> usize {
+        #[cfg(feature = "fault-injection")]
+        if let Some(n) = self.faults.job_chunk {
+            return n.max(1);
+        }
+        CHUNK
+    }
+
+    /// Sleep, unless the broker is stopping (then `false`).
+    async fn job_pause(stop: &mut tokio::sync::watch::Receiver<bool>, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => !*stop.borrow(),
+            _ = stop.changed() => false,
+        }
+    }
+
+    async fn run_job(self: &Arc<Self>, id: u128, ctx: &Ctx, stop: &mut tokio::sync::watch::Receiver<bool>) -> Result<(), BrokerError> {
+        let chunk = self.job_chunk();
+        loop {
+            if *stop.borrow() {
+                tracing::info!(job_id = %JobId(id), "revocation job paused for shutdown; it resumes at the next start");
+                return Ok(());
+            }
+            let job = self.store.read()?.job(id)?.ok_or(BrokerError::NotFound { code: "job_not_found" })?;
+            if job.state != JobState::Running {
+                return Ok(());
+            }
+            if !job.scan_done {
+                let ids = self.store.read()?.candidate_leases(&job.selector, job.cursor, chunk)?;
+                let (local, a, c, clock) = (self.local.clone(), self.auditor.clone(), ctx.clone(), self.clock.clone());
+                let queued = self
+                    .store
+                    .write(move |t| {
+                        let now = clock.now().unix_millis();
+                        let mut job = job;
+                        let (claimed, queued) = t.claim_for_job(&job, &ids, now, &local)?;
+                        for l in &claimed {
+                            audit::append(t, &a, a.lease(l, &c, now))?;
+                        }
+                        job.scanned += ids.len() as u64;
+                        if let Some(&last) = ids.last() {
+                            job.cursor = Some(last);
+                        }
+                        job.scan_done = ids.len() < chunk;
+                        t.put_job(&job)?;
+                        Ok(queued)
+                    })
+                    .await?;
+                for p in &queued {
+                    self.wakers.revocations_queued(p);
+                }
+                #[cfg(feature = "fault-injection")]
+                if !self.faults.job_chunk_pause.is_zero() {
+                    Self::job_pause(stop, self.faults.job_chunk_pause).await;
+                }
+                continue;
+            }
+            // everything selected: wait for the queue to finish the rest
+            let counts = self.store.read()?.job_counts(id)?;
+            if bucket_total(&counts, "revoking") + bucket_total(&counts, "retrying") > 0 {
+                Self::job_pause(stop, Duration::from_millis(50)).await;
+                continue;
+            }
+            let now = self.clock.now().unix_millis();
+            let summary = counts_json(&counts);
+            let (a, c) = (self.auditor.clone(), ctx.clone());
+            let finished = self
+                .store
+                .write(move |t| {
+                    let Some(mut job) = t.job(id)? else { return Ok(None) };
+                    job.state = JobState::Done;
+                    job.finished_at = Some(now);
+                    t.put_job(&job)?;
+                    audit::append(t, &a, a.job(&job, Some(summary), &c, now))?;
+                    Ok(Some(job))
+                })
+                .await?;
+            if let Some(j) = finished {
+                let irrevocable = bucket_total(&counts, "irrevocable");
+                tracing::warn!(job_id = %JobId(j.id), irrevocable, "mass revocation finished");
+            }
+            return Ok(());
+        }
+    }
+
+    /// Resume every job that was running when the broker stopped.
+    pub fn resume_jobs(self: &Arc<Self>) -> Result<usize, BrokerError> {
+        let running: Vec<JobRecord> =
+            self.store.read()?.jobs()?.into_iter().filter(|j| j.state == JobState::Running).collect();
+        for j in &running {
+            tracing::warn!(job_id = %JobId(j.id), "resuming a mass revocation");
+            self.spawn_job(j.id, Ctx::system());
+        }
+        Ok(running.len())
+    }
+
+    /// A job, its counts per provider, and the leases still failing.
+    pub fn job_status(&self, caller: &Caller, id: JobId) -> Result<Value, BrokerError> {
+        if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
+            return Err(BrokerError::Forbidden { code: "forbidden", message: "jobs are for responders and admins".into() });
+        }
+        let r = self.store.read()?;
+        let job = r.job(id.0)?.ok_or(BrokerError::NotFound { code: "job_not_found" })?;
+        let counts = r.job_counts(id.0)?;
+        // the failing leases are found by a scan of the job: only when some are
+        let failing = bucket_total(&counts, "retrying") + bucket_total(&counts, "irrevocable") > 0;
+        let failed: Vec<Value> = if failing { r.job_unfinished(id.0, 100)? } else { Vec::new() }
+            .iter()
+            .map(|l: &LeaseRecord| {
+                json!({
+                    "lease_id": LeaseId(l.id).to_string(),
+                    "provider": l.provider,
+                    "state": l.state.as_str(),
+                    "attempts": l.revocation.as_ref().map_or(0, |r| r.attempts),
+                    "last_error": l.revocation.as_ref().and_then(|r| r.last_error.clone()),
+                })
+            })
+            .collect();
+        Ok(job_view(&job, &counts, failed))
+    }
+
+    /// A job as the API shows it (counts read now).
+    pub fn job_view(&self, job: &JobRecord) -> Result<Value, BrokerError> {
+        Ok(job_view(job, &self.store.read()?.job_counts(job.id)?, vec![]))
+    }
+
+    pub fn list_jobs(&self, caller: &Caller) -> Result<Vec<Value>, BrokerError> {
+        if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
+            return Err(BrokerError::Forbidden { code: "forbidden", message: "jobs are for responders and admins".into() });
+        }
+        let r = self.store.read()?;
+        r.jobs()?.iter().map(|j| Ok(job_view(j, &r.job_counts(j.id)?, vec![]))).collect()
+    }
+
+    pub fn list_fences(&self, caller: &Caller) -> Result<Vec<FenceRecord>, BrokerError> {
+        if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
+            return Err(BrokerError::Forbidden { code: "forbidden", message: "fences are for responders and admins".into() });
+        }
+        Ok(self.store.read()?.fences()?)
+    }
+
+    /// Lift a fence, with a reason.
+    pub async fn lift_fence(&self, caller: &Caller, kind: String, value: String, reason: String, ctx: &Ctx) -> Result<FenceRecord, BrokerError> {
+        responder(caller)?;
+        if !matches!(kind.as_str(), "workload" | "tenant" | "user") {
+            return Err(BrokerError::invalid("invalid_fence", "`kind` is workload, tenant or user"));
+        }
+        check_text("reason", &reason, 1024).map_err(|_| BrokerError::invalid("reason_required", "lifting a fence needs a `reason`"))?;
+        let now = self.clock.now().unix_millis();
+        let by = caller.principal();
+        let (a, c) = (self.auditor.clone(), ctx.clone());
+        let (k, v) = (kind.clone(), value.clone());
+        let lifted = self
+            .store
+            .write(move |t| {
+                let f = t.lift_fence(&k, &v)?;
+                audit::append(t, &a, a.fence(&f, Some((&by, &reason)), &c, now))?;
+                Ok(f)
+            })
+            .await?;
+        self.fences.remove(&FenceRecord::key(&kind, &value));
+        tracing::warn!(kind = %kind, by = %caller.principal(), "fence lifted");
+        Ok(lifted)
+    }
+
+    /// Give up on an irrevocable lease (recorded, never silent).
+    pub async fn abandon_lease(&self, caller: &Caller, id: LeaseId, reason: String, ctx: &Ctx) -> Result<LeaseRecord, BrokerError> {
+        responder(caller)?;
+        check_text("reason", &reason, 1024).map_err(|_| BrokerError::invalid("reason_required", "abandoning a lease needs a `reason`"))?;
+        let now = self.clock.now().unix_millis();
+        let by = caller.principal();
+        let (a, c) = (self.auditor.clone(), ctx.clone());
+        let rec = self
+            .store
+            .write(move |t| {
+                let rec = t.abandon(id.0, &by, &reason, now)?;
+                audit::append(t, &a, a.lease(&rec, &c, now))?;
+                Ok(rec)
+            })
+            .await?;
+        tracing::error!(lease_id = %id, by = %caller.principal(), "irrevocable lease ABANDONED");
+        Ok(rec)
+    }
+
+    /// Everything a workload did in a window: tasks, calls and decisions,
+    /// leases and which are still live.
+    pub fn blast_radius(&self, caller: &Caller, workload: &str, since: i64, until: i64) -> Result<Value, BrokerError> {
+        if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
+            return Err(BrokerError::Forbidden { code: "forbidden", message: "the blast radius is for responders and admins".into() });
+        }
+        let r = self.store.read()?;
+        let mut tasks = Vec::new();
+        let (mut live, mut leases_total, mut calls_total) = (0u64, 0u64, 0u64);
+        for t in r.workload_tasks(workload, since, 10_000)? {
+            if t.created_at >= until {
+                break;
+            }
+            let calls = r.task_calls(t.id)?;
+            let leases = r.task_leases(t.id)?;
+            calls_total += calls.len() as u64;
+            leases_total += leases.len() as u64;
+            let lease_views: Vec<Value> = leases
+                .iter()
+                .map(|l| {
+                    let is_live = matches!(l.state, LeaseState::Active | LeaseState::Issuing | LeaseState::Revoking | LeaseState::Irrevocable | LeaseState::Abandoned);
+                    if is_live {
+                        live += 1;
+                    }
+                    json!({
+                        "lease_id": LeaseId(l.id).to_string(),
+                        "provider": l.provider,
+                        "role": l.role,
+                        "state": l.state.as_str(),
+                        "live": is_live,
+                        "expires_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(l.expires_at)),
+                    })
+                })
+                .collect();
+            tasks.push(json!({
+                "task_id": crate::ids::TaskId(t.id).to_string(),
+                "on_behalf_of": t.on_behalf_of,
+                "purpose": t.purpose,
+                "created_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(t.created_at)),
+                "state": if t.state == crate::store::TaskState::Completed { "completed" } else { "open" },
+                "calls": calls.iter().map(|c| json!({
+                    "call_id": crate::ids::CallId(c.id).to_string(),
+                    "tool": c.tool, "action": c.action, "resource": c.target,
+                    "decision": c.outcome, "policies": c.policies, "break_glass": c.break_glass.is_some(),
+                })).collect::<Vec<_>>(),
+                "leases": lease_views,
+            }));
+        }
+        Ok(json!({
+            "workload": workload,
+            "since": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(since)),
+            "tasks": tasks,
+            "totals": {"tasks": tasks.len(), "calls": calls_total, "leases": leases_total, "live_leases": live},
+            "fenced": self.fences.any(&[FenceRecord::key("workload", workload)]),
+        }))
+    }
+}
+
+type Counts = BTreeMap<String, BTreeMap<&'static str, u64>>;
+
+/// Per provider: `matched` (claimed so far) and every bucket, zeros included.
+fn counts_json(counts: &Counts) -> Value {
+    let mut by = serde_json::Map::new();
+    for (p, buckets) in counts {
+        let mut m = serde_json::Map::new();
+        m.insert("matched".into(), Value::from(buckets.values().sum::<u64>()));
+        for b in crate::store::JOB_BUCKETS {
+            m.insert(b.into(), Value::from(buckets.get(b).copied().unwrap_or(0)));
+        }
+        by.insert(p.clone(), Value::Object(m));
+    }
+    Value::Object(by)
+}
+
+fn bucket_total(counts: &Counts, bucket: &str) -> u64 {
+    counts.values().filter_map(|b| b.get(bucket)).sum()
+}
+
+fn job_view(j: &JobRecord, counts: &Counts, failed: Vec<Value>) -> Value {
+    let s = &j.selector;
+    json!({
+        "job_id": JobId(j.id).to_string(),
+        "state": j.state.as_str(),
+        "reason": j.reason,
+        "fence": j.fence,
+        "created_by": j.created_by,
+        "created_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(j.created_at)),
+        "finished_at": j.finished_at.map(|t| crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(t))),
+        "selector": {
+            "workload": s.workload, "tenant": s.tenant, "task": s.task.map(|t| crate::ids::TaskId(t).to_string()),
+            "user": s.user, "provider": s.provider, "role": s.role,
+            "states": s.states.iter().map(|x| x.as_str()).collect::<Vec<_>>(),
+            "all": s.all,
+        },
+        "scan_done": j.scan_done,
+        "scanned": j.scanned,
+        "by_provider": counts_json(counts),
+        "failed": failed,
+    })
+}
