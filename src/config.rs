@@ -64,6 +64,12 @@ pub struct ServerConfig {
     pub request_timeout_seconds: u64,
     #[serde(default = "defaults::shutdown_grace_seconds")]
     pub shutdown_grace_seconds: u64,
+    /// A second, plain-HTTP listener for Prometheus (`GET /metrics`, no
+    /// credential) and probes (`/v1/health`, `/v1/ready`). Keep it on
+    /// loopback or a private network. Without it, `/metrics` is served on
+    /// the main listener to the admin and responder roles.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -560,6 +566,11 @@ impl Config {
         }
         if s.request_timeout_seconds == 0 {
             return Err(invalid("server.request_timeout_seconds", "must be positive"));
+        }
+        if let Some(m) = s.metrics_listen
+            && m == s.listen
+        {
+            return Err(invalid("server.metrics_listen", "must differ from server.listen"));
         }
         match (&self.store.key_file, &self.store.key_env) {
             (Some(_), Some(_)) => {

@@ -212,6 +212,7 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
             max_body_bytes: 64 * 1024,
             request_timeout_seconds: 30,
             shutdown_grace_seconds: 5,
+            metrics_listen: None,
         },
         store: StoreConfig {
             path: data.join("leasehold.redb"),

@@ -21,6 +21,7 @@ pub mod ids;
 pub mod call;
 pub mod incident;
 pub mod lease;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod providers;

@@ -204,7 +204,22 @@ pub async fn run_with(
     }
 
     let ready = Arc::new(AtomicBool::new(true));
+    crate::metrics::install();
     let state = AppState { broker: broker.clone(), auth, ready: ready.clone() };
+    if let Some(addr) = config.server.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let app = crate::api::metrics_router(state.clone());
+        let mut stop = stop_rx.clone();
+        tracing::info!(%addr, "metrics and probes listener");
+        background.push(tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stop.changed().await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "the metrics listener failed");
+            }
+        }));
+    }
     let app = crate::api::router(
         state,
         HttpLimits {

@@ -562,6 +562,27 @@ pub async fn jwks(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "keys": keys }))
 }
 
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn metrics_response(s: &AppState) -> Result<Response, ApiError> {
+    let body = s.broker.render_metrics()?;
+    Ok(([(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)], body).into_response())
+}
+
+/// Prometheus exposition on the main listener: admin and responder.
+pub async fn metrics(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    if !crate::broker::Broker::is_reader(&caller) {
+        return Err(ApiError::forbidden("forbidden", "metrics need the admin or responder role"));
+    }
+    metrics_response(&s)
+}
+
+/// Prometheus exposition on the metrics listener (no credential: that
+/// listener belongs on loopback or a private network).
+pub async fn metrics_open(State(s): State<AppState>) -> Result<Response, ApiError> {
+    metrics_response(&s)
+}
+
 pub async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({"status": "ok"}))
 }

@@ -80,6 +80,7 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route("/v1/events/prune", post(handlers::prune_events))
         .route("/v1/introspect", post(handlers::introspect))
         .route("/.well-known/jwks.json", get(handlers::jwks))
+        .route("/metrics", get(handlers::metrics))
         .route("/v1/health", get(handlers::health))
         .route("/v1/ready", get(handlers::ready))
         .fallback(handlers::not_found)
@@ -90,6 +91,16 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
             limits.request_timeout,
         ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), request_id))
+        .with_state(state)
+}
+
+/// The plain listener for Prometheus and probes (`server.metrics_listen`).
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(handlers::metrics_open))
+        .route("/v1/health", get(handlers::health))
+        .route("/v1/ready", get(handlers::ready))
+        .fallback(handlers::not_found)
         .with_state(state)
 }
 
@@ -116,8 +127,16 @@ async fn request_id(State(state): State<AppState>, mut req: Request, next: Next)
         path = %req.uri().path(),
     );
     req.headers_mut().insert(REQUEST_ID, id.clone());
+    // the route template, never the path: ids must not become labels
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let started = std::time::Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
+    crate::metrics::http_request(method.as_str(), &route, status, started.elapsed().as_secs_f64());
     span.in_scope(|| {
         if status >= 500 {
             tracing::warn!(status, "request failed");

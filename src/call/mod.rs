@@ -203,6 +203,7 @@ impl Broker {
         let loaded = self.policy.current();
         let call_id = CallId::generate(now);
         let action_name = if direct { "Lease" } else { "Call" };
+        crate::metrics::decision(if direct { "lease" } else { "call" }, decision.outcome.as_str());
         let mut call = CallRecord {
             id: call_id.0,
             task_id: task.id,

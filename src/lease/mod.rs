@@ -181,7 +181,14 @@ impl Broker {
 
         // 3. the provider
         let spec = spec_of(&rec);
-        let issued = match tokio::time::timeout(self.provider_timeout(), entry.provider.issue(&spec)).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.provider_timeout(), entry.provider.issue(&spec)).await;
+        let class = match &result {
+            Err(_) => Some("timeout"),
+            Ok(r) => r.as_ref().err().map(crate::reaper::error_class),
+        };
+        crate::metrics::provider_call(&rec.provider, "issue", started.elapsed().as_secs_f64(), class);
+        let issued = match result {
             Ok(Ok(issued)) if issued.expires_at <= spec.expires_at => issued,
             Ok(Ok(_)) => {
                 return Err(self.fail_issue(&rec, "the provider returned a credential outliving its lease", false, ctx).await);

@@ -133,7 +133,8 @@ impl Broker {
             {
                 let p = entry.provider.clone();
                 let sched = Schedule::from(self);
-                set.spawn(async move { w.run(p, timeout, sched, now).await });
+                let name = provider.to_owned();
+                set.spawn(async move { w.run(p, &name, timeout, sched, now).await });
             }
             match set.join_next().await {
                 Some(Ok(o)) => out.extend(o),
@@ -174,6 +175,9 @@ impl Broker {
 }
 
 fn log_outcome(rec: &LeaseRecord) {
+    if matches!(rec.state, LeaseState::Irrevocable | LeaseState::Revoking) {
+        crate::metrics::revocation_retry(&rec.provider);
+    }
     let id = LeaseId(rec.id);
     let rv = rec.revocation.as_ref();
     let cause = rv.map_or("", |r| r.cause.as_str());
@@ -241,11 +245,17 @@ enum Work {
 
 impl Work {
     /// `now` is when the attempt started; retries are scheduled from it.
-    async fn run(self, p: Arc<dyn Provider>, timeout: Duration, sched: Schedule, now: i64) -> Vec<Outcome> {
+    async fn run(self, p: Arc<dyn Provider>, name: &str, timeout: Duration, sched: Schedule, now: i64) -> Vec<Outcome> {
         match self {
             Work::Revoke(items) => {
                 let specs: Vec<RevokeSpec> = items.iter().map(|(_, s)| s.clone()).collect();
+                let started = std::time::Instant::now();
                 let results = tokio::time::timeout(timeout, p.revoke_many(&specs)).await;
+                let class = match &results {
+                    Err(_) => Some("timeout"),
+                    Ok(rs) => rs.iter().find_map(|r| r.as_ref().err()).map(error_class),
+                };
+                crate::metrics::provider_call(name, "revoke", started.elapsed().as_secs_f64(), class);
                 items
                     .iter()
                     .enumerate()
@@ -263,7 +273,14 @@ impl Work {
                 let mut out = Vec::with_capacity(items.len());
                 for l in items {
                     let spec = spec_of(&l);
-                    let o = match tokio::time::timeout(timeout, p.rollback(&spec)).await {
+                    let started = std::time::Instant::now();
+                    let result = tokio::time::timeout(timeout, p.rollback(&spec)).await;
+                    let class = match &result {
+                        Err(_) => Some("timeout"),
+                        Ok(r) => r.as_ref().err().map(error_class),
+                    };
+                    crate::metrics::provider_call(name, "rollback", started.elapsed().as_secs_f64(), class);
+                    let o = match result {
                         Ok(Ok(())) => Outcome::Done { lease: l.id },
                         Ok(Err(e)) => sched.failure(&l, e.message, now),
                         Err(_) => sched.failure(&l, "the provider did not answer in time".into(), now),
@@ -274,6 +291,11 @@ impl Work {
             }
         }
     }
+}
+
+/// The error class as a bounded metric label.
+pub(crate) fn error_class(e: &leasehold_provider::ProviderError) -> &'static str {
+    if e.is_retryable() { "retryable" } else { "permanent" }
 }
 
 /// Start the expiry loop, one revocation worker per provider, and the

@@ -382,11 +382,16 @@ fn run_batch(
             Err(e) => return Err(e.to_string()),
         };
         let replies: Vec<Reply> = jobs.into_iter().map(|j| j(&mut t)).collect();
-        (replies, t.finish())
+        let entered = t.take_entered();
+        (replies, t.finish().map(|h| (h, entered)))
     };
     let applied = std::time::Instant::now();
+    let mut entered = BTreeMap::new();
     let outcome = match finished {
-        Ok(new_head) => txn.commit().map(|()| *head = new_head).map_err(|e| e.to_string()),
+        Ok((new_head, e)) => {
+            entered = e;
+            txn.commit().map(|()| *head = new_head).map_err(|e| e.to_string())
+        }
         Err(e) => {
             let _ = txn.abort();
             Err(e.to_string())
@@ -399,6 +404,7 @@ fn run_batch(
         // counted before anyone is answered, so a caller sees its own commit
         stats.commits.fetch_add(1, Ordering::Relaxed);
         stats.operations.fetch_add(replies.len() as u64, Ordering::Relaxed);
+        crate::metrics::store_commit(started.elapsed().as_secs_f64(), replies.len(), &entered);
     }
     for reply in replies {
         reply(outcome.clone());
@@ -861,6 +867,11 @@ impl Reader {
             }
         }
         Ok(out)
+    }
+
+    /// The last signed checkpoint, as stored.
+    pub fn checkpoints_last(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.txn.open_table(CHECKPOINTS)?.last()?.map(|(_, v)| v.value().to_vec()))
     }
 
     /// When the next approval expires.

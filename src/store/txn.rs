@@ -144,6 +144,9 @@ pub struct Txn<'t> {
     active_deltas: BTreeMap<String, i64>,
     task_deltas: BTreeMap<u128, i64>,
     job_deltas: BTreeMap<(u128, String, &'static str), i64>,
+    /// Leases that entered each state in this transaction (for metrics,
+    /// reported once the commit succeeds).
+    entered: BTreeMap<(String, LeaseState), u64>,
     head: ChainHead,
     head_dirty: bool,
     tasks: Table<'t, u128, &'static [u8]>,
@@ -192,6 +195,7 @@ impl<'t> Txn<'t> {
             active_deltas: BTreeMap::new(),
             task_deltas: BTreeMap::new(),
             job_deltas: BTreeMap::new(),
+            entered: BTreeMap::new(),
             head,
             head_dirty: false,
             tasks: txn.open_table(TASKS)?,
@@ -206,6 +210,11 @@ impl<'t> Txn<'t> {
             deltas: BTreeMap::new(),
             poisoned: false,
         })
+    }
+
+    /// Leases that entered each state so far (taken: call before `finish`).
+    pub fn take_entered(&mut self) -> BTreeMap<(String, LeaseState), u64> {
+        std::mem::take(&mut self.entered)
     }
 
     /// Flush counter deltas and the chain head; report whether the
@@ -413,6 +422,7 @@ impl<'t> Txn<'t> {
         let r = self.leases.insert(rec.id, bytes.as_slice()).map(|_| ());
         self.w(r)?;
         if prev != Some(rec.state) {
+            *self.entered.entry((rec.provider.clone(), rec.state)).or_default() += 1;
             if let Some(p) = prev {
                 *self.deltas.entry((rec.provider.clone(), p)).or_default() -= 1;
             }

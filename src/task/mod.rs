@@ -141,6 +141,7 @@ impl Broker {
             lease_count: 0,
         };
         let decision = self.decide_open_task(w, &rec, ttl.as_secs());
+        crate::metrics::decision("open_task", decision.outcome.as_str());
         let (stored, a, ctx) = (rec.clone(), self.auditor.clone(), ctx.clone());
         if decision.outcome != crate::policy::Outcome::Allow {
             let (d, c) = (decision.clone(), ctx.clone());

@@ -22,9 +22,9 @@ const POLICY: &str = r#"
 @id("lease") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"Lease", resource);
 "#;
 
-const A: &str = "dev:assistant-a";
+pub(crate) const A: &str = "dev:assistant-a";
 
-async fn start(flaky: Arc<Flaky>, tweak: impl Fn(&mut leasehold::config::Config) + Send + 'static) -> Harness {
+pub(crate) async fn start(flaky: Arc<Flaky>, tweak: impl Fn(&mut leasehold::config::Config) + Send + 'static) -> Harness {
     Harness::start(Options {
         manual_clock: true,
         tweak: Box::new(move |c| {
@@ -41,7 +41,7 @@ async fn start(flaky: Arc<Flaky>, tweak: impl Fn(&mut leasehold::config::Config)
 }
 
 /// `n` leases of `provider`/`role` for `token`, 100 per task, 16 at a time.
-async fn fill(h: &Harness, token: &str, provider: &str, role: &str, n: usize) -> Vec<String> {
+pub(crate) async fn fill(h: &Harness, token: &str, provider: &str, role: &str, n: usize) -> Vec<String> {
     let mut out = Vec::with_capacity(n);
     let mut tasks = Vec::new();
     for _ in 0..n.div_ceil(100) {
@@ -67,14 +67,14 @@ async fn fill(h: &Harness, token: &str, provider: &str, role: &str, n: usize) ->
     out
 }
 
-async fn job(h: &Harness, id: &str) -> Value {
+pub(crate) async fn job(h: &Harness, id: &str) -> Value {
     let (s, v) = h.get(&h.tokens.responder, &format!("/v1/revocations/{id}")).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     v
 }
 
 /// Poll a job until `pred` holds (the job runs in the background).
-async fn wait_job(h: &Harness, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_job(h: &Harness, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
     for _ in 0..1500 {
         let v = job(h, id).await;
         if pred(&v) {
@@ -85,11 +85,11 @@ async fn wait_job(h: &Harness, id: &str, what: &str, pred: impl Fn(&Value) -> bo
     panic!("job {id} never got to {what}: {}", job(h, id).await);
 }
 
-fn count(v: &Value, provider: &str, bucket: &str) -> u64 {
+pub(crate) fn count(v: &Value, provider: &str, bucket: &str) -> u64 {
     v["by_provider"][provider][bucket].as_u64().unwrap_or(0)
 }
 
-async fn revoke_all_of(h: &Harness, workload: &str, fence: bool) -> (StatusCode, Value) {
+pub(crate) async fn revoke_all_of(h: &Harness, workload: &str, fence: bool) -> (StatusCode, Value) {
     h.post(&h.tokens.responder, "/v1/revocations", json!({"workload": workload, "reason": "incident 42", "fence": fence})).await
 }
 
