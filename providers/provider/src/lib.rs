@@ -322,6 +322,29 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     /// between intent and activation). Must find the credential from the
     /// spec alone, and succeed when nothing was created.
     async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError>;
+
+    /// Everything at the peer that carries this broker's mark (a role name
+    /// prefix, a tag), for reconciliation after crashes outside the
+    /// broker's control. `None`: this provider cannot enumerate (its
+    /// credentials die on their own, or the peer has no listing).
+    async fn inventory(&self) -> Result<Option<Vec<Found>>, ProviderError> {
+        Ok(None)
+    }
+
+    /// Remove one thing `inventory` found that no live lease accounts for.
+    /// Idempotent. Must refuse anything without the broker's mark.
+    async fn remove(&self, found: &Found) -> Result<(), ProviderError> {
+        Err(ProviderError::invalid(format!("this provider cannot remove `{}`", found.name)))
+    }
+}
+
+/// A credential found at a provider's peer by [`Provider::inventory`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// The peer's name for it (a role name): public, never secret.
+    pub name: String,
+    /// The lease id the name encodes, when it parses as one.
+    pub lease_id: Option<String>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,531 @@
+//! leasehold's PostgreSQL provider: one login role per lease.
+//!
+//! **Issue** creates `<prefix><lease id>` with a generated password (only its
+//! SCRAM-SHA-256 verifier is sent to the server), `VALID UNTIL` the lease's
+//! end, a connection limit, the template's group roles and grant
+//! statements, all in one transaction: either the role exists with every
+//! grant, or nothing does.
+//!
+//! **Revoke** makes the role unusable at once and for good: `NOLOGIN`
+//! (committed first, so no new session starts), every live session
+//! terminated and waited for, then the template's revocation statements,
+//! `DROP OWNED` and `DROP ROLE` in one transaction, and a last sweep for any
+//! session that raced in. Already gone is success. Batches share those
+//! round trips, which is what makes ten thousand revocations take seconds.
+//!
+//! **Rollback** finds the role by name from the lease id alone.
+//! **Inventory** lists roles with the prefix, and only those, for
+//! reconciliation.
+//!
+//! The management role needs `CREATEROLE` and membership in
+//! `pg_signal_backend`; the health check says which is missing, and dry-runs
+//! every template in a rolled-back transaction.
+
+#![forbid(unsafe_code)]
+
+mod config;
+mod pool;
+mod template;
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use leasehold_provider::{
+    Credential, Description, Found, Issued, LeaseSpec, Provider, ProviderError, RevocationHandle, RevokeSpec, RoleInfo,
+    Timestamp,
+};
+use postgres_protocol::escape::escape_identifier;
+use zeroize::Zeroizing;
+
+pub use config::{ConfigError, PostgresConfig, PostgresRole, TlsMode, is_local};
+use pool::{Pool, classify, concurrent_update, db_message};
+use template::{Template, Values};
+
+/// Roles revoked per round trip in a batch.
+const BATCH: usize = 200;
+/// Tries of a transaction that lost a race on a catalog row.
+const CONCURRENT_ATTEMPTS: u32 = 8;
+
+/// A role template, parsed.
+#[derive(Debug)]
+struct Role {
+    cfg: PostgresRole,
+    statements: Vec<Template>,
+    revocation: Vec<Template>,
+}
+
+#[derive(Debug)]
+pub struct PostgresProvider {
+    pool: Pool,
+    roles: BTreeMap<String, Role>,
+    rng: ring::rand::SystemRandom,
+    catalog: tokio::sync::Mutex<()>,
+}
+
+impl PostgresProvider {
+    /// Build from a validated config. Does not connect: the broker starts
+    /// (and reports not ready) while the database is down.
+    pub fn new(cfg: PostgresConfig, max_ttl: u64) -> Result<Self, ConfigError> {
+        cfg.validate(max_ttl)?;
+        let mut roles = BTreeMap::new();
+        for (name, r) in &cfg.roles {
+            let parse = |list: &[String], what: &str| {
+                list.iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        Template::parse(s)
+                            .map_err(|message| ConfigError { field: format!("roles.{name}.{what}[{i}]"), message })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let role = Role {
+                statements: parse(&r.statements, "statements")?,
+                revocation: parse(&r.revocation_statements, "revocation_statements")?,
+                cfg: r.clone(),
+            };
+            roles.insert(name.clone(), role);
+        }
+        let pool = Pool::new(cfg).map_err(|message| ConfigError { field: "ca_file".into(), message })?;
+        Ok(Self { pool, roles, rng: ring::rand::SystemRandom::new(), catalog: tokio::sync::Mutex::new(()) })
+    }
+
+    fn cfg(&self) -> &PostgresConfig {
+        self.pool.config()
+    }
+
+    /// Forget idle connections (after the server restarted).
+    pub fn reset_connections(&self) {
+        self.pool.clear();
+    }
+
+    fn role(&self, name: &str) -> Result<&Role, ProviderError> {
+        self.roles.get(name).ok_or_else(|| {
+            ProviderError::invalid(format!(
+                "no role template `{name}`; configured: {}",
+                self.roles.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
+    /// The scopes a lease gets: the call's, each within the template, or
+    /// all of the template's when the call names none.
+    fn narrow<'a>(&self, role_name: &str, role: &'a Role, scope: &'a [String]) -> Result<Vec<&'a str>, ProviderError> {
+        if scope.is_empty() {
+            return Ok(role.cfg.scopes.iter().map(String::as_str).collect());
+        }
+        let mut out = Vec::new();
+        for s in scope {
+            if !role.cfg.scopes.iter().any(|a| a == s) {
+                let allowed = if role.cfg.scopes.is_empty() { "none".to_owned() } else { role.cfg.scopes.join(", ") };
+                return Err(ProviderError::invalid(format!(
+                    "scope `{}` is outside role template `{role_name}` (allowed: {allowed})",
+                    s.escape_default()
+                )));
+            }
+            if !out.contains(&s.as_str()) {
+                out.push(s.as_str());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The role name for a lease: deterministic, so rollback finds it.
+    fn role_name(&self, lease_id: &str) -> Result<String, ProviderError> {
+        let ok = !lease_id.is_empty()
+            && lease_id.len() <= config::LEASE_ID_LEN
+            && lease_id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !ok {
+            return Err(ProviderError::invalid(format!("lease id `{}` cannot name a role", lease_id.escape_default())));
+        }
+        Ok(format!("{}{lease_id}", self.cfg().role_prefix))
+    }
+
+    fn password(&self) -> Result<Zeroizing<String>, ProviderError> {
+        use ring::rand::SecureRandom as _;
+        let alphabet: Vec<char> = self.cfg().password_alphabet.chars().collect();
+        let n = alphabet.len();
+        // rejection sampling: only bytes below the largest multiple of n
+        let limit = 256 - (256 % n);
+        let mut out = Zeroizing::new(String::with_capacity(self.cfg().password_length));
+        let mut buf = Zeroizing::new([0u8; 64]);
+        while out.len() < self.cfg().password_length {
+            self.rng.fill(&mut buf[..]).map_err(|_| ProviderError::retryable("the system random source failed"))?;
+            for &b in buf.iter() {
+                if (b as usize) < limit && out.len() < self.cfg().password_length {
+                    out.push(alphabet[b as usize % n]);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every statement that creates a lease's role, in order, each with
+    /// what it is called in errors.
+    fn creation_sql(&self, role: &Role, name: &str, verifier: &str, until: &str, scopes: &[&str]) -> Vec<(String, String)> {
+        let mut sql = Vec::with_capacity(2 + role.statements.len());
+        let in_roles = if role.cfg.in_roles.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = role.cfg.in_roles.iter().map(|g| escape_identifier(g)).collect();
+            format!(" IN ROLE {}", list.join(", "))
+        };
+        sql.push((
+            "CREATE ROLE".to_owned(),
+            format!(
+                "CREATE ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT \
+                 PASSWORD {} VALID UNTIL {} CONNECTION LIMIT {}{in_roles}",
+                escape_identifier(name),
+                postgres_protocol::escape::escape_literal(verifier),
+                postgres_protocol::escape::escape_literal(until),
+                role.cfg.connection_limit,
+            ),
+        ));
+        // the management role needs the lease role's privileges to DROP OWNED
+        sql.push(("GRANT to the management role".to_owned(), format!("GRANT {} TO CURRENT_USER", escape_identifier(name))));
+        for (i, t) in role.statements.iter().enumerate() {
+            let base = Values { name, password: verifier, expiration: until, scope: None };
+            let label = format!("statements[{i}]");
+            if t.uses(template::Placeholder::Scope) {
+                for s in scopes {
+                    sql.push((format!("{label} for scope `{s}`"), t.expand(&Values { scope: Some(s), ..base })));
+                }
+            } else {
+                sql.push((label, t.expand(&base)));
+            }
+        }
+        sql
+    }
+
+    /// Revoke roles by name: no new logins, sessions ended, objects and the
+    /// roles dropped. Names must carry the prefix. Gone already is fine.
+    async fn drop_roles(&self, names: &[String], role: Option<&Role>) -> Result<(), ProviderError> {
+        if let Some(n) = names.iter().find(|n| !n.starts_with(&self.cfg().role_prefix)) {
+            return Err(ProviderError::permanent(format!(
+                "refusing to drop `{}`: it lacks the prefix `{}`",
+                n.escape_default(),
+                self.cfg().role_prefix
+            )));
+        }
+        let mut conn = self.pool.get().await?;
+        let rows = conn
+            .query("SELECT rolname::text, oid FROM pg_roles WHERE rolname = ANY($1::text[])", &[&names])
+            .await
+            .map_err(|e| classify(&e, "listing roles to revoke"))?;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let present: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let oids: Vec<u32> = rows.iter().map(|r| r.get(1)).collect();
+        let quoted: Vec<String> = present.iter().map(|n| escape_identifier(n)).collect();
+        // 1. no new session, committed before anything else
+        let nologin: String = quoted.iter().map(|q| format!("ALTER ROLE {q} NOLOGIN;")).collect();
+        conn.batch_execute(&nologin).await.map_err(|e| classify(&e, "blocking logins"))?;
+        // 2. end every live session and wait for it to exit
+        self.terminate(&conn, &oids).await?;
+        // 3. what the role owns or was granted, then the role
+        let mut sql = Vec::new();
+        if let Some(r) = role {
+            for name in &present {
+                for (i, t) in r.revocation.iter().enumerate() {
+                    sql.push((format!("revocation_statements[{i}]"), t.expand(&Values { name, ..Values::default() })));
+                }
+            }
+        }
+        if role.is_none_or(|r| r.cfg.drop_owned) {
+            // DROP OWNED needs the role's privileges: a role created behind
+            // the broker's back (an orphan) does not have us as a member yet
+            sql.push(("joining the roles".into(), format!("GRANT {} TO CURRENT_USER", quoted.join(", "))));
+            sql.push(("dropping what the roles own".into(), format!("DROP OWNED BY {}", quoted.join(", "))));
+        }
+        sql.push(("dropping the roles".into(), format!("DROP ROLE IF EXISTS {}", quoted.join(", "))));
+        {
+            // one revoker at a time in the catalogs: concurrent DROP OWNED
+            // on shared schemas only fight each other
+            let _catalog = self.catalog.lock().await;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match run_in_transaction(&mut conn, &sql).await {
+                    Ok(()) => break,
+                    Err((_, e)) if concurrent_update(&e) && attempt < CONCURRENT_ATTEMPTS => self.backoff().await,
+                    Err((label, e)) => return Err(classify(&e, &label)),
+                }
+            }
+        }
+        // 4. a session that authenticated in the instant before NOLOGIN
+        self.terminate(&conn, &oids).await
+    }
+
+    async fn terminate(&self, conn: &tokio_postgres::Client, oids: &[u32]) -> Result<(), ProviderError> {
+        let wait = i64::try_from(self.cfg().terminate_wait_millis).unwrap_or(5000);
+        let rows = conn
+            .query(
+                "SELECT pid, pg_terminate_backend(pid, $2) FROM pg_stat_activity WHERE usesysid = ANY($1) AND pid <> pg_backend_pid()",
+                &[&oids, &wait],
+            )
+            .await
+            .map_err(|e| classify(&e, "terminating sessions"))?;
+        if let Some(r) = rows.iter().find(|r| !r.get::<_, bool>(1)) {
+            let pid: i32 = r.get(0);
+            return Err(ProviderError::retryable(format!(
+                "session pid {pid} did not exit within {} ms of being terminated",
+                self.cfg().terminate_wait_millis
+            )));
+        }
+        Ok(())
+    }
+
+    /// Revoke a chunk together; if that fails, each on its own so one bad
+    /// role does not hold back the others.
+    async fn revoke_chunk(&self, chunk: &[(usize, String)], role: Option<&Role>) -> Vec<(usize, Result<(), ProviderError>)> {
+        let names: Vec<String> = chunk.iter().map(|(_, n)| n.clone()).collect();
+        match self.drop_roles(&names, role).await {
+            Ok(()) => chunk.iter().map(|(i, _)| (*i, Ok(()))).collect(),
+            Err(e) if chunk.len() == 1 => vec![(chunk[0].0, Err(e))],
+            Err(_) => {
+                let mut out = Vec::with_capacity(chunk.len());
+                for (i, n) in chunk {
+                    out.push((*i, self.drop_roles(std::slice::from_ref(n), role).await));
+                }
+                out
+            }
+        }
+    }
+
+    /// Check the management role's privileges and dry-run every template in
+    /// a transaction that is rolled back. Errors name the template.
+    pub async fn check_templates(&self) -> Result<(), ProviderError> {
+        let mut conn = self.pool.get().await?;
+        let row = conn
+            .query_one(
+                "SELECT r.rolsuper, r.rolcreaterole, pg_has_role(current_user, 'pg_signal_backend', 'USAGE') \
+                 FROM pg_roles r WHERE r.rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(|e| classify(&e, "reading the management role"))?;
+        let (superuser, createrole, signal): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        let user = &self.cfg().user;
+        if !superuser && !createrole {
+            return Err(ProviderError::permanent(format!(
+                "the management role `{user}` lacks CREATEROLE (needed to create and drop leased roles)"
+            )));
+        }
+        if !superuser && !signal {
+            return Err(ProviderError::permanent(format!(
+                "the management role `{user}` is not a member of pg_signal_backend (needed to end leased roles' sessions)"
+            )));
+        }
+        let probe = format!("{}dryrun_{}", self.cfg().role_prefix, hex(&self.random_bytes::<8>()?));
+        let verifier = postgres_protocol::password::scram_sha_256(self.password()?.as_bytes());
+        let until = rfc3339(Timestamp::from_unix_millis(0).unix_seconds().saturating_add(4_102_444_800));
+        for (name, role) in &self.roles {
+            let scopes: Vec<&str> = role.cfg.scopes.iter().map(String::as_str).collect();
+            let mut sql = self.creation_sql(role, &probe, &verifier, &until, &scopes);
+            for (i, t) in role.revocation.iter().enumerate() {
+                sql.push((format!("revocation_statements[{i}]"), t.expand(&Values { name: &probe, ..Values::default() })));
+            }
+            if role.cfg.drop_owned {
+                sql.push(("DROP OWNED".to_owned(), format!("DROP OWNED BY {}", escape_identifier(&probe))));
+            }
+            let tx = conn.transaction().await.map_err(|e| classify(&e, "starting the dry run"))?;
+            for (label, stmt) in &sql {
+                if let Err(e) = tx.batch_execute(stmt).await {
+                    let err = classify(&e, &format!("role template `{name}` failed its dry run at {label}"));
+                    let _ = tx.rollback().await;
+                    return Err(ProviderError { message: redact(&err.message, &[&verifier]), ..err });
+                }
+            }
+            tx.rollback().await.map_err(|e| classify(&e, "rolling back the dry run"))?;
+        }
+        Ok(())
+    }
+
+    /// A short random pause before running a transaction again.
+    async fn backoff(&self) {
+        let jitter = self.random_bytes::<1>().map_or(5, |b| u64::from(b[0] % 20));
+        tokio::time::sleep(Duration::from_millis(2 + jitter)).await;
+    }
+
+    fn random_bytes<const N: usize>(&self) -> Result<[u8; N], ProviderError> {
+        use ring::rand::SecureRandom as _;
+        let mut b = [0u8; N];
+        self.rng.fill(&mut b).map_err(|_| ProviderError::retryable("the system random source failed"))?;
+        Ok(b)
+    }
+}
+
+/// Run statements in one transaction; on failure, which one and why (the
+/// transaction is rolled back).
+async fn run_in_transaction(
+    conn: &mut tokio_postgres::Client,
+    sql: &[(String, String)],
+) -> Result<(), (String, tokio_postgres::Error)> {
+    let tx = conn.transaction().await.map_err(|e| ("starting a transaction".to_owned(), e))?;
+    for (label, stmt) in sql {
+        if let Err(e) = tx.batch_execute(stmt).await {
+            let _ = tx.rollback().await;
+            return Err((label.clone(), e));
+        }
+    }
+    tx.commit().await.map_err(|e| ("committing".to_owned(), e))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// RFC 3339 in UTC for whole seconds since the epoch.
+fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| "infinity".into())
+}
+
+/// Replace every secret in an error message (the server may quote a
+/// statement's literal in a syntax error).
+fn redact(message: &str, secrets: &[&str]) -> String {
+    secrets.iter().filter(|s| !s.is_empty()).fold(message.to_owned(), |m, s| m.replace(s, "[REDACTED]"))
+}
+
+#[async_trait::async_trait]
+impl Provider for PostgresProvider {
+    fn describe(&self) -> Description {
+        Description {
+            kind: "postgres",
+            roles: self
+                .roles
+                .iter()
+                .map(|(name, r)| RoleInfo {
+                    name: name.clone(),
+                    max_ttl: Duration::from_secs(r.cfg.max_ttl_seconds),
+                    description: r.cfg.description.clone(),
+                })
+                .collect(),
+            revocation: "blocks logins, terminates the role's sessions, drops what it owns and drops the role".into(),
+        }
+    }
+
+    fn validate(&self, role: &str, scope: &[String]) -> Result<Duration, ProviderError> {
+        let r = self.role(role)?;
+        self.narrow(role, r, scope)?;
+        Ok(Duration::from_secs(r.cfg.max_ttl_seconds))
+    }
+
+    async fn health(&self) -> Result<(), ProviderError> {
+        self.check_templates().await
+    }
+
+    async fn issue(&self, spec: &LeaseSpec) -> Result<Issued, ProviderError> {
+        let role = self.role(&spec.role)?;
+        let scopes = self.narrow(&spec.role, role, &spec.scope)?;
+        let name = self.role_name(&spec.lease_id)?;
+        let password = self.password()?;
+        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        let expires = spec.expires_at.unix_seconds();
+        let until = rfc3339(expires);
+        let sql = self.creation_sql(role, &name, &verifier, &until, &scopes);
+        let mut conn = self.pool.get().await?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match run_in_transaction(&mut conn, &sql).await {
+                Ok(()) => break,
+                Err((_, e)) if concurrent_update(&e) && attempt < CONCURRENT_ATTEMPTS => self.backoff().await,
+                Err((label, e)) => {
+                    let err = classify(&e, &format!("role template `{}`: {label}", spec.role));
+                    return Err(ProviderError { message: redact(&err.message, &[&password, &verifier]), ..err });
+                }
+            }
+        }
+        let cfg = self.cfg();
+        Ok(Issued {
+            credential: Credential::new()
+                .public("username", name.clone())
+                .secret("password", password.as_str())
+                .public("host", cfg.host.clone())
+                .public("port", cfg.port.to_string())
+                .public("database", cfg.database.clone()),
+            handle: RevocationHandle::new(name.clone().into_bytes()),
+            expires_at: Timestamp::from_unix_millis(expires.saturating_mul(1000)),
+            description: format!(
+                "postgres role {name} on {}:{}/{} from template {}, valid until {until}",
+                cfg.host, cfg.port, cfg.database, spec.role
+            ),
+        })
+    }
+
+    async fn revoke(&self, lease: &RevokeSpec) -> Result<(), ProviderError> {
+        let name = handle_name(&lease.handle)?;
+        self.drop_roles(&[name], self.roles.get(&lease.role)).await
+    }
+
+    async fn revoke_many(&self, leases: &[RevokeSpec]) -> Vec<Result<(), ProviderError>> {
+        let mut out: Vec<Option<Result<(), ProviderError>>> = (0..leases.len()).map(|_| None).collect();
+        // group by template (their revocation statements differ), then chunk
+        let mut groups: BTreeMap<&str, Vec<(usize, String)>> = BTreeMap::new();
+        for (i, l) in leases.iter().enumerate() {
+            match handle_name(&l.handle) {
+                Ok(n) => groups.entry(l.role.as_str()).or_default().push((i, n)),
+                Err(e) => out[i] = Some(Err(e)),
+            }
+        }
+        let chunks: Vec<(&str, &[(usize, String)])> =
+            groups.iter().flat_map(|(r, items)| items.chunks(BATCH).map(move |c| (*r, c))).collect();
+        let width = self.cfg().pool_size.max(1);
+        type Chunk<'a> = futures_util::future::BoxFuture<'a, Vec<(usize, Result<(), ProviderError>)>>;
+        let futures: Vec<Chunk<'_>> =
+            chunks.into_iter().map(|(r, c)| Box::pin(self.revoke_chunk(c, self.roles.get(r))) as Chunk<'_>).collect();
+        let results: Vec<Vec<(usize, Result<(), ProviderError>)>> =
+            futures_util::stream::iter(futures).buffer_unordered(width).collect().await;
+        for (i, r) in results.into_iter().flatten() {
+            out[i] = Some(r);
+        }
+        out.into_iter().map(|r| r.unwrap_or_else(|| Err(ProviderError::permanent("not attempted")))).collect()
+    }
+
+    async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError> {
+        let name = self.role_name(&spec.lease_id)?;
+        self.drop_roles(&[name], self.roles.get(&spec.role)).await
+    }
+
+    async fn inventory(&self) -> Result<Option<Vec<Found>>, ProviderError> {
+        let conn = self.pool.get().await?;
+        let prefix = &self.cfg().role_prefix;
+        let rows = conn
+            .query(
+                "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname::text, $1) ORDER BY rolname",
+                &[prefix],
+            )
+            .await
+            .map_err(|e| classify(&e, "listing leased roles"))?;
+        Ok(Some(
+            rows.iter()
+                .map(|r| {
+                    let name: String = r.get(0);
+                    let lease_id = name.strip_prefix(prefix.as_str()).filter(|l| l.starts_with("lease_")).map(str::to_owned);
+                    Found { name, lease_id }
+                })
+                .collect(),
+        ))
+    }
+
+    async fn remove(&self, found: &Found) -> Result<(), ProviderError> {
+        self.drop_roles(std::slice::from_ref(&found.name), None).await
+    }
+}
+
+fn handle_name(h: &RevocationHandle) -> Result<String, ProviderError> {
+    std::str::from_utf8(h.as_bytes())
+        .map(str::to_owned)
+        .map_err(|_| ProviderError::permanent("the revocation handle is not a role name"))
+}
+
+/// Why a login with a leased credential failed, for probes and tests.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    db_message(e)
+}
