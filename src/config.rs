@@ -300,10 +300,11 @@ pub struct OperatorConfig {
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum ProviderConfig {
     Token(TokenProviderConfig),
+    Postgres(leasehold_provider_postgres::PostgresConfig),
 }
 
 /// The provider kinds this build knows, as written in `type`.
-pub const PROVIDER_TYPES: &[&str] = &["token"];
+pub const PROVIDER_TYPES: &[&str] = &["token", "postgres"];
 
 // Dispatch on `type` by hand rather than with serde's internally tagged
 // enums, which buffer the table and lose the field path of errors: this way
@@ -325,6 +326,7 @@ impl<'de> Deserialize<'de> for ProviderConfig {
         let body = toml::Value::Table(table);
         match kind.as_str() {
             "token" => body.try_into().map(Self::Token).map_err(|e| D::Error::custom(e.to_string().trim_end())),
+            "postgres" => body.try_into().map(Self::Postgres).map_err(|e| D::Error::custom(e.to_string().trim_end())),
             other => Err(D::Error::custom(format!(
                 "unknown provider type `{other}`; expected one of: {}",
                 PROVIDER_TYPES.join(", ")
@@ -337,6 +339,7 @@ impl ProviderConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Token(_) => "token",
+            Self::Postgres(_) => "postgres",
         }
     }
 }
@@ -519,6 +522,11 @@ impl Config {
         for p in self.providers.values_mut() {
             match p {
                 ProviderConfig::Token(t) => fix(&mut t.signing_key_file),
+                ProviderConfig::Postgres(p) => {
+                    for f in [p.password_file.as_mut(), p.ca_file.as_mut()].into_iter().flatten() {
+                        fix(f);
+                    }
+                }
             }
         }
     }
@@ -530,6 +538,15 @@ impl Config {
             match p {
                 ProviderConfig::Token(t) => {
                     for (role, r) in &t.roles {
+                        out.push(crate::policy::RoleEntity {
+                            provider: name.clone(),
+                            role: role.clone(),
+                            max_ttl: r.max_ttl_seconds,
+                        });
+                    }
+                }
+                ProviderConfig::Postgres(p) => {
+                    for (role, r) in &p.roles {
                         out.push(crate::policy::RoleEntity {
                             provider: name.clone(),
                             role: role.clone(),
@@ -665,6 +682,12 @@ impl Config {
             }
             match p {
                 ProviderConfig::Token(t) => validate_token(&field, t, l)?,
+                ProviderConfig::Postgres(p) => {
+                    p.validate(l.max_lease_ttl_seconds).map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
+                    if let Some(role) = p.roles.keys().find(|r| !is_name(r)) {
+                        return Err(invalid(format!("{field}.roles.{role}"), "role names are 1-64 of [A-Za-z0-9_-]"));
+                    }
+                }
             }
         }
         Ok(())
@@ -787,6 +810,19 @@ impl Config {
                             "not an Ed25519 PKCS#8 key (make one with `leasehold keygen token`)",
                         )
                     })?;
+                }
+                ProviderConfig::Postgres(p) => {
+                    for (k, f) in [("password_file", &p.password_file), ("ca_file", &p.ca_file)] {
+                        if let Some(f) = f {
+                            std::fs::metadata(f)
+                                .map_err(|e| invalid(format!("providers.{name}.{k}"), format!("{}: {e}", f.display())))?;
+                        }
+                    }
+                    if let Some(var) = &p.password_env
+                        && std::env::var_os(var).is_none()
+                    {
+                        return Err(invalid(format!("providers.{name}.password_env"), format!("{var} is not set")));
+                    }
                 }
             }
         }
@@ -928,7 +964,7 @@ max_ttl_seconds = 600
         std::fs::write(&p, MINIMAL).unwrap();
         let c = Config::load(&p).unwrap();
         assert_eq!(c.store.path, dir.path().join("leasehold.redb"));
-        let ProviderConfig::Token(t) = &c.providers["token"];
+        let ProviderConfig::Token(t) = &c.providers["token"] else { panic!("a token provider") };
         assert_eq!(t.signing_key_file, dir.path().join("token.pk8"));
     }
 }

@@ -98,9 +98,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             rt.block_on(leasehold::server::run(listener, config, Arc::new(SystemClock), shutdown_signal()))?;
         }
-        Command::Config { command: ConfigCommand::Validate { file } } => {
+        Command::Config { command: ConfigCommand::Validate { file, offline } } => {
             let cfg = leasehold::config::Config::load(&file)?;
             cfg.check_files()?;
+            if !offline {
+                let rt = runtime()?;
+                rt.block_on(leasehold::providers::dry_run(&cfg))?;
+            }
             println!(
                 "{}: valid ({} provider(s), {} workload issuer(s), {} operator(s))",
                 file.display(),
@@ -158,6 +162,10 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Command::Revoke { conn, command, selector } => {
             let rt = runtime()?;
             return Ok(print_result(rt.block_on(leasehold::cli::incident::revoke(&conn, command, selector))));
+        }
+        Command::Providers { conn, command } => {
+            let rt = runtime()?;
+            return Ok(print_result(rt.block_on(leasehold::cli::incident::providers(&conn, command))));
         }
         Command::Fence { conn, command } => {
             let rt = runtime()?;

@@ -29,6 +29,8 @@ pub struct ProviderEntry {
     pub description: Description,
     /// Set for token providers, which also serve JWKS and introspection.
     pub token: Option<Arc<TokenProvider>>,
+    /// Set for PostgreSQL providers (their templates can be dry-run).
+    pub postgres: Option<Arc<leasehold_provider_postgres::PostgresProvider>>,
 }
 
 /// Every provider of this broker, by name.
@@ -38,7 +40,8 @@ pub struct Providers {
 }
 
 impl Providers {
-    pub fn build(cfg: &BTreeMap<String, ProviderConfig>, store: &Store) -> Result<Self, BuildError> {
+    /// `max_ttl` is the broker's lease ceiling (`limits.max_lease_ttl_seconds`).
+    pub fn build(cfg: &BTreeMap<String, ProviderConfig>, store: &Store, max_ttl: u64) -> Result<Self, BuildError> {
         let mut map = BTreeMap::new();
         for (name, pc) in cfg {
             let err = |message: String| BuildError { name: name.clone(), message };
@@ -73,7 +76,15 @@ impl Providers {
                         description: p.describe(),
                         provider: p.clone(),
                         token: Some(p),
+                        postgres: None,
                     }
+                }
+                ProviderConfig::Postgres(pc) => {
+                    let p = Arc::new(
+                        leasehold_provider_postgres::PostgresProvider::new(pc.clone(), max_ttl)
+                            .map_err(|e| err(e.to_string()))?,
+                    );
+                    ProviderEntry { name: name.clone(), description: p.describe(), provider: p.clone(), token: None, postgres: Some(p) }
                 }
             };
             map.insert(name.clone(), entry);
@@ -86,7 +97,7 @@ impl Providers {
         let description = provider.describe();
         self.map.insert(
             name.to_owned(),
-            ProviderEntry { name: name.to_owned(), provider, description, token: None },
+            ProviderEntry { name: name.to_owned(), provider, description, token: None, postgres: None },
         );
     }
 
@@ -146,4 +157,26 @@ impl Denylist for StoreDenylist {
         };
         self.store.read().and_then(|r| r.is_denied(id.0)).map_err(|e| e.to_string())
     }
+}
+
+/// `config validate`: dry-run every PostgreSQL role template against its
+/// database in a transaction that is rolled back. A database that cannot be
+/// reached is reported and skipped (the health check runs the same dry run
+/// once it is up); a template or privilege error fails, naming the provider
+/// and the template.
+pub async fn dry_run(config: &crate::config::Config) -> Result<(), BuildError> {
+    for (name, pc) in &config.providers {
+        let ProviderConfig::Postgres(p) = pc else { continue };
+        let err = |message: String| BuildError { name: name.clone(), message };
+        let provider = leasehold_provider_postgres::PostgresProvider::new(p.clone(), config.limits.max_lease_ttl_seconds)
+            .map_err(|e| err(e.to_string()))?;
+        match provider.check_templates().await {
+            Ok(()) => eprintln!("providers.{name}: every role template passed a dry run against {}:{}/{}", p.host, p.port, p.database),
+            Err(e) if e.is_retryable() => {
+                eprintln!("providers.{name}: not dry-run ({}); the health check will run it once the database is reachable", e.message);
+            }
+            Err(e) => return Err(err(e.message)),
+        }
+    }
+    Ok(())
 }

@@ -119,7 +119,7 @@ pub async fn run_with(
         &key,
     )?;
     drop(key);
-    let mut providers = Providers::build(&config.providers, &store)?;
+    let mut providers = Providers::build(&config.providers, &store, config.limits.max_lease_ttl_seconds)?;
     let mut roles = config.provider_roles();
     for (name, p) in overrides.providers {
         for r in &p.describe().roles {

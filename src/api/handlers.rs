@@ -702,6 +702,20 @@ pub async fn lift_fence(
     Ok(Json(serde_json::json!({ "lifted": fence_view(&f) })))
 }
 
+/// Compare a provider's peer with the store; remove orphans when asked.
+pub async fn reconcile(
+    State(s): State<AppState>,
+    caller: Caller,
+    rid: ReqId,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<ReconcileBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let broker = s.broker.clone();
+    let c = ctx(rid, caller.principal());
+    let report = detached(async move { broker.reconcile(&caller, &name, body.drop, &c).await }).await?;
+    Ok(Json(report))
+}
+
 pub async fn abandon_lease(
     State(s): State<AppState>,
     caller: Caller,

@@ -72,6 +72,7 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route("/v1/revocations/{id}", get(handlers::get_revocation))
         .route("/v1/fences", get(handlers::list_fences))
         .route("/v1/fences/lift", post(handlers::lift_fence))
+        .route("/v1/providers/{name}/reconcile", post(handlers::reconcile))
         .route("/v1/blast-radius", get(handlers::blast_radius))
         .route("/v1/stats", get(handlers::stats))
         .route("/v1/events", get(handlers::events))

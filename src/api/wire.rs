@@ -310,6 +310,15 @@ pub struct LiftFenceBody {
     pub reason: String,
 }
 
+/// `POST /v1/providers/{name}/reconcile`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileBody {
+    /// Remove the orphans found (default: report only).
+    #[serde(default)]
+    pub drop: bool,
+}
+
 /// `POST /v1/leases/{id}/abandon`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

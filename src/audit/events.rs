@@ -278,6 +278,20 @@ impl Auditor {
         Pending::new(kind, ms(now), &links, data, None)
     }
 
+    /// `provider.reconciled`: what a reconciliation found at a provider
+    /// that no live lease accounts for, and whether it was removed.
+    pub fn reconciled(&self, provider: &str, report: &serde_json::Value, by: &str, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
+        let links = Links { request_id: ctx.request_id.clone(), provider: Some(provider.to_owned()), ..Links::default() };
+        let data = event_data![
+            ("by", by),
+            ("found", report["found"].clone()),
+            ("accounted", report["accounted"].clone()),
+            ("orphans", report["orphans"].clone()),
+            ("drop", report["drop"].clone()),
+        ];
+        Pending::new(EventKind::ProviderReconciled, ms(now), &links, data, None)
+    }
+
     /// `revocation_job.started` / `.finished`.
     pub fn job(&self, j: &crate::store::JobRecord, finished: Option<serde_json::Value>, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
         let s = &j.selector;

@@ -65,10 +65,11 @@ pub enum EventKind {
     LeaseAbandoned,
     JobStarted,
     JobFinished,
+    ProviderReconciled,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 26] = [
+    pub const ALL: [EventKind; 27] = [
         Self::BrokerStarted,
         Self::BrokerStopped,
         Self::AuthDenied,
@@ -95,6 +96,7 @@ impl EventKind {
         Self::LeaseAbandoned,
         Self::JobStarted,
         Self::JobFinished,
+        Self::ProviderReconciled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -125,6 +127,7 @@ impl EventKind {
             Self::LeaseAbandoned => "lease.abandoned",
             Self::JobStarted => "revocation_job.started",
             Self::JobFinished => "revocation_job.finished",
+            Self::ProviderReconciled => "provider.reconciled",
         }
     }
 

@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::client::{Client, ClientError, api_error, seg, urlencode};
-use super::{Connection, FenceCommand, RevokeCommand, RevokeSelector};
+use super::{Connection, FenceCommand, ProvidersCommand, RevokeCommand, RevokeSelector};
 
 /// Start a job (or a dry run) from the selector flags, or run a subcommand.
 pub async fn revoke(conn: &Connection, command: Option<RevokeCommand>, sel: RevokeSelector) -> Result<Value, ClientError> {
@@ -188,6 +188,16 @@ pub async fn fence(conn: &Connection, command: FenceCommand) -> Result<Value, Cl
             };
             let body = json!({ "kind": kind, "value": value, "reason": reason });
             c.call(Method::POST, "/v1/fences/lift", Some(body)).await
+        }
+    }
+}
+
+pub async fn providers(conn: &Connection, command: ProvidersCommand) -> Result<Value, ClientError> {
+    let c = Client::new(conn)?;
+    match command {
+        ProvidersCommand::Reconcile { name, drop } => {
+            let path = format!("/v1/providers/{}/reconcile", seg(&name));
+            c.call(Method::POST, &path, Some(json!({ "drop": drop }))).await
         }
     }
 }

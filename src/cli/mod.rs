@@ -121,6 +121,13 @@ pub enum Command {
         #[command(flatten)]
         selector: RevokeSelector,
     },
+    /// Provider maintenance (admin, responder).
+    Providers {
+        #[command(flatten)]
+        conn: Connection,
+        #[command(subcommand)]
+        command: ProvidersCommand,
+    },
     /// Fences: who gets nothing new (responder).
     Fence {
         #[command(flatten)]
@@ -203,6 +210,24 @@ pub enum RevokeCommand {
     },
     /// Every job.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProvidersCommand {
+    /// List what a provider's peer holds with the broker's mark (PostgreSQL:
+    /// roles with the configured prefix) that no live lease accounts for,
+    /// and with --drop remove it. Never touches anything without the mark.
+    /// Recorded in the event chain.
+    ///
+    /// Example: leasehold providers reconcile appdb --drop
+    Reconcile {
+        /// The provider's name in the config.
+        #[arg(value_name = "PROVIDER")]
+        name: String,
+        /// Remove the orphans found (default: report only).
+        #[arg(long)]
+        drop: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,10 +358,16 @@ pub enum EventsCommand {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Parse and validate a configuration, and check every file it names;
-    /// exactly the checks `serve` runs before it binds.
+    /// exactly the checks `serve` runs before it binds. Then, where the
+    /// database is reachable, dry-run every PostgreSQL role template in a
+    /// transaction that is rolled back (an unreachable database is a note,
+    /// not a failure: the health check runs the same dry run).
     Validate {
         #[arg(value_name = "FILE")]
         file: PathBuf,
+        /// Skip the dry runs against provider peers.
+        #[arg(long)]
+        offline: bool,
     },
 }
 

@@ -26,6 +26,8 @@ use crate::task::check_text;
 /// Leases claimed per transaction by a job.
 const CHUNK: usize = 2048;
 
+mod reconcile;
+
 /// The background tasks of running jobs, and their stop signal.
 #[derive(Debug)]
 pub struct JobRunner {

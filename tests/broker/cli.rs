@@ -4,7 +4,7 @@ use serde_json::Value;
 
 use crate::harness::{Harness, Options};
 
-async fn leasehold(h: &Harness, args: &[&str]) -> (bool, Value, String) {
+pub(crate) async fn leasehold(h: &Harness, args: &[&str]) -> (bool, Value, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"));
     cmd.args(args)
         .env("LEASEHOLD_CREDENTIALS", h.dir.path().join("dev-credentials.json"))

@@ -49,7 +49,7 @@ async fn token_provider_conforms_on_the_durable_store() {
     let key = StoreKey::from_file(config.store.key_file.as_ref().unwrap()).unwrap();
     let opts = StoreOptions::new(&config.store.path);
     let store = Store::open(&opts, &key).unwrap();
-    let providers = Providers::build(&config.providers, &store).unwrap();
+    let providers = Providers::build(&config.providers, &store, config.limits.max_lease_ttl_seconds).unwrap();
     let token = providers.get("token").unwrap().token.clone().unwrap();
     let specs = Specs(AtomicU64::new(0), SystemClock.now());
     let report = conformance::run(token.as_ref(), &Introspect(&token), &specs, "demo").await.unwrap();
@@ -62,7 +62,7 @@ async fn token_provider_conforms_on_the_durable_store() {
     drop((providers, token));
     drop(store);
     let store = Store::open(&opts, &key).unwrap();
-    let providers = Providers::build(&config.providers, &store).unwrap();
+    let providers = Providers::build(&config.providers, &store, config.limits.max_lease_ttl_seconds).unwrap();
     let token = providers.get("token").unwrap().token.clone().unwrap();
     assert!(!token.introspect(issued.credential.expose("token").unwrap(), SystemClock.now()).active);
 }

@@ -20,6 +20,7 @@ mod isolation;
 mod lifecycle;
 mod metrics;
 mod policy;
+mod postgres;
 mod restart;
 mod retry;
 mod secrets;

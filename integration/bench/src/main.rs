@@ -163,9 +163,9 @@ fn setup(dir: &Path, addr: std::net::SocketAddr, long_leases: bool) -> anyhow::R
         config.limits.max_task_ttl_seconds = 7 * 86_400;
         config.limits.max_lease_ttl_seconds = 86_400;
         for p in config.providers.values_mut() {
-            let leasehold::config::ProviderConfig::Token(t) = p;
-            for r in t.roles.values_mut() {
-                r.max_ttl_seconds = 86_400;
+            match p {
+                leasehold::config::ProviderConfig::Token(t) => t.roles.values_mut().for_each(|r| r.max_ttl_seconds = 86_400),
+                leasehold::config::ProviderConfig::Postgres(pg) => pg.roles.values_mut().for_each(|r| r.max_ttl_seconds = 86_400),
             }
         }
     }
@@ -528,7 +528,7 @@ async fn populate(config_path: &Path, clock: Arc<dyn Clock>, leases: usize, ttl:
     let config = leasehold::config::Config::load(config_path)?;
     let key = StoreKey::from_file(config.store.key_file.as_ref().context("key_file")?)?;
     let store = Store::open(&StoreOptions::new(&config.store.path), &key)?;
-    let providers = Providers::build(&config.providers, &store)?;
+    let providers = Providers::build(&config.providers, &store, config.limits.max_lease_ttl_seconds)?;
     let policy = Arc::new(leasehold::policy::PolicyEngine::load(&config.policy.dir, config.provider_roles()).map_err(|e| anyhow::anyhow!("{e}"))?);
     let broker = Arc::new(Broker::new(
         store,

@@ -1,0 +1,100 @@
+//! Reconciliation: what a provider's peer holds with the broker's mark
+//! (a PostgreSQL role with the prefix) that no live lease accounts for.
+//! Recovery for crashes outside the broker's control (a restored database
+//! backup, a role created by hand, a store lost with its intents). Reports
+//! by default; removes only when asked, and only what carries the mark.
+
+use serde_json::{Value, json};
+
+use crate::audit::{self, Ctx};
+use crate::auth::Caller;
+use crate::broker::{Broker, BrokerError};
+use crate::config::OperatorRole;
+use crate::ids::LeaseId;
+use crate::store::LeaseState;
+
+impl Broker {
+    /// Compare a provider's inventory with the store; with `drop`, remove
+    /// the orphans. Recorded as `provider.reconciled`.
+    pub async fn reconcile(&self, caller: &Caller, provider: &str, drop: bool, ctx: &Ctx) -> Result<Value, BrokerError> {
+        if !caller.has_any_role(&[OperatorRole::Admin, OperatorRole::Responder]) {
+            return Err(BrokerError::Forbidden { code: "forbidden", message: "reconciliation is for admins and responders".into() });
+        }
+        let entry = self
+            .providers
+            .get(provider)
+            .ok_or_else(|| BrokerError::invalid("unknown_provider", format!("no provider `{provider}`")))?
+            .clone();
+        let provider_err = |e: leasehold_provider::ProviderError| BrokerError::Provider {
+            provider: provider.to_owned(),
+            retryable: e.is_retryable(),
+            detail: e.message,
+        };
+        let Some(found) = entry.provider.inventory().await.map_err(provider_err)? else {
+            return Err(BrokerError::invalid(
+                "not_reconcilable",
+                format!("provider `{provider}` ({}) keeps nothing to reconcile: its credentials expire on their own", entry.description.kind),
+            ));
+        };
+        let mut orphans = Vec::new();
+        let mut accounted = 0usize;
+        {
+            let r = self.store.read()?;
+            for f in &found {
+                let lease = f.lease_id.as_deref().and_then(|l| l.parse::<LeaseId>().ok());
+                let rec = match lease {
+                    Some(id) => r.lease(id.0)?,
+                    None => None,
+                };
+                let live = rec.as_ref().is_some_and(|l| {
+                    l.provider == provider
+                        && matches!(l.state, LeaseState::Issuing | LeaseState::Active | LeaseState::Revoking | LeaseState::Irrevocable)
+                });
+                if live {
+                    accounted += 1;
+                    continue;
+                }
+                let reason = match (&lease, &rec) {
+                    (None, _) => "the name does not encode a lease id".to_owned(),
+                    (Some(_), None) => "no such lease in the store".to_owned(),
+                    (Some(_), Some(l)) if l.provider != provider => format!("the lease belongs to provider `{}`", l.provider),
+                    (Some(_), Some(l)) => format!("its lease is {}", l.state.as_str()),
+                };
+                orphans.push((f.clone(), rec.map(|l| l.state.as_str()), reason));
+            }
+        }
+        let mut listed = Vec::with_capacity(orphans.len());
+        for (f, state, reason) in orphans {
+            let mut v = json!({ "name": f.name, "lease_id": f.lease_id, "lease_state": state, "reason": reason, "removed": false });
+            if drop {
+                match entry.provider.remove(&f).await {
+                    Ok(()) => v["removed"] = json!(true),
+                    Err(e) => {
+                        tracing::warn!(provider, name = %f.name, error = %e, "could not remove an orphan");
+                        v["error"] = json!(e.message);
+                    }
+                }
+            }
+            listed.push(v);
+        }
+        let report = json!({
+            "provider": provider,
+            "found": found.len(),
+            "accounted": accounted,
+            "orphans": listed,
+            "drop": drop,
+        });
+        if !listed.is_empty() {
+            tracing::warn!(provider, orphans = listed.len(), drop, "reconciliation found credentials no lease accounts for");
+        }
+        let now = self.clock.now().unix_millis();
+        let (a, c, by, rep, name) = (self.auditor.clone(), ctx.clone(), caller.principal(), report.clone(), provider.to_owned());
+        self.store
+            .write(move |t| {
+                audit::append(t, &a, a.reconciled(&name, &rep, &by, &c, now))?;
+                Ok(())
+            })
+            .await?;
+        Ok(report)
+    }
+}
