@@ -3,10 +3,13 @@
 # peers the tests need on free loopback ports, run every test with
 # cargo-nextest, stop the peers. The last line is nextest's own summary.
 #
-# Peers today: none beyond the broker itself (the token provider's peer is
-# the broker's own store, and the tests start brokers themselves). Provider
-# issues add theirs here (PostgreSQL, OpenBao, moto), each started on a free
-# loopback port and stopped by its PID on exit.
+# Peers: the token provider's peer is the broker's own store, and the tests
+# start brokers themselves. PostgreSQL tests start a throwaway cluster each
+# (providers/postgres/src/testkit.rs: initdb as the `postgres` user when run
+# as root, a free loopback port, stopped on drop); they need the server
+# binaries, checked here so a missing one fails at once with how to get it.
+# Provider issues still to come add theirs here (OpenBao, moto), each started
+# on a free loopback port and stopped by its PID on exit.
 #
 # Extra arguments go to nextest, e.g. `integration/test.sh -E 'test(expiry)'`.
 set -euo pipefail
@@ -14,6 +17,17 @@ cd "$(dirname "$0")/.."
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "cargo-nextest is required: cargo install cargo-nextest --locked" >&2
+  exit 2
+fi
+
+if [ -z "${LEASEHOLD_PG_BINDIR:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    && ! command -v initdb >/dev/null 2>&1; then
+  echo "PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql-15," >&2
+  echo "or set LEASEHOLD_PG_BINDIR to their directory" >&2
+  exit 2
+fi
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  echo "running as root, the PostgreSQL tests need the 'postgres' user (initdb refuses root)" >&2
   exit 2
 fi
 

@@ -119,6 +119,25 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Issue 5's figures against a local PostgreSQL (a throwaway cluster,
+    /// fsync on): leases issued per second by 16 concurrent clients, and
+    /// the time one mass revocation takes to revoke them all (sessions
+    /// terminated, roles dropped).
+    Postgres {
+        #[arg(long, default_value_t = 10_000)]
+        leases: usize,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        /// The role template: `read` (group role + per-schema grants) or
+        /// `weird` (group role only).
+        #[arg(long, default_value = "read")]
+        role: String,
+        /// Idle sessions held open with leased credentials during the revocation.
+        #[arg(long, default_value_t = 50)]
+        sessions: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// The three figures of the broker core with their default sizes.
     All,
 }
@@ -181,7 +200,7 @@ const BENCH_POLICY: &str = r#"
 @id("open") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"OpenTask", resource);
 @id("read") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"Call", resource == Leasehold::Tool::"demo.read");
 @id("lease") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"Lease", resource)
-  when { resource.provider == "token" };
+  when { resource.provider == "token" || resource.provider == "appdb" };
 "#;
 
 fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
@@ -742,6 +761,113 @@ async fn expiry(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> 
     Ok(())
 }
 
+async fn postgres(bin: &Path, leases: usize, clients: usize, role: &str, sessions: usize, rounds: usize) -> anyhow::Result<()> {
+    use leasehold_provider_postgres::testkit::{Cluster, Options};
+    let (mut rates, mut revokes) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let cluster = Cluster::start_with(Options { fsync: std::env::var("BENCH_PG_FSYNC").map_or(true, |v| v != "0"), tls: None });
+        cluster.provision().await;
+        let dir = tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
+        let addr = free_addr()?;
+        let (config, creds) = setup(dir.path(), addr, true)?;
+        let mut cfg = leasehold::config::Config::load(&config)?;
+        let mut pg = cluster.provider_config();
+        pg.pool_size = 16;
+        cfg.providers.insert("appdb".into(), leasehold::config::ProviderConfig::Postgres(pg));
+        cfg.limits.max_leases_per_task = u32::try_from(leases).unwrap_or(u32::MAX);
+        std::fs::write(&config, cfg.to_toml()?)?;
+        let http = client(clients)?;
+        let base = format!("http://{addr}");
+        let mut server = Server::spawn(bin, &config, &dir.path().join("broker.log"))?;
+        wait_ready(&http, &base, &mut server).await?;
+        let a = creds.identities["assistant-a"].token.clone();
+        let responder = creds.identities["responder"].token.clone();
+
+        // issue: `clients` concurrent clients, one task each
+        let t0 = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for c in 0..clients {
+            let n = leases / clients + usize::from(c < leases % clients);
+            let (http, base, a, role) = (http.clone(), base.clone(), a.clone(), role.to_owned());
+            set.spawn(async move {
+                let task = post(&http, format!("{base}/v1/tasks"), &a, Some(json!({"purpose": "bench", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 86_400}))).await?;
+                let url = format!("{base}/v1/tasks/{}/leases", task["task_id"].as_str().unwrap_or_default());
+                let mut creds = Vec::new();
+                for _ in 0..n {
+                    let l = post(&http, url.clone(), &a, Some(json!({"provider": "appdb", "role": role, "ttl_seconds": 3600}))).await?;
+                    if creds.len() < 8 {
+                        creds.push(l["credential"].clone());
+                    }
+                }
+                anyhow::Ok(creds)
+            });
+        }
+        let mut sample = Vec::new();
+        while let Some(res) = set.join_next().await {
+            match res? {
+                Ok(c) => sample.extend(c),
+                Err(e) => {
+                    let log = std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(5).collect();
+                    bail!("{e}; the broker's last warnings:\n{}", tail.join("\n"));
+                }
+            }
+        }
+        let issue_secs = t0.elapsed().as_secs_f64();
+        let rate = leases as f64 / issue_secs;
+
+        // idle sessions with leased credentials
+        let mut open = Vec::new();
+        for c in sample.iter().cycle().take(sessions) {
+            let client = cluster
+                .connect(c["username"].as_str().unwrap_or_default(), c["password"].as_str().unwrap_or_default(), c["database"].as_str().unwrap_or_default())
+                .await?;
+            client.simple_query("SELECT 1").await?;
+            open.push(client);
+        }
+
+        // one mass revocation of every appdb lease
+        let start = Instant::now();
+        let job = post(&http, format!("{base}/v1/revocations"), &responder, Some(json!({"provider": "appdb", "reason": "bench"}))).await?;
+        let id = job["job_id"].as_str().unwrap_or_default().to_owned();
+        let status = loop {
+            let s: Value = http.get(format!("{base}/v1/revocations/{id}")).bearer_auth(&responder).send().await?.json().await?;
+            if s["state"] != "running" {
+                break s;
+            }
+            if start.elapsed() > Duration::from_secs(600) {
+                bail!("the job is still running after 10 minutes: {s}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let revoke_secs = start.elapsed().as_secs_f64();
+        let revoked = status["by_provider"]["appdb"]["revoked"].as_u64().unwrap_or(0);
+        let su = cluster.superuser("postgres").await;
+        let left: i64 = su.query_one("SELECT count(*) FROM pg_roles WHERE starts_with(rolname::text, 'lh_')", &[]).await?.get(0);
+        let alive = open.iter().filter(|c| !c.is_closed()).count();
+        server.stop()?;
+        if revoked != leases as u64 || left != 0 || alive != 0 {
+            bail!("revoked {revoked} of {leases}; {left} roles left; {alive} sessions alive: {status}");
+        }
+        println!(
+            "  round {}: issued {leases} in {issue_secs:.2} s ({rate:.0} leases/s, {clients} clients, template {role}); \
+             one job revoked all {leases} (roles dropped, {sessions} idle sessions terminated) in {revoke_secs:.2} s ({:.0}/s)",
+            r + 1,
+            leases as f64 / revoke_secs
+        );
+        rates.push(rate);
+        revokes.push(revoke_secs);
+    }
+    println!(
+        "postgres: {leases} leases issued at median {:.0} leases/s ({clients} clients, template {role}); \
+         revoked by one mass revocation in median {:.2} s (max {:.2} s); fsync on",
+        median(&mut rates),
+        median(&mut revokes.clone()),
+        revokes.iter().cloned().fold(0.0, f64::max)
+    );
+    Ok(())
+}
+
 async fn mass_revoke(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> {
     let (mut totals, mut refusals, mut posts) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
@@ -1047,6 +1173,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Restart { leases, rounds } => restart(&bin, leases, rounds).await,
         Cmd::Expiry { leases, rounds } => expiry(&bin, leases, rounds).await,
         Cmd::Revoke { leases, rounds } => mass_revoke(&bin, leases, rounds).await,
+        Cmd::Postgres { leases, clients, role, sessions, rounds } => postgres(&bin, leases, clients, &role, sessions, rounds).await,
         Cmd::Events { noop, rounds, seconds, events } => events_bench(&bin, &noop, rounds, seconds, events).await,
         Cmd::Policy { workloads, policies, decisions, calls_per_task, rounds, seconds } => {
             policy_latency(workloads, policies, decisions)?;

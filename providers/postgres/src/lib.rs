@@ -38,6 +38,7 @@ use leasehold_provider::{
     Timestamp,
 };
 use postgres_protocol::escape::escape_identifier;
+use tokio_postgres::error::SqlState;
 use zeroize::Zeroizing;
 
 pub use config::{ConfigError, PostgresConfig, PostgresRole, TlsMode, is_local};
@@ -183,8 +184,6 @@ impl PostgresProvider {
                 role.cfg.connection_limit,
             ),
         ));
-        // the management role needs the lease role's privileges to DROP OWNED
-        sql.push(("GRANT to the management role".to_owned(), format!("GRANT {} TO CURRENT_USER", escape_identifier(name))));
         for (i, t) in role.statements.iter().enumerate() {
             let base = Values { name, password: verifier, expiration: until, scope: None };
             let label = format!("statements[{i}]");
@@ -234,22 +233,34 @@ impl PostgresProvider {
                 }
             }
         }
-        if role.is_none_or(|r| r.cfg.drop_owned) {
-            // DROP OWNED needs the role's privileges: a role created behind
-            // the broker's back (an orphan) does not have us as a member yet
-            sql.push(("joining the roles".into(), format!("GRANT {} TO CURRENT_USER", quoted.join(", "))));
-            sql.push(("dropping what the roles own".into(), format!("DROP OWNED BY {}", quoted.join(", "))));
-        }
-        sql.push(("dropping the roles".into(), format!("DROP ROLE IF EXISTS {}", quoted.join(", "))));
+        let drop_roles = ("dropping the roles".to_owned(), format!("DROP ROLE IF EXISTS {}", quoted.join(", ")));
+        // Most roles own nothing and hold only group memberships: DROP ROLE
+        // alone does it. One that still holds privileges or owns objects
+        // makes it fail with 2BP01; then (if the template allows) the
+        // management role takes the roles' privileges for the length of the
+        // transaction (DROP OWNED needs them) and drops what they own. The
+        // membership is not kept between issue and revoke: a management
+        // role that is a member of thousands of roles makes every
+        // permission check PostgreSQL does for it slow.
+        let drop_owned = role.is_none_or(|r| r.cfg.drop_owned);
+        let mut thorough = sql.clone();
+        thorough.push(("joining the roles".into(), format!("GRANT {} TO CURRENT_USER", quoted.join(", "))));
+        thorough.push(("dropping what the roles own".into(), format!("DROP OWNED BY {}", quoted.join(", "))));
+        thorough.push(drop_roles.clone());
+        sql.push(drop_roles);
         {
-            // one revoker at a time in the catalogs: concurrent DROP OWNED
-            // on shared schemas only fight each other
+            // one at a time in the shared catalogs: concurrent DROP OWNED
+            // and GRANTs on one schema only fight each other
             let _catalog = self.catalog.lock().await;
+            let mut plan = &sql;
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                match run_in_transaction(&mut conn, &sql).await {
+                match run_in_transaction(&mut conn, plan).await {
                     Ok(()) => break,
+                    Err((_, e)) if e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) && drop_owned && plan.len() == sql.len() => {
+                        plan = &thorough;
+                    }
                     Err((_, e)) if concurrent_update(&e) && attempt < CONCURRENT_ATTEMPTS => self.backoff().await,
                     Err((label, e)) => return Err(classify(&e, &label)),
                 }
@@ -259,23 +270,35 @@ impl PostgresProvider {
         self.terminate(&conn, &oids).await
     }
 
+    /// Signal every session of these roles at once, then wait until all
+    /// have exited. (`pg_terminate_backend(pid, timeout)` would wait for
+    /// each in turn, polling at 100 ms: seconds for a few dozen sessions.)
     async fn terminate(&self, conn: &tokio_postgres::Client, oids: &[u32]) -> Result<(), ProviderError> {
-        let wait = i64::try_from(self.cfg().terminate_wait_millis).unwrap_or(5000);
-        let rows = conn
+        const LIVE: &str = "SELECT pid FROM pg_stat_activity WHERE usesysid = ANY($1) AND pid <> pg_backend_pid()";
+        let signalled = conn
             .query(
-                "SELECT pid, pg_terminate_backend(pid, $2) FROM pg_stat_activity WHERE usesysid = ANY($1) AND pid <> pg_backend_pid()",
-                &[&oids, &wait],
+                "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE usesysid = ANY($1) AND pid <> pg_backend_pid()",
+                &[&oids],
             )
             .await
             .map_err(|e| classify(&e, "terminating sessions"))?;
-        if let Some(r) = rows.iter().find(|r| !r.get::<_, bool>(1)) {
-            let pid: i32 = r.get(0);
-            return Err(ProviderError::retryable(format!(
-                "session pid {pid} did not exit within {} ms of being terminated",
-                self.cfg().terminate_wait_millis
-            )));
+        if signalled.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg().terminate_wait_millis);
+        loop {
+            let live = conn.query(LIVE, &[&oids]).await.map_err(|e| classify(&e, "waiting for sessions to end"))?;
+            let Some(row) = live.first() else { return Ok(()) };
+            if tokio::time::Instant::now() >= deadline {
+                let pid: i32 = row.get(0);
+                return Err(ProviderError::retryable(format!(
+                    "{} session(s) (pid {pid}, ...) still running {} ms after being terminated",
+                    live.len(),
+                    self.cfg().terminate_wait_millis
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Revoke a chunk together; if that fails, each on its own so one bad
@@ -329,8 +352,10 @@ impl PostgresProvider {
                 sql.push((format!("revocation_statements[{i}]"), t.expand(&Values { name: &probe, ..Values::default() })));
             }
             if role.cfg.drop_owned {
+                sql.push(("GRANT to the management role".to_owned(), format!("GRANT {} TO CURRENT_USER", escape_identifier(&probe))));
                 sql.push(("DROP OWNED".to_owned(), format!("DROP OWNED BY {}", escape_identifier(&probe))));
             }
+            sql.push(("DROP ROLE".to_owned(), format!("DROP ROLE {}", escape_identifier(&probe))));
             let tx = conn.transaction().await.map_err(|e| classify(&e, "starting the dry run"))?;
             for (label, stmt) in &sql {
                 if let Err(e) = tx.batch_execute(stmt).await {
@@ -430,6 +455,11 @@ impl Provider for PostgresProvider {
         let until = rfc3339(expires);
         let sql = self.creation_sql(role, &name, &verifier, &until, &scopes);
         let mut conn = self.pool.get().await?;
+        // Template statements GRANT on shared objects (a schema, its
+        // tables): PostgreSQL cannot update one object's ACL from two
+        // transactions at once, so those issues take turns with each other
+        // and with revocations. Group roles alone (`in_roles`) never wait.
+        let _catalog = if role.statements.is_empty() { None } else { Some(self.catalog.lock().await) };
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -31,10 +31,12 @@ pub struct Cluster {
     running: bool,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// `fsync = off` for speed; benchmarks keep it on.
     pub fsync: bool,
+    /// Serve TLS with this certificate and key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 fn bindir() -> PathBuf {
@@ -150,6 +152,18 @@ impl Cluster {
         let path = data.join("postgresql.conf");
         let mut existing = std::fs::read_to_string(&path).unwrap();
         existing.push_str(&conf);
+        if let Some((cert, key)) = &opts.tls {
+            use std::os::unix::fs::PermissionsExt as _;
+            for (src, dst) in [(cert, "server.crt"), (key, "server.key")] {
+                let to = data.join(dst);
+                std::fs::copy(src, &to).unwrap();
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&to, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            existing.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
         std::fs::write(&path, existing).unwrap();
         c.start_server();
         c

@@ -369,3 +369,37 @@ async fn batch_revoke_of_hundreds_with_live_sessions_and_some_already_gone() {
         assert!(s.query_one("SELECT 1", &[]).await.is_err(), "a session survived the batch");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_connections_verify_the_server_certificate() {
+    let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../integration/fixtures/tls");
+    let c = Cluster::start_with(leasehold_provider_postgres::testkit::Options {
+        fsync: false,
+        tls: Some((tls.join("server.pem"), tls.join("server.key"))),
+    });
+    c.provision().await;
+    let mut cfg = c.provider_config();
+    cfg.tls = leasehold_provider_postgres::TlsMode::VerifyFull;
+    cfg.ca_file = Some(tls.join("ca.pem"));
+    let p = PostgresProvider::new(cfg.clone(), MAX_TTL).unwrap();
+    p.health().await.unwrap();
+    let s = spec("weird", Duration::from_secs(600), &[]);
+    let i = p.issue(&s).await.unwrap();
+    let su = c.superuser("postgres").await;
+    let ssl: bool = su
+        .query_one("SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE usename = $1", &[&MANAGER])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the management connections use TLS");
+    p.revoke(&revoke_spec(&s, &i)).await.unwrap();
+    assert!(!role_exists(&c, i.credential.expose("username").unwrap()).await);
+
+    // a CA that did not sign the server's certificate: refused, and said so
+    let other = c.dir().join("other-ca.pem");
+    let pem = std::fs::read_to_string(tls.join("server.pem")).unwrap();
+    std::fs::write(&other, pem).unwrap();
+    cfg.ca_file = Some(other);
+    let e = PostgresProvider::new(cfg, MAX_TTL).unwrap().health().await.unwrap_err();
+    assert!(e.message.contains("cannot connect") && e.message.to_lowercase().contains("certificate"), "{}", e.message);
+}
