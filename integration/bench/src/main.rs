@@ -135,6 +135,9 @@ enum Cmd {
         /// Idle sessions held open with leased credentials during the revocation.
         #[arg(long, default_value_t = 50)]
         sessions: usize,
+        /// The provider's `scram_iterations` (PostgreSQL's default: 4096).
+        #[arg(long, default_value_t = 4096)]
+        scram_iterations: u32,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
@@ -761,7 +764,22 @@ async fn expiry(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn postgres(bin: &Path, leases: usize, clients: usize, role: &str, sessions: usize, rounds: usize) -> anyhow::Result<()> {
+/// Poll a revocation job until it is no longer running.
+async fn wait_job(http: &reqwest::Client, base: &str, token: &str, id: &str, start: Instant, limit: Duration) -> anyhow::Result<Value> {
+    loop {
+        let s: Value = http.get(format!("{base}/v1/revocations/{id}")).bearer_auth(token).send().await?.json().await?;
+        if s["state"] != "running" {
+            return Ok(s);
+        }
+        if start.elapsed() > limit {
+            bail!("the job is still running after {} s: {s}", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn postgres(bin: &Path, leases: usize, clients: usize, role: &str, sessions: usize, scram_iterations: u32, rounds: usize) -> anyhow::Result<()> {
     use leasehold_provider_postgres::testkit::{Cluster, Options};
     let (mut rates, mut revokes) = (Vec::new(), Vec::new());
     for r in 0..rounds {
@@ -773,6 +791,7 @@ async fn postgres(bin: &Path, leases: usize, clients: usize, role: &str, session
         let mut cfg = leasehold::config::Config::load(&config)?;
         let mut pg = cluster.provider_config();
         pg.pool_size = 16;
+        pg.scram_iterations = scram_iterations;
         cfg.providers.insert("appdb".into(), leasehold::config::ProviderConfig::Postgres(pg));
         cfg.limits.max_leases_per_task = u32::try_from(leases).unwrap_or(u32::MAX);
         std::fs::write(&config, cfg.to_toml()?)?;
@@ -830,16 +849,7 @@ async fn postgres(bin: &Path, leases: usize, clients: usize, role: &str, session
         let start = Instant::now();
         let job = post(&http, format!("{base}/v1/revocations"), &responder, Some(json!({"provider": "appdb", "reason": "bench"}))).await?;
         let id = job["job_id"].as_str().unwrap_or_default().to_owned();
-        let status = loop {
-            let s: Value = http.get(format!("{base}/v1/revocations/{id}")).bearer_auth(&responder).send().await?.json().await?;
-            if s["state"] != "running" {
-                break s;
-            }
-            if start.elapsed() > Duration::from_secs(600) {
-                bail!("the job is still running after 10 minutes: {s}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let status = wait_job(&http, &base, &responder, &id, start, Duration::from_secs(600)).await?;
         let revoke_secs = start.elapsed().as_secs_f64();
         let revoked = status["by_provider"]["appdb"]["revoked"].as_u64().unwrap_or(0);
         let su = cluster.superuser("postgres").await;
@@ -859,7 +869,7 @@ async fn postgres(bin: &Path, leases: usize, clients: usize, role: &str, session
         revokes.push(revoke_secs);
     }
     println!(
-        "postgres: {leases} leases issued at median {:.0} leases/s ({clients} clients, template {role}); \
+        "postgres: {leases} leases issued at median {:.0} leases/s ({clients} clients, template {role}, scram_iterations {scram_iterations}); \
          revoked by one mass revocation in median {:.2} s (max {:.2} s); fsync on",
         median(&mut rates),
         median(&mut revokes.clone()),
@@ -915,16 +925,7 @@ async fn mass_revoke(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result
         let started = post(&http, format!("{base}/v1/revocations"), &responder, Some(body)).await?;
         let answered = start.elapsed().as_secs_f64() * 1000.0;
         let job = started["job_id"].as_str().unwrap_or_default().to_owned();
-        let status = loop {
-            let s: Value = http.get(format!("{base}/v1/revocations/{job}")).bearer_auth(&responder).send().await?.json().await?;
-            if s["state"] != "running" {
-                break s;
-            }
-            if start.elapsed() > Duration::from_secs(300) {
-                bail!("the job is still running after 5 minutes: {s}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let status = wait_job(&http, &base, &responder, &job, start, Duration::from_secs(300)).await?;
         let observed = start.elapsed().as_secs_f64();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (mut first_refusal, mut last_grant) = (f64::MAX, 0.0f64);
@@ -1173,7 +1174,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Restart { leases, rounds } => restart(&bin, leases, rounds).await,
         Cmd::Expiry { leases, rounds } => expiry(&bin, leases, rounds).await,
         Cmd::Revoke { leases, rounds } => mass_revoke(&bin, leases, rounds).await,
-        Cmd::Postgres { leases, clients, role, sessions, rounds } => postgres(&bin, leases, clients, &role, sessions, rounds).await,
+        Cmd::Postgres { leases, clients, role, sessions, scram_iterations, rounds } => {
+            postgres(&bin, leases, clients, &role, sessions, scram_iterations, rounds).await
+        }
         Cmd::Events { noop, rounds, seconds, events } => events_bench(&bin, &noop, rounds, seconds, events).await,
         Cmd::Policy { workloads, policies, decisions, calls_per_task, rounds, seconds } => {
             policy_latency(workloads, policies, decisions)?;

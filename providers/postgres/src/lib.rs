@@ -343,7 +343,7 @@ impl PostgresProvider {
             )));
         }
         let probe = format!("{}dryrun_{}", self.cfg().role_prefix, hex(&self.random_bytes::<8>()?));
-        let verifier = postgres_protocol::password::scram_sha_256(self.password()?.as_bytes());
+        let verifier = self.scram_verifier(&self.password()?)?;
         let until = rfc3339(Timestamp::from_unix_millis(0).unix_seconds().saturating_add(4_102_444_800));
         for (name, role) in &self.roles {
             let scopes: Vec<&str> = role.cfg.scopes.iter().map(String::as_str).collect();
@@ -367,6 +367,30 @@ impl PostgresProvider {
             tx.rollback().await.map_err(|e| classify(&e, "rolling back the dry run"))?;
         }
         Ok(())
+    }
+
+    /// The SCRAM-SHA-256 verifier PostgreSQL stores for a password (RFC
+    /// 5802/7677): the server never sees the password itself. Our passwords
+    /// are printable ASCII, which SASLprep leaves as they are.
+    fn scram_verifier(&self, password: &str) -> Result<String, ProviderError> {
+        use base64::Engine as _;
+        use ring::{digest, hmac, pbkdf2};
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let iterations = self.cfg().scram_iterations;
+        let salt = self.random_bytes::<16>()?;
+        let mut salted = zeroize::Zeroizing::new([0u8; 32]);
+        let rounds = std::num::NonZeroU32::new(iterations).unwrap_or(std::num::NonZeroU32::MIN);
+        pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA256, rounds, &salt, password.as_bytes(), &mut salted[..]);
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &salted[..]);
+        let client_key = hmac::sign(&key, b"Client Key");
+        let stored_key = digest::digest(&digest::SHA256, client_key.as_ref());
+        let server_key = hmac::sign(&key, b"Server Key");
+        Ok(format!(
+            "SCRAM-SHA-256${iterations}:{}${}:{}",
+            b64.encode(salt),
+            b64.encode(stored_key.as_ref()),
+            b64.encode(server_key.as_ref())
+        ))
     }
 
     /// A short random pause before running a transaction again.
@@ -450,7 +474,7 @@ impl Provider for PostgresProvider {
         let scopes = self.narrow(&spec.role, role, &spec.scope)?;
         let name = self.role_name(&spec.lease_id)?;
         let password = self.password()?;
-        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        let verifier = self.scram_verifier(&password)?;
         let expires = spec.expires_at.unix_seconds();
         let until = rfc3339(expires);
         let sql = self.creation_sql(role, &name, &verifier, &until, &scopes);

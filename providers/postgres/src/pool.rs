@@ -130,33 +130,10 @@ impl Pool {
                 self.cfg.host, self.cfg.port, self.cfg.database, self.cfg.user
             ))
         };
-        let client = match &self.tls {
-            None => {
-                let (client, conn) = tokio::time::timeout(wait, c.connect(tokio_postgres::NoTls))
-                    .await
-                    .map_err(|_| unreachable("timed out".into()))?
-                    .map_err(|e| connect_error(&e, &unreachable))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "management connection closed");
-                    }
-                });
-                client
-            }
-            Some(tls) => {
-                let (client, conn) = tokio::time::timeout(wait, c.connect(tls.clone()))
-                    .await
-                    .map_err(|_| unreachable("timed out".into()))?
-                    .map_err(|e| connect_error(&e, &unreachable))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "management connection closed");
-                    }
-                });
-                client
-            }
-        };
-        Ok(client)
+        match &self.tls {
+            None => open(&c, tokio_postgres::NoTls, wait, &unreachable).await,
+            Some(tls) => open(&c, tls.clone(), wait, &unreachable).await,
+        }
     }
 
     fn password(&self) -> Result<Zeroizing<String>, ProviderError> {
@@ -174,9 +151,33 @@ impl Pool {
     }
 }
 
+/// Connect with a TLS mode (plain or rustls) and run the connection in the
+/// background.
+async fn open<T>(
+    c: &tokio_postgres::Config,
+    tls: T,
+    wait: Duration,
+    unreachable: &(dyn Fn(String) -> ProviderError + Sync),
+) -> Result<Client, ProviderError>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, conn) = tokio::time::timeout(wait, c.connect(tls))
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| connect_error(&e, unreachable))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "management connection closed");
+        }
+    });
+    Ok(client)
+}
+
 /// Authentication failures are the operator's to fix; anything else at
 /// connect time (refused, reset, starting up) may pass.
-fn connect_error(e: &tokio_postgres::Error, unreachable: &dyn Fn(String) -> ProviderError) -> ProviderError {
+fn connect_error(e: &tokio_postgres::Error, unreachable: &(dyn Fn(String) -> ProviderError + Sync)) -> ProviderError {
     match e.code() {
         Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
             ProviderError::permanent(format!("the management role was refused: {}", db_message(e)))

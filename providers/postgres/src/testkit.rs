@@ -322,6 +322,7 @@ impl Cluster {
             password_length: 32,
             password_alphabet: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789".into(),
             terminate_wait_millis: 5000,
+            scram_iterations: 4096,
             roles,
         }
     }

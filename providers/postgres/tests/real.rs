@@ -403,3 +403,29 @@ async fn management_connections_verify_the_server_certificate() {
     let e = PostgresProvider::new(cfg, MAX_TTL).unwrap().health().await.unwrap_err();
     assert!(e.message.contains("cannot connect") && e.message.to_lowercase().contains("certificate"), "{}", e.message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verifier_we_compute_is_what_the_server_checks_logins_against() {
+    let c = Cluster::start();
+    c.provision().await;
+    for iterations in [4096, 64] {
+        let mut cfg = c.provider_config();
+        cfg.scram_iterations = iterations;
+        let p = PostgresProvider::new(cfg, MAX_TTL).unwrap();
+        let s = spec("weird", Duration::from_secs(600), &[]);
+        let i = p.issue(&s).await.unwrap();
+        let name = i.credential.expose("username").unwrap();
+        let su = c.superuser("postgres").await;
+        let stored: String = su.query_one("SELECT rolpassword FROM pg_authid WHERE rolname = $1", &[&name]).await.unwrap().get(0);
+        assert!(stored.starts_with(&format!("SCRAM-SHA-256${iterations}:")), "{stored}");
+        let session = login(&c, &i.credential).await.unwrap();
+        session.query_one("SELECT 1", &[]).await.unwrap();
+        // a wrong password is refused: the server really checks
+        let wrong = Credential::new()
+            .public("username", name)
+            .secret("password", "x".repeat(32))
+            .public("database", DATABASE);
+        assert!(refused(&login(&c, &wrong).await.unwrap_err()));
+        p.revoke(&revoke_spec(&s, &i)).await.unwrap();
+    }
+}
