@@ -195,3 +195,35 @@ async fn reconcile_reports_orphans_and_drops_them_only_when_asked() {
     let session = login(&cluster, &live["credential"]).await.unwrap();
     session.query_one("SELECT 1", &[]).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_validate_dry_runs_templates_and_names_the_broken_one() {
+    let mut cluster = Cluster::start();
+    cluster.provision().await;
+    let h = start(&cluster, false).await;
+    let validate = |config: leasehold::config::Config, name: &str| {
+        let path = h.dir.path().join(name);
+        std::fs::write(&path, config.to_toml().unwrap()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold")).args(["config", "validate"]).arg(&path).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = validate(h.config.clone(), "good.toml");
+    assert!(ok, "{err}");
+    assert!(err.contains("providers.appdb: every role template passed a dry run"), "{err}");
+
+    let mut broken = h.config.clone();
+    let leasehold::config::ProviderConfig::Postgres(pg) = broken.providers.get_mut("appdb").unwrap() else { panic!("postgres") };
+    let mut t = pg.roles["writer"].clone();
+    t.statements = vec!["GRANT SELECT ON public.no_such_table TO {{name}}".into()];
+    pg.roles.insert("reports".into(), t);
+    let (ok, err) = validate(broken.clone(), "broken.toml");
+    assert!(!ok, "a template that cannot run fails validation");
+    assert!(err.contains("appdb") && err.contains("role template `reports`") && err.contains("no_such_table"), "{err}");
+    assert!(roles_with_prefix(&cluster).await.is_empty(), "the dry run left nothing behind");
+
+    // unreachable: a note, not a failure (the health check runs it later)
+    cluster.stop_server();
+    let (ok, err) = validate(broken, "down.toml");
+    assert!(ok, "{err}");
+    assert!(err.contains("not dry-run") && err.contains("health check"), "{err}");
+}
