@@ -94,6 +94,13 @@ pub struct PostgresRole {
     /// A call that names none gets all of them.
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// Scopes granted through group roles: a call naming `reporting` joins
+    /// the groups listed for it. Unlike per-lease GRANTs on a shared object
+    /// (whose ACL PostgreSQL keeps in one catalog row of at most ~8 kB:
+    /// about 600 grantees), group membership scales to any number of
+    /// concurrent leases and never makes issues wait for each other.
+    #[serde(default)]
+    pub scope_roles: BTreeMap<String, Vec<String>>,
     /// SQL run before the role is dropped (e.g. `REASSIGN OWNED BY {{name}}
     /// TO app_owner`). Placeholder: `{{name}}`.
     #[serde(default)]
@@ -242,6 +249,17 @@ impl PostgresConfig {
 }
 
 impl PostgresRole {
+    /// Every scope a call may ask for: `scopes` and the keys of `scope_roles`.
+    pub fn allowed_scopes(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self.scopes.iter().map(String::as_str).collect();
+        for k in self.scope_roles.keys() {
+            if !out.contains(&k.as_str()) {
+                out.push(k);
+            }
+        }
+        out
+    }
+
     fn validate(&self, field: &str, max_ttl: u64) -> Result<(), ConfigError> {
         if self.max_ttl_seconds == 0 || self.max_ttl_seconds > max_ttl {
             return Err(bad(format!("{field}.max_ttl_seconds"), format!("must be between 1 and {max_ttl}")));
@@ -252,6 +270,18 @@ impl PostgresRole {
         for (i, g) in self.in_roles.iter().enumerate() {
             if g.is_empty() || g.len() > MAX_IDENTIFIER || g.contains('\0') {
                 return Err(bad(format!("{field}.in_roles[{i}]"), format!("1-{MAX_IDENTIFIER} bytes, no NUL")));
+            }
+        }
+        for (scope, groups) in &self.scope_roles {
+            let f = format!("{field}.scope_roles.{scope}");
+            if scope.is_empty() || scope.len() > 128 {
+                return Err(bad(f, "a scope name of 1-128 bytes"));
+            }
+            if groups.is_empty() {
+                return Err(bad(f, "list at least one group role"));
+            }
+            if let Some(g) = groups.iter().find(|g| g.is_empty() || g.len() > MAX_IDENTIFIER || g.contains('\0')) {
+                return Err(bad(f, format!("`{}`: group role names are 1-{MAX_IDENTIFIER} bytes, no NUL", g.escape_default())));
             }
         }
         let mut uses_scope = false;
@@ -295,6 +325,7 @@ mod tests {
             in_roles: vec!["app_read".into()],
             statements: vec!["GRANT USAGE ON SCHEMA {{scope}} TO {{name}}".into()],
             scopes: vec!["public".into()],
+            scope_roles: BTreeMap::new(),
             revocation_statements: vec![],
             drop_owned: true,
             description: String::new(),

@@ -114,15 +114,16 @@ impl PostgresProvider {
     /// The scopes a lease gets: the call's, each within the template, or
     /// all of the template's when the call names none.
     fn narrow<'a>(&self, role_name: &str, role: &'a Role, scope: &'a [String]) -> Result<Vec<&'a str>, ProviderError> {
+        let allowed = role.cfg.allowed_scopes();
         if scope.is_empty() {
-            return Ok(role.cfg.scopes.iter().map(String::as_str).collect());
+            return Ok(allowed);
         }
         let mut out = Vec::new();
         for s in scope {
-            if !role.cfg.scopes.iter().any(|a| a == s) {
-                let allowed = if role.cfg.scopes.is_empty() { "none".to_owned() } else { role.cfg.scopes.join(", ") };
+            if !allowed.contains(&s.as_str()) {
+                let list = if allowed.is_empty() { "none".to_owned() } else { allowed.join(", ") };
                 return Err(ProviderError::invalid(format!(
-                    "scope `{}` is outside role template `{role_name}` (allowed: {allowed})",
+                    "scope `{}` is outside role template `{role_name}` (allowed: {list})",
                     s.escape_default()
                 )));
             }
@@ -167,10 +168,19 @@ impl PostgresProvider {
     /// what it is called in errors.
     fn creation_sql(&self, role: &Role, name: &str, verifier: &str, until: &str, scopes: &[&str]) -> Vec<(String, String)> {
         let mut sql = Vec::with_capacity(2 + role.statements.len());
-        let in_roles = if role.cfg.in_roles.is_empty() {
+        // the template's group roles, and those of each granted scope
+        let mut groups: Vec<&str> = role.cfg.in_roles.iter().map(String::as_str).collect();
+        for s in scopes {
+            for g in role.cfg.scope_roles.get(*s).into_iter().flatten() {
+                if !groups.contains(&g.as_str()) {
+                    groups.push(g);
+                }
+            }
+        }
+        let in_roles = if groups.is_empty() {
             String::new()
         } else {
-            let list: Vec<String> = role.cfg.in_roles.iter().map(|g| escape_identifier(g)).collect();
+            let list: Vec<String> = groups.iter().map(|g| escape_identifier(g)).collect();
             format!(" IN ROLE {}", list.join(", "))
         };
         sql.push((
@@ -188,7 +198,7 @@ impl PostgresProvider {
             let base = Values { name, password: verifier, expiration: until, scope: None };
             let label = format!("statements[{i}]");
             if t.uses(template::Placeholder::Scope) {
-                for s in scopes {
+                for s in scopes.iter().filter(|s| role.cfg.scopes.iter().any(|a| a == *s)) {
                     sql.push((format!("{label} for scope `{s}`"), t.expand(&Values { scope: Some(s), ..base })));
                 }
             } else {
@@ -346,7 +356,7 @@ impl PostgresProvider {
         let verifier = self.scram_verifier(&self.password()?)?;
         let until = rfc3339(Timestamp::from_unix_millis(0).unix_seconds().saturating_add(4_102_444_800));
         for (name, role) in &self.roles {
-            let scopes: Vec<&str> = role.cfg.scopes.iter().map(String::as_str).collect();
+            let scopes = role.cfg.allowed_scopes();
             let mut sql = self.creation_sql(role, &probe, &verifier, &until, &scopes);
             for (i, t) in role.revocation.iter().enumerate() {
                 sql.push((format!("revocation_statements[{i}]"), t.expand(&Values { name: &probe, ..Values::default() })));

@@ -277,8 +277,9 @@ impl Cluster {
 
     /// A provider config for this cluster: template `read` (group role
     /// `app_read` plus grants per scope), `weird` (a group role with a
-    /// quote, a space and Unicode in its name), `writer` (may create
-    /// tables in `public`).
+    /// quote, a space and Unicode in its name), `groups` (scopes `orders`
+    /// and `reporting` as group roles), `writer` (may create tables in
+    /// `public`).
     pub fn provider_config(&self) -> PostgresConfig {
         let role = |in_roles: Vec<&str>, statements: Vec<&str>, scopes: Vec<&str>| PostgresRole {
             max_ttl_seconds: 3600,
@@ -286,6 +287,7 @@ impl Cluster {
             in_roles: in_roles.into_iter().map(str::to_owned).collect(),
             statements: statements.into_iter().map(str::to_owned).collect(),
             scopes: scopes.into_iter().map(str::to_owned).collect(),
+            scope_roles: std::collections::BTreeMap::new(),
             revocation_statements: Vec::new(),
             drop_owned: true,
             description: String::new(),
@@ -303,6 +305,11 @@ impl Cluster {
             ),
         );
         roles.insert("weird".to_owned(), role(vec!["we\"ird role ü"], vec![], vec![]));
+        // scopes through group roles: `orders` joins app_read, `reporting` the weird group
+        let mut groups = role(vec![], vec![], vec![]);
+        groups.scope_roles.insert("orders".into(), vec!["app_read".into()]);
+        groups.scope_roles.insert("reporting".into(), vec!["we\"ird role ü".into()]);
+        roles.insert("groups".to_owned(), groups);
         roles.insert(
             "writer".to_owned(),
             role(vec![], vec!["GRANT CREATE, USAGE ON SCHEMA public TO {{name}}"], vec![]),

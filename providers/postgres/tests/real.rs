@@ -429,3 +429,24 @@ async fn the_verifier_we_compute_is_what_the_server_checks_logins_against() {
         p.revoke(&revoke_spec(&s, &i)).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_through_group_roles_grant_only_the_groups_asked_for() {
+    let (c, p) = started().await;
+    let s = spec("groups", Duration::from_secs(600), &["reporting"]);
+    let i = p.issue(&s).await.unwrap();
+    let client = login(&c, &i.credential).await.unwrap();
+    client.query_one("SELECT count(*) FROM reporting.daily", &[]).await.unwrap();
+    let e = client.query_one("SELECT count(*) FROM public.orders", &[]).await.unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE), "orders was not asked for: {e}");
+    // no scope: every group of the template
+    let s2 = spec("groups", Duration::from_secs(600), &[]);
+    let i2 = p.issue(&s2).await.unwrap();
+    let client2 = login(&c, &i2.credential).await.unwrap();
+    client2.query_one("SELECT count(*) FROM public.orders", &[]).await.unwrap();
+    client2.query_one("SELECT count(*) FROM reporting.daily", &[]).await.unwrap();
+    assert_eq!(p.validate("groups", &["app_read".into()]).unwrap_err().class, ErrorClass::Invalid, "a group name is not a scope");
+    // the roles hold no privilege of their own: revocation is a plain DROP ROLE
+    p.revoke_many(&[revoke_spec(&s, &i), revoke_spec(&s2, &i2)]).await.into_iter().for_each(|r| r.unwrap());
+    assert_eq!(p.inventory().await.unwrap().unwrap(), Vec::<Found>::new());
+}
