@@ -227,3 +227,53 @@ async fn config_validate_dry_runs_templates_and_names_the_broken_one() {
     assert!(ok, "{err}");
     assert!(err.contains("not dry-run") && err.contains("health check"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_database_secret_in_logs_at_trace_level() {
+    use crate::harness::{Child, Remote, child_config, free_port};
+    let cluster = Cluster::start();
+    cluster.provision().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let addr = free_port();
+    let pg = cluster.provider_config();
+    let (config, creds) = child_config(&data, addr, move |c| {
+        c.providers.insert("appdb".into(), leasehold::config::ProviderConfig::Postgres(pg.clone()));
+        permit_leases(c, "appdb");
+    });
+    let log = dir.path().join("broker.log");
+    let remote = Remote::new(addr);
+    // the operator asks for everything, tokio-postgres included
+    let mut child = Child::spawn(&config, addr, log.clone(), "trace,tokio_postgres=trace");
+    child.wait_healthy(&remote.http).await;
+    let a = &creds.identities["assistant-a"].token;
+    let task = remote.post(a, "/v1/tasks", Some(json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 600}))).await;
+    let task = task["task_id"].as_str().unwrap().to_owned();
+    let mut passwords = Vec::new();
+    let mut verifiers = Vec::new();
+    let su = cluster.superuser("postgres").await;
+    for scope in [vec![], vec!["public"]] {
+        let l = remote.post(a, &format!("/v1/tasks/{task}/leases"), Some(json!({"provider": "appdb", "role": "read", "ttl_seconds": 300, "scope": scope}))).await;
+        let cred = &l["credential"];
+        passwords.push(cred["password"].as_str().unwrap().to_owned());
+        let stored: String = su
+            .query_one("SELECT rolpassword FROM pg_authid WHERE rolname = $1", &[&cred["username"].as_str().unwrap()])
+            .await
+            .unwrap()
+            .get(0);
+        // SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>
+        let keys = stored.rsplit_once('$').unwrap().1.to_owned();
+        verifiers.extend(keys.split(':').map(str::to_owned));
+        login(&cluster, cred).await.unwrap().query_one("SELECT 1", &[]).await.unwrap();
+    }
+    remote.post(a, &format!("/v1/tasks/{task}/complete"), None).await;
+    assert!(child.terminate().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("lease issued") && text.contains("DEBUG"), "the log is at its most verbose: {}", &text[..text.len().min(3000)]);
+    let manager = std::fs::read_to_string(cluster.manager_password_file()).unwrap();
+    for (what, s) in passwords.iter().map(|p| ("leased password", p)).chain(verifiers.iter().map(|v| ("verifier key", v))).chain([("management password", &manager)]) {
+        assert!(!text.contains(s.trim()), "a {what} appears in the log");
+    }
+    assert!(!text.contains("CREATE ROLE"), "no statement text from the driver");
+}
