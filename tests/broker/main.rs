@@ -24,5 +24,6 @@ mod postgres;
 mod restart;
 mod retry;
 mod secrets;
+mod shutdown;
 mod tamper;
 mod tls;
