@@ -70,6 +70,10 @@ pub struct ServerConfig {
     /// the main listener to the admin and responder roles.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Per-workload, per-address and authentication-failure rate limits,
+    /// and the cap on requests in flight (429/503 with Retry-After).
+    #[serde(default)]
+    pub rate_limits: crate::api::limits::RateLimitConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -583,6 +587,9 @@ impl Config {
         }
         if s.request_timeout_seconds == 0 {
             return Err(invalid("server.request_timeout_seconds", "must be positive"));
+        }
+        if let Some((field, message)) = s.rate_limits.problem() {
+            return Err(invalid(format!("server.rate_limits.{field}"), message));
         }
         if let Some(m) = s.metrics_listen
             && m == s.listen

@@ -213,6 +213,7 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
             request_timeout_seconds: 30,
             shutdown_grace_seconds: 5,
             metrics_listen: None,
+            rate_limits: Default::default(),
         },
         store: StoreConfig {
             path: data.join("leasehold.redb"),

@@ -205,7 +205,8 @@ pub async fn run_with(
 
     let ready = Arc::new(AtomicBool::new(true));
     crate::metrics::install();
-    let state = AppState { broker: broker.clone(), auth, ready: ready.clone() };
+    let limits = Arc::new(crate::api::Limiter::new(config.server.rate_limits.clone()));
+    let state = AppState { broker: broker.clone(), auth, ready: ready.clone(), limits };
     if let Some(addr) = config.server.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let app = crate::api::metrics_router(state.clone());
@@ -249,6 +250,7 @@ pub async fn run_with(
         None => {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let (grace_tx, grace_rx) = tokio::sync::oneshot::channel::<()>();
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
                 let _ = drain_rx.await;
                 let _ = grace_tx.send(());
@@ -272,7 +274,7 @@ pub async fn run_with(
                 let _ = drain_rx.await;
                 h.graceful_shutdown(Some(grace));
             });
-            axum_server::from_tcp_rustls(listener, rustls)?.handle(handle).serve(app.into_make_service()).await?;
+            axum_server::from_tcp_rustls(listener, rustls)?.handle(handle).serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
         }
     }
 

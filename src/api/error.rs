@@ -17,13 +17,15 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     www_authenticate: bool,
+    /// Seconds for `Retry-After` (429, 503 when shedding load).
+    retry_after: Option<u64>,
     /// Extra top-level fields (a denial's decision, a policy's problems).
     extra: Option<Box<(&'static str, serde_json::Value)>>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), www_authenticate: false, extra: None }
+        Self { status, code, message: message.into(), www_authenticate: false, retry_after: None, extra: None }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -32,6 +34,19 @@ impl ApiError {
 
     pub fn unauthenticated(e: AuthError) -> Self {
         Self { www_authenticate: true, ..Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()) }
+    }
+
+    /// 429 with `Retry-After`.
+    pub fn too_many(code: &'static str, message: impl Into<String>, wait: std::time::Duration) -> Self {
+        Self {
+            retry_after: Some(super::limits::retry_after_secs(wait)),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+        }
+    }
+
+    /// 503: more requests in flight than `max_in_flight`.
+    pub fn overloaded() -> Self {
+        Self { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many requests in flight; retry shortly") }
     }
 
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
@@ -108,6 +123,11 @@ impl IntoResponse for ApiError {
             body[k] = v;
         }
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
         if self.www_authenticate {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"leasehold\""));

@@ -12,6 +12,7 @@
 
 mod error;
 mod handlers;
+pub mod limits;
 pub mod wire;
 
 use std::sync::Arc;
@@ -40,6 +41,47 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Turned false when shutdown begins, so readiness drains the broker.
     pub ready: Arc<AtomicBool>,
+    pub limits: Arc<Limiter>,
+}
+
+/// Rate limits and the cap on requests in flight (`server.rate_limits`).
+#[derive(Debug)]
+pub struct Limiter {
+    pub config: limits::RateLimitConfig,
+    pub buckets: limits::Buckets,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl Limiter {
+    pub fn new(config: limits::RateLimitConfig) -> Self {
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
+        Self { config, buckets: limits::Buckets::default(), in_flight }
+    }
+}
+
+/// The source address of a request, when the server recorded it.
+pub fn source_ip(ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    ext.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
+}
+
+/// Shed load beyond `max_in_flight` (503) and limit each source address
+/// (429), before anything else runs. Probes are exempt.
+async fn admission(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if matches!(path, "/v1/health" | "/v1/ready") {
+        return next.run(req).await;
+    }
+    let l = &state.limits;
+    if let Some(ip) = source_ip(req.extensions()) {
+        let c = &l.config;
+        if let Err(wait) = l.buckets.take(limits::Key::Address(ip), c.per_address_per_second, c.per_address_burst, std::time::Instant::now()) {
+            return axum::response::IntoResponse::into_response(error::ApiError::too_many("rate_limited", "too many requests from this address", wait));
+        }
+    }
+    let Ok(_permit) = l.in_flight.clone().try_acquire_owned() else {
+        return axum::response::IntoResponse::into_response(error::ApiError::overloaded());
+    };
+    next.run(req).await
 }
 
 /// Limits of the HTTP layer.
@@ -91,6 +133,7 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             limits.request_timeout,
         ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), admission))
         .layer(axum::middleware::from_fn_with_state(state.clone(), request_id))
         .with_state(state)
 }

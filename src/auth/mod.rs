@@ -266,15 +266,36 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        use crate::api::limits::Key;
+        let l = &state.limits;
+        let c = &l.config;
+        let ip = crate::api::source_ip(&parts.extensions);
+        let now = std::time::Instant::now();
+        // an address that keeps failing is refused before its token is
+        // even looked at; its failures never touch anyone else's budget
+        if let Some(ip) = ip
+            && let Err(wait) = l.buckets.peek(Key::AuthFailures(ip), c.auth_failures_per_second, c.auth_failures_burst, now)
+        {
+            return Err(ApiError::too_many("auth_rate_limited", "too many failed authentications from this address", wait));
+        }
         let result = match bearer_of(parts) {
             Ok(token) => state.auth.authenticate(token).await,
             Err(e) => Err(e),
         };
-        result.map_err(|e| {
+        let caller = result.map_err(|e| {
+            if let Some(ip) = ip {
+                let _ = l.buckets.take(Key::AuthFailures(ip), c.auth_failures_per_second, c.auth_failures_burst, now);
+            }
             let rid = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
             state.broker.auth_denied(e.to_string(), rid);
             ApiError::unauthenticated(e)
-        })
+        })?;
+        if let Caller::Workload(w) = &caller
+            && let Err(wait) = l.buckets.take(Key::Workload(w.id.clone()), c.per_workload_per_second, c.per_workload_burst, now)
+        {
+            return Err(ApiError::too_many("rate_limited", "this workload is over its request rate", wait));
+        }
+        Ok(caller)
     }
 }
 

@@ -18,6 +18,7 @@ mod expiry;
 mod incident;
 mod isolation;
 mod lifecycle;
+mod limits;
 mod metrics;
 mod policy;
 mod postgres;

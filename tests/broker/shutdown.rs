@@ -35,19 +35,32 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
         let (http, a, stop) = (remote.http.clone(), a.clone(), stop.clone());
         clients.spawn(async move {
             let base = format!("http://{addr}");
-            let task: Value = http
-                .post(format!("{base}/v1/tasks"))
-                .bearer_auth(&a)
-                .json(&json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 3600}))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let url = format!("{base}/v1/tasks/{}/leases", task["task_id"].as_str().unwrap());
+            // the example policy allows 20 active leases per task: a new task every 15
+            let open_task = || async {
+                let task: Value = http
+                    .post(format!("{base}/v1/tasks"))
+                    .bearer_auth(&a)
+                    .json(&json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 3600}))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                Some(format!("{base}/v1/tasks/{}/leases", task["task_id"].as_str()?))
+            };
+            let mut url = open_task().await.unwrap();
             let (mut answered, mut refused) = (Vec::new(), 0u32);
             while !stop.load(Ordering::Relaxed) {
+                if !answered.is_empty() && answered.len() % 15 == 0 {
+                    match open_task().await {
+                        Some(u) => url = u,
+                        None => {
+                            refused += 1;
+                            continue;
+                        }
+                    }
+                }
                 let resp = http.post(&url).bearer_auth(&a).json(&json!({"provider": "token", "role": "demo", "ttl_seconds": 600})).send().await;
                 match resp {
                     Ok(r) if r.status().as_u16() == 201 => {
@@ -56,7 +69,9 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
                     }
                     // draining (503) or gone (connection refused/reset): not a success
                     Ok(r) => {
-                        assert!(r.status().is_server_error(), "unexpected {}", r.status());
+                        let status = r.status();
+                        let body = r.text().await.unwrap_or_default();
+                        assert!(status.is_server_error(), "unexpected {status}: {body}");
                         refused += 1;
                     }
                     Err(_) => refused += 1,

@@ -176,6 +176,9 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 fn setup(dir: &Path, addr: std::net::SocketAddr, long_leases: bool) -> anyhow::Result<(PathBuf, DevCredentials)> {
     let (mut config, creds) = leasehold::dev::prepare(dir, addr, SystemClock.now())?;
     config.server.shutdown_grace_seconds = 30;
+    // one workload from one address drives the load: no rate limits here
+    config.server.rate_limits.per_workload_per_second = 0.0;
+    config.server.rate_limits.per_address_per_second = 0.0;
     config.store.quick_repair = std::env::var("BENCH_QUICK_REPAIR").map_or(true, |v| v != "0");
     if let Some(d) = std::env::var("BENCH_COMMIT_DELAY_US").ok().and_then(|v| v.parse().ok()) {
         config.store.commit_delay_micros = d;
