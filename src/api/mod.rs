@@ -150,6 +150,19 @@ pub fn metrics_router(state: AppState) -> Router {
 
 const REQUEST_ID: &str = "x-request-id";
 
+/// The task or lease a path names (`/v1/tasks/{id}...`, `/v1/leases/{id}...`),
+/// when it looks like one.
+fn path_ids(path: &str) -> (Option<&str>, Option<&str>) {
+    let mut parts = path.trim_start_matches('/').split('/');
+    let (Some("v1"), Some(kind), Some(id)) = (parts.next(), parts.next(), parts.next()) else { return (None, None) };
+    let plausible = |prefix: &str| id.starts_with(prefix) && id.len() <= 40 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    match kind {
+        "tasks" if plausible("task_") => (Some(id), None),
+        "leases" if plausible("lease_") => (None, Some(id)),
+        _ => (None, None),
+    }
+}
+
 fn acceptable_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty() && b.len() <= 64 && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
@@ -164,11 +177,18 @@ async fn request_id(State(state): State<AppState>, mut req: Request, next: Next)
         _ => HeaderValue::from_str(&RequestId::generate(state.broker.clock.now()).to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("req_unknown")),
     };
+    // workload, task and lease are filled in as they become known (the
+    // Caller extractor, the path, the issue path), so every line of the
+    // request carries them
+    let (task, lease) = path_ids(req.uri().path());
     let span = tracing::info_span!(
         "request",
         request_id = %id.to_str().unwrap_or(""),
         method = %req.method(),
         path = %req.uri().path(),
+        workload = tracing::field::Empty,
+        task = task,
+        lease = lease,
     );
     req.headers_mut().insert(REQUEST_ID, id.clone());
     // the route template, never the path: ids must not become labels

@@ -290,6 +290,9 @@ impl FromRequestParts<AppState> for Caller {
             state.broker.auth_denied(e.to_string(), rid);
             ApiError::unauthenticated(e)
         })?;
+        if let Caller::Workload(w) = &caller {
+            tracing::Span::current().record("workload", w.id.as_str());
+        }
         if let Caller::Workload(w) = &caller
             && let Err(wait) = l.buckets.take(Key::Workload(w.id.clone()), c.per_workload_per_second, c.per_workload_burst, now)
         {

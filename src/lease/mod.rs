@@ -228,6 +228,7 @@ impl Broker {
         match activated.await {
             Ok(active) => {
                 self.wakers.lease_activated(active.expires_at);
+                tracing::Span::current().record("lease", tracing::field::display(&id));
                 tracing::info!(
                     lease_id = %id, task_id = %task_id, workload = %w.id,
                     provider = %p.provider, role = %p.role, expires_at = active.expires_at,

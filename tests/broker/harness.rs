@@ -444,10 +444,16 @@ pub fn child_config(dir: &Path, addr: SocketAddr, tweak: impl FnOnce(&mut Config
 
 impl Child {
     pub fn spawn(config: &Path, addr: SocketAddr, log: PathBuf, rust_log: &str) -> Self {
+        Self::spawn_with(config, addr, log, rust_log, &[])
+    }
+
+    /// With extra arguments to `serve` (e.g. `--log-format json`).
+    pub fn spawn_with(config: &Path, addr: SocketAddr, log: PathBuf, rust_log: &str, extra: &[&str]) -> Self {
         let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
             .args(["serve", "-c"])
             .arg(config)
+            .args(extra)
             .env("RUST_LOG", rust_log)
             .stdout(std::process::Stdio::null())
             .stderr(err)

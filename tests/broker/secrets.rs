@@ -96,3 +96,47 @@ async fn no_secret_in_logs_or_store_files() {
         }
     }
 }
+
+/// `--log-format json`: one JSON object per line, each line of a request
+/// inside its span with the request id, the workload, the task and (once
+/// issued) the lease; `RUST_LOG` filters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_request_workload_task_and_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let addr = free_port();
+    let (config, creds) = child_config(&data, addr, |_| {});
+    let log = dir.path().join("broker.log");
+    let remote = Remote::new(addr);
+    let mut child = Child::spawn_with(&config, addr, log.clone(), "debug,h2=info,hyper=info", &["--log-format", "json"]);
+    child.wait_healthy(&remote.http).await;
+    let a = &creds.identities["assistant-a"].token;
+    let task = remote.post(a, "/v1/tasks", Some(json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 600}))).await;
+    let task = task["task_id"].as_str().unwrap().to_owned();
+    let l = remote.post(a, &format!("/v1/tasks/{task}/leases"), Some(json!({"provider": "token", "role": "demo", "ttl_seconds": 60}))).await;
+    let lease = l["lease_id"].as_str().unwrap().to_owned();
+    assert!(child.terminate().success());
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    let issued = lines.iter().find(|l| l["message"] == "lease issued").expect("a `lease issued` line");
+    let span = &issued["span"];
+    assert!(span["request_id"].as_str().unwrap().starts_with("req_"), "{issued}");
+    assert_eq!(span["workload"], "dev:assistant-a", "{issued}");
+    assert_eq!(span["task"], task.as_str(), "{issued}");
+    assert_eq!(issued["level"], "INFO");
+    // the request's last line knows the lease it issued
+    let done = lines
+        .iter()
+        .find(|l| l["message"] == "request done" && l["span"]["path"].as_str().is_some_and(|p| p.ends_with("/leases")))
+        .expect("the lease request's closing line");
+    assert_eq!(done["span"]["lease"], lease.as_str(), "{done}");
+    // debug is on, trace is filtered out
+    assert!(lines.iter().any(|l| l["level"] == "DEBUG"));
+    assert!(lines.iter().all(|l| l["level"] != "TRACE"));
+    assert!(!text.contains(l["credential"]["token"].as_str().unwrap()), "no credential in the log");
+}
