@@ -161,6 +161,12 @@ pub struct ReaperConfig {
     /// Longest a single provider call may take before it counts as failed.
     #[serde(default = "defaults::provider_timeout_seconds")]
     pub provider_timeout_seconds: u64,
+    /// Every this many seconds, reconcile each provider that can list what
+    /// it issued (PostgreSQL): orphans are reported (log, metric
+    /// `leasehold_provider_orphans`, a `provider.reconciled` event), never
+    /// removed; `leasehold providers reconcile --drop` removes them. 0: off.
+    #[serde(default)]
+    pub reconcile_interval_seconds: u64,
 }
 
 impl Default for ReaperConfig {
@@ -172,6 +178,7 @@ impl Default for ReaperConfig {
             irrevocable_retry_seconds: defaults::irrevocable_retry_seconds(),
             batch_size: defaults::batch_size(),
             provider_timeout_seconds: defaults::provider_timeout_seconds(),
+            reconcile_interval_seconds: 0,
         }
     }
 }

@@ -66,12 +66,17 @@ fn describe() {
     describe_gauge!("leasehold_approvals_pending", "Approval requests awaiting a decision.");
     describe_gauge!("leasehold_fences_active", "Fenced workloads, tenants and users.");
     describe_gauge!("leasehold_revocation_jobs_running", "Mass revocation jobs still running.");
+    describe_gauge!("leasehold_provider_orphans", "Credentials at a provider's peer that no live lease accounts for, at the last periodic reconciliation.");
 }
 
 pub fn http_request(method: &str, route: &str, status: u16, seconds: f64) {
     let (m, r) = (method.to_owned(), route.to_owned());
     counter!("leasehold_http_requests_total", "method" => m.clone(), "route" => r.clone(), "status" => status.to_string()).increment(1);
     histogram!("leasehold_http_request_duration_seconds", "method" => m, "route" => r).record(seconds);
+}
+
+pub fn provider_orphans(provider: &str, n: usize) {
+    gauge!("leasehold_provider_orphans", "provider" => provider.to_owned()).set(n as f64);
 }
 
 pub fn decision(action: &'static str, outcome: &'static str) {

@@ -20,6 +20,26 @@ impl Broker {
         if !caller.has_any_role(&[OperatorRole::Admin, OperatorRole::Responder]) {
             return Err(BrokerError::Forbidden { code: "forbidden", message: "reconciliation is for admins and responders".into() });
         }
+        self.reconcile_provider(provider, drop, &caller.principal(), ctx, true).await
+    }
+
+    /// The periodic job (`reaper.reconcile_interval_seconds`): report only,
+    /// and record an event only when something is found.
+    pub async fn reconcile_all_periodic(&self) {
+        let names: Vec<String> = self.providers.names().map(str::to_owned).collect();
+        for name in names {
+            match self.reconcile_provider(&name, false, "system", &Ctx::system(), false).await {
+                Ok(report) => {
+                    let n = report["orphans"].as_array().map_or(0, Vec::len);
+                    crate::metrics::provider_orphans(&name, n);
+                }
+                Err(BrokerError::Invalid { code: "not_reconcilable", .. }) => {}
+                Err(e) => tracing::warn!(provider = %name, error = %e, "periodic reconciliation failed"),
+            }
+        }
+    }
+
+    async fn reconcile_provider(&self, provider: &str, drop: bool, by: &str, ctx: &Ctx, always_record: bool) -> Result<Value, BrokerError> {
         let entry = self
             .providers
             .get(provider)
@@ -87,8 +107,11 @@ impl Broker {
         if !listed.is_empty() {
             tracing::warn!(provider, orphans = listed.len(), drop, "reconciliation found credentials no lease accounts for");
         }
+        if listed.is_empty() && !always_record {
+            return Ok(report);
+        }
         let now = self.clock.now().unix_millis();
-        let (a, c, by, rep, name) = (self.auditor.clone(), ctx.clone(), caller.principal(), report.clone(), provider.to_owned());
+        let (a, c, by, rep, name) = (self.auditor.clone(), ctx.clone(), by.to_owned(), report.clone(), provider.to_owned());
         self.store
             .write(move |t| {
                 audit::append(t, &a, a.reconciled(&name, &rep, &by, &c, now))?;

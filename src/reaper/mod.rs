@@ -305,6 +305,9 @@ pub fn spawn(broker: Arc<Broker>, shutdown: watch::Receiver<bool>) -> Vec<tokio:
     for name in broker.providers.names() {
         handles.push(tokio::spawn(worker_loop(broker.clone(), name.to_owned(), shutdown.clone())));
     }
+    if broker.reaper.reconcile_interval_seconds > 0 {
+        handles.push(tokio::spawn(reconcile_loop(broker.clone(), shutdown.clone())));
+    }
     handles.push(tokio::spawn(maintenance_loop(broker, shutdown)));
     handles
 }
@@ -430,6 +433,19 @@ async fn worker_loop(b: Arc<Broker>, provider: String, mut shutdown: watch::Rece
             _ = notify.notified() => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// Periodic reconciliation (report only).
+async fn reconcile_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+    let every = i64::try_from(b.reaper.reconcile_interval_seconds).unwrap_or(i64::MAX / 1000).saturating_mul(1000);
+    loop {
+        let now = b.clock.now().unix_millis();
+        tokio::select! {
+            _ = b.clock.sleep_until(Timestamp::from_unix_millis(now.saturating_add(every))) => {}
+            _ = shutdown.changed() => return,
+        }
+        b.reconcile_all_periodic().await;
     }
 }
 

@@ -277,3 +277,42 @@ async fn no_database_secret_in_logs_at_trace_level() {
     }
     assert!(!text.contains("CREATE ROLE"), "no statement text from the driver");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_reconciliation_reports_an_orphan_and_leaves_it() {
+    let cluster = Cluster::start();
+    cluster.provision().await;
+    let pg = cluster.provider_config();
+    let h = Harness::start(Options {
+        tweak: Box::new(move |c| {
+            c.providers.insert("appdb".into(), leasehold::config::ProviderConfig::Postgres(pg.clone()));
+            permit_leases(c, "appdb");
+            c.reaper.reconcile_interval_seconds = 1;
+        }),
+        ..Options::default()
+    })
+    .await;
+    let task = h.open_task(&h.tokens.a, 3600).await;
+    let (s, _) = lease(&h, &task, &[]).await;
+    assert_eq!(s, StatusCode::CREATED);
+    // a clean pass records nothing
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, ev) = h.get(&h.tokens.admin, "/v1/events?kind=provider.reconciled").await;
+    assert!(ev["events"].as_array().unwrap().is_empty(), "{ev}");
+    let su = cluster.superuser("postgres").await;
+    su.batch_execute("CREATE ROLE lh_lease_11111111111111111111111111 LOGIN").await.unwrap();
+    let mut found = Value::Null;
+    for _ in 0..50 {
+        let (_, ev) = h.get(&h.tokens.admin, "/v1/events?kind=provider.reconciled").await;
+        if let Some(e) = ev["events"].as_array().unwrap().first() {
+            found = e.clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(found["data"]["orphans"][0]["name"], "lh_lease_11111111111111111111111111", "{found}");
+    assert_eq!(found["data"]["by"], "system");
+    let text = h.http.get(h.url("/metrics")).bearer_auth(&h.tokens.admin).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("leasehold_provider_orphans{provider=\"appdb\"} 1"), "{text}");
+    assert_eq!(roles_with_prefix(&cluster).await.len(), 2, "reported, never dropped by the periodic job");
+}
