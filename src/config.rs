@@ -64,6 +64,11 @@ pub struct ServerConfig {
     pub request_timeout_seconds: u64,
     #[serde(default = "defaults::shutdown_grace_seconds")]
     pub shutdown_grace_seconds: u64,
+    /// On SIGTERM, report not ready but keep serving this long before
+    /// refusing new connections, so a load balancer that polls readiness
+    /// moves traffic away first (e.g. 5 behind Kubernetes Services).
+    #[serde(default)]
+    pub drain_delay_seconds: u64,
     /// A second, plain-HTTP listener for Prometheus (`GET /metrics`, no
     /// credential) and probes (`/v1/health`, `/v1/ready`). Keep it on
     /// loopback or a private network. Without it, `/metrics` is served on
@@ -594,6 +599,9 @@ impl Config {
         }
         if s.request_timeout_seconds == 0 {
             return Err(invalid("server.request_timeout_seconds", "must be positive"));
+        }
+        if s.drain_delay_seconds > 300 {
+            return Err(invalid("server.drain_delay_seconds", "at most 300"));
         }
         if let Some((field, message)) = s.rate_limits.problem() {
             return Err(invalid(format!("server.rate_limits.{field}"), message));

@@ -214,6 +214,7 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
             shutdown_grace_seconds: 5,
             metrics_listen: None,
             rate_limits: Default::default(),
+            drain_delay_seconds: 0,
         },
         store: StoreConfig {
             path: data.join("leasehold.redb"),

@@ -239,10 +239,13 @@ pub async fn run_with(
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_ready = ready.clone();
+    let drain_delay = Duration::from_secs(config.server.drain_delay_seconds);
     tokio::spawn(async move {
         shutdown.await;
+        // readiness first: load balancers stop sending, then we stop accepting
         drain_ready.store(false, Ordering::SeqCst);
-        tracing::info!("shutdown requested: draining");
+        tracing::info!(delay_seconds = drain_delay.as_secs(), "shutdown requested: not ready; draining");
+        tokio::time::sleep(drain_delay).await;
         let _ = drain_tx.send(());
     });
 

@@ -105,7 +105,7 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
     }
     assert!(answered.len() > 50, "traffic was flowing: {} leases", answered.len());
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("shutdown requested: draining") && text.contains("leasehold stopped"), "{text}");
+    assert!(text.contains("shutdown requested: not ready; draining") && text.contains("leasehold stopped"), "{text}");
 
     // the same store, started again: every answered lease is there, active
     let mut again = Child::spawn(&config, addr, log.clone(), "info");
@@ -125,4 +125,42 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
     let last_cp = chain["checkpoints"].as_array().unwrap().iter().filter_map(|c| c["seq"].as_u64()).max().unwrap();
     assert!(last_cp >= stopped[0]["seq"].as_u64().unwrap(), "the final checkpoint covers the stop: {chain}");
     assert!(again.terminate().success());
+}
+
+/// With a drain delay, readiness turns false at once while requests are
+/// still served, so a load balancer moves traffic away before the broker
+/// stops accepting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_false_before_the_broker_stops_accepting() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let addr = free_port();
+    let (config, creds) = child_config(&data, addr, |c| c.server.drain_delay_seconds = 2);
+    let remote = Remote::new(addr);
+    let mut child = Child::spawn(&config, addr, dir.path().join("broker.log"), "info");
+    child.wait_healthy(&remote.http).await;
+    let ready = |http: reqwest::Client| async move { http.get(format!("http://{addr}/v1/ready")).send().await.map(|r| r.status().as_u16()) };
+    assert_eq!(ready(remote.http.clone()).await.unwrap(), 200);
+    let pid = child.child.id().to_string();
+    let sent = std::time::Instant::now();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let mut not_ready_at = None;
+    while sent.elapsed() < Duration::from_millis(1500) {
+        if ready(remote.http.clone()).await.ok() == Some(503) {
+            not_ready_at = Some(sent.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let not_ready_at = not_ready_at.expect("readiness turned false during the drain delay");
+    // still serving real requests while not ready
+    let a = &creds.identities["assistant-a"].token;
+    let task = remote.post(a, "/v1/tasks", Some(json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 60}))).await;
+    assert!(task["task_id"].as_str().is_some(), "served during the drain: {task}");
+    assert!(sent.elapsed() < Duration::from_secs(2), "that was inside the delay");
+    let exit = tokio::task::spawn_blocking(move || child.terminate()).await.unwrap();
+    assert!(exit.success());
+    assert!(sent.elapsed() >= Duration::from_secs(2), "the broker kept accepting for the delay");
+    assert!(not_ready_at < Duration::from_millis(500), "not ready at once: {not_ready_at:?}");
 }
