@@ -442,6 +442,32 @@ pub fn child_config(dir: &Path, addr: SocketAddr, tweak: impl FnOnce(&mut Config
     (path, creds)
 }
 
+/// A real `leasehold serve` child process on a fresh data folder, healthy.
+pub struct Spawned {
+    /// Holds the data folder and the log; removed on drop.
+    pub dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub addr: SocketAddr,
+    pub config: PathBuf,
+    pub creds: DevCredentials,
+    pub log: PathBuf,
+    pub remote: Remote,
+    pub child: Child,
+}
+
+pub async fn spawn_broker(tweak: impl FnOnce(&mut Config), rust_log: &str, extra: &[&str]) -> Spawned {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let addr = free_port();
+    let (config, creds) = child_config(&data, addr, tweak);
+    let log = dir.path().join("broker.log");
+    let remote = Remote::new(addr);
+    let mut child = Child::spawn_with(&config, addr, log.clone(), rust_log, extra);
+    child.wait_healthy(&remote.http).await;
+    Spawned { dir, data, addr, config, creds, log, remote, child }
+}
+
 impl Child {
     pub fn spawn(config: &Path, addr: SocketAddr, log: PathBuf, rust_log: &str) -> Self {
         Self::spawn_with(config, addr, log, rust_log, &[])

@@ -230,23 +230,16 @@ async fn config_validate_dry_runs_templates_and_names_the_broken_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_database_secret_in_logs_at_trace_level() {
-    use crate::harness::{Child, Remote, child_config, free_port};
+    use crate::harness::{Spawned, spawn_broker};
     let cluster = Cluster::start();
     cluster.provision().await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    let addr = free_port();
     let pg = cluster.provider_config();
-    let (config, creds) = child_config(&data, addr, move |c| {
+    let tweak = move |c: &mut leasehold::config::Config| {
         c.providers.insert("appdb".into(), leasehold::config::ProviderConfig::Postgres(pg.clone()));
         permit_leases(c, "appdb");
-    });
-    let log = dir.path().join("broker.log");
-    let remote = Remote::new(addr);
+    };
     // the operator asks for everything, tokio-postgres included
-    let mut child = Child::spawn(&config, addr, log.clone(), "trace,tokio_postgres=trace");
-    child.wait_healthy(&remote.http).await;
+    let Spawned { dir: _dir, creds, log, remote, mut child, .. } = spawn_broker(tweak, "trace,tokio_postgres=trace", &[]).await;
     let a = &creds.identities["assistant-a"].token;
     let task = remote.post(a, "/v1/tasks", Some(json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 600}))).await;
     let task = task["task_id"].as_str().unwrap().to_owned();

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-use crate::harness::{Child, Remote, child_config, free_port};
+use crate::harness::{Spawned, spawn_broker};
 
 fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -27,15 +27,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_logs_or_store_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    let addr = free_port();
-    let (config, creds) = child_config(&data, addr, |_| {});
-    let log = dir.path().join("broker.log");
-    let remote = Remote::new(addr);
-    let mut child = Child::spawn(&config, addr, log.clone(), "trace");
-    child.wait_healthy(&remote.http).await;
+    let Spawned { dir: _dir, data, creds, log, remote, mut child, .. } = spawn_broker(|_| {}, "trace", &[]).await;
     let a = &creds.identities["assistant-a"].token;
     let admin = &creds.identities["admin"].token;
     let resource = &creds.identities["resource-server"].token;
@@ -102,15 +94,8 @@ async fn no_secret_in_logs_or_store_files() {
 /// issued) the lease; `RUST_LOG` filters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_request_workload_task_and_lease() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    let addr = free_port();
-    let (config, creds) = child_config(&data, addr, |_| {});
-    let log = dir.path().join("broker.log");
-    let remote = Remote::new(addr);
-    let mut child = Child::spawn_with(&config, addr, log.clone(), "debug,h2=info,hyper=info", &["--log-format", "json"]);
-    child.wait_healthy(&remote.http).await;
+    let Spawned { dir: _dir, creds, log, remote, mut child, .. } =
+        spawn_broker(|_| {}, "debug,h2=info,hyper=info", &["--log-format", "json"]).await;
     let a = &creds.identities["assistant-a"].token;
     let task = remote.post(a, "/v1/tasks", Some(json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 600}))).await;
     let task = task["task_id"].as_str().unwrap().to_owned();

@@ -10,23 +10,20 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::harness::{Child, Remote, child_config, free_port};
+use crate::harness::{Child, Spawned, spawn_broker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_traffic_loses_no_answered_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    let addr = free_port();
-    let (config, creds) = child_config(&data, addr, |c| {
-        c.server.shutdown_grace_seconds = 5;
-        c.limits.max_leases_per_task = 100_000;
-        c.policy.max_active_leases_per_workload = 100_000;
-    });
-    let log = dir.path().join("broker.log");
-    let remote = Remote::new(addr);
-    let mut child = Child::spawn(&config, addr, log.clone(), "info");
-    child.wait_healthy(&remote.http).await;
+    let Spawned { dir: _dir, addr, config, creds, log, remote, mut child, .. } = spawn_broker(
+        |c| {
+            c.server.shutdown_grace_seconds = 5;
+            c.limits.max_leases_per_task = 100_000;
+            c.policy.max_active_leases_per_workload = 100_000;
+        },
+        "info",
+        &[],
+    )
+    .await;
     let a = creds.identities["assistant-a"].token.clone();
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -132,14 +129,7 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
 /// stops accepting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_turns_false_before_the_broker_stops_accepting() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    let addr = free_port();
-    let (config, creds) = child_config(&data, addr, |c| c.server.drain_delay_seconds = 2);
-    let remote = Remote::new(addr);
-    let mut child = Child::spawn(&config, addr, dir.path().join("broker.log"), "info");
-    child.wait_healthy(&remote.http).await;
+    let Spawned { dir: _dir, addr, creds, remote, mut child, .. } = spawn_broker(|c| c.server.drain_delay_seconds = 2, "info", &[]).await;
     let ready = |http: reqwest::Client| async move { http.get(format!("http://{addr}/v1/ready")).send().await.map(|r| r.status().as_u16()) };
     assert_eq!(ready(remote.http.clone()).await.unwrap(), 200);
     let pid = child.child.id().to_string();
