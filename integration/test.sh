@@ -20,8 +20,17 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   exit 2
 fi
 
-if [ -z "${LEASEHOLD_PG_BINDIR:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
-    && ! command -v initdb >/dev/null 2>&1; then
+have_pg() {
+  [ -n "${LEASEHOLD_PG_BINDIR:-}" ] || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    || command -v initdb >/dev/null 2>&1
+}
+if ! have_pg && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing the PostgreSQL server for the tests (apt-get install postgresql-15)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15 >/dev/null \
+    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql-15 >/dev/null; } \
+    || true
+fi
+if ! have_pg; then
   echo "PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql-15," >&2
   echo "or set LEASEHOLD_PG_BINDIR to their directory" >&2
   exit 2
