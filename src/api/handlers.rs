@@ -598,6 +598,33 @@ pub async fn ready(State(s): State<AppState>) -> Response {
     let store_ok = s.broker.store.is_healthy();
     checks.insert("store".into(), if store_ok { "ok" } else { "unavailable" }.into());
     ok &= store_ok;
+    let cached = s
+        .limits
+        .health_cache
+        .lock()
+        .ok()
+        .and_then(|c| c.clone())
+        .filter(|(at, _, _)| at.elapsed() < Duration::from_secs(1));
+    let (provider_checks, providers_ok) = match cached {
+        Some((_, c, pok)) => (c, pok),
+        None => {
+            let (c, pok) = provider_health(&s).await;
+            if let Ok(mut cache) = s.limits.health_cache.lock() {
+                *cache = Some((std::time::Instant::now(), c.clone(), pok));
+            }
+            (c, pok)
+        }
+    };
+    checks.extend(provider_checks);
+    ok &= providers_ok;
+    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(serde_json::json!({"ready": ok, "checks": checks}))).into_response()
+}
+
+/// Every provider's health check, with a timeout each.
+async fn provider_health(s: &AppState) -> (serde_json::Map<String, serde_json::Value>, bool) {
+    let mut checks = serde_json::Map::new();
+    let mut ok = true;
     for entry in s.broker.providers.iter() {
         let r = tokio::time::timeout(Duration::from_secs(2), entry.provider.health()).await;
         let status = match r {
@@ -614,8 +641,7 @@ pub async fn ready(State(s): State<AppState>) -> Response {
         ok &= status == "ok";
         checks.insert(format!("provider:{}", entry.name), status.into());
     }
-    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(serde_json::json!({"ready": ok, "checks": checks}))).into_response()
+    (checks, ok)
 }
 
 pub async fn not_found() -> ApiError {

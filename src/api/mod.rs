@@ -50,12 +50,18 @@ pub struct Limiter {
     pub config: limits::RateLimitConfig,
     pub buckets: limits::Buckets,
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// The last provider health results, reused for a second: readiness is
+    /// unauthenticated, and must not become a way to load the providers.
+    pub health_cache: std::sync::Mutex<Option<HealthChecks>>,
 }
+
+/// When provider health was checked, each provider's status, and whether all passed.
+pub type HealthChecks = (std::time::Instant, serde_json::Map<String, serde_json::Value>, bool);
 
 impl Limiter {
     pub fn new(config: limits::RateLimitConfig) -> Self {
         let in_flight = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
-        Self { config, buckets: limits::Buckets::default(), in_flight }
+        Self { config, buckets: limits::Buckets::default(), in_flight, health_cache: std::sync::Mutex::new(None) }
     }
 }
 

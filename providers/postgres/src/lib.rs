@@ -47,6 +47,8 @@ use template::{Template, Values};
 
 /// Roles revoked per round trip in a batch.
 const BATCH: usize = 200;
+/// How long a passed template dry run counts for the health check.
+const TEMPLATE_RECHECK: Duration = Duration::from_secs(60);
 /// Tries of a transaction that lost a race on a catalog row.
 const CONCURRENT_ATTEMPTS: u32 = 8;
 
@@ -64,6 +66,7 @@ pub struct PostgresProvider {
     roles: BTreeMap<String, Role>,
     rng: ring::rand::SystemRandom,
     catalog: tokio::sync::Mutex<()>,
+    templates_checked: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl PostgresProvider {
@@ -90,7 +93,7 @@ impl PostgresProvider {
             roles.insert(name.clone(), role);
         }
         let pool = Pool::new(cfg).map_err(|message| ConfigError { field: "ca_file".into(), message })?;
-        Ok(Self { pool, roles, rng: ring::rand::SystemRandom::new(), catalog: tokio::sync::Mutex::new(()) })
+        Ok(Self { pool, roles, rng: ring::rand::SystemRandom::new(), catalog: tokio::sync::Mutex::new(()), templates_checked: std::sync::Mutex::new(None) })
     }
 
     fn cfg(&self) -> &PostgresConfig {
@@ -332,6 +335,12 @@ impl PostgresProvider {
     /// a transaction that is rolled back. Errors name the template.
     pub async fn check_templates(&self) -> Result<(), ProviderError> {
         let mut conn = self.pool.get().await?;
+        self.check_privileges(&conn).await?;
+        self.dry_run(&mut conn).await
+    }
+
+    /// The management role can create roles and end their sessions.
+    async fn check_privileges(&self, conn: &tokio_postgres::Client) -> Result<(), ProviderError> {
         let row = conn
             .query_one(
                 "SELECT r.rolsuper, r.rolcreaterole, pg_has_role(current_user, 'pg_signal_backend', 'USAGE') \
@@ -352,6 +361,10 @@ impl PostgresProvider {
                 "the management role `{user}` is not a member of pg_signal_backend (needed to end leased roles' sessions)"
             )));
         }
+        Ok(())
+    }
+
+    async fn dry_run(&self, conn: &mut tokio_postgres::Client) -> Result<(), ProviderError> {
         let probe = format!("{}dryrun_{}", self.cfg().role_prefix, hex(&self.random_bytes::<8>()?));
         let verifier = self.scram_verifier(&self.password()?)?;
         let until = rfc3339(Timestamp::from_unix_millis(0).unix_seconds().saturating_add(4_102_444_800));
@@ -475,8 +488,26 @@ impl Provider for PostgresProvider {
         Ok(Duration::from_secs(r.cfg.max_ttl_seconds))
     }
 
+    /// Connect and check the management role's privileges every time; the
+    /// template dry run (a CREATE ROLE rolled back, which costs the server
+    /// a PBKDF2 run) at most once a minute while it keeps passing, so an
+    /// unauthenticated readiness probe cannot be used to load the database.
     async fn health(&self) -> Result<(), ProviderError> {
-        self.check_templates().await
+        let fresh = self
+            .templates_checked
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .is_some_and(|t| t.elapsed() < TEMPLATE_RECHECK);
+        if fresh {
+            let conn = self.pool.get().await?;
+            return self.check_privileges(&conn).await;
+        }
+        self.check_templates().await?;
+        if let Ok(mut t) = self.templates_checked.lock() {
+            *t = Some(std::time::Instant::now());
+        }
+        Ok(())
     }
 
     async fn issue(&self, spec: &LeaseSpec) -> Result<Issued, ProviderError> {

@@ -450,3 +450,16 @@ async fn scopes_through_group_roles_grant_only_the_groups_asked_for() {
     p.revoke_many(&[revoke_spec(&s, &i), revoke_spec(&s2, &i2)]).await.into_iter().for_each(|r| r.unwrap());
     assert_eq!(p.inventory().await.unwrap().unwrap(), Vec::<Found>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_notices_a_privilege_taken_away_at_once() {
+    let (c, p) = started().await;
+    p.health().await.unwrap();
+    // the template dry run is cached for a minute; the privilege check is not
+    let su = c.superuser("postgres").await;
+    su.batch_execute(&format!("REVOKE pg_signal_backend FROM {MANAGER}")).await.unwrap();
+    let e = p.health().await.unwrap_err();
+    assert!(e.message.contains("pg_signal_backend"), "{}", e.message);
+    su.batch_execute(&format!("GRANT pg_signal_backend TO {MANAGER}")).await.unwrap();
+    p.health().await.unwrap();
+}
