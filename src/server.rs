@@ -204,7 +204,19 @@ pub async fn run_with(
     }
 
     let ready = Arc::new(AtomicBool::new(true));
-    crate::metrics::install();
+    if let Some(handle) = crate::metrics::install() {
+        // histogram samples queue up until upkeep folds them into buckets:
+        // without a scrape they would grow without bound
+        let mut stop = stop_rx.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+    }
     let limits = Arc::new(crate::api::Limiter::new(config.server.rate_limits.clone()));
     let state = AppState { broker: broker.clone(), auth, ready: ready.clone(), limits };
     if let Some(addr) = config.server.metrics_listen {
