@@ -30,6 +30,7 @@ async fn a_workload_over_its_rate_gets_429_and_others_carry_on() {
     .await;
     let task = h.open_task(&h.tokens.a, 600).await; // 1 of 10
     let url = h.url(&format!("/v1/tasks/{task}/leases"));
+    let started = std::time::Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..200 {
         let (http, url, a) = (h.http.clone(), url.clone(), h.tokens.a.clone());
@@ -54,7 +55,9 @@ async fn a_workload_over_its_rate_gets_429_and_others_carry_on() {
             other => panic!("unexpected {other}: {body}"),
         }
     }
-    assert!((9..=11).contains(&ok), "the burst passes, the rest waits: {ok} created");
+    // the burst (10, less the task) and what refilled at 2/s while the flood lasted
+    let refill = (started.elapsed().as_secs_f64() * 2.0).ceil() as usize;
+    assert!((9..=10 + refill).contains(&ok), "the burst passes, the rest waits: {ok} created");
     assert_eq!(ok + limited, 200);
     // what was answered 201 is exactly what the broker holds
     assert_eq!(h.snapshot().await.iter().filter(|(_, s)| s == "active").count(), ok);
@@ -77,12 +80,16 @@ async fn a_token_guessing_flood_is_refused_early_and_spares_other_addresses() {
     let attacker = client_from("127.0.0.1");
     let honest = client_from("127.0.0.2");
     let mut codes = Vec::new();
+    let started = std::time::Instant::now();
     for i in 0..50 {
         let r = attacker.post(h.url("/v1/tasks")).bearer_auth(format!("guess-{i}")).json(&json!({})).send().await.unwrap();
         codes.push(r.status());
     }
-    assert_eq!(codes.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count(), 5, "the burst is verified and refused: {codes:?}");
-    assert_eq!(codes.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count(), 45);
+    // the burst of 5 (and what refilled at 1/s meanwhile) is verified and refused
+    let refill = started.elapsed().as_secs_f64().ceil() as usize;
+    let verified = codes.iter().filter(|s| **s == StatusCode::UNAUTHORIZED).count();
+    assert!((5..=5 + refill).contains(&verified), "{codes:?}");
+    assert_eq!(codes.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count(), 50 - verified);
     // from the flooding address even a valid token waits (its tokens are not looked at)
     let r = attacker.get(h.url("/v1/stats")).bearer_auth(&h.tokens.admin).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -101,7 +108,7 @@ async fn a_token_guessing_flood_is_refused_early_and_spares_other_addresses() {
     // the denials were recorded, rate-limited in the log, never more than the verified ones
     let ev: serde_json::Value =
         honest.get(h.url("/v1/events?kind=auth.denied")).bearer_auth(&h.tokens.admin).send().await.unwrap().json().await.unwrap();
-    assert!(ev["events"].as_array().unwrap().len() <= 5, "{ev}");
+    assert!(ev["events"].as_array().unwrap().len() <= verified, "{ev}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,7 +129,7 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
 /// stops accepting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_turns_false_before_the_broker_stops_accepting() {
-    let Spawned { dir: _dir, addr, creds, remote, mut child, .. } = spawn_broker(|c| c.server.drain_delay_seconds = 2, "info", &[]).await;
+    let Spawned { dir: _dir, addr, creds, remote, mut child, .. } = spawn_broker(|c| c.server.drain_delay_seconds = 4, "info", &[]).await;
     let ready = |http: reqwest::Client| async move { http.get(format!("http://{addr}/v1/ready")).send().await.map(|r| r.status().as_u16()) };
     assert_eq!(ready(remote.http.clone()).await.unwrap(), 200);
     let pid = child.child.id().to_string();
@@ -148,9 +148,9 @@ async fn readiness_turns_false_before_the_broker_stops_accepting() {
     let a = &creds.identities["assistant-a"].token;
     let task = remote.post(a, "/v1/tasks", Some(json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 60}))).await;
     assert!(task["task_id"].as_str().is_some(), "served during the drain: {task}");
-    assert!(sent.elapsed() < Duration::from_secs(2), "that was inside the delay");
+    assert!(sent.elapsed() < Duration::from_secs(4), "that was inside the delay");
     let exit = tokio::task::spawn_blocking(move || child.terminate()).await.unwrap();
     assert!(exit.success());
-    assert!(sent.elapsed() >= Duration::from_secs(2), "the broker kept accepting for the delay");
-    assert!(not_ready_at < Duration::from_millis(500), "not ready at once: {not_ready_at:?}");
+    assert!(sent.elapsed() >= Duration::from_secs(4), "the broker kept accepting for the delay");
+    assert!(not_ready_at < Duration::from_millis(1500), "not ready at once: {not_ready_at:?}");
 }
