@@ -38,7 +38,11 @@ pub enum BrokerError {
     Denied(Box<Denial>),
     /// The provider failed; the detail is logged, not shown.
     #[error("provider `{provider}` failed: {detail}")]
-    Provider { provider: String, retryable: bool, detail: String },
+    Provider {
+        provider: String,
+        retryable: bool,
+        detail: String,
+    },
     /// The store failed; the detail is logged, not shown.
     #[error("store unavailable: {0}")]
     Store(StoreError),
@@ -46,11 +50,17 @@ pub enum BrokerError {
 
 impl BrokerError {
     pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
-        Self::Invalid { code, message: message.into() }
+        Self::Invalid {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
-        Self::Conflict { code, message: message.into() }
+        Self::Conflict {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -58,26 +68,45 @@ impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(c) => match c {
-                Conflict::TaskNotFound => Self::NotFound { code: "task_not_found" },
-                Conflict::LeaseNotFound => Self::NotFound { code: "lease_not_found" },
-                Conflict::TaskCompleted => Self::conflict("task_completed", "the task is completed"),
-                Conflict::TaskExpired => Self::conflict("task_expired", "the task's deadline has passed"),
+                Conflict::TaskNotFound => Self::NotFound {
+                    code: "task_not_found",
+                },
+                Conflict::LeaseNotFound => Self::NotFound {
+                    code: "lease_not_found",
+                },
+                Conflict::TaskCompleted => {
+                    Self::conflict("task_completed", "the task is completed")
+                }
+                Conflict::TaskExpired => {
+                    Self::conflict("task_expired", "the task's deadline has passed")
+                }
                 Conflict::OutlivesTask => {
                     Self::conflict("task_expired", "the task ends before the lease could start")
                 }
-                Conflict::TaskLeaseCap(n) => {
-                    Self::Quota { code: "task_lease_cap", message: format!("the task already holds {n} leases") }
+                Conflict::TaskLeaseCap(n) => Self::Quota {
+                    code: "task_lease_cap",
+                    message: format!("the task already holds {n} leases"),
+                },
+                Conflict::LeaseState(s) => {
+                    Self::conflict("lease_state", format!("the lease is {}", s.as_str()))
                 }
-                Conflict::LeaseState(s) => Self::conflict("lease_state", format!("the lease is {}", s.as_str())),
                 Conflict::Duplicate => Self::conflict("duplicate", "the record already exists"),
                 Conflict::Chain(m) => Self::conflict("chain_conflict", m),
-                Conflict::ApprovalNotFound => Self::NotFound { code: "approval_not_found" },
+                Conflict::ApprovalNotFound => Self::NotFound {
+                    code: "approval_not_found",
+                },
                 Conflict::Approval(m) => Self::conflict("approval_invalid", m),
-                Conflict::ReviewNotFound => Self::NotFound { code: "review_not_found" },
-                Conflict::FenceNotFound => Self::NotFound { code: "fence_not_found" },
+                Conflict::ReviewNotFound => Self::NotFound {
+                    code: "review_not_found",
+                },
+                Conflict::FenceNotFound => Self::NotFound {
+                    code: "fence_not_found",
+                },
                 Conflict::Fenced => Self::Forbidden {
                     code: "fenced",
-                    message: "a responder fenced this workload, tenant or user: nothing new is issued".into(),
+                    message:
+                        "a responder fenced this workload, tenant or user: nothing new is issued"
+                            .into(),
                 },
             },
             other => Self::Store(other),
@@ -207,7 +236,10 @@ pub struct DeniedLimiter {
 
 impl DeniedLimiter {
     pub fn new(per_second: u64) -> Self {
-        Self { per_second, ..Self::default() }
+        Self {
+            per_second,
+            ..Self::default()
+        }
     }
 
     /// `Some(suppressed since the last recorded one)` if this one is recorded.
@@ -226,7 +258,9 @@ impl DeniedLimiter {
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Broker").field("store", &self.store).finish_non_exhaustive()
+        f.debug_struct("Broker")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -241,7 +275,13 @@ impl Broker {
         settings: PolicySettings,
     ) -> Self {
         let wakers = Arc::new(Wakers::new(providers.names()));
-        let local = Arc::new(providers.iter().filter(|e| e.token.is_some()).map(|e| e.name.clone()).collect());
+        let local = Arc::new(
+            providers
+                .iter()
+                .filter(|e| e.token.is_some())
+                .map(|e| e.name.clone())
+                .collect(),
+        );
         Self {
             local,
             auditor: Arc::new(crate::audit::Auditor::default()),
@@ -270,7 +310,9 @@ impl Broker {
     /// How long a request that claimed leases for revocation owns them before
     /// the queue takes over (if the request died, say).
     pub fn claim_window_ms(&self) -> i64 {
-        i64::try_from(self.reaper.provider_timeout_seconds).unwrap_or(30).saturating_mul(2000)
+        i64::try_from(self.reaper.provider_timeout_seconds)
+            .unwrap_or(30)
+            .saturating_mul(2000)
     }
 
     /// Append a broker-level event (started, stopped, auth denied) in a
@@ -297,8 +339,14 @@ impl Broker {
         };
         let b = self.clone();
         tokio::spawn(async move {
-            let data = crate::event_data![("reason", crate::audit::text(&reason)), ("suppressed_before", suppressed)];
-            if let Err(e) = b.record(crate::audit::EventKind::AuthDenied, request_id, data).await {
+            let data = crate::event_data![
+                ("reason", crate::audit::text(&reason)),
+                ("suppressed_before", suppressed)
+            ];
+            if let Err(e) = b
+                .record(crate::audit::EventKind::AuthDenied, request_id, data)
+                .await
+            {
                 tracing::warn!(error = %e, "recording a denied authentication failed");
             }
         });
@@ -319,7 +367,8 @@ impl Broker {
                     ("files", serde_json::Value::from(l.files.clone())),
                     ("by", by.unwrap_or_else(|| "SIGHUP".into())),
                 ];
-                self.record(crate::audit::EventKind::PolicyReloaded, request_id, data).await?;
+                self.record(crate::audit::EventKind::PolicyReloaded, request_id, data)
+                    .await?;
                 tracing::info!(version = %l.version, policies = l.policy_count, "policy set reloaded");
                 Ok(l)
             }
@@ -332,7 +381,9 @@ impl Broker {
 
     /// Sign the head of the chain if it moved since the last checkpoint.
     pub async fn checkpoint(&self) -> Result<Option<crate::audit::Checkpoint>, BrokerError> {
-        let Some(key) = self.checkpoint_key.clone() else { return Ok(None) };
+        let Some(key) = self.checkpoint_key.clone() else {
+            return Ok(None);
+        };
         let r = self.store.read()?;
         let head = r.chain_head()?;
         if head.seq == 0 || r.last_checkpoint_seq()?.is_some_and(|s| s >= head.seq) {
@@ -344,7 +395,9 @@ impl Broker {
         crate::audit::canonical(&cp.to_value(), &mut bytes)
             .map_err(|e| BrokerError::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
         let seq = cp.seq;
-        self.store.write(move |t| t.put_checkpoint(seq, &bytes)).await?;
+        self.store
+            .write(move |t| t.put_checkpoint(seq, &bytes))
+            .await?;
         Ok(Some(cp))
     }
 

@@ -62,12 +62,21 @@ struct ManualInner {
 impl ManualClock {
     pub fn new(start: Timestamp) -> Self {
         let (tick, _) = tokio::sync::watch::channel(start.unix_millis());
-        Self { inner: Arc::new(ManualInner { now: AtomicI64::new(start.unix_millis()), tick }) }
+        Self {
+            inner: Arc::new(ManualInner {
+                now: AtomicI64::new(start.unix_millis()),
+                tick,
+            }),
+        }
     }
 
     pub fn advance(&self, by: Duration) {
         let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
-        let now = self.inner.now.fetch_add(ms, Ordering::SeqCst).saturating_add(ms);
+        let now = self
+            .inner
+            .now
+            .fetch_add(ms, Ordering::SeqCst)
+            .saturating_add(ms);
         self.inner.tick.send_replace(now);
     }
 
@@ -87,7 +96,11 @@ impl Clock for ManualClock {
         Box::pin(async move {
             // Resolves once the clock reaches the deadline; if the sender is
             // gone the clock can never move again, so wait forever.
-            if rx.wait_for(|now| *now >= deadline.unix_millis()).await.is_err() {
+            if rx
+                .wait_for(|now| *now >= deadline.unix_millis())
+                .await
+                .is_err()
+            {
                 std::future::pending::<()>().await;
             }
         })
@@ -120,13 +133,17 @@ mod tests {
     async fn manual_clock_wakes_sleepers_only_when_advanced() {
         let clock = ManualClock::new(Timestamp::from_unix_millis(1_000));
         let c2 = clock.clone();
-        let sleeper = tokio::spawn(async move { c2.sleep_until(Timestamp::from_unix_millis(5_000)).await });
+        let sleeper =
+            tokio::spawn(async move { c2.sleep_until(Timestamp::from_unix_millis(5_000)).await });
         tokio::task::yield_now().await;
         clock.advance(Duration::from_millis(3_000));
         tokio::task::yield_now().await;
         assert!(!sleeper.is_finished());
         clock.advance(Duration::from_millis(1_000));
-        tokio::time::timeout(Duration::from_secs(5), sleeper).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), sleeper)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(clock.now().unix_millis(), 5_000);
     }
 

@@ -18,7 +18,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("`{field}`: {message}")]
@@ -26,7 +29,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), message: message.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -341,8 +347,14 @@ impl<'de> Deserialize<'de> for ProviderConfig {
         };
         let body = toml::Value::Table(table);
         match kind.as_str() {
-            "token" => body.try_into().map(Self::Token).map_err(|e| D::Error::custom(e.to_string().trim_end())),
-            "postgres" => body.try_into().map(Self::Postgres).map_err(|e| D::Error::custom(e.to_string().trim_end())),
+            "token" => body
+                .try_into()
+                .map(Self::Token)
+                .map_err(|e| D::Error::custom(e.to_string().trim_end())),
+            "postgres" => body
+                .try_into()
+                .map(Self::Postgres)
+                .map_err(|e| D::Error::custom(e.to_string().trim_end())),
             other => Err(D::Error::custom(format!(
                 "unknown provider type `{other}`; expected one of: {}",
                 PROVIDER_TYPES.join(", ")
@@ -480,20 +492,24 @@ mod defaults {
 /// Signature algorithms a workload issuer may pin. HMAC is absent on
 /// purpose: a shared secret cannot identify a workload, and accepting it is
 /// how RSA/HMAC key confusion happens.
-pub const ALLOWED_ALGORITHMS: &[&str] =
-    &["EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"];
+pub const ALLOWED_ALGORITHMS: &[&str] = &[
+    "EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+];
 
 fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 impl Config {
     /// Read and parse a file, resolving relative paths against its folder.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let mut cfg = Self::from_toml(&text, &path.display().to_string())?;
         if let Some(dir) = path.parent() {
             cfg.resolve_paths(dir);
@@ -502,8 +518,10 @@ impl Config {
     }
 
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: origin.to_owned(), message: e.to_string() })?;
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -539,7 +557,10 @@ impl Config {
             match p {
                 ProviderConfig::Token(t) => fix(&mut t.signing_key_file),
                 ProviderConfig::Postgres(p) => {
-                    for f in [p.password_file.as_mut(), p.ca_file.as_mut()].into_iter().flatten() {
+                    for f in [p.password_file.as_mut(), p.ca_file.as_mut()]
+                        .into_iter()
+                        .flatten()
+                    {
                         fix(f);
                     }
                 }
@@ -595,10 +616,16 @@ impl Config {
             ));
         }
         if !(1024..=16 * 1024 * 1024).contains(&s.max_body_bytes) {
-            return Err(invalid("server.max_body_bytes", "must be between 1024 and 16777216"));
+            return Err(invalid(
+                "server.max_body_bytes",
+                "must be between 1024 and 16777216",
+            ));
         }
         if s.request_timeout_seconds == 0 {
-            return Err(invalid("server.request_timeout_seconds", "must be positive"));
+            return Err(invalid(
+                "server.request_timeout_seconds",
+                "must be positive",
+            ));
         }
         if s.drain_delay_seconds > 300 {
             return Err(invalid("server.drain_delay_seconds", "at most 300"));
@@ -609,11 +636,17 @@ impl Config {
         if let Some(m) = s.metrics_listen
             && m == s.listen
         {
-            return Err(invalid("server.metrics_listen", "must differ from server.listen"));
+            return Err(invalid(
+                "server.metrics_listen",
+                "must differ from server.listen",
+            ));
         }
         match (&self.store.key_file, &self.store.key_env) {
             (Some(_), Some(_)) => {
-                return Err(invalid("store.key_file", "set either store.key_file or store.key_env, not both"));
+                return Err(invalid(
+                    "store.key_file",
+                    "set either store.key_file or store.key_env, not both",
+                ));
             }
             (None, None) => {
                 return Err(invalid(
@@ -627,11 +660,17 @@ impl Config {
             return Err(invalid("store.cache_mib", "must be positive"));
         }
         if self.store.commit_delay_micros > 10_000 {
-            return Err(invalid("store.commit_delay_micros", "at most 10000 (10 ms)"));
+            return Err(invalid(
+                "store.commit_delay_micros",
+                "at most 10000 (10 ms)",
+            ));
         }
         let l = &self.limits;
         if l.max_task_ttl_seconds == 0 || l.max_task_ttl_seconds > 7 * 86_400 {
-            return Err(invalid("limits.max_task_ttl_seconds", "must be between 1 and 604800"));
+            return Err(invalid(
+                "limits.max_task_ttl_seconds",
+                "must be between 1 and 604800",
+            ));
         }
         if l.max_lease_ttl_seconds == 0 || l.max_lease_ttl_seconds > l.max_task_ttl_seconds {
             return Err(invalid(
@@ -653,45 +692,77 @@ impl Config {
             return Err(invalid("reaper.retry_budget", "must be positive"));
         }
         if r.irrevocable_retry_seconds == 0 {
-            return Err(invalid("reaper.irrevocable_retry_seconds", "must be positive"));
+            return Err(invalid(
+                "reaper.irrevocable_retry_seconds",
+                "must be positive",
+            ));
         }
         if !(1..=65_536).contains(&r.batch_size) {
             return Err(invalid("reaper.batch_size", "must be between 1 and 65536"));
         }
         if r.provider_timeout_seconds == 0 {
-            return Err(invalid("reaper.provider_timeout_seconds", "must be positive"));
+            return Err(invalid(
+                "reaper.provider_timeout_seconds",
+                "must be positive",
+            ));
         }
         self.validate_auth()?;
         let a = &self.audit;
         if a.checkpoint_interval_seconds == 0 || a.checkpoint_interval_seconds > 86_400 {
-            return Err(invalid("audit.checkpoint_interval_seconds", "must be between 1 and 86400"));
+            return Err(invalid(
+                "audit.checkpoint_interval_seconds",
+                "must be between 1 and 86400",
+            ));
         }
-        if let Some(f) = a.hmac_fields.iter().find(|f| !crate::audit::HMAC_FIELDS.contains(&f.as_str())) {
+        if let Some(f) = a
+            .hmac_fields
+            .iter()
+            .find(|f| !crate::audit::HMAC_FIELDS.contains(&f.as_str()))
+        {
             return Err(invalid(
                 "audit.hmac_fields",
-                format!("`{f}` cannot be HMAC-ed; choose from {}", crate::audit::HMAC_FIELDS.join(", ")),
+                format!(
+                    "`{f}` cannot be HMAC-ed; choose from {}",
+                    crate::audit::HMAC_FIELDS.join(", ")
+                ),
             ));
         }
         if !a.hmac_fields.is_empty() && a.hmac_key_file.is_none() {
-            return Err(invalid("audit.hmac_key_file", "hmac_fields needs hmac_key_file"));
+            return Err(invalid(
+                "audit.hmac_key_file",
+                "hmac_fields needs hmac_key_file",
+            ));
         }
         let p = &self.policy;
         if !(60..=86_400).contains(&p.approval_ttl_seconds) {
-            return Err(invalid("policy.approval_ttl_seconds", "must be between 60 and 86400"));
+            return Err(invalid(
+                "policy.approval_ttl_seconds",
+                "must be between 60 and 86400",
+            ));
         }
-        if p.break_glass_max_ttl_seconds == 0 || p.break_glass_max_ttl_seconds > l.max_lease_ttl_seconds {
+        if p.break_glass_max_ttl_seconds == 0
+            || p.break_glass_max_ttl_seconds > l.max_lease_ttl_seconds
+        {
             return Err(invalid(
                 "policy.break_glass_max_ttl_seconds",
                 "must be positive and at most limits.max_lease_ttl_seconds",
             ));
         }
         if p.max_active_leases_per_workload == 0 {
-            return Err(invalid("policy.max_active_leases_per_workload", "must be positive"));
+            return Err(invalid(
+                "policy.max_active_leases_per_workload",
+                "must be positive",
+            ));
         }
         if let Some(u) = &p.webhook_url {
-            let loopback = u.starts_with("http://127.0.0.1") || u.starts_with("http://localhost") || u.starts_with("http://[::1]");
+            let loopback = u.starts_with("http://127.0.0.1")
+                || u.starts_with("http://localhost")
+                || u.starts_with("http://[::1]");
             if !u.starts_with("https://") && !loopback {
-                return Err(invalid("policy.webhook_url", "must be https (http only on loopback)"));
+                return Err(invalid(
+                    "policy.webhook_url",
+                    "must be https (http only on loopback)",
+                ));
             }
         }
         if self.providers.is_empty() {
@@ -705,9 +776,13 @@ impl Config {
             match p {
                 ProviderConfig::Token(t) => validate_token(&field, t, l)?,
                 ProviderConfig::Postgres(p) => {
-                    p.validate(l.max_lease_ttl_seconds).map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
+                    p.validate(l.max_lease_ttl_seconds)
+                        .map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
                     if let Some(role) = p.roles.keys().find(|r| !is_name(r)) {
-                        return Err(invalid(format!("{field}.roles.{role}"), "role names are 1-64 of [A-Za-z0-9_-]"));
+                        return Err(invalid(
+                            format!("{field}.roles.{role}"),
+                            "role names are 1-64 of [A-Za-z0-9_-]",
+                        ));
                     }
                 }
             }
@@ -724,13 +799,19 @@ impl Config {
                 return Err(invalid(f("name"), "1-64 of [A-Za-z0-9_-]"));
             }
             if !names.insert(&iss.name) {
-                return Err(invalid(f("name"), format!("duplicate issuer name `{}`", iss.name)));
+                return Err(invalid(
+                    f("name"),
+                    format!("duplicate issuer name `{}`", iss.name),
+                ));
             }
             if iss.issuer.is_empty() || !issuers.insert(&iss.issuer) {
                 return Err(invalid(f("issuer"), "must be non-empty and unique"));
             }
             if iss.audiences.is_empty() || iss.audiences.iter().any(String::is_empty) {
-                return Err(invalid(f("audiences"), "list at least one non-empty audience"));
+                return Err(invalid(
+                    f("audiences"),
+                    "list at least one non-empty audience",
+                ));
             }
             if iss.algorithms.is_empty() {
                 return Err(invalid(f("algorithms"), "pin at least one algorithm"));
@@ -739,20 +820,29 @@ impl Config {
                 if !ALLOWED_ALGORITHMS.contains(&a.as_str()) {
                     return Err(invalid(
                         f("algorithms"),
-                        format!("`{a}` is not allowed; use one of {}", ALLOWED_ALGORITHMS.join(", ")),
+                        format!(
+                            "`{a}` is not allowed; use one of {}",
+                            ALLOWED_ALGORITHMS.join(", ")
+                        ),
                     ));
                 }
             }
             match (&iss.jwks_file, &iss.jwks_url) {
                 (Some(_), Some(_)) | (None, None) => {
-                    return Err(invalid(f("jwks_file"), "set exactly one of jwks_file and jwks_url"));
+                    return Err(invalid(
+                        f("jwks_file"),
+                        "set exactly one of jwks_file and jwks_url",
+                    ));
                 }
                 (None, Some(url)) => {
                     let loopback_http = url.starts_with("http://127.0.0.1")
                         || url.starts_with("http://localhost")
                         || url.starts_with("http://[::1]");
                     if !url.starts_with("https://") && !loopback_http {
-                        return Err(invalid(f("jwks_url"), "must be https (http only on loopback)"));
+                        return Err(invalid(
+                            f("jwks_url"),
+                            "must be https (http only on loopback)",
+                        ));
                     }
                 }
                 _ => {}
@@ -761,7 +851,10 @@ impl Config {
                 return Err(invalid(f("jwks_refresh_seconds"), "must be at least 10"));
             }
             if iss.leeway_seconds > 300 {
-                return Err(invalid(f("leeway_seconds"), "at most 300 (skew should be small)"));
+                return Err(invalid(
+                    f("leeway_seconds"),
+                    "at most 300 (skew should be small)",
+                ));
             }
             if iss.tenant.is_some() && iss.tenant_claim.is_some() {
                 return Err(invalid(f("tenant"), "set tenant or tenant_claim, not both"));
@@ -779,7 +872,10 @@ impl Config {
             }
             let h = op.token_sha256.to_ascii_lowercase();
             if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(invalid(f("token_sha256"), "must be 64 hex characters (SHA-256)"));
+                return Err(invalid(
+                    f("token_sha256"),
+                    "must be 64 hex characters (SHA-256)",
+                ));
             }
             if !hashes.insert(h) {
                 return Err(invalid(f("token_sha256"), "two operators share a token"));
@@ -792,22 +888,38 @@ impl Config {
     /// without printing any secret. `serve` and `config validate` run it.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         if let Some(p) = &self.store.key_file {
-            crate::store::StoreKey::from_file(p).map_err(|e| invalid("store.key_file", e.to_string()))?;
+            crate::store::StoreKey::from_file(p)
+                .map_err(|e| invalid("store.key_file", e.to_string()))?;
         }
         let cp = std::fs::read(&self.audit.checkpoint_key_file).map_err(|e| {
-            invalid("audit.checkpoint_key_file", format!("{}: {e}", self.audit.checkpoint_key_file.display()))
+            invalid(
+                "audit.checkpoint_key_file",
+                format!("{}: {e}", self.audit.checkpoint_key_file.display()),
+            )
         })?;
-        crate::audit::CheckpointKey::from_pkcs8(&cp).map_err(|e| invalid("audit.checkpoint_key_file", e))?;
+        crate::audit::CheckpointKey::from_pkcs8(&cp)
+            .map_err(|e| invalid("audit.checkpoint_key_file", e))?;
         if let Some(p) = &self.audit.hmac_key_file {
-            crate::store::StoreKey::from_file(p).map_err(|e| invalid("audit.hmac_key_file", e.to_string()))?;
+            crate::store::StoreKey::from_file(p)
+                .map_err(|e| invalid("audit.hmac_key_file", e.to_string()))?;
         }
         if let Some(p) = &self.policy.webhook_secret_file {
-            crate::store::StoreKey::from_file(p).map_err(|e| invalid("policy.webhook_secret_file", e.to_string()))?;
+            crate::store::StoreKey::from_file(p)
+                .map_err(|e| invalid("policy.webhook_secret_file", e.to_string()))?;
         }
-        crate::policy::PolicyEngine::load(&self.policy.dir, self.provider_roles())
-            .map_err(|e| invalid("policy.dir", format!("the policy set does not validate:\n{e}")))?;
+        crate::policy::PolicyEngine::load(&self.policy.dir, self.provider_roles()).map_err(
+            |e| {
+                invalid(
+                    "policy.dir",
+                    format!("the policy set does not validate:\n{e}"),
+                )
+            },
+        )?;
         if let Some(tls) = &self.server.tls {
-            for (k, p) in [("server.tls.cert_file", &tls.cert_file), ("server.tls.key_file", &tls.key_file)] {
+            for (k, p) in [
+                ("server.tls.cert_file", &tls.cert_file),
+                ("server.tls.key_file", &tls.key_file),
+            ] {
                 std::fs::metadata(p).map_err(|e| invalid(k, format!("{}: {e}", p.display())))?;
             }
         }
@@ -836,14 +948,21 @@ impl Config {
                 ProviderConfig::Postgres(p) => {
                     for (k, f) in [("password_file", &p.password_file), ("ca_file", &p.ca_file)] {
                         if let Some(f) = f {
-                            std::fs::metadata(f)
-                                .map_err(|e| invalid(format!("providers.{name}.{k}"), format!("{}: {e}", f.display())))?;
+                            std::fs::metadata(f).map_err(|e| {
+                                invalid(
+                                    format!("providers.{name}.{k}"),
+                                    format!("{}: {e}", f.display()),
+                                )
+                            })?;
                         }
                     }
                     if let Some(var) = &p.password_env
                         && std::env::var_os(var).is_none()
                     {
-                        return Err(invalid(format!("providers.{name}.password_env"), format!("{var} is not set")));
+                        return Err(invalid(
+                            format!("providers.{name}.password_env"),
+                            format!("{var} is not set"),
+                        ));
                     }
                 }
             }
@@ -852,7 +971,11 @@ impl Config {
     }
 }
 
-fn validate_token(field: &str, t: &TokenProviderConfig, limits: &Limits) -> Result<(), ConfigError> {
+fn validate_token(
+    field: &str,
+    t: &TokenProviderConfig,
+    limits: &Limits,
+) -> Result<(), ConfigError> {
     if t.issuer.is_empty() {
         return Err(invalid(format!("{field}.issuer"), "must not be empty"));
     }
@@ -860,7 +983,10 @@ fn validate_token(field: &str, t: &TokenProviderConfig, limits: &Limits) -> Resu
         return Err(invalid(format!("{field}.audience"), "must not be empty"));
     }
     if t.roles.is_empty() {
-        return Err(invalid(format!("{field}.roles"), "configure at least one role"));
+        return Err(invalid(
+            format!("{field}.roles"),
+            "configure at least one role",
+        ));
     }
     for (role, r) in &t.roles {
         let rf = format!("{field}.roles.{role}");
@@ -870,13 +996,23 @@ fn validate_token(field: &str, t: &TokenProviderConfig, limits: &Limits) -> Resu
         if r.scopes.is_empty() {
             return Err(invalid(format!("{rf}.scopes"), "list at least one scope"));
         }
-        if let Some(s) = r.scopes.iter().find(|s| !leasehold_provider_token::valid_scope_token(s)) {
-            return Err(invalid(format!("{rf}.scopes"), format!("`{s}` is not a valid OAuth scope token")));
+        if let Some(s) = r
+            .scopes
+            .iter()
+            .find(|s| !leasehold_provider_token::valid_scope_token(s))
+        {
+            return Err(invalid(
+                format!("{rf}.scopes"),
+                format!("`{s}` is not a valid OAuth scope token"),
+            ));
         }
         if r.max_ttl_seconds == 0 || r.max_ttl_seconds > limits.max_lease_ttl_seconds {
             return Err(invalid(
                 format!("{rf}.max_ttl_seconds"),
-                format!("must be between 1 and limits.max_lease_ttl_seconds ({})", limits.max_lease_ttl_seconds),
+                format!(
+                    "must be between 1 and limits.max_lease_ttl_seconds ({})",
+                    limits.max_lease_ttl_seconds
+                ),
             ));
         }
     }
@@ -909,7 +1045,9 @@ max_ttl_seconds = 600
 "#;
 
     fn err(text: &str) -> String {
-        Config::from_toml(text, "test.toml").unwrap_err().to_string()
+        Config::from_toml(text, "test.toml")
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -942,7 +1080,10 @@ max_ttl_seconds = 600
         let e = err(&MINIMAL.replace("127.0.0.1:7711", "0.0.0.0:7711"));
         assert!(e.contains("server.listen"), "{e}");
         let e = err(&MINIMAL.replace("max_ttl_seconds = 600", "max_ttl_seconds = 0"));
-        assert!(e.contains("providers.token.roles.demo.max_ttl_seconds"), "{e}");
+        assert!(
+            e.contains("providers.token.roles.demo.max_ttl_seconds"),
+            "{e}"
+        );
         let e = err(&MINIMAL.replace("key_file = \"store.key\"", ""));
         assert!(e.contains("store.key_file"), "{e}");
         let e = err(&MINIMAL.replace(
@@ -950,7 +1091,10 @@ max_ttl_seconds = 600
             "[auth]\n[[auth.workload_issuers]]\nname=\"k\"\nissuer=\"i\"\naudiences=[\"a\"]\nalgorithms=[\"HS256\"]\njwks_file=\"j\"",
         ));
         assert!(e.contains("auth.workload_issuers[0].algorithms"), "{e}");
-        let e = err(&MINIMAL.replace("[auth]", "[auth]\n[[auth.operators]]\nname=\"a\"\nroles=[\"admin\"]\ntoken_sha256=\"xyz\""));
+        let e = err(&MINIMAL.replace(
+            "[auth]",
+            "[auth]\n[[auth.operators]]\nname=\"a\"\nroles=[\"admin\"]\ntoken_sha256=\"xyz\"",
+        ));
         assert!(e.contains("token_sha256"), "{e}");
     }
 
@@ -986,7 +1130,9 @@ max_ttl_seconds = 600
         std::fs::write(&p, MINIMAL).unwrap();
         let c = Config::load(&p).unwrap();
         assert_eq!(c.store.path, dir.path().join("leasehold.redb"));
-        let ProviderConfig::Token(t) = &c.providers["token"] else { panic!("a token provider") };
+        let ProviderConfig::Token(t) = &c.providers["token"] else {
+            panic!("a token provider")
+        };
         assert_eq!(t.signing_key_file, dir.path().join("token.pk8"));
     }
 }

@@ -26,9 +26,15 @@ use crate::store::StoreKey;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7711";
 /// The example policy set (`config/policies`), which `dev` starts with.
 pub const EXAMPLE_POLICIES: [(&str, &str); 3] = [
-    ("leasehold.cedarschema", include_str!("../config/policies/leasehold.cedarschema")),
+    (
+        "leasehold.cedarschema",
+        include_str!("../config/policies/leasehold.cedarschema"),
+    ),
     ("demo.cedar", include_str!("../config/policies/demo.cedar")),
-    ("entities.json", include_str!("../config/policies/entities.json")),
+    (
+        "entities.json",
+        include_str!("../config/policies/entities.json"),
+    ),
 ];
 pub const DEFAULT_DATA_DIR: &str = "leasehold-data";
 pub const DEV_ISSUER: &str = "https://leasehold.dev.invalid/issuer";
@@ -39,10 +45,15 @@ const DEV_TOKEN_TTL_S: i64 = 7 * 86_400;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
-    #[error("`leasehold dev` listens on loopback only; {0} is not a loopback address (use `serve` with TLS)")]
+    #[error(
+        "`leasehold dev` listens on loopback only; {0} is not a loopback address (use `serve` with TLS)"
+    )]
     NotLoopback(SocketAddr),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Key(String),
 }
@@ -66,7 +77,10 @@ pub struct DevIdentity {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
-    move |source| DevError::Io { path: path.to_owned(), source }
+    move |source| DevError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DevError> {
@@ -87,11 +101,13 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), DevError> {
 fn ensure_ed25519(path: &Path) -> Result<Vec<u8>, DevError> {
     if path.exists() {
         let bytes = std::fs::read(path).map_err(io(path))?;
-        Ed25519KeyPair::from_pkcs8_maybe_unchecked(&bytes)
-            .map_err(|_| DevError::Key(format!("{} is not an Ed25519 PKCS#8 key", path.display())))?;
+        Ed25519KeyPair::from_pkcs8_maybe_unchecked(&bytes).map_err(|_| {
+            DevError::Key(format!("{} is not an Ed25519 PKCS#8 key", path.display()))
+        })?;
         return Ok(bytes);
     }
-    let doc = leasehold_provider_token::generate_signing_key().map_err(|e| DevError::Key(e.to_string()))?;
+    let doc = leasehold_provider_token::generate_signing_key()
+        .map_err(|e| DevError::Key(e.to_string()))?;
     write_private(path, &doc)?;
     Ok(doc)
 }
@@ -117,7 +133,11 @@ pub fn jwks_for(key: &Ed25519KeyPair, kid: &str) -> serde_json::Value {
 }
 
 /// Everything `dev` needs: the config it runs, and the credentials it wrote.
-pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Config, DevCredentials), DevError> {
+pub fn prepare(
+    data: &Path,
+    listen: SocketAddr,
+    now: Timestamp,
+) -> Result<(Config, DevCredentials), DevError> {
     if !listen.ip().is_loopback() {
         return Err(DevError::NotLoopback(listen));
     }
@@ -142,7 +162,10 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
         .map_err(|_| DevError::Key("dev issuer key unreadable".into()))?;
     let kid = "dev-issuer-1";
     let jwks_path = data.join("dev-issuer.jwks.json");
-    write_private(&jwks_path, jwks_for(&issuer_key, kid).to_string().as_bytes())?;
+    write_private(
+        &jwks_path,
+        jwks_for(&issuer_key, kid).to_string().as_bytes(),
+    )?;
 
     let mut identities = BTreeMap::new();
     let iat = now.unix_seconds();
@@ -153,7 +176,11 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
         });
         identities.insert(
             name.to_owned(),
-            DevIdentity { kind: "workload".into(), id: format!("dev:{name}"), token: sign_jwt(&issuer_key, kid, &claims) },
+            DevIdentity {
+                kind: "workload".into(),
+                id: format!("dev:{name}"),
+                token: sign_jwt(&issuer_key, kid, &claims),
+            },
         );
     }
     let mut operators = Vec::new();
@@ -172,7 +199,11 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
         });
         identities.insert(
             name.to_owned(),
-            DevIdentity { kind: role.as_str().to_owned(), id: name.to_owned(), token },
+            DevIdentity {
+                kind: role.as_str().to_owned(),
+                id: name.to_owned(),
+                token,
+            },
         );
     }
 
@@ -264,12 +295,17 @@ pub fn prepare(data: &Path, listen: SocketAddr, now: Timestamp) -> Result<(Confi
         #[cfg(feature = "fault-injection")]
         fault: FaultConfig::default(),
     };
-    config.validate().map_err(|e| DevError::Key(e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| DevError::Key(e.to_string()))?;
     // the same configuration for `leasehold serve -c`, valid with this run's
     // credentials (operator token hashes change on every `dev` start)
     let toml = config.to_toml().map_err(|e| DevError::Key(e.to_string()))?;
     write_private(&data.join("dev-config.toml"), toml.as_bytes())?;
-    let creds = DevCredentials { broker: format!("http://{listen}"), identities };
+    let creds = DevCredentials {
+        broker: format!("http://{listen}"),
+        identities,
+    };
     let json = serde_json::to_vec_pretty(&creds).map_err(|e| DevError::Key(e.to_string()))?;
     write_private(&data.join("dev-credentials.json"), &json)?;
     Ok((config, creds))

@@ -23,7 +23,10 @@ fn decode_char(c: u8) -> Option<u8> {
         b'i' | b'l' => b'1',
         other => other,
     };
-    ALPHABET.iter().position(|&a| a == c).and_then(|p| u8::try_from(p).ok())
+    ALPHABET
+        .iter()
+        .position(|&a| a == c)
+        .and_then(|p| u8::try_from(p).ok())
 }
 
 /// A fresh 128-bit id for `now`.
@@ -32,7 +35,10 @@ pub fn generate(now: Timestamp) -> u128 {
     // SystemRandom reads the OS CSPRNG; it fails only if the OS has none,
     // and then no id is safe: fall back to the time alone would collide, so
     // we mix the address of a stack value and a counter as a last resort.
-    if ring::rand::SystemRandom::new().fill(&mut rand[6..]).is_err() {
+    if ring::rand::SystemRandom::new()
+        .fill(&mut rand[6..])
+        .is_err()
+    {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         rand[8..].copy_from_slice(&n.to_be_bytes());
@@ -50,7 +56,11 @@ fn encode(v: u128) -> [u8; 26] {
     let mut out = [0u8; 26];
     for (i, slot) in out.iter_mut().enumerate() {
         let shift = 125 - 5 * i as u32;
-        let idx = if shift == 125 { (v >> 125) & 0x7 } else { (v >> shift) & 0x1f };
+        let idx = if shift == 125 {
+            (v >> 125) & 0x7
+        } else {
+            (v >> shift) & 0x1f
+        };
         *slot = ALPHABET[idx as usize];
     }
     out
@@ -123,7 +133,11 @@ macro_rules! id_type {
 
 id_type!(TaskId, "task", "The id of a task.");
 id_type!(LeaseId, "lease", "The id of a lease.");
-id_type!(RequestId, "req", "The id of one HTTP request, for correlating logs and responses.");
+id_type!(
+    RequestId,
+    "req",
+    "The id of one HTTP request, for correlating logs and responses."
+);
 id_type!(CallId, "call", "The id of a decided tool call.");
 id_type!(ApprovalId, "appr", "The id of an approval request.");
 id_type!(JobId, "job", "The id of a mass revocation job.");
@@ -148,7 +162,13 @@ mod tests {
         assert!(s.starts_with("lease_") && s.len() == 32, "{s}");
         assert!(s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_'));
         assert_eq!(s.parse::<LeaseId>().unwrap(), a);
-        assert_eq!(s.to_uppercase().replace("LEASE_", "lease_").parse::<LeaseId>().unwrap(), a);
+        assert_eq!(
+            s.to_uppercase()
+                .replace("LEASE_", "lease_")
+                .parse::<LeaseId>()
+                .unwrap(),
+            a
+        );
         for v in [0u128, u128::MAX, 1 << 127, 12345] {
             assert_eq!(decode(std::str::from_utf8(&encode(v)).unwrap()), Some(v));
         }
@@ -159,8 +179,16 @@ mod tests {
         let t = TaskId::generate(Timestamp::from_unix_millis(5));
         assert!(t.to_string().parse::<LeaseId>().is_err());
         assert!("lease_".parse::<LeaseId>().is_err());
-        assert!("lease_zzzzzzzzzzzzzzzzzzzzzzzzzz".parse::<LeaseId>().is_err()); // > 128 bits
-        assert!("lease_0000000000000000000000000u".parse::<LeaseId>().is_err());
+        assert!(
+            "lease_zzzzzzzzzzzzzzzzzzzzzzzzzz"
+                .parse::<LeaseId>()
+                .is_err()
+        ); // > 128 bits
+        assert!(
+            "lease_0000000000000000000000000u"
+                .parse::<LeaseId>()
+                .is_err()
+        );
         assert!("../etc/passwd".parse::<TaskId>().is_err());
     }
 

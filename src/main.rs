@@ -37,10 +37,17 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         Ok(d) => filter.add_directive(d),
         Err(_) => filter,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
     guard
 }
@@ -49,13 +56,14 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -68,7 +76,10 @@ async fn shutdown_signal() {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn serve(config: leasehold::config::Config) -> anyhow::Result<()> {
@@ -90,9 +101,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
             let cfg = leasehold::config::Config::load(&config)?;
             serve(cfg)?;
         }
-        Command::Dev { listen, data, log_format } => {
+        Command::Dev {
+            listen,
+            data,
+            log_format,
+        } => {
             let _logs = init_logging(log_format);
-            let listener = std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+            let listener =
+                std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
             let addr = listener.local_addr()?;
             let (config, creds) = leasehold::dev::prepare(&data, addr, SystemClock.now())?;
             eprintln!(
@@ -103,9 +119,16 @@ fn real_main() -> anyhow::Result<ExitCode> {
             );
             drop(creds);
             let rt = runtime()?;
-            rt.block_on(leasehold::server::run(listener, config, Arc::new(SystemClock), shutdown_signal()))?;
+            rt.block_on(leasehold::server::run(
+                listener,
+                config,
+                Arc::new(SystemClock),
+                shutdown_signal(),
+            ))?;
         }
-        Command::Config { command: ConfigCommand::Validate { file, offline } } => {
+        Command::Config {
+            command: ConfigCommand::Validate { file, offline },
+        } => {
             let cfg = leasehold::config::Config::load(&file)?;
             cfg.check_files()?;
             if !offline {
@@ -123,64 +146,107 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Command::Keygen { command } => match command {
             KeygenCommand::Store { file } => {
                 leasehold::store::StoreKey::generate()?.write_new_file(&file)?;
-                println!("wrote a new store key to {} (keep it; the store cannot be opened without it)", file.display());
+                println!(
+                    "wrote a new store key to {} (keep it; the store cannot be opened without it)",
+                    file.display()
+                );
             }
             KeygenCommand::Token { file } => {
                 write_new_private(&file, &leasehold_provider_token::generate_signing_key()?)?;
-                println!("wrote a new Ed25519 token signing key to {}", file.display());
+                println!(
+                    "wrote a new Ed25519 token signing key to {}",
+                    file.display()
+                );
             }
             KeygenCommand::Checkpoint { file } => {
                 let doc = leasehold_provider_token::generate_signing_key()?;
                 write_new_private(&file, &doc)?;
-                let key = leasehold::audit::CheckpointKey::from_pkcs8(&doc).map_err(anyhow::Error::msg)?;
+                let key = leasehold::audit::CheckpointKey::from_pkcs8(&doc)
+                    .map_err(anyhow::Error::msg)?;
                 println!("wrote a new Ed25519 checkpoint key to {}", file.display());
-                println!("public key (for `leasehold events verify --checkpoint-key`): {}", key.public_key_text());
+                println!(
+                    "public key (for `leasehold events verify --checkpoint-key`): {}",
+                    key.public_key_text()
+                );
             }
             KeygenCommand::Operator => {
-                let token = leasehold::auth::generate_operator_token().map_err(anyhow::Error::msg)?;
+                let token =
+                    leasehold::auth::generate_operator_token().map_err(anyhow::Error::msg)?;
                 println!("token:        {token}");
-                println!("token_sha256: {}", leasehold::auth::operator_token_hash(&token));
+                println!(
+                    "token_sha256: {}",
+                    leasehold::auth::operator_token_hash(&token)
+                );
             }
         },
         Command::Task { conn, command } => {
             let rt = runtime()?;
-            return Ok(print_result(rt.block_on(leasehold::cli::client::task(&conn, command))));
+            return Ok(print_result(
+                rt.block_on(leasehold::cli::client::task(&conn, command)),
+            ));
         }
         Command::Lease { conn, command } => {
             let rt = runtime()?;
-            return Ok(print_result(rt.block_on(leasehold::cli::client::lease(&conn, command))));
+            return Ok(print_result(
+                rt.block_on(leasehold::cli::client::lease(&conn, command)),
+            ));
         }
         Command::Approvals { conn, command } => {
             let rt = runtime()?;
-            return Ok(print_result(rt.block_on(leasehold::cli::client::approvals(&conn, command))));
+            return Ok(print_result(
+                rt.block_on(leasehold::cli::client::approvals(&conn, command)),
+            ));
         }
         Command::Reviews { conn, command } => {
             let rt = runtime()?;
-            return Ok(print_result(rt.block_on(leasehold::cli::client::reviews(&conn, command))));
+            return Ok(print_result(
+                rt.block_on(leasehold::cli::client::reviews(&conn, command)),
+            ));
         }
         Command::Policy { conn, command } => {
             let rt = runtime()?;
-            return Ok(print_result(rt.block_on(leasehold::cli::client::policy(&conn, command))));
+            return Ok(print_result(
+                rt.block_on(leasehold::cli::client::policy(&conn, command)),
+            ));
         }
         Command::Events { conn, command } => {
             let rt = runtime()?;
-            return Ok(print_result(rt.block_on(leasehold::cli::events::run(&conn, command))));
+            return Ok(print_result(
+                rt.block_on(leasehold::cli::events::run(&conn, command)),
+            ));
         }
-        Command::Revoke { conn, command, selector } => {
+        Command::Revoke {
+            conn,
+            command,
+            selector,
+        } => {
             let rt = runtime()?;
-            return Ok(print_result(rt.block_on(leasehold::cli::incident::revoke(&conn, command, selector))));
+            return Ok(print_result(rt.block_on(leasehold::cli::incident::revoke(
+                &conn, command, selector,
+            ))));
         }
         Command::Providers { conn, command } => {
             let rt = runtime()?;
-            return Ok(print_result(rt.block_on(leasehold::cli::incident::providers(&conn, command))));
+            return Ok(print_result(
+                rt.block_on(leasehold::cli::incident::providers(&conn, command)),
+            ));
         }
         Command::Fence { conn, command } => {
             let rt = runtime()?;
-            return Ok(print_result(rt.block_on(leasehold::cli::incident::fence(&conn, command))));
+            return Ok(print_result(
+                rt.block_on(leasehold::cli::incident::fence(&conn, command)),
+            ));
         }
-        Command::BlastRadius { conn, workload, since, until } => {
+        Command::BlastRadius {
+            conn,
+            workload,
+            since,
+            until,
+        } => {
             let rt = runtime()?;
-            return Ok(print_result(rt.block_on(leasehold::cli::incident::blast_radius(&conn, workload, since, until))));
+            return Ok(print_result(rt.block_on(
+                leasehold::cli::incident::blast_radius(&conn, workload, since, until),
+            )));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -196,18 +262,26 @@ fn write_new_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()>
         use std::os::unix::fs::OpenOptionsExt as _;
         opts.mode(0o600);
     }
-    opts.open(path).and_then(|mut f| f.write_all(bytes)).with_context(|| format!("writing {}", path.display()))
+    opts.open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn print_result(r: Result<serde_json::Value, leasehold::cli::client::ClientError>) -> ExitCode {
     match r {
         Ok(serde_json::Value::Null) => ExitCode::SUCCESS,
         Ok(v) => {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string()));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+            );
             ExitCode::SUCCESS
         }
         Err(leasehold::cli::client::ClientError::Failed(v)) => {
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string()));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
+            );
             ExitCode::from(1)
         }
         Err(e) => {

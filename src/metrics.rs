@@ -19,8 +19,12 @@ use crate::store::LeaseState;
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Seconds: from 0.5 ms (a decision) to 30 s (a provider timing out).
-const SECONDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-const OPERATIONS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0];
+const SECONDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const OPERATIONS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+];
 
 /// Install the process-wide recorder (once; later calls share it). `None`
 /// if another recorder was installed first (metrics are then not served).
@@ -46,33 +50,90 @@ pub fn install() -> Option<PrometheusHandle> {
 
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!("leasehold_http_requests_total", "HTTP requests answered, by method, route template and status.");
-    describe_histogram!("leasehold_http_request_duration_seconds", Unit::Seconds, "HTTP request latency by method and route template.");
-    describe_counter!("leasehold_decisions_total", "Policy decisions by action (open_task, call, lease) and outcome.");
+    describe_counter!(
+        "leasehold_http_requests_total",
+        "HTTP requests answered, by method, route template and status."
+    );
+    describe_histogram!(
+        "leasehold_http_request_duration_seconds",
+        Unit::Seconds,
+        "HTTP request latency by method and route template."
+    );
+    describe_counter!(
+        "leasehold_decisions_total",
+        "Policy decisions by action (open_task, call, lease) and outcome."
+    );
     describe_counter!(
         "leasehold_lease_transitions_total",
         "Leases that entered a state (issuing, active = issued, revoked, expired, rolled_back, irrevocable, abandoned), by provider; counted at commit."
     );
-    describe_counter!("leasehold_revocation_retries_total", "Failed revocation attempts (rescheduled, or irrevocable), by provider.");
-    describe_histogram!("leasehold_provider_call_duration_seconds", Unit::Seconds, "Provider call latency by provider and operation (issue, revoke).");
-    describe_counter!("leasehold_provider_errors_total", "Provider call failures by provider, operation and class (retryable, permanent, timeout).");
-    describe_histogram!("leasehold_store_commit_duration_seconds", Unit::Seconds, "Store commit latency (apply + fsync) per batch.");
-    describe_histogram!("leasehold_store_commit_operations", "Operations merged into one store commit.");
-    describe_gauge!("leasehold_leases", "Leases by provider and state, from the store.");
-    describe_gauge!("leasehold_revocation_queue_depth", "Leases waiting in the revocation queue (revoking or irrevocable), by provider.");
-    describe_gauge!("leasehold_revocation_queue_oldest_overdue_seconds", Unit::Seconds, "How long the most overdue queued revocation has waited past its due time, by provider.");
-    describe_gauge!("leasehold_event_chain_head_seq", "Sequence number of the last event in the chain.");
-    describe_gauge!("leasehold_event_checkpoint_age_seconds", Unit::Seconds, "Time since the last signed checkpoint of the chain (-1: none yet).");
-    describe_gauge!("leasehold_approvals_pending", "Approval requests awaiting a decision.");
-    describe_gauge!("leasehold_fences_active", "Fenced workloads, tenants and users.");
-    describe_gauge!("leasehold_revocation_jobs_running", "Mass revocation jobs still running.");
-    describe_gauge!("leasehold_provider_orphans", "Credentials at a provider's peer that no live lease accounts for, at the last periodic reconciliation.");
+    describe_counter!(
+        "leasehold_revocation_retries_total",
+        "Failed revocation attempts (rescheduled, or irrevocable), by provider."
+    );
+    describe_histogram!(
+        "leasehold_provider_call_duration_seconds",
+        Unit::Seconds,
+        "Provider call latency by provider and operation (issue, revoke)."
+    );
+    describe_counter!(
+        "leasehold_provider_errors_total",
+        "Provider call failures by provider, operation and class (retryable, permanent, timeout)."
+    );
+    describe_histogram!(
+        "leasehold_store_commit_duration_seconds",
+        Unit::Seconds,
+        "Store commit latency (apply + fsync) per batch."
+    );
+    describe_histogram!(
+        "leasehold_store_commit_operations",
+        "Operations merged into one store commit."
+    );
+    describe_gauge!(
+        "leasehold_leases",
+        "Leases by provider and state, from the store."
+    );
+    describe_gauge!(
+        "leasehold_revocation_queue_depth",
+        "Leases waiting in the revocation queue (revoking or irrevocable), by provider."
+    );
+    describe_gauge!(
+        "leasehold_revocation_queue_oldest_overdue_seconds",
+        Unit::Seconds,
+        "How long the most overdue queued revocation has waited past its due time, by provider."
+    );
+    describe_gauge!(
+        "leasehold_event_chain_head_seq",
+        "Sequence number of the last event in the chain."
+    );
+    describe_gauge!(
+        "leasehold_event_checkpoint_age_seconds",
+        Unit::Seconds,
+        "Time since the last signed checkpoint of the chain (-1: none yet)."
+    );
+    describe_gauge!(
+        "leasehold_approvals_pending",
+        "Approval requests awaiting a decision."
+    );
+    describe_gauge!(
+        "leasehold_fences_active",
+        "Fenced workloads, tenants and users."
+    );
+    describe_gauge!(
+        "leasehold_revocation_jobs_running",
+        "Mass revocation jobs still running."
+    );
+    describe_gauge!(
+        "leasehold_provider_orphans",
+        "Credentials at a provider's peer that no live lease accounts for, at the last periodic reconciliation."
+    );
 }
 
 pub fn http_request(method: &str, route: &str, status: u16, seconds: f64) {
     let (m, r) = (method.to_owned(), route.to_owned());
     counter!("leasehold_http_requests_total", "method" => m.clone(), "route" => r.clone(), "status" => status.to_string()).increment(1);
-    histogram!("leasehold_http_request_duration_seconds", "method" => m, "route" => r).record(seconds);
+    histogram!("leasehold_http_request_duration_seconds", "method" => m, "route" => r)
+        .record(seconds);
 }
 
 pub fn provider_orphans(provider: &str, n: usize) {
@@ -88,7 +149,12 @@ pub fn revocation_retry(provider: &str) {
     counter!("leasehold_revocation_retries_total", "provider" => provider.to_owned()).increment(1);
 }
 
-pub fn provider_call(provider: &str, operation: &'static str, seconds: f64, error: Option<&'static str>) {
+pub fn provider_call(
+    provider: &str,
+    operation: &'static str,
+    seconds: f64,
+    error: Option<&'static str>,
+) {
     histogram!("leasehold_provider_call_duration_seconds", "provider" => provider.to_owned(), "operation" => operation)
         .record(seconds);
     if let Some(class) = error {
@@ -99,7 +165,11 @@ pub fn provider_call(provider: &str, operation: &'static str, seconds: f64, erro
 
 /// A committed batch: its latency, its size, and the lease state changes
 /// it made durable.
-pub fn store_commit(seconds: f64, operations: usize, entered: &std::collections::BTreeMap<(String, LeaseState), u64>) {
+pub fn store_commit(
+    seconds: f64,
+    operations: usize,
+    entered: &std::collections::BTreeMap<(String, LeaseState), u64>,
+) {
     histogram!("leasehold_store_commit_duration_seconds").record(seconds);
     histogram!("leasehold_store_commit_operations").record(operations as f64);
     for ((provider, state), n) in entered {
@@ -110,20 +180,24 @@ pub fn store_commit(seconds: f64, operations: usize, entered: &std::collections:
 impl Broker {
     /// Refresh the store-backed gauges and render the exposition text.
     pub fn render_metrics(&self) -> Result<String, crate::broker::BrokerError> {
-        let Some(handle) = install() else { return Ok(String::new()) };
+        let Some(handle) = install() else {
+            return Ok(String::new());
+        };
         let now = self.clock.now().unix_millis();
         let r = self.store.read()?;
         let counters = r.counters()?;
         for name in self.providers.names() {
             for st in LeaseState::ALL {
                 let n = counters.get(&(name.to_owned(), st)).copied().unwrap_or(0);
-                gauge!("leasehold_leases", "provider" => name.to_owned(), "state" => st.as_str()).set(n as f64);
+                gauge!("leasehold_leases", "provider" => name.to_owned(), "state" => st.as_str())
+                    .set(n as f64);
             }
             let queued = [LeaseState::Revoking, LeaseState::Irrevocable]
                 .iter()
                 .map(|s| counters.get(&(name.to_owned(), *s)).copied().unwrap_or(0))
                 .sum::<u64>();
-            gauge!("leasehold_revocation_queue_depth", "provider" => name.to_owned()).set(queued as f64);
+            gauge!("leasehold_revocation_queue_depth", "provider" => name.to_owned())
+                .set(queued as f64);
             let overdue = r.next_revocation(name)?.map_or(0, |due| (now - due).max(0));
             gauge!("leasehold_revocation_queue_oldest_overdue_seconds", "provider" => name.to_owned())
                 .set(overdue as f64 / 1000.0);
@@ -137,7 +211,11 @@ impl Broker {
         gauge!("leasehold_event_checkpoint_age_seconds").set(checkpoint_age);
         gauge!("leasehold_approvals_pending").set(r.pending_approvals(100_000)?.len() as f64);
         gauge!("leasehold_fences_active").set(r.fences()?.len() as f64);
-        let running = r.jobs()?.iter().filter(|j| j.state == crate::store::JobState::Running).count();
+        let running = r
+            .jobs()?
+            .iter()
+            .filter(|j| j.state == crate::store::JobState::Running)
+            .count();
         gauge!("leasehold_revocation_jobs_running").set(running as f64);
         drop(r);
         handle.run_upkeep();

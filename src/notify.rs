@@ -34,14 +34,24 @@ impl Notifier {
                 let body = v.to_string();
                 let mut delay = Duration::from_secs(1);
                 for attempt in 1..=ATTEMPTS {
-                    let mut req = http.post(&url).header("content-type", "application/json").body(body.clone());
+                    let mut req = http
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone());
                     if let Some(k) = &key {
                         let tag = ring::hmac::sign(k, body.as_bytes());
-                        req = req.header("x-leasehold-signature", format!("sha256={}", crate::hex::encode(tag.as_ref())));
+                        req = req.header(
+                            "x-leasehold-signature",
+                            format!("sha256={}", crate::hex::encode(tag.as_ref())),
+                        );
                     }
                     match req.send().await {
                         Ok(r) if r.status().is_success() => break,
-                        Ok(r) => tracing::warn!(status = r.status().as_u16(), attempt, "webhook refused a notification"),
+                        Ok(r) => tracing::warn!(
+                            status = r.status().as_u16(),
+                            attempt,
+                            "webhook refused a notification"
+                        ),
                         Err(e) => tracing::warn!(error = %e, attempt, "webhook unreachable"),
                     }
                     if attempt == ATTEMPTS {
@@ -61,7 +71,9 @@ impl Notifier {
         if let Some(tx) = &self.tx
             && tx.try_send(v).is_err()
         {
-            tracing::error!("webhook queue full: a notification was dropped (the event chain has it)");
+            tracing::error!(
+                "webhook queue full: a notification was dropped (the event chain has it)"
+            );
         }
     }
 }

@@ -41,15 +41,27 @@ pub struct Providers {
 
 impl Providers {
     /// `max_ttl` is the broker's lease ceiling (`limits.max_lease_ttl_seconds`).
-    pub fn build(cfg: &BTreeMap<String, ProviderConfig>, store: &Store, max_ttl: u64) -> Result<Self, BuildError> {
+    pub fn build(
+        cfg: &BTreeMap<String, ProviderConfig>,
+        store: &Store,
+        max_ttl: u64,
+    ) -> Result<Self, BuildError> {
         let mut map = BTreeMap::new();
         for (name, pc) in cfg {
-            let err = |message: String| BuildError { name: name.clone(), message };
+            let err = |message: String| BuildError {
+                name: name.clone(),
+                message,
+            };
             let entry = match pc {
                 ProviderConfig::Token(t) => {
-                    let key = zeroize::Zeroizing::new(std::fs::read(&t.signing_key_file).map_err(|e| {
-                        err(format!("cannot read signing key {}: {e}", t.signing_key_file.display()))
-                    })?);
+                    let key = zeroize::Zeroizing::new(std::fs::read(&t.signing_key_file).map_err(
+                        |e| {
+                            err(format!(
+                                "cannot read signing key {}: {e}",
+                                t.signing_key_file.display()
+                            ))
+                        },
+                    )?);
                     let settings = TokenSettings {
                         issuer: t.issuer.clone(),
                         audience: t.audience.clone(),
@@ -69,8 +81,13 @@ impl Providers {
                             })
                             .collect(),
                     };
-                    let denylist = Arc::new(StoreDenylist { store: store.clone() });
-                    let p = Arc::new(TokenProvider::new(settings, &key, denylist).map_err(|e| err(e.to_string()))?);
+                    let denylist = Arc::new(StoreDenylist {
+                        store: store.clone(),
+                    });
+                    let p = Arc::new(
+                        TokenProvider::new(settings, &key, denylist)
+                            .map_err(|e| err(e.to_string()))?,
+                    );
                     ProviderEntry {
                         name: name.clone(),
                         description: p.describe(),
@@ -84,7 +101,13 @@ impl Providers {
                         leasehold_provider_postgres::PostgresProvider::new(pc.clone(), max_ttl)
                             .map_err(|e| err(e.to_string()))?,
                     );
-                    ProviderEntry { name: name.clone(), description: p.describe(), provider: p.clone(), token: None, postgres: Some(p) }
+                    ProviderEntry {
+                        name: name.clone(),
+                        description: p.describe(),
+                        provider: p.clone(),
+                        token: None,
+                        postgres: Some(p),
+                    }
                 }
             };
             map.insert(name.clone(), entry);
@@ -97,7 +120,13 @@ impl Providers {
         let description = provider.describe();
         self.map.insert(
             name.to_owned(),
-            ProviderEntry { name: name.to_owned(), provider, description, token: None, postgres: None },
+            ProviderEntry {
+                name: name.to_owned(),
+                provider,
+                description,
+                token: None,
+                postgres: None,
+            },
         );
     }
 
@@ -145,7 +174,10 @@ impl Denylist for StoreDenylist {
                     .map_err(|_| format!("token id `{}` is not a lease id", j.escape_default()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.store.write(move |t| t.deny(&entries)).await.map_err(|e| e.to_string())
+        self.store
+            .write(move |t| t.deny(&entries))
+            .await
+            .map_err(|e| e.to_string())
     }
 
     fn is_denied(&self, jti: &str) -> Result<bool, String> {
@@ -155,7 +187,10 @@ impl Denylist for StoreDenylist {
             // still touch the store, so a health check through here is real
             return self.store.read().map(|_| true).map_err(|e| e.to_string());
         };
-        self.store.read().and_then(|r| r.is_denied(id.0)).map_err(|e| e.to_string())
+        self.store
+            .read()
+            .and_then(|r| r.is_denied(id.0))
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -166,14 +201,28 @@ impl Denylist for StoreDenylist {
 /// and the template.
 pub async fn dry_run(config: &crate::config::Config) -> Result<(), BuildError> {
     for (name, pc) in &config.providers {
-        let ProviderConfig::Postgres(p) = pc else { continue };
-        let err = |message: String| BuildError { name: name.clone(), message };
-        let provider = leasehold_provider_postgres::PostgresProvider::new(p.clone(), config.limits.max_lease_ttl_seconds)
-            .map_err(|e| err(e.to_string()))?;
+        let ProviderConfig::Postgres(p) = pc else {
+            continue;
+        };
+        let err = |message: String| BuildError {
+            name: name.clone(),
+            message,
+        };
+        let provider = leasehold_provider_postgres::PostgresProvider::new(
+            p.clone(),
+            config.limits.max_lease_ttl_seconds,
+        )
+        .map_err(|e| err(e.to_string()))?;
         match provider.check_templates().await {
-            Ok(()) => eprintln!("providers.{name}: every role template passed a dry run against {}:{}/{}", p.host, p.port, p.database),
+            Ok(()) => eprintln!(
+                "providers.{name}: every role template passed a dry run against {}:{}/{}",
+                p.host, p.port, p.database
+            ),
             Err(e) if e.is_retryable() => {
-                eprintln!("providers.{name}: not dry-run ({}); the health check will run it once the database is reachable", e.message);
+                eprintln!(
+                    "providers.{name}: not dry-run ({}); the health check will run it once the database is reachable",
+                    e.message
+                );
             }
             Err(e) => return Err(err(e.message)),
         }

@@ -49,8 +49,12 @@ fn auditor(config: &Config) -> Result<crate::audit::Auditor, ServeError> {
     #[allow(unused_mut)]
     let mut a = crate::audit::Auditor::default();
     if let Some(p) = &config.audit.hmac_key_file {
-        let key = StoreKey::from_file(p).map_err(|e| ServeError::Audit(format!("hmac_key_file: {e}")))?;
-        a.hmac = Some(crate::audit::FieldHmac::new(key.expose(), config.audit.hmac_fields.clone()));
+        let key =
+            StoreKey::from_file(p).map_err(|e| ServeError::Audit(format!("hmac_key_file: {e}")))?;
+        a.hmac = Some(crate::audit::FieldHmac::new(
+            key.expose(),
+            config.audit.hmac_fields.clone(),
+        ));
     }
     #[cfg(feature = "bench-no-events")]
     {
@@ -119,7 +123,11 @@ pub async fn run_with(
         &key,
     )?;
     drop(key);
-    let mut providers = Providers::build(&config.providers, &store, config.limits.max_lease_ttl_seconds)?;
+    let mut providers = Providers::build(
+        &config.providers,
+        &store,
+        config.limits.max_lease_ttl_seconds,
+    )?;
     let mut roles = config.provider_roles();
     for (name, p) in overrides.providers {
         for r in &p.describe().roles {
@@ -132,18 +140,31 @@ pub async fn run_with(
         providers.insert(&name, p);
     }
     let policy = Arc::new(
-        crate::policy::PolicyEngine::load(&config.policy.dir, roles).map_err(|e| ServeError::Policy(e.to_string()))?,
+        crate::policy::PolicyEngine::load(&config.policy.dir, roles)
+            .map_err(|e| ServeError::Policy(e.to_string()))?,
     );
     let settings = crate::broker::PolicySettings::from(&config.policy);
     #[allow(unused_mut)]
-    let mut broker =
-        Broker::new(store, clock.clone(), providers, config.limits.clone(), config.reaper.clone(), policy, settings);
+    let mut broker = Broker::new(
+        store,
+        clock.clone(),
+        providers,
+        config.limits.clone(),
+        config.reaper.clone(),
+        policy,
+        settings,
+    );
     if let Some(url) = &config.policy.webhook_url {
         let secret = match &config.policy.webhook_secret_file {
-            Some(p) => Some(*StoreKey::from_file(p).map_err(|e| ServeError::Policy(format!("webhook_secret_file: {e}")))?.expose()),
+            Some(p) => Some(
+                *StoreKey::from_file(p)
+                    .map_err(|e| ServeError::Policy(format!("webhook_secret_file: {e}")))?
+                    .expose(),
+            ),
             None => None,
         };
-        broker.notifier = crate::notify::Notifier::spawn(url.clone(), secret).map_err(ServeError::Policy)?;
+        broker.notifier =
+            crate::notify::Notifier::spawn(url.clone(), secret).map_err(ServeError::Policy)?;
     }
     #[cfg(feature = "fault-injection")]
     {
@@ -152,16 +173,31 @@ pub async fn run_with(
         broker.faults.job_chunk_pause = Duration::from_millis(config.fault.job_chunk_pause_millis);
     }
     broker.auditor = Arc::new(auditor(&config)?);
-    let cp = std::fs::read(&config.audit.checkpoint_key_file)
-        .map_err(|e| ServeError::Audit(format!("{}: {e}", config.audit.checkpoint_key_file.display())))?;
-    broker.checkpoint_key = Some(Arc::new(crate::audit::CheckpointKey::from_pkcs8(&cp).map_err(ServeError::Audit)?));
-    broker.denied = crate::broker::DeniedLimiter::new(u64::from(config.audit.auth_denied_events_per_second));
+    let cp = std::fs::read(&config.audit.checkpoint_key_file).map_err(|e| {
+        ServeError::Audit(format!(
+            "{}: {e}",
+            config.audit.checkpoint_key_file.display()
+        ))
+    })?;
+    broker.checkpoint_key = Some(Arc::new(
+        crate::audit::CheckpointKey::from_pkcs8(&cp).map_err(ServeError::Audit)?,
+    ));
+    broker.denied =
+        crate::broker::DeniedLimiter::new(u64::from(config.audit.auth_denied_events_per_second));
     let broker = Arc::new(broker);
-    let recovered = broker.recover().await.map_err(|e| ServeError::Recovery(e.to_string()))?;
+    let recovered = broker
+        .recover()
+        .await
+        .map_err(|e| ServeError::Recovery(e.to_string()))?;
     // fences hold from the first request on
-    let fenced = broker.load_fences().map_err(|e| ServeError::Recovery(e.to_string()))?;
+    let fenced = broker
+        .load_fences()
+        .map_err(|e| ServeError::Recovery(e.to_string()))?;
     if fenced > 0 {
-        tracing::warn!(fences = fenced, "fences in force: fenced workloads, tenants and users get nothing new");
+        tracing::warn!(
+            fences = fenced,
+            "fences in force: fenced workloads, tenants and users get nothing new"
+        );
     }
     let started = crate::event_data![
         ("version", env!("CARGO_PKG_VERSION")),
@@ -176,13 +212,18 @@ pub async fn run_with(
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut background = crate::reaper::spawn(broker.clone(), stop_rx.clone());
-    broker.resume_jobs().map_err(|e| ServeError::Recovery(e.to_string()))?;
+    broker
+        .resume_jobs()
+        .map_err(|e| ServeError::Recovery(e.to_string()))?;
     background.push(tokio::spawn(checkpoint_loop(
         broker.clone(),
         config.audit.checkpoint_interval_seconds,
         stop_rx.clone(),
     )));
-    background.push(tokio::spawn(reload_on_sighup(broker.clone(), stop_rx.clone())));
+    background.push(tokio::spawn(reload_on_sighup(
+        broker.clone(),
+        stop_rx.clone(),
+    )));
     for issuer in auth.issuers() {
         if let Some(every) = issuer.refresh_interval() {
             if let Err(e) = issuer.refresh(clock.now()).await {
@@ -218,7 +259,12 @@ pub async fn run_with(
         }));
     }
     let limits = Arc::new(crate::api::Limiter::new(config.server.rate_limits.clone()));
-    let state = AppState { broker: broker.clone(), auth, ready: ready.clone(), limits };
+    let state = AppState {
+        broker: broker.clone(),
+        auth,
+        ready: ready.clone(),
+        limits,
+    };
     if let Some(addr) = config.server.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let app = crate::api::metrics_router(state.clone());
@@ -256,7 +302,10 @@ pub async fn run_with(
         shutdown.await;
         // readiness first: load balancers stop sending, then we stop accepting
         drain_ready.store(false, Ordering::SeqCst);
-        tracing::info!(delay_seconds = drain_delay.as_secs(), "shutdown requested: not ready; draining");
+        tracing::info!(
+            delay_seconds = drain_delay.as_secs(),
+            "shutdown requested: not ready; draining"
+        );
         tokio::time::sleep(drain_delay).await;
         let _ = drain_tx.send(());
     });
@@ -280,16 +329,20 @@ pub async fn run_with(
             }
         }
         Some(tls) => {
-            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
-                .await
-                .map_err(|e| ServeError::Tls(e.to_string()))?;
+            let rustls =
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
+                    .await
+                    .map_err(|e| ServeError::Tls(e.to_string()))?;
             let handle = axum_server::Handle::new();
             let h = handle.clone();
             tokio::spawn(async move {
                 let _ = drain_rx.await;
                 h.graceful_shutdown(Some(grace));
             });
-            axum_server::from_tcp_rustls(listener, rustls)?.handle(handle).serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await?;
+            axum_server::from_tcp_rustls(listener, rustls)?
+                .handle(handle)
+                .serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+                .await?;
         }
     }
 
@@ -299,7 +352,14 @@ pub async fn run_with(
     }
     broker.jobs.stop().await;
     // the last words of the chain: the stop, then a signed checkpoint over it
-    if let Err(e) = broker.record(crate::audit::EventKind::BrokerStopped, None, serde_json::Map::new()).await {
+    if let Err(e) = broker
+        .record(
+            crate::audit::EventKind::BrokerStopped,
+            None,
+            serde_json::Map::new(),
+        )
+        .await
+    {
         tracing::error!(error = %e, "recording the stop failed");
     }
     if let Err(e) = broker.checkpoint().await {
@@ -315,7 +375,8 @@ pub async fn run_with(
 async fn reload_on_sighup(broker: Arc<Broker>, mut stop: tokio::sync::watch::Receiver<bool>) {
     #[cfg(unix)]
     {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
             tracing::warn!("cannot listen for SIGHUP; reload through POST /v1/policy/reload");
             return;
         };
@@ -335,7 +396,11 @@ async fn reload_on_sighup(broker: Arc<Broker>, mut stop: tokio::sync::watch::Rec
 }
 
 /// Sign the head of the chain every `every` seconds of the broker's clock.
-async fn checkpoint_loop(broker: Arc<Broker>, every: u64, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn checkpoint_loop(
+    broker: Arc<Broker>,
+    every: u64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let every = i64::try_from(every).unwrap_or(60).saturating_mul(1000);
     loop {
         let next = broker.clock.now().unix_millis().saturating_add(every);
@@ -372,7 +437,9 @@ async fn close(broker: Arc<Broker>, grace: Duration) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(_) => {
-                tracing::warn!("work still in flight at shutdown; the store closes when it finishes");
+                tracing::warn!(
+                    "work still in flight at shutdown; the store closes when it finishes"
+                );
                 return;
             }
         }

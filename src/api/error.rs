@@ -25,7 +25,14 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), www_authenticate: false, retry_after: None, extra: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            www_authenticate: false,
+            retry_after: None,
+            extra: None,
+        }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -33,11 +40,18 @@ impl ApiError {
     }
 
     pub fn unauthenticated(e: AuthError) -> Self {
-        Self { www_authenticate: true, ..Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string()) }
+        Self {
+            www_authenticate: true,
+            ..Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", e.to_string())
+        }
     }
 
     /// 429 with `Retry-After`.
-    pub fn too_many(code: &'static str, message: impl Into<String>, wait: std::time::Duration) -> Self {
+    pub fn too_many(
+        code: &'static str,
+        message: impl Into<String>,
+        wait: std::time::Duration,
+    ) -> Self {
         Self {
             retry_after: Some(super::limits::retry_after_secs(wait)),
             ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
@@ -46,7 +60,14 @@ impl ApiError {
 
     /// 503: more requests in flight than `max_in_flight`.
     pub fn overloaded() -> Self {
-        Self { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many requests in flight; retry shortly") }
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many requests in flight; retry shortly",
+            )
+        }
     }
 
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
@@ -79,37 +100,55 @@ impl From<BrokerError> for ApiError {
             BrokerError::Invalid { code, message } => Self::bad_request(code, message),
             BrokerError::NotFound { code } => Self::not_found(code),
             BrokerError::Forbidden { code, message } => Self::forbidden(code, message),
-            BrokerError::Conflict { code, message } => Self::new(StatusCode::CONFLICT, code, message),
-            BrokerError::Quota { code, message } => Self::new(StatusCode::TOO_MANY_REQUESTS, code, message),
-            BrokerError::Denied(d) => Self::new(StatusCode::FORBIDDEN, "policy_denied", d.reasons.join("; ")).with(
-                "decision",
-                serde_json::json!({
-                    "outcome": "deny",
-                    "action": d.action,
-                    "call_id": d.call_id,
-                    "policies": d.policies,
-                    "reasons": d.reasons,
-                }),
-            ),
-            BrokerError::Provider { provider, retryable, detail } => {
+            BrokerError::Conflict { code, message } => {
+                Self::new(StatusCode::CONFLICT, code, message)
+            }
+            BrokerError::Quota { code, message } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+            }
+            BrokerError::Denied(d) => {
+                Self::new(StatusCode::FORBIDDEN, "policy_denied", d.reasons.join("; ")).with(
+                    "decision",
+                    serde_json::json!({
+                        "outcome": "deny",
+                        "action": d.action,
+                        "call_id": d.call_id,
+                        "policies": d.policies,
+                        "reasons": d.reasons,
+                    }),
+                )
+            }
+            BrokerError::Provider {
+                provider,
+                retryable,
+                detail,
+            } => {
                 tracing::error!(provider = %provider, retryable, error = %detail, "provider call failed");
                 if retryable {
                     Self::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "provider_unavailable",
-                        format!("provider `{provider}` is unavailable; retry later (details in the broker log)"),
+                        format!(
+                            "provider `{provider}` is unavailable; retry later (details in the broker log)"
+                        ),
                     )
                 } else {
                     Self::new(
                         StatusCode::BAD_GATEWAY,
                         "provider_error",
-                        format!("provider `{provider}` refused the request (details in the broker log)"),
+                        format!(
+                            "provider `{provider}` refused the request (details in the broker log)"
+                        ),
                     )
                 }
             }
             BrokerError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", "the store is unavailable; retry later")
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the store is unavailable; retry later",
+                )
             }
         }
     }
@@ -129,8 +168,10 @@ impl IntoResponse for ApiError {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         if self.www_authenticate {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"leasehold\""));
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"leasehold\""),
+            );
         }
         resp
     }

@@ -16,8 +16,8 @@ use super::{ApiError, AppState};
 use crate::audit::Ctx;
 use crate::auth::{Caller, WorkloadCaller};
 use crate::broker::BrokerError;
-use crate::config::OperatorRole;
 use crate::call::{CallOutcome, CallParams};
+use crate::config::OperatorRole;
 use crate::incident::JobStart;
 use crate::lease::LeaseParams;
 use crate::store::{LeaseQuery, LeaseState};
@@ -34,7 +34,11 @@ where
         Ok(r) => r.map_err(ApiError::from),
         Err(e) => {
             tracing::error!(error = %e, "request task failed");
-            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error"))
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            ))
         }
     }
 }
@@ -60,7 +64,11 @@ pub async fn open_task(
     let broker = s.broker.clone();
     let c = ctx(rid, format!("workload:{}", w.id));
     let task = detached(async move { broker.open_task(&w, req, &c).await }).await?;
-    Ok((StatusCode::CREATED, Json(TaskView::new(&task, s.broker.clock.now()))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(TaskView::new(&task, s.broker.clock.now())),
+    )
+        .into_response())
 }
 
 pub async fn get_task(
@@ -70,7 +78,12 @@ pub async fn get_task(
 ) -> Result<Json<TaskDetail>, ApiError> {
     let id = parse_task_id(&id)?;
     let (task, leases) = s.broker.get_task(&caller, id)?;
-    let calls = s.broker.store.read().and_then(|r| r.task_calls(id.0)).map_err(BrokerError::from)?;
+    let calls = s
+        .broker
+        .store
+        .read()
+        .and_then(|r| r.task_calls(id.0))
+        .map_err(BrokerError::from)?;
     Ok(Json(TaskDetail {
         task: TaskView::new(&task, s.broker.clock.now()),
         calls: calls.iter().map(CallView::from).collect(),
@@ -104,24 +117,45 @@ pub async fn request_lease(
     ApiJson(body): ApiJson<LeaseBody>,
 ) -> Result<Response, ApiError> {
     let id = parse_task_id(&id)?;
-    let approval = body.approval_id.as_deref().map(parse_approval_id).transpose()?;
-    let params = LeaseParams { provider: body.provider, role: body.role, ttl_seconds: body.ttl_seconds, scope: body.scope };
+    let approval = body
+        .approval_id
+        .as_deref()
+        .map(parse_approval_id)
+        .transpose()?;
+    let params = LeaseParams {
+        provider: body.provider,
+        role: body.role,
+        ttl_seconds: body.ttl_seconds,
+        scope: body.scope,
+    };
     let broker = s.broker.clone();
     let c = ctx(rid, format!("workload:{}", w.id));
-    let outcome = detached(async move { broker.request_lease(&w, id, params, approval, &c).await }).await?;
+    let outcome =
+        detached(async move { broker.request_lease(&w, id, params, approval, &c).await }).await?;
     match outcome {
-        CallOutcome::Allowed { lease: Some(issued), .. } => {
-            let view = IssuedLeaseView { lease: LeaseView::from(&issued.lease), credential: CredentialWire(issued.credential) };
+        CallOutcome::Allowed {
+            lease: Some(issued),
+            ..
+        } => {
+            let view = IssuedLeaseView {
+                lease: LeaseView::from(&issued.lease),
+                credential: CredentialWire(issued.credential),
+            };
             Ok((StatusCode::CREATED, Json(view)).into_response())
         }
-        CallOutcome::Allowed { lease: None, .. } => {
-            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "no lease was issued"))
-        }
+        CallOutcome::Allowed { lease: None, .. } => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no lease was issued",
+        )),
         CallOutcome::ApprovalRequired { call, approval } => Ok(approval_required(&call, &approval)),
     }
 }
 
-fn approval_required(call: &crate::store::CallRecord, approval: &crate::store::ApprovalRecord) -> Response {
+fn approval_required(
+    call: &crate::store::CallRecord,
+    approval: &crate::store::ApprovalRecord,
+) -> Response {
     let body = serde_json::json!({
         "decision": "approval_required",
         "call_id": crate::ids::CallId(call.id).to_string(),
@@ -153,7 +187,11 @@ pub async fn call(
             ttl_seconds: c.ttl_seconds,
             scope: c.scope,
         }),
-        approval_id: body.approval_id.as_deref().map(parse_approval_id).transpose()?,
+        approval_id: body
+            .approval_id
+            .as_deref()
+            .map(parse_approval_id)
+            .transpose()?,
         break_glass: body.break_glass.map(|b| b.justification),
     };
     let broker = s.broker.clone();
@@ -163,7 +201,10 @@ pub async fn call(
         CallOutcome::Allowed { call, lease } => {
             let mut body = serde_json::to_value(CallView::from(&call)).unwrap_or_default();
             if let Some(issued) = lease {
-                let view = IssuedLeaseView { lease: LeaseView::from(&issued.lease), credential: CredentialWire(issued.credential) };
+                let view = IssuedLeaseView {
+                    lease: LeaseView::from(&issued.lease),
+                    credential: CredentialWire(issued.credential),
+                };
                 body["lease"] = serde_json::to_value(view).unwrap_or_default();
             }
             Ok(Json(body).into_response())
@@ -176,9 +217,14 @@ fn approver_ctx(rid: ReqId, caller: &Caller) -> Ctx {
     ctx(rid, caller.principal())
 }
 
-pub async fn list_approvals(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn list_approvals(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let list = s.broker.pending_approvals(&caller)?;
-    Ok(Json(serde_json::json!({"approvals": list.iter().map(ApprovalView::from).collect::<Vec<_>>()})))
+    Ok(Json(
+        serde_json::json!({"approvals": list.iter().map(ApprovalView::from).collect::<Vec<_>>()}),
+    ))
 }
 
 /// One approval; `?wait=N` long-polls up to N (at most 30) seconds for a decision.
@@ -199,7 +245,8 @@ fn optional_body<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> Resu
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
 }
 
 pub async fn approve(
@@ -224,17 +271,34 @@ pub async fn deny(
     decide(s, caller, rid, id, false, body).await
 }
 
-async fn decide(s: AppState, caller: Caller, rid: ReqId, id: String, approve: bool, body: DecideBody) -> Result<Json<ApprovalView>, ApiError> {
+async fn decide(
+    s: AppState,
+    caller: Caller,
+    rid: ReqId,
+    id: String,
+    approve: bool,
+    body: DecideBody,
+) -> Result<Json<ApprovalView>, ApiError> {
     let id = parse_approval_id(&id)?;
     let c = approver_ctx(rid, &caller);
     let broker = s.broker.clone();
-    let a = detached(async move { broker.decide_approval(&caller, id, approve, body.comment, &c).await }).await?;
+    let a = detached(async move {
+        broker
+            .decide_approval(&caller, id, approve, body.comment, &c)
+            .await
+    })
+    .await?;
     Ok(Json(ApprovalView::from(&a)))
 }
 
-pub async fn list_reviews(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn list_reviews(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let list = s.broker.pending_reviews(&caller)?;
-    Ok(Json(serde_json::json!({"reviews": list.iter().map(ReviewView::from).collect::<Vec<_>>()})))
+    Ok(Json(
+        serde_json::json!({"reviews": list.iter().map(ReviewView::from).collect::<Vec<_>>()}),
+    ))
 }
 
 pub async fn sign_off(
@@ -259,18 +323,31 @@ fn policy_view(l: &crate::policy::Loaded) -> serde_json::Value {
 }
 
 /// The policy set in force (admin).
-pub async fn policy(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn policy(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
     if !caller.has_any_role(&[OperatorRole::Admin]) {
-        return Err(ApiError::forbidden("forbidden", "the policy endpoints need the admin role"));
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "the policy endpoints need the admin role",
+        ));
     }
     Ok(Json(policy_view(&s.broker.policy.current())))
 }
 
 /// Reload the policy folder (admin): all or nothing; a bad set is refused
 /// with file and line and the old set stays in force.
-pub async fn reload_policy(State(s): State<AppState>, caller: Caller, rid: ReqId) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn reload_policy(
+    State(s): State<AppState>,
+    caller: Caller,
+    rid: ReqId,
+) -> Result<Json<serde_json::Value>, ApiError> {
     if !caller.has_any_role(&[OperatorRole::Admin]) {
-        return Err(ApiError::forbidden("forbidden", "the policy endpoints need the admin role"));
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "the policy endpoints need the admin role",
+        ));
     }
     let broker = s.broker.clone();
     let by = caller.principal();
@@ -281,7 +358,10 @@ pub async fn reload_policy(State(s): State<AppState>, caller: Caller, rid: ReqId
             "policy_invalid",
             "the policy set does not validate; the previous set stays in force",
         )
-        .with("problems", serde_json::Value::from(message.lines().map(str::to_owned).collect::<Vec<_>>()))),
+        .with(
+            "problems",
+            serde_json::Value::from(message.lines().map(str::to_owned).collect::<Vec<_>>()),
+        )),
         Err(e) => Err(e.into()),
     }
 }
@@ -322,16 +402,33 @@ pub async fn list_leases(
                 "invalid_parameter",
                 format!(
                     "`state` must be one of {}",
-                    LeaseState::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    LeaseState::ALL
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )
         })?),
     };
-    let task = p.task.as_deref().map(parse_task_id).transpose()?.map(|t| t.0);
-    let after = p.cursor.as_deref().map(parse_lease_id).transpose()?.map(|l| l.0);
+    let task = p
+        .task
+        .as_deref()
+        .map(parse_task_id)
+        .transpose()?
+        .map(|t| t.0);
+    let after = p
+        .cursor
+        .as_deref()
+        .map(parse_lease_id)
+        .transpose()?
+        .map(|l| l.0);
     let limit = p.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::bad_request("invalid_parameter", format!("`limit` must be between 1 and {MAX_PAGE}")));
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            format!("`limit` must be between 1 and {MAX_PAGE}"),
+        ));
     }
     let q = LeaseQuery {
         workload: p.workload,
@@ -352,11 +449,22 @@ pub async fn list_leases(
 
 /// Lease counts by provider and state, and store commit counters, without
 /// a scan (the store keeps the counts transactionally). Admin, responder.
-pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn stats(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
     if !crate::broker::Broker::is_reader(&caller) {
-        return Err(ApiError::forbidden("forbidden", "stats need the admin or responder role"));
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "stats need the admin or responder role",
+        ));
     }
-    let counters = s.broker.store.read().and_then(|r| r.counters()).map_err(BrokerError::from)?;
+    let counters = s
+        .broker
+        .store
+        .read()
+        .and_then(|r| r.counters())
+        .map_err(BrokerError::from)?;
     let mut leases = serde_json::Map::new();
     for name in s.broker.providers.names() {
         let mut by_state = serde_json::Map::new();
@@ -382,14 +490,21 @@ fn require_reader(caller: &Caller) -> Result<(), ApiError> {
     if crate::broker::Broker::is_reader(caller) {
         Ok(())
     } else {
-        Err(ApiError::forbidden("forbidden", "the event chain is for the admin and responder roles"))
+        Err(ApiError::forbidden(
+            "forbidden",
+            "the event chain is for the admin and responder roles",
+        ))
     }
 }
 
 fn time_param(name: &str, v: Option<&str>) -> Result<Option<crate::clock::Timestamp>, ApiError> {
     v.map(|s| {
-        crate::clock::parse_rfc3339(s)
-            .ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("`{name}` must be an RFC 3339 time")))
+        crate::clock::parse_rfc3339(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_parameter",
+                format!("`{name}` must be an RFC 3339 time"),
+            )
+        })
     })
     .transpose()
 }
@@ -403,14 +518,21 @@ pub async fn events(
     require_reader(&caller)?;
     let limit = p.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::bad_request("invalid_parameter", format!("`limit` must be between 1 and {MAX_PAGE}")));
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            format!("`limit` must be between 1 and {MAX_PAGE}"),
+        ));
     }
     let kind = p
         .kind
         .as_deref()
         .map(|k| {
-            crate::audit::EventKind::parse(k)
-                .ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("unknown event kind `{}`", k.escape_default())))
+            crate::audit::EventKind::parse(k).ok_or_else(|| {
+                ApiError::bad_request(
+                    "invalid_parameter",
+                    format!("unknown event kind `{}`", k.escape_default()),
+                )
+            })
         })
         .transpose()?;
     let since = time_param("since", p.since.as_deref())?;
@@ -418,14 +540,27 @@ pub async fn events(
     if let (Some(a), Some(b)) = (since, until)
         && a >= b
     {
-        return Err(ApiError::bad_request("invalid_parameter", "`since` must be before `until`"));
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "`since` must be before `until`",
+        ));
     }
-    let task = p.task.as_deref().map(parse_task_id).transpose()?.map(|t| t.0);
+    let task = p
+        .task
+        .as_deref()
+        .map(parse_task_id)
+        .transpose()?
+        .map(|t| t.0);
     let reader = s.broker.store.read().map_err(BrokerError::from)?;
     let lease_task = match p.lease.as_deref() {
         Some(l) => {
             let id = parse_lease_id(l)?;
-            Some(reader.lease(id.0).map_err(BrokerError::from)?.map_or(0, |r| r.task_id))
+            Some(
+                reader
+                    .lease(id.0)
+                    .map_err(BrokerError::from)?
+                    .map_or(0, |r| r.task_id),
+            )
         }
         None => None,
     };
@@ -443,10 +578,17 @@ pub async fn events(
         limit,
         scan_budget: 20_000,
     };
-    let (events, next) = tokio::task::spawn_blocking(move || crate::audit::query::page(&reader, &q))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error"))?
-        .map_err(BrokerError::from)?;
+    let (events, next) =
+        tokio::task::spawn_blocking(move || crate::audit::query::page(&reader, &q))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+            })?
+            .map_err(BrokerError::from)?;
     let mut body = serde_json::json!({ "events": events });
     if let Some(n) = next {
         body["next_cursor"] = n.into();
@@ -455,14 +597,28 @@ pub async fn events(
 }
 
 /// Verify the whole chain and every checkpoint, now.
-pub async fn verify_events(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+pub async fn verify_events(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
     require_reader(&caller)?;
     let reader = s.broker.store.read().map_err(BrokerError::from)?;
-    let trusted = s.broker.checkpoint_key.as_ref().map(|k| k.public_key().to_vec());
-    let report = tokio::task::spawn_blocking(move || crate::audit::query::verify_store(&reader, trusted))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error"))?
-        .map_err(BrokerError::from)?;
+    let trusted = s
+        .broker
+        .checkpoint_key
+        .as_ref()
+        .map(|k| k.public_key().to_vec());
+    let report =
+        tokio::task::spawn_blocking(move || crate::audit::query::verify_store(&reader, trusted))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+            })?
+            .map_err(BrokerError::from)?;
     if !report.ok {
         tracing::error!(first_break = ?report.first_break, "the event chain does not verify");
     }
@@ -470,13 +626,21 @@ pub async fn verify_events(State(s): State<AppState>, caller: Caller) -> Result<
 }
 
 /// Where the chain starts and ends, and the key its checkpoints verify with.
-pub async fn chain(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn chain(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
     require_reader(&caller)?;
     let r = s.broker.store.read().map_err(BrokerError::from)?;
-    let (base, head) = (r.chain_base().map_err(BrokerError::from)?, r.chain_head().map_err(BrokerError::from)?);
+    let (base, head) = (
+        r.chain_base().map_err(BrokerError::from)?,
+        r.chain_head().map_err(BrokerError::from)?,
+    );
     let mut checkpoints = Vec::new();
     for (_, bytes) in r.checkpoints().map_err(BrokerError::from)? {
-        checkpoints.push(serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or(serde_json::Value::Null));
+        checkpoints.push(
+            serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or(serde_json::Value::Null),
+        );
     }
     Ok(Json(serde_json::json!({
         "base_seq": base.seq,
@@ -497,11 +661,19 @@ pub async fn prune_events(
     ApiJson(body): ApiJson<PruneBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if !caller.has_any_role(&[OperatorRole::Admin]) {
-        return Err(ApiError::forbidden("forbidden", "pruning the chain needs the admin role"));
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "pruning the chain needs the admin role",
+        ));
     }
-    let hash = crate::hex::decode32(&body.last_hash)
-        .ok_or_else(|| ApiError::bad_request("invalid_request", "`last_hash` must be 64 hex characters"))?;
-    let (through, a, now) = (body.through_seq, s.broker.auditor.clone(), s.broker.clock.now().unix_millis());
+    let hash = crate::hex::decode32(&body.last_hash).ok_or_else(|| {
+        ApiError::bad_request("invalid_request", "`last_hash` must be 64 hex characters")
+    })?;
+    let (through, a, now) = (
+        body.through_seq,
+        s.broker.auditor.clone(),
+        s.broker.clock.now().unix_millis(),
+    );
     let by = caller.principal();
     let removed = s
         .broker
@@ -514,12 +686,18 @@ pub async fn prune_events(
                 ("removed", removed),
                 ("by", by),
             ];
-            crate::audit::append(t, &a, a.broker(crate::audit::EventKind::ChainPruned, now, rid.0, data))?;
+            crate::audit::append(
+                t,
+                &a,
+                a.broker(crate::audit::EventKind::ChainPruned, now, rid.0, data),
+            )?;
             Ok(removed)
         })
         .await
         .map_err(BrokerError::from)?;
-    Ok(Json(serde_json::json!({"pruned": removed, "base_seq": through})))
+    Ok(Json(
+        serde_json::json!({"pruned": removed, "base_seq": through}),
+    ))
 }
 
 /// RFC 7662 token introspection, for resource servers.
@@ -529,12 +707,18 @@ pub async fn introspect(
     form: Result<Form<IntrospectBody>, axum::extract::rejection::FormRejection>,
 ) -> Result<Response, ApiError> {
     if !caller.has_any_role(&[OperatorRole::ResourceServer, OperatorRole::Admin]) {
-        return Err(ApiError::forbidden("forbidden", "introspection needs the resource_server role"));
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "introspection needs the resource_server role",
+        ));
     }
     let Form(body) = form.map_err(|e| {
         ApiError::bad_request(
             "invalid_request",
-            format!("send `token` as application/x-www-form-urlencoded (RFC 7662): {}", e.body_text()),
+            format!(
+                "send `token` as application/x-www-form-urlencoded (RFC 7662): {}",
+                e.body_text()
+            ),
         )
     })?;
     let _hint = body.token_type_hint;
@@ -572,7 +756,10 @@ fn metrics_response(s: &AppState) -> Result<Response, ApiError> {
 /// Prometheus exposition on the main listener: admin and responder.
 pub async fn metrics(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     if !crate::broker::Broker::is_reader(&caller) {
-        return Err(ApiError::forbidden("forbidden", "metrics need the admin or responder role"));
+        return Err(ApiError::forbidden(
+            "forbidden",
+            "metrics need the admin or responder role",
+        ));
     }
     metrics_response(&s)
 }
@@ -596,7 +783,10 @@ pub async fn ready(State(s): State<AppState>) -> Response {
         checks.insert("broker".into(), "shutting down".into());
     }
     let store_ok = s.broker.store.is_healthy();
-    checks.insert("store".into(), if store_ok { "ok" } else { "unavailable" }.into());
+    checks.insert(
+        "store".into(),
+        if store_ok { "ok" } else { "unavailable" }.into(),
+    );
     ok &= store_ok;
     let cached = s
         .limits
@@ -617,8 +807,16 @@ pub async fn ready(State(s): State<AppState>) -> Response {
     };
     checks.extend(provider_checks);
     ok &= providers_ok;
-    let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(serde_json::json!({"ready": ok, "checks": checks}))).into_response()
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(serde_json::json!({"ready": ok, "checks": checks})),
+    )
+        .into_response()
 }
 
 /// Every provider's health check, with a timeout each.
@@ -649,7 +847,11 @@ pub async fn not_found() -> ApiError {
 }
 
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
 }
 
 // === incident response ===
@@ -680,15 +882,23 @@ pub async fn start_revocation(
             Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "job_running",
-                format!("a job with the same selector is running: {}", crate::ids::JobId(job.id)),
+                format!(
+                    "a job with the same selector is running: {}",
+                    crate::ids::JobId(job.id)
+                ),
             )
             .with("job", view))
         }
     }
 }
 
-pub async fn list_revocations(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(serde_json::json!({ "jobs": s.broker.list_jobs(&caller)? })))
+pub async fn list_revocations(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(
+        serde_json::json!({ "jobs": s.broker.list_jobs(&caller)? }),
+    ))
 }
 
 pub async fn get_revocation(
@@ -696,7 +906,9 @@ pub async fn get_revocation(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let id: crate::ids::JobId = id.parse().map_err(|_| ApiError::bad_request("invalid_id", "not a job id (job_...)"))?;
+    let id: crate::ids::JobId = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_id", "not a job id (job_...)"))?;
     Ok(Json(s.broker.job_status(&caller, id)?))
 }
 
@@ -711,8 +923,16 @@ fn fence_view(f: &crate::store::FenceRecord) -> serde_json::Value {
     })
 }
 
-pub async fn list_fences(State(s): State<AppState>, caller: Caller) -> Result<Json<serde_json::Value>, ApiError> {
-    let fences: Vec<_> = s.broker.list_fences(&caller)?.iter().map(fence_view).collect();
+pub async fn list_fences(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let fences: Vec<_> = s
+        .broker
+        .list_fences(&caller)?
+        .iter()
+        .map(fence_view)
+        .collect();
     Ok(Json(serde_json::json!({ "fences": fences })))
 }
 
@@ -724,7 +944,12 @@ pub async fn lift_fence(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let broker = s.broker.clone();
     let c = ctx(rid, caller.principal());
-    let f = detached(async move { broker.lift_fence(&caller, body.kind, body.value, body.reason, &c).await }).await?;
+    let f = detached(async move {
+        broker
+            .lift_fence(&caller, body.kind, body.value, body.reason, &c)
+            .await
+    })
+    .await?;
     Ok(Json(serde_json::json!({ "lifted": fence_view(&f) })))
 }
 
@@ -738,7 +963,8 @@ pub async fn reconcile(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let broker = s.broker.clone();
     let c = ctx(rid, caller.principal());
-    let report = detached(async move { broker.reconcile(&caller, &name, body.drop, &c).await }).await?;
+    let report =
+        detached(async move { broker.reconcile(&caller, &name, body.drop, &c).await }).await?;
     Ok(Json(report))
 }
 
@@ -752,7 +978,8 @@ pub async fn abandon_lease(
     let id = parse_lease_id(&id)?;
     let broker = s.broker.clone();
     let c = ctx(rid, caller.principal());
-    let rec = detached(async move { broker.abandon_lease(&caller, id, body.reason, &c).await }).await?;
+    let rec =
+        detached(async move { broker.abandon_lease(&caller, id, body.reason, &c).await }).await?;
     Ok(Json(LeaseView::from(&rec)))
 }
 
@@ -763,13 +990,22 @@ pub async fn blast_radius(
     ApiQuery(p): ApiQuery<BlastRadiusParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Some(workload) = p.workload.filter(|w| !w.is_empty()) else {
-        return Err(ApiError::bad_request("invalid_parameter", "`workload` is required"));
+        return Err(ApiError::bad_request(
+            "invalid_parameter",
+            "`workload` is required",
+        ));
     };
     let now = s.broker.clock.now().unix_millis();
-    let since = time_param("since", p.since.as_deref())?.map_or(now - 86_400_000, |t| t.unix_millis());
+    let since =
+        time_param("since", p.since.as_deref())?.map_or(now - 86_400_000, |t| t.unix_millis());
     let until = time_param("until", p.until.as_deref())?.map_or(i64::MAX, |t| t.unix_millis());
     if since >= until {
-        return Err(ApiError::bad_request("invalid_time_range", "`since` must be before `until`"));
+        return Err(ApiError::bad_request(
+            "invalid_time_range",
+            "`since` must be before `until`",
+        ));
     }
-    Ok(Json(s.broker.blast_radius(&caller, &workload, since, until)?))
+    Ok(Json(
+        s.broker.blast_radius(&caller, &workload, since, until)?,
+    ))
 }

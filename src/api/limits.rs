@@ -79,9 +79,21 @@ impl RateLimitConfig {
     /// A problem with the values: (field, message).
     pub fn problem(&self) -> Option<(&'static str, &'static str)> {
         let pairs = [
-            ("per_workload_per_second", self.per_workload_per_second, self.per_workload_burst),
-            ("per_address_per_second", self.per_address_per_second, self.per_address_burst),
-            ("auth_failures_per_second", self.auth_failures_per_second, self.auth_failures_burst),
+            (
+                "per_workload_per_second",
+                self.per_workload_per_second,
+                self.per_workload_burst,
+            ),
+            (
+                "per_address_per_second",
+                self.per_address_per_second,
+                self.per_address_burst,
+            ),
+            (
+                "auth_failures_per_second",
+                self.auth_failures_per_second,
+                self.auth_failures_burst,
+            ),
         ];
         for (field, rate, burst) in pairs {
             if !rate.is_finite() || rate < 0.0 {
@@ -131,17 +143,33 @@ impl Buckets {
         self.charge(key, rate, burst, now, 1.0, false)
     }
 
-    fn charge(&self, key: Key, rate: f64, burst: f64, now: Instant, cost: f64, take: bool) -> Result<(), Duration> {
+    fn charge(
+        &self,
+        key: Key,
+        rate: f64,
+        burst: f64,
+        now: Instant,
+        cost: f64,
+        take: bool,
+    ) -> Result<(), Duration> {
         if rate <= 0.0 {
             return Ok(());
         }
-        let Ok(mut map) = self.map.lock() else { return Ok(()) };
+        let Ok(mut map) = self.map.lock() else {
+            return Ok(());
+        };
         if map.len() >= MAX_KEYS && !map.contains_key(&key) {
             // drop every bucket that has refilled: they carry no state
-            map.retain(|_, b| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst);
+            map.retain(|_, b| {
+                b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst
+            });
         }
-        let b = map.entry(key).or_insert(Bucket { tokens: burst, at: now });
-        let refilled = (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate).min(burst);
+        let b = map.entry(key).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let refilled =
+            (b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate).min(burst);
         b.tokens = refilled;
         b.at = now;
         if refilled >= cost {
@@ -169,11 +197,25 @@ mod tests {
         let b = Buckets::default();
         let t0 = Instant::now();
         let k = || Key::Workload("w".into());
-        assert_eq!((0..10).filter(|_| b.take(k(), 2.0, 5.0, t0).is_ok()).count(), 5);
+        assert_eq!(
+            (0..10)
+                .filter(|_| b.take(k(), 2.0, 5.0, t0).is_ok())
+                .count(),
+            5
+        );
         let wait = b.take(k(), 2.0, 5.0, t0).unwrap_err();
-        assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(500), "{wait:?}");
-        assert!(b.take(k(), 2.0, 5.0, t0 + Duration::from_millis(500)).is_ok());
-        assert!(b.take(k(), 2.0, 5.0, t0 + Duration::from_millis(500)).is_err());
+        assert!(
+            wait > Duration::from_millis(400) && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        assert!(
+            b.take(k(), 2.0, 5.0, t0 + Duration::from_millis(500))
+                .is_ok()
+        );
+        assert!(
+            b.take(k(), 2.0, 5.0, t0 + Duration::from_millis(500))
+                .is_err()
+        );
         // other keys are independent; rate 0 is off
         assert!(b.take(Key::Workload("x".into()), 2.0, 5.0, t0).is_ok());
         assert!((0..100).all(|_| b.take(k(), 0.0, 1.0, t0).is_ok()));

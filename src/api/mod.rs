@@ -56,18 +56,28 @@ pub struct Limiter {
 }
 
 /// When provider health was checked, each provider's status, and whether all passed.
-pub type HealthChecks = (std::time::Instant, serde_json::Map<String, serde_json::Value>, bool);
+pub type HealthChecks = (
+    std::time::Instant,
+    serde_json::Map<String, serde_json::Value>,
+    bool,
+);
 
 impl Limiter {
     pub fn new(config: limits::RateLimitConfig) -> Self {
         let in_flight = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
-        Self { config, buckets: limits::Buckets::default(), in_flight, health_cache: std::sync::Mutex::new(None) }
+        Self {
+            config,
+            buckets: limits::Buckets::default(),
+            in_flight,
+            health_cache: std::sync::Mutex::new(None),
+        }
     }
 }
 
 /// The source address of a request, when the server recorded it.
 pub fn source_ip(ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
-    ext.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
+    ext.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
 }
 
 /// Shed load beyond `max_in_flight` (503) and limit each source address
@@ -80,8 +90,17 @@ async fn admission(State(state): State<AppState>, req: Request, next: Next) -> R
     let l = &state.limits;
     if let Some(ip) = source_ip(req.extensions()) {
         let c = &l.config;
-        if let Err(wait) = l.buckets.take(limits::Key::Address(ip), c.per_address_per_second, c.per_address_burst, std::time::Instant::now()) {
-            return axum::response::IntoResponse::into_response(error::ApiError::too_many("rate_limited", "too many requests from this address", wait));
+        if let Err(wait) = l.buckets.take(
+            limits::Key::Address(ip),
+            c.per_address_per_second,
+            c.per_address_burst,
+            std::time::Instant::now(),
+        ) {
+            return axum::response::IntoResponse::into_response(error::ApiError::too_many(
+                "rate_limited",
+                "too many requests from this address",
+                wait,
+            ));
         }
     }
     let Ok(_permit) = l.in_flight.clone().try_acquire_owned() else {
@@ -116,7 +135,10 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .route("/v1/leases/{id}", get(handlers::get_lease))
         .route("/v1/leases/{id}/revoke", post(handlers::revoke_lease))
         .route("/v1/leases/{id}/abandon", post(handlers::abandon_lease))
-        .route("/v1/revocations", post(handlers::start_revocation).get(handlers::list_revocations))
+        .route(
+            "/v1/revocations",
+            post(handlers::start_revocation).get(handlers::list_revocations),
+        )
         .route("/v1/revocations/{id}", get(handlers::get_revocation))
         .route("/v1/fences", get(handlers::list_fences))
         .route("/v1/fences/lift", post(handlers::lift_fence))
@@ -139,8 +161,14 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             limits.request_timeout,
         ))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), admission))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), request_id))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admission,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_id,
+        ))
         .with_state(state)
 }
 
@@ -160,8 +188,14 @@ const REQUEST_ID: &str = "x-request-id";
 /// when it looks like one.
 fn path_ids(path: &str) -> (Option<&str>, Option<&str>) {
     let mut parts = path.trim_start_matches('/').split('/');
-    let (Some("v1"), Some(kind), Some(id)) = (parts.next(), parts.next(), parts.next()) else { return (None, None) };
-    let plausible = |prefix: &str| id.starts_with(prefix) && id.len() <= 40 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let (Some("v1"), Some(kind), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
+        return (None, None);
+    };
+    let plausible = |prefix: &str| {
+        id.starts_with(prefix)
+            && id.len() <= 40
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    };
     match kind {
         "tasks" if plausible("task_") => (Some(id), None),
         "leases" if plausible("lease_") => (None, Some(id)),
@@ -171,7 +205,10 @@ fn path_ids(path: &str) -> (Option<&str>, Option<&str>) {
 
 fn acceptable_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
-    !b.is_empty() && b.len() <= 64 && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    !b.is_empty()
+        && b.len() <= 64
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 /// Give every request an id (keeping a sane incoming one), run it inside a
@@ -206,7 +243,12 @@ async fn request_id(State(state): State<AppState>, mut req: Request, next: Next)
     let started = std::time::Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
-    crate::metrics::http_request(method.as_str(), &route, status, started.elapsed().as_secs_f64());
+    crate::metrics::http_request(
+        method.as_str(),
+        &route,
+        status,
+        started.elapsed().as_secs_f64(),
+    );
     span.in_scope(|| {
         if status >= 500 {
             tracing::warn!(status, "request failed");
@@ -215,6 +257,7 @@ async fn request_id(State(state): State<AppState>, mut req: Request, next: Next)
         }
     });
     resp.headers_mut().insert(REQUEST_ID, id);
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }

@@ -3,8 +3,8 @@
 //! RFC 3339 UTC times, whole-second `ttl_seconds`. Storage records convert
 //! into these explicitly; nothing here is stored.
 
-use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use leasehold_provider::{Credential, Timestamp};
@@ -46,9 +46,11 @@ fn json_rejection(rej: JsonRejection) -> ApiError {
             "unsupported_media_type",
             "send the body as `Content-Type: application/json`",
         ),
-        other if status == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", other.body_text())
-        }
+        other if status == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            other.body_text(),
+        ),
         other => ApiError::bad_request("invalid_request", other.body_text()),
     }
 }
@@ -79,20 +81,29 @@ impl<S: Send + Sync> FromRequestParts<S> for ReqId {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned)))
+        Ok(Self(
+            parts
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ))
     }
 }
 
 pub fn parse_task_id(s: &str) -> Result<TaskId, ApiError> {
-    s.parse().map_err(|_| ApiError::bad_request("invalid_id", "not a task id (task_...)"))
+    s.parse()
+        .map_err(|_| ApiError::bad_request("invalid_id", "not a task id (task_...)"))
 }
 
 pub fn parse_approval_id(s: &str) -> Result<crate::ids::ApprovalId, ApiError> {
-    s.parse().map_err(|_| ApiError::bad_request("invalid_id", "not an approval id (appr_...)"))
+    s.parse()
+        .map_err(|_| ApiError::bad_request("invalid_id", "not an approval id (appr_...)"))
 }
 
 pub fn parse_lease_id(s: &str) -> Result<LeaseId, ApiError> {
-    s.parse().map_err(|_| ApiError::bad_request("invalid_id", "not a lease id (lease_...)"))
+    s.parse()
+        .map_err(|_| ApiError::bad_request("invalid_id", "not a lease id (lease_...)"))
 }
 
 // === requests ===
@@ -257,7 +268,12 @@ impl RevocationBody {
             v.map(|s| {
                 crate::clock::parse_rfc3339(&s)
                     .map(|t| t.unix_millis())
-                    .ok_or_else(|| ApiError::bad_request("invalid_parameter", format!("`{name}` must be an RFC 3339 time")))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_parameter",
+                            format!("`{name}` must be an RFC 3339 time"),
+                        )
+                    })
             })
             .transpose()
         };
@@ -268,7 +284,10 @@ impl RevocationBody {
                 _ => {
                     return Err(ApiError::bad_request(
                         "invalid_state",
-                        format!("`states`: `{}` is not `active` or `irrevocable`", st.escape_default()),
+                        format!(
+                            "`states`: `{}` is not `active` or `irrevocable`",
+                            st.escape_default()
+                        ),
                     ));
                 }
             }
@@ -277,16 +296,22 @@ impl RevocationBody {
         states.dedup();
         let nonempty = |name: &str, v: Option<String>| -> Result<Option<String>, ApiError> {
             match v {
-                Some(s) if s.trim().is_empty() || s.len() > 256 => {
-                    Err(ApiError::bad_request("invalid_parameter", format!("`{name}` must be 1-256 characters")))
-                }
+                Some(s) if s.trim().is_empty() || s.len() > 256 => Err(ApiError::bad_request(
+                    "invalid_parameter",
+                    format!("`{name}` must be 1-256 characters"),
+                )),
                 other => Ok(other),
             }
         };
         let selector = crate::store::Selector {
             workload: nonempty("workload", self.workload)?,
             tenant: nonempty("tenant", self.tenant)?,
-            task: self.task.as_deref().map(parse_task_id).transpose()?.map(|t| t.0),
+            task: self
+                .task
+                .as_deref()
+                .map(parse_task_id)
+                .transpose()?
+                .map(|t| t.0),
             user: nonempty("user", self.user)?,
             provider: nonempty("provider", self.provider)?,
             role: nonempty("role", self.role)?,
@@ -295,7 +320,12 @@ impl RevocationBody {
             issued_before: time("issued_before", self.issued_before)?,
             all: self.all,
         };
-        Ok(crate::incident::JobRequest { selector, reason: self.reason, fence: self.fence, dry_run: self.dry_run })
+        Ok(crate::incident::JobRequest {
+            selector,
+            reason: self.reason,
+            fence: self.fence,
+            dry_run: self.dry_run,
+        })
     }
 }
 
@@ -603,7 +633,10 @@ impl From<&LeaseRecord> for LeaseView {
             expires_at: ts(l.expires_at),
             ended_at: l.ended_at.map(ts),
             description: l.description.clone(),
-            revocation: l.revocation.as_ref().map(|r| RevocationView::new(r, l.state.is_terminal())),
+            revocation: l
+                .revocation
+                .as_ref()
+                .map(|r| RevocationView::new(r, l.state.is_terminal())),
         }
     }
 }

@@ -13,7 +13,10 @@ use crate::task::check_text;
 fn approver(caller: &Caller) -> Result<&crate::auth::Operator, BrokerError> {
     match caller {
         Caller::Operator(o) if o.roles.contains(&OperatorRole::Approver) => Ok(o),
-        _ => Err(BrokerError::Forbidden { code: "forbidden", message: "this needs the approver role".into() }),
+        _ => Err(BrokerError::Forbidden {
+            code: "forbidden",
+            message: "this needs the approver role".into(),
+        }),
     }
 }
 
@@ -21,21 +24,42 @@ impl Broker {
     /// Pending approvals (approvers, admins).
     pub fn pending_approvals(&self, caller: &Caller) -> Result<Vec<ApprovalRecord>, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Approver, OperatorRole::Admin]) {
-            return Err(BrokerError::Forbidden { code: "forbidden", message: "listing approvals needs the approver role".into() });
+            return Err(BrokerError::Forbidden {
+                code: "forbidden",
+                message: "listing approvals needs the approver role".into(),
+            });
         }
         Ok(self.store.read()?.pending_approvals(1000)?)
     }
 
     /// One approval: its workload, approvers, admins and responders.
-    pub fn get_approval(&self, caller: &Caller, id: ApprovalId) -> Result<ApprovalRecord, BrokerError> {
-        let a = self.store.read()?.approval(id.0)?.ok_or(BrokerError::NotFound { code: "approval_not_found" })?;
+    pub fn get_approval(
+        &self,
+        caller: &Caller,
+        id: ApprovalId,
+    ) -> Result<ApprovalRecord, BrokerError> {
+        let a = self
+            .store
+            .read()?
+            .approval(id.0)?
+            .ok_or(BrokerError::NotFound {
+                code: "approval_not_found",
+            })?;
         let visible = match caller {
             Caller::Workload(w) => w.id == a.workload,
-            Caller::Operator(_) => {
-                caller.has_any_role(&[OperatorRole::Approver, OperatorRole::Admin, OperatorRole::Responder])
-            }
+            Caller::Operator(_) => caller.has_any_role(&[
+                OperatorRole::Approver,
+                OperatorRole::Admin,
+                OperatorRole::Responder,
+            ]),
         };
-        if visible { Ok(a) } else { Err(BrokerError::NotFound { code: "approval_not_found" }) }
+        if visible {
+            Ok(a)
+        } else {
+            Err(BrokerError::NotFound {
+                code: "approval_not_found",
+            })
+        }
     }
 
     /// Approve or deny. A denial needs a comment.
@@ -51,11 +75,20 @@ impl Broker {
         match &comment {
             Some(c) => check_text("comment", c, 1024)?,
             None if !approve => {
-                return Err(BrokerError::invalid("comment_required", "denying an approval needs a comment saying why"));
+                return Err(BrokerError::invalid(
+                    "comment_required",
+                    "denying an approval needs a comment saying why",
+                ));
             }
             None => {}
         }
-        let a = self.store.read()?.approval(id.0)?.ok_or(BrokerError::NotFound { code: "approval_not_found" })?;
+        let a = self
+            .store
+            .read()?
+            .approval(id.0)?
+            .ok_or(BrokerError::NotFound {
+                code: "approval_not_found",
+            })?;
         let mine = op.user.as_deref() == Some(a.on_behalf_of.as_str()) || op.name == a.on_behalf_of;
         if mine {
             return Err(BrokerError::Forbidden {
@@ -117,8 +150,15 @@ impl Broker {
 
     /// Tasks that used break-glass and await sign-off.
     pub fn pending_reviews(&self, caller: &Caller) -> Result<Vec<ReviewRecord>, BrokerError> {
-        if !caller.has_any_role(&[OperatorRole::Approver, OperatorRole::Admin, OperatorRole::Responder]) {
-            return Err(BrokerError::Forbidden { code: "forbidden", message: "reviews are for approvers".into() });
+        if !caller.has_any_role(&[
+            OperatorRole::Approver,
+            OperatorRole::Admin,
+            OperatorRole::Responder,
+        ]) {
+            return Err(BrokerError::Forbidden {
+                code: "forbidden",
+                message: "reviews are for approvers".into(),
+            });
         }
         Ok(self.store.read()?.pending_reviews(1000)?)
     }
@@ -133,7 +173,13 @@ impl Broker {
     ) -> Result<ReviewRecord, BrokerError> {
         let op = approver(caller)?;
         check_text("comment", &comment, 1024)?;
-        let r = self.store.read()?.review(task.0)?.ok_or(BrokerError::NotFound { code: "review_not_found" })?;
+        let r = self
+            .store
+            .read()?
+            .review(task.0)?
+            .ok_or(BrokerError::NotFound {
+                code: "review_not_found",
+            })?;
         if op.user.as_deref() == Some(r.on_behalf_of.as_str()) || op.name == r.on_behalf_of {
             return Err(BrokerError::Forbidden {
                 code: "self_approval",

@@ -18,7 +18,9 @@ pub struct CheckpointKey {
 
 impl std::fmt::Debug for CheckpointKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CheckpointKey").field("key_id", &self.key_id).finish_non_exhaustive()
+        f.debug_struct("CheckpointKey")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -29,8 +31,9 @@ pub fn key_id(public: &[u8]) -> String {
 
 impl CheckpointKey {
     pub fn from_pkcs8(doc: &[u8]) -> Result<Self, String> {
-        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(doc)
-            .map_err(|_| "not an Ed25519 PKCS#8 key (make one with `leasehold keygen checkpoint`)".to_owned())?;
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(doc).map_err(|_| {
+            "not an Ed25519 PKCS#8 key (make one with `leasehold keygen checkpoint`)".to_owned()
+        })?;
         let key_id = key_id(key.public_key().as_ref());
         Ok(Self { key, key_id })
     }
@@ -45,7 +48,13 @@ impl CheckpointKey {
     }
 
     pub fn sign(&self, seq: u64, hash: [u8; 32], time: String) -> Checkpoint {
-        let mut cp = Checkpoint { seq, hash, time, key_id: self.key_id.clone(), signature: Vec::new() };
+        let mut cp = Checkpoint {
+            seq,
+            hash,
+            time,
+            key_id: self.key_id.clone(),
+            signature: Vec::new(),
+        };
         cp.signature = self.key.sign(&cp.message()).as_ref().to_vec();
         cp
     }
@@ -58,9 +67,9 @@ pub fn load_public_key(bytes: &[u8]) -> Result<Vec<u8>, String> {
         return Ok(k.public_key().to_vec());
     }
     let text = String::from_utf8_lossy(bytes);
-    let raw = B64
-        .decode(text.trim().trim_end_matches('='))
-        .map_err(|_| "not a checkpoint key: expected a PKCS#8 key file or a base64url public key".to_owned())?;
+    let raw = B64.decode(text.trim().trim_end_matches('=')).map_err(|_| {
+        "not a checkpoint key: expected a PKCS#8 key file or a base64url public key".to_owned()
+    })?;
     if raw.len() != 32 {
         return Err("an Ed25519 public key is 32 bytes".into());
     }
@@ -105,13 +114,23 @@ impl Checkpoint {
     }
 
     pub fn from_value(v: &Value) -> Result<Self, String> {
-        let s = |k: &str| v.get(k).and_then(Value::as_str).ok_or_else(|| format!("checkpoint without `{k}`"));
+        let s = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("checkpoint without `{k}`"))
+        };
         Ok(Self {
-            seq: v.get("seq").and_then(Value::as_u64).ok_or("checkpoint without `seq`")?,
-            hash: crate::hex::decode32(s("hash")?).ok_or("checkpoint hash is not 32 bytes of hex")?,
+            seq: v
+                .get("seq")
+                .and_then(Value::as_u64)
+                .ok_or("checkpoint without `seq`")?,
+            hash: crate::hex::decode32(s("hash")?)
+                .ok_or("checkpoint hash is not 32 bytes of hex")?,
             time: s("time")?.to_owned(),
             key_id: s("key_id")?.to_owned(),
-            signature: B64.decode(s("signature")?).map_err(|_| "checkpoint signature is not base64url")?,
+            signature: B64
+                .decode(s("signature")?)
+                .map_err(|_| "checkpoint signature is not base64url")?,
         })
     }
 
@@ -141,10 +160,16 @@ mod tests {
         assert_eq!(back, cp);
         let mut moved = cp.clone();
         moved.seq = 43;
-        assert!(!moved.verify(k.public_key()), "a signature does not move to another head");
+        assert!(
+            !moved.verify(k.public_key()),
+            "a signature does not move to another head"
+        );
         let other = key();
         assert!(!cp.verify(other.public_key()));
-        assert_eq!(load_public_key(k.public_key_text().as_bytes()).unwrap(), k.public_key());
+        assert_eq!(
+            load_public_key(k.public_key_text().as_bytes()).unwrap(),
+            k.public_key()
+        );
         assert!(load_public_key(b"nonsense").is_err());
     }
 }

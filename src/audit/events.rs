@@ -7,9 +7,12 @@ use serde_json::Value;
 use super::{Auditor, EventKind, Links, Pending};
 use crate::clock::{Timestamp, rfc3339};
 use crate::event_data;
-use crate::ids::{LeaseId, TaskId};
 use crate::ids::{ApprovalId, CallId};
-use crate::store::{ApprovalRecord, ApprovalState, CallRecord, LeaseRecord, LeaseState, ReviewRecord, StoreError, TaskRecord, Txn};
+use crate::ids::{LeaseId, TaskId};
+use crate::store::{
+    ApprovalRecord, ApprovalState, CallRecord, LeaseRecord, LeaseState, ReviewRecord, StoreError,
+    TaskRecord, Txn,
+};
 
 /// Who and which request caused an event.
 #[derive(Clone, Debug, Default)]
@@ -21,7 +24,10 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn request(request_id: Option<String>, actor: String) -> Self {
-        Self { request_id, actor: Some(actor) }
+        Self {
+            request_id,
+            actor: Some(actor),
+        }
     }
 
     /// Work the broker does on its own (expiry, retries, recovery).
@@ -37,7 +43,11 @@ fn ms(t: i64) -> Timestamp {
 /// Append `event` in this transaction, or fail the transaction. Appending
 /// cannot be skipped: a state change whose event cannot be recorded does not
 /// commit (fail closed).
-pub fn append(t: &mut Txn<'_>, auditor: &Auditor, event: Result<Pending, super::CanonicalError>) -> Result<(), StoreError> {
+pub fn append(
+    t: &mut Txn<'_>,
+    auditor: &Auditor,
+    event: Result<Pending, super::CanonicalError>,
+) -> Result<(), StoreError> {
     if !auditor.enabled() {
         return Ok(());
     }
@@ -62,7 +72,11 @@ impl Auditor {
 
     fn lease_links(&self, l: &LeaseRecord, ctx: &Ctx) -> Links {
         Links {
-            job: l.revocation.as_ref().and_then(|r| r.job).map(|j| crate::ids::JobId(j).to_string()),
+            job: l
+                .revocation
+                .as_ref()
+                .and_then(|r| r.job)
+                .map(|j| crate::ids::JobId(j).to_string()),
             workload: Some(self.workload(&l.workload)),
             tenant: l.tenant.as_deref().map(|t| self.tenant(t)),
             task: Some(TaskId(l.task_id).to_string()),
@@ -77,7 +91,12 @@ impl Auditor {
 
     /// `task.opened`: purpose, prompt hash (and the sealed prompt text, only
     /// when configured), declared tools, deadline.
-    pub fn task_opened(&self, task: &TaskRecord, policies: &[String], ctx: &Ctx) -> Result<Pending, super::CanonicalError> {
+    pub fn task_opened(
+        &self,
+        task: &TaskRecord,
+        policies: &[String],
+        ctx: &Ctx,
+    ) -> Result<Pending, super::CanonicalError> {
         let mut data = event_data![
             ("purpose", self.purpose(&task.purpose)),
             ("prompt_sha256", crate::hex::encode(&task.prompt_sha256)),
@@ -95,7 +114,13 @@ impl Auditor {
         if let Some(a) = &ctx.actor {
             data.insert("by".into(), Value::String(a.clone()));
         }
-        Pending::new(EventKind::TaskOpened, ms(task.created_at), &self.task_links(task, ctx), data, Some(task.id))
+        Pending::new(
+            EventKind::TaskOpened,
+            ms(task.created_at),
+            &self.task_links(task, ctx),
+            data,
+            Some(task.id),
+        )
     }
 
     pub fn task_completed(
@@ -107,27 +132,46 @@ impl Auditor {
     ) -> Result<Pending, super::CanonicalError> {
         let data = event_data![("revoked", revoked as u64), ("pending", pending as u64)];
         let time = ms(task.completed_at.unwrap_or(task.created_at));
-        Pending::new(EventKind::TaskCompleted, time, &self.task_links(task, ctx), data, Some(task.id))
+        Pending::new(
+            EventKind::TaskCompleted,
+            time,
+            &self.task_links(task, ctx),
+            data,
+            Some(task.id),
+        )
     }
 
     /// The event a lease's new state calls for.
-    pub fn lease(&self, l: &LeaseRecord, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
+    pub fn lease(
+        &self,
+        l: &LeaseRecord,
+        ctx: &Ctx,
+        now: i64,
+    ) -> Result<Pending, super::CanonicalError> {
         let rv = l.revocation.as_ref();
         let kind = match l.state {
             LeaseState::Issuing => EventKind::LeaseIssuing,
             LeaseState::Active => EventKind::LeaseIssued,
-            LeaseState::Revoking if rv.is_some_and(|r| r.attempts > 0) => EventKind::RevocationRetried,
+            LeaseState::Revoking if rv.is_some_and(|r| r.attempts > 0) => {
+                EventKind::RevocationRetried
+            }
             LeaseState::Revoking => EventKind::LeaseRevoking,
             LeaseState::Irrevocable => EventKind::LeaseIrrevocable,
             LeaseState::Revoked | LeaseState::Expired => EventKind::LeaseRevoked,
             LeaseState::RolledBack => EventKind::LeaseRolledBack,
             LeaseState::Abandoned => EventKind::LeaseAbandoned,
         };
-        let mut data = event_data![("state", l.state.as_str()), ("expires_at", rfc3339(ms(l.expires_at)))];
+        let mut data = event_data![
+            ("state", l.state.as_str()),
+            ("expires_at", rfc3339(ms(l.expires_at)))
+        ];
         match l.state {
             LeaseState::Issuing => {
                 data.insert("scope".into(), Value::from(l.scope.clone()));
-                data.insert("requested_ttl_seconds".into(), Value::from(l.requested_ttl_seconds));
+                data.insert(
+                    "requested_ttl_seconds".into(),
+                    Value::from(l.requested_ttl_seconds),
+                );
             }
             LeaseState::Active => {
                 data.insert("scope".into(), Value::from(l.scope.clone()));
@@ -150,15 +194,30 @@ impl Auditor {
                 data.insert("error".into(), super::text(e));
             }
             if !l.state.is_terminal() {
-                data.insert("next_attempt_at".into(), Value::from(rfc3339(ms(r.next_attempt_at))));
+                data.insert(
+                    "next_attempt_at".into(),
+                    Value::from(rfc3339(ms(r.next_attempt_at))),
+                );
             }
         }
-        Pending::new(kind, ms(now), &self.lease_links(l, ctx), data, Some(l.task_id))
+        Pending::new(
+            kind,
+            ms(now),
+            &self.lease_links(l, ctx),
+            data,
+            Some(l.task_id),
+        )
     }
 
     /// `call.decided`: a decision on a call, a direct lease or a task,
     /// with the policies that determined it and what they oblige.
-    pub fn decided(&self, task: &TaskRecord, call: &CallRecord, action: &str, ctx: &Ctx) -> Result<Pending, super::CanonicalError> {
+    pub fn decided(
+        &self,
+        task: &TaskRecord,
+        call: &CallRecord,
+        action: &str,
+        ctx: &Ctx,
+    ) -> Result<Pending, super::CanonicalError> {
         let mut links = self.task_links(task, ctx);
         links.call = Some(CallId(call.id).to_string());
         links.decision = Some(CallId(call.id).to_string());
@@ -172,7 +231,15 @@ impl Auditor {
             ("arguments_sha256", call.arguments_sha256.clone()),
             ("outcome", call.outcome.clone()),
             ("policies", Value::from(call.policies.clone())),
-            ("reasons", Value::from(call.reasons.iter().map(|r| super::text(r)).collect::<Vec<_>>())),
+            (
+                "reasons",
+                Value::from(
+                    call.reasons
+                        .iter()
+                        .map(|r| super::text(r))
+                        .collect::<Vec<_>>()
+                )
+            ),
             ("policy_version", call.policy_version.clone()),
         ];
         if let Some(t) = call.max_ttl {
@@ -181,27 +248,52 @@ impl Auditor {
         if let Some(j) = &call.break_glass {
             data.insert("break_glass".into(), super::text(j));
         }
-        Pending::new(EventKind::CallDecided, ms(call.created_at), &links, data, Some(task.id))
+        Pending::new(
+            EventKind::CallDecided,
+            ms(call.created_at),
+            &links,
+            data,
+            Some(task.id),
+        )
     }
 
     /// `call.decided` for a task that policy refused to open (the task was
     /// never created; the event keeps the refusal).
-    pub fn task_refused(&self, task: &TaskRecord, d: &crate::policy::Decision, ctx: &Ctx) -> Result<Pending, super::CanonicalError> {
+    pub fn task_refused(
+        &self,
+        task: &TaskRecord,
+        d: &crate::policy::Decision,
+        ctx: &Ctx,
+    ) -> Result<Pending, super::CanonicalError> {
         let mut links = self.task_links(task, ctx);
         links.task = None;
         let data = event_data![
             ("action", "OpenTask"),
             ("outcome", d.outcome.as_str()),
             ("policies", Value::from(d.policies.clone())),
-            ("reasons", Value::from(d.reasons.iter().map(|r| super::text(r)).collect::<Vec<_>>())),
+            (
+                "reasons",
+                Value::from(d.reasons.iter().map(|r| super::text(r)).collect::<Vec<_>>())
+            ),
             ("purpose", self.purpose(&task.purpose)),
             ("policy_version", d.version.clone()),
         ];
-        Pending::new(EventKind::CallDecided, ms(task.created_at), &links, data, None)
+        Pending::new(
+            EventKind::CallDecided,
+            ms(task.created_at),
+            &links,
+            data,
+            None,
+        )
     }
 
     /// `approval.requested|approved|denied|expired`, by the approval's state.
-    pub fn approval(&self, a: &ApprovalRecord, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
+    pub fn approval(
+        &self,
+        a: &ApprovalRecord,
+        ctx: &Ctx,
+        now: i64,
+    ) -> Result<Pending, super::CanonicalError> {
         let kind = match a.state {
             ApprovalState::Pending => EventKind::ApprovalRequested,
             ApprovalState::Approved | ApprovalState::Consumed => EventKind::ApprovalApproved,
@@ -235,7 +327,13 @@ impl Auditor {
     }
 
     /// `break_glass.used` (a call went through) or `break_glass.reviewed`.
-    pub fn break_glass(&self, r: &ReviewRecord, reviewed: bool, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
+    pub fn break_glass(
+        &self,
+        r: &ReviewRecord,
+        reviewed: bool,
+        ctx: &Ctx,
+        now: i64,
+    ) -> Result<Pending, super::CanonicalError> {
         let links = Links {
             workload: Some(self.workload(&r.workload)),
             task: Some(TaskId(r.task_id).to_string()),
@@ -255,24 +353,52 @@ impl Auditor {
             )
         } else {
             let (_, tool, justification, _) = r.calls.last().cloned().unwrap_or_default();
-            (EventKind::BreakGlassUsed, event_data![("tool", tool), ("justification", super::text(&justification))])
+            (
+                EventKind::BreakGlassUsed,
+                event_data![
+                    ("tool", tool),
+                    ("justification", super::text(&justification))
+                ],
+            )
         };
         Pending::new(kind, ms(now), &links, data, Some(r.task_id))
     }
 
     /// `workload.fenced` / `workload.unfenced` (also tenants and users).
-    pub fn fence(&self, f: &crate::store::FenceRecord, lifted: Option<(&str, &str)>, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
-        let mut links = Links { request_id: ctx.request_id.clone(), job: f.job.map(|j| crate::ids::JobId(j).to_string()), ..Links::default() };
+    pub fn fence(
+        &self,
+        f: &crate::store::FenceRecord,
+        lifted: Option<(&str, &str)>,
+        ctx: &Ctx,
+        now: i64,
+    ) -> Result<Pending, super::CanonicalError> {
+        let mut links = Links {
+            request_id: ctx.request_id.clone(),
+            job: f.job.map(|j| crate::ids::JobId(j).to_string()),
+            ..Links::default()
+        };
         match f.kind.as_str() {
             "workload" => links.workload = Some(self.workload(&f.value)),
             "tenant" => links.tenant = Some(self.tenant(&f.value)),
             _ => links.user = Some(self.user(&f.value)),
         }
         let (kind, data) = match lifted {
-            None => (EventKind::WorkloadFenced, event_data![("kind", f.kind.clone()), ("reason", super::text(&f.reason)), ("by", f.created_by.clone())]),
+            None => (
+                EventKind::WorkloadFenced,
+                event_data![
+                    ("kind", f.kind.clone()),
+                    ("reason", super::text(&f.reason)),
+                    ("by", f.created_by.clone())
+                ],
+            ),
             Some((by, reason)) => (
                 EventKind::WorkloadUnfenced,
-                event_data![("kind", f.kind.clone()), ("reason", super::text(reason)), ("by", by), ("fenced_for", super::text(&f.reason))],
+                event_data![
+                    ("kind", f.kind.clone()),
+                    ("reason", super::text(reason)),
+                    ("by", by),
+                    ("fenced_for", super::text(&f.reason))
+                ],
             ),
         };
         Pending::new(kind, ms(now), &links, data, None)
@@ -280,8 +406,19 @@ impl Auditor {
 
     /// `provider.reconciled`: what a reconciliation found at a provider
     /// that no live lease accounts for, and whether it was removed.
-    pub fn reconciled(&self, provider: &str, report: &serde_json::Value, by: &str, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
-        let links = Links { request_id: ctx.request_id.clone(), provider: Some(provider.to_owned()), ..Links::default() };
+    pub fn reconciled(
+        &self,
+        provider: &str,
+        report: &serde_json::Value,
+        by: &str,
+        ctx: &Ctx,
+        now: i64,
+    ) -> Result<Pending, super::CanonicalError> {
+        let links = Links {
+            request_id: ctx.request_id.clone(),
+            provider: Some(provider.to_owned()),
+            ..Links::default()
+        };
         let data = event_data![
             ("by", by),
             ("found", report["found"].clone()),
@@ -293,7 +430,13 @@ impl Auditor {
     }
 
     /// `revocation_job.started` / `.finished`.
-    pub fn job(&self, j: &crate::store::JobRecord, finished: Option<serde_json::Value>, ctx: &Ctx, now: i64) -> Result<Pending, super::CanonicalError> {
+    pub fn job(
+        &self,
+        j: &crate::store::JobRecord,
+        finished: Option<serde_json::Value>,
+        ctx: &Ctx,
+        now: i64,
+    ) -> Result<Pending, super::CanonicalError> {
         let s = &j.selector;
         let links = Links {
             job: Some(crate::ids::JobId(j.id).to_string()),
@@ -306,7 +449,12 @@ impl Auditor {
             role: s.role.clone(),
             ..Links::default()
         };
-        let mut data = event_data![("reason", super::text(&j.reason)), ("fence", j.fence), ("by", j.created_by.clone()), ("all", s.all)];
+        let mut data = event_data![
+            ("reason", super::text(&j.reason)),
+            ("fence", j.fence),
+            ("by", j.created_by.clone()),
+            ("all", s.all)
+        ];
         let kind = match finished {
             Some(counts) => {
                 data.insert("counts".into(), counts);
@@ -326,7 +474,10 @@ impl Auditor {
         request_id: Option<String>,
         data: serde_json::Map<String, Value>,
     ) -> Result<Pending, super::CanonicalError> {
-        let links = Links { request_id, ..Links::default() };
+        let links = Links {
+            request_id,
+            ..Links::default()
+        };
         Pending::new(kind, ms(now), &links, data, None)
     }
 }

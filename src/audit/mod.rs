@@ -281,7 +281,12 @@ impl Pending {
         suffix.extend_from_slice(b",\"time\":");
         canonical(&Value::String(rfc3339(time)), &mut suffix)?;
         suffix.extend_from_slice(b",\"v\":1}");
-        Ok(Self { kind, prefix, suffix, task })
+        Ok(Self {
+            kind,
+            prefix,
+            suffix,
+            task,
+        })
     }
 
     /// The canonical bytes at position `seq` after `prev`, and their hash.
@@ -301,7 +306,8 @@ impl Pending {
 /// A stored event as the API and exports show it: the canonical object with
 /// its `hash` added.
 pub fn with_hash(bytes: &[u8], hash: &[u8; 32]) -> Result<Value, String> {
-    let mut v: Value = serde_json::from_slice(bytes).map_err(|e| format!("unreadable event: {e}"))?;
+    let mut v: Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("unreadable event: {e}"))?;
     if let Some(m) = v.as_object_mut() {
         m.insert("hash".into(), Value::String(crate::hex::encode(hash)));
     }
@@ -329,7 +335,9 @@ pub struct FieldHmac {
 
 impl std::fmt::Debug for FieldHmac {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FieldHmac").field("fields", &self.fields).finish_non_exhaustive()
+        f.debug_struct("FieldHmac")
+            .field("fields", &self.fields)
+            .finish_non_exhaustive()
     }
 }
 
@@ -338,7 +346,10 @@ pub const HMAC_FIELDS: &[&str] = &["user", "purpose", "workload", "tenant"];
 
 impl FieldHmac {
     pub fn new(key: &[u8], fields: Vec<String>) -> Self {
-        Self { key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key), fields }
+        Self {
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key),
+            fields,
+        }
     }
 
     pub fn applies(&self, field: &str) -> bool {
@@ -436,13 +447,20 @@ mod tests {
         let v = serde_json::json!({"b": 1, "a": {"z": [1, "x"], "c": null}, "é": "\u{1}"});
         let mut out = Vec::new();
         canonical(&v, &mut out).unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), r#"{"a":{"c":null,"z":[1,"x"]},"b":1,"é":"\u0001"}"#);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"a":{"c":null,"z":[1,"x"]},"b":1,"é":"\u0001"}"#
+        );
         assert!(canonical(&serde_json::json!({"x": 1.5}), &mut Vec::new()).is_err());
     }
 
     #[test]
     fn sealed_bytes_are_the_canonical_form() {
-        let links = Links { task: Some("task_1".into()), lease: Some("lease_1".into()), ..Links::default() };
+        let links = Links {
+            task: Some("task_1".into()),
+            lease: Some("lease_1".into()),
+            ..Links::default()
+        };
         let p = Pending::new(
             EventKind::LeaseIssued,
             Timestamp::from_unix_millis(1_800_000_000_000),

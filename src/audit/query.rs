@@ -29,16 +29,31 @@ pub struct EventQuery {
 }
 
 fn link<'a>(v: &'a Value, name: &str) -> Option<&'a str> {
-    v.get("links").and_then(|l| l.get(name)).and_then(Value::as_str)
+    v.get("links")
+        .and_then(|l| l.get(name))
+        .and_then(Value::as_str)
 }
 
 impl EventQuery {
     fn keep(&self, v: &Value) -> bool {
-        let time = v.get("time").and_then(Value::as_str).and_then(parse_rfc3339);
-        self.kind.is_none_or(|k| v.get("kind").and_then(Value::as_str) == Some(k.as_str()))
-            && self.workload.as_deref().is_none_or(|w| link(v, "workload") == Some(w))
-            && self.user.as_deref().is_none_or(|u| link(v, "user") == Some(u))
-            && self.lease.as_deref().is_none_or(|l| link(v, "lease") == Some(l))
+        let time = v
+            .get("time")
+            .and_then(Value::as_str)
+            .and_then(parse_rfc3339);
+        self.kind
+            .is_none_or(|k| v.get("kind").and_then(Value::as_str) == Some(k.as_str()))
+            && self
+                .workload
+                .as_deref()
+                .is_none_or(|w| link(v, "workload") == Some(w))
+            && self
+                .user
+                .as_deref()
+                .is_none_or(|u| link(v, "user") == Some(u))
+            && self
+                .lease
+                .as_deref()
+                .is_none_or(|l| link(v, "lease") == Some(l))
             && self.since.is_none_or(|s| time.is_some_and(|t| t >= s))
             && self.until.is_none_or(|u| time.is_some_and(|t| t < u))
     }
@@ -84,7 +99,10 @@ pub fn verify_store(r: &Reader, trusted: Option<Vec<u8>>) -> Result<VerifyReport
     let mut checkpoints = Vec::new();
     let mut bad = Vec::new();
     for (seq, bytes) in r.checkpoints()? {
-        match serde_json::from_slice::<Value>(&bytes).map_err(|e| e.to_string()).and_then(|v| Checkpoint::from_value(&v)) {
+        match serde_json::from_slice::<Value>(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|v| Checkpoint::from_value(&v))
+        {
             Ok(cp) if cp.seq == seq => checkpoints.push(cp),
             Ok(_) | Err(_) => bad.push(seq),
         }
@@ -96,7 +114,10 @@ pub fn verify_store(r: &Reader, trusted: Option<Vec<u8>>) -> Result<VerifyReport
         && report.first_break.as_ref().is_none_or(|b| seq < b.seq)
     {
         report.ok = false;
-        report.first_break = Some(super::Break { seq, reason: "unreadable checkpoint".into() });
+        report.first_break = Some(super::Break {
+            seq,
+            reason: "unreadable checkpoint".into(),
+        });
     }
     Ok(report)
 }

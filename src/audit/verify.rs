@@ -60,7 +60,12 @@ pub struct ChainVerifier {
 }
 
 impl ChainVerifier {
-    pub fn new(base_seq: u64, base_hash: [u8; 32], checkpoints: Vec<Checkpoint>, trusted: Option<Vec<u8>>) -> Self {
+    pub fn new(
+        base_seq: u64,
+        base_hash: [u8; 32],
+        checkpoints: Vec<Checkpoint>,
+        trusted: Option<Vec<u8>>,
+    ) -> Self {
         Self {
             base_seq,
             next_seq: base_seq + 1,
@@ -93,12 +98,23 @@ impl ChainVerifier {
         let expected = self.next_seq;
         let pos: Position = match serde_json::from_slice(bytes) {
             Ok(p) => p,
-            Err(e) => return self.fail(key_seq.unwrap_or(expected), format!("unreadable event: {e}")),
+            Err(e) => {
+                return self.fail(
+                    key_seq.unwrap_or(expected),
+                    format!("unreadable event: {e}"),
+                );
+            }
         };
         if let Some(k) = key_seq
             && k != pos.seq
         {
-            return self.fail(k, format!("stored as seq {k} but its content says seq {}: events moved or reordered", pos.seq));
+            return self.fail(
+                k,
+                format!(
+                    "stored as seq {k} but its content says seq {}: events moved or reordered",
+                    pos.seq
+                ),
+            );
         }
         if pos.seq != expected {
             let why = if pos.seq > expected {
@@ -108,21 +124,33 @@ impl ChainVerifier {
                     pos.seq - 1
                 )
             } else {
-                format!("expected seq {expected}, found {}: events out of order or repeated", pos.seq)
+                format!(
+                    "expected seq {expected}, found {}: events out of order or repeated",
+                    pos.seq
+                )
             };
             return self.fail(expected, why);
         }
         let hash = sha256(bytes);
         if stored_hash.is_some_and(|h| h != hash) {
-            return self.fail(pos.seq, "the event's content does not match its hash (changed)".into());
+            return self.fail(
+                pos.seq,
+                "the event's content does not match its hash (changed)".into(),
+            );
         }
         if crate::hex::decode32(&pos.prev_hash) != Some(self.prev) {
-            return self.fail(pos.seq, format!("prev_hash does not match the hash of event {}", pos.seq - 1));
+            return self.fail(
+                pos.seq,
+                format!("prev_hash does not match the hash of event {}", pos.seq - 1),
+            );
         }
         if let Some(cp) = self.checkpoints.get(&pos.seq)
             && cp.hash != hash
         {
-            return self.fail(pos.seq, "the signed checkpoint at this seq names another hash".into());
+            return self.fail(
+                pos.seq,
+                "the signed checkpoint at this seq names another hash".into(),
+            );
         }
         self.prev = hash;
         self.next_seq += 1;
@@ -134,7 +162,10 @@ impl ChainVerifier {
             self.events += 1;
             return self.fail(self.next_seq, "a line that is not an object".into());
         };
-        let stored = obj.get("hash").and_then(Value::as_str).and_then(crate::hex::decode32);
+        let stored = obj
+            .get("hash")
+            .and_then(Value::as_str)
+            .and_then(crate::hex::decode32);
         let mut body = obj.clone();
         body.remove("hash");
         let mut bytes = Vec::new();
@@ -151,13 +182,23 @@ impl ChainVerifier {
         if !self.broken()
             && let Some((&seq, _)) = self.checkpoints.range(last_seq + 1..).next()
         {
-            self.fail(last_seq + 1, format!("truncated: a checkpoint covers seq {seq} but the chain ends at {last_seq}"));
+            self.fail(
+                last_seq + 1,
+                format!(
+                    "truncated: a checkpoint covers seq {seq} but the chain ends at {last_seq}"
+                ),
+            );
         }
         if !self.broken()
             && let Some((hseq, hhash)) = head
             && (hseq != last_seq || hhash != self.prev)
         {
-            self.fail(last_seq + 1, format!("truncated: the recorded head is seq {hseq} but the chain ends at {last_seq}"));
+            self.fail(
+                last_seq + 1,
+                format!(
+                    "truncated: the recorded head is seq {hseq} but the chain ends at {last_seq}"
+                ),
+            );
         }
         let mut verified = 0;
         let mut note = None;
@@ -169,12 +210,18 @@ impl ChainVerifier {
                     if cp.verify(key) {
                         verified += 1;
                     } else {
-                        self.fail(cp.seq, "forged checkpoint: its signature does not verify with the trusted key".into());
+                        self.fail(
+                            cp.seq,
+                            "forged checkpoint: its signature does not verify with the trusted key"
+                                .into(),
+                        );
                     }
                 }
             }
             None => {
-                note = Some("checkpoint signatures not checked: no trusted checkpoint key given".into());
+                note = Some(
+                    "checkpoint signatures not checked: no trusted checkpoint key given".into(),
+                );
             }
         }
         VerifyReport {

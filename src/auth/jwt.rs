@@ -62,11 +62,14 @@ struct VerifyKey {
 /// Parse a JWKS document, keeping the asymmetric keys (symmetric `oct` keys
 /// are ignored: they cannot identify a workload).
 fn parse_jwks(bytes: &[u8]) -> Result<Vec<VerifyKey>, String> {
-    let set: JwkSet = serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
+    let set: JwkSet =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
     let mut keys = Vec::new();
     for jwk in &set.keys {
         let family = match &jwk.algorithm {
-            AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => Family::Ed25519,
+            AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+                Family::Ed25519
+            }
             AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => Family::P256,
             AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P384 => Family::P384,
             AlgorithmParameters::RSA(_) => Family::Rsa,
@@ -100,7 +103,10 @@ pub(super) fn unverified_issuer(token: &str) -> Result<String, AuthError> {
         .decode(payload.trim_end_matches('='))
         .map_err(|_| AuthError::Malformed)?;
     let v: Value = serde_json::from_slice(&bytes).map_err(|_| AuthError::Malformed)?;
-    v.get("iss").and_then(Value::as_str).map(str::to_owned).ok_or(AuthError::UnknownIssuer)
+    v.get("iss")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or(AuthError::UnknownIssuer)
 }
 
 /// Verifies the tokens of one issuer.
@@ -114,7 +120,10 @@ pub struct IssuerVerifier {
 
 impl std::fmt::Debug for IssuerVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuerVerifier").field("name", &self.cfg.name).field("issuer", &self.cfg.issuer).finish()
+        f.debug_struct("IssuerVerifier")
+            .field("name", &self.cfg.name)
+            .field("issuer", &self.cfg.issuer)
+            .finish()
     }
 }
 
@@ -126,12 +135,19 @@ impl IssuerVerifier {
         let algorithms = cfg
             .algorithms
             .iter()
-            .map(|a| parse_algorithm(a).ok_or_else(|| format!("issuer {}: algorithm {a} not allowed", cfg.name)))
+            .map(|a| {
+                parse_algorithm(a)
+                    .ok_or_else(|| format!("issuer {}: algorithm {a} not allowed", cfg.name))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let (keys, http) = match (&cfg.jwks_file, &cfg.jwks_url) {
             (Some(path), _) => {
-                let bytes = std::fs::read(path).map_err(|e| format!("issuer {}: {}: {e}", cfg.name, path.display()))?;
-                (parse_jwks(&bytes).map_err(|e| format!("issuer {}: {e}", cfg.name))?, None)
+                let bytes = std::fs::read(path)
+                    .map_err(|e| format!("issuer {}: {}: {e}", cfg.name, path.display()))?;
+                (
+                    parse_jwks(&bytes).map_err(|e| format!("issuer {}: {e}", cfg.name))?,
+                    None,
+                )
             }
             (None, Some(_)) => {
                 let client = reqwest::Client::builder()
@@ -142,7 +158,13 @@ impl IssuerVerifier {
             }
             (None, None) => return Err(format!("issuer {}: no JWKS source", cfg.name)),
         };
-        Ok(Self { cfg, algorithms, keys: RwLock::new(Arc::new(keys)), last_fetch: Mutex::new(None), http })
+        Ok(Self {
+            cfg,
+            algorithms,
+            keys: RwLock::new(Arc::new(keys)),
+            last_fetch: Mutex::new(None),
+            http,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -150,7 +172,9 @@ impl IssuerVerifier {
     }
 
     pub fn refresh_interval(&self) -> Option<Duration> {
-        self.http.as_ref().map(|_| Duration::from_secs(self.cfg.jwks_refresh_seconds))
+        self.http
+            .as_ref()
+            .map(|_| Duration::from_secs(self.cfg.jwks_refresh_seconds))
     }
 
     /// Fetch the JWKS from its URL (no-op for file sources). Keeps the old
@@ -162,11 +186,18 @@ impl IssuerVerifier {
         if let Ok(mut l) = self.last_fetch.lock() {
             *l = Some(now.unix_millis());
         }
-        let resp = http.get(url).send().await.map_err(|e| format!("fetching {url}: {e}"))?;
+        let resp = http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| format!("fetching {url}: {e}"))?;
         if !resp.status().is_success() {
             return Err(format!("fetching {url}: HTTP {}", resp.status()));
         }
-        let bytes = resp.bytes().await.map_err(|e| format!("reading {url}: {e}"))?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| format!("reading {url}: {e}"))?;
         if bytes.len() > 1024 * 1024 {
             return Err(format!("{url}: JWKS larger than 1 MiB"));
         }
@@ -195,7 +226,9 @@ impl IssuerVerifier {
         let fits = |k: &&VerifyKey| k.family == family && k.alg.is_none_or(|a| a == alg);
         let mut candidates = keys.iter().filter(fits);
         match kid {
-            Some(kid) => candidates.find(|k| k.kid.as_deref() == Some(kid)).map(|k| k.key.clone()),
+            Some(kid) => candidates
+                .find(|k| k.kid.as_deref() == Some(kid))
+                .map(|k| k.key.clone()),
             None => {
                 // without a kid, only an unambiguous key is acceptable
                 let first = candidates.next()?;
@@ -229,19 +262,22 @@ impl IssuerVerifier {
         v.set_issuer(&[&self.cfg.issuer]);
         v.set_audience(&self.cfg.audiences);
         v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key, &v).map_err(|e| {
-            use jsonwebtoken::errors::ErrorKind as K;
-            AuthError::Invalid(
-                match e.kind() {
-                    K::InvalidSignature => "bad signature",
-                    K::InvalidAudience => "audience not accepted",
-                    K::InvalidIssuer => "issuer mismatch",
-                    K::MissingRequiredClaim(_) => "a required claim (exp, iss, aud, sub) is missing",
-                    _ => "token rejected",
-                }
-                .to_owned(),
-            )
-        })?;
+        let data = jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, &key, &v)
+            .map_err(|e| {
+                use jsonwebtoken::errors::ErrorKind as K;
+                AuthError::Invalid(
+                    match e.kind() {
+                        K::InvalidSignature => "bad signature",
+                        K::InvalidAudience => "audience not accepted",
+                        K::InvalidIssuer => "issuer mismatch",
+                        K::MissingRequiredClaim(_) => {
+                            "a required claim (exp, iss, aud, sub) is missing"
+                        }
+                        _ => "token rejected",
+                    }
+                    .to_owned(),
+                )
+            })?;
         let claims = data.claims;
         let leeway = i64::try_from(self.cfg.leeway_seconds).unwrap_or(0);
         let now_s = now.unix_seconds();
@@ -260,9 +296,14 @@ impl IssuerVerifier {
         {
             return Err(AuthError::NotYetValid);
         }
-        let sub = claims.get("sub").and_then(Value::as_str).unwrap_or_default();
+        let sub = claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if sub.is_empty() || sub.len() > 255 || sub.chars().any(char::is_control) {
-            return Err(AuthError::Invalid("sub must be 1-255 printable characters".into()));
+            return Err(AuthError::Invalid(
+                "sub must be 1-255 printable characters".into(),
+            ));
         }
         let tenant = match (&self.cfg.tenant, &self.cfg.tenant_claim) {
             (Some(t), _) => Some(t.clone()),

@@ -147,12 +147,12 @@ pub fn operator_token_hash(token: &str) -> String {
     crate::hex::encode(&sha256(token.as_bytes()))
 }
 
-
 impl Authenticator {
     pub fn new(cfg: &AuthConfig, clock: Arc<dyn Clock>) -> Result<Self, String> {
         let mut operators = HashMap::new();
         for op in &cfg.operators {
-            let h = crate::hex::decode32(&op.token_sha256).ok_or_else(|| format!("operator {}: bad token_sha256", op.name))?;
+            let h = crate::hex::decode32(&op.token_sha256)
+                .ok_or_else(|| format!("operator {}: bad token_sha256", op.name))?;
             operators.insert(
                 h,
                 Arc::new(Operator {
@@ -164,9 +164,18 @@ impl Authenticator {
         }
         let mut issuers = HashMap::new();
         for ic in &cfg.workload_issuers {
-            issuers.insert(ic.issuer.clone(), Arc::new(IssuerVerifier::new(ic.clone())?));
+            issuers.insert(
+                ic.issuer.clone(),
+                Arc::new(IssuerVerifier::new(ic.clone())?),
+            );
         }
-        Ok(Self { operators, issuers, cache: Mutex::new(HashMap::new()), clock, denied_log: LogLimiter::default() })
+        Ok(Self {
+            operators,
+            issuers,
+            cache: Mutex::new(HashMap::new()),
+            clock,
+            denied_log: LogLimiter::default(),
+        })
     }
 
     pub fn issuers(&self) -> impl Iterator<Item = &Arc<IssuerVerifier>> {
@@ -213,7 +222,13 @@ impl Authenticator {
                     cache.clear();
                 }
             }
-            cache.insert(digest, Cached { workload: workload.clone(), valid_until: exp_ms.min(now + CACHE_TTL_MS) });
+            cache.insert(
+                digest,
+                Cached {
+                    workload: workload.clone(),
+                    valid_until: exp_ms.min(now + CACHE_TTL_MS),
+                },
+            );
         }
         Ok(Caller::Workload(workload))
     }
@@ -228,8 +243,13 @@ pub fn generate_operator_token() -> Result<String, String> {
     use base64::Engine as _;
     use ring::rand::SecureRandom as _;
     let mut b = [0u8; 32];
-    ring::rand::SystemRandom::new().fill(&mut b).map_err(|_| "the system RNG failed".to_owned())?;
-    Ok(format!("{OPERATOR_TOKEN_PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)))
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| "the system RNG failed".to_owned())?;
+    Ok(format!(
+        "{OPERATOR_TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    ))
 }
 
 /// At most a few denial log lines per second: a token-guessing flood must
@@ -253,7 +273,10 @@ impl LogLimiter {
 }
 
 fn bearer_of(parts: &Parts) -> Result<&str, AuthError> {
-    let value = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or(AuthError::Missing)?;
+    let value = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or(AuthError::Missing)?;
     let value = value.to_str().map_err(|_| AuthError::Malformed)?;
     let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
@@ -274,9 +297,18 @@ impl FromRequestParts<AppState> for Caller {
         // an address that keeps failing is refused before its token is
         // even looked at; its failures never touch anyone else's budget
         if let Some(ip) = ip
-            && let Err(wait) = l.buckets.peek(Key::AuthFailures(ip), c.auth_failures_per_second, c.auth_failures_burst, now)
+            && let Err(wait) = l.buckets.peek(
+                Key::AuthFailures(ip),
+                c.auth_failures_per_second,
+                c.auth_failures_burst,
+                now,
+            )
         {
-            return Err(ApiError::too_many("auth_rate_limited", "too many failed authentications from this address", wait));
+            return Err(ApiError::too_many(
+                "auth_rate_limited",
+                "too many failed authentications from this address",
+                wait,
+            ));
         }
         let result = match bearer_of(parts) {
             Ok(token) => state.auth.authenticate(token).await,
@@ -284,9 +316,18 @@ impl FromRequestParts<AppState> for Caller {
         };
         let caller = result.map_err(|e| {
             if let Some(ip) = ip {
-                let _ = l.buckets.take(Key::AuthFailures(ip), c.auth_failures_per_second, c.auth_failures_burst, now);
+                let _ = l.buckets.take(
+                    Key::AuthFailures(ip),
+                    c.auth_failures_per_second,
+                    c.auth_failures_burst,
+                    now,
+                );
             }
-            let rid = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let rid = parts
+                .headers
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             state.broker.auth_denied(e.to_string(), rid);
             ApiError::unauthenticated(e)
         })?;
@@ -294,9 +335,18 @@ impl FromRequestParts<AppState> for Caller {
             tracing::Span::current().record("workload", w.id.as_str());
         }
         if let Caller::Workload(w) = &caller
-            && let Err(wait) = l.buckets.take(Key::Workload(w.id.clone()), c.per_workload_per_second, c.per_workload_burst, now)
+            && let Err(wait) = l.buckets.take(
+                Key::Workload(w.id.clone()),
+                c.per_workload_per_second,
+                c.per_workload_burst,
+                now,
+            )
         {
-            return Err(ApiError::too_many("rate_limited", "this workload is over its request rate", wait));
+            return Err(ApiError::too_many(
+                "rate_limited",
+                "this workload is over its request rate",
+                wait,
+            ));
         }
         Ok(caller)
     }
@@ -328,7 +378,10 @@ mod tests {
     fn operator_hash_round_trips() {
         let t = generate_operator_token().unwrap();
         assert!(t.starts_with("lho_"));
-        assert_eq!(crate::hex::decode32(&operator_token_hash(&t)).unwrap(), sha256(t.as_bytes()));
+        assert_eq!(
+            crate::hex::decode32(&operator_token_hash(&t)).unwrap(),
+            sha256(t.as_bytes())
+        );
         assert!(crate::hex::decode32("zz").is_none());
     }
 

@@ -21,7 +21,9 @@ use crate::broker::{Broker, BrokerError, Denial};
 use crate::ids::{ApprovalId, CallId, LeaseId, TaskId};
 use crate::lease::{IssuedLease, LeaseParams, TxnStep, no_step};
 use crate::policy::{CallFacts, Decision, LeaseFacts, Now, Outcome, Principal, TaskFacts};
-use crate::store::{ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, TaskRecord, TaskState};
+use crate::store::{
+    ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, TaskRecord, TaskState,
+};
 use crate::task::check_text;
 
 /// A tool call to decide, decoded from the wire.
@@ -39,8 +41,14 @@ pub struct CallParams {
 /// What a decided call (or direct credential request) produced.
 #[derive(Debug)]
 pub enum CallOutcome {
-    Allowed { call: CallRecord, lease: Option<IssuedLease> },
-    ApprovalRequired { call: CallRecord, approval: ApprovalRecord },
+    Allowed {
+        call: CallRecord,
+        lease: Option<IssuedLease>,
+    },
+    ApprovalRequired {
+        call: CallRecord,
+        approval: ApprovalRecord,
+    },
 }
 
 pub fn principal(w: &Workload) -> Principal {
@@ -55,7 +63,8 @@ pub fn principal(w: &Workload) -> Principal {
 fn is_tool_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
 }
 
 /// The hash an approval is bound to.
@@ -94,20 +103,46 @@ impl Broker {
     /// Decide whether this workload may open this task (before it exists).
     pub(crate) fn decide_open_task(&self, w: &Workload, task: &TaskRecord, ttl: u64) -> Decision {
         let facts = self.task_facts(task, 0, task.created_at);
-        self.policy.open_task(&principal(w), &facts, ttl, Now { unix: task.created_at.div_euclid(1000) })
+        self.policy.open_task(
+            &principal(w),
+            &facts,
+            ttl,
+            Now {
+                unix: task.created_at.div_euclid(1000),
+            },
+        )
     }
 
     /// The open, unexpired task of this workload.
-    fn open_task_of(&self, w: &Workload, task_id: TaskId, now_ms: i64) -> Result<TaskRecord, BrokerError> {
-        let task = self.store.read()?.task(task_id.0)?.ok_or(BrokerError::NotFound { code: "task_not_found" })?;
+    fn open_task_of(
+        &self,
+        w: &Workload,
+        task_id: TaskId,
+        now_ms: i64,
+    ) -> Result<TaskRecord, BrokerError> {
+        let task = self
+            .store
+            .read()?
+            .task(task_id.0)?
+            .ok_or(BrokerError::NotFound {
+                code: "task_not_found",
+            })?;
         if task.workload != w.id {
-            return Err(BrokerError::NotFound { code: "task_not_found" });
+            return Err(BrokerError::NotFound {
+                code: "task_not_found",
+            });
         }
         if task.state != TaskState::Open {
-            return Err(BrokerError::conflict("task_completed", "the task is completed"));
+            return Err(BrokerError::conflict(
+                "task_completed",
+                "the task is completed",
+            ));
         }
         if task.expires_at <= now_ms {
-            return Err(BrokerError::conflict("task_expired", "the task's deadline has passed"));
+            return Err(BrokerError::conflict(
+                "task_expired",
+                "the task's deadline has passed",
+            ));
         }
         Ok(task)
     }
@@ -115,7 +150,10 @@ impl Broker {
     fn check_call_input(&self, p: &CallParams, direct: bool) -> Result<(), BrokerError> {
         if !direct {
             if !is_tool_name(&p.tool) {
-                return Err(BrokerError::invalid("invalid_request", "`tool` must be 1-128 of [A-Za-z0-9._:/-]"));
+                return Err(BrokerError::invalid(
+                    "invalid_request",
+                    "`tool` must be 1-128 of [A-Za-z0-9._:/-]",
+                ));
             }
             check_text("action", &p.action, 128)?;
             if !self.policy.current().has_tool(&p.tool) {
@@ -126,10 +164,16 @@ impl Broker {
             }
         }
         if p.target.len() > 512 || p.target.chars().any(char::is_control) {
-            return Err(BrokerError::invalid("invalid_request", "`resource` is at most 512 printable characters"));
+            return Err(BrokerError::invalid(
+                "invalid_request",
+                "`resource` is at most 512 printable characters",
+            ));
         }
         if !p.arguments_sha256.is_empty() && crate::hex::decode32(&p.arguments_sha256).is_none() {
-            return Err(BrokerError::invalid("invalid_request", "`arguments_sha256` must be 64 hex characters"));
+            return Err(BrokerError::invalid(
+                "invalid_request",
+                "`arguments_sha256` must be 64 hex characters",
+            ));
         }
         if let Some(j) = &p.break_glass {
             check_text("break_glass.justification", j, 1024)?;
@@ -141,7 +185,13 @@ impl Broker {
     }
 
     /// Decide a tool call and act on the decision.
-    pub async fn call(&self, w: &Workload, task_id: TaskId, p: CallParams, ctx: &Ctx) -> Result<CallOutcome, BrokerError> {
+    pub async fn call(
+        &self,
+        w: &Workload,
+        task_id: TaskId,
+        p: CallParams,
+        ctx: &Ctx,
+    ) -> Result<CallOutcome, BrokerError> {
         self.decide_and_act(w, task_id, p, ctx, false).await
     }
 
@@ -154,7 +204,11 @@ impl Broker {
         approval_id: Option<ApprovalId>,
         ctx: &Ctx,
     ) -> Result<CallOutcome, BrokerError> {
-        let p = CallParams { credential: Some(lease), approval_id, ..CallParams::default() };
+        let p = CallParams {
+            credential: Some(lease),
+            approval_id,
+            ..CallParams::default()
+        };
         self.decide_and_act(w, task_id, p, ctx, true).await
     }
 
@@ -177,7 +231,9 @@ impl Broker {
         };
         let facts = self.task_facts(&task, task_active, now_ms);
         let who = principal(w);
-        let when = Now { unix: now.unix_seconds() };
+        let when = Now {
+            unix: now.unix_seconds(),
+        };
         let lease_facts = p.credential.as_ref().map(|c| LeaseFacts {
             provider: c.provider.clone(),
             role: c.role.clone(),
@@ -187,7 +243,12 @@ impl Broker {
         let decision = if direct {
             match &lease_facts {
                 Some(l) => self.policy.lease(&who, &facts, l, workload_active, when),
-                None => return Err(BrokerError::invalid("invalid_request", "a credential is required")),
+                None => {
+                    return Err(BrokerError::invalid(
+                        "invalid_request",
+                        "a credential is required",
+                    ));
+                }
             }
         } else {
             let facts_call = CallFacts {
@@ -198,12 +259,16 @@ impl Broker {
                 break_glass: p.break_glass.clone(),
                 credential: lease_facts,
             };
-            self.policy.call(&who, &facts, &facts_call, workload_active, when)
+            self.policy
+                .call(&who, &facts, &facts_call, workload_active, when)
         };
         let loaded = self.policy.current();
         let call_id = CallId::generate(now);
         let action_name = if direct { "Lease" } else { "Call" };
-        crate::metrics::decision(if direct { "lease" } else { "call" }, decision.outcome.as_str());
+        crate::metrics::decision(
+            if direct { "lease" } else { "call" },
+            decision.outcome.as_str(),
+        );
         let mut call = CallRecord {
             id: call_id.0,
             task_id: task.id,
@@ -240,7 +305,8 @@ impl Broker {
                 reasons: decision.reasons,
             })));
         }
-        if p.credential.is_some() && workload_active >= self.settings.max_active_leases_per_workload {
+        if p.credential.is_some() && workload_active >= self.settings.max_active_leases_per_workload
+        {
             return Err(BrokerError::Quota {
                 code: "workload_lease_cap",
                 message: format!(
@@ -335,13 +401,18 @@ impl Broker {
             Some(c) => {
                 let mut cap = decision.obligations.max_ttl.map(Duration::from_secs);
                 if p.break_glass.is_some() {
-                    cap = Some(cap.map_or(self.settings.break_glass_max_ttl, |c| c.min(self.settings.break_glass_max_ttl)));
+                    cap = Some(cap.map_or(self.settings.break_glass_max_ttl, |c| {
+                        c.min(self.settings.break_glass_max_ttl)
+                    }));
                 }
                 let prepared = self.prepare_lease(w, &task, c, cap)?;
                 call.lease_id = Some(prepared.rec.id);
                 let also = make_also(call.clone());
                 let issued = self.issue_prepared(w, prepared, ctx, check, also).await?;
-                CallOutcome::Allowed { call, lease: Some(issued) }
+                CallOutcome::Allowed {
+                    call,
+                    lease: Some(issued),
+                }
             }
             None => {
                 let also = make_also(call.clone());

@@ -2,7 +2,9 @@
 
 use serde_json::{Value, json};
 
-use super::{ApprovalsCommand, Connection, LeaseCommand, PolicyCommand, ReviewsCommand, TaskCommand};
+use super::{
+    ApprovalsCommand, Connection, LeaseCommand, PolicyCommand, ReviewsCommand, TaskCommand,
+};
 use crate::dev::DevCredentials;
 
 #[derive(Debug, thiserror::Error)]
@@ -12,7 +14,11 @@ pub enum ClientError {
     #[error("cannot reach the broker: {0}")]
     Transport(String),
     #[error("{code} (HTTP {status}): {message}")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
     /// A check that ran and failed (the report is printed).
     #[error("{0}")]
     Failed(serde_json::Value),
@@ -67,7 +73,9 @@ impl Client {
                 })?;
                 (b.clone().unwrap_or(c.broker.clone()), id.token.clone())
             }
-            (_, Some(_), Some(_)) => return Err(ClientError::Usage("use --token or --as, not both".into())),
+            (_, Some(_), Some(_)) => {
+                return Err(ClientError::Usage("use --token or --as, not both".into()));
+            }
             (_, None, None) => {
                 return Err(ClientError::Usage(
                     "who are you? pass --as NAME (dev credentials) or --token TOKEN".into(),
@@ -76,16 +84,28 @@ impl Client {
         };
         let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60));
         if let Some(ca) = &conn.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| ClientError::Usage(format!("{}: {e}", ca.display())))?;
+            let pem = std::fs::read(ca)
+                .map_err(|e| ClientError::Usage(format!("{}: {e}", ca.display())))?;
             let cert = reqwest::Certificate::from_pem(&pem)
                 .map_err(|e| ClientError::Usage(format!("{}: {e}", ca.display())))?;
             builder = builder.add_root_certificate(cert);
         }
-        let http = builder.build().map_err(|e| ClientError::Transport(e.to_string()))?;
-        Ok(Self { http, base: base.trim_end_matches('/').to_owned(), token })
+        let http = builder
+            .build()
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+        })
     }
 
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, ClientError> {
         let (status, value) = self.call_raw(method, path, body).await?;
         if (200..300).contains(&status) {
             return Ok(value);
@@ -94,15 +114,26 @@ impl Client {
     }
 
     /// The status and body, whatever the status.
-    pub async fn call_raw(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<(u16, Value), ClientError> {
+    pub async fn call_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.map_err(|e| ClientError::Transport(format!("{url}: {e}")))?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport(format!("{url}: {e}")))?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.map_err(|e| ClientError::Transport(e.to_string()))?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         Ok((status, value))
     }
@@ -110,27 +141,46 @@ impl Client {
 
 /// The error a non-2xx answer stands for.
 pub fn api_error(status: u16, value: &Value) -> ClientError {
-    let code = value["error"]["code"].as_str().unwrap_or("unknown").to_owned();
+    let code = value["error"]["code"]
+        .as_str()
+        .unwrap_or("unknown")
+        .to_owned();
     let mut message = value["error"]["message"].as_str().unwrap_or("").to_owned();
     for extra in ["problems", "decision"] {
         if let Some(v) = value.get(extra) {
-            message.push_str(&format!("\n{extra}: {}", serde_json::to_string_pretty(v).unwrap_or_default()));
+            message.push_str(&format!(
+                "\n{extra}: {}",
+                serde_json::to_string_pretty(v).unwrap_or_default()
+            ));
         }
     }
-    ClientError::Api { status, code, message }
+    ClientError::Api {
+        status,
+        code,
+        message,
+    }
 }
 
 pub(crate) fn seg(s: &str) -> String {
     // ids are [a-z0-9_]; anything else is the broker's to reject, not ours
     // to splice into a path
-    s.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect()
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
 }
 
 pub async fn task(conn: &Connection, cmd: TaskCommand) -> Result<Value, ClientError> {
     let c = Client::new(conn)?;
     use reqwest::Method;
     match cmd {
-        TaskCommand::Open { purpose, on_behalf_of, prompt, prompt_sha256, tools, ttl_seconds } => {
+        TaskCommand::Open {
+            purpose,
+            on_behalf_of,
+            prompt,
+            prompt_sha256,
+            tools,
+            ttl_seconds,
+        } => {
             let mut body = json!({"purpose": purpose, "on_behalf_of": on_behalf_of, "tools": tools, "ttl_seconds": ttl_seconds});
             if let Some(p) = prompt {
                 body["prompt"] = p.into();
@@ -140,9 +190,17 @@ pub async fn task(conn: &Connection, cmd: TaskCommand) -> Result<Value, ClientEr
             }
             c.call(Method::POST, "/v1/tasks", Some(body)).await
         }
-        TaskCommand::Show { task_id } => c.call(Method::GET, &format!("/v1/tasks/{}", seg(&task_id)), None).await,
+        TaskCommand::Show { task_id } => {
+            c.call(Method::GET, &format!("/v1/tasks/{}", seg(&task_id)), None)
+                .await
+        }
         TaskCommand::Complete { task_id } => {
-            c.call(Method::POST, &format!("/v1/tasks/{}/complete", seg(&task_id)), None).await
+            c.call(
+                Method::POST,
+                &format!("/v1/tasks/{}/complete", seg(&task_id)),
+                None,
+            )
+            .await
         }
         TaskCommand::Call {
             task_id,
@@ -159,7 +217,8 @@ pub async fn task(conn: &Connection, cmd: TaskCommand) -> Result<Value, ClientEr
         } => {
             let mut body = json!({"tool": tool, "action": action, "resource": resource, "arguments_sha256": arguments_sha256});
             if let (Some(p), Some(r), Some(t)) = (provider, role, ttl_seconds) {
-                body["credential"] = json!({"provider": p, "role": r, "ttl_seconds": t, "scope": scope});
+                body["credential"] =
+                    json!({"provider": p, "role": r, "ttl_seconds": t, "scope": scope});
             }
             if let Some(a) = approval {
                 body["approval_id"] = a.into();
@@ -167,7 +226,12 @@ pub async fn task(conn: &Connection, cmd: TaskCommand) -> Result<Value, ClientEr
             if let Some(j) = break_glass {
                 body["break_glass"] = json!({ "justification": j });
             }
-            c.call(Method::POST, &format!("/v1/tasks/{}/calls", seg(&task_id)), Some(body)).await
+            c.call(
+                Method::POST,
+                &format!("/v1/tasks/{}/calls", seg(&task_id)),
+                Some(body),
+            )
+            .await
         }
     }
 }
@@ -179,15 +243,36 @@ pub async fn approvals(conn: &Connection, cmd: ApprovalsCommand) -> Result<Value
         ApprovalsCommand::List => c.call(Method::GET, "/v1/approvals", None).await,
         ApprovalsCommand::Show { approval_id, wait } => {
             let q = wait.map(|w| format!("?wait={w}")).unwrap_or_default();
-            c.call(Method::GET, &format!("/v1/approvals/{}{q}", seg(&approval_id)), None).await
+            c.call(
+                Method::GET,
+                &format!("/v1/approvals/{}{q}", seg(&approval_id)),
+                None,
+            )
+            .await
         }
-        ApprovalsCommand::Approve { approval_id, comment } => {
+        ApprovalsCommand::Approve {
+            approval_id,
+            comment,
+        } => {
             let body = json!({ "comment": comment });
-            c.call(Method::POST, &format!("/v1/approvals/{}/approve", seg(&approval_id)), Some(body)).await
+            c.call(
+                Method::POST,
+                &format!("/v1/approvals/{}/approve", seg(&approval_id)),
+                Some(body),
+            )
+            .await
         }
-        ApprovalsCommand::Deny { approval_id, comment } => {
+        ApprovalsCommand::Deny {
+            approval_id,
+            comment,
+        } => {
             let body = json!({ "comment": comment });
-            c.call(Method::POST, &format!("/v1/approvals/{}/deny", seg(&approval_id)), Some(body)).await
+            c.call(
+                Method::POST,
+                &format!("/v1/approvals/{}/deny", seg(&approval_id)),
+                Some(body),
+            )
+            .await
         }
     }
 }
@@ -199,7 +284,12 @@ pub async fn reviews(conn: &Connection, cmd: ReviewsCommand) -> Result<Value, Cl
         ReviewsCommand::List => c.call(Method::GET, "/v1/reviews", None).await,
         ReviewsCommand::SignOff { task_id, comment } => {
             let body = json!({ "comment": comment });
-            c.call(Method::POST, &format!("/v1/reviews/{}/sign-off", seg(&task_id)), Some(body)).await
+            c.call(
+                Method::POST,
+                &format!("/v1/reviews/{}/sign-off", seg(&task_id)),
+                Some(body),
+            )
+            .await
         }
     }
 }
@@ -217,27 +307,78 @@ pub async fn lease(conn: &Connection, cmd: LeaseCommand) -> Result<Value, Client
     let c = Client::new(conn)?;
     use reqwest::Method;
     match cmd {
-        LeaseCommand::Request { task_id, provider, role, ttl_seconds, scope } => {
+        LeaseCommand::Request {
+            task_id,
+            provider,
+            role,
+            ttl_seconds,
+            scope,
+        } => {
             let body = json!({"provider": provider, "role": role, "ttl_seconds": ttl_seconds, "scope": scope});
-            c.call(Method::POST, &format!("/v1/tasks/{}/leases", seg(&task_id)), Some(body)).await
+            c.call(
+                Method::POST,
+                &format!("/v1/tasks/{}/leases", seg(&task_id)),
+                Some(body),
+            )
+            .await
         }
-        LeaseCommand::Show { lease_id } => c.call(Method::GET, &format!("/v1/leases/{}", seg(&lease_id)), None).await,
-        LeaseCommand::Revoke { lease_id, force: false, .. } => {
-            c.call(Method::POST, &format!("/v1/leases/{}/revoke", seg(&lease_id)), None).await
+        LeaseCommand::Show { lease_id } => {
+            c.call(Method::GET, &format!("/v1/leases/{}", seg(&lease_id)), None)
+                .await
         }
-        LeaseCommand::Revoke { lease_id, force: true, reason } => {
+        LeaseCommand::Revoke {
+            lease_id,
+            force: false,
+            ..
+        } => {
+            c.call(
+                Method::POST,
+                &format!("/v1/leases/{}/revoke", seg(&lease_id)),
+                None,
+            )
+            .await
+        }
+        LeaseCommand::Revoke {
+            lease_id,
+            force: true,
+            reason,
+        } => {
             let body = json!({ "reason": reason.unwrap_or_default() });
-            c.call(Method::POST, &format!("/v1/leases/{}/abandon", seg(&lease_id)), Some(body)).await
+            c.call(
+                Method::POST,
+                &format!("/v1/leases/{}/abandon", seg(&lease_id)),
+                Some(body),
+            )
+            .await
         }
-        LeaseCommand::List { state, workload, task, provider, role, limit, cursor } => {
+        LeaseCommand::List {
+            state,
+            workload,
+            task,
+            provider,
+            role,
+            limit,
+            cursor,
+        } => {
             let mut q: Vec<(&str, String)> = vec![("limit", limit.to_string())];
-            for (k, v) in [("state", state), ("workload", workload), ("task", task), ("provider", provider), ("role", role), ("cursor", cursor)] {
+            for (k, v) in [
+                ("state", state),
+                ("workload", workload),
+                ("task", task),
+                ("provider", provider),
+                ("role", role),
+                ("cursor", cursor),
+            ] {
                 if let Some(v) = v {
                     q.push((k, v));
                 }
             }
-            let qs: Vec<String> = q.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect();
-            c.call(Method::GET, &format!("/v1/leases?{}", qs.join("&")), None).await
+            let qs: Vec<String> = q
+                .iter()
+                .map(|(k, v)| format!("{k}={}", urlencode(v)))
+                .collect();
+            c.call(Method::GET, &format!("/v1/leases?{}", qs.join("&")), None)
+                .await
         }
     }
 }

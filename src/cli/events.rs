@@ -31,21 +31,29 @@ fn trusted_key(path: Option<&Path>) -> Result<Option<Vec<u8>>, ClientError> {
 /// Verify an export file (two passes: header and checkpoints, then events).
 pub fn verify_export(path: &Path, trusted: Option<Vec<u8>>) -> Result<VerifyReport, ClientError> {
     let open = || {
-        std::fs::File::open(path).map(std::io::BufReader::new).map_err(|e| usage(format!("{}: {e}", path.display())))
+        std::fs::File::open(path)
+            .map(std::io::BufReader::new)
+            .map_err(|e| usage(format!("{}: {e}", path.display())))
     };
     let (mut base_seq, mut base_hash, mut checkpoints) = (0u64, [0u8; 32], Vec::new());
     for (n, line) in open()?.lines().enumerate() {
         let line = line.map_err(|e| usage(format!("{}: {e}", path.display())))?;
-        let Ok(v) = serde_json::from_str::<Value>(&line) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
         if let Some(h) = v.get("chain") {
             base_seq = h.get("base_seq").and_then(Value::as_u64).unwrap_or(0);
             base_hash = h
                 .get("base_hash")
                 .and_then(Value::as_str)
                 .and_then(crate::hex::decode32)
-                .ok_or_else(|| usage(format!("line {}: a chain header without base_hash", n + 1)))?;
+                .ok_or_else(|| {
+                    usage(format!("line {}: a chain header without base_hash", n + 1))
+                })?;
         } else if let Some(c) = v.get("checkpoint") {
-            checkpoints.push(Checkpoint::from_value(c).map_err(|e| usage(format!("line {}: {e}", n + 1)))?);
+            checkpoints.push(
+                Checkpoint::from_value(c).map_err(|e| usage(format!("line {}: {e}", n + 1)))?,
+            );
         }
     }
     let mut verifier = ChainVerifier::new(base_seq, base_hash, checkpoints, trusted);
@@ -64,13 +72,20 @@ pub fn verify_export(path: &Path, trusted: Option<Vec<u8>>) -> Result<VerifyRepo
 }
 
 /// Verify a stopped broker's store file.
-pub fn verify_store_file(path: &Path, trusted: Option<Vec<u8>>) -> Result<VerifyReport, ClientError> {
+pub fn verify_store_file(
+    path: &Path,
+    trusted: Option<Vec<u8>>,
+) -> Result<VerifyReport, ClientError> {
     let snap = crate::store::Snapshot::open(path).map_err(usage)?;
     let reader = snap.read().map_err(usage)?;
     crate::audit::query::verify_store(&reader, trusted).map_err(usage)
 }
 
-async fn pages(c: &Client, query: &str, mut each: impl FnMut(&Value) -> bool) -> Result<Option<u64>, ClientError> {
+async fn pages(
+    c: &Client,
+    query: &str,
+    mut each: impl FnMut(&Value) -> bool,
+) -> Result<Option<u64>, ClientError> {
     let mut after: Option<u64> = None;
     loop {
         let path = match after {
@@ -78,7 +93,11 @@ async fn pages(c: &Client, query: &str, mut each: impl FnMut(&Value) -> bool) ->
             None => format!("/v1/events?limit=1000&{query}"),
         };
         let page = c.call(reqwest::Method::GET, &path, None).await?;
-        for e in page["events"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        for e in page["events"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
             if !each(e) {
                 return Ok(e["seq"].as_u64());
             }
@@ -86,7 +105,11 @@ async fn pages(c: &Client, query: &str, mut each: impl FnMut(&Value) -> bool) ->
         match page["next_cursor"].as_u64() {
             Some(n) => after = Some(n),
             None => {
-                return Ok(page["events"].as_array().and_then(|a| a.last()).and_then(|e| e["seq"].as_u64()).or(after));
+                return Ok(page["events"]
+                    .as_array()
+                    .and_then(|a| a.last())
+                    .and_then(|e| e["seq"].as_u64())
+                    .or(after));
             }
         }
     }
@@ -102,7 +125,12 @@ fn story_line(e: &Value) -> String {
             l["workload"].as_str().unwrap_or("?"),
             l["user"].as_str().unwrap_or("?"),
             d["purpose"].as_str().unwrap_or(""),
-            d["prompt_sha256"].as_str().unwrap_or("").chars().take(12).collect::<String>(),
+            d["prompt_sha256"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(12)
+                .collect::<String>(),
             d["tools"],
         ),
         "lease.issuing" | "lease.issued" | "lease.revoking" => format!(
@@ -112,22 +140,36 @@ fn story_line(e: &Value) -> String {
             l["role"].as_str().unwrap_or("?"),
             d["expires_at"].as_str().unwrap_or("?"),
         ),
-        "lease.revoked" | "lease.rolled_back" | "lease.irrevocable" | "revocation.retried" => format!(
-            "{} cause {}{}",
-            l["lease"].as_str().unwrap_or("?"),
-            d["cause"].as_str().unwrap_or("?"),
-            d["error"].as_str().map(|e| format!(", error: {e}")).unwrap_or_default(),
-        ),
+        "lease.revoked" | "lease.rolled_back" | "lease.irrevocable" | "revocation.retried" => {
+            format!(
+                "{} cause {}{}",
+                l["lease"].as_str().unwrap_or("?"),
+                d["cause"].as_str().unwrap_or("?"),
+                d["error"]
+                    .as_str()
+                    .map(|e| format!(", error: {e}"))
+                    .unwrap_or_default(),
+            )
+        }
         "task.completed" => format!("{} revoked, {} pending", d["revoked"], d["pending"]),
         _ => d.to_string(),
     };
-    format!("{:>8}  {}  {:<20} {}", e["seq"], e["time"].as_str().unwrap_or(""), e["kind"].as_str().unwrap_or(""), detail)
+    format!(
+        "{:>8}  {}  {:<20} {}",
+        e["seq"],
+        e["time"].as_str().unwrap_or(""),
+        e["kind"].as_str().unwrap_or(""),
+        detail
+    )
 }
 
 fn query_string(pairs: &[(&str, Option<String>)]) -> String {
     pairs
         .iter()
-        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", super::client::urlencode(v))))
+        .filter_map(|(k, v)| {
+            v.as_ref()
+                .map(|v| format!("{k}={}", super::client::urlencode(v)))
+        })
         .collect::<Vec<_>>()
         .join("&")
 }
@@ -141,20 +183,45 @@ async fn export(
     follow: bool,
 ) -> Result<u64, ClientError> {
     let io = |e: std::io::Error| usage(e.to_string());
-    let chain = c.call(reqwest::Method::GET, "/v1/events/chain", None).await?;
+    let chain = c
+        .call(reqwest::Method::GET, "/v1/events/chain", None)
+        .await?;
     let (base_seq, base_hash) = if after == 0 || after <= chain["base_seq"].as_u64().unwrap_or(0) {
-        (chain["base_seq"].as_u64().unwrap_or(0), chain["base_hash"].as_str().unwrap_or("").to_owned())
+        (
+            chain["base_seq"].as_u64().unwrap_or(0),
+            chain["base_hash"].as_str().unwrap_or("").to_owned(),
+        )
     } else {
-        let prev = c.call(reqwest::Method::GET, &format!("/v1/events?limit=1&after={}", after - 1), None).await?;
-        let h = prev["events"][0]["hash"].as_str().ok_or_else(|| usage(format!("no event {after}")))?.to_owned();
+        let prev = c
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/events?limit=1&after={}", after - 1),
+                None,
+            )
+            .await?;
+        let h = prev["events"][0]["hash"]
+            .as_str()
+            .ok_or_else(|| usage(format!("no event {after}")))?
+            .to_owned();
         (after, h)
     };
-    writeln!(out, "{}", json!({"chain": {"base_seq": base_seq, "base_hash": base_hash}})).map_err(io)?;
+    writeln!(
+        out,
+        "{}",
+        json!({"chain": {"base_seq": base_seq, "base_hash": base_hash}})
+    )
+    .map_err(io)?;
     let mut written_cps = std::collections::BTreeSet::new();
     let mut last = base_seq;
     loop {
-        let chain = c.call(reqwest::Method::GET, "/v1/events/chain", None).await?;
-        for cp in chain["checkpoints"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let chain = c
+            .call(reqwest::Method::GET, "/v1/events/chain", None)
+            .await?;
+        for cp in chain["checkpoints"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
             let seq = cp["seq"].as_u64().unwrap_or(0);
             if seq > base_seq && through.is_none_or(|t| seq <= t) && written_cps.insert(seq) {
                 writeln!(out, "{}", json!({ "checkpoint": cp })).map_err(io)?;
@@ -192,22 +259,46 @@ async fn export(
 
 pub async fn run(conn: &Connection, cmd: EventsCommand) -> Result<Value, ClientError> {
     match cmd {
-        EventsCommand::Verify { store, export: file, checkpoint_key } => {
+        EventsCommand::Verify {
+            store,
+            export: file,
+            checkpoint_key,
+        } => {
             let trusted = trusted_key(checkpoint_key.as_deref())?;
             let report = match (store, file) {
                 (Some(s), None) => verify_store_file(&s, trusted)?,
                 (None, Some(f)) => verify_export(&f, trusted)?,
                 (None, None) => {
                     let c = Client::new(conn)?;
-                    let v = c.call(reqwest::Method::GET, "/v1/events/verify", None).await?;
-                    return if v["ok"] == true { Ok(v) } else { Err(ClientError::Failed(v)) };
+                    let v = c
+                        .call(reqwest::Method::GET, "/v1/events/verify", None)
+                        .await?;
+                    return if v["ok"] == true {
+                        Ok(v)
+                    } else {
+                        Err(ClientError::Failed(v))
+                    };
                 }
                 (Some(_), Some(_)) => return Err(usage("give --store or --export, not both")),
             };
             let v = serde_json::to_value(&report).map_err(usage)?;
-            if report.ok { Ok(v) } else { Err(ClientError::Failed(v)) }
+            if report.ok {
+                Ok(v)
+            } else {
+                Err(ClientError::Failed(v))
+            }
         }
-        EventsCommand::List { task, lease, workload, user, kind, since, until, after, limit } => {
+        EventsCommand::List {
+            task,
+            lease,
+            workload,
+            user,
+            kind,
+            since,
+            until,
+            after,
+            limit,
+        } => {
             let c = Client::new(conn)?;
             let q = query_string(&[
                 ("task", task),
@@ -220,7 +311,8 @@ pub async fn run(conn: &Connection, cmd: EventsCommand) -> Result<Value, ClientE
                 ("after", after.map(|a| a.to_string())),
                 ("limit", Some(limit.to_string())),
             ]);
-            c.call(reqwest::Method::GET, &format!("/v1/events?{q}"), None).await
+            c.call(reqwest::Method::GET, &format!("/v1/events?{q}"), None)
+                .await
         }
         EventsCommand::Show { task } => {
             let c = Client::new(conn)?;
@@ -244,7 +336,8 @@ pub async fn run(conn: &Connection, cmd: EventsCommand) -> Result<Value, ClientE
             let last = match out {
                 Some(path) => {
                     let mut f = std::io::BufWriter::new(
-                        std::fs::File::create(&path).map_err(|e| usage(format!("{}: {e}", path.display())))?,
+                        std::fs::File::create(&path)
+                            .map_err(|e| usage(format!("{}: {e}", path.display())))?,
                     );
                     export(&c, &mut f, after, None, follow).await?
                 }
@@ -280,9 +373,13 @@ async fn archive(conn: &Connection, through: u64, out: PathBuf) -> Result<Value,
     }
     let report = verify_export(&out, None)?;
     if !report.ok || report.last_seq != through {
-        return Err(ClientError::Failed(serde_json::to_value(&report).unwrap_or(Value::Null)));
+        return Err(ClientError::Failed(
+            serde_json::to_value(&report).unwrap_or(Value::Null),
+        ));
     }
     let body = json!({"through_seq": through, "last_hash": report.head_hash});
-    let pruned = c.call(reqwest::Method::POST, "/v1/events/prune", Some(body)).await?;
+    let pruned = c
+        .call(reqwest::Method::POST, "/v1/events/prune", Some(body))
+        .await?;
     Ok(json!({"archive": out.display().to_string(), "verified": report, "pruned": pruned}))
 }

@@ -11,18 +11,37 @@ use super::client::{Client, ClientError, api_error, seg, urlencode};
 use super::{Connection, FenceCommand, ProvidersCommand, RevokeCommand, RevokeSelector};
 
 /// Start a job (or a dry run) from the selector flags, or run a subcommand.
-pub async fn revoke(conn: &Connection, command: Option<RevokeCommand>, sel: RevokeSelector) -> Result<Value, ClientError> {
+pub async fn revoke(
+    conn: &Connection,
+    command: Option<RevokeCommand>,
+    sel: RevokeSelector,
+) -> Result<Value, ClientError> {
     let c = Client::new(conn)?;
     match command {
         Some(RevokeCommand::List) => return c.call(Method::GET, "/v1/revocations", None).await,
-        Some(RevokeCommand::Status { job_id, follow: false }) => {
-            return finished(c.call(Method::GET, &format!("/v1/revocations/{}", seg(&job_id)), None).await?);
+        Some(RevokeCommand::Status {
+            job_id,
+            follow: false,
+        }) => {
+            return finished(
+                c.call(
+                    Method::GET,
+                    &format!("/v1/revocations/{}", seg(&job_id)),
+                    None,
+                )
+                .await?,
+            );
         }
-        Some(RevokeCommand::Status { job_id, follow: true }) => return follow(&c, &job_id).await,
+        Some(RevokeCommand::Status {
+            job_id,
+            follow: true,
+        }) => return follow(&c, &job_id).await,
         None => {}
     }
     let Some(reason) = sel.reason.clone() else {
-        return Err(ClientError::Usage("--reason is required: say why (it is recorded in the event chain)".into()));
+        return Err(ClientError::Usage(
+            "--reason is required: say why (it is recorded in the event chain)".into(),
+        ));
     };
     let mut body = json!({
         "states": sel.states,
@@ -45,7 +64,9 @@ pub async fn revoke(conn: &Connection, command: Option<RevokeCommand>, sel: Revo
             body[k] = Value::from(v.clone());
         }
     }
-    let (status, answer) = c.call_raw(Method::POST, "/v1/revocations", Some(body)).await?;
+    let (status, answer) = c
+        .call_raw(Method::POST, "/v1/revocations", Some(body))
+        .await?;
     for w in answer["warnings"].as_array().into_iter().flatten() {
         eprintln!("warning: {}", w.as_str().unwrap_or_default());
     }
@@ -53,16 +74,24 @@ pub async fn revoke(conn: &Connection, command: Option<RevokeCommand>, sel: Revo
         200 if sel.dry_run => return Ok(answer),
         202 => answer["job_id"].as_str().unwrap_or_default().to_owned(),
         409 if answer["error"]["code"] == "job_running" => {
-            let id = answer["job"]["job_id"].as_str().unwrap_or_default().to_owned();
+            let id = answer["job"]["job_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             eprintln!("a job with the same selector is already running: following {id}");
             id
         }
         _ => return Err(api_error(status, &answer)),
     };
     if job_id.is_empty() {
-        return Err(ClientError::Transport("the broker answered without a job id".into()));
+        return Err(ClientError::Transport(
+            "the broker answered without a job id".into(),
+        ));
     }
-    eprintln!("job {job_id} started{}", if sel.fence { " (fence in force)" } else { "" });
+    eprintln!(
+        "job {job_id} started{}",
+        if sel.fence { " (fence in force)" } else { "" }
+    );
     if sel.no_wait {
         return Ok(answer);
     }
@@ -86,7 +115,11 @@ async fn follow(c: &Client, job_id: &str) -> Result<Value, ClientError> {
         if tty || due || done {
             let line = progress.line(job_id, &status);
             let mut err = std::io::stderr().lock();
-            let _ = if tty { write!(err, "\r\x1b[2K{line}") } else { writeln!(err, "{line}") };
+            let _ = if tty {
+                write!(err, "\r\x1b[2K{line}")
+            } else {
+                writeln!(err, "{line}")
+            };
             let _ = err.flush();
             last_print = Some(Instant::now());
         }
@@ -120,22 +153,31 @@ struct Progress {
 }
 
 fn ended(p: &Value) -> u64 {
-    ["revoked", "irrevocable", "abandoned"].iter().filter_map(|k| p[*k].as_u64()).sum()
+    ["revoked", "irrevocable", "abandoned"]
+        .iter()
+        .filter_map(|k| p[*k].as_u64())
+        .sum()
 }
 
 impl Progress {
     fn observe(&mut self, status: &Value, at: Duration) {
-        let total = status["by_provider"].as_object().map_or(0, |m| m.values().map(ended).sum());
+        let total = status["by_provider"]
+            .as_object()
+            .map_or(0, |m| m.values().map(ended).sum());
         self.samples.push((at, total));
         // keep a window of about five seconds
-        while self.samples.len() > 2 && at.saturating_sub(self.samples[0].0) > Duration::from_secs(5) {
+        while self.samples.len() > 2
+            && at.saturating_sub(self.samples[0].0) > Duration::from_secs(5)
+        {
             self.samples.remove(0);
         }
     }
 
     fn rate(&self) -> f64 {
         match (self.samples.first(), self.samples.last()) {
-            (Some(a), Some(b)) if b.0 > a.0 => (b.1.saturating_sub(a.1)) as f64 / (b.0 - a.0).as_secs_f64(),
+            (Some(a), Some(b)) if b.0 > a.0 => {
+                (b.1.saturating_sub(a.1)) as f64 / (b.0 - a.0).as_secs_f64()
+            }
             _ => 0.0,
         }
     }
@@ -165,13 +207,19 @@ impl Progress {
         let eta = if state != "running" {
             "done".to_owned()
         } else if status["scan_done"] != true {
-            format!("selecting ({} scanned)", status["scanned"].as_u64().unwrap_or(0))
+            format!(
+                "selecting ({} scanned)",
+                status["scanned"].as_u64().unwrap_or(0)
+            )
         } else if rate > 0.0 {
             format!("ETA {:.0}s", matched.saturating_sub(done) as f64 / rate)
         } else {
             "ETA ?".to_owned()
         };
-        format!("{job_id} {state}  {} | {rate:.0}/s | {eta}", parts.join(" | "))
+        format!(
+            "{job_id} {state}  {} | {rate:.0}/s | {eta}",
+            parts.join(" | ")
+        )
     }
 }
 
@@ -179,12 +227,21 @@ pub async fn fence(conn: &Connection, command: FenceCommand) -> Result<Value, Cl
     let c = Client::new(conn)?;
     match command {
         FenceCommand::List => c.call(Method::GET, "/v1/fences", None).await,
-        FenceCommand::Lift { workload, tenant, user, reason } => {
+        FenceCommand::Lift {
+            workload,
+            tenant,
+            user,
+            reason,
+        } => {
             let (kind, value) = match (workload, tenant, user) {
                 (Some(w), None, None) => ("workload", w),
                 (None, Some(t), None) => ("tenant", t),
                 (None, None, Some(u)) => ("user", u),
-                _ => return Err(ClientError::Usage("give exactly one of --workload, --tenant, --user".into())),
+                _ => {
+                    return Err(ClientError::Usage(
+                        "give exactly one of --workload, --tenant, --user".into(),
+                    ));
+                }
             };
             let body = json!({ "kind": kind, "value": value, "reason": reason });
             c.call(Method::POST, "/v1/fences/lift", Some(body)).await
@@ -197,7 +254,8 @@ pub async fn providers(conn: &Connection, command: ProvidersCommand) -> Result<V
     match command {
         ProvidersCommand::Reconcile { name, drop } => {
             let path = format!("/v1/providers/{}/reconcile", seg(&name));
-            c.call(Method::POST, &path, Some(json!({ "drop": drop }))).await
+            c.call(Method::POST, &path, Some(json!({ "drop": drop })))
+                .await
         }
     }
 }
@@ -215,7 +273,12 @@ pub async fn blast_radius(
             q.push(format!("{k}={}", urlencode(&v)));
         }
     }
-    c.call(Method::GET, &format!("/v1/blast-radius?{}", q.join("&")), None).await
+    c.call(
+        Method::GET,
+        &format!("/v1/blast-radius?{}", q.join("&")),
+        None,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -234,7 +297,10 @@ mod tests {
         p.observe(&status(100), Duration::from_secs(0));
         p.observe(&status(600), Duration::from_secs(1));
         let line = p.line("job_x", &status(600));
-        assert!(line.contains("token 600/1000 revoked, 2 retrying, 0 irrevocable"), "{line}");
+        assert!(
+            line.contains("token 600/1000 revoked, 2 retrying, 0 irrevocable"),
+            "{line}"
+        );
         assert!(line.contains("500/s"), "{line}");
         assert!(line.contains("ETA 1s"), "{line}");
     }

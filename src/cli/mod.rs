@@ -402,7 +402,13 @@ pub struct Connection {
     #[arg(long, env = "LEASEHOLD_BROKER", global = true, value_name = "URL")]
     pub broker: Option<String>,
     /// Bearer token (workload JWT or operator token).
-    #[arg(long, env = "LEASEHOLD_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
+    #[arg(
+        long,
+        env = "LEASEHOLD_TOKEN",
+        global = true,
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
     pub token: Option<String>,
     /// Act as a named identity from the dev credentials file
     /// (assistant-a, assistant-b, admin, approver, responder, resource-server).

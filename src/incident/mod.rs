@@ -37,7 +37,10 @@ pub struct JobRunner {
 
 impl Default for JobRunner {
     fn default() -> Self {
-        Self { stop: tokio::sync::watch::channel(false).0, tasks: std::sync::Mutex::default() }
+        Self {
+            stop: tokio::sync::watch::channel(false).0,
+            tasks: std::sync::Mutex::default(),
+        }
     }
 }
 
@@ -46,7 +49,11 @@ impl JobRunner {
     /// is in the store, so the next start resumes it.
     pub async fn stop(&self) {
         let _ = self.stop.send(true);
-        let tasks = self.tasks.lock().map(|mut t| std::mem::take(&mut *t)).unwrap_or_default();
+        let tasks = self
+            .tasks
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
         for t in tasks {
             let _ = t.await;
         }
@@ -90,7 +97,10 @@ impl FenceCache {
     }
 
     pub fn any(&self, keys: &[String]) -> bool {
-        self.keys.read().map(|k| keys.iter().any(|x| k.contains(x))).unwrap_or(true)
+        self.keys
+            .read()
+            .map(|k| keys.iter().any(|x| k.contains(x)))
+            .unwrap_or(true)
     }
 }
 
@@ -128,7 +138,10 @@ fn responder(caller: &Caller) -> Result<(), BrokerError> {
     if caller.has_any_role(&[OperatorRole::Responder]) {
         Ok(())
     } else {
-        Err(BrokerError::Forbidden { code: "forbidden", message: "incident response needs the responder role".into() })
+        Err(BrokerError::Forbidden {
+            code: "forbidden",
+            message: "incident response needs the responder role".into(),
+        })
     }
 }
 
@@ -136,7 +149,9 @@ impl Broker {
     /// Refuse fenced workloads, tenants and users.
     pub fn check_fence(&self, w: &Workload, user: Option<&str>) -> Result<(), BrokerError> {
         if self.fences.any(&fence_keys(w, user)) {
-            return Err(BrokerError::from(crate::store::StoreError::Conflict(crate::store::Conflict::Fenced)));
+            return Err(BrokerError::from(crate::store::StoreError::Conflict(
+                crate::store::Conflict::Fenced,
+            )));
         }
         Ok(())
     }
@@ -145,12 +160,15 @@ impl Broker {
     pub fn load_fences(&self) -> Result<usize, BrokerError> {
         let fences = self.store.read()?.fences()?;
         let n = fences.len();
-        self.fences.set(fences.iter().map(|f| FenceRecord::key(&f.kind, &f.value)));
+        self.fences
+            .set(fences.iter().map(|f| FenceRecord::key(&f.kind, &f.value)));
         Ok(n)
     }
 
     fn validate_job(&self, r: &JobRequest) -> Result<(), BrokerError> {
-        check_text("reason", &r.reason, 1024).map_err(|_| BrokerError::invalid("reason_required", "a mass revocation needs a `reason`"))?;
+        check_text("reason", &r.reason, 1024).map_err(|_| {
+            BrokerError::invalid("reason_required", "a mass revocation needs a `reason`")
+        })?;
         let s = &r.selector;
         let narrowed = s.workload.is_some()
             || s.tenant.is_some()
@@ -161,17 +179,26 @@ impl Broker {
             || s.issued_after.is_some()
             || s.issued_before.is_some();
         if !narrowed && !s.all {
-            return Err(BrokerError::invalid("empty_selector", "an empty selector selects nothing; say `all` to mean everything"));
+            return Err(BrokerError::invalid(
+                "empty_selector",
+                "an empty selector selects nothing; say `all` to mean everything",
+            ));
         }
         if let Some(p) = &s.provider
             && self.providers.get(p).is_none()
         {
-            return Err(BrokerError::invalid("unknown_provider", format!("no provider named `{}`", p.escape_default())));
+            return Err(BrokerError::invalid(
+                "unknown_provider",
+                format!("no provider named `{}`", p.escape_default()),
+            ));
         }
         if let (Some(a), Some(b)) = (s.issued_after, s.issued_before)
             && a >= b
         {
-            return Err(BrokerError::invalid("invalid_time_range", "`issued_after` must be before `issued_before`"));
+            return Err(BrokerError::invalid(
+                "invalid_time_range",
+                "`issued_after` must be before `issued_before`",
+            ));
         }
         if r.fence && s.workload.is_none() && s.tenant.is_none() && s.user.is_none() {
             return Err(BrokerError::invalid(
@@ -179,8 +206,14 @@ impl Broker {
                 "a fence needs a `workload`, `tenant` or `user` in the selector",
             ));
         }
-        if s.states.iter().any(|st| !matches!(st, LeaseState::Active | LeaseState::Irrevocable)) {
-            return Err(BrokerError::invalid("invalid_state", "a job takes back `active` and `irrevocable` leases only"));
+        if s.states
+            .iter()
+            .any(|st| !matches!(st, LeaseState::Active | LeaseState::Irrevocable))
+        {
+            return Err(BrokerError::invalid(
+                "invalid_state",
+                "a job takes back `active` and `irrevocable` leases only",
+            ));
         }
         Ok(())
     }
@@ -202,7 +235,12 @@ impl Broker {
     }
 
     /// Start a mass revocation (or count what one would take, for a dry run).
-    pub async fn start_job(self: &Arc<Self>, caller: &Caller, mut req: JobRequest, ctx: &Ctx) -> Result<JobStart, BrokerError> {
+    pub async fn start_job(
+        self: &Arc<Self>,
+        caller: &Caller,
+        mut req: JobRequest,
+        ctx: &Ctx,
+    ) -> Result<JobStart, BrokerError> {
         responder(caller)?;
         if req.selector.states.is_empty() {
             req.selector.states = vec![LeaseState::Active, LeaseState::Irrevocable];
@@ -240,7 +278,11 @@ impl Broker {
         let mut fences = Vec::new();
         if req.fence {
             let s = &req.selector;
-            for (kind, value) in [("workload", &s.workload), ("tenant", &s.tenant), ("user", &s.user)] {
+            for (kind, value) in [
+                ("workload", &s.workload),
+                ("tenant", &s.tenant),
+                ("user", &s.user),
+            ] {
                 if let Some(v) = value {
                     fences.push(FenceRecord {
                         kind: kind.into(),
@@ -253,7 +295,12 @@ impl Broker {
                 }
             }
         }
-        let (j, fs, a, c) = (job.clone(), fences.clone(), self.auditor.clone(), ctx.clone());
+        let (j, fs, a, c) = (
+            job.clone(),
+            fences.clone(),
+            self.auditor.clone(),
+            ctx.clone(),
+        );
         self.store
             .write(move |t| {
                 t.put_job(&j)?;
@@ -332,20 +379,35 @@ impl Broker {
         }
     }
 
-    async fn run_job(self: &Arc<Self>, id: u128, ctx: &Ctx, stop: &mut tokio::sync::watch::Receiver<bool>) -> Result<(), BrokerError> {
+    async fn run_job(
+        self: &Arc<Self>,
+        id: u128,
+        ctx: &Ctx,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), BrokerError> {
         let chunk = self.job_chunk();
         loop {
             if *stop.borrow() {
                 tracing::info!(job_id = %JobId(id), "revocation job paused for shutdown; it resumes at the next start");
                 return Ok(());
             }
-            let job = self.store.read()?.job(id)?.ok_or(BrokerError::NotFound { code: "job_not_found" })?;
+            let job = self.store.read()?.job(id)?.ok_or(BrokerError::NotFound {
+                code: "job_not_found",
+            })?;
             if job.state != JobState::Running {
                 return Ok(());
             }
             if !job.scan_done {
-                let ids = self.store.read()?.candidate_leases(&job.selector, job.cursor, chunk)?;
-                let (local, a, c, clock) = (self.local.clone(), self.auditor.clone(), ctx.clone(), self.clock.clone());
+                let ids = self
+                    .store
+                    .read()?
+                    .candidate_leases(&job.selector, job.cursor, chunk)?;
+                let (local, a, c, clock) = (
+                    self.local.clone(),
+                    self.auditor.clone(),
+                    ctx.clone(),
+                    self.clock.clone(),
+                );
                 let queued = self
                     .store
                     .write(move |t| {
@@ -385,7 +447,9 @@ impl Broker {
             let finished = self
                 .store
                 .write(move |t| {
-                    let Some(mut job) = t.job(id)? else { return Ok(None) };
+                    let Some(mut job) = t.job(id)? else {
+                        return Ok(None);
+                    };
                     job.state = JobState::Done;
                     job.finished_at = Some(now);
                     t.put_job(&job)?;
@@ -403,8 +467,13 @@ impl Broker {
 
     /// Resume every job that was running when the broker stopped.
     pub fn resume_jobs(self: &Arc<Self>) -> Result<usize, BrokerError> {
-        let running: Vec<JobRecord> =
-            self.store.read()?.jobs()?.into_iter().filter(|j| j.state == JobState::Running).collect();
+        let running: Vec<JobRecord> = self
+            .store
+            .read()?
+            .jobs()?
+            .into_iter()
+            .filter(|j| j.state == JobState::Running)
+            .collect();
         for j in &running {
             tracing::warn!(job_id = %JobId(j.id), "resuming a mass revocation");
             self.spawn_job(j.id, Ctx::system());
@@ -415,55 +484,89 @@ impl Broker {
     /// A job, its counts per provider, and the leases still failing.
     pub fn job_status(&self, caller: &Caller, id: JobId) -> Result<Value, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
-            return Err(BrokerError::Forbidden { code: "forbidden", message: "jobs are for responders and admins".into() });
+            return Err(BrokerError::Forbidden {
+                code: "forbidden",
+                message: "jobs are for responders and admins".into(),
+            });
         }
         let r = self.store.read()?;
-        let job = r.job(id.0)?.ok_or(BrokerError::NotFound { code: "job_not_found" })?;
+        let job = r.job(id.0)?.ok_or(BrokerError::NotFound {
+            code: "job_not_found",
+        })?;
         let counts = r.job_counts(id.0)?;
         // the failing leases are found by a scan of the job: only when some are
         let failing = bucket_total(&counts, "retrying") + bucket_total(&counts, "irrevocable") > 0;
-        let failed: Vec<Value> = if failing { r.job_unfinished(id.0, 100)? } else { Vec::new() }
-            .iter()
-            .map(|l: &LeaseRecord| {
-                json!({
-                    "lease_id": LeaseId(l.id).to_string(),
-                    "provider": l.provider,
-                    "state": l.state.as_str(),
-                    "attempts": l.revocation.as_ref().map_or(0, |r| r.attempts),
-                    "last_error": l.revocation.as_ref().and_then(|r| r.last_error.clone()),
-                })
+        let failed: Vec<Value> = if failing {
+            r.job_unfinished(id.0, 100)?
+        } else {
+            Vec::new()
+        }
+        .iter()
+        .map(|l: &LeaseRecord| {
+            json!({
+                "lease_id": LeaseId(l.id).to_string(),
+                "provider": l.provider,
+                "state": l.state.as_str(),
+                "attempts": l.revocation.as_ref().map_or(0, |r| r.attempts),
+                "last_error": l.revocation.as_ref().and_then(|r| r.last_error.clone()),
             })
-            .collect();
+        })
+        .collect();
         Ok(job_view(&job, &counts, failed))
     }
 
     /// A job as the API shows it (counts read now).
     pub fn job_view(&self, job: &JobRecord) -> Result<Value, BrokerError> {
-        Ok(job_view(job, &self.store.read()?.job_counts(job.id)?, vec![]))
+        Ok(job_view(
+            job,
+            &self.store.read()?.job_counts(job.id)?,
+            vec![],
+        ))
     }
 
     pub fn list_jobs(&self, caller: &Caller) -> Result<Vec<Value>, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
-            return Err(BrokerError::Forbidden { code: "forbidden", message: "jobs are for responders and admins".into() });
+            return Err(BrokerError::Forbidden {
+                code: "forbidden",
+                message: "jobs are for responders and admins".into(),
+            });
         }
         let r = self.store.read()?;
-        r.jobs()?.iter().map(|j| Ok(job_view(j, &r.job_counts(j.id)?, vec![]))).collect()
+        r.jobs()?
+            .iter()
+            .map(|j| Ok(job_view(j, &r.job_counts(j.id)?, vec![])))
+            .collect()
     }
 
     pub fn list_fences(&self, caller: &Caller) -> Result<Vec<FenceRecord>, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
-            return Err(BrokerError::Forbidden { code: "forbidden", message: "fences are for responders and admins".into() });
+            return Err(BrokerError::Forbidden {
+                code: "forbidden",
+                message: "fences are for responders and admins".into(),
+            });
         }
         Ok(self.store.read()?.fences()?)
     }
 
     /// Lift a fence, with a reason.
-    pub async fn lift_fence(&self, caller: &Caller, kind: String, value: String, reason: String, ctx: &Ctx) -> Result<FenceRecord, BrokerError> {
+    pub async fn lift_fence(
+        &self,
+        caller: &Caller,
+        kind: String,
+        value: String,
+        reason: String,
+        ctx: &Ctx,
+    ) -> Result<FenceRecord, BrokerError> {
         responder(caller)?;
         if !matches!(kind.as_str(), "workload" | "tenant" | "user") {
-            return Err(BrokerError::invalid("invalid_fence", "`kind` is workload, tenant or user"));
+            return Err(BrokerError::invalid(
+                "invalid_fence",
+                "`kind` is workload, tenant or user",
+            ));
         }
-        check_text("reason", &reason, 1024).map_err(|_| BrokerError::invalid("reason_required", "lifting a fence needs a `reason`"))?;
+        check_text("reason", &reason, 1024).map_err(|_| {
+            BrokerError::invalid("reason_required", "lifting a fence needs a `reason`")
+        })?;
         let now = self.clock.now().unix_millis();
         let by = caller.principal();
         let (a, c) = (self.auditor.clone(), ctx.clone());
@@ -482,9 +585,17 @@ impl Broker {
     }
 
     /// Give up on an irrevocable lease (recorded, never silent).
-    pub async fn abandon_lease(&self, caller: &Caller, id: LeaseId, reason: String, ctx: &Ctx) -> Result<LeaseRecord, BrokerError> {
+    pub async fn abandon_lease(
+        &self,
+        caller: &Caller,
+        id: LeaseId,
+        reason: String,
+        ctx: &Ctx,
+    ) -> Result<LeaseRecord, BrokerError> {
         responder(caller)?;
-        check_text("reason", &reason, 1024).map_err(|_| BrokerError::invalid("reason_required", "abandoning a lease needs a `reason`"))?;
+        check_text("reason", &reason, 1024).map_err(|_| {
+            BrokerError::invalid("reason_required", "abandoning a lease needs a `reason`")
+        })?;
         let now = self.clock.now().unix_millis();
         let by = caller.principal();
         let (a, c) = (self.auditor.clone(), ctx.clone());
@@ -502,9 +613,18 @@ impl Broker {
 
     /// Everything a workload did in a window: tasks, calls and decisions,
     /// leases and which are still live.
-    pub fn blast_radius(&self, caller: &Caller, workload: &str, since: i64, until: i64) -> Result<Value, BrokerError> {
+    pub fn blast_radius(
+        &self,
+        caller: &Caller,
+        workload: &str,
+        since: i64,
+        until: i64,
+    ) -> Result<Value, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
-            return Err(BrokerError::Forbidden { code: "forbidden", message: "the blast radius is for responders and admins".into() });
+            return Err(BrokerError::Forbidden {
+                code: "forbidden",
+                message: "the blast radius is for responders and admins".into(),
+            });
         }
         let r = self.store.read()?;
         let mut tasks = Vec::new();

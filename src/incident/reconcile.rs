@@ -16,11 +16,21 @@ use crate::store::LeaseState;
 impl Broker {
     /// Compare a provider's inventory with the store; with `drop`, remove
     /// the orphans. Recorded as `provider.reconciled`.
-    pub async fn reconcile(&self, caller: &Caller, provider: &str, drop: bool, ctx: &Ctx) -> Result<Value, BrokerError> {
+    pub async fn reconcile(
+        &self,
+        caller: &Caller,
+        provider: &str,
+        drop: bool,
+        ctx: &Ctx,
+    ) -> Result<Value, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Admin, OperatorRole::Responder]) {
-            return Err(BrokerError::Forbidden { code: "forbidden", message: "reconciliation is for admins and responders".into() });
+            return Err(BrokerError::Forbidden {
+                code: "forbidden",
+                message: "reconciliation is for admins and responders".into(),
+            });
         }
-        self.reconcile_provider(provider, drop, &caller.principal(), ctx, true).await
+        self.reconcile_provider(provider, drop, &caller.principal(), ctx, true)
+            .await
     }
 
     /// The periodic job (`reaper.reconcile_interval_seconds`): report only,
@@ -28,22 +38,39 @@ impl Broker {
     pub async fn reconcile_all_periodic(&self) {
         let names: Vec<String> = self.providers.names().map(str::to_owned).collect();
         for name in names {
-            match self.reconcile_provider(&name, false, "system", &Ctx::system(), false).await {
+            match self
+                .reconcile_provider(&name, false, "system", &Ctx::system(), false)
+                .await
+            {
                 Ok(report) => {
                     let n = report["orphans"].as_array().map_or(0, Vec::len);
                     crate::metrics::provider_orphans(&name, n);
                 }
-                Err(BrokerError::Invalid { code: "not_reconcilable", .. }) => {}
-                Err(e) => tracing::warn!(provider = %name, error = %e, "periodic reconciliation failed"),
+                Err(BrokerError::Invalid {
+                    code: "not_reconcilable",
+                    ..
+                }) => {}
+                Err(e) => {
+                    tracing::warn!(provider = %name, error = %e, "periodic reconciliation failed")
+                }
             }
         }
     }
 
-    async fn reconcile_provider(&self, provider: &str, drop: bool, by: &str, ctx: &Ctx, always_record: bool) -> Result<Value, BrokerError> {
+    async fn reconcile_provider(
+        &self,
+        provider: &str,
+        drop: bool,
+        by: &str,
+        ctx: &Ctx,
+        always_record: bool,
+    ) -> Result<Value, BrokerError> {
         let entry = self
             .providers
             .get(provider)
-            .ok_or_else(|| BrokerError::invalid("unknown_provider", format!("no provider `{provider}`")))?
+            .ok_or_else(|| {
+                BrokerError::invalid("unknown_provider", format!("no provider `{provider}`"))
+            })?
             .clone();
         let provider_err = |e: leasehold_provider::ProviderError| BrokerError::Provider {
             provider: provider.to_owned(),
@@ -53,7 +80,10 @@ impl Broker {
         let Some(found) = entry.provider.inventory().await.map_err(provider_err)? else {
             return Err(BrokerError::invalid(
                 "not_reconcilable",
-                format!("provider `{provider}` ({}) keeps nothing to reconcile: its credentials expire on their own", entry.description.kind),
+                format!(
+                    "provider `{provider}` ({}) keeps nothing to reconcile: its credentials expire on their own",
+                    entry.description.kind
+                ),
             ));
         };
         let mut orphans = Vec::new();
@@ -61,14 +91,23 @@ impl Broker {
         {
             let r = self.store.read()?;
             for f in &found {
-                let lease = f.lease_id.as_deref().and_then(|l| l.parse::<LeaseId>().ok());
+                let lease = f
+                    .lease_id
+                    .as_deref()
+                    .and_then(|l| l.parse::<LeaseId>().ok());
                 let rec = match lease {
                     Some(id) => r.lease(id.0)?,
                     None => None,
                 };
                 let live = rec.as_ref().is_some_and(|l| {
                     l.provider == provider
-                        && matches!(l.state, LeaseState::Issuing | LeaseState::Active | LeaseState::Revoking | LeaseState::Irrevocable)
+                        && matches!(
+                            l.state,
+                            LeaseState::Issuing
+                                | LeaseState::Active
+                                | LeaseState::Revoking
+                                | LeaseState::Irrevocable
+                        )
                 });
                 if live {
                     accounted += 1;
@@ -77,7 +116,9 @@ impl Broker {
                 let reason = match (&lease, &rec) {
                     (None, _) => "the name does not encode a lease id".to_owned(),
                     (Some(_), None) => "no such lease in the store".to_owned(),
-                    (Some(_), Some(l)) if l.provider != provider => format!("the lease belongs to provider `{}`", l.provider),
+                    (Some(_), Some(l)) if l.provider != provider => {
+                        format!("the lease belongs to provider `{}`", l.provider)
+                    }
                     (Some(_), Some(l)) => format!("its lease is {}", l.state.as_str()),
                 };
                 orphans.push((f.clone(), rec.map(|l| l.state.as_str()), reason));
@@ -105,13 +146,24 @@ impl Broker {
             "drop": drop,
         });
         if !listed.is_empty() {
-            tracing::warn!(provider, orphans = listed.len(), drop, "reconciliation found credentials no lease accounts for");
+            tracing::warn!(
+                provider,
+                orphans = listed.len(),
+                drop,
+                "reconciliation found credentials no lease accounts for"
+            );
         }
         if listed.is_empty() && !always_record {
             return Ok(report);
         }
         let now = self.clock.now().unix_millis();
-        let (a, c, by, rep, name) = (self.auditor.clone(), ctx.clone(), by.to_owned(), report.clone(), provider.to_owned());
+        let (a, c, by, rep, name) = (
+            self.auditor.clone(),
+            ctx.clone(),
+            by.to_owned(),
+            report.clone(),
+            provider.to_owned(),
+        );
         self.store
             .write(move |t| {
                 audit::append(t, &a, a.reconciled(&name, &rep, &by, &c, now))?;

@@ -23,7 +23,9 @@ use crate::auth::{Caller, Workload};
 use crate::broker::{Broker, BrokerError};
 use crate::ids::{LeaseId, TaskId};
 use crate::providers::ProviderEntry;
-use crate::store::{Activation, LeaseQuery, LeaseRecord, LeaseState, RevokeCause, StoreError, TaskRecord};
+use crate::store::{
+    Activation, LeaseQuery, LeaseRecord, LeaseState, RevokeCause, StoreError, TaskRecord,
+};
 use crate::task::check_ttl;
 
 /// A credential request, already decoded from the wire.
@@ -43,7 +45,8 @@ pub(crate) struct Prepared {
 }
 
 /// A step run inside a store transaction alongside the lease intent.
-pub(crate) type TxnStep = Box<dyn for<'t> FnOnce(&mut crate::store::Txn<'t>) -> Result<(), StoreError> + Send>;
+pub(crate) type TxnStep =
+    Box<dyn for<'t> FnOnce(&mut crate::store::Txn<'t>) -> Result<(), StoreError> + Send>;
 
 /// A step that does nothing.
 pub(crate) fn no_step() -> TxnStep {
@@ -77,29 +80,54 @@ const MAX_SCOPE_ITEMS: usize = 32;
 impl Broker {
     /// Validate a credential request without writing anything: provider,
     /// role, scope, TTL. Returns the provider entry and the role's maximum.
-    pub(crate) fn check_credential(&self, p: &LeaseParams) -> Result<(ProviderEntry, Duration, Duration), BrokerError> {
-        let ttl = check_ttl("ttl_seconds", p.ttl_seconds, self.limits.max_lease_ttl_seconds)?;
+    pub(crate) fn check_credential(
+        &self,
+        p: &LeaseParams,
+    ) -> Result<(ProviderEntry, Duration, Duration), BrokerError> {
+        let ttl = check_ttl(
+            "ttl_seconds",
+            p.ttl_seconds,
+            self.limits.max_lease_ttl_seconds,
+        )?;
         if p.scope.len() > MAX_SCOPE_ITEMS
-            || p.scope.iter().any(|s| s.is_empty() || s.len() > 256 || s.chars().any(char::is_control))
+            || p.scope
+                .iter()
+                .any(|s| s.is_empty() || s.len() > 256 || s.chars().any(char::is_control))
         {
             return Err(BrokerError::invalid(
                 "invalid_request",
-                format!("`scope` takes at most {MAX_SCOPE_ITEMS} non-empty items of up to 256 characters"),
+                format!(
+                    "`scope` takes at most {MAX_SCOPE_ITEMS} non-empty items of up to 256 characters"
+                ),
             ));
         }
         let entry = self.providers.get(&p.provider).ok_or_else(|| {
-            BrokerError::invalid("unknown_provider", format!("no provider named `{}`", p.provider.escape_default()))
+            BrokerError::invalid(
+                "unknown_provider",
+                format!("no provider named `{}`", p.provider.escape_default()),
+            )
         })?;
         if entry.description.role(&p.role).is_none() {
             return Err(BrokerError::invalid(
                 "unknown_role",
-                format!("provider `{}` has no role `{}`", p.provider, p.role.escape_default()),
+                format!(
+                    "provider `{}` has no role `{}`",
+                    p.provider,
+                    p.role.escape_default()
+                ),
             ));
         }
-        let role_max = entry.provider.validate(&p.role, &p.scope).map_err(|e| match e.class {
-            ErrorClass::Invalid => BrokerError::invalid("scope_not_allowed", e.message),
-            _ => BrokerError::Provider { provider: p.provider.clone(), retryable: e.is_retryable(), detail: e.message },
-        })?;
+        let role_max = entry
+            .provider
+            .validate(&p.role, &p.scope)
+            .map_err(|e| match e.class {
+                ErrorClass::Invalid => BrokerError::invalid("scope_not_allowed", e.message),
+                _ => BrokerError::Provider {
+                    provider: p.provider.clone(),
+                    retryable: e.is_retryable(),
+                    detail: e.message,
+                },
+            })?;
         Ok((entry.clone(), ttl, role_max))
     }
 
@@ -123,7 +151,10 @@ impl Broker {
             expires_at = expires_at.min(now.saturating_add(cap));
         }
         if expires_at.unix_millis() - now.unix_millis() < 1000 {
-            return Err(BrokerError::conflict("task_expired", "the task ends in less than a second"));
+            return Err(BrokerError::conflict(
+                "task_expired",
+                "the task ends in less than a second",
+            ));
         }
         let rec = LeaseRecord {
             id: LeaseId::generate(now).0,
@@ -162,11 +193,19 @@ impl Broker {
         let Prepared { rec, entry } = prepared;
         let id = LeaseId(rec.id);
         let task_id = TaskId(rec.task_id);
-        let p = LeaseParams { provider: rec.provider.clone(), role: rec.role.clone(), ttl_seconds: 0, scope: vec![] };
+        let p = LeaseParams {
+            provider: rec.provider.clone(),
+            role: rec.role.clone(),
+            ttl_seconds: 0,
+            scope: vec![],
+        };
 
         // 2. the durable intent
         let (intent, a, c) = (rec.clone(), self.auditor.clone(), ctx.clone());
-        let (now_ms, cap) = (self.clock.now().unix_millis(), self.limits.max_leases_per_task);
+        let (now_ms, cap) = (
+            self.clock.now().unix_millis(),
+            self.limits.max_leases_per_task,
+        );
         let fence = crate::incident::fence_keys(w, Some(&rec.on_behalf_of));
         let fence2 = fence.clone();
         self.store
@@ -182,27 +221,58 @@ impl Broker {
         // 3. the provider
         let spec = spec_of(&rec);
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.provider_timeout(), entry.provider.issue(&spec)).await;
+        let result =
+            tokio::time::timeout(self.provider_timeout(), entry.provider.issue(&spec)).await;
         let class = match &result {
             Err(_) => Some("timeout"),
             Ok(r) => r.as_ref().err().map(crate::reaper::error_class),
         };
-        crate::metrics::provider_call(&rec.provider, "issue", started.elapsed().as_secs_f64(), class);
+        crate::metrics::provider_call(
+            &rec.provider,
+            "issue",
+            started.elapsed().as_secs_f64(),
+            class,
+        );
         let issued = match result {
             Ok(Ok(issued)) if issued.expires_at <= spec.expires_at => issued,
             Ok(Ok(_)) => {
-                return Err(self.fail_issue(&rec, "the provider returned a credential outliving its lease", false, ctx).await);
+                return Err(self
+                    .fail_issue(
+                        &rec,
+                        "the provider returned a credential outliving its lease",
+                        false,
+                        ctx,
+                    )
+                    .await);
             }
             Ok(Err(e)) => {
                 let invalid = e.class == ErrorClass::Invalid;
-                let err = self.fail_issue(&rec, &e.message, e.is_retryable(), ctx).await;
-                return Err(if invalid { BrokerError::invalid("invalid_request", e.message) } else { err });
+                let err = self
+                    .fail_issue(&rec, &e.message, e.is_retryable(), ctx)
+                    .await;
+                return Err(if invalid {
+                    BrokerError::invalid("invalid_request", e.message)
+                } else {
+                    err
+                });
             }
-            Err(_) => return Err(self.fail_issue(&rec, "the provider did not answer in time", true, ctx).await),
+            Err(_) => {
+                return Err(self
+                    .fail_issue(&rec, "the provider did not answer in time", true, ctx)
+                    .await);
+            }
         };
-        let sealed = match self.store.sealer().seal(rec.id, "handle", issued.handle.as_bytes()) {
+        let sealed = match self
+            .store
+            .sealer()
+            .seal(rec.id, "handle", issued.handle.as_bytes())
+        {
             Ok(s) => s,
-            Err(_) => return Err(self.fail_issue(&rec, "sealing the revocation handle failed", false, ctx).await),
+            Err(_) => {
+                return Err(self
+                    .fail_issue(&rec, "sealing the revocation handle failed", false, ctx)
+                    .await);
+            }
         };
 
         #[cfg(feature = "fault-injection")]
@@ -235,7 +305,10 @@ impl Broker {
                     "lease issued"
                 );
                 // 5. only now does the credential leave
-                Ok(IssuedLease { lease: active, credential: issued.credential })
+                Ok(IssuedLease {
+                    lease: active,
+                    credential: issued.credential,
+                })
             }
             Err(StoreError::Conflict(c)) => {
                 // the task closed, or a fence went up, while the provider was minting
@@ -263,7 +336,8 @@ impl Broker {
                 tracing::error!(lease_id = %id, error = %e, "activation failed; credential withheld and revoked");
                 // record the failure if the store takes it; if not, the
                 // intent stays and start-up recovery rolls it back
-                self.fail_issue(&rec, "activation could not be recorded", true, ctx).await;
+                self.fail_issue(&rec, "activation could not be recorded", true, ctx)
+                    .await;
                 Err(BrokerError::Store(e))
             }
         }
@@ -271,7 +345,13 @@ impl Broker {
 
     /// The issue failed after the intent: queue a rollback (the provider may
     /// have created something before failing) and report the failure.
-    async fn fail_issue(&self, rec: &LeaseRecord, detail: &str, retryable: bool, ctx: &Ctx) -> BrokerError {
+    async fn fail_issue(
+        &self,
+        rec: &LeaseRecord,
+        detail: &str,
+        retryable: bool,
+        ctx: &Ctx,
+    ) -> BrokerError {
         let (id, now) = (rec.id, self.clock.now().unix_millis());
         let msg = detail.to_owned();
         let (local, a, c) = (self.local.clone(), self.auditor.clone(), ctx.clone());
@@ -281,10 +361,16 @@ impl Broker {
         });
         match failed.await {
             Ok(_) => self.wakers.revocations_queued(&rec.provider),
-            Err(e) => tracing::error!(lease_id = %LeaseId(id), error = %e, "recording a failed issue failed; recovery will roll it back"),
+            Err(e) => {
+                tracing::error!(lease_id = %LeaseId(id), error = %e, "recording a failed issue failed; recovery will roll it back")
+            }
         }
         tracing::warn!(lease_id = %LeaseId(id), provider = %rec.provider, error = %detail, "issue failed; rollback queued");
-        BrokerError::Provider { provider: rec.provider.clone(), retryable, detail: detail.to_owned() }
+        BrokerError::Provider {
+            provider: rec.provider.clone(),
+            retryable,
+            detail: detail.to_owned(),
+        }
     }
 
     #[cfg(feature = "fault-injection")]
@@ -301,10 +387,18 @@ impl Broker {
 
     /// A lease the caller may see: its owner, admins and responders.
     pub fn get_lease(&self, caller: &Caller, id: LeaseId) -> Result<LeaseRecord, BrokerError> {
-        let rec = self.store.read()?.lease(id.0)?.ok_or(BrokerError::NotFound { code: "lease_not_found" })?;
+        let rec = self
+            .store
+            .read()?
+            .lease(id.0)?
+            .ok_or(BrokerError::NotFound {
+                code: "lease_not_found",
+            })?;
         match caller {
             Caller::Workload(w) if w.id == rec.workload => Ok(rec),
-            Caller::Workload(_) => Err(BrokerError::NotFound { code: "lease_not_found" }),
+            Caller::Workload(_) => Err(BrokerError::NotFound {
+                code: "lease_not_found",
+            }),
             Caller::Operator(_) if Self::is_reader(caller) => Ok(rec),
             Caller::Operator(_) => Err(BrokerError::Forbidden {
                 code: "forbidden",
@@ -315,10 +409,18 @@ impl Broker {
 
     /// Revoke one lease now. Idempotent: an already dead lease is returned
     /// as it is.
-    pub async fn revoke_lease(&self, caller: &Caller, id: LeaseId, ctx: &Ctx) -> Result<LeaseRecord, BrokerError> {
+    pub async fn revoke_lease(
+        &self,
+        caller: &Caller,
+        id: LeaseId,
+        ctx: &Ctx,
+    ) -> Result<LeaseRecord, BrokerError> {
         let rec = self.get_lease(caller, id)?;
         if rec.state == LeaseState::Issuing {
-            return Err(BrokerError::conflict("lease_issuing", "the lease is still being issued; retry shortly"));
+            return Err(BrokerError::conflict(
+                "lease_issuing",
+                "the lease is still being issued; retry shortly",
+            ));
         }
         if rec.state.is_terminal() || rec.state == LeaseState::Revoking {
             return Ok(rec);
@@ -330,7 +432,14 @@ impl Broker {
         let req = self
             .store
             .write(move |t| {
-                let req = t.request_revoke(id.0, RevokeCause::Manual, Some(&by), now, claim_until, &local)?;
+                let req = t.request_revoke(
+                    id.0,
+                    RevokeCause::Manual,
+                    Some(&by),
+                    now,
+                    claim_until,
+                    &local,
+                )?;
                 if req.changed {
                     audit::append(t, &a, a.lease(&req.rec, &c, now))?;
                 }
@@ -345,7 +454,11 @@ impl Broker {
     }
 
     /// List leases (admin, responder).
-    pub fn list_leases(&self, caller: &Caller, q: &LeaseQuery) -> Result<(Vec<LeaseRecord>, Option<u128>), BrokerError> {
+    pub fn list_leases(
+        &self,
+        caller: &Caller,
+        q: &LeaseQuery,
+    ) -> Result<(Vec<LeaseRecord>, Option<u128>), BrokerError> {
         if !Self::is_reader(caller) {
             return Err(BrokerError::Forbidden {
                 code: "forbidden",

@@ -18,9 +18,9 @@ use std::str::FromStr as _;
 use std::sync::{Arc, RwLock};
 
 use cedar_policy::{
-    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId, EntityTypeName,
-    EntityUid, Policy, PolicyId, PolicySet, Request, ResourceConstraint, RestrictedExpression, Schema, ValidationMode,
-    Validator,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityId,
+    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, Request, ResourceConstraint,
+    RestrictedExpression, Schema, ValidationMode, Validator,
 };
 
 /// A policy folder that could not be loaded: every problem, each as
@@ -33,7 +33,9 @@ pub struct LoadError {
 
 impl LoadError {
     fn one(p: impl Into<String>) -> Self {
-        Self { problems: vec![p.into()] }
+        Self {
+            problems: vec![p.into()],
+        }
     }
 }
 
@@ -79,7 +81,10 @@ pub struct Loaded {
 
 impl std::fmt::Debug for Loaded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded").field("version", &self.version).field("policies", &self.policy_count).finish()
+        f.debug_struct("Loaded")
+            .field("version", &self.version)
+            .field("policies", &self.policy_count)
+            .finish()
     }
 }
 
@@ -94,13 +99,16 @@ pub struct RoleEntity {
 const NS: &str = "Leasehold";
 
 fn type_name(t: &str) -> Result<EntityTypeName, LoadError> {
-    EntityTypeName::from_str(&format!("{NS}::{t}")).map_err(|e| LoadError::one(format!("entity type {t}: {e}")))
+    EntityTypeName::from_str(&format!("{NS}::{t}"))
+        .map_err(|e| LoadError::one(format!("entity type {t}: {e}")))
 }
 
 fn uid(t: &str, id: &str) -> Result<EntityUid, LoadError> {
-    Ok(EntityUid::from_type_name_and_id(type_name(t)?, EntityId::new(id)))
+    Ok(EntityUid::from_type_name_and_id(
+        type_name(t)?,
+        EntityId::new(id),
+    ))
 }
-
 
 fn action_matches(p: &Policy, action: &EntityUid) -> bool {
     match p.action_constraint() {
@@ -122,7 +130,11 @@ fn resource_matches(p: &Policy, r: &EntityUid, ancestors: &HashSet<EntityUid>) -
 }
 
 /// The resources each action decides on, and the policies that can apply.
-fn slice(set: &PolicySet, entities: &Entities, actions: &[EntityUid; 4]) -> Result<HashMap<(usize, EntityUid), PolicySet>, LoadError> {
+fn slice(
+    set: &PolicySet,
+    entities: &Entities,
+    actions: &[EntityUid; 4],
+) -> Result<HashMap<(usize, EntityUid), PolicySet>, LoadError> {
     let resource_type = |i: usize| match ACTIONS[i] {
         "OpenTask" => "Broker",
         "Lease" => "ProviderRole",
@@ -131,7 +143,10 @@ fn slice(set: &PolicySet, entities: &Entities, actions: &[EntityUid; 4]) -> Resu
     let mut out = HashMap::new();
     for e in entities.iter() {
         let uid = e.uid();
-        let ancestors: HashSet<EntityUid> = entities.ancestors(&uid).map(|a| a.cloned().collect()).unwrap_or_default();
+        let ancestors: HashSet<EntityUid> = entities
+            .ancestors(&uid)
+            .map(|a| a.cloned().collect())
+            .unwrap_or_default();
         for (i, action) in actions.iter().enumerate() {
             if uid.type_name().basename() != resource_type(i) {
                 continue;
@@ -141,7 +156,8 @@ fn slice(set: &PolicySet, entities: &Entities, actions: &[EntityUid; 4]) -> Resu
                 .filter(|p| action_matches(p, action) && resource_matches(p, &uid, &ancestors))
                 .cloned()
                 .collect();
-            let ps = PolicySet::from_policies(picked).map_err(|e| LoadError::one(format!("slicing: {e}")))?;
+            let ps = PolicySet::from_policies(picked)
+                .map_err(|e| LoadError::one(format!("slicing: {e}")))?;
             out.insert((i, uid.clone()), ps);
         }
     }
@@ -179,12 +195,18 @@ impl Loaded {
         let (mut schema_src, mut policies, mut entities_src) = (None, Vec::new(), None);
         let mut files = Vec::new();
         for p in &names {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let text = std::fs::read_to_string(p).map_err(|e| LoadError::one(format!("{name}: {e}")))?;
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let text =
+                std::fs::read_to_string(p).map_err(|e| LoadError::one(format!("{name}: {e}")))?;
             match p.extension().and_then(|e| e.to_str()) {
                 Some("cedarschema") => {
                     if schema_src.is_some() {
-                        return Err(LoadError::one(format!("{name}: a second schema; keep one *.cedarschema")));
+                        return Err(LoadError::one(format!(
+                            "{name}: a second schema; keep one *.cedarschema"
+                        )));
                     }
                     schema_src = Some((name.clone(), text.clone()));
                 }
@@ -198,15 +220,25 @@ impl Loaded {
             digest.update(&[0]);
             files.push(name);
         }
-        let (schema_file, schema_text) =
-            schema_src.ok_or_else(|| LoadError::one(format!("{}: no *.cedarschema file", dir.display())))?;
+        let (schema_file, schema_text) = schema_src
+            .ok_or_else(|| LoadError::one(format!("{}: no *.cedarschema file", dir.display())))?;
         let (schema, warnings) = Schema::from_cedarschema_str(&schema_text)
             .map_err(|e| LoadError::one(located(&schema_file, &schema_text, &e)))?;
         drop(warnings.collect::<Vec<_>>());
         if policies.is_empty() {
-            return Err(LoadError::one(format!("{}: no *.cedar policy files", dir.display())));
+            return Err(LoadError::one(format!(
+                "{}: no *.cedar policy files",
+                dir.display()
+            )));
         }
-        Self::build(schema, &policies, entities_src.as_deref(), roles, crate::hex::encode(digest.finish().as_ref()), files)
+        Self::build(
+            schema,
+            &policies,
+            entities_src.as_deref(),
+            roles,
+            crate::hex::encode(digest.finish().as_ref()),
+            files,
+        )
     }
 
     fn build(
@@ -232,24 +264,32 @@ impl Loaded {
             };
             let stem = file.trim_end_matches(".cedar");
             for (n, p) in parsed.policies().enumerate() {
-                let id = p.annotation("id").map_or_else(|| format!("{stem}.{n}"), str::to_owned);
+                let id = p
+                    .annotation("id")
+                    .map_or_else(|| format!("{stem}.{n}"), str::to_owned);
                 let pid = PolicyId::new(&id);
                 let ann = |k: &str| p.annotation(k).map(str::to_owned);
                 let mut ob = Obligations::default();
                 match ann("approval").as_deref() {
                     None => {}
                     Some("required") => ob.approval = true,
-                    Some(v) => problems.push(format!("{file}: policy {id}: @approval(\"{v}\"): only \"required\"")),
+                    Some(v) => problems.push(format!(
+                        "{file}: policy {id}: @approval(\"{v}\"): only \"required\""
+                    )),
                 }
                 match ann("break_glass").as_deref() {
                     None => {}
                     Some("only") => ob.break_glass_only = true,
-                    Some(v) => problems.push(format!("{file}: policy {id}: @break_glass(\"{v}\"): only \"only\"")),
+                    Some(v) => problems.push(format!(
+                        "{file}: policy {id}: @break_glass(\"{v}\"): only \"only\""
+                    )),
                 }
                 if let Some(v) = ann("max_ttl") {
                     match v.parse::<u64>() {
                         Ok(n) if n > 0 => ob.max_ttl = Some(n),
-                        _ => problems.push(format!("{file}: policy {id}: @max_ttl(\"{v}\"): a positive number of seconds")),
+                        _ => problems.push(format!(
+                            "{file}: policy {id}: @max_ttl(\"{v}\"): a positive number of seconds"
+                        )),
                     }
                 }
                 if meta.contains_key(&pid) {
@@ -258,7 +298,12 @@ impl Loaded {
                 }
                 meta.insert(
                     pid.clone(),
-                    PolicyMeta { file: file.clone(), obligations: ob, reason: ann("reason"), tenant: ann("tenant") },
+                    PolicyMeta {
+                        file: file.clone(),
+                        obligations: ob,
+                        reason: ann("reason"),
+                        tenant: ann("tenant"),
+                    },
                 );
                 if let Err(e) = set.add(p.new_id(pid)) {
                     problems.push(format!("{file}: {e}"));
@@ -293,20 +338,38 @@ impl Loaded {
         for r in roles {
             let name = format!("{}/{}", r.provider, r.role);
             let attrs = [
-                ("provider".to_owned(), RestrictedExpression::new_string(r.provider.clone())),
-                ("role".to_owned(), RestrictedExpression::new_string(r.role.clone())),
-                ("max_ttl".to_owned(), RestrictedExpression::new_long(i64::try_from(r.max_ttl).unwrap_or(i64::MAX))),
+                (
+                    "provider".to_owned(),
+                    RestrictedExpression::new_string(r.provider.clone()),
+                ),
+                (
+                    "role".to_owned(),
+                    RestrictedExpression::new_string(r.role.clone()),
+                ),
+                (
+                    "max_ttl".to_owned(),
+                    RestrictedExpression::new_long(i64::try_from(r.max_ttl).unwrap_or(i64::MAX)),
+                ),
             ];
-            let e = Entity::new(uid("ProviderRole", &name)?, attrs.into_iter().collect(), HashSet::new())
-                .map_err(|e| LoadError::one(format!("provider role {name}: {e}")))?;
+            let e = Entity::new(
+                uid("ProviderRole", &name)?,
+                attrs.into_iter().collect(),
+                HashSet::new(),
+            )
+            .map_err(|e| LoadError::one(format!("provider role {name}: {e}")))?;
             ents.push(e);
             role_names.insert(name);
         }
-        ents.push(Entity::new_no_attrs(uid("Broker", "leasehold")?, HashSet::new()));
-        let entities = Entities::from_entities(ents, Some(&schema)).map_err(|e| LoadError::one(format!("entities: {e}")))?;
+        ents.push(Entity::new_no_attrs(
+            uid("Broker", "leasehold")?,
+            HashSet::new(),
+        ));
+        let entities = Entities::from_entities(ents, Some(&schema))
+            .map_err(|e| LoadError::one(format!("entities: {e}")))?;
         let policy_count = meta.len();
         let action_type = type_name("Action")?;
-        let actions = ACTIONS.map(|a| EntityUid::from_type_name_and_id(action_type.clone(), EntityId::new(a)));
+        let actions = ACTIONS
+            .map(|a| EntityUid::from_type_name_and_id(action_type.clone(), EntityId::new(a)));
         let slices = slice(&set, &entities, &actions)?;
         Ok(Self {
             set,
@@ -344,7 +407,9 @@ pub struct PolicyEngine {
 
 impl std::fmt::Debug for PolicyEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyEngine").field("dir", &self.dir).finish_non_exhaustive()
+        f.debug_struct("PolicyEngine")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -463,9 +528,15 @@ impl Decision {
     pub fn visible_policies(&self, loaded: &Loaded, tenant: &str) -> Vec<String> {
         self.policies
             .iter()
-            .map(|p| match loaded.meta.get(&PolicyId::new(p)).and_then(|m| m.tenant.as_deref()) {
-                Some(t) if t != tenant => "(a policy of another tenant)".to_owned(),
-                _ => p.clone(),
+            .map(|p| {
+                match loaded
+                    .meta
+                    .get(&PolicyId::new(p))
+                    .and_then(|m| m.tenant.as_deref())
+                {
+                    Some(t) if t != tenant => "(a policy of another tenant)".to_owned(),
+                    _ => p.clone(),
+                }
             })
             .collect()
     }
@@ -511,7 +582,11 @@ fn record<const N: usize>(fields: [(&str, RestrictedExpression); N]) -> Restrict
 
 impl Principal {
     fn expr(&self) -> RestrictedExpression {
-        let attrs: Vec<String> = self.attributes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let attrs: Vec<String> = self
+            .attributes
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         record([
             ("id", string(&self.id)),
             ("issuer", string(&self.issuer)),
@@ -536,7 +611,10 @@ impl TaskFacts {
     }
 
     fn delegation(&self, workload: &str) -> RestrictedExpression {
-        strings(&[format!("user:{}", self.user), format!("workload:{workload}")])
+        strings(&[
+            format!("user:{}", self.user),
+            format!("workload:{workload}"),
+        ])
     }
 }
 
@@ -557,19 +635,39 @@ impl PolicyEngine {
         context: Vec<(&str, RestrictedExpression)>,
     ) -> Evaluated {
         let Some(ai) = ACTIONS.iter().position(|a| *a == action) else {
-            return Evaluated { allowed: false, policies: vec![], errors: vec![format!("unknown action {action}")] };
+            return Evaluated {
+                allowed: false,
+                policies: vec![],
+                errors: vec![format!("unknown action {action}")],
+            };
         };
-        let policies = if self.slicing { l.slices.get(&(ai, resource.clone())).unwrap_or(&l.empty) } else { &l.set };
+        let policies = if self.slicing {
+            l.slices.get(&(ai, resource.clone())).unwrap_or(&l.empty)
+        } else {
+            &l.set
+        };
         let request = (|| {
-            let ctx = Context::from_pairs(context.into_iter().map(|(k, v)| (k.to_owned(), v))).map_err(|e| e.to_string())?;
-            let p = EntityUid::from_type_name_and_id(self.workload_type.clone(), EntityId::new(principal));
+            let ctx = Context::from_pairs(context.into_iter().map(|(k, v)| (k.to_owned(), v)))
+                .map_err(|e| e.to_string())?;
+            let p = EntityUid::from_type_name_and_id(
+                self.workload_type.clone(),
+                EntityId::new(principal),
+            );
             Request::new(p, l.actions[ai].clone(), resource, ctx, None).map_err(|e| e.to_string())
         })();
         let request = match request {
             Ok(r) => r,
-            Err(e) => return Evaluated { allowed: false, policies: vec![], errors: vec![e] },
+            Err(e) => {
+                return Evaluated {
+                    allowed: false,
+                    policies: vec![],
+                    errors: vec![e],
+                };
+            }
         };
-        let resp = self.authorizer.is_authorized(&request, policies, &l.entities);
+        let resp = self
+            .authorizer
+            .is_authorized(&request, policies, &l.entities);
         let d = resp.diagnostics();
         let mut policies: Vec<PolicyId> = d.reason().cloned().collect();
         // Cedar reports them as a set; sort so decisions and events are deterministic
@@ -610,7 +708,13 @@ impl PolicyEngine {
     }
 
     /// May this workload open this task?
-    pub fn open_task(&self, who: &Principal, task: &TaskFacts, requested_ttl: u64, now: Now) -> Decision {
+    pub fn open_task(
+        &self,
+        who: &Principal,
+        task: &TaskFacts,
+        requested_ttl: u64,
+        now: Now,
+    ) -> Decision {
         let l = self.current();
         let resource = self.broker_uid.clone();
         let e = self.eval(
@@ -649,7 +753,11 @@ impl PolicyEngine {
         }
         ob.break_glass_only = break_glass;
         // break-glass is the loud way around an approval, not through one
-        let outcome = if ob.approval && !break_glass { Outcome::ApprovalRequired } else { Outcome::Allow };
+        let outcome = if ob.approval && !break_glass {
+            Outcome::ApprovalRequired
+        } else {
+            Outcome::Allow
+        };
         Decision {
             outcome,
             policies: permits.iter().map(ToString::to_string).collect(),
@@ -660,12 +768,24 @@ impl PolicyEngine {
     }
 
     /// Decide a tool call (and the credential it asks for, if any).
-    pub fn call(&self, who: &Principal, task: &TaskFacts, call: &CallFacts, workload_active: u64, now: Now) -> Decision {
+    pub fn call(
+        &self,
+        who: &Principal,
+        task: &TaskFacts,
+        call: &CallFacts,
+        workload_active: u64,
+        now: Now,
+    ) -> Decision {
         let l = self.current();
         if !task.declared_tools.iter().any(|t| t == &call.tool) {
-            return self.deny(&l, &[], vec![format!("the task did not declare the tool `{}`", call.tool)]);
+            return self.deny(
+                &l,
+                &[],
+                vec![format!("the task did not declare the tool `{}`", call.tool)],
+            );
         }
-        let tool = EntityUid::from_type_name_and_id(self.tool_type.clone(), EntityId::new(&call.tool));
+        let tool =
+            EntityUid::from_type_name_and_id(self.tool_type.clone(), EntityId::new(&call.tool));
         let risk = match l.entities.get(&tool).and_then(|e| e.attr("risk")) {
             Some(Ok(cedar_policy::EvalResult::Long(n))) => n,
             _ => 0,
@@ -718,17 +838,34 @@ impl PolicyEngine {
             }
             counted.extend(g.policies);
         } else {
-            counted.retain(|p| l.meta.get(p).is_none_or(|m| !m.obligations.break_glass_only));
+            counted.retain(|p| {
+                l.meta
+                    .get(p)
+                    .is_none_or(|m| !m.obligations.break_glass_only)
+            });
             if counted.is_empty() {
                 return self.deny(
                     &l,
                     &e.policies,
-                    vec![format!("`{}` is reachable only through break-glass", call.tool)],
+                    vec![format!(
+                        "`{}` is reachable only through break-glass",
+                        call.tool
+                    )],
                 );
             }
         }
         if let Some(c) = &call.credential {
-            let d = self.lease_eval(&l, who, task, c, &call.tool, &call.target, bg, workload_active, now);
+            let d = self.lease_eval(
+                &l,
+                who,
+                task,
+                c,
+                &call.tool,
+                &call.target,
+                bg,
+                workload_active,
+                now,
+            );
             match d {
                 Ok(permits) => counted.extend(permits),
                 Err(deny) => return deny,
@@ -754,7 +891,8 @@ impl PolicyEngine {
         if !l.roles.contains(&name) {
             return Err(self.deny(l, &[], vec![format!("no provider role `{name}`")]));
         }
-        let resource = EntityUid::from_type_name_and_id(self.role_type.clone(), EntityId::new(&name));
+        let resource =
+            EntityUid::from_type_name_and_id(self.role_type.clone(), EntityId::new(&name));
         let e = self.eval(
             l,
             &who.id,
@@ -781,7 +919,14 @@ impl PolicyEngine {
     }
 
     /// Decide a direct credential request (no tool call).
-    pub fn lease(&self, who: &Principal, task: &TaskFacts, c: &LeaseFacts, workload_active: u64, now: Now) -> Decision {
+    pub fn lease(
+        &self,
+        who: &Principal,
+        task: &TaskFacts,
+        c: &LeaseFacts,
+        workload_active: u64,
+        now: Now,
+    ) -> Decision {
         let l = self.current();
         match self.lease_eval(&l, who, task, c, "", "", false, workload_active, now) {
             Ok(permits) => self.permit(&l, &permits, false),

@@ -32,7 +32,11 @@ fn folder(extra: &str) -> tempfile::TempDir {
 }
 
 fn roles() -> Vec<RoleEntity> {
-    vec![RoleEntity { provider: "token".into(), role: "demo".into(), max_ttl: 900 }]
+    vec![RoleEntity {
+        provider: "token".into(),
+        role: "demo".into(),
+        max_ttl: 900,
+    }]
 }
 
 fn engine() -> (tempfile::TempDir, PolicyEngine) {
@@ -42,7 +46,12 @@ fn engine() -> (tempfile::TempDir, PolicyEngine) {
 }
 
 fn who(id: &str) -> Principal {
-    Principal { id: id.into(), issuer: "dev".into(), tenant: "dev".into(), attributes: BTreeMap::new() }
+    Principal {
+        id: id.into(),
+        issuer: "dev".into(),
+        tenant: "dev".into(),
+        attributes: BTreeMap::new(),
+    }
 }
 
 fn task(user: &str, active: u64) -> TaskFacts {
@@ -58,7 +67,9 @@ fn task(user: &str, active: u64) -> TaskFacts {
     }
 }
 
-const NOW: Now = Now { unix: 1_800_000_000 };
+const NOW: Now = Now {
+    unix: 1_800_000_000,
+};
 
 struct Case {
     name: &'static str,
@@ -105,13 +116,29 @@ fn check(e: &PolicyEngine, c: &Case) {
             requested_ttl: ttl,
         }),
     };
-    let d = e.call(&who(c.workload), &task(c.user, c.active), &facts, c.active, NOW);
+    let d = e.call(
+        &who(c.workload),
+        &task(c.user, c.active),
+        &facts,
+        c.active,
+        NOW,
+    );
     assert_eq!(d.outcome, c.expect, "{}: {d:?}", c.name);
     if let Some(p) = c.policy {
-        assert!(d.policies.iter().any(|x| x == p), "{}: expected policy {p} in {:?}", c.name, d.policies);
+        assert!(
+            d.policies.iter().any(|x| x == p),
+            "{}: expected policy {p} in {:?}",
+            c.name,
+            d.policies
+        );
     }
     if let Some(r) = c.reason {
-        assert!(d.reasons.iter().any(|x| x.contains(r)), "{}: expected reason `{r}` in {:?}", c.name, d.reasons);
+        assert!(
+            d.reasons.iter().any(|x| x.contains(r)),
+            "{}: expected reason `{r}` in {:?}",
+            c.name,
+            d.reasons
+        );
     }
     assert_eq!(d.obligations.max_ttl, c.max_ttl, "{}: max_ttl", c.name);
 }
@@ -120,20 +147,104 @@ fn check(e: &PolicyEngine, c: &Case) {
 fn decisions() {
     let (_dir, e) = engine();
     let cases = [
-        Case { name: "read is allowed", policy: Some("read-demo"), ..BASE },
-        Case { name: "write needs approval", tool: "demo.write", expect: Outcome::ApprovalRequired, policy: Some("write-demo-with-approval"), ..BASE },
-        Case { name: "admin only through break-glass", tool: "demo.admin", expect: Outcome::Deny, reason: Some("only through break-glass"), ..BASE },
-        Case { name: "break-glass for the on-call assistant", tool: "demo.admin", break_glass: true, policy: Some("break-glass-on-call"), ..BASE },
-        Case { name: "break-glass refused without a BreakGlass permit", workload: "dev:assistant-b", tool: "demo.admin", break_glass: true, expect: Outcome::Deny, reason: Some("break-glass is not permitted"), ..BASE },
-        Case { name: "break-glass skips the approval", tool: "demo.write", break_glass: true, ..BASE },
-        Case { name: "undeclared tool", tool: "demo.delete", expect: Outcome::Deny, reason: Some("did not declare"), ..BASE },
-        Case { name: "unknown workload has no grants", workload: "dev:stranger", expect: Outcome::Deny, reason: Some("no policy permits"), ..BASE },
-        Case { name: "forbid overrides permit", user: "mallory@example.com", expect: Outcome::Deny, policy: Some("no-reads-for-mallory"), reason: Some("mallory may not"), ..BASE },
-        Case { name: "read with a credential, capped by @max_ttl", credential: Some(("demo", 3000)), policy: Some("demo-token-leases"), max_ttl: Some(900), ..BASE },
-        Case { name: "the smallest @max_ttl wins", tool: "demo.write", break_glass: true, credential: Some(("demo", 3000)), max_ttl: Some(120), ..BASE },
-        Case { name: "unknown provider role", credential: Some(("root", 60)), expect: Outcome::Deny, reason: Some("no provider role"), ..BASE },
-        Case { name: "quota: too many active leases", active: 20, credential: Some(("demo", 60)), expect: Outcome::Deny, reason: Some("at most 20 active leases"), ..BASE },
-        Case { name: "quota does not limit calls without credentials", active: 20, ..BASE },
+        Case {
+            name: "read is allowed",
+            policy: Some("read-demo"),
+            ..BASE
+        },
+        Case {
+            name: "write needs approval",
+            tool: "demo.write",
+            expect: Outcome::ApprovalRequired,
+            policy: Some("write-demo-with-approval"),
+            ..BASE
+        },
+        Case {
+            name: "admin only through break-glass",
+            tool: "demo.admin",
+            expect: Outcome::Deny,
+            reason: Some("only through break-glass"),
+            ..BASE
+        },
+        Case {
+            name: "break-glass for the on-call assistant",
+            tool: "demo.admin",
+            break_glass: true,
+            policy: Some("break-glass-on-call"),
+            ..BASE
+        },
+        Case {
+            name: "break-glass refused without a BreakGlass permit",
+            workload: "dev:assistant-b",
+            tool: "demo.admin",
+            break_glass: true,
+            expect: Outcome::Deny,
+            reason: Some("break-glass is not permitted"),
+            ..BASE
+        },
+        Case {
+            name: "break-glass skips the approval",
+            tool: "demo.write",
+            break_glass: true,
+            ..BASE
+        },
+        Case {
+            name: "undeclared tool",
+            tool: "demo.delete",
+            expect: Outcome::Deny,
+            reason: Some("did not declare"),
+            ..BASE
+        },
+        Case {
+            name: "unknown workload has no grants",
+            workload: "dev:stranger",
+            expect: Outcome::Deny,
+            reason: Some("no policy permits"),
+            ..BASE
+        },
+        Case {
+            name: "forbid overrides permit",
+            user: "mallory@example.com",
+            expect: Outcome::Deny,
+            policy: Some("no-reads-for-mallory"),
+            reason: Some("mallory may not"),
+            ..BASE
+        },
+        Case {
+            name: "read with a credential, capped by @max_ttl",
+            credential: Some(("demo", 3000)),
+            policy: Some("demo-token-leases"),
+            max_ttl: Some(900),
+            ..BASE
+        },
+        Case {
+            name: "the smallest @max_ttl wins",
+            tool: "demo.write",
+            break_glass: true,
+            credential: Some(("demo", 3000)),
+            max_ttl: Some(120),
+            ..BASE
+        },
+        Case {
+            name: "unknown provider role",
+            credential: Some(("root", 60)),
+            expect: Outcome::Deny,
+            reason: Some("no provider role"),
+            ..BASE
+        },
+        Case {
+            name: "quota: too many active leases",
+            active: 20,
+            credential: Some(("demo", 60)),
+            expect: Outcome::Deny,
+            reason: Some("at most 20 active leases"),
+            ..BASE
+        },
+        Case {
+            name: "quota does not limit calls without credentials",
+            active: 20,
+            ..BASE
+        },
     ];
     for c in &cases {
         check(&e, c);
@@ -143,12 +254,25 @@ fn decisions() {
 #[test]
 fn other_tenants_policies_are_counted_not_named() {
     let (_dir, e) = engine();
-    let facts = CallFacts { tool: "demo.read".into(), target: "vault:crown-jewels".into(), ..CallFacts::default() };
-    let d = e.call(&who("dev:assistant-a"), &task("alice@example.com", 0), &facts, 0, NOW);
+    let facts = CallFacts {
+        tool: "demo.read".into(),
+        target: "vault:crown-jewels".into(),
+        ..CallFacts::default()
+    };
+    let d = e.call(
+        &who("dev:assistant-a"),
+        &task("alice@example.com", 0),
+        &facts,
+        0,
+        NOW,
+    );
     assert_eq!(d.outcome, Outcome::Deny);
     assert_eq!(d.policies, ["tenant-b-secret-rule"]);
     let l = e.current();
-    assert_eq!(d.visible_policies(&l, "dev"), ["(a policy of another tenant)"]);
+    assert_eq!(
+        d.visible_policies(&l, "dev"),
+        ["(a policy of another tenant)"]
+    );
     assert_eq!(d.visible_policies(&l, "other"), ["tenant-b-secret-rule"]);
 }
 
@@ -156,14 +280,32 @@ fn other_tenants_policies_are_counted_not_named() {
 fn opening_tasks_and_direct_leases_are_decided() {
     let (_dir, e) = engine();
     let t = task("alice@example.com", 0);
-    assert_eq!(e.open_task(&who("dev:assistant-a"), &t, 600, NOW).outcome, Outcome::Allow);
+    assert_eq!(
+        e.open_task(&who("dev:assistant-a"), &t, 600, NOW).outcome,
+        Outcome::Allow
+    );
     let long = e.open_task(&who("dev:assistant-a"), &t, 7200, NOW);
     assert_eq!(long.outcome, Outcome::Deny);
-    assert_eq!(e.open_task(&who("dev:stranger"), &t, 600, NOW).outcome, Outcome::Deny);
-    let lease = LeaseFacts { provider: "token".into(), role: "demo".into(), scope: vec![], requested_ttl: 60 };
+    assert_eq!(
+        e.open_task(&who("dev:stranger"), &t, 600, NOW).outcome,
+        Outcome::Deny
+    );
+    let lease = LeaseFacts {
+        provider: "token".into(),
+        role: "demo".into(),
+        scope: vec![],
+        requested_ttl: 60,
+    };
     let d = e.lease(&who("dev:assistant-b"), &t, &lease, 0, NOW);
-    assert_eq!((d.outcome, d.obligations.max_ttl), (Outcome::Allow, Some(900)));
-    assert_eq!(e.lease(&who("dev:assistant-b"), &task("u", 25), &lease, 0, NOW).outcome, Outcome::Deny);
+    assert_eq!(
+        (d.outcome, d.obligations.max_ttl),
+        (Outcome::Allow, Some(900))
+    );
+    assert_eq!(
+        e.lease(&who("dev:assistant-b"), &task("u", 25), &lease, 0, NOW)
+            .outcome,
+        Outcome::Deny
+    );
 }
 
 #[test]
@@ -172,16 +314,26 @@ fn bad_policy_sets_are_refused_with_file_and_line() {
     let err = PolicyEngine::load(syntax.path(), roles()).unwrap_err();
     assert!(err.problems[0].starts_with("extra.cedar:"), "{err}");
 
-    let schema = folder("\n\npermit (principal, action == Leasehold::Action::\"Call\", resource)\nwhen { context.nonexistent == 1 };");
+    let schema = folder(
+        "\n\npermit (principal, action == Leasehold::Action::\"Call\", resource)\nwhen { context.nonexistent == 1 };",
+    );
     let err = PolicyEngine::load(schema.path(), roles()).unwrap_err();
-    assert!(err.problems.iter().any(|p| p.starts_with("extra.cedar:4:")), "{err}");
+    assert!(
+        err.problems.iter().any(|p| p.starts_with("extra.cedar:4:")),
+        "{err}"
+    );
 
     let ann = folder("@max_ttl(\"soon\")\npermit (principal, action, resource);");
     let err = PolicyEngine::load(ann.path(), roles()).unwrap_err();
     assert!(err.to_string().contains("@max_ttl"), "{err}");
 
     let dup = folder("@id(\"read-demo\")\npermit (principal, action, resource);");
-    assert!(PolicyEngine::load(dup.path(), roles()).unwrap_err().to_string().contains("used twice"));
+    assert!(
+        PolicyEngine::load(dup.path(), roles())
+            .unwrap_err()
+            .to_string()
+            .contains("used twice")
+    );
 }
 
 #[test]
@@ -189,17 +341,39 @@ fn a_bad_reload_keeps_the_old_set() {
     let dir = folder(EXTRA);
     let e = PolicyEngine::load(dir.path(), roles()).unwrap();
     let before = e.current().version.clone();
-    std::fs::write(dir.path().join("extra.cedar"), "permit (principal, action, resource").unwrap();
+    std::fs::write(
+        dir.path().join("extra.cedar"),
+        "permit (principal, action, resource",
+    )
+    .unwrap();
     let err = e.reload().unwrap_err();
     assert!(err.problems[0].starts_with("extra.cedar:"), "{err}");
     assert_eq!(e.current().version, before, "the old set stays in force");
-    let d = e.call(&who("dev:assistant-a"), &task("mallory@example.com", 0), &CallFacts { tool: "demo.read".into(), ..CallFacts::default() }, 0, NOW);
+    let d = e.call(
+        &who("dev:assistant-a"),
+        &task("mallory@example.com", 0),
+        &CallFacts {
+            tool: "demo.read".into(),
+            ..CallFacts::default()
+        },
+        0,
+        NOW,
+    );
     assert_eq!(d.outcome, Outcome::Deny, "the old forbid still applies");
     // a good reload swaps in the new set
     std::fs::write(dir.path().join("extra.cedar"), "// nothing extra\n").unwrap();
     let next = e.reload().unwrap();
     assert_ne!(next.version, before);
-    let d = e.call(&who("dev:assistant-a"), &task("mallory@example.com", 0), &CallFacts { tool: "demo.read".into(), ..CallFacts::default() }, 0, NOW);
+    let d = e.call(
+        &who("dev:assistant-a"),
+        &task("mallory@example.com", 0),
+        &CallFacts {
+            tool: "demo.read".into(),
+            ..CallFacts::default()
+        },
+        0,
+        NOW,
+    );
     assert_eq!(d.outcome, Outcome::Allow);
 }
 
@@ -221,13 +395,22 @@ fn slicing_decides_exactly_as_the_whole_set() {
                                     tool: tool.into(),
                                     target: target.into(),
                                     break_glass: bg.then(|| "why".to_owned()),
-                                    credential: cred.map(|(r, t)| LeaseFacts { provider: "token".into(), role: r.into(), scope: vec![], requested_ttl: t }),
+                                    credential: cred.map(|(r, t)| LeaseFacts {
+                                        provider: "token".into(),
+                                        role: r.into(),
+                                        scope: vec![],
+                                        requested_ttl: t,
+                                    }),
                                     ..CallFacts::default()
                                 };
                                 let t = task(user, active);
                                 let a = sliced.call(&who(w), &t, &facts, active, NOW);
                                 let b = whole.call(&who(w), &t, &facts, active, NOW);
-                                assert_eq!((a.outcome, &a.policies, &a.reasons, &a.obligations), (b.outcome, &b.policies, &b.reasons, &b.obligations), "{w} {user} {tool} bg={bg} {cred:?} {target}");
+                                assert_eq!(
+                                    (a.outcome, &a.policies, &a.reasons, &a.obligations),
+                                    (b.outcome, &b.policies, &b.reasons, &b.obligations),
+                                    "{w} {user} {tool} bg={bg} {cred:?} {target}"
+                                );
                                 compared += 1;
                             }
                         }
@@ -247,12 +430,26 @@ fn time_is_a_fact_policies_can_use() {
     let e = PolicyEngine::load(dir.path(), roles()).unwrap();
     let t = task("alice@example.com", 0);
     // 1970-01-04 was a Sunday; 13:00 UTC
-    let sunday = Now { unix: 3 * 86_400 + 13 * 3600 };
+    let sunday = Now {
+        unix: 3 * 86_400 + 13 * 3600,
+    };
     let d = e.open_task(&who("dev:assistant-a"), &t, 600, sunday);
     assert_eq!(d.outcome, Outcome::Deny);
     assert_eq!(d.reasons, ["no tasks on Sundays"]);
-    let sunday_morning = Now { unix: 3 * 86_400 + 9 * 3600 };
-    assert_eq!(e.open_task(&who("dev:assistant-a"), &t, 600, sunday_morning).outcome, Outcome::Allow);
-    let monday = Now { unix: 4 * 86_400 + 13 * 3600 };
-    assert_eq!(e.open_task(&who("dev:assistant-a"), &t, 600, monday).outcome, Outcome::Allow);
+    let sunday_morning = Now {
+        unix: 3 * 86_400 + 9 * 3600,
+    };
+    assert_eq!(
+        e.open_task(&who("dev:assistant-a"), &t, 600, sunday_morning)
+            .outcome,
+        Outcome::Allow
+    );
+    let monday = Now {
+        unix: 4 * 86_400 + 13 * 3600,
+    };
+    assert_eq!(
+        e.open_task(&who("dev:assistant-a"), &t, 600, monday)
+            .outcome,
+        Outcome::Allow
+    );
 }

@@ -71,8 +71,11 @@ impl Broker {
                     log_outcome(rec);
                 }
                 // a retry may now be due sooner than the worker planned
-                let mut retrying: Vec<&str> =
-                    updated.iter().filter(|r| !r.state.is_terminal()).map(|r| r.provider.as_str()).collect();
+                let mut retrying: Vec<&str> = updated
+                    .iter()
+                    .filter(|r| !r.state.is_terminal())
+                    .map(|r| r.provider.as_str())
+                    .collect();
                 retrying.dedup();
                 for p in retrying {
                     self.wakers.revocations_queued(p);
@@ -93,13 +96,22 @@ impl Broker {
         let Some(entry) = self.providers.get(provider) else {
             return leases
                 .iter()
-                .map(|l| self.failure(l, format!("provider `{provider}` is no longer configured"), now))
+                .map(|l| {
+                    self.failure(
+                        l,
+                        format!("provider `{provider}` is no longer configured"),
+                        now,
+                    )
+                })
                 .collect();
         };
         let mut revokes: Vec<(LeaseRecord, RevokeSpec)> = Vec::new();
         let mut rollbacks: Vec<LeaseRecord> = Vec::new();
         for l in leases {
-            let uses_rollback = l.revocation.as_ref().is_none_or(|r| r.cause.uses_rollback());
+            let uses_rollback = l
+                .revocation
+                .as_ref()
+                .is_none_or(|r| r.cause.uses_rollback());
             let handle = l
                 .handle_sealed
                 .as_ref()
@@ -138,7 +150,9 @@ impl Broker {
             }
             match set.join_next().await {
                 Some(Ok(o)) => out.extend(o),
-                Some(Err(e)) => tracing::error!(error = %e, "a revocation chunk panicked; its leases stay queued"),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "a revocation chunk panicked; its leases stay queued")
+                }
                 None => break,
             }
         }
@@ -194,7 +208,9 @@ fn log_outcome(rec: &LeaseRecord) {
             error = rv.and_then(|r| r.last_error.as_deref()).unwrap_or(""),
             "revocation failed; retry scheduled"
         ),
-        s => tracing::debug!(lease_id = %id, provider = %rec.provider, cause, state = s.as_str(), "lease revoked"),
+        s => {
+            tracing::debug!(lease_id = %id, provider = %rec.provider, cause, state = s.as_str(), "lease revoked")
+        }
     }
 }
 
@@ -212,7 +228,12 @@ impl Schedule {
     fn failure(&self, l: &LeaseRecord, error: String, now: i64) -> Outcome {
         let attempts = l.revocation.as_ref().map_or(0, |r| r.attempts) + 1;
         let (at, irrevocable) = retry_schedule(&self.0, attempts, now);
-        Outcome::Retry { lease: l.id, at, error, irrevocable }
+        Outcome::Retry {
+            lease: l.id,
+            at,
+            error,
+            irrevocable,
+        }
     }
 }
 
@@ -222,11 +243,16 @@ impl Schedule {
 /// wave of failures does not retry in lockstep.
 fn retry_schedule(r: &crate::config::ReaperConfig, attempts: u32, now: i64) -> (i64, bool) {
     if attempts >= r.retry_budget {
-        let at = now.saturating_add(i64::try_from(r.irrevocable_retry_seconds).unwrap_or(i64::MAX / 2000) * 1000);
+        let at = now.saturating_add(
+            i64::try_from(r.irrevocable_retry_seconds).unwrap_or(i64::MAX / 2000) * 1000,
+        );
         return (at, true);
     }
     let exp = attempts.saturating_sub(1).min(32);
-    let delay_s = r.retry_base_seconds.saturating_mul(1u64 << exp).min(r.retry_cap_seconds);
+    let delay_s = r
+        .retry_base_seconds
+        .saturating_mul(1u64 << exp)
+        .min(r.retry_cap_seconds);
     let delay_ms = i64::try_from(delay_s.saturating_mul(1000)).unwrap_or(i64::MAX / 2);
     let half = delay_ms / 2;
     let mut b = [0u8; 8];
@@ -245,7 +271,14 @@ enum Work {
 
 impl Work {
     /// `now` is when the attempt started; retries are scheduled from it.
-    async fn run(self, p: Arc<dyn Provider>, name: &str, timeout: Duration, sched: Schedule, now: i64) -> Vec<Outcome> {
+    async fn run(
+        self,
+        p: Arc<dyn Provider>,
+        name: &str,
+        timeout: Duration,
+        sched: Schedule,
+        now: i64,
+    ) -> Vec<Outcome> {
         match self {
             Work::Revoke(items) => {
                 let specs: Vec<RevokeSpec> = items.iter().map(|(_, s)| s.clone()).collect();
@@ -255,7 +288,12 @@ impl Work {
                     Err(_) => Some("timeout"),
                     Ok(rs) => rs.iter().find_map(|r| r.as_ref().err()).map(error_class),
                 };
-                crate::metrics::provider_call(name, "revoke", started.elapsed().as_secs_f64(), class);
+                crate::metrics::provider_call(
+                    name,
+                    "revoke",
+                    started.elapsed().as_secs_f64(),
+                    class,
+                );
                 items
                     .iter()
                     .enumerate()
@@ -263,9 +301,15 @@ impl Work {
                         Ok(rs) => match rs.get(i) {
                             Some(Ok(())) => Outcome::Done { lease: l.id },
                             Some(Err(e)) => sched.failure(l, e.message.clone(), now),
-                            None => sched.failure(l, "the provider returned too few results".into(), now),
+                            None => sched.failure(
+                                l,
+                                "the provider returned too few results".into(),
+                                now,
+                            ),
                         },
-                        Err(_) => sched.failure(l, "the provider did not answer in time".into(), now),
+                        Err(_) => {
+                            sched.failure(l, "the provider did not answer in time".into(), now)
+                        }
                     })
                     .collect()
             }
@@ -279,11 +323,18 @@ impl Work {
                         Err(_) => Some("timeout"),
                         Ok(r) => r.as_ref().err().map(error_class),
                     };
-                    crate::metrics::provider_call(name, "rollback", started.elapsed().as_secs_f64(), class);
+                    crate::metrics::provider_call(
+                        name,
+                        "rollback",
+                        started.elapsed().as_secs_f64(),
+                        class,
+                    );
                     let o = match result {
                         Ok(Ok(())) => Outcome::Done { lease: l.id },
                         Ok(Err(e)) => sched.failure(&l, e.message, now),
-                        Err(_) => sched.failure(&l, "the provider did not answer in time".into(), now),
+                        Err(_) => {
+                            sched.failure(&l, "the provider did not answer in time".into(), now)
+                        }
                     };
                     out.push(o);
                 }
@@ -295,18 +346,32 @@ impl Work {
 
 /// The error class as a bounded metric label.
 pub(crate) fn error_class(e: &leasehold_provider::ProviderError) -> &'static str {
-    if e.is_retryable() { "retryable" } else { "permanent" }
+    if e.is_retryable() {
+        "retryable"
+    } else {
+        "permanent"
+    }
 }
 
 /// Start the expiry loop, one revocation worker per provider, and the
 /// maintenance loop. They stop when `shutdown` turns true.
-pub fn spawn(broker: Arc<Broker>, shutdown: watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn spawn(
+    broker: Arc<Broker>,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut handles = vec![tokio::spawn(expiry_loop(broker.clone(), shutdown.clone()))];
     for name in broker.providers.names() {
-        handles.push(tokio::spawn(worker_loop(broker.clone(), name.to_owned(), shutdown.clone())));
+        handles.push(tokio::spawn(worker_loop(
+            broker.clone(),
+            name.to_owned(),
+            shutdown.clone(),
+        )));
     }
     if broker.reaper.reconcile_interval_seconds > 0 {
-        handles.push(tokio::spawn(reconcile_loop(broker.clone(), shutdown.clone())));
+        handles.push(tokio::spawn(reconcile_loop(
+            broker.clone(),
+            shutdown.clone(),
+        )));
     }
     handles.push(tokio::spawn(maintenance_loop(broker, shutdown)));
     handles
@@ -346,7 +411,10 @@ async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
                         b.wakers.revocations_queued(p);
                     }
                     if !pass.handled.is_empty() {
-                        tracing::debug!(expired = pass.handled.len(), "expired leases revoked or queued");
+                        tracing::debug!(
+                            expired = pass.handled.len(),
+                            "expired leases revoked or queued"
+                        );
                     }
                     if pass.scanned < batch {
                         break;
@@ -388,7 +456,9 @@ async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
             .unwrap_or(i64::MAX)
             .min(next_approval.unwrap_or(i64::MAX))
             .min(now.saturating_add(IDLE_RECHECK_MS));
-        b.wakers.planned_expiry.store(next.unwrap_or(i64::MAX), Ordering::Release);
+        b.wakers
+            .planned_expiry
+            .store(next.unwrap_or(i64::MAX), Ordering::Release);
         tokio::select! {
             _ = b.clock.sleep_until(Timestamp::from_unix_millis(wake)) => {}
             _ = b.wakers.expiry.notified() => {}
@@ -404,7 +474,11 @@ async fn worker_loop(b: Arc<Broker>, provider: String, mut shutdown: watch::Rece
             return;
         }
         let now = b.clock.now().unix_millis();
-        let due = match b.store.read().and_then(|r| r.due_revocations(&provider, now, batch)) {
+        let due = match b
+            .store
+            .read()
+            .and_then(|r| r.due_revocations(&provider, now, batch))
+        {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(provider = %provider, error = %e, "reading the revocation queue failed");
@@ -418,16 +492,31 @@ async fn worker_loop(b: Arc<Broker>, provider: String, mut shutdown: watch::Rece
             let ids: Vec<u128> = due.iter().map(|l| l.id).collect();
             let updated = b.revoke_claimed(due, &Ctx::system()).await;
             // nothing recorded (store trouble): back off instead of spinning
-            let progressed = updated.iter().any(|u| ids.contains(&u.id) && u.state != LeaseState::Revoking)
-                || updated.iter().any(|u| u.revocation.as_ref().is_some_and(|r| r.next_attempt_at > now));
+            let progressed = updated
+                .iter()
+                .any(|u| ids.contains(&u.id) && u.state != LeaseState::Revoking)
+                || updated.iter().any(|u| {
+                    u.revocation
+                        .as_ref()
+                        .is_some_and(|r| r.next_attempt_at > now)
+                });
             if !progressed && pause_after_error(&mut shutdown).await {
                 return;
             }
             continue;
         }
-        let next = b.store.read().and_then(|r| r.next_revocation(&provider)).ok().flatten();
-        let wake = next.unwrap_or(i64::MAX).min(now.saturating_add(IDLE_RECHECK_MS));
-        let Some(notify) = b.wakers.workers.get(&provider) else { return };
+        let next = b
+            .store
+            .read()
+            .and_then(|r| r.next_revocation(&provider))
+            .ok()
+            .flatten();
+        let wake = next
+            .unwrap_or(i64::MAX)
+            .min(now.saturating_add(IDLE_RECHECK_MS));
+        let Some(notify) = b.wakers.workers.get(&provider) else {
+            return;
+        };
         tokio::select! {
             _ = b.clock.sleep_until(Timestamp::from_unix_millis(wake)) => {}
             _ = notify.notified() => {}
@@ -438,7 +527,9 @@ async fn worker_loop(b: Arc<Broker>, provider: String, mut shutdown: watch::Rece
 
 /// Periodic reconciliation (report only).
 async fn reconcile_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
-    let every = i64::try_from(b.reaper.reconcile_interval_seconds).unwrap_or(i64::MAX / 1000).saturating_mul(1000);
+    let every = i64::try_from(b.reaper.reconcile_interval_seconds)
+        .unwrap_or(i64::MAX / 1000)
+        .saturating_mul(1000);
     loop {
         let now = b.clock.now().unix_millis();
         tokio::select! {
@@ -452,8 +543,15 @@ async fn reconcile_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
 async fn maintenance_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let now = b.clock.now().unix_millis();
-        let horizon = i64::try_from(b.limits.max_lease_ttl_seconds).unwrap_or(i64::MAX / 1000).saturating_mul(1000) + 2000;
-        match b.store.write(move |t| t.prune_denylist(now, horizon, 10_000)).await {
+        let horizon = i64::try_from(b.limits.max_lease_ttl_seconds)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000)
+            + 2000;
+        match b
+            .store
+            .write(move |t| t.prune_denylist(now, horizon, 10_000))
+            .await
+        {
             Ok(n) if n > 0 => tracing::debug!(pruned = n, "pruned expired token denylist entries"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning the token denylist failed"),
@@ -472,7 +570,12 @@ mod tests {
 
     #[test]
     fn backoff_grows_caps_jitters_and_ends_irrevocable() {
-        let r = ReaperConfig { retry_base_seconds: 1, retry_cap_seconds: 60, retry_budget: 10, ..Default::default() };
+        let r = ReaperConfig {
+            retry_base_seconds: 1,
+            retry_cap_seconds: 60,
+            retry_budget: 10,
+            ..Default::default()
+        };
         let now = 1_000_000;
         for attempts in 1..10u32 {
             let full = (1000i64 << (attempts - 1)).min(60_000);
@@ -480,14 +583,19 @@ mod tests {
                 let (at, irrevocable) = retry_schedule(&r, attempts, now);
                 assert!(!irrevocable);
                 let d = at - now;
-                assert!(d >= full / 2 && d <= full, "attempt {attempts}: {d} not in [{}, {full}]", full / 2);
+                assert!(
+                    d >= full / 2 && d <= full,
+                    "attempt {attempts}: {d} not in [{}, {full}]",
+                    full / 2
+                );
             }
         }
         let (at, irrevocable) = retry_schedule(&r, 10, now);
         assert!(irrevocable);
         assert_eq!(at - now, 86_400_000);
         // jitter really varies
-        let set: std::collections::HashSet<i64> = (0..50).map(|_| retry_schedule(&r, 6, now).0).collect();
+        let set: std::collections::HashSet<i64> =
+            (0..50).map(|_| retry_schedule(&r, 6, now).0).collect();
         assert!(set.len() > 10);
     }
 }

@@ -25,13 +25,21 @@ const NONCE_LEN: usize = 12;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read the store key file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the environment variable {0} holding the store key is not set")]
     MissingEnv(String),
-    #[error("the store key must be 32 bytes written as 64 hex characters or base64; got something else")]
+    #[error(
+        "the store key must be 32 bytes written as 64 hex characters or base64; got something else"
+    )]
     Malformed,
     #[error("cannot write the store key file {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the system random number generator failed")]
     Random,
 }
@@ -75,24 +83,34 @@ impl StoreKey {
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
         let text = std::fs::read_to_string(path)
             .map(Zeroizing::new)
-            .map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
+            .map_err(|source| KeyError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
         Self::parse(&text)
     }
 
     pub fn from_env(var: &str) -> Result<Self, KeyError> {
-        let v = std::env::var(var).map(Zeroizing::new).map_err(|_| KeyError::MissingEnv(var.to_owned()))?;
+        let v = std::env::var(var)
+            .map(Zeroizing::new)
+            .map_err(|_| KeyError::MissingEnv(var.to_owned()))?;
         Self::parse(&v)
     }
 
     pub fn generate() -> Result<Self, KeyError> {
         let mut k = Zeroizing::new([0u8; 32]);
-        SystemRandom::new().fill(&mut k[..]).map_err(|_| KeyError::Random)?;
+        SystemRandom::new()
+            .fill(&mut k[..])
+            .map_err(|_| KeyError::Random)?;
         Ok(Self(k))
     }
 
     /// Write the key as hex to a new file readable only by its owner.
     pub fn write_new_file(&self, path: &Path) -> Result<(), KeyError> {
-        let werr = |source| KeyError::Write { path: path.display().to_string(), source };
+        let werr = |source| KeyError::Write {
+            path: path.display().to_string(),
+            source,
+        };
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create_new(true);
         #[cfg(unix)]
@@ -143,13 +161,19 @@ pub struct OpenError;
 impl Sealer {
     pub fn new(key: &StoreKey) -> Self {
         let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"leasehold store seal v1");
-        Self { prk: salt.extract(&key.0[..]), rng: SystemRandom::new() }
+        Self {
+            prk: salt.extract(&key.0[..]),
+            rng: SystemRandom::new(),
+        }
     }
 
     fn field_key(&self, record: u128, field: &str) -> Result<LessSafeKey, OpenError> {
         let id = record.to_be_bytes();
         let info = [&id[..], field.as_bytes()];
-        let okm = self.prk.expand(&info, &aead::AES_256_GCM).map_err(|_| OpenError)?;
+        let okm = self
+            .prk
+            .expand(&info, &aead::AES_256_GCM)
+            .map_err(|_| OpenError)?;
         Ok(LessSafeKey::new(UnboundKey::from(okm)))
     }
 
@@ -164,7 +188,8 @@ impl Sealer {
         let key = self.field_key(record, field)?;
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| OpenError)?;
-        let mut buf = Vec::with_capacity(1 + NONCE_LEN + plaintext.len() + aead::AES_256_GCM.tag_len());
+        let mut buf =
+            Vec::with_capacity(1 + NONCE_LEN + plaintext.len() + aead::AES_256_GCM.tag_len());
         buf.push(SEAL_VERSION);
         buf.extend_from_slice(&nonce);
         let mut body = plaintext.to_vec();
@@ -179,7 +204,12 @@ impl Sealer {
         Ok(buf)
     }
 
-    pub fn open(&self, record: u128, field: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, OpenError> {
+    pub fn open(
+        &self,
+        record: u128,
+        field: &str,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
         if sealed.len() < 1 + NONCE_LEN + aead::AES_256_GCM.tag_len() || sealed[0] != SEAL_VERSION {
             return Err(OpenError);
         }
@@ -188,7 +218,11 @@ impl Sealer {
         nonce.copy_from_slice(&sealed[1..1 + NONCE_LEN]);
         let mut body = Zeroizing::new(sealed[1 + NONCE_LEN..].to_vec());
         let plain_len = key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(Self::aad(record, field)), &mut body)
+            .open_in_place(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(Self::aad(record, field)),
+                &mut body,
+            )
             .map_err(|_| OpenError)?
             .len();
         body.truncate(plain_len);
@@ -206,9 +240,18 @@ mod tests {
         let s = Sealer::new(&k);
         let sealed = s.seal(42, "handle", b"secret handle").unwrap();
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
-        assert_eq!(&s.open(42, "handle", &sealed).unwrap()[..], b"secret handle");
-        assert!(s.open(43, "handle", &sealed).is_err(), "moved to another record");
-        assert!(s.open(42, "prompt", &sealed).is_err(), "moved to another field");
+        assert_eq!(
+            &s.open(42, "handle", &sealed).unwrap()[..],
+            b"secret handle"
+        );
+        assert!(
+            s.open(43, "handle", &sealed).is_err(),
+            "moved to another record"
+        );
+        assert!(
+            s.open(42, "prompt", &sealed).is_err(),
+            "moved to another field"
+        );
         let mut tampered = sealed.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
@@ -237,11 +280,17 @@ mod tests {
         let p = dir.path().join("store.key");
         let k = StoreKey::generate().unwrap();
         k.write_new_file(&p).unwrap();
-        assert_eq!(StoreKey::from_file(&p).unwrap().fingerprint(), k.fingerprint());
+        assert_eq!(
+            StoreKey::from_file(&p).unwrap().fingerprint(),
+            k.fingerprint()
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
         assert!(k.write_new_file(&p).is_err(), "never overwrites a key");
     }

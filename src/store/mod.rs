@@ -28,17 +28,22 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
-use redb::{Database, Durability, ReadTransaction, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase as _, ReadableTable as _,
+    ReadableTableMetadata as _,
+};
 use tokio::sync::{mpsc, oneshot};
 
 pub use key::{KeyError, OpenError, Sealer, StoreKey};
 pub use records::{
-    ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, FenceRecord, JOB_BUCKETS, JobRecord, JobState, LeaseRecord, LeaseState,
-    ReviewRecord, Revocation, RevokeCause, Selector, TaskRecord, TaskState,
+    ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, FenceRecord, JOB_BUCKETS, JobRecord,
+    JobState, LeaseRecord, LeaseState, ReviewRecord, Revocation, RevokeCause, Selector, TaskRecord,
+    TaskState,
 };
 pub use schema::{MIGRATIONS, Migration, SCHEMA_VERSION};
-pub use txn::{Activation, ChainHead, Chained, Completion, ExpiryPass, Local, Outcome, RevokeRequest, Txn, Why};
-
+pub use txn::{
+    Activation, ChainHead, Chained, Completion, ExpiryPass, Local, Outcome, RevokeRequest, Txn, Why,
+};
 
 use schema::*;
 
@@ -98,7 +103,9 @@ pub enum StoreError {
     WrongKey { given: String, expected: String },
     #[error("this is not a leasehold store: {0}")]
     NotAStore(String),
-    #[error("the store has schema version {found}, newer than this build supports ({supported}); upgrade leasehold")]
+    #[error(
+        "the store has schema version {found}, newer than this build supports ({supported}); upgrade leasehold"
+    )]
     NewerSchema { found: u32, supported: u32 },
     #[error("no migration from schema version {from} towards {to}")]
     NoMigration { from: u32, to: u32 },
@@ -113,7 +120,12 @@ macro_rules! from_redb {
         }
     )*};
 }
-from_redb!(redb::StorageError, redb::TableError, redb::TransactionError, redb::CommitError);
+from_redb!(
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError
+);
 
 impl StoreError {
     /// The store could not do its job (as opposed to refusing a request).
@@ -133,7 +145,12 @@ pub struct StoreOptions {
 
 impl StoreOptions {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into(), cache_bytes: 64 << 20, quick_repair: true, group_commit: GroupCommit::default() }
+        Self {
+            path: path.into(),
+            cache_bytes: 64 << 20,
+            quick_repair: true,
+            group_commit: GroupCommit::default(),
+        }
     }
 }
 
@@ -185,7 +202,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.inner.path).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -204,12 +223,18 @@ impl Store {
         target: u32,
     ) -> Result<Self, StoreError> {
         if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
         }
-        let db = redb::Builder::new().set_cache_size(opts.cache_bytes).create(&opts.path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: opts.path.clone() },
-            other => StoreError::Io(format!("{}: {other}", opts.path.display())),
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(opts.cache_bytes)
+            .create(&opts.path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                    path: opts.path.clone(),
+                },
+                other => StoreError::Io(format!("{}: {other}", opts.path.display())),
+            })?;
         #[cfg(unix)]
         {
             // the file holds sealed handles and metadata: owner only
@@ -220,7 +245,8 @@ impl Store {
         let sealer = Sealer::new(key);
         {
             let mut txn = db.begin_write()?;
-            txn.set_durability(Durability::Immediate).map_err(|e| StoreError::Io(e.to_string()))?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| StoreError::Io(e.to_string()))?;
             txn.set_quick_repair(opts.quick_repair);
             schema::prepare(&txn, &sealer, &key.fingerprint(), migrations, target)?;
             txn.commit()?;
@@ -230,7 +256,8 @@ impl Store {
             let meta = r.open_table(META)?;
             let head = meta.get("chain_head")?.map(|g| g.value().to_vec());
             match head {
-                Some(b) => ChainHead::from_bytes(&b).ok_or_else(|| StoreError::Corrupt("chain head".into()))?,
+                Some(b) => ChainHead::from_bytes(&b)
+                    .ok_or_else(|| StoreError::Corrupt("chain head".into()))?,
                 None => ChainHead::default(),
             }
         };
@@ -307,7 +334,9 @@ impl Store {
 
     /// A consistent snapshot for reads.
     pub fn read(&self) -> Result<Reader, StoreError> {
-        Ok(Reader { txn: self.inner.db.begin_read()? })
+        Ok(Reader {
+            txn: self.inner.db.begin_read()?,
+        })
     }
 }
 
@@ -321,7 +350,10 @@ pub struct GroupCommit {
 
 impl Default for GroupCommit {
     fn default() -> Self {
-        Self { delay: std::time::Duration::from_micros(500), siblings: 4 }
+        Self {
+            delay: std::time::Duration::from_micros(500),
+            siblings: 4,
+        }
     }
 }
 
@@ -374,7 +406,8 @@ fn run_batch(
 ) -> Result<(), String> {
     let started = std::time::Instant::now();
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| e.to_string())?;
     txn.set_quick_repair(quick_repair);
     let (replies, finished) = {
         let mut t = match Txn::open(&txn, *head) {
@@ -390,7 +423,9 @@ fn run_batch(
     let outcome = match finished {
         Ok((new_head, e)) => {
             entered = e;
-            txn.commit().map(|()| *head = new_head).map_err(|e| e.to_string())
+            txn.commit()
+                .map(|()| *head = new_head)
+                .map_err(|e| e.to_string())
         }
         Err(e) => {
             let _ = txn.abort();
@@ -398,12 +433,18 @@ fn run_batch(
         }
     };
     let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-    stats.apply_micros.fetch_add(micros(applied - started), Ordering::Relaxed);
-    stats.commit_micros.fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
+    stats
+        .apply_micros
+        .fetch_add(micros(applied - started), Ordering::Relaxed);
+    stats
+        .commit_micros
+        .fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
     if outcome.is_ok() {
         // counted before anyone is answered, so a caller sees its own commit
         stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats.operations.fetch_add(replies.len() as u64, Ordering::Relaxed);
+        stats
+            .operations
+            .fetch_add(replies.len() as u64, Ordering::Relaxed);
         crate::metrics::store_commit(started.elapsed().as_secs_f64(), replies.len(), &entered);
     }
     for reply in replies {
@@ -443,8 +484,17 @@ impl StoredEvent {
         }
         let mut hash = [0u8; 32];
         hash.copy_from_slice(&v[..32]);
-        let task = u128::from_be_bytes(v[32..48].try_into().map_err(|_| StoreError::Corrupt("event".into()))?);
-        Ok(Self { seq, hash, task: (task != 0).then_some(task), bytes: v[48..].to_vec() })
+        let task = u128::from_be_bytes(
+            v[32..48]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("event".into()))?,
+        );
+        Ok(Self {
+            seq,
+            hash,
+            task: (task != 0).then_some(task),
+            bytes: v[48..].to_vec(),
+        })
     }
 }
 
@@ -463,14 +513,18 @@ impl std::fmt::Debug for Snapshot {
 impl Snapshot {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = redb::ReadOnlyDatabase::open(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked { path: path.to_owned() },
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                path: path.to_owned(),
+            },
             other => StoreError::Io(format!("{}: {other}", path.display())),
         })?;
         Ok(Self { db })
     }
 
     pub fn read(&self) -> Result<Reader, StoreError> {
-        Ok(Reader { txn: self.db.begin_read()? })
+        Ok(Reader {
+            txn: self.db.begin_read()?,
+        })
     }
 }
 
@@ -512,7 +566,10 @@ impl Reader {
     }
 
     /// One page of leases; the cursor is `Some` when more may follow.
-    pub fn list_leases(&self, q: &LeaseQuery) -> Result<(Vec<LeaseRecord>, Option<u128>), StoreError> {
+    pub fn list_leases(
+        &self,
+        q: &LeaseQuery,
+    ) -> Result<(Vec<LeaseRecord>, Option<u128>), StoreError> {
         let leases = self.txn.open_table(LEASES)?;
         let start = q.after.map_or(0, |a| a.saturating_add(1));
         let limit = q.limit.max(1);
@@ -578,7 +635,12 @@ impl Reader {
     }
 
     /// Up to `limit` leases of `provider` whose revocation attempt is due.
-    pub fn due_revocations(&self, provider: &str, now: i64, limit: usize) -> Result<Vec<LeaseRecord>, StoreError> {
+    pub fn due_revocations(
+        &self,
+        provider: &str,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
         let q = self.txn.open_table(REVOKE_QUEUE)?;
         let leases = self.txn.open_table(LEASES)?;
         let mut out = Vec::new();
@@ -597,7 +659,9 @@ impl Reader {
     /// When the next revocation attempt of `provider` is due.
     pub fn next_revocation(&self, provider: &str) -> Result<Option<i64>, StoreError> {
         let q = self.txn.open_table(REVOKE_QUEUE)?;
-        let first = q.range((provider, i64::MIN, 0u128)..=(provider, i64::MAX, u128::MAX))?.next();
+        let first = q
+            .range((provider, i64::MIN, 0u128)..=(provider, i64::MAX, u128::MAX))?
+            .next();
         Ok(match first {
             Some(e) => Some(e?.0.value().1),
             None => None,
@@ -637,7 +701,9 @@ impl Reader {
         let meta = self.txn.open_table(META)?;
         let v = meta.get(key)?.map(|g| g.value().to_vec());
         match v {
-            Some(b) => ChainHead::from_bytes(&b).ok_or_else(|| StoreError::Corrupt(format!("meta {key}"))),
+            Some(b) => {
+                ChainHead::from_bytes(&b).ok_or_else(|| StoreError::Corrupt(format!("meta {key}")))
+            }
             None => Ok(ChainHead::default()),
         }
     }
@@ -657,13 +723,19 @@ impl Reader {
     }
 
     /// Visit every event in order (verification) without collecting them.
-    pub fn for_each_event(&self, mut f: impl FnMut(u64, [u8; 32], &[u8])) -> Result<(), StoreError> {
+    pub fn for_each_event(
+        &self,
+        mut f: impl FnMut(u64, [u8; 32], &[u8]),
+    ) -> Result<(), StoreError> {
         let t = self.txn.open_table(EVENTS)?;
         for e in t.iter()? {
             let (k, v) = e?;
             let v = v.value();
             if v.len() < 48 {
-                return Err(StoreError::Corrupt(format!("event {} is too short", k.value())));
+                return Err(StoreError::Corrupt(format!(
+                    "event {} is too short",
+                    k.value()
+                )));
             }
             let mut hash = [0u8; 32];
             hash.copy_from_slice(&v[..32]);
@@ -673,7 +745,12 @@ impl Reader {
     }
 
     /// A task's events with seq > `after`.
-    pub fn task_events(&self, task: u128, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+    pub fn task_events(
+        &self,
+        task: u128,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let idx = self.txn.open_table(EVENT_TASKS)?;
         let t = self.txn.open_table(EVENTS)?;
         let mut out = Vec::new();
@@ -701,7 +778,11 @@ impl Reader {
     }
 
     pub fn last_checkpoint_seq(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self.txn.open_table(CHECKPOINTS)?.last()?.map(|(k, _)| k.value()))
+        Ok(self
+            .txn
+            .open_table(CHECKPOINTS)?
+            .last()?
+            .map(|(k, _)| k.value()))
     }
 
     pub fn job(&self, id: u128) -> Result<Option<JobRecord>, StoreError> {
@@ -721,14 +802,20 @@ impl Reader {
     }
 
     /// A job's lease counts by provider and bucket ([`records::job_bucket`]).
-    pub fn job_counts(&self, job: u128) -> Result<BTreeMap<String, BTreeMap<&'static str, u64>>, StoreError> {
+    pub fn job_counts(
+        &self,
+        job: u128,
+    ) -> Result<BTreeMap<String, BTreeMap<&'static str, u64>>, StoreError> {
         let t = self.txn.open_table(JOB_COUNTS)?;
         let mut out: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
         for e in t.range((job, "", "")..=(job, "\u{10ffff}", "\u{10ffff}"))? {
             let (k, v) = e?;
             let (_, p, b) = k.value();
             if let Some(bucket) = records::JOB_BUCKETS.iter().find(|x| **x == b) {
-                *out.entry(p.to_owned()).or_default().entry(bucket).or_default() += v.value();
+                *out.entry(p.to_owned())
+                    .or_default()
+                    .entry(bucket)
+                    .or_default() += v.value();
             }
         }
         Ok(out)
@@ -744,7 +831,9 @@ impl Reader {
             if let Some(g) = leases.get(id)? {
                 let l: LeaseRecord = records::decode(g.value())?;
                 if matches!(l.state, LeaseState::Revoking | LeaseState::Irrevocable)
-                    && l.revocation.as_ref().is_some_and(|r| r.last_error.is_some())
+                    && l.revocation
+                        .as_ref()
+                        .is_some_and(|r| r.last_error.is_some())
                 {
                     out.push(l);
                     if out.len() >= limit {
@@ -757,7 +846,12 @@ impl Reader {
     }
 
     /// Lease ids after `after` from the index a selector scans best.
-    pub fn candidate_leases(&self, sel: &Selector, after: Option<u128>, limit: usize) -> Result<Vec<u128>, StoreError> {
+    pub fn candidate_leases(
+        &self,
+        sel: &Selector,
+        after: Option<u128>,
+        limit: usize,
+    ) -> Result<Vec<u128>, StoreError> {
         let start = after.map_or(0, |a| a.saturating_add(1));
         let mut out = Vec::with_capacity(limit);
         if let Some(task) = sel.task {
@@ -798,7 +892,12 @@ impl Reader {
     }
 
     /// A workload's tasks created at or after `since`.
-    pub fn workload_tasks(&self, workload: &str, since: i64, limit: usize) -> Result<Vec<TaskRecord>, StoreError> {
+    pub fn workload_tasks(
+        &self,
+        workload: &str,
+        since: i64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
         let idx = self.txn.open_table(WORKLOAD_TASKS)?;
         let tasks = self.txn.open_table(TASKS)?;
         let mut out = Vec::new();
@@ -817,11 +916,21 @@ impl Reader {
     }
 
     pub fn task_active(&self, task: u128) -> Result<u64, StoreError> {
-        Ok(self.txn.open_table(TASK_ACTIVE)?.get(task)?.map(|g| g.value()).unwrap_or(0))
+        Ok(self
+            .txn
+            .open_table(TASK_ACTIVE)?
+            .get(task)?
+            .map(|g| g.value())
+            .unwrap_or(0))
     }
 
     pub fn workload_active(&self, workload: &str) -> Result<u64, StoreError> {
-        Ok(self.txn.open_table(WORKLOAD_ACTIVE)?.get(workload)?.map(|g| g.value()).unwrap_or(0))
+        Ok(self
+            .txn
+            .open_table(WORKLOAD_ACTIVE)?
+            .get(workload)?
+            .map(|g| g.value())
+            .unwrap_or(0))
     }
 
     pub fn task_calls(&self, task: u128) -> Result<Vec<CallRecord>, StoreError> {
@@ -871,12 +980,20 @@ impl Reader {
 
     /// The last signed checkpoint, as stored.
     pub fn checkpoints_last(&self) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.txn.open_table(CHECKPOINTS)?.last()?.map(|(_, v)| v.value().to_vec()))
+        Ok(self
+            .txn
+            .open_table(CHECKPOINTS)?
+            .last()?
+            .map(|(_, v)| v.value().to_vec()))
     }
 
     /// When the next approval expires.
     pub fn next_approval_expiry(&self) -> Result<Option<i64>, StoreError> {
-        Ok(self.txn.open_table(APPROVAL_EXPIRY)?.first()?.map(|(k, _)| k.value().0))
+        Ok(self
+            .txn
+            .open_table(APPROVAL_EXPIRY)?
+            .first()?
+            .map(|(k, _)| k.value().0))
     }
 
     pub fn review(&self, task: u128) -> Result<Option<ReviewRecord>, StoreError> {

@@ -17,7 +17,8 @@ pub const RECORD_VERSION: u8 = 1;
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     let mut out = vec![RECORD_VERSION];
-    let body = postcard::to_allocvec(value).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
+    let body =
+        postcard::to_allocvec(value).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
     out.extend_from_slice(&body);
     Ok(out)
 }
@@ -27,7 +28,9 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, St
         Some((&RECORD_VERSION, body)) => {
             postcard::from_bytes(body).map_err(|e| StoreError::Corrupt(format!("decode: {e}")))
         }
-        Some((v, _)) => Err(StoreError::Corrupt(format!("record version {v} is not supported"))),
+        Some((v, _)) => Err(StoreError::Corrupt(format!(
+            "record version {v} is not supported"
+        ))),
         None => Err(StoreError::Corrupt("empty record".into())),
     }
 }
@@ -105,7 +108,10 @@ impl LeaseState {
 
     /// No further transition is possible.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Revoked | Self::Expired | Self::RolledBack | Self::Abandoned)
+        matches!(
+            self,
+            Self::Revoked | Self::Expired | Self::RolledBack | Self::Abandoned
+        )
     }
 }
 
@@ -204,7 +210,14 @@ pub fn job_bucket(l: &LeaseRecord) -> &'static str {
 }
 
 /// The buckets of [`job_bucket`], in display order.
-pub const JOB_BUCKETS: [&str; 6] = ["revoked", "revoking", "retrying", "irrevocable", "abandoned", "pending"];
+pub const JOB_BUCKETS: [&str; 6] = [
+    "revoked",
+    "revoking",
+    "retrying",
+    "irrevocable",
+    "abandoned",
+    "pending",
+];
 
 /// What a mass revocation job selects. Every given field must match.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,7 +240,10 @@ impl Selector {
     pub fn matches(&self, l: &LeaseRecord) -> bool {
         let issued = l.issued_at.unwrap_or(l.created_at);
         self.workload.as_ref().is_none_or(|w| &l.workload == w)
-            && self.tenant.as_ref().is_none_or(|t| l.tenant.as_ref() == Some(t))
+            && self
+                .tenant
+                .as_ref()
+                .is_none_or(|t| l.tenant.as_ref() == Some(t))
             && self.task.is_none_or(|t| l.task_id == t)
             && self.user.as_ref().is_none_or(|u| &l.on_behalf_of == u)
             && self.provider.as_ref().is_none_or(|p| &l.provider == p)
@@ -425,7 +441,10 @@ mod tests {
         }
         assert_eq!(LeaseState::parse("dead"), None);
         assert_eq!(RevokeCause::Expiry.terminal_state(), LeaseState::Expired);
-        assert_eq!(RevokeCause::Recovery.terminal_state(), LeaseState::RolledBack);
+        assert_eq!(
+            RevokeCause::Recovery.terminal_state(),
+            LeaseState::RolledBack
+        );
         assert!(!LeaseState::Irrevocable.is_terminal());
     }
 }

@@ -21,13 +21,15 @@ pub const EXPIRY: TableDefinition<(i64, u128), ()> = TableDefinition::new("expir
 /// (task id, lease id)
 pub const TASK_LEASES: TableDefinition<(u128, u128), ()> = TableDefinition::new("task_leases");
 /// (workload id, lease id)
-pub const WORKLOAD_LEASES: TableDefinition<(&str, u128), ()> = TableDefinition::new("workload_leases");
+pub const WORKLOAD_LEASES: TableDefinition<(&str, u128), ()> =
+    TableDefinition::new("workload_leases");
 /// Lease ids whose intent is written but not yet resolved: crash recovery
 /// reads this table and nothing else.
 pub const ISSUING: TableDefinition<u128, ()> = TableDefinition::new("issuing");
 /// (provider, next attempt ms, lease id): the durable revocation queue,
 /// one ordered range per provider so each provider drains on its own.
-pub const REVOKE_QUEUE: TableDefinition<(&str, i64, u128), ()> = TableDefinition::new("revoke_queue");
+pub const REVOKE_QUEUE: TableDefinition<(&str, i64, u128), ()> =
+    TableDefinition::new("revoke_queue");
 /// (provider, state) -> number of leases, maintained in every transaction
 /// so gauges need no scan.
 pub const COUNTERS: TableDefinition<(&str, &str), u64> = TableDefinition::new("lease_counters");
@@ -52,7 +54,8 @@ pub const TASK_CALLS: TableDefinition<(u128, u128), ()> = TableDefinition::new("
 /// approval id -> ApprovalRecord
 pub const APPROVALS: TableDefinition<u128, &[u8]> = TableDefinition::new("approvals");
 /// (expires_at ms, approval id) for approvals still pending or approved-unused.
-pub const APPROVAL_EXPIRY: TableDefinition<(i64, u128), ()> = TableDefinition::new("approval_expiry");
+pub const APPROVAL_EXPIRY: TableDefinition<(i64, u128), ()> =
+    TableDefinition::new("approval_expiry");
 /// task id -> ReviewRecord (break-glass reviews)
 pub const REVIEWS: TableDefinition<u128, &[u8]> = TableDefinition::new("reviews");
 /// task ids whose review awaits a sign-off
@@ -71,7 +74,8 @@ pub const JOB_COUNTS: TableDefinition<(u128, &str, &str), u64> = TableDefinition
 /// "kind:value" -> FenceRecord: who gets nothing new
 pub const FENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("fences");
 /// (workload id, task id): a workload's tasks, for the blast radius
-pub const WORKLOAD_TASKS: TableDefinition<(&str, u128), ()> = TableDefinition::new("workload_tasks");
+pub const WORKLOAD_TASKS: TableDefinition<(&str, u128), ()> =
+    TableDefinition::new("workload_tasks");
 
 /// The schema this build writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -115,7 +119,11 @@ pub fn prepare(
         use redb::TableHandle as _;
         txn.list_tables()?.map(|t| t.name().to_owned()).collect()
     };
-    let version = if existing.iter().any(|n| n == "meta") { meta_u32(txn, "schema_version")? } else { None };
+    let version = if existing.iter().any(|n| n == "meta") {
+        meta_u32(txn, "schema_version")?
+    } else {
+        None
+    };
     match version {
         None if existing.is_empty() => {
             let check = sealer
@@ -135,14 +143,19 @@ pub fn prepare(
         Some(v) => {
             check_key(txn, sealer, key_fingerprint)?;
             if v > target {
-                return Err(StoreError::NewerSchema { found: v, supported: target });
+                return Err(StoreError::NewerSchema {
+                    found: v,
+                    supported: target,
+                });
             }
             let mut at = v;
             while at < target {
-                let step = migrations
-                    .iter()
-                    .find(|(from, _)| *from == at)
-                    .ok_or(StoreError::NoMigration { from: at, to: target })?;
+                let step = migrations.iter().find(|(from, _)| *from == at).ok_or(
+                    StoreError::NoMigration {
+                        from: at,
+                        to: target,
+                    },
+                )?;
                 (step.1)(txn)?;
                 at += 1;
             }
@@ -194,6 +207,9 @@ fn check_key(txn: &WriteTransaction, sealer: &Sealer, fingerprint: &str) -> Resu
     if ok {
         Ok(())
     } else {
-        Err(StoreError::WrongKey { given: fingerprint.to_owned(), expected })
+        Err(StoreError::WrongKey {
+            given: fingerprint.to_owned(),
+            expected,
+        })
     }
 }

@@ -49,24 +49,42 @@ fn lease(id: u128, task: u128, expires_at: i64) -> LeaseRecord {
 }
 
 fn activation(id: u128, expires_at: i64) -> Activation {
-    Activation { lease: id, handle_sealed: vec![1, 2, 3], issued_at: 0, expires_at, description: "d".into() }
+    Activation {
+        lease: id,
+        handle_sealed: vec![1, 2, 3],
+        issued_at: 0,
+        expires_at,
+        description: "d".into(),
+    }
 }
 
 async fn active_lease(s: &Store, id: u128, task_id: u128, exp: i64) {
     let l = lease(id, task_id, exp);
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
-    s.write(move |t| t.activate(&activation(id, exp), 0)).await.unwrap();
+    s.write(move |t| t.activate(&activation(id, exp), 0))
+        .await
+        .unwrap();
 }
 
 fn count(s: &Store, state: LeaseState) -> u64 {
-    s.read().unwrap().counters().unwrap().get(&("token".to_owned(), state)).copied().unwrap_or(0)
+    s.read()
+        .unwrap()
+        .counters()
+        .unwrap()
+        .get(&("token".to_owned(), state))
+        .copied()
+        .unwrap_or(0)
 }
 
 #[tokio::test]
 async fn wrong_key_is_refused_not_rekeyed() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(&dir));
-    let err = Store::open(&StoreOptions::new(dir.path().join("s.redb")), &StoreKey::from_bytes([8; 32])).unwrap_err();
+    let err = Store::open(
+        &StoreOptions::new(dir.path().join("s.redb")),
+        &StoreKey::from_bytes([8; 32]),
+    )
+    .unwrap_err();
     assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
     assert!(err.to_string().contains("does not match"));
     // the right key still opens it: nothing was rewritten
@@ -88,15 +106,31 @@ async fn not_a_store_and_newer_schema_are_refused() {
     {
         let db = redb::Database::create(&path).unwrap();
         let t = db.begin_write().unwrap();
-        t.open_table(redb::TableDefinition::<u64, u64>::new("foreign")).unwrap();
+        t.open_table(redb::TableDefinition::<u64, u64>::new("foreign"))
+            .unwrap();
         t.commit().unwrap();
     }
     let err = Store::open(&StoreOptions::new(&path), &key()).unwrap_err();
     assert!(matches!(err, StoreError::NotAStore(_)), "{err}");
 
     drop(open(&dir));
-    let err = Store::open_with_migrations(&StoreOptions::new(dir.path().join("s.redb")), &key(), &[], 0).unwrap_err();
-    assert!(matches!(err, StoreError::NewerSchema { found: 1, supported: 0 }), "{err}");
+    let err = Store::open_with_migrations(
+        &StoreOptions::new(dir.path().join("s.redb")),
+        &key(),
+        &[],
+        0,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NewerSchema {
+                found: 1,
+                supported: 0
+            }
+        ),
+        "{err}"
+    );
 }
 
 const MARKER: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("migration_marker");
@@ -113,19 +147,33 @@ async fn migration_hook_runs_once_in_order() {
     let opts = StoreOptions::new(dir.path().join("s.redb"));
     drop(open(&dir)); // version 1
     let err = Store::open_with_migrations(&opts, &key(), &[], 2).unwrap_err();
-    assert!(matches!(err, StoreError::NoMigration { from: 1, to: 2 }), "{err}");
+    assert!(
+        matches!(err, StoreError::NoMigration { from: 1, to: 2 }),
+        "{err}"
+    );
     let s = Store::open_with_migrations(&opts, &key(), &[(1, to_v2)], 2).unwrap();
     {
         use redb::ReadableDatabase as _;
         let r = s.inner.db.begin_read().unwrap();
-        assert_eq!(r.open_table(MARKER).unwrap().get("ran").unwrap().unwrap().value(), 1);
+        assert_eq!(
+            r.open_table(MARKER)
+                .unwrap()
+                .get("ran")
+                .unwrap()
+                .unwrap()
+                .value(),
+            1
+        );
     }
     drop(s);
     // now at version 2: reopening with the same target runs nothing
     let failing: Migration = |_| Err(StoreError::Corrupt("must not run".into()));
     drop(Store::open_with_migrations(&opts, &key(), &[(1, failing)], 2).unwrap());
     // and this build (version 1) refuses the newer store
-    assert!(matches!(Store::open(&opts, &key()).unwrap_err(), StoreError::NewerSchema { found: 2, .. }));
+    assert!(matches!(
+        Store::open(&opts, &key()).unwrap_err(),
+        StoreError::NewerSchema { found: 2, .. }
+    ));
 }
 
 #[tokio::test]
@@ -136,10 +184,17 @@ async fn lifecycle_keeps_indexes_and_counters_consistent() {
     let l = lease(10, 1, 5_000);
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
     assert_eq!(s.read().unwrap().issuing_count().unwrap(), 1);
-    assert_eq!(s.read().unwrap().next_expiry().unwrap(), None, "intents are not in the expiry index");
+    assert_eq!(
+        s.read().unwrap().next_expiry().unwrap(),
+        None,
+        "intents are not in the expiry index"
+    );
     assert_eq!(count(&s, LeaseState::Issuing), 1);
 
-    let rec = s.write(|t| t.activate(&activation(10, 4_000), 0)).await.unwrap();
+    let rec = s
+        .write(|t| t.activate(&activation(10, 4_000), 0))
+        .await
+        .unwrap();
     assert_eq!(rec.state, LeaseState::Active);
     let r = s.read().unwrap();
     assert_eq!(r.issuing_count().unwrap(), 0);
@@ -147,30 +202,68 @@ async fn lifecycle_keeps_indexes_and_counters_consistent() {
     assert_eq!(r.task_leases(1).unwrap().len(), 1);
     assert_eq!(r.task(1).unwrap().unwrap().lease_count, 1);
     drop(r);
-    assert_eq!((count(&s, LeaseState::Issuing), count(&s, LeaseState::Active)), (0, 1));
+    assert_eq!(
+        (
+            count(&s, LeaseState::Issuing),
+            count(&s, LeaseState::Active)
+        ),
+        (0, 1)
+    );
 
     // completion claims the active lease and takes it out of the expiry index
-    let c = s.write(|t| t.complete_task(1, 100, 30_000, &Local::new())).await.unwrap();
+    let c = s
+        .write(|t| t.complete_task(1, 100, 30_000, &Local::new()))
+        .await
+        .unwrap();
     assert_eq!(c.claimed.len(), 1);
     assert_eq!(c.task.state, TaskState::Completed);
     let r = s.read().unwrap();
     assert_eq!(r.next_expiry().unwrap(), None);
     assert_eq!(r.next_revocation("token").unwrap(), Some(30_000));
-    assert!(r.due_revocations("token", 29_999, 10).unwrap().is_empty(), "claimed, not due yet");
+    assert!(
+        r.due_revocations("token", 29_999, 10).unwrap().is_empty(),
+        "claimed, not due yet"
+    );
     drop(r);
 
     // a failed attempt is rescheduled, then success ends it
-    let retry = Outcome::Retry { lease: 10, at: 31_000, error: "down".into(), irrevocable: false };
-    let out = s.write(move |t| t.record_outcomes(&[retry], 200)).await.unwrap();
+    let retry = Outcome::Retry {
+        lease: 10,
+        at: 31_000,
+        error: "down".into(),
+        irrevocable: false,
+    };
+    let out = s
+        .write(move |t| t.record_outcomes(&[retry], 200))
+        .await
+        .unwrap();
     assert_eq!(out[0].revocation.as_ref().unwrap().attempts, 1);
-    assert_eq!(s.read().unwrap().next_revocation("token").unwrap(), Some(31_000));
-    let out = s.write(|t| t.record_outcomes(&[Outcome::Done { lease: 10 }], 300)).await.unwrap();
+    assert_eq!(
+        s.read().unwrap().next_revocation("token").unwrap(),
+        Some(31_000)
+    );
+    let out = s
+        .write(|t| t.record_outcomes(&[Outcome::Done { lease: 10 }], 300))
+        .await
+        .unwrap();
     assert_eq!(out[0].state, LeaseState::Revoked);
-    assert!(out[0].handle_sealed.is_none(), "the handle is dropped once revoked");
+    assert!(
+        out[0].handle_sealed.is_none(),
+        "the handle is dropped once revoked"
+    );
     assert_eq!(s.read().unwrap().next_revocation("token").unwrap(), None);
-    assert_eq!((count(&s, LeaseState::Revoking), count(&s, LeaseState::Revoked)), (0, 1));
+    assert_eq!(
+        (
+            count(&s, LeaseState::Revoking),
+            count(&s, LeaseState::Revoked)
+        ),
+        (0, 1)
+    );
     // a second outcome for a finished lease is ignored
-    let out = s.write(|t| t.record_outcomes(&[Outcome::Done { lease: 10 }], 400)).await.unwrap();
+    let out = s
+        .write(|t| t.record_outcomes(&[Outcome::Done { lease: 10 }], 400))
+        .await
+        .unwrap();
     assert!(out.is_empty());
 }
 
@@ -181,19 +274,32 @@ async fn refused_operations_leave_nothing() {
     s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
     // outlives the task
     let l = lease(10, 1, 20_000);
-    let e = s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap_err();
+    let e = s
+        .write(move |t| t.lease_intent(&l, 0, 100))
+        .await
+        .unwrap_err();
     assert!(matches!(e, StoreError::Conflict(Conflict::OutlivesTask)));
     // task cap
     let l = lease(11, 1, 5_000);
-    let e = s.write(move |t| t.lease_intent(&l, 0, 0)).await.unwrap_err();
+    let e = s
+        .write(move |t| t.lease_intent(&l, 0, 0))
+        .await
+        .unwrap_err();
     assert!(matches!(e, StoreError::Conflict(Conflict::TaskLeaseCap(0))));
     // another workload's task looks absent
     let mut l = lease(12, 1, 5_000);
     l.workload = "dev:b".into();
-    let e = s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap_err();
+    let e = s
+        .write(move |t| t.lease_intent(&l, 0, 100))
+        .await
+        .unwrap_err();
     assert!(matches!(e, StoreError::Conflict(Conflict::TaskNotFound)));
     let r = s.read().unwrap();
-    assert!(r.lease(10).unwrap().is_none() && r.lease(11).unwrap().is_none() && r.lease(12).unwrap().is_none());
+    assert!(
+        r.lease(10).unwrap().is_none()
+            && r.lease(11).unwrap().is_none()
+            && r.lease(12).unwrap().is_none()
+    );
     assert_eq!(r.task(1).unwrap().unwrap().lease_count, 0);
     assert_eq!(r.issuing_count().unwrap(), 0);
     assert!(r.counters().unwrap().is_empty());
@@ -229,14 +335,33 @@ async fn activation_after_completion_is_refused() {
     s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
     let l = lease(10, 1, 5_000);
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
-    let c = s.write(|t| t.complete_task(1, 1, 2, &Local::new())).await.unwrap();
-    assert!(c.claimed.is_empty(), "an issuing lease has no handle to revoke");
-    let e = s.write(|t| t.activate(&activation(10, 5_000), 2)).await.unwrap_err();
+    let c = s
+        .write(|t| t.complete_task(1, 1, 2, &Local::new()))
+        .await
+        .unwrap();
+    assert!(
+        c.claimed.is_empty(),
+        "an issuing lease has no handle to revoke"
+    );
+    let e = s
+        .write(|t| t.activate(&activation(10, 5_000), 2))
+        .await
+        .unwrap_err();
     assert!(matches!(e, StoreError::Conflict(Conflict::TaskCompleted)));
-    let rec = s.write(|t| t.issue_failed(10, "task closed", 3, &Local::new())).await.unwrap();
+    let rec = s
+        .write(|t| t.issue_failed(10, "task closed", 3, &Local::new()))
+        .await
+        .unwrap();
     assert_eq!(rec.state, LeaseState::Revoking);
     assert_eq!(rec.revocation.unwrap().cause, RevokeCause::IssueFailed);
-    assert_eq!(s.read().unwrap().due_revocations("token", 3, 10).unwrap().len(), 1);
+    assert_eq!(
+        s.read()
+            .unwrap()
+            .due_revocations("token", 3, 10)
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -248,16 +373,35 @@ async fn expiry_moves_due_leases_in_deadline_order_and_batches() {
         active_lease(&s, 100 + i, 1, 1_000 + i64::try_from(i).unwrap() * 100).await;
     }
     assert_eq!(s.read().unwrap().next_expiry().unwrap(), Some(1_000));
-    let pass = s.write(|t| t.expire_due(1_450, 3, &Local::new())).await.unwrap();
-    assert_eq!((pass.queued_providers, pass.scanned, pass.handled.len()), (vec!["token".to_owned()], 3, 3));
-    let pass = s.write(|t| t.expire_due(1_450, 3, &Local::new())).await.unwrap();
+    let pass = s
+        .write(|t| t.expire_due(1_450, 3, &Local::new()))
+        .await
+        .unwrap();
+    assert_eq!(
+        (pass.queued_providers, pass.scanned, pass.handled.len()),
+        (vec!["token".to_owned()], 3, 3)
+    );
+    let pass = s
+        .write(|t| t.expire_due(1_450, 3, &Local::new()))
+        .await
+        .unwrap();
     assert_eq!(pass.scanned, 2, "only the five due at 1450");
     assert_eq!(s.read().unwrap().next_expiry().unwrap(), Some(1_500));
-    let due = s.read().unwrap().due_revocations("token", 1_450, 100).unwrap();
+    let due = s
+        .read()
+        .unwrap()
+        .due_revocations("token", 1_450, 100)
+        .unwrap();
     assert_eq!(due.len(), 5);
-    assert!(due.iter().all(|l| l.revocation.as_ref().unwrap().cause == RevokeCause::Expiry));
+    assert!(
+        due.iter()
+            .all(|l| l.revocation.as_ref().unwrap().cause == RevokeCause::Expiry)
+    );
     let done: Vec<Outcome> = due.iter().map(|l| Outcome::Done { lease: l.id }).collect();
-    let out = s.write(move |t| t.record_outcomes(&done, 1_460)).await.unwrap();
+    let out = s
+        .write(move |t| t.record_outcomes(&done, 1_460))
+        .await
+        .unwrap();
     assert!(out.iter().all(|l| l.state == LeaseState::Expired));
     assert_eq!(count(&s, LeaseState::Expired), 5);
     assert_eq!(count(&s, LeaseState::Active), 5);
@@ -269,13 +413,33 @@ async fn irrevocable_stays_queued_and_can_recover() {
     let s = open(&dir);
     s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
     active_lease(&s, 7, 1, 1_000).await;
-    s.write(|t| t.expire_due(1_000, 10, &Local::new())).await.unwrap();
-    let o = Outcome::Retry { lease: 7, at: 90_000, error: "gone".into(), irrevocable: true };
-    let out = s.write(move |t| t.record_outcomes(&[o], 1_001)).await.unwrap();
+    s.write(|t| t.expire_due(1_000, 10, &Local::new()))
+        .await
+        .unwrap();
+    let o = Outcome::Retry {
+        lease: 7,
+        at: 90_000,
+        error: "gone".into(),
+        irrevocable: true,
+    };
+    let out = s
+        .write(move |t| t.record_outcomes(&[o], 1_001))
+        .await
+        .unwrap();
     assert_eq!(out[0].state, LeaseState::Irrevocable);
-    assert_eq!(s.read().unwrap().next_revocation("token").unwrap(), Some(90_000));
-    let out = s.write(|t| t.record_outcomes(&[Outcome::Done { lease: 7 }], 90_001)).await.unwrap();
-    assert_eq!(out[0].state, LeaseState::Expired, "keeps its original cause");
+    assert_eq!(
+        s.read().unwrap().next_revocation("token").unwrap(),
+        Some(90_000)
+    );
+    let out = s
+        .write(|t| t.record_outcomes(&[Outcome::Done { lease: 7 }], 90_001))
+        .await
+        .unwrap();
+    assert_eq!(
+        out[0].state,
+        LeaseState::Expired,
+        "keeps its original cause"
+    );
     assert_eq!(count(&s, LeaseState::Irrevocable), 0);
 }
 
@@ -289,12 +453,26 @@ async fn recovery_reads_only_intents() {
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
     drop(s);
     let s = open(&dir);
-    let rec = s.write(|t| t.recover_intents(10, &Local::new())).await.unwrap();
+    let rec = s
+        .write(|t| t.recover_intents(10, &Local::new()))
+        .await
+        .unwrap();
     assert_eq!(rec.len(), 1);
     assert_eq!(rec[0].id, 2);
-    assert_eq!(rec[0].revocation.as_ref().unwrap().cause, RevokeCause::Recovery);
-    assert_eq!(s.read().unwrap().lease(1).unwrap().unwrap().state, LeaseState::Active);
-    assert!(s.write(|t| t.recover_intents(11, &Local::new())).await.unwrap().is_empty());
+    assert_eq!(
+        rec[0].revocation.as_ref().unwrap().cause,
+        RevokeCause::Recovery
+    );
+    assert_eq!(
+        s.read().unwrap().lease(1).unwrap().unwrap().state,
+        LeaseState::Active
+    );
+    assert!(
+        s.write(|t| t.recover_intents(11, &Local::new()))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -312,7 +490,10 @@ async fn concurrent_writes_share_commits() {
     let commits = s.stats().commits.load(Ordering::Relaxed);
     let ops = s.stats().operations.load(Ordering::Relaxed);
     assert_eq!(ops, 400);
-    assert!(commits < 400, "400 concurrent writes took {commits} commits: no group commit");
+    assert!(
+        commits < 400,
+        "400 concurrent writes took {commits} commits: no group commit"
+    );
     // and every one of them is durable across a reopen
     drop(s);
     let s = open(&dir);
@@ -326,14 +507,29 @@ async fn denylist_is_durable_and_pruned_after_expiry() {
     // ids carry their creation time in the top bits
     let id = |created_ms: u128, n: u128| (created_ms << 80) | n;
     let (a, b, c) = (id(1_000, 1), id(1_500, 2), id(90_000, 3));
-    s.write(move |t| t.deny(&[(a, 2_000), (b, 5_000), (c, 95_000)])).await.unwrap();
+    s.write(move |t| t.deny(&[(a, 2_000), (b, 5_000), (c, 95_000)]))
+        .await
+        .unwrap();
     // a later expiry wins, an earlier one is ignored
-    s.write(move |t| t.deny(&[(a, 3_000), (b, 10)])).await.unwrap();
+    s.write(move |t| t.deny(&[(a, 3_000), (b, 10)]))
+        .await
+        .unwrap();
     drop(s);
     let s = open(&dir);
     assert!(s.read().unwrap().is_denied(a).unwrap());
-    assert_eq!(s.write(|t| t.prune_denylist(2_500, 10_000, 10)).await.unwrap(), 0, "nothing expired yet");
-    assert_eq!(s.write(|t| t.prune_denylist(5_001, 10_000, 10)).await.unwrap(), 2);
+    assert_eq!(
+        s.write(|t| t.prune_denylist(2_500, 10_000, 10))
+            .await
+            .unwrap(),
+        0,
+        "nothing expired yet"
+    );
+    assert_eq!(
+        s.write(|t| t.prune_denylist(5_001, 10_000, 10))
+            .await
+            .unwrap(),
+        2
+    );
     let r = s.read().unwrap();
     assert!(!r.is_denied(a).unwrap() && !r.is_denied(b).unwrap());
     assert!(r.is_denied(c).unwrap(), "young entries stay");
@@ -347,7 +543,11 @@ async fn listing_filters_and_pages() {
     for i in 0..25u128 {
         active_lease(&s, 1_000 + i, 1, 50_000).await;
     }
-    let mut q = LeaseQuery { limit: 10, scan_budget: 1_000, ..Default::default() };
+    let mut q = LeaseQuery {
+        limit: 10,
+        scan_budget: 1_000,
+        ..Default::default()
+    };
     let mut seen = Vec::new();
     loop {
         let (page, next) = s.read().unwrap().list_leases(&q).unwrap();
@@ -358,24 +558,44 @@ async fn listing_filters_and_pages() {
         }
     }
     assert_eq!(seen, (1_000..1_025).collect::<Vec<_>>());
-    let q = LeaseQuery { state: Some(LeaseState::Revoked), limit: 10, scan_budget: 1_000, ..Default::default() };
+    let q = LeaseQuery {
+        state: Some(LeaseState::Revoked),
+        limit: 10,
+        scan_budget: 1_000,
+        ..Default::default()
+    };
     assert!(s.read().unwrap().list_leases(&q).unwrap().0.is_empty());
-    let q = LeaseQuery { workload: Some("dev:b".into()), limit: 10, scan_budget: 1_000, ..Default::default() };
+    let q = LeaseQuery {
+        workload: Some("dev:b".into()),
+        limit: 10,
+        scan_budget: 1_000,
+        ..Default::default()
+    };
     assert!(s.read().unwrap().list_leases(&q).unwrap().0.is_empty());
-    let q = LeaseQuery { task: Some(1), limit: 100, scan_budget: 1_000, ..Default::default() };
+    let q = LeaseQuery {
+        task: Some(1),
+        limit: 100,
+        scan_budget: 1_000,
+        ..Default::default()
+    };
     assert_eq!(s.read().unwrap().list_leases(&q).unwrap().0.len(), 25);
 }
 
 #[test]
 fn store_file_is_private() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
     let _s = open(&dir);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(dir.path().join("s.redb")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("s.redb"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }
@@ -395,7 +615,10 @@ async fn local_providers_are_revoked_inside_the_deciding_transaction() {
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
 
     // expiry: straight to expired, denylisted, nothing queued
-    let pass = s.write(|t| t.expire_due(1_000, 10, &local_token())).await.unwrap();
+    let pass = s
+        .write(|t| t.expire_due(1_000, 10, &local_token()))
+        .await
+        .unwrap();
     assert_eq!((pass.queued_providers.len(), pass.scanned), (0, 1));
     let r = s.read().unwrap();
     assert_eq!(r.lease(2).unwrap().unwrap().state, LeaseState::Expired);
@@ -404,12 +627,18 @@ async fn local_providers_are_revoked_inside_the_deciding_transaction() {
     drop(r);
 
     // recovery of an intent: rolled back and denylisted at once
-    let rec = s.write(|t| t.recover_intents(2_000, &local_token())).await.unwrap();
+    let rec = s
+        .write(|t| t.recover_intents(2_000, &local_token()))
+        .await
+        .unwrap();
     assert_eq!(rec[0].state, LeaseState::RolledBack);
     assert!(s.read().unwrap().is_denied(3).unwrap());
 
     // completion: revoked in the same transaction, nothing claimed
-    let c = s.write(|t| t.complete_task(1, 3_000, 60_000, &local_token())).await.unwrap();
+    let c = s
+        .write(|t| t.complete_task(1, 3_000, 60_000, &local_token()))
+        .await
+        .unwrap();
     assert!(c.claimed.is_empty());
     assert_eq!(c.revoked.len(), 1);
     assert_eq!(c.revoked[0].state, LeaseState::Revoked);

@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use redb::{ReadableTable as _, Table, WriteTransaction};
 
 use super::records::{
-    self, ApprovalRecord, ApprovalState, CallRecord, FenceRecord, JobRecord, LeaseRecord, LeaseState, ReviewRecord,
-    Revocation, RevokeCause, TaskRecord, TaskState,
+    self, ApprovalRecord, ApprovalState, CallRecord, FenceRecord, JobRecord, LeaseRecord,
+    LeaseState, ReviewRecord, Revocation, RevokeCause, TaskRecord, TaskState,
 };
 use super::schema::*;
 use super::{Conflict, StoreError};
@@ -30,7 +30,12 @@ pub enum Outcome {
     Done { lease: u128 },
     /// It failed: try again at `at`. `irrevocable` marks that the retry
     /// budget is spent (the lease keeps being retried, slowly).
-    Retry { lease: u128, at: i64, error: String, irrevocable: bool },
+    Retry {
+        lease: u128,
+        at: i64,
+        error: String,
+        irrevocable: bool,
+    },
 }
 
 /// What activation writes.
@@ -84,7 +89,11 @@ pub struct Why<'a> {
 
 impl Why<'_> {
     pub fn of(cause: RevokeCause) -> Self {
-        Self { cause, by: None, job: None }
+        Self {
+            cause,
+            by: None,
+            job: None,
+        }
     }
 }
 
@@ -164,7 +173,9 @@ pub struct Txn<'t> {
 
 impl std::fmt::Debug for Txn<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Txn").field("poisoned", &self.poisoned).finish_non_exhaustive()
+        f.debug_struct("Txn")
+            .field("poisoned", &self.poisoned)
+            .finish_non_exhaustive()
     }
 }
 
@@ -231,8 +242,16 @@ impl<'t> Txn<'t> {
             if delta == 0 {
                 continue;
             }
-            let cur = self.workload_active.get(workload.as_str())?.map(|g| g.value()).unwrap_or(0);
-            let next = if delta >= 0 { cur.saturating_add(delta.unsigned_abs()) } else { cur.saturating_sub(delta.unsigned_abs()) };
+            let cur = self
+                .workload_active
+                .get(workload.as_str())?
+                .map(|g| g.value())
+                .unwrap_or(0);
+            let next = if delta >= 0 {
+                cur.saturating_add(delta.unsigned_abs())
+            } else {
+                cur.saturating_sub(delta.unsigned_abs())
+            };
             if next == 0 {
                 self.workload_active.remove(workload.as_str())?;
             } else {
@@ -245,7 +264,11 @@ impl<'t> Txn<'t> {
             }
             let key = (job, provider.as_str(), bucket);
             let cur = self.job_counts.get(key)?.map(|g| g.value()).unwrap_or(0);
-            let next = if delta >= 0 { cur.saturating_add(delta.unsigned_abs()) } else { cur.saturating_sub(delta.unsigned_abs()) };
+            let next = if delta >= 0 {
+                cur.saturating_add(delta.unsigned_abs())
+            } else {
+                cur.saturating_sub(delta.unsigned_abs())
+            };
             self.job_counts.insert(key, next)?;
         }
         for (task, delta) in std::mem::take(&mut self.task_deltas) {
@@ -253,7 +276,11 @@ impl<'t> Txn<'t> {
                 continue;
             }
             let cur = self.task_active.get(task)?.map(|g| g.value()).unwrap_or(0);
-            let next = if delta >= 0 { cur.saturating_add(delta.unsigned_abs()) } else { cur.saturating_sub(delta.unsigned_abs()) };
+            let next = if delta >= 0 {
+                cur.saturating_add(delta.unsigned_abs())
+            } else {
+                cur.saturating_sub(delta.unsigned_abs())
+            };
             if next == 0 {
                 self.task_active.remove(task)?;
             } else {
@@ -320,7 +347,9 @@ impl<'t> Txn<'t> {
     /// caller must know (proof it holds the archive).
     pub fn prune_events(&mut self, through: u64, expected: &[u8; 32]) -> Result<u64, StoreError> {
         let base = match self.meta.get("chain_base")?.map(|g| g.value().to_vec()) {
-            Some(b) => ChainHead::from_bytes(&b).ok_or_else(|| StoreError::Corrupt("chain base".into()))?,
+            Some(b) => {
+                ChainHead::from_bytes(&b).ok_or_else(|| StoreError::Corrupt("chain base".into()))?
+            }
             None => ChainHead::default(),
         };
         if through <= base.seq || through > self.head.seq {
@@ -337,11 +366,16 @@ impl<'t> Txn<'t> {
             return conflict(Conflict::Chain(format!("event {through} is missing")));
         };
         if stored.get(..32) != Some(&expected[..]) {
-            return conflict(Conflict::Chain(format!("the archive's last hash does not match event {through}")));
+            return conflict(Conflict::Chain(format!(
+                "the archive's last hash does not match event {through}"
+            )));
         }
         let mut removed = 0;
         for seq in base.seq + 1..=through {
-            let v = self.events.remove(seq).map(|g| g.map(|g| g.value().to_vec()));
+            let v = self
+                .events
+                .remove(seq)
+                .map(|g| g.map(|g| g.value().to_vec()));
             let v = self.w(v)?;
             if let Some(v) = v {
                 let task = u128::from_be_bytes(v[32..48].try_into().unwrap_or([0; 16]));
@@ -352,8 +386,14 @@ impl<'t> Txn<'t> {
                 removed += 1;
             }
         }
-        let base = ChainHead { seq: through, hash: *expected };
-        let r = self.meta.insert("chain_base", &base.to_bytes()[..]).map(|_| ());
+        let base = ChainHead {
+            seq: through,
+            hash: *expected,
+        };
+        let r = self
+            .meta
+            .insert("chain_base", &base.to_bytes()[..])
+            .map(|_| ());
         self.w(r)?;
         Ok(removed)
     }
@@ -404,29 +444,44 @@ impl<'t> Txn<'t> {
         // a lease's job never changes once set, so only a lease that has
         // one now can have had one before
         let old = match (new_job, prev) {
-            (Some(_), Some(_)) => self
-                .lease(rec.id)?
-                .and_then(|o| o.revocation.as_ref().and_then(|r| r.job).map(|j| (j, records::job_bucket(&o)))),
+            (Some(_), Some(_)) => self.lease(rec.id)?.and_then(|o| {
+                o.revocation
+                    .as_ref()
+                    .and_then(|r| r.job)
+                    .map(|j| (j, records::job_bucket(&o)))
+            }),
             _ => None,
         };
         let new = new_job.map(|j| (j, records::job_bucket(rec)));
         if old != new {
             if let Some((j, b)) = old {
-                *self.job_deltas.entry((j, rec.provider.clone(), b)).or_default() -= 1;
+                *self
+                    .job_deltas
+                    .entry((j, rec.provider.clone(), b))
+                    .or_default() -= 1;
             }
             if let Some((j, b)) = new {
-                *self.job_deltas.entry((j, rec.provider.clone(), b)).or_default() += 1;
+                *self
+                    .job_deltas
+                    .entry((j, rec.provider.clone(), b))
+                    .or_default() += 1;
             }
         }
         let bytes = records::encode(rec)?;
         let r = self.leases.insert(rec.id, bytes.as_slice()).map(|_| ());
         self.w(r)?;
         if prev != Some(rec.state) {
-            *self.entered.entry((rec.provider.clone(), rec.state)).or_default() += 1;
+            *self
+                .entered
+                .entry((rec.provider.clone(), rec.state))
+                .or_default() += 1;
             if let Some(p) = prev {
                 *self.deltas.entry((rec.provider.clone(), p)).or_default() -= 1;
             }
-            *self.deltas.entry((rec.provider.clone(), rec.state)).or_default() += 1;
+            *self
+                .deltas
+                .entry((rec.provider.clone(), rec.state))
+                .or_default() += 1;
             let was = prev == Some(LeaseState::Active);
             let is = rec.state == LeaseState::Active;
             if was != is {
@@ -440,7 +495,11 @@ impl<'t> Txn<'t> {
 
     /// Active leases of a workload (committed, plus this transaction's).
     pub fn workload_active(&self, workload: &str) -> Result<u64, StoreError> {
-        let stored = self.workload_active.get(workload)?.map(|g| g.value()).unwrap_or(0);
+        let stored = self
+            .workload_active
+            .get(workload)?
+            .map(|g| g.value())
+            .unwrap_or(0);
         let delta = self.active_deltas.get(workload).copied().unwrap_or(0);
         Ok(stored.saturating_add_signed(delta))
     }
@@ -473,11 +532,19 @@ impl<'t> Txn<'t> {
         let mut out = Vec::new();
         let mut queued_providers: Vec<String> = Vec::new();
         for id in candidates {
-            let Some(rec) = self.lease(*id)? else { continue };
-            if !job.selector.matches(&rec) || !matches!(rec.state, LeaseState::Active | LeaseState::Irrevocable) {
+            let Some(rec) = self.lease(*id)? else {
+                continue;
+            };
+            if !job.selector.matches(&rec)
+                || !matches!(rec.state, LeaseState::Active | LeaseState::Irrevocable)
+            {
                 continue;
             }
-            let why = Why { cause: RevokeCause::Job, by: Some(job.created_by.as_str()), job: Some(job.id) };
+            let why = Why {
+                cause: RevokeCause::Job,
+                by: Some(job.created_by.as_str()),
+                job: Some(job.id),
+            };
             let (rec, queued) = self.revoke_or_queue(rec, why, now, now, local)?;
             let r = self.job_leases.insert((job.id, rec.id), ()).map(|_| ());
             self.w(r)?;
@@ -511,7 +578,10 @@ impl<'t> Txn<'t> {
     pub fn put_fence(&mut self, f: &FenceRecord) -> Result<(), StoreError> {
         let bytes = records::encode(f)?;
         let key = FenceRecord::key(&f.kind, &f.value);
-        let r = self.fences.insert(key.as_str(), bytes.as_slice()).map(|_| ());
+        let r = self
+            .fences
+            .insert(key.as_str(), bytes.as_slice())
+            .map(|_| ());
         self.w(r)
     }
 
@@ -527,7 +597,13 @@ impl<'t> Txn<'t> {
 
     /// Give up on an irrevocable lease, with a reason: it leaves the retry
     /// queue, recorded as `abandoned`.
-    pub fn abandon(&mut self, lease: u128, by: &str, reason: &str, now: i64) -> Result<LeaseRecord, StoreError> {
+    pub fn abandon(
+        &mut self,
+        lease: u128,
+        by: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<LeaseRecord, StoreError> {
         let Some(mut rec) = self.lease(lease)? else {
             return conflict(Conflict::LeaseNotFound);
         };
@@ -551,7 +627,10 @@ impl<'t> Txn<'t> {
         let bytes = records::encode(rec)?;
         let r = self.calls.insert(rec.id, bytes.as_slice()).map(|_| ());
         self.w(r)?;
-        let r = self.task_calls.insert((rec.task_id, rec.id), ()).map(|_| ());
+        let r = self
+            .task_calls
+            .insert((rec.task_id, rec.id), ())
+            .map(|_| ());
         self.w(r)
     }
 
@@ -573,7 +652,10 @@ impl<'t> Txn<'t> {
             return conflict(Conflict::Duplicate);
         }
         self.put_approval(rec)?;
-        let r = self.approval_expiry.insert((rec.expires_at, rec.id), ()).map(|_| ());
+        let r = self
+            .approval_expiry
+            .insert((rec.expires_at, rec.id), ())
+            .map(|_| ());
         self.w(r)
     }
 
@@ -590,17 +672,27 @@ impl<'t> Txn<'t> {
             return conflict(Conflict::ApprovalNotFound);
         };
         if a.state != ApprovalState::Pending {
-            return conflict(Conflict::Approval(format!("the approval is {}", a.state.as_str())));
+            return conflict(Conflict::Approval(format!(
+                "the approval is {}",
+                a.state.as_str()
+            )));
         }
         if a.expires_at <= now {
             return conflict(Conflict::Approval("the approval has expired".into()));
         }
-        a.state = if approve { ApprovalState::Approved } else { ApprovalState::Denied };
+        a.state = if approve {
+            ApprovalState::Approved
+        } else {
+            ApprovalState::Denied
+        };
         a.decided_by = Some(by.to_owned());
         a.decided_at = Some(now);
         a.comment = comment.map(str::to_owned);
         if !approve {
-            let r = self.approval_expiry.remove((a.expires_at, a.id)).map(|_| ());
+            let r = self
+                .approval_expiry
+                .remove((a.expires_at, a.id))
+                .map(|_| ());
             self.w(r)?;
         }
         self.put_approval(&a)?;
@@ -613,42 +705,72 @@ impl<'t> Txn<'t> {
             return conflict(Conflict::ApprovalNotFound);
         };
         if &a.request_hash != hash {
-            return conflict(Conflict::Approval("the approval was granted for another request".into()));
+            return conflict(Conflict::Approval(
+                "the approval was granted for another request".into(),
+            ));
         }
         match a.state {
             ApprovalState::Approved if a.expires_at > now => Ok(()),
-            ApprovalState::Approved | ApprovalState::Expired => conflict(Conflict::Approval("the approval has expired".into())),
-            s => conflict(Conflict::Approval(format!("the approval is {}", s.as_str()))),
+            ApprovalState::Approved | ApprovalState::Expired => {
+                conflict(Conflict::Approval("the approval has expired".into()))
+            }
+            s => conflict(Conflict::Approval(format!(
+                "the approval is {}",
+                s.as_str()
+            ))),
         }
     }
 
     /// Use an approval, once, for the request it was granted for.
-    pub fn consume_approval(&mut self, id: u128, hash: &[u8; 32], call: u128, now: i64) -> Result<ApprovalRecord, StoreError> {
+    pub fn consume_approval(
+        &mut self,
+        id: u128,
+        hash: &[u8; 32],
+        call: u128,
+        now: i64,
+    ) -> Result<ApprovalRecord, StoreError> {
         let Some(mut a) = self.approval(id)? else {
             return conflict(Conflict::ApprovalNotFound);
         };
         if &a.request_hash != hash {
-            return conflict(Conflict::Approval("the approval was granted for another request".into()));
+            return conflict(Conflict::Approval(
+                "the approval was granted for another request".into(),
+            ));
         }
         match a.state {
             ApprovalState::Approved if a.expires_at > now => {}
             ApprovalState::Approved | ApprovalState::Expired => {
                 return conflict(Conflict::Approval("the approval has expired".into()));
             }
-            s => return conflict(Conflict::Approval(format!("the approval is {}", s.as_str()))),
+            s => {
+                return conflict(Conflict::Approval(format!(
+                    "the approval is {}",
+                    s.as_str()
+                )));
+            }
         }
         a.state = ApprovalState::Consumed;
         a.consumed_by_call = Some(call);
-        let r = self.approval_expiry.remove((a.expires_at, a.id)).map(|_| ());
+        let r = self
+            .approval_expiry
+            .remove((a.expires_at, a.id))
+            .map(|_| ());
         self.w(r)?;
         self.put_approval(&a)?;
         Ok(a)
     }
 
     /// Expire approvals past their deadline (pending or approved-unused).
-    pub fn expire_approvals(&mut self, now: i64, limit: usize) -> Result<Vec<ApprovalRecord>, StoreError> {
+    pub fn expire_approvals(
+        &mut self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<ApprovalRecord>, StoreError> {
         let mut due = Vec::new();
-        for e in self.approval_expiry.range((i64::MIN, 0u128)..=(now, u128::MAX))? {
+        for e in self
+            .approval_expiry
+            .range((i64::MIN, 0u128)..=(now, u128::MAX))?
+        {
             due.push(e?.0.value());
             if due.len() >= limit {
                 break;
@@ -678,7 +800,11 @@ impl<'t> Txn<'t> {
 
     /// Flag a task for review after a break-glass call (again, if it was
     /// signed off before).
-    pub fn flag_review(&mut self, task: &TaskRecord, call: (u128, String, String, i64)) -> Result<ReviewRecord, StoreError> {
+    pub fn flag_review(
+        &mut self,
+        task: &TaskRecord,
+        call: (u128, String, String, i64),
+    ) -> Result<ReviewRecord, StoreError> {
         let mut r = self.review(task.id)?.unwrap_or(ReviewRecord {
             task_id: task.id,
             workload: task.workload.clone(),
@@ -701,12 +827,20 @@ impl<'t> Txn<'t> {
         Ok(r)
     }
 
-    pub fn sign_off_review(&mut self, task: u128, by: &str, comment: &str, now: i64) -> Result<ReviewRecord, StoreError> {
+    pub fn sign_off_review(
+        &mut self,
+        task: u128,
+        by: &str,
+        comment: &str,
+        now: i64,
+    ) -> Result<ReviewRecord, StoreError> {
         let Some(mut r) = self.review(task)? else {
             return conflict(Conflict::ReviewNotFound);
         };
         if r.signed_off_by.is_some() {
-            return conflict(Conflict::Approval("the review is already signed off".into()));
+            return conflict(Conflict::Approval(
+                "the review is already signed off".into(),
+            ));
         }
         r.signed_off_by = Some(by.to_owned());
         r.signed_off_at = Some(now);
@@ -726,7 +860,10 @@ impl<'t> Txn<'t> {
 
     fn dequeue(&mut self, rec: &LeaseRecord) -> Result<(), StoreError> {
         if let Some(rv) = &rec.revocation {
-            let r = self.queue.remove((rec.provider.as_str(), rv.next_attempt_at, rec.id)).map(|_| ());
+            let r = self
+                .queue
+                .remove((rec.provider.as_str(), rv.next_attempt_at, rec.id))
+                .map(|_| ());
             self.w(r)?;
         }
         Ok(())
@@ -740,7 +877,11 @@ impl<'t> Txn<'t> {
     /// Take a lease out of the index its current state keeps it in (expiry
     /// index, intents, revocation queue). Returns the cause the revocation
     /// should carry: a retry keeps the original one.
-    fn leave_state(&mut self, rec: &LeaseRecord, cause: RevokeCause) -> Result<RevokeCause, StoreError> {
+    fn leave_state(
+        &mut self,
+        rec: &LeaseRecord,
+        cause: RevokeCause,
+    ) -> Result<RevokeCause, StoreError> {
         match rec.state {
             LeaseState::Active => self.unindex_expiry(rec)?,
             LeaseState::Issuing => {
@@ -759,16 +900,28 @@ impl<'t> Txn<'t> {
     }
 
     /// Move an active (or irrevocable) lease into `Revoking`, queued at `at`.
-    fn begin_revocation(&mut self, mut rec: LeaseRecord, why: Why<'_>, now: i64, at: i64) -> Result<LeaseRecord, StoreError> {
+    fn begin_revocation(
+        &mut self,
+        mut rec: LeaseRecord,
+        why: Why<'_>,
+        now: i64,
+        at: i64,
+    ) -> Result<LeaseRecord, StoreError> {
         let prev = rec.state;
         let cause = self.leave_state(&rec, why.cause)?;
         let by = why.by;
         let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts);
         let last_error = rec.revocation.as_ref().and_then(|r| r.last_error.clone());
         rec.state = LeaseState::Revoking;
-        let job = why.job.or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
+        let job = why
+            .job
+            .or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
         rec.revocation = Some(Revocation {
-            cause: if why.job.is_some() { RevokeCause::Job } else { cause },
+            cause: if why.job.is_some() {
+                RevokeCause::Job
+            } else {
+                cause
+            },
             requested_by: by.map(str::to_owned),
             requested_at: now,
             attempts,
@@ -785,14 +938,25 @@ impl<'t> Txn<'t> {
     /// provider's revocation is an entry in this store (the token provider's
     /// denylist), so the revocation and its record commit atomically: there
     /// is no window in which one exists without the other.
-    fn revoke_local(&mut self, mut rec: LeaseRecord, why: Why<'_>, now: i64) -> Result<LeaseRecord, StoreError> {
+    fn revoke_local(
+        &mut self,
+        mut rec: LeaseRecord,
+        why: Why<'_>,
+        now: i64,
+    ) -> Result<LeaseRecord, StoreError> {
         let prev = rec.state;
-        let cause = if why.job.is_some() { RevokeCause::Job } else { self.leave_state(&rec, why.cause)? };
+        let cause = if why.job.is_some() {
+            RevokeCause::Job
+        } else {
+            self.leave_state(&rec, why.cause)?
+        };
         if why.job.is_some() {
             self.leave_state(&rec, why.cause)?;
         }
         let by = why.by;
-        let job = why.job.or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
+        let job = why
+            .job
+            .or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
         // the token's `exp` is at most the lease's; a second of margin
         self.deny(&[(rec.id, rec.expires_at.saturating_add(1000))])?;
         let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts) + 1;
@@ -836,13 +1000,21 @@ impl<'t> Txn<'t> {
             return conflict(Conflict::Duplicate);
         }
         self.put_task(rec)?;
-        let r = self.workload_tasks.insert((rec.workload.as_str(), rec.id), ()).map(|_| ());
+        let r = self
+            .workload_tasks
+            .insert((rec.workload.as_str(), rec.id), ())
+            .map(|_| ());
         self.w(r)
     }
 
     /// Write the intent of a lease (`Issuing`), before the provider is
     /// called. The task must be open, unexpired and under its lease cap.
-    pub fn lease_intent(&mut self, rec: &LeaseRecord, now: i64, max_per_task: u32) -> Result<(), StoreError> {
+    pub fn lease_intent(
+        &mut self,
+        rec: &LeaseRecord,
+        now: i64,
+        max_per_task: u32,
+    ) -> Result<(), StoreError> {
         let Some(mut task) = self.task(rec.task_id)? else {
             return conflict(Conflict::TaskNotFound);
         };
@@ -869,9 +1041,15 @@ impl<'t> Txn<'t> {
         self.put_lease(rec, None)?;
         let r = self.issuing.insert(rec.id, ()).map(|_| ());
         self.w(r)?;
-        let r = self.task_leases.insert((rec.task_id, rec.id), ()).map(|_| ());
+        let r = self
+            .task_leases
+            .insert((rec.task_id, rec.id), ())
+            .map(|_| ());
         self.w(r)?;
-        let r = self.workload_leases.insert((rec.workload.as_str(), rec.id), ()).map(|_| ());
+        let r = self
+            .workload_leases
+            .insert((rec.workload.as_str(), rec.id), ())
+            .map(|_| ());
         self.w(r)
     }
 
@@ -885,7 +1063,9 @@ impl<'t> Txn<'t> {
         if rec.state != LeaseState::Issuing {
             return conflict(Conflict::LeaseState(rec.state));
         }
-        let task = self.task(rec.task_id)?.ok_or(StoreError::Conflict(Conflict::TaskNotFound))?;
+        let task = self
+            .task(rec.task_id)?
+            .ok_or(StoreError::Conflict(Conflict::TaskNotFound))?;
         if task.state != TaskState::Open {
             return conflict(Conflict::TaskCompleted);
         }
@@ -911,14 +1091,21 @@ impl<'t> Txn<'t> {
     /// The provider call failed (or activation was refused) after the intent
     /// was written: queue a rollback, since the provider may have created
     /// something before failing.
-    pub fn issue_failed(&mut self, lease: u128, error: &str, now: i64, local: &Local) -> Result<LeaseRecord, StoreError> {
+    pub fn issue_failed(
+        &mut self,
+        lease: u128,
+        error: &str,
+        now: i64,
+        local: &Local,
+    ) -> Result<LeaseRecord, StoreError> {
         let Some(rec) = self.lease(lease)? else {
             return conflict(Conflict::LeaseNotFound);
         };
         if rec.state != LeaseState::Issuing {
             return conflict(Conflict::LeaseState(rec.state));
         }
-        let (mut rec, _) = self.revoke_or_queue(rec, Why::of(RevokeCause::IssueFailed), now, now, local)?;
+        let (mut rec, _) =
+            self.revoke_or_queue(rec, Why::of(RevokeCause::IssueFailed), now, now, local)?;
         if let Some(r) = rec.revocation.as_mut() {
             r.last_error = Some(error.to_owned());
         }
@@ -946,7 +1133,9 @@ impl<'t> Txn<'t> {
         let ids = self.lease_ids_of_task(task_id)?;
         let mut all = Vec::with_capacity(ids.len());
         for id in ids {
-            let rec = self.lease(id)?.ok_or_else(|| StoreError::Corrupt(format!("task index names missing lease {id}")))?;
+            let rec = self.lease(id)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("task index names missing lease {id}"))
+            })?;
             all.push(rec);
         }
         task.state = TaskState::Completed;
@@ -956,8 +1145,13 @@ impl<'t> Txn<'t> {
         let mut revoked = Vec::new();
         for rec in &mut all {
             if rec.state == LeaseState::Active {
-                let (moved, queued) =
-                    self.revoke_or_queue(rec.clone(), Why::of(RevokeCause::TaskComplete), now, claim_until, local)?;
+                let (moved, queued) = self.revoke_or_queue(
+                    rec.clone(),
+                    Why::of(RevokeCause::TaskComplete),
+                    now,
+                    claim_until,
+                    local,
+                )?;
                 *rec = moved.clone();
                 if queued {
                     claimed.push(moved);
@@ -966,7 +1160,12 @@ impl<'t> Txn<'t> {
                 }
             }
         }
-        Ok(Completion { task, claimed, revoked, all })
+        Ok(Completion {
+            task,
+            claimed,
+            revoked,
+            all,
+        })
     }
 
     /// Ask for one lease to be revoked. Active leases (and irrevocable ones,
@@ -987,26 +1186,52 @@ impl<'t> Txn<'t> {
         };
         match rec.state {
             LeaseState::Active | LeaseState::Irrevocable => {
-                let (rec, queued) = self.revoke_or_queue(rec, Why { cause, by, job: None }, now, claim_until, local)?;
-                Ok(RevokeRequest { rec, queued, changed: true })
+                let (rec, queued) = self.revoke_or_queue(
+                    rec,
+                    Why {
+                        cause,
+                        by,
+                        job: None,
+                    },
+                    now,
+                    claim_until,
+                    local,
+                )?;
+                Ok(RevokeRequest {
+                    rec,
+                    queued,
+                    changed: true,
+                })
             }
-            _ => Ok(RevokeRequest { rec, queued: false, changed: false }),
+            _ => Ok(RevokeRequest {
+                rec,
+                queued: false,
+                changed: false,
+            }),
         }
     }
 
     /// Record what the provider said for each lease.
-    pub fn record_outcomes(&mut self, outcomes: &[Outcome], now: i64) -> Result<Vec<LeaseRecord>, StoreError> {
+    pub fn record_outcomes(
+        &mut self,
+        outcomes: &[Outcome],
+        now: i64,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
         let mut out = Vec::with_capacity(outcomes.len());
         for o in outcomes {
             let id = match o {
                 Outcome::Done { lease } | Outcome::Retry { lease, .. } => *lease,
             };
-            let Some(mut rec) = self.lease(id)? else { continue };
+            let Some(mut rec) = self.lease(id)? else {
+                continue;
+            };
             if !matches!(rec.state, LeaseState::Revoking | LeaseState::Irrevocable) {
                 continue; // finished by another path meanwhile
             }
             let Some(mut rv) = rec.revocation.clone() else {
-                return Err(StoreError::Corrupt(format!("lease {id} is revoking without a revocation record")));
+                return Err(StoreError::Corrupt(format!(
+                    "lease {id} is revoking without a revocation record"
+                )));
             };
             let prev = rec.state;
             self.dequeue(&rec)?;
@@ -1018,7 +1243,12 @@ impl<'t> Txn<'t> {
                     rv.attempts += 1;
                     rv.last_error = None;
                 }
-                Outcome::Retry { at, error, irrevocable, .. } => {
+                Outcome::Retry {
+                    at,
+                    error,
+                    irrevocable,
+                    ..
+                } => {
                     rv.attempts += 1;
                     rv.next_attempt_at = *at;
                     rv.last_error = Some(error.clone());
@@ -1039,7 +1269,12 @@ impl<'t> Txn<'t> {
     /// index: local providers' leases are revoked here, the others go to the
     /// revocation queue. Returns the providers with newly queued work and how
     /// many leases were handled.
-    pub fn expire_due(&mut self, now: i64, limit: usize, local: &Local) -> Result<ExpiryPass, StoreError> {
+    pub fn expire_due(
+        &mut self,
+        now: i64,
+        limit: usize,
+        local: &Local,
+    ) -> Result<ExpiryPass, StoreError> {
         let mut due = Vec::new();
         for e in self.expiry.range((i64::MIN, 0u128)..=(now, u128::MAX))? {
             let (k, _) = e?;
@@ -1048,11 +1283,15 @@ impl<'t> Txn<'t> {
                 break;
             }
         }
-        let mut pass = ExpiryPass { scanned: due.len(), ..ExpiryPass::default() };
+        let mut pass = ExpiryPass {
+            scanned: due.len(),
+            ..ExpiryPass::default()
+        };
         for (exp, id) in &due {
             match self.lease(*id)? {
                 Some(rec) if rec.state == LeaseState::Active => {
-                    let (rec, queued) = self.revoke_or_queue(rec, Why::of(RevokeCause::Expiry), now, now, local)?;
+                    let (rec, queued) =
+                        self.revoke_or_queue(rec, Why::of(RevokeCause::Expiry), now, now, local)?;
                     if queued && !pass.queued_providers.contains(&rec.provider) {
                         pass.queued_providers.push(rec.provider.clone());
                     }
@@ -1070,7 +1309,11 @@ impl<'t> Txn<'t> {
 
     /// Start-up recovery: every unresolved intent is rolled back (local
     /// providers) or queued for rollback.
-    pub fn recover_intents(&mut self, now: i64, local: &Local) -> Result<Vec<LeaseRecord>, StoreError> {
+    pub fn recover_intents(
+        &mut self,
+        now: i64,
+        local: &Local,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
         let mut ids = Vec::new();
         for e in self.issuing.iter()? {
             ids.push(e?.0.value());
@@ -1079,7 +1322,10 @@ impl<'t> Txn<'t> {
         for id in ids {
             match self.lease(id)? {
                 Some(rec) if rec.state == LeaseState::Issuing => {
-                    out.push(self.revoke_or_queue(rec, Why::of(RevokeCause::Recovery), now, now, local)?.0);
+                    out.push(
+                        self.revoke_or_queue(rec, Why::of(RevokeCause::Recovery), now, now, local)?
+                            .0,
+                    );
                 }
                 _ => {
                     let r = self.issuing.remove(id).map(|_| ());
@@ -1108,7 +1354,12 @@ impl<'t> Txn<'t> {
     /// are in creation order; every entry created more than `horizon_ms`
     /// (the longest possible lease) ago is dead, so pruning removes a
     /// prefix and stops at the first young entry or after `limit`.
-    pub fn prune_denylist(&mut self, now: i64, horizon_ms: i64, limit: usize) -> Result<usize, StoreError> {
+    pub fn prune_denylist(
+        &mut self,
+        now: i64,
+        horizon_ms: i64,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
         let cutoff = now.saturating_sub(horizon_ms);
         let mut dead = Vec::new();
         for e in self.denylist.iter()? {

@@ -38,13 +38,22 @@ pub struct CompletionReport {
 /// Check free text: present, bounded, no control characters.
 pub(crate) fn check_text(field: &str, value: &str, max: usize) -> Result<(), BrokerError> {
     if value.trim().is_empty() {
-        return Err(BrokerError::invalid("invalid_request", format!("`{field}` must not be empty")));
+        return Err(BrokerError::invalid(
+            "invalid_request",
+            format!("`{field}` must not be empty"),
+        ));
     }
     if value.len() > max {
-        return Err(BrokerError::invalid("invalid_request", format!("`{field}` is longer than {max} bytes")));
+        return Err(BrokerError::invalid(
+            "invalid_request",
+            format!("`{field}` is longer than {max} bytes"),
+        ));
     }
     if value.chars().any(char::is_control) {
-        return Err(BrokerError::invalid("invalid_request", format!("`{field}` contains control characters")));
+        return Err(BrokerError::invalid(
+            "invalid_request",
+            format!("`{field}` contains control characters"),
+        ));
     }
     Ok(())
 }
@@ -63,16 +72,25 @@ pub(crate) fn check_ttl(field: &str, ttl: i64, max: u64) -> Result<Duration, Bro
 fn is_tool_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
 }
 
-
 impl Broker {
-    pub async fn open_task(&self, w: &Workload, req: OpenTask, ctx: &Ctx) -> Result<TaskRecord, BrokerError> {
+    pub async fn open_task(
+        &self,
+        w: &Workload,
+        req: OpenTask,
+        ctx: &Ctx,
+    ) -> Result<TaskRecord, BrokerError> {
         check_text("purpose", &req.purpose, 512)?;
         check_text("on_behalf_of", &req.on_behalf_of, 256)?;
         self.check_fence(w, Some(&req.on_behalf_of))?;
-        let ttl = check_ttl("ttl_seconds", req.ttl_seconds, self.limits.max_task_ttl_seconds)?;
+        let ttl = check_ttl(
+            "ttl_seconds",
+            req.ttl_seconds,
+            self.limits.max_task_ttl_seconds,
+        )?;
         if req.tools.len() > self.limits.max_tools {
             return Err(BrokerError::invalid(
                 "invalid_request",
@@ -82,7 +100,10 @@ impl Broker {
         if let Some(t) = req.tools.iter().find(|t| !is_tool_name(t)) {
             return Err(BrokerError::invalid(
                 "invalid_request",
-                format!("`tools`: `{}` is not a tool name (1-128 of [A-Za-z0-9._:/-])", t.escape_default()),
+                format!(
+                    "`tools`: `{}` is not a tool name (1-128 of [A-Za-z0-9._:/-])",
+                    t.escape_default()
+                ),
             ));
         }
         let mut tools = req.tools.clone();
@@ -90,7 +111,10 @@ impl Broker {
         tools.dedup();
         let prompt_sha256 = match (&req.prompt, &req.prompt_sha256) {
             (Some(_), Some(_)) => {
-                return Err(BrokerError::invalid("invalid_request", "send `prompt` or `prompt_sha256`, not both"));
+                return Err(BrokerError::invalid(
+                    "invalid_request",
+                    "send `prompt` or `prompt_sha256`, not both",
+                ));
             }
             (None, None) => {
                 return Err(BrokerError::invalid(
@@ -102,7 +126,10 @@ impl Broker {
                 if p.len() > self.limits.max_prompt_bytes {
                     return Err(BrokerError::invalid(
                         "invalid_request",
-                        format!("`prompt` is longer than {} bytes", self.limits.max_prompt_bytes),
+                        format!(
+                            "`prompt` is longer than {} bytes",
+                            self.limits.max_prompt_bytes
+                        ),
                     ));
                 }
                 let d = ring::digest::digest(&ring::digest::SHA256, p.as_bytes());
@@ -111,7 +138,10 @@ impl Broker {
                 h
             }
             (None, Some(h)) => crate::hex::decode32(h).ok_or_else(|| {
-                BrokerError::invalid("invalid_request", "`prompt_sha256` must be 64 hex characters")
+                BrokerError::invalid(
+                    "invalid_request",
+                    "`prompt_sha256` must be 64 hex characters",
+                )
             })?,
         };
         let now = self.clock.now();
@@ -121,7 +151,11 @@ impl Broker {
                 self.store
                     .sealer()
                     .seal(id.0, "prompt", p.as_bytes())
-                    .map_err(|_| BrokerError::Store(crate::store::StoreError::Corrupt("sealing failed".into())))?,
+                    .map_err(|_| {
+                        BrokerError::Store(crate::store::StoreError::Corrupt(
+                            "sealing failed".into(),
+                        ))
+                    })?,
             ),
             _ => None,
         };
@@ -145,11 +179,16 @@ impl Broker {
         let (stored, a, ctx) = (rec.clone(), self.auditor.clone(), ctx.clone());
         if decision.outcome != crate::policy::Outcome::Allow {
             let (d, c) = (decision.clone(), ctx.clone());
-            self.store.write(move |t| audit::append(t, &a, a.task_refused(&stored, &d, &c))).await?;
+            self.store
+                .write(move |t| audit::append(t, &a, a.task_refused(&stored, &d, &c)))
+                .await?;
             let loaded = self.policy.current();
             let mut reasons = decision.reasons.clone();
             if decision.outcome == crate::policy::Outcome::ApprovalRequired {
-                reasons.push("opening a task cannot wait for an approval; ask for approval on the call".into());
+                reasons.push(
+                    "opening a task cannot wait for an approval; ask for approval on the call"
+                        .into(),
+                );
             }
             return Err(BrokerError::Denied(Box::new(crate::broker::Denial {
                 action: "OpenTask",
@@ -173,7 +212,13 @@ impl Broker {
 
     /// Read a task the caller may see.
     pub fn visible_task(&self, caller: &Caller, id: TaskId) -> Result<TaskRecord, BrokerError> {
-        let task = self.store.read()?.task(id.0)?.ok_or(BrokerError::NotFound { code: "task_not_found" })?;
+        let task = self
+            .store
+            .read()?
+            .task(id.0)?
+            .ok_or(BrokerError::NotFound {
+                code: "task_not_found",
+            })?;
         let visible = match caller {
             Caller::Workload(w) => w.id == task.workload,
             Caller::Operator(_) => caller.has_any_role(&[OperatorRole::Admin]),
@@ -181,20 +226,34 @@ impl Broker {
         if visible {
             Ok(task)
         } else if matches!(caller, Caller::Operator(_)) {
-            Err(BrokerError::Forbidden { code: "forbidden", message: "reading tasks needs the admin role".into() })
+            Err(BrokerError::Forbidden {
+                code: "forbidden",
+                message: "reading tasks needs the admin role".into(),
+            })
         } else {
-            Err(BrokerError::NotFound { code: "task_not_found" })
+            Err(BrokerError::NotFound {
+                code: "task_not_found",
+            })
         }
     }
 
-    pub fn get_task(&self, caller: &Caller, id: TaskId) -> Result<(TaskRecord, Vec<LeaseRecord>), BrokerError> {
+    pub fn get_task(
+        &self,
+        caller: &Caller,
+        id: TaskId,
+    ) -> Result<(TaskRecord, Vec<LeaseRecord>), BrokerError> {
         let task = self.visible_task(caller, id)?;
         let leases = self.store.read()?.task_leases(id.0)?;
         Ok((task, leases))
     }
 
     /// Close the task and revoke every lease under it before answering.
-    pub async fn complete_task(&self, w: &Workload, id: TaskId, ctx: &Ctx) -> Result<CompletionReport, BrokerError> {
+    pub async fn complete_task(
+        &self,
+        w: &Workload,
+        id: TaskId,
+        ctx: &Ctx,
+    ) -> Result<CompletionReport, BrokerError> {
         let caller = Caller::Workload(std::sync::Arc::new(w.clone()));
         self.visible_task(&caller, id)?;
         let now = self.clock.now().unix_millis();
@@ -207,7 +266,11 @@ impl Broker {
                 for l in done.revoked.iter().chain(done.claimed.iter()) {
                     audit::append(t, &a, a.lease(l, &c, now))?;
                 }
-                audit::append(t, &a, a.task_completed(&done.task, done.revoked.len(), done.claimed.len(), &c))?;
+                audit::append(
+                    t,
+                    &a,
+                    a.task_completed(&done.task, done.revoked.len(), done.claimed.len(), &c),
+                )?;
                 Ok(done)
             })
             .await?;
@@ -230,6 +293,10 @@ impl Broker {
             }
         }
         tracing::debug!(task_id = %id, revoked = revoked.len(), pending = pending.len(), "task completed");
-        Ok(CompletionReport { task: completion.task, revoked, pending })
+        Ok(CompletionReport {
+            task: completion.task,
+            revoked,
+            pending,
+        })
     }
 }

@@ -7,24 +7,70 @@ use crate::harness::{Harness, Options};
 pub(crate) async fn leasehold(h: &Harness, args: &[&str]) -> (bool, Value, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"));
     cmd.args(args)
-        .env("LEASEHOLD_CREDENTIALS", h.dir.path().join("dev-credentials.json"))
+        .env(
+            "LEASEHOLD_CREDENTIALS",
+            h.dir.path().join("dev-credentials.json"),
+        )
         .env_remove("LEASEHOLD_TOKEN")
         .env_remove("LEASEHOLD_BROKER")
         .env_remove("LEASEHOLD_AS");
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out.status.success(), serde_json::from_str(&stdout).unwrap_or(Value::Null), stderr)
+    (
+        out.status.success(),
+        serde_json::from_str(&stdout).unwrap_or(Value::Null),
+        stderr,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_and_lease_verbs() {
     let h = Harness::start(Options::default()).await;
-    let (ok, task, err) = leasehold(&h, &["task", "open", "--as", "assistant-a", "--purpose", "triage", "--on-behalf-of", "bob@example.com", "--prompt", "look at ticket 4", "--tool", "demo.read", "--ttl", "600"]).await;
+    let (ok, task, err) = leasehold(
+        &h,
+        &[
+            "task",
+            "open",
+            "--as",
+            "assistant-a",
+            "--purpose",
+            "triage",
+            "--on-behalf-of",
+            "bob@example.com",
+            "--prompt",
+            "look at ticket 4",
+            "--tool",
+            "demo.read",
+            "--ttl",
+            "600",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     let task_id = task["task_id"].as_str().unwrap();
 
-    let (ok, lease, err) = leasehold(&h, &["lease", "request", task_id, "--as", "assistant-a", "--provider", "token", "--role", "demo", "--ttl", "60", "--scope", "demo:read"]).await;
+    let (ok, lease, err) = leasehold(
+        &h,
+        &[
+            "lease",
+            "request",
+            task_id,
+            "--as",
+            "assistant-a",
+            "--provider",
+            "token",
+            "--role",
+            "demo",
+            "--ttl",
+            "60",
+            "--scope",
+            "demo:read",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     let lease_id = lease["lease_id"].as_str().unwrap();
     assert_eq!(lease["scope"][0], "demo:read");
@@ -32,12 +78,28 @@ async fn task_and_lease_verbs() {
 
     // --broker and --token work without the credentials file's identity names
     let url = format!("http://{}", h.addr);
-    let (ok, shown, err) = leasehold(&h, &["lease", "show", lease_id, "--broker", &url, "--token", &h.tokens.a]).await;
+    let (ok, shown, err) = leasehold(
+        &h,
+        &[
+            "lease",
+            "show",
+            lease_id,
+            "--broker",
+            &url,
+            "--token",
+            &h.tokens.a,
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     assert_eq!(shown["state"], "active");
     assert!(shown.get("credential").is_none());
 
-    let (ok, list, err) = leasehold(&h, &["lease", "list", "--as", "responder", "--state", "active"]).await;
+    let (ok, list, err) = leasehold(
+        &h,
+        &["lease", "list", "--as", "responder", "--state", "active"],
+    )
+    .await;
     assert!(ok, "{err}");
     assert_eq!(list["leases"].as_array().unwrap().len(), 1);
 
@@ -54,23 +116,41 @@ async fn task_and_lease_verbs() {
     assert!(ok, "{err}");
     assert_eq!(revoked["state"], "revoked");
 
-    let (ok, done, err) = leasehold(&h, &["task", "complete", task_id, "--as", "assistant-a"]).await;
+    let (ok, done, err) =
+        leasehold(&h, &["task", "complete", task_id, "--as", "assistant-a"]).await;
     assert!(ok, "{err}");
     assert_eq!(done["state"], "completed");
 
     // the task's story, for people
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"));
     cmd.args(["events", "show", "--task", task_id, "--as", "admin"])
-        .env("LEASEHOLD_CREDENTIALS", h.dir.path().join("dev-credentials.json"));
-    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+        .env(
+            "LEASEHOLD_CREDENTIALS",
+            h.dir.path().join("dev-credentials.json"),
+        );
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
     let story = String::from_utf8_lossy(&out.stdout);
-    let order: Vec<&str> = ["task.opened", "lease.issuing", "lease.issued", "lease.revoked", "task.completed"]
-        .into_iter()
-        .filter(|k| story.contains(k))
-        .collect();
+    let order: Vec<&str> = [
+        "task.opened",
+        "lease.issuing",
+        "lease.issued",
+        "lease.revoked",
+        "task.completed",
+    ]
+    .into_iter()
+    .filter(|k| story.contains(k))
+    .collect();
     assert_eq!(order.len(), 5, "{story}");
-    assert!(story.find("task.opened") < story.find("lease.issued") && story.find("lease.revoked") < story.find("task.completed"));
-    assert!(story.contains("bob@example.com") && story.contains("cause manual"), "{story}");
+    assert!(
+        story.find("task.opened") < story.find("lease.issued")
+            && story.find("lease.revoked") < story.find("task.completed")
+    );
+    assert!(
+        story.contains("bob@example.com") && story.contains("cause manual"),
+        "{story}"
+    );
 
     let (ok, _, err) = leasehold(&h, &["task", "show", task_id]).await;
     assert!(!ok);
@@ -80,10 +160,49 @@ async fn task_and_lease_verbs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_and_approvals_from_the_command_line() {
     let h = Harness::start(Options::default()).await;
-    let (ok, task, err) = leasehold(&h, &["task", "open", "--as", "assistant-a", "--purpose", "fix ticket", "--on-behalf-of", "alice@example.com", "--prompt", "fix 42", "--tool", "demo.write", "--tool", "demo.read", "--ttl", "600"]).await;
+    let (ok, task, err) = leasehold(
+        &h,
+        &[
+            "task",
+            "open",
+            "--as",
+            "assistant-a",
+            "--purpose",
+            "fix ticket",
+            "--on-behalf-of",
+            "alice@example.com",
+            "--prompt",
+            "fix 42",
+            "--tool",
+            "demo.write",
+            "--tool",
+            "demo.read",
+            "--ttl",
+            "600",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     let task_id = task["task_id"].as_str().unwrap();
-    let call = ["task", "call", task_id, "--as", "assistant-a", "--tool", "demo.write", "--action", "update", "--resource", "ticket:42", "--provider", "token", "--role", "demo", "--ttl", "60"];
+    let call = [
+        "task",
+        "call",
+        task_id,
+        "--as",
+        "assistant-a",
+        "--tool",
+        "demo.write",
+        "--action",
+        "update",
+        "--resource",
+        "ticket:42",
+        "--provider",
+        "token",
+        "--role",
+        "demo",
+        "--ttl",
+        "60",
+    ];
     let (ok, held, err) = leasehold(&h, &call).await;
     assert!(ok, "{err}");
     assert_eq!(held["decision"], "approval_required");
@@ -92,9 +211,25 @@ async fn calls_and_approvals_from_the_command_line() {
     let (ok, list, _) = leasehold(&h, &["approvals", "list", "--as", "approver"]).await;
     assert!(ok);
     assert_eq!(list["approvals"][0]["approval_id"], approval);
-    let (ok, _, err) = leasehold(&h, &["approvals", "approve", approval, "--as", "assistant-a"]).await;
+    let (ok, _, err) = leasehold(
+        &h,
+        &["approvals", "approve", approval, "--as", "assistant-a"],
+    )
+    .await;
     assert!(!ok && err.contains("forbidden"), "{err}");
-    let (ok, v, err) = leasehold(&h, &["approvals", "approve", approval, "--as", "approver", "--comment", "ticket 42 only"]).await;
+    let (ok, v, err) = leasehold(
+        &h,
+        &[
+            "approvals",
+            "approve",
+            approval,
+            "--as",
+            "approver",
+            "--comment",
+            "ticket 42 only",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     assert_eq!(v["state"], "approved");
 
@@ -108,10 +243,36 @@ async fn calls_and_approvals_from_the_command_line() {
     // a denial from the command line needs its reason, and the caller sees why
     let (_, held, _) = leasehold(&h, &call).await;
     let second = held["approval_id"].as_str().unwrap();
-    let (ok, v, err) = leasehold(&h, &["approvals", "deny", second, "--as", "approver", "--comment", "not this week"]).await;
+    let (ok, v, err) = leasehold(
+        &h,
+        &[
+            "approvals",
+            "deny",
+            second,
+            "--as",
+            "approver",
+            "--comment",
+            "not this week",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     assert_eq!(v["comment"], "not this week");
-    let (ok, _, err) = leasehold(&h, &["task", "call", task_id, "--as", "assistant-a", "--tool", "demo.admin", "--action", "x"]).await;
+    let (ok, _, err) = leasehold(
+        &h,
+        &[
+            "task",
+            "call",
+            task_id,
+            "--as",
+            "assistant-a",
+            "--tool",
+            "demo.admin",
+            "--action",
+            "x",
+        ],
+    )
+    .await;
     assert!(!ok && err.contains("policy_denied"), "{err}");
 }
 
@@ -135,7 +296,10 @@ async fn revoke_follows_the_job_fences_and_blast_radius() {
             c.reaper.retry_budget = 1;
         }),
         overrides: Box::new(move || leasehold::server::Overrides {
-            providers: vec![("flaky".into(), f2.clone() as Arc<dyn leasehold_provider::Provider>)],
+            providers: vec![(
+                "flaky".into(),
+                f2.clone() as Arc<dyn leasehold_provider::Provider>,
+            )],
         }),
     })
     .await;
@@ -144,22 +308,62 @@ async fn revoke_follows_the_job_fences_and_blast_radius() {
         h.lease(&h.tokens.a, &task, 600).await;
     }
 
-    let (ok, dry, err) = leasehold(&h, &["revoke", "--as", "responder", "--workload", "dev:assistant-a", "--reason", "leak", "--dry-run"]).await;
+    let (ok, dry, err) = leasehold(
+        &h,
+        &[
+            "revoke",
+            "--as",
+            "responder",
+            "--workload",
+            "dev:assistant-a",
+            "--reason",
+            "leak",
+            "--dry-run",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     assert_eq!(dry["matched"], 15);
 
-    let (ok, done, err) = leasehold(&h, &["revoke", "--as", "responder", "--workload", "dev:assistant-a", "--fence", "--reason", "token leaked in a log"]).await;
+    let (ok, done, err) = leasehold(
+        &h,
+        &[
+            "revoke",
+            "--as",
+            "responder",
+            "--workload",
+            "dev:assistant-a",
+            "--fence",
+            "--reason",
+            "token leaked in a log",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     assert_eq!(done["state"], "done");
     assert_eq!(done["by_provider"]["token"]["revoked"], 15);
     let job_id = done["job_id"].as_str().unwrap();
     // the progress: the job id, then lines with counts per provider, rate and ETA
-    assert!(err.contains(&format!("job {job_id} started (fence in force)")), "{err}");
+    assert!(
+        err.contains(&format!("job {job_id} started (fence in force)")),
+        "{err}"
+    );
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with(job_id)).collect();
-    assert!(lines.len() >= 2, "a line a second while it runs, and the last: {err}");
-    assert!(lines.iter().any(|l| l.contains(" running ") && l.contains("/s |")), "{err}");
+    assert!(
+        lines.len() >= 2,
+        "a line a second while it runs, and the last: {err}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(" running ") && l.contains("/s |")),
+        "{err}"
+    );
     let last = lines.last().unwrap();
-    assert!(last.contains("done  token 15/15 revoked, 0 retrying, 0 irrevocable"), "{last}");
+    assert!(
+        last.contains("done  token 15/15 revoked, 0 retrying, 0 irrevocable"),
+        "{last}"
+    );
 
     let (ok, status, err) = leasehold(&h, &["revoke", "status", job_id, "--as", "responder"]).await;
     assert!(ok, "{err}");
@@ -167,24 +371,74 @@ async fn revoke_follows_the_job_fences_and_blast_radius() {
     let (ok, fences, _) = leasehold(&h, &["fence", "list", "--as", "responder"]).await;
     assert!(ok);
     assert_eq!(fences["fences"][0]["value"], "dev:assistant-a");
-    let (ok, radius, err) = leasehold(&h, &["blast-radius", "--as", "responder", "--workload", "dev:assistant-a"]).await;
+    let (ok, radius, err) = leasehold(
+        &h,
+        &[
+            "blast-radius",
+            "--as",
+            "responder",
+            "--workload",
+            "dev:assistant-a",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     assert_eq!(radius["totals"]["leases"], 15);
     assert_eq!(radius["totals"]["live_leases"], 0);
     assert_eq!(radius["fenced"], true);
-    let (ok, _, err) = leasehold(&h, &["revoke", "--as", "responder", "--workload", "dev:assistant-a"]).await;
+    let (ok, _, err) = leasehold(
+        &h,
+        &[
+            "revoke",
+            "--as",
+            "responder",
+            "--workload",
+            "dev:assistant-a",
+        ],
+    )
+    .await;
     assert!(!ok && err.contains("--reason"), "{err}");
-    let (ok, _, err) = leasehold(&h, &["fence", "lift", "--as", "responder", "--workload", "dev:assistant-a", "--reason", "rotated"]).await;
+    let (ok, _, err) = leasehold(
+        &h,
+        &[
+            "fence",
+            "lift",
+            "--as",
+            "responder",
+            "--workload",
+            "dev:assistant-a",
+            "--reason",
+            "rotated",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
 
     // a lease that cannot be revoked: the command says so and exits 1
     let task = h.open_task(&h.tokens.b, 3600).await;
-    let (_, v) = h.post(&h.tokens.b, &format!("/v1/tasks/{task}/leases"), serde_json::json!({"provider": "flaky", "role": "r", "ttl_seconds": 600})).await;
+    let (_, v) = h
+        .post(
+            &h.tokens.b,
+            &format!("/v1/tasks/{task}/leases"),
+            serde_json::json!({"provider": "flaky", "role": "r", "ttl_seconds": 600}),
+        )
+        .await;
     let stuck = v["lease_id"].as_str().unwrap().to_owned();
     flaky.down.store(true, Ordering::SeqCst);
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"));
-    cmd.args(["revoke", "--as", "responder", "--provider", "flaky", "--reason", "peer compromised"])
-        .env("LEASEHOLD_CREDENTIALS", h.dir.path().join("dev-credentials.json"));
+    cmd.args([
+        "revoke",
+        "--as",
+        "responder",
+        "--provider",
+        "flaky",
+        "--reason",
+        "peer compromised",
+    ])
+    .env(
+        "LEASEHOLD_CREDENTIALS",
+        h.dir.path().join("dev-credentials.json"),
+    );
     let run = tokio::task::spawn_blocking(move || cmd.output().unwrap());
     while !run.is_finished() {
         h.advance(std::time::Duration::from_secs(2));
@@ -196,11 +450,34 @@ async fn revoke_follows_the_job_fences_and_blast_radius() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["by_provider"]["flaky"]["irrevocable"], 1, "{report}");
     assert_eq!(report["failed"][0]["lease_id"], stuck.as_str());
-    assert!(stderr.contains("0/1 revoked, 0 retrying, 1 irrevocable"), "{stderr}");
+    assert!(
+        stderr.contains("0/1 revoked, 0 retrying, 1 irrevocable"),
+        "{stderr}"
+    );
 
-    let (ok, _, err) = leasehold(&h, &["lease", "revoke", &stuck, "--as", "responder", "--force"]).await;
-    assert!(!ok && err.contains("--reason"), "--force needs a reason: {err}");
-    let (ok, abandoned, err) = leasehold(&h, &["lease", "revoke", &stuck, "--as", "responder", "--force", "--reason", "peer is gone"]).await;
+    let (ok, _, err) = leasehold(
+        &h,
+        &["lease", "revoke", &stuck, "--as", "responder", "--force"],
+    )
+    .await;
+    assert!(
+        !ok && err.contains("--reason"),
+        "--force needs a reason: {err}"
+    );
+    let (ok, abandoned, err) = leasehold(
+        &h,
+        &[
+            "lease",
+            "revoke",
+            &stuck,
+            "--as",
+            "responder",
+            "--force",
+            "--reason",
+            "peer is gone",
+        ],
+    )
+    .await;
     assert!(ok, "{err}");
     assert_eq!(abandoned["state"], "abandoned");
 }

@@ -26,29 +26,50 @@ fn every_example_config_is_valid() {
     tomls_under(&root.join("deploy"), &mut files);
     for path in &files {
         let cfg = Config::load(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        cfg.validate()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     }
-    assert!(files.len() >= 3, "expected example configs, found {files:?}");
+    assert!(
+        files.len() >= 3,
+        "expected example configs, found {files:?}"
+    );
 }
 
 fn validate_cli(file: &Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_leasehold")).args(["config", "validate"]).arg(file).output().unwrap()
+    std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["config", "validate"])
+        .arg(file)
+        .output()
+        .unwrap()
 }
 
 #[test]
 fn config_validate_checks_files_and_names_fields() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, _) = crate::harness::child_config(dir.path(), "127.0.0.1:7711".parse().unwrap(), |_| {});
+    let (path, _) =
+        crate::harness::child_config(dir.path(), "127.0.0.1:7711".parse().unwrap(), |_| {});
     let out = validate_cli(&path);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
 
     let text = std::fs::read_to_string(&path).unwrap();
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, text.replace("max_ttl_seconds = 900", "max_ttl_seconds = \"900\"")).unwrap();
+    std::fs::write(
+        &bad,
+        text.replace("max_ttl_seconds = 900", "max_ttl_seconds = \"900\""),
+    )
+    .unwrap();
     let out = validate_cli(&bad);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("max_ttl_seconds"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_ttl_seconds"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     std::fs::write(&bad, text.replace("token-signing.pk8", "missing.pk8")).unwrap();
     let out = validate_cli(&bad);
@@ -68,20 +89,40 @@ fn serve_refuses_a_store_with_another_key() {
     let addr = crate::harness::free_port();
     let (path, _) = crate::harness::child_config(dir.path(), addr, |_| {});
     // create the store with the first key
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let key = leasehold::store::StoreKey::from_file(&dir.path().join("store.key")).unwrap();
-        drop(leasehold::store::Store::open(&leasehold::store::StoreOptions::new(dir.path().join("leasehold.redb")), &key).unwrap());
+        drop(
+            leasehold::store::Store::open(
+                &leasehold::store::StoreOptions::new(dir.path().join("leasehold.redb")),
+                &key,
+            )
+            .unwrap(),
+        );
     });
     std::fs::remove_file(dir.path().join("store.key")).unwrap();
-    leasehold::store::StoreKey::generate().unwrap().write_new_file(&dir.path().join("store.key")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold")).args(["serve", "-c"]).arg(&path).output().unwrap();
+    leasehold::store::StoreKey::generate()
+        .unwrap()
+        .write_new_file(&dir.path().join("store.key"))
+        .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["serve", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not match"), "{err}");
     // missing key: also a clear error
     std::fs::remove_file(dir.path().join("store.key")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold")).args(["serve", "-c"]).arg(&path).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["serve", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("store.key"));
 }

@@ -45,24 +45,52 @@ impl Probe for Introspect<'_> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_provider_conforms_on_the_durable_store() {
     let dir = tempfile::tempdir().unwrap();
-    let (config, _) = leasehold::dev::prepare(dir.path(), "127.0.0.1:1".parse().unwrap(), SystemClock.now()).unwrap();
+    let (config, _) = leasehold::dev::prepare(
+        dir.path(),
+        "127.0.0.1:1".parse().unwrap(),
+        SystemClock.now(),
+    )
+    .unwrap();
     let key = StoreKey::from_file(config.store.key_file.as_ref().unwrap()).unwrap();
     let opts = StoreOptions::new(&config.store.path);
     let store = Store::open(&opts, &key).unwrap();
-    let providers = Providers::build(&config.providers, &store, config.limits.max_lease_ttl_seconds).unwrap();
+    let providers = Providers::build(
+        &config.providers,
+        &store,
+        config.limits.max_lease_ttl_seconds,
+    )
+    .unwrap();
     let token = providers.get("token").unwrap().token.clone().unwrap();
     let specs = Specs(AtomicU64::new(0), SystemClock.now());
-    let report = conformance::run(token.as_ref(), &Introspect(&token), &specs, "demo").await.unwrap();
+    let report = conformance::run(token.as_ref(), &Introspect(&token), &specs, "demo")
+        .await
+        .unwrap();
     assert_eq!(report.steps.len(), 7, "{report:?}");
 
     // revocations are durable: a fresh process (store reopened) agrees
     let revoked = specs.spec("demo", Duration::from_secs(60));
-    let issued = leasehold_provider::Provider::issue(token.as_ref(), &revoked).await.unwrap();
-    leasehold_provider::Provider::rollback(token.as_ref(), &revoked).await.unwrap();
+    let issued = leasehold_provider::Provider::issue(token.as_ref(), &revoked)
+        .await
+        .unwrap();
+    leasehold_provider::Provider::rollback(token.as_ref(), &revoked)
+        .await
+        .unwrap();
     drop((providers, token));
     drop(store);
     let store = Store::open(&opts, &key).unwrap();
-    let providers = Providers::build(&config.providers, &store, config.limits.max_lease_ttl_seconds).unwrap();
+    let providers = Providers::build(
+        &config.providers,
+        &store,
+        config.limits.max_lease_ttl_seconds,
+    )
+    .unwrap();
     let token = providers.get("token").unwrap().token.clone().unwrap();
-    assert!(!token.introspect(issued.credential.expose("token").unwrap(), SystemClock.now()).active);
+    assert!(
+        !token
+            .introspect(
+                issued.credential.expose("token").unwrap(),
+                SystemClock.now()
+            )
+            .active
+    );
 }

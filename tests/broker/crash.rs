@@ -16,21 +16,32 @@ async fn sigkill_between_intent_and_activation_rolls_back() {
     let addr = free_port();
     let marker = dir.path().join("paused.json");
     let pause = marker.clone();
-    let (config, creds) = child_config(dir.path(), addr, move |c| c.fault.pause_after_issue_file = Some(pause));
+    let (config, creds) = child_config(dir.path(), addr, move |c| {
+        c.fault.pause_after_issue_file = Some(pause)
+    });
     let remote = Remote::new(addr);
     let http = remote.http.clone();
     let mut first = Child::spawn(&config, addr, dir.path().join("first.log"), "info");
     first.wait_healthy(&http).await;
     let a = creds.identities["assistant-a"].token.clone();
-    let body = json!({"purpose": "crash", "on_behalf_of": "alice", "prompt": "p", "ttl_seconds": 3600});
+    let body =
+        json!({"purpose": "crash", "on_behalf_of": "alice", "prompt": "p", "ttl_seconds": 3600});
     let task = remote.post(&a, "/v1/tasks", Some(body)).await;
     let task_id = task["task_id"].as_str().unwrap().to_owned();
 
     // this request will never be answered: the broker hangs after issuing
     let pending = {
-        let (http, a, url) = (http.clone(), a.clone(), format!("{}/v1/tasks/{task_id}/leases", remote.base));
+        let (http, a, url) = (
+            http.clone(),
+            a.clone(),
+            format!("{}/v1/tasks/{task_id}/leases", remote.base),
+        );
         tokio::spawn(async move {
-            http.post(url).bearer_auth(a).json(&json!({"provider": "token", "role": "demo", "ttl_seconds": 600})).send().await
+            http.post(url)
+                .bearer_auth(a)
+                .json(&json!({"provider": "token", "role": "demo", "ttl_seconds": 600}))
+                .send()
+                .await
         })
     };
     let mut paused = None;
@@ -48,7 +59,10 @@ async fn sigkill_between_intent_and_activation_rolls_back() {
     let orphan = paused["credential"]["token"].as_str().unwrap().to_owned();
 
     first.kill9();
-    assert!(pending.await.unwrap().is_err(), "the client never got the credential");
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the client never got the credential"
+    );
 
     // restart on the same store, without the fault
     let (config, creds) = child_config(dir.path(), addr, |_| {});
@@ -67,10 +81,24 @@ async fn sigkill_between_intent_and_activation_rolls_back() {
     assert_eq!(lease["state"], "rolled_back", "{lease}");
     assert_eq!(lease["revocation"]["cause"], "recovery");
     // the orphaned token has not expired, yet the provider says it is dead
-    assert!(!remote.active(&resource, &orphan).await, "the orphaned credential is still usable");
-    let story = remote.get(&admin, &format!("/v1/events?lease={lease_id}")).await;
-    let kinds: Vec<&str> = story["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["call.decided", "lease.issuing", "lease.rolled_back"], "the chain tells the crash story");
+    assert!(
+        !remote.active(&resource, &orphan).await,
+        "the orphaned credential is still usable"
+    );
+    let story = remote
+        .get(&admin, &format!("/v1/events?lease={lease_id}"))
+        .await;
+    let kinds: Vec<&str> = story["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["call.decided", "lease.issuing", "lease.rolled_back"],
+        "the chain tells the crash story"
+    );
     assert_eq!(story["events"][2]["data"]["cause"], "recovery");
     let log = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
     assert!(log.contains("rolling it back"), "{log}");

@@ -15,7 +15,12 @@ use serde_json::{Value, json};
 use crate::harness::{Harness, Options};
 
 async fn task_events(h: &Harness, task: &str) -> Vec<Value> {
-    let (s, v) = h.get(&h.tokens.admin, &format!("/v1/events?task={task}&limit=1000")).await;
+    let (s, v) = h
+        .get(
+            &h.tokens.admin,
+            &format!("/v1/events?task={task}&limit=1000"),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     v["events"].as_array().unwrap().clone()
 }
@@ -33,9 +38,21 @@ async fn a_task_story_has_every_link() {
     let two = h.lease(&t.a, &task, 300).await;
     let one_id = one["lease_id"].as_str().unwrap();
     let two_id = two["lease_id"].as_str().unwrap();
-    let r = h.http.post(h.url(&format!("/v1/leases/{one_id}/revoke"))).bearer_auth(&t.responder).header("x-request-id", "incident-42").send().await.unwrap();
+    let r = h
+        .http
+        .post(h.url(&format!("/v1/leases/{one_id}/revoke")))
+        .bearer_auth(&t.responder)
+        .header("x-request-id", "incident-42")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(h.post_empty(&t.a, &format!("/v1/tasks/{task}/complete")).await.0, StatusCode::OK);
+    assert_eq!(
+        h.post_empty(&t.a, &format!("/v1/tasks/{task}/complete"))
+            .await
+            .0,
+        StatusCode::OK
+    );
 
     let events = task_events(&h, &task).await;
     assert_eq!(
@@ -58,14 +75,27 @@ async fn a_task_story_has_every_link() {
         assert_eq!(l["task"], task.as_str(), "{e}");
         assert_eq!(l["workload"], "dev:assistant-a", "{e}");
         assert_eq!(l["user"], "alice@example.com", "{e}");
-        assert!(l["request_id"].as_str().is_some(), "every event of a request names it: {e}");
+        assert!(
+            l["request_id"].as_str().is_some(),
+            "every event of a request names it: {e}"
+        );
         assert_eq!(e["hash"].as_str().unwrap().len(), 64);
-        assert!(!e.to_string().contains(one["credential"]["token"].as_str().unwrap()), "no credential in the chain");
+        assert!(
+            !e.to_string()
+                .contains(one["credential"]["token"].as_str().unwrap()),
+            "no credential in the chain"
+        );
     }
     let opened = &events[0];
     assert_eq!(opened["data"]["prompt_sha256"].as_str().unwrap().len(), 64);
-    assert!(opened["data"].get("prompt").is_none() && opened["data"].get("prompt_sealed").is_none());
-    assert_eq!(opened["data"]["policies"], json!(["open-task"]), "the decision that let it open");
+    assert!(
+        opened["data"].get("prompt").is_none() && opened["data"].get("prompt_sealed").is_none()
+    );
+    assert_eq!(
+        opened["data"]["policies"],
+        json!(["open-task"]),
+        "the decision that let it open"
+    );
     // every credential request was decided by policy, with the policies named
     assert_eq!(events[1]["data"]["action"], "Lease");
     assert_eq!(events[1]["data"]["outcome"], "allow");
@@ -89,15 +119,28 @@ async fn a_task_story_has_every_link() {
     }
     // filters: by lease, by kind, by user
     let (_, v) = h.get(&t.admin, &format!("/v1/events?lease={one_id}")).await;
-    assert_eq!(kinds(v["events"].as_array().unwrap()), ["call.decided", "lease.issuing", "lease.issued", "lease.revoked"]);
-    let (_, v) = h.get(&t.admin, "/v1/events?kind=lease.issued&limit=1000").await;
+    assert_eq!(
+        kinds(v["events"].as_array().unwrap()),
+        [
+            "call.decided",
+            "lease.issuing",
+            "lease.issued",
+            "lease.revoked"
+        ]
+    );
+    let (_, v) = h
+        .get(&t.admin, "/v1/events?kind=lease.issued&limit=1000")
+        .await;
     assert_eq!(v["events"].as_array().unwrap().len(), 2);
     let (_, v) = h.get(&t.admin, "/v1/events?user=bob@example.com").await;
     assert!(v["events"].as_array().unwrap().is_empty());
     // the chain is for operators
     assert_eq!(h.get(&t.a, "/v1/events").await.0, StatusCode::FORBIDDEN);
     let (s, v) = h.get(&t.admin, "/v1/events?kind=nope").await;
-    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_parameter")));
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_parameter"))
+    );
     let (s, report) = h.get(&t.responder, "/v1/events/verify").await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(report["ok"], true, "{report}");
@@ -105,7 +148,11 @@ async fn a_task_story_has_every_link() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_and_recovery_revocations_are_in_the_chain() {
-    let h = Harness::start(Options { manual_clock: true, ..Options::default() }).await;
+    let h = Harness::start(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
     let task = h.open_task(&h.tokens.a, 600).await;
     let l = h.lease(&h.tokens.a, &task, 5).await;
     let id = l["lease_id"].as_str().unwrap();
@@ -115,7 +162,10 @@ async fn expiry_and_recovery_revocations_are_in_the_chain() {
     let last = events.last().unwrap();
     assert_eq!(last["kind"], "lease.revoked");
     assert_eq!(last["data"]["cause"], "expiry");
-    assert!(last["links"].get("request_id").is_none(), "the broker did it on its own");
+    assert!(
+        last["links"].get("request_id").is_none(),
+        "the broker did it on its own"
+    );
 }
 
 /// A provider that records what is live, to see a failed request's
@@ -131,7 +181,11 @@ impl Provider for Recording {
     fn describe(&self) -> Description {
         Description {
             kind: "recording",
-            roles: vec![RoleInfo { name: "r".into(), max_ttl: Duration::from_secs(3600), description: String::new() }],
+            roles: vec![RoleInfo {
+                name: "r".into(),
+                max_ttl: Duration::from_secs(3600),
+                description: String::new(),
+            }],
             revocation: "removes it from the set".into(),
         }
     }
@@ -152,7 +206,10 @@ impl Provider for Recording {
         })
     }
     async fn revoke(&self, l: &RevokeSpec) -> Result<(), ProviderError> {
-        self.live.lock().unwrap().remove(std::str::from_utf8(l.handle.as_bytes()).unwrap());
+        self.live
+            .lock()
+            .unwrap()
+            .remove(std::str::from_utf8(l.handle.as_bytes()).unwrap());
         Ok(())
     }
     async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError> {
@@ -171,24 +228,54 @@ async fn a_failed_append_fails_the_request_and_revokes_the_credential() {
             c.fault.fail_event_kinds = vec!["lease.issued".into()];
             crate::harness::permit_leases(c, "rec");
         }),
-        overrides: Box::new(move || Overrides { providers: vec![("rec".into(), r2.clone() as Arc<dyn Provider>)] }),
+        overrides: Box::new(move || Overrides {
+            providers: vec![("rec".into(), r2.clone() as Arc<dyn Provider>)],
+        }),
         ..Options::default()
     })
     .await;
     let task = h.open_task(&h.tokens.a, 600).await;
-    let (s, v) = h.post(&h.tokens.a, &format!("/v1/tasks/{task}/leases"), json!({"provider": "rec", "role": "r", "ttl_seconds": 60})).await;
-    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("store_unavailable")), "{v}");
-    assert!(!v.to_string().contains("recorded-secret"), "no credential without its event");
-    assert!(rec.issued.load(Ordering::SeqCst), "the provider did mint one");
+    let (s, v) = h
+        .post(
+            &h.tokens.a,
+            &format!("/v1/tasks/{task}/leases"),
+            json!({"provider": "rec", "role": "r", "ttl_seconds": 60}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("store_unavailable")),
+        "{v}"
+    );
+    assert!(
+        !v.to_string().contains("recorded-secret"),
+        "no credential without its event"
+    );
+    assert!(
+        rec.issued.load(Ordering::SeqCst),
+        "the provider did mint one"
+    );
     assert!(rec.live.lock().unwrap().is_empty(), "and it was taken back");
     // the failure is recorded and the rollback queued; the worker confirms it
     let events = task_events(&h, &task).await;
     let lease = events[2]["links"]["lease"].as_str().unwrap().to_owned();
     h.wait_state(&lease, "rolled_back").await;
     let events = task_events(&h, &task).await;
-    assert_eq!(kinds(&events), ["task.opened", "call.decided", "lease.issuing", "lease.revoking", "lease.rolled_back"]);
+    assert_eq!(
+        kinds(&events),
+        [
+            "task.opened",
+            "call.decided",
+            "lease.issuing",
+            "lease.revoking",
+            "lease.rolled_back"
+        ]
+    );
     assert_eq!(events[3]["data"]["cause"], "issue_failed");
-    assert!(events.iter().all(|e| e["kind"] != "lease.issued"), "no issue event for a withheld credential");
+    assert!(
+        events.iter().all(|e| e["kind"] != "lease.issued"),
+        "no issue event for a withheld credential"
+    );
     let (_, report) = h.get(&h.tokens.admin, "/v1/events/verify").await;
     assert_eq!(report["ok"], true, "{report}");
 }
@@ -209,21 +296,38 @@ async fn denied_authentication_is_recorded_but_bounded() {
     })
     .await;
     for i in 0..60 {
-        let r = h.http.get(h.url("/v1/leases")).bearer_auth(format!("lho_guess{i}")).send().await.unwrap();
+        let r = h
+            .http
+            .get(h.url("/v1/leases"))
+            .bearer_auth(format!("lho_guess{i}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, v) = h.get(&h.tokens.admin, "/v1/events?kind=auth.denied&limit=1000").await;
+    let (_, v) = h
+        .get(&h.tokens.admin, "/v1/events?kind=auth.denied&limit=1000")
+        .await;
     let n = v["events"].as_array().unwrap().len();
-    assert!((1..=30).contains(&n), "60 guesses in a few seconds recorded {n} times");
-    assert!(!v.to_string().contains("lho_guess"), "the guessed token is not recorded");
+    assert!(
+        (1..=30).contains(&n),
+        "60 guesses in a few seconds recorded {n} times"
+    );
+    assert!(
+        !v.to_string().contains("lho_guess"),
+        "the guessed token is not recorded"
+    );
 }
 
 #[tokio::test]
 async fn configured_fields_enter_the_chain_as_hmacs() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("hmac.key");
-    leasehold::store::StoreKey::generate().unwrap().write_new_file(&key).unwrap();
+    leasehold::store::StoreKey::generate()
+        .unwrap()
+        .write_new_file(&key)
+        .unwrap();
     let k2 = key.clone();
     let h = Harness::start(Options {
         tweak: Box::new(move |c| {
@@ -243,6 +347,8 @@ async fn configured_fields_enter_the_chain_as_hmacs() {
     assert!(events[0]["data"]["prompt_sealed"].as_str().is_some());
     assert!(!events[0].to_string().contains("do the thing"));
     // an operator who knows the user still finds the events
-    let (_, v) = h.get(&h.tokens.admin, "/v1/events?user=alice%40example.com").await;
+    let (_, v) = h
+        .get(&h.tokens.admin, "/v1/events?user=alice%40example.com")
+        .await;
     assert_eq!(v["events"].as_array().unwrap().len(), 1);
 }

@@ -9,7 +9,10 @@ use reqwest::StatusCode;
 use crate::harness::{Harness, Options};
 
 fn manual() -> Options {
-    Options { manual_clock: true, ..Options::default() }
+    Options {
+        manual_clock: true,
+        ..Options::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,15 +27,25 @@ async fn leases_expire_when_the_clock_passes_their_deadline() {
 
     h.advance(Duration::from_secs(59));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(h.lease_state(short_id).await, "active", "not a second early");
+    assert_eq!(
+        h.lease_state(short_id).await,
+        "active",
+        "not a second early"
+    );
 
     h.advance(Duration::from_secs(2));
     h.wait_state(short_id, "expired").await;
     let (_, l) = h.get(&t.admin, &format!("/v1/leases/{short_id}")).await;
     assert_eq!(l["revocation"]["cause"], "expiry");
-    assert!(!h.introspect(short["credential"]["token"].as_str().unwrap()).await);
+    assert!(
+        !h.introspect(short["credential"]["token"].as_str().unwrap())
+            .await
+    );
     assert_eq!(h.lease_state(long_id).await, "active");
-    assert!(h.introspect(long["credential"]["token"].as_str().unwrap()).await);
+    assert!(
+        h.introspect(long["credential"]["token"].as_str().unwrap())
+            .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,9 +78,16 @@ async fn leases_never_outlive_their_task() {
     assert_eq!(detail["state"], "expired");
     // nothing new under an expired task
     let (s, e) = h
-        .post(&t.a, &format!("/v1/tasks/{task}/leases"), serde_json::json!({"provider": "token", "role": "demo", "ttl_seconds": 10}))
+        .post(
+            &t.a,
+            &format!("/v1/tasks/{task}/leases"),
+            serde_json::json!({"provider": "token", "role": "demo", "ttl_seconds": 10}),
+        )
         .await;
-    assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("task_expired")));
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("task_expired"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,7 +104,12 @@ async fn many_leases_expiring_together_are_all_revoked() {
     for _ in 0..10 {
         let task = h.open_task(&t.a, 3600).await;
         for _ in 0..10 {
-            ids.push(h.lease(&t.a, &task, 120).await["lease_id"].as_str().unwrap().to_owned());
+            ids.push(
+                h.lease(&t.a, &task, 120).await["lease_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
         }
     }
     h.advance(Duration::from_secs(121));

@@ -6,18 +6,18 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use leasehold::clock::{Clock, ManualClock, SystemClock, Timestamp};
 use leasehold::config::Config;
 use leasehold::dev::DevCredentials;
 use leasehold::server::{Overrides, ServeError};
-use reqwest::StatusCode;
 use leasehold_provider::*;
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 pub struct Tokens {
@@ -51,7 +51,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { manual_clock: false, tweak: Box::new(|_| {}), overrides: Box::new(Overrides::default) }
+        Self {
+            manual_clock: false,
+            tweak: Box::new(|_| {}),
+            overrides: Box::new(Overrides::default),
+        }
     }
 }
 
@@ -82,7 +86,9 @@ impl Harness {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let clock = opts.manual_clock.then(|| ManualClock::new(now_rounded()));
-        let now = clock.as_ref().map_or_else(|| SystemClock.now(), |c| c.now());
+        let now = clock
+            .as_ref()
+            .map_or_else(|| SystemClock.now(), |c| c.now());
         let (mut config, creds) = leasehold::dev::prepare(dir.path(), addr, now).unwrap();
         (opts.tweak)(&mut config);
         let tls = config.server.tls.is_some();
@@ -174,7 +180,13 @@ impl Harness {
         self.clock.as_ref().expect("manual clock").advance(d);
     }
 
-    pub async fn call(&self, method: reqwest::Method, token: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        token: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.http.request(method, self.url(path));
         if !token.is_empty() {
             req = req.bearer_auth(token);
@@ -185,7 +197,10 @@ impl Harness {
         let resp = req.send().await.unwrap();
         let status = resp.status();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     pub async fn get(&self, token: &str, path: &str) -> (StatusCode, Value) {
@@ -193,7 +208,8 @@ impl Harness {
     }
 
     pub async fn post(&self, token: &str, path: &str, body: Value) -> (StatusCode, Value) {
-        self.call(reqwest::Method::POST, token, path, Some(body)).await
+        self.call(reqwest::Method::POST, token, path, Some(body))
+            .await
     }
 
     pub async fn post_empty(&self, token: &str, path: &str) -> (StatusCode, Value) {
@@ -212,7 +228,11 @@ impl Harness {
     /// Lease a demo token; returns the whole response (with `credential`).
     pub async fn lease(&self, token: &str, task: &str, ttl: i64) -> Value {
         let (s, v) = self
-            .post(token, &format!("/v1/tasks/{task}/leases"), json!({"provider": "token", "role": "demo", "ttl_seconds": ttl}))
+            .post(
+                token,
+                &format!("/v1/tasks/{task}/leases"),
+                json!({"provider": "token", "role": "demo", "ttl_seconds": ttl}),
+            )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v
@@ -228,11 +248,15 @@ impl Harness {
             .await
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
-        resp.json::<Value>().await.unwrap()["active"].as_bool().unwrap()
+        resp.json::<Value>().await.unwrap()["active"]
+            .as_bool()
+            .unwrap()
     }
 
     pub async fn lease_state(&self, lease: &str) -> String {
-        let (s, v) = self.get(&self.tokens.admin, &format!("/v1/leases/{lease}")).await;
+        let (s, v) = self
+            .get(&self.tokens.admin, &format!("/v1/leases/{lease}"))
+            .await;
         assert_eq!(s, StatusCode::OK, "{v}");
         v["state"].as_str().unwrap().to_owned()
     }
@@ -245,7 +269,10 @@ impl Harness {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("lease {lease} never reached {state}; it is {}", self.lease_state(lease).await);
+        panic!(
+            "lease {lease} never reached {state}; it is {}",
+            self.lease_state(lease).await
+        );
     }
 
     /// Every lease as (id, state), via the admin API: a snapshot to compare.
@@ -260,7 +287,10 @@ impl Harness {
             let (s, v) = self.get(&self.tokens.admin, &path).await;
             assert_eq!(s, StatusCode::OK, "{v}");
             for l in v["leases"].as_array().unwrap() {
-                out.push((l["lease_id"].as_str().unwrap().to_owned(), l["state"].as_str().unwrap().to_owned()));
+                out.push((
+                    l["lease_id"].as_str().unwrap().to_owned(),
+                    l["state"].as_str().unwrap().to_owned(),
+                ));
             }
             match v["next_cursor"].as_str() {
                 Some(c) => cursor = Some(c.to_owned()),
@@ -285,7 +315,9 @@ pub fn permit_leases(c: &mut Config, provider: &str) {
 
 /// A file under `integration/fixtures/`.
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("integration/fixtures")
+        .join(rel)
 }
 
 pub fn mint_in(dir: &Path, claims: &Value) -> String {
@@ -331,15 +363,27 @@ impl Provider for Flaky {
     fn describe(&self) -> Description {
         Description {
             kind: "flaky",
-            roles: vec![RoleInfo { name: "r".into(), max_ttl: Duration::from_secs(3600), description: String::new() }],
+            roles: vec![RoleInfo {
+                name: "r".into(),
+                max_ttl: Duration::from_secs(3600),
+                description: String::new(),
+            }],
             revocation: "removes the credential from the set".into(),
         }
     }
     fn validate(&self, role: &str, _: &[String]) -> Result<Duration, ProviderError> {
-        if role == "r" { Ok(Duration::from_secs(3600)) } else { Err(ProviderError::invalid("no such role")) }
+        if role == "r" {
+            Ok(Duration::from_secs(3600))
+        } else {
+            Err(ProviderError::invalid("no such role"))
+        }
     }
     async fn health(&self) -> Result<(), ProviderError> {
-        if self.down.load(Ordering::SeqCst) { Err(ProviderError::retryable("peer down")) } else { Ok(()) }
+        if self.down.load(Ordering::SeqCst) {
+            Err(ProviderError::retryable("peer down"))
+        } else {
+            Ok(())
+        }
     }
     async fn issue(&self, spec: &LeaseSpec) -> Result<Issued, ProviderError> {
         self.live.lock().unwrap().insert(spec.lease_id.clone());
@@ -360,7 +404,10 @@ impl Provider for Flaky {
         if self.down.load(Ordering::SeqCst) || (after > 0 && n >= after) {
             return Err(ProviderError::retryable("peer down"));
         }
-        self.live.lock().unwrap().remove(std::str::from_utf8(lease.handle.as_bytes()).unwrap());
+        self.live
+            .lock()
+            .unwrap()
+            .remove(std::str::from_utf8(lease.handle.as_bytes()).unwrap());
         Ok(())
     }
     async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError> {
@@ -389,11 +436,17 @@ pub struct Remote {
 
 impl Remote {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { http: client(), base: format!("http://{addr}") }
+        Self {
+            http: client(),
+            base: format!("http://{addr}"),
+        }
     }
 
     pub async fn post(&self, token: &str, path: &str, body: Option<Value>) -> Value {
-        let mut req = self.http.post(format!("{}{path}", self.base)).bearer_auth(token);
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -401,7 +454,15 @@ impl Remote {
     }
 
     pub async fn get(&self, token: &str, path: &str) -> Value {
-        self.http.get(format!("{}{path}", self.base)).bearer_auth(token).send().await.unwrap().json().await.unwrap()
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     /// RFC 7662, as a resource server.
@@ -424,16 +485,26 @@ impl Remote {
 /// An HTTP client for tests (installs the crypto provider first).
 pub fn client() -> reqwest::Client {
     leasehold::install_crypto_provider();
-    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 pub fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// Write keys and credentials into `dir` (as `dev` does) and the matching
 /// `serve` config, after `tweak`.
-pub fn child_config(dir: &Path, addr: SocketAddr, tweak: impl FnOnce(&mut Config)) -> (PathBuf, DevCredentials) {
+pub fn child_config(
+    dir: &Path,
+    addr: SocketAddr,
+    tweak: impl FnOnce(&mut Config),
+) -> (PathBuf, DevCredentials) {
     let (mut config, creds) = leasehold::dev::prepare(dir, addr, SystemClock.now()).unwrap();
     config.server.shutdown_grace_seconds = 5;
     tweak(&mut config);
@@ -455,7 +526,11 @@ pub struct Spawned {
     pub child: Child,
 }
 
-pub async fn spawn_broker(tweak: impl FnOnce(&mut Config), rust_log: &str, extra: &[&str]) -> Spawned {
+pub async fn spawn_broker(
+    tweak: impl FnOnce(&mut Config),
+    rust_log: &str,
+    extra: &[&str],
+) -> Spawned {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -465,7 +540,16 @@ pub async fn spawn_broker(tweak: impl FnOnce(&mut Config), rust_log: &str, extra
     let remote = Remote::new(addr);
     let mut child = Child::spawn_with(&config, addr, log.clone(), rust_log, extra);
     child.wait_healthy(&remote.http).await;
-    Spawned { dir, data, addr, config, creds, log, remote, child }
+    Spawned {
+        dir,
+        data,
+        addr,
+        config,
+        creds,
+        log,
+        remote,
+        child,
+    }
 }
 
 impl Child {
@@ -474,8 +558,18 @@ impl Child {
     }
 
     /// With extra arguments to `serve` (e.g. `--log-format json`).
-    pub fn spawn_with(config: &Path, addr: SocketAddr, log: PathBuf, rust_log: &str, extra: &[&str]) -> Self {
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+    pub fn spawn_with(
+        config: &Path,
+        addr: SocketAddr,
+        log: PathBuf,
+        rust_log: &str,
+        extra: &[&str],
+    ) -> Self {
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
             .args(["serve", "-c"])
             .arg(config)
@@ -490,17 +584,26 @@ impl Child {
 
     pub async fn wait_healthy(&mut self, http: &reqwest::Client) {
         for _ in 0..400 {
-            if let Ok(r) = http.get(format!("http://{}/v1/health", self.addr)).send().await
+            if let Ok(r) = http
+                .get(format!("http://{}/v1/health", self.addr))
+                .send()
+                .await
                 && r.status().is_success()
             {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("leasehold exited during start-up ({status}); log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+                panic!(
+                    "leasehold exited during start-up ({status}); log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("leasehold did not become healthy; log:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        panic!(
+            "leasehold did not become healthy; log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
     }
 
     pub fn kill9(&mut self) {
@@ -511,7 +614,10 @@ impl Child {
     /// SIGTERM, then wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        let ok = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
         assert!(ok.success());
         for _ in 0..300 {
             if let Some(s) = self.child.try_wait().unwrap() {

@@ -12,13 +12,17 @@ async fn full_lifecycle_over_http() {
     let t = &h.tokens;
 
     let (s, task) = h
-        .post(&t.a, "/v1/tasks", json!({
-            "purpose": "summarise the quarterly report",
-            "on_behalf_of": "alice@example.com",
-            "prompt": "Summarise Q3 for me",
-            "tools": ["docs.read", "docs.read", "mail.send"],
-            "ttl_seconds": 600
-        }))
+        .post(
+            &t.a,
+            "/v1/tasks",
+            json!({
+                "purpose": "summarise the quarterly report",
+                "on_behalf_of": "alice@example.com",
+                "prompt": "Summarise Q3 for me",
+                "tools": ["docs.read", "docs.read", "mail.send"],
+                "ttl_seconds": 600
+            }),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{task}");
     let task_id = task["task_id"].as_str().unwrap();
@@ -72,23 +76,39 @@ async fn full_lifecycle_over_http() {
     assert_eq!(detail["leases"].as_array().unwrap().len(), 1);
     assert_eq!(detail["lease_count"], 1);
 
-    let (s, done) = h.post_empty(&t.a, &format!("/v1/tasks/{task_id}/complete")).await;
+    let (s, done) = h
+        .post_empty(&t.a, &format!("/v1/tasks/{task_id}/complete"))
+        .await;
     assert_eq!(s, StatusCode::OK, "{done}");
     assert_eq!(done["state"], "completed");
     assert_eq!(done["revoked"][0]["lease_id"], lease_id.as_str());
     assert_eq!(done["revoked"][0]["state"], "revoked");
     assert_eq!(done["revoked"][0]["revocation"]["cause"], "task_complete");
-    assert!(!h.introspect(&token).await, "revoked means dead at the provider");
+    assert!(
+        !h.introspect(&token).await,
+        "revoked means dead at the provider"
+    );
 
     // the task is closed for new leases
     let (s, e) = h
-        .post(&t.a, &format!("/v1/tasks/{task_id}/leases"), json!({"provider": "token", "role": "demo", "ttl_seconds": 60}))
+        .post(
+            &t.a,
+            &format!("/v1/tasks/{task_id}/leases"),
+            json!({"provider": "token", "role": "demo", "ttl_seconds": 60}),
+        )
         .await;
-    assert_eq!((s, e["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("task_completed")));
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("task_completed"))
+    );
 }
 
 fn hex_sha256(s: &str) -> String {
-    ring::digest::digest(&ring::digest::SHA256, s.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    ring::digest::digest(&ring::digest::SHA256, s.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[tokio::test]
@@ -99,15 +119,27 @@ async fn completion_revokes_every_lease_before_answering() {
     let other = h.open_task(&t.a, 600).await;
     let mut tokens = Vec::new();
     for _ in 0..5 {
-        tokens.push(h.lease(&t.a, &task, 300).await["credential"]["token"].as_str().unwrap().to_owned());
+        tokens.push(
+            h.lease(&t.a, &task, 300).await["credential"]["token"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     let survivor = h.lease(&t.a, &other, 300).await;
     // one revoked by hand first: completion must still report the rest
-    let first = h.get(&t.a, &format!("/v1/tasks/{task}")).await.1["leases"][0]["lease_id"].as_str().unwrap().to_owned();
-    let (s, v) = h.post_empty(&t.a, &format!("/v1/leases/{first}/revoke")).await;
+    let first = h.get(&t.a, &format!("/v1/tasks/{task}")).await.1["leases"][0]["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (s, v) = h
+        .post_empty(&t.a, &format!("/v1/leases/{first}/revoke"))
+        .await;
     assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("revoked")));
 
-    let (s, done) = h.post_empty(&t.a, &format!("/v1/tasks/{task}/complete")).await;
+    let (s, done) = h
+        .post_empty(&t.a, &format!("/v1/tasks/{task}/complete"))
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(done["revoked"].as_array().unwrap().len(), 4);
     assert!(done["pending"].as_array().unwrap().is_empty());
@@ -117,10 +149,22 @@ async fn completion_revokes_every_lease_before_answering() {
     }
     let (_, detail) = h.get(&t.a, &format!("/v1/tasks/{task}")).await;
     assert_eq!(detail["state"], "completed");
-    assert!(detail["leases"].as_array().unwrap().iter().all(|l| l["state"] == "revoked"));
+    assert!(
+        detail["leases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["state"] == "revoked")
+    );
     // another task's lease is untouched
-    assert!(h.introspect(survivor["credential"]["token"].as_str().unwrap()).await);
-    assert_eq!(h.lease_state(survivor["lease_id"].as_str().unwrap()).await, "active");
+    assert!(
+        h.introspect(survivor["credential"]["token"].as_str().unwrap())
+            .await
+    );
+    assert_eq!(
+        h.lease_state(survivor["lease_id"].as_str().unwrap()).await,
+        "active"
+    );
 }
 
 #[tokio::test]
@@ -148,11 +192,28 @@ async fn request_ids_are_in_every_response() {
     let id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert!(id.starts_with("req_"), "{id}");
     assert_eq!(r.headers()["cache-control"], "no-store");
-    let r = h.http.get(h.url("/v1/tasks/nope")).header("x-request-id", "trace-abc.123").send().await.unwrap();
+    let r = h
+        .http
+        .get(h.url("/v1/tasks/nope"))
+        .header("x-request-id", "trace-abc.123")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.headers()["x-request-id"], "trace-abc.123");
     // junk ids are replaced, not echoed into logs
-    let r = h.http.get(h.url("/v1/health")).header("x-request-id", "a b\tc").send().await.unwrap();
-    assert!(r.headers()["x-request-id"].to_str().unwrap().starts_with("req_"));
+    let r = h
+        .http
+        .get(h.url("/v1/health"))
+        .header("x-request-id", "a b\tc")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .starts_with("req_")
+    );
     let (s, ready) = h.get("", "/v1/ready").await;
     assert_eq!(s, StatusCode::OK, "{ready}");
     assert_eq!(ready["checks"]["provider:token"], "ok");

@@ -20,14 +20,25 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
-            let (k, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample line: {l}"));
-            (k.to_owned(), v.parse::<f64>().unwrap_or_else(|_| panic!("not a number: {l}")))
+            let (k, v) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not a sample line: {l}"));
+            (
+                k.to_owned(),
+                v.parse::<f64>()
+                    .unwrap_or_else(|_| panic!("not a number: {l}")),
+            )
         })
         .collect()
 }
 
 fn value(m: &BTreeMap<String, f64>, key: &str) -> f64 {
-    *m.get(key).unwrap_or_else(|| panic!("no sample {key}; have:\n{}", m.keys().cloned().collect::<Vec<_>>().join("\n")))
+    *m.get(key).unwrap_or_else(|| {
+        panic!(
+            "no sample {key}; have:\n{}",
+            m.keys().cloned().collect::<Vec<_>>().join("\n")
+        )
+    })
 }
 
 /// Sum of every sample of `name` whose labels contain all of `labels`.
@@ -44,7 +55,10 @@ async fn scrape(h: &Harness, token: &str) -> (StatusCode, String, Option<String>
         req = req.bearer_auth(token);
     }
     let resp = req.send().await.unwrap();
-    let ct = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
     (resp.status(), resp.text().await.unwrap(), ct)
 }
 
@@ -65,16 +79,48 @@ async fn metrics_count_leases_irrevocable_queue_retries_and_fences_without_ids()
     assert_eq!(s, StatusCode::OK);
     assert!(ct.unwrap().starts_with("text/plain; version=0.0.4"));
     let m = samples(&text);
-    assert_eq!(value(&m, r#"leasehold_leases{provider="flaky",state="active"}"#), 5.0);
-    assert_eq!(value(&m, r#"leasehold_leases{provider="flaky",state="irrevocable"}"#), 0.0);
-    assert_eq!(sum(&m, "leasehold_lease_transitions_total", &[r#"provider="flaky""#, r#"state="active""#]), 5.0);
     assert_eq!(
-        value(&m, r#"leasehold_http_requests_total{method="POST",route="/v1/tasks/{id}/leases",status="201"}"#),
+        value(&m, r#"leasehold_leases{provider="flaky",state="active"}"#),
+        5.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"leasehold_leases{provider="flaky",state="irrevocable"}"#
+        ),
+        0.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "leasehold_lease_transitions_total",
+            &[r#"provider="flaky""#, r#"state="active""#]
+        ),
+        5.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            r#"leasehold_http_requests_total{method="POST",route="/v1/tasks/{id}/leases",status="201"}"#
+        ),
         5.0,
         "requests are labelled by route template"
     );
-    assert_eq!(sum(&m, "leasehold_decisions_total", &[r#"action="lease""#, r#"outcome="allow""#]), 5.0);
-    assert!(sum(&m, "leasehold_provider_call_duration_seconds_count", &[r#"operation="issue""#, r#"provider="flaky""#]) >= 5.0);
+    assert_eq!(
+        sum(
+            &m,
+            "leasehold_decisions_total",
+            &[r#"action="lease""#, r#"outcome="allow""#]
+        ),
+        5.0
+    );
+    assert!(
+        sum(
+            &m,
+            "leasehold_provider_call_duration_seconds_count",
+            &[r#"operation="issue""#, r#"provider="flaky""#]
+        ) >= 5.0
+    );
     assert!(value(&m, "leasehold_store_commit_duration_seconds_count") > 0.0);
     assert!(value(&m, "leasehold_event_chain_head_seq") > 0.0);
 
@@ -93,56 +139,147 @@ async fn metrics_count_leases_irrevocable_queue_retries_and_fences_without_ids()
     assert_eq!(count(&job(&h, &id).await, "flaky", "irrevocable"), 5);
     let (_, text, _) = scrape(&h, &h.tokens.responder).await;
     let m = samples(&text);
-    assert_eq!(value(&m, r#"leasehold_leases{provider="flaky",state="irrevocable"}"#), 5.0, "irrevocable leases are counted");
-    assert_eq!(value(&m, r#"leasehold_leases{provider="flaky",state="active"}"#), 0.0);
-    assert_eq!(value(&m, r#"leasehold_revocation_queue_depth{provider="flaky"}"#), 5.0);
-    assert_eq!(sum(&m, "leasehold_lease_transitions_total", &[r#"provider="flaky""#, r#"state="irrevocable""#]), 5.0);
-    assert!(value(&m, r#"leasehold_revocation_retries_total{provider="flaky"}"#) >= 10.0, "two failed attempts each");
-    assert!(sum(&m, "leasehold_provider_errors_total", &[r#"provider="flaky""#, r#"operation="revoke""#, r#"class="retryable""#]) >= 2.0);
+    assert_eq!(
+        value(
+            &m,
+            r#"leasehold_leases{provider="flaky",state="irrevocable"}"#
+        ),
+        5.0,
+        "irrevocable leases are counted"
+    );
+    assert_eq!(
+        value(&m, r#"leasehold_leases{provider="flaky",state="active"}"#),
+        0.0
+    );
+    assert_eq!(
+        value(&m, r#"leasehold_revocation_queue_depth{provider="flaky"}"#),
+        5.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "leasehold_lease_transitions_total",
+            &[r#"provider="flaky""#, r#"state="irrevocable""#]
+        ),
+        5.0
+    );
+    assert!(
+        value(
+            &m,
+            r#"leasehold_revocation_retries_total{provider="flaky"}"#
+        ) >= 10.0,
+        "two failed attempts each"
+    );
+    assert!(
+        sum(
+            &m,
+            "leasehold_provider_errors_total",
+            &[
+                r#"provider="flaky""#,
+                r#"operation="revoke""#,
+                r#"class="retryable""#
+            ]
+        ) >= 2.0
+    );
     assert_eq!(value(&m, "leasehold_fences_active"), 1.0);
     assert_eq!(value(&m, "leasehold_revocation_jobs_running"), 0.0);
-    assert!(value(&m, r#"leasehold_revocation_queue_oldest_overdue_seconds{provider="flaky"}"#) >= 0.0);
+    assert!(
+        value(
+            &m,
+            r#"leasehold_revocation_queue_oldest_overdue_seconds{provider="flaky"}"#
+        ) >= 0.0
+    );
 
     // bounded labels: no lease, task or job id anywhere in the exposition
     let (_, blast, _) = scrape(&h, &h.tokens.responder).await;
     for l in &leases {
-        assert!(!blast.contains(l.as_str()), "lease id {l} leaked into the metrics");
+        assert!(
+            !blast.contains(l.as_str()),
+            "lease id {l} leaked into the metrics"
+        );
     }
     assert!(!blast.contains(&id), "job id leaked into the metrics");
-    assert!(!blast.contains("task_"), "a task id leaked into the metrics");
-    assert!(!blast.contains("flaky-secret-"), "a credential leaked into the metrics");
+    assert!(
+        !blast.contains("task_"),
+        "a task id leaked into the metrics"
+    );
+    assert!(
+        !blast.contains("flaky-secret-"),
+        "a credential leaked into the metrics"
+    );
 
     // every metric the example alert rules use exists, with that name
-    let rules = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yaml")).unwrap();
+    let rules = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yaml"),
+    )
+    .unwrap();
     let mut used: Vec<&str> = rules
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("leasehold_"))
         .collect();
     used.sort_unstable();
     used.dedup();
-    assert!(used.len() >= 8, "the rules cover the metrics that matter: {used:?}");
+    assert!(
+        used.len() >= 8,
+        "the rules cover the metrics that matter: {used:?}"
+    );
     for name in used {
         let base = name.strip_suffix("_bucket").unwrap_or(name);
-        assert!(blast.contains(&format!("# TYPE {base} ")), "deploy/prometheus/alerts.yaml uses {name}, which the broker does not export");
+        assert!(
+            blast.contains(&format!("# TYPE {base} ")),
+            "deploy/prometheus/alerts.yaml uses {name}, which the broker does not export"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_separate_metrics_listener_serves_prometheus_and_probes_only() {
     let addr = free_port();
-    let h = start(Arc::new(Flaky::default()), move |c| c.server.metrics_listen = Some(addr)).await;
+    let h = start(Arc::new(Flaky::default()), move |c| {
+        c.server.metrics_listen = Some(addr)
+    })
+    .await;
     let http = reqwest::Client::new();
-    let resp = http.get(format!("http://{addr}/metrics")).send().await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK, "no credential on the metrics listener");
+    let resp = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "no credential on the metrics listener"
+    );
     let m = samples(&resp.text().await.unwrap());
-    assert_eq!(value(&m, r#"leasehold_leases{provider="flaky",state="active"}"#), 0.0);
+    assert_eq!(
+        value(&m, r#"leasehold_leases{provider="flaky",state="active"}"#),
+        0.0
+    );
     for probe in ["/v1/health", "/v1/ready"] {
-        assert_eq!(http.get(format!("http://{addr}{probe}")).send().await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            http.get(format!("http://{addr}{probe}"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::OK
+        );
     }
     // nothing else of the API is reachable there, even with a token
-    let resp = http.get(format!("http://{addr}/v1/stats")).bearer_auth(&h.tokens.admin).send().await.unwrap();
+    let resp = http
+        .get(format!("http://{addr}/v1/stats"))
+        .bearer_auth(&h.tokens.admin)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-    let resp = http.post(format!("http://{addr}/v1/tasks")).bearer_auth(&h.tokens.a).json(&json!({})).send().await.unwrap();
+    let resp = http
+        .post(format!("http://{addr}/v1/tasks"))
+        .bearer_auth(&h.tokens.a)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     // the main listener still serves /metrics to operators
     assert_eq!(scrape(&h, &h.tokens.admin).await.0, StatusCode::OK);
@@ -164,16 +301,30 @@ async fn scrapes_during_a_mass_revocation_answer_and_see_it_progress() {
         let revoked = value(&m, r#"leasehold_leases{provider="flaky",state="revoked"}"#);
         let active = value(&m, r#"leasehold_leases{provider="flaky",state="active"}"#);
         let revoking = value(&m, r#"leasehold_leases{provider="flaky",state="revoking"}"#);
-        assert_eq!(revoked + active + revoking, 600.0, "every lease in exactly one state: {revoked} {active} {revoking}");
+        assert_eq!(
+            revoked + active + revoking,
+            600.0,
+            "every lease in exactly one state: {revoked} {active} {revoking}"
+        );
         seen.push(revoked);
         if revoked == 600.0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress only goes forward: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "progress only goes forward: {seen:?}"
+    );
     wait_job(&h, &id, "done", |v| v["state"] == "done").await;
     let m = samples(&scrape(&h, &h.tokens.responder).await.1);
     assert_eq!(value(&m, "leasehold_revocation_jobs_running"), 0.0);
-    assert_eq!(sum(&m, "leasehold_lease_transitions_total", &[r#"provider="flaky""#, r#"state="revoked""#]), 600.0);
+    assert_eq!(
+        sum(
+            &m,
+            "leasehold_lease_transitions_total",
+            &[r#"provider="flaky""#, r#"state="revoked""#]
+        ),
+        600.0
+    );
 }

@@ -7,7 +7,11 @@ use crate::harness::{Harness, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_active_leases_and_deadlines() {
-    let mut h = Harness::start(Options { manual_clock: true, ..Options::default() }).await;
+    let mut h = Harness::start(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
     let t = h.tokens.a.clone();
     let task = h.open_task(&t, 3600).await;
     let mut before = Vec::new();
@@ -21,7 +25,8 @@ async fn restart_keeps_active_leases_and_deadlines() {
     }
     let revoked = h.lease(&t, &task, 900).await;
     let revoked_id = revoked["lease_id"].as_str().unwrap().to_owned();
-    h.post_empty(&t, &format!("/v1/leases/{revoked_id}/revoke")).await;
+    h.post_empty(&t, &format!("/v1/leases/{revoked_id}/revoke"))
+        .await;
 
     h.restart().await;
 
@@ -32,7 +37,11 @@ async fn restart_keeps_active_leases_and_deadlines() {
         assert!(h.introspect(token).await);
     }
     assert_eq!(h.lease_state(&revoked_id).await, "revoked");
-    assert!(!h.introspect(revoked["credential"]["token"].as_str().unwrap()).await, "revocations survive restart");
+    assert!(
+        !h.introspect(revoked["credential"]["token"].as_str().unwrap())
+            .await,
+        "revocations survive restart"
+    );
 
     // the reaper resumes from the index after the restart
     h.advance(Duration::from_secs(61));
@@ -40,7 +49,9 @@ async fn restart_keeps_active_leases_and_deadlines() {
     h.wait_state(&before[1].0, "expired").await;
     assert_eq!(h.lease_state(&before[2].0).await, "active");
     // and the task can still be completed
-    let (s, done) = h.post_empty(&t, &format!("/v1/tasks/{task}/complete")).await;
+    let (s, done) = h
+        .post_empty(&t, &format!("/v1/tasks/{task}/complete"))
+        .await;
     assert_eq!(s, reqwest::StatusCode::OK, "{done}");
     assert_eq!(done["revoked"].as_array().unwrap().len(), 2);
 }

@@ -24,13 +24,21 @@ async fn start(flaky: Arc<Flaky>) -> Harness {
             c.reaper.retry_budget = 4;
             c.reaper.irrevocable_retry_seconds = 3600;
         }),
-        overrides: Box::new(move || Overrides { providers: vec![("flaky".into(), flaky.clone() as Arc<dyn Provider>)] }),
+        overrides: Box::new(move || Overrides {
+            providers: vec![("flaky".into(), flaky.clone() as Arc<dyn Provider>)],
+        }),
     })
     .await
 }
 
 async fn lease(h: &Harness, task: &str, ttl: i64) -> String {
-    let (s, v) = h.post(&h.tokens.a, &format!("/v1/tasks/{task}/leases"), json!({"provider": "flaky", "role": "r", "ttl_seconds": ttl})).await;
+    let (s, v) = h
+        .post(
+            &h.tokens.a,
+            &format!("/v1/tasks/{task}/leases"),
+            json!({"provider": "flaky", "role": "r", "ttl_seconds": ttl}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     v["lease_id"].as_str().unwrap().to_owned()
 }
@@ -47,7 +55,10 @@ async fn wait_attempts(h: &Harness, id: &str, n: u64) -> Value {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("lease {id} never reached {n} attempts: {}", view(h, id).await);
+    panic!(
+        "lease {id} never reached {n} attempts: {}",
+        view(h, id).await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,20 +81,33 @@ async fn failed_revocations_back_off_become_irrevocable_and_still_finish() {
     let v = view(&h, &id).await;
     assert_eq!(v["state"], "irrevocable", "{v}");
     // visible to responders
-    let (s, list) = h.get(&h.tokens.responder, "/v1/leases?state=irrevocable").await;
+    let (s, list) = h
+        .get(&h.tokens.responder, "/v1/leases?state=irrevocable")
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(list["leases"][0]["lease_id"], id.as_str());
-    assert_eq!(h.get("", "/v1/ready").await.0, StatusCode::SERVICE_UNAVAILABLE, "the peer is down");
+    assert_eq!(
+        h.get("", "/v1/ready").await.0,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the peer is down"
+    );
 
     // not dropped: retried on the slow schedule, and done once the peer is back
     let calls = flaky.revoke_calls.load(Ordering::SeqCst);
     h.advance(Duration::from_secs(60));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(flaky.revoke_calls.load(Ordering::SeqCst), calls, "no fast retries once irrevocable");
+    assert_eq!(
+        flaky.revoke_calls.load(Ordering::SeqCst),
+        calls,
+        "no fast retries once irrevocable"
+    );
     flaky.down.store(false, Ordering::SeqCst);
     h.advance(Duration::from_secs(3600));
     h.wait_state(&id, "expired").await;
-    assert!(flaky.live.lock().unwrap().is_empty(), "dead at the provider");
+    assert!(
+        flaky.live.lock().unwrap().is_empty(),
+        "dead at the provider"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,15 +119,24 @@ async fn inline_revocations_report_failures_and_hand_over_to_the_queue() {
     let two = lease(&h, &task, 600).await;
     flaky.down.store(true, Ordering::SeqCst);
 
-    let (s, v) = h.post_empty(&h.tokens.a, &format!("/v1/leases/{one}/revoke")).await;
+    let (s, v) = h
+        .post_empty(&h.tokens.a, &format!("/v1/leases/{one}/revoke"))
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v["state"], "revoking");
     assert_eq!(v["revocation"]["last_error"], "peer down");
 
-    let (s, done) = h.post_empty(&h.tokens.a, &format!("/v1/tasks/{task}/complete")).await;
+    let (s, done) = h
+        .post_empty(&h.tokens.a, &format!("/v1/tasks/{task}/complete"))
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert!(done["revoked"].as_array().unwrap().is_empty());
-    let pending: Vec<&str> = done["pending"].as_array().unwrap().iter().map(|l| l["lease_id"].as_str().unwrap()).collect();
+    let pending: Vec<&str> = done["pending"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["lease_id"].as_str().unwrap())
+        .collect();
     assert_eq!(pending.len(), 2, "{done}");
     assert!(pending.contains(&one.as_str()) && pending.contains(&two.as_str()));
 
@@ -146,13 +179,30 @@ async fn a_failed_issue_is_rolled_back() {
     let h = Harness::start(Options {
         manual_clock: true,
         tweak: Box::new(|c| crate::harness::permit_leases(c, "flaky")),
-        overrides: Box::new(move || Overrides { providers: vec![("flaky".into(), b2.clone() as Arc<dyn Provider>)] }),
+        overrides: Box::new(move || Overrides {
+            providers: vec![("flaky".into(), b2.clone() as Arc<dyn Provider>)],
+        }),
     })
     .await;
     let task = h.open_task(&h.tokens.a, 600).await;
-    let (s, v) = h.post(&h.tokens.a, &format!("/v1/tasks/{task}/leases"), json!({"provider": "flaky", "role": "r", "ttl_seconds": 60})).await;
-    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("provider_unavailable")));
-    assert!(!v.to_string().contains("CREATE"), "no provider internals in the answer");
+    let (s, v) = h
+        .post(
+            &h.tokens.a,
+            &format!("/v1/tasks/{task}/leases"),
+            json!({"provider": "flaky", "role": "r", "ttl_seconds": 60}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some("provider_unavailable")
+        )
+    );
+    assert!(
+        !v.to_string().contains("CREATE"),
+        "no provider internals in the answer"
+    );
     let (_, detail) = h.get(&h.tokens.a, &format!("/v1/tasks/{task}")).await;
     let id = detail["leases"][0]["lease_id"].as_str().unwrap().to_owned();
     h.wait_state(&id, "rolled_back").await;

@@ -27,7 +27,15 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_logs_or_store_files() {
-    let Spawned { dir: _dir, data, creds, log, remote, mut child, .. } = spawn_broker(|_| {}, "trace", &[]).await;
+    let Spawned {
+        dir: _dir,
+        data,
+        creds,
+        log,
+        remote,
+        mut child,
+        ..
+    } = spawn_broker(|_| {}, "trace", &[]).await;
     let a = &creds.identities["assistant-a"].token;
     let admin = &creds.identities["admin"].token;
     let resource = &creds.identities["resource-server"].token;
@@ -36,10 +44,15 @@ async fn no_secret_in_logs_or_store_files() {
     let mut task_ids = Vec::new();
     for _ in 0..3 {
         let body = json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "secret prompt text", "ttl_seconds": 600});
-        let id = remote.post(a, "/v1/tasks", Some(body)).await["task_id"].as_str().unwrap().to_owned();
+        let id = remote.post(a, "/v1/tasks", Some(body)).await["task_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         for _ in 0..2 {
             let body = json!({"provider": "token", "role": "demo", "ttl_seconds": 300});
-            let l = remote.post(a, &format!("/v1/tasks/{id}/leases"), Some(body)).await;
+            let l = remote
+                .post(a, &format!("/v1/tasks/{id}/leases"), Some(body))
+                .await;
             let token = l["credential"]["token"].as_str().unwrap().to_owned();
             assert!(remote.active(resource, &token).await);
             tokens.push(token);
@@ -49,25 +62,43 @@ async fn no_secret_in_logs_or_store_files() {
     // revoke one by hand, complete two tasks, leave one task's leases active
     let listed = remote.get(admin, "/v1/leases?limit=1").await;
     let first_lease = listed["leases"][0]["lease_id"].as_str().unwrap();
-    assert_eq!(remote.post(admin, &format!("/v1/leases/{first_lease}/revoke"), None).await["state"], "revoked");
+    assert_eq!(
+        remote
+            .post(admin, &format!("/v1/leases/{first_lease}/revoke"), None)
+            .await["state"],
+        "revoked"
+    );
     for id in &task_ids[..2] {
-        assert_eq!(remote.post(a, &format!("/v1/tasks/{id}/complete"), None).await["state"], "completed");
+        assert_eq!(
+            remote
+                .post(a, &format!("/v1/tasks/{id}/complete"), None)
+                .await["state"],
+            "completed"
+        );
     }
     assert!(child.terminate().success());
 
     let log_bytes = std::fs::read(&log).unwrap();
     let log_text = String::from_utf8_lossy(&log_bytes);
-    assert!(log_text.contains("lease issued"), "the log must be verbose enough to matter");
+    assert!(
+        log_text.contains("lease issued"),
+        "the log must be verbose enough to matter"
+    );
     // request ids reach the log lines of the request
     assert!(
-        log_text.lines().any(|l| l.contains("lease issued") && l.contains("request_id=req_")),
+        log_text
+            .lines()
+            .any(|l| l.contains("lease issued") && l.contains("request_id=req_")),
         "log lines of a request carry its request id"
     );
     let store_key = std::fs::read_to_string(data.join("store.key")).unwrap();
     let mut needles: Vec<(String, Vec<u8>)> = Vec::new();
     for t in &tokens {
         needles.push(("token".into(), t.as_bytes().to_vec()));
-        needles.push(("token signature".into(), t.rsplit('.').next().unwrap().as_bytes().to_vec()));
+        needles.push((
+            "token signature".into(),
+            t.rsplit('.').next().unwrap().as_bytes().to_vec(),
+        ));
     }
     needles.push(("workload token".into(), a.as_bytes().to_vec()));
     needles.push(("operator token".into(), admin.as_bytes().to_vec()));
@@ -84,7 +115,11 @@ async fn no_secret_in_logs_or_store_files() {
         }
         let bytes = std::fs::read(&f).unwrap();
         for (what, needle) in &needles {
-            assert!(!contains(&bytes, needle), "a {what} appears in {}", f.display());
+            assert!(
+                !contains(&bytes, needle),
+                "a {what} appears in {}",
+                f.display()
+            );
         }
     }
 }
@@ -94,12 +129,37 @@ async fn no_secret_in_logs_or_store_files() {
 /// issued) the lease; `RUST_LOG` filters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_request_workload_task_and_lease() {
-    let Spawned { dir: _dir, creds, log, remote, mut child, .. } =
-        spawn_broker(|_| {}, "debug,h2=info,hyper=info", &["--log-format", "json"]).await;
+    let Spawned {
+        dir: _dir,
+        creds,
+        log,
+        remote,
+        mut child,
+        ..
+    } = spawn_broker(
+        |_| {},
+        "debug,h2=info,hyper=info",
+        &["--log-format", "json"],
+    )
+    .await;
     let a = &creds.identities["assistant-a"].token;
-    let task = remote.post(a, "/v1/tasks", Some(json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 600}))).await;
+    let task = remote
+        .post(
+            a,
+            "/v1/tasks",
+            Some(
+                json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 600}),
+            ),
+        )
+        .await;
     let task = task["task_id"].as_str().unwrap().to_owned();
-    let l = remote.post(a, &format!("/v1/tasks/{task}/leases"), Some(json!({"provider": "token", "role": "demo", "ttl_seconds": 60}))).await;
+    let l = remote
+        .post(
+            a,
+            &format!("/v1/tasks/{task}/leases"),
+            Some(json!({"provider": "token", "role": "demo", "ttl_seconds": 60})),
+        )
+        .await;
     let lease = l["lease_id"].as_str().unwrap().to_owned();
     assert!(child.terminate().success());
 
@@ -108,20 +168,34 @@ async fn json_logs_carry_request_workload_task_and_lease() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
         .collect();
-    let issued = lines.iter().find(|l| l["message"] == "lease issued").expect("a `lease issued` line");
+    let issued = lines
+        .iter()
+        .find(|l| l["message"] == "lease issued")
+        .expect("a `lease issued` line");
     let span = &issued["span"];
-    assert!(span["request_id"].as_str().unwrap().starts_with("req_"), "{issued}");
+    assert!(
+        span["request_id"].as_str().unwrap().starts_with("req_"),
+        "{issued}"
+    );
     assert_eq!(span["workload"], "dev:assistant-a", "{issued}");
     assert_eq!(span["task"], task.as_str(), "{issued}");
     assert_eq!(issued["level"], "INFO");
     // the request's last line knows the lease it issued
     let done = lines
         .iter()
-        .find(|l| l["message"] == "request done" && l["span"]["path"].as_str().is_some_and(|p| p.ends_with("/leases")))
+        .find(|l| {
+            l["message"] == "request done"
+                && l["span"]["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with("/leases"))
+        })
         .expect("the lease request's closing line");
     assert_eq!(done["span"]["lease"], lease.as_str(), "{done}");
     // debug is on, trace is filtered out
     assert!(lines.iter().any(|l| l["level"] == "DEBUG"));
     assert!(lines.iter().all(|l| l["level"] != "TRACE"));
-    assert!(!text.contains(l["credential"]["token"].as_str().unwrap()), "no credential in the log");
+    assert!(
+        !text.contains(l["credential"]["token"].as_str().unwrap()),
+        "no credential in the log"
+    );
 }

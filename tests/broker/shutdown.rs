@@ -14,7 +14,16 @@ use crate::harness::{Child, Spawned, spawn_broker};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_traffic_loses_no_answered_request() {
-    let Spawned { dir: _dir, addr, config, creds, log, remote, mut child, .. } = spawn_broker(
+    let Spawned {
+        dir: _dir,
+        addr,
+        config,
+        creds,
+        log,
+        remote,
+        mut child,
+        ..
+    } = spawn_broker(
         |c| {
             c.server.shutdown_grace_seconds = 5;
             c.limits.max_leases_per_task = 100_000;
@@ -79,7 +88,13 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let pid = child.child.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     // clients keep going until the broker is gone
     let status = tokio::task::spawn_blocking(move || {
         let s = loop {
@@ -100,9 +115,17 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
     while let Some(r) = clients.join_next().await {
         answered.extend(r.unwrap().0);
     }
-    assert!(answered.len() > 50, "traffic was flowing: {} leases", answered.len());
+    assert!(
+        answered.len() > 50,
+        "traffic was flowing: {} leases",
+        answered.len()
+    );
     let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("shutdown requested: not ready; draining") && text.contains("leasehold stopped"), "{text}");
+    assert!(
+        text.contains("shutdown requested: not ready; draining")
+            && text.contains("leasehold stopped"),
+        "{text}"
+    );
 
     // the same store, started again: every answered lease is there, active
     let mut again = Child::spawn(&config, addr, log.clone(), "info");
@@ -110,7 +133,10 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
     let admin = &creds.identities["admin"].token;
     for id in &answered {
         let v = remote.get(admin, &format!("/v1/leases/{id}")).await;
-        assert_eq!(v["state"], "active", "lease {id} was answered 201 before the stop: {v}");
+        assert_eq!(
+            v["state"], "active",
+            "lease {id} was answered 201 before the stop: {v}"
+        );
     }
     // the chain verifies, and the stop is in it, under a checkpoint
     let v = remote.get(admin, "/v1/events/verify").await;
@@ -119,8 +145,17 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
     let stopped = stops["events"].as_array().unwrap();
     assert_eq!(stopped.len(), 1, "{stops}");
     let chain = remote.get(admin, "/v1/events/chain").await;
-    let last_cp = chain["checkpoints"].as_array().unwrap().iter().filter_map(|c| c["seq"].as_u64()).max().unwrap();
-    assert!(last_cp >= stopped[0]["seq"].as_u64().unwrap(), "the final checkpoint covers the stop: {chain}");
+    let last_cp = chain["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["seq"].as_u64())
+        .max()
+        .unwrap();
+    assert!(
+        last_cp >= stopped[0]["seq"].as_u64().unwrap(),
+        "the final checkpoint covers the stop: {chain}"
+    );
     assert!(again.terminate().success());
 }
 
@@ -129,12 +164,30 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
 /// stops accepting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_turns_false_before_the_broker_stops_accepting() {
-    let Spawned { dir: _dir, addr, creds, remote, mut child, .. } = spawn_broker(|c| c.server.drain_delay_seconds = 4, "info", &[]).await;
-    let ready = |http: reqwest::Client| async move { http.get(format!("http://{addr}/v1/ready")).send().await.map(|r| r.status().as_u16()) };
+    let Spawned {
+        dir: _dir,
+        addr,
+        creds,
+        remote,
+        mut child,
+        ..
+    } = spawn_broker(|c| c.server.drain_delay_seconds = 4, "info", &[]).await;
+    let ready = |http: reqwest::Client| async move {
+        http.get(format!("http://{addr}/v1/ready"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    };
     assert_eq!(ready(remote.http.clone()).await.unwrap(), 200);
     let pid = child.child.id().to_string();
     let sent = std::time::Instant::now();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let mut not_ready_at = None;
     while sent.elapsed() < Duration::from_millis(1500) {
         if ready(remote.http.clone()).await.ok() == Some(503) {
@@ -146,11 +199,33 @@ async fn readiness_turns_false_before_the_broker_stops_accepting() {
     let not_ready_at = not_ready_at.expect("readiness turned false during the drain delay");
     // still serving real requests while not ready
     let a = &creds.identities["assistant-a"].token;
-    let task = remote.post(a, "/v1/tasks", Some(json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 60}))).await;
-    assert!(task["task_id"].as_str().is_some(), "served during the drain: {task}");
-    assert!(sent.elapsed() < Duration::from_secs(4), "that was inside the delay");
-    let exit = tokio::task::spawn_blocking(move || child.terminate()).await.unwrap();
+    let task = remote
+        .post(
+            a,
+            "/v1/tasks",
+            Some(
+                json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 60}),
+            ),
+        )
+        .await;
+    assert!(
+        task["task_id"].as_str().is_some(),
+        "served during the drain: {task}"
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(4),
+        "that was inside the delay"
+    );
+    let exit = tokio::task::spawn_blocking(move || child.terminate())
+        .await
+        .unwrap();
     assert!(exit.success());
-    assert!(sent.elapsed() >= Duration::from_secs(4), "the broker kept accepting for the delay");
-    assert!(not_ready_at < Duration::from_millis(1500), "not ready at once: {not_ready_at:?}");
+    assert!(
+        sent.elapsed() >= Duration::from_secs(4),
+        "the broker kept accepting for the delay"
+    );
+    assert!(
+        not_ready_at < Duration::from_millis(1500),
+        "not ready at once: {not_ready_at:?}"
+    );
 }

@@ -22,12 +22,22 @@ async fn recorded_chain() -> (tempfile::TempDir, u64) {
         for _ in 0..3 {
             h.lease(&h.tokens.a, &task, 300).await;
         }
-        h.post_empty(&h.tokens.a, &format!("/v1/tasks/{task}/complete")).await;
+        h.post_empty(&h.tokens.a, &format!("/v1/tasks/{task}/complete"))
+            .await;
     }
     h.stop().await.unwrap();
     let dir = std::mem::replace(&mut h.dir, tempfile::tempdir().unwrap());
     let db = redb::Database::open(dir.path().join("leasehold.redb")).unwrap();
-    let head = db.begin_read().unwrap().open_table(EVENTS).unwrap().last().unwrap().unwrap().0.value();
+    let head = db
+        .begin_read()
+        .unwrap()
+        .open_table(EVENTS)
+        .unwrap()
+        .last()
+        .unwrap()
+        .unwrap()
+        .0
+        .value();
     (dir, head)
 }
 
@@ -38,7 +48,12 @@ fn copy(dir: &Path, name: &str) -> PathBuf {
 }
 
 fn key(dir: &Path) -> Option<Vec<u8>> {
-    Some(leasehold::audit::checkpoint::load_public_key(&std::fs::read(dir.join("checkpoint.pk8")).unwrap()).unwrap())
+    Some(
+        leasehold::audit::checkpoint::load_public_key(
+            &std::fs::read(dir.join("checkpoint.pk8")).unwrap(),
+        )
+        .unwrap(),
+    )
 }
 
 fn verify(path: &Path, dir: &Path) -> leasehold::audit::VerifyReport {
@@ -107,7 +122,10 @@ async fn tampering_with_the_store_is_caught_and_located() {
     let clean = verify(&d.join("leasehold.redb"), d);
     assert!(clean.ok, "{clean:?}");
     assert_eq!(clean.last_seq, head);
-    assert!(clean.checkpoints >= 1 && clean.checkpoints_verified == clean.checkpoints, "{clean:?}");
+    assert!(
+        clean.checkpoints >= 1 && clean.checkpoints_verified == clean.checkpoints,
+        "{clean:?}"
+    );
 
     let k = 5;
     // a changed field
@@ -115,7 +133,9 @@ async fn tampering_with_the_store_is_caught_and_located() {
     with_events(&p, |t| {
         let mut v = get(t, k);
         // the value is hash (32) || task (16) || the event; change the event only
-        let text = String::from_utf8(v.split_off(48)).unwrap().replace("assistant-a", "assistant-z");
+        let text = String::from_utf8(v.split_off(48))
+            .unwrap()
+            .replace("assistant-a", "assistant-z");
         v.extend_from_slice(text.as_bytes());
         t.insert(k, v.as_slice()).unwrap();
     });
@@ -148,15 +168,26 @@ async fn tampering_with_the_store_is_caught_and_located() {
 
     // a consistent rewrite from seq k: only the signed checkpoint betrays it
     let p = copy(d, "rewritten");
-    rewrite_from(&p, k, |ev| ev["links"]["workload"] = "dev:someone-else".into());
+    rewrite_from(&p, k, |ev| {
+        ev["links"]["workload"] = "dev:someone-else".into()
+    });
     let r = verify(&p, d);
     assert!(!r.ok);
-    assert!(r.first_break.as_ref().unwrap().reason.contains("checkpoint"), "{r:?}");
+    assert!(
+        r.first_break
+            .as_ref()
+            .unwrap()
+            .reason
+            .contains("checkpoint"),
+        "{r:?}"
+    );
     assert!(r.first_break.as_ref().unwrap().seq >= k);
 
     // ...and re-signing the checkpoint with another key is a forgery
     let p = copy(d, "forged");
-    rewrite_from(&p, k, |ev| ev["links"]["workload"] = "dev:someone-else".into());
+    rewrite_from(&p, k, |ev| {
+        ev["links"]["workload"] = "dev:someone-else".into()
+    });
     {
         let db = redb::Database::open(&p).unwrap();
         let t = db.begin_write().unwrap();
@@ -178,9 +209,20 @@ async fn tampering_with_the_store_is_caught_and_located() {
     }
     let r = verify(&p, d);
     assert!(!r.ok);
-    assert!(r.first_break.as_ref().unwrap().reason.contains("forged checkpoint"), "{r:?}");
+    assert!(
+        r.first_break
+            .as_ref()
+            .unwrap()
+            .reason
+            .contains("forged checkpoint"),
+        "{r:?}"
+    );
     // without the trusted key the forgery verifies: the key is the point
-    assert!(leasehold::cli::events::verify_store_file(&p, None).unwrap().ok);
+    assert!(
+        leasehold::cli::events::verify_store_file(&p, None)
+            .unwrap()
+            .ok
+    );
 }
 
 fn get_ro(t: &redb::Table<u64, &[u8]>, seq: u64) -> Vec<u8> {
@@ -193,7 +235,8 @@ async fn exports_verify_and_tampered_exports_do_not() {
     for _ in 0..2 {
         let task = h.open_task(&h.tokens.a, 600).await;
         h.lease(&h.tokens.a, &task, 300).await;
-        h.post_empty(&h.tokens.a, &format!("/v1/tasks/{task}/complete")).await;
+        h.post_empty(&h.tokens.a, &format!("/v1/tasks/{task}/complete"))
+            .await;
     }
     // a checkpoint inside the export
     h.restart().await;
@@ -203,7 +246,10 @@ async fn exports_verify_and_tampered_exports_do_not() {
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
         .args(["events", "export", "--as", "admin", "--out"])
         .arg(&out)
-        .env("LEASEHOLD_CREDENTIALS", h.dir.path().join("dev-credentials.json"))
+        .env(
+            "LEASEHOLD_CREDENTIALS",
+            h.dir.path().join("dev-credentials.json"),
+        )
         .status()
         .unwrap();
     assert!(status.success());
@@ -218,11 +264,25 @@ async fn exports_verify_and_tampered_exports_do_not() {
         .arg(d.join("checkpoint.pk8"))
         .output()
         .unwrap();
-    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stdout));
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stdout)
+    );
 
-    let lines: Vec<String> = std::fs::read_to_string(&out).unwrap().lines().map(str::to_owned).collect();
-    let events: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].contains("\"prev_hash\"")).collect();
-    let seq_of = |i: usize| serde_json::from_str::<Value>(&lines[i]).unwrap()["seq"].as_u64().unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let events: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].contains("\"prev_hash\""))
+        .collect();
+    let seq_of = |i: usize| {
+        serde_json::from_str::<Value>(&lines[i]).unwrap()["seq"]
+            .as_u64()
+            .unwrap()
+    };
     let write = |name: &str, ls: &[String]| {
         let p = d.join(name);
         std::fs::write(&p, ls.join("\n") + "\n").unwrap();
@@ -240,7 +300,11 @@ async fn exports_verify_and_tampered_exports_do_not() {
 
     let mut reordered = lines.clone();
     reordered.swap(k, k + 1);
-    broke_at(&write("reordered.jsonl", &reordered), seq_of(k), "out of order");
+    broke_at(
+        &write("reordered.jsonl", &reordered),
+        seq_of(k),
+        "out of order",
+    );
 
     // cut the events after the first checkpoint's seq away, keep the checkpoint lines
     let cp_seq = lines
@@ -249,22 +313,35 @@ async fn exports_verify_and_tampered_exports_do_not() {
         .filter_map(|v| v["checkpoint"]["seq"].as_u64())
         .min()
         .unwrap();
-    let truncated: Vec<String> = lines.iter().filter(|l| !l.contains("\"prev_hash\"") || seq_of_line(l) < cp_seq).cloned().collect();
+    let truncated: Vec<String> = lines
+        .iter()
+        .filter(|l| !l.contains("\"prev_hash\"") || seq_of_line(l) < cp_seq)
+        .cloned()
+        .collect();
     broke_at(&write("truncated.jsonl", &truncated), cp_seq, "truncated");
 
     let mut forged = lines.clone();
-    let ci = forged.iter().position(|l| l.contains("\"checkpoint\"")).unwrap();
+    let ci = forged
+        .iter()
+        .position(|l| l.contains("\"checkpoint\""))
+        .unwrap();
     let mut cp: Value = serde_json::from_str(&forged[ci]).unwrap();
     let doc = leasehold_provider_token::generate_signing_key().unwrap();
     let evil = leasehold::audit::CheckpointKey::from_pkcs8(&doc).unwrap();
     let real = leasehold::audit::Checkpoint::from_value(&cp["checkpoint"]).unwrap();
     cp["checkpoint"] = evil.sign(real.seq, real.hash, real.time.clone()).to_value();
     forged[ci] = cp.to_string();
-    broke_at(&write("forged.jsonl", &forged), real.seq, "forged checkpoint");
+    broke_at(
+        &write("forged.jsonl", &forged),
+        real.seq,
+        "forged checkpoint",
+    );
 }
 
 fn seq_of_line(l: &str) -> u64 {
-    serde_json::from_str::<Value>(l).unwrap()["seq"].as_u64().unwrap()
+    serde_json::from_str::<Value>(l).unwrap()["seq"]
+        .as_u64()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,12 +356,28 @@ async fn old_events_are_archived_and_pruned_and_the_rest_still_verifies() {
     let through = head - 3;
     let archive = h.dir.path().join("archive.jsonl");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
-        .args(["events", "archive", "--as", "admin", "--through", &through.to_string(), "--out"])
+        .args([
+            "events",
+            "archive",
+            "--as",
+            "admin",
+            "--through",
+            &through.to_string(),
+            "--out",
+        ])
         .arg(&archive)
-        .env("LEASEHOLD_CREDENTIALS", h.dir.path().join("dev-credentials.json"))
+        .env(
+            "LEASEHOLD_CREDENTIALS",
+            h.dir.path().join("dev-credentials.json"),
+        )
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let archived = leasehold::cli::events::verify_export(&archive, None).unwrap();
     assert!(archived.ok && archived.last_seq == through, "{archived:?}");
 
@@ -294,16 +387,40 @@ async fn old_events_are_archived_and_pruned_and_the_rest_still_verifies() {
     let (_, v) = h.get(&h.tokens.admin, "/v1/events?limit=1000").await;
     let first = v["events"][0]["seq"].as_u64().unwrap();
     assert_eq!(first, through + 1, "archived events are gone");
-    assert_eq!(v["events"].as_array().unwrap().last().unwrap()["kind"], "chain.pruned");
+    assert_eq!(
+        v["events"].as_array().unwrap().last().unwrap()["kind"],
+        "chain.pruned"
+    );
     let (_, report) = h.get(&h.tokens.admin, "/v1/events/verify").await;
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["base_seq"], through);
 
     // pruning needs the archive's last hash, and only what exists
-    let (s, e) = h.post(&h.tokens.admin, "/v1/events/prune", serde_json::json!({"through_seq": through + 1, "last_hash": "00".repeat(32)})).await;
-    assert_eq!((s, e["error"]["code"].as_str()), (reqwest::StatusCode::CONFLICT, Some("chain_conflict")));
-    let (s, _) = h.post(&h.tokens.admin, "/v1/events/prune", serde_json::json!({"through_seq": 1, "last_hash": "00".repeat(32)})).await;
+    let (s, e) = h
+        .post(
+            &h.tokens.admin,
+            "/v1/events/prune",
+            serde_json::json!({"through_seq": through + 1, "last_hash": "00".repeat(32)}),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (reqwest::StatusCode::CONFLICT, Some("chain_conflict"))
+    );
+    let (s, _) = h
+        .post(
+            &h.tokens.admin,
+            "/v1/events/prune",
+            serde_json::json!({"through_seq": 1, "last_hash": "00".repeat(32)}),
+        )
+        .await;
     assert_eq!(s, reqwest::StatusCode::CONFLICT);
-    let (s, _) = h.post(&h.tokens.responder, "/v1/events/prune", serde_json::json!({"through_seq": through + 1, "last_hash": "00".repeat(32)})).await;
+    let (s, _) = h
+        .post(
+            &h.tokens.responder,
+            "/v1/events/prune",
+            serde_json::json!({"through_seq": through + 1, "last_hash": "00".repeat(32)}),
+        )
+        .await;
     assert_eq!(s, reqwest::StatusCode::FORBIDDEN);
 }

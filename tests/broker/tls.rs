@@ -24,13 +24,25 @@ async fn serves_tls_and_refuses_plaintext() {
     assert_eq!(h.scheme, "https");
     let task = h.open_task(&h.tokens.a, 600).await;
     let lease = h.lease(&h.tokens.a, &task, 60).await;
-    assert!(h.introspect(lease["credential"]["token"].as_str().unwrap()).await);
+    assert!(
+        h.introspect(lease["credential"]["token"].as_str().unwrap())
+            .await
+    );
     // the same port does not speak plaintext HTTP
-    let plain = crate::harness::client().get(format!("http://{}/v1/health", h.addr)).send().await;
+    let plain = crate::harness::client()
+        .get(format!("http://{}/v1/health", h.addr))
+        .send()
+        .await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
     // and a client that does not trust the CA refuses the connection
-    let untrusting = crate::harness::client().get(h.url("/v1/health")).send().await;
-    assert!(untrusting.is_err(), "the test CA must not be trusted by default");
+    let untrusting = crate::harness::client()
+        .get(h.url("/v1/health"))
+        .send()
+        .await;
+    assert!(
+        untrusting.is_err(),
+        "the test CA must not be trusted by default"
+    );
 }
 
 /// A JWKS endpoint whose document the test can change, counting fetches.
@@ -62,14 +74,24 @@ async fn serve_jwks(initial: String) -> Jwks {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Jwks { doc, fetches, fail, addr }
+    Jwks {
+        doc,
+        fetches,
+        fail,
+        addr,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_keys_come_from_a_jwks_url_and_rotate() {
     // the dev issuer's key, published over HTTP instead of from a file
     let seed = tempfile::tempdir().unwrap();
-    leasehold::dev::prepare(seed.path(), "127.0.0.1:1".parse().unwrap(), crate::harness::now_rounded()).unwrap();
+    leasehold::dev::prepare(
+        seed.path(),
+        "127.0.0.1:1".parse().unwrap(),
+        crate::harness::now_rounded(),
+    )
+    .unwrap();
     let first = std::fs::read_to_string(seed.path().join("dev-issuer.jwks.json")).unwrap();
     let jwks = serve_jwks(first).await;
     let url = format!("http://{}/jwks", jwks.addr);
@@ -84,7 +106,10 @@ async fn workload_keys_come_from_a_jwks_url_and_rotate() {
     })
     .await;
     // the harness's own dev issuer key differs from the seed's; sign with the seed's
-    let seed_token = crate::harness::mint_in(seed.path(), &claims("assistant-a", crate::harness::now_rounded()));
+    let seed_token = crate::harness::mint_in(
+        seed.path(),
+        &claims("assistant-a", crate::harness::now_rounded()),
+    );
     let body = json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 60});
     let (s, _) = h.post(&seed_token, "/v1/tasks", body.clone()).await;
     assert_eq!(s, StatusCode::CREATED, "keys fetched at start-up");
@@ -95,7 +120,11 @@ async fn workload_keys_come_from_a_jwks_url_and_rotate() {
     let doc = leasehold_provider_token::generate_signing_key().unwrap();
     let key = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&doc).unwrap();
     *jwks.doc.lock().unwrap() = leasehold::dev::jwks_for(&key, "dev-issuer-2").to_string();
-    let rotated = leasehold::dev::sign_jwt(&key, "dev-issuer-2", &claims("assistant-a", crate::harness::now_rounded()));
+    let rotated = leasehold::dev::sign_jwt(
+        &key,
+        "dev-issuer-2",
+        &claims("assistant-a", crate::harness::now_rounded()),
+    );
     // an unknown kid refetches, but at most every 30 s: first refused...
     let (s, _) = h.post(&rotated, "/v1/tasks", body.clone()).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
@@ -108,17 +137,32 @@ async fn workload_keys_come_from_a_jwks_url_and_rotate() {
     // the old key is gone: a fresh token signed with it is refused (the old
     // token itself was cached; the cache lasts at most 60 s)
     h.advance(Duration::from_secs(61));
-    let old = crate::harness::mint_in(seed.path(), &claims("assistant-b", crate::harness::now_rounded()));
+    let old = crate::harness::mint_in(
+        seed.path(),
+        &claims("assistant-b", crate::harness::now_rounded()),
+    );
     let (s, _) = h.post(&old, "/v1/tasks", body.clone()).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 
     // the endpoint failing keeps the keys we have
     jwks.fail.store(true, Ordering::SeqCst);
     h.advance(Duration::from_secs(31));
-    let unknown = leasehold::dev::sign_jwt(&key, "dev-issuer-3", &claims("assistant-a", crate::harness::now_rounded()));
+    let unknown = leasehold::dev::sign_jwt(
+        &key,
+        "dev-issuer-3",
+        &claims("assistant-a", crate::harness::now_rounded()),
+    );
     let (s, _) = h.post(&unknown, "/v1/tasks", body.clone()).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
-    let again = leasehold::dev::sign_jwt(&key, "dev-issuer-2", &claims("assistant-b", crate::harness::now_rounded()));
+    let again = leasehold::dev::sign_jwt(
+        &key,
+        "dev-issuer-2",
+        &claims("assistant-b", crate::harness::now_rounded()),
+    );
     let (s, _) = h.post(&again, "/v1/tasks", body).await;
-    assert_eq!(s, StatusCode::CREATED, "a failed refresh keeps the old keys");
+    assert_eq!(
+        s,
+        StatusCode::CREATED,
+        "a failed refresh keeps the old keys"
+    );
 }

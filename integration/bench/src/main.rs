@@ -152,14 +152,21 @@ fn leasehold_bin(cli: &Cli) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let p = me.with_file_name("leasehold");
     if !p.exists() {
-        bail!("{} not found: build it (cargo build --release) or pass --leasehold", p.display());
+        bail!(
+            "{} not found: build it (cargo build --release) or pass --leasehold",
+            p.display()
+        );
     }
     Ok(p)
 }
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -173,14 +180,21 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 
 /// Keys, credentials and a `serve` config in `dir`. `long_leases` raises the
 /// caps so leases outlive the benchmark.
-fn setup(dir: &Path, addr: std::net::SocketAddr, long_leases: bool) -> anyhow::Result<(PathBuf, DevCredentials)> {
+fn setup(
+    dir: &Path,
+    addr: std::net::SocketAddr,
+    long_leases: bool,
+) -> anyhow::Result<(PathBuf, DevCredentials)> {
     let (mut config, creds) = leasehold::dev::prepare(dir, addr, SystemClock.now())?;
     config.server.shutdown_grace_seconds = 30;
     // one workload from one address drives the load: no rate limits here
     config.server.rate_limits.per_workload_per_second = 0.0;
     config.server.rate_limits.per_address_per_second = 0.0;
     config.store.quick_repair = std::env::var("BENCH_QUICK_REPAIR").map_or(true, |v| v != "0");
-    if let Some(d) = std::env::var("BENCH_COMMIT_DELAY_US").ok().and_then(|v| v.parse().ok()) {
+    if let Some(d) = std::env::var("BENCH_COMMIT_DELAY_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         config.store.commit_delay_micros = d;
     }
     if long_leases {
@@ -189,8 +203,14 @@ fn setup(dir: &Path, addr: std::net::SocketAddr, long_leases: bool) -> anyhow::R
         config.limits.max_lease_ttl_seconds = 86_400;
         for p in config.providers.values_mut() {
             match p {
-                leasehold::config::ProviderConfig::Token(t) => t.roles.values_mut().for_each(|r| r.max_ttl_seconds = 86_400),
-                leasehold::config::ProviderConfig::Postgres(pg) => pg.roles.values_mut().for_each(|r| r.max_ttl_seconds = 86_400),
+                leasehold::config::ProviderConfig::Token(t) => t
+                    .roles
+                    .values_mut()
+                    .for_each(|r| r.max_ttl_seconds = 86_400),
+                leasehold::config::ProviderConfig::Postgres(pg) => pg
+                    .roles
+                    .values_mut()
+                    .for_each(|r| r.max_ttl_seconds = 86_400),
             }
         }
     }
@@ -230,7 +250,10 @@ impl Server {
     fn spawn(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<Self> {
         let log = std::fs::File::create(log)?;
         let child = Command::new(bin)
-            .env("RUST_LOG", std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .args(["serve", "-c"])
             .arg(config)
             .stdout(Stdio::null())
@@ -246,7 +269,8 @@ impl Server {
     }
 
     fn rss_kib(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         let field = |name: &str| {
             status
                 .lines()
@@ -301,10 +325,19 @@ async fn wait_ready(http: &reqwest::Client, base: &str, server: &mut Server) -> 
 
 fn client(pool: usize) -> anyhow::Result<reqwest::Client> {
     leasehold::install_crypto_provider();
-    Ok(reqwest::Client::builder().http1_only().pool_max_idle_per_host(pool).timeout(Duration::from_secs(60)).build()?)
+    Ok(reqwest::Client::builder()
+        .http1_only()
+        .pool_max_idle_per_host(pool)
+        .timeout(Duration::from_secs(60))
+        .build()?)
 }
 
-async fn post(http: &reqwest::Client, url: String, token: &str, body: Option<Value>) -> anyhow::Result<Value> {
+async fn post(
+    http: &reqwest::Client,
+    url: String,
+    token: &str,
+    body: Option<Value>,
+) -> anyhow::Result<Value> {
     let mut req = http.post(url).bearer_auth(token);
     if let Some(b) = body {
         req = req.json(&b);
@@ -329,10 +362,18 @@ impl Conn {
     async fn open(addr: std::net::SocketAddr) -> anyhow::Result<Self> {
         let s = tokio::net::TcpStream::connect(addr).await?;
         s.set_nodelay(true)?;
-        Ok(Self { stream: tokio::io::BufStream::new(s), host: addr.to_string() })
+        Ok(Self {
+            stream: tokio::io::BufStream::new(s),
+            host: addr.to_string(),
+        })
     }
 
-    async fn post(&mut self, path: &str, token: &str, body: Option<&str>) -> anyhow::Result<(u16, Vec<u8>)> {
+    async fn post(
+        &mut self,
+        path: &str,
+        token: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
         use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
         let body = body.unwrap_or("");
         let head = format!(
@@ -345,7 +386,11 @@ impl Conn {
         self.stream.flush().await?;
         let mut line = String::new();
         self.stream.read_line(&mut line).await?;
-        let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).context("bad status line")?;
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("bad status line")?;
         let mut len = 0usize;
         loop {
             line.clear();
@@ -380,7 +425,14 @@ struct Load {
 }
 
 /// Start `bin` on a fresh store, warm up, then measure `rounds` windows.
-async fn run_load(bin: &Path, no_events: bool, clients: usize, per_task: usize, seconds: u64, rounds: usize) -> anyhow::Result<Load> {
+async fn run_load(
+    bin: &Path,
+    no_events: bool,
+    clients: usize,
+    per_task: usize,
+    seconds: u64,
+    rounds: usize,
+) -> anyhow::Result<Load> {
     let per_task = per_task.max(1);
     let dir = tempfile::tempdir()?;
     let addr = free_addr()?;
@@ -397,7 +449,10 @@ async fn run_load(bin: &Path, no_events: bool, clients: usize, per_task: usize, 
     let base = format!("http://{addr}");
     let http = client(clients)?;
     wait_ready(&http, &base, &mut server).await?;
-    let tokens = [creds.identities["assistant-a"].token.clone(), creds.identities["assistant-b"].token.clone()];
+    let tokens = [
+        creds.identities["assistant-a"].token.clone(),
+        creds.identities["assistant-b"].token.clone(),
+    ];
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
@@ -453,7 +508,11 @@ async fn run_load(bin: &Path, no_events: bool, clients: usize, per_task: usize, 
         let c_us = (cpu_seconds_of("/proc/self/stat") - c0) * 1e6 / n.max(1.0);
         println!(
             "  {} round {}: {rate:.0} leases/s; CPU per lease: broker {s_us:.0} us, load generator {c_us:.0} us",
-            if no_events { "no-op sink" } else { "event chain" },
+            if no_events {
+                "no-op sink"
+            } else {
+                "event chain"
+            },
             r + 1
         );
         rates.push(rate);
@@ -486,7 +545,13 @@ async fn run_load(bin: &Path, no_events: bool, clients: usize, per_task: usize, 
     })
 }
 
-async fn throughput(bin: &Path, clients: usize, per_task: usize, seconds: u64, rounds: usize) -> anyhow::Result<()> {
+async fn throughput(
+    bin: &Path,
+    clients: usize,
+    per_task: usize,
+    seconds: u64,
+    rounds: usize,
+) -> anyhow::Result<()> {
     let mut l = run_load(bin, false, clients, per_task, seconds, rounds).await?;
     println!(
         "throughput: median {:.0} leases/s over {rounds} rounds of {seconds} s, {clients} clients \
@@ -507,7 +572,13 @@ async fn throughput(bin: &Path, clients: usize, per_task: usize, seconds: u64, r
 /// Issue 4's figures: throughput with the event chain against a no-op sink
 /// (alternating brokers, one round each, so both see the same machine), and
 /// offline verification of a store holding at least `events` events.
-async fn events_bench(bin: &Path, noop: &Path, rounds: usize, seconds: u64, events: usize) -> anyhow::Result<()> {
+async fn events_bench(
+    bin: &Path,
+    noop: &Path,
+    rounds: usize,
+    seconds: u64,
+    events: usize,
+) -> anyhow::Result<()> {
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         with.extend(run_load(bin, false, 64, 1, seconds, 1).await?.rates);
@@ -544,17 +615,32 @@ async fn events_bench(bin: &Path, noop: &Path, rounds: usize, seconds: u64, even
         println!("  verify: {checked} events in {secs:.2} s");
         times.push(secs);
     }
-    println!("events verify: {checked} events in median {:.2} s (3 runs, offline from the store file)", median(&mut times));
+    println!(
+        "events verify: {checked} events in median {:.2} s (3 runs, offline from the store file)",
+        median(&mut times)
+    );
     Ok(())
 }
 
 /// Fill a store with active leases through the broker's own issue path.
-async fn populate(config_path: &Path, clock: Arc<dyn Clock>, leases: usize, ttl: i64) -> anyhow::Result<f64> {
+async fn populate(
+    config_path: &Path,
+    clock: Arc<dyn Clock>,
+    leases: usize,
+    ttl: i64,
+) -> anyhow::Result<f64> {
     let config = leasehold::config::Config::load(config_path)?;
     let key = StoreKey::from_file(config.store.key_file.as_ref().context("key_file")?)?;
     let store = Store::open(&StoreOptions::new(&config.store.path), &key)?;
-    let providers = Providers::build(&config.providers, &store, config.limits.max_lease_ttl_seconds)?;
-    let policy = Arc::new(leasehold::policy::PolicyEngine::load(&config.policy.dir, config.provider_roles()).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let providers = Providers::build(
+        &config.providers,
+        &store,
+        config.limits.max_lease_ttl_seconds,
+    )?;
+    let policy = Arc::new(
+        leasehold::policy::PolicyEngine::load(&config.policy.dir, config.provider_roles())
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
     let broker = Arc::new(Broker::new(
         store,
         clock,
@@ -581,14 +667,18 @@ async fn populate(config_path: &Path, clock: Arc<dyn Clock>, leases: usize, ttl:
         let (b, w) = (broker.clone(), workload.clone());
         tasks.spawn(async move {
             let task = b
-                .open_task(&w, OpenTask {
-                    purpose: "bench".into(),
-                    on_behalf_of: "alice@example.com".into(),
-                    prompt: Some("fill".into()),
-                    prompt_sha256: None,
-                    tools: vec![],
-                    ttl_seconds: ttl + 3600,
-                }, &leasehold::audit::Ctx::system())
+                .open_task(
+                    &w,
+                    OpenTask {
+                        purpose: "bench".into(),
+                        on_behalf_of: "alice@example.com".into(),
+                        prompt: Some("fill".into()),
+                        prompt_sha256: None,
+                        tools: vec![],
+                        ttl_seconds: ttl + 3600,
+                    },
+                    &leasehold::audit::Ctx::system(),
+                )
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             let id = leasehold::ids::TaskId(task.id);
@@ -598,8 +688,15 @@ async fn populate(config_path: &Path, clock: Arc<dyn Clock>, leases: usize, ttl:
                 let count = n / 8 + usize::from(chunk < n % 8);
                 inner.spawn(async move {
                     for _ in 0..count {
-                        let p = LeaseParams { provider: "token".into(), role: "demo".into(), ttl_seconds: ttl, scope: vec![] };
-                        b.request_lease(&w, id, p, None, &leasehold::audit::Ctx::system()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                        let p = LeaseParams {
+                            provider: "token".into(),
+                            role: "demo".into(),
+                            ttl_seconds: ttl,
+                            scope: vec![],
+                        };
+                        b.request_lease(&w, id, p, None, &leasehold::audit::Ctx::system())
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{e}"))?;
                     }
                     anyhow::Ok(())
                 });
@@ -634,7 +731,10 @@ async fn restart(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()>
     println!("  filling a store with {leases} active leases through the issue path...");
     let rate = populate(&config, Arc::new(SystemClock), leases, 6 * 3600).await?;
     let size = std::fs::metadata(dir.path().join("leasehold.redb"))?.len();
-    println!("  filled at {rate:.0} leases/s (library, no HTTP); store file {} MiB", size >> 20);
+    println!(
+        "  filled at {rate:.0} leases/s (library, no HTTP); store file {} MiB",
+        size >> 20
+    );
     let http = client(4)?;
     let base = format!("http://{addr}");
     let admin = creds.identities["admin"].token.clone();
@@ -645,18 +745,35 @@ async fn restart(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()>
         wait_ready(&http, &base, &mut server).await?;
         let ready = t0.elapsed().as_secs_f64() * 1000.0;
         let (now_rss, peak) = server.rss_kib();
-        let stats: Value = http.get(format!("{base}/v1/stats")).bearer_auth(&admin).send().await?.json().await?;
+        let stats: Value = http
+            .get(format!("{base}/v1/stats"))
+            .bearer_auth(&admin)
+            .send()
+            .await?
+            .json()
+            .await?;
         let active = stats["leases"]["token"]["active"].as_u64().unwrap_or(0);
         if active != leases as u64 {
             bail!("expected {leases} active leases after restart, found {active}");
         }
         // serving, not just listening: issue one more lease
         let a = &creds.identities["assistant-a"].token;
-        let task = post(&http, format!("{base}/v1/tasks"), a, Some(json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 60}))).await?;
+        let task = post(
+            &http,
+            format!("{base}/v1/tasks"),
+            a,
+            Some(json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 60})),
+        )
+        .await?;
         let id = task["task_id"].as_str().unwrap_or_default();
         post(&http, format!("{base}/v1/tasks/{id}/complete"), a, None).await?;
         server.stop()?;
-        println!("  round {}: ready in {ready:.0} ms, RSS {} MiB at ready (peak {} MiB), {active} active leases", r + 1, now_rss / 1024, peak / 1024);
+        println!(
+            "  round {}: ready in {ready:.0} ms, RSS {} MiB at ready (peak {} MiB), {active} active leases",
+            r + 1,
+            now_rss / 1024,
+            peak / 1024
+        );
         times.push(ready);
         rss.push(now_rss as f64 / 1024.0);
         hwm.push(peak as f64 / 1024.0);
@@ -665,7 +782,13 @@ async fn restart(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()>
     let mut server = Server::spawn(bin, &config, &dir.path().join("crash.log"))?;
     wait_ready(&http, &base, &mut server).await?;
     let a = &creds.identities["assistant-a"].token;
-    post(&http, format!("{base}/v1/tasks"), a, Some(json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 60}))).await?;
+    post(
+        &http,
+        format!("{base}/v1/tasks"),
+        a,
+        Some(json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 60})),
+    )
+    .await?;
     server.child.kill()?;
     server.child.wait()?;
     let t0 = Instant::now();
@@ -674,7 +797,11 @@ async fn restart(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()>
     let after_crash = t0.elapsed().as_secs_f64() * 1000.0;
     let (crash_rss, crash_peak) = server.rss_kib();
     server.stop()?;
-    println!("  after SIGKILL: ready in {after_crash:.0} ms, RSS {} MiB (peak {} MiB)", crash_rss / 1024, crash_peak / 1024);
+    println!(
+        "  after SIGKILL: ready in {after_crash:.0} ms, RSS {} MiB (peak {} MiB)",
+        crash_rss / 1024,
+        crash_peak / 1024
+    );
     println!(
         "restart: {leases} active leases; ready in median {:.0} ms (max {:.0}); RSS at ready median {:.0} MiB, peak RSS max {:.0} MiB",
         median(&mut times.clone()),
@@ -696,12 +823,16 @@ async fn expiry(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> 
         let ttl: i64 = 600;
         let lead = Duration::from_secs(20 + (leases as u64) / 4_000);
         // a whole second, so the tokens' `exp` (whole seconds) is the deadline exactly
-        let deadline = Timestamp::from_unix_millis((SystemClock.now().saturating_add(lead).unix_millis() / 1000 + 1) * 1000);
+        let deadline = Timestamp::from_unix_millis(
+            (SystemClock.now().saturating_add(lead).unix_millis() / 1000 + 1) * 1000,
+        );
         let issued_at = Timestamp::from_unix_millis(deadline.unix_millis() - ttl * 1000);
         let clock = ManualClock::new(issued_at);
         populate(&config, Arc::new(clock), leases, ttl).await?;
         if SystemClock.now() >= deadline.saturating_add(Duration::from_secs(0)) {
-            bail!("filling took longer than the lead of {lead:?}; the deadline passed before the broker started");
+            bail!(
+                "filling took longer than the lead of {lead:?}; the deadline passed before the broker started"
+            );
         }
         let http = client(4)?;
         let base = format!("http://{addr}");
@@ -709,12 +840,24 @@ async fn expiry(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> 
         let mut server = Server::spawn(bin, &config, &dir.path().join("broker.log"))?;
         wait_ready(&http, &base, &mut server).await?;
         let wait = SystemClock.now().until(deadline);
-        println!("  round {}: {leases} leases expire at one instant, {:.1} s from now", r + 1, wait.as_secs_f64());
+        println!(
+            "  round {}: {leases} leases expire at one instant, {:.1} s from now",
+            r + 1,
+            wait.as_secs_f64()
+        );
         tokio::time::sleep(wait).await;
         let observed = loop {
-            let stats: Value = http.get(format!("{base}/v1/stats")).bearer_auth(&admin).send().await?.json().await?;
+            let stats: Value = http
+                .get(format!("{base}/v1/stats"))
+                .bearer_auth(&admin)
+                .send()
+                .await?
+                .json()
+                .await?;
             let t = &stats["leases"]["token"];
-            let live = t["active"].as_u64().unwrap_or(1) + t["revoking"].as_u64().unwrap_or(1) + t["irrevocable"].as_u64().unwrap_or(1);
+            let live = t["active"].as_u64().unwrap_or(1)
+                + t["revoking"].as_u64().unwrap_or(1)
+                + t["irrevocable"].as_u64().unwrap_or(1);
             if live == 0 {
                 break SystemClock.now().unix_millis() - deadline.unix_millis();
             }
@@ -729,7 +872,11 @@ async fn expiry(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> 
         let key = StoreKey::from_file(cfg.store.key_file.as_ref().context("key_file")?)?;
         let store = Store::open(&StoreOptions::new(&cfg.store.path), &key)?;
         let reader = store.read()?;
-        let mut q = LeaseQuery { limit: 1000, scan_budget: 1_000_000, ..Default::default() };
+        let mut q = LeaseQuery {
+            limit: 1000,
+            scan_budget: 1_000_000,
+            ..Default::default()
+        };
         let (mut n, mut worst, mut early) = (0usize, i64::MIN, 0usize);
         loop {
             let (page, next) = reader.list_leases(&q)?;
@@ -754,7 +901,10 @@ async fn expiry(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> 
         if n != leases || early > 0 {
             bail!("{n} leases found, {early} revoked before their deadline");
         }
-        println!("  round {}: last lease revoked {worst} ms after the deadline (observed by polling: {observed} ms)", r + 1);
+        println!(
+            "  round {}: last lease revoked {worst} ms after the deadline (observed by polling: {observed} ms)",
+            r + 1
+        );
         lag_max.push(worst as f64);
         lag_observed.push(observed as f64);
     }
@@ -768,9 +918,22 @@ async fn expiry(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> 
 }
 
 /// Poll a revocation job until it is no longer running.
-async fn wait_job(http: &reqwest::Client, base: &str, token: &str, id: &str, start: Instant, limit: Duration) -> anyhow::Result<Value> {
+async fn wait_job(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    id: &str,
+    start: Instant,
+    limit: Duration,
+) -> anyhow::Result<Value> {
     loop {
-        let s: Value = http.get(format!("{base}/v1/revocations/{id}")).bearer_auth(token).send().await?.json().await?;
+        let s: Value = http
+            .get(format!("{base}/v1/revocations/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
         if s["state"] != "running" {
             return Ok(s);
         }
@@ -782,20 +945,35 @@ async fn wait_job(http: &reqwest::Client, base: &str, token: &str, id: &str, sta
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn postgres(bin: &Path, leases: usize, clients: usize, role: &str, sessions: usize, scram_iterations: u32, rounds: usize) -> anyhow::Result<()> {
+async fn postgres(
+    bin: &Path,
+    leases: usize,
+    clients: usize,
+    role: &str,
+    sessions: usize,
+    scram_iterations: u32,
+    rounds: usize,
+) -> anyhow::Result<()> {
     use leasehold_provider_postgres::testkit::{Cluster, Options};
     let (mut rates, mut revokes) = (Vec::new(), Vec::new());
     for r in 0..rounds {
-        let cluster = Cluster::start_with(Options { fsync: std::env::var("BENCH_PG_FSYNC").map_or(true, |v| v != "0"), tls: None });
+        let cluster = Cluster::start_with(Options {
+            fsync: std::env::var("BENCH_PG_FSYNC").map_or(true, |v| v != "0"),
+            tls: None,
+        });
         cluster.provision().await;
-        let dir = tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
+        let dir =
+            tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
         let addr = free_addr()?;
         let (config, creds) = setup(dir.path(), addr, true)?;
         let mut cfg = leasehold::config::Config::load(&config)?;
         let mut pg = cluster.provider_config();
         pg.pool_size = 16;
         pg.scram_iterations = scram_iterations;
-        cfg.providers.insert("appdb".into(), leasehold::config::ProviderConfig::Postgres(pg));
+        cfg.providers.insert(
+            "appdb".into(),
+            leasehold::config::ProviderConfig::Postgres(pg),
+        );
         cfg.limits.max_leases_per_task = u32::try_from(leases).unwrap_or(u32::MAX);
         std::fs::write(&config, cfg.to_toml()?)?;
         let http = client(clients)?;
@@ -829,8 +1007,14 @@ async fn postgres(bin: &Path, leases: usize, clients: usize, role: &str, session
             match res? {
                 Ok(c) => sample.extend(c),
                 Err(e) => {
-                    let log = std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(5).collect();
+                    let log =
+                        std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default();
+                    let tail: Vec<&str> = log
+                        .lines()
+                        .rev()
+                        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                        .take(5)
+                        .collect();
                     bail!("{e}; the broker's last warnings:\n{}", tail.join("\n"));
                 }
             }
@@ -842,7 +1026,11 @@ async fn postgres(bin: &Path, leases: usize, clients: usize, role: &str, session
         let mut open = Vec::new();
         for c in sample.iter().cycle().take(sessions) {
             let client = cluster
-                .connect(c["username"].as_str().unwrap_or_default(), c["password"].as_str().unwrap_or_default(), c["database"].as_str().unwrap_or_default())
+                .connect(
+                    c["username"].as_str().unwrap_or_default(),
+                    c["password"].as_str().unwrap_or_default(),
+                    c["database"].as_str().unwrap_or_default(),
+                )
                 .await?;
             client.simple_query("SELECT 1").await?;
             open.push(client);
@@ -850,17 +1038,41 @@ async fn postgres(bin: &Path, leases: usize, clients: usize, role: &str, session
 
         // one mass revocation of every appdb lease
         let start = Instant::now();
-        let job = post(&http, format!("{base}/v1/revocations"), &responder, Some(json!({"provider": "appdb", "reason": "bench"}))).await?;
+        let job = post(
+            &http,
+            format!("{base}/v1/revocations"),
+            &responder,
+            Some(json!({"provider": "appdb", "reason": "bench"})),
+        )
+        .await?;
         let id = job["job_id"].as_str().unwrap_or_default().to_owned();
-        let status = wait_job(&http, &base, &responder, &id, start, Duration::from_secs(600)).await?;
+        let status = wait_job(
+            &http,
+            &base,
+            &responder,
+            &id,
+            start,
+            Duration::from_secs(600),
+        )
+        .await?;
         let revoke_secs = start.elapsed().as_secs_f64();
-        let revoked = status["by_provider"]["appdb"]["revoked"].as_u64().unwrap_or(0);
+        let revoked = status["by_provider"]["appdb"]["revoked"]
+            .as_u64()
+            .unwrap_or(0);
         let su = cluster.superuser("postgres").await;
-        let left: i64 = su.query_one("SELECT count(*) FROM pg_roles WHERE starts_with(rolname::text, 'lh_')", &[]).await?.get(0);
+        let left: i64 = su
+            .query_one(
+                "SELECT count(*) FROM pg_roles WHERE starts_with(rolname::text, 'lh_')",
+                &[],
+            )
+            .await?
+            .get(0);
         let alive = open.iter().filter(|c| !c.is_closed()).count();
         server.stop()?;
         if revoked != leases as u64 || left != 0 || alive != 0 {
-            bail!("revoked {revoked} of {leases}; {left} roles left; {alive} sessions alive: {status}");
+            bail!(
+                "revoked {revoked} of {leases}; {left} roles left; {alive} sessions alive: {status}"
+            );
         }
         println!(
             "  round {}: issued {leases} in {issue_secs:.2} s ({rate:.0} leases/s, {clients} clients, template {role}); \
@@ -884,7 +1096,8 @@ async fn postgres(bin: &Path, leases: usize, clients: usize, role: &str, session
 async fn mass_revoke(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> {
     let (mut totals, mut refusals, mut posts) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
-        let dir = tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
+        let dir =
+            tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
         let addr = free_addr()?;
         let (config, creds) = setup(dir.path(), addr, true)?;
         populate(&config, Arc::new(SystemClock), leases, 6 * 3600).await?;
@@ -895,19 +1108,35 @@ async fn mass_revoke(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result
         let responder = creds.identities["responder"].token.clone();
         let a = creds.identities["assistant-a"].token.clone();
         // the compromised workload keeps asking for leases, 4 at a time
-        let task = post(&http, format!("{base}/v1/tasks"), &a, Some(json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 3600}))).await?;
+        let task = post(
+            &http,
+            format!("{base}/v1/tasks"),
+            &a,
+            Some(json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 3600})),
+        )
+        .await?;
         let task_id = task["task_id"].as_str().unwrap_or_default().to_owned();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let t0 = Instant::now();
         let mut askers = tokio::task::JoinSet::new();
         for _ in 0..4 {
-            let (http, url, a, stop) = (http.clone(), format!("{base}/v1/tasks/{task_id}/leases"), a.clone(), stop.clone());
+            let (http, url, a, stop) = (
+                http.clone(),
+                format!("{base}/v1/tasks/{task_id}/leases"),
+                a.clone(),
+                stop.clone(),
+            );
             askers.spawn(async move {
                 // (first refusal, last success) in ms since t0
                 let (mut refused, mut granted) = (None::<f64>, None::<f64>);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let sent = t0.elapsed().as_secs_f64() * 1000.0;
-                    let resp = http.post(&url).bearer_auth(&a).json(&json!({"provider": "token", "role": "demo", "ttl_seconds": 600})).send().await?;
+                    let resp = http
+                        .post(&url)
+                        .bearer_auth(&a)
+                        .json(&json!({"provider": "token", "role": "demo", "ttl_seconds": 600}))
+                        .send()
+                        .await?;
                     let status = resp.status().as_u16();
                     let body: Value = resp.json().await?;
                     match status {
@@ -925,10 +1154,24 @@ async fn mass_revoke(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result
         let body = json!({"workload": "dev:assistant-a", "fence": true, "reason": "bench: credential leak"});
         let called = t0.elapsed().as_secs_f64() * 1000.0;
         let start = Instant::now();
-        let started = post(&http, format!("{base}/v1/revocations"), &responder, Some(body)).await?;
+        let started = post(
+            &http,
+            format!("{base}/v1/revocations"),
+            &responder,
+            Some(body),
+        )
+        .await?;
         let answered = start.elapsed().as_secs_f64() * 1000.0;
         let job = started["job_id"].as_str().unwrap_or_default().to_owned();
-        let status = wait_job(&http, &base, &responder, &job, start, Duration::from_secs(300)).await?;
+        let status = wait_job(
+            &http,
+            &base,
+            &responder,
+            &job,
+            start,
+            Duration::from_secs(300),
+        )
+        .await?;
         let observed = start.elapsed().as_secs_f64();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (mut first_refusal, mut last_grant) = (f64::MAX, 0.0f64);
@@ -939,18 +1182,37 @@ async fn mass_revoke(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result
         }
         let token = &status["by_provider"]["token"];
         let revoked = token["revoked"].as_u64().unwrap_or(0);
-        let stats: Value = http.get(format!("{base}/v1/stats")).bearer_auth(&responder).send().await?.json().await?;
-        let still_active = stats["leases"]["token"]["active"].as_u64().unwrap_or(u64::MAX);
+        let stats: Value = http
+            .get(format!("{base}/v1/stats"))
+            .bearer_auth(&responder)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let still_active = stats["leases"]["token"]["active"]
+            .as_u64()
+            .unwrap_or(u64::MAX);
         server.stop()?;
         if revoked < leases as u64 || still_active != 0 {
-            bail!("job revoked {revoked} of at least {leases}; {still_active} leases still active: {status}");
+            bail!(
+                "job revoked {revoked} of at least {leases}; {still_active} leases still active: {status}"
+            );
         }
         // the precise end: the last lease's own ended_at, against the call
         let cfg = leasehold::config::Config::load(&config)?;
         let key = StoreKey::from_file(cfg.store.key_file.as_ref().context("key_file")?)?;
         let store = Store::open(&StoreOptions::new(&cfg.store.path), &key)?;
-        let created = store.read()?.job(leasehold::ids::JobId::from_str(&job)?.0)?.context("job")?.created_at;
-        let mut q = LeaseQuery { limit: 1000, scan_budget: 10_000_000, state: Some(LeaseState::Revoked), ..Default::default() };
+        let created = store
+            .read()?
+            .job(leasehold::ids::JobId::from_str(&job)?.0)?
+            .context("job")?
+            .created_at;
+        let mut q = LeaseQuery {
+            limit: 1000,
+            scan_budget: 10_000_000,
+            state: Some(LeaseState::Revoked),
+            ..Default::default()
+        };
         let reader = store.read()?;
         let mut last_end = 0i64;
         loop {
@@ -1001,10 +1263,14 @@ fn realistic_policies(dir: &Path, workloads: usize, policies: usize) -> anyhow::
     std::fs::write(dir.join("leasehold.cedarschema"), schema)?;
     let groups = 20;
     let toolsets = 10;
-    let mut ents = vec![json!({"uid": {"type": "Leasehold::Tenant", "id": "acme"}, "attrs": {}, "parents": []})];
+    let mut ents = vec![
+        json!({"uid": {"type": "Leasehold::Tenant", "id": "acme"}, "attrs": {}, "parents": []}),
+    ];
     for g in 0..groups {
-        ents.push(json!({"uid": {"type": "Leasehold::Group", "id": format!("team-{g}")}, "attrs": {},
-            "parents": [{"type": "Leasehold::Tenant", "id": "acme"}]}));
+        ents.push(
+            json!({"uid": {"type": "Leasehold::Group", "id": format!("team-{g}")}, "attrs": {},
+            "parents": [{"type": "Leasehold::Tenant", "id": "acme"}]}),
+        );
     }
     for w in 0..workloads {
         ents.push(json!({"uid": {"type": "Leasehold::Workload", "id": format!("dev:agent-{w}")}, "attrs": {},
@@ -1028,11 +1294,21 @@ fn realistic_policies(dir: &Path, workloads: usize, policies: usize) -> anyhow::
         let g = n % groups;
         let t = n % toolsets;
         let text_n = match n % 5 {
-            0 => format!("@approval(\"required\")\npermit (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.risk >= 8 }};\n"),
-            1 => format!("@max_ttl(\"300\")\npermit (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.risk < 8 }};\n"),
-            2 => format!("forbid (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.time.hour < 6 && context.risk >= 6 }};\n"),
-            3 => format!("permit (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.task.declared_tools.contains(\"tool-{t}-0\") && context.target like \"ticket:*\" }};\n"),
-            _ => format!("forbid (principal, action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.task.user == \"blocked-{n}@example.com\" }};\n"),
+            0 => format!(
+                "@approval(\"required\")\npermit (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.risk >= 8 }};\n"
+            ),
+            1 => format!(
+                "@max_ttl(\"300\")\npermit (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.risk < 8 }};\n"
+            ),
+            2 => format!(
+                "forbid (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.time.hour < 6 && context.risk >= 6 }};\n"
+            ),
+            3 => format!(
+                "permit (principal in Leasehold::Group::\"team-{g}\", action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.task.declared_tools.contains(\"tool-{t}-0\") && context.target like \"ticket:*\" }};\n"
+            ),
+            _ => format!(
+                "forbid (principal, action == Leasehold::Action::\"Call\", resource in Leasehold::ToolSet::\"set-{t}\") when {{ context.task.user == \"blocked-{n}@example.com\" }};\n"
+            ),
         };
         text.push_str(&text_n);
         n += 1;
@@ -1045,7 +1321,11 @@ fn policy_latency(workloads: usize, policies: usize, decisions: usize) -> anyhow
     use leasehold::policy::*;
     let dir = tempfile::tempdir()?;
     realistic_policies(dir.path(), workloads, policies)?;
-    let roles = vec![RoleEntity { provider: "token".into(), role: "demo".into(), max_ttl: 900 }];
+    let roles = vec![RoleEntity {
+        provider: "token".into(),
+        role: "demo".into(),
+        max_ttl: 900,
+    }];
     let engine = PolicyEngine::load(dir.path(), roles).map_err(|e| anyhow::anyhow!("{e}"))?;
     let loaded = engine.current();
     let mut lat = Vec::with_capacity(decisions);
@@ -1062,7 +1342,12 @@ fn policy_latency(workloads: usize, policies: usize, decisions: usize) -> anyhow
         let t = next() as usize % 10;
         let k = next() as usize % 5;
         let tool = format!("tool-{t}-{k}");
-        let who = Principal { id: format!("dev:agent-{w}"), issuer: "dev".into(), tenant: "acme".into(), attributes: Default::default() };
+        let who = Principal {
+            id: format!("dev:agent-{w}"),
+            issuer: "dev".into(),
+            tenant: "acme".into(),
+            attributes: Default::default(),
+        };
         let task = TaskFacts {
             id: "task_x".into(),
             purpose: "bench".into(),
@@ -1076,16 +1361,31 @@ fn policy_latency(workloads: usize, policies: usize, decisions: usize) -> anyhow
         let call = CallFacts {
             tool,
             action: "run".into(),
-            target: if i % 2 == 0 { "ticket:1".into() } else { "doc:2".into() },
+            target: if i % 2 == 0 {
+                "ticket:1".into()
+            } else {
+                "doc:2".into()
+            },
             arguments_sha256: String::new(),
             break_glass: None,
-            credential: (i % 3 == 0).then(|| LeaseFacts { provider: "token".into(), role: "demo".into(), scope: vec![], requested_ttl: 300 }),
+            credential: (i % 3 == 0).then(|| LeaseFacts {
+                provider: "token".into(),
+                role: "demo".into(),
+                scope: vec![],
+                requested_ttl: 300,
+            }),
         };
-        let now = Now { unix: 1_800_000_000 + (i as i64) * 37 };
+        let now = Now {
+            unix: 1_800_000_000 + (i as i64) * 37,
+        };
         let t0 = Instant::now();
         let d = engine.call(&who, &task, &call, 3, now);
         lat.push(t0.elapsed().as_secs_f64() * 1e6);
-        outcomes[match d.outcome { Outcome::Allow => 0, Outcome::Deny => 1, Outcome::ApprovalRequired => 2 }] += 1;
+        outcomes[match d.outcome {
+            Outcome::Allow => 0,
+            Outcome::Deny => 1,
+            Outcome::ApprovalRequired => 2,
+        }] += 1;
     }
     println!(
         "decision latency: {} policies, {workloads} workloads as entities, {decisions} decisions \
@@ -1103,7 +1403,12 @@ fn policy_latency(workloads: usize, policies: usize, decisions: usize) -> anyhow
 
 /// Calls with leases over HTTP: each client opens a task, makes
 /// `per_task` calls each asking for a token, completes the task.
-async fn calls_throughput(bin: &Path, per_task: usize, rounds: usize, seconds: u64) -> anyhow::Result<()> {
+async fn calls_throughput(
+    bin: &Path,
+    per_task: usize,
+    rounds: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let addr = free_addr()?;
     let (config, creds) = setup(dir.path(), addr, false)?;
@@ -1111,7 +1416,10 @@ async fn calls_throughput(bin: &Path, per_task: usize, rounds: usize, seconds: u
     let base = format!("http://{addr}");
     let http = client(4)?;
     wait_ready(&http, &base, &mut server).await?;
-    let tokens = [creds.identities["assistant-a"].token.clone(), creds.identities["assistant-b"].token.clone()];
+    let tokens = [
+        creds.identities["assistant-a"].token.clone(),
+        creds.identities["assistant-b"].token.clone(),
+    ];
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -1171,17 +1479,48 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let bin = leasehold_bin(&cli)?;
     match cli.command {
-        Cmd::Throughput { clients, leases_per_task, seconds, rounds } => {
-            throughput(&bin, clients, leases_per_task, seconds, rounds).await
-        }
+        Cmd::Throughput {
+            clients,
+            leases_per_task,
+            seconds,
+            rounds,
+        } => throughput(&bin, clients, leases_per_task, seconds, rounds).await,
         Cmd::Restart { leases, rounds } => restart(&bin, leases, rounds).await,
         Cmd::Expiry { leases, rounds } => expiry(&bin, leases, rounds).await,
         Cmd::Revoke { leases, rounds } => mass_revoke(&bin, leases, rounds).await,
-        Cmd::Postgres { leases, clients, role, sessions, scram_iterations, rounds } => {
-            postgres(&bin, leases, clients, &role, sessions, scram_iterations, rounds).await
+        Cmd::Postgres {
+            leases,
+            clients,
+            role,
+            sessions,
+            scram_iterations,
+            rounds,
+        } => {
+            postgres(
+                &bin,
+                leases,
+                clients,
+                &role,
+                sessions,
+                scram_iterations,
+                rounds,
+            )
+            .await
         }
-        Cmd::Events { noop, rounds, seconds, events } => events_bench(&bin, &noop, rounds, seconds, events).await,
-        Cmd::Policy { workloads, policies, decisions, calls_per_task, rounds, seconds } => {
+        Cmd::Events {
+            noop,
+            rounds,
+            seconds,
+            events,
+        } => events_bench(&bin, &noop, rounds, seconds, events).await,
+        Cmd::Policy {
+            workloads,
+            policies,
+            decisions,
+            calls_per_task,
+            rounds,
+            seconds,
+        } => {
             policy_latency(workloads, policies, decisions)?;
             calls_throughput(&bin, calls_per_task, rounds, seconds).await
         }

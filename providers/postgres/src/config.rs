@@ -156,14 +156,19 @@ pub struct ConfigError {
 }
 
 fn bad(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { field: field.into(), message: message.into() }
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// A loopback host or a Unix socket directory: plain TCP is acceptable.
 pub fn is_local(host: &str) -> bool {
     host.starts_with('/')
         || host == "localhost"
-        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl PostgresConfig {
@@ -183,17 +188,31 @@ impl PostgresConfig {
             return Err(bad("user", "must not be empty"));
         }
         match (&self.password_file, &self.password_env) {
-            (Some(_), Some(_)) => return Err(bad("password_file", "set either password_file or password_env, not both")),
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "password_file",
+                    "set either password_file or password_env, not both",
+                ));
+            }
             (None, None) => return Err(bad("password_file", "set password_file or password_env")),
             (_, Some(e)) if e.is_empty() => return Err(bad("password_env", "must not be empty")),
             _ => {}
         }
         match self.tls {
             TlsMode::Disable if !is_local(&self.host) => {
-                return Err(bad("tls", format!("`disable` sends the management password in clear: only for loopback or a socket directory, not `{}`", self.host)));
+                return Err(bad(
+                    "tls",
+                    format!(
+                        "`disable` sends the management password in clear: only for loopback or a socket directory, not `{}`",
+                        self.host
+                    ),
+                ));
             }
             TlsMode::VerifyFull if self.ca_file.is_none() => {
-                return Err(bad("ca_file", "tls = \"verify-full\" needs the PEM file of the server's CA"));
+                return Err(bad(
+                    "ca_file",
+                    "tls = \"verify-full\" needs the PEM file of the server's CA",
+                ));
             }
             _ => {}
         }
@@ -206,7 +225,8 @@ impl PostgresConfig {
         let p = &self.role_prefix;
         let prefix_ok = p.len() <= MAX_IDENTIFIER - LEASE_ID_LEN
             && p.starts_with(|c: char| c.is_ascii_lowercase())
-            && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !prefix_ok {
             return Err(bad(
                 "role_prefix",
@@ -221,10 +241,16 @@ impl PostgresConfig {
         }
         let alphabet: BTreeSet<char> = self.password_alphabet.chars().collect();
         if alphabet.len() != self.password_alphabet.chars().count() {
-            return Err(bad("password_alphabet", "repeats a character (that would bias the passwords)"));
+            return Err(bad(
+                "password_alphabet",
+                "repeats a character (that would bias the passwords)",
+            ));
         }
         if alphabet.len() < 16 || !alphabet.iter().all(|c| c.is_ascii_graphic()) {
-            return Err(bad("password_alphabet", "at least 16 distinct printable ASCII characters, no spaces"));
+            return Err(bad(
+                "password_alphabet",
+                "at least 16 distinct printable ASCII characters, no spaces",
+            ));
         }
         if !(1..=1_000_000).contains(&self.scram_iterations) {
             return Err(bad("scram_iterations", "must be between 1 and 1000000"));
@@ -236,7 +262,10 @@ impl PostgresConfig {
             ));
         }
         if !(100..=60_000).contains(&self.terminate_wait_millis) {
-            return Err(bad("terminate_wait_millis", "must be between 100 and 60000"));
+            return Err(bad(
+                "terminate_wait_millis",
+                "must be between 100 and 60000",
+            ));
         }
         if self.roles.is_empty() {
             return Err(bad("roles", "configure at least one role template"));
@@ -262,14 +291,23 @@ impl PostgresRole {
 
     fn validate(&self, field: &str, max_ttl: u64) -> Result<(), ConfigError> {
         if self.max_ttl_seconds == 0 || self.max_ttl_seconds > max_ttl {
-            return Err(bad(format!("{field}.max_ttl_seconds"), format!("must be between 1 and {max_ttl}")));
+            return Err(bad(
+                format!("{field}.max_ttl_seconds"),
+                format!("must be between 1 and {max_ttl}"),
+            ));
         }
         if !(1..=10_000).contains(&self.connection_limit) {
-            return Err(bad(format!("{field}.connection_limit"), "must be between 1 and 10000"));
+            return Err(bad(
+                format!("{field}.connection_limit"),
+                "must be between 1 and 10000",
+            ));
         }
         for (i, g) in self.in_roles.iter().enumerate() {
             if g.is_empty() || g.len() > MAX_IDENTIFIER || g.contains('\0') {
-                return Err(bad(format!("{field}.in_roles[{i}]"), format!("1-{MAX_IDENTIFIER} bytes, no NUL")));
+                return Err(bad(
+                    format!("{field}.in_roles[{i}]"),
+                    format!("1-{MAX_IDENTIFIER} bytes, no NUL"),
+                ));
             }
         }
         for (scope, groups) in &self.scope_roles {
@@ -280,8 +318,17 @@ impl PostgresRole {
             if groups.is_empty() {
                 return Err(bad(f, "list at least one group role"));
             }
-            if let Some(g) = groups.iter().find(|g| g.is_empty() || g.len() > MAX_IDENTIFIER || g.contains('\0')) {
-                return Err(bad(f, format!("`{}`: group role names are 1-{MAX_IDENTIFIER} bytes, no NUL", g.escape_default())));
+            if let Some(g) = groups
+                .iter()
+                .find(|g| g.is_empty() || g.len() > MAX_IDENTIFIER || g.contains('\0'))
+            {
+                return Err(bad(
+                    f,
+                    format!(
+                        "`{}`: group role names are 1-{MAX_IDENTIFIER} bytes, no NUL",
+                        g.escape_default()
+                    ),
+                ));
             }
         }
         let mut uses_scope = false;
@@ -290,25 +337,49 @@ impl PostgresRole {
             uses_scope |= t.uses(Placeholder::Scope);
         }
         for (i, s) in self.revocation_statements.iter().enumerate() {
-            let t = Template::parse(s).map_err(|m| bad(format!("{field}.revocation_statements[{i}]"), m))?;
-            if let Some(p) = [Placeholder::Password, Placeholder::Expiration, Placeholder::Scope].into_iter().find(|p| t.uses(*p)) {
+            let t = Template::parse(s)
+                .map_err(|m| bad(format!("{field}.revocation_statements[{i}]"), m))?;
+            if let Some(p) = [
+                Placeholder::Password,
+                Placeholder::Expiration,
+                Placeholder::Scope,
+            ]
+            .into_iter()
+            .find(|p| t.uses(*p))
+            {
                 return Err(bad(
                     format!("{field}.revocation_statements[{i}]"),
-                    format!("only {{{{name}}}} is known at revocation, not {{{{{}}}}}", p.as_str()),
+                    format!(
+                        "only {{{{name}}}} is known at revocation, not {{{{{}}}}}",
+                        p.as_str()
+                    ),
                 ));
             }
         }
         for (i, s) in self.scopes.iter().enumerate() {
             let parts: Vec<&str> = s.split('.').collect();
-            if parts.len() > 2 || parts.iter().any(|p| p.is_empty() || p.len() > MAX_IDENTIFIER || p.contains('\0')) {
-                return Err(bad(format!("{field}.scopes[{i}]"), "a name or schema.name, each 1-63 bytes"));
+            if parts.len() > 2
+                || parts
+                    .iter()
+                    .any(|p| p.is_empty() || p.len() > MAX_IDENTIFIER || p.contains('\0'))
+            {
+                return Err(bad(
+                    format!("{field}.scopes[{i}]"),
+                    "a name or schema.name, each 1-63 bytes",
+                ));
             }
         }
         if uses_scope && self.scopes.is_empty() {
-            return Err(bad(format!("{field}.scopes"), "statements use {{scope}}: list the scopes a call may ask for"));
+            return Err(bad(
+                format!("{field}.scopes"),
+                "statements use {{scope}}: list the scopes a call may ask for",
+            ));
         }
         if !uses_scope && !self.scopes.is_empty() {
-            return Err(bad(format!("{field}.statements"), "scopes are listed but no statement uses {{scope}}"));
+            return Err(bad(
+                format!("{field}.statements"),
+                "scopes are listed but no statement uses {{scope}}",
+            ));
         }
         Ok(())
     }
@@ -359,11 +430,21 @@ mod tests {
     #[test]
     fn offline_checks_name_the_field() {
         base().validate(3600).unwrap();
-        assert_eq!(field_of(|c| c.host = "db.internal".into()), "tls", "plain TCP off loopback");
+        assert_eq!(
+            field_of(|c| c.host = "db.internal".into()),
+            "tls",
+            "plain TCP off loopback"
+        );
         assert_eq!(field_of(|c| c.tls = TlsMode::VerifyFull), "ca_file");
-        assert_eq!(field_of(|c| c.role_prefix = "a_very_long_prefix_for_leased_roles_".into()), "role_prefix");
+        assert_eq!(
+            field_of(|c| c.role_prefix = "a_very_long_prefix_for_leased_roles_".into()),
+            "role_prefix"
+        );
         assert_eq!(field_of(|c| c.role_prefix = "LH".into()), "role_prefix");
-        assert_eq!(field_of(|c| c.password_alphabet = "aabcdefghijklmnopq".into()), "password_alphabet");
+        assert_eq!(
+            field_of(|c| c.password_alphabet = "aabcdefghijklmnopq".into()),
+            "password_alphabet"
+        );
         assert_eq!(field_of(|c| c.password_length = 8), "password_length");
         assert_eq!(
             field_of(|c| {
@@ -372,18 +453,38 @@ mod tests {
             }),
             "scram_iterations"
         );
-        assert_eq!(field_of(|c| c.password_env = Some("X".into())), "password_file");
-        assert_eq!(field_of(|c| c.roles.get_mut("read").unwrap().max_ttl_seconds = 7200), "roles.read.max_ttl_seconds");
-        assert_eq!(field_of(|c| c.roles.get_mut("read").unwrap().scopes.clear()), "roles.read.scopes");
         assert_eq!(
-            field_of(|c| c.roles.get_mut("read").unwrap().statements = vec!["GRANT x TO {{nam}}".into()]),
+            field_of(|c| c.password_env = Some("X".into())),
+            "password_file"
+        );
+        assert_eq!(
+            field_of(|c| c.roles.get_mut("read").unwrap().max_ttl_seconds = 7200),
+            "roles.read.max_ttl_seconds"
+        );
+        assert_eq!(
+            field_of(|c| c.roles.get_mut("read").unwrap().scopes.clear()),
+            "roles.read.scopes"
+        );
+        assert_eq!(
+            field_of(
+                |c| c.roles.get_mut("read").unwrap().statements = vec!["GRANT x TO {{nam}}".into()]
+            ),
             "roles.read.statements[0]"
         );
         assert_eq!(
-            field_of(|c| c.roles.get_mut("read").unwrap().revocation_statements = vec!["ALTER ROLE {{name}} PASSWORD {{password}}".into()]),
+            field_of(|c| c.roles.get_mut("read").unwrap().revocation_statements =
+                vec!["ALTER ROLE {{name}} PASSWORD {{password}}".into()]),
             "roles.read.revocation_statements[0]"
         );
-        assert_eq!(field_of(|c| c.roles.get_mut("read").unwrap().scopes = vec!["a.b.c".into()]), "roles.read.scopes[0]");
-        assert!(is_local("/var/run/postgresql") && is_local("::1") && is_local("localhost") && !is_local("10.0.0.1"));
+        assert_eq!(
+            field_of(|c| c.roles.get_mut("read").unwrap().scopes = vec!["a.b.c".into()]),
+            "roles.read.scopes[0]"
+        );
+        assert!(
+            is_local("/var/run/postgresql")
+                && is_local("::1")
+                && is_local("localhost")
+                && !is_local("10.0.0.1")
+        );
     }
 }

@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use leasehold_provider::{
-    Credential, Description, Found, Issued, LeaseSpec, Provider, ProviderError, RevocationHandle, RevokeSpec, RoleInfo,
-    Timestamp,
+    Credential, Description, Found, Issued, LeaseSpec, Provider, ProviderError, RevocationHandle,
+    RevokeSpec, RoleInfo, Timestamp,
 };
 use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::error::SqlState;
@@ -80,8 +80,10 @@ impl PostgresProvider {
                 list.iter()
                     .enumerate()
                     .map(|(i, s)| {
-                        Template::parse(s)
-                            .map_err(|message| ConfigError { field: format!("roles.{name}.{what}[{i}]"), message })
+                        Template::parse(s).map_err(|message| ConfigError {
+                            field: format!("roles.{name}.{what}[{i}]"),
+                            message,
+                        })
                     })
                     .collect::<Result<Vec<_>, _>>()
             };
@@ -92,8 +94,17 @@ impl PostgresProvider {
             };
             roles.insert(name.clone(), role);
         }
-        let pool = Pool::new(cfg).map_err(|message| ConfigError { field: "ca_file".into(), message })?;
-        Ok(Self { pool, roles, rng: ring::rand::SystemRandom::new(), catalog: tokio::sync::Mutex::new(()), templates_checked: std::sync::Mutex::new(None) })
+        let pool = Pool::new(cfg).map_err(|message| ConfigError {
+            field: "ca_file".into(),
+            message,
+        })?;
+        Ok(Self {
+            pool,
+            roles,
+            rng: ring::rand::SystemRandom::new(),
+            catalog: tokio::sync::Mutex::new(()),
+            templates_checked: std::sync::Mutex::new(None),
+        })
     }
 
     fn cfg(&self) -> &PostgresConfig {
@@ -116,7 +127,12 @@ impl PostgresProvider {
 
     /// The scopes a lease gets: the call's, each within the template, or
     /// all of the template's when the call names none.
-    fn narrow<'a>(&self, role_name: &str, role: &'a Role, scope: &'a [String]) -> Result<Vec<&'a str>, ProviderError> {
+    fn narrow<'a>(
+        &self,
+        role_name: &str,
+        role: &'a Role,
+        scope: &'a [String],
+    ) -> Result<Vec<&'a str>, ProviderError> {
         let allowed = role.cfg.allowed_scopes();
         if scope.is_empty() {
             return Ok(allowed);
@@ -124,7 +140,11 @@ impl PostgresProvider {
         let mut out = Vec::new();
         for s in scope {
             if !allowed.contains(&s.as_str()) {
-                let list = if allowed.is_empty() { "none".to_owned() } else { allowed.join(", ") };
+                let list = if allowed.is_empty() {
+                    "none".to_owned()
+                } else {
+                    allowed.join(", ")
+                };
                 return Err(ProviderError::invalid(format!(
                     "scope `{}` is outside role template `{role_name}` (allowed: {list})",
                     s.escape_default()
@@ -141,9 +161,14 @@ impl PostgresProvider {
     fn role_name(&self, lease_id: &str) -> Result<String, ProviderError> {
         let ok = !lease_id.is_empty()
             && lease_id.len() <= config::LEASE_ID_LEN
-            && lease_id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            && lease_id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !ok {
-            return Err(ProviderError::invalid(format!("lease id `{}` cannot name a role", lease_id.escape_default())));
+            return Err(ProviderError::invalid(format!(
+                "lease id `{}` cannot name a role",
+                lease_id.escape_default()
+            )));
         }
         Ok(format!("{}{lease_id}", self.cfg().role_prefix))
     }
@@ -157,7 +182,9 @@ impl PostgresProvider {
         let mut out = Zeroizing::new(String::with_capacity(self.cfg().password_length));
         let mut buf = Zeroizing::new([0u8; 64]);
         while out.len() < self.cfg().password_length {
-            self.rng.fill(&mut buf[..]).map_err(|_| ProviderError::retryable("the system random source failed"))?;
+            self.rng
+                .fill(&mut buf[..])
+                .map_err(|_| ProviderError::retryable("the system random source failed"))?;
             for &b in buf.iter() {
                 if (b as usize) < limit && out.len() < self.cfg().password_length {
                     out.push(alphabet[b as usize % n]);
@@ -169,7 +196,14 @@ impl PostgresProvider {
 
     /// Every statement that creates a lease's role, in order, each with
     /// what it is called in errors.
-    fn creation_sql(&self, role: &Role, name: &str, verifier: &str, until: &str, scopes: &[&str]) -> Vec<(String, String)> {
+    fn creation_sql(
+        &self,
+        role: &Role,
+        name: &str,
+        verifier: &str,
+        until: &str,
+        scopes: &[&str],
+    ) -> Vec<(String, String)> {
         let mut sql = Vec::with_capacity(2 + role.statements.len());
         // the template's group roles, and those of each granted scope
         let mut groups: Vec<&str> = role.cfg.in_roles.iter().map(String::as_str).collect();
@@ -198,11 +232,25 @@ impl PostgresProvider {
             ),
         ));
         for (i, t) in role.statements.iter().enumerate() {
-            let base = Values { name, password: verifier, expiration: until, scope: None };
+            let base = Values {
+                name,
+                password: verifier,
+                expiration: until,
+                scope: None,
+            };
             let label = format!("statements[{i}]");
             if t.uses(template::Placeholder::Scope) {
-                for s in scopes.iter().filter(|s| role.cfg.scopes.iter().any(|a| a == *s)) {
-                    sql.push((format!("{label} for scope `{s}`"), t.expand(&Values { scope: Some(s), ..base })));
+                for s in scopes
+                    .iter()
+                    .filter(|s| role.cfg.scopes.iter().any(|a| a == *s))
+                {
+                    sql.push((
+                        format!("{label} for scope `{s}`"),
+                        t.expand(&Values {
+                            scope: Some(s),
+                            ..base
+                        }),
+                    ));
                 }
             } else {
                 sql.push((label, t.expand(&base)));
@@ -214,7 +262,10 @@ impl PostgresProvider {
     /// Revoke roles by name: no new logins, sessions ended, objects and the
     /// roles dropped. Names must carry the prefix. Gone already is fine.
     async fn drop_roles(&self, names: &[String], role: Option<&Role>) -> Result<(), ProviderError> {
-        if let Some(n) = names.iter().find(|n| !n.starts_with(&self.cfg().role_prefix)) {
+        if let Some(n) = names
+            .iter()
+            .find(|n| !n.starts_with(&self.cfg().role_prefix))
+        {
             return Err(ProviderError::permanent(format!(
                 "refusing to drop `{}`: it lacks the prefix `{}`",
                 n.escape_default(),
@@ -223,7 +274,10 @@ impl PostgresProvider {
         }
         let mut conn = self.pool.get().await?;
         let rows = conn
-            .query("SELECT rolname::text, oid FROM pg_roles WHERE rolname = ANY($1::text[])", &[&names])
+            .query(
+                "SELECT rolname::text, oid FROM pg_roles WHERE rolname = ANY($1::text[])",
+                &[&names],
+            )
             .await
             .map_err(|e| classify(&e, "listing roles to revoke"))?;
         if rows.is_empty() {
@@ -233,8 +287,13 @@ impl PostgresProvider {
         let oids: Vec<u32> = rows.iter().map(|r| r.get(1)).collect();
         let quoted: Vec<String> = present.iter().map(|n| escape_identifier(n)).collect();
         // 1. no new session, committed before anything else
-        let nologin: String = quoted.iter().map(|q| format!("ALTER ROLE {q} NOLOGIN;")).collect();
-        conn.batch_execute(&nologin).await.map_err(|e| classify(&e, "blocking logins"))?;
+        let nologin: String = quoted
+            .iter()
+            .map(|q| format!("ALTER ROLE {q} NOLOGIN;"))
+            .collect();
+        conn.batch_execute(&nologin)
+            .await
+            .map_err(|e| classify(&e, "blocking logins"))?;
         // 2. end every live session and wait for it to exit
         self.terminate(&conn, &oids).await?;
         // 3. what the role owns or was granted, then the role
@@ -242,11 +301,20 @@ impl PostgresProvider {
         if let Some(r) = role {
             for name in &present {
                 for (i, t) in r.revocation.iter().enumerate() {
-                    sql.push((format!("revocation_statements[{i}]"), t.expand(&Values { name, ..Values::default() })));
+                    sql.push((
+                        format!("revocation_statements[{i}]"),
+                        t.expand(&Values {
+                            name,
+                            ..Values::default()
+                        }),
+                    ));
                 }
             }
         }
-        let drop_roles = ("dropping the roles".to_owned(), format!("DROP ROLE IF EXISTS {}", quoted.join(", ")));
+        let drop_roles = (
+            "dropping the roles".to_owned(),
+            format!("DROP ROLE IF EXISTS {}", quoted.join(", ")),
+        );
         // Most roles own nothing and hold only group memberships: DROP ROLE
         // alone does it. One that still holds privileges or owns objects
         // makes it fail with 2BP01; then (if the template allows) the
@@ -257,8 +325,14 @@ impl PostgresProvider {
         // permission check PostgreSQL does for it slow.
         let drop_owned = role.is_none_or(|r| r.cfg.drop_owned);
         let mut thorough = sql.clone();
-        thorough.push(("joining the roles".into(), format!("GRANT {} TO CURRENT_USER", quoted.join(", "))));
-        thorough.push(("dropping what the roles own".into(), format!("DROP OWNED BY {}", quoted.join(", "))));
+        thorough.push((
+            "joining the roles".into(),
+            format!("GRANT {} TO CURRENT_USER", quoted.join(", ")),
+        ));
+        thorough.push((
+            "dropping what the roles own".into(),
+            format!("DROP OWNED BY {}", quoted.join(", ")),
+        ));
         thorough.push(drop_roles.clone());
         sql.push(drop_roles);
         {
@@ -271,10 +345,16 @@ impl PostgresProvider {
                 attempt += 1;
                 match run_in_transaction(&mut conn, plan).await {
                     Ok(()) => break,
-                    Err((_, e)) if e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) && drop_owned && plan.len() == sql.len() => {
+                    Err((_, e))
+                        if e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST)
+                            && drop_owned
+                            && plan.len() == sql.len() =>
+                    {
                         plan = &thorough;
                     }
-                    Err((_, e)) if concurrent_update(&e) && attempt < CONCURRENT_ATTEMPTS => self.backoff().await,
+                    Err((_, e)) if concurrent_update(&e) && attempt < CONCURRENT_ATTEMPTS => {
+                        self.backoff().await
+                    }
                     Err((label, e)) => return Err(classify(&e, &label)),
                 }
             }
@@ -286,8 +366,13 @@ impl PostgresProvider {
     /// Signal every session of these roles at once, then wait until all
     /// have exited. (`pg_terminate_backend(pid, timeout)` would wait for
     /// each in turn, polling at 100 ms: seconds for a few dozen sessions.)
-    async fn terminate(&self, conn: &tokio_postgres::Client, oids: &[u32]) -> Result<(), ProviderError> {
-        const LIVE: &str = "SELECT pid FROM pg_stat_activity WHERE usesysid = ANY($1) AND pid <> pg_backend_pid()";
+    async fn terminate(
+        &self,
+        conn: &tokio_postgres::Client,
+        oids: &[u32],
+    ) -> Result<(), ProviderError> {
+        const LIVE: &str =
+            "SELECT pid FROM pg_stat_activity WHERE usesysid = ANY($1) AND pid <> pg_backend_pid()";
         let signalled = conn
             .query(
                 "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE usesysid = ANY($1) AND pid <> pg_backend_pid()",
@@ -298,10 +383,16 @@ impl PostgresProvider {
         if signalled.is_empty() {
             return Ok(());
         }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg().terminate_wait_millis);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.cfg().terminate_wait_millis);
         loop {
-            let live = conn.query(LIVE, &[&oids]).await.map_err(|e| classify(&e, "waiting for sessions to end"))?;
-            let Some(row) = live.first() else { return Ok(()) };
+            let live = conn
+                .query(LIVE, &[&oids])
+                .await
+                .map_err(|e| classify(&e, "waiting for sessions to end"))?;
+            let Some(row) = live.first() else {
+                return Ok(());
+            };
             if tokio::time::Instant::now() >= deadline {
                 let pid: i32 = row.get(0);
                 return Err(ProviderError::retryable(format!(
@@ -316,7 +407,11 @@ impl PostgresProvider {
 
     /// Revoke a chunk together; if that fails, each on its own so one bad
     /// role does not hold back the others.
-    async fn revoke_chunk(&self, chunk: &[(usize, String)], role: Option<&Role>) -> Vec<(usize, Result<(), ProviderError>)> {
+    async fn revoke_chunk(
+        &self,
+        chunk: &[(usize, String)],
+        role: Option<&Role>,
+    ) -> Vec<(usize, Result<(), ProviderError>)> {
         let names: Vec<String> = chunk.iter().map(|(_, n)| n.clone()).collect();
         match self.drop_roles(&names, role).await {
             Ok(()) => chunk.iter().map(|(i, _)| (*i, Ok(()))).collect(),
@@ -349,7 +444,8 @@ impl PostgresProvider {
             )
             .await
             .map_err(|e| classify(&e, "reading the management role"))?;
-        let (superuser, createrole, signal): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        let (superuser, createrole, signal): (bool, bool, bool) =
+            (row.get(0), row.get(1), row.get(2));
         let user = &self.cfg().user;
         if !superuser && !createrole {
             return Err(ProviderError::permanent(format!(
@@ -365,29 +461,63 @@ impl PostgresProvider {
     }
 
     async fn dry_run(&self, conn: &mut tokio_postgres::Client) -> Result<(), ProviderError> {
-        let probe = format!("{}dryrun_{}", self.cfg().role_prefix, hex(&self.random_bytes::<8>()?));
+        let probe = format!(
+            "{}dryrun_{}",
+            self.cfg().role_prefix,
+            hex(&self.random_bytes::<8>()?)
+        );
         let verifier = self.scram_verifier(&self.password()?)?;
-        let until = rfc3339(Timestamp::from_unix_millis(0).unix_seconds().saturating_add(4_102_444_800));
+        let until = rfc3339(
+            Timestamp::from_unix_millis(0)
+                .unix_seconds()
+                .saturating_add(4_102_444_800),
+        );
         for (name, role) in &self.roles {
             let scopes = role.cfg.allowed_scopes();
             let mut sql = self.creation_sql(role, &probe, &verifier, &until, &scopes);
             for (i, t) in role.revocation.iter().enumerate() {
-                sql.push((format!("revocation_statements[{i}]"), t.expand(&Values { name: &probe, ..Values::default() })));
+                sql.push((
+                    format!("revocation_statements[{i}]"),
+                    t.expand(&Values {
+                        name: &probe,
+                        ..Values::default()
+                    }),
+                ));
             }
             if role.cfg.drop_owned {
-                sql.push(("GRANT to the management role".to_owned(), format!("GRANT {} TO CURRENT_USER", escape_identifier(&probe))));
-                sql.push(("DROP OWNED".to_owned(), format!("DROP OWNED BY {}", escape_identifier(&probe))));
+                sql.push((
+                    "GRANT to the management role".to_owned(),
+                    format!("GRANT {} TO CURRENT_USER", escape_identifier(&probe)),
+                ));
+                sql.push((
+                    "DROP OWNED".to_owned(),
+                    format!("DROP OWNED BY {}", escape_identifier(&probe)),
+                ));
             }
-            sql.push(("DROP ROLE".to_owned(), format!("DROP ROLE {}", escape_identifier(&probe))));
-            let tx = conn.transaction().await.map_err(|e| classify(&e, "starting the dry run"))?;
+            sql.push((
+                "DROP ROLE".to_owned(),
+                format!("DROP ROLE {}", escape_identifier(&probe)),
+            ));
+            let tx = conn
+                .transaction()
+                .await
+                .map_err(|e| classify(&e, "starting the dry run"))?;
             for (label, stmt) in &sql {
                 if let Err(e) = tx.batch_execute(stmt).await {
-                    let err = classify(&e, &format!("role template `{name}` failed its dry run at {label}"));
+                    let err = classify(
+                        &e,
+                        &format!("role template `{name}` failed its dry run at {label}"),
+                    );
                     let _ = tx.rollback().await;
-                    return Err(ProviderError { message: redact(&err.message, &[&verifier]), ..err });
+                    return Err(ProviderError {
+                        message: redact(&err.message, &[&verifier]),
+                        ..err
+                    });
                 }
             }
-            tx.rollback().await.map_err(|e| classify(&e, "rolling back the dry run"))?;
+            tx.rollback()
+                .await
+                .map_err(|e| classify(&e, "rolling back the dry run"))?;
         }
         Ok(())
     }
@@ -403,7 +533,13 @@ impl PostgresProvider {
         let salt = self.random_bytes::<16>()?;
         let mut salted = zeroize::Zeroizing::new([0u8; 32]);
         let rounds = std::num::NonZeroU32::new(iterations).unwrap_or(std::num::NonZeroU32::MIN);
-        pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA256, rounds, &salt, password.as_bytes(), &mut salted[..]);
+        pbkdf2::derive(
+            pbkdf2::PBKDF2_HMAC_SHA256,
+            rounds,
+            &salt,
+            password.as_bytes(),
+            &mut salted[..],
+        );
         let key = hmac::Key::new(hmac::HMAC_SHA256, &salted[..]);
         let client_key = hmac::sign(&key, b"Client Key");
         let stored_key = digest::digest(&digest::SHA256, client_key.as_ref());
@@ -425,7 +561,9 @@ impl PostgresProvider {
     fn random_bytes<const N: usize>(&self) -> Result<[u8; N], ProviderError> {
         use ring::rand::SecureRandom as _;
         let mut b = [0u8; N];
-        self.rng.fill(&mut b).map_err(|_| ProviderError::retryable("the system random source failed"))?;
+        self.rng
+            .fill(&mut b)
+            .map_err(|_| ProviderError::retryable("the system random source failed"))?;
         Ok(b)
     }
 }
@@ -436,7 +574,10 @@ async fn run_in_transaction(
     conn: &mut tokio_postgres::Client,
     sql: &[(String, String)],
 ) -> Result<(), (String, tokio_postgres::Error)> {
-    let tx = conn.transaction().await.map_err(|e| ("starting a transaction".to_owned(), e))?;
+    let tx = conn
+        .transaction()
+        .await
+        .map_err(|e| ("starting a transaction".to_owned(), e))?;
     for (label, stmt) in sql {
         if let Err(e) = tx.batch_execute(stmt).await {
             let _ = tx.rollback().await;
@@ -454,14 +595,20 @@ fn hex(bytes: &[u8]) -> String {
 fn rfc3339(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| "infinity".into())
 }
 
 /// Replace every secret in an error message (the server may quote a
 /// statement's literal in a syntax error).
 fn redact(message: &str, secrets: &[&str]) -> String {
-    secrets.iter().filter(|s| !s.is_empty()).fold(message.to_owned(), |m, s| m.replace(s, "[REDACTED]"))
+    secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .fold(message.to_owned(), |m, s| m.replace(s, "[REDACTED]"))
 }
 
 #[async_trait::async_trait]
@@ -524,16 +671,25 @@ impl Provider for PostgresProvider {
         // tables): PostgreSQL cannot update one object's ACL from two
         // transactions at once, so those issues take turns with each other
         // and with revocations. Group roles alone (`in_roles`) never wait.
-        let _catalog = if role.statements.is_empty() { None } else { Some(self.catalog.lock().await) };
+        let _catalog = if role.statements.is_empty() {
+            None
+        } else {
+            Some(self.catalog.lock().await)
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
             match run_in_transaction(&mut conn, &sql).await {
                 Ok(()) => break,
-                Err((_, e)) if concurrent_update(&e) && attempt < CONCURRENT_ATTEMPTS => self.backoff().await,
+                Err((_, e)) if concurrent_update(&e) && attempt < CONCURRENT_ATTEMPTS => {
+                    self.backoff().await
+                }
                 Err((label, e)) => {
                     let err = classify(&e, &format!("role template `{}`: {label}", spec.role));
-                    return Err(ProviderError { message: redact(&err.message, &[&password, &verifier]), ..err });
+                    return Err(ProviderError {
+                        message: redact(&err.message, &[&password, &verifier]),
+                        ..err
+                    });
                 }
             }
         }
@@ -560,7 +716,8 @@ impl Provider for PostgresProvider {
     }
 
     async fn revoke_many(&self, leases: &[RevokeSpec]) -> Vec<Result<(), ProviderError>> {
-        let mut out: Vec<Option<Result<(), ProviderError>>> = (0..leases.len()).map(|_| None).collect();
+        let mut out: Vec<Option<Result<(), ProviderError>>> =
+            (0..leases.len()).map(|_| None).collect();
         // group by template (their revocation statements differ), then chunk
         let mut groups: BTreeMap<&str, Vec<(usize, String)>> = BTreeMap::new();
         for (i, l) in leases.iter().enumerate() {
@@ -569,18 +726,28 @@ impl Provider for PostgresProvider {
                 Err(e) => out[i] = Some(Err(e)),
             }
         }
-        let chunks: Vec<(&str, &[(usize, String)])> =
-            groups.iter().flat_map(|(r, items)| items.chunks(BATCH).map(move |c| (*r, c))).collect();
+        let chunks: Vec<(&str, &[(usize, String)])> = groups
+            .iter()
+            .flat_map(|(r, items)| items.chunks(BATCH).map(move |c| (*r, c)))
+            .collect();
         let width = self.cfg().pool_size.max(1);
-        type Chunk<'a> = futures_util::future::BoxFuture<'a, Vec<(usize, Result<(), ProviderError>)>>;
-        let futures: Vec<Chunk<'_>> =
-            chunks.into_iter().map(|(r, c)| Box::pin(self.revoke_chunk(c, self.roles.get(r))) as Chunk<'_>).collect();
+        type Chunk<'a> =
+            futures_util::future::BoxFuture<'a, Vec<(usize, Result<(), ProviderError>)>>;
+        let futures: Vec<Chunk<'_>> = chunks
+            .into_iter()
+            .map(|(r, c)| Box::pin(self.revoke_chunk(c, self.roles.get(r))) as Chunk<'_>)
+            .collect();
         let results: Vec<Vec<(usize, Result<(), ProviderError>)>> =
-            futures_util::stream::iter(futures).buffer_unordered(width).collect().await;
+            futures_util::stream::iter(futures)
+                .buffer_unordered(width)
+                .collect()
+                .await;
         for (i, r) in results.into_iter().flatten() {
             out[i] = Some(r);
         }
-        out.into_iter().map(|r| r.unwrap_or_else(|| Err(ProviderError::permanent("not attempted")))).collect()
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ProviderError::permanent("not attempted"))))
+            .collect()
     }
 
     async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError> {
@@ -602,7 +769,10 @@ impl Provider for PostgresProvider {
             rows.iter()
                 .map(|r| {
                     let name: String = r.get(0);
-                    let lease_id = name.strip_prefix(prefix.as_str()).filter(|l| l.starts_with("lease_")).map(str::to_owned);
+                    let lease_id = name
+                        .strip_prefix(prefix.as_str())
+                        .filter(|l| l.starts_with("lease_"))
+                        .map(str::to_owned);
                     Found { name, lease_id }
                 })
                 .collect(),
@@ -610,7 +780,8 @@ impl Provider for PostgresProvider {
     }
 
     async fn remove(&self, found: &Found) -> Result<(), ProviderError> {
-        self.drop_roles(std::slice::from_ref(&found.name), None).await
+        self.drop_roles(std::slice::from_ref(&found.name), None)
+            .await
     }
 }
 

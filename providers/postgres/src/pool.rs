@@ -76,7 +76,12 @@ impl Pool {
             TlsMode::VerifyFull => Some(rustls_connector(&cfg)?),
         };
         let permits = Semaphore::new(cfg.pool_size);
-        Ok(Self { cfg, tls, idle: Mutex::new(Vec::new()), permits })
+        Ok(Self {
+            cfg,
+            tls,
+            idle: Mutex::new(Vec::new()),
+            permits,
+        })
     }
 
     pub fn config(&self) -> &PostgresConfig {
@@ -89,7 +94,12 @@ impl Pool {
         let wait = Duration::from_secs(self.cfg.connect_timeout_seconds);
         let permit = tokio::time::timeout(wait, self.permits.acquire())
             .await
-            .map_err(|_| ProviderError::retryable(format!("all {} database connections are busy", self.cfg.pool_size)))?
+            .map_err(|_| {
+                ProviderError::retryable(format!(
+                    "all {} database connections are busy",
+                    self.cfg.pool_size
+                ))
+            })?
             .map_err(|_| ProviderError::permanent("the connection pool is closed"))?;
         let reused = self.idle.lock().ok().and_then(|mut idle| {
             while let Some(c) = idle.pop() {
@@ -103,7 +113,11 @@ impl Pool {
             Some(c) => c,
             None => self.connect().await?,
         };
-        Ok(Conn { client: Some(client), pool: self, _permit: permit })
+        Ok(Conn {
+            client: Some(client),
+            pool: self,
+            _permit: permit,
+        })
     }
 
     /// Drop idle connections (the server restarted, or tests stop it).
@@ -138,16 +152,21 @@ impl Pool {
 
     fn password(&self) -> Result<Zeroizing<String>, ProviderError> {
         if let Some(p) = &self.cfg.password_file {
-            let s = std::fs::read_to_string(p)
-                .map_err(|e| ProviderError::permanent(format!("cannot read password_file {}: {e}", p.display())))?;
+            let s = std::fs::read_to_string(p).map_err(|e| {
+                ProviderError::permanent(format!("cannot read password_file {}: {e}", p.display()))
+            })?;
             return Ok(Zeroizing::new(s.trim_end_matches(['\n', '\r']).to_owned()));
         }
         if let Some(var) = &self.cfg.password_env {
-            return std::env::var(var)
-                .map(Zeroizing::new)
-                .map_err(|_| ProviderError::permanent(format!("the environment variable {var} (password_env) is not set")));
+            return std::env::var(var).map(Zeroizing::new).map_err(|_| {
+                ProviderError::permanent(format!(
+                    "the environment variable {var} (password_env) is not set"
+                ))
+            });
         }
-        Err(ProviderError::permanent("no management password configured"))
+        Err(ProviderError::permanent(
+            "no management password configured",
+        ))
     }
 }
 
@@ -177,33 +196,52 @@ where
 
 /// Authentication failures are the operator's to fix; anything else at
 /// connect time (refused, reset, starting up) may pass.
-fn connect_error(e: &tokio_postgres::Error, unreachable: &(dyn Fn(String) -> ProviderError + Sync)) -> ProviderError {
+fn connect_error(
+    e: &tokio_postgres::Error,
+    unreachable: &(dyn Fn(String) -> ProviderError + Sync),
+) -> ProviderError {
     match e.code() {
-        Some(c) if *c == SqlState::INVALID_PASSWORD || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
-            ProviderError::permanent(format!("the management role was refused: {}", db_message(e)))
+        Some(c)
+            if *c == SqlState::INVALID_PASSWORD
+                || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
+            ProviderError::permanent(format!(
+                "the management role was refused: {}",
+                db_message(e)
+            ))
         }
         _ => unreachable(db_message(e)),
     }
 }
 
-fn rustls_connector(cfg: &PostgresConfig) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+fn rustls_connector(
+    cfg: &PostgresConfig,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject as _;
-    let path = cfg.ca_file.as_ref().ok_or("tls = \"verify-full\" needs ca_file")?;
+    let path = cfg
+        .ca_file
+        .as_ref()
+        .ok_or("tls = \"verify-full\" needs ca_file")?;
     let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
     for cert in certs {
         let cert = cert.map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-        roots.add(cert).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
     }
     if roots.is_empty() {
         return Err(format!("ca_file {}: no certificate in it", path.display()));
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
@@ -263,7 +301,13 @@ pub fn retryable(e: &tokio_postgres::Error) -> bool {
 pub fn classify(e: &tokio_postgres::Error, what: &str) -> ProviderError {
     let msg = format!("{what}: {}", db_message(e));
     if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
-        return ProviderError::permanent(format!("{msg}; the management role lacks this privilege"));
+        return ProviderError::permanent(format!(
+            "{msg}; the management role lacks this privilege"
+        ));
     }
-    if retryable(e) { ProviderError::retryable(msg) } else { ProviderError::permanent(msg) }
+    if retryable(e) {
+        ProviderError::retryable(msg)
+    } else {
+        ProviderError::permanent(msg)
+    }
 }

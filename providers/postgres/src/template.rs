@@ -24,7 +24,9 @@ impl Placeholder {
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [Self::Name, Self::Password, Self::Expiration, Self::Scope].into_iter().find(|p| p.as_str() == s)
+        [Self::Name, Self::Password, Self::Expiration, Self::Scope]
+            .into_iter()
+            .find(|p| p.as_str() == s)
     }
 }
 
@@ -86,8 +88,12 @@ impl Template {
                 Segment::Text(t) => out.push_str(t),
                 Segment::Slot(Placeholder::Name) => out.push_str(&escape_identifier(v.name)),
                 Segment::Slot(Placeholder::Password) => out.push_str(&escape_literal(v.password)),
-                Segment::Slot(Placeholder::Expiration) => out.push_str(&escape_literal(v.expiration)),
-                Segment::Slot(Placeholder::Scope) => out.push_str(&qualified(v.scope.unwrap_or_default())),
+                Segment::Slot(Placeholder::Expiration) => {
+                    out.push_str(&escape_literal(v.expiration))
+                }
+                Segment::Slot(Placeholder::Scope) => {
+                    out.push_str(&qualified(v.scope.unwrap_or_default()))
+                }
             }
         }
         out
@@ -96,7 +102,10 @@ impl Template {
 
 /// `schema` or `schema.table`, each part a quoted identifier.
 pub fn qualified(name: &str) -> String {
-    name.split('.').map(escape_identifier).collect::<Vec<_>>().join(".")
+    name.split('.')
+        .map(escape_identifier)
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 #[cfg(test)]
@@ -105,15 +114,28 @@ mod tests {
 
     #[test]
     fn placeholders_are_quoted_once_and_never_rescanned() {
-        let t = Template::parse("GRANT SELECT ON ALL TABLES IN SCHEMA {{scope}} TO {{ name }}").unwrap();
-        let v = Values { name: "a\"b {{password}}", password: "p'w", expiration: "x", scope: Some("we ird.t\"x") };
+        let t = Template::parse("GRANT SELECT ON ALL TABLES IN SCHEMA {{scope}} TO {{ name }}")
+            .unwrap();
+        let v = Values {
+            name: "a\"b {{password}}",
+            password: "p'w",
+            expiration: "x",
+            scope: Some("we ird.t\"x"),
+        };
         assert_eq!(
             t.expand(&v),
             r#"GRANT SELECT ON ALL TABLES IN SCHEMA "we ird"."t""x" TO "a""b {{password}}""#
         );
-        let t = Template::parse("ALTER ROLE {{name}} PASSWORD {{password}} VALID UNTIL {{expiration}}").unwrap();
+        let t =
+            Template::parse("ALTER ROLE {{name}} PASSWORD {{password}} VALID UNTIL {{expiration}}")
+                .unwrap();
         assert_eq!(
-            t.expand(&Values { name: "r", password: "it's", expiration: "2026-01-01T00:00:00Z", scope: None }),
+            t.expand(&Values {
+                name: "r",
+                password: "it's",
+                expiration: "2026-01-01T00:00:00Z",
+                scope: None
+            }),
             r#"ALTER ROLE "r" PASSWORD 'it''s' VALID UNTIL '2026-01-01T00:00:00Z'"#
         );
         // backslashes force the E'' form, which PostgreSQL reads literally
@@ -122,8 +144,16 @@ mod tests {
 
     #[test]
     fn bad_templates_say_what_is_wrong() {
-        assert!(Template::parse("GRANT x TO {{nme}}").unwrap_err().contains("unknown placeholder {{nme}}"));
-        assert!(Template::parse("GRANT x TO {{name").unwrap_err().contains("without a closing"));
+        assert!(
+            Template::parse("GRANT x TO {{nme}}")
+                .unwrap_err()
+                .contains("unknown placeholder {{nme}}")
+        );
+        assert!(
+            Template::parse("GRANT x TO {{name")
+                .unwrap_err()
+                .contains("without a closing")
+        );
         assert!(Template::parse("  ").is_err());
         let t = Template::parse("SELECT 1").unwrap();
         assert!(!t.uses(Placeholder::Name));

@@ -58,7 +58,8 @@ fn bindir() -> PathBuf {
         return b;
     }
     if let Some(p) = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path).find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
+        std::env::split_paths(&path)
+            .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
     }) {
         return p;
     }
@@ -69,7 +70,11 @@ fn bindir() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn random_password() -> String {
@@ -82,12 +87,17 @@ fn random_password() -> String {
 /// The uid and gid of `postgres`, when we are root (initdb refuses root).
 fn postgres_owner() -> Option<(u32, u32)> {
     use std::os::unix::fs::MetadataExt as _;
-    let euid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(1);
+    let euid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1);
     if euid != 0 {
         return None;
     }
     let id = |flag: &str| -> u32 {
-        let out = Command::new("id").args([flag, "postgres"]).output().unwrap();
+        let out = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "running as root, the PostgreSQL test cluster needs the `postgres` user (initdb refuses root); \
@@ -105,7 +115,10 @@ impl Cluster {
 
     pub fn start_with(opts: Options) -> Self {
         let bindir = bindir();
-        let dir = tempfile::Builder::new().prefix("leasehold-pg-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("leasehold-pg-")
+            .tempdir()
+            .unwrap();
         let owner = postgres_owner();
         let mut c = Self {
             dir,
@@ -162,7 +175,8 @@ impl Cluster {
                     std::os::unix::fs::chown(&to, Some(uid), Some(gid)).unwrap();
                 }
             }
-            existing.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            existing
+                .push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
         }
         std::fs::write(&path, existing).unwrap();
         c.start_server();
@@ -186,7 +200,11 @@ impl Cluster {
         } else {
             Command::new(&exe)
         };
-        let out = cmd.args(args).current_dir(self.dir.path()).output().unwrap_or_else(|e| panic!("{}: {e}", exe.display()));
+        let out = cmd
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", exe.display()));
         assert!(
             out.status.success(),
             "{} {args:?} failed: {}{}",
@@ -207,7 +225,18 @@ impl Cluster {
         let port = format!("-p {}", self.port);
         self.run(
             "pg_ctl",
-            &["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-o", &port, "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                &port,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         );
         self.running = true;
     }
@@ -215,11 +244,19 @@ impl Cluster {
     /// Stop the server (fast: sessions are cut), keeping its data.
     pub fn stop_server(&mut self) {
         let data = self.data();
-        self.run("pg_ctl", &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"]);
+        self.run(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+        );
         self.running = false;
     }
 
-    pub fn connect_config(&self, user: &str, password: &str, database: &str) -> tokio_postgres::Config {
+    pub fn connect_config(
+        &self,
+        user: &str,
+        password: &str,
+        database: &str,
+    ) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host("127.0.0.1")
             .port(self.port)
@@ -231,8 +268,16 @@ impl Cluster {
     }
 
     /// A client connection; the connection task runs in the background.
-    pub async fn connect(&self, user: &str, password: &str, database: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let (client, conn) = self.connect_config(user, password, database).connect(tokio_postgres::NoTls).await?;
+    pub async fn connect(
+        &self,
+        user: &str,
+        password: &str,
+        database: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, conn) = self
+            .connect_config(user, password, database)
+            .connect(tokio_postgres::NoTls)
+            .await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -240,7 +285,9 @@ impl Cluster {
     }
 
     pub async fn superuser(&self, database: &str) -> tokio_postgres::Client {
-        self.connect("postgres", &self.superuser_password, database).await.unwrap()
+        self.connect("postgres", &self.superuser_password, database)
+            .await
+            .unwrap()
     }
 
     /// The database `app` with schemas `public` and `reporting`, a table in
@@ -254,7 +301,9 @@ impl Cluster {
         ))
         .await
         .unwrap();
-        su.batch_execute(&format!("CREATE DATABASE {DATABASE}")).await.unwrap();
+        su.batch_execute(&format!("CREATE DATABASE {DATABASE}"))
+            .await
+            .unwrap();
         let app = self.superuser(DATABASE).await;
         app.batch_execute(&format!(
             "CREATE TABLE public.orders (id int PRIMARY KEY, item text); INSERT INTO public.orders VALUES (1, 'book');
@@ -304,15 +353,26 @@ impl Cluster {
                 vec!["public", "reporting", "we\"ird sch ü"],
             ),
         );
-        roles.insert("weird".to_owned(), role(vec!["we\"ird role ü"], vec![], vec![]));
+        roles.insert(
+            "weird".to_owned(),
+            role(vec!["we\"ird role ü"], vec![], vec![]),
+        );
         // scopes through group roles: `orders` joins app_read, `reporting` the weird group
         let mut groups = role(vec![], vec![], vec![]);
-        groups.scope_roles.insert("orders".into(), vec!["app_read".into()]);
-        groups.scope_roles.insert("reporting".into(), vec!["we\"ird role ü".into()]);
+        groups
+            .scope_roles
+            .insert("orders".into(), vec!["app_read".into()]);
+        groups
+            .scope_roles
+            .insert("reporting".into(), vec!["we\"ird role ü".into()]);
         roles.insert("groups".to_owned(), groups);
         roles.insert(
             "writer".to_owned(),
-            role(vec![], vec!["GRANT CREATE, USAGE ON SCHEMA public TO {{name}}"], vec![]),
+            role(
+                vec![],
+                vec!["GRANT CREATE, USAGE ON SCHEMA public TO {{name}}"],
+                vec![],
+            ),
         );
         PostgresConfig {
             host: "127.0.0.1".into(),
@@ -327,7 +387,8 @@ impl Cluster {
             connect_timeout_seconds: 2,
             role_prefix: "lh_".into(),
             password_length: 32,
-            password_alphabet: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789".into(),
+            password_alphabet: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                .into(),
             terminate_wait_millis: 5000,
             scram_iterations: 4096,
             roles,
@@ -347,7 +408,16 @@ impl Drop for Cluster {
             } else {
                 Command::new(&exe)
             };
-            let _ = cmd.args(["-D", data.to_str().unwrap_or_default(), "-m", "immediate", "-w", "stop"]).output();
+            let _ = cmd
+                .args([
+                    "-D",
+                    data.to_str().unwrap_or_default(),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ])
+                .output();
         }
     }
 }

@@ -38,11 +38,18 @@ pub struct Failure {
 }
 
 fn fail(step: &'static str, detail: impl Into<String>) -> Failure {
-    Failure { step, detail: detail.into() }
+    Failure {
+        step,
+        detail: detail.into(),
+    }
 }
 
 fn check(cond: bool, step: &'static str, detail: impl Into<String>) -> Result<(), Failure> {
-    if cond { Ok(()) } else { Err(fail(step, detail)) }
+    if cond {
+        Ok(())
+    } else {
+        Err(fail(step, detail))
+    }
 }
 
 /// Run the whole suite for one role of `provider`.
@@ -56,44 +63,83 @@ pub async fn run(
     let ttl = Duration::from_secs(120);
 
     let desc = provider.describe();
-    check(desc.role(role).is_some(), "describe", format!("role `{role}` not described"))?;
+    check(
+        desc.role(role).is_some(),
+        "describe",
+        format!("role `{role}` not described"),
+    )?;
     match provider.validate("no-such-role-conformance", &[]) {
         Err(e) if e.class == ErrorClass::Invalid => {}
-        other => return Err(fail("validate_unknown_role", format!("expected Invalid, got {other:?}"))),
+        other => {
+            return Err(fail(
+                "validate_unknown_role",
+                format!("expected Invalid, got {other:?}"),
+            ));
+        }
     }
-    provider.validate(role, &[]).map_err(|e| fail("validate", e.to_string()))?;
+    provider
+        .validate(role, &[])
+        .map_err(|e| fail("validate", e.to_string()))?;
     report.steps.push("describe_and_validate");
 
-    provider.health().await.map_err(|e| fail("health", e.to_string()))?;
+    provider
+        .health()
+        .await
+        .map_err(|e| fail("health", e.to_string()))?;
     report.steps.push("health");
 
     // issue -> use
     let spec = specs.spec(role, ttl);
-    let issued = provider.issue(&spec).await.map_err(|e| fail("issue", e.to_string()))?;
+    let issued = provider
+        .issue(&spec)
+        .await
+        .map_err(|e| fail("issue", e.to_string()))?;
     check(
         issued.expires_at <= spec.expires_at,
         "issue_expiry",
-        format!("credential expires {:?}, after the lease {:?}", issued.expires_at, spec.expires_at),
+        format!(
+            "credential expires {:?}, after the lease {:?}",
+            issued.expires_at, spec.expires_at
+        ),
     )?;
-    check(issued.expires_at > spec.issued_at, "issue_expiry", "credential already expired")?;
+    check(
+        issued.expires_at > spec.issued_at,
+        "issue_expiry",
+        "credential already expired",
+    )?;
     let dbg = format!("{issued:?}");
     for secret in issued.credential.secret_values() {
         check(!secret.is_empty(), "secret_nonempty", "empty secret")?;
-        check(!dbg.contains(secret), "debug_redacts", "Debug output contains a secret")?;
+        check(
+            !dbg.contains(secret),
+            "debug_redacts",
+            "Debug output contains a secret",
+        )?;
         check(
             !contains(issued.handle.as_bytes(), secret.as_bytes()),
             "handle_has_no_secret",
             "the revocation handle contains secret material",
         )?;
-        check(!issued.description.contains(secret), "description_has_no_secret", "description leaks")?;
+        check(
+            !issued.description.contains(secret),
+            "description_has_no_secret",
+            "description leaks",
+        )?;
     }
     check(
         issued.credential.secret_values().next().is_some(),
         "issue_has_secret",
         "a credential without a secret part",
     )?;
-    let usable = probe.usable(&spec, &issued.credential).await.map_err(|e| fail("use", e))?;
-    check(usable, "use", "a freshly issued credential does not work at the peer")?;
+    let usable = probe
+        .usable(&spec, &issued.credential)
+        .await
+        .map_err(|e| fail("use", e))?;
+    check(
+        usable,
+        "use",
+        "a freshly issued credential does not work at the peer",
+    )?;
     report.steps.push("issue_and_use");
 
     // revoke -> unusable -> revoke again
@@ -103,27 +149,61 @@ pub async fn run(
         expires_at: issued.expires_at,
         handle: issued.handle.clone(),
     };
-    provider.revoke(&revoke).await.map_err(|e| fail("revoke", e.to_string()))?;
-    let usable = probe.usable(&spec, &issued.credential).await.map_err(|e| fail("use_after_revoke", e))?;
-    check(!usable, "use_after_revoke", "the credential still works after revoke")?;
-    provider.revoke(&revoke).await.map_err(|e| fail("revoke_again", e.to_string()))?;
+    provider
+        .revoke(&revoke)
+        .await
+        .map_err(|e| fail("revoke", e.to_string()))?;
+    let usable = probe
+        .usable(&spec, &issued.credential)
+        .await
+        .map_err(|e| fail("use_after_revoke", e))?;
+    check(
+        !usable,
+        "use_after_revoke",
+        "the credential still works after revoke",
+    )?;
+    provider
+        .revoke(&revoke)
+        .await
+        .map_err(|e| fail("revoke_again", e.to_string()))?;
     report.steps.push("revoke_unusable_idempotent");
 
     // rollback of an intent that never reached the provider
     let never = specs.spec(role, ttl);
-    provider.rollback(&never).await.map_err(|e| fail("rollback_nothing", e.to_string()))?;
+    provider
+        .rollback(&never)
+        .await
+        .map_err(|e| fail("rollback_nothing", e.to_string()))?;
     report.steps.push("rollback_of_nothing");
 
     // crash between issue and activation: the handle is lost, rollback finds it
     let lost = specs.spec(role, ttl);
-    let orphan = provider.issue(&lost).await.map_err(|e| fail("issue_orphan", e.to_string()))?;
-    let usable = probe.usable(&lost, &orphan.credential).await.map_err(|e| fail("use_orphan", e))?;
+    let orphan = provider
+        .issue(&lost)
+        .await
+        .map_err(|e| fail("issue_orphan", e.to_string()))?;
+    let usable = probe
+        .usable(&lost, &orphan.credential)
+        .await
+        .map_err(|e| fail("use_orphan", e))?;
     check(usable, "use_orphan", "credential does not work")?;
-    provider.rollback(&lost).await.map_err(|e| fail("rollback", e.to_string()))?;
-    let usable =
-        probe.usable(&lost, &orphan.credential).await.map_err(|e| fail("use_after_rollback", e))?;
-    check(!usable, "use_after_rollback", "the orphaned credential still works after rollback")?;
-    provider.rollback(&lost).await.map_err(|e| fail("rollback_again", e.to_string()))?;
+    provider
+        .rollback(&lost)
+        .await
+        .map_err(|e| fail("rollback", e.to_string()))?;
+    let usable = probe
+        .usable(&lost, &orphan.credential)
+        .await
+        .map_err(|e| fail("use_after_rollback", e))?;
+    check(
+        !usable,
+        "use_after_rollback",
+        "the orphaned credential still works after rollback",
+    )?;
+    provider
+        .rollback(&lost)
+        .await
+        .map_err(|e| fail("rollback_again", e.to_string()))?;
     let revoke_orphan = RevokeSpec {
         lease_id: lost.lease_id.clone(),
         role: lost.role.clone(),
@@ -140,7 +220,10 @@ pub async fn run(
     let mut batch = Vec::new();
     for _ in 0..3 {
         let s = specs.spec(role, ttl);
-        let i = provider.issue(&s).await.map_err(|e| fail("issue_batch", e.to_string()))?;
+        let i = provider
+            .issue(&s)
+            .await
+            .map_err(|e| fail("issue_batch", e.to_string()))?;
         batch.push((s, i));
     }
     let revokes: Vec<RevokeSpec> = batch
@@ -153,13 +236,24 @@ pub async fn run(
         })
         .collect();
     let results = provider.revoke_many(&revokes).await;
-    check(results.len() == revokes.len(), "revoke_many", "one result per lease")?;
+    check(
+        results.len() == revokes.len(),
+        "revoke_many",
+        "one result per lease",
+    )?;
     for r in results {
         r.map_err(|e| fail("revoke_many", e.to_string()))?;
     }
     for (s, i) in &batch {
-        let usable = probe.usable(s, &i.credential).await.map_err(|e| fail("use_after_batch", e))?;
-        check(!usable, "use_after_batch", "a batch-revoked credential still works")?;
+        let usable = probe
+            .usable(s, &i.credential)
+            .await
+            .map_err(|e| fail("use_after_batch", e))?;
+        check(
+            !usable,
+            "use_after_batch",
+            "a batch-revoked credential still works",
+        )?;
     }
     report.steps.push("revoke_many");
 

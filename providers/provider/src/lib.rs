@@ -92,15 +92,24 @@ pub struct ProviderError {
 
 impl ProviderError {
     pub fn retryable(message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Retryable, message: message.into() }
+        Self {
+            class: ErrorClass::Retryable,
+            message: message.into(),
+        }
     }
 
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Permanent, message: message.into() }
+        Self {
+            class: ErrorClass::Permanent,
+            message: message.into(),
+        }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Invalid, message: message.into() }
+        Self {
+            class: ErrorClass::Invalid,
+            message: message.into(),
+        }
     }
 
     pub fn is_retryable(&self) -> bool {
@@ -140,13 +149,16 @@ impl Credential {
     }
 
     pub fn public(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.fields.insert(name.to_owned(), CredentialValue::Public(value.into()));
+        self.fields
+            .insert(name.to_owned(), CredentialValue::Public(value.into()));
         self
     }
 
     pub fn secret(mut self, name: &str, value: impl Into<String>) -> Self {
-        self.fields
-            .insert(name.to_owned(), CredentialValue::Secret(SecretString::from(value.into())));
+        self.fields.insert(
+            name.to_owned(),
+            CredentialValue::Secret(SecretString::from(value.into())),
+        );
         self
     }
 
@@ -334,7 +346,10 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     /// Remove one thing `inventory` found that no live lease accounts for.
     /// Idempotent. Must refuse anything without the broker's mark.
     async fn remove(&self, found: &Found) -> Result<(), ProviderError> {
-        Err(ProviderError::invalid(format!("this provider cannot remove `{}`", found.name)))
+        Err(ProviderError::invalid(format!(
+            "this provider cannot remove `{}`",
+            found.name
+        )))
     }
 }
 
@@ -353,7 +368,9 @@ mod tests {
 
     #[test]
     fn debug_never_shows_secrets() {
-        let c = Credential::new().public("user", "alice").secret("token", "s3cr3t-value");
+        let c = Credential::new()
+            .public("user", "alice")
+            .secret("token", "s3cr3t-value");
         let dbg = format!("{c:?}");
         assert!(dbg.contains("alice"));
         assert!(!dbg.contains("s3cr3t-value"), "{dbg}");
@@ -363,7 +380,9 @@ mod tests {
 
     #[test]
     fn response_json_exposes_both_kinds() {
-        let c = Credential::new().public("user", "alice").secret("token", "t");
+        let c = Credential::new()
+            .public("user", "alice")
+            .secret("token", "t");
         let v = c.to_response_json();
         assert_eq!(v["user"], "alice");
         assert_eq!(v["token"], "t");
@@ -376,7 +395,10 @@ mod tests {
         assert_eq!(Timestamp::from_unix_millis(-1).unix_seconds(), -1);
         let t = Timestamp::from_unix_millis(1000);
         assert_eq!(t.until(Timestamp::from_unix_millis(500)), Duration::ZERO);
-        assert_eq!(t.until(Timestamp::from_unix_millis(3000)), Duration::from_secs(2));
+        assert_eq!(
+            t.until(Timestamp::from_unix_millis(3000)),
+            Duration::from_secs(2)
+        );
         assert_eq!(t.saturating_add(Duration::from_secs(1)).unix_millis(), 2000);
     }
 }

@@ -89,7 +89,8 @@ pub fn generate_signing_key() -> Result<Vec<u8>, TokenConfigError> {
 pub fn valid_scope_token(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 256
-        && s.bytes().all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
+        && s.bytes()
+            .all(|b| b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b))
 }
 
 /// The claims of a leasehold token.
@@ -127,7 +128,11 @@ pub struct Introspection {
 
 impl Introspection {
     fn inactive() -> Self {
-        Self { active: false, claims: None, token_type: None }
+        Self {
+            active: false,
+            claims: None,
+            token_type: None,
+        }
     }
 }
 
@@ -175,10 +180,14 @@ impl TokenProvider {
             return Err(TokenConfigError::Invalid("issuer must not be empty".into()));
         }
         if settings.audience.is_empty() {
-            return Err(TokenConfigError::Invalid("audience must not be empty".into()));
+            return Err(TokenConfigError::Invalid(
+                "audience must not be empty".into(),
+            ));
         }
         if settings.roles.is_empty() {
-            return Err(TokenConfigError::Invalid("at least one role is required".into()));
+            return Err(TokenConfigError::Invalid(
+                "at least one role is required".into(),
+            ));
         }
         for (name, role) in &settings.roles {
             let bad = |problem: &str| TokenConfigError::BadRole {
@@ -198,7 +207,13 @@ impl TokenProvider {
         let key_id = jwk_thumbprint(key.public_key().as_ref());
         let header = serde_json::json!({"alg": "EdDSA", "kid": key_id, "typ": "JWT"});
         let header_b64 = B64.encode(header.to_string());
-        Ok(Self { settings, key, key_id, header_b64, denylist })
+        Ok(Self {
+            settings,
+            key,
+            key_id,
+            header_b64,
+            denylist,
+        })
     }
 
     pub fn key_id(&self) -> &str {
@@ -235,7 +250,11 @@ impl TokenProvider {
             return Introspection::inactive();
         }
         match self.denylist.is_denied(&claims.jti) {
-            Ok(false) => Introspection { active: true, claims: Some(claims), token_type: Some("Bearer") },
+            Ok(false) => Introspection {
+                active: true,
+                claims: Some(claims),
+                token_type: Some("Bearer"),
+            },
             Ok(true) | Err(_) => Introspection::inactive(),
         }
     }
@@ -253,17 +272,17 @@ impl TokenProvider {
         }
         let sig = B64.decode(s).ok()?;
         let signed_len = h.len() + 1 + p.len();
-        let public = signature::UnparsedPublicKey::new(&signature::ED25519, self.key.public_key().as_ref());
+        let public =
+            signature::UnparsedPublicKey::new(&signature::ED25519, self.key.public_key().as_ref());
         public.verify(&token.as_bytes()[..signed_len], &sig).ok()?;
         let claims: Claims = serde_json::from_slice(&B64.decode(p).ok()?).ok()?;
         (claims.iss == self.settings.issuer).then_some(claims)
     }
 
     fn role(&self, name: &str) -> Result<&TokenRole, ProviderError> {
-        self.settings
-            .roles
-            .get(name)
-            .ok_or_else(|| ProviderError::invalid(format!("the token provider has no role `{name}`")))
+        self.settings.roles.get(name).ok_or_else(|| {
+            ProviderError::invalid(format!("the token provider has no role `{name}`"))
+        })
     }
 
     fn sign(&self, claims: &Claims) -> Result<String, ProviderError> {
@@ -280,21 +299,31 @@ impl TokenProvider {
     }
 
     fn handle(jti: &str, exp: Timestamp) -> Result<RevocationHandle, ProviderError> {
-        serde_json::to_vec(&Handle { jti: jti.to_owned(), exp_ms: exp.unix_millis() })
-            .map(RevocationHandle::new)
-            .map_err(|e| ProviderError::permanent(format!("encoding handle: {e}")))
+        serde_json::to_vec(&Handle {
+            jti: jti.to_owned(),
+            exp_ms: exp.unix_millis(),
+        })
+        .map(RevocationHandle::new)
+        .map_err(|e| ProviderError::permanent(format!("encoding handle: {e}")))
     }
 
     fn decode_handle(handle: &RevocationHandle) -> Result<Handle, ProviderError> {
-        serde_json::from_slice(handle.as_bytes())
-            .map_err(|e| ProviderError::permanent(format!("unreadable token revocation handle: {e}")))
+        serde_json::from_slice(handle.as_bytes()).map_err(|e| {
+            ProviderError::permanent(format!("unreadable token revocation handle: {e}"))
+        })
     }
 }
 
 /// RFC 7638 thumbprint of an Ed25519 public key: a stable `kid`.
 fn jwk_thumbprint(public: &[u8]) -> String {
-    let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#, B64.encode(public));
-    B64.encode(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()))
+    let canonical = format!(
+        r#"{{"crv":"Ed25519","kty":"OKP","x":"{}"}}"#,
+        B64.encode(public)
+    );
+    B64.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        canonical.as_bytes(),
+    ))
 }
 
 #[async_trait::async_trait]
@@ -344,10 +373,19 @@ impl Provider for TokenProvider {
         let expires_at = spec.expires_at.min(ceiling);
         let exp = expires_at.unix_seconds();
         if exp <= spec.issued_at.unix_seconds() {
-            return Err(ProviderError::invalid("the lease ends before its first whole second"));
+            return Err(ProviderError::invalid(
+                "the lease ends before its first whole second",
+            ));
         }
-        let scope = if spec.scope.is_empty() { r.scopes.join(" ") } else { spec.scope.join(" ") };
-        let audience = r.audience.clone().unwrap_or_else(|| self.settings.audience.clone());
+        let scope = if spec.scope.is_empty() {
+            r.scopes.join(" ")
+        } else {
+            spec.scope.join(" ")
+        };
+        let audience = r
+            .audience
+            .clone()
+            .unwrap_or_else(|| self.settings.audience.clone());
         let claims = Claims {
             iss: self.settings.issuer.clone(),
             sub: spec.workload.clone(),
@@ -360,7 +398,9 @@ impl Provider for TokenProvider {
             role: spec.role.clone(),
             scope,
             tenant: spec.tenant.clone(),
-            act: Actor { sub: spec.on_behalf_of.clone() },
+            act: Actor {
+                sub: spec.on_behalf_of.clone(),
+            },
         };
         let token = self.sign(&claims)?;
         let expires_at = Timestamp::from_unix_millis(exp * 1000);
@@ -455,7 +495,11 @@ mod tests {
                 description: "demo".into(),
             },
         );
-        let settings = TokenSettings { issuer: "https://lh.test".into(), audience: "svc".into(), roles };
+        let settings = TokenSettings {
+            issuer: "https://lh.test".into(),
+            audience: "svc".into(),
+            roles,
+        };
         let key = generate_signing_key().unwrap();
         TokenProvider::new(settings, &key, Arc::new(MemDenylist::default())).unwrap()
     }
@@ -484,7 +528,10 @@ mod tests {
     impl Probe for IntrospectProbe<'_> {
         async fn usable(&self, _: &LeaseSpec, c: &Credential) -> Result<bool, String> {
             let token = c.expose("token").ok_or("no token")?;
-            Ok(self.0.introspect(token, Timestamp::from_unix_millis(NOW + 1000)).active)
+            Ok(self
+                .0
+                .introspect(token, Timestamp::from_unix_millis(NOW + 1000))
+                .active)
         }
     }
 
@@ -512,8 +559,14 @@ mod tests {
         assert_eq!(claims.jti, spec.lease_id);
         assert_eq!(claims.scope, "demo:read demo:write");
         // expired at exp exactly
-        assert!(!p.introspect(token, Timestamp::from_unix_millis(NOW + 90_000)).active);
-        assert!(p.introspect(token, Timestamp::from_unix_millis(NOW + 89_999)).active);
+        assert!(
+            !p.introspect(token, Timestamp::from_unix_millis(NOW + 90_000))
+                .active
+        );
+        assert!(
+            p.introspect(token, Timestamp::from_unix_millis(NOW + 89_999))
+                .active
+        );
     }
 
     #[tokio::test]
@@ -529,9 +582,17 @@ mod tests {
         let p = provider();
         let other = provider();
         let now = Timestamp::from_unix_millis(NOW);
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let spec = Specs(AtomicU64::new(0)).spec("demo", Duration::from_secs(60));
-        let token = rt.block_on(p.issue(&spec)).unwrap().credential.expose("token").unwrap().to_owned();
+        let token = rt
+            .block_on(p.issue(&spec))
+            .unwrap()
+            .credential
+            .expose("token")
+            .unwrap()
+            .to_owned();
         assert!(p.introspect(&token, now).active);
         // another key: inactive
         assert!(!other.introspect(&token, now).active);
@@ -541,7 +602,11 @@ mod tests {
         parts[1] = &forged_claims;
         assert!(!p.introspect(&parts.join("."), now).active);
         // alg none: inactive
-        let none = format!("{}.{}.", B64.encode(br#"{"alg":"none"}"#), token.split('.').nth(1).unwrap());
+        let none = format!(
+            "{}.{}.",
+            B64.encode(br#"{"alg":"none"}"#),
+            token.split('.').nth(1).unwrap()
+        );
         assert!(!p.introspect(&none, now).active);
         assert!(!p.introspect("garbage", now).active);
         assert!(!p.introspect("", now).active);
@@ -565,12 +630,27 @@ mod tests {
         let mut roles = BTreeMap::new();
         roles.insert(
             "r".to_owned(),
-            TokenRole { scopes: vec![], max_ttl: Duration::from_secs(1), audience: None, description: String::new() },
+            TokenRole {
+                scopes: vec![],
+                max_ttl: Duration::from_secs(1),
+                audience: None,
+                description: String::new(),
+            },
         );
-        let s = TokenSettings { issuer: "i".into(), audience: "a".into(), roles };
+        let s = TokenSettings {
+            issuer: "i".into(),
+            audience: "a".into(),
+            roles,
+        };
         let e = TokenProvider::new(s, &key, Arc::new(MemDenylist::default())).unwrap_err();
         assert!(e.to_string().contains("role `r`"), "{e}");
-        let s = TokenSettings { issuer: "i".into(), audience: "a".into(), roles: BTreeMap::new() };
-        assert!(TokenProvider::new(s.clone(), b"not a key", Arc::new(MemDenylist::default())).is_err());
+        let s = TokenSettings {
+            issuer: "i".into(),
+            audience: "a".into(),
+            roles: BTreeMap::new(),
+        };
+        assert!(
+            TokenProvider::new(s.clone(), b"not a key", Arc::new(MemDenylist::default())).is_err()
+        );
     }
 }
