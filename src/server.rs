@@ -264,6 +264,7 @@ pub async fn run_with(
         auth,
         ready: ready.clone(),
         limits,
+        health: Arc::default(),
     };
     if let Some(addr) = config.server.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -789,8 +789,7 @@ pub async fn ready(State(s): State<AppState>) -> Response {
     );
     ok &= store_ok;
     let cached = s
-        .limits
-        .health_cache
+        .health
         .lock()
         .ok()
         .and_then(|c| c.clone())
@@ -799,7 +798,7 @@ pub async fn ready(State(s): State<AppState>) -> Response {
         Some((_, c, pok)) => (c, pok),
         None => {
             let (c, pok) = provider_health(&s).await;
-            if let Ok(mut cache) = s.limits.health_cache.lock() {
+            if let Ok(mut cache) = s.health.lock() {
                 *cache = Some((std::time::Instant::now(), c.clone(), pok));
             }
             (c, pok)

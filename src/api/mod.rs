@@ -42,6 +42,9 @@ pub struct AppState {
     /// Turned false when shutdown begins, so readiness drains the broker.
     pub ready: Arc<AtomicBool>,
     pub limits: Arc<Limiter>,
+    /// The last provider health results, reused for a second: readiness is
+    /// unauthenticated, and must not become a way to load the providers.
+    pub health: Arc<std::sync::Mutex<Option<HealthChecks>>>,
 }
 
 /// Rate limits and the cap on requests in flight (`server.rate_limits`).
@@ -50,9 +53,6 @@ pub struct Limiter {
     pub config: limits::RateLimitConfig,
     pub buckets: limits::Buckets,
     in_flight: Arc<tokio::sync::Semaphore>,
-    /// The last provider health results, reused for a second: readiness is
-    /// unauthenticated, and must not become a way to load the providers.
-    pub health_cache: std::sync::Mutex<Option<HealthChecks>>,
 }
 
 /// When provider health was checked, each provider's status, and whether all passed.
@@ -69,7 +69,6 @@ impl Limiter {
             config,
             buckets: limits::Buckets::default(),
             in_flight,
-            health_cache: std::sync::Mutex::new(None),
         }
     }
 }

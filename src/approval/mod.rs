@@ -10,6 +10,12 @@ use crate::ids::{ApprovalId, TaskId};
 use crate::store::{ApprovalRecord, ApprovalState, ReviewRecord};
 use crate::task::check_text;
 
+/// Whether the operator is the user a request was made for: nobody
+/// approves or reviews what was done on their own behalf.
+fn acts_for(op: &crate::auth::Operator, user: &str) -> bool {
+    op.user.as_deref() == Some(user) || op.name == user
+}
+
 fn approver(caller: &Caller) -> Result<&crate::auth::Operator, BrokerError> {
     match caller {
         Caller::Operator(o) if o.roles.contains(&OperatorRole::Approver) => Ok(o),
@@ -89,8 +95,7 @@ impl Broker {
             .ok_or(BrokerError::NotFound {
                 code: "approval_not_found",
             })?;
-        let mine = op.user.as_deref() == Some(a.on_behalf_of.as_str()) || op.name == a.on_behalf_of;
-        if mine {
+        if acts_for(op, &a.on_behalf_of) {
             return Err(BrokerError::Forbidden {
                 code: "self_approval",
                 message: "an approver cannot decide a request made on their own behalf".into(),
@@ -180,7 +185,7 @@ impl Broker {
             .ok_or(BrokerError::NotFound {
                 code: "review_not_found",
             })?;
-        if op.user.as_deref() == Some(r.on_behalf_of.as_str()) || op.name == r.on_behalf_of {
+        if acts_for(op, &r.on_behalf_of) {
             return Err(BrokerError::Forbidden {
                 code: "self_approval",
                 message: "an approver cannot review break-glass used on their own behalf".into(),

@@ -253,28 +253,28 @@ pub async fn approvals(conn: &Connection, cmd: ApprovalsCommand) -> Result<Value
         ApprovalsCommand::Approve {
             approval_id,
             comment,
-        } => {
-            let body = json!({ "comment": comment });
-            c.call(
-                Method::POST,
-                &format!("/v1/approvals/{}/approve", seg(&approval_id)),
-                Some(body),
-            )
-            .await
-        }
+        } => decide(&c, &approval_id, "approve", comment).await,
         ApprovalsCommand::Deny {
             approval_id,
             comment,
-        } => {
-            let body = json!({ "comment": comment });
-            c.call(
-                Method::POST,
-                &format!("/v1/approvals/{}/deny", seg(&approval_id)),
-                Some(body),
-            )
-            .await
-        }
+        } => decide(&c, &approval_id, "deny", Some(comment)).await,
     }
+}
+
+/// Approve or deny, with the approver's comment.
+async fn decide(
+    c: &Client,
+    approval_id: &str,
+    verb: &str,
+    comment: Option<String>,
+) -> Result<Value, ClientError> {
+    let path = format!("/v1/approvals/{}/{verb}", seg(approval_id));
+    c.call(
+        reqwest::Method::POST,
+        &path,
+        Some(json!({ "comment": comment })),
+    )
+    .await
 }
 
 pub async fn reviews(conn: &Connection, cmd: ReviewsCommand) -> Result<Value, ClientError> {

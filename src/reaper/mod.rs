@@ -68,7 +68,7 @@ impl Broker {
         match recorded.await {
             Ok(updated) => {
                 for rec in &updated {
-                    log_outcome(rec);
+                    report_outcome(rec);
                 }
                 // a retry may now be due sooner than the worker planned
                 let mut retrying: Vec<&str> = updated
@@ -188,7 +188,8 @@ impl Broker {
     }
 }
 
-fn log_outcome(rec: &LeaseRecord) {
+/// Log a revocation outcome, and count a failed attempt.
+fn report_outcome(rec: &LeaseRecord) {
     if matches!(rec.state, LeaseState::Irrevocable | LeaseState::Revoking) {
         crate::metrics::revocation_retry(&rec.provider);
     }

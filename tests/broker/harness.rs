@@ -611,14 +611,19 @@ impl Child {
         self.child.wait().unwrap();
     }
 
-    /// SIGTERM, then wait for a clean exit.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
+    /// Send SIGTERM and return at once.
+    pub fn sigterm(&self) {
         let pid = self.child.id().to_string();
         let ok = std::process::Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .unwrap();
         assert!(ok.success());
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.sigterm();
         for _ in 0..300 {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;

@@ -87,14 +87,7 @@ async fn sigterm_mid_traffic_loses_no_answered_request() {
         });
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let pid = child.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    child.sigterm();
     // clients keep going until the broker is gone
     let status = tokio::task::spawn_blocking(move || {
         let s = loop {
@@ -179,15 +172,8 @@ async fn readiness_turns_false_before_the_broker_stops_accepting() {
             .map(|r| r.status().as_u16())
     };
     assert_eq!(ready(remote.http.clone()).await.unwrap(), 200);
-    let pid = child.child.id().to_string();
     let sent = std::time::Instant::now();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    child.sigterm();
     let mut not_ready_at = None;
     while sent.elapsed() < Duration::from_millis(1500) {
         if ready(remote.http.clone()).await.ok() == Some(503) {

@@ -229,6 +229,11 @@ const BENCH_POLICY: &str = r#"
   when { resource.provider == "token" || resource.provider == "appdb" };
 "#;
 
+/// A fresh folder for one round's store, under `BENCH_DIR` (default /tmp).
+fn bench_dir() -> std::io::Result<tempfile::TempDir> {
+    tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))
+}
+
 fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
@@ -590,7 +595,7 @@ async fn events_bench(
         (1.0 - w / n) * 100.0
     );
     // a store with at least `events` events: task.opened + (issuing, issued) per lease
-    let dir = tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
+    let dir = bench_dir()?;
     let addr = free_addr()?;
     let (config, _) = setup(dir.path(), addr, true)?;
     let leases = events.div_ceil(2);
@@ -725,7 +730,7 @@ async fn populate(
 }
 
 async fn restart(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
+    let dir = bench_dir()?;
     let addr = free_addr()?;
     let (config, creds) = setup(dir.path(), addr, true)?;
     println!("  filling a store with {leases} active leases through the issue path...");
@@ -962,8 +967,7 @@ async fn postgres(
             tls: None,
         });
         cluster.provision().await;
-        let dir =
-            tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
+        let dir = bench_dir()?;
         let addr = free_addr()?;
         let (config, creds) = setup(dir.path(), addr, true)?;
         let mut cfg = leasehold::config::Config::load(&config)?;
@@ -1096,8 +1100,7 @@ async fn postgres(
 async fn mass_revoke(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> {
     let (mut totals, mut refusals, mut posts) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
-        let dir =
-            tempfile::tempdir_in(std::env::var_os("BENCH_DIR").unwrap_or_else(|| "/tmp".into()))?;
+        let dir = bench_dir()?;
         let addr = free_addr()?;
         let (config, creds) = setup(dir.path(), addr, true)?;
         populate(&config, Arc::new(SystemClock), leases, 6 * 3600).await?;

@@ -42,7 +42,7 @@ use tokio_postgres::error::SqlState;
 use zeroize::Zeroizing;
 
 pub use config::{ConfigError, PostgresConfig, PostgresRole, TlsMode, is_local};
-use pool::{Pool, classify, concurrent_update, db_message};
+use pool::{Pool, classify, concurrent_update};
 use template::{Template, Values};
 
 /// Roles revoked per round trip in a batch.
@@ -109,11 +109,6 @@ impl PostgresProvider {
 
     fn cfg(&self) -> &PostgresConfig {
         self.pool.config()
-    }
-
-    /// Forget idle connections (after the server restarted).
-    pub fn reset_connections(&self) {
-        self.pool.clear();
     }
 
     fn role(&self, name: &str) -> Result<&Role, ProviderError> {
@@ -324,39 +319,31 @@ impl PostgresProvider {
         // role that is a member of thousands of roles makes every
         // permission check PostgreSQL does for it slow.
         let drop_owned = role.is_none_or(|r| r.cfg.drop_owned);
-        let mut thorough = sql.clone();
-        thorough.push((
-            "joining the roles".into(),
-            format!("GRANT {} TO CURRENT_USER", quoted.join(", ")),
-        ));
-        thorough.push((
-            "dropping what the roles own".into(),
-            format!("DROP OWNED BY {}", quoted.join(", ")),
-        ));
-        thorough.push(drop_roles.clone());
-        sql.push(drop_roles);
+        let mut plain = sql.clone();
+        plain.push(drop_roles.clone());
         {
             // one at a time in the shared catalogs: concurrent DROP OWNED
             // and GRANTs on one schema only fight each other
             let _catalog = self.catalog.lock().await;
-            let mut plan = &sql;
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                match run_in_transaction(&mut conn, plan).await {
-                    Ok(()) => break,
-                    Err((_, e))
-                        if e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST)
-                            && drop_owned
-                            && plan.len() == sql.len() =>
-                    {
-                        plan = &thorough;
-                    }
-                    Err((_, e)) if concurrent_update(&e) && attempt < CONCURRENT_ATTEMPTS => {
-                        self.backoff().await
-                    }
-                    Err((label, e)) => return Err(classify(&e, &label)),
+            match self.run_retrying(&mut conn, &plain).await {
+                Ok(()) => {}
+                Err((_, e))
+                    if e.code() == Some(&SqlState::DEPENDENT_OBJECTS_STILL_EXIST) && drop_owned =>
+                {
+                    sql.push((
+                        "joining the roles".into(),
+                        format!("GRANT {} TO CURRENT_USER", quoted.join(", ")),
+                    ));
+                    sql.push((
+                        "dropping what the roles own".into(),
+                        format!("DROP OWNED BY {}", quoted.join(", ")),
+                    ));
+                    sql.push(drop_roles);
+                    self.run_retrying(&mut conn, &sql)
+                        .await
+                        .map_err(|(label, e)| classify(&e, &label))?;
                 }
+                Err((label, e)) => return Err(classify(&e, &label)),
             }
         }
         // 4. a session that authenticated in the instant before NOLOGIN
@@ -552,6 +539,25 @@ impl PostgresProvider {
         ))
     }
 
+    /// Run statements in one transaction, again (after a short random
+    /// pause) when it lost a race on a catalog row.
+    async fn run_retrying(
+        &self,
+        conn: &mut tokio_postgres::Client,
+        sql: &[(String, String)],
+    ) -> Result<(), (String, tokio_postgres::Error)> {
+        let mut attempt = 1;
+        loop {
+            match run_in_transaction(conn, sql).await {
+                Err((_, e)) if concurrent_update(&e) && attempt < CONCURRENT_ATTEMPTS => {
+                    attempt += 1;
+                    self.backoff().await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// A short random pause before running a transaction again.
     async fn backoff(&self) {
         let jitter = self.random_bytes::<1>().map_or(5, |b| u64::from(b[0] % 20));
@@ -676,22 +682,12 @@ impl Provider for PostgresProvider {
         } else {
             Some(self.catalog.lock().await)
         };
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match run_in_transaction(&mut conn, &sql).await {
-                Ok(()) => break,
-                Err((_, e)) if concurrent_update(&e) && attempt < CONCURRENT_ATTEMPTS => {
-                    self.backoff().await
-                }
-                Err((label, e)) => {
-                    let err = classify(&e, &format!("role template `{}`: {label}", spec.role));
-                    return Err(ProviderError {
-                        message: redact(&err.message, &[&password, &verifier]),
-                        ..err
-                    });
-                }
-            }
+        if let Err((label, e)) = self.run_retrying(&mut conn, &sql).await {
+            let err = classify(&e, &format!("role template `{}`: {label}", spec.role));
+            return Err(ProviderError {
+                message: redact(&err.message, &[&password, &verifier]),
+                ..err
+            });
         }
         let cfg = self.cfg();
         Ok(Issued {
@@ -789,9 +785,4 @@ fn handle_name(h: &RevocationHandle) -> Result<String, ProviderError> {
     std::str::from_utf8(h.as_bytes())
         .map(str::to_owned)
         .map_err(|_| ProviderError::permanent("the revocation handle is not a role name"))
-}
-
-/// Why a login with a leased credential failed, for probes and tests.
-pub fn error_text(e: &tokio_postgres::Error) -> String {
-    db_message(e)
 }

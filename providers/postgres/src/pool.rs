@@ -120,13 +120,6 @@ impl Pool {
         })
     }
 
-    /// Drop idle connections (the server restarted, or tests stop it).
-    pub fn clear(&self) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.clear();
-        }
-    }
-
     async fn connect(&self) -> Result<Client, ProviderError> {
         let password = self.password()?;
         let mut c = tokio_postgres::Config::new();

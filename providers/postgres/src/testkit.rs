@@ -191,16 +191,22 @@ impl Cluster {
         self.dir.path()
     }
 
-    fn run(&self, bin: &str, args: &[&str]) -> std::process::Output {
+    /// A server binary, run as `postgres` when we are root.
+    fn command(&self, bin: &str) -> Command {
         let exe = self.bindir.join(bin);
-        let mut cmd = if self.owner.is_some() {
+        if self.owner.is_some() {
             let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c.args(["-u", "postgres", "--"]).arg(exe);
             c
         } else {
-            Command::new(&exe)
-        };
-        let out = cmd
+            Command::new(exe)
+        }
+    }
+
+    fn run(&self, bin: &str, args: &[&str]) -> std::process::Output {
+        let exe = self.bindir.join(bin);
+        let out = self
+            .command(bin)
             .args(args)
             .current_dir(self.dir.path())
             .output()
@@ -400,15 +406,8 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if self.running {
             let data = self.data();
-            let exe = self.bindir.join("pg_ctl");
-            let mut cmd = if self.owner.is_some() {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(&exe);
-                c
-            } else {
-                Command::new(&exe)
-            };
-            let _ = cmd
+            let _ = self
+                .command("pg_ctl")
                 .args([
                     "-D",
                     data.to_str().unwrap_or_default(),
