@@ -40,6 +40,11 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   exit 2
 fi
 
+# formatting is part of the suite: a diff fails the run before anything builds
+if cargo fmt --version >/dev/null 2>&1; then
+  cargo fmt --all -- --check
+fi
+
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]:-}"; do
