@@ -4,7 +4,8 @@
 //!
 //! 1. validate everything (provider, role, scope, TTL, task) without writing;
 //! 2. write the lease as `issuing` and wait until it is durable;
-//! 3. call the provider;
+//! 3. call the provider (`prepare`, whose handle, if any, is stored on the
+//!    intent before `issue`, so a rollback can find what `issue` made);
 //! 4. write it `active` (with the sealed revocation handle and its entry in
 //!    the expiry index) and wait until that is durable;
 //! 5. only then return the credential.
@@ -16,7 +17,9 @@
 
 use std::time::Duration;
 
-use leasehold_provider::{Credential, ErrorClass, LeaseSpec, RevokeSpec, Timestamp};
+use leasehold_provider::{
+    Credential, ErrorClass, LeaseSpec, ProviderError, RevokeSpec, Timestamp,
+};
 
 use crate::audit::{self, Ctx};
 use crate::auth::{Caller, Workload};
@@ -72,6 +75,7 @@ pub(crate) fn spec_of(rec: &LeaseRecord) -> LeaseSpec {
         scope: rec.scope.clone(),
         issued_at: Timestamp::from_unix_millis(rec.issued_at.unwrap_or(rec.created_at)),
         expires_at: Timestamp::from_unix_millis(rec.expires_at),
+        prepared: None,
     }
 }
 
@@ -222,7 +226,8 @@ impl Broker {
         let spec = spec_of(&rec);
         let started = std::time::Instant::now();
         let result =
-            tokio::time::timeout(self.provider_timeout(), entry.provider.issue(&spec)).await;
+            tokio::time::timeout(self.provider_timeout(), self.mint(&entry, &rec, spec.clone()))
+                .await;
         let class = match &result {
             Err(_) => Some("timeout"),
             Ok(r) => r.as_ref().err().map(crate::reaper::error_class),
@@ -341,6 +346,33 @@ impl Broker {
                 Err(BrokerError::Store(e))
             }
         }
+    }
+
+    /// The provider's part of an issue: `prepare`, its handle stored
+    /// (sealed) on the intent so a rollback can find it, then `issue`.
+    async fn mint(
+        &self,
+        entry: &ProviderEntry,
+        rec: &LeaseRecord,
+        mut spec: LeaseSpec,
+    ) -> Result<leasehold_provider::Issued, ProviderError> {
+        if let Some(prepared) = entry.provider.prepare(&spec).await? {
+            let sealed = self
+                .store
+                .sealer()
+                .seal(rec.id, "handle", prepared.as_bytes())
+                .map_err(|_| ProviderError::permanent("sealing the prepared handle failed"))?;
+            let id = rec.id;
+            self.store
+                .write(move |t| t.record_prepared(id, &sealed))
+                .await
+                .map_err(|e| {
+                    tracing::error!(lease_id = %LeaseId(id), error = %e, "recording the prepared handle failed");
+                    ProviderError::retryable("the prepared handle could not be recorded")
+                })?;
+            spec.prepared = Some(prepared);
+        }
+        entry.provider.issue(&spec).await
     }
 
     /// The issue failed after the intent: queue a rollback (the provider may

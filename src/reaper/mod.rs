@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use leasehold_provider::{Provider, RevocationHandle, RevokeSpec, Timestamp};
+use leasehold_provider::{LeaseSpec, Provider, RevocationHandle, RevokeSpec, Timestamp};
 use ring::rand::SecureRandom as _;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -106,7 +106,7 @@ impl Broker {
                 .collect();
         };
         let mut revokes: Vec<(LeaseRecord, RevokeSpec)> = Vec::new();
-        let mut rollbacks: Vec<LeaseRecord> = Vec::new();
+        let mut rollbacks: Vec<(LeaseRecord, Option<RevocationHandle>)> = Vec::new();
         for l in leases {
             let uses_rollback = l
                 .revocation
@@ -115,19 +115,21 @@ impl Broker {
             let handle = l
                 .handle_sealed
                 .as_ref()
-                .and_then(|h| self.store.sealer().open(l.id, "handle", h).ok());
+                .and_then(|h| self.store.sealer().open(l.id, "handle", h).ok())
+                .map(|h| RevocationHandle::new(h.to_vec()));
             match (uses_rollback, handle) {
                 (false, Some(h)) => {
                     let spec = RevokeSpec {
                         lease_id: LeaseId(l.id).to_string(),
                         role: l.role.clone(),
                         expires_at: Timestamp::from_unix_millis(l.expires_at),
-                        handle: RevocationHandle::new(h.to_vec()),
+                        handle: h,
                     };
                     revokes.push((l, spec));
                 }
-                // no usable handle: find the credential by lease id instead
-                _ => rollbacks.push(l),
+                // no final handle: find the credential by lease id (and the
+                // prepared handle, when the intent has one) instead
+                (_, prepared) => rollbacks.push((l, prepared)),
             }
         }
         let timeout = self.provider_timeout();
@@ -267,7 +269,7 @@ fn retry_schedule(r: &crate::config::ReaperConfig, attempts: u32, now: i64) -> (
 
 enum Work {
     Revoke(Vec<(LeaseRecord, RevokeSpec)>),
-    Rollback(Vec<LeaseRecord>),
+    Rollback(Vec<(LeaseRecord, Option<RevocationHandle>)>),
 }
 
 impl Work {
@@ -316,8 +318,11 @@ impl Work {
             }
             Work::Rollback(items) => {
                 let mut out = Vec::with_capacity(items.len());
-                for l in items {
-                    let spec = spec_of(&l);
+                for (l, prepared) in items {
+                    let spec = LeaseSpec {
+                        prepared,
+                        ..spec_of(&l)
+                    };
                     let started = std::time::Instant::now();
                     let result = tokio::time::timeout(timeout, p.rollback(&spec)).await;
                     let class = match &result {

@@ -1056,6 +1056,20 @@ impl<'t> Txn<'t> {
     /// The provider issued: the lease becomes `Active` and enters the expiry
     /// index. Refused if the task was completed or expired meanwhile; the
     /// caller then rolls the credential back.
+    /// Store what `Provider::prepare` returned for a lease still `issuing`
+    /// (sealed), so a rollback after a crash can find what `issue` hangs on
+    /// it. Activation replaces it with the final handle.
+    pub fn record_prepared(&mut self, lease: u128, sealed: &[u8]) -> Result<(), StoreError> {
+        let Some(mut rec) = self.lease(lease)? else {
+            return conflict(Conflict::LeaseNotFound);
+        };
+        if rec.state != LeaseState::Issuing {
+            return conflict(Conflict::LeaseState(rec.state));
+        }
+        rec.handle_sealed = Some(sealed.to_vec());
+        self.put_lease(&rec, Some(LeaseState::Issuing))
+    }
+
     pub fn activate(&mut self, a: &Activation, now: i64) -> Result<LeaseRecord, StoreError> {
         let Some(mut rec) = self.lease(a.lease)? else {
             return conflict(Conflict::LeaseNotFound);

@@ -28,6 +28,7 @@ impl SpecFactory for Specs {
             scope: vec!["demo:read".into()],
             issued_at: self.1,
             expires_at: self.1.saturating_add(ttl),
+            prepared: None,
         }
     }
 }

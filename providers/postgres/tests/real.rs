@@ -62,6 +62,7 @@ fn spec(role: &str, ttl: Duration, scope: &[&str]) -> LeaseSpec {
         scope: scope.iter().map(|s| (*s).to_owned()).collect(),
         issued_at: now,
         expires_at: now.saturating_add(ttl),
+        prepared: None,
     }
 }
 

@@ -1,8 +1,10 @@
 //! The conformance suite every provider runs against its real peer.
 //!
 //! issue -> use -> revoke -> verify unusable -> revoke again is a no-op, plus
-//! the crash-recovery path (rollback by lease id with the handle lost) and
-//! the batch path. A provider's test supplies a [`Probe`] that really uses a
+//! the crash-recovery path (rollback by lease id with the handle lost, and of
+//! a lease whose `prepare` ran but whose `issue` never did) and the batch
+//! path. Credentials are minted as the broker mints them: `prepare`, its
+//! handle kept in the spec, then `issue`. A provider's test supplies a [`Probe`] that really uses a
 //! credential at the peer (logs in, introspects, calls the API): a probe that
 //! only looks at the broker's own bookkeeping would prove nothing.
 
@@ -89,11 +91,7 @@ pub async fn run(
     report.steps.push("health");
 
     // issue -> use
-    let spec = specs.spec(role, ttl);
-    let issued = provider
-        .issue(&spec)
-        .await
-        .map_err(|e| fail("issue", e.to_string()))?;
+    let (spec, issued) = mint(provider, specs.spec(role, ttl), "issue").await?;
     check(
         issued.expires_at <= spec.expires_at,
         "issue_expiry",
@@ -176,12 +174,23 @@ pub async fn run(
         .map_err(|e| fail("rollback_nothing", e.to_string()))?;
     report.steps.push("rollback_of_nothing");
 
-    // crash between issue and activation: the handle is lost, rollback finds it
-    let lost = specs.spec(role, ttl);
-    let orphan = provider
-        .issue(&lost)
+    // crash after the prepared handle was stored, before issue: rollback
+    // takes back what prepare made, and again is a no-op
+    let mut half = specs.spec(role, ttl);
+    half.prepared = provider
+        .prepare(&half)
         .await
-        .map_err(|e| fail("issue_orphan", e.to_string()))?;
+        .map_err(|e| fail("prepare_only", e.to_string()))?;
+    for step in ["rollback_prepared", "rollback_prepared_again"] {
+        provider
+            .rollback(&half)
+            .await
+            .map_err(|e| fail(step, e.to_string()))?;
+    }
+    report.steps.push("rollback_of_prepared");
+
+    // crash between issue and activation: the handle is lost, rollback finds it
+    let (lost, orphan) = mint(provider, specs.spec(role, ttl), "issue_orphan").await?;
     let usable = probe
         .usable(&lost, &orphan.credential)
         .await
@@ -219,12 +228,7 @@ pub async fn run(
     // batch revoke
     let mut batch = Vec::new();
     for _ in 0..3 {
-        let s = specs.spec(role, ttl);
-        let i = provider
-            .issue(&s)
-            .await
-            .map_err(|e| fail("issue_batch", e.to_string()))?;
-        batch.push((s, i));
+        batch.push(mint(provider, specs.spec(role, ttl), "issue_batch").await?);
     }
     let revokes: Vec<RevokeSpec> = batch
         .iter()
@@ -258,6 +262,24 @@ pub async fn run(
     report.steps.push("revoke_many");
 
     Ok(report)
+}
+
+/// Mint as the broker does: `prepare`, the handle stored into the spec, then
+/// `issue` with it.
+async fn mint(
+    provider: &dyn Provider,
+    mut spec: LeaseSpec,
+    step: &'static str,
+) -> Result<(LeaseSpec, crate::Issued), Failure> {
+    spec.prepared = provider
+        .prepare(&spec)
+        .await
+        .map_err(|e| fail(step, format!("prepare: {e}")))?;
+    let issued = provider
+        .issue(&spec)
+        .await
+        .map_err(|e| fail(step, e.to_string()))?;
+    Ok((spec, issued))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

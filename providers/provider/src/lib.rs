@@ -252,6 +252,10 @@ pub struct LeaseSpec {
     /// The broker's deadline: min(requested TTL, policy and config caps,
     /// task deadline, the role's max TTL). The credential must not outlive it.
     pub expires_at: Timestamp,
+    /// What [`Provider::prepare`] returned for this lease, once the broker
+    /// has stored it: given to `issue` and to `rollback`, `None` for
+    /// providers that do not prepare.
+    pub prepared: Option<RevocationHandle>,
 }
 
 /// What `issue` returns.
@@ -313,6 +317,17 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     /// Can this provider mint and revoke right now? Used by readiness.
     async fn health(&self) -> Result<(), ProviderError>;
 
+    /// Create, before minting, whatever the credential will hang on, for a
+    /// peer where `rollback` could not otherwise find it from the lease id
+    /// (Vault: a per-lease token whose leases die with it). The broker
+    /// stores the returned handle durably, sealed, before it calls `issue`,
+    /// and gives it to `issue` and `rollback` as `LeaseSpec::prepared`. What
+    /// `prepare` creates must die on its own by `LeaseSpec::expires_at`, since
+    /// a crash can land between it and the broker's record.
+    async fn prepare(&self, _spec: &LeaseSpec) -> Result<Option<RevocationHandle>, ProviderError> {
+        Ok(None)
+    }
+
     /// Mint a credential for one lease.
     async fn issue(&self, spec: &LeaseSpec) -> Result<Issued, ProviderError>;
 
@@ -332,7 +347,8 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
 
     /// Undo an `issue` whose result the broker never recorded (it crashed
     /// between intent and activation). Must find the credential from the
-    /// spec alone, and succeed when nothing was created.
+    /// spec alone (with `spec.prepared` when `prepare` returned a handle and
+    /// the broker stored it), and succeed when nothing was created.
     async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError>;
 
     /// Everything at the peer that carries this broker's mark (a role name

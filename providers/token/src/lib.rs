@@ -519,6 +519,7 @@ mod tests {
                 scope: vec![],
                 issued_at: now,
                 expires_at: now.saturating_add(ttl),
+                prepared: None,
             }
         }
     }
