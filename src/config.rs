@@ -323,10 +323,11 @@ pub struct OperatorConfig {
 pub enum ProviderConfig {
     Token(TokenProviderConfig),
     Postgres(leasehold_provider_postgres::PostgresConfig),
+    Vault(leasehold_provider_vault::VaultConfig),
 }
 
 /// The provider kinds this build knows, as written in `type`.
-pub const PROVIDER_TYPES: &[&str] = &["token", "postgres"];
+pub const PROVIDER_TYPES: &[&str] = &["token", "postgres", "vault"];
 
 // Dispatch on `type` by hand rather than with serde's internally tagged
 // enums, which buffer the table and lose the field path of errors: this way
@@ -355,6 +356,10 @@ impl<'de> Deserialize<'de> for ProviderConfig {
                 .try_into()
                 .map(Self::Postgres)
                 .map_err(|e| D::Error::custom(e.to_string().trim_end())),
+            "vault" => body
+                .try_into()
+                .map(Self::Vault)
+                .map_err(|e| D::Error::custom(e.to_string().trim_end())),
             other => Err(D::Error::custom(format!(
                 "unknown provider type `{other}`; expected one of: {}",
                 PROVIDER_TYPES.join(", ")
@@ -368,6 +373,7 @@ impl ProviderConfig {
         match self {
             Self::Token(_) => "token",
             Self::Postgres(_) => "postgres",
+            Self::Vault(_) => "vault",
         }
     }
 }
@@ -564,6 +570,11 @@ impl Config {
                         fix(f);
                     }
                 }
+                ProviderConfig::Vault(v) => {
+                    for f in v.files_mut() {
+                        fix(f);
+                    }
+                }
             }
         }
     }
@@ -584,6 +595,15 @@ impl Config {
                 }
                 ProviderConfig::Postgres(p) => {
                     for (role, r) in &p.roles {
+                        out.push(crate::policy::RoleEntity {
+                            provider: name.clone(),
+                            role: role.clone(),
+                            max_ttl: r.max_ttl_seconds,
+                        });
+                    }
+                }
+                ProviderConfig::Vault(v) => {
+                    for (role, r) in &v.roles {
                         out.push(crate::policy::RoleEntity {
                             provider: name.clone(),
                             role: role.clone(),
@@ -785,6 +805,16 @@ impl Config {
                         ));
                     }
                 }
+                ProviderConfig::Vault(v) => {
+                    v.validate(l.max_lease_ttl_seconds)
+                        .map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
+                    if let Some(role) = v.roles.keys().find(|r| !is_name(r)) {
+                        return Err(invalid(
+                            format!("{field}.roles.{role}"),
+                            "role names are 1-64 of [A-Za-z0-9_-]",
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -963,6 +993,16 @@ impl Config {
                             format!("providers.{name}.password_env"),
                             format!("{var} is not set"),
                         ));
+                    }
+                }
+                ProviderConfig::Vault(v) => {
+                    for (k, f) in v.files() {
+                        std::fs::metadata(f).map_err(|e| {
+                            invalid(
+                                format!("providers.{name}.{k}"),
+                                format!("{}: {e}", f.display()),
+                            )
+                        })?;
                     }
                 }
             }

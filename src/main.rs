@@ -33,10 +33,12 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     // tokio-postgres logs every statement it sends at debug level, and the
     // PostgreSQL provider's CREATE ROLE carries a password verifier: never
     // below info, whatever RUST_LOG asks (this replaces any directive for it)
-    let filter = match "tokio_postgres=info".parse() {
-        Ok(d) => filter.add_directive(d),
-        Err(_) => filter,
-    };
+    // vaultrs and rustify trace requests and log upstream errors on their
+    // own; the Vault provider logs what matters, without response bodies
+    let filter = ["tokio_postgres=info", "vaultrs=off", "rustify=off"]
+        .into_iter()
+        .filter_map(|d| d.parse().ok())
+        .fold(filter, |f, d| f.add_directive(d));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)

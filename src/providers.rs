@@ -109,6 +109,19 @@ impl Providers {
                         postgres: Some(p),
                     }
                 }
+                ProviderConfig::Vault(vc) => {
+                    let p: Arc<dyn Provider> = Arc::new(
+                        leasehold_provider_vault::VaultProvider::new(vc.clone(), max_ttl)
+                            .map_err(|e| err(e.to_string()))?,
+                    );
+                    ProviderEntry {
+                        name: name.clone(),
+                        description: p.describe(),
+                        provider: p,
+                        token: None,
+                        postgres: None,
+                    }
+                }
             };
             map.insert(name.clone(), entry);
         }

@@ -35,6 +35,28 @@ fn every_example_config_is_valid() {
     );
 }
 
+/// The commented Vault block of the example config, uncommented, parses
+/// and validates (its files aside): the example cannot rot.
+#[test]
+fn the_example_vault_provider_block_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config/leasehold.example.toml")).unwrap();
+    let start = text.find("# [providers.vault]").unwrap();
+    let block: String = text[start..]
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .filter(|l| !l.starts_with("# #") && l.len() > 2)
+        .map(|l| format!("{}\n", &l[2..]))
+        .collect();
+    let table: toml::Table = toml::from_str(&block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    let mut vault = table["providers"]["vault"].as_table().unwrap().clone();
+    assert_eq!(vault.remove("type").unwrap().as_str(), Some("vault"));
+    let cfg: leasehold_provider_vault::VaultConfig = vault.try_into().unwrap();
+    cfg.validate(3600).unwrap();
+    assert_eq!(cfg.roles.len(), 3);
+    assert_eq!(cfg.auth.method(), "approle");
+}
+
 fn validate_cli(file: &Path) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
         .args(["config", "validate"])

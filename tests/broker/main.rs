@@ -28,3 +28,4 @@ mod secrets;
 mod shutdown;
 mod tamper;
 mod tls;
+mod vault;

@@ -211,6 +211,10 @@ fn setup(
                     .roles
                     .values_mut()
                     .for_each(|r| r.max_ttl_seconds = 86_400),
+                leasehold::config::ProviderConfig::Vault(v) => v
+                    .roles
+                    .values_mut()
+                    .for_each(|r| r.max_ttl_seconds = 86_400),
             }
         }
     }

@@ -391,6 +391,36 @@ impl Bao {
     }
 }
 
+impl Bao {
+    /// A provider config for this server after [`Bao::broker_setup`] and
+    /// [`Bao::database_setup`] at mount `database`: role `ro` reads
+    /// `database/creds/ro`; the broker authenticates with `auth`.
+    pub fn provider_config(&self, auth: crate::AuthConfig) -> crate::VaultConfig {
+        let mut roles = std::collections::BTreeMap::new();
+        roles.insert(
+            "ro".to_owned(),
+            crate::VaultRole {
+                path: "database/creds/ro".into(),
+                kind: crate::Kind::Dynamic,
+                max_ttl_seconds: 3600,
+                scopes: vec![],
+                public_fields: vec!["username".into()],
+                description: "read-only PostgreSQL login from the database engine".into(),
+            },
+        );
+        crate::VaultConfig {
+            address: self.addr(),
+            ca_file: None,
+            namespace: None,
+            auth,
+            lease_token_role: Some("leasehold-lease".into()),
+            lease_token_policies: vec!["leasehold-lease".into()],
+            request_timeout_seconds: 5,
+            roles,
+        }
+    }
+}
+
 impl Drop for Bao {
     fn drop(&mut self) {
         self.stop();

@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -120,24 +119,14 @@ impl Env {
     }
 
     fn config(&self, auth: AuthConfig) -> VaultConfig {
-        let mut roles = BTreeMap::new();
-        roles.insert("ro".into(), role("database/creds/ro", Kind::Dynamic));
-        roles.insert("nope".into(), role("database/creds/nope", Kind::Dynamic));
-        roles.insert("nomount".into(), role("nomount/creds/x", Kind::Dynamic));
-        roles.insert("denied".into(), role("sys/mounts", Kind::Dynamic));
-        roles.insert("static-as-dynamic".into(), role("kv/plain", Kind::Dynamic));
-        roles.insert("app".into(), role("secret/data/app", Kind::Kv2));
-        roles.insert("plain".into(), role("kv/plain", Kind::Kv1));
-        VaultConfig {
-            address: self.bao.addr(),
-            ca_file: None,
-            namespace: None,
-            auth,
-            lease_token_role: Some("leasehold-lease".into()),
-            lease_token_policies: vec!["leasehold-lease".into()],
-            request_timeout_seconds: 5,
-            roles,
-        }
+        let mut c = self.bao.provider_config(auth);
+        c.roles.insert("nope".into(), role("database/creds/nope", Kind::Dynamic));
+        c.roles.insert("nomount".into(), role("nomount/creds/x", Kind::Dynamic));
+        c.roles.insert("denied".into(), role("sys/mounts", Kind::Dynamic));
+        c.roles.insert("static-as-dynamic".into(), role("kv/plain", Kind::Dynamic));
+        c.roles.insert("app".into(), role("secret/data/app", Kind::Kv2));
+        c.roles.insert("plain".into(), role("kv/plain", Kind::Kv1));
+        c
     }
 
     async fn provider(&self, token: &str) -> VaultProvider {
