@@ -17,9 +17,7 @@
 
 use std::time::Duration;
 
-use leasehold_provider::{
-    Credential, ErrorClass, LeaseSpec, ProviderError, RevokeSpec, Timestamp,
-};
+use leasehold_provider::{Credential, ErrorClass, LeaseSpec, ProviderError, RevokeSpec, Timestamp};
 
 use crate::audit::{self, Ctx};
 use crate::auth::{Caller, Workload};
@@ -225,9 +223,11 @@ impl Broker {
         // 3. the provider
         let spec = spec_of(&rec);
         let started = std::time::Instant::now();
-        let result =
-            tokio::time::timeout(self.provider_timeout(), self.mint(&entry, &rec, spec.clone()))
-                .await;
+        let result = tokio::time::timeout(
+            self.provider_timeout(),
+            self.mint(&entry, &rec, spec.clone()),
+        )
+        .await;
         let class = match &result {
             Err(_) => Some("timeout"),
             Ok(r) => r.as_ref().err().map(crate::reaper::error_class),

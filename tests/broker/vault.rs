@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use leasehold::config::{Config, ProviderConfig};
 use leasehold_provider_postgres::testkit::{Cluster, DATABASE, MANAGER};
-use leasehold_provider_vault::{AuthConfig, VaultConfig};
 use leasehold_provider_vault::testkit::Bao;
+use leasehold_provider_vault::{AuthConfig, VaultConfig};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -42,7 +42,8 @@ fn vault_config(bao: &Bao, token_file: &Path) -> VaultConfig {
 }
 
 fn apply(c: &mut Config, vault: VaultConfig) {
-    c.providers.insert("vault".into(), ProviderConfig::Vault(vault));
+    c.providers
+        .insert("vault".into(), ProviderConfig::Vault(vault));
     permit_leases(c, "vault");
     c.reaper.retry_base_seconds = 1;
     c.reaper.retry_cap_seconds = 2;
@@ -139,8 +140,14 @@ async fn completing_the_task_revokes_the_upstream_lease() {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(h.lease_state(&id).await, "revoked");
-    assert!(!login_works(&pg, &cred).await, "the credential outlived its task");
-    assert!(upstream_leases(&bao).await.is_empty(), "the upstream lease outlived its task");
+    assert!(
+        !login_works(&pg, &cred).await,
+        "the credential outlived its task"
+    );
+    assert!(
+        upstream_leases(&bao).await.is_empty(),
+        "the upstream lease outlived its task"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,11 +166,13 @@ async fn an_upstream_outage_fails_issues_fast_and_revocation_waits_it_out() {
     let started = std::time::Instant::now();
     let (s, v) = lease(&h, &task).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     // nothing active: the failed lease is rolled back, only the first is live
-    let (_, list) = h
-        .get(&h.tokens.admin, "/v1/leases?state=active")
-        .await;
+    let (_, list) = h.get(&h.tokens.admin, "/v1/leases?state=active").await;
     assert_eq!(list["leases"].as_array().unwrap().len(), 1, "{list}");
     let (s, ready) = h.get("", "/v1/ready").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
@@ -179,7 +188,11 @@ async fn an_upstream_outage_fails_issues_fast_and_revocation_waits_it_out() {
     // back (sealed at first), unsealed: the queue reaches the upstream
     bao.start();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(h.lease_state(&id).await, "revoking", "revoked while sealed?");
+    assert_eq!(
+        h.lease_state(&id).await,
+        "revoking",
+        "revoked while sealed?"
+    );
     bao.unseal().await;
     for _ in 0..100 {
         if h.lease_state(&id).await == "revoked" {

@@ -119,6 +119,15 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Issue 6's figure: issue latency through the broker (a Vault lease:
+    /// per-lease token, database credential read, cubbyhole note, two
+    /// durable commits) against a direct read of the same upstream path,
+    /// interleaved one for one on one client against one local OpenBao
+    /// (dev mode) and PostgreSQL (fsync on).
+    Vault {
+        #[arg(long, default_value_t = 300)]
+        samples: usize,
+    },
     /// Issue 5's figures against a local PostgreSQL (a throwaway cluster,
     /// fsync on): leases issued per second by 16 concurrent clients, and
     /// the time one mass revocation takes to revoke them all (sessions
@@ -230,7 +239,7 @@ const BENCH_POLICY: &str = r#"
 @id("open") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"OpenTask", resource);
 @id("read") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"Call", resource == Leasehold::Tool::"demo.read");
 @id("lease") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"Lease", resource)
-  when { resource.provider == "token" || resource.provider == "appdb" };
+  when { resource.provider == "token" || resource.provider == "appdb" || resource.provider == "vault" };
 "#;
 
 /// A fresh folder for one round's store, under `BENCH_DIR` (default /tmp).
@@ -954,6 +963,110 @@ async fn wait_job(
 }
 
 #[allow(clippy::too_many_arguments)]
+async fn vault(bin: &Path, samples: usize) -> anyhow::Result<()> {
+    use leasehold_provider_postgres::testkit::{Cluster, DATABASE, MANAGER, Options};
+    use leasehold_provider_vault::testkit::Bao;
+    let cluster = Cluster::start_with(Options {
+        fsync: true,
+        tls: None,
+    });
+    cluster.provision().await;
+    let bao = Bao::dev();
+    let pw = std::fs::read_to_string(cluster.manager_password_file())?;
+    bao.database_setup("database", cluster.port, MANAGER, &pw, DATABASE, "1h")
+        .await;
+    let token = bao.broker_setup(&["database"], "1h").await;
+    let dir = bench_dir()?;
+    let token_file = dir.path().join("bao-token");
+    std::fs::write(&token_file, &token)?;
+    let addr = free_addr()?;
+    let (config, creds) = setup(dir.path(), addr, true)?;
+    let mut cfg = leasehold::config::Config::load(&config)?;
+    cfg.providers.insert(
+        "vault".into(),
+        leasehold::config::ProviderConfig::Vault(
+            bao.provider_config(leasehold_provider_vault::AuthConfig::Token { token_file }),
+        ),
+    );
+    cfg.limits.max_leases_per_task = u32::try_from(samples + 10).unwrap_or(u32::MAX);
+    std::fs::write(&config, cfg.to_toml()?)?;
+    let http = client(2)?;
+    let base = format!("http://{addr}");
+    let mut server = Server::spawn(bin, &config, &dir.path().join("broker.log"))?;
+    wait_ready(&http, &base, &mut server).await?;
+    let a = creds.identities["assistant-a"].token.clone();
+    let task = post(
+        &http,
+        format!("{base}/v1/tasks"),
+        &a,
+        Some(
+            json!({"purpose": "bench", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 86_400}),
+        ),
+    )
+    .await?;
+    let url = format!(
+        "{base}/v1/tasks/{}/leases",
+        task["task_id"].as_str().unwrap_or_default()
+    );
+    let direct_url = format!("{}/v1/database/creds/ro", bao.addr());
+    let (mut direct, mut broker) = (Vec::new(), Vec::new());
+    // warm both paths (connections, the upstream's plugin)
+    for i in 0..(samples + 10) {
+        let t = Instant::now();
+        let r = http
+            .get(&direct_url)
+            .header("X-Vault-Token", &token)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("direct read: {}", r.status());
+        }
+        let v: Value = r.json().await?;
+        let d = t.elapsed().as_secs_f64() * 1000.0;
+        if v["lease_id"].as_str().unwrap_or_default().is_empty() {
+            bail!("direct read without a lease id");
+        }
+        let t = Instant::now();
+        post(
+            &http,
+            url.clone(),
+            &a,
+            Some(json!({"provider": "vault", "role": "ro", "ttl_seconds": 3600})),
+        )
+        .await?;
+        let b = t.elapsed().as_secs_f64() * 1000.0;
+        if i >= 10 {
+            direct.push(d);
+            broker.push(b);
+        }
+    }
+    // completing the task revokes every lease at the upstream
+    let t = Instant::now();
+    post(
+        &http,
+        format!(
+            "{base}/v1/tasks/{}/complete",
+            task["task_id"].as_str().unwrap_or_default()
+        ),
+        &a,
+        None,
+    )
+    .await?;
+    let complete = t.elapsed().as_secs_f64();
+    server.stop()?;
+    let (md, mb) = (median(&mut direct), median(&mut broker));
+    println!(
+        "vault: issue latency over {samples} interleaved samples, one client: direct upstream read median {md:.2} ms \
+         (p90 {:.2}), through the broker median {mb:.2} ms (p90 {:.2}); ratio {:.2}x, {:.2} ms added; \
+         completing the task revoked {samples} upstream leases in {complete:.2} s",
+        percentile(&mut direct, 0.9),
+        percentile(&mut broker, 0.9),
+        mb / md,
+        mb - md,
+    );
+    Ok(())
+}
+
 async fn postgres(
     bin: &Path,
     leases: usize,
@@ -1495,6 +1608,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Restart { leases, rounds } => restart(&bin, leases, rounds).await,
         Cmd::Expiry { leases, rounds } => expiry(&bin, leases, rounds).await,
         Cmd::Revoke { leases, rounds } => mass_revoke(&bin, leases, rounds).await,
+        Cmd::Vault { samples } => vault(&bin, samples).await,
         Cmd::Postgres {
             leases,
             clients,

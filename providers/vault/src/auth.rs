@@ -169,8 +169,8 @@ impl Auth {
                 role_id,
                 secret_id_file,
             } => {
-                let secret = read_secret_file(secret_id_file, "secret_id file")
-                    .map_err(|m| self.fail(m))?;
+                let secret =
+                    read_secret_file(secret_id_file, "secret_id file").map_err(|m| self.fail(m))?;
                 let body = json!({ "role_id": role_id, "secret_id": secret.expose_secret() });
                 self.login_with(up, mount, body, now).await?
             }
@@ -263,7 +263,9 @@ impl Auth {
                 if !(renewable && self.renew(up).await) {
                     match self.obtain(up).await {
                         Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "upstream token refresh failed; retrying"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "upstream token refresh failed; retrying")
+                        }
                     }
                 }
             }

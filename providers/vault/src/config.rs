@@ -180,7 +180,9 @@ fn check_path(path: &str) -> Result<(), String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.{}+=@".contains(c))
         {
-            return Err(format!("`{path}`: segment `{seg}` has a character outside [A-Za-z0-9-_.+=@]"));
+            return Err(format!(
+                "`{path}`: segment `{seg}` has a character outside [A-Za-z0-9-_.+=@]"
+            ));
         }
     }
     Ok(())
@@ -199,10 +201,12 @@ impl VaultConfig {
     /// Everything that can be checked without the upstream. `max_ttl` is the
     /// broker's lease ceiling.
     pub fn validate(&self, max_ttl: u64) -> Result<(), ConfigError> {
-        let (scheme, rest) = self
-            .address
-            .split_once("://")
-            .ok_or_else(|| err("address", "must start with https:// (or http:// to loopback)"))?;
+        let (scheme, rest) = self.address.split_once("://").ok_or_else(|| {
+            err(
+                "address",
+                "must start with https:// (or http:// to loopback)",
+            )
+        })?;
         let host = rest.split('/').next().unwrap_or("");
         let host = match host.rsplit_once(':') {
             Some((h, port)) if port.parse::<u16>().is_ok() => h,
@@ -389,7 +393,10 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_field() {
-        fails(|c| c.address = "http://vault.example:8200".into(), "address");
+        fails(
+            |c| c.address = "http://vault.example:8200".into(),
+            "address",
+        );
         fails(|c| c.address = "ftp://127.0.0.1".into(), "address");
         fails(|c| c.address = "https://v.example/v1".into(), "address");
         fails(|c| c.namespace = Some("a b".into()), "namespace");

@@ -54,6 +54,9 @@ use crate::auth::Auth;
 use crate::config::SCOPE_PLACEHOLDER;
 use crate::upstream::{Failure, Raw, Upstream};
 
+/// Revocations in flight at once in `revoke_many`.
+const REVOKE_CONCURRENCY: usize = 8;
+
 /// The cubbyhole path of a per-lease token where `issue` notes the upstream
 /// lease id.
 const CUBBY: &str = "cubbyhole/leasehold";
@@ -118,13 +121,23 @@ impl Inner {
         self.cfg.roles.get(name).ok_or_else(|| {
             ProviderError::invalid(format!(
                 "no role `{name}`; configured: {}",
-                self.cfg.roles.keys().cloned().collect::<Vec<_>>().join(", ")
+                self.cfg
+                    .roles
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))
         })
     }
 
     /// The path a lease of `role` with `scope` reads.
-    fn path(&self, role: &VaultRole, name: &str, scope: &[String]) -> Result<String, ProviderError> {
+    fn path(
+        &self,
+        role: &VaultRole,
+        name: &str,
+        scope: &[String],
+    ) -> Result<String, ProviderError> {
         if !role.path.contains(SCOPE_PLACEHOLDER) {
             if !scope.is_empty() {
                 return Err(ProviderError::invalid(format!(
@@ -175,7 +188,10 @@ impl Inner {
     async fn end_token(&self, token: &SecretString) -> Result<(), ProviderError> {
         match self
             .up
-            .send(Some(token), upstream::post("auth/token/revoke-self", json!({})))
+            .send(
+                Some(token),
+                upstream::post("auth/token/revoke-self", json!({})),
+            )
             .await
         {
             Ok(_) | Err(Failure::Status { code: 403, .. }) => Ok(()),
@@ -484,7 +500,42 @@ impl Provider for VaultProvider {
     }
 
     async fn revoke(&self, lease: &RevokeSpec) -> Result<(), ProviderError> {
-        self.inner.revoke_handle(Handle::decode(&lease.handle)?).await
+        self.inner
+            .revoke_handle(Handle::decode(&lease.handle)?)
+            .await
+    }
+
+    /// A few at a time: each revocation waits for the upstream to revoke
+    /// at its backend (a database role dropped), so one after another would
+    /// leave the upstream mostly idle.
+    async fn revoke_many(&self, leases: &[RevokeSpec]) -> Vec<Result<(), ProviderError>> {
+        let mut set = tokio::task::JoinSet::new();
+        let mut out: Vec<Option<Result<(), ProviderError>>> = vec![None; leases.len()];
+        let mut next = leases.iter().enumerate();
+        loop {
+            while set.len() < REVOKE_CONCURRENCY
+                && let Some((i, l)) = next.next()
+            {
+                let (inner, handle) = (self.inner.clone(), Handle::decode(&l.handle));
+                set.spawn(async move {
+                    let r = match handle {
+                        Ok(h) => inner.revoke_handle(h).await,
+                        Err(e) => Err(e),
+                    };
+                    (i, r)
+                });
+            }
+            match set.join_next().await {
+                Some(Ok((i, r))) => out[i] = Some(r),
+                Some(Err(e)) => tracing::error!(error = %e, "a revocation task failed"),
+                None => break,
+            }
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(ProviderError::retryable("the revocation did not finish")))
+            })
+            .collect()
     }
 
     async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError> {

@@ -54,7 +54,9 @@ fn random_hex(n: usize) -> String {
 enum Mode {
     Dev,
     /// Storage on disk; the unseal key once initialised.
-    File { unseal_key: Option<String> },
+    File {
+        unseal_key: Option<String>,
+    },
 }
 
 #[derive(Debug)]
@@ -260,7 +262,12 @@ impl Bao {
     }
 
     /// A request as root: (status, JSON body or null).
-    pub async fn api(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         self.raw(method, path, body, Some(&self.root_token)).await
     }
 

@@ -54,9 +54,9 @@ impl Endpoint for Raw {
     fn body(&self) -> Result<Option<Vec<u8>>, rustify::errors::ClientError> {
         match &self.body {
             None => Ok(None),
-            Some(v) => serde_json::to_vec(v).map(Some).map_err(|e| {
-                rustify::errors::ClientError::DataParseError { source: e.into() }
-            }),
+            Some(v) => serde_json::to_vec(v)
+                .map(Some)
+                .map_err(|e| rustify::errors::ClientError::DataParseError { source: e.into() }),
         }
     }
 }
@@ -211,11 +211,7 @@ impl Upstream {
 
     /// Send one request with `token` (none for logins). A 204 reads as an
     /// empty response.
-    pub async fn send(
-        &self,
-        token: Option<&SecretString>,
-        req: Raw,
-    ) -> Result<Response, Failure> {
+    pub async fn send(&self, token: Option<&SecretString>, req: Raw) -> Result<Response, Failure> {
         let token = token.map(|t| t.expose_secret()).unwrap_or("");
         if !token.is_empty() && !header_safe(token) {
             return Err(Failure::Malformed(

@@ -105,9 +105,7 @@ impl Env {
         assert!(written, "KV v2 write: {}", bao.log());
         bao.ok(Method::POST, "kv/plain", Some(json!({"password": "p"})))
             .await;
-        let token = bao
-            .broker_setup(&["database", "secret", "kv"], "1h")
-            .await;
+        let token = bao.broker_setup(&["database", "secret", "kv"], "1h").await;
         let dir = tempfile::tempdir().unwrap();
         (Self { pg, bao, dir }, token)
     }
@@ -120,11 +118,16 @@ impl Env {
 
     fn config(&self, auth: AuthConfig) -> VaultConfig {
         let mut c = self.bao.provider_config(auth);
-        c.roles.insert("nope".into(), role("database/creds/nope", Kind::Dynamic));
-        c.roles.insert("nomount".into(), role("nomount/creds/x", Kind::Dynamic));
-        c.roles.insert("denied".into(), role("sys/mounts", Kind::Dynamic));
-        c.roles.insert("static-as-dynamic".into(), role("kv/plain", Kind::Dynamic));
-        c.roles.insert("app".into(), role("secret/data/app", Kind::Kv2));
+        c.roles
+            .insert("nope".into(), role("database/creds/nope", Kind::Dynamic));
+        c.roles
+            .insert("nomount".into(), role("nomount/creds/x", Kind::Dynamic));
+        c.roles
+            .insert("denied".into(), role("sys/mounts", Kind::Dynamic));
+        c.roles
+            .insert("static-as-dynamic".into(), role("kv/plain", Kind::Dynamic));
+        c.roles
+            .insert("app".into(), role("secret/data/app", Kind::Kv2));
         c.roles.insert("plain".into(), role("kv/plain", Kind::Kv1));
         c
     }
@@ -159,10 +162,15 @@ struct Login<'a>(&'a Cluster);
 #[async_trait::async_trait]
 impl Probe for Login<'_> {
     async fn usable(&self, _: &LeaseSpec, cred: &Credential) -> Result<bool, String> {
-        let (user, pw) = (cred.expose("username").unwrap(), cred.expose("password").unwrap());
+        let (user, pw) = (
+            cred.expose("username").unwrap(),
+            cred.expose("password").unwrap(),
+        );
         match self.0.connect(user, pw, DATABASE).await {
             Ok(c) => {
-                c.query_one("SELECT 1", &[]).await.map_err(|e| e.to_string())?;
+                c.query_one("SELECT 1", &[])
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Ok(true)
             }
             Err(e) => match e.code() {
@@ -211,13 +219,20 @@ async fn revocation_reaches_the_upstream_lease_and_the_database_role() {
     assert!(env.role_exists(&user).await);
     assert!(Login(&env.pg).usable(&s, &issued.credential).await.unwrap());
     // the description names no secret and says how it is revoked
-    assert!(issued.description.contains("sys/leases/revoke"), "{}", issued.description);
+    assert!(
+        issued.description.contains("sys/leases/revoke"),
+        "{}",
+        issued.description
+    );
     assert!(!issued.description.contains(&lease));
 
     p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
     // synchronous: by the time revoke returns, both are gone
     assert!(!p.upstream_lease_exists(&lease).await.unwrap());
-    assert!(!env.role_exists(&user).await, "the database role outlived revoke");
+    assert!(
+        !env.role_exists(&user).await,
+        "the database role outlived revoke"
+    );
     assert!(!Login(&env.pg).usable(&s, &issued.credential).await.unwrap());
     // the per-lease token is gone too
     let (code, _) = env
@@ -249,7 +264,10 @@ async fn rollback_finds_the_lease_through_the_prepared_token() {
     let lease = VaultProvider::upstream_lease_id(&issued.handle).unwrap();
     p.rollback(&s).await.unwrap();
     assert!(!p.upstream_lease_exists(&lease).await.unwrap());
-    assert!(!env.role_exists(&user).await, "rollback left the database role");
+    assert!(
+        !env.role_exists(&user).await,
+        "rollback left the database role"
+    );
     p.rollback(&s).await.unwrap();
     // the prepared handle handed to revoke (a job claimed an issuing lease)
     let (s2, issued2) = mint(&p, spec("ro", Duration::from_secs(300))).await;
@@ -272,7 +290,11 @@ async fn the_upstream_lease_never_outlives_the_broker_deadline() {
         issued.expires_at,
         s.issued_at.saturating_add(Duration::from_secs(40))
     );
-    assert!(issued.description.contains("caps this lease"), "{}", issued.description);
+    assert!(
+        issued.description.contains("caps this lease"),
+        "{}",
+        issued.description
+    );
     p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
 
     // upstream TTL 40 s, longer than a 3 s broker lease: with the broker
@@ -298,7 +320,11 @@ async fn bad_paths_and_responses_issue_nothing() {
         ("nope", ErrorClass::Permanent, "unknown role"),
         ("nomount", ErrorClass::Permanent, "403"),
         ("denied", ErrorClass::Permanent, "permission denied"),
-        ("static-as-dynamic", ErrorClass::Permanent, "without a lease id"),
+        (
+            "static-as-dynamic",
+            ErrorClass::Permanent,
+            "without a lease id",
+        ),
     ] {
         let mut s = spec(r, Duration::from_secs(60));
         s.prepared = p.prepare(&s).await.unwrap();
@@ -314,7 +340,10 @@ async fn bad_paths_and_responses_issue_nothing() {
         "a failed issue left a lease token behind"
     );
     // unknown role and bad scope never reach the upstream
-    assert_eq!(p.validate("missing", &[]).unwrap_err().class, ErrorClass::Invalid);
+    assert_eq!(
+        p.validate("missing", &[]).unwrap_err().class,
+        ErrorClass::Invalid
+    );
     assert_eq!(
         p.validate("ro", &["x".into()]).unwrap_err().class,
         ErrorClass::Invalid
@@ -323,7 +352,13 @@ async fn bad_paths_and_responses_issue_nothing() {
 
 /// Live tokens created by the lease token role (root can list accessors).
 async fn lease_tokens(bao: &Bao) -> usize {
-    let (_, v) = bao.api(Method::from_bytes(b"LIST").unwrap(), "auth/token/accessors", None).await;
+    let (_, v) = bao
+        .api(
+            Method::from_bytes(b"LIST").unwrap(),
+            "auth/token/accessors",
+            None,
+        )
+        .await;
     let mut n = 0;
     for a in v["data"]["keys"].as_array().unwrap() {
         let (code, t) = bao
@@ -349,8 +384,15 @@ async fn static_kv_reads_are_leased_with_the_limitation_stated() {
     let i = p.issue(&s).await.unwrap();
     assert_eq!(i.credential.expose("api_key"), Some("k-123"));
     assert!(i.credential.secret_values().any(|v| v == "k-123"));
-    assert!(!i.credential.secret_values().any(|v| v == "svc"), "username is public");
-    assert!(i.description.contains("nothing to revoke upstream"), "{}", i.description);
+    assert!(
+        !i.credential.secret_values().any(|v| v == "svc"),
+        "username is public"
+    );
+    assert!(
+        i.description.contains("nothing to revoke upstream"),
+        "{}",
+        i.description
+    );
     p.revoke(&revoke_spec(&s, &i)).await.unwrap();
     let s = spec("plain", Duration::from_secs(60));
     let i = p.issue(&s).await.unwrap();
@@ -368,9 +410,16 @@ async fn upstream_restart_during_a_task() {
     // down: issue fails fast and retryable, revoke is retryable
     env.bao.stop();
     let started = std::time::Instant::now();
-    let e = p.prepare(&spec("ro", Duration::from_secs(60))).await.unwrap_err();
+    let e = p
+        .prepare(&spec("ro", Duration::from_secs(60)))
+        .await
+        .unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
-    assert!(started.elapsed() < Duration::from_secs(3), "not fast: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "not fast: {:?}",
+        started.elapsed()
+    );
     let e = p.revoke(&revoke_spec(&s, &issued)).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
     assert!(p.health().await.is_err());
@@ -381,7 +430,10 @@ async fn upstream_restart_during_a_task() {
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
     let h = p.health().await.unwrap_err();
     assert!(h.message.contains("sealed"), "{h}");
-    let e = p.prepare(&spec("ro", Duration::from_secs(60))).await.unwrap_err();
+    let e = p
+        .prepare(&spec("ro", Duration::from_secs(60)))
+        .await
+        .unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
 
     // unsealed: the lease survived the restart and revoke reaches it
@@ -401,7 +453,11 @@ async fn upstream_restart_during_a_task() {
 async fn approle_token_expiry_means_a_new_login() {
     let (env, _) = Env::start(Bao::dev(), "1h").await;
     env.bao
-        .ok(Method::POST, "sys/auth/approle", Some(json!({"type": "approle"})))
+        .ok(
+            Method::POST,
+            "sys/auth/approle",
+            Some(json!({"type": "approle"})),
+        )
         .await;
     // tokens live 3 s and cannot be renewed past 5 s
     env.bao
@@ -424,7 +480,11 @@ async fn approle_token_expiry_means_a_new_login() {
         .to_owned();
     let secret_id = env
         .bao
-        .ok(Method::POST, "auth/approle/role/broker/secret-id", Some(json!({})))
+        .ok(
+            Method::POST,
+            "auth/approle/role/broker/secret-id",
+            Some(json!({})),
+        )
         .await["data"]["secret_id"]
         .as_str()
         .unwrap()
@@ -461,16 +521,27 @@ async fn a_rotated_or_revoked_token_file_is_read_again() {
     let fresh = env.bao.token(&["leasehold-broker"], "1h").await;
     env.token_file(&fresh);
     env.bao
-        .ok(Method::POST, "auth/token/revoke", Some(json!({"token": token})))
+        .ok(
+            Method::POST,
+            "auth/token/revoke",
+            Some(json!({"token": token})),
+        )
         .await;
     let (s, issued) = mint(&p, spec("ro", Duration::from_secs(60))).await;
     p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
     // revoked and not replaced: readiness fails and says why
     env.bao
-        .ok(Method::POST, "auth/token/revoke", Some(json!({"token": fresh})))
+        .ok(
+            Method::POST,
+            "auth/token/revoke",
+            Some(json!({"token": fresh})),
+        )
         .await;
     let e = p.health().await.unwrap_err();
     assert!(e.message.contains("permission denied"), "{e}");
-    let e = p.prepare(&spec("ro", Duration::from_secs(60))).await.unwrap_err();
+    let e = p
+        .prepare(&spec("ro", Duration::from_secs(60)))
+        .await
+        .unwrap_err();
     assert!(e.message.contains("permission denied"), "{e}");
 }
