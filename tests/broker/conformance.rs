@@ -66,7 +66,7 @@ async fn token_provider_conforms_on_the_durable_store() {
     let report = conformance::run(token.as_ref(), &Introspect(&token), &specs, "demo")
         .await
         .unwrap();
-    assert_eq!(report.steps.len(), 7, "{report:?}");
+    assert_eq!(report.steps.len(), 8, "{report:?}");
 
     // revocations are durable: a fresh process (store reopened) agrees
     let revoked = specs.spec("demo", Duration::from_secs(60));

@@ -133,7 +133,7 @@ async fn conformance_suite_against_a_real_server() {
     let report = conformance::run(&p, &LoginProbe(&c), &Specs, "read")
         .await
         .unwrap();
-    assert_eq!(report.steps.len(), 7, "{report:?}");
+    assert_eq!(report.steps.len(), 8, "{report:?}");
     // nothing left behind with the prefix
     assert_eq!(p.inventory().await.unwrap().unwrap(), Vec::<Found>::new());
 }

@@ -542,7 +542,7 @@ mod tests {
         let report = conformance::run(&p, &IntrospectProbe(&p), &Specs(AtomicU64::new(0)), "demo")
             .await
             .unwrap();
-        assert_eq!(report.steps.len(), 7);
+        assert_eq!(report.steps.len(), 8);
     }
 
     #[tokio::test]
