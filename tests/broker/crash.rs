@@ -10,7 +10,7 @@ async fn sigkill_between_intent_and_activation_rolls_back() {
 
     use serde_json::{Value, json};
 
-    use crate::harness::{Child, Remote, child_config, free_port};
+    use crate::harness::{Child, Remote, child_config, free_port, lease_until_paused};
 
     let dir = tempfile::tempdir().unwrap();
     let addr = free_port();
@@ -30,31 +30,8 @@ async fn sigkill_between_intent_and_activation_rolls_back() {
     let task_id = task["task_id"].as_str().unwrap().to_owned();
 
     // this request will never be answered: the broker hangs after issuing
-    let pending = {
-        let (http, a, url) = (
-            http.clone(),
-            a.clone(),
-            format!("{}/v1/tasks/{task_id}/leases", remote.base),
-        );
-        tokio::spawn(async move {
-            http.post(url)
-                .bearer_auth(a)
-                .json(&json!({"provider": "token", "role": "demo", "ttl_seconds": 600}))
-                .send()
-                .await
-        })
-    };
-    let mut paused = None;
-    for _ in 0..500 {
-        if let Ok(text) = std::fs::read_to_string(&marker)
-            && let Ok(v) = serde_json::from_str::<Value>(&text)
-        {
-            paused = Some(v);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let paused = paused.expect("the broker never reached the point between issue and activation");
+    let body = json!({"provider": "token", "role": "demo", "ttl_seconds": 600});
+    let (pending, paused) = lease_until_paused(&remote, &a, &task_id, body, &marker).await;
     let lease_id = paused["lease_id"].as_str().unwrap().to_owned();
     let orphan = paused["credential"]["token"].as_str().unwrap().to_owned();
 

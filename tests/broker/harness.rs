@@ -482,6 +482,38 @@ impl Remote {
     }
 }
 
+/// Ask a broker started with `fault.pause_after_issue_file = marker` for a
+/// lease: it mints the credential, writes it to `marker` and hangs before
+/// activation. Returns the request (never answered) and what was written.
+pub async fn lease_until_paused(
+    remote: &Remote,
+    token: &str,
+    task_id: &str,
+    body: Value,
+    marker: &Path,
+) -> (
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+    Value,
+) {
+    let pending = {
+        let (http, token, url) = (
+            remote.http.clone(),
+            token.to_owned(),
+            format!("{}/v1/tasks/{task_id}/leases", remote.base),
+        );
+        tokio::spawn(async move { http.post(url).bearer_auth(token).json(&body).send().await })
+    };
+    for _ in 0..1000 {
+        if let Ok(text) = std::fs::read_to_string(marker)
+            && let Ok(v) = serde_json::from_str::<Value>(&text)
+        {
+            return (pending, v);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the broker never reached the point between issue and activation");
+}
+
 /// An HTTP client for tests (installs the crypto provider first).
 pub fn client() -> reqwest::Client {
     leasehold::install_crypto_provider();

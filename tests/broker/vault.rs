@@ -208,7 +208,7 @@ async fn an_upstream_outage_fails_issues_fast_and_revocation_waits_it_out() {
 #[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_between_issue_and_activation_rolls_the_upstream_lease_back() {
-    use crate::harness::{Child, Remote, child_config, free_port};
+    use crate::harness::{Child, Remote, child_config, free_port, lease_until_paused};
 
     let bao = Bao::dev();
     let dir = tempfile::tempdir().unwrap();
@@ -228,31 +228,8 @@ async fn sigkill_between_issue_and_activation_rolls_the_upstream_lease_back() {
         json!({"purpose": "crash", "on_behalf_of": "alice", "prompt": "p", "ttl_seconds": 3600});
     let task = remote.post(&a, "/v1/tasks", Some(body)).await;
     let task_id = task["task_id"].as_str().unwrap().to_owned();
-    let pending = {
-        let (http, a, url) = (
-            remote.http.clone(),
-            a.clone(),
-            format!("{}/v1/tasks/{task_id}/leases", remote.base),
-        );
-        tokio::spawn(async move {
-            http.post(url)
-                .bearer_auth(a)
-                .json(&json!({"provider": "vault", "role": "ro", "ttl_seconds": 600}))
-                .send()
-                .await
-        })
-    };
-    let mut paused = None;
-    for _ in 0..1000 {
-        if let Ok(text) = std::fs::read_to_string(&marker)
-            && let Ok(v) = serde_json::from_str::<Value>(&text)
-        {
-            paused = Some(v);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let paused = paused.expect("the broker never reached the point between issue and activation");
+    let body = json!({"provider": "vault", "role": "ro", "ttl_seconds": 600});
+    let (pending, paused) = lease_until_paused(&remote, &a, &task_id, body, &marker).await;
     let lease_id = paused["lease_id"].as_str().unwrap().to_owned();
     let orphan = paused["credential"].clone();
     assert!(login_works(&pg, &orphan).await);
