@@ -166,7 +166,7 @@ impl Inner {
             .auth
             .token(&self.up)
             .await
-            .map_err(|e| Failure::Unreachable(e.message))?;
+            .map_err(|e| Failure::Auth(e.message))?;
         match self.up.send(Some(&token), req.clone()).await {
             Err(f) if f.is_permission_denied() => {
                 self.auth.refused();
@@ -174,7 +174,7 @@ impl Inner {
                     .auth
                     .token(&self.up)
                     .await
-                    .map_err(|e| Failure::Unreachable(e.message))?;
+                    .map_err(|e| Failure::Auth(e.message))?;
                 if fresh.expose_secret() == token.expose_secret() {
                     return Err(f); // same token: a real permission problem
                 }

@@ -67,6 +67,8 @@ pub struct Bao {
     child: Option<Child>,
     mode: Mode,
     http: reqwest::Client,
+    /// Sent as `X-Vault-Namespace` with every request, when set.
+    pub namespace: Option<String>,
 }
 
 impl Bao {
@@ -127,6 +129,7 @@ impl Bao {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .unwrap(),
+            namespace: None,
         }
     }
 
@@ -251,6 +254,9 @@ impl Bao {
             .request(method, format!("{}/v1/{path}", self.addr()));
         if let Some(t) = token {
             req = req.header("X-Vault-Token", t);
+        }
+        if let Some(ns) = &self.namespace {
+            req = req.header("X-Vault-Namespace", ns);
         }
         if let Some(b) = body {
             req = req.json(&b);
@@ -418,7 +424,7 @@ impl Bao {
         crate::VaultConfig {
             address: self.addr(),
             ca_file: None,
-            namespace: None,
+            namespace: self.namespace.clone(),
             auth,
             lease_token_role: Some("leasehold-lease".into()),
             lease_token_policies: vec!["leasehold-lease".into()],

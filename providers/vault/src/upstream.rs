@@ -104,6 +104,8 @@ pub(crate) enum Failure {
     Unreachable(String),
     /// An answer we could not read (the body is not quoted: it may be secret).
     Malformed(String),
+    /// The broker has no upstream token (login refused, file unreadable).
+    Auth(String),
 }
 
 impl Failure {
@@ -118,6 +120,7 @@ impl Failure {
                 ProviderError::retryable(format!("{what}: upstream unreachable: {e}"))
             }
             Self::Malformed(e) => ProviderError::permanent(format!("{what}: {e}")),
+            Self::Auth(e) => ProviderError::retryable(format!("{what}: {e}")),
             Self::Status { code, errors } => {
                 let detail = if errors.is_empty() {
                     String::new()
@@ -139,7 +142,7 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Status { code, errors } => write!(f, "{code}: {}", errors.join("; ")),
-            Self::Unreachable(e) | Self::Malformed(e) => f.write_str(e),
+            Self::Unreachable(e) | Self::Malformed(e) | Self::Auth(e) => f.write_str(e),
         }
     }
 }

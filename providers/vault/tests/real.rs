@@ -545,3 +545,146 @@ async fn a_rotated_or_revoked_token_file_is_read_again() {
         .unwrap_err();
     assert!(e.message.contains("permission denied"), "{e}");
 }
+
+/// A JWT signed with `key` (EdDSA), as a workload identity provider would.
+fn jwt(key: &ring::signature::Ed25519KeyPair, sub: &str) -> String {
+    use base64::Engine as _;
+    let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let now = now().unix_seconds();
+    let header = b64(br#"{"alg":"EdDSA","typ":"JWT"}"#);
+    let claims = b64(json!({
+        "iss": "https://issuer.test", "sub": sub, "aud": "leasehold",
+        "iat": now, "nbf": now - 5, "exp": now + 600,
+    })
+    .to_string()
+    .as_bytes());
+    let signing_input = format!("{header}.{claims}");
+    let sig = key.sign(signing_input.as_bytes());
+    format!("{signing_input}.{}", b64(sig.as_ref()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_login_is_renewed_and_repeated_before_the_token_ends() {
+    use base64::Engine as _;
+    use ring::signature::KeyPair as _;
+    let (env, _) = Env::start(Bao::dev(), "1h").await;
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    let key = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+    // SubjectPublicKeyInfo for Ed25519: a fixed 12-byte prefix and the key
+    let mut spki = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    spki.extend_from_slice(key.public_key().as_ref());
+    let pem = format!(
+        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(&spki)
+    );
+    env.bao
+        .ok(Method::POST, "sys/auth/jwt", Some(json!({"type": "jwt"})))
+        .await;
+    env.bao
+        .ok(
+            Method::POST,
+            "auth/jwt/config",
+            Some(json!({
+                "jwt_validation_pubkeys": [pem],
+                "jwt_supported_algs": ["EdDSA"],
+                "bound_issuer": "https://issuer.test",
+            })),
+        )
+        .await;
+    env.bao
+        .ok(
+            Method::POST,
+            "auth/jwt/role/broker",
+            Some(json!({
+                "role_type": "jwt",
+                "user_claim": "sub",
+                "bound_subject": "leasehold-broker",
+                "bound_audiences": ["leasehold"],
+                "token_policies": ["leasehold-broker"],
+                "token_ttl": "3s",
+                "token_max_ttl": "5s",
+            })),
+        )
+        .await;
+    let jwt_file = env.dir.path().join("jwt");
+    std::fs::write(&jwt_file, jwt(&key, "leasehold-broker")).unwrap();
+    let p = VaultProvider::new(
+        env.config(AuthConfig::Jwt {
+            mount: "jwt".into(),
+            role: "broker".into(),
+            jwt_file: jwt_file.clone(),
+        }),
+        3600,
+    )
+    .unwrap();
+    let (s, issued) = mint(&p, spec("ro", Duration::from_secs(300))).await;
+    let accessors = |v: &serde_json::Value| v["data"]["keys"].as_array().unwrap().len();
+    let list = Method::from_bytes(b"LIST").unwrap();
+    let before = accessors(
+        &env.bao
+            .api(list.clone(), "auth/token/accessors", None)
+            .await
+            .1,
+    );
+    // past the first login's max TTL: the broker logged in again on its own
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    p.health().await.unwrap();
+    let after = accessors(&env.bao.api(list, "auth/token/accessors", None).await.1);
+    assert!(after > before, "no new login: {before} -> {after} tokens");
+    let (s2, issued2) = mint(&p, spec("ro", Duration::from_secs(300))).await;
+    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&revoke_spec(&s2, &issued2)).await.unwrap();
+    // a JWT the upstream refuses: readiness says the login was refused
+    std::fs::write(&jwt_file, jwt(&key, "someone-else")).unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let e = p.health().await.unwrap_err();
+    assert!(e.message.contains("jwt login refused"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_and_its_mounts_are_configurable() {
+    let pg = Cluster::start();
+    pg.provision().await;
+    let mut bao = Bao::dev();
+    bao.ok(Method::POST, "sys/namespaces/team", None).await;
+    bao.namespace = Some("team".into());
+    let pw = std::fs::read_to_string(pg.manager_password_file()).unwrap();
+    // the engine at a mount of the namespace's own choosing
+    bao.database_setup("team-db", pg.port, MANAGER, &pw, DATABASE, "1h")
+        .await;
+    let token = bao.broker_setup(&["team-db"], "1h").await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    let mut cfg = bao.provider_config(AuthConfig::Token { token_file });
+    assert_eq!(cfg.namespace.as_deref(), Some("team"));
+    cfg.roles.get_mut("ro").unwrap().path = "team-db/creds/ro".into();
+    // the same settings without the namespace reach nothing
+    let outside = VaultProvider::new(
+        VaultConfig {
+            namespace: None,
+            ..cfg.clone()
+        },
+        3600,
+    )
+    .unwrap();
+    let e = outside
+        .prepare(&spec("ro", Duration::from_secs(60)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Permanent, "{e}");
+    let p = VaultProvider::new(cfg, 3600).unwrap();
+    let (s, issued) = mint(&p, spec("ro", Duration::from_secs(60))).await;
+    assert!(Login(&pg).usable(&s, &issued.credential).await.unwrap());
+    let lease = VaultProvider::upstream_lease_id(&issued.handle).unwrap();
+    assert!(lease.starts_with("team-db/creds/ro/"), "{lease}");
+    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    assert!(!Login(&pg).usable(&s, &issued.credential).await.unwrap());
+    // the mount exists only inside the namespace: the root namespace has no such route
+    bao.namespace = None;
+    let (code, _) = bao.api(Method::GET, "sys/mounts/team-db", None).await;
+    assert_ne!(code, 200, "team-db is mounted outside the namespace too");
+}
