@@ -649,3 +649,31 @@ async fn local_providers_are_revoked_inside_the_deciding_transaction() {
     assert_eq!(count(&s, LeaseState::Active), 0);
     assert_eq!(count(&s, LeaseState::Revoked), 1);
 }
+
+#[tokio::test]
+async fn a_prepared_handle_rides_on_the_intent_until_activation_replaces_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
+    let l = lease(10, 1, 5_000);
+    s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
+    s.write(|t| t.record_prepared(10, &[9, 9])).await.unwrap();
+    let rec = s.read().unwrap().lease(10).unwrap().unwrap();
+    assert_eq!(rec.state, LeaseState::Issuing);
+    assert_eq!(rec.handle_sealed.as_deref(), Some(&[9u8, 9][..]));
+    assert_eq!(count(&s, LeaseState::Issuing), 1, "no state change counted");
+    // activation replaces it with the final handle
+    s.write(|t| t.activate(&activation(10, 4_000), 0))
+        .await
+        .unwrap();
+    let rec = s.read().unwrap().lease(10).unwrap().unwrap();
+    assert_eq!(rec.handle_sealed.as_deref(), Some(&[1u8, 2, 3][..]));
+    // and once active, nothing is recorded as prepared any more
+    let err = s
+        .write(|t| t.record_prepared(10, &[7]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    let err = s.write(|t| t.record_prepared(99, &[7])).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+}
