@@ -669,10 +669,7 @@ async fn a_prepared_handle_rides_on_the_intent_until_activation_replaces_it() {
     let rec = s.read().unwrap().lease(10).unwrap().unwrap();
     assert_eq!(rec.handle_sealed.as_deref(), Some(&[1u8, 2, 3][..]));
     // and once active, nothing is recorded as prepared any more
-    let err = s
-        .write(|t| t.record_prepared(10, &[7]))
-        .await
-        .unwrap_err();
+    let err = s.write(|t| t.record_prepared(10, &[7])).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
     let err = s.write(|t| t.record_prepared(99, &[7])).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
