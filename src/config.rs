@@ -324,10 +324,11 @@ pub enum ProviderConfig {
     Token(TokenProviderConfig),
     Postgres(leasehold_provider_postgres::PostgresConfig),
     Vault(leasehold_provider_vault::VaultConfig),
+    AwsSts(leasehold_provider_aws_sts::AwsStsConfig),
 }
 
 /// The provider kinds this build knows, as written in `type`.
-pub const PROVIDER_TYPES: &[&str] = &["token", "postgres", "vault"];
+pub const PROVIDER_TYPES: &[&str] = &["token", "postgres", "vault", "aws-sts"];
 
 // Dispatch on `type` by hand rather than with serde's internally tagged
 // enums, which buffer the table and lose the field path of errors: this way
@@ -360,6 +361,10 @@ impl<'de> Deserialize<'de> for ProviderConfig {
                 .try_into()
                 .map(Self::Vault)
                 .map_err(|e| D::Error::custom(e.to_string().trim_end())),
+            "aws-sts" => body
+                .try_into()
+                .map(Self::AwsSts)
+                .map_err(|e| D::Error::custom(e.to_string().trim_end())),
             other => Err(D::Error::custom(format!(
                 "unknown provider type `{other}`; expected one of: {}",
                 PROVIDER_TYPES.join(", ")
@@ -374,6 +379,7 @@ impl ProviderConfig {
             Self::Token(_) => "token",
             Self::Postgres(_) => "postgres",
             Self::Vault(_) => "vault",
+            Self::AwsSts(_) => "aws-sts",
         }
     }
 }
@@ -575,6 +581,7 @@ impl Config {
                         fix(f);
                     }
                 }
+                ProviderConfig::AwsSts(_) => {}
             }
         }
     }
@@ -604,6 +611,15 @@ impl Config {
                 }
                 ProviderConfig::Vault(v) => {
                     for (role, r) in &v.roles {
+                        out.push(crate::policy::RoleEntity {
+                            provider: name.clone(),
+                            role: role.clone(),
+                            max_ttl: r.max_ttl_seconds,
+                        });
+                    }
+                }
+                ProviderConfig::AwsSts(a) => {
+                    for (role, r) in &a.roles {
                         out.push(crate::policy::RoleEntity {
                             provider: name.clone(),
                             role: role.clone(),
@@ -815,6 +831,16 @@ impl Config {
                         ));
                     }
                 }
+                ProviderConfig::AwsSts(a) => {
+                    a.validate(l.max_lease_ttl_seconds)
+                        .map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
+                    if let Some(role) = a.roles.keys().find(|r| !is_name(r)) {
+                        return Err(invalid(
+                            format!("{field}.roles.{role}"),
+                            "role names are 1-64 of [A-Za-z0-9_-]",
+                        ));
+                    }
+                }
             }
         }
         Ok(())
@@ -995,6 +1021,7 @@ impl Config {
                         ));
                     }
                 }
+                ProviderConfig::AwsSts(_) => {}
                 ProviderConfig::Vault(v) => {
                     for (k, f) in v.files() {
                         std::fs::metadata(f).map_err(|e| {

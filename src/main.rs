@@ -34,8 +34,19 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     // PostgreSQL provider's CREATE ROLE carries a password verifier: never
     // below info, whatever RUST_LOG asks (this replaces any directive for it)
     // vaultrs and rustify trace requests and log upstream errors on their
-    // own; the Vault provider logs what matters, without response bodies
-    let filter = ["tokio_postgres=info", "vaultrs=off", "rustify=off"]
+    // own; the Vault provider logs what matters, without response bodies.
+    // The AWS SDK's signer traces canonical requests (with the session
+    // token header) at trace level: never below info.
+    let filter = [
+        "tokio_postgres=info",
+        "vaultrs=off",
+        "rustify=off",
+        "aws_sigv4=info",
+        "aws_smithy_runtime=info",
+        "aws_smithy_http_client=info",
+        "aws_config=info",
+        "aws_runtime=info",
+    ]
         .into_iter()
         .filter_map(|d| d.parse().ok())
         .fold(filter, |f, d| f.add_directive(d));

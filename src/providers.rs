@@ -45,6 +45,7 @@ impl Providers {
         cfg: &BTreeMap<String, ProviderConfig>,
         store: &Store,
         max_ttl: u64,
+        clock: Arc<dyn crate::clock::Clock>,
     ) -> Result<Self, BuildError> {
         let mut map = BTreeMap::new();
         for (name, pc) in cfg {
@@ -107,6 +108,25 @@ impl Providers {
                         provider: p.clone(),
                         token: None,
                         postgres: Some(p),
+                    }
+                }
+                ProviderConfig::AwsSts(ac) => {
+                    let c = clock.clone();
+                    let p: Arc<dyn Provider> = Arc::new(
+                        leasehold_provider_aws_sts::AwsStsProvider::new(
+                            ac.clone(),
+                            max_ttl,
+                            Arc::new(move || c.now()),
+                            None,
+                        )
+                        .map_err(|e| err(e.to_string()))?,
+                    );
+                    ProviderEntry {
+                        name: name.clone(),
+                        description: p.describe(),
+                        provider: p,
+                        token: None,
+                        postgres: None,
                     }
                 }
                 ProviderConfig::Vault(vc) => {

@@ -127,6 +127,7 @@ pub async fn run_with(
         &config.providers,
         &store,
         config.limits.max_lease_ttl_seconds,
+        clock.clone(),
     )?;
     let mut roles = config.provider_roles();
     for (name, p) in overrides.providers {

@@ -179,6 +179,12 @@ impl Auditor {
                     data.insert("description".into(), super::text(d));
                 }
             }
+            // how it was revoked, when the provider said (see `Outcome::Done`)
+            s if s.is_terminal() => {
+                if let Some(how) = l.description.as_deref().and_then(|d| d.rsplit_once("revoked: ")) {
+                    data.insert("revoked_by".into(), super::text(how.1));
+                }
+            }
             _ => {}
         }
         if let Some(r) = rv {

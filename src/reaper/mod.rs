@@ -286,7 +286,7 @@ impl Work {
             Work::Revoke(items) => {
                 let specs: Vec<RevokeSpec> = items.iter().map(|(_, s)| s.clone()).collect();
                 let started = std::time::Instant::now();
-                let results = tokio::time::timeout(timeout, p.revoke_many(&specs)).await;
+                let results = tokio::time::timeout(timeout, p.revoke_many_noted(&specs)).await;
                 let class = match &results {
                     Err(_) => Some("timeout"),
                     Ok(rs) => rs.iter().find_map(|r| r.as_ref().err()).map(error_class),
@@ -302,7 +302,10 @@ impl Work {
                     .enumerate()
                     .map(|(i, (l, _))| match &results {
                         Ok(rs) => match rs.get(i) {
-                            Some(Ok(())) => Outcome::Done { lease: l.id },
+                            Some(Ok(note)) => Outcome::Done {
+                                lease: l.id,
+                                note: note.clone(),
+                            },
                             Some(Err(e)) => sched.failure(l, e.message.clone(), now),
                             None => sched.failure(
                                 l,
@@ -324,7 +327,7 @@ impl Work {
                         ..spec_of(&l)
                     };
                     let started = std::time::Instant::now();
-                    let result = tokio::time::timeout(timeout, p.rollback(&spec)).await;
+                    let result = tokio::time::timeout(timeout, p.rollback_noted(&spec)).await;
                     let class = match &result {
                         Err(_) => Some("timeout"),
                         Ok(r) => r.as_ref().err().map(error_class),
@@ -336,7 +339,7 @@ impl Work {
                         class,
                     );
                     let o = match result {
-                        Ok(Ok(())) => Outcome::Done { lease: l.id },
+                        Ok(Ok(note)) => Outcome::Done { lease: l.id, note },
                         Ok(Err(e)) => sched.failure(&l, e.message, now),
                         Err(_) => {
                             sched.failure(&l, "the provider did not answer in time".into(), now)

@@ -27,7 +27,9 @@ use super::{Conflict, StoreError};
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// The provider confirmed: the lease reaches its terminal state.
-    Done { lease: u128 },
+    /// `note`: how, when the provider can revoke more than one way; it is
+    /// appended to the lease's description (and so to its event).
+    Done { lease: u128, note: Option<String> },
     /// It failed: try again at `at`. `irrevocable` marks that the retry
     /// budget is spent (the lease keeps being retried, slowly).
     Retry {
@@ -1234,7 +1236,7 @@ impl<'t> Txn<'t> {
         let mut out = Vec::with_capacity(outcomes.len());
         for o in outcomes {
             let id = match o {
-                Outcome::Done { lease } | Outcome::Retry { lease, .. } => *lease,
+                Outcome::Done { lease, .. } | Outcome::Retry { lease, .. } => *lease,
             };
             let Some(mut rec) = self.lease(id)? else {
                 continue;
@@ -1250,7 +1252,15 @@ impl<'t> Txn<'t> {
             let prev = rec.state;
             self.dequeue(&rec)?;
             match o {
-                Outcome::Done { .. } => {
+                Outcome::Done { note, .. } => {
+                    if let Some(n) = note {
+                        let d = rec.description.take().unwrap_or_default();
+                        rec.description = Some(if d.is_empty() {
+                            format!("revoked: {n}")
+                        } else {
+                            format!("{d}; revoked: {n}")
+                        });
+                    }
                     rec.state = rv.cause.terminal_state();
                     rec.ended_at = Some(now);
                     rec.handle_sealed = None; // nothing left to revoke with

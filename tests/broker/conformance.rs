@@ -59,6 +59,7 @@ async fn token_provider_conforms_on_the_durable_store() {
         &config.providers,
         &store,
         config.limits.max_lease_ttl_seconds,
+        std::sync::Arc::new(leasehold::clock::SystemClock),
     )
     .unwrap();
     let token = providers.get("token").unwrap().token.clone().unwrap();
@@ -83,6 +84,7 @@ async fn token_provider_conforms_on_the_durable_store() {
         &config.providers,
         &store,
         config.limits.max_lease_ttl_seconds,
+        std::sync::Arc::new(leasehold::clock::SystemClock),
     )
     .unwrap();
     let token = providers.get("token").unwrap().token.clone().unwrap();

@@ -224,6 +224,10 @@ fn setup(
                     .roles
                     .values_mut()
                     .for_each(|r| r.max_ttl_seconds = 86_400),
+                leasehold::config::ProviderConfig::AwsSts(a) => a
+                    .roles
+                    .values_mut()
+                    .for_each(|r| r.max_ttl_seconds = 43_200),
             }
         }
     }
@@ -654,6 +658,7 @@ async fn populate(
         &config.providers,
         &store,
         config.limits.max_lease_ttl_seconds,
+        std::sync::Arc::new(leasehold::clock::SystemClock),
     )?;
     let policy = Arc::new(
         leasehold::policy::PolicyEngine::load(&config.policy.dir, config.provider_roles())

@@ -583,14 +583,25 @@ impl Provider for AwsStsProvider {
             .unwrap_or_else(|| Err(ProviderError::permanent("no result")))
     }
 
-    /// One read-modify-write of each role's deny policy for the whole batch.
     async fn revoke_many(&self, leases: &[RevokeSpec]) -> Vec<Result<(), ProviderError>> {
-        let mut out: Vec<Result<(), ProviderError>> = Vec::with_capacity(leases.len());
+        self.revoke_many_noted(leases)
+            .await
+            .into_iter()
+            .map(|r| r.map(|_| ()))
+            .collect()
+    }
+
+    /// One read-modify-write of each role's deny policy for the whole batch.
+    async fn revoke_many_noted(
+        &self,
+        leases: &[RevokeSpec],
+    ) -> Vec<Result<Option<String>, ProviderError>> {
+        let mut out: Vec<Result<Option<String>, ProviderError>> = Vec::with_capacity(leases.len());
         let mut by_role: BTreeMap<String, Vec<(usize, String, i64)>> = BTreeMap::new();
         for (i, l) in leases.iter().enumerate() {
             match serde_json::from_slice::<Handle>(l.handle.as_bytes()) {
                 Ok(h) => {
-                    out.push(Ok(()));
+                    out.push(Ok(None));
                     by_role
                         .entry(h.role_name)
                         .or_default()
@@ -604,25 +615,29 @@ impl Provider for AwsStsProvider {
         for (role, items) in by_role {
             let entries: Vec<(String, i64)> =
                 items.iter().map(|(_, id, end)| (id.clone(), *end)).collect();
-            match self.deny(&role, &entries).await {
-                Ok(method) => {
-                    tracing::info!(role = %role, sessions = entries.len(), method = method.as_str(), "STS sessions revoked");
-                }
-                Err(e) => {
-                    for (i, _, _) in &items {
-                        out[*i] = Err(e.clone());
-                    }
-                }
+            let r = self.deny(&role, &entries).await;
+            if let Ok(method) = &r {
+                tracing::info!(role = %role, sessions = entries.len(), method = method.as_str(), "STS sessions revoked");
+            }
+            for (i, _, _) in &items {
+                out[*i] = r
+                    .as_ref()
+                    .map(|m| Some(m.as_str().to_owned()))
+                    .map_err(Clone::clone);
             }
         }
         out
     }
 
-    async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError> {
+    async fn rollback_noted(&self, spec: &LeaseSpec) -> Result<Option<String>, ProviderError> {
         let role = self.role(&spec.role)?;
         let h = self.handle_for(role, spec);
         self.deny(&h.role_name, &[(h.source_identity, h.session_end)])
             .await
-            .map(|_| ())
+            .map(|m| Some(m.as_str().to_owned()))
+    }
+
+    async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError> {
+        self.rollback_noted(spec).await.map(|_| ())
     }
 }

@@ -345,6 +345,26 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
         out
     }
 
+    /// `revoke_many`, also saying how each lease was revoked, for providers
+    /// that have more than one way (AWS: a deny on the session's identity,
+    /// or an issue-time cut-off for the whole role). The broker calls this
+    /// one and records the note on the lease and in its event.
+    async fn revoke_many_noted(
+        &self,
+        leases: &[RevokeSpec],
+    ) -> Vec<Result<Option<String>, ProviderError>> {
+        self.revoke_many(leases)
+            .await
+            .into_iter()
+            .map(|r| r.map(|()| None))
+            .collect()
+    }
+
+    /// `rollback`, also saying how, as `revoke_many_noted` does.
+    async fn rollback_noted(&self, spec: &LeaseSpec) -> Result<Option<String>, ProviderError> {
+        self.rollback(spec).await.map(|()| None)
+    }
+
     /// Undo an `issue` whose result the broker never recorded (it crashed
     /// between intent and activation). Must find the credential from the
     /// spec alone (with `spec.prepared` when `prepare` returned a handle and
