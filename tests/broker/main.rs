@@ -8,6 +8,7 @@
 mod harness;
 
 mod auth;
+mod aws;
 mod bad_input;
 mod cli;
 mod config_examples;

@@ -21,6 +21,13 @@ pub struct AwsStsConfig {
     /// One endpoint for STS and IAM (a private endpoint, or a test server);
     /// `http://` only to a loopback address. Default: AWS's.
     pub endpoint_url: Option<String>,
+    /// A shared credentials file (the `~/.aws/credentials` format) to read
+    /// the broker's credentials from, e.g. one a secrets mount provides.
+    /// Default: the standard chain (environment, profile, web identity,
+    /// instance metadata).
+    pub credentials_file: Option<std::path::PathBuf>,
+    /// The profile in `credentials_file` (or of the standard chain).
+    pub profile: Option<String>,
     /// The inline policy leasehold keeps on each role to deny revoked
     /// sessions. It is leasehold's alone: other statements in it are an error.
     #[serde(default = "defaults::deny_policy_name")]

@@ -211,7 +211,7 @@ impl AwsStsProvider {
                     .build_https();
                 let mut loader = aws_config::defaults(BehaviorVersion::latest())
                     .region(Region::new(self.cfg.region.clone()))
-                    .http_client(http)
+                    .http_client(http.clone())
                     .retry_config(
                         aws_config::retry::RetryConfig::standard()
                             .with_max_attempts(self.cfg.max_attempts)
@@ -227,8 +227,28 @@ impl AwsStsProvider {
                 if let Some(u) = &self.cfg.endpoint_url {
                     loader = loader.endpoint_url(u);
                 }
+                if let Some(p) = &self.cfg.profile {
+                    loader = loader.profile_name(p);
+                }
                 if let Some(c) = &self.credentials {
                     loader = loader.credentials_provider(c.clone());
+                } else if let Some(f) = &self.cfg.credentials_file {
+                    let files = aws_runtime::env_config::file::EnvConfigFiles::builder()
+                        .with_file(
+                            aws_runtime::env_config::file::EnvConfigFileKind::Credentials,
+                            f,
+                        )
+                        .build();
+                    let pc = aws_config::provider_config::ProviderConfig::without_region()
+                        .with_region(Some(Region::new(self.cfg.region.clone())))
+                        .with_http_client(http.clone());
+                    let mut b = aws_config::profile::ProfileFileCredentialsProvider::builder()
+                        .configure(&pc)
+                        .profile_files(files);
+                    if let Some(p) = &self.cfg.profile {
+                        b = b.profile_name(p);
+                    }
+                    loader = loader.credentials_provider(b.build());
                 }
                 let conf = loader.load().await;
                 Clients {
@@ -639,5 +659,73 @@ impl Provider for AwsStsProvider {
 
     async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError> {
         self.rollback_noted(spec).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn role(max: u64) -> Role {
+        Role {
+            cfg: AwsRole {
+                role_arn: "arn:aws:iam::123456789012:role/r".into(),
+                max_ttl_seconds: max,
+                session_policy: None,
+                scopes: vec![],
+                allow_role_chaining: false,
+                external_id: None,
+                description: String::new(),
+            },
+            name: "r".into(),
+            template: policy::allow_all(),
+        }
+    }
+
+    fn spec(ttl: u64) -> LeaseSpec {
+        let t = Timestamp::from_unix_millis(1_800_000_000_000);
+        LeaseSpec {
+            lease_id: "lease_x".into(),
+            task_id: "task_x".into(),
+            workload: "w".into(),
+            tenant: None,
+            on_behalf_of: "u".into(),
+            role: "r".into(),
+            scope: vec![],
+            issued_at: t,
+            expires_at: t.saturating_add(Duration::from_secs(ttl)),
+            prepared: None,
+        }
+    }
+
+    #[test]
+    fn durations_clamp_to_aws_bounds_and_the_role() {
+        for (ttl, max, want) in [
+            (120, 3600, 900),
+            (900, 3600, 900),
+            (1200, 3600, 1200),
+            (7200, 3600, 3600),
+            (50_000, 43_200, 43_200),
+        ] {
+            assert_eq!(AwsStsProvider::duration(&role(max), &spec(ttl)), want, "{ttl}/{max}");
+        }
+    }
+
+    #[test]
+    fn tag_values_and_session_names_are_checked() {
+        assert!(tag_value_ok("dev:assistant-a"));
+        assert!(tag_value_ok("spiffe://example.org/ns/a/sa/b"));
+        assert!(!tag_value_ok("a\"b"));
+        assert!(!tag_value_ok(&"x".repeat(257)));
+        assert!(session_name_ok("lease_01jdq3"));
+        assert!(!session_name_ok("l"));
+        assert!(!session_name_ok("lease id"));
+        assert!(!session_name_ok(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn policy_documents_from_iam_are_url_decoded() {
+        assert_eq!(percent_decode("%7B%22a%22%3A1%7D"), "{\"a\":1}");
+        assert_eq!(percent_decode("{\"a\":\"%7B\"}"), "{\"a\":\"%7B\"}");
     }
 }

@@ -66,6 +66,7 @@ fn config(endpoint: String, reader_arn: &str) -> AwsStsConfig {
         max_ttl_seconds = 3600
         session_policy = '{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"s3:GetObject","Resource":"arn:aws:s3:::reports/{{{{scope}}}}/*"}}]}}'
         scopes = ["2026/*", "summary"]
+        external_id = "leasehold-test-external"
         "#
     ))
     .unwrap();
@@ -390,6 +391,7 @@ async fn throttling_is_retried_then_retryable_and_the_request_carries_the_lease(
     assert_eq!(get("SourceIdentity"), s.lease_id);
     // a 120 s lease: AWS's minimum, 900 s
     assert_eq!(get("DurationSeconds"), "900");
+    assert_eq!(get("ExternalId"), "leasehold-test-external");
     let tags: Vec<(String, String)> = (1..=3)
         .map(|n| (get(&format!("Tags.member.{n}.Key")), get(&format!("Tags.member.{n}.Value"))))
         .collect();
