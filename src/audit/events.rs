@@ -181,7 +181,11 @@ impl Auditor {
             }
             // how it was revoked, when the provider said (see `Outcome::Done`)
             s if s.is_terminal() => {
-                if let Some(how) = l.description.as_deref().and_then(|d| d.rsplit_once("revoked: ")) {
+                if let Some(how) = l
+                    .description
+                    .as_deref()
+                    .and_then(|d| d.rsplit_once("revoked: "))
+                {
                     data.insert("revoked_by".into(), super::text(how.1));
                 }
             }

@@ -243,7 +243,15 @@ async fn lifecycle_keeps_indexes_and_counters_consistent() {
         Some(31_000)
     );
     let out = s
-        .write(|t| t.record_outcomes(&[Outcome::Done { lease: 10, note: None }], 300))
+        .write(|t| {
+            t.record_outcomes(
+                &[Outcome::Done {
+                    lease: 10,
+                    note: None,
+                }],
+                300,
+            )
+        })
         .await
         .unwrap();
     assert_eq!(out[0].state, LeaseState::Revoked);
@@ -261,7 +269,15 @@ async fn lifecycle_keeps_indexes_and_counters_consistent() {
     );
     // a second outcome for a finished lease is ignored
     let out = s
-        .write(|t| t.record_outcomes(&[Outcome::Done { lease: 10, note: None }], 400))
+        .write(|t| {
+            t.record_outcomes(
+                &[Outcome::Done {
+                    lease: 10,
+                    note: None,
+                }],
+                400,
+            )
+        })
         .await
         .unwrap();
     assert!(out.is_empty());
@@ -397,7 +413,13 @@ async fn expiry_moves_due_leases_in_deadline_order_and_batches() {
         due.iter()
             .all(|l| l.revocation.as_ref().unwrap().cause == RevokeCause::Expiry)
     );
-    let done: Vec<Outcome> = due.iter().map(|l| Outcome::Done { lease: l.id, note: None }).collect();
+    let done: Vec<Outcome> = due
+        .iter()
+        .map(|l| Outcome::Done {
+            lease: l.id,
+            note: None,
+        })
+        .collect();
     let out = s
         .write(move |t| t.record_outcomes(&done, 1_460))
         .await
@@ -432,7 +454,15 @@ async fn irrevocable_stays_queued_and_can_recover() {
         Some(90_000)
     );
     let out = s
-        .write(|t| t.record_outcomes(&[Outcome::Done { lease: 7, note: None }], 90_001))
+        .write(|t| {
+            t.record_outcomes(
+                &[Outcome::Done {
+                    lease: 7,
+                    note: None,
+                }],
+                90_001,
+            )
+        })
         .await
         .unwrap();
     assert_eq!(

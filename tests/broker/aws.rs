@@ -45,7 +45,8 @@ fn aws_config(moto: &Moto, arn: &str, dir: &Path) -> AwsStsConfig {
 }
 
 fn apply(c: &mut Config, aws: AwsStsConfig) {
-    c.providers.insert("aws".into(), ProviderConfig::AwsSts(aws));
+    c.providers
+        .insert("aws".into(), ProviderConfig::AwsSts(aws));
     permit_leases(c, "aws");
 }
 
@@ -68,19 +69,36 @@ async fn completing_the_task_denies_the_session_at_the_role() {
     // outside the template: refused before anything is recorded or sent
     for scope in [json!(["2025/q1"]), json!([]), json!(["2026/*"])] {
         let (s, v) = h
-            .post(&h.tokens.a, &url, json!({"provider": "aws", "role": "reports", "ttl_seconds": 900, "scope": scope}))
+            .post(
+                &h.tokens.a,
+                &url,
+                json!({"provider": "aws", "role": "reports", "ttl_seconds": 900, "scope": scope}),
+            )
             .await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{scope}: {v}");
     }
     let (s, v) = h
-        .post(&h.tokens.a, &url, json!({"provider": "aws", "role": "reports", "ttl_seconds": 900, "scope": ["2026/q3"]}))
+        .post(
+            &h.tokens.a,
+            &url,
+            json!({"provider": "aws", "role": "reports", "ttl_seconds": 900, "scope": ["2026/q3"]}),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let id = v["lease_id"].as_str().unwrap().to_owned();
-    assert!(v["credential"]["access_key_id"].as_str().unwrap().starts_with("ASIA"));
+    assert!(
+        v["credential"]["access_key_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("ASIA")
+    );
     assert!(v["credential"]["session_token"].as_str().is_some());
     let (_, all) = h.get(&h.tokens.admin, "/v1/leases?provider=aws").await;
-    assert_eq!(all["leases"].as_array().unwrap().len(), 1, "the refused requests left nothing: {all}");
+    assert_eq!(
+        all["leases"].as_array().unwrap().len(),
+        1,
+        "the refused requests left nothing: {all}"
+    );
 
     let (s, v) = h
         .post_empty(&h.tokens.a, &format!("/v1/tasks/{task}/complete"))
@@ -98,7 +116,9 @@ async fn completing_the_task_denies_the_session_at_the_role() {
     let deny = p.deny_policy("reports").await.unwrap();
     assert!(deny.denies(&id, "9999-12-31T00:00:00Z"), "{deny:?}");
     // and the chain says how
-    let (_, story) = h.get(&h.tokens.admin, &format!("/v1/events?lease={id}")).await;
+    let (_, story) = h
+        .get(&h.tokens.admin, &format!("/v1/events?lease={id}"))
+        .await;
     let revoked: Vec<&Value> = story["events"]
         .as_array()
         .unwrap()
@@ -106,10 +126,16 @@ async fn completing_the_task_denies_the_session_at_the_role() {
         .filter(|e| e["kind"] == "lease.revoked")
         .collect();
     assert_eq!(revoked.len(), 1, "{story}");
-    assert_eq!(revoked[0]["data"]["revoked_by"], "deny on aws:SourceIdentity", "{story}");
+    assert_eq!(
+        revoked[0]["data"]["revoked_by"], "deny on aws:SourceIdentity",
+        "{story}"
+    );
     let (_, rec) = h.get(&h.tokens.admin, &format!("/v1/leases/{id}")).await;
     assert!(
-        rec["description"].as_str().unwrap().ends_with("revoked: deny on aws:SourceIdentity"),
+        rec["description"]
+            .as_str()
+            .unwrap()
+            .ends_with("revoked: deny on aws:SourceIdentity"),
         "{rec}"
     );
 }

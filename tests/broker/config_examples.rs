@@ -57,6 +57,27 @@ fn the_example_vault_provider_block_is_valid() {
     assert_eq!(cfg.auth.method(), "approle");
 }
 
+/// The commented AWS block of the example config, uncommented, parses and
+/// validates.
+#[test]
+fn the_example_aws_provider_block_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("config/leasehold.example.toml")).unwrap();
+    let start = text.find("# [providers.aws]").unwrap();
+    let block: String = text[start..]
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .filter(|l| !l.starts_with("# #") && l.len() > 2)
+        .map(|l| format!("{}\n", &l[2..]))
+        .collect();
+    let table: toml::Table = toml::from_str(&block).unwrap_or_else(|e| panic!("{e}\n{block}"));
+    let mut aws = table["providers"]["aws"].as_table().unwrap().clone();
+    assert_eq!(aws.remove("type").unwrap().as_str(), Some("aws-sts"));
+    let cfg: leasehold_provider_aws_sts::AwsStsConfig = aws.try_into().unwrap();
+    cfg.validate(3600).unwrap();
+    assert_eq!(cfg.roles["reports-reader"].scopes.len(), 2);
+}
+
 fn validate_cli(file: &Path) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
         .args(["config", "validate"])

@@ -96,9 +96,7 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
 
 /// The name part of a role ARN, checked.
 pub fn role_name(arn: &str) -> Result<&str, String> {
-    let rest = arn
-        .strip_prefix("arn:")
-        .ok_or("must start with arn:")?;
+    let rest = arn.strip_prefix("arn:").ok_or("must start with arn:")?;
     let parts: Vec<&str> = rest.splitn(5, ':').collect();
     match parts.as_slice() {
         [partition, "iam", "", account, resource]
@@ -219,7 +217,7 @@ impl AwsStsConfig {
                 .session_policy
                 .as_ref()
                 .is_some_and(|t| t.contains(SCOPE_PLACEHOLDER));
-            if scoped != !r.scopes.is_empty() {
+            if scoped == r.scopes.is_empty() {
                 return Err(err(
                     f("scopes"),
                     "list the allowed scopes exactly when the session policy uses {{scope}}",
@@ -227,13 +225,20 @@ impl AwsStsConfig {
             }
             for s in &r.scopes {
                 let v = s.strip_suffix('*').unwrap_or(s);
-                if !(v.is_empty() && s == "*") && !is_scope_value(v) {
-                    return Err(err(f("scopes"), format!("`{s}` has characters a scope cannot use")));
+                if !(is_scope_value(v) || s == "*") {
+                    return Err(err(
+                        f("scopes"),
+                        format!("`{s}` has characters a scope cannot use"),
+                    ));
                 }
             }
             // the largest session policy the template can make must fit
             let longest = "x".repeat(256);
-            let sample = r.scopes.iter().any(|s| s.ends_with('*')).then_some(longest.as_str());
+            let sample = r
+                .scopes
+                .iter()
+                .any(|s| s.ends_with('*'))
+                .then_some(longest.as_str());
             let sample = sample.or(r.scopes.iter().map(String::as_str).max_by_key(|s| s.len()));
             if let Err(m) = crate::policy::session_policy(&template, sample, r.allow_role_chaining)
                 && !r.scopes.iter().any(|s| s.ends_with('*'))
@@ -282,27 +287,62 @@ mod tests {
     #[test]
     fn a_good_config_is_valid() {
         base().validate(86_400).unwrap();
-        assert_eq!(role_name("arn:aws:iam::123456789012:role/app/reader"), Ok("reader"));
+        assert_eq!(
+            role_name("arn:aws:iam::123456789012:role/app/reader"),
+            Ok("reader")
+        );
     }
 
     #[test]
     fn what_aws_would_refuse_is_refused_here() {
         fails(|c| c.region = "US East".into(), "region");
-        fails(|c| c.endpoint_url = Some("http://moto.example:5000".into()), "endpoint_url");
-        fails(|c| c.deny_policy_name = "a b".into(), "deny_policy_name");
-        fails(|c| c.deny_policy_max_chars = 20_000, "deny_policy_max_chars");
-        fails(|c| role(c).role_arn = "arn:aws:iam::123:role/x".into(), "roles.reader.role_arn");
-        fails(|c| role(c).role_arn = "arn:aws:s3:::bucket".into(), "roles.reader.role_arn");
-        fails(|c| role(c).max_ttl_seconds = 600, "roles.reader.max_ttl_seconds");
-        fails(|c| role(c).max_ttl_seconds = 50_000, "roles.reader.max_ttl_seconds");
-        fails(|c| role(c).session_policy = Some("{nope".into()), "roles.reader.session_policy");
         fails(
-            |c| role(c).session_policy = Some(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Deny","Action":"*"}]}"#.into()),
+            |c| c.endpoint_url = Some("http://moto.example:5000".into()),
+            "endpoint_url",
+        );
+        fails(|c| c.deny_policy_name = "a b".into(), "deny_policy_name");
+        fails(
+            |c| c.deny_policy_max_chars = 20_000,
+            "deny_policy_max_chars",
+        );
+        fails(
+            |c| role(c).role_arn = "arn:aws:iam::123:role/x".into(),
+            "roles.reader.role_arn",
+        );
+        fails(
+            |c| role(c).role_arn = "arn:aws:s3:::bucket".into(),
+            "roles.reader.role_arn",
+        );
+        fails(
+            |c| role(c).max_ttl_seconds = 600,
+            "roles.reader.max_ttl_seconds",
+        );
+        fails(
+            |c| role(c).max_ttl_seconds = 50_000,
+            "roles.reader.max_ttl_seconds",
+        );
+        fails(
+            |c| role(c).session_policy = Some("{nope".into()),
+            "roles.reader.session_policy",
+        );
+        fails(
+            |c| {
+                role(c).session_policy = Some(
+                    r#"{"Version":"2012-10-17","Statement":[{"Effect":"Deny","Action":"*"}]}"#
+                        .into(),
+                )
+            },
             "roles.reader.session_policy",
         );
         fails(|c| role(c).scopes.clear(), "roles.reader.scopes");
-        fails(|c| role(c).scopes.push("a*b*".into()), "roles.reader.scopes");
-        fails(|c| role(c).external_id = Some("x".into()), "roles.reader.external_id");
+        fails(
+            |c| role(c).scopes.push("a*b*".into()),
+            "roles.reader.scopes",
+        );
+        fails(
+            |c| role(c).external_id = Some("x".into()),
+            "roles.reader.external_id",
+        );
         fails(|c| c.roles.clear(), "roles");
     }
 

@@ -112,7 +112,10 @@ fn session_name_ok(v: &str) -> bool {
 fn rfc3339(t: Timestamp) -> String {
     time::OffsetDateTime::from_unix_timestamp(t.unix_seconds())
         .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -130,15 +133,20 @@ where
             let code = err.code().unwrap_or("Unknown");
             let msg = format!("{what}: {code}: {}", err.message().unwrap_or_default());
             match code {
-                "Throttling" | "ThrottlingException" | "RequestLimitExceeded"
-                | "ServiceUnavailable" | "InternalFailure" | "InternalError" => {
-                    ProviderError::retryable(msg)
-                }
+                "Throttling"
+                | "ThrottlingException"
+                | "RequestLimitExceeded"
+                | "ServiceUnavailable"
+                | "InternalFailure"
+                | "InternalError" => ProviderError::retryable(msg),
                 _ => ProviderError::permanent(msg),
             }
         }
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            ProviderError::retryable(format!("{what}: AWS unreachable or not answering: {}", chain(e)))
+            ProviderError::retryable(format!(
+                "{what}: AWS unreachable or not answering: {}",
+                chain(e)
+            ))
         }
         other => ProviderError::permanent(format!("{what}: {}", chain(other))),
     }
@@ -282,7 +290,9 @@ impl AwsStsProvider {
             .is_some_and(|t| t.contains(SCOPE_PLACEHOLDER));
         match (scoped, scope) {
             (false, []) => Ok(None),
-            (false, _) => Err(ProviderError::invalid(format!("role `{name}` takes no scope"))),
+            (false, _) => Err(ProviderError::invalid(format!(
+                "role `{name}` takes no scope"
+            ))),
             (true, [one]) => {
                 let allowed = config::is_scope_value(one)
                     && role.cfg.scopes.iter().any(|s| match s.strip_suffix('*') {
@@ -308,10 +318,10 @@ impl AwsStsProvider {
     /// The session's duration for a lease: its TTL clamped to AWS's bounds
     /// and the role's maximum.
     fn duration(role: &Role, spec: &LeaseSpec) -> u64 {
-        spec.issued_at
-            .until(spec.expires_at)
-            .as_secs()
-            .clamp(MIN_SESSION_SECONDS, role.cfg.max_ttl_seconds.max(MIN_SESSION_SECONDS))
+        spec.issued_at.until(spec.expires_at).as_secs().clamp(
+            MIN_SESSION_SECONDS,
+            role.cfg.max_ttl_seconds.max(MIN_SESSION_SECONDS),
+        )
     }
 
     fn lock(&self, role_name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -409,7 +419,11 @@ impl AwsStsProvider {
                 .cutoff
                 .as_ref()
                 .is_some_and(|(at, _)| at.as_str() >= now_text.as_str());
-            if cut || entries.iter().all(|(id, _)| back.revoked.values().any(|s| s.contains(id))) {
+            if cut
+                || entries
+                    .iter()
+                    .all(|(id, _)| back.revoked.values().any(|s| s.contains(id)))
+            {
                 return Ok(method);
             }
             last = Some(attempt);
@@ -486,10 +500,11 @@ impl Provider for AwsStsProvider {
                     },
                 })
                 .collect(),
-            revocation: "the session's SourceIdentity (its lease id) is denied by an inline policy \
+            revocation:
+                "the session's SourceIdentity (its lease id) is denied by an inline policy \
                          on the role (or, when that policy is full, every session of the role \
                          issued before the revocation)"
-                .into(),
+                    .into(),
         }
     }
 
@@ -516,10 +531,13 @@ impl Provider for AwsStsProvider {
     async fn issue(&self, spec: &LeaseSpec) -> Result<Issued, ProviderError> {
         let role = self.role(&spec.role)?;
         let scope = self.scope(role, &spec.role, &spec.scope)?;
-        let session_policy = policy::session_policy(&role.template, scope, role.cfg.allow_role_chaining)
-            .map_err(ProviderError::invalid)?;
+        let session_policy =
+            policy::session_policy(&role.template, scope, role.cfg.allow_role_chaining)
+                .map_err(ProviderError::invalid)?;
         if !session_name_ok(&spec.lease_id) {
-            return Err(ProviderError::invalid("the lease id is not a valid session name"));
+            return Err(ProviderError::invalid(
+                "the lease id is not a valid session name",
+            ));
         }
         let tags = [
             (TAG_LEASE, spec.lease_id.as_str()),
@@ -562,10 +580,11 @@ impl Provider for AwsStsProvider {
             .credentials()
             .ok_or_else(|| ProviderError::permanent("AssumeRole answered without credentials"))?;
         let aws_end = Timestamp::from_unix_millis(c.expiration().secs().saturating_mul(1000));
-        let granted = spec
-            .issued_at
-            .saturating_add(Duration::from_secs(duration));
-        let expires_at = spec.expires_at.min(granted).min(aws_end.max(spec.issued_at.saturating_add(Duration::from_secs(1))));
+        let granted = spec.issued_at.saturating_add(Duration::from_secs(duration));
+        let expires_at = spec
+            .expires_at
+            .min(granted)
+            .min(aws_end.max(spec.issued_at.saturating_add(Duration::from_secs(1))));
         let credential = Credential::new()
             .public("access_key_id", c.access_key_id())
             .secret("secret_access_key", c.secret_access_key())
@@ -579,7 +598,11 @@ impl Provider for AwsStsProvider {
             "STS session {} on {} ({duration} s{}{}); revoked by a deny on aws:SourceIdentity in {}'s {} policy",
             spec.lease_id,
             role.cfg.role_arn,
-            if expires_at < spec.expires_at { ", which caps this lease" } else { "" },
+            if expires_at < spec.expires_at {
+                ", which caps this lease"
+            } else {
+                ""
+            },
             if short {
                 "; AWS's minimum outlasts the lease, the deny at its deadline ends it"
             } else {
@@ -622,10 +645,11 @@ impl Provider for AwsStsProvider {
             match serde_json::from_slice::<Handle>(l.handle.as_bytes()) {
                 Ok(h) => {
                     out.push(Ok(None));
-                    by_role
-                        .entry(h.role_name)
-                        .or_default()
-                        .push((i, h.source_identity, h.session_end));
+                    by_role.entry(h.role_name).or_default().push((
+                        i,
+                        h.source_identity,
+                        h.session_end,
+                    ));
                 }
                 Err(_) => out.push(Err(ProviderError::permanent(
                     "the revocation handle is not an AWS STS handle",
@@ -633,8 +657,10 @@ impl Provider for AwsStsProvider {
             }
         }
         for (role, items) in by_role {
-            let entries: Vec<(String, i64)> =
-                items.iter().map(|(_, id, end)| (id.clone(), *end)).collect();
+            let entries: Vec<(String, i64)> = items
+                .iter()
+                .map(|(_, id, end)| (id.clone(), *end))
+                .collect();
             let r = self.deny(&role, &entries).await;
             if let Ok(method) = &r {
                 tracing::info!(role = %role, sessions = entries.len(), method = method.as_str(), "STS sessions revoked");
@@ -707,7 +733,11 @@ mod tests {
             (7200, 3600, 3600),
             (50_000, 43_200, 43_200),
         ] {
-            assert_eq!(AwsStsProvider::duration(&role(max), &spec(ttl)), want, "{ttl}/{max}");
+            assert_eq!(
+                AwsStsProvider::duration(&role(max), &spec(ttl)),
+                want,
+                "{ttl}/{max}"
+            );
         }
     }
 

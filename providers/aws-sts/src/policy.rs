@@ -85,7 +85,11 @@ pub fn check_template(v: &Value) -> Result<(), String> {
     for (i, s) in st.iter().enumerate() {
         match s.get("Effect").and_then(Value::as_str) {
             Some("Allow" | "Deny") => {}
-            _ => return Err(format!("Statement[{i}] needs \"Effect\": \"Allow\" or \"Deny\"")),
+            _ => {
+                return Err(format!(
+                    "Statement[{i}] needs \"Effect\": \"Allow\" or \"Deny\""
+                ));
+            }
         }
         if s.get("Action").is_none() && s.get("NotAction").is_none() {
             return Err(format!("Statement[{i}] has no Action"));
@@ -241,7 +245,10 @@ impl DenyDoc {
     ) -> Method {
         let mut next = self.clone();
         for (id, end) in entries {
-            next.revoked.entry(bucket(*end)).or_default().insert(id.clone());
+            next.revoked
+                .entry(bucket(*end))
+                .or_default()
+                .insert(id.clone());
         }
         if next.render().is_none_or(|t| t.len() <= max_chars) {
             *self = next;
@@ -272,23 +279,30 @@ mod tests {
         })
     }
 
+    /// (scope, allow chaining, must contain, must not contain)
+    type Case<'a> = (Option<&'a str>, bool, &'a [&'a str], &'a [&'a str]);
+
     #[test]
     fn session_policies_narrow_by_scope_and_deny_chaining() {
-        let cases: &[(Option<&str>, bool, &[&str], &[&str])] = &[
+        let cases: &[Case] = &[
             (
                 Some("2026"),
                 false,
-                &["arn:aws:s3:::reports/2026/*", "sts:AssumeRole*", "LeaseholdNoRoleChaining"],
+                &[
+                    "arn:aws:s3:::reports/2026/*",
+                    "sts:AssumeRole*",
+                    "LeaseholdNoRoleChaining",
+                ],
                 &["{{scope}}"],
             ),
-            (Some("q3"), true, &["reports/q3/*"], &["sts:AssumeRole", "{{scope}}"]),
-            // a scope with JSON metacharacters stays inside its string
             (
-                Some("a\"b"),
-                false,
-                &[r#"reports/a\"b/*"#],
-                &["{{scope}}"],
+                Some("q3"),
+                true,
+                &["reports/q3/*"],
+                &["sts:AssumeRole", "{{scope}}"],
             ),
+            // a scope with JSON metacharacters stays inside its string
+            (Some("a\"b"), false, &[r#"reports/a\"b/*"#], &["{{scope}}"]),
         ];
         for (scope, chain, has, hasnt) in cases {
             let p = session_policy(&template(), *scope, *chain).unwrap();
@@ -327,7 +341,9 @@ mod tests {
         let base = session_policy(&template(), Some(""), false).unwrap().len();
         let fit = "y".repeat(SESSION_POLICY_MAX_CHARS - base);
         assert_eq!(
-            session_policy(&template(), Some(&fit), false).unwrap().len(),
+            session_policy(&template(), Some(&fit), false)
+                .unwrap()
+                .len(),
             SESSION_POLICY_MAX_CHARS
         );
         let over = format!("{fit}y");
@@ -339,10 +355,22 @@ mod tests {
         let bad = [
             (json!([]), "object"),
             (json!({"Statement": []}), "Version"),
-            (json!({"Version": "2012-10-17", "Statement": []}), "non-empty"),
-            (json!({"Version": "2012-10-17", "Statement": [{"Effect": "Maybe", "Action": "*"}]}), "Effect"),
-            (json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow"}]}), "Action"),
-            (json!({"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Action": "*"}]}), "grants nothing"),
+            (
+                json!({"Version": "2012-10-17", "Statement": []}),
+                "non-empty",
+            ),
+            (
+                json!({"Version": "2012-10-17", "Statement": [{"Effect": "Maybe", "Action": "*"}]}),
+                "Effect",
+            ),
+            (
+                json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow"}]}),
+                "Action",
+            ),
+            (
+                json!({"Version": "2012-10-17", "Statement": [{"Effect": "Deny", "Action": "*"}]}),
+                "grants nothing",
+            ),
         ];
         for (t, word) in bad {
             let e = check_template(&t).unwrap_err();
@@ -402,7 +430,12 @@ mod tests {
         assert!(!back.denies("lease_new", "2026-01-01T01:00:01Z"));
         // new revocations after the fallback go to the list again
         assert_eq!(
-            d.add(&[("lease_new".into(), 9000)], 2_000, "2026-01-01T02:00:00Z", 60_000),
+            d.add(
+                &[("lease_new".into(), 9000)],
+                2_000,
+                "2026-01-01T02:00:00Z",
+                60_000
+            ),
             Method::SourceIdentity
         );
         assert!(d.denies("lease_new", "2026-01-01T01:30:00Z"));
@@ -414,6 +447,10 @@ mod tests {
     #[test]
     fn foreign_statements_are_refused() {
         let text = r#"{"Version":"2012-10-17","Statement":[{"Sid":"Other","Effect":"Deny","Action":"*","Resource":"*"}]}"#;
-        assert!(DenyDoc::parse(text).unwrap_err().contains("not written by leasehold"));
+        assert!(
+            DenyDoc::parse(text)
+                .unwrap_err()
+                .contains("not written by leasehold")
+        );
     }
 }

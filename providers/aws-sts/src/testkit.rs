@@ -66,7 +66,11 @@ impl Moto {
             if let Some(s) = m.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("moto_server exited ({s}): {}", m.log_text());
             }
-            assert!(Instant::now() < deadline, "moto_server did not listen: {}", m.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not listen: {}",
+                m.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         m
@@ -82,7 +86,13 @@ impl Moto {
 
     /// The broker's credentials at moto (any are accepted).
     pub fn credentials() -> Credentials {
-        Credentials::new("AKIDLEASEHOLDTEST", "leasehold-test-secret", None, None, "moto")
+        Credentials::new(
+            "AKIDLEASEHOLDTEST",
+            "leasehold-test-secret",
+            None,
+            None,
+            "moto",
+        )
     }
 
     /// An IAM client against this server.

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use leasehold_provider::conformance::{self, Probe, SpecFactory};
-use leasehold_provider::{Credential, ErrorClass, Issued, LeaseSpec, Provider, RevokeSpec, Timestamp};
+use leasehold_provider::{
+    Credential, ErrorClass, Issued, LeaseSpec, Provider, RevokeSpec, Timestamp,
+};
 use leasehold_provider_aws_sts::policy::Method;
 use leasehold_provider_aws_sts::testkit::Moto;
 use leasehold_provider_aws_sts::{AwsRole, AwsStsConfig, AwsStsProvider, Now};
@@ -195,8 +197,17 @@ async fn revocation_puts_the_session_in_the_roles_deny_policy() {
     // AWS's end, in whole seconds, caps the lease
     assert!(i.expires_at <= s.expires_at);
     assert!(i.expires_at.unix_millis() > s.expires_at.unix_millis() - 2_000);
-    assert!(i.credential.expose("access_key_id").unwrap().starts_with("ASIA"));
-    assert!(i.description.contains("aws:SourceIdentity"), "{}", i.description);
+    assert!(
+        i.credential
+            .expose("access_key_id")
+            .unwrap()
+            .starts_with("ASIA")
+    );
+    assert!(
+        i.description.contains("aws:SourceIdentity"),
+        "{}",
+        i.description
+    );
     let before = p.deny_policy("reports").await.unwrap();
     assert!(!before.denies(&s.lease_id, "x"));
     p.revoke(&revoke_spec(&s, &i)).await.unwrap();
@@ -213,14 +224,26 @@ async fn revocation_puts_the_session_in_the_roles_deny_policy() {
     let decoded = if text.starts_with('{') {
         text
     } else {
-        text.replace("%22", "\"").replace("%7B", "{").replace("%7D", "}").replace("%3A", ":").replace("%2C", ",").replace("%5B", "[").replace("%5D", "]").replace("%2A", "*")
+        text.replace("%22", "\"")
+            .replace("%7B", "{")
+            .replace("%7D", "}")
+            .replace("%3A", ":")
+            .replace("%2C", ",")
+            .replace("%5B", "[")
+            .replace("%5D", "]")
+            .replace("%2A", "*")
     };
     assert!(decoded.contains(&s.lease_id), "{decoded}");
     assert!(decoded.contains("aws:SourceIdentity"), "{decoded}");
     assert!(decoded.contains("\"Deny\""), "{decoded}");
     // again: a no-op that keeps it
     p.revoke(&revoke_spec(&s, &i)).await.unwrap();
-    assert!(p.deny_policy("reports").await.unwrap().denies(&s.lease_id, "x"));
+    assert!(
+        p.deny_policy("reports")
+            .await
+            .unwrap()
+            .denies(&s.lease_id, "x")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,7 +272,10 @@ async fn fifty_concurrent_revocations_on_one_role_all_land() {
         .map(|(s, _)| s.lease_id.as_str())
         .filter(|id| !deny.denies(id, "9999-12-31T00:00:00Z") || deny.cutoff.is_some())
         .collect();
-    assert!(missing.is_empty(), "dropped by concurrent edits: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "dropped by concurrent edits: {missing:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,7 +292,10 @@ async fn a_full_deny_policy_falls_back_to_an_issue_time_cutoff() {
         let i = p.issue(&s).await.unwrap();
         let h: serde_json::Value = serde_json::from_slice(i.handle.as_bytes()).unwrap();
         let m = p
-            .deny("app-reader", &[(s.lease_id.clone(), h["session_end"].as_i64().unwrap())])
+            .deny(
+                "app-reader",
+                &[(s.lease_id.clone(), h["session_end"].as_i64().unwrap())],
+            )
             .await
             .unwrap();
         methods.push(m);
@@ -282,15 +311,27 @@ async fn a_full_deny_policy_falls_back_to_an_issue_time_cutoff() {
             .unwrap()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap();
-        assert!(deny.denies(&s.lease_id, &issued), "{} not covered by {cutoff}", s.lease_id);
+        assert!(
+            deny.denies(&s.lease_id, &issued),
+            "{} not covered by {cutoff}",
+            s.lease_id
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_before_any_call() {
     let (_moto, p) = started().await;
-    assert_eq!(p.validate("nope", &[]).unwrap_err().class, ErrorClass::Invalid);
-    for scope in [vec!["2025/q1".to_owned()], vec!["*".into()], vec![], vec!["summary".into(), "2026/a".into()]] {
+    assert_eq!(
+        p.validate("nope", &[]).unwrap_err().class,
+        ErrorClass::Invalid
+    );
+    for scope in [
+        vec!["2025/q1".to_owned()],
+        vec!["*".into()],
+        vec![],
+        vec!["summary".into(), "2026/a".into()],
+    ] {
         let e = p.validate("reports", &scope).unwrap_err();
         assert_eq!(e.class, ErrorClass::Invalid, "{scope:?}: {e}");
     }
@@ -313,7 +354,10 @@ async fn iam_unreachable_at_revoke_is_retryable() {
     moto.stop();
     let e = p.revoke(&revoke_spec(&s, &i)).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
-    let e = p.issue(&spec("reader", Duration::from_secs(900), &[])).await.unwrap_err();
+    let e = p
+        .issue(&spec("reader", Duration::from_secs(900), &[]))
+        .await
+        .unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
 }
 
@@ -327,7 +371,9 @@ async fn throttling_sts() -> (String, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec
     let (h, b) = (hits.clone(), bodies.clone());
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             let (h, b) = (h.clone(), b.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
@@ -339,15 +385,23 @@ async fn throttling_sts() -> (String, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec
                     }
                     buf.extend_from_slice(&chunk[..n]);
                     let text = String::from_utf8_lossy(&buf).to_string();
-                    let Some(head_end) = text.find("\r\n\r\n") else { continue };
+                    let Some(head_end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
                     let len: usize = text[..head_end]
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
                         .unwrap_or(0);
                     if buf.len() < head_end + 4 + len {
                         continue;
                     }
-                    b.lock().unwrap().push(text[head_end + 4..head_end + 4 + len].to_owned());
+                    b.lock()
+                        .unwrap()
+                        .push(text[head_end + 4..head_end + 4 + len].to_owned());
                     h.fetch_add(1, Ordering::SeqCst);
                     let body = "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error><RequestId>1</RequestId></ErrorResponse>";
                     let resp = format!(
@@ -374,8 +428,15 @@ async fn throttling_is_retried_then_retryable_and_the_request_carries_the_lease(
     let e = p.issue(&s).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
     assert!(e.message.contains("Throttling"), "{e}");
-    assert_eq!(hits.load(Ordering::SeqCst), 3, "max_attempts requests, with backoff");
-    assert!(started.elapsed() >= Duration::from_millis(100), "no backoff");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        3,
+        "max_attempts requests, with backoff"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "no backoff"
+    );
     // what AssumeRole carried (moto drops all of it)
     let body = bodies.lock().unwrap()[0].clone();
     let form: Vec<(String, String)> = body
@@ -385,7 +446,12 @@ async fn throttling_is_retried_then_retryable_and_the_request_carries_the_lease(
             (k.to_owned(), decode(v))
         })
         .collect();
-    let get = |k: &str| form.iter().find(|(kk, _)| kk == k).map(|(_, v)| v.clone()).unwrap_or_default();
+    let get = |k: &str| {
+        form.iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     assert_eq!(get("Action"), "AssumeRole");
     assert_eq!(get("RoleSessionName"), s.lease_id);
     assert_eq!(get("SourceIdentity"), s.lease_id);
@@ -393,13 +459,32 @@ async fn throttling_is_retried_then_retryable_and_the_request_carries_the_lease(
     assert_eq!(get("DurationSeconds"), "900");
     assert_eq!(get("ExternalId"), "leasehold-test-external");
     let tags: Vec<(String, String)> = (1..=3)
-        .map(|n| (get(&format!("Tags.member.{n}.Key")), get(&format!("Tags.member.{n}.Value"))))
+        .map(|n| {
+            (
+                get(&format!("Tags.member.{n}.Key")),
+                get(&format!("Tags.member.{n}.Value")),
+            )
+        })
         .collect();
-    assert!(tags.contains(&("leasehold-lease".into(), s.lease_id.clone())), "{tags:?}");
-    assert!(tags.contains(&("leasehold-task".into(), s.task_id.clone())), "{tags:?}");
-    assert!(tags.contains(&("leasehold-workload".into(), s.workload.clone())), "{tags:?}");
-    let transitive: Vec<String> = (1..=3).map(|n| get(&format!("TransitiveTagKeys.member.{n}"))).collect();
-    assert!(transitive.contains(&"leasehold-lease".to_owned()), "{transitive:?}");
+    assert!(
+        tags.contains(&("leasehold-lease".into(), s.lease_id.clone())),
+        "{tags:?}"
+    );
+    assert!(
+        tags.contains(&("leasehold-task".into(), s.task_id.clone())),
+        "{tags:?}"
+    );
+    assert!(
+        tags.contains(&("leasehold-workload".into(), s.workload.clone())),
+        "{tags:?}"
+    );
+    let transitive: Vec<String> = (1..=3)
+        .map(|n| get(&format!("TransitiveTagKeys.member.{n}")))
+        .collect();
+    assert!(
+        transitive.contains(&"leasehold-lease".to_owned()),
+        "{transitive:?}"
+    );
     let policy: serde_json::Value = serde_json::from_str(&get("Policy")).unwrap();
     let text = policy.to_string();
     assert!(text.contains("arn:aws:s3:::reports/summary/*"), "{text}");
@@ -412,7 +497,9 @@ fn decode(v: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            out.push(u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap(), 16).unwrap());
+            out.push(
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap(), 16).unwrap(),
+            );
             i += 3;
         } else {
             out.push(if b[i] == b'+' { b' ' } else { b[i] });
