@@ -35,13 +35,12 @@ fn every_example_config_is_valid() {
     );
 }
 
-/// The commented Vault block of the example config, uncommented, parses
-/// and validates (its files aside): the example cannot rot.
-#[test]
-fn the_example_vault_provider_block_is_valid() {
+/// A commented `[providers.NAME]` block of the example config, uncommented,
+/// as the provider's own table (without `type`, which is checked).
+fn example_block(name: &str, kind: &str) -> toml::Table {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(root.join("config/leasehold.example.toml")).unwrap();
-    let start = text.find("# [providers.vault]").unwrap();
+    let start = text.find(&format!("# [providers.{name}]")).unwrap();
     let block: String = text[start..]
         .lines()
         .take_while(|l| l.starts_with('#'))
@@ -49,33 +48,23 @@ fn the_example_vault_provider_block_is_valid() {
         .map(|l| format!("{}\n", &l[2..]))
         .collect();
     let table: toml::Table = toml::from_str(&block).unwrap_or_else(|e| panic!("{e}\n{block}"));
-    let mut vault = table["providers"]["vault"].as_table().unwrap().clone();
-    assert_eq!(vault.remove("type").unwrap().as_str(), Some("vault"));
-    let cfg: leasehold_provider_vault::VaultConfig = vault.try_into().unwrap();
-    cfg.validate(3600).unwrap();
-    assert_eq!(cfg.roles.len(), 3);
-    assert_eq!(cfg.auth.method(), "approle");
+    let mut t = table["providers"][name].as_table().unwrap().clone();
+    assert_eq!(t.remove("type").unwrap().as_str(), Some(kind));
+    t
 }
 
-/// The commented AWS block of the example config, uncommented, parses and
-/// validates.
+/// The example's Vault and AWS blocks parse and validate: they cannot rot.
 #[test]
-fn the_example_aws_provider_block_is_valid() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(root.join("config/leasehold.example.toml")).unwrap();
-    let start = text.find("# [providers.aws]").unwrap();
-    let block: String = text[start..]
-        .lines()
-        .take_while(|l| l.starts_with('#'))
-        .filter(|l| !l.starts_with("# #") && l.len() > 2)
-        .map(|l| format!("{}\n", &l[2..]))
-        .collect();
-    let table: toml::Table = toml::from_str(&block).unwrap_or_else(|e| panic!("{e}\n{block}"));
-    let mut aws = table["providers"]["aws"].as_table().unwrap().clone();
-    assert_eq!(aws.remove("type").unwrap().as_str(), Some("aws-sts"));
-    let cfg: leasehold_provider_aws_sts::AwsStsConfig = aws.try_into().unwrap();
-    cfg.validate(3600).unwrap();
-    assert_eq!(cfg.roles["reports-reader"].scopes.len(), 2);
+fn the_example_provider_blocks_are_valid() {
+    let vault: leasehold_provider_vault::VaultConfig =
+        example_block("vault", "vault").try_into().unwrap();
+    vault.validate(3600).unwrap();
+    assert_eq!(vault.roles.len(), 3);
+    assert_eq!(vault.auth.method(), "approle");
+    let aws: leasehold_provider_aws_sts::AwsStsConfig =
+        example_block("aws", "aws-sts").try_into().unwrap();
+    aws.validate(3600).unwrap();
+    assert_eq!(aws.roles["reports-reader"].scopes.len(), 2);
 }
 
 fn validate_cli(file: &Path) -> std::process::Output {

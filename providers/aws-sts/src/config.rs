@@ -138,14 +138,6 @@ pub fn is_scope_value(s: &str) -> bool {
         && !s.split('/').any(|seg| seg == "..")
 }
 
-fn is_loopback(host: &str) -> bool {
-    let h = host.trim_start_matches('[').trim_end_matches(']');
-    h == "localhost"
-        || h.parse::<std::net::IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false)
-}
-
 impl AwsStsConfig {
     pub fn validate(&self, max_ttl: u64) -> Result<(), ConfigError> {
         if self.region.is_empty()
@@ -163,7 +155,7 @@ impl AwsStsConfig {
             let host = rest.split(['/', ':']).next().unwrap_or_default();
             match scheme {
                 "https" => {}
-                "http" if is_loopback(host) => {}
+                "http" if leasehold_provider::is_loopback_host(host) => {}
                 _ => {
                     return Err(err(
                         "endpoint_url",

@@ -145,22 +145,14 @@ where
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             ProviderError::retryable(format!(
                 "{what}: AWS unreachable or not answering: {}",
-                chain(e)
+                leasehold_provider::error_chain(e)
             ))
         }
-        other => ProviderError::permanent(format!("{what}: {}", chain(other))),
+        other => ProviderError::permanent(format!(
+            "{what}: {}",
+            leasehold_provider::error_chain(other)
+        )),
     }
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 impl AwsStsProvider {
@@ -212,11 +204,7 @@ impl AwsStsProvider {
     async fn clients(&self) -> &Clients {
         self.clients
             .get_or_init(|| async {
-                let http = aws_smithy_http_client::Builder::new()
-                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-                    ))
-                    .build_https();
+                let http = https_client();
                 let mut loader = aws_config::defaults(BehaviorVersion::latest())
                     .region(Region::new(self.cfg.region.clone()))
                     .http_client(http.clone())
@@ -452,6 +440,33 @@ impl AwsStsProvider {
                 + 60,
         }
     }
+}
+
+/// The HTTPS client every AWS call goes through: rustls with ring, the
+/// process's one crypto provider (no aws-lc).
+pub fn https_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
+/// An SDK config for `region` with these credentials (and an endpoint, for
+/// a test server): how tests and the smoke test use leased credentials.
+pub async fn sdk_config(
+    region: &str,
+    endpoint: Option<&str>,
+    credentials: Credentials,
+) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()))
+        .credentials_provider(credentials)
+        .http_client(https_client());
+    if let Some(e) = endpoint {
+        loader = loader.endpoint_url(e);
+    }
+    loader.load().await
 }
 
 /// IAM returns policy documents URL-encoded (`%7B%22Version…`); decode

@@ -97,19 +97,8 @@ impl Moto {
 
     /// An IAM client against this server.
     pub async fn iam(&self) -> aws_sdk_iam::Client {
-        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(self.endpoint())
-            .credentials_provider(Self::credentials())
-            .http_client(
-                aws_smithy_http_client::Builder::new()
-                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-                    ))
-                    .build_https(),
-            )
-            .load()
-            .await;
+        let conf =
+            crate::sdk_config("us-east-1", Some(&self.endpoint()), Self::credentials()).await;
         aws_sdk_iam::Client::new(&conf)
     }
 

@@ -136,19 +136,9 @@ impl Probe for CallerIdentity<'_> {
             None,
             "lease",
         );
-        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(self.moto.endpoint())
-            .credentials_provider(creds)
-            .http_client(
-                aws_smithy_http_client::Builder::new()
-                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-                    ))
-                    .build_https(),
-            )
-            .load()
-            .await;
+        let conf =
+            leasehold_provider_aws_sts::sdk_config("us-east-1", Some(&self.moto.endpoint()), creds)
+                .await;
         let who = aws_sdk_sts::Client::new(&conf)
             .get_caller_identity()
             .send()

@@ -54,18 +54,7 @@ async fn real_aws_enforces_the_deny_after_revoke() {
         None,
         "lease",
     );
-    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(region))
-        .credentials_provider(creds)
-        .http_client(
-            aws_smithy_http_client::Builder::new()
-                .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                    aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-                ))
-                .build_https(),
-        )
-        .load()
-        .await;
+    let conf = leasehold_provider_aws_sts::sdk_config(&region, None, creds).await;
     let iam = aws_sdk_iam::Client::new(&conf);
     let role_name = arn.rsplit('/').next().unwrap();
     // the role lets its sessions read itself (see the setup): works now

@@ -389,6 +389,29 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+/// An error and its sources, one line: for provider messages built from a
+/// client library's error (never from a response body).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+/// Is `host` (a name or an IP literal, brackets allowed) a loopback address?
+/// Providers allow plain-text transports only to these.
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost"
+        || h.parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
 /// A credential found at a provider's peer by [`Provider::inventory`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {

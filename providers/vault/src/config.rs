@@ -155,15 +155,6 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Is this host a loopback address (plain HTTP allowed)?
-fn is_loopback(host: &str) -> bool {
-    let h = host.trim_start_matches('[').trim_end_matches(']');
-    h == "localhost"
-        || h.parse::<std::net::IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false)
-}
-
 /// A path segment list that stays inside the API: no empty, `.` or `..`
 /// segments, only characters Vault paths use.
 fn check_path(path: &str) -> Result<(), String> {
@@ -217,7 +208,7 @@ impl VaultConfig {
         }
         match scheme {
             "https" => {}
-            "http" if is_loopback(host) => {}
+            "http" if leasehold_provider::is_loopback_host(host) => {}
             "http" => {
                 return Err(err(
                     "address",

@@ -126,7 +126,8 @@ impl Bao {
             child: None,
             mode,
             http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
+                // raft init and unseal fsync; slow on a loaded machine
+                .timeout(Duration::from_secs(60))
                 .build()
                 .unwrap(),
             namespace: None,

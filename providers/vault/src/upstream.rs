@@ -162,18 +162,6 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
-/// The error chain of a transport failure, without the request or body.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
-}
-
 /// A header value the middleware can carry (it would panic on others).
 pub(crate) fn header_safe(v: &str) -> bool {
     !v.is_empty() && v.bytes().all(|b| b.is_ascii_graphic())
@@ -202,7 +190,8 @@ impl Upstream {
             )
             .timeout(Some(Duration::from_secs(cfg.request_timeout_seconds)));
         let settings = b.build().map_err(|e| format!("address: {e}"))?;
-        let client = VaultClient::new(settings).map_err(|e| format!("client: {}", chain(&e)))?;
+        let client = VaultClient::new(settings)
+            .map_err(|e| format!("client: {}", leasehold_provider::error_chain(&e)))?;
         Ok(Self {
             client,
             namespace: cfg
@@ -256,7 +245,7 @@ impl Upstream {
                     .unwrap_or_default();
                 Err(Failure::Status { code, errors })
             }
-            Err(e) => Err(Failure::Unreachable(chain(&e))),
+            Err(e) => Err(Failure::Unreachable(leasehold_provider::error_chain(&e))),
         }
     }
 }
