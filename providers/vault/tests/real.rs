@@ -688,3 +688,26 @@ async fn a_namespace_and_its_mounts_are_configurable() {
     let (code, _) = bao.api(Method::GET, "sys/mounts/team-db", None).await;
     assert_ne!(code, 200, "team-db is mounted outside the namespace too");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewable_token_is_renewed_in_the_background() {
+    let (env, _) = Env::start(Bao::dev(), "1h").await;
+    // a 4 s token with no maximum: alive after 10 s only if renewed
+    let short = env.bao.token(&["leasehold-broker"], "4s").await;
+    let p = env.provider(&short).await;
+    p.health().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (code, v) = env
+        .bao
+        .api(
+            Method::POST,
+            "auth/token/lookup",
+            Some(json!({ "token": short })),
+        )
+        .await;
+    assert_eq!(code, 200, "the token expired: it was not renewed: {v}");
+    assert!(v["data"]["ttl"].as_u64().unwrap() > 0, "{v}");
+    // the same token, still the broker's
+    let (s, issued) = mint(&p, spec("ro", Duration::from_secs(60))).await;
+    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+}
