@@ -69,6 +69,8 @@ pub struct Bao {
     http: reqwest::Client,
     /// Sent as `X-Vault-Namespace` with every request, when set.
     pub namespace: Option<String>,
+    /// Dev mode over TLS, with the CA the server made.
+    tls: bool,
 }
 
 impl Bao {
@@ -131,11 +133,33 @@ impl Bao {
                 .build()
                 .unwrap(),
             namespace: None,
+            tls: false,
         }
     }
 
+    /// A dev-mode server over HTTPS (`-dev-tls`): its CA is [`Bao::ca_file`].
+    pub fn dev_tls() -> Self {
+        let mut b = Self::new(Mode::Dev);
+        b.root_token = format!("root-{}", random_hex(8));
+        b.tls = true;
+        b.start();
+        let ca = std::fs::read(b.ca_file()).unwrap();
+        b.http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .build()
+            .unwrap();
+        b
+    }
+
+    /// The CA of a [`Bao::dev_tls`] server.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("vault-ca.pem")
+    }
+
     pub fn addr(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Start the server (again, on the same port). A persistent server
@@ -155,6 +179,10 @@ impl Bao {
                     .arg(format!("-dev-root-token-id={}", self.root_token))
                     .arg(format!("-dev-listen-address=127.0.0.1:{}", self.port))
                     .arg("-dev-no-store-token");
+                if self.tls {
+                    cmd.arg("-dev-tls")
+                        .arg(format!("-dev-tls-cert-dir={}", self.dir.path().display()));
+                }
             }
             Mode::File { .. } => {
                 cmd.arg(format!(
@@ -424,7 +452,7 @@ impl Bao {
         );
         crate::VaultConfig {
             address: self.addr(),
-            ca_file: None,
+            ca_file: self.tls.then(|| self.ca_file()),
             namespace: self.namespace.clone(),
             auth,
             lease_token_role: Some("leasehold-lease".into()),

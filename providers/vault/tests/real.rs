@@ -711,3 +711,22 @@ async fn a_renewable_token_is_renewed_in_the_background() {
     let (s, issued) = mint(&p, spec("ro", Duration::from_secs(60))).await;
     p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_upstream_is_verified_against_the_configured_ca() {
+    let (env, token) = Env::start(Bao::dev_tls(), "1h").await;
+    let p = env.provider(&token).await;
+    assert!(env.bao.addr().starts_with("https://"));
+    p.health().await.unwrap();
+    let (s, issued) = mint(&p, spec("ro", Duration::from_secs(60))).await;
+    assert!(Login(&env.pg).usable(&s, &issued.credential).await.unwrap());
+    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    // without the CA, the server's self-made certificate is not trusted
+    let f = env.token_file(&token);
+    let mut cfg = env.config(AuthConfig::Token { token_file: f });
+    cfg.ca_file = None;
+    let untrusting = VaultProvider::new(cfg, 3600).unwrap();
+    let e = untrusting.health().await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Retryable, "{e}");
+    assert!(e.message.to_lowercase().contains("certificate"), "{e}");
+}
