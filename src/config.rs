@@ -374,6 +374,32 @@ impl<'de> Deserialize<'de> for ProviderConfig {
 }
 
 impl ProviderConfig {
+    /// Every role the provider offers, with its `max_ttl_seconds`.
+    pub fn role_ttls(&self) -> Vec<(&str, u64)> {
+        match self {
+            Self::Token(t) => t
+                .roles
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.max_ttl_seconds))
+                .collect(),
+            Self::Postgres(p) => p
+                .roles
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.max_ttl_seconds))
+                .collect(),
+            Self::Vault(v) => v
+                .roles
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.max_ttl_seconds))
+                .collect(),
+            Self::AwsSts(a) => a
+                .roles
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.max_ttl_seconds))
+                .collect(),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Token(_) => "token",
@@ -588,48 +614,18 @@ impl Config {
 
     /// Every provider role, as the policy engine sees them.
     pub fn provider_roles(&self) -> Vec<crate::policy::RoleEntity> {
-        let mut out = Vec::new();
-        for (name, p) in &self.providers {
-            match p {
-                ProviderConfig::Token(t) => {
-                    for (role, r) in &t.roles {
-                        out.push(crate::policy::RoleEntity {
-                            provider: name.clone(),
-                            role: role.clone(),
-                            max_ttl: r.max_ttl_seconds,
-                        });
-                    }
-                }
-                ProviderConfig::Postgres(p) => {
-                    for (role, r) in &p.roles {
-                        out.push(crate::policy::RoleEntity {
-                            provider: name.clone(),
-                            role: role.clone(),
-                            max_ttl: r.max_ttl_seconds,
-                        });
-                    }
-                }
-                ProviderConfig::Vault(v) => {
-                    for (role, r) in &v.roles {
-                        out.push(crate::policy::RoleEntity {
-                            provider: name.clone(),
-                            role: role.clone(),
-                            max_ttl: r.max_ttl_seconds,
-                        });
-                    }
-                }
-                ProviderConfig::AwsSts(a) => {
-                    for (role, r) in &a.roles {
-                        out.push(crate::policy::RoleEntity {
-                            provider: name.clone(),
-                            role: role.clone(),
-                            max_ttl: r.max_ttl_seconds,
-                        });
-                    }
-                }
-            }
-        }
-        out
+        self.providers
+            .iter()
+            .flat_map(|(name, p)| {
+                p.role_ttls()
+                    .into_iter()
+                    .map(|(role, max_ttl)| crate::policy::RoleEntity {
+                        provider: name.clone(),
+                        role: role.to_owned(),
+                        max_ttl,
+                    })
+            })
+            .collect()
     }
 
     /// The configuration as TOML that [`Config::from_toml`] reads back.
@@ -809,38 +805,23 @@ impl Config {
             if !is_name(name) {
                 return Err(invalid(field, "provider names are 1-64 of [A-Za-z0-9_-]"));
             }
-            match p {
-                ProviderConfig::Token(t) => validate_token(&field, t, l)?,
-                ProviderConfig::Postgres(p) => {
-                    p.validate(l.max_lease_ttl_seconds)
-                        .map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
-                    if let Some(role) = p.roles.keys().find(|r| !is_name(r)) {
-                        return Err(invalid(
-                            format!("{field}.roles.{role}"),
-                            "role names are 1-64 of [A-Za-z0-9_-]",
-                        ));
-                    }
+            let max = l.max_lease_ttl_seconds;
+            let own = match p {
+                // the token provider's checks are the broker's own
+                ProviderConfig::Token(t) => {
+                    validate_token(&field, t, l)?;
+                    Ok(())
                 }
-                ProviderConfig::Vault(v) => {
-                    v.validate(l.max_lease_ttl_seconds)
-                        .map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
-                    if let Some(role) = v.roles.keys().find(|r| !is_name(r)) {
-                        return Err(invalid(
-                            format!("{field}.roles.{role}"),
-                            "role names are 1-64 of [A-Za-z0-9_-]",
-                        ));
-                    }
-                }
-                ProviderConfig::AwsSts(a) => {
-                    a.validate(l.max_lease_ttl_seconds)
-                        .map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
-                    if let Some(role) = a.roles.keys().find(|r| !is_name(r)) {
-                        return Err(invalid(
-                            format!("{field}.roles.{role}"),
-                            "role names are 1-64 of [A-Za-z0-9_-]",
-                        ));
-                    }
-                }
+                ProviderConfig::Postgres(c) => c.validate(max),
+                ProviderConfig::Vault(c) => c.validate(max),
+                ProviderConfig::AwsSts(c) => c.validate(max),
+            };
+            own.map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
+            if let Some((role, _)) = p.role_ttls().into_iter().find(|(r, _)| !is_name(r)) {
+                return Err(invalid(
+                    format!("{field}.roles.{role}"),
+                    "role names are 1-64 of [A-Za-z0-9_-]",
+                ));
             }
         }
         Ok(())

@@ -33,6 +33,19 @@ pub struct ProviderEntry {
     pub postgres: Option<Arc<leasehold_provider_postgres::PostgresProvider>>,
 }
 
+impl ProviderEntry {
+    /// A provider the broker needs nothing more of than the trait.
+    fn plain(name: &str, provider: Arc<dyn Provider>) -> Self {
+        Self {
+            name: name.to_owned(),
+            description: provider.describe(),
+            provider,
+            token: None,
+            postgres: None,
+        }
+    }
+}
+
 /// Every provider of this broker, by name.
 #[derive(Debug, Clone, Default)]
 pub struct Providers {
@@ -112,35 +125,19 @@ impl Providers {
                 }
                 ProviderConfig::AwsSts(ac) => {
                     let c = clock.clone();
-                    let p: Arc<dyn Provider> = Arc::new(
-                        leasehold_provider_aws_sts::AwsStsProvider::new(
-                            ac.clone(),
-                            max_ttl,
-                            Arc::new(move || c.now()),
-                            None,
-                        )
-                        .map_err(|e| err(e.to_string()))?,
-                    );
-                    ProviderEntry {
-                        name: name.clone(),
-                        description: p.describe(),
-                        provider: p,
-                        token: None,
-                        postgres: None,
-                    }
+                    let p = leasehold_provider_aws_sts::AwsStsProvider::new(
+                        ac.clone(),
+                        max_ttl,
+                        Arc::new(move || c.now()),
+                        None,
+                    )
+                    .map_err(|e| err(e.to_string()))?;
+                    ProviderEntry::plain(name, Arc::new(p))
                 }
                 ProviderConfig::Vault(vc) => {
-                    let p: Arc<dyn Provider> = Arc::new(
-                        leasehold_provider_vault::VaultProvider::new(vc.clone(), max_ttl)
-                            .map_err(|e| err(e.to_string()))?,
-                    );
-                    ProviderEntry {
-                        name: name.clone(),
-                        description: p.describe(),
-                        provider: p,
-                        token: None,
-                        postgres: None,
-                    }
+                    let p = leasehold_provider_vault::VaultProvider::new(vc.clone(), max_ttl)
+                        .map_err(|e| err(e.to_string()))?;
+                    ProviderEntry::plain(name, Arc::new(p))
                 }
             };
             map.insert(name.clone(), entry);
@@ -150,17 +147,8 @@ impl Providers {
 
     /// Register an already-built provider (tests inject failing peers).
     pub fn insert(&mut self, name: &str, provider: Arc<dyn Provider>) {
-        let description = provider.describe();
-        self.map.insert(
-            name.to_owned(),
-            ProviderEntry {
-                name: name.to_owned(),
-                provider,
-                description,
-                token: None,
-                postgres: None,
-            },
-        );
+        self.map
+            .insert(name.to_owned(), ProviderEntry::plain(name, provider));
     }
 
     pub fn get(&self, name: &str) -> Option<&ProviderEntry> {

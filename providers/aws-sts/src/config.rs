@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use leasehold_provider::ConfigError;
+
 /// The placeholder a session policy template may carry for the call's scope.
 pub const SCOPE_PLACEHOLDER: &str = "{{scope}}";
 /// AWS's bounds on `DurationSeconds`.
@@ -80,20 +82,6 @@ pub(crate) mod defaults {
     }
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
-
-fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
 /// The name part of a role ARN, checked.
 pub fn role_name(arn: &str) -> Result<&str, String> {
     let rest = arn.strip_prefix("arn:").ok_or("must start with arn:")?;
@@ -146,18 +134,18 @@ impl AwsStsConfig {
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         {
-            return Err(err("region", "e.g. us-east-1"));
+            return Err(ConfigError::new("region", "e.g. us-east-1"));
         }
         if let Some(u) = &self.endpoint_url {
             let (scheme, rest) = u
                 .split_once("://")
-                .ok_or_else(|| err("endpoint_url", "must start with https://"))?;
+                .ok_or_else(|| ConfigError::new("endpoint_url", "must start with https://"))?;
             let host = rest.split(['/', ':']).next().unwrap_or_default();
             match scheme {
                 "https" => {}
                 "http" if leasehold_provider::is_loopback_host(host) => {}
                 _ => {
-                    return Err(err(
+                    return Err(ConfigError::new(
                         "endpoint_url",
                         "must be https:// (http:// only to a loopback address)",
                     ));
@@ -168,25 +156,28 @@ impl AwsStsConfig {
             || self.deny_policy_name.len() > 128
             || !is_iam_word(&self.deny_policy_name)
         {
-            return Err(err("deny_policy_name", "1-128 of [A-Za-z0-9+=,.@_-]"));
+            return Err(ConfigError::new(
+                "deny_policy_name",
+                "1-128 of [A-Za-z0-9+=,.@_-]",
+            ));
         }
         if !(1_024..=ROLE_INLINE_POLICY_MAX).contains(&self.deny_policy_max_chars) {
-            return Err(err(
+            return Err(ConfigError::new(
                 "deny_policy_max_chars",
                 format!("must be 1024-{ROLE_INLINE_POLICY_MAX}"),
             ));
         }
         if !(1..=10).contains(&self.max_attempts) {
-            return Err(err("max_attempts", "must be 1-10"));
+            return Err(ConfigError::new("max_attempts", "must be 1-10"));
         }
         if self.roles.is_empty() {
-            return Err(err("roles", "at least one role is required"));
+            return Err(ConfigError::new("roles", "at least one role is required"));
         }
         for (name, r) in &self.roles {
             let f = |k: &str| format!("roles.{name}.{k}");
-            role_name(&r.role_arn).map_err(|m| err(f("role_arn"), m))?;
+            role_name(&r.role_arn).map_err(|m| ConfigError::new(f("role_arn"), m))?;
             if !(MIN_SESSION_SECONDS..=MAX_SESSION_SECONDS).contains(&r.max_ttl_seconds) {
-                return Err(err(
+                return Err(ConfigError::new(
                     f("max_ttl_seconds"),
                     format!(
                         "AWS sessions last {MIN_SESSION_SECONDS}-{MAX_SESSION_SECONDS} s; set the role's MaxSessionDuration or less"
@@ -194,23 +185,24 @@ impl AwsStsConfig {
                 ));
             }
             if r.max_ttl_seconds > max_ttl.max(MIN_SESSION_SECONDS) {
-                return Err(err(
+                return Err(ConfigError::new(
                     f("max_ttl_seconds"),
                     format!("above the broker's limits.max_lease_ttl_seconds ({max_ttl})"),
                 ));
             }
             let template = match &r.session_policy {
                 Some(t) => serde_json::from_str::<serde_json::Value>(t)
-                    .map_err(|e| err(f("session_policy"), format!("not JSON: {e}")))?,
+                    .map_err(|e| ConfigError::new(f("session_policy"), format!("not JSON: {e}")))?,
                 None => crate::policy::allow_all(),
             };
-            crate::policy::check_template(&template).map_err(|m| err(f("session_policy"), m))?;
+            crate::policy::check_template(&template)
+                .map_err(|m| ConfigError::new(f("session_policy"), m))?;
             let scoped = r
                 .session_policy
                 .as_ref()
                 .is_some_and(|t| t.contains(SCOPE_PLACEHOLDER));
             if scoped == r.scopes.is_empty() {
-                return Err(err(
+                return Err(ConfigError::new(
                     f("scopes"),
                     "list the allowed scopes exactly when the session policy uses {{scope}}",
                 ));
@@ -218,7 +210,7 @@ impl AwsStsConfig {
             for s in &r.scopes {
                 let v = s.strip_suffix('*').unwrap_or(s);
                 if !(is_scope_value(v) || s == "*") {
-                    return Err(err(
+                    return Err(ConfigError::new(
                         f("scopes"),
                         format!("`{s}` has characters a scope cannot use"),
                     ));
@@ -235,12 +227,15 @@ impl AwsStsConfig {
             if let Err(m) = crate::policy::session_policy(&template, sample, r.allow_role_chaining)
                 && !r.scopes.iter().any(|s| s.ends_with('*'))
             {
-                return Err(err(f("session_policy"), m));
+                return Err(ConfigError::new(f("session_policy"), m));
             }
             if let Some(x) = &r.external_id
                 && (x.len() < 2 || x.len() > 1224 || !x.chars().all(|c| c.is_ascii_graphic()))
             {
-                return Err(err(f("external_id"), "2-1224 printable characters"));
+                return Err(ConfigError::new(
+                    f("external_id"),
+                    "2-1224 printable characters",
+                ));
             }
         }
         Ok(())

@@ -347,7 +347,7 @@ impl AwsStsProvider {
             Ok(out) => {
                 // IAM returns the document URL-encoded
                 let raw = out.policy_document();
-                let text = percent_decode(raw);
+                let text = url_decode(raw);
                 DenyDoc::parse(&text).map_err(|m| {
                     ProviderError::permanent(format!(
                         "role {role_name}: policy {}: {m}",
@@ -471,7 +471,7 @@ pub async fn sdk_config(
 
 /// IAM returns policy documents URL-encoded (`%7B%22Version…`); decode
 /// `%XX` unless the text is already JSON.
-fn percent_decode(s: &str) -> String {
+pub fn url_decode(s: &str) -> String {
     if s.trim_start().starts_with('{') {
         return s.to_owned();
     }
@@ -479,7 +479,7 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let hex = (b[i] == b'%' && i + 2 < b.len() + 1 && i + 3 <= b.len())
+        let hex = (b[i] == b'%' && i + 3 <= b.len())
             .then(|| std::str::from_utf8(&b[i + 1..i + 3]).ok())
             .flatten()
             .and_then(|h| u8::from_str_radix(h, 16).ok());
@@ -770,7 +770,7 @@ mod tests {
 
     #[test]
     fn policy_documents_from_iam_are_url_decoded() {
-        assert_eq!(percent_decode("%7B%22a%22%3A1%7D"), "{\"a\":1}");
-        assert_eq!(percent_decode("{\"a\":\"%7B\"}"), "{\"a\":\"%7B\"}");
+        assert_eq!(url_decode("%7B%22a%22%3A1%7D"), "{\"a\":1}");
+        assert_eq!(url_decode("{\"a\":\"%7B\"}"), "{\"a\":\"%7B\"}");
     }
 }

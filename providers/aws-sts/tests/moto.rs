@@ -210,19 +210,7 @@ async fn revocation_puts_the_session_in_the_roles_deny_policy() {
         .send()
         .await
         .unwrap();
-    let text = doc.policy_document().to_owned();
-    let decoded = if text.starts_with('{') {
-        text
-    } else {
-        text.replace("%22", "\"")
-            .replace("%7B", "{")
-            .replace("%7D", "}")
-            .replace("%3A", ":")
-            .replace("%2C", ",")
-            .replace("%5B", "[")
-            .replace("%5D", "]")
-            .replace("%2A", "*")
-    };
+    let decoded = leasehold_provider_aws_sts::url_decode(doc.policy_document());
     assert!(decoded.contains(&s.lease_id), "{decoded}");
     assert!(decoded.contains("aws:SourceIdentity"), "{decoded}");
     assert!(decoded.contains("\"Deny\""), "{decoded}");
@@ -433,7 +421,7 @@ async fn throttling_is_retried_then_retryable_and_the_request_carries_the_lease(
         .split('&')
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k.to_owned(), decode(v))
+            (k.to_owned(), leasehold_provider_aws_sts::url_decode(v))
         })
         .collect();
     let get = |k: &str| {
@@ -479,22 +467,4 @@ async fn throttling_is_retried_then_retryable_and_the_request_carries_the_lease(
     let text = policy.to_string();
     assert!(text.contains("arn:aws:s3:::reports/summary/*"), "{text}");
     assert!(text.contains("sts:AssumeRole*"), "{text}");
-}
-
-fn decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            out.push(
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap(), 16).unwrap(),
-            );
-            i += 3;
-        } else {
-            out.push(if b[i] == b'+' { b' ' } else { b[i] });
-            i += 1;
-        }
-    }
-    String::from_utf8(out).unwrap()
 }

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use leasehold_provider::ConfigError;
+
 use crate::template::{Placeholder, Template};
 
 /// Lease ids are `lease_` and 26 base32 characters.
@@ -146,22 +148,6 @@ mod defaults {
     }
 }
 
-/// A configuration error: the field (relative to the provider's table) and
-/// what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
-
-fn bad(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
 /// A loopback host or a Unix socket directory: plain TCP is acceptable.
 pub fn is_local(host: &str) -> bool {
     host.starts_with('/')
@@ -176,31 +162,38 @@ impl PostgresConfig {
     /// `max_ttl` is the broker's ceiling for any lease.
     pub fn validate(&self, max_ttl: u64) -> Result<(), ConfigError> {
         if self.host.is_empty() {
-            return Err(bad("host", "must not be empty"));
+            return Err(ConfigError::new("host", "must not be empty"));
         }
         if self.port == 0 {
-            return Err(bad("port", "must not be 0"));
+            return Err(ConfigError::new("port", "must not be 0"));
         }
         if self.database.is_empty() {
-            return Err(bad("database", "must not be empty"));
+            return Err(ConfigError::new("database", "must not be empty"));
         }
         if self.user.is_empty() {
-            return Err(bad("user", "must not be empty"));
+            return Err(ConfigError::new("user", "must not be empty"));
         }
         match (&self.password_file, &self.password_env) {
             (Some(_), Some(_)) => {
-                return Err(bad(
+                return Err(ConfigError::new(
                     "password_file",
                     "set either password_file or password_env, not both",
                 ));
             }
-            (None, None) => return Err(bad("password_file", "set password_file or password_env")),
-            (_, Some(e)) if e.is_empty() => return Err(bad("password_env", "must not be empty")),
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "password_file",
+                    "set password_file or password_env",
+                ));
+            }
+            (_, Some(e)) if e.is_empty() => {
+                return Err(ConfigError::new("password_env", "must not be empty"));
+            }
             _ => {}
         }
         match self.tls {
             TlsMode::Disable if !is_local(&self.host) => {
-                return Err(bad(
+                return Err(ConfigError::new(
                     "tls",
                     format!(
                         "`disable` sends the management password in clear: only for loopback or a socket directory, not `{}`",
@@ -209,7 +202,7 @@ impl PostgresConfig {
                 ));
             }
             TlsMode::VerifyFull if self.ca_file.is_none() => {
-                return Err(bad(
+                return Err(ConfigError::new(
                     "ca_file",
                     "tls = \"verify-full\" needs the PEM file of the server's CA",
                 ));
@@ -217,10 +210,13 @@ impl PostgresConfig {
             _ => {}
         }
         if !(1..=256).contains(&self.pool_size) {
-            return Err(bad("pool_size", "must be between 1 and 256"));
+            return Err(ConfigError::new("pool_size", "must be between 1 and 256"));
         }
         if !(1..=60).contains(&self.connect_timeout_seconds) {
-            return Err(bad("connect_timeout_seconds", "must be between 1 and 60"));
+            return Err(ConfigError::new(
+                "connect_timeout_seconds",
+                "must be between 1 and 60",
+            ));
         }
         let p = &self.role_prefix;
         let prefix_ok = p.len() <= MAX_IDENTIFIER - LEASE_ID_LEN
@@ -228,7 +224,7 @@ impl PostgresConfig {
             && p.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !prefix_ok {
-            return Err(bad(
+            return Err(ConfigError::new(
                 "role_prefix",
                 format!(
                     "1-{} of [a-z0-9_], starting with a letter (role names are the prefix and a {LEASE_ID_LEN}-character lease id, within PostgreSQL's {MAX_IDENTIFIER}-byte limit)",
@@ -237,38 +233,47 @@ impl PostgresConfig {
             ));
         }
         if !(16..=128).contains(&self.password_length) {
-            return Err(bad("password_length", "must be between 16 and 128"));
+            return Err(ConfigError::new(
+                "password_length",
+                "must be between 16 and 128",
+            ));
         }
         let alphabet: BTreeSet<char> = self.password_alphabet.chars().collect();
         if alphabet.len() != self.password_alphabet.chars().count() {
-            return Err(bad(
+            return Err(ConfigError::new(
                 "password_alphabet",
                 "repeats a character (that would bias the passwords)",
             ));
         }
         if alphabet.len() < 16 || !alphabet.iter().all(|c| c.is_ascii_graphic()) {
-            return Err(bad(
+            return Err(ConfigError::new(
                 "password_alphabet",
                 "at least 16 distinct printable ASCII characters, no spaces",
             ));
         }
         if !(1..=1_000_000).contains(&self.scram_iterations) {
-            return Err(bad("scram_iterations", "must be between 1 and 1000000"));
+            return Err(ConfigError::new(
+                "scram_iterations",
+                "must be between 1 and 1000000",
+            ));
         }
         if self.scram_iterations < 4096 && self.password_length * 6 < 128 {
-            return Err(bad(
+            return Err(ConfigError::new(
                 "scram_iterations",
                 "below 4096 only with passwords of at least 22 characters (128 bits): stretching is what protects shorter ones",
             ));
         }
         if !(100..=60_000).contains(&self.terminate_wait_millis) {
-            return Err(bad(
+            return Err(ConfigError::new(
                 "terminate_wait_millis",
                 "must be between 100 and 60000",
             ));
         }
         if self.roles.is_empty() {
-            return Err(bad("roles", "configure at least one role template"));
+            return Err(ConfigError::new(
+                "roles",
+                "configure at least one role template",
+            ));
         }
         for (name, r) in &self.roles {
             r.validate(&format!("roles.{name}"), max_ttl)?;
@@ -291,20 +296,20 @@ impl PostgresRole {
 
     fn validate(&self, field: &str, max_ttl: u64) -> Result<(), ConfigError> {
         if self.max_ttl_seconds == 0 || self.max_ttl_seconds > max_ttl {
-            return Err(bad(
+            return Err(ConfigError::new(
                 format!("{field}.max_ttl_seconds"),
                 format!("must be between 1 and {max_ttl}"),
             ));
         }
         if !(1..=10_000).contains(&self.connection_limit) {
-            return Err(bad(
+            return Err(ConfigError::new(
                 format!("{field}.connection_limit"),
                 "must be between 1 and 10000",
             ));
         }
         for (i, g) in self.in_roles.iter().enumerate() {
             if g.is_empty() || g.len() > MAX_IDENTIFIER || g.contains('\0') {
-                return Err(bad(
+                return Err(ConfigError::new(
                     format!("{field}.in_roles[{i}]"),
                     format!("1-{MAX_IDENTIFIER} bytes, no NUL"),
                 ));
@@ -313,16 +318,16 @@ impl PostgresRole {
         for (scope, groups) in &self.scope_roles {
             let f = format!("{field}.scope_roles.{scope}");
             if scope.is_empty() || scope.len() > 128 {
-                return Err(bad(f, "a scope name of 1-128 bytes"));
+                return Err(ConfigError::new(f, "a scope name of 1-128 bytes"));
             }
             if groups.is_empty() {
-                return Err(bad(f, "list at least one group role"));
+                return Err(ConfigError::new(f, "list at least one group role"));
             }
             if let Some(g) = groups
                 .iter()
                 .find(|g| g.is_empty() || g.len() > MAX_IDENTIFIER || g.contains('\0'))
             {
-                return Err(bad(
+                return Err(ConfigError::new(
                     f,
                     format!(
                         "`{}`: group role names are 1-{MAX_IDENTIFIER} bytes, no NUL",
@@ -333,12 +338,13 @@ impl PostgresRole {
         }
         let mut uses_scope = false;
         for (i, s) in self.statements.iter().enumerate() {
-            let t = Template::parse(s).map_err(|m| bad(format!("{field}.statements[{i}]"), m))?;
+            let t = Template::parse(s)
+                .map_err(|m| ConfigError::new(format!("{field}.statements[{i}]"), m))?;
             uses_scope |= t.uses(Placeholder::Scope);
         }
         for (i, s) in self.revocation_statements.iter().enumerate() {
             let t = Template::parse(s)
-                .map_err(|m| bad(format!("{field}.revocation_statements[{i}]"), m))?;
+                .map_err(|m| ConfigError::new(format!("{field}.revocation_statements[{i}]"), m))?;
             if let Some(p) = [
                 Placeholder::Password,
                 Placeholder::Expiration,
@@ -347,7 +353,7 @@ impl PostgresRole {
             .into_iter()
             .find(|p| t.uses(*p))
             {
-                return Err(bad(
+                return Err(ConfigError::new(
                     format!("{field}.revocation_statements[{i}]"),
                     format!(
                         "only {{{{name}}}} is known at revocation, not {{{{{}}}}}",
@@ -363,20 +369,20 @@ impl PostgresRole {
                     .iter()
                     .any(|p| p.is_empty() || p.len() > MAX_IDENTIFIER || p.contains('\0'))
             {
-                return Err(bad(
+                return Err(ConfigError::new(
                     format!("{field}.scopes[{i}]"),
                     "a name or schema.name, each 1-63 bytes",
                 ));
             }
         }
         if uses_scope && self.scopes.is_empty() {
-            return Err(bad(
+            return Err(ConfigError::new(
                 format!("{field}.scopes"),
                 "statements use {{scope}}: list the scopes a call may ask for",
             ));
         }
         if !uses_scope && !self.scopes.is_empty() {
-            return Err(bad(
+            return Err(ConfigError::new(
                 format!("{field}.statements"),
                 "scopes are listed but no statement uses {{scope}}",
             ));

@@ -412,6 +412,25 @@ pub fn is_loopback_host(host: &str) -> bool {
             .unwrap_or(false)
 }
 
+/// A provider configuration error: the field (relative to the provider's
+/// table in the broker's config) and what is wrong with it. The broker
+/// prefixes the field with `providers.NAME.`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// A credential found at a provider's peer by [`Provider::inventory`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {

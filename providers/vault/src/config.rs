@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use leasehold_provider::ConfigError;
+
 /// The placeholder a role's `path` may carry for the call's scope.
 pub const SCOPE_PLACEHOLDER: &str = "{{scope}}";
 
@@ -140,21 +142,6 @@ pub(crate) mod defaults {
     }
 }
 
-/// A config error naming the field (relative to the provider's table).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct ConfigError {
-    pub field: String,
-    pub message: String,
-}
-
-fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
 /// A path segment list that stays inside the API: no empty, `.` or `..`
 /// segments, only characters Vault paths use.
 fn check_path(path: &str) -> Result<(), String> {
@@ -181,9 +168,9 @@ fn check_path(path: &str) -> Result<(), String> {
 
 /// A mount or role name in a login path or header.
 fn check_name(field: &str, v: &str) -> Result<(), ConfigError> {
-    check_path(v).map_err(|m| err(field, m))?;
+    check_path(v).map_err(|m| ConfigError::new(field, m))?;
     if v.contains('{') {
-        return Err(err(field, "placeholders are not allowed here"));
+        return Err(ConfigError::new(field, "placeholders are not allowed here"));
     }
     Ok(())
 }
@@ -193,7 +180,7 @@ impl VaultConfig {
     /// broker's lease ceiling.
     pub fn validate(&self, max_ttl: u64) -> Result<(), ConfigError> {
         let (scheme, rest) = self.address.split_once("://").ok_or_else(|| {
-            err(
+            ConfigError::new(
                 "address",
                 "must start with https:// (or http:// to loopback)",
             )
@@ -204,21 +191,26 @@ impl VaultConfig {
             _ => host,
         };
         if host.is_empty() {
-            return Err(err("address", "has no host"));
+            return Err(ConfigError::new("address", "has no host"));
         }
         match scheme {
             "https" => {}
             "http" if leasehold_provider::is_loopback_host(host) => {}
             "http" => {
-                return Err(err(
+                return Err(ConfigError::new(
                     "address",
                     "plain http is allowed only to a loopback address; use https",
                 ));
             }
-            _ => return Err(err("address", "must start with https:// or http://")),
+            _ => {
+                return Err(ConfigError::new(
+                    "address",
+                    "must start with https:// or http://",
+                ));
+            }
         }
         if rest.trim_end_matches('/').contains('/') {
-            return Err(err(
+            return Err(ConfigError::new(
                 "address",
                 "give the server's base address only; the API path is added",
             ));
@@ -231,7 +223,10 @@ impl VaultConfig {
             AuthConfig::Approle { mount, role_id, .. } => {
                 check_name("auth.mount", mount)?;
                 if role_id.is_empty() || !role_id.chars().all(|c| c.is_ascii_graphic()) {
-                    return Err(err("auth.role_id", "must be non-empty printable ASCII"));
+                    return Err(ConfigError::new(
+                        "auth.role_id",
+                        "must be non-empty printable ASCII",
+                    ));
                 }
             }
             AuthConfig::Jwt { mount, role, .. } | AuthConfig::Kubernetes { mount, role, .. } => {
@@ -240,7 +235,7 @@ impl VaultConfig {
             }
         }
         if self.lease_token_role.is_none() && !matches!(self.auth, AuthConfig::Token { .. }) {
-            return Err(err(
+            return Err(ConfigError::new(
                 "lease_token_role",
                 format!(
                     "required with `{}` auth: per-lease tokens made without an orphan token role \
@@ -257,34 +252,34 @@ impl VaultConfig {
             check_name(&format!("lease_token_policies[{i}]"), p)?;
         }
         if self.request_timeout_seconds == 0 || self.request_timeout_seconds > 300 {
-            return Err(err("request_timeout_seconds", "must be 1-300"));
+            return Err(ConfigError::new("request_timeout_seconds", "must be 1-300"));
         }
         if self.roles.is_empty() {
-            return Err(err("roles", "at least one role is required"));
+            return Err(ConfigError::new("roles", "at least one role is required"));
         }
         for (name, r) in &self.roles {
             let f = |k: &str| format!("roles.{name}.{k}");
-            check_path(&r.path).map_err(|m| err(f("path"), m))?;
+            check_path(&r.path).map_err(|m| ConfigError::new(f("path"), m))?;
             let placeholders = r.path.matches("{{").count();
             let scoped = r.path.contains(SCOPE_PLACEHOLDER);
             if placeholders != usize::from(scoped) || r.path.matches(SCOPE_PLACEHOLDER).count() > 1
             {
-                return Err(err(
+                return Err(ConfigError::new(
                     f("path"),
                     "the only placeholder is `{{scope}}`, at most once",
                 ));
             }
             if r.path.replace(SCOPE_PLACEHOLDER, "").contains(['{', '}']) {
-                return Err(err(f("path"), "stray `{` or `}`"));
+                return Err(ConfigError::new(f("path"), "stray `{` or `}`"));
             }
             if scoped && r.scopes.is_empty() {
-                return Err(err(
+                return Err(ConfigError::new(
                     f("scopes"),
                     "a path with `{{scope}}` needs the allowed scopes listed",
                 ));
             }
             if !scoped && !r.scopes.is_empty() {
-                return Err(err(
+                return Err(ConfigError::new(
                     f("scopes"),
                     "scopes need `{{scope}}` in the path to mean anything",
                 ));
@@ -293,20 +288,23 @@ impl VaultConfig {
             for s in &r.scopes {
                 check_name(&f("scopes"), s)?;
                 if s.contains('/') {
-                    return Err(err(f("scopes"), format!("`{s}`: one path segment only")));
+                    return Err(ConfigError::new(
+                        f("scopes"),
+                        format!("`{s}`: one path segment only"),
+                    ));
                 }
                 if !seen.insert(s) {
-                    return Err(err(f("scopes"), format!("`{s}` twice")));
+                    return Err(ConfigError::new(f("scopes"), format!("`{s}` twice")));
                 }
             }
             if r.kind == Kind::Kv2 && !r.path.split('/').any(|s| s == "data") {
-                return Err(err(
+                return Err(ConfigError::new(
                     f("path"),
                     "a KV version 2 read goes through `<mount>/data/<path>`",
                 ));
             }
             if r.max_ttl_seconds == 0 || r.max_ttl_seconds > max_ttl {
-                return Err(err(
+                return Err(ConfigError::new(
                     f("max_ttl_seconds"),
                     format!("must be 1-{max_ttl} (the broker's limits.max_lease_ttl_seconds)"),
                 ));

@@ -66,13 +66,10 @@ const CUBBY: &str = "cubbyhole/leasehold";
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Handle {
     /// `prepare` made this token; `issue` may or may not have read with it.
+    /// The accessor is public: `issue` names it in the lease description.
     Prepared { token: String, accessor: String },
     /// An upstream lease read with the per-lease token.
-    Lease {
-        lease_id: String,
-        token: String,
-        accessor: String,
-    },
+    Lease { lease_id: String, token: String },
     /// A static (KV) read: nothing upstream to revoke.
     Static,
 }
@@ -488,7 +485,6 @@ impl Provider for VaultProvider {
         let handle = Handle::Lease {
             lease_id: r.lease_id,
             token: token.expose_secret().to_owned(),
-            accessor,
         }
         .encode();
         Ok(Issued {
