@@ -256,12 +256,7 @@ impl AwsStsProvider {
     }
 
     fn role(&self, name: &str) -> Result<&Role, ProviderError> {
-        self.roles.get(name).ok_or_else(|| {
-            ProviderError::invalid(format!(
-                "no role `{name}`; configured: {}",
-                self.roles.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-        })
+        leasehold_provider::configured_role(&self.roles, name)
     }
 
     /// The one scope a call narrows to, checked against the role.

@@ -112,12 +112,7 @@ impl PostgresProvider {
     }
 
     fn role(&self, name: &str) -> Result<&Role, ProviderError> {
-        self.roles.get(name).ok_or_else(|| {
-            ProviderError::invalid(format!(
-                "no role template `{name}`; configured: {}",
-                self.roles.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-        })
+        leasehold_provider::configured_role(&self.roles, name)
     }
 
     /// The scopes a lease gets: the call's, each within the template, or

@@ -389,6 +389,21 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     }
 }
 
+/// A configured role by name, or an `Invalid` error listing the roles there
+/// are (what every provider's `validate` and `issue` answer for an unknown
+/// role).
+pub fn configured_role<'a, R>(
+    roles: &'a BTreeMap<String, R>,
+    name: &str,
+) -> Result<&'a R, ProviderError> {
+    roles.get(name).ok_or_else(|| {
+        ProviderError::invalid(format!(
+            "no role `{name}`; configured: {}",
+            roles.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))
+    })
+}
+
 /// An error and its sources, one line: for provider messages built from a
 /// client library's error (never from a response body).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

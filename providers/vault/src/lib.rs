@@ -115,17 +115,7 @@ fn token_ttl(spec: &LeaseSpec) -> u64 {
 
 impl Inner {
     fn role(&self, name: &str) -> Result<&VaultRole, ProviderError> {
-        self.cfg.roles.get(name).ok_or_else(|| {
-            ProviderError::invalid(format!(
-                "no role `{name}`; configured: {}",
-                self.cfg
-                    .roles
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })
+        leasehold_provider::configured_role(&self.cfg.roles, name)
     }
 
     /// The path a lease of `role` with `scope` reads.
