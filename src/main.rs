@@ -139,6 +139,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 shutdown_signal(),
             ))?;
         }
+        Command::Openapi { output } => {
+            let doc = leasehold::api::openapi::document_json()?;
+            match output {
+                Some(path) => std::fs::write(&path, doc + "\n")
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => println!("{doc}"),
+            }
+        }
         Command::Config {
             command: ConfigCommand::Validate { file, offline },
         } => {

@@ -11,6 +11,7 @@ use axum::extract::{Form, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use super::openapi::{CallsProvider, Conflict, Guarded, Public, WithBody, WithId, WithQuery};
 use super::wire::*;
 use super::{ApiError, AppState};
 use crate::audit::Ctx;
@@ -47,6 +48,15 @@ fn ctx(rid: ReqId, principal: String) -> Ctx {
     Ctx::request(rid.0, principal)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tasks",
+    tag = "tasks",
+    operation_id = "open_task",
+    security(("workload" = [])),
+    request_body = OpenTaskBody,
+    responses(Guarded, WithBody, (status = 201, description = "The task is open.", body = TaskView))
+)]
 pub async fn open_task(
     State(s): State<AppState>,
     WorkloadCaller(w): WorkloadCaller,
@@ -71,6 +81,15 @@ pub async fn open_task(
         .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/tasks/{id}",
+    tag = "tasks",
+    operation_id = "get_task",
+    security(("workload" = []), ("operator" = ["admin"])),
+    params(("id" = String, Path, description = "task id (`task_...`)")),
+    responses(Guarded, WithId, (status = 200, description = "The task with its calls and leases (never a credential).", body = TaskDetail))
+)]
 pub async fn get_task(
     State(s): State<AppState>,
     caller: Caller,
@@ -91,6 +110,15 @@ pub async fn get_task(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/complete",
+    tag = "tasks",
+    operation_id = "complete_task",
+    security(("workload" = [])),
+    params(("id" = String, Path, description = "task id (`task_...`)")),
+    responses(Guarded, WithId, Conflict, (status = 200, description = "Completed; every lease of the task was revoked (or is being retried: `pending`).", body = CompletionView))
+)]
 pub async fn complete_task(
     State(s): State<AppState>,
     WorkloadCaller(w): WorkloadCaller,
@@ -109,6 +137,16 @@ pub async fn complete_task(
     }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/leases",
+    tag = "leases",
+    operation_id = "request_lease",
+    security(("workload" = [])),
+    params(("id" = String, Path, description = "task id (`task_...`)")),
+    request_body = LeaseBody,
+    responses(Guarded, WithBody, WithId, Conflict, CallsProvider, (status = 201, description = "Allowed: the lease and its credential (the only response that carries one).", body = IssuedLeaseView), (status = 202, description = "Waits for a human approver; retry with `approval_id` once approved.", body = ApprovalRequiredView), (status = 403, description = "`policy_denied` with the decision, or another refusal.", body = ErrorBody))
+)]
 pub async fn request_lease(
     State(s): State<AppState>,
     WorkloadCaller(w): WorkloadCaller,
@@ -156,17 +194,29 @@ fn approval_required(
     call: &crate::store::CallRecord,
     approval: &crate::store::ApprovalRecord,
 ) -> Response {
-    let body = serde_json::json!({
-        "decision": "approval_required",
-        "call_id": crate::ids::CallId(call.id).to_string(),
-        "approval_id": crate::ids::ApprovalId(approval.id).to_string(),
-        "expires_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(approval.expires_at)),
-        "policies": call.policies,
-        "message": "a human approver must approve this exact request; retry it with `approval_id` once approved",
-    });
+    let body = ApprovalRequiredView {
+        decision: "approval_required",
+        call_id: crate::ids::CallId(call.id).to_string(),
+        approval_id: crate::ids::ApprovalId(approval.id).to_string(),
+        expires_at: crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(
+            approval.expires_at,
+        )),
+        policies: call.policies.clone(),
+        message: "a human approver must approve this exact request; retry it with `approval_id` once approved",
+    };
     (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tasks/{id}/calls",
+    tag = "tasks",
+    operation_id = "call",
+    security(("workload" = [])),
+    params(("id" = String, Path, description = "task id (`task_...`)")),
+    request_body = CallBody,
+    responses(Guarded, WithBody, WithId, Conflict, CallsProvider, (status = 200, description = "Allowed; with `lease` when the call asked for a credential.", body = CallResponse), (status = 202, description = "Waits for a human approver; retry with `approval_id` once approved.", body = ApprovalRequiredView), (status = 403, description = "`policy_denied` with the decision, or another refusal.", body = ErrorBody))
+)]
 /// Decide one tool call; an allowed call with a credential gets its lease.
 pub async fn call(
     State(s): State<AppState>,
@@ -198,17 +248,14 @@ pub async fn call(
     let c = ctx(rid, format!("workload:{}", w.id));
     let outcome = detached(async move { broker.call(&w, id, params, &c).await }).await?;
     match outcome {
-        CallOutcome::Allowed { call, lease } => {
-            let mut body = serde_json::to_value(CallView::from(&call)).unwrap_or_default();
-            if let Some(issued) = lease {
-                let view = IssuedLeaseView {
-                    lease: LeaseView::from(&issued.lease),
-                    credential: CredentialWire(issued.credential),
-                };
-                body["lease"] = serde_json::to_value(view).unwrap_or_default();
-            }
-            Ok(Json(body).into_response())
-        }
+        CallOutcome::Allowed { call, lease } => Ok(Json(CallResponse {
+            call: CallView::from(&call),
+            lease: lease.map(|issued| IssuedLeaseView {
+                lease: LeaseView::from(&issued.lease),
+                credential: CredentialWire(issued.credential),
+            }),
+        })
+        .into_response()),
         CallOutcome::ApprovalRequired { call, approval } => Ok(approval_required(&call, &approval)),
     }
 }
@@ -217,16 +264,33 @@ fn approver_ctx(rid: ReqId, caller: &Caller) -> Ctx {
     ctx(rid, caller.principal())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/approvals",
+    tag = "approvals",
+    operation_id = "list_approvals",
+    security(("operator" = ["approver", "admin"])),
+    responses(Guarded, (status = 200, description = "Approvals waiting for a decision.", body = ApprovalList))
+)]
 pub async fn list_approvals(
     State(s): State<AppState>,
     caller: Caller,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ApprovalList>, ApiError> {
     let list = s.broker.pending_approvals(&caller)?;
-    Ok(Json(
-        serde_json::json!({"approvals": list.iter().map(ApprovalView::from).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(ApprovalList {
+        approvals: list.iter().map(ApprovalView::from).collect(),
+    }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/approvals/{id}",
+    tag = "approvals",
+    operation_id = "get_approval",
+    security(("workload" = []), ("operator" = ["approver", "admin", "responder"])),
+    params(("id" = String, Path, description = "approval id (`appr_...`)"), WaitParams),
+    responses(Guarded, WithId, WithQuery, (status = 200, description = "The approval (after waiting for a decision, with `wait`).", body = ApprovalView))
+)]
 /// One approval; `?wait=N` long-polls up to N (at most 30) seconds for a decision.
 pub async fn get_approval(
     State(s): State<AppState>,
@@ -249,6 +313,16 @@ fn optional_body<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> Resu
         .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/approvals/{id}/approve",
+    tag = "approvals",
+    operation_id = "approve",
+    security(("operator" = ["approver", "admin"])),
+    params(("id" = String, Path, description = "approval id (`appr_...`)")),
+    request_body(content = Option<DecideBody>, description = "Optional: a comment."),
+    responses(Guarded, WithBody, WithId, Conflict, (status = 200, description = "Approved; the workload may now retry its request once.", body = ApprovalView))
+)]
 pub async fn approve(
     State(s): State<AppState>,
     caller: Caller,
@@ -260,6 +334,16 @@ pub async fn approve(
     decide(s, caller, rid, id, true, body).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/approvals/{id}/deny",
+    tag = "approvals",
+    operation_id = "deny",
+    security(("operator" = ["approver", "admin"])),
+    params(("id" = String, Path, description = "approval id (`appr_...`)")),
+    request_body(content = Option<DecideBody>, description = "A comment is required to deny."),
+    responses(Guarded, WithBody, WithId, Conflict, (status = 200, description = "Denied.", body = ApprovalView))
+)]
 pub async fn deny(
     State(s): State<AppState>,
     caller: Caller,
@@ -291,16 +375,34 @@ async fn decide(
     Ok(Json(ApprovalView::from(&a)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/reviews",
+    tag = "approvals",
+    operation_id = "list_reviews",
+    security(("operator" = ["approver", "admin", "responder"])),
+    responses(Guarded, (status = 200, description = "Break-glass tasks awaiting sign-off.", body = ReviewList))
+)]
 pub async fn list_reviews(
     State(s): State<AppState>,
     caller: Caller,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<ReviewList>, ApiError> {
     let list = s.broker.pending_reviews(&caller)?;
-    Ok(Json(
-        serde_json::json!({"reviews": list.iter().map(ReviewView::from).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(ReviewList {
+        reviews: list.iter().map(ReviewView::from).collect(),
+    }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/reviews/{id}/sign-off",
+    tag = "approvals",
+    operation_id = "sign_off",
+    security(("operator" = ["approver", "admin"])),
+    params(("id" = String, Path, description = "task id (`task_...`) of the review")),
+    request_body = DecideBody,
+    responses(Guarded, WithBody, WithId, Conflict, (status = 200, description = "Signed off.", body = ReviewView))
+)]
 pub async fn sign_off(
     State(s): State<AppState>,
     caller: Caller,
@@ -318,31 +420,43 @@ pub async fn sign_off(
     Ok(Json(ReviewView::from(&r)))
 }
 
-fn policy_view(l: &crate::policy::Loaded) -> serde_json::Value {
-    serde_json::json!({"version": l.version, "policies": l.policy_count, "files": l.files})
-}
-
+#[utoipa::path(
+    get,
+    path = "/v1/policy",
+    tag = "admin",
+    operation_id = "policy",
+    security(("operator" = ["admin"])),
+    responses(Guarded, (status = 200, description = "The policy set in force.", body = PolicyView))
+)]
 /// The policy set in force (admin).
 pub async fn policy(
     State(s): State<AppState>,
     caller: Caller,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<PolicyView>, ApiError> {
     if !caller.has_any_role(&[OperatorRole::Admin]) {
         return Err(ApiError::forbidden(
             "forbidden",
             "the policy endpoints need the admin role",
         ));
     }
-    Ok(Json(policy_view(&s.broker.policy.current())))
+    Ok(Json(PolicyView::from(&*s.broker.policy.current())))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/policy/reload",
+    tag = "admin",
+    operation_id = "reload_policy",
+    security(("operator" = ["admin"])),
+    responses(Guarded, (status = 200, description = "The new set is in force.", body = PolicyView), (status = 422, description = "`policy_invalid` with `problems` (file and line); the previous set stays in force.", body = ErrorBody))
+)]
 /// Reload the policy folder (admin): all or nothing; a bad set is refused
 /// with file and line and the old set stays in force.
 pub async fn reload_policy(
     State(s): State<AppState>,
     caller: Caller,
     rid: ReqId,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<PolicyView>, ApiError> {
     if !caller.has_any_role(&[OperatorRole::Admin]) {
         return Err(ApiError::forbidden(
             "forbidden",
@@ -352,7 +466,7 @@ pub async fn reload_policy(
     let broker = s.broker.clone();
     let by = caller.principal();
     match broker.reload_policy(rid.0, Some(by)).await {
-        Ok(l) => Ok(Json(policy_view(&l))),
+        Ok(l) => Ok(Json(PolicyView::from(&*l))),
         Err(BrokerError::Invalid { message, .. }) => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "policy_invalid",
@@ -366,6 +480,15 @@ pub async fn reload_policy(
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/leases/{id}",
+    tag = "leases",
+    operation_id = "get_lease",
+    security(("workload" = []), ("operator" = ["admin", "responder"])),
+    params(("id" = String, Path, description = "lease id (`lease_...`)")),
+    responses(Guarded, WithId, (status = 200, description = "The lease (never its credential).", body = LeaseView))
+)]
 pub async fn get_lease(
     State(s): State<AppState>,
     caller: Caller,
@@ -375,6 +498,15 @@ pub async fn get_lease(
     Ok(Json(LeaseView::from(&s.broker.get_lease(&caller, id)?)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/leases/{id}/revoke",
+    tag = "leases",
+    operation_id = "revoke_lease",
+    security(("workload" = []), ("operator" = ["admin", "responder"])),
+    params(("id" = String, Path, description = "lease id (`lease_...`)")),
+    responses(Guarded, WithId, Conflict, CallsProvider, (status = 200, description = "Revoked at the provider, or queued for retry (`revoking`); idempotent.", body = LeaseView))
+)]
 pub async fn revoke_lease(
     State(s): State<AppState>,
     caller: Caller,
@@ -390,6 +522,15 @@ pub async fn revoke_lease(
 
 const MAX_PAGE: usize = 1000;
 
+#[utoipa::path(
+    get,
+    path = "/v1/leases",
+    tag = "leases",
+    operation_id = "list_leases",
+    security(("operator" = ["admin", "responder"])),
+    params(LeaseListParams),
+    responses(Guarded, WithQuery, (status = 200, description = "One page of leases, newest last.", body = LeaseListView))
+)]
 pub async fn list_leases(
     State(s): State<AppState>,
     caller: Caller,
@@ -447,12 +588,17 @@ pub async fn list_leases(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/stats",
+    tag = "admin",
+    operation_id = "stats",
+    security(("operator" = ["admin", "responder"])),
+    responses(Guarded, (status = 200, description = "Lease counts and store counters, without a scan.", body = StatsView))
+)]
 /// Lease counts by provider and state, and store commit counters, without
 /// a scan (the store keeps the counts transactionally). Admin, responder.
-pub async fn stats(
-    State(s): State<AppState>,
-    caller: Caller,
-) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<StatsView>, ApiError> {
     if !crate::broker::Broker::is_reader(&caller) {
         return Err(ApiError::forbidden(
             "forbidden",
@@ -465,25 +611,31 @@ pub async fn stats(
         .read()
         .and_then(|r| r.counters())
         .map_err(BrokerError::from)?;
-    let mut leases = serde_json::Map::new();
-    for name in s.broker.providers.names() {
-        let mut by_state = serde_json::Map::new();
-        for st in LeaseState::ALL {
-            let n = counters.get(&(name.to_owned(), st)).copied().unwrap_or(0);
-            by_state.insert(st.as_str().into(), n.into());
-        }
-        leases.insert(name.into(), by_state.into());
-    }
+    let leases = s
+        .broker
+        .providers
+        .names()
+        .map(|name| {
+            let by_state = LeaseState::ALL
+                .iter()
+                .map(|&st| {
+                    let n = counters.get(&(name.to_owned(), st)).copied().unwrap_or(0);
+                    (st.as_str().to_owned(), n)
+                })
+                .collect();
+            (name.to_owned(), by_state)
+        })
+        .collect();
     let stats = s.broker.store.stats();
-    Ok(Json(serde_json::json!({
-        "leases": leases,
-        "store": {
-            "commits": stats.commits.load(Ordering::Relaxed),
-            "operations": stats.operations.load(Ordering::Relaxed),
-            "apply_seconds": stats.apply_micros.load(Ordering::Relaxed) as f64 / 1e6,
-            "commit_seconds": stats.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
+    Ok(Json(StatsView {
+        leases,
+        store: StoreStatsView {
+            commits: stats.commits.load(Ordering::Relaxed),
+            operations: stats.operations.load(Ordering::Relaxed),
+            apply_seconds: stats.apply_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            commit_seconds: stats.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
         },
-    })))
+    }))
 }
 
 fn require_reader(caller: &Caller) -> Result<(), ApiError> {
@@ -509,12 +661,21 @@ fn time_param(name: &str, v: Option<&str>) -> Result<Option<crate::clock::Timest
     .transpose()
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    operation_id = "events",
+    security(("operator" = ["admin", "responder"])),
+    params(EventListParams),
+    responses(Guarded, WithQuery, (status = 200, description = "Events in chain order.", body = EventList))
+)]
 /// The event chain, filtered, in order, paged by `after`.
 pub async fn events(
     State(s): State<AppState>,
     caller: Caller,
     ApiQuery(p): ApiQuery<EventListParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<EventList>, ApiError> {
     require_reader(&caller)?;
     let limit = p.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_PAGE {
@@ -589,13 +750,20 @@ pub async fn events(
                 )
             })?
             .map_err(BrokerError::from)?;
-    let mut body = serde_json::json!({ "events": events });
-    if let Some(n) = next {
-        body["next_cursor"] = n.into();
-    }
-    Ok(Json(body))
+    Ok(Json(EventList {
+        events,
+        next_cursor: next,
+    }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/events/verify",
+    tag = "events",
+    operation_id = "verify_events",
+    security(("operator" = ["admin", "responder"])),
+    responses(Guarded, (status = 200, description = "The verification report (`ok` false names the first break).", body = crate::audit::verify::VerifyReport))
+)]
 /// Verify the whole chain and every checkpoint, now.
 pub async fn verify_events(
     State(s): State<AppState>,
@@ -625,11 +793,16 @@ pub async fn verify_events(
     Ok(Json(report).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/events/chain",
+    tag = "events",
+    operation_id = "chain",
+    security(("operator" = ["admin", "responder"])),
+    responses(Guarded, (status = 200, description = "Base, head and signed checkpoints.", body = ChainView))
+)]
 /// Where the chain starts and ends, and the key its checkpoints verify with.
-pub async fn chain(
-    State(s): State<AppState>,
-    caller: Caller,
-) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn chain(State(s): State<AppState>, caller: Caller) -> Result<Json<ChainView>, ApiError> {
     require_reader(&caller)?;
     let r = s.broker.store.read().map_err(BrokerError::from)?;
     let (base, head) = (
@@ -642,16 +815,29 @@ pub async fn chain(
             serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or(serde_json::Value::Null),
         );
     }
-    Ok(Json(serde_json::json!({
-        "base_seq": base.seq,
-        "base_hash": crate::hex::encode(&base.hash),
-        "head_seq": head.seq,
-        "head_hash": crate::hex::encode(&head.hash),
-        "checkpoint_key": s.broker.checkpoint_key.as_ref().map(|k| k.public_key_text()),
-        "checkpoints": checkpoints,
-    })))
+    Ok(Json(ChainView {
+        base_seq: base.seq,
+        base_hash: crate::hex::encode(&base.hash),
+        head_seq: head.seq,
+        head_hash: crate::hex::encode(&head.hash),
+        checkpoint_key: s
+            .broker
+            .checkpoint_key
+            .as_ref()
+            .map(|k| k.public_key_text()),
+        checkpoints,
+    }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/events/prune",
+    tag = "events",
+    operation_id = "prune_events",
+    security(("operator" = ["admin"])),
+    request_body = PruneBody,
+    responses(Guarded, WithBody, Conflict, (status = 200, description = "Events up to `through_seq` removed; the chain now starts after it.", body = PruneView))
+)]
 /// Drop archived events (admin): the caller proves it holds the archive by
 /// naming the hash of its last event.
 pub async fn prune_events(
@@ -659,7 +845,7 @@ pub async fn prune_events(
     caller: Caller,
     rid: ReqId,
     ApiJson(body): ApiJson<PruneBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<PruneView>, ApiError> {
     if !caller.has_any_role(&[OperatorRole::Admin]) {
         return Err(ApiError::forbidden(
             "forbidden",
@@ -695,11 +881,21 @@ pub async fn prune_events(
         })
         .await
         .map_err(BrokerError::from)?;
-    Ok(Json(
-        serde_json::json!({"pruned": removed, "base_seq": through}),
-    ))
+    Ok(Json(PruneView {
+        pruned: removed,
+        base_seq: through,
+    }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/introspect",
+    tag = "tokens",
+    operation_id = "introspect",
+    security(("operator" = ["resource_server", "admin"])),
+    request_body(content = IntrospectBody, content_type = "application/x-www-form-urlencoded"),
+    responses(Guarded, (status = 200, description = "RFC 7662: `active` false for unknown, revoked or expired tokens.", body = IntrospectionView), (status = 400, description = "`invalid_request`: `token` missing or not a form.", body = ErrorBody))
+)]
 /// RFC 7662 token introspection, for resource servers.
 pub async fn introspect(
     State(s): State<AppState>,
@@ -723,19 +919,32 @@ pub async fn introspect(
     })?;
     let _hint = body.token_type_hint;
     let now = s.broker.clock.now();
-    let mut answer = serde_json::json!({"active": false});
-    for p in s.broker.providers.tokens() {
-        let i = p.introspect(&body.token, now);
-        if i.active {
-            answer = serde_json::to_value(&i).unwrap_or(answer);
-            break;
-        }
-    }
+    let answer = s
+        .broker
+        .providers
+        .tokens()
+        .map(|p| p.introspect(&body.token, now))
+        .find(|i| i.active)
+        .map_or(
+            IntrospectionView {
+                active: false,
+                claims: None,
+                token_type: None,
+            },
+            IntrospectionView::from,
+        );
     Ok(Json(answer).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/.well-known/jwks.json",
+    tag = "tokens",
+    operation_id = "jwks",
+    responses(Public, (status = 200, description = "The public keys of every token provider.", body = JwkSet))
+)]
 /// The public keys of every token provider.
-pub async fn jwks(State(s): State<AppState>) -> Json<serde_json::Value> {
+pub async fn jwks(State(s): State<AppState>) -> Json<JwkSet> {
     let keys: Vec<serde_json::Value> = s
         .broker
         .providers
@@ -743,7 +952,7 @@ pub async fn jwks(State(s): State<AppState>) -> Json<serde_json::Value> {
         .filter_map(|p| p.jwks().get("keys").and_then(|k| k.as_array()).cloned())
         .flatten()
         .collect();
-    Json(serde_json::json!({ "keys": keys }))
+    Json(JwkSet { keys })
 }
 
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -753,6 +962,14 @@ fn metrics_response(s: &AppState) -> Result<Response, ApiError> {
     Ok(([(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)], body).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "admin",
+    operation_id = "metrics",
+    security(("operator" = ["admin", "responder"])),
+    responses(Guarded, (status = 200, description = "Prometheus text exposition. (On `server.metrics_listen`, when configured, it is served without a credential.)", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"))
+)]
 /// Prometheus exposition on the main listener: admin and responder.
 pub async fn metrics(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     if !crate::broker::Broker::is_reader(&caller) {
@@ -770,10 +987,24 @@ pub async fn metrics_open(State(s): State<AppState>) -> Result<Response, ApiErro
     metrics_response(&s)
 }
 
-pub async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+#[utoipa::path(
+    get,
+    path = "/v1/health",
+    tag = "probes",
+    operation_id = "health",
+    responses((status = 200, description = "The process answers.", body = HealthView))
+)]
+pub async fn health() -> Json<HealthView> {
+    Json(HealthView { status: "ok" })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/ready",
+    tag = "probes",
+    operation_id = "ready",
+    responses((status = 200, description = "Ready: not draining, the store and every provider answer.", body = ReadyView), (status = 503, description = "Not ready (draining, or a check failed).", body = ReadyView))
+)]
 /// Ready when not draining, the store answers and every provider's health
 /// check passes. Details of failures are logged, not shown publicly.
 pub async fn ready(State(s): State<AppState>) -> Response {
@@ -811,11 +1042,11 @@ pub async fn ready(State(s): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        code,
-        Json(serde_json::json!({"ready": ok, "checks": checks})),
-    )
-        .into_response()
+    let checks = checks
+        .into_iter()
+        .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_owned()))
+        .collect();
+    (code, Json(ReadyView { ready: ok, checks })).into_response()
 }
 
 /// Every provider's health check, with a timeout each.
@@ -841,6 +1072,34 @@ async fn provider_health(s: &AppState) -> (serde_json::Map<String, serde_json::V
     (checks, ok)
 }
 
+/// This document: OpenAPI 3.1, generated from the handlers and wire types.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "probes",
+    operation_id = "openapi",
+    responses(Public, (status = 200, description = "The OpenAPI 3.1 document of this API.", body = Object))
+)]
+pub async fn openapi_json() -> Response {
+    static DOC: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    match DOC.get_or_init(|| super::openapi::document_json().map_err(|e| e.to_string())) {
+        Ok(doc) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            doc.clone(),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "could not render the OpenAPI document");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+            .into_response()
+        }
+    }
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
@@ -855,6 +1114,15 @@ pub async fn method_not_allowed() -> ApiError {
 
 // === incident response ===
 
+#[utoipa::path(
+    post,
+    path = "/v1/revocations",
+    tag = "incident",
+    operation_id = "start_revocation",
+    security(("operator" = ["responder"])),
+    request_body = RevocationBody,
+    responses(Guarded, WithBody, (status = 200, description = "Dry run: what the job would take.", body = crate::incident::DryRunView), (status = 202, description = "The job is running in the background (fences are in force already).", body = crate::incident::JobView), (status = 409, description = "`job_running`: a job with the same selector is under way (`job`).", body = ErrorBody))
+)]
 /// Start a mass revocation: `202` with the job (the work runs in the
 /// background), `200` with counts for a dry run, `409 job_running` with
 /// the running job if one with the same selector is under way.
@@ -873,7 +1141,7 @@ pub async fn start_revocation(
         JobStart::DryRun(v) => Ok(Json(v).into_response()),
         JobStart::Started(job) => {
             let mut view = status_of(&job)?;
-            view["warnings"] = serde_json::Value::from(s.broker.selector_warnings(&job.selector)?);
+            view.warnings = Some(s.broker.selector_warnings(&job.selector)?);
             Ok((StatusCode::ACCEPTED, Json(view)).into_response())
         }
         JobStart::Existing(job) => {
@@ -886,61 +1154,84 @@ pub async fn start_revocation(
                     crate::ids::JobId(job.id)
                 ),
             )
-            .with("job", view))
+            .with("job", serde_json::to_value(view).unwrap_or_default()))
         }
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/revocations",
+    tag = "incident",
+    operation_id = "list_revocations",
+    security(("operator" = ["admin", "responder"])),
+    responses(Guarded, (status = 200, description = "Every job.", body = JobList))
+)]
 pub async fn list_revocations(
     State(s): State<AppState>,
     caller: Caller,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(
-        serde_json::json!({ "jobs": s.broker.list_jobs(&caller)? }),
-    ))
+) -> Result<Json<JobList>, ApiError> {
+    Ok(Json(JobList {
+        jobs: s.broker.list_jobs(&caller)?,
+    }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/revocations/{id}",
+    tag = "incident",
+    operation_id = "get_revocation",
+    security(("operator" = ["admin", "responder"])),
+    params(("id" = String, Path, description = "job id (`job_...`)")),
+    responses(Guarded, WithId, (status = 200, description = "The job, its counts, and the leases still failing.", body = crate::incident::JobView))
+)]
 pub async fn get_revocation(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<crate::incident::JobView>, ApiError> {
     let id: crate::ids::JobId = id
         .parse()
         .map_err(|_| ApiError::bad_request("invalid_id", "not a job id (job_...)"))?;
     Ok(Json(s.broker.job_status(&caller, id)?))
 }
 
-fn fence_view(f: &crate::store::FenceRecord) -> serde_json::Value {
-    serde_json::json!({
-        "kind": f.kind,
-        "value": f.value,
-        "reason": f.reason,
-        "created_by": f.created_by,
-        "created_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(f.created_at)),
-        "job_id": f.job.map(|j| crate::ids::JobId(j).to_string()),
-    })
-}
-
+#[utoipa::path(
+    get,
+    path = "/v1/fences",
+    tag = "incident",
+    operation_id = "list_fences",
+    security(("operator" = ["admin", "responder"])),
+    responses(Guarded, (status = 200, description = "Fences in force.", body = FenceList))
+)]
 pub async fn list_fences(
     State(s): State<AppState>,
     caller: Caller,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let fences: Vec<_> = s
+) -> Result<Json<FenceList>, ApiError> {
+    let fences = s
         .broker
         .list_fences(&caller)?
         .iter()
-        .map(fence_view)
+        .map(FenceView::from)
         .collect();
-    Ok(Json(serde_json::json!({ "fences": fences })))
+    Ok(Json(FenceList { fences }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/fences/lift",
+    tag = "incident",
+    operation_id = "lift_fence",
+    security(("operator" = ["responder"])),
+    request_body = LiftFenceBody,
+    responses(Guarded, WithBody, (status = 200, description = "Lifted.", body = LiftedFence), (status = 404, description = "`fence_not_found`.", body = ErrorBody))
+)]
 pub async fn lift_fence(
     State(s): State<AppState>,
     caller: Caller,
     rid: ReqId,
     ApiJson(body): ApiJson<LiftFenceBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<LiftedFence>, ApiError> {
     let broker = s.broker.clone();
     let c = ctx(rid, caller.principal());
     let f = detached(async move {
@@ -949,9 +1240,21 @@ pub async fn lift_fence(
             .await
     })
     .await?;
-    Ok(Json(serde_json::json!({ "lifted": fence_view(&f) })))
+    Ok(Json(LiftedFence {
+        lifted: FenceView::from(&f),
+    }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/providers/{name}/reconcile",
+    tag = "incident",
+    operation_id = "reconcile",
+    security(("operator" = ["admin", "responder"])),
+    params(("name" = String, Path, description = "provider name from the configuration")),
+    request_body = ReconcileBody,
+    responses(Guarded, WithBody, CallsProvider, (status = 200, description = "What the peer holds that no live lease accounts for.", body = crate::incident::ReconcileReport))
+)]
 /// Compare a provider's peer with the store; remove orphans when asked.
 pub async fn reconcile(
     State(s): State<AppState>,
@@ -959,7 +1262,7 @@ pub async fn reconcile(
     rid: ReqId,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<ReconcileBody>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<crate::incident::ReconcileReport>, ApiError> {
     let broker = s.broker.clone();
     let c = ctx(rid, caller.principal());
     let report =
@@ -967,6 +1270,16 @@ pub async fn reconcile(
     Ok(Json(report))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/leases/{id}/abandon",
+    tag = "incident",
+    operation_id = "abandon_lease",
+    security(("operator" = ["responder"])),
+    params(("id" = String, Path, description = "lease id (`lease_...`)")),
+    request_body = AbandonBody,
+    responses(Guarded, WithBody, WithId, Conflict, (status = 200, description = "The irrevocable lease is marked abandoned (loudly); the broker stops retrying.", body = LeaseView))
+)]
 pub async fn abandon_lease(
     State(s): State<AppState>,
     caller: Caller,
@@ -982,12 +1295,21 @@ pub async fn abandon_lease(
     Ok(Json(LeaseView::from(&rec)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/blast-radius",
+    tag = "incident",
+    operation_id = "blast_radius",
+    security(("operator" = ["admin", "responder"])),
+    params(BlastRadiusParams),
+    responses(Guarded, WithQuery, (status = 200, description = "Tasks, calls and leases of the workload in the window.", body = crate::incident::BlastRadius))
+)]
 /// Everything one workload did in a window (default: the last 24 hours).
 pub async fn blast_radius(
     State(s): State<AppState>,
     caller: Caller,
     ApiQuery(p): ApiQuery<BlastRadiusParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<crate::incident::BlastRadius>, ApiError> {
     let Some(workload) = p.workload.filter(|w| !w.is_empty()) else {
         return Err(ApiError::bad_request(
             "invalid_parameter",

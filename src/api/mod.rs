@@ -13,6 +13,7 @@
 mod error;
 mod handlers;
 pub mod limits;
+pub mod openapi;
 pub mod wire;
 
 use std::sync::Arc;
@@ -24,9 +25,11 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::get;
 use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::ApiError;
 
@@ -115,45 +118,52 @@ pub struct HttpLimits {
     pub request_timeout: Duration,
 }
 
+/// Every route of the API, each with its OpenAPI operation: `routes!`
+/// takes a handler's method and path from its `#[utoipa::path]`, so a route
+/// cannot be added without its description (and `openapi::document` is
+/// built from this same list).
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
+    use handlers as h;
+    OpenApiRouter::new()
+        .routes(routes!(h::open_task))
+        .routes(routes!(h::get_task))
+        .routes(routes!(h::complete_task))
+        .routes(routes!(h::request_lease))
+        .routes(routes!(h::call))
+        .routes(routes!(h::list_approvals))
+        .routes(routes!(h::get_approval))
+        .routes(routes!(h::approve))
+        .routes(routes!(h::deny))
+        .routes(routes!(h::list_reviews))
+        .routes(routes!(h::sign_off))
+        .routes(routes!(h::policy))
+        .routes(routes!(h::reload_policy))
+        .routes(routes!(h::list_leases))
+        .routes(routes!(h::get_lease))
+        .routes(routes!(h::revoke_lease))
+        .routes(routes!(h::abandon_lease))
+        .routes(routes!(h::start_revocation, h::list_revocations))
+        .routes(routes!(h::get_revocation))
+        .routes(routes!(h::list_fences))
+        .routes(routes!(h::lift_fence))
+        .routes(routes!(h::reconcile))
+        .routes(routes!(h::blast_radius))
+        .routes(routes!(h::stats))
+        .routes(routes!(h::events))
+        .routes(routes!(h::verify_events))
+        .routes(routes!(h::chain))
+        .routes(routes!(h::prune_events))
+        .routes(routes!(h::introspect))
+        .routes(routes!(h::jwks))
+        .routes(routes!(h::metrics))
+        .routes(routes!(h::health))
+        .routes(routes!(h::ready))
+        .routes(routes!(h::openapi_json))
+}
+
 pub fn router(state: AppState, limits: HttpLimits) -> Router {
-    Router::new()
-        .route("/v1/tasks", post(handlers::open_task))
-        .route("/v1/tasks/{id}", get(handlers::get_task))
-        .route("/v1/tasks/{id}/complete", post(handlers::complete_task))
-        .route("/v1/tasks/{id}/leases", post(handlers::request_lease))
-        .route("/v1/tasks/{id}/calls", post(handlers::call))
-        .route("/v1/approvals", get(handlers::list_approvals))
-        .route("/v1/approvals/{id}", get(handlers::get_approval))
-        .route("/v1/approvals/{id}/approve", post(handlers::approve))
-        .route("/v1/approvals/{id}/deny", post(handlers::deny))
-        .route("/v1/reviews", get(handlers::list_reviews))
-        .route("/v1/reviews/{id}/sign-off", post(handlers::sign_off))
-        .route("/v1/policy", get(handlers::policy))
-        .route("/v1/policy/reload", post(handlers::reload_policy))
-        .route("/v1/leases", get(handlers::list_leases))
-        .route("/v1/leases/{id}", get(handlers::get_lease))
-        .route("/v1/leases/{id}/revoke", post(handlers::revoke_lease))
-        .route("/v1/leases/{id}/abandon", post(handlers::abandon_lease))
-        .route(
-            "/v1/revocations",
-            post(handlers::start_revocation).get(handlers::list_revocations),
-        )
-        .route("/v1/revocations/{id}", get(handlers::get_revocation))
-        .route("/v1/fences", get(handlers::list_fences))
-        .route("/v1/fences/lift", post(handlers::lift_fence))
-        .route("/v1/providers/{name}/reconcile", post(handlers::reconcile))
-        .route("/v1/blast-radius", get(handlers::blast_radius))
-        .route("/v1/stats", get(handlers::stats))
-        .route("/v1/events", get(handlers::events))
-        .route("/v1/events/verify", get(handlers::verify_events))
-        .route("/v1/events/chain", get(handlers::chain))
-        .route("/v1/events/prune", post(handlers::prune_events))
-        .route("/v1/introspect", post(handlers::introspect))
-        .route("/.well-known/jwks.json", get(handlers::jwks))
-        .route("/metrics", get(handlers::metrics))
-        .route("/v1/health", get(handlers::health))
-        .route("/v1/ready", get(handlers::ready))
-        .fallback(handlers::not_found)
+    let (api, _) = routes().split_for_parts();
+    api.fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(TimeoutLayer::with_status_code(

@@ -108,7 +108,7 @@ pub fn parse_lease_id(s: &str) -> Result<LeaseId, ApiError> {
 
 // === requests ===
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenTaskBody {
     pub purpose: String,
@@ -122,7 +122,7 @@ pub struct OpenTaskBody {
     pub ttl_seconds: i64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseBody {
     pub provider: String,
@@ -135,7 +135,7 @@ pub struct LeaseBody {
     pub approval_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialBody {
     pub provider: String,
@@ -145,14 +145,14 @@ pub struct CredentialBody {
     pub scope: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BreakGlassBody {
     pub justification: String,
 }
 
 /// `POST /v1/tasks/{id}/calls`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CallBody {
     pub tool: String,
@@ -169,21 +169,23 @@ pub struct CallBody {
     pub break_glass: Option<BreakGlassBody>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecideBody {
     #[serde(default)]
     pub comment: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct WaitParams {
     /// Long-poll: wait up to this many seconds (max 30) for a decision.
     pub wait: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseListParams {
     pub state: Option<String>,
@@ -195,7 +197,8 @@ pub struct LeaseListParams {
     pub limit: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventListParams {
     pub task: Option<String>,
@@ -210,7 +213,7 @@ pub struct EventListParams {
     pub limit: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PruneBody {
     /// Remove events up to and including this seq…
@@ -219,7 +222,7 @@ pub struct PruneBody {
     pub last_hash: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct IntrospectBody {
     pub token: String,
     #[serde(default)]
@@ -228,7 +231,7 @@ pub struct IntrospectBody {
 
 /// `POST /v1/revocations`: a selector (every field given must match),
 /// a reason, and whether to fence and whether to only count.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevocationBody {
     #[serde(default)]
@@ -330,7 +333,7 @@ impl RevocationBody {
 }
 
 /// `POST /v1/fences/lift`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LiftFenceBody {
     /// `workload`, `tenant` or `user`.
@@ -341,7 +344,7 @@ pub struct LiftFenceBody {
 }
 
 /// `POST /v1/providers/{name}/reconcile`
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReconcileBody {
     /// Remove the orphans found (default: report only).
@@ -350,14 +353,15 @@ pub struct ReconcileBody {
 }
 
 /// `POST /v1/leases/{id}/abandon`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AbandonBody {
     #[serde(default)]
     pub reason: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct BlastRadiusParams {
     pub workload: Option<String>,
@@ -368,7 +372,7 @@ pub struct BlastRadiusParams {
 
 // === responses ===
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TaskView {
     pub task_id: String,
     pub workload: String,
@@ -415,7 +419,7 @@ impl TaskView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TaskDetail {
     #[serde(flatten)]
     pub task: TaskView,
@@ -424,7 +428,7 @@ pub struct TaskDetail {
 }
 
 /// A decided call (never its credential; the lease is referenced by id).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CallView {
     pub call_id: String,
     pub task_id: String,
@@ -471,7 +475,7 @@ impl From<&crate::store::CallRecord> for CallView {
 }
 
 /// An approval request as approvers and its workload see it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ApprovalView {
     pub approval_id: String,
     pub task_id: String,
@@ -481,7 +485,7 @@ pub struct ApprovalView {
     pub action: String,
     pub resource: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub credential: Option<serde_json::Value>,
+    pub credential: Option<CredentialSpecView>,
     pub policies: Vec<String>,
     /// `pending`, `approved`, `denied`, `expired` or `consumed`
     pub state: &'static str,
@@ -506,8 +510,11 @@ impl From<&crate::store::ApprovalRecord> for ApprovalView {
             tool: a.tool.clone(),
             action: a.action.clone(),
             resource: a.target.clone(),
-            credential: a.credential.as_ref().map(|c| {
-                serde_json::json!({"provider": c.provider, "role": c.role, "ttl_seconds": c.ttl_seconds, "scope": c.scope})
+            credential: a.credential.as_ref().map(|c| CredentialSpecView {
+                provider: c.provider.clone(),
+                role: c.role.clone(),
+                ttl_seconds: c.ttl_seconds,
+                scope: c.scope.clone(),
             }),
             policies: a.policies.clone(),
             state: a.state.as_str(),
@@ -521,13 +528,32 @@ impl From<&crate::store::ApprovalRecord> for ApprovalView {
     }
 }
 
+/// The credential an approval request asked for.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CredentialSpecView {
+    pub provider: String,
+    pub role: String,
+    pub ttl_seconds: u64,
+    pub scope: Vec<String>,
+}
+
+/// One break-glass call of a task under review.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ReviewCallView {
+    pub call_id: String,
+    pub tool: String,
+    pub justification: String,
+    /// RFC 3339
+    pub at: String,
+}
+
 /// A task that used break-glass, awaiting sign-off.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ReviewView {
     pub task_id: String,
     pub workload: String,
     pub on_behalf_of: String,
-    pub calls: Vec<serde_json::Value>,
+    pub calls: Vec<ReviewCallView>,
     pub created_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signed_off_by: Option<String>,
@@ -546,8 +572,11 @@ impl From<&crate::store::ReviewRecord> for ReviewView {
             calls: r
                 .calls
                 .iter()
-                .map(|(id, tool, j, at)| {
-                    serde_json::json!({"call_id": crate::ids::CallId(*id).to_string(), "tool": tool, "justification": j, "at": ts(*at)})
+                .map(|(id, tool, j, at)| ReviewCallView {
+                    call_id: crate::ids::CallId(*id).to_string(),
+                    tool: tool.clone(),
+                    justification: j.clone(),
+                    at: ts(*at),
                 })
                 .collect(),
             created_at: ts(r.created_at),
@@ -558,7 +587,7 @@ impl From<&crate::store::ReviewRecord> for ReviewView {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RevocationView {
     pub cause: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -589,7 +618,7 @@ impl RevocationView {
 }
 
 /// A lease as the API shows it: never its credential, never its handle.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LeaseView {
     pub lease_id: String,
     pub task_id: String,
@@ -658,14 +687,17 @@ impl Serialize for CredentialWire {
 }
 
 /// The one response that carries a credential.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct IssuedLeaseView {
     #[serde(flatten)]
     pub lease: LeaseView,
+    /// The secret itself; its fields depend on the provider (a token
+    /// provider gives `token`, PostgreSQL `username` and `password`, ...).
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub credential: CredentialWire,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CompletionView {
     pub task_id: String,
     pub state: &'static str,
@@ -675,10 +707,303 @@ pub struct CompletionView {
     pub pending: Vec<LeaseView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LeaseListView {
     pub leases: Vec<LeaseView>,
     /// Pass as `cursor` for the next page; absent at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
+}
+
+/// `202`: the request waits for a human approver.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApprovalRequiredView {
+    /// Always `approval_required`.
+    pub decision: &'static str,
+    pub call_id: String,
+    pub approval_id: String,
+    pub expires_at: String,
+    pub policies: Vec<String>,
+    pub message: &'static str,
+}
+
+/// A decided call; an allowed call that asked for a credential carries
+/// its lease.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CallResponse {
+    #[serde(flatten)]
+    pub call: CallView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<IssuedLeaseView>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ApprovalList {
+    pub approvals: Vec<ApprovalView>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ReviewList {
+    pub reviews: Vec<ReviewView>,
+}
+
+/// The policy set in force.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PolicyView {
+    /// SHA-256 of the set, recorded with every decision.
+    pub version: String,
+    pub policies: usize,
+    pub files: Vec<String>,
+}
+
+impl From<&crate::policy::Loaded> for PolicyView {
+    fn from(l: &crate::policy::Loaded) -> Self {
+        Self {
+            version: l.version.clone(),
+            policies: l.policy_count,
+            files: l.files.clone(),
+        }
+    }
+}
+
+/// Store commit counters since start.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StoreStatsView {
+    pub commits: u64,
+    pub operations: u64,
+    pub apply_seconds: f64,
+    pub commit_seconds: f64,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StatsView {
+    /// Lease counts by provider, then by state.
+    pub leases: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    pub store: StoreStatsView,
+}
+
+/// One event of the chain, as stored (canonical JSON) plus its hash.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Event)]
+pub struct EventSchema {
+    /// Format version.
+    pub v: u32,
+    pub seq: u64,
+    /// e.g. `task.opened`, `call.decided`, `lease.issued`, `lease.revoked`
+    pub kind: String,
+    /// RFC 3339 UTC
+    pub time: String,
+    /// SHA-256 (hex) of the previous event's canonical bytes.
+    pub prev_hash: String,
+    /// SHA-256 (hex) of this event's canonical bytes.
+    pub hash: String,
+    /// What happened; the fields depend on `kind`.
+    pub data: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The ids the event concerns (task, lease, workload, ...).
+    pub links: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventList {
+    #[schema(value_type = Vec<EventSchema>)]
+    pub events: Vec<serde_json::Value>,
+    /// Pass as `after` for the next page; absent at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<u64>,
+}
+
+/// A signed checkpoint of the chain head.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Checkpoint)]
+pub struct CheckpointSchema {
+    pub seq: u64,
+    pub hash: String,
+    pub time: String,
+    pub key_id: String,
+    /// Ed25519, base64.
+    pub signature: String,
+}
+
+/// Where the chain starts and ends, and the key its checkpoints verify with.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ChainView {
+    pub base_seq: u64,
+    pub base_hash: String,
+    pub head_seq: u64,
+    pub head_hash: String,
+    pub checkpoint_key: Option<String>,
+    #[schema(value_type = Vec<CheckpointSchema>)]
+    pub checkpoints: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PruneView {
+    pub pruned: u64,
+    pub base_seq: u64,
+}
+
+/// RFC 7662: an inactive token says nothing else.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct IntrospectionView {
+    pub active: bool,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub claims: Option<TokenClaimsView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<&'static str>,
+}
+
+/// The claims of an active leasehold token.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenClaimsView {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub iat: i64,
+    pub nbf: i64,
+    pub exp: i64,
+    /// The lease id.
+    pub jti: String,
+    pub task: String,
+    pub role: String,
+    pub scope: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The user the task acts for (RFC 8693 `act`).
+    pub act: ActorView,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ActorView {
+    pub sub: String,
+}
+
+impl From<leasehold_provider_token::Introspection> for IntrospectionView {
+    fn from(i: leasehold_provider_token::Introspection) -> Self {
+        Self {
+            active: i.active,
+            claims: i.claims.map(|c| TokenClaimsView {
+                iss: c.iss,
+                sub: c.sub,
+                aud: c.aud,
+                iat: c.iat,
+                nbf: c.nbf,
+                exp: c.exp,
+                jti: c.jti,
+                task: c.task,
+                role: c.role,
+                scope: c.scope,
+                tenant: c.tenant,
+                act: ActorView { sub: c.act.sub },
+            }),
+            token_type: i.token_type,
+        }
+    }
+}
+
+/// One public key (RFC 7517).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Jwk)]
+pub struct JwkSchema {
+    pub kty: String,
+    pub crv: String,
+    pub x: String,
+    pub kid: String,
+    pub alg: String,
+    #[serde(rename = "use")]
+    pub use_: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JwkSet {
+    #[schema(value_type = Vec<JwkSchema>)]
+    pub keys: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HealthView {
+    /// Always `ok`: the process answers.
+    pub status: &'static str,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ReadyView {
+    pub ready: bool,
+    /// `broker`, `store` and `provider:<name>`: `ok`, `unavailable` or
+    /// `shutting down`.
+    pub checks: std::collections::BTreeMap<String, String>,
+}
+
+/// A fence: new tasks, calls and leases matching it are refused.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FenceView {
+    /// `workload`, `tenant` or `user`.
+    pub kind: String,
+    pub value: String,
+    pub reason: String,
+    pub created_by: String,
+    pub created_at: String,
+    pub job_id: Option<String>,
+}
+
+impl From<&crate::store::FenceRecord> for FenceView {
+    fn from(f: &crate::store::FenceRecord) -> Self {
+        Self {
+            kind: f.kind.clone(),
+            value: f.value.clone(),
+            reason: f.reason.clone(),
+            created_by: f.created_by.clone(),
+            created_at: ts(f.created_at),
+            job_id: f.job.map(|j| crate::ids::JobId(j).to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct FenceList {
+    pub fences: Vec<FenceView>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LiftedFence {
+    pub lifted: FenceView,
+}
+
+/// Every error: `{"error": {"code", "message"}}`, plus a field for some.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+    /// `policy_denied`: the decision (outcome, action, call id, policies, reasons).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DenialView>,
+    /// `policy_invalid`: each problem, with file and line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problems: Option<Vec<String>>,
+    /// `job_running`: the job already under way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<crate::incident::JobView>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable; clients branch on it (e.g. `lease_not_found`, `policy_denied`,
+    /// `rate_limited`, `provider_unavailable`).
+    pub code: &'static str,
+    /// For people.
+    pub message: String,
+}
+
+/// A denial as its caller sees it (never another tenant's policy text).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DenialView {
+    /// Always `deny`.
+    pub outcome: &'static str,
+    pub action: &'static str,
+    pub call_id: Option<String>,
+    pub policies: Vec<String>,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<crate::incident::JobView>,
 }

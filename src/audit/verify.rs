@@ -17,13 +17,13 @@ use serde_json::Value;
 use super::{Checkpoint, canonical, sha256};
 
 /// The first broken link.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Break {
     pub seq: u64,
     pub reason: String,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct VerifyReport {
     pub ok: bool,
     /// Events checked.

@@ -58,6 +58,13 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Write the OpenAPI 3.1 document of the HTTP API (the one a running
+    /// broker serves at /v1/openapi.json).
+    Openapi {
+        /// Write to this file instead of standard output.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+    },
     /// Create keys and operator tokens for a `serve` deployment.
     Keygen {
         #[command(subcommand)]

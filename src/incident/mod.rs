@@ -13,8 +13,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde_json::{Value, json};
-
 use crate::audit::{self, Ctx};
 use crate::auth::{Caller, Workload};
 use crate::broker::{Broker, BrokerError};
@@ -27,6 +25,7 @@ use crate::task::check_text;
 const CHUNK: usize = 2048;
 
 mod reconcile;
+pub use reconcile::{OrphanView, ReconcileReport};
 
 /// The background tasks of running jobs, and their stop signal.
 #[derive(Debug)]
@@ -128,7 +127,7 @@ pub struct JobRequest {
 /// What `start_job` did.
 #[derive(Debug)]
 pub enum JobStart {
-    DryRun(Value),
+    DryRun(DryRunView),
     Started(JobRecord),
     /// A job with the same selector is already running.
     Existing(JobRecord),
@@ -248,7 +247,7 @@ impl Broker {
         self.validate_job(&req)?;
         if req.dry_run {
             let mut v = self.dry_run(&req.selector)?;
-            v["warnings"] = Value::from(self.selector_warnings(&req.selector)?);
+            v.warnings = self.selector_warnings(&req.selector)?;
             return Ok(JobStart::DryRun(v));
         }
         let r = self.store.read()?;
@@ -320,7 +319,7 @@ impl Broker {
         Ok(JobStart::Started(job))
     }
 
-    fn dry_run(&self, sel: &Selector) -> Result<Value, BrokerError> {
+    fn dry_run(&self, sel: &Selector) -> Result<DryRunView, BrokerError> {
         let r = self.store.read()?;
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
         let mut sample: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -345,7 +344,13 @@ impl Broker {
             }
         }
         let total: u64 = counts.values().sum();
-        Ok(json!({"dry_run": true, "matched": total, "by_provider": counts, "sample": sample}))
+        Ok(DryRunView {
+            dry_run: true,
+            matched: total,
+            by_provider: counts,
+            sample,
+            warnings: Vec::new(),
+        })
     }
 
     /// Run (or resume) a job in the background.
@@ -442,7 +447,7 @@ impl Broker {
                 continue;
             }
             let now = self.clock.now().unix_millis();
-            let summary = counts_json(&counts);
+            let summary = serde_json::to_value(counts_view(&counts)).unwrap_or_default();
             let (a, c) = (self.auditor.clone(), ctx.clone());
             let finished = self
                 .store
@@ -482,7 +487,7 @@ impl Broker {
     }
 
     /// A job, its counts per provider, and the leases still failing.
-    pub fn job_status(&self, caller: &Caller, id: JobId) -> Result<Value, BrokerError> {
+    pub fn job_status(&self, caller: &Caller, id: JobId) -> Result<JobView, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
             return Err(BrokerError::Forbidden {
                 code: "forbidden",
@@ -496,27 +501,25 @@ impl Broker {
         let counts = r.job_counts(id.0)?;
         // the failing leases are found by a scan of the job: only when some are
         let failing = bucket_total(&counts, "retrying") + bucket_total(&counts, "irrevocable") > 0;
-        let failed: Vec<Value> = if failing {
+        let failed: Vec<FailedLeaseView> = if failing {
             r.job_unfinished(id.0, 100)?
         } else {
             Vec::new()
         }
         .iter()
-        .map(|l: &LeaseRecord| {
-            json!({
-                "lease_id": LeaseId(l.id).to_string(),
-                "provider": l.provider,
-                "state": l.state.as_str(),
-                "attempts": l.revocation.as_ref().map_or(0, |r| r.attempts),
-                "last_error": l.revocation.as_ref().and_then(|r| r.last_error.clone()),
-            })
+        .map(|l: &LeaseRecord| FailedLeaseView {
+            lease_id: LeaseId(l.id).to_string(),
+            provider: l.provider.clone(),
+            state: l.state.as_str(),
+            attempts: l.revocation.as_ref().map_or(0, |r| r.attempts),
+            last_error: l.revocation.as_ref().and_then(|r| r.last_error.clone()),
         })
         .collect();
         Ok(job_view(&job, &counts, failed))
     }
 
     /// A job as the API shows it (counts read now).
-    pub fn job_view(&self, job: &JobRecord) -> Result<Value, BrokerError> {
+    pub fn job_view(&self, job: &JobRecord) -> Result<JobView, BrokerError> {
         Ok(job_view(
             job,
             &self.store.read()?.job_counts(job.id)?,
@@ -524,7 +527,7 @@ impl Broker {
         ))
     }
 
-    pub fn list_jobs(&self, caller: &Caller) -> Result<Vec<Value>, BrokerError> {
+    pub fn list_jobs(&self, caller: &Caller) -> Result<Vec<JobView>, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
             return Err(BrokerError::Forbidden {
                 code: "forbidden",
@@ -619,7 +622,7 @@ impl Broker {
         workload: &str,
         since: i64,
         until: i64,
-    ) -> Result<Value, BrokerError> {
+    ) -> Result<BlastRadius, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
             return Err(BrokerError::Forbidden {
                 code: "forbidden",
@@ -627,6 +630,7 @@ impl Broker {
             });
         }
         let r = self.store.read()?;
+        let ts = |ms: i64| crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(ms));
         let mut tasks = Vec::new();
         let (mut live, mut leases_total, mut calls_total) = (0u64, 0u64, 0u64);
         for t in r.workload_tasks(workload, since, 10_000)? {
@@ -637,86 +641,226 @@ impl Broker {
             let leases = r.task_leases(t.id)?;
             calls_total += calls.len() as u64;
             leases_total += leases.len() as u64;
-            let lease_views: Vec<Value> = leases
+            let leases = leases
                 .iter()
                 .map(|l| {
-                    let is_live = matches!(l.state, LeaseState::Active | LeaseState::Issuing | LeaseState::Revoking | LeaseState::Irrevocable | LeaseState::Abandoned);
-                    if is_live {
-                        live += 1;
+                    let is_live = matches!(
+                        l.state,
+                        LeaseState::Active
+                            | LeaseState::Issuing
+                            | LeaseState::Revoking
+                            | LeaseState::Irrevocable
+                            | LeaseState::Abandoned
+                    );
+                    live += u64::from(is_live);
+                    RadiusLease {
+                        lease_id: LeaseId(l.id).to_string(),
+                        provider: l.provider.clone(),
+                        role: l.role.clone(),
+                        state: l.state.as_str(),
+                        live: is_live,
+                        expires_at: ts(l.expires_at),
                     }
-                    json!({
-                        "lease_id": LeaseId(l.id).to_string(),
-                        "provider": l.provider,
-                        "role": l.role,
-                        "state": l.state.as_str(),
-                        "live": is_live,
-                        "expires_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(l.expires_at)),
-                    })
                 })
                 .collect();
-            tasks.push(json!({
-                "task_id": crate::ids::TaskId(t.id).to_string(),
-                "on_behalf_of": t.on_behalf_of,
-                "purpose": t.purpose,
-                "created_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(t.created_at)),
-                "state": if t.state == crate::store::TaskState::Completed { "completed" } else { "open" },
-                "calls": calls.iter().map(|c| json!({
-                    "call_id": crate::ids::CallId(c.id).to_string(),
-                    "tool": c.tool, "action": c.action, "resource": c.target,
-                    "decision": c.outcome, "policies": c.policies, "break_glass": c.break_glass.is_some(),
-                })).collect::<Vec<_>>(),
-                "leases": lease_views,
-            }));
+            let calls = calls
+                .iter()
+                .map(|c| RadiusCall {
+                    call_id: crate::ids::CallId(c.id).to_string(),
+                    tool: c.tool.clone(),
+                    action: c.action.clone(),
+                    resource: c.target.clone(),
+                    decision: c.outcome.clone(),
+                    policies: c.policies.clone(),
+                    break_glass: c.break_glass.is_some(),
+                })
+                .collect();
+            tasks.push(RadiusTask {
+                task_id: crate::ids::TaskId(t.id).to_string(),
+                on_behalf_of: t.on_behalf_of.clone(),
+                purpose: t.purpose.clone(),
+                created_at: ts(t.created_at),
+                state: if t.state == crate::store::TaskState::Completed {
+                    "completed"
+                } else {
+                    "open"
+                },
+                calls,
+                leases,
+            });
         }
-        Ok(json!({
-            "workload": workload,
-            "since": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(since)),
-            "tasks": tasks,
-            "totals": {"tasks": tasks.len(), "calls": calls_total, "leases": leases_total, "live_leases": live},
-            "fenced": self.fences.any(&[FenceRecord::key("workload", workload)]),
-        }))
+        Ok(BlastRadius {
+            workload: workload.to_owned(),
+            since: ts(since),
+            totals: RadiusTotals {
+                tasks: tasks.len() as u64,
+                calls: calls_total,
+                leases: leases_total,
+                live_leases: live,
+            },
+            tasks,
+            fenced: self.fences.any(&[FenceRecord::key("workload", workload)]),
+        })
     }
 }
 
 type Counts = BTreeMap<String, BTreeMap<&'static str, u64>>;
 
 /// Per provider: `matched` (claimed so far) and every bucket, zeros included.
-fn counts_json(counts: &Counts) -> Value {
-    let mut by = serde_json::Map::new();
-    for (p, buckets) in counts {
-        let mut m = serde_json::Map::new();
-        m.insert("matched".into(), Value::from(buckets.values().sum::<u64>()));
-        for b in crate::store::JOB_BUCKETS {
-            m.insert(b.into(), Value::from(buckets.get(b).copied().unwrap_or(0)));
-        }
-        by.insert(p.clone(), Value::Object(m));
-    }
-    Value::Object(by)
+fn counts_view(counts: &Counts) -> BTreeMap<String, BTreeMap<String, u64>> {
+    counts
+        .iter()
+        .map(|(p, buckets)| {
+            let mut m = BTreeMap::new();
+            m.insert("matched".to_owned(), buckets.values().sum::<u64>());
+            for b in crate::store::JOB_BUCKETS {
+                m.insert(b.to_owned(), buckets.get(b).copied().unwrap_or(0));
+            }
+            (p.clone(), m)
+        })
+        .collect()
 }
 
 fn bucket_total(counts: &Counts, bucket: &str) -> u64 {
     counts.values().filter_map(|b| b.get(bucket)).sum()
 }
 
-fn job_view(j: &JobRecord, counts: &Counts, failed: Vec<Value>) -> Value {
+fn job_view(j: &JobRecord, counts: &Counts, failed: Vec<FailedLeaseView>) -> JobView {
     let s = &j.selector;
-    json!({
-        "job_id": JobId(j.id).to_string(),
-        "state": j.state.as_str(),
-        "reason": j.reason,
-        "fence": j.fence,
-        "created_by": j.created_by,
-        "created_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(j.created_at)),
-        "finished_at": j.finished_at.map(|t| crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(t))),
-        "selector": {
-            "workload": s.workload, "tenant": s.tenant, "task": s.task.map(|t| crate::ids::TaskId(t).to_string()),
-            "user": s.user, "provider": s.provider, "role": s.role,
-            "states": s.states.iter().map(|x| x.as_str()).collect::<Vec<_>>(),
-            "all": s.all,
+    let ts = |ms: i64| crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(ms));
+    JobView {
+        job_id: JobId(j.id).to_string(),
+        state: j.state.as_str(),
+        reason: j.reason.clone(),
+        fence: j.fence,
+        created_by: j.created_by.clone(),
+        created_at: ts(j.created_at),
+        finished_at: j.finished_at.map(ts),
+        selector: SelectorView {
+            workload: s.workload.clone(),
+            tenant: s.tenant.clone(),
+            task: s.task.map(|t| crate::ids::TaskId(t).to_string()),
+            user: s.user.clone(),
+            provider: s.provider.clone(),
+            role: s.role.clone(),
+            states: s.states.iter().map(|x| x.as_str()).collect(),
+            all: s.all,
         },
-        "scan_done": j.scan_done,
-        "scanned": j.scanned,
-        "by_provider": counts_json(counts),
-        "failed": failed,
-    })
+        scan_done: j.scan_done,
+        scanned: j.scanned,
+        by_provider: counts_view(counts),
+        failed,
+        warnings: None,
+    }
+}
+
+/// A mass revocation job: its selector, progress and counts.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct JobView {
+    pub job_id: String,
+    /// `running` or `finished`
+    pub state: &'static str,
+    pub reason: String,
+    pub fence: bool,
+    pub created_by: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub selector: SelectorView,
+    /// Whether every matching lease has been claimed.
+    pub scan_done: bool,
+    pub scanned: u64,
+    /// Per provider: `matched` and a count per bucket (`revoked`, `retrying`, ...).
+    pub by_provider: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Leases whose revocation is still failing (up to 100).
+    pub failed: Vec<FailedLeaseView>,
+    /// When a job starts: anything odd about its selector.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warnings: Option<Vec<String>>,
+}
+
+/// Which leases a job takes back (every field given must match).
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct SelectorView {
+    pub workload: Option<String>,
+    pub tenant: Option<String>,
+    pub task: Option<String>,
+    pub user: Option<String>,
+    pub provider: Option<String>,
+    pub role: Option<String>,
+    pub states: Vec<&'static str>,
+    pub all: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct FailedLeaseView {
+    pub lease_id: String,
+    pub provider: String,
+    pub state: &'static str,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// What a job would take back, without taking anything.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct DryRunView {
+    /// Always true.
+    pub dry_run: bool,
+    pub matched: u64,
+    pub by_provider: BTreeMap<String, u64>,
+    /// Up to ten lease ids per provider.
+    pub sample: BTreeMap<String, Vec<String>>,
+    pub warnings: Vec<String>,
+}
+
+/// Everything one workload did in a window.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct BlastRadius {
+    pub workload: String,
+    pub since: String,
+    pub tasks: Vec<RadiusTask>,
+    pub totals: RadiusTotals,
+    /// Whether the workload is fenced now.
+    pub fenced: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct RadiusTotals {
+    pub tasks: u64,
+    pub calls: u64,
+    pub leases: u64,
+    pub live_leases: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct RadiusTask {
+    pub task_id: String,
+    pub on_behalf_of: String,
+    pub purpose: String,
+    pub created_at: String,
+    /// `open` or `completed`
+    pub state: &'static str,
+    pub calls: Vec<RadiusCall>,
+    pub leases: Vec<RadiusLease>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct RadiusCall {
+    pub call_id: String,
+    pub tool: String,
+    pub action: String,
+    pub resource: String,
+    pub decision: String,
+    pub policies: Vec<String>,
+    pub break_glass: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct RadiusLease {
+    pub lease_id: String,
+    pub provider: String,
+    pub role: String,
+    pub state: &'static str,
+    /// Still usable, or not yet known to be revoked.
+    pub live: bool,
+    pub expires_at: String,
 }

@@ -4,14 +4,37 @@
 //! backup, a role created by hand, a store lost with its intents). Reports
 //! by default; removes only when asked, and only what carries the mark.
 
-use serde_json::{Value, json};
-
 use crate::audit::{self, Ctx};
 use crate::auth::Caller;
 use crate::broker::{Broker, BrokerError};
 use crate::config::OperatorRole;
 use crate::ids::LeaseId;
 use crate::store::LeaseState;
+
+/// What a reconciliation found: credentials at the peer that no live
+/// lease accounts for.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ReconcileReport {
+    pub provider: String,
+    /// Credentials the peer holds that leasehold made.
+    pub found: usize,
+    /// Of those, the ones a live lease accounts for.
+    pub accounted: usize,
+    pub orphans: Vec<OrphanView>,
+    /// Whether the orphans were removed.
+    pub drop: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct OrphanView {
+    pub name: String,
+    pub lease_id: Option<String>,
+    pub lease_state: Option<&'static str>,
+    pub reason: String,
+    pub removed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
 
 impl Broker {
     /// Compare a provider's inventory with the store; with `drop`, remove
@@ -22,7 +45,7 @@ impl Broker {
         provider: &str,
         drop: bool,
         ctx: &Ctx,
-    ) -> Result<Value, BrokerError> {
+    ) -> Result<ReconcileReport, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Admin, OperatorRole::Responder]) {
             return Err(BrokerError::Forbidden {
                 code: "forbidden",
@@ -43,7 +66,7 @@ impl Broker {
                 .await
             {
                 Ok(report) => {
-                    let n = report["orphans"].as_array().map_or(0, Vec::len);
+                    let n = report.orphans.len();
                     crate::metrics::provider_orphans(&name, n);
                 }
                 Err(BrokerError::Invalid {
@@ -64,7 +87,7 @@ impl Broker {
         by: &str,
         ctx: &Ctx,
         always_record: bool,
-    ) -> Result<Value, BrokerError> {
+    ) -> Result<ReconcileReport, BrokerError> {
         let entry = self
             .providers
             .get(provider)
@@ -126,34 +149,41 @@ impl Broker {
         }
         let mut listed = Vec::with_capacity(orphans.len());
         for (f, state, reason) in orphans {
-            let mut v = json!({ "name": f.name, "lease_id": f.lease_id, "lease_state": state, "reason": reason, "removed": false });
+            let mut v = OrphanView {
+                name: f.name.clone(),
+                lease_id: f.lease_id.clone(),
+                lease_state: state,
+                reason,
+                removed: false,
+                error: None,
+            };
             if drop {
                 match entry.provider.remove(&f).await {
-                    Ok(()) => v["removed"] = json!(true),
+                    Ok(()) => v.removed = true,
                     Err(e) => {
                         tracing::warn!(provider, name = %f.name, error = %e, "could not remove an orphan");
-                        v["error"] = json!(e.message);
+                        v.error = Some(e.message);
                     }
                 }
             }
             listed.push(v);
         }
-        let report = json!({
-            "provider": provider,
-            "found": found.len(),
-            "accounted": accounted,
-            "orphans": listed,
-            "drop": drop,
-        });
-        if !listed.is_empty() {
+        let report = ReconcileReport {
+            provider: provider.to_owned(),
+            found: found.len(),
+            accounted,
+            orphans: listed,
+            drop,
+        };
+        if !report.orphans.is_empty() {
             tracing::warn!(
                 provider,
-                orphans = listed.len(),
+                orphans = report.orphans.len(),
                 drop,
                 "reconciliation found credentials no lease accounts for"
             );
         }
-        if listed.is_empty() && !always_record {
+        if report.orphans.is_empty() && !always_record {
             return Ok(report);
         }
         let now = self.clock.now().unix_millis();
@@ -161,7 +191,7 @@ impl Broker {
             self.auditor.clone(),
             ctx.clone(),
             by.to_owned(),
-            report.clone(),
+            serde_json::to_value(&report).unwrap_or_default(),
             provider.to_owned(),
         );
         self.store
