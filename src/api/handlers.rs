@@ -87,7 +87,7 @@ pub async fn open_task(
     tag = "tasks",
     operation_id = "get_task",
     security(("workload" = []), ("operator" = ["admin"])),
-    params(("id" = String, Path, description = "task id (`task_...`)")),
+    params(("id" = String, Path, description = "task id (`task_...`)", pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     responses(Guarded, WithId, (status = 200, description = "The task with its calls and leases (never a credential).", body = TaskDetail))
 )]
 pub async fn get_task(
@@ -116,7 +116,7 @@ pub async fn get_task(
     tag = "tasks",
     operation_id = "complete_task",
     security(("workload" = [])),
-    params(("id" = String, Path, description = "task id (`task_...`)")),
+    params(("id" = String, Path, description = "task id (`task_...`)", pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     responses(Guarded, WithId, Conflict, (status = 200, description = "Completed; every lease of the task was revoked (or is being retried: `pending`).", body = CompletionView))
 )]
 pub async fn complete_task(
@@ -143,7 +143,7 @@ pub async fn complete_task(
     tag = "leases",
     operation_id = "request_lease",
     security(("workload" = [])),
-    params(("id" = String, Path, description = "task id (`task_...`)")),
+    params(("id" = String, Path, description = "task id (`task_...`)", pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     request_body = LeaseBody,
     responses(Guarded, WithBody, WithId, Conflict, CallsProvider, (status = 201, description = "Allowed: the lease and its credential (the only response that carries one).", body = IssuedLeaseView), (status = 202, description = "Waits for a human approver; retry with `approval_id` once approved.", body = ApprovalRequiredView), (status = 403, description = "`policy_denied` with the decision, or another refusal.", body = ErrorBody))
 )]
@@ -213,7 +213,7 @@ fn approval_required(
     tag = "tasks",
     operation_id = "call",
     security(("workload" = [])),
-    params(("id" = String, Path, description = "task id (`task_...`)")),
+    params(("id" = String, Path, description = "task id (`task_...`)", pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     request_body = CallBody,
     responses(Guarded, WithBody, WithId, Conflict, CallsProvider, (status = 200, description = "Allowed; with `lease` when the call asked for a credential.", body = CallResponse), (status = 202, description = "Waits for a human approver; retry with `approval_id` once approved.", body = ApprovalRequiredView), (status = 403, description = "`policy_denied` with the decision, or another refusal.", body = ErrorBody))
 )]
@@ -288,7 +288,7 @@ pub async fn list_approvals(
     tag = "approvals",
     operation_id = "get_approval",
     security(("workload" = []), ("operator" = ["approver", "admin", "responder"])),
-    params(("id" = String, Path, description = "approval id (`appr_...`)"), WaitParams),
+    params(("id" = String, Path, description = "approval id (`appr_...`)", pattern = "^appr_[0-7][0-9a-hjkmnp-tv-z]{25}$"), WaitParams),
     responses(Guarded, WithId, WithQuery, (status = 200, description = "The approval (after waiting for a decision, with `wait`).", body = ApprovalView))
 )]
 /// One approval; `?wait=N` long-polls up to N (at most 30) seconds for a decision.
@@ -319,7 +319,7 @@ fn optional_body<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> Resu
     tag = "approvals",
     operation_id = "approve",
     security(("operator" = ["approver", "admin"])),
-    params(("id" = String, Path, description = "approval id (`appr_...`)")),
+    params(("id" = String, Path, description = "approval id (`appr_...`)", pattern = "^appr_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     request_body(content = Option<DecideBody>, description = "Optional: a comment."),
     responses(Guarded, WithBody, WithId, Conflict, (status = 200, description = "Approved; the workload may now retry its request once.", body = ApprovalView))
 )]
@@ -340,7 +340,7 @@ pub async fn approve(
     tag = "approvals",
     operation_id = "deny",
     security(("operator" = ["approver", "admin"])),
-    params(("id" = String, Path, description = "approval id (`appr_...`)")),
+    params(("id" = String, Path, description = "approval id (`appr_...`)", pattern = "^appr_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     request_body(content = Option<DecideBody>, description = "A comment is required to deny."),
     responses(Guarded, WithBody, WithId, Conflict, (status = 200, description = "Denied.", body = ApprovalView))
 )]
@@ -399,7 +399,7 @@ pub async fn list_reviews(
     tag = "approvals",
     operation_id = "sign_off",
     security(("operator" = ["approver", "admin"])),
-    params(("id" = String, Path, description = "task id (`task_...`) of the review")),
+    params(("id" = String, Path, description = "task id (`task_...`) of the review", pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     request_body = DecideBody,
     responses(Guarded, WithBody, WithId, Conflict, (status = 200, description = "Signed off.", body = ReviewView))
 )]
@@ -486,7 +486,7 @@ pub async fn reload_policy(
     tag = "leases",
     operation_id = "get_lease",
     security(("workload" = []), ("operator" = ["admin", "responder"])),
-    params(("id" = String, Path, description = "lease id (`lease_...`)")),
+    params(("id" = String, Path, description = "lease id (`lease_...`)", pattern = "^lease_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     responses(Guarded, WithId, (status = 200, description = "The lease (never its credential).", body = LeaseView))
 )]
 pub async fn get_lease(
@@ -504,7 +504,7 @@ pub async fn get_lease(
     tag = "leases",
     operation_id = "revoke_lease",
     security(("workload" = []), ("operator" = ["admin", "responder"])),
-    params(("id" = String, Path, description = "lease id (`lease_...`)")),
+    params(("id" = String, Path, description = "lease id (`lease_...`)", pattern = "^lease_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     responses(Guarded, WithId, Conflict, CallsProvider, (status = 200, description = "Revoked at the provider, or queued for retry (`revoking`); idempotent.", body = LeaseView))
 )]
 pub async fn revoke_lease(
@@ -925,14 +925,7 @@ pub async fn introspect(
         .tokens()
         .map(|p| p.introspect(&body.token, now))
         .find(|i| i.active)
-        .map_or(
-            IntrospectionView {
-                active: false,
-                claims: None,
-                token_type: None,
-            },
-            IntrospectionView::from,
-        );
+        .map_or_else(IntrospectionView::default, IntrospectionView::from);
     Ok(Json(answer).into_response())
 }
 
@@ -1182,7 +1175,7 @@ pub async fn list_revocations(
     tag = "incident",
     operation_id = "get_revocation",
     security(("operator" = ["admin", "responder"])),
-    params(("id" = String, Path, description = "job id (`job_...`)")),
+    params(("id" = String, Path, description = "job id (`job_...`)", pattern = "^job_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     responses(Guarded, WithId, (status = 200, description = "The job, its counts, and the leases still failing.", body = crate::incident::JobView))
 )]
 pub async fn get_revocation(
@@ -1276,7 +1269,7 @@ pub async fn reconcile(
     tag = "incident",
     operation_id = "abandon_lease",
     security(("operator" = ["responder"])),
-    params(("id" = String, Path, description = "lease id (`lease_...`)")),
+    params(("id" = String, Path, description = "lease id (`lease_...`)", pattern = "^lease_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     request_body = AbandonBody,
     responses(Guarded, WithBody, WithId, Conflict, (status = 200, description = "The irrevocable lease is marked abandoned (loudly); the broker stops retrying.", body = LeaseView))
 )]

@@ -842,34 +842,39 @@ pub struct PruneView {
     pub base_seq: u64,
 }
 
-/// RFC 7662: an inactive token says nothing else.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+/// RFC 7662: an inactive token says nothing else; an active one carries
+/// its claims.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct IntrospectionView {
     pub active: bool,
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub claims: Option<TokenClaimsView>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_type: Option<&'static str>,
-}
-
-/// The claims of an active leasehold token.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct TokenClaimsView {
-    pub iss: String,
-    pub sub: String,
-    pub aud: String,
-    pub iat: i64,
-    pub nbf: i64,
-    pub exp: i64,
+    pub iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exp: Option<i64>,
     /// The lease id.
-    pub jti: String,
-    pub task: String,
-    pub role: String,
-    pub scope: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
     /// The user the task acts for (RFC 8693 `act`).
-    pub act: ActorView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub act: Option<ActorView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_type: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -879,24 +884,26 @@ pub struct ActorView {
 
 impl From<leasehold_provider_token::Introspection> for IntrospectionView {
     fn from(i: leasehold_provider_token::Introspection) -> Self {
-        Self {
+        let mut v = Self {
             active: i.active,
-            claims: i.claims.map(|c| TokenClaimsView {
-                iss: c.iss,
-                sub: c.sub,
-                aud: c.aud,
-                iat: c.iat,
-                nbf: c.nbf,
-                exp: c.exp,
-                jti: c.jti,
-                task: c.task,
-                role: c.role,
-                scope: c.scope,
-                tenant: c.tenant,
-                act: ActorView { sub: c.act.sub },
-            }),
             token_type: i.token_type,
+            ..Self::default()
+        };
+        if let Some(c) = i.claims {
+            v.iss = Some(c.iss);
+            v.sub = Some(c.sub);
+            v.aud = Some(c.aud);
+            v.iat = Some(c.iat);
+            v.nbf = Some(c.nbf);
+            v.exp = Some(c.exp);
+            v.jti = Some(c.jti);
+            v.task = Some(c.task);
+            v.role = Some(c.role);
+            v.scope = Some(c.scope);
+            v.tenant = c.tenant;
+            v.act = Some(ActorView { sub: c.act.sub });
         }
+        v
     }
 }
 

@@ -16,6 +16,7 @@ mod conformance;
 mod crash;
 mod events;
 mod expiry;
+mod fuzz;
 mod incident;
 mod isolation;
 mod lifecycle;
