@@ -1303,12 +1303,13 @@ pub async fn blast_radius(
     caller: Caller,
     ApiQuery(p): ApiQuery<BlastRadiusParams>,
 ) -> Result<Json<crate::incident::BlastRadius>, ApiError> {
-    let Some(workload) = p.workload.filter(|w| !w.is_empty()) else {
+    let workload = p.workload;
+    if workload.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_parameter",
             "`workload` is required",
         ));
-    };
+    }
     let now = s.broker.clock.now().unix_millis();
     let since =
         time_param("since", p.since.as_deref())?.map_or(now - 86_400_000, |t| t.unix_millis());

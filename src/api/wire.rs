@@ -111,22 +111,40 @@ pub fn parse_lease_id(s: &str) -> Result<LeaseId, ApiError> {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenTaskBody {
+    /// Why the task exists (printable, not blank).
+    #[schema(min_length = 1, max_length = 512)]
     pub purpose: String,
+    /// The user the assistant acts for.
+    #[schema(min_length = 1, max_length = 256)]
     pub on_behalf_of: String,
+    /// The prompt (only its SHA-256 is kept); this or `prompt_sha256`, not both.
     #[serde(default)]
     pub prompt: Option<String>,
     #[serde(default)]
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
     pub prompt_sha256: Option<String>,
+    /// The tools the task may call (a call to any other is denied).
     #[serde(default)]
+    #[schema(inline, value_type = Vec<ToolName>)]
     pub tools: Vec<String>,
+    /// Capped by `limits.max_task_ttl_seconds`.
+    #[schema(minimum = 1)]
     pub ttl_seconds: i64,
 }
+
+/// A tool name.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(pattern = "^[A-Za-z0-9._:/-]{1,128}$")]
+#[allow(dead_code)]
+pub struct ToolName(String);
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseBody {
     pub provider: String,
     pub role: String,
+    /// Capped by policy, the role, `limits.max_lease_ttl_seconds` and the task.
+    #[schema(minimum = 1)]
     pub ttl_seconds: i64,
     #[serde(default)]
     pub scope: Vec<String>,
@@ -140,6 +158,7 @@ pub struct LeaseBody {
 pub struct CredentialBody {
     pub provider: String,
     pub role: String,
+    #[schema(minimum = 1)]
     pub ttl_seconds: i64,
     #[serde(default)]
     pub scope: Vec<String>,
@@ -148,6 +167,7 @@ pub struct CredentialBody {
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BreakGlassBody {
+    #[schema(min_length = 1, max_length = 1024)]
     pub justification: String,
 }
 
@@ -155,11 +175,17 @@ pub struct BreakGlassBody {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CallBody {
+    #[schema(pattern = "^[A-Za-z0-9._:/-]{1,128}$")]
     pub tool: String,
+    #[schema(min_length = 1, max_length = 128)]
     pub action: String,
+    /// What the call touches (e.g. `doc:1`); a credential is scoped to it.
     #[serde(default)]
+    #[schema(max_length = 512)]
     pub resource: String,
+    /// SHA-256 of the call's arguments, recorded with the decision.
     #[serde(default)]
+    #[schema(pattern = "^([0-9a-fA-F]{64})?$")]
     pub arguments_sha256: String,
     #[serde(default)]
     pub credential: Option<CredentialBody>,
@@ -172,7 +198,9 @@ pub struct CallBody {
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecideBody {
+    /// Required to deny and to sign off.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 1024)]
     pub comment: Option<String>,
 }
 
@@ -193,7 +221,10 @@ pub struct LeaseListParams {
     pub task: Option<String>,
     pub provider: Option<String>,
     pub role: Option<String>,
+    /// The last `lease_id` of the previous page (`next_cursor`).
     pub cursor: Option<String>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -210,6 +241,8 @@ pub struct EventListParams {
     pub until: Option<String>,
     /// Cursor: events after this seq.
     pub after: Option<u64>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -217,8 +250,10 @@ pub struct EventListParams {
 #[serde(deny_unknown_fields)]
 pub struct PruneBody {
     /// Remove events up to and including this seq…
+    #[schema(minimum = 1)]
     pub through_seq: u64,
     /// …whose hash the archive ends with (proof the caller holds it).
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
     pub last_hash: String,
 }
 
@@ -364,7 +399,9 @@ pub struct AbandonBody {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct BlastRadiusParams {
-    pub workload: Option<String>,
+    /// The workload id (`issuer:subject`).
+    #[param(min_length = 1)]
+    pub workload: String,
     /// RFC 3339; default: the last 24 hours.
     pub since: Option<String>,
     pub until: Option<String>,
