@@ -70,6 +70,18 @@ impl ApiError {
         }
     }
 
+    /// 503: the request took longer than `server.request_timeout_seconds`.
+    pub fn timed_out() -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "request_timeout",
+                "the request took longer than the server allows; retry it",
+            )
+        }
+    }
+
     pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, code, message)
     }

@@ -297,9 +297,15 @@ pub async fn get_approval(
     caller: Caller,
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<WaitParams>,
+    deadline: Option<axum::Extension<super::RequestDeadline>>,
 ) -> Result<Json<ApprovalView>, ApiError> {
     let id = parse_approval_id(&id)?;
-    let wait = Duration::from_secs(q.wait.unwrap_or(0).min(30));
+    let mut wait = Duration::from_secs(q.wait.unwrap_or(0).min(30));
+    // answer (with the approval as it stands) before the request times out
+    if let Some(axum::Extension(d)) = deadline {
+        let left = d.0.saturating_duration_since(tokio::time::Instant::now());
+        wait = wait.min(left.saturating_sub(Duration::from_secs(1)));
+    }
     let a = s.broker.await_approval(&caller, id, wait).await?;
     Ok(Json(ApprovalView::from(&a)))
 }

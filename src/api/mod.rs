@@ -26,7 +26,6 @@ use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::get;
-use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -111,6 +110,26 @@ async fn admission(State(state): State<AppState>, req: Request, next: Next) -> R
     next.run(req).await
 }
 
+/// When the request's time is up (`server.request_timeout_seconds`), for
+/// handlers that wait (a long-poll must answer before it).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDeadline(pub tokio::time::Instant);
+
+/// Answer `503 request_timeout` (in the error shape, with `Retry-After`)
+/// when a request takes longer than the configured timeout. Work that a
+/// handler detached keeps running; only the answer is given up.
+async fn deadline(State(timeout): State<Duration>, mut req: Request, next: Next) -> Response {
+    let at = tokio::time::Instant::now() + timeout;
+    req.extensions_mut().insert(RequestDeadline(at));
+    match tokio::time::timeout_at(at, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            tracing::warn!(timeout_seconds = timeout.as_secs(), "request timed out");
+            axum::response::IntoResponse::into_response(ApiError::timed_out())
+        }
+    }
+}
+
 /// Limits of the HTTP layer.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpLimits {
@@ -166,9 +185,9 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
     api.fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
-        .layer(TimeoutLayer::with_status_code(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        .layer(axum::middleware::from_fn_with_state(
             limits.request_timeout,
+            deadline,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -103,7 +103,7 @@ error_set!(
         "403" => "`forbidden` and other refusals: the caller's roles do not allow this.",
         "429" => "`rate_limited` (per workload, per address, or authentication failures), or a quota; with `Retry-After`.",
         "500" => "`internal`: a bug; the detail is in the broker log.",
-        "503" => "`overloaded` (with `Retry-After`), `store_unavailable` or `provider_unavailable`: retry later.",
+        "503" => "`overloaded` or `request_timeout` (with `Retry-After`), `store_unavailable` or `provider_unavailable`: retry later.",
     }
 );
 

@@ -10,6 +10,12 @@
 //! PyPI into its virtual environment and sets LEASEHOLD_SCHEMATHESIS_BIN.
 //! LEASEHOLD_FUZZ_EXAMPLES (default 20) and LEASEHOLD_FUZZ_SEED (default
 //! fixed, so CI is repeatable; set another to explore) tune the run.
+//!
+//! Before the run the test opens a task with a lease and a pending
+//! approval, and tells schemathesis (its config file) to use their ids for
+//! the `{id}` path parameters, so the fuzzed requests reach the handlers'
+//! logic rather than stopping at "no such task". Malformed and unknown ids
+//! are covered by tests/broker/openapi.rs and bad_input.rs.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -71,6 +77,8 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     broker.wait_healthy(&client()).await;
     let creds: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data.join("dev-credentials.json")).unwrap()).unwrap();
+    let ids = seed_state(addr, &creds).await;
+    std::fs::write(dir.path().join("schemathesis.toml"), ids).unwrap();
     let schema = format!("http://{addr}/v1/openapi.json");
     let mut report = Vec::new();
     for who in [
@@ -89,6 +97,7 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
             move || {
                 Command::new(bin)
                     .current_dir(cwd)
+                    .args(["--config-file", "schemathesis.toml"])
                     .args(["run", &schema, "--checks", CHECKS])
                     .args(["--max-examples", &examples, "--seed", &seed])
                     .args(["--request-timeout", "30"])
@@ -132,4 +141,67 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     for l in report {
         println!("  {l}");
     }
+}
+
+/// A task of `assistant-a` with a lease and a pending approval; returns the
+/// schemathesis config that pins the `{id}` path parameters to them.
+async fn seed_state(addr: std::net::SocketAddr, creds: &serde_json::Value) -> String {
+    use serde_json::json;
+    let http = client();
+    let token = creds["identities"]["assistant-a"]["token"]
+        .as_str()
+        .unwrap();
+    let post = |path: &str, body: serde_json::Value| {
+        http.post(format!("http://{addr}{path}"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    let task: serde_json::Value = post(
+        "/v1/tasks",
+        json!({"purpose": "fuzz", "on_behalf_of": "alice@example.com", "prompt": "fuzz it",
+               "tools": ["demo.read", "demo.write", "demo.admin"], "ttl_seconds": 3600}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let task = task["task_id"].as_str().expect("a task").to_owned();
+    let lease: serde_json::Value = post(
+        &format!("/v1/tasks/{task}/leases"),
+        json!({"provider": "token", "role": "demo", "ttl_seconds": 600}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let lease = lease["lease_id"].as_str().expect("a lease").to_owned();
+    let held: serde_json::Value = post(
+        &format!("/v1/tasks/{task}/calls"),
+        json!({"tool": "demo.write", "action": "run", "resource": "ticket:1"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let approval = held["approval_id"]
+        .as_str()
+        .expect("an approval")
+        .to_owned();
+    let pin = |regex: &str, id: &str, extra: &str| {
+        format!(
+            "[[operations]]\ninclude-path-regex = \"{regex}\"\nparameters = {{ \"path.id\" = \"{id}\"{extra} }}\n\n"
+        )
+    };
+    [
+        pin("^/v1/(tasks|reviews)/", &task, ""),
+        pin("^/v1/leases/", &lease, ""),
+        // a long-poll on this pending approval would hold every case up to
+        // 29 s: `wait` is pinned to 0 (policy.rs tests the long-poll)
+        pin("^/v1/approvals/", &approval, ", \"query.wait\" = 0"),
+    ]
+    .concat()
 }

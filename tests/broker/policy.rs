@@ -614,3 +614,30 @@ async fn sighup_reloads_the_policy_set() {
         "SIGHUP must not stop the broker"
     );
 }
+
+/// A long-poll longer than the request timeout answers with the approval
+/// as it stands just before the deadline, never with a timeout.
+#[tokio::test]
+async fn a_long_poll_answers_before_the_request_times_out() {
+    let h = Harness::start(Options {
+        tweak: Box::new(|c| c.server.request_timeout_seconds = 3),
+        ..Options::default()
+    })
+    .await;
+    let a = h.tokens.a.clone();
+    let task = open(&h, &a, "alice@example.com").await;
+    let (s, v) = call(&h, &a, &task, &call_body("demo.write", "ticket:9", false)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["approval_id"].as_str().unwrap();
+    let started = std::time::Instant::now();
+    let (s, v) = h
+        .get(&a, &format!("/v1/approvals/{id}?wait=9223372036854775808"))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "pending");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
