@@ -312,7 +312,8 @@ pub async fn get_approval(
 
 /// A JSON body that may be absent (an approval needs no comment).
 fn optional_body<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, ApiError> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
+    // no body, or JSON `null`, means no fields
+    if bytes.iter().all(u8::is_ascii_whitespace) || bytes.trim_ascii() == b"null" {
         return Ok(T::default());
     }
     serde_json::from_slice(bytes)

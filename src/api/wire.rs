@@ -141,7 +141,9 @@ pub struct ToolName(String);
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseBody {
+    #[schema(min_length = 1)]
     pub provider: String,
+    #[schema(min_length = 1)]
     pub role: String,
     /// Capped by policy, the role, `limits.max_lease_ttl_seconds` and the task.
     #[schema(minimum = 1)]
@@ -150,13 +152,16 @@ pub struct LeaseBody {
     pub scope: Vec<String>,
     /// Retry of a request that needed approval, once approved.
     #[serde(default)]
+    #[schema(pattern = "^appr_[0-7][0-9a-hjkmnp-tv-z]{25}$")]
     pub approval_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialBody {
+    #[schema(min_length = 1)]
     pub provider: String,
+    #[schema(min_length = 1)]
     pub role: String,
     #[schema(minimum = 1)]
     pub ttl_seconds: i64,
@@ -189,7 +194,9 @@ pub struct CallBody {
     pub arguments_sha256: String,
     #[serde(default)]
     pub credential: Option<CredentialBody>,
+    /// Retry of a call that needed approval, once approved.
     #[serde(default)]
+    #[schema(pattern = "^appr_[0-7][0-9a-hjkmnp-tv-z]{25}$")]
     pub approval_id: Option<String>,
     #[serde(default)]
     pub break_glass: Option<BreakGlassBody>,
@@ -216,12 +223,18 @@ pub struct WaitParams {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseListParams {
+    #[param(min_length = 1)]
     pub state: Option<String>,
+    #[param(min_length = 1)]
     pub workload: Option<String>,
+    #[param(min_length = 1)]
     pub task: Option<String>,
+    #[param(min_length = 1)]
     pub provider: Option<String>,
+    #[param(min_length = 1)]
     pub role: Option<String>,
     /// The last `lease_id` of the previous page (`next_cursor`).
+    #[param(min_length = 1)]
     pub cursor: Option<String>,
     /// Page size (default 100).
     #[param(minimum = 1, maximum = 1000)]
@@ -232,12 +245,19 @@ pub struct LeaseListParams {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventListParams {
+    #[param(min_length = 1)]
     pub task: Option<String>,
+    #[param(min_length = 1)]
     pub lease: Option<String>,
+    #[param(min_length = 1)]
     pub workload: Option<String>,
+    #[param(min_length = 1)]
     pub user: Option<String>,
+    #[param(min_length = 1)]
     pub kind: Option<String>,
+    #[param(min_length = 1)]
     pub since: Option<String>,
+    #[param(min_length = 1)]
     pub until: Option<String>,
     /// Cursor: events after this seq.
     pub after: Option<u64>,
@@ -292,7 +312,9 @@ pub struct RevocationBody {
     pub issued_before: Option<String>,
     #[serde(default)]
     pub all: bool,
+    /// Why (required; recorded with the job).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 1024)]
     pub reason: String,
     #[serde(default)]
     pub fence: bool,
@@ -372,9 +394,13 @@ impl RevocationBody {
 #[serde(deny_unknown_fields)]
 pub struct LiftFenceBody {
     /// `workload`, `tenant` or `user`.
+    #[schema(pattern = "^(workload|tenant|user)$")]
     pub kind: String,
+    #[schema(min_length = 1)]
     pub value: String,
+    /// Why (required).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 1024)]
     pub reason: String,
 }
 
@@ -391,7 +417,9 @@ pub struct ReconcileBody {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AbandonBody {
+    /// Why (required).
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 1024)]
     pub reason: String,
 }
 
@@ -403,7 +431,9 @@ pub struct BlastRadiusParams {
     #[param(min_length = 1)]
     pub workload: String,
     /// RFC 3339; default: the last 24 hours.
+    #[param(min_length = 1)]
     pub since: Option<String>,
+    #[param(min_length = 1)]
     pub until: Option<String>,
 }
 
