@@ -132,6 +132,21 @@ pub struct OpenTaskBody {
     pub ttl_seconds: i64,
 }
 
+/// A lease state, as the API names it.
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum LeaseStateName {
+    Issuing,
+    Active,
+    Revoking,
+    Revoked,
+    Expired,
+    RolledBack,
+    Irrevocable,
+    Abandoned,
+}
+
 /// A tool name.
 #[derive(Debug, utoipa::ToSchema)]
 #[schema(pattern = "^[A-Za-z0-9._:/-]{1,128}$")]
@@ -223,18 +238,18 @@ pub struct WaitParams {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseListParams {
-    #[param(min_length = 1)]
+    #[param(value_type = Option<LeaseStateName>, inline)]
     pub state: Option<String>,
     #[param(min_length = 1)]
     pub workload: Option<String>,
-    #[param(min_length = 1)]
+    #[param(pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$")]
     pub task: Option<String>,
     #[param(min_length = 1)]
     pub provider: Option<String>,
     #[param(min_length = 1)]
     pub role: Option<String>,
     /// The last `lease_id` of the previous page (`next_cursor`).
-    #[param(min_length = 1)]
+    #[param(pattern = "^lease_[0-7][0-9a-hjkmnp-tv-z]{25}$")]
     pub cursor: Option<String>,
     /// Page size (default 100).
     #[param(minimum = 1, maximum = 1000)]
@@ -245,9 +260,9 @@ pub struct LeaseListParams {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventListParams {
-    #[param(min_length = 1)]
+    #[param(pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$")]
     pub task: Option<String>,
-    #[param(min_length = 1)]
+    #[param(pattern = "^lease_[0-7][0-9a-hjkmnp-tv-z]{25}$")]
     pub lease: Option<String>,
     #[param(min_length = 1)]
     pub workload: Option<String>,
@@ -255,9 +270,11 @@ pub struct EventListParams {
     pub user: Option<String>,
     #[param(min_length = 1)]
     pub kind: Option<String>,
-    #[param(min_length = 1)]
+    /// RFC 3339
+    #[param(format = DateTime)]
     pub since: Option<String>,
-    #[param(min_length = 1)]
+    /// RFC 3339
+    #[param(format = DateTime)]
     pub until: Option<String>,
     /// Cursor: events after this seq.
     pub after: Option<u64>,
@@ -307,8 +324,10 @@ pub struct RevocationBody {
     pub states: Vec<String>,
     /// RFC 3339.
     #[serde(default)]
+    #[schema(format = DateTime)]
     pub issued_after: Option<String>,
     #[serde(default)]
+    #[schema(format = DateTime)]
     pub issued_before: Option<String>,
     #[serde(default)]
     pub all: bool,
@@ -431,9 +450,9 @@ pub struct BlastRadiusParams {
     #[param(min_length = 1)]
     pub workload: String,
     /// RFC 3339; default: the last 24 hours.
-    #[param(min_length = 1)]
+    #[param(format = DateTime)]
     pub since: Option<String>,
-    #[param(min_length = 1)]
+    #[param(format = DateTime)]
     pub until: Option<String>,
 }
 

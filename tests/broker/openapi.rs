@@ -682,3 +682,32 @@ fn the_checker_rejects_nonconforming_bodies() {
     assert!(error.is_valid(&json!({"error": {"code": "x", "message": "y"}})));
     assert!(!error.is_valid(&json!({"message": "y"})));
 }
+
+/// The `state` filter's documented values are exactly the lease states.
+#[test]
+fn the_documented_lease_states_are_the_stores() {
+    let doc = document();
+    let params = doc["paths"]["/v1/leases"]["get"]["parameters"]
+        .as_array()
+        .unwrap();
+    let state = params.iter().find(|p| p["name"] == "state").unwrap();
+    let text = state["schema"].to_string();
+    let mut documented: Vec<String> = serde_json::from_str::<Value>(&text)
+        .unwrap()
+        .pointer("/oneOf/1/enum")
+        .or_else(|| state["schema"].pointer("/enum"))
+        .or_else(|| state["schema"].pointer("/oneOf/0/enum"))
+        .unwrap_or_else(|| panic!("no enum in {text}"))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    let mut store: Vec<String> = leasehold::store::LeaseState::ALL
+        .iter()
+        .map(|s| s.as_str().to_owned())
+        .collect();
+    documented.sort();
+    store.sort();
+    assert_eq!(documented, store);
+}
