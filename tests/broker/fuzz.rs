@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::harness::{Child, client, free_port};
+use crate::harness::{Child, Remote, client, free_port};
 
 const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
 response_headers_conformance,response_schema_conformance";
@@ -147,46 +147,30 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
 /// schemathesis config that pins the `{id}` path parameters to them.
 async fn seed_state(addr: std::net::SocketAddr, creds: &serde_json::Value) -> String {
     use serde_json::json;
-    let http = client();
+    let remote = Remote::new(addr);
     let token = creds["identities"]["assistant-a"]["token"]
         .as_str()
         .unwrap();
-    let post = |path: &str, body: serde_json::Value| {
-        http.post(format!("http://{addr}{path}"))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-    };
-    let task: serde_json::Value = post(
-        "/v1/tasks",
-        json!({"purpose": "fuzz", "on_behalf_of": "alice@example.com", "prompt": "fuzz it",
-               "tools": ["demo.read", "demo.write", "demo.admin"], "ttl_seconds": 3600}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let task = remote
+        .post(token, "/v1/tasks", Some(json!({"purpose": "fuzz", "on_behalf_of": "alice@example.com",
+            "prompt": "fuzz it", "tools": ["demo.read", "demo.write", "demo.admin"], "ttl_seconds": 3600})))
+        .await;
     let task = task["task_id"].as_str().expect("a task").to_owned();
-    let lease: serde_json::Value = post(
-        &format!("/v1/tasks/{task}/leases"),
-        json!({"provider": "token", "role": "demo", "ttl_seconds": 600}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let lease = remote
+        .post(
+            token,
+            &format!("/v1/tasks/{task}/leases"),
+            Some(json!({"provider": "token", "role": "demo", "ttl_seconds": 600})),
+        )
+        .await;
     let lease = lease["lease_id"].as_str().expect("a lease").to_owned();
-    let held: serde_json::Value = post(
-        &format!("/v1/tasks/{task}/calls"),
-        json!({"tool": "demo.write", "action": "run", "resource": "ticket:1"}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let held = remote
+        .post(
+            token,
+            &format!("/v1/tasks/{task}/calls"),
+            Some(json!({"tool": "demo.write", "action": "run", "resource": "ticket:1"})),
+        )
+        .await;
     let approval = held["approval_id"]
         .as_str()
         .expect("an approval")
