@@ -339,8 +339,11 @@ async fn iam_unreachable_at_revoke_is_retryable() {
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
 }
 
-/// A stand-in for STS that records each request and answers Throttling.
-async fn throttling_sts() -> (String, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec<String>>>) {
+/// A stand-in for STS that records each request (when it arrived, its
+/// body) and answers Throttling.
+type Received = Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>;
+
+async fn throttling_sts() -> (String, Arc<AtomicUsize>, Received) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -377,9 +380,10 @@ async fn throttling_sts() -> (String, Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec
                     if buf.len() < head_end + 4 + len {
                         continue;
                     }
-                    b.lock()
-                        .unwrap()
-                        .push(text[head_end + 4..head_end + 4 + len].to_owned());
+                    b.lock().unwrap().push((
+                        std::time::Instant::now(),
+                        text[head_end + 4..head_end + 4 + len].to_owned(),
+                    ));
                     h.fetch_add(1, Ordering::SeqCst);
                     let body = "<ErrorResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error><RequestId>1</RequestId></ErrorResponse>";
                     let resp = format!(
@@ -402,7 +406,6 @@ async fn throttling_is_retried_then_retryable_and_the_request_carries_the_lease(
     cfg.max_attempts = 3;
     let p = AwsStsProvider::new(cfg, 86_400, clock(), Some(Moto::credentials())).unwrap();
     let s = spec("reports", Duration::from_secs(120), &["summary"]);
-    let started = std::time::Instant::now();
     let e = p.issue(&s).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
     assert!(e.message.contains("Throttling"), "{e}");
@@ -411,12 +414,20 @@ async fn throttling_is_retried_then_retryable_and_the_request_carries_the_lease(
         3,
         "max_attempts requests, with backoff"
     );
+    // The SDK's backoff is full jitter: uniform in [0, 100 ms) before the
+    // second attempt and [0, 200 ms) before the third, so no fixed minimum
+    // holds (a 100 ms floor failed one run in four). Without any backoff the
+    // attempts follow each other within a millisecond or so; with it, the
+    // two waits sum below 5 ms about once in 1,600 runs.
+    let times: Vec<std::time::Instant> = bodies.lock().unwrap().iter().map(|r| r.0).collect();
+    let waited = times[2] - times[0];
+    assert!(waited >= Duration::from_millis(5), "no backoff: {waited:?}");
     assert!(
-        started.elapsed() >= Duration::from_millis(100),
-        "no backoff"
+        waited < Duration::from_secs(2),
+        "backoff beyond its cap: {waited:?}"
     );
     // what AssumeRole carried (moto drops all of it)
-    let body = bodies.lock().unwrap()[0].clone();
+    let body = bodies.lock().unwrap()[0].1.clone();
     let form: Vec<(String, String)> = body
         .split('&')
         .map(|kv| {
