@@ -1008,7 +1008,7 @@ pub async fn health() -> Json<HealthView> {
 /// Ready when not draining, the store answers and every provider's health
 /// check passes. Details of failures are logged, not shown publicly.
 pub async fn ready(State(s): State<AppState>) -> Response {
-    let mut checks = serde_json::Map::new();
+    let mut checks = std::collections::BTreeMap::new();
     let mut ok = s.ready.load(Ordering::Relaxed);
     if !ok {
         checks.insert("broker".into(), "shutting down".into());
@@ -1042,16 +1042,12 @@ pub async fn ready(State(s): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let checks = checks
-        .into_iter()
-        .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_owned()))
-        .collect();
     (code, Json(ReadyView { ready: ok, checks })).into_response()
 }
 
 /// Every provider's health check, with a timeout each.
-async fn provider_health(s: &AppState) -> (serde_json::Map<String, serde_json::Value>, bool) {
-    let mut checks = serde_json::Map::new();
+async fn provider_health(s: &AppState) -> (std::collections::BTreeMap<String, String>, bool) {
+    let mut checks = std::collections::BTreeMap::new();
     let mut ok = true;
     for entry in s.broker.providers.iter() {
         let r = tokio::time::timeout(Duration::from_secs(2), entry.provider.health()).await;

@@ -60,7 +60,7 @@ pub struct Limiter {
 /// When provider health was checked, each provider's status, and whether all passed.
 pub type HealthChecks = (
     std::time::Instant,
-    serde_json::Map<String, serde_json::Value>,
+    std::collections::BTreeMap<String, String>,
     bool,
 );
 

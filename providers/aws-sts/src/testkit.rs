@@ -13,15 +13,19 @@ use std::time::{Duration, Instant};
 
 use aws_credential_types::Credentials;
 
+/// A leased credential as SDK credentials, to use it at the wire.
+pub fn lease_credentials(c: &leasehold_provider::Credential) -> Credentials {
+    Credentials::new(
+        c.expose("access_key_id").expect("access_key_id"),
+        c.expose("secret_access_key").expect("secret_access_key"),
+        Some(c.expose("session_token").expect("session_token").to_owned()),
+        None,
+        "lease",
+    )
+}
+
 fn binary() -> PathBuf {
-    if let Some(b) = std::env::var_os("LEASEHOLD_MOTO_BIN") {
-        return PathBuf::from(b);
-    }
-    if let Some(p) = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join("moto_server"))
-            .find(|b| b.is_file())
-    }) {
+    if let Some(p) = leasehold_provider::find_program("LEASEHOLD_MOTO_BIN", "moto_server") {
         return p;
     }
     panic!(

@@ -12,9 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use leasehold_provider::conformance::{self, Probe, SpecFactory};
-use leasehold_provider::{
-    Credential, ErrorClass, Issued, LeaseSpec, Provider, RevokeSpec, Timestamp,
-};
+use leasehold_provider::{Credential, ErrorClass, LeaseSpec, Provider, RevokeSpec, Timestamp};
 use leasehold_provider_aws_sts::policy::Method;
 use leasehold_provider_aws_sts::testkit::Moto;
 use leasehold_provider_aws_sts::{AwsRole, AwsStsConfig, AwsStsProvider, Now};
@@ -129,13 +127,7 @@ struct CallerIdentity<'a> {
 #[async_trait::async_trait]
 impl Probe for CallerIdentity<'_> {
     async fn usable(&self, spec: &LeaseSpec, c: &Credential) -> Result<bool, String> {
-        let creds = leasehold_provider_aws_sts::Credentials::new(
-            c.expose("access_key_id").unwrap(),
-            c.expose("secret_access_key").unwrap(),
-            Some(c.expose("session_token").unwrap().to_owned()),
-            None,
-            "lease",
-        );
+        let creds = leasehold_provider_aws_sts::testkit::lease_credentials(c);
         let conf =
             leasehold_provider_aws_sts::sdk_config("us-east-1", Some(&self.moto.endpoint()), creds)
                 .await;
@@ -154,15 +146,6 @@ impl Probe for CallerIdentity<'_> {
             .await
             .map_err(|e| e.to_string())?;
         Ok(!deny.denies(&spec.lease_id, "9999-12-31T00:00:00Z"))
-    }
-}
-
-fn revoke_spec(s: &LeaseSpec, i: &Issued) -> RevokeSpec {
-    RevokeSpec {
-        lease_id: s.lease_id.clone(),
-        role: s.role.clone(),
-        expires_at: i.expires_at,
-        handle: i.handle.clone(),
     }
 }
 
@@ -200,7 +183,7 @@ async fn revocation_puts_the_session_in_the_roles_deny_policy() {
     );
     let before = p.deny_policy("reports").await.unwrap();
     assert!(!before.denies(&s.lease_id, "x"));
-    p.revoke(&revoke_spec(&s, &i)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &i)).await.unwrap();
     // the post-condition, read back from IAM
     let iam = moto.iam().await;
     let doc = iam
@@ -215,7 +198,7 @@ async fn revocation_puts_the_session_in_the_roles_deny_policy() {
     assert!(decoded.contains("aws:SourceIdentity"), "{decoded}");
     assert!(decoded.contains("\"Deny\""), "{decoded}");
     // again: a no-op that keeps it
-    p.revoke(&revoke_spec(&s, &i)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &i)).await.unwrap();
     assert!(
         p.deny_policy("reports")
             .await
@@ -238,7 +221,7 @@ async fn fifty_concurrent_revocations_on_one_role_all_land() {
     let p = Arc::new(p);
     let mut set = tokio::task::JoinSet::new();
     for (s, i) in &issued {
-        let (who, r) = (p.clone(), revoke_spec(s, i));
+        let (who, r) = (p.clone(), RevokeSpec::of(s, i));
         set.spawn(async move { who.revoke(&r).await });
     }
     while let Some(r) = set.join_next().await {
@@ -330,7 +313,7 @@ async fn iam_unreachable_at_revoke_is_retryable() {
     let s = spec("reader", Duration::from_secs(900), &[]);
     let i = p.issue(&s).await.unwrap();
     moto.stop();
-    let e = p.revoke(&revoke_spec(&s, &i)).await.unwrap_err();
+    let e = p.revoke(&RevokeSpec::of(&s, &i)).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
     let e = p
         .issue(&spec("reader", Duration::from_secs(900), &[]))

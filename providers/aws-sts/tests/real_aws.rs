@@ -47,26 +47,13 @@ async fn real_aws_enforces_the_deny_after_revoke() {
     };
     let issued = p.issue(&spec).await.unwrap();
     let c = &issued.credential;
-    let creds = leasehold_provider_aws_sts::Credentials::new(
-        c.expose("access_key_id").unwrap(),
-        c.expose("secret_access_key").unwrap(),
-        Some(c.expose("session_token").unwrap().to_owned()),
-        None,
-        "lease",
-    );
+    let creds = leasehold_provider_aws_sts::testkit::lease_credentials(c);
     let conf = leasehold_provider_aws_sts::sdk_config(&region, None, creds).await;
     let iam = aws_sdk_iam::Client::new(&conf);
     let role_name = arn.rsplit('/').next().unwrap();
     // the role lets its sessions read itself (see the setup): works now
     iam.get_role().role_name(role_name).send().await.unwrap();
-    p.revoke(&RevokeSpec {
-        lease_id: spec.lease_id.clone(),
-        role: spec.role.clone(),
-        expires_at: issued.expires_at,
-        handle: issued.handle.clone(),
-    })
-    .await
-    .unwrap();
+    p.revoke(&RevokeSpec::of(&spec, &issued)).await.unwrap();
     // IAM is eventually consistent: the deny holds within a minute
     for _ in 0..60 {
         if iam.get_role().role_name(role_name).send().await.is_err() {

@@ -66,15 +66,6 @@ fn spec(role: &str, ttl: Duration, scope: &[&str]) -> LeaseSpec {
     }
 }
 
-fn revoke_spec(s: &LeaseSpec, i: &leasehold_provider::Issued) -> RevokeSpec {
-    RevokeSpec {
-        lease_id: s.lease_id.clone(),
-        role: s.role.clone(),
-        expires_at: i.expires_at,
-        handle: i.handle.clone(),
-    }
-}
-
 async fn started() -> (Cluster, PostgresProvider) {
     let c = Cluster::start();
     c.provision().await;
@@ -195,7 +186,7 @@ async fn revoke_ends_an_idle_session_and_the_password_stops_working() {
         .unwrap();
 
     let t = Instant::now();
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
     eprintln!("revoke with two live sessions took {:?}", t.elapsed());
 
     for (what, session) in [("idle", &idle), ("in a transaction", &busy)] {
@@ -216,7 +207,7 @@ async fn revoke_ends_an_idle_session_and_the_password_stops_working() {
         .get(0);
     assert_eq!(n, 0);
     // idempotent
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,7 +296,7 @@ async fn revoke_drops_what_the_role_created() {
         .await
         .unwrap();
     drop(client);
-    p.revoke(&revoke_spec(&s, &i)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &i)).await.unwrap();
     let su = c.superuser(DATABASE).await;
     let gone = su
         .query_opt("SELECT 1 FROM pg_tables WHERE tablename = 'scratch'", &[])
@@ -341,7 +332,7 @@ async fn database_down_at_issue_fails_fast_and_at_revoke_is_retried_until_it_is_
         "{}",
         e.message
     );
-    let e = p.revoke(&revoke_spec(&s, &i)).await.unwrap_err();
+    let e = p.revoke(&RevokeSpec::of(&s, &i)).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
     let e = p.health().await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable);
@@ -351,7 +342,7 @@ async fn database_down_at_issue_fails_fast_and_at_revoke_is_retried_until_it_is_
         role_exists(&c, &name).await,
         "nothing was dropped while down"
     );
-    p.revoke(&revoke_spec(&s, &i)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &i)).await.unwrap();
     assert!(!role_exists(&c, &name).await);
     assert!(refused(&login(&c, &i.credential).await.unwrap_err()));
     // only the one role ever existed: the failed issue left nothing
@@ -521,9 +512,9 @@ async fn batch_revoke_of_hundreds_with_live_sessions_and_some_already_gone() {
     };
     // a few already revoked one by one
     for (s, i) in issued.iter().take(5) {
-        p.revoke(&revoke_spec(s, i)).await.unwrap();
+        p.revoke(&RevokeSpec::of(s, i)).await.unwrap();
     }
-    let specs: Vec<RevokeSpec> = issued.iter().map(|(s, i)| revoke_spec(s, i)).collect();
+    let specs: Vec<RevokeSpec> = issued.iter().map(|(s, i)| RevokeSpec::of(s, i)).collect();
     let t = Instant::now();
     let results = p.revoke_many(&specs).await;
     eprintln!("revoke_many of {} took {:?}", specs.len(), t.elapsed());
@@ -565,7 +556,7 @@ async fn management_connections_verify_the_server_certificate() {
         .unwrap()
         .get(0);
     assert!(ssl, "the management connections use TLS");
-    p.revoke(&revoke_spec(&s, &i)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &i)).await.unwrap();
     assert!(!role_exists(&c, i.credential.expose("username").unwrap()).await);
 
     // a CA that did not sign the server's certificate: refused, and said so
@@ -617,7 +608,7 @@ async fn the_verifier_we_compute_is_what_the_server_checks_logins_against() {
             .secret("password", "x".repeat(32))
             .public("database", DATABASE);
         assert!(refused(&login(&c, &wrong).await.unwrap_err()));
-        p.revoke(&revoke_spec(&s, &i)).await.unwrap();
+        p.revoke(&RevokeSpec::of(&s, &i)).await.unwrap();
     }
 }
 
@@ -660,7 +651,7 @@ async fn scopes_through_group_roles_grant_only_the_groups_asked_for() {
         "a group name is not a scope"
     );
     // the roles hold no privilege of their own: revocation is a plain DROP ROLE
-    p.revoke_many(&[revoke_spec(&s, &i), revoke_spec(&s2, &i2)])
+    p.revoke_many(&[RevokeSpec::of(&s, &i), RevokeSpec::of(&s2, &i2)])
         .await
         .into_iter()
         .for_each(|r| r.unwrap());

@@ -141,12 +141,7 @@ pub async fn run(
     report.steps.push("issue_and_use");
 
     // revoke -> unusable -> revoke again
-    let revoke = RevokeSpec {
-        lease_id: spec.lease_id.clone(),
-        role: spec.role.clone(),
-        expires_at: issued.expires_at,
-        handle: issued.handle.clone(),
-    };
+    let revoke = RevokeSpec::of(&spec, &issued);
     provider
         .revoke(&revoke)
         .await
@@ -213,12 +208,7 @@ pub async fn run(
         .rollback(&lost)
         .await
         .map_err(|e| fail("rollback_again", e.to_string()))?;
-    let revoke_orphan = RevokeSpec {
-        lease_id: lost.lease_id.clone(),
-        role: lost.role.clone(),
-        expires_at: orphan.expires_at,
-        handle: orphan.handle.clone(),
-    };
+    let revoke_orphan = RevokeSpec::of(&lost, &orphan);
     provider
         .revoke(&revoke_orphan)
         .await
@@ -230,15 +220,7 @@ pub async fn run(
     for _ in 0..3 {
         batch.push(mint(provider, specs.spec(role, ttl), "issue_batch").await?);
     }
-    let revokes: Vec<RevokeSpec> = batch
-        .iter()
-        .map(|(s, i)| RevokeSpec {
-            lease_id: s.lease_id.clone(),
-            role: s.role.clone(),
-            expires_at: i.expires_at,
-            handle: i.handle.clone(),
-        })
-        .collect();
+    let revokes: Vec<RevokeSpec> = batch.iter().map(|(s, i)| RevokeSpec::of(s, i)).collect();
     let results = provider.revoke_many(&revokes).await;
     check(
         results.len() == revokes.len(),

@@ -278,6 +278,18 @@ pub struct RevokeSpec {
     pub handle: RevocationHandle,
 }
 
+impl RevokeSpec {
+    /// Revoke what `issue` returned for `spec`.
+    pub fn of(spec: &LeaseSpec, issued: &Issued) -> Self {
+        Self {
+            lease_id: spec.lease_id.clone(),
+            role: spec.role.clone(),
+            expires_at: issued.expires_at,
+            handle: issued.handle.clone(),
+        }
+    }
+}
+
 /// A role a provider offers, with its ceiling.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoleInfo {
@@ -415,6 +427,17 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     out
+}
+
+/// A peer's program for tests and tools: the path in the environment
+/// variable `env`, else `name` found on `PATH`.
+pub fn find_program(env: &str, name: &str) -> Option<std::path::PathBuf> {
+    if let Some(b) = std::env::var_os(env) {
+        return Some(b.into());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|b| b.is_file())
 }
 
 /// Is `host` (a name or an IP literal, brackets allowed) a loopback address?

@@ -18,14 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 fn binary() -> PathBuf {
-    if let Some(b) = std::env::var_os("LEASEHOLD_BAO_BIN") {
-        return PathBuf::from(b);
-    }
-    if let Some(p) = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join("bao"))
-            .find(|b| b.is_file())
-    }) {
+    if let Some(p) = leasehold_provider::find_program("LEASEHOLD_BAO_BIN", "bao") {
         return p;
     }
     panic!(

@@ -188,15 +188,6 @@ async fn mint(p: &VaultProvider, mut s: LeaseSpec) -> (LeaseSpec, Issued) {
     (s, i)
 }
 
-fn revoke_spec(s: &LeaseSpec, i: &Issued) -> RevokeSpec {
-    RevokeSpec {
-        lease_id: s.lease_id.clone(),
-        role: s.role.clone(),
-        expires_at: i.expires_at,
-        handle: i.handle.clone(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_suite_against_real_openbao_and_postgres() {
     let (env, token) = Env::start(Bao::dev(), "1h").await;
@@ -226,7 +217,7 @@ async fn revocation_reaches_the_upstream_lease_and_the_database_role() {
     );
     assert!(!issued.description.contains(&lease));
 
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
     // synchronous: by the time revoke returns, both are gone
     assert!(!p.upstream_lease_exists(&lease).await.unwrap());
     assert!(
@@ -244,7 +235,7 @@ async fn revocation_reaches_the_upstream_lease_and_the_database_role() {
         )
         .await;
     assert_eq!(code, 403, "the lease token outlived revoke");
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
 }
 
 /// The per-lease token, read from the handle the way the broker would hand
@@ -274,7 +265,7 @@ async fn rollback_finds_the_lease_through_the_prepared_token() {
     let lease2 = VaultProvider::upstream_lease_id(&issued2.handle).unwrap();
     let as_revoke = RevokeSpec {
         handle: s2.prepared.clone().unwrap(),
-        ..revoke_spec(&s2, &issued2)
+        ..RevokeSpec::of(&s2, &issued2)
     };
     p.revoke(&as_revoke).await.unwrap();
     assert!(!p.upstream_lease_exists(&lease2).await.unwrap());
@@ -295,7 +286,7 @@ async fn the_upstream_lease_never_outlives_the_broker_deadline() {
         "{}",
         issued.description
     );
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
 
     // upstream TTL 40 s, longer than a 3 s broker lease: with the broker
     // gone, the lease token's end takes the upstream lease with it
@@ -393,7 +384,7 @@ async fn static_kv_reads_are_leased_with_the_limitation_stated() {
         "{}",
         i.description
     );
-    p.revoke(&revoke_spec(&s, &i)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &i)).await.unwrap();
     let s = spec("plain", Duration::from_secs(60));
     let i = p.issue(&s).await.unwrap();
     assert_eq!(i.credential.expose("password"), Some("p"));
@@ -420,13 +411,13 @@ async fn upstream_restart_during_a_task() {
         "not fast: {:?}",
         started.elapsed()
     );
-    let e = p.revoke(&revoke_spec(&s, &issued)).await.unwrap_err();
+    let e = p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
     assert!(p.health().await.is_err());
 
     // back, sealed: still retryable, and readiness says why
     env.bao.start();
-    let e = p.revoke(&revoke_spec(&s, &issued)).await.unwrap_err();
+    let e = p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap_err();
     assert_eq!(e.class, ErrorClass::Retryable, "{e}");
     let h = p.health().await.unwrap_err();
     assert!(h.message.contains("sealed"), "{h}");
@@ -441,12 +432,12 @@ async fn upstream_restart_during_a_task() {
     p.health().await.unwrap();
     assert!(p.upstream_lease_exists(&lease).await.unwrap());
     assert!(env.role_exists(&user).await);
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
     assert!(!p.upstream_lease_exists(&lease).await.unwrap());
     assert!(!env.role_exists(&user).await);
     // and it issues again
     let (s, issued) = mint(&p, spec("ro", Duration::from_secs(60))).await;
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -507,8 +498,8 @@ async fn approle_token_expiry_means_a_new_login() {
     // the lease read under the first login is alive: lease tokens are orphans
     assert!(Login(&env.pg).usable(&s, &issued.credential).await.unwrap());
     let (s2, issued2) = mint(&p, spec("ro", Duration::from_secs(300))).await;
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
-    p.revoke(&revoke_spec(&s2, &issued2)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s2, &issued2)).await.unwrap();
     assert!(!Login(&env.pg).usable(&s, &issued.credential).await.unwrap());
 }
 
@@ -528,7 +519,7 @@ async fn a_rotated_or_revoked_token_file_is_read_again() {
         )
         .await;
     let (s, issued) = mint(&p, spec("ro", Duration::from_secs(60))).await;
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
     // revoked and not replaced: readiness fails and says why
     env.bao
         .ok(
@@ -635,8 +626,8 @@ async fn jwt_login_is_renewed_and_repeated_before_the_token_ends() {
     let after = accessors(&env.bao.api(list, "auth/token/accessors", None).await.1);
     assert!(after > before, "no new login: {before} -> {after} tokens");
     let (s2, issued2) = mint(&p, spec("ro", Duration::from_secs(300))).await;
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
-    p.revoke(&revoke_spec(&s2, &issued2)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s2, &issued2)).await.unwrap();
     // a JWT the upstream refuses: readiness says the login was refused
     std::fs::write(&jwt_file, jwt(&key, "someone-else")).unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -681,7 +672,7 @@ async fn a_namespace_and_its_mounts_are_configurable() {
     assert!(Login(&pg).usable(&s, &issued.credential).await.unwrap());
     let lease = VaultProvider::upstream_lease_id(&issued.handle).unwrap();
     assert!(lease.starts_with("team-db/creds/ro/"), "{lease}");
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
     assert!(!Login(&pg).usable(&s, &issued.credential).await.unwrap());
     // the mount exists only inside the namespace: the root namespace has no such route
     bao.namespace = None;
@@ -709,7 +700,7 @@ async fn a_renewable_token_is_renewed_in_the_background() {
     assert!(v["data"]["ttl"].as_u64().unwrap() > 0, "{v}");
     // the same token, still the broker's
     let (s, issued) = mint(&p, spec("ro", Duration::from_secs(60))).await;
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -720,7 +711,7 @@ async fn tls_to_the_upstream_is_verified_against_the_configured_ca() {
     p.health().await.unwrap();
     let (s, issued) = mint(&p, spec("ro", Duration::from_secs(60))).await;
     assert!(Login(&env.pg).usable(&s, &issued.credential).await.unwrap());
-    p.revoke(&revoke_spec(&s, &issued)).await.unwrap();
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
     // without the CA, the server's self-made certificate is not trusted
     let f = env.token_file(&token);
     let mut cfg = env.config(AuthConfig::Token { token_file: f });
