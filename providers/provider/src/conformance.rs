@@ -54,12 +54,38 @@ fn check(cond: bool, step: &'static str, detail: impl Into<String>) -> Result<()
     }
 }
 
+/// What kind of credential a role issues.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// The credential carries a secret. A grant does not (an Azure role
+    /// assignment: the workload signs in as itself); the suite then checks
+    /// that no field is secret-looking instead.
+    pub secret: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { secret: true }
+    }
+}
+
 /// Run the whole suite for one role of `provider`.
 pub async fn run(
     provider: &dyn Provider,
     probe: &dyn Probe,
     specs: &dyn SpecFactory,
     role: &str,
+) -> Result<Report, Failure> {
+    run_with(provider, probe, specs, role, Options::default()).await
+}
+
+/// [`run`] for a role whose credential is described by `options`.
+pub async fn run_with(
+    provider: &dyn Provider,
+    probe: &dyn Probe,
+    specs: &dyn SpecFactory,
+    role: &str,
+    options: Options,
 ) -> Result<Report, Failure> {
     let mut report = Report::default();
     let ttl = Duration::from_secs(120);
@@ -125,9 +151,13 @@ pub async fn run(
         )?;
     }
     check(
-        issued.credential.secret_values().next().is_some(),
+        issued.credential.secret_values().next().is_some() == options.secret,
         "issue_has_secret",
-        "a credential without a secret part",
+        if options.secret {
+            "a credential without a secret part"
+        } else {
+            "a grant with a secret part"
+        },
     )?;
     let usable = probe
         .usable(&spec, &issued.credential)
@@ -243,6 +273,110 @@ pub async fn run(
     }
     report.steps.push("revoke_many");
 
+    Ok(report)
+}
+
+/// The suite for a credential that cannot be revoked, only outlived (an
+/// Azure access token). What it proves instead: issue caps the lease at the
+/// credential's own death; revoke and rollback succeed *and say* that
+/// nothing was revoked; the credential is in fact still usable after revoke
+/// (so the note is true), and unusable once its expiry has passed. The
+/// peer must issue short-lived credentials for the role (seconds), since
+/// the suite waits for one to die.
+pub async fn run_expiry_only(
+    provider: &dyn Provider,
+    probe: &dyn Probe,
+    specs: &dyn SpecFactory,
+    role: &str,
+    now: &(dyn Fn() -> crate::Timestamp + Send + Sync),
+) -> Result<Report, Failure> {
+    let mut report = Report::default();
+    let ttl = Duration::from_secs(120);
+    provider
+        .validate(role, &[])
+        .map_err(|e| fail("validate", e.to_string()))?;
+    provider
+        .health()
+        .await
+        .map_err(|e| fail("health", e.to_string()))?;
+    let (spec, issued) = mint(provider, specs.spec(role, ttl), "issue").await?;
+    check(
+        issued.expires_at <= spec.expires_at && issued.expires_at > spec.issued_at,
+        "issue_expiry",
+        "the credential's expiry is not within the lease",
+    )?;
+    for secret in issued.credential.secret_values() {
+        check(
+            !contains(issued.handle.as_bytes(), secret.as_bytes())
+                && !issued.description.contains(secret),
+            "handle_has_no_secret",
+            "the handle or description contains the secret",
+        )?;
+    }
+    check(
+        probe
+            .usable(&spec, &issued.credential)
+            .await
+            .map_err(|e| fail("use", e))?,
+        "use",
+        "a freshly issued credential does not work at the peer",
+    )?;
+    report.steps.push("issue_and_use");
+
+    let revoke = RevokeSpec::of(&spec, &issued);
+    let noted = provider
+        .revoke_many_noted(std::slice::from_ref(&revoke))
+        .await;
+    match noted.as_slice() {
+        [Ok(Some(note))] if note.contains("not revoked") => {}
+        other => {
+            return Err(fail(
+                "revoke_says_expiry_only",
+                format!("expected Ok with a note saying it was not revoked, got {other:?}"),
+            ));
+        }
+    }
+    check(
+        probe
+            .usable(&spec, &issued.credential)
+            .await
+            .map_err(|e| fail("use_after_revoke", e))?,
+        "use_after_revoke",
+        "revoke claims expiry only, yet the credential stopped working: say so",
+    )?;
+    provider
+        .revoke(&revoke)
+        .await
+        .map_err(|e| fail("revoke_again", e.to_string()))?;
+    report.steps.push("revoke_is_noted_expiry_only");
+
+    match provider.rollback_noted(&specs.spec(role, ttl)).await {
+        Ok(Some(note)) if note.contains("not revoked") => {}
+        other => {
+            return Err(fail(
+                "rollback_says_expiry_only",
+                format!("expected Ok with a note, got {other:?}"),
+            ));
+        }
+    }
+    report.steps.push("rollback_is_noted_expiry_only");
+
+    let wait = now().until(issued.expires_at) + Duration::from_secs(1);
+    check(
+        wait <= Duration::from_secs(60),
+        "expiry",
+        format!("the peer's credential lives {wait:?}: configure it to live seconds"),
+    )?;
+    tokio::time::sleep(wait).await;
+    check(
+        !probe
+            .usable(&spec, &issued.credential)
+            .await
+            .map_err(|e| fail("use_after_expiry", e))?,
+        "use_after_expiry",
+        "the credential still works after its expiry",
+    )?;
+    report.steps.push("dies_at_expiry");
     Ok(report)
 }
 
