@@ -18,6 +18,11 @@
 # moto[server] installed into the same virtual environment (LEASEHOLD_MOTO_BIN).
 # The fuzz step (tests/broker/fuzz.rs) runs schemathesis, from the same
 # virtual environment (LEASEHOLD_SCHEMATHESIS_BIN), against `leasehold dev`.
+# Azure tests start their peers each (integration/azure-standin: a test CA,
+# Entra's token endpoint as oauth2-mock-server over HTTPS on Node.js, and an
+# ARM/Graph stand-in in the test process, on free loopback ports, stopped on
+# drop); oauth2-mock-server is installed here from npm into
+# integration/azure/node_modules, at the version its package-lock.json pins.
 #
 # Extra arguments go to nextest, e.g. `integration/test.sh -E 'test(expiry)'`.
 set -euo pipefail
@@ -79,6 +84,28 @@ if [ -z "${LEASEHOLD_BAO_BIN:-}" ]; then
   export LEASEHOLD_BAO_BIN
 fi
 "$LEASEHOLD_BAO_BIN" version >/dev/null || { echo "$LEASEHOLD_BAO_BIN does not run" >&2; exit 2; }
+
+OAUTH2_MOCK_SERVER_VERSION=8.2.3
+if ! command -v node >/dev/null 2>&1 && [ -z "${LEASEHOLD_NODE_BIN:-}" ] \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing Node.js for the Azure tests (apt-get install nodejs npm)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm >/dev/null \
+    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm >/dev/null; } \
+    || true
+fi
+node_bin="${LEASEHOLD_NODE_BIN:-$(command -v node || true)}"
+if [ -z "$node_bin" ] || ! "$node_bin" -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a==20&&b>=19)?0:1)'; then
+  echo "the Azure tests need Node.js 20.19 or later (oauth2-mock-server $OAUTH2_MOCK_SERVER_VERSION): apt-get install nodejs npm, or set LEASEHOLD_NODE_BIN" >&2
+  exit 2
+fi
+have_mock() {
+  "$node_bin" -e "process.exit(require('./integration/azure/node_modules/oauth2-mock-server/package.json').version === '$OAUTH2_MOCK_SERVER_VERSION' ? 0 : 1)" 2>/dev/null
+}
+if ! have_mock; then
+  echo "installing oauth2-mock-server $OAUTH2_MOCK_SERVER_VERSION (npm) into integration/azure/node_modules" >&2
+  npm ci --prefix integration/azure --no-audit --no-fund --silent \
+    || { echo "npm could not install oauth2-mock-server (needs the npm registry)" >&2; exit 2; }
+fi
 
 # formatting is part of the suite: a diff fails the run before anything builds
 if cargo fmt --version >/dev/null 2>&1; then

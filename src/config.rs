@@ -325,10 +325,11 @@ pub enum ProviderConfig {
     Postgres(leasehold_provider_postgres::PostgresConfig),
     Vault(leasehold_provider_vault::VaultConfig),
     AwsSts(leasehold_provider_aws_sts::AwsStsConfig),
+    Azure(leasehold_provider_azure::AzureConfig),
 }
 
 /// The provider kinds this build knows, as written in `type`.
-pub const PROVIDER_TYPES: &[&str] = &["token", "postgres", "vault", "aws-sts"];
+pub const PROVIDER_TYPES: &[&str] = &["token", "postgres", "vault", "aws-sts", "azure"];
 
 // Dispatch on `type` by hand rather than with serde's internally tagged
 // enums, which buffer the table and lose the field path of errors: this way
@@ -365,6 +366,10 @@ impl<'de> Deserialize<'de> for ProviderConfig {
                 .try_into()
                 .map(Self::AwsSts)
                 .map_err(|e| D::Error::custom(e.to_string().trim_end())),
+            "azure" => body
+                .try_into()
+                .map(Self::Azure)
+                .map_err(|e| D::Error::custom(e.to_string().trim_end())),
             other => Err(D::Error::custom(format!(
                 "unknown provider type `{other}`; expected one of: {}",
                 PROVIDER_TYPES.join(", ")
@@ -397,6 +402,11 @@ impl ProviderConfig {
                 .iter()
                 .map(|(n, r)| (n.as_str(), r.max_ttl_seconds))
                 .collect(),
+            Self::Azure(a) => a
+                .roles
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.max_ttl_seconds))
+                .collect(),
         }
     }
 
@@ -406,6 +416,7 @@ impl ProviderConfig {
             Self::Postgres(_) => "postgres",
             Self::Vault(_) => "vault",
             Self::AwsSts(_) => "aws-sts",
+            Self::Azure(_) => "azure",
         }
     }
 }
@@ -608,6 +619,11 @@ impl Config {
                     }
                 }
                 ProviderConfig::AwsSts(_) => {}
+                ProviderConfig::Azure(a) => {
+                    for f in a.files_mut() {
+                        fix(f);
+                    }
+                }
             }
         }
     }
@@ -815,6 +831,21 @@ impl Config {
                 ProviderConfig::Postgres(c) => c.validate(max),
                 ProviderConfig::Vault(c) => c.validate(max),
                 ProviderConfig::AwsSts(c) => c.validate(max),
+                ProviderConfig::Azure(c) => c.validate(max).and_then(|()| {
+                    // an issue that waits out ARM's replication longer than the
+                    // broker waits for the provider would always time out
+                    if c.propagation_timeout_seconds >= self.reaper.provider_timeout_seconds {
+                        Err(leasehold_provider::ConfigError::new(
+                            "propagation_timeout_seconds",
+                            format!(
+                                "must be below reaper.provider_timeout_seconds ({})",
+                                self.reaper.provider_timeout_seconds
+                            ),
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                }),
             };
             own.map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
             if let Some((role, _)) = p.role_ttls().into_iter().find(|(r, _)| !is_name(r)) {
@@ -1003,6 +1034,16 @@ impl Config {
                     }
                 }
                 ProviderConfig::AwsSts(_) => {}
+                ProviderConfig::Azure(a) => {
+                    for (k, f) in a.files() {
+                        std::fs::metadata(f).map_err(|e| {
+                            invalid(
+                                format!("providers.{name}.{k}"),
+                                format!("{}: {e}", f.display()),
+                            )
+                        })?;
+                    }
+                }
                 ProviderConfig::Vault(v) => {
                     for (k, f) in v.files() {
                         std::fs::metadata(f).map_err(|e| {

@@ -134,6 +134,11 @@ impl Providers {
                     .map_err(|e| err(e.to_string()))?;
                     ProviderEntry::plain(name, Arc::new(p))
                 }
+                ProviderConfig::Azure(ac) => {
+                    let p = leasehold_provider_azure::AzureProvider::new(ac.clone(), max_ttl)
+                        .map_err(|e| err(e.to_string()))?;
+                    ProviderEntry::plain(name, Arc::new(p))
+                }
                 ProviderConfig::Vault(vc) => {
                     let p = leasehold_provider_vault::VaultProvider::new(vc.clone(), max_ttl)
                         .map_err(|e| err(e.to_string()))?;

@@ -53,7 +53,7 @@ fn example_block(name: &str, kind: &str) -> toml::Table {
     t
 }
 
-/// The example's Vault and AWS blocks parse and validate: they cannot rot.
+/// The example's Vault, AWS and Azure blocks parse and validate: they cannot rot.
 #[test]
 fn the_example_provider_blocks_are_valid() {
     let vault: leasehold_provider_vault::VaultConfig =
@@ -65,6 +65,11 @@ fn the_example_provider_blocks_are_valid() {
         example_block("aws", "aws-sts").try_into().unwrap();
     aws.validate(3600).unwrap();
     assert_eq!(aws.roles["reports-reader"].scopes.len(), 2);
+    let azure: leasehold_provider_azure::AzureConfig =
+        example_block("azure", "azure").try_into().unwrap();
+    azure.validate(3600).unwrap();
+    assert_eq!(azure.roles.len(), 3);
+    assert_eq!(azure.workload_principals.len(), 1);
 }
 
 fn validate_cli(file: &Path) -> std::process::Output {

@@ -9,6 +9,7 @@ mod harness;
 
 mod auth;
 mod aws;
+mod azure;
 mod bad_input;
 mod cli;
 mod config_examples;

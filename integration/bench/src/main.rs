@@ -228,6 +228,10 @@ fn setup(
                     .roles
                     .values_mut()
                     .for_each(|r| r.max_ttl_seconds = 43_200),
+                leasehold::config::ProviderConfig::Azure(a) => a
+                    .roles
+                    .values_mut()
+                    .for_each(|r| r.max_ttl_seconds = 86_400),
             }
         }
     }

@@ -326,11 +326,7 @@ impl AzureConfig {
                 format!("is for mode `{}`, not `{}`", m.as_str(), r.mode.as_str()),
             ));
         }
-        fn need<'v>(
-            field: String,
-            mode: Mode,
-            v: &'v Option<String>,
-        ) -> Result<&'v str, ConfigError> {
+        fn need(field: String, mode: Mode, v: &Option<String>) -> Result<&str, ConfigError> {
             v.as_deref().filter(|s| !s.is_empty()).ok_or_else(|| {
                 ConfigError::new(field, format!("required for mode `{}`", mode.as_str()))
             })

@@ -160,7 +160,8 @@ impl Answer {
 }
 
 /// How long a 429 or 503 asks us to wait: `retry-after-ms`,
-/// `x-ms-retry-after-ms`, then `Retry-After` in seconds or as an HTTP date.
+/// `x-ms-retry-after-ms`, then `Retry-After` in seconds or as an HTTP date
+/// (measured from the answer's own `Date`, so neither clock's skew counts).
 pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let get = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).map(str::trim);
     for k in ["retry-after-ms", "x-ms-retry-after-ms"] {
@@ -172,11 +173,12 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
     if let Ok(s) = v.parse::<u64>() {
         return Some(Duration::from_secs(s));
     }
-    let at = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822).ok()?;
-    let secs = (at - time::OffsetDateTime::now_utc())
-        .whole_milliseconds()
-        .max(0);
-    Some(Duration::from_millis(u64::try_from(secs).unwrap_or(0)))
+    let date = |s: &str| {
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc2822).ok()
+    };
+    let (at, sent) = (date(v)?, date(get("date")?)?);
+    let ms = (at - sent).whole_milliseconds().max(0);
+    Some(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
 }
 
 /// Exponential backoff with full jitter: uniform in [0, min(cap, base·2^n)].
@@ -302,14 +304,18 @@ mod tests {
         h.insert("x-ms-retry-after-ms", "1500".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
         let mut h = reqwest::header::HeaderMap::new();
-        let later = time::OffsetDateTime::now_utc() + time::Duration::seconds(30);
-        let date = later
-            .format(&time::format_description::well_known::Rfc2822)
-            .unwrap()
-            .replace("+0000", "GMT");
-        h.insert("retry-after", date.parse().unwrap());
-        let d = retry_after(&h).unwrap();
-        assert!((28..=30).contains(&d.as_secs()), "{d:?} from {date}");
+        h.insert("date", "Sat, 28 Nov 2026 21:00:00 GMT".parse().unwrap());
+        h.insert(
+            "retry-after",
+            "Sat, 28 Nov 2026 21:00:30 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(30)));
+        h.remove("date");
+        assert_eq!(
+            retry_after(&h),
+            None,
+            "an HTTP date needs the answer's Date"
+        );
     }
 
     #[test]

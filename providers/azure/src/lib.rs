@@ -623,7 +623,7 @@ impl AzureProvider {
 
     fn token_note(token_expires: i64) -> String {
         format!(
-            "not revoked: an Azure access token cannot be revoked; it stays valid until {}",
+            "expiry only (an Azure access token cannot be revoked; it stays valid until {})",
             rfc3339(Timestamp::from_unix_millis(
                 token_expires.saturating_mul(1000)
             ))
@@ -775,7 +775,7 @@ impl Provider for AzureProvider {
                 Ok(None)
             }
             Mode::AccessToken => Ok(Some(
-                "not revoked: an access token may have been handed to Entra's caller; it cannot be revoked and lives until it expires".into(),
+                "expiry only (an access token cannot be revoked; one issued before the crash lives until it expires)".into(),
             )),
         }
     }

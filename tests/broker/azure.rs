@@ -1,0 +1,213 @@
+//! The Azure provider through the broker, against the Entra token endpoint
+//! (oauth2-mock-server) and the ARM/Graph stand-in: a task's role
+//! assignment and application password are gone when the task completes,
+//! an access token's lease says plainly that it was not revoked, a scope
+//! outside the template is a 400, and Entra unreachable is a 503.
+
+use std::path::Path;
+
+use leasehold::config::{Config, ProviderConfig};
+use leasehold_azure_standin::{self as standin, Peers};
+use leasehold_provider_azure::AzureConfig;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::harness::{Harness, Options, permit_leases};
+
+fn azure_config(p: &Peers, dir: &Path) -> AzureConfig {
+    let secret = dir.join("azure-client-secret");
+    std::fs::write(&secret, &p.broker.secret).unwrap();
+    toml::from_str(&format!(
+        r#"
+        tenant_id = "{tenant}"
+        authority_host = "{authority}"
+        arm_endpoint = "{endpoint}"
+        graph_endpoint = "{endpoint}"
+        ca_file = "{ca}"
+        max_attempts = 2
+        propagation_timeout_seconds = 5
+        auth = {{ method = "client_secret", client_id = "{client}", client_secret_file = "{secret}" }}
+        workload_principals = {{ "dev:assistant-a" = "{w0}" }}
+        [roles.reader]
+        mode = "role_assignment"
+        max_ttl_seconds = 3600
+        role_definition_id = "{reader}"
+        scope = "/subscriptions/{sub}/resourceGroups/{{{{scope}}}}"
+        scopes = ["rg-team-*"]
+        [roles.app]
+        mode = "app_password"
+        max_ttl_seconds = 3600
+        application_object_id = "{app}"
+        application_client_id = "{app_client}"
+        [roles.storage]
+        mode = "access_token"
+        max_ttl_seconds = 3600
+        resource_scope = "https://storage.azure.com/.default"
+        "#,
+        tenant = p.tenant_id,
+        authority = p.authority,
+        endpoint = p.endpoint,
+        ca = p.ca_file.display(),
+        client = p.broker.client_id,
+        secret = secret.display(),
+        w0 = p.workloads[0].object_id,
+        reader = p.role_definition(standin::READER),
+        sub = p.subscription_id,
+        app = p.app_object_id,
+        app_client = p.app_client_id,
+    ))
+    .unwrap()
+}
+
+async fn broker(p: &Peers, dir: &Path) -> Harness {
+    let cfg = azure_config(p, dir);
+    Harness::start(Options {
+        tweak: Box::new(move |c: &mut Config| {
+            c.providers
+                .insert("azure".into(), ProviderConfig::Azure(cfg.clone()));
+            permit_leases(c, "azure");
+        }),
+        ..Options::default()
+    })
+    .await
+}
+
+async fn lease(h: &Harness, task: &str, role: &str, scope: Value) -> (StatusCode, Value) {
+    h.post(
+        &h.tokens.a,
+        &format!("/v1/tasks/{task}/leases"),
+        json!({"provider": "azure", "role": role, "ttl_seconds": 900, "scope": scope}),
+    )
+    .await
+}
+
+fn revoked_by(story: &Value) -> Vec<Value> {
+    story["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "lease.revoked")
+        .map(|e| e["data"]["revoked_by"].clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completing_the_task_takes_back_the_assignment_and_the_password() {
+    let peers = Peers::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let h = broker(&peers, dir.path()).await;
+    let (s, ready) = h.get("", "/v1/ready").await;
+    assert_eq!(s, StatusCode::OK, "{ready}");
+
+    let task = h.open_task(&h.tokens.a, 3600).await;
+    for scope in [json!(["rg-other"]), json!([]), json!(["rg-team-a/../x"])] {
+        let (s, v) = lease(&h, &task, "reader", scope.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{scope}: {v}");
+    }
+    let (s, ra) = lease(&h, &task, "reader", json!(["rg-team-blue"])).await;
+    assert_eq!(s, StatusCode::CREATED, "{ra}");
+    let rg = peers.resource_group("rg-team-blue");
+    assert_eq!(ra["credential"]["scope"], rg.as_str(), "{ra}");
+    assert_eq!(
+        ra["credential"]["principal_id"],
+        peers.workloads[0].object_id.as_str()
+    );
+    let (s, pw) = lease(&h, &task, "app", json!([])).await;
+    assert_eq!(s, StatusCode::CREATED, "{pw}");
+    let secret = pw["credential"]["client_secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let client = pw["credential"]["client_id"].as_str().unwrap().to_owned();
+    assert!(
+        peers
+            .login(&client, &secret, "https://graph.microsoft.com/.default")
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        peers.assignments().len(),
+        2,
+        "the broker's own and the lease's"
+    );
+    let (_, all) = h.get(&h.tokens.admin, "/v1/leases?provider=azure").await;
+    assert_eq!(all["leases"].as_array().unwrap().len(), 2, "{all}");
+
+    let (s, v) = h
+        .post_empty(&h.tokens.a, &format!("/v1/tasks/{task}/complete"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for l in [&ra, &pw] {
+        assert_eq!(
+            h.lease_state(l["lease_id"].as_str().unwrap()).await,
+            "revoked"
+        );
+    }
+    assert_eq!(peers.assignments().len(), 1, "{:?}", peers.assignments());
+    assert!(peers.passwords().is_empty());
+    let e = peers
+        .login(&client, &secret, "https://graph.microsoft.com/.default")
+        .await
+        .unwrap_err();
+    assert_eq!(e.0, 401, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_token_lease_says_it_was_not_revoked() {
+    let peers = Peers::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let h = broker(&peers, dir.path()).await;
+    let task = h.open_task(&h.tokens.a, 3600).await;
+    let (s, v) = lease(&h, &task, "storage", json!([])).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let id = v["lease_id"].as_str().unwrap().to_owned();
+    let token = v["credential"]["access_token"].as_str().unwrap().to_owned();
+    let (_, rec) = h.get(&h.tokens.admin, &format!("/v1/leases/{id}")).await;
+    assert!(
+        rec["description"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be revoked"),
+        "{rec}"
+    );
+    let (s, _) = h
+        .post_empty(&h.tokens.a, &format!("/v1/tasks/{task}/complete"))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, story) = h
+        .get(&h.tokens.admin, &format!("/v1/events?lease={id}"))
+        .await;
+    let notes = revoked_by(&story);
+    assert_eq!(notes.len(), 1, "{story}");
+    assert!(
+        notes[0]
+            .as_str()
+            .unwrap()
+            .starts_with("expiry only (an Azure access token cannot be revoked"),
+        "{story}"
+    );
+    // and it is true: the token still works
+    assert!(peers.storage_accepts(&token).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entra_unreachable_is_not_ready_and_a_503_until_it_is_back() {
+    let mut peers = Peers::start().await;
+    peers.stop_token_endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let h = broker(&peers, dir.path()).await;
+    let (s, ready) = h.get("", "/v1/ready").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert_eq!(ready["checks"]["provider:azure"], "unavailable", "{ready}");
+
+    let task = h.open_task(&h.tokens.a, 3600).await;
+    let (s, v) = lease(&h, &task, "app", json!([])).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "provider_unavailable", "{v}");
+    assert!(peers.passwords().is_empty());
+
+    peers.restart_token_endpoint().await;
+    let (s, v) = lease(&h, &task, "app", json!([])).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(peers.passwords().len(), 1);
+}
