@@ -211,3 +211,77 @@ async fn entra_unreachable_is_not_ready_and_a_503_until_it_is_back() {
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(peers.passwords().len(), 1);
 }
+
+/// Invariant 5 for Azure, at the most verbose log level (azure_identity,
+/// reqwest and hyper included): the leased password, the leased access
+/// token and the broker's own client secret appear in no log line and in no
+/// file of the data folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_azure_secret_in_logs_or_store_files() {
+    use crate::harness::{Spawned, spawn_broker};
+    use crate::secrets::{contains, files_under};
+
+    let peers = Peers::start().await;
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = azure_config(&peers, cfg_dir.path());
+    let Spawned {
+        dir: _dir,
+        data,
+        creds,
+        log,
+        remote,
+        mut child,
+        ..
+    } = spawn_broker(
+        move |c| {
+            c.providers
+                .insert("azure".into(), ProviderConfig::Azure(cfg));
+            permit_leases(c, "azure");
+        },
+        "trace",
+        &[],
+    )
+    .await;
+    let a = &creds.identities["assistant-a"].token;
+    let body = json!({"purpose": "p", "on_behalf_of": "alice", "prompt": "x", "ttl_seconds": 600});
+    let task = remote.post(a, "/v1/tasks", Some(body)).await["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let url = format!("/v1/tasks/{task}/leases");
+    let mut secrets = vec![("broker client secret", peers.broker.secret.clone())];
+    for (role, field) in [("app", "client_secret"), ("storage", "access_token")] {
+        let body = json!({"provider": "azure", "role": role, "ttl_seconds": 300});
+        let l = remote.post(a, &url, Some(body)).await;
+        let v = l["credential"][field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{l}"));
+        secrets.push((field, v.to_owned()));
+    }
+    let done = remote
+        .post(a, &format!("/v1/tasks/{task}/complete"), None)
+        .await;
+    assert_eq!(done["state"], "completed", "{done}");
+    assert!(child.terminate().success());
+
+    let log_bytes = std::fs::read(&log).unwrap();
+    let text = String::from_utf8_lossy(&log_bytes);
+    assert!(
+        text.contains("lease issued") && text.contains("TRACE"),
+        "the log must be verbose enough to matter"
+    );
+    for (what, s) in &secrets {
+        assert!(
+            !contains(&log_bytes, s.as_bytes()),
+            "the {what} appears in the log"
+        );
+        for f in files_under(&data) {
+            let bytes = std::fs::read(&f).unwrap();
+            assert!(
+                !contains(&bytes, s.as_bytes()),
+                "the {what} appears in {}",
+                f.display()
+            );
+        }
+    }
+}
