@@ -285,3 +285,49 @@ async fn no_azure_secret_in_logs_or_store_files() {
         }
     }
 }
+
+/// Role assignments never expire on their own: reconciliation finds a
+/// marked one no live lease accounts for (a store restored from an old
+/// backup, say) and removes it, and leaves everything else alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_removes_a_marked_assignment_no_lease_accounts_for() {
+    let peers = Peers::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let h = broker(&peers, dir.path()).await;
+    let task = h.open_task(&h.tokens.a, 3600).await;
+    let (s, live) = lease(&h, &task, "reader", json!(["rg-team-live"])).await;
+    assert_eq!(s, StatusCode::CREATED, "{live}");
+    let rg = peers.resource_group("rg-team-lost");
+    let orphan = "4c1d2e3f-5a6b-4c7d-8e9f-0a1b2c3d4e5f";
+    peers.assign_described(
+        &rg,
+        orphan,
+        &peers.role_definition(standin::READER),
+        &peers.workloads[0].object_id,
+        "leasehold lease lease_01m8zzzzzzzzzzzzzzzzzzzzzz; task t",
+    );
+    let (s, report) = h
+        .post(
+            &h.tokens.admin,
+            "/v1/providers/azure/reconcile",
+            json!({"drop": true}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{report}");
+    assert_eq!(report["found"], 2, "{report}");
+    assert_eq!(report["accounted"], 1, "{report}");
+    let orphans = report["orphans"].as_array().unwrap();
+    assert_eq!(orphans.len(), 1, "{report}");
+    assert!(
+        orphans[0]["name"].as_str().unwrap().ends_with(orphan),
+        "{report}"
+    );
+    assert_eq!(orphans[0]["removed"], true, "{report}");
+    let left: Vec<String> = peers.assignments().into_iter().map(|a| a.1).collect();
+    assert!(!left.contains(&orphan.to_owned()), "{left:?}");
+    assert_eq!(
+        left.len(),
+        2,
+        "the broker's grant and the live lease's: {left:?}"
+    );
+}

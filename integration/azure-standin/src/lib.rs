@@ -233,22 +233,13 @@ fn rfc3339(t: time::OffsetDateTime) -> String {
 }
 
 fn node() -> PathBuf {
-    leasehold_find("LEASEHOLD_NODE_BIN", "node").unwrap_or_else(|| {
+    leasehold_provider::find_program("LEASEHOLD_NODE_BIN", "node").unwrap_or_else(|| {
         panic!(
             "`node` not found: the Azure tests run Entra's token endpoint stand-in \
              (oauth2-mock-server) on Node.js 20.19 or later. Install it (apt-get install nodejs \
              npm) or set LEASEHOLD_NODE_BIN"
         )
     })
-}
-
-fn leasehold_find(env: &str, name: &str) -> Option<PathBuf> {
-    if let Some(b) = std::env::var_os(env) {
-        return Some(b.into());
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join(name))
-        .find(|b| b.is_file())
 }
 
 /// `integration/azure`, where token-server.mjs and its node_modules are.
@@ -547,6 +538,18 @@ impl Peers {
 
     /// Create a role assignment out of band (as another admin would).
     pub fn assign(&self, scope: &str, name: &str, role: &str, principal: &str) {
+        self.assign_described(scope, name, role, principal, "created out of band");
+    }
+
+    /// The same, with a description of the caller's choosing.
+    pub fn assign_described(
+        &self,
+        scope: &str,
+        name: &str,
+        role: &str,
+        principal: &str,
+        description: &str,
+    ) {
         let mut i = self.inner.lock().unwrap();
         i.assignments.insert(
             assignment_key(scope, name),
@@ -558,7 +561,7 @@ impl Peers {
                 principal_type: "ServicePrincipal".into(),
                 condition: None,
                 condition_version: None,
-                description: Some("created out of band".into()),
+                description: Some(description.into()),
                 created: rfc3339(time::OffsetDateTime::now_utc()),
                 readable_at: Instant::now(),
             },
@@ -966,6 +969,27 @@ fn arm_answer(i: &mut Inner, method: &Method, path: &str, caller: &str, body: &[
         }]}))
         .into_response();
     }
+    if rest.eq_ignore_ascii_case("roleAssignments") && method == Method::GET {
+        if !allowed(i, "Microsoft.Authorization/roleAssignments/read") {
+            return forbidden(
+                caller,
+                "Microsoft.Authorization/roleAssignments/read",
+                scope,
+            );
+        }
+        // without $filter: every assignment at the scope and below it
+        let under = scope.to_ascii_lowercase();
+        let value: Vec<Value> = i
+            .assignments
+            .values()
+            .filter(|a| {
+                let s = a.scope.to_ascii_lowercase();
+                s == under || s.starts_with(&format!("{under}/"))
+            })
+            .map(|a| assignment_view(a, caller))
+            .collect();
+        return axum::Json(json!({ "value": value })).into_response();
+    }
     let Some(name) = rest
         .strip_prefix("roleAssignments/")
         .or_else(|| rest.strip_prefix("roleassignments/"))
@@ -987,26 +1011,7 @@ fn arm_answer(i: &mut Inner, method: &Method, path: &str, caller: &str, body: &[
     }
     let key = assignment_key(scope, name);
     let id = format!("{scope}/providers/Microsoft.Authorization/roleAssignments/{name}");
-    let view = |a: &Assignment| {
-        json!({
-            "id": format!("{}/providers/Microsoft.Authorization/roleAssignments/{}", a.scope, a.name),
-            "name": a.name,
-            "type": "Microsoft.Authorization/roleAssignments",
-            "properties": {
-                "roleDefinitionId": a.role_definition_id,
-                "principalId": a.principal_id,
-                "principalType": a.principal_type,
-                "scope": a.scope,
-                "condition": a.condition,
-                "conditionVersion": a.condition_version,
-                "description": a.description,
-                "createdOn": a.created,
-                "updatedOn": a.created,
-                "createdBy": caller,
-                "updatedBy": caller,
-            }
-        })
-    };
+    let view = |a: &Assignment| assignment_view(a, caller);
     match *method {
         Method::GET => {
             if !allowed(i, "Microsoft.Authorization/roleAssignments/read") {
@@ -1145,6 +1150,27 @@ fn arm_answer(i: &mut Inner, method: &Method, path: &str, caller: &str, body: &[
             "The requested method is not allowed.",
         ),
     }
+}
+
+fn assignment_view(a: &Assignment, caller: &str) -> Value {
+    json!({
+        "id": format!("{}/providers/Microsoft.Authorization/roleAssignments/{}", a.scope, a.name),
+        "name": a.name,
+        "type": "Microsoft.Authorization/roleAssignments",
+        "properties": {
+            "roleDefinitionId": a.role_definition_id,
+            "principalId": a.principal_id,
+            "principalType": a.principal_type,
+            "scope": a.scope,
+            "condition": a.condition,
+            "conditionVersion": a.condition_version,
+            "description": a.description,
+            "createdOn": a.created,
+            "updatedOn": a.created,
+            "createdBy": caller,
+            "updatedBy": caller,
+        }
+    })
 }
 
 fn forbidden(caller: &str, action: &str, scope: &str) -> Response {

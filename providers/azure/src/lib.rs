@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use azure_core::credentials::TokenCredential;
 use leasehold_provider::{
-    Credential, Description, Issued, LeaseSpec, Provider, ProviderError, RevocationHandle,
+    Credential, Description, Found, Issued, LeaseSpec, Provider, ProviderError, RevocationHandle,
     RevokeSpec, RoleInfo, Timestamp,
 };
 use reqwest::Method;
@@ -122,6 +122,17 @@ pub fn assignment_name(lease_id: &str, role: &str) -> String {
 fn mark(lease_id: &str) -> String {
     format!("leasehold lease {lease_id}")
 }
+
+/// The lease id a mark names, if `text` carries one.
+fn marked_lease(text: &str) -> Option<&str> {
+    let rest = text.strip_prefix("leasehold lease ")?;
+    let id = rest.split([';', ' ']).next().unwrap_or_default();
+    (!id.is_empty()).then_some(id)
+}
+
+/// `Found::name` prefixes, one per kind of object inventory reports.
+const FOUND_ASSIGNMENT: &str = "role_assignment ";
+const FOUND_PASSWORD: &str = "app_password ";
 
 fn marked(text: &str, lease_id: &str) -> bool {
     let m = mark(lease_id);
@@ -783,6 +794,121 @@ impl Provider for AzureProvider {
     async fn rollback(&self, spec: &LeaseSpec) -> Result<(), ProviderError> {
         self.rollback_noted(spec).await.map(|_| ())
     }
+
+    /// Every role assignment (in the subscriptions the roles name) and every
+    /// password (on the roles' applications) that carries a lease's mark.
+    /// Role assignments never expire on their own, so this is how ones a
+    /// lost store no longer knows about are found. `None` when the roles
+    /// are all access tokens, which expire.
+    async fn inventory(&self) -> Result<Option<Vec<Found>>, ProviderError> {
+        let mut found = Vec::new();
+        let mut subs: Vec<String> = Vec::new();
+        let mut apps: Vec<String> = Vec::new();
+        for r in self.cfg.roles.values() {
+            match r.mode {
+                Mode::RoleAssignment => {
+                    let sub = r
+                        .scope
+                        .as_deref()
+                        .unwrap_or_default()
+                        .split('/')
+                        .take(3)
+                        .collect::<Vec<_>>()
+                        .join("/");
+                    if !subs.contains(&sub) {
+                        subs.push(sub);
+                    }
+                }
+                Mode::AppPassword => {
+                    let app = r.application_object_id.clone().unwrap_or_default();
+                    if !apps.contains(&app) {
+                        apps.push(app);
+                    }
+                }
+                Mode::AccessToken => {}
+            }
+        }
+        if subs.is_empty() && apps.is_empty() {
+            return Ok(None);
+        }
+        for sub in subs {
+            let mut url = format!(
+                "{}{sub}/providers/Microsoft.Authorization/roleAssignments?api-version={ARM_API_VERSION}",
+                self.cfg.arm_endpoint.trim_end_matches('/')
+            );
+            // follow nextLink, but only on the configured endpoint
+            for _ in 0..1000 {
+                let r = self
+                    .api
+                    .call(
+                        "list role assignments",
+                        &self.cfg.arm_scope,
+                        Method::GET,
+                        &url,
+                        None,
+                    )
+                    .await?;
+                if r.status != 200 {
+                    return Err(r.into_error("list role assignments"));
+                }
+                for a in r.body["value"].as_array().into_iter().flatten() {
+                    let desc = a["properties"]["description"].as_str().unwrap_or_default();
+                    if let (Some(lease), Some(id)) = (marked_lease(desc), a["id"].as_str()) {
+                        found.push(Found {
+                            name: format!("{FOUND_ASSIGNMENT}{id}"),
+                            lease_id: Some(lease.to_owned()),
+                        });
+                    }
+                }
+                match r.body["nextLink"].as_str() {
+                    Some(next) if next.starts_with(self.cfg.arm_endpoint.trim_end_matches('/')) => {
+                        url = next.to_owned();
+                    }
+                    _ => break,
+                }
+            }
+        }
+        for app in apps {
+            for (key, name) in self.passwords(&app).await? {
+                if let Some(lease) = marked_lease(&name) {
+                    found.push(Found {
+                        name: format!("{FOUND_PASSWORD}{app}/{key}"),
+                        lease_id: Some(lease.to_owned()),
+                    });
+                }
+            }
+        }
+        Ok(Some(found))
+    }
+
+    /// Delete one thing `inventory` found, checking its mark again first.
+    async fn remove(&self, found: &Found) -> Result<(), ProviderError> {
+        let lease = found.lease_id.as_deref().ok_or_else(|| {
+            ProviderError::invalid(format!("`{}` carries no lease mark", found.name))
+        })?;
+        if let Some(id) = found.name.strip_prefix(FOUND_ASSIGNMENT) {
+            return self.delete_assignment(id, lease).await;
+        }
+        if let Some((app, key)) = found
+            .name
+            .strip_prefix(FOUND_PASSWORD)
+            .and_then(|r| r.split_once('/'))
+        {
+            let ours = self
+                .passwords(app)
+                .await?
+                .iter()
+                .any(|(k, name)| k == key && marked(name, lease));
+            if !ours {
+                return Ok(());
+            }
+            return self.remove_password(app, key).await;
+        }
+        Err(ProviderError::invalid(format!(
+            "`{}` is not something this provider made",
+            found.name
+        )))
+    }
 }
 
 #[cfg(test)]
@@ -797,6 +923,14 @@ mod tests {
         assert_ne!(a, assignment_name("lease_01", "writer"));
         assert!(config::is_guid(&a), "{a}");
         assert_eq!(&a[14..15], "5");
+    }
+
+    #[test]
+    fn the_mark_names_its_lease() {
+        assert_eq!(marked_lease("leasehold lease l_1; task t"), Some("l_1"));
+        assert_eq!(marked_lease("leasehold lease l_1"), Some("l_1"));
+        assert_eq!(marked_lease("leasehold lease "), None);
+        assert_eq!(marked_lease("the broker's own grant"), None);
     }
 
     #[test]

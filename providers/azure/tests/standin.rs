@@ -633,3 +633,55 @@ async fn workload_identity_federation_signs_in_with_a_token_file() {
         .unwrap_err();
     assert!(e.message.contains("AADSTS700213"), "{e}");
 }
+
+#[tokio::test]
+async fn inventory_finds_what_carries_a_lease_mark_and_remove_takes_only_that() {
+    let env = Env::start().await;
+    let p = env.provider();
+    let ra = spec("reader", Duration::from_secs(600), &["rg-reports"]);
+    p.issue(&ra).await.unwrap();
+    let pw = spec("app", Duration::from_secs(600), &[]);
+    p.issue(&pw).await.unwrap();
+    // someone else's assignment, no mark
+    let rg = env.peers.resource_group("rg-team-x");
+    let theirs = "7d3c9b1a-2222-4e2a-9a51-7f3c2b1e0d9f";
+    let reader = env.peers.role_definition(standin::READER);
+    env.peers
+        .assign(&rg, theirs, &reader, &env.peers.workloads[2].object_id);
+
+    let found = p.inventory().await.unwrap().unwrap();
+    let mut leases: Vec<&str> = found.iter().filter_map(|f| f.lease_id.as_deref()).collect();
+    leases.sort_unstable();
+    let mut want = vec![ra.lease_id.as_str(), pw.lease_id.as_str()];
+    want.sort_unstable();
+    assert_eq!(leases, want, "{found:?}");
+    for f in &found {
+        p.remove(f).await.unwrap();
+        p.remove(f).await.unwrap();
+    }
+    assert!(p.inventory().await.unwrap().unwrap().is_empty());
+    assert!(env.peers.passwords().is_empty());
+    assert_eq!(
+        env.peers.assignments().len(),
+        2,
+        "the broker's grant and theirs stay"
+    );
+
+    // a Found naming an object without the lease's mark removes nothing
+    let forged = leasehold_provider::Found {
+        name: format!(
+            "role_assignment {rg}/providers/Microsoft.Authorization/roleAssignments/{theirs}"
+        ),
+        lease_id: Some(ra.lease_id.clone()),
+    };
+    p.remove(&forged).await.unwrap();
+    assert!(env.peers.assignments().iter().any(|a| a.1 == theirs));
+    let e = p
+        .remove(&leasehold_provider::Found {
+            name: "something".into(),
+            lease_id: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.class, ErrorClass::Invalid);
+}
