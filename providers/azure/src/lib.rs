@@ -568,6 +568,20 @@ impl AzureProvider {
         Ok(())
     }
 
+    /// Remove every password on `app` that carries `lease_id`'s mark.
+    async fn remove_marked_passwords(
+        &self,
+        app: &str,
+        lease_id: &str,
+    ) -> Result<(), ProviderError> {
+        for (key, name) in self.passwords(app).await? {
+            if marked(&name, lease_id) {
+                self.remove_password(app, &key).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The application's passwords as (key id, display name).
     async fn passwords(&self, app: &str) -> Result<Vec<(String, String)>, ProviderError> {
         let r = self
@@ -654,6 +668,11 @@ impl AzureProvider {
                 key_id,
             } => {
                 self.remove_password(&application_object_id, &key_id)
+                    .await?;
+                // addPassword is not idempotent: a retry after a lost answer
+                // leaves a second password with the same mark. It ends with
+                // the lease anyway; take it now too.
+                self.remove_marked_passwords(&application_object_id, &lease.lease_id)
                     .await?;
                 Ok(None)
             }
@@ -778,11 +797,7 @@ impl Provider for AzureProvider {
             }
             Mode::AppPassword => {
                 let app = role.application_object_id.clone().unwrap_or_default();
-                for (key, name) in self.passwords(&app).await? {
-                    if marked(&name, &spec.lease_id) {
-                        self.remove_password(&app, &key).await?;
-                    }
-                }
+                self.remove_marked_passwords(&app, &spec.lease_id).await?;
                 Ok(None)
             }
             Mode::AccessToken => Ok(Some(

@@ -685,3 +685,26 @@ async fn inventory_finds_what_carries_a_lease_mark_and_remove_takes_only_that() 
         .unwrap_err();
     assert_eq!(e.class, ErrorClass::Invalid);
 }
+
+#[tokio::test]
+async fn revoke_also_takes_a_password_a_retried_add_left_behind() {
+    let env = Env::start().await;
+    let p = env.provider();
+    let s = spec("app", Duration::from_secs(600), &[]);
+    // the same lease's password added twice (a retry after a lost answer)
+    let first = p.issue(&s).await.unwrap();
+    let second = p.issue(&s).await.unwrap();
+    assert_eq!(env.peers.passwords().len(), 2);
+    p.revoke(&RevokeSpec::of(&s, &second)).await.unwrap();
+    assert!(
+        env.peers.passwords().is_empty(),
+        "{:?}",
+        env.peers.passwords()
+    );
+    assert!(
+        !PasswordProbe(&env.peers)
+            .usable(&s, &first.credential)
+            .await
+            .unwrap()
+    );
+}
