@@ -15,48 +15,7 @@ use serde_json::{Value, json};
 use crate::harness::{Harness, Options, permit_leases};
 
 fn azure_config(p: &Peers, dir: &Path) -> AzureConfig {
-    let secret = dir.join("azure-client-secret");
-    std::fs::write(&secret, &p.broker.secret).unwrap();
-    toml::from_str(&format!(
-        r#"
-        tenant_id = "{tenant}"
-        authority_host = "{authority}"
-        arm_endpoint = "{endpoint}"
-        graph_endpoint = "{endpoint}"
-        ca_file = "{ca}"
-        max_attempts = 2
-        propagation_timeout_seconds = 5
-        auth = {{ method = "client_secret", client_id = "{client}", client_secret_file = "{secret}" }}
-        workload_principals = {{ "dev:assistant-a" = "{w0}" }}
-        [roles.reader]
-        mode = "role_assignment"
-        max_ttl_seconds = 3600
-        role_definition_id = "{reader}"
-        scope = "/subscriptions/{sub}/resourceGroups/{{{{scope}}}}"
-        scopes = ["rg-team-*"]
-        [roles.app]
-        mode = "app_password"
-        max_ttl_seconds = 3600
-        application_object_id = "{app}"
-        application_client_id = "{app_client}"
-        [roles.storage]
-        mode = "access_token"
-        max_ttl_seconds = 3600
-        resource_scope = "https://storage.azure.com/.default"
-        "#,
-        tenant = p.tenant_id,
-        authority = p.authority,
-        endpoint = p.endpoint,
-        ca = p.ca_file.display(),
-        client = p.broker.client_id,
-        secret = secret.display(),
-        w0 = p.workloads[0].object_id,
-        reader = p.role_definition(standin::READER),
-        sub = p.subscription_id,
-        app = p.app_object_id,
-        app_client = p.app_client_id,
-    ))
-    .unwrap()
+    toml::from_str(&p.provider_toml(&dir.join("azure-client-secret"))).unwrap()
 }
 
 async fn broker(p: &Peers, dir: &Path) -> Harness {

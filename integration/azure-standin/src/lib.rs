@@ -520,6 +520,73 @@ impl Peers {
         self.inner.lock().unwrap().seen.clone()
     }
 
+    /// A leasehold `type = "azure"` provider table (TOML, without `type`)
+    /// for these peers: the broker signs in with its client secret (written
+    /// to `secret_file`); the workloads `test:assistant-0` to `-3` (and
+    /// `dev:assistant-a`, the dev broker's, as number 0) are mapped to the
+    /// four workload principals; `entra:` subjects are principals; roles
+    /// `reader` (Reader on `rg-reports` or any `rg-team-*`), `fixed` (Reader
+    /// on `rg-fixed`), `app` (a password on [`Peers::app_object_id`]) and
+    /// `storage` (a storage access token).
+    pub fn provider_toml(&self, secret_file: &Path) -> String {
+        std::fs::write(secret_file, format!("{}\n", self.broker.secret)).unwrap();
+        let reader = self.role_definition(READER);
+        let sub = &self.subscription_id;
+        let w = |i: usize| &self.workloads[i].object_id;
+        format!(
+            r#"
+            tenant_id = "{tenant}"
+            authority_host = "{authority}"
+            arm_endpoint = "{endpoint}"
+            graph_endpoint = "{endpoint}"
+            ca_file = "{ca}"
+            max_attempts = 3
+            max_retry_after_seconds = 5
+            propagation_timeout_seconds = 5
+            principal_from_subject = ["entra"]
+            auth = {{ method = "client_secret", client_id = "{client}", client_secret_file = "{secret}" }}
+            [workload_principals]
+            "dev:assistant-a" = "{w0}"
+            "test:assistant-0" = "{w0}"
+            "test:assistant-1" = "{w1}"
+            "test:assistant-2" = "{w2}"
+            "test:assistant-3" = "{w3}"
+            [roles.reader]
+            mode = "role_assignment"
+            max_ttl_seconds = 3600
+            role_definition_id = "{reader}"
+            scope = "/subscriptions/{sub}/resourceGroups/{{{{scope}}}}"
+            scopes = ["rg-reports", "rg-team-*"]
+            [roles.fixed]
+            mode = "role_assignment"
+            max_ttl_seconds = 3600
+            role_definition_id = "{reader}"
+            scope = "/subscriptions/{sub}/resourceGroups/rg-fixed"
+            [roles.app]
+            mode = "app_password"
+            max_ttl_seconds = 3600
+            application_object_id = "{app}"
+            application_client_id = "{app_client}"
+            [roles.storage]
+            mode = "access_token"
+            max_ttl_seconds = 3600
+            resource_scope = "{STORAGE_AUDIENCE}/.default"
+            "#,
+            tenant = self.tenant_id,
+            authority = self.authority,
+            endpoint = self.endpoint,
+            ca = self.ca_file.display(),
+            client = self.broker.client_id,
+            secret = secret_file.display(),
+            w0 = w(0),
+            w1 = w(1),
+            w2 = w(2),
+            w3 = w(3),
+            app = self.app_object_id,
+            app_client = self.app_client_id,
+        )
+    }
+
     /// `/subscriptions/{id}/resourceGroups/{rg}`.
     pub fn resource_group(&self, rg: &str) -> String {
         format!(

@@ -139,6 +139,17 @@ fn marked(text: &str, lease_id: &str) -> bool {
     text == m || text.starts_with(&format!("{m} ")) || text.starts_with(&format!("{m};"))
 }
 
+/// Passwords and tokens are not narrowed by a call.
+fn no_scope(role: &str, scope: &[String]) -> Result<(), ProviderError> {
+    if scope.is_empty() {
+        Ok(())
+    } else {
+        Err(ProviderError::invalid(format!(
+            "role `{role}` takes no scope"
+        )))
+    }
+}
+
 fn handle_bytes(h: &Handle) -> Result<RevocationHandle, ProviderError> {
     serde_json::to_vec(h)
         .map(RevocationHandle::new)
@@ -478,12 +489,7 @@ impl AzureProvider {
         spec: &LeaseSpec,
         role: &AzureRole,
     ) -> Result<Issued, ProviderError> {
-        if !spec.scope.is_empty() {
-            return Err(ProviderError::invalid(format!(
-                "role `{}` takes no scope",
-                spec.role
-            )));
-        }
+        no_scope(&spec.role, &spec.scope)?;
         let app = role.application_object_id.clone().unwrap_or_default();
         let end = Timestamp::from_unix_millis(spec.expires_at.unix_seconds() * 1000);
         let body = json!({"passwordCredential": {
@@ -615,12 +621,7 @@ impl AzureProvider {
         spec: &LeaseSpec,
         role: &AzureRole,
     ) -> Result<Issued, ProviderError> {
-        if !spec.scope.is_empty() {
-            return Err(ProviderError::invalid(format!(
-                "role `{}` takes no scope",
-                spec.role
-            )));
-        }
+        no_scope(&spec.role, &spec.scope)?;
         let scope = role.resource_scope.clone().unwrap_or_default();
         let t = self.api.token(&scope).await?;
         let token_expires = t.expires_on.unix_timestamp();
@@ -720,13 +721,7 @@ impl Provider for AzureProvider {
             Mode::RoleAssignment => {
                 self.arm_scope(role, r, scope)?;
             }
-            Mode::AppPassword | Mode::AccessToken => {
-                if !scope.is_empty() {
-                    return Err(ProviderError::invalid(format!(
-                        "role `{role}` takes no scope"
-                    )));
-                }
-            }
+            Mode::AppPassword | Mode::AccessToken => no_scope(role, scope)?,
         }
         Ok(Duration::from_secs(r.max_ttl_seconds))
     }

@@ -55,64 +55,9 @@ impl SpecFactory for Specs {
     }
 }
 
-/// A config for these peers, the broker signing in with its client secret.
+/// The stand-in's config for these peers (see `Peers::provider_toml`).
 fn config(p: &Peers, dir: &std::path::Path) -> AzureConfig {
-    let secret_file = dir.join("client-secret");
-    std::fs::write(&secret_file, format!("{}\n", p.broker.secret)).unwrap();
-    toml::from_str(&format!(
-        r#"
-        tenant_id = "{tenant}"
-        authority_host = "{authority}"
-        arm_endpoint = "{endpoint}"
-        graph_endpoint = "{endpoint}"
-        ca_file = "{ca}"
-        max_attempts = 3
-        max_retry_after_seconds = 5
-        propagation_timeout_seconds = 5
-        principal_from_subject = ["entra"]
-        auth = {{ method = "client_secret", client_id = "{client}", client_secret_file = "{secret}" }}
-        [workload_principals]
-        "test:assistant-0" = "{w0}"
-        "test:assistant-1" = "{w1}"
-        "test:assistant-2" = "{w2}"
-        "test:assistant-3" = "{w3}"
-        [roles.reader]
-        mode = "role_assignment"
-        max_ttl_seconds = 3600
-        role_definition_id = "{reader}"
-        scope = "/subscriptions/{sub}/resourceGroups/{{{{scope}}}}"
-        scopes = ["rg-reports", "rg-team-*"]
-        [roles.fixed]
-        mode = "role_assignment"
-        max_ttl_seconds = 3600
-        role_definition_id = "{reader}"
-        scope = "/subscriptions/{sub}/resourceGroups/rg-fixed"
-        [roles.app]
-        mode = "app_password"
-        max_ttl_seconds = 3600
-        application_object_id = "{app}"
-        application_client_id = "{app_client}"
-        [roles.storage]
-        mode = "access_token"
-        max_ttl_seconds = 3600
-        resource_scope = "https://storage.azure.com/.default"
-        "#,
-        tenant = p.tenant_id,
-        authority = p.authority,
-        endpoint = p.endpoint,
-        ca = p.ca_file.display(),
-        client = p.broker.client_id,
-        secret = secret_file.display(),
-        w0 = p.workloads[0].object_id,
-        w1 = p.workloads[1].object_id,
-        w2 = p.workloads[2].object_id,
-        w3 = p.workloads[3].object_id,
-        reader = p.role_definition(standin::READER),
-        sub = p.subscription_id,
-        app = p.app_object_id,
-        app_client = p.app_client_id,
-    ))
-    .unwrap()
+    toml::from_str(&p.provider_toml(&dir.join("client-secret"))).unwrap()
 }
 
 struct Env {
