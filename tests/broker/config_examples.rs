@@ -163,3 +163,75 @@ fn serve_refuses_a_store_with_another_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("store.key"));
 }
+
+/// Wrong or missing tenant and client settings of an Azure provider are
+/// caught by `config validate`, naming the field, before anything starts.
+#[test]
+fn config_validate_names_a_wrong_azure_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("azure-secret");
+    std::fs::write(&secret, "s3cr3t").unwrap();
+    let mut block = example_block("azure", "azure");
+    let auth = block["auth"].as_table_mut().unwrap();
+    auth.insert(
+        "client_secret_file".into(),
+        toml::Value::String(secret.display().to_string()),
+    );
+    let azure: leasehold_provider_azure::AzureConfig = block.try_into().unwrap();
+    let (path, _) =
+        crate::harness::child_config(dir.path(), "127.0.0.1:7711".parse().unwrap(), |c| {
+            c.providers.insert(
+                "azure".into(),
+                leasehold::config::ProviderConfig::Azure(azure),
+            );
+        });
+    let out = validate_cli(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    let tenant = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+    let client = "2f1a9c3e-5b7d-4e8f-9a0b-1c2d3e4f5a6b";
+    assert!(text.contains(tenant) && text.contains(client), "{text}");
+    let bad = dir.path().join("bad.toml");
+    for (from, to, field) in [
+        (
+            tenant,
+            "contoso.onmicrosoft.com",
+            "providers.azure.tenant_id",
+        ),
+        (client, "my-app", "providers.azure.auth.client_id"),
+        (
+            &secret.display().to_string()[..],
+            "/nonexistent/azure-secret",
+            "providers.azure.auth.client_secret_file",
+        ),
+        (
+            "https://storage.azure.com/.default",
+            "https://graph.microsoft.com/.default",
+            "providers.azure.roles.blob-token.resource_scope",
+        ),
+    ] {
+        std::fs::write(&bad, text.replace(from, to)).unwrap();
+        let out = validate_cli(&bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{from} -> {to} was accepted");
+        assert!(err.contains(field), "{from} -> {to}: {err}");
+    }
+    // a missing tenant is named too
+    let no_tenant: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("tenant_id"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&bad, no_tenant).unwrap();
+    let out = validate_cli(&bad);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tenant_id"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
