@@ -150,6 +150,11 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// The disk under BENCH_DIR: fsync time after writing N random 4 KiB
+    /// pages. Durable throughput follows it (a commit rewrites the pages
+    /// it touched), so a figure from another machine, or another day on a
+    /// shared one, is comparable only next to this.
+    Disk,
     /// The three figures of the broker core with their default sizes.
     All,
 }
@@ -571,6 +576,58 @@ async fn run_load(
     })
 }
 
+/// Median fsync time (ms) after writing `pages` random 4 KiB pages into a
+/// 64 MiB preallocated file under BENCH_DIR, for each of `sizes`.
+fn disk_probe(sizes: &[usize]) -> anyhow::Result<Vec<(usize, f64)>> {
+    use std::io::{Seek, SeekFrom, Write};
+    const FILE_PAGES: u64 = 16_384;
+    let dir = bench_dir()?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(dir.path().join("probe"))?;
+    let page = [0x5au8; 4096];
+    for _ in 0..FILE_PAGES {
+        f.write_all(&page)?;
+    }
+    f.sync_all()?;
+    // a small xorshift: the pages need to be scattered, not unpredictable
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::new();
+    for &n in sizes {
+        let mut times = Vec::new();
+        for _ in 0..11 {
+            for _ in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                f.seek(SeekFrom::Start((x % FILE_PAGES) * 4096))?;
+                f.write_all(&page)?;
+            }
+            let t = Instant::now();
+            f.sync_data()?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        out.push((n, median(&mut times)));
+    }
+    Ok(out)
+}
+
+fn disk() -> anyhow::Result<()> {
+    let probe = disk_probe(&[1, 10, 50, 200])?;
+    let parts: Vec<String> = probe
+        .iter()
+        .map(|(n, ms)| format!("{n} page(s) {ms:.2} ms"))
+        .collect();
+    println!(
+        "disk: fsync after writing random 4 KiB pages (median of 11): {}",
+        parts.join(", ")
+    );
+    Ok(())
+}
+
 async fn throughput(
     bin: &Path,
     clients: usize,
@@ -578,6 +635,7 @@ async fn throughput(
     seconds: u64,
     rounds: usize,
 ) -> anyhow::Result<()> {
+    disk()?;
     let mut l = run_load(bin, false, clients, per_task, seconds, rounds).await?;
     println!(
         "throughput: median {:.0} leases/s over {rounds} rounds of {seconds} s, {clients} clients \
@@ -1654,6 +1712,7 @@ async fn main() -> anyhow::Result<()> {
             policy_latency(workloads, policies, decisions)?;
             calls_throughput(&bin, calls_per_task, rounds, seconds).await
         }
+        Cmd::Disk => disk(),
         Cmd::All => {
             throughput(&bin, 64, 1, 10, 5).await?;
             throughput(&bin, 64, 4, 10, 5).await?;
