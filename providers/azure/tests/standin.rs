@@ -653,3 +653,25 @@ async fn revoke_also_takes_a_password_a_retried_add_left_behind() {
             .unwrap()
     );
 }
+
+#[tokio::test]
+async fn a_batch_revoke_answers_each_lease_in_its_place() {
+    let env = Env::start().await;
+    let p = env.provider();
+    let mut revokes = Vec::new();
+    for _ in 0..10 {
+        let s = spec("app", Duration::from_secs(600), &[]);
+        let issued = p.issue(&s).await.unwrap();
+        revokes.push(RevokeSpec::of(&s, &issued));
+    }
+    // an unreadable handle fails alone, in its place
+    let mut broken = revokes[3].clone();
+    broken.handle = leasehold_provider::RevocationHandle::new(b"not json".to_vec());
+    revokes.insert(3, broken);
+    let results = p.revoke_many_noted(&revokes).await;
+    assert_eq!(results.len(), 11);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.is_err(), i == 3, "{i}: {r:?}");
+    }
+    assert!(env.peers.passwords().is_empty());
+}
