@@ -465,7 +465,7 @@ async fn run_load(
     rounds: usize,
 ) -> anyhow::Result<Load> {
     let per_task = per_task.max(1);
-    let dir = tempfile::tempdir()?;
+    let dir = bench_dir()?;
     let addr = free_addr()?;
     let (config, creds) = setup(dir.path(), addr, false)?;
     if no_events {
@@ -900,7 +900,7 @@ async fn restart(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()>
 async fn expiry(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> {
     let (mut lag_max, mut lag_observed) = (Vec::new(), Vec::new());
     for r in 0..rounds {
-        let dir = tempfile::tempdir()?;
+        let dir = bench_dir()?;
         let addr = free_addr()?;
         let (config, creds) = setup(dir.path(), addr, true)?;
         // Issue every lease "at" the same instant S, with a TTL that puts
@@ -1596,7 +1596,7 @@ async fn calls_throughput(
     rounds: usize,
     seconds: u64,
 ) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
+    let dir = bench_dir()?;
     let addr = free_addr()?;
     let (config, creds) = setup(dir.path(), addr, false)?;
     let mut server = Server::spawn(bin, &config, &dir.path().join("broker.log"))?;
