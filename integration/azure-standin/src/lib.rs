@@ -184,32 +184,7 @@ impl std::fmt::Debug for Peers {
 fn guid() -> String {
     let mut b = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).unwrap();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    format_guid(&b)
-}
-
-fn format_guid(b: &[u8; 16]) -> String {
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
-fn is_guid(s: &str) -> bool {
-    s.len() == 36
-        && s.char_indices().all(|(i, c)| {
-            if [8, 13, 18, 23].contains(&i) {
-                c == '-'
-            } else {
-                c.is_ascii_hexdigit()
-            }
-        })
+    leasehold_provider_azure::config::guid(b, 4)
 }
 
 fn secret() -> String {
@@ -1067,7 +1042,7 @@ fn arm_answer(i: &mut Inner, method: &Method, path: &str, caller: &str, body: &[
             "The resource type could not be found.",
         );
     };
-    if !is_guid(name) {
+    if !leasehold_provider_azure::config::is_guid(name) {
         return error(
             StatusCode::BAD_REQUEST,
             "InvalidRoleAssignmentId",
@@ -1353,7 +1328,7 @@ fn graph_answer(i: &mut Inner, method: &Method, path: &str, caller: &str, body: 
             let key = serde_json::from_slice::<Value>(body)
                 .ok()
                 .and_then(|v| v["keyId"].as_str().map(str::to_owned));
-            let Some(key) = key.filter(|k| is_guid(k)) else {
+            let Some(key) = key.filter(|k| leasehold_provider_azure::config::is_guid(k)) else {
                 return graph_error(
                     StatusCode::BAD_REQUEST,
                     "BadRequest",

@@ -109,16 +109,6 @@ fn session_name_ok(v: &str) -> bool {
     (2..=64).contains(&v.len()) && config::is_iam_word(v)
 }
 
-fn rfc3339(t: Timestamp) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t.unix_seconds())
-        .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 /// An AWS SDK error, classed. Throttling and transport failures are
 /// retryable (the SDK already retried them); the rest are permanent.
 fn classify<E, R>(what: &str, e: &aws_sdk_sts::error::SdkError<E, R>) -> ProviderError
@@ -271,31 +261,13 @@ impl AwsStsProvider {
             .session_policy
             .as_ref()
             .is_some_and(|t| t.contains(SCOPE_PLACEHOLDER));
-        match (scoped, scope) {
-            (false, []) => Ok(None),
-            (false, _) => Err(ProviderError::invalid(format!(
-                "role `{name}` takes no scope"
-            ))),
-            (true, [one]) => {
-                let allowed = config::is_scope_value(one)
-                    && role.cfg.scopes.iter().any(|s| match s.strip_suffix('*') {
-                        Some(prefix) => one.starts_with(prefix),
-                        None => s == one,
-                    });
-                if allowed {
-                    Ok(Some(one.as_str()))
-                } else {
-                    Err(ProviderError::invalid(format!(
-                        "scope `{one}` is not allowed for role `{name}`; allowed: {}",
-                        role.cfg.scopes.join(", ")
-                    )))
-                }
-            }
-            (true, _) => Err(ProviderError::invalid(format!(
-                "role `{name}` takes exactly one scope, one of: {}",
-                role.cfg.scopes.join(", ")
-            ))),
-        }
+        leasehold_provider::one_scope(
+            name,
+            scoped,
+            scope,
+            &role.cfg.scopes,
+            config::is_scope_value,
+        )
     }
 
     /// The session's duration for a lease: its TTL clamped to AWS's bounds
@@ -378,7 +350,7 @@ impl AwsStsProvider {
             // a cut-off at the next whole second: aws:TokenIssueTime has
             // second precision, and a session issued earlier in this second
             // must be covered
-            let now_text = rfc3339(now.saturating_add(Duration::from_secs(1)));
+            let now_text = now.saturating_add(Duration::from_secs(1)).rfc3339();
             let mut doc = self.read_deny(role_name).await?;
             doc.prune(now_s);
             let method = doc.add(
@@ -600,7 +572,7 @@ impl Provider for AwsStsProvider {
             .secret("secret_access_key", c.secret_access_key())
             .secret("session_token", c.session_token())
             .public("region", self.cfg.region.clone())
-            .public("expiration", rfc3339(aws_end));
+            .public("expiration", aws_end.rfc3339());
         let h = self.handle_for(role, spec);
         let handle = RevocationHandle::new(serde_json::to_vec(&h).unwrap_or_default());
         let short = spec.issued_at.until(spec.expires_at).as_secs() < MIN_SESSION_SECONDS;

@@ -163,6 +163,22 @@ pub(crate) mod defaults {
     }
 }
 
+/// 16 bytes as a GUID of `version` (4: random, 5: name-based), with the
+/// RFC 9562 variant, in the 8-4-4-4-12 form.
+pub fn guid(mut b: [u8; 16], version: u8) -> String {
+    b[6] = (b[6] & 0x0f) | (version << 4);
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
 /// A GUID in its usual 8-4-4-4-12 form.
 pub fn is_guid(s: &str) -> bool {
     s.len() == 36

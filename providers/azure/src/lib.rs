@@ -31,6 +31,7 @@
 pub mod config;
 mod http;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -87,16 +88,6 @@ enum Handle {
     },
 }
 
-fn rfc3339(t: Timestamp) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t.unix_seconds())
-        .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 /// The role assignment name for a lease: a GUID from SHA-256 of the lease
 /// id and role (version 5 and variant bits set, as ARM expects a GUID).
 pub fn assignment_name(lease_id: &str, role: &str) -> String {
@@ -108,17 +99,7 @@ pub fn assignment_name(lease_id: &str, role: &str) -> String {
     let d = ctx.finish();
     let mut b = [0u8; 16];
     b.copy_from_slice(&d.as_ref()[..16]);
-    b[6] = (b[6] & 0x0f) | 0x50;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    config::guid(b, 5)
 }
 
 /// The mark in every assignment's description and password's display name.
@@ -267,31 +248,17 @@ impl AzureProvider {
     ) -> Result<String, ProviderError> {
         let template = role.scope.as_deref().unwrap_or_default();
         let scoped = template.contains(SCOPE_PLACEHOLDER);
-        match (scoped, scope) {
-            (false, []) => Ok(template.to_owned()),
-            (false, _) => Err(ProviderError::invalid(format!(
-                "role `{name}` takes no scope"
-            ))),
-            (true, [one]) => {
-                let allowed = config::is_scope_value(one)
-                    && role.scopes.iter().any(|s| match s.strip_suffix('*') {
-                        Some(prefix) => one.starts_with(prefix),
-                        None => s == one,
-                    });
-                if allowed {
-                    Ok(template.replace(SCOPE_PLACEHOLDER, one))
-                } else {
-                    Err(ProviderError::invalid(format!(
-                        "scope `{one}` is not allowed for role `{name}`; allowed: {}",
-                        role.scopes.join(", ")
-                    )))
-                }
-            }
-            (true, _) => Err(ProviderError::invalid(format!(
-                "role `{name}` takes exactly one scope, one of: {}",
-                role.scopes.join(", ")
-            ))),
-        }
+        let one = leasehold_provider::one_scope(
+            name,
+            scoped,
+            scope,
+            &role.scopes,
+            config::is_scope_value,
+        )?;
+        Ok(one.map_or_else(
+            || template.to_owned(),
+            |one| template.replace(SCOPE_PLACEHOLDER, one),
+        ))
     }
 
     /// The workload's Entra object id.
@@ -354,6 +321,15 @@ impl AzureProvider {
             .await
     }
 
+    /// The applications `app_password` roles add passwords to, once each.
+    fn applications(&self) -> BTreeSet<&str> {
+        self.cfg
+            .roles
+            .values()
+            .filter_map(|r| r.application_object_id.as_deref())
+            .collect()
+    }
+
     // --- role_assignment ---
 
     fn assignment_id(scope: &str, name: &str) -> String {
@@ -376,7 +352,7 @@ impl AzureProvider {
             "principalType": "ServicePrincipal",
             "description": format!(
                 "{}; task {}; ends {}",
-                mark(&spec.lease_id), spec.task_id, rfc3339(spec.expires_at)
+                mark(&spec.lease_id), spec.task_id, spec.expires_at.rfc3339()
             ),
         });
         if let Some(c) = &role.condition {
@@ -442,7 +418,7 @@ impl AzureProvider {
                 .public("role_definition_id", definition)
                 .public("scope", &scope)
                 .public("role_assignment_id", &id)
-                .public("expires_at", rfc3339(spec.expires_at)),
+                .public("expires_at", spec.expires_at.rfc3339()),
             handle,
             expires_at: spec.expires_at,
             description: format!(
@@ -497,7 +473,7 @@ impl AzureProvider {
         let end = Timestamp::from_unix_millis(spec.expires_at.unix_seconds() * 1000);
         let body = json!({"passwordCredential": {
             "displayName": format!("{}; task {}", mark(&spec.lease_id), spec.task_id),
-            "endDateTime": rfc3339(end),
+            "endDateTime": end.rfc3339(),
         }});
         let a = self
             .graph(
@@ -547,12 +523,12 @@ impl AzureProvider {
                 )
                 .secret("client_secret", secret)
                 .public("key_id", key_id)
-                .public("expires_at", rfc3339(end)),
+                .public("expires_at", end.rfc3339()),
             handle,
             expires_at: end,
             description: format!(
                 "password {key_id} on application {app}, endDateTime {} (Entra ends it then even if a revoke fails); revoked by removing it",
-                rfc3339(end)
+                end.rfc3339()
             ),
         })
     }
@@ -640,12 +616,12 @@ impl AzureProvider {
                 .public("token_type", "Bearer")
                 .public("scope", &scope)
                 .secret("access_token", t.token.secret())
-                .public("expires_at", rfc3339(dies)),
+                .public("expires_at", dies.rfc3339()),
             handle: handle_bytes(&Handle::AccessToken { token_expires })?,
             expires_at,
             description: format!(
                 "access token for {scope}, valid until {}; cannot be revoked: it stays usable until then even after the lease ends",
-                rfc3339(dies)
+                dies.rfc3339()
             ),
         })
     }
@@ -653,9 +629,7 @@ impl AzureProvider {
     fn token_note(token_expires: i64) -> String {
         format!(
             "expiry only (an Azure access token cannot be revoked; it stays valid until {})",
-            rfc3339(Timestamp::from_unix_millis(
-                token_expires.saturating_mul(1000)
-            ))
+            Timestamp::from_unix_millis(token_expires.saturating_mul(1000)).rfc3339()
         )
     }
 
@@ -730,16 +704,11 @@ impl Provider for AzureProvider {
     }
 
     async fn health(&self) -> Result<(), ProviderError> {
-        let modes: Vec<(&AzureRole, Mode)> = self.cfg.roles.values().map(|r| (r, r.mode)).collect();
-        if modes.iter().any(|(_, m)| *m == Mode::RoleAssignment) {
+        let roles = || self.cfg.roles.values();
+        if roles().any(|r| r.mode == Mode::RoleAssignment) {
             self.api.token(&self.cfg.arm_scope).await?;
         }
-        let mut apps: Vec<&str> = modes
-            .iter()
-            .filter_map(|(r, _)| r.application_object_id.as_deref())
-            .collect();
-        apps.dedup();
-        for app in apps {
+        for app in self.applications() {
             let r = self
                 .graph(
                     "read application",
@@ -752,10 +721,8 @@ impl Provider for AzureProvider {
                 return Err(r.into_error(&format!("read application {app}")));
             }
         }
-        for (r, _) in modes.iter().filter(|(_, m)| *m == Mode::AccessToken) {
-            self.api
-                .token(r.resource_scope.as_deref().unwrap_or_default())
-                .await?;
+        for scope in roles().filter_map(|r| r.resource_scope.as_deref()) {
+            self.api.token(scope).await?;
         }
         Ok(())
     }
@@ -818,32 +785,14 @@ impl Provider for AzureProvider {
     /// are all access tokens, which expire.
     async fn inventory(&self) -> Result<Option<Vec<Found>>, ProviderError> {
         let mut found = Vec::new();
-        let mut subs: Vec<String> = Vec::new();
-        let mut apps: Vec<String> = Vec::new();
-        for r in self.cfg.roles.values() {
-            match r.mode {
-                Mode::RoleAssignment => {
-                    let sub = r
-                        .scope
-                        .as_deref()
-                        .unwrap_or_default()
-                        .split('/')
-                        .take(3)
-                        .collect::<Vec<_>>()
-                        .join("/");
-                    if !subs.contains(&sub) {
-                        subs.push(sub);
-                    }
-                }
-                Mode::AppPassword => {
-                    let app = r.application_object_id.clone().unwrap_or_default();
-                    if !apps.contains(&app) {
-                        apps.push(app);
-                    }
-                }
-                Mode::AccessToken => {}
-            }
-        }
+        let subs: BTreeSet<String> = self
+            .cfg
+            .roles
+            .values()
+            .filter_map(|r| r.scope.as_deref())
+            .map(|scope| scope.split('/').take(3).collect::<Vec<_>>().join("/"))
+            .collect();
+        let apps = self.applications();
         if subs.is_empty() && apps.is_empty() {
             return Ok(None);
         }
@@ -885,7 +834,7 @@ impl Provider for AzureProvider {
             }
         }
         for app in apps {
-            for (key, name) in self.passwords(&app).await? {
+            for (key, name) in self.passwords(app).await? {
                 if let Some(lease) = marked_lease(&name) {
                     found.push(Found {
                         name: format!("{FOUND_PASSWORD}{app}/{key}"),

@@ -60,6 +60,19 @@ impl Timestamp {
         Self(self.0.saturating_add(ms))
     }
 
+    /// RFC 3339 in UTC, whole seconds (rounded down, as `unix_seconds`),
+    /// for peers that take an expiry as a date (`endDateTime`, a
+    /// policy's `DateLessThan`).
+    pub fn rfc3339(self) -> String {
+        time::OffsetDateTime::from_unix_timestamp(self.unix_seconds())
+            .ok()
+            .and_then(|d| {
+                d.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default()
+    }
+
     /// The time from `self` until `later`, zero if `later` is not later.
     pub fn until(self, later: Timestamp) -> Duration {
         let ms = later.0.saturating_sub(self.0).max(0);
@@ -414,6 +427,45 @@ pub fn configured_role<'a, R>(
             roles.keys().cloned().collect::<Vec<_>>().join(", ")
         ))
     })
+}
+
+/// The one scope a call narrows a role to, for providers whose role
+/// templates take `{{scope}}` (`scoped`) from an allowlist in which an entry
+/// ending in `*` allows any scope with that prefix. `valid` checks the
+/// value's characters (nothing that could widen it). `None`: the role is
+/// not scoped and none was asked for. Errors are `Invalid`.
+pub fn one_scope<'a>(
+    role: &str,
+    scoped: bool,
+    scope: &'a [String],
+    allowlist: &[String],
+    valid: impl Fn(&str) -> bool,
+) -> Result<Option<&'a str>, ProviderError> {
+    match (scoped, scope) {
+        (false, []) => Ok(None),
+        (false, _) => Err(ProviderError::invalid(format!(
+            "role `{role}` takes no scope"
+        ))),
+        (true, [one]) => {
+            let allowed = valid(one)
+                && allowlist.iter().any(|s| match s.strip_suffix('*') {
+                    Some(prefix) => one.starts_with(prefix),
+                    None => s == one,
+                });
+            if allowed {
+                Ok(Some(one.as_str()))
+            } else {
+                Err(ProviderError::invalid(format!(
+                    "scope `{one}` is not allowed for role `{role}`; allowed: {}",
+                    allowlist.join(", ")
+                )))
+            }
+        }
+        (true, _) => Err(ProviderError::invalid(format!(
+            "role `{role}` takes exactly one scope, one of: {}",
+            allowlist.join(", ")
+        ))),
+    }
 }
 
 /// An error and its sources, one line: for provider messages built from a
