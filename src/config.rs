@@ -106,10 +106,14 @@ pub struct StoreConfig {
     /// Page cache size. Bounds resident memory; hot pages stay cached.
     #[serde(default = "defaults::cache_mib")]
     pub cache_mib: usize,
-    /// Save allocator state with every commit so a crash needs no full
-    /// repair scan on the next start (slightly slower commits).
+    /// Save allocator state with every checkpoint so a crash needs no full
+    /// repair scan on the next start (slightly slower checkpoints).
     #[serde(default = "defaults::yes")]
     pub quick_repair: bool,
+    /// Checkpoint (write the store file durably, empty the write-ahead log)
+    /// once the log holds this many MiB.
+    #[serde(default = "defaults::checkpoint_mib")]
+    pub checkpoint_mib: u64,
     /// Under concurrent load, how long the writer waits to gather more
     /// operations into one durable commit (0 turns it off). Applies only when
     /// the previous commit carried at least `commit_siblings` operations, so
@@ -458,9 +462,13 @@ pub struct FaultConfig {
     /// Pause after each chunk a revocation job claims, in milliseconds.
     #[serde(default)]
     pub job_chunk_pause_millis: u64,
+    /// Never checkpoint while running, so that after a SIGKILL every
+    /// acknowledged write is only in the write-ahead log (crash tests).
+    #[serde(default)]
+    pub no_checkpoints: bool,
 }
 
-mod defaults {
+pub(crate) mod defaults {
     pub fn yes() -> bool {
         true
     }
@@ -478,6 +486,9 @@ mod defaults {
     }
     pub fn commit_delay_micros() -> u64 {
         500
+    }
+    pub fn checkpoint_mib() -> u64 {
+        16
     }
     pub fn commit_siblings() -> usize {
         4
@@ -706,6 +717,9 @@ impl Config {
         }
         if self.store.cache_mib == 0 {
             return Err(invalid("store.cache_mib", "must be positive"));
+        }
+        if !(1..=1024).contains(&self.store.checkpoint_mib) {
+            return Err(invalid("store.checkpoint_mib", "between 1 and 1024"));
         }
         if self.store.commit_delay_micros > 10_000 {
             return Err(invalid(

@@ -253,6 +253,7 @@ pub fn prepare(
             key_env: None,
             cache_mib: 64,
             quick_repair: true,
+            checkpoint_mib: crate::config::defaults::checkpoint_mib(),
             commit_delay_micros: 500,
             commit_siblings: 4,
         },

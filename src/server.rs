@@ -110,18 +110,24 @@ pub async fn run_with(
     config.validate()?;
     config.check_files()?;
     let key = load_key(&config)?;
-    let store = Store::open(
-        &StoreOptions {
-            path: config.store.path.clone(),
-            cache_bytes: config.store.cache_mib.saturating_mul(1 << 20),
-            quick_repair: config.store.quick_repair,
-            group_commit: crate::store::GroupCommit {
-                delay: Duration::from_micros(config.store.commit_delay_micros),
-                siblings: config.store.commit_siblings,
-            },
+    #[allow(unused_mut)]
+    let mut store_options = StoreOptions {
+        path: config.store.path.clone(),
+        cache_bytes: config.store.cache_mib.saturating_mul(1 << 20),
+        quick_repair: config.store.quick_repair,
+        group_commit: crate::store::GroupCommit {
+            delay: Duration::from_micros(config.store.commit_delay_micros),
+            siblings: config.store.commit_siblings,
         },
-        &key,
-    )?;
+        checkpoint_bytes: config.store.checkpoint_mib.saturating_mul(1 << 20),
+        ..StoreOptions::new(&config.store.path)
+    };
+    #[cfg(feature = "fault-injection")]
+    if config.fault.no_checkpoints {
+        store_options.checkpoint_bytes = u64::MAX;
+        store_options.checkpoint_idle = Duration::from_secs(86_400);
+    }
+    let store = Store::open(&store_options, &key)?;
     drop(key);
     let mut providers = Providers::build(
         &config.providers,

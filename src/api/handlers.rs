@@ -641,6 +641,9 @@ pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<Sta
             operations: stats.operations.load(Ordering::Relaxed),
             apply_seconds: stats.apply_micros.load(Ordering::Relaxed) as f64 / 1e6,
             commit_seconds: stats.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            checkpoints: stats.checkpoints.load(Ordering::Relaxed),
+            checkpoint_seconds: stats.checkpoint_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            wal_bytes: stats.wal_bytes.load(Ordering::Relaxed),
         },
     }))
 }

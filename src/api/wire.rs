@@ -855,10 +855,16 @@ impl From<&crate::policy::Loaded> for PolicyView {
 /// Store commit counters since start.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StoreStatsView {
+    /// Group commits (each one write-ahead log record, one fdatasync).
     pub commits: u64,
     pub operations: u64,
+    /// Writer time applying operations, and logging and committing them.
     pub apply_seconds: f64,
     pub commit_seconds: f64,
+    /// Durable commits of the store file that emptied the log, and their time.
+    pub checkpoints: u64,
+    pub checkpoint_seconds: f64,
+    pub wal_bytes: u64,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

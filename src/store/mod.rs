@@ -21,6 +21,7 @@ mod key;
 pub mod records;
 mod schema;
 mod txn;
+pub mod wal;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -141,6 +142,11 @@ pub struct StoreOptions {
     pub cache_bytes: usize,
     pub quick_repair: bool,
     pub group_commit: GroupCommit,
+    /// Checkpoint once the write-ahead log holds this many bytes (a bigger
+    /// log means rarer, longer checkpoints and a longer replay after a crash).
+    pub checkpoint_bytes: u64,
+    /// Checkpoint once the store has had no write for this long.
+    pub checkpoint_idle: std::time::Duration,
 }
 
 impl StoreOptions {
@@ -150,6 +156,8 @@ impl StoreOptions {
             cache_bytes: 64 << 20,
             quick_repair: true,
             group_commit: GroupCommit::default(),
+            checkpoint_bytes: 16 << 20,
+            checkpoint_idle: std::time::Duration::from_secs(1),
         }
     }
 }
@@ -170,6 +178,11 @@ pub struct CommitStats {
     /// Time spent applying operations, and committing (incl. fsync), in µs.
     pub apply_micros: AtomicU64,
     pub commit_micros: AtomicU64,
+    /// Checkpoints (durable redb commits that empty the log), and their time.
+    pub checkpoints: AtomicU64,
+    pub checkpoint_micros: AtomicU64,
+    /// Bytes appended to the write-ahead log.
+    pub wal_bytes: AtomicU64,
 }
 
 struct Inner {
@@ -243,6 +256,16 @@ impl Store {
                 .map_err(|e| StoreError::Io(format!("{}: {e}", opts.path.display())))?;
         }
         let sealer = Sealer::new(key);
+        // before anything else writes: the log's records belong to the
+        // file's last checkpoint, whatever this build does next
+        let (wal, recovery) = wal::Wal::recover(&db, &opts.path, opts.quick_repair)?;
+        if recovery.replayed > 0 || recovery.discarded_tail {
+            tracing::info!(
+                replayed = recovery.replayed,
+                discarded_tail = recovery.discarded_tail,
+                "store recovered from its write-ahead log"
+            );
+        }
         {
             let mut txn = db.begin_write()?;
             txn.set_durability(Durability::Immediate)
@@ -269,10 +292,15 @@ impl Store {
             let db = db.clone();
             let healthy = healthy.clone();
             let stats = stats.clone();
-            let (quick_repair, group) = (opts.quick_repair, opts.group_commit);
+            let cfg = WriterConfig {
+                group: opts.group_commit,
+                quick_repair: opts.quick_repair,
+                checkpoint_bytes: opts.checkpoint_bytes,
+                checkpoint_idle: opts.checkpoint_idle,
+            };
             std::thread::Builder::new()
                 .name("leasehold-store-writer".into())
-                .spawn(move || writer_loop(&db, rx, group, quick_repair, &healthy, &stats, head))
+                .spawn(move || writer_loop(&db, rx, cfg, &healthy, &stats, head, wal))
                 .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?
         };
         Ok(Self {
@@ -357,23 +385,64 @@ impl Default for GroupCommit {
     }
 }
 
+struct WriterConfig {
+    group: GroupCommit,
+    quick_repair: bool,
+    checkpoint_bytes: u64,
+    checkpoint_idle: std::time::Duration,
+}
+
 fn writer_loop(
     db: &Database,
     mut rx: mpsc::Receiver<Job>,
-    group: GroupCommit,
-    quick_repair: bool,
+    cfg: WriterConfig,
     healthy: &AtomicBool,
     stats: &CommitStats,
     mut head: ChainHead,
+    mut wal: wal::Wal,
 ) {
+    // only to wait for the next job with a timeout (the idle checkpoint)
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            healthy.store(false, Ordering::Relaxed);
+            tracing::error!(error = %e, "the store writer cannot start; every write is refused");
+            return;
+        }
+    };
+    // Set once the log or a commit failed: the store file and the log may
+    // disagree with what callers were told, so nothing more is written until
+    // a restart recovers from the log (PostgreSQL stops on a failed fsync
+    // for the same reason). Queued callers see `Closed`.
+    let mut failed = false;
     let mut last = 0usize;
-    while let Some(first) = rx.blocking_recv() {
+    loop {
+        let first = if wal.pending_bytes() > 0 && !failed {
+            let idle = cfg.checkpoint_idle;
+            // the timer is made inside the runtime, which it needs
+            match rt.block_on(async { tokio::time::timeout(idle, rx.recv()).await }) {
+                Ok(Some(j)) => j,
+                Ok(None) => break,
+                Err(_) => {
+                    checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
+                    continue;
+                }
+            }
+        } else {
+            match rx.blocking_recv() {
+                Some(j) => j,
+                None => break,
+            }
+        };
         let mut jobs = Vec::with_capacity(64);
         jobs.push(first);
         // Under concurrent load (the last batch had company), linger briefly
         // so more operations share this commit's fsync; alone, commit now.
-        if !group.delay.is_zero() && last >= group.siblings {
-            std::thread::sleep(group.delay);
+        if !cfg.group.delay.is_zero() && last >= cfg.group.siblings {
+            std::thread::sleep(cfg.group.delay);
         }
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -381,58 +450,131 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        if failed {
+            // dropping a job answers its caller with `Closed`
+            continue;
+        }
         let n = jobs.len() as u64;
         last = jobs.len();
-        match run_batch(db, jobs, quick_repair, stats, &mut head) {
+        match run_batch(db, jobs, stats, &mut head, &mut wal) {
             Ok(()) => {
                 healthy.store(true, Ordering::Relaxed);
             }
-            Err(e) => {
+            Err(BatchError::Refused(e)) => {
                 healthy.store(false, Ordering::Relaxed);
                 tracing::error!(error = %e, operations = n, "store batch failed; its requests were refused");
             }
+            Err(BatchError::Fatal(e)) => {
+                failed = true;
+                healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, operations = n, "the store cannot write durably; every write is refused until a restart recovers from the write-ahead log");
+            }
+        }
+        if !failed && wal.pending_bytes() >= cfg.checkpoint_bytes {
+            checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
+        }
+    }
+    if !failed && wal.pending_bytes() > 0 {
+        // a clean close leaves an empty log: the next start replays nothing
+        checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
+    }
+}
+
+fn checkpoint(
+    db: &Database,
+    wal: &mut wal::Wal,
+    cfg: &WriterConfig,
+    stats: &CommitStats,
+    healthy: &AtomicBool,
+    failed: &mut bool,
+) {
+    let started = std::time::Instant::now();
+    let bytes = wal.pending_bytes();
+    match wal.checkpoint(db, cfg.quick_repair) {
+        Ok(()) => {
+            stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+            stats
+                .checkpoint_micros
+                .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
+            tracing::debug!(
+                log_bytes = bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "store checkpoint"
+            );
+        }
+        Err(e) => {
+            *failed = true;
+            healthy.store(false, Ordering::Relaxed);
+            tracing::error!(error = %e, "store checkpoint failed; every write is refused until a restart recovers from the write-ahead log");
         }
     }
 }
 
-/// Apply a batch and commit it once. Jobs that never ran (the transaction
-/// could not begin) are dropped, which their callers see as `Closed`.
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+enum BatchError {
+    /// Nothing was written: the batch's callers are refused, the store goes on.
+    Refused(String),
+    /// The log or the store file may now hold more than callers were told.
+    Fatal(String),
+}
+
+/// Apply a batch, log it durably, then commit it (see [`wal`]). Jobs that
+/// never ran (the transaction could not begin) are dropped, which their
+/// callers see as `Closed`.
 fn run_batch(
     db: &Database,
     jobs: Vec<Job>,
-    quick_repair: bool,
     stats: &CommitStats,
     head: &mut ChainHead,
-) -> Result<(), String> {
+    wal: &mut wal::Wal,
+) -> Result<(), BatchError> {
     let started = std::time::Instant::now();
-    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    txn.set_durability(Durability::Immediate)
-        .map_err(|e| e.to_string())?;
-    txn.set_quick_repair(quick_repair);
+    let mut txn = db
+        .begin_write()
+        .map_err(|e| BatchError::Refused(e.to_string()))?;
+    txn.set_durability(Durability::None)
+        .map_err(|e| BatchError::Refused(e.to_string()))?;
     let (replies, finished) = {
         let mut t = match Txn::open(&txn, *head) {
             Ok(t) => t,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(BatchError::Refused(e.to_string())),
         };
         let replies: Vec<Reply> = jobs.into_iter().map(|j| j(&mut t)).collect();
         let entered = t.take_entered();
-        (replies, t.finish().map(|h| (h, entered)))
+        (replies, t.finish().map(|(h, redo)| (h, redo, entered)))
     };
     let applied = std::time::Instant::now();
     let mut entered = BTreeMap::new();
-    let outcome = match finished {
-        Ok((new_head, e)) => {
+    let outcome: Result<(), BatchError> = match finished {
+        Ok((new_head, redo, e)) => {
             entered = e;
-            txn.commit()
-                .map(|()| *head = new_head)
-                .map_err(|e| e.to_string())
+            let logged = if redo.is_empty() {
+                Ok(())
+            } else {
+                stats
+                    .wal_bytes
+                    .fetch_add(redo.len() as u64, Ordering::Relaxed);
+                wal.append(&redo).map(|_| ())
+            };
+            match logged {
+                Err(e) => {
+                    let _ = txn.abort();
+                    Err(BatchError::Fatal(format!("write-ahead log: {e}")))
+                }
+                Ok(()) => txn
+                    .commit()
+                    .map(|()| *head = new_head)
+                    .map_err(|e| BatchError::Fatal(format!("commit after logging: {e}"))),
+            }
         }
         Err(e) => {
             let _ = txn.abort();
-            Err(e.to_string())
+            Err(BatchError::Refused(e.to_string()))
         }
     };
-    let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     stats
         .apply_micros
         .fetch_add(micros(applied - started), Ordering::Relaxed);
@@ -447,8 +589,12 @@ fn run_batch(
             .fetch_add(replies.len() as u64, Ordering::Relaxed);
         crate::metrics::store_commit(started.elapsed().as_secs_f64(), replies.len(), &entered);
     }
+    let told = match &outcome {
+        Ok(()) => Ok(()),
+        Err(BatchError::Refused(e) | BatchError::Fatal(e)) => Err(e.clone()),
+    };
     for reply in replies {
-        reply(outcome.clone());
+        reply(told.clone());
     }
     outcome
 }
@@ -499,7 +645,10 @@ impl StoredEvent {
 }
 
 /// A read-only view of a store file, for offline verification. It needs no
-/// key (events are not encrypted) and refuses a file a broker has open.
+/// key (events are not encrypted) and refuses a file a broker has open. A
+/// store whose broker did not stop cleanly has writes in its log that the
+/// file lacks: those are replayed into the file first (what the next start
+/// would do), so the view holds every acknowledged write.
 pub struct Snapshot {
     db: redb::ReadOnlyDatabase,
 }
@@ -512,12 +661,40 @@ impl std::fmt::Debug for Snapshot {
 
 impl Snapshot {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = redb::ReadOnlyDatabase::open(path).map_err(|e| match e {
+        let locked = |e: redb::DatabaseError| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
                 path: path.to_owned(),
             },
             other => StoreError::Io(format!("{}: {other}", path.display())),
-        })?;
+        };
+        // a file whose broker was killed needs a repair, which a read-only
+        // open cannot do; the read-write open below does it
+        match redb::ReadOnlyDatabase::open(path) {
+            Ok(db) => {
+                let checkpointed = {
+                    let r = db.begin_read()?;
+                    match r.open_table(META) {
+                        Ok(meta) => meta.get(wal::WAL_LSN)?.map(|g| g.value().to_vec()),
+                        Err(redb::TableError::TableDoesNotExist(_)) => None,
+                        Err(e) => return Err(e.into()),
+                    }
+                };
+                if wal::pending(path, checkpointed)? == 0 {
+                    return Ok(Self { db });
+                }
+            }
+            Err(redb::DatabaseError::RepairAborted) => {}
+            Err(e) => return Err(locked(e)),
+        }
+        {
+            let rw = redb::Database::open(path).map_err(locked)?;
+            let (_, recovery) = wal::Wal::recover(&rw, path, true)?;
+            tracing::info!(
+                replayed = recovery.replayed,
+                "replayed the store's write-ahead log into its file before reading it"
+            );
+        }
+        let db = redb::ReadOnlyDatabase::open(path).map_err(locked)?;
         Ok(Self { db })
     }
 

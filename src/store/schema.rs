@@ -77,8 +77,10 @@ pub const FENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("fences");
 pub const WORKLOAD_TASKS: TableDefinition<(&str, u128), ()> =
     TableDefinition::new("workload_tasks");
 
-/// The schema this build writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this build writes. Version 2: the store file is only
+/// complete together with its write-ahead log (`wal`), which a version-1
+/// build would ignore, losing acknowledged writes; so it must refuse.
+pub const SCHEMA_VERSION: u32 = 2;
 
 const KEY_CHECK_PLAINTEXT: &[u8] = b"leasehold store key check v1";
 const KEY_CHECK_RECORD: u128 = 0;
@@ -87,9 +89,15 @@ const KEY_CHECK_RECORD: u128 = 0;
 /// inside the opening transaction.
 pub type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 
-/// The migrations of this build, in order. Version 1 is the first schema, so
-/// there are none yet; a schema change appends `(1, migrate_1_to_2)`.
-pub const MIGRATIONS: &[(u32, Migration)] = &[];
+/// The migrations of this build, in order; a schema change appends
+/// `(n, migrate_n_to_n_plus_1)`.
+pub const MIGRATIONS: &[(u32, Migration)] = &[(1, log_beside_the_file)];
+
+/// 1 -> 2: no table changes; the version stamps that a log may hold writes
+/// the file lacks.
+fn log_beside_the_file(_: &WriteTransaction) -> Result<(), StoreError> {
+    Ok(())
+}
 
 fn meta_u32(txn: &WriteTransaction, key: &str) -> Result<Option<u32>, StoreError> {
     let meta = txn.open_table(META)?;

@@ -125,7 +125,7 @@ async fn not_a_store_and_newer_schema_are_refused() {
         matches!(
             err,
             StoreError::NewerSchema {
-                found: 1,
+                found: SCHEMA_VERSION,
                 supported: 0
             }
         ),
@@ -145,7 +145,8 @@ fn to_v2(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
 async fn migration_hook_runs_once_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let opts = StoreOptions::new(dir.path().join("s.redb"));
-    drop(open(&dir)); // version 1
+    // a version-1 store (before the write-ahead log)
+    drop(Store::open_with_migrations(&opts, &key(), &[], 1).unwrap());
     let err = Store::open_with_migrations(&opts, &key(), &[], 2).unwrap_err();
     assert!(
         matches!(err, StoreError::NoMigration { from: 1, to: 2 }),
@@ -169,10 +170,22 @@ async fn migration_hook_runs_once_in_order() {
     // now at version 2: reopening with the same target runs nothing
     let failing: Migration = |_| Err(StoreError::Corrupt("must not run".into()));
     drop(Store::open_with_migrations(&opts, &key(), &[(1, failing)], 2).unwrap());
-    // and this build (version 1) refuses the newer store
+    // a version-1 build refuses it: it would ignore the write-ahead log
     assert!(matches!(
-        Store::open(&opts, &key()).unwrap_err(),
+        Store::open_with_migrations(&opts, &key(), &[], 1).unwrap_err(),
         StoreError::NewerSchema { found: 2, .. }
+    ));
+    // and this build's own migration takes a version-1 store to its version
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions::new(dir.path().join("s.redb"));
+    drop(Store::open_with_migrations(&opts, &key(), &[], 1).unwrap());
+    drop(Store::open(&opts, &key()).unwrap());
+    assert!(matches!(
+        Store::open_with_migrations(&opts, &key(), &[], 1).unwrap_err(),
+        StoreError::NewerSchema {
+            found: SCHEMA_VERSION,
+            ..
+        }
     ));
 }
 
@@ -703,4 +716,264 @@ async fn a_prepared_handle_rides_on_the_intent_until_activation_replaces_it() {
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
     let err = s.write(|t| t.record_prepared(99, &[7])).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+}
+
+// === the write-ahead log ===
+
+/// Options that never checkpoint while the test runs: every write since the
+/// store opened is only in the file's log until the store closes.
+fn log_only(dir: &tempfile::TempDir) -> StoreOptions {
+    StoreOptions {
+        checkpoint_bytes: u64::MAX,
+        checkpoint_idle: std::time::Duration::from_secs(3600),
+        ..StoreOptions::new(dir.path().join("s.redb"))
+    }
+}
+
+fn without_wal_lsn(d: Vec<(String, Vec<u8>, Vec<u8>)>) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    d.into_iter()
+        .filter(|(t, k, _)| !(t == "meta" && k == wal::WAL_LSN.as_bytes()))
+        .collect()
+}
+
+/// A mix of operations touching the lease tables, indexes, counters,
+/// revocation queue and denylist.
+async fn workload(s: &Store) {
+    for t in 1..=20u128 {
+        s.write(move |x| x.create_task(&task(t, 100_000)))
+            .await
+            .unwrap();
+        for l in 0..3u128 {
+            active_lease(s, t * 10 + l, t, 50_000 + l as i64).await;
+        }
+    }
+    let l = lease(999, 1, 60_000);
+    s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
+    s.write(|t| t.record_prepared(999, &[9])).await.unwrap();
+    for t in 1..=10u128 {
+        s.write(move |x| x.complete_task(t, 3_000, 60_000, &local_token()))
+            .await
+            .unwrap();
+    }
+    s.write(|t| t.complete_task(11, 3_000, 60_000, &Local::new()))
+        .await
+        .unwrap();
+    s.write(|t| t.expire_due(50_000, 100, &local_token()))
+        .await
+        .unwrap();
+    s.write(|t| t.deny(&[(5, 70_000), (6, 80_000)]))
+        .await
+        .unwrap();
+    s.write(|t| t.prune_denylist(75_000, 0, 10)).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_log_replayed_onto_the_last_checkpoint_gives_the_same_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = log_only(&dir);
+    let file = dir.path().join("s.redb");
+    let s = Store::open(&opts, &key()).unwrap();
+    // the file as of the checkpoint the store opened with
+    let base = tempfile::tempdir().unwrap();
+    std::fs::copy(&file, base.path().join("s.redb")).unwrap();
+    workload(&s).await;
+    assert_eq!(s.stats().checkpoints.load(Ordering::Relaxed), 0);
+    // what a crash now would leave: that file and the log
+    std::fs::copy(
+        wal::path_for(&file),
+        wal::path_for(&base.path().join("s.redb")),
+    )
+    .unwrap();
+    drop(s); // a clean close: checkpoint, empty log
+    assert_eq!(
+        std::fs::metadata(wal::path_for(&file)).unwrap().len(),
+        8,
+        "a clean close leaves only the log's header"
+    );
+    let expected = {
+        let db = redb::Database::open(&file).unwrap();
+        without_wal_lsn(wal::dump(&db))
+    };
+    assert!(expected.iter().any(|(t, _, _)| t == "token_denylist"));
+
+    let recovered = Store::open(&log_only(&base), &key()).unwrap();
+    assert_eq!(
+        recovered.read().unwrap().lease(999).unwrap().unwrap().state,
+        LeaseState::Issuing
+    );
+    drop(recovered);
+    let db = redb::Database::open(base.path().join("s.redb")).unwrap();
+    let got = without_wal_lsn(wal::dump(&db));
+    assert_eq!(got.len(), expected.len());
+    assert!(
+        got == expected,
+        "the replayed store differs from the original"
+    );
+}
+
+#[test]
+fn every_table_of_a_store_has_a_replay_arm() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    drop(open(&dir));
+    let db = redb::Database::open(dir.path().join("s.redb")).unwrap();
+    let w = db.begin_write().unwrap();
+    let names: Vec<String> = {
+        use redb::TableHandle as _;
+        w.list_tables()
+            .unwrap()
+            .map(|t| t.name().to_owned())
+            .collect()
+    };
+    assert_eq!(names.len(), 26);
+    for n in &names {
+        wal::replay_for_test(&w, n).unwrap_or_else(|e| panic!("{n}: {e}"));
+    }
+    assert!(wal::replay_for_test(&w, "no_such_table").is_err());
+    w.abort().unwrap();
+}
+
+#[tokio::test]
+async fn acknowledged_writes_are_in_the_log_before_any_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&log_only(&dir), &key()).unwrap();
+    let before = std::fs::metadata(wal::path_for(s.path())).unwrap().len();
+    s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
+    let after = std::fs::metadata(wal::path_for(s.path())).unwrap().len();
+    assert!(after > before, "the answer came before the log grew");
+    // the store file itself still holds only the checkpoint it opened with
+    let bytes = std::fs::read(wal::path_for(s.path())).unwrap();
+    let (lsns, tail) = wal::records_for_test(&bytes, 0);
+    assert_eq!((lsns, tail), (vec![1], false));
+}
+
+#[tokio::test]
+async fn a_full_log_is_checkpointed_and_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        checkpoint_bytes: 4096,
+        ..log_only(&dir)
+    };
+    let s = Store::open(&opts, &key()).unwrap();
+    for t in 1..=50u128 {
+        s.write(move |x| x.create_task(&task(t, 10_000)))
+            .await
+            .unwrap();
+    }
+    assert!(s.stats().checkpoints.load(Ordering::Relaxed) >= 2);
+    assert!(std::fs::metadata(wal::path_for(s.path())).unwrap().len() < 4096 + 1024);
+    drop(s);
+    let s = Store::open(&opts, &key()).unwrap();
+    assert!(s.read().unwrap().task(50).unwrap().is_some());
+}
+
+#[tokio::test]
+async fn an_idle_store_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        checkpoint_idle: std::time::Duration::from_millis(50),
+        ..log_only(&dir)
+    };
+    let s = Store::open(&opts, &key()).unwrap();
+    s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
+    for _ in 0..200 {
+        if s.stats().checkpoints.load(Ordering::Relaxed) == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.stats().checkpoints.load(Ordering::Relaxed), 1);
+    assert_eq!(std::fs::metadata(wal::path_for(s.path())).unwrap().len(), 8);
+}
+
+/// A log as the writer leaves it: header, then records `first..` with
+/// payloads of `len` bytes.
+fn log_bytes(dir: &tempfile::TempDir, first: u64, n: u64) -> Vec<u8> {
+    let opts = log_only(dir);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = Store::open(&opts, &key()).unwrap();
+    rt.block_on(async {
+        for t in 0..(first - 1 + n) {
+            s.write(move |x| x.create_task(&task(u128::from(t) + 1, 10_000)))
+                .await
+                .unwrap();
+        }
+    });
+    let bytes = std::fs::read(wal::path_for(s.path())).unwrap();
+    std::mem::forget(s); // no checkpoint: the test reads the log as written
+    bytes
+}
+
+#[test]
+fn a_torn_or_corrupt_record_ends_the_log_and_stale_ones_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = log_bytes(&dir, 1, 5);
+    assert_eq!(
+        wal::records_for_test(&bytes, 0),
+        (vec![1, 2, 3, 4, 5], false)
+    );
+    // already checkpointed up to 3: only 4 and 5 remain to replay
+    assert_eq!(wal::records_for_test(&bytes, 3), (vec![4, 5], false));
+    assert_eq!(wal::records_for_test(&bytes, 5), (vec![], false));
+    // a torn last record (its write was never answered) ends the log
+    let torn = &bytes[..bytes.len() - 3];
+    assert_eq!(wal::records_for_test(torn, 0), (vec![1, 2, 3, 4], true));
+    // a flipped byte fails the digest: the log ends before it
+    let mut bad = bytes.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert_eq!(wal::records_for_test(&bad, 0), (vec![1, 2, 3, 4], true));
+    // records past a gap in the sequence are stale, not replayed
+    assert_eq!(wal::records_for_test(&bytes, 0).0.len(), 5);
+    let rec_len =
+        |b: &[u8], at: usize| 28 + u32::from_be_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+    let second = 8 + rec_len(&bytes, 8);
+    let mut gap = bytes[..second].to_vec();
+    let third = second + rec_len(&bytes, second);
+    gap.extend_from_slice(&bytes[third..]); // 1, then 3, 4, 5
+    assert_eq!(wal::records_for_test(&gap, 0), (vec![1], true));
+}
+
+#[test]
+fn a_foreign_or_newer_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    drop(open(&dir));
+    let log = wal::path_for(&dir.path().join("s.redb"));
+    std::fs::write(&log, b"LHWAL\x00\x00\x09").unwrap();
+    let err = Store::open(&StoreOptions::new(dir.path().join("s.redb")), &key()).unwrap_err();
+    assert!(err.to_string().contains("format 9"), "{err}");
+    std::fs::write(&log, b"something else entirely").unwrap();
+    let err = Store::open(&StoreOptions::new(dir.path().join("s.redb")), &key()).unwrap_err();
+    assert!(
+        err.to_string().contains("not a leasehold write-ahead log"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_offline_snapshot_replays_the_log_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.redb");
+    let s = Store::open(&log_only(&dir), &key()).unwrap();
+    let base = tempfile::tempdir().unwrap();
+    std::fs::copy(&file, base.path().join("s.redb")).unwrap();
+    s.write(|t| t.create_task(&task(7, 10_000))).await.unwrap();
+    std::fs::copy(
+        wal::path_for(&file),
+        wal::path_for(&base.path().join("s.redb")),
+    )
+    .unwrap();
+    drop(s);
+    let snap = Snapshot::open(&base.path().join("s.redb")).unwrap();
+    assert!(snap.read().unwrap().task(7).unwrap().is_some());
 }

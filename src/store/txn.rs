@@ -14,13 +14,14 @@
 
 use std::collections::BTreeMap;
 
-use redb::{ReadableTable as _, Table, WriteTransaction};
+use redb::{ReadableTable as _, WriteTransaction};
 
 use super::records::{
     self, ApprovalRecord, ApprovalState, CallRecord, FenceRecord, JobRecord, LeaseRecord,
     LeaseState, ReviewRecord, Revocation, RevokeCause, TaskRecord, TaskState,
 };
 use super::schema::*;
+use super::wal::Logged;
 use super::{Conflict, StoreError};
 
 /// The outcome of one revocation attempt, as decided by the reaper.
@@ -135,23 +136,23 @@ impl ChainHead {
 }
 
 pub struct Txn<'t> {
-    meta: Table<'t, &'static str, &'static [u8]>,
-    events: Table<'t, u64, &'static [u8]>,
-    event_tasks: Table<'t, (u128, u64), ()>,
-    checkpoints: Table<'t, u64, &'static [u8]>,
-    calls: Table<'t, u128, &'static [u8]>,
-    task_calls: Table<'t, (u128, u128), ()>,
-    approvals: Table<'t, u128, &'static [u8]>,
-    approval_expiry: Table<'t, (i64, u128), ()>,
-    reviews: Table<'t, u128, &'static [u8]>,
-    pending_reviews: Table<'t, u128, ()>,
-    workload_active: Table<'t, &'static str, u64>,
-    task_active: Table<'t, u128, u64>,
-    jobs: Table<'t, u128, &'static [u8]>,
-    job_leases: Table<'t, (u128, u128), ()>,
-    job_counts: Table<'t, (u128, &'static str, &'static str), u64>,
-    fences: Table<'t, &'static str, &'static [u8]>,
-    workload_tasks: Table<'t, (&'static str, u128), ()>,
+    meta: Logged<'t, &'static str, &'static [u8]>,
+    events: Logged<'t, u64, &'static [u8]>,
+    event_tasks: Logged<'t, (u128, u64), ()>,
+    checkpoints: Logged<'t, u64, &'static [u8]>,
+    calls: Logged<'t, u128, &'static [u8]>,
+    task_calls: Logged<'t, (u128, u128), ()>,
+    approvals: Logged<'t, u128, &'static [u8]>,
+    approval_expiry: Logged<'t, (i64, u128), ()>,
+    reviews: Logged<'t, u128, &'static [u8]>,
+    pending_reviews: Logged<'t, u128, ()>,
+    workload_active: Logged<'t, &'static str, u64>,
+    task_active: Logged<'t, u128, u64>,
+    jobs: Logged<'t, u128, &'static [u8]>,
+    job_leases: Logged<'t, (u128, u128), ()>,
+    job_counts: Logged<'t, (u128, &'static str, &'static str), u64>,
+    fences: Logged<'t, &'static str, &'static [u8]>,
+    workload_tasks: Logged<'t, (&'static str, u128), ()>,
     active_deltas: BTreeMap<String, i64>,
     task_deltas: BTreeMap<u128, i64>,
     job_deltas: BTreeMap<(u128, String, &'static str), i64>,
@@ -160,15 +161,15 @@ pub struct Txn<'t> {
     entered: BTreeMap<(String, LeaseState), u64>,
     head: ChainHead,
     head_dirty: bool,
-    tasks: Table<'t, u128, &'static [u8]>,
-    leases: Table<'t, u128, &'static [u8]>,
-    expiry: Table<'t, (i64, u128), ()>,
-    task_leases: Table<'t, (u128, u128), ()>,
-    workload_leases: Table<'t, (&'static str, u128), ()>,
-    issuing: Table<'t, u128, ()>,
-    queue: Table<'t, (&'static str, i64, u128), ()>,
-    counters: Table<'t, (&'static str, &'static str), u64>,
-    denylist: Table<'t, u128, i64>,
+    tasks: Logged<'t, u128, &'static [u8]>,
+    leases: Logged<'t, u128, &'static [u8]>,
+    expiry: Logged<'t, (i64, u128), ()>,
+    task_leases: Logged<'t, (u128, u128), ()>,
+    workload_leases: Logged<'t, (&'static str, u128), ()>,
+    issuing: Logged<'t, u128, ()>,
+    queue: Logged<'t, (&'static str, i64, u128), ()>,
+    counters: Logged<'t, (&'static str, &'static str), u64>,
+    denylist: Logged<'t, u128, i64>,
     deltas: BTreeMap<(String, LeaseState), i64>,
     poisoned: bool,
 }
@@ -188,38 +189,38 @@ fn conflict<T>(c: Conflict) -> Result<T, StoreError> {
 impl<'t> Txn<'t> {
     pub fn open(txn: &'t WriteTransaction, head: ChainHead) -> Result<Self, StoreError> {
         Ok(Self {
-            meta: txn.open_table(META)?,
-            events: txn.open_table(EVENTS)?,
-            event_tasks: txn.open_table(EVENT_TASKS)?,
-            checkpoints: txn.open_table(CHECKPOINTS)?,
-            calls: txn.open_table(CALLS)?,
-            task_calls: txn.open_table(TASK_CALLS)?,
-            approvals: txn.open_table(APPROVALS)?,
-            approval_expiry: txn.open_table(APPROVAL_EXPIRY)?,
-            reviews: txn.open_table(REVIEWS)?,
-            pending_reviews: txn.open_table(PENDING_REVIEWS)?,
-            workload_active: txn.open_table(WORKLOAD_ACTIVE)?,
-            task_active: txn.open_table(TASK_ACTIVE)?,
-            jobs: txn.open_table(JOBS)?,
-            job_leases: txn.open_table(JOB_LEASES)?,
-            job_counts: txn.open_table(JOB_COUNTS)?,
-            fences: txn.open_table(FENCES)?,
-            workload_tasks: txn.open_table(WORKLOAD_TASKS)?,
+            meta: Logged::open(txn, META)?,
+            events: Logged::open(txn, EVENTS)?,
+            event_tasks: Logged::open(txn, EVENT_TASKS)?,
+            checkpoints: Logged::open(txn, CHECKPOINTS)?,
+            calls: Logged::open(txn, CALLS)?,
+            task_calls: Logged::open(txn, TASK_CALLS)?,
+            approvals: Logged::open(txn, APPROVALS)?,
+            approval_expiry: Logged::open(txn, APPROVAL_EXPIRY)?,
+            reviews: Logged::open(txn, REVIEWS)?,
+            pending_reviews: Logged::open(txn, PENDING_REVIEWS)?,
+            workload_active: Logged::open(txn, WORKLOAD_ACTIVE)?,
+            task_active: Logged::open(txn, TASK_ACTIVE)?,
+            jobs: Logged::open(txn, JOBS)?,
+            job_leases: Logged::open(txn, JOB_LEASES)?,
+            job_counts: Logged::open(txn, JOB_COUNTS)?,
+            fences: Logged::open(txn, FENCES)?,
+            workload_tasks: Logged::open(txn, WORKLOAD_TASKS)?,
             active_deltas: BTreeMap::new(),
             task_deltas: BTreeMap::new(),
             job_deltas: BTreeMap::new(),
             entered: BTreeMap::new(),
             head,
             head_dirty: false,
-            tasks: txn.open_table(TASKS)?,
-            leases: txn.open_table(LEASES)?,
-            expiry: txn.open_table(EXPIRY)?,
-            task_leases: txn.open_table(TASK_LEASES)?,
-            workload_leases: txn.open_table(WORKLOAD_LEASES)?,
-            issuing: txn.open_table(ISSUING)?,
-            queue: txn.open_table(REVOKE_QUEUE)?,
-            counters: txn.open_table(COUNTERS)?,
-            denylist: txn.open_table(DENYLIST)?,
+            tasks: Logged::open(txn, TASKS)?,
+            leases: Logged::open(txn, LEASES)?,
+            expiry: Logged::open(txn, EXPIRY)?,
+            task_leases: Logged::open(txn, TASK_LEASES)?,
+            workload_leases: Logged::open(txn, WORKLOAD_LEASES)?,
+            issuing: Logged::open(txn, ISSUING)?,
+            queue: Logged::open(txn, REVOKE_QUEUE)?,
+            counters: Logged::open(txn, COUNTERS)?,
+            denylist: Logged::open(txn, DENYLIST)?,
             deltas: BTreeMap::new(),
             poisoned: false,
         })
@@ -231,8 +232,9 @@ impl<'t> Txn<'t> {
     }
 
     /// Flush counter deltas and the chain head; report whether the
-    /// transaction must abort. Returns the head to adopt once committed.
-    pub fn finish(mut self) -> Result<ChainHead, StoreError> {
+    /// transaction must abort. Returns the head to adopt once committed and
+    /// the batch's record for the write-ahead log (empty: nothing changed).
+    pub fn finish(mut self) -> Result<(ChainHead, Vec<u8>), StoreError> {
         if self.poisoned {
             return Err(StoreError::Aborted);
         }
@@ -303,7 +305,34 @@ impl<'t> Txn<'t> {
             };
             self.counters.insert(key, next)?;
         }
-        Ok(self.head)
+        let mut redo = Vec::new();
+        self.meta.drain_into(&mut redo);
+        self.events.drain_into(&mut redo);
+        self.event_tasks.drain_into(&mut redo);
+        self.checkpoints.drain_into(&mut redo);
+        self.calls.drain_into(&mut redo);
+        self.task_calls.drain_into(&mut redo);
+        self.approvals.drain_into(&mut redo);
+        self.approval_expiry.drain_into(&mut redo);
+        self.reviews.drain_into(&mut redo);
+        self.pending_reviews.drain_into(&mut redo);
+        self.workload_active.drain_into(&mut redo);
+        self.task_active.drain_into(&mut redo);
+        self.jobs.drain_into(&mut redo);
+        self.job_leases.drain_into(&mut redo);
+        self.job_counts.drain_into(&mut redo);
+        self.fences.drain_into(&mut redo);
+        self.workload_tasks.drain_into(&mut redo);
+        self.tasks.drain_into(&mut redo);
+        self.leases.drain_into(&mut redo);
+        self.expiry.drain_into(&mut redo);
+        self.task_leases.drain_into(&mut redo);
+        self.workload_leases.drain_into(&mut redo);
+        self.issuing.drain_into(&mut redo);
+        self.queue.drain_into(&mut redo);
+        self.counters.drain_into(&mut redo);
+        self.denylist.drain_into(&mut redo);
+        Ok((self.head, redo))
     }
 
     // === the event chain ===

@@ -35,7 +35,18 @@ async fn no_secret_in_logs_or_store_files() {
         remote,
         mut child,
         ..
-    } = spawn_broker(|_| {}, "trace", &[]).await;
+    } = spawn_broker(
+        |_c| {
+            // everything stays in the write-ahead log until shutdown
+            #[cfg(feature = "fault-injection")]
+            {
+                _c.fault.no_checkpoints = true;
+            }
+        },
+        "trace",
+        &[],
+    )
+    .await;
     let a = &creds.identities["assistant-a"].token;
     let admin = &creds.identities["admin"].token;
     let resource = &creds.identities["resource-server"].token;
@@ -76,6 +87,15 @@ async fn no_secret_in_logs_or_store_files() {
             "completed"
         );
     }
+    // the log as it is before the shutdown checkpoint empties it
+    let wal = leasehold::store::wal::path_for(&data.join("leasehold.redb"));
+    let wal_copy = data.join("wal-before-shutdown");
+    std::fs::copy(&wal, &wal_copy).unwrap();
+    #[cfg(feature = "fault-injection")]
+    assert!(
+        std::fs::metadata(&wal_copy).unwrap().len() > 10_000,
+        "the write-ahead log held the whole lifecycle"
+    );
     assert!(child.terminate().success());
 
     let log_bytes = std::fs::read(&log).unwrap();

@@ -453,6 +453,8 @@ struct Load {
     ops_per_commit: f64,
     apply_s: f64,
     commit_s: f64,
+    checkpoints: u64,
+    checkpoint_s: f64,
 }
 
 /// Start `bin` on a fresh store, warm up, then measure `rounds` windows.
@@ -573,6 +575,8 @@ async fn run_load(
         ops_per_commit: ops / commits.max(1.0),
         apply_s: stats["store"]["apply_seconds"].as_f64().unwrap_or(0.0),
         commit_s: stats["store"]["commit_seconds"].as_f64().unwrap_or(0.0),
+        checkpoints: stats["store"]["checkpoints"].as_u64().unwrap_or(0),
+        checkpoint_s: stats["store"]["checkpoint_seconds"].as_f64().unwrap_or(0.0),
     })
 }
 
@@ -615,6 +619,23 @@ fn disk_probe(sizes: &[usize]) -> anyhow::Result<Vec<(usize, f64)>> {
     Ok(out)
 }
 
+/// Median fdatasync time (ms) after appending `bytes` to a file under
+/// BENCH_DIR: what a group commit's write-ahead log record costs.
+fn append_probe(bytes: usize) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let dir = bench_dir()?;
+    let mut f = std::fs::File::create(dir.path().join("append"))?;
+    let buf = vec![0x5au8; bytes];
+    let mut times = Vec::new();
+    for _ in 0..51 {
+        f.write_all(&buf)?;
+        let t = Instant::now();
+        f.sync_data()?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(median(&mut times))
+}
+
 fn disk() -> anyhow::Result<()> {
     let probe = disk_probe(&[1, 10, 50, 200])?;
     let parts: Vec<String> = probe
@@ -622,8 +643,10 @@ fn disk() -> anyhow::Result<()> {
         .map(|(n, ms)| format!("{n} page(s) {ms:.2} ms"))
         .collect();
     println!(
-        "disk: fsync after writing random 4 KiB pages (median of 11): {}",
-        parts.join(", ")
+        "disk: fsync after writing random 4 KiB pages (median of 11): {}; \
+         fdatasync after appending 64 KiB (median of 51): {:.2} ms",
+        parts.join(", "),
+        append_probe(64 << 10)?
     );
     Ok(())
 }
@@ -641,7 +664,8 @@ async fn throughput(
         "throughput: median {:.0} leases/s over {rounds} rounds of {seconds} s, {clients} clients \
          ({per_task} lease(s) per task: open task, lease x{per_task}, complete); broker CPU {:.0} us per lease (median); \
          task cycle latency p50 {:.1} ms, p99 {:.1} ms; \
-         {:.1} store operations per durable commit; writer time: {:.1} s applying, {:.1} s committing",
+         {:.1} store operations per durable commit; writer time: {:.1} s applying, {:.1} s logging and committing, \
+         {:.1} s in {} checkpoints",
         median(&mut l.rates),
         median(&mut l.server_cpu),
         l.p50,
@@ -649,6 +673,8 @@ async fn throughput(
         l.ops_per_commit,
         l.apply_s,
         l.commit_s,
+        l.checkpoint_s,
+        l.checkpoints,
     );
     Ok(())
 }
