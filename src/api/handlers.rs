@@ -644,6 +644,7 @@ pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<Sta
             checkpoints: stats.checkpoints.load(Ordering::Relaxed),
             checkpoint_seconds: stats.checkpoint_micros.load(Ordering::Relaxed) as f64 / 1e6,
             wal_bytes: stats.wal_bytes.load(Ordering::Relaxed),
+            wal_seconds: stats.wal_micros.load(Ordering::Relaxed) as f64 / 1e6,
         },
     }))
 }

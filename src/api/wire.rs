@@ -865,6 +865,8 @@ pub struct StoreStatsView {
     pub checkpoints: u64,
     pub checkpoint_seconds: f64,
     pub wal_bytes: u64,
+    /// Of `commit_seconds`, the time writing and syncing the log.
+    pub wal_seconds: f64,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -181,8 +181,10 @@ pub struct CommitStats {
     /// Checkpoints (durable redb commits that empty the log), and their time.
     pub checkpoints: AtomicU64,
     pub checkpoint_micros: AtomicU64,
-    /// Bytes appended to the write-ahead log.
+    /// Bytes appended to the write-ahead log, and the time appending and
+    /// syncing them (part of `commit_micros`).
     pub wal_bytes: AtomicU64,
+    pub wal_micros: AtomicU64,
 }
 
 struct Inner {
@@ -557,7 +559,12 @@ fn run_batch(
                 stats
                     .wal_bytes
                     .fetch_add(redo.len() as u64, Ordering::Relaxed);
-                wal.append(&redo).map(|_| ())
+                let t = std::time::Instant::now();
+                let r = wal.append(&redo).map(|_| ());
+                stats
+                    .wal_micros
+                    .fetch_add(micros(t.elapsed()), Ordering::Relaxed);
+                r
             };
             match logged {
                 Err(e) => {

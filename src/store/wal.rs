@@ -17,15 +17,16 @@
 //! Readers therefore never see a change that is not durable. Every so often
 //! (the log outgrows [`super::StoreOptions::checkpoint_bytes`], or the store
 //! has been idle, or it closes) a **checkpoint** commits redb durably with
-//! `wal_lsn` (the last record it contains) in its metadata, then truncates the
-//! log. Opening the store replays the records after `wal_lsn`.
+//! `wal_lsn` (the last record it contains) in its metadata, and the log
+//! starts over after its header (the file grows ahead of its records, in
+//! zeroed steps, and never shrinks). Opening the store replays the records after `wal_lsn`.
 //!
 //! Replay is idempotent: a record holds the final bytes of each key it
 //! touched, so replaying the log from the checkpoint onto any state between
 //! the checkpoint and the crash gives the same result. A record that is torn
 //! or fails its digest ends the log (it was never acknowledged: the answer
-//! waits for its `fdatasync`); a record out of sequence (a stale one beyond a
-//! truncation) ends it too.
+//! waits for its `fdatasync`); a record out of sequence (a stale one from before the
+//! last checkpoint, or zeros) ends it too.
 
 use std::borrow::Borrow;
 use std::fs::File;
@@ -293,7 +294,8 @@ fn lsn_of(bytes: Option<Vec<u8>>) -> Result<u64, StoreError> {
 }
 
 /// The records of a log that follow `after`, in order, up to the first torn,
-/// corrupt or out-of-sequence one. Also says whether bytes were left over.
+/// corrupt or out-of-sequence one. Also says whether the log ended at a torn
+/// or corrupt record numbered as the next one (a write never answered).
 fn records_after(bytes: &[u8], after: u64) -> (Vec<(u64, &[u8])>, bool) {
     let mut out = Vec::new();
     let mut at = HEADER as usize;
@@ -303,12 +305,12 @@ fn records_after(bytes: &[u8], after: u64) -> (Vec<(u64, &[u8])>, bool) {
         let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
         let lsn = u64::from_be_bytes(h[4..12].try_into().unwrap_or([0; 8]));
         let start = at + RECORD_HEADER;
-        let Some(payload) = bytes.get(start..start + len) else {
-            break;
+        let valid = bytes
+            .get(start..start.saturating_add(len))
+            .filter(|p| digest(lsn, p) == h[12..28]);
+        let Some(payload) = valid else {
+            return (out, lsn == expected);
         };
-        if digest(lsn, payload) != h[12..28] {
-            break;
-        }
         if lsn <= after && out.is_empty() {
             // already in the store file (the log was not truncated yet)
             at = start + len;
@@ -321,7 +323,7 @@ fn records_after(bytes: &[u8], after: u64) -> (Vec<(u64, &[u8])>, bool) {
         expected += 1;
         at = start + len;
     }
-    (out, at < bytes.len())
+    (out, false)
 }
 
 fn read_log(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
@@ -368,7 +370,8 @@ pub fn pending(store: &Path, checkpointed_lsn: Option<Vec<u8>>) -> Result<usize,
 pub struct Recovery {
     /// Records replayed into the store file.
     pub replayed: usize,
-    /// Bytes after the last valid record (a write that was never answered).
+    /// The log ended at a torn or corrupt next record (a write that was
+    /// never answered).
     pub discarded_tail: bool,
 }
 
@@ -377,8 +380,13 @@ pub(super) struct Wal {
     file: File,
     path: PathBuf,
     len: u64,
+    /// The file's size: written (zeros or old records) and synced.
+    allocated: u64,
     next_lsn: u64,
 }
+
+/// How far the log file grows at a time.
+const GROW: u64 = 2 << 20;
 
 impl std::fmt::Debug for Wal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -437,9 +445,12 @@ impl Wal {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| io(&path, e))?;
         }
-        file.set_len(0).map_err(|e| io(&path, e))?;
+        // Records are written from the header on, over what the file held:
+        // those are all numbered at most `last` now, so recovery stops at
+        // them. The file keeps its size (see `append`).
         file.write_all_at(MAGIC, 0).map_err(|e| io(&path, e))?;
         file.sync_all().map_err(|e| io(&path, e))?;
+        let allocated = file.metadata().map_err(|e| io(&path, e))?.len();
         if !existed && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // the new file's name must be durable before a record relies on it
             File::open(dir)
@@ -451,6 +462,7 @@ impl Wal {
                 file,
                 path,
                 len: HEADER,
+                allocated,
                 next_lsn: last + 1,
             },
             rec,
@@ -472,6 +484,20 @@ impl Wal {
         rec.extend_from_slice(&lsn.to_be_bytes());
         rec.extend_from_slice(&digest(lsn, payload));
         rec.extend_from_slice(payload);
+        let end = self.len + rec.len() as u64;
+        if end > self.allocated {
+            // Grow the file by writing zeros and syncing it once: a record
+            // written into blocks that exist syncs its data alone, where an
+            // append also syncs the file's growth (here 0.14 against 0.29 ms
+            // per sync, 56 against 92 us of CPU). Zeros end a log quietly.
+            let to = end.max(self.allocated) + GROW;
+            let zeros = vec![0u8; (to - self.allocated) as usize];
+            self.file
+                .write_all_at(&zeros, self.allocated)
+                .and_then(|()| self.file.sync_all())
+                .map_err(|e| format!("{}: {e}", self.path.display()))?;
+            self.allocated = to;
+        }
         self.file
             .write_all_at(&rec, self.len)
             .and_then(|()| self.file.sync_data())
@@ -495,11 +521,8 @@ impl Wal {
                 .map_err(|e| e.to_string())?;
         }
         txn.commit().map_err(|e| e.to_string())?;
-        // No sync needed: records left past the new end (if the truncation
-        // is lost) are numbered at most `last`, and recovery skips them.
-        self.file
-            .set_len(HEADER)
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        // The next record goes after the header again; those left beyond it
+        // are numbered at most `last`, and recovery stops at them.
         self.len = HEADER;
         Ok(())
     }
@@ -544,6 +567,13 @@ pub(super) fn dump(db: &Database) -> Vec<(String, Vec<u8>, Vec<u8>)> {
         );
     }
     out
+}
+
+/// Records of the log beside `store` that its file lacks.
+#[cfg(test)]
+pub(super) fn pending_in(db: &Database, store: &Path) -> usize {
+    let bytes = read_log(&path_for(store)).unwrap().unwrap_or_default();
+    records_after(&bytes, checkpointed(db).unwrap()).0.len()
 }
 
 #[cfg(test)]
