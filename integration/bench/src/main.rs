@@ -151,9 +151,10 @@ enum Cmd {
         rounds: usize,
     },
     /// The disk under BENCH_DIR: fsync time after writing N random 4 KiB
-    /// pages. Durable throughput follows it (a commit rewrites the pages
-    /// it touched), so a figure from another machine, or another day on a
-    /// shared one, is comparable only next to this.
+    /// pages (what a checkpoint does), and after appending 64 KiB (what a
+    /// group commit's log record does). Durable throughput follows it, so a
+    /// figure from another machine, or another day on a shared one, is
+    /// comparable only next to this.
     Disk,
     /// The three figures of the broker core with their default sizes.
     All,
@@ -455,6 +456,7 @@ struct Load {
     commit_s: f64,
     checkpoints: u64,
     checkpoint_s: f64,
+    wal_s: f64,
 }
 
 /// Start `bin` on a fresh store, warm up, then measure `rounds` windows.
@@ -577,6 +579,7 @@ async fn run_load(
         commit_s: stats["store"]["commit_seconds"].as_f64().unwrap_or(0.0),
         checkpoints: stats["store"]["checkpoints"].as_u64().unwrap_or(0),
         checkpoint_s: stats["store"]["checkpoint_seconds"].as_f64().unwrap_or(0.0),
+        wal_s: stats["store"]["wal_seconds"].as_f64().unwrap_or(0.0),
     })
 }
 
@@ -664,7 +667,7 @@ async fn throughput(
         "throughput: median {:.0} leases/s over {rounds} rounds of {seconds} s, {clients} clients \
          ({per_task} lease(s) per task: open task, lease x{per_task}, complete); broker CPU {:.0} us per lease (median); \
          task cycle latency p50 {:.1} ms, p99 {:.1} ms; \
-         {:.1} store operations per durable commit; writer time: {:.1} s applying, {:.1} s logging and committing, \
+         {:.1} store operations per durable commit; writer time: {:.1} s applying, {:.1} s logging and committing (of which {:.1} s writing and syncing the log), \
          {:.1} s in {} checkpoints",
         median(&mut l.rates),
         median(&mut l.server_cpu),
@@ -673,6 +676,7 @@ async fn throughput(
         l.ops_per_commit,
         l.apply_s,
         l.commit_s,
+        l.wal_s,
         l.checkpoint_s,
         l.checkpoints,
     );
