@@ -6,13 +6,15 @@
 //! machine and its indexes consistent and nothing else.
 //!
 //! Group commit: one writer thread owns every write transaction. It takes
-//! whatever operations are queued, applies them all in one transaction and
-//! commits once with `Durability::Immediate`, then answers each caller. Under
-//! load, concurrent requests share one fsync; idle, a single operation
-//! commits alone with no added delay.
+//! whatever operations are queued, applies them all in one transaction,
+//! appends their changes to the write-ahead log as one record and syncs it
+//! ([`wal`]), commits the transaction, then answers each caller. Under load,
+//! concurrent requests share one sync; idle, a single operation commits
+//! alone with no added delay.
 //!
 //! Invariants kept here:
-//! - a caller's `write` returns `Ok` only after its transaction is durable;
+//! - a caller's `write` returns `Ok` only after its transaction is durable
+//!   (in the log), and no reader sees it before that;
 //! - a lease and all its index entries change in one transaction;
 //! - start-up reads only the metadata, the intent table and the first entry
 //!   of each ordered index: nothing scales with the number of leases.

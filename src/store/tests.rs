@@ -8,6 +8,15 @@ fn open(dir: &tempfile::TempDir) -> Store {
     Store::open(&StoreOptions::new(dir.path().join("s.redb")), &key()).unwrap()
 }
 
+/// Create a store in `dir` and close it, outside any runtime.
+fn create_closed(dir: &tempfile::TempDir) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    drop(open(dir));
+}
+
 fn task(id: u128, expires_at: i64) -> TaskRecord {
     TaskRecord {
         id,
@@ -627,11 +636,7 @@ async fn listing_filters_and_pages() {
 #[test]
 fn store_file_is_private() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let _guard = rt.enter();
-    let _s = open(&dir);
+    create_closed(&dir);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -810,11 +815,7 @@ async fn the_log_replayed_onto_the_last_checkpoint_gives_the_same_store() {
 #[test]
 fn every_table_of_a_store_has_a_replay_arm() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let _guard = rt.enter();
-    drop(open(&dir));
+    create_closed(&dir);
     let db = redb::Database::open(dir.path().join("s.redb")).unwrap();
     let w = db.begin_write().unwrap();
     let names: Vec<String> = {
@@ -957,11 +958,7 @@ fn a_torn_or_corrupt_record_ends_the_log_and_stale_ones_are_skipped() {
 #[test]
 fn a_foreign_or_newer_log_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let _guard = rt.enter();
-    drop(open(&dir));
+    create_closed(&dir);
     let log = wal::path_for(&dir.path().join("s.redb"));
     std::fs::write(&log, b"LHWAL\x00\x00\x09").unwrap();
     let err = Store::open(&StoreOptions::new(dir.path().join("s.redb")), &key()).unwrap_err();
