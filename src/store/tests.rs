@@ -988,3 +988,19 @@ async fn an_offline_snapshot_replays_the_log_first() {
     let snap = Snapshot::open(&base.path().join("s.redb")).unwrap();
     assert!(snap.read().unwrap().task(7).unwrap().is_some());
 }
+
+#[tokio::test]
+async fn a_store_whose_log_was_removed_after_a_clean_close_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    s.write(|t| t.create_task(&task(3, 10_000))).await.unwrap();
+    let path = s.path().to_owned();
+    drop(s); // the close checkpoints: the file holds everything
+    std::fs::remove_file(wal::path_for(&path)).unwrap();
+    let s = open(&dir);
+    assert!(s.read().unwrap().task(3).unwrap().is_some());
+    // and the log is back, for the writes to come
+    s.write(|t| t.create_task(&task(4, 10_000))).await.unwrap();
+    let bytes = std::fs::read(wal::path_for(&path)).unwrap();
+    assert_eq!(wal::records_for_test(&bytes, 1).0.len(), 1);
+}

@@ -430,7 +430,18 @@ impl Wal {
                 }
                 true
             }
-            None => false,
+            None => {
+                if after > 0 {
+                    // only an operator removes it: a checkpoint keeps the file
+                    tracing::warn!(
+                        log = %path.display(),
+                        checkpointed_record = after,
+                        "the store's write-ahead log is missing: if the broker did not stop cleanly, \
+                         its writes after that checkpoint are lost (back up the store file and its log together)"
+                    );
+                }
+                false
+            }
         };
         let file = std::fs::OpenOptions::new()
             .read(true)
