@@ -488,7 +488,7 @@ pub(crate) mod defaults {
         500
     }
     pub fn checkpoint_mib() -> u64 {
-        16
+        crate::store::StoreOptions::DEFAULT_CHECKPOINT_BYTES >> 20
     }
     pub fn commit_siblings() -> usize {
         4

@@ -112,7 +112,6 @@ pub async fn run_with(
     let key = load_key(&config)?;
     #[allow(unused_mut)]
     let mut store_options = StoreOptions {
-        path: config.store.path.clone(),
         cache_bytes: config.store.cache_mib.saturating_mul(1 << 20),
         quick_repair: config.store.quick_repair,
         group_commit: crate::store::GroupCommit {

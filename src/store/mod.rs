@@ -152,13 +152,16 @@ pub struct StoreOptions {
 }
 
 impl StoreOptions {
+    /// The default of `checkpoint_bytes` (and of `store.checkpoint_mib`).
+    pub const DEFAULT_CHECKPOINT_BYTES: u64 = 16 << 20;
+
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             cache_bytes: 64 << 20,
             quick_repair: true,
             group_commit: GroupCommit::default(),
-            checkpoint_bytes: 16 << 20,
+            checkpoint_bytes: Self::DEFAULT_CHECKPOINT_BYTES,
             checkpoint_idle: std::time::Duration::from_secs(1),
         }
     }
@@ -468,11 +471,7 @@ fn writer_loop(
                 healthy.store(false, Ordering::Relaxed);
                 tracing::error!(error = %e, operations = n, "store batch failed; its requests were refused");
             }
-            Err(BatchError::Fatal(e)) => {
-                failed = true;
-                healthy.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, operations = n, "the store cannot write durably; every write is refused until a restart recovers from the write-ahead log");
-            }
+            Err(BatchError::Fatal(e)) => stop_writing(healthy, &mut failed, &e),
         }
         if !failed && wal.pending_bytes() >= cfg.checkpoint_bytes {
             checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
@@ -506,12 +505,19 @@ fn checkpoint(
                 "store checkpoint"
             );
         }
-        Err(e) => {
-            *failed = true;
-            healthy.store(false, Ordering::Relaxed);
-            tracing::error!(error = %e, "store checkpoint failed; every write is refused until a restart recovers from the write-ahead log");
-        }
+        Err(e) => stop_writing(healthy, failed, &format!("checkpoint: {e}")),
     }
+}
+
+/// The log or the store file may now disagree with what callers were told:
+/// write nothing more until a restart recovers from the log.
+fn stop_writing(healthy: &AtomicBool, failed: &mut bool, error: &str) {
+    *failed = true;
+    healthy.store(false, Ordering::Relaxed);
+    tracing::error!(
+        error,
+        "the store cannot write durably; every write is refused until a restart recovers from the write-ahead log"
+    );
 }
 
 fn micros(d: std::time::Duration) -> u64 {
@@ -680,15 +686,7 @@ impl Snapshot {
         // open cannot do; the read-write open below does it
         match redb::ReadOnlyDatabase::open(path) {
             Ok(db) => {
-                let checkpointed = {
-                    let r = db.begin_read()?;
-                    match r.open_table(META) {
-                        Ok(meta) => meta.get(wal::WAL_LSN)?.map(|g| g.value().to_vec()),
-                        Err(redb::TableError::TableDoesNotExist(_)) => None,
-                        Err(e) => return Err(e.into()),
-                    }
-                };
-                if wal::pending(path, checkpointed)? == 0 {
+                if wal::pending(path, wal::checkpointed(&db)?)? == 0 {
                     return Ok(Self { db });
                 }
             }

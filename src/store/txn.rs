@@ -21,7 +21,7 @@ use super::records::{
     LeaseState, ReviewRecord, Revocation, RevokeCause, TaskRecord, TaskState,
 };
 use super::schema::*;
-use super::wal::Logged;
+use super::wal::{Logged, Redo};
 use super::{Conflict, StoreError};
 
 /// The outcome of one revocation attempt, as decided by the reaper.
@@ -172,6 +172,8 @@ pub struct Txn<'t> {
     denylist: Logged<'t, u128, i64>,
     deltas: BTreeMap<(String, LeaseState), i64>,
     poisoned: bool,
+    /// What every table above recorded, for the write-ahead log.
+    redo: Redo,
 }
 
 impl std::fmt::Debug for Txn<'_> {
@@ -188,41 +190,43 @@ fn conflict<T>(c: Conflict) -> Result<T, StoreError> {
 
 impl<'t> Txn<'t> {
     pub fn open(txn: &'t WriteTransaction, head: ChainHead) -> Result<Self, StoreError> {
+        let redo = Redo::default();
         Ok(Self {
-            meta: Logged::open(txn, META)?,
-            events: Logged::open(txn, EVENTS)?,
-            event_tasks: Logged::open(txn, EVENT_TASKS)?,
-            checkpoints: Logged::open(txn, CHECKPOINTS)?,
-            calls: Logged::open(txn, CALLS)?,
-            task_calls: Logged::open(txn, TASK_CALLS)?,
-            approvals: Logged::open(txn, APPROVALS)?,
-            approval_expiry: Logged::open(txn, APPROVAL_EXPIRY)?,
-            reviews: Logged::open(txn, REVIEWS)?,
-            pending_reviews: Logged::open(txn, PENDING_REVIEWS)?,
-            workload_active: Logged::open(txn, WORKLOAD_ACTIVE)?,
-            task_active: Logged::open(txn, TASK_ACTIVE)?,
-            jobs: Logged::open(txn, JOBS)?,
-            job_leases: Logged::open(txn, JOB_LEASES)?,
-            job_counts: Logged::open(txn, JOB_COUNTS)?,
-            fences: Logged::open(txn, FENCES)?,
-            workload_tasks: Logged::open(txn, WORKLOAD_TASKS)?,
+            meta: Logged::open(txn, META, &redo)?,
+            events: Logged::open(txn, EVENTS, &redo)?,
+            event_tasks: Logged::open(txn, EVENT_TASKS, &redo)?,
+            checkpoints: Logged::open(txn, CHECKPOINTS, &redo)?,
+            calls: Logged::open(txn, CALLS, &redo)?,
+            task_calls: Logged::open(txn, TASK_CALLS, &redo)?,
+            approvals: Logged::open(txn, APPROVALS, &redo)?,
+            approval_expiry: Logged::open(txn, APPROVAL_EXPIRY, &redo)?,
+            reviews: Logged::open(txn, REVIEWS, &redo)?,
+            pending_reviews: Logged::open(txn, PENDING_REVIEWS, &redo)?,
+            workload_active: Logged::open(txn, WORKLOAD_ACTIVE, &redo)?,
+            task_active: Logged::open(txn, TASK_ACTIVE, &redo)?,
+            jobs: Logged::open(txn, JOBS, &redo)?,
+            job_leases: Logged::open(txn, JOB_LEASES, &redo)?,
+            job_counts: Logged::open(txn, JOB_COUNTS, &redo)?,
+            fences: Logged::open(txn, FENCES, &redo)?,
+            workload_tasks: Logged::open(txn, WORKLOAD_TASKS, &redo)?,
             active_deltas: BTreeMap::new(),
             task_deltas: BTreeMap::new(),
             job_deltas: BTreeMap::new(),
             entered: BTreeMap::new(),
             head,
             head_dirty: false,
-            tasks: Logged::open(txn, TASKS)?,
-            leases: Logged::open(txn, LEASES)?,
-            expiry: Logged::open(txn, EXPIRY)?,
-            task_leases: Logged::open(txn, TASK_LEASES)?,
-            workload_leases: Logged::open(txn, WORKLOAD_LEASES)?,
-            issuing: Logged::open(txn, ISSUING)?,
-            queue: Logged::open(txn, REVOKE_QUEUE)?,
-            counters: Logged::open(txn, COUNTERS)?,
-            denylist: Logged::open(txn, DENYLIST)?,
+            tasks: Logged::open(txn, TASKS, &redo)?,
+            leases: Logged::open(txn, LEASES, &redo)?,
+            expiry: Logged::open(txn, EXPIRY, &redo)?,
+            task_leases: Logged::open(txn, TASK_LEASES, &redo)?,
+            workload_leases: Logged::open(txn, WORKLOAD_LEASES, &redo)?,
+            issuing: Logged::open(txn, ISSUING, &redo)?,
+            queue: Logged::open(txn, REVOKE_QUEUE, &redo)?,
+            counters: Logged::open(txn, COUNTERS, &redo)?,
+            denylist: Logged::open(txn, DENYLIST, &redo)?,
             deltas: BTreeMap::new(),
             poisoned: false,
+            redo,
         })
     }
 
@@ -305,33 +309,7 @@ impl<'t> Txn<'t> {
             };
             self.counters.insert(key, next)?;
         }
-        let mut redo = Vec::new();
-        self.meta.drain_into(&mut redo);
-        self.events.drain_into(&mut redo);
-        self.event_tasks.drain_into(&mut redo);
-        self.checkpoints.drain_into(&mut redo);
-        self.calls.drain_into(&mut redo);
-        self.task_calls.drain_into(&mut redo);
-        self.approvals.drain_into(&mut redo);
-        self.approval_expiry.drain_into(&mut redo);
-        self.reviews.drain_into(&mut redo);
-        self.pending_reviews.drain_into(&mut redo);
-        self.workload_active.drain_into(&mut redo);
-        self.task_active.drain_into(&mut redo);
-        self.jobs.drain_into(&mut redo);
-        self.job_leases.drain_into(&mut redo);
-        self.job_counts.drain_into(&mut redo);
-        self.fences.drain_into(&mut redo);
-        self.workload_tasks.drain_into(&mut redo);
-        self.tasks.drain_into(&mut redo);
-        self.leases.drain_into(&mut redo);
-        self.expiry.drain_into(&mut redo);
-        self.task_leases.drain_into(&mut redo);
-        self.workload_leases.drain_into(&mut redo);
-        self.issuing.drain_into(&mut redo);
-        self.queue.drain_into(&mut redo);
-        self.counters.drain_into(&mut redo);
-        self.denylist.drain_into(&mut redo);
+        let redo = self.redo.borrow_mut().take();
         Ok((self.head, redo))
     }
 

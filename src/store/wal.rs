@@ -36,8 +36,8 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
 use redb::{
-    AccessGuard, Database, Durability, Key, ReadableDatabase as _, StorageError, Table,
-    TableDefinition, TableError, TableHandle as _, Value, WriteTransaction,
+    AccessGuard, Database, Durability, Key, ReadableDatabase, StorageError, Table, TableDefinition,
+    TableError, TableHandle as _, Value, WriteTransaction,
 };
 
 use super::StoreError;
@@ -54,13 +54,57 @@ pub(super) const WAL_LSN: &str = "wal_lsn";
 const INSERT: u8 = 1;
 const REMOVE: u8 = 2;
 
+/// A batch's record, as its tables' mutations fill it: groups of (table
+/// name, count, operations), in the order the operations happened. Shared
+/// by every [`Logged`] table of a transaction, so the record is complete by
+/// construction (no table can be left out of it).
+#[derive(Default)]
+pub(super) struct RedoBuf {
+    bytes: Vec<u8>,
+    /// The open group: where its name starts and where its count is.
+    group: Option<(usize, usize)>,
+}
+
+pub(super) type Redo = std::rc::Rc<std::cell::RefCell<RedoBuf>>;
+
+impl RedoBuf {
+    fn op(&mut self, table: &str, op: u8, key: &[u8], value: Option<&[u8]>) {
+        let count_at = match self.group {
+            Some((name, count)) if &self.bytes[name..count] == table.as_bytes() => count,
+            _ => {
+                // a redb table name is short; longer than 255 bytes is a bug
+                self.bytes.push(table.len() as u8);
+                let name = self.bytes.len();
+                self.bytes.extend_from_slice(table.as_bytes());
+                let count = self.bytes.len();
+                self.bytes.extend_from_slice(&0u32.to_be_bytes());
+                self.group = Some((name, count));
+                count
+            }
+        };
+        let c = &mut self.bytes[count_at..count_at + 4];
+        let n = u32::from_be_bytes([c[0], c[1], c[2], c[3]]) + 1;
+        c.copy_from_slice(&n.to_be_bytes());
+        self.bytes.push(op);
+        put_bytes(&mut self.bytes, key);
+        if let Some(v) = value {
+            put_bytes(&mut self.bytes, v);
+        }
+    }
+
+    /// The record so far (empty: nothing changed), leaving the buffer empty.
+    pub(super) fn take(&mut self) -> Vec<u8> {
+        self.group = None;
+        std::mem::take(&mut self.bytes)
+    }
+}
+
 /// A table whose mutations are recorded for the log. Reads go to the table
 /// (`Deref`); there is deliberately no `DerefMut`, so a mutation that is not
 /// logged does not compile.
 pub(super) struct Logged<'t, K: Key + 'static, V: Value + 'static> {
     table: Table<'t, K, V>,
-    ops: Vec<u8>,
-    count: u32,
+    redo: Redo,
 }
 
 impl<'t, K: Key + 'static, V: Value + 'static> Deref for Logged<'t, K, V> {
@@ -81,11 +125,11 @@ impl<'t, K: Key + 'static, V: Value + 'static> Logged<'t, K, V> {
     pub(super) fn open(
         txn: &'t WriteTransaction,
         def: TableDefinition<K, V>,
+        redo: &Redo,
     ) -> Result<Self, TableError> {
         Ok(Self {
             table: txn.open_table(def)?,
-            ops: Vec::new(),
-            count: 0,
+            redo: redo.clone(),
         })
     }
 
@@ -94,10 +138,12 @@ impl<'t, K: Key + 'static, V: Value + 'static> Logged<'t, K, V> {
         key: impl Borrow<K::SelfType<'k>>,
         value: impl Borrow<V::SelfType<'v>>,
     ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
-        self.ops.push(INSERT);
-        put_bytes(&mut self.ops, K::as_bytes(key.borrow()).as_ref());
-        put_bytes(&mut self.ops, V::as_bytes(value.borrow()).as_ref());
-        self.count += 1;
+        self.redo.borrow_mut().op(
+            self.table.name(),
+            INSERT,
+            K::as_bytes(key.borrow()).as_ref(),
+            Some(V::as_bytes(value.borrow()).as_ref()),
+        );
         self.table.insert(key, value)
     }
 
@@ -105,24 +151,13 @@ impl<'t, K: Key + 'static, V: Value + 'static> Logged<'t, K, V> {
         &mut self,
         key: impl Borrow<K::SelfType<'k>>,
     ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
-        self.ops.push(REMOVE);
-        put_bytes(&mut self.ops, K::as_bytes(key.borrow()).as_ref());
-        self.count += 1;
+        self.redo.borrow_mut().op(
+            self.table.name(),
+            REMOVE,
+            K::as_bytes(key.borrow()).as_ref(),
+            None,
+        );
         self.table.remove(key)
-    }
-
-    /// Move what was recorded into a log payload: table name, count, ops.
-    pub(super) fn drain_into(&mut self, out: &mut Vec<u8>) {
-        if self.count == 0 {
-            return;
-        }
-        let name = self.table.name();
-        out.push(name.len() as u8);
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(&self.count.to_be_bytes());
-        out.extend_from_slice(&self.ops);
-        self.ops.clear();
-        self.count = 0;
     }
 }
 
@@ -274,23 +309,21 @@ fn io(path: &Path, e: impl std::fmt::Display) -> StoreError {
 }
 
 /// The last record a checkpoint put into the store file.
-fn checkpointed(db: &Database) -> Result<u64, StoreError> {
+pub(super) fn checkpointed(db: &impl ReadableDatabase) -> Result<u64, StoreError> {
     let r = db.begin_read()?;
     let meta = match r.open_table(META) {
         Ok(t) => t,
         Err(TableError::TableDoesNotExist(_)) => return Ok(0),
         Err(e) => return Err(e.into()),
     };
-    lsn_of(meta.get(WAL_LSN)?.map(|g| g.value().to_vec()))
-}
-
-fn lsn_of(bytes: Option<Vec<u8>>) -> Result<u64, StoreError> {
-    match bytes {
-        None => Ok(0),
-        Some(b) => Ok(u64::from_be_bytes(b.as_slice().try_into().map_err(
-            |_| StoreError::Corrupt(format!("meta `{WAL_LSN}` is not a u64")),
-        )?)),
-    }
+    let Some(g) = meta.get(WAL_LSN)? else {
+        return Ok(0);
+    };
+    let b: [u8; 8] = g
+        .value()
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("meta `{WAL_LSN}` is not a u64")))?;
+    Ok(u64::from_be_bytes(b))
 }
 
 /// The records of a log that follow `after`, in order, up to the first torn,
@@ -356,10 +389,8 @@ fn read_log(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
 }
 
 /// How many records of the log beside `store` are not in the store file.
-pub fn pending(store: &Path, checkpointed_lsn: Option<Vec<u8>>) -> Result<usize, StoreError> {
-    let after = lsn_of(checkpointed_lsn)?;
-    let path = path_for(store);
-    Ok(match read_log(&path)? {
+pub(super) fn pending(store: &Path, after: u64) -> Result<usize, StoreError> {
+    Ok(match read_log(&path_for(store))? {
         Some(bytes) => records_after(&bytes, after).0.len(),
         None => 0,
     })
@@ -578,13 +609,6 @@ pub(super) fn dump(db: &Database) -> Vec<(String, Vec<u8>, Vec<u8>)> {
         );
     }
     out
-}
-
-/// Records of the log beside `store` that its file lacks.
-#[cfg(test)]
-pub(super) fn pending_in(db: &Database, store: &Path) -> usize {
-    let bytes = read_log(&path_for(store)).unwrap().unwrap_or_default();
-    records_after(&bytes, checkpointed(db).unwrap()).0.len()
 }
 
 #[cfg(test)]

@@ -80,6 +80,14 @@ fn validate_cli(file: &Path) -> std::process::Output {
         .unwrap()
 }
 
+/// `config validate` refuses `file`, naming `field`; `what` says which case.
+fn refused_naming(file: &Path, field: &str, what: &str) {
+    let out = validate_cli(file);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{what} was accepted");
+    assert!(err.contains(field), "{what}: {err}");
+}
+
 #[test]
 fn config_validate_checks_files_and_names_fields() {
     let dir = tempfile::tempdir().unwrap();
@@ -100,24 +108,18 @@ fn config_validate_checks_files_and_names_fields() {
         text.replace("max_ttl_seconds = 900", "max_ttl_seconds = \"900\""),
     )
     .unwrap();
-    let out = validate_cli(&bad);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("max_ttl_seconds"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    refused_naming(&bad, "max_ttl_seconds", "a string TTL");
 
     std::fs::write(&bad, text.replace("token-signing.pk8", "missing.pk8")).unwrap();
-    let out = validate_cli(&bad);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("providers.token.signing_key_file"));
+    refused_naming(
+        &bad,
+        "providers.token.signing_key_file",
+        "a missing key file",
+    );
 
     // a wrong store key is caught by `serve` before it listens
     std::fs::write(dir.path().join("store.key"), "not a key").unwrap();
-    let out = validate_cli(&path);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("store.key_file"));
+    refused_naming(&path, "store.key_file", "a malformed store key");
 }
 
 #[test]
@@ -215,10 +217,7 @@ fn config_validate_names_a_wrong_azure_setting() {
         ),
     ] {
         std::fs::write(&bad, text.replace(from, to)).unwrap();
-        let out = validate_cli(&bad);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{from} -> {to} was accepted");
-        assert!(err.contains(field), "{from} -> {to}: {err}");
+        refused_naming(&bad, field, &format!("{from} -> {to}"));
     }
     // a missing tenant is named too
     let no_tenant: String = text
@@ -227,11 +226,5 @@ fn config_validate_names_a_wrong_azure_setting() {
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(&bad, no_tenant).unwrap();
-    let out = validate_cli(&bad);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("tenant_id"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    refused_naming(&bad, "tenant_id", "a missing tenant");
 }
