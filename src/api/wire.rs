@@ -855,17 +855,19 @@ impl From<&crate::policy::Loaded> for PolicyView {
 /// Store commit counters since start.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StoreStatsView {
-    /// Group commits (each one write-ahead log record, one fdatasync).
+    /// Batches made durable (each one write-ahead log record; the log
+    /// thread syncs every record queued at once).
     pub commits: u64,
     pub operations: u64,
-    /// Writer time applying operations, and logging and committing them.
+    /// Writer thread time applying operations, and committing them to the
+    /// store file (no I/O: the log makes them durable).
     pub apply_seconds: f64,
     pub commit_seconds: f64,
     /// Durable commits of the store file that emptied the log, and their time.
     pub checkpoints: u64,
     pub checkpoint_seconds: f64,
     pub wal_bytes: u64,
-    /// Of `commit_seconds`, the time writing and syncing the log.
+    /// Log thread time writing and syncing the log (off the writer's path).
     pub wal_seconds: f64,
 }
 

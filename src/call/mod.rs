@@ -115,18 +115,14 @@ impl Broker {
 
     /// The open, unexpired task of this workload.
     fn open_task_of(
-        &self,
+        r: &crate::store::Reader,
         w: &Workload,
         task_id: TaskId,
         now_ms: i64,
     ) -> Result<TaskRecord, BrokerError> {
-        let task = self
-            .store
-            .read()?
-            .task(task_id.0)?
-            .ok_or(BrokerError::NotFound {
-                code: "task_not_found",
-            })?;
+        let task = r.task(task_id.0)?.ok_or(BrokerError::NotFound {
+            code: "task_not_found",
+        })?;
         if task.workload != w.id {
             return Err(BrokerError::NotFound {
                 code: "task_not_found",
@@ -223,12 +219,14 @@ impl Broker {
         self.check_call_input(&p, direct)?;
         let now = self.clock.now();
         let now_ms = now.unix_millis();
-        let task = self.open_task_of(w, task_id, now_ms)?;
-        self.check_fence(w, Some(&task.on_behalf_of))?;
-        let (task_active, workload_active) = {
-            let r = self.store.read()?;
-            (r.task_active(task.id)?, r.workload_active(&w.id)?)
+        // one snapshot (one wait for the log, at most) for all three reads
+        let (task, task_active, workload_active) = {
+            let r = self.store.read().await?;
+            let task = Self::open_task_of(&r, w, task_id, now_ms)?;
+            let (t, w) = (r.task_active(task.id)?, r.workload_active(&w.id)?);
+            (task, t, w)
         };
+        self.check_fence(w, Some(&task.on_behalf_of))?;
         let facts = self.task_facts(&task, task_active, now_ms);
         let who = principal(w);
         let when = Now {

@@ -418,10 +418,15 @@ impl Broker {
     }
 
     /// A lease the caller may see: its owner, admins and responders.
-    pub fn get_lease(&self, caller: &Caller, id: LeaseId) -> Result<LeaseRecord, BrokerError> {
+    pub async fn get_lease(
+        &self,
+        caller: &Caller,
+        id: LeaseId,
+    ) -> Result<LeaseRecord, BrokerError> {
         let rec = self
             .store
-            .read()?
+            .read()
+            .await?
             .lease(id.0)?
             .ok_or(BrokerError::NotFound {
                 code: "lease_not_found",
@@ -447,7 +452,7 @@ impl Broker {
         id: LeaseId,
         ctx: &Ctx,
     ) -> Result<LeaseRecord, BrokerError> {
-        let rec = self.get_lease(caller, id)?;
+        let rec = self.get_lease(caller, id).await?;
         if rec.state == LeaseState::Issuing {
             return Err(BrokerError::conflict(
                 "lease_issuing",
@@ -486,7 +491,7 @@ impl Broker {
     }
 
     /// List leases (admin, responder).
-    pub fn list_leases(
+    pub async fn list_leases(
         &self,
         caller: &Caller,
         q: &LeaseQuery,
@@ -497,6 +502,6 @@ impl Broker {
                 message: "listing leases needs the admin or responder role".into(),
             });
         }
-        Ok(self.store.read()?.list_leases(q)?)
+        Ok(self.store.read().await?.list_leases(q)?)
     }
 }
