@@ -381,13 +381,15 @@ impl Broker {
         let make_also = |call: CallRecord| -> TxnStep {
             let (a, t, cx) = (self.auditor.clone(), task.clone(), ctx.clone());
             let bg = bg.clone();
+            // rendered here, not on the store's one writer thread
+            let decided = a.decided(&t, &call, action_name, &cx);
             Box::new(move |txn| {
                 if let Some(aid) = approval {
                     let used = txn.consume_approval(aid.0, &hash, call.id, now_ms)?;
                     audit::append(txn, &a, a.approval(&used, &cx, now_ms))?;
                 }
                 txn.put_call(&call)?;
-                audit::append(txn, &a, a.decided(&t, &call, action_name, &cx))?;
+                audit::append(txn, &a, decided)?;
                 if let Some(j) = bg {
                     let review = txn.flag_review(&t, (call.id, call.tool.clone(), j, now_ms))?;
                     audit::append(txn, &a, a.break_glass(&review, false, &cx, now_ms))?;

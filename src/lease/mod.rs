@@ -210,13 +210,15 @@ impl Broker {
         );
         let fence = crate::incident::fence_keys(w, Some(&rec.on_behalf_of));
         let fence2 = fence.clone();
+        // events are rendered here, not on the store's one writer thread
+        let event = a.lease(&intent, &c, now_ms);
         self.store
             .write(move |t| {
                 t.refuse_fenced(&fence)?;
                 check(t)?;
                 t.lease_intent(&intent, now_ms, cap)?;
                 also(t)?;
-                audit::append(t, &a, a.lease(&intent, &c, now_ms))
+                audit::append(t, &a, event)
             })
             .await?;
 
@@ -293,11 +295,28 @@ impl Broker {
         };
         let now_ms = self.clock.now().unix_millis();
         let (a, c) = (self.auditor.clone(), ctx.clone());
+        // the record activation makes of the intent, and its event
+        let expected = LeaseRecord {
+            state: LeaseState::Active,
+            handle_sealed: Some(activation.handle_sealed.clone()),
+            issued_at: Some(activation.issued_at),
+            expires_at: activation.expires_at,
+            description: Some(activation.description.clone()),
+            ..rec.clone()
+        };
+        let event = a.lease(&expected, &c, now_ms);
         let activated = self.store.write(move |t| {
             // a fence set while the provider was minting wins: rolled back
             t.refuse_fenced(&fence2)?;
             let rec = t.activate(&activation, now_ms)?;
-            audit::append(t, &a, a.lease(&rec, &c, now_ms))?;
+            // the stored record is the one rendered, unless the intent
+            // changed meanwhile (then render what is stored)
+            let event = if rec == expected {
+                event
+            } else {
+                a.lease(&rec, &c, now_ms)
+            };
+            audit::append(t, &a, event)?;
             Ok(rec)
         });
         match activated.await {

@@ -197,13 +197,14 @@ impl Broker {
                 reasons,
             })));
         }
-        let policies = decision.policies.clone();
         let fence = crate::incident::fence_keys(w, Some(&rec.on_behalf_of));
+        // rendered here, not on the store's one writer thread
+        let event = a.task_opened(&stored, &decision.policies, &ctx);
         self.store
             .write(move |t| {
                 t.refuse_fenced(&fence)?;
                 t.create_task(&stored)?;
-                audit::append(t, &a, a.task_opened(&stored, &policies, &ctx))
+                audit::append(t, &a, event)
             })
             .await?;
         tracing::debug!(task_id = %id, workload = %w.id, "task opened");
