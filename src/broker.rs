@@ -384,7 +384,7 @@ impl Broker {
         let Some(key) = self.checkpoint_key.clone() else {
             return Ok(None);
         };
-        let r = self.store.read().await?;
+        let r = self.store.read()?;
         let head = r.chain_head()?;
         if head.seq == 0 || r.last_checkpoint_seq()?.is_some_and(|s| s >= head.seq) {
             return Ok(None);

@@ -179,12 +179,12 @@ pub fn store_commit(
 
 impl Broker {
     /// Refresh the store-backed gauges and render the exposition text.
-    pub async fn render_metrics(&self) -> Result<String, crate::broker::BrokerError> {
+    pub fn render_metrics(&self) -> Result<String, crate::broker::BrokerError> {
         let Some(handle) = install() else {
             return Ok(String::new());
         };
         let now = self.clock.now().unix_millis();
-        let r = self.store.read().await?;
+        let r = self.store.read()?;
         let counters = r.counters()?;
         for name in self.providers.names() {
             for st in LeaseState::ALL {

@@ -211,16 +211,10 @@ impl Denylist for StoreDenylist {
         // and is treated as inactive.
         let Ok(id) = jti.parse::<crate::ids::LeaseId>() else {
             // still touch the store, so a health check through here is real
-            return self
-                .store
-                .read_latest()
-                .map(|_| true)
-                .map_err(|e| e.to_string());
+            return self.store.read().map(|_| true).map_err(|e| e.to_string());
         };
-        // A denial seen before it is durable fails safe (the token reads
-        // inactive a sync early), so this need not wait for the log.
         self.store
-            .read_latest()
+            .read()
             .and_then(|r| r.is_denied(id.0))
             .map_err(|e| e.to_string())
     }

@@ -198,7 +198,6 @@ pub async fn run_with(
     // fences hold from the first request on
     let fenced = broker
         .load_fences()
-        .await
         .map_err(|e| ServeError::Recovery(e.to_string()))?;
     if fenced > 0 {
         tracing::warn!(
@@ -221,7 +220,6 @@ pub async fn run_with(
     let mut background = crate::reaper::spawn(broker.clone(), stop_rx.clone());
     broker
         .resume_jobs()
-        .await
         .map_err(|e| ServeError::Recovery(e.to_string()))?;
     background.push(tokio::spawn(checkpoint_loop(
         broker.clone(),

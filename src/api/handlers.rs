@@ -96,12 +96,11 @@ pub async fn get_task(
     Path(id): Path<String>,
 ) -> Result<Json<TaskDetail>, ApiError> {
     let id = parse_task_id(&id)?;
-    let (task, leases) = s.broker.get_task(&caller, id).await?;
+    let (task, leases) = s.broker.get_task(&caller, id)?;
     let calls = s
         .broker
         .store
         .read()
-        .await
         .and_then(|r| r.task_calls(id.0))
         .map_err(BrokerError::from)?;
     Ok(Json(TaskDetail {
@@ -277,7 +276,7 @@ pub async fn list_approvals(
     State(s): State<AppState>,
     caller: Caller,
 ) -> Result<Json<ApprovalList>, ApiError> {
-    let list = s.broker.pending_approvals(&caller).await?;
+    let list = s.broker.pending_approvals(&caller)?;
     Ok(Json(ApprovalList {
         approvals: list.iter().map(ApprovalView::from).collect(),
     }))
@@ -395,7 +394,7 @@ pub async fn list_reviews(
     State(s): State<AppState>,
     caller: Caller,
 ) -> Result<Json<ReviewList>, ApiError> {
-    let list = s.broker.pending_reviews(&caller).await?;
+    let list = s.broker.pending_reviews(&caller)?;
     Ok(Json(ReviewList {
         reviews: list.iter().map(ReviewView::from).collect(),
     }))
@@ -503,9 +502,7 @@ pub async fn get_lease(
     Path(id): Path<String>,
 ) -> Result<Json<LeaseView>, ApiError> {
     let id = parse_lease_id(&id)?;
-    Ok(Json(LeaseView::from(
-        &s.broker.get_lease(&caller, id).await?,
-    )))
+    Ok(Json(LeaseView::from(&s.broker.get_lease(&caller, id)?)))
 }
 
 #[utoipa::path(
@@ -591,7 +588,7 @@ pub async fn list_leases(
         limit,
         scan_budget: 20_000,
     };
-    let (leases, next) = s.broker.list_leases(&caller, &q).await?;
+    let (leases, next) = s.broker.list_leases(&caller, &q)?;
     Ok(Json(LeaseListView {
         leases: leases.iter().map(LeaseView::from).collect(),
         next_cursor: next.map(|c| crate::ids::LeaseId(c).to_string()),
@@ -619,7 +616,6 @@ pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<Sta
         .broker
         .store
         .read()
-        .await
         .and_then(|r| r.counters())
         .map_err(BrokerError::from)?;
     let leases = s
@@ -727,7 +723,7 @@ pub async fn events(
         .map(parse_task_id)
         .transpose()?
         .map(|t| t.0);
-    let reader = s.broker.store.read().await.map_err(BrokerError::from)?;
+    let reader = s.broker.store.read().map_err(BrokerError::from)?;
     let lease_task = match p.lease.as_deref() {
         Some(l) => {
             let id = parse_lease_id(l)?;
@@ -785,7 +781,7 @@ pub async fn verify_events(
     caller: Caller,
 ) -> Result<Response, ApiError> {
     require_reader(&caller)?;
-    let reader = s.broker.store.read().await.map_err(BrokerError::from)?;
+    let reader = s.broker.store.read().map_err(BrokerError::from)?;
     let trusted = s
         .broker
         .checkpoint_key
@@ -819,7 +815,7 @@ pub async fn verify_events(
 /// Where the chain starts and ends, and the key its checkpoints verify with.
 pub async fn chain(State(s): State<AppState>, caller: Caller) -> Result<Json<ChainView>, ApiError> {
     require_reader(&caller)?;
-    let r = s.broker.store.read().await.map_err(BrokerError::from)?;
+    let r = s.broker.store.read().map_err(BrokerError::from)?;
     let (base, head) = (
         r.chain_base().map_err(BrokerError::from)?,
         r.chain_head().map_err(BrokerError::from)?,
@@ -965,8 +961,8 @@ pub async fn jwks(State(s): State<AppState>) -> Json<JwkSet> {
 
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-async fn metrics_response(s: &AppState) -> Result<Response, ApiError> {
-    let body = s.broker.render_metrics().await?;
+fn metrics_response(s: &AppState) -> Result<Response, ApiError> {
+    let body = s.broker.render_metrics()?;
     Ok(([(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)], body).into_response())
 }
 
@@ -986,13 +982,13 @@ pub async fn metrics(State(s): State<AppState>, caller: Caller) -> Result<Respon
             "metrics need the admin or responder role",
         ));
     }
-    metrics_response(&s).await
+    metrics_response(&s)
 }
 
 /// Prometheus exposition on the metrics listener (no credential: that
 /// listener belongs on loopback or a private network).
 pub async fn metrics_open(State(s): State<AppState>) -> Result<Response, ApiError> {
-    metrics_response(&s).await
+    metrics_response(&s)
 }
 
 #[utoipa::path(
@@ -1140,15 +1136,16 @@ pub async fn start_revocation(
     let broker = s.broker.clone();
     let c = ctx(rid, caller.principal());
     let started = detached(async move { broker.start_job(&caller, req, &c).await }).await?;
+    let status_of = |job: &crate::store::JobRecord| s.broker.job_view(job);
     match started {
         JobStart::DryRun(v) => Ok(Json(v).into_response()),
         JobStart::Started(job) => {
-            let mut view = s.broker.job_view(&job).await?;
-            view.warnings = Some(s.broker.selector_warnings(&job.selector).await?);
+            let mut view = status_of(&job)?;
+            view.warnings = Some(s.broker.selector_warnings(&job.selector)?);
             Ok((StatusCode::ACCEPTED, Json(view)).into_response())
         }
         JobStart::Existing(job) => {
-            let view = s.broker.job_view(&job).await?;
+            let view = status_of(&job)?;
             Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "job_running",
@@ -1175,7 +1172,7 @@ pub async fn list_revocations(
     caller: Caller,
 ) -> Result<Json<JobList>, ApiError> {
     Ok(Json(JobList {
-        jobs: s.broker.list_jobs(&caller).await?,
+        jobs: s.broker.list_jobs(&caller)?,
     }))
 }
 
@@ -1196,7 +1193,7 @@ pub async fn get_revocation(
     let id: crate::ids::JobId = id
         .parse()
         .map_err(|_| ApiError::bad_request("invalid_id", "not a job id (job_...)"))?;
-    Ok(Json(s.broker.job_status(&caller, id).await?))
+    Ok(Json(s.broker.job_status(&caller, id)?))
 }
 
 #[utoipa::path(
@@ -1213,8 +1210,7 @@ pub async fn list_fences(
 ) -> Result<Json<FenceList>, ApiError> {
     let fences = s
         .broker
-        .list_fences(&caller)
-        .await?
+        .list_fences(&caller)?
         .iter()
         .map(FenceView::from)
         .collect();
@@ -1332,8 +1328,6 @@ pub async fn blast_radius(
         ));
     }
     Ok(Json(
-        s.broker
-            .blast_radius(&caller, &workload, since, until)
-            .await?,
+        s.broker.blast_radius(&caller, &workload, since, until)?,
     ))
 }

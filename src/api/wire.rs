@@ -855,19 +855,17 @@ impl From<&crate::policy::Loaded> for PolicyView {
 /// Store commit counters since start.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StoreStatsView {
-    /// Batches made durable (each one write-ahead log record; the log
-    /// thread syncs every record queued at once).
+    /// Group commits (each one write-ahead log record, one fdatasync).
     pub commits: u64,
     pub operations: u64,
-    /// Writer thread time applying operations, and committing them to the
-    /// store file (no I/O: the log makes them durable).
+    /// Writer time applying operations, and logging and committing them.
     pub apply_seconds: f64,
     pub commit_seconds: f64,
     /// Durable commits of the store file that emptied the log, and their time.
     pub checkpoints: u64,
     pub checkpoint_seconds: f64,
     pub wal_bytes: u64,
-    /// Log thread time writing and syncing the log (off the writer's path).
+    /// Of `commit_seconds`, the time writing and syncing the log.
     pub wal_seconds: f64,
 }
 

@@ -28,29 +28,25 @@ fn approver(caller: &Caller) -> Result<&crate::auth::Operator, BrokerError> {
 
 impl Broker {
     /// Pending approvals (approvers, admins).
-    pub async fn pending_approvals(
-        &self,
-        caller: &Caller,
-    ) -> Result<Vec<ApprovalRecord>, BrokerError> {
+    pub fn pending_approvals(&self, caller: &Caller) -> Result<Vec<ApprovalRecord>, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Approver, OperatorRole::Admin]) {
             return Err(BrokerError::Forbidden {
                 code: "forbidden",
                 message: "listing approvals needs the approver role".into(),
             });
         }
-        Ok(self.store.read().await?.pending_approvals(1000)?)
+        Ok(self.store.read()?.pending_approvals(1000)?)
     }
 
     /// One approval: its workload, approvers, admins and responders.
-    pub async fn get_approval(
+    pub fn get_approval(
         &self,
         caller: &Caller,
         id: ApprovalId,
     ) -> Result<ApprovalRecord, BrokerError> {
         let a = self
             .store
-            .read()
-            .await?
+            .read()?
             .approval(id.0)?
             .ok_or(BrokerError::NotFound {
                 code: "approval_not_found",
@@ -94,8 +90,7 @@ impl Broker {
         }
         let a = self
             .store
-            .read()
-            .await?
+            .read()?
             .approval(id.0)?
             .ok_or(BrokerError::NotFound {
                 code: "approval_not_found",
@@ -130,7 +125,7 @@ impl Broker {
     ) -> Result<ApprovalRecord, BrokerError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let a = self.get_approval(caller, id).await?;
+            let a = self.get_approval(caller, id)?;
             if a.state != ApprovalState::Pending || tokio::time::Instant::now() >= deadline {
                 return Ok(a);
             }
@@ -155,11 +150,11 @@ impl Broker {
         for e in &expired {
             tracing::info!(approval_id = %ApprovalId(e.id), "approval expired");
         }
-        Ok(self.store.read().await?.next_approval_expiry()?)
+        Ok(self.store.read()?.next_approval_expiry()?)
     }
 
     /// Tasks that used break-glass and await sign-off.
-    pub async fn pending_reviews(&self, caller: &Caller) -> Result<Vec<ReviewRecord>, BrokerError> {
+    pub fn pending_reviews(&self, caller: &Caller) -> Result<Vec<ReviewRecord>, BrokerError> {
         if !caller.has_any_role(&[
             OperatorRole::Approver,
             OperatorRole::Admin,
@@ -170,7 +165,7 @@ impl Broker {
                 message: "reviews are for approvers".into(),
             });
         }
-        Ok(self.store.read().await?.pending_reviews(1000)?)
+        Ok(self.store.read()?.pending_reviews(1000)?)
     }
 
     /// An approver signs a break-glass review off.
@@ -185,8 +180,7 @@ impl Broker {
         check_text("comment", &comment, 1024)?;
         let r = self
             .store
-            .read()
-            .await?
+            .read()?
             .review(task.0)?
             .ok_or(BrokerError::NotFound {
                 code: "review_not_found",

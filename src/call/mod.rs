@@ -219,9 +219,9 @@ impl Broker {
         self.check_call_input(&p, direct)?;
         let now = self.clock.now();
         let now_ms = now.unix_millis();
-        // one snapshot (one wait for the log, at most) for all three reads
+        // one snapshot for the three reads
         let (task, task_active, workload_active) = {
-            let r = self.store.read().await?;
+            let r = self.store.read()?;
             let task = Self::open_task_of(&r, w, task_id, now_ms)?;
             let (t, w) = (r.task_active(task.id)?, r.workload_active(&w.id)?);
             (task, t, w)

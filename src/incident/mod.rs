@@ -156,8 +156,8 @@ impl Broker {
     }
 
     /// Load the fences into memory (start-up).
-    pub async fn load_fences(&self) -> Result<usize, BrokerError> {
-        let fences = self.store.read().await?.fences()?;
+    pub fn load_fences(&self) -> Result<usize, BrokerError> {
+        let fences = self.store.read()?.fences()?;
         let n = fences.len();
         self.fences
             .set(fences.iter().map(|f| FenceRecord::key(&f.kind, &f.value)));
@@ -220,10 +220,10 @@ impl Broker {
     /// A selector naming a workload the store has never seen is most often a
     /// typo (workload ids are `issuer:subject`): say so, but do it (fencing
     /// a workload before its first request is legitimate).
-    pub async fn selector_warnings(&self, s: &Selector) -> Result<Vec<String>, BrokerError> {
+    pub fn selector_warnings(&self, s: &Selector) -> Result<Vec<String>, BrokerError> {
         let mut out = Vec::new();
         if let Some(w) = &s.workload
-            && self.store.read().await?.workload_tasks(w, 0, 1)?.is_empty()
+            && self.store.read()?.workload_tasks(w, 0, 1)?.is_empty()
         {
             out.push(format!(
                 "no task of workload `{}` is on record (workload ids look like `issuer:subject`)",
@@ -246,11 +246,11 @@ impl Broker {
         }
         self.validate_job(&req)?;
         if req.dry_run {
-            let mut v = self.dry_run(&req.selector).await?;
-            v.warnings = self.selector_warnings(&req.selector).await?;
+            let mut v = self.dry_run(&req.selector)?;
+            v.warnings = self.selector_warnings(&req.selector)?;
             return Ok(JobStart::DryRun(v));
         }
-        let r = self.store.read().await?;
+        let r = self.store.read()?;
         if let Some(running) = r
             .jobs()?
             .into_iter()
@@ -319,8 +319,8 @@ impl Broker {
         Ok(JobStart::Started(job))
     }
 
-    async fn dry_run(&self, sel: &Selector) -> Result<DryRunView, BrokerError> {
-        let r = self.store.read().await?;
+    fn dry_run(&self, sel: &Selector) -> Result<DryRunView, BrokerError> {
+        let r = self.store.read()?;
         let mut counts: BTreeMap<String, u64> = BTreeMap::new();
         let mut sample: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut cursor = None;
@@ -396,23 +396,17 @@ impl Broker {
                 tracing::info!(job_id = %JobId(id), "revocation job paused for shutdown; it resumes at the next start");
                 return Ok(());
             }
-            let job = self
-                .store
-                .read()
-                .await?
-                .job(id)?
-                .ok_or(BrokerError::NotFound {
-                    code: "job_not_found",
-                })?;
+            let job = self.store.read()?.job(id)?.ok_or(BrokerError::NotFound {
+                code: "job_not_found",
+            })?;
             if job.state != JobState::Running {
                 return Ok(());
             }
             if !job.scan_done {
-                let ids =
-                    self.store
-                        .read()
-                        .await?
-                        .candidate_leases(&job.selector, job.cursor, chunk)?;
+                let ids = self
+                    .store
+                    .read()?
+                    .candidate_leases(&job.selector, job.cursor, chunk)?;
                 let (local, a, c, clock) = (
                     self.local.clone(),
                     self.auditor.clone(),
@@ -447,7 +441,7 @@ impl Broker {
                 continue;
             }
             // everything selected: wait for the queue to finish the rest
-            let counts = self.store.read().await?.job_counts(id)?;
+            let counts = self.store.read()?.job_counts(id)?;
             if bucket_total(&counts, "revoking") + bucket_total(&counts, "retrying") > 0 {
                 Self::job_pause(stop, Duration::from_millis(50)).await;
                 continue;
@@ -477,11 +471,10 @@ impl Broker {
     }
 
     /// Resume every job that was running when the broker stopped.
-    pub async fn resume_jobs(self: &Arc<Self>) -> Result<usize, BrokerError> {
+    pub fn resume_jobs(self: &Arc<Self>) -> Result<usize, BrokerError> {
         let running: Vec<JobRecord> = self
             .store
-            .read()
-            .await?
+            .read()?
             .jobs()?
             .into_iter()
             .filter(|j| j.state == JobState::Running)
@@ -494,14 +487,14 @@ impl Broker {
     }
 
     /// A job, its counts per provider, and the leases still failing.
-    pub async fn job_status(&self, caller: &Caller, id: JobId) -> Result<JobView, BrokerError> {
+    pub fn job_status(&self, caller: &Caller, id: JobId) -> Result<JobView, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
             return Err(BrokerError::Forbidden {
                 code: "forbidden",
                 message: "jobs are for responders and admins".into(),
             });
         }
-        let r = self.store.read().await?;
+        let r = self.store.read()?;
         let job = r.job(id.0)?.ok_or(BrokerError::NotFound {
             code: "job_not_found",
         })?;
@@ -526,36 +519,36 @@ impl Broker {
     }
 
     /// A job as the API shows it (counts read now).
-    pub async fn job_view(&self, job: &JobRecord) -> Result<JobView, BrokerError> {
+    pub fn job_view(&self, job: &JobRecord) -> Result<JobView, BrokerError> {
         Ok(job_view(
             job,
-            &self.store.read().await?.job_counts(job.id)?,
+            &self.store.read()?.job_counts(job.id)?,
             vec![],
         ))
     }
 
-    pub async fn list_jobs(&self, caller: &Caller) -> Result<Vec<JobView>, BrokerError> {
+    pub fn list_jobs(&self, caller: &Caller) -> Result<Vec<JobView>, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
             return Err(BrokerError::Forbidden {
                 code: "forbidden",
                 message: "jobs are for responders and admins".into(),
             });
         }
-        let r = self.store.read().await?;
+        let r = self.store.read()?;
         r.jobs()?
             .iter()
             .map(|j| Ok(job_view(j, &r.job_counts(j.id)?, vec![])))
             .collect()
     }
 
-    pub async fn list_fences(&self, caller: &Caller) -> Result<Vec<FenceRecord>, BrokerError> {
+    pub fn list_fences(&self, caller: &Caller) -> Result<Vec<FenceRecord>, BrokerError> {
         if !caller.has_any_role(&[OperatorRole::Responder, OperatorRole::Admin]) {
             return Err(BrokerError::Forbidden {
                 code: "forbidden",
                 message: "fences are for responders and admins".into(),
             });
         }
-        Ok(self.store.read().await?.fences()?)
+        Ok(self.store.read()?.fences()?)
     }
 
     /// Lift a fence, with a reason.
@@ -623,7 +616,7 @@ impl Broker {
 
     /// Everything a workload did in a window: tasks, calls and decisions,
     /// leases and which are still live.
-    pub async fn blast_radius(
+    pub fn blast_radius(
         &self,
         caller: &Caller,
         workload: &str,
@@ -636,7 +629,7 @@ impl Broker {
                 message: "the blast radius is for responders and admins".into(),
             });
         }
-        let r = self.store.read().await?;
+        let r = self.store.read()?;
         let ts = |ms: i64| crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(ms));
         let mut tasks = Vec::new();
         let (mut live, mut leases_total, mut calls_total) = (0u64, 0u64, 0u64);

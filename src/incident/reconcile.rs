@@ -112,7 +112,7 @@ impl Broker {
         let mut orphans = Vec::new();
         let mut accounted = 0usize;
         {
-            let r = self.store.read().await?;
+            let r = self.store.read()?;
             for f in &found {
                 let lease = f
                     .lease_id

@@ -437,15 +437,10 @@ impl Broker {
     }
 
     /// A lease the caller may see: its owner, admins and responders.
-    pub async fn get_lease(
-        &self,
-        caller: &Caller,
-        id: LeaseId,
-    ) -> Result<LeaseRecord, BrokerError> {
+    pub fn get_lease(&self, caller: &Caller, id: LeaseId) -> Result<LeaseRecord, BrokerError> {
         let rec = self
             .store
-            .read()
-            .await?
+            .read()?
             .lease(id.0)?
             .ok_or(BrokerError::NotFound {
                 code: "lease_not_found",
@@ -471,7 +466,7 @@ impl Broker {
         id: LeaseId,
         ctx: &Ctx,
     ) -> Result<LeaseRecord, BrokerError> {
-        let rec = self.get_lease(caller, id).await?;
+        let rec = self.get_lease(caller, id)?;
         if rec.state == LeaseState::Issuing {
             return Err(BrokerError::conflict(
                 "lease_issuing",
@@ -510,7 +505,7 @@ impl Broker {
     }
 
     /// List leases (admin, responder).
-    pub async fn list_leases(
+    pub fn list_leases(
         &self,
         caller: &Caller,
         q: &LeaseQuery,
@@ -521,6 +516,6 @@ impl Broker {
                 message: "listing leases needs the admin or responder role".into(),
             });
         }
-        Ok(self.store.read().await?.list_leases(q)?)
+        Ok(self.store.read()?.list_leases(q)?)
     }
 }

@@ -442,7 +442,7 @@ async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
             }
             continue;
         }
-        let next = match b.store.read().await.and_then(|r| r.next_expiry()) {
+        let next = match b.store.read().and_then(|r| r.next_expiry()) {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "reading the expiry index failed");
@@ -486,7 +486,6 @@ async fn worker_loop(b: Arc<Broker>, provider: String, mut shutdown: watch::Rece
         let due = match b
             .store
             .read()
-            .await
             .and_then(|r| r.due_revocations(&provider, now, batch))
         {
             Ok(d) => d,
@@ -518,7 +517,6 @@ async fn worker_loop(b: Arc<Broker>, provider: String, mut shutdown: watch::Rece
         let next = b
             .store
             .read()
-            .await
             .and_then(|r| r.next_revocation(&provider))
             .ok()
             .flatten();

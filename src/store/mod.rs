@@ -7,17 +7,14 @@
 //!
 //! Group commit: one writer thread owns every write transaction. It takes
 //! whatever operations are queued, applies them all in one transaction,
-//! numbers the batch's changes as one write-ahead log record ([`wal`]),
-//! commits the transaction without a sync, and hands the record to the log
-//! thread, which appends every record queued, syncs once, and answers their
-//! callers in order. The writer applies the next batch meanwhile. Under
-//! load, concurrent requests share one sync; idle, a single operation
-//! commits alone with no added delay.
+//! appends their changes to the write-ahead log as one record and syncs it
+//! ([`wal`]), commits the transaction, then answers each caller. Under load,
+//! concurrent requests share one sync; idle, a single operation commits
+//! alone with no added delay.
 //!
 //! Invariants kept here:
 //! - a caller's `write` returns `Ok` only after its transaction is durable
-//!   (in the log), and no [`Store::read`] returns a snapshot holding a
-//!   change before that change is durable;
+//!   (in the log), and no reader sees it before that;
 //! - a lease and all its index entries change in one transaction;
 //! - start-up reads only the metadata, the intent table and the first entry
 //!   of each ordered index: nothing scales with the number of leases.
@@ -38,7 +35,7 @@ use redb::{
     Database, Durability, ReadTransaction, ReadableDatabase as _, ReadableTable as _,
     ReadableTableMetadata as _,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 pub use key::{KeyError, OpenError, Sealer, StoreKey};
 pub use records::{
@@ -152,22 +149,6 @@ pub struct StoreOptions {
     pub checkpoint_bytes: u64,
     /// Checkpoint once the store has had no write for this long.
     pub checkpoint_idle: std::time::Duration,
-    /// Tests only: runs on the log thread before each write (to hold the
-    /// log back, or fail it).
-    #[cfg(test)]
-    pub log_hook: Option<LogHook>,
-}
-
-/// See [`StoreOptions::log_hook`].
-#[cfg(test)]
-#[derive(Clone)]
-pub struct LogHook(pub Arc<dyn Fn() -> Result<(), String> + Send + Sync>);
-
-#[cfg(test)]
-impl std::fmt::Debug for LogHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LogHook")
-    }
 }
 
 impl StoreOptions {
@@ -182,8 +163,6 @@ impl StoreOptions {
             group_commit: GroupCommit::default(),
             checkpoint_bytes: Self::DEFAULT_CHECKPOINT_BYTES,
             checkpoint_idle: std::time::Duration::from_secs(1),
-            #[cfg(test)]
-            log_hook: None,
         }
     }
 }
@@ -201,15 +180,14 @@ const QUEUE_DEPTH: usize = 16 * 1024;
 pub struct CommitStats {
     pub commits: AtomicU64,
     pub operations: AtomicU64,
-    /// The writer's time applying operations, and committing them to the
-    /// store file (no I/O: the log makes them durable), in µs.
+    /// Time spent applying operations, and committing (incl. fsync), in µs.
     pub apply_micros: AtomicU64,
     pub commit_micros: AtomicU64,
     /// Checkpoints (durable redb commits that empty the log), and their time.
     pub checkpoints: AtomicU64,
     pub checkpoint_micros: AtomicU64,
-    /// Bytes appended to the write-ahead log, and the log thread's time
-    /// appending and syncing them (off the writer's path).
+    /// Bytes appended to the write-ahead log, and the time appending and
+    /// syncing them (part of `commit_micros`).
     pub wal_bytes: AtomicU64,
     pub wal_micros: AtomicU64,
 }
@@ -220,38 +198,8 @@ struct Inner {
     sender: Option<mpsc::Sender<Job>>,
     writer: Option<JoinHandle<()>>,
     healthy: Arc<AtomicBool>,
-    horizon: Arc<Horizon>,
     stats: Arc<CommitStats>,
     sealer: Sealer,
-}
-
-/// How far the log has caught up with what readers can see.
-struct Horizon {
-    /// The record of the last batch committed to the store file: set just
-    /// before the commit, so a snapshot never holds a later one.
-    visible: AtomicU64,
-    /// The last record on disk; `u64::MAX` once the log failed.
-    durable: watch::Sender<u64>,
-    /// The log or a commit failed: nothing more is written or read.
-    failed: AtomicBool,
-}
-
-impl Horizon {
-    fn new(last: u64) -> Self {
-        Self {
-            visible: AtomicU64::new(last),
-            durable: watch::Sender::new(last),
-            failed: AtomicBool::new(false),
-        }
-    }
-
-    /// Writes and reads stop; readers waiting for the log wake up to see it.
-    /// True the first time.
-    fn fail(&self) -> bool {
-        let first = !self.failed.swap(true, Ordering::SeqCst);
-        self.durable.send_replace(u64::MAX);
-        first
-    }
 }
 
 impl Drop for Inner {
@@ -346,15 +294,11 @@ impl Store {
         let db = Arc::new(db);
         let (sender, rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
         let healthy = Arc::new(AtomicBool::new(true));
-        let horizon = Arc::new(Horizon::new(wal.next_lsn() - 1));
         let stats = Arc::new(CommitStats::default());
         let writer = {
             let db = db.clone();
             let healthy = healthy.clone();
-            let horizon = horizon.clone();
             let stats = stats.clone();
-            #[cfg(test)]
-            let log_hook = opts.log_hook.clone();
             let cfg = WriterConfig {
                 group: opts.group_commit,
                 quick_repair: opts.quick_repair,
@@ -363,17 +307,7 @@ impl Store {
             };
             std::thread::Builder::new()
                 .name("leasehold-store-writer".into())
-                .spawn(move || {
-                    let sh = Shared {
-                        db,
-                        healthy,
-                        horizon,
-                        stats,
-                        #[cfg(test)]
-                        log_hook,
-                    };
-                    writer_loop(sh, rx, cfg, head, wal)
-                })
+                .spawn(move || writer_loop(&db, rx, cfg, &healthy, &stats, head, wal))
                 .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?
         };
         Ok(Self {
@@ -383,7 +317,6 @@ impl Store {
                 sender: Some(sender),
                 writer: Some(writer),
                 healthy,
-                horizon,
                 stats,
                 sealer,
             }),
@@ -404,9 +337,7 @@ impl Store {
 
     /// False once the writer has died or a commit failed; readiness reports it.
     pub fn is_healthy(&self) -> bool {
-        self.inner.healthy.load(Ordering::Relaxed)
-            && !self.inner.horizon.failed.load(Ordering::SeqCst)
-            && self.inner.db.begin_read().is_ok()
+        self.inner.healthy.load(Ordering::Relaxed) && self.read().is_ok()
     }
 
     /// Run `op` in the next group commit; resolves once it is durable.
@@ -436,37 +367,11 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// A snapshot of everything committed now, some of it possibly not yet
-    /// durable (at most one log sync behind). Only for answers that fail
-    /// safe if a crash undoes such a change: the token denylist, where a
-    /// revocation seen early makes a token inactive early. Fails once the
-    /// store stopped writing.
-    pub fn read_latest(&self) -> Result<Reader, StoreError> {
-        if self.inner.horizon.failed.load(Ordering::SeqCst) {
-            return Err(StoreError::Closed);
-        }
+    /// A consistent snapshot for reads.
+    pub fn read(&self) -> Result<Reader, StoreError> {
         Ok(Reader {
             txn: self.inner.db.begin_read()?,
         })
-    }
-
-    /// A consistent snapshot for reads, once everything it holds is durable
-    /// (at most one log sync away: the writer commits a batch before its
-    /// record is on disk, so it can apply the next one meanwhile).
-    pub async fn read(&self) -> Result<Reader, StoreError> {
-        let txn = self.inner.db.begin_read()?;
-        let h = &self.inner.horizon;
-        let holds = h.visible.load(Ordering::SeqCst);
-        if *h.durable.borrow() < holds {
-            let mut rx = h.durable.subscribe();
-            rx.wait_for(|&d| d >= holds)
-                .await
-                .map_err(|_| StoreError::Closed)?;
-        }
-        if h.failed.load(Ordering::SeqCst) {
-            return Err(StoreError::Closed);
-        }
-        Ok(Reader { txn })
     }
 }
 
@@ -494,46 +399,14 @@ struct WriterConfig {
     checkpoint_idle: std::time::Duration,
 }
 
-/// What the writer and the log thread share.
-#[derive(Clone)]
-struct Shared {
-    db: Arc<Database>,
-    healthy: Arc<AtomicBool>,
-    horizon: Arc<Horizon>,
-    stats: Arc<CommitStats>,
-    #[cfg(test)]
-    log_hook: Option<LogHook>,
-}
-
-/// Batches committed but not yet logged, at most; then the writer waits.
-const LOG_QUEUE: usize = 64;
-
-/// What the writer hands the log thread, in commit order.
-enum ToLog {
-    Batch(Batch),
-    /// Answered once everything sent before is on disk (or failed).
-    Drain(std::sync::mpsc::SyncSender<()>),
-}
-
-/// One committed (or refused) batch and its callers.
-struct Batch {
-    /// Its record's number (if it has one).
-    lsn: u64,
-    /// Empty when the batch changed nothing.
-    record: Vec<u8>,
-    /// `Err` when the batch was refused: nothing to log, callers told why.
-    outcome: Result<(), String>,
-    replies: Vec<Reply>,
-    started: std::time::Instant,
-    entered: BTreeMap<(String, LeaseState), u64>,
-}
-
 fn writer_loop(
-    sh: Shared,
+    db: &Database,
     mut rx: mpsc::Receiver<Job>,
     cfg: WriterConfig,
+    healthy: &AtomicBool,
+    stats: &CommitStats,
     mut head: ChainHead,
-    wal: wal::Wal,
+    mut wal: wal::Wal,
 ) {
     // only to wait for the next job with a timeout (the idle checkpoint)
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -542,46 +415,26 @@ fn writer_loop(
     {
         Ok(rt) => rt,
         Err(e) => {
-            sh.healthy.store(false, Ordering::Relaxed);
+            healthy.store(false, Ordering::Relaxed);
             tracing::error!(error = %e, "the store writer cannot start; every write is refused");
             return;
         }
     };
-    let mut next_lsn = wal.next_lsn();
-    let wal = Arc::new(std::sync::Mutex::new(wal));
-    let (log_tx, log_rx) = std::sync::mpsc::sync_channel::<ToLog>(LOG_QUEUE);
-    let log_thread = {
-        let (sh, wal) = (sh.clone(), wal.clone());
-        std::thread::Builder::new()
-            .name("leasehold-store-log".into())
-            .spawn(move || log_loop(&sh, &wal, log_rx))
-    };
-    let log_thread = match log_thread {
-        Ok(t) => t,
-        Err(e) => {
-            sh.healthy.store(false, Ordering::Relaxed);
-            tracing::error!(error = %e, "the store's log thread cannot start; every write is refused");
-            return;
-        }
-    };
-    // Once the log or a commit failed, the store file and the log may
-    // disagree with what callers were told, so nothing more is written (or
-    // read) until a restart recovers from the log (PostgreSQL stops on a
-    // failed fsync for the same reason). Queued callers see `Closed`.
-    let failed = || sh.horizon.failed.load(Ordering::SeqCst);
-    // bytes logged since the last checkpoint
-    let mut pending = 0u64;
+    // Set once the log or a commit failed: the store file and the log may
+    // disagree with what callers were told, so nothing more is written until
+    // a restart recovers from the log (PostgreSQL stops on a failed fsync
+    // for the same reason). Queued callers see `Closed`.
+    let mut failed = false;
     let mut last = 0usize;
     loop {
-        let first = if pending > 0 && !failed() {
+        let first = if wal.pending_bytes() > 0 && !failed {
             let idle = cfg.checkpoint_idle;
             // the timer is made inside the runtime, which it needs
             match rt.block_on(async { tokio::time::timeout(idle, rx.recv()).await }) {
                 Ok(Some(j)) => j,
                 Ok(None) => break,
                 Err(_) => {
-                    checkpoint(&sh, &wal, &log_tx, &cfg, next_lsn - 1);
-                    pending = 0;
+                    checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
                     continue;
                 }
             }
@@ -594,7 +447,7 @@ fn writer_loop(
         let mut jobs = Vec::with_capacity(64);
         jobs.push(first);
         // Under concurrent load (the last batch had company), linger briefly
-        // so more operations share this transaction; alone, commit now.
+        // so more operations share this commit's fsync; alone, commit now.
         if !cfg.group.delay.is_zero() && last >= cfg.group.siblings {
             std::thread::sleep(cfg.group.delay);
         }
@@ -604,177 +457,66 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        if failed() {
+        if failed {
             // dropping a job answers its caller with `Closed`
             continue;
         }
         let n = jobs.len() as u64;
         last = jobs.len();
-        match run_batch(&sh, jobs, &mut head, &mut next_lsn, &log_tx) {
-            Ok(bytes) => {
-                pending += bytes;
-                sh.healthy.store(true, Ordering::Relaxed);
+        match run_batch(db, jobs, stats, &mut head, &mut wal) {
+            Ok(()) => {
+                healthy.store(true, Ordering::Relaxed);
             }
             Err(BatchError::Refused(e)) => {
-                sh.healthy.store(false, Ordering::Relaxed);
+                healthy.store(false, Ordering::Relaxed);
                 tracing::error!(error = %e, operations = n, "store batch failed; its requests were refused");
             }
-            Err(BatchError::Fatal(e)) => stop_writing(&sh, &e),
+            Err(BatchError::Fatal(e)) => stop_writing(healthy, &mut failed, &e),
         }
-        if !failed() && pending >= cfg.checkpoint_bytes {
-            checkpoint(&sh, &wal, &log_tx, &cfg, next_lsn - 1);
-            pending = 0;
+        if !failed && wal.pending_bytes() >= cfg.checkpoint_bytes {
+            checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
         }
     }
-    if !failed() && pending > 0 {
+    if !failed && wal.pending_bytes() > 0 {
         // a clean close leaves an empty log: the next start replays nothing
-        checkpoint(&sh, &wal, &log_tx, &cfg, next_lsn - 1);
-    }
-    drop(log_tx);
-    let _ = log_thread.join();
-}
-
-/// The log thread: append every queued record, sync once, then answer
-/// their callers in order.
-fn log_loop(sh: &Shared, wal: &std::sync::Mutex<wal::Wal>, rx: std::sync::mpsc::Receiver<ToLog>) {
-    let mut batches = Vec::new();
-    let mut drains = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut next = Some(first);
-        while let Some(m) = next {
-            match m {
-                ToLog::Batch(b) => batches.push(b),
-                ToLog::Drain(d) => drains.push(d),
-            }
-            next = rx.try_recv().ok();
-        }
-        log_group(sh, wal, &mut batches);
-        for d in drains.drain(..) {
-            let _ = d.send(());
-        }
+        checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
     }
 }
 
-fn log_group(sh: &Shared, wal: &std::sync::Mutex<wal::Wal>, batches: &mut Vec<Batch>) {
-    let stopped = sh.horizon.failed.load(Ordering::SeqCst);
-    let mut records = batches.iter().filter(|b| !b.record.is_empty());
-    let last = records.clone().last().map(|b| b.lsn);
-    let written: Result<(), String> = if stopped {
-        Err("the store stopped writing after a failure".into())
-    } else if let Some(last) = last {
-        let bytes: std::borrow::Cow<'_, [u8]> = match (records.next(), records.next()) {
-            (Some(only), None) => std::borrow::Cow::Borrowed(&only.record),
-            _ => std::borrow::Cow::Owned(
-                batches
-                    .iter()
-                    .flat_map(|b| b.record.iter().copied())
-                    .collect(),
-            ),
-        };
-        let t = std::time::Instant::now();
-        #[cfg(test)]
-        let hooked = sh.log_hook.as_ref().map_or(Ok(()), |h| (h.0)());
-        #[cfg(not(test))]
-        let hooked = Ok(());
-        let r = hooked.and_then(|()| match wal.lock() {
-            Ok(mut w) => w.write(&bytes),
-            Err(_) => Err("the log's lock is poisoned".into()),
-        });
-        sh.stats
-            .wal_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        sh.stats
-            .wal_micros
-            .fetch_add(micros(t.elapsed()), Ordering::Relaxed);
-        match &r {
-            // readers first: a caller answered below may read at once
-            Ok(()) => {
-                sh.horizon.durable.send_replace(last);
-            }
-            Err(e) => stop_writing(sh, &format!("write-ahead log: {e}")),
-        }
-        r
-    } else {
-        Ok(())
-    };
-    for b in batches.drain(..) {
-        let told = match (b.outcome, &written) {
-            (Err(e), _) => Err(e),
-            (Ok(()), Err(e)) => Err(e.clone()),
-            (Ok(()), Ok(())) => Ok(()),
-        };
-        if told.is_ok() {
-            // counted before anyone is answered, so a caller sees its own commit
-            sh.stats.commits.fetch_add(1, Ordering::Relaxed);
-            sh.stats
-                .operations
-                .fetch_add(b.replies.len() as u64, Ordering::Relaxed);
-            crate::metrics::store_commit(
-                b.started.elapsed().as_secs_f64(),
-                b.replies.len(),
-                &b.entered,
-            );
-        }
-        for reply in b.replies {
-            reply(told.clone());
-        }
-    }
-}
-
-/// Make the store file hold everything logged through `last`, then empty
-/// the log. The log thread first writes everything committed: a durable
-/// commit of a batch the log lacks could not be undone by a replay.
 fn checkpoint(
-    sh: &Shared,
-    wal: &std::sync::Mutex<wal::Wal>,
-    log: &std::sync::mpsc::SyncSender<ToLog>,
+    db: &Database,
+    wal: &mut wal::Wal,
     cfg: &WriterConfig,
-    last: u64,
+    stats: &CommitStats,
+    healthy: &AtomicBool,
+    failed: &mut bool,
 ) {
     let started = std::time::Instant::now();
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    if log.send(ToLog::Drain(tx)).is_err() || rx.recv().is_err() {
-        stop_writing(sh, "the store's log thread is gone");
-        return;
-    }
-    if sh.horizon.failed.load(Ordering::SeqCst) {
-        return;
-    }
-    let done = match wal.lock() {
-        Ok(mut w) => w.checkpoint(&sh.db, cfg.quick_repair, last),
-        Err(_) => Err("the log's lock is poisoned".into()),
-    };
-    match done {
+    let bytes = wal.pending_bytes();
+    match wal.checkpoint(db, cfg.quick_repair) {
         Ok(()) => {
-            sh.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
-            sh.stats
+            stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+            stats
                 .checkpoint_micros
                 .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
             tracing::debug!(
-                last_record = last,
+                log_bytes = bytes,
                 seconds = started.elapsed().as_secs_f64(),
                 "store checkpoint"
             );
         }
-        Err(e) => stop_writing(sh, &format!("checkpoint: {e}")),
+        Err(e) => stop_writing(healthy, failed, &format!("checkpoint: {e}")),
     }
 }
 
 /// The log or the store file may now disagree with what callers were told:
-/// write (and read) nothing more until a restart recovers from the log.
-fn stop_writing(sh: &Shared, error: &str) {
-    if sh.horizon.fail() {
-        // The file may hold commits the log lacks, which a clean close would
-        // make durable: a replay of the log onto them could then undo part
-        // of one. So the file is never closed in this process; it is left as
-        // a crash would leave it, at its last checkpoint, for a restart to
-        // recover from the log.
-        std::mem::forget(Arc::clone(&sh.db));
-    }
-    sh.healthy.store(false, Ordering::Relaxed);
+/// write nothing more until a restart recovers from the log.
+fn stop_writing(healthy: &AtomicBool, failed: &mut bool, error: &str) {
+    *failed = true;
+    healthy.store(false, Ordering::Relaxed);
     tracing::error!(
         error,
-        "the store cannot write durably; every write and read is refused until a restart recovers from the write-ahead log"
+        "the store cannot write durably; every write is refused until a restart recovers from the write-ahead log"
     );
 }
 
@@ -789,20 +531,18 @@ enum BatchError {
     Fatal(String),
 }
 
-/// Apply a batch, number its record, commit it, and hand it to the log
-/// thread, which answers its callers (see [`wal`]). Returns the record's
-/// size. Jobs that never ran (the transaction could not begin) are
-/// dropped, which their callers see as `Closed`.
+/// Apply a batch, log it durably, then commit it (see [`wal`]). Jobs that
+/// never ran (the transaction could not begin) are dropped, which their
+/// callers see as `Closed`.
 fn run_batch(
-    sh: &Shared,
+    db: &Database,
     jobs: Vec<Job>,
+    stats: &CommitStats,
     head: &mut ChainHead,
-    next_lsn: &mut u64,
-    log: &std::sync::mpsc::SyncSender<ToLog>,
-) -> Result<u64, BatchError> {
+    wal: &mut wal::Wal,
+) -> Result<(), BatchError> {
     let started = std::time::Instant::now();
-    let mut txn = sh
-        .db
+    let mut txn = db
         .begin_write()
         .map_err(|e| BatchError::Refused(e.to_string()))?;
     txn.set_durability(Durability::None)
@@ -817,63 +557,61 @@ fn run_batch(
         (replies, t.finish().map(|(h, redo)| (h, redo, entered)))
     };
     let applied = std::time::Instant::now();
-    sh.stats
-        .apply_micros
-        .fetch_add(micros(applied - started), Ordering::Relaxed);
-    let mut batch = Batch {
-        lsn: *next_lsn,
-        record: Vec::new(),
-        outcome: Ok(()),
-        replies,
-        started,
-        entered: BTreeMap::new(),
-    };
-    // Refusals and failures are answered through the log thread too, after
-    // the batches before them: an answer may rest on what those wrote.
-    let refuse = |mut batch: Batch, e: String, fatal: bool| {
-        // not committed: never logged
-        batch.record = Vec::new();
-        batch.outcome = Err(e.clone());
-        let _ = log.send(ToLog::Batch(batch));
-        Err(if fatal {
-            BatchError::Fatal(e)
-        } else {
-            BatchError::Refused(e)
-        })
-    };
-    let (new_head, redo, entered) = match finished {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = txn.abort();
-            return refuse(batch, e.to_string(), false);
-        }
-    };
-    batch.entered = entered;
-    if !redo.is_empty() {
-        match wal::record(*next_lsn, &redo) {
-            Ok(r) => batch.record = r,
-            Err(e) => {
-                let _ = txn.abort();
-                return refuse(batch, e, false);
+    let mut entered = BTreeMap::new();
+    let outcome: Result<(), BatchError> = match finished {
+        Ok((new_head, redo, e)) => {
+            entered = e;
+            let logged = if redo.is_empty() {
+                Ok(())
+            } else {
+                stats
+                    .wal_bytes
+                    .fetch_add(redo.len() as u64, Ordering::Relaxed);
+                let t = std::time::Instant::now();
+                let r = wal.append(&redo).map(|_| ());
+                stats
+                    .wal_micros
+                    .fetch_add(micros(t.elapsed()), Ordering::Relaxed);
+                r
+            };
+            match logged {
+                Err(e) => {
+                    let _ = txn.abort();
+                    Err(BatchError::Fatal(format!("write-ahead log: {e}")))
+                }
+                Ok(()) => txn
+                    .commit()
+                    .map(|()| *head = new_head)
+                    .map_err(|e| BatchError::Fatal(format!("commit after logging: {e}"))),
             }
         }
-        // before the commit: a snapshot holding this batch sees its number
-        sh.horizon.visible.store(*next_lsn, Ordering::SeqCst);
-    }
-    if let Err(e) = txn.commit() {
-        return refuse(batch, format!("commit: {e}"), true);
-    }
-    sh.stats
+        Err(e) => {
+            let _ = txn.abort();
+            Err(BatchError::Refused(e.to_string()))
+        }
+    };
+    stats
+        .apply_micros
+        .fetch_add(micros(applied - started), Ordering::Relaxed);
+    stats
         .commit_micros
         .fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
-    *head = new_head;
-    let bytes = batch.record.len() as u64;
-    if bytes > 0 {
-        *next_lsn += 1;
+    if outcome.is_ok() {
+        // counted before anyone is answered, so a caller sees its own commit
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats
+            .operations
+            .fetch_add(replies.len() as u64, Ordering::Relaxed);
+        crate::metrics::store_commit(started.elapsed().as_secs_f64(), replies.len(), &entered);
     }
-    log.send(ToLog::Batch(batch))
-        .map_err(|_| BatchError::Fatal("the store's log thread is gone".into()))?;
-    Ok(bytes)
+    let told = match &outcome {
+        Ok(()) => Ok(()),
+        Err(BatchError::Refused(e) | BatchError::Fatal(e)) => Err(e.clone()),
+    };
+    for reply in replies {
+        reply(told.clone());
+    }
+    outcome
 }
 
 /// Filters for listing leases. `after` is the paging cursor (exclusive).

@@ -6,28 +6,20 @@
 //! same changes to a log and waiting for that is one sequential write
 //! (~0.1 ms). So each batch is:
 //!
-//! 1. applied in a redb write transaction by the writer thread; every table
-//!    mutation is also recorded, physically (table, key bytes, value bytes
-//!    or removal), by [`Logged`];
-//! 2. committed in redb with `Durability::None` (no I/O) after its record
-//!    (`lsn`, length, SHA-256 digest) is numbered;
-//! 3. handed to the log thread, which appends every record queued, in
-//!    order, and `fdatasync`s once;
-//! 4. answered, in order, once its record is on disk.
+//! 1. applied in a redb write transaction; every table mutation is also
+//!    recorded, physically (table, key bytes, value bytes or removal), by
+//!    [`Logged`];
+//! 2. appended to this log as one record (`lsn`, length, SHA-256 digest) and
+//!    `fdatasync`ed;
+//! 3. committed in redb with `Durability::None` (visible to readers, no I/O);
+//! 4. answered.
 //!
-//! The writer applies the next batch while the log thread syncs: the sync
-//! is off the writer's path. A batch is visible from step 2, but not
-//! readable: [`super::Store::read`] waits until every batch its snapshot
-//! holds is durable, so no reader acts on a change a crash could undo.
-//! Every so often (the log outgrows
-//! [`super::StoreOptions::checkpoint_bytes`], or the store has been idle,
-//! or it closes) the writer waits until the log thread has written
-//! everything committed, then a **checkpoint** commits redb durably with
+//! Readers therefore never see a change that is not durable. Every so often
+//! (the log outgrows [`super::StoreOptions::checkpoint_bytes`], or the store
+//! has been idle, or it closes) a **checkpoint** commits redb durably with
 //! `wal_lsn` (the last record it contains) in its metadata, and the log
 //! starts over after its header (the file grows ahead of its records, in
-//! zeroed steps, and never shrinks). A checkpoint never makes a batch
-//! durable in the file that the log lacks. Opening the store replays the
-//! records after `wal_lsn`.
+//! zeroed steps, and never shrinks). Opening the store replays the records after `wal_lsn`.
 //!
 //! Replay is idempotent: a record holds the final bytes of each key it
 //! touched, so replaying the log from the checkpoint onto any state between
@@ -414,8 +406,7 @@ pub struct Recovery {
     pub discarded_tail: bool,
 }
 
-/// The open log file; written by the store's log thread, emptied by the
-/// writer at a checkpoint (when the log thread has nothing to write).
+/// The open log; owned by the writer thread.
 pub(super) struct Wal {
     file: File,
     path: PathBuf,
@@ -520,15 +511,22 @@ impl Wal {
         ))
     }
 
-    /// The number the next record takes.
-    pub(super) fn next_lsn(&self) -> u64 {
-        self.next_lsn
+    /// Bytes of records since the last checkpoint.
+    pub(super) fn pending_bytes(&self) -> u64 {
+        self.len - HEADER
     }
 
-    /// Write records (consecutive, encoded by [`record`]) after the last
-    /// one and wait until they are on disk.
-    pub(super) fn write(&mut self, records: &[u8]) -> Result<(), String> {
-        let end = self.len + records.len() as u64;
+    /// Append one record and wait until it is on disk.
+    pub(super) fn append(&mut self, payload: &[u8]) -> Result<u64, String> {
+        let lsn = self.next_lsn;
+        let len = u32::try_from(payload.len())
+            .map_err(|_| format!("a batch of {} bytes is too large to log", payload.len()))?;
+        let mut rec = Vec::with_capacity(RECORD_HEADER + payload.len());
+        rec.extend_from_slice(&len.to_be_bytes());
+        rec.extend_from_slice(&lsn.to_be_bytes());
+        rec.extend_from_slice(&digest(lsn, payload));
+        rec.extend_from_slice(payload);
+        let end = self.len + rec.len() as u64;
         if end > self.allocated {
             // Grow the file by writing zeros and syncing it once: a record
             // written into blocks that exist syncs its data alone, where an
@@ -543,22 +541,18 @@ impl Wal {
             self.allocated = to;
         }
         self.file
-            .write_all_at(records, self.len)
+            .write_all_at(&rec, self.len)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
-        self.len = end;
-        Ok(())
+        self.len += rec.len() as u64;
+        self.next_lsn += 1;
+        Ok(lsn)
     }
 
-    /// Make the store file hold everything logged through record `last`
-    /// (one durable commit), then empty the log. The caller makes sure
-    /// every batch committed to the file was logged first.
-    pub(super) fn checkpoint(
-        &mut self,
-        db: &Database,
-        quick_repair: bool,
-        last: u64,
-    ) -> Result<(), String> {
+    /// Make the store file hold everything logged (one durable commit),
+    /// then empty the log.
+    pub(super) fn checkpoint(&mut self, db: &Database, quick_repair: bool) -> Result<(), String> {
+        let last = self.next_lsn - 1;
         let mut txn = db.begin_write().map_err(|e| e.to_string())?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| e.to_string())?;
@@ -574,18 +568,6 @@ impl Wal {
         self.len = HEADER;
         Ok(())
     }
-}
-
-/// One log record: length, number, digest, then the batch's changes.
-pub(super) fn record(lsn: u64, payload: &[u8]) -> Result<Vec<u8>, String> {
-    let len = u32::try_from(payload.len())
-        .map_err(|_| format!("a batch of {} bytes is too large to log", payload.len()))?;
-    let mut rec = Vec::with_capacity(RECORD_HEADER + payload.len());
-    rec.extend_from_slice(&len.to_be_bytes());
-    rec.extend_from_slice(&lsn.to_be_bytes());
-    rec.extend_from_slice(&digest(lsn, payload));
-    rec.extend_from_slice(payload);
-    Ok(rec)
 }
 
 #[cfg(test)]

@@ -212,15 +212,10 @@ impl Broker {
     }
 
     /// Read a task the caller may see.
-    pub async fn visible_task(
-        &self,
-        caller: &Caller,
-        id: TaskId,
-    ) -> Result<TaskRecord, BrokerError> {
+    pub fn visible_task(&self, caller: &Caller, id: TaskId) -> Result<TaskRecord, BrokerError> {
         let task = self
             .store
-            .read()
-            .await?
+            .read()?
             .task(id.0)?
             .ok_or(BrokerError::NotFound {
                 code: "task_not_found",
@@ -243,13 +238,13 @@ impl Broker {
         }
     }
 
-    pub async fn get_task(
+    pub fn get_task(
         &self,
         caller: &Caller,
         id: TaskId,
     ) -> Result<(TaskRecord, Vec<LeaseRecord>), BrokerError> {
-        let task = self.visible_task(caller, id).await?;
-        let leases = self.store.read().await?.task_leases(id.0)?;
+        let task = self.visible_task(caller, id)?;
+        let leases = self.store.read()?.task_leases(id.0)?;
         Ok((task, leases))
     }
 
@@ -261,7 +256,7 @@ impl Broker {
         ctx: &Ctx,
     ) -> Result<CompletionReport, BrokerError> {
         let caller = Caller::Workload(std::sync::Arc::new(w.clone()));
-        self.visible_task(&caller, id).await?;
+        self.visible_task(&caller, id)?;
         let now = self.clock.now().unix_millis();
         let claim_until = now.saturating_add(self.claim_window_ms());
         let (local, a, c) = (self.local.clone(), self.auditor.clone(), ctx.clone());

@@ -667,7 +667,7 @@ async fn throughput(
         "throughput: median {:.0} leases/s over {rounds} rounds of {seconds} s, {clients} clients \
          ({per_task} lease(s) per task: open task, lease x{per_task}, complete); broker CPU {:.0} us per lease (median); \
          task cycle latency p50 {:.1} ms, p99 {:.1} ms; \
-         {:.1} store operations per batch; writer thread: {:.1} s applying, {:.1} s committing; log thread: {:.1} s writing and syncing, \
+         {:.1} store operations per durable commit; writer time: {:.1} s applying, {:.1} s logging and committing (of which {:.1} s writing and syncing the log), \
          {:.1} s in {} checkpoints",
         median(&mut l.rates),
         median(&mut l.server_cpu),
@@ -986,7 +986,7 @@ async fn expiry(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result<()> 
         let cfg = leasehold::config::Config::load(&config)?;
         let key = StoreKey::from_file(cfg.store.key_file.as_ref().context("key_file")?)?;
         let store = Store::open(&StoreOptions::new(&cfg.store.path), &key)?;
-        let reader = store.read().await?;
+        let reader = store.read()?;
         let mut q = LeaseQuery {
             limit: 1000,
             scan_budget: 1_000_000,
@@ -1420,8 +1420,7 @@ async fn mass_revoke(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result
         let key = StoreKey::from_file(cfg.store.key_file.as_ref().context("key_file")?)?;
         let store = Store::open(&StoreOptions::new(&cfg.store.path), &key)?;
         let created = store
-            .read()
-            .await?
+            .read()?
             .job(leasehold::ids::JobId::from_str(&job)?.0)?
             .context("job")?
             .created_at;
@@ -1431,7 +1430,7 @@ async fn mass_revoke(bin: &Path, leases: usize, rounds: usize) -> anyhow::Result
             state: Some(LeaseState::Revoked),
             ..Default::default()
         };
-        let reader = store.read().await?;
+        let reader = store.read()?;
         let mut last_end = 0i64;
         loop {
             let (page, next) = reader.list_leases(&q)?;
