@@ -265,13 +265,13 @@ pub async fn run_with(
         }));
     }
     let limits = Arc::new(crate::api::Limiter::new(config.server.rate_limits.clone()));
-    let state = AppState {
+    let state = AppState::new(crate::api::AppShared {
         broker: broker.clone(),
         auth,
         ready: ready.clone(),
         limits,
         health: Arc::default(),
-    };
+    });
     if let Some(addr) = config.server.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let app = crate::api::metrics_router(state.clone());

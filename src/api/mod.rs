@@ -36,9 +36,27 @@ use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::ids::RequestId;
 
-/// Shared by every handler.
+/// Shared by every handler: one pointer, since axum clones the state for
+/// every extractor and middleware of every request.
 #[derive(Clone, Debug)]
-pub struct AppState {
+pub struct AppState(Arc<AppShared>);
+
+impl AppState {
+    pub fn new(shared: AppShared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppShared;
+    fn deref(&self) -> &AppShared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] points to.
+#[derive(Debug)]
+pub struct AppShared {
     pub broker: Arc<Broker>,
     pub auth: Arc<Authenticator>,
     /// Turned false when shutdown begins, so readiness drains the broker.
