@@ -296,14 +296,8 @@ impl Broker {
         let now_ms = self.clock.now().unix_millis();
         let (a, c) = (self.auditor.clone(), ctx.clone());
         // the record activation makes of the intent, and its event
-        let expected = LeaseRecord {
-            state: LeaseState::Active,
-            handle_sealed: Some(activation.handle_sealed.clone()),
-            issued_at: Some(activation.issued_at),
-            expires_at: activation.expires_at,
-            description: Some(activation.description.clone()),
-            ..rec.clone()
-        };
+        let mut expected = rec.clone();
+        activation.apply(&mut expected);
         let event = a.lease(&expected, &c, now_ms);
         let activated = self.store.write(move |t| {
             // a fence set while the provider was minting wins: rolled back

@@ -735,6 +735,11 @@ fn log_only(dir: &tempfile::TempDir) -> StoreOptions {
     }
 }
 
+/// Records of the log beside `file` that its store file lacks.
+fn left_to_replay(db: &redb::Database, file: &std::path::Path) -> usize {
+    wal::pending(file, wal::checkpointed(db).unwrap()).unwrap()
+}
+
 fn without_wal_lsn(d: Vec<(String, Vec<u8>, Vec<u8>)>) -> Vec<(String, Vec<u8>, Vec<u8>)> {
     d.into_iter()
         .filter(|(t, k, _)| !(t == "meta" && k == wal::WAL_LSN.as_bytes()))
@@ -792,11 +797,7 @@ async fn the_log_replayed_onto_the_last_checkpoint_gives_the_same_store() {
     drop(s); // a clean close: checkpoint, nothing left to replay
     let expected = {
         let db = redb::Database::open(&file).unwrap();
-        assert_eq!(
-            wal::pending(&file, wal::checkpointed(&db).unwrap()).unwrap(),
-            0,
-            "a clean close checkpoints"
-        );
+        assert_eq!(left_to_replay(&db, &file), 0, "a clean close checkpoints");
         without_wal_lsn(wal::dump(&db))
     };
     assert!(expected.iter().any(|(t, _, _)| t == "token_denylist"));
@@ -892,10 +893,7 @@ async fn an_idle_store_checkpoints() {
     let path = s.path().to_owned();
     drop(s);
     let db = redb::Database::open(&path).unwrap();
-    assert_eq!(
-        wal::pending(&path, wal::checkpointed(&db).unwrap()).unwrap(),
-        0
-    );
+    assert_eq!(left_to_replay(&db, &path), 0);
 }
 
 /// A log as the writer leaves it, records `1..=n` (each a task), cut after
@@ -916,9 +914,9 @@ fn log_bytes(dir: &tempfile::TempDir, n: u64) -> Vec<u8> {
     });
     let mut bytes = std::fs::read(wal::path_for(s.path())).unwrap();
     std::mem::forget(s); // no checkpoint: the test reads the log as written
-    let mut end = 8;
+    let mut end = wal::FIRST_RECORD;
     for _ in 0..n {
-        end += 28 + u32::from_be_bytes(bytes[end..end + 4].try_into().unwrap()) as usize;
+        end = wal::record_end_for_test(&bytes, end);
     }
     assert!(bytes[end..].iter().all(|b| *b == 0));
     bytes.truncate(end);
@@ -946,11 +944,9 @@ fn a_torn_or_corrupt_record_ends_the_log_and_stale_ones_are_skipped() {
     assert_eq!(wal::records_for_test(&bad, 0), (vec![1, 2, 3, 4], true));
     // records past a gap in the sequence are stale, not replayed
     assert_eq!(wal::records_for_test(&bytes, 0).0.len(), 5);
-    let rec_len =
-        |b: &[u8], at: usize| 28 + u32::from_be_bytes(b[at..at + 4].try_into().unwrap()) as usize;
-    let second = 8 + rec_len(&bytes, 8);
+    let second = wal::record_end_for_test(&bytes, wal::FIRST_RECORD);
     let mut gap = bytes[..second].to_vec();
-    let third = second + rec_len(&bytes, second);
+    let third = wal::record_end_for_test(&bytes, second);
     gap.extend_from_slice(&bytes[third..]); // 1, then 3, 4, 5
     assert_eq!(wal::records_for_test(&gap, 0), (vec![1], false));
     // zeros (the preallocated rest of the file) end it quietly

@@ -51,6 +51,17 @@ pub struct Activation {
     pub description: String,
 }
 
+impl Activation {
+    /// The record this activation makes of its `issuing` intent.
+    pub fn apply(&self, rec: &mut LeaseRecord) {
+        rec.state = LeaseState::Active;
+        rec.handle_sealed = Some(self.handle_sealed.clone());
+        rec.issued_at = Some(self.issued_at);
+        rec.expires_at = self.expires_at;
+        rec.description = Some(self.description.clone());
+    }
+}
+
 /// Result of a task completion: the task, the leases this completion claimed
 /// for immediate revocation, those it revoked in the transaction (local
 /// providers), and every lease of the task.
@@ -1098,11 +1109,7 @@ impl<'t> Txn<'t> {
         if a.expires_at > rec.expires_at || a.expires_at <= now {
             return conflict(Conflict::OutlivesTask);
         }
-        rec.state = LeaseState::Active;
-        rec.handle_sealed = Some(a.handle_sealed.clone());
-        rec.issued_at = Some(a.issued_at);
-        rec.expires_at = a.expires_at;
-        rec.description = Some(a.description.clone());
+        a.apply(&mut rec);
         let r = self.issuing.remove(rec.id).map(|_| ());
         self.w(r)?;
         let r = self.expiry.insert((rec.expires_at, rec.id), ()).map(|_| ());

@@ -611,6 +611,17 @@ pub(super) fn dump(db: &Database) -> Vec<(String, Vec<u8>, Vec<u8>)> {
     out
 }
 
+/// Where the first record starts.
+#[cfg(test)]
+pub(super) const FIRST_RECORD: usize = HEADER as usize;
+
+/// The offset just past the record that starts at `at`.
+#[cfg(test)]
+pub(super) fn record_end_for_test(bytes: &[u8], at: usize) -> usize {
+    let len = u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+    at + RECORD_HEADER + len as usize
+}
+
 #[cfg(test)]
 pub(super) fn records_for_test(bytes: &[u8], after: u64) -> (Vec<u64>, bool) {
     let (r, tail) = records_after(bytes, after);
