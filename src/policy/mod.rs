@@ -66,8 +66,8 @@ pub struct Loaded {
     /// evaluates only those: a policy whose action or resource scope cannot
     /// match can neither permit nor forbid, so leaving it out changes nothing
     /// but the time taken.
-    slices: HashMap<(usize, EntityUid), PolicySet>,
-    empty: PolicySet,
+    slices: HashMap<(usize, EntityUid), Slice>,
+    empty: Slice,
     actions: [EntityUid; 4],
     entities: Entities,
     meta: HashMap<PolicyId, PolicyMeta>,
@@ -129,12 +129,145 @@ fn resource_matches(p: &Policy, r: &EntityUid, ancestors: &HashSet<EntityUid>) -
     }
 }
 
+/// The policies that can apply to one (action, resource), and what they
+/// read of the context.
+struct Slice {
+    set: PolicySet,
+    reads: Reads,
+}
+
+/// The context attributes a set of policies reads, so a decision builds only
+/// those: building Cedar's context (every value evaluated into Cedar's own
+/// form) cost twice the authorization itself. Found from each policy's JSON
+/// form, where every read is a node `.` or `has` with a `left` and an
+/// `attr`: Cedar has no computed attribute names, so a name not found there
+/// is read by no policy. `context` used other than through an attribute
+/// read (compared whole, say) means everything is built.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Reads {
+    all: bool,
+    /// Attribute -> the fields read of it, or `None` for its whole value.
+    attrs: HashMap<String, Option<HashSet<String>>>,
+}
+
+impl Reads {
+    pub(crate) fn everything() -> Self {
+        Self {
+            all: true,
+            attrs: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn of<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> Self {
+        let mut r = Self::default();
+        for p in policies {
+            match p.to_json() {
+                Ok(json) => r.walk(&json),
+                // not expected; if it happens, build everything
+                Err(_) => r.all = true,
+            }
+        }
+        r
+    }
+
+    fn walk(&mut self, v: &serde_json::Value) {
+        use serde_json::Value;
+        fn is_context(v: &Value) -> bool {
+            v.as_object().is_some_and(|m| {
+                m.len() == 1 && m.get("Var").and_then(Value::as_str) == Some("context")
+            })
+        }
+        // `context.<name>`, as an expression
+        fn context_attr(v: &Value) -> Option<&str> {
+            let m = v.as_object().filter(|m| m.len() == 1)?;
+            let n = m.get(".")?.as_object()?;
+            is_context(n.get("left")?)
+                .then(|| n.get("attr")?.as_str())
+                .flatten()
+        }
+        match v {
+            Value::Array(a) => a.iter().for_each(|v| self.walk(v)),
+            Value::Object(m) => {
+                if m.len() == 1 {
+                    for op in [".", "has"] {
+                        let Some(n) = m.get(op).and_then(Value::as_object) else {
+                            continue;
+                        };
+                        let (Some(left), Some(attr)) =
+                            (n.get("left"), n.get("attr").and_then(Value::as_str))
+                        else {
+                            continue;
+                        };
+                        if is_context(left) {
+                            self.attrs.insert(attr.to_owned(), None);
+                            return;
+                        }
+                        if let Some(top) = context_attr(left) {
+                            let e = self
+                                .attrs
+                                .entry(top.to_owned())
+                                .or_insert_with(|| Some(HashSet::new()));
+                            if let Some(fields) = e {
+                                fields.insert(attr.to_owned());
+                            }
+                            return;
+                        }
+                    }
+                    if is_context(v) {
+                        self.all = true;
+                        return;
+                    }
+                }
+                m.values().for_each(|v| self.walk(v));
+            }
+            _ => {}
+        }
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        self.all || self.attrs.contains_key(name)
+    }
+
+    fn wants_in(&self, name: &str, field: &str) -> bool {
+        self.all
+            || match self.attrs.get(name) {
+                None => false,
+                Some(None) => true,
+                Some(Some(fields)) => fields.contains(field),
+            }
+    }
+}
+
+/// A decision's context, holding only what the policies deciding it read.
+struct Ctx<'a> {
+    reads: &'a Reads,
+    pairs: Vec<(String, RestrictedExpression)>,
+}
+
+type Field<'a> = (&'static str, &'a dyn Fn() -> RestrictedExpression);
+
+impl Ctx<'_> {
+    fn put(&mut self, name: &'static str, value: impl FnOnce() -> RestrictedExpression) {
+        if self.reads.wants(name) {
+            self.pairs.push((name.to_owned(), value()));
+        }
+    }
+
+    fn record(&mut self, name: &'static str, fields: &[Field<'_>]) {
+        if self.reads.wants(name) {
+            let keep = fields.iter().filter(|(f, _)| self.reads.wants_in(name, f));
+            let rec = record(keep.map(|(f, v)| (*f, v())));
+            self.pairs.push((name.to_owned(), rec));
+        }
+    }
+}
+
 /// The resources each action decides on, and the policies that can apply.
 fn slice(
     set: &PolicySet,
     entities: &Entities,
     actions: &[EntityUid; 4],
-) -> Result<HashMap<(usize, EntityUid), PolicySet>, LoadError> {
+) -> Result<HashMap<(usize, EntityUid), Slice>, LoadError> {
     let resource_type = |i: usize| match ACTIONS[i] {
         "OpenTask" => "Broker",
         "Lease" => "ProviderRole",
@@ -156,9 +289,10 @@ fn slice(
                 .filter(|p| action_matches(p, action) && resource_matches(p, &uid, &ancestors))
                 .cloned()
                 .collect();
-            let ps = PolicySet::from_policies(picked)
+            let reads = Reads::of(&picked);
+            let set = PolicySet::from_policies(picked)
                 .map_err(|e| LoadError::one(format!("slicing: {e}")))?;
-            out.insert((i, uid.clone()), ps);
+            out.insert((i, uid.clone()), Slice { set, reads });
         }
     }
     Ok(out)
@@ -374,7 +508,10 @@ impl Loaded {
         Ok(Self {
             set,
             slices,
-            empty: PolicySet::new(),
+            empty: Slice {
+                set: PolicySet::new(),
+                reads: Reads::default(),
+            },
             actions,
             entities,
             meta,
@@ -401,8 +538,10 @@ pub struct PolicyEngine {
     tool_type: EntityTypeName,
     role_type: EntityTypeName,
     broker_uid: EntityUid,
-    /// Off only in the test that proves slicing decides as the whole set.
+    /// Off only in the test that proves slicing (of the set and of the
+    /// context) decides as the whole set with the whole context.
     slicing: bool,
+    everything: Reads,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -426,6 +565,7 @@ impl PolicyEngine {
             role_type: type_name("ProviderRole")?,
             broker_uid: uid("Broker", "leasehold")?,
             slicing: true,
+            everything: Reads::everything(),
         })
     }
 
@@ -549,16 +689,19 @@ pub struct Now {
 }
 
 impl Now {
-    fn expr(self) -> RestrictedExpression {
+    fn put(self, c: &mut Ctx) {
         let days = self.unix.div_euclid(86_400);
         let hour = self.unix.rem_euclid(86_400) / 3600;
         // 1970-01-01 was a Thursday (4); Monday = 1
         let weekday = (days + 3).rem_euclid(7) + 1;
-        record([
-            ("now", RestrictedExpression::new_long(self.unix)),
-            ("hour", RestrictedExpression::new_long(hour)),
-            ("weekday", RestrictedExpression::new_long(weekday)),
-        ])
+        c.record(
+            "time",
+            &[
+                ("now", &|| RestrictedExpression::new_long(self.unix)),
+                ("hour", &|| RestrictedExpression::new_long(hour)),
+                ("weekday", &|| RestrictedExpression::new_long(weekday)),
+            ],
+        );
     }
 }
 
@@ -574,40 +717,51 @@ fn strings<'a>(v: impl IntoIterator<Item = &'a String>) -> RestrictedExpression 
     RestrictedExpression::new_set(v.into_iter().map(|s| string(s)))
 }
 
-fn record<const N: usize>(fields: [(&str, RestrictedExpression); N]) -> RestrictedExpression {
+fn record<'a>(
+    fields: impl Iterator<Item = (&'a str, RestrictedExpression)>,
+) -> RestrictedExpression {
     // field names are fixed, distinct literals: this cannot fail
-    RestrictedExpression::new_record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)))
+    RestrictedExpression::new_record(fields.map(|(k, v)| (k.to_owned(), v)))
         .unwrap_or_else(|_| RestrictedExpression::new_bool(false))
 }
 
 impl Principal {
-    fn expr(&self) -> RestrictedExpression {
-        let attrs: Vec<String> = self
-            .attributes
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        record([
-            ("id", string(&self.id)),
-            ("issuer", string(&self.issuer)),
-            ("tenant", string(&self.tenant)),
-            ("attributes", strings(&attrs)),
-        ])
+    fn put(&self, c: &mut Ctx) {
+        let attrs = || {
+            let attrs: Vec<String> = self
+                .attributes
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            strings(&attrs)
+        };
+        c.record(
+            "workload",
+            &[
+                ("id", &|| string(&self.id)),
+                ("issuer", &|| string(&self.issuer)),
+                ("tenant", &|| string(&self.tenant)),
+                ("attributes", &attrs),
+            ],
+        );
     }
 }
 
 impl TaskFacts {
-    fn expr(&self) -> RestrictedExpression {
-        record([
-            ("id", string(&self.id)),
-            ("purpose", string(&self.purpose)),
-            ("declared_tools", strings(&self.declared_tools)),
-            ("prompt_sha256", string(&self.prompt_sha256)),
-            ("user", string(&self.user)),
-            ("active_leases", long(self.active_leases)),
-            ("lease_count", long(self.lease_count)),
-            ("remaining_seconds", long(self.remaining_seconds)),
-        ])
+    fn put(&self, c: &mut Ctx) {
+        c.record(
+            "task",
+            &[
+                ("id", &|| string(&self.id)),
+                ("purpose", &|| string(&self.purpose)),
+                ("declared_tools", &|| strings(&self.declared_tools)),
+                ("prompt_sha256", &|| string(&self.prompt_sha256)),
+                ("user", &|| string(&self.user)),
+                ("active_leases", &|| long(self.active_leases)),
+                ("lease_count", &|| long(self.lease_count)),
+                ("remaining_seconds", &|| long(self.remaining_seconds)),
+            ],
+        );
     }
 
     fn delegation(&self, workload: &str) -> RestrictedExpression {
@@ -632,7 +786,7 @@ impl PolicyEngine {
         principal: &str,
         action: &str,
         resource: EntityUid,
-        context: Vec<(&str, RestrictedExpression)>,
+        context: impl FnOnce(&mut Ctx),
     ) -> Evaluated {
         let Some(ai) = ACTIONS.iter().position(|a| *a == action) else {
             return Evaluated {
@@ -641,14 +795,20 @@ impl PolicyEngine {
                 errors: vec![format!("unknown action {action}")],
             };
         };
-        let policies = if self.slicing {
-            l.slices.get(&(ai, resource.clone())).unwrap_or(&l.empty)
+        let (policies, reads) = if self.slicing {
+            let s = l.slices.get(&(ai, resource.clone())).unwrap_or(&l.empty);
+            (&s.set, &s.reads)
         } else {
-            &l.set
+            // the whole set and the whole context, which slicing must decide as
+            (&l.set, &self.everything)
         };
+        let mut ctx = Ctx {
+            reads,
+            pairs: Vec::new(),
+        };
+        context(&mut ctx);
         let request = (|| {
-            let ctx = Context::from_pairs(context.into_iter().map(|(k, v)| (k.to_owned(), v)))
-                .map_err(|e| e.to_string())?;
+            let ctx = Context::from_pairs(ctx.pairs).map_err(|e| e.to_string())?;
             let p = EntityUid::from_type_name_and_id(
                 self.workload_type.clone(),
                 EntityId::new(principal),
@@ -717,21 +877,15 @@ impl PolicyEngine {
     ) -> Decision {
         let l = self.current();
         let resource = self.broker_uid.clone();
-        let e = self.eval(
-            &l,
-            &who.id,
-            "OpenTask",
-            resource,
-            vec![
-                ("workload", who.expr()),
-                ("purpose", string(&task.purpose)),
-                ("declared_tools", strings(&task.declared_tools)),
-                ("prompt_sha256", string(&task.prompt_sha256)),
-                ("user", string(&task.user)),
-                ("requested_ttl", long(requested_ttl)),
-                ("time", now.expr()),
-            ],
-        );
+        let e = self.eval(&l, &who.id, "OpenTask", resource, |c| {
+            who.put(c);
+            c.put("purpose", || string(&task.purpose));
+            c.put("declared_tools", || strings(&task.declared_tools));
+            c.put("prompt_sha256", || string(&task.prompt_sha256));
+            c.put("user", || string(&task.user));
+            c.put("requested_ttl", || long(requested_ttl));
+            now.put(c);
+        });
         if !e.allowed {
             let reasons = self.denial(&l, &e, "opening this task");
             return self.deny(&l, &e.policies, reasons);
@@ -792,45 +946,33 @@ impl PolicyEngine {
         };
         let bg = call.break_glass.is_some();
         let requested_ttl = call.credential.as_ref().map_or(0, |c| c.requested_ttl);
-        let e = self.eval(
-            &l,
-            &who.id,
-            "Call",
-            tool.clone(),
-            vec![
-                ("workload", who.expr()),
-                ("task", task.expr()),
-                ("action", string(&call.action)),
-                ("target", string(&call.target)),
-                ("arguments_sha256", string(&call.arguments_sha256)),
-                ("requested_ttl", long(requested_ttl)),
-                ("risk", RestrictedExpression::new_long(risk)),
-                ("break_glass", RestrictedExpression::new_bool(bg)),
-                ("workload_active_leases", long(workload_active)),
-                ("delegation", task.delegation(&who.id)),
-                ("time", now.expr()),
-            ],
-        );
+        let e = self.eval(&l, &who.id, "Call", tool.clone(), |c| {
+            who.put(c);
+            task.put(c);
+            c.put("action", || string(&call.action));
+            c.put("target", || string(&call.target));
+            c.put("arguments_sha256", || string(&call.arguments_sha256));
+            c.put("requested_ttl", || long(requested_ttl));
+            c.put("risk", || RestrictedExpression::new_long(risk));
+            c.put("break_glass", || RestrictedExpression::new_bool(bg));
+            c.put("workload_active_leases", || long(workload_active));
+            c.put("delegation", || task.delegation(&who.id));
+            now.put(c);
+        });
         if !e.allowed {
             let reasons = self.denial(&l, &e, &format!("calling `{}`", call.tool));
             return self.deny(&l, &e.policies, reasons);
         }
         let mut counted: Vec<PolicyId> = e.policies.clone();
         if let Some(justification) = &call.break_glass {
-            let g = self.eval(
-                &l,
-                &who.id,
-                "BreakGlass",
-                tool,
-                vec![
-                    ("workload", who.expr()),
-                    ("task", task.expr()),
-                    ("action", string(&call.action)),
-                    ("target", string(&call.target)),
-                    ("justification", string(justification)),
-                    ("time", now.expr()),
-                ],
-            );
+            let g = self.eval(&l, &who.id, "BreakGlass", tool, |c| {
+                who.put(c);
+                task.put(c);
+                c.put("action", || string(&call.action));
+                c.put("target", || string(&call.target));
+                c.put("justification", || string(justification));
+                now.put(c);
+            });
             if !g.allowed {
                 let mut reasons = self.denial(&l, &g, &format!("break-glass on `{}`", call.tool));
                 reasons.insert(0, "break-glass is not permitted here".into());
@@ -893,24 +1035,18 @@ impl PolicyEngine {
         }
         let resource =
             EntityUid::from_type_name_and_id(self.role_type.clone(), EntityId::new(&name));
-        let e = self.eval(
-            l,
-            &who.id,
-            "Lease",
-            resource,
-            vec![
-                ("workload", who.expr()),
-                ("task", task.expr()),
-                ("tool", string(tool)),
-                ("target", string(target)),
-                ("scope", strings(&c.scope)),
-                ("requested_ttl", long(c.requested_ttl)),
-                ("break_glass", RestrictedExpression::new_bool(bg)),
-                ("workload_active_leases", long(workload_active)),
-                ("delegation", task.delegation(&who.id)),
-                ("time", now.expr()),
-            ],
-        );
+        let e = self.eval(l, &who.id, "Lease", resource, |x| {
+            who.put(x);
+            task.put(x);
+            x.put("tool", || string(tool));
+            x.put("target", || string(target));
+            x.put("scope", || strings(&c.scope));
+            x.put("requested_ttl", || long(c.requested_ttl));
+            x.put("break_glass", || RestrictedExpression::new_bool(bg));
+            x.put("workload_active_leases", || long(workload_active));
+            x.put("delegation", || task.delegation(&who.id));
+            now.put(x);
+        });
         if !e.allowed {
             let reasons = self.denial(l, &e, &format!("a `{name}` credential"));
             return Err(self.deny(l, &e.policies, reasons));

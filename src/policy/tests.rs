@@ -453,3 +453,190 @@ fn time_is_a_fact_policies_can_use() {
         Outcome::Allow
     );
 }
+
+fn reads_of(policy: &str) -> Reads {
+    let p = Policy::from_str(policy).unwrap();
+    Reads::of([&p])
+}
+
+fn fields(top: &[(&str, Option<&[&str]>)]) -> Reads {
+    Reads {
+        all: false,
+        attrs: top
+            .iter()
+            .map(|(k, f)| {
+                let f = f.map(|f| f.iter().map(|s| (*s).to_owned()).collect());
+                ((*k).to_owned(), f)
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_decision_builds_every_context_attribute_a_policy_reads() {
+    let rows: [(&str, Reads); 10] = [
+        (
+            "context.requested_ttl <= 3600",
+            fields(&[("requested_ttl", None)]),
+        ),
+        (
+            "context.task.active_leases >= 20 && context.time.hour < 9",
+            fields(&[
+                ("task", Some(&["active_leases"])),
+                ("time", Some(&["hour"])),
+            ]),
+        ),
+        (
+            r#"context["task"]["user"] == "a" && context.task.declared_tools.contains("x")"#,
+            fields(&[("task", Some(&["user", "declared_tools"]))]),
+        ),
+        // `has` reads presence: the attribute must be there if it exists
+        (
+            "context.task has user && context has risk",
+            fields(&[("task", Some(&["user"])), ("risk", None)]),
+        ),
+        // a record compared whole is built whole, whatever else is read
+        (
+            "context.task.user == \"a\" && context.task == context.task",
+            fields(&[("task", None)]),
+        ),
+        (
+            "context has task && context.task.user == \"a\"",
+            fields(&[("task", None)]),
+        ),
+        // the context used whole: everything
+        ("context == context", Reads::everything()),
+        (
+            "{\"r\": context}.r.risk > 1",
+            Reads {
+                all: true,
+                attrs: HashMap::new(),
+            },
+        ),
+        // an entity attribute named like the context is not the context
+        (
+            "principal has context && resource.provider == \"token\"",
+            fields(&[]),
+        ),
+        ("true", fields(&[])),
+    ];
+    for (when, expected) in rows {
+        let policy = format!("permit (principal, action, resource) when {{ {when} }};");
+        let got = reads_of(&policy);
+        // a whole-context read makes the rest moot
+        let got = if got.all { Reads::everything() } else { got };
+        assert_eq!(got, expected, "{when}");
+    }
+}
+
+/// Rules that read much of the context, several of them forbids: a
+/// forbid whose attribute were left out would fail to evaluate, not apply,
+/// and turn a deny into an allow.
+const RICH: &str = r#"
+@id("rich-night")
+forbid (principal, action == Leasehold::Action::"Lease", resource)
+when { context.time.hour >= 22 || context.time.weekday == 7 };
+
+@id("rich-team")
+forbid (principal, action == Leasehold::Action::"Call", resource == Leasehold::Tool::"demo.read")
+when { context.workload.attributes.contains("team=red") && context.task.lease_count > 3 };
+
+@id("rich-delegation")
+forbid (principal, action, resource)
+when { context has delegation && context.delegation.contains("user:mallory@example.com") };
+
+@id("rich-scope")
+forbid (principal, action == Leasehold::Action::"Lease", resource)
+when { context.scope.contains("admin") && !(context.task.purpose like "*incident*") };
+
+@id("rich-risk")
+forbid (principal, action == Leasehold::Action::"Call", resource)
+when { context.risk >= 5 && context.target like "vault:*" && !context.break_glass };
+
+@id("rich-bg")
+forbid (principal, action == Leasehold::Action::"BreakGlass", resource)
+when { context.justification == "" || context.time.now < 0 };
+"#;
+
+#[test]
+fn a_narrowed_context_decides_exactly_as_the_whole_context() {
+    let dir = folder(RICH);
+    let narrowed = PolicyEngine::load(dir.path(), roles()).unwrap();
+    let mut whole = PolicyEngine::load(dir.path(), roles()).unwrap();
+    whole.slicing = false;
+    let (mut compared, mut fired) = (0, HashSet::new());
+    for team in [None, Some("red")] {
+        for user in ["alice@example.com", "mallory@example.com"] {
+            for active in [0, 5] {
+                for tool in ["demo.read", "demo.write", "demo.admin"] {
+                    for bg in [false, true] {
+                        for scope in [vec![], vec!["admin".to_owned()]] {
+                            for target in ["doc:1", "vault:x"] {
+                                for hours in [0, 14] {
+                                    let mut w = who("dev:assistant-a");
+                                    if let Some(t) = team {
+                                        w.attributes.insert("team".into(), t.into());
+                                    }
+                                    let facts = CallFacts {
+                                        tool: tool.into(),
+                                        action: "read".into(),
+                                        target: target.into(),
+                                        break_glass: bg.then(|| "why".to_owned()),
+                                        credential: Some(LeaseFacts {
+                                            provider: "token".into(),
+                                            role: "demo".into(),
+                                            scope: scope.clone(),
+                                            requested_ttl: 60,
+                                        }),
+                                        ..CallFacts::default()
+                                    };
+                                    let t = task(user, active);
+                                    let now = Now {
+                                        unix: NOW.unix + hours * 3600,
+                                    };
+                                    let a = narrowed.call(&w, &t, &facts, active, now);
+                                    let b = whole.call(&w, &t, &facts, active, now);
+                                    assert_eq!(
+                                        (a.outcome, &a.policies, &a.reasons, &a.obligations),
+                                        (b.outcome, &b.policies, &b.reasons, &b.obligations),
+                                        "{team:?} {user} {active} {tool} bg={bg} {scope:?} {target} +{hours}h"
+                                    );
+                                    if a.outcome == Outcome::Deny {
+                                        fired.extend(a.policies.iter().cloned());
+                                    }
+                                    let l = narrowed.lease(
+                                        &w,
+                                        &t,
+                                        facts.credential.as_ref().unwrap(),
+                                        active,
+                                        now,
+                                    );
+                                    let m = whole.lease(
+                                        &w,
+                                        &t,
+                                        facts.credential.as_ref().unwrap(),
+                                        active,
+                                        now,
+                                    );
+                                    assert_eq!((l.outcome, &l.policies), (m.outcome, &m.policies));
+                                    compared += 2;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(compared, 2 * 2 * 2 * 2 * 3 * 2 * 2 * 2 * 2);
+    // every forbid above decided some case: the comparison covered them
+    for id in [
+        "rich-night",
+        "rich-team",
+        "rich-delegation",
+        "rich-scope",
+        "rich-risk",
+    ] {
+        assert!(fired.contains(id), "{id} never fired: {fired:?}");
+    }
+}
