@@ -493,8 +493,12 @@ impl Auditor {
 }
 
 impl crate::store::Chained for Pending {
-    fn seal(&self, seq: u64, prev: &[u8; 32]) -> (Vec<u8>, [u8; 32]) {
-        Pending::seal(self, seq, prev)
+    fn seal_into(&self, seq: u64, prev: &[u8; 32], out: &mut Vec<u8>) -> [u8; 32] {
+        Pending::seal_into(self, seq, prev, out)
+    }
+
+    fn size_hint(&self) -> usize {
+        self.len_without_seq() + 20
     }
 
     fn task(&self) -> Option<u128> {

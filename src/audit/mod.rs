@@ -155,36 +155,55 @@ pub struct Links {
 }
 
 impl Links {
-    fn to_value(&self) -> Value {
-        let mut m = serde_json::Map::new();
+    /// The canonical JSON object of the links present, written directly:
+    /// the names are fixed, so their sorted order is too.
+    fn write_canonical(&self, out: &mut Vec<u8>) {
+        // sorted by name (a test checks the order against `canonical`)
         let fields = [
-            ("workload", &self.workload),
-            ("tenant", &self.tenant),
-            ("task", &self.task),
+            ("approval", &self.approval),
             ("call", &self.call),
             ("decision", &self.decision),
-            ("approval", &self.approval),
-            ("lease", &self.lease),
             ("job", &self.job),
-            ("request_id", &self.request_id),
-            ("user", &self.user),
+            ("lease", &self.lease),
             ("provider", &self.provider),
+            ("request_id", &self.request_id),
             ("role", &self.role),
+            ("task", &self.task),
+            ("tenant", &self.tenant),
+            ("user", &self.user),
+            ("workload", &self.workload),
         ];
+        out.push(b'{');
+        let mut first = true;
         for (k, v) in fields {
             if let Some(v) = v {
-                m.insert(k.to_owned(), Value::String(v.clone()));
+                if !first {
+                    out.push(b',');
+                }
+                first = false;
+                out.push(b'"');
+                out.extend_from_slice(k.as_bytes());
+                out.extend_from_slice(b"\":");
+                json_string(v, out);
             }
         }
-        Value::Object(m)
+        out.push(b'}');
     }
+}
+
+/// A JSON string, escaped as serde_json escapes it (the canonical form).
+fn json_string(s: &str, out: &mut Vec<u8>) {
+    let mut ser = serde_json::Serializer::new(out);
+    // writing to a Vec cannot fail
+    let _ = serde::Serializer::serialize_str(&mut ser, s);
 }
 
 /// Canonical JSON: object keys sorted, no whitespace, integers only.
 /// Floats are refused: their text form is not canonical across writers.
 pub fn canonical(v: &Value, out: &mut Vec<u8>) -> Result<(), CanonicalError> {
     match v {
-        Value::Null | Value::Bool(_) | Value::String(_) => {
+        Value::String(s) => json_string(s, out),
+        Value::Null | Value::Bool(_) => {
             serde_json::to_writer(&mut *out, v).map_err(|_| CanonicalError)?;
         }
         Value::Number(n) => {
@@ -211,7 +230,7 @@ pub fn canonical(v: &Value, out: &mut Vec<u8>) -> Result<(), CanonicalError> {
                 if i > 0 {
                     out.push(b',');
                 }
-                serde_json::to_writer(&mut *out, k).map_err(|_| CanonicalError)?;
+                json_string(k, out);
                 out.push(b':');
                 canonical(&map[k], out)?;
             }
@@ -236,10 +255,13 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 
 /// An event rendered up to its position in the chain: the canonical bytes
 /// before `"prev_hash"` and after `"seq"`. The writer splices the rest.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Pending {
     pub kind: EventKind,
     prefix: Vec<u8>,
+    /// SHA-256 with `prefix` absorbed: the bulk of the hashing is done by
+    /// whoever renders the event, not on the store's one writer thread.
+    hashed_prefix: ring::digest::Context,
     suffix: Vec<u8>,
     /// The task it belongs to, for the per-task index.
     pub task: Option<u128>,
@@ -273,33 +295,65 @@ impl Pending {
         prefix.extend_from_slice(b"{\"data\":");
         canonical(&Value::Object(data), &mut prefix)?;
         prefix.extend_from_slice(b",\"kind\":");
-        canonical(&Value::String(kind.as_str().to_owned()), &mut prefix)?;
+        json_string(kind.as_str(), &mut prefix);
         prefix.extend_from_slice(b",\"links\":");
-        canonical(&links.to_value(), &mut prefix)?;
+        links.write_canonical(&mut prefix);
         prefix.push(b',');
         let mut suffix = Vec::with_capacity(48);
         suffix.extend_from_slice(b",\"time\":");
-        canonical(&Value::String(rfc3339(time)), &mut suffix)?;
+        json_string(&rfc3339(time), &mut suffix);
         suffix.extend_from_slice(b",\"v\":1}");
+        let mut hashed_prefix = ring::digest::Context::new(&ring::digest::SHA256);
+        hashed_prefix.update(&prefix);
         Ok(Self {
             kind,
             prefix,
+            hashed_prefix,
             suffix,
             task,
         })
     }
 
+    /// Its length in bytes at any position, but for the `seq` digits.
+    pub fn len_without_seq(&self) -> usize {
+        self.prefix.len() + self.suffix.len() + 88
+    }
+
+    /// Append the canonical bytes at position `seq` after `prev` to `out`,
+    /// and return their hash.
+    pub fn seal_into(&self, seq: u64, prev: &[u8; 32], out: &mut Vec<u8>) -> [u8; 32] {
+        let start = out.len();
+        out.extend_from_slice(&self.prefix);
+        let spliced = out.len();
+        out.extend_from_slice(b"\"prev_hash\":\"");
+        out.extend_from_slice(crate::hex::encode(prev).as_bytes());
+        out.extend_from_slice(b"\",\"seq\":");
+        out.extend_from_slice(seq.to_string().as_bytes());
+        out.extend_from_slice(&self.suffix);
+        let mut h = self.hashed_prefix.clone();
+        h.update(&out[spliced..]);
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(h.finish().as_ref());
+        debug_assert_eq!(hash, sha256(&out[start..]));
+        hash
+    }
+
     /// The canonical bytes at position `seq` after `prev`, and their hash.
     pub fn seal(&self, seq: u64, prev: &[u8; 32]) -> (Vec<u8>, [u8; 32]) {
-        let mut bytes = Vec::with_capacity(self.prefix.len() + self.suffix.len() + 110);
-        bytes.extend_from_slice(&self.prefix);
-        bytes.extend_from_slice(b"\"prev_hash\":\"");
-        bytes.extend_from_slice(crate::hex::encode(prev).as_bytes());
-        bytes.extend_from_slice(b"\",\"seq\":");
-        bytes.extend_from_slice(seq.to_string().as_bytes());
-        bytes.extend_from_slice(&self.suffix);
-        let hash = sha256(&bytes);
+        let mut bytes = Vec::with_capacity(self.len_without_seq() + 20);
+        let hash = self.seal_into(seq, prev, &mut bytes);
         (bytes, hash)
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("kind", &self.kind)
+            .field("prefix", &String::from_utf8_lossy(&self.prefix))
+            .field("suffix", &String::from_utf8_lossy(&self.suffix))
+            .field("task", &self.task)
+            .finish_non_exhaustive()
     }
 }
 
@@ -479,6 +533,42 @@ mod tests {
         assert_eq!(parsed["kind"], "lease.issued");
         assert_eq!(parsed["prev_hash"], "ab".repeat(32));
         assert_eq!(parsed["data"]["a"], "x");
+    }
+
+    #[test]
+    fn links_are_written_in_canonical_form() {
+        let all = Links {
+            workload: Some("w\"1".into()),
+            tenant: Some("t".into()),
+            task: Some("task_1".into()),
+            call: Some("call_1".into()),
+            decision: Some("d".into()),
+            approval: Some("a\u{7}".into()),
+            lease: Some("lease_1".into()),
+            job: Some("job_1".into()),
+            request_id: Some("req_1".into()),
+            user: Some("ü@example.com".into()),
+            provider: Some("token".into()),
+            role: Some("demo".into()),
+        };
+        for links in [
+            all,
+            Links::default(),
+            Links {
+                lease: Some("l".into()),
+                ..Links::default()
+            },
+        ] {
+            let mut direct = Vec::new();
+            links.write_canonical(&mut direct);
+            let parsed: Value = serde_json::from_slice(&direct).unwrap();
+            let mut again = Vec::new();
+            canonical(&parsed, &mut again).unwrap();
+            assert_eq!(
+                String::from_utf8(direct).unwrap(),
+                String::from_utf8(again).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -313,7 +313,13 @@ impl Broker {
                 ),
             });
         }
-        let hash = request_hash(&w.id, task.id, &p);
+        // the hash an approval is bound to: only a call that needs or
+        // brings an approval has use for it
+        let hash = if decision.outcome == Outcome::ApprovalRequired || p.approval_id.is_some() {
+            request_hash(&w.id, task.id, &p)
+        } else {
+            [0; 32]
+        };
 
         if decision.outcome == Outcome::ApprovalRequired && p.approval_id.is_none() {
             let approval = ApprovalRecord {

@@ -118,8 +118,11 @@ pub type Local = std::collections::BTreeSet<String>;
 /// Something that takes its place in the event chain (`audit::Pending`):
 /// the store links and stores it without knowing its format.
 pub trait Chained {
-    /// The bytes of the event at `seq` after `prev`, and their hash.
-    fn seal(&self, seq: u64, prev: &[u8; 32]) -> (Vec<u8>, [u8; 32]);
+    /// Append the bytes of the event at `seq` after `prev` to `out`, and
+    /// return their hash.
+    fn seal_into(&self, seq: u64, prev: &[u8; 32], out: &mut Vec<u8>) -> [u8; 32];
+    /// About how many bytes it takes (a capacity hint).
+    fn size_hint(&self) -> usize;
     /// The task the event belongs to, for the per-task index.
     fn task(&self) -> Option<u128>;
 }
@@ -329,12 +332,13 @@ impl<'t> Txn<'t> {
     /// Append an event after the current head, in this transaction.
     pub fn append(&mut self, event: &dyn Chained) -> Result<u64, StoreError> {
         let seq = self.head.seq + 1;
-        let (bytes, hash) = event.seal(seq, &self.head.hash);
         let task = event.task();
-        let mut value = Vec::with_capacity(48 + bytes.len());
-        value.extend_from_slice(&hash);
+        // stored as hash, task, canonical bytes: sealed in place
+        let mut value = Vec::with_capacity(48 + event.size_hint());
+        value.resize(32, 0);
         value.extend_from_slice(&task.unwrap_or(0).to_be_bytes());
-        value.extend_from_slice(&bytes);
+        let hash = event.seal_into(seq, &self.head.hash, &mut value);
+        value[..32].copy_from_slice(&hash);
         let r = self.events.insert(seq, value.as_slice()).map(|_| ());
         self.w(r)?;
         if let Some(t) = task {

@@ -1670,13 +1670,21 @@ async fn calls_throughput(
         }));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut rates = Vec::new();
+    let (mut rates, mut server_cpu) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+        let (s0, c0) = (server.cpu_seconds(), cpu_seconds_of("/proc/self/stat"));
         tokio::time::sleep(Duration::from_secs(seconds)).await;
-        let rate = (done.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
-        println!("  round {}: {rate:.0} decisions with leases/s", r + 1);
+        let n = (done.load(Ordering::Relaxed) - n0) as f64;
+        let rate = n / t0.elapsed().as_secs_f64();
+        let s_us = (server.cpu_seconds() - s0) * 1e6 / n.max(1.0);
+        let c_us = (cpu_seconds_of("/proc/self/stat") - c0) * 1e6 / n.max(1.0);
+        println!(
+            "  round {}: {rate:.0} decisions with leases/s; CPU per call: broker {s_us:.0} us, load generator {c_us:.0} us",
+            r + 1
+        );
         rates.push(rate);
+        server_cpu.push(s_us);
     }
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -1685,8 +1693,9 @@ async fn calls_throughput(
     server.stop()?;
     println!(
         "calls: median {:.0} decisions with leases/s over {rounds} rounds of {seconds} s, 64 clients, {per_task} calls per task \
-         (each call: a Cedar decision, the call record, a token lease, their events; durable)",
-        median(&mut rates)
+         (each call: a Cedar decision, the call record, a token lease, their events; durable); broker CPU {:.0} us per call (median)",
+        median(&mut rates),
+        median(&mut server_cpu)
     );
     Ok(())
 }
