@@ -321,7 +321,7 @@ impl Broker {
         &self,
         kind: crate::audit::EventKind,
         request_id: Option<String>,
-        data: serde_json::Map<String, serde_json::Value>,
+        data: crate::audit::EventData,
     ) -> Result<(), BrokerError> {
         let now = self.clock.now().unix_millis();
         let a = self.auditor.clone();

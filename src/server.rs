@@ -363,7 +363,7 @@ pub async fn run_with(
         .record(
             crate::audit::EventKind::BrokerStopped,
             None,
-            serde_json::Map::new(),
+            crate::audit::EventData::new(),
         )
         .await
     {

@@ -100,11 +100,16 @@ pub fn source_ip(ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
 }
 
 /// Shed load beyond `max_in_flight` (503) and limit each source address
-/// (429), before anything else runs. Probes are exempt.
-async fn admission(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// (429), before anything else runs. Probes are exempt. The permit, when
+/// there is one, is held until the answer.
+#[allow(clippy::result_large_err)]
+fn admission(
+    state: &AppState,
+    req: &Request,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Response> {
     let path = req.uri().path();
     if matches!(path, "/v1/health" | "/v1/ready") {
-        return next.run(req).await;
+        return Ok(None);
     }
     let l = &state.limits;
     if let Some(ip) = source_ip(req.extensions()) {
@@ -115,17 +120,21 @@ async fn admission(State(state): State<AppState>, req: Request, next: Next) -> R
             c.per_address_burst,
             std::time::Instant::now(),
         ) {
-            return axum::response::IntoResponse::into_response(error::ApiError::too_many(
-                "rate_limited",
-                "too many requests from this address",
-                wait,
+            return Err(axum::response::IntoResponse::into_response(
+                error::ApiError::too_many(
+                    "rate_limited",
+                    "too many requests from this address",
+                    wait,
+                ),
             ));
         }
     }
-    let Ok(_permit) = l.in_flight.clone().try_acquire_owned() else {
-        return axum::response::IntoResponse::into_response(error::ApiError::overloaded());
-    };
-    next.run(req).await
+    match l.in_flight.clone().try_acquire_owned() {
+        Ok(permit) => Ok(Some(permit)),
+        Err(_) => Err(axum::response::IntoResponse::into_response(
+            error::ApiError::overloaded(),
+        )),
+    }
 }
 
 /// When the request's time is up (`server.request_timeout_seconds`), for
@@ -136,7 +145,7 @@ pub struct RequestDeadline(pub tokio::time::Instant);
 /// Answer `503 request_timeout` (in the error shape, with `Retry-After`)
 /// when a request takes longer than the configured timeout. Work that a
 /// handler detached keeps running; only the answer is given up.
-async fn deadline(State(timeout): State<Duration>, mut req: Request, next: Next) -> Response {
+async fn deadline(timeout: Duration, mut req: Request, next: Next) -> Response {
     let at = tokio::time::Instant::now() + timeout;
     req.extensions_mut().insert(RequestDeadline(at));
     match tokio::time::timeout_at(at, next.run(req)).await {
@@ -204,16 +213,11 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
-            limits.request_timeout,
-            deadline,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            admission,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            request_id,
+            Edge {
+                app: state.clone(),
+                timeout: limits.request_timeout,
+            },
+            edge,
         ))
         .with_state(state)
 }
@@ -257,10 +261,21 @@ fn acceptable_request_id(v: &HeaderValue) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
-/// Give every request an id (keeping a sane incoming one), run it inside a
-/// span carrying that id (so every log line of the request has it), echo
-/// it, and mark every response uncacheable.
-async fn request_id(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// What the middleware needs.
+#[derive(Clone, Debug)]
+struct Edge {
+    app: AppState,
+    timeout: Duration,
+}
+
+/// The one middleware of the API (one layer rather than three: a layer
+/// costs a boxed service and a boxed future per request). In order: give
+/// every request an id (keeping a sane incoming one) and run it inside a
+/// span carrying that id (so every log line of the request has it); admit
+/// it (`admission`); answer within the deadline (`deadline`); record its
+/// metrics, echo the id, and mark every response uncacheable.
+async fn edge(State(edge): State<Edge>, mut req: Request, next: Next) -> Response {
+    let state = &edge.app;
     let id = match req.headers().get(REQUEST_ID) {
         Some(v) if acceptable_request_id(v) => v.clone(),
         _ => HeaderValue::from_str(&RequestId::generate(state.broker.clock.now()).to_string())
@@ -287,7 +302,17 @@ async fn request_id(State(state): State<AppState>, mut req: Request, next: Next)
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = req.method().clone();
     let started = std::time::Instant::now();
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    let admitted = span.in_scope(|| admission(state, &req));
+    let mut resp = match admitted {
+        Err(refused) => refused,
+        Ok(permit) => {
+            let resp = deadline(edge.timeout, req, next)
+                .instrument(span.clone())
+                .await;
+            drop(permit);
+            resp
+        }
+    };
     let status = resp.status().as_u16();
     crate::metrics::http_request(
         method.as_str(),

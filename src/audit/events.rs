@@ -482,7 +482,7 @@ impl Auditor {
         kind: EventKind,
         now: i64,
         request_id: Option<String>,
-        data: serde_json::Map<String, Value>,
+        data: super::EventData,
     ) -> Result<Pending, super::CanonicalError> {
         let links = Links {
             request_id,

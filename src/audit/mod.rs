@@ -287,13 +287,22 @@ impl Pending {
         kind: EventKind,
         time: Timestamp,
         links: &Links,
-        data: serde_json::Map<String, Value>,
+        data: EventData,
         task: Option<u128>,
     ) -> Result<Self, CanonicalError> {
         // keys in canonical (sorted) order: data, kind, links | prev_hash, seq | time, v
-        let mut prefix = Vec::with_capacity(256);
-        prefix.extend_from_slice(b"{\"data\":");
-        canonical(&Value::Object(data), &mut prefix)?;
+        let mut prefix = Vec::with_capacity(512);
+        prefix.extend_from_slice(b"{\"data\":{");
+        // a BTreeMap: its keys come sorted
+        for (i, (k, v)) in data.iter().enumerate() {
+            if i > 0 {
+                prefix.push(b',');
+            }
+            json_string(k, &mut prefix);
+            prefix.push(b':');
+            canonical(v, &mut prefix)?;
+        }
+        prefix.push(b'}');
         prefix.extend_from_slice(b",\"kind\":");
         json_string(kind.as_str(), &mut prefix);
         prefix.extend_from_slice(b",\"links\":");
@@ -368,12 +377,16 @@ pub fn with_hash(bytes: &[u8], hash: &[u8; 32]) -> Result<Value, String> {
     Ok(v)
 }
 
+/// An event's data: sorted by key as its canonical form is, and with no
+/// hashing to build (serde_json's map keeps insertion order, here).
+pub type EventData = std::collections::BTreeMap<String, Value>;
+
 /// Builds data maps tersely: `data![("cause", "expiry"), ...]`.
 #[macro_export]
 macro_rules! event_data {
     ($(($k:expr, $v:expr)),* $(,)?) => {{
         #[allow(unused_mut)]
-        let mut m = serde_json::Map::new();
+        let mut m = $crate::audit::EventData::new();
         $( m.insert(($k).to_string(), serde_json::Value::from($v)); )*
         m
     }};
