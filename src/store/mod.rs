@@ -548,10 +548,7 @@ fn run_batch(
     txn.set_durability(Durability::None)
         .map_err(|e| BatchError::Refused(e.to_string()))?;
     let (replies, finished) = {
-        let mut t = match Txn::open(&txn, *head) {
-            Ok(t) => t,
-            Err(e) => return Err(BatchError::Refused(e.to_string())),
-        };
+        let mut t = Txn::open(&txn, *head);
         let replies: Vec<Reply> = jobs.into_iter().map(|j| j(&mut t)).collect();
         let entered = t.take_entered();
         (replies, t.finish().map(|(h, redo)| (h, redo, entered)))

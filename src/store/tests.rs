@@ -354,7 +354,7 @@ async fn a_refusal_in_a_shared_batch_does_not_undo_its_neighbours() {
     let bad_lease = lease(21, 99, 5_000); // unknown task
     let txn = db.begin_write().unwrap();
     {
-        let mut t = Txn::open(&txn, ChainHead::default()).unwrap();
+        let mut t = Txn::open(&txn, ChainHead::default());
         t.lease_intent(&ok_lease, 0, 100).unwrap();
         assert!(t.lease_intent(&bad_lease, 0, 100).is_err());
         t.finish().unwrap();

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use redb::{ReadableTable as _, WriteTransaction};
+use redb::WriteTransaction;
 
 use super::records::{
     self, ApprovalRecord, ApprovalState, CallRecord, FenceRecord, JobRecord, LeaseRecord,
@@ -203,45 +203,47 @@ fn conflict<T>(c: Conflict) -> Result<T, StoreError> {
 }
 
 impl<'t> Txn<'t> {
-    pub fn open(txn: &'t WriteTransaction, head: ChainHead) -> Result<Self, StoreError> {
+    /// The batch's view of the store; tables open as operations first use
+    /// them.
+    pub fn open(txn: &'t WriteTransaction, head: ChainHead) -> Self {
         let redo = Redo::default();
-        Ok(Self {
-            meta: Logged::open(txn, META, &redo)?,
-            events: Logged::open(txn, EVENTS, &redo)?,
-            event_tasks: Logged::open(txn, EVENT_TASKS, &redo)?,
-            checkpoints: Logged::open(txn, CHECKPOINTS, &redo)?,
-            calls: Logged::open(txn, CALLS, &redo)?,
-            task_calls: Logged::open(txn, TASK_CALLS, &redo)?,
-            approvals: Logged::open(txn, APPROVALS, &redo)?,
-            approval_expiry: Logged::open(txn, APPROVAL_EXPIRY, &redo)?,
-            reviews: Logged::open(txn, REVIEWS, &redo)?,
-            pending_reviews: Logged::open(txn, PENDING_REVIEWS, &redo)?,
-            workload_active: Logged::open(txn, WORKLOAD_ACTIVE, &redo)?,
-            task_active: Logged::open(txn, TASK_ACTIVE, &redo)?,
-            jobs: Logged::open(txn, JOBS, &redo)?,
-            job_leases: Logged::open(txn, JOB_LEASES, &redo)?,
-            job_counts: Logged::open(txn, JOB_COUNTS, &redo)?,
-            fences: Logged::open(txn, FENCES, &redo)?,
-            workload_tasks: Logged::open(txn, WORKLOAD_TASKS, &redo)?,
+        Self {
+            meta: Logged::open(txn, META, &redo),
+            events: Logged::open(txn, EVENTS, &redo),
+            event_tasks: Logged::open(txn, EVENT_TASKS, &redo),
+            checkpoints: Logged::open(txn, CHECKPOINTS, &redo),
+            calls: Logged::open(txn, CALLS, &redo),
+            task_calls: Logged::open(txn, TASK_CALLS, &redo),
+            approvals: Logged::open(txn, APPROVALS, &redo),
+            approval_expiry: Logged::open(txn, APPROVAL_EXPIRY, &redo),
+            reviews: Logged::open(txn, REVIEWS, &redo),
+            pending_reviews: Logged::open(txn, PENDING_REVIEWS, &redo),
+            workload_active: Logged::open(txn, WORKLOAD_ACTIVE, &redo),
+            task_active: Logged::open(txn, TASK_ACTIVE, &redo),
+            jobs: Logged::open(txn, JOBS, &redo),
+            job_leases: Logged::open(txn, JOB_LEASES, &redo),
+            job_counts: Logged::open(txn, JOB_COUNTS, &redo),
+            fences: Logged::open(txn, FENCES, &redo),
+            workload_tasks: Logged::open(txn, WORKLOAD_TASKS, &redo),
             active_deltas: BTreeMap::new(),
             task_deltas: BTreeMap::new(),
             job_deltas: BTreeMap::new(),
             entered: BTreeMap::new(),
             head,
             head_dirty: false,
-            tasks: Logged::open(txn, TASKS, &redo)?,
-            leases: Logged::open(txn, LEASES, &redo)?,
-            expiry: Logged::open(txn, EXPIRY, &redo)?,
-            task_leases: Logged::open(txn, TASK_LEASES, &redo)?,
-            workload_leases: Logged::open(txn, WORKLOAD_LEASES, &redo)?,
-            issuing: Logged::open(txn, ISSUING, &redo)?,
-            queue: Logged::open(txn, REVOKE_QUEUE, &redo)?,
-            counters: Logged::open(txn, COUNTERS, &redo)?,
-            denylist: Logged::open(txn, DENYLIST, &redo)?,
+            tasks: Logged::open(txn, TASKS, &redo),
+            leases: Logged::open(txn, LEASES, &redo),
+            expiry: Logged::open(txn, EXPIRY, &redo),
+            task_leases: Logged::open(txn, TASK_LEASES, &redo),
+            workload_leases: Logged::open(txn, WORKLOAD_LEASES, &redo),
+            issuing: Logged::open(txn, ISSUING, &redo),
+            queue: Logged::open(txn, REVOKE_QUEUE, &redo),
+            counters: Logged::open(txn, COUNTERS, &redo),
+            denylist: Logged::open(txn, DENYLIST, &redo),
             deltas: BTreeMap::new(),
             poisoned: false,
             redo,
-        })
+        }
     }
 
     /// Leases that entered each state so far (taken: call before `finish`).

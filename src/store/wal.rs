@@ -31,13 +31,13 @@
 use std::borrow::Borrow;
 use std::fs::File;
 use std::io::Read as _;
-use std::ops::Deref;
+use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
 use redb::{
-    AccessGuard, Database, Durability, Key, ReadableDatabase, StorageError, Table, TableDefinition,
-    TableError, TableHandle as _, Value, WriteTransaction,
+    AccessGuard, Database, Durability, Key, Range, ReadableDatabase, ReadableTable as _,
+    StorageError, Table, TableDefinition, TableError, TableHandle as _, Value, WriteTransaction,
 };
 
 use super::StoreError;
@@ -99,19 +99,23 @@ impl RedoBuf {
     }
 }
 
-/// A table whose mutations are recorded for the log. Reads go to the table
-/// (`Deref`); there is deliberately no `DerefMut`, so a mutation that is not
+/// A table whose mutations are recorded for the log, opened on first use
+/// (a batch opens only the tables it touches, and only those are flushed
+/// at commit). Reads go through `get`, `range` and `iter`; there is
+/// deliberately no access to the table itself, so a mutation that is not
 /// logged does not compile.
 pub(super) struct Logged<'t, K: Key + 'static, V: Value + 'static> {
-    table: Table<'t, K, V>,
+    txn: &'t WriteTransaction,
+    def: TableDefinition<'static, K, V>,
+    table: std::cell::OnceCell<Table<'t, K, V>>,
     redo: Redo,
 }
 
-impl<'t, K: Key + 'static, V: Value + 'static> Deref for Logged<'t, K, V> {
-    type Target = Table<'t, K, V>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.table
+/// A table that cannot be opened is a store that cannot be used.
+fn unopenable(name: &str, e: TableError) -> StorageError {
+    match e {
+        TableError::Storage(s) => s,
+        other => StorageError::Corrupted(format!("table {name}: {other}")),
     }
 }
 
@@ -124,13 +128,54 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 impl<'t, K: Key + 'static, V: Value + 'static> Logged<'t, K, V> {
     pub(super) fn open(
         txn: &'t WriteTransaction,
-        def: TableDefinition<K, V>,
+        def: TableDefinition<'static, K, V>,
         redo: &Redo,
-    ) -> Result<Self, TableError> {
-        Ok(Self {
-            table: txn.open_table(def)?,
+    ) -> Self {
+        Self {
+            txn,
+            def,
+            table: std::cell::OnceCell::new(),
             redo: redo.clone(),
-        })
+        }
+    }
+
+    fn table(&self) -> Result<&Table<'t, K, V>, StorageError> {
+        if let Some(t) = self.table.get() {
+            return Ok(t);
+        }
+        let t = self
+            .txn
+            .open_table(self.def)
+            .map_err(|e| unopenable(self.def.name(), e))?;
+        Ok(self.table.get_or_init(|| t))
+    }
+
+    fn table_mut(&mut self) -> Result<&mut Table<'t, K, V>, StorageError> {
+        self.table()?;
+        self.table
+            .get_mut()
+            .ok_or_else(|| StorageError::Corrupted(format!("table {}", self.def.name())))
+    }
+
+    pub(super) fn get<'k>(
+        &self,
+        key: impl Borrow<K::SelfType<'k>>,
+    ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
+        self.table()?.get(key)
+    }
+
+    pub(super) fn range<'k, KR>(
+        &self,
+        range: impl RangeBounds<KR> + 'k,
+    ) -> Result<Range<'_, K, V>, StorageError>
+    where
+        KR: Borrow<K::SelfType<'k>> + 'k,
+    {
+        self.table()?.range(range)
+    }
+
+    pub(super) fn iter(&self) -> Result<Range<'_, K, V>, StorageError> {
+        self.table()?.iter()
     }
 
     pub(super) fn insert<'k, 'v>(
@@ -138,26 +183,25 @@ impl<'t, K: Key + 'static, V: Value + 'static> Logged<'t, K, V> {
         key: impl Borrow<K::SelfType<'k>>,
         value: impl Borrow<V::SelfType<'v>>,
     ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
+        let name = self.def.name();
         self.redo.borrow_mut().op(
-            self.table.name(),
+            name,
             INSERT,
             K::as_bytes(key.borrow()).as_ref(),
             Some(V::as_bytes(value.borrow()).as_ref()),
         );
-        self.table.insert(key, value)
+        self.table_mut()?.insert(key, value)
     }
 
     pub(super) fn remove<'k>(
         &mut self,
         key: impl Borrow<K::SelfType<'k>>,
     ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
-        self.redo.borrow_mut().op(
-            self.table.name(),
-            REMOVE,
-            K::as_bytes(key.borrow()).as_ref(),
-            None,
-        );
-        self.table.remove(key)
+        let name = self.def.name();
+        self.redo
+            .borrow_mut()
+            .op(name, REMOVE, K::as_bytes(key.borrow()).as_ref(), None);
+        self.table_mut()?.remove(key)
     }
 }
 
