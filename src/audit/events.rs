@@ -40,6 +40,21 @@ fn ms(t: i64) -> Timestamp {
     Timestamp::from_unix_millis(t)
 }
 
+/// An event rendered ahead of its transaction (off the store's one writer
+/// thread) from the record the transaction was expected to store: it is
+/// used only if `stored` is that record; otherwise the event is rendered
+/// again from what was stored.
+pub fn ahead_or<R: PartialEq, E>(
+    ahead: Option<(R, E)>,
+    stored: &R,
+    render: impl FnOnce() -> E,
+) -> E {
+    match ahead {
+        Some((expected, event)) if expected == *stored => event,
+        _ => render(),
+    }
+}
+
 /// Append `event` in this transaction, or fail the transaction. Appending
 /// cannot be skipped: a state change whose event cannot be recorded does not
 /// commit (fail closed).
@@ -503,5 +518,27 @@ impl crate::store::Chained for Pending {
 
     fn task(&self) -> Option<u128> {
         self.task
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ahead_or;
+
+    #[test]
+    fn an_event_rendered_ahead_is_used_only_for_the_record_it_was_rendered_from() {
+        let rendered = std::cell::Cell::new(0);
+        let again = || {
+            rendered.set(rendered.get() + 1);
+            "rendered from the stored record"
+        };
+        assert_eq!(ahead_or(Some((1, "ahead")), &1, again), "ahead");
+        assert_eq!(rendered.get(), 0, "not rendered twice");
+        assert_eq!(
+            ahead_or(Some((1, "ahead")), &2, again),
+            "rendered from the stored record"
+        );
+        assert_eq!(ahead_or(None, &2, again), "rendered from the stored record");
+        assert_eq!(rendered.get(), 2);
     }
 }

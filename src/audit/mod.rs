@@ -32,7 +32,7 @@ use serde_json::Value;
 use crate::clock::{Timestamp, rfc3339};
 
 pub use checkpoint::{Checkpoint, CheckpointKey};
-pub use events::{Ctx, append};
+pub use events::{Ctx, ahead_or, append};
 pub use verify::{Break, VerifyReport};
 
 /// What happened. The string forms are stable: they are filters in the API

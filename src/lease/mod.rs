@@ -305,11 +305,8 @@ impl Broker {
             let rec = t.activate(&activation, now_ms)?;
             // the stored record is the one rendered, unless the intent
             // changed meanwhile (then render what is stored)
-            let event = if rec == expected {
-                event
-            } else {
-                a.lease(&rec, &c, now_ms)
-            };
+            let event =
+                audit::ahead_or(Some((expected, event)), &rec, || a.lease(&rec, &c, now_ms));
             audit::append(t, &a, event)?;
             Ok(rec)
         });

@@ -45,7 +45,8 @@ pub use records::{
 };
 pub use schema::{MIGRATIONS, Migration, SCHEMA_VERSION};
 pub use txn::{
-    Activation, ChainHead, Chained, Completion, ExpiryPass, Local, Outcome, RevokeRequest, Txn, Why,
+    Activation, ChainHead, Chained, Completion, ExpiryPass, Local, Outcome, RevokeRequest, Txn,
+    Why, local_revocation, queued_revocation,
 };
 
 use schema::*;

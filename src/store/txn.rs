@@ -62,6 +62,64 @@ impl Activation {
     }
 }
 
+/// The cause a revocation records: a job's, else the one it already has
+/// (a lease being revoked keeps its first cause), else `cause`.
+fn settled_cause(rec: &LeaseRecord, why: Why<'_>) -> RevokeCause {
+    if why.job.is_some() {
+        return RevokeCause::Job;
+    }
+    match (rec.state, &rec.revocation) {
+        (LeaseState::Irrevocable | LeaseState::Revoking, Some(r)) => r.cause,
+        _ => why.cause,
+    }
+}
+
+/// The record a lease becomes when it is queued for revocation at `at`.
+/// The store writes it; the issue and completion paths use it to render
+/// events ahead (see `Activation::apply`).
+pub fn queued_revocation(mut rec: LeaseRecord, why: Why<'_>, now: i64, at: i64) -> LeaseRecord {
+    let cause = settled_cause(&rec, why);
+    let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts);
+    let last_error = rec.revocation.as_ref().and_then(|r| r.last_error.clone());
+    let job = why
+        .job
+        .or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
+    rec.state = LeaseState::Revoking;
+    rec.revocation = Some(Revocation {
+        cause,
+        requested_by: why.by.map(str::to_owned),
+        requested_at: now,
+        attempts,
+        next_attempt_at: at,
+        last_error,
+        job,
+    });
+    rec
+}
+
+/// The record a lease of a local provider becomes when it is revoked in
+/// the transaction.
+pub fn local_revocation(mut rec: LeaseRecord, why: Why<'_>, now: i64) -> LeaseRecord {
+    let cause = settled_cause(&rec, why);
+    let job = why
+        .job
+        .or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
+    let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts) + 1;
+    rec.state = cause.terminal_state();
+    rec.ended_at = Some(now);
+    rec.handle_sealed = None;
+    rec.revocation = Some(Revocation {
+        cause,
+        requested_by: why.by.map(str::to_owned),
+        requested_at: now,
+        attempts,
+        next_attempt_at: now,
+        last_error: None,
+        job,
+    });
+    rec
+}
+
 /// Result of a task completion: the task, the leases this completion claimed
 /// for immediate revocation, those it revoked in the transaction (local
 /// providers), and every lease of the task.
@@ -903,58 +961,31 @@ impl<'t> Txn<'t> {
     /// Take a lease out of the index its current state keeps it in (expiry
     /// index, intents, revocation queue). Returns the cause the revocation
     /// should carry: a retry keeps the original one.
-    fn leave_state(
-        &mut self,
-        rec: &LeaseRecord,
-        cause: RevokeCause,
-    ) -> Result<RevokeCause, StoreError> {
+    /// Take a lease out of the indexes of its current state.
+    fn leave_state(&mut self, rec: &LeaseRecord) -> Result<(), StoreError> {
         match rec.state {
             LeaseState::Active => self.unindex_expiry(rec)?,
             LeaseState::Issuing => {
                 let r = self.issuing.remove(rec.id).map(|_| ());
                 self.w(r)?;
             }
-            LeaseState::Irrevocable | LeaseState::Revoking => {
-                self.dequeue(rec)?;
-                if let Some(r) = &rec.revocation {
-                    return Ok(r.cause);
-                }
-            }
+            LeaseState::Irrevocable | LeaseState::Revoking => self.dequeue(rec)?,
             _ => {}
         }
-        Ok(cause)
+        Ok(())
     }
 
     /// Move an active (or irrevocable) lease into `Revoking`, queued at `at`.
     fn begin_revocation(
         &mut self,
-        mut rec: LeaseRecord,
+        rec: LeaseRecord,
         why: Why<'_>,
         now: i64,
         at: i64,
     ) -> Result<LeaseRecord, StoreError> {
         let prev = rec.state;
-        let cause = self.leave_state(&rec, why.cause)?;
-        let by = why.by;
-        let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts);
-        let last_error = rec.revocation.as_ref().and_then(|r| r.last_error.clone());
-        rec.state = LeaseState::Revoking;
-        let job = why
-            .job
-            .or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
-        rec.revocation = Some(Revocation {
-            cause: if why.job.is_some() {
-                RevokeCause::Job
-            } else {
-                cause
-            },
-            requested_by: by.map(str::to_owned),
-            requested_at: now,
-            attempts,
-            next_attempt_at: at,
-            last_error,
-            job,
-        });
+        self.leave_state(&rec)?;
+        let rec = queued_revocation(rec, why, now, at);
         self.enqueue(&rec.provider.clone(), at, rec.id)?;
         self.put_lease(&rec, Some(prev))?;
         Ok(rec)
@@ -966,38 +997,15 @@ impl<'t> Txn<'t> {
     /// is no window in which one exists without the other.
     fn revoke_local(
         &mut self,
-        mut rec: LeaseRecord,
+        rec: LeaseRecord,
         why: Why<'_>,
         now: i64,
     ) -> Result<LeaseRecord, StoreError> {
         let prev = rec.state;
-        let cause = if why.job.is_some() {
-            RevokeCause::Job
-        } else {
-            self.leave_state(&rec, why.cause)?
-        };
-        if why.job.is_some() {
-            self.leave_state(&rec, why.cause)?;
-        }
-        let by = why.by;
-        let job = why
-            .job
-            .or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
+        self.leave_state(&rec)?;
         // the token's `exp` is at most the lease's; a second of margin
         self.deny(&[(rec.id, rec.expires_at.saturating_add(1000))])?;
-        let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts) + 1;
-        rec.state = cause.terminal_state();
-        rec.ended_at = Some(now);
-        rec.handle_sealed = None;
-        rec.revocation = Some(Revocation {
-            cause,
-            requested_by: by.map(str::to_owned),
-            requested_at: now,
-            attempts,
-            next_attempt_at: now,
-            last_error: None,
-            job,
-        });
+        let rec = local_revocation(rec, why, now);
         self.put_lease(&rec, Some(prev))?;
         Ok(rec)
     }

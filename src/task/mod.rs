@@ -5,6 +5,7 @@
 //! is sent. Visibility: a workload sees only its own tasks (others' are
 //! `404`, not `403`, so ids cannot be probed); admins see all.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::audit::{self, Ctx};
@@ -12,7 +13,18 @@ use crate::auth::{Caller, Workload};
 use crate::broker::{Broker, BrokerError};
 use crate::config::OperatorRole;
 use crate::ids::TaskId;
-use crate::store::{LeaseRecord, LeaseState, TaskRecord, TaskState};
+use crate::store::{
+    LeaseRecord, LeaseState, RevokeCause, TaskRecord, TaskState, Why, local_revocation,
+    queued_revocation,
+};
+
+type Rendered = Result<audit::Pending, audit::CanonicalError>;
+
+/// Events of a completion rendered ahead (`Broker::completion_events`).
+struct CompletionEvents {
+    leases: HashMap<u128, (LeaseRecord, Rendered)>,
+    task: (TaskRecord, (usize, usize), Rendered),
+}
 
 /// A request to open a task, already decoded from the wire.
 #[derive(Debug, Clone)]
@@ -211,6 +223,44 @@ impl Broker {
         Ok(rec)
     }
 
+    /// The events completing `task` will append if nothing changes before
+    /// the writer gets to it (the leases active now revoked or queued, then
+    /// the task completed), rendered here rather than on the store's one
+    /// writer thread, each with the record it was rendered from.
+    fn completion_events(
+        &self,
+        mut task: TaskRecord,
+        now: i64,
+        claim_until: i64,
+        ctx: &Ctx,
+    ) -> Result<CompletionEvents, BrokerError> {
+        let why = Why::of(RevokeCause::TaskComplete);
+        let a = &self.auditor;
+        let mut leases = HashMap::new();
+        let (mut revoked, mut claimed) = (0, 0);
+        for rec in self.store.read()?.task_leases(task.id)? {
+            if rec.state != LeaseState::Active {
+                continue;
+            }
+            let rec = if self.local.contains(&rec.provider) {
+                revoked += 1;
+                local_revocation(rec, why, now)
+            } else {
+                claimed += 1;
+                queued_revocation(rec, why, now, claim_until)
+            };
+            let event = a.lease(&rec, ctx, now);
+            leases.insert(rec.id, (rec, event));
+        }
+        task.state = TaskState::Completed;
+        task.completed_at = Some(now);
+        let event = a.task_completed(&task, revoked, claimed, ctx);
+        Ok(CompletionEvents {
+            leases,
+            task: (task, (revoked, claimed), event),
+        })
+    }
+
     /// Read a task the caller may see.
     pub fn visible_task(&self, caller: &Caller, id: TaskId) -> Result<TaskRecord, BrokerError> {
         let task = self
@@ -256,22 +306,28 @@ impl Broker {
         ctx: &Ctx,
     ) -> Result<CompletionReport, BrokerError> {
         let caller = Caller::Workload(std::sync::Arc::new(w.clone()));
-        self.visible_task(&caller, id)?;
+        let task = self.visible_task(&caller, id)?;
         let now = self.clock.now().unix_millis();
         let claim_until = now.saturating_add(self.claim_window_ms());
         let (local, a, c) = (self.local.clone(), self.auditor.clone(), ctx.clone());
+        let mut ahead = self.completion_events(task, now, claim_until, ctx)?;
         let completion = self
             .store
             .write(move |t| {
                 let done = t.complete_task(id.0, now, claim_until, &local)?;
+                // each event rendered ahead is used only if the record it
+                // was rendered from is the one stored
                 for l in done.revoked.iter().chain(done.claimed.iter()) {
-                    audit::append(t, &a, a.lease(l, &c, now))?;
+                    let event =
+                        audit::ahead_or(ahead.leases.remove(&l.id), l, || a.lease(l, &c, now));
+                    audit::append(t, &a, event)?;
                 }
-                audit::append(
-                    t,
-                    &a,
-                    a.task_completed(&done.task, done.revoked.len(), done.claimed.len(), &c),
-                )?;
+                let (r, q) = (done.revoked.len(), done.claimed.len());
+                let (task, counts, event) = ahead.task;
+                let ahead = (counts == (r, q)).then_some((task, event));
+                let event =
+                    audit::ahead_or(ahead, &done.task, || a.task_completed(&done.task, r, q, &c));
+                audit::append(t, &a, event)?;
                 Ok(done)
             })
             .await?;
