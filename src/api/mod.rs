@@ -102,11 +102,10 @@ pub fn source_ip(ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
 /// Shed load beyond `max_in_flight` (503) and limit each source address
 /// (429), before anything else runs. Probes are exempt. The permit, when
 /// there is one, is held until the answer.
-#[allow(clippy::result_large_err)]
 fn admission(
     state: &AppState,
     req: &Request,
-) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, Response> {
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ApiError> {
     let path = req.uri().path();
     if matches!(path, "/v1/health" | "/v1/ready") {
         return Ok(None);
@@ -120,20 +119,16 @@ fn admission(
             c.per_address_burst,
             std::time::Instant::now(),
         ) {
-            return Err(axum::response::IntoResponse::into_response(
-                error::ApiError::too_many(
-                    "rate_limited",
-                    "too many requests from this address",
-                    wait,
-                ),
+            return Err(ApiError::too_many(
+                "rate_limited",
+                "too many requests from this address",
+                wait,
             ));
         }
     }
     match l.in_flight.clone().try_acquire_owned() {
         Ok(permit) => Ok(Some(permit)),
-        Err(_) => Err(axum::response::IntoResponse::into_response(
-            error::ApiError::overloaded(),
-        )),
+        Err(_) => Err(ApiError::overloaded()),
     }
 }
 
@@ -304,7 +299,7 @@ async fn edge(State(edge): State<Edge>, mut req: Request, next: Next) -> Respons
     let started = std::time::Instant::now();
     let admitted = span.in_scope(|| admission(state, &req));
     let mut resp = match admitted {
-        Err(refused) => refused,
+        Err(refused) => axum::response::IntoResponse::into_response(refused),
         Ok(permit) => {
             let resp = deadline(edge.timeout, req, next)
                 .instrument(span.clone())
