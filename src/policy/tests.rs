@@ -604,20 +604,10 @@ fn a_narrowed_context_decides_exactly_as_the_whole_context() {
                                     if a.outcome == Outcome::Deny {
                                         fired.extend(a.policies.iter().cloned());
                                     }
-                                    let l = narrowed.lease(
-                                        &w,
-                                        &t,
-                                        facts.credential.as_ref().unwrap(),
-                                        active,
-                                        now,
-                                    );
-                                    let m = whole.lease(
-                                        &w,
-                                        &t,
-                                        facts.credential.as_ref().unwrap(),
-                                        active,
-                                        now,
-                                    );
+                                    let cred = facts.credential.as_ref().unwrap();
+                                    let lease =
+                                        |e: &PolicyEngine| e.lease(&w, &t, cred, active, now);
+                                    let (l, m) = (lease(&narrowed), lease(&whole));
                                     assert_eq!((l.outcome, &l.policies), (m.outcome, &m.policies));
                                     compared += 2;
                                 }

@@ -274,6 +274,19 @@ fn cpu_seconds_of(path: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// One measuring round: the rate of `done` over `seconds`, and the CPU time
+/// the broker and this process spent per unit done (us).
+async fn measure_round(server: &Server, done: &AtomicU64, seconds: u64) -> (f64, f64, f64) {
+    let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
+    let (s0, c0) = (server.cpu_seconds(), cpu_seconds_of("/proc/self/stat"));
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let n = (done.load(Ordering::Relaxed) - n0) as f64;
+    let rate = n / t0.elapsed().as_secs_f64();
+    let s_us = (server.cpu_seconds() - s0) * 1e6 / n.max(1.0);
+    let c_us = (cpu_seconds_of("/proc/self/stat") - c0) * 1e6 / n.max(1.0);
+    (rate, s_us, c_us)
+}
+
 struct Server {
     child: Child,
 }
@@ -534,13 +547,7 @@ async fn run_load(
     let mut rates = Vec::new();
     let (mut server_cpu, mut client_cpu) = (Vec::new(), Vec::new());
     for r in 0..rounds {
-        let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
-        let (s0, c0) = (server.cpu_seconds(), cpu_seconds_of("/proc/self/stat"));
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
-        let n = (done.load(Ordering::Relaxed) - n0) as f64;
-        let rate = n / t0.elapsed().as_secs_f64();
-        let s_us = (server.cpu_seconds() - s0) * 1e6 / n.max(1.0);
-        let c_us = (cpu_seconds_of("/proc/self/stat") - c0) * 1e6 / n.max(1.0);
+        let (rate, s_us, c_us) = measure_round(&server, &done, seconds).await;
         println!(
             "  {} round {}: {rate:.0} leases/s; CPU per lease: broker {s_us:.0} us, load generator {c_us:.0} us",
             if no_events {
@@ -1672,13 +1679,7 @@ async fn calls_throughput(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (mut rates, mut server_cpu) = (Vec::new(), Vec::new());
     for r in 0..rounds {
-        let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
-        let (s0, c0) = (server.cpu_seconds(), cpu_seconds_of("/proc/self/stat"));
-        tokio::time::sleep(Duration::from_secs(seconds)).await;
-        let n = (done.load(Ordering::Relaxed) - n0) as f64;
-        let rate = n / t0.elapsed().as_secs_f64();
-        let s_us = (server.cpu_seconds() - s0) * 1e6 / n.max(1.0);
-        let c_us = (cpu_seconds_of("/proc/self/stat") - c0) * 1e6 / n.max(1.0);
+        let (rate, s_us, c_us) = measure_round(&server, &done, seconds).await;
         println!(
             "  round {}: {rate:.0} decisions with leases/s; CPU per call: broker {s_us:.0} us, load generator {c_us:.0} us",
             r + 1
