@@ -513,7 +513,7 @@ impl crate::store::Chained for Pending {
     }
 
     fn size_hint(&self) -> usize {
-        self.len_without_seq() + 20
+        self.max_len()
     }
 
     fn task(&self) -> Option<u128> {

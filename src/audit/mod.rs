@@ -223,20 +223,29 @@ pub fn canonical(v: &Value, out: &mut Vec<u8>) -> Result<(), CanonicalError> {
             out.push(b']');
         }
         Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push(b'{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                json_string(k, out);
-                out.push(b':');
-                canonical(&map[k], out)?;
-            }
-            out.push(b'}');
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by_key(|(k, _)| *k);
+            canonical_object(entries, out)?;
         }
     }
+    Ok(())
+}
+
+/// A JSON object of `entries`, which come sorted by key.
+fn canonical_object<'a>(
+    entries: impl IntoIterator<Item = (&'a String, &'a Value)>,
+    out: &mut Vec<u8>,
+) -> Result<(), CanonicalError> {
+    out.push(b'{');
+    for (i, (k, v)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_string(k, out);
+        out.push(b':');
+        canonical(v, out)?;
+    }
+    out.push(b'}');
     Ok(())
 }
 
@@ -292,17 +301,9 @@ impl Pending {
     ) -> Result<Self, CanonicalError> {
         // keys in canonical (sorted) order: data, kind, links | prev_hash, seq | time, v
         let mut prefix = Vec::with_capacity(512);
-        prefix.extend_from_slice(b"{\"data\":{");
+        prefix.extend_from_slice(b"{\"data\":");
         // a BTreeMap: its keys come sorted
-        for (i, (k, v)) in data.iter().enumerate() {
-            if i > 0 {
-                prefix.push(b',');
-            }
-            json_string(k, &mut prefix);
-            prefix.push(b':');
-            canonical(v, &mut prefix)?;
-        }
-        prefix.push(b'}');
+        canonical_object(&data, &mut prefix)?;
         prefix.extend_from_slice(b",\"kind\":");
         json_string(kind.as_str(), &mut prefix);
         prefix.extend_from_slice(b",\"links\":");
@@ -323,9 +324,10 @@ impl Pending {
         })
     }
 
-    /// Its length in bytes at any position, but for the `seq` digits.
-    pub fn len_without_seq(&self) -> usize {
-        self.prefix.len() + self.suffix.len() + 88
+    /// Its length in bytes at any position, at most: the spliced
+    /// `"prev_hash":"<64 hex>","seq":` is 85 bytes, and `seq` at most 20.
+    pub fn max_len(&self) -> usize {
+        self.prefix.len() + self.suffix.len() + 105
     }
 
     /// Append the canonical bytes at position `seq` after `prev` to `out`,
@@ -345,13 +347,6 @@ impl Pending {
         hash.copy_from_slice(h.finish().as_ref());
         debug_assert_eq!(hash, sha256(&out[start..]));
         hash
-    }
-
-    /// The canonical bytes at position `seq` after `prev`, and their hash.
-    pub fn seal(&self, seq: u64, prev: &[u8; 32]) -> (Vec<u8>, [u8; 32]) {
-        let mut bytes = Vec::with_capacity(self.len_without_seq() + 20);
-        let hash = self.seal_into(seq, prev, &mut bytes);
-        (bytes, hash)
     }
 }
 
@@ -536,7 +531,10 @@ mod tests {
             Some(1),
         )
         .unwrap();
-        let (bytes, hash) = p.seal(7, &[0xab; 32]);
+        let mut bytes = b"stored ahead".to_vec();
+        let hash = p.seal_into(7, &[0xab; 32], &mut bytes);
+        let bytes = bytes.split_off(12);
+        assert!(bytes.len() <= p.max_len());
         let parsed: Value = serde_json::from_slice(&bytes).unwrap();
         let mut again = Vec::new();
         canonical(&parsed, &mut again).unwrap();

@@ -75,8 +75,8 @@ fn settled_cause(rec: &LeaseRecord, why: Why<'_>) -> RevokeCause {
 }
 
 /// The record a lease becomes when it is queued for revocation at `at`.
-/// The store writes it; the issue and completion paths use it to render
-/// events ahead (see `Activation::apply`).
+/// The store writes it; task completion uses it to render events ahead
+/// (as activation uses `Activation::apply`).
 pub fn queued_revocation(mut rec: LeaseRecord, why: Why<'_>, now: i64, at: i64) -> LeaseRecord {
     let cause = settled_cause(&rec, why);
     let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts);
@@ -959,9 +959,7 @@ impl<'t> Txn<'t> {
     }
 
     /// Take a lease out of the index its current state keeps it in (expiry
-    /// index, intents, revocation queue). Returns the cause the revocation
-    /// should carry: a retry keeps the original one.
-    /// Take a lease out of the indexes of its current state.
+    /// index, intents, revocation queue).
     fn leave_state(&mut self, rec: &LeaseRecord) -> Result<(), StoreError> {
         match rec.state {
             LeaseState::Active => self.unindex_expiry(rec)?,
