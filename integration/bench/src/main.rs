@@ -105,6 +105,9 @@ enum Cmd {
         /// Calls per task in the HTTP part.
         #[arg(long, default_value_t = 20)]
         calls_per_task: usize,
+        /// Concurrent clients in the HTTP part, one connection each.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
         #[arg(long, default_value_t = 5)]
@@ -1629,6 +1632,7 @@ fn policy_latency(workloads: usize, policies: usize, decisions: usize) -> anyhow
 /// `per_task` calls each asking for a token, completes the task.
 async fn calls_throughput(
     bin: &Path,
+    clients: usize,
     per_task: usize,
     rounds: usize,
     seconds: u64,
@@ -1646,10 +1650,14 @@ async fn calls_throughput(
     ];
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    // per call, in ms; only calls that started while a round measured
+    let measuring = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for i in 0..64 {
+    for i in 0..clients {
         let (token, done, stop) = (tokens[i % 2].clone(), done.clone(), stop.clone());
+        let measuring = measuring.clone();
         tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
             let mut conn = Conn::open(addr).await?;
             let open = r#"{"purpose":"bench","on_behalf_of":"alice@example.com","prompt_sha256":"2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824","tools":["demo.read"],"ttl_seconds":600}"#;
             let call = r#"{"tool":"demo.read","action":"read","resource":"doc:1","credential":{"provider":"token","role":"demo","ttl_seconds":60}}"#;
@@ -1661,10 +1669,14 @@ async fn calls_throughput(
                 let task: Value = serde_json::from_slice(&body)?;
                 let id = task["task_id"].as_str().unwrap_or_default().to_owned();
                 for _ in 0..per_task {
+                    let (t0, counted) = (Instant::now(), measuring.load(Ordering::Relaxed));
                     let (st, body) = conn.post(&format!("/v1/tasks/{id}/calls"), &token, Some(call)).await?;
                     let v: Value = serde_json::from_slice(&body)?;
                     if st != 200 || v["lease"]["credential"]["token"].as_str().is_none() {
                         bail!("call: HTTP {st}: {v}");
+                    }
+                    if counted {
+                        mine.push(t0.elapsed().as_secs_f64() * 1000.0);
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                     if stop.load(Ordering::Relaxed) {
@@ -1673,11 +1685,12 @@ async fn calls_throughput(
                 }
                 conn.post(&format!("/v1/tasks/{id}/complete"), &token, None).await?;
             }
-            anyhow::Ok(())
+            anyhow::Ok(mine)
         }));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (mut rates, mut server_cpu) = (Vec::new(), Vec::new());
+    measuring.store(true, Ordering::Relaxed);
     for r in 0..rounds {
         let (rate, s_us, c_us) = measure_round(&server, &done, seconds).await;
         println!(
@@ -1687,16 +1700,21 @@ async fn calls_throughput(
         rates.push(rate);
         server_cpu.push(s_us);
     }
+    measuring.store(false, Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
     for t in tasks {
-        t.await??;
+        lat.extend(t.await??);
     }
     server.stop()?;
     println!(
-        "calls: median {:.0} decisions with leases/s over {rounds} rounds of {seconds} s, 64 clients, {per_task} calls per task \
-         (each call: a Cedar decision, the call record, a token lease, their events; durable); broker CPU {:.0} us per call (median)",
+        "calls: median {:.0} decisions with leases/s over {rounds} rounds of {seconds} s, {clients} clients, {per_task} calls per task \
+         (each call: a Cedar decision, the call record, a token lease, their events; durable); broker CPU {:.0} us per call (median); \
+         call latency p50 {:.1} ms, p99 {:.1} ms",
         median(&mut rates),
-        median(&mut server_cpu)
+        median(&mut server_cpu),
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.99),
     );
     Ok(())
 }
@@ -1746,11 +1764,12 @@ async fn main() -> anyhow::Result<()> {
             policies,
             decisions,
             calls_per_task,
+            clients,
             rounds,
             seconds,
         } => {
             policy_latency(workloads, policies, decisions)?;
-            calls_throughput(&bin, calls_per_task, rounds, seconds).await
+            calls_throughput(&bin, clients, calls_per_task, rounds, seconds).await
         }
         Cmd::Disk => disk(),
         Cmd::All => {
