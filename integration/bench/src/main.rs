@@ -671,6 +671,7 @@ async fn throughput(
     seconds: u64,
     rounds: usize,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(clients > 0, "--clients must be at least 1");
     disk()?;
     let mut l = run_load(bin, false, clients, per_task, seconds, rounds).await?;
     println!(
@@ -1637,6 +1638,7 @@ async fn calls_throughput(
     rounds: usize,
     seconds: u64,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(clients > 0, "--clients must be at least 1");
     let dir = bench_dir()?;
     let addr = free_addr()?;
     let (config, creds) = setup(dir.path(), addr, false)?;
@@ -1650,7 +1652,8 @@ async fn calls_throughput(
     ];
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    // per call, in ms; only calls that started while a round measured
+    // each client keeps the latency (ms) of the calls it started while the
+    // rounds measured, so warm-up and wind-down stay out of the percentiles
     let measuring = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for i in 0..clients {
