@@ -541,7 +541,6 @@ pub struct PolicyEngine {
     /// Off only in the test that proves slicing (of the set and of the
     /// context) decides as the whole set with the whole context.
     slicing: bool,
-    everything: Reads,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -565,7 +564,6 @@ impl PolicyEngine {
             role_type: type_name("ProviderRole")?,
             broker_uid: uid("Broker", "leasehold")?,
             slicing: true,
-            everything: Reads::everything(),
         })
     }
 
@@ -795,12 +793,14 @@ impl PolicyEngine {
                 errors: vec![format!("unknown action {action}")],
             };
         };
+        let everything;
         let (policies, reads) = if self.slicing {
             let s = l.slices.get(&(ai, resource.clone())).unwrap_or(&l.empty);
             (&s.set, &s.reads)
         } else {
             // the whole set and the whole context, which slicing must decide as
-            (&l.set, &self.everything)
+            everything = Reads::everything();
+            (&l.set, &everything)
         };
         let mut ctx = Ctx {
             reads,

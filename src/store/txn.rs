@@ -62,15 +62,25 @@ impl Activation {
     }
 }
 
-/// The cause a revocation records: a job's, else the one it already has
-/// (a lease being revoked keeps its first cause), else `cause`.
-fn settled_cause(rec: &LeaseRecord, why: Why<'_>) -> RevokeCause {
-    if why.job.is_some() {
-        return RevokeCause::Job;
-    }
-    match (rec.state, &rec.revocation) {
-        (LeaseState::Irrevocable | LeaseState::Revoking, Some(r)) => r.cause,
+/// The revocation `why` asks for at `now`, carrying over what the lease's
+/// earlier revocation knew: its attempts, last error and job. The cause is
+/// a job's, else the one it already has (a lease being revoked keeps its
+/// first cause), else `why.cause`.
+fn revocation(rec: &LeaseRecord, why: Why<'_>, now: i64) -> Revocation {
+    let earlier = rec.revocation.as_ref();
+    let cause = match (why.job, rec.state, earlier) {
+        (Some(_), _, _) => RevokeCause::Job,
+        (None, LeaseState::Irrevocable | LeaseState::Revoking, Some(r)) => r.cause,
         _ => why.cause,
+    };
+    Revocation {
+        cause,
+        requested_by: why.by.map(str::to_owned),
+        requested_at: now,
+        attempts: earlier.map_or(0, |r| r.attempts),
+        next_attempt_at: now,
+        last_error: earlier.and_then(|r| r.last_error.clone()),
+        job: why.job.or_else(|| earlier.and_then(|r| r.job)),
     }
 }
 
@@ -78,44 +88,25 @@ fn settled_cause(rec: &LeaseRecord, why: Why<'_>) -> RevokeCause {
 /// The store writes it; task completion uses it to render events ahead
 /// (as activation uses `Activation::apply`).
 pub fn queued_revocation(mut rec: LeaseRecord, why: Why<'_>, now: i64, at: i64) -> LeaseRecord {
-    let cause = settled_cause(&rec, why);
-    let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts);
-    let last_error = rec.revocation.as_ref().and_then(|r| r.last_error.clone());
-    let job = why
-        .job
-        .or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
-    rec.state = LeaseState::Revoking;
     rec.revocation = Some(Revocation {
-        cause,
-        requested_by: why.by.map(str::to_owned),
-        requested_at: now,
-        attempts,
         next_attempt_at: at,
-        last_error,
-        job,
+        ..revocation(&rec, why, now)
     });
+    rec.state = LeaseState::Revoking;
     rec
 }
 
 /// The record a lease of a local provider becomes when it is revoked in
 /// the transaction.
 pub fn local_revocation(mut rec: LeaseRecord, why: Why<'_>, now: i64) -> LeaseRecord {
-    let cause = settled_cause(&rec, why);
-    let job = why
-        .job
-        .or_else(|| rec.revocation.as_ref().and_then(|r| r.job));
-    let attempts = rec.revocation.as_ref().map_or(0, |r| r.attempts) + 1;
-    rec.state = cause.terminal_state();
+    let r = revocation(&rec, why, now);
+    rec.state = r.cause.terminal_state();
     rec.ended_at = Some(now);
     rec.handle_sealed = None;
     rec.revocation = Some(Revocation {
-        cause,
-        requested_by: why.by.map(str::to_owned),
-        requested_at: now,
-        attempts,
-        next_attempt_at: now,
+        attempts: r.attempts + 1,
         last_error: None,
-        job,
+        ..r
     });
     rec
 }

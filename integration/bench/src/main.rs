@@ -54,7 +54,7 @@ struct Cli {
 enum Cmd {
     /// Issue + complete throughput over HTTP.
     Throughput {
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = at_least_one)]
         clients: usize,
         /// Leases issued under each task before it is completed.
         #[arg(long, default_value_t = 1)]
@@ -106,7 +106,7 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         calls_per_task: usize,
         /// Concurrent clients in the HTTP part, one connection each.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = at_least_one)]
         clients: usize,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
@@ -138,7 +138,7 @@ enum Cmd {
     Postgres {
         #[arg(long, default_value_t = 10_000)]
         leases: usize,
-        #[arg(long, default_value_t = 16)]
+        #[arg(long, default_value_t = 16, value_parser = at_least_one)]
         clients: usize,
         /// The role template: `read` (group role + per-schema grants) or
         /// `weird` (group role only).
@@ -176,6 +176,15 @@ fn leasehold_bin(cli: &Cli) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(p)
+}
+
+/// A count of clients: none would measure nothing (and divide by zero).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -671,7 +680,6 @@ async fn throughput(
     seconds: u64,
     rounds: usize,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(clients > 0, "--clients must be at least 1");
     disk()?;
     let mut l = run_load(bin, false, clients, per_task, seconds, rounds).await?;
     println!(
@@ -1638,7 +1646,6 @@ async fn calls_throughput(
     rounds: usize,
     seconds: u64,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(clients > 0, "--clients must be at least 1");
     let dir = bench_dir()?;
     let addr = free_addr()?;
     let (config, creds) = setup(dir.path(), addr, false)?;
