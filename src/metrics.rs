@@ -8,9 +8,10 @@
 //! are exact and survive restarts. Labels are bounded: routes are templates,
 //! never a task or lease id.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{OnceLock, PoisonError, RwLock};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::broker::Broker;
@@ -129,11 +130,71 @@ fn describe() {
     );
 }
 
-pub fn http_request(method: &str, route: &str, status: u16, seconds: f64) {
-    let (m, r) = (method.to_owned(), route.to_owned());
-    counter!("leasehold_http_requests_total", "method" => m.clone(), "route" => r.clone(), "status" => status.to_string()).increment(1);
-    histogram!("leasehold_http_request_duration_seconds", "method" => m, "route" => r)
-        .record(seconds);
+/// The handles of one (route, method, status) series.
+struct HttpSeries {
+    method: &'static str,
+    status: u16,
+    requests: Counter,
+    duration: Histogram,
+}
+
+/// Series by route template. Registering a labelled metric allocates and
+/// hashes its key, on every request; routes, methods and statuses form a
+/// small fixed set, so each series is registered once and its handles kept.
+static HTTP: OnceLock<RwLock<HashMap<String, Vec<HttpSeries>>>> = OnceLock::new();
+
+/// The method as a label: a client may send any token as a method, and each
+/// would otherwise become a series of its own.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method as M;
+    match *method {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::PATCH => "PATCH",
+        M::TRACE => "TRACE",
+        M::CONNECT => "CONNECT",
+        _ => "other",
+    }
+}
+
+/// An HTTP request answered: `route` is the matched route template (never
+/// the path: ids must not become labels).
+pub fn http_request(method: &axum::http::Method, route: &str, status: u16, seconds: f64) {
+    let method = method_label(method);
+    let series = HTTP.get_or_init(Default::default);
+    let record = |s: &HttpSeries| {
+        s.requests.increment(1);
+        s.duration.record(seconds);
+    };
+    let find = |v: &Vec<HttpSeries>| {
+        v.iter()
+            .position(|s| s.method == method && s.status == status)
+    };
+    {
+        let known = series.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = known.get(route)
+            && let Some(i) = find(v)
+        {
+            return record(&v[i]);
+        }
+    }
+    let mut known = series.write().unwrap_or_else(PoisonError::into_inner);
+    let v = known.entry(route.to_owned()).or_default();
+    let i = find(v).unwrap_or_else(|| {
+        let r = route.to_owned();
+        v.push(HttpSeries {
+            method,
+            status,
+            requests: counter!("leasehold_http_requests_total", "method" => method, "route" => r.clone(), "status" => status.to_string()),
+            duration: histogram!("leasehold_http_request_duration_seconds", "method" => method, "route" => r),
+        });
+        v.len() - 1
+    });
+    record(&v[i]);
 }
 
 pub fn provider_orphans(provider: &str, n: usize) {

@@ -294,7 +294,7 @@ async fn edge(State(edge): State<Edge>, mut req: Request, next: Next) -> Respons
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+        .cloned();
     let method = req.method().clone();
     let started = std::time::Instant::now();
     let admitted = span.in_scope(|| admission(state, &req));
@@ -310,8 +310,10 @@ async fn edge(State(edge): State<Edge>, mut req: Request, next: Next) -> Respons
     };
     let status = resp.status().as_u16();
     crate::metrics::http_request(
-        method.as_str(),
-        &route,
+        &method,
+        route
+            .as_ref()
+            .map_or("unmatched", axum::extract::MatchedPath::as_str),
         status,
         started.elapsed().as_secs_f64(),
     );

@@ -190,8 +190,26 @@ async fn metrics_count_leases_irrevocable_queue_retries_and_fences_without_ids()
         ) >= 0.0
     );
 
-    // bounded labels: no lease, task or job id anywhere in the exposition
+    // bounded labels: any token is a method in HTTP, and each would be a
+    // series; a method the API does not know is counted as "other"
+    for method in ["BREW", "WHEN"] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = h.http.request(m, h.url("/v1/tasks")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+    // no lease, task or job id anywhere in the exposition
     let (_, blast, _) = scrape(&h, &h.tokens.responder).await;
+    assert!(
+        !blast.contains("BREW") && !blast.contains("WHEN"),
+        "{blast}"
+    );
+    assert_eq!(
+        value(
+            &samples(&blast),
+            r#"leasehold_http_requests_total{method="other",route="/v1/tasks",status="405"}"#
+        ),
+        2.0
+    );
     for l in &leases {
         assert!(
             !blast.contains(l.as_str()),
