@@ -165,11 +165,22 @@ fn method_label(method: &axum::http::Method) -> &'static str {
 /// the path: ids must not become labels).
 pub fn http_request(method: &axum::http::Method, route: &str, status: u16, seconds: f64) {
     let method = method_label(method);
-    let series = HTTP.get_or_init(Default::default);
+    let register = |route: &str| HttpSeries {
+        method,
+        status,
+        requests: counter!("leasehold_http_requests_total", "method" => method, "route" => route.to_owned(), "status" => status.to_string()),
+        duration: histogram!("leasehold_http_request_duration_seconds", "method" => method, "route" => route.to_owned()),
+    };
     let record = |s: &HttpSeries| {
         s.requests.increment(1);
         s.duration.record(seconds);
     };
+    // a handle is bound to the recorder installed when it was registered:
+    // keep handles only once ours is in place for good
+    if !matches!(HANDLE.get(), Some(Some(_))) {
+        return record(&register(route));
+    }
+    let series = HTTP.get_or_init(Default::default);
     let find = |v: &Vec<HttpSeries>| {
         v.iter()
             .position(|s| s.method == method && s.status == status)
@@ -185,13 +196,7 @@ pub fn http_request(method: &axum::http::Method, route: &str, status: u16, secon
     let mut known = series.write().unwrap_or_else(PoisonError::into_inner);
     let v = known.entry(route.to_owned()).or_default();
     let i = find(v).unwrap_or_else(|| {
-        let r = route.to_owned();
-        v.push(HttpSeries {
-            method,
-            status,
-            requests: counter!("leasehold_http_requests_total", "method" => method, "route" => r.clone(), "status" => status.to_string()),
-            duration: histogram!("leasehold_http_request_duration_seconds", "method" => method, "route" => r),
-        });
+        v.push(register(route));
         v.len() - 1
     });
     record(&v[i]);
