@@ -1720,11 +1720,12 @@ async fn calls_throughput(
     println!(
         "calls: median {:.0} decisions with leases/s over {rounds} rounds of {seconds} s, {clients} clients, {per_task} calls per task \
          (each call: a Cedar decision, the call record, a token lease, their events; durable); broker CPU {:.0} us per call (median); \
-         call latency p50 {:.1} ms, p99 {:.1} ms",
+         call latency p50 {:.1} ms, p99 {:.1} ms; {} calls in all, warm-up included",
         median(&mut rates),
         median(&mut server_cpu),
         percentile(&mut lat, 0.5),
         percentile(&mut lat, 0.99),
+        done.load(Ordering::Relaxed),
     );
     Ok(())
 }
