@@ -27,7 +27,7 @@ for bin in "$@"; do
   bin=$(realpath "$bin")
   cat > "$work/broker" <<WRAP
 #!/bin/sh
-exec valgrind --tool=callgrind --callgrind-out-file=$work/cg.out.%p --dump-instr=no /$bin "\$@"
+exec valgrind --tool=callgrind --callgrind-out-file=$work/cg.out.%p --dump-instr=no "$bin" "\$@"
 WRAP
   chmod +x "$work/broker"
   declare -A calls=() ir=()
