@@ -54,7 +54,7 @@ struct Cli {
 enum Cmd {
     /// Issue + complete throughput over HTTP.
     Throughput {
-        #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+        #[arg(long, default_value_t = 64, value_parser = at_least_one())]
         clients: usize,
         /// Leases issued under each task before it is completed.
         #[arg(long, default_value_t = 1)]
@@ -106,7 +106,7 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         calls_per_task: usize,
         /// Concurrent clients in the HTTP part, one connection each.
-        #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+        #[arg(long, default_value_t = 64, value_parser = at_least_one())]
         clients: usize,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
@@ -138,7 +138,7 @@ enum Cmd {
     Postgres {
         #[arg(long, default_value_t = 10_000)]
         leases: usize,
-        #[arg(long, default_value_t = 16, value_parser = at_least_one)]
+        #[arg(long, default_value_t = 16, value_parser = at_least_one())]
         clients: usize,
         /// The role template: `read` (group role + per-schema grants) or
         /// `weird` (group role only).
@@ -179,12 +179,8 @@ fn leasehold_bin(cli: &Cli) -> anyhow::Result<PathBuf> {
 }
 
 /// A count of clients: none would measure nothing (and divide by zero).
-fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -515,13 +511,10 @@ async fn run_load(
     ];
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
     let mut tasks = Vec::new();
     for i in 0..clients {
-        let (http, base, token) = (http.clone(), base.clone(), tokens[i % 2].clone());
-        let (done, stop, latencies) = (done.clone(), stop.clone(), latencies.clone());
+        let (token, done, stop) = (tokens[i % 2].clone(), done.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            let _ = (&http, &base);
             let mut conn = Conn::open(addr).await?;
             let mut mine = Vec::new();
             let open = r#"{"purpose":"bench","on_behalf_of":"alice@example.com","prompt_sha256":"2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824","tools":["demo.read"],"ttl_seconds":300}"#;
@@ -549,10 +542,7 @@ async fn run_load(
                 done.fetch_add(per_task as u64, Ordering::Relaxed);
                 mine.push(t0.elapsed().as_secs_f64() * 1000.0);
             }
-            if let Ok(mut l) = latencies.lock() {
-                l.extend(mine);
-            }
-            anyhow::Ok(())
+            anyhow::Ok(mine)
         }));
     }
     tokio::time::sleep(Duration::from_secs(2)).await; // warm-up
@@ -574,8 +564,9 @@ async fn run_load(
         client_cpu.push(c_us);
     }
     stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
     for t in tasks {
-        t.await??;
+        lat.extend(t.await??);
     }
     let stats = reqwest::Client::new()
         .get(format!("{base}/v1/stats"))
@@ -585,7 +576,6 @@ async fn run_load(
         .json::<Value>()
         .await?;
     server.stop()?;
-    let mut lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     let commits = stats["store"]["commits"].as_f64().unwrap_or(0.0);
     let ops = stats["store"]["operations"].as_f64().unwrap_or(0.0);
     Ok(Load {
