@@ -31,7 +31,10 @@ where
     F: Future<Output = Result<T, BrokerError>> + Send + 'static,
 {
     use tracing::Instrument as _;
-    match tokio::spawn(f.instrument(tracing::Span::current())).await {
+    // boxed: the task then moves a pointer, where it would otherwise copy
+    // the whole future (a call's holds every state of the issue path)
+    // through spawn into its cell
+    match tokio::spawn(Box::pin(f).instrument(tracing::Span::current())).await {
         Ok(r) => r.map_err(ApiError::from),
         Err(e) => {
             tracing::error!(error = %e, "request task failed");
