@@ -38,6 +38,9 @@ pub fn install() -> Option<PrometheusHandle> {
             match builder.and_then(PrometheusBuilder::install_recorder) {
                 Ok(h) => {
                     describe();
+                    // a handle is bound to the recorder installed when it
+                    // was registered: the cache exists only once ours is
+                    HTTP.get_or_init(Default::default);
                     Some(h)
                 }
                 Err(e) => {
@@ -141,6 +144,7 @@ struct HttpSeries {
 /// Series by route template. Registering a labelled metric allocates and
 /// hashes its key, on every request; routes, methods and statuses form a
 /// small fixed set, so each series is registered once and its handles kept.
+/// Set by `install` once our recorder is in place.
 static HTTP: OnceLock<RwLock<HashMap<String, Vec<HttpSeries>>>> = OnceLock::new();
 
 /// The method as a label: a client may send any token as a method, and each
@@ -175,12 +179,10 @@ pub fn http_request(method: &axum::http::Method, route: &str, status: u16, secon
         s.requests.increment(1);
         s.duration.record(seconds);
     };
-    // a handle is bound to the recorder installed when it was registered:
-    // keep handles only once ours is in place for good
-    if !matches!(HANDLE.get(), Some(Some(_))) {
+    // no cache before our recorder is installed (see `install`)
+    let Some(series) = HTTP.get() else {
         return record(&register(route));
-    }
-    let series = HTTP.get_or_init(Default::default);
+    };
     let find = |v: &Vec<HttpSeries>| {
         v.iter()
             .position(|s| s.method == method && s.status == status)

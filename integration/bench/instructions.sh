@@ -36,6 +36,7 @@ WRAP
     out=$("$bench" --leasehold "$work/broker" policy --rounds 1 --seconds "$s" --decisions 1000 2>&1) \
       || { echo "$out" >&2; exit 1; }
     calls[$s]=$(echo "$out" | sed -nE 's/^calls:.*; ([0-9]+) calls in all.*/\1/p')
+    [ -n "${calls[$s]}" ] || { echo "$out" >&2; echo "no call count in the output of $bench: rebuild it" >&2; exit 1; }
     ir[$s]=$(grep -h '^summary:' "$work"/cg.out.* | awk '{s += $2} END {printf "%.0f", s}')
   done
   n=$(( calls[$long] - calls[$short] ))
