@@ -19,6 +19,7 @@
 //! - start-up reads only the metadata, the intent table and the first entry
 //!   of each ordered index: nothing scales with the number of leases.
 
+mod blocks;
 mod key;
 pub mod records;
 mod schema;
@@ -113,6 +114,12 @@ pub enum StoreError {
     NewerSchema { found: u32, supported: u32 },
     #[error("no migration from schema version {from} towards {to}")]
     NoMigration { from: u32, to: u32 },
+    #[error(
+        "the store has schema version {found}, older than this build reads ({supported}) without \
+         migrating it; start this build's broker on it once (it migrates the store as it opens), \
+         or read it with the build that wrote it"
+    )]
+    OlderSchema { found: u32, supported: u32 },
 }
 
 macro_rules! from_redb {
@@ -636,24 +643,14 @@ pub struct StoredEvent {
     pub bytes: Vec<u8>,
 }
 
-impl StoredEvent {
-    fn decode(seq: u64, v: &[u8]) -> Result<Self, StoreError> {
-        if v.len() < 48 {
-            return Err(StoreError::Corrupt(format!("event {seq} is too short")));
+impl From<blocks::Entry<'_>> for StoredEvent {
+    fn from(e: blocks::Entry<'_>) -> Self {
+        Self {
+            seq: e.seq,
+            hash: e.hash,
+            task: (e.task != 0).then_some(e.task),
+            bytes: e.bytes.to_vec(),
         }
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(&v[..32]);
-        let task = u128::from_be_bytes(
-            v[32..48]
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("event".into()))?,
-        );
-        Ok(Self {
-            seq,
-            hash,
-            task: (task != 0).then_some(task),
-            bytes: v[48..].to_vec(),
-        })
     }
 }
 
@@ -685,7 +682,7 @@ impl Snapshot {
         match redb::ReadOnlyDatabase::open(path) {
             Ok(db) => {
                 if wal::pending(path, wal::checkpointed(&db)?)? == 0 {
-                    return Ok(Self { db });
+                    return Self::checked(db);
                 }
             }
             Err(redb::DatabaseError::RepairAborted) => {}
@@ -700,7 +697,39 @@ impl Snapshot {
             );
         }
         let db = redb::ReadOnlyDatabase::open(path).map_err(locked)?;
-        Ok(Self { db })
+        Self::checked(db)
+    }
+
+    /// A snapshot is read with this build's layout, so only a store at this
+    /// build's schema version can be read (a read-only view cannot migrate).
+    fn checked(db: redb::ReadOnlyDatabase) -> Result<Self, StoreError> {
+        let version = {
+            let r = db.begin_read()?;
+            let meta = match r.open_table(META) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => {
+                    return Err(StoreError::NotAStore(
+                        "the file holds no leasehold metadata".into(),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let v = meta.get("schema_version")?;
+            v.and_then(|g| <[u8; 4]>::try_from(g.value()).ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| StoreError::NotAStore("no schema version".into()))?
+        };
+        match version.cmp(&SCHEMA_VERSION) {
+            std::cmp::Ordering::Equal => Ok(Self { db }),
+            std::cmp::Ordering::Less => Err(StoreError::OlderSchema {
+                found: version,
+                supported: SCHEMA_VERSION,
+            }),
+            std::cmp::Ordering::Greater => Err(StoreError::NewerSchema {
+                found: version,
+                supported: SCHEMA_VERSION,
+            }),
+        }
     }
 
     pub fn read(&self) -> Result<Reader, StoreError> {
@@ -892,13 +921,20 @@ impl Reader {
 
     /// Events with seq > `after`, in order, at most `limit`.
     pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        let t = self.txn.open_table(EVENTS)?;
+        let t = self.txn.open_table(EVENT_BLOCKS)?;
         let mut out = Vec::new();
-        for e in t.range(after.saturating_add(1)..)? {
+        // the first block whose key is past `after` holds `after + 1`
+        'blocks: for e in t.range(after.saturating_add(1)..)? {
             let (k, v) = e?;
-            out.push(StoredEvent::decode(k.value(), v.value())?);
-            if out.len() >= limit {
-                break;
+            for e in blocks::entries(k.value(), v.value()) {
+                let e = e?;
+                if e.seq <= after {
+                    continue;
+                }
+                out.push(StoredEvent::from(e));
+                if out.len() >= limit {
+                    break 'blocks;
+                }
             }
         }
         Ok(out)
@@ -909,19 +945,13 @@ impl Reader {
         &self,
         mut f: impl FnMut(u64, [u8; 32], &[u8]),
     ) -> Result<(), StoreError> {
-        let t = self.txn.open_table(EVENTS)?;
+        let t = self.txn.open_table(EVENT_BLOCKS)?;
         for e in t.iter()? {
             let (k, v) = e?;
-            let v = v.value();
-            if v.len() < 48 {
-                return Err(StoreError::Corrupt(format!(
-                    "event {} is too short",
-                    k.value()
-                )));
+            for e in blocks::entries(k.value(), v.value()) {
+                let e = e?;
+                f(e.seq, e.hash, e.bytes);
             }
-            let mut hash = [0u8; 32];
-            hash.copy_from_slice(&v[..32]);
-            f(k.value(), hash, &v[48..]);
         }
         Ok(())
     }
@@ -934,12 +964,25 @@ impl Reader {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let idx = self.txn.open_table(EVENT_TASKS)?;
-        let t = self.txn.open_table(EVENTS)?;
+        let t = self.txn.open_table(EVENT_BLOCKS)?;
         let mut out = Vec::new();
+        // a task's events often share a block: keep the last one read
+        let mut block: Option<(u64, redb::AccessGuard<'_, &[u8]>)> = None;
         for e in idx.range((task, after.saturating_add(1))..=(task, u64::MAX))? {
             let seq = e?.0.value().1;
-            if let Some(v) = t.get(seq)? {
-                out.push(StoredEvent::decode(seq, v.value())?);
+            if block.as_ref().is_none_or(|(key, _)| *key < seq) {
+                block = match t.range(seq..)?.next() {
+                    Some(e) => {
+                        let (k, v) = e?;
+                        Some((k.value(), v))
+                    }
+                    None => None,
+                };
+            }
+            if let Some((key, v)) = &block
+                && let Some(e) = blocks::find(*key, v.value(), seq)?
+            {
+                out.push(StoredEvent::from(e));
             }
             if out.len() >= limit {
                 break;

@@ -8,6 +8,7 @@
 use redb::{ReadableTable as _, TableDefinition, WriteTransaction};
 
 use super::StoreError;
+use super::blocks::{BLOCK_BYTES, BlockBuf};
 use super::key::Sealer;
 
 /// Store-wide metadata: schema version, key check, creation time.
@@ -38,10 +39,14 @@ pub const COUNTERS: TableDefinition<(&str, &str), u64> = TableDefinition::new("l
 /// dead anyway form a prefix that pruning removes.
 pub const DENYLIST: TableDefinition<u128, i64> = TableDefinition::new("token_denylist");
 
-/// seq -> hash (32) || task id (16, zero if none) || canonical event bytes.
-/// The event chain (see `audit/`); appended in the transaction of the state
-/// change each event describes.
-pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// seq of a block's last event -> the block (see `blocks`): the event
+/// chain (see `audit/`), appended in the transaction of the state change
+/// each event describes, one block per batch.
+pub const EVENT_BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("event_blocks");
+/// Version 2's event table, one event per entry: seq -> hash (32) || task
+/// id (16, zero if none) || canonical bytes. Read only to migrate it (and by
+/// the replay of a version-2 log, which runs before the migration).
+pub const LEGACY_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 /// (task id, seq): a task's story without a scan.
 pub const EVENT_TASKS: TableDefinition<(u128, u64), ()> = TableDefinition::new("event_tasks");
 /// seq -> signed checkpoint (canonical JSON).
@@ -80,7 +85,9 @@ pub const WORKLOAD_TASKS: TableDefinition<(&str, u128), ()> =
 /// The schema this build writes. Version 2: the store file is only
 /// complete together with its write-ahead log (`wal`), which a version-1
 /// build would ignore, losing acknowledged writes; so it must refuse.
-pub const SCHEMA_VERSION: u32 = 2;
+/// Version 3: events are stored in blocks (`event_blocks`), which a
+/// version-2 build would not read.
+pub const SCHEMA_VERSION: u32 = 3;
 
 const KEY_CHECK_PLAINTEXT: &[u8] = b"leasehold store key check v1";
 const KEY_CHECK_RECORD: u128 = 0;
@@ -91,11 +98,53 @@ pub type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// The migrations of this build, in order; a schema change appends
 /// `(n, migrate_n_to_n_plus_1)`.
-pub const MIGRATIONS: &[(u32, Migration)] = &[(1, log_beside_the_file)];
+pub const MIGRATIONS: &[(u32, Migration)] = &[(1, log_beside_the_file), (2, events_in_blocks)];
 
 /// 1 -> 2: no table changes; the version stamps that a log may hold writes
 /// the file lacks.
 fn log_beside_the_file(_: &WriteTransaction) -> Result<(), StoreError> {
+    Ok(())
+}
+
+/// 2 -> 3: the events, one per entry, are rewritten into blocks of
+/// consecutive events, and the old table is deleted.
+fn events_in_blocks(txn: &WriteTransaction) -> Result<(), StoreError> {
+    {
+        let old = txn.open_table(LEGACY_EVENTS)?;
+        let mut new = txn.open_table(EVENT_BLOCKS)?;
+        let mut block = BlockBuf::default();
+        let mut last = None;
+        for e in old.iter()? {
+            let (k, v) = e?;
+            let (seq, v) = (k.value(), v.value());
+            if v.len() < 48 {
+                return Err(StoreError::Corrupt(format!("event {seq} is too short")));
+            }
+            // a block holds consecutive events only (pruning removes a
+            // prefix, so a gap should not occur; if one does, it is kept)
+            if last.is_some_and(|l: u64| seq != l + 1) || block.len() >= BLOCK_BYTES {
+                store_block(&mut new, &mut block)?;
+            }
+            let task = u128::from_be_bytes(v[32..48].try_into().unwrap_or([0; 16]));
+            block.push(seq, task, |out| {
+                out.extend_from_slice(&v[48..]);
+                v[..32].try_into().unwrap_or([0; 32])
+            });
+            last = Some(seq);
+        }
+        store_block(&mut new, &mut block)?;
+    }
+    txn.delete_table(LEGACY_EVENTS)?;
+    Ok(())
+}
+
+fn store_block(
+    t: &mut redb::Table<'_, u64, &[u8]>,
+    block: &mut BlockBuf,
+) -> Result<(), StoreError> {
+    if let Some((key, b)) = block.take() {
+        t.insert(key, b.as_slice())?;
+    }
     Ok(())
 }
 
@@ -183,7 +232,7 @@ pub fn prepare(
     txn.open_table(REVOKE_QUEUE)?;
     txn.open_table(COUNTERS)?;
     txn.open_table(DENYLIST)?;
-    txn.open_table(EVENTS)?;
+    txn.open_table(EVENT_BLOCKS)?;
     txn.open_table(EVENT_TASKS)?;
     txn.open_table(CHECKPOINTS)?;
     txn.open_table(CALLS)?;

@@ -747,7 +747,7 @@ fn without_wal_lsn(d: Vec<(String, Vec<u8>, Vec<u8>)>) -> Vec<(String, Vec<u8>, 
 }
 
 /// A mix of operations touching the lease tables, indexes, counters,
-/// revocation queue and denylist.
+/// revocation queue, denylist and event chain.
 async fn workload(s: &Store) {
     for t in 1..=20u128 {
         s.write(move |x| x.create_task(&task(t, 100_000)))
@@ -775,6 +775,10 @@ async fn workload(s: &Store) {
         .await
         .unwrap();
     s.write(|t| t.prune_denylist(75_000, 0, 10)).await.unwrap();
+    // event blocks: a small one, one over several blocks' worth, a prune
+    let all = append_events(s, &[3, blocks::BLOCK_BYTES / 1000 * 2], 1000).await;
+    let hash = all[1].hash;
+    s.write(move |t| t.prune_events(2, &hash)).await.unwrap();
 }
 
 #[tokio::test]
@@ -1006,4 +1010,297 @@ async fn a_store_whose_log_was_removed_after_a_clean_close_still_opens() {
     s.write(|t| t.create_task(&task(4, 10_000))).await.unwrap();
     let bytes = std::fs::read(wal::path_for(&path)).unwrap();
     assert_eq!(wal::records_for_test(&bytes, 1).0.len(), 1);
+}
+
+/// An event for the store's chain: its bytes name its seq, padded to `size`.
+struct TestEvent {
+    task: Option<u128>,
+    size: usize,
+}
+
+impl Chained for TestEvent {
+    fn seal_into(&self, seq: u64, prev: &[u8; 32], out: &mut Vec<u8>) -> [u8; 32] {
+        let start = out.len();
+        out.extend_from_slice(format!("event {seq} after {}", crate::hex::encode(prev)).as_bytes());
+        out.resize(start + self.size.max(out.len() - start), b'.');
+        crate::audit::sha256(&out[start..])
+    }
+    fn size_hint(&self) -> usize {
+        self.size
+    }
+    fn task(&self) -> Option<u128> {
+        self.task
+    }
+}
+
+/// Append events in batches of the given sizes (events of `size` bytes,
+/// alternately of tasks 1 and 2 and of none); returns every event as
+/// appended: (seq, hash, task, bytes).
+async fn append_events(s: &Store, batches: &[usize], size: usize) -> Vec<StoredEvent> {
+    for (b, n) in batches.iter().copied().enumerate() {
+        let task = move |i: usize| [Some(1u128), Some(2), None][(b + i) % 3];
+        s.write(move |t| {
+            for i in 0..n {
+                t.append(&TestEvent {
+                    task: task(i),
+                    size,
+                })?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    }
+    s.read().unwrap().events_after(0, usize::MAX).unwrap()
+}
+
+fn seqs(events: &[StoredEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.seq).collect()
+}
+
+#[tokio::test]
+async fn events_are_read_back_from_blocks_by_seq_and_by_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    // small batches, and one whose events fill several blocks
+    let big = blocks::BLOCK_BYTES / 1000 * 3;
+    let all = append_events(&s, &[1, 3, 2, big, 4], 1000).await;
+    let n = all.len() as u64;
+    assert_eq!(seqs(&all), (1..=n).collect::<Vec<_>>());
+    let blocks = {
+        use redb::ReadableDatabase as _;
+        let r = s.inner.db.begin_read().unwrap();
+        r.open_table(EVENT_BLOCKS).unwrap().len().unwrap()
+    };
+    assert!(
+        (8..n).contains(&blocks),
+        "{blocks} blocks for {n} events in 5 batches, one of them over 3 blocks' worth"
+    );
+    // each event is what was sealed, chained to the one before
+    let mut prev = [0u8; 32];
+    for e in &all {
+        let text = String::from_utf8_lossy(&e.bytes).into_owned();
+        assert!(
+            text.starts_with(&format!(
+                "event {} after {}",
+                e.seq,
+                crate::hex::encode(&prev)
+            )),
+            "{text}"
+        );
+        assert_eq!(e.bytes.len(), 1000);
+        assert_eq!(e.hash, crate::audit::sha256(&e.bytes));
+        prev = e.hash;
+    }
+    let r = s.read().unwrap();
+    assert_eq!(r.chain_head().unwrap(), ChainHead { seq: n, hash: prev });
+    // from any point, any number
+    for after in [0, 1, 3, 5, 6, 7, n / 2, n - 1, n] {
+        for limit in [1, 2, 5, 1000] {
+            let got = r.events_after(after, limit).unwrap();
+            let want: Vec<u64> = (after + 1..=n).take(limit).collect();
+            assert_eq!(seqs(&got), want, "after {after}, limit {limit}");
+        }
+    }
+    let mut visited = Vec::new();
+    r.for_each_event(|seq, hash, bytes| visited.push((seq, hash, bytes.to_vec())))
+        .unwrap();
+    let expected: Vec<_> = all
+        .iter()
+        .map(|e| (e.seq, e.hash, e.bytes.clone()))
+        .collect();
+    assert_eq!(visited, expected);
+    // a task's story: its events only, in order, from any point
+    for task in [1u128, 2] {
+        let mine: Vec<u64> = all
+            .iter()
+            .filter(|e| e.task == Some(task))
+            .map(|e| e.seq)
+            .collect();
+        assert!(mine.len() > 10);
+        assert_eq!(seqs(&r.task_events(task, 0, usize::MAX).unwrap()), mine);
+        let from = mine[mine.len() / 2];
+        let got = r.task_events(task, from, 3).unwrap();
+        let want: Vec<u64> = mine.iter().copied().filter(|s| *s > from).take(3).collect();
+        assert_eq!(seqs(&got), want);
+        assert!(got.iter().all(|e| e.bytes == all[e.seq as usize - 1].bytes));
+    }
+}
+
+#[tokio::test]
+async fn pruning_inside_a_block_keeps_the_rest_of_it_and_only_its_index_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    let all = append_events(&s, &[3, 5, 4], 100).await;
+    // seq 5 is in the middle of the second batch's block (4..=8)
+    let through = 5;
+    let wrong = [0u8; 32];
+    let err = s
+        .write(move |t| t.prune_events(through, &wrong))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict(Conflict::Chain(_))),
+        "{err}"
+    );
+    let hash = all[through as usize - 1].hash;
+    let removed = s
+        .write(move |t| t.prune_events(through, &hash))
+        .await
+        .unwrap();
+    assert_eq!(removed, through);
+    let r = s.read().unwrap();
+    let left = r.events_after(0, usize::MAX).unwrap();
+    assert_eq!(seqs(&left), (through + 1..=12).collect::<Vec<_>>());
+    assert!(
+        left.iter()
+            .all(|e| e.bytes == all[e.seq as usize - 1].bytes)
+    );
+    assert_eq!(r.chain_base().unwrap(), ChainHead { seq: through, hash });
+    // the task index lost exactly the pruned events' entries
+    let indexed: Vec<(u128, u64)> = {
+        use redb::ReadableDatabase as _;
+        let r = s.inner.db.begin_read().unwrap();
+        let t = r.open_table(EVENT_TASKS).unwrap();
+        t.iter().unwrap().map(|e| e.unwrap().0.value()).collect()
+    };
+    let want: Vec<(u128, u64)> = {
+        let mut v: Vec<(u128, u64)> = all
+            .iter()
+            .filter(|e| e.seq > through)
+            .filter_map(|e| e.task.map(|t| (t, e.seq)))
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(indexed, want);
+    for task in [1u128, 2] {
+        assert!(
+            r.task_events(task, 0, usize::MAX)
+                .unwrap()
+                .iter()
+                .all(|e| e.seq > through && e.task == Some(task))
+        );
+    }
+    // pruning again through the end of a block, then appending, still reads
+    drop(r);
+    let hash = all[7].hash;
+    assert_eq!(s.write(move |t| t.prune_events(8, &hash)).await.unwrap(), 3);
+    let more = append_events(&s, &[2], 100).await;
+    assert_eq!(seqs(&more), (9..=14).collect::<Vec<_>>());
+}
+
+/// Version 2's layout: one event per entry, `hash || task || bytes`.
+const V2_EVENTS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
+
+fn v2_value(e: &StoredEvent) -> Vec<u8> {
+    let mut v = e.hash.to_vec();
+    v.extend_from_slice(&e.task.unwrap_or(0).to_be_bytes());
+    v.extend_from_slice(&e.bytes);
+    v
+}
+
+#[tokio::test]
+async fn a_version_2_store_has_its_events_rewritten_into_blocks() {
+    // the events a chain holds, recorded by this build
+    let source = tempfile::tempdir().unwrap();
+    let all = {
+        let s = open(&source);
+        append_events(&s, &[2, 3, blocks::BLOCK_BYTES / 500 * 2, 1], 500).await
+    };
+    assert!(all.len() > 200);
+    let split = all.len() - 5;
+    // the same chain in a version-2 store, its first 3 events pruned
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions::new(dir.path().join("s.redb"));
+    drop(Store::open_with_migrations(&opts, &key(), &[], 2).unwrap());
+    {
+        let db = redb::Database::open(dir.path().join("s.redb")).unwrap();
+        let w = db.begin_write().unwrap();
+        w.delete_table(EVENT_BLOCKS).unwrap();
+        {
+            let mut t = w.open_table(V2_EVENTS).unwrap();
+            for e in &all[3..split] {
+                t.insert(e.seq, v2_value(e).as_slice()).unwrap();
+            }
+            let mut idx = w.open_table(EVENT_TASKS).unwrap();
+            for e in &all[3..] {
+                if let Some(task) = e.task {
+                    idx.insert((task, e.seq), ()).unwrap();
+                }
+            }
+            let mut meta = w.open_table(META).unwrap();
+            let head = ChainHead {
+                seq: all.last().unwrap().seq,
+                hash: all.last().unwrap().hash,
+            };
+            meta.insert("chain_head", &head.to_bytes()[..]).unwrap();
+            let base = ChainHead {
+                seq: 3,
+                hash: all[2].hash,
+            };
+            meta.insert("chain_base", &base.to_bytes()[..]).unwrap();
+        }
+        w.commit().unwrap();
+        // the rest only in a version-2 log record (a crash before the
+        // checkpoint), which the opening replays before it migrates
+        let (mut log, _) = wal::Wal::recover(&db, &dir.path().join("s.redb"), true).unwrap();
+        let w = db.begin_write().unwrap();
+        let redo = wal::Redo::default();
+        {
+            let mut t = wal::Logged::open(&w, V2_EVENTS, &redo);
+            for e in &all[split..] {
+                t.insert(e.seq, v2_value(e).as_slice()).unwrap();
+            }
+        }
+        let record = redo.borrow_mut().take();
+        log.append(&record).unwrap();
+        w.abort().unwrap();
+    }
+    // a read-only view cannot migrate: it says what to do
+    let err = Snapshot::open(&dir.path().join("s.redb")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::OlderSchema {
+                found: 2,
+                supported: SCHEMA_VERSION
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("start this build's broker on it once")
+    );
+
+    let s = Store::open(&opts, &key()).unwrap();
+    {
+        use redb::{ReadableDatabase as _, TableHandle as _};
+        let r = s.inner.db.begin_read().unwrap();
+        assert!(
+            r.list_tables().unwrap().all(|t| t.name() != "events"),
+            "the version-2 table is gone"
+        );
+        let blocks = r.open_table(EVENT_BLOCKS).unwrap().len().unwrap();
+        assert!((2..20).contains(&blocks), "{blocks} blocks");
+    }
+    let r = s.read().unwrap();
+    let got = r.events_after(0, usize::MAX).unwrap();
+    assert_eq!(seqs(&got), seqs(&all[3..]));
+    for (g, w) in got.iter().zip(&all[3..]) {
+        assert_eq!((g.hash, g.task, &g.bytes), (w.hash, w.task, &w.bytes));
+    }
+    let mine: Vec<u64> = all[3..]
+        .iter()
+        .filter(|e| e.task == Some(2))
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs(&r.task_events(2, 0, usize::MAX).unwrap()), mine);
+    drop(r);
+    // the chain goes on from its head
+    let more = append_events(&s, &[2], 500).await;
+    assert_eq!(more.last().unwrap().seq, all.last().unwrap().seq + 2);
+    drop(s);
+    assert!(Snapshot::open(&dir.path().join("s.redb")).is_ok());
 }

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 
 use redb::WriteTransaction;
 
+use super::blocks::{self, BLOCK_BYTES, BlockBuf};
 use super::records::{
     self, ApprovalRecord, ApprovalState, CallRecord, FenceRecord, JobRecord, LeaseRecord,
     LeaseState, ReviewRecord, Revocation, RevokeCause, TaskRecord, TaskState,
@@ -200,7 +201,10 @@ impl ChainHead {
 
 pub struct Txn<'t> {
     meta: Logged<'t, &'static str, &'static [u8]>,
+    /// Event blocks (see [`super::blocks`]).
     events: Logged<'t, u64, &'static [u8]>,
+    /// The events appended since the last block was written.
+    block: BlockBuf,
     event_tasks: Logged<'t, (u128, u64), ()>,
     checkpoints: Logged<'t, u64, &'static [u8]>,
     calls: Logged<'t, u128, &'static [u8]>,
@@ -258,7 +262,8 @@ impl<'t> Txn<'t> {
         let redo = Redo::default();
         Self {
             meta: Logged::open(txn, META, &redo),
-            events: Logged::open(txn, EVENTS, &redo),
+            events: Logged::open(txn, EVENT_BLOCKS, &redo),
+            block: BlockBuf::default(),
             event_tasks: Logged::open(txn, EVENT_TASKS, &redo),
             checkpoints: Logged::open(txn, CHECKPOINTS, &redo),
             calls: Logged::open(txn, CALLS, &redo),
@@ -307,6 +312,7 @@ impl<'t> Txn<'t> {
         if self.poisoned {
             return Err(StoreError::Aborted);
         }
+        self.write_block()?;
         if self.head_dirty {
             let bytes = self.head.to_bytes();
             self.meta.insert("chain_head", &bytes[..])?;
@@ -380,25 +386,38 @@ impl<'t> Txn<'t> {
 
     // === the event chain ===
 
-    /// Append an event after the current head, in this transaction.
+    /// Append an event after the current head, in this transaction. It
+    /// joins the transaction's open block, written at `finish` (or once it
+    /// is full).
     pub fn append(&mut self, event: &dyn Chained) -> Result<u64, StoreError> {
         let seq = self.head.seq + 1;
         let task = event.task();
-        // stored as hash, task, canonical bytes: sealed in place
-        let mut value = Vec::with_capacity(48 + event.size_hint());
-        value.resize(32, 0);
-        value.extend_from_slice(&task.unwrap_or(0).to_be_bytes());
-        let hash = event.seal_into(seq, &self.head.hash, &mut value);
-        value[..32].copy_from_slice(&hash);
-        let r = self.events.insert(seq, value.as_slice()).map(|_| ());
-        self.w(r)?;
+        let prev = self.head.hash;
+        let mut hash = [0u8; 32];
+        self.block.push(seq, task.unwrap_or(0), |out| {
+            out.reserve(event.size_hint());
+            hash = event.seal_into(seq, &prev, out);
+            hash
+        });
         if let Some(t) = task {
             let r = self.event_tasks.insert((t, seq), ()).map(|_| ());
             self.w(r)?;
         }
         self.head = ChainHead { seq, hash };
         self.head_dirty = true;
+        if self.block.len() >= BLOCK_BYTES {
+            self.write_block()?;
+        }
         Ok(seq)
+    }
+
+    /// Store the open block, if any.
+    fn write_block(&mut self) -> Result<(), StoreError> {
+        if let Some((last, bytes)) = self.block.take() {
+            let r = self.events.insert(last, bytes.as_slice()).map(|_| ());
+            self.w(r)?;
+        }
+        Ok(())
     }
 
     /// Fail this transaction on purpose (an append that must not happen,
@@ -436,30 +455,67 @@ impl<'t> Txn<'t> {
                 self.head.seq
             )));
         }
-        let stored = self.events.get(through)?.map(|g| g.value().to_vec());
-        let Some(stored) = stored else {
+        self.write_block()?;
+        // the block holding `through` is the first whose key is >= it
+        let holding = self
+            .events
+            .range(through..)?
+            .next()
+            .transpose()?
+            .map(|(k, v)| (k.value(), v.value().to_vec()));
+        let found = match &holding {
+            Some((key, block)) => blocks::find(*key, block, through)?.map(|e| e.hash),
+            None => None,
+        };
+        let Some(hash) = found else {
             return conflict(Conflict::Chain(format!("event {through} is missing")));
         };
-        if stored.get(..32) != Some(&expected[..]) {
+        if hash != *expected {
             return conflict(Conflict::Chain(format!(
                 "the archive's last hash does not match event {through}"
             )));
         }
+        // every block up to the one holding `through`: removed whole, or
+        // (that last one) cut down to the events after `through`. All are
+        // read and decoded before anything changes, so a malformed block
+        // refuses the prune and leaves the chain as it was.
+        let mut doomed = Vec::new();
+        for e in self.events.range(..=through)? {
+            let (k, v) = e?;
+            doomed.push((k.value(), v.value().to_vec()));
+        }
+        if let Some(h) = holding.filter(|(k, _)| *k > through) {
+            doomed.push(h);
+        }
         let mut removed = 0;
-        for seq in base.seq + 1..=through {
-            let v = self
-                .events
-                .remove(seq)
-                .map(|g| g.map(|g| g.value().to_vec()));
-            let v = self.w(v)?;
-            if let Some(v) = v {
-                let task = u128::from_be_bytes(v[32..48].try_into().unwrap_or([0; 16]));
-                if task != 0 {
-                    let r = self.event_tasks.remove((task, seq)).map(|_| ());
-                    self.w(r)?;
+        let mut unindexed = Vec::new();
+        let mut rest = None;
+        for (key, block) in &doomed {
+            for e in blocks::entries(*key, block) {
+                let e = e?;
+                if e.seq > through {
+                    break;
                 }
                 removed += 1;
+                if e.task != 0 {
+                    unindexed.push((e.task, e.seq));
+                }
             }
+            if *key > through {
+                rest = blocks::after(*key, block, through)?.map(|b| (*key, b));
+            }
+        }
+        for (key, _) in &doomed {
+            let r = self.events.remove(*key).map(|_| ());
+            self.w(r)?;
+        }
+        if let Some((key, b)) = rest {
+            let r = self.events.insert(key, b.as_slice()).map(|_| ());
+            self.w(r)?;
+        }
+        for (task, seq) in unindexed {
+            let r = self.event_tasks.remove((task, seq)).map(|_| ());
+            self.w(r)?;
         }
         let base = ChainHead {
             seq: through,

@@ -253,7 +253,9 @@ macro_rules! by_table {
             "revoke_queue" => $f(REVOKE_QUEUE, $($arg),*),
             "lease_counters" => $f(COUNTERS, $($arg),*),
             "token_denylist" => $f(DENYLIST, $($arg),*),
-            "events" => $f(EVENTS, $($arg),*),
+            "event_blocks" => $f(EVENT_BLOCKS, $($arg),*),
+            // a version-2 log, replayed before its store is migrated
+            "events" => $f(LEGACY_EVENTS, $($arg),*),
             "event_tasks" => $f(EVENT_TASKS, $($arg),*),
             "checkpoints" => $f(CHECKPOINTS, $($arg),*),
             "calls" => $f(CALLS, $($arg),*),

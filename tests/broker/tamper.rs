@@ -2,14 +2,18 @@
 //! event, reordered events, a truncated chain, a rewritten chain, a forged
 //! checkpoint. Verification catches each and names the sequence number.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use redb::{ReadableDatabase as _, ReadableTable as _, TableDefinition};
+use redb::{ReadableDatabase as _, ReadableTable, TableDefinition};
 use serde_json::Value;
 
 use crate::harness::{Harness, Options};
 
-const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+/// Blocks of consecutive events, keyed by the seq of the last: `first seq
+/// (u64 BE)`, then per event `hash (32) | task (16) | length (u32 BE) |
+/// canonical bytes`.
+const BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("event_blocks");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
 
@@ -31,7 +35,7 @@ async fn recorded_chain() -> (tempfile::TempDir, u64) {
     let head = db
         .begin_read()
         .unwrap()
-        .open_table(EVENTS)
+        .open_table(BLOCKS)
         .unwrap()
         .last()
         .unwrap()
@@ -67,19 +71,57 @@ fn broke_at(r: &leasehold::audit::VerifyReport, seq: u64, why: &str) {
     assert!(b.reason.contains(why), "expected `{why}` in {:?}", b.reason);
 }
 
-/// Apply `f` to the events table of `path`.
-fn with_events(path: &Path, f: impl FnOnce(&mut redb::Table<u64, &[u8]>)) {
+/// The events of a blocks table, each as `hash (32) || task (16) || event`.
+fn read_events(t: &impl ReadableTable<u64, &'static [u8]>) -> BTreeMap<u64, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for e in t.iter().unwrap() {
+        let (_, v) = e.unwrap();
+        let v = v.value();
+        let mut seq = u64::from_be_bytes(v[..8].try_into().unwrap());
+        let mut at = 8;
+        while at < v.len() {
+            let len = u32::from_be_bytes(v[at + 48..at + 52].try_into().unwrap()) as usize;
+            let mut ev = v[at..at + 48].to_vec();
+            ev.extend_from_slice(&v[at + 52..at + 52 + len]);
+            out.insert(seq, ev);
+            seq += 1;
+            at += 52 + len;
+        }
+    }
+    out
+}
+
+/// Store `events` as blocks, one per event (what an attacker who rewrites
+/// the file may do: the layout is not what verification relies on).
+fn write_events(t: &mut redb::Table<u64, &[u8]>, events: &BTreeMap<u64, Vec<u8>>) {
+    let keys: Vec<u64> = t.iter().unwrap().map(|e| e.unwrap().0.value()).collect();
+    for k in keys {
+        t.remove(k).unwrap();
+    }
+    for (seq, ev) in events {
+        let mut b = seq.to_be_bytes().to_vec();
+        b.extend_from_slice(&ev[..48]);
+        b.extend_from_slice(&((ev.len() - 48) as u32).to_be_bytes());
+        b.extend_from_slice(&ev[48..]);
+        t.insert(*seq, b.as_slice()).unwrap();
+    }
+}
+
+/// Apply `f` to the events of `path`, as `hash || task || event` by seq.
+fn with_events(path: &Path, f: impl FnOnce(&mut BTreeMap<u64, Vec<u8>>)) {
     let db = redb::Database::open(path).unwrap();
     let t = db.begin_write().unwrap();
     {
-        let mut events = t.open_table(EVENTS).unwrap();
+        let mut blocks = t.open_table(BLOCKS).unwrap();
+        let mut events = read_events(&blocks);
         f(&mut events);
+        write_events(&mut blocks, &events);
     }
     t.commit().unwrap();
 }
 
-fn get(t: &redb::Table<u64, &[u8]>, seq: u64) -> Vec<u8> {
-    t.get(seq).unwrap().unwrap().value().to_vec()
+fn get(t: &BTreeMap<u64, Vec<u8>>, seq: u64) -> Vec<u8> {
+    t[&seq].clone()
 }
 
 /// Rewrite events from `from` on, re-hashing and re-linking everything as
@@ -88,9 +130,10 @@ fn rewrite_from(path: &Path, from: u64, edit: impl Fn(&mut Value)) {
     let db = redb::Database::open(path).unwrap();
     let t = db.begin_write().unwrap();
     {
-        let mut events = t.open_table(EVENTS).unwrap();
+        let mut blocks = t.open_table(BLOCKS).unwrap();
+        let mut events = read_events(&blocks);
         let mut prev: [u8; 32] = get(&events, from - 1)[..32].try_into().unwrap();
-        let last = events.last().unwrap().unwrap().0.value();
+        let last = *events.keys().last().unwrap();
         for seq in from..=last {
             let v = get(&events, seq);
             let mut ev: Value = serde_json::from_slice(&v[48..]).unwrap();
@@ -104,9 +147,10 @@ fn rewrite_from(path: &Path, from: u64, edit: impl Fn(&mut Value)) {
             let mut nv = hash.to_vec();
             nv.extend_from_slice(&v[32..48]);
             nv.extend_from_slice(&bytes);
-            events.insert(seq, nv.as_slice()).unwrap();
+            events.insert(seq, nv);
             prev = hash;
         }
+        write_events(&mut blocks, &events);
         let mut meta = t.open_table(META).unwrap();
         let mut head = last.to_be_bytes().to_vec();
         head.extend_from_slice(&prev);
@@ -137,14 +181,14 @@ async fn tampering_with_the_store_is_caught_and_located() {
             .unwrap()
             .replace("assistant-a", "assistant-z");
         v.extend_from_slice(text.as_bytes());
-        t.insert(k, v.as_slice()).unwrap();
+        t.insert(k, v);
     });
     broke_at(&verify(&p, d), k, "changed");
 
     // a deleted event
     let p = copy(d, "deleted");
     with_events(&p, |t| {
-        t.remove(k).unwrap();
+        t.remove(&k).unwrap();
     });
     broke_at(&verify(&p, d), k, "missing");
 
@@ -152,8 +196,8 @@ async fn tampering_with_the_store_is_caught_and_located() {
     let p = copy(d, "reordered");
     with_events(&p, |t| {
         let (a, b) = (get(t, k), get(t, k + 1));
-        t.insert(k, b.as_slice()).unwrap();
-        t.insert(k + 1, a.as_slice()).unwrap();
+        t.insert(k, b);
+        t.insert(k + 1, a);
     });
     broke_at(&verify(&p, d), k, "reordered");
 
@@ -161,7 +205,7 @@ async fn tampering_with_the_store_is_caught_and_located() {
     let p = copy(d, "truncated");
     with_events(&p, |t| {
         for seq in head - 2..=head {
-            t.remove(seq).unwrap();
+            t.remove(&seq).unwrap();
         }
     });
     broke_at(&verify(&p, d), head - 2, "truncated");
@@ -192,13 +236,13 @@ async fn tampering_with_the_store_is_caught_and_located() {
         let db = redb::Database::open(&p).unwrap();
         let t = db.begin_write().unwrap();
         {
-            let events = t.open_table(EVENTS).unwrap();
+            let events = read_events(&t.open_table(BLOCKS).unwrap());
             let mut cps = t.open_table(CHECKPOINTS).unwrap();
             let seqs: Vec<u64> = cps.iter().unwrap().map(|e| e.unwrap().0.value()).collect();
             let doc = leasehold_provider_token::generate_signing_key().unwrap();
             let evil = leasehold::audit::CheckpointKey::from_pkcs8(&doc).unwrap();
             for seq in seqs {
-                let hash: [u8; 32] = get_ro(&events, seq)[..32].try_into().unwrap();
+                let hash: [u8; 32] = get(&events, seq)[..32].try_into().unwrap();
                 let cp = evil.sign(seq, hash, "2026-01-01T00:00:00Z".into());
                 let mut bytes = Vec::new();
                 leasehold::audit::canonical(&cp.to_value(), &mut bytes).unwrap();
@@ -223,10 +267,6 @@ async fn tampering_with_the_store_is_caught_and_located() {
             .unwrap()
             .ok
     );
-}
-
-fn get_ro(t: &redb::Table<u64, &[u8]>, seq: u64) -> Vec<u8> {
-    get(t, seq)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

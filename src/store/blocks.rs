@@ -1,0 +1,251 @@
+//! Event blocks: the events a batch appends, stored as one value.
+//!
+//! Events are the store's largest and most numerous writes (four per tool
+//! call with a lease), and redb's cost per insert grows with the value:
+//! an event of several hundred bytes rebuilds a leaf page of a few events on
+//! every insert and allocates a new page every few. So a batch's events go
+//! into one **block**, keyed by the seq of its last event, and cost the
+//! batch one insert.
+//!
+//! A block is `first seq (u64 BE)` followed by one entry per event, in seq
+//! order with no gap: `hash (32) | task id (16, zero if none) | length (u32
+//! BE) | canonical bytes`. Blocks hold consecutive seqs and never overlap,
+//! so the block holding seq `s` is the first whose key is `>= s`.
+
+use super::StoreError;
+
+/// A block is closed once it holds this many bytes (a read of one event
+/// decodes at most one block).
+pub const BLOCK_BYTES: usize = 64 * 1024;
+
+const HEADER: usize = 8;
+const ENTRY_HEAD: usize = 32 + 16 + 4;
+
+/// One event of a block, borrowed from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub seq: u64,
+    pub hash: [u8; 32],
+    /// Zero when the event belongs to no task.
+    pub task: u128,
+    pub bytes: &'a [u8],
+}
+
+/// A block being filled by a transaction.
+#[derive(Debug, Default)]
+pub struct BlockBuf {
+    bytes: Vec<u8>,
+    last: u64,
+}
+
+impl BlockBuf {
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Append the event at `seq` (the seq after the last one appended):
+    /// `write` appends its canonical bytes to the buffer and returns their
+    /// hash.
+    pub fn push(&mut self, seq: u64, task: u128, write: impl FnOnce(&mut Vec<u8>) -> [u8; 32]) {
+        debug_assert!(self.bytes.is_empty() || seq == self.last + 1);
+        if self.bytes.is_empty() {
+            self.bytes.reserve(BLOCK_BYTES / 8);
+            self.bytes.extend_from_slice(&seq.to_be_bytes());
+        }
+        let at = self.bytes.len();
+        self.bytes.resize(at + ENTRY_HEAD, 0);
+        self.bytes[at + 32..at + 48].copy_from_slice(&task.to_be_bytes());
+        let hash = write(&mut self.bytes);
+        let len = self.bytes.len() - at - ENTRY_HEAD;
+        self.bytes[at..at + 32].copy_from_slice(&hash);
+        // an event is far below 4 GiB (a request body is capped in KiB)
+        self.bytes[at + 48..at + ENTRY_HEAD].copy_from_slice(&(len as u32).to_be_bytes());
+        self.last = seq;
+    }
+
+    /// The block so far and the seq of its last event (its key), leaving
+    /// the buffer empty; `None` if nothing was appended.
+    pub fn take(&mut self) -> Option<(u64, Vec<u8>)> {
+        (!self.bytes.is_empty()).then(|| (self.last, std::mem::take(&mut self.bytes)))
+    }
+}
+
+/// The events of the block stored under `key`, in order. Each item fails
+/// if the block is malformed or does not end at `key`.
+pub fn entries(key: u64, block: &[u8]) -> Entries<'_> {
+    let (first, rest) = match block.split_first_chunk::<HEADER>() {
+        Some((h, rest)) => (Some(u64::from_be_bytes(*h)), rest),
+        None => (None, &[][..]),
+    };
+    Entries {
+        key,
+        next: first,
+        rest,
+        failed: false,
+    }
+}
+
+/// Iterator over a block's events (see [`entries`]).
+#[derive(Debug)]
+pub struct Entries<'a> {
+    key: u64,
+    /// The seq of the next entry; `None` for a block without a header.
+    next: Option<u64>,
+    rest: &'a [u8],
+    failed: bool,
+}
+
+impl<'a> Entries<'a> {
+    fn corrupt(&mut self, what: &str) -> Option<Result<Entry<'a>, StoreError>> {
+        self.failed = true;
+        Some(Err(StoreError::Corrupt(format!(
+            "event block {}: {what}",
+            self.key
+        ))))
+    }
+}
+
+impl<'a> Iterator for Entries<'a> {
+    type Item = Result<Entry<'a>, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let Some(seq) = self.next else {
+            return self.corrupt("too short for its header");
+        };
+        if self.rest.is_empty() {
+            if seq != self.key.wrapping_add(1) {
+                return self.corrupt("its events do not end at its key");
+            }
+            return None;
+        }
+        if seq > self.key {
+            return self.corrupt("it holds events after its key");
+        }
+        let Some((head, rest)) = self.rest.split_first_chunk::<ENTRY_HEAD>() else {
+            return self.corrupt("an entry is cut short");
+        };
+        let len = u32::from_be_bytes([head[48], head[49], head[50], head[51]]) as usize;
+        if rest.len() < len {
+            return self.corrupt("an event is cut short");
+        }
+        let (bytes, rest) = rest.split_at(len);
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&head[..32]);
+        let mut task = [0u8; 16];
+        task.copy_from_slice(&head[32..48]);
+        self.rest = rest;
+        self.next = Some(seq + 1);
+        Some(Ok(Entry {
+            seq,
+            hash,
+            task: u128::from_be_bytes(task),
+            bytes,
+        }))
+    }
+}
+
+/// The event at `seq` in the block stored under `key`.
+pub fn find(key: u64, block: &[u8], seq: u64) -> Result<Option<Entry<'_>>, StoreError> {
+    for e in entries(key, block) {
+        let e = e?;
+        if e.seq == seq {
+            return Ok(Some(e));
+        }
+        if e.seq > seq {
+            break;
+        }
+    }
+    Ok(None)
+}
+
+/// The part of a block after `seq` (a prune that ends inside it), or
+/// `None` if nothing of it remains.
+pub fn after(key: u64, block: &[u8], seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    let mut out = BlockBuf::default();
+    for e in entries(key, block) {
+        let e = e?;
+        if e.seq > seq {
+            out.push(e.seq, e.task, |b| {
+                b.extend_from_slice(e.bytes);
+                e.hash
+            });
+        }
+    }
+    Ok(out.take().map(|(_, b)| b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(first: u64, events: &[(&str, u128)]) -> (u64, Vec<u8>) {
+        let mut b = BlockBuf::default();
+        for (i, (text, task)) in events.iter().enumerate() {
+            b.push(first + i as u64, *task, |out| {
+                out.extend_from_slice(text.as_bytes());
+                [i as u8 + 1; 32]
+            });
+        }
+        b.take().unwrap()
+    }
+
+    #[test]
+    fn a_block_gives_back_its_events_in_order() {
+        let (key, b) = block(7, &[("a", 1), ("bb", 0), ("", 9)]);
+        assert_eq!(key, 9);
+        let all: Vec<Entry<'_>> = entries(key, &b).collect::<Result<_, _>>().unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(
+            all[0],
+            Entry {
+                seq: 7,
+                hash: [1; 32],
+                task: 1,
+                bytes: b"a"
+            }
+        );
+        assert_eq!((all[1].seq, all[1].task, all[1].bytes), (8, 0, &b"bb"[..]));
+        assert_eq!(
+            (all[2].seq, all[2].hash, all[2].bytes),
+            (9, [3; 32], &b""[..])
+        );
+        assert_eq!(find(key, &b, 8).unwrap().unwrap().bytes, b"bb");
+        assert_eq!(find(key, &b, 6).unwrap(), None);
+        assert_eq!(find(key, &b, 10).unwrap(), None);
+    }
+
+    #[test]
+    fn an_empty_buffer_makes_no_block() {
+        assert!(BlockBuf::default().take().is_none());
+    }
+
+    #[test]
+    fn what_remains_after_a_prune_is_a_block_with_the_same_key() {
+        let (key, b) = block(1, &[("a", 1), ("b", 2), ("c", 3)]);
+        let rest = after(key, &b, 1).unwrap().unwrap();
+        let seqs: Vec<u64> = entries(key, &rest).map(|e| e.unwrap().seq).collect();
+        assert_eq!(seqs, [2, 3]);
+        assert_eq!(find(key, &rest, 3).unwrap().unwrap().hash, [3; 32]);
+        assert!(after(key, &b, 3).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_malformed_block_is_an_error_never_a_short_answer() {
+        let (key, b) = block(1, &[("abc", 1), ("def", 2)]);
+        // cut anywhere: every cut is reported
+        for cut in 0..b.len() {
+            let r: Result<Vec<_>, _> = entries(key, &b[..cut]).collect();
+            assert!(r.is_err(), "a block cut at {cut} bytes was accepted");
+        }
+        // stored under the wrong key
+        assert!(entries(key + 1, &b).collect::<Result<Vec<_>, _>>().is_err());
+        assert!(entries(key - 1, &b).collect::<Result<Vec<_>, _>>().is_err());
+        // a length running past the end
+        let mut long = b.clone();
+        long[8 + 48..8 + 52].copy_from_slice(&1000u32.to_be_bytes());
+        assert!(entries(key, &long).collect::<Result<Vec<_>, _>>().is_err());
+    }
+}
