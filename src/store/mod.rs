@@ -956,7 +956,8 @@ impl Reader {
         Ok(())
     }
 
-    /// A task's events with seq > `after`.
+    /// A task's events with seq > `after`. The task index points at the
+    /// task's first event in each block; the block is read from there.
     pub fn task_events(
         &self,
         task: u128,
@@ -966,26 +967,29 @@ impl Reader {
         let idx = self.txn.open_table(EVENT_TASKS)?;
         let t = self.txn.open_table(EVENT_BLOCKS)?;
         let mut out = Vec::new();
-        // a task's events often share a block: keep the last one read
-        let mut block: Option<(u64, redb::AccessGuard<'_, &[u8]>)> = None;
-        for e in idx.range((task, after.saturating_add(1))..=(task, u64::MAX))? {
-            let seq = e?.0.value().1;
-            if block.as_ref().is_none_or(|(key, _)| *key < seq) {
-                block = match t.range(seq..)?.next() {
-                    Some(e) => {
-                        let (k, v) = e?;
-                        Some((k.value(), v))
-                    }
-                    None => None,
-                };
-            }
-            if let Some((key, v)) = &block
-                && let Some(e) = blocks::find(*key, v.value(), seq)?
-            {
+        // the block of the last entry at or before `after` may hold later
+        // events of the task
+        let start = match idx.range((task, 0)..=(task, after))?.next_back() {
+            Some(e) => e?.0.value().1,
+            None => after.saturating_add(1),
+        };
+        let mut last = after;
+        'index: for e in idx.range((task, start)..=(task, u64::MAX))? {
+            let from = e?.0.value().1;
+            let Some(b) = t.range(from..)?.next() else {
+                continue;
+            };
+            let (k, v) = b?;
+            for e in blocks::entries(k.value(), v.value()) {
+                let e = e?;
+                if e.seq < from || e.seq <= last || e.task != task {
+                    continue;
+                }
+                last = e.seq;
                 out.push(StoredEvent::from(e));
-            }
-            if out.len() >= limit {
-                break;
+                if out.len() >= limit {
+                    break 'index;
+                }
             }
         }
         Ok(out)

@@ -47,7 +47,8 @@ pub const EVENT_BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("even
 /// id (16, zero if none) || canonical bytes. Read only to migrate it (and by
 /// the replay of a version-2 log, which runs before the migration).
 pub const LEGACY_EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
-/// (task id, seq): a task's story without a scan.
+/// (task id, seq of the task's first event in a block): a task's story
+/// without a scan (its events in a block are read from there).
 pub const EVENT_TASKS: TableDefinition<(u128, u64), ()> = TableDefinition::new("event_tasks");
 /// seq -> signed checkpoint (canonical JSON).
 pub const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
@@ -112,7 +113,9 @@ fn events_in_blocks(txn: &WriteTransaction) -> Result<(), StoreError> {
     {
         let old = txn.open_table(LEGACY_EVENTS)?;
         let mut new = txn.open_table(EVENT_BLOCKS)?;
+        let mut index = txn.open_table(EVENT_TASKS)?;
         let mut block = BlockBuf::default();
+        let mut block_tasks: Vec<u128> = Vec::new();
         let mut last = None;
         for e in old.iter()? {
             let (k, v) = e?;
@@ -124,8 +127,17 @@ fn events_in_blocks(txn: &WriteTransaction) -> Result<(), StoreError> {
             // prefix, so a gap should not occur; if one does, it is kept)
             if last.is_some_and(|l: u64| seq != l + 1) || block.len() >= BLOCK_BYTES {
                 store_block(&mut new, &mut block)?;
+                block_tasks.clear();
             }
             let task = u128::from_be_bytes(v[32..48].try_into().unwrap_or([0; 16]));
+            // the task index keeps only a task's first event in each block
+            if task != 0 {
+                if block_tasks.contains(&task) {
+                    index.remove((task, seq))?;
+                } else {
+                    block_tasks.push(task);
+                }
+            }
             block.push(seq, task, |out| {
                 out.extend_from_slice(&v[48..]);
                 v[..32].try_into().unwrap_or([0; 32])

@@ -1054,6 +1054,29 @@ async fn append_events(s: &Store, batches: &[usize], size: usize) -> Vec<StoredE
     s.read().unwrap().events_after(0, usize::MAX).unwrap()
 }
 
+/// The task index, and what it should be: each task's first event in each
+/// block.
+fn task_index(s: &Store) -> (Vec<(u128, u64)>, Vec<(u128, u64)>) {
+    use redb::ReadableDatabase as _;
+    let r = s.inner.db.begin_read().unwrap();
+    let idx = r.open_table(EVENT_TASKS).unwrap();
+    let got = idx.iter().unwrap().map(|e| e.unwrap().0.value()).collect();
+    let mut want = Vec::new();
+    for b in r.open_table(EVENT_BLOCKS).unwrap().iter().unwrap() {
+        let (k, v) = b.unwrap();
+        let mut seen = Vec::new();
+        for e in blocks::entries(k.value(), v.value()) {
+            let e = e.unwrap();
+            if e.task != 0 && !seen.contains(&e.task) {
+                seen.push(e.task);
+                want.push((e.task, e.seq));
+            }
+        }
+    }
+    want.sort_unstable();
+    (got, want)
+}
+
 fn seqs(events: &[StoredEvent]) -> Vec<u64> {
     events.iter().map(|e| e.seq).collect()
 }
@@ -1092,6 +1115,10 @@ async fn events_are_read_back_from_blocks_by_seq_and_by_task() {
         assert_eq!(e.hash, crate::audit::sha256(&e.bytes));
         prev = e.hash;
     }
+    // one index entry per task and block, however many events it has there
+    let (index, want) = task_index(&s);
+    assert_eq!(index, want);
+    assert!(index.len() < all.iter().filter(|e| e.task.is_some()).count() / 4);
     let r = s.read().unwrap();
     assert_eq!(r.chain_head().unwrap(), ChainHead { seq: n, hash: prev });
     // from any point, any number
@@ -1157,30 +1184,19 @@ async fn pruning_inside_a_block_keeps_the_rest_of_it_and_only_its_index_entries(
             .all(|e| e.bytes == all[e.seq as usize - 1].bytes)
     );
     assert_eq!(r.chain_base().unwrap(), ChainHead { seq: through, hash });
-    // the task index lost exactly the pruned events' entries
-    let indexed: Vec<(u128, u64)> = {
-        use redb::ReadableDatabase as _;
-        let r = s.inner.db.begin_read().unwrap();
-        let t = r.open_table(EVENT_TASKS).unwrap();
-        t.iter().unwrap().map(|e| e.unwrap().0.value()).collect()
-    };
-    let want: Vec<(u128, u64)> = {
-        let mut v: Vec<(u128, u64)> = all
-            .iter()
-            .filter(|e| e.seq > through)
-            .filter_map(|e| e.task.map(|t| (t, e.seq)))
-            .collect();
-        v.sort_unstable();
-        v
-    };
-    assert_eq!(indexed, want);
+    // the pruned events' index entries are gone, and a task whose first
+    // event in the cut block was pruned is found from its first that remains
+    let (index, want) = task_index(&s);
+    assert_eq!(index, want);
+    assert!(index.contains(&(2, 7)), "{index:?}");
+    assert!(index.iter().all(|(_, seq)| *seq > through));
     for task in [1u128, 2] {
-        assert!(
-            r.task_events(task, 0, usize::MAX)
-                .unwrap()
-                .iter()
-                .all(|e| e.seq > through && e.task == Some(task))
-        );
+        let mine: Vec<u64> = all
+            .iter()
+            .filter(|e| e.seq > through && e.task == Some(task))
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(seqs(&r.task_events(task, 0, usize::MAX).unwrap()), mine);
     }
     // pruning again through the end of a block, then appending, still reads
     drop(r);
@@ -1298,6 +1314,9 @@ async fn a_version_2_store_has_its_events_rewritten_into_blocks() {
         .collect();
     assert_eq!(seqs(&r.task_events(2, 0, usize::MAX).unwrap()), mine);
     drop(r);
+    // the index was cut down to each task's first event in each block
+    let (index, want) = task_index(&s);
+    assert_eq!(index, want);
     // the chain goes on from its head
     let more = append_events(&s, &[2], 500).await;
     assert_eq!(more.last().unwrap().seq, all.last().unwrap().seq + 2);

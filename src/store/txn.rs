@@ -205,6 +205,8 @@ pub struct Txn<'t> {
     events: Logged<'t, u64, &'static [u8]>,
     /// The events appended since the last block was written.
     block: BlockBuf,
+    /// The tasks with an event in that block (each has its index entry).
+    block_tasks: Vec<u128>,
     event_tasks: Logged<'t, (u128, u64), ()>,
     checkpoints: Logged<'t, u64, &'static [u8]>,
     calls: Logged<'t, u128, &'static [u8]>,
@@ -264,6 +266,7 @@ impl<'t> Txn<'t> {
             meta: Logged::open(txn, META, &redo),
             events: Logged::open(txn, EVENT_BLOCKS, &redo),
             block: BlockBuf::default(),
+            block_tasks: Vec::new(),
             event_tasks: Logged::open(txn, EVENT_TASKS, &redo),
             checkpoints: Logged::open(txn, CHECKPOINTS, &redo),
             calls: Logged::open(txn, CALLS, &redo),
@@ -399,9 +402,11 @@ impl<'t> Txn<'t> {
             hash = event.seal_into(seq, &prev, out);
             hash
         });
-        if let Some(t) = task {
+        // the task index points at a task's first event in each block
+        if let Some(t) = task.filter(|t| !self.block_tasks.contains(t)) {
             let r = self.event_tasks.insert((t, seq), ()).map(|_| ());
             self.w(r)?;
+            self.block_tasks.push(t);
         }
         self.head = ChainHead { seq, hash };
         self.head_dirty = true;
@@ -413,6 +418,7 @@ impl<'t> Txn<'t> {
 
     /// Store the open block, if any.
     fn write_block(&mut self) -> Result<(), StoreError> {
+        self.block_tasks.clear();
         if let Some((last, bytes)) = self.block.take() {
             let r = self.events.insert(last, bytes.as_slice()).map(|_| ());
             self.w(r)?;
@@ -505,6 +511,17 @@ impl<'t> Txn<'t> {
                 rest = blocks::after(*key, block, through)?.map(|b| (*key, b));
             }
         }
+        // a task whose first event in the cut block was pruned has its
+        // index entry moved to its first event that remains
+        let mut repointed: Vec<(u128, u64)> = Vec::new();
+        if let Some((key, b)) = &rest {
+            for e in blocks::entries(*key, b) {
+                let e = e?;
+                if e.task != 0 && repointed.iter().all(|(t, _)| *t != e.task) {
+                    repointed.push((e.task, e.seq));
+                }
+            }
+        }
         for (key, _) in &doomed {
             let r = self.events.remove(*key).map(|_| ());
             self.w(r)?;
@@ -515,6 +532,10 @@ impl<'t> Txn<'t> {
         }
         for (task, seq) in unindexed {
             let r = self.event_tasks.remove((task, seq)).map(|_| ());
+            self.w(r)?;
+        }
+        for (task, seq) in repointed {
+            let r = self.event_tasks.insert((task, seq), ()).map(|_| ());
             self.w(r)?;
         }
         let base = ChainHead {
