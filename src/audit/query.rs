@@ -108,8 +108,27 @@ pub fn verify_store(r: &Reader, trusted: Option<Vec<u8>>) -> Result<VerifyReport
         }
     }
     let mut v = ChainVerifier::new(base.seq, base.hash, checkpoints, trusted);
-    r.for_each_event(|seq, hash, bytes| v.event(Some(seq), Some(hash), bytes))?;
+    let mut last = base.seq;
+    let walked = r.for_each_event(|seq, hash, bytes| {
+        last = seq;
+        v.event(Some(seq), Some(hash), bytes);
+    });
     let mut report = v.finish(Some((head.seq, head.hash)));
+    // a block that cannot be decoded is a break where the readable events
+    // end, not a failure to verify
+    match walked {
+        Err(StoreError::Corrupt(why)) => {
+            let seq = last + 1;
+            if report.first_break.as_ref().is_none_or(|b| seq <= b.seq) {
+                report.ok = false;
+                report.first_break = Some(super::Break {
+                    seq,
+                    reason: format!("unreadable events: {why}"),
+                });
+            }
+        }
+        other => other?,
+    }
     if let Some(&seq) = bad.first()
         && report.first_break.as_ref().is_none_or(|b| seq < b.seq)
     {

@@ -210,6 +210,34 @@ async fn tampering_with_the_store_is_caught_and_located() {
     });
     broke_at(&verify(&p, d), head - 2, "truncated");
 
+    // a block whose framing is broken (an event's length overstated): the
+    // break is at the block's first event, where the readable events end
+    let p = copy(d, "unreadable");
+    let first = {
+        let db = redb::Database::open(&p).unwrap();
+        let t = db.begin_write().unwrap();
+        let first = {
+            let mut blocks = t.open_table(BLOCKS).unwrap();
+            let key = blocks
+                .range(k..)
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .0
+                .value();
+            let mut b = blocks.get(key).unwrap().unwrap().value().to_vec();
+            let first = u64::from_be_bytes(b[..8].try_into().unwrap());
+            assert!(first <= k && k <= key);
+            b[8 + 48..8 + 52].copy_from_slice(&u32::MAX.to_be_bytes());
+            blocks.insert(key, b.as_slice()).unwrap();
+            first
+        };
+        t.commit().unwrap();
+        first
+    };
+    broke_at(&verify(&p, d), first, "unreadable events");
+
     // a consistent rewrite from seq k: only the signed checkpoint betrays it
     let p = copy(d, "rewritten");
     rewrite_from(&p, k, |ev| {
