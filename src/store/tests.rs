@@ -1054,9 +1054,12 @@ async fn append_events(s: &Store, batches: &[usize], size: usize) -> Vec<StoredE
     s.read().unwrap().events_after(0, usize::MAX).unwrap()
 }
 
+/// (task, seq) entries of the task index.
+type IndexEntries = Vec<(u128, u64)>;
+
 /// The task index, and what it should be: each task's first event in each
 /// block.
-fn task_index(s: &Store) -> (Vec<(u128, u64)>, Vec<(u128, u64)>) {
+fn task_index(s: &Store) -> (IndexEntries, IndexEntries) {
     use redb::ReadableDatabase as _;
     let r = s.inner.db.begin_read().unwrap();
     let idx = r.open_table(EVENT_TASKS).unwrap();

@@ -253,6 +253,30 @@ impl std::fmt::Debug for Txn<'_> {
     }
 }
 
+/// Count the events of a block up to `through` (a prune), adding the index
+/// entries they own (each task's first event in the block) to `unindexed`.
+fn pruned_of(
+    key: u64,
+    block: &[u8],
+    through: u64,
+    unindexed: &mut Vec<(u128, u64)>,
+) -> Result<u64, StoreError> {
+    let mut count = 0;
+    let mut tasks: Vec<u128> = Vec::new();
+    for e in blocks::entries(key, block) {
+        let e = e?;
+        if e.seq > through {
+            break;
+        }
+        count += 1;
+        if e.task != 0 && !tasks.contains(&e.task) {
+            tasks.push(e.task);
+            unindexed.push((e.task, e.seq));
+        }
+    }
+    Ok(count)
+}
+
 fn conflict<T>(c: Conflict) -> Result<T, StoreError> {
     Err(StoreError::Conflict(c))
 }
@@ -483,33 +507,22 @@ impl<'t> Txn<'t> {
         }
         // every block up to the one holding `through`: removed whole, or
         // (that last one) cut down to the events after `through`. All are
-        // read and decoded before anything changes, so a malformed block
-        // refuses the prune and leaves the chain as it was.
+        // decoded before anything changes, so a malformed block refuses the
+        // prune and leaves the chain as it was; only their keys and index
+        // entries are kept meanwhile (a prune may cover millions of events).
         let mut doomed = Vec::new();
-        for e in self.events.range(..=through)? {
-            let (k, v) = e?;
-            doomed.push((k.value(), v.value().to_vec()));
-        }
-        if let Some(h) = holding.filter(|(k, _)| *k > through) {
-            doomed.push(h);
-        }
         let mut removed = 0;
         let mut unindexed = Vec::new();
+        for e in self.events.range(..=through)? {
+            let (k, v) = e?;
+            removed += pruned_of(k.value(), v.value(), through, &mut unindexed)?;
+            doomed.push(k.value());
+        }
         let mut rest = None;
-        for (key, block) in &doomed {
-            for e in blocks::entries(*key, block) {
-                let e = e?;
-                if e.seq > through {
-                    break;
-                }
-                removed += 1;
-                if e.task != 0 {
-                    unindexed.push((e.task, e.seq));
-                }
-            }
-            if *key > through {
-                rest = blocks::after(*key, block, through)?.map(|b| (*key, b));
-            }
+        if let Some((key, block)) = holding.filter(|(k, _)| *k > through) {
+            removed += pruned_of(key, &block, through, &mut unindexed)?;
+            rest = blocks::after(key, &block, through)?.map(|b| (key, b));
+            doomed.push(key);
         }
         // a task whose first event in the cut block was pruned has its
         // index entry moved to its first event that remains
@@ -522,8 +535,8 @@ impl<'t> Txn<'t> {
                 }
             }
         }
-        for (key, _) in &doomed {
-            let r = self.events.remove(*key).map(|_| ());
+        for key in doomed {
+            let r = self.events.remove(key).map(|_| ());
             self.w(r)?;
         }
         if let Some((key, b)) = rest {
