@@ -1163,22 +1163,12 @@ impl Reader {
     }
 
     pub fn task_calls(&self, task: u128) -> Result<Vec<CallRecord>, StoreError> {
-        let idx = self.txn.open_table(TASK_CALLS)?;
-        let calls = self.txn.open_table(CALLS)?;
+        let calls = self.txn.open_table(TASK_CALLS)?;
         let mut out = Vec::new();
-        for e in idx.range((task, 0u128)..=(task, u128::MAX))? {
-            let id = e?.0.value().1;
-            if let Some(g) = calls.get(id)? {
-                out.push(records::decode(g.value())?);
-            }
+        for e in calls.range((task, 0u128)..=(task, u128::MAX))? {
+            out.push(records::decode(e?.1.value())?);
         }
         Ok(out)
-    }
-
-    pub fn call(&self, id: u128) -> Result<Option<CallRecord>, StoreError> {
-        let t = self.txn.open_table(CALLS)?;
-        let g = t.get(id)?;
-        g.map(|g| records::decode(g.value())).transpose()
     }
 
     pub fn approval(&self, id: u128) -> Result<Option<ApprovalRecord>, StoreError> {

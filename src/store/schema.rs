@@ -5,7 +5,7 @@
 //! is due for a retry": each of those is the first entries of an ordered
 //! table.
 
-use redb::{ReadableTable as _, TableDefinition, WriteTransaction};
+use redb::{ReadableTable as _, ReadableTableMetadata as _, TableDefinition, WriteTransaction};
 
 use super::StoreError;
 use super::blocks::{BLOCK_BYTES, BlockBuf};
@@ -53,10 +53,13 @@ pub const EVENT_TASKS: TableDefinition<(u128, u64), ()> = TableDefinition::new("
 /// seq -> signed checkpoint (canonical JSON).
 pub const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
 
-/// call id -> CallRecord
-pub const CALLS: TableDefinition<u128, &[u8]> = TableDefinition::new("calls");
-/// (task id, call id)
-pub const TASK_CALLS: TableDefinition<(u128, u128), ()> = TableDefinition::new("task_calls");
+/// (task id, call id) -> CallRecord: calls are read by task, so the key
+/// that orders them by task is the index too.
+pub const TASK_CALLS: TableDefinition<(u128, u128), &[u8]> = TableDefinition::new("calls_by_task");
+/// Version 2's calls (call id -> CallRecord) and their index (task id, call
+/// id): read only to migrate them, and by the replay of a version-2 log.
+pub const LEGACY_CALLS: TableDefinition<u128, &[u8]> = TableDefinition::new("calls");
+pub const LEGACY_TASK_CALLS: TableDefinition<(u128, u128), ()> = TableDefinition::new("task_calls");
 /// approval id -> ApprovalRecord
 pub const APPROVALS: TableDefinition<u128, &[u8]> = TableDefinition::new("approvals");
 /// (expires_at ms, approval id) for approvals still pending or approved-unused.
@@ -86,8 +89,8 @@ pub const WORKLOAD_TASKS: TableDefinition<(&str, u128), ()> =
 /// The schema this build writes. Version 2: the store file is only
 /// complete together with its write-ahead log (`wal`), which a version-1
 /// build would ignore, losing acknowledged writes; so it must refuse.
-/// Version 3: events are stored in blocks (`event_blocks`), which a
-/// version-2 build would not read.
+/// Version 3: events are stored in blocks (`event_blocks`) and calls by
+/// task (`calls_by_task`), which a version-2 build would not read.
 pub const SCHEMA_VERSION: u32 = 3;
 
 const KEY_CHECK_PLAINTEXT: &[u8] = b"leasehold store key check v1";
@@ -99,7 +102,7 @@ pub type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// The migrations of this build, in order; a schema change appends
 /// `(n, migrate_n_to_n_plus_1)`.
-pub const MIGRATIONS: &[(u32, Migration)] = &[(1, log_beside_the_file), (2, events_in_blocks)];
+pub const MIGRATIONS: &[(u32, Migration)] = &[(1, log_beside_the_file), (2, blocks_and_calls)];
 
 /// 1 -> 2: no table changes; the version stamps that a log may hold writes
 /// the file lacks.
@@ -107,8 +110,41 @@ fn log_beside_the_file(_: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// 2 -> 3: the events, one per entry, are rewritten into blocks of
-/// consecutive events, and the old table is deleted.
+/// 2 -> 3: events into blocks, calls keyed by task.
+fn blocks_and_calls(txn: &WriteTransaction) -> Result<(), StoreError> {
+    events_in_blocks(txn)?;
+    calls_by_task(txn)
+}
+
+/// The calls, keyed by id beside an index by task, are rewritten keyed by
+/// (task, id), and the old tables are deleted.
+fn calls_by_task(txn: &WriteTransaction) -> Result<(), StoreError> {
+    {
+        let old = txn.open_table(LEGACY_CALLS)?;
+        let index = txn.open_table(LEGACY_TASK_CALLS)?;
+        let mut new = txn.open_table(TASK_CALLS)?;
+        for e in index.iter()? {
+            let (task, id) = e?.0.value();
+            let Some(rec) = old.get(id)? else {
+                return Err(StoreError::Corrupt(format!(
+                    "call {id:032x} is indexed under a task but not stored"
+                )));
+            };
+            new.insert((task, id), rec.value())?;
+        }
+        if old.len()? != new.len()? {
+            return Err(StoreError::Corrupt(
+                "some calls are not indexed under a task".into(),
+            ));
+        }
+    }
+    txn.delete_table(LEGACY_CALLS)?;
+    txn.delete_table(LEGACY_TASK_CALLS)?;
+    Ok(())
+}
+
+/// The events, one per entry, are rewritten into blocks of consecutive
+/// events, and the old table is deleted.
 fn events_in_blocks(txn: &WriteTransaction) -> Result<(), StoreError> {
     {
         let old = txn.open_table(LEGACY_EVENTS)?;
@@ -247,7 +283,6 @@ pub fn prepare(
     txn.open_table(EVENT_BLOCKS)?;
     txn.open_table(EVENT_TASKS)?;
     txn.open_table(CHECKPOINTS)?;
-    txn.open_table(CALLS)?;
     txn.open_table(TASK_CALLS)?;
     txn.open_table(APPROVALS)?;
     txn.open_table(APPROVAL_EXPIRY)?;

@@ -747,7 +747,7 @@ fn without_wal_lsn(d: Vec<(String, Vec<u8>, Vec<u8>)>) -> Vec<(String, Vec<u8>, 
 }
 
 /// A mix of operations touching the lease tables, indexes, counters,
-/// revocation queue, denylist and event chain.
+/// revocation queue, denylist, calls and event chain.
 async fn workload(s: &Store) {
     for t in 1..=20u128 {
         s.write(move |x| x.create_task(&task(t, 100_000)))
@@ -775,6 +775,7 @@ async fn workload(s: &Store) {
         .await
         .unwrap();
     s.write(|t| t.prune_denylist(75_000, 0, 10)).await.unwrap();
+    s.write(|t| t.put_call(&call(1, 1))).await.unwrap();
     // event blocks: a small one, one over several blocks' worth, a prune
     let all = append_events(s, &[3, blocks::BLOCK_BYTES / 1000 * 2], 1000).await;
     let hash = all[1].hash;
@@ -834,7 +835,7 @@ fn every_table_of_a_store_has_a_replay_arm() {
             .map(|t| t.name().to_owned())
             .collect()
     };
-    assert_eq!(names.len(), 26);
+    assert_eq!(names.len(), 25);
     for n in &names {
         wal::replay_for_test(&w, n).unwrap_or_else(|e| panic!("{n}: {e}"));
     }
@@ -1209,6 +1210,48 @@ async fn pruning_inside_a_block_keeps_the_rest_of_it_and_only_its_index_entries(
     assert_eq!(seqs(&more), (9..=14).collect::<Vec<_>>());
 }
 
+fn call(id: u128, task: u128) -> CallRecord {
+    CallRecord {
+        id,
+        task_id: task,
+        workload: "dev:a".into(),
+        tool: "demo.read".into(),
+        action: "read".into(),
+        target: format!("t{id}"),
+        arguments_sha256: String::new(),
+        outcome: "allow".into(),
+        policies: vec!["p".into()],
+        reasons: vec![],
+        max_ttl: None,
+        break_glass: None,
+        approval_id: None,
+        lease_id: Some(id + 1000),
+        policy_version: "v".into(),
+        created_at: id as i64,
+    }
+}
+
+#[tokio::test]
+async fn calls_are_read_by_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(&dir);
+    for (id, task) in [(3u128, 2u128), (1, 1), (4, 2), (2, 1), (5, 3)] {
+        s.write(move |t| t.put_call(&call(id, task))).await.unwrap();
+    }
+    let r = s.read().unwrap();
+    let ids = |task| -> Vec<u128> { r.task_calls(task).unwrap().iter().map(|c| c.id).collect() };
+    assert_eq!(ids(1), [1, 2]);
+    assert_eq!(ids(2), [3, 4]);
+    assert_eq!(ids(3), [5]);
+    assert!(ids(4).is_empty());
+    assert_eq!(r.task_calls(2).unwrap()[1], call(4, 2));
+}
+
+/// Version 2's calls: by id, beside an index by task.
+const V2_CALLS: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("calls");
+const V2_TASK_CALLS: redb::TableDefinition<(u128, u128), ()> =
+    redb::TableDefinition::new("task_calls");
+
 /// Version 2's layout: one event per entry, `hash || task || bytes`.
 const V2_EVENTS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("events");
 
@@ -1220,7 +1263,7 @@ fn v2_value(e: &StoredEvent) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn a_version_2_store_has_its_events_rewritten_into_blocks() {
+async fn a_version_2_store_has_its_events_in_blocks_and_its_calls_by_task() {
     // the events a chain holds, recorded by this build
     let source = tempfile::tempdir().unwrap();
     let all = {
@@ -1237,6 +1280,16 @@ async fn a_version_2_store_has_its_events_rewritten_into_blocks() {
         let db = redb::Database::open(dir.path().join("s.redb")).unwrap();
         let w = db.begin_write().unwrap();
         w.delete_table(EVENT_BLOCKS).unwrap();
+        w.delete_table(TASK_CALLS).unwrap();
+        {
+            let mut calls = w.open_table(V2_CALLS).unwrap();
+            let mut idx = w.open_table(V2_TASK_CALLS).unwrap();
+            for id in 1..=6u128 {
+                let bytes = records::encode(&call(id, id % 2)).unwrap();
+                calls.insert(id, bytes.as_slice()).unwrap();
+                idx.insert((id % 2, id), ()).unwrap();
+            }
+        }
         {
             let mut t = w.open_table(V2_EVENTS).unwrap();
             for e in &all[3..split] {
@@ -1271,6 +1324,11 @@ async fn a_version_2_store_has_its_events_rewritten_into_blocks() {
             for e in &all[split..] {
                 t.insert(e.seq, v2_value(e).as_slice()).unwrap();
             }
+            let mut calls = wal::Logged::open(&w, V2_CALLS, &redo);
+            let bytes = records::encode(&call(7, 1)).unwrap();
+            calls.insert(7, bytes.as_slice()).unwrap();
+            let mut idx = wal::Logged::open(&w, V2_TASK_CALLS, &redo);
+            idx.insert((1, 7), ()).unwrap();
         }
         let record = redo.borrow_mut().take();
         log.append(&record).unwrap();
@@ -1297,10 +1355,14 @@ async fn a_version_2_store_has_its_events_rewritten_into_blocks() {
     {
         use redb::{ReadableDatabase as _, TableHandle as _};
         let r = s.inner.db.begin_read().unwrap();
-        assert!(
-            r.list_tables().unwrap().all(|t| t.name() != "events"),
-            "the version-2 table is gone"
-        );
+        let names: Vec<String> = r
+            .list_tables()
+            .unwrap()
+            .map(|t| t.name().to_owned())
+            .collect();
+        for gone in ["events", "calls", "task_calls"] {
+            assert!(!names.iter().any(|n| n == gone), "{gone} is still there");
+        }
         let blocks = r.open_table(EVENT_BLOCKS).unwrap().len().unwrap();
         assert!((2..20).contains(&blocks), "{blocks} blocks");
     }
@@ -1317,6 +1379,10 @@ async fn a_version_2_store_has_its_events_rewritten_into_blocks() {
         .collect();
     assert_eq!(seqs(&r.task_events(2, 0, usize::MAX).unwrap()), mine);
     drop(r);
+    // the calls, the logged one too, are read by task
+    let calls = |task| -> Vec<CallRecord> { s.read().unwrap().task_calls(task).unwrap() };
+    assert_eq!(calls(1), [call(1, 1), call(3, 1), call(5, 1), call(7, 1)]);
+    assert_eq!(calls(0), [call(2, 0), call(4, 0), call(6, 0)]);
     // the index was cut down to each task's first event in each block
     let (index, want) = task_index(&s);
     assert_eq!(index, want);

@@ -209,8 +209,8 @@ pub struct Txn<'t> {
     block_tasks: Vec<u128>,
     event_tasks: Logged<'t, (u128, u64), ()>,
     checkpoints: Logged<'t, u64, &'static [u8]>,
-    calls: Logged<'t, u128, &'static [u8]>,
-    task_calls: Logged<'t, (u128, u128), ()>,
+    /// Calls, keyed by (task id, call id).
+    calls: Logged<'t, (u128, u128), &'static [u8]>,
     approvals: Logged<'t, u128, &'static [u8]>,
     approval_expiry: Logged<'t, (i64, u128), ()>,
     reviews: Logged<'t, u128, &'static [u8]>,
@@ -293,8 +293,7 @@ impl<'t> Txn<'t> {
             block_tasks: Vec::new(),
             event_tasks: Logged::open(txn, EVENT_TASKS, &redo),
             checkpoints: Logged::open(txn, CHECKPOINTS, &redo),
-            calls: Logged::open(txn, CALLS, &redo),
-            task_calls: Logged::open(txn, TASK_CALLS, &redo),
+            calls: Logged::open(txn, TASK_CALLS, &redo),
             approvals: Logged::open(txn, APPROVALS, &redo),
             approval_expiry: Logged::open(txn, APPROVAL_EXPIRY, &redo),
             reviews: Logged::open(txn, REVIEWS, &redo),
@@ -790,11 +789,9 @@ impl<'t> Txn<'t> {
 
     pub fn put_call(&mut self, rec: &CallRecord) -> Result<(), StoreError> {
         let bytes = records::encode(rec)?;
-        let r = self.calls.insert(rec.id, bytes.as_slice()).map(|_| ());
-        self.w(r)?;
         let r = self
-            .task_calls
-            .insert((rec.task_id, rec.id), ())
+            .calls
+            .insert((rec.task_id, rec.id), bytes.as_slice())
             .map(|_| ());
         self.w(r)
     }

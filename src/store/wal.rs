@@ -258,8 +258,10 @@ macro_rules! by_table {
             "events" => $f(LEGACY_EVENTS, $($arg),*),
             "event_tasks" => $f(EVENT_TASKS, $($arg),*),
             "checkpoints" => $f(CHECKPOINTS, $($arg),*),
-            "calls" => $f(CALLS, $($arg),*),
-            "task_calls" => $f(TASK_CALLS, $($arg),*),
+            "calls_by_task" => $f(TASK_CALLS, $($arg),*),
+            // a version-2 log, replayed before its store is migrated
+            "calls" => $f(LEGACY_CALLS, $($arg),*),
+            "task_calls" => $f(LEGACY_TASK_CALLS, $($arg),*),
             "approvals" => $f(APPROVALS, $($arg),*),
             "approval_expiry" => $f(APPROVAL_EXPIRY, $($arg),*),
             "reviews" => $f(REVIEWS, $($arg),*),
