@@ -14,9 +14,12 @@
 
 use super::StoreError;
 
-/// A block is closed once it holds this many bytes (a read of one event
-/// decodes at most one block).
-pub const BLOCK_BYTES: usize = 64 * 1024;
+/// A block is closed before an event would take it past this many bytes
+/// (a read of one event decodes at most one block). redb gives a large
+/// value a power-of-two run of pages, its leaf's header included, so a
+/// block one byte over 64 KiB would take 128 KiB: this leaves room for the
+/// header.
+pub const BLOCK_BYTES: usize = 64 * 1024 - 256;
 
 const HEADER: usize = 8;
 const ENTRY_HEAD: usize = 32 + 16 + 4;
@@ -39,8 +42,10 @@ pub struct BlockBuf {
 }
 
 impl BlockBuf {
-    pub fn len(&self) -> usize {
-        self.bytes.len()
+    /// Whether an event of up to `event_bytes` would take this block past
+    /// [`BLOCK_BYTES`] (an empty block takes any event).
+    pub fn would_outgrow(&self, event_bytes: usize) -> bool {
+        !self.bytes.is_empty() && self.bytes.len() + ENTRY_HEAD + event_bytes > BLOCK_BYTES
     }
 
     /// Append the event at `seq` (the seq after the last one appended):

@@ -8,7 +8,7 @@
 use redb::{ReadableTable as _, ReadableTableMetadata as _, TableDefinition, WriteTransaction};
 
 use super::StoreError;
-use super::blocks::{BLOCK_BYTES, BlockBuf};
+use super::blocks::BlockBuf;
 use super::key::Sealer;
 
 /// Store-wide metadata: schema version, key check, creation time.
@@ -161,7 +161,7 @@ fn events_in_blocks(txn: &WriteTransaction) -> Result<(), StoreError> {
             }
             // a block holds consecutive events only (pruning removes a
             // prefix, so a gap should not occur; if one does, it is kept)
-            if last.is_some_and(|l: u64| seq != l + 1) || block.len() >= BLOCK_BYTES {
+            if last.is_some_and(|l: u64| seq != l + 1) || block.would_outgrow(v.len() - 48) {
                 store_block(&mut new, &mut block)?;
                 block_tasks.clear();
             }

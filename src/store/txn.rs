@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use redb::WriteTransaction;
 
-use super::blocks::{self, BLOCK_BYTES, BlockBuf};
+use super::blocks::{self, BlockBuf};
 use super::records::{
     self, ApprovalRecord, ApprovalState, CallRecord, FenceRecord, JobRecord, LeaseRecord,
     LeaseState, ReviewRecord, Revocation, RevokeCause, TaskRecord, TaskState,
@@ -171,7 +171,8 @@ pub trait Chained {
     /// Append the bytes of the event at `seq` after `prev` to `out`, and
     /// return their hash.
     fn seal_into(&self, seq: u64, prev: &[u8; 32], out: &mut Vec<u8>) -> [u8; 32];
-    /// About how many bytes it takes (a capacity hint).
+    /// At most how many bytes `seal_into` appends (an event block is closed
+    /// before an event would take it past its size).
     fn size_hint(&self) -> usize;
     /// The task the event belongs to, for the per-task index.
     fn task(&self) -> Option<u128>;
@@ -413,11 +414,14 @@ impl<'t> Txn<'t> {
     // === the event chain ===
 
     /// Append an event after the current head, in this transaction. It
-    /// joins the transaction's open block, written at `finish` (or once it
-    /// is full).
+    /// joins the transaction's open block, written at `finish` (or when the
+    /// next event would not fit).
     pub fn append(&mut self, event: &dyn Chained) -> Result<u64, StoreError> {
         let seq = self.head.seq + 1;
         let task = event.task();
+        if self.block.would_outgrow(event.size_hint()) {
+            self.write_block()?;
+        }
         let prev = self.head.hash;
         let mut hash = [0u8; 32];
         self.block.push(seq, task.unwrap_or(0), |out| {
@@ -433,9 +437,6 @@ impl<'t> Txn<'t> {
         }
         self.head = ChainHead { seq, hash };
         self.head_dirty = true;
-        if self.block.len() >= BLOCK_BYTES {
-            self.write_block()?;
-        }
         Ok(seq)
     }
 
