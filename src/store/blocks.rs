@@ -39,6 +39,8 @@ pub struct Entry<'a> {
 pub struct BlockBuf {
     bytes: Vec<u8>,
     last: u64,
+    /// The tasks with an event in the block so far.
+    tasks: Vec<u128>,
 }
 
 impl BlockBuf {
@@ -50,8 +52,14 @@ impl BlockBuf {
 
     /// Append the event at `seq` (the seq after the last one appended):
     /// `write` appends its canonical bytes to the buffer and returns their
-    /// hash.
-    pub fn push(&mut self, seq: u64, task: u128, write: impl FnOnce(&mut Vec<u8>) -> [u8; 32]) {
+    /// hash. True if it is the block's first event of its task (a task's
+    /// entry in the task index points there).
+    pub fn push(
+        &mut self,
+        seq: u64,
+        task: u128,
+        write: impl FnOnce(&mut Vec<u8>) -> [u8; 32],
+    ) -> bool {
         debug_assert!(self.bytes.is_empty() || seq == self.last + 1);
         if self.bytes.is_empty() {
             self.bytes.reserve(BLOCK_BYTES / 8);
@@ -66,11 +74,17 @@ impl BlockBuf {
         // an event is far below 4 GiB (a request body is capped in KiB)
         self.bytes[at + 48..at + ENTRY_HEAD].copy_from_slice(&(len as u32).to_be_bytes());
         self.last = seq;
+        let first = task != 0 && !self.tasks.contains(&task);
+        if first {
+            self.tasks.push(task);
+        }
+        first
     }
 
     /// The block so far and the seq of its last event (its key), leaving
     /// the buffer empty; `None` if nothing was appended.
     pub fn take(&mut self) -> Option<(u64, Vec<u8>)> {
+        self.tasks.clear();
         (!self.bytes.is_empty()).then(|| (self.last, std::mem::take(&mut self.bytes)))
     }
 }
@@ -166,20 +180,31 @@ pub fn find(key: u64, block: &[u8], seq: u64) -> Result<Option<Entry<'_>>, Store
     Ok(None)
 }
 
-/// The part of a block after `seq` (a prune that ends inside it), or
-/// `None` if nothing of it remains.
-pub fn after(key: u64, block: &[u8], seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+/// What remains of a block after `seq` (a prune that ends inside it).
+#[derive(Debug)]
+pub struct Rest {
+    pub block: Vec<u8>,
+    /// Each task's first event in it: its entries in the task index.
+    pub firsts: Vec<(u128, u64)>,
+}
+
+/// The part of a block after `seq`, or `None` if nothing of it remains.
+pub fn after(key: u64, block: &[u8], seq: u64) -> Result<Option<Rest>, StoreError> {
     let mut out = BlockBuf::default();
+    let mut firsts = Vec::new();
     for e in entries(key, block) {
         let e = e?;
         if e.seq > seq {
-            out.push(e.seq, e.task, |b| {
+            let first = out.push(e.seq, e.task, |b| {
                 b.extend_from_slice(e.bytes);
                 e.hash
             });
+            if first {
+                firsts.push((e.task, e.seq));
+            }
         }
     }
-    Ok(out.take().map(|(_, b)| b))
+    Ok(out.take().map(|(_, block)| Rest { block, firsts }))
 }
 
 #[cfg(test)]
@@ -195,6 +220,19 @@ mod tests {
             });
         }
         b.take().unwrap()
+    }
+
+    #[test]
+    fn push_says_which_event_is_its_tasks_first_in_the_block() {
+        let mut b = BlockBuf::default();
+        let mut push = |seq, task| b.push(seq, task, |_| [0; 32]);
+        assert_eq!(
+            [push(1, 5), push(2, 0), push(3, 5), push(4, 6), push(5, 0)],
+            [true, false, false, true, false]
+        );
+        b.take();
+        // a new block starts over
+        assert!(b.push(6, 5, |_| [0; 32]));
     }
 
     #[test]
@@ -231,9 +269,10 @@ mod tests {
     fn what_remains_after_a_prune_is_a_block_with_the_same_key() {
         let (key, b) = block(1, &[("a", 1), ("b", 2), ("c", 3)]);
         let rest = after(key, &b, 1).unwrap().unwrap();
-        let seqs: Vec<u64> = entries(key, &rest).map(|e| e.unwrap().seq).collect();
+        let seqs: Vec<u64> = entries(key, &rest.block).map(|e| e.unwrap().seq).collect();
         assert_eq!(seqs, [2, 3]);
-        assert_eq!(find(key, &rest, 3).unwrap().unwrap().hash, [3; 32]);
+        assert_eq!(find(key, &rest.block, 3).unwrap().unwrap().hash, [3; 32]);
+        assert_eq!(rest.firsts, [(2, 2), (3, 3)]);
         assert!(after(key, &b, 3).unwrap().is_none());
     }
 

@@ -714,9 +714,7 @@ impl Snapshot {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let v = meta.get("schema_version")?;
-            v.and_then(|g| <[u8; 4]>::try_from(g.value()).ok())
-                .map(u32::from_be_bytes)
+            schema::schema_version(&meta)?
                 .ok_or_else(|| StoreError::NotAStore("no schema version".into()))?
         };
         match version.cmp(&SCHEMA_VERSION) {

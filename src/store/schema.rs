@@ -5,7 +5,7 @@
 //! is due for a retry": each of those is the first entries of an ordered
 //! table.
 
-use redb::{ReadableTable as _, ReadableTableMetadata as _, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata as _, TableDefinition, WriteTransaction};
 
 use super::StoreError;
 use super::blocks::BlockBuf;
@@ -151,7 +151,6 @@ fn events_in_blocks(txn: &WriteTransaction) -> Result<(), StoreError> {
         let mut new = txn.open_table(EVENT_BLOCKS)?;
         let mut index = txn.open_table(EVENT_TASKS)?;
         let mut block = BlockBuf::default();
-        let mut block_tasks: Vec<u128> = Vec::new();
         let mut last = None;
         for e in old.iter()? {
             let (k, v) = e?;
@@ -163,21 +162,16 @@ fn events_in_blocks(txn: &WriteTransaction) -> Result<(), StoreError> {
             // prefix, so a gap should not occur; if one does, it is kept)
             if last.is_some_and(|l: u64| seq != l + 1) || block.would_outgrow(v.len() - 48) {
                 store_block(&mut new, &mut block)?;
-                block_tasks.clear();
             }
             let task = u128::from_be_bytes(v[32..48].try_into().unwrap_or([0; 16]));
-            // the task index keeps only a task's first event in each block
-            if task != 0 {
-                if block_tasks.contains(&task) {
-                    index.remove((task, seq))?;
-                } else {
-                    block_tasks.push(task);
-                }
-            }
-            block.push(seq, task, |out| {
+            let first = block.push(seq, task, |out| {
                 out.extend_from_slice(&v[48..]);
                 v[..32].try_into().unwrap_or([0; 32])
             });
+            // the task index keeps only a task's first event in each block
+            if task != 0 && !first {
+                index.remove((task, seq))?;
+            }
             last = Some(seq);
         }
         store_block(&mut new, &mut block)?;
@@ -196,16 +190,17 @@ fn store_block(
     Ok(())
 }
 
-fn meta_u32(txn: &WriteTransaction, key: &str) -> Result<Option<u32>, StoreError> {
-    let meta = txn.open_table(META)?;
-    let v = meta.get(key)?;
-    match v {
+/// The schema version a store's metadata records, if any.
+pub fn schema_version(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Option<u32>, StoreError> {
+    match meta.get("schema_version")? {
         None => Ok(None),
         Some(g) => {
             let b: [u8; 4] = g
                 .value()
                 .try_into()
-                .map_err(|_| StoreError::Corrupt(format!("meta `{key}` is not a u32")))?;
+                .map_err(|_| StoreError::Corrupt("meta `schema_version` is not a u32".into()))?;
             Ok(Some(u32::from_be_bytes(b)))
         }
     }
@@ -225,7 +220,7 @@ pub fn prepare(
         txn.list_tables()?.map(|t| t.name().to_owned()).collect()
     };
     let version = if existing.iter().any(|n| n == "meta") {
-        meta_u32(txn, "schema_version")?
+        schema_version(&txn.open_table(META)?)?
     } else {
         None
     };

@@ -206,8 +206,6 @@ pub struct Txn<'t> {
     events: Logged<'t, u64, &'static [u8]>,
     /// The events appended since the last block was written.
     block: BlockBuf,
-    /// The tasks with an event in that block (each has its index entry).
-    block_tasks: Vec<u128>,
     event_tasks: Logged<'t, (u128, u64), ()>,
     checkpoints: Logged<'t, u64, &'static [u8]>,
     /// Calls, keyed by (task id, call id).
@@ -291,7 +289,6 @@ impl<'t> Txn<'t> {
             meta: Logged::open(txn, META, &redo),
             events: Logged::open(txn, EVENT_BLOCKS, &redo),
             block: BlockBuf::default(),
-            block_tasks: Vec::new(),
             event_tasks: Logged::open(txn, EVENT_TASKS, &redo),
             checkpoints: Logged::open(txn, CHECKPOINTS, &redo),
             calls: Logged::open(txn, TASK_CALLS, &redo),
@@ -424,16 +421,15 @@ impl<'t> Txn<'t> {
         }
         let prev = self.head.hash;
         let mut hash = [0u8; 32];
-        self.block.push(seq, task.unwrap_or(0), |out| {
+        let first = self.block.push(seq, task.unwrap_or(0), |out| {
             out.reserve(event.size_hint());
             hash = event.seal_into(seq, &prev, out);
             hash
         });
         // the task index points at a task's first event in each block
-        if let Some(t) = task.filter(|t| !self.block_tasks.contains(t)) {
+        if let (true, Some(t)) = (first, task) {
             let r = self.event_tasks.insert((t, seq), ()).map(|_| ());
             self.w(r)?;
-            self.block_tasks.push(t);
         }
         self.head = ChainHead { seq, hash };
         self.head_dirty = true;
@@ -442,7 +438,6 @@ impl<'t> Txn<'t> {
 
     /// Store the open block, if any.
     fn write_block(&mut self) -> Result<(), StoreError> {
-        self.block_tasks.clear();
         if let Some((last, bytes)) = self.block.take() {
             let r = self.events.insert(last, bytes.as_slice()).map(|_| ());
             self.w(r)?;
@@ -521,35 +516,26 @@ impl<'t> Txn<'t> {
         let mut rest = None;
         if let Some((key, block)) = holding.filter(|(k, _)| *k > through) {
             removed += pruned_of(key, &block, through, &mut unindexed)?;
-            rest = blocks::after(key, &block, through)?.map(|b| (key, b));
+            rest = blocks::after(key, &block, through)?.map(|r| (key, r));
             doomed.push(key);
-        }
-        // a task whose first event in the cut block was pruned has its
-        // index entry moved to its first event that remains
-        let mut repointed: Vec<(u128, u64)> = Vec::new();
-        if let Some((key, b)) = &rest {
-            for e in blocks::entries(*key, b) {
-                let e = e?;
-                if e.task != 0 && repointed.iter().all(|(t, _)| *t != e.task) {
-                    repointed.push((e.task, e.seq));
-                }
-            }
         }
         for key in doomed {
             let r = self.events.remove(key).map(|_| ());
-            self.w(r)?;
-        }
-        if let Some((key, b)) = rest {
-            let r = self.events.insert(key, b.as_slice()).map(|_| ());
             self.w(r)?;
         }
         for (task, seq) in unindexed {
             let r = self.event_tasks.remove((task, seq)).map(|_| ());
             self.w(r)?;
         }
-        for (task, seq) in repointed {
-            let r = self.event_tasks.insert((task, seq), ()).map(|_| ());
+        // what remains of the cut block, and its tasks' index entries (a
+        // task whose first event there was pruned now starts later)
+        if let Some((key, rest)) = rest {
+            let r = self.events.insert(key, rest.block.as_slice()).map(|_| ());
             self.w(r)?;
+            for (task, seq) in rest.firsts {
+                let r = self.event_tasks.insert((task, seq), ()).map(|_| ());
+                self.w(r)?;
+            }
         }
         let base = ChainHead {
             seq: through,
