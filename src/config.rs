@@ -114,10 +114,11 @@ pub struct StoreConfig {
     /// once the log holds this many MiB.
     #[serde(default = "defaults::checkpoint_mib")]
     pub checkpoint_mib: u64,
-    /// Under concurrent load, how long the writer waits to gather more
-    /// operations into one durable commit (0 turns it off). Applies only when
-    /// the previous commit carried at least `commit_siblings` operations, so
-    /// a lone request never waits.
+    /// Under concurrent load, how long a batch stays open to gather more
+    /// operations into one durable commit (0 turns it off); the writer
+    /// applies them as they arrive meanwhile. Applies only when the previous
+    /// commit carried at least `commit_siblings` operations, so a lone
+    /// request never waits.
     #[serde(default = "defaults::commit_delay_micros")]
     pub commit_delay_micros: u64,
     #[serde(default = "defaults::commit_siblings")]

@@ -9,8 +9,10 @@
 //! whatever operations are queued, applies them all in one transaction,
 //! appends their changes to the write-ahead log as one record and syncs it
 //! ([`wal`]), commits the transaction, then answers each caller. Under load,
-//! concurrent requests share one sync; idle, a single operation commits
-//! alone with no added delay.
+//! concurrent requests share one sync, and the batch stays open for the
+//! configured delay, applying operations as they arrive (so the delay
+//! overlaps the batch's work rather than adding to it); idle, a single
+//! operation commits alone with no added delay.
 //!
 //! Invariants kept here:
 //! - a caller's `write` returns `Ok` only after its transaction is durable
@@ -452,26 +454,20 @@ fn writer_loop(
                 None => break,
             }
         };
-        let mut jobs = Vec::with_capacity(64);
-        jobs.push(first);
-        // Under concurrent load (the last batch had company), linger briefly
-        // so more operations share this commit's fsync; alone, commit now.
-        if !cfg.group.delay.is_zero() && last >= cfg.group.siblings {
-            std::thread::sleep(cfg.group.delay);
-        }
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => break,
-            }
-        }
         if failed {
             // dropping a job answers its caller with `Closed`
+            drop(first);
+            while rx.try_recv().is_ok() {}
             continue;
         }
-        let n = jobs.len() as u64;
-        last = jobs.len();
-        match run_batch(db, jobs, stats, &mut head, &mut wal) {
+        // Under concurrent load (the last batch had company), keep the batch
+        // open briefly so more operations share this commit's fsync; alone,
+        // commit now.
+        let linger =
+            (!cfg.group.delay.is_zero() && last >= cfg.group.siblings).then_some(cfg.group.delay);
+        let (n, outcome) = run_batch(db, first, &mut rx, linger, stats, &mut head, &mut wal);
+        last = n;
+        match outcome {
             Ok(()) => {
                 healthy.store(true, Ordering::Relaxed);
             }
@@ -539,25 +535,55 @@ enum BatchError {
     Fatal(String),
 }
 
-/// Apply a batch, log it durably, then commit it (see [`wal`]). Jobs that
+/// How often a lingering batch looks for more operations.
+const LINGER_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// Gather and apply a batch, log it durably, then commit it (see [`wal`]).
+/// The batch takes `first`, every job already queued and, with a `linger`,
+/// whatever arrives until it has passed since the batch began: each job is
+/// applied as it is taken, so the linger overlaps the batch's own work
+/// instead of preceding it. Returns how many jobs the batch took. Jobs that
 /// never ran (the transaction could not begin) are dropped, which their
 /// callers see as `Closed`.
 fn run_batch(
     db: &Database,
-    jobs: Vec<Job>,
+    first: Job,
+    rx: &mut mpsc::Receiver<Job>,
+    linger: Option<std::time::Duration>,
     stats: &CommitStats,
     head: &mut ChainHead,
     wal: &mut wal::Wal,
-) -> Result<(), BatchError> {
+) -> (usize, Result<(), BatchError>) {
     let started = std::time::Instant::now();
-    let mut txn = db
-        .begin_write()
-        .map_err(|e| BatchError::Refused(e.to_string()))?;
-    txn.set_durability(Durability::None)
-        .map_err(|e| BatchError::Refused(e.to_string()))?;
+    let deadline = linger.map(|d| started + d);
+    let mut txn = match db.begin_write() {
+        Ok(t) => t,
+        Err(e) => return (1, Err(BatchError::Refused(e.to_string()))),
+    };
+    if let Err(e) = txn.set_durability(Durability::None) {
+        return (1, Err(BatchError::Refused(e.to_string())));
+    }
+    let mut idle = std::time::Duration::ZERO;
     let (replies, finished) = {
         let mut t = Txn::open(&txn, *head);
-        let replies: Vec<Reply> = jobs.into_iter().map(|j| j(&mut t)).collect();
+        let mut replies: Vec<Reply> = Vec::with_capacity(64);
+        replies.push(first(&mut t));
+        loop {
+            while replies.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(j) => replies.push(j(&mut t)),
+                    Err(_) => break,
+                }
+            }
+            let now = std::time::Instant::now();
+            match deadline {
+                Some(d) if replies.len() < MAX_BATCH && now < d => {
+                    std::thread::sleep(LINGER_POLL.min(d - now));
+                    idle += now.elapsed();
+                }
+                _ => break,
+            }
+        }
         let entered = t.take_entered();
         (replies, t.finish().map(|(h, redo)| (h, redo, entered)))
     };
@@ -595,9 +621,10 @@ fn run_batch(
             Err(BatchError::Refused(e.to_string()))
         }
     };
-    stats
-        .apply_micros
-        .fetch_add(micros(applied - started), Ordering::Relaxed);
+    stats.apply_micros.fetch_add(
+        micros((applied - started).saturating_sub(idle)),
+        Ordering::Relaxed,
+    );
     stats
         .commit_micros
         .fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
@@ -613,10 +640,11 @@ fn run_batch(
         Ok(()) => Ok(()),
         Err(BatchError::Refused(e) | BatchError::Fatal(e)) => Err(e.clone()),
     };
+    let n = replies.len();
     for reply in replies {
         reply(told.clone());
     }
-    outcome
+    (n, outcome)
 }
 
 /// Filters for listing leases. `after` is the paging cursor (exclusive).

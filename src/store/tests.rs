@@ -553,6 +553,55 @@ async fn concurrent_writes_share_commits() {
 }
 
 #[tokio::test]
+async fn a_lingering_batch_applies_operations_as_they_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = StoreOptions::new(dir.path().join("s.redb"));
+    let linger = std::time::Duration::from_secs(1);
+    opts.group_commit = GroupCommit {
+        delay: linger,
+        siblings: 0,
+    };
+    let s = Store::open(&opts, &key()).unwrap();
+    let t0 = std::time::Instant::now();
+    let ran = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let write = |id: u128| {
+        let (s, ran) = (s.clone(), ran.clone());
+        tokio::spawn(async move {
+            s.write(move |t| {
+                ran.lock().unwrap().push((id, t0.elapsed()));
+                t.create_task(&task(id, 10_000))
+            })
+            .await
+            .map(|()| t0.elapsed())
+        })
+    };
+    let first = write(1);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let second = write(2);
+    let (a, b) = (
+        first.await.unwrap().unwrap(),
+        second.await.unwrap().unwrap(),
+    );
+    let ran = ran.lock().unwrap().clone();
+    // each operation ran as it arrived, not once the linger was over ...
+    assert_eq!(ran.len(), 2);
+    assert!(
+        ran[0].1 < linger / 2,
+        "the first operation waited for the linger: {ran:?}"
+    );
+    assert!(
+        ran[1].1 < linger,
+        "the second operation waited for the linger: {ran:?}"
+    );
+    // ... in one batch, answered only after its linger and its commit
+    assert_eq!(s.stats().commits.load(Ordering::Relaxed), 1);
+    assert!(
+        a >= linger && b >= linger,
+        "answered before the batch closed: {a:?} {b:?}"
+    );
+}
+
+#[tokio::test]
 async fn denylist_is_durable_and_pruned_after_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(&dir);
