@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+mod kind;
 pub mod policy;
 
 #[cfg(feature = "testkit")]
@@ -42,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 pub use aws_credential_types::Credentials;
 pub use config::{AwsRole, AwsStsConfig, ConfigError};
+pub use kind::KIND;
 
 use crate::config::{MAX_SESSION_SECONDS, MIN_SESSION_SECONDS, SCOPE_PLACEHOLDER};
 use crate::policy::{DenyDoc, Method};

@@ -30,6 +30,7 @@
 
 pub mod config;
 mod http;
+mod kind;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -45,6 +46,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 pub use config::{AzureAuth, AzureConfig, AzureRole, ConfigError, Mode};
+pub use kind::KIND;
 
 use crate::config::SCOPE_PLACEHOLDER;
 use crate::http::Api;

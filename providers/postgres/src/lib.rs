@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod kind;
 mod pool;
 mod template;
 #[cfg(feature = "testkit")]
@@ -42,6 +43,7 @@ use tokio_postgres::error::SqlState;
 use zeroize::Zeroizing;
 
 pub use config::{ConfigError, PostgresConfig, PostgresRole, TlsMode, is_local};
+pub use kind::KIND;
 use pool::{Pool, classify, concurrent_update};
 use template::{Template, Values};
 

@@ -30,6 +30,12 @@ use zeroize::Zeroizing;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+mod kind;
+
+pub use kind::{
+    AnySettings, BrokerLimits, BuildContext, Built, Denylist, Kind, Now, ProviderKind,
+    ProviderSettings, TokenInfo, TokenIssuer, role_ttls,
+};
 
 // === impl Timestamp ===
 

@@ -20,6 +20,14 @@
 
 #![forbid(unsafe_code)]
 
+mod config;
+
+pub use config::{KIND, TokenProviderConfig, TokenRoleConfig};
+/// Where revoked token ids are kept until the tokens expire on their own.
+/// The broker implements it on its durable store, so a revocation survives a
+/// restart; `deny` must be durable when it returns `Ok`.
+pub use leasehold_provider::Denylist;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -29,21 +37,10 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use leasehold_provider::{
     Credential, Description, Issued, LeaseSpec, Provider, ProviderError, RevocationHandle,
-    RevokeSpec, RoleInfo, Timestamp,
+    RevokeSpec, RoleInfo, Timestamp, TokenInfo, TokenIssuer,
 };
 use ring::signature::{self, Ed25519KeyPair, KeyPair as _};
 use serde::{Deserialize, Serialize};
-
-/// Where revoked token ids are kept until the tokens expire on their own.
-/// The broker implements it on its durable store, so a revocation survives a
-/// restart; `deny` must be durable when it returns `Ok`.
-#[async_trait::async_trait]
-pub trait Denylist: Send + Sync + fmt::Debug + 'static {
-    /// Mark these token ids inactive until their expiry.
-    async fn deny(&self, entries: &[(String, Timestamp)]) -> Result<(), String>;
-    /// Is this token id marked inactive?
-    fn is_denied(&self, jti: &str) -> Result<bool, String>;
-}
 
 /// A role of the token provider: what a token may carry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,6 +162,36 @@ impl fmt::Debug for TokenProvider {
             .field("key_id", &self.key_id)
             .field("roles", &self.settings.roles.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
+    }
+}
+
+impl TokenIssuer for TokenProvider {
+    fn jwks(&self) -> serde_json::Value {
+        TokenProvider::jwks(self)
+    }
+
+    fn introspect(&self, token: &str, now: Timestamp) -> TokenInfo {
+        let i = TokenProvider::introspect(self, token, now);
+        let mut v = TokenInfo {
+            active: i.active,
+            token_type: i.token_type,
+            ..TokenInfo::default()
+        };
+        if let Some(c) = i.claims {
+            v.iss = Some(c.iss);
+            v.sub = Some(c.sub);
+            v.aud = Some(c.aud);
+            v.iat = Some(c.iat);
+            v.nbf = Some(c.nbf);
+            v.exp = Some(c.exp);
+            v.jti = Some(c.jti);
+            v.task = Some(c.task);
+            v.role = Some(c.role);
+            v.scope = Some(c.scope);
+            v.tenant = c.tenant;
+            v.act = Some(c.act.sub);
+        }
+        v
     }
 }
 

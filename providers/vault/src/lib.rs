@@ -32,6 +32,7 @@
 pub mod config;
 
 mod auth;
+mod kind;
 mod upstream;
 
 #[cfg(feature = "testkit")]
@@ -49,6 +50,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub use config::{AuthConfig, ConfigError, Kind, VaultConfig, VaultRole};
+pub use kind::KIND;
 
 use crate::auth::Auth;
 use crate::config::SCOPE_PLACEHOLDER;
