@@ -22,6 +22,7 @@ use crate::auth::{generate_operator_token, operator_token_hash};
 use crate::clock::Timestamp;
 use crate::config::*;
 use crate::store::StoreKey;
+use leasehold_provider_token::{TokenProviderConfig, TokenRoleConfig};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7711";
 /// The example policy set (`config/policies`), which `dev` starts with.
@@ -228,7 +229,7 @@ pub fn prepare(
     let mut providers = BTreeMap::new();
     providers.insert(
         "token".to_owned(),
-        ProviderConfig::Token(TokenProviderConfig {
+        ProviderConfig::new(TokenProviderConfig {
             issuer: format!("http://{listen}"),
             audience: "leasehold-demo".into(),
             signing_key_file: token_key,

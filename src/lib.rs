@@ -8,27 +8,24 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod approval;
 pub mod audit;
 pub mod auth;
-pub mod broker;
-pub mod call;
+pub mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod domain;
 pub mod hex;
 pub mod ids;
-pub mod incident;
-pub mod lease;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod preflight;
 pub mod providers;
-pub mod reaper;
+pub mod registry;
 pub mod server;
 pub mod store;
-pub mod task;
 
 /// Install ring as the process-wide rustls provider (TLS server, JWKS and
 /// CLI clients). Idempotent.

@@ -151,7 +151,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Validate { file, offline },
         } => {
             let cfg = leasehold::config::Config::load(&file)?;
-            cfg.check_files()?;
+            leasehold::preflight::check_files(&cfg)?;
             if !offline {
                 let rt = runtime()?;
                 rt.block_on(leasehold::providers::dry_run(&cfg))?;

@@ -5,7 +5,8 @@
 //! writer) through the `metrics` facade. Gauges that describe the store's
 //! state (leases by provider and state, the revocation queue, the chain,
 //! approvals, fences, jobs) are read from the store at scrape time, so they
-//! are exact and survive restarts. Labels are bounded: routes are templates,
+//! are exact and survive restarts (`domain::ops` renders them). This
+//! module knows no broker and no store: it names and records. Labels are bounded: routes are templates,
 //! never a task or lease id.
 
 use std::collections::HashMap;
@@ -13,9 +14,6 @@ use std::sync::{OnceLock, PoisonError, RwLock};
 
 use metrics::{Counter, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-use crate::broker::Broker;
-use crate::store::LeaseState;
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -233,60 +231,15 @@ pub fn provider_call(
 
 /// A committed batch: its latency, its size, and the lease state changes
 /// it made durable.
-pub fn store_commit(
+/// `entered`: (provider, state, how many leases entered it).
+pub fn store_commit<'a>(
     seconds: f64,
     operations: usize,
-    entered: &std::collections::BTreeMap<(String, LeaseState), u64>,
+    entered: impl IntoIterator<Item = (&'a str, &'static str, u64)>,
 ) {
     histogram!("leasehold_store_commit_duration_seconds").record(seconds);
     histogram!("leasehold_store_commit_operations").record(operations as f64);
-    for ((provider, state), n) in entered {
-        counter!("leasehold_lease_transitions_total", "provider" => provider.clone(), "state" => state.as_str()).increment(*n);
-    }
-}
-
-impl Broker {
-    /// Refresh the store-backed gauges and render the exposition text.
-    pub fn render_metrics(&self) -> Result<String, crate::broker::BrokerError> {
-        let Some(handle) = install() else {
-            return Ok(String::new());
-        };
-        let now = self.clock.now().unix_millis();
-        let r = self.store.read()?;
-        let counters = r.counters()?;
-        for name in self.providers.names() {
-            for st in LeaseState::ALL {
-                let n = counters.get(&(name.to_owned(), st)).copied().unwrap_or(0);
-                gauge!("leasehold_leases", "provider" => name.to_owned(), "state" => st.as_str())
-                    .set(n as f64);
-            }
-            let queued = [LeaseState::Revoking, LeaseState::Irrevocable]
-                .iter()
-                .map(|s| counters.get(&(name.to_owned(), *s)).copied().unwrap_or(0))
-                .sum::<u64>();
-            gauge!("leasehold_revocation_queue_depth", "provider" => name.to_owned())
-                .set(queued as f64);
-            let overdue = r.next_revocation(name)?.map_or(0, |due| (now - due).max(0));
-            gauge!("leasehold_revocation_queue_oldest_overdue_seconds", "provider" => name.to_owned())
-                .set(overdue as f64 / 1000.0);
-        }
-        gauge!("leasehold_event_chain_head_seq").set(r.chain_head()?.seq as f64);
-        let checkpoint_age = r
-            .checkpoints_last()?
-            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-            .and_then(|v| v["time"].as_str().and_then(crate::clock::parse_rfc3339))
-            .map_or(-1.0, |t| (now - t.unix_millis()).max(0) as f64 / 1000.0);
-        gauge!("leasehold_event_checkpoint_age_seconds").set(checkpoint_age);
-        gauge!("leasehold_approvals_pending").set(r.pending_approvals(100_000)?.len() as f64);
-        gauge!("leasehold_fences_active").set(r.fences()?.len() as f64);
-        let running = r
-            .jobs()?
-            .iter()
-            .filter(|j| j.state == crate::store::JobState::Running)
-            .count();
-        gauge!("leasehold_revocation_jobs_running").set(running as f64);
-        drop(r);
-        handle.run_upkeep();
-        Ok(handle.render())
+    for (provider, state, n) in entered {
+        counter!("leasehold_lease_transitions_total", "provider" => provider.to_owned(), "state" => state).increment(n);
     }
 }

@@ -1,4 +1,5 @@
-//! Building the configured providers (a closed set, chosen by `type`).
+//! The configured providers, built through their kinds' own
+//! `ProviderSettings::build` (see `registry`): nothing here names a kind.
 //!
 //! Each entry keeps its self-description, checked once at build time, so a
 //! request for an unknown provider or role is refused before any intent is
@@ -6,10 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use leasehold_provider::{Description, Provider, Timestamp};
-use leasehold_provider_token::{Denylist, TokenProvider, TokenRole, TokenSettings};
+use leasehold_provider::{
+    BrokerLimits, BuildContext, Denylist, Description, Provider, Timestamp, TokenIssuer,
+};
 
 use crate::config::ProviderConfig;
 use crate::store::Store;
@@ -27,10 +28,9 @@ pub struct ProviderEntry {
     pub name: String,
     pub provider: Arc<dyn Provider>,
     pub description: Description,
-    /// Set for token providers, which also serve JWKS and introspection.
-    pub token: Option<Arc<TokenProvider>>,
-    /// Set for PostgreSQL providers (their templates can be dry-run).
-    pub postgres: Option<Arc<leasehold_provider_postgres::PostgresProvider>>,
+    /// Set for providers that issue tokens the broker introspects and
+    /// serves keys for; their revocation is an entry in the broker's store.
+    pub tokens: Option<Arc<dyn TokenIssuer>>,
 }
 
 impl ProviderEntry {
@@ -40,8 +40,7 @@ impl ProviderEntry {
             name: name.to_owned(),
             description: provider.describe(),
             provider,
-            token: None,
-            postgres: None,
+            tokens: None,
         }
     }
 }
@@ -53,97 +52,30 @@ pub struct Providers {
 }
 
 impl Providers {
-    /// `max_ttl` is the broker's lease ceiling (`limits.max_lease_ttl_seconds`).
+    /// Build every configured provider; `limits` are the broker's, `clock`
+    /// is handed to providers that need "now".
     pub fn build(
         cfg: &BTreeMap<String, ProviderConfig>,
         store: &Store,
-        max_ttl: u64,
+        limits: BrokerLimits,
         clock: Arc<dyn crate::clock::Clock>,
     ) -> Result<Self, BuildError> {
+        let ctx = BuildContext {
+            limits,
+            now: Arc::new(move || clock.now()),
+            denylist: Arc::new(StoreDenylist::new(store.clone())),
+        };
         let mut map = BTreeMap::new();
         for (name, pc) in cfg {
-            let err = |message: String| BuildError {
+            let built = pc.settings().build(&ctx).map_err(|message| BuildError {
                 name: name.clone(),
                 message,
-            };
-            let entry = match pc {
-                ProviderConfig::Token(t) => {
-                    let key = zeroize::Zeroizing::new(std::fs::read(&t.signing_key_file).map_err(
-                        |e| {
-                            err(format!(
-                                "cannot read signing key {}: {e}",
-                                t.signing_key_file.display()
-                            ))
-                        },
-                    )?);
-                    let settings = TokenSettings {
-                        issuer: t.issuer.clone(),
-                        audience: t.audience.clone(),
-                        roles: t
-                            .roles
-                            .iter()
-                            .map(|(n, r)| {
-                                (
-                                    n.clone(),
-                                    TokenRole {
-                                        scopes: r.scopes.clone(),
-                                        max_ttl: Duration::from_secs(r.max_ttl_seconds),
-                                        audience: r.audience.clone(),
-                                        description: r.description.clone(),
-                                    },
-                                )
-                            })
-                            .collect(),
-                    };
-                    let denylist = Arc::new(StoreDenylist {
-                        store: store.clone(),
-                    });
-                    let p = Arc::new(
-                        TokenProvider::new(settings, &key, denylist)
-                            .map_err(|e| err(e.to_string()))?,
-                    );
-                    ProviderEntry {
-                        name: name.clone(),
-                        description: p.describe(),
-                        provider: p.clone(),
-                        token: Some(p),
-                        postgres: None,
-                    }
-                }
-                ProviderConfig::Postgres(pc) => {
-                    let p = Arc::new(
-                        leasehold_provider_postgres::PostgresProvider::new(pc.clone(), max_ttl)
-                            .map_err(|e| err(e.to_string()))?,
-                    );
-                    ProviderEntry {
-                        name: name.clone(),
-                        description: p.describe(),
-                        provider: p.clone(),
-                        token: None,
-                        postgres: Some(p),
-                    }
-                }
-                ProviderConfig::AwsSts(ac) => {
-                    let c = clock.clone();
-                    let p = leasehold_provider_aws_sts::AwsStsProvider::new(
-                        ac.clone(),
-                        max_ttl,
-                        Arc::new(move || c.now()),
-                        None,
-                    )
-                    .map_err(|e| err(e.to_string()))?;
-                    ProviderEntry::plain(name, Arc::new(p))
-                }
-                ProviderConfig::Azure(ac) => {
-                    let p = leasehold_provider_azure::AzureProvider::new(ac.clone(), max_ttl)
-                        .map_err(|e| err(e.to_string()))?;
-                    ProviderEntry::plain(name, Arc::new(p))
-                }
-                ProviderConfig::Vault(vc) => {
-                    let p = leasehold_provider_vault::VaultProvider::new(vc.clone(), max_ttl)
-                        .map_err(|e| err(e.to_string()))?;
-                    ProviderEntry::plain(name, Arc::new(p))
-                }
+            })?;
+            let entry = ProviderEntry {
+                name: name.clone(),
+                description: built.provider.describe(),
+                provider: built.provider,
+                tokens: built.tokens,
             };
             map.insert(name.clone(), entry);
         }
@@ -168,8 +100,8 @@ impl Providers {
         self.map.values()
     }
 
-    pub fn tokens(&self) -> impl Iterator<Item = &Arc<TokenProvider>> {
-        self.map.values().filter_map(|e| e.token.as_ref())
+    pub fn tokens(&self) -> impl Iterator<Item = &Arc<dyn TokenIssuer>> {
+        self.map.values().filter_map(|e| e.tokens.as_ref())
     }
 }
 
@@ -220,37 +152,29 @@ impl Denylist for StoreDenylist {
     }
 }
 
-/// `config validate`: dry-run every PostgreSQL role template against its
-/// database in a transaction that is rolled back. A database that cannot be
-/// reached is reported and skipped (the health check runs the same dry run
-/// once it is up); a template or privilege error fails, naming the provider
-/// and the template.
+/// `config validate`: each provider's dry run against its peer (PostgreSQL:
+/// every role template in a transaction that is rolled back). A peer that
+/// cannot be reached is reported and skipped (the health check runs the
+/// same dry run once it is up); any other failure fails, naming the
+/// provider.
 pub async fn dry_run(config: &crate::config::Config) -> Result<(), BuildError> {
+    let limits = config.broker_limits();
     for (name, pc) in &config.providers {
-        let ProviderConfig::Postgres(p) = pc else {
-            continue;
-        };
-        let err = |message: String| BuildError {
-            name: name.clone(),
-            message,
-        };
-        let provider = leasehold_provider_postgres::PostgresProvider::new(
-            p.clone(),
-            config.limits.max_lease_ttl_seconds,
-        )
-        .map_err(|e| err(e.to_string()))?;
-        match provider.check_templates().await {
-            Ok(()) => eprintln!(
-                "providers.{name}: every role template passed a dry run against {}:{}/{}",
-                p.host, p.port, p.database
-            ),
+        match pc.settings().dry_run(&limits).await {
+            Ok(Some(what)) => eprintln!("providers.{name}: {what}"),
+            Ok(None) => {}
             Err(e) if e.is_retryable() => {
                 eprintln!(
-                    "providers.{name}: not dry-run ({}); the health check will run it once the database is reachable",
+                    "providers.{name}: not dry-run ({}); the health check will run it once the peer is reachable",
                     e.message
                 );
             }
-            Err(e) => return Err(err(e.message)),
+            Err(e) => {
+                return Err(BuildError {
+                    name: name.clone(),
+                    message: e.message,
+                });
+            }
         }
     }
     Ok(())

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use crate::api::{AppState, HttpLimits};
 use crate::auth::Authenticator;
-use crate::broker::Broker;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::domain::Broker;
 use crate::providers::Providers;
 use crate::store::{Store, StoreKey, StoreOptions};
 
@@ -108,7 +108,7 @@ pub async fn run_with(
 ) -> Result<(), ServeError> {
     crate::install_crypto_provider();
     config.validate()?;
-    config.check_files()?;
+    crate::preflight::check_files(&config)?;
     let key = load_key(&config)?;
     #[allow(unused_mut)]
     let mut store_options = StoreOptions {
@@ -119,6 +119,15 @@ pub async fn run_with(
             siblings: config.store.commit_siblings,
         },
         checkpoint_bytes: config.store.checkpoint_mib.saturating_mul(1 << 20),
+        on_commit: Some(std::sync::Arc::new(|seconds, operations, entered| {
+            crate::metrics::store_commit(
+                seconds,
+                operations,
+                entered
+                    .iter()
+                    .map(|((p, s), n)| (p.as_str(), s.as_str(), *n)),
+            );
+        })),
         ..StoreOptions::new(&config.store.path)
     };
     #[cfg(feature = "fault-injection")]
@@ -131,10 +140,10 @@ pub async fn run_with(
     let mut providers = Providers::build(
         &config.providers,
         &store,
-        config.limits.max_lease_ttl_seconds,
+        config.broker_limits(),
         clock.clone(),
     )?;
-    let mut roles = config.provider_roles();
+    let mut roles = crate::preflight::role_entities(&config);
     for (name, p) in overrides.providers {
         for r in &p.describe().roles {
             roles.push(crate::policy::RoleEntity {
@@ -149,7 +158,7 @@ pub async fn run_with(
         crate::policy::PolicyEngine::load(&config.policy.dir, roles)
             .map_err(|e| ServeError::Policy(e.to_string()))?,
     );
-    let settings = crate::broker::PolicySettings::from(&config.policy);
+    let settings = crate::domain::PolicySettings::from(&config.policy);
     #[allow(unused_mut)]
     let mut broker = Broker::new(
         store,
@@ -189,7 +198,7 @@ pub async fn run_with(
         crate::audit::CheckpointKey::from_pkcs8(&cp).map_err(ServeError::Audit)?,
     ));
     broker.denied =
-        crate::broker::DeniedLimiter::new(u64::from(config.audit.auth_denied_events_per_second));
+        crate::domain::DeniedLimiter::new(u64::from(config.audit.auth_denied_events_per_second));
     let broker = Arc::new(broker);
     let recovered = broker
         .recover()
@@ -217,7 +226,7 @@ pub async fn run_with(
     let auth = Arc::new(Authenticator::new(&config.auth, clock.clone()).map_err(ServeError::Auth)?);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut background = crate::reaper::spawn(broker.clone(), stop_rx.clone());
+    let mut background = crate::domain::reaper::spawn(broker.clone(), stop_rx.clone());
     broker
         .resume_jobs()
         .map_err(|e| ServeError::Recovery(e.to_string()))?;

@@ -9,7 +9,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::AuthError;
-use crate::broker::BrokerError;
+use crate::domain::BrokerError;
 
 #[derive(Debug)]
 pub struct ApiError {

@@ -11,18 +11,19 @@ use axum::extract::{Form, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use super::WorkloadCaller;
 use super::openapi::{CallsProvider, Conflict, Guarded, Public, WithBody, WithId, WithQuery};
 use super::wire::*;
 use super::{ApiError, AppState};
 use crate::audit::Ctx;
-use crate::auth::{Caller, WorkloadCaller};
-use crate::broker::BrokerError;
-use crate::call::{CallOutcome, CallParams};
+use crate::auth::Caller;
 use crate::config::OperatorRole;
-use crate::incident::JobStart;
-use crate::lease::LeaseParams;
-use crate::store::{LeaseQuery, LeaseState};
-use crate::task::OpenTask;
+use crate::domain::BrokerError;
+use crate::domain::call::{CallOutcome, CallParams};
+use crate::domain::incident::JobStart;
+use crate::domain::lease::LeaseParams;
+use crate::domain::task::OpenTask;
+use crate::store::records::{LeaseQuery, LeaseState};
 
 /// Run state-changing work to completion even if the request is dropped.
 async fn detached<T, F>(f: F) -> Result<T, ApiError>
@@ -194,8 +195,8 @@ pub async fn request_lease(
 }
 
 fn approval_required(
-    call: &crate::store::CallRecord,
-    approval: &crate::store::ApprovalRecord,
+    call: &crate::store::records::CallRecord,
+    approval: &crate::store::records::ApprovalRecord,
 ) -> Response {
     let body = ApprovalRequiredView {
         decision: "approval_required",
@@ -609,7 +610,7 @@ pub async fn list_leases(
 /// Lease counts by provider and state, and store commit counters, without
 /// a scan (the store keeps the counts transactionally). Admin, responder.
 pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<StatsView>, ApiError> {
-    if !crate::broker::Broker::is_reader(&caller) {
+    if !crate::domain::Broker::is_reader(&caller) {
         return Err(ApiError::forbidden(
             "forbidden",
             "stats need the admin or responder role",
@@ -653,7 +654,7 @@ pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<Sta
 }
 
 fn require_reader(caller: &Caller) -> Result<(), ApiError> {
-    if crate::broker::Broker::is_reader(caller) {
+    if crate::domain::Broker::is_reader(caller) {
         Ok(())
     } else {
         Err(ApiError::forbidden(
@@ -979,7 +980,7 @@ fn metrics_response(s: &AppState) -> Result<Response, ApiError> {
 )]
 /// Prometheus exposition on the main listener: admin and responder.
 pub async fn metrics(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
-    if !crate::broker::Broker::is_reader(&caller) {
+    if !crate::domain::Broker::is_reader(&caller) {
         return Err(ApiError::forbidden(
             "forbidden",
             "metrics need the admin or responder role",
@@ -1124,7 +1125,7 @@ pub async fn method_not_allowed() -> ApiError {
     operation_id = "start_revocation",
     security(("operator" = ["responder"])),
     request_body = RevocationBody,
-    responses(Guarded, WithBody, (status = 200, description = "Dry run: what the job would take.", body = crate::incident::DryRunView), (status = 202, description = "The job is running in the background (fences are in force already).", body = crate::incident::JobView), (status = 409, description = "`job_running`: a job with the same selector is under way (`job`).", body = ErrorBody))
+    responses(Guarded, WithBody, (status = 200, description = "Dry run: what the job would take.", body = crate::domain::incident::DryRunView), (status = 202, description = "The job is running in the background (fences are in force already).", body = crate::domain::incident::JobView), (status = 409, description = "`job_running`: a job with the same selector is under way (`job`).", body = ErrorBody))
 )]
 /// Start a mass revocation: `202` with the job (the work runs in the
 /// background), `200` with counts for a dry run, `409 job_running` with
@@ -1139,7 +1140,7 @@ pub async fn start_revocation(
     let broker = s.broker.clone();
     let c = ctx(rid, caller.principal());
     let started = detached(async move { broker.start_job(&caller, req, &c).await }).await?;
-    let status_of = |job: &crate::store::JobRecord| s.broker.job_view(job);
+    let status_of = |job: &crate::store::records::JobRecord| s.broker.job_view(job);
     match started {
         JobStart::DryRun(v) => Ok(Json(v).into_response()),
         JobStart::Started(job) => {
@@ -1186,13 +1187,13 @@ pub async fn list_revocations(
     operation_id = "get_revocation",
     security(("operator" = ["admin", "responder"])),
     params(("id" = String, Path, description = "job id (`job_...`)", pattern = "^job_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
-    responses(Guarded, WithId, (status = 200, description = "The job, its counts, and the leases still failing.", body = crate::incident::JobView))
+    responses(Guarded, WithId, (status = 200, description = "The job, its counts, and the leases still failing.", body = crate::domain::incident::JobView))
 )]
 pub async fn get_revocation(
     State(s): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<crate::incident::JobView>, ApiError> {
+) -> Result<Json<crate::domain::incident::JobView>, ApiError> {
     let id: crate::ids::JobId = id
         .parse()
         .map_err(|_| ApiError::bad_request("invalid_id", "not a job id (job_...)"))?;
@@ -1256,7 +1257,7 @@ pub async fn lift_fence(
     security(("operator" = ["admin", "responder"])),
     params(("name" = String, Path, description = "provider name from the configuration")),
     request_body = ReconcileBody,
-    responses(Guarded, WithBody, CallsProvider, (status = 200, description = "What the peer holds that no live lease accounts for.", body = crate::incident::ReconcileReport))
+    responses(Guarded, WithBody, CallsProvider, (status = 200, description = "What the peer holds that no live lease accounts for.", body = crate::domain::incident::ReconcileReport))
 )]
 /// Compare a provider's peer with the store; remove orphans when asked.
 pub async fn reconcile(
@@ -1265,7 +1266,7 @@ pub async fn reconcile(
     rid: ReqId,
     Path(name): Path<String>,
     ApiJson(body): ApiJson<ReconcileBody>,
-) -> Result<Json<crate::incident::ReconcileReport>, ApiError> {
+) -> Result<Json<crate::domain::incident::ReconcileReport>, ApiError> {
     let broker = s.broker.clone();
     let c = ctx(rid, caller.principal());
     let report =
@@ -1305,14 +1306,14 @@ pub async fn abandon_lease(
     operation_id = "blast_radius",
     security(("operator" = ["admin", "responder"])),
     params(BlastRadiusParams),
-    responses(Guarded, WithQuery, (status = 200, description = "Tasks, calls and leases of the workload in the window.", body = crate::incident::BlastRadius))
+    responses(Guarded, WithQuery, (status = 200, description = "Tasks, calls and leases of the workload in the window.", body = crate::domain::incident::BlastRadius))
 )]
 /// Everything one workload did in a window (default: the last 24 hours).
 pub async fn blast_radius(
     State(s): State<AppState>,
     caller: Caller,
     ApiQuery(p): ApiQuery<BlastRadiusParams>,
-) -> Result<Json<crate::incident::BlastRadius>, ApiError> {
+) -> Result<Json<crate::domain::incident::BlastRadius>, ApiError> {
     let workload = p.workload;
     if workload.is_empty() {
         return Err(ApiError::bad_request(

@@ -11,6 +11,7 @@
 //! lost).
 
 mod error;
+mod extract;
 mod handlers;
 pub mod limits;
 pub mod openapi;
@@ -31,9 +32,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use error::ApiError;
+pub use extract::WorkloadCaller;
 
 use crate::auth::Authenticator;
-use crate::broker::Broker;
+use crate::domain::Broker;
 use crate::ids::RequestId;
 
 /// Shared by every handler: one pointer, since axum clones the state for

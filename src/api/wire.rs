@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::ApiError;
 use crate::clock::rfc3339;
 use crate::ids::{LeaseId, TaskId};
-use crate::store::{LeaseRecord, LeaseState, Revocation, TaskRecord, TaskState};
+use crate::store::records::{LeaseRecord, LeaseState, Revocation, TaskRecord, TaskState};
 
 // === extractors ===
 
@@ -342,7 +342,7 @@ pub struct RevocationBody {
 }
 
 impl RevocationBody {
-    pub fn into_request(self) -> Result<crate::incident::JobRequest, ApiError> {
+    pub fn into_request(self) -> Result<crate::domain::incident::JobRequest, ApiError> {
         let time = |name: &str, v: Option<String>| -> Result<Option<i64>, ApiError> {
             v.map(|s| {
                 crate::clock::parse_rfc3339(&s)
@@ -382,7 +382,7 @@ impl RevocationBody {
                 other => Ok(other),
             }
         };
-        let selector = crate::store::Selector {
+        let selector = crate::store::records::Selector {
             workload: nonempty("workload", self.workload)?,
             tenant: nonempty("tenant", self.tenant)?,
             task: self
@@ -399,7 +399,7 @@ impl RevocationBody {
             issued_before: time("issued_before", self.issued_before)?,
             all: self.all,
         };
-        Ok(crate::incident::JobRequest {
+        Ok(crate::domain::incident::JobRequest {
             selector,
             reason: self.reason,
             fence: self.fence,
@@ -538,8 +538,8 @@ pub struct CallView {
     pub created_at: String,
 }
 
-impl From<&crate::store::CallRecord> for CallView {
-    fn from(c: &crate::store::CallRecord) -> Self {
+impl From<&crate::store::records::CallRecord> for CallView {
+    fn from(c: &crate::store::records::CallRecord) -> Self {
         Self {
             call_id: crate::ids::CallId(c.id).to_string(),
             task_id: TaskId(c.task_id).to_string(),
@@ -586,8 +586,8 @@ pub struct ApprovalView {
     pub comment: Option<String>,
 }
 
-impl From<&crate::store::ApprovalRecord> for ApprovalView {
-    fn from(a: &crate::store::ApprovalRecord) -> Self {
+impl From<&crate::store::records::ApprovalRecord> for ApprovalView {
+    fn from(a: &crate::store::records::ApprovalRecord) -> Self {
         Self {
             approval_id: crate::ids::ApprovalId(a.id).to_string(),
             task_id: TaskId(a.task_id).to_string(),
@@ -649,8 +649,8 @@ pub struct ReviewView {
     pub comment: Option<String>,
 }
 
-impl From<&crate::store::ReviewRecord> for ReviewView {
-    fn from(r: &crate::store::ReviewRecord) -> Self {
+impl From<&crate::store::records::ReviewRecord> for ReviewView {
+    fn from(r: &crate::store::records::ReviewRecord) -> Self {
         Self {
             task_id: TaskId(r.task_id).to_string(),
             workload: r.workload.clone(),
@@ -976,28 +976,24 @@ pub struct ActorView {
     pub sub: String,
 }
 
-impl From<leasehold_provider_token::Introspection> for IntrospectionView {
-    fn from(i: leasehold_provider_token::Introspection) -> Self {
-        let mut v = Self {
+impl From<leasehold_provider::TokenInfo> for IntrospectionView {
+    fn from(i: leasehold_provider::TokenInfo) -> Self {
+        Self {
             active: i.active,
+            iss: i.iss,
+            sub: i.sub,
+            aud: i.aud,
+            iat: i.iat,
+            nbf: i.nbf,
+            exp: i.exp,
+            jti: i.jti,
+            task: i.task,
+            role: i.role,
+            scope: i.scope,
+            tenant: i.tenant,
+            act: i.act.map(|sub| ActorView { sub }),
             token_type: i.token_type,
-            ..Self::default()
-        };
-        if let Some(c) = i.claims {
-            v.iss = Some(c.iss);
-            v.sub = Some(c.sub);
-            v.aud = Some(c.aud);
-            v.iat = Some(c.iat);
-            v.nbf = Some(c.nbf);
-            v.exp = Some(c.exp);
-            v.jti = Some(c.jti);
-            v.task = Some(c.task);
-            v.role = Some(c.role);
-            v.scope = Some(c.scope);
-            v.tenant = c.tenant;
-            v.act = Some(ActorView { sub: c.act.sub });
         }
-        v
     }
 }
 
@@ -1046,8 +1042,8 @@ pub struct FenceView {
     pub job_id: Option<String>,
 }
 
-impl From<&crate::store::FenceRecord> for FenceView {
-    fn from(f: &crate::store::FenceRecord) -> Self {
+impl From<&crate::store::records::FenceRecord> for FenceView {
+    fn from(f: &crate::store::records::FenceRecord) -> Self {
         Self {
             kind: f.kind.clone(),
             value: f.value.clone(),
@@ -1081,7 +1077,7 @@ pub struct ErrorBody {
     pub problems: Option<Vec<String>>,
     /// `job_running`: the job already under way.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub job: Option<crate::incident::JobView>,
+    pub job: Option<crate::domain::incident::JobView>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -1106,5 +1102,5 @@ pub struct DenialView {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobList {
-    pub jobs: Vec<crate::incident::JobView>,
+    pub jobs: Vec<crate::domain::incident::JobView>,
 }

@@ -404,7 +404,7 @@ impl std::fmt::Debug for FieldHmac {
 }
 
 /// The fields `hmac_fields` may name.
-pub const HMAC_FIELDS: &[&str] = &["user", "purpose", "workload", "tenant"];
+pub use crate::config::HMAC_FIELDS;
 
 impl FieldHmac {
     pub fn new(key: &[u8], fields: Vec<String>) -> Self {

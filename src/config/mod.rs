@@ -12,7 +12,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use leasehold_provider::{AnySettings, ProviderSettings};
 use serde::{Deserialize, Serialize};
+
+mod rate_limits;
+
+pub use rate_limits::RateLimitConfig;
+
+/// The fields `audit.hmac_fields` may name (the audit layer keys them).
+pub const HMAC_FIELDS: &[&str] = &["user", "purpose", "workload", "tenant"];
 
 /// A configuration problem, with the dotted path of the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +36,7 @@ pub enum ConfigError {
     Invalid { field: String, message: String },
 }
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         message: message.into(),
@@ -84,7 +92,7 @@ pub struct ServerConfig {
     /// Per-workload, per-address and authentication-failure rate limits,
     /// and the cap on requests in flight (429/503 with Retry-After).
     #[serde(default)]
-    pub rate_limits: crate::api::limits::RateLimitConfig,
+    pub rate_limits: RateLimitConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -322,19 +330,66 @@ pub struct OperatorConfig {
     pub user: Option<String>,
 }
 
-/// One provider instance; `type` picks the implementation.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
-pub enum ProviderConfig {
-    Token(TokenProviderConfig),
-    Postgres(leasehold_provider_postgres::PostgresConfig),
-    Vault(leasehold_provider_vault::VaultConfig),
-    AwsSts(leasehold_provider_aws_sts::AwsStsConfig),
-    Azure(leasehold_provider_azure::AzureConfig),
+/// One provider instance: its kind's own configuration, found through the
+/// registry by `type` (the config knows no kind).
+pub struct ProviderConfig(Box<dyn AnySettings>);
+
+impl ProviderConfig {
+    /// A provider configured in code (tests, `leasehold dev`).
+    pub fn new(settings: impl ProviderSettings) -> Self {
+        Self(Box::new(settings))
+    }
+
+    /// The `type` written in configuration.
+    pub fn kind(&self) -> &'static str {
+        self.0.type_name()
+    }
+
+    /// Every role the provider offers, with its `max_ttl_seconds`.
+    pub fn role_ttls(&self) -> Vec<(&str, u64)> {
+        self.0.roles()
+    }
+
+    /// The kind's own settings, if they are a `T`.
+    pub fn get<T: 'static>(&self) -> Option<&T> {
+        self.0.as_any().downcast_ref()
+    }
+
+    /// The kind's own settings, mutable, if they are a `T`.
+    pub fn get_mut<T: 'static>(&mut self) -> Option<&mut T> {
+        self.0.as_any_mut().downcast_mut()
+    }
+
+    pub fn settings(&self) -> &dyn AnySettings {
+        self.0.as_ref()
+    }
+
+    fn settings_mut(&mut self) -> &mut dyn AnySettings {
+        self.0.as_mut()
+    }
 }
 
-/// The provider kinds this build knows, as written in `type`.
-pub const PROVIDER_TYPES: &[&str] = &["token", "postgres", "vault", "aws-sts", "azure"];
+impl Clone for ProviderConfig {
+    fn clone(&self) -> Self {
+        Self(self.0.clone_box())
+    }
+}
+
+impl std::fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for ProviderConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        let mut table = toml::Table::new();
+        table.insert("type".into(), toml::Value::String(self.kind().into()));
+        table.extend(self.0.to_toml().map_err(S::Error::custom)?);
+        table.serialize(s)
+    }
+}
 
 // Dispatch on `type` by hand rather than with serde's internally tagged
 // enums, which buffer the table and lose the field path of errors: this way
@@ -349,103 +404,18 @@ impl<'de> Deserialize<'de> for ProviderConfig {
             None => {
                 return Err(D::Error::custom(format!(
                     "missing field `type` (one of: {})",
-                    PROVIDER_TYPES.join(", ")
+                    crate::registry::type_names().join(", ")
                 )));
             }
         };
-        let body = toml::Value::Table(table);
-        match kind.as_str() {
-            "token" => body
-                .try_into()
-                .map(Self::Token)
-                .map_err(|e| D::Error::custom(e.to_string().trim_end())),
-            "postgres" => body
-                .try_into()
-                .map(Self::Postgres)
-                .map_err(|e| D::Error::custom(e.to_string().trim_end())),
-            "vault" => body
-                .try_into()
-                .map(Self::Vault)
-                .map_err(|e| D::Error::custom(e.to_string().trim_end())),
-            "aws-sts" => body
-                .try_into()
-                .map(Self::AwsSts)
-                .map_err(|e| D::Error::custom(e.to_string().trim_end())),
-            "azure" => body
-                .try_into()
-                .map(Self::Azure)
-                .map_err(|e| D::Error::custom(e.to_string().trim_end())),
-            other => Err(D::Error::custom(format!(
-                "unknown provider type `{other}`; expected one of: {}",
-                PROVIDER_TYPES.join(", ")
-            ))),
-        }
+        let Some(k) = crate::registry::find(&kind) else {
+            return Err(D::Error::custom(format!(
+                "unknown provider type `{kind}`; expected one of: {}",
+                crate::registry::type_names().join(", ")
+            )));
+        };
+        k.parse(table).map(Self).map_err(D::Error::custom)
     }
-}
-
-impl ProviderConfig {
-    /// Every role the provider offers, with its `max_ttl_seconds`.
-    pub fn role_ttls(&self) -> Vec<(&str, u64)> {
-        match self {
-            Self::Token(t) => t
-                .roles
-                .iter()
-                .map(|(n, r)| (n.as_str(), r.max_ttl_seconds))
-                .collect(),
-            Self::Postgres(p) => p
-                .roles
-                .iter()
-                .map(|(n, r)| (n.as_str(), r.max_ttl_seconds))
-                .collect(),
-            Self::Vault(v) => v
-                .roles
-                .iter()
-                .map(|(n, r)| (n.as_str(), r.max_ttl_seconds))
-                .collect(),
-            Self::AwsSts(a) => a
-                .roles
-                .iter()
-                .map(|(n, r)| (n.as_str(), r.max_ttl_seconds))
-                .collect(),
-            Self::Azure(a) => a
-                .roles
-                .iter()
-                .map(|(n, r)| (n.as_str(), r.max_ttl_seconds))
-                .collect(),
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Token(_) => "token",
-            Self::Postgres(_) => "postgres",
-            Self::Vault(_) => "vault",
-            Self::AwsSts(_) => "aws-sts",
-            Self::Azure(_) => "azure",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenProviderConfig {
-    /// `iss` of issued tokens.
-    pub issuer: String,
-    /// Default `aud`.
-    pub audience: String,
-    /// Ed25519 PKCS#8 (DER) signing key.
-    pub signing_key_file: PathBuf,
-    pub roles: BTreeMap<String, TokenRoleConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenRoleConfig {
-    pub scopes: Vec<String>,
-    pub max_ttl_seconds: u64,
-    pub audience: Option<String>,
-    #[serde(default)]
-    pub description: String,
 }
 
 #[cfg(feature = "fault-injection")]
@@ -489,7 +459,9 @@ pub(crate) mod defaults {
         500
     }
     pub fn checkpoint_mib() -> u64 {
-        crate::store::StoreOptions::DEFAULT_CHECKPOINT_BYTES >> 20
+        // the store's own default (`StoreOptions::DEFAULT_CHECKPOINT_BYTES`),
+        // which a unit test holds equal
+        16
     }
     pub fn commit_siblings() -> usize {
         4
@@ -615,43 +587,21 @@ impl Config {
             }
         }
         for p in self.providers.values_mut() {
-            match p {
-                ProviderConfig::Token(t) => fix(&mut t.signing_key_file),
-                ProviderConfig::Postgres(p) => {
-                    for f in [p.password_file.as_mut(), p.ca_file.as_mut()]
-                        .into_iter()
-                        .flatten()
-                    {
-                        fix(f);
-                    }
-                }
-                ProviderConfig::Vault(v) => {
-                    for f in v.files_mut() {
-                        fix(f);
-                    }
-                }
-                ProviderConfig::AwsSts(_) => {}
-                ProviderConfig::Azure(a) => {
-                    for f in a.files_mut() {
-                        fix(f);
-                    }
-                }
+            for f in p.settings_mut().files_mut() {
+                fix(f);
             }
         }
     }
 
     /// Every provider role, as the policy engine sees them.
-    pub fn provider_roles(&self) -> Vec<crate::policy::RoleEntity> {
+    /// (provider, role, `max_ttl_seconds`) for every configured role.
+    pub fn provider_roles(&self) -> Vec<(String, String, u64)> {
         self.providers
             .iter()
             .flat_map(|(name, p)| {
                 p.role_ttls()
                     .into_iter()
-                    .map(|(role, max_ttl)| crate::policy::RoleEntity {
-                        provider: name.clone(),
-                        role: role.to_owned(),
-                        max_ttl,
-                    })
+                    .map(|(role, max_ttl)| (name.clone(), role.to_owned(), max_ttl))
             })
             .collect()
     }
@@ -780,13 +730,13 @@ impl Config {
         if let Some(f) = a
             .hmac_fields
             .iter()
-            .find(|f| !crate::audit::HMAC_FIELDS.contains(&f.as_str()))
+            .find(|f| !HMAC_FIELDS.contains(&f.as_str()))
         {
             return Err(invalid(
                 "audit.hmac_fields",
                 format!(
                     "`{f}` cannot be HMAC-ed; choose from {}",
-                    crate::audit::HMAC_FIELDS.join(", ")
+                    HMAC_FIELDS.join(", ")
                 ),
             ));
         }
@@ -836,32 +786,7 @@ impl Config {
             if !is_name(name) {
                 return Err(invalid(field, "provider names are 1-64 of [A-Za-z0-9_-]"));
             }
-            let max = l.max_lease_ttl_seconds;
-            let own = match p {
-                // the token provider's checks are the broker's own
-                ProviderConfig::Token(t) => {
-                    validate_token(&field, t, l)?;
-                    Ok(())
-                }
-                ProviderConfig::Postgres(c) => c.validate(max),
-                ProviderConfig::Vault(c) => c.validate(max),
-                ProviderConfig::AwsSts(c) => c.validate(max),
-                ProviderConfig::Azure(c) => c.validate(max).and_then(|()| {
-                    // an issue that waits out ARM's replication longer than the
-                    // broker waits for the provider would always time out
-                    if c.propagation_timeout_seconds >= self.reaper.provider_timeout_seconds {
-                        Err(leasehold_provider::ConfigError::new(
-                            "propagation_timeout_seconds",
-                            format!(
-                                "must be below reaper.provider_timeout_seconds ({})",
-                                self.reaper.provider_timeout_seconds
-                            ),
-                        ))
-                    } else {
-                        Ok(())
-                    }
-                }),
-            };
+            let own = p.settings().validate(&self.broker_limits());
             own.map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
             if let Some((role, _)) = p.role_ttls().into_iter().find(|(r, _)| !is_name(r)) {
                 return Err(invalid(
@@ -967,276 +892,14 @@ impl Config {
         Ok(())
     }
 
-    /// Check every file the config names is readable and well-formed,
-    /// without printing any secret. `serve` and `config validate` run it.
-    pub fn check_files(&self) -> Result<(), ConfigError> {
-        if let Some(p) = &self.store.key_file {
-            crate::store::StoreKey::from_file(p)
-                .map_err(|e| invalid("store.key_file", e.to_string()))?;
-        }
-        let cp = std::fs::read(&self.audit.checkpoint_key_file).map_err(|e| {
-            invalid(
-                "audit.checkpoint_key_file",
-                format!("{}: {e}", self.audit.checkpoint_key_file.display()),
-            )
-        })?;
-        crate::audit::CheckpointKey::from_pkcs8(&cp)
-            .map_err(|e| invalid("audit.checkpoint_key_file", e))?;
-        if let Some(p) = &self.audit.hmac_key_file {
-            crate::store::StoreKey::from_file(p)
-                .map_err(|e| invalid("audit.hmac_key_file", e.to_string()))?;
-        }
-        if let Some(p) = &self.policy.webhook_secret_file {
-            crate::store::StoreKey::from_file(p)
-                .map_err(|e| invalid("policy.webhook_secret_file", e.to_string()))?;
-        }
-        crate::policy::PolicyEngine::load(&self.policy.dir, self.provider_roles()).map_err(
-            |e| {
-                invalid(
-                    "policy.dir",
-                    format!("the policy set does not validate:\n{e}"),
-                )
-            },
-        )?;
-        if let Some(tls) = &self.server.tls {
-            for (k, p) in [
-                ("server.tls.cert_file", &tls.cert_file),
-                ("server.tls.key_file", &tls.key_file),
-            ] {
-                std::fs::metadata(p).map_err(|e| invalid(k, format!("{}: {e}", p.display())))?;
-            }
-        }
-        for (i, iss) in self.auth.workload_issuers.iter().enumerate() {
-            if let Some(p) = &iss.jwks_file {
-                crate::auth::load_jwks_file(p)
-                    .map_err(|e| invalid(format!("auth.workload_issuers[{i}].jwks_file"), e))?;
-            }
-        }
-        for (name, p) in &self.providers {
-            match p {
-                ProviderConfig::Token(t) => {
-                    let key = std::fs::read(&t.signing_key_file).map_err(|e| {
-                        invalid(
-                            format!("providers.{name}.signing_key_file"),
-                            format!("{}: {e}", t.signing_key_file.display()),
-                        )
-                    })?;
-                    ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&key).map_err(|_| {
-                        invalid(
-                            format!("providers.{name}.signing_key_file"),
-                            "not an Ed25519 PKCS#8 key (make one with `leasehold keygen token`)",
-                        )
-                    })?;
-                }
-                ProviderConfig::Postgres(p) => {
-                    for (k, f) in [("password_file", &p.password_file), ("ca_file", &p.ca_file)] {
-                        if let Some(f) = f {
-                            std::fs::metadata(f).map_err(|e| {
-                                invalid(
-                                    format!("providers.{name}.{k}"),
-                                    format!("{}: {e}", f.display()),
-                                )
-                            })?;
-                        }
-                    }
-                    if let Some(var) = &p.password_env
-                        && std::env::var_os(var).is_none()
-                    {
-                        return Err(invalid(
-                            format!("providers.{name}.password_env"),
-                            format!("{var} is not set"),
-                        ));
-                    }
-                }
-                ProviderConfig::AwsSts(_) => {}
-                ProviderConfig::Azure(a) => {
-                    for (k, f) in a.files() {
-                        std::fs::metadata(f).map_err(|e| {
-                            invalid(
-                                format!("providers.{name}.{k}"),
-                                format!("{}: {e}", f.display()),
-                            )
-                        })?;
-                    }
-                }
-                ProviderConfig::Vault(v) => {
-                    for (k, f) in v.files() {
-                        std::fs::metadata(f).map_err(|e| {
-                            invalid(
-                                format!("providers.{name}.{k}"),
-                                format!("{}: {e}", f.display()),
-                            )
-                        })?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-fn validate_token(
-    field: &str,
-    t: &TokenProviderConfig,
-    limits: &Limits,
-) -> Result<(), ConfigError> {
-    if t.issuer.is_empty() {
-        return Err(invalid(format!("{field}.issuer"), "must not be empty"));
-    }
-    if t.audience.is_empty() {
-        return Err(invalid(format!("{field}.audience"), "must not be empty"));
-    }
-    if t.roles.is_empty() {
-        return Err(invalid(
-            format!("{field}.roles"),
-            "configure at least one role",
-        ));
-    }
-    for (role, r) in &t.roles {
-        let rf = format!("{field}.roles.{role}");
-        if !is_name(role) {
-            return Err(invalid(rf, "role names are 1-64 of [A-Za-z0-9_-]"));
-        }
-        if r.scopes.is_empty() {
-            return Err(invalid(format!("{rf}.scopes"), "list at least one scope"));
-        }
-        if let Some(s) = r
-            .scopes
-            .iter()
-            .find(|s| !leasehold_provider_token::valid_scope_token(s))
-        {
-            return Err(invalid(
-                format!("{rf}.scopes"),
-                format!("`{s}` is not a valid OAuth scope token"),
-            ));
-        }
-        if r.max_ttl_seconds == 0 || r.max_ttl_seconds > limits.max_lease_ttl_seconds {
-            return Err(invalid(
-                format!("{rf}.max_ttl_seconds"),
-                format!(
-                    "must be between 1 and limits.max_lease_ttl_seconds ({})",
-                    limits.max_lease_ttl_seconds
-                ),
-            ));
+    /// The broker's limits, as a provider's configuration sees them.
+    pub fn broker_limits(&self) -> leasehold_provider::BrokerLimits {
+        leasehold_provider::BrokerLimits {
+            max_lease_ttl_seconds: self.limits.max_lease_ttl_seconds,
+            provider_timeout_seconds: self.reaper.provider_timeout_seconds,
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
-[server]
-listen = "127.0.0.1:7711"
-[store]
-path = "leasehold.redb"
-key_file = "store.key"
-[auth]
-[audit]
-checkpoint_key_file = "checkpoint.pk8"
-[policy]
-dir = "policies"
-[providers.token]
-type = "token"
-issuer = "https://leasehold.test"
-audience = "svc"
-signing_key_file = "token.pk8"
-[providers.token.roles.demo]
-scopes = ["demo:read"]
-max_ttl_seconds = 600
-"#;
-
-    fn err(text: &str) -> String {
-        Config::from_toml(text, "test.toml")
-            .unwrap_err()
-            .to_string()
-    }
-
-    #[test]
-    fn minimal_parses() {
-        let c = Config::from_toml(MINIMAL, "test.toml").unwrap();
-        assert_eq!(c.limits.max_lease_ttl_seconds, 3600);
-        assert_eq!(c.providers["token"].kind(), "token");
-    }
-
-    #[test]
-    fn unknown_fields_are_rejected_and_named() {
-        let e = err(&MINIMAL.replace("[auth]", "[auth]\nbogus = 1"));
-        assert!(e.contains("bogus"), "{e}");
-        let e = err(&MINIMAL.replace("max_ttl_seconds = 600", "max_ttl_seconds = 600\nttl = 5"));
-        assert!(e.contains("ttl"), "{e}");
-        let e = err(&MINIMAL.replace("type = \"token\"", "type = \"token\"\nextra = true"));
-        assert!(e.contains("extra"), "{e}");
-        let e = err(&MINIMAL.replace("type = \"token\"", "type = \"nope\""));
-        assert!(e.contains("nope"), "{e}");
-    }
-
-    #[test]
-    fn wrong_types_are_named() {
-        let e = err(&MINIMAL.replace("max_ttl_seconds = 600", "max_ttl_seconds = \"600\""));
-        assert!(e.contains("max_ttl_seconds"), "{e}");
-    }
-
-    #[test]
-    fn semantic_errors_name_the_field() {
-        let e = err(&MINIMAL.replace("127.0.0.1:7711", "0.0.0.0:7711"));
-        assert!(e.contains("server.listen"), "{e}");
-        let e = err(&MINIMAL.replace("max_ttl_seconds = 600", "max_ttl_seconds = 0"));
-        assert!(
-            e.contains("providers.token.roles.demo.max_ttl_seconds"),
-            "{e}"
-        );
-        let e = err(&MINIMAL.replace("key_file = \"store.key\"", ""));
-        assert!(e.contains("store.key_file"), "{e}");
-        let e = err(&MINIMAL.replace(
-            "[auth]",
-            "[auth]\n[[auth.workload_issuers]]\nname=\"k\"\nissuer=\"i\"\naudiences=[\"a\"]\nalgorithms=[\"HS256\"]\njwks_file=\"j\"",
-        ));
-        assert!(e.contains("auth.workload_issuers[0].algorithms"), "{e}");
-        let e = err(&MINIMAL.replace(
-            "[auth]",
-            "[auth]\n[[auth.operators]]\nname=\"a\"\nroles=[\"admin\"]\ntoken_sha256=\"xyz\"",
-        ));
-        assert!(e.contains("token_sha256"), "{e}");
-    }
-
-    #[test]
-    fn written_config_reads_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let (cfg, _) = crate::dev::prepare(
-            dir.path(),
-            "127.0.0.1:7711".parse().unwrap(),
-            crate::clock::Timestamp::from_unix_millis(1_800_000_000_000),
-        )
-        .unwrap();
-        let text = cfg.to_toml().unwrap();
-        let back = Config::from_toml(&text, "written").unwrap();
-        assert_eq!(back.to_toml().unwrap(), text);
-        assert_eq!(back.providers["token"].kind(), "token");
-        assert_eq!(back.auth.operators.len(), 4);
-    }
-
-    #[test]
-    fn tls_allows_any_address() {
-        let text = MINIMAL.replace("127.0.0.1:7711", "0.0.0.0:7711").replace(
-            "[store]",
-            "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[store]",
-        );
-        Config::from_toml(&text, "t").unwrap();
-    }
-
-    #[test]
-    fn relative_paths_resolve_against_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("lh.toml");
-        std::fs::write(&p, MINIMAL).unwrap();
-        let c = Config::load(&p).unwrap();
-        assert_eq!(c.store.path, dir.path().join("leasehold.redb"));
-        let ProviderConfig::Token(t) = &c.providers["token"] else {
-            panic!("a token provider")
-        };
-        assert_eq!(t.signing_key_file, dir.path().join("token.pk8"));
-    }
-}
+mod tests;

@@ -9,6 +9,16 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+pub mod approval;
+pub mod call;
+pub mod fences;
+pub mod incident;
+pub mod jobs;
+pub mod lease;
+pub mod ops;
+pub mod reaper;
+pub mod task;
+
 use crate::auth::Caller;
 use crate::clock::Clock;
 use crate::config::{Limits, OperatorRole, ReaperConfig};
@@ -60,6 +70,15 @@ impl BrokerError {
         Self::Conflict {
             code,
             message: message.into(),
+        }
+    }
+}
+
+impl From<crate::check::Invalid> for BrokerError {
+    fn from(e: crate::check::Invalid) -> Self {
+        Self::Invalid {
+            code: e.code,
+            message: e.message,
         }
     }
 }
@@ -216,10 +235,10 @@ pub struct Broker {
     pub notifier: crate::notify::Notifier,
     /// Fenced workloads, tenants and users, in memory for the request path
     /// (the store is the truth; credential-issuing transactions check it).
-    pub fences: crate::incident::FenceCache,
+    pub fences: fences::FenceCache,
     /// Revocation jobs running in the background (stopped at shutdown; a
     /// stopped job resumes at the next start).
-    pub jobs: crate::incident::JobRunner,
+    pub jobs: jobs::JobRunner,
     #[cfg(feature = "fault-injection")]
     pub faults: Faults,
 }
@@ -278,7 +297,7 @@ impl Broker {
         let local = Arc::new(
             providers
                 .iter()
-                .filter(|e| e.token.is_some())
+                .filter(|e| e.tokens.is_some())
                 .map(|e| e.name.clone())
                 .collect(),
         );
@@ -290,8 +309,8 @@ impl Broker {
             policy,
             settings,
             notifier: crate::notify::Notifier::default(),
-            fences: crate::incident::FenceCache::default(),
-            jobs: crate::incident::JobRunner::default(),
+            fences: fences::FenceCache::default(),
+            jobs: jobs::JobRunner::default(),
             store,
             clock,
             providers: Arc::new(providers),

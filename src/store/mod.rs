@@ -22,6 +22,7 @@
 //!   of each ordered index: nothing scales with the number of leases.
 
 mod blocks;
+mod codec;
 mod key;
 pub mod records;
 mod schema;
@@ -43,8 +44,8 @@ use tokio::sync::{mpsc, oneshot};
 pub use key::{KeyError, OpenError, Sealer, StoreKey};
 pub use records::{
     ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, FenceRecord, JOB_BUCKETS, JobRecord,
-    JobState, LeaseRecord, LeaseState, ReviewRecord, Revocation, RevokeCause, Selector, TaskRecord,
-    TaskState,
+    JobState, LeaseQuery, LeaseRecord, LeaseState, ReviewRecord, Revocation, RevokeCause, Selector,
+    TaskRecord, TaskState,
 };
 pub use schema::{MIGRATIONS, Migration, SCHEMA_VERSION};
 pub use txn::{
@@ -147,8 +148,14 @@ impl StoreError {
     }
 }
 
+/// Called by the writer after each successful commit, before anyone is
+/// answered: the batch's latency in seconds, its operations, and how many
+/// leases entered each (provider, state). The store knows no metrics; the
+/// broker hands one in.
+pub type CommitHook = Arc<dyn Fn(f64, usize, &BTreeMap<(String, LeaseState), u64>) + Send + Sync>;
+
 /// How to open a store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreOptions {
     pub path: PathBuf,
     pub cache_bytes: usize,
@@ -159,6 +166,18 @@ pub struct StoreOptions {
     pub checkpoint_bytes: u64,
     /// Checkpoint once the store has had no write for this long.
     pub checkpoint_idle: std::time::Duration,
+    pub on_commit: Option<CommitHook>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("path", &self.path)
+            .field("cache_bytes", &self.cache_bytes)
+            .field("group_commit", &self.group_commit)
+            .field("checkpoint_bytes", &self.checkpoint_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl StoreOptions {
@@ -173,6 +192,7 @@ impl StoreOptions {
             group_commit: GroupCommit::default(),
             checkpoint_bytes: Self::DEFAULT_CHECKPOINT_BYTES,
             checkpoint_idle: std::time::Duration::from_secs(1),
+            on_commit: None,
         }
     }
 }
@@ -314,6 +334,7 @@ impl Store {
                 quick_repair: opts.quick_repair,
                 checkpoint_bytes: opts.checkpoint_bytes,
                 checkpoint_idle: opts.checkpoint_idle,
+                on_commit: opts.on_commit.clone(),
             };
             std::thread::Builder::new()
                 .name("leasehold-store-writer".into())
@@ -404,6 +425,7 @@ impl Default for GroupCommit {
 
 struct WriterConfig {
     group: GroupCommit,
+    on_commit: Option<CommitHook>,
     quick_repair: bool,
     checkpoint_bytes: u64,
     checkpoint_idle: std::time::Duration,
@@ -465,7 +487,7 @@ fn writer_loop(
         // commit now.
         let linger =
             (!cfg.group.delay.is_zero() && last >= cfg.group.siblings).then_some(cfg.group.delay);
-        let (n, outcome) = run_batch(db, first, &mut rx, linger, stats, &mut head, &mut wal);
+        let (n, outcome) = run_batch(db, first, &mut rx, linger, &cfg, stats, &mut head, &mut wal);
         last = n;
         match outcome {
             Ok(()) => {
@@ -550,6 +572,7 @@ fn run_batch(
     first: Job,
     rx: &mut mpsc::Receiver<Job>,
     linger: Option<std::time::Duration>,
+    cfg: &WriterConfig,
     stats: &CommitStats,
     head: &mut ChainHead,
     wal: &mut wal::Wal,
@@ -634,7 +657,9 @@ fn run_batch(
         stats
             .operations
             .fetch_add(replies.len() as u64, Ordering::Relaxed);
-        crate::metrics::store_commit(started.elapsed().as_secs_f64(), replies.len(), &entered);
+        if let Some(hook) = &cfg.on_commit {
+            hook(started.elapsed().as_secs_f64(), replies.len(), &entered);
+        }
     }
     let told = match &outcome {
         Ok(()) => Ok(()),
@@ -645,21 +670,6 @@ fn run_batch(
         reply(told.clone());
     }
     (n, outcome)
-}
-
-/// Filters for listing leases. `after` is the paging cursor (exclusive).
-#[derive(Debug, Clone, Default)]
-pub struct LeaseQuery {
-    pub workload: Option<String>,
-    pub task: Option<u128>,
-    pub provider: Option<String>,
-    pub role: Option<String>,
-    pub state: Option<LeaseState>,
-    pub after: Option<u128>,
-    pub limit: usize,
-    /// Records examined per call at most; a page may come back short with a
-    /// cursor when filters are selective.
-    pub scan_budget: usize,
 }
 
 /// One event as stored: its place, hash, task and canonical bytes.
@@ -780,13 +790,13 @@ impl Reader {
     pub fn task(&self, id: u128) -> Result<Option<TaskRecord>, StoreError> {
         let t = self.txn.open_table(TASKS)?;
         let g = t.get(id)?;
-        g.map(|g| records::decode(g.value())).transpose()
+        g.map(|g| codec::decode(g.value())).transpose()
     }
 
     pub fn lease(&self, id: u128) -> Result<Option<LeaseRecord>, StoreError> {
         let t = self.txn.open_table(LEASES)?;
         let g = t.get(id)?;
-        g.map(|g| records::decode(g.value())).transpose()
+        g.map(|g| codec::decode(g.value())).transpose()
     }
 
     pub fn task_leases(&self, task: u128) -> Result<Vec<LeaseRecord>, StoreError> {
@@ -796,7 +806,7 @@ impl Reader {
         for e in idx.range((task, 0u128)..=(task, u128::MAX))? {
             let id = e?.0.value().1;
             if let Some(g) = leases.get(id)? {
-                out.push(records::decode(g.value())?);
+                out.push(codec::decode(g.value())?);
             }
         }
         Ok(out)
@@ -824,7 +834,7 @@ impl Reader {
         let mut visit = |id: u128, bytes: &[u8]| -> Result<bool, StoreError> {
             scanned += 1;
             last = Some(id);
-            let r: LeaseRecord = records::decode(bytes)?;
+            let r: LeaseRecord = codec::decode(bytes)?;
             if keep(&r) {
                 out.push(r);
             }
@@ -884,7 +894,7 @@ impl Reader {
         for e in q.range((provider, i64::MIN, 0u128)..=(provider, now, u128::MAX))? {
             let id = e?.0.value().2;
             if let Some(g) = leases.get(id)? {
-                out.push(records::decode(g.value())?);
+                out.push(codec::decode(g.value())?);
             }
             if out.len() >= limit {
                 break;
@@ -1043,7 +1053,7 @@ impl Reader {
     pub fn job(&self, id: u128) -> Result<Option<JobRecord>, StoreError> {
         let t = self.txn.open_table(JOBS)?;
         let g = t.get(id)?;
-        g.map(|g| records::decode(g.value())).transpose()
+        g.map(|g| codec::decode(g.value())).transpose()
     }
 
     /// Every job (few: one per incident).
@@ -1051,7 +1061,7 @@ impl Reader {
         let t = self.txn.open_table(JOBS)?;
         let mut out = Vec::new();
         for e in t.iter()? {
-            out.push(records::decode(e?.1.value())?);
+            out.push(codec::decode(e?.1.value())?);
         }
         Ok(out)
     }
@@ -1084,7 +1094,7 @@ impl Reader {
         for e in idx.range((job, 0u128)..=(job, u128::MAX))? {
             let id = e?.0.value().1;
             if let Some(g) = leases.get(id)? {
-                let l: LeaseRecord = records::decode(g.value())?;
+                let l: LeaseRecord = codec::decode(g.value())?;
                 if matches!(l.state, LeaseState::Revoking | LeaseState::Irrevocable)
                     && l.revocation
                         .as_ref()
@@ -1141,7 +1151,7 @@ impl Reader {
         let t = self.txn.open_table(FENCES)?;
         let mut out = Vec::new();
         for e in t.iter()? {
-            out.push(records::decode(e?.1.value())?);
+            out.push(codec::decode(e?.1.value())?);
         }
         Ok(out)
     }
@@ -1161,7 +1171,7 @@ impl Reader {
         for e in idx.range((workload, first)..=(workload, u128::MAX))? {
             let id = e?.0.value().1;
             if let Some(g) = tasks.get(id)? {
-                out.push(records::decode(g.value())?);
+                out.push(codec::decode(g.value())?);
             }
             if out.len() >= limit {
                 break;
@@ -1192,7 +1202,7 @@ impl Reader {
         let calls = self.txn.open_table(TASK_CALLS)?;
         let mut out = Vec::new();
         for e in calls.range((task, 0u128)..=(task, u128::MAX))? {
-            out.push(records::decode(e?.1.value())?);
+            out.push(codec::decode(e?.1.value())?);
         }
         Ok(out)
     }
@@ -1200,7 +1210,7 @@ impl Reader {
     pub fn approval(&self, id: u128) -> Result<Option<ApprovalRecord>, StoreError> {
         let t = self.txn.open_table(APPROVALS)?;
         let g = t.get(id)?;
-        g.map(|g| records::decode(g.value())).transpose()
+        g.map(|g| codec::decode(g.value())).transpose()
     }
 
     /// Approvals still awaiting a decision, soonest to expire first.
@@ -1211,7 +1221,7 @@ impl Reader {
         for e in idx.iter()? {
             let id = e?.0.value().1;
             if let Some(g) = t.get(id)? {
-                let a: ApprovalRecord = records::decode(g.value())?;
+                let a: ApprovalRecord = codec::decode(g.value())?;
                 if a.state == ApprovalState::Pending {
                     out.push(a);
                 }
@@ -1244,7 +1254,7 @@ impl Reader {
     pub fn review(&self, task: u128) -> Result<Option<ReviewRecord>, StoreError> {
         let t = self.txn.open_table(REVIEWS)?;
         let g = t.get(task)?;
-        g.map(|g| records::decode(g.value())).transpose()
+        g.map(|g| codec::decode(g.value())).transpose()
     }
 
     pub fn pending_reviews(&self, limit: usize) -> Result<Vec<ReviewRecord>, StoreError> {
@@ -1254,7 +1264,7 @@ impl Reader {
         for e in idx.iter()? {
             let id = e?.0.value();
             if let Some(g) = t.get(id)? {
-                out.push(records::decode(g.value())?);
+                out.push(codec::decode(g.value())?);
             }
             if out.len() >= limit {
                 break;

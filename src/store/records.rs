@@ -10,31 +10,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::StoreError;
-
-/// Version byte in front of every encoded record.
-pub const RECORD_VERSION: u8 = 1;
-
-pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    let mut out = vec![RECORD_VERSION];
-    let body =
-        postcard::to_allocvec(value).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))?;
-    out.extend_from_slice(&body);
-    Ok(out)
-}
-
-pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
-    match bytes.split_first() {
-        Some((&RECORD_VERSION, body)) => {
-            postcard::from_bytes(body).map_err(|e| StoreError::Corrupt(format!("decode: {e}")))
-        }
-        Some((v, _)) => Err(StoreError::Corrupt(format!(
-            "record version {v} is not supported"
-        ))),
-        None => Err(StoreError::Corrupt("empty record".into())),
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskState {
     Open,
@@ -403,36 +378,24 @@ pub struct ReviewRecord {
     pub comment: Option<String>,
 }
 
+/// Filters for listing leases. `after` is the paging cursor (exclusive).
+#[derive(Debug, Clone, Default)]
+pub struct LeaseQuery {
+    pub workload: Option<String>,
+    pub task: Option<u128>,
+    pub provider: Option<String>,
+    pub role: Option<String>,
+    pub state: Option<LeaseState>,
+    pub after: Option<u128>,
+    pub limit: usize,
+    /// Records examined per call at most; a page may come back short with a
+    /// cursor when filters are selective.
+    pub scan_budget: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn round_trip_and_version_check() {
-        let t = TaskRecord {
-            id: 7,
-            workload: "w".into(),
-            tenant: None,
-            purpose: "p".into(),
-            on_behalf_of: "u".into(),
-            prompt_sha256: [1; 32],
-            prompt_sealed: None,
-            tools: vec!["a".into()],
-            created_at: 1,
-            expires_at: 2,
-            state: TaskState::Open,
-            completed_at: None,
-            lease_count: 0,
-        };
-        let bytes = encode(&t).unwrap();
-        assert_eq!(bytes[0], RECORD_VERSION);
-        assert_eq!(decode::<TaskRecord>(&bytes).unwrap(), t);
-        let mut wrong = bytes.clone();
-        wrong[0] = 99;
-        assert!(decode::<TaskRecord>(&wrong).is_err());
-        assert!(decode::<TaskRecord>(&[]).is_err());
-        assert!(decode::<TaskRecord>(&bytes[..bytes.len() / 2]).is_err());
-    }
 
     #[test]
     fn states_parse_and_terminals() {

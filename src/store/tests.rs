@@ -1344,7 +1344,7 @@ async fn a_version_2_store_has_its_events_in_blocks_and_its_calls_by_task() {
             let mut calls = w.open_table(V2_CALLS).unwrap();
             let mut idx = w.open_table(V2_TASK_CALLS).unwrap();
             for id in 1..=6u128 {
-                let bytes = records::encode(&call(id, id % 2)).unwrap();
+                let bytes = codec::encode(&call(id, id % 2)).unwrap();
                 calls.insert(id, bytes.as_slice()).unwrap();
                 idx.insert((id % 2, id), ()).unwrap();
             }
@@ -1384,7 +1384,7 @@ async fn a_version_2_store_has_its_events_in_blocks_and_its_calls_by_task() {
                 t.insert(e.seq, v2_value(e).as_slice()).unwrap();
             }
             let mut calls = wal::Logged::open(&w, V2_CALLS, &redo);
-            let bytes = records::encode(&call(7, 1)).unwrap();
+            let bytes = codec::encode(&call(7, 1)).unwrap();
             calls.insert(7, bytes.as_slice()).unwrap();
             let mut idx = wal::Logged::open(&w, V2_TASK_CALLS, &redo);
             idx.insert((1, 7), ()).unwrap();

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use redb::WriteTransaction;
 
 use super::blocks::{self, BlockBuf};
+use super::codec;
 use super::records::{
     self, ApprovalRecord, ApprovalState, CallRecord, FenceRecord, JobRecord, LeaseRecord,
     LeaseState, ReviewRecord, Revocation, RevokeCause, TaskRecord, TaskState,
@@ -561,14 +562,14 @@ impl<'t> Txn<'t> {
 
     pub fn task(&self, id: u128) -> Result<Option<TaskRecord>, StoreError> {
         match self.tasks.get(id)? {
-            Some(g) => Ok(Some(records::decode(g.value())?)),
+            Some(g) => Ok(Some(codec::decode(g.value())?)),
             None => Ok(None),
         }
     }
 
     pub fn lease(&self, id: u128) -> Result<Option<LeaseRecord>, StoreError> {
         match self.leases.get(id)? {
-            Some(g) => Ok(Some(records::decode(g.value())?)),
+            Some(g) => Ok(Some(codec::decode(g.value())?)),
             None => Ok(None),
         }
     }
@@ -584,7 +585,7 @@ impl<'t> Txn<'t> {
     // === writes (after all checks) ===
 
     fn put_task(&mut self, rec: &TaskRecord) -> Result<(), StoreError> {
-        let bytes = records::encode(rec)?;
+        let bytes = codec::encode(rec)?;
         let r = self.tasks.insert(rec.id, bytes.as_slice()).map(|_| ());
         self.w(r)
     }
@@ -618,7 +619,7 @@ impl<'t> Txn<'t> {
                     .or_default() += 1;
             }
         }
-        let bytes = records::encode(rec)?;
+        let bytes = codec::encode(rec)?;
         let r = self.leases.insert(rec.id, bytes.as_slice()).map(|_| ());
         self.w(r)?;
         if prev != Some(rec.state) {
@@ -659,13 +660,13 @@ impl<'t> Txn<'t> {
 
     pub fn job(&self, id: u128) -> Result<Option<JobRecord>, StoreError> {
         match self.jobs.get(id)? {
-            Some(g) => Ok(Some(records::decode(g.value())?)),
+            Some(g) => Ok(Some(codec::decode(g.value())?)),
             None => Ok(None),
         }
     }
 
     pub fn put_job(&mut self, job: &JobRecord) -> Result<(), StoreError> {
-        let bytes = records::encode(job)?;
+        let bytes = codec::encode(job)?;
         let r = self.jobs.insert(job.id, bytes.as_slice()).map(|_| ());
         self.w(r)
     }
@@ -709,7 +710,7 @@ impl<'t> Txn<'t> {
 
     pub fn fence(&self, key: &str) -> Result<Option<FenceRecord>, StoreError> {
         match self.fences.get(key)? {
-            Some(g) => Ok(Some(records::decode(g.value())?)),
+            Some(g) => Ok(Some(codec::decode(g.value())?)),
             None => Ok(None),
         }
     }
@@ -727,7 +728,7 @@ impl<'t> Txn<'t> {
     }
 
     pub fn put_fence(&mut self, f: &FenceRecord) -> Result<(), StoreError> {
-        let bytes = records::encode(f)?;
+        let bytes = codec::encode(f)?;
         let key = FenceRecord::key(&f.kind, &f.value);
         let r = self
             .fences
@@ -775,7 +776,7 @@ impl<'t> Txn<'t> {
     // === calls, approvals, reviews ===
 
     pub fn put_call(&mut self, rec: &CallRecord) -> Result<(), StoreError> {
-        let bytes = records::encode(rec)?;
+        let bytes = codec::encode(rec)?;
         let r = self
             .calls
             .insert((rec.task_id, rec.id), bytes.as_slice())
@@ -785,13 +786,13 @@ impl<'t> Txn<'t> {
 
     pub fn approval(&self, id: u128) -> Result<Option<ApprovalRecord>, StoreError> {
         match self.approvals.get(id)? {
-            Some(g) => Ok(Some(records::decode(g.value())?)),
+            Some(g) => Ok(Some(codec::decode(g.value())?)),
             None => Ok(None),
         }
     }
 
     fn put_approval(&mut self, rec: &ApprovalRecord) -> Result<(), StoreError> {
-        let bytes = records::encode(rec)?;
+        let bytes = codec::encode(rec)?;
         let r = self.approvals.insert(rec.id, bytes.as_slice()).map(|_| ());
         self.w(r)
     }
@@ -942,7 +943,7 @@ impl<'t> Txn<'t> {
 
     pub fn review(&self, task: u128) -> Result<Option<ReviewRecord>, StoreError> {
         match self.reviews.get(task)? {
-            Some(g) => Ok(Some(records::decode(g.value())?)),
+            Some(g) => Ok(Some(codec::decode(g.value())?)),
             None => Ok(None),
         }
     }
@@ -968,7 +969,7 @@ impl<'t> Txn<'t> {
         r.signed_off_by = None;
         r.signed_off_at = None;
         r.comment = None;
-        let bytes = records::encode(&r)?;
+        let bytes = codec::encode(&r)?;
         let w = self.reviews.insert(task.id, bytes.as_slice()).map(|_| ());
         self.w(w)?;
         let w = self.pending_reviews.insert(task.id, ()).map(|_| ());
@@ -994,7 +995,7 @@ impl<'t> Txn<'t> {
         r.signed_off_by = Some(by.to_owned());
         r.signed_off_at = Some(now);
         r.comment = Some(comment.to_owned());
-        let bytes = records::encode(&r)?;
+        let bytes = codec::encode(&r)?;
         let w = self.reviews.insert(task, bytes.as_slice()).map(|_| ());
         self.w(w)?;
         let w = self.pending_reviews.remove(task).map(|_| ());

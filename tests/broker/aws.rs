@@ -45,8 +45,7 @@ fn aws_config(moto: &Moto, arn: &str, dir: &Path) -> AwsStsConfig {
 }
 
 fn apply(c: &mut Config, aws: AwsStsConfig) {
-    c.providers
-        .insert("aws".into(), ProviderConfig::AwsSts(aws));
+    c.providers.insert("aws".into(), ProviderConfig::new(aws));
     permit_leases(c, "aws");
 }
 

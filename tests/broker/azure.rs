@@ -23,7 +23,7 @@ async fn broker(p: &Peers, dir: &Path) -> Harness {
     Harness::start(Options {
         tweak: Box::new(move |c: &mut Config| {
             c.providers
-                .insert("azure".into(), ProviderConfig::Azure(cfg.clone()));
+                .insert("azure".into(), ProviderConfig::new(cfg.clone()));
             permit_leases(c, "azure");
         }),
         ..Options::default()
@@ -193,8 +193,7 @@ async fn no_azure_secret_in_logs_or_store_files() {
         ..
     } = spawn_broker(
         move |c| {
-            c.providers
-                .insert("azure".into(), ProviderConfig::Azure(cfg));
+            c.providers.insert("azure".into(), ProviderConfig::new(cfg));
             permit_leases(c, "azure");
         },
         "trace",

@@ -184,7 +184,7 @@ fn config_validate_names_a_wrong_azure_setting() {
         crate::harness::child_config(dir.path(), "127.0.0.1:7711".parse().unwrap(), |c| {
             c.providers.insert(
                 "azure".into(),
-                leasehold::config::ProviderConfig::Azure(azure),
+                leasehold::config::ProviderConfig::new(azure),
             );
         });
     let out = validate_cli(&path);

@@ -8,9 +8,9 @@ use std::time::Duration;
 use leasehold::clock::{Clock as _, SystemClock, Timestamp};
 use leasehold::providers::Providers;
 use leasehold::store::{Store, StoreKey, StoreOptions};
+use leasehold_provider::TokenIssuer;
 use leasehold_provider::conformance::{self, Probe, SpecFactory};
 use leasehold_provider::{Credential, LeaseSpec};
-use leasehold_provider_token::TokenProvider;
 
 struct Specs(AtomicU64, Timestamp);
 
@@ -33,7 +33,7 @@ impl SpecFactory for Specs {
     }
 }
 
-struct Introspect<'a>(&'a TokenProvider);
+struct Introspect<'a>(&'a dyn TokenIssuer);
 
 #[async_trait::async_trait]
 impl Probe for Introspect<'_> {
@@ -58,13 +58,13 @@ async fn token_provider_conforms_on_the_durable_store() {
     let providers = Providers::build(
         &config.providers,
         &store,
-        config.limits.max_lease_ttl_seconds,
+        config.broker_limits(),
         std::sync::Arc::new(leasehold::clock::SystemClock),
     )
     .unwrap();
-    let token = providers.get("token").unwrap().token.clone().unwrap();
+    let token = providers.get("token").unwrap().tokens.clone().unwrap();
     let specs = Specs(AtomicU64::new(0), SystemClock.now());
-    let report = conformance::run(token.as_ref(), &Introspect(&token), &specs, "demo")
+    let report = conformance::run(token.as_ref(), &Introspect(token.as_ref()), &specs, "demo")
         .await
         .unwrap();
     assert_eq!(report.steps.len(), 8, "{report:?}");
@@ -83,11 +83,11 @@ async fn token_provider_conforms_on_the_durable_store() {
     let providers = Providers::build(
         &config.providers,
         &store,
-        config.limits.max_lease_ttl_seconds,
+        config.broker_limits(),
         std::sync::Arc::new(leasehold::clock::SystemClock),
     )
     .unwrap();
-    let token = providers.get("token").unwrap().token.clone().unwrap();
+    let token = providers.get("token").unwrap().tokens.clone().unwrap();
     assert!(
         !token
             .introspect(

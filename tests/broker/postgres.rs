@@ -21,7 +21,7 @@ async fn start(cluster: &Cluster, manual_clock: bool) -> Harness {
         tweak: Box::new(move |c| {
             c.providers.insert(
                 "appdb".into(),
-                leasehold::config::ProviderConfig::Postgres(pg.clone()),
+                leasehold::config::ProviderConfig::new(pg.clone()),
             );
             permit_leases(c, "appdb");
             c.reaper.retry_base_seconds = 1;
@@ -365,11 +365,12 @@ async fn config_validate_dry_runs_templates_and_names_the_broken_one() {
     );
 
     let mut broken = h.config.clone();
-    let leasehold::config::ProviderConfig::Postgres(pg) =
-        broken.providers.get_mut("appdb").unwrap()
-    else {
-        panic!("postgres")
-    };
+    let pg = broken
+        .providers
+        .get_mut("appdb")
+        .unwrap()
+        .get_mut::<leasehold_provider_postgres::PostgresConfig>()
+        .expect("postgres");
     let mut t = pg.roles["writer"].clone();
     t.statements = vec!["GRANT SELECT ON public.no_such_table TO {{name}}".into()];
     pg.roles.insert("reports".into(), t);
@@ -405,7 +406,7 @@ async fn no_database_secret_in_logs_at_trace_level() {
     let tweak = move |c: &mut leasehold::config::Config| {
         c.providers.insert(
             "appdb".into(),
-            leasehold::config::ProviderConfig::Postgres(pg.clone()),
+            leasehold::config::ProviderConfig::new(pg.clone()),
         );
         permit_leases(c, "appdb");
     };
@@ -488,7 +489,7 @@ async fn periodic_reconciliation_reports_an_orphan_and_leaves_it() {
         tweak: Box::new(move |c| {
             c.providers.insert(
                 "appdb".into(),
-                leasehold::config::ProviderConfig::Postgres(pg.clone()),
+                leasehold::config::ProviderConfig::new(pg.clone()),
             );
             permit_leases(c, "appdb");
             c.reaper.reconcile_interval_seconds = 1;

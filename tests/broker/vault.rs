@@ -43,7 +43,7 @@ fn vault_config(bao: &Bao, token_file: &Path) -> VaultConfig {
 
 fn apply(c: &mut Config, vault: VaultConfig) {
     c.providers
-        .insert("vault".into(), ProviderConfig::Vault(vault));
+        .insert("vault".into(), ProviderConfig::new(vault));
     permit_leases(c, "vault");
     c.reaper.retry_base_seconds = 1;
     c.reaper.retry_cap_seconds = 2;

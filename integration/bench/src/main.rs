@@ -31,13 +31,13 @@ use std::str::FromStr as _;
 
 use clap::{Parser, Subcommand};
 use leasehold::auth::Workload;
-use leasehold::broker::Broker;
 use leasehold::clock::{Clock, ManualClock, SystemClock, Timestamp};
 use leasehold::dev::DevCredentials;
-use leasehold::lease::LeaseParams;
+use leasehold::domain::Broker;
+use leasehold::domain::lease::LeaseParams;
+use leasehold::domain::task::OpenTask;
 use leasehold::providers::Providers;
 use leasehold::store::{LeaseQuery, LeaseState, Store, StoreKey, StoreOptions};
-use leasehold::task::OpenTask;
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -225,27 +225,18 @@ fn setup(
         config.limits.max_task_ttl_seconds = 7 * 86_400;
         config.limits.max_lease_ttl_seconds = 86_400;
         for p in config.providers.values_mut() {
-            match p {
-                leasehold::config::ProviderConfig::Token(t) => t
-                    .roles
+            if let Some(t) = p.get_mut::<leasehold_provider_token::TokenProviderConfig>() {
+                t.roles
                     .values_mut()
-                    .for_each(|r| r.max_ttl_seconds = 86_400),
-                leasehold::config::ProviderConfig::Postgres(pg) => pg
-                    .roles
+                    .for_each(|r| r.max_ttl_seconds = 86_400);
+            } else if let Some(pg) = p.get_mut::<leasehold_provider_postgres::PostgresConfig>() {
+                pg.roles
                     .values_mut()
-                    .for_each(|r| r.max_ttl_seconds = 86_400),
-                leasehold::config::ProviderConfig::Vault(v) => v
-                    .roles
+                    .for_each(|r| r.max_ttl_seconds = 86_400);
+            } else if let Some(v) = p.get_mut::<leasehold_provider_vault::VaultConfig>() {
+                v.roles
                     .values_mut()
-                    .for_each(|r| r.max_ttl_seconds = 86_400),
-                leasehold::config::ProviderConfig::AwsSts(a) => a
-                    .roles
-                    .values_mut()
-                    .for_each(|r| r.max_ttl_seconds = 43_200),
-                leasehold::config::ProviderConfig::Azure(a) => a
-                    .roles
-                    .values_mut()
-                    .for_each(|r| r.max_ttl_seconds = 86_400),
+                    .for_each(|r| r.max_ttl_seconds = 86_400);
             }
         }
     }
@@ -758,12 +749,15 @@ async fn populate(
     let providers = Providers::build(
         &config.providers,
         &store,
-        config.limits.max_lease_ttl_seconds,
+        config.broker_limits(),
         std::sync::Arc::new(leasehold::clock::SystemClock),
     )?;
     let policy = Arc::new(
-        leasehold::policy::PolicyEngine::load(&config.policy.dir, config.provider_roles())
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        leasehold::policy::PolicyEngine::load(
+            &config.policy.dir,
+            leasehold::preflight::role_entities(&config),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     let broker = Arc::new(Broker::new(
         store,
@@ -772,7 +766,7 @@ async fn populate(
         config.limits.clone(),
         config.reaper.clone(),
         policy,
-        leasehold::broker::PolicySettings::from(&config.policy),
+        leasehold::domain::PolicySettings::from(&config.policy),
     ));
     let per_task = 1000usize.min(leases);
     let workload = Arc::new(Workload {
@@ -1090,7 +1084,7 @@ async fn vault(bin: &Path, samples: usize) -> anyhow::Result<()> {
     let mut cfg = leasehold::config::Config::load(&config)?;
     cfg.providers.insert(
         "vault".into(),
-        leasehold::config::ProviderConfig::Vault(
+        leasehold::config::ProviderConfig::new(
             bao.provider_config(leasehold_provider_vault::AuthConfig::Token { token_file }),
         ),
     );
@@ -1197,10 +1191,8 @@ async fn postgres(
         let mut pg = cluster.provider_config();
         pg.pool_size = 16;
         pg.scram_iterations = scram_iterations;
-        cfg.providers.insert(
-            "appdb".into(),
-            leasehold::config::ProviderConfig::Postgres(pg),
-        );
+        cfg.providers
+            .insert("appdb".into(), leasehold::config::ProviderConfig::new(pg));
         cfg.limits.max_leases_per_task = u32::try_from(leases).unwrap_or(u32::MAX);
         std::fs::write(&config, cfg.to_toml()?)?;
         let http = client(clients)?;

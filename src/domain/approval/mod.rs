@@ -4,11 +4,10 @@
 
 use crate::audit::{self, Ctx};
 use crate::auth::Caller;
-use crate::broker::{Broker, BrokerError};
 use crate::config::OperatorRole;
+use crate::domain::{Broker, BrokerError};
 use crate::ids::{ApprovalId, TaskId};
 use crate::store::{ApprovalRecord, ApprovalState, ReviewRecord};
-use crate::task::check_text;
 
 /// Whether the operator is the user a request was made for: nobody
 /// approves or reviews what was done on their own behalf.
@@ -79,7 +78,7 @@ impl Broker {
     ) -> Result<ApprovalRecord, BrokerError> {
         let op = approver(caller)?;
         match &comment {
-            Some(c) => check_text("comment", c, 1024)?,
+            Some(c) => crate::check::text("comment", c, 1024)?,
             None if !approve => {
                 return Err(BrokerError::invalid(
                     "comment_required",
@@ -177,7 +176,7 @@ impl Broker {
         ctx: &Ctx,
     ) -> Result<ReviewRecord, BrokerError> {
         let op = approver(caller)?;
-        check_text("comment", &comment, 1024)?;
+        crate::check::text("comment", &comment, 1024)?;
         let r = self
             .store
             .read()?

@@ -17,14 +17,13 @@ use serde_json::json;
 
 use crate::audit::{self, Ctx};
 use crate::auth::Workload;
-use crate::broker::{Broker, BrokerError, Denial};
+use crate::domain::lease::{IssuedLease, LeaseParams, TxnStep, no_step};
+use crate::domain::{Broker, BrokerError, Denial};
 use crate::ids::{ApprovalId, CallId, LeaseId, TaskId};
-use crate::lease::{IssuedLease, LeaseParams, TxnStep, no_step};
 use crate::policy::{CallFacts, Decision, LeaseFacts, Now, Outcome, Principal, TaskFacts};
 use crate::store::{
     ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, TaskRecord, TaskState,
 };
-use crate::task::check_text;
 
 /// A tool call to decide, decoded from the wire.
 #[derive(Debug, Clone, Default)]
@@ -58,13 +57,6 @@ pub fn principal(w: &Workload) -> Principal {
         tenant: w.tenant.clone().unwrap_or_default(),
         attributes: w.attributes.clone(),
     }
-}
-
-fn is_tool_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
 }
 
 /// The hash an approval is bound to.
@@ -145,13 +137,13 @@ impl Broker {
 
     fn check_call_input(&self, p: &CallParams, direct: bool) -> Result<(), BrokerError> {
         if !direct {
-            if !is_tool_name(&p.tool) {
+            if !crate::check::is_tool_name(&p.tool) {
                 return Err(BrokerError::invalid(
                     "invalid_request",
                     "`tool` must be 1-128 of [A-Za-z0-9._:/-]",
                 ));
             }
-            check_text("action", &p.action, 128)?;
+            crate::check::text("action", &p.action, 128)?;
             if !self.policy.current().has_tool(&p.tool) {
                 return Err(BrokerError::invalid(
                     "unknown_tool",
@@ -172,7 +164,7 @@ impl Broker {
             ));
         }
         if let Some(j) = &p.break_glass {
-            check_text("break_glass.justification", j, 1024)?;
+            crate::check::text("break_glass.justification", j, 1024)?;
         }
         if let Some(c) = &p.credential {
             self.check_credential(c)?;
@@ -422,7 +414,7 @@ impl Broker {
             }
             None => {
                 let also = make_also(call.clone());
-                let fence = crate::incident::fence_keys(w, Some(&task.on_behalf_of));
+                let fence = crate::domain::fences::fence_keys(w, Some(&task.on_behalf_of));
                 self.store
                     .write(move |txn| {
                         txn.refuse_fenced(&fence)?;

@@ -9,111 +9,22 @@
 //! new (tasks, calls, leases, activations in flight) for a workload, a tenant
 //! or a user until a responder lifts it.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::audit::{self, Ctx};
-use crate::auth::{Caller, Workload};
-use crate::broker::{Broker, BrokerError};
+use crate::auth::Caller;
 use crate::config::OperatorRole;
+use crate::domain::{Broker, BrokerError};
 use crate::ids::{JobId, LeaseId};
 use crate::store::{FenceRecord, JobRecord, JobState, LeaseRecord, LeaseState, Selector};
-use crate::task::check_text;
 
 /// Leases claimed per transaction by a job.
 const CHUNK: usize = 2048;
 
 mod reconcile;
 pub use reconcile::{OrphanView, ReconcileReport};
-
-/// The background tasks of running jobs, and their stop signal.
-#[derive(Debug)]
-pub struct JobRunner {
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
-}
-
-impl Default for JobRunner {
-    fn default() -> Self {
-        Self {
-            stop: tokio::sync::watch::channel(false).0,
-            tasks: std::sync::Mutex::default(),
-        }
-    }
-}
-
-impl JobRunner {
-    /// Stop every job at its next step and wait for them: a job's progress
-    /// is in the store, so the next start resumes it.
-    pub async fn stop(&self) {
-        let _ = self.stop.send(true);
-        let tasks = self
-            .tasks
-            .lock()
-            .map(|mut t| std::mem::take(&mut *t))
-            .unwrap_or_default();
-        for t in tasks {
-            let _ = t.await;
-        }
-    }
-
-    fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.stop.subscribe()
-    }
-
-    fn track(&self, h: tokio::task::JoinHandle<()>) {
-        if let Ok(mut t) = self.tasks.lock() {
-            t.retain(|h| !h.is_finished());
-            t.push(h);
-        }
-    }
-}
-
-/// Fences in memory, for a check on every request without a read.
-#[derive(Debug, Default)]
-pub struct FenceCache {
-    keys: RwLock<HashSet<String>>,
-}
-
-impl FenceCache {
-    pub fn set(&self, keys: impl IntoIterator<Item = String>) {
-        if let Ok(mut k) = self.keys.write() {
-            *k = keys.into_iter().collect();
-        }
-    }
-
-    fn insert(&self, key: String) {
-        if let Ok(mut k) = self.keys.write() {
-            k.insert(key);
-        }
-    }
-
-    fn remove(&self, key: &str) {
-        if let Ok(mut k) = self.keys.write() {
-            k.remove(key);
-        }
-    }
-
-    pub fn any(&self, keys: &[String]) -> bool {
-        self.keys
-            .read()
-            .map(|k| keys.iter().any(|x| k.contains(x)))
-            .unwrap_or(true)
-    }
-}
-
-/// The fence keys that apply to a workload acting for a user.
-pub fn fence_keys(w: &Workload, user: Option<&str>) -> Vec<String> {
-    let mut keys = vec![FenceRecord::key("workload", &w.id)];
-    if let Some(t) = &w.tenant {
-        keys.push(FenceRecord::key("tenant", t));
-    }
-    if let Some(u) = user {
-        keys.push(FenceRecord::key("user", u));
-    }
-    keys
-}
 
 /// A mass revocation request, decoded from the wire.
 #[derive(Debug, Clone, Default)]
@@ -145,16 +56,6 @@ fn responder(caller: &Caller) -> Result<(), BrokerError> {
 }
 
 impl Broker {
-    /// Refuse fenced workloads, tenants and users.
-    pub fn check_fence(&self, w: &Workload, user: Option<&str>) -> Result<(), BrokerError> {
-        if self.fences.any(&fence_keys(w, user)) {
-            return Err(BrokerError::from(crate::store::StoreError::Conflict(
-                crate::store::Conflict::Fenced,
-            )));
-        }
-        Ok(())
-    }
-
     /// Load the fences into memory (start-up).
     pub fn load_fences(&self) -> Result<usize, BrokerError> {
         let fences = self.store.read()?.fences()?;
@@ -165,7 +66,7 @@ impl Broker {
     }
 
     fn validate_job(&self, r: &JobRequest) -> Result<(), BrokerError> {
-        check_text("reason", &r.reason, 1024).map_err(|_| {
+        crate::check::text("reason", &r.reason, 1024).map_err(|_| {
             BrokerError::invalid("reason_required", "a mass revocation needs a `reason`")
         })?;
         let s = &r.selector;
@@ -567,7 +468,7 @@ impl Broker {
                 "`kind` is workload, tenant or user",
             ));
         }
-        check_text("reason", &reason, 1024).map_err(|_| {
+        crate::check::text("reason", &reason, 1024).map_err(|_| {
             BrokerError::invalid("reason_required", "lifting a fence needs a `reason`")
         })?;
         let now = self.clock.now().unix_millis();
@@ -596,7 +497,7 @@ impl Broker {
         ctx: &Ctx,
     ) -> Result<LeaseRecord, BrokerError> {
         responder(caller)?;
-        check_text("reason", &reason, 1024).map_err(|_| {
+        crate::check::text("reason", &reason, 1024).map_err(|_| {
             BrokerError::invalid("reason_required", "abandoning a lease needs a `reason`")
         })?;
         let now = self.clock.now().unix_millis();

@@ -6,8 +6,8 @@
 
 use crate::audit::{self, Ctx};
 use crate::auth::Caller;
-use crate::broker::{Broker, BrokerError};
 use crate::config::OperatorRole;
+use crate::domain::{Broker, BrokerError};
 use crate::ids::LeaseId;
 use crate::store::LeaseState;
 

@@ -21,13 +21,13 @@ use leasehold_provider::{Credential, ErrorClass, LeaseSpec, ProviderError, Revok
 
 use crate::audit::{self, Ctx};
 use crate::auth::{Caller, Workload};
-use crate::broker::{Broker, BrokerError};
+use crate::domain::reaper::spec_of;
+use crate::domain::{Broker, BrokerError};
 use crate::ids::{LeaseId, TaskId};
 use crate::providers::ProviderEntry;
 use crate::store::{
     Activation, LeaseQuery, LeaseRecord, LeaseState, RevokeCause, StoreError, TaskRecord,
 };
-use crate::task::check_ttl;
 
 /// A credential request, already decoded from the wire.
 #[derive(Debug, Clone)]
@@ -61,22 +61,6 @@ pub struct IssuedLease {
     pub credential: Credential,
 }
 
-/// The provider-facing description of a stored lease.
-pub(crate) fn spec_of(rec: &LeaseRecord) -> LeaseSpec {
-    LeaseSpec {
-        lease_id: LeaseId(rec.id).to_string(),
-        task_id: TaskId(rec.task_id).to_string(),
-        workload: rec.workload.clone(),
-        tenant: rec.tenant.clone(),
-        on_behalf_of: rec.on_behalf_of.clone(),
-        role: rec.role.clone(),
-        scope: rec.scope.clone(),
-        issued_at: Timestamp::from_unix_millis(rec.issued_at.unwrap_or(rec.created_at)),
-        expires_at: Timestamp::from_unix_millis(rec.expires_at),
-        prepared: None,
-    }
-}
-
 const MAX_SCOPE_ITEMS: usize = 32;
 
 impl Broker {
@@ -86,7 +70,7 @@ impl Broker {
         &self,
         p: &LeaseParams,
     ) -> Result<(ProviderEntry, Duration, Duration), BrokerError> {
-        let ttl = check_ttl(
+        let ttl = crate::check::ttl(
             "ttl_seconds",
             p.ttl_seconds,
             self.limits.max_lease_ttl_seconds,
@@ -208,7 +192,7 @@ impl Broker {
             self.clock.now().unix_millis(),
             self.limits.max_leases_per_task,
         );
-        let fence = crate::incident::fence_keys(w, Some(&rec.on_behalf_of));
+        let fence = crate::domain::fences::fence_keys(w, Some(&rec.on_behalf_of));
         let fence2 = fence.clone();
         // events are rendered here, not on the store's one writer thread
         let event = a.lease(&intent, &c, now_ms);
@@ -232,7 +216,7 @@ impl Broker {
         .await;
         let class = match &result {
             Err(_) => Some("timeout"),
-            Ok(r) => r.as_ref().err().map(crate::reaper::error_class),
+            Ok(r) => r.as_ref().err().map(crate::domain::reaper::error_class),
         };
         crate::metrics::provider_call(
             &rec.provider,

@@ -26,9 +26,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::audit::{self, Ctx};
-use crate::broker::{Broker, BrokerError};
-use crate::ids::LeaseId;
-use crate::lease::spec_of;
+use crate::domain::{Broker, BrokerError};
+use crate::ids::{LeaseId, TaskId};
 use crate::store::{LeaseRecord, LeaseState, Outcome};
 
 /// Leases handed to one `revoke_many` call; chunks of a batch run
@@ -350,6 +349,22 @@ impl Work {
                 out
             }
         }
+    }
+}
+
+/// The provider-facing description of a stored lease.
+pub(crate) fn spec_of(rec: &LeaseRecord) -> LeaseSpec {
+    LeaseSpec {
+        lease_id: LeaseId(rec.id).to_string(),
+        task_id: TaskId(rec.task_id).to_string(),
+        workload: rec.workload.clone(),
+        tenant: rec.tenant.clone(),
+        on_behalf_of: rec.on_behalf_of.clone(),
+        role: rec.role.clone(),
+        scope: rec.scope.clone(),
+        issued_at: Timestamp::from_unix_millis(rec.issued_at.unwrap_or(rec.created_at)),
+        expires_at: Timestamp::from_unix_millis(rec.expires_at),
+        prepared: None,
     }
 }
 

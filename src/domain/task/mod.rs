@@ -6,12 +6,11 @@
 //! `404`, not `403`, so ids cannot be probed); admins see all.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use crate::audit::{self, Ctx};
 use crate::auth::{Caller, Workload};
-use crate::broker::{Broker, BrokerError};
 use crate::config::OperatorRole;
+use crate::domain::{Broker, BrokerError};
 use crate::ids::TaskId;
 use crate::store::{
     LeaseRecord, LeaseState, RevokeCause, TaskRecord, TaskState, Why, local_revocation,
@@ -47,47 +46,6 @@ pub struct CompletionReport {
     pub pending: Vec<LeaseRecord>,
 }
 
-/// Check free text: present, bounded, no control characters.
-pub(crate) fn check_text(field: &str, value: &str, max: usize) -> Result<(), BrokerError> {
-    if value.trim().is_empty() {
-        return Err(BrokerError::invalid(
-            "invalid_request",
-            format!("`{field}` must not be empty"),
-        ));
-    }
-    if value.len() > max {
-        return Err(BrokerError::invalid(
-            "invalid_request",
-            format!("`{field}` is longer than {max} bytes"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(BrokerError::invalid(
-            "invalid_request",
-            format!("`{field}` contains control characters"),
-        ));
-    }
-    Ok(())
-}
-
-/// A TTL in whole seconds: positive and at most `max`.
-pub(crate) fn check_ttl(field: &str, ttl: i64, max: u64) -> Result<Duration, BrokerError> {
-    match u64::try_from(ttl) {
-        Ok(t) if t > 0 && t <= max => Ok(Duration::from_secs(t)),
-        _ => Err(BrokerError::invalid(
-            "invalid_ttl",
-            format!("`{field}` must be a whole number of seconds between 1 and {max}; got {ttl}"),
-        )),
-    }
-}
-
-fn is_tool_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'/'))
-}
-
 impl Broker {
     pub async fn open_task(
         &self,
@@ -95,10 +53,10 @@ impl Broker {
         req: OpenTask,
         ctx: &Ctx,
     ) -> Result<TaskRecord, BrokerError> {
-        check_text("purpose", &req.purpose, 512)?;
-        check_text("on_behalf_of", &req.on_behalf_of, 256)?;
+        crate::check::text("purpose", &req.purpose, 512)?;
+        crate::check::text("on_behalf_of", &req.on_behalf_of, 256)?;
         self.check_fence(w, Some(&req.on_behalf_of))?;
-        let ttl = check_ttl(
+        let ttl = crate::check::ttl(
             "ttl_seconds",
             req.ttl_seconds,
             self.limits.max_task_ttl_seconds,
@@ -109,7 +67,7 @@ impl Broker {
                 format!("`tools` lists more than {} tools", self.limits.max_tools),
             ));
         }
-        if let Some(t) = req.tools.iter().find(|t| !is_tool_name(t)) {
+        if let Some(t) = req.tools.iter().find(|t| !crate::check::is_tool_name(t)) {
             return Err(BrokerError::invalid(
                 "invalid_request",
                 format!(
@@ -202,14 +160,14 @@ impl Broker {
                         .into(),
                 );
             }
-            return Err(BrokerError::Denied(Box::new(crate::broker::Denial {
+            return Err(BrokerError::Denied(Box::new(crate::domain::Denial {
                 action: "OpenTask",
                 call_id: None,
                 policies: decision.visible_policies(&loaded, w.tenant.as_deref().unwrap_or("")),
                 reasons,
             })));
         }
-        let fence = crate::incident::fence_keys(w, Some(&rec.on_behalf_of));
+        let fence = crate::domain::fences::fence_keys(w, Some(&rec.on_behalf_of));
         // rendered here, not on the store's one writer thread
         let event = a.task_opened(&stored, &decision.policies, &ctx);
         self.store

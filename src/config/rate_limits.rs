@@ -1,0 +1,103 @@
+//! `[server.rate_limits]`: the HTTP layer's token buckets and in-flight cap
+//! (enforced in `api::limits`).
+
+use serde::{Deserialize, Serialize};
+
+/// `[server.limits]`. A rate of 0 turns that limit off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests per second one workload may make (sustained)...
+    #[serde(default = "defaults::per_workload")]
+    pub per_workload_per_second: f64,
+    /// ...and in a burst.
+    #[serde(default = "defaults::per_workload_burst")]
+    pub per_workload_burst: f64,
+    /// Requests per second from one source address, before authentication.
+    #[serde(default = "defaults::per_address")]
+    pub per_address_per_second: f64,
+    #[serde(default = "defaults::per_address_burst")]
+    pub per_address_burst: f64,
+    /// Failed authentications per second from one source address; beyond
+    /// them, that address gets 429 without its token being looked at.
+    #[serde(default = "defaults::auth_failures")]
+    pub auth_failures_per_second: f64,
+    #[serde(default = "defaults::auth_failures_burst")]
+    pub auth_failures_burst: f64,
+    /// Requests in flight at once; more get 503 with Retry-After.
+    #[serde(default = "defaults::max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+mod defaults {
+    pub fn per_workload() -> f64 {
+        1000.0
+    }
+    pub fn per_workload_burst() -> f64 {
+        2000.0
+    }
+    pub fn per_address() -> f64 {
+        5000.0
+    }
+    pub fn per_address_burst() -> f64 {
+        10_000.0
+    }
+    pub fn auth_failures() -> f64 {
+        5.0
+    }
+    pub fn auth_failures_burst() -> f64 {
+        20.0
+    }
+    pub fn max_in_flight() -> usize {
+        4096
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            per_workload_per_second: defaults::per_workload(),
+            per_workload_burst: defaults::per_workload_burst(),
+            per_address_per_second: defaults::per_address(),
+            per_address_burst: defaults::per_address_burst(),
+            auth_failures_per_second: defaults::auth_failures(),
+            auth_failures_burst: defaults::auth_failures_burst(),
+            max_in_flight: defaults::max_in_flight(),
+        }
+    }
+}
+
+impl RateLimitConfig {
+    /// A problem with the values: (field, message).
+    pub fn problem(&self) -> Option<(&'static str, &'static str)> {
+        let pairs = [
+            (
+                "per_workload_per_second",
+                self.per_workload_per_second,
+                self.per_workload_burst,
+            ),
+            (
+                "per_address_per_second",
+                self.per_address_per_second,
+                self.per_address_burst,
+            ),
+            (
+                "auth_failures_per_second",
+                self.auth_failures_per_second,
+                self.auth_failures_burst,
+            ),
+        ];
+        for (field, rate, burst) in pairs {
+            if !rate.is_finite() || rate < 0.0 {
+                return Some((field, "must be 0 (off) or a positive number"));
+            }
+            if rate > 0.0 && (!burst.is_finite() || burst < 1.0) {
+                return Some((field, "its burst must be at least 1"));
+            }
+        }
+        if self.max_in_flight == 0 {
+            return Some(("max_in_flight", "must be positive"));
+        }
+        None
+    }
+}
