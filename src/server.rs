@@ -159,7 +159,6 @@ pub async fn run_with(
             .map_err(|e| ServeError::Policy(e.to_string()))?,
     );
     let settings = crate::domain::PolicySettings::from(&config.policy);
-    #[allow(unused_mut)]
     let mut broker = Broker::new(
         store,
         clock.clone(),
@@ -178,27 +177,30 @@ pub async fn run_with(
             ),
             None => None,
         };
-        broker.notifier =
-            crate::notify::Notifier::spawn(url.clone(), secret).map_err(ServeError::Policy)?;
+        broker = broker.with_notifier(
+            crate::notify::Notifier::spawn(url.clone(), secret).map_err(ServeError::Policy)?,
+        );
     }
     #[cfg(feature = "fault-injection")]
     {
-        broker.faults.pause_after_issue_file = config.fault.pause_after_issue_file.clone();
-        broker.faults.job_chunk = config.fault.job_chunk;
-        broker.faults.job_chunk_pause = Duration::from_millis(config.fault.job_chunk_pause_millis);
+        broker = broker.with_faults(crate::domain::Faults {
+            pause_after_issue_file: config.fault.pause_after_issue_file.clone(),
+            job_chunk: config.fault.job_chunk,
+            job_chunk_pause: Duration::from_millis(config.fault.job_chunk_pause_millis),
+        });
     }
-    broker.auditor = Arc::new(auditor(&config)?);
     let cp = std::fs::read(&config.audit.checkpoint_key_file).map_err(|e| {
         ServeError::Audit(format!(
             "{}: {e}",
             config.audit.checkpoint_key_file.display()
         ))
     })?;
-    broker.checkpoint_key = Some(Arc::new(
-        crate::audit::CheckpointKey::from_pkcs8(&cp).map_err(ServeError::Audit)?,
-    ));
-    broker.denied =
-        crate::domain::DeniedLimiter::new(u64::from(config.audit.auth_denied_events_per_second));
+    let broker = broker
+        .with_auditor(auditor(&config)?)
+        .with_checkpoint_key(
+            crate::audit::CheckpointKey::from_pkcs8(&cp).map_err(ServeError::Audit)?,
+        )
+        .with_denied_per_second(u64::from(config.audit.auth_denied_events_per_second));
     let broker = Arc::new(broker);
     let recovered = broker
         .recover()
@@ -307,7 +309,7 @@ pub async fn run_with(
     listener.set_nonblocking(true)?;
     tracing::info!(
         %addr, tls = config.server.tls.is_some(), store = %config.store.path.display(),
-        providers = broker.providers.names().collect::<Vec<_>>().join(","), recovered,
+        providers = broker.providers().names().collect::<Vec<_>>().join(","), recovered,
         "leasehold serving"
     );
 
@@ -366,7 +368,7 @@ pub async fn run_with(
     for h in background {
         let _ = h.await;
     }
-    broker.jobs.stop().await;
+    broker.stop_jobs().await;
     // the last words of the chain: the stop, then a signed checkpoint over it
     if let Err(e) = broker
         .record(
@@ -419,12 +421,12 @@ async fn checkpoint_loop(
 ) {
     let every = i64::try_from(every).unwrap_or(60).saturating_mul(1000);
     loop {
-        let next = broker.clock.now().unix_millis().saturating_add(every);
+        let next = broker.clock().now().unix_millis().saturating_add(every);
         tokio::select! {
-            _ = broker.clock.sleep_until(crate::clock::Timestamp::from_unix_millis(next)) => {}
+            _ = broker.clock().sleep_until(crate::clock::Timestamp::from_unix_millis(next)) => {}
             _ = stop.changed() => return,
         }
-        if broker.clock.now().unix_millis() < next {
+        if broker.clock().now().unix_millis() < next {
             continue;
         }
         match broker.checkpoint().await {
@@ -443,8 +445,7 @@ async fn close(broker: Arc<Broker>, grace: Duration) {
     loop {
         match Arc::try_unwrap(broker) {
             Ok(b) => {
-                let store: Store = b.store.clone();
-                drop(b);
+                let store: Store = b.into_store();
                 tokio::task::spawn_blocking(move || drop(store)).await.ok();
                 return;
             }

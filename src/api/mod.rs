@@ -10,11 +10,19 @@
 //! between intent and activation (the work completes; only the response is
 //! lost).
 
+mod approvals;
+mod calls;
 mod error;
+mod events;
 mod extract;
-mod handlers;
+mod incident;
+mod leases;
 pub mod limits;
 pub mod openapi;
+mod ops;
+mod reviews;
+mod tasks;
+mod tokens;
 pub mod wire;
 
 use std::sync::Arc;
@@ -166,48 +174,50 @@ pub struct HttpLimits {
 /// cannot be added without its description (and `openapi::document` is
 /// built from this same list).
 pub(crate) fn routes() -> OpenApiRouter<AppState> {
-    use handlers as h;
     OpenApiRouter::new()
-        .routes(routes!(h::open_task))
-        .routes(routes!(h::get_task))
-        .routes(routes!(h::complete_task))
-        .routes(routes!(h::request_lease))
-        .routes(routes!(h::call))
-        .routes(routes!(h::list_approvals))
-        .routes(routes!(h::get_approval))
-        .routes(routes!(h::approve))
-        .routes(routes!(h::deny))
-        .routes(routes!(h::list_reviews))
-        .routes(routes!(h::sign_off))
-        .routes(routes!(h::policy))
-        .routes(routes!(h::reload_policy))
-        .routes(routes!(h::list_leases))
-        .routes(routes!(h::get_lease))
-        .routes(routes!(h::revoke_lease))
-        .routes(routes!(h::abandon_lease))
-        .routes(routes!(h::start_revocation, h::list_revocations))
-        .routes(routes!(h::get_revocation))
-        .routes(routes!(h::list_fences))
-        .routes(routes!(h::lift_fence))
-        .routes(routes!(h::reconcile))
-        .routes(routes!(h::blast_radius))
-        .routes(routes!(h::stats))
-        .routes(routes!(h::events))
-        .routes(routes!(h::verify_events))
-        .routes(routes!(h::chain))
-        .routes(routes!(h::prune_events))
-        .routes(routes!(h::introspect))
-        .routes(routes!(h::jwks))
-        .routes(routes!(h::metrics))
-        .routes(routes!(h::health))
-        .routes(routes!(h::ready))
-        .routes(routes!(h::openapi_json))
+        .routes(routes!(tasks::open_task))
+        .routes(routes!(tasks::get_task))
+        .routes(routes!(tasks::complete_task))
+        .routes(routes!(calls::request_lease))
+        .routes(routes!(calls::call))
+        .routes(routes!(approvals::list_approvals))
+        .routes(routes!(approvals::get_approval))
+        .routes(routes!(approvals::approve))
+        .routes(routes!(approvals::deny))
+        .routes(routes!(reviews::list_reviews))
+        .routes(routes!(reviews::sign_off))
+        .routes(routes!(ops::policy))
+        .routes(routes!(ops::reload_policy))
+        .routes(routes!(leases::list_leases))
+        .routes(routes!(leases::get_lease))
+        .routes(routes!(leases::revoke_lease))
+        .routes(routes!(incident::abandon_lease))
+        .routes(routes!(
+            incident::start_revocation,
+            incident::list_revocations
+        ))
+        .routes(routes!(incident::get_revocation))
+        .routes(routes!(incident::list_fences))
+        .routes(routes!(incident::lift_fence))
+        .routes(routes!(incident::reconcile))
+        .routes(routes!(incident::blast_radius))
+        .routes(routes!(ops::stats))
+        .routes(routes!(events::events))
+        .routes(routes!(events::verify_events))
+        .routes(routes!(events::chain))
+        .routes(routes!(events::prune_events))
+        .routes(routes!(tokens::introspect))
+        .routes(routes!(tokens::jwks))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::health))
+        .routes(routes!(ops::ready))
+        .routes(routes!(ops::openapi_json))
 }
 
 pub fn router(state: AppState, limits: HttpLimits) -> Router {
     let (api, _) = routes().split_for_parts();
-    api.fallback(handlers::not_found)
-        .method_not_allowed_fallback(handlers::method_not_allowed)
+    api.fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
             Edge {
@@ -222,10 +232,10 @@ pub fn router(state: AppState, limits: HttpLimits) -> Router {
 /// The plain listener for Prometheus and probes (`server.metrics_listen`).
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
-        .route("/metrics", get(handlers::metrics_open))
-        .route("/v1/health", get(handlers::health))
-        .route("/v1/ready", get(handlers::ready))
-        .fallback(handlers::not_found)
+        .route("/metrics", get(ops::metrics_open))
+        .route("/v1/health", get(ops::health))
+        .route("/v1/ready", get(ops::ready))
+        .fallback(ops::not_found)
         .with_state(state)
 }
 
@@ -275,7 +285,7 @@ async fn edge(State(edge): State<Edge>, mut req: Request, next: Next) -> Respons
     let state = &edge.app;
     let id = match req.headers().get(REQUEST_ID) {
         Some(v) if acceptable_request_id(v) => v.clone(),
-        _ => HeaderValue::from_str(&RequestId::generate(state.broker.clock.now()).to_string())
+        _ => HeaderValue::from_str(&RequestId::generate(state.broker.now()).to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("req_unknown")),
     };
     // workload, task and lease are filled in as they become known (the

@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 
 pub mod approval;
 pub mod call;
+pub mod events;
 pub mod fences;
 pub mod incident;
 pub mod jobs;
@@ -212,35 +213,35 @@ pub struct Faults {
 }
 
 pub struct Broker {
-    pub store: Store,
-    pub clock: Arc<dyn Clock>,
-    pub providers: Arc<Providers>,
-    pub limits: Limits,
-    pub reaper: ReaperConfig,
-    pub wakers: Arc<Wakers>,
+    pub(in crate::domain) store: Store,
+    pub(in crate::domain) clock: Arc<dyn Clock>,
+    pub(in crate::domain) providers: Arc<Providers>,
+    pub(in crate::domain) limits: Limits,
+    pub(in crate::domain) reaper: ReaperConfig,
+    pub(in crate::domain) wakers: Arc<Wakers>,
     /// Providers whose revocation is an entry in our own store (token):
     /// revoked inside the transaction that decides the revocation.
-    pub local: Arc<crate::store::Local>,
+    pub(in crate::domain) local: Arc<crate::store::Local>,
     /// Shapes events (HMAC fields; test and benchmark switches).
-    pub auditor: Arc<crate::audit::Auditor>,
+    pub(in crate::domain) auditor: Arc<crate::audit::Auditor>,
     /// Signs checkpoints of the event chain (and gives online verification
     /// its trusted key).
-    pub checkpoint_key: Option<Arc<crate::audit::CheckpointKey>>,
+    pub(in crate::domain) checkpoint_key: Option<Arc<crate::audit::CheckpointKey>>,
     /// Rate limit for recording denied authentication attempts.
-    pub denied: DeniedLimiter,
+    pub(in crate::domain) denied: DeniedLimiter,
     /// Runtime authorization.
-    pub policy: Arc<crate::policy::PolicyEngine>,
-    pub settings: PolicySettings,
+    pub(in crate::domain) policy: Arc<crate::policy::PolicyEngine>,
+    pub(in crate::domain) settings: PolicySettings,
     /// The approvers' webhook.
-    pub notifier: crate::notify::Notifier,
+    pub(in crate::domain) notifier: crate::notify::Notifier,
     /// Fenced workloads, tenants and users, in memory for the request path
     /// (the store is the truth; credential-issuing transactions check it).
-    pub fences: fences::FenceCache,
+    pub(in crate::domain) fences: fences::FenceCache,
     /// Revocation jobs running in the background (stopped at shutdown; a
     /// stopped job resumes at the next start).
-    pub jobs: jobs::JobRunner,
+    pub(in crate::domain) jobs: jobs::JobRunner,
     #[cfg(feature = "fault-injection")]
-    pub faults: Faults,
+    pub(in crate::domain) faults: Faults,
 }
 
 /// At most `per_second` denied-authentication events a second; the rest
@@ -320,6 +321,59 @@ impl Broker {
             #[cfg(feature = "fault-injection")]
             faults: Faults::default(),
         }
+    }
+
+    /// The approvers' webhook (the default sends nothing).
+    pub fn with_notifier(mut self, notifier: crate::notify::Notifier) -> Self {
+        self.notifier = notifier;
+        self
+    }
+
+    /// How events are shaped (HMAC fields; test and benchmark switches).
+    pub fn with_auditor(mut self, auditor: crate::audit::Auditor) -> Self {
+        self.auditor = Arc::new(auditor);
+        self
+    }
+
+    /// The key that signs checkpoints of the chain.
+    pub fn with_checkpoint_key(mut self, key: crate::audit::CheckpointKey) -> Self {
+        self.checkpoint_key = Some(Arc::new(key));
+        self
+    }
+
+    /// At most this many denied-authentication events a second.
+    pub fn with_denied_per_second(mut self, per_second: u64) -> Self {
+        self.denied = DeniedLimiter::new(per_second);
+        self
+    }
+
+    /// Test-only fault hooks.
+    #[cfg(feature = "fault-injection")]
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Give up the broker for its store (shutdown closes the store once
+    /// nothing else holds the broker).
+    pub fn into_store(self) -> Store {
+        self.store
+    }
+
+    /// The configured providers.
+    pub fn providers(&self) -> &crate::providers::Providers {
+        &self.providers
+    }
+
+    /// The broker's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Stop the running revocation jobs (shutdown; they resume at the next
+    /// start).
+    pub async fn stop_jobs(&self) {
+        self.jobs.stop().await;
     }
 
     pub fn provider_timeout(&self) -> Duration {

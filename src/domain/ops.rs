@@ -1,9 +1,20 @@
-//! Operators' views of the broker as a whole: the Prometheus exposition
-//! with its store-backed gauges refreshed.
+//! Operators' views of the broker as a whole: stats, the Prometheus
+//! exposition with its store-backed gauges refreshed, the policy set in
+//! force, token introspection and keys, and readiness. Who may see each is
+//! decided here.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use leasehold_provider::TokenInfo;
 use metrics::gauge;
 
 use super::{Broker, BrokerError};
+use crate::auth::Caller;
+use crate::config::OperatorRole;
+use crate::policy::Loaded;
 use crate::store::records::{JobState, LeaseState};
 
 impl Broker {
@@ -49,5 +60,178 @@ impl Broker {
         drop(r);
         handle.run_upkeep();
         Ok(handle.render())
+    }
+}
+
+/// The store's commit counters, as read now.
+#[derive(Debug, Clone, Default)]
+pub struct StoreCounters {
+    pub commits: u64,
+    pub operations: u64,
+    pub apply_seconds: f64,
+    pub commit_seconds: f64,
+    pub checkpoints: u64,
+    pub checkpoint_seconds: f64,
+    pub wal_bytes: u64,
+    pub wal_seconds: f64,
+}
+
+/// Lease counts by provider and state, and the store's counters.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub leases: BTreeMap<String, BTreeMap<String, u64>>,
+    pub store: StoreCounters,
+}
+
+/// What readiness found: each check by name, and whether all passed.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness {
+    pub checks: BTreeMap<String, String>,
+    pub ok: bool,
+}
+
+fn forbidden(message: &str) -> BrokerError {
+    BrokerError::Forbidden {
+        code: "forbidden",
+        message: message.into(),
+    }
+}
+
+fn admin(caller: &Caller) -> Result<(), BrokerError> {
+    if caller.has_any_role(&[OperatorRole::Admin]) {
+        Ok(())
+    } else {
+        Err(forbidden("the policy endpoints need the admin role"))
+    }
+}
+
+impl Broker {
+    /// The time now, by the broker's clock (request ids, for one).
+    pub fn now(&self) -> crate::clock::Timestamp {
+        self.clock.now()
+    }
+
+    /// Lease counts and store counters without a scan (the store keeps the
+    /// counts transactionally). Admin, responder.
+    pub fn stats(&self, caller: &Caller) -> Result<Stats, BrokerError> {
+        if !Self::is_reader(caller) {
+            return Err(forbidden("stats need the admin or responder role"));
+        }
+        let counters = self.store.read()?.counters()?;
+        let leases = self
+            .providers
+            .names()
+            .map(|name| {
+                let by_state = LeaseState::ALL
+                    .iter()
+                    .map(|&st| {
+                        let n = counters.get(&(name.to_owned(), st)).copied().unwrap_or(0);
+                        (st.as_str().to_owned(), n)
+                    })
+                    .collect();
+                (name.to_owned(), by_state)
+            })
+            .collect();
+        let s = self.store.stats();
+        let secs = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1e6;
+        Ok(Stats {
+            leases,
+            store: StoreCounters {
+                commits: s.commits.load(Ordering::Relaxed),
+                operations: s.operations.load(Ordering::Relaxed),
+                apply_seconds: secs(&s.apply_micros),
+                commit_seconds: secs(&s.commit_micros),
+                checkpoints: s.checkpoints.load(Ordering::Relaxed),
+                checkpoint_seconds: secs(&s.checkpoint_micros),
+                wal_bytes: s.wal_bytes.load(Ordering::Relaxed),
+                wal_seconds: secs(&s.wal_micros),
+            },
+        })
+    }
+
+    /// The Prometheus exposition for a caller on the main listener: admin
+    /// and responder.
+    pub fn metrics_for(&self, caller: &Caller) -> Result<String, BrokerError> {
+        if !Self::is_reader(caller) {
+            return Err(forbidden("metrics need the admin or responder role"));
+        }
+        self.render_metrics()
+    }
+
+    /// The policy set in force (admin).
+    pub fn policy_in_force(&self, caller: &Caller) -> Result<Arc<Loaded>, BrokerError> {
+        admin(caller)?;
+        Ok(self.policy.current())
+    }
+
+    /// Reload the policy folder on an admin's request.
+    pub async fn reload_policy_as(
+        &self,
+        caller: &Caller,
+        request_id: Option<String>,
+    ) -> Result<Arc<Loaded>, BrokerError> {
+        admin(caller)?;
+        self.reload_policy(request_id, Some(caller.principal()))
+            .await
+    }
+
+    /// Whether the caller may introspect (asked before the form is read).
+    pub fn may_introspect(&self, caller: &Caller) -> Result<(), BrokerError> {
+        if caller.has_any_role(&[OperatorRole::ResourceServer, OperatorRole::Admin]) {
+            Ok(())
+        } else {
+            Err(forbidden("introspection needs the resource_server role"))
+        }
+    }
+
+    /// RFC 7662 for resource servers (and admin): the answer of the token
+    /// provider that recognises the token, or inactive.
+    pub fn introspect(&self, caller: &Caller, token: &str) -> Result<TokenInfo, BrokerError> {
+        self.may_introspect(caller)?;
+        let now = self.clock.now();
+        Ok(self
+            .providers
+            .tokens()
+            .map(|p| p.introspect(token, now))
+            .find(|i| i.active)
+            .unwrap_or_default())
+    }
+
+    /// The public keys of every token provider (JWK objects).
+    pub fn jwks(&self) -> Vec<serde_json::Value> {
+        self.providers
+            .tokens()
+            .filter_map(|p| p.jwks().get("keys").and_then(|k| k.as_array()).cloned())
+            .flatten()
+            .collect()
+    }
+
+    /// Whether the store can write and read.
+    pub fn store_healthy(&self) -> bool {
+        self.store.is_healthy()
+    }
+
+    /// Every provider's health check, with a timeout each. Failures are
+    /// logged, not shown.
+    pub async fn provider_health(&self) -> Readiness {
+        let mut checks = BTreeMap::new();
+        let mut ok = true;
+        for entry in self.providers.iter() {
+            let r = tokio::time::timeout(Duration::from_secs(2), entry.provider.health()).await;
+            let status = match r {
+                Ok(Ok(())) => "ok",
+                Ok(Err(e)) => {
+                    tracing::warn!(provider = %entry.name, error = %e, "provider health check failed");
+                    "unavailable"
+                }
+                Err(_) => {
+                    tracing::warn!(provider = %entry.name, "provider health check timed out");
+                    "unavailable"
+                }
+            };
+            ok &= status == "ok";
+            checks.insert(format!("provider:{}", entry.name), status.into());
+        }
+        Readiness { checks, ok }
     }
 }

@@ -36,6 +36,14 @@ pub struct OpenTask {
     pub ttl_seconds: i64,
 }
 
+/// A task as its owner or an admin reads it.
+#[derive(Debug)]
+pub struct TaskDetail {
+    pub task: TaskRecord,
+    pub calls: Vec<crate::store::records::CallRecord>,
+    pub leases: Vec<LeaseRecord>,
+}
+
 /// What completing a task did.
 #[derive(Debug)]
 pub struct CompletionReport {
@@ -246,14 +254,16 @@ impl Broker {
         }
     }
 
-    pub fn get_task(
-        &self,
-        caller: &Caller,
-        id: TaskId,
-    ) -> Result<(TaskRecord, Vec<LeaseRecord>), BrokerError> {
+    /// The task with its calls and leases (never a credential), read
+    /// from one snapshot.
+    pub fn get_task(&self, caller: &Caller, id: TaskId) -> Result<TaskDetail, BrokerError> {
         let task = self.visible_task(caller, id)?;
-        let leases = self.store.read()?.task_leases(id.0)?;
-        Ok((task, leases))
+        let r = self.store.read()?;
+        Ok(TaskDetail {
+            calls: r.task_calls(id.0)?,
+            leases: r.task_leases(id.0)?,
+            task,
+        })
     }
 
     /// Close the task and revoke every lease under it before answering.

@@ -1,0 +1,271 @@
+//! Operations: the policy set, stats, metrics, probes, the OpenAPI
+//! document and the fallbacks.
+
+use super::openapi::{Guarded, Public};
+use super::wire::{ErrorBody, ReqId};
+use super::{ApiError, AppState};
+use crate::auth::Caller;
+use crate::domain::BrokerError;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+#[utoipa::path(
+    get,
+    path = "/v1/policy",
+    tag = "admin",
+    operation_id = "policy",
+    security(("operator" = ["admin"])),
+    responses(Guarded, (status = 200, description = "The policy set in force.", body = PolicyView))
+)]
+/// The policy set in force (admin).
+pub async fn policy(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<PolicyView>, ApiError> {
+    let loaded = s.broker.policy_in_force(&caller)?;
+    Ok(Json(PolicyView::from(&*loaded)))
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/policy/reload",
+    tag = "admin",
+    operation_id = "reload_policy",
+    security(("operator" = ["admin"])),
+    responses(Guarded, (status = 200, description = "The new set is in force.", body = PolicyView), (status = 422, description = "`policy_invalid` with `problems` (file and line); the previous set stays in force.", body = ErrorBody))
+)]
+/// Reload the policy folder (admin): all or nothing; a bad set is refused
+/// with file and line and the old set stays in force.
+pub async fn reload_policy(
+    State(s): State<AppState>,
+    caller: Caller,
+    rid: ReqId,
+) -> Result<Json<PolicyView>, ApiError> {
+    match s.broker.reload_policy_as(&caller, rid.0).await {
+        Ok(l) => Ok(Json(PolicyView::from(&*l))),
+        Err(BrokerError::Invalid { message, .. }) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "policy_invalid",
+            "the policy set does not validate; the previous set stays in force",
+        )
+        .with(
+            "problems",
+            serde_json::Value::from(message.lines().map(str::to_owned).collect::<Vec<_>>()),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/stats",
+    tag = "admin",
+    operation_id = "stats",
+    security(("operator" = ["admin", "responder"])),
+    responses(Guarded, (status = 200, description = "Lease counts and store counters, without a scan.", body = StatsView))
+)]
+/// Lease counts by provider and state, and store commit counters, without
+/// a scan (the store keeps the counts transactionally). Admin, responder.
+pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<StatsView>, ApiError> {
+    let st = s.broker.stats(&caller)?;
+    let c = st.store;
+    Ok(Json(StatsView {
+        leases: st.leases,
+        store: StoreStatsView {
+            commits: c.commits,
+            operations: c.operations,
+            apply_seconds: c.apply_seconds,
+            commit_seconds: c.commit_seconds,
+            checkpoints: c.checkpoints,
+            checkpoint_seconds: c.checkpoint_seconds,
+            wal_bytes: c.wal_bytes,
+            wal_seconds: c.wal_seconds,
+        },
+    }))
+}
+
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn metrics_response(body: String) -> Result<Response, ApiError> {
+    Ok(([(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)], body).into_response())
+}
+
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "admin",
+    operation_id = "metrics",
+    security(("operator" = ["admin", "responder"])),
+    responses(Guarded, (status = 200, description = "Prometheus text exposition. (On `server.metrics_listen`, when configured, it is served without a credential.)", body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"))
+)]
+/// Prometheus exposition on the main listener: admin and responder.
+pub async fn metrics(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    metrics_response(s.broker.metrics_for(&caller)?)
+}
+
+/// Prometheus exposition on the metrics listener (no credential: that
+/// listener belongs on loopback or a private network).
+pub async fn metrics_open(State(s): State<AppState>) -> Result<Response, ApiError> {
+    metrics_response(s.broker.render_metrics()?)
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/health",
+    tag = "probes",
+    operation_id = "health",
+    responses((status = 200, description = "The process answers.", body = HealthView))
+)]
+pub async fn health() -> Json<HealthView> {
+    Json(HealthView { status: "ok" })
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/ready",
+    tag = "probes",
+    operation_id = "ready",
+    responses((status = 200, description = "Ready: not draining, the store and every provider answer.", body = ReadyView), (status = 503, description = "Not ready (draining, or a check failed).", body = ReadyView))
+)]
+/// Ready when not draining, the store answers and every provider's health
+/// check passes. Details of failures are logged, not shown publicly.
+pub async fn ready(State(s): State<AppState>) -> Response {
+    let mut checks = std::collections::BTreeMap::new();
+    let mut ok = s.ready.load(Ordering::Relaxed);
+    if !ok {
+        checks.insert("broker".into(), "shutting down".into());
+    }
+    let store_ok = s.broker.store_healthy();
+    checks.insert(
+        "store".into(),
+        if store_ok { "ok" } else { "unavailable" }.into(),
+    );
+    ok &= store_ok;
+    let cached = s
+        .health
+        .lock()
+        .ok()
+        .and_then(|c| c.clone())
+        .filter(|(at, _, _)| at.elapsed() < Duration::from_secs(1));
+    let (provider_checks, providers_ok) = match cached {
+        Some((_, c, pok)) => (c, pok),
+        None => {
+            let r = s.broker.provider_health().await;
+            let (c, pok) = (r.checks, r.ok);
+            if let Ok(mut cache) = s.health.lock() {
+                *cache = Some((std::time::Instant::now(), c.clone(), pok));
+            }
+            (c, pok)
+        }
+    };
+    checks.extend(provider_checks);
+    ok &= providers_ok;
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(ReadyView { ready: ok, checks })).into_response()
+}
+
+/// This document: OpenAPI 3.1, generated from the handlers and wire types.
+#[utoipa::path(
+    get,
+    path = "/v1/openapi.json",
+    tag = "probes",
+    operation_id = "openapi",
+    responses(Public, (status = 200, description = "The OpenAPI 3.1 document of this API.", body = Object))
+)]
+pub async fn openapi_json() -> Response {
+    static DOC: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    match DOC.get_or_init(|| super::openapi::document_json().map_err(|e| e.to_string())) {
+        Ok(doc) => (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            doc.clone(),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "could not render the OpenAPI document");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error",
+            )
+            .into_response()
+        }
+    }
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
+}
+
+/// The policy set in force.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PolicyView {
+    /// SHA-256 of the set, recorded with every decision.
+    pub version: String,
+    pub policies: usize,
+    pub files: Vec<String>,
+}
+
+impl From<&crate::policy::Loaded> for PolicyView {
+    fn from(l: &crate::policy::Loaded) -> Self {
+        Self {
+            version: l.version.clone(),
+            policies: l.policy_count,
+            files: l.files.clone(),
+        }
+    }
+}
+
+/// Store commit counters since start.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StoreStatsView {
+    /// Group commits (each one write-ahead log record, one fdatasync).
+    pub commits: u64,
+    pub operations: u64,
+    /// Writer time applying operations, and logging and committing them.
+    pub apply_seconds: f64,
+    pub commit_seconds: f64,
+    /// Durable commits of the store file that emptied the log, and their time.
+    pub checkpoints: u64,
+    pub checkpoint_seconds: f64,
+    pub wal_bytes: u64,
+    /// Of `commit_seconds`, the time writing and syncing the log.
+    pub wal_seconds: f64,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StatsView {
+    /// Lease counts by provider, then by state.
+    pub leases: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    pub store: StoreStatsView,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HealthView {
+    /// Always `ok`: the process answers.
+    pub status: &'static str,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ReadyView {
+    pub ready: bool,
+    /// `broker`, `store` and `provider:<name>`: `ok`, `unavailable` or
+    /// `shutting down`.
+    pub checks: std::collections::BTreeMap<String, String>,
+}
