@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::verify::ChainVerifier;
 use super::{Checkpoint, EventKind, VerifyReport};
 use crate::clock::{Timestamp, parse_rfc3339};
-use crate::store::{Reader, StoreError, StoredEvent};
+use crate::store::{ReadTxn, StoreError, StoredEvent};
 
 /// Filters for listing events. `user` and `workload` are compared as the
 /// chain holds them (already HMAC-ed by the caller if configured).
@@ -60,7 +60,7 @@ impl EventQuery {
 }
 
 /// One page of events (each with its `hash`), and the cursor to continue.
-pub fn page(r: &Reader, q: &EventQuery) -> Result<(Vec<Value>, Option<u64>), StoreError> {
+pub fn page(r: &dyn ReadTxn, q: &EventQuery) -> Result<(Vec<Value>, Option<u64>), StoreError> {
     let limit = q.limit.max(1);
     let budget = q.scan_budget.max(limit);
     let mut out = Vec::new();
@@ -93,7 +93,7 @@ pub fn page(r: &Reader, q: &EventQuery) -> Result<(Vec<Value>, Option<u64>), Sto
 
 /// Verify everything a store holds: the chain from its base, its head, and
 /// every checkpoint (signatures against `trusted`, when given).
-pub fn verify_store(r: &Reader, trusted: Option<Vec<u8>>) -> Result<VerifyReport, StoreError> {
+pub fn verify_store(r: &dyn ReadTxn, trusted: Option<Vec<u8>>) -> Result<VerifyReport, StoreError> {
     let base = r.chain_base()?;
     let head = r.chain_head()?;
     let mut checkpoints = Vec::new();
@@ -109,7 +109,7 @@ pub fn verify_store(r: &Reader, trusted: Option<Vec<u8>>) -> Result<VerifyReport
     }
     let mut v = ChainVerifier::new(base.seq, base.hash, checkpoints, trusted);
     let mut last = base.seq;
-    let walked = r.for_each_event(|seq, hash, bytes| {
+    let walked = r.for_each_event(&mut |seq, hash, bytes| {
         last = seq;
         v.event(Some(seq), Some(hash), bytes);
     });

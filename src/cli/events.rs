@@ -78,7 +78,7 @@ pub fn verify_store_file(
 ) -> Result<VerifyReport, ClientError> {
     let snap = crate::store::Snapshot::open(path).map_err(usage)?;
     let reader = snap.read().map_err(usage)?;
-    crate::audit::query::verify_store(&reader, trusted).map_err(usage)
+    crate::audit::query::verify_store(&*reader, trusted).map_err(usage)
 }
 
 async fn pages(

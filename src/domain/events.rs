@@ -110,7 +110,7 @@ impl Broker {
             limit: f.limit,
             scan_budget: SCAN_BUDGET,
         };
-        blocking(move || page(&reader, &q)).await
+        blocking(move || page(&*reader, &q)).await
     }
 
     /// Verify the whole chain and every checkpoint, now.
@@ -121,7 +121,7 @@ impl Broker {
             .checkpoint_key
             .as_ref()
             .map(|k| k.public_key().to_vec());
-        let report = blocking(move || verify_store(&reader, trusted)).await?;
+        let report = blocking(move || verify_store(&*reader, trusted)).await?;
         if !report.ok {
             tracing::error!(first_break = ?report.first_break, "the event chain does not verify");
         }

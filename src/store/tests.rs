@@ -1,4 +1,23 @@
+use std::sync::atomic::Ordering;
+
+use redb::{ReadableTable as _, ReadableTableMetadata as _};
+
+use super::schema::*;
+use super::seam::*;
+use super::txn::RedbTxn;
+use super::writer::RedbBackend;
 use super::*;
+
+/// The redb database under a store (these tests look at its tables).
+fn redb_of(s: &Store) -> std::sync::Arc<redb::Database> {
+    s.inner
+        .backend
+        .as_any()
+        .downcast_ref::<RedbBackend>()
+        .expect("a redb store")
+        .db()
+        .clone()
+}
 
 fn key() -> StoreKey {
     StoreKey::from_bytes([7; 32])
@@ -164,7 +183,7 @@ async fn migration_hook_runs_once_in_order() {
     let s = Store::open_with_migrations(&opts, &key(), &[(1, to_v2)], 2).unwrap();
     {
         use redb::ReadableDatabase as _;
-        let r = s.inner.db.begin_read().unwrap();
+        let r = redb_of(&s).begin_read().unwrap();
         assert_eq!(
             r.open_table(MARKER)
                 .unwrap()
@@ -349,12 +368,12 @@ async fn a_refusal_in_a_shared_batch_does_not_undo_its_neighbours() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(&dir);
     s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
-    let db = s.inner.db.clone();
+    let db = redb_of(&s);
     let ok_lease = lease(20, 1, 5_000);
     let bad_lease = lease(21, 99, 5_000); // unknown task
     let txn = db.begin_write().unwrap();
     {
-        let mut t = Txn::open(&txn, ChainHead::default());
+        let mut t = RedbTxn::open(&txn, ChainHead::default());
         t.lease_intent(&ok_lease, 0, 100).unwrap();
         assert!(t.lease_intent(&bad_lease, 0, 100).is_err());
         t.finish().unwrap();
@@ -1111,7 +1130,7 @@ type IndexEntries = Vec<(u128, u64)>;
 /// block.
 fn task_index(s: &Store) -> (IndexEntries, IndexEntries) {
     use redb::ReadableDatabase as _;
-    let r = s.inner.db.begin_read().unwrap();
+    let r = redb_of(s).begin_read().unwrap();
     let idx = r.open_table(EVENT_TASKS).unwrap();
     let got = idx.iter().unwrap().map(|e| e.unwrap().0.value()).collect();
     let mut want = Vec::new();
@@ -1145,7 +1164,7 @@ async fn events_are_read_back_from_blocks_by_seq_and_by_task() {
     assert_eq!(seqs(&all), (1..=n).collect::<Vec<_>>());
     let blocks = {
         use redb::ReadableDatabase as _;
-        let r = s.inner.db.begin_read().unwrap();
+        let r = redb_of(&s).begin_read().unwrap();
         let t = r.open_table(EVENT_BLOCKS).unwrap();
         // none outgrows its allocation
         for e in t.iter().unwrap() {
@@ -1193,7 +1212,7 @@ async fn events_are_read_back_from_blocks_by_seq_and_by_task() {
         }
     }
     let mut visited = Vec::new();
-    r.for_each_event(|seq, hash, bytes| visited.push((seq, hash, bytes.to_vec())))
+    r.for_each_event(&mut |seq, hash, bytes| visited.push((seq, hash, bytes.to_vec())))
         .unwrap();
     let expected: Vec<_> = all
         .iter()
@@ -1413,7 +1432,7 @@ async fn a_version_2_store_has_its_events_in_blocks_and_its_calls_by_task() {
     let s = Store::open(&opts, &key()).unwrap();
     {
         use redb::{ReadableDatabase as _, TableHandle as _};
-        let r = s.inner.db.begin_read().unwrap();
+        let r = redb_of(&s).begin_read().unwrap();
         let names: Vec<String> = r
             .list_tables()
             .unwrap()

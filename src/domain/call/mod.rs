@@ -107,7 +107,7 @@ impl Broker {
 
     /// The open, unexpired task of this workload.
     fn open_task_of(
-        r: &crate::store::Reader,
+        r: &dyn crate::store::ReadTxn,
         w: &Workload,
         task_id: TaskId,
         now_ms: i64,
@@ -214,7 +214,7 @@ impl Broker {
         // one snapshot for the three reads
         let (task, task_active, workload_active) = {
             let r = self.store.read()?;
-            let task = Self::open_task_of(&r, w, task_id, now_ms)?;
+            let task = Self::open_task_of(&*r, w, task_id, now_ms)?;
             let (t, w) = (r.task_active(task.id)?, r.workload_active(&w.id)?);
             (task, t, w)
         };

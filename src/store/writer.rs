@@ -1,0 +1,450 @@
+//! The redb backend's writer engine: one thread owns every write
+//! transaction. It takes whatever operations are queued, applies them all
+//! in one transaction, appends their changes to the write-ahead log as one
+//! record and syncs it ([`wal`]), commits the transaction, then answers
+//! each caller. Under load, concurrent requests share one sync, and the
+//! batch stays open for the configured delay, applying operations as they
+//! arrive (so the delay overlaps the batch's work rather than adding to
+//! it); idle, a single operation commits alone with no added delay. A
+//! checkpoint (a durable redb commit stamped with the last record, then an
+//! empty log) runs when the log passes its size, after a second without
+//! writes, and at close.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use redb::{Database, Durability, ReadableDatabase as _};
+use tokio::sync::mpsc;
+
+use super::key::{Sealer, StoreKey};
+use super::lifecycle::ChainHead;
+use super::reader::RedbReader;
+use super::schema::{self, META, Migration};
+use super::seam::Reader;
+use super::txn::RedbTxn;
+use super::{
+    Backend, CommitHook, CommitStats, Job, QUEUE_DEPTH, Reply, StoreError, StoreOptions, wal,
+};
+
+/// Most operations merged into one transaction.
+const MAX_BATCH: usize = 2048;
+
+/// The redb backend: the database, its writer thread and its health.
+pub(super) struct RedbBackend {
+    db: Arc<Database>,
+    path: std::path::PathBuf,
+    writer: Option<JoinHandle<()>>,
+    healthy: Arc<AtomicBool>,
+    stats: Arc<CommitStats>,
+    sealer: Sealer,
+}
+
+impl Backend for RedbBackend {
+    fn read(&self) -> Result<Reader, StoreError> {
+        Ok(Box::new(RedbReader::new(self.db.begin_read()?)))
+    }
+
+    fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.read().is_ok()
+    }
+
+    fn location(&self) -> &Path {
+        &self.path
+    }
+
+    /// Joining the writer (its queue already closed) makes "the store is
+    /// dropped" mean "every acknowledged write is on disk and the file is
+    /// closed cleanly".
+    fn close(&mut self) {
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+
+    #[cfg(test)]
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl RedbBackend {
+    /// The database (the store's tests read its tables directly).
+    #[cfg(test)]
+    pub(super) fn db(&self) -> &Arc<Database> {
+        &self.db
+    }
+}
+
+/// Open (or create) the file, recover from its log, check the key and the
+/// schema, migrate if needed, and start the writer, which takes its jobs
+/// from the returned queue.
+pub(super) fn open(
+    opts: &StoreOptions,
+    key: &StoreKey,
+    migrations: &[(u32, Migration)],
+    target: u32,
+) -> Result<(Box<dyn Backend>, mpsc::Sender<Job>), StoreError> {
+    if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
+    }
+    let db = redb::Builder::new()
+        .set_cache_size(opts.cache_bytes)
+        .create(&opts.path)
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                path: opts.path.clone(),
+            },
+            other => StoreError::Io(format!("{}: {other}", opts.path.display())),
+        })?;
+    #[cfg(unix)]
+    {
+        // the file holds sealed handles and metadata: owner only
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&opts.path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| StoreError::Io(format!("{}: {e}", opts.path.display())))?;
+    }
+    let sealer = Sealer::new(key);
+    // before anything else writes: the log's records belong to the
+    // file's last checkpoint, whatever this build does next
+    let (wal, recovery) = wal::Wal::recover(&db, &opts.path, opts.quick_repair)?;
+    if recovery.replayed > 0 || recovery.discarded_tail {
+        tracing::info!(
+            replayed = recovery.replayed,
+            discarded_tail = recovery.discarded_tail,
+            "store recovered from its write-ahead log"
+        );
+    }
+    {
+        let mut txn = db.begin_write()?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        txn.set_quick_repair(opts.quick_repair);
+        schema::prepare(&txn, &sealer, &key.fingerprint(), migrations, target)?;
+        txn.commit()?;
+    }
+    let head = {
+        let r = db.begin_read()?;
+        let meta = r.open_table(META)?;
+        let head = meta.get("chain_head")?.map(|g| g.value().to_vec());
+        match head {
+            Some(b) => {
+                ChainHead::from_bytes(&b).ok_or_else(|| StoreError::Corrupt("chain head".into()))?
+            }
+            None => ChainHead::default(),
+        }
+    };
+    let db = Arc::new(db);
+    let (sender, rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
+    let healthy = Arc::new(AtomicBool::new(true));
+    let stats = Arc::new(CommitStats::default());
+    let writer = {
+        let db = db.clone();
+        let healthy = healthy.clone();
+        let stats = stats.clone();
+        let cfg = WriterConfig {
+            group: opts.group_commit,
+            quick_repair: opts.quick_repair,
+            checkpoint_bytes: opts.checkpoint_bytes,
+            checkpoint_idle: opts.checkpoint_idle,
+            on_commit: opts.on_commit.clone(),
+        };
+        std::thread::Builder::new()
+            .name("leasehold-store-writer".into())
+            .spawn(move || writer_loop(&db, rx, cfg, &healthy, &stats, head, wal))
+            .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?
+    };
+    let backend = RedbBackend {
+        db,
+        path: opts.path.clone(),
+        writer: Some(writer),
+        healthy,
+        stats,
+        sealer,
+    };
+    Ok((Box::new(backend), sender))
+}
+
+/// When the writer lingers to gather a bigger batch (PostgreSQL's
+/// `commit_delay` and `commit_siblings`, for the same reason).
+#[derive(Debug, Clone, Copy)]
+pub struct GroupCommit {
+    pub delay: std::time::Duration,
+    pub siblings: usize,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        Self {
+            delay: std::time::Duration::from_micros(500),
+            siblings: 4,
+        }
+    }
+}
+
+struct WriterConfig {
+    group: GroupCommit,
+    on_commit: Option<CommitHook>,
+    quick_repair: bool,
+    checkpoint_bytes: u64,
+    checkpoint_idle: std::time::Duration,
+}
+
+fn writer_loop(
+    db: &Database,
+    mut rx: mpsc::Receiver<Job>,
+    cfg: WriterConfig,
+    healthy: &AtomicBool,
+    stats: &CommitStats,
+    mut head: ChainHead,
+    mut wal: wal::Wal,
+) {
+    // only to wait for the next job with a timeout (the idle checkpoint)
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            healthy.store(false, Ordering::Relaxed);
+            tracing::error!(error = %e, "the store writer cannot start; every write is refused");
+            return;
+        }
+    };
+    // Set once the log or a commit failed: the store file and the log may
+    // disagree with what callers were told, so nothing more is written until
+    // a restart recovers from the log (PostgreSQL stops on a failed fsync
+    // for the same reason). Queued callers see `Closed`.
+    let mut failed = false;
+    let mut last = 0usize;
+    loop {
+        let first = if wal.pending_bytes() > 0 && !failed {
+            let idle = cfg.checkpoint_idle;
+            // the timer is made inside the runtime, which it needs
+            match rt.block_on(async { tokio::time::timeout(idle, rx.recv()).await }) {
+                Ok(Some(j)) => j,
+                Ok(None) => break,
+                Err(_) => {
+                    checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
+                    continue;
+                }
+            }
+        } else {
+            match rx.blocking_recv() {
+                Some(j) => j,
+                None => break,
+            }
+        };
+        if failed {
+            // dropping a job answers its caller with `Closed`
+            drop(first);
+            while rx.try_recv().is_ok() {}
+            continue;
+        }
+        // Under concurrent load (the last batch had company), keep the batch
+        // open briefly so more operations share this commit's fsync; alone,
+        // commit now.
+        let linger =
+            (!cfg.group.delay.is_zero() && last >= cfg.group.siblings).then_some(cfg.group.delay);
+        let (n, outcome) = run_batch(
+            db,
+            first,
+            &mut rx,
+            linger,
+            (&cfg, stats),
+            &mut head,
+            &mut wal,
+        );
+        last = n;
+        match outcome {
+            Ok(()) => {
+                healthy.store(true, Ordering::Relaxed);
+            }
+            Err(BatchError::Refused(e)) => {
+                healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, operations = n, "store batch failed; its requests were refused");
+            }
+            Err(BatchError::Fatal(e)) => stop_writing(healthy, &mut failed, &e),
+        }
+        if !failed && wal.pending_bytes() >= cfg.checkpoint_bytes {
+            checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
+        }
+    }
+    if !failed && wal.pending_bytes() > 0 {
+        // a clean close leaves an empty log: the next start replays nothing
+        checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
+    }
+}
+
+fn checkpoint(
+    db: &Database,
+    wal: &mut wal::Wal,
+    cfg: &WriterConfig,
+    stats: &CommitStats,
+    healthy: &AtomicBool,
+    failed: &mut bool,
+) {
+    let started = std::time::Instant::now();
+    let bytes = wal.pending_bytes();
+    match wal.checkpoint(db, cfg.quick_repair) {
+        Ok(()) => {
+            stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+            stats
+                .checkpoint_micros
+                .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
+            tracing::debug!(
+                log_bytes = bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "store checkpoint"
+            );
+        }
+        Err(e) => stop_writing(healthy, failed, &format!("checkpoint: {e}")),
+    }
+}
+
+/// The log or the store file may now disagree with what callers were told:
+/// write nothing more until a restart recovers from the log.
+fn stop_writing(healthy: &AtomicBool, failed: &mut bool, error: &str) {
+    *failed = true;
+    healthy.store(false, Ordering::Relaxed);
+    tracing::error!(
+        error,
+        "the store cannot write durably; every write is refused until a restart recovers from the write-ahead log"
+    );
+}
+
+fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+enum BatchError {
+    /// Nothing was written: the batch's callers are refused, the store goes on.
+    Refused(String),
+    /// The log or the store file may now hold more than callers were told.
+    Fatal(String),
+}
+
+/// How often a lingering batch looks for more operations.
+const LINGER_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// Gather and apply a batch, log it durably, then commit it (see [`wal`]).
+/// The batch takes `first`, every job already queued and, with a `linger`,
+/// whatever arrives until it has passed since the batch began: each job is
+/// applied as it is taken, so the linger overlaps the batch's own work
+/// instead of preceding it. Returns how many jobs the batch took. Jobs that
+/// never ran (the transaction could not begin) are dropped, which their
+/// callers see as `Closed`.
+fn run_batch(
+    db: &Database,
+    first: Job,
+    rx: &mut mpsc::Receiver<Job>,
+    linger: Option<std::time::Duration>,
+    (cfg, stats): (&WriterConfig, &CommitStats),
+    head: &mut ChainHead,
+    wal: &mut wal::Wal,
+) -> (usize, Result<(), BatchError>) {
+    let started = std::time::Instant::now();
+    let deadline = linger.map(|d| started + d);
+    let mut txn = match db.begin_write() {
+        Ok(t) => t,
+        Err(e) => return (1, Err(BatchError::Refused(e.to_string()))),
+    };
+    if let Err(e) = txn.set_durability(Durability::None) {
+        return (1, Err(BatchError::Refused(e.to_string())));
+    }
+    let mut idle = std::time::Duration::ZERO;
+    let (replies, finished) = {
+        let mut t = RedbTxn::open(&txn, *head);
+        let mut replies: Vec<Reply> = Vec::with_capacity(64);
+        replies.push(first(&mut t));
+        loop {
+            while replies.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(j) => replies.push(j(&mut t)),
+                    Err(_) => break,
+                }
+            }
+            let now = std::time::Instant::now();
+            match deadline {
+                Some(d) if replies.len() < MAX_BATCH && now < d => {
+                    std::thread::sleep(LINGER_POLL.min(d - now));
+                    idle += now.elapsed();
+                }
+                _ => break,
+            }
+        }
+        let entered = t.take_entered();
+        (replies, t.finish().map(|(h, redo)| (h, redo, entered)))
+    };
+    let applied = std::time::Instant::now();
+    let mut entered = BTreeMap::new();
+    let outcome: Result<(), BatchError> = match finished {
+        Ok((new_head, redo, e)) => {
+            entered = e;
+            let logged = if redo.is_empty() {
+                Ok(())
+            } else {
+                stats
+                    .wal_bytes
+                    .fetch_add(redo.len() as u64, Ordering::Relaxed);
+                let t = std::time::Instant::now();
+                let r = wal.append(&redo).map(|_| ());
+                stats
+                    .wal_micros
+                    .fetch_add(micros(t.elapsed()), Ordering::Relaxed);
+                r
+            };
+            match logged {
+                Err(e) => {
+                    let _ = txn.abort();
+                    Err(BatchError::Fatal(format!("write-ahead log: {e}")))
+                }
+                Ok(()) => txn
+                    .commit()
+                    .map(|()| *head = new_head)
+                    .map_err(|e| BatchError::Fatal(format!("commit after logging: {e}"))),
+            }
+        }
+        Err(e) => {
+            let _ = txn.abort();
+            Err(BatchError::Refused(e.to_string()))
+        }
+    };
+    stats.apply_micros.fetch_add(
+        micros((applied - started).saturating_sub(idle)),
+        Ordering::Relaxed,
+    );
+    stats
+        .commit_micros
+        .fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
+    if outcome.is_ok() {
+        // counted before anyone is answered, so a caller sees its own commit
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats
+            .operations
+            .fetch_add(replies.len() as u64, Ordering::Relaxed);
+        if let Some(hook) = &cfg.on_commit {
+            hook(started.elapsed().as_secs_f64(), replies.len(), &entered);
+        }
+    }
+    let told = match &outcome {
+        Ok(()) => Ok(()),
+        Err(BatchError::Refused(e) | BatchError::Fatal(e)) => Err(e.clone()),
+    };
+    let n = replies.len();
+    for reply in replies {
+        reply(told.clone());
+    }
+    (n, outcome)
+}
