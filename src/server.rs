@@ -98,7 +98,9 @@ pub async fn run(
     run_with(listener, config, clock, shutdown, Overrides::default()).await
 }
 
-/// [`run`], with [`Overrides`].
+/// [`run`], with [`Overrides`]. The steps: open the store, build the
+/// broker, recover and announce, start the background work, serve until
+/// shutdown, drain, stop.
 pub async fn run_with(
     listener: std::net::TcpListener,
     config: Config,
@@ -109,7 +111,91 @@ pub async fn run_with(
     crate::install_crypto_provider();
     config.validate()?;
     crate::preflight::check_files(&config)?;
-    let key = load_key(&config)?;
+    let store = open_store(&config)?;
+    let broker = Arc::new(build_broker(&config, store, clock.clone(), overrides)?);
+    let recovered = recover_and_announce(&broker).await?;
+    let auth = Arc::new(Authenticator::new(&config.auth, clock.clone()).map_err(ServeError::Auth)?);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut background = start_background(&config, &broker, &auth, &clock, &stop_rx).await?;
+    let ready = Arc::new(AtomicBool::new(true));
+    if let Some(handle) = crate::metrics::install() {
+        // histogram samples queue up until upkeep folds them into buckets:
+        // without a scrape they would grow without bound
+        let mut stop = stop_rx.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+                    _ = stop.changed() => return,
+                }
+            }
+        }));
+    }
+    let limits = Arc::new(crate::api::Limiter::new(config.server.rate_limits.clone()));
+    let state = AppState::new(crate::api::AppShared {
+        broker: broker.clone(),
+        auth,
+        ready: ready.clone(),
+        limits,
+        health: Arc::default(),
+    });
+    if let Some(addr) = config.server.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let app = crate::api::metrics_router(state.clone());
+        let mut stop = stop_rx.clone();
+        tracing::info!(%addr, "metrics and probes listener");
+        background.push(tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stop.changed().await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "the metrics listener failed");
+            }
+        }));
+    }
+    let app = crate::api::router(
+        state,
+        HttpLimits {
+            max_body_bytes: config.server.max_body_bytes,
+            request_timeout: Duration::from_secs(config.server.request_timeout_seconds),
+        },
+    );
+    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
+    let addr = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    tracing::info!(
+        %addr, tls = config.server.tls.is_some(), store = %config.store.path.display(),
+        providers = broker.providers().names().collect::<Vec<_>>().join(","), recovered,
+        "leasehold serving"
+    );
+    serve(listener, app, &config, shutdown, ready, grace).await?;
+    let _ = stop_tx.send(true);
+    for h in background {
+        let _ = h.await;
+    }
+    broker.stop_jobs().await;
+    // the last words of the chain: the stop, then a signed checkpoint over it
+    if let Err(e) = broker
+        .record(
+            crate::audit::EventKind::BrokerStopped,
+            None,
+            crate::audit::EventData::new(),
+        )
+        .await
+    {
+        tracing::error!(error = %e, "recording the stop failed");
+    }
+    if let Err(e) = broker.checkpoint().await {
+        tracing::error!(error = %e, "the final checkpoint failed");
+    }
+    close(broker, grace).await;
+    tracing::info!("leasehold stopped");
+    Ok(())
+}
+
+/// Open the store the config names, with its key (dropped once open).
+fn open_store(config: &Config) -> Result<Store, ServeError> {
+    let key = load_key(config)?;
     #[allow(unused_mut)]
     let mut store_options = StoreOptions {
         cache_bytes: config.store.cache_mib.saturating_mul(1 << 20),
@@ -137,13 +223,24 @@ pub async fn run_with(
     }
     let store = Store::open(&store_options, &key)?;
     drop(key);
+    Ok(store)
+}
+
+/// The configured providers (and any the tests add), the policy set, and
+/// the broker that shares them.
+fn build_broker(
+    config: &Config,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    overrides: Overrides,
+) -> Result<Broker, ServeError> {
     let mut providers = Providers::build(
         &config.providers,
         &store,
         config.broker_limits(),
         clock.clone(),
     )?;
-    let mut roles = crate::preflight::role_entities(&config);
+    let mut roles = crate::preflight::role_entities(config);
     for (name, p) in overrides.providers {
         for r in &p.describe().roles {
             roles.push(crate::policy::RoleEntity {
@@ -196,12 +293,17 @@ pub async fn run_with(
         ))
     })?;
     let broker = broker
-        .with_auditor(auditor(&config)?)
+        .with_auditor(auditor(config)?)
         .with_checkpoint_key(
             crate::audit::CheckpointKey::from_pkcs8(&cp).map_err(ServeError::Audit)?,
         )
         .with_denied_per_second(u64::from(config.audit.auth_denied_events_per_second));
-    let broker = Arc::new(broker);
+    Ok(broker)
+}
+
+/// Recover intents a crash left, load the fences, and record the start.
+/// Returns how many intents were recovered.
+async fn recover_and_announce(broker: &Arc<Broker>) -> Result<usize, ServeError> {
     let recovered = broker
         .recover()
         .await
@@ -225,9 +327,18 @@ pub async fn run_with(
         .record(crate::audit::EventKind::BrokerStarted, None, started)
         .await
         .map_err(|e| ServeError::Audit(format!("cannot record the start: {e}")))?;
-    let auth = Arc::new(Authenticator::new(&config.auth, clock.clone()).map_err(ServeError::Auth)?);
+    Ok(recovered)
+}
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+/// The reaper and workers, resumed jobs, checkpoints, SIGHUP reloads and
+/// JWKS refreshes, all stopping when `stop` turns true.
+async fn start_background(
+    config: &Config,
+    broker: &Arc<Broker>,
+    auth: &Arc<Authenticator>,
+    clock: &Arc<dyn Clock>,
+    stop_rx: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, ServeError> {
     let mut background = crate::domain::reaper::spawn(broker.clone(), stop_rx.clone());
     broker
         .resume_jobs()
@@ -261,60 +372,21 @@ pub async fn run_with(
         }
     }
 
-    let ready = Arc::new(AtomicBool::new(true));
-    if let Some(handle) = crate::metrics::install() {
-        // histogram samples queue up until upkeep folds them into buckets:
-        // without a scrape they would grow without bound
-        let mut stop = stop_rx.clone();
-        background.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
-                    _ = stop.changed() => return,
-                }
-            }
-        }));
-    }
-    let limits = Arc::new(crate::api::Limiter::new(config.server.rate_limits.clone()));
-    let state = AppState::new(crate::api::AppShared {
-        broker: broker.clone(),
-        auth,
-        ready: ready.clone(),
-        limits,
-        health: Arc::default(),
-    });
-    if let Some(addr) = config.server.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let app = crate::api::metrics_router(state.clone());
-        let mut stop = stop_rx.clone();
-        tracing::info!(%addr, "metrics and probes listener");
-        background.push(tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stop.changed().await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "the metrics listener failed");
-            }
-        }));
-    }
-    let app = crate::api::router(
-        state,
-        HttpLimits {
-            max_body_bytes: config.server.max_body_bytes,
-            request_timeout: Duration::from_secs(config.server.request_timeout_seconds),
-        },
-    );
-    let grace = Duration::from_secs(config.server.shutdown_grace_seconds);
-    let addr = listener.local_addr()?;
-    listener.set_nonblocking(true)?;
-    tracing::info!(
-        %addr, tls = config.server.tls.is_some(), store = %config.store.path.display(),
-        providers = broker.providers().names().collect::<Vec<_>>().join(","), recovered,
-        "leasehold serving"
-    );
+    Ok(background)
+}
 
+/// Serve `app` on `listener` (TLS when configured) until `shutdown`: then
+/// not ready, a drain delay, and at most `grace` for open requests.
+async fn serve(
+    listener: std::net::TcpListener,
+    app: axum::Router,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: Arc<AtomicBool>,
+    grace: Duration,
+) -> Result<(), ServeError> {
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let drain_ready = ready.clone();
+    let drain_ready = ready;
     let drain_delay = Duration::from_secs(config.server.drain_delay_seconds);
     tokio::spawn(async move {
         shutdown.await;
@@ -364,27 +436,6 @@ pub async fn run_with(
         }
     }
 
-    let _ = stop_tx.send(true);
-    for h in background {
-        let _ = h.await;
-    }
-    broker.stop_jobs().await;
-    // the last words of the chain: the stop, then a signed checkpoint over it
-    if let Err(e) = broker
-        .record(
-            crate::audit::EventKind::BrokerStopped,
-            None,
-            crate::audit::EventData::new(),
-        )
-        .await
-    {
-        tracing::error!(error = %e, "recording the stop failed");
-    }
-    if let Err(e) = broker.checkpoint().await {
-        tracing::error!(error = %e, "the final checkpoint failed");
-    }
-    close(broker, grace).await;
-    tracing::info!("leasehold stopped");
     Ok(())
 }
 

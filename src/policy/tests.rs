@@ -1,6 +1,12 @@
 //! Table-driven policy tests: one `check` helper, one row per case, against
 //! the example set in `config/policies` plus a few rules of the tests' own.
 
+use std::collections::{HashMap, HashSet};
+
+use std::str::FromStr as _;
+
+use cedar_policy::Policy;
+
 use super::*;
 
 const EXTRA: &str = r#"

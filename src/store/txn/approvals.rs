@@ -1,6 +1,5 @@
 //! Approvals and break-glass reviews in a redb transaction.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 impl ApprovalWrites for RedbTxn<'_> {

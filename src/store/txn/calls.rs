@@ -1,7 +1,6 @@
 //! Calls in a redb transaction (keyed by task and call, so the key is the
 //! index).
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 impl CallWrites for RedbTxn<'_> {

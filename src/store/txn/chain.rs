@@ -1,7 +1,6 @@
 //! The event chain in a redb transaction: appends join the batch's open
 //! block; checkpoints; pruning of archived events.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 impl ChainWrites for RedbTxn<'_> {

@@ -1,6 +1,5 @@
 //! Revocation jobs, fences and abandoned leases in a redb transaction.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 impl IncidentWrites for RedbTxn<'_> {

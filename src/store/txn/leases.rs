@@ -1,6 +1,5 @@
 //! Leases in a redb transaction: the state machine and its indexes.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 impl LeaseWrites for RedbTxn<'_> {

@@ -1,6 +1,5 @@
 //! Tasks in a redb transaction.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 impl TaskWrites for RedbTxn<'_> {

@@ -1,6 +1,5 @@
 //! The token denylist in a redb transaction.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 impl TokenWrites for RedbTxn<'_> {

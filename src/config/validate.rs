@@ -1,0 +1,341 @@
+//! [`Config::validate`]: the semantic checks types cannot express
+//! (ranges, exclusive options, the loopback-without-TLS rule, unsafe
+//! algorithms), section by section, each error naming its field. Provider
+//! tables are checked by their kinds.
+
+use std::collections::BTreeSet;
+
+use super::*;
+
+/// Signature algorithms a workload issuer may pin. HMAC is absent on
+/// purpose: a shared secret cannot identify a workload, and accepting it is
+/// how RSA/HMAC key confusion happens.
+pub const ALLOWED_ALGORITHMS: &[&str] = &[
+    "EdDSA", "ES256", "ES384", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+];
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Config {
+    /// Semantic checks that types cannot express, section by section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_server()?;
+        self.validate_store()?;
+        self.validate_limits()?;
+        self.validate_auth()?;
+        self.validate_audit()?;
+        self.validate_policy()?;
+        self.validate_providers()
+    }
+
+    /// Checks of the listener, TLS, bodies, timeouts and rate limits.
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.tls.is_none() && !s.listen.ip().is_loopback() && !s.allow_plaintext_non_loopback {
+            return Err(invalid(
+                "server.listen",
+                format!(
+                    "{} is not a loopback address and no [server.tls] is configured; \
+                     configure TLS, or set server.allow_plaintext_non_loopback = true if a \
+                     TLS-terminating proxy on this host fronts the broker",
+                    s.listen
+                ),
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&s.max_body_bytes) {
+            return Err(invalid(
+                "server.max_body_bytes",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        if s.request_timeout_seconds == 0 {
+            return Err(invalid(
+                "server.request_timeout_seconds",
+                "must be positive",
+            ));
+        }
+        if s.drain_delay_seconds > 300 {
+            return Err(invalid("server.drain_delay_seconds", "at most 300"));
+        }
+        if let Some((field, message)) = s.rate_limits.problem() {
+            return Err(invalid(format!("server.rate_limits.{field}"), message));
+        }
+        if let Some(m) = s.metrics_listen
+            && m == s.listen
+        {
+            return Err(invalid(
+                "server.metrics_listen",
+                "must differ from server.listen",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks of the store: its key, cache, log and group commit.
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        match (&self.store.key_file, &self.store.key_env) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "store.key_file",
+                    "set either store.key_file or store.key_env, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(invalid(
+                    "store.key_file",
+                    "the store key is required: set store.key_file or store.key_env",
+                ));
+            }
+            _ => {}
+        }
+        if self.store.cache_mib == 0 {
+            return Err(invalid("store.cache_mib", "must be positive"));
+        }
+        if !(1..=1024).contains(&self.store.checkpoint_mib) {
+            return Err(invalid("store.checkpoint_mib", "between 1 and 1024"));
+        }
+        if self.store.commit_delay_micros > 10_000 {
+            return Err(invalid(
+                "store.commit_delay_micros",
+                "at most 10000 (10 ms)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks of task and lease ceilings, and the reaper's retries.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.max_task_ttl_seconds == 0 || l.max_task_ttl_seconds > 7 * 86_400 {
+            return Err(invalid(
+                "limits.max_task_ttl_seconds",
+                "must be between 1 and 604800",
+            ));
+        }
+        if l.max_lease_ttl_seconds == 0 || l.max_lease_ttl_seconds > l.max_task_ttl_seconds {
+            return Err(invalid(
+                "limits.max_lease_ttl_seconds",
+                "must be positive and at most limits.max_task_ttl_seconds",
+            ));
+        }
+        if l.max_leases_per_task == 0 {
+            return Err(invalid("limits.max_leases_per_task", "must be positive"));
+        }
+        let r = &self.reaper;
+        if r.retry_base_seconds == 0 || r.retry_cap_seconds < r.retry_base_seconds {
+            return Err(invalid(
+                "reaper.retry_cap_seconds",
+                "retry_base_seconds must be positive and retry_cap_seconds at least as large",
+            ));
+        }
+        if r.retry_budget == 0 {
+            return Err(invalid("reaper.retry_budget", "must be positive"));
+        }
+        if r.irrevocable_retry_seconds == 0 {
+            return Err(invalid(
+                "reaper.irrevocable_retry_seconds",
+                "must be positive",
+            ));
+        }
+        if !(1..=65_536).contains(&r.batch_size) {
+            return Err(invalid("reaper.batch_size", "must be between 1 and 65536"));
+        }
+        if r.provider_timeout_seconds == 0 {
+            return Err(invalid(
+                "reaper.provider_timeout_seconds",
+                "must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks of the chain: checkpoints and keyed fields.
+    fn validate_audit(&self) -> Result<(), ConfigError> {
+        let a = &self.audit;
+        if a.checkpoint_interval_seconds == 0 || a.checkpoint_interval_seconds > 86_400 {
+            return Err(invalid(
+                "audit.checkpoint_interval_seconds",
+                "must be between 1 and 86400",
+            ));
+        }
+        if let Some(f) = a
+            .hmac_fields
+            .iter()
+            .find(|f| !HMAC_FIELDS.contains(&f.as_str()))
+        {
+            return Err(invalid(
+                "audit.hmac_fields",
+                format!(
+                    "`{f}` cannot be HMAC-ed; choose from {}",
+                    HMAC_FIELDS.join(", ")
+                ),
+            ));
+        }
+        if !a.hmac_fields.is_empty() && a.hmac_key_file.is_none() {
+            return Err(invalid(
+                "audit.hmac_key_file",
+                "hmac_fields needs hmac_key_file",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks of approvals, break-glass and the webhook.
+    fn validate_policy(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let p = &self.policy;
+        if !(60..=86_400).contains(&p.approval_ttl_seconds) {
+            return Err(invalid(
+                "policy.approval_ttl_seconds",
+                "must be between 60 and 86400",
+            ));
+        }
+        if p.break_glass_max_ttl_seconds == 0
+            || p.break_glass_max_ttl_seconds > l.max_lease_ttl_seconds
+        {
+            return Err(invalid(
+                "policy.break_glass_max_ttl_seconds",
+                "must be positive and at most limits.max_lease_ttl_seconds",
+            ));
+        }
+        if p.max_active_leases_per_workload == 0 {
+            return Err(invalid(
+                "policy.max_active_leases_per_workload",
+                "must be positive",
+            ));
+        }
+        if let Some(u) = &p.webhook_url {
+            let loopback = u.starts_with("http://127.0.0.1")
+                || u.starts_with("http://localhost")
+                || u.starts_with("http://[::1]");
+            if !u.starts_with("https://") && !loopback {
+                return Err(invalid(
+                    "policy.webhook_url",
+                    "must be https (http only on loopback)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks of each provider, through its kind's own checks.
+    fn validate_providers(&self) -> Result<(), ConfigError> {
+        if self.providers.is_empty() {
+            return Err(invalid("providers", "configure at least one provider"));
+        }
+        for (name, p) in &self.providers {
+            let field = format!("providers.{name}");
+            if !is_name(name) {
+                return Err(invalid(field, "provider names are 1-64 of [A-Za-z0-9_-]"));
+            }
+            let own = p.settings().validate(&self.broker_limits());
+            own.map_err(|e| invalid(format!("{field}.{}", e.field), e.message))?;
+            if let Some((role, _)) = p.role_ttls().into_iter().find(|(r, _)| !is_name(r)) {
+                return Err(invalid(
+                    format!("{field}.roles.{role}"),
+                    "role names are 1-64 of [A-Za-z0-9_-]",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let mut names = BTreeSet::new();
+        let mut issuers = BTreeSet::new();
+        for (i, iss) in self.auth.workload_issuers.iter().enumerate() {
+            let f = |k: &str| format!("auth.workload_issuers[{i}].{k}");
+            if !is_name(&iss.name) {
+                return Err(invalid(f("name"), "1-64 of [A-Za-z0-9_-]"));
+            }
+            if !names.insert(&iss.name) {
+                return Err(invalid(
+                    f("name"),
+                    format!("duplicate issuer name `{}`", iss.name),
+                ));
+            }
+            if iss.issuer.is_empty() || !issuers.insert(&iss.issuer) {
+                return Err(invalid(f("issuer"), "must be non-empty and unique"));
+            }
+            if iss.audiences.is_empty() || iss.audiences.iter().any(String::is_empty) {
+                return Err(invalid(
+                    f("audiences"),
+                    "list at least one non-empty audience",
+                ));
+            }
+            if iss.algorithms.is_empty() {
+                return Err(invalid(f("algorithms"), "pin at least one algorithm"));
+            }
+            for a in &iss.algorithms {
+                if !ALLOWED_ALGORITHMS.contains(&a.as_str()) {
+                    return Err(invalid(
+                        f("algorithms"),
+                        format!(
+                            "`{a}` is not allowed; use one of {}",
+                            ALLOWED_ALGORITHMS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            match (&iss.jwks_file, &iss.jwks_url) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(
+                        f("jwks_file"),
+                        "set exactly one of jwks_file and jwks_url",
+                    ));
+                }
+                (None, Some(url)) => {
+                    let loopback_http = url.starts_with("http://127.0.0.1")
+                        || url.starts_with("http://localhost")
+                        || url.starts_with("http://[::1]");
+                    if !url.starts_with("https://") && !loopback_http {
+                        return Err(invalid(
+                            f("jwks_url"),
+                            "must be https (http only on loopback)",
+                        ));
+                    }
+                }
+                _ => {}
+            }
+            if iss.jwks_refresh_seconds < 10 {
+                return Err(invalid(f("jwks_refresh_seconds"), "must be at least 10"));
+            }
+            if iss.leeway_seconds > 300 {
+                return Err(invalid(
+                    f("leeway_seconds"),
+                    "at most 300 (skew should be small)",
+                ));
+            }
+            if iss.tenant.is_some() && iss.tenant_claim.is_some() {
+                return Err(invalid(f("tenant"), "set tenant or tenant_claim, not both"));
+            }
+        }
+        let mut op_names = BTreeSet::new();
+        let mut hashes = BTreeSet::new();
+        for (i, op) in self.auth.operators.iter().enumerate() {
+            let f = |k: &str| format!("auth.operators[{i}].{k}");
+            if !is_name(&op.name) || !op_names.insert(&op.name) {
+                return Err(invalid(f("name"), "1-64 of [A-Za-z0-9_-], unique"));
+            }
+            if op.roles.is_empty() {
+                return Err(invalid(f("roles"), "give at least one role"));
+            }
+            let h = op.token_sha256.to_ascii_lowercase();
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    f("token_sha256"),
+                    "must be 64 hex characters (SHA-256)",
+                ));
+            }
+            if !hashes.insert(h) {
+                return Err(invalid(f("token_sha256"), "two operators share a token"));
+            }
+        }
+        Ok(())
+    }
+}
