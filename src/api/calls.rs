@@ -7,7 +7,7 @@ use super::openapi::{CallsProvider, Conflict, Guarded, WithBody, WithId};
 use super::wire::{ApiJson, ErrorBody, ReqId, ctx, detached, parse_approval_id, parse_task_id, ts};
 use super::{ApiError, AppState};
 use crate::domain::call::{CallOutcome, CallParams};
-use crate::domain::lease::LeaseParams;
+use crate::domain::issue::LeaseParams;
 use crate::ids::{LeaseId, TaskId};
 use axum::Json;
 use axum::extract::{Path, State};

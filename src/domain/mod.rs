@@ -14,6 +14,7 @@ pub mod call;
 pub mod events;
 pub mod fences;
 pub mod incident;
+pub mod issue;
 pub mod jobs;
 pub mod lease;
 pub mod ops;

@@ -34,7 +34,7 @@ use leasehold::auth::Workload;
 use leasehold::clock::{Clock, ManualClock, SystemClock, Timestamp};
 use leasehold::dev::DevCredentials;
 use leasehold::domain::Broker;
-use leasehold::domain::lease::LeaseParams;
+use leasehold::domain::issue::LeaseParams;
 use leasehold::domain::task::OpenTask;
 use leasehold::providers::Providers;
 use leasehold::store::{LeaseQuery, LeaseState, Store, StoreKey, StoreOptions};

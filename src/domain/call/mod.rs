@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::audit::{self, Ctx};
 use crate::auth::Workload;
-use crate::domain::lease::{IssuedLease, LeaseParams, TxnStep, no_step};
+use crate::domain::issue::{IssuedLease, LeaseParams, TxnStep, no_step};
 use crate::domain::{Broker, BrokerError, Denial};
 use crate::ids::{ApprovalId, CallId, LeaseId, TaskId};
 use crate::policy::{CallFacts, Decision, LeaseFacts, Now, Outcome, Principal, TaskFacts};
@@ -35,6 +35,18 @@ pub struct CallParams {
     pub credential: Option<LeaseParams>,
     pub approval_id: Option<ApprovalId>,
     pub break_glass: Option<String>,
+}
+
+/// What `decide` found, for the step that acts on it.
+struct Decided {
+    task: TaskRecord,
+    workload_active: u64,
+    tenant: String,
+    decision: Decision,
+    loaded: std::sync::Arc<crate::policy::Loaded>,
+    call: CallRecord,
+    action_name: &'static str,
+    now: crate::clock::Timestamp,
 }
 
 /// What a decided call (or direct credential request) produced.
@@ -183,24 +195,9 @@ impl Broker {
         self.decide_and_act(w, task_id, p, ctx, false).await
     }
 
-    /// A direct credential request: decided like a call's credential.
-    pub async fn request_lease(
-        &self,
-        w: &Workload,
-        task_id: TaskId,
-        lease: LeaseParams,
-        approval_id: Option<ApprovalId>,
-        ctx: &Ctx,
-    ) -> Result<CallOutcome, BrokerError> {
-        let p = CallParams {
-            credential: Some(lease),
-            approval_id,
-            ..CallParams::default()
-        };
-        self.decide_and_act(w, task_id, p, ctx, true).await
-    }
-
-    async fn decide_and_act(
+    /// Decide a call (or, `direct`, a credential request) and act on it:
+    /// record a denial, ask for an approval, or issue what was allowed.
+    pub(in crate::domain) async fn decide_and_act(
         &self,
         w: &Workload,
         task_id: TaskId,
@@ -208,7 +205,60 @@ impl Broker {
         ctx: &Ctx,
         direct: bool,
     ) -> Result<CallOutcome, BrokerError> {
-        self.check_call_input(&p, direct)?;
+        let d = self.decide(w, task_id, &p, direct)?;
+        if d.decision.outcome == Outcome::Deny {
+            return Err(self.record_denial(d, &p, task_id, ctx).await);
+        }
+        let workload_active = d.workload_active;
+        if p.credential.is_some() && workload_active >= self.settings.max_active_leases_per_workload
+        {
+            return Err(BrokerError::Quota {
+                code: "workload_lease_cap",
+                message: format!(
+                    "the workload already holds {workload_active} active leases (cap {})",
+                    self.settings.max_active_leases_per_workload
+                ),
+            });
+        }
+        // the hash an approval is bound to: only a call that needs or
+        // brings an approval has use for it
+        let hash = if d.decision.outcome == Outcome::ApprovalRequired || p.approval_id.is_some() {
+            request_hash(&w.id, d.task.id, &p)
+        } else {
+            [0; 32]
+        };
+
+        if d.decision.outcome == Outcome::ApprovalRequired && p.approval_id.is_none() {
+            return self.request_approval(w, task_id, d, p, hash, ctx).await;
+        }
+        let on_behalf_of = p.break_glass.as_ref().map(|_| d.task.on_behalf_of.clone());
+        let result = self.act_allowed(w, d, &p, hash, ctx).await?;
+        if let (Some(j), CallOutcome::Allowed { call, .. }) = (&p.break_glass, &result) {
+            tracing::warn!(call_id = %CallId(call.id), task_id = %task_id, workload = %w.id, tool = %p.tool, "BREAK-GLASS call allowed");
+            self.notifier.notify(json!({
+                "type": "break_glass.used",
+                "call_id": CallId(call.id).to_string(),
+                "task_id": task_id.to_string(),
+                "workload": w.id,
+                "on_behalf_of": on_behalf_of,
+                "tool": p.tool,
+                "justification": j,
+                "lease_id": call.lease_id.map(|l| LeaseId(l).to_string()),
+            }));
+        }
+        Ok(result)
+    }
+
+    /// The decision: the task (open, not fenced), its facts, policy's
+    /// answer, and the call record it makes. Reads only.
+    fn decide(
+        &self,
+        w: &Workload,
+        task_id: TaskId,
+        p: &CallParams,
+        direct: bool,
+    ) -> Result<Decided, BrokerError> {
+        self.check_call_input(p, direct)?;
         let now = self.clock.now();
         let now_ms = now.unix_millis();
         // one snapshot for the three reads
@@ -259,7 +309,7 @@ impl Broker {
             if direct { "lease" } else { "call" },
             decision.outcome.as_str(),
         );
-        let mut call = CallRecord {
+        let call = CallRecord {
             id: call_id.0,
             task_id: task.id,
             workload: w.id.clone(),
@@ -277,82 +327,117 @@ impl Broker {
             policy_version: decision.version.clone(),
             created_at: now_ms,
         };
+        Ok(Decided {
+            task,
+            workload_active,
+            tenant: who.tenant,
+            decision,
+            loaded,
+            call,
+            action_name,
+            now,
+        })
+    }
+
+    /// A denial is recorded (the call and its event) and answered.
+    async fn record_denial(
+        &self,
+        d: Decided,
+        p: &CallParams,
+        task_id: TaskId,
+        ctx: &Ctx,
+    ) -> BrokerError {
+        let Decided {
+            task,
+            tenant,
+            decision,
+            loaded,
+            call,
+            action_name,
+            ..
+        } = d;
         let a = self.auditor.clone();
+        let call_id = CallId(call.id);
+        let (c, t, cx) = (call.clone(), task.clone(), ctx.clone());
+        let recorded = self
+            .store
+            .write(move |txn| {
+                txn.put_call(&c)?;
+                audit::append(txn, &a, a.decided(&t, &c, action_name, &cx))
+            })
+            .await;
+        if let Err(e) = recorded {
+            return e.into();
+        }
+        tracing::info!(call_id = %call_id, task_id = %task_id, tool = %p.tool, "call denied by policy");
+        BrokerError::Denied(Box::new(Denial {
+            action: action_name,
+            call_id: Some(call_id.to_string()),
+            policies: decision.visible_policies(&loaded, &tenant),
+            reasons: decision.reasons,
+        }))
+    }
 
-        if decision.outcome == Outcome::Deny {
-            let (c, t, cx) = (call.clone(), task.clone(), ctx.clone());
-            self.store
-                .write(move |txn| {
-                    txn.put_call(&c)?;
-                    audit::append(txn, &a, a.decided(&t, &c, action_name, &cx))
-                })
-                .await?;
-            tracing::info!(call_id = %call_id, task_id = %task_id, tool = %p.tool, "call denied by policy");
-            return Err(BrokerError::Denied(Box::new(Denial {
-                action: action_name,
-                call_id: Some(call_id.to_string()),
-                policies: decision.visible_policies(&loaded, &who.tenant),
-                reasons: decision.reasons,
-            })));
-        }
-        if p.credential.is_some() && workload_active >= self.settings.max_active_leases_per_workload
-        {
-            return Err(BrokerError::Quota {
-                code: "workload_lease_cap",
-                message: format!(
-                    "the workload already holds {workload_active} active leases (cap {})",
-                    self.settings.max_active_leases_per_workload
-                ),
-            });
-        }
-        // the hash an approval is bound to: only a call that needs or
-        // brings an approval has use for it
-        let hash = if decision.outcome == Outcome::ApprovalRequired || p.approval_id.is_some() {
-            request_hash(&w.id, task.id, &p)
-        } else {
-            [0; 32]
+    /// A call that needs a human: the approval, bound to `hash`, is stored
+    /// with the call, and approvers are notified.
+    async fn request_approval(
+        &self,
+        w: &Workload,
+        task_id: TaskId,
+        d: Decided,
+        p: CallParams,
+        hash: [u8; 32],
+        ctx: &Ctx,
+    ) -> Result<CallOutcome, BrokerError> {
+        let Decided {
+            task,
+            decision,
+            mut call,
+            action_name,
+            now,
+            ..
+        } = d;
+        let now_ms = now.unix_millis();
+        let a = self.auditor.clone();
+        let approval = ApprovalRecord {
+            id: ApprovalId::generate(now).0,
+            task_id: task.id,
+            workload: w.id.clone(),
+            tenant: w.tenant.clone(),
+            on_behalf_of: task.on_behalf_of.clone(),
+            request_hash: hash,
+            tool: p.tool.clone(),
+            action: p.action.clone(),
+            target: p.target.clone(),
+            arguments_sha256: p.arguments_sha256.clone(),
+            credential: p.credential.as_ref().map(|c| CredentialSpec {
+                provider: c.provider.clone(),
+                role: c.role.clone(),
+                ttl_seconds: u64::try_from(c.ttl_seconds).unwrap_or(0),
+                scope: c.scope.clone(),
+            }),
+            requested_by_call: call.id,
+            policies: decision.policies.clone(),
+            state: ApprovalState::Pending,
+            created_at: now_ms,
+            expires_at: now.saturating_add(self.settings.approval_ttl).unix_millis(),
+            decided_by: None,
+            decided_at: None,
+            comment: None,
+            consumed_by_call: None,
         };
-
-        if decision.outcome == Outcome::ApprovalRequired && p.approval_id.is_none() {
-            let approval = ApprovalRecord {
-                id: ApprovalId::generate(now).0,
-                task_id: task.id,
-                workload: w.id.clone(),
-                tenant: w.tenant.clone(),
-                on_behalf_of: task.on_behalf_of.clone(),
-                request_hash: hash,
-                tool: p.tool.clone(),
-                action: p.action.clone(),
-                target: p.target.clone(),
-                arguments_sha256: p.arguments_sha256.clone(),
-                credential: p.credential.as_ref().map(|c| CredentialSpec {
-                    provider: c.provider.clone(),
-                    role: c.role.clone(),
-                    ttl_seconds: u64::try_from(c.ttl_seconds).unwrap_or(0),
-                    scope: c.scope.clone(),
-                }),
-                requested_by_call: call_id.0,
-                policies: decision.policies.clone(),
-                state: ApprovalState::Pending,
-                created_at: now_ms,
-                expires_at: now.saturating_add(self.settings.approval_ttl).unix_millis(),
-                decided_by: None,
-                decided_at: None,
-                comment: None,
-                consumed_by_call: None,
-            };
-            call.approval_id = Some(approval.id);
-            let (c, t, ap, cx) = (call.clone(), task.clone(), approval.clone(), ctx.clone());
-            self.store
-                .write(move |txn| {
-                    txn.create_approval(&ap)?;
-                    txn.put_call(&c)?;
-                    audit::append(txn, &a, a.decided(&t, &c, action_name, &cx))?;
-                    audit::append(txn, &a, a.approval(&ap, &cx, now_ms))
-                })
-                .await?;
-            self.wakers.expiry.notify_one();
-            self.notifier.notify(json!({
+        call.approval_id = Some(approval.id);
+        let (c, t, ap, cx) = (call.clone(), task.clone(), approval.clone(), ctx.clone());
+        self.store
+            .write(move |txn| {
+                txn.create_approval(&ap)?;
+                txn.put_call(&c)?;
+                audit::append(txn, &a, a.decided(&t, &c, action_name, &cx))?;
+                audit::append(txn, &a, a.approval(&ap, &cx, now_ms))
+            })
+            .await?;
+        self.wakers.expiry.notify_one();
+        self.notifier.notify(json!({
                 "type": "approval.requested",
                 "approval_id": ApprovalId(approval.id).to_string(),
                 "task_id": task_id.to_string(),
@@ -365,9 +450,29 @@ impl Broker {
                 "expires_at": crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(approval.expires_at)),
                 "policies": decision.policies,
             }));
-            return Ok(CallOutcome::ApprovalRequired { call, approval });
-        }
+        Ok(CallOutcome::ApprovalRequired { call, approval })
+    }
 
+    /// An allowed (or approved) call: the approval is used, the call and
+    /// any break-glass review recorded, and its credential issued, all with
+    /// the lease intent in one transaction.
+    async fn act_allowed(
+        &self,
+        w: &Workload,
+        d: Decided,
+        p: &CallParams,
+        hash: [u8; 32],
+        ctx: &Ctx,
+    ) -> Result<CallOutcome, BrokerError> {
+        let Decided {
+            task,
+            decision,
+            mut call,
+            action_name,
+            now,
+            ..
+        } = d;
+        let now_ms = now.unix_millis();
         // allowed (or approved): use the approval, record the call, break-glass
         call.outcome = Outcome::Allow.as_str().to_owned();
         let approval = p.approval_id;
@@ -425,19 +530,6 @@ impl Broker {
                 CallOutcome::Allowed { call, lease: None }
             }
         };
-        if let (Some(j), CallOutcome::Allowed { call, .. }) = (&p.break_glass, &result) {
-            tracing::warn!(call_id = %CallId(call.id), task_id = %task_id, workload = %w.id, tool = %p.tool, "BREAK-GLASS call allowed");
-            self.notifier.notify(json!({
-                "type": "break_glass.used",
-                "call_id": CallId(call.id).to_string(),
-                "task_id": task_id.to_string(),
-                "workload": w.id,
-                "on_behalf_of": task.on_behalf_of,
-                "tool": p.tool,
-                "justification": j,
-                "lease_id": call.lease_id.map(|l| LeaseId(l).to_string()),
-            }));
-        }
         Ok(result)
     }
 }
