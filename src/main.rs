@@ -118,27 +118,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             listen,
             data,
             log_format,
-        } => {
-            let _logs = init_logging(log_format);
-            let listener =
-                std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
-            let addr = listener.local_addr()?;
-            let (config, creds) = leasehold::dev::prepare(&data, addr, SystemClock.now())?;
-            eprintln!(
-                "leasehold dev: http://{addr}  (data in {}; credentials in {})\n  \
-                 try: leasehold task open --as assistant-a --purpose demo --on-behalf-of you@example.com --prompt hello --ttl 600",
-                data.display(),
-                data.join("dev-credentials.json").display()
-            );
-            drop(creds);
-            let rt = runtime()?;
-            rt.block_on(leasehold::server::run(
-                listener,
-                config,
-                Arc::new(SystemClock),
-                shutdown_signal(),
-            ))?;
-        }
+        } => dev(listen, &data, log_format)?,
         Command::Openapi { output } => {
             let doc = leasehold::api::openapi::document_json()?;
             match output {
@@ -149,114 +129,36 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
         Command::Config {
             command: ConfigCommand::Validate { file, offline },
-        } => {
-            let cfg = leasehold::config::Config::load(&file)?;
-            leasehold::preflight::check_files(&cfg)?;
-            if !offline {
-                let rt = runtime()?;
-                rt.block_on(leasehold::providers::dry_run(&cfg))?;
-            }
-            println!(
-                "{}: valid ({} provider(s), {} workload issuer(s), {} operator(s))",
-                file.display(),
-                cfg.providers.len(),
-                cfg.auth.workload_issuers.len(),
-                cfg.auth.operators.len()
-            );
-        }
-        Command::Keygen { command } => match command {
-            KeygenCommand::Store { file } => {
-                leasehold::store::StoreKey::generate()?.write_new_file(&file)?;
-                println!(
-                    "wrote a new store key to {} (keep it; the store cannot be opened without it)",
-                    file.display()
-                );
-            }
-            KeygenCommand::Token { file } => {
-                write_new_private(&file, &leasehold_provider_token::generate_signing_key()?)?;
-                println!(
-                    "wrote a new Ed25519 token signing key to {}",
-                    file.display()
-                );
-            }
-            KeygenCommand::Checkpoint { file } => {
-                let doc = leasehold_provider_token::generate_signing_key()?;
-                write_new_private(&file, &doc)?;
-                let key = leasehold::audit::CheckpointKey::from_pkcs8(&doc)
-                    .map_err(anyhow::Error::msg)?;
-                println!("wrote a new Ed25519 checkpoint key to {}", file.display());
-                println!(
-                    "public key (for `leasehold events verify --checkpoint-key`): {}",
-                    key.public_key_text()
-                );
-            }
-            KeygenCommand::Operator => {
-                let token =
-                    leasehold::auth::generate_operator_token().map_err(anyhow::Error::msg)?;
-                println!("token:        {token}");
-                println!(
-                    "token_sha256: {}",
-                    leasehold::auth::operator_token_hash(&token)
-                );
-            }
-        },
+        } => validate_config(&file, offline)?,
+        Command::Keygen { command } => keygen(command)?,
         Command::Task { conn, command } => {
-            let rt = runtime()?;
-            return Ok(print_result(
-                rt.block_on(leasehold::cli::client::task(&conn, command)),
-            ));
+            return client(leasehold::cli::client::task(&conn, command));
         }
         Command::Lease { conn, command } => {
-            let rt = runtime()?;
-            return Ok(print_result(
-                rt.block_on(leasehold::cli::client::lease(&conn, command)),
-            ));
+            return client(leasehold::cli::client::lease(&conn, command));
         }
         Command::Approvals { conn, command } => {
-            let rt = runtime()?;
-            return Ok(print_result(
-                rt.block_on(leasehold::cli::client::approvals(&conn, command)),
-            ));
+            return client(leasehold::cli::client::approvals(&conn, command));
         }
         Command::Reviews { conn, command } => {
-            let rt = runtime()?;
-            return Ok(print_result(
-                rt.block_on(leasehold::cli::client::reviews(&conn, command)),
-            ));
+            return client(leasehold::cli::client::reviews(&conn, command));
         }
         Command::Policy { conn, command } => {
-            let rt = runtime()?;
-            return Ok(print_result(
-                rt.block_on(leasehold::cli::client::policy(&conn, command)),
-            ));
+            return client(leasehold::cli::client::policy(&conn, command));
         }
         Command::Events { conn, command } => {
-            let rt = runtime()?;
-            return Ok(print_result(
-                rt.block_on(leasehold::cli::events::run(&conn, command)),
-            ));
+            return client(leasehold::cli::events::run(&conn, command));
         }
         Command::Revoke {
             conn,
             command,
             selector,
-        } => {
-            let rt = runtime()?;
-            return Ok(print_result(rt.block_on(leasehold::cli::incident::revoke(
-                &conn, command, selector,
-            ))));
-        }
+        } => return client(leasehold::cli::incident::revoke(&conn, command, selector)),
         Command::Providers { conn, command } => {
-            let rt = runtime()?;
-            return Ok(print_result(
-                rt.block_on(leasehold::cli::incident::providers(&conn, command)),
-            ));
+            return client(leasehold::cli::incident::providers(&conn, command));
         }
         Command::Fence { conn, command } => {
-            let rt = runtime()?;
-            return Ok(print_result(
-                rt.block_on(leasehold::cli::incident::fence(&conn, command)),
-            ));
+            return client(leasehold::cli::incident::fence(&conn, command));
         }
         Command::BlastRadius {
             conn,
@@ -264,13 +166,108 @@ fn real_main() -> anyhow::Result<ExitCode> {
             since,
             until,
         } => {
-            let rt = runtime()?;
-            return Ok(print_result(rt.block_on(
-                leasehold::cli::incident::blast_radius(&conn, workload, since, until),
-            )));
+            return client(leasehold::cli::incident::blast_radius(
+                &conn, workload, since, until,
+            ));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A client verb: run it against the broker and print its answer.
+fn client(
+    verb: impl std::future::Future<
+        Output = Result<serde_json::Value, leasehold::cli::client::ClientError>,
+    >,
+) -> anyhow::Result<ExitCode> {
+    Ok(print_result(runtime()?.block_on(verb)))
+}
+
+/// `leasehold dev`: bootstrap the data folder and serve on loopback.
+fn dev(
+    listen: std::net::SocketAddr,
+    data: &std::path::Path,
+    log_format: LogFormat,
+) -> anyhow::Result<()> {
+    let _logs = init_logging(log_format);
+    let listener =
+        std::net::TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    let (config, creds) = leasehold::dev::prepare(data, addr, SystemClock.now())?;
+    eprintln!(
+        "leasehold dev: http://{addr}  (data in {}; credentials in {})\n  \
+             try: leasehold task open --as assistant-a --purpose demo --on-behalf-of you@example.com --prompt hello --ttl 600",
+        data.display(),
+        data.join("dev-credentials.json").display()
+    );
+    drop(creds);
+    let rt = runtime()?;
+    rt.block_on(leasehold::server::run(
+        listener,
+        config,
+        Arc::new(SystemClock),
+        shutdown_signal(),
+    ))?;
+    Ok(())
+}
+
+/// `leasehold config validate`: parse, check every file, and (unless
+/// `offline`) dry-run each provider against its peer.
+fn validate_config(file: &std::path::Path, offline: bool) -> anyhow::Result<()> {
+    let cfg = leasehold::config::Config::load(file)?;
+    leasehold::preflight::check_files(&cfg)?;
+    if !offline {
+        let rt = runtime()?;
+        rt.block_on(leasehold::providers::dry_run(&cfg))?;
+    }
+    println!(
+        "{}: valid ({} provider(s), {} workload issuer(s), {} operator(s))",
+        file.display(),
+        cfg.providers.len(),
+        cfg.auth.workload_issuers.len(),
+        cfg.auth.operators.len()
+    );
+    Ok(())
+}
+
+/// `leasehold keygen`: write a new key of the kind asked for.
+fn keygen(command: KeygenCommand) -> anyhow::Result<()> {
+    match command {
+        KeygenCommand::Store { file } => {
+            leasehold::store::StoreKey::generate()?.write_new_file(&file)?;
+            println!(
+                "wrote a new store key to {} (keep it; the store cannot be opened without it)",
+                file.display()
+            );
+        }
+        KeygenCommand::Token { file } => {
+            write_new_private(&file, &leasehold_provider_token::generate_signing_key()?)?;
+            println!(
+                "wrote a new Ed25519 token signing key to {}",
+                file.display()
+            );
+        }
+        KeygenCommand::Checkpoint { file } => {
+            let doc = leasehold_provider_token::generate_signing_key()?;
+            write_new_private(&file, &doc)?;
+            let key =
+                leasehold::audit::CheckpointKey::from_pkcs8(&doc).map_err(anyhow::Error::msg)?;
+            println!("wrote a new Ed25519 checkpoint key to {}", file.display());
+            println!(
+                "public key (for `leasehold events verify --checkpoint-key`): {}",
+                key.public_key_text()
+            );
+        }
+        KeygenCommand::Operator => {
+            let token = leasehold::auth::generate_operator_token().map_err(anyhow::Error::msg)?;
+            println!("token:        {token}");
+            println!(
+                "token_sha256: {}",
+                leasehold::auth::operator_token_hash(&token)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A new file, readable by its owner only; never overwrites.
