@@ -61,67 +61,8 @@ impl Broker {
         req: OpenTask,
         ctx: &Ctx,
     ) -> Result<TaskRecord, BrokerError> {
-        crate::check::text("purpose", &req.purpose, 512)?;
-        crate::check::text("on_behalf_of", &req.on_behalf_of, 256)?;
-        self.check_fence(w, Some(&req.on_behalf_of))?;
-        let ttl = crate::check::ttl(
-            "ttl_seconds",
-            req.ttl_seconds,
-            self.limits.max_task_ttl_seconds,
-        )?;
-        if req.tools.len() > self.limits.max_tools {
-            return Err(BrokerError::invalid(
-                "invalid_request",
-                format!("`tools` lists more than {} tools", self.limits.max_tools),
-            ));
-        }
-        if let Some(t) = req.tools.iter().find(|t| !crate::check::is_tool_name(t)) {
-            return Err(BrokerError::invalid(
-                "invalid_request",
-                format!(
-                    "`tools`: `{}` is not a tool name (1-128 of [A-Za-z0-9._:/-])",
-                    t.escape_default()
-                ),
-            ));
-        }
-        let mut tools = req.tools.clone();
-        tools.sort();
-        tools.dedup();
-        let prompt_sha256 = match (&req.prompt, &req.prompt_sha256) {
-            (Some(_), Some(_)) => {
-                return Err(BrokerError::invalid(
-                    "invalid_request",
-                    "send `prompt` or `prompt_sha256`, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(BrokerError::invalid(
-                    "invalid_request",
-                    "`prompt` or `prompt_sha256` is required: the task records what it was asked to do",
-                ));
-            }
-            (Some(p), None) => {
-                if p.len() > self.limits.max_prompt_bytes {
-                    return Err(BrokerError::invalid(
-                        "invalid_request",
-                        format!(
-                            "`prompt` is longer than {} bytes",
-                            self.limits.max_prompt_bytes
-                        ),
-                    ));
-                }
-                let d = ring::digest::digest(&ring::digest::SHA256, p.as_bytes());
-                let mut h = [0u8; 32];
-                h.copy_from_slice(d.as_ref());
-                h
-            }
-            (None, Some(h)) => crate::hex::decode32(h).ok_or_else(|| {
-                BrokerError::invalid(
-                    "invalid_request",
-                    "`prompt_sha256` must be 64 hex characters",
-                )
-            })?,
-        };
+        let (ttl, tools) = self.check_open_task(w, &req)?;
+        let prompt_sha256 = self.prompt_digest(&req)?;
         let now = self.clock.now();
         let id = TaskId::generate(now);
         let prompt_sealed = match (&req.prompt, self.limits.store_prompt_text) {
@@ -156,24 +97,7 @@ impl Broker {
         crate::metrics::decision("open_task", decision.outcome.as_str());
         let (stored, a, ctx) = (rec.clone(), self.auditor.clone(), ctx.clone());
         if decision.outcome != crate::policy::Outcome::Allow {
-            let (d, c) = (decision.clone(), ctx.clone());
-            self.store
-                .write(move |t| audit::append(t, &a, a.task_refused(&stored, &d, &c)))
-                .await?;
-            let loaded = self.policy.current();
-            let mut reasons = decision.reasons.clone();
-            if decision.outcome == crate::policy::Outcome::ApprovalRequired {
-                reasons.push(
-                    "opening a task cannot wait for an approval; ask for approval on the call"
-                        .into(),
-                );
-            }
-            return Err(BrokerError::Denied(Box::new(crate::domain::Denial {
-                action: "OpenTask",
-                call_id: None,
-                policies: decision.visible_policies(&loaded, w.tenant.as_deref().unwrap_or("")),
-                reasons,
-            })));
+            return Err(self.refuse_task(w, stored, decision, &ctx).await);
         }
         let fence = crate::domain::fences::fence_keys(w, Some(&rec.on_behalf_of));
         // rendered here, not on the store's one writer thread
@@ -187,6 +111,115 @@ impl Broker {
             .await?;
         tracing::debug!(task_id = %id, workload = %w.id, "task opened");
         Ok(rec)
+    }
+
+    /// The request's own checks (text, TTL, tools) and the fence; the
+    /// TTL and the sorted, distinct tools.
+    fn check_open_task(
+        &self,
+        w: &Workload,
+        req: &OpenTask,
+    ) -> Result<(std::time::Duration, Vec<String>), BrokerError> {
+        crate::check::text("purpose", &req.purpose, 512)?;
+        crate::check::text("on_behalf_of", &req.on_behalf_of, 256)?;
+        self.check_fence(w, Some(&req.on_behalf_of))?;
+        let ttl = crate::check::ttl(
+            "ttl_seconds",
+            req.ttl_seconds,
+            self.limits.max_task_ttl_seconds,
+        )?;
+        if req.tools.len() > self.limits.max_tools {
+            return Err(BrokerError::invalid(
+                "invalid_request",
+                format!("`tools` lists more than {} tools", self.limits.max_tools),
+            ));
+        }
+        if let Some(t) = req.tools.iter().find(|t| !crate::check::is_tool_name(t)) {
+            return Err(BrokerError::invalid(
+                "invalid_request",
+                format!(
+                    "`tools`: `{}` is not a tool name (1-128 of [A-Za-z0-9._:/-])",
+                    t.escape_default()
+                ),
+            ));
+        }
+        let mut tools = req.tools.clone();
+        tools.sort();
+        tools.dedup();
+        Ok((ttl, tools))
+    }
+
+    /// What the task records of its prompt: the SHA-256 of the text, or
+    /// the digest sent instead of it (never both, never neither).
+    fn prompt_digest(&self, req: &OpenTask) -> Result<[u8; 32], BrokerError> {
+        Ok(match (&req.prompt, &req.prompt_sha256) {
+            (Some(_), Some(_)) => {
+                return Err(BrokerError::invalid(
+                    "invalid_request",
+                    "send `prompt` or `prompt_sha256`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(BrokerError::invalid(
+                    "invalid_request",
+                    "`prompt` or `prompt_sha256` is required: the task records what it was asked to do",
+                ));
+            }
+            (Some(p), None) => {
+                if p.len() > self.limits.max_prompt_bytes {
+                    return Err(BrokerError::invalid(
+                        "invalid_request",
+                        format!(
+                            "`prompt` is longer than {} bytes",
+                            self.limits.max_prompt_bytes
+                        ),
+                    ));
+                }
+                let d = ring::digest::digest(&ring::digest::SHA256, p.as_bytes());
+                let mut h = [0u8; 32];
+                h.copy_from_slice(d.as_ref());
+                h
+            }
+            (None, Some(h)) => crate::hex::decode32(h).ok_or_else(|| {
+                BrokerError::invalid(
+                    "invalid_request",
+                    "`prompt_sha256` must be 64 hex characters",
+                )
+            })?,
+        })
+    }
+
+    /// A task policy did not allow: the refusal goes on the chain, and the
+    /// caller gets the decision (opening cannot wait for an approval).
+    async fn refuse_task(
+        &self,
+        w: &Workload,
+        stored: TaskRecord,
+        decision: crate::policy::Decision,
+        ctx: &Ctx,
+    ) -> BrokerError {
+        let a = self.auditor.clone();
+        let (d, c) = (decision.clone(), ctx.clone());
+        let recorded = self
+            .store
+            .write(move |t| audit::append(t, &a, a.task_refused(&stored, &d, &c)))
+            .await;
+        if let Err(e) = recorded {
+            return e.into();
+        }
+        let loaded = self.policy.current();
+        let mut reasons = decision.reasons.clone();
+        if decision.outcome == crate::policy::Outcome::ApprovalRequired {
+            reasons.push(
+                "opening a task cannot wait for an approval; ask for approval on the call".into(),
+            );
+        }
+        BrokerError::Denied(Box::new(crate::domain::Denial {
+            action: "OpenTask",
+            call_id: None,
+            policies: decision.visible_policies(&loaded, w.tenant.as_deref().unwrap_or("")),
+            reasons,
+        }))
     }
 
     /// The events completing `task` will append if nothing changes before
