@@ -148,6 +148,38 @@ pub fn prepare(
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700)).map_err(io(data))?;
     }
+    let keys = ensure_keys(data)?;
+    let (identities, operators) = identities(&keys.issuer, now)?;
+    let policies = ensure_policies(data)?;
+    let config = dev_config(data, listen, keys, operators, policies);
+    config
+        .validate()
+        .map_err(|e| DevError::Key(e.to_string()))?;
+    // the same configuration for `leasehold serve -c`, valid with this run's
+    // credentials (operator token hashes change on every `dev` start)
+    let toml = config.to_toml().map_err(|e| DevError::Key(e.to_string()))?;
+    write_private(&data.join("dev-config.toml"), toml.as_bytes())?;
+    let creds = DevCredentials {
+        broker: format!("http://{listen}"),
+        identities,
+    };
+    let json = serde_json::to_vec_pretty(&creds).map_err(|e| DevError::Key(e.to_string()))?;
+    write_private(&data.join("dev-credentials.json"), &json)?;
+    Ok((config, creds))
+}
+
+/// The keys `dev` keeps in its data folder, made on first use.
+struct DevKeys {
+    store: PathBuf,
+    token: PathBuf,
+    checkpoint: PathBuf,
+    /// The dev workload issuer's key, and its JWKS file.
+    issuer: Ed25519KeyPair,
+    jwks: PathBuf,
+}
+
+/// The store, token, checkpoint and dev-issuer keys, and the issuer's JWKS.
+fn ensure_keys(data: &Path) -> Result<DevKeys, DevError> {
     let key_path = data.join("store.key");
     if !key_path.exists() {
         StoreKey::generate()
@@ -168,6 +200,22 @@ pub fn prepare(
         jwks_for(&issuer_key, kid).to_string().as_bytes(),
     )?;
 
+    Ok(DevKeys {
+        store: key_path,
+        token: token_key,
+        checkpoint: checkpoint_key,
+        issuer: issuer_key,
+        jwks: jwks_path,
+    })
+}
+
+/// Tokens for the two dev workloads (signed by the dev issuer) and for one
+/// operator of each role, with the operators' configuration.
+fn identities(
+    issuer_key: &Ed25519KeyPair,
+    now: Timestamp,
+) -> Result<(BTreeMap<String, DevIdentity>, Vec<OperatorConfig>), DevError> {
+    let kid = "dev-issuer-1";
     let mut identities = BTreeMap::new();
     let iat = now.unix_seconds();
     for name in DEV_WORKLOADS {
@@ -180,7 +228,7 @@ pub fn prepare(
             DevIdentity {
                 kind: "workload".into(),
                 id: format!("dev:{name}"),
-                token: sign_jwt(&issuer_key, kid, &claims),
+                token: sign_jwt(issuer_key, kid, &claims),
             },
         );
     }
@@ -208,7 +256,11 @@ pub fn prepare(
         );
     }
 
-    // the example policy set, copied once so it can be edited and reloaded
+    Ok((identities, operators))
+}
+
+/// The example policy set, copied once so it can be edited and reloaded.
+fn ensure_policies(data: &Path) -> Result<PathBuf, DevError> {
     let policies = data.join("policies");
     if !policies.exists() {
         std::fs::create_dir_all(&policies).map_err(io(&policies))?;
@@ -216,6 +268,18 @@ pub fn prepare(
             write_private(&policies.join(name), text.as_bytes())?;
         }
     }
+    Ok(policies)
+}
+
+/// The configuration `dev` serves: loopback, the embedded store, the dev
+/// issuer, the example policies and the token provider with a `demo` role.
+fn dev_config(
+    data: &Path,
+    listen: SocketAddr,
+    keys: DevKeys,
+    operators: Vec<OperatorConfig>,
+    policies: PathBuf,
+) -> Config {
     let mut roles = BTreeMap::new();
     roles.insert(
         "demo".to_owned(),
@@ -232,11 +296,11 @@ pub fn prepare(
         ProviderConfig::new(TokenProviderConfig {
             issuer: format!("http://{listen}"),
             audience: "leasehold-demo".into(),
-            signing_key_file: token_key,
+            signing_key_file: keys.token,
             roles,
         }),
     );
-    let config = Config {
+    Config {
         server: ServerConfig {
             listen,
             tls: None,
@@ -250,7 +314,7 @@ pub fn prepare(
         },
         store: StoreConfig {
             path: data.join("leasehold.redb"),
-            key_file: Some(key_path),
+            key_file: Some(keys.store),
             key_env: None,
             cache_mib: 64,
             quick_repair: true,
@@ -266,7 +330,7 @@ pub fn prepare(
                 issuer: DEV_ISSUER.into(),
                 audiences: vec![DEV_AUDIENCE.into()],
                 algorithms: vec!["EdDSA".into()],
-                jwks_file: Some(jwks_path),
+                jwks_file: Some(keys.jwks),
                 jwks_url: None,
                 jwks_refresh_seconds: 300,
                 leeway_seconds: 30,
@@ -277,7 +341,7 @@ pub fn prepare(
             operators,
         },
         audit: AuditConfig {
-            checkpoint_key_file: checkpoint_key,
+            checkpoint_key_file: keys.checkpoint,
             checkpoint_interval_seconds: 60,
             hmac_key_file: None,
             hmac_fields: vec![],
@@ -296,19 +360,5 @@ pub fn prepare(
         providers,
         #[cfg(feature = "fault-injection")]
         fault: FaultConfig::default(),
-    };
-    config
-        .validate()
-        .map_err(|e| DevError::Key(e.to_string()))?;
-    // the same configuration for `leasehold serve -c`, valid with this run's
-    // credentials (operator token hashes change on every `dev` start)
-    let toml = config.to_toml().map_err(|e| DevError::Key(e.to_string()))?;
-    write_private(&data.join("dev-config.toml"), toml.as_bytes())?;
-    let creds = DevCredentials {
-        broker: format!("http://{listen}"),
-        identities,
-    };
-    let json = serde_json::to_vec_pretty(&creds).map_err(|e| DevError::Key(e.to_string()))?;
-    write_private(&data.join("dev-credentials.json"), &json)?;
-    Ok((config, creds))
+    }
 }
