@@ -135,6 +135,18 @@ impl From<StoreError> for BrokerError {
     }
 }
 
+/// Incident response is the responder's.
+pub(in crate::domain) fn require_responder(caller: &Caller) -> Result<(), BrokerError> {
+    if caller.has_any_role(&[OperatorRole::Responder]) {
+        Ok(())
+    } else {
+        Err(BrokerError::Forbidden {
+            code: "forbidden",
+            message: "incident response needs the responder role".into(),
+        })
+    }
+}
+
 /// A policy denial as the caller sees it.
 #[derive(Debug, Clone)]
 pub struct Denial {

@@ -5,14 +5,12 @@
 use crate::audit::{self, Ctx};
 use crate::auth::Caller;
 use crate::config::OperatorRole;
-use crate::domain::{Broker, BrokerError};
+use crate::domain::{Broker, BrokerError, require_responder};
 use crate::ids::{JobId, LeaseId};
 use crate::store::{FenceRecord, JobRecord, JobState, LeaseRecord, LeaseState, Selector};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-
-use super::*;
 
 /// Leases claimed per transaction by a job.
 pub(super) const CHUNK: usize = 2048;
@@ -220,7 +218,7 @@ impl Broker {
         mut req: JobRequest,
         ctx: &Ctx,
     ) -> Result<JobStart, BrokerError> {
-        responder(caller)?;
+        require_responder(caller)?;
         if req.selector.states.is_empty() {
             req.selector.states = vec![LeaseState::Active, LeaseState::Irrevocable];
         }

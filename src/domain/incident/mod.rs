@@ -10,31 +10,18 @@
 //! or a user until a responder lifts it.
 
 mod blast;
-mod fences;
 mod jobs;
 mod reconcile;
 
 use crate::audit::{self, Ctx};
 use crate::auth::Caller;
-use crate::config::OperatorRole;
-use crate::domain::{Broker, BrokerError};
+use crate::domain::{Broker, BrokerError, require_responder};
 use crate::ids::LeaseId;
 use crate::store::LeaseRecord;
 
 pub use blast::{BlastRadius, RadiusCall, RadiusLease, RadiusTask, RadiusTotals};
 pub use jobs::{DryRunView, FailedLeaseView, JobRequest, JobStart, JobView, SelectorView};
 pub use reconcile::{OrphanView, ReconcileReport};
-
-fn responder(caller: &Caller) -> Result<(), BrokerError> {
-    if caller.has_any_role(&[OperatorRole::Responder]) {
-        Ok(())
-    } else {
-        Err(BrokerError::Forbidden {
-            code: "forbidden",
-            message: "incident response needs the responder role".into(),
-        })
-    }
-}
 
 impl Broker {
     /// Give up on an irrevocable lease (recorded, never silent).
@@ -45,7 +32,7 @@ impl Broker {
         reason: String,
         ctx: &Ctx,
     ) -> Result<LeaseRecord, BrokerError> {
-        responder(caller)?;
+        require_responder(caller)?;
         crate::check::text("reason", &reason, 1024).map_err(|_| {
             BrokerError::invalid("reason_required", "abandoning a lease needs a `reason`")
         })?;
