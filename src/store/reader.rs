@@ -73,7 +73,6 @@ impl ReadTxn for RedbReader {
         Ok(out)
     }
 
-    /// One page of leases; the cursor is `Some` when more may follow.
     fn list_leases(&self, q: &LeaseQuery) -> Result<(Vec<LeaseRecord>, Option<u128>), StoreError> {
         let leases = self.txn.open_table(LEASES)?;
         let start = q.after.map_or(0, |a| a.saturating_add(1));
@@ -133,13 +132,11 @@ impl ReadTxn for RedbReader {
         Ok((out, if exhausted { None } else { last }))
     }
 
-    /// The earliest deadline in the expiry index.
     fn next_expiry(&self) -> Result<Option<i64>, StoreError> {
         let t = self.txn.open_table(EXPIRY)?;
         Ok(t.first()?.map(|(k, _)| k.value().0))
     }
 
-    /// Up to `limit` leases of `provider` whose revocation attempt is due.
     fn due_revocations(
         &self,
         provider: &str,
@@ -161,7 +158,6 @@ impl ReadTxn for RedbReader {
         Ok(out)
     }
 
-    /// When the next revocation attempt of `provider` is due.
     fn next_revocation(&self, provider: &str) -> Result<Option<i64>, StoreError> {
         let q = self.txn.open_table(REVOKE_QUEUE)?;
         let first = q
@@ -173,12 +169,10 @@ impl ReadTxn for RedbReader {
         })
     }
 
-    /// Number of unresolved intents (should be zero after recovery).
     fn issuing_count(&self) -> Result<u64, StoreError> {
         Ok(self.txn.open_table(ISSUING)?.len()?)
     }
 
-    /// Lease counts by (provider, state), kept transactionally.
     fn counters(&self) -> Result<BTreeMap<(String, LeaseState), u64>, StoreError> {
         let t = self.txn.open_table(COUNTERS)?;
         let mut out = BTreeMap::new();
@@ -192,17 +186,14 @@ impl ReadTxn for RedbReader {
         Ok(out)
     }
 
-    /// The last event of the chain.
     fn chain_head(&self) -> Result<ChainHead, StoreError> {
         self.meta_head("chain_head")
     }
 
-    /// Where the chain starts (the last pruned event), genesis if never pruned.
     fn chain_base(&self) -> Result<ChainHead, StoreError> {
         self.meta_head("chain_base")
     }
 
-    /// Events with seq > `after`, in order, at most `limit`.
     fn events_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
         let t = self.txn.open_table(EVENT_BLOCKS)?;
         let mut out = Vec::new();
@@ -223,7 +214,6 @@ impl ReadTxn for RedbReader {
         Ok(out)
     }
 
-    /// Visit every event in order (verification) without collecting them.
     fn for_each_event(&self, f: &mut super::seam::EventVisitor<'_>) -> Result<(), StoreError> {
         let t = self.txn.open_table(EVENT_BLOCKS)?;
         for e in t.iter()? {
@@ -236,8 +226,6 @@ impl ReadTxn for RedbReader {
         Ok(())
     }
 
-    /// A task's events with seq > `after`. The task index points at the
-    /// task's first event in each block; the block is read from there.
     fn task_events(
         &self,
         task: u128,
@@ -275,7 +263,6 @@ impl ReadTxn for RedbReader {
         Ok(out)
     }
 
-    /// Every signed checkpoint, as stored.
     fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let t = self.txn.open_table(CHECKPOINTS)?;
         let mut out = Vec::new();
@@ -300,7 +287,6 @@ impl ReadTxn for RedbReader {
         g.map(|g| codec::decode(g.value())).transpose()
     }
 
-    /// Every job (few: one per incident).
     fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         let t = self.txn.open_table(JOBS)?;
         let mut out = Vec::new();
@@ -310,7 +296,6 @@ impl ReadTxn for RedbReader {
         Ok(out)
     }
 
-    /// A job's lease counts by provider and bucket ([`records::job_bucket`]).
     fn job_counts(
         &self,
         job: u128,
@@ -330,7 +315,6 @@ impl ReadTxn for RedbReader {
         Ok(out)
     }
 
-    /// A job's leases that are not (yet) revoked, up to `limit`.
     fn job_unfinished(&self, job: u128, limit: usize) -> Result<Vec<LeaseRecord>, StoreError> {
         let idx = self.txn.open_table(JOB_LEASES)?;
         let leases = self.txn.open_table(LEASES)?;
@@ -354,7 +338,6 @@ impl ReadTxn for RedbReader {
         Ok(out)
     }
 
-    /// Lease ids after `after` from the index a selector scans best.
     fn candidate_leases(
         &self,
         sel: &Selector,
@@ -400,7 +383,6 @@ impl ReadTxn for RedbReader {
         Ok(out)
     }
 
-    /// A workload's tasks created at or after `since`.
     fn workload_tasks(
         &self,
         workload: &str,
@@ -457,7 +439,6 @@ impl ReadTxn for RedbReader {
         g.map(|g| codec::decode(g.value())).transpose()
     }
 
-    /// Approvals still awaiting a decision, soonest to expire first.
     fn pending_approvals(&self, limit: usize) -> Result<Vec<ApprovalRecord>, StoreError> {
         let idx = self.txn.open_table(APPROVAL_EXPIRY)?;
         let t = self.txn.open_table(APPROVALS)?;
@@ -477,7 +458,6 @@ impl ReadTxn for RedbReader {
         Ok(out)
     }
 
-    /// The last signed checkpoint, as stored.
     fn checkpoints_last(&self) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
             .txn
@@ -486,7 +466,6 @@ impl ReadTxn for RedbReader {
             .map(|(_, v)| v.value().to_vec()))
     }
 
-    /// When the next approval expires.
     fn next_approval_expiry(&self) -> Result<Option<i64>, StoreError> {
         Ok(self
             .txn

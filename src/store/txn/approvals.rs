@@ -22,7 +22,6 @@ impl ApprovalWrites for RedbTxn<'_> {
         self.w(r)
     }
 
-    /// An approver's decision on a pending approval.
     fn decide_approval(
         &mut self,
         id: u128,
@@ -62,7 +61,6 @@ impl ApprovalWrites for RedbTxn<'_> {
         Ok(a)
     }
 
-    /// Would `consume_approval` succeed? Writes nothing.
     fn check_approval(&self, id: u128, hash: &[u8; 32], now: i64) -> Result<(), StoreError> {
         let Some(a) = self.approval(id)? else {
             return conflict(Conflict::ApprovalNotFound);
@@ -84,7 +82,6 @@ impl ApprovalWrites for RedbTxn<'_> {
         }
     }
 
-    /// Use an approval, once, for the request it was granted for.
     fn consume_approval(
         &mut self,
         id: u128,
@@ -123,7 +120,6 @@ impl ApprovalWrites for RedbTxn<'_> {
         Ok(a)
     }
 
-    /// Expire approvals past their deadline (pending or approved-unused).
     fn expire_approvals(
         &mut self,
         now: i64,
@@ -161,8 +157,6 @@ impl ApprovalWrites for RedbTxn<'_> {
         }
     }
 
-    /// Flag a task for review after a break-glass call (again, if it was
-    /// signed off before).
     fn flag_review(
         &mut self,
         task: &TaskRecord,

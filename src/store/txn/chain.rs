@@ -6,9 +6,6 @@ use super::*;
 impl ChainWrites for RedbTxn<'_> {
     // === the event chain ===
 
-    /// Append an event after the current head, in this transaction. It
-    /// joins the transaction's open block, written at `finish` (or when the
-    /// next event would not fit).
     fn append(&mut self, event: &dyn Chained) -> Result<u64, StoreError> {
         let seq = self.head.seq + 1;
         let task = event.task();
@@ -32,8 +29,6 @@ impl ChainWrites for RedbTxn<'_> {
         Ok(seq)
     }
 
-    /// Fail this transaction on purpose (an append that must not happen,
-    /// injected by tests): nothing in the batch commits.
     fn fail(&mut self, why: &str) -> StoreError {
         self.poisoned = true;
         StoreError::Io(why.to_owned())
@@ -48,9 +43,6 @@ impl ChainWrites for RedbTxn<'_> {
         self.w(r)
     }
 
-    /// Remove events up to `through` (archived elsewhere), keeping the chain
-    /// verifiable from there: the new base is that event's hash, which the
-    /// caller must know (proof it holds the archive).
     fn prune_events(&mut self, through: u64, expected: &[u8; 32]) -> Result<u64, StoreError> {
         let base = match self.meta.get("chain_base")?.map(|g| g.value().to_vec()) {
             Some(b) => {

@@ -18,9 +18,6 @@ impl IncidentWrites for RedbTxn<'_> {
         self.w(r)
     }
 
-    /// Claim `leases` (already selected by the caller) for `job`: local
-    /// providers' leases are revoked here, others queued now. Returns the
-    /// records as they are now and the providers with queued work.
     fn claim_for_job(
         &mut self,
         job: &JobRecord,
@@ -62,9 +59,6 @@ impl IncidentWrites for RedbTxn<'_> {
         }
     }
 
-    /// Refuse (`Fenced`) if any of these keys is fenced: checked in every
-    /// transaction that creates something for a workload, so a fence
-    /// committed before it wins even if the in-memory copy lags.
     fn refuse_fenced(&self, keys: &[String]) -> Result<(), StoreError> {
         for k in keys {
             if self.fences.get(k.as_str())?.is_some() {
@@ -94,8 +88,6 @@ impl IncidentWrites for RedbTxn<'_> {
         Ok(f)
     }
 
-    /// Give up on an irrevocable lease, with a reason: it leaves the retry
-    /// queue, recorded as `abandoned`.
     fn abandon(
         &mut self,
         lease: u128,

@@ -10,7 +10,6 @@ impl LeaseWrites for RedbTxn<'_> {
         }
     }
 
-    /// Active leases of a workload (committed, plus this transaction's).
     fn workload_active(&self, workload: &str) -> Result<u64, StoreError> {
         let stored = self
             .workload_active
@@ -21,8 +20,6 @@ impl LeaseWrites for RedbTxn<'_> {
         Ok(stored.saturating_add_signed(delta))
     }
 
-    /// Write the intent of a lease (`Issuing`), before the provider is
-    /// called. The task must be open, unexpired and under its lease cap.
     fn lease_intent(
         &mut self,
         rec: &LeaseRecord,
@@ -67,12 +64,6 @@ impl LeaseWrites for RedbTxn<'_> {
         self.w(r)
     }
 
-    /// The provider issued: the lease becomes `Active` and enters the expiry
-    /// index. Refused if the task was completed or expired meanwhile; the
-    /// caller then rolls the credential back.
-    /// Store what `Provider::prepare` returned for a lease still `issuing`
-    /// (sealed), so a rollback after a crash can find what `issue` hangs on
-    /// it. Activation replaces it with the final handle.
     fn record_prepared(&mut self, lease: u128, sealed: &[u8]) -> Result<(), StoreError> {
         let Some(mut rec) = self.lease(lease)? else {
             return conflict(Conflict::LeaseNotFound);
@@ -112,9 +103,6 @@ impl LeaseWrites for RedbTxn<'_> {
         Ok(rec)
     }
 
-    /// The provider call failed (or activation was refused) after the intent
-    /// was written: queue a rollback, since the provider may have created
-    /// something before failing.
     fn issue_failed(
         &mut self,
         lease: u128,
@@ -138,10 +126,6 @@ impl LeaseWrites for RedbTxn<'_> {
         Ok(rec)
     }
 
-    /// Ask for one lease to be revoked. Active leases (and irrevocable ones,
-    /// for a manual retry) of local providers are revoked at once; others are
-    /// claimed at `claim_until` and returned with `true`. Leases in any other
-    /// state are returned as they are with `false`.
     fn request_revoke(
         &mut self,
         lease: u128,
@@ -181,7 +165,6 @@ impl LeaseWrites for RedbTxn<'_> {
         }
     }
 
-    /// Record what the provider said for each lease.
     fn record_outcomes(
         &mut self,
         outcomes: &[Outcome],
@@ -243,10 +226,6 @@ impl LeaseWrites for RedbTxn<'_> {
         Ok(out)
     }
 
-    /// Move up to `limit` leases whose deadline has passed out of the expiry
-    /// index: local providers' leases are revoked here, the others go to the
-    /// revocation queue. Returns the providers with newly queued work and how
-    /// many leases were handled.
     fn expire_due(
         &mut self,
         now: i64,
@@ -285,8 +264,6 @@ impl LeaseWrites for RedbTxn<'_> {
         Ok(pass)
     }
 
-    /// Start-up recovery: every unresolved intent is rolled back (local
-    /// providers) or queued for rollback.
     fn recover_intents(&mut self, now: i64, local: &Local) -> Result<Vec<LeaseRecord>, StoreError> {
         let mut ids = Vec::new();
         for e in self.issuing.iter()? {

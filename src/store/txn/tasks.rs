@@ -26,9 +26,6 @@ impl TaskWrites for RedbTxn<'_> {
         self.w(r)
     }
 
-    /// Close a task and claim its active leases for revocation. Claimed
-    /// leases are queued at `claim_until`: the completing request revokes
-    /// them itself, and if it dies the queue takes over after the claim.
     fn complete_task(
         &mut self,
         task_id: u128,

@@ -3,8 +3,6 @@
 use super::*;
 
 impl TokenWrites for RedbTxn<'_> {
-    /// Mark token ids (lease ids) inactive until their expiry (the later
-    /// one wins).
     fn deny(&mut self, entries: &[(u128, i64)]) -> Result<(), StoreError> {
         for (jti, exp) in entries {
             let prev = self.denylist.get(*jti)?.map(|g| g.value());
@@ -17,10 +15,6 @@ impl TokenWrites for RedbTxn<'_> {
         Ok(())
     }
 
-    /// Forget denylist entries of tokens that have expired anyway. Entries
-    /// are in creation order; every entry created more than `horizon_ms`
-    /// (the longest possible lease) ago is dead, so pruning removes a
-    /// prefix and stops at the first young entry or after `limit`.
     fn prune_denylist(
         &mut self,
         now: i64,
