@@ -151,12 +151,41 @@ impl Loaded {
         version: String,
         files: Vec<String>,
     ) -> Result<Self, LoadError> {
+        let (set, meta) = Self::parse_policies(sources)?;
+        Self::validate_policies(&schema, &set, &meta, sources)?;
+        let (entities, tools, role_names) = Self::entities(&schema, entities_json, roles)?;
+        let policy_count = meta.len();
+        let action_type = type_name("Action")?;
+        let actions = ACTIONS
+            .map(|a| EntityUid::from_type_name_and_id(action_type.clone(), EntityId::new(a)));
+        let slices = slice(&set, &entities, &actions)?;
+        Ok(Self {
+            set,
+            slices,
+            empty: Slice {
+                set: PolicySet::new(),
+                reads: Reads::default(),
+            },
+            actions,
+            entities,
+            meta,
+            tools,
+            roles: role_names,
+            version,
+            files,
+            policy_count,
+        })
+    }
+
+    /// Every policy of every file, with its id and obligations; all
+    /// problems at once, each with file and line.
+    fn parse_policies(
+        sources: &[(String, String)],
+    ) -> Result<(PolicySet, HashMap<PolicyId, PolicyMeta>), LoadError> {
         let mut problems = Vec::new();
         let mut set = PolicySet::new();
         let mut meta = HashMap::new();
-        let mut texts: HashMap<String, &str> = HashMap::new();
         for (file, text) in sources {
-            texts.insert(file.clone(), text);
             let parsed = match PolicySet::from_str(text) {
                 Ok(p) => p,
                 Err(e) => {
@@ -215,17 +244,42 @@ impl Loaded {
         if !problems.is_empty() {
             return Err(LoadError { problems });
         }
-        let validation = Validator::new(schema.clone()).validate(&set, ValidationMode::Strict);
+        Ok((set, meta))
+    }
+
+    /// The set against the schema, strictly.
+    fn validate_policies(
+        schema: &Schema,
+        set: &PolicySet,
+        meta: &HashMap<PolicyId, PolicyMeta>,
+        sources: &[(String, String)],
+    ) -> Result<(), LoadError> {
+        let mut problems = Vec::new();
+        let validation = Validator::new(schema.clone()).validate(set, ValidationMode::Strict);
         for e in validation.validation_errors() {
             let file = meta.get(e.policy_id()).map_or("?", |m| m.file.as_str());
-            let text = texts.get(file).copied().unwrap_or("");
+            let text = sources
+                .iter()
+                .find(|(f, _)| f == file)
+                .map_or("", |(_, t)| t.as_str());
             problems.push(located(file, text, e));
         }
-        if !problems.is_empty() {
-            return Err(LoadError { problems });
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(LoadError { problems })
         }
+    }
+
+    /// The entities: `entities.json`, one `ProviderRole` per configured
+    /// role, and the broker; with the tool names and role names.
+    fn entities(
+        schema: &Schema,
+        entities_json: Option<&str>,
+        roles: &[RoleEntity],
+    ) -> Result<(Entities, HashSet<String>, HashSet<String>), LoadError> {
         let mut ents: Vec<Entity> = match entities_json {
-            Some(json) => Entities::from_json_str(json, Some(&schema))
+            Some(json) => Entities::from_json_str(json, Some(schema))
                 .map_err(|e| LoadError::one(format!("entities.json: {e}")))?
                 .into_iter()
                 .collect(),
@@ -266,29 +320,9 @@ impl Loaded {
             uid("Broker", "leasehold")?,
             HashSet::new(),
         ));
-        let entities = Entities::from_entities(ents, Some(&schema))
+        let entities = Entities::from_entities(ents, Some(schema))
             .map_err(|e| LoadError::one(format!("entities: {e}")))?;
-        let policy_count = meta.len();
-        let action_type = type_name("Action")?;
-        let actions = ACTIONS
-            .map(|a| EntityUid::from_type_name_and_id(action_type.clone(), EntityId::new(a)));
-        let slices = slice(&set, &entities, &actions)?;
-        Ok(Self {
-            set,
-            slices,
-            empty: Slice {
-                set: PolicySet::new(),
-                reads: Reads::default(),
-            },
-            actions,
-            entities,
-            meta,
-            tools,
-            roles: role_names,
-            version,
-            files,
-            policy_count,
-        })
+        Ok((entities, tools, role_names))
     }
 
     pub fn has_tool(&self, tool: &str) -> bool {
