@@ -9,7 +9,9 @@ use crate::auth::Caller;
 use crate::config::OperatorRole;
 use crate::domain::{Broker, BrokerError};
 use crate::ids::LeaseId;
+use crate::providers::ProviderEntry;
 use crate::store::LeaseState;
+use leasehold_provider::Found;
 
 /// What a reconciliation found: credentials at the peer that no live
 /// lease accounts for.
@@ -35,6 +37,10 @@ pub struct OrphanView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+/// What the provider holds that no live lease accounts for: the item,
+/// its lease's state if there is one, and why.
+type Orphan = (Found, Option<&'static str>, String);
 
 impl Broker {
     /// Compare a provider's inventory with the store; with `drop`, remove
@@ -109,65 +115,8 @@ impl Broker {
                 ),
             ));
         };
-        let mut orphans = Vec::new();
-        let mut accounted = 0usize;
-        {
-            let r = self.store.read()?;
-            for f in &found {
-                let lease = f
-                    .lease_id
-                    .as_deref()
-                    .and_then(|l| l.parse::<LeaseId>().ok());
-                let rec = match lease {
-                    Some(id) => r.lease(id.0)?,
-                    None => None,
-                };
-                let live = rec.as_ref().is_some_and(|l| {
-                    l.provider == provider
-                        && matches!(
-                            l.state,
-                            LeaseState::Issuing
-                                | LeaseState::Active
-                                | LeaseState::Revoking
-                                | LeaseState::Irrevocable
-                        )
-                });
-                if live {
-                    accounted += 1;
-                    continue;
-                }
-                let reason = match (&lease, &rec) {
-                    (None, _) => "the name does not encode a lease id".to_owned(),
-                    (Some(_), None) => "no such lease in the store".to_owned(),
-                    (Some(_), Some(l)) if l.provider != provider => {
-                        format!("the lease belongs to provider `{}`", l.provider)
-                    }
-                    (Some(_), Some(l)) => format!("its lease is {}", l.state.as_str()),
-                };
-                orphans.push((f.clone(), rec.map(|l| l.state.as_str()), reason));
-            }
-        }
-        let mut listed = Vec::with_capacity(orphans.len());
-        for (f, state, reason) in orphans {
-            let mut v = OrphanView {
-                name: f.name.clone(),
-                lease_id: f.lease_id.clone(),
-                lease_state: state,
-                reason,
-                removed: false,
-                error: None,
-            };
-            if drop {
-                match entry.provider.remove(&f).await {
-                    Ok(()) => v.removed = true,
-                    Err(e) => {
-                        tracing::warn!(provider, name = %f.name, error = %e, "could not remove an orphan");
-                        v.error = Some(e.message);
-                    }
-                }
-            }
-            listed.push(v);
-        }
+        let (orphans, accounted) = self.classify(provider, &found)?;
+        let listed = Self::list_orphans(&entry, orphans, drop).await;
         let report = ReconcileReport {
             provider: provider.to_owned(),
             found: found.len(),
@@ -201,5 +150,84 @@ impl Broker {
             })
             .await?;
         Ok(report)
+    }
+
+    /// Which of what the provider holds a live lease accounts for (counted)
+    /// and which it does not (with why).
+    fn classify(
+        &self,
+        provider: &str,
+        found: &[Found],
+    ) -> Result<(Vec<Orphan>, usize), BrokerError> {
+        let mut orphans = Vec::new();
+        let mut accounted = 0usize;
+        {
+            let r = self.store.read()?;
+            for f in found {
+                let lease = f
+                    .lease_id
+                    .as_deref()
+                    .and_then(|l| l.parse::<LeaseId>().ok());
+                let rec = match lease {
+                    Some(id) => r.lease(id.0)?,
+                    None => None,
+                };
+                let live = rec.as_ref().is_some_and(|l| {
+                    l.provider == provider
+                        && matches!(
+                            l.state,
+                            LeaseState::Issuing
+                                | LeaseState::Active
+                                | LeaseState::Revoking
+                                | LeaseState::Irrevocable
+                        )
+                });
+                if live {
+                    accounted += 1;
+                    continue;
+                }
+                let reason = match (&lease, &rec) {
+                    (None, _) => "the name does not encode a lease id".to_owned(),
+                    (Some(_), None) => "no such lease in the store".to_owned(),
+                    (Some(_), Some(l)) if l.provider != provider => {
+                        format!("the lease belongs to provider `{}`", l.provider)
+                    }
+                    (Some(_), Some(l)) => format!("its lease is {}", l.state.as_str()),
+                };
+                orphans.push((f.clone(), rec.map(|l| l.state.as_str()), reason));
+            }
+        }
+        Ok((orphans, accounted))
+    }
+
+    /// The orphans as reported, removed at the provider when `drop`.
+    async fn list_orphans(
+        entry: &ProviderEntry,
+        orphans: Vec<Orphan>,
+        drop: bool,
+    ) -> Vec<OrphanView> {
+        let provider = entry.name.as_str();
+        let mut listed = Vec::with_capacity(orphans.len());
+        for (f, state, reason) in orphans {
+            let mut v = OrphanView {
+                name: f.name.clone(),
+                lease_id: f.lease_id.clone(),
+                lease_state: state,
+                reason,
+                removed: false,
+                error: None,
+            };
+            if drop {
+                match entry.provider.remove(&f).await {
+                    Ok(()) => v.removed = true,
+                    Err(e) => {
+                        tracing::warn!(provider, name = %f.name, error = %e, "could not remove an orphan");
+                        v.error = Some(e.message);
+                    }
+                }
+            }
+            listed.push(v);
+        }
+        listed
     }
 }
