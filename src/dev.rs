@@ -143,6 +143,9 @@ pub fn prepare(
         return Err(DevError::NotLoopback(listen));
     }
     std::fs::create_dir_all(data).map_err(io(data))?;
+    // absolute, so `dev-config.toml` means the same files wherever it is
+    // read from (a relative path there resolves against its own folder)
+    let data = &std::fs::canonicalize(data).map_err(io(data))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;

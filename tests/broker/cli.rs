@@ -481,3 +481,49 @@ async fn revoke_follows_the_job_fences_and_blast_radius() {
     assert!(ok, "{err}");
     assert_eq!(abandoned["state"], "abandoned");
 }
+
+/// `leasehold dev` with a relative data folder (the default) writes a
+/// `dev-config.toml` that `config validate` accepts from anywhere: its
+/// paths name the same files, not the folder joined to itself.
+#[test]
+fn the_dev_config_validates_from_a_relative_data_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::harness::free_port();
+    let mut dev = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args([
+            "dev",
+            "--listen",
+            &port.to_string(),
+            "--data",
+            "leasehold-data",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let config = dir.path().join("leasehold-data/dev-config.toml");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !config.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let validate = |cwd: &std::path::Path, file: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+            .args(["config", "validate", file, "--offline"])
+            .current_dir(cwd)
+            .output()
+            .unwrap()
+    };
+    let from_parent = validate(dir.path(), "leasehold-data/dev-config.toml");
+    let from_inside = validate(&dir.path().join("leasehold-data"), "dev-config.toml");
+    let _ = dev.kill();
+    let _ = dev.wait();
+    for out in [from_parent, from_inside] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+    }
+}
