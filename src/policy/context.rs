@@ -26,7 +26,7 @@ pub(super) struct Ctx<'a> {
     pub(super) pairs: Vec<(String, RestrictedExpression)>,
 }
 
-pub(super) type Field<'a> = (&'static str, &'a dyn Fn() -> RestrictedExpression);
+type Field<'a> = (&'static str, &'a dyn Fn() -> RestrictedExpression);
 
 impl Ctx<'_> {
     pub(super) fn put(&mut self, name: &'static str, value: impl FnOnce() -> RestrictedExpression) {
@@ -35,7 +35,7 @@ impl Ctx<'_> {
         }
     }
 
-    pub(super) fn record(&mut self, name: &'static str, fields: &[Field<'_>]) {
+    fn record(&mut self, name: &'static str, fields: &[Field<'_>]) {
         if self.reads.wants(name) {
             let keep = fields.iter().filter(|(f, _)| self.reads.wants_in(name, f));
             let rec = record(keep.map(|(f, v)| (*f, v())));
@@ -79,7 +79,7 @@ pub(super) fn strings<'a>(v: impl IntoIterator<Item = &'a String>) -> Restricted
     RestrictedExpression::new_set(v.into_iter().map(|s| string(s)))
 }
 
-pub(super) fn record<'a>(
+fn record<'a>(
     fields: impl Iterator<Item = (&'a str, RestrictedExpression)>,
 ) -> RestrictedExpression {
     // field names are fixed, distinct literals: this cannot fail

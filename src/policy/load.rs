@@ -36,7 +36,7 @@ pub struct LoadError {
 }
 
 impl LoadError {
-    pub(super) fn one(p: impl Into<String>) -> Self {
+    fn one(p: impl Into<String>) -> Self {
         Self {
             problems: vec![p.into()],
         }
@@ -45,7 +45,7 @@ impl LoadError {
 
 #[derive(Clone, Debug)]
 pub(super) struct PolicyMeta {
-    pub(super) file: String,
+    file: String,
     pub(super) obligations: Obligations,
     pub(super) reason: Option<String>,
     /// Policies annotated `@tenant("t")` are named only to callers of `t`.
@@ -67,7 +67,7 @@ pub struct Loaded {
     pub(super) actions: [EntityUid; 4],
     pub(super) entities: Entities,
     pub(super) meta: HashMap<PolicyId, PolicyMeta>,
-    pub(super) tools: HashSet<String>,
+    tools: HashSet<String>,
     pub(super) roles: HashSet<String>,
     /// SHA-256 over every file, in name order: which set decided.
     pub version: String,
@@ -143,7 +143,7 @@ impl Loaded {
         )
     }
 
-    pub(super) fn build(
+    fn build(
         schema: Schema,
         sources: &[(String, String)],
         entities_json: Option<&str>,
@@ -330,7 +330,7 @@ impl Loaded {
     }
 }
 
-pub(super) const NS: &str = "Leasehold";
+const NS: &str = "Leasehold";
 
 pub(super) fn type_name(t: &str) -> Result<EntityTypeName, LoadError> {
     EntityTypeName::from_str(&format!("{NS}::{t}"))
@@ -344,7 +344,7 @@ pub(super) fn uid(t: &str, id: &str) -> Result<EntityUid, LoadError> {
     ))
 }
 
-pub(super) fn action_matches(p: &Policy, action: &EntityUid) -> bool {
+fn action_matches(p: &Policy, action: &EntityUid) -> bool {
     match p.action_constraint() {
         ActionConstraint::Any => true,
         ActionConstraint::Eq(a) => &a == action,
@@ -352,7 +352,7 @@ pub(super) fn action_matches(p: &Policy, action: &EntityUid) -> bool {
     }
 }
 
-pub(super) fn resource_matches(p: &Policy, r: &EntityUid, ancestors: &HashSet<EntityUid>) -> bool {
+fn resource_matches(p: &Policy, r: &EntityUid, ancestors: &HashSet<EntityUid>) -> bool {
     let within = |u: &EntityUid| u == r || ancestors.contains(u);
     match p.resource_constraint() {
         ResourceConstraint::Any => true,
@@ -404,7 +404,7 @@ impl Reads {
         r
     }
 
-    pub(super) fn walk(&mut self, v: &serde_json::Value) {
+    fn walk(&mut self, v: &serde_json::Value) {
         use serde_json::Value;
         fn is_context(v: &Value) -> bool {
             v.as_object().is_some_and(|m| {
@@ -473,7 +473,7 @@ impl Reads {
 }
 
 /// The resources each action decides on, and the policies that can apply.
-pub(super) fn slice(
+fn slice(
     set: &PolicySet,
     entities: &Entities,
     actions: &[EntityUid; 4],
@@ -508,7 +508,7 @@ pub(super) fn slice(
     Ok(out)
 }
 
-pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let upto = &text[..offset.min(text.len())];
     let line = upto.matches('\n').count() + 1;
     let col = upto.rfind('\n').map_or(upto.len(), |i| upto.len() - i - 1) + 1;
@@ -516,7 +516,7 @@ pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// Render a Cedar diagnostic as `file:line:col: message (help)`.
-pub(super) fn located(file: &str, text: &str, d: &dyn miette::Diagnostic) -> String {
+fn located(file: &str, text: &str, d: &dyn miette::Diagnostic) -> String {
     let at = d
         .labels()
         .and_then(|mut l| l.next())
