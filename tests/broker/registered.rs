@@ -169,25 +169,33 @@ secret_bytes = 16
 roles = { note = { max_ttl_seconds = 600, prefix = "memo_" } }
 "#;
 
-/// The dev config with a `memo` provider, through TOML as an operator
-/// writes it.
+/// A configuration's TOML with `[providers.memo]` appended, as an
+/// operator would write it.
+fn memo_toml(c: &Config, table: &str) -> String {
+    format!("{}\n[providers.memo]\n{table}", c.to_toml().unwrap())
+}
+
+/// The dev config with a `memo` provider, through TOML.
 fn with_memo(c: &mut Config, table: &str) {
-    let text = format!("{}\n[providers.memo]\n{table}", c.to_toml().unwrap());
-    *c = Config::from_toml(&text, "memo.toml").unwrap();
+    *c = Config::from_toml(&memo_toml(c, table), "memo.toml").unwrap();
+}
+
+/// A dev configuration in `dir` (keys and policies made there).
+fn dev_config(dir: &tempfile::TempDir) -> Config {
+    leasehold::dev::prepare(
+        dir.path(),
+        "127.0.0.1:1".parse().unwrap(),
+        SystemClock.now(),
+    )
+    .unwrap()
+    .0
 }
 
 fn validate_error(table: &str) -> String {
     register();
     let dir = tempfile::tempdir().unwrap();
-    let (c, _) = leasehold::dev::prepare(
-        dir.path(),
-        "127.0.0.1:1".parse().unwrap(),
-        SystemClock.now(),
-    )
-    .unwrap();
-    let text = format!("{}\n[providers.memo]\n{table}", c.to_toml().unwrap());
     let path = dir.path().join("memo.toml");
-    std::fs::write(&path, text).unwrap();
+    std::fs::write(&path, memo_toml(&dev_config(&dir), table)).unwrap();
     // what `leasehold config validate` runs offline
     match Config::load(&path).and_then(|c| leasehold::preflight::check_files(&c).map(|()| c)) {
         Ok(_) => panic!("accepted: {table}"),
@@ -217,13 +225,7 @@ fn a_registered_kind_is_refused_with_its_own_field_named_errors() {
 #[test]
 fn an_unregistered_kind_is_refused_naming_the_known_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let (c, _) = leasehold::dev::prepare(
-        dir.path(),
-        "127.0.0.1:1".parse().unwrap(),
-        SystemClock.now(),
-    )
-    .unwrap();
-    let text = format!("{}\n[providers.memo]\n{MEMO_TOML}", c.to_toml().unwrap());
+    let text = memo_toml(&dev_config(&dir), MEMO_TOML);
     let e = Config::from_toml(&text, "memo.toml")
         .unwrap_err()
         .to_string();
@@ -269,12 +271,7 @@ impl Probe for PeerProbe {
 async fn a_registered_kind_conforms_as_the_broker_builds_it() {
     register();
     let dir = tempfile::tempdir().unwrap();
-    let (mut config, _) = leasehold::dev::prepare(
-        dir.path(),
-        "127.0.0.1:1".parse().unwrap(),
-        SystemClock.now(),
-    )
-    .unwrap();
+    let mut config = dev_config(&dir);
     with_memo(&mut config, MEMO_TOML);
     assert_eq!(config.providers["memo"].kind(), "memo");
     assert!(config.providers["memo"].get::<MemoConfig>().is_some());
