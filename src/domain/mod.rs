@@ -129,6 +129,9 @@ impl From<StoreError> for BrokerError {
                         "a responder fenced this workload, tenant or user: nothing new is issued"
                             .into(),
                 },
+                // leader-only work refused to a deposed leader: the store
+                // did its job, this node may not do this one
+                c @ Conflict::NotLeader(_) => Self::Store(StoreError::Conflict(c)),
             },
             other => Self::Store(other),
         }

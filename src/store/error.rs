@@ -36,6 +36,10 @@ pub enum Conflict {
     FenceNotFound,
     #[error("the workload, tenant or user is fenced")]
     Fenced,
+    /// Leader-only work by a node that no longer leads with this epoch
+    /// (a deposed leader's late write).
+    #[error("this broker no longer leads the cluster (epoch {0})")]
+    NotLeader(u64),
 }
 
 #[derive(Debug, thiserror::Error)]

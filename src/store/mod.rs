@@ -25,7 +25,9 @@ mod blocks;
 mod codec;
 mod error;
 mod key;
+mod kv;
 mod lifecycle;
+mod pg;
 mod reader;
 pub mod records;
 mod schema;
@@ -47,6 +49,7 @@ pub use lifecycle::{
     Activation, ChainHead, Chained, Completion, ExpiryPass, Local, Outcome, RevokeRequest,
     StoredEvent, Why, local_revocation, queued_revocation,
 };
+pub use pg::{ClusterView, Leadership, NodeView, PgOptions};
 pub use reader::Snapshot;
 pub use records::{
     ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, FenceRecord, JOB_BUCKETS, JobRecord,
@@ -76,6 +79,8 @@ pub struct StoreOptions {
     /// Checkpoint once the store has had no write for this long.
     pub checkpoint_idle: std::time::Duration,
     pub on_commit: Option<CommitHook>,
+    /// Keep the store in PostgreSQL instead of the redb file at `path`.
+    pub postgres: Option<PgOptions>,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -102,6 +107,7 @@ impl StoreOptions {
             checkpoint_bytes: Self::DEFAULT_CHECKPOINT_BYTES,
             checkpoint_idle: std::time::Duration::from_secs(1),
             on_commit: None,
+            postgres: None,
         }
     }
 }
@@ -142,12 +148,21 @@ trait Backend: Send + Sync {
     fn is_healthy(&self) -> bool;
     /// Where the store lives, for logs.
     fn location(&self) -> &Path;
+    /// This node's leadership (a single broker always leads).
+    fn leadership(&self) -> Leadership;
+    /// The cluster as the database sees it (`None`: a single broker).
+    fn cluster(&self) -> Result<Option<ClusterView>, StoreError> {
+        Ok(None)
+    }
     /// Wait until every queued job is done and the store is closed (its
     /// queue is closed first).
     fn close(&mut self);
     /// The backend itself, for its own white-box tests.
     #[cfg(test)]
     fn as_any(&self) -> &dyn std::any::Any;
+    /// Its tables, read directly (tests).
+    #[cfg(test)]
+    fn raw(&self) -> kv::ReadSource;
 }
 
 struct Inner {
@@ -191,7 +206,10 @@ impl Store {
         migrations: &[(u32, Migration)],
         target: u32,
     ) -> Result<Self, StoreError> {
-        let (backend, sender) = writer::open(opts, key, migrations, target)?;
+        let (backend, sender) = match &opts.postgres {
+            Some(pg) => pg::open(opts, pg, key, target)?,
+            None => writer::open(opts, key, migrations, target)?,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 sender: Some(sender),
@@ -215,6 +233,16 @@ impl Store {
     /// False once the writer has died or a commit failed; readiness reports it.
     pub fn is_healthy(&self) -> bool {
         self.inner.backend.is_healthy()
+    }
+
+    /// This node's leadership of the work that must run once.
+    pub fn leadership(&self) -> Leadership {
+        self.inner.backend.leadership()
+    }
+
+    /// The cluster (nodes, leader, epoch), or `None` for a single broker.
+    pub fn cluster(&self) -> Result<Option<ClusterView>, StoreError> {
+        self.inner.backend.cluster()
     }
 
     /// Run `op` in the next group commit; resolves once it is durable.

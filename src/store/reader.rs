@@ -1,17 +1,17 @@
-//! The redb backend's read side: a consistent snapshot ([`RedbReader`],
-//! the seam's [`ReadTxn`]) over the live store, and [`Snapshot`], a
-//! read-only open of a stopped broker's file for offline verification.
+//! The read side: a consistent snapshot ([`KvReader`], the seam's
+//! [`ReadTxn`]) over the live store's tables in either backend, and
+//! [`Snapshot`], a read-only open of a stopped broker's redb file for
+//! offline verification.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use redb::{
-    ReadTransaction, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _,
-};
+use redb::ReadableDatabase as _;
 
 use super::StoreError;
 use super::blocks;
 use super::codec;
+use super::kv::ReadSource;
 use super::lifecycle::{ChainHead, StoredEvent};
 use super::records;
 use super::records::*;
@@ -20,23 +20,23 @@ use super::seam::{ReadTxn, Reader};
 use super::wal;
 
 /// A read snapshot.
-pub struct RedbReader {
-    txn: ReadTransaction,
+pub struct KvReader {
+    src: ReadSource,
 }
 
-impl std::fmt::Debug for RedbReader {
+impl std::fmt::Debug for KvReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Reader")
     }
 }
 
-impl RedbReader {
-    pub(super) fn new(txn: ReadTransaction) -> Self {
-        Self { txn }
+impl KvReader {
+    pub(super) fn new(src: ReadSource) -> Self {
+        Self { src }
     }
 
     fn meta_head(&self, key: &str) -> Result<ChainHead, StoreError> {
-        let meta = self.txn.open_table(META)?;
+        let meta = self.src.open(META)?;
         let v = meta.get(key)?.map(|g| g.value().to_vec());
         match v {
             Some(b) => {
@@ -47,22 +47,22 @@ impl RedbReader {
     }
 }
 
-impl ReadTxn for RedbReader {
+impl ReadTxn for KvReader {
     fn task(&self, id: u128) -> Result<Option<TaskRecord>, StoreError> {
-        let t = self.txn.open_table(TASKS)?;
+        let t = self.src.open(TASKS)?;
         let g = t.get(id)?;
         g.map(|g| codec::decode(g.value())).transpose()
     }
 
     fn lease(&self, id: u128) -> Result<Option<LeaseRecord>, StoreError> {
-        let t = self.txn.open_table(LEASES)?;
+        let t = self.src.open(LEASES)?;
         let g = t.get(id)?;
         g.map(|g| codec::decode(g.value())).transpose()
     }
 
     fn task_leases(&self, task: u128) -> Result<Vec<LeaseRecord>, StoreError> {
-        let idx = self.txn.open_table(TASK_LEASES)?;
-        let leases = self.txn.open_table(LEASES)?;
+        let idx = self.src.open(TASK_LEASES)?;
+        let leases = self.src.open(LEASES)?;
         let mut out = Vec::new();
         for e in idx.range((task, 0u128)..=(task, u128::MAX))? {
             let id = e?.0.value().1;
@@ -74,7 +74,7 @@ impl ReadTxn for RedbReader {
     }
 
     fn list_leases(&self, q: &LeaseQuery) -> Result<(Vec<LeaseRecord>, Option<u128>), StoreError> {
-        let leases = self.txn.open_table(LEASES)?;
+        let leases = self.src.open(LEASES)?;
         let start = q.after.map_or(0, |a| a.saturating_add(1));
         let limit = q.limit.max(1);
         let budget = q.scan_budget.max(limit);
@@ -99,7 +99,7 @@ impl ReadTxn for RedbReader {
         };
         let mut exhausted = true;
         if let Some(task) = q.task {
-            let idx = self.txn.open_table(TASK_LEASES)?;
+            let idx = self.src.open(TASK_LEASES)?;
             for e in idx.range((task, start)..=(task, u128::MAX))? {
                 let id = e?.0.value().1;
                 if let Some(g) = leases.get(id)?
@@ -110,7 +110,7 @@ impl ReadTxn for RedbReader {
                 }
             }
         } else if let Some(w) = q.workload.as_deref() {
-            let idx = self.txn.open_table(WORKLOAD_LEASES)?;
+            let idx = self.src.open(WORKLOAD_LEASES)?;
             for e in idx.range((w, start)..=(w, u128::MAX))? {
                 let id = e?.0.value().1;
                 if let Some(g) = leases.get(id)?
@@ -133,7 +133,7 @@ impl ReadTxn for RedbReader {
     }
 
     fn next_expiry(&self) -> Result<Option<i64>, StoreError> {
-        let t = self.txn.open_table(EXPIRY)?;
+        let t = self.src.open(EXPIRY)?;
         Ok(t.first()?.map(|(k, _)| k.value().0))
     }
 
@@ -143,8 +143,8 @@ impl ReadTxn for RedbReader {
         now: i64,
         limit: usize,
     ) -> Result<Vec<LeaseRecord>, StoreError> {
-        let q = self.txn.open_table(REVOKE_QUEUE)?;
-        let leases = self.txn.open_table(LEASES)?;
+        let q = self.src.open(REVOKE_QUEUE)?;
+        let leases = self.src.open(LEASES)?;
         let mut out = Vec::new();
         for e in q.range((provider, i64::MIN, 0u128)..=(provider, now, u128::MAX))? {
             let id = e?.0.value().2;
@@ -159,7 +159,7 @@ impl ReadTxn for RedbReader {
     }
 
     fn next_revocation(&self, provider: &str) -> Result<Option<i64>, StoreError> {
-        let q = self.txn.open_table(REVOKE_QUEUE)?;
+        let q = self.src.open(REVOKE_QUEUE)?;
         let first = q
             .range((provider, i64::MIN, 0u128)..=(provider, i64::MAX, u128::MAX))?
             .next();
@@ -170,11 +170,11 @@ impl ReadTxn for RedbReader {
     }
 
     fn issuing_count(&self) -> Result<u64, StoreError> {
-        Ok(self.txn.open_table(ISSUING)?.len()?)
+        self.src.open(ISSUING)?.len()
     }
 
     fn counters(&self) -> Result<BTreeMap<(String, LeaseState), u64>, StoreError> {
-        let t = self.txn.open_table(COUNTERS)?;
+        let t = self.src.open(COUNTERS)?;
         let mut out = BTreeMap::new();
         for e in t.iter()? {
             let (k, v) = e?;
@@ -195,7 +195,7 @@ impl ReadTxn for RedbReader {
     }
 
     fn events_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        let t = self.txn.open_table(EVENT_BLOCKS)?;
+        let t = self.src.open(EVENT_BLOCKS)?;
         let mut out = Vec::new();
         // the first block whose key is past `after` holds `after + 1`
         'blocks: for e in t.range(after.saturating_add(1)..)? {
@@ -215,7 +215,7 @@ impl ReadTxn for RedbReader {
     }
 
     fn for_each_event(&self, f: &mut super::seam::EventVisitor<'_>) -> Result<(), StoreError> {
-        let t = self.txn.open_table(EVENT_BLOCKS)?;
+        let t = self.src.open(EVENT_BLOCKS)?;
         for e in t.iter()? {
             let (k, v) = e?;
             for e in blocks::entries(k.value(), v.value()) {
@@ -232,8 +232,8 @@ impl ReadTxn for RedbReader {
         after: u64,
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let idx = self.txn.open_table(EVENT_TASKS)?;
-        let t = self.txn.open_table(EVENT_BLOCKS)?;
+        let idx = self.src.open(EVENT_TASKS)?;
+        let t = self.src.open(EVENT_BLOCKS)?;
         let mut out = Vec::new();
         // the block of the last entry at or before `after` may hold later
         // events of the task
@@ -264,7 +264,7 @@ impl ReadTxn for RedbReader {
     }
 
     fn checkpoints(&self) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let t = self.txn.open_table(CHECKPOINTS)?;
+        let t = self.src.open(CHECKPOINTS)?;
         let mut out = Vec::new();
         for e in t.iter()? {
             let (k, v) = e?;
@@ -274,21 +274,17 @@ impl ReadTxn for RedbReader {
     }
 
     fn last_checkpoint_seq(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .txn
-            .open_table(CHECKPOINTS)?
-            .last()?
-            .map(|(k, _)| k.value()))
+        Ok(self.src.open(CHECKPOINTS)?.last()?.map(|(k, _)| k.value()))
     }
 
     fn job(&self, id: u128) -> Result<Option<JobRecord>, StoreError> {
-        let t = self.txn.open_table(JOBS)?;
+        let t = self.src.open(JOBS)?;
         let g = t.get(id)?;
         g.map(|g| codec::decode(g.value())).transpose()
     }
 
     fn jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
-        let t = self.txn.open_table(JOBS)?;
+        let t = self.src.open(JOBS)?;
         let mut out = Vec::new();
         for e in t.iter()? {
             out.push(codec::decode(e?.1.value())?);
@@ -300,7 +296,7 @@ impl ReadTxn for RedbReader {
         &self,
         job: u128,
     ) -> Result<BTreeMap<String, BTreeMap<&'static str, u64>>, StoreError> {
-        let t = self.txn.open_table(JOB_COUNTS)?;
+        let t = self.src.open(JOB_COUNTS)?;
         let mut out: BTreeMap<String, BTreeMap<&'static str, u64>> = BTreeMap::new();
         for e in t.range((job, "", "")..=(job, "\u{10ffff}", "\u{10ffff}"))? {
             let (k, v) = e?;
@@ -316,8 +312,8 @@ impl ReadTxn for RedbReader {
     }
 
     fn job_unfinished(&self, job: u128, limit: usize) -> Result<Vec<LeaseRecord>, StoreError> {
-        let idx = self.txn.open_table(JOB_LEASES)?;
-        let leases = self.txn.open_table(LEASES)?;
+        let idx = self.src.open(JOB_LEASES)?;
+        let leases = self.src.open(LEASES)?;
         let mut out = Vec::new();
         for e in idx.range((job, 0u128)..=(job, u128::MAX))? {
             let id = e?.0.value().1;
@@ -347,7 +343,7 @@ impl ReadTxn for RedbReader {
         let start = after.map_or(0, |a| a.saturating_add(1));
         let mut out = Vec::with_capacity(limit);
         if let Some(task) = sel.task {
-            let idx = self.txn.open_table(TASK_LEASES)?;
+            let idx = self.src.open(TASK_LEASES)?;
             for e in idx.range((task, start)..=(task, u128::MAX))? {
                 out.push(e?.0.value().1);
                 if out.len() >= limit {
@@ -355,7 +351,7 @@ impl ReadTxn for RedbReader {
                 }
             }
         } else if let Some(w) = sel.workload.as_deref() {
-            let idx = self.txn.open_table(WORKLOAD_LEASES)?;
+            let idx = self.src.open(WORKLOAD_LEASES)?;
             for e in idx.range((w, start)..=(w, u128::MAX))? {
                 out.push(e?.0.value().1);
                 if out.len() >= limit {
@@ -363,7 +359,7 @@ impl ReadTxn for RedbReader {
                 }
             }
         } else {
-            let t = self.txn.open_table(LEASES)?;
+            let t = self.src.open(LEASES)?;
             for e in t.range(start..)? {
                 out.push(e?.0.value());
                 if out.len() >= limit {
@@ -375,7 +371,7 @@ impl ReadTxn for RedbReader {
     }
 
     fn fences(&self) -> Result<Vec<FenceRecord>, StoreError> {
-        let t = self.txn.open_table(FENCES)?;
+        let t = self.src.open(FENCES)?;
         let mut out = Vec::new();
         for e in t.iter()? {
             out.push(codec::decode(e?.1.value())?);
@@ -389,8 +385,8 @@ impl ReadTxn for RedbReader {
         since: i64,
         limit: usize,
     ) -> Result<Vec<TaskRecord>, StoreError> {
-        let idx = self.txn.open_table(WORKLOAD_TASKS)?;
-        let tasks = self.txn.open_table(TASKS)?;
+        let idx = self.src.open(WORKLOAD_TASKS)?;
+        let tasks = self.src.open(TASKS)?;
         let mut out = Vec::new();
         // task ids are time-ordered: start at the first id of `since`
         let first = u128::try_from(since.max(0)).unwrap_or(0) << 80;
@@ -408,8 +404,8 @@ impl ReadTxn for RedbReader {
 
     fn task_active(&self, task: u128) -> Result<u64, StoreError> {
         Ok(self
-            .txn
-            .open_table(TASK_ACTIVE)?
+            .src
+            .open(TASK_ACTIVE)?
             .get(task)?
             .map(|g| g.value())
             .unwrap_or(0))
@@ -417,15 +413,15 @@ impl ReadTxn for RedbReader {
 
     fn workload_active(&self, workload: &str) -> Result<u64, StoreError> {
         Ok(self
-            .txn
-            .open_table(WORKLOAD_ACTIVE)?
+            .src
+            .open(WORKLOAD_ACTIVE)?
             .get(workload)?
             .map(|g| g.value())
             .unwrap_or(0))
     }
 
     fn task_calls(&self, task: u128) -> Result<Vec<CallRecord>, StoreError> {
-        let calls = self.txn.open_table(TASK_CALLS)?;
+        let calls = self.src.open(TASK_CALLS)?;
         let mut out = Vec::new();
         for e in calls.range((task, 0u128)..=(task, u128::MAX))? {
             out.push(codec::decode(e?.1.value())?);
@@ -434,14 +430,14 @@ impl ReadTxn for RedbReader {
     }
 
     fn approval(&self, id: u128) -> Result<Option<ApprovalRecord>, StoreError> {
-        let t = self.txn.open_table(APPROVALS)?;
+        let t = self.src.open(APPROVALS)?;
         let g = t.get(id)?;
         g.map(|g| codec::decode(g.value())).transpose()
     }
 
     fn pending_approvals(&self, limit: usize) -> Result<Vec<ApprovalRecord>, StoreError> {
-        let idx = self.txn.open_table(APPROVAL_EXPIRY)?;
-        let t = self.txn.open_table(APPROVALS)?;
+        let idx = self.src.open(APPROVAL_EXPIRY)?;
+        let t = self.src.open(APPROVALS)?;
         let mut out = Vec::new();
         for e in idx.iter()? {
             let id = e?.0.value().1;
@@ -460,29 +456,29 @@ impl ReadTxn for RedbReader {
 
     fn checkpoints_last(&self) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
-            .txn
-            .open_table(CHECKPOINTS)?
+            .src
+            .open(CHECKPOINTS)?
             .last()?
             .map(|(_, v)| v.value().to_vec()))
     }
 
     fn next_approval_expiry(&self) -> Result<Option<i64>, StoreError> {
         Ok(self
-            .txn
-            .open_table(APPROVAL_EXPIRY)?
+            .src
+            .open(APPROVAL_EXPIRY)?
             .first()?
             .map(|(k, _)| k.value().0))
     }
 
     fn review(&self, task: u128) -> Result<Option<ReviewRecord>, StoreError> {
-        let t = self.txn.open_table(REVIEWS)?;
+        let t = self.src.open(REVIEWS)?;
         let g = t.get(task)?;
         g.map(|g| codec::decode(g.value())).transpose()
     }
 
     fn pending_reviews(&self, limit: usize) -> Result<Vec<ReviewRecord>, StoreError> {
-        let idx = self.txn.open_table(PENDING_REVIEWS)?;
-        let t = self.txn.open_table(REVIEWS)?;
+        let idx = self.src.open(PENDING_REVIEWS)?;
+        let t = self.src.open(REVIEWS)?;
         let mut out = Vec::new();
         for e in idx.iter()? {
             let id = e?.0.value();
@@ -497,7 +493,7 @@ impl ReadTxn for RedbReader {
     }
 
     fn is_denied(&self, jti: u128) -> Result<bool, StoreError> {
-        Ok(self.txn.open_table(DENYLIST)?.get(jti)?.is_some())
+        Ok(self.src.open(DENYLIST)?.get(jti)?.is_some())
     }
 }
 
@@ -589,8 +585,8 @@ impl Snapshot {
     }
 
     pub fn read(&self) -> Result<Reader, StoreError> {
-        Ok(Box::new(RedbReader {
-            txn: self.db.begin_read()?,
-        }))
+        Ok(Box::new(KvReader::new(ReadSource::Redb(
+            self.db.begin_read()?,
+        ))))
     }
 }

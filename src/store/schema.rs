@@ -86,6 +86,36 @@ pub const FENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("fences");
 pub const WORKLOAD_TASKS: TableDefinition<(&str, u128), ()> =
     TableDefinition::new("workload_tasks");
 
+/// The name of every table of this schema version (what a PostgreSQL
+/// store creates; `prepare` opens each in redb).
+pub const TABLES: &[&str] = &[
+    "meta",
+    "tasks",
+    "leases",
+    "expiry_index",
+    "task_leases",
+    "workload_leases",
+    "issuing",
+    "revoke_queue",
+    "lease_counters",
+    "token_denylist",
+    "event_blocks",
+    "event_tasks",
+    "checkpoints",
+    "calls_by_task",
+    "approvals",
+    "approval_expiry",
+    "reviews",
+    "pending_reviews",
+    "workload_active",
+    "task_active",
+    "jobs",
+    "job_leases",
+    "job_counts",
+    "fences",
+    "workload_tasks",
+];
+
 /// The schema this build writes. Version 2: the store file is only
 /// complete together with its write-ahead log (`wal`), which a version-1
 /// build would ignore, losing acknowledged writes; so it must refuse.
@@ -226,9 +256,7 @@ pub fn prepare(
     };
     match version {
         None if existing.is_empty() => {
-            let check = sealer
-                .seal(KEY_CHECK_RECORD, "key_check", KEY_CHECK_PLAINTEXT)
-                .map_err(|_| StoreError::Corrupt("cannot seal the key check".into()))?;
+            let check = key_check(sealer)?;
             let mut meta = txn.open_table(META)?;
             meta.insert("schema_version", &target.to_be_bytes()[..])?;
             meta.insert("key_check", check.as_slice())?;
@@ -293,6 +321,20 @@ pub fn prepare(
     Ok(())
 }
 
+/// What a new store keeps to recognise its key: a known text sealed with it.
+pub(super) fn key_check(sealer: &Sealer) -> Result<Vec<u8>, StoreError> {
+    sealer
+        .seal(KEY_CHECK_RECORD, "key_check", KEY_CHECK_PLAINTEXT)
+        .map_err(|_| StoreError::Corrupt("cannot seal the key check".into()))
+}
+
+/// Does the stored key check open with this key?
+pub(super) fn key_matches(sealer: &Sealer, check: Option<&[u8]>) -> bool {
+    check
+        .and_then(|c| sealer.open(KEY_CHECK_RECORD, "key_check", c).ok())
+        .is_some_and(|p| p.as_slice() == KEY_CHECK_PLAINTEXT)
+}
+
 fn check_key(txn: &WriteTransaction, sealer: &Sealer, fingerprint: &str) -> Result<(), StoreError> {
     let meta = txn.open_table(META)?;
     let check = meta.get("key_check")?.map(|g| g.value().to_vec());
@@ -300,10 +342,7 @@ fn check_key(txn: &WriteTransaction, sealer: &Sealer, fingerprint: &str) -> Resu
         .get("key_fingerprint")?
         .map(|g| String::from_utf8_lossy(g.value()).into_owned())
         .unwrap_or_default();
-    let ok = check
-        .and_then(|c| sealer.open(KEY_CHECK_RECORD, "key_check", &c).ok())
-        .is_some_and(|p| p.as_slice() == KEY_CHECK_PLAINTEXT);
-    if ok {
+    if key_matches(sealer, check.as_deref()) {
         Ok(())
     } else {
         Err(StoreError::WrongKey {

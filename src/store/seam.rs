@@ -250,10 +250,25 @@ pub trait TokenWrites {
     ) -> Result<usize, StoreError>;
 }
 
+/// Leader-only work (expiry, the revocation queue, jobs, checkpoints):
+/// checked in the transaction that does it.
+pub trait ClusterWrites {
+    /// Refuse ([`Conflict::NotLeader`](super::Conflict)) unless this node
+    /// still leads with `epoch`. A single broker always leads.
+    fn require_leader(&mut self, epoch: u64) -> Result<(), StoreError>;
+}
+
 /// A write transaction: every aggregate's operations. `Store::write` runs
 /// a closure over one, in the next group commit.
 pub trait WriteTxn:
-    ChainWrites + TaskWrites + LeaseWrites + CallWrites + ApprovalWrites + IncidentWrites + TokenWrites
+    ChainWrites
+    + TaskWrites
+    + LeaseWrites
+    + CallWrites
+    + ApprovalWrites
+    + IncidentWrites
+    + TokenWrites
+    + ClusterWrites
 {
 }
 
@@ -265,6 +280,7 @@ impl<T> WriteTxn for T where
         + ApprovalWrites
         + IncidentWrites
         + TokenWrites
+        + ClusterWrites
 {
 }
 

@@ -1,10 +1,11 @@
 use std::sync::atomic::Ordering;
 
-use redb::{ReadableTable as _, ReadableTableMetadata as _};
+use redb::ReadableTableMetadata as _;
 
+use super::kv::Source;
 use super::schema::*;
 use super::seam::*;
-use super::txn::RedbTxn;
+use super::txn::KvTxn;
 use super::writer::RedbBackend;
 use super::*;
 
@@ -18,6 +19,99 @@ fn redb_of(s: &Store) -> std::sync::Arc<redb::Database> {
         .db()
         .clone()
 }
+
+/// Where a store under test lives: a redb file in a temporary folder, or a
+/// database of a throwaway PostgreSQL cluster. Tests that hold for both
+/// take one and run once per backend (`both_backends!`).
+enum Backing {
+    Redb(tempfile::TempDir),
+    Pg(Box<PgPeer>),
+}
+
+struct PgPeer {
+    // dropped last: stops the server
+    _cluster: leasehold_provider_postgres::testkit::Cluster,
+    connection: leasehold_provider_postgres::PostgresConfig,
+}
+
+impl Backing {
+    fn redb() -> Self {
+        Backing::Redb(tempfile::tempdir().unwrap())
+    }
+
+    async fn postgres() -> Self {
+        let cluster = leasehold_provider_postgres::testkit::Cluster::start();
+        let connection = cluster.provision_store().await;
+        Backing::Pg(Box::new(PgPeer {
+            _cluster: cluster,
+            connection,
+        }))
+    }
+
+    fn options(&self) -> StoreOptions {
+        self.options_as("test-node", 3)
+    }
+
+    /// Options for a node of this name, leading for `lease_seconds`.
+    fn options_as(&self, node: &str, lease_seconds: u64) -> StoreOptions {
+        match self {
+            Backing::Redb(dir) => StoreOptions::new(dir.path().join("s.redb")),
+            Backing::Pg(p) => StoreOptions {
+                postgres: Some(PgOptions {
+                    connection: p.connection.clone(),
+                    node: node.into(),
+                    advertise: format!("{node}.test:8443"),
+                    lease_period: std::time::Duration::from_secs(lease_seconds),
+                }),
+                ..StoreOptions::new("unused")
+            },
+        }
+    }
+
+    fn open(&self) -> Store {
+        Store::open(&self.options(), &key()).unwrap()
+    }
+}
+
+/// Each test named here runs against redb (`on_redb::name`) and against
+/// PostgreSQL (`on_postgres::name`).
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_redb {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backing::redb()).await;
+                }
+            )*
+        }
+        mod on_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backing::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    lifecycle_keeps_indexes_and_counters_consistent,
+    refused_operations_leave_nothing,
+    activation_after_completion_is_refused,
+    expiry_moves_due_leases_in_deadline_order_and_batches,
+    irrevocable_stays_queued_and_can_recover,
+    recovery_reads_only_intents,
+    concurrent_writes_share_commits,
+    denylist_is_durable_and_pruned_after_expiry,
+    listing_filters_and_pages,
+    local_providers_are_revoked_inside_the_deciding_transaction,
+    a_prepared_handle_rides_on_the_intent_until_activation_replaces_it,
+    events_are_read_back_from_blocks_by_seq_and_by_task,
+    pruning_inside_a_block_keeps_the_rest_of_it_and_only_its_index_entries,
+    calls_are_read_by_task
+);
 
 fn key() -> StoreKey {
     StoreKey::from_bytes([7; 32])
@@ -217,10 +311,8 @@ async fn migration_hook_runs_once_in_order() {
     ));
 }
 
-#[tokio::test]
-async fn lifecycle_keeps_indexes_and_counters_consistent() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn lifecycle_keeps_indexes_and_counters_consistent(store: Backing) {
+    let s = store.open();
     s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
     let l = lease(10, 1, 5_000);
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
@@ -324,10 +416,8 @@ async fn lifecycle_keeps_indexes_and_counters_consistent() {
     assert!(out.is_empty());
 }
 
-#[tokio::test]
-async fn refused_operations_leave_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn refused_operations_leave_nothing(store: Backing) {
+    let s = store.open();
     s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
     // outlives the task
     let l = lease(10, 1, 20_000);
@@ -373,7 +463,7 @@ async fn a_refusal_in_a_shared_batch_does_not_undo_its_neighbours() {
     let bad_lease = lease(21, 99, 5_000); // unknown task
     let txn = db.begin_write().unwrap();
     {
-        let mut t = RedbTxn::open(&txn, ChainHead::default());
+        let mut t = KvTxn::open(Source::Redb(&txn), ChainHead::default());
         t.lease_intent(&ok_lease, 0, 100).unwrap();
         assert!(t.lease_intent(&bad_lease, 0, 100).is_err());
         t.finish().unwrap();
@@ -385,10 +475,8 @@ async fn a_refusal_in_a_shared_batch_does_not_undo_its_neighbours() {
     assert_eq!(r.issuing_count().unwrap(), 1);
 }
 
-#[tokio::test]
-async fn activation_after_completion_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn activation_after_completion_is_refused(store: Backing) {
+    let s = store.open();
     s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
     let l = lease(10, 1, 5_000);
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
@@ -421,10 +509,8 @@ async fn activation_after_completion_is_refused() {
     );
 }
 
-#[tokio::test]
-async fn expiry_moves_due_leases_in_deadline_order_and_batches() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn expiry_moves_due_leases_in_deadline_order_and_batches(store: Backing) {
+    let s = store.open();
     s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
     for i in 0..10u128 {
         active_lease(&s, 100 + i, 1, 1_000 + i64::try_from(i).unwrap() * 100).await;
@@ -470,10 +556,8 @@ async fn expiry_moves_due_leases_in_deadline_order_and_batches() {
     assert_eq!(count(&s, LeaseState::Active), 5);
 }
 
-#[tokio::test]
-async fn irrevocable_stays_queued_and_can_recover() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn irrevocable_stays_queued_and_can_recover(store: Backing) {
+    let s = store.open();
     s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
     active_lease(&s, 7, 1, 1_000).await;
     s.write(|t| t.expire_due(1_000, 10, &Local::new()))
@@ -514,16 +598,14 @@ async fn irrevocable_stays_queued_and_can_recover() {
     assert_eq!(count(&s, LeaseState::Irrevocable), 0);
 }
 
-#[tokio::test]
-async fn recovery_reads_only_intents() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn recovery_reads_only_intents(store: Backing) {
+    let s = store.open();
     s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
     active_lease(&s, 1, 1, 50_000).await;
     let l = lease(2, 1, 50_000);
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
     drop(s);
-    let s = open(&dir);
+    let s = store.open();
     let rec = s
         .write(|t| t.recover_intents(10, &Local::new()))
         .await
@@ -546,10 +628,8 @@ async fn recovery_reads_only_intents() {
     );
 }
 
-#[tokio::test]
-async fn concurrent_writes_share_commits() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn concurrent_writes_share_commits(store: Backing) {
+    let s = store.open();
     let mut set = tokio::task::JoinSet::new();
     for i in 0..400u128 {
         let s = s.clone();
@@ -567,7 +647,7 @@ async fn concurrent_writes_share_commits() {
     );
     // and every one of them is durable across a reopen
     drop(s);
-    let s = open(&dir);
+    let s = store.open();
     assert!(s.read().unwrap().task(400).unwrap().is_some());
 }
 
@@ -620,10 +700,8 @@ async fn a_lingering_batch_applies_operations_as_they_arrive() {
     );
 }
 
-#[tokio::test]
-async fn denylist_is_durable_and_pruned_after_expiry() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn denylist_is_durable_and_pruned_after_expiry(store: Backing) {
+    let s = store.open();
     // ids carry their creation time in the top bits
     let id = |created_ms: u128, n: u128| (created_ms << 80) | n;
     let (a, b, c) = (id(1_000, 1), id(1_500, 2), id(90_000, 3));
@@ -635,7 +713,7 @@ async fn denylist_is_durable_and_pruned_after_expiry() {
         .await
         .unwrap();
     drop(s);
-    let s = open(&dir);
+    let s = store.open();
     assert!(s.read().unwrap().is_denied(a).unwrap());
     assert_eq!(
         s.write(|t| t.prune_denylist(2_500, 10_000, 10))
@@ -655,10 +733,8 @@ async fn denylist_is_durable_and_pruned_after_expiry() {
     assert!(r.is_denied(c).unwrap(), "young entries stay");
 }
 
-#[tokio::test]
-async fn listing_filters_and_pages() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn listing_filters_and_pages(store: Backing) {
+    let s = store.open();
     s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
     for i in 0..25u128 {
         active_lease(&s, 1_000 + i, 1, 50_000).await;
@@ -720,10 +796,8 @@ fn local_token() -> Local {
     ["token".to_owned()].into_iter().collect()
 }
 
-#[tokio::test]
-async fn local_providers_are_revoked_inside_the_deciding_transaction() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn local_providers_are_revoked_inside_the_deciding_transaction(store: Backing) {
+    let s = store.open();
     s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
     active_lease(&s, 1, 1, 50_000).await;
     active_lease(&s, 2, 1, 1_000).await;
@@ -766,10 +840,8 @@ async fn local_providers_are_revoked_inside_the_deciding_transaction() {
     assert_eq!(count(&s, LeaseState::Revoked), 1);
 }
 
-#[tokio::test]
-async fn a_prepared_handle_rides_on_the_intent_until_activation_replaces_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn a_prepared_handle_rides_on_the_intent_until_activation_replaces_it(store: Backing) {
+    let s = store.open();
     s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
     let l = lease(10, 1, 5_000);
     s.write(move |t| t.lease_intent(&l, 0, 100)).await.unwrap();
@@ -1129,12 +1201,11 @@ type IndexEntries = Vec<(u128, u64)>;
 /// The task index, and what it should be: each task's first event in each
 /// block.
 fn task_index(s: &Store) -> (IndexEntries, IndexEntries) {
-    use redb::ReadableDatabase as _;
-    let r = redb_of(s).begin_read().unwrap();
-    let idx = r.open_table(EVENT_TASKS).unwrap();
+    let r = s.inner.backend.raw();
+    let idx = r.open(EVENT_TASKS).unwrap();
     let got = idx.iter().unwrap().map(|e| e.unwrap().0.value()).collect();
     let mut want = Vec::new();
-    for b in r.open_table(EVENT_BLOCKS).unwrap().iter().unwrap() {
+    for b in r.open(EVENT_BLOCKS).unwrap().iter().unwrap() {
         let (k, v) = b.unwrap();
         let mut seen = Vec::new();
         for e in blocks::entries(k.value(), v.value()) {
@@ -1153,19 +1224,16 @@ fn seqs(events: &[StoredEvent]) -> Vec<u64> {
     events.iter().map(|e| e.seq).collect()
 }
 
-#[tokio::test]
-async fn events_are_read_back_from_blocks_by_seq_and_by_task() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn events_are_read_back_from_blocks_by_seq_and_by_task(store: Backing) {
+    let s = store.open();
     // small batches, and one whose events fill several blocks
     let big = blocks::BLOCK_BYTES / 1000 * 3;
     let all = append_events(&s, &[1, 3, 2, big, 4], 1000).await;
     let n = all.len() as u64;
     assert_eq!(seqs(&all), (1..=n).collect::<Vec<_>>());
     let blocks = {
-        use redb::ReadableDatabase as _;
-        let r = redb_of(&s).begin_read().unwrap();
-        let t = r.open_table(EVENT_BLOCKS).unwrap();
+        let r = s.inner.backend.raw();
+        let t = r.open(EVENT_BLOCKS).unwrap();
         // none outgrows its allocation
         for e in t.iter().unwrap() {
             let (k, v) = e.unwrap();
@@ -1236,10 +1304,8 @@ async fn events_are_read_back_from_blocks_by_seq_and_by_task() {
     }
 }
 
-#[tokio::test]
-async fn pruning_inside_a_block_keeps_the_rest_of_it_and_only_its_index_entries() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn pruning_inside_a_block_keeps_the_rest_of_it_and_only_its_index_entries(store: Backing) {
+    let s = store.open();
     let all = append_events(&s, &[3, 5, 4], 100).await;
     // seq 5 is in the middle of the second batch's block (4..=8)
     let through = 5;
@@ -1309,10 +1375,8 @@ fn call(id: u128, task: u128) -> CallRecord {
     }
 }
 
-#[tokio::test]
-async fn calls_are_read_by_task() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = open(&dir);
+async fn calls_are_read_by_task(store: Backing) {
+    let s = store.open();
     for (id, task) in [(3u128, 2u128), (1, 1), (4, 2), (2, 1), (5, 3)] {
         s.write(move |t| t.put_call(&call(id, task))).await.unwrap();
     }
@@ -1469,4 +1533,206 @@ async fn a_version_2_store_has_its_events_in_blocks_and_its_calls_by_task() {
     assert_eq!(more.last().unwrap().seq, all.last().unwrap().seq + 2);
     drop(s);
     assert!(Snapshot::open(&dir.path().join("s.redb")).is_ok());
+}
+
+// === PostgreSQL: several nodes, one leader, one chain ===
+
+fn pg_backend(s: &Store) -> &pg::PgBackend {
+    s.inner
+        .backend
+        .as_any()
+        .downcast_ref::<pg::PgBackend>()
+        .expect("a PostgreSQL store")
+}
+
+/// Wait until `f` holds, up to `secs`.
+async fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < until,
+            "{what}: not within {secs}s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_deposed_leaders_writes_are_refused_by_epoch() {
+    let store = Backing::postgres().await;
+    let a = Store::open(&store.options_as("a", 2), &key()).unwrap();
+    eventually(5, "node a leads", || a.leadership().epoch().is_some()).await;
+    let epoch = a.leadership().epoch().unwrap();
+    a.write(move |t| t.require_leader(epoch)).await.unwrap();
+    let stale = a
+        .write(move |t| t.require_leader(epoch + 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(stale, StoreError::Conflict(Conflict::NotLeader(_))),
+        "{stale}"
+    );
+    // another node takes the row over (as after a's lease lapsed while it
+    // was cut off): a's leader-only writes are refused from then on, in the
+    // same batch as anyone's ordinary writes, which still commit
+    pg_backend(&a)
+        .sql("UPDATE lh_leader SET holder = 'b', epoch = epoch + 1, expires_at = clock_timestamp() + interval '1 hour'")
+        .unwrap();
+    let late = a.write(move |t| t.require_leader(epoch)).await.unwrap_err();
+    assert!(
+        matches!(late, StoreError::Conflict(Conflict::NotLeader(e)) if e == epoch),
+        "{late}"
+    );
+    a.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
+    // and a stops counting itself leader before its lease would have ended
+    eventually(2, "node a steps down", || a.leadership().epoch().is_none()).await;
+    let view = a.cluster().unwrap().unwrap();
+    assert_eq!(view.leader.as_deref(), Some("b"));
+    assert_eq!(view.epoch, Some(i64::try_from(epoch).unwrap() + 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_nodes_share_the_store_the_chain_and_one_leader() {
+    let store = Backing::postgres().await;
+    let a = Store::open(&store.options_as("a", 1), &key()).unwrap();
+    let b = Store::open(&store.options_as("b", 1), &key()).unwrap();
+    eventually(5, "one node leads", || {
+        a.leadership().epoch().is_some() || b.leadership().epoch().is_some()
+    })
+    .await;
+    assert!(
+        !(a.leadership().epoch().is_some() && b.leadership().epoch().is_some()),
+        "both nodes lead"
+    );
+    // what one node writes, the other reads and changes
+    a.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
+    active_lease(&b, 10, 1, 50_000).await;
+    assert_eq!(
+        a.read().unwrap().lease(10).unwrap().unwrap().state,
+        LeaseState::Active
+    );
+    let c = a
+        .write(|t| t.complete_task(1, 5, 6, &local_token()))
+        .await
+        .unwrap();
+    assert_eq!(c.revoked.len(), 1, "{c:?}");
+    assert_eq!(
+        b.read().unwrap().lease(10).unwrap().unwrap().state,
+        LeaseState::Revoked
+    );
+    // both append to one chain, concurrently: no gap, no fork
+    let writers: Vec<_> = [a.clone(), b.clone()]
+        .into_iter()
+        .flat_map(|s| (0..20).map(move |i| (s.clone(), i)))
+        .map(|(s, i)| {
+            tokio::spawn(async move {
+                s.write(move |t| {
+                    t.append(&TestEvent {
+                        task: Some(i % 3),
+                        size: 100,
+                    })
+                })
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let all = b.read().unwrap().events_after(0, usize::MAX).unwrap();
+    assert_eq!(seqs(&all), (1..=40).collect::<Vec<_>>());
+    let mut prev = [0u8; 32];
+    for e in &all {
+        let text = String::from_utf8_lossy(&e.bytes).into_owned();
+        assert!(
+            text.starts_with(&format!(
+                "event {} after {}",
+                e.seq,
+                crate::hex::encode(&prev)
+            )),
+            "{text}"
+        );
+        prev = e.hash;
+    }
+    assert_eq!(
+        a.read().unwrap().chain_head().unwrap(),
+        ChainHead {
+            seq: 40,
+            hash: prev
+        }
+    );
+    // the cluster lists both; the leader that stops hands over at once
+    let view = a.cluster().unwrap().unwrap();
+    let names: Vec<&str> = view.nodes.iter().map(|n| n.node.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    let (leader, other) = if a.leadership().epoch().is_some() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let before = other.cluster().unwrap().unwrap().epoch.unwrap();
+    drop(leader);
+    eventually(2, "the other node leads after a clean stop", || {
+        other.leadership().epoch().is_some()
+    })
+    .await;
+    let view = other.cluster().unwrap().unwrap();
+    assert_eq!(view.epoch, Some(before + 1));
+    assert_eq!(
+        view.nodes.len(),
+        1,
+        "a stopped node leaves the list: {view:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_newer_schema_another_key_or_no_privilege_is_refused() {
+    let store = Backing::postgres().await;
+    drop(store.open());
+    let s = store.open();
+    pg_backend(&s)
+        .sql(&format!(
+            "UPDATE lh_meta SET v = '\\x{:08x}'::bytea WHERE rk = 'schema_version'::bytea",
+            SCHEMA_VERSION + 1
+        ))
+        .unwrap();
+    drop(s);
+    let err = Store::open(&store.options(), &key()).unwrap_err();
+    assert!(matches!(err, StoreError::NewerSchema { .. }), "{err}");
+    let err = Store::open(&store.options(), &StoreKey::from_bytes([8; 32])).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::NewerSchema { .. } | StoreError::WrongKey { .. }
+        ),
+        "{err}"
+    );
+
+    // a fresh database: another key than the cluster's is refused
+    let fresh = Backing::postgres().await;
+    drop(fresh.open());
+    let err = Store::open(&fresh.options(), &StoreKey::from_bytes([8; 32])).unwrap_err();
+    assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
+
+    // a role that may not create tables: refused, naming it, nothing created
+    let Backing::Pg(peer) = &fresh else {
+        unreachable!()
+    };
+    let mut no_create = peer.connection.clone();
+    no_create.database = "postgres".into();
+    let err = Store::open(
+        &StoreOptions {
+            postgres: Some(PgOptions {
+                connection: no_create,
+                node: "n".into(),
+                advertise: "n".into(),
+                lease_period: std::time::Duration::from_secs(3),
+            }),
+            ..StoreOptions::new("unused")
+        },
+        &key(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("permission denied"), "{err}");
 }

@@ -20,11 +20,12 @@ use redb::{Database, Durability, ReadableDatabase as _};
 use tokio::sync::mpsc;
 
 use super::key::{Sealer, StoreKey};
+use super::kv::{ReadSource, Source};
 use super::lifecycle::ChainHead;
-use super::reader::RedbReader;
+use super::reader::KvReader;
 use super::schema::{self, META, Migration};
 use super::seam::Reader;
-use super::txn::RedbTxn;
+use super::txn::KvTxn;
 use super::{
     Backend, CommitHook, CommitStats, Job, QUEUE_DEPTH, Reply, StoreError, StoreOptions, wal,
 };
@@ -44,7 +45,9 @@ pub(super) struct RedbBackend {
 
 impl Backend for RedbBackend {
     fn read(&self) -> Result<Reader, StoreError> {
-        Ok(Box::new(RedbReader::new(self.db.begin_read()?)))
+        Ok(Box::new(KvReader::new(ReadSource::Redb(
+            self.db.begin_read()?,
+        ))))
     }
 
     fn sealer(&self) -> &Sealer {
@@ -63,6 +66,10 @@ impl Backend for RedbBackend {
         &self.path
     }
 
+    fn leadership(&self) -> super::Leadership {
+        super::Leadership::single()
+    }
+
     /// Joining the writer (its queue already closed) makes "the store is
     /// dropped" mean "every acknowledged write is on disk and the file is
     /// closed cleanly".
@@ -75,6 +82,11 @@ impl Backend for RedbBackend {
     #[cfg(test)]
     fn as_any(&self) -> &dyn std::any::Any {
         self
+    }
+
+    #[cfg(test)]
+    fn raw(&self) -> ReadSource {
+        ReadSource::Redb(self.db.begin_read().unwrap_or_else(|e| panic!("{e}")))
     }
 }
 
@@ -365,7 +377,7 @@ fn run_batch(
     }
     let mut idle = std::time::Duration::ZERO;
     let (replies, finished) = {
-        let mut t = RedbTxn::open(&txn, *head);
+        let mut t = KvTxn::open(Source::Redb(&txn), *head);
         let mut replies: Vec<Reply> = Vec::with_capacity(64);
         replies.push(first(&mut t));
         loop {

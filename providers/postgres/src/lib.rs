@@ -44,7 +44,8 @@ use zeroize::Zeroizing;
 
 pub use config::{ConfigError, PostgresConfig, PostgresRole, TlsMode, is_local};
 pub use kind::KIND;
-use pool::{Pool, classify, concurrent_update};
+pub use pool::{Pool, db_message};
+use pool::{classify, concurrent_update};
 use template::{Template, Values};
 
 /// Roles revoked per round trip in a batch.

@@ -120,7 +120,8 @@ impl Pool {
         })
     }
 
-    async fn connect(&self) -> Result<Client, ProviderError> {
+    /// A new connection, outside the pool's count (the caller manages it).
+    pub async fn connect(&self) -> Result<Client, ProviderError> {
         let password = self.password()?;
         let mut c = tokio_postgres::Config::new();
         c.host(&self.cfg.host)

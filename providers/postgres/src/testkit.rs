@@ -326,6 +326,31 @@ impl Cluster {
         .unwrap();
     }
 
+    /// A database `leasehold` owned by a login role `leasehold_store` (no
+    /// other privilege): what a broker's PostgreSQL store needs. Returns
+    /// its connection (plain TCP on loopback, password in a file).
+    pub async fn provision_store(&self) -> PostgresConfig {
+        let password = random_password();
+        let su = self.superuser("postgres").await;
+        su.batch_execute(&format!(
+            "CREATE ROLE leasehold_store LOGIN PASSWORD '{password}'"
+        ))
+        .await
+        .unwrap();
+        su.batch_execute("CREATE DATABASE leasehold OWNER leasehold_store")
+            .await
+            .unwrap();
+        let file = self.dir.path().join("store.pw");
+        std::fs::write(&file, &password).unwrap();
+        PostgresConfig {
+            roles: std::collections::BTreeMap::new(),
+            user: "leasehold_store".into(),
+            database: "leasehold".into(),
+            password_file: Some(file),
+            ..self.provider_config()
+        }
+    }
+
     pub fn manager_password_file(&self) -> PathBuf {
         self.dir.path().join("manager.pw")
     }

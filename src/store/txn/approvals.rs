@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl ApprovalWrites for RedbTxn<'_> {
+impl ApprovalWrites for KvTxn<'_> {
     fn approval(&self, id: u128) -> Result<Option<ApprovalRecord>, StoreError> {
         match self.approvals.get(id)? {
             Some(g) => Ok(Some(codec::decode(g.value())?)),

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl CallWrites for RedbTxn<'_> {
+impl CallWrites for KvTxn<'_> {
     // === calls, approvals, reviews ===
 
     fn put_call(&mut self, rec: &CallRecord) -> Result<(), StoreError> {

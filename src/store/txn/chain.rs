@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl ChainWrites for RedbTxn<'_> {
+impl ChainWrites for KvTxn<'_> {
     // === the event chain ===
 
     fn append(&mut self, event: &dyn Chained) -> Result<u64, StoreError> {

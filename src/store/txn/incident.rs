@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl IncidentWrites for RedbTxn<'_> {
+impl IncidentWrites for KvTxn<'_> {
     // === mass revocation, fences ===
 
     fn job(&self, id: u128) -> Result<Option<JobRecord>, StoreError> {

@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl LeaseWrites for RedbTxn<'_> {
+impl LeaseWrites for KvTxn<'_> {
     fn lease(&self, id: u128) -> Result<Option<LeaseRecord>, StoreError> {
         match self.leases.get(id)? {
             Some(g) => Ok(Some(codec::decode(g.value())?)),

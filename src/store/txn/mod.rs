@@ -1,6 +1,7 @@
-//! The redb backend's write transaction: [`RedbTxn`] implements the
-//! seam's write traits (one file per aggregate below) over `wal::Logged`
-//! tables, so every mutation is recorded for the write-ahead log.
+//! The write transaction: [`KvTxn`] implements the seam's write traits
+//! (one file per aggregate below) over the tables of `kv.rs`, in redb
+//! (`wal::Logged`, so every mutation is recorded for the write-ahead log)
+//! or in PostgreSQL (`pg`). The rules live here once, for both.
 //!
 //! Rule for every operation here: **check, then write**. An operation reads
 //! and validates everything first and returns a [`StoreError::Conflict`]
@@ -23,10 +24,9 @@ mod tokens;
 
 use std::collections::BTreeMap;
 
-use redb::WriteTransaction;
-
 use super::blocks::{self, BlockBuf};
 use super::codec;
+use super::kv::{Source, Table};
 use super::lifecycle::*;
 use super::records;
 use super::records::{
@@ -35,30 +35,30 @@ use super::records::{
 };
 use super::schema::*;
 use super::seam::*;
-use super::wal::{Logged, Redo};
+use super::wal::Redo;
 use super::{Conflict, StoreError};
 
-pub struct RedbTxn<'t> {
-    meta: Logged<'t, &'static str, &'static [u8]>,
+pub struct KvTxn<'t> {
+    meta: Table<'t, &'static str, &'static [u8]>,
     /// Event blocks (see [`super::blocks`]).
-    events: Logged<'t, u64, &'static [u8]>,
+    events: Table<'t, u64, &'static [u8]>,
     /// The events appended since the last block was written.
     block: BlockBuf,
-    event_tasks: Logged<'t, (u128, u64), ()>,
-    checkpoints: Logged<'t, u64, &'static [u8]>,
+    event_tasks: Table<'t, (u128, u64), ()>,
+    checkpoints: Table<'t, u64, &'static [u8]>,
     /// Calls, keyed by (task id, call id).
-    calls: Logged<'t, (u128, u128), &'static [u8]>,
-    approvals: Logged<'t, u128, &'static [u8]>,
-    approval_expiry: Logged<'t, (i64, u128), ()>,
-    reviews: Logged<'t, u128, &'static [u8]>,
-    pending_reviews: Logged<'t, u128, ()>,
-    workload_active: Logged<'t, &'static str, u64>,
-    task_active: Logged<'t, u128, u64>,
-    jobs: Logged<'t, u128, &'static [u8]>,
-    job_leases: Logged<'t, (u128, u128), ()>,
-    job_counts: Logged<'t, (u128, &'static str, &'static str), u64>,
-    fences: Logged<'t, &'static str, &'static [u8]>,
-    workload_tasks: Logged<'t, (&'static str, u128), ()>,
+    calls: Table<'t, (u128, u128), &'static [u8]>,
+    approvals: Table<'t, u128, &'static [u8]>,
+    approval_expiry: Table<'t, (i64, u128), ()>,
+    reviews: Table<'t, u128, &'static [u8]>,
+    pending_reviews: Table<'t, u128, ()>,
+    workload_active: Table<'t, &'static str, u64>,
+    task_active: Table<'t, u128, u64>,
+    jobs: Table<'t, u128, &'static [u8]>,
+    job_leases: Table<'t, (u128, u128), ()>,
+    job_counts: Table<'t, (u128, &'static str, &'static str), u64>,
+    fences: Table<'t, &'static str, &'static [u8]>,
+    workload_tasks: Table<'t, (&'static str, u128), ()>,
     active_deltas: BTreeMap<String, i64>,
     task_deltas: BTreeMap<u128, i64>,
     job_deltas: BTreeMap<(u128, String, &'static str), i64>,
@@ -67,24 +67,26 @@ pub struct RedbTxn<'t> {
     entered: BTreeMap<(String, LeaseState), u64>,
     head: ChainHead,
     head_dirty: bool,
-    tasks: Logged<'t, u128, &'static [u8]>,
-    leases: Logged<'t, u128, &'static [u8]>,
-    expiry: Logged<'t, (i64, u128), ()>,
-    task_leases: Logged<'t, (u128, u128), ()>,
-    workload_leases: Logged<'t, (&'static str, u128), ()>,
-    issuing: Logged<'t, u128, ()>,
-    queue: Logged<'t, (&'static str, i64, u128), ()>,
-    counters: Logged<'t, (&'static str, &'static str), u64>,
-    denylist: Logged<'t, u128, i64>,
+    tasks: Table<'t, u128, &'static [u8]>,
+    leases: Table<'t, u128, &'static [u8]>,
+    expiry: Table<'t, (i64, u128), ()>,
+    task_leases: Table<'t, (u128, u128), ()>,
+    workload_leases: Table<'t, (&'static str, u128), ()>,
+    issuing: Table<'t, u128, ()>,
+    queue: Table<'t, (&'static str, i64, u128), ()>,
+    counters: Table<'t, (&'static str, &'static str), u64>,
+    denylist: Table<'t, u128, i64>,
     deltas: BTreeMap<(String, LeaseState), i64>,
     poisoned: bool,
     /// What every table above recorded, for the write-ahead log.
     redo: Redo,
+    /// The PostgreSQL session, when the tables are there.
+    pg: Option<std::sync::Arc<super::pg::Session>>,
 }
 
-impl std::fmt::Debug for RedbTxn<'_> {
+impl std::fmt::Debug for KvTxn<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedbTxn")
+        f.debug_struct("KvTxn")
             .field("poisoned", &self.poisoned)
             .finish_non_exhaustive()
     }
@@ -118,44 +120,59 @@ fn conflict<T>(c: Conflict) -> Result<T, StoreError> {
     Err(StoreError::Conflict(c))
 }
 
-impl<'t> RedbTxn<'t> {
+impl ClusterWrites for KvTxn<'_> {
+    fn require_leader(&mut self, epoch: u64) -> Result<(), StoreError> {
+        match &self.pg {
+            Some(s) => s.require_leader(epoch),
+            // one broker on its own file always leads
+            None => Ok(()),
+        }
+    }
+}
+
+impl<'t> KvTxn<'t> {
     /// The batch's view of the store; tables open as operations first use
     /// them.
-    pub fn open(txn: &'t WriteTransaction, head: ChainHead) -> Self {
+    pub fn open(src: Source<'t>, head: ChainHead) -> Self {
         let redo = Redo::default();
+        let pg = match &src {
+            Source::Pg(s) => Some(s.clone()),
+            Source::Redb(_) => None,
+        };
         Self {
-            meta: Logged::open(txn, META, &redo),
-            events: Logged::open(txn, EVENT_BLOCKS, &redo),
+            pg,
+            meta: src.table(META, &redo),
+            events: src.table(EVENT_BLOCKS, &redo),
             block: BlockBuf::default(),
-            event_tasks: Logged::open(txn, EVENT_TASKS, &redo),
-            checkpoints: Logged::open(txn, CHECKPOINTS, &redo),
-            calls: Logged::open(txn, TASK_CALLS, &redo),
-            approvals: Logged::open(txn, APPROVALS, &redo),
-            approval_expiry: Logged::open(txn, APPROVAL_EXPIRY, &redo),
-            reviews: Logged::open(txn, REVIEWS, &redo),
-            pending_reviews: Logged::open(txn, PENDING_REVIEWS, &redo),
-            workload_active: Logged::open(txn, WORKLOAD_ACTIVE, &redo),
-            task_active: Logged::open(txn, TASK_ACTIVE, &redo),
-            jobs: Logged::open(txn, JOBS, &redo),
-            job_leases: Logged::open(txn, JOB_LEASES, &redo),
-            job_counts: Logged::open(txn, JOB_COUNTS, &redo),
-            fences: Logged::open(txn, FENCES, &redo),
-            workload_tasks: Logged::open(txn, WORKLOAD_TASKS, &redo),
+            event_tasks: src.table(EVENT_TASKS, &redo),
+            checkpoints: src.table(CHECKPOINTS, &redo),
+            calls: src.table(TASK_CALLS, &redo),
+            approvals: src.table(APPROVALS, &redo),
+            approval_expiry: src.table(APPROVAL_EXPIRY, &redo),
+            reviews: src.table(REVIEWS, &redo),
+            pending_reviews: src.table(PENDING_REVIEWS, &redo),
+            workload_active: src.table(WORKLOAD_ACTIVE, &redo),
+            task_active: src.table(TASK_ACTIVE, &redo),
+            jobs: src.table(JOBS, &redo),
+            job_leases: src.table(JOB_LEASES, &redo),
+            job_counts: src.table(JOB_COUNTS, &redo),
+            fences: src.table(FENCES, &redo),
+            workload_tasks: src.table(WORKLOAD_TASKS, &redo),
             active_deltas: BTreeMap::new(),
             task_deltas: BTreeMap::new(),
             job_deltas: BTreeMap::new(),
             entered: BTreeMap::new(),
             head,
             head_dirty: false,
-            tasks: Logged::open(txn, TASKS, &redo),
-            leases: Logged::open(txn, LEASES, &redo),
-            expiry: Logged::open(txn, EXPIRY, &redo),
-            task_leases: Logged::open(txn, TASK_LEASES, &redo),
-            workload_leases: Logged::open(txn, WORKLOAD_LEASES, &redo),
-            issuing: Logged::open(txn, ISSUING, &redo),
-            queue: Logged::open(txn, REVOKE_QUEUE, &redo),
-            counters: Logged::open(txn, COUNTERS, &redo),
-            denylist: Logged::open(txn, DENYLIST, &redo),
+            tasks: src.table(TASKS, &redo),
+            leases: src.table(LEASES, &redo),
+            expiry: src.table(EXPIRY, &redo),
+            task_leases: src.table(TASK_LEASES, &redo),
+            workload_leases: src.table(WORKLOAD_LEASES, &redo),
+            issuing: src.table(ISSUING, &redo),
+            queue: src.table(REVOKE_QUEUE, &redo),
+            counters: src.table(COUNTERS, &redo),
+            denylist: src.table(DENYLIST, &redo),
             deltas: BTreeMap::new(),
             poisoned: false,
             redo,

@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl TaskWrites for RedbTxn<'_> {
+impl TaskWrites for KvTxn<'_> {
     // === reads (no side effects) ===
 
     fn task(&self, id: u128) -> Result<Option<TaskRecord>, StoreError> {

@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl TokenWrites for RedbTxn<'_> {
+impl TokenWrites for KvTxn<'_> {
     fn deny(&mut self, entries: &[(u128, i64)]) -> Result<(), StoreError> {
         for (jti, exp) in entries {
             let prev = self.denylist.get(*jti)?.map(|g| g.value());

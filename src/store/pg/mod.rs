@@ -1,0 +1,356 @@
+//! The PostgreSQL backend: the same tables as redb (`schema.rs`), one
+//! PostgreSQL table each (`lh_<name>`: ordered key, redb's key bytes,
+//! value bytes), so the operations of `txn/` and the queries of
+//! `reader.rs` run unchanged on it. Several brokers share one database.
+//!
+//! - **Group commit per node:** one writer thread per broker takes every
+//!   queued operation into one transaction, as redb's writer does; the
+//!   commit is PostgreSQL's (durable before anyone is answered).
+//! - **One chain:** each write transaction first locks the chain head's
+//!   row (`SELECT ... FOR UPDATE`), so the cluster's write transactions
+//!   run one at a time: every check-then-write rule holds across nodes as
+//!   it does inside one, and events are appended in one order. Readers
+//!   (REPEATABLE READ snapshots on pooled connections) never wait for it.
+//! - **Leadership** (`cluster.rs`): a lease row timed by the database's
+//!   clock, with an epoch that leader-only writes check in their own
+//!   transaction.
+
+mod cluster;
+mod session;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+pub use cluster::{ClusterView, Leadership, NodeView};
+pub(super) use session::{Range, Session, Table};
+
+use super::kv::{ReadSource, ord_of};
+use super::lifecycle::ChainHead;
+use super::reader::KvReader;
+use super::schema::{self, TABLES};
+use super::seam::Reader;
+use super::{Backend, CommitStats, Job, QUEUE_DEPTH, Sealer, StoreError, StoreKey, StoreOptions};
+use session::{Conn, Db, Param, pg_err};
+
+/// How a broker reaches its PostgreSQL store, and who it is in the cluster.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Host, port, database, user, password, TLS, pool size (the same
+    /// fields and rules as the PostgreSQL provider's connection).
+    pub connection: leasehold_provider_postgres::PostgresConfig,
+    /// This node's name in the cluster (unique per running broker).
+    pub node: String,
+    /// The address other people reach this node at, shown in `/v1/cluster`.
+    pub advertise: String,
+    /// How long a leader's lease lasts without renewal.
+    pub lease_period: Duration,
+}
+
+/// The database's runtime, shut down without waiting when dropped (it may
+/// be dropped inside another runtime, e.g. when opening fails in a test).
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The backend: the database, the writer thread, the leader election.
+pub(super) struct PgBackend {
+    db: Arc<Db>,
+    rt: Runtime,
+    writer: Option<JoinHandle<()>>,
+    cluster: Option<cluster::Elector>,
+    leadership: Leadership,
+    healthy: Arc<AtomicBool>,
+    stats: Arc<CommitStats>,
+    sealer: Sealer,
+    location: PathBuf,
+}
+
+impl Backend for PgBackend {
+    fn read(&self) -> Result<Reader, StoreError> {
+        let s = Session::reader(self.db.clone())?;
+        Ok(Box::new(KvReader::new(ReadSource::Pg(Arc::new(s)))))
+    }
+
+    fn sealer(&self) -> &Sealer {
+        &self.sealer
+    }
+
+    fn stats(&self) -> &CommitStats {
+        &self.stats
+    }
+
+    /// The last write (or the election's last round trip) reached the
+    /// database.
+    fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn location(&self) -> &Path {
+        &self.location
+    }
+
+    fn leadership(&self) -> Leadership {
+        self.leadership.clone()
+    }
+
+    fn cluster(&self) -> Result<Option<ClusterView>, StoreError> {
+        self.db
+            .pooled(|c| async move { cluster::view(&c).await })
+            .map(Some)
+    }
+
+    fn close(&mut self) {
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        if let Some(c) = self.cluster.take() {
+            c.stop();
+        }
+        if let Some(rt) = self.rt.0.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    #[cfg(test)]
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    #[cfg(test)]
+    fn raw(&self) -> ReadSource {
+        let s = Session::reader(self.db.clone()).unwrap_or_else(|e| panic!("{e}"));
+        ReadSource::Pg(Arc::new(s))
+    }
+}
+
+impl PgBackend {
+    /// Run SQL on a fresh connection (tests look at the tables directly).
+    #[cfg(test)]
+    pub(super) fn sql(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let conn = self.db.connect()?;
+        let sql = sql.to_owned();
+        self.db
+            .block(async move { conn.query(&sql, &[]).await.map_err(|e| pg_err(&e)) })
+    }
+}
+
+/// Connect, create or check the schema (version, key), start the writer and
+/// the election.
+pub(super) fn open(
+    opts: &StoreOptions,
+    pg: &PgOptions,
+    key: &StoreKey,
+    target: u32,
+) -> Result<(Box<dyn Backend>, mpsc::Sender<Job>), StoreError> {
+    let rt = Runtime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("leasehold-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Io(format!("cannot start the database runtime: {e}")))?,
+    ));
+    let handle =
+        rt.0.as_ref()
+            .map(|r| r.handle().clone())
+            .ok_or(StoreError::Closed)?;
+    let connector = leasehold_provider_postgres::Pool::new(pg.connection.clone())
+        .map_err(|e| StoreError::Io(format!("store PostgreSQL connection: {e}")))?;
+    let readers = pg.connection.pool_size.saturating_sub(2).max(1);
+    let db = Arc::new(Db::new(handle, Arc::new(connector), readers));
+    let location = PathBuf::from(format!("postgres://{}", db.name));
+    let sealer = Sealer::new(key);
+    let conn = db.connect()?;
+    prepare(&db, &conn, &sealer, &key.fingerprint(), target)?;
+    let healthy = Arc::new(AtomicBool::new(true));
+    let stats = Arc::new(CommitStats::default());
+    let leadership = Leadership::default();
+    let elector =
+        cluster::Elector::start(db.clone(), pg.clone(), leadership.clone(), healthy.clone())?;
+    let (sender, rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
+    let writer = {
+        let db = db.clone();
+        let cfg = writer::Config {
+            group: opts.group_commit,
+            on_commit: opts.on_commit.clone(),
+            node: pg.node.clone(),
+        };
+        let (healthy, stats) = (healthy.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name("leasehold-store-writer".into())
+            .spawn(move || writer::run(&db, Some(conn), rx, &cfg, &healthy, &stats))
+            .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?
+    };
+    Ok((
+        Box::new(PgBackend {
+            db,
+            rt,
+            writer: Some(writer),
+            cluster: Some(elector),
+            leadership,
+            healthy,
+            stats,
+            sealer,
+            location,
+        }),
+        sender,
+    ))
+}
+
+/// Serializes the first start of several nodes on an empty database.
+const SCHEMA_LOCK: i64 = 0x6c65_6173_6568_6f6c; // "leasehol"
+
+fn meta_key(name: &'static str) -> Vec<u8> {
+    ord_of::<&'static str>(&name)
+}
+
+fn bytes(v: Vec<u8>) -> Param {
+    Box::new(v)
+}
+
+/// In one transaction: create what is missing, then stamp a new store or
+/// check an existing one (schema version, store key). A refusal rolls
+/// everything back: nothing is written.
+fn prepare(
+    db: &Arc<Db>,
+    conn: &Arc<Conn>,
+    sealer: &Sealer,
+    fingerprint: &str,
+    target: u32,
+) -> Result<(), StoreError> {
+    let check = schema::key_check(sealer)?;
+    let existing_check = {
+        let conn = conn.clone();
+        let fingerprint = fingerprint.to_owned();
+        db.block(async move {
+            let r = create_and_stamp(&conn, target, check, fingerprint).await;
+            if r.is_err() {
+                let _ = conn.batch("ROLLBACK").await;
+            }
+            r
+        })?
+    };
+    let Stamp {
+        version,
+        check,
+        fingerprint: expected,
+    } = existing_check;
+    if version > target {
+        return Err(StoreError::NewerSchema {
+            found: version,
+            supported: target,
+        });
+    }
+    if version < target {
+        // a PostgreSQL store is created at this build's version; older
+        // layouts never existed there
+        return Err(StoreError::NoMigration {
+            from: version,
+            to: target,
+        });
+    }
+    if !schema::key_matches(sealer, check.as_deref()) {
+        return Err(StoreError::WrongKey {
+            given: fingerprint.to_owned(),
+            expected,
+        });
+    }
+    Ok(())
+}
+
+struct Stamp {
+    version: u32,
+    check: Option<Vec<u8>>,
+    fingerprint: String,
+}
+
+async fn create_and_stamp(
+    conn: &Conn,
+    target: u32,
+    check: Vec<u8>,
+    fingerprint: String,
+) -> Result<Stamp, StoreError> {
+    let e = |e: tokio_postgres::Error| pg_err(&e);
+    conn.batch("BEGIN").await.map_err(e)?;
+    conn.query("SELECT pg_advisory_xact_lock($1)", &[Box::new(SCHEMA_LOCK)])
+        .await
+        .map_err(e)?;
+    let mut ddl = String::new();
+    for t in TABLES {
+        ddl.push_str(&format!(
+            "CREATE TABLE IF NOT EXISTS lh_{t} (k bytea PRIMARY KEY, rk bytea NOT NULL, v bytea NOT NULL);\n"
+        ));
+    }
+    ddl.push_str(cluster::DDL);
+    conn.batch(&ddl).await.map_err(e)?;
+    let get = |rows: Vec<tokio_postgres::Row>| rows.first().map(|r| r.get::<_, Vec<u8>>(0));
+    let sql = "SELECT v FROM lh_meta WHERE k = $1";
+    let version = get(conn
+        .query(sql, &[bytes(meta_key("schema_version"))])
+        .await
+        .map_err(e)?);
+    let stamp = match version {
+        None => {
+            let head = ChainHead::default().to_bytes().to_vec();
+            let rows: [(&'static str, Vec<u8>); 4] = [
+                ("schema_version", target.to_be_bytes().to_vec()),
+                ("key_check", check.clone()),
+                ("key_fingerprint", fingerprint.clone().into_bytes()),
+                ("chain_head", head),
+            ];
+            for (k, v) in rows {
+                conn.query(
+                    "INSERT INTO lh_meta (k, rk, v) VALUES ($1, $2, $3)",
+                    &[bytes(meta_key(k)), bytes(k.as_bytes().to_vec()), bytes(v)],
+                )
+                .await
+                .map_err(e)?;
+            }
+            Stamp {
+                version: target,
+                check: Some(check),
+                fingerprint,
+            }
+        }
+        Some(v) => {
+            let b: [u8; 4] = v
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("meta `schema_version` is not a u32".into()))?;
+            let check = get(conn
+                .query(sql, &[bytes(meta_key("key_check"))])
+                .await
+                .map_err(e)?);
+            let fp = get(conn
+                .query(sql, &[bytes(meta_key("key_fingerprint"))])
+                .await
+                .map_err(e)?);
+            Stamp {
+                version: u32::from_be_bytes(b),
+                check,
+                fingerprint: fp
+                    .map(|f| String::from_utf8_lossy(&f).into_owned())
+                    .unwrap_or_default(),
+            }
+        }
+    };
+    if stamp.version != target {
+        // refused below: write nothing, not even the tables
+        conn.batch("ROLLBACK").await.map_err(e)?;
+    } else {
+        conn.batch("COMMIT").await.map_err(e)?;
+    }
+    Ok(stamp)
+}

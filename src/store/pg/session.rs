@@ -1,0 +1,604 @@
+//! Connections to PostgreSQL, the sessions that run a store transaction
+//! over one, and the tables ([`Table`], [`Range`]) that `kv.rs` puts under
+//! the store's operations.
+//!
+//! The store's operations are synchronous (a closure over a transaction),
+//! so every query here is run to completion on the backend's own runtime
+//! and waited for: from the writer thread directly, from any other thread
+//! (a request handler inside the broker's runtime, a test's runtime) by
+//! handing the query to that runtime and blocking on its answer.
+//!
+//! A write session buffers its writes per table and sends them in one
+//! statement per table and kind (upsert, delete) before the table is next
+//! ranged or counted and at commit; point reads look in the buffer first.
+//! So a batch of operations costs one round trip per point read, one per
+//! range chunk, and a few at commit.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use redb::{Key, Value};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement};
+
+use super::super::StoreError;
+use super::super::kv::Guard;
+
+/// An owned query parameter (queries run on another thread).
+pub(in crate::store) type Param = Box<dyn ToSql + Send + Sync>;
+
+/// A database error, with the server's message and SQLSTATE.
+pub(in crate::store) fn pg_err(e: &tokio_postgres::Error) -> StoreError {
+    StoreError::Io(format!(
+        "PostgreSQL: {}",
+        leasehold_provider_postgres::db_message(e)
+    ))
+}
+
+/// One connection and its prepared statements.
+pub(in crate::store) struct Conn {
+    client: Client,
+    statements: Mutex<HashMap<String, Statement>>,
+}
+
+impl Conn {
+    fn new(client: Client) -> Self {
+        Self {
+            client,
+            statements: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(in crate::store) fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self
+            .statements
+            .lock()
+            .ok()
+            .and_then(|m| m.get(sql).cloned())
+        {
+            return Ok(s);
+        }
+        let s = self.client.prepare(sql).await?;
+        if let Ok(mut m) = self.statements.lock() {
+            m.insert(sql.to_owned(), s.clone());
+        }
+        Ok(s)
+    }
+
+    pub(in crate::store) async fn query(
+        &self,
+        sql: &str,
+        params: &[Param],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let st = self.statement(sql).await?;
+        let refs: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        self.client.query(&st, &refs).await
+    }
+
+    pub(in crate::store) async fn batch(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.client.batch_execute(sql).await
+    }
+}
+
+/// The database: its runtime, how to connect, and a bounded set of
+/// connections for readers (the writer and the leader keep their own).
+pub(in crate::store) struct Db {
+    rt: tokio::runtime::Handle,
+    connector: Arc<leasehold_provider_postgres::Pool>,
+    idle: Mutex<Vec<Arc<Conn>>>,
+    open: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+    wait: Duration,
+    /// `host:port/database`, for messages.
+    pub(in crate::store) name: String,
+}
+
+impl Db {
+    pub(in crate::store) fn new(
+        rt: tokio::runtime::Handle,
+        connector: Arc<leasehold_provider_postgres::Pool>,
+        readers: usize,
+    ) -> Self {
+        let cfg = connector.config();
+        let name = format!("{}:{}/{}", cfg.host, cfg.port, cfg.database);
+        let wait = Duration::from_secs(cfg.connect_timeout_seconds.max(1));
+        Self {
+            rt,
+            connector,
+            idle: Mutex::new(Vec::new()),
+            open: Mutex::new(0),
+            freed: Condvar::new(),
+            max: readers.max(1),
+            wait,
+            name,
+        }
+    }
+
+    /// Run `f` on the database's runtime and wait for it.
+    pub(in crate::store) fn block<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.rt.block_on(f);
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt.spawn(async move {
+            let _ = tx.send(f.await);
+        });
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// A new connection of its own (the writer's, the leader's).
+    pub(in crate::store) fn connect(&self) -> Result<Arc<Conn>, StoreError> {
+        let connector = self.connector.clone();
+        self.block(async move {
+            connector
+                .connect()
+                .await
+                .map_err(|e| StoreError::Io(e.message))
+        })
+        .map(|c| Arc::new(Conn::new(c)))
+    }
+
+    pub(in crate::store) fn rt(&self) -> &tokio::runtime::Handle {
+        &self.rt
+    }
+
+    /// A new connection, from async code on the database's runtime.
+    pub(in crate::store) async fn connect_async(&self) -> Result<Arc<Conn>, StoreError> {
+        self.connector
+            .connect()
+            .await
+            .map(|c| Arc::new(Conn::new(c)))
+            .map_err(|e| StoreError::Io(e.message))
+    }
+
+    /// Run `f` on a pooled connection and wait for it.
+    pub(in crate::store) fn pooled<T, F, Fut>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Conn>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let conn = self.checkout()?;
+        let r = self.block(f(conn.clone()));
+        self.checkin(conn);
+        r
+    }
+
+    /// A reader's connection: an idle one, a new one while fewer than the
+    /// pool's size are open, or the next one freed within the wait.
+    fn checkout(&self) -> Result<Arc<Conn>, StoreError> {
+        let busy = || {
+            StoreError::Io(format!(
+                "all {} store connections to {} are busy",
+                self.max, self.name
+            ))
+        };
+        {
+            let mut open = self.open.lock().map_err(|_| busy())?;
+            let deadline = std::time::Instant::now() + self.wait;
+            loop {
+                if let Ok(mut idle) = self.idle.lock() {
+                    while let Some(c) = idle.pop() {
+                        if !c.is_closed() {
+                            return Ok(c);
+                        }
+                        *open = open.saturating_sub(1);
+                    }
+                }
+                if *open < self.max {
+                    *open += 1;
+                    break;
+                }
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(busy());
+                }
+                open = self.freed.wait_timeout(open, left).map_err(|_| busy())?.0;
+            }
+        }
+        match self.connect() {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                if let Ok(mut open) = self.open.lock() {
+                    *open = open.saturating_sub(1);
+                }
+                self.freed.notify_one();
+                Err(e)
+            }
+        }
+    }
+
+    fn checkin(&self, c: Arc<Conn>) {
+        if c.is_closed() {
+            if let Ok(mut open) = self.open.lock() {
+                *open = open.saturating_sub(1);
+            }
+        } else if let Ok(mut idle) = self.idle.lock() {
+            idle.push(c);
+        }
+        self.freed.notify_one();
+    }
+}
+
+type Pending = BTreeMap<&'static str, BTreeMap<Vec<u8>, Option<(Vec<u8>, Vec<u8>)>>>;
+
+/// One store transaction on one connection: the writer's batch, or a
+/// reader's snapshot (REPEATABLE READ, begun at its first query, ended
+/// when the reader is dropped).
+pub(in crate::store) struct Session {
+    db: Arc<Db>,
+    conn: Arc<Conn>,
+    reader: bool,
+    began: AtomicBool,
+    pending: Mutex<Pending>,
+    /// The writer's node, for the leader check.
+    node: String,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("reader", &self.reader)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A writer's session on its connection; the caller has begun the
+    /// transaction.
+    pub(in crate::store) fn writer(db: Arc<Db>, conn: Arc<Conn>) -> Self {
+        Self {
+            db,
+            conn,
+            reader: false,
+            began: AtomicBool::new(true),
+            pending: Mutex::new(BTreeMap::new()),
+            node: String::new(),
+        }
+    }
+
+    pub(in crate::store) fn reader(db: Arc<Db>) -> Result<Self, StoreError> {
+        let conn = db.checkout()?;
+        Ok(Self {
+            db,
+            conn,
+            reader: true,
+            began: AtomicBool::new(false),
+            pending: Mutex::new(BTreeMap::new()),
+            node: String::new(),
+        })
+    }
+
+    pub(in crate::store) fn with_node(mut self, node: &str) -> Self {
+        node.clone_into(&mut self.node);
+        self
+    }
+
+    /// Refuse (`NotLeader`) unless this node still holds the leadership
+    /// with `epoch` by the database's clock. The row stays locked (shared)
+    /// until this transaction ends, so no one takes the leadership over
+    /// before what this transaction writes is committed.
+    pub(in crate::store) fn require_leader(&self, epoch: u64) -> Result<(), StoreError> {
+        let rows = self.query(
+            "SELECT 1 FROM lh_leader WHERE id = 1 AND holder = $1 AND epoch = $2 \
+             AND expires_at > clock_timestamp() FOR SHARE"
+                .into(),
+            vec![
+                Box::new(self.node.clone()),
+                Box::new(i64::try_from(epoch).unwrap_or(i64::MAX)),
+            ],
+        )?;
+        if rows.is_empty() {
+            return Err(StoreError::Conflict(super::super::Conflict::NotLeader(
+                epoch,
+            )));
+        }
+        Ok(())
+    }
+
+    pub(in crate::store) fn query(
+        &self,
+        sql: String,
+        params: Vec<Param>,
+    ) -> Result<Vec<Row>, StoreError> {
+        let begin = self.reader && !self.began.swap(true, Ordering::Relaxed);
+        let conn = self.conn.clone();
+        self.db.block(async move {
+            if begin {
+                conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    .await
+                    .map_err(|e| pg_err(&e))?;
+            }
+            conn.query(&sql, &params).await.map_err(|e| pg_err(&e))
+        })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        // a poisoned lock only means a panic elsewhere; the map is intact
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn buffered(&self, table: &'static str, k: &[u8]) -> Option<Option<Vec<u8>>> {
+        self.pending()
+            .get(table)
+            .and_then(|t| t.get(k))
+            .map(|e| e.as_ref().map(|(_, v)| v.clone()))
+    }
+
+    fn put(&self, table: &'static str, k: Vec<u8>, e: Option<(Vec<u8>, Vec<u8>)>) {
+        self.pending().entry(table).or_default().insert(k, e);
+    }
+
+    /// Send one table's buffered writes.
+    fn flush(&self, table: &'static str) -> Result<(), StoreError> {
+        let writes = self.pending().remove(table);
+        match writes {
+            Some(w) if !w.is_empty() => self.send(vec![(table, w)]),
+            _ => Ok(()),
+        }
+    }
+
+    /// Send every buffered write (before the commit).
+    pub(in crate::store) fn flush_all(&self) -> Result<(), StoreError> {
+        let all: Vec<_> = std::mem::take(&mut *self.pending()).into_iter().collect();
+        if all.is_empty() {
+            return Ok(());
+        }
+        self.send(all)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn send(
+        &self,
+        tables: Vec<(&'static str, BTreeMap<Vec<u8>, Option<(Vec<u8>, Vec<u8>)>>)>,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn.clone();
+        self.db.block(async move {
+            for (table, writes) in tables {
+                let (mut ks, mut rks, mut vs, mut gone) = (vec![], vec![], vec![], vec![]);
+                for (k, e) in writes {
+                    match e {
+                        Some((rk, v)) => {
+                            ks.push(k);
+                            rks.push(rk);
+                            vs.push(v);
+                        }
+                        None => gone.push(k),
+                    }
+                }
+                if !gone.is_empty() {
+                    let sql = format!("DELETE FROM lh_{table} WHERE k = ANY($1::bytea[])");
+                    conn.query(&sql, &[Box::new(gone)])
+                        .await
+                        .map_err(|e| pg_err(&e))?;
+                }
+                if !ks.is_empty() {
+                    let sql = format!(
+                        "INSERT INTO lh_{table} (k, rk, v) \
+                         SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[]) \
+                         ON CONFLICT (k) DO UPDATE SET rk = EXCLUDED.rk, v = EXCLUDED.v"
+                    );
+                    conn.query(&sql, &[Box::new(ks), Box::new(rks), Box::new(vs)])
+                        .await
+                        .map_err(|e| pg_err(&e))?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Drop for Session {
+    /// A reader's snapshot ends and its connection goes back to the pool,
+    /// without making the dropping thread wait.
+    fn drop(&mut self) {
+        if !self.reader {
+            return;
+        }
+        let (db, conn) = (self.db.clone(), self.conn.clone());
+        let began = self.began.load(Ordering::Relaxed);
+        self.db.rt.spawn(async move {
+            if began && conn.batch("COMMIT").await.is_err() {
+                // a connection that cannot end its transaction is not reused
+                return;
+            }
+            db.checkin(conn);
+        });
+    }
+}
+
+/// Rows per round trip of a range: a few first (most ranges stop early),
+/// then more.
+const FIRST_CHUNK: i64 = 16;
+const CHUNK: i64 = 512;
+
+/// One table of a session.
+pub(in crate::store) struct Table<K, V> {
+    s: Arc<Session>,
+    name: &'static str,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K: Key + 'static, V: Value + 'static> Table<K, V> {
+    pub(in crate::store) fn new(s: Arc<Session>, name: &'static str) -> Self {
+        Self {
+            s,
+            name,
+            _types: PhantomData,
+        }
+    }
+
+    pub(in crate::store) fn get(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(e) = self.s.buffered(self.name, k) {
+            return Ok(e);
+        }
+        let rows = self.s.query(
+            format!("SELECT v FROM lh_{} WHERE k = $1", self.name),
+            vec![Box::new(k.to_vec())],
+        )?;
+        Ok(rows.first().map(|r| r.get::<_, Vec<u8>>(0)))
+    }
+
+    pub(in crate::store) fn insert(&mut self, k: Vec<u8>, rk: Vec<u8>, v: Vec<u8>) {
+        self.s.put(self.name, k, Some((rk, v)));
+    }
+
+    pub(in crate::store) fn remove(&mut self, k: Vec<u8>) {
+        self.s.put(self.name, k, None);
+    }
+
+    /// Keys in `[lo, hi)` (ordered encoding; no `hi`: to the end).
+    pub(in crate::store) fn range(
+        &self,
+        lo: Vec<u8>,
+        hi: Option<Vec<u8>>,
+    ) -> Result<Range<K, V>, StoreError> {
+        self.s.flush(self.name)?;
+        Ok(Range {
+            s: self.s.clone(),
+            name: self.name,
+            lo,
+            hi,
+            front: VecDeque::new(),
+            back: VecDeque::new(),
+            middle_empty: false,
+            chunk: FIRST_CHUNK,
+            failed: false,
+            _types: PhantomData,
+        })
+    }
+
+    pub(in crate::store) fn len(&self) -> Result<u64, StoreError> {
+        self.s.flush(self.name)?;
+        let rows = self
+            .s
+            .query(format!("SELECT count(*) FROM lh_{}", self.name), vec![])?;
+        let n: i64 = rows.first().map(|r| r.get(0)).unwrap_or(0);
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+type Raw = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// A range, fetched in chunks from either end. Both ends fetch only from
+/// the part neither has fetched yet (`[lo, hi)`); once that part is empty,
+/// each end takes what the other end fetched but has not handed out.
+pub(in crate::store) struct Range<K, V> {
+    s: Arc<Session>,
+    name: &'static str,
+    lo: Vec<u8>,
+    hi: Option<Vec<u8>>,
+    /// Fetched from the front, ascending.
+    front: VecDeque<Raw>,
+    /// Fetched from the back, ascending (handed out from its end).
+    back: VecDeque<Raw>,
+    middle_empty: bool,
+    chunk: i64,
+    failed: bool,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K: Key + 'static, V: Value + 'static> Range<K, V> {
+    fn fetch(&mut self, ascending: bool) -> Result<Vec<Raw>, StoreError> {
+        let order = if ascending { "" } else { " DESC" };
+        let mut params: Vec<Param> = vec![Box::new(self.lo.clone())];
+        let upper = match &self.hi {
+            Some(h) => {
+                params.push(Box::new(h.clone()));
+                " AND k < $2"
+            }
+            None => "",
+        };
+        params.push(Box::new(self.chunk));
+        let sql = format!(
+            "SELECT k, rk, v FROM lh_{} WHERE k >= $1{upper} ORDER BY k{order} LIMIT ${}",
+            self.name,
+            params.len()
+        );
+        self.chunk = CHUNK;
+        let rows = self.s.query(sql, params)?;
+        let out: Vec<Raw> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        match out.last() {
+            None => self.middle_empty = true,
+            Some((k, _, _)) if ascending => {
+                let mut next = k.clone();
+                next.push(0);
+                self.lo = next;
+            }
+            Some((k, _, _)) => self.hi = Some(k.clone()),
+        }
+        Ok(out)
+    }
+
+    fn entry(raw: Raw) -> Result<(Guard<'static, K>, Guard<'static, V>), StoreError> {
+        Ok((Guard::owned(raw.1), Guard::owned(raw.2)))
+    }
+
+    fn step(&mut self, ascending: bool) -> Option<Result<Raw, StoreError>> {
+        if self.failed {
+            return None;
+        }
+        let own = if ascending {
+            self.front.pop_front()
+        } else {
+            self.back.pop_back()
+        };
+        if let Some(r) = own {
+            return Some(Ok(r));
+        }
+        if !self.middle_empty {
+            match self.fetch(ascending) {
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+                Ok(rows) if !rows.is_empty() => {
+                    if ascending {
+                        self.front.extend(rows);
+                        return self.front.pop_front().map(Ok);
+                    }
+                    self.back.extend(rows.into_iter().rev());
+                    return self.back.pop_back().map(Ok);
+                }
+                Ok(_) => {}
+            }
+        }
+        if ascending {
+            self.back.pop_front().map(Ok)
+        } else {
+            self.front.pop_back().map(Ok)
+        }
+    }
+}
+
+impl<K: Key + 'static, V: Value + 'static> Iterator for Range<K, V> {
+    type Item = Result<(Guard<'static, K>, Guard<'static, V>), StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.step(true).map(|r| r.and_then(Self::entry))
+    }
+}
+
+impl<K: Key + 'static, V: Value + 'static> DoubleEndedIterator for Range<K, V> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        self.step(false).map(|r| r.and_then(Self::entry))
+    }
+}

@@ -1,0 +1,187 @@
+//! The PostgreSQL backend's writer: one thread per broker takes whatever
+//! operations are queued into one transaction (lingering as redb's writer
+//! does when the last batch had company), locks the chain head's row,
+//! applies them, sends the buffered writes, commits, then answers each
+//! caller. A failed batch is rolled back and its callers refused; the
+//! writer reconnects by itself, so the database coming back is the store
+//! coming back.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::super::kv::Source;
+use super::super::lifecycle::ChainHead;
+use super::super::txn::KvTxn;
+use super::super::{CommitHook, CommitStats, GroupCommit, Job, Reply, StoreError};
+use super::session::{Conn, Db, Session, pg_err};
+use super::{bytes, meta_key};
+
+/// Most operations merged into one transaction.
+const MAX_BATCH: usize = 2048;
+/// How often a lingering batch looks for more operations.
+const LINGER_POLL: Duration = Duration::from_micros(50);
+
+pub(super) struct Config {
+    pub group: GroupCommit,
+    pub on_commit: Option<CommitHook>,
+    pub node: String,
+}
+
+pub(super) fn run(
+    db: &Arc<Db>,
+    mut conn: Option<Arc<Conn>>,
+    mut rx: mpsc::Receiver<Job>,
+    cfg: &Config,
+    healthy: &AtomicBool,
+    stats: &CommitStats,
+) {
+    let mut last = 0usize;
+    while let Some(first) = rx.blocking_recv() {
+        let c = match conn.take().filter(|c| !c.is_closed()) {
+            Some(c) => c,
+            None => match db.connect() {
+                Ok(c) => c,
+                Err(e) => {
+                    healthy.store(false, Ordering::Relaxed);
+                    // refuse what is queued now rather than try once each
+                    drop(first);
+                    let mut refused = 1;
+                    while rx.try_recv().is_ok() {
+                        refused += 1;
+                    }
+                    tracing::error!(error = %e, refused, "the store database is unreachable; writes are refused until it is back");
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+            },
+        };
+        let linger =
+            (!cfg.group.delay.is_zero() && last >= cfg.group.siblings).then_some(cfg.group.delay);
+        let (n, outcome) = batch(db, &c, first, &mut rx, linger, cfg, stats);
+        last = n;
+        match outcome {
+            Ok(()) => healthy.store(true, Ordering::Relaxed),
+            Err(e) => {
+                healthy.store(!c.is_closed(), Ordering::Relaxed);
+                tracing::error!(error = %e, operations = n, "store batch failed; its requests were refused");
+            }
+        }
+        conn = Some(c);
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Begin, lock the chain head and read it.
+fn begin(db: &Arc<Db>, conn: &Arc<Conn>) -> Result<ChainHead, StoreError> {
+    let conn = conn.clone();
+    db.block(async move {
+        conn.batch("BEGIN").await.map_err(|e| pg_err(&e))?;
+        let rows = conn
+            .query(
+                "SELECT v FROM lh_meta WHERE k = $1 FOR UPDATE",
+                &[bytes(meta_key("chain_head"))],
+            )
+            .await
+            .map_err(|e| pg_err(&e))?;
+        let v: Vec<u8> = rows
+            .first()
+            .map(|r| r.get(0))
+            .ok_or_else(|| StoreError::Corrupt("the chain head row is missing".into()))?;
+        ChainHead::from_bytes(&v).ok_or_else(|| StoreError::Corrupt("chain head".into()))
+    })
+}
+
+fn end(db: &Arc<Db>, conn: &Arc<Conn>, commit: bool) -> Result<(), StoreError> {
+    let conn = conn.clone();
+    db.block(async move {
+        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+        conn.batch(sql).await.map_err(|e| pg_err(&e))
+    })
+}
+
+/// Gather, apply and commit one batch; answer its callers. Returns how many
+/// operations it took.
+fn batch(
+    db: &Arc<Db>,
+    conn: &Arc<Conn>,
+    first: Job,
+    rx: &mut mpsc::Receiver<Job>,
+    linger: Option<Duration>,
+    cfg: &Config,
+    stats: &CommitStats,
+) -> (usize, Result<(), String>) {
+    let started = Instant::now();
+    let head = match begin(db, conn) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = end(db, conn, false);
+            // the job never ran: its caller sees `Closed`
+            drop(first);
+            return (1, Err(e.to_string()));
+        }
+    };
+    let session = Arc::new(Session::writer(db.clone(), conn.clone()).with_node(&cfg.node));
+    let deadline = linger.map(|d| started + d);
+    let mut idle = Duration::ZERO;
+    let (replies, finished) = {
+        let mut t = KvTxn::open(Source::Pg(session.clone()), head);
+        let mut replies: Vec<Reply> = Vec::with_capacity(64);
+        replies.push(first(&mut t));
+        loop {
+            while replies.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(j) => replies.push(j(&mut t)),
+                    Err(_) => break,
+                }
+            }
+            let now = Instant::now();
+            match deadline {
+                Some(d) if replies.len() < MAX_BATCH && now < d => {
+                    std::thread::sleep(LINGER_POLL.min(d - now));
+                    idle += now.elapsed();
+                }
+                _ => break,
+            }
+        }
+        let entered = t.take_entered();
+        (replies, t.finish().map(|_| entered))
+    };
+    let applied = Instant::now();
+    let outcome = finished
+        .and_then(|entered| session.flush_all().map(|()| entered))
+        .and_then(|entered| end(db, conn, true).map(|()| entered));
+    let outcome = match outcome {
+        Ok(entered) => {
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats
+                .operations
+                .fetch_add(replies.len() as u64, Ordering::Relaxed);
+            if let Some(hook) = &cfg.on_commit {
+                hook(started.elapsed().as_secs_f64(), replies.len(), &entered);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            let _ = end(db, conn, false);
+            Err(e.to_string())
+        }
+    };
+    stats.apply_micros.fetch_add(
+        micros((applied - started).saturating_sub(idle)),
+        Ordering::Relaxed,
+    );
+    stats
+        .commit_micros
+        .fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
+    let n = replies.len();
+    for reply in replies {
+        reply(outcome.clone());
+    }
+    (n, outcome)
+}
