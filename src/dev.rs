@@ -316,6 +316,8 @@ fn dev_config(
             drain_delay_seconds: 0,
         },
         store: StoreConfig {
+            backend: crate::config::StoreBackend::Redb,
+            postgres: None,
             path: data.join("leasehold.redb"),
             key_file: Some(keys.store),
             key_env: None,

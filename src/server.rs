@@ -164,7 +164,7 @@ pub async fn run_with(
     let addr = listener.local_addr()?;
     listener.set_nonblocking(true)?;
     tracing::info!(
-        %addr, tls = config.server.tls.is_some(), store = %config.store.path.display(),
+        %addr, tls = config.server.tls.is_some(), store = %broker.store_location(),
         providers = broker.providers().names().collect::<Vec<_>>().join(","), recovered,
         "leasehold serving"
     );
@@ -194,6 +194,19 @@ pub async fn run_with(
 }
 
 /// Open the store the config names, with its key (dropped once open).
+/// How this broker joins its PostgreSQL store's cluster.
+pub fn store_pg_options(
+    pg: &crate::config::StorePostgres,
+) -> Result<crate::store::PgOptions, ServeError> {
+    let node = pg.node();
+    Ok(crate::store::PgOptions {
+        connection: pg.connection()?,
+        advertise: pg.advertise.clone().unwrap_or_else(|| node.clone()),
+        node,
+        lease_period: pg.lease_period(),
+    })
+}
+
 fn open_store(config: &Config) -> Result<Store, ServeError> {
     let key = load_key(config)?;
     #[allow(unused_mut)]
@@ -220,6 +233,11 @@ fn open_store(config: &Config) -> Result<Store, ServeError> {
     if config.fault.no_checkpoints {
         store_options.checkpoint_bytes = u64::MAX;
         store_options.checkpoint_idle = Duration::from_secs(86_400);
+    }
+    if let Some(pg) = &config.store.postgres
+        && config.store.backend == crate::config::StoreBackend::Postgres
+    {
+        store_options.postgres = Some(store_pg_options(pg)?);
     }
     let store = Store::open(&store_options, &key)?;
     drop(key);
@@ -343,6 +361,16 @@ async fn start_background(
     broker
         .resume_jobs()
         .map_err(|e| ServeError::Recovery(e.to_string()))?;
+    // several brokers on one store: take what others announce, and let the
+    // leader run the jobs other nodes started
+    background.extend(crate::domain::cluster::spawn_change_watch(
+        broker.clone(),
+        stop_rx.clone(),
+    ));
+    background.extend(crate::domain::cluster::spawn_job_watch(
+        broker.clone(),
+        stop_rx.clone(),
+    ));
     background.push(tokio::spawn(checkpoint_loop(
         broker.clone(),
         config.audit.checkpoint_interval_seconds,

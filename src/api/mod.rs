@@ -202,6 +202,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(incident::reconcile))
         .routes(routes!(incident::blast_radius))
         .routes(routes!(ops::stats))
+        .routes(routes!(ops::cluster))
         .routes(routes!(events::events))
         .routes(routes!(events::verify_events))
         .routes(routes!(events::chain))

@@ -146,6 +146,13 @@ pub async fn ready(State(s): State<AppState>) -> Response {
         if store_ok { "ok" } else { "unavailable" }.into(),
     );
     ok &= store_ok;
+    // every node serves; leadership is reported, not required
+    let leadership = s.broker.leadership();
+    let role = match (leadership.clustered(), leadership.epoch()) {
+        (false, _) => "single",
+        (true, Some(_)) => "leader",
+        (true, None) => "follower",
+    };
     let cached = s
         .health
         .lock()
@@ -170,7 +177,94 @@ pub async fn ready(State(s): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(ReadyView { ready: ok, checks })).into_response()
+    (
+        code,
+        Json(ReadyView {
+            ready: ok,
+            role,
+            checks,
+        }),
+    )
+        .into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/cluster",
+    tag = "admin",
+    operation_id = "cluster",
+    security(("operator" = ["admin", "responder"])),
+    responses(Guarded, (status = 200, description = "The brokers sharing this store, the leader, its epoch and lease.", body = ClusterWire))
+)]
+/// The brokers sharing this store (PostgreSQL): each node and when it was
+/// last seen, the leader, its epoch (fencing token) and when its lease
+/// ends, by the database's clock. A single broker on redb answers
+/// `clustered: false`. Admin, responder.
+pub async fn cluster(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<ClusterWire>, ApiError> {
+    let view = s.broker.cluster_view(&caller)?;
+    let this = s.broker.leadership();
+    Ok(Json(match view {
+        None => ClusterWire {
+            clustered: false,
+            this_node_leads: this.epoch().is_some(),
+            leader: None,
+            epoch: None,
+            lease_ends_at: None,
+            lease_ms_left: None,
+            leader_since: None,
+            nodes: Vec::new(),
+        },
+        Some(v) => ClusterWire {
+            clustered: true,
+            this_node_leads: this.epoch().is_some(),
+            leader: v.leader,
+            epoch: v.epoch,
+            lease_ends_at: v.lease_ends_at,
+            lease_ms_left: v.lease_ms_left,
+            leader_since: v.leader_since,
+            nodes: v
+                .nodes
+                .into_iter()
+                .map(|n| ClusterNodeWire {
+                    node: n.node,
+                    advertise: n.advertise,
+                    started_at: n.started_at,
+                    seen_ms_ago: n.seen_ms_ago,
+                    leader: n.leader,
+                })
+                .collect(),
+        },
+    }))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ClusterWire {
+    /// False: one broker on its own redb file (it always leads).
+    pub clustered: bool,
+    /// Whether the broker that answered leads now.
+    pub this_node_leads: bool,
+    /// The node holding an unexpired leader lease, if any.
+    pub leader: Option<String>,
+    /// The leader's epoch: every leader-only write checks it.
+    pub epoch: Option<i64>,
+    pub lease_ends_at: Option<String>,
+    /// Milliseconds until the lease ends (negative: lapsed, not yet taken).
+    pub lease_ms_left: Option<i64>,
+    pub leader_since: Option<String>,
+    pub nodes: Vec<ClusterNodeWire>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ClusterNodeWire {
+    pub node: String,
+    pub advertise: String,
+    pub started_at: String,
+    /// Milliseconds since its last heartbeat (the database's clock).
+    pub seen_ms_ago: i64,
+    pub leader: bool,
 }
 
 /// This document: OpenAPI 3.1, generated from the handlers and wire types.
@@ -265,6 +359,10 @@ pub struct HealthView {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ReadyView {
     pub ready: bool,
+    /// `single` (one broker on redb), `leader` or `follower` (several on
+    /// PostgreSQL; every node serves requests, the leader also runs expiry,
+    /// revocation, jobs and checkpoints).
+    pub role: &'static str,
     /// `broker`, `store` and `provider:<name>`: `ok`, `unavailable` or
     /// `shutting down`.
     pub checks: std::collections::BTreeMap<String, String>,

@@ -16,9 +16,11 @@ use serde::{Deserialize, Serialize};
 
 mod providers;
 mod rate_limits;
+mod store_pg;
 mod validate;
 
 pub use providers::ProviderConfig;
+pub use store_pg::StorePostgres;
 pub use validate::ALLOWED_ALGORITHMS;
 
 pub use rate_limits::RateLimitConfig;
@@ -109,8 +111,15 @@ pub struct TlsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// The redb file.
+    /// `redb` (the default: the embedded file at `path`, one broker) or
+    /// `postgres` (`[store.postgres]`: several brokers share one database).
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// The redb file (with `backend = "redb"`).
+    #[serde(default)]
     pub path: PathBuf,
+    /// The database (with `backend = "postgres"`).
+    pub postgres: Option<StorePostgres>,
     /// A file holding the 256-bit store key (64 hex characters or base64).
     pub key_file: Option<PathBuf>,
     /// Or the name of an environment variable holding it.
@@ -135,6 +144,14 @@ pub struct StoreConfig {
     pub commit_delay_micros: u64,
     #[serde(default = "defaults::commit_siblings")]
     pub commit_siblings: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    #[default]
+    Redb,
+    Postgres,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -467,9 +484,19 @@ impl Config {
                 *p = dir.join(&*p);
             }
         };
-        fix(&mut self.store.path);
+        if !self.store.path.as_os_str().is_empty() {
+            fix(&mut self.store.path);
+        }
         if let Some(p) = self.store.key_file.as_mut() {
             fix(p);
+        }
+        if let Some(pg) = self.store.postgres.as_mut() {
+            for p in [pg.password_file.as_mut(), pg.ca_file.as_mut()]
+                .into_iter()
+                .flatten()
+            {
+                fix(p);
+            }
         }
         fix(&mut self.audit.checkpoint_key_file);
         fix(&mut self.policy.dir);

@@ -93,6 +93,25 @@ impl Config {
             }
             _ => {}
         }
+        match (self.store.backend, &self.store.postgres) {
+            (StoreBackend::Redb, Some(_)) => {
+                return Err(invalid(
+                    "store.postgres",
+                    "set only with store.backend = \"postgres\"",
+                ));
+            }
+            (StoreBackend::Redb, None) if self.store.path.as_os_str().is_empty() => {
+                return Err(invalid("store.path", "the store file is required"));
+            }
+            (StoreBackend::Postgres, None) => {
+                return Err(invalid(
+                    "store.postgres",
+                    "store.backend = \"postgres\" needs a [store.postgres] section",
+                ));
+            }
+            (StoreBackend::Postgres, Some(pg)) => pg.validate()?,
+            _ => {}
+        }
         if self.store.cache_mib == 0 {
             return Err(invalid("store.cache_mib", "must be positive"));
         }

@@ -119,6 +119,7 @@ impl Broker {
             .write(move |t| {
                 let f = t.lift_fence(&k, &v)?;
                 audit::append(t, &a, a.fence(&f, Some((&by, &reason)), &c, now))?;
+                t.announce("fences")?;
                 Ok(f)
             })
             .await?;

@@ -7,6 +7,8 @@
 pub struct JobRunner {
     stop: tokio::sync::watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Jobs running here now (a job runs at most once per node).
+    running: std::sync::Mutex<std::collections::BTreeSet<u128>>,
 }
 
 impl Default for JobRunner {
@@ -14,6 +16,7 @@ impl Default for JobRunner {
         Self {
             stop: tokio::sync::watch::channel(false).0,
             tasks: std::sync::Mutex::default(),
+            running: std::sync::Mutex::default(),
         }
     }
 }
@@ -35,6 +38,17 @@ impl JobRunner {
 
     pub(crate) fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
         self.stop.subscribe()
+    }
+
+    /// Take a job to run here; false if it already runs here.
+    pub(crate) fn claim(&self, id: u128) -> bool {
+        self.running.lock().is_ok_and(|mut r| r.insert(id))
+    }
+
+    pub(crate) fn release(&self, id: u128) {
+        if let Ok(mut r) = self.running.lock() {
+            r.remove(&id);
+        }
     }
 
     pub(crate) fn track(&self, h: tokio::task::JoinHandle<()>) {

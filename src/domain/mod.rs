@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 
 pub mod approval;
 pub mod call;
+pub mod cluster;
 pub mod events;
 pub mod fences;
 pub mod incident;
@@ -448,6 +449,17 @@ impl Broker {
         request_id: Option<String>,
         by: Option<String>,
     ) -> Result<Arc<crate::policy::Loaded>, BrokerError> {
+        self.reload_policy_from(request_id, by, false).await
+    }
+
+    /// [`Self::reload_policy`]; `from_cluster`: another node asked, so
+    /// there is no one to tell.
+    pub(in crate::domain) async fn reload_policy_from(
+        &self,
+        request_id: Option<String>,
+        by: Option<String>,
+        from_cluster: bool,
+    ) -> Result<Arc<crate::policy::Loaded>, BrokerError> {
         match self.policy.reload() {
             Ok(l) => {
                 let data = crate::event_data![
@@ -459,6 +471,11 @@ impl Broker {
                 self.record(crate::audit::EventKind::PolicyReloaded, request_id, data)
                     .await?;
                 tracing::info!(version = %l.version, policies = l.policy_count, "policy set reloaded");
+                if !from_cluster {
+                    // the other nodes reload too
+                    let what = format!("policy {}", l.version);
+                    self.store.write(move |t| t.announce(&what)).await?;
+                }
                 Ok(l)
             }
             Err(e) => {
@@ -473,6 +490,10 @@ impl Broker {
         let Some(key) = self.checkpoint_key.clone() else {
             return Ok(None);
         };
+        // the leader signs the cluster's checkpoints
+        let Some(epoch) = self.leader_epoch() else {
+            return Ok(None);
+        };
         let r = self.store.read()?;
         let head = r.chain_head()?;
         if head.seq == 0 || r.last_checkpoint_seq()?.is_some_and(|s| s >= head.seq) {
@@ -485,7 +506,10 @@ impl Broker {
             .map_err(|e| BrokerError::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
         let seq = cp.seq;
         self.store
-            .write(move |t| t.put_checkpoint(seq, &bytes))
+            .write(move |t| {
+                t.require_leader(epoch)?;
+                t.put_checkpoint(seq, &bytes)
+            })
             .await?;
         Ok(Some(cp))
     }

@@ -154,6 +154,10 @@ trait Backend: Send + Sync {
     fn cluster(&self) -> Result<Option<ClusterView>, StoreError> {
         Ok(None)
     }
+    /// What other nodes announce (`None`: a single broker).
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
     /// Wait until every queued job is done and the store is closed (its
     /// queue is closed first).
     fn close(&mut self);
@@ -238,6 +242,13 @@ impl Store {
     /// This node's leadership of the work that must run once.
     pub fn leadership(&self) -> Leadership {
         self.inner.backend.leadership()
+    }
+
+    /// What the nodes sharing this store announce (`announce` in a write):
+    /// `fences`, `policy <version>`, and `resync` whenever announcements
+    /// may have been missed. `None` for a single broker.
+    pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        self.inner.backend.changes()
     }
 
     /// The cluster (nodes, leader, epoch), or `None` for a single broker.

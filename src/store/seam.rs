@@ -129,8 +129,16 @@ pub trait LeaseWrites {
     ) -> Result<ExpiryPass, StoreError>;
 
     /// Start-up recovery: every unresolved intent is rolled back (local
-    /// providers) or queued for rollback.
-    fn recover_intents(&mut self, now: i64, local: &Local) -> Result<Vec<LeaseRecord>, StoreError>;
+    /// providers) or queued for rollback. With `created_before` (ms), only
+    /// the intents of leases created before then (lease ids carry their
+    /// creation time): on a cluster, the leader recovers what a dead node
+    /// left, never another live node's issue in flight.
+    fn recover_intents(
+        &mut self,
+        now: i64,
+        created_before: Option<i64>,
+        local: &Local,
+    ) -> Result<Vec<LeaseRecord>, StoreError>;
 }
 
 /// Calls: the record of each decided tool call.
@@ -256,6 +264,11 @@ pub trait ClusterWrites {
     /// Refuse ([`Conflict::NotLeader`](super::Conflict)) unless this node
     /// still leads with `epoch`. A single broker always leads.
     fn require_leader(&mut self, epoch: u64) -> Result<(), StoreError>;
+
+    /// Tell the other nodes sharing this store that `what` changed (fences,
+    /// the policy), once this transaction commits. A single broker has no
+    /// one to tell.
+    fn announce(&mut self, what: &str) -> Result<(), StoreError>;
 }
 
 /// A write transaction: every aggregate's operations. `Store::write` runs

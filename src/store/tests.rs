@@ -607,7 +607,7 @@ async fn recovery_reads_only_intents(store: Backing) {
     drop(s);
     let s = store.open();
     let rec = s
-        .write(|t| t.recover_intents(10, &Local::new()))
+        .write(|t| t.recover_intents(10, None, &Local::new()))
         .await
         .unwrap();
     assert_eq!(rec.len(), 1);
@@ -621,7 +621,7 @@ async fn recovery_reads_only_intents(store: Backing) {
         LeaseState::Active
     );
     assert!(
-        s.write(|t| t.recover_intents(11, &Local::new()))
+        s.write(|t| t.recover_intents(11, None, &Local::new()))
             .await
             .unwrap()
             .is_empty()
@@ -818,7 +818,7 @@ async fn local_providers_are_revoked_inside_the_deciding_transaction(store: Back
 
     // recovery of an intent: rolled back and denylisted at once
     let rec = s
-        .write(|t| t.recover_intents(2_000, &local_token()))
+        .write(|t| t.recover_intents(2_000, None, &local_token()))
         .await
         .unwrap();
     assert_eq!(rec[0].state, LeaseState::RolledBack);

@@ -12,6 +12,7 @@ mod aws;
 mod azure;
 mod bad_input;
 mod cli;
+mod cluster;
 mod config_examples;
 mod conformance;
 mod crash;

@@ -391,6 +391,8 @@ async fn every_documented_operation_conforms_to_the_document() {
     )
     .await;
     d.drive(M::GET, "/v1/stats", "/v1/stats", &t.admin, N).await;
+    d.drive(M::GET, "/v1/cluster", "/v1/cluster", &t.responder, N)
+        .await;
     d.drive(M::GET, "/metrics", "/metrics", &t.admin, N).await;
     let (_, events) = d
         .drive(
@@ -529,6 +531,12 @@ async fn every_documented_operation_conforms_to_the_document() {
             StatusCode::BAD_REQUEST,
         ),
         ("/v1/stats", "/v1/stats", "", StatusCode::UNAUTHORIZED),
+        (
+            "/v1/cluster",
+            "/v1/cluster",
+            t.a.as_str(),
+            StatusCode::FORBIDDEN,
+        ),
         (
             "/v1/stats",
             "/v1/stats",

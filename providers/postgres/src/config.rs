@@ -161,6 +161,13 @@ impl PostgresConfig {
     /// Offline checks: everything that can be known without the database.
     /// `max_ttl` is the broker's ceiling for any lease.
     pub fn validate(&self, max_ttl: u64) -> Result<(), ConfigError> {
+        self.validate_connection()?;
+        self.validate_roles(max_ttl)
+    }
+
+    /// The connection's fields alone (host, credentials, TLS, pool): what
+    /// any use of a database needs (the broker's PostgreSQL store too).
+    pub fn validate_connection(&self) -> Result<(), ConfigError> {
         if self.host.is_empty() {
             return Err(ConfigError::new("host", "must not be empty"));
         }
@@ -218,6 +225,11 @@ impl PostgresConfig {
                 "must be between 1 and 60",
             ));
         }
+        Ok(())
+    }
+
+    /// What leasing roles needs: names, passwords, and the templates.
+    fn validate_roles(&self, max_ttl: u64) -> Result<(), ConfigError> {
         let p = &self.role_prefix;
         let prefix_ok = p.len() <= MAX_IDENTIFIER - LEASE_ID_LEN
             && p.starts_with(|c: char| c.is_ascii_lowercase())

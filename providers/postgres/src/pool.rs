@@ -122,6 +122,28 @@ impl Pool {
 
     /// A new connection, outside the pool's count (the caller manages it).
     pub async fn connect(&self) -> Result<Client, ProviderError> {
+        self.connect_with(None).await
+    }
+
+    /// A new connection whose `NOTIFY` messages (after a `LISTEN`) arrive
+    /// on the returned channel; the channel closes with the connection.
+    pub async fn connect_listening(
+        &self,
+    ) -> Result<
+        (
+            Client,
+            tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+        ),
+        ProviderError,
+    > {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Ok((self.connect_with(Some(tx)).await?, rx))
+    }
+
+    async fn connect_with(
+        &self,
+        notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+    ) -> Result<Client, ProviderError> {
         let password = self.password()?;
         let mut c = tokio_postgres::Config::new();
         c.host(&self.cfg.host)
@@ -139,8 +161,8 @@ impl Pool {
             ))
         };
         match &self.tls {
-            None => open(&c, tokio_postgres::NoTls, wait, &unreachable).await,
-            Some(tls) => open(&c, tls.clone(), wait, &unreachable).await,
+            None => open(&c, tokio_postgres::NoTls, wait, &unreachable, notify).await,
+            Some(tls) => open(&c, tls.clone(), wait, &unreachable, notify).await,
         }
     }
 
@@ -171,20 +193,44 @@ async fn open<T>(
     tls: T,
     wait: Duration,
     unreachable: &(dyn Fn(String) -> ProviderError + Sync),
+    notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
 ) -> Result<Client, ProviderError>
 where
     T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
     T::Stream: Send + 'static,
 {
-    let (client, conn) = tokio::time::timeout(wait, c.connect(tls))
+    let (client, mut conn) = tokio::time::timeout(wait, c.connect(tls))
         .await
         .map_err(|_| unreachable("timed out".into()))?
         .map_err(|e| connect_error(&e, unreachable))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "management connection closed");
+    match notify {
+        None => {
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "management connection closed");
+                }
+            });
         }
-    });
+        Some(tx) => {
+            tokio::spawn(async move {
+                let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+                    match m {
+                        Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                            if tx.send(n).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "listening connection closed");
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    }
     Ok(client)
 }
 

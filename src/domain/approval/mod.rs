@@ -133,12 +133,13 @@ impl Broker {
     }
 
     /// Expire approvals past their deadline; returns when the next one is due.
-    pub async fn expire_approvals(&self) -> Result<Option<i64>, BrokerError> {
+    pub async fn expire_approvals(&self, epoch: u64) -> Result<Option<i64>, BrokerError> {
         let now = self.clock.now().unix_millis();
         let a = self.auditor.clone();
         let expired = self
             .store
             .write(move |t| {
+                t.require_leader(epoch)?;
                 let expired = t.expire_approvals(now, 1000)?;
                 for e in &expired {
                     audit::append(t, &a, a.approval(e, &Ctx::system(), now))?;

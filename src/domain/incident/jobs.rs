@@ -285,6 +285,9 @@ impl Broker {
                     t.put_fence(f)?;
                     audit::append(t, &a, a.fence(f, None, &c, now))?;
                 }
+                if !fs.is_empty() {
+                    t.announce("fences")?;
+                }
                 audit::append(t, &a, a.job(&j, None, &c, now))
             })
             .await?;
@@ -331,19 +334,29 @@ impl Broker {
         })
     }
 
-    /// Run (or resume) a job in the background.
-    pub fn spawn_job(self: &Arc<Self>, id: u128, ctx: Ctx) {
+    /// Run (or resume) a job in the background, if this node leads (a
+    /// cluster's leader picks up jobs other nodes recorded) and it does not
+    /// run here already. Returns whether it started.
+    pub fn spawn_job(self: &Arc<Self>, id: u128, ctx: Ctx) -> bool {
         let b = self.clone();
         let mut stop = self.jobs.stopping();
         if *stop.borrow() {
-            return;
+            return false;
+        }
+        let Some(epoch) = self.leader_epoch() else {
+            return false;
+        };
+        if !self.jobs.claim(id) {
+            return false;
         }
         let h = tokio::spawn(async move {
-            if let Err(e) = b.run_job(id, &ctx, &mut stop).await {
-                tracing::error!(job_id = %JobId(id), error = %e, "revocation job failed; it resumes at the next start");
+            if let Err(e) = b.run_job(id, &ctx, epoch, &mut stop).await {
+                tracing::error!(job_id = %JobId(id), error = %e, "revocation job stopped; the leader resumes it");
             }
+            b.jobs.release(id);
         });
         self.jobs.track(h);
+        true
     }
 
     pub(super) fn job_chunk(&self) -> usize {
@@ -369,12 +382,17 @@ impl Broker {
         self: &Arc<Self>,
         id: u128,
         ctx: &Ctx,
+        epoch: u64,
         stop: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), BrokerError> {
         let chunk = self.job_chunk();
         loop {
             if *stop.borrow() {
                 tracing::info!(job_id = %JobId(id), "revocation job paused for shutdown; it resumes at the next start");
+                return Ok(());
+            }
+            if self.leader_epoch() != Some(epoch) {
+                tracing::warn!(job_id = %JobId(id), "this broker stopped leading; the new leader resumes the revocation job");
                 return Ok(());
             }
             let job = self.store.read()?.job(id)?.ok_or(BrokerError::NotFound {
@@ -398,6 +416,7 @@ impl Broker {
                     .store
                     .write(move |t| {
                         let now = clock.now().unix_millis();
+                        t.require_leader(epoch)?;
                         let mut job = job;
                         let (claimed, queued) = t.claim_for_job(&job, &ids, now, &local)?;
                         for l in &claimed {
@@ -433,6 +452,7 @@ impl Broker {
             let finished = self
                 .store
                 .write(move |t| {
+                    t.require_leader(epoch)?;
                     let Some(mut job) = t.job(id)? else {
                         return Ok(None);
                     };
@@ -460,11 +480,14 @@ impl Broker {
             .into_iter()
             .filter(|j| j.state == JobState::Running)
             .collect();
+        let mut resumed = 0;
         for j in &running {
-            tracing::warn!(job_id = %JobId(j.id), "resuming a mass revocation");
-            self.spawn_job(j.id, Ctx::system());
+            if self.spawn_job(j.id, Ctx::system()) {
+                tracing::warn!(job_id = %JobId(j.id), "resuming a mass revocation");
+                resumed += 1;
+            }
         }
-        Ok(running.len())
+        Ok(resumed)
     }
 
     /// A job, its counts per provider, and the leases still failing.

@@ -36,13 +36,28 @@ const CHUNK: usize = 512;
 const CONCURRENT_CHUNKS: usize = 8;
 /// Idle loops re-check at least this often (ms of the broker's clock).
 const IDLE_RECHECK_MS: i64 = 60_000;
-/// How often expired entries are pruned from the token denylist.
+/// How often expired entries are pruned from the token denylist (and a
+/// cluster's leader looks for intents a dead node left).
 const PRUNE_EVERY_MS: i64 = 60_000;
+/// An intent this much older than twice the provider timeout has no live
+/// node issuing it.
+const ORPHAN_MARGIN_MS: i64 = 30_000;
 
 impl Broker {
     /// Revoke leases this caller has claimed (or the worker found due),
     /// record every outcome, and return the updated records.
     pub async fn revoke_claimed(&self, leases: Vec<LeaseRecord>, ctx: &Ctx) -> Vec<LeaseRecord> {
+        self.revoke_and_record(leases, ctx, None).await
+    }
+
+    /// [`Self::revoke_claimed`]; with an epoch, the outcomes are recorded
+    /// only while this node still leads with it (the queue's workers).
+    pub(in crate::domain) async fn revoke_and_record(
+        &self,
+        leases: Vec<LeaseRecord>,
+        ctx: &Ctx,
+        epoch: Option<u64>,
+    ) -> Vec<LeaseRecord> {
         if leases.is_empty() {
             return leases;
         }
@@ -58,6 +73,9 @@ impl Broker {
         let n = outcomes.len();
         let (a, c) = (self.auditor.clone(), ctx.clone());
         let recorded = self.store.write(move |t| {
+            if let Some(e) = epoch {
+                t.require_leader(e)?;
+            }
             let updated = t.record_outcomes(&outcomes, now)?;
             for l in &updated {
                 audit::append(t, &a, a.lease(l, &c, now))?;
@@ -164,14 +182,46 @@ impl Broker {
         Schedule::from(self).failure(l, error, now)
     }
 
-    /// Start-up recovery: queue a rollback for every unresolved intent.
+    /// Start-up recovery: queue a rollback for every unresolved intent. On
+    /// a cluster, other nodes may be issuing right now: their intents are
+    /// left alone, and the leader recovers orphans instead
+    /// ([`Self::recover_orphans`]).
     pub async fn recover(&self) -> Result<usize, BrokerError> {
+        if self.leadership().clustered() {
+            return Ok(0);
+        }
+        self.recover_intents(None, None).await
+    }
+
+    /// On a cluster's leader: roll back the intents of leases created so
+    /// long ago that no node can still be issuing them (a node that died
+    /// between intent and activation).
+    pub(in crate::domain) async fn recover_orphans(
+        &self,
+        epoch: u64,
+    ) -> Result<usize, BrokerError> {
+        let age = i64::try_from(self.provider_timeout().as_millis())
+            .unwrap_or(i64::MAX / 4)
+            .saturating_mul(2)
+            .saturating_add(ORPHAN_MARGIN_MS);
+        let before = self.clock.now().unix_millis().saturating_sub(age);
+        self.recover_intents(Some(before), Some(epoch)).await
+    }
+
+    async fn recover_intents(
+        &self,
+        created_before: Option<i64>,
+        epoch: Option<u64>,
+    ) -> Result<usize, BrokerError> {
         let now = self.clock.now().unix_millis();
         let (local, a) = (self.local.clone(), self.auditor.clone());
         let recovered = self
             .store
             .write(move |t| {
-                let recovered = t.recover_intents(now, &local)?;
+                if let Some(e) = epoch {
+                    t.require_leader(e)?;
+                }
+                let recovered = t.recover_intents(now, created_before, &local)?;
                 for l in &recovered {
                     audit::append(t, &a, a.lease(l, &Ctx::system(), now))?;
                 }
@@ -411,9 +461,9 @@ async fn pause_after_error(shutdown: &mut watch::Receiver<bool>) -> bool {
 async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     let batch = b.reaper.batch_size;
     loop {
-        if *shutdown.borrow() {
+        let Some(epoch) = b.leading(&mut shutdown).await else {
             return;
-        }
+        };
         // Any lease activated from here on wakes us: see Wakers::lease_activated.
         b.wakers.planned_expiry.store(i64::MIN, Ordering::Release);
         let mut failed = false;
@@ -422,6 +472,7 @@ async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
             // the time is read when the batch is applied, so a lease's
             // `ended_at` is when it really died, and nothing due by then waits
             let pass = b.store.write(move |t| {
+                t.require_leader(epoch)?;
                 let now = clock.now().unix_millis();
                 let pass = t.expire_due(now, batch, &local)?;
                 for l in &pass.handled {
@@ -468,7 +519,7 @@ async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
             }
         };
         // approvals expire on the same loop
-        let next_approval = match b.expire_approvals().await {
+        let next_approval = match b.expire_approvals(epoch).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "expiring approvals failed");
@@ -494,9 +545,9 @@ async fn expiry_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
 async fn worker_loop(b: Arc<Broker>, provider: String, mut shutdown: watch::Receiver<bool>) {
     let batch = b.reaper.batch_size;
     loop {
-        if *shutdown.borrow() {
+        let Some(epoch) = b.leading(&mut shutdown).await else {
             return;
-        }
+        };
         let now = b.clock.now().unix_millis();
         let due = match b
             .store
@@ -514,7 +565,7 @@ async fn worker_loop(b: Arc<Broker>, provider: String, mut shutdown: watch::Rece
         };
         if !due.is_empty() {
             let ids: Vec<u128> = due.iter().map(|l| l.id).collect();
-            let updated = b.revoke_claimed(due, &Ctx::system()).await;
+            let updated = b.revoke_and_record(due, &Ctx::system(), Some(epoch)).await;
             // nothing recorded (store trouble): back off instead of spinning
             let progressed = updated
                 .iter()
@@ -560,12 +611,17 @@ async fn reconcile_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
             _ = b.clock.sleep_until(Timestamp::from_unix_millis(now.saturating_add(every))) => {}
             _ = shutdown.changed() => return,
         }
-        b.reconcile_all_periodic().await;
+        if b.leader_epoch().is_some() {
+            b.reconcile_all_periodic().await;
+        }
     }
 }
 
 async fn maintenance_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     loop {
+        let Some(epoch) = b.leading(&mut shutdown).await else {
+            return;
+        };
         let now = b.clock.now().unix_millis();
         let horizon = i64::try_from(b.limits.max_lease_ttl_seconds)
             .unwrap_or(i64::MAX / 1000)
@@ -573,12 +629,22 @@ async fn maintenance_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
             + 2000;
         match b
             .store
-            .write(move |t| t.prune_denylist(now, horizon, 10_000))
+            .write(move |t| {
+                t.require_leader(epoch)?;
+                t.prune_denylist(now, horizon, 10_000)
+            })
             .await
         {
             Ok(n) if n > 0 => tracing::debug!(pruned = n, "pruned expired token denylist entries"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning the token denylist failed"),
+        }
+        if b.leadership().clustered() {
+            match b.recover_orphans(epoch).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(recovered = n, "rolled back intents a stopped broker left"),
+                Err(e) => tracing::warn!(error = %e, "recovering orphaned intents failed"),
+            }
         }
         tokio::select! {
             _ = b.clock.sleep_until(Timestamp::from_unix_millis(now + PRUNE_EVERY_MS)) => {}

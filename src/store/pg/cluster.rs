@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use super::super::StoreError;
 use super::PgOptions;
@@ -184,10 +184,11 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
 }
 
-/// The election loop, on the database's runtime.
+/// The election loop and the change listener, on the database's runtime.
 pub(super) struct Elector {
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
+    listener: tokio::task::JoinHandle<()>,
     rt: tokio::runtime::Handle,
 }
 
@@ -197,23 +198,64 @@ impl Elector {
         opts: PgOptions,
         leadership: Leadership,
         healthy: Arc<AtomicBool>,
+        changes: broadcast::Sender<String>,
     ) -> Result<Self, StoreError> {
         let stop = Arc::new(AtomicBool::new(false));
         let rt = db.rt().clone();
+        let listener = rt.spawn(listen(db.clone(), changes, stop.clone()));
         let task = rt.spawn(elect(db, opts, leadership, healthy, stop.clone()));
-        Ok(Self { stop, task, rt })
+        Ok(Self {
+            stop,
+            task,
+            listener,
+            rt,
+        })
     }
 
     /// Stop campaigning; a leader resigns so another node takes over now.
     pub(super) fn stop(self) {
         self.stop.store(true, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let task = self.task;
+        let (task, listener) = (self.task, self.listener);
         self.rt.spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), listener).await;
             let _ = tx.send(());
         });
         let _ = rx.recv_timeout(Duration::from_secs(4));
+    }
+}
+
+/// What nodes announce (fences, the policy) reaches every node's
+/// subscribers; `resync` after every (re)connection, since announcements
+/// made while this node was not listening are lost.
+async fn listen(db: Arc<Db>, changes: broadcast::Sender<String>, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        let (client, mut rx) = match db.listen("leasehold").await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot listen for cluster changes; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let _ = changes.send("resync".into());
+        loop {
+            tokio::select! {
+                n = rx.recv() => match n {
+                    Some(n) => {
+                        let _ = changes.send(n.payload().to_owned());
+                    }
+                    None => break,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                }
+            }
+        }
+        drop(client);
     }
 }
 

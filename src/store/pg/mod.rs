@@ -71,6 +71,7 @@ pub(super) struct PgBackend {
     writer: Option<JoinHandle<()>>,
     cluster: Option<cluster::Elector>,
     leadership: Leadership,
+    changes: tokio::sync::broadcast::Sender<String>,
     healthy: Arc<AtomicBool>,
     stats: Arc<CommitStats>,
     sealer: Sealer,
@@ -103,6 +104,10 @@ impl Backend for PgBackend {
 
     fn leadership(&self) -> Leadership {
         self.leadership.clone()
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        Some(self.changes.subscribe())
     }
 
     fn cluster(&self) -> Result<Option<ClusterView>, StoreError> {
@@ -177,8 +182,14 @@ pub(super) fn open(
     let healthy = Arc::new(AtomicBool::new(true));
     let stats = Arc::new(CommitStats::default());
     let leadership = Leadership::default();
-    let elector =
-        cluster::Elector::start(db.clone(), pg.clone(), leadership.clone(), healthy.clone())?;
+    let (changes, _) = tokio::sync::broadcast::channel(64);
+    let elector = cluster::Elector::start(
+        db.clone(),
+        pg.clone(),
+        leadership.clone(),
+        healthy.clone(),
+        changes.clone(),
+    )?;
     let (sender, rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
     let writer = {
         let db = db.clone();
@@ -200,6 +211,7 @@ pub(super) fn open(
             writer: Some(writer),
             cluster: Some(elector),
             leadership,
+            changes,
             healthy,
             stats,
             sealer,

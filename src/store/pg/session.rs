@@ -166,6 +166,28 @@ impl Db {
             .map_err(|e| StoreError::Io(e.message))
     }
 
+    /// A connection listening on `channel`, and its notifications.
+    pub(in crate::store) async fn listen(
+        &self,
+        channel: &str,
+    ) -> Result<
+        (
+            Client,
+            tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+        ),
+        StoreError,
+    > {
+        let (c, rx) = self
+            .connector
+            .connect_listening()
+            .await
+            .map_err(|e| StoreError::Io(e.message))?;
+        c.batch_execute(&format!("LISTEN {channel}"))
+            .await
+            .map_err(|e| pg_err(&e))?;
+        Ok((c, rx))
+    }
+
     /// Run `f` on a pooled connection and wait for it.
     pub(in crate::store) fn pooled<T, F, Fut>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
     where
@@ -287,6 +309,15 @@ impl Session {
     pub(in crate::store) fn with_node(mut self, node: &str) -> Self {
         node.clone_into(&mut self.node);
         self
+    }
+
+    /// Tell every node, when this transaction commits (`NOTIFY`).
+    pub(in crate::store) fn announce(&self, what: &str) -> Result<(), StoreError> {
+        self.query(
+            "SELECT pg_notify('leasehold', $1)".into(),
+            vec![Box::new(what.to_owned())],
+        )
+        .map(|_| ())
     }
 
     /// Refuse (`NotLeader`) unless this node still holds the leadership

@@ -264,9 +264,19 @@ impl LeaseWrites for KvTxn<'_> {
         Ok(pass)
     }
 
-    fn recover_intents(&mut self, now: i64, local: &Local) -> Result<Vec<LeaseRecord>, StoreError> {
+    fn recover_intents(
+        &mut self,
+        now: i64,
+        created_before: Option<i64>,
+        local: &Local,
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
         let mut ids = Vec::new();
-        for e in self.issuing.iter()? {
+        let end = match created_before {
+            // ids are (creation ms << 80) | random
+            Some(ms) => u128::try_from(ms.max(0)).unwrap_or(0) << 80,
+            None => u128::MAX,
+        };
+        for e in self.issuing.range(0..end)? {
             ids.push(e?.0.value());
         }
         let mut out = Vec::with_capacity(ids.len());

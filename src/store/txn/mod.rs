@@ -128,6 +128,13 @@ impl ClusterWrites for KvTxn<'_> {
             None => Ok(()),
         }
     }
+
+    fn announce(&mut self, what: &str) -> Result<(), StoreError> {
+        match &self.pg {
+            Some(s) => s.announce(what),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<'t> KvTxn<'t> {
