@@ -156,11 +156,16 @@ impl From<BrokerError> for ApiError {
             }
             BrokerError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    "the store is unavailable; retry later",
-                )
+                // the store (a database failing over, a disk) comes back by
+                // itself: tell clients when to try again
+                Self {
+                    retry_after: Some(1),
+                    ..Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        "the store is unavailable; retry later",
+                    )
+                }
             }
         }
     }

@@ -5,14 +5,15 @@
 //! queue) within the lease period, losing nothing acknowledged.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use leasehold::config::{StoreBackend, StorePostgres};
+use leasehold::config::StoreBackend;
 use leasehold::dev::DevCredentials;
 use leasehold_provider_postgres::testkit::Cluster;
 use serde_json::{Value, json};
 
-use crate::harness::{Child, Remote, child_config, free_port};
+use crate::harness::{Child, Remote, child_config, free_port, store_section};
 
 /// One broker of the cluster.
 struct Node {
@@ -28,18 +29,6 @@ struct Brokers {
     policy_dir: PathBuf,
     _dir: tempfile::TempDir,
     _pg: Cluster,
-}
-
-fn store_section(pg: &leasehold_provider_postgres::PostgresConfig, node: &str) -> StorePostgres {
-    toml::from_str(&format!(
-        "host = {:?}\nport = {}\ndatabase = {:?}\nuser = {:?}\npassword_file = {:?}\ntls = 'disable'\nnode = {node:?}\nlease_seconds = 3\npool_size = 6\n",
-        pg.host,
-        pg.port,
-        pg.database,
-        pg.user,
-        pg.password_file.as_ref().unwrap()
-    ))
-    .unwrap()
 }
 
 /// The first node's config (the dev keys and tokens, written once), then
@@ -374,4 +363,301 @@ async fn killing_the_leader_hands_its_duties_over_and_loses_nothing() {
     let view = r.get(&admin, "/v1/cluster").await;
     assert_eq!(view["leader"], b.nodes[new].name.as_str(), "{view}");
     drop(dead);
+}
+
+/// A TCP relay between one broker and PostgreSQL that the test can cut
+/// (every connection through it dropped, new ones refused) and reopen.
+struct Relay {
+    port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(upstream: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (o, c) = (open.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                if !o.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(down);
+                    continue;
+                }
+                let h = tokio::spawn(async move {
+                    if let Ok(mut up) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+                c.lock().unwrap().push(h.abort_handle());
+            }
+        });
+        Self {
+            port,
+            open,
+            conns,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        for h in self.conns.lock().unwrap().drain(..) {
+            h.abort();
+        }
+    }
+
+    fn reopen(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// A node's role by its readiness probe (`leader`, `follower`).
+async fn role(r: &Remote) -> String {
+    r.get("", "/v1/ready").await["role"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_the_database_steps_down_before_its_lease_ends() {
+    // node-0 reaches the database through a relay; it starts alone, so it
+    // leads; then two more nodes join directly
+    let pg = Cluster::start();
+    let conn = pg.provision_store().await;
+    let relay = Relay::start(conn.port).await;
+    let mut through = conn.clone();
+    through.port = relay.port;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let (mut configs, creds) = node_configs(&data, &conn, 3);
+    {
+        // node-0's own file: the relay's port
+        let (name, _, file) = &configs[0];
+        let mut c = leasehold::config::Config::load(file).unwrap();
+        c.store.postgres = Some(store_section(&through, name));
+        std::fs::write(file, c.to_toml().unwrap()).unwrap();
+    }
+    let admin = creds.identities["admin"].token.clone();
+    let a = creds.identities["assistant-a"].token.clone();
+    let mut nodes = Vec::new();
+    for (i, (name, addr, file)) in configs.drain(..).enumerate() {
+        let remote = Remote::new(addr);
+        let mut child = Child::spawn(&file, addr, dir.path().join(format!("{name}.log")), "info");
+        child.wait_healthy(&remote.http).await;
+        if i == 0 {
+            let t = Instant::now();
+            while role(&remote).await != "leader" {
+                assert!(t.elapsed() < Duration::from_secs(10), "node-0 never led");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        nodes.push(Node {
+            name,
+            remote,
+            child,
+        });
+    }
+    let old = &nodes[0].remote;
+    let epoch = old.get(&admin, "/v1/cluster").await["epoch"]
+        .as_i64()
+        .unwrap();
+    // leases that fall due while the leader is cut off
+    let task = open_task(&nodes[1].remote, &a, 600).await;
+    let mut due = Vec::new();
+    for _ in 0..3 {
+        let l = lease(&nodes[1].remote, &a, &task, 2).await;
+        due.push(
+            l["lease_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{l}"))
+                .to_owned(),
+        );
+    }
+
+    let cut = Instant::now();
+    relay.cut();
+    // it stops leading before its 3 s lease would end
+    while role(old).await == "leader" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stepped_down = cut.elapsed();
+    assert!(
+        stepped_down < Duration::from_secs(3),
+        "the cut-off leader stepped down after {stepped_down:?}, past its lease"
+    );
+    // a follower takes over with the next epoch
+    let r = &nodes[1].remote;
+    let view = loop {
+        let v = r.get(&admin, "/v1/cluster").await;
+        if v["leader"].is_string() && v["leader"] != "node-0" {
+            break v;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(10),
+            "no follower took over: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(view["epoch"].as_i64(), Some(epoch + 1), "{view}");
+    // the due leases expire under the new leader, once each
+    for id in &due {
+        loop {
+            let l = r.get(&admin, &format!("/v1/leases/{id}")).await;
+            if l["state"] == "expired" {
+                break;
+            }
+            assert!(cut.elapsed() < Duration::from_secs(20), "lease {id}: {l}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // back on the network, the old leader follows; nothing it had in flight
+    // changed anything (its epoch is stale), the chain verifies
+    relay.reopen();
+    let t = Instant::now();
+    loop {
+        let v = old.http.get(format!("{}/v1/ready", old.base)).send().await;
+        if let Ok(v) = v
+            && v.status().is_success()
+        {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the old leader never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(role(old).await, "follower");
+    let l = lease(old, &a, &task, 60).await;
+    assert!(
+        l["lease_id"].is_string(),
+        "the old leader serves again: {l}"
+    );
+    verify(r, &admin).await;
+    for id in &due {
+        let story = r.get(&admin, &format!("/v1/events?lease={id}")).await;
+        let ends = story["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "lease.revoked" || e["kind"] == "lease.expired")
+            .count();
+        assert_eq!(ends, 1, "lease {id}: {story}");
+    }
+    drop(nodes);
+    drop(pg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_postgres_during_a_storm_is_503s_then_service_without_a_broker_restart() {
+    let mut b = Brokers::start(2).await;
+    let (a, admin) = (b.token("assistant-a"), b.token("admin"));
+    let r0 = Remote {
+        http: crate::harness::client(),
+        base: b.nodes[0].remote.base.clone(),
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let (stop, a) = (stop.clone(), a.clone());
+        let bases: Vec<String> = b.nodes.iter().map(|n| n.remote.base.clone()).collect();
+        tokio::spawn(async move {
+            let http = crate::harness::client();
+            let (mut acked, mut unavailable, mut i) = (Vec::new(), 0u32, 0usize);
+            // a new task every few leases (the example policy caps a task)
+            let mut task: Option<(String, u32)> = None;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let base = &bases[i % bases.len()];
+                i += 1;
+                let (path, body) = match &task {
+                    Some((t, n)) if *n < 10 => (
+                        format!("{base}/v1/tasks/{t}/leases"),
+                        json!({"provider": "token", "role": "demo", "ttl_seconds": 600}),
+                    ),
+                    _ => (
+                        format!("{base}/v1/tasks"),
+                        json!({"purpose": "storm", "on_behalf_of": "alice", "prompt": "p", "ttl_seconds": 600}),
+                    ),
+                };
+                let Ok(resp) = http.post(path).bearer_auth(&a).json(&body).send().await else {
+                    continue;
+                };
+                match resp.status().as_u16() {
+                    200 | 201 => {
+                        let v: Value = resp.json().await.unwrap();
+                        if let Some(id) = v["lease_id"].as_str() {
+                            acked.push(id.to_owned());
+                            if let Some((_, n)) = task.as_mut() {
+                                *n += 1;
+                            }
+                        } else {
+                            task = Some((v["task_id"].as_str().unwrap().to_owned(), 0));
+                        }
+                    }
+                    503 => {
+                        assert!(
+                            resp.headers().contains_key("retry-after"),
+                            "a 503 without Retry-After"
+                        );
+                        unavailable += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    s => panic!("{s}: {}", resp.text().await.unwrap_or_default()),
+                }
+            }
+            (acked, unavailable)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b._pg.stop_server();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    b._pg.start_server();
+    // service comes back by itself
+    let t = Instant::now();
+    loop {
+        let task = r0
+            .post(
+                &a,
+                "/v1/tasks",
+                Some(json!({"purpose": "after", "on_behalf_of": "alice", "prompt": "p", "ttl_seconds": 60})),
+            )
+            .await;
+        if let Some(task) = task["task_id"].as_str()
+            && lease(&r0, &a, task, 60).await["lease_id"].is_string()
+        {
+            break;
+        }
+        let l = &task;
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no service after the restart: {l}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (acked, unavailable) = storm.await.unwrap();
+    assert!(unavailable > 0, "no 503 while the database was down");
+    assert!(acked.len() > 10, "{}", acked.len());
+    for id in &acked {
+        let l = r0.get(&admin, &format!("/v1/leases/{id}")).await;
+        assert_eq!(l["state"], "active", "an acknowledged lease is lost: {l}");
+    }
+    verify(&r0, &admin).await;
+    let ready = b.nodes[1].remote.get("", "/v1/ready").await;
+    assert_eq!(ready["checks"]["store"], "ok", "{ready}");
 }

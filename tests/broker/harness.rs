@@ -71,6 +71,25 @@ pub struct Harness {
     opts: Options,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     join: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
+    /// The store's database, when this test binary runs on PostgreSQL
+    /// (`crate::ON_POSTGRES`); dropped last, after the broker.
+    _pg: Option<leasehold_provider_postgres::testkit::Cluster>,
+}
+
+/// `[store.postgres]` for a test database, as node `node`.
+pub fn store_section(
+    pg: &leasehold_provider_postgres::PostgresConfig,
+    node: &str,
+) -> leasehold::config::StorePostgres {
+    toml::from_str(&format!(
+        "host = {:?}\nport = {}\ndatabase = {:?}\nuser = {:?}\npassword_file = {:?}\ntls = 'disable'\nnode = {node:?}\nlease_seconds = 3\npool_size = 6\n",
+        pg.host,
+        pg.port,
+        pg.database,
+        pg.user,
+        pg.password_file.as_ref().unwrap()
+    ))
+    .unwrap()
 }
 
 /// Real time, rounded to the second (JWT times are seconds).
@@ -90,6 +109,16 @@ impl Harness {
             .as_ref()
             .map_or_else(|| SystemClock.now(), |c| c.now());
         let (mut config, creds) = leasehold::dev::prepare(dir.path(), addr, now).unwrap();
+        // this binary's store: redb, or a throwaway PostgreSQL database
+        let pg = if crate::ON_POSTGRES {
+            let cluster = leasehold_provider_postgres::testkit::Cluster::start();
+            let conn = cluster.provision_store().await;
+            config.store.backend = leasehold::config::StoreBackend::Postgres;
+            config.store.postgres = Some(store_section(&conn, "harness"));
+            Some(cluster)
+        } else {
+            None
+        };
         (opts.tweak)(&mut config);
         let tls = config.server.tls.is_some();
         let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
@@ -108,6 +137,7 @@ impl Harness {
             opts,
             stop: None,
             join: None,
+            _pg: pg,
         };
         h.launch(listener).await;
         h

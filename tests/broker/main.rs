@@ -5,6 +5,10 @@
 // Test code may unwrap and panic: a failure is the point.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+/// The store of every in-process broker the harness starts: redb here;
+/// `tests/broker_pg` runs some of these modules again on PostgreSQL.
+pub const ON_POSTGRES: bool = false;
+
 mod harness;
 
 mod auth;
