@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use leasehold::cli::{Cli, Command, ConfigCommand, KeygenCommand, LogFormat};
+use leasehold::cli::{Cli, Command, ConfigCommand, KeygenCommand, LogFormat, StoreCommand};
 use leasehold::clock::{Clock as _, SystemClock};
 
 /// glibc malloc took about a sixth of the broker's CPU under load (arena
@@ -131,6 +131,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Validate { file, offline },
         } => validate_config(&file, offline)?,
         Command::Keygen { command } => keygen(command)?,
+        Command::Store {
+            command: StoreCommand::Copy { from, to },
+        } => return copy_store(&from, &to),
         Command::Task { conn, command } => {
             return client(leasehold::cli::client::task(&conn, command));
         }
@@ -228,6 +231,27 @@ fn validate_config(file: &std::path::Path, offline: bool) -> anyhow::Result<()> 
         cfg.auth.operators.len()
     );
     Ok(())
+}
+
+/// `leasehold store copy`: the outcome as JSON; exit 1 when the target's
+/// chain does not verify.
+fn copy_store(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let (f, t) = (
+        leasehold::config::Config::load(from)?,
+        leasehold::config::Config::load(to)?,
+    );
+    let out = leasehold::server::copy_store(&f, &t)?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    if out.verify.ok {
+        eprintln!(
+            "copied {} rows from {} to {}; the chain verifies on the target",
+            out.rows, out.from, out.to
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("copied, but the chain does NOT verify on the target");
+        Ok(ExitCode::from(1))
+    }
 }
 
 /// `leasehold keygen`: write a new key of the kind asked for.

@@ -204,11 +204,20 @@ pub fn store_pg_options(
         advertise: pg.advertise.clone().unwrap_or_else(|| node.clone()),
         node,
         lease_period: pg.lease_period(),
+        passive: false,
     })
 }
 
 fn open_store(config: &Config) -> Result<Store, ServeError> {
     let key = load_key(config)?;
+    let store = Store::open(&store_options(config, false)?, &key)?;
+    drop(key);
+    Ok(store)
+}
+
+/// How to open the store a configuration names (`passive`: without joining
+/// a PostgreSQL store's cluster).
+fn store_options(config: &Config, passive: bool) -> Result<StoreOptions, ServeError> {
     #[allow(unused_mut)]
     let mut store_options = StoreOptions {
         cache_bytes: config.store.cache_mib.saturating_mul(1 << 20),
@@ -237,11 +246,69 @@ fn open_store(config: &Config) -> Result<Store, ServeError> {
     if let Some(pg) = &config.store.postgres
         && config.store.backend == crate::config::StoreBackend::Postgres
     {
-        store_options.postgres = Some(store_pg_options(pg)?);
+        let mut pg = store_pg_options(pg)?;
+        pg.passive = passive;
+        store_options.postgres = Some(pg);
     }
-    let store = Store::open(&store_options, &key)?;
+    Ok(store_options)
+}
+
+/// What `leasehold store copy` did.
+#[derive(Debug, serde::Serialize)]
+pub struct CopyOutcome {
+    pub from: String,
+    pub to: String,
+    pub rows: u64,
+    pub tables: std::collections::BTreeMap<&'static str, u64>,
+    pub verify: crate::audit::VerifyReport,
+}
+
+/// Copy a stopped broker's store (`from`'s) into the empty store `to`
+/// names, then verify the chain on the target. Both must use the same store
+/// key; no broker may be running on either (redb's lock refuses a running
+/// one; on PostgreSQL, a node seen recently does).
+pub fn copy_store(from: &Config, to: &Config) -> Result<CopyOutcome, ServeError> {
+    let (key, to_key) = (load_key(from)?, load_key(to)?);
+    if key.fingerprint() != to_key.fingerprint() {
+        return Err(ServeError::Store(crate::store::StoreError::WrongKey {
+            given: to_key.fingerprint(),
+            expected: key.fingerprint(),
+        }));
+    }
+    drop(to_key);
+    let source = Store::open(&store_options(from, true)?, &key)?;
+    refuse_running(&source)?;
+    let target = Store::open(&store_options(to, true)?, &key)?;
     drop(key);
-    Ok(store)
+    refuse_running(&target)?;
+    let report = crate::store::copy(&source, &target)?;
+    let trusted = std::fs::read(&to.audit.checkpoint_key_file)
+        .ok()
+        .and_then(|d| crate::audit::CheckpointKey::from_pkcs8(&d).ok())
+        .map(|k| k.public_key().to_vec());
+    let verify = crate::audit::query::verify_store(&*target.read()?, trusted)?;
+    Ok(CopyOutcome {
+        from: source.path().display().to_string(),
+        to: target.path().display().to_string(),
+        rows: report.total(),
+        tables: report.rows,
+        verify,
+    })
+}
+
+/// A PostgreSQL store with a broker seen within the last 30 s is in use.
+fn refuse_running(store: &Store) -> Result<(), ServeError> {
+    if let Some(view) = store.cluster()?
+        && let Some(n) = view.nodes.iter().find(|n| n.seen_ms_ago < 30_000)
+    {
+        return Err(ServeError::Recovery(format!(
+            "a broker is running on {} (node `{}` seen {} ms ago): stop every broker first",
+            store.path().display(),
+            n.node,
+            n.seen_ms_ago
+        )));
+    }
+    Ok(())
 }
 
 /// The configured providers (and any the tests add), the policy set, and

@@ -58,6 +58,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Work on a stopped broker's store.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
     /// Write the OpenAPI 3.1 document of the HTTP API (the one a running
     /// broker serves at /v1/openapi.json).
     Openapi {
@@ -359,6 +364,27 @@ pub enum EventsCommand {
         through: u64,
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Copy a stopped broker's store into a new, empty store, between redb
+    /// and PostgreSQL either way, then verify the chain on the target.
+    ///
+    /// Both configurations must name the same store key (records stay
+    /// sealed with it). The target must be empty; no broker may be running
+    /// on either store. Prints what was copied and the verification, as
+    /// JSON; exits 1 if the target's chain does not verify.
+    ///
+    /// Example: leasehold store copy --from redb.toml --to postgres.toml
+    Copy {
+        /// The configuration of the store to copy.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The configuration of the new store.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
     },
 }
 

@@ -65,6 +65,8 @@ pub enum StoreError {
     WrongKey { given: String, expected: String },
     #[error("this is not a leasehold store: {0}")]
     NotAStore(String),
+    #[error("the store {0} is not empty: copy only into a new store")]
+    NotEmpty(String),
     #[error(
         "the store has schema version {found}, newer than this build supports ({supported}); upgrade leasehold"
     )]

@@ -271,7 +271,7 @@ impl<'t, K: OrdKey, V: Value + 'static> Table<'t, K, V> {
 
 /// A table's name as a `'static` (PostgreSQL tables are `lh_<name>`, one
 /// per name in [`super::schema::TABLES`]).
-fn pg_name(name: &str) -> &'static str {
+pub(super) fn pg_name(name: &str) -> &'static str {
     super::schema::TABLES
         .iter()
         .find(|n| **n == name)

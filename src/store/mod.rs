@@ -23,6 +23,7 @@
 
 mod blocks;
 mod codec;
+mod copy;
 mod error;
 mod key;
 mod kv;
@@ -43,6 +44,7 @@ use std::sync::atomic::AtomicU64;
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use copy::{CopyReport, copy};
 pub use error::{Conflict, StoreError};
 pub use key::{KeyError, OpenError, Sealer, StoreKey};
 pub use lifecycle::{
@@ -161,12 +163,10 @@ trait Backend: Send + Sync {
     /// Wait until every queued job is done and the store is closed (its
     /// queue is closed first).
     fn close(&mut self);
-    /// The backend itself, for its own white-box tests.
-    #[cfg(test)]
+    /// The backend itself (its white-box tests; `copy`).
     fn as_any(&self) -> &dyn std::any::Any;
-    /// Its tables, read directly (tests).
-    #[cfg(test)]
-    fn raw(&self) -> kv::ReadSource;
+    /// Its tables, read directly (tests, `copy`).
+    fn raw(&self) -> Result<kv::ReadSource, StoreError>;
 }
 
 struct Inner {

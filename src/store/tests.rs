@@ -62,6 +62,7 @@ impl Backing {
                     node: node.into(),
                     advertise: format!("{node}.test:8443"),
                     lease_period: std::time::Duration::from_secs(lease_seconds),
+                    passive: false,
                 }),
                 ..StoreOptions::new("unused")
             },
@@ -1201,7 +1202,7 @@ type IndexEntries = Vec<(u128, u64)>;
 /// The task index, and what it should be: each task's first event in each
 /// block.
 fn task_index(s: &Store) -> (IndexEntries, IndexEntries) {
-    let r = s.inner.backend.raw();
+    let r = s.inner.backend.raw().unwrap();
     let idx = r.open(EVENT_TASKS).unwrap();
     let got = idx.iter().unwrap().map(|e| e.unwrap().0.value()).collect();
     let mut want = Vec::new();
@@ -1232,7 +1233,7 @@ async fn events_are_read_back_from_blocks_by_seq_and_by_task(store: Backing) {
     let n = all.len() as u64;
     assert_eq!(seqs(&all), (1..=n).collect::<Vec<_>>());
     let blocks = {
-        let r = s.inner.backend.raw();
+        let r = s.inner.backend.raw().unwrap();
         let t = r.open(EVENT_BLOCKS).unwrap();
         // none outgrows its allocation
         for e in t.iter().unwrap() {
@@ -1728,6 +1729,7 @@ async fn postgres_a_newer_schema_another_key_or_no_privilege_is_refused() {
                 node: "n".into(),
                 advertise: "n".into(),
                 lease_period: std::time::Duration::from_secs(3),
+                passive: false,
             }),
             ..StoreOptions::new("unused")
         },

@@ -79,20 +79,18 @@ impl Backend for RedbBackend {
         }
     }
 
-    #[cfg(test)]
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
 
-    #[cfg(test)]
-    fn raw(&self) -> ReadSource {
-        ReadSource::Redb(self.db.begin_read().unwrap_or_else(|e| panic!("{e}")))
+    fn raw(&self) -> Result<ReadSource, StoreError> {
+        Ok(ReadSource::Redb(self.db.begin_read()?))
     }
 }
 
 impl RedbBackend {
-    /// The database (the store's tests read its tables directly).
-    #[cfg(test)]
+    /// The database (the store's tests read its tables directly; `copy`
+    /// writes them).
     pub(super) fn db(&self) -> &Arc<Database> {
         &self.db
     }

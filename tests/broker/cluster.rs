@@ -661,3 +661,184 @@ async fn restarting_postgres_during_a_storm_is_503s_then_service_without_a_broke
     let ready = b.nodes[1].remote.get("", "/v1/ready").await;
     assert_eq!(ready["checks"]["store"], "ok", "{ready}");
 }
+
+fn leasehold(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_copy_moves_a_stopped_store_between_backends_and_refuses_a_non_empty_target() {
+    // a broker on redb, with tasks, leases and events; then stopped
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let addr = free_port();
+    let (redb_config, creds) = child_config(&data, addr, |_| {});
+    let (a, admin) = (
+        creds.identities["assistant-a"].token.clone(),
+        creds.identities["admin"].token.clone(),
+    );
+    let remote = Remote::new(addr);
+    let mut first = Child::spawn(&redb_config, addr, dir.path().join("redb.log"), "info");
+    first.wait_healthy(&remote.http).await;
+    let task = open_task(&remote, &a, 3600).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let l = lease(&remote, &a, &task, 600).await;
+        ids.push(
+            l["lease_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{l}"))
+                .to_owned(),
+        );
+    }
+    let revoked = remote
+        .post(&admin, &format!("/v1/leases/{}/revoke", ids[0]), None)
+        .await;
+    assert_eq!(revoked["state"], "revoked", "{revoked}");
+    let head = remote.get(&admin, "/v1/events/verify").await;
+    assert!(first.terminate().success());
+
+    // the same keys, the store in PostgreSQL
+    let pg = Cluster::start();
+    let conn = pg.provision_store().await;
+    let mut c = leasehold::config::Config::load(&redb_config).unwrap();
+    c.store.backend = StoreBackend::Postgres;
+    c.store.postgres = Some(store_section(&conn, "copy"));
+    let pg_config = data.join("pg.toml");
+    std::fs::write(&pg_config, c.to_toml().unwrap()).unwrap();
+
+    let out = leasehold(&[
+        "store".as_ref(),
+        "copy".as_ref(),
+        "--from".as_ref(),
+        redb_config.as_os_str(),
+        "--to".as_ref(),
+        pg_config.as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verify"]["ok"], true, "{report}");
+    // everything, plus what the broker recorded as it stopped
+    assert!(
+        report["verify"]["last_seq"].as_u64() >= head["last_seq"].as_u64(),
+        "{report}"
+    );
+    assert_eq!(report["tables"]["leases"], 5, "{report}");
+    // a second copy into the same database is refused, naming why
+    let again = leasehold(&[
+        "store".as_ref(),
+        "copy".as_ref(),
+        "--from".as_ref(),
+        redb_config.as_os_str(),
+        "--to".as_ref(),
+        pg_config.as_os_str(),
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("not empty"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // a broker on the copy serves the same leases and the same chain
+    let addr2 = free_port();
+    c.server.listen = addr2;
+    std::fs::write(&pg_config, c.to_toml().unwrap()).unwrap();
+    let remote2 = Remote::new(addr2);
+    let mut second = Child::spawn(&pg_config, addr2, dir.path().join("pg.log"), "info");
+    second.wait_healthy(&remote2.http).await;
+    assert_eq!(
+        remote2.get(&admin, &format!("/v1/leases/{}", ids[0])).await["state"],
+        "revoked"
+    );
+    assert_eq!(
+        remote2.get(&admin, &format!("/v1/leases/{}", ids[4])).await["state"],
+        "active"
+    );
+    let after = remote2.get(&admin, "/v1/events/verify").await;
+    assert_eq!(after["ok"], true, "{after}");
+    // while it runs, copying from it is refused
+    let back_config = data.join("back.toml");
+    let mut back = c.clone();
+    back.store.backend = StoreBackend::Redb;
+    back.store.postgres = None;
+    back.store.path = data.join("back.redb");
+    std::fs::write(&back_config, back.to_toml().unwrap()).unwrap();
+    let busy = leasehold(&[
+        "store".as_ref(),
+        "copy".as_ref(),
+        "--from".as_ref(),
+        pg_config.as_os_str(),
+        "--to".as_ref(),
+        back_config.as_os_str(),
+    ]);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("is running"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    assert!(second.terminate().success());
+
+    // and back to a new redb file, which verifies offline
+    let out = leasehold(&[
+        "store".as_ref(),
+        "copy".as_ref(),
+        "--from".as_ref(),
+        pg_config.as_os_str(),
+        "--to".as_ref(),
+        back_config.as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let verify = leasehold(&[
+        "events".as_ref(),
+        "verify".as_ref(),
+        "--store".as_ref(),
+        data.join("back.redb").as_os_str(),
+    ]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // another key than the source's is refused before anything is written
+    let other_key = data.join("other.key");
+    std::fs::write(&other_key, "11".repeat(32)).unwrap();
+    let mut other = back.clone();
+    other.store.path = data.join("other.redb");
+    other.store.key_file = Some(other_key);
+    let other_config = data.join("other.toml");
+    std::fs::write(&other_config, other.to_toml().unwrap()).unwrap();
+    let wrong = leasehold(&[
+        "store".as_ref(),
+        "copy".as_ref(),
+        "--from".as_ref(),
+        pg_config.as_os_str(),
+        "--to".as_ref(),
+        other_config.as_os_str(),
+    ]);
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("does not match"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+    assert!(
+        !data.join("other.redb").exists(),
+        "a refused copy created the target"
+    );
+}

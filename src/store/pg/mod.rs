@@ -50,6 +50,9 @@ pub struct PgOptions {
     pub advertise: String,
     /// How long a leader's lease lasts without renewal.
     pub lease_period: Duration,
+    /// Open without joining the cluster (no election, no node entry): for
+    /// tools working on a stopped cluster's store (`store copy`).
+    pub passive: bool,
 }
 
 /// The database's runtime, shut down without waiting when dropped (it may
@@ -128,19 +131,20 @@ impl Backend for PgBackend {
         }
     }
 
-    #[cfg(test)]
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
 
-    #[cfg(test)]
-    fn raw(&self) -> ReadSource {
-        let s = Session::reader(self.db.clone()).unwrap_or_else(|e| panic!("{e}"));
-        ReadSource::Pg(Arc::new(s))
+    fn raw(&self) -> Result<ReadSource, StoreError> {
+        Ok(ReadSource::Pg(Arc::new(Session::reader(self.db.clone())?)))
     }
 }
 
 impl PgBackend {
+    pub(super) fn db(&self) -> &Arc<Db> {
+        &self.db
+    }
+
     /// Run SQL on a fresh connection (tests look at the tables directly).
     #[cfg(test)]
     pub(super) fn sql(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>, StoreError> {
@@ -183,13 +187,17 @@ pub(super) fn open(
     let stats = Arc::new(CommitStats::default());
     let leadership = Leadership::default();
     let (changes, _) = tokio::sync::broadcast::channel(64);
-    let elector = cluster::Elector::start(
-        db.clone(),
-        pg.clone(),
-        leadership.clone(),
-        healthy.clone(),
-        changes.clone(),
-    )?;
+    let elector = if pg.passive {
+        None
+    } else {
+        Some(cluster::Elector::start(
+            db.clone(),
+            pg.clone(),
+            leadership.clone(),
+            healthy.clone(),
+            changes.clone(),
+        )?)
+    };
     let (sender, rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
     let writer = {
         let db = db.clone();
@@ -209,7 +217,7 @@ pub(super) fn open(
             db,
             rt,
             writer: Some(writer),
-            cluster: Some(elector),
+            cluster: elector,
             leadership,
             changes,
             healthy,

@@ -306,6 +306,26 @@ impl Session {
         })
     }
 
+    /// Begin, commit or roll back this session's transaction (a writer
+    /// session outside the writer thread: `copy`).
+    pub(in crate::store) fn begin(&self) -> Result<(), StoreError> {
+        self.run("BEGIN")
+    }
+
+    pub(in crate::store) fn commit(&self) -> Result<(), StoreError> {
+        self.run("COMMIT")
+    }
+
+    pub(in crate::store) fn rollback(&self) -> Result<(), StoreError> {
+        self.run("ROLLBACK")
+    }
+
+    fn run(&self, sql: &'static str) -> Result<(), StoreError> {
+        let conn = self.conn.clone();
+        self.db
+            .block(async move { conn.batch(sql).await.map_err(|e| pg_err(&e)) })
+    }
+
     pub(in crate::store) fn with_node(mut self, node: &str) -> Self {
         node.clone_into(&mut self.node);
         self
