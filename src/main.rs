@@ -220,6 +220,9 @@ fn validate_config(file: &std::path::Path, offline: bool) -> anyhow::Result<()> 
     let cfg = leasehold::config::Config::load(file)?;
     leasehold::preflight::check_files(&cfg)?;
     if !offline {
+        if let Some(found) = leasehold::server::check_store(&cfg)? {
+            println!("{found}");
+        }
         let rt = runtime()?;
         rt.block_on(leasehold::providers::dry_run(&cfg))?;
     }

@@ -129,6 +129,47 @@ fn describe() {
         "leasehold_provider_orphans",
         "Credentials at a provider's peer that no live lease accounts for, at the last periodic reconciliation."
     );
+    describe_gauge!(
+        "leasehold_cluster_leader",
+        "1 while this broker leads (expiry, revocation, jobs, checkpoints run here); a single broker always does."
+    );
+    describe_counter!(
+        "leasehold_cluster_leadership_changes_total",
+        "Times this broker gained or lost the leadership."
+    );
+    describe_gauge!(
+        "leasehold_cluster_lease_renewal_age_seconds",
+        Unit::Seconds,
+        "Time since this broker's last election round reached the database (a leader steps down at 80% of the lease period)."
+    );
+    describe_gauge!(
+        "leasehold_cluster_election_round_seconds",
+        Unit::Seconds,
+        "Round trip of the last election round (heartbeat and lease renewal)."
+    );
+    describe_gauge!(
+        "leasehold_store_pool_connections",
+        "The PostgreSQL store's connections for reads, by state (open, idle)."
+    );
+}
+
+/// The cluster's gauges, at scrape time.
+pub fn cluster(
+    leader: bool,
+    changes: u64,
+    round: Option<(f64, f64)>,
+    pool: Option<(usize, usize)>,
+) {
+    gauge!("leasehold_cluster_leader").set(if leader { 1.0 } else { 0.0 });
+    metrics::counter!("leasehold_cluster_leadership_changes_total").absolute(changes);
+    if let Some((age, took)) = round {
+        gauge!("leasehold_cluster_lease_renewal_age_seconds").set(age);
+        gauge!("leasehold_cluster_election_round_seconds").set(took);
+    }
+    if let Some((open, idle)) = pool {
+        gauge!("leasehold_store_pool_connections", "state" => "open").set(open as f64);
+        gauge!("leasehold_store_pool_connections", "state" => "idle").set(idle as f64);
+    }
 }
 
 /// The handles of one (route, method, status) series.

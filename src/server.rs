@@ -113,6 +113,10 @@ pub async fn run_with(
     crate::preflight::check_files(&config)?;
     let store = open_store(&config)?;
     let broker = Arc::new(build_broker(&config, store, clock.clone(), overrides)?);
+    broker
+        .agree_on_token_keys()
+        .await
+        .map_err(|e| ServeError::Recovery(e.to_string()))?;
     let recovered = recover_and_announce(&broker).await?;
     let auth = Arc::new(Authenticator::new(&config.auth, clock.clone()).map_err(ServeError::Auth)?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -251,6 +255,13 @@ fn store_options(config: &Config, passive: bool) -> Result<StoreOptions, ServeEr
         store_options.postgres = Some(pg);
     }
     Ok(store_options)
+}
+
+/// `config validate`'s store check (PostgreSQL: reachable, privileges,
+/// schema, key), reading only. `None` for redb (its checks are the files').
+pub fn check_store(config: &Config) -> Result<Option<String>, ServeError> {
+    let key = load_key(config)?;
+    Ok(Store::check(&store_options(config, true)?, &key)?)
 }
 
 /// What `leasehold store copy` did.

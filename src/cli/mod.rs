@@ -391,10 +391,13 @@ pub enum StoreCommand {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Parse and validate a configuration, and check every file it names;
-    /// exactly the checks `serve` runs before it binds. Then, where the
-    /// database is reachable, dry-run every PostgreSQL role template in a
-    /// transaction that is rolled back (an unreachable database is a note,
-    /// not a failure: the health check runs the same dry run).
+    /// exactly the checks `serve` runs before it binds. With the store in
+    /// PostgreSQL, reach it and check (reading only) what a start would
+    /// refuse: credentials, TLS, privileges, a newer schema, another store
+    /// key. Then, where the database is reachable, dry-run every PostgreSQL
+    /// provider's role template in a transaction that is rolled back (an
+    /// unreachable provider database is a note, not a failure: the health
+    /// check runs the same dry run).
     Validate {
         #[arg(value_name = "FILE")]
         file: PathBuf,

@@ -20,6 +20,9 @@ use crate::config::OperatorRole;
 use crate::domain::{Broker, BrokerError};
 use crate::store::{ClusterView, Leadership};
 
+/// Another node seen this recently is running.
+const OTHER_NODE_RECENT_MS: i64 = 30_000;
+
 /// How often a leader looks for revocation jobs another node started.
 const JOB_POLL: Duration = Duration::from_millis(200);
 
@@ -66,6 +69,45 @@ impl Broker {
             });
         }
         Ok(self.store.cluster()?)
+    }
+
+    /// Start-up: every node of a cluster must sign tokens with the same keys
+    /// (a token one node issues is introspected and revoked on any other).
+    /// The first node records the keys' fingerprint; a node whose keys
+    /// differ is refused while another node runs. With no other node
+    /// running (a full restart, e.g. to rotate the key), the new keys are
+    /// recorded. A single broker records its keys and goes on.
+    pub async fn agree_on_token_keys(&self) -> Result<(), BrokerError> {
+        let mut keys: Vec<String> = self
+            .providers
+            .tokens()
+            .map(|t| t.jwks().to_string())
+            .collect();
+        keys.sort();
+        let fp = crate::hex::encode(&crate::audit::sha256(keys.join("\n").as_bytes()));
+        let alone = match self.store.cluster()? {
+            None => true,
+            Some(view) => !view
+                .nodes
+                .iter()
+                .any(|n| n.node != view.this_node && n.seen_ms_ago < OTHER_NODE_RECENT_MS),
+        };
+        let value = fp.clone().into_bytes();
+        let stored = self
+            .store
+            .write(move |t| t.agree("token_keys", &value, alone))
+            .await?;
+        match stored {
+            None => Ok(()),
+            Some(other) => Err(BrokerError::conflict(
+                "token_keys_differ",
+                format!(
+                    "this broker's token signing keys (fingerprint {}) differ from the running cluster's ({}): tokens it issued would not verify on the other nodes; give every node the same token keys",
+                    &fp[..16],
+                    String::from_utf8_lossy(&other).get(..16).unwrap_or("?")
+                ),
+            )),
+        }
     }
 
     /// Where the store lives, for logs (a file, or `postgres://host:port/db`).

@@ -58,6 +58,13 @@ impl Broker {
             .count();
         gauge!("leasehold_revocation_jobs_running").set(running as f64);
         drop(r);
+        let leadership = self.store.leadership();
+        crate::metrics::cluster(
+            leadership.epoch().is_some(),
+            leadership.transitions(),
+            leadership.last_round(),
+            self.store.pool(),
+        );
         handle.run_upkeep();
         Ok(handle.render())
     }

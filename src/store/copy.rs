@@ -74,7 +74,7 @@ fn table<K: OrdKey, V: Value + 'static>(
                     V::as_bytes(&v.value()).as_ref().to_vec(),
                 );
                 n += 1;
-                if n % FLUSH_EVERY == 0 {
+                if n.is_multiple_of(FLUSH_EVERY) {
                     s.flush_all()?;
                 }
             }

@@ -156,6 +156,10 @@ trait Backend: Send + Sync {
     fn cluster(&self) -> Result<Option<ClusterView>, StoreError> {
         Ok(None)
     }
+    /// Database connections for reads: open, idle (`None`: no pool).
+    fn pool(&self) -> Option<(usize, usize)> {
+        None
+    }
     /// What other nodes announce (`None`: a single broker).
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         None
@@ -222,6 +226,16 @@ impl Store {
         })
     }
 
+    /// What `config validate` can know about a store without writing: for
+    /// PostgreSQL, reach it and check privileges, schema version and key.
+    /// `None`: nothing to check beyond the files (redb).
+    pub fn check(opts: &StoreOptions, key: &StoreKey) -> Result<Option<String>, StoreError> {
+        match &opts.postgres {
+            Some(pg) => pg::check(pg, key).map(Some),
+            None => Ok(None),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         self.inner.backend.location()
     }
@@ -249,6 +263,11 @@ impl Store {
     /// may have been missed. `None` for a single broker.
     pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         self.inner.backend.changes()
+    }
+
+    /// The database connections for reads: open, idle (PostgreSQL).
+    pub fn pool(&self) -> Option<(usize, usize)> {
+        self.inner.backend.pool()
     }
 
     /// The cluster (nodes, leader, epoch), or `None` for a single broker.

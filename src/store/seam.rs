@@ -269,6 +269,16 @@ pub trait ClusterWrites {
     /// the policy), once this transaction commits. A single broker has no
     /// one to tell.
     fn announce(&mut self, what: &str) -> Result<(), StoreError>;
+
+    /// Agree on a store-wide setting (e.g. the token signing keys every
+    /// node must share): stored when absent (or when `replace`); if another
+    /// value is stored, it is returned and nothing is written.
+    fn agree(
+        &mut self,
+        name: &str,
+        value: &[u8],
+        replace: bool,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 /// A write transaction: every aggregate's operations. `Store::write` runs

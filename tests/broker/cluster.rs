@@ -25,6 +25,7 @@ struct Node {
 struct Brokers {
     // dropped after the nodes: the database outlives them
     nodes: Vec<Node>,
+    configs: Vec<PathBuf>,
     creds: DevCredentials,
     policy_dir: PathBuf,
     _dir: tempfile::TempDir,
@@ -70,6 +71,7 @@ impl Brokers {
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         let (configs, creds) = node_configs(&data, &conn, n);
+        let files = configs.iter().map(|c| c.2.clone()).collect();
         let mut nodes = Vec::new();
         for (name, addr, config) in configs {
             let log = dir.path().join(format!("{name}.log"));
@@ -84,11 +86,16 @@ impl Brokers {
         }
         Self {
             nodes,
+            configs: files,
             creds,
             policy_dir: data.join("policies"),
             _dir: dir,
             _pg: pg,
         }
+    }
+
+    fn config_of(&self, i: usize) -> PathBuf {
+        self.configs[i].clone()
     }
 
     fn token(&self, who: &str) -> String {
@@ -180,6 +187,37 @@ async fn any_node_serves_any_request_and_fences_and_policy_reach_every_node() {
     assert_eq!(view["nodes"].as_array().unwrap().len(), 3, "{view}");
     let ready = n2.get("", "/v1/ready").await;
     assert_eq!(ready["checks"]["store"], "ok", "{ready}");
+    // exactly one node says it leads, in its metrics too
+    let mut leaders = 0;
+    for n in [n0, n1, n2] {
+        let text = n
+            .http
+            .get(format!("{}/metrics", n.base))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+        };
+        leaders += value("leasehold_cluster_leader ") as u32;
+        assert!(
+            value("leasehold_cluster_lease_renewal_age_seconds ") < 3.0,
+            "{text}"
+        );
+        assert!(
+            value("leasehold_store_pool_connections{state=\"open\"}") >= 1.0,
+            "{text}"
+        );
+    }
+    assert_eq!(leaders, 1);
     assert!(
         ["leader", "follower"].contains(&ready["role"].as_str().unwrap()),
         "{ready}"
@@ -841,4 +879,176 @@ async fn store_copy_moves_a_stopped_store_between_backends_and_refuses_a_non_emp
         !data.join("other.redb").exists(),
         "a refused copy created the target"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_validate_checks_the_store_database_and_writes_nothing() {
+    let pg = Cluster::start();
+    let conn = pg.provision_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (configs, _) = node_configs(dir.path(), &conn, 1);
+    let file = configs[0].2.clone();
+    let validate = |f: &Path| {
+        leasehold(&[
+            "config".as_ref(),
+            "validate".as_ref(),
+            "--offline".as_ref(),
+            f.as_os_str(),
+        ])
+    };
+    let online = |f: &Path| leasehold(&["config".as_ref(), "validate".as_ref(), f.as_os_str()]);
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert!(validate(&file).status.success());
+    let out = online(&file);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("no leasehold schema yet"),
+        "{}",
+        text(&out)
+    );
+
+    let base = leasehold::config::Config::load(&file).unwrap();
+    let variant = |name: &str, f: &dyn Fn(&mut leasehold::config::Config)| {
+        let mut c = base.clone();
+        f(&mut c);
+        let p = dir.path().join(name);
+        std::fs::write(&p, c.to_toml().unwrap()).unwrap();
+        p
+    };
+    // a wrong password, a role that may not create tables: named
+    let bad_pw = dir.path().join("bad.pw");
+    std::fs::write(&bad_pw, "nope").unwrap();
+    let wrong = variant("wrong.toml", &|c| {
+        c.store.postgres.as_mut().unwrap().password_file = Some(bad_pw.clone());
+    });
+    let out = online(&wrong);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("leasehold_store"), "{}", text(&out));
+    let su = pg.superuser("postgres").await;
+    su.batch_execute("CREATE ROLE weak LOGIN PASSWORD 'weakweak'")
+        .await
+        .unwrap();
+    su.batch_execute("CREATE DATABASE weakdb").await.unwrap();
+    let weak_pw = dir.path().join("weak.pw");
+    std::fs::write(&weak_pw, "weakweak").unwrap();
+    let weak = variant("weak.toml", &|c| {
+        let p = c.store.postgres.as_mut().unwrap();
+        p.user = Some("weak".into());
+        p.database = Some("weakdb".into());
+        p.password_file = Some(weak_pw.clone());
+    });
+    let out = online(&weak);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("may not create tables"),
+        "{}",
+        text(&out)
+    );
+    let db = pg.superuser("leasehold").await;
+    let tables = |db: tokio_postgres::Client| async move {
+        db.query(
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'lh\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()[0]
+            .get::<_, i64>(0)
+    };
+    assert_eq!(tables(db).await, 0, "validation wrote to the database");
+
+    // once a broker made the store: another key, a newer schema
+    let addr = configs[0].1;
+    let remote = Remote::new(addr);
+    let mut node = Child::spawn(&file, addr, dir.path().join("n.log"), "info");
+    node.wait_healthy(&remote.http).await;
+    assert!(node.terminate().success());
+    let out = online(&file);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("the store key matches"),
+        "{}",
+        text(&out)
+    );
+    let other_key = dir.path().join("other.key");
+    std::fs::write(&other_key, "22".repeat(32)).unwrap();
+    let other = variant("other.toml", &|c| {
+        c.store.key_file = Some(other_key.clone())
+    });
+    let out = online(&other);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("does not match"), "{}", text(&out));
+    let db = pg.superuser("leasehold").await;
+    db.batch_execute(
+        "UPDATE lh_meta SET v = '\\x000000ff'::bytea WHERE rk = 'schema_version'::bytea",
+    )
+    .await
+    .unwrap();
+    let out = online(&file);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("newer than this build"),
+        "{}",
+        text(&out)
+    );
+    // and serve refuses it the same way
+    let mut refused = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["serve", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    refused.stderr.extend_from_slice(&refused.stdout);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("newer than this build"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_other_token_keys_is_refused_while_the_cluster_runs() {
+    let b = Brokers::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    // node-0's configuration, with another token signing key
+    let key = dir.path().join("other-token.key");
+    std::fs::write(
+        &key,
+        leasehold_provider_token::generate_signing_key().unwrap(),
+    )
+    .unwrap();
+    let first = b.nodes[0]
+        .remote
+        .base
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut c = leasehold::config::Config::load(&b.config_of(0)).unwrap();
+    assert_eq!(c.server.listen.to_string(), first);
+    let addr = free_port();
+    c.server.listen = addr;
+    let pg = c.store.postgres.as_mut().unwrap();
+    pg.node = Some("node-x".into());
+    c.providers
+        .get_mut("token")
+        .unwrap()
+        .get_mut::<leasehold_provider_token::TokenProviderConfig>()
+        .unwrap()
+        .signing_key_file = key;
+    let file = dir.path().join("x.toml");
+    std::fs::write(&file, c.to_toml().unwrap()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["serve", "-c"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("token signing keys"), "{err}");
+    // the cluster goes on
+    let view = b.nodes[0]
+        .remote
+        .get(&b.token("admin"), "/v1/cluster")
+        .await;
+    assert_eq!(view["nodes"].as_array().unwrap().len(), 1, "{view}");
 }

@@ -73,6 +73,9 @@ pub struct Leadership {
     changes: watch::Sender<Option<u64>>,
     single: bool,
     transitions: Arc<std::sync::atomic::AtomicU64>,
+    /// The last election round that reached the database: when, and how
+    /// long its round trip took.
+    round: Arc<Mutex<Option<(Instant, Duration)>>>,
 }
 
 impl std::fmt::Debug for Leadership {
@@ -91,6 +94,7 @@ impl Default for Leadership {
             changes: watch::channel(None).0,
             single: false,
             transitions: Arc::default(),
+            round: Arc::default(),
         }
     }
 }
@@ -103,6 +107,7 @@ impl Leadership {
             changes: watch::channel(Some(0)).0,
             single: true,
             transitions: Arc::default(),
+            round: Arc::default(),
         }
     }
 
@@ -131,6 +136,19 @@ impl Leadership {
     /// Leadership changes seen by this node (gained or lost).
     pub fn transitions(&self) -> u64 {
         self.transitions.load(Ordering::Relaxed)
+    }
+
+    /// Seconds since the last election round reached the database (the
+    /// leader's renewal lag), and that round's duration. `None` for a
+    /// single broker, or before the first round.
+    pub fn last_round(&self) -> Option<(f64, f64)> {
+        let r = self.round.lock().unwrap_or_else(|e| e.into_inner());
+        r.map(|(at, took)| (at.elapsed().as_secs_f64(), took.as_secs_f64()))
+    }
+
+    fn round_done(&self, sent: Instant) {
+        let mut r = self.round.lock().unwrap_or_else(|e| e.into_inner());
+        *r = Some((Instant::now(), sent.elapsed()));
     }
 
     fn set(&self, epoch: Option<u64>, until: Instant) {
@@ -175,6 +193,8 @@ pub struct NodeView {
 /// The cluster as the database sees it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ClusterView {
+    /// The node that asked.
+    pub this_node: String,
     pub leader: Option<String>,
     pub epoch: Option<i64>,
     pub lease_ends_at: Option<String>,
@@ -289,6 +309,7 @@ async fn elect(
             Ok(Ok(epoch)) => {
                 first = false;
                 healthy.store(true, Ordering::Relaxed);
+                leadership.round_done(sent);
                 leadership.set(epoch, sent + period.mul_f64(0.8));
             }
             Ok(Err(e)) => {
@@ -343,7 +364,7 @@ async fn campaign(c: &Conn, opts: &PgOptions, first: bool) -> Result<Option<u64>
 }
 
 /// The cluster as the database sees it now.
-pub(super) async fn view(c: &Conn) -> Result<ClusterView, StoreError> {
+pub(super) async fn view(c: &Conn, this_node: String) -> Result<ClusterView, StoreError> {
     let e = |e: tokio_postgres::Error| pg_err(&e);
     let leader = c
         .query(
@@ -368,6 +389,7 @@ pub(super) async fn view(c: &Conn) -> Result<ClusterView, StoreError> {
         .await
         .map_err(e)?;
     Ok(ClusterView {
+        this_node,
         leader: current.clone(),
         epoch: leader.map(|r| r.get(1)),
         lease_ends_at: leader.map(|r| r.get(2)),

@@ -33,7 +33,7 @@ pub(super) use session::{Range, Session, Table};
 use super::kv::{ReadSource, ord_of};
 use super::lifecycle::ChainHead;
 use super::reader::KvReader;
-use super::schema::{self, TABLES};
+use super::schema::{self, SCHEMA_VERSION, TABLES};
 use super::seam::Reader;
 use super::{Backend, CommitStats, Job, QUEUE_DEPTH, Sealer, StoreError, StoreKey, StoreOptions};
 use session::{Conn, Db, Param, pg_err};
@@ -75,6 +75,7 @@ pub(super) struct PgBackend {
     cluster: Option<cluster::Elector>,
     leadership: Leadership,
     changes: tokio::sync::broadcast::Sender<String>,
+    node: String,
     healthy: Arc<AtomicBool>,
     stats: Arc<CommitStats>,
     sealer: Sealer,
@@ -109,13 +110,18 @@ impl Backend for PgBackend {
         self.leadership.clone()
     }
 
+    fn pool(&self) -> Option<(usize, usize)> {
+        Some(self.db.pool_stats())
+    }
+
     fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         Some(self.changes.subscribe())
     }
 
     fn cluster(&self) -> Result<Option<ClusterView>, StoreError> {
+        let node = self.node.clone();
         self.db
-            .pooled(|c| async move { cluster::view(&c).await })
+            .pooled(|c| async move { cluster::view(&c, node).await })
             .map(Some)
     }
 
@@ -220,6 +226,7 @@ pub(super) fn open(
             cluster: elector,
             leadership,
             changes,
+            node: pg.node.clone(),
             healthy,
             stats,
             sealer,
@@ -227,6 +234,133 @@ pub(super) fn open(
         }),
         sender,
     ))
+}
+
+/// `config validate`: reach the database, and check (reading only) what a
+/// start would refuse: credentials, TLS, the privileges the store needs, a
+/// schema from a newer build, another store key. Returns what it found.
+pub fn check(pg: &PgOptions, key: &StoreKey) -> Result<String, StoreError> {
+    let rt = Runtime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Io(format!("cannot start a runtime: {e}")))?,
+    ));
+    let handle =
+        rt.0.as_ref()
+            .map(|r| r.handle().clone())
+            .ok_or(StoreError::Closed)?;
+    let connector = leasehold_provider_postgres::Pool::new(pg.connection.clone())
+        .map_err(|e| StoreError::Io(format!("store PostgreSQL connection: {e}")))?;
+    let db = Arc::new(Db::new(handle, Arc::new(connector), 1));
+    let conn = db.connect()?;
+    let name = db.name.clone();
+    let found = db.block(async move { inspect(&conn).await })?;
+    match found {
+        None => Ok(format!(
+            "store postgres://{name}: reachable, no leasehold schema yet (the first broker creates it)"
+        )),
+        Some(stamp) => {
+            if stamp.version > SCHEMA_VERSION {
+                return Err(StoreError::NewerSchema {
+                    found: stamp.version,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            if !schema::key_matches(&Sealer::new(key), stamp.check.as_deref()) {
+                return Err(StoreError::WrongKey {
+                    given: key.fingerprint(),
+                    expected: stamp.fingerprint,
+                });
+            }
+            Ok(format!(
+                "store postgres://{name}: reachable, schema {}, the store key matches",
+                stamp.version
+            ))
+        }
+    }
+}
+
+/// The stamp of an existing store (`None`: no schema yet), after checking
+/// the privileges a broker needs; writes nothing.
+async fn inspect(conn: &Conn) -> Result<Option<Stamp>, StoreError> {
+    let e = |e: tokio_postgres::Error| pg_err(&e);
+    let exists = conn
+        .query(
+            "SELECT to_regclass('lh_meta') IS NOT NULL, current_schema()::text, current_user::text",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    let row = exists
+        .first()
+        .ok_or_else(|| StoreError::Corrupt("no answer".into()))?;
+    let (exists, schema, user): (bool, Option<String>, String) =
+        (row.get(0), row.get(1), row.get(2));
+    if !exists {
+        let schema = schema.ok_or_else(|| {
+            StoreError::Io(format!(
+                "role `{user}` has no schema to create tables in (search_path)"
+            ))
+        })?;
+        let can = conn
+            .query(
+                "SELECT has_schema_privilege($1, 'CREATE')",
+                &[Box::new(schema.clone())],
+            )
+            .await
+            .map_err(e)?;
+        if !can.first().is_some_and(|r| r.get::<_, bool>(0)) {
+            return Err(StoreError::Io(format!(
+                "role `{user}` may not create tables in schema `{schema}`: grant it CREATE there (or create the store as its owner)"
+            )));
+        }
+        return Ok(None);
+    }
+    let mut tables: Vec<String> = TABLES.iter().map(|t| format!("lh_{t}")).collect();
+    tables.extend(["lh_leader".into(), "lh_nodes".into()]);
+    let missing = conn
+        .query(
+            "SELECT t FROM unnest($1::text[]) AS t \
+             WHERE to_regclass(t) IS NULL OR NOT has_table_privilege(t, 'SELECT, INSERT, UPDATE, DELETE')",
+            &[Box::new(tables)],
+        )
+        .await
+        .map_err(e)?;
+    if !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(|r| r.get(0)).collect();
+        return Err(StoreError::Io(format!(
+            "role `{user}` may not read and write {} (missing, or without SELECT, INSERT, UPDATE, DELETE)",
+            names.join(", ")
+        )));
+    }
+    let sql = "SELECT v FROM lh_meta WHERE k = $1";
+    let get = |rows: Vec<tokio_postgres::Row>| rows.first().map(|r| r.get::<_, Vec<u8>>(0));
+    let version = get(conn
+        .query(sql, &[bytes(meta_key("schema_version"))])
+        .await
+        .map_err(e)?)
+    .ok_or_else(|| StoreError::NotAStore("lh_meta holds no schema version".into()))?;
+    let b: [u8; 4] = version
+        .as_slice()
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("meta `schema_version` is not a u32".into()))?;
+    let check = get(conn
+        .query(sql, &[bytes(meta_key("key_check"))])
+        .await
+        .map_err(e)?);
+    let fp = get(conn
+        .query(sql, &[bytes(meta_key("key_fingerprint"))])
+        .await
+        .map_err(e)?);
+    Ok(Some(Stamp {
+        version: u32::from_be_bytes(b),
+        check,
+        fingerprint: fp
+            .map(|f| String::from_utf8_lossy(&f).into_owned())
+            .unwrap_or_default(),
+    }))
 }
 
 /// Serializes the first start of several nodes on an empty database.

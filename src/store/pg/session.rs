@@ -153,6 +153,13 @@ impl Db {
         .map(|c| Arc::new(Conn::new(c)))
     }
 
+    /// Readers' connections: open, and idle among them.
+    pub(in crate::store) fn pool_stats(&self) -> (usize, usize) {
+        let open = self.open.lock().map(|o| *o).unwrap_or(0);
+        let idle = self.idle.lock().map(|i| i.len()).unwrap_or(0);
+        (open, idle)
+    }
+
     pub(in crate::store) fn rt(&self) -> &tokio::runtime::Handle {
         &self.rt
     }

@@ -135,6 +135,25 @@ impl ClusterWrites for KvTxn<'_> {
             None => Ok(()),
         }
     }
+
+    fn agree(
+        &mut self,
+        name: &str,
+        value: &[u8],
+        replace: bool,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = format!("agreed:{name}");
+        let stored = self.meta.get(key.as_str())?.map(|g| g.value().to_vec());
+        match stored {
+            Some(s) if s == value => Ok(None),
+            Some(s) if !replace => Ok(Some(s)),
+            _ => {
+                let r = self.meta.insert(key.as_str(), value);
+                self.w(r)?;
+                Ok(None)
+            }
+        }
+    }
 }
 
 impl<'t> KvTxn<'t> {
