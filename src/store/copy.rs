@@ -164,7 +164,7 @@ pub fn copy(from: &Store, to: &Store) -> Result<CopyReport, StoreError> {
     if let Some(b) = target.downcast_ref::<PgBackend>() {
         let db = b.db().clone();
         let conn = db.connect()?;
-        let session = Arc::new(pg::Session::writer(db.clone(), conn.clone()));
+        let session = Arc::new(pg::Session::writer(db.clone(), conn.clone(), None));
         session.begin()?;
         let report = all_tables(&src, &Sink::Pg(session.clone())).and_then(|r| {
             session.flush_all()?;

@@ -131,6 +131,21 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         samples: usize,
     },
+    /// Issue 27's figures: task cycles per second on 1 broker on redb, 1 on
+    /// PostgreSQL and 3 on one PostgreSQL (fresh throwaway clusters, fsync
+    /// on, clients spread over the brokers), then failover: kill -9 of the
+    /// leader to the first expiry the new leader does, median of several.
+    Ha {
+        #[arg(long, default_value_t = 64, value_parser = at_least_one())]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Leaders killed, one after another.
+        #[arg(long, default_value_t = 5)]
+        failovers: usize,
+    },
     /// Issue 5's figures against a local PostgreSQL (a throwaway cluster,
     /// fsync on): leases issued per second by 16 concurrent clients, and
     /// the time one mass revocation takes to revoke them all (sessions
@@ -274,14 +289,15 @@ fn cpu_seconds_of(path: &str) -> f64 {
 }
 
 /// One measuring round: the rate of `done` over `seconds`, and the CPU time
-/// the broker and this process spent per unit done (us).
-async fn measure_round(server: &Server, done: &AtomicU64, seconds: u64) -> (f64, f64, f64) {
+/// the brokers and this process spent per unit done (us).
+async fn measure_round(servers: &[Server], done: &AtomicU64, seconds: u64) -> (f64, f64, f64) {
+    let cpu = || servers.iter().map(Server::cpu_seconds).sum::<f64>();
     let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
-    let (s0, c0) = (server.cpu_seconds(), cpu_seconds_of("/proc/self/stat"));
+    let (s0, c0) = (cpu(), cpu_seconds_of("/proc/self/stat"));
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let n = (done.load(Ordering::Relaxed) - n0) as f64;
     let rate = n / t0.elapsed().as_secs_f64();
-    let s_us = (server.cpu_seconds() - s0) * 1e6 / n.max(1.0);
+    let s_us = (cpu() - s0) * 1e6 / n.max(1.0);
     let c_us = (cpu_seconds_of("/proc/self/stat") - c0) * 1e6 / n.max(1.0);
     (rate, s_us, c_us)
 }
@@ -480,7 +496,6 @@ async fn run_load(
     seconds: u64,
     rounds: usize,
 ) -> anyhow::Result<Load> {
-    let per_task = per_task.max(1);
     let dir = bench_dir()?;
     let addr = free_addr()?;
     let (config, creds) = setup(dir.path(), addr, false)?;
@@ -496,6 +511,43 @@ async fn run_load(
     let base = format!("http://{addr}");
     let http = client(clients)?;
     wait_ready(&http, &base, &mut server).await?;
+    let label = if no_events {
+        "no-op sink"
+    } else {
+        "event chain"
+    };
+    let servers = [server];
+    let load = drive(
+        &[addr],
+        &servers,
+        &creds,
+        clients,
+        per_task,
+        seconds,
+        rounds,
+        label,
+    )
+    .await?;
+    let [server] = servers;
+    server.stop()?;
+    Ok(load)
+}
+
+/// `clients` task cycles (open, lease x `per_task`, complete) spread over
+/// the brokers at `addrs`, warmed up, then `rounds` windows measured; the
+/// store's counters are read from the first broker.
+#[allow(clippy::too_many_arguments)]
+async fn drive(
+    addrs: &[std::net::SocketAddr],
+    servers: &[Server],
+    creds: &DevCredentials,
+    clients: usize,
+    per_task: usize,
+    seconds: u64,
+    rounds: usize,
+    label: &str,
+) -> anyhow::Result<Load> {
+    let per_task = per_task.max(1);
     let tokens = [
         creds.identities["assistant-a"].token.clone(),
         creds.identities["assistant-b"].token.clone(),
@@ -505,6 +557,7 @@ async fn run_load(
     let mut tasks = Vec::new();
     for i in 0..clients {
         let (token, done, stop) = (tokens[i % 2].clone(), done.clone(), stop.clone());
+        let addr = addrs[i % addrs.len()];
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::open(addr).await?;
             let mut mine = Vec::new();
@@ -540,14 +593,9 @@ async fn run_load(
     let mut rates = Vec::new();
     let (mut server_cpu, mut client_cpu) = (Vec::new(), Vec::new());
     for r in 0..rounds {
-        let (rate, s_us, c_us) = measure_round(&server, &done, seconds).await;
+        let (rate, s_us, c_us) = measure_round(servers, &done, seconds).await;
         println!(
-            "  {} round {}: {rate:.0} leases/s; CPU per lease: broker {s_us:.0} us, load generator {c_us:.0} us",
-            if no_events {
-                "no-op sink"
-            } else {
-                "event chain"
-            },
+            "  {label} round {}: {rate:.0} leases/s; CPU per lease: broker {s_us:.0} us, load generator {c_us:.0} us",
             r + 1
         );
         rates.push(rate);
@@ -560,13 +608,12 @@ async fn run_load(
         lat.extend(t.await??);
     }
     let stats = reqwest::Client::new()
-        .get(format!("{base}/v1/stats"))
+        .get(format!("http://{}/v1/stats", addrs[0]))
         .bearer_auth(&creds.identities["admin"].token)
         .send()
         .await?
         .json::<Value>()
         .await?;
-    server.stop()?;
     let commits = stats["store"]["commits"].as_f64().unwrap_or(0.0);
     let ops = stats["store"]["operations"].as_f64().unwrap_or(0.0);
     Ok(Load {
@@ -581,6 +628,234 @@ async fn run_load(
         checkpoint_s: stats["store"]["checkpoint_seconds"].as_f64().unwrap_or(0.0),
         wal_s: stats["store"]["wal_seconds"].as_f64().unwrap_or(0.0),
     })
+}
+
+/// Brokers on one throwaway PostgreSQL cluster (fsync on), each its own
+/// config and address, sharing keys, tokens and policies.
+struct PgBrokers {
+    servers: Vec<Server>,
+    addrs: Vec<std::net::SocketAddr>,
+    configs: Vec<PathBuf>,
+    creds: DevCredentials,
+    dir: tempfile::TempDir,
+    // dropped last: stops the database
+    _pg: leasehold_provider_postgres::testkit::Cluster,
+}
+
+impl PgBrokers {
+    async fn start(bin: &Path, n: usize) -> anyhow::Result<Self> {
+        let pg = leasehold_provider_postgres::testkit::Cluster::start_with(
+            leasehold_provider_postgres::testkit::Options {
+                fsync: true,
+                ..Default::default()
+            },
+        );
+        let conn = pg.provision_store().await;
+        let dir = bench_dir()?;
+        let first = free_addr()?;
+        let (config, creds) = setup(dir.path(), first, false)?;
+        let base = leasehold::config::Config::load(&config)?;
+        let (mut servers, mut addrs, mut configs) = (Vec::new(), Vec::new(), Vec::new());
+        let http = client(4)?;
+        for i in 0..n {
+            let addr = if i == 0 { first } else { free_addr()? };
+            let mut c = base.clone();
+            c.server.listen = addr;
+            c.store.backend = leasehold::config::StoreBackend::Postgres;
+            c.store.postgres = Some(toml::from_str(&format!(
+                "host = {:?}\nport = {}\ndatabase = {:?}\nuser = {:?}\npassword_file = {:?}\ntls = 'disable'\nnode = 'node-{i}'\n",
+                conn.host,
+                conn.port,
+                conn.database,
+                conn.user,
+                conn.password_file.as_ref().context("password file")?
+            ))?);
+            let file = dir.path().join(format!("node-{i}.toml"));
+            std::fs::write(&file, c.to_toml()?)?;
+            let mut server = Server::spawn(bin, &file, &dir.path().join(format!("node-{i}.log")))?;
+            wait_ready(&http, &format!("http://{addr}"), &mut server).await?;
+            servers.push(server);
+            addrs.push(addr);
+            configs.push(file);
+        }
+        Ok(Self {
+            servers,
+            addrs,
+            configs,
+            creds,
+            dir,
+            _pg: pg,
+        })
+    }
+
+    /// The index of the node that leads, waiting for one.
+    async fn leader(&self, http: &reqwest::Client, skip: Option<usize>) -> anyhow::Result<usize> {
+        let admin = &self.creds.identities["admin"].token;
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(60) {
+            for (i, a) in self.addrs.iter().enumerate() {
+                if Some(i) == skip {
+                    continue;
+                }
+                if let Ok(r) = http
+                    .get(format!("http://{a}/v1/cluster"))
+                    .bearer_auth(admin)
+                    .send()
+                    .await
+                    && let Ok(v) = r.json::<Value>().await
+                    && v["this_node_leads"] == true
+                {
+                    return Ok(i);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bail!("no broker leads")
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        for s in self.servers {
+            s.stop()?;
+        }
+        Ok(())
+    }
+}
+
+/// Throughput of `n` brokers on one PostgreSQL.
+async fn pg_load(
+    bin: &Path,
+    n: usize,
+    clients: usize,
+    seconds: u64,
+    rounds: usize,
+) -> anyhow::Result<Load> {
+    let b = PgBrokers::start(bin, n).await?;
+    let label = format!("{n} on PostgreSQL");
+    let load = drive(
+        &b.addrs, &b.servers, &b.creds, clients, 1, seconds, rounds, &label,
+    )
+    .await?;
+    b.stop()?;
+    Ok(load)
+}
+
+/// Kill -9 the leader `times` times (restarting it as a follower after
+/// each): seconds from the kill to the first expiry the new leader does,
+/// for a lease that fell due just after the kill.
+async fn failover(bin: &Path, times: usize) -> anyhow::Result<Vec<f64>> {
+    let mut b = PgBrokers::start(bin, 3).await?;
+    let http = client(4)?;
+    let a = b.creds.identities["assistant-a"].token.clone();
+    let admin = b.creds.identities["admin"].token.clone();
+    let mut out = Vec::new();
+    for round in 0..times {
+        let leader = b.leader(&http, None).await?;
+        let follower = (leader + 1) % b.addrs.len();
+        let base = format!("http://{}", b.addrs[follower]);
+        let task = post(
+            &http,
+            format!("{base}/v1/tasks"),
+            &a,
+            Some(json!({"purpose": "failover", "on_behalf_of": "alice@example.com", "prompt": "p", "ttl_seconds": 600})),
+        )
+        .await?;
+        let task = task["task_id"].as_str().context("task id")?.to_owned();
+        let lease = post(
+            &http,
+            format!("{base}/v1/tasks/{task}/leases"),
+            &a,
+            Some(json!({"provider": "token", "role": "demo", "ttl_seconds": 4})),
+        )
+        .await?;
+        let id = lease["lease_id"].as_str().context("lease id")?.to_owned();
+        // kill before the lease is due (at least 3 s after it was issued)
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let killed_at = SystemClock.now().unix_millis();
+        b.servers[leader].child.kill()?;
+        b.servers[leader].child.wait()?;
+        let ended = loop {
+            let l: Value = http
+                .get(format!("{base}/v1/leases/{id}"))
+                .bearer_auth(&admin)
+                .send()
+                .await?
+                .json()
+                .await?;
+            if l["state"] == "expired" {
+                break l["ended_at"]
+                    .as_str()
+                    .and_then(leasehold::clock::parse_rfc3339)
+                    .context("ended_at")?
+                    .unix_millis();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let secs = (ended - killed_at) as f64 / 1000.0;
+        let new = b.leader(&http, Some(leader)).await?;
+        println!(
+            "  failover {}: node-{leader} killed; node-{new} leads; the lease due after the kill expired {secs:.2} s after it",
+            round + 1
+        );
+        out.push(secs);
+        // the killed node comes back as a follower
+        let mut server = Server::spawn(
+            bin,
+            &b.configs[leader],
+            &b.dir.path().join(format!("node-{leader}-{round}.log")),
+        )?;
+        wait_ready(&http, &format!("http://{}", b.addrs[leader]), &mut server).await?;
+        b.servers[leader] = server;
+    }
+    b.stop()?;
+    Ok(out)
+}
+
+async fn ha(
+    bin: &Path,
+    clients: usize,
+    seconds: u64,
+    rounds: usize,
+    failovers: usize,
+) -> anyhow::Result<()> {
+    disk()?;
+    let mut redb = run_load(bin, false, clients, 1, seconds, rounds).await?;
+    let mut one = pg_load(bin, 1, clients, seconds, rounds).await?;
+    let mut three = pg_load(bin, 3, clients, seconds, rounds).await?;
+    let mut times = failover(bin, failovers).await?;
+    let (r, o, t) = (
+        median(&mut redb.rates),
+        median(&mut one.rates),
+        median(&mut three.rates),
+    );
+    println!(
+        "ha: task cycles/s (open, lease, complete; {clients} clients, median of {rounds} rounds of {seconds} s, fsync on): \
+         1 broker on redb {r:.0}; 1 on PostgreSQL {o:.0} ({:.2}x redb); 3 on one PostgreSQL {t:.0} ({:.2}x one on PostgreSQL); \
+         broker CPU per cycle (all brokers): redb {:.0} us, PostgreSQL x1 {:.0} us, x3 {:.0} us; \
+         cycle latency p50/p99: redb {:.1}/{:.1} ms, PostgreSQL x1 {:.1}/{:.1} ms, x3 {:.1}/{:.1} ms; \
+         operations per commit: redb {:.1}, PostgreSQL x1 {:.1}, x3 (node-0) {:.1}",
+        o / r,
+        t / o,
+        median(&mut redb.server_cpu),
+        median(&mut one.server_cpu),
+        median(&mut three.server_cpu),
+        redb.p50,
+        redb.p99,
+        one.p50,
+        one.p99,
+        three.p50,
+        three.p99,
+        redb.ops_per_commit,
+        one.ops_per_commit,
+        three.ops_per_commit,
+    );
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "ha failover: median {:.2} s over {failovers} kills -9 of the leader (to the first expiry done by the new leader; default lease period 6 s); each: {:?}",
+        median(&mut times),
+        sorted.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>()
+    );
+    Ok(())
 }
 
 /// Median fsync time (ms) after writing `pages` random 4 KiB pages into a
@@ -1684,7 +1959,7 @@ async fn calls_throughput(
     let (mut rates, mut server_cpu) = (Vec::new(), Vec::new());
     measuring.store(true, Ordering::Relaxed);
     for r in 0..rounds {
-        let (rate, s_us, c_us) = measure_round(&server, &done, seconds).await;
+        let (rate, s_us, c_us) = measure_round(std::slice::from_ref(&server), &done, seconds).await;
         println!(
             "  round {}: {rate:.0} decisions with leases/s; CPU per call: broker {s_us:.0} us, load generator {c_us:.0} us",
             r + 1
@@ -1764,6 +2039,12 @@ async fn main() -> anyhow::Result<()> {
             policy_latency(workloads, policies, decisions)?;
             calls_throughput(&bin, clients, calls_per_task, rounds, seconds).await
         }
+        Cmd::Ha {
+            clients,
+            seconds,
+            rounds,
+            failovers,
+        } => ha(&bin, clients, seconds, rounds, failovers).await,
         Cmd::Disk => disk(),
         Cmd::All => {
             throughput(&bin, 64, 1, 10, 5).await?;

@@ -189,6 +189,7 @@ pub(super) fn open(
     let sealer = Sealer::new(key);
     let conn = db.connect()?;
     prepare(&db, &conn, &sealer, &key.fingerprint(), target)?;
+    drop(conn);
     let healthy = Arc::new(AtomicBool::new(true));
     let stats = Arc::new(CommitStats::default());
     let leadership = Leadership::default();
@@ -215,7 +216,7 @@ pub(super) fn open(
         let (healthy, stats) = (healthy.clone(), stats.clone());
         std::thread::Builder::new()
             .name("leasehold-store-writer".into())
-            .spawn(move || writer::run(&db, Some(conn), rx, &cfg, &healthy, &stats))
+            .spawn(move || writer::run(&db, rx, &cfg, &healthy, &stats))
             .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?
     };
     Ok((

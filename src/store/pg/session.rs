@@ -275,9 +275,19 @@ pub(in crate::store) struct Session {
     reader: bool,
     began: AtomicBool,
     pending: Mutex<Pending>,
+    /// What a writer's session has read. Every write transaction of the
+    /// cluster holds the chain head's row lock from its start, so nothing
+    /// but this transaction changes a row it read: the copy stays true.
+    cache: Mutex<Cache>,
+    /// The writer's own runtime, on its own thread, which also drives the
+    /// writer's connection: a query is a round trip to the server and back
+    /// with no hop between threads.
+    local: Option<Arc<tokio::runtime::Runtime>>,
     /// The writer's node, for the leader check.
     node: String,
 }
+
+type Cache = std::collections::HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>;
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -289,15 +299,37 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// A writer's session on its connection; the caller has begun the
-    /// transaction.
-    pub(in crate::store) fn writer(db: Arc<Db>, conn: Arc<Conn>) -> Self {
+    /// transaction. `local`: the runtime the connection was made on, when
+    /// the caller owns one (the writer thread).
+    pub(in crate::store) fn writer(
+        db: Arc<Db>,
+        conn: Arc<Conn>,
+        local: Option<Arc<tokio::runtime::Runtime>>,
+    ) -> Self {
         Self {
             db,
             conn,
             reader: false,
             began: AtomicBool::new(true),
             pending: Mutex::new(BTreeMap::new()),
+            cache: Mutex::default(),
+            local,
             node: String::new(),
+        }
+    }
+
+    /// Run a query's future to completion: on the writer's own runtime, or
+    /// right here. A client's future only talks to its connection's task
+    /// (which runs on the database's runtime) through channels, so polling
+    /// it on the calling thread is sound from any thread, and saves a hop
+    /// to the runtime and back for every query.
+    fn exec<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        match &self.local {
+            Some(rt) => rt.block_on(f),
+            None => futures_executor::block_on(f),
         }
     }
 
@@ -309,6 +341,8 @@ impl Session {
             reader: true,
             began: AtomicBool::new(false),
             pending: Mutex::new(BTreeMap::new()),
+            cache: Mutex::default(),
+            local: None,
             node: String::new(),
         })
     }
@@ -327,10 +361,9 @@ impl Session {
         self.run("ROLLBACK")
     }
 
-    fn run(&self, sql: &'static str) -> Result<(), StoreError> {
+    pub(in crate::store) fn run(&self, sql: &'static str) -> Result<(), StoreError> {
         let conn = self.conn.clone();
-        self.db
-            .block(async move { conn.batch(sql).await.map_err(|e| pg_err(&e)) })
+        self.exec(async move { conn.batch(sql).await.map_err(|e| pg_err(&e)) })
     }
 
     pub(in crate::store) fn with_node(mut self, node: &str) -> Self {
@@ -376,11 +409,15 @@ impl Session {
     ) -> Result<Vec<Row>, StoreError> {
         let begin = self.reader && !self.began.swap(true, Ordering::Relaxed);
         let conn = self.conn.clone();
-        self.db.block(async move {
+        self.exec(async move {
             if begin {
-                conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    .await
-                    .map_err(|e| pg_err(&e))?;
+                // sent together: one round trip for both
+                let (b, q) = futures_util::join!(
+                    conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+                    conn.query(&sql, &params)
+                );
+                b.map_err(|e| pg_err(&e))?;
+                return q.map_err(|e| pg_err(&e));
             }
             conn.query(&sql, &params).await.map_err(|e| pg_err(&e))
         })
@@ -391,11 +428,29 @@ impl Session {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// What this transaction knows of a row without asking: its own
+    /// write, or (a writer) what it read before.
     fn buffered(&self, table: &'static str, k: &[u8]) -> Option<Option<Vec<u8>>> {
-        self.pending()
+        if let Some(e) = self
+            .pending()
             .get(table)
             .and_then(|t| t.get(k))
             .map(|e| e.as_ref().map(|(_, v)| v.clone()))
+        {
+            return Some(e);
+        }
+        if self.reader {
+            return None;
+        }
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(&(table, k.to_vec())).cloned()
+    }
+
+    fn remember(&self, table: &'static str, k: &[u8], v: Option<Vec<u8>>) {
+        if !self.reader {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.insert((table, k.to_vec()), v);
+        }
     }
 
     fn put(&self, table: &'static str, k: Vec<u8>, e: Option<(Vec<u8>, Vec<u8>)>) {
@@ -420,43 +475,53 @@ impl Session {
         self.send(all)
     }
 
+    /// Send buffered writes: a delete and an upsert per table, all
+    /// pipelined on the connection (one round trip, not one per statement).
     #[allow(clippy::type_complexity)]
     fn send(
         &self,
         tables: Vec<(&'static str, BTreeMap<Vec<u8>, Option<(Vec<u8>, Vec<u8>)>>)>,
     ) -> Result<(), StoreError> {
-        let conn = self.conn.clone();
-        self.db.block(async move {
-            for (table, writes) in tables {
-                let (mut ks, mut rks, mut vs, mut gone) = (vec![], vec![], vec![], vec![]);
-                for (k, e) in writes {
-                    match e {
-                        Some((rk, v)) => {
-                            ks.push(k);
-                            rks.push(rk);
-                            vs.push(v);
-                        }
-                        None => gone.push(k),
+        let mut statements: Vec<(String, Vec<Param>)> = Vec::new();
+        for (table, writes) in tables {
+            let (mut ks, mut rks, mut vs, mut gone) = (vec![], vec![], vec![], vec![]);
+            for (k, e) in writes {
+                self.remember(table, &k, e.as_ref().map(|(_, v)| v.clone()));
+                match e {
+                    Some((rk, v)) => {
+                        ks.push(k);
+                        rks.push(rk);
+                        vs.push(v);
                     }
+                    None => gone.push(k),
                 }
-                if !gone.is_empty() {
-                    let sql = format!("DELETE FROM lh_{table} WHERE k = ANY($1::bytea[])");
-                    conn.query(&sql, &[Box::new(gone)])
-                        .await
-                        .map_err(|e| pg_err(&e))?;
-                }
-                if !ks.is_empty() {
-                    let sql = format!(
+            }
+            if !gone.is_empty() {
+                statements.push((
+                    format!("DELETE FROM lh_{table} WHERE k = ANY($1::bytea[])"),
+                    vec![Box::new(gone)],
+                ));
+            }
+            if !ks.is_empty() {
+                statements.push((
+                    format!(
                         "INSERT INTO lh_{table} (k, rk, v) \
                          SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[]) \
                          ON CONFLICT (k) DO UPDATE SET rk = EXCLUDED.rk, v = EXCLUDED.v"
-                    );
-                    conn.query(&sql, &[Box::new(ks), Box::new(rks), Box::new(vs)])
-                        .await
-                        .map_err(|e| pg_err(&e))?;
-                }
+                    ),
+                    vec![Box::new(ks), Box::new(rks), Box::new(vs)],
+                ));
             }
-            Ok(())
+        }
+        let conn = self.conn.clone();
+        self.exec(async move {
+            let sent = statements
+                .iter()
+                .map(|(sql, params)| conn.query(sql, params));
+            futures_util::future::try_join_all(sent)
+                .await
+                .map(|_| ())
+                .map_err(|e| pg_err(&e))
         })
     }
 }
@@ -509,7 +574,9 @@ impl<K: Key + 'static, V: Value + 'static> Table<K, V> {
             format!("SELECT v FROM lh_{} WHERE k = $1", self.name),
             vec![Box::new(k.to_vec())],
         )?;
-        Ok(rows.first().map(|r| r.get::<_, Vec<u8>>(0)))
+        let v = rows.first().map(|r| r.get::<_, Vec<u8>>(0));
+        self.s.remember(self.name, k, v.clone());
+        Ok(v)
     }
 
     pub(in crate::store) fn insert(&mut self, k: Vec<u8>, rk: Vec<u8>, v: Vec<u8>) {

@@ -32,35 +32,78 @@ pub(super) struct Config {
 
 pub(super) fn run(
     db: &Arc<Db>,
-    mut conn: Option<Arc<Conn>>,
     mut rx: mpsc::Receiver<Job>,
     cfg: &Config,
     healthy: &AtomicBool,
     stats: &CommitStats,
 ) {
+    // the writer's own runtime: its connection's task runs here too
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Arc::new(rt),
+        Err(e) => {
+            healthy.store(false, Ordering::Relaxed);
+            tracing::error!(error = %e, "the store writer cannot start; every write is refused");
+            return;
+        }
+    };
+    let mut conn: Option<Arc<Conn>> = None;
     let mut last = 0usize;
     while let Some(first) = rx.blocking_recv() {
-        let c = match conn.take().filter(|c| !c.is_closed()) {
-            Some(c) => c,
-            None => match db.connect() {
-                Ok(c) => c,
-                Err(e) => {
-                    healthy.store(false, Ordering::Relaxed);
-                    // refuse what is queued now rather than try once each
-                    drop(first);
-                    let mut refused = 1;
-                    while rx.try_recv().is_ok() {
-                        refused += 1;
+        // Begin (locking the chain head) before taking the batch. An idle
+        // connection may have died unnoticed (its task runs only while the
+        // writer works): then connect again, once, before giving up.
+        let mut begun = None;
+        let mut error = None;
+        for _ in 0..2 {
+            let c = match conn.take().filter(|c| !c.is_closed()) {
+                Some(c) => c,
+                None => match rt.block_on(db.connect_async()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        error = Some(e);
+                        break;
                     }
-                    tracing::error!(error = %e, refused, "the store database is unreachable; writes are refused until it is back");
-                    std::thread::sleep(Duration::from_millis(200));
-                    continue;
+                },
+            };
+            match begin(&rt, &c) {
+                Ok(head) => {
+                    begun = Some((c, head));
+                    break;
                 }
-            },
+                Err(e) => {
+                    let _ = end(&rt, &c, false);
+                    error = Some(e);
+                    // a live connection that refused is kept; a dead one is not
+                    if !c.is_closed() {
+                        conn = Some(c);
+                        break;
+                    }
+                }
+            }
+        }
+        let Some((c, head)) = begun else {
+            healthy.store(false, Ordering::Relaxed);
+            // refuse what is queued now rather than try once each
+            drop(first);
+            let mut refused = 1;
+            while rx.try_recv().is_ok() {
+                refused += 1;
+            }
+            let error = error.map(|e| e.to_string()).unwrap_or_default();
+            tracing::error!(
+                error,
+                refused,
+                "the store database is unreachable; writes are refused until it is back"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
         };
         let linger =
             (!cfg.group.delay.is_zero() && last >= cfg.group.siblings).then_some(cfg.group.delay);
-        let (n, outcome) = batch(db, &c, first, &mut rx, linger, cfg, stats);
+        let (n, outcome) = batch(db, &rt, &c, head, first, &mut rx, linger, cfg, stats);
         last = n;
         match outcome {
             Ok(()) => healthy.store(true, Ordering::Relaxed),
@@ -77,19 +120,17 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Begin, lock the chain head and read it.
-fn begin(db: &Arc<Db>, conn: &Arc<Conn>) -> Result<ChainHead, StoreError> {
-    let conn = conn.clone();
-    db.block(async move {
-        conn.batch("BEGIN").await.map_err(|e| pg_err(&e))?;
-        let rows = conn
-            .query(
-                "SELECT v FROM lh_meta WHERE k = $1 FOR UPDATE",
-                &[bytes(meta_key("chain_head"))],
-            )
-            .await
-            .map_err(|e| pg_err(&e))?;
+/// Begin, lock the chain head and read it (one round trip).
+fn begin(rt: &tokio::runtime::Runtime, conn: &Arc<Conn>) -> Result<ChainHead, StoreError> {
+    rt.block_on(async move {
+        let key = [bytes(meta_key("chain_head"))];
+        let (b, rows) = futures_util::join!(
+            conn.batch("BEGIN"),
+            conn.query("SELECT v FROM lh_meta WHERE k = $1 FOR UPDATE", &key)
+        );
+        b.map_err(|e| pg_err(&e))?;
         let v: Vec<u8> = rows
+            .map_err(|e| pg_err(&e))?
             .first()
             .map(|r| r.get(0))
             .ok_or_else(|| StoreError::Corrupt("the chain head row is missing".into()))?;
@@ -97,19 +138,21 @@ fn begin(db: &Arc<Db>, conn: &Arc<Conn>) -> Result<ChainHead, StoreError> {
     })
 }
 
-fn end(db: &Arc<Db>, conn: &Arc<Conn>, commit: bool) -> Result<(), StoreError> {
-    let conn = conn.clone();
-    db.block(async move {
+fn end(rt: &tokio::runtime::Runtime, conn: &Arc<Conn>, commit: bool) -> Result<(), StoreError> {
+    rt.block_on(async move {
         let sql = if commit { "COMMIT" } else { "ROLLBACK" };
         conn.batch(sql).await.map_err(|e| pg_err(&e))
     })
 }
 
-/// Gather, apply and commit one batch; answer its callers. Returns how many
-/// operations it took.
+/// Gather and apply a batch in the transaction `begin` opened, commit it,
+/// answer its callers. Returns how many operations it took.
+#[allow(clippy::too_many_arguments)]
 fn batch(
     db: &Arc<Db>,
+    rt: &Arc<tokio::runtime::Runtime>,
     conn: &Arc<Conn>,
+    head: ChainHead,
     first: Job,
     rx: &mut mpsc::Receiver<Job>,
     linger: Option<Duration>,
@@ -117,16 +160,8 @@ fn batch(
     stats: &CommitStats,
 ) -> (usize, Result<(), String>) {
     let started = Instant::now();
-    let head = match begin(db, conn) {
-        Ok(h) => h,
-        Err(e) => {
-            let _ = end(db, conn, false);
-            // the job never ran: its caller sees `Closed`
-            drop(first);
-            return (1, Err(e.to_string()));
-        }
-    };
-    let session = Arc::new(Session::writer(db.clone(), conn.clone()).with_node(&cfg.node));
+    let session =
+        Arc::new(Session::writer(db.clone(), conn.clone(), Some(rt.clone())).with_node(&cfg.node));
     let deadline = linger.map(|d| started + d);
     let mut idle = Duration::ZERO;
     let (replies, finished) = {
@@ -155,7 +190,7 @@ fn batch(
     let applied = Instant::now();
     let outcome = finished
         .and_then(|entered| session.flush_all().map(|()| entered))
-        .and_then(|entered| end(db, conn, true).map(|()| entered));
+        .and_then(|entered| end(rt, conn, true).map(|()| entered));
     let outcome = match outcome {
         Ok(entered) => {
             stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -168,7 +203,7 @@ fn batch(
             Ok(())
         }
         Err(e) => {
-            let _ = end(db, conn, false);
+            let _ = end(rt, conn, false);
             Err(e.to_string())
         }
     };
