@@ -1738,3 +1738,42 @@ async fn postgres_a_newer_schema_another_key_or_no_privilege_is_refused() {
     .unwrap_err();
     assert!(err.to_string().contains("permission denied"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_verified_tls_and_a_wrong_ca_is_refused_naming_the_certificate() {
+    let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("integration/fixtures/tls");
+    let cluster = leasehold_provider_postgres::testkit::Cluster::start_with(
+        leasehold_provider_postgres::testkit::Options {
+            fsync: false,
+            tls: Some((tls.join("server.pem"), tls.join("server.key"))),
+        },
+    );
+    let mut connection = cluster.provision_store().await;
+    connection.tls = leasehold_provider_postgres::TlsMode::VerifyFull;
+    connection.ca_file = Some(tls.join("ca.pem"));
+    let store = Backing::Pg(Box::new(PgPeer {
+        _cluster: cluster,
+        connection: connection.clone(),
+    }));
+    let s = store.open();
+    s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
+    let ssl: bool = pg_backend(&s)
+        .sql("SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) WHERE usename = 'leasehold_store'")
+        .unwrap()[0]
+        .get(0);
+    assert!(ssl, "the store's connections use TLS");
+    drop(s);
+    // a CA that did not sign the server's certificate: refused at open
+    let Backing::Pg(peer) = &store else {
+        unreachable!()
+    };
+    let other = tempfile::tempdir().unwrap();
+    let wrong = other.path().join("other-ca.pem");
+    std::fs::copy(tls.join("server.pem"), &wrong).unwrap();
+    let mut opts = store.options();
+    let pg = opts.postgres.as_mut().unwrap();
+    pg.connection = peer.connection.clone();
+    pg.connection.ca_file = Some(wrong);
+    let err = Store::open(&opts, &key()).unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+}
