@@ -122,6 +122,78 @@ type Job = Box<dyn for<'t> FnOnce(&mut Txn<'t>) -> Reply + Send>;
 /// Operations waiting for the writer before callers wait to enqueue.
 const QUEUE_DEPTH: usize = 16 * 1024;
 
+/// Most operations merged into one transaction (either backend).
+const MAX_BATCH: usize = 2048;
+/// How often a lingering batch looks for more operations.
+const LINGER_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// The end of a batch in either backend: its times, its count and the
+/// commit hook when it committed (`entered`: leases that entered each
+/// state), counted before anyone is answered so a caller sees its own
+/// commit; then every caller is told. Returns how many there were.
+fn settle(
+    stats: &CommitStats,
+    hook: Option<&CommitHook>,
+    (started, applied, idle): (std::time::Instant, std::time::Instant, std::time::Duration),
+    entered: Option<&BTreeMap<(String, LeaseState), u64>>,
+    replies: Vec<Reply>,
+    told: &Result<(), String>,
+) -> usize {
+    use std::sync::atomic::Ordering;
+    let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    stats.apply_micros.fetch_add(
+        micros((applied - started).saturating_sub(idle)),
+        Ordering::Relaxed,
+    );
+    stats
+        .commit_micros
+        .fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
+    let n = replies.len();
+    if let Some(entered) = entered {
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats.operations.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(hook) = hook {
+            hook(started.elapsed().as_secs_f64(), n, entered);
+        }
+    }
+    for reply in replies {
+        reply(told.clone());
+    }
+    n
+}
+
+/// A writer's batch: apply `first`, every job already queued and, until
+/// `deadline` (a linger), whatever arrives, each as it is taken (so the
+/// linger overlaps the batch's own work instead of preceding it). Returns
+/// how to answer each job and the time spent waiting, not working.
+fn gather(
+    t: &mut Txn<'_>,
+    first: Job,
+    rx: &mut mpsc::Receiver<Job>,
+    deadline: Option<std::time::Instant>,
+) -> (Vec<Reply>, std::time::Duration) {
+    let mut idle = std::time::Duration::ZERO;
+    let mut replies: Vec<Reply> = Vec::with_capacity(64);
+    replies.push(first(t));
+    loop {
+        while replies.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => replies.push(j(t)),
+                Err(_) => break,
+            }
+        }
+        let now = std::time::Instant::now();
+        match deadline {
+            Some(d) if replies.len() < MAX_BATCH && now < d => {
+                std::thread::sleep(LINGER_POLL.min(d - now));
+                idle += now.elapsed();
+            }
+            _ => break,
+        }
+    }
+    (replies, idle)
+}
+
 /// Commit statistics, for metrics and the benchmark.
 #[derive(Debug, Default)]
 pub struct CommitStats {

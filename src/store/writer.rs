@@ -26,12 +26,7 @@ use super::reader::KvReader;
 use super::schema::{self, META, Migration};
 use super::seam::Reader;
 use super::txn::KvTxn;
-use super::{
-    Backend, CommitHook, CommitStats, Job, QUEUE_DEPTH, Reply, StoreError, StoreOptions, wal,
-};
-
-/// Most operations merged into one transaction.
-const MAX_BATCH: usize = 2048;
+use super::{Backend, CommitHook, CommitStats, Job, QUEUE_DEPTH, StoreError, StoreOptions, wal};
 
 /// The redb backend: the database, its writer thread and its health.
 pub(super) struct RedbBackend {
@@ -345,9 +340,6 @@ enum BatchError {
     Fatal(String),
 }
 
-/// How often a lingering batch looks for more operations.
-const LINGER_POLL: std::time::Duration = std::time::Duration::from_micros(50);
-
 /// Gather and apply a batch, log it durably, then commit it (see [`wal`]).
 /// The batch takes `first`, every job already queued and, with a `linger`,
 /// whatever arrives until it has passed since the batch began: each job is
@@ -373,29 +365,12 @@ fn run_batch(
     if let Err(e) = txn.set_durability(Durability::None) {
         return (1, Err(BatchError::Refused(e.to_string())));
     }
-    let mut idle = std::time::Duration::ZERO;
-    let (replies, finished) = {
+    let (replies, idle, finished) = {
         let mut t = KvTxn::open(Source::Redb(&txn), *head);
-        let mut replies: Vec<Reply> = Vec::with_capacity(64);
-        replies.push(first(&mut t));
-        loop {
-            while replies.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(j) => replies.push(j(&mut t)),
-                    Err(_) => break,
-                }
-            }
-            let now = std::time::Instant::now();
-            match deadline {
-                Some(d) if replies.len() < MAX_BATCH && now < d => {
-                    std::thread::sleep(LINGER_POLL.min(d - now));
-                    idle += now.elapsed();
-                }
-                _ => break,
-            }
-        }
+        let (replies, idle) = super::gather(&mut t, first, rx, deadline);
         let entered = t.take_entered();
-        (replies, t.finish().map(|(h, redo)| (h, redo, entered)))
+        let finished = t.finish().map(|(h, redo)| (h, redo, entered));
+        (replies, idle, finished)
     };
     let applied = std::time::Instant::now();
     let mut entered = BTreeMap::new();
@@ -431,30 +406,18 @@ fn run_batch(
             Err(BatchError::Refused(e.to_string()))
         }
     };
-    stats.apply_micros.fetch_add(
-        micros((applied - started).saturating_sub(idle)),
-        Ordering::Relaxed,
-    );
-    stats
-        .commit_micros
-        .fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
-    if outcome.is_ok() {
-        // counted before anyone is answered, so a caller sees its own commit
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats
-            .operations
-            .fetch_add(replies.len() as u64, Ordering::Relaxed);
-        if let Some(hook) = &cfg.on_commit {
-            hook(started.elapsed().as_secs_f64(), replies.len(), &entered);
-        }
-    }
     let told = match &outcome {
         Ok(()) => Ok(()),
         Err(BatchError::Refused(e) | BatchError::Fatal(e)) => Err(e.clone()),
     };
-    let n = replies.len();
-    for reply in replies {
-        reply(told.clone());
-    }
+    let committed = outcome.is_ok().then_some(&entered);
+    let n = super::settle(
+        stats,
+        cfg.on_commit.as_ref(),
+        (started, applied, idle),
+        committed,
+        replies,
+        &told,
+    );
     (n, outcome)
 }

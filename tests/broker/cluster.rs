@@ -168,6 +168,20 @@ async fn verify(r: &Remote, admin: &str) {
     assert_eq!(v["ok"], true, "{v}");
 }
 
+/// Each lease's end (expired or revoked) is on the chain exactly once.
+async fn ended_once(r: &Remote, admin: &str, leases: &[String]) {
+    for id in leases {
+        let story = r.get(admin, &format!("/v1/events?lease={id}")).await;
+        let ends = story["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "lease.revoked" || e["kind"] == "lease.expired")
+            .count();
+        assert_eq!(ends, 1, "lease {id}: {story}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_serves_any_request_and_fences_and_policy_reach_every_node() {
     let b = Brokers::start(3).await;
@@ -385,19 +399,7 @@ async fn killing_the_leader_hands_its_duties_over_and_loses_nothing() {
     }
     // the chain verifies, and no lease's end is recorded twice
     verify(r, &admin).await;
-    for id in &due {
-        let story = r.get(&admin, &format!("/v1/events?lease={id}")).await;
-        let ends = story["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| {
-                let k = e["kind"].as_str().unwrap_or("");
-                k == "lease.expired" || k == "lease.revoked"
-            })
-            .count();
-        assert_eq!(ends, 1, "lease {id}: {story}");
-    }
+    ended_once(r, &admin, &due).await;
     let view = r.get(&admin, "/v1/cluster").await;
     assert_eq!(view["leader"], b.nodes[new].name.as_str(), "{view}");
     drop(dead);
@@ -587,16 +589,7 @@ async fn a_leader_cut_off_from_the_database_steps_down_before_its_lease_ends() {
         "the old leader serves again: {l}"
     );
     verify(r, &admin).await;
-    for id in &due {
-        let story = r.get(&admin, &format!("/v1/events?lease={id}")).await;
-        let ends = story["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["kind"] == "lease.revoked" || e["kind"] == "lease.expired")
-            .count();
-        assert_eq!(ends, 1, "lease {id}: {story}");
-    }
+    ended_once(r, &admin, &due).await;
     drop(nodes);
     drop(pg);
 }
@@ -700,6 +693,26 @@ async fn restarting_postgres_during_a_storm_is_503s_then_service_without_a_broke
     assert_eq!(ready["checks"]["store"], "ok", "{ready}");
 }
 
+fn store_copy(from: &Path, to: &Path) -> std::process::Output {
+    leasehold(&[
+        "store".as_ref(),
+        "copy".as_ref(),
+        "--from".as_ref(),
+        from.as_os_str(),
+        "--to".as_ref(),
+        to.as_os_str(),
+    ])
+}
+
+/// What a command said, on either stream.
+fn said(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 fn leasehold(args: &[&std::ffi::OsStr]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
         .args(args)
@@ -749,19 +762,8 @@ async fn store_copy_moves_a_stopped_store_between_backends_and_refuses_a_non_emp
     let pg_config = data.join("pg.toml");
     std::fs::write(&pg_config, c.to_toml().unwrap()).unwrap();
 
-    let out = leasehold(&[
-        "store".as_ref(),
-        "copy".as_ref(),
-        "--from".as_ref(),
-        redb_config.as_os_str(),
-        "--to".as_ref(),
-        pg_config.as_os_str(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = store_copy(&redb_config, &pg_config);
+    assert!(out.status.success(), "{}", said(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["verify"]["ok"], true, "{report}");
     // everything, plus what the broker recorded as it stopped
@@ -771,20 +773,9 @@ async fn store_copy_moves_a_stopped_store_between_backends_and_refuses_a_non_emp
     );
     assert_eq!(report["tables"]["leases"], 5, "{report}");
     // a second copy into the same database is refused, naming why
-    let again = leasehold(&[
-        "store".as_ref(),
-        "copy".as_ref(),
-        "--from".as_ref(),
-        redb_config.as_os_str(),
-        "--to".as_ref(),
-        pg_config.as_os_str(),
-    ]);
+    let again = store_copy(&redb_config, &pg_config);
     assert!(!again.status.success());
-    assert!(
-        String::from_utf8_lossy(&again.stderr).contains("not empty"),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    assert!(said(&again).contains("not empty"), "{}", said(&again));
 
     // a broker on the copy serves the same leases and the same chain
     let addr2 = free_port();
@@ -810,48 +801,21 @@ async fn store_copy_moves_a_stopped_store_between_backends_and_refuses_a_non_emp
     back.store.postgres = None;
     back.store.path = data.join("back.redb");
     std::fs::write(&back_config, back.to_toml().unwrap()).unwrap();
-    let busy = leasehold(&[
-        "store".as_ref(),
-        "copy".as_ref(),
-        "--from".as_ref(),
-        pg_config.as_os_str(),
-        "--to".as_ref(),
-        back_config.as_os_str(),
-    ]);
+    let busy = store_copy(&pg_config, &back_config);
     assert!(!busy.status.success());
-    assert!(
-        String::from_utf8_lossy(&busy.stderr).contains("is running"),
-        "{}",
-        String::from_utf8_lossy(&busy.stderr)
-    );
+    assert!(said(&busy).contains("is running"), "{}", said(&busy));
     assert!(second.terminate().success());
 
     // and back to a new redb file, which verifies offline
-    let out = leasehold(&[
-        "store".as_ref(),
-        "copy".as_ref(),
-        "--from".as_ref(),
-        pg_config.as_os_str(),
-        "--to".as_ref(),
-        back_config.as_os_str(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = store_copy(&pg_config, &back_config);
+    assert!(out.status.success(), "{}", said(&out));
     let verify = leasehold(&[
         "events".as_ref(),
         "verify".as_ref(),
         "--store".as_ref(),
         data.join("back.redb").as_os_str(),
     ]);
-    assert!(
-        verify.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&verify.stdout),
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    assert!(verify.status.success(), "{}", said(&verify));
 
     // another key than the source's is refused before anything is written
     let other_key = data.join("other.key");
@@ -861,20 +825,9 @@ async fn store_copy_moves_a_stopped_store_between_backends_and_refuses_a_non_emp
     other.store.key_file = Some(other_key);
     let other_config = data.join("other.toml");
     std::fs::write(&other_config, other.to_toml().unwrap()).unwrap();
-    let wrong = leasehold(&[
-        "store".as_ref(),
-        "copy".as_ref(),
-        "--from".as_ref(),
-        pg_config.as_os_str(),
-        "--to".as_ref(),
-        other_config.as_os_str(),
-    ]);
+    let wrong = store_copy(&pg_config, &other_config);
     assert!(!wrong.status.success());
-    assert!(
-        String::from_utf8_lossy(&wrong.stderr).contains("does not match"),
-        "{}",
-        String::from_utf8_lossy(&wrong.stderr)
-    );
+    assert!(said(&wrong).contains("does not match"), "{}", said(&wrong));
     assert!(
         !data.join("other.redb").exists(),
         "a refused copy created the target"
@@ -897,20 +850,13 @@ async fn config_validate_checks_the_store_database_and_writes_nothing() {
         ])
     };
     let online = |f: &Path| leasehold(&["config".as_ref(), "validate".as_ref(), f.as_os_str()]);
-    let text = |o: &std::process::Output| {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    };
     assert!(validate(&file).status.success());
     let out = online(&file);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", said(&out));
     assert!(
-        text(&out).contains("no leasehold schema yet"),
+        said(&out).contains("no leasehold schema yet"),
         "{}",
-        text(&out)
+        said(&out)
     );
 
     let base = leasehold::config::Config::load(&file).unwrap();
@@ -929,7 +875,7 @@ async fn config_validate_checks_the_store_database_and_writes_nothing() {
     });
     let out = online(&wrong);
     assert!(!out.status.success());
-    assert!(text(&out).contains("leasehold_store"), "{}", text(&out));
+    assert!(said(&out).contains("leasehold_store"), "{}", said(&out));
     let su = pg.superuser("postgres").await;
     su.batch_execute("CREATE ROLE weak LOGIN PASSWORD 'weakweak'")
         .await
@@ -946,9 +892,9 @@ async fn config_validate_checks_the_store_database_and_writes_nothing() {
     let out = online(&weak);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("may not create tables"),
+        said(&out).contains("may not create tables"),
         "{}",
-        text(&out)
+        said(&out)
     );
     let db = pg.superuser("leasehold").await;
     let tables = |db: tokio_postgres::Client| async move {
@@ -969,11 +915,11 @@ async fn config_validate_checks_the_store_database_and_writes_nothing() {
     node.wait_healthy(&remote.http).await;
     assert!(node.terminate().success());
     let out = online(&file);
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", said(&out));
     assert!(
-        text(&out).contains("the store key matches"),
+        said(&out).contains("the store key matches"),
         "{}",
-        text(&out)
+        said(&out)
     );
     let other_key = dir.path().join("other.key");
     std::fs::write(&other_key, "22".repeat(32)).unwrap();
@@ -982,7 +928,7 @@ async fn config_validate_checks_the_store_database_and_writes_nothing() {
     });
     let out = online(&other);
     assert!(!out.status.success());
-    assert!(text(&out).contains("does not match"), "{}", text(&out));
+    assert!(said(&out).contains("does not match"), "{}", said(&out));
     let db = pg.superuser("leasehold").await;
     db.batch_execute(
         "UPDATE lh_meta SET v = '\\x000000ff'::bytea WHERE rk = 'schema_version'::bytea",
@@ -992,9 +938,9 @@ async fn config_validate_checks_the_store_database_and_writes_nothing() {
     let out = online(&file);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("newer than this build"),
+        said(&out).contains("newer than this build"),
         "{}",
-        text(&out)
+        said(&out)
     );
     // and serve refuses it the same way
     let mut refused = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))

@@ -169,22 +169,8 @@ pub(super) fn open(
     key: &StoreKey,
     target: u32,
 ) -> Result<(Box<dyn Backend>, mpsc::Sender<Job>), StoreError> {
-    let rt = Runtime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("leasehold-pg")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Io(format!("cannot start the database runtime: {e}")))?,
-    ));
-    let handle =
-        rt.0.as_ref()
-            .map(|r| r.handle().clone())
-            .ok_or(StoreError::Closed)?;
-    let connector = leasehold_provider_postgres::Pool::new(pg.connection.clone())
-        .map_err(|e| StoreError::Io(format!("store PostgreSQL connection: {e}")))?;
     let readers = pg.connection.pool_size.saturating_sub(2).max(1);
-    let db = Arc::new(Db::new(handle, Arc::new(connector), readers));
+    let (rt, db) = database(pg, 2, readers)?;
     let location = PathBuf::from(format!("postgres://{}", db.name));
     let sealer = Sealer::new(key);
     let conn = db.connect()?;
@@ -237,16 +223,20 @@ pub(super) fn open(
     ))
 }
 
-/// `config validate`: reach the database, and check (reading only) what a
-/// start would refuse: credentials, TLS, the privileges the store needs, a
-/// schema from a newer build, another store key. Returns what it found.
-pub fn check(pg: &PgOptions, key: &StoreKey) -> Result<String, StoreError> {
+/// The database's runtime (`threads` workers) and its connections (up to
+/// `readers` for reads).
+fn database(
+    pg: &PgOptions,
+    threads: usize,
+    readers: usize,
+) -> Result<(Runtime, Arc<Db>), StoreError> {
     let rt = Runtime(Some(
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(threads)
+            .thread_name("leasehold-pg")
             .enable_all()
             .build()
-            .map_err(|e| StoreError::Io(format!("cannot start a runtime: {e}")))?,
+            .map_err(|e| StoreError::Io(format!("cannot start the database runtime: {e}")))?,
     ));
     let handle =
         rt.0.as_ref()
@@ -254,7 +244,14 @@ pub fn check(pg: &PgOptions, key: &StoreKey) -> Result<String, StoreError> {
             .ok_or(StoreError::Closed)?;
     let connector = leasehold_provider_postgres::Pool::new(pg.connection.clone())
         .map_err(|e| StoreError::Io(format!("store PostgreSQL connection: {e}")))?;
-    let db = Arc::new(Db::new(handle, Arc::new(connector), 1));
+    Ok((rt, Arc::new(Db::new(handle, Arc::new(connector), readers))))
+}
+
+/// `config validate`: reach the database, and check (reading only) what a
+/// start would refuse: credentials, TLS, the privileges the store needs, a
+/// schema from a newer build, another store key. Returns what it found.
+pub fn check(pg: &PgOptions, key: &StoreKey) -> Result<String, StoreError> {
+    let (_rt, db) = database(pg, 1, 1)?;
     let conn = db.connect()?;
     let name = db.name.clone();
     let found = db.block(async move { inspect(&conn).await })?;
@@ -343,8 +340,16 @@ async fn inspect(conn: &Conn) -> Result<Option<Stamp>, StoreError> {
         .await
         .map_err(e)?)
     .ok_or_else(|| StoreError::NotAStore("lh_meta holds no schema version".into()))?;
+    read_stamp(conn, &version).await.map(Some)
+}
+
+/// An existing store's stamp: its version (`version`, as stored), the key
+/// check and the key's fingerprint.
+async fn read_stamp(conn: &Conn, version: &[u8]) -> Result<Stamp, StoreError> {
+    let e = |e: tokio_postgres::Error| pg_err(&e);
+    let sql = "SELECT v FROM lh_meta WHERE k = $1";
+    let get = |rows: Vec<tokio_postgres::Row>| rows.first().map(|r| r.get::<_, Vec<u8>>(0));
     let b: [u8; 4] = version
-        .as_slice()
         .try_into()
         .map_err(|_| StoreError::Corrupt("meta `schema_version` is not a u32".into()))?;
     let check = get(conn
@@ -355,13 +360,13 @@ async fn inspect(conn: &Conn) -> Result<Option<Stamp>, StoreError> {
         .query(sql, &[bytes(meta_key("key_fingerprint"))])
         .await
         .map_err(e)?);
-    Ok(Some(Stamp {
+    Ok(Stamp {
         version: u32::from_be_bytes(b),
         check,
         fingerprint: fp
             .map(|f| String::from_utf8_lossy(&f).into_owned())
             .unwrap_or_default(),
-    }))
+    })
 }
 
 /// Serializes the first start of several nodes on an empty database.
@@ -479,27 +484,7 @@ async fn create_and_stamp(
                 fingerprint,
             }
         }
-        Some(v) => {
-            let b: [u8; 4] = v
-                .as_slice()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("meta `schema_version` is not a u32".into()))?;
-            let check = get(conn
-                .query(sql, &[bytes(meta_key("key_check"))])
-                .await
-                .map_err(e)?);
-            let fp = get(conn
-                .query(sql, &[bytes(meta_key("key_fingerprint"))])
-                .await
-                .map_err(e)?);
-            Stamp {
-                version: u32::from_be_bytes(b),
-                check,
-                fingerprint: fp
-                    .map(|f| String::from_utf8_lossy(&f).into_owned())
-                    .unwrap_or_default(),
-            }
-        }
+        Some(v) => read_stamp(conn, &v).await?,
     };
     if stamp.version != target {
         // refused below: write nothing, not even the tables

@@ -15,14 +15,9 @@ use tokio::sync::mpsc;
 use super::super::kv::Source;
 use super::super::lifecycle::ChainHead;
 use super::super::txn::KvTxn;
-use super::super::{CommitHook, CommitStats, GroupCommit, Job, Reply, StoreError};
+use super::super::{CommitHook, CommitStats, GroupCommit, Job, StoreError};
 use super::session::{Conn, Db, Session, pg_err};
 use super::{bytes, meta_key};
-
-/// Most operations merged into one transaction.
-const MAX_BATCH: usize = 2048;
-/// How often a lingering batch looks for more operations.
-const LINGER_POLL: Duration = Duration::from_micros(50);
 
 pub(super) struct Config {
     pub group: GroupCommit,
@@ -116,10 +111,6 @@ pub(super) fn run(
     }
 }
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 /// Begin, lock the chain head and read it (one round trip).
 fn begin(rt: &tokio::runtime::Runtime, conn: &Arc<Conn>) -> Result<ChainHead, StoreError> {
     rt.block_on(async move {
@@ -163,60 +154,32 @@ fn batch(
     let session =
         Arc::new(Session::writer(db.clone(), conn.clone(), Some(rt.clone())).with_node(&cfg.node));
     let deadline = linger.map(|d| started + d);
-    let mut idle = Duration::ZERO;
-    let (replies, finished) = {
+    let (replies, idle, finished) = {
         let mut t = KvTxn::open(Source::Pg(session.clone()), head);
-        let mut replies: Vec<Reply> = Vec::with_capacity(64);
-        replies.push(first(&mut t));
-        loop {
-            while replies.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(j) => replies.push(j(&mut t)),
-                    Err(_) => break,
-                }
-            }
-            let now = Instant::now();
-            match deadline {
-                Some(d) if replies.len() < MAX_BATCH && now < d => {
-                    std::thread::sleep(LINGER_POLL.min(d - now));
-                    idle += now.elapsed();
-                }
-                _ => break,
-            }
-        }
+        let (replies, idle) = super::super::gather(&mut t, first, rx, deadline);
         let entered = t.take_entered();
-        (replies, t.finish().map(|_| entered))
+        let finished = t.finish().map(|_| entered);
+        (replies, idle, finished)
     };
     let applied = Instant::now();
     let outcome = finished
         .and_then(|entered| session.flush_all().map(|()| entered))
         .and_then(|entered| end(rt, conn, true).map(|()| entered));
-    let outcome = match outcome {
-        Ok(entered) => {
-            stats.commits.fetch_add(1, Ordering::Relaxed);
-            stats
-                .operations
-                .fetch_add(replies.len() as u64, Ordering::Relaxed);
-            if let Some(hook) = &cfg.on_commit {
-                hook(started.elapsed().as_secs_f64(), replies.len(), &entered);
-            }
-            Ok(())
-        }
+    let (entered, told) = match outcome {
+        Ok(entered) => (Some(entered), Ok(())),
         Err(e) => {
             let _ = end(rt, conn, false);
-            Err(e.to_string())
+            (None, Err(e.to_string()))
         }
     };
-    stats.apply_micros.fetch_add(
-        micros((applied - started).saturating_sub(idle)),
-        Ordering::Relaxed,
+    let n = super::super::settle(
+        stats,
+        cfg.on_commit.as_ref(),
+        (started, applied, idle),
+        entered.as_ref(),
+        replies,
+        &told,
     );
-    stats
-        .commit_micros
-        .fetch_add(micros(applied.elapsed()), Ordering::Relaxed);
-    let n = replies.len();
-    for reply in replies {
-        reply(outcome.clone());
-    }
+    let outcome = told;
     (n, outcome)
 }
