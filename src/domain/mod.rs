@@ -109,6 +109,10 @@ impl From<StoreError> for BrokerError {
                     code: "task_lease_cap",
                     message: format!("the task already holds {n} leases"),
                 },
+                Conflict::WorkloadLeaseCap(n) => Self::Quota {
+                    code: "workload_lease_cap",
+                    message: format!("the workload already holds {n} active leases (its cap)"),
+                },
                 Conflict::LeaseState(s) => {
                     Self::conflict("lease_state", format!("the lease is {}", s.as_str()))
                 }

@@ -18,6 +18,8 @@ pub enum Conflict {
     OutlivesTask,
     #[error("task already holds its maximum of {0} leases")]
     TaskLeaseCap(u32),
+    #[error("the workload already holds its maximum of {0} active leases")]
+    WorkloadLeaseCap(u64),
     #[error("lease not found")]
     LeaseNotFound,
     #[error("lease is {}", .0.as_str())]

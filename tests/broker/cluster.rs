@@ -40,12 +40,22 @@ fn node_configs(
     pg: &leasehold_provider_postgres::PostgresConfig,
     n: usize,
 ) -> (Vec<(String, std::net::SocketAddr, PathBuf)>, DevCredentials) {
+    node_configs_with(dir, pg, n, |_| {})
+}
+
+fn node_configs_with(
+    dir: &Path,
+    pg: &leasehold_provider_postgres::PostgresConfig,
+    n: usize,
+    tweak: impl FnOnce(&mut leasehold::config::Config),
+) -> (Vec<(String, std::net::SocketAddr, PathBuf)>, DevCredentials) {
     let first = free_port();
     let (path, creds) = child_config(dir, first, |c| {
         c.store.backend = StoreBackend::Postgres;
         c.store.postgres = Some(store_section(pg, "node-0"));
         c.reaper.retry_base_seconds = 1;
         c.reaper.retry_cap_seconds = 2;
+        tweak(c);
     });
     let base = leasehold::config::Config::load(&path).unwrap();
     let nodes = (0..n)
@@ -65,12 +75,16 @@ fn node_configs(
 
 impl Brokers {
     async fn start(n: usize) -> Self {
+        Self::start_with(n, |_| {}).await
+    }
+
+    async fn start_with(n: usize, tweak: impl FnOnce(&mut leasehold::config::Config)) -> Self {
         let pg = Cluster::start();
         let conn = pg.provision_store().await;
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
-        let (configs, creds) = node_configs(&data, &conn, n);
+        let (configs, creds) = node_configs_with(&data, &conn, n, tweak);
         let files = configs.iter().map(|c| c.2.clone()).collect();
         let mut nodes = Vec::new();
         for (name, addr, config) in configs {
@@ -997,4 +1011,44 @@ async fn a_node_with_other_token_keys_is_refused_while_the_cluster_runs() {
         .get(&b.token("admin"), "/v1/cluster")
         .await;
     assert_eq!(view["nodes"].as_array().unwrap().len(), 1, "{view}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workloads_lease_cap_holds_across_nodes() {
+    let b = Brokers::start_with(2, |c| c.policy.max_active_leases_per_workload = 3).await;
+    let a = b.token("assistant-a");
+    let task = open_task(&b.nodes[0].remote, &a, 600).await;
+    // twelve requests at once, alternating nodes: the cap is counted in the
+    // store's transaction, not per node
+    let requests: Vec<_> = (0..12)
+        .map(|i| {
+            let (base, a, task) = (b.nodes[i % 2].remote.base.clone(), a.clone(), task.clone());
+            tokio::spawn(async move {
+                let r = Remote {
+                    http: crate::harness::client(),
+                    base,
+                };
+                status_of(
+                    &r,
+                    &a,
+                    &format!("/v1/tasks/{task}/leases"),
+                    json!({"provider": "token", "role": "demo", "ttl_seconds": 600}),
+                )
+                .await
+            })
+        })
+        .collect();
+    let (mut issued, mut capped) = (0, 0);
+    for r in requests {
+        let (s, body) = r.await.unwrap();
+        match s {
+            201 => issued += 1,
+            429 => {
+                assert_eq!(body["error"]["code"], "workload_lease_cap", "{body}");
+                capped += 1;
+            }
+            s => panic!("{s}: {body}"),
+        }
+    }
+    assert_eq!((issued, capped), (3, 9));
 }

@@ -204,11 +204,19 @@ impl Broker {
             self.clock.now().unix_millis(),
             self.limits.max_leases_per_task,
         );
+        let quota = self.settings.max_active_leases_per_workload;
         // events are rendered here, not on the store's one writer thread
         let event = a.lease(&intent, &c, now_ms);
         self.store
             .write(move |t| {
                 t.refuse_fenced(&fence)?;
+                // the decision read the count from a snapshot; the cap holds
+                // against the committed count, on every node of a cluster
+                if t.workload_active(&intent.workload)? >= quota {
+                    return Err(crate::store::StoreError::Conflict(
+                        crate::store::Conflict::WorkloadLeaseCap(quota),
+                    ));
+                }
                 check(t)?;
                 t.lease_intent(&intent, now_ms, cap)?;
                 also(t)?;
@@ -309,9 +317,21 @@ impl Broker {
         let mut expected = rec.clone();
         activation.apply(&mut expected);
         let event = a.lease(&expected, &c, now_ms);
+        let (workload, quota) = (
+            rec.workload.clone(),
+            self.settings.max_active_leases_per_workload,
+        );
         let activated = self.store.write(move |t| {
             // a fence set while the provider was minting wins: rolled back
             t.refuse_fenced(&fence)?;
+            // so does the workload's cap: activations are serialized (on
+            // every node of a cluster), intents are not, so the cap on
+            // active leases is exact here
+            if t.workload_active(&workload)? >= quota {
+                return Err(StoreError::Conflict(
+                    crate::store::Conflict::WorkloadLeaseCap(quota),
+                ));
+            }
             let rec = t.activate(&activation, now_ms)?;
             // the stored record is the one rendered, unless the intent
             // changed meanwhile (then render what is stored)
@@ -337,10 +357,12 @@ impl Broker {
             }
             Err(StoreError::Conflict(c)) => {
                 // the task closed, or a fence went up, while the provider was minting
-                let detail = if matches!(c, crate::store::Conflict::Fenced) {
-                    "fenced before activation"
-                } else {
-                    "the task closed before activation"
+                let detail = match c {
+                    crate::store::Conflict::Fenced => "fenced before activation",
+                    crate::store::Conflict::WorkloadLeaseCap(_) => {
+                        "the workload reached its lease cap before activation"
+                    }
+                    _ => "the task closed before activation",
                 };
                 let err = BrokerError::from(StoreError::Conflict(c));
                 self.fail_issue(rec, detail, false, ctx).await;
