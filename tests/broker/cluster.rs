@@ -1055,3 +1055,88 @@ async fn a_workloads_lease_cap_holds_across_nodes() {
     }
     assert_eq!((issued, capped), (3, 9));
 }
+
+#[cfg(feature = "fault-injection")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_rolls_back_what_a_node_killed_between_intent_and_activation_left() {
+    // node-1 hangs after minting, before activation; node-0 leads
+    let pg = Cluster::start();
+    let conn = pg.provision_store().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let (mut configs, creds) = node_configs_with(&data, &conn, 2, |c| {
+        c.reaper.provider_timeout_seconds = 2;
+    });
+    let marker = dir.path().join("paused.json");
+    {
+        let (_, _, file) = &configs[1];
+        let mut c = leasehold::config::Config::load(file).unwrap();
+        c.fault.pause_after_issue_file = Some(marker.clone());
+        std::fs::write(file, c.to_toml().unwrap()).unwrap();
+    }
+    let (admin, resource, a) = (
+        creds.identities["admin"].token.clone(),
+        creds.identities["resource-server"].token.clone(),
+        creds.identities["assistant-a"].token.clone(),
+    );
+    let mut nodes = Vec::new();
+    for (i, (name, addr, file)) in configs.drain(..).enumerate() {
+        let remote = Remote::new(addr);
+        let mut child = Child::spawn(&file, addr, dir.path().join(format!("{name}.log")), "info");
+        child.wait_healthy(&remote.http).await;
+        if i == 0 {
+            let t = Instant::now();
+            while role(&remote).await != "leader" {
+                assert!(t.elapsed() < Duration::from_secs(10), "node-0 never led");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        nodes.push(Node {
+            name,
+            remote,
+            child,
+        });
+    }
+    let task = open_task(&nodes[1].remote, &a, 600).await;
+    let body = json!({"provider": "token", "role": "demo", "ttl_seconds": 600});
+    let (pending, paused) =
+        crate::harness::lease_until_paused(&nodes[1].remote, &a, &task, body, &marker).await;
+    let lease_id = paused["lease_id"].as_str().unwrap().to_owned();
+    let orphan = paused["credential"]["token"].as_str().unwrap().to_owned();
+    nodes[1].child.kill9();
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the client never got the credential"
+    );
+    // the leader finds the intent once no node can still be issuing it
+    let r = &nodes[0].remote;
+    let t = Instant::now();
+    let lease = loop {
+        let l = r.get(&admin, &format!("/v1/leases/{lease_id}")).await;
+        if l["state"] == "rolled_back" {
+            break l;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "never rolled back: {l}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(lease["revocation"]["cause"], "recovery", "{lease}");
+    assert!(
+        !r.active(&resource, &orphan).await,
+        "the orphaned credential is still usable"
+    );
+    verify(r, &admin).await;
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[test]
+fn the_leader_rolls_back_what_a_node_killed_between_intent_and_activation_left() {
+    panic!(
+        "this test needs the `fault-injection` feature to pause a broker between issue and \
+         activation: run `integration/test.sh`, or `cargo nextest run --workspace --features \
+         leasehold/fault-injection`"
+    );
+}

@@ -39,9 +39,13 @@ const IDLE_RECHECK_MS: i64 = 60_000;
 /// How often expired entries are pruned from the token denylist (and a
 /// cluster's leader looks for intents a dead node left).
 const PRUNE_EVERY_MS: i64 = 60_000;
-/// An intent this much older than twice the provider timeout has no live
-/// node issuing it.
-const ORPHAN_MARGIN_MS: i64 = 30_000;
+/// An intent older than three provider timeouts (and than this) has no live
+/// node issuing it: a node's issue takes one timeout at most, then its
+/// activation. One that arrives later still finds the intent rolled back,
+/// is refused, and rolls its credential back: late is safe, never leaked.
+const ORPHAN_MIN_AGE_MS: i64 = 10_000;
+/// How often a cluster's leader looks for intents a dead node left.
+const ORPHAN_EVERY: Duration = Duration::from_secs(5);
 
 impl Broker {
     /// Revoke leases this caller has claimed (or the worker found due),
@@ -202,8 +206,8 @@ impl Broker {
     ) -> Result<usize, BrokerError> {
         let age = i64::try_from(self.provider_timeout().as_millis())
             .unwrap_or(i64::MAX / 4)
-            .saturating_mul(2)
-            .saturating_add(ORPHAN_MARGIN_MS);
+            .saturating_mul(3)
+            .max(ORPHAN_MIN_AGE_MS);
         let before = self.clock.now().unix_millis().saturating_sub(age);
         self.recover_intents(Some(before), Some(epoch)).await
     }
@@ -447,6 +451,9 @@ pub fn spawn(
             shutdown.clone(),
         )));
     }
+    if broker.leadership().clustered() {
+        handles.push(tokio::spawn(orphan_loop(broker.clone(), shutdown.clone())));
+    }
     handles.push(tokio::spawn(maintenance_loop(broker, shutdown)));
     handles
 }
@@ -617,6 +624,25 @@ async fn reconcile_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// On a cluster's leader: roll back the intents a dead node left (a single
+/// broker does this once, at start).
+async fn orphan_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let Some(epoch) = b.leading(&mut shutdown).await else {
+            return;
+        };
+        match b.recover_orphans(epoch).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(recovered = n, "rolled back intents a stopped broker left"),
+            Err(e) => tracing::warn!(error = %e, "recovering orphaned intents failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(ORPHAN_EVERY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 async fn maintenance_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let Some(epoch) = b.leading(&mut shutdown).await else {
@@ -638,13 +664,6 @@ async fn maintenance_loop(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
             Ok(n) if n > 0 => tracing::debug!(pruned = n, "pruned expired token denylist entries"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning the token denylist failed"),
-        }
-        if b.leadership().clustered() {
-            match b.recover_orphans(epoch).await {
-                Ok(0) => {}
-                Ok(n) => tracing::warn!(recovered = n, "rolled back intents a stopped broker left"),
-                Err(e) => tracing::warn!(error = %e, "recovering orphaned intents failed"),
-            }
         }
         tokio::select! {
             _ = b.clock.sleep_until(Timestamp::from_unix_millis(now + PRUNE_EVERY_MS)) => {}
