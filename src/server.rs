@@ -261,7 +261,46 @@ fn store_options(config: &Config, passive: bool) -> Result<StoreOptions, ServeEr
 /// schema, key), reading only. `None` for redb (its checks are the files').
 pub fn check_store(config: &Config) -> Result<Option<String>, ServeError> {
     let key = load_key(config)?;
-    Ok(Store::check(&store_options(config, true)?, &key)?)
+    let options = store_options(config, true)?;
+    let Some((found, exists)) = Store::check(&options, &key)? else {
+        return Ok(None);
+    };
+    if !exists {
+        return Ok(Some(found));
+    }
+    // a store that exists: do this node's token keys match the cluster's?
+    let store = Store::open(&options, &key)?;
+    drop(key);
+    let (recorded, running) = crate::domain::cluster::recorded_token_keys(&store)
+        .map_err(|e| ServeError::Recovery(e.to_string()))?;
+    let tokens: std::collections::BTreeMap<_, _> = config
+        .providers
+        .iter()
+        // only the token providers: building the others could reach peers
+        .filter(|(_, p)| {
+            p.get::<leasehold_provider_token::TokenProviderConfig>()
+                .is_some()
+        })
+        .map(|(n, p)| (n.clone(), p.clone()))
+        .collect();
+    let providers = Providers::build(
+        &tokens,
+        &store,
+        config.broker_limits(),
+        Arc::new(crate::clock::SystemClock),
+    )?;
+    let here = crate::domain::cluster::token_key_fingerprint(&providers);
+    match recorded {
+        Some(r) if r != here && running => Err(ServeError::Recovery(format!(
+            "this configuration's token signing keys (fingerprint {}) differ from the running cluster's ({}): give every node the same token keys",
+            &here[..16],
+            r.get(..16).unwrap_or("?")
+        ))),
+        Some(r) if r != here => Ok(Some(format!(
+            "{found}; the token keys differ from those last recorded (no broker is running: the first to start records these)"
+        ))),
+        _ => Ok(Some(format!("{found}; the token keys match"))),
+    }
 }
 
 /// What `leasehold store copy` did.

@@ -20,6 +20,28 @@ use crate::config::OperatorRole;
 use crate::domain::{Broker, BrokerError};
 use crate::store::{ClusterView, Leadership};
 
+/// A fingerprint of every token provider's public keys (what the nodes of
+/// a cluster must agree on).
+pub fn token_key_fingerprint(providers: &crate::providers::Providers) -> String {
+    let mut keys: Vec<String> = providers.tokens().map(|t| t.jwks().to_string()).collect();
+    keys.sort();
+    crate::hex::encode(&crate::audit::sha256(keys.join("\n").as_bytes()))
+}
+
+/// The token keys recorded by the nodes of a cluster, if any, and whether a
+/// node other than these ones ran in the last 30 s (`config validate`).
+pub fn recorded_token_keys(
+    store: &crate::store::Store,
+) -> Result<(Option<String>, bool), BrokerError> {
+    let stored = store
+        .agreed("token_keys")?
+        .map(|v| String::from_utf8_lossy(&v).into_owned());
+    let running = store
+        .cluster()?
+        .is_some_and(|v| v.nodes.iter().any(|n| n.seen_ms_ago < OTHER_NODE_RECENT_MS));
+    Ok((stored, running))
+}
+
 /// Another node seen this recently is running.
 const OTHER_NODE_RECENT_MS: i64 = 30_000;
 
@@ -78,13 +100,7 @@ impl Broker {
     /// running (a full restart, e.g. to rotate the key), the new keys are
     /// recorded. A single broker records its keys and goes on.
     pub async fn agree_on_token_keys(&self) -> Result<(), BrokerError> {
-        let mut keys: Vec<String> = self
-            .providers
-            .tokens()
-            .map(|t| t.jwks().to_string())
-            .collect();
-        keys.sort();
-        let fp = crate::hex::encode(&crate::audit::sha256(keys.join("\n").as_bytes()));
+        let fp = token_key_fingerprint(&self.providers);
         let alone = match self.store.cluster()? {
             None => true,
             Some(view) => !view

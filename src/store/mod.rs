@@ -299,9 +299,13 @@ impl Store {
     }
 
     /// What `config validate` can know about a store without writing: for
-    /// PostgreSQL, reach it and check privileges, schema version and key.
-    /// `None`: nothing to check beyond the files (redb).
-    pub fn check(opts: &StoreOptions, key: &StoreKey) -> Result<Option<String>, StoreError> {
+    /// PostgreSQL, reach it and check privileges, schema version and key;
+    /// what was found, and whether the store exists already. `None`:
+    /// nothing to check beyond the files (redb).
+    pub fn check(
+        opts: &StoreOptions,
+        key: &StoreKey,
+    ) -> Result<Option<(String, bool)>, StoreError> {
         match &opts.postgres {
             Some(pg) => pg::check(pg, key).map(Some),
             None => Ok(None),
@@ -335,6 +339,14 @@ impl Store {
     /// may have been missed. `None` for a single broker.
     pub fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         self.inner.backend.changes()
+    }
+
+    /// A store-wide setting the nodes agreed on (`ClusterWrites::agree`).
+    pub fn agreed(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = format!("agreed:{name}");
+        let meta = self.inner.backend.raw()?.open(schema::META)?;
+        let v = meta.get(key.as_str())?.map(|g| g.value().to_vec());
+        Ok(v)
     }
 
     /// The database connections for reads: open, idle (PostgreSQL).

@@ -930,7 +930,40 @@ async fn config_validate_checks_the_store_database_and_writes_nothing() {
     let remote = Remote::new(addr);
     let mut node = Child::spawn(&file, addr, dir.path().join("n.log"), "info");
     node.wait_healthy(&remote.http).await;
+    // other token keys than the running cluster's: refused
+    let token_key = dir.path().join("other-token.key");
+    std::fs::write(
+        &token_key,
+        leasehold_provider_token::generate_signing_key().unwrap(),
+    )
+    .unwrap();
+    let other_tokens = variant("tokens.toml", &|c| {
+        c.providers
+            .get_mut("token")
+            .unwrap()
+            .get_mut::<leasehold_provider_token::TokenProviderConfig>()
+            .unwrap()
+            .signing_key_file = token_key.clone();
+    });
+    let out = online(&other_tokens);
+    assert!(!out.status.success());
+    assert!(said(&out).contains("token signing keys"), "{}", said(&out));
+    let out = online(&file);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains("the token keys match"),
+        "{}",
+        said(&out)
+    );
     assert!(node.terminate().success());
+    // with no broker running, new token keys are a note (a rotation)
+    let out = online(&other_tokens);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains("no broker is running"),
+        "{}",
+        said(&out)
+    );
     let out = online(&file);
     assert!(out.status.success(), "{}", said(&out));
     assert!(

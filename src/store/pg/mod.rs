@@ -250,14 +250,17 @@ fn database(
 /// `config validate`: reach the database, and check (reading only) what a
 /// start would refuse: credentials, TLS, the privileges the store needs, a
 /// schema from a newer build, another store key. Returns what it found.
-pub fn check(pg: &PgOptions, key: &StoreKey) -> Result<String, StoreError> {
+pub fn check(pg: &PgOptions, key: &StoreKey) -> Result<(String, bool), StoreError> {
     let (_rt, db) = database(pg, 1, 1)?;
     let conn = db.connect()?;
     let name = db.name.clone();
     let found = db.block(async move { inspect(&conn).await })?;
     match found {
-        None => Ok(format!(
-            "store postgres://{name}: reachable, no leasehold schema yet (the first broker creates it)"
+        None => Ok((
+            format!(
+                "store postgres://{name}: reachable, no leasehold schema yet (the first broker creates it)"
+            ),
+            false,
         )),
         Some(stamp) => {
             if stamp.version > SCHEMA_VERSION {
@@ -272,9 +275,12 @@ pub fn check(pg: &PgOptions, key: &StoreKey) -> Result<String, StoreError> {
                     expected: stamp.fingerprint,
                 });
             }
-            Ok(format!(
-                "store postgres://{name}: reachable, schema {}, the store key matches",
-                stamp.version
+            Ok((
+                format!(
+                    "store postgres://{name}: reachable, schema {}, the store key matches",
+                    stamp.version
+                ),
+                true,
             ))
         }
     }
