@@ -17,6 +17,7 @@
 
 mod cluster;
 mod session;
+mod table;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -28,7 +29,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 pub use cluster::{ClusterView, Leadership, NodeView};
-pub(super) use session::{Range, Session, Table};
+pub(super) use session::Session;
+pub(super) use table::{Range, Table};
 
 use super::kv::{ReadSource, ord_of};
 use super::lifecycle::ChainHead;
