@@ -481,6 +481,33 @@ impl Drop for Relay {
     }
 }
 
+/// Start the nodes in order, node-0 alone until it leads (so the test
+/// knows which node leads), logs in `logs`.
+async fn start_node_0_first(
+    configs: Vec<(String, std::net::SocketAddr, PathBuf)>,
+    logs: &Path,
+) -> Vec<Node> {
+    let mut nodes = Vec::new();
+    for (i, (name, addr, file)) in configs.into_iter().enumerate() {
+        let remote = Remote::new(addr);
+        let mut child = Child::spawn(&file, addr, logs.join(format!("{name}.log")), "info");
+        child.wait_healthy(&remote.http).await;
+        if i == 0 {
+            let t = Instant::now();
+            while role(&remote).await != "leader" {
+                assert!(t.elapsed() < Duration::from_secs(10), "node-0 never led");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        nodes.push(Node {
+            name,
+            remote,
+            child,
+        });
+    }
+    nodes
+}
+
 /// A node's role by its readiness probe (`leader`, `follower`).
 async fn role(r: &Remote) -> String {
     r.get("", "/v1/ready").await["role"]
@@ -501,7 +528,7 @@ async fn a_leader_cut_off_from_the_database_steps_down_before_its_lease_ends() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    let (mut configs, creds) = node_configs(&data, &conn, 3);
+    let (configs, creds) = node_configs(&data, &conn, 3);
     {
         // node-0's own file: the relay's port
         let (name, _, file) = &configs[0];
@@ -511,24 +538,7 @@ async fn a_leader_cut_off_from_the_database_steps_down_before_its_lease_ends() {
     }
     let admin = creds.identities["admin"].token.clone();
     let a = creds.identities["assistant-a"].token.clone();
-    let mut nodes = Vec::new();
-    for (i, (name, addr, file)) in configs.drain(..).enumerate() {
-        let remote = Remote::new(addr);
-        let mut child = Child::spawn(&file, addr, dir.path().join(format!("{name}.log")), "info");
-        child.wait_healthy(&remote.http).await;
-        if i == 0 {
-            let t = Instant::now();
-            while role(&remote).await != "leader" {
-                assert!(t.elapsed() < Duration::from_secs(10), "node-0 never led");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        nodes.push(Node {
-            name,
-            remote,
-            child,
-        });
-    }
+    let nodes = start_node_0_first(configs, dir.path()).await;
     let old = &nodes[0].remote;
     let epoch = old.get(&admin, "/v1/cluster").await["epoch"]
         .as_i64()
@@ -1098,7 +1108,7 @@ async fn the_leader_rolls_back_what_a_node_killed_between_intent_and_activation_
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
-    let (mut configs, creds) = node_configs_with(&data, &conn, 2, |c| {
+    let (configs, creds) = node_configs_with(&data, &conn, 2, |c| {
         c.reaper.provider_timeout_seconds = 2;
     });
     let marker = dir.path().join("paused.json");
@@ -1113,24 +1123,7 @@ async fn the_leader_rolls_back_what_a_node_killed_between_intent_and_activation_
         creds.identities["resource-server"].token.clone(),
         creds.identities["assistant-a"].token.clone(),
     );
-    let mut nodes = Vec::new();
-    for (i, (name, addr, file)) in configs.drain(..).enumerate() {
-        let remote = Remote::new(addr);
-        let mut child = Child::spawn(&file, addr, dir.path().join(format!("{name}.log")), "info");
-        child.wait_healthy(&remote.http).await;
-        if i == 0 {
-            let t = Instant::now();
-            while role(&remote).await != "leader" {
-                assert!(t.elapsed() < Duration::from_secs(10), "node-0 never led");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        nodes.push(Node {
-            name,
-            remote,
-            child,
-        });
-    }
+    let mut nodes = start_node_0_first(configs, dir.path()).await;
     let task = open_task(&nodes[1].remote, &a, 600).await;
     let body = json!({"provider": "token", "role": "demo", "ttl_seconds": 600});
     let (pending, paused) =
