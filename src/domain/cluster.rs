@@ -98,8 +98,12 @@ impl Broker {
     /// The first node records the keys' fingerprint; a node whose keys
     /// differ is refused while another node runs. With no other node
     /// running (a full restart, e.g. to rotate the key), the new keys are
-    /// recorded. A single broker records its keys and goes on.
+    /// recorded. A single broker on redb skips this (no write at start).
     pub async fn agree_on_token_keys(&self) -> Result<(), BrokerError> {
+        if !self.leadership().clustered() {
+            // one broker has no one to agree with
+            return Ok(());
+        }
         let fp = token_key_fingerprint(&self.providers);
         let alone = match self.store.cluster()? {
             None => true,

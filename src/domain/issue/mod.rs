@@ -204,19 +204,11 @@ impl Broker {
             self.clock.now().unix_millis(),
             self.limits.max_leases_per_task,
         );
-        let quota = self.settings.max_active_leases_per_workload;
         // events are rendered here, not on the store's one writer thread
         let event = a.lease(&intent, &c, now_ms);
         self.store
             .write(move |t| {
                 t.refuse_fenced(&fence)?;
-                // the decision read the count from a snapshot; the cap holds
-                // against the committed count, on every node of a cluster
-                if t.workload_active(&intent.workload)? >= quota {
-                    return Err(crate::store::StoreError::Conflict(
-                        crate::store::Conflict::WorkloadLeaseCap(quota),
-                    ));
-                }
                 check(t)?;
                 t.lease_intent(&intent, now_ms, cap)?;
                 also(t)?;
