@@ -87,6 +87,15 @@ impl Conn {
     }
 }
 
+/// A new connection (its task runs on the runtime this is awaited on).
+async fn open(connector: &leasehold_provider_postgres::Pool) -> Result<Arc<Conn>, StoreError> {
+    connector
+        .connect()
+        .await
+        .map(|c| Arc::new(Conn::new(c)))
+        .map_err(|e| StoreError::Io(e.message))
+}
+
 /// The database: its runtime, how to connect, and a bounded set of
 /// connections for readers (the writer and the leader keep their own).
 pub(in crate::store) struct Db {
@@ -140,13 +149,7 @@ impl Db {
     /// A new connection of its own (the writer's, the leader's).
     pub(in crate::store) fn connect(&self) -> Result<Arc<Conn>, StoreError> {
         let connector = self.connector.clone();
-        self.block(async move {
-            connector
-                .connect()
-                .await
-                .map_err(|e| StoreError::Io(e.message))
-        })
-        .map(|c| Arc::new(Conn::new(c)))
+        self.block(async move { open(&connector).await })
     }
 
     /// Readers' connections: open, and idle among them.
@@ -162,11 +165,7 @@ impl Db {
 
     /// A new connection, from async code on the database's runtime.
     pub(in crate::store) async fn connect_async(&self) -> Result<Arc<Conn>, StoreError> {
-        self.connector
-            .connect()
-            .await
-            .map(|c| Arc::new(Conn::new(c)))
-            .map_err(|e| StoreError::Io(e.message))
+        open(&self.connector).await
     }
 
     /// A connection listening on `channel`, and its notifications.
