@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use leasehold::cli::{Cli, Command, ConfigCommand, KeygenCommand, LogFormat, StoreCommand};
+use leasehold::cli::{
+    Cli, Command, ConfigCommand, KeygenCommand, LogFormat, ProvidersCommand, StoreCommand,
+};
 use leasehold::clock::{Clock as _, SystemClock};
 
 /// glibc malloc took about a sixth of the broker's CPU under load (arena
@@ -157,6 +159,16 @@ fn real_main() -> anyhow::Result<ExitCode> {
             command,
             selector,
         } => return client(leasehold::cli::incident::revoke(&conn, command, selector)),
+        Command::Providers {
+            command:
+                ProvidersCommand::Conformance {
+                    config,
+                    name,
+                    role,
+                    expiry_only,
+                },
+            ..
+        } => return conformance(&config, &name, &role, expiry_only),
         Command::Providers { conn, command } => {
             return client(leasehold::cli::incident::providers(&conn, command));
         }
@@ -234,6 +246,45 @@ fn validate_config(file: &std::path::Path, offline: bool) -> anyhow::Result<()> 
         cfg.auth.operators.len()
     );
     Ok(())
+}
+
+/// `leasehold providers conformance`: each role's promises, passed or
+/// failed; exit 1 when any failed.
+fn conformance(
+    file: &std::path::Path,
+    name: &str,
+    roles: &[String],
+    expiry_only: bool,
+) -> anyhow::Result<ExitCode> {
+    let _logs = init_logging(LogFormat::Text);
+    let cfg = leasehold::config::Config::load(file)?;
+    let outcomes = runtime()?
+        .block_on(leasehold::cli::conformance::run(
+            &cfg,
+            name,
+            roles,
+            expiry_only,
+            Arc::new(SystemClock),
+        ))
+        .map_err(anyhow::Error::msg)?;
+    let mut failed = 0;
+    for o in &outcomes {
+        println!("provider `{name}`, role `{}`:", o.role);
+        for line in &o.lines {
+            println!("{line}");
+        }
+        failed += usize::from(!o.passed);
+    }
+    println!(
+        "conformance: {} role(s), {} passed, {failed} failed",
+        outcomes.len(),
+        outcomes.len() - failed
+    );
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// `leasehold store copy`: the outcome as JSON; exit 1 when the target's

@@ -4,7 +4,8 @@
 //! line; nothing else in `src/` names a kind. A kind parses, validates and
 //! builds itself through `leasehold_provider::ProviderSettings`. A build
 //! that embeds the broker (or a test) may add kinds with [`register`]
-//! before it loads a configuration; plugins will register the same way.
+//! before it loads a configuration. A provider that is not compiled in runs
+//! as a plugin: `type = "plugin"` names its program (`leasehold_plugin`).
 
 use std::sync::RwLock;
 
@@ -17,6 +18,9 @@ pub static BUILTIN: &[&dyn ProviderKind] = &[
     &leasehold_provider_vault::KIND,
     &leasehold_provider_aws_sts::KIND,
     &leasehold_provider_azure::KIND,
+    &leasehold_provider_mysql::KIND,
+    // a provider in its own process, speaking gRPC (providers/plugin)
+    &leasehold_plugin::KIND,
 ];
 
 /// Kinds registered at run time, after the built-in ones.
@@ -79,7 +83,9 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), names.len(), "{names:?}");
-        for n in ["token", "postgres", "vault", "aws-sts", "azure"] {
+        for n in [
+            "token", "postgres", "vault", "aws-sts", "azure", "mysql", "plugin",
+        ] {
             assert_eq!(find(n).map(|k| k.type_name()), Some(n));
         }
         assert!(find("nope").is_none());

@@ -257,6 +257,10 @@ pub async fn providers(conn: &Connection, command: ProvidersCommand) -> Result<V
             c.call(Method::POST, &path, Some(json!({ "drop": drop })))
                 .await
         }
+        // runs in process, not against a broker (main.rs)
+        ProvidersCommand::Conformance { .. } => Err(ClientError::Usage(
+            "`providers conformance` runs locally: `leasehold providers conformance --config FILE NAME`".into(),
+        )),
     }
 }
 

@@ -2,6 +2,7 @@
 //! to a running broker.
 
 pub mod client;
+pub mod conformance;
 pub mod events;
 pub mod incident;
 
@@ -239,6 +240,29 @@ pub enum ProvidersCommand {
         /// Remove the orphans found (default: report only).
         #[arg(long)]
         drop: bool,
+    },
+    /// Run the conformance suite against one configured provider or plugin,
+    /// in this process (no broker needed): issue, use, revoke, check it is
+    /// unusable, revoke again, roll back by lease id, revoke in a batch.
+    /// Each promise prints as passed or failed; exit 1 if any failed. It
+    /// mints and revokes real credentials at the provider's peer, and uses
+    /// the provider's own probe to check each one works, then does not.
+    ///
+    /// Example: leasehold providers conformance --config leasehold.toml mariadb
+    Conformance {
+        /// The broker's configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The provider's name in the config.
+        #[arg(value_name = "PROVIDER")]
+        name: String,
+        /// Only this role (repeatable; default: every role).
+        #[arg(long, value_name = "ROLE")]
+        role: Vec<String>,
+        /// The provider's credentials cannot be revoked, only outlived: run
+        /// the expiry-only suite (waits for a credential to die).
+        #[arg(long)]
+        expiry_only: bool,
     },
 }
 

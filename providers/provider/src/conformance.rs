@@ -25,6 +25,27 @@ pub trait SpecFactory: Send + Sync {
     fn spec(&self, role: &str, ttl: Duration) -> LeaseSpec;
 }
 
+/// The promises [`run`] checks, in order: each name is pushed to
+/// [`Report::steps`] once it has passed.
+pub const STEPS: &[&str] = &[
+    "describe_and_validate",
+    "health",
+    "issue_and_use",
+    "revoke_unusable_idempotent",
+    "rollback_of_nothing",
+    "rollback_of_prepared",
+    "rollback_by_lease_id",
+    "revoke_many",
+];
+
+/// The promises [`run_expiry_only`] checks, in order.
+pub const EXPIRY_ONLY_STEPS: &[&str] = &[
+    "issue_and_use",
+    "revoke_is_noted_expiry_only",
+    "rollback_is_noted_expiry_only",
+    "dies_at_expiry",
+];
+
 /// What the suite did, for the test to print.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -37,12 +58,26 @@ pub struct Report {
 pub struct Failure {
     pub step: &'static str,
     pub detail: String,
+    /// The promises that passed before this failure.
+    pub passed: Vec<&'static str>,
 }
 
 fn fail(step: &'static str, detail: impl Into<String>) -> Failure {
     Failure {
         step,
         detail: detail.into(),
+        passed: Vec::new(),
+    }
+}
+
+/// The report so far on success, or the failure with what passed before it.
+fn finish(result: Result<(), Failure>, report: Report) -> Result<Report, Failure> {
+    match result {
+        Ok(()) => Ok(report),
+        Err(mut f) => {
+            f.passed = report.steps;
+            Err(f)
+        }
     }
 }
 
@@ -88,6 +123,18 @@ pub async fn run_with(
     options: Options,
 ) -> Result<Report, Failure> {
     let mut report = Report::default();
+    let r = suite(provider, probe, specs, role, options, &mut report).await;
+    finish(r, report)
+}
+
+async fn suite(
+    provider: &dyn Provider,
+    probe: &dyn Probe,
+    specs: &dyn SpecFactory,
+    role: &str,
+    options: Options,
+    report: &mut Report,
+) -> Result<(), Failure> {
     let ttl = Duration::from_secs(120);
 
     let desc = provider.describe();
@@ -273,7 +320,7 @@ pub async fn run_with(
     }
     report.steps.push("revoke_many");
 
-    Ok(report)
+    Ok(())
 }
 
 /// The suite for a credential that cannot be revoked, only outlived (an
@@ -291,6 +338,18 @@ pub async fn run_expiry_only(
     now: &(dyn Fn() -> crate::Timestamp + Send + Sync),
 ) -> Result<Report, Failure> {
     let mut report = Report::default();
+    let r = expiry_only_suite(provider, probe, specs, role, now, &mut report).await;
+    finish(r, report)
+}
+
+async fn expiry_only_suite(
+    provider: &dyn Provider,
+    probe: &dyn Probe,
+    specs: &dyn SpecFactory,
+    role: &str,
+    now: &(dyn Fn() -> crate::Timestamp + Send + Sync),
+    report: &mut Report,
+) -> Result<(), Failure> {
     let ttl = Duration::from_secs(120);
     provider
         .validate(role, &[])
@@ -377,7 +436,7 @@ pub async fn run_expiry_only(
         "the credential still works after its expiry",
     )?;
     report.steps.push("dies_at_expiry");
-    Ok(report)
+    Ok(())
 }
 
 /// Mint as the broker does: `prepare`, the handle stored into the spec, then

@@ -410,6 +410,18 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
         Ok(None)
     }
 
+    /// Does `credential` work at the peer right now? For conformance runs
+    /// against a configured provider (`leasehold providers conformance`),
+    /// which must use a credential, not trust the broker's bookkeeping.
+    /// `Ok(None)`: this provider cannot check its own credentials.
+    async fn probe(
+        &self,
+        _spec: &LeaseSpec,
+        _credential: &Credential,
+    ) -> Result<Option<bool>, ProviderError> {
+        Ok(None)
+    }
+
     /// Remove one thing `inventory` found that no live lease accounts for.
     /// Idempotent. Must refuse anything without the broker's mark.
     async fn remove(&self, found: &Found) -> Result<(), ProviderError> {
