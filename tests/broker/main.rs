@@ -30,6 +30,7 @@ mod lifecycle;
 mod limits;
 mod metrics;
 mod openapi;
+mod plugins;
 mod policy;
 mod postgres;
 mod registered;

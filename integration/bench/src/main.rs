@@ -20,6 +20,8 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod mysql;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -168,6 +170,23 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Issue 28's figures against a throwaway MariaDB: issue and revoke
+    /// latency of the MariaDB provider in process and through its plugin
+    /// (one client, interleaved), then through a broker whose MariaDB
+    /// provider is the plugin: leases per second by 16 clients and one mass
+    /// revocation of them all with 50 sessions open. Needs
+    /// `leasehold-plugin-mysql` next to this binary.
+    Mysql {
+        /// Issue+revoke cycles measured each way.
+        #[arg(long, default_value_t = 500)]
+        samples: usize,
+        #[arg(long, default_value_t = 10_000)]
+        leases: usize,
+        #[arg(long, default_value_t = 16, value_parser = at_least_one())]
+        clients: usize,
+        #[arg(long, default_value_t = 50)]
+        sessions: usize,
+    },
     /// The disk under BENCH_DIR: fsync time after writing N random 4 KiB
     /// pages (what a checkpoint does), and after appending 64 KiB (what a
     /// group commit's log record does). Durable throughput follows it, so a
@@ -267,7 +286,7 @@ const BENCH_POLICY: &str = r#"
 @id("open") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"OpenTask", resource);
 @id("read") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"Call", resource == Leasehold::Tool::"demo.read");
 @id("lease") permit (principal in Leasehold::Group::"assistants", action == Leasehold::Action::"Lease", resource)
-  when { resource.provider == "token" || resource.provider == "appdb" || resource.provider == "vault" };
+  when { resource.provider == "token" || resource.provider == "appdb" || resource.provider == "vault" || resource.provider == "mariadb" };
 "#;
 
 /// A fresh folder for one round's store, under `BENCH_DIR` (default /tmp).
@@ -1442,6 +1461,54 @@ async fn vault(bin: &Path, samples: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `leases` leases of `provider`/`role` issued by `clients` concurrent
+/// clients, one task each; a few of their credentials back.
+async fn issue_storm(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    provider: &str,
+    role: &str,
+    leases: usize,
+    clients: usize,
+) -> anyhow::Result<Vec<Value>> {
+    let mut set = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let n = leases / clients + usize::from(c < leases % clients);
+        let (http, base, a) = (http.clone(), base.to_owned(), token.to_owned());
+        let (provider, role) = (provider.to_owned(), role.to_owned());
+        set.spawn(async move {
+            let task = post(&http, format!("{base}/v1/tasks"), &a, Some(json!({"purpose": "bench", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 86_400}))).await?;
+            let url = format!("{base}/v1/tasks/{}/leases", task["task_id"].as_str().unwrap_or_default());
+            let mut creds = Vec::new();
+            for _ in 0..n {
+                let l = post(&http, url.clone(), &a, Some(json!({"provider": provider, "role": role, "ttl_seconds": 3600}))).await?;
+                if creds.len() < 8 {
+                    creds.push(l["credential"].clone());
+                }
+            }
+            anyhow::Ok(creds)
+        });
+    }
+    let mut sample = Vec::new();
+    while let Some(res) = set.join_next().await {
+        sample.extend(res??);
+    }
+    Ok(sample)
+}
+
+/// `e` with the broker's last warnings from its log.
+fn with_broker_warnings(e: anyhow::Error, log: &Path) -> anyhow::Error {
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = log
+        .lines()
+        .rev()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .take(5)
+        .collect();
+    anyhow::anyhow!("{e}; the broker's last warnings:\n{}", tail.join("\n"))
+}
+
 async fn postgres(
     bin: &Path,
     leases: usize,
@@ -1479,40 +1546,9 @@ async fn postgres(
 
         // issue: `clients` concurrent clients, one task each
         let t0 = Instant::now();
-        let mut set = tokio::task::JoinSet::new();
-        for c in 0..clients {
-            let n = leases / clients + usize::from(c < leases % clients);
-            let (http, base, a, role) = (http.clone(), base.clone(), a.clone(), role.to_owned());
-            set.spawn(async move {
-                let task = post(&http, format!("{base}/v1/tasks"), &a, Some(json!({"purpose": "bench", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 86_400}))).await?;
-                let url = format!("{base}/v1/tasks/{}/leases", task["task_id"].as_str().unwrap_or_default());
-                let mut creds = Vec::new();
-                for _ in 0..n {
-                    let l = post(&http, url.clone(), &a, Some(json!({"provider": "appdb", "role": role, "ttl_seconds": 3600}))).await?;
-                    if creds.len() < 8 {
-                        creds.push(l["credential"].clone());
-                    }
-                }
-                anyhow::Ok(creds)
-            });
-        }
-        let mut sample = Vec::new();
-        while let Some(res) = set.join_next().await {
-            match res? {
-                Ok(c) => sample.extend(c),
-                Err(e) => {
-                    let log =
-                        std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default();
-                    let tail: Vec<&str> = log
-                        .lines()
-                        .rev()
-                        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-                        .take(5)
-                        .collect();
-                    bail!("{e}; the broker's last warnings:\n{}", tail.join("\n"));
-                }
-            }
-        }
+        let sample = issue_storm(&http, &base, &a, "appdb", role, leases, clients)
+            .await
+            .map_err(|e| with_broker_warnings(e, &dir.path().join("broker.log")))?;
         let issue_secs = t0.elapsed().as_secs_f64();
         let rate = leases as f64 / issue_secs;
 
@@ -2021,6 +2057,12 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Cmd::Mysql {
+            samples,
+            leases,
+            clients,
+            sessions,
+        } => mysql::mysql(&bin, samples, leases, clients, sessions).await,
         Cmd::Events {
             noop,
             rounds,
