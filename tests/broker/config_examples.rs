@@ -70,6 +70,18 @@ fn the_example_provider_blocks_are_valid() {
     azure.validate(3600).unwrap();
     assert_eq!(azure.roles.len(), 3);
     assert_eq!(azure.workload_principals.len(), 1);
+    let plugin: leasehold_plugin::PluginConfig =
+        example_block("mariadb", "plugin").try_into().unwrap();
+    use leasehold_provider::ProviderSettings as _;
+    let limits = leasehold_provider::BrokerLimits {
+        max_lease_ttl_seconds: 3600,
+        provider_timeout_seconds: 10,
+    };
+    plugin.validate(&limits).unwrap();
+    // the plugin's own configuration is the MariaDB provider's, valid too
+    let mysql: leasehold_provider_mysql::MysqlConfig = plugin.config.clone().try_into().unwrap();
+    mysql.validate(3600).unwrap();
+    assert_eq!(plugin.roles(), vec![("reader", 900)]);
 }
 
 fn validate_cli(file: &Path) -> std::process::Output {
