@@ -1497,6 +1497,30 @@ async fn issue_storm(
     Ok(sample)
 }
 
+/// One mass revocation job over every lease of `provider`, waited for:
+/// its duration in seconds, how many it revoked, and its final status.
+async fn revoke_provider(
+    http: &reqwest::Client,
+    base: &str,
+    responder: &str,
+    provider: &str,
+) -> anyhow::Result<(f64, u64, Value)> {
+    let start = Instant::now();
+    let job = post(
+        http,
+        format!("{base}/v1/revocations"),
+        responder,
+        Some(json!({"provider": provider, "reason": "bench"})),
+    )
+    .await?;
+    let id = job["job_id"].as_str().unwrap_or_default().to_owned();
+    let status = wait_job(http, base, responder, &id, start, Duration::from_secs(600)).await?;
+    let revoked = status["by_provider"][provider]["revoked"]
+        .as_u64()
+        .unwrap_or(0);
+    Ok((start.elapsed().as_secs_f64(), revoked, status))
+}
+
 /// `e` with the broker's last warnings from its log.
 fn with_broker_warnings(e: anyhow::Error, log: &Path) -> anyhow::Error {
     let log = std::fs::read_to_string(log).unwrap_or_default();
@@ -1567,28 +1591,8 @@ async fn postgres(
         }
 
         // one mass revocation of every appdb lease
-        let start = Instant::now();
-        let job = post(
-            &http,
-            format!("{base}/v1/revocations"),
-            &responder,
-            Some(json!({"provider": "appdb", "reason": "bench"})),
-        )
-        .await?;
-        let id = job["job_id"].as_str().unwrap_or_default().to_owned();
-        let status = wait_job(
-            &http,
-            &base,
-            &responder,
-            &id,
-            start,
-            Duration::from_secs(600),
-        )
-        .await?;
-        let revoke_secs = start.elapsed().as_secs_f64();
-        let revoked = status["by_provider"]["appdb"]["revoked"]
-            .as_u64()
-            .unwrap_or(0);
+        let (revoke_secs, revoked, status) =
+            revoke_provider(&http, &base, &responder, "appdb").await?;
         let su = cluster.superuser("postgres").await;
         let left: i64 = su
             .query_one(

@@ -18,10 +18,9 @@ use leasehold::ids::{LeaseId, TaskId};
 use leasehold_provider::{LeaseSpec, Provider, RevokeSpec};
 use leasehold_provider_mysql::testkit::Server as MariaDb;
 use mysql_async::prelude::Queryable;
-use serde_json::json;
 
 use crate::{
-    bench_dir, client, free_addr, issue_storm, median, percentile, post, setup, wait_job,
+    bench_dir, client, free_addr, issue_storm, median, percentile, revoke_provider, setup,
     wait_ready, with_broker_warnings,
 };
 
@@ -191,28 +190,8 @@ pub(crate) async fn mysql(
         open.push(conn);
     }
 
-    let start = Instant::now();
-    let job = post(
-        &http,
-        format!("{base}/v1/revocations"),
-        &responder,
-        Some(json!({"provider": "mariadb", "reason": "bench"})),
-    )
-    .await?;
-    let id = job["job_id"].as_str().unwrap_or_default().to_owned();
-    let status = wait_job(
-        &http,
-        &base,
-        &responder,
-        &id,
-        start,
-        Duration::from_secs(600),
-    )
-    .await?;
-    let revoke_secs = start.elapsed().as_secs_f64();
-    let revoked = status["by_provider"]["mariadb"]["revoked"]
-        .as_u64()
-        .unwrap_or(0);
+    let (revoke_secs, revoked, status) =
+        revoke_provider(&http, &base, &responder, "mariadb").await?;
     let left = server.users("lh_").await.len();
     let mut alive = 0;
     for mut c in open {
