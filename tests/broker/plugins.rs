@@ -413,3 +413,121 @@ fn account_count(db: &Path) -> usize {
     );
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_validate_starts_the_plugin_and_refuses_a_wrong_digest() {
+    let server = tokio::task::spawn_blocking(Server::start).await.unwrap();
+    server.provision().await;
+    let dir = tempfile::tempdir().unwrap();
+    let entry = mysql_catalog(&server);
+    let (path, _) = child_config(dir.path(), crate::harness::free_port(), {
+        let entry = entry.clone();
+        move |c| {
+            c.providers
+                .insert("mariadb".into(), ProviderConfig::new(entry));
+        }
+    });
+    let validate = |path: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+            .args(["config", "validate"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = tokio::task::block_in_place(|| validate(&path));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("speaks protocol 1") && text.contains("healthy"),
+        "{text}"
+    );
+
+    let bad = dir.path().join("bad.toml");
+    let wrong = "ab".repeat(32);
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .replace(&entry.sha256, &wrong),
+    )
+    .unwrap();
+    let out = tokio::task::block_in_place(|| validate(&bad));
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "a wrong digest was accepted");
+    assert!(text.contains("providers.mariadb.command"), "{text}");
+    assert!(
+        text.contains(&entry.sha256) && text.contains(&wrong),
+        "both digests: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_through_the_plugin_finds_and_drops_users_no_lease_accounts_for() {
+    let server = tokio::task::spawn_blocking(Server::start).await.unwrap();
+    server.provision().await;
+    let h = start("mariadb", mysql_catalog(&server)).await;
+    wait_ready(&h, "provider:mariadb").await;
+    let task = h.open_task(&h.tokens.a, 3600).await;
+    let (s, live) = lease(&h, &task, "mariadb", "writer").await;
+    assert_eq!(s, StatusCode::CREATED, "{live}");
+    let live_user = live["credential"]["username"].as_str().unwrap().to_owned();
+    // behind the broker's back: a prefixed user no lease accounts for, and one without the prefix
+    let mut root = server.root().await;
+    root.query_drop("CREATE USER 'lh_lease_00000000000000000000000000'@'%' IDENTIFIED BY 'x'")
+        .await
+        .unwrap();
+    root.query_drop("CREATE USER 'not_ours'@'%' IDENTIFIED BY 'x'")
+        .await
+        .unwrap();
+
+    let (s, report) = h
+        .post(
+            &h.tokens.admin,
+            "/v1/providers/mariadb/reconcile",
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{report}");
+    assert_eq!(
+        (report["found"].as_u64(), report["accounted"].as_u64()),
+        (Some(2), Some(1)),
+        "{report}"
+    );
+    let orphans = report["orphans"].as_array().unwrap();
+    assert_eq!(orphans.len(), 1, "{report}");
+    assert_eq!(
+        orphans[0]["name"], "'lh_lease_00000000000000000000000000'@'%'",
+        "{report}"
+    );
+    assert_eq!(
+        orphans[0]["reason"], "no such lease in the store",
+        "{report}"
+    );
+    assert_eq!(
+        server.users("lh_lease_0000").await.len(),
+        1,
+        "a report drops nothing"
+    );
+
+    let (s, report) = h
+        .post(
+            &h.tokens.admin,
+            "/v1/providers/mariadb/reconcile",
+            json!({"drop": true}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{report}");
+    assert_eq!(report["orphans"][0]["removed"], true, "{report}");
+    assert!(server.users("lh_lease_0000").await.is_empty(), "{report}");
+    assert_eq!(
+        server.users(&live_user).await.len(),
+        1,
+        "the live lease's user stays"
+    );
+    assert_eq!(
+        server.users("not_ours").await.len(),
+        1,
+        "unmarked users are never touched"
+    );
+}

@@ -30,6 +30,15 @@ pub struct Server {
     pub port: u16,
     child: Option<Child>,
     manager_password: String,
+    /// Serve TLS only, with this certificate and key (PEM files).
+    tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// The repository's test TLS material (`integration/fixtures/tls`): a CA,
+/// and a certificate for `localhost` and `127.0.0.1` signed by it.
+pub fn test_tls() -> (PathBuf, PathBuf, PathBuf) {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../integration/fixtures/tls");
+    (d.join("ca.pem"), d.join("server.pem"), d.join("server.key"))
 }
 
 fn find(name: &str) -> PathBuf {
@@ -69,6 +78,11 @@ impl Server {
     /// Install a data directory and start the server, then create the
     /// management user and the test schemas.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// `start`, the server requiring TLS with `tls` (certificate, key).
+    pub fn start_with(tls: Option<(PathBuf, PathBuf)>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("lh-mariadb-")
             .tempdir()
@@ -100,6 +114,7 @@ impl Server {
             port: free_port(),
             child: None,
             manager_password: "mgmt-password-for-tests-only".into(),
+            tls,
         };
         s.start_server();
         s
@@ -142,6 +157,11 @@ impl Server {
             .stderr(Stdio::null());
         if is_root() {
             cmd.arg("--user=root");
+        }
+        if let Some((cert, key)) = &self.tls {
+            cmd.arg(format!("--ssl-cert={}", cert.display()))
+                .arg(format!("--ssl-key={}", key.display()))
+                .arg("--require-secure-transport=ON");
         }
         self.child = Some(cmd.spawn().expect("starting mariadbd"));
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -90,8 +90,7 @@ async fn a_killed_plugin_is_restarted_and_an_interrupted_revocation_completes() 
         "a dead plugin's answers are retryable"
     );
     // restarted with backoff; the retry finishes the job
-    p.wait_ready(READY).await.unwrap();
-    assert_ne!(p.pid(), Some(pid), "a new process");
+    wait_restarted(&p, pid).await;
     let second = p.revoke_many(&revokes).await;
     assert!(
         second.iter().all(Result::is_ok),
@@ -103,6 +102,20 @@ async fn a_killed_plugin_is_restarted_and_an_interrupted_revocation_completes() 
         assert!(!usable(&server, &i.credential).await.unwrap());
     }
     eprintln!("{failed} of 300 revocations failed with the plugin killed, all done after restart");
+}
+
+/// Until a new plugin process (not `old`) serves: the host learns of a
+/// death when it reaps the child, so right after a kill it may still
+/// report the old one.
+async fn wait_restarted(p: &PluginProvider, old: u32) {
+    let deadline = std::time::Instant::now() + READY;
+    while p.pid().is_none_or(|pid| pid == old) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new plugin process within {READY:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 trait OkOrRetryable {
@@ -145,7 +158,7 @@ async fn a_killed_plugin_mid_issue_orphans_nothing_after_rollback() {
         "the kill landed after every issue: nothing was interrupted"
     );
     // what the broker does for an issue that failed: roll back by lease id
-    p.wait_ready(READY).await.unwrap();
+    wait_restarted(&p, pid).await;
     for s in &failed {
         p.rollback(s).await.unwrap();
     }
@@ -214,4 +227,37 @@ async fn credentials_cross_the_socket_unlogged_on_either_side() {
         !text.contains(mgmt.trim()),
         "the management password is in the log"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_verified_tls_and_refused_with_another_ca() {
+    let (ca, cert, key) = leasehold_provider_mysql::testkit::test_tls();
+    let server = tokio::task::spawn_blocking(move || {
+        leasehold_provider_mysql::testkit::Server::start_with(Some((cert, key)))
+    })
+    .await
+    .unwrap();
+    server.provision().await;
+    let mut cfg = server.provider_config();
+    cfg.tls = leasehold_provider_mysql::TlsMode::VerifyFull;
+    cfg.ca_file = Some(ca);
+    cfg.validate(86_400).unwrap();
+    // through the plugin: the kit's TLS stack verifies the server
+    let p = PluginProvider::start(catalog(&cfg), &limits()).unwrap();
+    p.wait_ready(READY).await.unwrap();
+    p.health().await.unwrap();
+    let s = spec("writer", Duration::from_secs(60), &[]);
+    let issued = p.issue(&s).await.unwrap();
+    assert_eq!(p.probe(&s, &issued.credential).await.unwrap(), Some(true));
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
+    assert_eq!(p.probe(&s, &issued.credential).await.unwrap(), Some(false));
+    drop(p);
+    // a CA that did not sign the server's certificate: refused, retryable
+    // (the connection failed), naming the certificate problem
+    let other = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(other.path(), include_str!("other-ca.pem")).unwrap();
+    cfg.ca_file = Some(other.path().to_owned());
+    let p = leasehold_provider_mysql::MysqlProvider::new(cfg, 86_400).unwrap();
+    let e = p.health().await.unwrap_err();
+    assert!(e.message.to_lowercase().contains("certificate"), "{e}");
 }

@@ -100,6 +100,9 @@ pub fn main<T: ProviderSettings>(plugin: Plugin<T>) -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .try_init();
+    // one TLS crypto provider for the process, whatever features the
+    // plugin's dependencies turn on (rustls refuses to pick between two)
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let Some(socket) = std::env::var_os(SOCKET_ENV) else {
         eprintln!(
             "{}: this is a leasehold provider plugin. The broker starts it from a catalog \
