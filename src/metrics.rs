@@ -62,6 +62,10 @@ fn describe() {
         "HTTP request latency by method and route template."
     );
     describe_counter!(
+        "leasehold_caller_over_share_total",
+        "Requests refused because their caller already had its share in flight (server.rate_limits.per_caller_*)."
+    );
+    describe_counter!(
         "leasehold_decisions_total",
         "Policy decisions by action (open_task, call, lease) and outcome."
     );
@@ -241,6 +245,11 @@ pub fn http_request(method: &axum::http::Method, route: &str, status: u16, secon
         v.len() - 1
     });
     record(&v[i]);
+}
+
+/// A request refused because its caller had its share in flight.
+pub fn caller_over_share() {
+    counter!("leasehold_caller_over_share_total").increment(1);
 }
 
 pub fn provider_orphans(provider: &str, n: usize) {

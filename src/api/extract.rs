@@ -11,9 +11,17 @@ use axum::http::request::Parts;
 use super::{ApiError, AppState};
 use crate::auth::{AuthError, Caller, Workload};
 
+/// The bearer token of a request, if it has a well-formed one.
+pub(crate) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    bearer_of_headers(headers).ok()
+}
+
 fn bearer_of(parts: &Parts) -> Result<&str, AuthError> {
-    let value = parts
-        .headers
+    bearer_of_headers(&parts.headers)
+}
+
+fn bearer_of_headers(headers: &axum::http::HeaderMap) -> Result<&str, AuthError> {
+    let value = headers
         .get(axum::http::header::AUTHORIZATION)
         .ok_or(AuthError::Missing)?;
     let value = value.to_str().map_err(|_| AuthError::Malformed)?;
@@ -28,48 +36,90 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        use super::limits::Key;
+        use super::limits::{Fairness, Key};
         let l = &state.limits;
         let c = &l.config;
         let ip = super::source_ip(&parts.extensions);
         let now = std::time::Instant::now();
-        // an address that keeps failing is refused before its token is
-        // even looked at; its failures never touch anyone else's budget
-        if let Some(ip) = ip
-            && let Err(wait) = l.buckets.peek(
-                Key::AuthFailures(ip),
-                c.auth_failures_per_second,
-                c.auth_failures_burst,
-                now,
-            )
-        {
-            return Err(ApiError::too_many(
-                "auth_rate_limited",
-                "too many failed authentications from this address",
-                wait,
-            ));
-        }
-        let result = match bearer_of(parts) {
-            Ok(token) => state.auth.authenticate(token).await,
-            Err(e) => Err(e),
-        };
-        let caller = result.map_err(|e| {
-            if let Some(ip) = ip {
-                let _ = l.buckets.take(
+        // An address that keeps failing is refused before its token is
+        // looked at, unless the token can be told apart from a guess
+        // cheaply: one verified recently (from anywhere), or a JWT (a guess
+        // cannot carry a valid signature). So a flood of failures from a
+        // shared address throttles the guesser, not the genuine callers
+        // behind the same address.
+        let token = bearer_of(parts);
+        let hash = token.as_ref().ok().map(|t| Fairness::token_hash(t));
+        let over_budget = ip.is_some_and(|ip| {
+            l.buckets
+                .peek(
                     Key::AuthFailures(ip),
                     c.auth_failures_per_second,
                     c.auth_failures_burst,
                     now,
-                );
+                )
+                .is_err()
+        });
+        let distinguishable = match (&token, &hash) {
+            (Ok(t), Some(h)) => l.fairness.is_known(h) || t.bytes().filter(|b| *b == b'.').count() == 2,
+            _ => false,
+        };
+        let refuse_over_budget = || {
+            let wait = ip
+                .and_then(|ip| {
+                    l.buckets
+                        .peek(
+                            Key::AuthFailures(ip),
+                            c.auth_failures_per_second,
+                            c.auth_failures_burst,
+                            now,
+                        )
+                        .err()
+                })
+                .unwrap_or(std::time::Duration::from_secs(1));
+            ApiError::too_many(
+                "auth_rate_limited",
+                "too many failed authentications from this address",
+                wait,
+            )
+        };
+        if over_budget && !distinguishable {
+            return Err(refuse_over_budget());
+        }
+        let result = match token {
+            Ok(token) => state.auth.authenticate(token).await,
+            Err(e) => Err(e),
+        };
+        let caller = match result {
+            Ok(caller) => caller,
+            Err(e) => {
+                if let Some(ip) = ip {
+                    let _ = l.buckets.take(
+                        Key::AuthFailures(ip),
+                        c.auth_failures_per_second,
+                        c.auth_failures_burst,
+                        now,
+                    );
+                }
+                // over budget, a failure is answered as one, and not recorded
+                if over_budget {
+                    return Err(refuse_over_budget());
+                }
+                let rid = parts
+                    .headers
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                state.broker.auth_denied(e.to_string(), rid);
+                return Err(ApiError::unauthenticated(e));
             }
-            let rid = parts
-                .headers
-                .get("x-request-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            state.broker.auth_denied(e.to_string(), rid);
-            ApiError::unauthenticated(e)
-        })?;
+        };
+        if let Some(h) = hash {
+            let key = match &caller {
+                Caller::Workload(w) => format!("workload:{}", w.id),
+                Caller::Operator(o) => format!("operator:{}", o.name),
+            };
+            l.fairness.learn(h, &key);
+        }
         if let Caller::Workload(w) = &caller {
             tracing::Span::current().record("workload", w.id.as_str());
         }

@@ -82,6 +82,7 @@ pub struct AppShared {
 pub struct Limiter {
     pub config: limits::RateLimitConfig,
     pub buckets: limits::Buckets,
+    pub fairness: Arc<limits::Fairness>,
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
@@ -98,6 +99,7 @@ impl Limiter {
         Self {
             config,
             buckets: limits::Buckets::default(),
+            fairness: Arc::default(),
             in_flight,
         }
     }
@@ -109,13 +111,27 @@ pub fn source_ip(ext: &axum::http::Extensions) -> Option<std::net::IpAddr> {
         .map(|c| c.0.ip())
 }
 
-/// Shed load beyond `max_in_flight` (503) and limit each source address
-/// (429), before anything else runs. Probes are exempt. The permit, when
-/// there is one, is held until the answer.
-fn admission(
-    state: &AppState,
-    req: &Request,
-) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ApiError> {
+/// What admission hands out, held until the answer.
+#[derive(Debug)]
+struct Admitted {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    _caller: Option<limits::Slot>,
+}
+
+/// A long-poll: `GET /v1/approvals/{id}?wait=...`.
+fn is_long_poll(req: &Request) -> bool {
+    req.method() == axum::http::Method::GET
+        && req.uri().path().starts_with("/v1/approvals/")
+        && req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.starts_with("wait=")))
+}
+
+/// Limit each source address (429), then each caller's share (429: its
+/// requests, or long-polls, in flight), then shed load beyond
+/// `max_in_flight` (503), before anything else runs. Probes are exempt.
+fn admission(state: &AppState, req: &Request) -> Result<Option<Admitted>, ApiError> {
     let path = req.uri().path();
     if matches!(path, "/v1/health" | "/v1/ready") {
         return Ok(None);
@@ -136,8 +152,38 @@ fn admission(
             ));
         }
     }
+    let caller = match extract::bearer_token(req.headers()) {
+        Some(token) => {
+            let hash = limits::Fairness::token_hash(token);
+            let c = &l.config;
+            match l.fairness.admit(
+                &hash,
+                is_long_poll(req),
+                c.per_caller_in_flight,
+                c.per_caller_long_polls,
+            ) {
+                Ok(slot) => Some(slot),
+                Err(over) => {
+                    crate::metrics::caller_over_share();
+                    let what = match over {
+                        limits::OverShare::InFlight => "this caller has too many requests in flight",
+                        limits::OverShare::LongPolls => "this caller holds too many long-polls",
+                    };
+                    return Err(ApiError::too_many(
+                        "caller_over_share",
+                        what,
+                        Duration::from_secs(1),
+                    ));
+                }
+            }
+        }
+        None => None,
+    };
     match l.in_flight.clone().try_acquire_owned() {
-        Ok(permit) => Ok(Some(permit)),
+        Ok(permit) => Ok(Some(Admitted {
+            _global: permit,
+            _caller: caller,
+        })),
         Err(_) => Err(ApiError::overloaded()),
     }
 }

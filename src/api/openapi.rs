@@ -101,7 +101,7 @@ error_set!(
     Guarded {
         "401" => "`unauthenticated`: no credential, or one that does not verify (with `WWW-Authenticate`).",
         "403" => "`forbidden` and other refusals: the caller's roles do not allow this.",
-        "429" => "`rate_limited` (per workload, per address, or authentication failures), or a quota; with `Retry-After`.",
+        "429" => "`rate_limited` (per workload, per address), `auth_rate_limited` (authentication failures from this address), `caller_over_share` (this caller already has its share of requests or long-polls in flight), or a quota; with `Retry-After`.",
         "500" => "`internal`: a bug; the detail is in the broker log.",
         "503" => "`overloaded` or `request_timeout` (with `Retry-After`), `store_unavailable` or `provider_unavailable`: retry later.",
     }

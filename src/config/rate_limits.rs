@@ -27,6 +27,17 @@ pub struct RateLimitConfig {
     /// Requests in flight at once; more get 503 with Retry-After.
     #[serde(default = "defaults::max_in_flight")]
     pub max_in_flight: usize,
+    /// Requests one caller (a workload, an operator; before its credential
+    /// is verified, that credential) may have in flight at once, counted
+    /// before `max_in_flight`: more get 429 with Retry-After at once, so no
+    /// single caller can take the whole budget. 0: no cap. Keep it well
+    /// under `max_in_flight` (at or above it, it caps nothing).
+    #[serde(default = "defaults::per_caller_in_flight")]
+    pub per_caller_in_flight: usize,
+    /// Long-polls (`GET /v1/approvals/{id}?wait=`) one caller may hold at
+    /// once; more answer 429 at once. 0: no cap.
+    #[serde(default = "defaults::per_caller_long_polls")]
+    pub per_caller_long_polls: usize,
 }
 
 mod defaults {
@@ -51,6 +62,12 @@ mod defaults {
     pub fn max_in_flight() -> usize {
         4096
     }
+    pub fn per_caller_in_flight() -> usize {
+        256
+    }
+    pub fn per_caller_long_polls() -> usize {
+        32
+    }
 }
 
 impl Default for RateLimitConfig {
@@ -63,6 +80,8 @@ impl Default for RateLimitConfig {
             auth_failures_per_second: defaults::auth_failures(),
             auth_failures_burst: defaults::auth_failures_burst(),
             max_in_flight: defaults::max_in_flight(),
+            per_caller_in_flight: defaults::per_caller_in_flight(),
+            per_caller_long_polls: defaults::per_caller_long_polls(),
         }
     }
 }
@@ -98,6 +117,7 @@ impl RateLimitConfig {
         if self.max_in_flight == 0 {
             return Some(("max_in_flight", "must be positive"));
         }
+
         None
     }
 }

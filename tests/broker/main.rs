@@ -23,6 +23,7 @@ mod crash;
 mod events;
 mod expiry;
 mod fuzz;
+mod hardening;
 mod incident;
 mod isolation;
 mod layers;

@@ -1,0 +1,140 @@
+//! Issue 34's findings, each reproduced as the attacker did it: one
+//! workload holding thousands of long-polls must not shed anyone else; a
+//! flood of failed authentications from a shared address must not keep the
+//! genuine callers behind it out.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::harness::{Harness, Options};
+
+async fn pending_approval(h: &Harness, token: &str) -> String {
+    let (s, v) = h
+        .post(token, "/v1/tasks", json!({"purpose": "triage", "on_behalf_of": "alice@example.com", "prompt": "p", "tools": ["demo.write"], "ttl_seconds": 3600}))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let task = v["task_id"].as_str().unwrap().to_owned();
+    let body = json!({"tool": "demo.write", "action": "run", "resource": "ticket:1", "arguments_sha256": "ab".repeat(32)});
+    let (s, v) = h.post(token, &format!("/v1/tasks/{task}/calls"), body).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    v["approval_id"].as_str().unwrap().to_owned()
+}
+
+/// Finding 1: a workload with one pending approval opened 4,200 long-polls
+/// and every other caller got `503 overloaded` for ~29 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_workload_s_long_polls_cannot_shed_the_others() {
+    let h = Harness::start(Options {
+        tweak: Box::new(|c| {
+            c.server.rate_limits.max_in_flight = 400;
+            c.server.rate_limits.per_caller_in_flight = 100;
+            c.server.rate_limits.per_caller_long_polls = 20;
+        }),
+        ..Options::default()
+    })
+    .await;
+    let approval = pending_approval(&h, &h.tokens.b).await;
+    // 1,000 long-polls from workload b, all at once
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut polls = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let (http, url, b) = (
+            http.clone(),
+            h.url(&format!("/v1/approvals/{approval}?wait=8")),
+            h.tokens.b.clone(),
+        );
+        polls.spawn(async move {
+            let t = Instant::now();
+            let r = http.get(url).bearer_auth(b).send().await.unwrap();
+            let retry = r.headers().contains_key("retry-after");
+            let status = r.status();
+            let v: Value = r.json().await.unwrap();
+            (status, retry, v, t.elapsed())
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // meanwhile workload a opens tasks and the responder reads stats, at normal latency
+    for _ in 0..10 {
+        let t = Instant::now();
+        let (s, v) = h
+            .post(&h.tokens.a, "/v1/tasks", json!({"purpose": "p", "on_behalf_of": "bob@example.com", "prompt": "x", "ttl_seconds": 60}))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        let (s, v) = h.get(&h.tokens.responder, "/v1/stats").await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (mut held, mut refused) = (0, 0);
+    while let Some(r) = polls.join_next().await {
+        let (status, retry, v, took) = r.unwrap();
+        match status {
+            StatusCode::OK => held += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert_eq!(v["error"]["code"], "caller_over_share", "{v}");
+                assert!(retry, "429 carries Retry-After");
+                assert!(took < Duration::from_secs(5), "refused at once, not after waiting: {took:?}");
+                refused += 1;
+            }
+            other => panic!("{other}: {v}"),
+        }
+    }
+    assert!(held <= 20, "{held} long-polls held, the cap is 20");
+    assert_eq!(held + refused, 1000);
+}
+
+/// Finding 3: 21 bad tokens from one address, then genuine workload and
+/// admin requests from the same address were all `429 auth_rate_limited`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_flood_from_a_shared_address_does_not_keep_genuine_callers_out() {
+    let h = Harness::start(Options::default()).await;
+    // the operator has used its token before the flood (it is long-lived);
+    // the workload's JWT carries a signature a guess cannot
+    let (s, _) = h.get(&h.tokens.admin, "/v1/stats").await;
+    assert_eq!(s, StatusCode::OK);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = {
+        let (http, url, stop) = (h.http.clone(), h.url("/v1/tasks"), stop.clone());
+        tokio::spawn(async move {
+            let (mut n, mut limited, t) = (0u32, 0u32, Instant::now());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = http.post(url.clone()).bearer_auth(format!("guess-{n}")).json(&json!({})).send().await.unwrap();
+                limited += u32::from(r.status() == StatusCode::TOO_MANY_REQUESTS);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await; // 50 failures/s
+            }
+            (n, limited, t.elapsed().as_secs_f64())
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..10 {
+        let (s, v) = h
+            .post(&h.tokens.a, "/v1/tasks", json!({"purpose": "p", "on_behalf_of": "bob@example.com", "prompt": "x", "ttl_seconds": 60}))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "the genuine workload is kept out: {v}");
+        let (s, v) = h.get(&h.tokens.admin, "/v1/stats").await;
+        assert_eq!(s, StatusCode::OK, "the genuine operator is kept out: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (n, limited, secs) = attacker.await.unwrap();
+    // guessing stays throttled: past the burst (20) and the rate (5/s), the
+    // guesses are refused unread
+    let verified = f64::from(n - limited);
+    assert!(verified <= 20.0 + 5.0 * secs + 1.0, "{} of {n} guesses verified in {secs:.1} s", n - limited);
+    assert!(f64::from(n) >= 30.0 * secs, "the flood ran at about 50/s: {n} in {secs:.1} s");
+    // a token never seen before, not a JWT, from the flooding address still waits
+    let r = h
+        .http
+        .get(h.url("/v1/stats"))
+        .bearer_auth(&h.tokens.responder)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+}
