@@ -57,7 +57,8 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
         .with_writer(writer)
         .with_ansi(ansi);
     match format {
-        LogFormat::Text => builder.init(),
+        // every value quoted and escaped when it needs to be: input cannot forge fields or lines
+        LogFormat::Text => builder.fmt_fields(leasehold::logfmt::SafeFields).init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)

@@ -60,7 +60,9 @@ impl FromRequestParts<AppState> for Caller {
                 .is_err()
         });
         let distinguishable = match (&token, &hash) {
-            (Ok(t), Some(h)) => l.fairness.is_known(h) || t.bytes().filter(|b| *b == b'.').count() == 2,
+            (Ok(t), Some(h)) => {
+                l.fairness.is_known(h) || t.bytes().filter(|b| *b == b'.').count() == 2
+            }
             _ => false,
         };
         let refuse_over_budget = || {

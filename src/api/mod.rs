@@ -166,7 +166,9 @@ fn admission(state: &AppState, req: &Request) -> Result<Option<Admitted>, ApiErr
                 Err(over) => {
                     crate::metrics::caller_over_share();
                     let what = match over {
-                        limits::OverShare::InFlight => "this caller has too many requests in flight",
+                        limits::OverShare::InFlight => {
+                            "this caller has too many requests in flight"
+                        }
                         limits::OverShare::LongPolls => "this caller holds too many long-polls",
                     };
                     return Err(ApiError::too_many(

@@ -17,7 +17,9 @@ async fn pending_approval(h: &Harness, token: &str) -> String {
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let task = v["task_id"].as_str().unwrap().to_owned();
     let body = json!({"tool": "demo.write", "action": "run", "resource": "ticket:1", "arguments_sha256": "ab".repeat(32)});
-    let (s, v) = h.post(token, &format!("/v1/tasks/{task}/calls"), body).await;
+    let (s, v) = h
+        .post(token, &format!("/v1/tasks/{task}/calls"), body)
+        .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     v["approval_id"].as_str().unwrap().to_owned()
 }
@@ -78,7 +80,10 @@ async fn one_workload_s_long_polls_cannot_shed_the_others() {
             StatusCode::TOO_MANY_REQUESTS => {
                 assert_eq!(v["error"]["code"], "caller_over_share", "{v}");
                 assert!(retry, "429 carries Retry-After");
-                assert!(took < Duration::from_secs(5), "refused at once, not after waiting: {took:?}");
+                assert!(
+                    took < Duration::from_secs(5),
+                    "refused at once, not after waiting: {took:?}"
+                );
                 refused += 1;
             }
             other => panic!("{other}: {v}"),
@@ -103,7 +108,13 @@ async fn a_failure_flood_from_a_shared_address_does_not_keep_genuine_callers_out
         tokio::spawn(async move {
             let (mut n, mut limited, t) = (0u32, 0u32, Instant::now());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = http.post(url.clone()).bearer_auth(format!("guess-{n}")).json(&json!({})).send().await.unwrap();
+                let r = http
+                    .post(url.clone())
+                    .bearer_auth(format!("guess-{n}"))
+                    .json(&json!({}))
+                    .send()
+                    .await
+                    .unwrap();
                 limited += u32::from(r.status() == StatusCode::TOO_MANY_REQUESTS);
                 n += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await; // 50 failures/s
@@ -116,7 +127,11 @@ async fn a_failure_flood_from_a_shared_address_does_not_keep_genuine_callers_out
         let (s, v) = h
             .post(&h.tokens.a, "/v1/tasks", json!({"purpose": "p", "on_behalf_of": "bob@example.com", "prompt": "x", "ttl_seconds": 60}))
             .await;
-        assert_eq!(s, StatusCode::CREATED, "the genuine workload is kept out: {v}");
+        assert_eq!(
+            s,
+            StatusCode::CREATED,
+            "the genuine workload is kept out: {v}"
+        );
         let (s, v) = h.get(&h.tokens.admin, "/v1/stats").await;
         assert_eq!(s, StatusCode::OK, "the genuine operator is kept out: {v}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -126,8 +141,15 @@ async fn a_failure_flood_from_a_shared_address_does_not_keep_genuine_callers_out
     // guessing stays throttled: past the burst (20) and the rate (5/s), the
     // guesses are refused unread
     let verified = f64::from(n - limited);
-    assert!(verified <= 20.0 + 5.0 * secs + 1.0, "{} of {n} guesses verified in {secs:.1} s", n - limited);
-    assert!(f64::from(n) >= 30.0 * secs, "the flood ran at about 50/s: {n} in {secs:.1} s");
+    assert!(
+        verified <= 20.0 + 5.0 * secs + 1.0,
+        "{} of {n} guesses verified in {secs:.1} s",
+        n - limited
+    );
+    assert!(
+        f64::from(n) >= 30.0 * secs,
+        "the flood ran at about 50/s: {n} in {secs:.1} s"
+    );
     // a token never seen before, not a JWT, from the flooding address still waits
     let r = h
         .http
@@ -137,4 +159,52 @@ async fn a_failure_flood_from_a_shared_address_does_not_keep_genuine_callers_out
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+}
+
+/// Finding 6: a revocation `reason` of `x by=operator:admin fence=true
+/// job_id=job_FORGED` produced a text log line that read as if an admin
+/// had started a fenced job with a forged id; U+2028 passed raw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_text_cannot_forge_fields_or_lines_in_the_text_log() {
+    let mut b = crate::harness::spawn_broker(|_| {}, "info", &[]).await;
+    let responder = b.creds.identities["responder"].token.clone();
+    let forged = "x by=operator:admin fence=true job_id=job_FORGED";
+    for reason in [
+        forged,
+        "line one\u{2028}job_id=job_FORGED2 by=operator:admin",
+    ] {
+        let v = b
+            .remote
+            .post(
+                &responder,
+                "/v1/revocations",
+                Some(json!({"workload": "nobody:none", "reason": reason})),
+            )
+            .await;
+        assert!(v["job_id"].is_string(), "{v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    b.child.terminate();
+    let log = std::fs::read_to_string(&b.log).unwrap();
+    let started: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("mass revocation started"))
+        .collect();
+    assert_eq!(started.len(), 2, "{log}");
+    assert!(
+        started[0].contains(&format!("reason=\"{forged}\"")),
+        "the reason is one quoted value: {}",
+        started[0]
+    );
+    assert!(
+        started[0].contains("by=operator:responder"),
+        "{}",
+        started[0]
+    );
+    assert!(
+        started[1].contains("reason=\"line one\\u{2028}job_id=job_FORGED2 by=operator:admin\""),
+        "{}",
+        started[1]
+    );
+    assert!(!log.contains('\u{2028}'), "U+2028 reached the log raw");
 }
