@@ -87,3 +87,119 @@ mod tests {
         assert!(!is_tool_name("") && !is_tool_name("a b") && !is_tool_name(&"a".repeat(129)));
     }
 }
+
+/// A user (the person a task acts for, a fence's or a selector's user) in
+/// its one canonical form, so that self-approval, fences, selectors and the
+/// event chain compare people as people mean them: trimmed, Unicode NFKC,
+/// case-folded (addresses are compared without case in practice, and
+/// `Approver@Example.com` is the same person as `approver@example.com`).
+/// Refused rather than accepted: invisible characters (zero-width,
+/// bidirectional controls, soft hyphen, BOM) and letters mixing the Latin,
+/// Greek and Cyrillic scripts (a Cyrillic `а` in a Latin name).
+pub fn user(field: &str, value: &str) -> Result<String, Invalid> {
+    use unicode_normalization::UnicodeNormalization as _;
+    text(field, value, 256)?;
+    if let Some(c) = value.chars().find(|c| invisible(*c)) {
+        return Err(invalid(
+            "invalid_user",
+            format!(
+                "`{field}` contains an invisible character (U+{:04X}); give the name as it is written",
+                u32::from(c)
+            ),
+        ));
+    }
+    let folded: String = value
+        .trim()
+        .nfkc()
+        .collect::<String>()
+        .to_lowercase()
+        .nfkc()
+        .collect();
+    let scripts = folded
+        .chars()
+        .filter_map(script)
+        .fold(0u8, |acc, s| acc | s);
+    if scripts.count_ones() > 1 {
+        return Err(invalid(
+            "invalid_user",
+            format!("`{field}` mixes letters of the Latin, Greek and Cyrillic scripts"),
+        ));
+    }
+    Ok(folded)
+}
+
+/// Characters that change how text looks or reads without being seen.
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{17B4}'
+            | '\u{17B5}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+    )
+}
+
+/// The confusable script a letter belongs to, as a bit: Latin, Greek,
+/// Cyrillic; `None` for everything else (digits, punctuation, other
+/// scripts, which mix with any of these without being mistaken for them).
+fn script(c: char) -> Option<u8> {
+    if !c.is_alphabetic() {
+        return None;
+    }
+    match u32::from(c) {
+        0x0041..=0x024F | 0x1E00..=0x1EFF => Some(1),
+        0x0370..=0x03FF | 0x1F00..=0x1FFF => Some(2),
+        0x0400..=0x052F | 0x2DE0..=0x2DFF | 0xA640..=0xA69F => Some(4),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod user_tests {
+    use super::user;
+
+    #[test]
+    fn variants_of_one_person_are_one_user() {
+        let one = user("u", "approver@example.com").unwrap();
+        for v in [
+            "Approver@Example.com",
+            "APPROVER@EXAMPLE.COM",
+            " approver@example.com ",
+            "ａｐｐｒｏｖｅｒ@example.com",
+        ] {
+            assert_eq!(user("u", v).unwrap(), one, "{v}");
+        }
+        assert_eq!(user("u", "APPROVER").unwrap(), "approver");
+    }
+
+    #[test]
+    fn invisible_and_mixed_script_names_are_refused() {
+        for v in [
+            "approver\u{200B}@example.com",
+            "\u{202E}approver",
+            "appro\u{00AD}ver",
+            "\u{0430}pprover@example.com",
+        ] {
+            let e = user("u", v).unwrap_err();
+            assert_eq!(e.code, "invalid_user", "{v}");
+        }
+        // one script, not Latin, is a name like any other
+        assert_eq!(user("u", "Иван").unwrap(), "иван");
+        assert_eq!(
+            user("u", "Zoë O'Brien-Łukasz").unwrap(),
+            "zoë o'brien-łukasz"
+        );
+    }
+}

@@ -110,6 +110,11 @@ impl Broker {
         crate::check::text("reason", &reason, 1024).map_err(|_| {
             BrokerError::invalid("reason_required", "lifting a fence needs a `reason`")
         })?;
+        let value = if kind == "user" {
+            crate::check::user("value", &value)?
+        } else {
+            value
+        };
         let now = self.clock.now().unix_millis();
         let by = caller.principal();
         let (a, c) = (self.auditor.clone(), ctx.clone());

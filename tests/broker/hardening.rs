@@ -208,3 +208,98 @@ async fn free_text_cannot_forge_fields_or_lines_in_the_text_log() {
     );
     assert!(!log.contains('\u{2028}'), "U+2028 reached the log raw");
 }
+
+async fn open_for(h: &Harness, user: &str) -> (StatusCode, Value) {
+    h.post(&h.tokens.a, "/v1/tasks", json!({"purpose": "triage", "on_behalf_of": user, "prompt": "p", "tools": ["demo.write"], "ttl_seconds": 3600}))
+        .await
+}
+
+/// Finding 4: the approver `approver@example.com` could approve calls of
+/// tasks opened for `Approver@Example.com`, `APPROVER@EXAMPLE.COM`, the
+/// address with a trailing space, a zero-width space or a Cyrillic `а`; a
+/// fence on `victim@example.com` did not stop `Victim@example.com` or a
+/// trailing space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_compare_as_people_mean_them() {
+    let h = Harness::start(Options::default()).await;
+    // the dev approver is approver@example.com: every variant is them
+    for variant in [
+        "Approver@Example.com",
+        "APPROVER@EXAMPLE.COM",
+        "approver@example.com ",
+        "ａｐｐｒｏｖｅｒ@example.com",
+    ] {
+        let (s, v) = open_for(&h, variant).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let task = v["task_id"].as_str().unwrap().to_owned();
+        let (_, t) = h.get(&h.tokens.a, &format!("/v1/tasks/{task}")).await;
+        assert_eq!(
+            t["on_behalf_of"], "approver@example.com",
+            "stored canonical: {t}"
+        );
+        let body = json!({"tool": "demo.write", "action": "run", "resource": "x", "arguments_sha256": "ab".repeat(32)});
+        let (_, c) = h
+            .post(&h.tokens.a, &format!("/v1/tasks/{task}/calls"), body)
+            .await;
+        let approval = c["approval_id"].as_str().unwrap();
+        let (s, v) = h
+            .post(
+                &h.tokens.approver,
+                &format!("/v1/approvals/{approval}/approve"),
+                json!({}),
+            )
+            .await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("self_approval")),
+            "{variant}: {v}"
+        );
+    }
+    // invisible characters and mixed scripts are refused, not accepted
+    for variant in [
+        "approver\u{200B}@example.com",
+        "\u{0430}pprover@example.com",
+        "appro\u{00AD}ver@example.com",
+    ] {
+        let (s, v) = open_for(&h, variant).await;
+        assert_eq!(
+            (s, v["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_user")),
+            "{variant:?}: {v}"
+        );
+    }
+    // a fence on a user holds for every way of writing them
+    let (s, v) = h
+        .post(
+            &h.tokens.responder,
+            "/v1/revocations",
+            json!({"user": "Victim@Example.com", "fence": true, "reason": "incident 7"}),
+        )
+        .await;
+    assert!(s.is_success(), "{v}");
+    for variant in [
+        "victim@example.com",
+        "Victim@example.com",
+        "victim@example.com ",
+        "VICTIM@EXAMPLE.COM",
+    ] {
+        let (s, v) = open_for(&h, variant).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{variant}: {v}");
+    }
+    let (_, fences) = h.get(&h.tokens.responder, "/v1/fences").await;
+    assert!(
+        fences.to_string().contains("victim@example.com"),
+        "the fence is recorded canonical: {fences}"
+    );
+    // and lifting it with another spelling lifts it
+    let (s, v) = h
+        .post(
+            &h.tokens.responder,
+            "/v1/fences/lift",
+            json!({"kind": "user", "value": "VICTIM@example.com", "reason": "resolved"}),
+        )
+        .await;
+    assert!(s.is_success(), "{v}");
+    let (s, v) = open_for(&h, "victim@example.com").await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+}

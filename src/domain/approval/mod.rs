@@ -12,7 +12,12 @@ use crate::store::{ApprovalRecord, ApprovalState, ReviewRecord};
 /// Whether the operator is the user a request was made for: nobody
 /// approves or reviews what was done on their own behalf.
 fn acts_for(op: &crate::auth::Operator, user: &str) -> bool {
-    op.user.as_deref() == Some(user) || op.name == user
+    // `user` is canonical (stored so); the operator's names are put in the
+    // same form, and one that cannot be is never the user
+    let canonical = |s: &str| crate::check::user("user", s).ok();
+    let user = canonical(user);
+    user.is_some()
+        && (op.user.as_deref().and_then(canonical) == user || canonical(&op.name) == user)
 }
 
 fn approver(caller: &Caller) -> Result<&crate::auth::Operator, BrokerError> {

@@ -222,6 +222,9 @@ impl Broker {
         if req.selector.states.is_empty() {
             req.selector.states = vec![LeaseState::Active, LeaseState::Irrevocable];
         }
+        if let Some(u) = &req.selector.user {
+            req.selector.user = Some(crate::check::user("selector.user", u)?);
+        }
         self.validate_job(&req)?;
         if req.dry_run {
             let mut v = self.dry_run(&req.selector)?;

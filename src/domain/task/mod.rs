@@ -61,6 +61,9 @@ impl Broker {
         req: OpenTask,
         ctx: &Ctx,
     ) -> Result<TaskRecord, BrokerError> {
+        // the one form self-approval, fences, selectors and the chain compare
+        let mut req = req;
+        req.on_behalf_of = crate::check::user("on_behalf_of", &req.on_behalf_of)?;
         let (ttl, tools) = self.check_open_task(w, &req)?;
         let prompt_sha256 = self.prompt_digest(&req)?;
         let now = self.clock.now();
