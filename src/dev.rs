@@ -313,6 +313,7 @@ fn dev_config(
             shutdown_grace_seconds: 5,
             metrics_listen: None,
             rate_limits: Default::default(),
+            connections: Default::default(),
             drain_delay_seconds: 0,
         },
         store: StoreConfig {

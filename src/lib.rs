@@ -18,6 +18,7 @@ pub mod dev;
 pub mod domain;
 pub mod hex;
 pub mod ids;
+pub mod listen;
 pub mod logfmt;
 pub mod metrics;
 pub mod notify;

@@ -62,6 +62,10 @@ fn describe() {
         "HTTP request latency by method and route template."
     );
     describe_counter!(
+        "leasehold_connections_refused_total",
+        "Connections closed as they arrived because server.connections' cap (total or per_address) was reached."
+    );
+    describe_counter!(
         "leasehold_caller_over_share_total",
         "Requests refused because their caller already had its share in flight (server.rate_limits.per_caller_*)."
     );
@@ -245,6 +249,11 @@ pub fn http_request(method: &axum::http::Method, route: &str, status: u16, secon
         v.len() - 1
     });
     record(&v[i]);
+}
+
+/// A connection closed as it arrived: `cap` is `total` or `per_address`.
+pub fn connection_refused(cap: &'static str) {
+    counter!("leasehold_connections_refused_total", "cap" => cap).increment(1);
 }
 
 /// A request refused because its caller had its share in flight.

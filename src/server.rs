@@ -545,42 +545,29 @@ async fn serve(
         let _ = drain_tx.send(());
     });
 
-    match &config.server.tls {
-        None => {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            let (grace_tx, grace_rx) = tokio::sync::oneshot::channel::<()>();
-            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = drain_rx.await;
-                let _ = grace_tx.send(());
-            });
-            let bounded = async move {
-                let _ = grace_rx.await;
-                tokio::time::sleep(grace).await;
-            };
-            tokio::select! {
-                r = serve => r?,
-                _ = bounded => tracing::warn!("grace period over; dropping remaining connections"),
-            }
-        }
+    let tls = match &config.server.tls {
+        None => None,
         Some(tls) => {
             let rustls =
                 axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
                     .await
                     .map_err(|e| ServeError::Tls(e.to_string()))?;
-            let handle = axum_server::Handle::new();
-            let h = handle.clone();
-            tokio::spawn(async move {
-                let _ = drain_rx.await;
-                h.graceful_shutdown(Some(grace));
-            });
-            axum_server::from_tcp_rustls(listener, rustls)?
-                .handle(handle)
-                .serve(app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-                .await?;
+            Some(tokio_rustls::TlsAcceptor::from(rustls.get_inner()))
         }
-    }
-
+    };
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    crate::listen::serve(
+        listener,
+        app,
+        tls,
+        &config.server.connections,
+        async move {
+            let _ = drain_rx.await;
+        },
+        grace,
+    )
+    .await;
     Ok(())
 }
 

@@ -23,7 +23,7 @@ pub use providers::ProviderConfig;
 pub use store_pg::StorePostgres;
 pub use validate::ALLOWED_ALGORITHMS;
 
-pub use rate_limits::RateLimitConfig;
+pub use rate_limits::{ConnectionLimits, RateLimitConfig};
 
 /// The fields `audit.hmac_fields` may name (the audit layer keys them).
 pub const HMAC_FIELDS: &[&str] = &["user", "purpose", "workload", "tenant"];
@@ -99,6 +99,10 @@ pub struct ServerConfig {
     /// and the cap on requests in flight (429/503 with Retry-After).
     #[serde(default)]
     pub rate_limits: RateLimitConfig,
+    /// Caps on connections (in total, per source address) and how long a
+    /// connection may idle or take to send its headers.
+    #[serde(default)]
+    pub connections: ConnectionLimits,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

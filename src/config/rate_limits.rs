@@ -68,6 +68,15 @@ mod defaults {
     pub fn per_caller_long_polls() -> usize {
         32
     }
+    pub fn max_connections() -> usize {
+        8192
+    }
+    pub fn per_address_connections() -> usize {
+        256
+    }
+    pub fn header_timeout_seconds() -> u64 {
+        15
+    }
 }
 
 impl Default for RateLimitConfig {
@@ -118,6 +127,54 @@ impl RateLimitConfig {
             return Some(("max_in_flight", "must be positive"));
         }
 
+        None
+    }
+}
+
+/// `[server.connections]`: what one connection, and one address, may hold
+/// (enforced where connections are accepted, `listen`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionLimits {
+    /// Connections open at once. Each is a file descriptor: keep it under
+    /// the process's limit (`LimitNOFILE`) with room for the store, the
+    /// providers and the logs; the broker lowers it to fit the limit it
+    /// finds, and says so.
+    #[serde(default = "defaults::max_connections")]
+    pub max: usize,
+    /// Connections open at once from one source address; more are closed
+    /// as they arrive (with a log line and a metric).
+    #[serde(default = "defaults::per_address_connections")]
+    pub per_address: usize,
+    /// The longest a connection may take to send a request's headers, or
+    /// sit idle between requests, or finish its TLS handshake, before it is
+    /// closed.
+    #[serde(default = "defaults::header_timeout_seconds")]
+    pub header_timeout_seconds: u64,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max: defaults::max_connections(),
+            per_address: defaults::per_address_connections(),
+            header_timeout_seconds: defaults::header_timeout_seconds(),
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// A problem with the values: (field, message).
+    pub fn problem(&self) -> Option<(&'static str, &'static str)> {
+        if self.max == 0 {
+            return Some(("max", "must be positive"));
+        }
+        if self.per_address == 0 || self.per_address > self.max {
+            return Some(("per_address", "must be between 1 and `max`"));
+        }
+        if !(1..=300).contains(&self.header_timeout_seconds) {
+            return Some(("header_timeout_seconds", "must be between 1 and 300"));
+        }
         None
     }
 }

@@ -65,6 +65,9 @@ impl Config {
         if let Some((field, message)) = s.rate_limits.problem() {
             return Err(invalid(format!("server.rate_limits.{field}"), message));
         }
+        if let Some((field, message)) = s.connections.problem() {
+            return Err(invalid(format!("server.connections.{field}"), message));
+        }
         if let Some(m) = s.metrics_listen
             && m == s.listen
         {

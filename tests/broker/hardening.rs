@@ -33,6 +33,9 @@ async fn one_workload_s_long_polls_cannot_shed_the_others() {
             c.server.rate_limits.max_in_flight = 400;
             c.server.rate_limits.per_caller_in_flight = 100;
             c.server.rate_limits.per_caller_long_polls = 20;
+            // the connections themselves are let in: this is about requests
+            c.server.connections.max = 4000;
+            c.server.connections.per_address = 2000;
         }),
         ..Options::default()
     })
@@ -302,4 +305,173 @@ async fn users_compare_as_people_mean_them() {
     assert!(s.is_success(), "{v}");
     let (s, v) = open_for(&h, "victim@example.com").await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
+}
+
+/// A `leasehold serve` child whose open-file limit is `nofile`.
+async fn broker_with_fd_limit(
+    nofile: u32,
+    tweak: impl FnOnce(&mut leasehold::config::Config),
+) -> (
+    tempfile::TempDir,
+    crate::harness::Child,
+    crate::harness::Remote,
+    leasehold::dev::DevCredentials,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = crate::harness::free_port();
+    let (config, creds) = crate::harness::child_config(dir.path(), addr, tweak);
+    let log = dir.path().join("broker.log");
+    let err = std::fs::File::create(&log).unwrap();
+    let child = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!("ulimit -n {nofile} && exec \"$0\" serve -c \"$1\""),
+        ])
+        .arg(env!("CARGO_BIN_EXE_leasehold"))
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let mut child = crate::harness::Child { child, addr, log };
+    let remote = crate::harness::Remote::new(addr);
+    child.wait_healthy(&remote.http).await;
+    (dir, child, remote, creds)
+}
+
+/// A connected socket from `from` (another loopback address than the
+/// genuine callers'), or `None` when the broker refused it.
+async fn connect_from(from: &str, to: std::net::SocketAddr) -> Option<tokio::net::TcpStream> {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    s.connect(to).await.ok()
+}
+
+/// Whether the broker has closed `s` (EOF or reset) within `within`.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 512];
+    loop {
+        match tokio::time::timeout(within, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {} // an answer (408, 400): keep reading to the close
+        }
+    }
+}
+
+/// Finding 2: 1,000 idle sockets and 200 slow-header sockets were never
+/// closed, and under a 1,024 descriptor limit 1,100 idle sockets made
+/// `/v1/health` time out for 25 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_sockets_are_capped_and_closed_and_the_broker_keeps_answering() {
+    let (_dir, mut child, remote, creds) = broker_with_fd_limit(1024, |c| {
+        c.server.connections.per_address = 200;
+        c.server.connections.header_timeout_seconds = 2;
+    })
+    .await;
+    let addr = child.addr;
+    // an idle flood from one address: 1,100 sockets, more than the descriptors
+    let mut idle = Vec::new();
+    for _ in 0..1100 {
+        if let Some(s) = connect_from("127.0.0.2", addr).await {
+            idle.push(s);
+        }
+    }
+    // probes and genuine callers (another address) keep being answered, at once
+    let token = creds.identities["assistant-a"].token.clone();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = remote
+            .http
+            .get(format!("{}/v1/health", remote.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+        let v = remote
+            .post(&token, "/v1/tasks", Some(json!({"purpose": "p", "on_behalf_of": "bob@example.com", "prompt": "x", "ttl_seconds": 60})))
+            .await;
+        assert!(v["task_id"].is_string(), "{v}");
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+    // the flood got at most its address's share; the rest were closed as they came
+    let mut refused = 0;
+    for s in idle.iter_mut().skip(200) {
+        refused += usize::from(closed_within(s, Duration::from_millis(200)).await);
+    }
+    assert!(
+        refused >= 890,
+        "{refused} of the 900 over the cap were closed"
+    );
+    // and the 200 let in are closed once idle for the header timeout (2 s)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut closed = 0;
+    for s in idle.iter_mut().take(200) {
+        closed += usize::from(closed_within(s, Duration::from_secs(2)).await);
+    }
+    assert_eq!(
+        closed, 200,
+        "idle sockets are closed after the header timeout"
+    );
+    drop(idle);
+
+    // slowloris: headers a byte at a time, never finished
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        slow.push(connect_from("127.0.0.3", addr).await.unwrap());
+    }
+    let started = Instant::now();
+    let mut alive = slow.len();
+    let request = b"POST /v1/tasks HTTP/1.1\r\nhost: x\r\nx-slow: ";
+    let mut i = 0;
+    while alive > 0 && started.elapsed() < Duration::from_secs(6) {
+        use tokio::io::AsyncWriteExt as _;
+        alive = 0;
+        for s in &mut slow {
+            if s.write_all(&request[i % request.len()..=i % request.len()])
+                .await
+                .is_ok()
+                && s.flush().await.is_ok()
+            {
+                alive += 1;
+            }
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut closed = 0;
+    for s in &mut slow {
+        closed += usize::from(closed_within(s, Duration::from_millis(500)).await);
+    }
+    assert_eq!(
+        closed, 50,
+        "slow-header sockets are cut off after the header timeout"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let log = std::fs::read_to_string(&child.log).unwrap();
+    assert!(
+        log.contains("connection refused: server.connections cap reached"),
+        "a clear log line"
+    );
+    let metrics = remote
+        .http
+        .get(format!("{}/metrics", remote.base))
+        .bearer_auth(&creds.identities["admin"].token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("leasehold_connections_refused_total{cap=\"per_address\"}"),
+        "{metrics}"
+    );
+    child.terminate();
 }
