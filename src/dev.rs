@@ -142,7 +142,7 @@ pub fn prepare(
     if !listen.ip().is_loopback() {
         return Err(DevError::NotLoopback(listen));
     }
-    std::fs::create_dir_all(data).map_err(io(data))?;
+    private_dir(data).map_err(io(data))?;
     // absolute, so `dev-config.toml` means the same files wherever it is
     // read from (a relative path there resolves against its own folder)
     let data = &std::fs::canonicalize(data).map_err(io(data))?;
@@ -262,11 +262,23 @@ fn identities(
     Ok((identities, operators))
 }
 
+/// A directory (and any missing parents) only its owner may enter.
+fn private_dir(path: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        b.mode(0o700);
+    }
+    b.create(path)
+}
+
 /// The example policy set, copied once so it can be edited and reloaded.
 fn ensure_policies(data: &Path) -> Result<PathBuf, DevError> {
     let policies = data.join("policies");
     if !policies.exists() {
-        std::fs::create_dir_all(&policies).map_err(io(&policies))?;
+        private_dir(&policies).map_err(io(&policies))?;
         for (name, text) in EXAMPLE_POLICIES {
             write_private(&policies.join(name), text.as_bytes())?;
         }
@@ -352,6 +364,7 @@ fn dev_config(
             hmac_key_file: None,
             hmac_fields: vec![],
             auth_denied_events_per_second: 10,
+            prune_min_age_seconds: crate::config::defaults::prune_min_age_seconds(),
             #[cfg(feature = "bench-no-events")]
             bench_no_events: false,
         },

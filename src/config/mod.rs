@@ -276,6 +276,10 @@ pub struct AuditConfig {
     /// are counted into the next recorded one.
     #[serde(default = "defaults::auth_denied_events_per_second")]
     pub auth_denied_events_per_second: u32,
+    /// Events younger than this are never pruned, whatever an admin asks
+    /// (default 7 days): the chain cannot be emptied from the API.
+    #[serde(default = "defaults::prune_min_age_seconds")]
+    pub prune_min_age_seconds: u64,
     /// Benchmark-only: record no events (feature `bench-no-events`).
     #[cfg(feature = "bench-no-events")]
     #[serde(default)]
@@ -447,6 +451,9 @@ pub(crate) mod defaults {
     }
     pub fn checkpoint_interval_seconds() -> u64 {
         60
+    }
+    pub fn prune_min_age_seconds() -> u64 {
+        7 * 86_400
     }
     pub fn auth_denied_events_per_second() -> u32 {
         10

@@ -159,6 +159,39 @@ impl Broker {
         last_hash: [u8; 32],
     ) -> Result<u64, BrokerError> {
         chain_pruner(caller)?;
+        // nothing younger than the minimum age, whatever the caller holds:
+        // the chain cannot be emptied from the API
+        let last = self
+            .events(
+                caller,
+                EventFilter {
+                    after: through.saturating_sub(1),
+                    limit: 1,
+                    ..EventFilter::default()
+                },
+            )
+            .await?
+            .0
+            .into_iter()
+            .next();
+        let at = last
+            .as_ref()
+            .filter(|e| e.get("seq").and_then(serde_json::Value::as_u64) == Some(through))
+            .and_then(|e| e.get("time").and_then(serde_json::Value::as_str))
+            .and_then(crate::clock::parse_rfc3339);
+        let newest_allowed = self.clock.now().unix_millis()
+            - i64::try_from(self.prune_min_age.as_millis()).unwrap_or(i64::MAX);
+        if let Some(at) = at
+            && at.unix_millis() > newest_allowed
+        {
+            return Err(BrokerError::invalid(
+                "prune_too_recent",
+                format!(
+                    "event {through} is younger than audit.prune_min_age_seconds ({} s): events are kept at least that long",
+                    self.prune_min_age.as_secs()
+                ),
+            ));
+        }
         let (a, now) = (self.auditor.clone(), self.clock.now().unix_millis());
         let (by, rid) = (caller.principal(), ctx.request_id.clone());
         let removed = self

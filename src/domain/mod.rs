@@ -248,6 +248,7 @@ pub struct Broker {
     /// Signs checkpoints of the event chain (and gives online verification
     /// its trusted key).
     pub(in crate::domain) checkpoint_key: Option<Arc<crate::audit::CheckpointKey>>,
+    pub(in crate::domain) prune_min_age: std::time::Duration,
     /// Rate limit for recording denied authentication attempts.
     pub(in crate::domain) denied: DeniedLimiter,
     /// Runtime authorization.
@@ -327,6 +328,7 @@ impl Broker {
             local,
             auditor: Arc::new(crate::audit::Auditor::default()),
             checkpoint_key: None,
+            prune_min_age: std::time::Duration::from_secs(7 * 86_400),
             denied: DeniedLimiter::new(10),
             policy,
             settings,
@@ -359,6 +361,12 @@ impl Broker {
     /// The key that signs checkpoints of the chain.
     pub fn with_checkpoint_key(mut self, key: crate::audit::CheckpointKey) -> Self {
         self.checkpoint_key = Some(Arc::new(key));
+        self
+    }
+
+    /// Events younger than this are never pruned.
+    pub fn with_prune_min_age(mut self, age: std::time::Duration) -> Self {
+        self.prune_min_age = age;
         self
     }
 

@@ -101,7 +101,15 @@ pub(super) fn open(
     target: u32,
 ) -> Result<(Box<dyn Backend>, mpsc::Sender<Job>), StoreError> {
     if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
+        // a directory the broker creates is its own alone
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            b.mode(0o700);
+        }
+        b.create(dir)
             .map_err(|e| StoreError::Io(format!("{}: {e}", dir.display())))?;
     }
     let db = redb::Builder::new()

@@ -475,3 +475,58 @@ async fn idle_and_slow_sockets_are_capped_and_closed_and_the_broker_keeps_answer
     );
     child.terminate();
 }
+
+/// Finding 5: an admin pruned the chain to its head (events two minutes
+/// old included) with `through_seq` and `last_hash` read from the API, and
+/// `verify` then reported `ok` over one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_cannot_erase_recent_events_through_the_api() {
+    let h = Harness::start(Options::default()).await;
+    for _ in 0..3 {
+        h.open_task(&h.tokens.a, 600).await;
+    }
+    let (_, chain) = h.get(&h.tokens.admin, "/v1/events/chain").await;
+    let head = chain["head_seq"].as_u64().unwrap();
+    let (s, e) = h
+        .post(
+            &h.tokens.admin,
+            "/v1/events/prune",
+            json!({"through_seq": head, "last_hash": chain["head_hash"]}),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("prune_too_recent")),
+        "{e}"
+    );
+    let (_, after) = h.get(&h.tokens.admin, "/v1/events/chain").await;
+    assert_eq!(after["base_seq"], chain["base_seq"], "nothing was pruned");
+    let (_, v) = h.get(&h.tokens.admin, "/v1/events?limit=1000").await;
+    assert!(
+        v["events"].as_array().unwrap().len() as u64 >= head,
+        "every event is still there"
+    );
+}
+
+/// Finding 7 (in part): the `policies/` directory was 0755.
+#[test]
+fn directories_the_broker_creates_are_its_own() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("a/b/data");
+    leasehold::dev::prepare(
+        &data,
+        "127.0.0.1:7711".parse().unwrap(),
+        crate::harness::now_rounded(),
+    )
+    .unwrap();
+    for d in [
+        dir.path().join("a"),
+        dir.path().join("a/b"),
+        data.clone(),
+        data.join("policies"),
+    ] {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
+    }
+}

@@ -414,7 +414,11 @@ fn seq_of_line(l: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_events_are_archived_and_pruned_and_the_rest_still_verifies() {
-    let h = Harness::start(Options::default()).await;
+    let h = Harness::start(Options {
+        manual_clock: true,
+        ..Options::default()
+    })
+    .await;
     for _ in 0..4 {
         let task = h.open_task(&h.tokens.a, 600).await;
         h.lease(&h.tokens.a, &task, 300).await;
@@ -422,6 +426,28 @@ async fn old_events_are_archived_and_pruned_and_the_rest_still_verifies() {
     let (_, chain) = h.get(&h.tokens.admin, "/v1/events/chain").await;
     let head = chain["head_seq"].as_u64().unwrap();
     let through = head - 3;
+    // fresh events are kept (audit.prune_min_age_seconds, 7 days by default)
+    let (_, last) = h
+        .get(
+            &h.tokens.admin,
+            &format!("/v1/events?after={}&limit=1", through - 1),
+        )
+        .await;
+    let (s, e) = h
+        .post(
+            &h.tokens.admin,
+            "/v1/events/prune",
+            serde_json::json!({"through_seq": through, "last_hash": last["events"][0]["hash"]}),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (reqwest::StatusCode::BAD_REQUEST, Some("prune_too_recent")),
+        "{e}"
+    );
+    // eight days on, they may go
+    h.advance(std::time::Duration::from_secs(8 * 86_400));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let archive = h.dir.path().join("archive.jsonl");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
         .args([
