@@ -63,7 +63,7 @@ pub async fn get_approval(
     path = "/v1/approvals/{id}/approve",
     tag = "approvals",
     operation_id = "approve",
-    security(("operator" = ["approver", "admin"])),
+    security(("operator" = ["approver"])),
     params(("id" = String, Path, description = "approval id (`appr_...`)", pattern = "^appr_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     request_body(content = Option<DecideBody>, description = "Optional: a comment."),
     responses(Guarded, WithBody, WithId, Conflict, (status = 200, description = "Approved; the workload may now retry its request once.", body = ApprovalView))
@@ -84,7 +84,7 @@ pub async fn approve(
     path = "/v1/approvals/{id}/deny",
     tag = "approvals",
     operation_id = "deny",
-    security(("operator" = ["approver", "admin"])),
+    security(("operator" = ["approver"])),
     params(("id" = String, Path, description = "approval id (`appr_...`)", pattern = "^appr_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     request_body(content = Option<DecideBody>, description = "A comment is required to deny."),
     responses(Guarded, WithBody, WithId, Conflict, (status = 200, description = "Denied.", body = ApprovalView))

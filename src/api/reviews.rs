@@ -33,7 +33,7 @@ pub async fn list_reviews(
     path = "/v1/reviews/{id}/sign-off",
     tag = "approvals",
     operation_id = "sign_off",
-    security(("operator" = ["approver", "admin"])),
+    security(("operator" = ["approver"])),
     params(("id" = String, Path, description = "task id (`task_...`) of the review", pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
     request_body = DecideBody,
     responses(Guarded, WithBody, WithId, Conflict, (status = 200, description = "Signed off.", body = ReviewView))

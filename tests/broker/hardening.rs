@@ -530,3 +530,246 @@ fn directories_the_broker_creates_are_its_own() {
         assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
     }
 }
+
+/// The callers an OpenAPI operation allows: `workload`, each operator role,
+/// or `anyone` when it has no security requirement.
+fn documented_callers(op: &Value) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    match op.get("security").and_then(Value::as_array) {
+        None => {
+            out.insert("anyone".to_owned());
+        }
+        Some(reqs) if reqs.is_empty() => {
+            out.insert("anyone".to_owned());
+        }
+        Some(reqs) => {
+            for r in reqs {
+                if r.get("workload").is_some() {
+                    out.insert("workload".to_owned());
+                }
+                for role in r
+                    .get("operator")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    out.insert(role.as_str().unwrap().to_owned());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Finding 7: who may do what differed between the code, the README's API
+/// table and the OpenAPI document. The README's table must name, for every
+/// route, exactly the callers the document does (`owner` and `workload`
+/// both mean the workload scheme; "anyone" a route without one).
+#[test]
+fn the_readme_api_table_names_the_callers_the_openapi_document_does() {
+    let doc: Value =
+        serde_json::from_str(&leasehold::api::openapi::document_json().unwrap()).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let words = [
+        "anyone",
+        "workload",
+        "owner",
+        "admin",
+        "approver",
+        "responder",
+        "resource_server",
+    ];
+    let mut problems = Vec::new();
+    let mut seen = 0;
+    for line in readme.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (routes, who) = (cells[1], cells[2]);
+        let mut named: std::collections::BTreeSet<String> = words
+            .iter()
+            .filter(|w| {
+                who.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .any(|t| t == **w)
+            })
+            .map(|w| {
+                if *w == "owner" {
+                    "workload".to_owned()
+                } else {
+                    (*w).to_owned()
+                }
+            })
+            .collect();
+        if named.is_empty() {
+            continue;
+        }
+        // `GET /v1/approvals`, `GET /v1/approvals/{id}[?wait=S]` -> each route
+        for part in routes.split("`, `") {
+            let part = part.trim_matches('`');
+            let Some((method, path)) = part.split_once(' ') else {
+                continue;
+            };
+            let path = path.split('[').next().unwrap().split('?').next().unwrap();
+            let path = if path.starts_with("...") {
+                continue;
+            } else {
+                path
+            };
+            let Some(op) = doc["paths"]
+                .get(path)
+                .and_then(|p| p.get(method.to_ascii_lowercase()))
+            else {
+                problems.push(format!(
+                    "README names `{method} {path}`, the document has no such operation"
+                ));
+                continue;
+            };
+            seen += 1;
+            let documented = documented_callers(op);
+            if documented != named {
+                problems.push(format!(
+                    "`{method} {path}`: README says {named:?}, the document {documented:?}"
+                ));
+            }
+        }
+        named.clear();
+    }
+    assert!(
+        seen >= 25,
+        "only {seen} routes read from the README's table"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// A real id for a path parameter, by its documented pattern's prefix
+/// (`^task_...`), from `ids`; a well-formed one that names nothing else.
+fn id_for(param: &Value, ids: &std::collections::BTreeMap<&str, String>) -> String {
+    let pattern = param["schema"]["pattern"].as_str().unwrap_or("");
+    let prefix: String = pattern
+        .trim_start_matches('^')
+        .chars()
+        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+        .collect();
+    match ids.get(prefix.as_str()) {
+        Some(id) => id.clone(),
+        None if prefix.is_empty() => "token".to_owned(), // a provider's name
+        None => format!("{prefix}0{}", "0".repeat(25)),
+    }
+}
+
+/// Finding 7: enforcement walks the same matrix the document states. Every
+/// operation × no credential, a workload (the owner of every resource
+/// named), and each operator role, on real resources: refused (401 without
+/// a credential, 403 with the wrong one, or 404 where a resource is hidden
+/// from those who may not see it) exactly when the document does not name
+/// that caller. A 400 (the empty body the walk sends) says nothing either
+/// way and is counted apart; the walk must reach a verdict for most pairs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_enforces_exactly_the_callers_the_document_names() {
+    let h = Harness::start(Options {
+        tweak: Box::new(|c| c.server.rate_limits.auth_failures_per_second = 0.0),
+        ..Options::default()
+    })
+    .await;
+    // real resources, owned by workload a
+    let approval = pending_approval(&h, &h.tokens.a).await;
+    let task = h.open_task(&h.tokens.a, 3600).await;
+    let lease = h.lease(&h.tokens.a, &task, 300).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, job) = h
+        .post(
+            &h.tokens.responder,
+            "/v1/revocations",
+            json!({"workload": "nobody:none", "reason": "walk"}),
+        )
+        .await;
+    let ids: std::collections::BTreeMap<&str, String> = [
+        ("task_", task),
+        ("lease_", lease),
+        ("appr_", approval),
+        ("job_", job["job_id"].as_str().unwrap().to_owned()),
+    ]
+    .into();
+    let doc: Value =
+        serde_json::from_str(&leasehold::api::openapi::document_json().unwrap()).unwrap();
+    let callers: Vec<(&str, &str)> = vec![
+        ("workload", h.tokens.a.as_str()),
+        ("admin", h.tokens.admin.as_str()),
+        ("approver", h.tokens.approver.as_str()),
+        ("responder", h.tokens.responder.as_str()),
+        ("resource_server", h.tokens.resource.as_str()),
+    ];
+    let (mut problems, mut decided, mut undecided) = (Vec::new(), 0, Vec::new());
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let documented = documented_callers(op);
+            if documented.contains("anyone") {
+                continue;
+            }
+            let mut url = path.clone();
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                if p["in"] == "path" {
+                    let name = p["name"].as_str().unwrap();
+                    url = url.replace(&format!("{{{name}}}"), &id_for(p, &ids));
+                }
+            }
+            let send = |token: Option<&str>| {
+                let mut req = h
+                    .http
+                    .request(method.to_uppercase().parse().unwrap(), h.url(&url));
+                if let Some(t) = token {
+                    req = req.bearer_auth(t);
+                }
+                if method == "post" {
+                    if op["requestBody"]["content"]
+                        .get("application/x-www-form-urlencoded")
+                        .is_some()
+                    {
+                        req = req
+                            .header("content-type", "application/x-www-form-urlencoded")
+                            .body("token=x");
+                    } else {
+                        req = req.json(&json!({}));
+                    }
+                }
+                req.send()
+            };
+            let s = send(None).await.unwrap().status();
+            if s != StatusCode::UNAUTHORIZED {
+                problems.push(format!(
+                    "{} {path} without a credential: {s}",
+                    method.to_uppercase()
+                ));
+            }
+            for (who, token) in &callers {
+                let s = send(Some(token)).await.unwrap().status();
+                if s == StatusCode::BAD_REQUEST {
+                    undecided.push(format!("{} {path} as {who}", method.to_uppercase()));
+                    continue;
+                }
+                decided += 1;
+                let refused = matches!(
+                    s,
+                    StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED | StatusCode::NOT_FOUND
+                );
+                let allowed = documented.contains(*who);
+                if allowed == refused
+                    && !(allowed && s == StatusCode::NOT_FOUND && path.contains("reviews"))
+                {
+                    problems.push(format!(
+                        "{} {path} as {who}: {s}, the document {} it",
+                        method.to_uppercase(),
+                        if allowed { "allows" } else { "does not allow" }
+                    ));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    eprintln!("{decided} verdicts; undecided (400 to an empty body): {undecided:?}");
+    assert!(
+        decided >= 120,
+        "only {decided} verdicts; undecided: {undecided:?}"
+    );
+}
