@@ -365,6 +365,7 @@ fn dev_config(
             hmac_fields: vec![],
             auth_denied_events_per_second: 10,
             prune_min_age_seconds: crate::config::defaults::prune_min_age_seconds(),
+            archive_dir: Some(data.join("archive")),
             #[cfg(feature = "bench-no-events")]
             bench_no_events: false,
         },

@@ -433,7 +433,10 @@ fn build_broker(
             crate::audit::CheckpointKey::from_pkcs8(&cp).map_err(ServeError::Audit)?,
         )
         .with_denied_per_second(u64::from(config.audit.auth_denied_events_per_second))
-        .with_prune_min_age(Duration::from_secs(config.audit.prune_min_age_seconds));
+        .with_archiving(
+            Duration::from_secs(config.audit.prune_min_age_seconds),
+            config.audit.archive_dir.clone(),
+        );
     Ok(broker)
 }
 

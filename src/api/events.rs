@@ -129,33 +129,34 @@ pub async fn chain(State(s): State<AppState>, caller: Caller) -> Result<Json<Cha
 
 #[utoipa::path(
     post,
-    path = "/v1/events/prune",
+    path = "/v1/events/archive",
     tag = "events",
-    operation_id = "prune_events",
+    operation_id = "archive_events",
     security(("operator" = ["admin"])),
-    request_body = PruneBody,
-    responses(Guarded, WithBody, Conflict, (status = 200, description = "Events up to `through_seq` removed; the chain now starts after it.", body = PruneView))
+    request_body = ArchiveBody,
+    responses(Guarded, WithBody, Conflict, (status = 200, description = "Events up to `through_seq` written to an archive in `audit.archive_dir`, verified, then removed; the chain now starts after them.", body = ArchiveView))
 )]
-/// Drop archived events (admin): the caller proves it holds the archive by
-/// naming the hash of its last event.
-pub async fn prune_events(
+/// Archive and prune the oldest events (admin): the broker writes them to a
+/// file of its own, verifies it, and only then removes them. Events younger
+/// than `audit.prune_min_age_seconds` are never removed.
+pub async fn archive_events(
     State(s): State<AppState>,
     caller: Caller,
     rid: ReqId,
-    ApiJson(body): ApiJson<PruneBody>,
-) -> Result<Json<PruneView>, ApiError> {
+    ApiJson(body): ApiJson<ArchiveBody>,
+) -> Result<Json<ArchiveView>, ApiError> {
     s.broker.may_prune_chain(&caller)?;
-    let hash = crate::hex::decode32(&body.last_hash).ok_or_else(|| {
-        ApiError::bad_request("invalid_request", "`last_hash` must be 64 hex characters")
-    })?;
     let ctx = ctx(rid, caller.principal());
-    let removed = s
+    let a = s
         .broker
-        .prune_events(&caller, &ctx, body.through_seq, hash)
+        .archive_events(&caller, &ctx, body.through_seq)
         .await?;
-    Ok(Json(PruneView {
-        pruned: removed,
-        base_seq: body.through_seq,
+    Ok(Json(ArchiveView {
+        archive: a.archive.display().to_string(),
+        sha256: a.sha256,
+        pruned: a.pruned,
+        base_seq: a.base_seq,
+        checkpoint_seq: a.checkpoint,
     }))
 }
 
@@ -188,13 +189,10 @@ pub struct EventListParams {
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PruneBody {
-    /// Remove events up to and including this seq…
+pub struct ArchiveBody {
+    /// Archive and remove events up to and including this seq.
     #[schema(minimum = 1)]
     pub through_seq: u64,
-    /// …whose hash the archive ends with (proof the caller holds it).
-    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
-    pub last_hash: String,
 }
 
 /// One event of the chain, as stored (canonical JSON) plus its hash.
@@ -252,7 +250,14 @@ pub struct ChainView {
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct PruneView {
+pub struct ArchiveView {
+    /// The archive file, on the broker's host.
+    pub archive: String,
+    /// The archive file's SHA-256, also recorded in the `chain.pruned` event.
+    pub sha256: String,
     pub pruned: u64,
+    /// Where the chain starts now.
     pub base_seq: u64,
+    /// The checkpoint signed over the new head, when there is a key.
+    pub checkpoint_seq: Option<u64>,
 }

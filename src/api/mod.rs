@@ -254,7 +254,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(events::events))
         .routes(routes!(events::verify_events))
         .routes(routes!(events::chain))
-        .routes(routes!(events::prune_events))
+        .routes(routes!(events::archive_events))
         .routes(routes!(tokens::introspect))
         .routes(routes!(tokens::jwks))
         .routes(routes!(ops::metrics))

@@ -6,15 +6,14 @@
 //! an export needs nothing but the file (and the checkpoint public key, to
 //! check signatures).
 
-use std::io::{BufRead as _, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
 use super::client::{Client, ClientError};
 use super::{Connection, EventsCommand};
-use crate::audit::verify::ChainVerifier;
-use crate::audit::{Checkpoint, VerifyReport};
+use crate::audit::VerifyReport;
 
 fn usage(e: impl std::fmt::Display) -> ClientError {
     ClientError::Usage(e.to_string())
@@ -30,45 +29,7 @@ fn trusted_key(path: Option<&Path>) -> Result<Option<Vec<u8>>, ClientError> {
 
 /// Verify an export file (two passes: header and checkpoints, then events).
 pub fn verify_export(path: &Path, trusted: Option<Vec<u8>>) -> Result<VerifyReport, ClientError> {
-    let open = || {
-        std::fs::File::open(path)
-            .map(std::io::BufReader::new)
-            .map_err(|e| usage(format!("{}: {e}", path.display())))
-    };
-    let (mut base_seq, mut base_hash, mut checkpoints) = (0u64, [0u8; 32], Vec::new());
-    for (n, line) in open()?.lines().enumerate() {
-        let line = line.map_err(|e| usage(format!("{}: {e}", path.display())))?;
-        let Ok(v) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        if let Some(h) = v.get("chain") {
-            base_seq = h.get("base_seq").and_then(Value::as_u64).unwrap_or(0);
-            base_hash = h
-                .get("base_hash")
-                .and_then(Value::as_str)
-                .and_then(crate::hex::decode32)
-                .ok_or_else(|| {
-                    usage(format!("line {}: a chain header without base_hash", n + 1))
-                })?;
-        } else if let Some(c) = v.get("checkpoint") {
-            checkpoints.push(
-                Checkpoint::from_value(c).map_err(|e| usage(format!("line {}: {e}", n + 1)))?,
-            );
-        }
-    }
-    let mut verifier = ChainVerifier::new(base_seq, base_hash, checkpoints, trusted);
-    for line in open()?.lines() {
-        let line = line.map_err(|e| usage(e.to_string()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Value>(&line) {
-            Ok(v) if v.get("chain").is_some() || v.get("checkpoint").is_some() => {}
-            Ok(v) => verifier.export_line(&v),
-            Err(_) => verifier.export_line(&Value::Null),
-        }
-    }
-    Ok(verifier.finish(None))
+    crate::audit::verify::verify_export_file(path, trusted).map_err(usage)
 }
 
 /// Verify a stopped broker's store file.
@@ -353,16 +314,23 @@ pub async fn run(conn: &Connection, cmd: EventsCommand) -> Result<Value, ClientE
     }
 }
 
-/// Export the oldest events through `through`, verify the file, then prune
-/// them from the broker (which checks the file's last hash).
-async fn archive(conn: &Connection, through: u64, out: PathBuf) -> Result<Value, ClientError> {
+/// Ask the broker to archive and prune the oldest events through
+/// `through`: it writes the archive into its `audit.archive_dir`, verifies
+/// it, prunes, and answers with the file and its SHA-256. With `out`, the
+/// archive (read back through the API before the prune is asked for) is
+/// also written here, for the operator's own copy.
+async fn archive(
+    conn: &Connection,
+    through: u64,
+    out: Option<PathBuf>,
+) -> Result<Value, ClientError> {
     let c = Client::new(conn)?;
-    {
+    if let Some(out) = &out {
         let mut f = std::io::BufWriter::new(
             std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .open(&out)
+                .open(out)
                 .map_err(|e| usage(format!("{}: {e}", out.display())))?,
         );
         let last = export(&c, &mut f, 0, Some(through), false).await?;
@@ -371,15 +339,7 @@ async fn archive(conn: &Connection, through: u64, out: PathBuf) -> Result<Value,
         }
         f.flush().map_err(usage)?;
     }
-    let report = verify_export(&out, None)?;
-    if !report.ok || report.last_seq != through {
-        return Err(ClientError::Failed(
-            serde_json::to_value(&report).unwrap_or(Value::Null),
-        ));
-    }
-    let body = json!({"through_seq": through, "last_hash": report.head_hash});
-    let pruned = c
-        .call(reqwest::Method::POST, "/v1/events/prune", Some(body))
-        .await?;
-    Ok(json!({"archive": out.display().to_string(), "verified": report, "pruned": pruned}))
+    let body = json!({"through_seq": through});
+    c.call(reqwest::Method::POST, "/v1/events/archive", Some(body))
+        .await
 }

@@ -381,13 +381,17 @@ pub enum EventsCommand {
         #[arg(long, value_name = "FILE")]
         checkpoint_key: Option<PathBuf>,
     },
-    /// Export the oldest events through SEQ to a new file, verify it, then
-    /// prune them from the broker (admin).
+    /// Archive and prune the oldest events through SEQ (admin): the broker
+    /// writes them to a file in its `audit.archive_dir`, verifies it, and
+    /// only then removes them, recording the file's name and SHA-256 on the
+    /// chain. Events younger than `audit.prune_min_age_seconds` (7 days by
+    /// default) are never removed.
     Archive {
         #[arg(long, value_name = "SEQ")]
         through: u64,
+        /// Also keep a copy here (read through the API before the prune).
         #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        out: Option<PathBuf>,
     },
 }
 

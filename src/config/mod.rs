@@ -280,6 +280,11 @@ pub struct AuditConfig {
     /// (default 7 days): the chain cannot be emptied from the API.
     #[serde(default = "defaults::prune_min_age_seconds")]
     pub prune_min_age_seconds: u64,
+    /// Where `leasehold events archive` (`POST /v1/events/archive`) writes
+    /// the archives it verifies before pruning (created 0700). Without it,
+    /// nothing can be pruned.
+    #[serde(default)]
+    pub archive_dir: Option<PathBuf>,
     /// Benchmark-only: record no events (feature `bench-no-events`).
     #[cfg(feature = "bench-no-events")]
     #[serde(default)]
@@ -512,6 +517,9 @@ impl Config {
         fix(&mut self.audit.checkpoint_key_file);
         fix(&mut self.policy.dir);
         if let Some(p) = self.policy.webhook_secret_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.audit.archive_dir.as_mut() {
             fix(p);
         }
         if let Some(p) = self.audit.hmac_key_file.as_mut() {

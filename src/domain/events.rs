@@ -36,6 +36,19 @@ pub struct ChainInfo {
     pub checkpoints: Vec<serde_json::Value>,
 }
 
+/// What one archive-and-prune did.
+#[derive(Debug, Clone)]
+pub struct Archived {
+    /// The archive file the broker wrote and verified.
+    pub archive: std::path::PathBuf,
+    pub sha256: String,
+    pub pruned: u64,
+    /// Where the chain starts now.
+    pub base_seq: u64,
+    /// The checkpoint signed right after, over the new head.
+    pub checkpoint: Option<u64>,
+}
+
 /// Events examined per page at most.
 const SCAN_BUDGET: usize = 20_000;
 
@@ -148,19 +161,101 @@ impl Broker {
         })
     }
 
-    /// Drop archived events up to `through` (admin). The caller proves it
-    /// holds the archive by naming the hash of its last event; the prune
-    /// is recorded on the chain in the same transaction.
-    pub async fn prune_events(
+    /// Archive and prune the oldest events through `through` (admin), as
+    /// one operation of the broker's own: it writes them to a file in
+    /// `audit.archive_dir` (the export format), verifies the file, and only
+    /// then removes them, recording the archive's name and SHA-256 on the
+    /// chain in the same transaction, and signs a checkpoint over the new
+    /// head. Nothing younger than `audit.prune_min_age_seconds` goes.
+    pub async fn archive_events(
         &self,
         caller: &Caller,
         ctx: &Ctx,
         through: u64,
-        last_hash: [u8; 32],
-    ) -> Result<u64, BrokerError> {
+    ) -> Result<Archived, BrokerError> {
         chain_pruner(caller)?;
-        // nothing younger than the minimum age, whatever the caller holds:
-        // the chain cannot be emptied from the API
+        let dir = self.archive_dir.clone().ok_or_else(|| {
+            BrokerError::invalid(
+                "archive_not_configured",
+                "set audit.archive_dir: events are pruned only into an archive the broker writes and verifies",
+            )
+        })?;
+        let info = self.chain_info(caller)?;
+        if through <= info.base.seq || through > info.head.seq {
+            return Err(BrokerError::invalid(
+                "invalid_range",
+                format!(
+                    "can archive only events {}..={}",
+                    info.base.seq + 1,
+                    info.head.seq
+                ),
+            ));
+        }
+        self.check_prune_age(caller, through).await?;
+        let name = format!("chain-{:012}-{through:012}.jsonl", info.base.seq + 1);
+        let path = dir.join(&name);
+        self.write_archive(caller, &info, through, &path).await?;
+        let trusted = self
+            .checkpoint_key
+            .as_ref()
+            .map(|k| k.public_key().to_vec());
+        let file = path.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            crate::audit::verify::verify_export_file(&file, trusted)
+        })
+        .await
+        .map_err(|e| BrokerError::Store(crate::store::StoreError::Io(e.to_string())))?
+        .map_err(|e| BrokerError::Store(crate::store::StoreError::Io(e)))?;
+        let last_hash = crate::hex::decode32(&report.head_hash)
+            .filter(|_| report.ok && report.last_seq == through)
+            .ok_or_else(|| {
+                BrokerError::Store(crate::store::StoreError::Corrupt(format!(
+                    "the archive {} does not verify; nothing was pruned",
+                    path.display()
+                )))
+            })?;
+        let bytes = std::fs::read(&path).map_err(|e| {
+            BrokerError::Store(crate::store::StoreError::Io(format!(
+                "{}: {e}",
+                path.display()
+            )))
+        })?;
+        let sha = crate::hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
+        let (a, now) = (self.auditor.clone(), self.clock.now().unix_millis());
+        let (by, rid, archive, archive_sha) = (
+            caller.principal(),
+            ctx.request_id.clone(),
+            name.clone(),
+            sha.clone(),
+        );
+        let removed = self
+            .store
+            .write(move |t| {
+                let removed = t.prune_events(through, &last_hash)?;
+                let data = crate::event_data![
+                    ("through_seq", through),
+                    ("last_hash", crate::hex::encode(&last_hash)),
+                    ("removed", removed),
+                    ("archive", archive),
+                    ("archive_sha256", archive_sha),
+                    ("by", by),
+                ];
+                crate::audit::append(t, &a, a.broker(EventKind::ChainPruned, now, rid, data))?;
+                Ok(removed)
+            })
+            .await?;
+        let checkpoint = self.checkpoint().await?.map(|c| c.seq);
+        Ok(Archived {
+            archive: path,
+            sha256: sha,
+            pruned: removed,
+            base_seq: through,
+            checkpoint,
+        })
+    }
+
+    /// Refuse when event `through` is younger than the minimum age.
+    async fn check_prune_age(&self, caller: &Caller, through: u64) -> Result<(), BrokerError> {
         let last = self
             .events(
                 caller,
@@ -181,33 +276,107 @@ impl Broker {
             .and_then(crate::clock::parse_rfc3339);
         let newest_allowed = self.clock.now().unix_millis()
             - i64::try_from(self.prune_min_age.as_millis()).unwrap_or(i64::MAX);
-        if let Some(at) = at
-            && at.unix_millis() > newest_allowed
-        {
-            return Err(BrokerError::invalid(
+        match at {
+            Some(at) if at.unix_millis() <= newest_allowed => Ok(()),
+            Some(_) => Err(BrokerError::invalid(
                 "prune_too_recent",
                 format!(
                     "event {through} is younger than audit.prune_min_age_seconds ({} s): events are kept at least that long",
                     self.prune_min_age.as_secs()
                 ),
-            ));
+            )),
+            None => Err(BrokerError::invalid(
+                "invalid_range",
+                format!("no event {through}"),
+            )),
         }
-        let (a, now) = (self.auditor.clone(), self.clock.now().unix_millis());
-        let (by, rid) = (caller.principal(), ctx.request_id.clone());
-        let removed = self
-            .store
-            .write(move |t| {
-                let removed = t.prune_events(through, &last_hash)?;
-                let data = crate::event_data![
-                    ("through_seq", through),
-                    ("last_hash", crate::hex::encode(&last_hash)),
-                    ("removed", removed),
-                    ("by", by),
-                ];
-                crate::audit::append(t, &a, a.broker(EventKind::ChainPruned, now, rid, data))?;
-                Ok(removed)
-            })
-            .await?;
-        Ok(removed)
+    }
+
+    /// The export of events base+1..=through, with the checkpoints in that
+    /// range, written to a new file of mode 0600 and synced.
+    async fn write_archive(
+        &self,
+        caller: &Caller,
+        info: &ChainInfo,
+        through: u64,
+        path: &std::path::Path,
+    ) -> Result<(), BrokerError> {
+        use std::io::Write as _;
+        let io = |e: std::io::Error| {
+            BrokerError::Store(crate::store::StoreError::Io(format!(
+                "{}: {e}",
+                path.display()
+            )))
+        };
+        if let Some(dir) = path.parent() {
+            let mut b = std::fs::DirBuilder::new();
+            b.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt as _;
+                b.mode(0o700);
+            }
+            b.create(dir).map_err(io)?;
+        }
+        let mut open = std::fs::OpenOptions::new();
+        open.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            open.mode(0o600);
+        }
+        let file = open.open(path).map_err(io)?;
+        let mut out = std::io::BufWriter::new(file);
+        let header = serde_json::json!({"chain": {"base_seq": info.base.seq, "base_hash": crate::hex::encode(&info.base.hash)}});
+        writeln!(out, "{header}").map_err(io)?;
+        for cp in &info.checkpoints {
+            let seq = cp
+                .get("seq")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0);
+            if seq > info.base.seq && seq <= through {
+                writeln!(out, "{}", serde_json::json!({ "checkpoint": cp })).map_err(io)?;
+            }
+        }
+        let mut after = info.base.seq;
+        'pages: loop {
+            let (page, next) = self
+                .events(
+                    caller,
+                    EventFilter {
+                        after,
+                        limit: 1000,
+                        ..EventFilter::default()
+                    },
+                )
+                .await?;
+            for e in &page {
+                let seq = e
+                    .get("seq")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0);
+                if seq > through {
+                    break 'pages;
+                }
+                let mut line = Vec::new();
+                crate::audit::canonical(e, &mut line).map_err(|e| {
+                    BrokerError::Store(crate::store::StoreError::Corrupt(e.to_string()))
+                })?;
+                out.write_all(&line)
+                    .and_then(|()| out.write_all(b"\n"))
+                    .map_err(io)?;
+                after = seq;
+                if seq == through {
+                    break 'pages;
+                }
+            }
+            match next {
+                Some(n) if !page.is_empty() => after = n.max(after),
+                _ => break,
+            }
+        }
+        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        Ok(())
     }
 }

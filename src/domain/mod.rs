@@ -249,6 +249,7 @@ pub struct Broker {
     /// its trusted key).
     pub(in crate::domain) checkpoint_key: Option<Arc<crate::audit::CheckpointKey>>,
     pub(in crate::domain) prune_min_age: std::time::Duration,
+    pub(in crate::domain) archive_dir: Option<std::path::PathBuf>,
     /// Rate limit for recording denied authentication attempts.
     pub(in crate::domain) denied: DeniedLimiter,
     /// Runtime authorization.
@@ -329,6 +330,7 @@ impl Broker {
             auditor: Arc::new(crate::audit::Auditor::default()),
             checkpoint_key: None,
             prune_min_age: std::time::Duration::from_secs(7 * 86_400),
+            archive_dir: None,
             denied: DeniedLimiter::new(10),
             policy,
             settings,
@@ -364,9 +366,14 @@ impl Broker {
         self
     }
 
-    /// Events younger than this are never pruned.
-    pub fn with_prune_min_age(mut self, age: std::time::Duration) -> Self {
-        self.prune_min_age = age;
+    /// Events younger than this are never pruned; archives go to `dir`.
+    pub fn with_archiving(
+        mut self,
+        min_age: std::time::Duration,
+        dir: Option<std::path::PathBuf>,
+    ) -> Self {
+        self.prune_min_age = min_age;
+        self.archive_dir = dir;
         self
     }
 

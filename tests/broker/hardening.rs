@@ -487,11 +487,25 @@ async fn an_admin_cannot_erase_recent_events_through_the_api() {
     }
     let (_, chain) = h.get(&h.tokens.admin, "/v1/events/chain").await;
     let head = chain["head_seq"].as_u64().unwrap();
-    let (s, e) = h
+    // the old way: through_seq and last_hash read from the API
+    let (s, _) = h
         .post(
             &h.tokens.admin,
             "/v1/events/prune",
             json!({"through_seq": head, "last_hash": chain["head_hash"]}),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "no pruning without the broker's own archive"
+    );
+    // the broker's own archive: refused for events younger than 7 days
+    let (s, e) = h
+        .post(
+            &h.tokens.admin,
+            "/v1/events/archive",
+            json!({"through_seq": head}),
         )
         .await;
     assert_eq!(

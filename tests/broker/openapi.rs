@@ -424,14 +424,14 @@ async fn every_documented_operation_conforms_to_the_document() {
     let (_, first) = d
         .drive(M::GET, "/v1/events", "/v1/events?limit=1", &t.admin, N)
         .await;
-    let hash = first["events"][0]["hash"].as_str().unwrap().to_owned();
+    assert!(first["events"][0]["hash"].is_string());
     let (s, _) = d
         .drive(
             M::POST,
-            "/v1/events/prune",
-            "/v1/events/prune",
+            "/v1/events/archive",
+            "/v1/events/archive",
             &t.admin,
-            J(json!({"through_seq": 1, "last_hash": hash})),
+            J(json!({"through_seq": 1})),
         )
         .await;
     assert_eq!(s, StatusCode::OK);

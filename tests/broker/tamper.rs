@@ -427,17 +427,11 @@ async fn old_events_are_archived_and_pruned_and_the_rest_still_verifies() {
     let head = chain["head_seq"].as_u64().unwrap();
     let through = head - 3;
     // fresh events are kept (audit.prune_min_age_seconds, 7 days by default)
-    let (_, last) = h
-        .get(
-            &h.tokens.admin,
-            &format!("/v1/events?after={}&limit=1", through - 1),
-        )
-        .await;
     let (s, e) = h
         .post(
             &h.tokens.admin,
-            "/v1/events/prune",
-            serde_json::json!({"through_seq": through, "last_hash": last["events"][0]["hash"]}),
+            "/v1/events/archive",
+            serde_json::json!({"through_seq": through}),
         )
         .await;
     assert_eq!(
@@ -472,8 +466,33 @@ async fn old_events_are_archived_and_pruned_and_the_rest_still_verifies() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // the operator's copy, and the broker's own archive, both verify
     let archived = leasehold::cli::events::verify_export(&archive, None).unwrap();
     assert!(archived.ok && archived.last_seq == through, "{archived:?}");
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let own = std::path::PathBuf::from(answer["archive"].as_str().unwrap());
+    assert!(
+        own.starts_with(h.dir.path()),
+        "in audit.archive_dir: {answer}"
+    );
+    let own_report = leasehold::cli::events::verify_export(&own, None).unwrap();
+    assert!(
+        own_report.ok && own_report.last_seq == through,
+        "{own_report:?}"
+    );
+    assert_eq!(own_report.head_hash, archived.head_hash);
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&own).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let sha = ring::digest::digest(&ring::digest::SHA256, &std::fs::read(&own).unwrap());
+    let sha: String = sha.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(answer["sha256"], sha.as_str());
+    assert!(
+        answer["checkpoint_seq"].as_u64().unwrap() > through,
+        "a checkpoint over the new head: {answer}"
+    );
 
     let (_, chain) = h.get(&h.tokens.admin, "/v1/events/chain").await;
     assert_eq!(chain["base_seq"], through);
@@ -481,16 +500,40 @@ async fn old_events_are_archived_and_pruned_and_the_rest_still_verifies() {
     let (_, v) = h.get(&h.tokens.admin, "/v1/events?limit=1000").await;
     let first = v["events"][0]["seq"].as_u64().unwrap();
     assert_eq!(first, through + 1, "archived events are gone");
+    let pruned = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "chain.pruned")
+        .unwrap();
+    assert_eq!(pruned["data"]["archive_sha256"], sha.as_str(), "{pruned}");
     assert_eq!(
-        v["events"].as_array().unwrap().last().unwrap()["kind"],
-        "chain.pruned"
+        pruned["data"]["archive"],
+        own.file_name().unwrap().to_str().unwrap()
     );
     let (_, report) = h.get(&h.tokens.admin, "/v1/events/verify").await;
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["base_seq"], through);
 
-    // pruning needs the archive's last hash, and only what exists
-    let (s, e) = h
+    // only what exists, and only by an admin; there is no pruning without
+    // the broker's own archive
+    let (s, _) = h
+        .post(
+            &h.tokens.admin,
+            "/v1/events/archive",
+            serde_json::json!({"through_seq": through}),
+        )
+        .await;
+    assert_eq!(s, reqwest::StatusCode::BAD_REQUEST);
+    let (s, _) = h
+        .post(
+            &h.tokens.responder,
+            "/v1/events/archive",
+            serde_json::json!({"through_seq": through + 1}),
+        )
+        .await;
+    assert_eq!(s, reqwest::StatusCode::FORBIDDEN);
+    let (s, _) = h
         .post(
             &h.tokens.admin,
             "/v1/events/prune",
@@ -498,23 +541,8 @@ async fn old_events_are_archived_and_pruned_and_the_rest_still_verifies() {
         )
         .await;
     assert_eq!(
-        (s, e["error"]["code"].as_str()),
-        (reqwest::StatusCode::CONFLICT, Some("chain_conflict"))
+        s,
+        reqwest::StatusCode::NOT_FOUND,
+        "the client-side prune is gone"
     );
-    let (s, _) = h
-        .post(
-            &h.tokens.admin,
-            "/v1/events/prune",
-            serde_json::json!({"through_seq": 1, "last_hash": "00".repeat(32)}),
-        )
-        .await;
-    assert_eq!(s, reqwest::StatusCode::CONFLICT);
-    let (s, _) = h
-        .post(
-            &h.tokens.responder,
-            "/v1/events/prune",
-            serde_json::json!({"through_seq": through + 1, "last_hash": "00".repeat(32)}),
-        )
-        .await;
-    assert_eq!(s, reqwest::StatusCode::FORBIDDEN);
 }
