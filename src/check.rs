@@ -128,6 +128,40 @@ pub fn user(field: &str, value: &str) -> Result<String, Invalid> {
     Ok(folded)
 }
 
+/// A workload's subject or a tenant in its one canonical form: trimmed and
+/// NFKC, so fences and selectors match however the name was typed; not
+/// case-folded (identity providers' subjects are case-sensitive). Refused:
+/// invisible characters and letters mixing Latin, Greek and Cyrillic.
+pub fn identifier(field: &str, value: &str) -> Result<String, Invalid> {
+    use unicode_normalization::UnicodeNormalization as _;
+    text(field, value, 512)?;
+    if let Some(c) = value.chars().find(|c| invisible(*c)) {
+        return Err(invalid(
+            "invalid_identifier",
+            format!(
+                "`{field}` contains an invisible character (U+{:04X})",
+                u32::from(c)
+            ),
+        ));
+    }
+    let canonical: String = value.trim().nfkc().collect();
+    if mixed_scripts(&canonical) {
+        return Err(invalid(
+            "invalid_identifier",
+            format!("`{field}` mixes letters of the Latin, Greek and Cyrillic scripts"),
+        ));
+    }
+    Ok(canonical)
+}
+
+fn mixed_scripts(s: &str) -> bool {
+    s.chars()
+        .filter_map(script)
+        .fold(0u8, |acc, b| acc | b)
+        .count_ones()
+        > 1
+}
+
 /// Characters that change how text looks or reads without being seen.
 fn invisible(c: char) -> bool {
     matches!(
@@ -182,6 +216,35 @@ mod user_tests {
             assert_eq!(user("u", v).unwrap(), one, "{v}");
         }
         assert_eq!(user("u", "APPROVER").unwrap(), "approver");
+    }
+
+    #[test]
+    fn identifiers_are_normalized_but_keep_their_case() {
+        use super::identifier;
+        assert_eq!(
+            identifier("sub", " ｄｅｖ:Assistant-A ").unwrap(),
+            "dev:Assistant-A"
+        );
+        assert_eq!(
+            identifier("sub", "system:serviceaccount:ns:sa").unwrap(),
+            "system:serviceaccount:ns:sa"
+        );
+        assert_eq!(
+            identifier("sub", "dev:assistant\u{200B}-a")
+                .unwrap_err()
+                .code,
+            "invalid_identifier"
+        );
+        assert_eq!(
+            identifier("sub", "dev:\u{0430}ssistant-a")
+                .unwrap_err()
+                .code,
+            "invalid_identifier"
+        );
+        assert_eq!(
+            identifier("sub", "\u{202E}dev").unwrap_err().code,
+            "invalid_identifier"
+        );
     }
 
     #[test]

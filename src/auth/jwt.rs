@@ -305,11 +305,18 @@ impl IssuerVerifier {
                 "sub must be 1-255 printable characters".into(),
             ));
         }
+        // one canonical form, so fences and selectors match however typed
+        let sub =
+            crate::check::identifier("sub", sub).map_err(|e| AuthError::Invalid(e.message))?;
         let tenant = match (&self.cfg.tenant, &self.cfg.tenant_claim) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(c)) => claims.get(c).and_then(Value::as_str).map(str::to_owned),
             (None, None) => None,
         };
+        let tenant = tenant
+            .map(|t| crate::check::identifier("tenant", &t))
+            .transpose()
+            .map_err(|e| AuthError::Invalid(e.message))?;
         let attributes = self
             .cfg
             .attribute_claims
@@ -326,7 +333,7 @@ impl IssuerVerifier {
             Workload {
                 id: format!("{}:{sub}", self.cfg.name),
                 issuer: self.cfg.name.clone(),
-                subject: sub.to_owned(),
+                subject: sub.clone(),
                 tenant,
                 attributes,
             },

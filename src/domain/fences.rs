@@ -113,7 +113,7 @@ impl Broker {
         let value = if kind == "user" {
             crate::check::user("value", &value)?
         } else {
-            value
+            crate::check::identifier("value", &value)?
         };
         let now = self.clock.now().unix_millis();
         let by = caller.principal();

@@ -787,3 +787,57 @@ async fn every_route_enforces_exactly_the_callers_the_document_names() {
         "only {decided} verdicts; undecided: {undecided:?}"
     );
 }
+
+/// Finding 4, for workloads: a workload id or tenant is kept in one form
+/// (NFKC, trimmed; case kept, as identity providers' subjects are
+/// case-sensitive), so a fence or selector typed with full-width letters or
+/// spaces still names it; a token whose subject hides invisible characters
+/// or mixes scripts is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_ids_compare_in_one_form_and_disguised_subjects_are_refused() {
+    let h = Harness::start(Options::default()).await;
+    let (_, t) = h
+        .get(
+            &h.tokens.a,
+            &format!("/v1/tasks/{}", h.open_task(&h.tokens.a, 600).await),
+        )
+        .await;
+    let id = t["workload"].as_str().unwrap().to_owned();
+    // full-width and padded: the same workload
+    let typed: String = format!(
+        " {} ",
+        id.chars()
+            .map(|c| if c.is_ascii_lowercase() {
+                char::from_u32(u32::from(c) - 0x61 + 0xFF41).unwrap()
+            } else {
+                c
+            })
+            .collect::<String>()
+    );
+    let (s, v) = h
+        .post(
+            &h.tokens.responder,
+            "/v1/revocations",
+            json!({"workload": typed, "fence": true, "reason": "incident 8"}),
+        )
+        .await;
+    assert!(s.is_success(), "{v}");
+    let (s, v) = h
+        .post(&h.tokens.a, "/v1/tasks", json!({"purpose": "p", "on_behalf_of": "bob@example.com", "prompt": "x", "ttl_seconds": 60}))
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::FORBIDDEN,
+        "the fence typed in another form holds: {v}"
+    );
+    // a subject with a zero-width space, or a Cyrillic letter in a Latin name
+    for sub in ["assistant\u{200B}-a", "\u{0430}ssistant-a"] {
+        let mut claims = crate::harness::claims(sub, crate::harness::now_rounded());
+        claims["sub"] = json!(sub);
+        let token = h.mint(&claims);
+        let (s, v) = h
+            .post(&token, "/v1/tasks", json!({"purpose": "p", "on_behalf_of": "bob@example.com", "prompt": "x", "ttl_seconds": 60}))
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{sub:?}: {v}");
+    }
+}

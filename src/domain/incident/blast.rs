@@ -76,6 +76,7 @@ impl Broker {
                 message: "the blast radius is for responders and admins".into(),
             });
         }
+        let workload = &crate::check::identifier("workload", workload)?;
         let r = self.store.read()?;
         let ts = |ms: i64| crate::clock::rfc3339(crate::clock::Timestamp::from_unix_millis(ms));
         let mut tasks = Vec::new();

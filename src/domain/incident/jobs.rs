@@ -225,6 +225,12 @@ impl Broker {
         if let Some(u) = &req.selector.user {
             req.selector.user = Some(crate::check::user("selector.user", u)?);
         }
+        if let Some(w) = &req.selector.workload {
+            req.selector.workload = Some(crate::check::identifier("selector.workload", w)?);
+        }
+        if let Some(t) = &req.selector.tenant {
+            req.selector.tenant = Some(crate::check::identifier("selector.tenant", t)?);
+        }
         self.validate_job(&req)?;
         if req.dry_run {
             let mut v = self.dry_run(&req.selector)?;
