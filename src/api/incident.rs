@@ -1,6 +1,7 @@
 //! Responders' routes: mass revocation jobs, fences, reconciliation,
 //! abandoning an irrevocable lease, blast radius.
 
+use super::extract::{Investigator, OperatorWith, Responder};
 use super::leases::LeaseView;
 use super::openapi::{CallsProvider, Conflict, Guarded, WithBody, WithId, WithQuery};
 use super::wire::{
@@ -131,7 +132,7 @@ pub async fn list_fences(
 )]
 pub async fn lift_fence(
     State(s): State<AppState>,
-    caller: Caller,
+    OperatorWith(caller, _): OperatorWith<Responder>,
     rid: ReqId,
     ApiJson(body): ApiJson<LiftFenceBody>,
 ) -> Result<Json<LiftedFence>, ApiError> {
@@ -210,7 +211,7 @@ pub async fn abandon_lease(
 /// Everything one workload did in a window (default: the last 24 hours).
 pub async fn blast_radius(
     State(s): State<AppState>,
-    caller: Caller,
+    OperatorWith(caller, _): OperatorWith<Investigator>,
     ApiQuery(p): ApiQuery<BlastRadiusParams>,
 ) -> Result<Json<crate::domain::incident::BlastRadius>, ApiError> {
     let workload = p.workload;

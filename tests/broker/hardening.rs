@@ -675,8 +675,8 @@ fn id_for(param: &Value, ids: &std::collections::BTreeMap<&str, String>) -> Stri
 /// named), and each operator role, on real resources: refused (401 without
 /// a credential, 403 with the wrong one, or 404 where a resource is hidden
 /// from those who may not see it) exactly when the document does not name
-/// that caller. A 400 (the empty body the walk sends) says nothing either
-/// way and is counted apart; the walk must reach a verdict for most pairs.
+/// that caller. Roles are checked before a body or query is read, so a 400
+/// (to the empty body the walk sends) means the caller got past the check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_enforces_exactly_the_callers_the_document_names() {
     let h = Harness::start(Options {
@@ -758,9 +758,10 @@ async fn every_route_enforces_exactly_the_callers_the_document_names() {
             }
             for (who, token) in &callers {
                 let s = send(Some(token)).await.unwrap().status();
+                // a 400 (the walk's empty body) means the caller got past the
+                // role check: routes check roles before reading a body
                 if s == StatusCode::BAD_REQUEST {
                     undecided.push(format!("{} {path} as {who}", method.to_uppercase()));
-                    continue;
                 }
                 decided += 1;
                 let refused = matches!(
@@ -781,11 +782,8 @@ async fn every_route_enforces_exactly_the_callers_the_document_names() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
-    eprintln!("{decided} verdicts; undecided (400 to an empty body): {undecided:?}");
-    assert!(
-        decided >= 120,
-        "only {decided} verdicts; undecided: {undecided:?}"
-    );
+    eprintln!("{decided} verdicts; past the check with a 400 to the empty body: {undecided:?}");
+    assert!(decided >= 150, "only {decided} verdicts");
 }
 
 /// Finding 4, for workloads: a workload id or tenant is kept in one form
