@@ -39,12 +39,30 @@ pub struct VerifyReport {
     pub first_break: Option<Break>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Each prune the verified chain records: through which seq, into which
+    /// archive (its file name and SHA-256), and the event that says so.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub archives: Vec<ArchiveMark>,
+}
+
+/// A `chain.pruned` event, as `verify` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ArchiveMark {
+    /// The `chain.pruned` event.
+    pub seq: u64,
+    pub through_seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_sha256: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
 struct Position {
     seq: u64,
     prev_hash: String,
+    #[serde(default)]
+    kind: String,
 }
 
 /// Feeds events in order; [`ChainVerifier::finish`] gives the report.
@@ -57,6 +75,7 @@ pub struct ChainVerifier {
     trusted: Option<Vec<u8>>,
     events: u64,
     first_break: Option<Break>,
+    archives: Vec<ArchiveMark>,
 }
 
 impl ChainVerifier {
@@ -74,6 +93,7 @@ impl ChainVerifier {
             trusted,
             events: 0,
             first_break: None,
+            archives: Vec::new(),
         }
     }
 
@@ -151,6 +171,18 @@ impl ChainVerifier {
                 pos.seq,
                 "the signed checkpoint at this seq names another hash".into(),
             );
+        }
+        if pos.kind == "chain.pruned"
+            && let Ok(v) = serde_json::from_slice::<Value>(bytes)
+        {
+            let data = &v["data"];
+            let text = |k: &str| data.get(k).and_then(Value::as_str).map(str::to_owned);
+            self.archives.push(ArchiveMark {
+                seq: pos.seq,
+                through_seq: data.get("through_seq").and_then(Value::as_u64).unwrap_or(0),
+                archive: text("archive"),
+                archive_sha256: text("archive_sha256"),
+            });
         }
         self.prev = hash;
         self.next_seq += 1;
@@ -234,6 +266,7 @@ impl ChainVerifier {
             checkpoints_verified: verified,
             first_break: self.first_break,
             note,
+            archives: self.archives,
         }
     }
 }

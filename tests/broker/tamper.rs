@@ -514,6 +514,11 @@ async fn old_events_are_archived_and_pruned_and_the_rest_still_verifies() {
     let (_, report) = h.get(&h.tokens.admin, "/v1/events/verify").await;
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["base_seq"], through);
+    // verify names the archive the pruned events went to
+    let mark = &report["archives"][0];
+    assert_eq!(mark["through_seq"], through, "{report}");
+    assert_eq!(mark["archive_sha256"], sha.as_str(), "{report}");
+    assert_eq!(mark["archive"], own.file_name().unwrap().to_str().unwrap());
 
     // only what exists, and only by an admin; there is no pruning without
     // the broker's own archive
