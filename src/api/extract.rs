@@ -116,6 +116,7 @@ impl FromRequestParts<AppState> for Caller {
                 return Err(ApiError::unauthenticated(e));
             }
         };
+        admitted(parts, &caller)?;
         if let Some(h) = hash {
             let key = match &caller {
                 Caller::Workload(w) => format!("workload:{}", w.id),
@@ -141,6 +142,80 @@ impl FromRequestParts<AppState> for Caller {
             ));
         }
         Ok(caller)
+    }
+}
+
+/// Who a documented operation admits: the workload scheme, or operators
+/// with one of these roles.
+#[derive(Debug, Default)]
+struct Admits {
+    workload: bool,
+    roles: Vec<OperatorRole>,
+}
+
+/// Each operation's callers, read from the OpenAPI document, which is built
+/// from each handler's `security(...)`: one definition, shown in the
+/// document and enforced here for every authenticated request (the domain
+/// checks ownership and roles again).
+fn admits() -> &'static std::collections::HashMap<(String, String), Admits> {
+    static MAP: std::sync::OnceLock<std::collections::HashMap<(String, String), Admits>> =
+        std::sync::OnceLock::new();
+    MAP.get_or_init(|| {
+        let doc = serde_json::to_value(super::openapi::document()).unwrap_or_default();
+        let mut map = std::collections::HashMap::new();
+        let paths = doc.get("paths").and_then(serde_json::Value::as_object);
+        for (path, ops) in paths.into_iter().flatten() {
+            for (method, op) in ops.as_object().into_iter().flatten() {
+                let Some(reqs) = op.get("security").and_then(serde_json::Value::as_array) else {
+                    continue;
+                };
+                let mut a = Admits::default();
+                for r in reqs {
+                    a.workload |= r.get("workload").is_some();
+                    let roles = r.get("operator").and_then(serde_json::Value::as_array);
+                    for role in roles
+                        .into_iter()
+                        .flatten()
+                        .filter_map(serde_json::Value::as_str)
+                    {
+                        let known = [
+                            OperatorRole::Admin,
+                            OperatorRole::Approver,
+                            OperatorRole::Responder,
+                            OperatorRole::ResourceServer,
+                        ];
+                        if let Some(r) = known.into_iter().find(|k| k.as_str() == role) {
+                            a.roles.push(r);
+                        }
+                    }
+                }
+                map.insert((method.to_ascii_uppercase(), path.clone()), a);
+            }
+        }
+        map
+    })
+}
+
+/// Refuse a caller the route's documented security does not name.
+fn admitted(parts: &Parts, caller: &Caller) -> Result<(), ApiError> {
+    let Some(route) = parts.extensions.get::<axum::extract::MatchedPath>() else {
+        return Ok(());
+    };
+    let key = (parts.method.as_str().to_owned(), route.as_str().to_owned());
+    let Some(a) = admits().get(&key) else {
+        return Ok(());
+    };
+    match caller {
+        Caller::Workload(_) if a.workload => Ok(()),
+        Caller::Operator(o) if a.roles.iter().any(|r| o.roles.contains(r)) => Ok(()),
+        Caller::Operator(_) if a.roles.is_empty() => Err(ApiError::forbidden(
+            "workload_required",
+            "this endpoint is for workloads; operators cannot open tasks or hold leases",
+        )),
+        _ => Err(ApiError::forbidden(
+            "forbidden",
+            "the caller's role may not call this route",
+        )),
     }
 }
 
