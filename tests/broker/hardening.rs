@@ -672,7 +672,8 @@ fn id_for(param: &Value, ids: &std::collections::BTreeMap<&str, String>) -> Stri
 
 /// Finding 7: enforcement walks the same matrix the document states. Every
 /// operation × no credential, a workload (the owner of every resource
-/// named), and each operator role, on real resources: refused (401 without
+/// named), another workload (refused on the owner's resources, admitted to
+/// collections), and each operator role, on real resources: refused (401 without
 /// a credential, 403 with the wrong one, or 404 where a resource is hidden
 /// from those who may not see it) exactly when the document does not name
 /// that caller. Roles are checked before a body or query is read, so a 400
@@ -755,6 +756,44 @@ async fn every_route_enforces_exactly_the_callers_the_document_names() {
                     "{} {path} without a credential: {s}",
                     method.to_uppercase()
                 ));
+            }
+            // another workload: admitted by the scheme, but never to a's
+            // resources (refused or not found), only to collections
+            if documented.contains("workload") {
+                // with a body that is valid, so only ownership can refuse it
+                let valid = match path.as_str() {
+                    "/v1/tasks/{id}/calls" => Some(
+                        json!({"tool": "demo.read", "action": "run", "resource": "x", "arguments_sha256": "ab".repeat(32)}),
+                    ),
+                    "/v1/tasks/{id}/leases" => {
+                        Some(json!({"provider": "token", "role": "demo", "ttl_seconds": 60}))
+                    }
+                    "/v1/tasks" => Some(
+                        json!({"purpose": "p", "on_behalf_of": "bob@example.com", "prompt": "x", "ttl_seconds": 60}),
+                    ),
+                    _ => None,
+                };
+                let s = match valid {
+                    Some(body) => h
+                        .http
+                        .post(h.url(&url))
+                        .bearer_auth(&h.tokens.b)
+                        .json(&body)
+                        .send()
+                        .await
+                        .unwrap()
+                        .status(),
+                    None => send(Some(h.tokens.b.as_str())).await.unwrap().status(),
+                };
+                let names_a_resource = url != *path;
+                let refused = matches!(s, StatusCode::FORBIDDEN | StatusCode::NOT_FOUND);
+                if names_a_resource != refused {
+                    problems.push(format!(
+                        "{} {path} as another workload: {s}",
+                        method.to_uppercase()
+                    ));
+                }
+                decided += 1;
             }
             for (who, token) in &callers {
                 let s = send(Some(token)).await.unwrap().status();
