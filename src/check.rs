@@ -98,32 +98,10 @@ mod tests {
 /// Greek and Cyrillic scripts (a Cyrillic `а` in a Latin name).
 pub fn user(field: &str, value: &str) -> Result<String, Invalid> {
     use unicode_normalization::UnicodeNormalization as _;
-    text(field, value, 256)?;
-    if let Some(c) = value.chars().find(|c| invisible(*c)) {
-        return Err(invalid(
-            "invalid_user",
-            format!(
-                "`{field}` contains an invisible character (U+{:04X}); give the name as it is written",
-                u32::from(c)
-            ),
-        ));
-    }
-    let folded: String = value
-        .trim()
-        .nfkc()
-        .collect::<String>()
-        .to_lowercase()
-        .nfkc()
-        .collect();
-    let scripts = folded
-        .chars()
-        .filter_map(script)
-        .fold(0u8, |acc, s| acc | s);
-    if scripts.count_ones() > 1 {
-        return Err(invalid(
-            "invalid_user",
-            format!("`{field}` mixes letters of the Latin, Greek and Cyrillic scripts"),
-        ));
+    let nfkc = canonical(field, value, 256, "invalid_user")?;
+    let folded: String = nfkc.to_lowercase().nfkc().collect();
+    if mixed_scripts(&folded) {
+        return Err(mixed(field, "invalid_user"));
     }
     Ok(folded)
 }
@@ -133,25 +111,35 @@ pub fn user(field: &str, value: &str) -> Result<String, Invalid> {
 /// case-folded (identity providers' subjects are case-sensitive). Refused:
 /// invisible characters and letters mixing Latin, Greek and Cyrillic.
 pub fn identifier(field: &str, value: &str) -> Result<String, Invalid> {
+    canonical(field, value, 512, "invalid_identifier")
+}
+
+/// Text, with no invisible character, trimmed and NFKC, its letters of one
+/// of the confusable scripts at most.
+fn canonical(field: &str, value: &str, max: usize, code: &'static str) -> Result<String, Invalid> {
     use unicode_normalization::UnicodeNormalization as _;
-    text(field, value, 512)?;
+    text(field, value, max)?;
     if let Some(c) = value.chars().find(|c| invisible(*c)) {
         return Err(invalid(
-            "invalid_identifier",
+            code,
             format!(
-                "`{field}` contains an invisible character (U+{:04X})",
+                "`{field}` contains an invisible character (U+{:04X}); give the name as it is written",
                 u32::from(c)
             ),
         ));
     }
-    let canonical: String = value.trim().nfkc().collect();
-    if mixed_scripts(&canonical) {
-        return Err(invalid(
-            "invalid_identifier",
-            format!("`{field}` mixes letters of the Latin, Greek and Cyrillic scripts"),
-        ));
+    let nfkc: String = value.trim().nfkc().collect();
+    if mixed_scripts(&nfkc) {
+        return Err(mixed(field, code));
     }
-    Ok(canonical)
+    Ok(nfkc)
+}
+
+fn mixed(field: &str, code: &'static str) -> Invalid {
+    invalid(
+        code,
+        format!("`{field}` mixes letters of the Latin, Greek and Cyrillic scripts"),
+    )
 }
 
 fn mixed_scripts(s: &str) -> bool {
