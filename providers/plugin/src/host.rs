@@ -1,5 +1,5 @@
-//! The broker's side: the catalog entry (`type = "plugin"`), and the
-//! provider that supervises the plugin process and calls it.
+//! The broker's side: the provider that supervises the plugin process and
+//! calls it (its catalog entry is `catalog.rs`).
 //!
 //! The plugin starts in the background when the provider is built; until
 //! it has answered its handshake, and while it is down, the provider is
@@ -9,230 +9,33 @@
 //! broker's durable queue and are retried. Every call is bounded by
 //! `timeout_seconds`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use leasehold_provider::{
-    BrokerLimits, BuildContext, Built, ConfigError, Credential, Description, Found, Issued, Kind,
-    LeaseSpec, Provider, ProviderError, ProviderSettings, RevocationHandle, RevokeSpec, RoleInfo,
-    Timestamp,
+    BrokerLimits, Credential, Description, Found, Issued, LeaseSpec, Provider, ProviderError,
+    RevocationHandle, RevokeSpec, RoleInfo, Timestamp,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+use crate::catalog::PluginConfig;
 use crate::convert::{
     credential_from_wire, credential_to_wire, error_from_wire, found_from_wire, found_to_wire,
     outcome, revoke_to_wire, spec_to_wire,
 };
+use crate::lane;
 use crate::process::{self, status_text};
 use crate::wire::{self, provider_client::ProviderClient};
 
-/// The registry entry: `type = "plugin"`.
-pub static KIND: Kind<PluginConfig> = Kind::new();
-
-const MAX_TIMEOUT_SECONDS: u64 = 600;
 /// Revocations sent in one `Revoke` call.
 const REVOKE_CHUNK: usize = 1000;
 /// Validation answers remembered per plugin generation.
 const VALIDATE_CACHE: usize = 4096;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-
-fn default_timeout() -> u64 {
-    10
-}
-
-/// A catalog entry: the program, its pinned digest, its environment and
-/// its own configuration, which the broker hands it at start and does not
-/// read beyond `roles.<name>.max_ttl_seconds` (what policy is checked
-/// against).
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PluginConfig {
-    /// The program; relative paths are resolved against the configuration's
-    /// folder.
-    pub command: PathBuf,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub args: Vec<String>,
-    /// The program's SHA-256 (hex), checked before every start.
-    pub sha256: String,
-    /// The plugin's whole environment, with `PATH` and the socket's: the
-    /// broker's own environment is not passed on.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
-    /// The longest the broker waits for the plugin to start or to answer a
-    /// call.
-    #[serde(default = "default_timeout")]
-    pub timeout_seconds: u64,
-    /// The plugin's own configuration, passed to it as JSON over the socket
-    /// (never in its arguments or environment). It must have
-    /// `roles.<name>.max_ttl_seconds` for every role.
-    #[serde(default)]
-    pub config: toml::Table,
-}
-
-impl std::fmt::Debug for PluginConfig {
-    // the environment's values and the plugin's configuration may hold
-    // secrets: names only
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginConfig")
-            .field("command", &self.command)
-            .field("args", &self.args)
-            .field("sha256", &self.sha256)
-            .field("env", &self.env.keys().collect::<Vec<_>>())
-            .field("timeout_seconds", &self.timeout_seconds)
-            .field("config", &self.config.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
-
-impl PluginConfig {
-    /// The roles of `config.roles` with their `max_ttl_seconds` (0 when
-    /// missing or not a positive integer; `validate` says so).
-    pub fn role_ttls(&self) -> Vec<(&str, u64)> {
-        let Some(toml::Value::Table(roles)) = self.config.get("roles") else {
-            return Vec::new();
-        };
-        roles
-            .iter()
-            .map(|(name, r)| {
-                let max = r
-                    .get("max_ttl_seconds")
-                    .and_then(toml::Value::as_integer)
-                    .and_then(|n| u64::try_from(n).ok())
-                    .unwrap_or(0);
-                (name.as_str(), max)
-            })
-            .collect()
-    }
-
-    /// What the broker calls this plugin in messages: the program's name.
-    pub fn label(&self) -> String {
-        self.command
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| self.command.display().to_string())
-    }
-
-    fn limits(&self, limits: &BrokerLimits) -> wire::Limits {
-        wire::Limits {
-            max_lease_ttl_seconds: limits.max_lease_ttl_seconds,
-            provider_timeout_seconds: limits.provider_timeout_seconds,
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl ProviderSettings for PluginConfig {
-    const TYPE: &'static str = "plugin";
-
-    fn roles(&self) -> Vec<(&str, u64)> {
-        self.role_ttls()
-    }
-
-    fn validate(&self, limits: &BrokerLimits) -> Result<(), ConfigError> {
-        if self.command.as_os_str().is_empty() {
-            return Err(ConfigError::new(
-                "command",
-                "must name the plugin's program",
-            ));
-        }
-        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ConfigError::new(
-                "sha256",
-                "must be the program's SHA-256 as 64 hex digits (`sha256sum PROGRAM`)",
-            ));
-        }
-        if !(1..=MAX_TIMEOUT_SECONDS).contains(&self.timeout_seconds) {
-            return Err(ConfigError::new(
-                "timeout_seconds",
-                format!("must be between 1 and {MAX_TIMEOUT_SECONDS}"),
-            ));
-        }
-        for name in self.env.keys() {
-            let valid = name.bytes().enumerate().all(|(i, b)| {
-                b == b'_' || b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit())
-            });
-            if !valid || name.is_empty() {
-                return Err(ConfigError::new(
-                    format!("env.{name}"),
-                    "is not an environment variable name",
-                ));
-            }
-            if name.starts_with("LEASEHOLD_PLUGIN_") {
-                return Err(ConfigError::new(
-                    format!("env.{name}"),
-                    "LEASEHOLD_PLUGIN_* is set by the broker",
-                ));
-            }
-        }
-        let roles = self.role_ttls();
-        if roles.is_empty() {
-            return Err(ConfigError::new(
-                "config.roles",
-                "the plugin's configuration must list its roles, each with `max_ttl_seconds`",
-            ));
-        }
-        for (name, max) in roles {
-            if max == 0 || max > limits.max_lease_ttl_seconds {
-                return Err(ConfigError::new(
-                    format!("config.roles.{name}.max_ttl_seconds"),
-                    format!(
-                        "must be a whole number of seconds between 1 and limits.max_lease_ttl_seconds ({})",
-                        limits.max_lease_ttl_seconds
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn files(&self) -> Vec<(&'static str, &Path)> {
-        vec![("command", self.command.as_path())]
-    }
-
-    fn files_mut(&mut self) -> Vec<&mut PathBuf> {
-        vec![&mut self.command]
-    }
-
-    fn check_files(&self) -> Result<(), ConfigError> {
-        process::check_program(self).map_err(|m| ConfigError::new("command", m))
-    }
-
-    /// Start the plugin, hand it its configuration, compare its roles, ask
-    /// its health, stop it.
-    async fn dry_run(&self, limits: &BrokerLimits) -> Result<Option<String>, ProviderError> {
-        let timeout = Duration::from_secs(self.timeout_seconds);
-        let label = self.label();
-        let mut running = process::start(&label, &label, self, self.limits(limits), timeout)
-            .await
-            .map_err(|m| ProviderError::permanent(format!("plugin `{label}`: {m}")))?;
-        let health = tokio::time::timeout(timeout, running.client.health(wire::HealthRequest {}))
-            .await
-            .map_err(|_| ProviderError::retryable(format!("plugin `{label}`: Health timed out")))?
-            .map_err(|s| {
-                ProviderError::retryable(format!("plugin `{label}`: {}", status_text(&s)))
-            })?
-            .into_inner();
-        outcome(health.error)?;
-        let _ = running.child.start_kill();
-        Ok(Some(format!(
-            "plugin `{label}` ({} {}) started, speaks protocol {}, offers the catalog's {} role(s), healthy",
-            running.handshake.plugin,
-            running.handshake.version,
-            running.handshake.protocol_version,
-            running.describe.roles.len()
-        )))
-    }
-
-    fn build(&self, ctx: &BuildContext) -> Result<Built, String> {
-        let provider = PluginProvider::start(self.clone(), &ctx.limits)?;
-        Ok(Built::plain(Arc::new(provider)))
-    }
-}
 
 // === impl PluginProvider ===
 
@@ -690,107 +493,5 @@ impl Provider for PluginProvider {
             .await?;
         outcome(r.error)?;
         Ok(r.supported.then_some(r.usable))
-    }
-}
-
-/// The thread that makes `Validate` calls for the synchronous `validate`.
-mod lane {
-    use std::path::{Path, PathBuf};
-    use std::sync::mpsc;
-    use std::time::Duration;
-
-    use crate::wire;
-
-    type Reply = Result<wire::ValidateResponse, String>;
-
-    struct Job {
-        socket: PathBuf,
-        generation: u64,
-        req: wire::ValidateRequest,
-        timeout: Duration,
-        reply: mpsc::SyncSender<Reply>,
-    }
-
-    #[derive(Debug)]
-    pub(super) struct Lane {
-        jobs: mpsc::Sender<Job>,
-    }
-
-    impl std::fmt::Debug for Job {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("Job")
-        }
-    }
-
-    impl Lane {
-        pub(super) fn new() -> Result<Self, String> {
-            let (jobs, rx) = mpsc::channel::<Job>();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| format!("the plugin validation thread: {e}"))?;
-            std::thread::Builder::new()
-                .name("plugin-validate".into())
-                .spawn(move || {
-                    let mut client = None;
-                    // ends when the provider (the only sender) is dropped
-                    while let Ok(job) = rx.recv() {
-                        let answer = rt.block_on(async {
-                            tokio::time::timeout(job.timeout, run(&mut client, &job))
-                                .await
-                                .unwrap_or_else(|_| {
-                                    Err(format!("no answer within {}s", job.timeout.as_secs()))
-                                })
-                        });
-                        if answer.is_err() {
-                            client = None;
-                        }
-                        let _ = job.reply.send(answer);
-                    }
-                })
-                .map_err(|e| format!("the plugin validation thread: {e}"))?;
-            Ok(Self { jobs })
-        }
-
-        pub(super) fn validate(
-            &self,
-            socket: &Path,
-            generation: u64,
-            req: wire::ValidateRequest,
-            timeout: Duration,
-        ) -> Reply {
-            let (reply, answer) = mpsc::sync_channel(1);
-            self.jobs
-                .send(Job {
-                    socket: socket.to_owned(),
-                    generation,
-                    req,
-                    timeout,
-                    reply,
-                })
-                .map_err(|_| "the validation thread stopped".to_owned())?;
-            answer
-                .recv_timeout(timeout + Duration::from_secs(1))
-                .map_err(|_| format!("no answer within {}s", timeout.as_secs()))?
-        }
-    }
-
-    async fn run(
-        client: &mut Option<(
-            u64,
-            crate::wire::provider_client::ProviderClient<tonic::transport::Channel>,
-        )>,
-        job: &Job,
-    ) -> Reply {
-        if client.as_ref().is_none_or(|(g, _)| *g != job.generation) {
-            *client = Some((job.generation, crate::process::connect(&job.socket).await?));
-        }
-        let Some((_, c)) = client.as_mut() else {
-            return Err("not connected".into());
-        };
-        c.validate(job.req.clone())
-            .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| crate::process::status_text(&s))
     }
 }

@@ -26,12 +26,15 @@ pub mod wire {
     tonic::include_proto!("leasehold.plugin.v1");
 }
 
+mod catalog;
 mod convert;
 mod host;
 pub mod kit;
+mod lane;
 mod process;
 
-pub use host::{KIND, PluginConfig, PluginProvider};
+pub use catalog::{KIND, PluginConfig};
+pub use host::PluginProvider;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

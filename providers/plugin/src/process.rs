@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdin, Command};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::host::PluginConfig;
+use crate::catalog::PluginConfig;
 use crate::wire::provider_client::ProviderClient;
 use crate::{HANDSHAKE_PREFIX, MAX_MESSAGE, PROTOCOL_ENV, PROTOCOL_VERSION, SOCKET_ENV, wire};
 
