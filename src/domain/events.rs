@@ -91,11 +91,6 @@ impl Broker {
         chain_reader(caller)
     }
 
-    /// Whether the caller may prune the chain.
-    pub fn may_prune_chain(&self, caller: &Caller) -> Result<(), BrokerError> {
-        chain_pruner(caller)
-    }
-
     /// One page of events in chain order, and the cursor of the next.
     /// Workload and user filters match the chain's (possibly keyed) form.
     pub async fn events(
