@@ -303,6 +303,19 @@ fn dev_config(
             max_ttl_seconds: 900,
             audience: None,
             description: "a demonstration token for the dev broker's own resource servers".into(),
+            require_binding: false,
+        },
+    );
+    roles.insert(
+        "demo-bound".to_owned(),
+        TokenRoleConfig {
+            scopes: vec!["demo:read".into()],
+            max_ttl_seconds: 300,
+            audience: None,
+            description: "a token bound to the workload's key (DPoP or its client certificate): \
+                          useless to whoever copies it"
+                .into(),
+            require_binding: true,
         },
     );
     let mut providers = BTreeMap::new();
@@ -320,6 +333,7 @@ fn dev_config(
             listen,
             tls: None,
             allow_plaintext_non_loopback: false,
+            public_url: None,
             max_body_bytes: 64 * 1024,
             request_timeout_seconds: 30,
             shutdown_grace_seconds: 5,
@@ -344,6 +358,7 @@ fn dev_config(
         reaper: ReaperConfig::default(),
         auth: AuthConfig {
             workload_issuers: vec![IssuerConfig {
+                kind: crate::config::IssuerKind::Jwt,
                 name: "dev".into(),
                 issuer: DEV_ISSUER.into(),
                 audiences: vec![DEV_AUDIENCE.into()],
@@ -355,8 +370,15 @@ fn dev_config(
                 tenant_claim: Some("tenant".into()),
                 tenant: None,
                 attribute_claims: vec![],
+                trust_bundle_file: None,
+                trust_domain: None,
+                subject_pattern: None,
+                tenant_path_segment: None,
+                tenant_subject_attribute: None,
             }],
             operators,
+            dpop_max_age_seconds: 60,
+            dpop_leeway_seconds: 5,
         },
         audit: AuditConfig {
             checkpoint_key_file: keys.checkpoint,

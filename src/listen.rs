@@ -4,6 +4,10 @@
 //! a log line (at most one a second) and a metric, so a flood of idle or
 //! slow sockets can neither exhaust the file descriptors nor hold them:
 //! probes and genuine callers keep being answered.
+//!
+//! Over TLS, a client may present a certificate (asked for, never
+//! required); its chain rides on each of the connection's requests as a
+//! [`ClientChain`] for the authentication layer to check.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,7 +22,115 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tower::ServiceExt as _;
 
-use crate::config::ConnectionLimits;
+use crate::config::{ConnectionLimits, TlsConfig};
+
+/// The certificate chain (leaf first) the TLS client presented on the
+/// connection a request arrived on. The handshake proved the client holds
+/// the leaf's key; nothing else about it is checked yet.
+#[derive(Clone, Debug)]
+pub struct ClientChain(pub Arc<[rustls::pki_types::CertificateDer<'static>]>);
+
+/// The TLS acceptor for `[server.tls]`: TLS 1.2 and 1.3 with ring, HTTP/2
+/// and HTTP/1.1 by ALPN, and, with `request_client_certificates`, a request
+/// for a client certificate.
+pub fn tls_acceptor(
+    tls: &TlsConfig,
+    request_client_certificates: bool,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&tls.cert_file)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| format!("server.tls.cert_file {}: {e}", tls.cert_file.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "server.tls.cert_file {}: no certificate in it",
+            tls.cert_file.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
+        .map_err(|e| format!("server.tls.key_file {}: {e}", tls.key_file.display()))?;
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?;
+    let builder = if request_client_certificates {
+        builder.with_client_cert_verifier(Arc::new(RequestClientCertificate::default()))
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("server.tls: the certificate and key do not fit: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The TLS layer's side: ask for a client certificate, never require one,
+/// and accept the handshake of any whose key the client proves it holds;
+/// the request is then authenticated (or refused, with a 401 that is
+/// recorded) by the `x509` workload issuers (`auth::X509Verifier`), which
+/// check the chain.
+#[derive(Debug)]
+pub struct RequestClientCertificate {
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl Default for RequestClientCertificate {
+    fn default() -> Self {
+        Self {
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for RequestClientCertificate {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        // the chain is checked per request, by the issuer that claims it
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 
 /// File descriptors kept for everything but connections (the store, its
 /// log, providers' pools, the metrics listener, plugins).
@@ -152,24 +264,49 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = tower::ServiceBuilder::new()
-            .map_request(move |mut req: axum::extract::Request| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req
-            })
-            .service(app.clone());
+        let app = app.clone();
+        let service = move |chain: Option<ClientChain>| {
+            tower::ServiceBuilder::new()
+                .map_request(move |mut req: axum::extract::Request| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    if let Some(c) = &chain {
+                        req.extensions_mut().insert(c.clone());
+                    }
+                    req
+                })
+                .service(app)
+        };
         let (builder, tls, watcher) = (builder.clone(), tls.clone(), graceful.watcher());
         tokio::spawn(async move {
             let _place = place;
             match tls {
                 None => {
-                    serve_one(&builder, FirstByte::new(stream, timeout), service, watcher).await
+                    serve_one(
+                        &builder,
+                        FirstByte::new(stream, timeout),
+                        service(None),
+                        watcher,
+                    )
+                    .await
                 }
                 Some(acceptor) => {
                     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            serve_one(&builder, FirstByte::new(tls, timeout), service, watcher)
-                                .await;
+                            let chain = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .filter(|c| !c.is_empty())
+                                .map(|c| {
+                                    ClientChain(c.iter().map(|d| d.clone().into_owned()).collect())
+                                });
+                            serve_one(
+                                &builder,
+                                FirstByte::new(tls, timeout),
+                                service(chain),
+                                watcher,
+                            )
+                            .await;
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed")

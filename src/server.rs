@@ -142,6 +142,12 @@ pub async fn run_with(
         ready: ready.clone(),
         limits,
         health: Arc::default(),
+        public_url: config
+            .server
+            .public_url
+            .as_ref()
+            .map(|u| u.trim_end_matches('/').to_owned()),
+        tls: config.server.tls.is_some(),
     });
     if let Some(addr) = config.server.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -552,11 +558,16 @@ async fn serve(
     let tls = match &config.server.tls {
         None => None,
         Some(tls) => {
-            let rustls =
-                axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert_file, &tls.key_file)
-                    .await
-                    .map_err(|e| ServeError::Tls(e.to_string()))?;
-            Some(tokio_rustls::TlsAcceptor::from(rustls.get_inner()))
+            let request = tls
+                .request_client_certificates
+                .unwrap_or_else(|| {
+                    config
+                        .auth
+                        .workload_issuers
+                        .iter()
+                        .any(|i| i.kind == crate::config::IssuerKind::X509)
+                });
+            Some(crate::listen::tls_acceptor(tls, request).map_err(ServeError::Tls)?)
         }
     };
     listener.set_nonblocking(true)?;

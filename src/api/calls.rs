@@ -2,6 +2,7 @@
 //! credential request, decided by policy at the moment of action.
 
 use super::WorkloadCaller;
+use super::extract::ProvenKey;
 use super::leases::{CredentialWire, IssuedLeaseView, LeaseView};
 use super::openapi::{CallsProvider, Conflict, Guarded, WithBody, WithId};
 use super::wire::{ApiJson, ErrorBody, ReqId, ctx, detached, parse_approval_id, parse_task_id, ts};
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 pub async fn call(
     State(s): State<AppState>,
     WorkloadCaller(w): WorkloadCaller,
+    ProvenKey(binding): ProvenKey,
     rid: ReqId,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<CallBody>,
@@ -44,6 +46,7 @@ pub async fn call(
             role: c.role,
             ttl_seconds: c.ttl_seconds,
             scope: c.scope,
+            binding: binding.clone(),
         }),
         approval_id: body
             .approval_id
@@ -81,6 +84,7 @@ pub async fn call(
 pub async fn request_lease(
     State(s): State<AppState>,
     WorkloadCaller(w): WorkloadCaller,
+    ProvenKey(binding): ProvenKey,
     rid: ReqId,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<LeaseBody>,
@@ -96,6 +100,7 @@ pub async fn request_lease(
         role: body.role,
         ttl_seconds: body.ttl_seconds,
         scope: body.scope,
+        binding,
     };
     let broker = s.broker.clone();
     let c = ctx(rid, format!("workload:{}", w.id));

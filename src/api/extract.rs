@@ -88,9 +88,11 @@ impl FromRequestParts<AppState> for Caller {
         if over_budget && !distinguishable {
             return Err(refuse_over_budget());
         }
-        let result = match token {
-            Ok(token) => state.auth.authenticate(token).await,
-            Err(e) => Err(e),
+        let result = match (token, parts.extensions.get::<crate::listen::ClientChain>()) {
+            (Ok(token), _) => state.auth.authenticate(token).await,
+            // no bearer credential: the connection's client certificate
+            (Err(AuthError::Missing), Some(chain)) => state.auth.authenticate_certificate(&chain.0),
+            (Err(e), _) => Err(e),
         };
         let caller = match result {
             Ok(caller) => caller,
@@ -112,7 +114,7 @@ impl FromRequestParts<AppState> for Caller {
                     .get("x-request-id")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                state.broker.auth_denied(e.to_string(), rid);
+                state.broker.auth_denied(e.detail(), rid);
                 return Err(ApiError::unauthenticated(e));
             }
         };
@@ -235,4 +237,72 @@ impl FromRequestParts<AppState> for WorkloadCaller {
             )),
         }
     }
+}
+
+/// The key a credential request proves, verified: a DPoP proof (header
+/// `DPoP`, RFC 9449) for this exact request, or else the client
+/// certificate of the connection (RFC 8705). `None`: a bearer request.
+#[derive(Debug, Clone)]
+pub struct ProvenKey(pub Option<leasehold_provider::KeyBinding>);
+
+impl FromRequestParts<AppState> for ProvenKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        use base64::Engine as _;
+        use leasehold_provider::KeyBinding;
+        let mut proofs = parts.headers.get_all("dpop").iter();
+        let invalid = |message: String| {
+            ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_dpop_proof", message)
+        };
+        if let Some(proof) = proofs.next() {
+            if proofs.next().is_some() {
+                return Err(invalid("send one `DPoP` header".into()));
+            }
+            let proof = proof
+                .to_str()
+                .map_err(|_| invalid("the `DPoP` header is not ASCII".into()))?;
+            let url = request_url(parts, state)
+                .ok_or_else(|| invalid("the request has no host to check `htu` against".into()))?;
+            let target = crate::auth::ProofTarget {
+                method: parts.method.as_str(),
+                url: &url,
+                access_token: bearer_token(&parts.headers),
+            };
+            return match state.auth.verify_dpop(proof, target) {
+                Ok(jkt) => Ok(Self(Some(KeyBinding::Dpop { jkt }))),
+                Err(crate::auth::DpopError::Busy) => Err(ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "dpop_busy",
+                    crate::auth::DpopError::Busy.to_string(),
+                )),
+                Err(e) => Err(invalid(e.to_string())),
+            };
+        }
+        Ok(Self(parts.extensions.get::<crate::listen::ClientChain>().and_then(|c| {
+            let leaf = c.0.first()?;
+            let digest = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
+            Some(KeyBinding::Mtls {
+                x5t_s256: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref()),
+            })
+        })))
+    }
+}
+
+/// The URL a request was sent to, as its client addressed the broker
+/// (`server.public_url`, or this listener's scheme and the `Host`), without
+/// the query.
+fn request_url(parts: &Parts, state: &AppState) -> Option<String> {
+    let path = parts.uri.path();
+    if let Some(base) = &state.public_url {
+        return Some(format!("{base}{path}"));
+    }
+    let host = parts
+        .headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(ToString::to_string))?;
+    let scheme = if state.tls { "https" } else { "http" };
+    Some(format!("{scheme}://{host}{path}"))
 }

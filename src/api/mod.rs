@@ -75,6 +75,12 @@ pub struct AppShared {
     /// The last provider health results, reused for a second: readiness is
     /// unauthenticated, and must not become a way to load the providers.
     pub health: Arc<std::sync::Mutex<Option<HealthChecks>>>,
+    /// `server.public_url` without a trailing `/`: where clients reach the
+    /// broker, for DPoP proofs' `htu`.
+    pub public_url: Option<String>,
+    /// Whether the main listener speaks TLS (the scheme of `htu` without
+    /// `public_url`).
+    pub tls: bool,
 }
 
 /// Rate limits and the cap on requests in flight (`server.rate_limits`).

@@ -14,14 +14,18 @@
 //! algorithm taken from the token without being pinned in config; no
 //! workload acting as a human (the user it acts for is a field of the task).
 
+mod dpop;
 mod jwt;
+mod x509;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+pub use dpop::{DpopError, DpopVerifier, ProofTarget};
 pub use jwt::{IssuerVerifier, load_jwks_file};
+pub use x509::{X509Verifier, load_bundle};
 
 use crate::clock::{Clock, Timestamp};
 use crate::config::{AuthConfig, OperatorRole};
@@ -102,6 +106,21 @@ pub enum AuthError {
     NotYetValid,
     #[error("the issuer's keys could not be loaded")]
     KeysUnavailable,
+    /// A client certificate refused; the reason is recorded and logged,
+    /// never shown to the caller.
+    #[error("the client certificate was not accepted")]
+    Certificate(String),
+}
+
+impl AuthError {
+    /// The reason as an investigator reads it (on the chain, in the log):
+    /// for a refused certificate, why.
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Certificate(why) => format!("client certificate refused: {why}"),
+            other => other.to_string(),
+        }
+    }
 }
 
 struct Cached {
@@ -118,7 +137,12 @@ const CACHE_MAX: usize = 65_536;
 pub struct Authenticator {
     operators: HashMap<[u8; 32], Arc<Operator>>,
     issuers: HashMap<String, Arc<IssuerVerifier>>,
+    x509: Vec<X509Verifier>,
+    dpop: DpopVerifier,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
+    /// Verified client certificate chains, by the SHA-256 of the chain,
+    /// with the generations of the bundles they were checked against.
+    cert_cache: Mutex<HashMap<[u8; 32], (Cached, Vec<u64>)>>,
     clock: Arc<dyn Clock>,
     denied_log: LogLimiter,
 }
@@ -160,16 +184,25 @@ impl Authenticator {
             );
         }
         let mut issuers = HashMap::new();
+        let mut x509 = Vec::new();
         for ic in &cfg.workload_issuers {
-            issuers.insert(
-                ic.issuer.clone(),
-                Arc::new(IssuerVerifier::new(ic.clone())?),
-            );
+            match ic.kind {
+                crate::config::IssuerKind::Jwt => {
+                    issuers.insert(
+                        ic.issuer.clone(),
+                        Arc::new(IssuerVerifier::new(ic.clone())?),
+                    );
+                }
+                crate::config::IssuerKind::X509 => x509.push(X509Verifier::new(ic.clone())?),
+            }
         }
         Ok(Self {
             operators,
             issuers,
+            x509,
+            dpop: DpopVerifier::new(cfg.dpop_max_age_seconds, cfg.dpop_leeway_seconds),
             cache: Mutex::new(HashMap::new()),
+            cert_cache: Mutex::new(HashMap::new()),
             clock,
             denied_log: LogLimiter::default(),
         })
@@ -179,13 +212,85 @@ impl Authenticator {
         self.issuers.values()
     }
 
+    /// Check a DPoP proof for a request; the key thumbprint to bind to.
+    pub fn verify_dpop(
+        &self,
+        proof: &str,
+        target: ProofTarget<'_>,
+    ) -> Result<String, DpopError> {
+        self.dpop.verify(proof, target, self.clock.now())
+    }
+
+    /// Authenticate a request by the client certificate of its connection
+    /// (one without a bearer credential).
+    pub fn authenticate_certificate(&self, chain: &[rustls::pki_types::CertificateDer<'static>]) -> Result<Caller, AuthError> {
+        let result = self.certificate_inner(chain);
+        if let Err(e) = &result
+            && self.denied_log.allow(self.clock.now())
+        {
+            tracing::warn!(reason = %e.detail(), "authentication denied");
+        }
+        result
+    }
+
+    fn certificate_inner(&self, chain: &[rustls::pki_types::CertificateDer<'static>]) -> Result<Caller, AuthError> {
+        use x509_parser::prelude::{FromDer as _, X509Certificate};
+        let leaf = chain.first().ok_or(AuthError::Missing)?;
+        if chain.len() > 8 || chain.iter().any(|c| c.len() > 16 * 1024) {
+            return Err(AuthError::Certificate("the chain is too long or too large".into()));
+        }
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for c in chain {
+            ctx.update(&u32::try_from(c.len()).unwrap_or(u32::MAX).to_be_bytes());
+            ctx.update(c.as_ref());
+        }
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(ctx.finish().as_ref());
+        let now = self.clock.now();
+        let now_ms = now.unix_millis();
+        // every bundle's generation now: a reload voids cached verdicts
+        let generations: Vec<u64> = self.x509.iter().map(X509Verifier::generation).collect();
+        if let Ok(cache) = self.cert_cache.lock()
+            && let Some((c, g)) = cache.get(&digest)
+            && c.valid_until > now_ms
+            && *g == generations
+        {
+            return Ok(Caller::Workload(c.workload.clone()));
+        }
+        let (_, parsed) = X509Certificate::from_der(leaf.as_ref())
+            .map_err(|_| AuthError::Certificate("the certificate cannot be parsed".into()))?;
+        let issuer = self.x509.iter().find(|v| v.claims(&parsed)).ok_or_else(|| {
+            AuthError::Certificate(
+                "no x509 issuer accepts its trust domain or subject".into(),
+            )
+        })?;
+        let (workload, exp_ms) = issuer.verify(chain, now)?;
+        let workload = Arc::new(workload);
+        if let Ok(mut cache) = self.cert_cache.lock() {
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(
+                digest,
+                (
+                    Cached {
+                        workload: workload.clone(),
+                        valid_until: exp_ms.min(now_ms + CACHE_TTL_MS),
+                    },
+                    generations,
+                ),
+            );
+        }
+        Ok(Caller::Workload(workload))
+    }
+
     /// Verify a bearer credential.
     pub async fn authenticate(&self, bearer: &str) -> Result<Caller, AuthError> {
         let result = self.authenticate_inner(bearer).await;
         if let Err(e) = &result
             && self.denied_log.allow(self.clock.now())
         {
-            tracing::warn!(reason = %e, "authentication denied");
+            tracing::warn!(reason = %e.detail(), "authentication denied");
         }
         result
     }

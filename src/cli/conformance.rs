@@ -147,6 +147,7 @@ impl SpecFactory for Specs {
             issued_at: now,
             expires_at: now.saturating_add(ttl),
             prepared: None,
+            binding: None,
         }
     }
 }

@@ -22,6 +22,7 @@ mod validate;
 pub use providers::ProviderConfig;
 pub use store_pg::StorePostgres;
 pub use validate::ALLOWED_ALGORITHMS;
+pub(crate) use validate::is_trust_domain;
 
 pub use rate_limits::{ConnectionLimits, RateLimitConfig};
 
@@ -78,6 +79,12 @@ pub struct ServerConfig {
     /// this is set (for a TLS-terminating sidecar on the same host).
     #[serde(default)]
     pub allow_plaintext_non_loopback: bool,
+    /// The URL clients reach this broker at (`https://broker.example`),
+    /// when a proxy in front changes scheme, host or port: what DPoP
+    /// proofs (`htu`) are checked against. Without it, the scheme of this
+    /// listener and the request's `Host`.
+    #[serde(default)]
+    pub public_url: Option<String>,
     #[serde(default = "defaults::max_body_bytes")]
     pub max_body_bytes: usize,
     #[serde(default = "defaults::request_timeout_seconds")]
@@ -110,6 +117,11 @@ pub struct ServerConfig {
 pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// Ask clients for a certificate (never require one): for workloads
+    /// that sign in with one (`kind = "x509"` issuers) and for leases
+    /// bound to it (RFC 8705). The default: only when an x509 issuer is
+    /// configured. Browsers may then offer a certificate picker.
+    pub request_client_certificates: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -298,20 +310,46 @@ pub struct AuthConfig {
     pub workload_issuers: Vec<IssuerConfig>,
     #[serde(default)]
     pub operators: Vec<OperatorConfig>,
+    /// How old a DPoP proof (RFC 9449) may be when it arrives, and how far
+    /// in the future its `iat` may lie (clock skew).
+    #[serde(default = "defaults::dpop_max_age_seconds")]
+    pub dpop_max_age_seconds: u64,
+    #[serde(default = "defaults::dpop_leeway_seconds")]
+    pub dpop_leeway_seconds: u64,
 }
 
-/// A trusted issuer of workload JWTs: a Kubernetes API server (projected
-/// service-account tokens), a SPIFFE trust domain (JWT-SVIDs), a CI system.
+/// How a workload issuer's workloads prove who they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IssuerKind {
+    /// Signed JWTs (`Authorization: Bearer`), checked against a JWKS.
+    #[default]
+    Jwt,
+    /// TLS client certificates (X.509-SVIDs, or any certificate under a
+    /// trust bundle), checked against the bundle.
+    X509,
+}
+
+/// A trusted issuer of workload identities: a Kubernetes API server
+/// (projected service-account tokens), a SPIFFE trust domain (JWT-SVIDs,
+/// or X.509-SVIDs with `kind = "x509"`), a CI system, a private CA.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IssuerConfig {
-    /// Short name; workload ids are `<name>:<sub>`.
+    /// `jwt` (the default) or `x509`.
+    #[serde(default)]
+    pub kind: IssuerKind,
+    /// Short name; workload ids are `<name>:<sub>` (JWT) or
+    /// `<name>:<SPIFFE ID or subject CN>` (X.509).
     pub name: String,
-    /// The exact `iss` claim.
+    /// JWT: the exact `iss` claim.
+    #[serde(default)]
     pub issuer: String,
-    /// Accepted `aud` values (at least one must match).
+    /// JWT: accepted `aud` values (at least one must match).
+    #[serde(default)]
     pub audiences: Vec<String>,
-    /// Pinned signature algorithms. Only asymmetric ones are accepted.
+    /// JWT: pinned signature algorithms. Only asymmetric ones are accepted.
+    #[serde(default)]
     pub algorithms: Vec<String>,
     pub jwks_file: Option<PathBuf>,
     pub jwks_url: Option<String>,
@@ -327,6 +365,23 @@ pub struct IssuerConfig {
     /// Claims copied onto the workload as attributes (for policy).
     #[serde(default)]
     pub attribute_claims: Vec<String>,
+    /// X.509: the PEM file of CA certificates this issuer trusts. Re-read
+    /// when it changes: removing a CA refuses its workloads at once.
+    pub trust_bundle_file: Option<PathBuf>,
+    /// X.509: accept X.509-SVIDs of this SPIFFE trust domain (exactly one
+    /// `spiffe://<trust_domain>/<path>` URI SAN); the workload is the
+    /// SPIFFE ID. Or
+    pub trust_domain: Option<String>,
+    /// X.509: accept certificates whose subject common name matches this
+    /// pattern (one `*` standing for one DNS label, e.g.
+    /// `*.agents.example.org`); the workload is the common name.
+    pub subject_pattern: Option<String>,
+    /// X.509 with `trust_domain`: the tenant is this (1-based) segment of
+    /// the SPIFFE ID's path, e.g. 2 for `spiffe://td/tenant/acme/agent`.
+    pub tenant_path_segment: Option<usize>,
+    /// X.509 with `subject_pattern`: the tenant is this attribute of the
+    /// subject, `O` or `OU`.
+    pub tenant_subject_attribute: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
@@ -469,6 +524,12 @@ pub(crate) mod defaults {
     pub fn leeway_seconds() -> u64 {
         30
     }
+    pub fn dpop_max_age_seconds() -> u64 {
+        60
+    }
+    pub fn dpop_leeway_seconds() -> u64 {
+        5
+    }
 }
 
 impl Config {
@@ -531,6 +592,9 @@ impl Config {
         }
         for i in &mut self.auth.workload_issuers {
             if let Some(p) = i.jwks_file.as_mut() {
+                fix(p);
+            }
+            if let Some(p) = i.trust_bundle_file.as_mut() {
                 fix(p);
             }
         }

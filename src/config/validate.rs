@@ -267,9 +267,160 @@ impl Config {
         Ok(())
     }
 
+    fn validate_jwt_issuer(iss: &IssuerConfig, f: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        for (k, set) in [
+            ("trust_bundle_file", iss.trust_bundle_file.is_some()),
+            ("trust_domain", iss.trust_domain.is_some()),
+            ("subject_pattern", iss.subject_pattern.is_some()),
+            ("tenant_path_segment", iss.tenant_path_segment.is_some()),
+            ("tenant_subject_attribute", iss.tenant_subject_attribute.is_some()),
+        ] {
+            if set {
+                return Err(invalid(f(k), "only for kind = \"x509\" issuers"));
+            }
+        }
+        if iss.issuer.is_empty() {
+            return Err(invalid(f("issuer"), "must be non-empty and unique"));
+        }
+        if iss.audiences.is_empty() || iss.audiences.iter().any(String::is_empty) {
+            return Err(invalid(
+                f("audiences"),
+                "list at least one non-empty audience",
+            ));
+        }
+        if iss.algorithms.is_empty() {
+            return Err(invalid(f("algorithms"), "pin at least one algorithm"));
+        }
+        for a in &iss.algorithms {
+            if !ALLOWED_ALGORITHMS.contains(&a.as_str()) {
+                return Err(invalid(
+                    f("algorithms"),
+                    format!(
+                        "`{a}` is not allowed; use one of {}",
+                        ALLOWED_ALGORITHMS.join(", ")
+                    ),
+                ));
+            }
+        }
+        match (&iss.jwks_file, &iss.jwks_url) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(invalid(
+                    f("jwks_file"),
+                    "set exactly one of jwks_file and jwks_url",
+                ));
+            }
+            (None, Some(url)) => {
+                let loopback_http = url.starts_with("http://127.0.0.1")
+                    || url.starts_with("http://localhost")
+                    || url.starts_with("http://[::1]");
+                if !url.starts_with("https://") && !loopback_http {
+                    return Err(invalid(
+                        f("jwks_url"),
+                        "must be https (http only on loopback)",
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if iss.jwks_refresh_seconds < 10 {
+            return Err(invalid(f("jwks_refresh_seconds"), "must be at least 10"));
+        }
+        if iss.leeway_seconds > 300 {
+            return Err(invalid(
+                f("leeway_seconds"),
+                "at most 300 (skew should be small)",
+            ));
+        }
+        if iss.tenant.is_some() && iss.tenant_claim.is_some() {
+            return Err(invalid(f("tenant"), "set tenant or tenant_claim, not both"));
+        }
+        Ok(())
+    }
+
+    /// An issuer of client certificates: a trust bundle and exactly what
+    /// it may vouch for (a SPIFFE trust domain, or a subject pattern that
+    /// is more than a wildcard: no trust in everything a CA signs).
+    fn validate_x509_issuer(iss: &IssuerConfig, f: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+        for (k, set) in [
+            ("issuer", !iss.issuer.is_empty()),
+            ("audiences", !iss.audiences.is_empty()),
+            ("algorithms", !iss.algorithms.is_empty()),
+            ("jwks_file", iss.jwks_file.is_some()),
+            ("jwks_url", iss.jwks_url.is_some()),
+            ("tenant_claim", iss.tenant_claim.is_some()),
+            ("attribute_claims", !iss.attribute_claims.is_empty()),
+        ] {
+            if set {
+                return Err(invalid(f(k), "only for kind = \"jwt\" issuers"));
+            }
+        }
+        if iss.trust_bundle_file.is_none() {
+            return Err(invalid(
+                f("trust_bundle_file"),
+                "an x509 issuer needs the PEM file of the CAs it trusts",
+            ));
+        }
+        match (&iss.trust_domain, &iss.subject_pattern) {
+            (Some(td), None) => {
+                if !is_trust_domain(td) {
+                    return Err(invalid(
+                        f("trust_domain"),
+                        "a SPIFFE trust domain: 1-255 of [a-z0-9._-], no wildcard (e.g. prod.example.org)",
+                    ));
+                }
+                if iss.tenant_subject_attribute.is_some() {
+                    return Err(invalid(
+                        f("tenant_subject_attribute"),
+                        "only with subject_pattern; use tenant_path_segment with trust_domain",
+                    ));
+                }
+                if iss.tenant_path_segment == Some(0) {
+                    return Err(invalid(f("tenant_path_segment"), "segments count from 1"));
+                }
+            }
+            (None, Some(p)) => {
+                if !is_subject_pattern(p) {
+                    return Err(invalid(
+                        f("subject_pattern"),
+                        "a common name of [A-Za-z0-9._-] with at most one `*` standing for one \
+                         DNS label, and more than a wildcard (e.g. *.agents.example.org)",
+                    ));
+                }
+                if iss.tenant_path_segment.is_some() {
+                    return Err(invalid(
+                        f("tenant_path_segment"),
+                        "only with trust_domain; use tenant_subject_attribute with subject_pattern",
+                    ));
+                }
+                if let Some(a) = &iss.tenant_subject_attribute
+                    && a != "O"
+                    && a != "OU"
+                {
+                    return Err(invalid(f("tenant_subject_attribute"), "`O` or `OU`"));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    f("trust_domain"),
+                    "set exactly one of trust_domain and subject_pattern",
+                ));
+            }
+        }
+        let sources = [
+            iss.tenant.is_some(),
+            iss.tenant_path_segment.is_some(),
+            iss.tenant_subject_attribute.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            return Err(invalid(f("tenant"), "set at most one source of the tenant"));
+        }
+        Ok(())
+    }
+
     fn validate_auth(&self) -> Result<(), ConfigError> {
         let mut names = BTreeSet::new();
         let mut issuers = BTreeSet::new();
+        let mut x509 = false;
         for (i, iss) in self.auth.workload_issuers.iter().enumerate() {
             let f = |k: &str| format!("auth.workload_issuers[{i}].{k}");
             if !is_name(&iss.name) {
@@ -281,60 +432,40 @@ impl Config {
                     format!("duplicate issuer name `{}`", iss.name),
                 ));
             }
-            if iss.issuer.is_empty() || !issuers.insert(&iss.issuer) {
-                return Err(invalid(f("issuer"), "must be non-empty and unique"));
-            }
-            if iss.audiences.is_empty() || iss.audiences.iter().any(String::is_empty) {
-                return Err(invalid(
-                    f("audiences"),
-                    "list at least one non-empty audience",
-                ));
-            }
-            if iss.algorithms.is_empty() {
-                return Err(invalid(f("algorithms"), "pin at least one algorithm"));
-            }
-            for a in &iss.algorithms {
-                if !ALLOWED_ALGORITHMS.contains(&a.as_str()) {
-                    return Err(invalid(
-                        f("algorithms"),
-                        format!(
-                            "`{a}` is not allowed; use one of {}",
-                            ALLOWED_ALGORITHMS.join(", ")
-                        ),
-                    ));
-                }
-            }
-            match (&iss.jwks_file, &iss.jwks_url) {
-                (Some(_), Some(_)) | (None, None) => {
-                    return Err(invalid(
-                        f("jwks_file"),
-                        "set exactly one of jwks_file and jwks_url",
-                    ));
-                }
-                (None, Some(url)) => {
-                    let loopback_http = url.starts_with("http://127.0.0.1")
-                        || url.starts_with("http://localhost")
-                        || url.starts_with("http://[::1]");
-                    if !url.starts_with("https://") && !loopback_http {
-                        return Err(invalid(
-                            f("jwks_url"),
-                            "must be https (http only on loopback)",
-                        ));
+            match iss.kind {
+                IssuerKind::Jwt => {
+                    if !issuers.insert(&iss.issuer) && !iss.issuer.is_empty() {
+                        return Err(invalid(f("issuer"), "must be non-empty and unique"));
                     }
+                    Self::validate_jwt_issuer(iss, &f)?;
                 }
-                _ => {}
+                IssuerKind::X509 => {
+                    x509 = true;
+                    Self::validate_x509_issuer(iss, &f)?;
+                }
             }
-            if iss.jwks_refresh_seconds < 10 {
-                return Err(invalid(f("jwks_refresh_seconds"), "must be at least 10"));
-            }
-            if iss.leeway_seconds > 300 {
+        }
+        if x509 && self.server.tls.is_none() {
+            return Err(invalid(
+                "auth.workload_issuers",
+                "an x509 issuer needs [server.tls]: client certificates arrive only over TLS",
+            ));
+        }
+        if !(1..=600).contains(&self.auth.dpop_max_age_seconds) {
+            return Err(invalid("auth.dpop_max_age_seconds", "between 1 and 600"));
+        }
+        if self.auth.dpop_leeway_seconds > 60 {
+            return Err(invalid("auth.dpop_leeway_seconds", "at most 60"));
+        }
+        if let Some(u) = &self.server.public_url {
+            let ok = (u.starts_with("https://") || u.starts_with("http://"))
+                && !u.contains(['?', '#', ' '])
+                && u.split_once("://").is_some_and(|(_, r)| !r.is_empty());
+            if !ok {
                 return Err(invalid(
-                    f("leeway_seconds"),
-                    "at most 300 (skew should be small)",
+                    "server.public_url",
+                    "an http(s) URL without query or fragment, e.g. https://broker.example",
                 ));
-            }
-            if iss.tenant.is_some() && iss.tenant_claim.is_some() {
-                return Err(invalid(f("tenant"), "set tenant or tenant_claim, not both"));
             }
         }
         let mut op_names = BTreeSet::new();
@@ -360,4 +491,25 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A SPIFFE trust domain name: lowercase letters, digits, `.`, `-`, `_`.
+pub(crate) fn is_trust_domain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+/// A subject common-name pattern: at most one `*`, a whole DNS label, and
+/// some literal name beside it.
+pub(crate) fn is_subject_pattern(p: &str) -> bool {
+    let stars = p.matches('*').count();
+    let literal = p.len() - stars;
+    p.len() <= 255
+        && stars <= 1
+        && literal >= 3
+        && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-*".contains(&b))
+        && p.split('.').all(|label| label == "*" || !label.contains('*'))
+        && p.split('.').all(|label| !label.is_empty())
 }

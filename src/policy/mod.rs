@@ -143,6 +143,9 @@ pub struct LeaseFacts {
     pub role: String,
     pub scope: Vec<String>,
     pub requested_ttl: u64,
+    /// How the credential will be bound to the workload's key: `dpop`,
+    /// `mtls`, or `None` for a bearer credential.
+    pub binding: Option<&'static str>,
 }
 
 /// The outcome of a decision.
@@ -468,6 +471,8 @@ impl PolicyEngine {
             x.put("target", || string(target));
             x.put("scope", || strings(&c.scope));
             x.put("requested_ttl", || long(c.requested_ttl));
+            x.put("bound", || RestrictedExpression::new_bool(c.binding.is_some()));
+            x.put("binding", || string(c.binding.unwrap_or("none")));
             x.put("break_glass", || RestrictedExpression::new_bool(bg));
             x.put("workload_active_leases", || long(workload_active));
             x.put("delegation", || task.delegation(&who.id));

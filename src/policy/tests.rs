@@ -120,6 +120,7 @@ fn check(e: &PolicyEngine, c: &Case) {
             role: role.into(),
             scope: vec![],
             requested_ttl: ttl,
+            binding: None,
         }),
     };
     let d = e.call(
@@ -301,6 +302,7 @@ fn opening_tasks_and_direct_leases_are_decided() {
         role: "demo".into(),
         scope: vec![],
         requested_ttl: 60,
+        binding: None,
     };
     let d = e.lease(&who("dev:assistant-b"), &t, &lease, 0, NOW);
     assert_eq!(
@@ -406,6 +408,7 @@ fn slicing_decides_exactly_as_the_whole_set() {
                                         role: r.into(),
                                         scope: vec![],
                                         requested_ttl: t,
+                                        binding: None,
                                     }),
                                     ..CallFacts::default()
                                 };
@@ -593,6 +596,7 @@ fn a_narrowed_context_decides_exactly_as_the_whole_context() {
                                             role: "demo".into(),
                                             scope: scope.clone(),
                                             requested_ttl: 60,
+                                            binding: None,
                                         }),
                                         ..CallFacts::default()
                                     };

@@ -29,6 +29,7 @@ impl SpecFactory for Specs {
             issued_at: self.1,
             expires_at: self.1.saturating_add(ttl),
             prepared: None,
+            binding: None,
         }
     }
 }

@@ -16,6 +16,7 @@ async fn serves_tls_and_refuses_plaintext() {
             c.server.tls = Some(leasehold::config::TlsConfig {
                 cert_file: fixture("tls/server.pem"),
                 key_file: fixture("tls/server.key"),
+                request_client_certificates: None,
             });
         }),
         ..Options::default()

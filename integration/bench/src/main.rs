@@ -1105,6 +1105,7 @@ async fn populate(
                             role: "demo".into(),
                             ttl_seconds: ttl,
                             scope: vec![],
+                            binding: None,
                         };
                         b.request_lease(&w, id, p, None, &leasehold::audit::Ctx::system())
                             .await

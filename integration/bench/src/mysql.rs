@@ -63,6 +63,7 @@ fn spec(role: &str) -> LeaseSpec {
         issued_at: now,
         expires_at: now.saturating_add(Duration::from_secs(600)),
         prepared: None,
+        binding: None,
     }
 }
 

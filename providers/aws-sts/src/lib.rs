@@ -705,6 +705,7 @@ mod tests {
             issued_at: t,
             expires_at: t.saturating_add(Duration::from_secs(ttl)),
             prepared: None,
+            binding: None,
         }
     }
 

@@ -42,6 +42,7 @@ fn spec(role: &str, ttl: Duration, scope: &[&str]) -> LeaseSpec {
         issued_at: now,
         expires_at: now.saturating_add(ttl),
         prepared: None,
+        binding: None,
     }
 }
 

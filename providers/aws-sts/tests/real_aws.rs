@@ -44,6 +44,7 @@ async fn real_aws_enforces_the_deny_after_revoke() {
         issued_at: t,
         expires_at: t.saturating_add(Duration::from_secs(900)),
         prepared: None,
+        binding: None,
     };
     let issued = p.issue(&spec).await.unwrap();
     let c = &issued.credential;

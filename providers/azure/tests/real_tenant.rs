@@ -34,6 +34,7 @@ fn spec(role: &str, scope: Vec<String>) -> LeaseSpec {
         issued_at: t,
         expires_at: t.saturating_add(Duration::from_secs(900)),
         prepared: None,
+        binding: None,
     }
 }
 

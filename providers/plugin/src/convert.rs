@@ -67,6 +67,9 @@ pub(crate) fn spec_from_wire(s: wire::LeaseSpec) -> LeaseSpec {
         issued_at: Timestamp::from_unix_millis(s.issued_at_ms),
         expires_at: Timestamp::from_unix_millis(s.expires_at_ms),
         prepared: s.prepared.map(RevocationHandle::new),
+        // protocol v1 binds nothing: the host reports `BindingSupport::Unsupported`,
+        // so the broker never sends a binding to a plugin
+        binding: None,
     }
 }
 

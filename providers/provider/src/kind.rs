@@ -83,6 +83,8 @@ pub struct TokenInfo {
     pub tenant: Option<String>,
     /// The user the task acts for (RFC 8693 `act`).
     pub act: Option<String>,
+    /// The key the token is bound to (RFC 7800 `cnf`), if it is.
+    pub cnf: Option<crate::KeyBinding>,
     pub token_type: Option<&'static str>,
 }
 

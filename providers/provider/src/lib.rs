@@ -275,6 +275,68 @@ pub struct LeaseSpec {
     /// has stored it: given to `issue` and to `rollback`, `None` for
     /// providers that do not prepare.
     pub prepared: Option<RevocationHandle>,
+    /// The key the workload proved it holds with this request (a DPoP
+    /// proof, or its TLS client certificate), for providers that bind
+    /// their credentials to it ([`Provider::binding`]); `None` otherwise.
+    pub binding: Option<KeyBinding>,
+}
+
+/// The key a credential is bound to, so that a copy of it is useless
+/// without the workload's private key (a sender-constrained credential).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyBinding {
+    /// RFC 9449 (DPoP): the base64url SHA-256 JWK thumbprint (RFC 7638) of
+    /// the public key that signed the request's proof; `cnf.jkt`.
+    Dpop { jkt: String },
+    /// RFC 8705 (mutual TLS): the base64url SHA-256 of the DER of the
+    /// client certificate the request arrived with; `cnf["x5t#S256"]`.
+    Mtls { x5t_s256: String },
+}
+
+impl KeyBinding {
+    /// `dpop` or `mtls`: what policies and events see.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::Dpop { .. } => "dpop",
+            Self::Mtls { .. } => "mtls",
+        }
+    }
+
+    /// The JWT confirmation claim (RFC 7800) that carries the binding.
+    pub fn cnf(&self) -> serde_json::Value {
+        match self {
+            Self::Dpop { jkt } => serde_json::json!({ "jkt": jkt }),
+            Self::Mtls { x5t_s256 } => serde_json::json!({ "x5t#S256": x5t_s256 }),
+        }
+    }
+
+    /// Read a confirmation claim back; `None` for anything else.
+    pub fn from_cnf(v: &serde_json::Value) -> Option<Self> {
+        let o = v.as_object()?;
+        match (o.get("jkt"), o.get("x5t#S256")) {
+            (Some(j), None) => Some(Self::Dpop {
+                jkt: j.as_str()?.to_owned(),
+            }),
+            (None, Some(x)) => Some(Self::Mtls {
+                x5t_s256: x.as_str()?.to_owned(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Whether a provider binds a role's credentials to the requester's key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BindingSupport {
+    /// Its credentials cannot be bound; a proof sent with a request is
+    /// ignored (the request counts as unbound).
+    #[default]
+    Unsupported,
+    /// Bound when the request proves a key, bearer otherwise.
+    Optional,
+    /// Only bound requests are served (`require_binding = true`): the broker
+    /// refuses an unbound one before it records anything.
+    Required,
 }
 
 /// What `issue` returns.
@@ -344,6 +406,12 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     /// and the scope is within what the role's template allows. Errors are of
     /// class `Invalid`. Returns the role's maximum TTL.
     fn validate(&self, role: &str, scope: &[String]) -> Result<Duration, ProviderError>;
+
+    /// Whether `role`'s credentials are bound to the key the request proves
+    /// ([`LeaseSpec::binding`]). The default: never.
+    fn binding(&self, _role: &str) -> BindingSupport {
+        BindingSupport::Unsupported
+    }
 
     /// Can this provider mint and revoke right now? Used by readiness.
     async fn health(&self) -> Result<(), ProviderError>;

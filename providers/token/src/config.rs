@@ -35,6 +35,11 @@ pub struct TokenRoleConfig {
     pub audience: Option<String>,
     #[serde(default)]
     pub description: String,
+    /// Refuse requests that do not prove a key (a DPoP proof, RFC 9449, or
+    /// a TLS client certificate, RFC 8705), so every token of this role is
+    /// sender-constrained: a copy is useless without the workload's key.
+    #[serde(default)]
+    pub require_binding: bool,
 }
 
 fn is_name(s: &str) -> bool {
@@ -60,6 +65,7 @@ impl TokenProviderConfig {
                             max_ttl: Duration::from_secs(r.max_ttl_seconds),
                             audience: r.audience.clone(),
                             description: r.description.clone(),
+                            require_binding: r.require_binding,
                         },
                     )
                 })

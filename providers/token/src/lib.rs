@@ -36,8 +36,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use leasehold_provider::{
-    Credential, Description, Issued, LeaseSpec, Provider, ProviderError, RevocationHandle,
-    RevokeSpec, RoleInfo, Timestamp, TokenInfo, TokenIssuer,
+    BindingSupport, Credential, Description, Issued, KeyBinding, LeaseSpec, Provider,
+    ProviderError, RevocationHandle, RevokeSpec, RoleInfo, Timestamp, TokenInfo, TokenIssuer,
 };
 use ring::signature::{self, Ed25519KeyPair, KeyPair as _};
 use serde::{Deserialize, Serialize};
@@ -52,6 +52,9 @@ pub struct TokenRole {
     /// The `aud` of tokens of this role; the provider's default if `None`.
     pub audience: Option<String>,
     pub description: String,
+    /// Serve only requests that prove a key (a DPoP proof or a TLS client
+    /// certificate), so every token of this role is bound to it (`cnf`).
+    pub require_binding: bool,
 }
 
 /// Everything the token provider is configured with except its key.
@@ -106,6 +109,11 @@ pub struct Claims {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tenant: Option<String>,
     pub act: Actor,
+    /// The key the token is bound to (RFC 7800 confirmation: `jkt` for
+    /// DPoP, RFC 9449; `x5t#S256` for mutual TLS, RFC 8705). A resource
+    /// server must then see that key proven with every use.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cnf: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +198,7 @@ impl TokenIssuer for TokenProvider {
             v.scope = Some(c.scope);
             v.tenant = c.tenant;
             v.act = Some(c.act.sub);
+            v.cnf = c.cnf.as_ref().and_then(KeyBinding::from_cnf);
         }
         v
     }
@@ -387,6 +396,14 @@ impl Provider for TokenProvider {
         Ok(r.max_ttl)
     }
 
+    fn binding(&self, role: &str) -> BindingSupport {
+        match self.settings.roles.get(role) {
+            Some(r) if r.require_binding => BindingSupport::Required,
+            Some(_) => BindingSupport::Optional,
+            None => BindingSupport::Unsupported,
+        }
+    }
+
     async fn health(&self) -> Result<(), ProviderError> {
         self.denylist
             .is_denied("health-check")
@@ -428,7 +445,16 @@ impl Provider for TokenProvider {
             act: Actor {
                 sub: spec.on_behalf_of.clone(),
             },
+            cnf: spec.binding.as_ref().map(KeyBinding::cnf),
         };
+        if r.require_binding && claims.cnf.is_none() {
+            // the broker refuses such a request before its intent; never
+            // mint a bearer token for a role that promises bound ones
+            return Err(ProviderError::invalid(format!(
+                "role `{}` issues only bound tokens: send a DPoP proof or use mutual TLS",
+                spec.role
+            )));
+        }
         let token = self.sign(&claims)?;
         let expires_at = Timestamp::from_unix_millis(exp * 1000);
         Ok(Issued {
@@ -439,7 +465,15 @@ impl Provider for TokenProvider {
             handle: Self::handle(&spec.lease_id, expires_at)?,
             expires_at,
             // how revocation works is in `describe()`; the record stays small
-            description: format!("EdDSA JWT for audience `{audience}`"),
+            description: match &spec.binding {
+                None => format!("EdDSA JWT for audience `{audience}`"),
+                Some(KeyBinding::Dpop { jkt }) => {
+                    format!("EdDSA JWT for audience `{audience}`, bound to DPoP key {jkt}")
+                }
+                Some(KeyBinding::Mtls { x5t_s256 }) => format!(
+                    "EdDSA JWT for audience `{audience}`, bound to client certificate {x5t_s256}"
+                ),
+            },
         })
     }
 
@@ -520,6 +554,17 @@ mod tests {
                 max_ttl: Duration::from_secs(600),
                 audience: None,
                 description: "demo".into(),
+                require_binding: false,
+            },
+        );
+        roles.insert(
+            "bound".to_owned(),
+            TokenRole {
+                scopes: vec!["demo:read".into()],
+                max_ttl: Duration::from_secs(600),
+                audience: None,
+                description: "bound tokens only".into(),
+                require_binding: true,
             },
         );
         let settings = TokenSettings {
@@ -547,6 +592,7 @@ mod tests {
                 issued_at: now,
                 expires_at: now.saturating_add(ttl),
                 prepared: None,
+                binding: None,
             }
         }
     }
@@ -640,6 +686,46 @@ mod tests {
         assert!(!p.introspect("", now).active);
     }
 
+    #[tokio::test]
+    async fn bound_tokens_carry_cnf_and_bound_roles_refuse_bearer() {
+        let p = provider();
+        let f = Specs(AtomicU64::new(0));
+        let now = Timestamp::from_unix_millis(NOW);
+        assert_eq!(p.binding("demo"), BindingSupport::Optional);
+        assert_eq!(p.binding("bound"), BindingSupport::Required);
+        assert_eq!(p.binding("nope"), BindingSupport::Unsupported);
+        for binding in [
+            KeyBinding::Dpop {
+                jkt: "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I".into(),
+            },
+            KeyBinding::Mtls {
+                x5t_s256: "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2".into(),
+            },
+        ] {
+            let mut spec = f.spec("bound", Duration::from_secs(60));
+            spec.binding = Some(binding.clone());
+            let issued = p.issue(&spec).await.unwrap();
+            let token = issued.credential.expose("token").unwrap();
+            let info = TokenIssuer::introspect(&p, token, now);
+            assert!(info.active);
+            assert_eq!(info.cnf, Some(binding.clone()));
+            // the claim in the token itself, as a resource server reads it
+            let payload = B64.decode(token.split('.').nth(1).unwrap()).unwrap();
+            let claims: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            assert_eq!(claims["cnf"], binding.cnf());
+            assert!(issued.description.contains("bound to"));
+        }
+        // a bearer request for a bound-only role mints nothing
+        let spec = f.spec("bound", Duration::from_secs(60));
+        let e = p.issue(&spec).await.unwrap_err();
+        assert_eq!(e.class, leasehold_provider::ErrorClass::Invalid);
+        // and an unbound token has no cnf
+        let spec = f.spec("demo", Duration::from_secs(60));
+        let issued = p.issue(&spec).await.unwrap();
+        let info = TokenIssuer::introspect(&p, issued.credential.expose("token").unwrap(), now);
+        assert!(info.active && info.cnf.is_none());
+    }
+
     #[test]
     fn scope_validation() {
         let p = provider();
@@ -663,6 +749,7 @@ mod tests {
                 max_ttl: Duration::from_secs(1),
                 audience: None,
                 description: String::new(),
+                require_binding: false,
             },
         );
         let s = TokenSettings {

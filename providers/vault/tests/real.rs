@@ -40,6 +40,7 @@ fn spec(role: &str, ttl: Duration) -> LeaseSpec {
         issued_at: now,
         expires_at: now.saturating_add(ttl),
         prepared: None,
+        binding: None,
     }
 }
 

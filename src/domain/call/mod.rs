@@ -20,6 +20,7 @@ use crate::auth::Workload;
 use crate::domain::issue::{IssuedLease, LeaseParams, TxnStep, no_step};
 use crate::domain::{Broker, BrokerError, Denial};
 use crate::ids::{ApprovalId, CallId, LeaseId, TaskId};
+use leasehold_provider::KeyBinding;
 use crate::policy::{CallFacts, Decision, LeaseFacts, Now, Outcome, Principal, TaskFacts};
 use crate::store::{
     ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, TaskRecord, TaskState,
@@ -80,9 +81,17 @@ fn request_hash(w: &str, task: u128, p: &CallParams) -> [u8; 32] {
         "action": p.action,
         "target": p.target,
         "arguments_sha256": p.arguments_sha256,
-        "credential": p.credential.as_ref().map(|c| json!({
-            "provider": c.provider, "role": c.role, "ttl_seconds": c.ttl_seconds, "scope": c.scope,
-        })),
+        "credential": p.credential.as_ref().map(|c| {
+            let mut v = json!({
+                "provider": c.provider, "role": c.role, "ttl_seconds": c.ttl_seconds, "scope": c.scope,
+            });
+            // an approval of a bound request holds for that key only (and
+            // hashes of unbound requests stay as they were)
+            if let Some(b) = &c.binding {
+                v["binding"] = b.cnf();
+            }
+            v
+        }),
     });
     let mut bytes = Vec::new();
     // strings, integers and nulls only: always canonical
@@ -279,6 +288,7 @@ impl Broker {
             role: c.role.clone(),
             scope: c.scope.clone(),
             requested_ttl: u64::try_from(c.ttl_seconds).unwrap_or(0),
+            binding: self.effective_binding(c).map(KeyBinding::method),
         });
         let decision = if direct {
             match &lease_facts {

@@ -17,7 +17,8 @@
 use std::time::Duration;
 
 use leasehold_provider::{
-    Credential, ErrorClass, Issued, LeaseSpec, ProviderError, RevokeSpec, Timestamp,
+    BindingSupport, Credential, ErrorClass, Issued, KeyBinding, LeaseSpec, ProviderError,
+    RevokeSpec, Timestamp,
 };
 
 use crate::audit::{self, Ctx};
@@ -35,6 +36,9 @@ pub struct LeaseParams {
     pub role: String,
     pub ttl_seconds: i64,
     pub scope: Vec<String>,
+    /// The key the request proved (a DPoP proof, or the TLS client
+    /// certificate it arrived with), already verified by the API layer.
+    pub binding: Option<KeyBinding>,
 }
 
 /// A lease validated and computed, not yet written.
@@ -42,6 +46,8 @@ pub struct LeaseParams {
 pub(crate) struct Prepared {
     pub rec: LeaseRecord,
     pub entry: ProviderEntry,
+    /// What the credential is bound to, for providers that bind.
+    pub binding: Option<KeyBinding>,
 }
 
 /// A step run inside a store transaction alongside the lease intent.
@@ -113,7 +119,28 @@ impl Broker {
                     detail: e.message,
                 },
             })?;
+        if entry.provider.binding(&p.role) == BindingSupport::Required && p.binding.is_none() {
+            return Err(BrokerError::Forbidden {
+                code: "binding_required",
+                message: format!(
+                    "`{}/{}` issues only bound credentials: send a DPoP proof (RFC 9449, \
+                     header `DPoP`) or call over mutual TLS with a client certificate",
+                    p.provider, p.role
+                ),
+            });
+        }
         Ok((entry.clone(), ttl, role_max))
+    }
+
+    /// The key a credential for `p` will be bound to: the request's proof,
+    /// if its provider binds that role's credentials (otherwise the
+    /// request counts as unbound, for policy and for the record).
+    pub(crate) fn effective_binding<'p>(&self, p: &'p LeaseParams) -> Option<&'p KeyBinding> {
+        let entry = self.providers.get(&p.provider)?;
+        match entry.provider.binding(&p.role) {
+            BindingSupport::Unsupported => None,
+            BindingSupport::Optional | BindingSupport::Required => p.binding.as_ref(),
+        }
     }
 
     /// The lease record a request would write, its deadline the minimum of
@@ -160,7 +187,12 @@ impl Broker {
             revocation: None,
             ended_at: None,
         };
-        Ok(Prepared { rec, entry })
+        let binding = self.effective_binding(p).cloned();
+        Ok(Prepared {
+            rec,
+            entry,
+            binding,
+        })
     }
 
     /// Issue a prepared lease: intent, provider, activation (see the module
@@ -175,13 +207,17 @@ impl Broker {
         check: TxnStep,
         also: TxnStep,
     ) -> Result<IssuedLease, BrokerError> {
-        let Prepared { rec, entry } = prepared;
+        let Prepared {
+            rec,
+            entry,
+            binding,
+        } = prepared;
         let fence = crate::domain::fences::fence_keys(w, Some(&rec.on_behalf_of));
         // 2. the durable intent
         self.write_intent(&rec, fence.clone(), ctx, check, also)
             .await?;
         // 3. the provider
-        let minted = self.mint_checked(&entry, &rec, ctx).await?;
+        let minted = self.mint_checked(&entry, &rec, binding, ctx).await?;
         #[cfg(feature = "fault-injection")]
         self.fault_pause_after_issue(&rec, &minted.0.credential)
             .await;
@@ -225,9 +261,13 @@ impl Broker {
         &self,
         entry: &ProviderEntry,
         rec: &LeaseRecord,
+        binding: Option<KeyBinding>,
         ctx: &Ctx,
     ) -> Result<(Issued, Vec<u8>), BrokerError> {
-        let spec = spec_of(rec);
+        let spec = LeaseSpec {
+            binding,
+            ..spec_of(rec)
+        };
         let started = std::time::Instant::now();
         let result =
             tokio::time::timeout(self.provider_timeout(), self.mint(entry, rec, spec.clone()))

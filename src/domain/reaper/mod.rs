@@ -359,6 +359,7 @@ pub(crate) fn spec_of(rec: &LeaseRecord) -> LeaseSpec {
         issued_at: Timestamp::from_unix_millis(rec.issued_at.unwrap_or(rec.created_at)),
         expires_at: Timestamp::from_unix_millis(rec.expires_at),
         prepared: None,
+        binding: None,
     }
 }
 

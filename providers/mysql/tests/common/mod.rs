@@ -58,6 +58,7 @@ pub fn spec(role: &str, ttl: Duration, scope: &[&str]) -> LeaseSpec {
         issued_at: at,
         expires_at: at.saturating_add(ttl),
         prepared: None,
+        binding: None,
     }
 }
 
