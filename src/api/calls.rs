@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
     tag = "tasks",
     operation_id = "call",
     security(("workload" = [])),
-    params(("id" = String, Path, description = "task id (`task_...`)", pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
+    params(("id" = String, Path, description = "task id (`task_...`)", pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$"), ("DPoP" = Option<String>, Header, description = "A DPoP proof (RFC 9449) for this request: the credential is then bound to its key (`cnf.jkt`). Without it, a request over mutual TLS binds to the client certificate (`cnf[\"x5t#S256\"]`). A bad proof is a 400 `invalid_dpop_proof`; a role with `require_binding` refuses an unbound request (403 `binding_required`).")),
     request_body = CallBody,
     responses(Guarded, WithBody, WithId, Conflict, CallsProvider, (status = 200, description = "Allowed; with `lease` when the call asked for a credential.", body = CallResponse), (status = 202, description = "Waits for a human approver; retry with `approval_id` once approved.", body = ApprovalRequiredView), (status = 403, description = "`policy_denied` with the decision, or another refusal.", body = ErrorBody))
 )]
@@ -77,7 +77,7 @@ pub async fn call(
     tag = "leases",
     operation_id = "request_lease",
     security(("workload" = [])),
-    params(("id" = String, Path, description = "task id (`task_...`)", pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$")),
+    params(("id" = String, Path, description = "task id (`task_...`)", pattern = "^task_[0-7][0-9a-hjkmnp-tv-z]{25}$"), ("DPoP" = Option<String>, Header, description = "A DPoP proof (RFC 9449) for this request: the credential is then bound to its key (`cnf.jkt`). Without it, a request over mutual TLS binds to the client certificate (`cnf[\"x5t#S256\"]`). A bad proof is a 400 `invalid_dpop_proof`; a role with `require_binding` refuses an unbound request (403 `binding_required`).")),
     request_body = LeaseBody,
     responses(Guarded, WithBody, WithId, Conflict, CallsProvider, (status = 201, description = "Allowed: the lease and its credential (the only response that carries one).", body = IssuedLeaseView), (status = 202, description = "Waits for a human approver; retry with `approval_id` once approved.", body = ApprovalRequiredView), (status = 403, description = "`policy_denied` with the decision, or another refusal.", body = ErrorBody))
 )]

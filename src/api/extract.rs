@@ -253,7 +253,11 @@ impl FromRequestParts<AppState> for ProvenKey {
         use leasehold_provider::KeyBinding;
         let mut proofs = parts.headers.get_all("dpop").iter();
         let invalid = |message: String| {
-            ApiError::new(axum::http::StatusCode::BAD_REQUEST, "invalid_dpop_proof", message)
+            ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "invalid_dpop_proof",
+                message,
+            )
         };
         if let Some(proof) = proofs.next() {
             if proofs.next().is_some() {
@@ -279,13 +283,19 @@ impl FromRequestParts<AppState> for ProvenKey {
                 Err(e) => Err(invalid(e.to_string())),
             };
         }
-        Ok(Self(parts.extensions.get::<crate::listen::ClientChain>().and_then(|c| {
-            let leaf = c.0.first()?;
-            let digest = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
-            Some(KeyBinding::Mtls {
-                x5t_s256: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest.as_ref()),
-            })
-        })))
+        Ok(Self(
+            parts
+                .extensions
+                .get::<crate::listen::ClientChain>()
+                .and_then(|c| {
+                    let leaf = c.0.first()?;
+                    let digest = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
+                    Some(KeyBinding::Mtls {
+                        x5t_s256: base64::engine::general_purpose::URL_SAFE_NO_PAD
+                            .encode(digest.as_ref()),
+                    })
+                }),
+        ))
     }
 }
 

@@ -91,6 +91,12 @@ pub struct IntrospectionView {
     /// The user the task acts for (RFC 8693 `act`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub act: Option<ActorView>,
+    /// The key the token is bound to (RFC 7800): `{"jkt": ...}` for DPoP
+    /// (RFC 9449), `{"x5t#S256": ...}` for a client certificate (RFC
+    /// 8705). A resource server must see that key proven with the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub cnf: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_type: Option<&'static str>,
 }
@@ -116,6 +122,7 @@ impl From<leasehold_provider::TokenInfo> for IntrospectionView {
             scope: i.scope,
             tenant: i.tenant,
             act: i.act.map(|sub| ActorView { sub }),
+            cnf: i.cnf.as_ref().map(leasehold_provider::KeyBinding::cnf),
             token_type: i.token_type,
         }
     }

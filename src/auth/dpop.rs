@@ -161,7 +161,12 @@ impl DpopVerifier {
             }
             (Some(_), _) => return Err(DpopError::AccessTokenHash),
         }
-        self.remember(&jkt, jti, iat + self.max_age_seconds + self.leeway_seconds, now_s)?;
+        self.remember(
+            &jkt,
+            jti,
+            iat + self.max_age_seconds + self.leeway_seconds,
+            now_s,
+        )?;
         Ok(jkt)
     }
 

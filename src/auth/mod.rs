@@ -128,6 +128,10 @@ struct Cached {
     valid_until: i64,
 }
 
+/// A verified client certificate chain and the generations of the trust
+/// bundles at the time: a reload of any voids it.
+type CachedChain = (Cached, Vec<u64>);
+
 /// Verified tokens are cached by their SHA-256 for at most this long (and
 /// never past their own expiry), so a busy workload costs one signature
 /// check a minute, not one per request.
@@ -142,7 +146,7 @@ pub struct Authenticator {
     cache: Mutex<HashMap<[u8; 32], Cached>>,
     /// Verified client certificate chains, by the SHA-256 of the chain,
     /// with the generations of the bundles they were checked against.
-    cert_cache: Mutex<HashMap<[u8; 32], (Cached, Vec<u64>)>>,
+    cert_cache: Mutex<HashMap<[u8; 32], CachedChain>>,
     clock: Arc<dyn Clock>,
     denied_log: LogLimiter,
 }
@@ -213,17 +217,16 @@ impl Authenticator {
     }
 
     /// Check a DPoP proof for a request; the key thumbprint to bind to.
-    pub fn verify_dpop(
-        &self,
-        proof: &str,
-        target: ProofTarget<'_>,
-    ) -> Result<String, DpopError> {
+    pub fn verify_dpop(&self, proof: &str, target: ProofTarget<'_>) -> Result<String, DpopError> {
         self.dpop.verify(proof, target, self.clock.now())
     }
 
     /// Authenticate a request by the client certificate of its connection
     /// (one without a bearer credential).
-    pub fn authenticate_certificate(&self, chain: &[rustls::pki_types::CertificateDer<'static>]) -> Result<Caller, AuthError> {
+    pub fn authenticate_certificate(
+        &self,
+        chain: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<Caller, AuthError> {
         let result = self.certificate_inner(chain);
         if let Err(e) = &result
             && self.denied_log.allow(self.clock.now())
@@ -233,11 +236,16 @@ impl Authenticator {
         result
     }
 
-    fn certificate_inner(&self, chain: &[rustls::pki_types::CertificateDer<'static>]) -> Result<Caller, AuthError> {
+    fn certificate_inner(
+        &self,
+        chain: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<Caller, AuthError> {
         use x509_parser::prelude::{FromDer as _, X509Certificate};
         let leaf = chain.first().ok_or(AuthError::Missing)?;
         if chain.len() > 8 || chain.iter().any(|c| c.len() > 16 * 1024) {
-            return Err(AuthError::Certificate("the chain is too long or too large".into()));
+            return Err(AuthError::Certificate(
+                "the chain is too long or too large".into(),
+            ));
         }
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         for c in chain {
@@ -259,11 +267,13 @@ impl Authenticator {
         }
         let (_, parsed) = X509Certificate::from_der(leaf.as_ref())
             .map_err(|_| AuthError::Certificate("the certificate cannot be parsed".into()))?;
-        let issuer = self.x509.iter().find(|v| v.claims(&parsed)).ok_or_else(|| {
-            AuthError::Certificate(
-                "no x509 issuer accepts its trust domain or subject".into(),
-            )
-        })?;
+        let issuer = self
+            .x509
+            .iter()
+            .find(|v| v.claims(&parsed))
+            .ok_or_else(|| {
+                AuthError::Certificate("no x509 issuer accepts its trust domain or subject".into())
+            })?;
         let (workload, exp_ms) = issuer.verify(chain, now)?;
         let workload = Arc::new(workload);
         if let Ok(mut cache) = self.cert_cache.lock() {

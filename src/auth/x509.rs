@@ -95,7 +95,8 @@ impl X509Verifier {
             .trust_bundle_file
             .clone()
             .ok_or_else(|| format!("issuer {}: no trust_bundle_file", cfg.name))?;
-        let verifier = load_bundle(&bundle_file).map_err(|e| format!("issuer {}: {e}", cfg.name))?;
+        let verifier =
+            load_bundle(&bundle_file).map_err(|e| format!("issuer {}: {e}", cfg.name))?;
         Ok(Self {
             bundle: Mutex::new(Bundle {
                 stamp: stamp_of(&bundle_file),
@@ -209,12 +210,13 @@ impl X509Verifier {
                 if !matches_pattern(pattern, &cn) {
                     return Err(refused("the subject is not accepted by this issuer"));
                 }
-                let tenant = match self.cfg.tenant_subject_attribute.as_deref() {
-                    Some(attr) => Some(subject_attribute(&leaf, attr).ok_or_else(|| {
-                        refused(format!("the subject has no {attr} (tenant)"))
-                    })?),
-                    None => self.cfg.tenant.clone(),
-                };
+                let tenant =
+                    match self.cfg.tenant_subject_attribute.as_deref() {
+                        Some(attr) => Some(subject_attribute(&leaf, attr).ok_or_else(|| {
+                            refused(format!("the subject has no {attr} (tenant)"))
+                        })?),
+                        None => self.cfg.tenant.clone(),
+                    };
                 (cn, tenant)
             }
             (None, None) => return Err(refused("the issuer accepts no identity")),
@@ -307,7 +309,9 @@ fn check_svid_key_usage(leaf: &X509Certificate<'_>) -> Result<(), AuthError> {
         return Err(refused("the key usage lacks digitalSignature"));
     }
     if ku.value.key_cert_sign() || ku.value.crl_sign() {
-        return Err(refused("a workload's certificate must not sign certificates"));
+        return Err(refused(
+            "a workload's certificate must not sign certificates",
+        ));
     }
     Ok(())
 }
@@ -376,12 +380,33 @@ mod tests {
 
     #[test]
     fn patterns_match_one_label() {
-        assert!(matches_pattern("*.agents.example.org", "billing.agents.example.org"));
-        assert!(matches_pattern("*.agents.example.org", "Billing.Agents.example.org"));
-        assert!(!matches_pattern("*.agents.example.org", "a.b.agents.example.org"));
-        assert!(!matches_pattern("*.agents.example.org", "agents.example.org"));
-        assert!(!matches_pattern("*.agents.example.org", "x.agents.example.org.evil"));
-        assert!(matches_pattern("agent-1.example.org", "agent-1.example.org"));
-        assert!(!matches_pattern("agent-1.example.org", "agent-2.example.org"));
+        assert!(matches_pattern(
+            "*.agents.example.org",
+            "billing.agents.example.org"
+        ));
+        assert!(matches_pattern(
+            "*.agents.example.org",
+            "Billing.Agents.example.org"
+        ));
+        assert!(!matches_pattern(
+            "*.agents.example.org",
+            "a.b.agents.example.org"
+        ));
+        assert!(!matches_pattern(
+            "*.agents.example.org",
+            "agents.example.org"
+        ));
+        assert!(!matches_pattern(
+            "*.agents.example.org",
+            "x.agents.example.org.evil"
+        ));
+        assert!(matches_pattern(
+            "agent-1.example.org",
+            "agent-1.example.org"
+        ));
+        assert!(!matches_pattern(
+            "agent-1.example.org",
+            "agent-2.example.org"
+        ));
     }
 }

@@ -120,3 +120,116 @@ fn the_checkpoint_default_is_the_stores() {
         crate::store::StoreOptions::DEFAULT_CHECKPOINT_BYTES
     );
 }
+
+#[test]
+fn x509_issuers_are_checked() {
+    let tls = "[server.tls]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[store]";
+    let with = |issuer: &str| {
+        MINIMAL.replace("[store]", tls).replace(
+            "[auth]",
+            &format!("[auth]\n[[auth.workload_issuers]]\n{issuer}"),
+        )
+    };
+    let ok = with(
+        "kind = \"x509\"\nname = \"spire\"\ntrust_bundle_file = \"b.pem\"\ntrust_domain = \"prod.example.org\"\ntenant_path_segment = 2",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("lh.toml");
+    std::fs::write(&file, &ok).unwrap();
+    let c = Config::load(&file).unwrap();
+    let i = &c.auth.workload_issuers[0];
+    assert_eq!(i.kind, IssuerKind::X509);
+    assert_eq!(i.trust_bundle_file, Some(dir.path().join("b.pem")));
+    Config::from_toml(
+        &with("kind = \"x509\"\nname = \"corp\"\ntrust_bundle_file = \"b.pem\"\nsubject_pattern = \"*.agents.example.org\"\ntenant_subject_attribute = \"OU\""),
+        "t",
+    )
+    .unwrap();
+    // each mistake names its field
+    for (issuer, field) in [
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_domain = \"td\"",
+            "trust_bundle_file",
+        ),
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"",
+            "trust_domain",
+        ),
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"\ntrust_domain = \"td\"\nsubject_pattern = \"*.x.org\"",
+            "trust_domain",
+        ),
+        // no wildcard trust
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"\ntrust_domain = \"*.example.org\"",
+            "trust_domain",
+        ),
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"\nsubject_pattern = \"*\"",
+            "subject_pattern",
+        ),
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"\nsubject_pattern = \"*.*.org\"",
+            "subject_pattern",
+        ),
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"\nsubject_pattern = \"a*.org\"",
+            "subject_pattern",
+        ),
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"\ntrust_domain = \"Prod\"",
+            "trust_domain",
+        ),
+        // the other kind's fields
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"\ntrust_domain = \"td\"\njwks_file = \"j\"",
+            "jwks_file",
+        ),
+        (
+            "name = \"j\"\nissuer = \"i\"\naudiences = [\"a\"]\nalgorithms = [\"EdDSA\"]\njwks_file = \"j\"\ntrust_domain = \"td\"",
+            "trust_domain",
+        ),
+        // tenant sources
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"\ntrust_domain = \"td\"\ntenant_path_segment = 0",
+            "tenant_path_segment",
+        ),
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"\ntrust_domain = \"td\"\ntenant_subject_attribute = \"O\"",
+            "tenant_subject_attribute",
+        ),
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"\nsubject_pattern = \"*.x.org\"\ntenant_subject_attribute = \"CN\"",
+            "tenant_subject_attribute",
+        ),
+        (
+            "kind = \"x509\"\nname = \"s\"\ntrust_bundle_file = \"b\"\ntrust_domain = \"td\"\ntenant = \"t\"\ntenant_path_segment = 1",
+            "tenant",
+        ),
+        ("kind = \"pgp\"\nname = \"s\"", "kind"),
+    ] {
+        let e = err(&with(issuer));
+        assert!(e.contains(field), "{issuer}: {e}");
+    }
+    // certificates arrive only over TLS
+    let e = err(&ok.replace(tls, "[store]"));
+    assert!(e.contains("needs [server.tls]"), "{e}");
+}
+
+#[test]
+fn dpop_window_and_public_url_are_checked() {
+    let e = err(&MINIMAL.replace("[auth]", "[auth]\ndpop_max_age_seconds = 0"));
+    assert!(e.contains("auth.dpop_max_age_seconds"), "{e}");
+    let e = err(&MINIMAL.replace("[auth]", "[auth]\ndpop_leeway_seconds = 3600"));
+    assert!(e.contains("auth.dpop_leeway_seconds"), "{e}");
+    let e = err(&MINIMAL.replace("[store]", "public_url = \"broker.example\"\n[store]"));
+    assert!(e.contains("server.public_url"), "{e}");
+    Config::from_toml(
+        &MINIMAL.replace(
+            "[store]",
+            "public_url = \"https://broker.example\"\n[store]",
+        ),
+        "t",
+    )
+    .unwrap();
+}

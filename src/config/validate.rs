@@ -267,13 +267,19 @@ impl Config {
         Ok(())
     }
 
-    fn validate_jwt_issuer(iss: &IssuerConfig, f: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    fn validate_jwt_issuer(
+        iss: &IssuerConfig,
+        f: &dyn Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
         for (k, set) in [
             ("trust_bundle_file", iss.trust_bundle_file.is_some()),
             ("trust_domain", iss.trust_domain.is_some()),
             ("subject_pattern", iss.subject_pattern.is_some()),
             ("tenant_path_segment", iss.tenant_path_segment.is_some()),
-            ("tenant_subject_attribute", iss.tenant_subject_attribute.is_some()),
+            (
+                "tenant_subject_attribute",
+                iss.tenant_subject_attribute.is_some(),
+            ),
         ] {
             if set {
                 return Err(invalid(f(k), "only for kind = \"x509\" issuers"));
@@ -340,7 +346,10 @@ impl Config {
     /// An issuer of client certificates: a trust bundle and exactly what
     /// it may vouch for (a SPIFFE trust domain, or a subject pattern that
     /// is more than a wildcard: no trust in everything a CA signs).
-    fn validate_x509_issuer(iss: &IssuerConfig, f: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    fn validate_x509_issuer(
+        iss: &IssuerConfig,
+        f: &dyn Fn(&str) -> String,
+    ) -> Result<(), ConfigError> {
         for (k, set) in [
             ("issuer", !iss.issuer.is_empty()),
             ("audiences", !iss.audiences.is_empty()),
@@ -509,7 +518,9 @@ pub(crate) fn is_subject_pattern(p: &str) -> bool {
     p.len() <= 255
         && stars <= 1
         && literal >= 3
-        && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-*".contains(&b))
-        && p.split('.').all(|label| label == "*" || !label.contains('*'))
+        && p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-*".contains(&b))
+        && p.split('.')
+            .all(|label| label == "*" || !label.contains('*'))
         && p.split('.').all(|label| !label.is_empty())
 }

@@ -471,7 +471,9 @@ impl PolicyEngine {
             x.put("target", || string(target));
             x.put("scope", || strings(&c.scope));
             x.put("requested_ttl", || long(c.requested_ttl));
-            x.put("bound", || RestrictedExpression::new_bool(c.binding.is_some()));
+            x.put("bound", || {
+                RestrictedExpression::new_bool(c.binding.is_some())
+            });
             x.put("binding", || string(c.binding.unwrap_or("none")));
             x.put("break_glass", || RestrictedExpression::new_bool(bg));
             x.put("workload_active_leases", || long(workload_active));

@@ -15,6 +15,7 @@ mod auth;
 mod aws;
 mod azure;
 mod bad_input;
+mod binding;
 mod cli;
 mod cluster;
 mod config_examples;

@@ -1907,6 +1907,7 @@ fn policy_latency(workloads: usize, policies: usize, decisions: usize) -> anyhow
                 role: "demo".into(),
                 scope: vec![],
                 requested_ttl: 300,
+                binding: None,
             }),
         };
         let now = Now {

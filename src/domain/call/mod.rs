@@ -20,11 +20,11 @@ use crate::auth::Workload;
 use crate::domain::issue::{IssuedLease, LeaseParams, TxnStep, no_step};
 use crate::domain::{Broker, BrokerError, Denial};
 use crate::ids::{ApprovalId, CallId, LeaseId, TaskId};
-use leasehold_provider::KeyBinding;
 use crate::policy::{CallFacts, Decision, LeaseFacts, Now, Outcome, Principal, TaskFacts};
 use crate::store::{
     ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, TaskRecord, TaskState,
 };
+use leasehold_provider::KeyBinding;
 
 /// A tool call to decide, decoded from the wire.
 #[derive(Debug, Clone, Default)]
