@@ -276,21 +276,13 @@ impl Authenticator {
             })?;
         let (workload, exp_ms) = issuer.verify(chain, now)?;
         let workload = Arc::new(workload);
-        if let Ok(mut cache) = self.cert_cache.lock() {
-            if cache.len() >= CACHE_MAX {
-                cache.clear();
-            }
-            cache.insert(
-                digest,
-                (
-                    Cached {
-                        workload: workload.clone(),
-                        valid_until: exp_ms.min(now_ms + CACHE_TTL_MS),
-                    },
-                    generations,
-                ),
-            );
-        }
+        let cached = Cached {
+            workload: workload.clone(),
+            valid_until: exp_ms.min(now_ms + CACHE_TTL_MS),
+        };
+        remember(&self.cert_cache, digest, (cached, generations), |(c, _)| {
+            c.valid_until > now_ms
+        });
         Ok(Caller::Workload(workload))
     }
 
@@ -327,22 +319,31 @@ impl Authenticator {
         let verifier = self.issuers.get(&iss).ok_or(AuthError::UnknownIssuer)?;
         let (workload, exp_ms) = verifier.verify(bearer, self.clock.now()).await?;
         let workload = Arc::new(workload);
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= CACHE_MAX {
-                cache.retain(|_, c| c.valid_until > now);
-                if cache.len() >= CACHE_MAX {
-                    cache.clear();
-                }
-            }
-            cache.insert(
-                digest,
-                Cached {
-                    workload: workload.clone(),
-                    valid_until: exp_ms.min(now + CACHE_TTL_MS),
-                },
-            );
-        }
+        let cached = Cached {
+            workload: workload.clone(),
+            valid_until: exp_ms.min(now + CACHE_TTL_MS),
+        };
+        remember(&self.cache, digest, cached, |c| c.valid_until > now);
         Ok(Caller::Workload(workload))
+    }
+}
+
+/// Cache a verdict; when the cache is full, drop the expired ones first,
+/// and everything if that is not enough.
+fn remember<V>(
+    cache: &Mutex<HashMap<[u8; 32], V>>,
+    key: [u8; 32],
+    value: V,
+    live: impl Fn(&V) -> bool,
+) {
+    if let Ok(mut cache) = cache.lock() {
+        if cache.len() >= CACHE_MAX {
+            cache.retain(|_, v| live(v));
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(key, value);
     }
 }
 

@@ -789,41 +789,26 @@ async fn the_verification_helper_accepts_the_key_holder_and_refuses_a_copy() {
         introspection(&h, token).await["cnf"]["jkt"],
         key.thumbprint()
     );
-    let ok = helper(
-        work.path(),
-        &jwks,
-        token,
-        "GET",
-        api,
-        Some(&rs_proof(&key, "GET", api, token)),
-        None,
-    )
-    .unwrap();
+    // the resource server's check of one GET with this token and proof
+    let dpop = |token: &str, proof: Option<String>| {
+        helper(
+            work.path(),
+            &jwks,
+            token,
+            "GET",
+            api,
+            proof.as_deref(),
+            None,
+        )
+    };
+    let ok = dpop(token, Some(rs_proof(&key, "GET", api, token))).unwrap();
     assert_eq!(ok["cnf"]["jkt"], key.thumbprint());
     let thief = DpopKey::new();
-    let e = helper(
-        work.path(),
-        &jwks,
-        token,
-        "GET",
-        api,
-        Some(&rs_proof(&thief, "GET", api, token)),
-        None,
-    )
-    .unwrap_err();
+    let e = dpop(token, Some(rs_proof(&thief, "GET", api, token))).unwrap_err();
     assert!(e.contains("not the key the token is bound to"), "{e}");
-    let e = helper(work.path(), &jwks, token, "GET", api, None, None).unwrap_err();
+    let e = dpop(token, None).unwrap_err();
     assert!(e.contains("a DPoP proof is required"), "{e}");
-    let e = helper(
-        work.path(),
-        &jwks,
-        token,
-        "GET",
-        api,
-        Some(&rs_proof(&key, "DELETE", api, token)),
-        None,
-    )
-    .unwrap_err();
+    let e = dpop(token, Some(rs_proof(&key, "DELETE", api, token))).unwrap_err();
     assert!(e.contains("another method"), "{e}");
     // a forged token (its payload changed) fails the signature
     let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
@@ -831,16 +816,7 @@ async fn the_verification_helper_accepts_the_key_holder_and_refuses_a_copy() {
     c["scope"] = json!("demo:admin");
     parts[1] = B64.encode(c.to_string());
     let forged = parts.join(".");
-    let e = helper(
-        work.path(),
-        &jwks,
-        &forged,
-        "GET",
-        api,
-        Some(&rs_proof(&key, "GET", api, &forged)),
-        None,
-    )
-    .unwrap_err();
+    let e = dpop(&forged, Some(rs_proof(&key, "GET", api, &forged))).unwrap_err();
     assert!(e.contains("bad signature"), "{e}");
 
     // certificate-bound: the same certificate passes, another does not
@@ -860,33 +836,16 @@ async fn the_verification_helper_accepts_the_key_holder_and_refuses_a_copy() {
     .await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     let token = v["credential"]["token"].as_str().unwrap();
-    let ok = helper(
-        work.path(),
-        &jwks,
-        token,
-        "GET",
-        api,
-        None,
-        Some(&cert.cert_pem),
-    )
-    .unwrap();
+    let mtls = |cert: Option<&str>| helper(work.path(), &jwks, token, "GET", api, None, cert);
+    let ok = mtls(Some(&cert.cert_pem)).unwrap();
     assert!(ok["cnf"]["x5t#S256"].is_string());
     let other = svid(
         &good_ca,
         "spiffe://prod.test/tenant/acme/agent/b",
         Validity::Current,
     );
-    let e = helper(
-        work.path(),
-        &jwks,
-        token,
-        "GET",
-        api,
-        None,
-        Some(&other.cert_pem),
-    )
-    .unwrap_err();
+    let e = mtls(Some(&other.cert_pem)).unwrap_err();
     assert!(e.contains("not the one the token is bound to"), "{e}");
-    let e = helper(work.path(), &jwks, token, "GET", api, None, None).unwrap_err();
+    let e = mtls(None).unwrap_err();
     assert!(e.contains("use mutual TLS"), "{e}");
 }
