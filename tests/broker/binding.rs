@@ -697,16 +697,15 @@ async fn mtls_bound_leases_carry_the_certificate_thumbprint() {
     assert_eq!(v["error"]["code"], "binding_required");
 }
 
-// === the resource server's side: integration/bound-tokens ===
+// === the resource server's side: the SDK's leasehold.bound ===
 
 fn python() -> String {
-    let bin = std::env::var("LEASEHOLD_PLUGIN_PYTHON_PATH").unwrap_or_else(|_| {
+    std::env::var("LEASEHOLD_PYTHON").unwrap_or_else(|_| {
         panic!(
-            "LEASEHOLD_PLUGIN_PYTHON_PATH is not set: it is the bin folder of a Python with \
-             `cryptography` (integration/test.sh installs it into integration/.venv and sets it)"
+            "LEASEHOLD_PYTHON is not set: a Python with `cryptography` (integration/test.sh \
+             installs it into integration/.venv and sets it)"
         )
-    });
-    format!("{bin}/python3")
+    })
 }
 
 /// Run the verification helper on one request; Ok(claims) or Err(why).
@@ -725,10 +724,12 @@ fn helper(
         p
     };
     let mut cmd = std::process::Command::new(python());
-    cmd.arg(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("integration/bound-tokens/leasehold_bound_token.py"),
+    cmd.env(
+        "PYTHONPATH",
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/python/src"),
     )
+    .env("PYTHONDONTWRITEBYTECODE", "1")
+    .args(["-m", "leasehold.bound"])
     .arg("--jwks")
     .arg(w("jwks.json", &jwks.to_string()))
     .arg("--token-file")

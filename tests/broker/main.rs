@@ -35,6 +35,7 @@ mod openapi;
 mod plugins;
 mod policy;
 mod postgres;
+mod python_sdk;
 mod registered;
 mod restart;
 mod retry;

@@ -398,6 +398,24 @@ async fn every_documented_operation_conforms_to_the_document() {
     d.drive(M::GET, "/v1/stats", "/v1/stats", &t.admin, N).await;
     d.drive(M::GET, "/v1/cluster", "/v1/cluster", &t.responder, N)
         .await;
+    // who and what, for clients that check before they start
+    let (_, me) = d.drive(M::GET, "/v1/whoami", "/v1/whoami", &t.a, N).await;
+    assert_eq!(me["kind"], "workload", "{me}");
+    let (_, me) = d
+        .drive(M::GET, "/v1/whoami", "/v1/whoami", &t.approver, N)
+        .await;
+    assert_eq!(me["roles"], serde_json::json!(["approver"]), "{me}");
+    let (_, p) = d
+        .drive(M::GET, "/v1/providers", "/v1/providers", &t.a, N)
+        .await;
+    assert!(
+        p["providers"][0]["roles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["binding"] == "required"),
+        "{p}"
+    );
     d.drive(M::GET, "/metrics", "/metrics", &t.admin, N).await;
     let (_, events) = d
         .drive(

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Check a leasehold token bound to its workload's key, at a resource server.
 
 A token leased for a role with `require_binding = true` (or for any token
@@ -26,8 +25,9 @@ Signatures and expiry are checked offline. A lease revoked early is seen
 only through the broker's introspection (`POST /v1/introspect`, which also
 returns `cnf`): call it where an early revocation must take effect at once.
 
-Needs `cryptography` (PyPI). Run as a program, it checks one request and
-prints the claims (exit 0) or why it was refused (exit 1).
+Needs `cryptography` (`pip install 'leasehold[bound]'`). Run as a program
+(`python -m leasehold.bound --help`), it checks one request and prints the
+claims (exit 0) or why it was refused (exit 1).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import hashlib
 import json
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -81,9 +81,14 @@ def _int(s: str) -> int:
     return int.from_bytes(_b64d(s), "big")
 
 
-_EC = {"P-256": (ec.SECP256R1, hashes.SHA256, "ES256", 32), "P-384": (ec.SECP384R1, hashes.SHA384, "ES384", 48)}
-_RSA = {"RS256": hashes.SHA256, "RS384": hashes.SHA384, "RS512": hashes.SHA512,
-        "PS256": hashes.SHA256, "PS384": hashes.SHA384, "PS512": hashes.SHA512}
+_EC: dict[str, tuple[Callable[[], ec.EllipticCurve], Callable[[], hashes.HashAlgorithm], str, int]] = {
+    "P-256": (ec.SECP256R1, hashes.SHA256, "ES256", 32),
+    "P-384": (ec.SECP384R1, hashes.SHA384, "ES384", 48),
+}
+_RSA: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "RS256": hashes.SHA256, "RS384": hashes.SHA384, "RS512": hashes.SHA512,
+    "PS256": hashes.SHA256, "PS384": hashes.SHA384, "PS512": hashes.SHA512,
+}
 
 
 def thumbprint(jwk: dict[str, Any]) -> str:
@@ -113,14 +118,15 @@ def _verify_jws(token: str, jwk: dict[str, Any], alg: str) -> None:
             curve, digest, _, size = _EC[jwk["crv"]]
             if len(sig) != 2 * size:
                 raise Refused("malformed signature")
-            key = ec.EllipticCurvePublicNumbers(_int(jwk["x"]), _int(jwk["y"]), curve()).public_key()
+            ec_key = ec.EllipticCurvePublicNumbers(_int(jwk["x"]), _int(jwk["y"]), curve()).public_key()
             der = encode_dss_signature(int.from_bytes(sig[:size], "big"), int.from_bytes(sig[size:], "big"))
-            key.verify(der, message, ec.ECDSA(digest()))
+            ec_key.verify(der, message, ec.ECDSA(digest()))
         elif kty == "RSA" and alg in _RSA:
-            key = rsa.RSAPublicNumbers(_int(jwk["e"]), _int(jwk["n"])).public_key()
-            pad = (padding.PSS(mgf=padding.MGF1(_RSA[alg]()), salt_length=_RSA[alg].digest_size)
-                   if alg.startswith("PS") else padding.PKCS1v15())
-            key.verify(sig, message, pad, _RSA[alg]())
+            rsa_key = rsa.RSAPublicNumbers(_int(jwk["e"]), _int(jwk["n"])).public_key()
+            pad: padding.AsymmetricPadding = (
+                padding.PSS(mgf=padding.MGF1(_RSA[alg]()), salt_length=padding.PSS.DIGEST_LENGTH)
+                if alg.startswith("PS") else padding.PKCS1v15())
+            rsa_key.verify(sig, message, pad, _RSA[alg]())
         else:
             raise Refused(f"algorithm {alg!r} does not fit the key")
     except InvalidSignature:
@@ -244,12 +250,16 @@ def _main() -> int:
     ap.add_argument("--issuer")
     ap.add_argument("--audience")
     a = ap.parse_args()
-    read = lambda p: open(p, encoding="ascii").read().strip()  # noqa: E731
+    def read(path: str) -> str:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+
     der = None
     if a.client_cert:
         from cryptography import x509
         from cryptography.hazmat.primitives.serialization import Encoding
-        der = x509.load_pem_x509_certificate(open(a.client_cert, "rb").read()).public_bytes(Encoding.DER)
+        with open(a.client_cert, "rb") as f:
+            der = x509.load_pem_x509_certificate(f.read()).public_bytes(Encoding.DER)
     try:
         claims = verify_request(read(a.token_file), json.loads(read(a.jwks)), a.method, a.url,
                                 dpop_proof=read(a.dpop_file) if a.dpop_file else None,

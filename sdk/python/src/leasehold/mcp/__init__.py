@@ -1,0 +1,1 @@
+"""The MCP gateway (`leasehold-mcp`; `pip install 'leasehold[mcp]'`)."""

@@ -1,0 +1,5 @@
+import sys
+
+from .gateway import main
+
+sys.exit(main())
