@@ -123,9 +123,11 @@ http = len(sys.argv) > 2
 mcp = FastMCP("upstream", port=int(sys.argv[2]) if http else 8000)
 
 @mcp.tool()
-def lookup(user: str, ctx: Context) -> str:
-    # the credential: in the environment over stdio, in a header over HTTP
-    if http:
+def lookup(user: str, ctx: Context, token: str = "") -> str:
+    # the credential: an argument, in the environment over stdio, in a header over HTTP
+    if token:
+        auth = "Bearer " + token
+    elif http:
         auth = ctx.request_context.request.headers["authorization"]
     else:
         auth = "Bearer " + os.environ["DIRECTORY_TOKEN"]
@@ -206,6 +208,17 @@ def write_config(broker: Broker, upstream: Upstream, dir: Path, token_who: str =
         upstream = {{ command = [{py}, "upstream_mcp.py", "{upstream.url}"], tool = "lookup" }}
 
         [[tools]]
+        name = "lookup_user_arg"
+        description = "Ask the directory's MCP server, the credential as an argument"
+        input_schema = {{ type = "object", properties = {{ user = {{ type = "string" }} }}, required = ["user"] }}
+        broker_tool = "demo.read"
+        action = "read"
+        resource = "user:{{user}}"
+        credential = {{ provider = "token", role = "demo", ttl_seconds = 120 }}
+        inject = {{ into = "argument", name = "token" }}
+        upstream = {{ command = [{py}, "upstream_mcp.py", "{upstream.url}"], tool = "lookup" }}
+
+        [[tools]]
         name = "lookup_user_http"
         description = "Ask the directory's MCP server over HTTP"
         input_schema = {{ type = "object", properties = {{ user = {{ type = "string" }} }}, required = ["user"] }}
@@ -261,7 +274,8 @@ async def exercise(session: ClientSession, broker: Broker, logs: list[str]) -> N
     """The same conversation over either transport."""
     await session.initialize()
     listed = {t.name for t in (await session.list_tools()).tools}
-    assert listed == {"read_doc", "echo", "write_ticket", "restart_db", "lookup_user", "lookup_user_http"}
+    assert listed == {"read_doc", "echo", "write_ticket", "restart_db", "lookup_user", "lookup_user_arg",
+                      "lookup_user_http"}
 
     # allowed: the tool ran with the leased token, the model sees its result only
     r = await session.call_tool("read_doc", {"doc": "q3-report"})
@@ -275,6 +289,10 @@ async def exercise(session: ClientSession, broker: Broker, logs: list[str]) -> N
     r = await session.call_tool("lookup_user", {"user": "bob"})
     assert not r.isError, text_of(r)
     assert "directory says: GET /users/bob as dev:assistant-b" in text_of(r)
+    # the credential as an argument the gateway adds (the model never gives it)
+    r = await session.call_tool("lookup_user_arg", {"user": "erin"})
+    assert not r.isError, text_of(r)
+    assert "directory says: GET /users/erin as dev:assistant-b" in text_of(r)
     # and one over streamable HTTP, the credential in a header
     r = await session.call_tool("lookup_user_http", {"user": "dave"})
     assert not r.isError, text_of(r)
