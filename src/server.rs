@@ -148,6 +148,7 @@ pub async fn run_with(
             .as_ref()
             .map(|u| u.trim_end_matches('/').to_owned()),
         tls: config.server.tls.is_some(),
+        console: Default::default(),
     });
     if let Some(addr) = config.server.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -12,6 +12,7 @@
 
 mod approvals;
 mod calls;
+mod console;
 mod error;
 mod events;
 mod extract;
@@ -79,8 +80,10 @@ pub struct AppShared {
     /// broker, for DPoP proofs' `htu`.
     pub public_url: Option<String>,
     /// Whether the main listener speaks TLS (the scheme of `htu` without
-    /// `public_url`).
+    /// `public_url`, and the console cookie's `Secure`).
     pub tls: bool,
+    /// The web console's sessions (in memory: a restart signs everyone out).
+    pub console: console::Sessions,
 }
 
 /// Rate limits and the cap on requests in flight (`server.rate_limits`).
@@ -273,7 +276,8 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
 
 pub fn router(state: AppState, limits: HttpLimits) -> Router {
     let (api, _) = routes().split_for_parts();
-    api.fallback(ops::not_found)
+    api.merge(console::routes())
+        .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(

@@ -440,6 +440,11 @@ impl Broker {
             .map_err(BrokerError::from)
     }
 
+    /// The broker's time now, in milliseconds since the epoch.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now().unix_millis()
+    }
+
     /// Record a denied authentication attempt, rate-limited. Never blocks
     /// the refusal itself.
     pub fn auth_denied(self: &Arc<Self>, reason: String, request_id: Option<String>) {

@@ -20,6 +20,7 @@ mod cli;
 mod cluster;
 mod config_examples;
 mod conformance;
+mod console;
 mod crash;
 mod events;
 mod expiry;

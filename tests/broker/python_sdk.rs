@@ -19,8 +19,18 @@ fn python() -> String {
 
 /// Run pytest on some of the SDK's test files; fail with its output.
 fn pytest(files: &[&str]) {
+    pytest_in("sdk/python", files, &[]);
+}
+
+/// Run pytest in `dir` (relative to the repository) on `files`.
+pub(crate) fn pytest_in(dir: &str, files: &[&str], env: &[(&str, &Path)]) {
     let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("sdk/python");
-    let out = Command::new(python())
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut cmd = Command::new(python());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
         .args([
             "-m",
             "pytest",
@@ -31,7 +41,7 @@ fn pytest(files: &[&str]) {
             "console_output_style=classic",
         ])
         .args(files)
-        .current_dir(&sdk)
+        .current_dir(&root)
         .env("LEASEHOLD_BIN", env!("CARGO_BIN_EXE_leasehold"))
         .env("PYTHONPATH", sdk.join("src"))
         .env("PYTHONDONTWRITEBYTECODE", "1")

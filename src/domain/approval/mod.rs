@@ -42,6 +42,32 @@ impl Broker {
         Ok(self.store.read()?.pending_approvals(1000)?)
     }
 
+    /// Pending approvals with what an approver decides on: each one's task
+    /// (purpose, prompt hash) and the prompt's text when the broker keeps it
+    /// (`limits.store_prompt_text`). Approvers and admins.
+    pub fn pending_with_context(
+        &self,
+        caller: &Caller,
+    ) -> Result<Vec<ApprovalContext>, BrokerError> {
+        let pending = self.pending_approvals(caller)?;
+        let r = self.store.read()?;
+        let mut out = Vec::with_capacity(pending.len());
+        for approval in pending {
+            let task = r.task(approval.task_id)?;
+            let prompt = task
+                .as_ref()
+                .and_then(|t| t.prompt_sealed.as_ref().map(|s| (t.id, s)))
+                .and_then(|(id, sealed)| self.store.sealer().open(id, "prompt", sealed).ok())
+                .map(|p| String::from_utf8_lossy(&p).into_owned());
+            out.push(ApprovalContext {
+                approval,
+                task,
+                prompt,
+            });
+        }
+        Ok(out)
+    }
+
     /// One approval: its workload, approvers, admins and responders.
     pub fn get_approval(
         &self,
@@ -208,4 +234,14 @@ impl Broker {
             })
             .await?)
     }
+}
+
+/// A pending approval and what an approver needs to decide on it.
+#[derive(Debug, Clone)]
+pub struct ApprovalContext {
+    pub approval: ApprovalRecord,
+    /// The task it belongs to (gone only if the store lost it).
+    pub task: Option<crate::store::TaskRecord>,
+    /// The prompt's text, when the broker keeps it sealed.
+    pub prompt: Option<String>,
 }

@@ -87,7 +87,7 @@ pub(super) fn job_view(j: &JobRecord, counts: &Counts, failed: Vec<FailedLeaseVi
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct JobView {
     pub job_id: String,
-    /// `running` or `finished`
+    /// `running`, `done`, or `failed`
     pub state: &'static str,
     pub reason: String,
     pub fence: bool,
