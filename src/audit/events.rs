@@ -312,7 +312,8 @@ impl Auditor {
         )
     }
 
-    /// `approval.requested|approved|denied|expired`, by the approval's state.
+    /// `approval.requested|approved|consumed|denied|expired`, by the
+    /// approval's state.
     pub fn approval(
         &self,
         a: &ApprovalRecord,
@@ -321,7 +322,8 @@ impl Auditor {
     ) -> Result<Pending, super::CanonicalError> {
         let kind = match a.state {
             ApprovalState::Pending => EventKind::ApprovalRequested,
-            ApprovalState::Approved | ApprovalState::Consumed => EventKind::ApprovalApproved,
+            ApprovalState::Approved => EventKind::ApprovalApproved,
+            ApprovalState::Consumed => EventKind::ApprovalConsumed,
             ApprovalState::Denied => EventKind::ApprovalDenied,
             ApprovalState::Expired => EventKind::ApprovalExpired,
         };
@@ -492,6 +494,33 @@ impl Auditor {
     }
 
     /// A broker-level event (started, stopped, auth denied, pruned).
+    /// `request.refused`: linked to the workload, and to the task and the
+    /// user when the request named a task of its own.
+    pub fn refusal(
+        &self,
+        workload: (&str, Option<&str>),
+        task: Option<(u128, &str)>,
+        now: i64,
+        ctx: &Ctx,
+        data: super::EventData,
+    ) -> Result<Pending, super::CanonicalError> {
+        let links = Links {
+            workload: Some(self.workload(workload.0)),
+            tenant: workload.1.map(|t| self.tenant(t)),
+            task: task.map(|(id, _)| TaskId(id).to_string()),
+            user: task.map(|(_, user)| self.user(user)),
+            request_id: ctx.request_id.clone(),
+            ..Links::default()
+        };
+        Pending::new(
+            EventKind::RequestRefused,
+            ms(now),
+            &links,
+            data,
+            task.map(|(id, _)| id),
+        )
+    }
+
     pub fn broker(
         &self,
         kind: EventKind,

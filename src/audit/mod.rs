@@ -42,11 +42,18 @@ pub enum EventKind {
     BrokerStarted,
     BrokerStopped,
     AuthDenied,
+    /// A request of an authenticated workload refused before policy
+    /// decided it (an unknown tool, provider or role, a quota, a fence, a
+    /// task that ended): what it asked and why.
+    RequestRefused,
     TaskOpened,
     TaskCompleted,
     CallDecided,
     ApprovalRequested,
     ApprovalApproved,
+    /// An approved request was made, using the approval up (before this
+    /// kind existed, `approval.approved` with state `consumed` said so).
+    ApprovalConsumed,
     ApprovalDenied,
     ApprovalExpired,
     BreakGlassUsed,
@@ -69,15 +76,17 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 27] = [
+    pub const ALL: [EventKind; 29] = [
         Self::BrokerStarted,
         Self::BrokerStopped,
         Self::AuthDenied,
+        Self::RequestRefused,
         Self::TaskOpened,
         Self::TaskCompleted,
         Self::CallDecided,
         Self::ApprovalRequested,
         Self::ApprovalApproved,
+        Self::ApprovalConsumed,
         Self::ApprovalDenied,
         Self::ApprovalExpired,
         Self::BreakGlassUsed,
@@ -104,11 +113,13 @@ impl EventKind {
             Self::BrokerStarted => "broker.started",
             Self::BrokerStopped => "broker.stopped",
             Self::AuthDenied => "auth.denied",
+            Self::RequestRefused => "request.refused",
             Self::TaskOpened => "task.opened",
             Self::TaskCompleted => "task.completed",
             Self::CallDecided => "call.decided",
             Self::ApprovalRequested => "approval.requested",
             Self::ApprovalApproved => "approval.approved",
+            Self::ApprovalConsumed => "approval.consumed",
             Self::ApprovalDenied => "approval.denied",
             Self::ApprovalExpired => "approval.expired",
             Self::BreakGlassUsed => "break_glass.used",

@@ -252,6 +252,8 @@ pub struct Broker {
     pub(in crate::domain) archive_dir: Option<std::path::PathBuf>,
     /// Rate limit for recording denied authentication attempts.
     pub(in crate::domain) denied: DeniedLimiter,
+    /// The same for refused requests (`request.refused`).
+    pub(in crate::domain) refused: DeniedLimiter,
     /// Runtime authorization.
     pub(in crate::domain) policy: Arc<crate::policy::PolicyEngine>,
     pub(in crate::domain) settings: PolicySettings,
@@ -332,6 +334,7 @@ impl Broker {
             prune_min_age: std::time::Duration::from_secs(7 * 86_400),
             archive_dir: None,
             denied: DeniedLimiter::new(10),
+            refused: DeniedLimiter::new(10),
             policy,
             settings,
             notifier: crate::notify::Notifier::default(),
@@ -380,6 +383,7 @@ impl Broker {
     /// At most this many denied-authentication events a second.
     pub fn with_denied_per_second(mut self, per_second: u64) -> Self {
         self.denied = DeniedLimiter::new(per_second);
+        self.refused = DeniedLimiter::new(per_second);
         self
     }
 
@@ -438,6 +442,56 @@ impl Broker {
             .write(move |t| crate::audit::append(t, &a, a.broker(kind, now, request_id, data)))
             .await
             .map_err(BrokerError::from)
+    }
+
+    /// Put a refused request of a workload on the chain (`request.refused`)
+    /// with the refusal's code and message and what was asked, linked to
+    /// its task when it named one of its own; at most the configured number
+    /// a second, the next one saying how many were left out. Policy's own
+    /// denials are already `call.decided`; failures of a provider or the
+    /// store are not refusals. Never changes the answer.
+    pub(crate) async fn record_refusal(
+        &self,
+        w: &crate::auth::Workload,
+        task: Option<&crate::store::TaskRecord>,
+        asked: crate::audit::EventData,
+        e: &BrokerError,
+        ctx: &crate::audit::Ctx,
+    ) {
+        let code = match e {
+            BrokerError::Invalid { code, .. }
+            | BrokerError::Forbidden { code, .. }
+            | BrokerError::Conflict { code, .. }
+            | BrokerError::Quota { code, .. }
+            | BrokerError::NotFound { code } => *code,
+            BrokerError::Denied(_) | BrokerError::Provider { .. } | BrokerError::Store(_) => return,
+        };
+        let Some(suppressed) = self.refused.admit(self.clock.now().unix_seconds()) else {
+            return;
+        };
+        let mut data = asked;
+        data.insert("code".into(), serde_json::Value::from(code));
+        data.insert("reason".into(), crate::audit::text(&e.to_string()));
+        data.insert(
+            "suppressed_before".into(),
+            serde_json::Value::from(suppressed),
+        );
+        let now = self.clock.now().unix_millis();
+        let a = self.auditor.clone();
+        let event = a.refusal(
+            (&w.id, w.tenant.as_deref()),
+            task.map(|t| (t.id, t.on_behalf_of.as_str())),
+            now,
+            ctx,
+            data,
+        );
+        if let Err(e) = self
+            .store
+            .write(move |t| crate::audit::append(t, &a, event))
+            .await
+        {
+            tracing::warn!(error = %e, "recording a refused request failed");
+        }
     }
 
     /// The broker's time now, in milliseconds since the epoch.

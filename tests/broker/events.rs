@@ -320,6 +320,150 @@ async fn denied_authentication_is_recorded_but_bounded() {
     );
 }
 
+/// Every refusal of an authenticated workload is on the chain with its
+/// reason, in its task's story when it named one of its own, and a flood
+/// of them is summarized rather than dropped silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_is_recorded_with_its_reason_and_floods_are_summarized() {
+    let h = Harness::start(Options::default()).await;
+    let a = &h.tokens.a;
+    let task = h.open_task(a, 600).await;
+    let refusals = |events: &[Value]| -> Vec<(String, Value)> {
+        events
+            .iter()
+            .filter(|e| e["kind"] == "request.refused")
+            .map(|e| {
+                (
+                    e["data"]["code"].as_str().unwrap_or("").to_owned(),
+                    e.clone(),
+                )
+            })
+            .collect()
+    };
+    // an assistant probing for a tool it was never given
+    let (s, _) = h
+        .post(
+            a,
+            &format!("/v1/tasks/{task}/calls"),
+            json!({"tool": "db.drop", "action": "drop", "resource": "db:prod"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    // a provider and a role that do not exist
+    for body in [
+        json!({"provider": "nope", "role": "demo", "ttl_seconds": 60}),
+        json!({"provider": "token", "role": "root", "ttl_seconds": 60}),
+    ] {
+        let (s, _) = h.post(a, &format!("/v1/tasks/{task}/leases"), body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let story = task_events(&h, &task).await;
+    let found = refusals(&story);
+    let codes: Vec<&str> = found.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(
+        codes,
+        ["unknown_tool", "unknown_provider", "unknown_role"],
+        "{story:?}"
+    );
+    let (_, probe) = &found[0];
+    assert_eq!(probe["data"]["tool"], "db.drop");
+    assert_eq!(probe["links"]["task"], task.as_str());
+    assert_eq!(probe["links"]["workload"], "dev:assistant-a");
+    assert_eq!(probe["links"]["user"], "alice@example.com");
+    assert!(
+        probe["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("db.drop")
+    );
+    assert_eq!(found[2].1["data"]["role"], "root");
+
+    // the task completed: a call after it is refused, and recorded
+    let (s, _) = h.post_empty(a, &format!("/v1/tasks/{task}/complete")).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = h
+        .post(
+            a,
+            &format!("/v1/tasks/{task}/calls"),
+            json!({"tool": "demo.read", "action": "read"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    // a fenced workload, at a new task (no task to link)
+    let (s, _) = h
+        .post(
+            &h.tokens.responder,
+            "/v1/revocations",
+            json!({"workload": "dev:assistant-b", "fence": true, "reason": "INC-3"}),
+        )
+        .await;
+    assert!(s.is_success());
+    let (s, _) = h
+        .post(
+            &h.tokens.b,
+            "/v1/tasks",
+            json!({"purpose": "p", "on_behalf_of": "u", "prompt": "x", "ttl_seconds": 60}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, v) = h
+        .get(
+            &h.tokens.admin,
+            "/v1/events?kind=request.refused&limit=1000",
+        )
+        .await;
+    let all = refusals(v["events"].as_array().unwrap());
+    let fenced = all
+        .iter()
+        .find(|(c, _)| c == "fenced")
+        .expect("the fence's refusal");
+    assert_eq!(fenced.1["links"]["workload"], "dev:assistant-b");
+    assert_eq!(fenced.1["data"]["request"], "open_task");
+    assert!(
+        all.iter()
+            .any(|(c, e)| c == "task_completed" && e["links"]["task"] == task.as_str())
+    );
+
+    // a flood: recorded at the bounded rate, the next record counts the rest
+    let t2 = h.open_task(a, 600).await;
+    for _ in 0..60 {
+        h.post(
+            a,
+            &format!("/v1/tasks/{t2}/calls"),
+            json!({"tool": "db.drop", "action": "drop"}),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, _) = h
+        .post(
+            a,
+            &format!("/v1/tasks/{t2}/calls"),
+            json!({"tool": "db.drop", "action": "last"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let flood = refusals(&task_events(&h, &t2).await);
+    let per_second = h.config.audit.auth_denied_events_per_second as usize;
+    assert!(
+        flood.len() < 61 && flood.len() >= 2,
+        "{} of 61 refusals recorded",
+        flood.len()
+    );
+    assert!(flood.len() <= 3 * per_second + 1, "{}", flood.len());
+    let summarized: u64 = flood
+        .iter()
+        .map(|(_, e)| e["data"]["suppressed_before"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        summarized as usize + flood.len(),
+        61,
+        "every refusal is either recorded or counted"
+    );
+}
+
 #[tokio::test]
 async fn configured_fields_enter_the_chain_as_hmacs() {
     let dir = tempfile::tempdir().unwrap();

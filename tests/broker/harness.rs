@@ -418,8 +418,16 @@ impl Provider for Flaky {
     async fn issue(&self, spec: &LeaseSpec) -> Result<Issued, ProviderError> {
         self.live.lock().unwrap().insert(spec.lease_id.clone());
         if self.hold_issue.load(Ordering::SeqCst) {
+            // wait on `release` before telling the test we are here: a
+            // `notify_waiters` between the two would otherwise find no
+            // waiter and leave this issue held forever
+            let released = self.release.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
             self.entered.notify_one();
-            self.release.notified().await;
+            if self.hold_issue.load(Ordering::SeqCst) {
+                released.await;
+            }
         }
         Ok(Issued {
             credential: Credential::new().secret("key", format!("flaky-secret-{}", spec.lease_id)),

@@ -208,11 +208,19 @@ async fn approval_round_trip_is_bound_used_once_and_recorded() {
     for k in [
         "approval.requested",
         "approval.approved",
+        "approval.consumed",
         "call.decided",
         "lease.issued",
     ] {
         assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
     }
+    // one approval, approved once and used once: a reader sees no second approval
+    let count = |k: &str| kinds.iter().filter(|x| **x == k).count();
+    assert_eq!(
+        (count("approval.approved"), count("approval.consumed")),
+        (1, 1),
+        "{kinds:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,25 @@ pub fn principal(w: &Workload) -> Principal {
     }
 }
 
+/// What a call or credential request asked, for its refusal's event.
+pub(in crate::domain) fn asked_of(p: &CallParams, direct: bool) -> audit::EventData {
+    let mut data = if direct {
+        crate::event_data![("request", "lease")]
+    } else {
+        crate::event_data![
+            ("request", "call"),
+            ("tool", audit::text(&p.tool)),
+            ("operation", audit::text(&p.action)),
+            ("target", audit::text(&p.target))
+        ]
+    };
+    if let Some(c) = &p.credential {
+        data.insert("provider".into(), audit::text(&c.provider));
+        data.insert("role".into(), audit::text(&c.role));
+    }
+    data
+}
+
 /// The hash an approval is bound to.
 fn request_hash(w: &str, task: u128, p: &CallParams) -> [u8; 32] {
     let v = json!({
@@ -201,7 +220,40 @@ impl Broker {
         p: CallParams,
         ctx: &Ctx,
     ) -> Result<CallOutcome, BrokerError> {
-        self.decide_and_act(w, task_id, p, ctx, false).await
+        let asked = asked_of(&p, false);
+        let result = self.decide_and_act(w, task_id, p, ctx, false).await;
+        if let Err(e) = &result {
+            self.refused_in_task(w, task_id, asked, e, ctx).await;
+        }
+        result
+    }
+
+    /// Record a refusal of a request that named `task_id`, linked to it
+    /// when it is the workload's own.
+    pub(in crate::domain) async fn refused_in_task(
+        &self,
+        w: &Workload,
+        task_id: TaskId,
+        mut asked: audit::EventData,
+        e: &BrokerError,
+        ctx: &Ctx,
+    ) {
+        if matches!(
+            e,
+            BrokerError::Denied(_) | BrokerError::Provider { .. } | BrokerError::Store(_)
+        ) {
+            return;
+        }
+        let task = self
+            .store
+            .read()
+            .ok()
+            .and_then(|r| r.task(task_id.0).ok().flatten())
+            .filter(|t| t.workload == w.id);
+        if task.is_none() {
+            asked.insert("task".into(), json!(task_id.to_string()));
+        }
+        self.record_refusal(w, task.as_ref(), asked, e, ctx).await;
     }
 
     /// Decide a call (or, `direct`, a credential request) and act on it:

@@ -25,7 +25,12 @@ impl Broker {
             approval_id,
             ..CallParams::default()
         };
-        self.decide_and_act(w, task_id, p, ctx, true).await
+        let asked = crate::domain::call::asked_of(&p, true);
+        let result = self.decide_and_act(w, task_id, p, ctx, true).await;
+        if let Err(e) = &result {
+            self.refused_in_task(w, task_id, asked, e, ctx).await;
+        }
+        result
     }
 
     /// A lease the caller may see: its owner, admins and responders.

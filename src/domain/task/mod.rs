@@ -55,7 +55,23 @@ pub struct CompletionReport {
 }
 
 impl Broker {
+    /// Open a task; a refusal other than policy's (a fence, bad input) is
+    /// recorded as `request.refused`.
     pub async fn open_task(
+        &self,
+        w: &Workload,
+        req: OpenTask,
+        ctx: &Ctx,
+    ) -> Result<TaskRecord, BrokerError> {
+        let result = self.open_task_unrecorded(w, req, ctx).await;
+        if let Err(e) = &result {
+            let asked = crate::event_data![("request", "open_task")];
+            self.record_refusal(w, None, asked, e, ctx).await;
+        }
+        result
+    }
+
+    async fn open_task_unrecorded(
         &self,
         w: &Workload,
         req: OpenTask,
