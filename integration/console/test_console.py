@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import httpx
 import pytest
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as EC
@@ -22,6 +22,7 @@ from leasehold import Client
 from conftest import Broker
 
 TOOLS = ["demo.read", "demo.write", "demo.admin"]
+T = TypeVar("T")
 
 
 def sign_in(driver: WebDriver, broker: Broker, who: str) -> None:
@@ -39,6 +40,22 @@ def session_client(driver: WebDriver, broker: Broker) -> httpx.Client:
     """An HTTP client holding the browser's cookies (to forge requests)."""
     jar = {c["name"]: c["value"] for c in driver.get_cookies()}
     return httpx.Client(base_url=broker.url, cookies=jar, follow_redirects=False, timeout=30)
+
+
+def on_card(driver: WebDriver, approval_id: str, act: Callable[[Any], T]) -> T:
+    """Do something to an approval's card. The list is swapped in anew
+    whenever the pending set changes (approvals of other tests' tasks
+    expire meanwhile), which can make a card found a moment ago stale; once
+    its comment has text, the console holds further swaps back."""
+    for attempt in range(5):
+        try:
+            return act(WebDriverWait(driver, 10).until(
+                EC.presence_of_element_located((By.ID, f"approval-{approval_id}"))))
+        except StaleElementReferenceException:
+            if attempt == 4:
+                raise
+            time.sleep(0.2)
+    raise AssertionError("unreachable")
 
 
 def no_alert(driver: WebDriver) -> None:
@@ -62,8 +79,8 @@ def test_an_approver_sees_a_request_arrive_and_approves_it(broker: Broker, brows
                       credential={"provider": "token", "role": "demo", "ttl_seconds": 60})
         approval_id = e.value.approval_id
         # it appears without a reload
-        card = WebDriverWait(driver, 15).until(EC.presence_of_element_located((By.ID, f"approval-{approval_id}")))
-        text = card.text
+        WebDriverWait(driver, 15).until(EC.presence_of_element_located((By.ID, f"approval-{approval_id}")))
+        text = on_card(driver, approval_id, lambda card: card.text)
         prompt_sha = hashlib.sha256(b"Please fix ticket 42's title").hexdigest()
         for shown in ("demo.write", "update", "ticket:42", "dev:assistant-a", "alice@example.com",
                       "update ticket 42", prompt_sha, "write-demo-with-approval",
@@ -71,15 +88,14 @@ def test_an_approver_sees_a_request_arrive_and_approves_it(broker: Broker, brows
             assert shown in text, f"{shown!r} not on the card: {text}"
         shot(driver, shots, "2-approval-arrived")
         # a denial needs a comment: the API's message next to the form, nothing changed
-        driver.find_element(By.ID, f"approval-{approval_id}").find_element(By.CSS_SELECTOR, "button.deny").click()
+        on_card(driver, approval_id, lambda card: card.find_element(By.CSS_SELECTOR, "button.deny").click())
         err = WebDriverWait(driver, 10).until(EC.presence_of_element_located((By.CSS_SELECTOR, f"#approval-{approval_id} .error")))
         assert "comment" in err.text.lower()
         shot(driver, shots, "3-deny-without-comment")
         assert c.get_approval(approval_id).state == "pending"
         # approve with a comment
-        card = driver.find_element(By.ID, f"approval-{approval_id}")
-        card.find_element(By.TAG_NAME, "textarea").send_keys("ticket 42 only")
-        card.find_element(By.CSS_SELECTOR, "button.approve").click()
+        on_card(driver, approval_id, lambda card: card.find_element(By.TAG_NAME, "textarea").send_keys("ticket 42 only"))
+        on_card(driver, approval_id, lambda card: card.find_element(By.CSS_SELECTOR, "button.approve").click())
         WebDriverWait(driver, 10).until(EC.invisibility_of_element_located((By.ID, f"approval-{approval_id}")))
         shot(driver, shots, "4-approved")
         assert task.wait_for_approval(approval_id, timeout=5).state == "approved"
@@ -113,10 +129,12 @@ def test_an_approver_sees_a_request_arrive_and_approves_it(broker: Broker, brows
                           tools=TOOLS, ttl_seconds=600)
         with pytest.raises(leasehold.ApprovalRequired) as mine:
             own.call("demo.write", "update", "ticket:1")
-        card = WebDriverWait(driver, 15).until(
+        WebDriverWait(driver, 15).until(
             EC.presence_of_element_located((By.ID, f"approval-{mine.value.approval_id}")))
-        assert "another approver must decide" in card.text
-        assert not card.find_elements(By.CSS_SELECTOR, "button")
+        text, buttons = on_card(driver, mine.value.approval_id,
+                                lambda card: (card.text, card.find_elements(By.CSS_SELECTOR, "button")))
+        assert "another approver must decide" in text
+        assert not buttons
         shot(driver, shots, "7-own-request")
         own.complete()
 
@@ -251,12 +269,12 @@ def test_stored_markup_is_shown_as_text_everywhere(broker: Broker, browser: Any,
         sign_in(driver, broker, "approver")
         source = driver.page_source
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in source and "<script>alert(1)" not in source
-        assert f"purpose {evil}" in driver.find_element(By.ID, f"approval-{e.value.approval_id}").text
+        assert f"purpose {evil}" in on_card(driver, e.value.approval_id, lambda card: card.text)
         no_alert(driver)
         shot(driver, shots, "1-approval-with-markup")
-        card = driver.find_element(By.ID, f"approval-{e.value.approval_id}")
-        card.find_element(By.TAG_NAME, "textarea").send_keys("comment " + evil)
-        card.find_element(By.CSS_SELECTOR, "button.deny").click()
+        aid = e.value.approval_id
+        on_card(driver, aid, lambda card: card.find_element(By.TAG_NAME, "textarea").send_keys("comment " + evil))
+        on_card(driver, aid, lambda card: card.find_element(By.CSS_SELECTOR, "button.deny").click())
         WebDriverWait(driver, 10).until(EC.invisibility_of_element_located((By.ID, f"approval-{e.value.approval_id}")))
         # the responder's views: the task's story (comment, resource, purpose) and a job's reason
         driver.find_element(By.CSS_SELECTOR, "form.signout button").click()

@@ -103,6 +103,33 @@ pub type HealthChecks = (
 );
 
 impl Limiter {
+    /// Whether `ip` is within its budget of failed authentications
+    /// (`Err`: how long until it is).
+    pub(crate) fn auth_failures_left(
+        &self,
+        ip: std::net::IpAddr,
+        now: std::time::Instant,
+    ) -> Result<(), Duration> {
+        let c = &self.config;
+        self.buckets.peek(
+            limits::Key::AuthFailures(ip),
+            c.auth_failures_per_second,
+            c.auth_failures_burst,
+            now,
+        )
+    }
+
+    /// Count a failed authentication from `ip` against its budget.
+    pub(crate) fn auth_failed(&self, ip: std::net::IpAddr, now: std::time::Instant) {
+        let c = &self.config;
+        let _ = self.buckets.take(
+            limits::Key::AuthFailures(ip),
+            c.auth_failures_per_second,
+            c.auth_failures_burst,
+            now,
+        );
+    }
+
     pub fn new(config: limits::RateLimitConfig) -> Self {
         let in_flight = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
         Self {

@@ -46,6 +46,14 @@ fn parse<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     serde_json::from_value(v).map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
 }
 
+/// The non-blank fields, as a JSON object.
+fn given_fields(pairs: &[(&str, &Option<String>)]) -> serde_json::Map<String, Value> {
+    pairs
+        .iter()
+        .filter_map(|(k, v)| given(v).map(|v| ((*k).to_owned(), Value::String(v))))
+        .collect()
+}
+
 /// `Some(text)` for a non-blank field.
 fn given(v: &Option<String>) -> Option<String> {
     v.as_ref()
@@ -119,7 +127,6 @@ pub async fn login(
     headers: HeaderMap,
     Form(f): Form<LoginForm>,
 ) -> Response {
-    use crate::api::limits::Key;
     let expected = cookie_of(&headers, LOGIN_COOKIE).unwrap_or("");
     if expected.is_empty() || !same(&f.csrf, expected) {
         return login_page(
@@ -129,20 +136,10 @@ pub async fn login(
         );
     }
     // the API's failed-authentication budget per address holds here too
-    let c = &st.limits.config;
     let ip = crate::api::source_ip(&ext);
     let now = std::time::Instant::now();
     if let Some(ip) = ip
-        && st
-            .limits
-            .buckets
-            .peek(
-                Key::AuthFailures(ip),
-                c.auth_failures_per_second,
-                c.auth_failures_burst,
-                now,
-            )
-            .is_err()
+        && st.limits.auth_failures_left(ip, now).is_err()
     {
         return login_page(
             StatusCode::TOO_MANY_REQUESTS,
@@ -168,12 +165,7 @@ pub async fn login(
         ),
         Err(e) => {
             if let Some(ip) = ip {
-                let _ = st.limits.buckets.take(
-                    Key::AuthFailures(ip),
-                    c.auth_failures_per_second,
-                    c.auth_failures_burst,
-                    now,
-                );
+                st.limits.auth_failed(ip, now);
             }
             st.broker
                 .auth_denied(format!("console sign-in: {}", e.detail()), None);
@@ -565,19 +557,14 @@ pub async fn leases(
     Query(f): Query<LeaseFilter>,
 ) -> Page {
     user.require(&[Responder, Admin], "Leases")?;
-    let mut q = serde_json::Map::new();
-    for (k, v) in [
+    let mut q = given_fields(&[
         ("state", &f.state),
         ("workload", &f.workload),
         ("provider", &f.provider),
         ("role", &f.role),
         ("task", &f.task),
         ("cursor", &f.cursor),
-    ] {
-        if let Some(v) = given(v) {
-            q.insert(k.into(), Value::String(v));
-        }
-    }
+    ]);
     q.insert("limit".into(), json!(500));
     let listed = match parse(Value::Object(q)) {
         Ok(params) => value(
@@ -855,9 +842,9 @@ pub struct SelectorForm {
 }
 
 impl SelectorForm {
-    fn body(&self, dry_run: bool) -> Value {
-        let mut m = serde_json::Map::new();
-        for (k, v) in [
+    /// The selector's fields, as the form carries them.
+    fn fields(&self) -> [(&'static str, &Option<String>); 7] {
+        [
             ("workload", &self.workload),
             ("tenant", &self.tenant),
             ("user", &self.user),
@@ -865,11 +852,11 @@ impl SelectorForm {
             ("role", &self.role),
             ("issued_after", &self.issued_after),
             ("issued_before", &self.issued_before),
-        ] {
-            if let Some(v) = given(v) {
-                m.insert(k.into(), Value::String(v));
-            }
-        }
+        ]
+    }
+
+    fn body(&self, dry_run: bool) -> Value {
+        let mut m = given_fields(&self.fields());
         m.insert("all".into(), Value::Bool(self.all.is_some()));
         m.insert("fence".into(), Value::Bool(self.fence.is_some()));
         m.insert(
@@ -882,8 +869,8 @@ impl SelectorForm {
 
     fn hidden(&self) -> Markup {
         html! {
-            @for (k, v) in [("workload", &self.workload), ("tenant", &self.tenant), ("user", &self.user), ("provider", &self.provider), ("role", &self.role), ("issued_after", &self.issued_after), ("issued_before", &self.issued_before)] {
-                @if let Some(v) = given(v) { input type="hidden" name=(k) value=(v); }
+            @for (k, v) in given_fields(&self.fields()) {
+                input type="hidden" name=(k) value=(v.as_str().unwrap_or(""));
             }
             @if self.all.is_some() { input type="hidden" name="all" value="on"; }
             input type="hidden" name="reason" value=(self.reason);
@@ -1249,16 +1236,11 @@ pub async fn blast_radius(
     Query(f): Query<BlastForm>,
 ) -> Page {
     user.require(&[Responder, Admin], "The blast radius")?;
-    let mut q = serde_json::Map::new();
-    for (k, v) in [
+    let q = given_fields(&[
         ("workload", &f.workload),
         ("since", &f.since),
         ("until", &f.until),
-    ] {
-        if let Some(v) = given(v) {
-            q.insert(k.into(), Value::String(v));
-        }
-    }
+    ]);
     let result = match parse(Value::Object(q)) {
         Ok(p) => value(
             super::super::incident::blast_radius(

@@ -7,7 +7,9 @@
   if (!live || !window.EventSource) return;
   var notice = null;
   function dirty(section) {
-    // never throw away a comment an approver is typing
+    // never throw away a comment an approver is typing, nor an error shown
+    // next to the form it is about
+    if (section.querySelector(".error")) return true;
     var fields = section.querySelectorAll("textarea");
     for (var i = 0; i < fields.length; i++) if (fields[i].value) return true;
     return false;
