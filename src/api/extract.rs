@@ -50,16 +50,7 @@ impl FromRequestParts<AppState> for Caller {
         // behind the same address.
         let token = bearer_of(parts);
         let hash = token.as_ref().ok().map(|t| Fairness::token_hash(t));
-        let over_budget = ip.is_some_and(|ip| {
-            l.buckets
-                .peek(
-                    Key::AuthFailures(ip),
-                    c.auth_failures_per_second,
-                    c.auth_failures_burst,
-                    now,
-                )
-                .is_err()
-        });
+        let over_budget = ip.is_some_and(|ip| l.auth_failures_left(ip, now).is_err());
         let distinguishable = match (&token, &hash) {
             (Ok(t), Some(h)) => {
                 l.fairness.is_known(h) || t.bytes().filter(|b| *b == b'.').count() == 2
@@ -68,16 +59,7 @@ impl FromRequestParts<AppState> for Caller {
         };
         let refuse_over_budget = || {
             let wait = ip
-                .and_then(|ip| {
-                    l.buckets
-                        .peek(
-                            Key::AuthFailures(ip),
-                            c.auth_failures_per_second,
-                            c.auth_failures_burst,
-                            now,
-                        )
-                        .err()
-                })
+                .and_then(|ip| l.auth_failures_left(ip, now).err())
                 .unwrap_or(std::time::Duration::from_secs(1));
             ApiError::too_many(
                 "auth_rate_limited",
@@ -98,12 +80,7 @@ impl FromRequestParts<AppState> for Caller {
             Ok(caller) => caller,
             Err(e) => {
                 if let Some(ip) = ip {
-                    let _ = l.buckets.take(
-                        Key::AuthFailures(ip),
-                        c.auth_failures_per_second,
-                        c.auth_failures_burst,
-                        now,
-                    );
+                    l.auth_failed(ip, now);
                 }
                 // over budget, a failure is answered as one, and not recorded
                 if over_budget {
