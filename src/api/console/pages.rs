@@ -46,6 +46,11 @@ fn parse<T: DeserializeOwned>(v: Value) -> Result<T, ApiError> {
     serde_json::from_value(v).map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
 }
 
+/// An API error that ends a page: the refusal page with its message.
+fn shown(user: &Signed) -> impl Fn(ApiError) -> Response + '_ {
+    move |e| view::refused(user, e.status, &e.message)
+}
+
 /// The non-blank fields, as a JSON object.
 fn given_fields(pairs: &[(&str, &Option<String>)]) -> serde_json::Map<String, Value> {
     pairs
@@ -302,8 +307,7 @@ fn approvals_section(
 
 pub async fn approvals(State(st): State<AppState>, user: Signed) -> Page {
     user.require(&[Approver, Admin], "Approvals")?;
-    let section = approvals_section(&st, &user, None)
-        .map_err(|e| view::refused(&user, e.status, &e.message))?;
+    let section = approvals_section(&st, &user, None).map_err(shown(&user))?;
     Ok(respond(
         StatusCode::OK,
         page(
@@ -319,8 +323,7 @@ pub async fn approvals(State(st): State<AppState>, user: Signed) -> Page {
 
 pub async fn approvals_list(State(st): State<AppState>, user: Signed) -> Page {
     user.require(&[Approver, Admin], "Approvals")?;
-    let section = approvals_section(&st, &user, None)
-        .map_err(|e| view::refused(&user, e.status, &e.message))?;
+    let section = approvals_section(&st, &user, None).map_err(shown(&user))?;
     Ok(respond(StatusCode::OK, section))
 }
 
@@ -430,8 +433,8 @@ pub async fn decide(
     match result {
         Ok(_) => Ok(Redirect::to("/console/approvals").into_response()),
         Err(e) => {
-            let section = approvals_section(&st, &user, Some((&id, &e.message)))
-                .map_err(|e| view::refused(&user, e.status, &e.message))?;
+            let section =
+                approvals_section(&st, &user, Some((&id, &e.message))).map_err(shown(&user))?;
             Ok(respond(
                 e.status,
                 page(
@@ -495,8 +498,7 @@ fn reviews_page(
 
 pub async fn reviews(State(st): State<AppState>, user: Signed) -> Page {
     user.require(&[Approver, Admin, Responder], "Break-glass reviews")?;
-    let p =
-        reviews_page(&st, &user, None).map_err(|e| view::refused(&user, e.status, &e.message))?;
+    let p = reviews_page(&st, &user, None).map_err(shown(&user))?;
     Ok(respond(StatusCode::OK, p))
 }
 
@@ -522,8 +524,7 @@ pub async fn sign_off(
     {
         Ok(_) => Ok(Redirect::to("/console/reviews").into_response()),
         Err(e) => {
-            let p = reviews_page(&st, &user, Some((&task, &e.message)))
-                .map_err(|e| view::refused(&user, e.status, &e.message))?;
+            let p = reviews_page(&st, &user, Some((&task, &e.message))).map_err(shown(&user))?;
             Ok(respond(e.status, p))
         }
     }
@@ -740,7 +741,7 @@ pub async fn lease(State(st): State<AppState>, user: Signed, Path(id): Path<Stri
     user.require(&[Responder, Admin], "Leases")?;
     let (status, p) = lease_page(&st, &user, &id, None)
         .await
-        .map_err(|e| view::refused(&user, e.status, &e.message))?;
+        .map_err(shown(&user))?;
     Ok(respond(status, p))
 }
 
@@ -764,7 +765,7 @@ pub async fn revoke(
         Err(e) => {
             let (_, p) = lease_page(&st, &user, &id, Some(&e.message))
                 .await
-                .map_err(|e| view::refused(&user, e.status, &e.message))?;
+                .map_err(shown(&user))?;
             Ok(respond(e.status, p))
         }
     }
@@ -803,7 +804,7 @@ pub async fn abandon(
         Err(e) => {
             let (_, p) = lease_page(&st, &user, &id, Some(&e.message))
                 .await
-                .map_err(|e| view::refused(&user, e.status, &e.message))?;
+                .map_err(shown(&user))?;
             Ok(respond(e.status, p))
         }
     }
@@ -962,7 +963,7 @@ pub async fn incident(State(st): State<AppState>, user: Signed) -> Page {
     user.require(&[Responder], "Incident response")?;
     let p = incident_page(&st, &user, &SelectorForm::default(), None, None)
         .await
-        .map_err(|e| view::refused(&user, e.status, &e.message))?;
+        .map_err(shown(&user))?;
     Ok(respond(StatusCode::OK, p))
 }
 
@@ -1026,7 +1027,7 @@ pub async fn dry_run(
         Err(e) => {
             let p = incident_page(&st, &user, &f, Some(&e.message), None)
                 .await
-                .map_err(|e| view::refused(&user, e.status, &e.message))?;
+                .map_err(shown(&user))?;
             Ok(respond(e.status, p))
         }
     }
@@ -1041,9 +1042,7 @@ pub async fn start_job(
     user.require(&[Responder], "Incident response")?;
     let typed = f.confirm.as_deref().unwrap_or("").trim();
     if typed != f.reason.trim() {
-        let v = dry(&st, &user, &f)
-            .await
-            .map_err(|e| view::refused(&user, e.status, &e.message))?;
+        let v = dry(&st, &user, &f).await.map_err(shown(&user))?;
         return Ok(respond(
             StatusCode::BAD_REQUEST,
             confirm_page(
@@ -1075,7 +1074,7 @@ pub async fn start_job(
         Err(e) => {
             let p = incident_page(&st, &user, &f, Some(&e.message), None)
                 .await
-                .map_err(|e| view::refused(&user, e.status, &e.message))?;
+                .map_err(shown(&user))?;
             Ok(respond(e.status, p))
         }
     }
@@ -1150,7 +1149,7 @@ pub async fn job(State(st): State<AppState>, user: Signed, Path(id): Path<String
         )
         .await,
     )
-    .map_err(|e| view::refused(&user, e.status, &e.message))?;
+    .map_err(shown(&user))?;
     let sel = &job["selector"];
     let body = html! {
         dl.card {
@@ -1178,7 +1177,7 @@ pub async fn job_progress(
         super::super::incident::get_revocation(State(st.clone()), user.caller.clone(), Path(id))
             .await,
     )
-    .map_err(|e| view::refused(&user, e.status, &e.message))?;
+    .map_err(shown(&user))?;
     Ok(respond(StatusCode::OK, progress(&job, now_ms(&st))))
 }
 
@@ -1214,7 +1213,7 @@ pub async fn lift_fence(State(st): State<AppState>, user: Signed, Form(f): Form<
         Err(e) => {
             let p = incident_page(&st, &user, &SelectorForm::default(), None, Some(&e.message))
                 .await
-                .map_err(|e| view::refused(&user, e.status, &e.message))?;
+                .map_err(shown(&user))?;
             Ok(respond(e.status, p))
         }
     }
@@ -1355,9 +1354,7 @@ pub async fn events(
     if let Some(id) = q.get("task") {
         return Ok(Redirect::to(&format!("/console/tasks/{}", urlencode(id))).into_response());
     }
-    let p = events_page(&st, &user, None)
-        .await
-        .map_err(|e| view::refused(&user, e.status, &e.message))?;
+    let p = events_page(&st, &user, None).await.map_err(shown(&user))?;
     Ok(respond(StatusCode::OK, p))
 }
 
@@ -1368,10 +1365,10 @@ pub async fn verify(State(st): State<AppState>, user: Signed, Form(f): Form<Csrf
         super::super::events::verify_events(State(st.clone()), user.caller.clone()).await,
     )
     .await
-    .map_err(|e| view::refused(&user, e.status, &e.message))?;
+    .map_err(shown(&user))?;
     let p = events_page(&st, &user, Some(report))
         .await
-        .map_err(|e| view::refused(&user, e.status, &e.message))?;
+        .map_err(shown(&user))?;
     Ok(respond(StatusCode::OK, p))
 }
 
@@ -1379,7 +1376,7 @@ pub async fn task_story(State(st): State<AppState>, user: Signed, Path(id): Path
     user.require(&[Admin, Responder], "A task's story")?;
     let events = events_of(&st, &user.caller, json!({ "task": id, "limit": 1000 }))
         .await
-        .map_err(|e| view::refused(&user, e.status, &e.message))?;
+        .map_err(shown(&user))?;
     Ok(respond(
         StatusCode::OK,
         page(Some(&user), &format!("Task {id}"), story(&events)),
