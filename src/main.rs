@@ -138,28 +138,33 @@ fn real_main() -> anyhow::Result<ExitCode> {
             command: StoreCommand::Copy { from, to },
         } => return copy_store(&from, &to),
         Command::Task { conn, command } => {
-            return client(leasehold::cli::client::task(&conn, command));
+            return client(&conn, leasehold::cli::client::task(&conn, command));
         }
         Command::Lease { conn, command } => {
-            return client(leasehold::cli::client::lease(&conn, command));
+            return client(&conn, leasehold::cli::client::lease(&conn, command));
         }
         Command::Approvals { conn, command } => {
-            return client(leasehold::cli::client::approvals(&conn, command));
+            return client(&conn, leasehold::cli::client::approvals(&conn, command));
         }
         Command::Reviews { conn, command } => {
-            return client(leasehold::cli::client::reviews(&conn, command));
+            return client(&conn, leasehold::cli::client::reviews(&conn, command));
         }
         Command::Policy { conn, command } => {
-            return client(leasehold::cli::client::policy(&conn, command));
+            return client(&conn, leasehold::cli::client::policy(&conn, command));
         }
         Command::Events { conn, command } => {
-            return client(leasehold::cli::events::run(&conn, command));
+            return client(&conn, leasehold::cli::events::run(&conn, command));
         }
         Command::Revoke {
             conn,
             command,
             selector,
-        } => return client(leasehold::cli::incident::revoke(&conn, command, selector)),
+        } => {
+            return client(
+                &conn,
+                leasehold::cli::incident::revoke(&conn, command, selector),
+            );
+        }
         Command::Providers {
             command:
                 ProvidersCommand::Conformance {
@@ -171,10 +176,13 @@ fn real_main() -> anyhow::Result<ExitCode> {
             ..
         } => return conformance(&config, &name, &role, expiry_only),
         Command::Providers { conn, command } => {
-            return client(leasehold::cli::incident::providers(&conn, command));
+            return client(&conn, leasehold::cli::incident::providers(&conn, command));
         }
         Command::Fence { conn, command } => {
-            return client(leasehold::cli::incident::fence(&conn, command));
+            return client(&conn, leasehold::cli::incident::fence(&conn, command));
+        }
+        Command::Status { conn } => {
+            return client(&conn, leasehold::cli::client::status(&conn));
         }
         Command::BlastRadius {
             conn,
@@ -182,21 +190,25 @@ fn real_main() -> anyhow::Result<ExitCode> {
             since,
             until,
         } => {
-            return client(leasehold::cli::incident::blast_radius(
-                &conn, workload, since, until,
-            ));
+            return client(
+                &conn,
+                leasehold::cli::incident::blast_radius(&conn, workload, since, until),
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// A client verb: run it against the broker and print its answer.
+/// A client verb: run it against the broker and print its answer, as a
+/// table or JSON (`-o`).
 fn client(
+    conn: &leasehold::cli::Connection,
     verb: impl std::future::Future<
         Output = Result<serde_json::Value, leasehold::cli::client::ClientError>,
     >,
 ) -> anyhow::Result<ExitCode> {
-    Ok(print_result(runtime()?.block_on(verb)))
+    let output = leasehold::cli::table::Output::resolve(conn.output);
+    Ok(print_result(output, runtime()?.block_on(verb)))
 }
 
 /// `leasehold dev`: bootstrap the data folder and serve on loopback.
@@ -364,25 +376,36 @@ fn write_new_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()>
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn print_result(r: Result<serde_json::Value, leasehold::cli::client::ClientError>) -> ExitCode {
+fn print_result(
+    output: leasehold::cli::table::Output,
+    r: Result<serde_json::Value, leasehold::cli::client::ClientError>,
+) -> ExitCode {
+    use leasehold::cli::client::ClientError;
+    use leasehold::cli::table::{Output, hint, render};
+    let print = |v: &serde_json::Value| match output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+        ),
+        Output::Table => print!("{}", render(v)),
+    };
     match r {
         Ok(serde_json::Value::Null) => ExitCode::SUCCESS,
         Ok(v) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
-            );
+            print(&v);
             ExitCode::SUCCESS
         }
-        Err(leasehold::cli::client::ClientError::Failed(v)) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&v).unwrap_or_else(|_| v.to_string())
-            );
+        Err(ClientError::Failed(v)) => {
+            print(&v);
             ExitCode::from(1)
         }
         Err(e) => {
             eprintln!("error: {e}");
+            if let ClientError::Api { code, .. } = &e
+                && let Some(h) = hint(code)
+            {
+                eprintln!("hint: {h}");
+            }
             ExitCode::from(e.exit_code())
         }
     }

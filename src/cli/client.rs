@@ -394,3 +394,80 @@ pub fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+/// A metric's value, summed over its label sets, from Prometheus text.
+fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// `leasehold status`: the broker at a glance, from its health, readiness,
+/// cluster, stats and metrics (admin or responder).
+pub async fn status(conn: &Connection) -> Result<Value, ClientError> {
+    use reqwest::Method;
+    let c = Client::new(conn)?;
+    let health = c.call(Method::GET, "/v1/health", None).await?;
+    // not ready is an answer too (503 with the checks)
+    let (_, ready) = c.call_raw(Method::GET, "/v1/ready", None).await?;
+    let cluster = c.call(Method::GET, "/v1/cluster", None).await?;
+    let stats = c.call(Method::GET, "/v1/stats", None).await?;
+    let chain = c.call(Method::GET, "/v1/events/chain", None).await?;
+    let metrics = c.call(Method::GET, "/metrics", None).await?;
+    let text = metrics.as_str().unwrap_or_default();
+    let mut counts = Vec::new();
+    if let Some(by_provider) = stats["leases"].as_object() {
+        for (provider, states) in by_provider {
+            for (state, n) in states.as_object().into_iter().flatten() {
+                if n.as_u64() != Some(0) {
+                    counts.push(
+                        serde_json::json!({"provider": provider, "state": state, "count": n}),
+                    );
+                }
+            }
+        }
+    }
+    let checks: Vec<Value> = ready["checks"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| serde_json::json!({"check": k, "status": v}))
+        .collect();
+    Ok(serde_json::json!({
+        "broker": c.base,
+        "health": health["status"],
+        "ready": ready["ready"],
+        "role": ready["role"],
+        "leader": cluster["leader"].as_str().unwrap_or(if cluster["clustered"] == false { "this broker (single)" } else { "none" }),
+        "nodes": if cluster["clustered"] == true { cluster["nodes"].as_array().map_or(0, Vec::len) } else { 1 },
+        "revocation_queue": metric_sum(text, "leasehold_revocation_queue_depth").unwrap_or(0.0),
+        "revocation_overdue_seconds": metric_sum(text, "leasehold_revocation_queue_oldest_overdue_seconds"),
+        "chain_head": chain["head_seq"],
+        // negative: no checkpoint yet
+        "checkpoint_age_seconds": metric_sum(text, "leasehold_event_checkpoint_age_seconds").filter(|a| *a >= 0.0),
+        "checks": checks,
+        "lease_counts": counts,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_sum;
+
+    #[test]
+    fn metrics_sum_over_labels_and_skip_lookalikes() {
+        let text = "# HELP x\nleasehold_revocation_queue_depth{provider=\"a\"} 2\nleasehold_revocation_queue_depth{provider=\"b\"} 3\nleasehold_revocation_queue_depth_other 9\n";
+        assert_eq!(
+            metric_sum(text, "leasehold_revocation_queue_depth"),
+            Some(5.0)
+        );
+        assert_eq!(metric_sum(text, "nothing"), None);
+    }
+}

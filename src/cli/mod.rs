@@ -5,6 +5,7 @@ pub mod client;
 pub mod conformance;
 pub mod events;
 pub mod incident;
+pub mod table;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -147,6 +148,13 @@ pub enum Command {
         conn: Connection,
         #[command(subcommand)]
         command: FenceCommand,
+    },
+    /// The broker at a glance (admin, responder): health, readiness, the
+    /// leader, leases by provider and state, the revocation queue, the
+    /// last checkpoint's age.
+    Status {
+        #[command(flatten)]
+        conn: Connection,
     },
     /// Every task, call, decision and lease of a workload in a window, and
     /// which leases are still live (responder, admin).
@@ -490,6 +498,10 @@ pub struct Connection {
     /// Extra CA certificate (PEM) to trust, for brokers with a private CA.
     #[arg(long, env = "LEASEHOLD_CA_FILE", global = true, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
+    /// `table` for people, `json` for scripts (the default: a table on a
+    /// terminal, JSON when piped).
+    #[arg(short = 'o', long, global = true, value_enum, value_name = "FORMAT")]
+    pub output: Option<table::Output>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,7 +4,8 @@ use serde_json::Value;
 
 use crate::harness::{Harness, Options};
 
-pub(crate) async fn leasehold(h: &Harness, args: &[&str]) -> (bool, Value, String) {
+/// The verb's exit status, standard output and standard error as text.
+pub(crate) async fn leasehold_text(h: &Harness, args: &[&str]) -> (bool, String, String) {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"));
     cmd.args(args)
         .env(
@@ -17,10 +18,17 @@ pub(crate) async fn leasehold(h: &Harness, args: &[&str]) -> (bool, Value, Strin
     let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     (
         out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub(crate) async fn leasehold(h: &Harness, args: &[&str]) -> (bool, Value, String) {
+    let (ok, stdout, stderr) = leasehold_text(h, args).await;
+    (
+        ok,
         serde_json::from_str(&stdout).unwrap_or(Value::Null),
         stderr,
     )
@@ -526,4 +534,86 @@ fn the_dev_config_validates_from_a_relative_data_folder() {
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
     }
+}
+
+/// People get tables (`-o table`, the default on a terminal), scripts JSON
+/// (`-o json`, the default when piped); errors go to stderr with the code
+/// and a hint; `leasehold status` sums the broker up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_for_people_json_for_scripts_and_status() {
+    let h = Harness::start(Options::default()).await;
+    let task = h.open_task(&h.tokens.a, 600).await;
+    let lease = h.lease(&h.tokens.a, &task, 60).await;
+    let id = lease["lease_id"].as_str().unwrap();
+
+    let (ok, out, err) =
+        leasehold_text(&h, &["lease", "list", "--as", "responder", "-o", "table"]).await;
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("LEASE") && lines[0].contains("STATE") && lines[0].contains("EXPIRES"),
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(id) && l.contains("active")),
+        "{out}"
+    );
+    // piped without -o: JSON, as before
+    let (ok, out, _) = leasehold_text(&h, &["lease", "list", "--as", "responder"]).await;
+    assert!(ok);
+    let v: Value = serde_json::from_str(&out).expect("JSON when piped");
+    assert!(v["leases"].is_array());
+    let (_, out, _) =
+        leasehold_text(&h, &["lease", "list", "--as", "responder", "-o", "json"]).await;
+    assert!(serde_json::from_str::<Value>(&out).is_ok());
+
+    // status, as a table and as JSON
+    let (ok, out, err) = leasehold_text(&h, &["status", "--as", "admin", "-o", "table"]).await;
+    assert!(ok, "{err}");
+    for want in [
+        "health",
+        "ok",
+        "ready",
+        "revocation_queue",
+        "chain_head",
+        "CHECK",
+        "provider:token",
+        "LEASES",
+    ] {
+        assert!(out.contains(want), "{want} missing from:\n{out}");
+    }
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["token", "active", "1"]),
+        "{out}"
+    );
+    assert!(!out.contains("rolled_back"), "no rows of zero: {out}");
+    let (ok, v, err) = leasehold(&h, &["status", "--as", "responder"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(v["ready"], true);
+    assert_eq!(v["role"], "single");
+    assert_eq!(v["revocation_queue"], 0.0);
+    assert!(
+        v["lease_counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["provider"] == "token" && c["state"] == "active" && c["count"] == 1)
+    );
+
+    // errors: stderr, the code, a hint, exit 1 for a refusal
+    let (ok, out, err) = leasehold_text(&h, &["status", "--as", "assistant-a"]).await;
+    assert!(!ok && out.is_empty());
+    assert!(
+        err.contains("error: forbidden") && err.contains("hint:"),
+        "{err}"
+    );
+    let (ok, _, err) = leasehold_text(&h, &["lease", "show", id, "--as", "assistant-b"]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("lease_not_found") && err.contains("hint: check the id"),
+        "{err}"
+    );
 }
