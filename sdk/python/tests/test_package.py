@@ -100,3 +100,47 @@ def test_a_post_that_may_have_arrived_is_not_repeated() -> None:
         with pytest.raises(leasehold.Unreachable):
             c.get_task("task_0")  # a GET is safe to repeat
         assert len(calls) == 4
+
+
+def test_tls_is_verified_and_a_private_ca_can_be_trusted(tmp_path: Path) -> None:
+    """Against an HTTPS stand-in with the repository's test certificate
+    (for localhost, signed by a test CA no system trusts)."""
+    import http.server
+    import json as _json
+    import ssl
+    import threading
+
+    fixtures = SDK.parents[1] / "integration" / "fixtures" / "tls"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            body = _json.dumps(TASK).encode()
+            self.send_response(201)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(fixtures / "server.pem", fixtures / "server.key")
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://localhost:{server.server_address[1]}"
+    try:
+        # verification is on: the unknown CA is refused, nothing is sent
+        with Client(url, token="t", max_retries=0) as c:
+            with pytest.raises(leasehold.Unreachable) as e:
+                c.open_task(purpose="p", on_behalf_of="u", ttl_seconds=60)
+            assert "certificate" in e.value.message.lower() or "ssl" in e.value.message.lower(), e.value.message
+        # trusting the private CA
+        with Client(url, token="t", ca_file=fixtures / "ca.pem") as c:
+            assert c.open_task(purpose="p", on_behalf_of="u", ttl_seconds=60).id == "task_0"
+        with pytest.raises(ValueError):
+            Client(url, token="t", ca_file=fixtures / "ca.pem", verify=False)
+    finally:
+        server.shutdown()
