@@ -244,6 +244,11 @@ fn dev(
 fn validate_config(file: &std::path::Path, offline: bool) -> anyhow::Result<()> {
     let cfg = leasehold::config::Config::load(file)?;
     leasehold::preflight::check_files(&cfg)?;
+    for (name, p) in &cfg.providers {
+        for w in p.settings().warnings() {
+            eprintln!("warning: providers.{name}.{w}");
+        }
+    }
     if !offline {
         if let Some(found) = leasehold::server::check_store(&cfg)? {
             println!("{found}");

@@ -179,6 +179,11 @@ pub async fn run_with(
         providers = broker.providers().names().collect::<Vec<_>>().join(","), recovered,
         "leasehold serving"
     );
+    for (name, p) in &config.providers {
+        for w in p.settings().warnings() {
+            tracing::warn!(provider = %name, "providers.{name}.{w}");
+        }
+    }
     serve(listener, app, &config, shutdown, ready, grace).await?;
     let _ = stop_tx.send(true);
     for h in background {

@@ -363,6 +363,17 @@ async fn config_validate_dry_runs_templates_and_names_the_broken_one() {
         err.contains("providers.appdb: every role template passed a dry run"),
         "{err}"
     );
+    // valid, but a grant on one object per lease stops near 600 leases: said
+    assert!(
+        err.contains("warning: providers.appdb.roles.read.statements[0] grants on an object")
+            && err.contains("about 600 leases")
+            && err.contains("in_roles"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("roles.weird."),
+        "membership in a group role is not warned about: {err}"
+    );
 
     let mut broken = h.config.clone();
     let pg = broken

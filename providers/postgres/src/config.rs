@@ -407,6 +407,23 @@ impl PostgresRole {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_grant_on_an_object_per_lease_is_warned_about_with_the_ceiling() {
+        use leasehold_provider::ProviderSettings as _;
+        let mut c = base();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("roles.read.statements[0]"), "{}", w[0]);
+        assert!(
+            w[0].contains("600") && w[0].contains("in_roles"),
+            "{}",
+            w[0]
+        );
+        // membership in a group role alone: nothing to warn about
+        c.roles.get_mut("read").unwrap().statements.clear();
+        assert!(c.warnings().is_empty());
+    }
+
     fn base() -> PostgresConfig {
         let role = PostgresRole {
             max_ttl_seconds: 600,

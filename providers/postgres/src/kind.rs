@@ -69,6 +69,31 @@ impl ProviderSettings for PostgresConfig {
         )))
     }
 
+    /// A statement that grants a privilege ON an object TO each lease's
+    /// role adds an entry to that object's access list, and the list lives
+    /// in one catalog row (a page, 8 KB): past about
+    /// [`ACL_CEILING`](crate::ACL_CEILING) concurrent leases the next grant
+    /// fails with `row is too big`. Membership in a group role costs the
+    /// object nothing, however many leases there are.
+    fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, role) in &self.roles {
+            for (i, st) in role.statements.iter().enumerate() {
+                if crate::grants_on_an_object(st) {
+                    out.push(format!(
+                        "roles.{name}.statements[{i}] grants on an object to each lease's role: each \
+                         concurrent lease adds an entry to that object's access list, which fits one \
+                         catalog row, so past about {} leases of this role at once every issue fails \
+                         (`row is too big`). Grant to a group role once and list it in `in_roles` \
+                         (or `scope_roles`) instead",
+                        crate::ACL_CEILING
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     fn build(&self, ctx: &BuildContext) -> Result<Built, String> {
         let p = PostgresProvider::new(self.clone(), ctx.limits.max_lease_ttl_seconds)
             .map_err(|e| e.to_string())?;

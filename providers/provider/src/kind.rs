@@ -168,6 +168,14 @@ pub trait ProviderSettings:
         Ok(None)
     }
 
+    /// What is valid but will hurt in production (a template that stops
+    /// working past some number of leases, ...): each a sentence naming
+    /// the field below `providers.<name>`, printed by `config validate` and
+    /// logged at start.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Build the provider.
     fn build(&self, ctx: &BuildContext) -> Result<Built, String>;
 }
@@ -181,6 +189,7 @@ pub trait AnySettings: fmt::Debug + Send + Sync + Any {
     fn files_mut(&mut self) -> Vec<&mut PathBuf>;
     fn check_files(&self) -> Result<(), ConfigError>;
     async fn dry_run(&self, limits: &BrokerLimits) -> Result<Option<String>, ProviderError>;
+    fn warnings(&self) -> Vec<String>;
     fn build(&self, ctx: &BuildContext) -> Result<Built, String>;
     /// The table as written (without `type`).
     fn to_toml(&self) -> Result<toml::Table, String>;
@@ -208,6 +217,9 @@ impl<T: ProviderSettings> AnySettings for T {
     }
     async fn dry_run(&self, limits: &BrokerLimits) -> Result<Option<String>, ProviderError> {
         ProviderSettings::dry_run(self, limits).await
+    }
+    fn warnings(&self) -> Vec<String> {
+        ProviderSettings::warnings(self)
     }
     fn build(&self, ctx: &BuildContext) -> Result<Built, String> {
         ProviderSettings::build(self, ctx)
