@@ -32,6 +32,13 @@ def sign_in(driver: WebDriver, broker: Broker, who: str) -> None:
     WebDriverWait(driver, 10).until(lambda d: "/console/login" not in d.current_url)
 
 
+def submit(driver: WebDriver, button: Any) -> None:
+    """Click a form's button and wait until the page it leads to replaced
+    this one (acting before that races the navigation)."""
+    button.click()
+    WebDriverWait(driver, 15).until(EC.staleness_of(button))
+
+
 def shot(driver: WebDriver, shots: Path, name: str) -> None:
     driver.save_screenshot(str(shots / f"{name}.png"))
 
@@ -119,7 +126,7 @@ def test_an_approver_sees_a_request_arrive_and_approves_it(broker: Broker, brows
         EC.presence_of_element_located((By.CSS_SELECTOR, "article.review .error"))).text.lower()
     review = driver.find_element(By.CSS_SELECTOR, "article.review")
     review.find_element(By.TAG_NAME, "textarea").send_keys("justified: INC-7")
-    review.find_element(By.TAG_NAME, "button").click()
+    submit(driver, review.find_element(By.TAG_NAME, "button"))
     WebDriverWait(driver, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "article.review"))
     shot(driver, shots, "6-signed-off")
     # a request made for the approver themself is shown, never decidable by them
@@ -184,11 +191,13 @@ def test_a_responder_revokes_a_workloads_leases_and_fences_it(broker: Broker, br
     fence = driver.find_element(By.CSS_SELECTOR, "form.fence")
     assert "dev:assistant-b" in fence.text
     fence.find_element(By.NAME, "reason").send_keys("keys rotated")
-    fence.find_element(By.CSS_SELECTOR, "button").click()
-    WebDriverWait(driver, 10).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "form.fence"))
+    submit(driver, fence.find_element(By.CSS_SELECTOR, "button"))
+    WebDriverWait(driver, 10).until(
+        lambda d: "Fences in force" in d.page_source and not d.find_elements(By.CSS_SELECTOR, "form.fence"))
     shot(driver, shots, "4-fence-lifted")
     # the blast radius shows what it did, none of it live now
     driver.get(broker.url + "/console/blast-radius?workload=dev:assistant-b")
+    WebDriverWait(driver, 10).until(lambda d: "still live" in d.page_source)
     assert "0 still live" in driver.page_source
     shot(driver, shots, "5-blast-radius")
     # the leases page highlights nothing irrevocable, lists the revoked ones
@@ -277,7 +286,7 @@ def test_stored_markup_is_shown_as_text_everywhere(broker: Broker, browser: Any,
         on_card(driver, aid, lambda card: card.find_element(By.CSS_SELECTOR, "button.deny").click())
         WebDriverWait(driver, 10).until(EC.invisibility_of_element_located((By.ID, f"approval-{e.value.approval_id}")))
         # the responder's views: the task's story (comment, resource, purpose) and a job's reason
-        driver.find_element(By.CSS_SELECTOR, "form.signout button").click()
+        submit(driver, driver.find_element(By.CSS_SELECTOR, "form.signout button"))
         sign_in(driver, broker, "responder")
         driver.get(broker.url + f"/console/tasks/{task.id}")
         text = driver.find_element(By.TAG_NAME, "main").text
@@ -324,7 +333,7 @@ def test_read_only_pages_work_without_javascript(broker: Broker, browser_without
         assert driver.execute_script("return typeof window.htmx") == "undefined"
         assert f"approval-{e.value.approval_id}" in driver.page_source
         shot(driver, shots, "1-approvals-no-js")
-        driver.find_element(By.CSS_SELECTOR, "form.signout button").click()
+        submit(driver, driver.find_element(By.CSS_SELECTOR, "form.signout button"))
         sign_in(driver, broker, "responder")
         for path, expect in [("/console/leases", lease.lease_id), (f"/console/leases/{lease.lease_id}", "lease.issued"),
                              ("/console/incident", "Mass revocation"), ("/console/events", "Verify now"),
