@@ -220,10 +220,11 @@ impl Broker {
         p: CallParams,
         ctx: &Ctx,
     ) -> Result<CallOutcome, BrokerError> {
-        let asked = asked_of(&p, false);
-        let result = self.decide_and_act(w, task_id, p, ctx, false).await;
+        let result = self.decide_and_act(w, task_id, &p, ctx, false).await;
         if let Err(e) = &result {
-            self.refused_in_task(w, task_id, asked, e, ctx).await;
+            // what was asked is rendered only for a refusal, off the hot path
+            self.refused_in_task(w, task_id, asked_of(&p, false), e, ctx)
+                .await;
         }
         result
     }
@@ -262,13 +263,13 @@ impl Broker {
         &self,
         w: &Workload,
         task_id: TaskId,
-        p: CallParams,
+        p: &CallParams,
         ctx: &Ctx,
         direct: bool,
     ) -> Result<CallOutcome, BrokerError> {
-        let d = self.decide(w, task_id, &p, direct)?;
+        let d = self.decide(w, task_id, p, direct)?;
         if d.decision.outcome == Outcome::Deny {
-            return Err(self.record_denial(d, &p, task_id, ctx).await);
+            return Err(self.record_denial(d, p, task_id, ctx).await);
         }
         let workload_active = d.workload_active;
         if p.credential.is_some() && workload_active >= self.settings.max_active_leases_per_workload
@@ -284,7 +285,7 @@ impl Broker {
         // the hash an approval is bound to: only a call that needs or
         // brings an approval has use for it
         let hash = if d.decision.outcome == Outcome::ApprovalRequired || p.approval_id.is_some() {
-            request_hash(&w.id, d.task.id, &p)
+            request_hash(&w.id, d.task.id, p)
         } else {
             [0; 32]
         };
@@ -293,7 +294,7 @@ impl Broker {
             return self.request_approval(w, task_id, d, p, hash, ctx).await;
         }
         let on_behalf_of = p.break_glass.as_ref().map(|_| d.task.on_behalf_of.clone());
-        let result = self.act_allowed(w, d, &p, hash, ctx).await?;
+        let result = self.act_allowed(w, d, p, hash, ctx).await?;
         if let (Some(j), CallOutcome::Allowed { call, .. }) = (&p.break_glass, &result) {
             tracing::warn!(call_id = %CallId(call.id), task_id = %task_id, workload = %w.id, tool = %p.tool, "BREAK-GLASS call allowed");
             self.notifier.notify(json!({
@@ -447,7 +448,7 @@ impl Broker {
         w: &Workload,
         task_id: TaskId,
         d: Decided,
-        p: CallParams,
+        p: &CallParams,
         hash: [u8; 32],
         ctx: &Ctx,
     ) -> Result<CallOutcome, BrokerError> {

@@ -25,9 +25,9 @@ impl Broker {
             approval_id,
             ..CallParams::default()
         };
-        let asked = crate::domain::call::asked_of(&p, true);
-        let result = self.decide_and_act(w, task_id, p, ctx, true).await;
+        let result = self.decide_and_act(w, task_id, &p, ctx, true).await;
         if let Err(e) = &result {
+            let asked = crate::domain::call::asked_of(&p, true);
             self.refused_in_task(w, task_id, asked, e, ctx).await;
         }
         result

@@ -290,19 +290,17 @@ pub async fn sign_off(
     let body = crate::api::approvals::DecideBody {
         comment: given(&f.comment),
     };
-    match crate::api::reviews::sign_off(
+    let done = crate::api::reviews::sign_off(
         State(st.clone()),
         user.caller.clone(),
         ReqId(None),
         Path(task.clone()),
         ApiJson(body),
     )
+    .await;
+    let (st, user) = (&st, &user);
+    after(user, done, "/console/reviews", move |m| async move {
+        reviews_page(st, user, Some((&task, &m)))
+    })
     .await
-    {
-        Ok(_) => Ok(Redirect::to("/console/reviews").into_response()),
-        Err(e) => {
-            let p = reviews_page(&st, &user, Some((&task, &e.message))).map_err(shown(&user))?;
-            Ok(respond(e.status, p))
-        }
-    }
 }

@@ -399,15 +399,11 @@ pub async fn lift_fence(State(st): State<AppState>, user: Signed, Form(f): Form<
         ),
         Err(e) => Err(e),
     };
-    match result {
-        Ok(_) => Ok(Redirect::to("/console/incident").into_response()),
-        Err(e) => {
-            let p = incident_page(&st, &user, &SelectorForm::default(), None, Some(&e.message))
-                .await
-                .map_err(shown(&user))?;
-            Ok(respond(e.status, p))
-        }
-    }
+    let (st, user) = (&st, &user);
+    after(user, result, "/console/incident", move |m| async move {
+        incident_page(st, user, &SelectorForm::default(), None, Some(&m)).await
+    })
+    .await
 }
 
 #[derive(Debug, Default, Deserialize)]

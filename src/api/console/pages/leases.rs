@@ -135,7 +135,7 @@ async fn lease_page(
     user: &Signed,
     id: &str,
     error: Option<&str>,
-) -> Result<(StatusCode, Markup), ApiError> {
+) -> Result<Markup, ApiError> {
     let l = value(
         crate::api::leases::get_lease(State(st.clone()), user.caller.clone(), Path(id.to_owned()))
             .await,
@@ -178,18 +178,15 @@ async fn lease_page(
         h2 { "Its story" }
         (story(&events))
     };
-    Ok((
-        StatusCode::OK,
-        page(Some(user), &format!("Lease {id}"), body),
-    ))
+    Ok(page(Some(user), &format!("Lease {id}"), body))
 }
 
 pub async fn lease(State(st): State<AppState>, user: Signed, Path(id): Path<String>) -> Page {
     user.require(&[Responder, Admin], "Leases")?;
-    let (status, p) = lease_page(&st, &user, &id, None)
+    let p = lease_page(&st, &user, &id, None)
         .await
         .map_err(shown(&user))?;
-    Ok(respond(status, p))
+    Ok(respond(StatusCode::OK, p))
 }
 
 pub async fn revoke(
@@ -200,22 +197,19 @@ pub async fn revoke(
 ) -> Page {
     user.check_csrf(&f.csrf)?;
     user.require(&[Responder, Admin], "Revoking a lease")?;
-    match crate::api::leases::revoke_lease(
+    let done = crate::api::leases::revoke_lease(
         State(st.clone()),
         user.caller.clone(),
         ReqId(None),
         Path(id.clone()),
     )
+    .await;
+    let to = format!("/console/leases/{id}");
+    let (st, user) = (&st, &user);
+    after(user, done, &to, move |m| async move {
+        lease_page(st, user, &id, Some(&m)).await
+    })
     .await
-    {
-        Ok(_) => Ok(Redirect::to(&format!("/console/leases/{id}")).into_response()),
-        Err(e) => {
-            let (_, p) = lease_page(&st, &user, &id, Some(&e.message))
-                .await
-                .map_err(shown(&user))?;
-            Ok(respond(e.status, p))
-        }
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,21 +232,18 @@ pub async fn abandon(
         Ok(b) => b,
         Err(e) => return Err(view::refused(&user, e.status, &e.message)),
     };
-    match crate::api::incident::abandon_lease(
+    let done = crate::api::incident::abandon_lease(
         State(st.clone()),
         user.caller.clone(),
         ReqId(None),
         Path(id.clone()),
         ApiJson(body),
     )
+    .await;
+    let to = format!("/console/leases/{id}");
+    let (st, user) = (&st, &user);
+    after(user, done, &to, move |m| async move {
+        lease_page(st, user, &id, Some(&m)).await
+    })
     .await
-    {
-        Ok(_) => Ok(Redirect::to(&format!("/console/leases/{id}")).into_response()),
-        Err(e) => {
-            let (_, p) = lease_page(&st, &user, &id, Some(&e.message))
-                .await
-                .map_err(shown(&user))?;
-            Ok(respond(e.status, p))
-        }
-    }
 }

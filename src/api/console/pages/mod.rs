@@ -64,6 +64,27 @@ fn shown(user: &Signed) -> impl Fn(ApiError) -> Response + '_ {
     move |e| view::refused(user, e.status, &e.message)
 }
 
+/// After a form the API answered: to `to` when it was done; otherwise the
+/// form's page again, rendered by `again` with the API's message beside
+/// the form, under the API's status.
+async fn after<T, F>(
+    user: &Signed,
+    done: Result<T, ApiError>,
+    to: &str,
+    again: impl FnOnce(String) -> F,
+) -> Page
+where
+    F: std::future::Future<Output = Result<Markup, ApiError>>,
+{
+    match done {
+        Ok(_) => Ok(Redirect::to(to).into_response()),
+        Err(e) => {
+            let page = again(e.message).await.map_err(shown(user))?;
+            Ok(respond(e.status, page))
+        }
+    }
+}
+
 /// The non-blank fields, as a JSON object.
 fn given_fields(pairs: &[(&str, &Option<String>)]) -> serde_json::Map<String, Value> {
     pairs
