@@ -168,6 +168,11 @@ pub fn prepare(
     };
     let json = serde_json::to_vec_pretty(&creds).map_err(|e| DevError::Key(e.to_string()))?;
     write_private(&data.join("dev-credentials.json"), &json)?;
+    // the `proxy` operator's token on its own, for `leasehold proxy`
+    // (config/proxy.example.toml reads it from here)
+    if let Some(p) = creds.identities.get("proxy") {
+        write_private(&data.join("proxy.token"), p.token.as_bytes())?;
+    }
     Ok((config, creds))
 }
 
@@ -241,6 +246,7 @@ fn identities(
         ("approver", OperatorRole::Approver),
         ("responder", OperatorRole::Responder),
         ("resource-server", OperatorRole::ResourceServer),
+        ("proxy", OperatorRole::Proxy),
     ] {
         let token = generate_operator_token().map_err(DevError::Key)?;
         operators.push(OperatorConfig {

@@ -122,6 +122,34 @@ fn real_main() -> anyhow::Result<ExitCode> {
             data,
             log_format,
         } => dev(listen, &data, log_format)?,
+        Command::Proxy {
+            config,
+            check,
+            log_format,
+        } => {
+            let cfg = leasehold_proxy::ProxyConfig::load(&config)?;
+            if check {
+                for note in leasehold_proxy::check(&cfg).map_err(anyhow::Error::msg)? {
+                    println!("{note}");
+                }
+                println!(
+                    "{}: ok ({} routes, listening on {})",
+                    config.display(),
+                    cfg.routes.len(),
+                    cfg.listen
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let _logs = init_logging(log_format);
+            runtime()?.block_on(async move {
+                let running = leasehold_proxy::start(cfg)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                shutdown_signal().await;
+                running.stop().await;
+                anyhow::Ok(())
+            })?;
+        }
         Command::Openapi { output } => {
             let doc = leasehold::api::openapi::document_json()?;
             match output {

@@ -54,20 +54,27 @@ pub async fn call(
             .map(parse_approval_id)
             .transpose()?,
         break_glass: body.break_glass.map(|b| b.justification),
+        reuse_lease: None,
     };
     let broker = s.broker.clone();
     let c = ctx(rid, format!("workload:{}", w.id));
     let outcome = detached(async move { broker.call(&w, id, params, &c).await }).await?;
+    Ok(call_response(outcome))
+}
+
+/// A decided call's answer: 200 with the call (and the lease of an allowed
+/// call that asked for one), or 202 for an approval.
+pub(super) fn call_response(outcome: CallOutcome) -> Response {
     match outcome {
-        CallOutcome::Allowed { call, lease } => Ok(Json(CallResponse {
+        CallOutcome::Allowed { call, lease } => Json(CallResponse {
             call: CallView::from(&call),
             lease: lease.map(|issued| IssuedLeaseView {
                 lease: LeaseView::from(&issued.lease),
                 credential: CredentialWire(issued.credential),
             }),
         })
-        .into_response()),
-        CallOutcome::ApprovalRequired { call, approval } => Ok(approval_required(&call, &approval)),
+        .into_response(),
+        CallOutcome::ApprovalRequired { call, approval } => approval_required(&call, &approval),
     }
 }
 

@@ -162,6 +162,7 @@ fn admits() -> &'static std::collections::HashMap<(String, String), Admits> {
                             OperatorRole::Approver,
                             OperatorRole::Responder,
                             OperatorRole::ResourceServer,
+                            OperatorRole::Proxy,
                         ];
                         if let Some(r) = known.into_iter().find(|k| k.as_str() == role) {
                             a.roles.push(r);

@@ -21,6 +21,7 @@ mod leases;
 pub mod limits;
 pub mod openapi;
 mod ops;
+mod proxy;
 mod reviews;
 mod tasks;
 mod tokens;
@@ -264,6 +265,8 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(tasks::complete_task))
         .routes(routes!(calls::request_lease))
         .routes(routes!(calls::call))
+        .routes(routes!(proxy::issue_proxy_credential))
+        .routes(routes!(proxy::proxy_call))
         .routes(routes!(approvals::list_approvals))
         .routes(routes!(approvals::get_approval))
         .routes(routes!(approvals::approve))

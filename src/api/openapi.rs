@@ -61,7 +61,7 @@ impl Modify for SecuritySchemes {
         let mut operator = Http::new(HttpAuthScheme::Bearer);
         operator.description = Some(
             "An operator token from the configuration, with one or more roles: `admin`, \
-             `responder`, `approver`, `resource_server`."
+             `responder`, `approver`, `resource_server`, `proxy`."
                 .into(),
         );
         components.add_security_scheme("operator", SecurityScheme::Http(operator));

@@ -20,6 +20,18 @@ pub struct Ctx {
     pub request_id: Option<String>,
     /// `workload:<id>` or `operator:<name>`, when someone asked.
     pub actor: Option<String>,
+    /// The egress proxy that made the request for the workload, and the
+    /// proxy credential it was shown: recorded with the decision.
+    pub via: Option<Via>,
+}
+
+/// A request a proxy made on a workload's behalf (`leasehold proxy`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Via {
+    /// The proxy's operator name.
+    pub proxy: String,
+    /// The id of the proxy credential the assistant presented.
+    pub credential: String,
 }
 
 impl Ctx {
@@ -27,6 +39,7 @@ impl Ctx {
         Self {
             request_id,
             actor: Some(actor),
+            via: None,
         }
     }
 
@@ -132,6 +145,29 @@ impl Auditor {
         Pending::new(
             EventKind::TaskOpened,
             ms(task.created_at),
+            &self.task_links(task, ctx),
+            data,
+            Some(task.id),
+        )
+    }
+
+    /// `proxy.credential_issued`: the task's assistant got a credential
+    /// for `leasehold proxy` (its id and end; never the credential).
+    pub fn proxy_credential(
+        &self,
+        task: &TaskRecord,
+        id: &str,
+        expires_at: i64,
+        now: i64,
+        ctx: &Ctx,
+    ) -> Result<Pending, super::CanonicalError> {
+        let data = event_data![
+            ("proxy_credential", id),
+            ("expires_at", rfc3339(ms(expires_at)))
+        ];
+        Pending::new(
+            EventKind::ProxyCredentialIssued,
+            ms(now),
             &self.task_links(task, ctx),
             data,
             Some(task.id),
@@ -272,6 +308,12 @@ impl Auditor {
         }
         if let Some(j) = &call.break_glass {
             data.insert("break_glass".into(), super::text(j));
+        }
+        if let Some(v) = &ctx.via {
+            data.insert(
+                "via".into(),
+                serde_json::json!({"proxy": v.proxy, "proxy_credential": v.credential}),
+            );
         }
         Pending::new(
             EventKind::CallDecided,

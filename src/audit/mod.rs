@@ -32,7 +32,7 @@ use serde_json::Value;
 use crate::clock::{Timestamp, rfc3339};
 
 pub use checkpoint::{Checkpoint, CheckpointKey};
-pub use events::{Ctx, ahead_or, append};
+pub use events::{Ctx, Via, ahead_or, append};
 pub use verify::{Break, VerifyReport};
 
 /// What happened. The string forms are stable: they are filters in the API
@@ -73,10 +73,13 @@ pub enum EventKind {
     JobStarted,
     JobFinished,
     ProviderReconciled,
+    /// An assistant got a credential for the egress proxy, bound to its
+    /// task (`leasehold proxy`).
+    ProxyCredentialIssued,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 29] = [
+    pub const ALL: [EventKind; 30] = [
         Self::BrokerStarted,
         Self::BrokerStopped,
         Self::AuthDenied,
@@ -106,6 +109,7 @@ impl EventKind {
         Self::JobStarted,
         Self::JobFinished,
         Self::ProviderReconciled,
+        Self::ProxyCredentialIssued,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -139,6 +143,7 @@ impl EventKind {
             Self::JobStarted => "revocation_job.started",
             Self::JobFinished => "revocation_job.finished",
             Self::ProviderReconciled => "provider.reconciled",
+            Self::ProxyCredentialIssued => "proxy.credential_issued",
         }
     }
 

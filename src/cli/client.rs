@@ -202,6 +202,21 @@ pub async fn task(conn: &Connection, cmd: TaskCommand) -> Result<Value, ClientEr
             )
             .await
         }
+        TaskCommand::ProxyCredential {
+            task_id,
+            ttl_seconds,
+        } => {
+            let body = match ttl_seconds {
+                Some(t) => serde_json::json!({"ttl_seconds": t}),
+                None => serde_json::json!({}),
+            };
+            c.call(
+                Method::POST,
+                &format!("/v1/tasks/{}/proxy-credentials", seg(&task_id)),
+                Some(body),
+            )
+            .await
+        }
         TaskCommand::Call {
             task_id,
             tool,

@@ -55,6 +55,21 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
+    /// Run the egress proxy: assistants send HTTP(S) through it with their
+    /// task's proxy credential; each request to a routed destination is a
+    /// broker call, and leaves with a leased credential injected that the
+    /// assistant never sees. See README, "Credentials an assistant never
+    /// sees".
+    Proxy {
+        /// The proxy's configuration (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Check the configuration (and the CA, the broker token file) and exit.
+        #[arg(long)]
+        check: bool,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
     /// Check configuration files.
     Config {
         #[command(subcommand)]
@@ -532,6 +547,14 @@ pub enum TaskCommand {
     Show { task_id: String },
     /// Complete a task: revokes every lease under it.
     Complete { task_id: String },
+    /// A credential for `leasehold proxy`, bound to the task and ending
+    /// with it (use it as the password of the proxy URL).
+    ProxyCredential {
+        task_id: String,
+        /// End it sooner than the task.
+        #[arg(long = "ttl", value_name = "SECONDS")]
+        ttl_seconds: Option<u64>,
+    },
     /// Ask for one tool call to be decided (and a credential for it).
     Call {
         task_id: String,

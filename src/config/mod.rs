@@ -392,6 +392,9 @@ pub enum OperatorRole {
     Responder,
     /// A resource server that may call token introspection.
     ResourceServer,
+    /// `leasehold proxy`: makes calls for assistants that show it a proxy
+    /// credential of their task, and injects what is leased.
+    Proxy,
 }
 
 impl OperatorRole {
@@ -401,6 +404,7 @@ impl OperatorRole {
             Self::Approver => "approver",
             Self::Responder => "responder",
             Self::ResourceServer => "resource_server",
+            Self::Proxy => "proxy",
         }
     }
 }

@@ -88,7 +88,7 @@ fn written_config_reads_back() {
     let back = Config::from_toml(&text, "written").unwrap();
     assert_eq!(back.to_toml().unwrap(), text);
     assert_eq!(back.providers["token"].kind(), "token");
-    assert_eq!(back.auth.operators.len(), 4);
+    assert_eq!(back.auth.operators.len(), 5);
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub mod issue;
 pub mod jobs;
 pub mod lease;
 pub mod ops;
+pub mod proxy;
 pub mod reaper;
 pub mod task;
 

@@ -204,6 +204,19 @@ impl Sealer {
         Ok(buf)
     }
 
+    /// An HMAC-SHA256 key for `purpose`, derived from the store key (so
+    /// every broker sharing a store derives the same one, and nothing else
+    /// can): what the broker signs and alone verifies, such as the proxy
+    /// credentials bound to a task.
+    pub fn mac_key(&self, purpose: &str) -> Result<ring::hmac::Key, OpenError> {
+        let info = [b"mac:".as_slice(), purpose.as_bytes()];
+        let okm = self
+            .prk
+            .expand(&info, ring::hmac::HMAC_SHA256)
+            .map_err(|_| OpenError)?;
+        Ok(ring::hmac::Key::from(okm))
+    }
+
     pub fn open(
         &self,
         record: u128,

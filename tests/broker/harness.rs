@@ -27,6 +27,7 @@ pub struct Tokens {
     pub responder: String,
     pub approver: String,
     pub resource: String,
+    pub proxy: String,
 }
 
 impl Tokens {
@@ -39,6 +40,7 @@ impl Tokens {
             responder: t("responder"),
             approver: t("approver"),
             resource: t("resource-server"),
+            proxy: t("proxy"),
         }
     }
 }

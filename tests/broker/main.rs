@@ -36,6 +36,7 @@ mod openapi;
 mod plugins;
 mod policy;
 mod postgres;
+mod proxy;
 mod python_sdk;
 mod registered;
 mod restart;

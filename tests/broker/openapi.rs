@@ -235,6 +235,69 @@ async fn every_documented_operation_conforms_to_the_document() {
         .as_str()
         .unwrap()
         .to_owned();
+    // the egress proxy's two routes: a proxy credential, a call with it
+    // (minting, then reusing the lease), and one it refuses
+    let pcs = format!("/v1/tasks/{id}/proxy-credentials");
+    let (s, pc) = d
+        .drive(
+            M::POST,
+            "/v1/tasks/{id}/proxy-credentials",
+            &pcs,
+            &t.a,
+            J(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{pc}");
+    let cred = pc["proxy_credential"].as_str().unwrap().to_owned();
+    let pcall = |reuse: Option<&str>| {
+        let mut b = json!({"proxy_credential": cred, "tool": "demo.read", "action": "GET",
+            "resource": "api.example.org/v1/x",
+            "credential": {"provider": "token", "role": "demo", "ttl_seconds": 60}});
+        if let Some(l) = reuse {
+            b["reuse_lease"] = json!(l);
+        }
+        b
+    };
+    let (s, minted) = d
+        .drive(
+            M::POST,
+            "/v1/proxy/calls",
+            "/v1/proxy/calls",
+            &t.proxy,
+            J(pcall(None)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{minted}");
+    let proxied = minted["lease"]["lease_id"].as_str().unwrap().to_owned();
+    let (s, reused) = d
+        .drive(
+            M::POST,
+            "/v1/proxy/calls",
+            "/v1/proxy/calls",
+            &t.proxy,
+            J(pcall(Some(&proxied))),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{reused}");
+    assert_eq!(reused["lease_id"], proxied.as_str());
+    assert!(
+        reused.get("lease").is_none(),
+        "a reused lease's credential is not sent again"
+    );
+    let (s, wrong) = d
+        .drive(
+            M::POST,
+            "/v1/proxy/calls",
+            "/v1/proxy/calls",
+            &t.proxy,
+            J(pcall(Some("lease_00000000000000000000000000"))),
+        )
+        .await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "no such lease of the task: {wrong}"
+    );
     let (s, held) = d
         .drive(
             M::POST,

@@ -21,6 +21,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod mysql;
+mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -190,6 +191,20 @@ enum Cmd {
         clients: usize,
         #[arg(long, default_value_t = 50)]
         sessions: usize,
+    },
+    /// `leasehold proxy`: the latency it adds to a request with a warm
+    /// lease (median, p99, against the same request sent directly), and
+    /// requests per second through one proxy with many clients.
+    Proxy {
+        /// Sequential requests per latency sample, each way.
+        #[arg(long, default_value_t = 2000, value_parser = at_least_one())]
+        requests: usize,
+        #[arg(long, default_value_t = 64, value_parser = at_least_one())]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 5, value_parser = at_least_one())]
+        rounds: usize,
     },
     /// The disk under BENCH_DIR: fsync time after writing N random 4 KiB
     /// pages (what a checkpoint does), and after appending 64 KiB (what a
@@ -457,15 +472,21 @@ impl Conn {
         token: &str,
         body: Option<&str>,
     ) -> anyhow::Result<(u16, Vec<u8>)> {
-        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
         let body = body.unwrap_or("");
         let head = format!(
             "POST {path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
             self.host,
             body.len()
         );
+        self.send(&head, body.as_bytes()).await
+    }
+
+    /// Send one request (its head as given) and read the answer (which
+    /// must have a `Content-Length`).
+    async fn send(&mut self, head: &str, body: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
+        use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
         self.stream.write_all(head.as_bytes()).await?;
-        self.stream.write_all(body.as_bytes()).await?;
+        self.stream.write_all(body).await?;
         self.stream.flush().await?;
         let mut line = String::new();
         self.stream.read_line(&mut line).await?;
@@ -2098,6 +2119,12 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Cmd::Proxy {
+            requests,
+            clients,
+            seconds,
+            rounds,
+        } => proxy::proxy(&bin, requests, clients, seconds, rounds).await,
         Cmd::Mysql {
             samples,
             leases,

@@ -163,3 +163,20 @@ fn ha() {
         "1",
     ]);
 }
+
+#[test]
+fn proxy() {
+    let out = bench(&[
+        "proxy",
+        "--requests",
+        "20",
+        "--clients",
+        "4",
+        "--seconds",
+        "1",
+        "--rounds",
+        "1",
+    ]);
+    assert!(out.contains("added median"), "{out}");
+    assert!(out.contains("requests/s through one proxy"), "{out}");
+}

@@ -46,7 +46,7 @@ def test_every_model_matches_its_schema(broker: Broker) -> None:
     for path, method in [("/v1/tasks", "post"), ("/v1/tasks/{id}", "get"), ("/v1/tasks/{id}/complete", "post"),
                          ("/v1/tasks/{id}/calls", "post"), ("/v1/tasks/{id}/leases", "post"),
                          ("/v1/approvals/{id}", "get"), ("/v1/leases/{id}", "get"),
-                         ("/v1/leases/{id}/revoke", "post")]:
+                         ("/v1/leases/{id}/revoke", "post"), ("/v1/tasks/{id}/proxy-credentials", "post")]:
         op = doc["paths"][path][method]
         refs = []
         body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})

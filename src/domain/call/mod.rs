@@ -36,6 +36,11 @@ pub struct CallParams {
     pub credential: Option<LeaseParams>,
     pub approval_id: Option<ApprovalId>,
     pub break_glass: Option<String>,
+    /// With `credential`: use this active lease of the task (its provider
+    /// and role) instead of minting another. The call is decided and
+    /// recorded as any other, linked to the lease. What the egress proxy
+    /// does while a lease it holds is live.
+    pub reuse_lease: Option<LeaseId>,
 }
 
 /// What `decide` found, for the step that acts on it.
@@ -146,7 +151,7 @@ impl Broker {
     }
 
     /// The open, unexpired task of this workload.
-    fn open_task_of(
+    pub(in crate::domain) fn open_task_of(
         r: &dyn crate::store::ReadTxn,
         w: &Workload,
         task_id: TaskId,
@@ -272,7 +277,9 @@ impl Broker {
             return Err(self.record_denial(d, p, task_id, ctx).await);
         }
         let workload_active = d.workload_active;
-        if p.credential.is_some() && workload_active >= self.settings.max_active_leases_per_workload
+        if p.credential.is_some()
+            && p.reuse_lease.is_none()
+            && workload_active >= self.settings.max_active_leases_per_workload
         {
             return Err(BrokerError::Quota {
                 code: "workload_lease_cap",
@@ -564,6 +571,22 @@ impl Broker {
             })
         };
         let result = match &p.credential {
+            Some(c) if p.reuse_lease.is_some() => {
+                let lease = p.reuse_lease.map_or(0, |l| l.0);
+                call.lease_id = Some(lease);
+                let also = make_also(call.clone());
+                let fence = crate::domain::fences::fence_keys(w, Some(&task.on_behalf_of));
+                let (task_id, provider, role) = (task.id, c.provider.clone(), c.role.clone());
+                self.store
+                    .write(move |txn| {
+                        txn.refuse_fenced(&fence)?;
+                        reusable(txn, lease, task_id, &provider, &role, now_ms)?;
+                        check(txn)?;
+                        also(txn)
+                    })
+                    .await?;
+                CallOutcome::Allowed { call, lease: None }
+            }
             Some(c) => {
                 let mut cap = decision.obligations.max_ttl.map(Duration::from_secs);
                 if p.break_glass.is_some() {
@@ -595,4 +618,31 @@ impl Broker {
         };
         Ok(result)
     }
+}
+
+/// A lease a call may reuse: this task's, of this provider and role, active
+/// and unexpired, read in the transaction that records the call (a
+/// revocation or expiry committed first refuses it).
+fn reusable(
+    txn: &mut crate::store::Txn<'_>,
+    lease: u128,
+    task: u128,
+    provider: &str,
+    role: &str,
+    now_ms: i64,
+) -> Result<(), crate::store::StoreError> {
+    use crate::store::{Conflict, LeaseState, StoreError};
+    let l = txn
+        .lease(lease)?
+        .filter(|l| l.task_id == task && l.provider == provider && l.role == role)
+        .ok_or(StoreError::Conflict(Conflict::LeaseNotFound))?;
+    if l.state != LeaseState::Active {
+        return Err(StoreError::Conflict(Conflict::LeaseState(l.state)));
+    }
+    if l.expires_at <= now_ms {
+        return Err(StoreError::Conflict(Conflict::LeaseState(
+            LeaseState::Expired,
+        )));
+    }
+    Ok(())
 }

@@ -133,6 +133,12 @@ class Client:
         _, body = self._send(Request("POST", f"/v1/tasks/{task_id}/complete", idempotent=True))
         return models.Completion.model_validate(body)
 
+    def proxy_credential(self, task_id: str, *, ttl_seconds: Optional[int] = None) -> models.ProxyCredential:
+        """A credential for `leasehold proxy`, bound to the task (recorded on it)."""
+        req = models.ProxyCredentialRequest(ttl_seconds=ttl_seconds).model_dump(exclude_none=True)
+        _, body = self._send(Request("POST", f"/v1/tasks/{task_id}/proxy-credentials", body=req))
+        return models.ProxyCredential.model_validate(body)
+
     # --- calls and leases ---
 
     def call(
@@ -257,6 +263,10 @@ class Task:
         detail = self.client.get_task(self.id)
         self.info = detail
         return detail
+
+    def proxy_credential(self, *, ttl_seconds: Optional[int] = None) -> models.ProxyCredential:
+        """A credential for `leasehold proxy` that dies with this task."""
+        return self.client.proxy_credential(self.id, ttl_seconds=ttl_seconds)
 
     def complete(self) -> models.Completion:
         """Complete the task: every lease it holds is revoked."""
@@ -386,6 +396,11 @@ class AsyncClient:
         _, body = await self._send(Request("POST", f"/v1/tasks/{task_id}/complete", idempotent=True))
         return models.Completion.model_validate(body)
 
+    async def proxy_credential(self, task_id: str, *, ttl_seconds: Optional[int] = None) -> models.ProxyCredential:
+        req = models.ProxyCredentialRequest(ttl_seconds=ttl_seconds).model_dump(exclude_none=True)
+        _, body = await self._send(Request("POST", f"/v1/tasks/{task_id}/proxy-credentials", body=req))
+        return models.ProxyCredential.model_validate(body)
+
     async def call(
         self,
         task_id: str,
@@ -498,6 +513,9 @@ class AsyncTask:
         detail = await self.client.get_task(self.id)
         self.info = detail
         return detail
+
+    async def proxy_credential(self, *, ttl_seconds: Optional[int] = None) -> models.ProxyCredential:
+        return await self.client.proxy_credential(self.id, ttl_seconds=ttl_seconds)
 
     async def complete(self) -> models.Completion:
         return await self.client.complete_task(self.id)

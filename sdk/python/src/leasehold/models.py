@@ -302,7 +302,31 @@ class ProviderList(_Response):
     providers: list[Provider]
 
 
+class ProxyCredentialRequest(_Request):
+    __schema__ = "ProxyCredentialBody"
+    ttl_seconds: Optional[int] = Field(default=None, ge=1)
+
+
+class ProxyCredential(_Response):
+    """A credential for `leasehold proxy`, bound to one task and ending with
+    it. It reaches no upstream itself: the proxy injects the leases. Kept
+    out of `repr` like any secret; `proxy_url()` puts it where HTTP clients
+    look for it (`HTTP_PROXY`, `HTTPS_PROXY`)."""
+
+    __schema__ = "ProxyCredentialView"
+    proxy_credential: SecretStr
+    id: str
+    task_id: str
+    expires_at: str
+
+    def proxy_url(self, address: str) -> str:
+        """`http://task:<credential>@<address>`, for `HTTP(S)_PROXY`."""
+        return f"http://task:{self.proxy_credential.get_secret_value()}@{address}"
+
+
 ALL_MODELS: tuple[type[BaseModel], ...] = (
+    ProxyCredentialRequest,
+    ProxyCredential,
     Identity,
     Role,
     Provider,

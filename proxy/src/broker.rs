@@ -1,0 +1,230 @@
+//! The proxy's side of the broker: one call per request
+//! (`POST /v1/proxy/calls`), made with the proxy's own operator token and
+//! the assistant's proxy credential.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+use crate::config::{BrokerSettings, CredentialConfig};
+use crate::inject::Grant;
+
+/// What the broker answered a call.
+#[derive(Debug)]
+pub enum Answer {
+    /// Allowed; `grant` when a lease was minted (else the reused one).
+    Allowed {
+        call_id: String,
+        grant: Option<Grant>,
+    },
+    /// A human must approve; retry with the approval's id.
+    Approval {
+        call_id: String,
+        approval_id: String,
+        expires_at: String,
+    },
+    /// Refused: policy, a fence, an ended task, a bad proxy credential...
+    Refused(Refusal),
+}
+
+/// A refusal as the broker gave it (never carries a credential).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub reasons: Vec<String>,
+    pub call_id: Option<String>,
+    pub retry_after: Option<String>,
+}
+
+/// The broker could not be asked.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreachable(pub String);
+
+/// One call's request.
+#[derive(Debug)]
+pub struct Call<'a> {
+    pub proxy_credential: &'a str,
+    pub tool: &'a str,
+    pub action: String,
+    pub resource: String,
+    pub arguments_sha256: String,
+    pub credential: &'a CredentialConfig,
+    pub reuse_lease: Option<&'a str>,
+    pub approval_id: Option<&'a str>,
+}
+
+/// A file's modification time, size and inode: it changed if these did.
+type Stamp = (std::time::SystemTime, u64, u64);
+
+/// The token file, re-read when it changes (a rotation needs no restart).
+#[derive(Debug)]
+struct TokenFile {
+    path: PathBuf,
+    cached: Mutex<Option<(Stamp, Arc<Zeroizing<String>>)>>,
+}
+
+impl TokenFile {
+    fn get(&self) -> Result<Arc<Zeroizing<String>>, Unreachable> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(&self.path)
+            .map_err(|e| Unreachable(format!("broker.token_file {}: {e}", self.path.display())))?;
+        let stamp = (
+            meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+            meta.len(),
+            meta.ino(),
+        );
+        let mut c = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((s, t)) = c.as_ref()
+            && *s == stamp
+        {
+            return Ok(t.clone());
+        }
+        let text =
+            Zeroizing::new(std::fs::read_to_string(&self.path).map_err(|e| {
+                Unreachable(format!("broker.token_file {}: {e}", self.path.display()))
+            })?);
+        let token = Arc::new(Zeroizing::new(text.trim().to_owned()));
+        if token.is_empty() {
+            return Err(Unreachable(format!(
+                "broker.token_file {} is empty",
+                self.path.display()
+            )));
+        }
+        *c = Some((stamp, token.clone()));
+        Ok(token)
+    }
+}
+
+#[derive(Debug)]
+pub struct Broker {
+    http: reqwest::Client,
+    calls_url: String,
+    token: TokenFile,
+}
+
+impl Broker {
+    pub fn new(s: &BrokerSettings) -> Result<Self, String> {
+        let mut b = reqwest::Client::builder()
+            .timeout(Duration::from_secs(s.timeout_seconds))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(ca) = &s.ca_file {
+            let pem =
+                std::fs::read(ca).map_err(|e| format!("broker.ca_file {}: {e}", ca.display()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("broker.ca_file {}: {e}", ca.display()))?
+            {
+                b = b.add_root_certificate(cert);
+            }
+        }
+        let http = b.build().map_err(|e| format!("broker client: {e}"))?;
+        let token = TokenFile {
+            path: s.token_file.clone(),
+            cached: Mutex::new(None),
+        };
+        token.get().map_err(|e| e.0)?;
+        Ok(Self {
+            http,
+            calls_url: format!("{}/v1/proxy/calls", s.url.trim_end_matches('/')),
+            token,
+        })
+    }
+
+    pub async fn call(&self, c: &Call<'_>) -> Result<Answer, Unreachable> {
+        let token = self.token.get()?;
+        let mut body = json!({
+            "proxy_credential": c.proxy_credential,
+            "tool": c.tool,
+            "action": c.action,
+            "resource": c.resource,
+            "arguments_sha256": c.arguments_sha256,
+            "credential": {
+                "provider": c.credential.provider,
+                "role": c.credential.role,
+                "ttl_seconds": c.credential.ttl_seconds,
+                "scope": c.credential.scope,
+            },
+        });
+        if let Some(l) = c.reuse_lease {
+            body["reuse_lease"] = json!(l);
+        }
+        if let Some(a) = c.approval_id {
+            body["approval_id"] = json!(a);
+        }
+        let resp = self
+            .http
+            .post(&self.calls_url)
+            .bearer_auth(token.as_str())
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| Unreachable(format!("the broker could not be reached: {e}")))?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // the body may hold a credential: read it into memory we wipe
+        let bytes = Zeroizing::new(
+            resp.bytes()
+                .await
+                .map_err(|e| Unreachable(format!("reading the broker's answer: {e}")))?
+                .to_vec(),
+        );
+        let v: Value = serde_json::from_slice(&bytes).map_err(|_| {
+            Unreachable(format!(
+                "the broker answered {status} with a body that is not JSON"
+            ))
+        })?;
+        let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
+        match status {
+            200 => {
+                let grant = match v.get("lease") {
+                    Some(l) => Some(Grant::from_lease(l).map_err(Unreachable)?),
+                    None => None,
+                };
+                Ok(Answer::Allowed {
+                    call_id: s(&v, "call_id").unwrap_or_default(),
+                    grant,
+                })
+            }
+            202 => Ok(Answer::Approval {
+                call_id: s(&v, "call_id").unwrap_or_default(),
+                approval_id: s(&v, "approval_id").unwrap_or_default(),
+                expires_at: s(&v, "expires_at").unwrap_or_default(),
+            }),
+            _ => {
+                let e = v.get("error").cloned().unwrap_or(Value::Null);
+                let d = v.get("decision").cloned().unwrap_or(Value::Null);
+                Ok(Answer::Refused(Refusal {
+                    status,
+                    code: s(&e, "code").unwrap_or_else(|| "broker_error".into()),
+                    message: s(&e, "message").unwrap_or_default(),
+                    reasons: d
+                        .get("reasons")
+                        .and_then(Value::as_array)
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(Value::as_str)
+                                .map(str::to_owned)
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    call_id: s(&d, "call_id"),
+                    retry_after,
+                }))
+            }
+        }
+    }
+}
