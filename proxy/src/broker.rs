@@ -62,16 +62,32 @@ pub struct Call<'a> {
 /// A file's modification time, size and inode: it changed if these did.
 type Stamp = (std::time::SystemTime, u64, u64);
 
+/// The token as last read, its file's stamp then, and when it was last
+/// checked.
+type Cached = (Stamp, Arc<Zeroizing<String>>, std::time::Instant);
+
 /// The token file, re-read when it changes (a rotation needs no restart).
 #[derive(Debug)]
 struct TokenFile {
     path: PathBuf,
-    cached: Mutex<Option<(Stamp, Arc<Zeroizing<String>>)>>,
+    cached: Mutex<Option<Cached>>,
 }
 
 impl TokenFile {
     fn get(&self) -> Result<Arc<Zeroizing<String>>, Unreachable> {
         use std::os::unix::fs::MetadataExt as _;
+        // looked at again at most once a second, not on every request
+        {
+            let c = self
+                .cached
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((_, t, at)) = c.as_ref()
+                && at.elapsed() < std::time::Duration::from_secs(1)
+            {
+                return Ok(t.clone());
+            }
+        }
         let meta = std::fs::metadata(&self.path)
             .map_err(|e| Unreachable(format!("broker.token_file {}: {e}", self.path.display())))?;
         let stamp = (
@@ -83,9 +99,10 @@ impl TokenFile {
             .cached
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((s, t)) = c.as_ref()
+        if let Some((s, t, at)) = c.as_mut()
             && *s == stamp
         {
+            *at = std::time::Instant::now();
             return Ok(t.clone());
         }
         let text =
@@ -99,7 +116,7 @@ impl TokenFile {
                 self.path.display()
             )));
         }
-        *c = Some((stamp, token.clone()));
+        *c = Some((stamp, token.clone(), std::time::Instant::now()));
         Ok(token)
     }
 }

@@ -104,11 +104,7 @@ pub fn secrets(route: &Route, g: &Grant) -> Result<Vec<Zeroizing<Vec<u8>>>, Stri
             username_field,
             password_field,
         } => {
-            let user = match (username, username_field) {
-                (Some(u), _) => u.clone(),
-                (None, Some(f)) => g.field(f)?.to_owned(),
-                (None, None) => String::new(),
-            };
+            let user = basic_user(g, username.as_ref(), username_field.as_ref())?;
             let pass = g.field(password_field)?;
             raw.push(Zeroizing::new(pass.to_owned()));
             raw.push(Zeroizing::new(
@@ -132,6 +128,15 @@ pub fn secrets(route: &Route, g: &Grant) -> Result<Vec<Zeroizing<Vec<u8>>>, Stri
     // longest first: a form that contains another is replaced whole
     out.sort_by_key(|n| std::cmp::Reverse(n.len()));
     Ok(out)
+}
+
+/// Basic auth's user: fixed, or a field of the credential.
+fn basic_user(g: &Grant, fixed: Option<&String>, field: Option<&String>) -> Result<String, String> {
+    match (fixed, field) {
+        (Some(u), _) => Ok(u.clone()),
+        (None, Some(f)) => Ok(g.field(f)?.to_owned()),
+        (None, None) => Ok(String::new()),
+    }
 }
 
 fn percent_encode(s: &str) -> Zeroizing<String> {
@@ -165,11 +170,7 @@ pub fn apply(
             username_field,
             password_field,
         } => {
-            let user = match (username, username_field) {
-                (Some(u), _) => u.clone(),
-                (None, Some(f)) => g.field(f)?.to_owned(),
-                (None, None) => String::new(),
-            };
+            let user = basic_user(g, username.as_ref(), username_field.as_ref())?;
             let pair = Zeroizing::new(format!("{user}:{}", g.field(password_field)?));
             let v = Zeroizing::new(format!(
                 "Basic {}",

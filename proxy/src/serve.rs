@@ -429,6 +429,18 @@ impl Proxy {
         });
     }
 
+    /// Count a refusal under its code and answer with it.
+    fn fail(
+        &self,
+        route: &str,
+        status: StatusCode,
+        code: &'static str,
+        message: &str,
+    ) -> Response<Body> {
+        self.count(route, code);
+        answer(status, code, message, json!({}))
+    }
+
     fn observe(&self, name: &'static str, route: &str, seconds: f64) {
         metrics::with_local_recorder(&self.metrics, || {
             metrics::histogram!(name, "route" => route.to_owned()).record(seconds);
@@ -803,12 +815,11 @@ impl Proxy {
         .await;
         let resp = match sent {
             Err(_) => {
-                self.count(&route.name, "upstream_timeout");
-                return answer(
+                return self.fail(
+                    &route.name,
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream_timeout",
                     &format!("{} did not answer in time", target.origin()),
-                    json!({}),
                 );
             }
             Ok(Err(e)) => return self.upstream_failed(route, &target, &e),
@@ -836,12 +847,11 @@ impl Proxy {
                         json!({}),
                     );
                 }
-                self.count(&route.name, "upstream_unreachable");
-                return answer(
+                return self.fail(
+                    &route.name,
                     StatusCode::BAD_GATEWAY,
                     "upstream_unreachable",
                     &c.to_string(),
-                    json!({}),
                 );
             }
             src = s.source();
@@ -892,13 +902,12 @@ impl Proxy {
         if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING)
             && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
         {
-            self.count(&route.name, "encoded_response");
-            return answer(
+            return self.fail(
+                &route.name,
                 StatusCode::BAD_GATEWAY,
                 "encoded_response",
                 "the upstream compressed its answer although asked not to; the proxy cannot check \
                  a compressed body for the credential, so it does not pass it on",
-                json!({}),
             );
         }
         strip_hop_by_hop(&mut parts.headers);
@@ -941,12 +950,11 @@ impl Proxy {
                 let bytes = match body.collect().await {
                     Ok(b) => b.to_bytes(),
                     Err(e) => {
-                        self.count(&route.name, "upstream_unreachable");
-                        return answer(
+                        return self.fail(
+                            &route.name,
                             StatusCode::BAD_GATEWAY,
                             "upstream_unreachable",
                             &format!("reading {}'s answer: {e}", target.origin()),
-                            json!({}),
                         );
                     }
                 };

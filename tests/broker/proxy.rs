@@ -238,6 +238,14 @@ impl Upstream {
 
 // === the proxy ===
 
+/// One `[[route]]` injecting a `token/demo` lease as a bearer.
+fn route(name: &str, destination: &str, addresses: &str, tool: &str) -> String {
+    format!(
+        "\n[[route]]\nname = \"{name}\"\ndestination = \"{destination}\"\naddresses = [\"{addresses}\"]\ntool = \"{tool}\"\n\
+         [route.credential]\nprovider = \"token\"\nrole = \"demo\"\nttl_seconds = 60\n[route.inject]\nkind = \"bearer\"\n"
+    )
+}
+
 /// The proxy's configuration for these upstreams (and `extra` routes).
 fn proxy_toml(h: &Harness, up: &Upstream, dir: &Path, extra: &str) -> String {
     let token = dir.join("proxy.token");
@@ -253,67 +261,42 @@ upstream_ca_file = "{upca}"
 url = "{broker}"
 token_file = "{token}"
 
-[[route]]
-name = "api"
-destination = "http://127.0.0.1:{hp}/v1/"
-addresses = ["127.0.0.1/32"]
-tool = "demo.read"
-[route.credential]
-provider = "token"
-role = "demo"
-ttl_seconds = 60
-[route.inject]
-kind = "bearer"
-
-[[route]]
-name = "api-tls"
-destination = "https://localhost:{sp}/v1/"
-addresses = ["127.0.0.1/32", "::1/128"]
-tool = "demo.read"
-[route.credential]
-provider = "token"
-role = "demo"
-ttl_seconds = 60
-[route.inject]
-kind = "bearer"
-
-[[route]]
-name = "write"
-destination = "http://127.0.0.1:{hp}/v1/write"
-addresses = ["127.0.0.1/32"]
-tool = "demo.write"
-[route.credential]
-provider = "token"
-role = "demo"
-ttl_seconds = 60
-[route.inject]
-kind = "bearer"
-
-[[route]]
-name = "admin"
-destination = "http://127.0.0.1:{hp}/v1/admin"
-addresses = ["127.0.0.1/32"]
-tool = "demo.admin"
-[route.credential]
-provider = "token"
-role = "demo"
-ttl_seconds = 60
-[route.inject]
-kind = "bearer"
-
-[[route]]
-name = "rebound"
-destination = "http://localhost:{hp}/v1/"
-addresses = ["127.0.0.2/32"]
-tool = "demo.read"
-[route.credential]
-provider = "token"
-role = "demo"
-ttl_seconds = 60
-[route.inject]
-kind = "bearer"
-{extra}
+{routes}{extra}
 "#,
+        routes = [
+            route(
+                "api",
+                &format!("http://127.0.0.1:{hp}/v1/"),
+                "127.0.0.1/32",
+                "demo.read"
+            ),
+            route(
+                "api-tls",
+                &format!("https://localhost:{sp}/v1/"),
+                "127.0.0.1/32\", \"::1/128",
+                "demo.read"
+            ),
+            route(
+                "write",
+                &format!("http://127.0.0.1:{hp}/v1/write"),
+                "127.0.0.1/32",
+                "demo.write"
+            ),
+            route(
+                "admin",
+                &format!("http://127.0.0.1:{hp}/v1/admin"),
+                "127.0.0.1/32",
+                "demo.admin"
+            ),
+            // `localhost` resolves to 127.0.0.1 (and ::1), neither of them listed
+            route(
+                "rebound",
+                &format!("http://localhost:{hp}/v1/"),
+                "127.0.0.2/32",
+                "demo.read"
+            ),
+        ]
+        .concat(),
         ca = dir.join("proxy-ca").display(),
         upca = up.ca.display(),
         broker = h.url(""),

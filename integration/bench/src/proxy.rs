@@ -28,11 +28,20 @@ use crate::{
     wait_ready,
 };
 
-/// A fixed answer on every request, keep-alive.
-async fn upstream() -> anyhow::Result<std::net::SocketAddr> {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
+/// A fixed answer on every request, keep-alive; on a thread and runtime of
+/// its own, so the load generator's scheduling does not add to either path.
+fn upstream() -> anyhow::Result<std::net::SocketAddr> {
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+        let Ok(l) = tokio::net::TcpListener::from_std(std_listener) else {
+            return;
+        };
         while let Ok((s, _)) = l.accept().await {
             let _ = s.set_nodelay(true);
             tokio::spawn(async move {
@@ -60,6 +69,7 @@ async fn upstream() -> anyhow::Result<std::net::SocketAddr> {
                 }
             });
         }
+    })
     });
     Ok(addr)
 }
@@ -100,7 +110,7 @@ pub async fn proxy(
     let http = client(4)?;
     let base = format!("http://{addr}");
     wait_ready(&http, &base, &mut broker).await?;
-    let up = upstream().await?;
+    let up = upstream()?;
 
     // the proxy, as an operator would run it
     let token = dir.path().join("proxy.token");
@@ -169,34 +179,18 @@ pub async fn proxy(
         "GET http://{up}/v1/ok HTTP/1.1\r\nhost: {up}\r\nproxy-authorization: Bearer {cred}\r\n\r\n"
     );
 
-    // 1. latency with a warm lease
-    let mut direct = Conn::open(up).await?;
-    let mut proxied = Conn::open(paddr).await?;
-    sample(&mut proxied, &proxied_head, 50).await?; // the lease, and warm connections
-    sample(&mut direct, &direct_head, 50).await?;
-    let (mut d50, mut d99, mut p50, mut p99, mut add50, mut add99) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for r in 0..rounds {
-        let (mut d, mut p) = if r % 2 == 0 {
-            let d = sample(&mut direct, &direct_head, requests).await?;
-            (d, sample(&mut proxied, &proxied_head, requests).await?)
-        } else {
-            let p = sample(&mut proxied, &proxied_head, requests).await?;
-            (sample(&mut direct, &direct_head, requests).await?, p)
-        };
-        let (a, b) = (percentile(&mut d, 0.5), percentile(&mut d, 0.99));
-        let (c, e) = (percentile(&mut p, 0.5), percentile(&mut p, 0.99));
-        println!(
-            "  round {}: direct p50 {a:.3} ms p99 {b:.3} ms; through the proxy p50 {c:.3} ms p99 {e:.3} ms",
-            r + 1
-        );
-        d50.push(a);
-        d99.push(b);
-        p50.push(c);
-        p99.push(e);
-        add50.push(c - a);
-        add99.push(e - b);
-    }
+    // 1. latency with a warm lease, measured from a thread and runtime of
+    // its own (as one assistant process would be)
+    let (dh, ph) = (direct_head.clone(), proxied_head.clone());
+    let latency = std::thread::spawn(move || -> anyhow::Result<Rounds> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(latency_rounds(up, paddr, dh, ph, requests, rounds))
+    });
+    let (mut d50, mut d99, mut p50, mut p99, mut add50, mut add99) = latency
+        .join()
+        .map_err(|_| anyhow::anyhow!("the latency thread panicked"))??;
     println!(
         "proxy latency, warm lease, one client, {rounds} rounds of {requests} requests each way: \
          added median {:.3} ms (p99 {:.3} ms); direct p50 {:.3} ms p99 {:.3} ms, through the proxy p50 {:.3} ms p99 {:.3} ms (medians over rounds)",
@@ -206,6 +200,42 @@ pub async fn proxy(
         median(&mut d99),
         median(&mut p50),
         median(&mut p99),
+    );
+
+    // what of that is the broker's decision: the same call the proxy
+    // makes (lease reused), sent to the broker directly
+    let detail: Value = serde_json::from_str(
+        &http
+            .get(format!("{base}/v1/tasks/{task}"))
+            .bearer_auth(a)
+            .send()
+            .await?
+            .text()
+            .await?,
+    )?;
+    let lease = detail["leases"][0]["lease_id"]
+        .as_str()
+        .context("the proxy's lease")?
+        .to_owned();
+    let call = json!({"proxy_credential": cred, "tool": "demo.read", "action": "GET",
+        "resource": format!("127.0.0.1/v1/ok"), "reuse_lease": lease,
+        "credential": {"provider": "token", "role": "demo", "ttl_seconds": 900}})
+    .to_string();
+    let ptoken = &creds.identities["proxy"].token;
+    let ptoken = ptoken.clone();
+    let mut decide = std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(broker_rounds(addr, ptoken, call, requests, rounds))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the latency thread panicked"))??;
+    let broker_ms = median(&mut decide);
+    println!(
+        "  of which the broker's decision (POST /v1/proxy/calls, lease reused, durable), sent directly: p50 {broker_ms:.3} ms; \
+         the proxy's own part: {:.3} ms",
+        median(&mut add50.clone()) - broker_ms
     );
 
     // 2. throughput with `clients` connections through the proxy
@@ -288,4 +318,70 @@ pub async fn proxy(
     drop(proxy);
     broker.stop()?;
     Ok(())
+}
+
+type Rounds = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// Per round: direct p50, p99; proxied p50, p99; added p50, p99 (ms).
+async fn latency_rounds(
+    up: std::net::SocketAddr,
+    paddr: std::net::SocketAddr,
+    direct_head: String,
+    proxied_head: String,
+    requests: usize,
+    rounds: usize,
+) -> anyhow::Result<Rounds> {
+    let mut direct = Conn::open(up).await?;
+    let mut proxied = Conn::open(paddr).await?;
+    sample(&mut proxied, &proxied_head, 50).await?; // the lease, and warm connections
+    sample(&mut direct, &direct_head, 50).await?;
+    let (mut d50, mut d99, mut p50, mut p99, mut add50, mut add99) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for r in 0..rounds {
+        let (mut d, mut p) = if r % 2 == 0 {
+            let d = sample(&mut direct, &direct_head, requests).await?;
+            (d, sample(&mut proxied, &proxied_head, requests).await?)
+        } else {
+            let p = sample(&mut proxied, &proxied_head, requests).await?;
+            (sample(&mut direct, &direct_head, requests).await?, p)
+        };
+        let (a, b) = (percentile(&mut d, 0.5), percentile(&mut d, 0.99));
+        let (c, e) = (percentile(&mut p, 0.5), percentile(&mut p, 0.99));
+        println!(
+            "  round {}: direct p50 {a:.3} ms p99 {b:.3} ms; through the proxy p50 {c:.3} ms p99 {e:.3} ms",
+            r + 1
+        );
+        d50.push(a);
+        d99.push(b);
+        p50.push(c);
+        p99.push(e);
+        add50.push(c - a);
+        add99.push(e - b);
+    }
+    Ok((d50, d99, p50, p99, add50, add99))
+}
+
+/// Per round, the p50 (ms) of the proxy's broker call sent directly.
+async fn broker_rounds(
+    addr: std::net::SocketAddr,
+    token: String,
+    call: String,
+    requests: usize,
+    rounds: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut b = Conn::open(addr).await?;
+    let mut out = Vec::new();
+    for _ in 0..rounds {
+        let mut ms = Vec::with_capacity(requests);
+        for _ in 0..requests {
+            let t = Instant::now();
+            let (status, body) = b.post("/v1/proxy/calls", &token, Some(&call)).await?;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            if status != 200 {
+                bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+            }
+        }
+        out.push(percentile(&mut ms, 0.5));
+    }
+    Ok(out)
 }
