@@ -357,6 +357,7 @@ fn dev_config(
             cache_mib: 64,
             quick_repair: true,
             checkpoint_mib: crate::config::defaults::checkpoint_mib(),
+            reserve_mib: crate::config::defaults::reserve_mib(),
             commit_delay_micros: 500,
             commit_siblings: 4,
         },

@@ -130,6 +130,18 @@ fn describe() {
         "Fenced workloads, tenants and users."
     );
     describe_gauge!(
+        "leasehold_store_disk_full",
+        "1 while writes are refused because the store's filesystem has less than store.reserve_mib free (503 store_full); reads go on."
+    );
+    describe_counter!(
+        "leasehold_store_writes_refused_no_space_total",
+        "Store operations refused, nothing written, for lack of space on the store's filesystem."
+    );
+    describe_counter!(
+        "leasehold_store_checkpoints_postponed_total",
+        "Checkpoints put off for lack of space (the write-ahead log keeps everything meanwhile)."
+    );
+    describe_gauge!(
         "leasehold_revocation_jobs_running",
         "Mass revocation jobs still running."
     );
@@ -159,6 +171,14 @@ fn describe() {
         "leasehold_store_pool_connections",
         "The PostgreSQL store's connections for reads, by state (open, idle)."
     );
+}
+
+/// The store's room, at scrape time: whether writes are refused for lack
+/// of space, how many were, and how many checkpoints were put off.
+pub fn store_space(full: bool, refused: u64, postponed: u64) {
+    gauge!("leasehold_store_disk_full").set(if full { 1.0 } else { 0.0 });
+    counter!("leasehold_store_writes_refused_no_space_total").absolute(refused);
+    counter!("leasehold_store_checkpoints_postponed_total").absolute(postponed);
 }
 
 /// The cluster's gauges, at scrape time.

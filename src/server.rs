@@ -243,6 +243,7 @@ fn store_options(config: &Config, passive: bool) -> Result<StoreOptions, ServeEr
             siblings: config.store.commit_siblings,
         },
         checkpoint_bytes: config.store.checkpoint_mib.saturating_mul(1 << 20),
+        reserve_bytes: config.store.reserve_mib.saturating_mul(1 << 20),
         on_commit: Some(std::sync::Arc::new(|seconds, operations, entered| {
             crate::metrics::store_commit(
                 seconds,

@@ -154,6 +154,18 @@ impl From<BrokerError> for ApiError {
                     )
                 }
             }
+            BrokerError::StoreFull(why) => {
+                tracing::warn!(error = %why, "write refused: the store's filesystem is full");
+                Self {
+                    retry_after: Some(30),
+                    ..Self::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_full",
+                        "the store's disk is full: writes are refused, nothing was written; \
+                         reads and introspection go on; retry once space is freed",
+                    )
+                }
+            }
             BrokerError::Store(e) => {
                 tracing::error!(error = %e, "store failure");
                 // the store (a database failing over, a disk) comes back by

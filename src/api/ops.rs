@@ -140,10 +140,18 @@ pub async fn ready(State(s): State<AppState>) -> Response {
     if !ok {
         checks.insert("broker".into(), "shutting down".into());
     }
-    let store_ok = s.broker.store_healthy();
+    let store_ok = s.broker.store_healthy() && !s.broker.store_full();
     checks.insert(
         "store".into(),
-        if store_ok { "ok" } else { "unavailable" }.into(),
+        if !s.broker.store_healthy() {
+            "unavailable"
+        } else if s.broker.store_full() {
+            // writes are refused until space is freed; reads go on
+            "full"
+        } else {
+            "ok"
+        }
+        .into(),
     );
     ok &= store_ok;
     // every node serves; leadership is reported, not required

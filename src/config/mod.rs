@@ -151,6 +151,12 @@ pub struct StoreConfig {
     /// once the log holds this many MiB.
     #[serde(default = "defaults::checkpoint_mib")]
     pub checkpoint_mib: u64,
+    /// Writes are refused (503 `store_full`, nothing written) while the
+    /// store's filesystem has less than this free, so the log, the store
+    /// file and checkpoints always have room, and the broker resumes by
+    /// itself when space is freed.
+    #[serde(default = "defaults::reserve_mib")]
+    pub reserve_mib: u64,
     /// Under concurrent load, how long a batch stays open to gather more
     /// operations into one durable commit (0 turns it off); the writer
     /// applies them as they arrive meanwhile. Applies only when the previous
@@ -470,6 +476,10 @@ pub(crate) mod defaults {
     }
     pub fn commit_siblings() -> usize {
         4
+    }
+    pub fn reserve_mib() -> u64 {
+        // `StoreOptions::DEFAULT_RESERVE_BYTES`
+        64
     }
     pub fn max_task_ttl_seconds() -> u64 {
         8 * 3600

@@ -60,6 +60,9 @@ pub enum BrokerError {
     /// The store failed; the detail is logged, not shown.
     #[error("store unavailable: {0}")]
     Store(StoreError),
+    /// The store's filesystem is full: nothing was written; retry later.
+    #[error("the store's disk is full: {0}")]
+    StoreFull(String),
 }
 
 impl BrokerError {
@@ -90,6 +93,7 @@ impl From<crate::check::Invalid> for BrokerError {
 impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
+            StoreError::NoSpace(why) => Self::StoreFull(why),
             StoreError::Conflict(c) => match c {
                 Conflict::TaskNotFound => Self::NotFound {
                     code: "task_not_found",
@@ -465,7 +469,10 @@ impl Broker {
             | BrokerError::Conflict { code, .. }
             | BrokerError::Quota { code, .. }
             | BrokerError::NotFound { code } => *code,
-            BrokerError::Denied(_) | BrokerError::Provider { .. } | BrokerError::Store(_) => return,
+            BrokerError::Denied(_)
+            | BrokerError::Provider { .. }
+            | BrokerError::Store(_)
+            | BrokerError::StoreFull(_) => return,
         };
         let Some(suppressed) = self.refused.admit(self.clock.now().unix_seconds()) else {
             return;

@@ -58,6 +58,12 @@ impl Broker {
             .count();
         gauge!("leasehold_revocation_jobs_running").set(running as f64);
         drop(r);
+        let s = self.store.stats();
+        crate::metrics::store_space(
+            s.disk_full.load(Ordering::Relaxed),
+            s.refused_no_space.load(Ordering::Relaxed),
+            s.checkpoints_postponed.load(Ordering::Relaxed),
+        );
         let leadership = self.store.leadership();
         crate::metrics::cluster(
             leadership.epoch().is_some(),
@@ -244,6 +250,11 @@ impl Broker {
     /// Whether the store can write and read.
     pub fn store_healthy(&self) -> bool {
         self.store.is_healthy()
+    }
+
+    /// Whether writes are being refused for lack of space.
+    pub fn store_full(&self) -> bool {
+        self.store.stats().disk_full.load(Ordering::Relaxed)
     }
 
     /// Every provider's health check, with a timeout each. Failures are

@@ -54,6 +54,10 @@ pub enum StoreError {
     Io(String),
     #[error("store commit failed: {0}")]
     Commit(String),
+    /// The store's filesystem is (nearly) full: nothing was written; the
+    /// write can be retried once space is freed.
+    #[error("no space for the store: {0}")]
+    NoSpace(String),
     #[error("the transaction was aborted because another operation in its batch failed to write")]
     Aborted,
     #[error("the store is closed")]

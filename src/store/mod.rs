@@ -80,6 +80,11 @@ pub struct StoreOptions {
     pub checkpoint_bytes: u64,
     /// Checkpoint once the store has had no write for this long.
     pub checkpoint_idle: std::time::Duration,
+    /// Refuse writes (nothing written, `NoSpace`) while the store's
+    /// filesystem has less than this free, so the log, redb's own pages
+    /// and a checkpoint always have room: a full disk is a refusal the
+    /// store recovers from, never a failed commit.
+    pub reserve_bytes: u64,
     pub on_commit: Option<CommitHook>,
     /// Keep the store in PostgreSQL instead of the redb file at `path`.
     pub postgres: Option<PgOptions>,
@@ -99,6 +104,8 @@ impl std::fmt::Debug for StoreOptions {
 impl StoreOptions {
     /// The default of `checkpoint_bytes` (and of `store.checkpoint_mib`).
     pub const DEFAULT_CHECKPOINT_BYTES: u64 = 16 << 20;
+    /// The default of `reserve_bytes` (and of `store.reserve_mib`).
+    pub const DEFAULT_RESERVE_BYTES: u64 = 64 << 20;
 
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
@@ -108,13 +115,31 @@ impl StoreOptions {
             group_commit: GroupCommit::default(),
             checkpoint_bytes: Self::DEFAULT_CHECKPOINT_BYTES,
             checkpoint_idle: std::time::Duration::from_secs(1),
+            reserve_bytes: Self::DEFAULT_RESERVE_BYTES,
             on_commit: None,
             postgres: None,
         }
     }
 }
 
-type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// Why a batch did not commit, as each of its callers is told.
+#[derive(Debug, Clone)]
+struct Unwritten {
+    message: String,
+    /// Refused for lack of space (nothing written; retry later).
+    no_space: bool,
+}
+
+impl Unwritten {
+    fn failed(message: String) -> Self {
+        Self {
+            message,
+            no_space: false,
+        }
+    }
+}
+
+type Reply = Box<dyn FnOnce(Result<(), Unwritten>) + Send>;
 /// One operation for the writer: applied to the batch's transaction, it
 /// returns how to answer its caller once the batch's fate is known.
 type Job = Box<dyn for<'t> FnOnce(&mut Txn<'t>) -> Reply + Send>;
@@ -137,7 +162,7 @@ fn settle(
     (started, applied, idle): (std::time::Instant, std::time::Instant, std::time::Duration),
     entered: Option<&BTreeMap<(String, LeaseState), u64>>,
     replies: Vec<Reply>,
-    told: &Result<(), String>,
+    told: &Result<(), Unwritten>,
 ) -> usize {
     use std::sync::atomic::Ordering;
     let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
@@ -209,6 +234,12 @@ pub struct CommitStats {
     /// syncing them (part of `commit_micros`).
     pub wal_bytes: AtomicU64,
     pub wal_micros: AtomicU64,
+    /// Set while writes are refused for lack of space on the store's
+    /// filesystem (cleared by the next commit).
+    pub disk_full: std::sync::atomic::AtomicBool,
+    /// Operations refused for lack of space, and checkpoints put off.
+    pub refused_no_space: AtomicU64,
+    pub checkpoints_postponed: AtomicU64,
 }
 
 /// A storage engine behind the store's handle: it runs the jobs the
@@ -371,12 +402,13 @@ impl Store {
         let (tx, rx) = oneshot::channel::<Result<R, StoreError>>();
         let job: Job = Box::new(move |txn: &mut Txn<'_>| {
             let result = op(txn);
-            Box::new(move |commit: Result<(), String>| {
+            Box::new(move |commit: Result<(), Unwritten>| {
                 let out = match (commit, result) {
                     (Ok(()), r) => r,
                     // a refused operation wrote nothing: report its refusal
                     (Err(_), Err(StoreError::Conflict(c))) => Err(StoreError::Conflict(c)),
-                    (Err(e), _) => Err(StoreError::Commit(e)),
+                    (Err(e), _) if e.no_space => Err(StoreError::NoSpace(e.message)),
+                    (Err(e), _) => Err(StoreError::Commit(e.message)),
                 };
                 let _ = tx.send(out);
             })

@@ -564,11 +564,18 @@ impl Wal {
         self.len - HEADER
     }
 
-    /// Append one record and wait until it is on disk.
-    pub(super) fn append(&mut self, payload: &[u8]) -> Result<u64, String> {
+    /// Append one record and wait until it is on disk. Growing the file,
+    /// or writing the record into it, can fail for lack of space before
+    /// anything is acknowledged or relied on: that is `NoSpace`, and the
+    /// log is as it was. A failed sync is not.
+    pub(super) fn append(&mut self, payload: &[u8]) -> Result<u64, AppendError> {
         let lsn = self.next_lsn;
-        let len = u32::try_from(payload.len())
-            .map_err(|_| format!("a batch of {} bytes is too large to log", payload.len()))?;
+        let len = u32::try_from(payload.len()).map_err(|_| {
+            AppendError::Failed(format!(
+                "a batch of {} bytes is too large to log",
+                payload.len()
+            ))
+        })?;
         let mut rec = Vec::with_capacity(RECORD_HEADER + payload.len());
         rec.extend_from_slice(&len.to_be_bytes());
         rec.extend_from_slice(&lsn.to_be_bytes());
@@ -582,19 +589,30 @@ impl Wal {
             // per sync, 56 against 92 us of CPU). Zeros end a log quietly.
             let to = end.max(self.allocated) + GROW;
             let zeros = vec![0u8; (to - self.allocated) as usize];
+            // zeros past the records end the log quietly, so a growth that
+            // failed half-way leaves nothing to undo
             self.file
                 .write_all_at(&zeros, self.allocated)
                 .and_then(|()| self.file.sync_all())
-                .map_err(|e| format!("{}: {e}", self.path.display()))?;
+                .map_err(|e| AppendError::of(&self.path, &e, true))?;
             self.allocated = to;
         }
+        // a torn record is never acknowledged, and the next append
+        // overwrites it at the same place with the same number
         self.file
             .write_all_at(&rec, self.len)
-            .and_then(|()| self.file.sync_data())
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+            .map_err(|e| AppendError::of(&self.path, &e, true))?;
+        self.file
+            .sync_data()
+            .map_err(|e| AppendError::of(&self.path, &e, false))?;
         self.len += rec.len() as u64;
         self.next_lsn += 1;
         Ok(lsn)
+    }
+
+    /// Where the log lives (its filesystem is the store's).
+    pub(super) fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Make the store file hold everything logged (one durable commit),
@@ -674,4 +692,33 @@ pub(super) fn record_end_for_test(bytes: &[u8], at: usize) -> usize {
 pub(super) fn records_for_test(bytes: &[u8], after: u64) -> (Vec<u64>, bool) {
     let (r, tail) = records_after(bytes, after);
     (r.into_iter().map(|(l, _)| l).collect(), tail)
+}
+
+/// Why an append failed.
+#[derive(Debug)]
+pub(super) enum AppendError {
+    /// No space (or quota) to grow or write the log: nothing was relied on.
+    NoSpace(String),
+    /// Anything else, including any failed sync: the log's state on disk is
+    /// unknown.
+    Failed(String),
+}
+
+impl AppendError {
+    fn of(path: &Path, e: &std::io::Error, space_may_be_why: bool) -> Self {
+        let text = format!("{}: {e}", path.display());
+        // ENOSPC and EDQUOT
+        match e.raw_os_error() {
+            Some(28 | 122) if space_may_be_why => Self::NoSpace(text),
+            _ => Self::Failed(text),
+        }
+    }
+}
+
+impl std::fmt::Display for AppendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoSpace(t) | Self::Failed(t) => f.write_str(t),
+        }
+    }
 }

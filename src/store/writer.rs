@@ -171,6 +171,7 @@ pub(super) fn open(
             quick_repair: opts.quick_repair,
             checkpoint_bytes: opts.checkpoint_bytes,
             checkpoint_idle: opts.checkpoint_idle,
+            reserve: opts.reserve_bytes,
             on_commit: opts.on_commit.clone(),
         };
         std::thread::Builder::new()
@@ -212,6 +213,16 @@ struct WriterConfig {
     quick_repair: bool,
     checkpoint_bytes: u64,
     checkpoint_idle: std::time::Duration,
+    /// Refuse writes while the filesystem has less than this free.
+    reserve: u64,
+}
+
+/// Bytes free for an unprivileged writer on the filesystem holding `path`
+/// (`None` if it cannot be asked: then space is not checked).
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty())?;
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 fn writer_loop(
@@ -283,6 +294,17 @@ fn writer_loop(
         match outcome {
             Ok(()) => {
                 healthy.store(true, Ordering::Relaxed);
+                if stats.disk_full.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("the store's filesystem has room again: writes resume");
+                }
+            }
+            Err(BatchError::NoSpace(e)) => {
+                stats
+                    .refused_no_space
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                if !stats.disk_full.swap(true, Ordering::Relaxed) {
+                    tracing::error!(error = %e, "the store's filesystem is full: writes are refused (503 store_full) until space is freed; reads go on");
+                }
             }
             Err(BatchError::Refused(e)) => {
                 healthy.store(false, Ordering::Relaxed);
@@ -310,6 +332,19 @@ fn checkpoint(
 ) {
     let started = std::time::Instant::now();
     let bytes = wal.pending_bytes();
+    // a checkpoint writes about what the log holds into the store file: put
+    // it off (the log keeps everything) rather than fail it for lack of room
+    if let Some(free) = free_bytes(wal.path())
+        && free < bytes.saturating_mul(2).saturating_add(1 << 20)
+    {
+        stats.checkpoints_postponed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            free_bytes = free,
+            log_bytes = bytes,
+            "checkpoint put off: too little space on the store's filesystem"
+        );
+        return;
+    }
     match wal.checkpoint(db, cfg.quick_repair) {
         Ok(()) => {
             stats.checkpoints.fetch_add(1, Ordering::Relaxed);
@@ -344,6 +379,8 @@ fn micros(d: std::time::Duration) -> u64 {
 enum BatchError {
     /// Nothing was written: the batch's callers are refused, the store goes on.
     Refused(String),
+    /// Nothing was written for lack of space: refused, retried later.
+    NoSpace(String),
     /// The log or the store file may now hold more than callers were told.
     Fatal(String),
 }
@@ -385,8 +422,14 @@ fn run_batch(
     let outcome: Result<(), BatchError> = match finished {
         Ok((new_head, redo, e)) => {
             entered = e;
+            let short = free_bytes(wal.path()).filter(|free| *free < cfg.reserve);
             let logged = if redo.is_empty() {
                 Ok(())
+            } else if let Some(free) = short {
+                Err(wal::AppendError::NoSpace(format!(
+                    "{} bytes free on the store's filesystem, under the {} reserved (store.reserve_mib)",
+                    free, cfg.reserve
+                )))
             } else {
                 stats
                     .wal_bytes
@@ -399,6 +442,10 @@ fn run_batch(
                 r
             };
             match logged {
+                Err(wal::AppendError::NoSpace(e)) => {
+                    let _ = txn.abort();
+                    Err(BatchError::NoSpace(e))
+                }
                 Err(e) => {
                     let _ = txn.abort();
                     Err(BatchError::Fatal(format!("write-ahead log: {e}")))
@@ -416,7 +463,13 @@ fn run_batch(
     };
     let told = match &outcome {
         Ok(()) => Ok(()),
-        Err(BatchError::Refused(e) | BatchError::Fatal(e)) => Err(e.clone()),
+        Err(BatchError::NoSpace(e)) => Err(super::Unwritten {
+            message: e.clone(),
+            no_space: true,
+        }),
+        Err(BatchError::Refused(e) | BatchError::Fatal(e)) => {
+            Err(super::Unwritten::failed(e.clone()))
+        }
     };
     let committed = outcome.is_ok().then_some(&entered);
     let n = super::settle(

@@ -22,6 +22,7 @@ mod config_examples;
 mod conformance;
 mod console;
 mod crash;
+mod disk_full;
 mod events;
 mod expiry;
 mod fuzz;

@@ -1133,6 +1133,16 @@ fn proxy_configuration_mistakes_name_their_field() {
     }
 }
 
+/// A child process killed (by its PID) when the test ends, failed or not.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Every readable region of a process's memory (`/proc/<pid>/mem`).
 fn process_memory(pid: u32) -> Vec<u8> {
     use std::io::{Read as _, Seek as _, SeekFrom};
@@ -1196,20 +1206,22 @@ async fn a_python_requests_assistant_never_holds_a_credential() {
     );
     assert!(String::from_utf8_lossy(&check.stdout).contains("5 routes"));
     let log = dir.path().join("proxy.log");
-    let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
-        .args(["proxy", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "debug")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut proxy = Kill(
+        std::process::Command::new(env!("CARGO_BIN_EXE_leasehold"))
+            .args(["proxy", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     for _ in 0..400 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             break;
         }
         assert!(
-            proxy.try_wait().unwrap().is_none(),
+            proxy.0.try_wait().unwrap().is_none(),
             "{}",
             std::fs::read_to_string(&log).unwrap()
         );
@@ -1317,8 +1329,7 @@ async fn a_python_requests_assistant_never_holds_a_credential() {
     for t in &tokens {
         assert!(!h.introspect(t).await, "revoked with the task");
     }
-    proxy.kill().unwrap();
-    proxy.wait().unwrap();
+    drop(proxy);
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("allowed; new lease"), "{log}");
     for t in &tokens {
@@ -1349,13 +1360,6 @@ async fn the_readme_walk_through_works() {
         crate::harness::free_port(),
     );
     let bin = env!("CARGO_BIN_EXE_leasehold");
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let quiet = || std::process::Stdio::null();
     let _dev = Kill(
         std::process::Command::new(bin)

@@ -246,7 +246,10 @@ impl Broker {
     ) {
         if matches!(
             e,
-            BrokerError::Denied(_) | BrokerError::Provider { .. } | BrokerError::Store(_)
+            BrokerError::Denied(_)
+                | BrokerError::Provider { .. }
+                | BrokerError::Store(_)
+                | BrokerError::StoreFull(_)
         ) {
             return;
         }

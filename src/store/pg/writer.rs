@@ -169,7 +169,7 @@ fn batch(
         Ok(entered) => (Some(entered), Ok(())),
         Err(e) => {
             let _ = end(rt, conn, false);
-            (None, Err(e.to_string()))
+            (None, Err(super::super::Unwritten::failed(e.to_string())))
         }
     };
     let n = super::super::settle(
@@ -180,6 +180,5 @@ fn batch(
         replies,
         &told,
     );
-    let outcome = told;
-    (n, outcome)
+    (n, told.map_err(|e| e.message))
 }
