@@ -22,6 +22,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod mysql;
 mod proxy;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -205,6 +206,24 @@ enum Cmd {
         seconds: u64,
         #[arg(long, default_value_t = 5, value_parser = at_least_one())]
         rounds: usize,
+    },
+    /// Issue 32's soak: the throughput load at half its peak for `minutes`
+    /// (30 s tokens the reaper expires), a row a minute: latency p50/p99,
+    /// RSS, store and log sizes, revocation queue, errors.
+    Soak {
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        minutes: u64,
+        #[arg(long, default_value_t = 8, value_parser = at_least_one())]
+        clients: usize,
+        /// Leases per second to hold (default: half the measured peak).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Seconds of unthrottled load that measure the peak.
+        #[arg(long, default_value_t = 10)]
+        calibrate_seconds: u64,
+        /// Seconds in a "minute" (shorter for a smoke run).
+        #[arg(long, default_value_t = 60, hide = true)]
+        minute_seconds: u64,
     },
     /// The disk under BENCH_DIR: fsync time after writing N random 4 KiB
     /// pages (what a checkpoint does), and after appending 64 KiB (what a
@@ -2116,6 +2135,23 @@ async fn main() -> anyhow::Result<()> {
                 sessions,
                 scram_iterations,
                 rounds,
+            )
+            .await
+        }
+        Cmd::Soak {
+            minutes,
+            clients,
+            rate,
+            calibrate_seconds,
+            minute_seconds,
+        } => {
+            soak::soak(
+                &bin,
+                minutes,
+                clients,
+                rate,
+                calibrate_seconds,
+                minute_seconds,
             )
             .await
         }

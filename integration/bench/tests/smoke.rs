@@ -180,3 +180,19 @@ fn proxy() {
     assert!(out.contains("added median"), "{out}");
     assert!(out.contains("requests/s through one proxy"), "{out}");
 }
+
+#[test]
+fn soak() {
+    let out = bench(&[
+        "soak",
+        "--minutes",
+        "2",
+        "--minute-seconds",
+        "1",
+        "--calibrate-seconds",
+        "1",
+        "--clients",
+        "2",
+    ]);
+    assert!(out.contains("p99 last minute / first"), "{out}");
+}

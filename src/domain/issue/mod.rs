@@ -417,7 +417,8 @@ impl Broker {
                 // intent stays and start-up recovery rolls it back
                 self.fail_issue(rec, "activation could not be recorded", true, ctx)
                     .await;
-                Err(BrokerError::Store(e))
+                // a full disk is said as such (503 store_full)
+                Err(BrokerError::from(e))
             }
         }
     }
