@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import httpx
 import pytest
-from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as EC
@@ -32,11 +32,30 @@ def sign_in(driver: WebDriver, broker: Broker, who: str) -> None:
     WebDriverWait(driver, 10).until(lambda d: "/console/login" not in d.current_url)
 
 
+def gone(element: Any) -> Callable[[WebDriver], bool]:
+    """Whether `element` has left the document. Mid-navigation chromedriver
+    may say so as an inspector error ("Node with given id does not belong
+    to the document") instead of a stale reference: that is gone too."""
+
+    def check(_: WebDriver) -> bool:
+        try:
+            element.is_enabled()
+            return False
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as e:
+            if "does not belong to the document" in str(e) or "No node with given id" in str(e):
+                return True
+            raise
+
+    return check
+
+
 def submit(driver: WebDriver, button: Any) -> None:
     """Click a form's button and wait until the page it leads to replaced
     this one (acting before that races the navigation)."""
     button.click()
-    WebDriverWait(driver, 15).until(EC.staleness_of(button))
+    WebDriverWait(driver, 15).until(gone(button))
 
 
 def shot(driver: WebDriver, shots: Path, name: str) -> None:

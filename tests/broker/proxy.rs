@@ -506,10 +506,28 @@ async fn an_assistant_calls_through_the_proxy_and_never_sees_the_credential() {
     assert!(h.get("content-length").is_none(), "{h:?}");
     assert_eq!(text, "got: Bearer [redacted by leasehold] end");
 
+    // a lease revoked under the proxy (a responder's revoke): the next
+    // request gets a new one, and the old credential stays dead
+    let (s, v) =
+        e.h.post_empty(
+            &e.h.tokens.responder,
+            &format!("/v1/leases/{}/revoke", leases[0]),
+        )
+        .await;
+    assert!(s.is_success(), "{v}");
+    let (s, _, text) = body(c.get(e.http("/v1/ok")).send().await.unwrap()).await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let fresh = serde_json::from_str::<Value>(&text).unwrap()["lease"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(fresh, leases[0], "a revoked lease is not reused");
+    assert!(!e.h.introspect(&tokens[0]).await);
+
     // the proxy's counters
     let m = e.metrics().await;
     assert!(
-        m.contains("leasehold_proxy_requests_total{route=\"api\",outcome=\"forwarded\"} 4"),
+        m.contains("leasehold_proxy_requests_total{route=\"api\",outcome=\"forwarded\"} 5"),
         "{m}"
     );
     assert!(
@@ -535,7 +553,7 @@ async fn an_assistant_calls_through_the_proxy_and_never_sees_the_credential() {
     }
     assert_eq!(
         e.up.seen.bearers().len(),
-        6,
+        7,
         "nothing more reached the upstream"
     );
 }
