@@ -14,7 +14,8 @@
 //! rules), `connect` (resolve and check every connection, TLS), `broker`
 //! (the call), `inject` (bearer, basic, header, SigV4; what to redact),
 //! `redact` (headers and streaming bodies), `ca` (the local CA for
-//! `CONNECT`), `serve` (the listener and each request's path).
+//! `CONNECT`), `serve` (the listener and each request's path), `decide`
+//! (the broker's decision and the leases held), `relay` (the answer back).
 
 #![forbid(unsafe_code)]
 
@@ -22,8 +23,10 @@ mod broker;
 mod ca;
 pub mod config;
 mod connect;
+mod decide;
 mod inject;
 mod redact;
+mod relay;
 mod route;
 mod serve;
 

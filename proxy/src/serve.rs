@@ -22,43 +22,29 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use crate::broker::{Answer, Broker, Call, Refusal};
+use crate::broker::Broker;
 use crate::ca::LocalCa;
 use crate::config::{Listen, ProxyConfig, split_host_port};
-use crate::connect::{ConnectError, Connector, Resolve, SystemResolver};
-use crate::inject::{self, Grant};
-use crate::redact::{RedactBody, Redactor};
+use crate::connect::{Connector, Resolve, SystemResolver};
+use crate::decide::{Held, Key};
+use crate::inject;
 use crate::route::{Route, Routes, has_dot_segment};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Body = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, BoxError>;
 type Upstream = Client<Connector, Body>;
-
-/// An answer with a `Content-Length` up to this is read whole, redacted
-/// and sent with its length; a longer or unknown one streams, chunked.
-const WHOLE_BODY_MAX: usize = 1 << 20;
 
 /// The header an assistant sends to retry a request once approved.
 const APPROVAL_HEADER: &str = "leasehold-approval";
 
-/// A lease the proxy holds, with the forms of its credential to redact.
-#[derive(Debug)]
-struct Held {
-    grant: Grant,
-    secrets: Arc<Vec<Zeroizing<Vec<u8>>>>,
-}
-
-/// (SHA-256 of the proxy credential, route index).
-type Key = ([u8; 32], usize);
-
-struct Proxy {
-    routes: Routes,
+pub(crate) struct Proxy {
+    pub(crate) routes: Routes,
     upstream: Vec<Upstream>,
-    broker: Broker,
+    pub(crate) broker: Broker,
     ca: LocalCa,
-    held: Mutex<HashMap<Key, Arc<Held>>>,
-    minting: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
-    renew_margin_ms: i64,
+    pub(crate) held: Mutex<HashMap<Key, Arc<Held>>>,
+    pub(crate) minting: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) renew_margin_ms: i64,
     max_signed_body: usize,
     upstream_timeout: Duration,
     unix: bool,
@@ -296,7 +282,7 @@ struct Tunnel {
     credential: Zeroizing<String>,
 }
 
-fn full(b: impl Into<Bytes>) -> Body {
+pub(crate) fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e| match e {}).boxed_unsync()
 }
 
@@ -306,7 +292,7 @@ fn empty() -> Body {
 
 /// The proxy's own answer: JSON, `Leasehold-Error: <code>`, never a
 /// credential (nothing here is built from one).
-fn answer(
+pub(crate) fn answer(
     status: StatusCode,
     code: &str,
     message: &str,
@@ -358,7 +344,7 @@ fn proxy_credential(headers: &HeaderMap) -> Option<Zeroizing<String>> {
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1), and those `Connection` names.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -384,34 +370,34 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-fn sha256(b: &[u8]) -> [u8; 32] {
+pub(crate) fn sha256(b: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, b);
     let mut out = [0; 32];
     out.copy_from_slice(d.as_ref());
     out
 }
 
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Where a request goes.
-struct Target {
-    https: bool,
-    host: String,
-    port: u16,
+pub(crate) struct Target {
+    pub(crate) https: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     /// Path and query, as sent.
-    path_and_query: String,
+    pub(crate) path_and_query: String,
 }
 
 impl Target {
-    fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         self.path_and_query
             .split_once('?')
             .map_or(self.path_and_query.as_str(), |(p, _)| p)
     }
 
-    fn origin(&self) -> String {
+    pub(crate) fn origin(&self) -> String {
         format!(
             "{}://{}:{}",
             if self.https { "https" } else { "http" },
@@ -422,7 +408,7 @@ impl Target {
 }
 
 impl Proxy {
-    fn count(&self, route: &str, outcome: &'static str) {
+    pub(crate) fn count(&self, route: &str, outcome: &'static str) {
         metrics::with_local_recorder(&self.metrics, || {
             metrics::counter!("leasehold_proxy_requests_total", "route" => route.to_owned(), "outcome" => outcome)
                 .increment(1);
@@ -430,7 +416,7 @@ impl Proxy {
     }
 
     /// Count a refusal under its code and answer with it.
-    fn fail(
+    pub(crate) fn fail(
         &self,
         route: &str,
         status: StatusCode,
@@ -441,7 +427,7 @@ impl Proxy {
         answer(status, code, message, json!({}))
     }
 
-    fn observe(&self, name: &'static str, route: &str, seconds: f64) {
+    pub(crate) fn observe(&self, name: &'static str, route: &str, seconds: f64) {
         metrics::with_local_recorder(&self.metrics, || {
             metrics::histogram!(name, "route" => route.to_owned()).record(seconds);
         });
@@ -826,418 +812,5 @@ impl Proxy {
             Ok(Ok(r)) => r,
         };
         self.relay(route, &target, held, resp, head_only).await
-    }
-
-    fn upstream_failed(
-        &self,
-        route: &Route,
-        target: &Target,
-        e: &hyper_util::client::legacy::Error,
-    ) -> Response<Body> {
-        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
-        while let Some(s) = src {
-            if let Some(c) = s.downcast_ref::<ConnectError>() {
-                if let ConnectError::Refused { .. } = c {
-                    self.count(&route.name, "address_refused");
-                    tracing::warn!(route = %route.name, error = %c, "refused: address outside the route");
-                    return answer(
-                        StatusCode::FORBIDDEN,
-                        "address_refused",
-                        &c.to_string(),
-                        json!({}),
-                    );
-                }
-                return self.fail(
-                    &route.name,
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_unreachable",
-                    &c.to_string(),
-                );
-            }
-            src = s.source();
-        }
-        self.count(&route.name, "upstream_unreachable");
-        tracing::warn!(route = %route.name, error = %e, "upstream request failed");
-        answer(
-            StatusCode::BAD_GATEWAY,
-            "upstream_unreachable",
-            &format!("{} could not be reached", target.origin()),
-            json!({}),
-        )
-    }
-
-    /// The upstream's answer for the assistant: redirects out of the
-    /// route refused, nothing compressed (it could not be inspected), every
-    /// form of the credential replaced in headers and body.
-    async fn relay(
-        &self,
-        route: &Arc<Route>,
-        target: &Target,
-        held: Arc<Held>,
-        resp: Response<Incoming>,
-        head_only: bool,
-    ) -> Response<Body> {
-        let (mut parts, body) = resp.into_parts();
-        let mut redactor = Redactor::new(held.secrets.clone());
-        if parts.status.is_redirection()
-            && let Some(loc) = parts.headers.get(header::LOCATION)
-        {
-            let loc = String::from_utf8_lossy(&redactor.whole(loc.as_bytes())).into_owned();
-            if !self.stays_in_route(route, target, &loc) {
-                self.count(&route.name, "redirect_refused");
-                tracing::info!(route = %route.name, location = %loc, "refused: redirect out of the route");
-                return answer(
-                    StatusCode::FORBIDDEN,
-                    "redirect_refused",
-                    &format!(
-                        "the upstream redirected ({}) to {loc}, outside route `{}`; the proxy never \
-                         follows redirects and does not pass on one that leaves the route",
-                        parts.status.as_u16(),
-                        route.name
-                    ),
-                    json!({}),
-                );
-            }
-        }
-        if let Some(enc) = parts.headers.get(header::CONTENT_ENCODING)
-            && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
-        {
-            return self.fail(
-                &route.name,
-                StatusCode::BAD_GATEWAY,
-                "encoded_response",
-                "the upstream compressed its answer although asked not to; the proxy cannot check \
-                 a compressed body for the credential, so it does not pass it on",
-            );
-        }
-        strip_hop_by_hop(&mut parts.headers);
-        let names: Vec<HeaderName> = parts.headers.keys().cloned().collect();
-        for name in names {
-            let values: Vec<HeaderValue> = parts.headers.get_all(&name).iter().cloned().collect();
-            let mut changed = false;
-            let fixed: Vec<HeaderValue> = values
-                .iter()
-                .map(|v| {
-                    let out = redactor.whole(v.as_bytes());
-                    if out != v.as_bytes() {
-                        changed = true;
-                    }
-                    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
-                })
-                .collect();
-            if changed {
-                parts.headers.remove(&name);
-                for v in fixed {
-                    parts.headers.append(name.clone(), v);
-                }
-            }
-        }
-        let header_hits = redactor.hits;
-        if header_hits > 0 {
-            tracing::warn!(route = %route.name, lease_id = %held.grant.lease_id, replaced = header_hits, "the upstream echoed the credential in headers; redacted");
-        }
-        let has_body = !head_only && !matches!(parts.status.as_u16(), 204 | 304);
-        let known = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|n| *n <= WHOLE_BODY_MAX);
-        let body = match known {
-            // a small body of known length is read whole, redacted, and
-            // sent with its (new) length
-            Some(_) if has_body => {
-                let bytes = match body.collect().await {
-                    Ok(b) => b.to_bytes(),
-                    Err(e) => {
-                        return self.fail(
-                            &route.name,
-                            StatusCode::BAD_GATEWAY,
-                            "upstream_unreachable",
-                            &format!("reading {}'s answer: {e}", target.origin()),
-                        );
-                    }
-                };
-                let before = redactor.hits;
-                let out = redactor.whole(&bytes);
-                if redactor.hits > before {
-                    tracing::warn!(route = %route.name, lease_id = %held.grant.lease_id, replaced = redactor.hits - before, "the upstream echoed the credential; redacted");
-                }
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
-                full(out)
-            }
-            _ => {
-                if has_body {
-                    // redaction may change the length: the body goes chunked
-                    parts.headers.remove(header::CONTENT_LENGTH);
-                }
-                let route_name = route.name.clone();
-                let lease = held.grant.lease_id.clone();
-                RedactBody::new(
-                    body,
-                    redactor,
-                    Box::new(move |hits| {
-                        if hits > 0 {
-                            tracing::warn!(route = %route_name, lease_id = %lease, replaced = hits, "the upstream echoed the credential; redacted");
-                        }
-                    }),
-                )
-                .map_err(|e| Box::new(e) as BoxError)
-                .boxed_unsync()
-            }
-        };
-        self.count(&route.name, "forwarded");
-        Response::from_parts(parts, body)
-    }
-
-    /// Whether a redirect's target is still this route's.
-    fn stays_in_route(&self, route: &Arc<Route>, target: &Target, location: &str) -> bool {
-        let (https, host, port, path) = if location.starts_with('/') && !location.starts_with("//")
-        {
-            (
-                target.https,
-                target.host.clone(),
-                target.port,
-                location.to_owned(),
-            )
-        } else {
-            let Ok(u) = location.parse::<Uri>() else {
-                return false;
-            };
-            let (Some(s), Some(a)) = (u.scheme_str(), u.authority()) else {
-                return false;
-            };
-            let https = s == "https";
-            let Ok((h, p)) = split_host_port(a.as_str(), if https { 443 } else { 80 }) else {
-                return false;
-            };
-            (https, h, p, u.path().to_owned())
-        };
-        let path = path.split('?').next().unwrap_or_default();
-        !has_dot_segment(path)
-            && self
-                .routes
-                .find(https, &host, port, path)
-                .is_some_and(|r| Arc::ptr_eq(r, route))
-    }
-
-    /// The broker's decision for this request, and the lease to inject:
-    /// one held for this task and route while it lives, else a new one.
-    #[allow(clippy::result_large_err)] // the error is the answer, sent at once
-    async fn decide(
-        &self,
-        route: &Arc<Route>,
-        credential: &str,
-        method: &str,
-        target: &Target,
-        approval: Option<&str>,
-    ) -> Result<Arc<Held>, Response<Body>> {
-        let key: Key = (sha256(credential.as_bytes()), route.index);
-        let path = target.path();
-        let action = route.render(&route.cfg.action, method, path);
-        let resource = route.render(&route.cfg.resource, method, path);
-        let arguments = hex(&sha256(
-            format!("{method} {}", target.path_and_query).as_bytes(),
-        ));
-        let mut guard = None;
-        for attempt in 0..2 {
-            let live = self.live(&key);
-            if live.is_none() && guard.is_none() {
-                // one mint per task and route at a time; the rest reuse it
-                let lock = self
-                    .minting
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .entry(key)
-                    .or_default()
-                    .clone();
-                guard = Some(lock.lock_owned().await);
-                if self.live(&key).is_some() {
-                    continue;
-                }
-            }
-            let call = Call {
-                proxy_credential: credential,
-                tool: &route.cfg.tool,
-                action: action.clone(),
-                resource: resource.clone(),
-                arguments_sha256: arguments.clone(),
-                credential: &route.cfg.credential,
-                reuse_lease: live.as_ref().map(|h| h.grant.lease_id.as_str()),
-                approval_id: approval,
-            };
-            let started = Instant::now();
-            let answer_ = self.broker.call(&call).await;
-            self.observe(
-                "leasehold_proxy_broker_call_duration_seconds",
-                &route.name,
-                started.elapsed().as_secs_f64(),
-            );
-            match answer_ {
-                Err(e) => {
-                    self.count(&route.name, "broker_unavailable");
-                    tracing::warn!(route = %route.name, error = %e, "broker call failed");
-                    let mut r = answer(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "broker_unavailable",
-                        "the broker could not decide this request; retry shortly",
-                        json!({}),
-                    );
-                    r.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    return Err(r);
-                }
-                Ok(Answer::Allowed {
-                    grant: Some(g),
-                    call_id,
-                    ..
-                }) => {
-                    let secrets = inject::secrets(route, &g).map_err(|e| {
-                        self.count(&route.name, "inject_failed");
-                        answer(
-                            StatusCode::BAD_GATEWAY,
-                            "inject_failed",
-                            &format!("route `{}`: {e}", route.name),
-                            json!({}),
-                        )
-                    })?;
-                    tracing::info!(route = %route.name, call_id = %call_id, lease_id = %g.lease_id, "allowed; new lease");
-                    let held = Arc::new(Held {
-                        grant: g,
-                        secrets: Arc::new(secrets),
-                    });
-                    let mut map = self
-                        .held
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if map.len() > 65_536 {
-                        let now = crate::now_ms();
-                        map.retain(|_, h| h.grant.expires_at_ms > now);
-                    }
-                    map.insert(key, held.clone());
-                    return Ok(held);
-                }
-                Ok(Answer::Allowed {
-                    grant: None,
-                    call_id,
-                    ..
-                }) => match live {
-                    Some(h) => {
-                        tracing::debug!(route = %route.name, call_id = %call_id, lease_id = %h.grant.lease_id, "allowed; lease reused");
-                        return Ok(h);
-                    }
-                    None => {
-                        return Err(answer(
-                            StatusCode::BAD_GATEWAY,
-                            "no_lease",
-                            "the broker allowed the call without a lease",
-                            json!({}),
-                        ));
-                    }
-                },
-                Ok(Answer::Approval {
-                    call_id,
-                    approval_id,
-                    expires_at,
-                }) => {
-                    self.count(&route.name, "approval_required");
-                    let mut r = answer(
-                        StatusCode::FORBIDDEN,
-                        "approval_required",
-                        &format!(
-                            "a human approver must approve this request; once approved, send it again \
-                             with the header `Leasehold-Approval: {approval_id}`"
-                        ),
-                        json!({"approval_id": approval_id, "call_id": call_id, "expires_at": expires_at}),
-                    );
-                    if let Ok(v) = HeaderValue::from_str(&approval_id) {
-                        r.headers_mut().insert("leasehold-approval-id", v);
-                    }
-                    return Err(r);
-                }
-                Ok(Answer::Refused(r))
-                    if attempt == 0
-                        && live.is_some()
-                        && matches!(r.code.as_str(), "lease_not_found" | "lease_state") =>
-                {
-                    // the lease ended under us (revoked, expired): mint again
-                    self.forget(&key);
-                    continue;
-                }
-                Ok(Answer::Refused(r)) => return Err(self.refused(route, &key, r)),
-            }
-        }
-        Err(answer(
-            StatusCode::BAD_GATEWAY,
-            "no_lease",
-            "no lease could be obtained",
-            json!({}),
-        ))
-    }
-
-    fn live(&self, key: &Key) -> Option<Arc<Held>> {
-        let now = crate::now_ms();
-        self.held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-            .filter(|h| h.grant.expires_at_ms - self.renew_margin_ms > now)
-            .cloned()
-    }
-
-    fn forget(&self, key: &Key) {
-        self.held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(key);
-    }
-
-    /// A refusal as the assistant reads it.
-    fn refused(&self, route: &Route, key: &Key, r: Refusal) -> Response<Body> {
-        let ended = matches!(
-            r.code.as_str(),
-            "task_completed" | "task_expired" | "task_not_found" | "proxy_credential_invalid"
-        );
-        if ended {
-            // nothing of this credential is any use any more
-            self.held
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .retain(|k, _| k.0 != key.0);
-            self.minting
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .retain(|k, _| k.0 != key.0);
-        }
-        let (status, outcome) = match (r.status, r.code.as_str()) {
-            (_, "proxy_credential_invalid") => {
-                (StatusCode::PROXY_AUTHENTICATION_REQUIRED, "unauthenticated")
-            }
-            (_, "policy_denied") => (StatusCode::FORBIDDEN, "denied"),
-            (429, _) => (StatusCode::TOO_MANY_REQUESTS, "refused"),
-            (503, _) => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
-            (s, _) if s >= 500 => (StatusCode::BAD_GATEWAY, "broker_unavailable"),
-            _ => (StatusCode::FORBIDDEN, "refused"),
-        };
-        self.count(&route.name, outcome);
-        tracing::info!(route = %route.name, code = %r.code, "refused by the broker");
-        let mut extra = json!({});
-        if !r.reasons.is_empty() {
-            extra["reasons"] = json!(r.reasons);
-        }
-        if let Some(c) = &r.call_id {
-            extra["call_id"] = json!(c);
-        }
-        let mut resp = answer(status, &r.code, &r.message, extra);
-        if let Some(ra) = r
-            .retry_after
-            .as_deref()
-            .and_then(|v| HeaderValue::from_str(v).ok())
-        {
-            resp.headers_mut().insert(header::RETRY_AFTER, ra);
-        }
-        resp
     }
 }
