@@ -294,18 +294,9 @@ fn writer_loop(
         match outcome {
             Ok(()) => {
                 healthy.store(true, Ordering::Relaxed);
-                if stats.disk_full.swap(false, Ordering::Relaxed) {
-                    tracing::warn!("the store's filesystem has room again: writes resume");
-                }
             }
-            Err(BatchError::NoSpace(e)) => {
-                stats
-                    .refused_no_space
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                if !stats.disk_full.swap(true, Ordering::Relaxed) {
-                    tracing::error!(error = %e, "the store's filesystem is full: writes are refused (503 store_full) until space is freed; reads go on");
-                }
-            }
+            // counted and flagged in `run_batch`, before its callers heard
+            Err(BatchError::NoSpace(_)) => {}
             Err(BatchError::Refused(e)) => {
                 healthy.store(false, Ordering::Relaxed);
                 tracing::error!(error = %e, operations = n, "store batch failed; its requests were refused");
@@ -471,6 +462,23 @@ fn run_batch(
             Err(super::Unwritten::failed(e.clone()))
         }
     };
+    // the store's room as callers will find it, before any is answered
+    match &outcome {
+        Ok(()) => {
+            if stats.disk_full.swap(false, Ordering::Relaxed) {
+                tracing::warn!("the store's filesystem has room again: writes resume");
+            }
+        }
+        Err(BatchError::NoSpace(e)) => {
+            stats
+                .refused_no_space
+                .fetch_add(replies.len() as u64, Ordering::Relaxed);
+            if !stats.disk_full.swap(true, Ordering::Relaxed) {
+                tracing::error!(error = %e, "the store's filesystem is full: writes are refused (503 store_full) until space is freed; reads go on");
+            }
+        }
+        Err(_) => {}
+    }
     let committed = outcome.is_ok().then_some(&entered);
     let n = super::settle(
         stats,
