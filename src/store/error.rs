@@ -109,3 +109,32 @@ impl StoreError {
         !matches!(self, Self::Conflict(_))
     }
 }
+
+/// The write-ahead log's appends (`wal.rs`): why one failed.
+#[derive(Debug)]
+pub(super) enum AppendError {
+    /// No space (or quota) to grow or write the log: nothing was relied on.
+    NoSpace(String),
+    /// Anything else, including any failed sync: the log's state on disk is
+    /// unknown.
+    Failed(String),
+}
+
+impl AppendError {
+    pub(super) fn of(path: &std::path::Path, e: &std::io::Error, space_may_be_why: bool) -> Self {
+        let text = format!("{}: {e}", path.display());
+        // ENOSPC and EDQUOT
+        match e.raw_os_error() {
+            Some(28 | 122) if space_may_be_why => Self::NoSpace(text),
+            _ => Self::Failed(text),
+        }
+    }
+}
+
+impl std::fmt::Display for AppendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoSpace(t) | Self::Failed(t) => f.write_str(t),
+        }
+    }
+}

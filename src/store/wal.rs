@@ -35,6 +35,8 @@ use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
+pub(super) use super::error::AppendError;
+
 use redb::{
     AccessGuard, Database, Durability, Key, Range, ReadableDatabase, ReadableTable as _,
     StorageError, Table, TableDefinition, TableError, TableHandle as _, Value, WriteTransaction,
@@ -692,33 +694,4 @@ pub(super) fn record_end_for_test(bytes: &[u8], at: usize) -> usize {
 pub(super) fn records_for_test(bytes: &[u8], after: u64) -> (Vec<u64>, bool) {
     let (r, tail) = records_after(bytes, after);
     (r.into_iter().map(|(l, _)| l).collect(), tail)
-}
-
-/// Why an append failed.
-#[derive(Debug)]
-pub(super) enum AppendError {
-    /// No space (or quota) to grow or write the log: nothing was relied on.
-    NoSpace(String),
-    /// Anything else, including any failed sync: the log's state on disk is
-    /// unknown.
-    Failed(String),
-}
-
-impl AppendError {
-    fn of(path: &Path, e: &std::io::Error, space_may_be_why: bool) -> Self {
-        let text = format!("{}: {e}", path.display());
-        // ENOSPC and EDQUOT
-        match e.raw_os_error() {
-            Some(28 | 122) if space_may_be_why => Self::NoSpace(text),
-            _ => Self::Failed(text),
-        }
-    }
-}
-
-impl std::fmt::Display for AppendError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::NoSpace(t) | Self::Failed(t) => f.write_str(t),
-        }
-    }
 }
