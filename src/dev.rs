@@ -363,6 +363,7 @@ fn dev_config(
         },
         limits: Limits::default(),
         reaper: ReaperConfig::default(),
+        retention: crate::config::RetentionConfig::default(),
         auth: AuthConfig {
             workload_issuers: vec![IssuerConfig {
                 kind: crate::config::IssuerKind::Jwt,

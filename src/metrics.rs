@@ -167,6 +167,19 @@ fn describe() {
         Unit::Seconds,
         "Round trip of the last election round (heartbeat and lease renewal)."
     );
+    describe_counter!(
+        "leasehold_retention_removed_total",
+        "Records retention removed, by kind (tasks, leases, calls, approvals, reviews, jobs, events)."
+    );
+    describe_gauge!(
+        "leasehold_retention_last_pass_timestamp_seconds",
+        Unit::Seconds,
+        "When the last complete retention pass ended (unix time); stale while retention fails or this node does not lead."
+    );
+    describe_counter!(
+        "leasehold_retention_failures_total",
+        "Retention passes that stopped on an error (logged; retried at the next interval)."
+    );
     describe_gauge!(
         "leasehold_store_pool_connections",
         "The PostgreSQL store's connections for reads, by state (open, idle)."
@@ -179,6 +192,22 @@ pub fn store_space(full: bool, refused: u64, postponed: u64) {
     gauge!("leasehold_store_disk_full").set(if full { 1.0 } else { 0.0 });
     counter!("leasehold_store_writes_refused_no_space_total").absolute(refused);
     counter!("leasehold_store_checkpoints_postponed_total").absolute(postponed);
+}
+
+/// Records retention removed, by kind.
+pub fn retention_removed(kind: &'static str, n: u64) {
+    if n > 0 {
+        counter!("leasehold_retention_removed_total", "kind" => kind).increment(n);
+    }
+}
+
+/// A retention pass ended: completely (at `unix_seconds`) or on an error.
+pub fn retention_pass(ok: bool, unix_seconds: f64) {
+    if ok {
+        gauge!("leasehold_retention_last_pass_timestamp_seconds").set(unix_seconds);
+    } else {
+        counter!("leasehold_retention_failures_total").increment(1);
+    }
 }
 
 /// The cluster's gauges, at scrape time.

@@ -449,7 +449,8 @@ fn build_broker(
         .with_archiving(
             Duration::from_secs(config.audit.prune_min_age_seconds),
             config.audit.archive_dir.clone(),
-        );
+        )
+        .with_retention(config.retention.clone());
     Ok(broker)
 }
 

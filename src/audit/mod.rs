@@ -76,10 +76,13 @@ pub enum EventKind {
     /// An assistant got a credential for the egress proxy, bound to its
     /// task (`leasehold proxy`).
     ProxyCredentialIssued,
+    /// Retention removed records that ended before its cutoff (what, how
+    /// many, which tasks).
+    RetentionRemoved,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 30] = [
+    pub const ALL: [EventKind; 31] = [
         Self::BrokerStarted,
         Self::BrokerStopped,
         Self::AuthDenied,
@@ -110,6 +113,7 @@ impl EventKind {
         Self::JobFinished,
         Self::ProviderReconciled,
         Self::ProxyCredentialIssued,
+        Self::RetentionRemoved,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -144,6 +148,7 @@ impl EventKind {
             Self::JobFinished => "revocation_job.finished",
             Self::ProviderReconciled => "provider.reconciled",
             Self::ProxyCredentialIssued => "proxy.credential_issued",
+            Self::RetentionRemoved => "retention.removed",
         }
     }
 

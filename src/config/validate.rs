@@ -29,6 +29,7 @@ impl Config {
         self.validate_limits()?;
         self.validate_auth()?;
         self.validate_audit()?;
+        self.validate_retention()?;
         self.validate_policy()?;
         self.validate_providers()
     }
@@ -171,6 +172,49 @@ impl Config {
             return Err(invalid(
                 "reaper.provider_timeout_seconds",
                 "must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks of retention: a window, batches that stay short, and an
+    /// archive for events pruned.
+    fn validate_retention(&self) -> Result<(), ConfigError> {
+        let r = &self.retention;
+        if r.keep_ended_seconds < 60 {
+            return Err(invalid(
+                "retention.keep_ended_seconds",
+                "must be at least 60: ended tasks stay readable at least that long",
+            ));
+        }
+        if !(1..=86_400).contains(&r.interval_seconds) {
+            return Err(invalid(
+                "retention.interval_seconds",
+                "must be between 1 and 86400",
+            ));
+        }
+        if !(1..=100_000).contains(&r.batch_records) {
+            return Err(invalid(
+                "retention.batch_records",
+                "must be between 1 and 100000",
+            ));
+        }
+        if !(1..=1_000_000).contains(&r.prune_step_events) {
+            return Err(invalid(
+                "retention.prune_step_events",
+                "must be between 1 and 1000000",
+            ));
+        }
+        if r.archive_max_events < r.prune_step_events {
+            return Err(invalid(
+                "retention.archive_max_events",
+                "must be at least retention.prune_step_events",
+            ));
+        }
+        if r.archive_events == Some(true) && self.audit.archive_dir.is_none() {
+            return Err(invalid(
+                "retention.archive_events",
+                "needs audit.archive_dir: events are pruned only into an archive the broker writes and verifies",
             ));
         }
         Ok(())

@@ -99,6 +99,14 @@ impl Broker {
         f: EventFilter,
     ) -> Result<(Vec<serde_json::Value>, Option<u64>), BrokerError> {
         chain_reader(caller)?;
+        self.event_page(f).await
+    }
+
+    /// [`Broker::events`] for the broker's own use (archiving).
+    async fn event_page(
+        &self,
+        f: EventFilter,
+    ) -> Result<(Vec<serde_json::Value>, Option<u64>), BrokerError> {
         let reader = self.store.read()?;
         let lease_task = match &f.lease {
             Some((_, id)) => Some(reader.lease(*id)?.map_or(0, |r| r.task_id)),
@@ -139,6 +147,10 @@ impl Broker {
     /// The chain's base and head, its checkpoints and their key.
     pub fn chain_info(&self, caller: &Caller) -> Result<ChainInfo, BrokerError> {
         chain_reader(caller)?;
+        self.chain_state()
+    }
+
+    pub(in crate::domain) fn chain_state(&self) -> Result<ChainInfo, BrokerError> {
         let r = self.store.read()?;
         let checkpoints = r
             .checkpoints()?
@@ -187,9 +199,35 @@ impl Broker {
             ));
         }
         self.check_prune_age(caller, through).await?;
+        self.archive_through(
+            &dir,
+            &info,
+            through,
+            None,
+            caller.principal(),
+            ctx.request_id.clone(),
+        )
+        .await
+    }
+
+    /// Write events base+1..=`through` to a new archive in `dir`, verify
+    /// it, then prune them in steps of at most `self.prune_step` events,
+    /// each step its own transaction recording a `chain.pruned` that names
+    /// the archive and its SHA-256 (so no step holds the writer up long),
+    /// and sign a checkpoint over the new head. `epoch`: the leader's
+    /// (retention), checked in each step's transaction.
+    pub(in crate::domain) async fn archive_through(
+        &self,
+        dir: &std::path::Path,
+        info: &ChainInfo,
+        through: u64,
+        epoch: Option<u64>,
+        by: String,
+        rid: Option<String>,
+    ) -> Result<Archived, BrokerError> {
         let name = format!("chain-{:012}-{through:012}.jsonl", info.base.seq + 1);
         let path = dir.join(&name);
-        self.write_archive(caller, &info, through, &path).await?;
+        let steps = self.write_archive(info, through, &path).await?;
         let trusted = self
             .checkpoint_key
             .as_ref()
@@ -201,14 +239,17 @@ impl Broker {
         .await
         .map_err(|e| BrokerError::Store(crate::store::StoreError::Io(e.to_string())))?
         .map_err(|e| BrokerError::Store(crate::store::StoreError::Io(e)))?;
-        let last_hash = crate::hex::decode32(&report.head_hash)
-            .filter(|_| report.ok && report.last_seq == through)
-            .ok_or_else(|| {
-                BrokerError::Store(crate::store::StoreError::Corrupt(format!(
+        let verified = crate::hex::decode32(&report.head_hash).filter(|h| {
+            report.ok && report.last_seq == through && steps.last() == Some(&(through, *h))
+        });
+        if verified.is_none() {
+            return Err(BrokerError::Store(crate::store::StoreError::Corrupt(
+                format!(
                     "the archive {} does not verify; nothing was pruned",
                     path.display()
-                )))
-            })?;
+                ),
+            )));
+        }
         let bytes = std::fs::read(&path).map_err(|e| {
             BrokerError::Store(crate::store::StoreError::Io(format!(
                 "{}: {e}",
@@ -216,29 +257,32 @@ impl Broker {
             )))
         })?;
         let sha = crate::hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
-        let (a, now) = (self.auditor.clone(), self.clock.now().unix_millis());
-        let (by, rid, archive, archive_sha) = (
-            caller.principal(),
-            ctx.request_id.clone(),
-            name.clone(),
-            sha.clone(),
-        );
-        let removed = self
-            .store
-            .write(move |t| {
-                let removed = t.prune_events(through, &last_hash)?;
-                let data = crate::event_data![
-                    ("through_seq", through),
-                    ("last_hash", crate::hex::encode(&last_hash)),
-                    ("removed", removed),
-                    ("archive", archive),
-                    ("archive_sha256", archive_sha),
-                    ("by", by),
-                ];
-                crate::audit::append(t, &a, a.broker(EventKind::ChainPruned, now, rid, data))?;
-                Ok(removed)
-            })
-            .await?;
+        let mut removed = 0;
+        for (step, hash) in steps {
+            let (a, now) = (self.auditor.clone(), self.clock.now().unix_millis());
+            let (by, rid, archive, archive_sha) =
+                (by.clone(), rid.clone(), name.clone(), sha.clone());
+            removed += self
+                .store
+                .write(move |t| {
+                    if let Some(e) = epoch {
+                        t.require_leader(e)?;
+                    }
+                    let removed = t.prune_events(step, &hash)?;
+                    let data = crate::event_data![
+                        ("through_seq", step),
+                        ("last_hash", crate::hex::encode(&hash)),
+                        ("removed", removed),
+                        ("archive", archive),
+                        ("archive_sha256", archive_sha),
+                        ("archive_through_seq", through),
+                        ("by", by),
+                    ];
+                    crate::audit::append(t, &a, a.broker(EventKind::ChainPruned, now, rid, data))?;
+                    Ok(removed)
+                })
+                .await?;
+        }
         let checkpoint = self.checkpoint().await?.map(|c| c.seq);
         Ok(Archived {
             archive: path,
@@ -289,13 +333,16 @@ impl Broker {
 
     /// The export of events base+1..=through, with the checkpoints in that
     /// range, written to a new file of mode 0600 and synced.
+    /// Returns the steps to prune in: every `prune_step`-th event's seq and
+    /// hash, and `through`'s last.
     async fn write_archive(
         &self,
-        caller: &Caller,
         info: &ChainInfo,
         through: u64,
         path: &std::path::Path,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Vec<(u64, [u8; 32])>, BrokerError> {
+        let mut steps = Vec::new();
+        let step = self.retention.prune_step_events.max(1);
         use std::io::Write as _;
         let io = |e: std::io::Error| {
             BrokerError::Store(crate::store::StoreError::Io(format!(
@@ -313,14 +360,18 @@ impl Broker {
             }
             b.create(dir).map_err(io)?;
         }
+        // written beside its name, then renamed: an attempt cut short (a
+        // crash before the prune) leaves no half file under the name, and
+        // the next attempt at the same range writes it again
+        let partial = path.with_extension("jsonl.partial");
         let mut open = std::fs::OpenOptions::new();
-        open.write(true).create_new(true);
+        open.write(true).create(true).truncate(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt as _;
             open.mode(0o600);
         }
-        let file = open.open(path).map_err(io)?;
+        let file = open.open(&partial).map_err(io)?;
         let mut out = std::io::BufWriter::new(file);
         let header = serde_json::json!({"chain": {"base_seq": info.base.seq, "base_hash": crate::hex::encode(&info.base.hash)}});
         writeln!(out, "{header}").map_err(io)?;
@@ -336,14 +387,11 @@ impl Broker {
         let mut after = info.base.seq;
         'pages: loop {
             let (page, next) = self
-                .events(
-                    caller,
-                    EventFilter {
-                        after,
-                        limit: 1000,
-                        ..EventFilter::default()
-                    },
-                )
+                .event_page(EventFilter {
+                    after,
+                    limit: 1000,
+                    ..EventFilter::default()
+                })
                 .await?;
             for e in &page {
                 let seq = e
@@ -352,6 +400,18 @@ impl Broker {
                     .unwrap_or(0);
                 if seq > through {
                     break 'pages;
+                }
+                if (seq - info.base.seq).is_multiple_of(step) || seq == through {
+                    let hash = e
+                        .get("hash")
+                        .and_then(serde_json::Value::as_str)
+                        .and_then(crate::hex::decode32)
+                        .ok_or_else(|| {
+                            BrokerError::Store(crate::store::StoreError::Corrupt(format!(
+                                "event {seq} has no hash"
+                            )))
+                        })?;
+                    steps.push((seq, hash));
                 }
                 let mut line = Vec::new();
                 crate::audit::canonical(e, &mut line).map_err(|e| {
@@ -372,6 +432,12 @@ impl Broker {
         }
         let file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
-        Ok(())
+        std::fs::rename(&partial, path).map_err(io)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ok(steps)
     }
 }

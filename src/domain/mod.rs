@@ -21,6 +21,7 @@ pub mod lease;
 pub mod ops;
 pub mod proxy;
 pub mod reaper;
+pub mod retention;
 pub mod task;
 
 use crate::auth::Caller;
@@ -255,6 +256,8 @@ pub struct Broker {
     pub(in crate::domain) checkpoint_key: Option<Arc<crate::audit::CheckpointKey>>,
     pub(in crate::domain) prune_min_age: std::time::Duration,
     pub(in crate::domain) archive_dir: Option<std::path::PathBuf>,
+    /// What leaves the store once ended long enough ago.
+    pub(in crate::domain) retention: crate::config::RetentionConfig,
     /// Rate limit for recording denied authentication attempts.
     pub(in crate::domain) denied: DeniedLimiter,
     /// The same for refused requests (`request.refused`).
@@ -338,6 +341,7 @@ impl Broker {
             checkpoint_key: None,
             prune_min_age: std::time::Duration::from_secs(7 * 86_400),
             archive_dir: None,
+            retention: crate::config::RetentionConfig::default(),
             denied: DeniedLimiter::new(10),
             refused: DeniedLimiter::new(10),
             policy,
@@ -382,6 +386,12 @@ impl Broker {
     ) -> Self {
         self.prune_min_age = min_age;
         self.archive_dir = dir;
+        self
+    }
+
+    /// Retention's window, schedule and batches.
+    pub fn with_retention(mut self, retention: crate::config::RetentionConfig) -> Self {
+        self.retention = retention;
         self
     }
 

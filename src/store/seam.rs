@@ -258,6 +258,63 @@ pub trait TokenWrites {
     ) -> Result<usize, StoreError>;
 }
 
+/// What one retention batch removed ([`RetentionWrites`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub tasks: u64,
+    pub leases: u64,
+    pub calls: u64,
+    pub approvals: u64,
+    pub reviews: u64,
+    /// Tasks examined that had ended before the cutoff but were kept:
+    /// something of theirs is still live (a lease not yet ended, an
+    /// approval undecided, a review unsigned).
+    pub kept: u64,
+    /// The first and last task removed.
+    pub first: Option<u128>,
+    pub last_removed: Option<u128>,
+    /// The last task examined: the next batch resumes after it.
+    pub cursor: Option<u128>,
+    /// No task created before the cutoff remains after `cursor`.
+    pub done: bool,
+}
+
+impl Removed {
+    /// Records removed in all.
+    pub fn records(&self) -> u64 {
+        self.tasks + self.leases + self.calls + self.approvals + self.reviews
+    }
+}
+
+/// Retention: what ended long enough ago leaves the store.
+pub trait RetentionWrites {
+    /// Remove tasks that ended before `cutoff` (ms: completed, or past
+    /// their deadline), each with its calls, leases, approvals and review,
+    /// and every index entry of theirs. A task is removed whole or not at
+    /// all, and only when nothing of it is live: every lease terminal
+    /// (never an irrevocable one) and ended before `cutoff`, every approval
+    /// decided, consumed or expired, its review signed off. Tasks are
+    /// examined in id (creation) order after `after`, at most `max_tasks`,
+    /// and the batch stops before it would remove more than `max_records`
+    /// (at least one task's worth), so a batch stays short.
+    fn remove_ended_tasks(
+        &mut self,
+        cutoff: i64,
+        after: Option<u128>,
+        max_tasks: usize,
+        max_records: usize,
+    ) -> Result<Removed, StoreError>;
+
+    /// Remove revocation jobs finished before `cutoff` with their claims
+    /// and counts, at most `max_records` entries; a job's record goes last,
+    /// with its final claims. Returns (jobs removed, entries removed).
+    fn remove_ended_jobs(
+        &mut self,
+        cutoff: i64,
+        max_records: usize,
+    ) -> Result<(u64, u64), StoreError>;
+}
+
 /// Leader-only work (expiry, the revocation queue, jobs, checkpoints):
 /// checked in the transaction that does it.
 pub trait ClusterWrites {
@@ -291,6 +348,7 @@ pub trait WriteTxn:
     + ApprovalWrites
     + IncidentWrites
     + TokenWrites
+    + RetentionWrites
     + ClusterWrites
 {
 }
@@ -303,6 +361,7 @@ impl<T> WriteTxn for T where
         + ApprovalWrites
         + IncidentWrites
         + TokenWrites
+        + RetentionWrites
         + ClusterWrites
 {
 }

@@ -111,7 +111,10 @@ both_backends!(
     a_prepared_handle_rides_on_the_intent_until_activation_replaces_it,
     events_are_read_back_from_blocks_by_seq_and_by_task,
     pruning_inside_a_block_keeps_the_rest_of_it_and_only_its_index_entries,
-    calls_are_read_by_task
+    calls_are_read_by_task,
+    retention_removes_ended_tasks_whole_and_nothing_live,
+    retention_batches_are_bounded_and_resume,
+    retention_removes_finished_jobs_with_their_claims
 );
 
 fn key() -> StoreKey {
@@ -1776,4 +1779,298 @@ async fn postgres_over_verified_tls_and_a_wrong_ca_is_refused_naming_the_certifi
     pg.connection.ca_file = Some(wrong);
     let err = Store::open(&opts, &key()).unwrap_err().to_string();
     assert!(err.to_lowercase().contains("certificate"), "{err}");
+}
+
+fn approval(id: u128, task: u128) -> ApprovalRecord {
+    ApprovalRecord {
+        id,
+        task_id: task,
+        workload: "dev:a".into(),
+        tenant: None,
+        on_behalf_of: "alice".into(),
+        request_hash: [1; 32],
+        tool: "demo.read".into(),
+        action: "read".into(),
+        target: "t".into(),
+        arguments_sha256: String::new(),
+        credential: None,
+        requested_by_call: id,
+        policies: vec![],
+        state: ApprovalState::Pending,
+        created_at: 0,
+        expires_at: 1_000_000,
+        decided_by: None,
+        decided_at: None,
+        comment: None,
+        consumed_by_call: None,
+    }
+}
+
+/// A completed task with one lease revoked at `at` and a call (which may
+/// name an approval).
+async fn ended_task(s: &Store, id: u128, at: i64, approval: Option<u128>) {
+    s.write(move |t| t.create_task(&task(id, 1_000_000)))
+        .await
+        .unwrap();
+    active_lease(s, id * 10, id, 900_000).await;
+    let mut c = call(id * 10 + 1, id);
+    c.approval_id = approval;
+    s.write(move |t| t.put_call(&c)).await.unwrap();
+    s.write(move |t| t.complete_task(id, at, at, &Local::new()))
+        .await
+        .unwrap();
+    let done = Outcome::Done {
+        lease: id * 10,
+        note: None,
+    };
+    s.write(move |t| t.record_outcomes(&[done], at))
+        .await
+        .unwrap();
+}
+
+/// Every trace of a task in the store, as readers see it.
+fn traces(s: &Store, id: u128) -> (bool, usize, usize, usize) {
+    let r = s.read().unwrap();
+    let listed = r
+        .list_leases(&LeaseQuery {
+            task: Some(id),
+            limit: 100,
+            scan_budget: 10_000,
+            ..LeaseQuery::default()
+        })
+        .unwrap()
+        .0
+        .len();
+    (
+        r.task(id).unwrap().is_some(),
+        r.task_leases(id).unwrap().len(),
+        r.task_calls(id).unwrap().len(),
+        listed,
+    )
+}
+
+async fn retention_removes_ended_tasks_whole_and_nothing_live(store: Backing) {
+    let s = store.open();
+    // 1: ended at 100, its approval denied: goes with everything of its own
+    s.write(|t| t.create_approval(&approval(70, 1)))
+        .await
+        .unwrap();
+    s.write(|t| t.decide_approval(70, false, "bob", None, 50))
+        .await
+        .unwrap();
+    ended_task(&s, 1, 100, Some(70)).await;
+    // 22: ended at 100 but its lease is irrevocable: stays
+    s.write(|t| t.create_task(&task(22, 1_000_000)))
+        .await
+        .unwrap();
+    active_lease(&s, 220, 22, 900_000).await;
+    s.write(|t| t.complete_task(22, 100, 100, &Local::new()))
+        .await
+        .unwrap();
+    let o = Outcome::Retry {
+        lease: 220,
+        at: 90_000,
+        error: "gone".into(),
+        irrevocable: true,
+    };
+    s.write(move |t| t.record_outcomes(&[o], 100))
+        .await
+        .unwrap();
+    // 3: open, deadline ahead: stays
+    s.write(|t| t.create_task(&task(3, 1_000_000)))
+        .await
+        .unwrap();
+    // 4: ended, but an approval asked by it is still pending: stays
+    s.write(|t| t.create_approval(&approval(74, 4)))
+        .await
+        .unwrap();
+    ended_task(&s, 4, 100, Some(74)).await;
+    // 5: never completed, deadline long past, its lease expired: goes
+    s.write(|t| t.create_task(&task(5, 500))).await.unwrap();
+    active_lease(&s, 50, 5, 400).await;
+    s.write(|t| t.expire_due(400, 10, &Local::new()))
+        .await
+        .unwrap();
+    let o = Outcome::Done {
+        lease: 50,
+        note: None,
+    };
+    s.write(move |t| t.record_outcomes(&[o], 400))
+        .await
+        .unwrap();
+    // 6: ended, its break-glass review unsigned: stays
+    ended_task(&s, 6, 100, None).await;
+    let six = s.read().unwrap().task(6).unwrap().unwrap();
+    s.write(move |t| t.flag_review(&six, (61, "demo.read".into(), "why".into(), 90)))
+        .await
+        .unwrap();
+    // 7: ended after the cutoff: stays
+    ended_task(&s, 7, 20_000, None).await;
+    let before = (
+        count(&s, LeaseState::Revoked),
+        count(&s, LeaseState::Expired),
+    );
+
+    let r = s
+        .write(|t| t.remove_ended_tasks(10_000, None, 100, 1_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.tasks, r.leases, r.calls, r.approvals, r.reviews),
+        (2, 2, 1, 1, 0),
+        "{r:?}"
+    );
+    assert_eq!((r.first, r.last_removed), (Some(1), Some(5)));
+    assert_eq!(r.kept, 5, "22, 3, 4, 6, 7");
+    assert!(r.done);
+    for gone in [1, 5] {
+        assert_eq!(traces(&s, gone), (false, 0, 0, 0), "task {gone}");
+    }
+    for kept in [22, 4, 6, 7] {
+        assert!(traces(&s, kept).0, "task {kept}");
+        assert_eq!(traces(&s, kept).1, 1, "task {kept}'s lease");
+    }
+    let rd = s.read().unwrap();
+    assert!(rd.lease(10).unwrap().is_none() && rd.lease(50).unwrap().is_none());
+    assert!(
+        rd.approval(70).unwrap().is_none(),
+        "decided: went with its task"
+    );
+    assert!(rd.approval(74).unwrap().is_some(), "pending: stays");
+    assert!(rd.lease(220).unwrap().is_some(), "irrevocable: stays");
+    assert!(rd.review(6).unwrap().is_some());
+    let tasks: Vec<u128> = rd
+        .workload_tasks("dev:a", 0, 100)
+        .unwrap()
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(
+        tasks,
+        [3, 4, 6, 7, 22],
+        "the workload's index forgets them too"
+    );
+    drop(rd);
+    assert_eq!(
+        (
+            count(&s, LeaseState::Revoked),
+            count(&s, LeaseState::Expired)
+        ),
+        (before.0 - 1, before.1 - 1),
+        "counters count what is stored"
+    );
+    // a second pass finds nothing more; the first signed off review frees 6
+    let r = s
+        .write(|t| t.remove_ended_tasks(10_000, None, 100, 1_000))
+        .await
+        .unwrap();
+    assert_eq!((r.tasks, r.kept), (0, 5));
+    s.write(|t| t.sign_off_review(6, "bob", "ok", 200))
+        .await
+        .unwrap();
+    let r = s
+        .write(|t| t.remove_ended_tasks(10_000, None, 100, 1_000))
+        .await
+        .unwrap();
+    assert_eq!((r.tasks, r.reviews), (1, 1));
+    assert_eq!(traces(&s, 6), (false, 0, 0, 0));
+    assert!(s.read().unwrap().review(6).unwrap().is_none());
+}
+
+async fn retention_batches_are_bounded_and_resume(store: Backing) {
+    let s = store.open();
+    for id in 1..=9 {
+        ended_task(&s, id, 100, None).await;
+    }
+    // each task is 3 records (task, lease, call): 7 allow two per batch
+    let mut cursor = None;
+    let mut batches = Vec::new();
+    loop {
+        let r = s
+            .write(move |t| t.remove_ended_tasks(10_000, cursor, 100, 7))
+            .await
+            .unwrap();
+        assert!(r.records() <= 7, "{r:?}");
+        batches.push(r.tasks);
+        if r.done {
+            break;
+        }
+        cursor = r.cursor;
+    }
+    assert_eq!(batches, [2, 2, 2, 2, 1]);
+    for id in 1..=9 {
+        assert_eq!(traces(&s, id), (false, 0, 0, 0), "task {id}");
+    }
+    // a task larger than the budget still goes, alone
+    ended_task(&s, 20, 100, None).await;
+    let r = s
+        .write(|t| t.remove_ended_tasks(10_000, None, 100, 1))
+        .await
+        .unwrap();
+    assert_eq!((r.tasks, r.done), (1, true));
+    // at most max_tasks examined per batch
+    for id in 30..=33 {
+        s.write(move |t| t.create_task(&task(id, 1_000_000)))
+            .await
+            .unwrap();
+    }
+    let r = s
+        .write(|t| t.remove_ended_tasks(10_000, None, 3, 1_000))
+        .await
+        .unwrap();
+    assert_eq!((r.kept, r.done, r.cursor), (3, false, Some(32)));
+}
+
+async fn retention_removes_finished_jobs_with_their_claims(store: Backing) {
+    let s = store.open();
+    s.write(|t| t.create_task(&task(1, 1_000_000)))
+        .await
+        .unwrap();
+    for l in 10..15 {
+        active_lease(&s, l, 1, 900_000).await;
+    }
+    let job = |id: u128, state: JobState| JobRecord {
+        id,
+        selector: Selector {
+            task: Some(1),
+            states: vec![LeaseState::Active],
+            ..Selector::default()
+        },
+        reason: "incident".into(),
+        fence: false,
+        created_by: "responder".into(),
+        created_at: 0,
+        state,
+        cursor: None,
+        scan_done: true,
+        scanned: 0,
+        finished_at: (state != JobState::Running).then_some(100),
+        error: None,
+    };
+    let done = job(5, JobState::Done);
+    let running = job(6, JobState::Running);
+    s.write(move |t| {
+        t.put_job(&done)?;
+        t.put_job(&running)?;
+        t.claim_for_job(&done, &[10, 11, 12], 50, &local_token())?;
+        t.claim_for_job(&running, &[13], 50, &local_token())
+    })
+    .await
+    .unwrap();
+    assert!(!s.read().unwrap().job_counts(5).unwrap().is_empty());
+    // two claims per batch: the job's record goes with its last claims
+    let (jobs, entries) = s.write(|t| t.remove_ended_jobs(10_000, 2)).await.unwrap();
+    assert_eq!((jobs, entries), (0, 2));
+    assert!(s.read().unwrap().job(5).unwrap().is_some());
+    let (jobs, _) = s.write(|t| t.remove_ended_jobs(10_000, 100)).await.unwrap();
+    assert_eq!(jobs, 1);
+    let r = s.read().unwrap();
+    assert!(r.job(5).unwrap().is_none());
+    assert!(r.job_counts(5).unwrap().is_empty());
+    assert!(r.job(6).unwrap().is_some(), "a running job stays");
+    assert_eq!(r.jobs().unwrap().len(), 1);
+    // a job finished after the cutoff stays
+    drop(r);
+    let (jobs, _) = s.write(|t| t.remove_ended_jobs(50, 100)).await.unwrap();
+    assert_eq!(jobs, 0);
 }

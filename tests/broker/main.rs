@@ -41,6 +41,7 @@ mod proxy;
 mod python_sdk;
 mod registered;
 mod restart;
+mod retention;
 mod retry;
 mod secrets;
 mod shutdown;

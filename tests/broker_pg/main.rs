@@ -20,3 +20,5 @@ mod incident;
 mod lifecycle;
 #[path = "../broker/policy.rs"]
 mod policy;
+#[path = "../broker/retention.rs"]
+mod retention;

@@ -224,6 +224,11 @@ enum Cmd {
         /// Seconds in a "minute" (shorter for a smoke run).
         #[arg(long, default_value_t = 60, hide = true)]
         minute_seconds: u64,
+        /// Retention's window (`retention.keep_ended_seconds`, and the
+        /// events' minimum age): short, so the store reaches its steady
+        /// size within the soak.
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(60..))]
+        retention_seconds: u64,
     },
     /// The disk under BENCH_DIR: fsync time after writing N random 4 KiB
     /// pages (what a checkpoint does), and after appending 64 KiB (what a
@@ -2144,6 +2149,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             calibrate_seconds,
             minute_seconds,
+            retention_seconds,
         } => {
             soak::soak(
                 &bin,
@@ -2152,6 +2158,7 @@ async fn main() -> anyhow::Result<()> {
                 rate,
                 calibrate_seconds,
                 minute_seconds,
+                retention_seconds,
             )
             .await
         }

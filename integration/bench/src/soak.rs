@@ -124,12 +124,26 @@ fn file_mib(p: &Path) -> f64 {
     std::fs::metadata(p).map_or(0.0, |m| m.len() as f64 / (1 << 20) as f64)
 }
 
-fn queue_depth(metrics: &str) -> f64 {
+/// The sum of a metric's series in a Prometheus exposition.
+fn metric_sum(metrics: &str, name: &str) -> f64 {
     metrics
         .lines()
-        .filter(|l| l.starts_with("leasehold_revocation_queue_depth"))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The bytes of the files in a folder (the archives).
+fn dir_mib(p: &Path) -> f64 {
+    std::fs::read_dir(p).map_or(0.0, |d| {
+        d.filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len() as f64)
+            .sum::<f64>()
+            / (1 << 20) as f64
+    })
 }
 
 pub async fn soak(
@@ -139,11 +153,24 @@ pub async fn soak(
     rate: Option<f64>,
     calibrate_seconds: u64,
     minute_seconds: u64,
+    retention_seconds: u64,
 ) -> anyhow::Result<()> {
     let dir = bench_dir()?;
     let addr = free_addr()?;
     // caps raised: 30 s leases at this rate are tens of thousands live
     let (config, creds) = setup(dir.path(), addr, true)?;
+    // retention set short: ended tasks (their 120 s deadline passed) and
+    // events leave `retention_seconds` later, every 10 s
+    let mut c = leasehold::config::Config::load(&config)?;
+    c.retention.keep_ended_seconds = retention_seconds;
+    c.retention.interval_seconds = 10.min(retention_seconds);
+    c.audit.prune_min_age_seconds = retention_seconds;
+    std::fs::write(&config, c.to_toml()?)?;
+    let archive = c
+        .audit
+        .archive_dir
+        .clone()
+        .unwrap_or_else(|| dir.path().join("archive"));
     let mut broker = Server::spawn(bin, &config, &dir.path().join("broker.log"))?;
     let http = client(4)?;
     let base = format!("http://{addr}");
@@ -176,8 +203,9 @@ pub async fn soak(
     let store = dir.path().join("leasehold.redb");
     let wal = dir.path().join("leasehold.redb-wal");
     println!(
-        "soak: {minutes} minute(s) at {target:.0} leases/s (30 s tokens, expired by the reaper); one row a minute\n\
-         {:>6} {:>9} {:>8} {:>8} {:>8} {:>10} {:>9} {:>7} {:>7}",
+        "soak: {minutes} minute(s) at {target:.0} leases/s (30 s tokens, expired by the reaper; \
+         tasks end after 120 s, retention {retention_seconds} s); one row a minute\n\
+         {:>6} {:>9} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>11} {:>7} {:>7}",
         "minute",
         "leases/s",
         "p50 ms",
@@ -185,6 +213,8 @@ pub async fn soak(
         "RSS MiB",
         "store MiB",
         "log MiB",
+        "leases",
+        "archive MiB",
         "queue",
         "errors"
     );
@@ -214,10 +244,12 @@ pub async fn soak(
         let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
         let rss = rss as f64 / 1024.0;
         println!(
-            "{m:>6} {rate:>9.0} {p50:>8.2} {p99:>8.2} {rss:>8.0} {:>10.1} {:>9.1} {:>7.0} {:>7}",
+            "{m:>6} {rate:>9.0} {p50:>8.2} {p99:>8.2} {rss:>8.0} {:>10.1} {:>9.1} {:>9.0} {:>11.1} {:>7.0} {:>7}",
             file_mib(&store),
             file_mib(&wal),
-            queue_depth(&metrics),
+            metric_sum(&metrics, "leasehold_leases"),
+            dir_mib(&archive),
+            metric_sum(&metrics, "leasehold_revocation_queue_depth"),
             errors - last_errors
         );
         rows.push((p99, rss, file_mib(&store)));

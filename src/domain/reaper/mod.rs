@@ -398,6 +398,10 @@ pub fn spawn(
             shutdown.clone(),
         )));
     }
+    handles.extend(crate::domain::retention::spawn(
+        broker.clone(),
+        shutdown.clone(),
+    ));
     handles.push(tokio::spawn(maintenance_loop(broker, shutdown)));
     handles
 }

@@ -1,5 +1,5 @@
 //! The event chain in a redb transaction: appends join the batch's open
-//! block; checkpoints; pruning of archived events.
+//! block; checkpoints; pruning of archived events (and their checkpoints).
 
 use super::*;
 
@@ -115,6 +115,15 @@ impl ChainWrites for KvTxn<'_> {
                 let r = self.event_tasks.insert((task, seq), ()).map(|_| ());
                 self.w(r)?;
             }
+        }
+        // checkpoints over pruned events went into the archive with them
+        let mut signed = Vec::new();
+        for e in self.checkpoints.range(..=through)? {
+            signed.push(e?.0.value());
+        }
+        for seq in signed {
+            let r = self.checkpoints.remove(seq).map(|_| ());
+            self.w(r)?;
         }
         let base = ChainHead {
             seq: through,

@@ -19,6 +19,7 @@ mod calls;
 mod chain;
 mod incident;
 mod leases;
+mod retention;
 mod tasks;
 mod tokens;
 
