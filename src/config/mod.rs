@@ -595,10 +595,10 @@ pub(crate) mod defaults {
         300
     }
     pub fn retention_batch_records() -> usize {
-        2000
+        250
     }
     pub fn retention_prune_step_events() -> u64 {
-        4096
+        512
     }
     pub fn retention_archive_max_events() -> u64 {
         1_000_000

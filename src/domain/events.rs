@@ -47,6 +47,9 @@ pub struct Archived {
     pub base_seq: u64,
     /// The checkpoint signed right after, over the new head.
     pub checkpoint: Option<u64>,
+    /// Prune steps (transactions), and the longest any held the writer.
+    pub steps: u64,
+    pub longest_step: std::time::Duration,
 }
 
 /// Events examined per page at most.
@@ -257,14 +260,16 @@ impl Broker {
             )))
         })?;
         let sha = crate::hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
-        let mut removed = 0;
+        let (mut removed, mut longest_step) = (0, std::time::Duration::ZERO);
+        let count = steps.len() as u64;
         for (step, hash) in steps {
             let (a, now) = (self.auditor.clone(), self.clock.now().unix_millis());
             let (by, rid, archive, archive_sha) =
                 (by.clone(), rid.clone(), name.clone(), sha.clone());
-            removed += self
+            let (n, held) = self
                 .store
                 .write(move |t| {
+                    let held = std::time::Instant::now();
                     if let Some(e) = epoch {
                         t.require_leader(e)?;
                     }
@@ -279,9 +284,11 @@ impl Broker {
                         ("by", by),
                     ];
                     crate::audit::append(t, &a, a.broker(EventKind::ChainPruned, now, rid, data))?;
-                    Ok(removed)
+                    Ok((removed, held.elapsed()))
                 })
                 .await?;
+            removed += n;
+            longest_step = longest_step.max(held);
         }
         let checkpoint = self.checkpoint().await?.map(|c| c.seq);
         Ok(Archived {
@@ -290,6 +297,8 @@ impl Broker {
             pruned: removed,
             base_seq: through,
             checkpoint,
+            steps: count,
+            longest_step,
         })
     }
 
@@ -341,8 +350,6 @@ impl Broker {
         through: u64,
         path: &std::path::Path,
     ) -> Result<Vec<(u64, [u8; 32])>, BrokerError> {
-        let mut steps = Vec::new();
-        let step = self.retention.prune_step_events.max(1);
         use std::io::Write as _;
         let io = |e: std::io::Error| {
             BrokerError::Store(crate::store::StoreError::Io(format!(
@@ -384,52 +391,57 @@ impl Broker {
                 writeln!(out, "{}", serde_json::json!({ "checkpoint": cp })).map_err(io)?;
             }
         }
-        let mut after = info.base.seq;
-        'pages: loop {
-            let (page, next) = self
-                .event_page(EventFilter {
-                    after,
-                    limit: 1000,
-                    ..EventFilter::default()
-                })
-                .await?;
-            for e in &page {
-                let seq = e
-                    .get("seq")
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(0);
-                if seq > through {
-                    break 'pages;
+        // the events, from one snapshot, off the async workers: their
+        // stored bytes with the hash spliced in (no values built)
+        let reader = self.store.read()?;
+        let base = info.base.seq;
+        let step = self.retention.prune_step_events.max(1);
+        let (out, steps) = tokio::task::spawn_blocking(move || {
+            let mut steps = Vec::new();
+            let mut line = Vec::new();
+            let mut after = base;
+            // synced as it goes, a MiB at a time: one sync of the whole
+            // archive would queue tens of MiB ahead of the write-ahead
+            // log's next sync on the same disk
+            let mut unsynced = 0;
+            while after < through {
+                let page = reader.events_after(after, 1000)?;
+                if page.is_empty() {
+                    return Err(crate::store::StoreError::Corrupt(format!(
+                        "events {}..={through} are missing",
+                        after + 1
+                    )));
                 }
-                if (seq - info.base.seq).is_multiple_of(step) || seq == through {
-                    let hash = e
-                        .get("hash")
-                        .and_then(serde_json::Value::as_str)
-                        .and_then(crate::hex::decode32)
-                        .ok_or_else(|| {
-                            BrokerError::Store(crate::store::StoreError::Corrupt(format!(
-                                "event {seq} has no hash"
-                            )))
-                        })?;
-                    steps.push((seq, hash));
-                }
-                let mut line = Vec::new();
-                crate::audit::canonical(e, &mut line).map_err(|e| {
-                    BrokerError::Store(crate::store::StoreError::Corrupt(e.to_string()))
-                })?;
-                out.write_all(&line)
-                    .and_then(|()| out.write_all(b"\n"))
-                    .map_err(io)?;
-                after = seq;
-                if seq == through {
-                    break 'pages;
+                for e in page.into_iter().take_while(|e| e.seq <= through) {
+                    if (e.seq - base).is_multiple_of(step) || e.seq == through {
+                        steps.push((e.seq, e.hash));
+                    }
+                    line.clear();
+                    crate::audit::export_line(&e.bytes, &e.hash, &mut line).map_err(|_| {
+                        crate::store::StoreError::Corrupt(format!(
+                            "event {} is not an object",
+                            e.seq
+                        ))
+                    })?;
+                    line.push(b'\n');
+                    out.write_all(&line)
+                        .map_err(|err| crate::store::StoreError::Io(err.to_string()))?;
+                    unsynced += line.len();
+                    if unsynced >= 1 << 20 {
+                        unsynced = 0;
+                        out.flush()
+                            .and_then(|()| out.get_ref().sync_data())
+                            .map_err(|err| crate::store::StoreError::Io(err.to_string()))?;
+                    }
+                    after = e.seq;
                 }
             }
-            match next {
-                Some(n) if !page.is_empty() => after = n.max(after),
-                _ => break,
-            }
-        }
+            Ok((out, steps))
+        })
+        .await
+        .map_err(|e| {
+            BrokerError::Store(crate::store::StoreError::Io(format!("archive task: {e}")))
+        })??;
         let file = out.into_inner().map_err(|e| io(e.into_error()))?;
         file.sync_all().map_err(io)?;
         std::fs::rename(&partial, path).map_err(io)?;

@@ -41,9 +41,9 @@ pub struct Pass {
     pub kept: u64,
     pub jobs: u64,
     pub events: u64,
-    /// Store transactions the pass took.
+    /// Store transactions the pass took (prune steps included).
     pub batches: u64,
-    /// The longest of them, as the writer saw it from here.
+    /// The longest any of them held the writer.
     pub longest_batch: Duration,
     pub archives: Vec<std::path::PathBuf>,
 }
@@ -119,9 +119,10 @@ impl Broker {
         loop {
             let a = self.auditor.clone();
             let started = Instant::now();
-            let r = self
+            let (r, held) = self
                 .store
                 .write(move |t| {
+                    let held = Instant::now();
                     t.require_leader(epoch)?;
                     let r = t.remove_ended_tasks(cutoff, cursor, max, max)?;
                     if r.tasks > 0 {
@@ -145,10 +146,10 @@ impl Broker {
                             a.broker(EventKind::RetentionRemoved, now, None, data),
                         )?;
                     }
-                    Ok(r)
+                    Ok((r, held.elapsed()))
                 })
                 .await?;
-            self.paced(started, &mut pass).await;
+            self.paced(started, held, &mut pass).await;
             pass.add(&r);
             for (kind, n) in [
                 ("tasks", r.tasks),
@@ -167,9 +168,10 @@ impl Broker {
         loop {
             let a = self.auditor.clone();
             let started = Instant::now();
-            let (jobs, entries) = self
+            let (jobs, entries, held) = self
                 .store
                 .write(move |t| {
+                    let held = Instant::now();
                     t.require_leader(epoch)?;
                     let (jobs, entries) = t.remove_ended_jobs(cutoff, max)?;
                     if entries > 0 {
@@ -187,10 +189,10 @@ impl Broker {
                             a.broker(EventKind::RetentionRemoved, now, None, data),
                         )?;
                     }
-                    Ok((jobs, entries))
+                    Ok((jobs, entries, held.elapsed()))
                 })
                 .await?;
-            self.paced(started, &mut pass).await;
+            self.paced(started, held, &mut pass).await;
             pass.jobs += jobs;
             crate::metrics::retention_removed("jobs", jobs);
             if entries < max as u64 {
@@ -202,13 +204,13 @@ impl Broker {
         Ok(pass)
     }
 
-    /// Count a batch and pause as long as it took (at least a millisecond),
-    /// so a backlog never takes more than half the writer.
-    async fn paced(&self, started: Instant, pass: &mut Pass) {
-        let took = started.elapsed();
+    /// Count a batch that held the writer for `held`, and pause as long as
+    /// it took from here (at least a millisecond), so a backlog never takes
+    /// more than half the writer.
+    async fn paced(&self, started: Instant, held: Duration, pass: &mut Pass) {
         pass.batches += 1;
-        pass.longest_batch = pass.longest_batch.max(took);
-        tokio::time::sleep(took.max(Duration::from_millis(1))).await;
+        pass.longest_batch = pass.longest_batch.max(held);
+        tokio::time::sleep(started.elapsed().max(Duration::from_millis(1))).await;
     }
 
     /// Archive and prune the events older than the window, in archives of
@@ -250,6 +252,8 @@ impl Broker {
                 .archive_through(&dir, &info, through, Some(epoch), "retention".into(), None)
                 .await?;
             pass.events += a.pruned;
+            pass.batches += a.steps;
+            pass.longest_batch = pass.longest_batch.max(a.longest_step);
             pass.archives.push(a.archive);
             if through < last || last == info.head.seq {
                 return Ok(());
