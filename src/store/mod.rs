@@ -25,6 +25,7 @@ mod blocks;
 mod codec;
 mod copy;
 mod error;
+mod footprint;
 mod key;
 mod kv;
 mod lifecycle;
@@ -46,6 +47,13 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use copy::{CopyReport, copy};
 pub use error::{Conflict, StoreError};
+pub use footprint::{Footprint, TableBytes, footprint};
+
+/// A stored event block as its plain bytes, deflated or not (for tools
+/// that read a store file directly; the format is in `store/blocks.rs`).
+pub fn plain_event_block(stored: &[u8]) -> Result<Vec<u8>, StoreError> {
+    blocks::unpack(stored).map(std::borrow::Cow::into_owned)
+}
 pub use key::{KeyError, OpenError, Sealer, StoreKey};
 pub use lifecycle::{
     Activation, ChainHead, Chained, Completion, ExpiryPass, Local, Outcome, RevokeRequest,

@@ -200,7 +200,7 @@ impl ReadTxn for KvReader {
         // the first block whose key is past `after` holds `after + 1`
         'blocks: for e in t.range(after.saturating_add(1)..)? {
             let (k, v) = e?;
-            for e in blocks::entries(k.value(), v.value()) {
+            for e in blocks::entries(k.value(), &blocks::unpack(v.value())?) {
                 let e = e?;
                 if e.seq <= after {
                     continue;
@@ -218,7 +218,7 @@ impl ReadTxn for KvReader {
         let t = self.src.open(EVENT_BLOCKS)?;
         for e in t.iter()? {
             let (k, v) = e?;
-            for e in blocks::entries(k.value(), v.value()) {
+            for e in blocks::entries(k.value(), &blocks::unpack(v.value())?) {
                 let e = e?;
                 f(e.seq, e.hash, e.bytes);
             }
@@ -248,7 +248,7 @@ impl ReadTxn for KvReader {
                 continue;
             };
             let (k, v) = b?;
-            for e in blocks::entries(k.value(), v.value()) {
+            for e in blocks::entries(k.value(), &blocks::unpack(v.value())?) {
                 let e = e?;
                 if e.seq < from || e.seq <= last || e.task != task {
                     continue;

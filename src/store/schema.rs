@@ -215,7 +215,7 @@ fn store_block(
     block: &mut BlockBuf,
 ) -> Result<(), StoreError> {
     if let Some((key, b)) = block.take() {
-        t.insert(key, b.as_slice())?;
+        t.insert(key, super::blocks::pack(b).as_slice())?;
     }
     Ok(())
 }

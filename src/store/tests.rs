@@ -1212,7 +1212,7 @@ fn task_index(s: &Store) -> (IndexEntries, IndexEntries) {
     for b in r.open(EVENT_BLOCKS).unwrap().iter().unwrap() {
         let (k, v) = b.unwrap();
         let mut seen = Vec::new();
-        for e in blocks::entries(k.value(), v.value()) {
+        for e in blocks::entries(k.value(), &blocks::unpack(v.value()).unwrap()) {
             let e = e.unwrap();
             if e.task != 0 && !seen.contains(&e.task) {
                 seen.push(e.task);
@@ -1242,7 +1242,7 @@ async fn events_are_read_back_from_blocks_by_seq_and_by_task(store: Backing) {
         for e in t.iter().unwrap() {
             let (k, v) = e.unwrap();
             assert!(
-                v.value().len() <= blocks::BLOCK_BYTES,
+                blocks::unpack(v.value()).unwrap().len() <= blocks::BLOCK_BYTES,
                 "block {}",
                 k.value()
             );

@@ -279,6 +279,7 @@ macro_rules! by_table {
         }
     };
 }
+pub(super) use by_table;
 
 /// Apply `count` recorded operations to one table.
 fn replay_ops<K: Key + 'static, V: Value + 'static>(

@@ -12,7 +12,8 @@ use crate::harness::{Harness, Options};
 
 /// Blocks of consecutive events, keyed by the seq of the last: `first seq
 /// (u64 BE)`, then per event `hash (32) | task (16) | length (u32 BE) |
-/// canonical bytes`.
+/// canonical bytes`; stored deflated (read through
+/// `leasehold::store::plain_event_block`), rewritten plain here.
 const BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("event_blocks");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const CHECKPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("checkpoints");
@@ -76,7 +77,7 @@ fn read_events(t: &impl ReadableTable<u64, &'static [u8]>) -> BTreeMap<u64, Vec<
     let mut out = BTreeMap::new();
     for e in t.iter().unwrap() {
         let (_, v) = e.unwrap();
-        let v = v.value();
+        let v = leasehold::store::plain_event_block(v.value()).unwrap();
         let mut seq = u64::from_be_bytes(v[..8].try_into().unwrap());
         let mut at = 8;
         while at < v.len() {
@@ -226,7 +227,9 @@ async fn tampering_with_the_store_is_caught_and_located() {
                 .unwrap()
                 .0
                 .value();
-            let mut b = blocks.get(key).unwrap().unwrap().value().to_vec();
+            let mut b =
+                leasehold::store::plain_event_block(blocks.get(key).unwrap().unwrap().value())
+                    .unwrap();
             let first = u64::from_be_bytes(b[..8].try_into().unwrap());
             assert!(first <= k && k <= key);
             b[8 + 48..8 + 52].copy_from_slice(&u32::MAX.to_be_bytes());

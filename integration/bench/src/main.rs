@@ -20,6 +20,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod bytes;
 mod mysql;
 mod proxy;
 mod soak;
@@ -229,6 +230,16 @@ enum Cmd {
         /// size within the soak.
         #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(60..))]
         retention_seconds: u64,
+    },
+    /// What one ended lease costs on disk: `leases` 30-second tokens, 100
+    /// to a task, each task completed; then every table of the stopped
+    /// store, per lease (entries, key and value bytes), redb's pages and
+    /// the file.
+    Bytes {
+        #[arg(long, default_value_t = 20_000, value_parser = at_least_one())]
+        leases: usize,
+        #[arg(long, default_value_t = 8, value_parser = at_least_one())]
+        clients: usize,
     },
     /// The disk under BENCH_DIR: fsync time after writing N random 4 KiB
     /// pages (what a checkpoint does), and after appending 64 KiB (what a
@@ -2143,6 +2154,7 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Cmd::Bytes { leases, clients } => bytes::bytes(&bin, leases, clients).await,
         Cmd::Soak {
             minutes,
             clients,

@@ -66,7 +66,8 @@ impl ChainWrites for KvTxn<'_> {
             .range(through..)?
             .next()
             .transpose()?
-            .map(|(k, v)| (k.value(), v.value().to_vec()));
+            .map(|(k, v)| blocks::unpack(v.value()).map(|b| (k.value(), b.into_owned())))
+            .transpose()?;
         let found = match &holding {
             Some((key, block)) => blocks::find(*key, block, through)?.map(|e| e.hash),
             None => None,
@@ -109,7 +110,10 @@ impl ChainWrites for KvTxn<'_> {
         // what remains of the cut block, and its tasks' index entries (a
         // task whose first event there was pruned now starts later)
         if let Some((key, rest)) = rest {
-            let r = self.events.insert(key, rest.block.as_slice()).map(|_| ());
+            let r = self
+                .events
+                .insert(key, blocks::pack(rest.block).as_slice())
+                .map(|_| ());
             self.w(r)?;
             for (task, seq) in rest.firsts {
                 let r = self.event_tasks.insert((task, seq), ()).map(|_| ());

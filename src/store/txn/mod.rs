@@ -103,7 +103,7 @@ fn pruned_of(
 ) -> Result<u64, StoreError> {
     let mut count = 0;
     let mut tasks: Vec<u128> = Vec::new();
-    for e in blocks::entries(key, block) {
+    for e in blocks::entries(key, &blocks::unpack(block)?) {
         let e = e?;
         if e.seq > through {
             break;
@@ -293,7 +293,10 @@ impl<'t> KvTxn<'t> {
     /// Store the open block, if any.
     fn write_block(&mut self) -> Result<(), StoreError> {
         if let Some((last, bytes)) = self.block.take() {
-            let r = self.events.insert(last, bytes.as_slice()).map(|_| ());
+            let r = self
+                .events
+                .insert(last, blocks::pack(bytes).as_slice())
+                .map(|_| ());
             self.w(r)?;
         }
         Ok(())
