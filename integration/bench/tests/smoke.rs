@@ -182,6 +182,13 @@ fn proxy() {
 }
 
 #[test]
+fn bytes() {
+    let out = bench(&["bytes", "--leases", "300", "--clients", "2"]);
+    assert!(out.contains("keys and values"), "{out}");
+    assert!(out.contains("event_blocks"), "{out}");
+}
+
+#[test]
 fn soak() {
     let out = bench(&[
         "soak",
