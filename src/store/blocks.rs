@@ -16,10 +16,17 @@
 //! header's top bit set, then the plain length (u32 BE) and the entries
 //! deflated (raw DEFLATE, fast level). Events repeat their keys, links and
 //! ids, so a block shrinks to about a third, and a small block no longer
-//! takes a run of pages it half fills. A plain block (the top bit clear,
-//! as every block before this format was) is read as it is; readers see
-//! plain blocks only ([`unpack`]). The hashes are over the canonical
-//! bytes, which deflating does not change.
+//! takes a run of pages it half fills. Each event's `"prev_hash":"..",
+//! "seq":N` is left out before deflating when it is what the chain says it
+//! must be (the previous entry's hash, the entry's seq; the header's next
+//! bit set, then the first entry's previous hash, 32 bytes, and per entry
+//! the offset it was cut at, u32 BE, after its length): 64 hex digits of
+//! a hash do not deflate, and the stored hash they repeat is right there.
+//! [`unpack`] puts them back, so the canonical bytes, and every hash over
+//! them, are as they were; a changed stored hash still shows at its own
+//! event, whose bytes no longer match it. A plain block (the top bit
+//! clear, as every block before this format was) is read as it is;
+//! readers see plain blocks only.
 
 use std::borrow::Cow;
 
@@ -27,21 +34,81 @@ use super::StoreError;
 
 /// The header's top bit: the entries that follow are deflated.
 const DEFLATED: u64 = 1 << 63;
+/// The next bit: each entry's chain link was left out (see the module).
+const UNLINKED: u64 = 1 << 62;
 
-/// A block as it is stored: deflated when that is smaller.
+/// `"prev_hash":"<hex>","seq":<seq>` as an event's canonical bytes hold it.
+fn link(prev: &[u8; 32], seq: u64) -> Vec<u8> {
+    let mut l = Vec::with_capacity(100);
+    l.extend_from_slice(b"\"prev_hash\":\"");
+    l.extend_from_slice(crate::hex::encode(prev).as_bytes());
+    l.extend_from_slice(b"\",\"seq\":");
+    l.extend_from_slice(seq.to_string().as_bytes());
+    l
+}
+
+/// The block's entries with each chain link cut out, and the first
+/// entry's previous hash; `None` if an entry's link is not where and what
+/// the chain says (the block is then deflated as it is).
+fn unlinked(first: u64, entries: &[u8]) -> Option<([u8; 32], Vec<u8>)> {
+    const MARK: &[u8] = b"\"prev_hash\":\"";
+    let mut out = Vec::with_capacity(entries.len());
+    let (mut rest, mut seq) = (entries, first);
+    let mut prev: Option<[u8; 32]> = None;
+    let mut first_prev = [0u8; 32];
+    while !rest.is_empty() {
+        let (head, tail) = rest.split_first_chunk::<ENTRY_HEAD>()?;
+        let len = u32::from_be_bytes([head[48], head[49], head[50], head[51]]) as usize;
+        let bytes = tail.get(..len)?;
+        // the top-level link is the last one: only `time` and `v` follow
+        let at = bytes.windows(MARK.len()).rposition(|w| w == MARK)?;
+        let p = match prev {
+            Some(p) => p,
+            None => {
+                let hex =
+                    std::str::from_utf8(bytes.get(at + MARK.len()..at + MARK.len() + 64)?).ok()?;
+                first_prev = crate::hex::decode32(hex)?;
+                first_prev
+            }
+        };
+        let l = link(&p, seq);
+        if bytes.get(at..at + l.len())? != l.as_slice()
+            || !matches!(bytes.get(at + l.len()), Some(b',' | b'}'))
+        {
+            return None;
+        }
+        out.extend_from_slice(&head[..48]);
+        out.extend_from_slice(&((len - l.len()) as u32).to_be_bytes());
+        out.extend_from_slice(&(at as u32).to_be_bytes());
+        out.extend_from_slice(&bytes[..at]);
+        out.extend_from_slice(&bytes[at + l.len()..]);
+        prev = Some(head[..32].try_into().ok()?);
+        rest = &tail[len..];
+        seq += 1;
+    }
+    Some((first_prev, out))
+}
+
+/// A block as it is stored: deflated when that is smaller, its chain links
+/// left out when they are what the chain says.
 pub fn pack(block: Vec<u8>) -> Vec<u8> {
     let Some((head, entries)) = block.split_first_chunk::<HEADER>() else {
         return block;
     };
-    let deflated = miniz_oxide::deflate::compress_to_vec(entries, 1);
-    if deflated.len() + 4 >= entries.len() {
+    let first = u64::from_be_bytes(*head);
+    let (flags, prefix, body) = match unlinked(first, entries) {
+        Some((prev, body)) => (DEFLATED | UNLINKED, prev.to_vec(), body),
+        None => (DEFLATED, Vec::new(), entries.to_vec()),
+    };
+    let deflated = miniz_oxide::deflate::compress_to_vec(&body, 1);
+    if prefix.len() + deflated.len() + 4 >= entries.len() {
         return block;
     }
-    let first = u64::from_be_bytes(*head);
-    let mut out = Vec::with_capacity(HEADER + 4 + deflated.len());
-    out.extend_from_slice(&(first | DEFLATED).to_be_bytes());
+    let mut out = Vec::with_capacity(HEADER + 4 + prefix.len() + deflated.len());
+    out.extend_from_slice(&(first | flags).to_be_bytes());
     // a block is at most BLOCK_BYTES, far below 4 GiB
-    out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&prefix);
     out.extend_from_slice(&deflated);
     out
 }
@@ -51,26 +118,61 @@ pub fn unpack(stored: &[u8]) -> Result<Cow<'_, [u8]>, StoreError> {
     let Some((head, rest)) = stored.split_first_chunk::<HEADER>() else {
         return Ok(Cow::Borrowed(stored));
     };
-    let first = u64::from_be_bytes(*head);
-    if first & DEFLATED == 0 {
+    let header = u64::from_be_bytes(*head);
+    if header & DEFLATED == 0 {
         return Ok(Cow::Borrowed(stored));
     }
+    let first = header & !(DEFLATED | UNLINKED);
     let corrupt = |what: &str| StoreError::Corrupt(format!("a deflated event block {what}"));
-    let (len, deflated) = rest
+    let (len, rest) = rest
         .split_first_chunk::<4>()
         .ok_or_else(|| corrupt("is cut short"))?;
     let len = u32::from_be_bytes(*len) as usize;
     if len > BLOCK_BYTES * 2 {
         return Err(corrupt("claims more than a block holds"));
     }
+    let (first_prev, deflated) = if header & UNLINKED != 0 {
+        let (p, d) = rest
+            .split_first_chunk::<32>()
+            .ok_or_else(|| corrupt("is cut short"))?;
+        (Some(*p), d)
+    } else {
+        (None, rest)
+    };
     let entries = miniz_oxide::inflate::decompress_to_vec_with_limit(deflated, len)
         .map_err(|e| corrupt(&format!("does not inflate: {e:?}")))?;
     if entries.len() != len {
         return Err(corrupt("inflates to another length than it records"));
     }
-    let mut out = Vec::with_capacity(HEADER + len);
-    out.extend_from_slice(&(first & !DEFLATED).to_be_bytes());
-    out.extend_from_slice(&entries);
+    let mut out = Vec::with_capacity(HEADER + len + len / 4);
+    out.extend_from_slice(&first.to_be_bytes());
+    let Some(mut prev) = first_prev else {
+        out.extend_from_slice(&entries);
+        return Ok(Cow::Owned(out));
+    };
+    let (mut rest, mut seq) = (entries.as_slice(), first);
+    while !rest.is_empty() {
+        let (head, tail) = rest
+            .split_first_chunk::<{ ENTRY_HEAD + 4 }>()
+            .ok_or_else(|| corrupt("has an entry cut short"))?;
+        let n = u32::from_be_bytes([head[48], head[49], head[50], head[51]]) as usize;
+        let at = u32::from_be_bytes([head[52], head[53], head[54], head[55]]) as usize;
+        let bytes = tail
+            .get(..n)
+            .ok_or_else(|| corrupt("has an event cut short"))?;
+        if at > n {
+            return Err(corrupt("cuts an event past its end"));
+        }
+        let l = link(&prev, seq);
+        out.extend_from_slice(&head[..48]);
+        out.extend_from_slice(&((n + l.len()) as u32).to_be_bytes());
+        out.extend_from_slice(&bytes[..at]);
+        out.extend_from_slice(&l);
+        out.extend_from_slice(&bytes[at..]);
+        prev.copy_from_slice(&head[..32]);
+        rest = &tail[n..];
+        seq += 1;
+    }
     Ok(Cow::Owned(out))
 }
 
@@ -367,6 +469,65 @@ mod tests {
         let mut huge = packed.clone();
         huge[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(unpack(&huge).is_err());
+    }
+
+    fn sha(bytes: &[u8]) -> [u8; 32] {
+        let mut h = [0u8; 32];
+        h.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+        h
+    }
+
+    /// A block of `n` events from `first` chained as the writer chains
+    /// them: each names the previous one's hash and its own seq.
+    fn chained(first: u64, n: u64, prev: [u8; 32]) -> (u64, Vec<u8>) {
+        let mut b = BlockBuf::default();
+        let mut prev = prev;
+        for seq in first..first + n {
+            b.push(seq, 7, |out| {
+                let text = format!(
+                    r#"{{"data":{{"note":"\"prev_hash\":\"x"}},"kind":"lease.issued","prev_hash":"{}","seq":{seq},"time":"t","v":1}}"#,
+                    crate::hex::encode(&prev)
+                );
+                out.extend_from_slice(text.as_bytes());
+                prev = sha(text.as_bytes());
+                prev
+            });
+        }
+        b.take().unwrap()
+    }
+
+    #[test]
+    fn chain_links_are_left_out_and_put_back_exactly() {
+        let (key, plain) = chained(41, 6, [9; 32]);
+        let packed = pack(plain.clone());
+        let header = u64::from_be_bytes(packed[..8].try_into().unwrap());
+        assert_ne!(header & UNLINKED, 0, "the links were left out");
+        assert_eq!(header & !(DEFLATED | UNLINKED), 41);
+        assert_eq!(unpack(&packed).unwrap().as_ref(), plain.as_slice());
+        // smaller than deflating with them
+        let (_, body) = plain.split_at(HEADER);
+        assert!(packed.len() < miniz_oxide::deflate::compress_to_vec(body, 1).len());
+        // a link that is not what the chain says is kept as it is
+        let (_, mut odd) = chained(41, 6, [9; 32]);
+        let at = odd.windows(4).rposition(|w| w == b"\"seq").unwrap();
+        odd[at + 7] = b'8';
+        let packed = pack(odd.clone());
+        let header = u64::from_be_bytes(packed[..8].try_into().unwrap());
+        assert_eq!(header & UNLINKED, 0);
+        assert_eq!(unpack(&packed).unwrap().as_ref(), odd.as_slice());
+        // a stored hash changed: its own event no longer matches it, and
+        // the next one's link now says so too
+        let packed = pack(plain.clone());
+        let mut body = miniz_oxide::inflate::decompress_to_vec(&packed[HEADER + 4 + 32..]).unwrap();
+        body[0] ^= 1;
+        let mut forged = packed[..HEADER + 4 + 32].to_vec();
+        forged.extend_from_slice(&miniz_oxide::deflate::compress_to_vec(&body, 1));
+        let got = unpack(&forged).unwrap();
+        let events: Vec<Entry<'_>> = entries(key, &got).collect::<Result<_, _>>().unwrap();
+        let want: Vec<Entry<'_>> = entries(key, &plain).collect::<Result<_, _>>().unwrap();
+        assert_ne!(events[0].hash, sha(events[0].bytes));
+        assert_ne!(events[1].bytes, want[1].bytes);
+        assert_eq!(events[2].bytes, want[2].bytes);
     }
 
     #[test]
