@@ -33,6 +33,7 @@ use crate::clock::{Timestamp, rfc3339};
 
 pub use checkpoint::{Checkpoint, CheckpointKey};
 pub use events::{Ctx, Via, ahead_or, append};
+pub use query::export_line;
 pub use verify::{Break, VerifyReport};
 
 /// What happened. The string forms are stable: they are filters in the API
@@ -393,78 +394,6 @@ pub fn with_hash(bytes: &[u8], hash: &[u8; 32]) -> Result<Value, String> {
     Ok(v)
 }
 
-/// An event's export line, as [`canonical`] of [`with_hash`] writes it, from
-/// its stored canonical bytes without building values: `"hash"` is spliced
-/// in before the first top-level key that sorts after it (archiving writes
-/// millions of these).
-pub fn export_line(bytes: &[u8], hash: &[u8; 32], out: &mut Vec<u8>) -> Result<(), CanonicalError> {
-    if bytes.first() != Some(&b'{') || bytes.last() != Some(&b'}') {
-        return Err(CanonicalError);
-    }
-    let (mut depth, mut in_string, mut escaped, mut expect_key) = (0u32, false, false, false);
-    let mut at = None;
-    let mut i = 0;
-    while i < bytes.len() {
-        let c = bytes[i];
-        if in_string {
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-        } else {
-            match c {
-                b'"' if depth == 1 && expect_key => {
-                    let end = bytes[i + 1..]
-                        .iter()
-                        .position(|&b| b == b'"')
-                        .ok_or(CanonicalError)?;
-                    if &bytes[i + 1..i + 1 + end] > b"hash".as_slice() {
-                        at = Some(i);
-                        break;
-                    }
-                    expect_key = false;
-                    i += end + 2;
-                    continue;
-                }
-                b'"' => in_string = true,
-                b'{' | b'[' => {
-                    depth += 1;
-                    expect_key = depth == 1;
-                }
-                b'}' | b']' => depth = depth.saturating_sub(1),
-                b',' if depth == 1 => expect_key = true,
-                _ => {}
-            }
-        }
-        i += 1;
-    }
-    let field = |out: &mut Vec<u8>| {
-        out.extend_from_slice(b"\"hash\":\"");
-        out.extend_from_slice(crate::hex::encode(hash).as_bytes());
-        out.push(b'"');
-    };
-    match at {
-        Some(at) => {
-            out.extend_from_slice(&bytes[..at]);
-            field(out);
-            out.push(b',');
-            out.extend_from_slice(&bytes[at..]);
-        }
-        None => {
-            let body = &bytes[..bytes.len() - 1];
-            out.extend_from_slice(body);
-            if body.len() > 1 {
-                out.push(b',');
-            }
-            field(out);
-            out.push(b'}');
-        }
-    }
-    Ok(())
-}
-
 /// An event's data: sorted by key as its canonical form is, and with no
 /// hashing to build (serde_json's map keeps insertion order, here).
 pub type EventData = std::collections::BTreeMap<String, Value>;
@@ -595,32 +524,6 @@ pub fn counts(items: impl IntoIterator<Item = (String, u64)>) -> Value {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn an_export_line_is_the_canonical_event_with_its_hash() {
-        let hash = [0xab; 32];
-        for bytes in [
-            r#"{"data":{"kind":"x","note":"a \\\" }, \"kind\": ] {","z":[{"a":1}]},"kind":"lease.issued","links":{"task":"t"},"prev_hash":"00","seq":3,"time":"2026-01-01T00:00:00Z","v":1}"#,
-            r#"{"kind":"broker.started","seq":1,"v":1}"#,
-            r#"{"a":1,"b":{"hash":2}}"#,
-            r#"{"data":{}}"#,
-            r#"{}"#,
-        ] {
-            let mut line = Vec::new();
-            super::export_line(bytes.as_bytes(), &hash, &mut line).unwrap();
-            let mut want = Vec::new();
-            super::canonical(
-                &super::with_hash(bytes.as_bytes(), &hash).unwrap(),
-                &mut want,
-            )
-            .unwrap();
-            assert_eq!(
-                String::from_utf8(line).unwrap(),
-                String::from_utf8(want).unwrap()
-            );
-        }
-        let mut line = Vec::new();
-        assert!(super::export_line(b"[1]", &hash, &mut line).is_err());
-    }
 
     use super::*;
 

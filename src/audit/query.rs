@@ -1,5 +1,6 @@
-//! Reading the chain: filtered pages for the API, and verification of a
-//! store (online, or offline from a stopped broker's file).
+//! Reading the chain: filtered pages for the API, verification of a store
+//! (online, or offline from a stopped broker's file), and export lines
+//! straight from the stored bytes (archives).
 
 use serde_json::Value;
 
@@ -139,4 +140,112 @@ pub fn verify_store(r: &dyn ReadTxn, trusted: Option<Vec<u8>>) -> Result<VerifyR
         });
     }
     Ok(report)
+}
+
+/// An event's export line, as [`super::canonical`] of [`super::with_hash`] writes it, from
+/// its stored canonical bytes without building values: `"hash"` is spliced
+/// in before the first top-level key that sorts after it (archiving writes
+/// millions of these).
+pub fn export_line(
+    bytes: &[u8],
+    hash: &[u8; 32],
+    out: &mut Vec<u8>,
+) -> Result<(), super::CanonicalError> {
+    if bytes.first() != Some(&b'{') || bytes.last() != Some(&b'}') {
+        return Err(super::CanonicalError);
+    }
+    let (mut depth, mut in_string, mut escaped, mut expect_key) = (0u32, false, false, false);
+    let mut at = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else {
+            match c {
+                b'"' if depth == 1 && expect_key => {
+                    let end = bytes[i + 1..]
+                        .iter()
+                        .position(|&b| b == b'"')
+                        .ok_or(super::CanonicalError)?;
+                    if &bytes[i + 1..i + 1 + end] > b"hash".as_slice() {
+                        at = Some(i);
+                        break;
+                    }
+                    expect_key = false;
+                    i += end + 2;
+                    continue;
+                }
+                b'"' => in_string = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    expect_key = depth == 1;
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                b',' if depth == 1 => expect_key = true,
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    let field = |out: &mut Vec<u8>| {
+        out.extend_from_slice(b"\"hash\":\"");
+        out.extend_from_slice(crate::hex::encode(hash).as_bytes());
+        out.push(b'"');
+    };
+    match at {
+        Some(at) => {
+            out.extend_from_slice(&bytes[..at]);
+            field(out);
+            out.push(b',');
+            out.extend_from_slice(&bytes[at..]);
+        }
+        None => {
+            let body = &bytes[..bytes.len() - 1];
+            out.extend_from_slice(body);
+            if body.len() > 1 {
+                out.push(b',');
+            }
+            field(out);
+            out.push(b'}');
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::export_line;
+
+    #[test]
+    fn an_export_line_is_the_canonical_event_with_its_hash() {
+        let hash = [0xab; 32];
+        for bytes in [
+            r#"{"data":{"kind":"x","note":"a \\\" }, \"kind\": ] {","z":[{"a":1}]},"kind":"lease.issued","links":{"task":"t"},"prev_hash":"00","seq":3,"time":"2026-01-01T00:00:00Z","v":1}"#,
+            r#"{"kind":"broker.started","seq":1,"v":1}"#,
+            r#"{"a":1,"b":{"hash":2}}"#,
+            r#"{"data":{}}"#,
+            r#"{}"#,
+        ] {
+            let mut line = Vec::new();
+            export_line(bytes.as_bytes(), &hash, &mut line).unwrap();
+            let mut want = Vec::new();
+            crate::audit::canonical(
+                &crate::audit::with_hash(bytes.as_bytes(), &hash).unwrap(),
+                &mut want,
+            )
+            .unwrap();
+            assert_eq!(
+                String::from_utf8(line).unwrap(),
+                String::from_utf8(want).unwrap()
+            );
+        }
+        let mut line = Vec::new();
+        assert!(export_line(b"[1]", &hash, &mut line).is_err());
+    }
 }
