@@ -108,6 +108,22 @@ fn last_before(
     Ok(Some(lo))
 }
 
+/// Record what a batch removed (`retention.removed`), in its transaction,
+/// with the cutoff it removed before.
+fn record_removed(
+    t: &mut crate::store::Txn<'_>,
+    a: &crate::audit::Auditor,
+    now: i64,
+    cutoff: i64,
+    mut data: crate::audit::EventData,
+) -> Result<(), StoreError> {
+    data.insert(
+        "ended_before".into(),
+        crate::clock::rfc3339(Timestamp::from_unix_millis(cutoff)).into(),
+    );
+    crate::audit::append(t, a, a.broker(EventKind::RetentionRemoved, now, None, data))
+}
+
 impl Broker {
     /// One retention pass as the leader with `epoch` (see the module).
     pub async fn retention_pass(&self, epoch: u64) -> Result<Pass, BrokerError> {
@@ -128,10 +144,6 @@ impl Broker {
                     if r.tasks > 0 {
                         let id = |v: Option<u128>| v.map(|v| crate::ids::TaskId(v).to_string());
                         let data = crate::event_data![
-                            (
-                                "ended_before",
-                                crate::clock::rfc3339(Timestamp::from_unix_millis(cutoff))
-                            ),
                             ("tasks", r.tasks),
                             ("leases", r.leases),
                             ("calls", r.calls),
@@ -140,11 +152,7 @@ impl Broker {
                             ("first_task", id(r.first)),
                             ("last_task", id(r.last_removed)),
                         ];
-                        crate::audit::append(
-                            t,
-                            &a,
-                            a.broker(EventKind::RetentionRemoved, now, None, data),
-                        )?;
+                        record_removed(t, &a, now, cutoff, data)?;
                     }
                     Ok((r, held.elapsed()))
                 })
@@ -175,19 +183,8 @@ impl Broker {
                     t.require_leader(epoch)?;
                     let (jobs, entries) = t.remove_ended_jobs(cutoff, max)?;
                     if entries > 0 {
-                        let data = crate::event_data![
-                            (
-                                "ended_before",
-                                crate::clock::rfc3339(Timestamp::from_unix_millis(cutoff))
-                            ),
-                            ("jobs", jobs),
-                            ("job_entries", entries),
-                        ];
-                        crate::audit::append(
-                            t,
-                            &a,
-                            a.broker(EventKind::RetentionRemoved, now, None, data),
-                        )?;
+                        let data = crate::event_data![("jobs", jobs), ("job_entries", entries)];
+                        record_removed(t, &a, now, cutoff, data)?;
                     }
                     Ok((jobs, entries, held.elapsed()))
                 })
@@ -292,6 +289,7 @@ async fn run(b: Arc<Broker>, mut shutdown: watch::Receiver<bool>) {
                         events = p.events,
                         kept = p.kept,
                         batches = p.batches,
+                        archives = ?p.archives,
                         longest_batch_ms = p.longest_batch.as_secs_f64() * 1000.0,
                         took_ms = started.elapsed().as_millis() as u64,
                         "retention removed what ended before the window"
