@@ -26,9 +26,27 @@ TOOLS = ["demo.read", "demo.write", "demo.admin"]
 T = TypeVar("T")
 
 
+def find(driver: WebDriver, css: str, timeout: float = 10) -> Any:
+    """The element `css` names, waited for: a click that submits a form
+    returns before the page it leads to has arrived (a CI run failed reading
+    the sign-in page's error straight after the click)."""
+    return WebDriverWait(driver, timeout).until(EC.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+
+def goto(driver: WebDriver, url: str, css: str) -> Any:
+    """Open a page and wait for the element `css` names in it, asking for
+    the page again if chromedriver hands back an empty document (see load)."""
+    for _ in range(3):
+        driver.get(url)
+        try:
+            return find(driver, css, 5)
+        except TimeoutException:
+            pass
+    return find(driver, css, 5)
+
+
 def sign_in(driver: WebDriver, broker: Broker, who: str) -> None:
-    driver.get(broker.url + "/console/login")
-    driver.find_element(By.ID, "token").send_keys(broker.tokens[who])
+    goto(driver, broker.url + "/console/login", "#token").send_keys(broker.tokens[who])
     driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
     WebDriverWait(driver, 10).until(lambda d: "/console/login" not in d.current_url)
 
@@ -151,8 +169,7 @@ def test_an_approver_sees_a_request_arrive_and_approves_it(broker: Broker, brows
         # a break-glass call: the approver signs the task off afterwards
         r = task.call("demo.admin", "restart", "db:prod", break_glass="prod is down, INC-7")
         assert r.break_glass
-    driver.get(broker.url + "/console/reviews")
-    review = driver.find_element(By.CSS_SELECTOR, "article.review")
+    review = goto(driver, broker.url + "/console/reviews", "article.review")
     assert "prod is down, INC-7" in review.text and "demo.admin" in review.text
     shot(driver, shots, "5-break-glass-review")
     review.find_element(By.TAG_NAME, "button").click()
@@ -192,7 +209,7 @@ def test_a_responder_revokes_a_workloads_leases_and_fences_it(broker: Broker, br
     assert len(tokens) == 300
     sign_in(driver, broker, "responder")
     assert driver.current_url.endswith("/console/incident")
-    form = driver.find_element(By.CSS_SELECTOR, "form.selector")
+    form = find(driver, "form.selector")
     form.find_element(By.NAME, "workload").send_keys("dev:assistant-b")
     form.find_element(By.NAME, "reason").send_keys("INC-42: assistant-b's token in a log")
     form.find_element(By.NAME, "fence").click()
@@ -221,8 +238,7 @@ def test_a_responder_revokes_a_workloads_leases_and_fences_it(broker: Broker, br
         with pytest.raises(leasehold.Fenced):
             c.open_task(purpose="p", on_behalf_of="bob@example.com", prompt="p", ttl_seconds=60)
     # the fence, and lifting it from the console
-    driver.get(broker.url + "/console/incident")
-    fence = driver.find_element(By.CSS_SELECTOR, "form.fence")
+    fence = goto(driver, broker.url + "/console/incident", "form.fence")
     assert "dev:assistant-b" in fence.text
     fence.find_element(By.NAME, "reason").send_keys("keys rotated")
     submit(driver, fence.find_element(By.CSS_SELECTOR, "button"))
@@ -230,17 +246,16 @@ def test_a_responder_revokes_a_workloads_leases_and_fences_it(broker: Broker, br
         lambda d: "Fences in force" in d.page_source and not d.find_elements(By.CSS_SELECTOR, "form.fence"))
     shot(driver, shots, "4-fence-lifted")
     # the blast radius shows what it did, none of it live now
-    driver.get(broker.url + "/console/blast-radius?workload=dev:assistant-b")
-    WebDriverWait(driver, 10).until(lambda d: "still live" in d.page_source)
+    load(driver, broker.url + "/console/blast-radius?workload=dev:assistant-b", "still live")
     assert "0 still live" in driver.page_source
     shot(driver, shots, "5-blast-radius")
     # the leases page highlights nothing irrevocable, lists the revoked ones
-    driver.get(broker.url + "/console/leases?workload=dev:assistant-b&state=revoked")
+    goto(driver, broker.url + "/console/leases?workload=dev:assistant-b&state=revoked", "table.leases")
     assert len(driver.find_elements(By.CSS_SELECTOR, "table.leases tbody tr")) >= 300
     shot(driver, shots, "6-leases")
     # the chain: its head and last checkpoint, verified on demand
-    driver.get(broker.url + "/console/events")
-    assert "head" in driver.page_source and "last checkpoint" in driver.page_source
+    load(driver, broker.url + "/console/events", "last checkpoint")
+    assert "head" in driver.page_source
     driver.find_element(By.CSS_SELECTOR, "main form[action='/console/events/verify'] button").click()
     ok = WebDriverWait(driver, 30).until(EC.presence_of_element_located((By.CSS_SELECTOR, "p.ok")))
     assert "intact" in ok.text
@@ -250,17 +265,16 @@ def test_a_responder_revokes_a_workloads_leases_and_fences_it(broker: Broker, br
 def test_roles_sessions_and_csrf_are_enforced(broker: Broker, browser: Any, shots: Path) -> None:
     driver: WebDriver = browser
     # signed out: sent to sign-in
-    driver.get(broker.url + "/console/approvals")
+    goto(driver, broker.url + "/console/approvals", "#token")
     assert driver.current_url.endswith("/console/login")
     # a workload's token is not an operator's
     driver.find_element(By.ID, "token").send_keys(broker.tokens["assistant-a"])
     driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-    assert "workload's token" in driver.find_element(By.CSS_SELECTOR, ".error").text
+    assert "workload's token" in find(driver, ".error").text
     shot(driver, shots, "1-workload-refused")
     # an approver cannot reach the incident page
     sign_in(driver, broker, "approver")
-    driver.get(broker.url + "/console/incident")
-    assert "needs the responder role" in driver.page_source
+    load(driver, broker.url + "/console/incident", "needs the responder role")
     assert "Incident" not in driver.find_element(By.TAG_NAME, "nav").text
     shot(driver, shots, "2-approver-on-incident")
     # the console's pages carry the strict headers
@@ -292,8 +306,7 @@ def test_roles_sessions_and_csrf_are_enforced(broker: Broker, browser: Any, shot
     # sign out: the old session cookie is refused afterwards
     before = session_client(driver, broker)
     assert before.get("/console/approvals").status_code == 200
-    driver.get(broker.url + "/console/approvals")
-    driver.find_element(By.CSS_SELECTOR, "form.signout button").click()
+    goto(driver, broker.url + "/console/approvals", "form.signout button").click()
     WebDriverWait(driver, 10).until(lambda d: d.current_url.endswith("/console/login"))
     shot(driver, shots, "3-signed-out")
     r = before.get("/console/approvals")
@@ -322,14 +335,12 @@ def test_stored_markup_is_shown_as_text_everywhere(broker: Broker, browser: Any,
         # the responder's views: the task's story (comment, resource, purpose) and a job's reason
         submit(driver, driver.find_element(By.CSS_SELECTOR, "form.signout button"))
         sign_in(driver, broker, "responder")
-        driver.get(broker.url + f"/console/tasks/{task.id}")
-        text = driver.find_element(By.TAG_NAME, "main").text
+        text = goto(driver, broker.url + f"/console/tasks/{task.id}", "main").text
         assert f"comment {evil}" in text and f"resource {evil}" in text
         assert "<script>alert(1)" not in driver.page_source
         no_alert(driver)
         shot(driver, shots, "2-story-with-markup")
-        driver.get(broker.url + "/console/incident")
-        form = driver.find_element(By.CSS_SELECTOR, "form.selector")
+        form = goto(driver, broker.url + "/console/incident", "form.selector")
         form.find_element(By.NAME, "workload").send_keys("dev:assistant-a")
         form.find_element(By.NAME, "reason").send_keys("reason " + evil)
         form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
@@ -338,14 +349,12 @@ def test_stored_markup_is_shown_as_text_everywhere(broker: Broker, browser: Any,
         no_alert(driver)
         shot(driver, shots, "3-reason-with-markup")
         # a form the API refuses shows its message and changes nothing
-        driver.get(broker.url + "/console/incident")
-        driver.find_element(By.CSS_SELECTOR, "form.selector button[type=submit]").click()
+        goto(driver, broker.url + "/console/incident", "form.selector button[type=submit]").click()
         err = WebDriverWait(driver, 10).until(EC.presence_of_element_located((By.CSS_SELECTOR, "form.selector .error")))
         assert err.text
         shot(driver, shots, "4-empty-selector-refused")
         # one lease revoked from its page, its story told there
-        driver.get(broker.url + f"/console/leases/{lease.lease_id}")
-        assert "active" in driver.find_element(By.CSS_SELECTOR, "dd.state").text
+        assert "active" in goto(driver, broker.url + f"/console/leases/{lease.lease_id}", "dd.state").text
         driver.find_element(By.CSS_SELECTOR, f"form[action='/console/leases/{lease.lease_id}/revoke'] button").click()
         WebDriverWait(driver, 10).until(lambda d: "revoked" in d.find_element(By.CSS_SELECTOR, "dd.state").text)
         assert "lease.revoked" in driver.find_element(By.CSS_SELECTOR, "table.events").text
