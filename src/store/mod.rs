@@ -24,6 +24,7 @@
 mod blocks;
 mod codec;
 mod copy;
+mod digest;
 mod error;
 mod footprint;
 mod key;

@@ -293,6 +293,7 @@ pub struct CallRecord {
     pub tool: String,
     pub action: String,
     pub target: String,
+    #[serde(with = "crate::store::digest")]
     pub arguments_sha256: String,
     /// `allow`, `deny` or `approval_required`.
     pub outcome: String,
@@ -303,6 +304,7 @@ pub struct CallRecord {
     pub break_glass: Option<String>,
     pub approval_id: Option<u128>,
     pub lease_id: Option<u128>,
+    #[serde(with = "crate::store::digest")]
     pub policy_version: String,
     pub created_at: i64,
 }
@@ -351,6 +353,7 @@ pub struct ApprovalRecord {
     pub tool: String,
     pub action: String,
     pub target: String,
+    #[serde(with = "crate::store::digest")]
     pub arguments_sha256: String,
     pub credential: Option<CredentialSpec>,
     pub requested_by_call: u128,
