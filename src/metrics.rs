@@ -104,6 +104,10 @@ fn describe() {
         "Leases by provider and state, from the store."
     );
     describe_gauge!(
+        "leasehold_provider_advisories",
+        "What a healthy provider advises acting on before it stops (a PostgreSQL access list half full), by provider; updated whenever readiness is checked (probes, `leasehold status`), the lines in the log and GET /v1/stats."
+    );
+    describe_gauge!(
         "leasehold_revocation_queue_depth",
         "Leases waiting in the revocation queue (revoking or irrevocable), by provider."
     );

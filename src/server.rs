@@ -183,6 +183,8 @@ pub async fn run_with(
         for w in p.settings().warnings() {
             tracing::warn!(provider = %name, "providers.{name}.{w}");
         }
+        // until readiness is first checked
+        metrics::gauge!("leasehold_provider_advisories", "provider" => name.clone()).set(0.0);
     }
     serve(listener, app, &config, shutdown, ready, grace).await?;
     let _ = stop_tx.send(true);

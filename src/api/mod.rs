@@ -96,12 +96,8 @@ pub struct Limiter {
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
-/// When provider health was checked, each provider's status, and whether all passed.
-pub type HealthChecks = (
-    std::time::Instant,
-    std::collections::BTreeMap<String, String>,
-    bool,
-);
+/// When provider health was checked, and what it found.
+pub type HealthChecks = (std::time::Instant, crate::domain::ops::Readiness);
 
 impl Limiter {
     /// Whether `ip` is within its budget of failed authentications

@@ -76,6 +76,7 @@ pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<Sta
     let c = st.store;
     Ok(Json(StatsView {
         leases: st.leases,
+        advisories: provider_health(&s).await.advisories,
         store: StoreStatsView {
             commits: c.commits,
             operations: c.operations,
@@ -125,6 +126,25 @@ pub async fn health() -> Json<HealthView> {
     Json(HealthView { status: "ok" })
 }
 
+/// The providers' health, checked at most once a second: readiness is
+/// unauthenticated, and must not become a way to load the providers.
+async fn provider_health(s: &AppState) -> crate::domain::ops::Readiness {
+    let cached = s
+        .health
+        .lock()
+        .ok()
+        .and_then(|c| c.clone())
+        .filter(|(at, _)| at.elapsed() < Duration::from_secs(1));
+    if let Some((_, r)) = cached {
+        return r;
+    }
+    let r = s.broker.provider_health().await;
+    if let Ok(mut cache) = s.health.lock() {
+        *cache = Some((std::time::Instant::now(), r.clone()));
+    }
+    r
+}
+
 #[utoipa::path(
     get,
     path = "/v1/ready",
@@ -161,25 +181,17 @@ pub async fn ready(State(s): State<AppState>) -> Response {
         (true, Some(_)) => "leader",
         (true, None) => "follower",
     };
-    let cached = s
-        .health
-        .lock()
-        .ok()
-        .and_then(|c| c.clone())
-        .filter(|(at, _, _)| at.elapsed() < Duration::from_secs(1));
-    let (provider_checks, providers_ok) = match cached {
-        Some((_, c, pok)) => (c, pok),
-        None => {
-            let r = s.broker.provider_health().await;
-            let (c, pok) = (r.checks, r.ok);
-            if let Ok(mut cache) = s.health.lock() {
-                *cache = Some((std::time::Instant::now(), c.clone(), pok));
-            }
-            (c, pok)
-        }
-    };
-    checks.extend(provider_checks);
-    ok &= providers_ok;
+    let providers = provider_health(&s).await;
+    for (name, status) in providers.checks {
+        // what to act on is for operators (`leasehold status`); readiness
+        // is public, so it says only that there is something
+        let status = match providers.advisories.get(&name).map(Vec::len) {
+            Some(n) => format!("{status}, {n} advisory (see `leasehold status`)"),
+            None => status,
+        };
+        checks.insert(name, status);
+    }
+    ok &= providers.ok;
     let code = if ok {
         StatusCode::OK
     } else {
@@ -355,6 +367,9 @@ pub struct StoreStatsView {
 pub struct StatsView {
     /// Lease counts by provider, then by state.
     pub leases: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// What healthy providers advise acting on before it stops them (by
+    /// check, e.g. `provider:pg`): a PostgreSQL access list filling up.
+    pub advisories: std::collections::BTreeMap<String, Vec<String>>,
     pub store: StoreStatsView,
 }
 

@@ -455,6 +455,18 @@ pub async fn status(conn: &Connection) -> Result<Value, ClientError> {
         .flatten()
         .map(|(k, v)| serde_json::json!({"check": k, "status": v}))
         .collect();
+    // what to act on before it stops a provider, one row per line
+    let advisories: Vec<Value> = stats["advisories"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .flat_map(|(check, said)| {
+            said.as_array()
+                .into_iter()
+                .flatten()
+                .map(move |a| serde_json::json!({"check": check, "advisory": a}))
+        })
+        .collect();
     Ok(serde_json::json!({
         "broker": c.base,
         "health": health["status"],
@@ -468,6 +480,7 @@ pub async fn status(conn: &Connection) -> Result<Value, ClientError> {
         // negative: no checkpoint yet
         "checkpoint_age_seconds": metric_sum(text, "leasehold_event_checkpoint_age_seconds").filter(|a| *a >= 0.0),
         "checks": checks,
+        "advisories": advisories,
         "lease_counts": counts,
     }))
 }

@@ -105,6 +105,10 @@ const LISTS: &[(&str, &[(&str, &str)])] = &[
     ),
     ("checks", &[("CHECK", "check"), ("STATUS", "status")]),
     (
+        "advisories",
+        &[("CHECK", "check"), ("ADVISORY", "advisory")],
+    ),
+    (
         "lease_counts",
         &[
             ("PROVIDER", "provider"),

@@ -96,11 +96,13 @@ pub struct Stats {
     pub store: StoreCounters,
 }
 
-/// What readiness found: each check by name, and whether all passed.
+/// What readiness found: each check by name, and whether all passed;
+/// and what healthy providers advise an operator to act on (by check name).
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     pub checks: BTreeMap<String, String>,
     pub ok: bool,
+    pub advisories: BTreeMap<String, Vec<String>>,
 }
 
 fn forbidden(message: &str) -> BrokerError {
@@ -261,11 +263,26 @@ impl Broker {
     /// logged, not shown.
     pub async fn provider_health(&self) -> Readiness {
         let mut checks = BTreeMap::new();
+        let mut advisories = BTreeMap::new();
         let mut ok = true;
         for entry in self.providers.iter() {
             let r = tokio::time::timeout(Duration::from_secs(2), entry.provider.health()).await;
             let status = match r {
-                Ok(Ok(())) => "ok",
+                Ok(Ok(())) => {
+                    let said =
+                        tokio::time::timeout(Duration::from_secs(2), entry.provider.advisories())
+                            .await
+                            .unwrap_or_default();
+                    metrics::gauge!("leasehold_provider_advisories", "provider" => entry.name.clone())
+                        .set(said.len() as f64);
+                    for a in &said {
+                        tracing::warn!(provider = %entry.name, "providers.{}: {a}", entry.name);
+                    }
+                    if !said.is_empty() {
+                        advisories.insert(format!("provider:{}", entry.name), said);
+                    }
+                    "ok"
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(provider = %entry.name, error = %e, "provider health check failed");
                     "unavailable"
@@ -278,7 +295,11 @@ impl Broker {
             ok &= status == "ok";
             checks.insert(format!("provider:{}", entry.name), status.into());
         }
-        Readiness { checks, ok }
+        Readiness {
+            checks,
+            ok,
+            advisories,
+        }
     }
 }
 

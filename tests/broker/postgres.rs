@@ -557,3 +557,91 @@ async fn periodic_reconciliation_reports_an_orphan_and_leaves_it() {
         "reported, never dropped by the periodic job"
     );
 }
+
+/// A template granting on an object to each lease's role (`read` grants
+/// on the scope's schema): once that access list is half full, readiness
+/// says there is an advisory (and stays ready), the operator's views say
+/// what it is (stats, `leasehold status`, a metric), and it goes when the
+/// leases go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filling_access_list_is_an_advisory_in_status_and_readiness() {
+    let cluster = Cluster::start();
+    cluster.provision().await;
+    let h = start(&cluster, false).await;
+    let task = h.open_task(&h.tokens.a, 3600).await;
+    let (s, l) = lease(&h, &task, &["reporting"]).await;
+    assert_eq!(s, StatusCode::CREATED, "{l}");
+    let su = cluster
+        .superuser(leasehold_provider_postgres::testkit::DATABASE)
+        .await;
+    su.batch_execute(
+        "DO $$ BEGIN FOR i IN 1..320 LOOP \
+           EXECUTE format('CREATE ROLE filler_%s NOLOGIN', i); \
+           EXECUTE format('GRANT USAGE ON SCHEMA reporting TO filler_%s', i); \
+         END LOOP; END $$",
+    )
+    .await
+    .unwrap();
+    let entries: i32 = su
+        .query_one(
+            "SELECT cardinality(nspacl) FROM pg_namespace WHERE nspname = 'reporting'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let holds = format!("the access list of schema reporting holds {entries} entries");
+    // readiness caches its checks for a second
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (s, ready) = h.get("", "/v1/ready").await;
+    assert_eq!(s, StatusCode::OK, "an advisory is not a failure: {ready}");
+    assert_eq!(
+        ready["checks"]["provider:appdb"],
+        "ok, 1 advisory (see `leasehold status`)"
+    );
+    assert!(
+        !ready.to_string().contains("reporting"),
+        "details are for operators: {ready}"
+    );
+    let (s, stats) = h.get(&h.tokens.admin, "/v1/stats").await;
+    assert_eq!(s, StatusCode::OK, "{stats}");
+    let said = stats["advisories"]["provider:appdb"][0]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        said.contains(&holds) && said.contains("in_roles"),
+        "{stats}"
+    );
+    let (ok, out, err) =
+        crate::cli::leasehold_text(&h, &["status", "--as", "admin", "-o", "table"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("ADVISORY") && out.contains(&holds), "{out}");
+    let metrics = h
+        .http
+        .get(h.url("/metrics"))
+        .bearer_auth(&h.tokens.admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("leasehold_provider_advisories{provider=\"appdb\"} 1"),
+        "{metrics}"
+    );
+    // the task completes, its role is dropped: nothing of ours on the list
+    let (s, done) = h
+        .post(
+            &h.tokens.a,
+            &format!("/v1/tasks/{task}/complete"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{done}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, ready) = h.get("", "/v1/ready").await;
+    assert_eq!(ready["checks"]["provider:appdb"], "ok");
+    let (_, stats) = h.get(&h.tokens.admin, "/v1/stats").await;
+    assert_eq!(stats["advisories"], json!({}), "{stats}");
+}

@@ -23,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+mod acl;
 mod config;
 mod kind;
 mod pool;
@@ -42,6 +43,8 @@ use postgres_protocol::escape::escape_identifier;
 use tokio_postgres::error::SqlState;
 use zeroize::Zeroizing;
 
+pub use acl::ACL_CEILING;
+pub(crate) use acl::grants_on_an_object;
 pub use config::{ConfigError, PostgresConfig, PostgresRole, TlsMode, is_local};
 pub use kind::KIND;
 pub use pool::{Pool, db_message};
@@ -70,6 +73,9 @@ pub struct PostgresProvider {
     rng: ring::rand::SystemRandom,
     catalog: tokio::sync::Mutex<()>,
     templates_checked: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The roles whose templates grant on an object to each lease's role
+    /// (see `acl`).
+    acl_roles: Vec<String>,
 }
 
 impl PostgresProvider {
@@ -97,6 +103,12 @@ impl PostgresProvider {
             };
             roles.insert(name.clone(), role);
         }
+        let acl_roles = cfg
+            .roles
+            .iter()
+            .filter(|(_, r)| r.statements.iter().any(|s| grants_on_an_object(s)))
+            .map(|(name, _)| name.clone())
+            .collect();
         let pool = Pool::new(cfg).map_err(|message| ConfigError {
             field: "ca_file".into(),
             message,
@@ -107,6 +119,7 @@ impl PostgresProvider {
             rng: ring::rand::SystemRandom::new(),
             catalog: tokio::sync::Mutex::new(()),
             templates_checked: std::sync::Mutex::new(None),
+            acl_roles,
         })
     }
 
@@ -661,6 +674,28 @@ impl Provider for PostgresProvider {
         Ok(())
     }
 
+    /// Only for a provider with a role that grants on an object to each
+    /// lease's role: the access lists of ours at least half full.
+    async fn advisories(&self) -> Vec<String> {
+        if self.acl_roles.is_empty() {
+            return Vec::new();
+        }
+        let lists = match self.pool.get().await {
+            Ok(conn) => acl::full_lists(&conn, acl::REPORT_FROM, &self.cfg().role_prefix).await,
+            Err(e) => return vec![format!("could not read the access lists' sizes: {e}")],
+        };
+        match lists {
+            Ok(lists) => lists
+                .iter()
+                .map(|(kind, name, n)| acl::advisory(kind, name, *n, &self.acl_roles))
+                .collect(),
+            Err(e) => vec![format!(
+                "could not read the access lists' sizes: {}",
+                db_message(&e)
+            )],
+        }
+    }
+
     async fn issue(&self, spec: &LeaseSpec) -> Result<Issued, ProviderError> {
         let role = self.role(&spec.role)?;
         let scopes = self.narrow(&spec.role, role, &spec.scope)?;
@@ -783,40 +818,4 @@ fn handle_name(h: &RevocationHandle) -> Result<String, ProviderError> {
     std::str::from_utf8(h.as_bytes())
         .map(str::to_owned)
         .map_err(|_| ProviderError::permanent("the revocation handle is not a role name"))
-}
-
-/// About how many entries one object's access list holds before its catalog
-/// row outgrows a page: measured with `leasehold-bench postgres --role
-/// read`, which stops at about 600 concurrent leases.
-pub const ACL_CEILING: usize = 600;
-
-/// Whether a template statement grants a privilege ON an object TO the
-/// lease's role (rather than making the lease's role a member of a group).
-pub(crate) fn grants_on_an_object(statement: &str) -> bool {
-    let words: Vec<String> = statement
-        .split_whitespace()
-        .map(|w| w.to_ascii_uppercase())
-        .collect();
-    let to_lease = statement.contains("{{name}}");
-    words.first().is_some_and(|w| w == "GRANT") && words.iter().any(|w| w == "ON") && to_lease
-}
-
-#[cfg(test)]
-mod acl_tests {
-    use super::grants_on_an_object;
-
-    #[test]
-    fn grants_on_objects_are_told_from_memberships() {
-        assert!(grants_on_an_object(
-            "GRANT USAGE ON SCHEMA {{scope}} TO {{name}}"
-        ));
-        assert!(grants_on_an_object(
-            "grant select on all tables in schema public to {{name}}"
-        ));
-        assert!(!grants_on_an_object("GRANT app_read TO {{name}}"));
-        assert!(!grants_on_an_object(
-            "ALTER ROLE {{name}} SET search_path = app"
-        ));
-        assert!(!grants_on_an_object("GRANT SELECT ON t TO app_read"));
-    }
 }

@@ -675,3 +675,58 @@ async fn health_notices_a_privilege_taken_away_at_once() {
         .unwrap();
     p.health().await.unwrap();
 }
+
+/// A template that grants on an object to each lease's role fills that
+/// object's access list; from half of what a catalog row holds, the health
+/// time advisories say which object, how full, and what to change, and
+/// only for lists that hold a lease's role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filling_access_list_is_reported_at_health_time() {
+    let (c, p) = started().await;
+    p.health().await.unwrap();
+    assert_eq!(p.advisories().await, Vec::<String>::new());
+    // `writer` grants on schema public to each lease's role
+    let s = spec("writer", Duration::from_secs(300), &[]);
+    let issued = p.issue(&s).await.unwrap();
+    assert_eq!(
+        p.advisories().await,
+        Vec::<String>::new(),
+        "one entry is far from full"
+    );
+    // others fill the list to past half of the ceiling
+    let su = c.superuser(DATABASE).await;
+    su.batch_execute(
+        "DO $$ BEGIN FOR i IN 1..310 LOOP \
+           EXECUTE format('CREATE ROLE filler_%s NOLOGIN', i); \
+           EXECUTE format('GRANT USAGE ON SCHEMA public TO filler_%s', i); \
+         END LOOP; END $$",
+    )
+    .await
+    .unwrap();
+    let entries: i32 = su
+        .query_one(
+            "SELECT cardinality(nspacl) FROM pg_namespace WHERE nspname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(entries >= 312, "{entries}");
+    let said = p.advisories().await;
+    assert_eq!(said.len(), 1, "{said:?}");
+    for part in [
+        "the access list of schema public".to_owned(),
+        format!("holds {entries} entries"),
+        format!("about {} fit", leasehold_provider_postgres::ACL_CEILING),
+        "row is too big".to_owned(),
+        "read, writer".to_owned(),
+        "in_roles".to_owned(),
+    ] {
+        assert!(said[0].contains(&part), "{part:?} not in {}", said[0]);
+    }
+    // health itself still passes: nothing has failed yet
+    p.health().await.unwrap();
+    // once no lease's role is on the list, it is not ours to report
+    p.revoke(&RevokeSpec::of(&s, &issued)).await.unwrap();
+    assert_eq!(p.advisories().await, Vec::<String>::new());
+}

@@ -416,6 +416,14 @@ pub trait Provider: Send + Sync + fmt::Debug + 'static {
     /// Can this provider mint and revoke right now? Used by readiness.
     async fn health(&self) -> Result<(), ProviderError>;
 
+    /// What an operator should act on before it stops the provider, found
+    /// at health time (PostgreSQL: an access list nearing what its catalog
+    /// row holds). Asked only after `health` passed; each line says what,
+    /// how far, and what to change. The default: nothing.
+    async fn advisories(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Create, before minting, whatever the credential will hang on, for a
     /// peer where `rollback` could not otherwise find it from the lease id
     /// (Vault: a per-lease token whose leases die with it). The broker
