@@ -76,10 +76,10 @@ mod defaults {
         300
     }
     pub fn retention_batch_records() -> usize {
-        250
+        100
     }
     pub fn retention_prune_step_events() -> u64 {
-        512
+        128
     }
     pub fn retention_archive_max_events() -> u64 {
         1_000_000

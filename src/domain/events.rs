@@ -217,6 +217,7 @@ impl Broker {
     /// it, then prune them in steps of at most `self.prune_step` events,
     /// each step its own transaction recording a `chain.pruned` that names
     /// the archive and its SHA-256 (so no step holds the writer up long),
+    /// paced like retention's batches,
     /// and sign a checkpoint over the new head. `epoch`: the leader's
     /// (retention), checked in each step's transaction.
     pub(in crate::domain) async fn archive_through(
@@ -236,11 +237,12 @@ impl Broker {
             .as_ref()
             .map(|k| k.public_key().to_vec());
         let file = path.clone();
-        let report = tokio::task::spawn_blocking(move || {
+        // on the background thread, niced: requests come first
+        let report = super::background::run(move || {
             crate::audit::verify::verify_export_file(&file, trusted)
         })
         .await
-        .map_err(|e| BrokerError::Store(crate::store::StoreError::Io(e.to_string())))?
+        .map_err(|e| BrokerError::Store(crate::store::StoreError::Io(e)))?
         .map_err(|e| BrokerError::Store(crate::store::StoreError::Io(e)))?;
         let verified = crate::hex::decode32(&report.head_hash).filter(|h| {
             report.ok && report.last_seq == through && steps.last() == Some(&(through, *h))
@@ -253,19 +255,28 @@ impl Broker {
                 ),
             )));
         }
-        let bytes = std::fs::read(&path).map_err(|e| {
+        // tens of MiB read and hashed: not on an async worker
+        let file = path.clone();
+        let sha = super::background::run(move || {
+            std::fs::read(&file).map(|bytes| {
+                crate::hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref())
+            })
+        })
+        .await
+        .map_err(|e| BrokerError::Store(crate::store::StoreError::Io(e)))?
+        .map_err(|e| {
             BrokerError::Store(crate::store::StoreError::Io(format!(
                 "{}: {e}",
                 path.display()
             )))
         })?;
-        let sha = crate::hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
         let (mut removed, mut longest_step) = (0, std::time::Duration::ZERO);
         let count = steps.len() as u64;
         for (step, hash) in steps {
             let (a, now) = (self.auditor.clone(), self.clock.now().unix_millis());
             let (by, rid, archive, archive_sha) =
                 (by.clone(), rid.clone(), name.clone(), sha.clone());
+            let started = std::time::Instant::now();
             let (n, held) = self
                 .store
                 .write(move |t| {
@@ -289,6 +300,10 @@ impl Broker {
                 .await?;
             removed += n;
             longest_step = longest_step.max(held);
+            // pause as long as the step took, so pruning a backlog never
+            // takes more than half the writer (requests queued behind one
+            // step, not behind a run of them)
+            tokio::time::sleep(started.elapsed().max(std::time::Duration::from_millis(1))).await;
         }
         let checkpoint = self.checkpoint().await?.map(|c| c.seq);
         Ok(Archived {
@@ -391,12 +406,14 @@ impl Broker {
                 writeln!(out, "{}", serde_json::json!({ "checkpoint": cp })).map_err(io)?;
             }
         }
-        // the events, from one snapshot, off the async workers: their
-        // stored bytes with the hash spliced in (no values built)
+        // the events, from one snapshot, on the background thread (niced,
+        // off the async workers): their stored bytes with the hash spliced
+        // in (no values built)
         let reader = self.store.read()?;
         let base = info.base.seq;
         let step = self.retention.prune_step_events.max(1);
-        let (out, steps) = tokio::task::spawn_blocking(move || {
+        let named = path.to_path_buf();
+        let steps = super::background::run(move || {
             let mut steps = Vec::new();
             let mut line = Vec::new();
             let mut after = base;
@@ -436,20 +453,22 @@ impl Broker {
                     after = e.seq;
                 }
             }
-            Ok((out, steps))
+            let file = out
+                .into_inner()
+                .map_err(|e| crate::store::StoreError::Io(e.into_error().to_string()))?;
+            let synced = file
+                .sync_all()
+                .and_then(|()| std::fs::rename(&partial, &named));
+            let synced = synced.and_then(|()| match named.parent() {
+                Some(dir) => std::fs::File::open(dir).and_then(|d| d.sync_all()),
+                None => Ok(()),
+            });
+            synced
+                .map_err(|e| crate::store::StoreError::Io(format!("{}: {e}", named.display())))?;
+            Ok(steps)
         })
         .await
-        .map_err(|e| {
-            BrokerError::Store(crate::store::StoreError::Io(format!("archive task: {e}")))
-        })??;
-        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&partial, path).map_err(io)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io)?;
-        }
+        .map_err(|e| BrokerError::Store(crate::store::StoreError::Io(format!("archive: {e}"))))??;
         Ok(steps)
     }
 }

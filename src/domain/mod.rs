@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 pub mod approval;
+pub mod background;
 pub mod call;
 pub mod cluster;
 pub mod events;

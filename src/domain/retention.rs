@@ -141,7 +141,7 @@ impl Broker {
                     let held = Instant::now();
                     t.require_leader(epoch)?;
                     let r = t.remove_ended_tasks(cutoff, cursor, max, max)?;
-                    if r.tasks > 0 {
+                    if r.records() > 0 {
                         let id = |v: Option<u128>| v.map(|v| crate::ids::TaskId(v).to_string());
                         let data = crate::event_data![
                             ("tasks", r.tasks),
@@ -151,6 +151,7 @@ impl Broker {
                             ("reviews", r.reviews),
                             ("first_task", id(r.first)),
                             ("last_task", id(r.last_removed)),
+                            ("part_of_task", id(r.part_of)),
                         ];
                         record_removed(t, &a, now, cutoff, data)?;
                     }

@@ -191,17 +191,20 @@ pub fn pack(block: Vec<u8>) -> Vec<u8> {
     out
 }
 
-/// The plain block a stored value holds: borrowed when stored plain.
-pub fn unpack(stored: &[u8]) -> Result<Cow<'_, [u8]>, StoreError> {
+/// A deflated block's entries as stored (inflated, their links still left
+/// out when `UNLINKED`): (first seq, header flags, the first entry's
+/// previous hash if unlinked, entries); `None` for a plain block.
+type Inflated = (u64, u64, Option<[u8; 32]>, Vec<u8>);
+
+fn inflated(stored: &[u8]) -> Result<Option<Inflated>, StoreError> {
     let Some((head, rest)) = stored.split_first_chunk::<HEADER>() else {
-        return Ok(Cow::Borrowed(stored));
+        return Ok(None);
     };
     let header = u64::from_be_bytes(*head);
     if header & DEFLATED == 0 {
-        return Ok(Cow::Borrowed(stored));
+        return Ok(None);
     }
     let first = header & !(DEFLATED | UNLINKED | PRIMED);
-    let corrupt = |what: &str| StoreError::Corrupt(format!("a deflated event block {what}"));
     let (len, rest) = rest
         .split_first_chunk::<4>()
         .ok_or_else(|| corrupt("is cut short"))?;
@@ -227,6 +230,71 @@ pub fn unpack(stored: &[u8]) -> Result<Cow<'_, [u8]>, StoreError> {
         }
         entries
     };
+    Ok(Some((first, header, first_prev, entries)))
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(format!("a deflated event block {what}"))
+}
+
+/// What pruning through `through` takes from the block stored under `key`:
+/// how many of its events, and each task's first (task, seq) among them
+/// (its entry in the task index). Reads only the entries' heads, without
+/// putting chain links back.
+pub fn pruned(
+    key: u64,
+    stored: &[u8],
+    through: u64,
+) -> Result<(u64, Vec<(u128, u64)>), StoreError> {
+    let mut firsts: Vec<(u128, u64)> = Vec::new();
+    let mut count = 0;
+    let mut take = |seq: u64, task: u128| {
+        count += 1;
+        if task != 0 && !firsts.iter().any(|(t, _)| *t == task) {
+            firsts.push((task, seq));
+        }
+    };
+    let Some((first, header, _, body)) = inflated(stored)? else {
+        for e in entries(key, stored) {
+            let e = e?;
+            if e.seq > through {
+                break;
+            }
+            take(e.seq, e.task);
+        }
+        return Ok((count, firsts));
+    };
+    let head_len = ENTRY_HEAD + if header & UNLINKED != 0 { 4 } else { 0 };
+    let (mut rest, mut seq) = (body.as_slice(), first);
+    while !rest.is_empty() && seq <= through {
+        let (head, tail) = (rest.get(..head_len), rest.get(head_len..));
+        let (Some(head), Some(tail)) = (head, tail) else {
+            return Err(corrupt("has an entry cut short"));
+        };
+        let n = u32::from_be_bytes([head[48], head[49], head[50], head[51]]) as usize;
+        let task = u128::from_be_bytes(
+            head[32..48]
+                .try_into()
+                .map_err(|_| corrupt("is cut short"))?,
+        );
+        rest = tail
+            .get(n..)
+            .ok_or_else(|| corrupt("has an event cut short"))?;
+        take(seq, task);
+        seq += 1;
+    }
+    if seq - 1 > key {
+        return Err(corrupt("runs past its key"));
+    }
+    Ok((count, firsts))
+}
+
+/// The plain block a stored value holds: borrowed when stored plain.
+pub fn unpack(stored: &[u8]) -> Result<Cow<'_, [u8]>, StoreError> {
+    let Some((first, _, first_prev, entries)) = inflated(stored)? else {
+        return Ok(Cow::Borrowed(stored));
+    };
+    let len = entries.len();
     let mut out = Vec::with_capacity(HEADER + len + len / 4);
     out.extend_from_slice(&first.to_be_bytes());
     let Some(mut prev) = first_prev else {
@@ -655,6 +723,53 @@ mod tests {
         let mut unprimed_flag = primed.clone();
         unprimed_flag[0] &= !((PRIMED >> 56) as u8);
         assert!(unpack(&unprimed_flag).is_err());
+    }
+
+    #[test]
+    fn what_a_prune_takes_is_read_from_the_heads_alike_in_every_format() {
+        let mut b = BlockBuf::default();
+        let mut prev = [5u8; 32];
+        for (i, seq) in (200..212u64).enumerate() {
+            let task = [0u128, 7, 9, 7][i % 4];
+            b.push(seq, task, |out| {
+                let text = format!(
+                    r#"{{"kind":"x","prev_hash":"{}","seq":{seq},"time":"t","v":1}}"#,
+                    crate::hex::encode(&prev)
+                );
+                out.extend_from_slice(text.as_bytes());
+                prev = sha(text.as_bytes());
+                prev
+            });
+        }
+        let (key, plain) = b.take().unwrap();
+        let formats = [plain.clone(), pack(plain.clone()), pack_unprimed(&plain)];
+        for through in [199, 200, 201, 205, 211, 300] {
+            // what walking the plain block finds
+            let mut want = (0, Vec::new());
+            for e in entries(key, &plain) {
+                let e = e.unwrap();
+                if e.seq > through {
+                    break;
+                }
+                want.0 += 1;
+                if e.task != 0 && !want.1.iter().any(|(t, _)| *t == e.task) {
+                    want.1.push((e.task, e.seq));
+                }
+            }
+            for stored in &formats {
+                assert_eq!(
+                    pruned(key, stored, through).unwrap(),
+                    want,
+                    "through {through}"
+                );
+            }
+        }
+        assert_eq!(
+            pruned(key, &formats[1], 300).unwrap().1,
+            [(7, 201), (9, 202)]
+        );
+        let cut = &formats[1][..formats[1].len() - 4];
+        assert!(pruned(key, cut, 300).is_err());
     }
 
     #[test]

@@ -273,6 +273,9 @@ pub struct Removed {
     /// The first and last task removed.
     pub first: Option<u128>,
     pub last_removed: Option<u128>,
+    /// The task the batch removed part of (its record goes with its last
+    /// part, in a later batch).
+    pub part_of: Option<u128>,
     /// The last task examined: the next batch resumes after it.
     pub cursor: Option<u128>,
     /// No task created before the cutoff remains after `cursor`.
@@ -290,13 +293,16 @@ impl Removed {
 pub trait RetentionWrites {
     /// Remove tasks that ended before `cutoff` (ms: completed, or past
     /// their deadline), each with its calls, leases, approvals and review,
-    /// and every index entry of theirs. A task is removed whole or not at
-    /// all, and only when nothing of it is live: every lease terminal
-    /// (never an irrevocable one) and ended before `cutoff`, every approval
-    /// decided, consumed or expired, its review signed off. Tasks are
-    /// examined in id (creation) order after `after`, at most `max_tasks`,
-    /// and the batch stops before it would remove more than `max_records`
-    /// (at least one task's worth), so a batch stays short.
+    /// and every index entry of theirs, only when nothing of it is live:
+    /// every lease terminal (never an irrevocable one) and ended before
+    /// `cutoff`, every approval decided, consumed or expired, its review
+    /// signed off. Tasks are examined in id (creation) order after `after`,
+    /// at most `max_tasks`, and the batch stops before it would remove more
+    /// than `max_records`, so a batch stays short: a task larger than that
+    /// goes over several batches (`part_of`), its leases and calls first and
+    /// its record with the last part, the cursor staying before it until
+    /// then. Once removable a task stays so (what ended stays ended), so
+    /// what a part left behind is only ever an ended task's.
     fn remove_ended_tasks(
         &mut self,
         cutoff: i64,

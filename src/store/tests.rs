@@ -2001,13 +2001,28 @@ async fn retention_batches_are_bounded_and_resume(store: Backing) {
     for id in 1..=9 {
         assert_eq!(traces(&s, id), (false, 0, 0, 0), "task {id}");
     }
-    // a task larger than the budget still goes, alone
+    // a task larger than the budget goes over several batches, its lease
+    // and call first, its record last, the cursor staying before it
     ended_task(&s, 20, 100, None).await;
-    let r = s
-        .write(|t| t.remove_ended_tasks(10_000, None, 100, 1))
-        .await
-        .unwrap();
-    assert_eq!((r.tasks, r.done), (1, true));
+    let mut steps = Vec::new();
+    loop {
+        let r = s
+            .write(|t| t.remove_ended_tasks(10_000, None, 100, 1))
+            .await
+            .unwrap();
+        assert!(r.records() <= 1, "{r:?}");
+        steps.push((r.tasks, r.leases, r.calls, traces(&s, 20).0));
+        if r.done {
+            break;
+        }
+        assert_eq!(r.cursor, None, "the cursor stays before a task in parts");
+    }
+    assert_eq!(
+        steps,
+        [(0, 1, 0, true), (0, 0, 1, true), (1, 0, 0, false)],
+        "(tasks, leases, calls, task still stored) per batch"
+    );
+    assert_eq!(traces(&s, 20), (false, 0, 0, 0));
     // at most max_tasks examined per batch
     for id in 30..=33 {
         s.write(move |t| t.create_task(&task(id, 1_000_000)))

@@ -55,6 +55,19 @@ async fn what_ended_before_the_window_leaves_in_recorded_batches_and_nothing_liv
         assert_eq!(s, StatusCode::OK, "{v}");
         ended.push((task, lease["lease_id"].as_str().unwrap().to_owned()));
     }
+    // a task larger than a batch (10 leases and their calls): it leaves
+    // over several, recorded as parts of it, its record with the last
+    let big = h.open_task(&h.tokens.a, 600).await;
+    let mut big_leases = Vec::new();
+    for _ in 0..10 {
+        let l = h.lease(&h.tokens.a, &big, 300).await;
+        big_leases.push(l["lease_id"].as_str().unwrap().to_owned());
+    }
+    let (s, v) = h
+        .post_empty(&h.tokens.a, &format!("/v1/tasks/{big}/complete"))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    ended.push((big.clone(), big_leases[9].clone()));
     // open, its deadline an hour on (inside the window at the sweep)
     let live = h.open_task(&h.tokens.a, 3600).await;
     let held = h.lease(&h.tokens.a, &live, 300).await;
@@ -124,13 +137,34 @@ async fn what_ended_before_the_window_leaves_in_recorded_batches_and_nothing_liv
             .map(|e| e["data"][k].as_u64().unwrap_or(0))
             .sum()
     };
-    assert_eq!((sum("tasks"), sum("leases")), (4, 4), "{removed:?}");
-    assert!(sum("calls") >= 4, "{removed:?}");
+    assert_eq!((sum("tasks"), sum("leases")), (5, 14), "{removed:?}");
+    assert!(sum("calls") >= 14, "{removed:?}");
+    for l in &big_leases {
+        let (s, _) = h.get(&h.tokens.admin, &format!("/v1/leases/{l}")).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{l} went with its task");
+    }
     // each batch names the first and last task it removed (ids made in
-    // the same millisecond are not in creation order)
+    // the same millisecond are not in creation order), or the one it
+    // removed part of
+    let parts: Vec<&&Value> = removed
+        .iter()
+        .filter(|e| e["data"]["part_of_task"].is_string())
+        .collect();
+    assert!(
+        parts.len() >= 2
+            && parts
+                .iter()
+                .all(|e| e["data"]["part_of_task"] == big.as_str()),
+        "the large task went in parts: {removed:?}"
+    );
     for e in &removed {
-        for k in ["first_task", "last_task"] {
-            let t = e["data"][k].as_str().unwrap();
+        let keys: &[&str] = if e["data"]["tasks"].as_u64() > Some(0) {
+            &["first_task", "last_task"]
+        } else {
+            &["part_of_task"]
+        };
+        for k in keys {
+            let t = e["data"][*k].as_str().unwrap();
             assert!(ended.iter().any(|(id, _)| id == t), "{e}");
         }
     }

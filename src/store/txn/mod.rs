@@ -101,19 +101,8 @@ fn pruned_of(
     through: u64,
     unindexed: &mut Vec<(u128, u64)>,
 ) -> Result<u64, StoreError> {
-    let mut count = 0;
-    let mut tasks: Vec<u128> = Vec::new();
-    for e in blocks::entries(key, &blocks::unpack(block)?) {
-        let e = e?;
-        if e.seq > through {
-            break;
-        }
-        count += 1;
-        if e.task != 0 && !tasks.contains(&e.task) {
-            tasks.push(e.task);
-            unindexed.push((e.task, e.seq));
-        }
-    }
+    let (count, firsts) = blocks::pruned(key, block, through)?;
+    unindexed.extend(firsts);
     Ok(count)
 }
 

@@ -79,22 +79,56 @@ impl KvTxn<'_> {
         }))
     }
 
+    /// A lease of task `task`, with its index entries and its count.
+    fn remove_lease(&mut self, task: u128, l: &LeaseRecord) -> Result<(), StoreError> {
+        let r = self.leases.remove(l.id).map(|_| ());
+        self.w(r)?;
+        let r = self.task_leases.remove((task, l.id)).map(|_| ());
+        self.w(r)?;
+        let r = self
+            .workload_leases
+            .remove((l.workload.as_str(), l.id))
+            .map(|_| ());
+        self.w(r)?;
+        *self
+            .deltas
+            .entry((l.provider.clone(), l.state))
+            .or_default() -= 1;
+        Ok(())
+    }
+
+    /// Part of a task too large for one batch: up to `budget` of its leases
+    /// and calls (at least one). Its record, approvals and review stay for
+    /// the batch that removes the rest: a removable task stays removable
+    /// (what ended before the cutoff stays ended), so the next batch plans
+    /// it again and goes on.
+    fn remove_part(
+        &mut self,
+        d: &Doomed,
+        budget: usize,
+        out: &mut Removed,
+    ) -> Result<(), StoreError> {
+        let id = d.task.id;
+        let budget = budget.max(1);
+        let leases = &d.leases[..d.leases.len().min(budget)];
+        for l in leases {
+            self.remove_lease(id, l)?;
+        }
+        let calls = &d.calls[..d.calls.len().min(budget - leases.len())];
+        for c in calls {
+            let r = self.calls.remove((id, *c)).map(|_| ());
+            self.w(r)?;
+        }
+        out.leases += leases.len() as u64;
+        out.calls += calls.len() as u64;
+        out.part_of = Some(id);
+        Ok(())
+    }
+
     fn remove_doomed(&mut self, d: &Doomed, out: &mut Removed) -> Result<(), StoreError> {
         let id = d.task.id;
         for l in &d.leases {
-            let r = self.leases.remove(l.id).map(|_| ());
-            self.w(r)?;
-            let r = self.task_leases.remove((id, l.id)).map(|_| ());
-            self.w(r)?;
-            let r = self
-                .workload_leases
-                .remove((l.workload.as_str(), l.id))
-                .map(|_| ());
-            self.w(r)?;
-            *self
-                .deltas
-                .entry((l.provider.clone(), l.state))
-                .or_default() -= 1;
+            self.remove_lease(id, l)?;
         }
         for c in &d.calls {
             let r = self.calls.remove((id, *c)).map(|_| ());
@@ -160,14 +194,27 @@ impl RetentionWrites for KvTxn<'_> {
             candidates.push(codec::decode::<TaskRecord>(v.value())?);
         }
         let mut doomed = Vec::new();
+        let mut part = None;
         let mut planned = 0;
         for task in candidates {
             let id = task.id;
             match self.plan_removal(task, cutoff)? {
                 Some(d) => {
-                    if planned > 0 && planned + d.records() > max_records {
-                        out.done = false;
-                        break;
+                    if planned + d.records() > max_records {
+                        // the next batch starts with it
+                        if planned > 0 {
+                            out.done = false;
+                            break;
+                        }
+                        // first in the batch and larger than it: it goes
+                        // over several (leases and calls first, its record
+                        // last), the cursor staying before it; with
+                        // neither, it is a handful of records and goes whole
+                        if !(d.leases.is_empty() && d.calls.is_empty()) {
+                            out.done = false;
+                            part = Some(d);
+                            break;
+                        }
                     }
                     planned += d.records();
                     doomed.push(d);
@@ -178,6 +225,9 @@ impl RetentionWrites for KvTxn<'_> {
         }
         for d in &doomed {
             self.remove_doomed(d, &mut out)?;
+        }
+        if let Some(d) = part {
+            self.remove_part(&d, max_records, &mut out)?;
         }
         Ok(out)
     }
