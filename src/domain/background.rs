@@ -5,10 +5,10 @@
 //! urgent, while requests are. On a small host it competed with them for
 //! the CPU: the soak's request p99 rose by a third from the minute
 //! archiving began. So it runs on one thread of its own, `leasehold-bg`,
-//! at nice 10: the scheduler gives requests the CPU first, and the archive
-//! takes what is left. (Raising a thread's nice needs no privilege;
-//! lowering it again would, so the thread keeps it for good.) Jobs run one
-//! at a time, in order; a job that panics fails alone.
+//! at nice 19 (the lowest): the scheduler gives requests the CPU first,
+//! and the archive takes what is left. (Raising a thread's nice needs no
+//! privilege; lowering it again would, so the thread keeps it for good.)
+//! Jobs run one at a time, in order; a job that panics fails alone.
 
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
@@ -16,7 +16,7 @@ use std::sync::{Mutex, OnceLock};
 type Job = Box<dyn FnOnce() + Send>;
 
 /// How much lower the background thread runs (nice).
-const NICENESS: i32 = 10;
+const NICENESS: i32 = 19;
 
 fn queue() -> &'static Mutex<mpsc::Sender<Job>> {
     static QUEUE: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
