@@ -283,7 +283,7 @@ pub fn pruned(
         take(seq, task);
         seq += 1;
     }
-    if seq - 1 > key {
+    if seq.saturating_sub(1) > key {
         return Err(corrupt("runs past its key"));
     }
     Ok((count, firsts))
