@@ -575,25 +575,7 @@ async fn a_filling_access_list_is_an_advisory_in_status_and_readiness() {
     let task = h.open_task(&h.tokens.a, 3600).await;
     let (s, l) = lease(&h, &task, &["reporting"]).await;
     assert_eq!(s, StatusCode::CREATED, "{l}");
-    let su = cluster
-        .superuser(leasehold_provider_postgres::testkit::DATABASE)
-        .await;
-    su.batch_execute(
-        "DO $$ BEGIN FOR i IN 1..320 LOOP \
-           EXECUTE format('CREATE ROLE filler_%s NOLOGIN', i); \
-           EXECUTE format('GRANT USAGE ON SCHEMA reporting TO filler_%s', i); \
-         END LOOP; END $$",
-    )
-    .await
-    .unwrap();
-    let entries: i32 = su
-        .query_one(
-            "SELECT cardinality(nspacl) FROM pg_namespace WHERE nspname = 'reporting'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let entries = cluster.fill_schema_acl("reporting", 320).await;
     let holds = format!("the access list of schema reporting holds {entries} entries");
     // readiness caches its checks for a second
     tokio::time::sleep(Duration::from_millis(1100)).await;

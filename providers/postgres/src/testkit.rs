@@ -296,6 +296,31 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Grant usage on `schema` (in the app database) to `roles` new
+    /// NOLOGIN roles, `filler_1`..: an access list filled by others.
+    /// Returns how many entries the schema's list then holds.
+    pub async fn fill_schema_acl(&self, schema: &str, roles: u32) -> usize {
+        let su = self.superuser(DATABASE).await;
+        let target = postgres_protocol::escape::escape_identifier(schema);
+        let sql: String = (1..=roles)
+            .map(|i| {
+                format!(
+                    "CREATE ROLE filler_{i} NOLOGIN; GRANT USAGE ON SCHEMA {target} TO filler_{i};"
+                )
+            })
+            .collect();
+        su.batch_execute(&sql).await.unwrap();
+        let entries: i32 = su
+            .query_one(
+                "SELECT cardinality(nspacl) FROM pg_namespace WHERE nspname = $1",
+                &[&schema],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        usize::try_from(entries).unwrap()
+    }
+
     /// The database `app` with schemas `public` and `reporting`, a table in
     /// each, the group roles `app_read` and `we"ird role ü`, and the
     /// management role with `CREATEROLE` and `pg_signal_backend`.

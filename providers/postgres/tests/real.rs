@@ -694,23 +694,7 @@ async fn a_filling_access_list_is_reported_at_health_time() {
         "one entry is far from full"
     );
     // others fill the list to past half of the ceiling
-    let su = c.superuser(DATABASE).await;
-    su.batch_execute(
-        "DO $$ BEGIN FOR i IN 1..310 LOOP \
-           EXECUTE format('CREATE ROLE filler_%s NOLOGIN', i); \
-           EXECUTE format('GRANT USAGE ON SCHEMA public TO filler_%s', i); \
-         END LOOP; END $$",
-    )
-    .await
-    .unwrap();
-    let entries: i32 = su
-        .query_one(
-            "SELECT cardinality(nspacl) FROM pg_namespace WHERE nspname = 'public'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let entries = c.fill_schema_acl("public", 310).await;
     assert!(entries >= 312, "{entries}");
     let said = p.advisories().await;
     assert_eq!(said.len(), 1, "{said:?}");
