@@ -143,25 +143,75 @@ pub struct DenialView {
     pub reasons: Vec<String>,
 }
 
-/// Run state-changing work to completion even if the request is dropped.
+/// Run state-changing work to completion even if the request is dropped
+/// (its client gone, its deadline passed). The work runs in the request's
+/// own task, so an answer costs no hand-off between threads; only if the
+/// request is dropped first does what remains of the work move to a task
+/// of its own, which finishes it (see [`Finish`]). A panic in the work is
+/// a 500, as a failed task would be.
 pub(super) async fn detached<T, F>(f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: Future<Output = Result<T, BrokerError>> + Send + 'static,
 {
     use tracing::Instrument as _;
-    // boxed: the task then moves a pointer, where it would otherwise copy
-    // the whole future (a call's holds every state of the issue path)
-    // through spawn into its cell
-    match tokio::spawn(Box::pin(f).instrument(tracing::Span::current())).await {
-        Ok(r) => r.map_err(ApiError::from),
-        Err(e) => {
-            tracing::error!(error = %e, "request task failed");
-            Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "internal error",
-            ))
+    // boxed: moving the work to a task then moves a pointer, where it
+    // would otherwise copy the whole future (a call's holds every state of
+    // the issue path)
+    let mut work = Finish(Some(Box::pin(f.instrument(tracing::Span::current()))));
+    match std::future::poll_fn(|cx| work.poll(cx)).await {
+        Some(r) => r.map_err(ApiError::from),
+        None => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )),
+    }
+}
+
+type Work<T> = std::pin::Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'static>>;
+
+/// Work that is finished whatever happens to whoever awaits it: dropped
+/// unfinished, it is spawned to run to its end.
+struct Finish<T: Send + 'static>(Option<Work<T>>);
+
+impl<T: Send + 'static> Finish<T> {
+    /// `None`: the work panicked (logged; it is not resumed).
+    fn poll(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<T, BrokerError>>> {
+        use std::task::Poll;
+        let Some(work) = self.0.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(cx)));
+        match polled {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(r)) => {
+                self.0 = None;
+                Poll::Ready(Some(r))
+            }
+            Err(_) => {
+                self.0 = None;
+                tracing::error!("request work panicked");
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for Finish<T> {
+    fn drop(&mut self) {
+        if let Some(work) = self.0.take() {
+            // outside a runtime (it is shutting down) nothing could run it
+            // anyway, as with any task it would have dropped
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = work.await;
+                });
+            }
         }
     }
 }
@@ -201,4 +251,66 @@ pub(super) fn optional_body<T: serde::de::DeserializeOwned + Default>(
     }
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[tokio::test]
+    async fn detached_work_finishes_after_its_request_is_dropped() {
+        let (open, gate) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done) = tokio::sync::oneshot::channel::<()>();
+        let ran_inline = Arc::new(AtomicBool::new(false));
+        let r = ran_inline.clone();
+        let request = detached(async move {
+            r.store(true, Ordering::SeqCst);
+            let _ = gate.await;
+            let _ = done_tx.send(());
+            Ok::<_, BrokerError>(())
+        });
+        // the request is polled once (the work starts in it), then dropped
+        // as a client that went away drops it
+        let mut request = Box::pin(request);
+        assert!(futures_poll_once(request.as_mut()).await.is_pending());
+        assert!(
+            ran_inline.load(Ordering::SeqCst),
+            "the work ran in the request"
+        );
+        drop(request);
+        open.send(()).expect("the work still waits");
+        tokio::time::timeout(std::time::Duration::from_secs(5), done)
+            .await
+            .expect("the dropped work finished on a task of its own")
+            .expect("and got to its end");
+    }
+
+    #[tokio::test]
+    async fn detached_work_answers_its_result_and_a_panic_is_a_500() {
+        let ok = detached(async { Ok::<_, BrokerError>(7) }).await;
+        assert_eq!(ok.ok(), Some(7));
+        let refused =
+            detached(async { Err::<(), _>(BrokerError::invalid("invalid_request", "no")) })
+                .await
+                .expect_err("an error stays an error");
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+        let panicked = detached(async {
+            if std::hint::black_box(true) {
+                panic!("boom");
+            }
+            Ok::<(), BrokerError>(())
+        })
+        .await
+        .expect_err("a panic is an error");
+        assert_eq!(panicked.status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+
+    /// Poll a future once and say what it answered.
+    async fn futures_poll_once<F: Future + ?Sized>(
+        mut f: std::pin::Pin<&mut F>,
+    ) -> std::task::Poll<F::Output> {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await
+    }
 }
