@@ -8,7 +8,8 @@
 //! Group commit: one writer thread owns every write transaction. It takes
 //! whatever operations are queued, applies them all in one transaction,
 //! appends their changes to the write-ahead log as one record and syncs it
-//! ([`wal`]), commits the transaction, then answers each caller. Under load,
+//! ([`wal`]), answers each caller, then commits the transaction (a read
+//! begun after an answer waits for that commit: `writer::Visibility`). Under load,
 //! concurrent requests share one sync, and the batch stays open for the
 //! configured delay, applying operations as they arrive (so the delay
 //! overlaps the batch's work rather than adding to it); idle, a single
@@ -97,6 +98,10 @@ pub struct StoreOptions {
     pub on_commit: Option<CommitHook>,
     /// Keep the store in PostgreSQL instead of the redb file at `path`.
     pub postgres: Option<PgOptions>,
+    /// Tests: how long the redb writer waits between answering a batch and
+    /// committing it (the window a read must not fall into).
+    #[cfg(test)]
+    pub hold_before_commit: std::time::Duration,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -127,6 +132,8 @@ impl StoreOptions {
             reserve_bytes: Self::DEFAULT_RESERVE_BYTES,
             on_commit: None,
             postgres: None,
+            #[cfg(test)]
+            hold_before_commit: std::time::Duration::ZERO,
         }
     }
 }

@@ -1000,6 +1000,44 @@ async fn acknowledged_writes_are_in_the_log_before_any_checkpoint() {
     assert_eq!(wal::records_for_test(&bytes, 0), (vec![1], false));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_begun_after_an_answer_sees_it_though_the_commit_comes_after() {
+    // a batch is answered once its log record is synced, then committed in
+    // redb; held here for 300 ms between the two
+    let dir = tempfile::tempdir().unwrap();
+    let hold = std::time::Duration::from_millis(300);
+    let s = Store::open(
+        &StoreOptions {
+            hold_before_commit: hold,
+            ..log_only(&dir)
+        },
+        &key(),
+    )
+    .unwrap();
+    for id in 1..=3u128 {
+        let answered = std::time::Instant::now();
+        s.write(move |t| t.create_task(&task(id, 10_000)))
+            .await
+            .unwrap();
+        let read = s.read().unwrap();
+        assert!(
+            read.task(id).unwrap().is_some(),
+            "task {id}: a read after the answer sees the write"
+        );
+        // and it was the wait for the commit that made it so: the answer
+        // came before the hold ended, the read only after
+        assert!(
+            answered.elapsed() >= hold,
+            "task {id}: the read did not wait for the commit ({:?})",
+            answered.elapsed()
+        );
+    }
+    // a read that begins with nothing answered and uncommitted does not wait
+    let t = std::time::Instant::now();
+    assert!(s.read().unwrap().task(3).unwrap().is_some());
+    assert!(t.elapsed() < hold / 2, "{:?}", t.elapsed());
+}
+
 #[tokio::test]
 async fn a_full_log_is_checkpointed_and_emptied() {
     let dir = tempfile::tempdir().unwrap();

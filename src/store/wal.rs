@@ -11,10 +11,12 @@
 //!    [`Logged`];
 //! 2. appended to this log as one record (`lsn`, length, SHA-256 digest) and
 //!    `fdatasync`ed;
-//! 3. committed in redb with `Durability::None` (visible to readers, no I/O);
-//! 4. answered.
+//! 3. answered;
+//! 4. committed in redb with `Durability::None` (visible to readers, no I/O;
+//!    a read begun after step 3 waits for it).
 //!
-//! Readers therefore never see a change that is not durable. Every so often
+//! Readers therefore never see a change that is not durable, nor miss one
+//! they were told of. Every so often
 //! (the log outgrows [`super::StoreOptions::checkpoint_bytes`], or the store
 //! has been idle, or it closes) a **checkpoint** commits redb durably with
 //! `wal_lsn` (the last record it contains) in its metadata, and the log

@@ -1,8 +1,9 @@
 //! The redb backend's writer engine: one thread owns every write
 //! transaction. It takes whatever operations are queued, applies them all
 //! in one transaction, appends their changes to the write-ahead log as one
-//! record and syncs it ([`wal`]), commits the transaction, then answers
-//! each caller. Under load, concurrent requests share one sync, and the
+//! record and syncs it ([`wal`]), answers each caller, then commits the
+//! transaction ([`Visibility`] makes a read begun after an answer wait for
+//! that commit). Under load, concurrent requests share one sync, and the
 //! batch stays open for the configured delay, applying operations as they
 //! arrive (so the delay overlaps the batch's work rather than adding to
 //! it); idle, a single operation commits alone with no added delay. A
@@ -36,10 +37,12 @@ pub(super) struct RedbBackend {
     healthy: Arc<AtomicBool>,
     stats: Arc<CommitStats>,
     sealer: Sealer,
+    fence: Arc<Visibility>,
 }
 
 impl Backend for RedbBackend {
     fn read(&self) -> Result<Reader, StoreError> {
+        self.fence.settle();
         Ok(Box::new(KvReader::new(ReadSource::Redb(
             self.db.begin_read()?,
         ))))
@@ -79,6 +82,7 @@ impl Backend for RedbBackend {
     }
 
     fn raw(&self) -> Result<ReadSource, StoreError> {
+        self.fence.settle();
         Ok(ReadSource::Redb(self.db.begin_read()?))
     }
 }
@@ -162,10 +166,12 @@ pub(super) fn open(
     let (sender, rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
     let healthy = Arc::new(AtomicBool::new(true));
     let stats = Arc::new(CommitStats::default());
+    let fence = Arc::new(Visibility::default());
     let writer = {
         let db = db.clone();
         let healthy = healthy.clone();
         let stats = stats.clone();
+        let fence = fence.clone();
         let cfg = WriterConfig {
             group: opts.group_commit,
             quick_repair: opts.quick_repair,
@@ -173,10 +179,12 @@ pub(super) fn open(
             checkpoint_idle: opts.checkpoint_idle,
             reserve: opts.reserve_bytes,
             on_commit: opts.on_commit.clone(),
+            #[cfg(test)]
+            hold_before_commit: opts.hold_before_commit,
         };
         std::thread::Builder::new()
             .name("leasehold-store-writer".into())
-            .spawn(move || writer_loop(&db, rx, cfg, &healthy, &stats, head, wal))
+            .spawn(move || writer_loop(&db, rx, cfg, (&healthy, &stats, &fence), head, wal))
             .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?
     };
     let backend = RedbBackend {
@@ -186,6 +194,7 @@ pub(super) fn open(
         healthy,
         stats,
         sealer,
+        fence,
     };
     Ok((Box::new(backend), sender))
 }
@@ -215,6 +224,8 @@ struct WriterConfig {
     checkpoint_idle: std::time::Duration,
     /// Refuse writes while the filesystem has less than this free.
     reserve: u64,
+    #[cfg(test)]
+    hold_before_commit: std::time::Duration,
 }
 
 /// Bytes free for an unprivileged writer on the filesystem holding `path`
@@ -229,8 +240,7 @@ fn writer_loop(
     db: &Database,
     mut rx: mpsc::Receiver<Job>,
     cfg: WriterConfig,
-    healthy: &AtomicBool,
-    stats: &CommitStats,
+    (healthy, stats, fence): (&AtomicBool, &CommitStats, &Visibility),
     mut head: ChainHead,
     mut wal: wal::Wal,
 ) {
@@ -286,7 +296,7 @@ fn writer_loop(
             first,
             &mut rx,
             linger,
-            (&cfg, stats),
+            (&cfg, stats, fence),
             &mut head,
             &mut wal,
         );
@@ -388,7 +398,7 @@ fn run_batch(
     first: Job,
     rx: &mut mpsc::Receiver<Job>,
     linger: Option<std::time::Duration>,
-    (cfg, stats): (&WriterConfig, &CommitStats),
+    (cfg, stats, fence): (&WriterConfig, &CommitStats, &Visibility),
     head: &mut ChainHead,
     wal: &mut wal::Wal,
 ) -> (usize, Result<(), BatchError>) {
@@ -410,6 +420,9 @@ fn run_batch(
     };
     let applied = std::time::Instant::now();
     let mut entered = BTreeMap::new();
+    // logged: the batch is durable and may be answered; redb's commit
+    // (no I/O: it makes the batch visible to readers) comes after
+    let mut logged_txn = None;
     let outcome: Result<(), BatchError> = match finished {
         Ok((new_head, redo, e)) => {
             entered = e;
@@ -441,10 +454,10 @@ fn run_batch(
                     let _ = txn.abort();
                     Err(BatchError::Fatal(format!("write-ahead log: {e}")))
                 }
-                Ok(()) => txn
-                    .commit()
-                    .map(|()| *head = new_head)
-                    .map_err(|e| BatchError::Fatal(format!("commit after logging: {e}"))),
+                Ok(()) => {
+                    logged_txn = Some((txn, new_head));
+                    Ok(())
+                }
             }
         }
         Err(e) => {
@@ -479,6 +492,10 @@ fn run_batch(
         }
         Err(_) => {}
     }
+    // Answered once durable, before redb's commit: a read begun after an
+    // answer waits for that commit (`Visibility`), so nobody reads what
+    // was not answered, nor misses what was.
+    let told_guard = logged_txn.is_some().then(|| fence.told());
     let committed = outcome.is_ok().then_some(&entered);
     let n = super::settle(
         stats,
@@ -488,5 +505,93 @@ fn run_batch(
         replies,
         &told,
     );
+    let outcome = match logged_txn {
+        None => outcome,
+        Some((txn, new_head)) => {
+            #[cfg(test)]
+            std::thread::sleep(cfg.hold_before_commit);
+            let t = std::time::Instant::now();
+            let r = txn
+                .commit()
+                .map(|()| *head = new_head)
+                // its callers were told: the log holds it, and the restart
+                // that this failure calls for replays it
+                .map_err(|e| BatchError::Fatal(format!("commit after logging: {e}")));
+            stats
+                .commit_micros
+                .fetch_add(micros(t.elapsed()), Ordering::Relaxed);
+            // shown even when the commit failed (or anything here
+            // panicked): readers then see the store as it was (it stops
+            // writing until a restart) instead of waiting
+            drop(told_guard);
+            r
+        }
+    };
     (n, outcome)
+}
+
+/// Says a told batch is committed when dropped, however the writer
+/// leaves the batch.
+struct Shown<'a>(&'a Visibility);
+
+impl Drop for Shown<'_> {
+    fn drop(&mut self) {
+        self.0.shown();
+    }
+}
+
+/// What readers may see: a batch is answered once logged, then committed
+/// in redb; a read that begins after some batch was answered first waits
+/// until that batch is committed. The wait is at most one commit without
+/// I/O (tens of microseconds), and only for a read that races one.
+#[derive(Debug, Default)]
+pub(super) struct Visibility {
+    /// Batches answered, and batches committed (or given up on).
+    answered: std::sync::atomic::AtomicU64,
+    committed: std::sync::atomic::AtomicU64,
+    lock: std::sync::Mutex<()>,
+    changed: std::sync::Condvar,
+}
+
+impl Visibility {
+    /// The writer: a batch is about to be answered. Dropping what this
+    /// returns says it is committed (or never will be).
+    fn told(&self) -> Shown<'_> {
+        self.answered.fetch_add(1, Ordering::SeqCst);
+        Shown(self)
+    }
+
+    fn shown(&self) {
+        let _g = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.committed.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// A reader: wait until every batch answered so far is committed.
+    pub(super) fn settle(&self) {
+        let want = self.answered.load(Ordering::SeqCst);
+        if self.committed.load(Ordering::SeqCst) >= want {
+            return;
+        }
+        // the commit is short: spin a little before sleeping on it
+        for _ in 0..64 {
+            std::hint::spin_loop();
+            if self.committed.load(Ordering::SeqCst) >= want {
+                return;
+            }
+        }
+        let mut g = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while self.committed.load(Ordering::SeqCst) < want {
+            g = self
+                .changed
+                .wait(g)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
 }
