@@ -223,15 +223,33 @@ pub async fn proxy(
     .to_string();
     let ptoken = &creds.identities["proxy"].token;
     let ptoken = ptoken.clone();
-    let mut decide = std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+    let admin = &creds.identities["admin"].token;
+    let before = store_stats(&http, &base, admin).await?;
+    let read = (a.clone(), format!("/v1/leases/{lease}"));
+    let (mut decide, mut health, mut reads) = std::thread::spawn(move || -> anyhow::Result<_> {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(broker_rounds(addr, ptoken, call, requests, rounds))
+            .block_on(broker_rounds(addr, ptoken, call, read, requests, rounds))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the latency thread panicked"))??;
     let broker_ms = median(&mut decide);
+    println!(
+        "  the broker alone, same connection, p50: GET /v1/health {:.3} ms (HTTP only); GET /v1/leases/{{id}} {:.3} ms (authentication and a read); the call {broker_ms:.3} ms",
+        median(&mut health),
+        median(&mut reads),
+    );
+    let after = store_stats(&http, &base, admin).await?;
+    let d = |k: &str| after[k].as_f64().unwrap_or(0.0) - before[k].as_f64().unwrap_or(0.0);
+    let commits = d("commits").max(1.0);
+    println!(
+        "  the store's writer in that phase, per commit: {:.2} operations; apply {:.0} us, commit {:.0} us, of which the log's append and sync {:.0} us",
+        d("operations") / commits,
+        d("apply_seconds") * 1e6 / commits,
+        d("commit_seconds") * 1e6 / commits,
+        d("wal_seconds") * 1e6 / commits,
+    );
     println!(
         "  of which the broker's decision (POST /v1/proxy/calls, lease reused, durable), sent directly: p50 {broker_ms:.3} ms; \
          the proxy's own part: {:.3} ms",
@@ -361,27 +379,63 @@ async fn latency_rounds(
     Ok((d50, d99, p50, p99, add50, add99))
 }
 
-/// Per round, the p50 (ms) of the proxy's broker call sent directly.
+/// Per round, the p50 (ms) of the proxy's broker call sent directly, and
+/// for comparison of `GET /v1/health` and of a read of the lease (`read`:
+/// the workload's token and the path).
 async fn broker_rounds(
     addr: std::net::SocketAddr,
     token: String,
     call: String,
+    read: (String, String),
     requests: usize,
     rounds: usize,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
     let mut b = Conn::open(addr).await?;
-    let mut out = Vec::new();
+    let host = addr.to_string();
+    let health = format!("GET /v1/health HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    let lease = format!(
+        "GET {} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {}\r\n\r\n",
+        read.1, read.0
+    );
+    let (mut calls, mut healths, mut reads) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let mut ms = Vec::with_capacity(requests);
+        let (mut c, mut h, mut r) = (
+            Vec::with_capacity(requests),
+            Vec::with_capacity(requests),
+            Vec::with_capacity(requests),
+        );
         for _ in 0..requests {
             let t = Instant::now();
             let (status, body) = b.post("/v1/proxy/calls", &token, Some(&call)).await?;
-            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            c.push(t.elapsed().as_secs_f64() * 1000.0);
             if status != 200 {
                 bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
             }
+            for (head, into) in [(&health, &mut h), (&lease, &mut r)] {
+                let t = Instant::now();
+                let (status, body) = b.send(head, b"").await?;
+                into.push(t.elapsed().as_secs_f64() * 1000.0);
+                if status != 200 {
+                    bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+                }
+            }
         }
-        out.push(percentile(&mut ms, 0.5));
+        calls.push(percentile(&mut c, 0.5));
+        healths.push(percentile(&mut h, 0.5));
+        reads.push(percentile(&mut r, 0.5));
     }
-    Ok(out)
+    Ok((calls, healths, reads))
+}
+
+/// The store's writer counters (`GET /v1/stats`, `store`).
+async fn store_stats(http: &reqwest::Client, base: &str, admin: &str) -> anyhow::Result<Value> {
+    let v: Value = http
+        .get(format!("{base}/v1/stats"))
+        .bearer_auth(admin)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(v["store"].clone())
 }
