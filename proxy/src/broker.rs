@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
@@ -121,30 +122,108 @@ impl TokenFile {
     }
 }
 
+/// The broker's answers are small; a bigger one is not the broker's.
+const MAX_ANSWER: usize = 1 << 20;
+
+type Client = hyper_util::client::legacy::Client<BrokerConnector, http_body_util::Full<Bytes>>;
+
 #[derive(Debug)]
 pub struct Broker {
-    http: reqwest::Client,
-    calls_url: String,
+    http: Client,
+    calls: http::Uri,
+    timeout: Duration,
     token: TokenFile,
+}
+
+/// Connections to the broker: its URL's host and port, TLS for `https`
+/// (verified against `ca_file`, else the system's roots). hyper's own
+/// pooled client over it, not reqwest: a call is on every request the
+/// proxy forwards, and reqwest's URL, redirect and header layers cost a
+/// noticeable part of the proxy's own time per request.
+#[derive(Debug, Clone)]
+struct BrokerConnector {
+    host: String,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+}
+
+impl tower_service::Service<http::Uri> for BrokerConnector {
+    type Response = crate::connect::Conn;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<crate::connect::Conn>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: http::Uri) -> Self::Future {
+        // the configured broker, whatever the URI says
+        let this = self.clone();
+        Box::pin(async move {
+            let target = (this.host.trim_matches(['[', ']']), this.port);
+            let tcp = tokio::time::timeout(this.timeout, tokio::net::TcpStream::connect(target))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })??;
+            let _ = tcp.set_nodelay(true);
+            let Some(tls) = this.tls else {
+                return Ok(crate::connect::Conn::plain(tcp));
+            };
+            let name = rustls::pki_types::ServerName::try_from(
+                this.host.trim_matches(['[', ']']).to_owned(),
+            )
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let tls = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
+            Ok(crate::connect::Conn::tls(tls))
+        })
+    }
 }
 
 impl Broker {
     pub fn new(s: &BrokerSettings) -> Result<Self, String> {
-        let mut b = reqwest::Client::builder()
-            .timeout(Duration::from_secs(s.timeout_seconds))
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none());
-        if let Some(ca) = &s.ca_file {
-            let pem =
-                std::fs::read(ca).map_err(|e| format!("broker.ca_file {}: {e}", ca.display()))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("broker.ca_file {}: {e}", ca.display()))?
-            {
-                b = b.add_root_certificate(cert);
-            }
-        }
-        let http = b.build().map_err(|e| format!("broker client: {e}"))?;
+        let calls_url = format!("{}/v1/proxy/calls", s.url.trim_end_matches('/'));
+        let calls: http::Uri = calls_url
+            .parse()
+            .map_err(|e| format!("broker.url {}: {e}", s.url))?;
+        let https = match calls.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(format!("broker.url {}: not http or https", s.url)),
+        };
+        let host = calls
+            .host()
+            .ok_or_else(|| format!("broker.url {}: no host", s.url))?
+            .to_owned();
+        let port = calls.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = if https {
+            Some(
+                crate::serve::upstream_tls(s.ca_file.as_ref())
+                    .map_err(|e| format!("broker.ca_file: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let timeout = Duration::from_secs(s.timeout_seconds);
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(256)
+                .build(BrokerConnector {
+                    host,
+                    port,
+                    tls,
+                    timeout,
+                });
         let token = TokenFile {
             path: s.token_file.clone(),
             cached: Mutex::new(None),
@@ -152,7 +231,8 @@ impl Broker {
         token.get().map_err(|e| e.0)?;
         Ok(Self {
             http,
-            calls_url: format!("{}/v1/proxy/calls", s.url.trim_end_matches('/')),
+            calls,
+            timeout,
             token,
         })
     }
@@ -178,27 +258,44 @@ impl Broker {
         if let Some(a) = c.approval_id {
             body["approval_id"] = json!(a);
         }
-        let resp = self
-            .http
-            .post(&self.calls_url)
-            .bearer_auth(token.as_str())
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| Unreachable(format!("the broker could not be reached: {e}")))?;
-        let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
-        // the body may hold a credential: read it into memory we wipe
-        let bytes = Zeroizing::new(
-            resp.bytes()
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| Unreachable(format!("encoding the call: {e}")))?;
+        let mut auth = http::HeaderValue::from_str(&format!("Bearer {}", token.as_str()))
+            .map_err(|_| Unreachable("broker.token_file holds an invalid token".into()))?;
+        auth.set_sensitive(true);
+        let req = http::Request::post(self.calls.clone())
+            .header(http::header::AUTHORIZATION, auth)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(Bytes::from(body)))
+            .map_err(|e| Unreachable(format!("building the call: {e}")))?;
+        let exchange = async {
+            let resp = self
+                .http
+                .request(req)
                 .await
-                .map_err(|e| Unreachable(format!("reading the broker's answer: {e}")))?
-                .to_vec(),
-        );
+                .map_err(|e| Unreachable(format!("the broker could not be reached: {e}")))?;
+            let status = resp.status().as_u16();
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            // the body may hold a credential: read it into memory we wipe
+            let body = http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                resp.into_body(),
+                MAX_ANSWER,
+            ))
+            .await
+            .map_err(|e| Unreachable(format!("reading the broker's answer: {e}")))?;
+            Ok::<_, Unreachable>((
+                status,
+                retry_after,
+                Zeroizing::new(body.to_bytes().to_vec()),
+            ))
+        };
+        let (status, retry_after, bytes) = tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| Unreachable("the broker did not answer in time".into()))??;
         let v: Value = serde_json::from_slice(&bytes).map_err(|_| {
             Unreachable(format!(
                 "the broker answered {status} with a body that is not JSON"

@@ -138,7 +138,7 @@ impl Connector {
         let tcp = stream.ok_or_else(|| io(last))?;
         let _ = tcp.set_nodelay(true);
         if !self.route.dest.https {
-            return Ok(Conn(TokioIo::new(Stream::Plain(tcp))));
+            return Ok(Conn::plain(tcp));
         }
         let name =
             rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| io(e.to_string()))?;
@@ -146,7 +146,7 @@ impl Connector {
             .connect(name, tcp)
             .await
             .map_err(|e| io(format!("TLS: {e}")))?;
-        Ok(Conn(TokioIo::new(Stream::Tls(Box::new(tls)))))
+        Ok(Conn::tls(tls))
     }
 }
 
@@ -200,6 +200,16 @@ impl AsyncWrite for Stream {
 /// What the pooled client holds.
 #[derive(Debug)]
 pub struct Conn(TokioIo<Stream>);
+
+impl Conn {
+    pub(crate) fn plain(tcp: TcpStream) -> Self {
+        Self(TokioIo::new(Stream::Plain(tcp)))
+    }
+
+    pub(crate) fn tls(tls: tokio_rustls::client::TlsStream<TcpStream>) -> Self {
+        Self(TokioIo::new(Stream::Tls(Box::new(tls))))
+    }
+}
 
 impl hyper::rt::Read for Conn {
     fn poll_read(
