@@ -81,7 +81,8 @@ pub struct BrokerSettings {
     pub url: String,
     /// The proxy's operator token (role `proxy`), re-read when it changes.
     pub token_file: PathBuf,
-    /// The broker's CA, when it is not in the system's roots.
+    /// The broker's CA, when it is not in the system's roots: then the
+    /// only one trusted for the broker.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     #[serde(default = "default_broker_timeout")]
