@@ -171,6 +171,47 @@ fn pack_unprimed(plain: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A primed block as the format defines it: a fresh compressor, the
+/// dictionary flushed to a byte boundary and dropped, then the body.
+fn primed_by_definition(body: &[u8]) -> Vec<u8> {
+    use miniz_oxide::deflate::core::{
+        CompressorOxide, TDEFLFlush, compress_to_output, create_comp_flags_from_zip_params,
+    };
+    let mut c = CompressorOxide::new(create_comp_flags_from_zip_params(1, -15, 0));
+    let _ = compress_to_output(&mut c, DICTIONARY, TDEFLFlush::Sync, |_| true);
+    let mut out = Vec::new();
+    compress_to_output(&mut c, body, TDEFLFlush::Finish, |b| {
+        out.extend_from_slice(b);
+        true
+    });
+    out
+}
+
+#[test]
+fn every_block_starts_from_the_primed_state_and_nothing_of_the_one_before() {
+    // blocks one after another on one thread: each is byte for byte what a
+    // freshly primed compressor makes, whatever was deflated before it
+    let bodies: Vec<Vec<u8>> = vec![
+        br#"{"kind":"call.decided","data":{"tool":"demo.read"}}"#.to_vec(),
+        (0..40)
+            .flat_map(|i| format!(r#"{{"kind":"lease.issued","seq":{i}}}"#).into_bytes())
+            .collect(),
+        vec![0xA5; 3000],
+        br#"{"kind":"call.decided","data":{"tool":"demo.read"}}"#.to_vec(),
+    ];
+    for body in &bodies {
+        let made = deflate_primed(body).expect("deflates");
+        assert_eq!(made, primed_by_definition(body));
+        assert_eq!(inflate_primed(&made, body.len()).unwrap(), *body);
+    }
+    // and on another thread, its own primed compressor, the same bytes
+    let b = bodies[1].clone();
+    let there = std::thread::spawn(move || deflate_primed(&b).unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(there, primed_by_definition(&bodies[1]));
+}
+
 #[test]
 fn the_dictionary_shrinks_a_block_and_older_blocks_still_read() {
     // the dictionary is part of the stored format: changing one byte
