@@ -8,8 +8,9 @@
 //! Group commit: one writer thread owns every write transaction. It takes
 //! whatever operations are queued, applies them all in one transaction,
 //! appends their changes to the write-ahead log as one record and syncs it
-//! ([`wal`]), answers each caller, then commits the transaction (a read
-//! begun after an answer waits for that commit: `writer::Visibility`). Under load,
+//! ([`wal`]), commits the transaction, then answers each caller (a lone
+//! write is answered before the commit, and a read begun after its answer
+//! waits for it: `writer::Visibility`). Under load,
 //! concurrent requests share one sync, and the batch stays open for the
 //! configured delay, applying operations as they arrive (so the delay
 //! overlaps the batch's work rather than adding to it); idle, a single

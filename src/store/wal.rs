@@ -11,9 +11,9 @@
 //!    [`Logged`];
 //! 2. appended to this log as one record (`lsn`, length, SHA-256 digest) and
 //!    `fdatasync`ed;
-//! 3. answered;
-//! 4. committed in redb with `Durability::None` (visible to readers, no I/O;
-//!    a read begun after step 3 waits for it).
+//! 3. committed in redb with `Durability::None` (visible to readers, no I/O);
+//! 4. answered (a lone write is answered before step 3, and a read begun
+//!    after its answer waits for step 3).
 //!
 //! Readers therefore never see a change that is not durable, nor miss one
 //! they were told of. Every so often

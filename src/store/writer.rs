@@ -1,9 +1,9 @@
 //! The redb backend's writer engine: one thread owns every write
 //! transaction. It takes whatever operations are queued, applies them all
 //! in one transaction, appends their changes to the write-ahead log as one
-//! record and syncs it ([`wal`]), answers each caller, then commits the
-//! transaction ([`Visibility`] makes a read begun after an answer wait for
-//! that commit). Under load, concurrent requests share one sync, and the
+//! record and syncs it ([`wal`]), commits the transaction, then answers
+//! each caller; a lone write is answered before the commit, and
+//! [`Visibility`] makes a read begun after its answer wait for the commit. Under load, concurrent requests share one sync, and the
 //! batch stays open for the configured delay, applying operations as they
 //! arrive (so the delay overlaps the batch's work rather than adding to
 //! it); idle, a single operation commits alone with no added delay. A
@@ -423,7 +423,7 @@ fn run_batch(
     // logged: the batch is durable and may be answered; redb's commit
     // (no I/O: it makes the batch visible to readers) comes after
     let mut logged_txn = None;
-    let outcome: Result<(), BatchError> = match finished {
+    let mut outcome: Result<(), BatchError> = match finished {
         Ok((new_head, redo, e)) => {
             entered = e;
             let short = free_bytes(wal.path()).filter(|free| *free < cfg.reserve);
@@ -465,6 +465,16 @@ fn run_batch(
             Err(BatchError::Refused(e.to_string()))
         }
     };
+    // A lone write is answered once logged, before redb's commit (below),
+    // which then costs its caller nothing. A batch of several commits
+    // first: its callers' next reads would otherwise wait on that commit,
+    // blocking the threads they run on, and under load the commit is
+    // shared anyway.
+    if replies.len() > 1
+        && let Some((txn, new_head)) = logged_txn.take()
+    {
+        outcome = commit_logged(txn, new_head, head);
+    }
     let told = match &outcome {
         Ok(()) => Ok(()),
         Err(BatchError::NoSpace(e)) => Err(super::Unwritten {
@@ -492,9 +502,9 @@ fn run_batch(
         }
         Err(_) => {}
     }
-    // Answered once durable, before redb's commit: a read begun after an
-    // answer waits for that commit (`Visibility`), so nobody reads what
-    // was not answered, nor misses what was.
+    // A lone write answered before its commit: a read begun after the
+    // answer waits for that commit (`Visibility`), so nobody reads what was
+    // not answered, nor misses what was.
     let told_guard = logged_txn.is_some().then(|| fence.told());
     let committed = outcome.is_ok().then_some(&entered);
     let n = super::settle(
@@ -510,13 +520,11 @@ fn run_batch(
         Some((txn, new_head)) => {
             #[cfg(test)]
             std::thread::sleep(cfg.hold_before_commit);
+            // a failure: its caller was told, the log holds it, and the
+            // restart that this failure calls for replays it
             let t = std::time::Instant::now();
-            let r = txn
-                .commit()
-                .map(|()| *head = new_head)
-                // its callers were told: the log holds it, and the restart
-                // that this failure calls for replays it
-                .map_err(|e| BatchError::Fatal(format!("commit after logging: {e}")));
+            let r = commit_logged(txn, new_head, head);
+            // after its answers, so not in the time `settle` counted
             stats
                 .commit_micros
                 .fetch_add(micros(t.elapsed()), Ordering::Relaxed);
@@ -530,6 +538,17 @@ fn run_batch(
     (n, outcome)
 }
 
+/// redb's commit of a logged batch (no I/O: it makes the batch visible).
+fn commit_logged(
+    txn: redb::WriteTransaction,
+    new_head: ChainHead,
+    head: &mut ChainHead,
+) -> Result<(), BatchError> {
+    txn.commit()
+        .map(|()| *head = new_head)
+        .map_err(|e| BatchError::Fatal(format!("commit after logging: {e}")))
+}
+
 /// Says a told batch is committed when dropped, however the writer
 /// leaves the batch.
 struct Shown<'a>(&'a Visibility);
@@ -540,10 +559,11 @@ impl Drop for Shown<'_> {
     }
 }
 
-/// What readers may see: a batch is answered once logged, then committed
-/// in redb; a read that begins after some batch was answered first waits
-/// until that batch is committed. The wait is at most one commit without
-/// I/O (tens of microseconds), and only for a read that races one.
+/// What readers may see: a lone write is answered once logged, then
+/// committed in redb; a read that begins after such an answer first waits
+/// until that batch is committed. The wait is at most one commit of one
+/// write without I/O (tens of microseconds), and only for a read that
+/// races one.
 #[derive(Debug, Default)]
 pub(super) struct Visibility {
     /// Batches answered, and batches committed (or given up on).
