@@ -142,6 +142,7 @@ pub struct Broker {
 /// noticeable part of the proxy's own time per request.
 #[derive(Debug, Clone)]
 struct BrokerConnector {
+    /// Without an IPv6 literal's brackets.
     host: String,
     port: u16,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -166,24 +167,17 @@ impl tower_service::Service<http::Uri> for BrokerConnector {
         // the configured broker, whatever the URI says
         let this = self.clone();
         Box::pin(async move {
-            let target = (this.host.trim_matches(['[', ']']), this.port);
-            let tcp = tokio::time::timeout(this.timeout, tokio::net::TcpStream::connect(target))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                })??;
-            let _ = tcp.set_nodelay(true);
-            let Some(tls) = this.tls else {
-                return Ok(crate::connect::Conn::plain(tcp));
-            };
-            let name = rustls::pki_types::ServerName::try_from(
-                this.host.trim_matches(['[', ']']).to_owned(),
+            let tcp = tokio::time::timeout(
+                this.timeout,
+                tokio::net::TcpStream::connect((this.host.as_str(), this.port)),
             )
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            let tls = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, tcp)
-                .await?;
-            Ok(crate::connect::Conn::tls(tls))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
+            crate::connect::finish(tcp, &this.host, this.tls.as_ref())
+                .await
+                .map_err(std::io::Error::other)
         })
     }
 }
@@ -202,6 +196,7 @@ impl Broker {
         let host = calls
             .host()
             .ok_or_else(|| format!("broker.url {}: no host", s.url))?
+            .trim_matches(['[', ']'])
             .to_owned();
         let port = calls.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tls = if https {
@@ -213,17 +208,12 @@ impl Broker {
             None
         };
         let timeout = Duration::from_secs(s.timeout_seconds);
-        let http =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_timer(hyper_util::rt::TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .pool_max_idle_per_host(256)
-                .build(BrokerConnector {
-                    host,
-                    port,
-                    tls,
-                    timeout,
-                });
+        let http = crate::connect::pooled(BrokerConnector {
+            host,
+            port,
+            tls,
+            timeout,
+        });
         let token = TokenFile {
             path: s.token_file.clone(),
             cached: Mutex::new(None),

@@ -136,18 +136,45 @@ impl Connector {
             }
         }
         let tcp = stream.ok_or_else(|| io(last))?;
-        let _ = tcp.set_nodelay(true);
-        if !self.route.dest.https {
-            return Ok(Conn::plain(tcp));
-        }
-        let name =
-            rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| io(e.to_string()))?;
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
+        finish(tcp, &host, self.route.dest.https.then_some(&self.tls))
             .await
-            .map_err(|e| io(format!("TLS: {e}")))?;
-        Ok(Conn::tls(tls))
+            .map_err(io)
     }
+}
+
+/// A connected socket as a pooled client holds it: Nagle off, and TLS to
+/// `host` (verified by `tls`'s roots) when `tls` is given.
+pub(crate) async fn finish(
+    tcp: TcpStream,
+    host: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<Conn, String> {
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(Conn(TokioIo::new(Stream::Plain(tcp))));
+    };
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    Ok(Conn(TokioIo::new(Stream::Tls(Box::new(tls)))))
+}
+
+/// The proxy's pooled HTTP/1 client over `connector` (upstreams and the
+/// broker alike).
+pub(crate) fn pooled<C, B>(connector: C) -> hyper_util::client::legacy::Client<C, B>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+    B: hyper::body::Body + Send,
+    B::Data: Send,
+{
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .build(connector)
 }
 
 /// A plain or TLS connection to an upstream.
@@ -200,16 +227,6 @@ impl AsyncWrite for Stream {
 /// What the pooled client holds.
 #[derive(Debug)]
 pub struct Conn(TokioIo<Stream>);
-
-impl Conn {
-    pub(crate) fn plain(tcp: TcpStream) -> Self {
-        Self(TokioIo::new(Stream::Plain(tcp)))
-    }
-
-    pub(crate) fn tls(tls: tokio_rustls::client::TlsStream<TcpStream>) -> Self {
-        Self(TokioIo::new(Stream::Tls(Box::new(tls))))
-    }
-}
 
 impl hyper::rt::Read for Conn {
     fn poll_read(

@@ -17,7 +17,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Empty, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
 use serde_json::json;
 use zeroize::Zeroizing;
@@ -147,13 +147,7 @@ pub async fn start_with(
             resolver: resolver.clone(),
             timeout: Duration::from_secs(10),
         };
-        upstream.push(
-            Client::builder(TokioExecutor::new())
-                .pool_timer(hyper_util::rt::TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .pool_max_idle_per_host(256)
-                .build(connector),
-        );
+        upstream.push(crate::connect::pooled(connector));
         routes.push(route);
     }
     let metrics = PrometheusBuilder::new()

@@ -3,7 +3,8 @@
 //! in one transaction, appends their changes to the write-ahead log as one
 //! record and syncs it ([`wal`]), commits the transaction, then answers
 //! each caller; a lone write is answered before the commit, and
-//! [`Visibility`] makes a read begun after its answer wait for the commit. Under load, concurrent requests share one sync, and the
+//! [`Visibility`] makes a read begun after its answer wait for the commit.
+//! Under load, concurrent requests share one sync, and the
 //! batch stays open for the configured delay, applying operations as they
 //! arrive (so the delay overlaps the batch's work rather than adding to
 //! it); idle, a single operation commits alone with no added delay. A
@@ -421,7 +422,8 @@ fn run_batch(
     let applied = std::time::Instant::now();
     let mut entered = BTreeMap::new();
     // logged: the batch is durable and may be answered; redb's commit
-    // (no I/O: it makes the batch visible to readers) comes after
+    // (no I/O: it makes the batch visible to readers) comes below, before
+    // or after the answers
     let mut logged_txn = None;
     let mut outcome: Result<(), BatchError> = match finished {
         Ok((new_head, redo, e)) => {
@@ -555,7 +557,13 @@ struct Shown<'a>(&'a Visibility);
 
 impl Drop for Shown<'_> {
     fn drop(&mut self) {
-        self.0.shown();
+        let v = self.0;
+        let _g = v
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        v.committed.fetch_add(1, Ordering::SeqCst);
+        v.changed.notify_all();
     }
 }
 
@@ -579,15 +587,6 @@ impl Visibility {
     fn told(&self) -> Shown<'_> {
         self.answered.fetch_add(1, Ordering::SeqCst);
         Shown(self)
-    }
-
-    fn shown(&self) {
-        let _g = self
-            .lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.committed.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_all();
     }
 
     /// A reader: wait until every batch answered so far is committed.

@@ -96,16 +96,7 @@ async fn open(h: &Harness) -> (StatusCode, Value, Option<String>) {
 }
 
 async fn metric(h: &Harness, name: &str) -> f64 {
-    let text = h
-        .http
-        .get(h.url("/metrics"))
-        .bearer_auth(&h.tokens.admin)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = h.metrics().await;
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())

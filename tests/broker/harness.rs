@@ -199,6 +199,19 @@ impl Harness {
         self.launch(listener).await;
     }
 
+    /// The broker's metrics, as an admin scrapes them.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .bearer_auth(&self.tokens.admin)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         if self.scheme == "https" {
             // the test certificate names localhost and 127.0.0.1

@@ -55,19 +55,6 @@ fn refused(e: &tokio_postgres::Error) -> bool {
         || e.code() == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
 }
 
-/// The broker's metrics, as an admin scrapes them.
-async fn metrics(h: &Harness) -> String {
-    h.http
-        .get(h.url("/metrics"))
-        .bearer_auth(&h.tokens.admin)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 async fn roles_with_prefix(c: &Cluster) -> Vec<String> {
     let su = c.superuser("postgres").await;
     su.query(
@@ -550,7 +537,7 @@ async fn periodic_reconciliation_reports_an_orphan_and_leaves_it() {
         "{found}"
     );
     assert_eq!(found["data"]["by"], "system");
-    let text = metrics(&h).await;
+    let text = h.metrics().await;
     assert!(
         text.contains("leasehold_provider_orphans{provider=\"appdb\"} 1"),
         "{text}"
@@ -602,7 +589,7 @@ async fn a_filling_access_list_is_an_advisory_in_status_and_readiness() {
         crate::cli::leasehold_text(&h, &["status", "--as", "admin", "-o", "table"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("ADVISORY") && out.contains(&holds), "{out}");
-    let metrics = metrics(&h).await;
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("leasehold_provider_advisories{provider=\"appdb\"} 1"),
         "{metrics}"

@@ -18,7 +18,7 @@ use futures_util::StreamExt as _;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::harness::{Harness, Options};
+use crate::harness::{Harness, Options, fixture};
 
 // === the stand-in upstream ===
 
@@ -53,7 +53,12 @@ async fn ok(State(s): State<Seen>, h: HeaderMap) -> Response {
         return (AxStatus::UNAUTHORIZED, "no credential").into_response();
     };
     let token = a.strip_prefix("Bearer ").unwrap_or_default().to_owned();
-    let v: Value = reqwest::Client::new()
+    // the broker's test CA, for a broker that serves TLS
+    let ca = std::fs::read(fixture("tls/ca.pem")).unwrap();
+    let v: Value = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap()
         .post(format!("{}/v1/introspect", s.broker))
         .bearer_auth(&s.resource_token)
         .form(&[("token", token.as_str())])
@@ -958,6 +963,78 @@ service = "sts"
         .await
         .unwrap();
     assert_ne!(direct.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_reaches_a_broker_over_tls_through_its_ca_alone() {
+    let h = Harness::start(Options {
+        tweak: Box::new(|c| {
+            c.server.tls = Some(leasehold::config::TlsConfig {
+                cert_file: fixture("tls/server.pem"),
+                key_file: fixture("tls/server.key"),
+                request_client_certificates: None,
+            });
+        }),
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(h.scheme, "https");
+    let up = Upstream::start(&h).await;
+    // the same proxy twice: trusting the broker's CA, then another CA
+    let with_ca = |dir: &Path, ca: &Path| {
+        let toml = proxy_toml(&h, &up, dir, "").replace(
+            "[broker]\n",
+            &format!("[broker]\nca_file = \"{}\"\n", ca.display()),
+        );
+        leasehold_proxy::ProxyConfig::from_toml(&toml).unwrap()
+    };
+    let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let right = with_ca(dir.path(), &fixture("tls/ca.pem"));
+    let wrong = with_ca(other.path(), &up.ca);
+    let proxy = leasehold_proxy::start(right).await.unwrap();
+    let addr = proxy.addr.unwrap();
+    let e = Env {
+        h,
+        up,
+        proxy,
+        addr,
+        _dir: dir,
+    };
+    let (_, cred, _) = e.task().await;
+    let (s, _, text) = body(
+        e.client(Some(&cred))
+            .get(e.http("/v1/ok"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{text}");
+    let tokens = e.up.seen.bearers();
+    assert_eq!(tokens.len(), 1);
+    assert!(e.h.introspect(&tokens[0]).await);
+
+    // the upstream's CA did not sign the broker's certificate: no call is
+    // decided, and the assistant is told the broker could not be asked
+    let wrong = leasehold_proxy::start(wrong).await.unwrap();
+    let c = {
+        let ca = std::fs::read(&wrong.ca_cert).unwrap();
+        reqwest::Client::builder()
+            .proxy(
+                reqwest::Proxy::all(format!("http://{}", wrong.addr.unwrap()))
+                    .unwrap()
+                    .basic_auth("task", &cred),
+            )
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let (s, h, text) = body(c.get(e.http("/v1/ok")).send().await.unwrap()).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert_eq!(error_code(&text), "broker_unavailable");
+    assert!(h.get("retry-after").is_some());
+    assert_eq!(e.up.seen.bearers().len(), 1, "nothing more went upstream");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
