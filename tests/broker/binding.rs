@@ -97,11 +97,7 @@ async fn mtls_broker(bundle: PathBuf) -> Harness {
 async fn mtls_broker_with(issuer_toml: String) -> Harness {
     Harness::start(Options {
         tweak: Box::new(move |c| {
-            c.server.tls = Some(leasehold::config::TlsConfig {
-                cert_file: fixture("tls/server.pem"),
-                key_file: fixture("tls/server.key"),
-                request_client_certificates: None,
-            });
+            crate::harness::serve_tls(c);
             let issuer: leasehold::config::IssuerConfig = toml::from_str(&issuer_toml).unwrap();
             c.auth.workload_issuers.push(issuer);
             std::fs::write(

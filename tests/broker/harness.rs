@@ -359,6 +359,16 @@ pub fn permit_leases(c: &mut Config, provider: &str) {
 }
 
 /// A file under `integration/fixtures/`.
+/// Serve TLS with the test certificate (`tls/server.pem`, signed by
+/// `tls/ca.pem`, which the harness's client then trusts).
+pub fn serve_tls(c: &mut Config) {
+    c.server.tls = Some(leasehold::config::TlsConfig {
+        cert_file: fixture("tls/server.pem"),
+        key_file: fixture("tls/server.key"),
+        request_client_certificates: None,
+    });
+}
+
 pub fn fixture(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("integration/fixtures")

@@ -969,11 +969,7 @@ service = "sts"
 async fn the_proxy_reaches_a_broker_over_tls_through_its_ca_alone() {
     let h = Harness::start(Options {
         tweak: Box::new(|c| {
-            c.server.tls = Some(leasehold::config::TlsConfig {
-                cert_file: fixture("tls/server.pem"),
-                key_file: fixture("tls/server.key"),
-                request_client_certificates: None,
-            });
+            crate::harness::serve_tls(c);
         }),
         ..Options::default()
     })

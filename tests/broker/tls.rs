@@ -7,17 +7,13 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::harness::{Harness, Options, claims, fixture};
+use crate::harness::{Harness, Options, claims};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_tls_and_refuses_plaintext() {
     let h = Harness::start(Options {
         tweak: Box::new(|c| {
-            c.server.tls = Some(leasehold::config::TlsConfig {
-                cert_file: fixture("tls/server.pem"),
-                key_file: fixture("tls/server.key"),
-                request_client_certificates: None,
-            });
+            crate::harness::serve_tls(c);
         }),
         ..Options::default()
     })
