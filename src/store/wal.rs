@@ -13,7 +13,9 @@
 //!    `fdatasync`ed;
 //! 3. committed in redb with `Durability::None` (visible to readers, no I/O);
 //! 4. answered (a lone write is answered before step 3, and a read begun
-//!    after its answer waits for step 3).
+//!    after its answer waits for step 3; its event block is logged plain
+//!    and deflated in redb before step 3, off the record, so a replay
+//!    stores that block plain, which reads the same).
 //!
 //! Readers therefore never see a change that is not durable, nor miss one
 //! they were told of. Every so often
@@ -24,7 +26,7 @@
 //! zeroed steps, and never shrinks). Opening the store replays the records after `wal_lsn`.
 //!
 //! Replay is idempotent: a record holds the final bytes of each key it
-//! touched, so replaying the log from the checkpoint onto any state between
+//! touched (for a lone write's event block, its plain form), so replaying the log from the checkpoint onto any state between
 //! the checkpoint and the crash gives the same result. A record that is torn
 //! or fails its digest ends the log (it was never acknowledged: the answer
 //! waits for its `fdatasync`); a record out of sequence (a stale one from before the

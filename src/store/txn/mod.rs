@@ -39,6 +39,10 @@ use super::seam::*;
 use super::wal::Redo;
 use super::{Conflict, StoreError};
 
+/// What [`KvTxn::finish_unpacked`] returns: the head to adopt, the
+/// batch's log record, and the block left plain (its key and bytes).
+pub type FinishedUnpacked = (ChainHead, Vec<u8>, Option<(u64, Vec<u8>)>);
+
 pub struct KvTxn<'t> {
     meta: Table<'t, &'static str, &'static [u8]>,
     /// Event blocks (see [`super::blocks`]).
@@ -203,11 +207,25 @@ impl<'t> KvTxn<'t> {
     /// Flush counter deltas and the chain head; report whether the
     /// transaction must abort. Returns the head to adopt once committed and
     /// the batch's record for the write-ahead log (empty: nothing changed).
-    pub fn finish(mut self) -> Result<(ChainHead, Vec<u8>), StoreError> {
+    pub fn finish(self) -> Result<(ChainHead, Vec<u8>), StoreError> {
+        self.finish_with(true).map(|(head, redo, _)| (head, redo))
+    }
+
+    /// [`Self::finish`], except that the batch's last block is stored (so
+    /// logged) plain, and returned as (key, plain bytes) for the caller to
+    /// replace with its packed form in the same transaction, off the
+    /// record: the redb writer answers a lone write without waiting for
+    /// deflate (see `writer::repack`). A plain block reads as the packed
+    /// one does, so a log replayed after a crash is equivalent.
+    pub fn finish_unpacked(self) -> Result<FinishedUnpacked, StoreError> {
+        self.finish_with(false)
+    }
+
+    fn finish_with(mut self, pack: bool) -> Result<FinishedUnpacked, StoreError> {
         if self.poisoned {
             return Err(StoreError::Aborted);
         }
-        self.write_block()?;
+        let plain = self.store_block(pack)?;
         if self.head_dirty {
             let bytes = self.head.to_bytes();
             self.meta.insert("chain_head", &bytes[..])?;
@@ -276,19 +294,27 @@ impl<'t> KvTxn<'t> {
             self.counters.insert(key, next)?;
         }
         let redo = self.redo.borrow_mut().take();
-        Ok((self.head, redo))
+        Ok((self.head, redo, plain))
     }
 
     /// Store the open block, if any.
     fn write_block(&mut self) -> Result<(), StoreError> {
-        if let Some((last, bytes)) = self.block.take() {
-            let r = self
-                .events
-                .insert(last, blocks::pack(bytes).as_slice())
-                .map(|_| ());
+        self.store_block(true).map(|_| ())
+    }
+
+    /// Store the open block, if any: packed, or plain and also returned.
+    fn store_block(&mut self, pack: bool) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let Some((last, bytes)) = self.block.take() else {
+            return Ok(None);
+        };
+        if pack {
+            let r = self.events.insert(last, blocks::pack(bytes).as_slice());
             self.w(r)?;
+            return Ok(None);
         }
-        Ok(())
+        let r = self.events.insert(last, bytes.as_slice());
+        self.w(r)?;
+        Ok(Some((last, bytes)))
     }
 
     /// Mark the transaction poisoned when a write fails.
