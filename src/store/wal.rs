@@ -617,9 +617,12 @@ impl Wal {
         Ok(lsn)
     }
 
-    /// Where the log lives (its filesystem is the store's).
-    pub(super) fn path(&self) -> &Path {
-        &self.path
+    /// Bytes free for an unprivileged writer on the filesystem holding the
+    /// log and the store (`None` if it cannot be asked: then space is not
+    /// checked). Asked of the open file: no path to look up per batch.
+    pub(super) fn free_bytes(&self) -> Option<u64> {
+        let st = rustix::fs::fstatvfs(&self.file).ok()?;
+        Some(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
     /// Make the store file hold everything logged (one durable commit),

@@ -230,14 +230,6 @@ struct WriterConfig {
     hold_before_commit: std::time::Duration,
 }
 
-/// Bytes free for an unprivileged writer on the filesystem holding `path`
-/// (`None` if it cannot be asked: then space is not checked).
-fn free_bytes(path: &std::path::Path) -> Option<u64> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty())?;
-    let st = rustix::fs::statvfs(dir).ok()?;
-    Some(st.f_bavail.saturating_mul(st.f_frsize))
-}
-
 fn writer_loop(
     db: &Database,
     mut rx: mpsc::Receiver<Job>,
@@ -337,7 +329,7 @@ fn checkpoint(
     let bytes = wal.pending_bytes();
     // a checkpoint writes about what the log holds into the store file: put
     // it off (the log keeps everything) rather than fail it for lack of room
-    if let Some(free) = free_bytes(wal.path())
+    if let Some(free) = wal.free_bytes()
         && free < bytes.saturating_mul(2).saturating_add(1 << 20)
     {
         stats.checkpoints_postponed.fetch_add(1, Ordering::Relaxed);
@@ -437,7 +429,7 @@ fn run_batch(
     let mut outcome: Result<(), BatchError> = match finished {
         Ok((new_head, redo, e)) => {
             entered = e;
-            let short = free_bytes(wal.path()).filter(|free| *free < cfg.reserve);
+            let short = wal.free_bytes().filter(|free| *free < cfg.reserve);
             let logged = if redo.is_empty() {
                 Ok(())
             } else if let Some(free) = short {
