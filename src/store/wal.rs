@@ -1,36 +1,32 @@
 //! The write-ahead log that makes a group commit durable.
 //!
 //! A durable redb commit rewrites every B-tree page the transaction touched
-//! (and the allocator state) and waits for them: on this kind of disk that
-//! is ~80 µs per scattered page, ~10 ms for a typical batch. Appending the
-//! same changes to a log and waiting for that is one sequential write
-//! (~0.1 ms). So each batch is:
+//! (and the allocator state) and waits for them: ~80 µs per scattered page
+//! here, ~10 ms for a typical batch. Logging the same changes and waiting
+//! for that is one sequential write (~0.1 ms). So each batch is:
 //!
-//! 1. applied in a redb write transaction; every table mutation is also
-//!    recorded, physically (table, key bytes, value bytes or removal), by
-//!    [`Logged`];
-//! 2. appended to this log as one record (`lsn`, length, SHA-256 digest) and
+//! 1. applied in a redb write transaction; [`Logged`] records every table
+//!    mutation physically (table, key bytes, value bytes or removal);
+//! 2. appended to this log as one record (`lsn`, length, SHA-256 digest),
 //!    `fdatasync`ed;
 //! 3. committed in redb with `Durability::None` (visible to readers, no I/O);
-//! 4. answered (a lone write is answered before step 3, and a read begun
-//!    after its answer waits for step 3; its event block is logged plain
-//!    and deflated in redb before step 3, off the record, so a replay
-//!    stores that block plain, which reads the same).
+//! 4. answered (a lone write before step 3: a read begun after its answer
+//!    waits for step 3; its event block, logged plain, is deflated off the
+//!    record before step 3). Readers never see a change that is not
+//!    durable, nor miss one they were told of.
 //!
-//! Readers therefore never see a change that is not durable, nor miss one
-//! they were told of. Every so often
-//! (the log outgrows [`super::StoreOptions::checkpoint_bytes`], or the store
-//! has been idle, or it closes) a **checkpoint** commits redb durably with
-//! `wal_lsn` (the last record it contains) in its metadata, and the log
-//! starts over after its header (the file grows ahead of its records, in
-//! zeroed steps, and never shrinks). Opening the store replays the records after `wal_lsn`.
+//! When the log outgrows [`super::StoreOptions::checkpoint_bytes`], the
+//! store has been idle, or it closes, a **checkpoint** commits redb
+//! durably with `wal_lsn` (the last record it contains) in its metadata,
+//! and the log starts over after its header (the file grows ahead of its
+//! records, in zeroed steps, and never shrinks). Opening the store replays
+//! the records after `wal_lsn`.
 //!
 //! Replay is idempotent: a record holds the final bytes of each key it
-//! touched (for a lone write's event block, its plain form), so replaying the log from the checkpoint onto any state between
-//! the checkpoint and the crash gives the same result. A record that is torn
-//! or fails its digest ends the log (it was never acknowledged: the answer
-//! waits for its `fdatasync`); a record out of sequence (a stale one from before the
-//! last checkpoint, or zeros) ends it too.
+//! touched, so replaying the log from the checkpoint onto any state between
+//! the checkpoint and the crash gives the same result. A torn record, one
+//! that fails its digest (never acknowledged: the answer waits for its
+//! `fdatasync`) or one out of sequence (stale, or zeros) ends the log.
 
 use std::borrow::Borrow;
 use std::fs::File;
@@ -617,9 +613,8 @@ impl Wal {
         Ok(lsn)
     }
 
-    /// Bytes free for an unprivileged writer on the filesystem holding the
-    /// log and the store (`None` if it cannot be asked: then space is not
-    /// checked). Asked of the open file: no path to look up per batch.
+    /// Bytes free to an unprivileged writer on the log's (and the store's)
+    /// filesystem; `None` if it cannot be asked (then space is not checked).
     pub(super) fn free_bytes(&self) -> Option<u64> {
         let st = rustix::fs::fstatvfs(&self.file).ok()?;
         Some(st.f_bavail.saturating_mul(st.f_frsize))
