@@ -405,30 +405,27 @@ fn run_batch(
     if let Err(e) = txn.set_durability(Durability::None) {
         return (1, Err(BatchError::Refused(e.to_string())));
     }
-    let (replies, idle, finished, plain) = {
+    let (replies, idle, finished) = {
         let mut t = KvTxn::open(Source::Redb(&txn), *head);
         let (replies, idle) = super::gather(&mut t, first, rx, deadline);
         let entered = t.take_entered();
-        // a lone write's events are packed after its answer (`repack`)
-        let (finished, plain) = if replies.len() == 1 {
-            match t.finish_unpacked() {
-                Ok((h, redo, plain)) => (Ok((h, redo, entered)), plain),
-                Err(e) => (Err(e), None),
-            }
-        } else {
-            (t.finish().map(|(h, redo)| (h, redo, entered)), None)
-        };
-        (replies, idle, finished, plain)
+        // a lone write's last block is packed after its answer (`repack`)
+        let finished = t
+            .finish_packing(replies.len() > 1)
+            .map(|(h, redo, plain)| (h, redo, entered, plain));
+        (replies, idle, finished)
     };
     let applied = std::time::Instant::now();
     let mut entered = BTreeMap::new();
+    let mut plain = None;
     // logged: the batch is durable and may be answered; redb's commit
     // (no I/O: it makes the batch visible to readers) comes below, before
     // or after the answers
     let mut logged_txn = None;
     let mut outcome: Result<(), BatchError> = match finished {
-        Ok((new_head, redo, e)) => {
+        Ok((new_head, redo, e, p)) => {
             entered = e;
+            plain = p;
             let short = wal.free_bytes().filter(|free| *free < cfg.reserve);
             let logged = if redo.is_empty() {
                 Ok(())

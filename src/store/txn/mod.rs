@@ -39,9 +39,9 @@ use super::seam::*;
 use super::wal::Redo;
 use super::{Conflict, StoreError};
 
-/// What [`KvTxn::finish_unpacked`] returns: the head to adopt, the
-/// batch's log record, and the block left plain (its key and bytes).
-pub type FinishedUnpacked = (ChainHead, Vec<u8>, Option<(u64, Vec<u8>)>);
+/// What [`KvTxn::finish_packing`] returns: the head to adopt, the batch's
+/// log record, and the last block when left plain (its key and bytes).
+pub type Finished = (ChainHead, Vec<u8>, Option<(u64, Vec<u8>)>);
 
 pub struct KvTxn<'t> {
     meta: Table<'t, &'static str, &'static [u8]>,
@@ -208,24 +208,20 @@ impl<'t> KvTxn<'t> {
     /// transaction must abort. Returns the head to adopt once committed and
     /// the batch's record for the write-ahead log (empty: nothing changed).
     pub fn finish(self) -> Result<(ChainHead, Vec<u8>), StoreError> {
-        self.finish_with(true).map(|(head, redo, _)| (head, redo))
+        self.finish_packing(true)
+            .map(|(head, redo, _)| (head, redo))
     }
 
-    /// [`Self::finish`], except that the batch's last block is stored (so
-    /// logged) plain, and returned as (key, plain bytes) for the caller to
-    /// replace with its packed form in the same transaction, off the
-    /// record: the redb writer answers a lone write without waiting for
-    /// deflate (see `writer::repack`). A plain block reads as the packed
-    /// one does, so a log replayed after a crash is equivalent.
-    pub fn finish_unpacked(self) -> Result<FinishedUnpacked, StoreError> {
-        self.finish_with(false)
-    }
-
-    fn finish_with(mut self, pack: bool) -> Result<FinishedUnpacked, StoreError> {
+    /// [`Self::finish`]; with `pack_last` false, the batch's last block is
+    /// stored (so logged) plain and returned, for the caller to replace
+    /// with its packed form in the same transaction, off the record: the
+    /// redb writer answers a lone write without waiting for deflate (see
+    /// `writer::repack`). A plain block reads as the packed one does.
+    pub fn finish_packing(mut self, pack_last: bool) -> Result<Finished, StoreError> {
         if self.poisoned {
             return Err(StoreError::Aborted);
         }
-        let plain = self.store_block(pack)?;
+        let plain = self.store_block(pack_last)?;
         if self.head_dirty {
             let bytes = self.head.to_bytes();
             self.meta.insert("chain_head", &bytes[..])?;
