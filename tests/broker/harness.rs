@@ -101,6 +101,17 @@ pub fn now_rounded() -> Timestamp {
 }
 
 impl Harness {
+    /// A broker serving TLS with the test certificate (`serve_tls`).
+    pub async fn start_tls() -> Self {
+        let h = Self::start(Options {
+            tweak: Box::new(serve_tls),
+            ..Options::default()
+        })
+        .await;
+        assert_eq!(h.scheme, "https");
+        h
+    }
+
     pub async fn start(opts: Options) -> Self {
         leasehold::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();

@@ -967,14 +967,7 @@ service = "sts"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_reaches_a_broker_over_tls_through_its_ca_alone() {
-    let h = Harness::start(Options {
-        tweak: Box::new(|c| {
-            crate::harness::serve_tls(c);
-        }),
-        ..Options::default()
-    })
-    .await;
-    assert_eq!(h.scheme, "https");
+    let h = Harness::start_tls().await;
     let up = Upstream::start(&h).await;
     // the same proxy twice: trusting the broker's CA, then another CA
     let with_ca = |dir: &Path, ca: &Path| {

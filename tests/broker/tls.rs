@@ -11,14 +11,7 @@ use crate::harness::{Harness, Options, claims};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_tls_and_refuses_plaintext() {
-    let h = Harness::start(Options {
-        tweak: Box::new(|c| {
-            crate::harness::serve_tls(c);
-        }),
-        ..Options::default()
-    })
-    .await;
-    assert_eq!(h.scheme, "https");
+    let h = Harness::start_tls().await;
     let task = h.open_task(&h.tokens.a, 600).await;
     let lease = h.lease(&h.tokens.a, &task, 60).await;
     assert!(
