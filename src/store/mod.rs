@@ -27,6 +27,7 @@ mod blocks;
 mod codec;
 mod copy;
 mod digest;
+mod direct;
 mod error;
 mod footprint;
 mod key;
