@@ -5,16 +5,17 @@
 //! snapshot. There is no policy here: the store keeps the lease state
 //! machine and its indexes consistent and nothing else.
 //!
-//! Group commit: one writer thread owns every write transaction. It takes
-//! whatever operations are queued, applies them all in one transaction,
-//! appends their changes to the write-ahead log as one record and syncs it
-//! ([`wal`]), commits the transaction, then answers each caller (a lone
-//! write is answered before the commit, and a read begun after its answer
-//! waits for it: `writer::Visibility`). Under load,
+//! Group commit: one writer runs the write transactions, one at a time. It
+//! takes whatever operations are queued, applies them all in one
+//! transaction, appends their changes to the write-ahead log as one record
+//! and syncs it ([`wal`]), commits the transaction, then answers each
+//! caller (a lone write is answered before the commit, and a read begun
+//! after its answer waits for it: `visibility`). Under load,
 //! concurrent requests share one sync, and the batch stays open for the
 //! configured delay, applying operations as they arrive (so the delay
 //! overlaps the batch's work rather than adding to it); idle, a single
-//! operation commits alone with no added delay.
+//! operation commits alone with no added delay, on its caller's thread
+//! (redb: `engine`).
 //!
 //! Invariants kept here:
 //! - a caller's `write` returns `Ok` only after its transaction is durable
@@ -28,6 +29,7 @@ mod codec;
 mod copy;
 mod digest;
 mod direct;
+mod engine;
 mod error;
 mod footprint;
 mod key;
@@ -39,6 +41,7 @@ pub mod records;
 mod schema;
 pub mod seam;
 mod txn;
+mod visibility;
 pub mod wal;
 mod writer;
 
@@ -205,19 +208,22 @@ fn settle(
     n
 }
 
-/// A writer's batch: apply `first`, every job already queued and, until
+/// A writer's batch: apply `first`, every job already queued in `rx` and, until
 /// `deadline` (a linger), whatever arrives, each as it is taken (so the
 /// linger overlaps the batch's own work instead of preceding it). Returns
 /// how to answer each job and the time spent waiting, not working.
 fn gather(
     t: &mut Txn<'_>,
     first: Job,
-    rx: &mut mpsc::Receiver<Job>,
+    rx: Option<&mut mpsc::Receiver<Job>>,
     deadline: Option<std::time::Instant>,
 ) -> (Vec<Reply>, std::time::Duration) {
     let mut idle = std::time::Duration::ZERO;
     let mut replies: Vec<Reply> = Vec::with_capacity(64);
     replies.push(first(t));
+    let Some(rx) = rx else {
+        return (replies, idle);
+    };
     loop {
         while replies.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -265,6 +271,13 @@ pub struct CommitStats {
 /// and hands out read snapshots. redb is the one backend (`writer.rs`).
 trait Backend: Send + Sync {
     fn read(&self) -> Result<Reader, StoreError>;
+    /// Run `job` alone on the calling thread and answer it before
+    /// returning, if the backend can do that now (`queued`: jobs wait for
+    /// its writer); else hand it back for the queue.
+    fn inline(&self, job: Job, queued: bool) -> Result<(), Job> {
+        let _ = queued;
+        Err(job)
+    }
     fn sealer(&self) -> &Sealer;
     fn stats(&self) -> &CommitStats;
     /// False once the writer has died or a commit failed.
@@ -432,7 +445,10 @@ impl Store {
             })
         });
         let sender = self.inner.sender.as_ref().ok_or(StoreError::Closed)?;
-        sender.send(job).await.map_err(|_| StoreError::Closed)?;
+        let queued = sender.capacity() < sender.max_capacity();
+        if let Err(job) = self.inner.backend.inline(job, queued) {
+            sender.send(job).await.map_err(|_| StoreError::Closed)?;
+        }
         rx.await.map_err(|_| StoreError::Closed)?
     }
 

@@ -1100,6 +1100,70 @@ async fn a_read_begun_after_an_answer_sees_it_though_the_commit_comes_after() {
     assert!(t.elapsed() < hold / 2, "{:?}", t.elapsed());
 }
 
+/// The redb writer thread's name.
+const WRITER: &str = "leasehold-store-writer";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stores_lone_write_runs_on_its_callers_thread_and_commits_after() {
+    // held 300 ms between the answer and redb's commit, as above
+    let dir = tempfile::tempdir().unwrap();
+    let hold = std::time::Duration::from_millis(300);
+    let s = Store::open(
+        &StoreOptions {
+            hold_before_commit: hold,
+            ..log_only(&dir)
+        },
+        &key(),
+    )
+    .unwrap();
+    let caller = std::thread::current().id();
+    let t = std::time::Instant::now();
+    let ran_on = s
+        .write(|t| {
+            t.create_task(&task(1, 10_000))
+                .map(|()| std::thread::current().id())
+        })
+        .await
+        .unwrap();
+    let answered = t.elapsed();
+    // no hand-off to the writer thread and back ...
+    assert_eq!(ran_on, caller, "the lone write went to the writer thread");
+    // ... nor a wait for the commit: it runs once this task yields
+    assert!(
+        answered < hold / 2,
+        "the caller waited for the commit: {answered:?}"
+    );
+    // durable when answered: in the log
+    let bytes = std::fs::read(wal::path_for(s.path())).unwrap();
+    assert_eq!(wal::records_for_test(&bytes, 0), (vec![1], false));
+    // and a read begun now sees it, once it is committed
+    assert!(s.read().unwrap().task(1).unwrap().is_some());
+    assert!(t.elapsed() >= hold, "the read did not wait for the commit");
+    // writes that queue while another runs go to the writer thread, batched
+    let writes: Vec<_> = (2..=9u128)
+        .map(|id| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.write(move |t| {
+                    t.create_task(&task(id, 10_000))
+                        .map(|()| std::thread::current().name().map(str::to_owned))
+                })
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    let mut by_writer = 0;
+    for w in writes {
+        by_writer += usize::from(w.await.unwrap().as_deref() == Some(WRITER));
+    }
+    let commits = s.stats().commits.load(Ordering::Relaxed);
+    assert!(
+        by_writer > 0 && commits < 9,
+        "a burst was not batched by the writer thread: {by_writer} of 8 there, {commits} commits"
+    );
+}
+
 #[tokio::test]
 async fn the_log_is_appended_past_the_page_cache() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,10 +1,11 @@
-//! The redb backend's writer engine: one thread owns every write
-//! transaction. It takes whatever operations are queued, applies them all
+//! The redb backend's writer: one thread runs the write transactions.
+//! It takes whatever operations are queued, applies them all
 //! in one transaction, appends their changes to the write-ahead log as one
 //! record and syncs it ([`wal`]), commits the transaction, then answers
 //! each caller; a lone write is answered before the commit (its event
-//! block deflated in between, [`repack`]), and [`Visibility`] makes a read
-//! begun after its answer wait for the commit.
+//! block deflated in between, [`repack`]), and `Visibility` makes a read
+//! begun after its answer wait for the commit. On an idle store a lone
+//! write runs so on its caller's thread instead ([`super::engine`]).
 //! Under load, concurrent requests share one sync, and the
 //! batch stays open for the configured delay, applying operations as they
 //! arrive (so the delay overlaps the batch's work rather than adding to
@@ -15,13 +16,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use redb::{Database, Durability, ReadableDatabase as _};
 use tokio::sync::mpsc;
 
+use super::engine::{Engine, Shared, Tail};
 use super::key::{Sealer, StoreKey};
 use super::kv::{ReadSource, Source};
 use super::lifecycle::ChainHead;
@@ -36,18 +38,22 @@ pub(super) struct RedbBackend {
     db: Arc<Database>,
     path: std::path::PathBuf,
     writer: Option<JoinHandle<()>>,
-    healthy: Arc<AtomicBool>,
-    stats: Arc<CommitStats>,
     sealer: Sealer,
-    fence: Arc<Visibility>,
+    shared: Arc<Shared>,
 }
 
 impl Backend for RedbBackend {
     fn read(&self) -> Result<Reader, StoreError> {
-        self.fence.settle();
+        self.settle();
         Ok(Box::new(KvReader::new(ReadSource::Redb(
             self.db.begin_read()?,
         ))))
+    }
+
+    /// A lone write on its caller's thread when the store is idle
+    /// ([`Shared::inline`]).
+    fn inline(&self, job: Job, queued: bool) -> Result<(), Job> {
+        Shared::inline(&self.shared, job, queued)
     }
 
     fn sealer(&self) -> &Sealer {
@@ -55,11 +61,11 @@ impl Backend for RedbBackend {
     }
 
     fn stats(&self) -> &CommitStats {
-        &self.stats
+        &self.shared.stats
     }
 
     fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && self.read().is_ok()
+        self.shared.healthy.load(Ordering::Relaxed) && self.read().is_ok()
     }
 
     fn location(&self) -> &Path {
@@ -74,8 +80,14 @@ impl Backend for RedbBackend {
     /// dropped" mean "every acknowledged write is on disk and the file is
     /// closed cleanly".
     fn close(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
         if let Some(w) = self.writer.take() {
             let _ = w.join();
+        }
+        // a commit left to run after its answer holds the store for
+        // microseconds; the file is closed when this returns
+        while Arc::strong_count(&self.shared) > 1 {
+            std::thread::yield_now();
         }
     }
 
@@ -84,7 +96,7 @@ impl Backend for RedbBackend {
     }
 
     fn raw(&self) -> Result<ReadSource, StoreError> {
-        self.fence.settle();
+        self.settle();
         Ok(ReadSource::Redb(self.db.begin_read()?))
     }
 }
@@ -94,6 +106,18 @@ impl RedbBackend {
     /// writes them).
     pub(super) fn db(&self) -> &Arc<Database> {
         &self.db
+    }
+
+    /// Before a read: wait until every write answered so far is committed,
+    /// finishing the last lone one here if nobody else is writing.
+    fn settle(&self) {
+        let sh = &*self.shared;
+        if !sh.fence.settled()
+            && let Ok(mut e) = sh.engine.try_lock()
+        {
+            sh.finish(&mut e);
+        }
+        sh.fence.settle();
     }
 }
 
@@ -166,15 +190,9 @@ pub(super) fn open(
     };
     let db = Arc::new(db);
     let (sender, rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
-    let healthy = Arc::new(AtomicBool::new(true));
-    let stats = Arc::new(CommitStats::default());
-    let fence = Arc::new(Visibility::default());
-    let writer = {
-        let db = db.clone();
-        let healthy = healthy.clone();
-        let stats = stats.clone();
-        let fence = fence.clone();
-        let cfg = WriterConfig {
+    let shared = Arc::new(Shared {
+        db: db.clone(),
+        cfg: WriterConfig {
             group: opts.group_commit,
             quick_repair: opts.quick_repair,
             checkpoint_bytes: opts.checkpoint_bytes,
@@ -183,20 +201,35 @@ pub(super) fn open(
             on_commit: opts.on_commit.clone(),
             #[cfg(test)]
             hold_before_commit: opts.hold_before_commit,
-        };
+        },
+        healthy: AtomicBool::new(true),
+        stats: Arc::new(CommitStats::default()),
+        fence: Arc::default(),
+        engine: Mutex::new(Engine {
+            wal,
+            head,
+            failed: false,
+            last: 0,
+            ended: None,
+            tail: None,
+        }),
+        nudge: tokio::sync::Notify::new(),
+        armed: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+    });
+    let writer = {
+        let shared = shared.clone();
         std::thread::Builder::new()
             .name("leasehold-store-writer".into())
-            .spawn(move || writer_loop(&db, rx, cfg, (&healthy, &stats, &fence), head, wal))
+            .spawn(move || writer_loop(&shared, rx))
             .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?
     };
     let backend = RedbBackend {
         db,
         path: opts.path.clone(),
         writer: Some(writer),
-        healthy,
-        stats,
         sealer,
-        fence,
+        shared,
     };
     Ok((Box::new(backend), sender))
 }
@@ -218,63 +251,72 @@ impl Default for GroupCommit {
     }
 }
 
-struct WriterConfig {
-    group: GroupCommit,
-    on_commit: Option<CommitHook>,
-    quick_repair: bool,
-    checkpoint_bytes: u64,
-    checkpoint_idle: std::time::Duration,
+pub(super) struct WriterConfig {
+    pub(super) group: GroupCommit,
+    pub(super) on_commit: Option<CommitHook>,
+    pub(super) quick_repair: bool,
+    pub(super) checkpoint_bytes: u64,
+    pub(super) checkpoint_idle: std::time::Duration,
     /// Refuse writes while the filesystem has less than this free.
-    reserve: u64,
+    pub(super) reserve: u64,
     #[cfg(test)]
-    hold_before_commit: std::time::Duration,
+    pub(super) hold_before_commit: std::time::Duration,
 }
 
-fn writer_loop(
-    db: &Database,
-    mut rx: mpsc::Receiver<Job>,
-    cfg: WriterConfig,
-    (healthy, stats, fence): (&AtomicBool, &CommitStats, &Visibility),
-    mut head: ChainHead,
-    mut wal: wal::Wal,
-) {
-    // only to wait for the next job with a timeout (the idle checkpoint)
+/// What woke the writer thread.
+enum Wake {
+    Job(Option<Job>),
+    Nudged,
+    Idle,
+}
+
+fn writer_loop(sh: &Shared, mut rx: mpsc::Receiver<Job>) {
+    // only to wait for the next job, a nudge or the idle checkpoint
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            healthy.store(false, Ordering::Relaxed);
+            sh.healthy.store(false, Ordering::Relaxed);
             tracing::error!(error = %e, "the store writer cannot start; every write is refused");
             return;
         }
     };
-    // Set once the log or a commit failed: the store file and the log may
-    // disagree with what callers were told, so nothing more is written until
-    // a restart recovers from the log (PostgreSQL stops on a failed fsync
-    // for the same reason). Queued callers see `Closed`.
-    let mut failed = false;
-    let mut last = 0usize;
     loop {
-        let first = if wal.pending_bytes() > 0 && !failed {
-            let idle = cfg.checkpoint_idle;
-            // the timer is made inside the runtime, which it needs
-            match rt.block_on(async { tokio::time::timeout(idle, rx.recv()).await }) {
-                Ok(Some(j)) => j,
-                Ok(None) => break,
-                Err(_) => {
-                    checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
-                    continue;
-                }
+        let logged = {
+            let e = sh.engine();
+            let logged = e.wal.pending_bytes() > 0 && !e.failed;
+            sh.armed.store(logged, Ordering::SeqCst);
+            logged
+        };
+        let idle = sh.cfg.checkpoint_idle;
+        // the timer is made inside the runtime, which it needs
+        let wake = rt.block_on(async {
+            tokio::select! {
+                biased;
+                j = rx.recv() => Wake::Job(j),
+                () = sh.nudge.notified() => Wake::Nudged,
+                () = tokio::time::sleep(idle), if logged => Wake::Idle,
             }
-        } else {
-            match rx.blocking_recv() {
-                Some(j) => j,
-                None => break,
+        });
+        let mut e = sh.engine();
+        sh.finish(&mut e);
+        let first = match wake {
+            Wake::Job(Some(j)) => j,
+            Wake::Job(None) => break,
+            Wake::Idle => {
+                checkpoint(sh, &mut e);
+                continue;
+            }
+            Wake::Nudged => {
+                if !e.failed && e.wal.pending_bytes() >= sh.cfg.checkpoint_bytes {
+                    checkpoint(sh, &mut e);
+                }
+                continue;
             }
         };
-        if failed {
+        if e.failed {
             // dropping a job answers its caller with `Closed`
             drop(first);
             while rx.try_recv().is_ok() {}
@@ -283,53 +325,30 @@ fn writer_loop(
         // Under concurrent load (the last batch had company), keep the batch
         // open briefly so more operations share this commit's fsync; alone,
         // commit now.
-        let linger =
-            (!cfg.group.delay.is_zero() && last >= cfg.group.siblings).then_some(cfg.group.delay);
-        let (n, outcome) = run_batch(
-            db,
-            first,
-            &mut rx,
-            linger,
-            (&cfg, stats, fence),
-            &mut head,
-            &mut wal,
-        );
-        last = n;
-        match outcome {
-            Ok(()) => {
-                healthy.store(true, Ordering::Relaxed);
-            }
-            // counted and flagged in `run_batch`, before its callers heard
-            Err(BatchError::NoSpace(_)) => {}
-            Err(BatchError::Refused(e)) => {
-                healthy.store(false, Ordering::Relaxed);
-                tracing::error!(error = %e, operations = n, "store batch failed; its requests were refused");
-            }
-            Err(BatchError::Fatal(e)) => stop_writing(healthy, &mut failed, &e),
-        }
-        if !failed && wal.pending_bytes() >= cfg.checkpoint_bytes {
-            checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
+        let linger = (!sh.cfg.group.delay.is_zero() && e.last >= sh.cfg.group.siblings)
+            .then_some(sh.cfg.group.delay);
+        let (n, outcome) = run_batch(sh, &mut e, first, Some(&mut rx), linger);
+        sh.finish(&mut e);
+        sh.record(&mut e, n, outcome);
+        if !e.failed && e.wal.pending_bytes() >= sh.cfg.checkpoint_bytes {
+            checkpoint(sh, &mut e);
         }
     }
-    if !failed && wal.pending_bytes() > 0 {
+    let mut e = sh.engine();
+    sh.finish(&mut e);
+    if !e.failed && e.wal.pending_bytes() > 0 {
         // a clean close leaves an empty log: the next start replays nothing
-        checkpoint(db, &mut wal, &cfg, stats, healthy, &mut failed);
+        checkpoint(sh, &mut e);
     }
 }
 
-fn checkpoint(
-    db: &Database,
-    wal: &mut wal::Wal,
-    cfg: &WriterConfig,
-    stats: &CommitStats,
-    healthy: &AtomicBool,
-    failed: &mut bool,
-) {
+fn checkpoint(sh: &Shared, e: &mut Engine) {
+    let stats = &sh.stats;
     let started = std::time::Instant::now();
-    let bytes = wal.pending_bytes();
+    let bytes = e.wal.pending_bytes();
     // a checkpoint writes about what the log holds into the store file: put
     // it off (the log keeps everything) rather than fail it for lack of room
-    if let Some(free) = wal.free_bytes()
+    if let Some(free) = e.wal.free_bytes()
         && free < bytes.saturating_mul(2).saturating_add(1 << 20)
     {
         stats.checkpoints_postponed.fetch_add(1, Ordering::Relaxed);
@@ -340,7 +359,7 @@ fn checkpoint(
         );
         return;
     }
-    match wal.checkpoint(db, cfg.quick_repair) {
+    match e.wal.checkpoint(&sh.db, sh.cfg.quick_repair) {
         Ok(()) => {
             stats.checkpoints.fetch_add(1, Ordering::Relaxed);
             stats
@@ -352,13 +371,13 @@ fn checkpoint(
                 "store checkpoint"
             );
         }
-        Err(e) => stop_writing(healthy, failed, &format!("checkpoint: {e}")),
+        Err(m) => stop_writing(&sh.healthy, &mut e.failed, &format!("checkpoint: {m}")),
     }
 }
 
 /// The log or the store file may now disagree with what callers were told:
 /// write nothing more until a restart recovers from the log.
-fn stop_writing(healthy: &AtomicBool, failed: &mut bool, error: &str) {
+pub(super) fn stop_writing(healthy: &AtomicBool, failed: &mut bool, error: &str) {
     *failed = true;
     healthy.store(false, Ordering::Relaxed);
     tracing::error!(
@@ -367,11 +386,11 @@ fn stop_writing(healthy: &AtomicBool, failed: &mut bool, error: &str) {
     );
 }
 
-fn micros(d: std::time::Duration) -> u64 {
+pub(super) fn micros(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-enum BatchError {
+pub(super) enum BatchError {
     /// Nothing was written: the batch's callers are refused, the store goes on.
     Refused(String),
     /// Nothing was written for lack of space: refused, retried later.
@@ -381,24 +400,24 @@ enum BatchError {
 }
 
 /// Gather and apply a batch, log it durably, then commit it (see [`wal`]).
-/// The batch takes `first`, every job already queued and, with a `linger`,
-/// whatever arrives until it has passed since the batch began: each job is
-/// applied as it is taken, so the linger overlaps the batch's own work
-/// instead of preceding it. Returns how many jobs the batch took. Jobs that
-/// never ran (the transaction could not begin) are dropped, which their
-/// callers see as `Closed`.
-fn run_batch(
-    db: &Database,
+/// The batch takes `first`, every job already queued in `rx` and, with a
+/// `linger`, whatever arrives until it has passed since the batch began:
+/// each job is applied as it is taken, so the linger overlaps the batch's
+/// own work instead of preceding it. A batch of one is answered before its
+/// commit, which it leaves in `e.tail` ([`Shared::finish`]). Returns how
+/// many jobs the batch took. Jobs that never ran (the transaction could
+/// not begin) are dropped, which their callers see as `Closed`.
+pub(super) fn run_batch(
+    sh: &Shared,
+    e: &mut Engine,
     first: Job,
-    rx: &mut mpsc::Receiver<Job>,
+    rx: Option<&mut mpsc::Receiver<Job>>,
     linger: Option<std::time::Duration>,
-    (cfg, stats, fence): (&WriterConfig, &CommitStats, &Visibility),
-    head: &mut ChainHead,
-    wal: &mut wal::Wal,
 ) -> (usize, Result<(), BatchError>) {
+    let (cfg, stats) = (&sh.cfg, &*sh.stats);
     let started = std::time::Instant::now();
     let deadline = linger.map(|d| started + d);
-    let mut txn = match db.begin_write() {
+    let mut txn = match sh.db.begin_write() {
         Ok(t) => t,
         Err(e) => return (1, Err(BatchError::Refused(e.to_string()))),
     };
@@ -406,7 +425,7 @@ fn run_batch(
         return (1, Err(BatchError::Refused(e.to_string())));
     }
     let (replies, idle, finished) = {
-        let mut t = KvTxn::open(Source::Redb(&txn), *head);
+        let mut t = KvTxn::open(Source::Redb(&txn), e.head);
         let (replies, idle) = super::gather(&mut t, first, rx, deadline);
         let entered = t.take_entered();
         // a lone write's last block is packed after its answer (`repack`)
@@ -423,10 +442,10 @@ fn run_batch(
     // or after the answers
     let mut logged_txn = None;
     let mut outcome: Result<(), BatchError> = match finished {
-        Ok((new_head, redo, e, p)) => {
-            entered = e;
+        Ok((new_head, redo, en, p)) => {
+            entered = en;
             plain = p;
-            let short = wal.free_bytes().filter(|free| *free < cfg.reserve);
+            let short = e.wal.free_bytes().filter(|free| *free < cfg.reserve);
             let logged = if redo.is_empty() {
                 Ok(())
             } else if let Some(free) = short {
@@ -439,20 +458,20 @@ fn run_batch(
                     .wal_bytes
                     .fetch_add(redo.len() as u64, Ordering::Relaxed);
                 let t = std::time::Instant::now();
-                let r = wal.append(&redo).map(|_| ());
+                let r = e.wal.append(&redo).map(|_| ());
                 stats
                     .wal_micros
                     .fetch_add(micros(t.elapsed()), Ordering::Relaxed);
                 r
             };
             match logged {
-                Err(wal::AppendError::NoSpace(e)) => {
+                Err(wal::AppendError::NoSpace(m)) => {
                     let _ = txn.abort();
-                    Err(BatchError::NoSpace(e))
+                    Err(BatchError::NoSpace(m))
                 }
-                Err(e) => {
+                Err(m) => {
                     let _ = txn.abort();
-                    Err(BatchError::Fatal(format!("write-ahead log: {e}")))
+                    Err(BatchError::Fatal(format!("write-ahead log: {m}")))
                 }
                 Ok(()) => {
                     logged_txn = Some((txn, new_head));
@@ -460,9 +479,9 @@ fn run_batch(
                 }
             }
         }
-        Err(e) => {
+        Err(m) => {
             let _ = txn.abort();
-            Err(BatchError::Refused(e.to_string()))
+            Err(BatchError::Refused(m.to_string()))
         }
     };
     // A lone write is answered once logged, before redb's commit (below),
@@ -473,16 +492,16 @@ fn run_batch(
     if replies.len() > 1
         && let Some((txn, new_head)) = logged_txn.take()
     {
-        outcome = commit_logged(txn, new_head, head);
+        outcome = commit_logged(txn, new_head, &mut e.head);
     }
     let told = match &outcome {
         Ok(()) => Ok(()),
-        Err(BatchError::NoSpace(e)) => Err(super::Unwritten {
-            message: e.clone(),
+        Err(BatchError::NoSpace(m)) => Err(super::Unwritten {
+            message: m.clone(),
             no_space: true,
         }),
-        Err(BatchError::Refused(e) | BatchError::Fatal(e)) => {
-            Err(super::Unwritten::failed(e.clone()))
+        Err(BatchError::Refused(m) | BatchError::Fatal(m)) => {
+            Err(super::Unwritten::failed(m.clone()))
         }
     };
     // the store's room as callers will find it, before any is answered
@@ -492,12 +511,12 @@ fn run_batch(
                 tracing::warn!("the store's filesystem has room again: writes resume");
             }
         }
-        Err(BatchError::NoSpace(e)) => {
+        Err(BatchError::NoSpace(m)) => {
             stats
                 .refused_no_space
                 .fetch_add(replies.len() as u64, Ordering::Relaxed);
             if !stats.disk_full.swap(true, Ordering::Relaxed) {
-                tracing::error!(error = %e, "the store's filesystem is full: writes are refused (503 store_full) until space is freed; reads go on");
+                tracing::error!(error = %m, "the store's filesystem is full: writes are refused (503 store_full) until space is freed; reads go on");
             }
         }
         Err(_) => {}
@@ -505,7 +524,14 @@ fn run_batch(
     // A lone write answered before its commit: a read begun after the
     // answer waits for that commit (`Visibility`), so nobody reads what was
     // not answered, nor misses what was.
-    let told_guard = logged_txn.is_some().then(|| fence.told());
+    if let Some((txn, new_head)) = logged_txn {
+        e.tail = Some(Tail {
+            txn,
+            new_head,
+            plain,
+            shown: sh.fence.told(),
+        });
+    }
     let committed = outcome.is_ok().then_some(&entered);
     let n = super::settle(
         stats,
@@ -515,29 +541,6 @@ fn run_batch(
         replies,
         &told,
     );
-    let outcome = match logged_txn {
-        None => outcome,
-        Some((txn, new_head)) => {
-            #[cfg(test)]
-            std::thread::sleep(cfg.hold_before_commit);
-            let t = std::time::Instant::now();
-            if let Some((key, block)) = plain {
-                repack(&txn, key, block);
-            }
-            // a failure: its caller was told, the log holds it, and the
-            // restart that this failure calls for replays it
-            let r = commit_logged(txn, new_head, head);
-            // after its answers, so not in the time `settle` counted
-            stats
-                .commit_micros
-                .fetch_add(micros(t.elapsed()), Ordering::Relaxed);
-            // shown even when the commit failed (or anything here
-            // panicked): readers then see the store as it was (it stops
-            // writing until a restart) instead of waiting
-            drop(told_guard);
-            r
-        }
-    };
     (n, outcome)
 }
 
@@ -547,7 +550,7 @@ fn run_batch(
 /// the block was packed in the batch. The log keeps the plain block; a
 /// replay after a crash stores that, which reads the same. Unlogged on
 /// purpose, and harmless if it fails: the plain block stays.
-fn repack(txn: &redb::WriteTransaction, key: u64, plain: Vec<u8>) {
+pub(super) fn repack(txn: &redb::WriteTransaction, key: u64, plain: Vec<u8>) {
     let packed = super::blocks::pack(plain);
     let r = txn
         .open_table(schema::EVENT_BLOCKS)
@@ -563,7 +566,7 @@ fn repack(txn: &redb::WriteTransaction, key: u64, plain: Vec<u8>) {
 }
 
 /// redb's commit of a logged batch (no I/O: it makes the batch visible).
-fn commit_logged(
+pub(super) fn commit_logged(
     txn: redb::WriteTransaction,
     new_head: ChainHead,
     head: &mut ChainHead,
@@ -571,68 +574,4 @@ fn commit_logged(
     txn.commit()
         .map(|()| *head = new_head)
         .map_err(|e| BatchError::Fatal(format!("commit after logging: {e}")))
-}
-
-/// Says a told batch is committed when dropped, however the writer
-/// leaves the batch.
-struct Shown<'a>(&'a Visibility);
-
-impl Drop for Shown<'_> {
-    fn drop(&mut self) {
-        let v = self.0;
-        let _g = v
-            .lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        v.committed.fetch_add(1, Ordering::SeqCst);
-        v.changed.notify_all();
-    }
-}
-
-/// What readers may see: a lone write is answered once logged, then
-/// committed in redb; a read that begins after such an answer first waits
-/// until that batch is committed. The wait is at most one commit of one
-/// write without I/O (tens of microseconds), and only for a read that
-/// races one.
-#[derive(Debug, Default)]
-pub(super) struct Visibility {
-    /// Batches answered, and batches committed (or given up on).
-    answered: std::sync::atomic::AtomicU64,
-    committed: std::sync::atomic::AtomicU64,
-    lock: std::sync::Mutex<()>,
-    changed: std::sync::Condvar,
-}
-
-impl Visibility {
-    /// The writer: a batch is about to be answered. Dropping what this
-    /// returns says it is committed (or never will be).
-    fn told(&self) -> Shown<'_> {
-        self.answered.fetch_add(1, Ordering::SeqCst);
-        Shown(self)
-    }
-
-    /// A reader: wait until every batch answered so far is committed.
-    pub(super) fn settle(&self) {
-        let want = self.answered.load(Ordering::SeqCst);
-        if self.committed.load(Ordering::SeqCst) >= want {
-            return;
-        }
-        // the commit is short: spin a little before sleeping on it
-        for _ in 0..64 {
-            std::hint::spin_loop();
-            if self.committed.load(Ordering::SeqCst) >= want {
-                return;
-            }
-        }
-        let mut g = self
-            .lock
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        while self.committed.load(Ordering::SeqCst) < want {
-            g = self
-                .changed
-                .wait(g)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-    }
 }

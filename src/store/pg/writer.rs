@@ -156,7 +156,7 @@ fn batch(
     let deadline = linger.map(|d| started + d);
     let (replies, idle, finished) = {
         let mut t = KvTxn::open(Source::Pg(session.clone()), head);
-        let (replies, idle) = super::super::gather(&mut t, first, rx, deadline);
+        let (replies, idle) = super::super::gather(&mut t, first, Some(rx), deadline);
         let entered = t.take_entered();
         let finished = t.finish().map(|_| entered);
         (replies, idle, finished)
