@@ -1116,6 +1116,8 @@ async fn an_idle_stores_lone_write_runs_on_its_callers_thread_and_commits_after(
         &key(),
     )
     .unwrap();
+    // the writer thread has started and waits
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let caller = std::thread::current().id();
     let t = std::time::Instant::now();
     let ran_on = s
@@ -1219,6 +1221,40 @@ async fn a_full_log_is_checkpointed_and_emptied() {
 }
 
 #[tokio::test]
+async fn a_full_log_is_checkpointed_while_lone_writes_run_on_their_callers_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        checkpoint_bytes: 1024,
+        ..log_only(&dir)
+    };
+    let s = Store::open(&opts, &key()).unwrap();
+    // spaced writes that never yield this thread: each runs here, and no
+    // commit left for later gets to run on it
+    for t in 1..=20u128 {
+        std::thread::sleep(std::time::Duration::from_micros(500));
+        let on = s
+            .write(move |x| {
+                x.create_task(&task(t, 10_000))
+                    .map(|()| std::thread::current().name().map(str::to_owned))
+            })
+            .await
+            .unwrap();
+        // until the log is full (then the writer may be checkpointing)
+        if t <= 5 {
+            assert_ne!(on.as_deref(), Some(WRITER), "write {t}");
+        }
+    }
+    // the writer thread was woken to checkpoint all the same
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while s.stats().checkpoints.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(s.stats().checkpoints.load(Ordering::Relaxed) >= 1);
+    assert!(s.read().unwrap().task(20).unwrap().is_some());
+}
+
+#[tokio::test]
 async fn an_idle_store_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
     let opts = StoreOptions {
@@ -1226,7 +1262,18 @@ async fn an_idle_store_checkpoints() {
         ..log_only(&dir)
     };
     let s = Store::open(&opts, &key()).unwrap();
-    s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
+    // the writer thread waits with nothing logged, so without a timer
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let ran_on = s
+        .write(|t| {
+            t.create_task(&task(1, 10_000))
+                .map(|()| std::thread::current().name().map(str::to_owned))
+        })
+        .await
+        .unwrap();
+    // run on this thread: the writer thread must still hear of it to
+    // checkpoint once idle
+    assert_ne!(ran_on.as_deref(), Some(WRITER));
     for _ in 0..200 {
         if s.stats().checkpoints.load(Ordering::Relaxed) == 1 {
             break;
