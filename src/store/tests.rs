@@ -1062,20 +1062,23 @@ async fn acknowledged_writes_are_in_the_log_before_any_checkpoint() {
     assert_eq!(wal::records_for_test(&bytes, 0), (vec![1], false));
 }
 
+/// A store whose writer waits `hold` between answering a lone write and
+/// committing it.
+fn holding_commits(dir: &tempfile::TempDir, hold: std::time::Duration) -> Store {
+    let opts = StoreOptions {
+        hold_before_commit: hold,
+        ..log_only(dir)
+    };
+    Store::open(&opts, &key()).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_begun_after_an_answer_sees_it_though_the_commit_comes_after() {
     // a batch is answered once its log record is synced, then committed in
     // redb; held here for 300 ms between the two
     let dir = tempfile::tempdir().unwrap();
     let hold = std::time::Duration::from_millis(300);
-    let s = Store::open(
-        &StoreOptions {
-            hold_before_commit: hold,
-            ..log_only(&dir)
-        },
-        &key(),
-    )
-    .unwrap();
+    let s = holding_commits(&dir, hold);
     for id in 1..=3u128 {
         let answered = std::time::Instant::now();
         s.write(move |t| t.create_task(&task(id, 10_000)))
@@ -1108,14 +1111,7 @@ async fn an_idle_stores_lone_write_runs_on_its_callers_thread_and_commits_after(
     // held 300 ms between the answer and redb's commit, as above
     let dir = tempfile::tempdir().unwrap();
     let hold = std::time::Duration::from_millis(300);
-    let s = Store::open(
-        &StoreOptions {
-            hold_before_commit: hold,
-            ..log_only(&dir)
-        },
-        &key(),
-    )
-    .unwrap();
+    let s = holding_commits(&dir, hold);
     // the writer thread has started and waits
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let caller = std::thread::current().id();
