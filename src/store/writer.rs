@@ -306,7 +306,10 @@ fn writer_loop(sh: &Shared, mut rx: mpsc::Receiver<Job>) {
             Wake::Job(Some(j)) => j,
             Wake::Job(None) => break,
             Wake::Idle => {
-                checkpoint(sh, &mut e);
+                // a write on its caller's thread may have failed meanwhile
+                if !e.failed {
+                    checkpoint(sh, &mut e);
+                }
                 continue;
             }
             Wake::Nudged => {
