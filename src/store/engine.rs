@@ -94,20 +94,20 @@ impl Shared {
         // shown even when the commit failed: readers then see the store as
         // it was (it stops writing until a restart) instead of waiting
         drop(tail.shown);
-        if let Err(BatchError::Fatal(m) | BatchError::Refused(m) | BatchError::NoSpace(m)) = r {
+        if let Err(m) = r {
             stop_writing(&self.healthy, &mut e.failed, &m);
         }
     }
 
     /// After a lone write run on its caller's thread: commit it unless
     /// someone else holds the writer's state (and will), and wake the
-    /// writer thread if it has a checkpoint to do or to time.
+    /// writer thread if it waits without its idle checkpoint's timer (a
+    /// full log woke it already: `inline`).
     fn finish_later(&self) {
         let wake = match self.engine.try_lock() {
             Ok(mut e) => {
                 self.finish(&mut e);
-                e.wal.pending_bytes() >= self.cfg.checkpoint_bytes
-                    || !self.armed.load(Ordering::SeqCst)
+                !self.armed.load(Ordering::SeqCst)
             }
             Err(_) => true,
         };

@@ -274,8 +274,7 @@ trait Backend: Send + Sync {
     /// Run `job` alone on the calling thread and answer it before
     /// returning, if the backend can do that now (`queued`: jobs wait for
     /// its writer); else hand it back for the queue.
-    fn inline(&self, job: Job, queued: bool) -> Result<(), Job> {
-        let _ = queued;
+    fn inline(&self, job: Job, _queued: bool) -> Result<(), Job> {
         Err(job)
     }
     fn sealer(&self) -> &Sealer;

@@ -35,7 +35,6 @@ use super::{Backend, CommitHook, CommitStats, Job, QUEUE_DEPTH, StoreError, Stor
 
 /// The redb backend: the database, its writer thread and its health.
 pub(super) struct RedbBackend {
-    db: Arc<Database>,
     path: std::path::PathBuf,
     writer: Option<JoinHandle<()>>,
     sealer: Sealer,
@@ -46,7 +45,7 @@ impl Backend for RedbBackend {
     fn read(&self) -> Result<Reader, StoreError> {
         self.settle();
         Ok(Box::new(KvReader::new(ReadSource::Redb(
-            self.db.begin_read()?,
+            self.shared.db.begin_read()?,
         ))))
     }
 
@@ -97,7 +96,7 @@ impl Backend for RedbBackend {
 
     fn raw(&self) -> Result<ReadSource, StoreError> {
         self.settle();
-        Ok(ReadSource::Redb(self.db.begin_read()?))
+        Ok(ReadSource::Redb(self.shared.db.begin_read()?))
     }
 }
 
@@ -105,7 +104,7 @@ impl RedbBackend {
     /// The database (the store's tests read its tables directly; `copy`
     /// writes them).
     pub(super) fn db(&self) -> &Arc<Database> {
-        &self.db
+        &self.shared.db
     }
 
     /// Before a read: wait until every write answered so far is committed,
@@ -191,7 +190,7 @@ pub(super) fn open(
     let db = Arc::new(db);
     let (sender, rx) = mpsc::channel::<Job>(QUEUE_DEPTH);
     let shared = Arc::new(Shared {
-        db: db.clone(),
+        db,
         cfg: WriterConfig {
             group: opts.group_commit,
             quick_repair: opts.quick_repair,
@@ -225,7 +224,6 @@ pub(super) fn open(
             .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?
     };
     let backend = RedbBackend {
-        db,
         path: opts.path.clone(),
         writer: Some(writer),
         sealer,
@@ -495,7 +493,7 @@ pub(super) fn run_batch(
     if replies.len() > 1
         && let Some((txn, new_head)) = logged_txn.take()
     {
-        outcome = commit_logged(txn, new_head, &mut e.head);
+        outcome = commit_logged(txn, new_head, &mut e.head).map_err(BatchError::Fatal);
     }
     let told = match &outcome {
         Ok(()) => Ok(()),
@@ -573,8 +571,8 @@ pub(super) fn commit_logged(
     txn: redb::WriteTransaction,
     new_head: ChainHead,
     head: &mut ChainHead,
-) -> Result<(), BatchError> {
+) -> Result<(), String> {
     txn.commit()
         .map(|()| *head = new_head)
-        .map_err(|e| BatchError::Fatal(format!("commit after logging: {e}")))
+        .map_err(|e| format!("commit after logging: {e}"))
 }
