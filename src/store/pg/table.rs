@@ -115,7 +115,8 @@ impl<K: Key + 'static, V: Value + 'static> Range<K, V> {
             }
             None => "",
         };
-        params.push(Box::new(self.chunk));
+        let asked = self.chunk;
+        params.push(Box::new(asked));
         let sql = format!(
             "SELECT k, rk, v FROM lh_{} WHERE k >= $1{upper} ORDER BY k{order} LIMIT ${}",
             self.name,
@@ -135,6 +136,11 @@ impl<K: Key + 'static, V: Value + 'static> Range<K, V> {
                 self.lo = next;
             }
             Some((k, _, _)) => self.hi = Some(k.clone()),
+        }
+        // fewer than asked: that was all of the middle (no round trip to
+        // find it empty)
+        if i64::try_from(out.len()).unwrap_or(i64::MAX) < asked {
+            self.middle_empty = true;
         }
         Ok(out)
     }
