@@ -50,6 +50,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use redb::TableHandle as _;
+
 use tokio::sync::{mpsc, oneshot};
 
 pub use copy::{CopyReport, copy};
@@ -163,7 +165,58 @@ impl Unwritten {
 type Reply = Box<dyn FnOnce(Result<(), Unwritten>) + Send>;
 /// One operation for the writer: applied to the batch's transaction, it
 /// returns how to answer its caller once the batch's fate is known.
-type Job = Box<dyn for<'t> FnOnce(&mut Txn<'t>) -> Reply + Send>;
+struct Job {
+    /// Rows it will read, which a backend paying a round trip per read
+    /// (PostgreSQL) fetches with the rest of its batch's before applying.
+    reads: Reads,
+    run: Box<dyn for<'t> FnOnce(&mut Txn<'t>) -> Reply + Send>,
+}
+
+/// Rows an operation will read, named ahead ([`Store::write_reading`]).
+/// Only a hint: a row not named is read when the operation asks for it,
+/// and a named row it does not read costs that row's fetch. redb ignores
+/// it (its reads are memory reads).
+#[derive(Debug, Default, Clone)]
+pub struct Reads(Vec<(&'static str, Vec<u8>)>);
+
+impl Reads {
+    fn key(mut self, table: &str, id: u128) -> Self {
+        self.0.push((kv::pg_name(table), kv::ord_of::<u128>(&id)));
+        self
+    }
+
+    /// The task `id`'s record.
+    pub fn task(self, id: u128) -> Self {
+        self.key(schema::TASKS.name(), id)
+    }
+
+    /// The lease `id`'s record.
+    pub fn lease(self, id: u128) -> Self {
+        self.key(schema::LEASES.name(), id)
+    }
+
+    /// The count of the task `id`'s active leases.
+    pub fn task_active(self, id: u128) -> Self {
+        self.key(schema::TASK_ACTIVE.name(), id)
+    }
+
+    /// The denylist's entry for the token lease `id`.
+    pub fn denied(self, id: u128) -> Self {
+        self.key(schema::DENYLIST.name(), id)
+    }
+
+    /// The rows named, by table.
+    fn by_table(jobs: &[Job]) -> BTreeMap<&'static str, Vec<Vec<u8>>> {
+        let mut out: BTreeMap<&'static str, Vec<Vec<u8>>> = BTreeMap::new();
+        for (t, k) in jobs.iter().flat_map(|j| j.reads.0.iter()) {
+            let keys = out.entry(t).or_default();
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+        out
+    }
+}
 
 /// Operations waiting for the writer before callers wait to enqueue.
 const QUEUE_DEPTH: usize = 16 * 1024;
@@ -208,26 +261,27 @@ fn settle(
     n
 }
 
-/// A writer's batch: apply `first`, every job already queued in `rx` and, until
+/// A writer's batch: apply `first` (one job, or those a backend took
+/// ahead to fetch their reads), every job already queued in `rx` and, until
 /// `deadline` (a linger), whatever arrives, each as it is taken (so the
 /// linger overlaps the batch's own work instead of preceding it). Returns
 /// how to answer each job and the time spent waiting, not working.
 fn gather(
     t: &mut Txn<'_>,
-    first: Job,
+    first: impl IntoIterator<Item = Job>,
     rx: Option<&mut mpsc::Receiver<Job>>,
     deadline: Option<std::time::Instant>,
 ) -> (Vec<Reply>, std::time::Duration) {
     let mut idle = std::time::Duration::ZERO;
     let mut replies: Vec<Reply> = Vec::with_capacity(64);
-    replies.push(first(t));
+    replies.extend(first.into_iter().map(|j| (j.run)(t)));
     let Some(rx) = rx else {
         return (replies, idle);
     };
     loop {
         while replies.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(j) => replies.push(j(t)),
+                Ok(j) => replies.push((j.run)(t)),
                 Err(_) => break,
             }
         }
@@ -429,8 +483,19 @@ impl Store {
         R: Send + 'static,
         F: for<'t> FnOnce(&mut Txn<'t>) -> Result<R, StoreError> + Send + 'static,
     {
+        self.write_reading(Reads::default(), op).await
+    }
+
+    /// [`Store::write`], naming rows `op` will read so that a backend
+    /// that asks a server for each read fetches them ahead, with the rest
+    /// of the batch's (one round trip instead of one each).
+    pub async fn write_reading<R, F>(&self, reads: Reads, op: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: for<'t> FnOnce(&mut Txn<'t>) -> Result<R, StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel::<Result<R, StoreError>>();
-        let job: Job = Box::new(move |txn: &mut Txn<'_>| {
+        let run = Box::new(move |txn: &mut Txn<'_>| -> Reply {
             let result = op(txn);
             Box::new(move |commit: Result<(), Unwritten>| {
                 let out = match (commit, result) {
@@ -443,6 +508,7 @@ impl Store {
                 let _ = tx.send(out);
             })
         });
+        let job = Job { reads, run };
         let sender = self.inner.sender.as_ref().ok_or(StoreError::Closed)?;
         let queued = sender.capacity() < sender.max_capacity();
         if let Err(job) = self.inner.backend.inline(job, queued) {

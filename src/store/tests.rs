@@ -1928,6 +1928,65 @@ async fn postgres_two_nodes_share_the_store_the_chain_and_one_leader() {
     );
 }
 
+/// The change log's number now.
+fn newest_change(s: &Store) -> i64 {
+    pg_backend(s)
+        .sql("SELECT coalesce(max(ver), 0)::bigint FROM lh_changes")
+        .unwrap()[0]
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_node_never_decides_on_a_row_it_remembers_that_another_changed() {
+    let store = Backing::postgres().await;
+    let a = Store::open(&store.options_as("a", 1), &key()).unwrap();
+    let b = Store::open(&store.options_as("b", 1), &key()).unwrap();
+    let complete = |s: &Store, id: u128| {
+        let s = s.clone();
+        async move {
+            s.write_reading(super::Reads::default().task(id), move |t| {
+                t.complete_task(id, 5, 6, &local_token())
+            })
+            .await
+        }
+    };
+    let completed = |r: Result<Completion, StoreError>| {
+        matches!(r, Err(StoreError::Conflict(Conflict::TaskCompleted)))
+    };
+    // a writes and so remembers task 1; b completes it: a must see that
+    a.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
+    complete(&b, 1).await.unwrap();
+    assert!(completed(complete(&a, 1).await), "a completed task 1 again");
+    // the same when the change a missed was pruned from the log: a finds a
+    // gap in the numbers and forgets everything
+    a.write(|t| t.create_task(&task(2, 100_000))).await.unwrap();
+    complete(&b, 2).await.unwrap();
+    let pruned = newest_change(&a);
+    b.write(|t| t.create_task(&task(3, 100_000))).await.unwrap();
+    pg_backend(&a)
+        .sql(&format!("DELETE FROM lh_changes WHERE ver = {pruned}"))
+        .unwrap();
+    assert!(completed(complete(&a, 2).await), "a completed task 2 again");
+    // a row named ahead is fetched fresh: b's task 3, unknown to a
+    let c = complete(&a, 3).await.unwrap();
+    assert_eq!(c.task.state, TaskState::Completed);
+    // the batches that wrote task 3 (b's create, a's completion) each left
+    // a change row naming it
+    let rows = pg_backend(&a)
+        .sql("SELECT t, k FROM lh_changes ORDER BY ver")
+        .unwrap();
+    let naming = rows
+        .iter()
+        .filter(|r| {
+            let (t, k): (Vec<String>, Vec<Vec<u8>>) = (r.get(0), r.get(1));
+            t.iter()
+                .zip(&k)
+                .any(|(t, k)| t == "tasks" && *k == 3u128.to_be_bytes())
+        })
+        .count();
+    assert_eq!(naming, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_newer_schema_another_key_or_no_privilege_is_refused() {
     let store = Backing::postgres().await;

@@ -427,7 +427,7 @@ pub(super) fn run_batch(
     }
     let (replies, idle, finished) = {
         let mut t = KvTxn::open(Source::Redb(&txn), e.head);
-        let (replies, idle) = super::gather(&mut t, first, rx, deadline);
+        let (replies, idle) = super::gather(&mut t, [first], rx, deadline);
         let entered = t.take_entered();
         // a lone write's last block is packed after its answer (`repack`)
         let finished = t

@@ -242,8 +242,11 @@ impl Broker {
         );
         // events are rendered here, not on the store's one writer thread
         let event = a.lease(&intent, &c, now_ms);
+        let reads = crate::store::Reads::default()
+            .lease(intent.id)
+            .task(intent.task_id);
         self.store
-            .write(move |t| {
+            .write_reading(reads, move |t| {
                 t.refuse_fenced(&fence)?;
                 check(t)?;
                 t.lease_intent(&intent, now_ms, cap)?;
@@ -353,7 +356,11 @@ impl Broker {
             rec.workload.clone(),
             self.settings.max_active_leases_per_workload,
         );
-        let activated = self.store.write(move |t| {
+        let reads = crate::store::Reads::default()
+            .lease(rec.id)
+            .task(rec.task_id)
+            .task_active(rec.task_id);
+        let activated = self.store.write_reading(reads, move |t| {
             // a fence set while the provider was minting wins: rolled back
             t.refuse_fenced(&fence)?;
             // so does the workload's cap: activations are serialized (on

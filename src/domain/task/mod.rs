@@ -122,7 +122,7 @@ impl Broker {
         // rendered here, not on the store's one writer thread
         let event = a.task_opened(&stored, &decision.policies, &ctx);
         self.store
-            .write(move |t| {
+            .write_reading(crate::store::Reads::default().task(rec.id), move |t| {
                 t.refuse_fenced(&fence)?;
                 t.create_task(&stored)?;
                 audit::append(t, &a, event)
@@ -331,9 +331,17 @@ impl Broker {
         let claim_until = now.saturating_add(self.claim_window_ms());
         let (local, a, c) = (self.local.clone(), self.auditor.clone(), ctx.clone());
         let mut ahead = self.completion_events(task, now, claim_until, ctx)?;
+        // what completing reads: the task, its leases, the denylist's
+        // entries of its token leases
+        let reads = ahead
+            .leases
+            .keys()
+            .fold(crate::store::Reads::default().task(id.0), |r, lease| {
+                r.lease(*lease).denied(*lease)
+            });
         let completion = self
             .store
-            .write(move |t| {
+            .write_reading(reads, move |t| {
                 let done = t.complete_task(id.0, now, claim_until, &local)?;
                 // each event rendered ahead is used only if the record it
                 // was rendered from is the one stored

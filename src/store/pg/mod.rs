@@ -16,6 +16,7 @@
 //!   transaction.
 
 mod cluster;
+mod memory;
 mod session;
 mod table;
 mod writer;
@@ -325,7 +326,7 @@ async fn inspect(conn: &Conn) -> Result<Option<Stamp>, StoreError> {
         return Ok(None);
     }
     let mut tables: Vec<String> = TABLES.iter().map(|t| format!("lh_{t}")).collect();
-    tables.extend(["lh_leader".into(), "lh_nodes".into()]);
+    tables.extend(["lh_leader".into(), "lh_nodes".into(), "lh_changes".into()]);
     let missing = conn
         .query(
             "SELECT t FROM unnest($1::text[]) AS t \
@@ -462,6 +463,7 @@ async fn create_and_stamp(
         ));
     }
     ddl.push_str(cluster::DDL);
+    ddl.push_str(memory::DDL);
     conn.batch(&ddl).await.map_err(e)?;
     let get = |rows: Vec<tokio_postgres::Row>| rows.first().map(|r| r.get::<_, Vec<u8>>(0));
     let sql = "SELECT v FROM lh_meta WHERE k = $1";

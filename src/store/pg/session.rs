@@ -23,6 +23,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
 use super::super::StoreError;
+use super::memory::Rows;
 
 /// An owned query parameter (queries run on another thread).
 pub(in crate::store) type Param = Box<dyn ToSql + Send + Sync>;
@@ -53,7 +54,7 @@ impl Conn {
         self.client.is_closed()
     }
 
-    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+    pub(super) async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
         if let Some(s) = self
             .statements
             .lock()
@@ -80,6 +81,18 @@ impl Conn {
             .map(|p| p.as_ref() as &(dyn ToSql + Sync))
             .collect();
         self.client.query(&st, &refs).await
+    }
+
+    async fn query_prepared(
+        &self,
+        st: &Statement,
+        params: &[Param],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let refs: Vec<&(dyn ToSql + Sync)> = params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect();
+        self.client.query(st, &refs).await
     }
 
     pub(in crate::store) async fn batch(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
@@ -259,7 +272,11 @@ impl Db {
     }
 }
 
-type Pending = BTreeMap<&'static str, BTreeMap<Vec<u8>, Option<(Vec<u8>, Vec<u8>)>>>;
+/// A table's buffered writes: key to (redb key, value), or `None` to delete.
+type Writes = BTreeMap<Vec<u8>, Option<(Vec<u8>, Vec<u8>)>>;
+type Pending = BTreeMap<&'static str, Writes>;
+/// The (table, key) pairs a transaction wrote.
+type Written = Vec<(&'static str, Vec<u8>)>;
 
 /// One store transaction on one connection: the writer's batch, or a
 /// reader's snapshot (REPEATABLE READ, begun at its first query, ended
@@ -270,10 +287,15 @@ pub(in crate::store) struct Session {
     reader: bool,
     began: AtomicBool,
     pending: Mutex<Pending>,
-    /// What a writer's session has read. Every write transaction of the
-    /// cluster holds the chain head's row lock from its start, so nothing
-    /// but this transaction changes a row it read: the copy stays true.
-    cache: Mutex<Cache>,
+    /// What a writer's session has read and written (and, lent by the
+    /// writer, what its node remembers from earlier batches: `memory.rs`).
+    /// Every write transaction of the cluster holds the chain head's row
+    /// lock from its start, so nothing but this transaction changes a row
+    /// it read: the copy stays true.
+    cache: Mutex<Rows>,
+    /// The keys this transaction wrote, for the change log (the writer
+    /// thread's sessions; `None`: not logged, as for `copy`'s).
+    written: Mutex<Option<Written>>,
     /// The writer's own runtime, on its own thread, which also drives the
     /// writer's connection: a query is a round trip to the server and back
     /// with no hop between threads.
@@ -281,8 +303,6 @@ pub(in crate::store) struct Session {
     /// The writer's node, for the leader check.
     node: String,
 }
-
-type Cache = std::collections::HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>;
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -308,6 +328,7 @@ impl Session {
             began: AtomicBool::new(true),
             pending: Mutex::new(BTreeMap::new()),
             cache: Mutex::default(),
+            written: Mutex::new(None),
             local,
             node: String::new(),
         }
@@ -337,6 +358,7 @@ impl Session {
             began: AtomicBool::new(false),
             pending: Mutex::new(BTreeMap::new()),
             cache: Mutex::default(),
+            written: Mutex::new(None),
             local: None,
             node: String::new(),
         })
@@ -359,6 +381,20 @@ impl Session {
     pub(in crate::store) fn run(&self, sql: &'static str) -> Result<(), StoreError> {
         let conn = self.conn.clone();
         self.exec(async move { conn.batch(sql).await.map_err(|e| pg_err(&e)) })
+    }
+
+    /// Start from the rows the node remembers, and log what this
+    /// transaction writes (`finish`).
+    pub(super) fn logged(self, rows: Rows) -> Self {
+        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = rows;
+        *self.written.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+        self
+    }
+
+    /// What this session knows of the rows (given back to the node's
+    /// memory after a commit).
+    pub(super) fn take_rows(&self) -> Rows {
+        std::mem::take(&mut *self.cache.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     pub(in crate::store) fn with_node(mut self, node: &str) -> Self {
@@ -438,13 +474,13 @@ impl Session {
             return None;
         }
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get(&(table, k.to_vec())).cloned()
+        cache.get(table).and_then(|t| t.get(k)).cloned()
     }
 
     pub(super) fn remember(&self, table: &'static str, k: &[u8], v: Option<Vec<u8>>) {
         if !self.reader {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache.insert((table, k.to_vec()), v);
+            cache.entry(table).or_default().insert(k.to_vec(), v);
         }
     }
 
@@ -472,16 +508,64 @@ impl Session {
 
     /// Send buffered writes: a delete and an upsert per table, all
     /// pipelined on the connection (one round trip, not one per statement).
-    #[allow(clippy::type_complexity)]
-    fn send(
-        &self,
-        tables: Vec<(&'static str, BTreeMap<Vec<u8>, Option<(Vec<u8>, Vec<u8>)>>)>,
-    ) -> Result<(), StoreError> {
+    fn send(&self, tables: Vec<(&'static str, Writes)>) -> Result<(), StoreError> {
+        let statements = self.statements(tables);
+        let conn = self.conn.clone();
+        self.exec(async move { pipelined(&conn, &statements, None).await.map(|_| ()) })
+    }
+
+    /// Commit a logged session in one round trip: its last buffered
+    /// writes, its change row (numbered one past the newest), pruning the
+    /// log below `prune_below` if given, and `COMMIT`. The change row's
+    /// number, if it wrote anything.
+    pub(super) fn finish(&self, prune_below: Option<i64>) -> Result<Option<i64>, StoreError> {
+        let all: Vec<_> = std::mem::take(&mut *self.pending()).into_iter().collect();
+        let mut statements = self.statements(all);
+        let written = self
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_default();
+        let logged = !written.is_empty();
+        if let Some(below) = prune_below {
+            statements.push((
+                "DELETE FROM lh_changes WHERE ver < $1".into(),
+                vec![Box::new(below)],
+            ));
+        }
+        if logged {
+            let (t, k): (Vec<String>, Vec<Vec<u8>>) =
+                written.into_iter().map(|(t, k)| (t.to_owned(), k)).unzip();
+            statements.push((
+                "INSERT INTO lh_changes (ver, t, k) \
+                 SELECT coalesce(max(ver), 0) + 1, $1::text[], $2::bytea[] FROM lh_changes \
+                 RETURNING ver"
+                    .into(),
+                vec![Box::new(t), Box::new(k)],
+            ));
+        }
+        let conn = self.conn.clone();
+        let rows = self.exec(async move { pipelined(&conn, &statements, Some("COMMIT")).await })?;
+        if !logged {
+            return Ok(None);
+        }
+        rows.last()
+            .and_then(|r| r.first())
+            .map(|r| Some(r.get::<_, i64>(0)))
+            .ok_or_else(|| StoreError::Corrupt("the change log gave no number".into()))
+    }
+
+    fn statements(&self, tables: Vec<(&'static str, Writes)>) -> Vec<(String, Vec<Param>)> {
         let mut statements: Vec<(String, Vec<Param>)> = Vec::new();
+        let mut log = self.written.lock().unwrap_or_else(|e| e.into_inner());
         for (table, writes) in tables {
             let (mut ks, mut rks, mut vs, mut gone) = (vec![], vec![], vec![], vec![]);
             for (k, e) in writes {
                 self.remember(table, &k, e.as_ref().map(|(_, v)| v.clone()));
+                if let Some(log) = log.as_mut() {
+                    log.push((table, k.clone()));
+                }
                 match e {
                     Some((rk, v)) => {
                         ks.push(k);
@@ -508,17 +592,44 @@ impl Session {
                 ));
             }
         }
-        let conn = self.conn.clone();
-        self.exec(async move {
-            let sent = statements
-                .iter()
-                .map(|(sql, params)| conn.query(sql, params));
-            futures_util::future::try_join_all(sent)
-                .await
-                .map(|_| ())
-                .map_err(|e| pg_err(&e))
-        })
+        statements
     }
+}
+
+/// Send `statements` (then `last`, a simple statement such as `COMMIT`)
+/// pipelined: one round trip, in this order (each is prepared first, so
+/// that none waits for its preparation while a later one is sent). Every
+/// answer is awaited and any error returned: after a failed statement the
+/// transaction is aborted, and a `COMMIT` sent with it rolls back without
+/// an error of its own.
+pub(super) async fn pipelined(
+    conn: &Conn,
+    statements: &[(String, Vec<Param>)],
+    last: Option<&'static str>,
+) -> Result<Vec<Vec<Row>>, StoreError> {
+    let prepared =
+        futures_util::future::try_join_all(statements.iter().map(|(sql, _)| conn.statement(sql)))
+            .await
+            .map_err(|e| pg_err(&e))?;
+    let sent = futures_util::future::join_all(
+        prepared
+            .iter()
+            .zip(statements)
+            .map(|(st, (_, params))| conn.query_prepared(st, params)),
+    );
+    let end = async {
+        match last {
+            Some(sql) => conn.batch(sql).await,
+            None => Ok(()),
+        }
+    };
+    let (answers, ended) = futures_util::join!(sent, end);
+    let rows = answers
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pg_err(&e))?;
+    ended.map_err(|e| pg_err(&e))?;
+    Ok(rows)
 }
 
 impl Drop for Session {

@@ -1,11 +1,13 @@
 //! The PostgreSQL backend's writer: one thread per broker takes whatever
 //! operations are queued into one transaction (lingering as redb's writer
 //! does when the last batch had company), locks the chain head's row,
-//! applies them, sends the buffered writes, commits, then answers each
-//! caller. A failed batch is rolled back and its callers refused; the
-//! writer reconnects by itself, so the database coming back is the store
-//! coming back.
+//! catches its memory of rows up with the change log (`memory.rs`),
+//! applies them, sends the buffered writes with the batch's change row and
+//! the commit, then answers each caller. A failed batch is rolled back,
+//! its callers refused and the memory dropped; the writer reconnects by
+//! itself, so the database coming back is the store coming back.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -15,8 +17,9 @@ use tokio::sync::mpsc;
 use super::super::kv::Source;
 use super::super::lifecycle::ChainHead;
 use super::super::txn::KvTxn;
-use super::super::{CommitHook, CommitStats, GroupCommit, Job, StoreError};
-use super::session::{Conn, Db, Session, pg_err};
+use super::super::{CommitHook, CommitStats, GroupCommit, Job, MAX_BATCH, Reads, StoreError};
+use super::memory::{CATCH_UP_ROWS, Fetched, KEEP_CHANGES, Memory, Seen};
+use super::session::{Conn, Db, Param, Session, pg_err, pipelined};
 use super::{bytes, meta_key};
 
 pub(super) struct Config {
@@ -45,8 +48,14 @@ pub(super) fn run(
         }
     };
     let mut conn: Option<Arc<Conn>> = None;
+    let mut memory = Memory::default();
     let mut last = 0usize;
     while let Some(first) = rx.blocking_recv() {
+        // take what is queued now: the rows they name are fetched in the
+        // round trip that begins the batch (those remembered are not)
+        let mut jobs = vec![first];
+        take_queued(&mut rx, &mut jobs);
+        let wants = unknown(&memory, &jobs);
         // Begin (locking the chain head) before taking the batch. An idle
         // connection may have died unnoticed (its task runs only while the
         // writer works): then connect again, once, before giving up.
@@ -63,12 +72,15 @@ pub(super) fn run(
                     }
                 },
             };
-            match begin(&rt, &c) {
-                Ok(head) => {
+            match begin(&rt, &c, memory.seen(), &wants) {
+                Ok((head, seen, fetched)) => {
+                    memory.catch_up(seen);
+                    memory.absorb(fetched);
                     begun = Some((c, head));
                     break;
                 }
                 Err(e) => {
+                    memory.forget();
                     let _ = end(&rt, &c, false);
                     error = Some(e);
                     // a live connection that refused is kept; a dead one is not
@@ -82,8 +94,8 @@ pub(super) fn run(
         let Some((c, head)) = begun else {
             healthy.store(false, Ordering::Relaxed);
             // refuse what is queued now rather than try once each
-            drop(first);
-            let mut refused = 1;
+            let mut refused = jobs.len();
+            drop(jobs);
             while rx.try_recv().is_ok() {
                 refused += 1;
             }
@@ -96,9 +108,29 @@ pub(super) fn run(
             std::thread::sleep(Duration::from_millis(200));
             continue;
         };
+        // what came while the lock was awaited: its rows in one more round
+        // trip (if that fails, so does the batch, at its next statement)
+        let before = jobs.len();
+        take_queued(&mut rx, &mut jobs);
+        let wants = unknown(&memory, &jobs[before..]);
+        if !wants.is_empty()
+            && let Ok(fetched) = rt.block_on(fetch(&c, &wants))
+        {
+            memory.absorb(fetched);
+        }
         let linger =
             (!cfg.group.delay.is_zero() && last >= cfg.group.siblings).then_some(cfg.group.delay);
-        let (n, outcome) = batch(db, &rt, &c, head, first, &mut rx, linger, cfg, stats);
+        let (n, outcome) = batch(
+            db,
+            &rt,
+            &c,
+            (head, &mut memory),
+            jobs,
+            &mut rx,
+            linger,
+            cfg,
+            stats,
+        );
         last = n;
         match outcome {
             Ok(()) => healthy.store(true, Ordering::Relaxed),
@@ -111,22 +143,111 @@ pub(super) fn run(
     }
 }
 
-/// Begin, lock the chain head and read it (one round trip).
-fn begin(rt: &tokio::runtime::Runtime, conn: &Arc<Conn>) -> Result<ChainHead, StoreError> {
+/// Begin, lock the chain head and read it, then read the change log past
+/// `seen` (or its newest number) and the rows `wants` names: one round
+/// trip, the log and the rows read only once the lock is held.
+fn begin(
+    rt: &tokio::runtime::Runtime,
+    conn: &Arc<Conn>,
+    seen: Option<i64>,
+    wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
+) -> Result<(ChainHead, Seen, Fetched), StoreError> {
     rt.block_on(async move {
-        let key = [bytes(meta_key("chain_head"))];
-        let (b, rows) = futures_util::join!(
+        let lock = (
+            "SELECT v FROM lh_meta WHERE k = $1 FOR UPDATE".to_owned(),
+            vec![bytes(meta_key("chain_head"))],
+        );
+        let log: (String, Vec<Param>) = match seen {
+            Some(v) => (
+                format!("SELECT ver, t, k FROM lh_changes WHERE ver > $1 ORDER BY ver LIMIT {CATCH_UP_ROWS}"),
+                vec![Box::new(v)],
+            ),
+            None => (
+                "SELECT coalesce(max(ver), 0)::bigint FROM lh_changes".to_owned(),
+                vec![],
+            ),
+        };
+        let mut statements = vec![lock, log];
+        statements.extend(selects(wants));
+        let (b, answers) = futures_util::join!(
             conn.batch("BEGIN"),
-            conn.query("SELECT v FROM lh_meta WHERE k = $1 FOR UPDATE", &key)
+            pipelined(conn, &statements, None)
         );
         b.map_err(|e| pg_err(&e))?;
-        let v: Vec<u8> = rows
-            .map_err(|e| pg_err(&e))?
+        let mut answers = answers?.into_iter();
+        let (head, log) = (
+            answers.next().unwrap_or_default(),
+            answers.next().unwrap_or_default(),
+        );
+        let v: Vec<u8> = head
             .first()
             .map(|r| r.get(0))
             .ok_or_else(|| StoreError::Corrupt("the chain head row is missing".into()))?;
-        ChainHead::from_bytes(&v).ok_or_else(|| StoreError::Corrupt("chain head".into()))
+        let head =
+            ChainHead::from_bytes(&v).ok_or_else(|| StoreError::Corrupt("chain head".into()))?;
+        let seen = match seen {
+            Some(_) => Seen::Since(log.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()),
+            None => Seen::Newest(log.first().map(|r| r.get(0)).unwrap_or(0)),
+        };
+        Ok((head, seen, fetched(wants, answers)))
     })
+}
+
+/// Jobs queued now, up to a batch's worth.
+fn take_queued(rx: &mut mpsc::Receiver<Job>, jobs: &mut Vec<Job>) {
+    while jobs.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(j) => jobs.push(j),
+            Err(_) => break,
+        }
+    }
+}
+
+/// The rows `jobs` name that the memory does not hold, by table.
+fn unknown(memory: &Memory, jobs: &[Job]) -> BTreeMap<&'static str, Vec<Vec<u8>>> {
+    let mut wants = Reads::by_table(jobs);
+    wants.retain(|t, keys| {
+        keys.retain(|k| !memory.knows(t, k));
+        !keys.is_empty()
+    });
+    wants
+}
+
+/// One statement per table fetching the rows `wants` names.
+fn selects(wants: &BTreeMap<&'static str, Vec<Vec<u8>>>) -> Vec<(String, Vec<Param>)> {
+    wants
+        .iter()
+        .map(|(t, keys)| {
+            let keys: Param = Box::new(keys.clone());
+            (
+                format!("SELECT k, v FROM lh_{t} WHERE k = ANY($1::bytea[])"),
+                vec![keys],
+            )
+        })
+        .collect()
+}
+
+fn fetched(
+    wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
+    answers: impl Iterator<Item = Vec<tokio_postgres::Row>>,
+) -> Fetched {
+    wants
+        .iter()
+        .zip(answers)
+        .map(|((t, keys), rows)| {
+            let found = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            (*t, keys.clone(), found)
+        })
+        .collect()
+}
+
+/// Fetch the rows `wants` names, in the transaction begun (one round trip).
+async fn fetch(
+    conn: &Conn,
+    wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
+) -> Result<Fetched, StoreError> {
+    let answers = pipelined(conn, &selects(wants), None).await?;
+    Ok(fetched(wants, answers.into_iter()))
 }
 
 fn end(rt: &tokio::runtime::Runtime, conn: &Arc<Conn>, commit: bool) -> Result<(), StoreError> {
@@ -143,16 +264,19 @@ fn batch(
     db: &Arc<Db>,
     rt: &Arc<tokio::runtime::Runtime>,
     conn: &Arc<Conn>,
-    head: ChainHead,
-    first: Job,
+    (head, memory): (ChainHead, &mut Memory),
+    first: Vec<Job>,
     rx: &mut mpsc::Receiver<Job>,
     linger: Option<Duration>,
     cfg: &Config,
     stats: &CommitStats,
 ) -> (usize, Result<(), String>) {
     let started = Instant::now();
-    let session =
-        Arc::new(Session::writer(db.clone(), conn.clone(), Some(rt.clone())).with_node(&cfg.node));
+    let session = Arc::new(
+        Session::writer(db.clone(), conn.clone(), Some(rt.clone()))
+            .with_node(&cfg.node)
+            .logged(memory.lend()),
+    );
     let deadline = linger.map(|d| started + d);
     let (replies, idle, finished) = {
         let mut t = KvTxn::open(Source::Pg(session.clone()), head);
@@ -162,12 +286,18 @@ fn batch(
         (replies, idle, finished)
     };
     let applied = Instant::now();
-    let outcome = finished
-        .and_then(|entered| session.flush_all().map(|()| entered))
-        .and_then(|entered| end(rt, conn, true).map(|()| entered));
+    let prune = memory
+        .prune_due()
+        .then(|| memory.seen().map(|v| v - KEEP_CHANGES))
+        .flatten();
+    let outcome = finished.and_then(|entered| session.finish(prune).map(|ver| (entered, ver)));
     let (entered, told) = match outcome {
-        Ok(entered) => (Some(entered), Ok(())),
+        Ok((entered, ver)) => {
+            memory.keep(session.take_rows(), ver);
+            (Some(entered), Ok(()))
+        }
         Err(e) => {
+            memory.forget();
             let _ = end(rt, conn, false);
             (None, Err(super::super::Unwritten::failed(e.to_string())))
         }

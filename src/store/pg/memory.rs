@@ -1,0 +1,230 @@
+//! What a node's writer remembers of the rows between its batches, and
+//! the cluster's change log that keeps that memory true.
+//!
+//! Every write transaction of the cluster holds the chain head's row lock
+//! and, when it writes, appends one row to `lh_changes`: the next number
+//! and every (table, key) it wrote. A writer beginning a batch reads, once
+//! it holds the lock, the change rows numbered past the last it has seen
+//! and forgets those keys; every row it still remembers is then what the
+//! database holds, and nothing changes it before this batch commits (the
+//! lock), so the batch reads it from memory instead of asking. A gap in
+//! the numbers (rows pruned while this node was away) or a failed batch
+//! forgets everything; so does growing past [`MAX_ROWS`].
+//!
+//! Without it a task's open, lease and completion, each in another batch,
+//! read the same rows from the database again and again: about 20 round
+//! trips per task cycle, each while the cluster's one lock is held.
+
+use std::collections::HashMap;
+
+/// The change log. `t` and `k` are parallel: table names and keys.
+pub(super) const DDL: &str = "
+CREATE TABLE IF NOT EXISTS lh_changes (
+    ver bigint PRIMARY KEY,
+    t text[] NOT NULL,
+    k bytea[] NOT NULL
+);
+";
+
+/// Rows remembered past this many are all forgotten (then read again as
+/// needed): a bound on memory, about 20 MiB of typical rows.
+pub(super) const MAX_ROWS: usize = 65_536;
+
+/// Change rows kept behind the newest (a node that falls further behind
+/// forgets what it remembers); older ones are pruned every
+/// [`PRUNE_EVERY`] batches of a node.
+pub(super) const KEEP_CHANGES: i64 = 4_096;
+pub(super) const PRUNE_EVERY: u64 = 256;
+
+/// Change rows read at most when catching up; a node further behind
+/// forgets what it remembers instead of reading them all.
+pub(super) const CATCH_UP_ROWS: usize = 1_024;
+
+/// Remembered rows by table: a value, or `None` for a row known absent.
+pub(in crate::store) type Rows = HashMap<&'static str, HashMap<Vec<u8>, Option<Vec<u8>>>>;
+
+/// Rows fetched ahead: per table, the keys asked for and the rows found.
+pub(super) type Fetched = Vec<(&'static str, Vec<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>)>;
+
+/// What the change log said at the start of a batch.
+pub(super) enum Seen {
+    /// The change rows past the last one seen: (number, tables, keys).
+    Since(Vec<(i64, Vec<String>, Vec<Vec<u8>>)>),
+    /// Nothing was remembered: the newest number (0 for none yet).
+    Newest(i64),
+}
+
+#[derive(Default)]
+pub(super) struct Memory {
+    rows: Rows,
+    /// The change the remembered rows are true at; `None`: nothing
+    /// remembered.
+    seen: Option<i64>,
+    batches: u64,
+}
+
+impl Memory {
+    /// The last change seen (what to ask the log for next).
+    pub(super) fn seen(&self) -> Option<i64> {
+        self.seen
+    }
+
+    /// Bring the memory up to the log: forget what others changed since.
+    pub(super) fn catch_up(&mut self, seen: Seen) {
+        match seen {
+            Seen::Newest(v) => {
+                self.rows.clear();
+                self.seen = Some(v);
+            }
+            Seen::Since(changes) => {
+                let Some(mut at) = self.seen else {
+                    // asked only with a number; be safe all the same
+                    self.forget();
+                    return;
+                };
+                if changes.len() >= CATCH_UP_ROWS {
+                    // there may be more: the next batch starts afresh
+                    self.forget();
+                    return;
+                }
+                for (ver, tables, keys) in changes {
+                    if ver != at + 1 {
+                        // pruned past us: whatever happened in between is unknown
+                        self.rows.clear();
+                    }
+                    for (t, k) in tables.iter().zip(&keys) {
+                        if let Some(table) = self.rows.get_mut(t.as_str()) {
+                            table.remove(k.as_slice());
+                        }
+                    }
+                    at = ver;
+                }
+                self.seen = Some(at);
+            }
+        }
+    }
+
+    /// Whether a row is remembered (present or absent).
+    pub(super) fn knows(&self, table: &str, k: &[u8]) -> bool {
+        self.rows.get(table).is_some_and(|t| t.contains_key(k))
+    }
+
+    /// Rows fetched ahead under the lock, after [`Memory::catch_up`]: the
+    /// keys asked for, and those found with their values (the rest are
+    /// absent).
+    pub(super) fn absorb(&mut self, fetched: Fetched) {
+        for (t, asked, found) in fetched {
+            let table = self.rows.entry(t).or_default();
+            for k in asked {
+                table.insert(k, None);
+            }
+            for (k, v) in found {
+                table.insert(k, Some(v));
+            }
+        }
+    }
+
+    /// The rows, lent to a batch's session.
+    pub(super) fn lend(&mut self) -> Rows {
+        std::mem::take(&mut self.rows)
+    }
+
+    /// A batch committed: what its session knows is true at `ver` (its
+    /// own change; `None`: it wrote nothing, so still at `seen`).
+    pub(super) fn keep(&mut self, rows: Rows, ver: Option<i64>) {
+        let n: usize = rows.values().map(HashMap::len).sum();
+        self.rows = if n > MAX_ROWS { Rows::new() } else { rows };
+        if ver.is_some() {
+            self.seen = ver;
+        }
+        self.batches += 1;
+    }
+
+    /// Whether this batch should prune the log (one in [`PRUNE_EVERY`]).
+    pub(super) fn prune_due(&self) -> bool {
+        self.batches.is_multiple_of(PRUNE_EVERY)
+    }
+
+    /// A batch failed, or the connection went: nothing remembered is sure.
+    pub(super) fn forget(&mut self) {
+        self.rows.clear();
+        self.seen = None;
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.rows.values().map(HashMap::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remembering(keys: &[&[u8]]) -> Memory {
+        let mut m = Memory::default();
+        m.catch_up(Seen::Newest(7));
+        let mut rows = Rows::new();
+        for k in keys {
+            rows.entry("tasks")
+                .or_default()
+                .insert(k.to_vec(), Some(b"v".to_vec()));
+        }
+        m.keep(rows, None);
+        m
+    }
+
+    #[test]
+    fn others_changes_are_forgotten_and_the_rest_kept() {
+        let mut m = remembering(&[b"a", b"b"]);
+        m.catch_up(Seen::Since(vec![(
+            8,
+            vec!["tasks".into()],
+            vec![b"a".to_vec()],
+        )]));
+        assert_eq!(m.seen(), Some(8));
+        let rows = m.lend();
+        assert!(!rows["tasks"].contains_key(b"a".as_slice()));
+        assert!(rows["tasks"].contains_key(b"b".as_slice()));
+    }
+
+    #[test]
+    fn a_gap_in_the_log_forgets_everything() {
+        let mut m = remembering(&[b"a", b"b"]);
+        m.catch_up(Seen::Since(vec![(9, vec![], vec![])]));
+        assert_eq!(m.len(), 0);
+        assert_eq!(m.seen(), Some(9));
+    }
+
+    #[test]
+    fn a_node_too_far_behind_forgets_everything_and_the_number() {
+        let mut m = remembering(&[b"a"]);
+        let changes = (8..8 + CATCH_UP_ROWS as i64)
+            .map(|v| (v, vec![], vec![]))
+            .collect();
+        m.catch_up(Seen::Since(changes));
+        assert_eq!(m.len(), 0);
+        assert_eq!(m.seen(), None);
+    }
+
+    #[test]
+    fn a_failed_batch_forgets_everything_and_the_number() {
+        let mut m = remembering(&[b"a"]);
+        m.forget();
+        assert_eq!(m.len(), 0);
+        assert_eq!(m.seen(), None);
+    }
+
+    #[test]
+    fn too_many_rows_are_forgotten() {
+        let mut m = remembering(&[]);
+        let mut rows = Rows::new();
+        let t = rows.entry("leases").or_default();
+        for i in 0..=MAX_ROWS {
+            t.insert(i.to_be_bytes().to_vec(), None);
+        }
+        m.keep(rows, Some(8));
+        assert_eq!(m.len(), 0);
+        assert_eq!(m.seen(), Some(8));
+    }
+}
