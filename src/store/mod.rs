@@ -205,10 +205,26 @@ impl Reads {
         self.key(schema::DENYLIST.name(), id)
     }
 
+    /// The count of the workload's active leases.
+    pub fn workload_active(mut self, workload: &str) -> Self {
+        self.0.push((
+            kv::pg_name(schema::WORKLOAD_ACTIVE.name()),
+            kv::ord_of::<&str>(&workload),
+        ));
+        self
+    }
+
     /// The rows named, by table.
-    fn by_table(jobs: &[Job]) -> BTreeMap<&'static str, Vec<Vec<u8>>> {
+    fn grouped(&self) -> BTreeMap<&'static str, Vec<Vec<u8>>> {
+        Self::by_table([self])
+    }
+
+    /// The rows several lists name, by table.
+    fn by_table<'a>(
+        all: impl IntoIterator<Item = &'a Reads>,
+    ) -> BTreeMap<&'static str, Vec<Vec<u8>>> {
         let mut out: BTreeMap<&'static str, Vec<Vec<u8>>> = BTreeMap::new();
-        for (t, k) in jobs.iter().flat_map(|j| j.reads.0.iter()) {
+        for (t, k) in all.into_iter().flat_map(|r| r.0.iter()) {
             let keys = out.entry(t).or_default();
             if !keys.contains(k) {
                 keys.push(k.clone());

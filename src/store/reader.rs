@@ -48,6 +48,13 @@ impl KvReader {
 }
 
 impl ReadTxn for KvReader {
+    fn prefetch(&self, reads: &super::Reads) -> Result<(), StoreError> {
+        match &self.src {
+            ReadSource::Pg(s) => s.prefetch(&reads.grouped()),
+            ReadSource::Redb(_) => Ok(()),
+        }
+    }
+
     fn task(&self, id: u128) -> Result<Option<TaskRecord>, StoreError> {
         let t = self.src.open(TASKS)?;
         let g = t.get(id)?;

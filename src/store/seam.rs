@@ -487,6 +487,14 @@ pub trait ReadTxn: Send {
     fn pending_reviews(&self, limit: usize) -> Result<Vec<ReviewRecord>, StoreError>;
 
     fn is_denied(&self, jti: u128) -> Result<bool, StoreError>;
+
+    /// Fetch the rows `reads` names now, at once, for the reads that follow
+    /// (a hint: on PostgreSQL one round trip instead of one each; redb
+    /// reads memory and does nothing).
+    fn prefetch(&self, reads: &super::Reads) -> Result<(), StoreError> {
+        let _ = reads;
+        Ok(())
+    }
 }
 
 /// What `ReadTxn::for_each_event` calls for each event: seq, hash, bytes.

@@ -336,6 +336,12 @@ impl Broker {
         // one snapshot for the three reads
         let (task, task_active, workload_active) = {
             let r = self.store.read()?;
+            r.prefetch(
+                &crate::store::Reads::default()
+                    .task(task_id.0)
+                    .task_active(task_id.0)
+                    .workload_active(&w.id),
+            )?;
             let task = Self::open_task_of(&*r, w, task_id, now_ms)?;
             let (t, w) = (r.task_active(task.id)?, r.workload_active(&w.id)?);
             (task, t, w)

@@ -247,6 +247,7 @@ impl Broker {
     /// writer thread, each with the record it was rendered from.
     fn completion_events(
         &self,
+        r: &crate::store::Reader,
         mut task: TaskRecord,
         now: i64,
         claim_until: i64,
@@ -256,7 +257,7 @@ impl Broker {
         let a = &self.auditor;
         let mut leases = HashMap::new();
         let (mut revoked, mut claimed) = (0, 0);
-        for rec in self.store.read()?.task_leases(task.id)? {
+        for rec in r.task_leases(task.id)? {
             if rec.state != LeaseState::Active {
                 continue;
             }
@@ -281,13 +282,18 @@ impl Broker {
 
     /// Read a task the caller may see.
     pub fn visible_task(&self, caller: &Caller, id: TaskId) -> Result<TaskRecord, BrokerError> {
-        let task = self
-            .store
-            .read()?
-            .task(id.0)?
-            .ok_or(BrokerError::NotFound {
-                code: "task_not_found",
-            })?;
+        Self::visible_task_in(&self.store.read()?, caller, id)
+    }
+
+    /// [`Broker::visible_task`] in the snapshot `r`.
+    fn visible_task_in(
+        r: &crate::store::Reader,
+        caller: &Caller,
+        id: TaskId,
+    ) -> Result<TaskRecord, BrokerError> {
+        let task = r.task(id.0)?.ok_or(BrokerError::NotFound {
+            code: "task_not_found",
+        })?;
         let visible = match caller {
             Caller::Workload(w) => w.id == task.workload,
             Caller::Operator(_) => caller.has_any_role(&[OperatorRole::Admin]),
@@ -326,11 +332,15 @@ impl Broker {
         ctx: &Ctx,
     ) -> Result<CompletionReport, BrokerError> {
         let caller = Caller::Workload(std::sync::Arc::new(w.clone()));
-        let task = self.visible_task(&caller, id)?;
+        // one snapshot for the task and its leases (on PostgreSQL, one
+        // transaction rather than two)
+        let r = self.store.read()?;
+        let task = Self::visible_task_in(&r, &caller, id)?;
         let now = self.clock.now().unix_millis();
         let claim_until = now.saturating_add(self.claim_window_ms());
         let (local, a, c) = (self.local.clone(), self.auditor.clone(), ctx.clone());
-        let mut ahead = self.completion_events(task, now, claim_until, ctx)?;
+        let mut ahead = self.completion_events(&r, task, now, claim_until, ctx)?;
+        drop(r);
         // what completing reads: the task, its leases, the denylist's
         // entries of its token leases
         let reads = ahead

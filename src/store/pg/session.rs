@@ -23,7 +23,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
 use super::super::StoreError;
-use super::memory::Rows;
+use super::memory::{Fetched, Rows};
 
 /// An owned query parameter (queries run on another thread).
 pub(in crate::store) type Param = Box<dyn ToSql + Send + Sync>;
@@ -460,7 +460,8 @@ impl Session {
     }
 
     /// What this transaction knows of a row without asking: its own
-    /// write, or (a writer) what it read before.
+    /// write, or what it read before (a reader's snapshot does not move,
+    /// and a writer holds the lock every write takes).
     pub(super) fn buffered(&self, table: &'static str, k: &[u8]) -> Option<Option<Vec<u8>>> {
         if let Some(e) = self
             .pending()
@@ -470,18 +471,47 @@ impl Session {
         {
             return Some(e);
         }
-        if self.reader {
-            return None;
-        }
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.get(table).and_then(|t| t.get(k)).cloned()
     }
 
     pub(super) fn remember(&self, table: &'static str, k: &[u8], v: Option<Vec<u8>>) {
-        if !self.reader {
-            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            cache.entry(table).or_default().insert(k.to_vec(), v);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.entry(table).or_default().insert(k.to_vec(), v);
+    }
+
+    /// Fetch the rows `wants` names into what this transaction knows, all
+    /// in one round trip (a reader's first query begins its snapshot).
+    pub(in crate::store) fn prefetch(
+        &self,
+        wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
+        if wants.is_empty() {
+            return Ok(());
         }
+        let begin = self.reader && !self.began.swap(true, Ordering::Relaxed);
+        let statements = selects(wants);
+        let conn = self.conn.clone();
+        let answers = self.exec(async move {
+            if begin {
+                let (b, q) = futures_util::join!(
+                    conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
+                    pipelined(&conn, &statements, None)
+                );
+                b.map_err(|e| pg_err(&e))?;
+                return q;
+            }
+            pipelined(&conn, &statements, None).await
+        })?;
+        for (t, asked, found) in fetched(wants, answers.into_iter()) {
+            for k in asked {
+                self.remember(t, &k, None);
+            }
+            for (k, v) in found {
+                self.remember(t, &k, Some(v));
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn put(&self, table: &'static str, k: Vec<u8>, e: Option<(Vec<u8>, Vec<u8>)>) {
@@ -649,4 +679,32 @@ impl Drop for Session {
             db.checkin(conn);
         });
     }
+}
+
+/// One statement per table fetching the rows `wants` names.
+pub(super) fn selects(wants: &BTreeMap<&'static str, Vec<Vec<u8>>>) -> Vec<(String, Vec<Param>)> {
+    wants
+        .iter()
+        .map(|(t, keys)| {
+            let keys: Param = Box::new(keys.clone());
+            (
+                format!("SELECT k, v FROM lh_{t} WHERE k = ANY($1::bytea[])"),
+                vec![keys],
+            )
+        })
+        .collect()
+}
+
+pub(super) fn fetched(
+    wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
+    answers: impl Iterator<Item = Vec<tokio_postgres::Row>>,
+) -> Fetched {
+    wants
+        .iter()
+        .zip(answers)
+        .map(|((t, keys), rows)| {
+            let found = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            (*t, keys.clone(), found)
+        })
+        .collect()
 }

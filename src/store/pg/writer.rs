@@ -19,7 +19,7 @@ use super::super::lifecycle::ChainHead;
 use super::super::txn::KvTxn;
 use super::super::{CommitHook, CommitStats, GroupCommit, Job, MAX_BATCH, Reads, StoreError};
 use super::memory::{CATCH_UP_ROWS, Fetched, KEEP_CHANGES, Memory, Seen};
-use super::session::{Conn, Db, Param, Session, pg_err, pipelined};
+use super::session::{Conn, Db, Param, Session, fetched, pg_err, pipelined, selects};
 use super::{bytes, meta_key};
 
 pub(super) struct Config {
@@ -205,40 +205,12 @@ fn take_queued(rx: &mut mpsc::Receiver<Job>, jobs: &mut Vec<Job>) {
 
 /// The rows `jobs` name that the memory does not hold, by table.
 fn unknown(memory: &Memory, jobs: &[Job]) -> BTreeMap<&'static str, Vec<Vec<u8>>> {
-    let mut wants = Reads::by_table(jobs);
+    let mut wants = Reads::by_table(jobs.iter().map(|j| &j.reads));
     wants.retain(|t, keys| {
         keys.retain(|k| !memory.knows(t, k));
         !keys.is_empty()
     });
     wants
-}
-
-/// One statement per table fetching the rows `wants` names.
-fn selects(wants: &BTreeMap<&'static str, Vec<Vec<u8>>>) -> Vec<(String, Vec<Param>)> {
-    wants
-        .iter()
-        .map(|(t, keys)| {
-            let keys: Param = Box::new(keys.clone());
-            (
-                format!("SELECT k, v FROM lh_{t} WHERE k = ANY($1::bytea[])"),
-                vec![keys],
-            )
-        })
-        .collect()
-}
-
-fn fetched(
-    wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
-    answers: impl Iterator<Item = Vec<tokio_postgres::Row>>,
-) -> Fetched {
-    wants
-        .iter()
-        .zip(answers)
-        .map(|((t, keys), rows)| {
-            let found = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            (*t, keys.clone(), found)
-        })
-        .collect()
 }
 
 /// Fetch the rows `wants` names, in the transaction begun (one round trip).
