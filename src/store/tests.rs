@@ -1988,6 +1988,33 @@ async fn postgres_a_node_never_decides_on_a_row_it_remembers_that_another_change
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_fetched_ahead_are_read_as_the_snapshot_has_them() {
+    let store = Backing::postgres().await;
+    let s = store.open();
+    s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
+    let r = s.read().unwrap();
+    r.prefetch(
+        &super::Reads::default()
+            .task(1)
+            .task(2)
+            .task_active(1)
+            .workload_active("w"),
+    )
+    .unwrap();
+    // fetching began the snapshot: what is written after is not in it,
+    // a row fetched absent stays absent, one fetched present is the same
+    s.write(|t| t.create_task(&task(2, 100_000))).await.unwrap();
+    assert!(r.task(2).unwrap().is_none());
+    assert_eq!(r.task(1).unwrap().unwrap(), task(1, 100_000));
+    assert_eq!(r.task_active(1).unwrap(), 0);
+    drop(r);
+    assert_eq!(
+        s.read().unwrap().task(2).unwrap().unwrap(),
+        task(2, 100_000)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_newer_schema_another_key_or_no_privilege_is_refused() {
     let store = Backing::postgres().await;
     drop(store.open());
