@@ -18,6 +18,7 @@
 mod cluster;
 mod memory;
 mod session;
+mod statements;
 mod table;
 mod writer;
 

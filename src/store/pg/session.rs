@@ -23,7 +23,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
 use super::super::StoreError;
-use super::memory::{Fetched, Rows};
+use super::memory::Rows;
+use super::statements::{fetched, pipelined, selects};
 
 /// An owned query parameter (queries run on another thread).
 pub(in crate::store) type Param = Box<dyn ToSql + Send + Sync>;
@@ -83,7 +84,7 @@ impl Conn {
         self.client.query(&st, &refs).await
     }
 
-    async fn query_prepared(
+    pub(super) async fn query_prepared(
         &self,
         st: &Statement,
         params: &[Param],
@@ -626,42 +627,6 @@ impl Session {
     }
 }
 
-/// Send `statements` (then `last`, a simple statement such as `COMMIT`)
-/// pipelined: one round trip, in this order (each is prepared first, so
-/// that none waits for its preparation while a later one is sent). Every
-/// answer is awaited and any error returned: after a failed statement the
-/// transaction is aborted, and a `COMMIT` sent with it rolls back without
-/// an error of its own.
-pub(super) async fn pipelined(
-    conn: &Conn,
-    statements: &[(String, Vec<Param>)],
-    last: Option<&'static str>,
-) -> Result<Vec<Vec<Row>>, StoreError> {
-    let prepared =
-        futures_util::future::try_join_all(statements.iter().map(|(sql, _)| conn.statement(sql)))
-            .await
-            .map_err(|e| pg_err(&e))?;
-    let sent = futures_util::future::join_all(
-        prepared
-            .iter()
-            .zip(statements)
-            .map(|(st, (_, params))| conn.query_prepared(st, params)),
-    );
-    let end = async {
-        match last {
-            Some(sql) => conn.batch(sql).await,
-            None => Ok(()),
-        }
-    };
-    let (answers, ended) = futures_util::join!(sent, end);
-    let rows = answers
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pg_err(&e))?;
-    ended.map_err(|e| pg_err(&e))?;
-    Ok(rows)
-}
-
 impl Drop for Session {
     /// A reader's snapshot ends and its connection goes back to the pool,
     /// without making the dropping thread wait.
@@ -679,32 +644,4 @@ impl Drop for Session {
             db.checkin(conn);
         });
     }
-}
-
-/// One statement per table fetching the rows `wants` names.
-pub(super) fn selects(wants: &BTreeMap<&'static str, Vec<Vec<u8>>>) -> Vec<(String, Vec<Param>)> {
-    wants
-        .iter()
-        .map(|(t, keys)| {
-            let keys: Param = Box::new(keys.clone());
-            (
-                format!("SELECT k, v FROM lh_{t} WHERE k = ANY($1::bytea[])"),
-                vec![keys],
-            )
-        })
-        .collect()
-}
-
-pub(super) fn fetched(
-    wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
-    answers: impl Iterator<Item = Vec<tokio_postgres::Row>>,
-) -> Fetched {
-    wants
-        .iter()
-        .zip(answers)
-        .map(|((t, keys), rows)| {
-            let found = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            (*t, keys.clone(), found)
-        })
-        .collect()
 }

@@ -19,7 +19,8 @@ use super::super::lifecycle::ChainHead;
 use super::super::txn::KvTxn;
 use super::super::{CommitHook, CommitStats, GroupCommit, Job, MAX_BATCH, Reads, StoreError};
 use super::memory::{CATCH_UP_ROWS, Fetched, KEEP_CHANGES, Memory, Seen};
-use super::session::{Conn, Db, Param, Session, fetched, pg_err, pipelined, selects};
+use super::session::{Conn, Db, Param, Session, pg_err};
+use super::statements::{fetched, pipelined, selects};
 use super::{bytes, meta_key};
 
 pub(super) struct Config {
