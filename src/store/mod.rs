@@ -177,12 +177,42 @@ struct Job {
 /// and a named row it does not read costs that row's fetch. redb ignores
 /// it (its reads are memory reads).
 #[derive(Debug, Default, Clone)]
-pub struct Reads(Vec<(&'static str, Vec<u8>)>);
+pub struct Reads {
+    keys: Vec<(&'static str, Vec<u8>)>,
+    /// Ranges `[lo, hi)` of a table, in its ordered key encoding.
+    ranges: Vec<RangeWant>,
+}
+
+/// A table's range `[lo, hi)` named ahead.
+type RangeWant = (&'static str, Vec<u8>, Vec<u8>);
 
 impl Reads {
     fn key(mut self, table: &str, id: u128) -> Self {
-        self.0.push((kv::pg_name(table), kv::ord_of::<u128>(&id)));
+        self.keys
+            .push((kv::pg_name(table), kv::ord_of::<u128>(&id)));
         self
+    }
+
+    /// The index of the task `id`'s leases (all of them).
+    pub fn task_leases(mut self, id: u128) -> Self {
+        let lo = kv::ord_of::<(u128, u128)>(&(id, 0));
+        let mut hi = kv::ord_of::<(u128, u128)>(&(id, u128::MAX));
+        // the inclusive end, as `kv::ord_bounds` makes it
+        hi.push(0);
+        self.ranges
+            .push((kv::pg_name(schema::TASK_LEASES.name()), lo, hi));
+        self
+    }
+
+    /// The ranges several lists name, each once.
+    fn ranges_of<'a>(all: impl IntoIterator<Item = &'a Reads>) -> Vec<RangeWant> {
+        let mut out: Vec<RangeWant> = Vec::new();
+        for r in all.into_iter().flat_map(|r| r.ranges.iter()) {
+            if !out.contains(r) {
+                out.push(r.clone());
+            }
+        }
+        out
     }
 
     /// The task `id`'s record.
@@ -207,7 +237,7 @@ impl Reads {
 
     /// The count of the workload's active leases.
     pub fn workload_active(mut self, workload: &str) -> Self {
-        self.0.push((
+        self.keys.push((
             kv::pg_name(schema::WORKLOAD_ACTIVE.name()),
             kv::ord_of::<&str>(&workload),
         ));
@@ -224,7 +254,7 @@ impl Reads {
         all: impl IntoIterator<Item = &'a Reads>,
     ) -> BTreeMap<&'static str, Vec<Vec<u8>>> {
         let mut out: BTreeMap<&'static str, Vec<Vec<u8>>> = BTreeMap::new();
-        for (t, k) in all.into_iter().flat_map(|r| r.0.iter()) {
+        for (t, k) in all.into_iter().flat_map(|r| r.keys.iter()) {
             let keys = out.entry(t).or_default();
             if !keys.contains(k) {
                 keys.push(k.clone());

@@ -2015,6 +2015,41 @@ async fn postgres_rows_fetched_ahead_are_read_as_the_snapshot_has_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_range_fetched_ahead_gives_way_to_what_its_batch_writes_into_it() {
+    let store = Backing::postgres().await;
+    let s = store.open();
+    let ids = |c: &Completion| {
+        let mut ids: Vec<u128> = c.all.iter().map(|l| l.id).collect();
+        ids.sort_unstable();
+        ids
+    };
+    s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
+    active_lease(&s, 10, 1, 50_000).await;
+    // fetched ahead, then a lease written into it in the same transaction:
+    // completing sees both
+    let l = lease(11, 1, 60_000);
+    let c = s
+        .write_reading(super::Reads::default().task_leases(1), move |t| {
+            t.lease_intent(&l, 5, 100)?;
+            t.complete_task(1, 5, 6, &local_token())
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(&c), [10, 11]);
+    // untouched, it is what the database holds
+    s.write(|t| t.create_task(&task(2, 100_000))).await.unwrap();
+    active_lease(&s, 20, 2, 50_000).await;
+    active_lease(&s, 21, 2, 50_000).await;
+    let c = s
+        .write_reading(super::Reads::default().task_leases(2), |t| {
+            t.complete_task(2, 5, 6, &local_token())
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(&c), [20, 21]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_newer_schema_another_key_or_no_privilege_is_refused() {
     let store = Backing::postgres().await;
     drop(store.open());

@@ -343,12 +343,10 @@ impl Broker {
         drop(r);
         // what completing reads: the task, its leases, the denylist's
         // entries of its token leases
-        let reads = ahead
-            .leases
-            .keys()
-            .fold(crate::store::Reads::default().task(id.0), |r, lease| {
-                r.lease(*lease).denied(*lease)
-            });
+        let reads = ahead.leases.keys().fold(
+            crate::store::Reads::default().task(id.0).task_leases(id.0),
+            |r, lease| r.lease(*lease).denied(*lease),
+        );
         let completion = self
             .store
             .write_reading(reads, move |t| {

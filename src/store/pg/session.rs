@@ -24,7 +24,7 @@ use tokio_postgres::{Client, Row, Statement};
 
 use super::super::StoreError;
 use super::memory::Rows;
-use super::statements::{fetched, pipelined, selects};
+use super::statements::{Ranges, Raw, fetched, pipelined, selects};
 
 /// An owned query parameter (queries run on another thread).
 pub(in crate::store) type Param = Box<dyn ToSql + Send + Sync>;
@@ -297,6 +297,9 @@ pub(in crate::store) struct Session {
     /// The keys this transaction wrote, for the change log (the writer
     /// thread's sessions; `None`: not logged, as for `copy`'s).
     written: Mutex<Option<Written>>,
+    /// Ranges fetched ahead under the lock, until this transaction writes
+    /// into one (a writer's session; used once each).
+    ranges: Mutex<Ranges>,
     /// The writer's own runtime, on its own thread, which also drives the
     /// writer's connection: a query is a round trip to the server and back
     /// with no hop between threads.
@@ -330,6 +333,7 @@ impl Session {
             pending: Mutex::new(BTreeMap::new()),
             cache: Mutex::default(),
             written: Mutex::new(None),
+            ranges: Mutex::default(),
             local,
             node: String::new(),
         }
@@ -360,6 +364,7 @@ impl Session {
             pending: Mutex::new(BTreeMap::new()),
             cache: Mutex::default(),
             written: Mutex::new(None),
+            ranges: Mutex::default(),
             local: None,
             node: String::new(),
         })
@@ -390,6 +395,27 @@ impl Session {
         *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = rows;
         *self.written.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
         self
+    }
+
+    /// Ranges fetched ahead for this batch.
+    pub(super) fn with_ranges(self, ranges: Ranges) -> Self {
+        *self.ranges.lock().unwrap_or_else(|e| e.into_inner()) = ranges;
+        self
+    }
+
+    /// A range fetched ahead, if nothing this transaction wrote fell in it
+    /// since (taken: a second reading asks the database).
+    pub(super) fn fetched_range(
+        &self,
+        table: &'static str,
+        lo: &[u8],
+        hi: &[u8],
+    ) -> Option<Vec<Raw>> {
+        let mut ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+        if ranges.is_empty() {
+            return None;
+        }
+        ranges.remove(&(table, lo.to_vec(), hi.to_vec()))
     }
 
     /// What this session knows of the rows (given back to the node's
@@ -516,6 +542,14 @@ impl Session {
     }
 
     pub(super) fn put(&self, table: &'static str, k: Vec<u8>, e: Option<(Vec<u8>, Vec<u8>)>) {
+        {
+            let mut ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+            if !ranges.is_empty() {
+                ranges.retain(|(t, lo, hi), _| {
+                    *t != table || k.as_slice() < lo.as_slice() || k.as_slice() >= hi.as_slice()
+                });
+            }
+        }
         self.pending().entry(table).or_default().insert(k, e);
     }
 

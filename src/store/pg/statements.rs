@@ -1,11 +1,11 @@
 //! Statements sent together on one connection: pipelined (one round trip
 //! for many), and the selects that fetch named rows ahead.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tokio_postgres::Row;
 
-use super::super::StoreError;
+use super::super::{RangeWant, StoreError};
 use super::memory::Fetched;
 use super::session::{Conn, Param, pg_err};
 
@@ -71,4 +71,56 @@ pub(super) fn fetched(
             (*t, keys.clone(), found)
         })
         .collect()
+}
+
+/// Rows of ranges fetched ahead, by (table, lo, hi): (key, redb key, value).
+pub(in crate::store) type Ranges = HashMap<(&'static str, Vec<u8>, Vec<u8>), Vec<Raw>>;
+pub(in crate::store) type Raw = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// One statement per table fetching every row of the ranges named.
+pub(super) fn range_selects(wants: &[RangeWant]) -> Vec<(String, Vec<Param>)> {
+    // per table, the ranges' lower and upper ends
+    type Ends = (Vec<Vec<u8>>, Vec<Vec<u8>>);
+    let mut by_table: BTreeMap<&'static str, Ends> = BTreeMap::new();
+    for (t, lo, hi) in wants {
+        let e = by_table.entry(t).or_default();
+        e.0.push(lo.clone());
+        e.1.push(hi.clone());
+    }
+    by_table
+        .into_iter()
+        .map(|(t, (lo, hi))| {
+            let params: Vec<Param> = vec![Box::new(lo), Box::new(hi)];
+            (
+                format!(
+                    "SELECT b.lo, b.hi, t.k, t.rk, t.v \
+                     FROM unnest($1::bytea[], $2::bytea[]) AS b(lo, hi) \
+                     JOIN lh_{t} t ON t.k >= b.lo AND t.k < b.hi ORDER BY b.lo, t.k"
+                ),
+                params,
+            )
+        })
+        .collect()
+}
+
+/// The answers of [`range_selects`]: every range named, with its rows
+/// (none for an empty one).
+pub(super) fn ranges_fetched(
+    wants: &[RangeWant],
+    answers: impl Iterator<Item = Vec<Row>>,
+) -> Ranges {
+    let mut out: Ranges = wants
+        .iter()
+        .map(|(t, lo, hi)| ((*t, lo.clone(), hi.clone()), Vec::new()))
+        .collect();
+    let tables: std::collections::BTreeSet<&'static str> = wants.iter().map(|w| w.0).collect();
+    for (t, rows) in tables.into_iter().zip(answers) {
+        for r in rows {
+            let (lo, hi): (Vec<u8>, Vec<u8>) = (r.get(0), r.get(1));
+            if let Some(v) = out.get_mut(&(t, lo, hi)) {
+                v.push((r.get(2), r.get(3), r.get(4)));
+            }
+        }
+    }
+    out
 }

@@ -10,6 +10,7 @@ use redb::{Key, Value};
 use super::super::StoreError;
 use super::super::kv::Guard;
 use super::session::{Param, Session};
+use super::statements::Raw;
 
 /// Rows per round trip of a range: a few first (most ranges stop early),
 /// then more.
@@ -59,6 +60,24 @@ impl<K: Key + 'static, V: Value + 'static> Table<K, V> {
         lo: Vec<u8>,
         hi: Option<Vec<u8>>,
     ) -> Result<Range<K, V>, StoreError> {
+        if let Some(rows) = hi
+            .as_deref()
+            .and_then(|h| self.s.fetched_range(self.name, &lo, h))
+        {
+            // fetched ahead under the lock, nothing written into it since
+            return Ok(Range {
+                s: self.s.clone(),
+                name: self.name,
+                lo,
+                hi,
+                front: rows.into(),
+                back: VecDeque::new(),
+                middle_empty: true,
+                chunk: CHUNK,
+                failed: false,
+                _types: PhantomData,
+            });
+        }
         self.s.flush(self.name)?;
         Ok(Range {
             s: self.s.clone(),
@@ -83,8 +102,6 @@ impl<K: Key + 'static, V: Value + 'static> Table<K, V> {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 }
-
-type Raw = (Vec<u8>, Vec<u8>, Vec<u8>);
 
 /// A range, fetched in chunks from either end. Both ends fetch only from
 /// the part neither has fetched yet (`[lo, hi)`); once that part is empty,

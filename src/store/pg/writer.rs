@@ -17,10 +17,12 @@ use tokio::sync::mpsc;
 use super::super::kv::Source;
 use super::super::lifecycle::ChainHead;
 use super::super::txn::KvTxn;
-use super::super::{CommitHook, CommitStats, GroupCommit, Job, MAX_BATCH, Reads, StoreError};
+use super::super::{
+    CommitHook, CommitStats, GroupCommit, Job, MAX_BATCH, RangeWant, Reads, StoreError,
+};
 use super::memory::{CATCH_UP_ROWS, Fetched, KEEP_CHANGES, Memory, Seen};
 use super::session::{Conn, Db, Param, Session, pg_err};
-use super::statements::{fetched, pipelined, selects};
+use super::statements::{Ranges, fetched, pipelined, range_selects, ranges_fetched, selects};
 use super::{bytes, meta_key};
 
 pub(super) struct Config {
@@ -57,6 +59,8 @@ pub(super) fn run(
         let mut jobs = vec![first];
         take_queued(&mut rx, &mut jobs);
         let wants = unknown(&memory, &jobs);
+        let range_wants = Reads::ranges_of(jobs.iter().map(|j| &j.reads));
+        let mut ranges = Ranges::new();
         // Begin (locking the chain head) before taking the batch. An idle
         // connection may have died unnoticed (its task runs only while the
         // writer works): then connect again, once, before giving up.
@@ -73,10 +77,11 @@ pub(super) fn run(
                     }
                 },
             };
-            match begin(&rt, &c, memory.seen(), &wants) {
-                Ok((head, seen, fetched)) => {
+            match begin(&rt, &c, memory.seen(), (&wants, &range_wants)) {
+                Ok((head, seen, (fetched, fetched_ranges))) => {
                     memory.catch_up(seen);
                     memory.absorb(fetched);
+                    ranges = fetched_ranges;
                     begun = Some((c, head));
                     break;
                 }
@@ -114,10 +119,12 @@ pub(super) fn run(
         let before = jobs.len();
         take_queued(&mut rx, &mut jobs);
         let wants = unknown(&memory, &jobs[before..]);
-        if !wants.is_empty()
-            && let Ok(fetched) = rt.block_on(fetch(&c, &wants))
+        let range_wants = Reads::ranges_of(jobs[before..].iter().map(|j| &j.reads));
+        if !(wants.is_empty() && range_wants.is_empty())
+            && let Ok((fetched, more)) = rt.block_on(fetch(&c, &wants, &range_wants))
         {
             memory.absorb(fetched);
+            ranges.extend(more);
         }
         let linger =
             (!cfg.group.delay.is_zero() && last >= cfg.group.siblings).then_some(cfg.group.delay);
@@ -125,7 +132,7 @@ pub(super) fn run(
             db,
             &rt,
             &c,
-            (head, &mut memory),
+            (head, &mut memory, ranges),
             jobs,
             &mut rx,
             linger,
@@ -151,8 +158,8 @@ fn begin(
     rt: &tokio::runtime::Runtime,
     conn: &Arc<Conn>,
     seen: Option<i64>,
-    wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
-) -> Result<(ChainHead, Seen, Fetched), StoreError> {
+    (wants, range_wants): (&BTreeMap<&'static str, Vec<Vec<u8>>>, &[RangeWant]),
+) -> Result<(ChainHead, Seen, (Fetched, Ranges)), StoreError> {
     rt.block_on(async move {
         let lock = (
             "SELECT v FROM lh_meta WHERE k = $1 FOR UPDATE".to_owned(),
@@ -170,6 +177,7 @@ fn begin(
         };
         let mut statements = vec![lock, log];
         statements.extend(selects(wants));
+        statements.extend(range_selects(range_wants));
         let (b, answers) = futures_util::join!(
             conn.batch("BEGIN"),
             pipelined(conn, &statements, None)
@@ -190,7 +198,8 @@ fn begin(
             Some(_) => Seen::Since(log.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()),
             None => Seen::Newest(log.first().map(|r| r.get(0)).unwrap_or(0)),
         };
-        Ok((head, seen, fetched(wants, answers)))
+        let rows = fetched(wants, answers.by_ref());
+        Ok((head, seen, (rows, ranges_fetched(range_wants, answers))))
     })
 }
 
@@ -214,13 +223,18 @@ fn unknown(memory: &Memory, jobs: &[Job]) -> BTreeMap<&'static str, Vec<Vec<u8>>
     wants
 }
 
-/// Fetch the rows `wants` names, in the transaction begun (one round trip).
+/// Fetch the rows and ranges named, in the transaction begun (one round
+/// trip).
 async fn fetch(
     conn: &Conn,
     wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
-) -> Result<Fetched, StoreError> {
-    let answers = pipelined(conn, &selects(wants), None).await?;
-    Ok(fetched(wants, answers.into_iter()))
+    range_wants: &[RangeWant],
+) -> Result<(Fetched, Ranges), StoreError> {
+    let mut statements = selects(wants);
+    statements.extend(range_selects(range_wants));
+    let mut answers = pipelined(conn, &statements, None).await?.into_iter();
+    let rows = fetched(wants, answers.by_ref());
+    Ok((rows, ranges_fetched(range_wants, answers)))
 }
 
 fn end(rt: &tokio::runtime::Runtime, conn: &Arc<Conn>, commit: bool) -> Result<(), StoreError> {
@@ -237,7 +251,7 @@ fn batch(
     db: &Arc<Db>,
     rt: &Arc<tokio::runtime::Runtime>,
     conn: &Arc<Conn>,
-    (head, memory): (ChainHead, &mut Memory),
+    (head, memory, ranges): (ChainHead, &mut Memory, Ranges),
     first: Vec<Job>,
     rx: &mut mpsc::Receiver<Job>,
     linger: Option<Duration>,
@@ -248,7 +262,8 @@ fn batch(
     let session = Arc::new(
         Session::writer(db.clone(), conn.clone(), Some(rt.clone()))
             .with_node(&cfg.node)
-            .logged(memory.lend()),
+            .logged(memory.lend())
+            .with_ranges(ranges),
     );
     let deadline = linger.map(|d| started + d);
     let (replies, idle, finished) = {
