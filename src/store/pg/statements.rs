@@ -78,7 +78,7 @@ pub(in crate::store) type Ranges = HashMap<(&'static str, Vec<u8>, Vec<u8>), Vec
 pub(in crate::store) type Raw = (Vec<u8>, Vec<u8>, Vec<u8>);
 
 /// One statement per table fetching every row of the ranges named.
-pub(super) fn range_selects(wants: &[RangeWant]) -> Vec<(String, Vec<Param>)> {
+fn range_selects(wants: &[RangeWant]) -> Vec<(String, Vec<Param>)> {
     // per table, the ranges' lower and upper ends
     type Ends = (Vec<Vec<u8>>, Vec<Vec<u8>>);
     let mut by_table: BTreeMap<&'static str, Ends> = BTreeMap::new();
@@ -105,10 +105,7 @@ pub(super) fn range_selects(wants: &[RangeWant]) -> Vec<(String, Vec<Param>)> {
 
 /// The answers of [`range_selects`]: every range named, with its rows
 /// (none for an empty one).
-pub(super) fn ranges_fetched(
-    wants: &[RangeWant],
-    answers: impl Iterator<Item = Vec<Row>>,
-) -> Ranges {
+fn ranges_fetched(wants: &[RangeWant], answers: impl Iterator<Item = Vec<Row>>) -> Ranges {
     let mut out: Ranges = wants
         .iter()
         .map(|(t, lo, hi)| ((*t, lo.clone(), hi.clone()), Vec::new()))
@@ -123,4 +120,32 @@ pub(super) fn ranges_fetched(
         }
     }
     out
+}
+
+/// What a writer fetches ahead with its lock: named rows by table, and
+/// named ranges.
+#[derive(Default)]
+pub(super) struct Ahead {
+    pub(super) keys: BTreeMap<&'static str, Vec<Vec<u8>>>,
+    pub(super) ranges: Vec<RangeWant>,
+}
+
+impl Ahead {
+    pub(super) fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.ranges.is_empty()
+    }
+
+    /// The statements fetching it, rows first.
+    pub(super) fn statements(&self) -> Vec<(String, Vec<Param>)> {
+        let mut out = selects(&self.keys);
+        out.extend(range_selects(&self.ranges));
+        out
+    }
+
+    /// What [`Ahead::statements`] answered.
+    pub(super) fn answers(&self, answers: impl Iterator<Item = Vec<Row>>) -> (Fetched, Ranges) {
+        let mut answers = answers;
+        let rows = fetched(&self.keys, answers.by_ref());
+        (rows, ranges_fetched(&self.ranges, answers))
+    }
 }

@@ -7,7 +7,6 @@
 //! its callers refused and the memory dropped; the writer reconnects by
 //! itself, so the database coming back is the store coming back.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,12 +16,10 @@ use tokio::sync::mpsc;
 use super::super::kv::Source;
 use super::super::lifecycle::ChainHead;
 use super::super::txn::KvTxn;
-use super::super::{
-    CommitHook, CommitStats, GroupCommit, Job, MAX_BATCH, RangeWant, Reads, StoreError,
-};
+use super::super::{CommitHook, CommitStats, GroupCommit, Job, MAX_BATCH, Reads, StoreError};
 use super::memory::{CATCH_UP_ROWS, Fetched, KEEP_CHANGES, Memory, Seen};
 use super::session::{Conn, Db, Param, Session, pg_err};
-use super::statements::{Ranges, fetched, pipelined, range_selects, ranges_fetched, selects};
+use super::statements::{Ahead, Ranges, pipelined};
 use super::{bytes, meta_key};
 
 pub(super) struct Config {
@@ -58,8 +55,7 @@ pub(super) fn run(
         // round trip that begins the batch (those remembered are not)
         let mut jobs = vec![first];
         take_queued(&mut rx, &mut jobs);
-        let wants = unknown(&memory, &jobs);
-        let range_wants = Reads::ranges_of(jobs.iter().map(|j| &j.reads));
+        let wants = ahead(&memory, &jobs);
         let mut ranges = Ranges::new();
         // Begin (locking the chain head) before taking the batch. An idle
         // connection may have died unnoticed (its task runs only while the
@@ -77,7 +73,7 @@ pub(super) fn run(
                     }
                 },
             };
-            match begin(&rt, &c, memory.seen(), (&wants, &range_wants)) {
+            match begin(&rt, &c, memory.seen(), &wants) {
                 Ok((head, seen, (fetched, fetched_ranges))) => {
                     memory.catch_up(seen);
                     memory.absorb(fetched);
@@ -118,10 +114,9 @@ pub(super) fn run(
         // trip (if that fails, so does the batch, at its next statement)
         let before = jobs.len();
         take_queued(&mut rx, &mut jobs);
-        let wants = unknown(&memory, &jobs[before..]);
-        let range_wants = Reads::ranges_of(jobs[before..].iter().map(|j| &j.reads));
-        if !(wants.is_empty() && range_wants.is_empty())
-            && let Ok((fetched, more)) = rt.block_on(fetch(&c, &wants, &range_wants))
+        let wants = ahead(&memory, &jobs[before..]);
+        if !wants.is_empty()
+            && let Ok((fetched, more)) = rt.block_on(fetch(&c, &wants))
         {
             memory.absorb(fetched);
             ranges.extend(more);
@@ -152,13 +147,13 @@ pub(super) fn run(
 }
 
 /// Begin, lock the chain head and read it, then read the change log past
-/// `seen` (or its newest number) and the rows `wants` names: one round
-/// trip, the log and the rows read only once the lock is held.
+/// `seen` (or its newest number) and what `wants` names: one round trip,
+/// the log and the rows read only once the lock is held.
 fn begin(
     rt: &tokio::runtime::Runtime,
     conn: &Arc<Conn>,
     seen: Option<i64>,
-    (wants, range_wants): (&BTreeMap<&'static str, Vec<Vec<u8>>>, &[RangeWant]),
+    wants: &Ahead,
 ) -> Result<(ChainHead, Seen, (Fetched, Ranges)), StoreError> {
     rt.block_on(async move {
         let lock = (
@@ -176,8 +171,7 @@ fn begin(
             ),
         };
         let mut statements = vec![lock, log];
-        statements.extend(selects(wants));
-        statements.extend(range_selects(range_wants));
+        statements.extend(wants.statements());
         let (b, answers) = futures_util::join!(
             conn.batch("BEGIN"),
             pipelined(conn, &statements, None)
@@ -198,8 +192,7 @@ fn begin(
             Some(_) => Seen::Since(log.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()),
             None => Seen::Newest(log.first().map(|r| r.get(0)).unwrap_or(0)),
         };
-        let rows = fetched(wants, answers.by_ref());
-        Ok((head, seen, (rows, ranges_fetched(range_wants, answers))))
+        Ok((head, seen, wants.answers(answers)))
     })
 }
 
@@ -213,28 +206,24 @@ fn take_queued(rx: &mut mpsc::Receiver<Job>, jobs: &mut Vec<Job>) {
     }
 }
 
-/// The rows `jobs` name that the memory does not hold, by table.
-fn unknown(memory: &Memory, jobs: &[Job]) -> BTreeMap<&'static str, Vec<Vec<u8>>> {
-    let mut wants = Reads::by_table(jobs.iter().map(|j| &j.reads));
-    wants.retain(|t, keys| {
+/// What `jobs` name: the rows the memory does not hold, and the ranges.
+fn ahead(memory: &Memory, jobs: &[Job]) -> Ahead {
+    let reads = || jobs.iter().map(|j| &j.reads);
+    let mut keys = Reads::by_table(reads());
+    keys.retain(|t, keys| {
         keys.retain(|k| !memory.knows(t, k));
         !keys.is_empty()
     });
-    wants
+    Ahead {
+        keys,
+        ranges: Reads::ranges_of(reads()),
+    }
 }
 
-/// Fetch the rows and ranges named, in the transaction begun (one round
-/// trip).
-async fn fetch(
-    conn: &Conn,
-    wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
-    range_wants: &[RangeWant],
-) -> Result<(Fetched, Ranges), StoreError> {
-    let mut statements = selects(wants);
-    statements.extend(range_selects(range_wants));
-    let mut answers = pipelined(conn, &statements, None).await?.into_iter();
-    let rows = fetched(wants, answers.by_ref());
-    Ok((rows, ranges_fetched(range_wants, answers)))
+/// Fetch what `wants` names, in the transaction begun (one round trip).
+async fn fetch(conn: &Conn, wants: &Ahead) -> Result<(Fetched, Ranges), StoreError> {
+    let answers = pipelined(conn, &wants.statements(), None).await?;
+    Ok(wants.answers(answers.into_iter()))
 }
 
 fn end(rt: &tokio::runtime::Runtime, conn: &Arc<Conn>, commit: bool) -> Result<(), StoreError> {
