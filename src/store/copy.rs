@@ -36,8 +36,10 @@ enum Sink<'a> {
 /// Rows sent to PostgreSQL per round trip.
 const FLUSH_EVERY: u64 = 4096;
 
-/// Meta entries that belong to one backend's file, not to the store.
-const LOCAL_META: &[&str] = &["wal_lsn"];
+/// Meta entries that belong to one backend, not to the store: redb's log
+/// position, and the schema version (each backend counts its own layout;
+/// the target keeps the stamp it was created with).
+const LOCAL_META: &[&str] = &["wal_lsn", "schema_version"];
 
 fn table<K: OrdKey, V: Value + 'static>(
     from: &ReadSource,

@@ -448,7 +448,7 @@ impl Store {
         target: u32,
     ) -> Result<Self, StoreError> {
         let (backend, sender) = match &opts.postgres {
-            Some(pg) => pg::open(opts, pg, key, target)?,
+            Some(pg) => pg::open(opts, pg, key)?,
             None => writer::open(opts, key, migrations, target)?,
         };
         Ok(Self {

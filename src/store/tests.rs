@@ -2057,7 +2057,7 @@ async fn postgres_a_newer_schema_another_key_or_no_privilege_is_refused() {
     pg_backend(&s)
         .sql(&format!(
             "UPDATE lh_meta SET v = '\\x{:08x}'::bytea WHERE rk = 'schema_version'::bytea",
-            SCHEMA_VERSION + 1
+            pg::PG_SCHEMA_VERSION + 1
         ))
         .unwrap();
     drop(s);
@@ -2099,6 +2099,88 @@ async fn postgres_a_newer_schema_another_key_or_no_privilege_is_refused() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("permission denied"), "{err}");
+}
+
+/// An insert as a build before the change log makes it (no `logged`).
+fn older_builds_insert(s: &Store, id: u128) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+    let k: String = kv::ord_of::<u128>(&id)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    pg_backend(s).sql(&format!(
+        "INSERT INTO lh_tasks (k, rk, v) VALUES ('\\x{k}'::bytea, '\\x{k}'::bytea, '\\x00'::bytea) \
+         ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_build_that_does_not_log_its_writes_cannot_write_and_version_3_is_migrated() {
+    let store = Backing::postgres().await;
+    let s = store.open();
+    s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
+    // an older build's insert (and so its whole transaction) is refused,
+    // naming the column it left out
+    let err = older_builds_insert(&s, 2).unwrap_err();
+    assert!(err.to_string().contains("logged"), "{err}");
+    assert!(s.read().unwrap().task(2).unwrap().is_none());
+
+    // the same store as version 3 had it: no fence, older inserts pass
+    for t in TABLES {
+        pg_backend(&s)
+            .sql(&format!("ALTER TABLE lh_{t} DROP COLUMN IF EXISTS logged"))
+            .unwrap();
+    }
+    pg_backend(&s)
+        .sql("UPDATE lh_meta SET v = '\\x00000003'::bytea WHERE rk = 'schema_version'::bytea")
+        .unwrap();
+    older_builds_insert(&s, 3).unwrap();
+    drop(s);
+    let found = Store::check(&store.options(), &key()).unwrap().unwrap().0;
+    assert!(
+        found.contains("schema 3 (this build migrates it to 4"),
+        "{found}"
+    );
+
+    // this build migrates it as it opens: what was there stays, and older
+    // builds' writes are refused from then on
+    let s = store.open();
+    let stamped = pg_backend(&s)
+        .sql("SELECT v FROM lh_meta WHERE rk = 'schema_version'::bytea")
+        .unwrap();
+    assert_eq!(stamped[0].get::<_, Vec<u8>>(0), 4u32.to_be_bytes());
+    let r = s.read().unwrap();
+    assert_eq!(r.task(1).unwrap().map(|t| t.id), Some(1));
+    drop(r);
+    let err = older_builds_insert(&s, 4).unwrap_err();
+    assert!(err.to_string().contains("logged"), "{err}");
+    s.write(|t| t.create_task(&task(5, 100_000))).await.unwrap();
+    assert!(s.read().unwrap().task(5).unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_between_backends_keeps_the_targets_own_schema_version() {
+    let (redb, pg, back) = (Backing::redb(), Backing::postgres().await, Backing::redb());
+    let (src, mid, dst) = (redb.open(), pg.open(), back.open());
+    src.write(|t| t.create_task(&task(1, 100_000)))
+        .await
+        .unwrap();
+    copy(&src, &mid).unwrap();
+    let stamped = pg_backend(&mid)
+        .sql("SELECT v FROM lh_meta WHERE rk = 'schema_version'::bytea")
+        .unwrap();
+    assert_eq!(
+        stamped[0].get::<_, Vec<u8>>(0),
+        pg::PG_SCHEMA_VERSION.to_be_bytes()
+    );
+    copy(&mid, &dst).unwrap();
+    use redb::ReadableDatabase as _;
+    let r = redb_of(&dst);
+    let t = r.begin_read().unwrap();
+    assert_eq!(
+        schema_version(&t.open_table(META).unwrap()).unwrap(),
+        Some(SCHEMA_VERSION)
+    );
+    assert!(dst.read().unwrap().task(1).unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,10 +37,25 @@ pub(super) use table::{Range, Table};
 use super::kv::{ReadSource, ord_of};
 use super::lifecycle::ChainHead;
 use super::reader::KvReader;
-use super::schema::{self, SCHEMA_VERSION, TABLES};
+use super::schema::{self, TABLES};
 use super::seam::Reader;
 use super::{Backend, CommitStats, Job, QUEUE_DEPTH, Sealer, StoreError, StoreKey, StoreOptions};
 use session::{Conn, Db, Param, pg_err};
+
+/// A PostgreSQL store's schema version (its own sequence: redb's layout is
+/// mirrored table for table, and this counts what PostgreSQL adds).
+/// Version 3: redb's version 3, mirrored. Version 4: every write
+/// transaction logs the keys it wrote (`lh_changes`, read by nodes that
+/// remember rows: `memory.rs`), and every row of the mirrored tables
+/// carries `logged`, NOT NULL without a default. A build that does not log
+/// its writes leaves `logged` out of its inserts, so its write transactions
+/// fail (each one that changes anything also writes its event), and no node
+/// decides on a row such a build changed behind its back. A version-3 store
+/// is migrated as it opens.
+pub const PG_SCHEMA_VERSION: u32 = 4;
+
+/// The column an older build's inserts leave out (see [`PG_SCHEMA_VERSION`]).
+const FENCE_COLUMN: &str = "logged";
 
 /// How a broker reaches its PostgreSQL store, and who it is in the cluster.
 #[derive(Debug, Clone)]
@@ -171,14 +186,13 @@ pub(super) fn open(
     opts: &StoreOptions,
     pg: &PgOptions,
     key: &StoreKey,
-    target: u32,
 ) -> Result<(Box<dyn Backend>, mpsc::Sender<Job>), StoreError> {
     let readers = pg.connection.pool_size.saturating_sub(2).max(1);
     let (rt, db) = database(pg, 2, readers)?;
     let location = PathBuf::from(format!("postgres://{}", db.name));
     let sealer = Sealer::new(key);
     let conn = db.connect()?;
-    prepare(&db, &conn, &sealer, &key.fingerprint(), target)?;
+    prepare(&db, &conn, &sealer, &key.fingerprint(), PG_SCHEMA_VERSION)?;
     drop(conn);
     let healthy = Arc::new(AtomicBool::new(true));
     let stats = Arc::new(CommitStats::default());
@@ -267,10 +281,16 @@ pub fn check(pg: &PgOptions, key: &StoreKey) -> Result<(String, bool), StoreErro
             false,
         )),
         Some(stamp) => {
-            if stamp.version > SCHEMA_VERSION {
+            if stamp.version > PG_SCHEMA_VERSION {
                 return Err(StoreError::NewerSchema {
                     found: stamp.version,
-                    supported: SCHEMA_VERSION,
+                    supported: PG_SCHEMA_VERSION,
+                });
+            }
+            if stamp.version < MIGRATES_FROM {
+                return Err(StoreError::NoMigration {
+                    from: stamp.version,
+                    to: PG_SCHEMA_VERSION,
                 });
             }
             if !schema::key_matches(&Sealer::new(key), stamp.check.as_deref()) {
@@ -279,9 +299,17 @@ pub fn check(pg: &PgOptions, key: &StoreKey) -> Result<(String, bool), StoreErro
                     expected: stamp.fingerprint,
                 });
             }
+            let migrate = if stamp.version < PG_SCHEMA_VERSION {
+                format!(
+                    " (this build migrates it to {PG_SCHEMA_VERSION} as it starts; stop the \
+                     cluster's older nodes first: their writes are refused from then on)"
+                )
+            } else {
+                String::new()
+            };
             Ok((
                 format!(
-                    "store postgres://{name}: reachable, schema {}, the store key matches",
+                    "store postgres://{name}: reachable, schema {}{migrate}, the store key matches",
                     stamp.version
                 ),
                 true,
@@ -424,8 +452,8 @@ fn prepare(
         });
     }
     if version < target {
-        // a PostgreSQL store is created at this build's version; older
-        // layouts never existed there
+        // the one older PostgreSQL layout (3) is migrated in
+        // `create_and_stamp`; none before it ever existed there
         return Err(StoreError::NoMigration {
             from: version,
             to: target,
@@ -438,6 +466,27 @@ fn prepare(
         });
     }
     Ok(())
+}
+
+/// The oldest PostgreSQL layout this build migrates.
+const MIGRATES_FROM: u32 = 3;
+
+/// Version 3 to 4, in the opening transaction (which holds the schema
+/// lock): every mirrored table gains the fence column, true for the rows
+/// it holds (adding a column with a constant default rewrites nothing),
+/// then loses the default, so an insert that leaves it out fails.
+async fn migrate_to_4(conn: &Conn) -> Result<(), StoreError> {
+    let mut ddl = String::new();
+    for t in TABLES {
+        ddl.push_str(&format!(
+            "ALTER TABLE lh_{t} ADD COLUMN IF NOT EXISTS {FENCE_COLUMN} boolean NOT NULL DEFAULT true;\n\
+             ALTER TABLE lh_{t} ALTER COLUMN {FENCE_COLUMN} DROP DEFAULT;\n"
+        ));
+    }
+    ddl.push_str(&format!(
+        "UPDATE lh_meta SET v = '\\x{PG_SCHEMA_VERSION:08x}'::bytea WHERE rk = 'schema_version'::bytea;\n"
+    ));
+    conn.batch(&ddl).await.map_err(|e| pg_err(&e))
 }
 
 struct Stamp {
@@ -460,7 +509,8 @@ async fn create_and_stamp(
     let mut ddl = String::new();
     for t in TABLES {
         ddl.push_str(&format!(
-            "CREATE TABLE IF NOT EXISTS lh_{t} (k bytea PRIMARY KEY, rk bytea NOT NULL, v bytea NOT NULL);\n"
+            "CREATE TABLE IF NOT EXISTS lh_{t} (k bytea PRIMARY KEY, rk bytea NOT NULL, v bytea NOT NULL, \
+             {FENCE_COLUMN} boolean NOT NULL);\n"
         ));
     }
     ddl.push_str(cluster::DDL);
@@ -483,7 +533,7 @@ async fn create_and_stamp(
             ];
             for (k, v) in rows {
                 conn.query(
-                    "INSERT INTO lh_meta (k, rk, v) VALUES ($1, $2, $3)",
+                    "INSERT INTO lh_meta (k, rk, v, logged) VALUES ($1, $2, $3, true)",
                     &[bytes(meta_key(k)), bytes(k.as_bytes().to_vec()), bytes(v)],
                 )
                 .await
@@ -495,7 +545,18 @@ async fn create_and_stamp(
                 fingerprint,
             }
         }
-        Some(v) => read_stamp(conn, &v).await?,
+        Some(v) => {
+            let stamp = read_stamp(conn, &v).await?;
+            if (MIGRATES_FROM..target).contains(&stamp.version) {
+                migrate_to_4(conn).await?;
+                Stamp {
+                    version: target,
+                    ..stamp
+                }
+            } else {
+                stamp
+            }
+        }
     };
     if stamp.version != target {
         // refused below: write nothing, not even the tables

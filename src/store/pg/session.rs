@@ -649,8 +649,9 @@ impl Session {
             if !ks.is_empty() {
                 statements.push((
                     format!(
-                        "INSERT INTO lh_{table} (k, rk, v) \
-                         SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[]) \
+                        "INSERT INTO lh_{table} (k, rk, v, logged) \
+                         SELECT k, rk, v, true \
+                         FROM unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS u(k, rk, v) \
                          ON CONFLICT (k) DO UPDATE SET rk = EXCLUDED.rk, v = EXCLUDED.v"
                     ),
                     vec![Box::new(ks), Box::new(rks), Box::new(vs)],
