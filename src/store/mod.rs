@@ -181,6 +181,12 @@ pub struct Reads {
     keys: Vec<(&'static str, Vec<u8>)>,
     /// Ranges `[lo, hi)` of a table, in its ordered key encoding.
     ranges: Vec<RangeWant>,
+    /// Ranges `[lo, hi)` of `task_leases` whose leases' records are named
+    /// too (a read snapshot's; the writer takes keys it knows instead).
+    pointed: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A read snapshot reads nothing else (PostgreSQL ends it in the same
+    /// round trip; a later read would see a newer snapshot).
+    last: bool,
 }
 
 /// A table's range `[lo, hi)` named ahead.
@@ -201,6 +207,26 @@ impl Reads {
         hi.push(0);
         self.ranges
             .push((kv::pg_name(schema::TASK_LEASES.name()), lo, hi));
+        self
+    }
+
+    /// The task `id`'s leases: its index range and the records it points
+    /// to (fetched by a read snapshot in the same round trip).
+    pub fn leases_of_task(self, id: u128) -> Self {
+        let mut out = self.task_leases(id);
+        if let Some((_, lo, hi)) = out.ranges.last() {
+            let bounds = (lo.clone(), hi.clone());
+            out.pointed.push(bounds);
+        }
+        out
+    }
+
+    /// For a read snapshot: these are all it reads, so it ends once they
+    /// are fetched, in the same round trip (PostgreSQL; redb ignores it).
+    /// A row read afterwards that was not fetched comes from a newer
+    /// snapshot.
+    pub fn and_nothing_else(mut self) -> Self {
+        self.last = true;
         self
     }
 
@@ -242,11 +268,6 @@ impl Reads {
             kv::ord_of::<&str>(&workload),
         ));
         self
-    }
-
-    /// The rows named, by table.
-    fn grouped(&self) -> BTreeMap<&'static str, Vec<Vec<u8>>> {
-        Self::by_table([self])
     }
 
     /// The rows several lists name, by table.

@@ -50,7 +50,7 @@ impl KvReader {
 impl ReadTxn for KvReader {
     fn prefetch(&self, reads: &super::Reads) -> Result<(), StoreError> {
         match &self.src {
-            ReadSource::Pg(s) => s.prefetch(&reads.grouped()),
+            ReadSource::Pg(s) => s.prefetch(&super::pg::Ahead::of(reads), reads.last),
             ReadSource::Redb(_) => Ok(()),
         }
     }

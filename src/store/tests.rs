@@ -2015,6 +2015,45 @@ async fn postgres_rows_fetched_ahead_are_read_as_the_snapshot_has_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_snapshot_with_nothing_else_to_read_has_its_leases_and_ends_at_once() {
+    let store = Backing::postgres().await;
+    let s = store.open();
+    s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
+    active_lease(&s, 10, 1, 50_000).await;
+    active_lease(&s, 11, 1, 60_000).await;
+    let r = s.read().unwrap();
+    r.prefetch(
+        &super::Reads::default()
+            .task(1)
+            .leases_of_task(1)
+            .and_nothing_else(),
+    )
+    .unwrap();
+    // the task completes, its leases revoked, and another task opens
+    s.write(|t| t.complete_task(1, 5, 6, &local_token()))
+        .await
+        .unwrap();
+    s.write(|t| t.create_task(&task(2, 100_000))).await.unwrap();
+    // what was fetched is as the snapshot had it: the task, its index and
+    // the leases it points to (fetched with it, not read afterwards)
+    assert_eq!(r.task(1).unwrap().unwrap().state, TaskState::Open);
+    let leases = r.task_leases(1).unwrap();
+    assert_eq!(leases.iter().map(|l| l.id).collect::<Vec<_>>(), [10, 11]);
+    assert!(leases.iter().all(|l| l.state == LeaseState::Active), "{leases:?}");
+    // the snapshot ended with the fetch: a row not fetched is read anew
+    assert!(r.task(2).unwrap().is_some());
+    drop(r);
+    let r = s.read().unwrap();
+    assert_eq!(r.task(1).unwrap().unwrap().state, TaskState::Completed);
+    assert!(
+        r.task_leases(1)
+            .unwrap()
+            .iter()
+            .all(|l| l.state != LeaseState::Active)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_range_fetched_ahead_gives_way_to_what_its_batch_writes_into_it() {
     let store = Backing::postgres().await;
     let s = store.open();

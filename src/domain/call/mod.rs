@@ -340,7 +340,8 @@ impl Broker {
                 &crate::store::Reads::default()
                     .task(task_id.0)
                     .task_active(task_id.0)
-                    .workload_active(&w.id),
+                    .workload_active(&w.id)
+                    .and_nothing_else(),
             )?;
             let task = Self::open_task_of(&*r, w, task_id, now_ms)?;
             let (t, w) = (r.task_active(task.id)?, r.workload_active(&w.id)?);

@@ -332,9 +332,15 @@ impl Broker {
         ctx: &Ctx,
     ) -> Result<CompletionReport, BrokerError> {
         let caller = Caller::Workload(std::sync::Arc::new(w.clone()));
-        // one snapshot for the task and its leases (on PostgreSQL, one
-        // transaction rather than two)
+        // one snapshot for the task and its leases (on PostgreSQL, begun,
+        // fetched and ended in one round trip)
         let r = self.store.read()?;
+        r.prefetch(
+            &crate::store::Reads::default()
+                .task(id.0)
+                .leases_of_task(id.0)
+                .and_nothing_else(),
+        )?;
         let task = Self::visible_task_in(&r, &caller, id)?;
         let now = self.clock.now().unix_millis();
         let claim_until = now.saturating_add(self.claim_window_ms());

@@ -32,6 +32,7 @@ use tokio::sync::mpsc;
 
 pub use cluster::{ClusterView, Leadership, NodeView};
 pub(super) use session::Session;
+pub(super) use statements::Ahead;
 pub(super) use table::{Range, Table};
 
 use super::kv::{ReadSource, ord_of};

@@ -24,7 +24,7 @@ use tokio_postgres::{Client, Row, Statement};
 
 use super::super::StoreError;
 use super::memory::Rows;
-use super::statements::{Ranges, Raw, fetched, pipelined, selects};
+use super::statements::{Ahead, Ranges, Raw, pipelined};
 
 /// An owned query parameter (queries run on another thread).
 pub(in crate::store) type Param = Box<dyn ToSql + Send + Sync>;
@@ -507,30 +507,35 @@ impl Session {
         cache.entry(table).or_default().insert(k.to_vec(), v);
     }
 
-    /// Fetch the rows `wants` names into what this transaction knows, all
-    /// in one round trip (a reader's first query begins its snapshot).
-    pub(in crate::store) fn prefetch(
-        &self,
-        wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
-    ) -> Result<(), StoreError> {
+    /// Fetch what `wants` names into what this transaction knows, all in
+    /// one round trip (a reader's first query begins its snapshot). With
+    /// `last`, a reader's snapshot also ends in that round trip: what it
+    /// reads afterwards and did not fetch comes from a newer one.
+    pub(in crate::store) fn prefetch(&self, wants: &Ahead, last: bool) -> Result<(), StoreError> {
         if wants.is_empty() {
             return Ok(());
         }
         let begin = self.reader && !self.began.swap(true, Ordering::Relaxed);
-        let statements = selects(wants);
+        let end = (self.reader && last).then_some("COMMIT");
+        let statements = wants.statements();
         let conn = self.conn.clone();
         let answers = self.exec(async move {
             if begin {
                 let (b, q) = futures_util::join!(
                     conn.batch("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"),
-                    pipelined(&conn, &statements, None)
+                    pipelined(&conn, &statements, end)
                 );
                 b.map_err(|e| pg_err(&e))?;
                 return q;
             }
-            pipelined(&conn, &statements, None).await
+            pipelined(&conn, &statements, end).await
         })?;
-        for (t, asked, found) in fetched(wants, answers.into_iter()) {
+        if end.is_some() {
+            // ended: a later query begins anew
+            self.began.store(false, Ordering::Relaxed);
+        }
+        let (rows, ranges) = wants.answers(answers.into_iter());
+        for (t, asked, found) in rows {
             for k in asked {
                 self.remember(t, &k, None);
             }
@@ -538,6 +543,10 @@ impl Session {
                 self.remember(t, &k, Some(v));
             }
         }
+        self.ranges
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ranges);
         Ok(())
     }
 

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use tokio_postgres::Row;
 
-use super::super::{RangeWant, StoreError};
+use super::super::{RangeWant, Reads, StoreError};
 use super::memory::Fetched;
 use super::session::{Conn, Param, pg_err};
 
@@ -122,30 +122,68 @@ fn ranges_fetched(wants: &[RangeWant], answers: impl Iterator<Item = Vec<Row>>) 
     out
 }
 
-/// What a writer fetches ahead with its lock: named rows by table, and
-/// named ranges.
+/// What is fetched ahead in one round trip: named rows by table, named
+/// ranges, and the lease records `task_leases` ranges point to (a
+/// writer's with its lock, a reader's as its snapshot begins).
 #[derive(Default)]
-pub(super) struct Ahead {
+pub(in crate::store) struct Ahead {
     pub(super) keys: BTreeMap<&'static str, Vec<Vec<u8>>>,
     pub(super) ranges: Vec<RangeWant>,
+    pub(super) pointed: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Ahead {
+    /// What a read snapshot's `reads` name.
+    pub(in crate::store) fn of(reads: &Reads) -> Self {
+        Self {
+            keys: Reads::by_table([reads]),
+            ranges: Reads::ranges_of([reads]),
+            pointed: reads.pointed.clone(),
+        }
+    }
+
     pub(super) fn is_empty(&self) -> bool {
-        self.keys.is_empty() && self.ranges.is_empty()
+        self.keys.is_empty() && self.ranges.is_empty() && self.pointed.is_empty()
     }
 
     /// The statements fetching it, rows first.
     pub(super) fn statements(&self) -> Vec<(String, Vec<Param>)> {
         let mut out = selects(&self.keys);
         out.extend(range_selects(&self.ranges));
+        if !self.pointed.is_empty() {
+            let (lo, hi): (Vec<Vec<u8>>, Vec<Vec<u8>>) = self.pointed.iter().cloned().unzip();
+            // a `task_leases` key is the task's id then the lease's, 16
+            // bytes each (`kv::OrdKey`); a lease's key is its id
+            out.push((
+                // (the keys gathered first, then looked up by the primary
+                // key: a join lets the planner scan the whole table)
+                "SELECT k, v FROM lh_leases WHERE k = ANY(ARRAY(\
+                 SELECT substring(t.k FROM 17 FOR 16) \
+                 FROM unnest($1::bytea[], $2::bytea[]) AS b(lo, hi) \
+                 JOIN lh_task_leases t ON t.k >= b.lo AND t.k < b.hi))"
+                    .into(),
+                vec![Box::new(lo), Box::new(hi)],
+            ));
+        }
         out
     }
 
     /// What [`Ahead::statements`] answered.
     pub(super) fn answers(&self, answers: impl Iterator<Item = Vec<Row>>) -> (Fetched, Ranges) {
         let mut answers = answers;
-        let rows = fetched(&self.keys, answers.by_ref());
-        (rows, ranges_fetched(&self.ranges, answers))
+        let mut rows = fetched(&self.keys, answers.by_ref());
+        let ranges = ranges_fetched(&self.ranges, answers.by_ref());
+        if !self.pointed.is_empty() {
+            let found = answers
+                .next()
+                .unwrap_or_default()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            use redb::TableHandle as _;
+            let leases = super::super::kv::pg_name(super::super::schema::LEASES.name());
+            rows.push((leases, Vec::new(), found));
+        }
+        (rows, ranges)
     }
 }

@@ -217,6 +217,7 @@ fn ahead(memory: &Memory, jobs: &[Job]) -> Ahead {
     Ahead {
         keys,
         ranges: Reads::ranges_of(reads()),
+        pointed: Vec::new(),
     }
 }
 
