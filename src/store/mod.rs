@@ -270,6 +270,19 @@ impl Reads {
         self
     }
 
+    /// The provider's lease counters, every state's (a batch adds to
+    /// them as it ends, whichever states its leases left and entered).
+    pub fn counters(mut self, provider: &str) -> Self {
+        let table = kv::pg_name(schema::COUNTERS.name());
+        for state in LeaseState::ALL {
+            let key = kv::ord_of::<(&str, &str)>(&(provider, state.as_str()));
+            if !self.keys.iter().any(|(t, k)| *t == table && *k == key) {
+                self.keys.push((table, key));
+            }
+        }
+        self
+    }
+
     /// The rows several lists name, by table.
     fn by_table<'a>(
         all: impl IntoIterator<Item = &'a Reads>,

@@ -2039,7 +2039,10 @@ async fn postgres_a_snapshot_with_nothing_else_to_read_has_its_leases_and_ends_a
     assert_eq!(r.task(1).unwrap().unwrap().state, TaskState::Open);
     let leases = r.task_leases(1).unwrap();
     assert_eq!(leases.iter().map(|l| l.id).collect::<Vec<_>>(), [10, 11]);
-    assert!(leases.iter().all(|l| l.state == LeaseState::Active), "{leases:?}");
+    assert!(
+        leases.iter().all(|l| l.state == LeaseState::Active),
+        "{leases:?}"
+    );
     // the snapshot ended with the fetch: a row not fetched is read anew
     assert!(r.task(2).unwrap().is_some());
     drop(r);

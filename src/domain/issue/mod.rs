@@ -244,7 +244,8 @@ impl Broker {
         let event = a.lease(&intent, &c, now_ms);
         let reads = crate::store::Reads::default()
             .lease(intent.id)
-            .task(intent.task_id);
+            .task(intent.task_id)
+            .counters(&intent.provider);
         self.store
             .write_reading(reads, move |t| {
                 t.refuse_fenced(&fence)?;
@@ -359,7 +360,9 @@ impl Broker {
         let reads = crate::store::Reads::default()
             .lease(rec.id)
             .task(rec.task_id)
-            .task_active(rec.task_id);
+            .task_active(rec.task_id)
+            .workload_active(&rec.workload)
+            .counters(&rec.provider);
         let activated = self.store.write_reading(reads, move |t| {
             // a fence set while the provider was minting wins: rolled back
             t.refuse_fenced(&fence)?;

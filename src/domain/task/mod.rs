@@ -348,10 +348,19 @@ impl Broker {
         let mut ahead = self.completion_events(&r, task, now, claim_until, ctx)?;
         drop(r);
         // what completing reads: the task, its leases, the denylist's
-        // entries of its token leases
-        let reads = ahead.leases.keys().fold(
-            crate::store::Reads::default().task(id.0).task_leases(id.0),
-            |r, lease| r.lease(*lease).denied(*lease),
+        // entries of its token leases, and the counts its active leases
+        // leave
+        let reads = ahead.leases.values().fold(
+            crate::store::Reads::default()
+                .task(id.0)
+                .task_leases(id.0)
+                .task_active(id.0),
+            |r, (l, _)| {
+                r.lease(l.id)
+                    .denied(l.id)
+                    .workload_active(&l.workload)
+                    .counters(&l.provider)
+            },
         );
         let completion = self
             .store

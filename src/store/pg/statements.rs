@@ -77,26 +77,16 @@ pub(super) fn fetched(
 pub(in crate::store) type Ranges = HashMap<(&'static str, Vec<u8>, Vec<u8>), Vec<Raw>>;
 pub(in crate::store) type Raw = (Vec<u8>, Vec<u8>, Vec<u8>);
 
-/// One statement per table fetching every row of the ranges named.
+/// One statement per range named, fetching its every row (an index range
+/// scan each; one statement joining many ranges' bounds cost more than
+/// several of these, measured).
 fn range_selects(wants: &[RangeWant]) -> Vec<(String, Vec<Param>)> {
-    // per table, the ranges' lower and upper ends
-    type Ends = (Vec<Vec<u8>>, Vec<Vec<u8>>);
-    let mut by_table: BTreeMap<&'static str, Ends> = BTreeMap::new();
-    for (t, lo, hi) in wants {
-        let e = by_table.entry(t).or_default();
-        e.0.push(lo.clone());
-        e.1.push(hi.clone());
-    }
-    by_table
-        .into_iter()
-        .map(|(t, (lo, hi))| {
-            let params: Vec<Param> = vec![Box::new(lo), Box::new(hi)];
+    wants
+        .iter()
+        .map(|(t, lo, hi)| {
+            let params: Vec<Param> = vec![Box::new(lo.clone()), Box::new(hi.clone())];
             (
-                format!(
-                    "SELECT b.lo, b.hi, t.k, t.rk, t.v \
-                     FROM unnest($1::bytea[], $2::bytea[]) AS b(lo, hi) \
-                     JOIN lh_{t} t ON t.k >= b.lo AND t.k < b.hi ORDER BY b.lo, t.k"
-                ),
+                format!("SELECT k, rk, v FROM lh_{t} WHERE k >= $1 AND k < $2 ORDER BY k"),
                 params,
             )
         })
@@ -106,20 +96,17 @@ fn range_selects(wants: &[RangeWant]) -> Vec<(String, Vec<Param>)> {
 /// The answers of [`range_selects`]: every range named, with its rows
 /// (none for an empty one).
 fn ranges_fetched(wants: &[RangeWant], answers: impl Iterator<Item = Vec<Row>>) -> Ranges {
-    let mut out: Ranges = wants
+    wants
         .iter()
-        .map(|(t, lo, hi)| ((*t, lo.clone(), hi.clone()), Vec::new()))
-        .collect();
-    let tables: std::collections::BTreeSet<&'static str> = wants.iter().map(|w| w.0).collect();
-    for (t, rows) in tables.into_iter().zip(answers) {
-        for r in rows {
-            let (lo, hi): (Vec<u8>, Vec<u8>) = (r.get(0), r.get(1));
-            if let Some(v) = out.get_mut(&(t, lo, hi)) {
-                v.push((r.get(2), r.get(3), r.get(4)));
-            }
-        }
-    }
-    out
+        .zip(answers)
+        .map(|((t, lo, hi), rows)| {
+            let rows = rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            ((*t, lo.clone(), hi.clone()), rows)
+        })
+        .collect()
 }
 
 /// What is fetched ahead in one round trip: named rows by table, named
@@ -150,21 +137,20 @@ impl Ahead {
     pub(super) fn statements(&self) -> Vec<(String, Vec<Param>)> {
         let mut out = selects(&self.keys);
         out.extend(range_selects(&self.ranges));
-        if !self.pointed.is_empty() {
-            let (lo, hi): (Vec<Vec<u8>>, Vec<Vec<u8>>) = self.pointed.iter().cloned().unzip();
-            // a `task_leases` key is the task's id then the lease's, 16
-            // bytes each (`kv::OrdKey`); a lease's key is its id
-            out.push((
-                // (the keys gathered first, then looked up by the primary
-                // key: a join lets the planner scan the whole table)
+        // a `task_leases` key is the task's id then the lease's, 16 bytes
+        // each (`kv::OrdKey`); a lease's key is its id. The keys are
+        // gathered first, then looked up by the primary key (a join lets
+        // the planner scan the whole table)
+        out.extend(self.pointed.iter().map(|(lo, hi)| {
+            let params: Vec<Param> = vec![Box::new(lo.clone()), Box::new(hi.clone())];
+            (
                 "SELECT k, v FROM lh_leases WHERE k = ANY(ARRAY(\
-                 SELECT substring(t.k FROM 17 FOR 16) \
-                 FROM unnest($1::bytea[], $2::bytea[]) AS b(lo, hi) \
-                 JOIN lh_task_leases t ON t.k >= b.lo AND t.k < b.hi))"
-                    .into(),
-                vec![Box::new(lo), Box::new(hi)],
-            ));
-        }
+                 SELECT substring(k FROM 17 FOR 16) FROM lh_task_leases \
+                 WHERE k >= $1 AND k < $2))"
+                    .to_owned(),
+                params,
+            )
+        }));
         out
     }
 
@@ -173,15 +159,10 @@ impl Ahead {
         let mut answers = answers;
         let mut rows = fetched(&self.keys, answers.by_ref());
         let ranges = ranges_fetched(&self.ranges, answers.by_ref());
-        if !self.pointed.is_empty() {
-            let found = answers
-                .next()
-                .unwrap_or_default()
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            use redb::TableHandle as _;
-            let leases = super::super::kv::pg_name(super::super::schema::LEASES.name());
+        use redb::TableHandle as _;
+        let leases = super::super::kv::pg_name(super::super::schema::LEASES.name());
+        for found in answers.take(self.pointed.len()) {
+            let found = found.iter().map(|r| (r.get(0), r.get(1))).collect();
             rows.push((leases, Vec::new(), found));
         }
         (rows, ranges)
