@@ -199,12 +199,18 @@ impl Reads {
         self
     }
 
-    /// The index of the task `id`'s leases (all of them).
-    pub fn task_leases(mut self, id: u128) -> Self {
+    /// The bounds of the task `id`'s range in its lease index.
+    fn task_leases_bounds(id: u128) -> (Vec<u8>, Vec<u8>) {
         let lo = kv::ord_of::<(u128, u128)>(&(id, 0));
         let mut hi = kv::ord_of::<(u128, u128)>(&(id, u128::MAX));
         // the inclusive end, as `kv::ord_bounds` makes it
         hi.push(0);
+        (lo, hi)
+    }
+
+    /// The index of the task `id`'s leases (all of them).
+    pub fn task_leases(mut self, id: u128) -> Self {
+        let (lo, hi) = Self::task_leases_bounds(id);
         self.ranges
             .push((kv::pg_name(schema::TASK_LEASES.name()), lo, hi));
         self
@@ -212,13 +218,9 @@ impl Reads {
 
     /// The task `id`'s leases: its index range and the records it points
     /// to (fetched by a read snapshot in the same round trip).
-    pub fn leases_of_task(self, id: u128) -> Self {
-        let mut out = self.task_leases(id);
-        if let Some((_, lo, hi)) = out.ranges.last() {
-            let bounds = (lo.clone(), hi.clone());
-            out.pointed.push(bounds);
-        }
-        out
+    pub fn leases_of_task(mut self, id: u128) -> Self {
+        self.pointed.push(Self::task_leases_bounds(id));
+        self.task_leases(id)
     }
 
     /// For a read snapshot: these are all it reads, so it ends once they
@@ -273,13 +275,14 @@ impl Reads {
     /// The provider's lease counters, every state's (a batch adds to
     /// them as it ends, whichever states its leases left and entered).
     pub fn counters(mut self, provider: &str) -> Self {
+        // (named twice, a row is fetched once: `by_table`)
         let table = kv::pg_name(schema::COUNTERS.name());
-        for state in LeaseState::ALL {
-            let key = kv::ord_of::<(&str, &str)>(&(provider, state.as_str()));
-            if !self.keys.iter().any(|(t, k)| *t == table && *k == key) {
-                self.keys.push((table, key));
-            }
-        }
+        self.keys.extend(LeaseState::ALL.map(|state| {
+            (
+                table,
+                kv::ord_of::<(&str, &str)>(&(provider, state.as_str())),
+            )
+        }));
         self
     }
 
