@@ -484,10 +484,18 @@ async fn migrate_to_4(conn: &Conn) -> Result<(), StoreError> {
              ALTER TABLE lh_{t} ALTER COLUMN {FENCE_COLUMN} DROP DEFAULT;\n"
         ));
     }
-    ddl.push_str(&format!(
-        "UPDATE lh_meta SET v = '\\x{PG_SCHEMA_VERSION:08x}'::bytea WHERE rk = 'schema_version'::bytea;\n"
-    ));
-    conn.batch(&ddl).await.map_err(|e| pg_err(&e))
+    conn.batch(&ddl).await.map_err(|e| pg_err(&e))?;
+    // the stamp, as a new store's is written
+    conn.query(
+        "UPDATE lh_meta SET v = $1 WHERE k = $2",
+        &[
+            bytes(PG_SCHEMA_VERSION.to_be_bytes().to_vec()),
+            bytes(meta_key("schema_version")),
+        ],
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| pg_err(&e))
 }
 
 struct Stamp {
