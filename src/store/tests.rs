@@ -2057,6 +2057,56 @@ async fn postgres_a_snapshot_with_nothing_else_to_read_has_its_leases_and_ends_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_one_fetch_gives_each_range_its_own_rows() {
+    let store = Backing::postgres().await;
+    let s = store.open();
+    for id in 1..=3 {
+        s.write(move |t| t.create_task(&task(id, 100_000)))
+            .await
+            .unwrap();
+    }
+    active_lease(&s, 10, 1, 50_000).await;
+    active_lease(&s, 11, 1, 60_000).await;
+    active_lease(&s, 30, 3, 50_000).await;
+    // three ranges of one table, and the leases two of them point to, in
+    // the one statement that is the snapshot
+    let r = s.read().unwrap();
+    r.prefetch(
+        &super::Reads::default()
+            .task(1)
+            .task(3)
+            .leases_of_task(1)
+            .leases_of_task(2)
+            .leases_of_task(3)
+            .and_nothing_else(),
+    )
+    .unwrap();
+    // afterwards every one of them changes
+    for id in [1, 3] {
+        s.write(move |t| t.complete_task(id, 5, 6, &local_token()))
+            .await
+            .unwrap();
+    }
+    active_lease(&s, 20, 2, 50_000).await;
+    // each range has its own rows as the snapshot had them (the empty one
+    // too), none of another's
+    let leases = |id| {
+        r.task_leases(id)
+            .unwrap()
+            .iter()
+            .map(|l| (l.id, l.state))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        leases(1),
+        [(10, LeaseState::Active), (11, LeaseState::Active)]
+    );
+    assert_eq!(leases(2), []);
+    assert_eq!(leases(3), [(30, LeaseState::Active)]);
+    assert_eq!(r.task(3).unwrap().unwrap().state, TaskState::Open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_range_fetched_ahead_gives_way_to_what_its_batch_writes_into_it() {
     let store = Backing::postgres().await;
     let s = store.open();

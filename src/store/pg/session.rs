@@ -7,11 +7,13 @@
 //! (a request handler inside the broker's runtime, a test's runtime) by
 //! handing the query to that runtime and blocking on its answer.
 //!
-//! A write session buffers its writes per table and sends them in one
-//! statement per table and kind (upsert, delete) before the table is next
-//! ranged or counted and at commit; point reads look in the buffer first.
-//! So a batch of operations costs one round trip per point read, one per
-//! range chunk, and a few at commit.
+//! A write session buffers its writes per table and sends them, all
+//! tables in one statement (a delete and an upsert per table), before a
+//! table written is next ranged or counted and at commit; point reads look
+//! in the buffer first. So a batch of operations costs one round trip per
+//! point read not fetched ahead, one per range chunk, and one at commit.
+//! Rows named ahead are fetched by one statement too (`statements.rs`):
+//! each statement costs the server and the node more than its rows do.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -24,7 +26,7 @@ use tokio_postgres::{Client, Row, Statement};
 
 use super::super::StoreError;
 use super::memory::Rows;
-use super::statements::{Ahead, Ranges, Raw, pipelined};
+use super::statements::{Ahead, Ranges, Raw, Sql, pipelined};
 
 /// An owned query parameter (queries run on another thread).
 pub(in crate::store) type Param = Box<dyn ToSql + Send + Sync>;
@@ -102,12 +104,21 @@ impl Conn {
 }
 
 /// A new connection (its task runs on the runtime this is awaited on).
+///
+/// Its prepared statements keep one generic plan each: the store's
+/// statements look rows up by key and ranges by bounds, whatever the
+/// parameters, and left to choose, the server plans a union of such
+/// lookups afresh at every call (it costs more than running it).
 async fn open(connector: &leasehold_provider_postgres::Pool) -> Result<Arc<Conn>, StoreError> {
-    connector
+    let client = connector
         .connect()
         .await
-        .map(|c| Arc::new(Conn::new(c)))
-        .map_err(|e| StoreError::Io(e.message))
+        .map_err(|e| StoreError::Io(e.message))?;
+    client
+        .batch_execute("SET plan_cache_mode = force_generic_plan")
+        .await
+        .map_err(|e| pg_err(&e))?;
+    Ok(Arc::new(Conn::new(client)))
 }
 
 /// The database: its runtime, how to connect, and a bounded set of
@@ -515,9 +526,15 @@ impl Session {
         if wants.is_empty() {
             return Ok(());
         }
-        let begin = self.reader && !self.began.swap(true, Ordering::Relaxed);
-        let end = (self.reader && last).then_some("COMMIT");
-        let statements = wants.statements();
+        // one statement is a snapshot of its own: a reader that reads
+        // nothing else needs no transaction around it
+        let began = self.began.load(Ordering::Relaxed);
+        let begin = self.reader && !began && !last;
+        let end = (self.reader && began && last).then_some("COMMIT");
+        if begin {
+            self.began.store(true, Ordering::Relaxed);
+        }
+        let statements = [wants.statement()];
         let conn = self.conn.clone();
         let answers = self.exec(async move {
             if begin {
@@ -534,7 +551,7 @@ impl Session {
             // ended: a later query begins anew
             self.began.store(false, Ordering::Relaxed);
         }
-        let (rows, ranges) = wants.answers(answers.into_iter());
+        let (rows, ranges) = wants.answers(answers.first().map_or(&[][..], Vec::as_slice));
         for (t, asked, found) in rows {
             for k in asked {
                 self.remember(t, &k, None);
@@ -580,12 +597,14 @@ impl Session {
         self.send(all)
     }
 
-    /// Send buffered writes: a delete and an upsert per table, all
-    /// pipelined on the connection (one round trip, not one per statement).
+    /// Send buffered writes: a delete and an upsert per table, all one
+    /// statement (one round trip, and one statement's cost to the server).
     fn send(&self, tables: Vec<(&'static str, Writes)>) -> Result<(), StoreError> {
-        let statements = self.statements(tables);
+        let Some(statement) = self.writes(tables).writes(None) else {
+            return Ok(());
+        };
         let conn = self.conn.clone();
-        self.exec(async move { pipelined(&conn, &statements, None).await.map(|_| ()) })
+        self.exec(async move { pipelined(&conn, &[statement], None).await.map(|_| ()) })
     }
 
     /// Commit a logged session in one round trip: its last buffered
@@ -594,7 +613,7 @@ impl Session {
     /// number, if it wrote anything.
     pub(super) fn finish(&self, prune_below: Option<i64>) -> Result<Option<i64>, StoreError> {
         let all: Vec<_> = std::mem::take(&mut *self.pending()).into_iter().collect();
-        let mut statements = self.statements(all);
+        let mut sql = self.writes(all);
         let written = self
             .written
             .lock()
@@ -603,22 +622,13 @@ impl Session {
             .unwrap_or_default();
         let logged = !written.is_empty();
         if let Some(below) = prune_below {
-            statements.push((
-                "DELETE FROM lh_changes WHERE ver < $1".into(),
-                vec![Box::new(below)],
-            ));
+            sql.prune_changes(below);
         }
-        if logged {
-            let (t, k): (Vec<String>, Vec<Vec<u8>>) =
-                written.into_iter().map(|(t, k)| (t.to_owned(), k)).unzip();
-            statements.push((
-                "INSERT INTO lh_changes (ver, t, k) \
-                 SELECT coalesce(max(ver), 0) + 1, $1::text[], $2::bytea[] FROM lh_changes \
-                 RETURNING ver"
-                    .into(),
-                vec![Box::new(t), Box::new(k)],
-            ));
-        }
+        let change = logged.then(|| {
+            let (t, k) = written.into_iter().map(|(t, k)| (t.to_owned(), k)).unzip();
+            sql.change_row(t, k)
+        });
+        let statements: Vec<_> = sql.writes(change).into_iter().collect();
         let conn = self.conn.clone();
         let rows = self.exec(async move { pipelined(&conn, &statements, Some("COMMIT")).await })?;
         if !logged {
@@ -630,8 +640,10 @@ impl Session {
             .ok_or_else(|| StoreError::Corrupt("the change log gave no number".into()))
     }
 
-    fn statements(&self, tables: Vec<(&'static str, Writes)>) -> Vec<(String, Vec<Param>)> {
-        let mut statements: Vec<(String, Vec<Param>)> = Vec::new();
+    /// Buffered writes as parts of one statement: a delete and an upsert
+    /// per table (a key is in one or the other, once).
+    fn writes(&self, tables: Vec<(&'static str, Writes)>) -> Sql {
+        let mut sql = Sql::default();
         let mut log = self.written.lock().unwrap_or_else(|e| e.into_inner());
         for (table, writes) in tables {
             let (mut ks, mut rks, mut vs, mut gone) = (vec![], vec![], vec![], vec![]);
@@ -649,25 +661,10 @@ impl Session {
                     None => gone.push(k),
                 }
             }
-            if !gone.is_empty() {
-                statements.push((
-                    format!("DELETE FROM lh_{table} WHERE k = ANY($1::bytea[])"),
-                    vec![Box::new(gone)],
-                ));
-            }
-            if !ks.is_empty() {
-                statements.push((
-                    format!(
-                        "INSERT INTO lh_{table} (k, rk, v, logged) \
-                         SELECT k, rk, v, true \
-                         FROM unnest($1::bytea[], $2::bytea[], $3::bytea[]) AS u(k, rk, v) \
-                         ON CONFLICT (k) DO UPDATE SET rk = EXCLUDED.rk, v = EXCLUDED.v"
-                    ),
-                    vec![Box::new(ks), Box::new(rks), Box::new(vs)],
-                ));
-            }
+            sql.delete(table, gone);
+            sql.upsert(table, ks, rks, vs);
         }
-        statements
+        sql
     }
 }
 

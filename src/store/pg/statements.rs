@@ -1,5 +1,6 @@
 //! Statements sent together on one connection: pipelined (one round trip
-//! for many), and the selects that fetch named rows ahead.
+//! for many); statements made of parts (a transaction's writes, all
+//! tables at once); and the one select that fetches named rows ahead.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -45,68 +46,117 @@ pub(super) async fn pipelined(
     Ok(rows)
 }
 
-/// One statement per table fetching the rows `wants` names.
-pub(super) fn selects(wants: &BTreeMap<&'static str, Vec<Vec<u8>>>) -> Vec<(String, Vec<Param>)> {
-    wants
-        .iter()
-        .map(|(t, keys)| {
-            let keys: Param = Box::new(keys.clone());
-            (
-                format!("SELECT k, v FROM lh_{t} WHERE k = ANY($1::bytea[])"),
-                vec![keys],
-            )
-        })
-        .collect()
-}
-
-pub(super) fn fetched(
-    wants: &BTreeMap<&'static str, Vec<Vec<u8>>>,
-    answers: impl Iterator<Item = Vec<tokio_postgres::Row>>,
-) -> Fetched {
-    wants
-        .iter()
-        .zip(answers)
-        .map(|((t, keys), rows)| {
-            let found = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            (*t, keys.clone(), found)
-        })
-        .collect()
-}
-
 /// Rows of ranges fetched ahead, by (table, lo, hi): (key, redb key, value).
 pub(in crate::store) type Ranges = HashMap<(&'static str, Vec<u8>, Vec<u8>), Vec<Raw>>;
 pub(in crate::store) type Raw = (Vec<u8>, Vec<u8>, Vec<u8>);
 
-/// One statement per range named, fetching its every row (an index range
-/// scan each; one statement joining many ranges' bounds cost more than
-/// several of these, measured).
-fn range_selects(wants: &[RangeWant]) -> Vec<(String, Vec<Param>)> {
-    wants
-        .iter()
-        .map(|(t, lo, hi)| {
-            let params: Vec<Param> = vec![Box::new(lo.clone()), Box::new(hi.clone())];
-            (
-                format!("SELECT k, rk, v FROM lh_{t} WHERE k >= $1 AND k < $2 ORDER BY k"),
-                params,
-            )
-        })
-        .collect()
+/// One statement made of parts, numbering the parameters they bind.
+#[derive(Default)]
+pub(super) struct Sql {
+    parts: Vec<String>,
+    params: Vec<Param>,
 }
 
-/// The answers of [`range_selects`]: every range named, with its rows
-/// (none for an empty one).
-fn ranges_fetched(wants: &[RangeWant], answers: impl Iterator<Item = Vec<Row>>) -> Ranges {
-    wants
-        .iter()
-        .zip(answers)
-        .map(|((t, lo, hi), rows)| {
-            let rows = rows
-                .iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect();
-            ((*t, lo.clone(), hi.clone()), rows)
-        })
-        .collect()
+impl Sql {
+    /// `p` as the next parameter: its placeholder.
+    pub(super) fn bind(&mut self, p: Param) -> String {
+        self.params.push(p);
+        format!("${}", self.params.len())
+    }
+
+    pub(super) fn part(&mut self, sql: String) {
+        self.parts.push(sql);
+    }
+
+    /// Delete `keys` from `table`.
+    pub(super) fn delete(&mut self, table: &str, keys: Vec<Vec<u8>>) {
+        if keys.is_empty() {
+            return;
+        }
+        let keys = self.bind(Box::new(keys));
+        self.part(format!(
+            "DELETE FROM lh_{table} WHERE k = ANY({keys}::bytea[])"
+        ));
+    }
+
+    /// Insert or replace rows of `table` (marked as logged: schema 4).
+    pub(super) fn upsert(
+        &mut self,
+        table: &str,
+        ks: Vec<Vec<u8>>,
+        rks: Vec<Vec<u8>>,
+        vs: Vec<Vec<u8>>,
+    ) {
+        if ks.is_empty() {
+            return;
+        }
+        let (ks, rks, vs) = (
+            self.bind(Box::new(ks)),
+            self.bind(Box::new(rks)),
+            self.bind(Box::new(vs)),
+        );
+        self.part(format!(
+            "INSERT INTO lh_{table} (k, rk, v, logged) \
+             SELECT k, rk, v, true \
+             FROM unnest({ks}::bytea[], {rks}::bytea[], {vs}::bytea[]) AS u(k, rk, v) \
+             ON CONFLICT (k) DO UPDATE SET rk = EXCLUDED.rk, v = EXCLUDED.v"
+        ));
+    }
+
+    /// Prune the change log below `ver`.
+    pub(super) fn prune_changes(&mut self, ver: i64) {
+        let ver = self.bind(Box::new(ver));
+        self.part(format!("DELETE FROM lh_changes WHERE ver < {ver}"));
+    }
+
+    /// The statement appending a change row naming the (table, key) pairs
+    /// written, returning its number: one past the newest in the
+    /// statement's snapshot, which a prune in the same statement does not
+    /// change (and the chain head's lock keeps every other writer out).
+    pub(super) fn change_row(&mut self, tables: Vec<String>, keys: Vec<Vec<u8>>) -> String {
+        let (t, k) = (self.bind(Box::new(tables)), self.bind(Box::new(keys)));
+        format!(
+            "INSERT INTO lh_changes (ver, t, k) \
+             SELECT coalesce(max(ver), 0) + 1, {t}::text[], {k}::bytea[] FROM lh_changes \
+             RETURNING ver"
+        )
+    }
+
+    /// The parts as one query: each a `SELECT` of the same columns.
+    fn union(self) -> (String, Vec<Param>) {
+        (self.parts.join(" UNION ALL "), self.params)
+    }
+
+    /// The parts (each an `INSERT`, `UPDATE` or `DELETE`) as one statement
+    /// ending in `last` (which returns what the statement returns), or
+    /// `None` for no parts and no `last`. Each part of a `WITH` runs once
+    /// and to completion, all on the statement's one snapshot: no two
+    /// parts may touch the same row.
+    pub(super) fn writes(mut self, last: Option<String>) -> Option<(String, Vec<Param>)> {
+        let last = match last {
+            Some(l) => l,
+            None if self.parts.len() == 1 => self.parts.pop()?,
+            None if self.parts.is_empty() => return None,
+            None => "SELECT 1".to_owned(),
+        };
+        if self.parts.is_empty() {
+            return Some((last, self.params));
+        }
+        let with: Vec<String> = self
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("w{i} AS ({p})"))
+            .collect();
+        Some((format!("WITH {} {last}", with.join(", ")), self.params))
+    }
+}
+
+/// What one part of [`Ahead::statement`] fetches.
+enum Part {
+    Rows(&'static str),
+    Ranges(&'static str),
+    Pointed,
 }
 
 /// What is fetched ahead in one round trip: named rows by table, named
@@ -133,38 +183,110 @@ impl Ahead {
         self.keys.is_empty() && self.ranges.is_empty() && self.pointed.is_empty()
     }
 
-    /// The statements fetching it, rows first.
-    pub(super) fn statements(&self) -> Vec<(String, Vec<Param>)> {
-        let mut out = selects(&self.keys);
-        out.extend(range_selects(&self.ranges));
-        // a `task_leases` key is the task's id then the lease's, 16 bytes
-        // each (`kv::OrdKey`); a lease's key is its id. The keys are
-        // gathered first, then looked up by the primary key (a join lets
-        // the planner scan the whole table)
-        out.extend(self.pointed.iter().map(|(lo, hi)| {
-            let params: Vec<Param> = vec![Box::new(lo.clone()), Box::new(hi.clone())];
-            (
-                "SELECT k, v FROM lh_leases WHERE k = ANY(ARRAY(\
-                 SELECT substring(k FROM 17 FOR 16) FROM lh_task_leases \
-                 WHERE k >= $1 AND k < $2))"
-                    .to_owned(),
-                params,
-            )
-        }));
+    /// The ranges named, by table.
+    fn ranges_by_table(&self) -> BTreeMap<&'static str, Vec<&RangeWant>> {
+        let mut out: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        for r in &self.ranges {
+            out.entry(r.0).or_default().push(r);
+        }
         out
     }
 
-    /// What [`Ahead::statements`] answered.
-    pub(super) fn answers(&self, answers: impl Iterator<Item = Vec<Row>>) -> (Fetched, Ranges) {
-        let mut answers = answers;
-        let mut rows = fetched(&self.keys, answers.by_ref());
-        let ranges = ranges_fetched(&self.ranges, answers.by_ref());
+    /// The one statement fetching it all (a statement is a snapshot of
+    /// its own, and each statement costs the server and the node more than
+    /// the rows it returns): a union of a select per table of named rows,
+    /// one per table of ranges (an index range scan per range, by a
+    /// lateral join over their bounds) and one for the lease records that
+    /// `task_leases` ranges point to. Each row is (part, range, key, redb
+    /// key, value); the text depends only on which tables are named, so
+    /// few statements are prepared.
+    pub(super) fn statement(&self) -> (String, Vec<Param>) {
+        let mut sql = Sql::default();
+        for (i, (t, keys)) in self.keys.iter().enumerate() {
+            let keys = sql.bind(Box::new(keys.clone()));
+            sql.part(format!(
+                "SELECT {i}::int4, 0::int8, k, NULL::bytea, v FROM lh_{t} WHERE k = ANY({keys}::bytea[])"
+            ));
+        }
+        let ranges = self.ranges_by_table();
+        for (j, (t, want)) in ranges.iter().enumerate() {
+            let (lo, hi) = bounds(want.iter().map(|(_, lo, hi)| (lo, hi)), &mut sql);
+            sql.part(format!(
+                "SELECT {}::int4, b.i, r.k, r.rk, r.v \
+                 FROM unnest({lo}::bytea[], {hi}::bytea[]) WITH ORDINALITY AS b(lo, hi, i) \
+                 CROSS JOIN LATERAL (SELECT k, rk, v FROM lh_{t} WHERE k >= b.lo AND k < b.hi) AS r",
+                self.keys.len() + j
+            ));
+        }
+        if !self.pointed.is_empty() {
+            // a `task_leases` key is the task's id then the lease's, 16
+            // bytes each (`kv::OrdKey`); a lease's key is its id. The keys
+            // are gathered first, then looked up by the primary key (a
+            // join lets the planner scan the whole table)
+            let (lo, hi) = bounds(self.pointed.iter().map(|(lo, hi)| (lo, hi)), &mut sql);
+            sql.part(format!(
+                "SELECT {}::int4, 0::int8, k, NULL::bytea, v FROM lh_leases WHERE k = ANY(ARRAY(\
+                 SELECT substring(x.k FROM 17 FOR 16) \
+                 FROM unnest({lo}::bytea[], {hi}::bytea[]) AS b(lo, hi) \
+                 CROSS JOIN LATERAL (SELECT k FROM lh_task_leases WHERE k >= b.lo AND k < b.hi) AS x))",
+                self.keys.len() + ranges.len()
+            ));
+        }
+        sql.union()
+    }
+
+    /// What [`Ahead::statement`] answered: the rows named (each asked key,
+    /// and those found), and every range named with its rows in order.
+    pub(super) fn answers(&self, rows: &[Row]) -> (Fetched, Ranges) {
+        let ranges = self.ranges_by_table();
+        let parts: Vec<Part> = self
+            .keys
+            .keys()
+            .map(|t| Part::Rows(t))
+            .chain(ranges.keys().map(|t| Part::Ranges(t)))
+            .chain((!self.pointed.is_empty()).then_some(Part::Pointed))
+            .collect();
+        let mut found: Vec<Vec<(Vec<u8>, Vec<u8>)>> = vec![Vec::new(); parts.len()];
+        let mut in_range: HashMap<(usize, i64), Vec<Raw>> = HashMap::new();
+        for r in rows {
+            let part = usize::try_from(r.get::<_, i32>(0)).unwrap_or(usize::MAX);
+            match parts.get(part) {
+                Some(Part::Ranges(_)) => in_range.entry((part, r.get(1))).or_default().push((
+                    r.get(2),
+                    r.get(3),
+                    r.get(4),
+                )),
+                Some(_) => found[part].push((r.get(2), r.get(4))),
+                None => {}
+            }
+        }
         use redb::TableHandle as _;
         let leases = super::super::kv::pg_name(super::super::schema::LEASES.name());
-        for found in answers.take(self.pointed.len()) {
-            let found = found.iter().map(|r| (r.get(0), r.get(1))).collect();
-            rows.push((leases, Vec::new(), found));
+        let mut fetched = Fetched::new();
+        let mut fetched_ranges = Ranges::new();
+        for (part, (p, rows)) in parts.iter().zip(found).enumerate() {
+            match p {
+                Part::Rows(t) => fetched.push((t, self.keys[t].clone(), rows)),
+                Part::Pointed => fetched.push((leases, Vec::new(), rows)),
+                Part::Ranges(t) => {
+                    for (i, (_, lo, hi)) in (1i64..).zip(&ranges[t]) {
+                        let mut rows = in_range.remove(&(part, i)).unwrap_or_default();
+                        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                        fetched_ranges.insert((*t, lo.clone(), hi.clone()), rows);
+                    }
+                }
+            }
         }
-        (rows, ranges)
+        (fetched, fetched_ranges)
     }
+}
+
+/// Ranges' bounds bound as two arrays: their placeholders.
+fn bounds<'a>(
+    ranges: impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)>,
+    sql: &mut Sql,
+) -> (String, String) {
+    let (lo, hi): (Vec<Vec<u8>>, Vec<Vec<u8>>) =
+        ranges.map(|(lo, hi)| (lo.clone(), hi.clone())).unzip();
+    (sql.bind(Box::new(lo)), sql.bind(Box::new(hi)))
 }

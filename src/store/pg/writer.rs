@@ -171,7 +171,9 @@ fn begin(
             ),
         };
         let mut statements = vec![lock, log];
-        statements.extend(wants.statements());
+        if !wants.is_empty() {
+            statements.push(wants.statement());
+        }
         let (b, answers) = futures_util::join!(
             conn.batch("BEGIN"),
             pipelined(conn, &statements, None)
@@ -192,7 +194,11 @@ fn begin(
             Some(_) => Seen::Since(log.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()),
             None => Seen::Newest(log.first().map(|r| r.get(0)).unwrap_or(0)),
         };
-        Ok((head, seen, wants.answers(answers)))
+        Ok((
+            head,
+            seen,
+            wants.answers(&answers.next().unwrap_or_default()),
+        ))
     })
 }
 
@@ -223,8 +229,8 @@ fn ahead(memory: &Memory, jobs: &[Job]) -> Ahead {
 
 /// Fetch what `wants` names, in the transaction begun (one round trip).
 async fn fetch(conn: &Conn, wants: &Ahead) -> Result<(Fetched, Ranges), StoreError> {
-    let answers = pipelined(conn, &wants.statements(), None).await?;
-    Ok(wants.answers(answers.into_iter()))
+    let answers = pipelined(conn, &[wants.statement()], None).await?;
+    Ok(wants.answers(answers.first().map_or(&[][..], Vec::as_slice)))
 }
 
 fn end(rt: &tokio::runtime::Runtime, conn: &Arc<Conn>, commit: bool) -> Result<(), StoreError> {
