@@ -2057,6 +2057,25 @@ async fn postgres_a_snapshot_with_nothing_else_to_read_has_its_leases_and_ends_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_connections_plan_by_the_primary_key_once() {
+    let store = Backing::postgres().await;
+    let s = store.open();
+    // a plan made while a table is small must not scan it once it is
+    // large, and a union of lookups must not be planned at every call
+    let show =
+        |name: &str| -> String { pg_backend(&s).sql(&format!("SHOW {name}")).unwrap()[0].get(0) };
+    assert_eq!(show("plan_cache_mode"), "force_generic_plan");
+    assert_eq!(show("enable_seqscan"), "off");
+    let plan: Vec<String> = pg_backend(&s)
+        .sql("EXPLAIN SELECT k, v FROM lh_tasks WHERE k = ANY('{}'::bytea[])")
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(plan.iter().any(|l| l.contains("Index")), "{plan:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_one_fetch_gives_each_range_its_own_rows() {
     let store = Backing::postgres().await;
     let s = store.open();

@@ -105,17 +105,19 @@ impl Conn {
 
 /// A new connection (its task runs on the runtime this is awaited on).
 ///
-/// Its prepared statements keep one generic plan each: the store's
-/// statements look rows up by key and ranges by bounds, whatever the
-/// parameters, and left to choose, the server plans a union of such
-/// lookups afresh at every call (it costs more than running it).
+/// The store's statements look rows up by key and ranges by bounds,
+/// whatever the parameters: each keeps one generic plan (left to choose,
+/// the server plans a union of such lookups afresh at every call, which
+/// costs more than running it), and that plan uses the primary key (one
+/// made while a table was small would scan it whole for as long as the
+/// plan lives, however large the table grows).
 async fn open(connector: &leasehold_provider_postgres::Pool) -> Result<Arc<Conn>, StoreError> {
     let client = connector
         .connect()
         .await
         .map_err(|e| StoreError::Io(e.message))?;
     client
-        .batch_execute("SET plan_cache_mode = force_generic_plan")
+        .batch_execute("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off")
         .await
         .map_err(|e| pg_err(&e))?;
     Ok(Arc::new(Conn::new(client)))
