@@ -39,6 +39,9 @@ pub(in crate::store) fn pg_err(e: &tokio_postgres::Error) -> StoreError {
     ))
 }
 
+/// Statements a connection keeps prepared, at most.
+const MAX_PREPARED: usize = 256;
+
 /// One connection and its prepared statements.
 pub(in crate::store) struct Conn {
     client: Client,
@@ -68,6 +71,11 @@ impl Conn {
         }
         let s = self.client.prepare(sql).await?;
         if let Ok(mut m) = self.statements.lock() {
+            // a batch's text depends on the tables it writes: past this
+            // many, start over (a statement no one holds is closed)
+            if m.len() >= MAX_PREPARED {
+                m.clear();
+            }
             m.insert(sql.to_owned(), s.clone());
         }
         Ok(s)
@@ -520,10 +528,12 @@ impl Session {
         cache.entry(table).or_default().insert(k.to_vec(), v);
     }
 
-    /// Fetch what `wants` names into what this transaction knows, all in
-    /// one round trip (a reader's first query begins its snapshot). With
-    /// `last`, a reader's snapshot also ends in that round trip: what it
-    /// reads afterwards and did not fetch comes from a newer one.
+    /// Fetch what `wants` names into what this transaction knows, in one
+    /// statement (a reader's first query begins its snapshot). With
+    /// `last`, a reader's snapshot also ends in that round trip (one that
+    /// had not begun is that one statement, with no transaction around
+    /// it): what it reads afterwards and did not fetch comes from a newer
+    /// one.
     pub(in crate::store) fn prefetch(&self, wants: &Ahead, last: bool) -> Result<(), StoreError> {
         if wants.is_empty() {
             return Ok(());

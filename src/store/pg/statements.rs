@@ -59,12 +59,12 @@ pub(super) struct Sql {
 
 impl Sql {
     /// `p` as the next parameter: its placeholder.
-    pub(super) fn bind(&mut self, p: Param) -> String {
+    fn bind(&mut self, p: Param) -> String {
         self.params.push(p);
         format!("${}", self.params.len())
     }
 
-    pub(super) fn part(&mut self, sql: String) {
+    fn part(&mut self, sql: String) {
         self.parts.push(sql);
     }
 
