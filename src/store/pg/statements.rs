@@ -152,10 +152,11 @@ impl Sql {
     }
 }
 
-/// What one part of [`Ahead::statement`] fetches.
-enum Part {
-    Rows(&'static str),
-    Ranges(&'static str),
+/// What one part of [`Ahead::statement`] fetches: the rows named in a
+/// table, the ranges named in a table, or the leases ranges point to.
+enum Part<'a> {
+    Rows(&'static str, &'a [Vec<u8>]),
+    Ranges(&'static str, Vec<&'a RangeWant>),
     Pointed,
 }
 
@@ -183,13 +184,18 @@ impl Ahead {
         self.keys.is_empty() && self.ranges.is_empty() && self.pointed.is_empty()
     }
 
-    /// The ranges named, by table.
-    fn ranges_by_table(&self) -> BTreeMap<&'static str, Vec<&RangeWant>> {
-        let mut out: BTreeMap<_, Vec<_>> = BTreeMap::new();
+    /// Its parts, in the order [`Ahead::statement`] numbers them.
+    fn parts(&self) -> Vec<Part<'_>> {
+        let mut ranges: BTreeMap<&'static str, Vec<&RangeWant>> = BTreeMap::new();
         for r in &self.ranges {
-            out.entry(r.0).or_default().push(r);
+            ranges.entry(r.0).or_default().push(r);
         }
-        out
+        self.keys
+            .iter()
+            .map(|(t, keys)| Part::Rows(t, keys))
+            .chain(ranges.into_iter().map(|(t, want)| Part::Ranges(t, want)))
+            .chain((!self.pointed.is_empty()).then_some(Part::Pointed))
+            .collect()
     }
 
     /// The one statement fetching it all (a statement is a snapshot of
@@ -202,35 +208,38 @@ impl Ahead {
     /// few statements are prepared.
     pub(super) fn statement(&self) -> (String, Vec<Param>) {
         let mut sql = Sql::default();
-        for (i, (t, keys)) in self.keys.iter().enumerate() {
-            let keys = sql.bind(Box::new(keys.clone()));
-            sql.part(format!(
-                "SELECT {i}::int4, 0::int8, k, NULL::bytea, v FROM lh_{t} WHERE k = ANY({keys}::bytea[])"
-            ));
-        }
-        let ranges = self.ranges_by_table();
-        for (j, (t, want)) in ranges.iter().enumerate() {
-            let (lo, hi) = bounds(want.iter().map(|(_, lo, hi)| (lo, hi)), &mut sql);
-            sql.part(format!(
-                "SELECT {}::int4, b.i, r.k, r.rk, r.v \
-                 FROM unnest({lo}::bytea[], {hi}::bytea[]) WITH ORDINALITY AS b(lo, hi, i) \
-                 CROSS JOIN LATERAL (SELECT k, rk, v FROM lh_{t} WHERE k >= b.lo AND k < b.hi) AS r",
-                self.keys.len() + j
-            ));
-        }
-        if !self.pointed.is_empty() {
-            // a `task_leases` key is the task's id then the lease's, 16
-            // bytes each (`kv::OrdKey`); a lease's key is its id. The keys
-            // are gathered first, then looked up by the primary key (a
-            // join lets the planner scan the whole table)
-            let (lo, hi) = bounds(self.pointed.iter().map(|(lo, hi)| (lo, hi)), &mut sql);
-            sql.part(format!(
-                "SELECT {}::int4, 0::int8, k, NULL::bytea, v FROM lh_leases WHERE k = ANY(ARRAY(\
-                 SELECT substring(x.k FROM 17 FOR 16) \
-                 FROM unnest({lo}::bytea[], {hi}::bytea[]) AS b(lo, hi) \
-                 CROSS JOIN LATERAL (SELECT k FROM lh_task_leases WHERE k >= b.lo AND k < b.hi) AS x))",
-                self.keys.len() + ranges.len()
-            ));
+        for (i, part) in self.parts().into_iter().enumerate() {
+            let select = match part {
+                Part::Rows(t, keys) => {
+                    let keys = sql.bind(Box::new(keys.to_vec()));
+                    format!(
+                        "SELECT {i}::int4, 0::int8, k, NULL::bytea, v FROM lh_{t} \
+                         WHERE k = ANY({keys}::bytea[])"
+                    )
+                }
+                Part::Ranges(t, want) => {
+                    let (lo, hi) = bounds(want.iter().map(|(_, lo, hi)| (lo, hi)), &mut sql);
+                    format!(
+                        "SELECT {i}::int4, b.i, r.k, r.rk, r.v \
+                         FROM unnest({lo}::bytea[], {hi}::bytea[]) WITH ORDINALITY AS b(lo, hi, i) \
+                         CROSS JOIN LATERAL (SELECT k, rk, v FROM lh_{t} WHERE k >= b.lo AND k < b.hi) AS r"
+                    )
+                }
+                // a `task_leases` key is the task's id then the lease's, 16
+                // bytes each (`kv::OrdKey`); a lease's key is its id. The
+                // keys are gathered first, then looked up by the primary
+                // key (a join lets the planner scan the whole table)
+                Part::Pointed => {
+                    let (lo, hi) = bounds(self.pointed.iter().map(|(lo, hi)| (lo, hi)), &mut sql);
+                    format!(
+                        "SELECT {i}::int4, 0::int8, k, NULL::bytea, v FROM lh_leases WHERE k = ANY(ARRAY(\
+                         SELECT substring(x.k FROM 17 FOR 16) \
+                         FROM unnest({lo}::bytea[], {hi}::bytea[]) AS b(lo, hi) \
+                         CROSS JOIN LATERAL (SELECT k FROM lh_task_leases WHERE k >= b.lo AND k < b.hi) AS x))"
+                    )
+                }
+            };
+            sql.part(select);
         }
         sql.union()
     }
@@ -238,20 +247,13 @@ impl Ahead {
     /// What [`Ahead::statement`] answered: the rows named (each asked key,
     /// and those found), and every range named with its rows in order.
     pub(super) fn answers(&self, rows: &[Row]) -> (Fetched, Ranges) {
-        let ranges = self.ranges_by_table();
-        let parts: Vec<Part> = self
-            .keys
-            .keys()
-            .map(|t| Part::Rows(t))
-            .chain(ranges.keys().map(|t| Part::Ranges(t)))
-            .chain((!self.pointed.is_empty()).then_some(Part::Pointed))
-            .collect();
+        let parts = self.parts();
         let mut found: Vec<Vec<(Vec<u8>, Vec<u8>)>> = vec![Vec::new(); parts.len()];
         let mut in_range: HashMap<(usize, i64), Vec<Raw>> = HashMap::new();
         for r in rows {
             let part = usize::try_from(r.get::<_, i32>(0)).unwrap_or(usize::MAX);
             match parts.get(part) {
-                Some(Part::Ranges(_)) => in_range.entry((part, r.get(1))).or_default().push((
+                Some(Part::Ranges(..)) => in_range.entry((part, r.get(1))).or_default().push((
                     r.get(2),
                     r.get(3),
                     r.get(4),
@@ -264,15 +266,15 @@ impl Ahead {
         let leases = super::super::kv::pg_name(super::super::schema::LEASES.name());
         let mut fetched = Fetched::new();
         let mut fetched_ranges = Ranges::new();
-        for (part, (p, rows)) in parts.iter().zip(found).enumerate() {
+        for (part, (p, rows)) in parts.into_iter().zip(found).enumerate() {
             match p {
-                Part::Rows(t) => fetched.push((t, self.keys[t].clone(), rows)),
+                Part::Rows(t, keys) => fetched.push((t, keys.to_vec(), rows)),
                 Part::Pointed => fetched.push((leases, Vec::new(), rows)),
-                Part::Ranges(t) => {
-                    for (i, (_, lo, hi)) in (1i64..).zip(&ranges[t]) {
+                Part::Ranges(t, want) => {
+                    for (i, (_, lo, hi)) in (1i64..).zip(want) {
                         let mut rows = in_range.remove(&(part, i)).unwrap_or_default();
                         rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-                        fetched_ranges.insert((*t, lo.clone(), hi.clone()), rows);
+                        fetched_ranges.insert((t, lo.clone(), hi.clone()), rows);
                     }
                 }
             }
