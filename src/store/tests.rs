@@ -2641,3 +2641,60 @@ async fn retention_removes_finished_jobs_with_their_claims(store: Backing) {
     let (jobs, _) = s.write(|t| t.remove_ended_jobs(50, 100)).await.unwrap();
     assert_eq!(jobs, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_reader_connection_the_server_closed_while_idle_is_not_handed_out() {
+    let store = Backing::postgres().await;
+    let s = store.open();
+    s.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
+    // a read leaves its connection idle in the pool
+    assert!(s.read().unwrap().task(1).unwrap().is_some());
+    eventually(5, "the reader's connection back in the pool", || {
+        pg_backend(&s).db().pool_stats() == (1, 1)
+    })
+    .await;
+    // the server ends every other connection of the store's user
+    pg_backend(&s)
+        .sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE usename = current_user AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // the idle connection took in the server's goodbye: the next read gets
+    // a new connection instead of failing on the dead one
+    let r = s.read().unwrap();
+    assert_eq!(r.task(1).unwrap().unwrap().id, 1);
+}
+
+/// A reader's connection is driven by the thread that waits on it, which
+/// is often a runtime's worker (a request handler): its I/O must not spend
+/// that task's cooperative budget, which is given back only when the task
+/// yields, and the task does not yield while it waits.
+#[test]
+fn postgres_a_reader_connection_driven_inside_a_task_reads_past_its_budget() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt.block_on(Backing::postgres());
+    let s = store.open();
+    rt.block_on(s.write(|t| t.create_task(&task(1, 100_000))))
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // many reads, one after another, within one poll of one task
+    rt.spawn(async move {
+        let r = s.read().unwrap();
+        let found = (0..400u128)
+            .filter(|id| r.task(*id).unwrap().is_some())
+            .count();
+        let _ = tx.send(found);
+    });
+    let found = rx.recv_timeout(std::time::Duration::from_secs(60));
+    // a task stuck in a loop would keep the runtime from shutting down
+    rt.shutdown_background();
+    let found =
+        found.expect("400 reads (each a round trip) within one task's poll did not finish in 60 s");
+    assert_eq!(found, 1);
+}

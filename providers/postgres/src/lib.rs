@@ -47,7 +47,7 @@ pub use acl::ACL_CEILING;
 pub(crate) use acl::grants_on_an_object;
 pub use config::{ConfigError, PostgresConfig, PostgresRole, TlsMode, is_local};
 pub use kind::KIND;
-pub use pool::{Pool, db_message};
+pub use pool::{Driver, Pool, db_message};
 use pool::{classify, concurrent_update};
 use template::{Template, Values};
 

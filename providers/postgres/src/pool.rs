@@ -122,7 +122,25 @@ impl Pool {
 
     /// A new connection, outside the pool's count (the caller manages it).
     pub async fn connect(&self) -> Result<Client, ProviderError> {
-        self.connect_with(None).await
+        let (client, _) = self.connect_with(Run::Spawned).await?;
+        Ok(client)
+    }
+
+    /// A new connection whose I/O runs only while its caller polls the
+    /// returned [`Driver`] (alongside the client's requests), on the
+    /// caller's own thread, instead of in a task of its own: a caller that
+    /// waits for each answer saves a thread's wake-up per request. Left
+    /// unpolled, it reads nothing, so it notices being closed only when
+    /// next polled. The socket stays with the runtime this is awaited on,
+    /// which must keep running. The driver is polled unconstrained by
+    /// tokio's cooperative budget: a caller blocking inside a task of
+    /// another runtime would otherwise spend that task's budget and never
+    /// get it back.
+    pub async fn connect_driven(&self) -> Result<(Client, Driver), ProviderError> {
+        let (client, driver) = self.connect_with(Run::Driven).await?;
+        driver
+            .map(|d| (client, d))
+            .ok_or_else(|| ProviderError::permanent("the connection gave no driver"))
     }
 
     /// A new connection whose `NOTIFY` messages (after a `LISTEN`) arrive
@@ -137,13 +155,11 @@ impl Pool {
         ProviderError,
     > {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        Ok((self.connect_with(Some(tx)).await?, rx))
+        let (client, _) = self.connect_with(Run::Listening(tx)).await?;
+        Ok((client, rx))
     }
 
-    async fn connect_with(
-        &self,
-        notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
-    ) -> Result<Client, ProviderError> {
+    async fn connect_with(&self, run: Run) -> Result<(Client, Option<Driver>), ProviderError> {
         let password = self.password()?;
         let mut c = tokio_postgres::Config::new();
         c.host(&self.cfg.host)
@@ -161,8 +177,8 @@ impl Pool {
             ))
         };
         match &self.tls {
-            None => open(&c, tokio_postgres::NoTls, wait, &unreachable, notify).await,
-            Some(tls) => open(&c, tls.clone(), wait, &unreachable, notify).await,
+            None => open(&c, tokio_postgres::NoTls, wait, &unreachable, run).await,
+            Some(tls) => open(&c, tls.clone(), wait, &unreachable, run).await,
         }
     }
 
@@ -186,15 +202,29 @@ impl Pool {
     }
 }
 
-/// Connect with a TLS mode (plain or rustls) and run the connection in the
-/// background.
+/// A connection's I/O, for its caller to poll (see [`Pool::connect_driven`]).
+/// It ends when the connection does.
+pub type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// How a new connection's I/O runs.
+enum Run {
+    /// In a task of its own.
+    Spawned,
+    /// In a task of its own, handing `NOTIFY` messages on.
+    Listening(tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>),
+    /// Wherever the caller polls its [`Driver`].
+    Driven,
+}
+
+/// Connect with a TLS mode (plain or rustls) and run the connection as
+/// `run` says.
 async fn open<T>(
     c: &tokio_postgres::Config,
     tls: T,
     wait: Duration,
     unreachable: &(dyn Fn(String) -> ProviderError + Sync),
-    notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
-) -> Result<Client, ProviderError>
+    run: Run,
+) -> Result<(Client, Option<Driver>), ProviderError>
 where
     T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
     T::Stream: Send + 'static,
@@ -203,15 +233,23 @@ where
         .await
         .map_err(|_| unreachable("timed out".into()))?
         .map_err(|e| connect_error(&e, unreachable))?;
-    match notify {
-        None => {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "management connection closed");
-                }
-            });
+    let closed = |e: tokio_postgres::Error| {
+        tracing::debug!(error = %e, "management connection closed");
+    };
+    match run {
+        Run::Spawned => {
+            tokio::spawn(async move { conn.await.unwrap_or_else(closed) });
         }
-        Some(tx) => {
+        Run::Driven => {
+            // unconstrained: its user may poll it from inside a task of
+            // another runtime, blocking there, where a spent cooperative
+            // budget would never be given back
+            let driver: Driver = Box::pin(tokio::task::unconstrained(async move {
+                conn.await.unwrap_or_else(closed)
+            }));
+            return Ok((client, Some(driver)));
+        }
+        Run::Listening(tx) => {
             tokio::spawn(async move {
                 let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
                 while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
@@ -231,7 +269,7 @@ where
             });
         }
     }
-    Ok(client)
+    Ok((client, None))
 }
 
 /// Authentication failures are the operator's to fix; anything else at

@@ -22,7 +22,8 @@ use tokio::sync::{broadcast, watch};
 
 use super::super::StoreError;
 use super::PgOptions;
-use super::session::{Conn, Db, Param, pg_err};
+use super::conn::Conn;
+use super::session::{Db, Param, pg_err};
 
 pub(super) const DDL: &str = "
 CREATE TABLE IF NOT EXISTS lh_leader (

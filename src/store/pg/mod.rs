@@ -16,6 +16,7 @@
 //!   transaction.
 
 mod cluster;
+mod conn;
 mod memory;
 mod session;
 mod statements;
@@ -41,7 +42,8 @@ use super::reader::KvReader;
 use super::schema::{self, TABLES};
 use super::seam::Reader;
 use super::{Backend, CommitStats, Job, QUEUE_DEPTH, Sealer, StoreError, StoreKey, StoreOptions};
-use session::{Conn, Db, Param, pg_err};
+use conn::Conn;
+use session::{Db, Param, pg_err};
 
 /// A PostgreSQL store's schema version (its own sequence: redb's layout is
 /// mirrored table for table, and this counts what PostgreSQL adds).

@@ -1,11 +1,12 @@
-//! Connections to PostgreSQL and the sessions that run a store
-//! transaction over one (the tables over a session are `table.rs`).
+//! The pool of readers' connections (`conn.rs` is one connection) and the
+//! sessions that run a store transaction over one (the tables over a
+//! session are `table.rs`).
 //!
 //! The store's operations are synchronous (a closure over a transaction),
-//! so every query here is run to completion on the backend's own runtime
-//! and waited for: from the writer thread directly, from any other thread
-//! (a request handler inside the broker's runtime, a test's runtime) by
-//! handing the query to that runtime and blocking on its answer.
+//! so every query here is run to completion and waited for: the writer's
+//! on its own runtime, on its thread; a reader's on the thread that waits
+//! for it (a request handler inside the broker's runtime, a test's
+//! runtime), which drives its connection meanwhile (`conn.rs`).
 //!
 //! A write session buffers its writes per table and sends them, all
 //! tables in one statement (a delete and an upsert per table), before a
@@ -15,16 +16,17 @@
 //! Rows named ahead are fetched by one statement too (`statements.rs`):
 //! each statement costs the server and the node more than its rows do.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Row, Statement};
+use tokio_postgres::{Client, Row};
 
 use super::super::StoreError;
+use super::conn::{Conn, drive, open};
 use super::memory::Rows;
 use super::statements::{Ahead, Ranges, Raw, Sql, pipelined};
 
@@ -37,98 +39,6 @@ pub(in crate::store) fn pg_err(e: &tokio_postgres::Error) -> StoreError {
         "PostgreSQL: {}",
         leasehold_provider_postgres::db_message(e)
     ))
-}
-
-/// Statements a connection keeps prepared, at most.
-const MAX_PREPARED: usize = 256;
-
-/// One connection and its prepared statements.
-pub(in crate::store) struct Conn {
-    client: Client,
-    statements: Mutex<HashMap<String, Statement>>,
-}
-
-impl Conn {
-    fn new(client: Client) -> Self {
-        Self {
-            client,
-            statements: Mutex::new(HashMap::new()),
-        }
-    }
-
-    pub(in crate::store) fn is_closed(&self) -> bool {
-        self.client.is_closed()
-    }
-
-    pub(super) async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
-        if let Some(s) = self
-            .statements
-            .lock()
-            .ok()
-            .and_then(|m| m.get(sql).cloned())
-        {
-            return Ok(s);
-        }
-        let s = self.client.prepare(sql).await?;
-        if let Ok(mut m) = self.statements.lock() {
-            // a batch's text depends on the tables it writes: past this
-            // many, start over (a statement no one holds is closed)
-            if m.len() >= MAX_PREPARED {
-                m.clear();
-            }
-            m.insert(sql.to_owned(), s.clone());
-        }
-        Ok(s)
-    }
-
-    pub(in crate::store) async fn query(
-        &self,
-        sql: &str,
-        params: &[Param],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let st = self.statement(sql).await?;
-        let refs: Vec<&(dyn ToSql + Sync)> = params
-            .iter()
-            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        self.client.query(&st, &refs).await
-    }
-
-    pub(super) async fn query_prepared(
-        &self,
-        st: &Statement,
-        params: &[Param],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let refs: Vec<&(dyn ToSql + Sync)> = params
-            .iter()
-            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        self.client.query(st, &refs).await
-    }
-
-    pub(in crate::store) async fn batch(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
-        self.client.batch_execute(sql).await
-    }
-}
-
-/// A new connection (its task runs on the runtime this is awaited on).
-///
-/// The store's statements look rows up by key and ranges by bounds,
-/// whatever the parameters: each keeps one generic plan (left to choose,
-/// the server plans a union of such lookups afresh at every call, which
-/// costs more than running it), and that plan uses the primary key (one
-/// made while a table was small would scan it whole for as long as the
-/// plan lives, however large the table grows).
-async fn open(connector: &leasehold_provider_postgres::Pool) -> Result<Arc<Conn>, StoreError> {
-    let client = connector
-        .connect()
-        .await
-        .map_err(|e| StoreError::Io(e.message))?;
-    client
-        .batch_execute("SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off")
-        .await
-        .map_err(|e| pg_err(&e))?;
-    Ok(Arc::new(Conn::new(client)))
 }
 
 /// The database: its runtime, how to connect, and a bounded set of
@@ -184,7 +94,7 @@ impl Db {
     /// A new connection of its own (the writer's, the leader's).
     pub(in crate::store) fn connect(&self) -> Result<Arc<Conn>, StoreError> {
         let connector = self.connector.clone();
-        self.block(async move { open(&connector).await })
+        self.block(async move { open(&connector, false).await })
     }
 
     /// Readers' connections: open, and idle among them.
@@ -200,7 +110,7 @@ impl Db {
 
     /// A new connection, from async code on the database's runtime.
     pub(in crate::store) async fn connect_async(&self) -> Result<Arc<Conn>, StoreError> {
-        open(&self.connector).await
+        open(&self.connector, false).await
     }
 
     /// A connection listening on `channel`, and its notifications.
@@ -233,7 +143,8 @@ impl Db {
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         let conn = self.checkout()?;
-        let r = self.block(f(conn.clone()));
+        let (c, fut) = (conn.clone(), f(conn.clone()));
+        let r = self.block(async move { drive(&c, fut).await });
         self.checkin(conn);
         r
     }
@@ -270,7 +181,8 @@ impl Db {
                 open = self.freed.wait_timeout(open, left).map_err(|_| busy())?.0;
             }
         }
-        match self.connect() {
+        let connector = self.connector.clone();
+        match self.block(async move { open(&connector, true).await }) {
             Ok(c) => Ok(c),
             Err(e) => {
                 if let Ok(mut open) = self.open.lock() {
@@ -369,6 +281,8 @@ impl Session {
         &self,
         f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        let f = async move { drive(&conn, f).await };
         match &self.local {
             Some(rt) => rt.block_on(f),
             None => futures_executor::block_on(f),
@@ -682,15 +596,19 @@ impl Session {
 
 impl Drop for Session {
     /// A reader's snapshot ends and its connection goes back to the pool,
-    /// without making the dropping thread wait.
+    /// without making the dropping thread wait: one that never began a
+    /// transaction has nothing to end, so it goes back at once.
     fn drop(&mut self) {
         if !self.reader {
             return;
         }
         let (db, conn) = (self.db.clone(), self.conn.clone());
-        let began = self.began.load(Ordering::Relaxed);
+        if !self.began.load(Ordering::Relaxed) {
+            db.checkin(conn);
+            return;
+        }
         self.db.rt.spawn(async move {
-            if began && conn.batch("COMMIT").await.is_err() {
+            if drive(&conn, conn.batch("COMMIT")).await.is_err() {
                 // a connection that cannot end its transaction is not reused
                 return;
             }

@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use tokio_postgres::Row;
 
 use super::super::{RangeWant, Reads, StoreError};
+use super::conn::Conn;
 use super::memory::Fetched;
-use super::session::{Conn, Param, pg_err};
+use super::session::{Param, pg_err};
 
 /// Send `statements` (then `last`, a simple statement such as `COMMIT`)
 /// pipelined: one round trip, in this order (each is prepared first, so

@@ -17,8 +17,9 @@ use super::super::kv::Source;
 use super::super::lifecycle::ChainHead;
 use super::super::txn::KvTxn;
 use super::super::{CommitHook, CommitStats, GroupCommit, Job, MAX_BATCH, Reads, StoreError};
+use super::conn::Conn;
 use super::memory::{CATCH_UP_ROWS, Fetched, KEEP_CHANGES, Memory, Seen};
-use super::session::{Conn, Db, Param, Session, pg_err};
+use super::session::{Db, Param, Session, pg_err};
 use super::statements::{Ahead, Ranges, pipelined};
 use super::{bytes, meta_key};
 
