@@ -361,18 +361,44 @@ fn cpu_seconds_of(path: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds this whole machine has been busy (every core, every
+/// process: brokers, database, load generator), from `/proc/stat`.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait
+    let busy: f64 =
+        f.iter().take(8).sum::<f64>() - f.get(3).unwrap_or(&0.0) - f.get(4).unwrap_or(&0.0);
+    busy / 100.0
+}
+
 /// One measuring round: the rate of `done` over `seconds`, and the CPU time
-/// the brokers and this process spent per unit done (us).
-async fn measure_round(servers: &[Server], done: &AtomicU64, seconds: u64) -> (f64, f64, f64) {
+/// the brokers, this process and the whole machine spent per unit done (us).
+async fn measure_round(servers: &[Server], done: &AtomicU64, seconds: u64) -> (f64, f64, f64, f64) {
     let cpu = || servers.iter().map(Server::cpu_seconds).sum::<f64>();
     let (n0, t0) = (done.load(Ordering::Relaxed), Instant::now());
-    let (s0, c0) = (cpu(), cpu_seconds_of("/proc/self/stat"));
+    let (s0, c0, m0) = (
+        cpu(),
+        cpu_seconds_of("/proc/self/stat"),
+        machine_busy_seconds(),
+    );
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let n = (done.load(Ordering::Relaxed) - n0) as f64;
     let rate = n / t0.elapsed().as_secs_f64();
-    let s_us = (cpu() - s0) * 1e6 / n.max(1.0);
-    let c_us = (cpu_seconds_of("/proc/self/stat") - c0) * 1e6 / n.max(1.0);
-    (rate, s_us, c_us)
+    let per = |d: f64| d * 1e6 / n.max(1.0);
+    (
+        rate,
+        per(cpu() - s0),
+        per(cpu_seconds_of("/proc/self/stat") - c0),
+        per(machine_busy_seconds() - m0),
+    )
 }
 
 struct Server {
@@ -556,6 +582,8 @@ impl Conn {
 struct Load {
     rates: Vec<f64>,
     server_cpu: Vec<f64>,
+    /// The whole machine's busy CPU per unit done (us).
+    machine_cpu: Vec<f64>,
     p50: f64,
     p99: f64,
     ops_per_commit: f64,
@@ -670,16 +698,17 @@ async fn drive(
     }
     tokio::time::sleep(Duration::from_secs(2)).await; // warm-up
     let mut rates = Vec::new();
-    let (mut server_cpu, mut client_cpu) = (Vec::new(), Vec::new());
+    let (mut server_cpu, mut client_cpu, mut machine_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
-        let (rate, s_us, c_us) = measure_round(servers, &done, seconds).await;
+        let (rate, s_us, c_us, m_us) = measure_round(servers, &done, seconds).await;
         println!(
-            "  {label} round {}: {rate:.0} leases/s; CPU per lease: broker {s_us:.0} us, load generator {c_us:.0} us",
+            "  {label} round {}: {rate:.0} leases/s; CPU per lease: broker {s_us:.0} us, load generator {c_us:.0} us, whole machine {m_us:.0} us",
             r + 1
         );
         rates.push(rate);
         server_cpu.push(s_us);
         client_cpu.push(c_us);
+        machine_cpu.push(m_us);
     }
     stop.store(true, Ordering::Relaxed);
     let mut lat = Vec::new();
@@ -698,6 +727,7 @@ async fn drive(
     Ok(Load {
         rates,
         server_cpu,
+        machine_cpu,
         p50: percentile(&mut lat, 0.5),
         p99: percentile(&mut lat, 0.99),
         ops_per_commit: ops / commits.max(1.0),
@@ -926,6 +956,20 @@ async fn ha(
         redb.ops_per_commit,
         one.ops_per_commit,
         three.ops_per_commit,
+    );
+    // what the whole machine (brokers, database, load generator) spends
+    // per cycle, and the rate its cores would allow at that cost
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let machine = [&mut redb, &mut one, &mut three].map(|l| median(&mut l.machine_cpu));
+    println!(
+        "ha CPU: whole machine ({cores:.0} cores) busy per task cycle: redb {:.0} us, PostgreSQL x1 {:.0} us, x3 {:.0} us; \
+         so even with every core busy, at most {:.0}, {:.0} and {:.0} task cycles/s",
+        machine[0],
+        machine[1],
+        machine[2],
+        cores * 1e6 / machine[0].max(1.0),
+        cores * 1e6 / machine[1].max(1.0),
+        cores * 1e6 / machine[2].max(1.0),
     );
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -2092,7 +2136,8 @@ async fn calls_throughput(
     let (mut rates, mut server_cpu) = (Vec::new(), Vec::new());
     measuring.store(true, Ordering::Relaxed);
     for r in 0..rounds {
-        let (rate, s_us, c_us) = measure_round(std::slice::from_ref(&server), &done, seconds).await;
+        let (rate, s_us, c_us, _) =
+            measure_round(std::slice::from_ref(&server), &done, seconds).await;
         println!(
             "  round {}: {rate:.0} decisions with leases/s; CPU per call: broker {s_us:.0} us, load generator {c_us:.0} us",
             r + 1

@@ -151,7 +151,7 @@ fn vault() {
 
 #[test]
 fn ha() {
-    bench(&[
+    let out = bench(&[
         "ha",
         "--clients",
         "2",
@@ -162,6 +162,9 @@ fn ha() {
         "--failovers",
         "1",
     ]);
+    assert!(out.contains("3 on one PostgreSQL"), "{out}");
+    assert!(out.contains("whole machine"), "{out}");
+    assert!(out.contains("ha failover: median"), "{out}");
 }
 
 #[test]
