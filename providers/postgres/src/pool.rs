@@ -122,7 +122,8 @@ impl Pool {
 
     /// A new connection, outside the pool's count (the caller manages it).
     pub async fn connect(&self) -> Result<Client, ProviderError> {
-        let (client, _) = self.connect_with(Run::Spawned).await?;
+        let (client, io) = self.connect_with(None).await?;
+        tokio::spawn(io);
         Ok(client)
     }
 
@@ -132,15 +133,13 @@ impl Pool {
     /// waits for each answer saves a thread's wake-up per request. Left
     /// unpolled, it reads nothing, so it notices being closed only when
     /// next polled. The socket stays with the runtime this is awaited on,
-    /// which must keep running. The driver is polled unconstrained by
-    /// tokio's cooperative budget: a caller blocking inside a task of
-    /// another runtime would otherwise spend that task's budget and never
-    /// get it back.
+    /// which must keep running.
     pub async fn connect_driven(&self) -> Result<(Client, Driver), ProviderError> {
-        let (client, driver) = self.connect_with(Run::Driven).await?;
-        driver
-            .map(|d| (client, d))
-            .ok_or_else(|| ProviderError::permanent("the connection gave no driver"))
+        let (client, io) = self.connect_with(None).await?;
+        // unconstrained by tokio's cooperative budget: a caller blocking on
+        // it inside a task of another runtime would spend that task's
+        // budget, which is given back only when the task yields
+        Ok((client, Box::pin(tokio::task::unconstrained(io))))
     }
 
     /// A new connection whose `NOTIFY` messages (after a `LISTEN`) arrive
@@ -155,11 +154,16 @@ impl Pool {
         ProviderError,
     > {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (client, _) = self.connect_with(Run::Listening(tx)).await?;
+        let (client, io) = self.connect_with(Some(tx)).await?;
+        tokio::spawn(io);
         Ok((client, rx))
     }
 
-    async fn connect_with(&self, run: Run) -> Result<(Client, Option<Driver>), ProviderError> {
+    /// A new connection and its I/O, for the caller to run.
+    async fn connect_with(
+        &self,
+        notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+    ) -> Result<(Client, Driver), ProviderError> {
         let password = self.password()?;
         let mut c = tokio_postgres::Config::new();
         c.host(&self.cfg.host)
@@ -177,8 +181,8 @@ impl Pool {
             ))
         };
         match &self.tls {
-            None => open(&c, tokio_postgres::NoTls, wait, &unreachable, run).await,
-            Some(tls) => open(&c, tls.clone(), wait, &unreachable, run).await,
+            None => open(&c, tokio_postgres::NoTls, wait, &unreachable, notify).await,
+            Some(tls) => open(&c, tls.clone(), wait, &unreachable, notify).await,
         }
     }
 
@@ -202,29 +206,20 @@ impl Pool {
     }
 }
 
-/// A connection's I/O, for its caller to poll (see [`Pool::connect_driven`]).
-/// It ends when the connection does.
+/// A connection's I/O: it ends when the connection does. Polled by a task
+/// of its own or, for [`Pool::connect_driven`], by the connection's user.
 pub type Driver = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// How a new connection's I/O runs.
-enum Run {
-    /// In a task of its own.
-    Spawned,
-    /// In a task of its own, handing `NOTIFY` messages on.
-    Listening(tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>),
-    /// Wherever the caller polls its [`Driver`].
-    Driven,
-}
-
-/// Connect with a TLS mode (plain or rustls) and run the connection as
-/// `run` says.
+/// Connect with a TLS mode (plain or rustls). The connection's I/O is
+/// returned for the caller to run; with `notify`, it hands `NOTIFY`
+/// messages on.
 async fn open<T>(
     c: &tokio_postgres::Config,
     tls: T,
     wait: Duration,
     unreachable: &(dyn Fn(String) -> ProviderError + Sync),
-    run: Run,
-) -> Result<(Client, Option<Driver>), ProviderError>
+    notify: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
+) -> Result<(Client, Driver), ProviderError>
 where
     T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
     T::Stream: Send + 'static,
@@ -233,43 +228,31 @@ where
         .await
         .map_err(|_| unreachable("timed out".into()))?
         .map_err(|e| connect_error(&e, unreachable))?;
-    let closed = |e: tokio_postgres::Error| {
-        tracing::debug!(error = %e, "management connection closed");
-    };
-    match run {
-        Run::Spawned => {
-            tokio::spawn(async move { conn.await.unwrap_or_else(closed) });
-        }
-        Run::Driven => {
-            // unconstrained: its user may poll it from inside a task of
-            // another runtime, blocking there, where a spent cooperative
-            // budget would never be given back
-            let driver: Driver = Box::pin(tokio::task::unconstrained(async move {
-                conn.await.unwrap_or_else(closed)
-            }));
-            return Ok((client, Some(driver)));
-        }
-        Run::Listening(tx) => {
-            tokio::spawn(async move {
-                let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-                while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
-                    match m {
-                        Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                            if tx.send(n).is_err() {
-                                break;
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            tracing::debug!(error = %e, "listening connection closed");
+    let io: Driver = match notify {
+        None => Box::pin(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "management connection closed");
+            }
+        }),
+        Some(tx) => Box::pin(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+                match m {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if tx.send(n).is_err() {
                             break;
                         }
                     }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "listening connection closed");
+                        break;
+                    }
                 }
-            });
-        }
-    }
-    Ok((client, None))
+            }
+        }),
+    };
+    Ok((client, io))
 }
 
 /// Authentication failures are the operator's to fix; anything else at

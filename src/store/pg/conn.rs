@@ -85,11 +85,7 @@ impl Conn {
         params: &[Param],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
         let st = self.statement(sql).await?;
-        let refs: Vec<&(dyn ToSql + Sync)> = params
-            .iter()
-            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
-            .collect();
-        self.client.query(&st, &refs).await
+        self.query_prepared(&st, params).await
     }
 
     pub(super) async fn query_prepared(
@@ -111,6 +107,7 @@ impl Conn {
 
 /// Run `f` (which uses `conn`) to completion, driving `conn`'s I/O
 /// meanwhile if its user drives it (see the module).
+///
 /// Two users of one connection take turns: the second's requests are sent
 /// once the first is answered.
 pub(in crate::store) async fn drive<T>(conn: &Conn, f: impl Future<Output = T>) -> T {

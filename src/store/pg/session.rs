@@ -281,11 +281,13 @@ impl Session {
         &self,
         f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let conn = self.conn.clone();
-        let f = async move { drive(&conn, f).await };
         match &self.local {
+            // the writer's connection runs its I/O on this runtime
             Some(rt) => rt.block_on(f),
-            None => futures_executor::block_on(f),
+            None => {
+                let conn = self.conn.clone();
+                futures_executor::block_on(async move { drive(&conn, f).await })
+            }
         }
     }
 
