@@ -408,6 +408,11 @@ pub struct CommitStats {
 /// and hands out read snapshots. redb is the one backend (`writer.rs`).
 trait Backend: Send + Sync {
     fn read(&self) -> Result<Reader, StoreError>;
+    /// What `reads` names, from rows this node committed lately, if it
+    /// has them all (see [`Store::read_recent`]; `None` here).
+    fn read_recent(&self, _reads: &Reads) -> Option<Reader> {
+        None
+    }
     /// Run `job` alone on the calling thread and answer it before
     /// returning, if the backend can do that now (`queued`: jobs wait for
     /// its writer); else hand it back for the queue.
@@ -603,6 +608,18 @@ impl Store {
     /// A consistent snapshot for reads.
     pub fn read(&self) -> Result<Reader, StoreError> {
         self.inner.backend.read()
+    }
+
+    /// What `reads` names, as this node's writer last committed it, with
+    /// no round trip to the database; `None` unless it has all of it (on
+    /// PostgreSQL; redb reads are memory reads anyway). A task's range of
+    /// leases holds those it has, possibly not all. Stale where another
+    /// node has changed a row since, so only for reads that render ahead
+    /// what the write then checks against what it stores
+    /// (`audit::ahead_or`), and for facts that never change once written
+    /// (whose task it is).
+    pub fn read_recent(&self, reads: &Reads) -> Option<Reader> {
+        self.inner.backend.read_recent(reads)
     }
 }
 

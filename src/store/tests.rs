@@ -2057,6 +2057,65 @@ async fn postgres_a_snapshot_with_nothing_else_to_read_has_its_leases_and_ends_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_recent_rows_answer_what_the_node_committed_until_another_changes_them() {
+    let store = Backing::postgres().await;
+    let a = Store::open(&store.options_as("a", 1), &key()).unwrap();
+    let b = Store::open(&store.options_as("b", 1), &key()).unwrap();
+    let reads = || {
+        super::Reads::default()
+            .task(1)
+            .leases_of_task(1)
+            .and_nothing_else()
+    };
+    a.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
+    active_lease(&a, 10, 1, 50_000).await;
+    active_lease(&a, 11, 1, 60_000).await;
+    // a committed the task and its leases: its recent rows answer as a
+    // snapshot does, with no connection of their own
+    let pool = pg_backend(&a).db().pool_stats();
+    let r = a.read_recent(&reads()).expect("a committed all of it");
+    let (task1, leases) = (r.task(1).unwrap(), r.task_leases(1).unwrap());
+    assert_eq!(
+        pg_backend(&a).db().pool_stats(),
+        pool,
+        "it took a connection"
+    );
+    let snap = a.read().unwrap();
+    assert_eq!(task1, snap.task(1).unwrap());
+    assert_eq!(leases, snap.task_leases(1).unwrap());
+    assert_eq!(leases.len(), 2);
+    drop(snap);
+    // what was not named is not read from the database
+    assert!(r.task(2).is_err());
+    // b committed none of it; a redb store never answers
+    assert!(b.read_recent(&reads()).is_none());
+    let redb = Backing::redb();
+    let local = redb.open();
+    local
+        .write(|t| t.create_task(&task(1, 100_000)))
+        .await
+        .unwrap();
+    assert!(local.read_recent(&reads()).is_none());
+    // b completes the task: a's rows are stale (never ahead) until a's
+    // writer next reads the change log, then forgotten
+    b.write(|t| t.complete_task(1, 5, 6, &local_token()))
+        .await
+        .unwrap();
+    let stale = a.read_recent(&reads()).expect("a has not read the log yet");
+    assert_eq!(stale.task(1).unwrap().unwrap().state, TaskState::Open);
+    a.write(|t| t.create_task(&task(2, 100_000))).await.unwrap();
+    assert!(
+        a.read_recent(&reads()).is_none(),
+        "a still answers from rows b changed"
+    );
+    // and what a commits again is answered again
+    a.write(|t| t.create_task(&task(3, 100_000))).await.unwrap();
+    let three = super::Reads::default().task(3).and_nothing_else();
+    let r = a.read_recent(&three).expect("a committed task 3");
+    assert_eq!(r.task(3).unwrap().unwrap(), task(3, 100_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store_connections_plan_by_the_primary_key_once() {
     let store = Backing::postgres().await;
     let s = store.open();

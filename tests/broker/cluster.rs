@@ -328,6 +328,59 @@ async fn any_node_serves_any_request_and_fences_and_policy_reach_every_node() {
     verify(n2, &admin).await;
 }
 
+/// A node completes a task from what it committed of it (no read of the
+/// database: `Store::read_recent`), so what it renders ahead can be
+/// stale: here another node revoked one of the task's leases meanwhile.
+/// The completion still revokes only what was active, each lease ends
+/// once on the chain, and the task's event counts what it revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_from_rows_another_node_changed_since_ends_each_lease_once() {
+    let b = Brokers::start(2).await;
+    let (a, admin) = (b.token("assistant-a"), b.token("admin"));
+    let [n0, n1] = [&b.nodes[0].remote, &b.nodes[1].remote];
+    let task = open_task(n0, &a, 600).await;
+    let ids: Vec<String> = [
+        lease(n0, &a, &task, 300).await,
+        lease(n0, &a, &task, 300).await,
+    ]
+    .iter()
+    .map(|l| {
+        l["lease_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{l}"))
+            .to_owned()
+    })
+    .collect();
+    let revoked = n1
+        .post(&admin, &format!("/v1/leases/{}/revoke", ids[0]), None)
+        .await;
+    assert_eq!(revoked["state"], "revoked", "{revoked}");
+    let done = n0
+        .post(&a, &format!("/v1/tasks/{task}/complete"), None)
+        .await;
+    assert_eq!(done["state"], "completed", "{done}");
+    let listed: Vec<&str> = done["revoked"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{done}"))
+        .iter()
+        .filter_map(|l| l["lease_id"].as_str())
+        .collect();
+    assert_eq!(listed, [ids[1].as_str()], "{done}");
+    ended_once(n1, &admin, &ids).await;
+    let story = n1
+        .get(&admin, &format!("/v1/events?task={task}&limit=100"))
+        .await;
+    let completed: Vec<&Value> = story["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "task.completed")
+        .collect();
+    assert_eq!(completed.len(), 1, "{story}");
+    assert_eq!(completed[0]["data"]["revoked"], 1, "{story}");
+    verify(n0, &admin).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_hands_its_duties_over_and_loses_nothing() {
     let mut b = Brokers::start(3).await;

@@ -332,15 +332,23 @@ impl Broker {
         ctx: &Ctx,
     ) -> Result<CompletionReport, BrokerError> {
         let caller = Caller::Workload(std::sync::Arc::new(w.clone()));
-        // one snapshot for the task and its leases (on PostgreSQL, begun,
-        // fetched and ended in one round trip)
-        let r = self.store.read()?;
-        r.prefetch(
-            &crate::store::Reads::default()
-                .task(id.0)
-                .leases_of_task(id.0)
-                .and_nothing_else(),
-        )?;
+        // the task and its leases: whose task it is never changes, and
+        // they are read only to render events ahead, which the write
+        // checks against what it stores. So what this node committed of
+        // them lately will do (on PostgreSQL: no round trip); else one
+        // snapshot (begun, fetched and ended in one round trip)
+        let reads = crate::store::Reads::default()
+            .task(id.0)
+            .leases_of_task(id.0)
+            .and_nothing_else();
+        let r = match self.store.read_recent(&reads) {
+            Some(r) => r,
+            None => {
+                let r = self.store.read()?;
+                r.prefetch(&reads)?;
+                r
+            }
+        };
         let task = Self::visible_task_in(&r, &caller, id)?;
         let now = self.clock.now().unix_millis();
         let claim_until = now.saturating_add(self.claim_window_ms());

@@ -16,6 +16,9 @@
 //! trips per task cycle, each while the cluster's one lock is held.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::recent::Recent;
 
 /// The change log. `t` and `k` are parallel: table names and keys.
 pub(super) const DDL: &str = "
@@ -61,9 +64,24 @@ pub(super) struct Memory {
     /// remembered.
     seen: Option<i64>,
     batches: u64,
+    /// The node's committed rows of a few tables, which forget what this
+    /// memory learns others changed (`recent.rs`).
+    recent: Arc<Recent>,
 }
 
 impl Memory {
+    pub(super) fn new(recent: Arc<Recent>) -> Self {
+        Self {
+            recent,
+            ..Self::default()
+        }
+    }
+
+    fn clear(&mut self) {
+        self.rows.clear();
+        self.recent.clear();
+    }
+
     /// The last change seen (what to ask the log for next).
     pub(super) fn seen(&self) -> Option<i64> {
         self.seen
@@ -73,7 +91,7 @@ impl Memory {
     pub(super) fn catch_up(&mut self, seen: Seen) {
         match seen {
             Seen::Newest(v) => {
-                self.rows.clear();
+                self.clear();
                 self.seen = Some(v);
             }
             Seen::Since(changes) => {
@@ -90,12 +108,13 @@ impl Memory {
                 for (ver, tables, keys) in changes {
                     if ver != at + 1 {
                         // pruned past us: whatever happened in between is unknown
-                        self.rows.clear();
+                        self.clear();
                     }
                     for (t, k) in tables.iter().zip(&keys) {
                         if let Some(table) = self.rows.get_mut(t.as_str()) {
                             table.remove(k.as_slice());
                         }
+                        self.recent.forget(t, k);
                     }
                     at = ver;
                 }
@@ -147,7 +166,7 @@ impl Memory {
 
     /// A batch failed, or the connection went: nothing remembered is sure.
     pub(super) fn forget(&mut self) {
-        self.rows.clear();
+        self.clear();
         self.seen = None;
     }
 
@@ -172,6 +191,29 @@ mod tests {
         }
         m.keep(rows, None);
         m
+    }
+
+    #[test]
+    fn others_changes_are_forgotten_in_the_recent_rows_too() {
+        let recent = Arc::new(Recent::default());
+        let mut m = Memory::new(recent.clone());
+        m.catch_up(Seen::Newest(7));
+        let row = || Some((b"rk".to_vec(), b"v".to_vec()));
+        recent.committed(vec![
+            ("tasks", b"a".to_vec(), row()),
+            ("tasks", b"b".to_vec(), row()),
+        ]);
+        m.catch_up(Seen::Since(vec![(
+            8,
+            vec!["tasks".into()],
+            vec![b"a".to_vec()],
+        )]));
+        assert_eq!(recent.len(), 1, "b is still kept");
+        m.catch_up(Seen::Since(vec![(10, vec![], vec![])]));
+        assert_eq!(recent.len(), 0, "a gap forgets everything");
+        recent.committed(vec![("tasks", b"a".to_vec(), row())]);
+        m.forget();
+        assert_eq!(recent.len(), 0, "a failed batch forgets everything");
     }
 
     #[test]

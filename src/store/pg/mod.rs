@@ -18,6 +18,7 @@
 mod cluster;
 mod conn;
 mod memory;
+mod recent;
 mod session;
 mod statements;
 mod table;
@@ -108,6 +109,12 @@ impl Backend for PgBackend {
     fn read(&self) -> Result<Reader, StoreError> {
         let s = Session::reader(self.db.clone())?;
         Ok(Box::new(KvReader::new(ReadSource::Pg(Arc::new(s)))))
+    }
+
+    fn read_recent(&self, reads: &super::Reads) -> Option<Reader> {
+        let (rows, ranges) = self.db.recent.answer(&statements::Ahead::of(reads))?;
+        let s = Session::recent(self.db.clone(), rows, ranges);
+        Some(Box::new(KvReader::new(ReadSource::Pg(Arc::new(s)))))
     }
 
     fn sealer(&self) -> &Sealer {

@@ -28,6 +28,7 @@ use tokio_postgres::{Client, Row};
 use super::super::StoreError;
 use super::conn::{Conn, drive, open};
 use super::memory::Rows;
+use super::recent::{Recent, Write};
 use super::statements::{Ahead, Ranges, Raw, Sql, pipelined};
 
 /// An owned query parameter (queries run on another thread).
@@ -53,6 +54,8 @@ pub(in crate::store) struct Db {
     wait: Duration,
     /// `host:port/database`, for messages.
     pub(in crate::store) name: String,
+    /// What this node's writer last committed of a few tables.
+    pub(in crate::store) recent: Arc<Recent>,
 }
 
 impl Db {
@@ -73,6 +76,7 @@ impl Db {
             max: readers.max(1),
             wait,
             name,
+            recent: Arc::default(),
         }
     }
 
@@ -217,7 +221,8 @@ type Written = Vec<(&'static str, Vec<u8>)>;
 /// when the reader is dropped).
 pub(in crate::store) struct Session {
     db: Arc<Db>,
-    conn: Arc<Conn>,
+    /// `None`: a reader answered from the node's recent rows alone.
+    conn: Option<Arc<Conn>>,
     reader: bool,
     began: AtomicBool,
     pending: Mutex<Pending>,
@@ -230,6 +235,9 @@ pub(in crate::store) struct Session {
     /// The keys this transaction wrote, for the change log (the writer
     /// thread's sessions; `None`: not logged, as for `copy`'s).
     written: Mutex<Option<Written>>,
+    /// What it wrote of the tables the node keeps recent (`recent.rs`;
+    /// the writer thread's sessions).
+    kept: Mutex<Vec<Write>>,
     /// Ranges fetched ahead under the lock, until this transaction writes
     /// into one (a writer's session; used once each).
     ranges: Mutex<Ranges>,
@@ -260,12 +268,13 @@ impl Session {
     ) -> Self {
         Self {
             db,
-            conn,
+            conn: Some(conn),
             reader: false,
             began: AtomicBool::new(true),
             pending: Mutex::new(BTreeMap::new()),
             cache: Mutex::default(),
             written: Mutex::new(None),
+            kept: Mutex::default(),
             ranges: Mutex::default(),
             local,
             node: String::new(),
@@ -285,9 +294,34 @@ impl Session {
             // the writer's connection runs its I/O on this runtime
             Some(rt) => rt.block_on(f),
             None => {
-                let conn = self.conn.clone();
+                let conn = self.conn()?;
                 futures_executor::block_on(async move { drive(&conn, f).await })
             }
+        }
+    }
+
+    fn conn(&self) -> Result<Arc<Conn>, StoreError> {
+        self.conn
+            .clone()
+            .ok_or_else(|| StoreError::Io("a read past what this node's recent rows answer".into()))
+    }
+
+    /// A reader answered from this node's recent rows (`recent.rs`):
+    /// `rows` and `ranges` are all it knows, and it asks the database
+    /// nothing.
+    pub(super) fn recent(db: Arc<Db>, rows: Rows, ranges: Ranges) -> Self {
+        Self {
+            db,
+            conn: None,
+            reader: true,
+            began: AtomicBool::new(false),
+            pending: Mutex::new(BTreeMap::new()),
+            cache: Mutex::new(rows),
+            written: Mutex::new(None),
+            kept: Mutex::default(),
+            ranges: Mutex::new(ranges),
+            local: None,
+            node: String::new(),
         }
     }
 
@@ -295,12 +329,13 @@ impl Session {
         let conn = db.checkout()?;
         Ok(Self {
             db,
-            conn,
+            conn: Some(conn),
             reader: true,
             began: AtomicBool::new(false),
             pending: Mutex::new(BTreeMap::new()),
             cache: Mutex::default(),
             written: Mutex::new(None),
+            kept: Mutex::default(),
             ranges: Mutex::default(),
             local: None,
             node: String::new(),
@@ -322,7 +357,7 @@ impl Session {
     }
 
     pub(in crate::store) fn run(&self, sql: &'static str) -> Result<(), StoreError> {
-        let conn = self.conn.clone();
+        let conn = self.conn()?;
         self.exec(async move { conn.batch(sql).await.map_err(|e| pg_err(&e)) })
     }
 
@@ -353,6 +388,11 @@ impl Session {
             return None;
         }
         ranges.remove(&(table, lo.to_vec(), hi.to_vec()))
+    }
+
+    /// What this session wrote of the tables the node keeps recent.
+    pub(super) fn take_kept(&self) -> Vec<Write> {
+        std::mem::take(&mut *self.kept.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// What this session knows of the rows (given back to the node's
@@ -403,7 +443,7 @@ impl Session {
         params: Vec<Param>,
     ) -> Result<Vec<Row>, StoreError> {
         let begin = self.reader && !self.began.swap(true, Ordering::Relaxed);
-        let conn = self.conn.clone();
+        let conn = self.conn()?;
         self.exec(async move {
             if begin {
                 // sent together: one round trip for both
@@ -463,7 +503,7 @@ impl Session {
             self.began.store(true, Ordering::Relaxed);
         }
         let statements = [wants.statement()];
-        let conn = self.conn.clone();
+        let conn = self.conn()?;
         let answers = self.exec(async move {
             if begin {
                 let (b, q) = futures_util::join!(
@@ -531,7 +571,7 @@ impl Session {
         let Some(statement) = self.writes(tables).writes(None) else {
             return Ok(());
         };
-        let conn = self.conn.clone();
+        let conn = self.conn()?;
         self.exec(async move { pipelined(&conn, &[statement], None).await.map(|_| ()) })
     }
 
@@ -557,7 +597,7 @@ impl Session {
             sql.change_row(t, k)
         });
         let statements: Vec<_> = sql.writes(change).into_iter().collect();
-        let conn = self.conn.clone();
+        let conn = self.conn()?;
         let rows = self.exec(async move { pipelined(&conn, &statements, Some("COMMIT")).await })?;
         if !logged {
             return Ok(None);
@@ -573,12 +613,17 @@ impl Session {
     fn writes(&self, tables: Vec<(&'static str, Writes)>) -> Sql {
         let mut sql = Sql::default();
         let mut log = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
         for (table, writes) in tables {
+            let keep = log.is_some() && Recent::keeps(table);
             let (mut ks, mut rks, mut vs, mut gone) = (vec![], vec![], vec![], vec![]);
             for (k, e) in writes {
                 self.remember(table, &k, e.as_ref().map(|(_, v)| v.clone()));
                 if let Some(log) = log.as_mut() {
                     log.push((table, k.clone()));
+                }
+                if keep {
+                    kept.push((table, k.clone(), e.clone()));
                 }
                 match e {
                     Some((rk, v)) => {
@@ -604,7 +649,10 @@ impl Drop for Session {
         if !self.reader {
             return;
         }
-        let (db, conn) = (self.db.clone(), self.conn.clone());
+        let Some(conn) = self.conn.clone() else {
+            return;
+        };
+        let db = self.db.clone();
         if !self.began.load(Ordering::Relaxed) {
             db.checkin(conn);
             return;

@@ -49,7 +49,7 @@ pub(super) fn run(
         }
     };
     let mut conn: Option<Arc<Conn>> = None;
-    let mut memory = Memory::default();
+    let mut memory = Memory::new(db.recent.clone());
     let mut last = 0usize;
     while let Some(first) = rx.blocking_recv() {
         // take what is queued now: the rows they name are fetched in the
@@ -279,6 +279,7 @@ fn batch(
     let (entered, told) = match outcome {
         Ok((entered, ver)) => {
             memory.keep(session.take_rows(), ver);
+            db.recent.committed(session.take_kept());
             (Some(entered), Ok(()))
         }
         Err(e) => {

@@ -1,0 +1,250 @@
+//! What this node's writer last committed of the tasks, their lease index
+//! and the leases ([`Recent`]), shared with the node's request handlers.
+//!
+//! A task's completion reads the task and its leases only to render its
+//! events ahead of the writer (`audit::ahead_or`): its own transaction
+//! uses an event only if the record it was rendered from is the one
+//! stored, and renders again otherwise. So that read need not be a
+//! snapshot of the database: on the node that opened the task and leased
+//! under it, as a client's connection usually is, these rows answer it
+//! without a round trip ([`Recent::answer`]).
+//!
+//! The copy is of committed rows only, and true as of this node's last
+//! batch: a change another node makes is forgotten here when this node's
+//! writer next reads the change log (`memory.rs`), so a row may be stale,
+//! never ahead. A row this node deleted, or never wrote, is not known
+//! (not known absent): a read naming it asks the database.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use super::memory::Rows;
+use super::statements::{Ahead, Ranges, Raw};
+
+/// The tables kept (their PostgreSQL names, `kv::pg_name`).
+const KEPT: [&str; 3] = ["tasks", "task_leases", "leases"];
+
+/// Rows kept past this many are all forgotten: a bound on memory, about
+/// 8 MiB of typical rows.
+const MAX_ROWS: usize = 16_384;
+
+/// A committed write of a kept table: key, and (redb key, value) or
+/// `None` for a delete.
+pub(super) type Write = (&'static str, Vec<u8>, Option<(Vec<u8>, Vec<u8>)>);
+
+/// A table's rows: ordered key to (redb key, value).
+type Table = BTreeMap<Vec<u8>, (Vec<u8>, Vec<u8>)>;
+
+#[derive(Default)]
+pub(in crate::store) struct Recent {
+    tables: Mutex<(HashMap<&'static str, Table>, usize)>,
+}
+
+impl Recent {
+    /// Whether `table`'s writes are kept.
+    pub(super) fn keeps(table: &str) -> bool {
+        KEPT.contains(&table)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<&'static str, Table>, usize)> {
+        // a poisoned lock only means a panic elsewhere; the map is intact
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A batch of this node committed these writes.
+    pub(super) fn committed(&self, writes: Vec<Write>) {
+        if writes.is_empty() {
+            return;
+        }
+        let mut g = self.lock();
+        let (tables, n) = &mut *g;
+        for (t, k, e) in writes.into_iter().filter(|w| Self::keeps(w.0)) {
+            let table = tables.entry(t).or_default();
+            match e {
+                Some(row) => {
+                    if table.insert(k, row).is_none() {
+                        *n += 1;
+                    }
+                }
+                None => {
+                    if table.remove(&k).is_some() {
+                        *n -= 1;
+                    }
+                }
+            }
+        }
+        if *n > MAX_ROWS {
+            tables.clear();
+            *n = 0;
+        }
+    }
+
+    /// Another transaction of the cluster wrote `(table, k)`.
+    pub(super) fn forget(&self, table: &str, k: &[u8]) {
+        if !Self::keeps(table) {
+            return;
+        }
+        let mut g = self.lock();
+        let (tables, n) = &mut *g;
+        if tables.get_mut(table).and_then(|t| t.remove(k)).is_some() {
+            *n -= 1;
+        }
+    }
+
+    /// Nothing kept is sure any more (a gap in the change log, a failed
+    /// batch).
+    pub(super) fn clear(&self) {
+        let mut g = self.lock();
+        g.0.clear();
+        g.1 = 0;
+    }
+
+    /// The rows and ranges `wants` names, if every row it names, and every
+    /// lease its pointed ranges hold, is kept (ranges hold what is kept of
+    /// them: possibly not all).
+    pub(super) fn answer(&self, wants: &Ahead) -> Option<(Rows, Ranges)> {
+        let g = self.lock();
+        let tables = &g.0;
+        let mut rows = Rows::new();
+        for (t, keys) in &wants.keys {
+            let table = tables.get(t)?;
+            let found = rows.entry(t).or_default();
+            for k in keys {
+                found.insert(k.clone(), Some(table.get(k)?.1.clone()));
+            }
+        }
+        let in_range = |t: &str, lo: &[u8], hi: &[u8]| -> Option<Vec<Raw>> {
+            let table = tables.get(t)?;
+            Some(
+                table
+                    .range(lo.to_vec()..hi.to_vec())
+                    .map(|(k, (rk, v))| (k.clone(), rk.clone(), v.clone()))
+                    .collect(),
+            )
+        };
+        let mut ranges = Ranges::new();
+        for (t, lo, hi) in &wants.ranges {
+            if !Self::keeps(t) {
+                return None;
+            }
+            ranges.insert((t, lo.clone(), hi.clone()), in_range(t, lo, hi)?);
+        }
+        for (lo, hi) in &wants.pointed {
+            let leases = tables.get("leases")?;
+            let found = rows.entry("leases").or_default();
+            // a `task_leases` key is the task's id then the lease's, 16
+            // bytes each; a lease's key is its id (`kv::OrdKey`)
+            for (k, _, _) in in_range("task_leases", lo, hi)? {
+                let id = k.get(16..32)?;
+                found.insert(id.to_vec(), Some(leases.get(id)?.1.clone()));
+            }
+        }
+        Some((rows, ranges))
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.lock().1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(task: u8, lease: u8) -> Vec<u8> {
+        let mut k = vec![0; 32];
+        k[15] = task;
+        k[31] = lease;
+        k
+    }
+
+    fn id(n: u8) -> Vec<u8> {
+        let mut k = vec![0; 16];
+        k[15] = n;
+        k
+    }
+
+    fn row(v: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+        Some((b"rk".to_vec(), v.as_bytes().to_vec()))
+    }
+
+    /// Task 1 with leases 7 and 8.
+    fn kept() -> Recent {
+        let r = Recent::default();
+        r.committed(vec![
+            ("tasks", id(1), row("task 1")),
+            ("task_leases", key(1, 7), row("")),
+            ("task_leases", key(1, 8), row("")),
+            ("leases", id(7), row("lease 7")),
+            ("leases", id(8), row("lease 8")),
+            ("task_leases", key(2, 9), row("")),
+        ]);
+        r
+    }
+
+    fn wants_task(task: u8) -> Ahead {
+        let (lo, mut hi) = (key(task, 0), key(task, 0xFF));
+        hi.extend_from_slice(&[0xFF; 8]);
+        Ahead {
+            keys: BTreeMap::from([("tasks", vec![id(task)])]),
+            ranges: vec![("task_leases", lo.clone(), hi.clone())],
+            pointed: vec![(lo, hi)],
+        }
+    }
+
+    #[test]
+    fn a_task_and_its_leases_are_answered_from_what_was_committed() {
+        let r = kept();
+        let (rows, ranges) = r.answer(&wants_task(1)).expect("all kept");
+        assert_eq!(rows["tasks"][&id(1)], Some(b"task 1".to_vec()));
+        assert_eq!(rows["leases"][&id(7)], Some(b"lease 7".to_vec()));
+        assert_eq!(rows["leases"][&id(8)], Some(b"lease 8".to_vec()));
+        let (_, range) = ranges.into_iter().next().expect("one range");
+        let keys: Vec<_> = range.into_iter().map(|(k, _, _)| k).collect();
+        // another task's index row is not in the range
+        assert_eq!(keys, vec![key(1, 7), key(1, 8)]);
+    }
+
+    #[test]
+    fn a_row_another_node_wrote_is_not_answered() {
+        let r = kept();
+        r.forget("leases", &id(8));
+        assert!(r.answer(&wants_task(1)).is_none(), "lease 8 is not known");
+        r.forget("tasks", &id(1));
+        assert!(r.answer(&wants_task(1)).is_none());
+        assert_eq!(r.len(), 4);
+    }
+
+    #[test]
+    fn a_deleted_row_is_not_known_absent() {
+        let r = kept();
+        r.committed(vec![("tasks", id(1), None)]);
+        assert!(r.answer(&wants_task(1)).is_none());
+    }
+
+    #[test]
+    fn a_table_not_kept_is_never_answered() {
+        let r = kept();
+        r.committed(vec![("task_active", id(1), row("1"))]);
+        let mut wants = wants_task(1);
+        wants.keys.insert("task_active", vec![id(1)]);
+        assert!(r.answer(&wants).is_none());
+        assert_eq!(r.len(), 6, "task_active's row is not kept");
+    }
+
+    #[test]
+    fn clearing_and_growing_past_the_bound_forget_everything() {
+        let r = kept();
+        r.clear();
+        assert!(r.answer(&wants_task(1)).is_none());
+        let r = kept();
+        r.committed(
+            (0..=MAX_ROWS as u64)
+                .map(|i| ("leases", i.to_be_bytes().to_vec(), row("")))
+                .collect(),
+        );
+        assert_eq!(r.len(), 0);
+        assert!(r.answer(&wants_task(1)).is_none());
+    }
+}
