@@ -143,7 +143,9 @@ impl From<StoreError> for BrokerError {
                 },
                 // leader-only work refused to a deposed leader: the store
                 // did its job, this node may not do this one
-                c @ Conflict::NotLeader(_) => Self::Store(StoreError::Conflict(c)),
+                c @ (Conflict::NotLeader(_) | Conflict::Stale) => {
+                    Self::Store(StoreError::Conflict(c))
+                }
             },
             other => Self::Store(other),
         }

@@ -73,6 +73,9 @@ pub struct Loaded {
     pub version: String,
     pub files: Vec<String>,
     pub policy_count: usize,
+    /// Whether any policy reads the workload's count of active leases
+    /// (`context.workload_active_leases`).
+    pub(super) reads_workload_active: bool,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -159,7 +162,9 @@ impl Loaded {
         let actions = ACTIONS
             .map(|a| EntityUid::from_type_name_and_id(action_type.clone(), EntityId::new(a)));
         let slices = slice(&set, &entities, &actions)?;
+        let reads_workload_active = Reads::of(set.policies()).wants("workload_active_leases");
         Ok(Self {
+            reads_workload_active,
             set,
             slices,
             empty: Slice {

@@ -93,6 +93,12 @@ impl PolicyEngine {
         Ok(next)
     }
 
+    /// Whether a decision may read `context.workload_active_leases` (any
+    /// policy in force reads it, or decisions are not sliced).
+    pub fn reads_workload_active(&self) -> bool {
+        !self.slicing || self.current().reads_workload_active
+    }
+
     pub fn current(&self) -> Arc<Loaded> {
         match self.current.read() {
             Ok(c) => c.clone(),

@@ -42,6 +42,10 @@ pub enum Conflict {
     /// (a deposed leader's late write).
     #[error("this broker no longer leads the cluster (epoch {0})")]
     NotLeader(u64),
+    /// What a decision was made on changed before its write (the request
+    /// decides again, on a snapshot).
+    #[error("what the decision read changed before its write")]
+    Stale,
 }
 
 #[derive(Debug, thiserror::Error)]

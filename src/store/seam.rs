@@ -66,6 +66,9 @@ pub trait LeaseWrites {
     /// Active leases of a workload (committed, plus this transaction's).
     fn workload_active(&self, workload: &str) -> Result<u64, StoreError>;
 
+    /// Active leases of a task (committed, plus this transaction's).
+    fn task_active(&self, task: u128) -> Result<u64, StoreError>;
+
     /// Write the intent of a lease (`Issuing`), before the provider is
     /// called. The task must be open, unexpired and under its lease cap.
     fn lease_intent(

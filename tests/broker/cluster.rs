@@ -381,6 +381,61 @@ async fn a_completion_from_rows_another_node_changed_since_ends_each_lease_once(
     verify(n0, &admin).await;
 }
 
+/// A node decides a lease on what it committed of the task (no read of
+/// the database: `domain/call/facts.rs`), so the facts can be stale: here
+/// another node leased under the task meanwhile, and a policy allows one
+/// active lease per task. The intent's transaction finds the task changed,
+/// and the request is decided again on a snapshot: refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_decided_on_rows_another_node_changed_since_is_decided_again() {
+    let b = Brokers::start(2).await;
+    std::fs::write(
+        b.policy_dir.join("zz-one-lease.cedar"),
+        "@id(\"one-lease-per-task\")\nforbid (principal, action == Leasehold::Action::\"Lease\", resource)\n\
+         when { context.task.active_leases >= 1 };\n",
+    )
+    .unwrap();
+    let (a, admin) = (b.token("assistant-a"), b.token("admin"));
+    let [n0, n1] = [&b.nodes[0].remote, &b.nodes[1].remote];
+    let version = n0.post(&admin, "/v1/policy/reload", None).await["version"].clone();
+    for n in [n0, n1] {
+        let t = Instant::now();
+        while n.get(&admin, "/v1/policy").await["version"] != version {
+            assert!(t.elapsed() < Duration::from_secs(5), "policy not reloaded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // n0 leases under another task (so it knows the workload's count),
+    // opens the task, and n1 leases under it
+    let other = open_task(n0, &a, 600).await;
+    assert!(lease(n0, &a, &other, 300).await["lease_id"].is_string());
+    let task = open_task(n0, &a, 600).await;
+    let first = lease(n1, &a, &task, 300).await;
+    assert!(first["lease_id"].is_string(), "{first}");
+    let (s, body) = status_of(
+        n0,
+        &a,
+        &format!("/v1/tasks/{task}/leases"),
+        json!({"provider": "token", "role": "demo", "ttl_seconds": 300}),
+    )
+    .await;
+    assert_eq!(s, 403, "a second lease under the task: {body}");
+    assert_eq!(body["error"]["code"], "policy_denied", "{body}");
+    // one denial recorded, not an allowed call as well
+    let story = n1
+        .get(&admin, &format!("/v1/events?task={task}&limit=100"))
+        .await;
+    let decided: Vec<&Value> = story["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "call.decided")
+        .collect();
+    assert_eq!(decided.len(), 2, "{story}");
+    assert_eq!(decided[1]["data"]["outcome"], "deny", "{story}");
+    verify(n0, &admin).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_hands_its_duties_over_and_loses_nothing() {
     let mut b = Brokers::start(3).await;

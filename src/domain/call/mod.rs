@@ -10,6 +10,10 @@
 //! An approval binds the exact request (a hash of workload, task, tool,
 //! action, target, arguments and credential), expires, is used once, and is
 //! never granted by the workload or by an approver acting for themselves.
+//! What a decision is made on, and when it may be the node's recent rows:
+//! `facts.rs`.
+
+mod facts;
 
 use std::time::Duration;
 
@@ -22,8 +26,9 @@ use crate::domain::{Broker, BrokerError, Denial};
 use crate::ids::{ApprovalId, CallId, LeaseId, TaskId};
 use crate::policy::{CallFacts, Decision, LeaseFacts, Now, Outcome, Principal, TaskFacts};
 use crate::store::{
-    ApprovalRecord, ApprovalState, CallRecord, CredentialSpec, TaskRecord, TaskState,
+    ApprovalRecord, ApprovalState, CallRecord, Conflict, CredentialSpec, StoreError, TaskRecord,
 };
+use facts::{DecidedOn, Facts};
 use leasehold_provider::KeyBinding;
 
 /// A tool call to decide, decoded from the wire.
@@ -47,6 +52,8 @@ pub struct CallParams {
 struct Decided {
     task: TaskRecord,
     workload_active: u64,
+    /// Decided on the node's recent rows: what the intent checks.
+    on: Option<DecidedOn>,
     tenant: String,
     decision: Decision,
     loaded: std::sync::Arc<crate::policy::Loaded>,
@@ -94,6 +101,11 @@ pub(in crate::domain) fn asked_of(p: &CallParams, direct: bool) -> audit::EventD
         data.insert("role".into(), audit::text(&c.role));
     }
     data
+}
+
+/// A decision's kind, as its metric names it.
+fn kind(direct: bool) -> &'static str {
+    if direct { "lease" } else { "call" }
 }
 
 /// The hash an approval is bound to.
@@ -148,36 +160,6 @@ impl Broker {
                 unix: task.created_at.div_euclid(1000),
             },
         )
-    }
-
-    /// The open, unexpired task of this workload.
-    pub(in crate::domain) fn open_task_of(
-        r: &dyn crate::store::ReadTxn,
-        w: &Workload,
-        task_id: TaskId,
-        now_ms: i64,
-    ) -> Result<TaskRecord, BrokerError> {
-        let task = r.task(task_id.0)?.ok_or(BrokerError::NotFound {
-            code: "task_not_found",
-        })?;
-        if task.workload != w.id {
-            return Err(BrokerError::NotFound {
-                code: "task_not_found",
-            });
-        }
-        if task.state != TaskState::Open {
-            return Err(BrokerError::conflict(
-                "task_completed",
-                "the task is completed",
-            ));
-        }
-        if task.expires_at <= now_ms {
-            return Err(BrokerError::conflict(
-                "task_expired",
-                "the task's deadline has passed",
-            ));
-        }
-        Ok(task)
     }
 
     fn check_call_input(&self, p: &CallParams, direct: bool) -> Result<(), BrokerError> {
@@ -275,7 +257,42 @@ impl Broker {
         ctx: &Ctx,
         direct: bool,
     ) -> Result<CallOutcome, BrokerError> {
-        let d = self.decide(w, task_id, p, direct)?;
+        self.check_call_input(p, direct)?;
+        let now = self.clock.now();
+        let cap = self.settings.max_active_leases_per_workload;
+        if self.may_decide_on_recent(p)
+            && let Some(f) = self.recent_facts(w, task_id, now.unix_millis())
+        {
+            let d = self.decide(w, p, direct, now, f)?;
+            // acted on only if it allows: anything else is decided again,
+            // on a snapshot, as is a decision whose facts changed since
+            // (`facts.rs`)
+            if d.decision.outcome == Outcome::Allow && d.workload_active < cap {
+                match self.act_on(w, task_id, p, ctx, d).await {
+                    Err(BrokerError::Store(StoreError::Conflict(Conflict::Stale))) => {}
+                    done => {
+                        crate::metrics::decision(kind(direct), Outcome::Allow.as_str());
+                        return done;
+                    }
+                }
+            }
+        }
+        let f = self.facts(w, task_id, now.unix_millis())?;
+        let d = self.decide(w, p, direct, now, f)?;
+        crate::metrics::decision(kind(direct), d.decision.outcome.as_str());
+        self.act_on(w, task_id, p, ctx, d).await
+    }
+
+    /// Act on a decision: record a denial, ask for an approval, or issue
+    /// what was allowed.
+    async fn act_on(
+        &self,
+        w: &Workload,
+        task_id: TaskId,
+        p: &CallParams,
+        ctx: &Ctx,
+        d: Decided,
+    ) -> Result<CallOutcome, BrokerError> {
         if d.decision.outcome == Outcome::Deny {
             return Err(self.record_denial(d, p, task_id, ctx).await);
         }
@@ -321,32 +338,23 @@ impl Broker {
         Ok(result)
     }
 
-    /// The decision: the task (open, not fenced), its facts, policy's
-    /// answer, and the call record it makes. Reads only.
+    /// The decision on `facts` (the task, open): not fenced, policy's
+    /// answer, and the call record it makes.
     fn decide(
         &self,
         w: &Workload,
-        task_id: TaskId,
         p: &CallParams,
         direct: bool,
+        now: crate::clock::Timestamp,
+        facts: Facts,
     ) -> Result<Decided, BrokerError> {
-        self.check_call_input(p, direct)?;
-        let now = self.clock.now();
         let now_ms = now.unix_millis();
-        // one snapshot for the three reads
-        let (task, task_active, workload_active) = {
-            let r = self.store.read()?;
-            r.prefetch(
-                &crate::store::Reads::default()
-                    .task(task_id.0)
-                    .task_active(task_id.0)
-                    .workload_active(&w.id)
-                    .and_nothing_else(),
-            )?;
-            let task = Self::open_task_of(&*r, w, task_id, now_ms)?;
-            let (t, w) = (r.task_active(task.id)?, r.workload_active(&w.id)?);
-            (task, t, w)
-        };
+        let Facts {
+            task,
+            task_active,
+            workload_active,
+            on,
+        } = facts;
         self.check_fence(w, Some(&task.on_behalf_of))?;
         let facts = self.task_facts(&task, task_active, now_ms);
         let who = principal(w);
@@ -385,10 +393,6 @@ impl Broker {
         let loaded = self.policy.current();
         let call_id = CallId::generate(now);
         let action_name = if direct { "Lease" } else { "Call" };
-        crate::metrics::decision(
-            if direct { "lease" } else { "call" },
-            decision.outcome.as_str(),
-        );
         let call = CallRecord {
             id: call_id.0,
             task_id: task.id,
@@ -410,6 +414,7 @@ impl Broker {
         Ok(Decided {
             task,
             workload_active,
+            on,
             tenant: who.tenant,
             decision,
             loaded,
@@ -550,15 +555,27 @@ impl Broker {
             mut call,
             action_name,
             now,
+            on,
             ..
         } = d;
         let now_ms = now.unix_millis();
         // allowed (or approved): use the approval, record the call, break-glass
         call.outcome = Outcome::Allow.as_str().to_owned();
         let approval = p.approval_id;
-        let check: TxnStep = match approval {
+        let approved: TxnStep = match approval {
             Some(aid) => Box::new(move |txn| txn.check_approval(aid.0, &hash, now_ms)),
             None => no_step(),
+        };
+        // decided on the node's recent rows: still so, or decided again
+        let check: TxnStep = match on {
+            Some(on) => {
+                let on = on.step();
+                Box::new(move |txn| {
+                    on(txn)?;
+                    approved(txn)
+                })
+            }
+            None => approved,
         };
         let bg = p.break_glass.clone();
         let make_also = |call: CallRecord| -> TxnStep {

@@ -245,6 +245,7 @@ impl Broker {
         let reads = crate::store::Reads::default()
             .lease(intent.id)
             .task(intent.task_id)
+            .task_active(intent.task_id)
             .counters(&intent.provider);
         self.store
             .write_reading(reads, move |t| {

@@ -121,8 +121,14 @@ impl Broker {
         let fence = crate::domain::fences::fence_keys(w, Some(&rec.on_behalf_of));
         // rendered here, not on the store's one writer thread
         let event = a.task_opened(&stored, &decision.policies, &ctx);
+        // its count of active leases (none) is named too: read under the
+        // lock, the node then knows it for the task's first lease decision
+        // (`Store::read_recent`)
+        let reads = crate::store::Reads::default()
+            .task(rec.id)
+            .task_active(rec.id);
         self.store
-            .write_reading(crate::store::Reads::default().task(rec.id), move |t| {
+            .write_reading(reads, move |t| {
                 t.refuse_fenced(&fence)?;
                 t.create_task(&stored)?;
                 audit::append(t, &a, event)

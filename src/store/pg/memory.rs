@@ -199,10 +199,13 @@ mod tests {
         let mut m = Memory::new(recent.clone());
         m.catch_up(Seen::Newest(7));
         let row = || Some((b"rk".to_vec(), b"v".to_vec()));
-        recent.committed(vec![
-            ("tasks", b"a".to_vec(), row()),
-            ("tasks", b"b".to_vec(), row()),
-        ]);
+        recent.committed(
+            vec![],
+            vec![
+                ("tasks", b"a".to_vec(), row()),
+                ("tasks", b"b".to_vec(), row()),
+            ],
+        );
         m.catch_up(Seen::Since(vec![(
             8,
             vec!["tasks".into()],
@@ -211,7 +214,7 @@ mod tests {
         assert_eq!(recent.len(), 1, "b is still kept");
         m.catch_up(Seen::Since(vec![(10, vec![], vec![])]));
         assert_eq!(recent.len(), 0, "a gap forgets everything");
-        recent.committed(vec![("tasks", b"a".to_vec(), row())]);
+        recent.committed(vec![], vec![("tasks", b"a".to_vec(), row())]);
         m.forget();
         assert_eq!(recent.len(), 0, "a failed batch forgets everything");
     }

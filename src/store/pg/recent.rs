@@ -1,28 +1,39 @@
-//! What this node's writer last committed of the tasks, their lease index
-//! and the leases ([`Recent`]), shared with the node's request handlers.
+//! What this node's writer last knew, as of its commits, of the tasks,
+//! their lease index, the leases and the active counts ([`Recent`]),
+//! shared with the node's request handlers.
 //!
-//! A task's completion reads the task and its leases only to render its
-//! events ahead of the writer (`audit::ahead_or`): its own transaction
-//! uses an event only if the record it was rendered from is the one
-//! stored, and renders again otherwise. So that read need not be a
-//! snapshot of the database: on the node that opened the task and leased
-//! under it, as a client's connection usually is, these rows answer it
-//! without a round trip ([`Recent::answer`]).
+//! Two requests read rows only to act ahead of a transaction that checks
+//! them. A task's completion renders its events ahead of the writer
+//! (`audit::ahead_or`: its transaction uses an event only if the record it
+//! was rendered from is the one stored). A lease's decision is made on
+//! the task and its count of active leases, and the transaction that
+//! writes its intent refuses (`Conflict::Stale`) unless both are still as
+//! decided on (`domain/call`). So neither read needs a snapshot of the
+//! database: on the node that opened the task and leased under it, as a
+//! client's connection usually is, these rows answer it without a round
+//! trip ([`Recent::answer`]).
 //!
-//! The copy is of committed rows only, and true as of this node's last
-//! batch: a change another node makes is forgotten here when this node's
-//! writer next reads the change log (`memory.rs`), so a row may be stale,
-//! never ahead. A row this node deleted, or never wrote, is not known
-//! (not known absent): a read naming it asks the database.
+//! The copy is of what a committed batch wrote, and of what it read under
+//! the chain head's lock (present or absent), so it is true as of this
+//! node's last batch: a change another node makes is forgotten here when
+//! this node's writer next reads the change log (`memory.rs`), so a row
+//! may be stale, never ahead. A row not kept is not known: a read naming
+//! it asks the database.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
-use super::memory::Rows;
+use super::memory::{Fetched, Rows};
 use super::statements::{Ahead, Ranges, Raw};
 
 /// The tables kept (their PostgreSQL names, `kv::pg_name`).
-const KEPT: [&str; 3] = ["tasks", "task_leases", "leases"];
+const KEPT: [&str; 5] = [
+    "tasks",
+    "task_leases",
+    "leases",
+    "task_active",
+    "workload_active",
+];
 
 /// Rows kept past this many are all forgotten: a bound on memory, about
 /// 8 MiB of typical rows.
@@ -32,8 +43,10 @@ const MAX_ROWS: usize = 16_384;
 /// `None` for a delete.
 pub(super) type Write = (&'static str, Vec<u8>, Option<(Vec<u8>, Vec<u8>)>);
 
-/// A table's rows: ordered key to (redb key, value).
-type Table = BTreeMap<Vec<u8>, (Vec<u8>, Vec<u8>)>;
+/// A table's rows: ordered key to (redb key, value), or `None` for a row
+/// known absent. A row read (not written) keeps no redb key: it is only
+/// ever answered by key, never in a range.
+type Table = BTreeMap<Vec<u8>, Option<(Vec<u8>, Vec<u8>)>>;
 
 #[derive(Default)]
 pub(in crate::store) struct Recent {
@@ -51,26 +64,32 @@ impl Recent {
         self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A batch of this node committed these writes.
-    pub(super) fn committed(&self, writes: Vec<Write>) {
-        if writes.is_empty() {
+    /// What of `fetched` is kept, as writes (read rows keep no redb key).
+    pub(super) fn read_rows(fetched: &Fetched) -> Vec<Write> {
+        let mut out = Vec::new();
+        for (t, asked, found) in fetched.iter().filter(|f| Self::keeps(f.0)) {
+            out.extend(asked.iter().map(|k| (*t, k.clone(), None)));
+            out.extend(
+                found
+                    .iter()
+                    .map(|(k, v)| (*t, k.clone(), Some((Vec::new(), v.clone())))),
+            );
+        }
+        out
+    }
+
+    /// A batch of this node committed: what it read under the lock
+    /// (`read`, from [`Recent::read_rows`]), then what it wrote.
+    pub(super) fn committed(&self, read: Vec<Write>, writes: Vec<Write>) {
+        if read.is_empty() && writes.is_empty() {
             return;
         }
         let mut g = self.lock();
         let (tables, n) = &mut *g;
-        for (t, k, e) in writes.into_iter().filter(|w| Self::keeps(w.0)) {
-            let table = tables.entry(t).or_default();
-            match e {
-                Some(row) => {
-                    if table.insert(k, row).is_none() {
-                        *n += 1;
-                    }
-                }
-                None => {
-                    if table.remove(&k).is_some() {
-                        *n -= 1;
-                    }
-                }
+        let all = read.into_iter().chain(writes);
+        for (t, k, e) in all.filter(|w| Self::keeps(w.0)) {
+            if tables.entry(t).or_default().insert(k, e).is_none() {
+                *n += 1;
             }
         }
         if *n > MAX_ROWS {
@@ -99,9 +118,9 @@ impl Recent {
         g.1 = 0;
     }
 
-    /// The rows and ranges `wants` names, if every row it names, and every
-    /// lease its pointed ranges hold, is kept (ranges hold what is kept of
-    /// them: possibly not all).
+    /// The rows and ranges `wants` names, if every row it names (present
+    /// or absent), and every lease its pointed ranges hold, is kept (ranges
+    /// hold what is kept of them: possibly not all).
     pub(super) fn answer(&self, wants: &Ahead) -> Option<(Rows, Ranges)> {
         let g = self.lock();
         let tables = &g.0;
@@ -110,17 +129,22 @@ impl Recent {
             let table = tables.get(t)?;
             let found = rows.entry(t).or_default();
             for k in keys {
-                found.insert(k.clone(), Some(table.get(k)?.1.clone()));
+                let v = table.get(k)?.as_ref().map(|(_, v)| v.clone());
+                found.insert(k.clone(), v);
             }
         }
         let in_range = |t: &str, lo: &[u8], hi: &[u8]| -> Option<Vec<Raw>> {
             let table = tables.get(t)?;
-            Some(
-                table
-                    .range(lo.to_vec()..hi.to_vec())
-                    .map(|(k, (rk, v))| (k.clone(), rk.clone(), v.clone()))
-                    .collect(),
-            )
+            let mut rows = Vec::new();
+            for (k, e) in table.range(lo.to_vec()..hi.to_vec()) {
+                match e {
+                    // a row read, not written: no redb key to give
+                    Some((rk, _)) if rk.is_empty() => return None,
+                    Some((rk, v)) => rows.push((k.clone(), rk.clone(), v.clone())),
+                    None => {}
+                }
+            }
+            Some(rows)
         };
         let mut ranges = Ranges::new();
         for (t, lo, hi) in &wants.ranges {
@@ -136,7 +160,8 @@ impl Recent {
             // bytes each; a lease's key is its id (`kv::OrdKey`)
             for (k, _, _) in in_range("task_leases", lo, hi)? {
                 let id = k.get(16..32)?;
-                found.insert(id.to_vec(), Some(leases.get(id)?.1.clone()));
+                let (_, v) = leases.get(id)?.as_ref()?;
+                found.insert(id.to_vec(), Some(v.clone()));
             }
         }
         Some((rows, ranges))
@@ -172,14 +197,17 @@ mod tests {
     /// Task 1 with leases 7 and 8.
     fn kept() -> Recent {
         let r = Recent::default();
-        r.committed(vec![
-            ("tasks", id(1), row("task 1")),
-            ("task_leases", key(1, 7), row("")),
-            ("task_leases", key(1, 8), row("")),
-            ("leases", id(7), row("lease 7")),
-            ("leases", id(8), row("lease 8")),
-            ("task_leases", key(2, 9), row("")),
-        ]);
+        r.committed(
+            vec![],
+            vec![
+                ("tasks", id(1), row("task 1")),
+                ("task_leases", key(1, 7), row("")),
+                ("task_leases", key(1, 8), row("")),
+                ("leases", id(7), row("lease 7")),
+                ("leases", id(8), row("lease 8")),
+                ("task_leases", key(2, 9), row("")),
+            ],
+        );
         r
     }
 
@@ -217,20 +245,42 @@ mod tests {
     }
 
     #[test]
-    fn a_deleted_row_is_not_known_absent() {
+    fn rows_read_and_deleted_are_answered_as_read_or_absent() {
         let r = kept();
-        r.committed(vec![("tasks", id(1), None)]);
-        assert!(r.answer(&wants_task(1)).is_none());
+        let fetched: Fetched = vec![
+            (
+                "task_active",
+                vec![id(1), id(2)],
+                vec![(id(2), b"3".to_vec())],
+            ),
+            ("lh_meta_not_kept", vec![id(1)], vec![]),
+        ];
+        r.committed(Recent::read_rows(&fetched), vec![("tasks", id(3), None)]);
+        let wants = Ahead {
+            keys: BTreeMap::from([("task_active", vec![id(1), id(2)]), ("tasks", vec![id(3)])]),
+            ..Ahead::default()
+        };
+        let (rows, _) = r.answer(&wants).expect("all known");
+        assert_eq!(rows["task_active"][&id(1)], None);
+        assert_eq!(rows["task_active"][&id(2)], Some(b"3".to_vec()));
+        assert_eq!(rows["tasks"][&id(3)], None);
+        // a row read keeps no redb key: a range over it is not answered
+        let (lo, hi) = (id(0), id(9));
+        let ranged = Ahead {
+            ranges: vec![("task_active", lo, hi)],
+            ..Ahead::default()
+        };
+        assert!(r.answer(&ranged).is_none());
     }
 
     #[test]
     fn a_table_not_kept_is_never_answered() {
         let r = kept();
-        r.committed(vec![("task_active", id(1), row("1"))]);
+        r.committed(vec![], vec![("lease_counters", id(1), row("1"))]);
         let mut wants = wants_task(1);
-        wants.keys.insert("task_active", vec![id(1)]);
+        wants.keys.insert("lease_counters", vec![id(1)]);
         assert!(r.answer(&wants).is_none());
-        assert_eq!(r.len(), 6, "task_active's row is not kept");
+        assert_eq!(r.len(), 6, "lease_counters' row is not kept");
     }
 
     #[test]
@@ -240,6 +290,7 @@ mod tests {
         assert!(r.answer(&wants_task(1)).is_none());
         let r = kept();
         r.committed(
+            vec![],
             (0..=MAX_ROWS as u64)
                 .map(|i| ("leases", i.to_be_bytes().to_vec(), row("")))
                 .collect(),

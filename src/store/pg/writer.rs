@@ -19,6 +19,7 @@ use super::super::txn::KvTxn;
 use super::super::{CommitHook, CommitStats, GroupCommit, Job, MAX_BATCH, Reads, StoreError};
 use super::conn::Conn;
 use super::memory::{CATCH_UP_ROWS, Fetched, KEEP_CHANGES, Memory, Seen};
+use super::recent::{Recent, Write};
 use super::session::{Db, Param, Session, pg_err};
 use super::statements::{Ahead, Ranges, pipelined};
 use super::{bytes, meta_key};
@@ -58,6 +59,8 @@ pub(super) fn run(
         take_queued(&mut rx, &mut jobs);
         let wants = ahead(&memory, &jobs);
         let mut ranges = Ranges::new();
+        // what the batch reads under the lock, for the node's recent rows
+        let mut read = Vec::new();
         // Begin (locking the chain head) before taking the batch. An idle
         // connection may have died unnoticed (its task runs only while the
         // writer works): then connect again, once, before giving up.
@@ -77,6 +80,7 @@ pub(super) fn run(
             match begin(&rt, &c, memory.seen(), &wants) {
                 Ok((head, seen, (fetched, fetched_ranges))) => {
                     memory.catch_up(seen);
+                    read = Recent::read_rows(&fetched);
                     memory.absorb(fetched);
                     ranges = fetched_ranges;
                     begun = Some((c, head));
@@ -119,6 +123,7 @@ pub(super) fn run(
         if !wants.is_empty()
             && let Ok((fetched, more)) = rt.block_on(fetch(&c, &wants))
         {
+            read.extend(Recent::read_rows(&fetched));
             memory.absorb(fetched);
             ranges.extend(more);
         }
@@ -128,7 +133,7 @@ pub(super) fn run(
             db,
             &rt,
             &c,
-            (head, &mut memory, ranges),
+            (head, &mut memory, ranges, read),
             jobs,
             &mut rx,
             linger,
@@ -248,7 +253,7 @@ fn batch(
     db: &Arc<Db>,
     rt: &Arc<tokio::runtime::Runtime>,
     conn: &Arc<Conn>,
-    (head, memory, ranges): (ChainHead, &mut Memory, Ranges),
+    (head, memory, ranges, read): (ChainHead, &mut Memory, Ranges, Vec<Write>),
     first: Vec<Job>,
     rx: &mut mpsc::Receiver<Job>,
     linger: Option<Duration>,
@@ -279,7 +284,7 @@ fn batch(
     let (entered, told) = match outcome {
         Ok((entered, ver)) => {
             memory.keep(session.take_rows(), ver);
-            db.recent.committed(session.take_kept());
+            db.recent.committed(read, session.take_kept());
             (Some(entered), Ok(()))
         }
         Err(e) => {

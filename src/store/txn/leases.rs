@@ -20,6 +20,12 @@ impl LeaseWrites for KvTxn<'_> {
         Ok(stored.saturating_add_signed(delta))
     }
 
+    fn task_active(&self, task: u128) -> Result<u64, StoreError> {
+        let stored = self.task_active.get(task)?.map(|g| g.value()).unwrap_or(0);
+        let delta = self.task_deltas.get(&task).copied().unwrap_or(0);
+        Ok(stored.saturating_add_signed(delta))
+    }
+
     fn lease_intent(
         &mut self,
         rec: &LeaseRecord,
