@@ -182,6 +182,20 @@ async fn verify(r: &Remote, admin: &str) {
     assert_eq!(v["ok"], true, "{v}");
 }
 
+/// The task's events of `kind`, in chain order.
+async fn task_events(r: &Remote, admin: &str, task: &str, kind: &str) -> Vec<Value> {
+    let story = r
+        .get(admin, &format!("/v1/events?task={task}&limit=100"))
+        .await;
+    story["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{story}"))
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .cloned()
+        .collect()
+}
+
 /// Each lease's end (expired or revoked) is on the chain exactly once.
 async fn ended_once(r: &Remote, admin: &str, leases: &[String]) {
     for id in leases {
@@ -367,17 +381,9 @@ async fn a_completion_from_rows_another_node_changed_since_ends_each_lease_once(
         .collect();
     assert_eq!(listed, [ids[1].as_str()], "{done}");
     ended_once(n1, &admin, &ids).await;
-    let story = n1
-        .get(&admin, &format!("/v1/events?task={task}&limit=100"))
-        .await;
-    let completed: Vec<&Value> = story["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "task.completed")
-        .collect();
-    assert_eq!(completed.len(), 1, "{story}");
-    assert_eq!(completed[0]["data"]["revoked"], 1, "{story}");
+    let completed = task_events(n1, &admin, &task, "task.completed").await;
+    assert_eq!(completed.len(), 1, "{completed:?}");
+    assert_eq!(completed[0]["data"]["revoked"], 1, "{completed:?}");
     verify(n0, &admin).await;
 }
 
@@ -422,17 +428,9 @@ async fn a_lease_decided_on_rows_another_node_changed_since_is_decided_again() {
     assert_eq!(s, 403, "a second lease under the task: {body}");
     assert_eq!(body["error"]["code"], "policy_denied", "{body}");
     // one denial recorded, not an allowed call as well
-    let story = n1
-        .get(&admin, &format!("/v1/events?task={task}&limit=100"))
-        .await;
-    let decided: Vec<&Value> = story["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "call.decided")
-        .collect();
-    assert_eq!(decided.len(), 2, "{story}");
-    assert_eq!(decided[1]["data"]["outcome"], "deny", "{story}");
+    let decided = task_events(n1, &admin, &task, "call.decided").await;
+    assert_eq!(decided.len(), 2, "{decided:?}");
+    assert_eq!(decided[1]["data"]["outcome"], "deny", "{decided:?}");
     verify(n0, &admin).await;
 }
 
