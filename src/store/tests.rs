@@ -11,6 +11,11 @@ use super::*;
 
 /// The redb database under a store (these tests look at its tables).
 fn redb_of(s: &Store) -> std::sync::Arc<redb::Database> {
+    // a lone write answered on its caller's thread is committed once that
+    // task yields (`Shared::inline`); a test that goes on to open redb's
+    // write transaction itself, without yielding, would wait for it
+    // forever: a read first finishes it
+    drop(s.read().unwrap());
     s.inner
         .backend
         .as_any()
@@ -461,6 +466,9 @@ async fn a_refusal_in_a_shared_batch_does_not_undo_its_neighbours() {
     // Apply two operations in one transaction, as the group commit does.
     let dir = tempfile::tempdir().unwrap();
     let s = open(&dir);
+    // past the idle gap: the write runs on this thread, its commit left
+    // until the task yields, which `redb_of` must not wait for
+    std::thread::sleep(std::time::Duration::from_millis(5));
     s.write(|t| t.create_task(&task(1, 10_000))).await.unwrap();
     let db = redb_of(&s);
     let ok_lease = lease(20, 1, 5_000);
