@@ -610,14 +610,15 @@ impl Store {
         self.inner.backend.read()
     }
 
-    /// What `reads` names, as this node's writer last committed it, with
+    /// What `reads` names, as this node's writer last knew it (what its
+    /// batches wrote, and read under the lock, as of their commits), with
     /// no round trip to the database; `None` unless it has all of it (on
     /// PostgreSQL; redb reads are memory reads anyway). A task's range of
     /// leases holds those it has, possibly not all. Stale where another
-    /// node has changed a row since, so only for reads that render ahead
-    /// what the write then checks against what it stores
-    /// (`audit::ahead_or`), and for facts that never change once written
-    /// (whose task it is).
+    /// node has changed a row since, so only for what a write then checks
+    /// against what it stores (events rendered ahead, `audit::ahead_or`;
+    /// a decision's facts, `domain/call/facts.rs`), and for facts that
+    /// never change once written (whose task it is).
     pub fn read_recent(&self, reads: &Reads) -> Option<Reader> {
         self.inner.backend.read_recent(reads)
     }

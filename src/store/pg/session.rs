@@ -54,7 +54,8 @@ pub(in crate::store) struct Db {
     wait: Duration,
     /// `host:port/database`, for messages.
     pub(in crate::store) name: String,
-    /// What this node's writer last committed of a few tables.
+    /// What this node's writer last knew of a few tables, as of its
+    /// commits (`recent.rs`).
     pub(in crate::store) recent: Arc<Recent>,
 }
 
@@ -310,9 +311,13 @@ impl Session {
     /// `rows` and `ranges` are all it knows, and it asks the database
     /// nothing.
     pub(super) fn recent(db: Arc<Db>, rows: Rows, ranges: Ranges) -> Self {
+        Self::read_only(db, None, rows, ranges)
+    }
+
+    fn read_only(db: Arc<Db>, conn: Option<Arc<Conn>>, rows: Rows, ranges: Ranges) -> Self {
         Self {
             db,
-            conn: None,
+            conn,
             reader: true,
             began: AtomicBool::new(false),
             pending: Mutex::new(BTreeMap::new()),
@@ -327,19 +332,7 @@ impl Session {
 
     pub(in crate::store) fn reader(db: Arc<Db>) -> Result<Self, StoreError> {
         let conn = db.checkout()?;
-        Ok(Self {
-            db,
-            conn: Some(conn),
-            reader: true,
-            began: AtomicBool::new(false),
-            pending: Mutex::new(BTreeMap::new()),
-            cache: Mutex::default(),
-            written: Mutex::new(None),
-            kept: Mutex::default(),
-            ranges: Mutex::default(),
-            local: None,
-            node: String::new(),
-        })
+        Ok(Self::read_only(db, Some(conn), Rows::new(), Ranges::new()))
     }
 
     /// Begin, commit or roll back this session's transaction (a writer
