@@ -165,7 +165,9 @@ pub struct StoreConfig {
     /// operations into one durable commit (0 turns it off); the writer
     /// applies them as they arrive meanwhile. Applies only when the previous
     /// commit carried at least `commit_siblings` operations, so a lone
-    /// request never waits.
+    /// request never waits. The embedded store only: a PostgreSQL node's
+    /// batch never lingers, as its open transaction holds the cluster's
+    /// chain head lock (`store::pg::writer`).
     #[serde(default = "defaults::commit_delay_micros")]
     pub commit_delay_micros: u64,
     #[serde(default = "defaults::commit_siblings")]

@@ -712,6 +712,32 @@ async fn a_lingering_batch_applies_operations_as_they_arrive() {
     );
 }
 
+/// On PostgreSQL a batch holds the cluster's chain head lock while it is
+/// open, so it never lingers for more operations, whatever the options say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_batch_does_not_linger_under_the_chain_heads_lock() {
+    let store = Backing::postgres().await;
+    let mut opts = store.options();
+    let linger = std::time::Duration::from_secs(2);
+    opts.group_commit = GroupCommit {
+        delay: linger,
+        siblings: 0,
+    };
+    let s = Store::open(&opts, &key()).unwrap();
+    for id in 1..=3u128 {
+        let t0 = std::time::Instant::now();
+        s.write(move |t| t.create_task(&task(id, 10_000)))
+            .await
+            .unwrap();
+        assert!(
+            t0.elapsed() < linger / 2,
+            "write {id} was answered after {:?}: its batch lingered",
+            t0.elapsed()
+        );
+    }
+    assert!(s.read().unwrap().task(3).unwrap().is_some());
+}
+
 async fn denylist_is_durable_and_pruned_after_expiry(store: Backing) {
     let s = store.open();
     // ids carry their creation time in the top bits

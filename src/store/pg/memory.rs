@@ -15,7 +15,7 @@
 //! read the same rows from the database again and again: about 20 round
 //! trips per task cycle, each while the cluster's one lock is held.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::recent::Recent;
@@ -64,6 +64,13 @@ pub(super) struct Memory {
     /// remembered.
     seen: Option<i64>,
     batches: u64,
+    /// Rows remembered until the last catch-up found another node had
+    /// changed them: named again, they are fetched with the batch's first
+    /// round trip even if remembered by then, because the catch-up in
+    /// that same round trip is likely to forget them again (a count every
+    /// node changes), and a row forgotten there costs a round trip of its
+    /// own under the lock.
+    contended: HashSet<(&'static str, Vec<u8>)>,
     /// The node's committed rows of a few tables, which forget what this
     /// memory learns others changed (`recent.rs`).
     recent: Arc<Recent>,
@@ -79,6 +86,7 @@ impl Memory {
 
     fn clear(&mut self) {
         self.rows.clear();
+        self.contended.clear();
         self.recent.clear();
     }
 
@@ -105,16 +113,25 @@ impl Memory {
                     self.forget();
                     return;
                 }
+                self.contended.clear();
                 for (ver, tables, keys) in changes {
                     if ver != at + 1 {
                         // pruned past us: whatever happened in between is unknown
                         self.clear();
                     }
-                    for (t, k) in tables.iter().zip(&keys) {
-                        if let Some(table) = self.rows.get_mut(t.as_str()) {
-                            table.remove(k.as_slice());
+                    for (t, k) in tables.iter().zip(keys) {
+                        self.recent.forget(t, &k);
+                        let Some(name) = self.rows.get_key_value(t.as_str()).map(|(n, _)| *n)
+                        else {
+                            continue;
+                        };
+                        let removed = self
+                            .rows
+                            .get_mut(name)
+                            .and_then(|table| table.remove(k.as_slice()));
+                        if removed.is_some() {
+                            self.contended.insert((name, k));
                         }
-                        self.recent.forget(t, k);
                     }
                     at = ver;
                 }
@@ -126,6 +143,13 @@ impl Memory {
     /// Whether a row is remembered (present or absent).
     pub(super) fn knows(&self, table: &str, k: &[u8]) -> bool {
         self.rows.get(table).is_some_and(|t| t.contains_key(k))
+    }
+
+    /// Whether a row is remembered and sure to stay so through the next
+    /// catch-up, as far as the last one tells: remembered, and not among
+    /// the rows it found changed by another node ([`Memory::contended`]).
+    pub(super) fn keeps(&self, table: &'static str, k: &[u8]) -> bool {
+        self.knows(table, k) && !self.contended.contains(&(table, k.to_vec()))
     }
 
     /// Rows fetched ahead under the lock, after [`Memory::catch_up`]: the
@@ -231,6 +255,37 @@ mod tests {
         let rows = m.lend();
         assert!(!rows["tasks"].contains_key(b"a".as_slice()));
         assert!(rows["tasks"].contains_key(b"b".as_slice()));
+    }
+
+    #[test]
+    fn a_row_another_node_changed_is_fetched_again_until_a_catch_up_leaves_it() {
+        let mut m = remembering(&[b"a", b"b"]);
+        assert!(m.keeps("tasks", b"a") && m.keeps("tasks", b"b"));
+        // another node changed a: forgotten, and marked
+        let changed_a = |ver| Seen::Since(vec![(ver, vec!["tasks".into()], vec![b"a".to_vec()])]);
+        m.catch_up(changed_a(8));
+        assert!(!m.knows("tasks", b"a"));
+        // learnt again (fetched, or written by this node's batch), a is
+        // remembered but not to be relied on before the next catch-up
+        m.absorb(vec![("tasks", vec![b"a".to_vec()], vec![])]);
+        assert!(m.knows("tasks", b"a"));
+        assert!(!m.keeps("tasks", b"a"), "a would not be fetched ahead");
+        assert!(m.keeps("tasks", b"b"));
+        // a row never remembered is not marked when others change it
+        m.catch_up(Seen::Since(vec![(
+            9,
+            vec!["tasks".into()],
+            vec![b"c".to_vec()],
+        )]));
+        assert!(m.keeps("tasks", b"a"), "a catch-up that left a unmarks it");
+        m.absorb(vec![("tasks", vec![b"c".to_vec()], vec![])]);
+        assert!(m.keeps("tasks", b"c"));
+        // forgetting everything forgets the marks too
+        m.catch_up(changed_a(10));
+        m.forget();
+        m.catch_up(Seen::Newest(10));
+        m.absorb(vec![("tasks", vec![b"a".to_vec()], vec![])]);
+        assert!(m.keeps("tasks", b"a"));
     }
 
     #[test]

@@ -223,7 +223,6 @@ pub(super) fn open(
     let writer = {
         let db = db.clone();
         let cfg = writer::Config {
-            group: opts.group_commit,
             on_commit: opts.on_commit.clone(),
             node: pg.node.clone(),
         };
