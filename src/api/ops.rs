@@ -82,6 +82,7 @@ pub async fn stats(State(s): State<AppState>, caller: Caller) -> Result<Json<Sta
             operations: c.operations,
             apply_seconds: c.apply_seconds,
             commit_seconds: c.commit_seconds,
+            lock_round_trips: c.lock_round_trips,
             checkpoints: c.checkpoints,
             checkpoint_seconds: c.checkpoint_seconds,
             wal_bytes: c.wal_bytes,
@@ -355,6 +356,10 @@ pub struct StoreStatsView {
     /// Writer time applying operations, and logging and committing them.
     pub apply_seconds: f64,
     pub commit_seconds: f64,
+    /// On PostgreSQL: round trips batches made while holding the cluster's
+    /// chain head lock, besides the one that took it and the one that
+    /// committed (each keeps every node waiting). Zero on redb.
+    pub lock_round_trips: u64,
     /// Durable commits of the store file that emptied the log, and their time.
     pub checkpoints: u64,
     pub checkpoint_seconds: f64,

@@ -388,6 +388,11 @@ pub struct CommitStats {
     /// Time spent applying operations, and committing (incl. fsync), in µs.
     pub apply_micros: AtomicU64,
     pub commit_micros: AtomicU64,
+    /// Round trips a PostgreSQL node's batches made while holding the
+    /// chain head's lock, besides the one that takes it and the one that
+    /// commits: rows read that were not fetched ahead, writes sent before
+    /// a range is read (every node waits meanwhile). Zero on redb.
+    pub lock_round_trips: AtomicU64,
     /// Checkpoints (durable redb commits that empty the log), and their time.
     pub checkpoints: AtomicU64,
     pub checkpoint_micros: AtomicU64,

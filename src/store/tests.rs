@@ -738,6 +738,94 @@ async fn postgres_a_batch_does_not_linger_under_the_chain_heads_lock() {
     assert!(s.read().unwrap().task(3).unwrap().is_some());
 }
 
+/// Operations that reach a node while its batch waits for the chain
+/// head's lock join that batch, and the rows they name are read with the
+/// lock in the round trip that takes it: none is read on its own once
+/// every node waits for this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_named_while_the_lock_is_awaited_are_read_when_it_is_granted() {
+    use std::time::Duration;
+    let store = Backing::postgres().await;
+    let a = Store::open(&store.options_as("a", 3), &key()).unwrap();
+    let Backing::Pg(peer) = &store else {
+        unreachable!()
+    };
+    // someone else holds the chain head's lock
+    let holder = peer._cluster.superuser(&peer.connection.database).await;
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM lh_meta FOR UPDATE")
+        .await
+        .unwrap();
+    let stats = a.stats();
+    let (commits, trips) = (
+        stats.commits.load(Ordering::Relaxed),
+        stats.lock_round_trips.load(Ordering::Relaxed),
+    );
+    let create = |id: u128| {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.write_reading(super::Reads::default().task(id), move |t| {
+                t.create_task(&task(id, 100_000))
+            })
+            .await
+        })
+    };
+    let first = create(1);
+    // the first batch is waiting for the lock when the others arrive
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rest: Vec<_> = (2..=5).map(create).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!first.is_finished(), "the batch did not wait for the lock");
+    holder.batch_execute("COMMIT").await.unwrap();
+    first.await.unwrap().unwrap();
+    for r in rest {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        stats.commits.load(Ordering::Relaxed) - commits,
+        1,
+        "the operations that came while the lock was awaited joined its batch"
+    );
+    assert_eq!(
+        stats.lock_round_trips.load(Ordering::Relaxed) - trips,
+        0,
+        "a row was read on its own under the lock"
+    );
+    let r = a.read().unwrap();
+    for id in 1..=5 {
+        assert!(r.task(id).unwrap().is_some(), "task {id}");
+    }
+    drop(r);
+    // and they are read once the lock is granted, not when asked for: b
+    // queues for the lock first and creates task 7, which a's operation,
+    // arriving while a waits behind b, must then find
+    let b = Store::open(&store.options_as("b", 3), &key()).unwrap();
+    holder
+        .batch_execute("BEGIN; SELECT 1 FROM lh_meta FOR UPDATE")
+        .await
+        .unwrap();
+    let by_b = {
+        let b = b.clone();
+        tokio::spawn(async move { b.write(|t| t.create_task(&task(7, 100_000))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = create(6);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = create(7);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!again.is_finished() && !by_b.is_finished());
+    holder.batch_execute("COMMIT").await.unwrap();
+    by_b.await.unwrap().unwrap();
+    first.await.unwrap().unwrap();
+    assert!(
+        matches!(
+            again.await.unwrap(),
+            Err(StoreError::Conflict(Conflict::Duplicate))
+        ),
+        "a created task 7 over b's: its row was read before the lock"
+    );
+}
+
 async fn denylist_is_durable_and_pruned_after_expiry(store: Backing) {
     let s = store.open();
     // ids carry their creation time in the top bits

@@ -589,6 +589,8 @@ struct Load {
     ops_per_commit: f64,
     apply_s: f64,
     commit_s: f64,
+    /// Round trips under the chain head's lock per commit (PostgreSQL).
+    lock_trips_per_commit: f64,
     checkpoints: u64,
     checkpoint_s: f64,
     wal_s: f64,
@@ -731,6 +733,8 @@ async fn drive(
         p50: percentile(&mut lat, 0.5),
         p99: percentile(&mut lat, 0.99),
         ops_per_commit: ops / commits.max(1.0),
+        lock_trips_per_commit: stats["store"]["lock_round_trips"].as_f64().unwrap_or(0.0)
+            / commits.max(1.0),
         apply_s: stats["store"]["apply_seconds"].as_f64().unwrap_or(0.0),
         commit_s: stats["store"]["commit_seconds"].as_f64().unwrap_or(0.0),
         checkpoints: stats["store"]["checkpoints"].as_u64().unwrap_or(0),
@@ -941,7 +945,8 @@ async fn ha(
          1 broker on redb {r:.0}; 1 on PostgreSQL {o:.0} ({:.2}x redb); 3 on one PostgreSQL {t:.0} ({:.2}x one on PostgreSQL); \
          broker CPU per cycle (all brokers): redb {:.0} us, PostgreSQL x1 {:.0} us, x3 {:.0} us; \
          cycle latency p50/p99: redb {:.1}/{:.1} ms, PostgreSQL x1 {:.1}/{:.1} ms, x3 {:.1}/{:.1} ms; \
-         operations per commit: redb {:.1}, PostgreSQL x1 {:.1}, x3 (node-0) {:.1}",
+         operations per commit: redb {:.1}, PostgreSQL x1 {:.1}, x3 (node-0) {:.1}; \
+         round trips under the chain head's lock per commit, besides taking it and committing: x1 {:.2}, x3 (node-0) {:.2}",
         o / r,
         t / o,
         median(&mut redb.server_cpu),
@@ -956,6 +961,8 @@ async fn ha(
         redb.ops_per_commit,
         one.ops_per_commit,
         three.ops_per_commit,
+        one.lock_trips_per_commit,
+        three.lock_trips_per_commit,
     );
     // what the whole machine (brokers, database, load generator) spends
     // per cycle, and the rate its cores would allow at that cost

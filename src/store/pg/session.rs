@@ -248,6 +248,8 @@ pub(in crate::store) struct Session {
     local: Option<Arc<tokio::runtime::Runtime>>,
     /// The writer's node, for the leader check.
     node: String,
+    /// Round trips made so far (each query run to completion).
+    trips: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Session {
@@ -279,6 +281,7 @@ impl Session {
             ranges: Mutex::default(),
             local,
             node: String::new(),
+            trips: Default::default(),
         }
     }
 
@@ -291,6 +294,7 @@ impl Session {
         &self,
         f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
+        self.trips.fetch_add(1, Ordering::Relaxed);
         match &self.local {
             // the writer's connection runs its I/O on this runtime
             Some(rt) => rt.block_on(f),
@@ -299,6 +303,11 @@ impl Session {
                 futures_executor::block_on(async move { drive(&conn, f).await })
             }
         }
+    }
+
+    /// Round trips this session has made.
+    pub(super) fn trips(&self) -> u64 {
+        self.trips.load(Ordering::Relaxed)
     }
 
     fn conn(&self) -> Result<Arc<Conn>, StoreError> {
@@ -327,6 +336,7 @@ impl Session {
             ranges: Mutex::new(ranges),
             local: None,
             node: String::new(),
+            trips: Default::default(),
         }
     }
 

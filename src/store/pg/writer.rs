@@ -1,6 +1,7 @@
 //! The PostgreSQL backend's writer: one thread per broker takes whatever
-//! operations are queued into one transaction, locks the chain head's row,
-//! catches its memory of rows up with the change log (`memory.rs`),
+//! operations are queued into one transaction, locks the chain head's row
+//! (taking what arrives while it waits, the rows they name read with the
+//! lock), catches its memory of rows up with the change log (`memory.rs`),
 //! applies them, sends the buffered writes with the batch's change row and
 //! the commit, then answers each caller. A failed batch is rolled back,
 //! its callers refused and the memory dropped; the writer reconnects by
@@ -55,7 +56,6 @@ pub(super) fn run(
         // unless the last catch-up found another node changing them)
         let mut jobs = vec![first];
         take_queued(&mut rx, &mut jobs);
-        let wants = ahead(&jobs, |t, k| memory.keeps(t, k));
         let mut ranges = Ranges::new();
         // what the batch reads under the lock, for the node's recent rows
         let mut read = Vec::new();
@@ -75,12 +75,14 @@ pub(super) fn run(
                     }
                 },
             };
-            match begin(&rt, &c, memory.seen(), &wants) {
-                Ok((head, seen, (fetched, fetched_ranges))) => {
+            match begin(&rt, &c, &memory, (&mut jobs, &mut rx)) {
+                Ok((head, seen, fetched)) => {
                     memory.catch_up(seen);
-                    read = Recent::read_rows(&fetched);
-                    memory.absorb(fetched);
-                    ranges = fetched_ranges;
+                    for (rows, more) in fetched {
+                        read.extend(Recent::read_rows(&rows));
+                        memory.absorb(rows);
+                        ranges.extend(more);
+                    }
                     begun = Some((c, head));
                     break;
                 }
@@ -113,11 +115,14 @@ pub(super) fn run(
             std::thread::sleep(Duration::from_millis(200));
             continue;
         };
-        // what came while the lock was awaited: its rows in one more round
+        // what came since the lock was granted: its rows in one more round
         // trip (if that fails, so does the batch, at its next statement)
         let before = jobs.len();
         take_queued(&mut rx, &mut jobs);
         let wants = ahead(&jobs[before..], |t, k| memory.knows(t, k));
+        if !wants.is_empty() {
+            stats.lock_round_trips.fetch_add(1, Ordering::Relaxed);
+        }
         if !wants.is_empty()
             && let Ok((fetched, more)) = rt.block_on(fetch(&c, &wants))
         {
@@ -146,15 +151,28 @@ pub(super) fn run(
     }
 }
 
+/// What beginning a batch read under the lock: the chain head, the change
+/// log, and each fetch's rows and ranges.
+type Begun = (ChainHead, Seen, Vec<(Fetched, Ranges)>);
+
 /// Begin, lock the chain head and read it, then read the change log past
-/// `seen` (or its newest number) and what `wants` names: one round trip,
-/// the log and the rows read only once the lock is held.
+/// what `memory` has seen (or its newest number) and the rows `jobs` name
+/// that it may not hold: one round trip, the log and the rows read only
+/// once the lock is held. Operations that arrive while the lock is awaited
+/// join `jobs`, and the rows they name are asked for at once on the same
+/// connection: the server reads them right after the others, under the
+/// lock, with no round trip of their own once it is granted.
 fn begin(
     rt: &tokio::runtime::Runtime,
     conn: &Arc<Conn>,
-    seen: Option<i64>,
-    wants: &Ahead,
-) -> Result<(ChainHead, Seen, (Fetched, Ranges)), StoreError> {
+    memory: &Memory,
+    (jobs, rx): (&mut Vec<Job>, &mut mpsc::Receiver<Job>),
+) -> Result<Begun, StoreError> {
+    use futures_util::StreamExt as _;
+    let seen = memory.seen();
+    // before the catch-up: a row the last one took may be taken again
+    let unheld = |jobs: &[Job]| ahead(jobs, |t, k| memory.keeps(t, k));
+    let wants = unheld(jobs);
     rt.block_on(async move {
         let lock = (
             "SELECT v FROM lh_meta WHERE k = $1 FOR UPDATE".to_owned(),
@@ -174,10 +192,32 @@ fn begin(
         if !wants.is_empty() {
             statements.push(wants.statement());
         }
-        let (b, answers) = futures_util::join!(
-            conn.batch("BEGIN"),
-            pipelined(conn, &statements, None)
-        );
+        let first = async {
+            futures_util::join!(conn.batch("BEGIN"), pipelined(conn, &statements, None))
+        };
+        tokio::pin!(first);
+        let mut late = futures_util::stream::FuturesOrdered::new();
+        let mut fetched_late = Vec::new();
+        let (b, answers) = loop {
+            tokio::select! {
+                biased;
+                done = &mut first => break done,
+                Some(r) = late.next(), if !late.is_empty() => fetched_late.push(r),
+                Some(j) = rx.recv(), if jobs.len() < MAX_BATCH => {
+                    let from = jobs.len();
+                    jobs.push(j);
+                    take_queued(rx, jobs);
+                    let more = unheld(&jobs[from..]);
+                    if !more.is_empty() {
+                        let c = conn.clone();
+                        late.push_back(async move { fetch(&c, &more).await });
+                    }
+                }
+            }
+        };
+        while let Some(r) = late.next().await {
+            fetched_late.push(r);
+        }
         b.map_err(|e| pg_err(&e))?;
         let mut answers = answers?.into_iter();
         let (head, log) = (
@@ -194,11 +234,11 @@ fn begin(
             Some(_) => Seen::Since(log.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()),
             None => Seen::Newest(log.first().map(|r| r.get(0)).unwrap_or(0)),
         };
-        Ok((
-            head,
-            seen,
-            wants.answers(&answers.next().unwrap_or_default()),
-        ))
+        let mut fetched = vec![wants.answers(&answers.next().unwrap_or_default())];
+        for r in fetched_late {
+            fetched.push(r?);
+        }
+        Ok((head, seen, fetched))
     })
 }
 
@@ -275,6 +315,9 @@ fn batch(
         (replies, idle, finished)
     };
     let applied = Instant::now();
+    stats
+        .lock_round_trips
+        .fetch_add(session.trips(), Ordering::Relaxed);
     let prune = memory
         .prune_due()
         .then(|| memory.seen().map(|v| v - KEEP_CHANGES))
