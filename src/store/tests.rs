@@ -738,6 +738,52 @@ async fn postgres_a_batch_does_not_linger_under_the_chain_heads_lock() {
     assert!(s.read().unwrap().task(3).unwrap().is_some());
 }
 
+/// Operations that reach a node while its batch applies wait for the next
+/// batch, whose first round trip fetches the rows they name: taken into
+/// the batch under way, each row would be read on its own under the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_operations_arriving_while_a_batch_applies_wait_for_the_next() {
+    use std::time::Duration;
+    let store = Backing::postgres().await;
+    let a = store.open();
+    a.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
+    let stats = a.stats();
+    let (commits, trips) = (
+        stats.commits.load(Ordering::Relaxed),
+        stats.lock_round_trips.load(Ordering::Relaxed),
+    );
+    let create = |id: u128, slow: bool| {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.write_reading(super::Reads::default().task(id), move |t| {
+                if slow {
+                    std::thread::sleep(Duration::from_millis(400));
+                }
+                t.create_task(&task(id, 100_000))
+            })
+            .await
+        })
+    };
+    let slow = create(2, true);
+    // the writer is applying the slow one when the others arrive
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let rest: Vec<_> = (3..=5).map(|id| create(id, false)).collect();
+    slow.await.unwrap().unwrap();
+    for r in rest {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        stats.commits.load(Ordering::Relaxed) - commits,
+        2,
+        "the later operations joined the batch under way"
+    );
+    assert_eq!(
+        stats.lock_round_trips.load(Ordering::Relaxed) - trips,
+        0,
+        "a row was read on its own under the lock"
+    );
+}
+
 /// Operations that reach a node while its batch waits for the chain
 /// head's lock join that batch, and the rows they name are read with the
 /// lock in the round trip that takes it: none is read on its own once

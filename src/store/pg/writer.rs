@@ -136,7 +136,6 @@ pub(super) fn run(
             &c,
             (head, &mut memory, ranges, read),
             jobs,
-            &mut rx,
             cfg,
             stats,
         );
@@ -283,20 +282,22 @@ fn end(rt: &tokio::runtime::Runtime, conn: &Arc<Conn>, commit: bool) -> Result<(
 /// Gather and apply a batch in the transaction `begin` opened, commit it,
 /// answer its callers. Returns how many operations it took.
 ///
-/// It takes what is queued when it starts, and does not linger for more
-/// as redb's writer does (`store.commit_delay_micros`): the transaction
-/// holds the cluster's one chain head lock meanwhile, so every node would
-/// wait too, and a lone node gathers enough while its commit's round trip
-/// is under way. Measured with `leasehold-bench ha`, lingering 500 µs cost
-/// three nodes about a tenth of their rate, and a lone node about a sixth.
-#[allow(clippy::too_many_arguments)]
+/// It applies what was taken by the time the lock was granted, and
+/// nothing that arrives while it applies (that waits for the next batch,
+/// whose first round trip fetches its rows): taken now, each row it reads
+/// would be a round trip of its own under the lock, about ten per batch
+/// on a lone node under load. Nor does it linger for more as redb's
+/// writer does (`store.commit_delay_micros`): the transaction holds the
+/// cluster's one chain head lock meanwhile, so every node would wait too.
+/// Measured with `leasehold-bench ha`: lingering 500 µs cost three nodes
+/// about a tenth of their rate and a lone node about a sixth; taking what
+/// arrived during the apply cost a lone node about a fifth.
 fn batch(
     db: &Arc<Db>,
     rt: &Arc<tokio::runtime::Runtime>,
     conn: &Arc<Conn>,
     (head, memory, ranges, read): (ChainHead, &mut Memory, Ranges, Vec<Write>),
     first: Vec<Job>,
-    rx: &mut mpsc::Receiver<Job>,
     cfg: &Config,
     stats: &CommitStats,
 ) -> (usize, Result<(), String>) {
@@ -309,7 +310,7 @@ fn batch(
     );
     let (replies, idle, finished) = {
         let mut t = KvTxn::open(Source::Pg(session.clone()), head);
-        let (replies, idle) = super::super::gather(&mut t, first, Some(rx), None);
+        let (replies, idle) = super::super::gather(&mut t, first, None, None);
         let entered = t.take_entered();
         let finished = t.finish().map(|_| entered);
         (replies, idle, finished)
