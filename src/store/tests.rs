@@ -738,6 +738,37 @@ async fn postgres_a_batch_does_not_linger_under_the_chain_heads_lock() {
     assert!(s.read().unwrap().task(3).unwrap().is_some());
 }
 
+/// A store's commits, and its batches' round trips under the chain head's
+/// lock, so far.
+fn commits_and_lock_trips(s: &Store) -> (u64, u64) {
+    let stats = s.stats();
+    (
+        stats.commits.load(Ordering::Relaxed),
+        stats.lock_round_trips.load(Ordering::Relaxed),
+    )
+}
+
+/// Await `writes` (each must succeed), then check they took `batches`
+/// commits since `before` and read no row on their own under the lock.
+async fn assert_committed_in<T>(
+    s: &Store,
+    before: (u64, u64),
+    writes: impl IntoIterator<Item = tokio::task::JoinHandle<Result<T, StoreError>>>,
+    batches: u64,
+    why: &str,
+) {
+    for w in writes {
+        assert!(w.await.unwrap().is_ok(), "a write failed");
+    }
+    let (commits, trips) = commits_and_lock_trips(s);
+    assert_eq!(commits - before.0, batches, "{why}");
+    assert_eq!(
+        trips - before.1,
+        0,
+        "a row was read on its own under the lock"
+    );
+}
+
 /// Operations that reach a node while its batch applies wait for the next
 /// batch, whose first round trip fetches the rows they name: taken into
 /// the batch under way, each row would be read on its own under the lock.
@@ -747,11 +778,7 @@ async fn postgres_operations_arriving_while_a_batch_applies_wait_for_the_next() 
     let store = Backing::postgres().await;
     let a = store.open();
     a.write(|t| t.create_task(&task(1, 100_000))).await.unwrap();
-    let stats = a.stats();
-    let (commits, trips) = (
-        stats.commits.load(Ordering::Relaxed),
-        stats.lock_round_trips.load(Ordering::Relaxed),
-    );
+    let before = commits_and_lock_trips(&a);
     let create = |id: u128, slow: bool| {
         let a = a.clone();
         tokio::spawn(async move {
@@ -768,20 +795,9 @@ async fn postgres_operations_arriving_while_a_batch_applies_wait_for_the_next() 
     // the writer is applying the slow one when the others arrive
     tokio::time::sleep(Duration::from_millis(150)).await;
     let rest: Vec<_> = (3..=5).map(|id| create(id, false)).collect();
-    slow.await.unwrap().unwrap();
-    for r in rest {
-        r.await.unwrap().unwrap();
-    }
-    assert_eq!(
-        stats.commits.load(Ordering::Relaxed) - commits,
-        2,
-        "the later operations joined the batch under way"
-    );
-    assert_eq!(
-        stats.lock_round_trips.load(Ordering::Relaxed) - trips,
-        0,
-        "a row was read on its own under the lock"
-    );
+    let writes = std::iter::once(slow).chain(rest);
+    let why = "the later operations joined the batch under way";
+    assert_committed_in(&a, before, writes, 2, why).await;
 }
 
 /// Operations that reach a node while its batch waits for the chain
@@ -802,11 +818,7 @@ async fn postgres_rows_named_while_the_lock_is_awaited_are_read_when_it_is_grant
         .batch_execute("BEGIN; SELECT 1 FROM lh_meta FOR UPDATE")
         .await
         .unwrap();
-    let stats = a.stats();
-    let (commits, trips) = (
-        stats.commits.load(Ordering::Relaxed),
-        stats.lock_round_trips.load(Ordering::Relaxed),
-    );
+    let before = commits_and_lock_trips(&a);
     let create = |id: u128| {
         let a = a.clone();
         tokio::spawn(async move {
@@ -823,20 +835,9 @@ async fn postgres_rows_named_while_the_lock_is_awaited_are_read_when_it_is_grant
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!first.is_finished(), "the batch did not wait for the lock");
     holder.batch_execute("COMMIT").await.unwrap();
-    first.await.unwrap().unwrap();
-    for r in rest {
-        r.await.unwrap().unwrap();
-    }
-    assert_eq!(
-        stats.commits.load(Ordering::Relaxed) - commits,
-        1,
-        "the operations that came while the lock was awaited joined its batch"
-    );
-    assert_eq!(
-        stats.lock_round_trips.load(Ordering::Relaxed) - trips,
-        0,
-        "a row was read on its own under the lock"
-    );
+    let writes = std::iter::once(first).chain(rest);
+    let why = "the operations that came while the lock was awaited joined its batch";
+    assert_committed_in(&a, before, writes, 1, why).await;
     let r = a.read().unwrap();
     for id in 1..=5 {
         assert!(r.task(id).unwrap().is_some(), "task {id}");
