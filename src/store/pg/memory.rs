@@ -70,7 +70,7 @@ pub(super) struct Memory {
     /// that same round trip is likely to forget them again (a count every
     /// node changes), and a row forgotten there costs a round trip of its
     /// own under the lock.
-    contended: HashSet<(&'static str, Vec<u8>)>,
+    contended: HashMap<&'static str, HashSet<Vec<u8>>>,
     /// The node's committed rows of a few tables, which forget what this
     /// memory learns others changed (`recent.rs`).
     recent: Arc<Recent>,
@@ -130,7 +130,7 @@ impl Memory {
                             .get_mut(name)
                             .and_then(|table| table.remove(k.as_slice()));
                         if removed.is_some() {
-                            self.contended.insert((name, k));
+                            self.contended.entry(name).or_default().insert(k);
                         }
                     }
                     at = ver;
@@ -149,7 +149,7 @@ impl Memory {
     /// catch-up, as far as the last one tells: remembered, and not among
     /// the rows it found changed by another node ([`Memory::contended`]).
     pub(super) fn keeps(&self, table: &'static str, k: &[u8]) -> bool {
-        self.knows(table, k) && !self.contended.contains(&(table, k.to_vec()))
+        self.knows(table, k) && self.contended.get(table).is_none_or(|c| !c.contains(k))
     }
 
     /// Rows fetched ahead under the lock, after [`Memory::catch_up`]: the

@@ -122,13 +122,11 @@ pub(super) fn run(
         let wants = ahead(&jobs[before..], |t, k| memory.knows(t, k));
         if !wants.is_empty() {
             stats.lock_round_trips.fetch_add(1, Ordering::Relaxed);
-        }
-        if !wants.is_empty()
-            && let Ok((fetched, more)) = rt.block_on(fetch(&c, &wants))
-        {
-            read.extend(Recent::read_rows(&fetched));
-            memory.absorb(fetched);
-            ranges.extend(more);
+            if let Ok((fetched, more)) = rt.block_on(fetch(&c, &wants)) {
+                read.extend(Recent::read_rows(&fetched));
+                memory.absorb(fetched);
+                ranges.extend(more);
+            }
         }
         let (n, outcome) = batch(
             db,
