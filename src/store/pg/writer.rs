@@ -78,10 +78,8 @@ pub(super) fn run(
             match begin(&rt, &c, &memory, (&mut jobs, &mut rx)) {
                 Ok((head, seen, fetched)) => {
                     memory.catch_up(seen);
-                    for (rows, more) in fetched {
-                        read.extend(Recent::read_rows(&rows));
-                        memory.absorb(rows);
-                        ranges.extend(more);
+                    for f in fetched {
+                        take_in(f, &mut memory, &mut read, &mut ranges);
                     }
                     begun = Some((c, head));
                     break;
@@ -122,10 +120,8 @@ pub(super) fn run(
         let wants = ahead(&jobs[before..], |t, k| memory.knows(t, k));
         if !wants.is_empty() {
             stats.lock_round_trips.fetch_add(1, Ordering::Relaxed);
-            if let Ok((fetched, more)) = rt.block_on(fetch(&c, &wants)) {
-                read.extend(Recent::read_rows(&fetched));
-                memory.absorb(fetched);
-                ranges.extend(more);
+            if let Ok(f) = rt.block_on(fetch(&c, &wants)) {
+                take_in(f, &mut memory, &mut read, &mut ranges);
             }
         }
         let (n, outcome) = batch(
@@ -264,6 +260,19 @@ fn ahead(jobs: &[Job], held: impl Fn(&'static str, &[u8]) -> bool) -> Ahead {
     }
 }
 
+/// Rows and ranges fetched under the lock, into the memory, the batch's
+/// ranges and what it read (for the node's recent rows).
+fn take_in(
+    (rows, more): (Fetched, Ranges),
+    memory: &mut Memory,
+    read: &mut Vec<Write>,
+    ranges: &mut Ranges,
+) {
+    read.extend(Recent::read_rows(&rows));
+    memory.absorb(rows);
+    ranges.extend(more);
+}
+
 /// Fetch what `wants` names, in the transaction begun (one round trip).
 async fn fetch(conn: &Conn, wants: &Ahead) -> Result<(Fetched, Ranges), StoreError> {
     let answers = pipelined(conn, &[wants.statement()], None).await?;
@@ -280,8 +289,9 @@ fn end(rt: &tokio::runtime::Runtime, conn: &Arc<Conn>, commit: bool) -> Result<(
 /// Gather and apply a batch in the transaction `begin` opened, commit it,
 /// answer its callers. Returns how many operations it took.
 ///
-/// It applies what was taken by the time the lock was granted, and
-/// nothing that arrives while it applies (that waits for the next batch,
+/// It applies what `run` took before it (queued, or arrived while the
+/// lock was awaited or just after), and nothing that arrives while it
+/// applies (that waits for the next batch,
 /// whose first round trip fetches its rows): taken now, each row it reads
 /// would be a round trip of its own under the lock, about ten per batch
 /// on a lone node under load. Nor does it linger for more as redb's
