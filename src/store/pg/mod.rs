@@ -506,6 +506,58 @@ async fn migrate_to_4(conn: &Conn) -> Result<(), StoreError> {
     .map_err(|e| pg_err(&e))
 }
 
+/// Columns that hold what is already packed, and the tables they are in:
+/// event blocks (deflated, see `blocks.rs`) and the change log's arrays
+/// of names and keys (read once by each other node, then pruned).
+const PACKED: [(&str, &[&str]); 2] = [("lh_event_blocks", &["v"]), ("lh_changes", &["t", "k"])];
+
+/// Keep rows of [`PACKED`] columns inline up to a page, and never
+/// compress them. With the server's defaults, a value past 2 KB (a
+/// block of a few dozen events; a busy batch's change row) is first
+/// compressed (pglz, which finds nothing left in deflated bytes) then
+/// moved to the table's TOAST table: one more row and index entry per
+/// value. Both ran in every batch, under the chain head's lock; `perf`
+/// on a writer's backend put them at 4% of its time. Storage settings
+/// change no layout (an older build reads the rows as before), so they
+/// are applied here, once per store, rather than by a migration; an owner
+/// other than the store's role may apply them by hand with the same
+/// statements.
+async fn inline_packed(conn: &Conn) -> Result<(), StoreError> {
+    let tables: Vec<String> = PACKED.iter().map(|(t, _)| (*t).to_owned()).collect();
+    let set = conn
+        .query(
+            "SELECT count(*) FROM pg_class WHERE relname = ANY($1::text[]) \
+             AND relnamespace = current_schema()::regnamespace \
+             AND 'toast_tuple_target=8160' = ANY(coalesce(reloptions, '{}'))",
+            &[Box::new(tables)],
+        )
+        .await
+        .map_err(|e| pg_err(&e))?;
+    if set.first().map(|r| r.get::<_, i64>(0)) == Some(PACKED.len() as i64) {
+        return Ok(());
+    }
+    let mut ddl = String::new();
+    for (t, columns) in PACKED {
+        let mut parts: Vec<String> = columns
+            .iter()
+            .map(|c| format!("ALTER COLUMN {c} SET STORAGE EXTERNAL"))
+            .collect();
+        parts.push("SET (toast_tuple_target = 8160)".into());
+        ddl.push_str(&format!("ALTER TABLE {t} {};\n", parts.join(", ")));
+    }
+    // an optimisation only: a store whose tables another role owns opens
+    // without it (the savepoint keeps the transaction usable)
+    let e = |e: tokio_postgres::Error| pg_err(&e);
+    conn.batch("SAVEPOINT packed").await.map_err(e)?;
+    match conn.batch(&ddl).await {
+        Ok(()) => conn.batch("RELEASE SAVEPOINT packed").await.map_err(e),
+        Err(err) => {
+            tracing::warn!(error = %err, "could not keep packed values inline (the store works, a little slower): {ddl}");
+            conn.batch("ROLLBACK TO SAVEPOINT packed").await.map_err(e)
+        }
+    }
+}
+
 struct Stamp {
     version: u32,
     check: Option<Vec<u8>>,
@@ -533,6 +585,7 @@ async fn create_and_stamp(
     ddl.push_str(cluster::DDL);
     ddl.push_str(memory::DDL);
     conn.batch(&ddl).await.map_err(e)?;
+    inline_packed(conn).await?;
     let get = |rows: Vec<tokio_postgres::Row>| rows.first().map(|r| r.get::<_, Vec<u8>>(0));
     let sql = "SELECT v FROM lh_meta WHERE k = $1";
     let version = get(conn
