@@ -18,6 +18,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use super::super::schema::TABLES;
 use super::recent::Recent;
 
 /// The change log. `t` and `k` are parallel: table names and keys.
@@ -50,9 +51,23 @@ pub(in crate::store) type Rows = HashMap<&'static str, HashMap<Vec<u8>, Option<V
 pub(super) type Fetched = Vec<(&'static str, Vec<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>)>;
 
 /// What the change log said at the start of a batch.
+/// One change row: its number, and the tables and keys it names.
+pub(super) type Change = (i64, Vec<Option<&'static str>>, Vec<Vec<u8>>);
+
+/// A change row's table names as this build's own: read from the row
+/// without a `String` each (a busy batch's catch-up reads over a hundred).
+pub(super) fn tables_named(names: Vec<&str>) -> Vec<Option<&'static str>> {
+    names
+        .into_iter()
+        .map(|n| TABLES.iter().find(|t| **t == n).copied())
+        .collect()
+}
+
 pub(super) enum Seen {
-    /// The change rows past the last one seen: (number, tables, keys).
-    Since(Vec<(i64, Vec<String>, Vec<Vec<u8>>)>),
+    /// The change rows past the last one seen: (number, tables, keys),
+    /// each table by its name in [`TABLES`] (`None` for one this build
+    /// does not have: nothing of it is remembered).
+    Since(Vec<Change>),
     /// Nothing was remembered: the newest number (0 for none yet).
     Newest(i64),
 }
@@ -114,23 +129,23 @@ impl Memory {
                     return;
                 }
                 self.contended.clear();
+                self.recent
+                    .forget(changes.iter().flat_map(|(_, tables, keys)| {
+                        tables
+                            .iter()
+                            .zip(keys)
+                            .filter_map(|(t, k)| Some(((*t)?, k.as_slice())))
+                    }));
                 for (ver, tables, keys) in changes {
                     if ver != at + 1 {
                         // pruned past us: whatever happened in between is unknown
                         self.clear();
                     }
-                    for (t, k) in tables.iter().zip(keys) {
-                        self.recent.forget(t, &k);
-                        let Some(name) = self.rows.get_key_value(t.as_str()).map(|(n, _)| *n)
-                        else {
-                            continue;
-                        };
-                        let removed = self
-                            .rows
-                            .get_mut(name)
-                            .and_then(|table| table.remove(k.as_slice()));
-                        if removed.is_some() {
-                            self.contended.entry(name).or_default().insert(k);
+                    for (t, k) in tables.into_iter().zip(keys) {
+                        let Some(t) = t else { continue };
+                        let rows = self.rows.get_mut(t);
+                        if rows.is_some_and(|rows| rows.remove(k.as_slice()).is_some()) {
+                            self.contended.entry(t).or_default().insert(k);
                         }
                     }
                     at = ver;
@@ -286,6 +301,22 @@ mod tests {
         m.catch_up(Seen::Newest(10));
         m.absorb(vec![("tasks", vec![b"a".to_vec()], vec![])]);
         assert!(m.keeps("tasks", b"a"));
+    }
+
+    #[test]
+    fn a_table_this_build_does_not_have_is_passed_over_in_step() {
+        assert_eq!(
+            tables_named(vec!["tables_of_a_newer_build", "tasks"]),
+            vec![None, Some("tasks")]
+        );
+        let mut m = remembering(&[b"a", b"b"]);
+        m.catch_up(Seen::Since(vec![(
+            8,
+            tables_named(vec!["tables_of_a_newer_build", "tasks"]),
+            vec![b"b".to_vec(), b"a".to_vec()],
+        )]));
+        assert!(!m.knows("tasks", b"a"), "the key named with tasks");
+        assert!(m.knows("tasks", b"b"), "not the other table's key");
     }
 
     #[test]

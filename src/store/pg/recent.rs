@@ -98,15 +98,19 @@ impl Recent {
         }
     }
 
-    /// Another transaction of the cluster wrote `(table, k)`.
-    pub(super) fn forget(&self, table: &str, k: &[u8]) {
-        if !Self::keeps(table) {
+    /// Other transactions of the cluster wrote these `(table, key)` rows:
+    /// forgotten under one hold of the lock the request handlers share.
+    pub(super) fn forget<'a>(&self, rows: impl IntoIterator<Item = (&'a str, &'a [u8])>) {
+        let mut rows = rows.into_iter().filter(|(t, _)| Self::keeps(t)).peekable();
+        if rows.peek().is_none() {
             return;
         }
         let mut g = self.lock();
         let (tables, n) = &mut *g;
-        if tables.get_mut(table).and_then(|t| t.remove(k)).is_some() {
-            *n -= 1;
+        for (t, k) in rows {
+            if tables.get_mut(t).and_then(|t| t.remove(k)).is_some() {
+                *n -= 1;
+            }
         }
     }
 
@@ -237,9 +241,9 @@ mod tests {
     #[test]
     fn a_row_another_node_wrote_is_not_answered() {
         let r = kept();
-        r.forget("leases", &id(8));
+        r.forget([("leases", id(8).as_slice())]);
         assert!(r.answer(&wants_task(1)).is_none(), "lease 8 is not known");
-        r.forget("tasks", &id(1));
+        r.forget([("tasks", id(1).as_slice())]);
         assert!(r.answer(&wants_task(1)).is_none());
         assert_eq!(r.len(), 4);
     }

@@ -596,7 +596,7 @@ impl Session {
             sql.prune_changes(below);
         }
         let change = logged.then(|| {
-            let (t, k) = written.into_iter().map(|(t, k)| (t.to_owned(), k)).unzip();
+            let (t, k) = written.into_iter().unzip();
             sql.change_row(t, k)
         });
         let statements: Vec<_> = sql.writes(change).into_iter().collect();

@@ -114,7 +114,7 @@ impl Sql {
     /// written, returning its number: one past the newest in the
     /// statement's snapshot, which a prune in the same statement does not
     /// change (and the chain head's lock keeps every other writer out).
-    pub(super) fn change_row(&mut self, tables: Vec<String>, keys: Vec<Vec<u8>>) -> String {
+    pub(super) fn change_row(&mut self, tables: Vec<&'static str>, keys: Vec<Vec<u8>>) -> String {
         let (t, k) = (self.bind(Box::new(tables)), self.bind(Box::new(keys)));
         format!(
             "INSERT INTO lh_changes (ver, t, k) \

@@ -18,7 +18,7 @@ use super::super::lifecycle::ChainHead;
 use super::super::txn::KvTxn;
 use super::super::{CommitHook, CommitStats, Job, MAX_BATCH, Reads, StoreError};
 use super::conn::Conn;
-use super::memory::{CATCH_UP_ROWS, Fetched, KEEP_CHANGES, Memory, Seen};
+use super::memory::{CATCH_UP_ROWS, Fetched, KEEP_CHANGES, Memory, Seen, tables_named};
 use super::recent::{Recent, Write};
 use super::session::{Db, Param, Session, pg_err};
 use super::statements::{Ahead, Ranges, pipelined};
@@ -224,7 +224,11 @@ fn begin(
         let head =
             ChainHead::from_bytes(&v).ok_or_else(|| StoreError::Corrupt("chain head".into()))?;
         let seen = match seen {
-            Some(_) => Seen::Since(log.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()),
+            Some(_) => Seen::Since(
+                log.iter()
+                    .map(|r| (r.get(0), tables_named(r.get(1)), r.get(2)))
+                    .collect(),
+            ),
             None => Seen::Newest(log.first().map(|r| r.get(0)).unwrap_or(0)),
         };
         let mut fetched = vec![wants.answers(&answers.next().unwrap_or_default())];
