@@ -50,7 +50,6 @@ pub(in crate::store) type Rows = HashMap<&'static str, HashMap<Vec<u8>, Option<V
 /// Rows fetched ahead: per table, the keys asked for and the rows found.
 pub(super) type Fetched = Vec<(&'static str, Vec<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>)>;
 
-/// What the change log said at the start of a batch.
 /// One change row: its number, and the tables and keys it names.
 pub(super) type Change = (i64, Vec<Option<&'static str>>, Vec<Vec<u8>>);
 
@@ -63,6 +62,7 @@ pub(super) fn tables_named(names: Vec<&str>) -> Vec<Option<&'static str>> {
         .collect()
 }
 
+/// What the change log said at the start of a batch.
 pub(super) enum Seen {
     /// The change rows past the last one seen: (number, tables, keys),
     /// each table by its name in [`TABLES`] (`None` for one this build

@@ -511,6 +511,9 @@ async fn migrate_to_4(conn: &Conn) -> Result<(), StoreError> {
 /// of names and keys (read once by each other node, then pruned).
 const PACKED: [(&str, &[&str]); 2] = [("lh_event_blocks", &["v"]), ("lh_changes", &["t", "k"])];
 
+/// The largest row [`PACKED`] tables keep inline: about a page.
+const INLINE_BYTES: u32 = 8160;
+
 /// Keep rows of [`PACKED`] columns inline up to a page, and never
 /// compress them. With the server's defaults, a value past 2 KB (a
 /// block of a few dozen events; a busy batch's change row) is first
@@ -523,17 +526,24 @@ const PACKED: [(&str, &[&str]); 2] = [("lh_event_blocks", &["v"]), ("lh_changes"
 /// other than the store's role may apply them by hand with the same
 /// statements.
 async fn inline_packed(conn: &Conn) -> Result<(), StoreError> {
-    let tables: Vec<String> = PACKED.iter().map(|(t, _)| (*t).to_owned()).collect();
+    let columns: Vec<String> = PACKED
+        .iter()
+        .flat_map(|(t, cs)| cs.iter().map(move |c| format!("{t}.{c}")))
+        .collect();
+    let wanted = columns.len() as i64;
     let set = conn
         .query(
-            "SELECT count(*) FROM pg_class WHERE relname = ANY($1::text[]) \
-             AND relnamespace = current_schema()::regnamespace \
-             AND 'toast_tuple_target=8160' = ANY(coalesce(reloptions, '{}'))",
-            &[Box::new(tables)],
+            &format!(
+                "SELECT count(*) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+                 WHERE c.relnamespace = current_schema()::regnamespace \
+                 AND (c.relname || '.' || a.attname) = ANY($1::text[]) AND a.attstorage = 'e' \
+                 AND 'toast_tuple_target={INLINE_BYTES}' = ANY(coalesce(c.reloptions, '{{}}'))"
+            ),
+            &[Box::new(columns)],
         )
         .await
         .map_err(|e| pg_err(&e))?;
-    if set.first().map(|r| r.get::<_, i64>(0)) == Some(PACKED.len() as i64) {
+    if set.first().map(|r| r.get::<_, i64>(0)) == Some(wanted) {
         return Ok(());
     }
     let mut ddl = String::new();
@@ -542,7 +552,7 @@ async fn inline_packed(conn: &Conn) -> Result<(), StoreError> {
             .iter()
             .map(|c| format!("ALTER COLUMN {c} SET STORAGE EXTERNAL"))
             .collect();
-        parts.push("SET (toast_tuple_target = 8160)".into());
+        parts.push(format!("SET (toast_tuple_target = {INLINE_BYTES})"));
         ddl.push_str(&format!("ALTER TABLE {t} {};\n", parts.join(", ")));
     }
     // an optimisation only: a store whose tables another role owns opens
