@@ -7,6 +7,7 @@
 //! its callers refused and the memory dropped; the writer reconnects by
 //! itself, so the database coming back is the store coming back.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use tokio::sync::mpsc;
 use super::super::kv::Source;
 use super::super::lifecycle::ChainHead;
 use super::super::txn::KvTxn;
-use super::super::{CommitHook, CommitStats, Job, MAX_BATCH, Reads, StoreError};
+use super::super::{CommitHook, CommitStats, Job, MAX_BATCH, RangeWant, Reads, StoreError};
 use super::conn::Conn;
 use super::memory::{CATCH_UP_ROWS, Fetched, KEEP_CHANGES, Memory, Seen, tables_named};
 use super::recent::{Recent, Write};
@@ -163,8 +164,10 @@ fn begin(
 ) -> Result<Begun, StoreError> {
     use futures_util::StreamExt as _;
     let seen = memory.seen();
-    // before the catch-up: a row the last one took may be taken again
-    let unheld = |jobs: &[Job]| ahead(jobs, |t, k| memory.keeps(t, k));
+    // before the catch-up: a row the last one took may be taken again; a
+    // row or range this batch asked for already is not asked again
+    let mut asked = Asked::default();
+    let mut unheld = |jobs: &[Job]| asked.wanted(jobs, memory);
     let wants = unheld(jobs);
     rt.block_on(async move {
         let lock = (
@@ -237,6 +240,33 @@ fn begin(
         }
         Ok((head, seen, fetched))
     })
+}
+
+/// What a batch has asked the database for in the round trip that begins
+/// it. The rows of the lease counters, which every node changes, are asked
+/// for by nearly every operation: asked once, they come back with that
+/// first ask, under the lock, so an operation that arrives later asks only
+/// for what is new (before, each such arrival sent a statement of its own,
+/// and the server ran each after the grant, inside the lock's hold).
+#[derive(Default)]
+struct Asked {
+    rows: HashMap<&'static str, HashSet<Vec<u8>>>,
+    ranges: HashSet<RangeWant>,
+}
+
+impl Asked {
+    /// What `jobs` name that is neither kept by `memory` nor asked for
+    /// already; it now counts as asked.
+    fn wanted(&mut self, jobs: &[Job], memory: &Memory) -> Ahead {
+        let mut wants = ahead(jobs, |t, k| {
+            memory.keeps(t, k) || self.rows.get(t).is_some_and(|keys| keys.contains(k))
+        });
+        wants.ranges.retain(|r| self.ranges.insert(r.clone()));
+        for (t, keys) in &wants.keys {
+            self.rows.entry(t).or_default().extend(keys.iter().cloned());
+        }
+        wants
+    }
 }
 
 /// Jobs queued now, up to a batch's worth.
@@ -357,4 +387,50 @@ fn batch(
         &told,
     );
     (n, told.map_err(|e| e.message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(reads: Reads) -> Job {
+        Job {
+            reads,
+            run: Box::new(|_| Box::new(|_| {})),
+        }
+    }
+
+    #[test]
+    fn a_row_or_range_a_batch_asked_for_is_not_asked_for_again() {
+        let counters = crate::store::records::LeaseState::ALL.len();
+        let memory = Memory::new(Arc::default());
+        let mut asked = Asked::default();
+        let first = [job(Reads::default().counters("token").task(1))];
+        let wants = asked.wanted(&first, &memory);
+        assert_eq!(
+            wants.keys.values().map(Vec::len).sum::<usize>(),
+            counters + 1
+        );
+        // a later arrival naming the same counters and a range, then one
+        // naming the counters, that range and a new task
+        let later = [job(Reads::default().counters("token").task_leases(1))];
+        let wants = asked.wanted(&later, &memory);
+        assert!(wants.keys.is_empty(), "asked again: {:?}", wants.keys);
+        assert_eq!(wants.ranges.len(), 1);
+        let last = [job(Reads::default()
+            .counters("token")
+            .task_leases(1)
+            .task(2))];
+        let wants = asked.wanted(&last, &memory);
+        assert!(wants.ranges.is_empty(), "the range was asked again");
+        let keys: Vec<_> = wants.keys.values().flatten().collect();
+        assert_eq!(keys.len(), 1, "only the new task's row: {keys:?}");
+        // a new batch asks afresh
+        let wants = Asked::default().wanted(&last, &memory);
+        assert_eq!(
+            wants.keys.values().map(Vec::len).sum::<usize>(),
+            counters + 1
+        );
+        assert_eq!(wants.ranges.len(), 1);
+    }
 }
