@@ -153,8 +153,8 @@ type Begun = (ChainHead, Seen, Vec<(Fetched, Ranges)>);
 /// what `memory` has seen (or its newest number) and the rows `jobs` name
 /// that it may not hold: one round trip, the log and the rows read only
 /// once the lock is held. Operations that arrive while the lock is awaited
-/// join `jobs`, and the rows they name are asked for at once on the same
-/// connection: the server reads them right after the others, under the
+/// join `jobs`, and the rows they name that were not asked for already
+/// are asked for at once on the same connection: the server reads them right after the others, under the
 /// lock, with no round trip of their own once it is granted.
 fn begin(
     rt: &tokio::runtime::Runtime,
@@ -164,11 +164,9 @@ fn begin(
 ) -> Result<Begun, StoreError> {
     use futures_util::StreamExt as _;
     let seen = memory.seen();
-    // before the catch-up: a row the last one took may be taken again; a
-    // row or range this batch asked for already is not asked again
+    // before the catch-up: a row the last one took may be taken again
     let mut asked = Asked::default();
-    let mut unheld = |jobs: &[Job]| asked.wanted(jobs, memory);
-    let wants = unheld(jobs);
+    let wants = asked.wanted(jobs, memory);
     rt.block_on(async move {
         let lock = (
             "SELECT v FROM lh_meta WHERE k = $1 FOR UPDATE".to_owned(),
@@ -203,7 +201,7 @@ fn begin(
                     let from = jobs.len();
                     jobs.push(j);
                     take_queued(rx, jobs);
-                    let more = unheld(&jobs[from..]);
+                    let more = asked.wanted(&jobs[from..], memory);
                     if !more.is_empty() {
                         let c = conn.clone();
                         late.push_back(async move { fetch(&c, &more).await });
@@ -243,11 +241,11 @@ fn begin(
 }
 
 /// What a batch has asked the database for in the round trip that begins
-/// it. The rows of the lease counters, which every node changes, are asked
-/// for by nearly every operation: asked once, they come back with that
-/// first ask, under the lock, so an operation that arrives later asks only
-/// for what is new (before, each such arrival sent a statement of its own,
-/// and the server ran each after the grant, inside the lock's hold).
+/// it. Nearly every operation names the lease counters, which every node
+/// changes: asked once, they come back with that first ask, under the
+/// lock, so an operation that arrives later asks only for what is new
+/// (each ask is a statement the server runs after the grant, inside the
+/// lock's hold).
 #[derive(Default)]
 struct Asked {
     rows: HashMap<&'static str, HashSet<Vec<u8>>>,
