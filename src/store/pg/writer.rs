@@ -154,8 +154,9 @@ type Begun = (ChainHead, Seen, Vec<(Fetched, Ranges)>);
 /// that it may not hold: one round trip, the log and the rows read only
 /// once the lock is held. Operations that arrive while the lock is awaited
 /// join `jobs`, and the rows they name that were not asked for already
-/// are asked for at once on the same connection: the server reads them right after the others, under the
-/// lock, with no round trip of their own once it is granted.
+/// are asked for at once on the same connection: the server reads them
+/// right after the others, under the lock, with no round trip of their
+/// own once it is granted.
 fn begin(
     rt: &tokio::runtime::Runtime,
     conn: &Arc<Conn>,
